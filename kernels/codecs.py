@@ -1,0 +1,62 @@
+"""Storage dtypes <-> float32, bit-exact round to nearest even (ml_dtypes does the rounding).
+
+numpy has no bf16 or fp8; ml_dtypes supplies them as real numpy dtypes, so decoding is a cast
+and encoding is a cast with IEEE round-to-nearest-even.
+"""
+import ml_dtypes
+import numpy as np
+
+# safetensors dtype name -> numpy dtype. Integer and bool types are carried through untouched.
+_NUMPY = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "I16": np.dtype(np.int16),
+    "U16": np.dtype(np.uint16),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "I64": np.dtype(np.int64),
+    "U64": np.dtype(np.uint64),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# finite range of each float storage type: values beyond it would become inf/NaN on encode
+_FINITE_MAX = {name: float(ml_dtypes.finfo(_NUMPY[name]).max) for name in FLOAT_DTYPES}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a safetensors dtype name (KeyError if unknown)."""
+    return _NUMPY[name]
+
+
+def decode(raw: np.ndarray, accumulate=np.float32) -> np.ndarray:
+    """Storage array (any float dtype) -> float32/float64 copy."""
+    return raw.astype(accumulate)
+
+
+def encode(values: np.ndarray, dtype_name: str, saturate: bool = False) -> np.ndarray:
+    """float32/64 -> storage dtype, round to nearest even. `saturate` clips to the finite range
+    first (fp8 e4m3fn has no inf: anything past 448 would turn into NaN)."""
+    if saturate:
+        m = _FINITE_MAX[dtype_name]
+        values = np.clip(values, -m, m)
+    return values.astype(_NUMPY[dtype_name])
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray, dtype_name: str) -> np.ndarray:
+    """How many representable steps of `dtype_name` separate a and b (both already in that dtype).
+
+    Uses the ordered integer view of the IEEE bit pattern, so it is exact at every magnitude."""
+    dt = _NUMPY[dtype_name]
+    itype = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[dt.itemsize]
+    def ordered(x):
+        i = np.ascontiguousarray(x, dtype=dt).view(itype).astype(np.int64)
+        sign_bit = np.int64(1) << (8 * dt.itemsize - 1)
+        return np.where(i < 0, -(i & (sign_bit - 1)), i)
+    return np.abs(ordered(a) - ordered(b))

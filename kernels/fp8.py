@@ -1,0 +1,45 @@
+"""FP8 block-scaled weights (DeepSeek-V3 / Qwen3-FP8 / compressed-tensors layout).
+
+A weight q [out, in] (F8_E4M3) comes with scale [ceil(out/B), ceil(in/B)] and means W = q * scale,
+each scale entry covering a BxB tile (B = 128). Requantizing after an edit keeps every tile's scale
+unless the edited tile no longer fits: new scale = max(old, amax / 448), values clipped to +-448
+before the cast (e4m3fn has no inf; 500 would cast to NaN).
+"""
+import ml_dtypes
+import numpy as np
+
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448.0
+
+
+def _expand(scale: np.ndarray, rows: int, cols: int, block: int) -> np.ndarray:
+    """Per-tile scale [R, C] -> per-element [rows, cols] (tiles at the edge may be partial)."""
+    return np.repeat(np.repeat(scale, block, axis=0), block, axis=1)[:rows, :cols]
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, block: int = 128) -> np.ndarray:
+    """q [rows, cols] fp8 and its tile scales [ceil(rows/B), ceil(cols/B)] -> float32 values.
+    `q` may be a row block whose first row starts a tile; pass the matching scale rows."""
+    rows, cols = q.shape
+    return q.astype(np.float32) * _expand(scale.astype(np.float32), rows, cols, block)
+
+
+def block_amax(values: np.ndarray, block: int = 128) -> np.ndarray:
+    """Max |value| over each BxB tile: [rows, cols] -> [ceil(rows/B), ceil(cols/B)] float32."""
+    rows, cols = values.shape
+    R, C = -(-rows // block), -(-cols // block)
+    padded = np.zeros((R * block, C * block), dtype=np.float32)
+    padded[:rows, :cols] = np.abs(values)
+    return padded.reshape(R, block, C, block).max(axis=(1, 3))
+
+
+def requantize_scale(old_scale: np.ndarray, values: np.ndarray, block: int = 128) -> np.ndarray:
+    """New tile scales for edited float values: max(old, amax/448), float32."""
+    return np.maximum(old_scale.astype(np.float32), block_amax(values, block) / FP8_MAX)
+
+
+def quantize_blocks(values: np.ndarray, scale: np.ndarray, block: int = 128) -> np.ndarray:
+    """float values and tile scales -> fp8 e4m3fn, dividing by the scale and clipping to +-448."""
+    rows, cols = values.shape
+    s = _expand(scale.astype(np.float32), rows, cols, block)
+    scaled = np.divide(values, s, out=np.zeros_like(values, dtype=np.float32), where=s != 0)
+    return np.clip(scaled, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)

@@ -1,0 +1,202 @@
+"""Executing a Plan: stream every shard into a new folder, tensor by tensor, row block by row block.
+
+Memory stays bounded by one row block per edited matrix (plus the writer queue); untouched tensors
+are copied file to file. Leakage |QᵀW'| / |QᵀW| is measured on what was actually stored.
+"""
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kernels.codecs import decode, encode, numpy_dtype
+from kernels.project import bias_inject, bias_project
+from kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
+from kernels.stream import ablate_blocks
+from patcher.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from patcher.edits import Plan, TensorEdit
+from patcher.writer import OutputFolder, OutTensor, write_safetensors
+
+BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
+_SATURATE = {"F16", "F8_E4M3", "F8_E5M2"}
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", *PICKLE_SUFFIXES)
+
+
+@dataclass
+class Report:
+    out: Path | None = None
+    seconds: float = 0.0
+    bytes_written: int = 0
+    leakage: dict[str, float] = field(default_factory=dict)  # per projected tensor
+    component: dict[str, float] = field(default_factory=dict)  # |QᵀW| before, per tensor
+    skipped_files: list[str] = field(default_factory=list)
+
+    def overall_leakage(self, names=None) -> float:
+        names = self.leakage.keys() if names is None else names
+        num = sum((self.leakage[n] * self.component[n]) ** 2 for n in names)
+        den = sum(self.component[n] ** 2 for n in names)
+        return math.sqrt(num / den) if den else 0.0
+
+
+def _matrices(arr: np.ndarray, edit: TensorEdit):
+    """A 2-D weight is one matrix; a fused 3-D expert tensor [E, a, b] is E matrices."""
+    if arr.ndim == 2:
+        return [(arr, edit.residual_axis)]
+    if edit.expert_axis != 0:
+        raise NotImplementedError(f"{edit.name}: fused experts must have the expert axis first")
+    return [(arr[e], edit.residual_axis - 1) for e in range(arr.shape[0])]
+
+
+class _Executor:
+    def __init__(self, plan: Plan, report: Report):
+        self.plan, self.ck, self.report = plan, plan.ck, report
+        self.new_scales: dict[str, np.ndarray] = {}
+
+    # --- projected weights -----------------------------------------------------------------
+    def _reader(self, m: np.ndarray, edit: TensorEdit) -> Callable[[int, int], np.ndarray]:
+        if edit.fp8_scale is None:
+            return lambda s, e: decode(m[s:e])
+        scale = self.ck.array(edit.fp8_scale)
+        return lambda s, e: dequantize_blocks(m[s:e], scale[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], BLOCK_ROWS)
+
+    def _projected_blocks(self, edit: TensorEdit, stats: dict):
+        """Yield (matrix index, residual axis, start, stop, edited float32 block)."""
+        for i, (m, axis) in enumerate(_matrices(self.ck.array(edit.name), edit)):
+            for s, e, out in ablate_blocks(self._reader(m, edit), m.shape[0], edit.q, axis, edit.scale,
+                                           edit.preserve, BLOCK_ROWS, stats):
+                yield i, axis, s, e, out
+
+    def fp8_prepass(self, edit: TensorEdit) -> None:
+        """New tile scales must be known before the scale tensor is written (it may come first)."""
+        old = self.ck.array(edit.fp8_scale).astype(np.float32)
+        rows = [requantize_scale(old[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], out, BLOCK_ROWS)
+                for _, _, s, e, out in self._projected_blocks(edit, {})]
+        new = np.concatenate(rows, axis=0).reshape(old.shape)
+        # keep what the file will hold, and quantize against exactly that
+        self.new_scales[edit.name] = decode(encode(new, self.ck.info(edit.fp8_scale).dtype, saturate=True))
+
+    def produce_projection(self, edit: TensorEdit) -> Iterator[np.ndarray]:
+        stats: dict = {}
+        q = edit.q.astype(np.float32)
+        stored_sq, coeff = 0.0, {}  # component along Q of what is stored, from the encoded blocks
+        for i, axis, s, e, out in self._projected_blocks(edit, stats):
+            if edit.fp8_scale:
+                tile = self.new_scales[edit.name][s // BLOCK_ROWS: -(-e // BLOCK_ROWS)]
+                enc = quantize_blocks(out, tile, BLOCK_ROWS)
+                back = dequantize_blocks(enc, tile, BLOCK_ROWS)
+            else:
+                enc = encode(out, edit.dtype, saturate=edit.dtype in _SATURATE)
+                back = decode(enc)
+            yield enc
+            if axis == 0:  # QᵀW' sums over row blocks: keep one accumulator per matrix
+                coeff[i] = coeff.get(i, 0.0) + (q[s:e].T @ back).astype(np.float64)
+            else:
+                stored_sq += float(np.sum(np.square(back @ q), dtype=np.float64))
+        stored_sq += sum(float(np.sum(c * c)) for c in coeff.values())
+        before = math.sqrt(stats.get("component_sq", 0.0))
+        self.report.component[edit.name] = before
+        self.report.leakage[edit.name] = math.sqrt(stored_sq) / before if before > 0 else 0.0
+        self.ck.release(edit.name)
+
+    # --- small tensors ---------------------------------------------------------------------
+    def produce_small(self, edit: TensorEdit) -> Iterator[np.ndarray]:
+        if edit.op == "project_bias":
+            values = bias_project(self.ck.array(edit.name), edit.q, edit.scale)
+        elif edit.op == "inject_bias":
+            values = bias_inject(self.ck.array(edit.name), edit.vector, 1.0)
+        elif edit.op == "new_bias":
+            values = bias_inject(None, edit.vector, 1.0)
+        elif edit.op == "zero_bias":
+            values = np.zeros(edit.shape)
+        elif edit.op == "requant_scale":
+            yield encode(self.new_scales[edit.source], edit.dtype, saturate=True)
+            return
+        elif edit.op == "copy_of":
+            src = self.ck.info(edit.source)
+            for s in range(0, src.shape[0], 4096):
+                yield np.array(self.ck.array(edit.source, s, min(s + 4096, src.shape[0])))
+            return
+        else:
+            raise AssertionError(edit.op)
+        yield encode(np.asarray(values).reshape(edit.shape), edit.dtype, saturate=edit.dtype in _SATURATE)
+
+    def producer(self, edit: TensorEdit) -> Callable[[], Iterator[np.ndarray]]:
+        if edit.op == "project":
+            return lambda: self.produce_projection(edit)
+        return lambda: self.produce_small(edit)
+
+
+def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
+    """Output tensors per shard: input order kept, new tensors appended to their shard."""
+    out = {}
+    for fname in plan.ck.files:
+        tensors = []
+        for info in plan.ck.shard_tensors(fname):
+            edit = plan.edits.get(info.name)
+            if edit is None:
+                tensors.append(OutTensor(info.name, info.dtype, info.shape, source=info))
+            else:
+                tensors.append(OutTensor(info.name, edit.dtype, edit.shape, produce=ex.producer(edit)))
+        for edit in plan.new:
+            if edit.shard == fname:
+                tensors.append(OutTensor(edit.name, edit.dtype, edit.shape, produce=ex.producer(edit)))
+        out[fname] = tensors
+    return out
+
+
+def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
+            progress: Callable[[int], None] | None = None, on_shard: Callable[[str], None] | None = None) -> Report:
+    report = Report(out=Path(out))
+    t0 = time.perf_counter()
+    ck = plan.ck
+    ex = _Executor(plan, report)
+    record = json.dumps({**plan.record, **({"command": command} if command else {})}, sort_keys=True)
+    with OutputFolder(out, [ck.path], force=force) as tmp:
+        for edit in plan.edits.values():
+            if edit.op == "project" and edit.fp8_scale:
+                ex.fp8_prepass(edit)
+        layout = shard_layout(plan, ex)
+        for fname, tensors in layout.items():
+            if on_shard:
+                on_shard(fname)
+            meta = dict(ck.files[fname].metadata)
+            meta.setdefault("format", "pt")
+            meta["patcher"] = record
+            write_safetensors(tmp / fname, tensors, meta, on_bytes=progress)
+            report.bytes_written += sum(t.nbytes for t in tensors)
+        if ck.index_path is not None:
+            _write_index(ck, layout, tmp)
+        report.skipped_files = _copy_side_files(ck, tmp, plan.config_updates)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _write_index(ck: Checkpoint, layout: dict[str, list[OutTensor]], tmp: Path) -> None:
+    index = json.loads(ck.index_path.read_text(encoding="utf-8"))
+    index["weight_map"] = {t.name: fname for fname, ts in layout.items() for t in ts}
+    meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    meta["total_size"] = sum(t.nbytes for ts in layout.values() for t in ts)
+    index["metadata"] = meta
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_side_files(ck: Checkpoint, tmp: Path, config_updates: dict) -> list[str]:
+    """Copy config, tokenizer and other small files. Other weight files (pickles, GGUF, sub-folders
+    such as original/) are not copied: they would carry the unedited weights."""
+    skipped = []
+    written = set(ck.files) | {INDEX_NAME}
+    for p in sorted(ck.folder.iterdir()) if ck.path.is_dir() else []:
+        if p.name in written:
+            continue
+        if p.is_dir() or p.suffix in _WEIGHT_SUFFIXES:
+            skipped.append(p.name + ("/" if p.is_dir() else ""))
+            continue
+        if p.name == "config.json" and config_updates:
+            cfg = {**ck.config, **config_updates}
+            (tmp / p.name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        else:
+            (tmp / p.name).write_bytes(p.read_bytes())
+    return skipped

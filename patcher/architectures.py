@@ -1,0 +1,228 @@
+"""Architecture tables: which tensors write into the residual stream, per model_type.
+
+Each table is a TOML file (built-ins live in patcher/tables/; users may pass their own with
+--arch-table). A table names tensors by pattern, `{layer}` and `{expert}` standing for indices, and
+gives each tensor's residual axis. `extends` inherits another table: top-level keys override,
+`embed` / `writer` lists are replaced when given, `inject` entries are merged per target.
+"""
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patcher.errors import PatcherError
+
+TABLE_DIR = Path(__file__).parent / "tables"
+ROLES = ("embed", "attn_out", "mlp_out")
+POST_NORM_GAINS = {"one_plus_weight": 1.0, "weight": 0.0}  # g = offset + w
+_TOP_KEYS = {"model_type", "extends", "layers", "unembed", "tie_word_embeddings", "config", "prefixes",
+             "post_norm_gain", "embed", "writer", "inject"}
+_WRITER_KEYS = {"role", "weight", "bias", "residual_axis", "post_norm", "expert_axis"}
+_INJECT_KEYS = {"bias", "hf_loads", "config_flag", "siblings"}
+
+
+@dataclass(frozen=True)
+class Writer:
+    role: str
+    weight: str  # pattern relative to the layer prefix (or absolute for embeddings)
+    residual_axis: int
+    bias: str | None = None
+    post_norm: str | None = None
+    expert_axis: int = 0  # for fused 3-D expert tensors [experts, ...]
+
+
+@dataclass(frozen=True)
+class InjectSlot:
+    bias: str
+    hf_loads: bool
+    config_flag: str | None = None
+    siblings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    layers: str
+    unembed: str
+    tie_word_embeddings: bool
+    config_layers: str
+    config_d_model: str
+    embeds: tuple[Writer, ...]
+    writers: tuple[Writer, ...]
+    inject: dict = field(default_factory=dict)
+    prefixes: tuple[str, ...] = ("",)
+    post_norm_gain: str | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One concrete tensor an ablation may edit."""
+    role: str
+    layer: int | None  # None for embeddings
+    weight: str
+    residual_axis: int
+    bias: str | None
+    post_norm: str | None
+    expert_axis: int
+
+
+def _raw(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise PatcherError(path, f"cannot read architecture table ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PatcherError(path, f"invalid TOML ({e})") from None
+
+
+def _merged(path: Path, seen=()) -> dict:
+    data = _raw(path)
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise PatcherError(path, f"unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    parent = data.get("extends")
+    if parent is None:
+        return data
+    if parent in seen:
+        raise PatcherError(path, f"'extends' loops back to {parent!r}")
+    base = _merged(TABLE_DIR / f"{parent}.toml" if (TABLE_DIR / f"{parent}.toml").is_file()
+                   else path.parent / f"{parent}.toml", (*seen, parent))
+    out = {**base, **{k: v for k, v in data.items() if k != "inject"}}
+    out["inject"] = {**base.get("inject", {}), **data.get("inject", {})}
+    return out
+
+
+def _writer(path, entry, role=None) -> Writer:
+    if not isinstance(entry, dict) or set(entry) - _WRITER_KEYS - {"name"}:
+        raise PatcherError(path, f"bad writer entry {entry!r}; keys: {sorted(_WRITER_KEYS)}")
+    role = role or entry.get("role")
+    if role not in ROLES:
+        raise PatcherError(path, f"writer role {role!r} is not one of {ROLES}")
+    weight = entry.get("weight") or entry.get("name")
+    axis = entry.get("residual_axis")
+    if not isinstance(weight, str) or not isinstance(axis, int):
+        raise PatcherError(path, f"writer {entry!r} needs 'weight' (a name pattern) and 'residual_axis'")
+    return Writer(role, weight, axis, entry.get("bias"), entry.get("post_norm"), entry.get("expert_axis", 0))
+
+
+def load_table(path) -> Architecture:
+    path = Path(path)
+    d = _merged(path)
+    missing = [k for k in ("model_type", "layers", "unembed", "config", "embed", "writer") if k not in d]
+    if missing:
+        raise PatcherError(path, f"architecture table lacks {missing}")
+    gain = d.get("post_norm_gain")
+    if gain is not None and gain not in POST_NORM_GAINS:
+        raise PatcherError(path, f"post_norm_gain must be one of {sorted(POST_NORM_GAINS)}")
+    inject = {}
+    for target, slot in d.get("inject", {}).items():
+        if target not in ("attn_out", "mlp_out") or set(slot) - _INJECT_KEYS or "bias" not in slot:
+            raise PatcherError(path, f"bad inject entry {target!r}: {slot!r}")
+        inject[target] = InjectSlot(slot["bias"], bool(slot.get("hf_loads", False)), slot.get("config_flag"),
+                                    tuple(slot.get("siblings", ())))
+    cfg = d["config"]
+    return Architecture(
+        model_type=d["model_type"], layers=d["layers"], unembed=d["unembed"],
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        config_layers=cfg.get("layers", "num_hidden_layers"), config_d_model=cfg.get("d_model", "hidden_size"),
+        embeds=tuple(_writer(path, e, "embed") for e in d["embed"]),
+        writers=tuple(_writer(path, w) for w in d["writer"]),
+        inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path))
+
+
+def supported() -> list[str]:
+    return sorted(p.stem for p in TABLE_DIR.glob("*.toml"))
+
+
+def for_model_type(model_type: str | None, where) -> Architecture:
+    if model_type and (TABLE_DIR / f"{model_type}.toml").is_file():
+        return load_table(TABLE_DIR / f"{model_type}.toml")
+    what = f"model_type {model_type!r} is not supported" if model_type else "config.json has no model_type"
+    raise PatcherError(where, f"{what}. Supported: {', '.join(supported())}. For another architecture, write a "
+                              f"table (copy patcher/tables/llama.toml, edit the name patterns) and pass --arch-table FILE")
+
+
+# --- resolving a table against a checkpoint's tensor names ---------------------------------------
+
+def _regex(pattern: str) -> re.Pattern:
+    parts = re.split(r"(\{layer\}|\{expert\})", pattern)
+    out = "".join({"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(p, re.escape(p)) for p in parts)
+    return re.compile(out + r"\Z")
+
+
+def sub(pattern: str, layer: int) -> str:
+    return pattern.replace("{layer}", str(layer))
+
+
+@dataclass
+class Resolved:
+    """A table applied to one checkpoint: concrete targets per role and layer, and what is absent."""
+    arch: Architecture
+    prefix: str
+    n_layers: int
+    d_model: int
+    tied: bool
+    targets: list[Target]
+    missing: list[tuple[str, int | None, str]]  # (role, layer, pattern) with no tensor at all
+
+    def layer_prefix(self, layer: int) -> str:
+        return self.prefix + sub(self.arch.layers, layer)
+
+    def select(self, roles=ROLES, layers=None) -> list[Target]:
+        return [t for t in self.targets if t.role in roles and (t.layer is None or layers is None or t.layer in layers)]
+
+
+def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
+    names = set(names)
+    prefix = next((p for p in arch.prefixes if all(p + e.weight in names for e in arch.embeds)), arch.prefixes[0])
+    try:
+        n_layers = int(config[arch.config_layers])
+        d_model = int(config[arch.config_d_model])
+    except (KeyError, TypeError, ValueError):
+        raise PatcherError(where, f"config.json needs integer '{arch.config_layers}' and '{arch.config_d_model}' "
+                                  f"for model_type {arch.model_type!r}") from None
+    tied = bool(config.get("tie_word_embeddings", arch.tie_word_embeddings))
+    targets, missing = [], []
+    for e in arch.embeds:
+        if prefix + e.weight in names:
+            targets.append(Target("embed", None, prefix + e.weight, e.residual_axis,
+                                  _present(prefix + e.bias, names) if e.bias else None, None, 0))
+        else:
+            missing.append(("embed", None, prefix + e.weight))
+    by_role_layer: dict[tuple[str, int], int] = {}
+    for w in arch.writers:
+        rx = _regex(prefix + arch.layers + w.weight)
+        hits = []
+        for n in names:
+            m = rx.match(n)
+            if m:
+                hits.append((int(m["layer"]), int(m["expert"]) if "expert" in m.groupdict() else -1, n))
+        for layer, _, n in sorted(hits):
+            if layer >= n_layers:
+                continue
+            tail = n[len(prefix + sub(arch.layers, layer)):]
+            expert = _regex(w.weight).match(tail)
+            bias = post = None
+            if w.bias:
+                bias = _present(_fill(prefix + sub(arch.layers, layer) + w.bias, expert), names)
+            if w.post_norm:
+                post = _fill(prefix + sub(arch.layers, layer) + w.post_norm, expert)
+                if post not in names:
+                    raise PatcherError(where, f"{n} is a post-norm writer but {post} is missing")
+            targets.append(Target(w.role, layer, n, w.residual_axis, bias, post, w.expert_axis))
+            by_role_layer[(w.role, layer)] = by_role_layer.get((w.role, layer), 0) + 1
+    for role in ("attn_out", "mlp_out"):
+        for layer in range(n_layers):
+            if (role, layer) not in by_role_layer:
+                missing.append((role, layer, " | ".join(w.weight for w in arch.writers if w.role == role)))
+    return Resolved(arch, prefix, n_layers, d_model, tied, targets, missing)
+
+
+def _fill(pattern: str, match) -> str:
+    return pattern.replace("{expert}", match["expert"]) if match and "expert" in match.groupdict() else pattern
+
+
+def _present(name: str, names) -> str | None:
+    return name if name in names else None

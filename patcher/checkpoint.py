@@ -1,0 +1,148 @@
+"""A model checkpoint: a folder (single or sharded safetensors) or one .safetensors file.
+
+Everything is lazy: opening reads headers only; tensors are memory-mapped views on demand.
+"""
+import json
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from patcher.errors import CheckpointError
+from patcher.safetensors_file import SafetensorsFile, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE_MSG = ("PyTorch pickle checkpoints are refused: unpickling can run arbitrary code. "
+               "Convert to safetensors first (e.g. with the safetensors 'convert' tooling) and point patcher at that")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(path, f"cannot parse JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "expected a JSON object")
+    return data
+
+
+def _safe_shard_name(index_path: Path, folder: Path, name) -> Path:
+    """A weight_map file name is untrusted: it must be a plain relative path inside the folder."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(index_path, f"weight_map file name {name!r} is not a string")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
+        raise CheckpointError(index_path, f"weight_map file name {name!r} escapes the model folder")
+    path = folder / name
+    if folder.resolve() not in path.resolve().parents:
+        raise CheckpointError(index_path, f"weight_map file name {name!r} escapes the model folder")
+    if len(parts) != 1:
+        raise CheckpointError(index_path, f"weight_map file name {name!r}: shards must sit in the model folder itself")
+    return path
+
+
+class Checkpoint:
+    """Lazy view of a checkpoint. `files` keeps shard order; `tensors` maps name -> TensorInfo."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.folder = self.path if self.path.is_dir() else self.path.parent
+        self.index_path: Path | None = None
+        self.config: dict = {}
+        if not self.path.exists():
+            raise CheckpointError(self.path, "no such file or folder")
+        shard_paths = self._locate()
+        self.files: dict[str, SafetensorsFile] = {p.name: SafetensorsFile(p) for p in shard_paths}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.shard_of: dict[str, str] = {}
+        for fname, sf in self.files.items():
+            for tname, info in sf.tensors.items():
+                if tname in self.tensors:
+                    raise CheckpointError(sf.path, f"tensor {tname!r} also appears in {self.shard_of[tname]}")
+                self.tensors[tname] = info
+                self.shard_of[tname] = fname
+        if self.index_path is not None:
+            self._check_index_matches()
+        if self.path.is_dir() and (self.folder / "config.json").is_file():
+            self.config = _load_json(self.folder / "config.json")
+
+    def _locate(self) -> list[Path]:
+        p = self.path
+        if p.is_file():
+            if p.suffix in PICKLE_SUFFIXES:
+                raise CheckpointError(p, _PICKLE_MSG)
+            if p.suffix != ".safetensors":
+                raise CheckpointError(p, "not a .safetensors file or a model folder")
+            return [p]
+        if (p / INDEX_NAME).is_file():
+            self.index_path = p / INDEX_NAME
+            index = _load_json(self.index_path)
+            wm = index.get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(self.index_path, "missing or empty 'weight_map'")
+            self.weight_map = {}
+            names = []
+            for tname, fname in wm.items():
+                path = _safe_shard_name(self.index_path, p, fname)
+                if not path.is_file():
+                    raise CheckpointError(self.index_path, f"tensor {tname!r} is mapped to {fname!r}, which does not exist")
+                self.weight_map[tname] = path.name
+                if path not in names:
+                    names.append(path)
+            self.index_metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+            return sorted(names, key=lambda q: q.name)
+        if (p / SINGLE_NAME).is_file():
+            return [p / SINGLE_NAME]
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        if len(found) > 1:
+            raise CheckpointError(p, f"{len(found)} .safetensors files but no {INDEX_NAME} to say how they fit together")
+        if any(q.suffix in PICKLE_SUFFIXES for q in p.iterdir()):
+            raise CheckpointError(p, _PICKLE_MSG)
+        raise CheckpointError(p, "no model.safetensors, index, or .safetensors file in this folder")
+
+    def _check_index_matches(self):
+        for tname, fname in self.weight_map.items():
+            if self.shard_of.get(tname) != fname:
+                raise CheckpointError(self.folder / fname, f"tensor {tname!r} is listed in the index but missing from this shard")
+
+    # --- access ------------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(self.path, f"no tensor named {name!r}") from None
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        return self.files[self.shard_of[name]]
+
+    def array(self, name: str, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
+        """Zero-copy view (rows along the first axis)."""
+        return self.file_of(name).array(self.info(name), row_start, row_stop)
+
+    def release(self, name: str) -> None:
+        self.file_of(name).release(self.info(name))
+
+    def shard_tensors(self, fname: str) -> list[TensorInfo]:
+        """Tensors of one shard in file order."""
+        return sorted(self.files[fname].tensors.values(), key=lambda t: t.begin)
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,245 @@
+"""The `patcher` command line (typer + rich). Every user-fixable problem is one line on stderr
+and exit code 1; the input is never written."""
+import json
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from patcher import __version__
+from patcher.apply import execute
+from patcher.architectures import ROLES, Resolved, for_model_type, load_table, resolve
+from patcher.checkpoint import Checkpoint
+from patcher.directions import load_direction
+from patcher.edits import Plan, parse_layers, plan_ablation, plan_injection
+from patcher.errors import PatcherError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _open(model: Path, arch_table: Optional[Path], need_arch: bool = True) -> tuple[Checkpoint, Optional[Resolved]]:
+    ck = Checkpoint(model)
+    if not need_arch and arch_table is None and not ck.model_type:
+        return ck, None
+    if not ck.config and ck.path.is_file():
+        raise PatcherError(model, "editing needs a model folder with config.json, not a lone .safetensors file")
+    arch = load_table(arch_table) if arch_table else for_model_type(ck.model_type, ck.folder / "config.json")
+    return ck, resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
+
+
+def _guard(fn):
+    """Run a command body: PatcherError -> one line + exit 1; Ctrl-C -> exit 130, nothing left."""
+    try:
+        return fn()
+    except PatcherError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted:[/] no output was written (partial files removed)")
+        raise typer.Exit(130)
+    except OSError as e:
+        err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+def describe(ck: Checkpoint, res: Optional[Resolved]) -> dict:
+    dtypes = Counter()
+    for t in ck.tensors.values():
+        dtypes[t.dtype] += t.nbytes
+    info = {
+        "path": str(ck.path), "model_type": ck.model_type, "shards": list(ck.files), "tensors": len(ck.tensors),
+        "total_bytes": ck.total_bytes, "dtypes": dict(dtypes.most_common()),
+    }
+    if res is not None:
+        roles = {r: [t.weight for t in res.targets if t.role == r] for r in ROLES}
+        biases = {r: [t.bias for t in res.targets if t.role == r and t.bias] for r in ROLES}
+        info.update({
+            "architecture_table": res.arch.source, "layers": res.n_layers, "d_model": res.d_model,
+            "tied_embeddings": res.tied, "post_norm_corrected": res.arch.post_norm_gain is not None,
+            "roles": roles, "role_biases": biases,
+            "missing": [{"role": r, "layer": l, "pattern": p} for r, l, p in res.missing],
+        })
+    prov = {f: sf.metadata["patcher"] for f, sf in ck.files.items() if "patcher" in sf.metadata}
+    if prov:
+        first = next(iter(prov.values()))
+        try:
+            info["provenance"] = json.loads(first)
+        except ValueError:
+            info["provenance"] = first
+    return info
+
+
+@app.command()
+def inspect(model: Path = typer.Argument(..., help="Model folder, or one .safetensors file"),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+            arch_table: Optional[Path] = typer.Option(None, "--arch-table", help="Custom architecture table (TOML)")):
+    """Architecture, layers, d_model, dtypes, shards, size, and which tensors each role maps to."""
+    def body():
+        ck, res = _open(model, arch_table, need_arch=False)
+        info = describe(ck, res)
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return
+        t = Table(show_header=False, box=None, pad_edge=False)
+        t.add_row("model", str(ck.path))
+        t.add_row("model_type", str(info["model_type"]))
+        if res is not None:
+            t.add_row("layers", str(res.n_layers))
+            t.add_row("d_model", str(res.d_model))
+            t.add_row("tied embeddings", "yes" if res.tied else "no")
+            if res.arch.post_norm_gain:
+                t.add_row("post-norm", f"writers corrected by g = {res.arch.post_norm_gain.replace('_', ' ')}")
+        t.add_row("shards", f"{len(ck.files)} ({', '.join(list(ck.files)[:3])}{', …' if len(ck.files) > 3 else ''})")
+        t.add_row("tensors", f"{len(ck.tensors)}, {_human(ck.total_bytes)}")
+        t.add_row("dtypes", ", ".join(f"{d} {_human(b)}" for d, b in info["dtypes"].items()))
+        out.print(t)
+        if res is not None:
+            rt = Table(title="residual writers", title_justify="left")
+            for c in ("role", "tensors", "biases", "example", "residual axis"):
+                rt.add_column(c)
+            for role in ROLES:
+                ts = [x for x in res.targets if x.role == role]
+                rt.add_row(role, str(len(ts)), str(sum(1 for x in ts if x.bias)), ts[0].weight if ts else "—",
+                           str(ts[0].residual_axis) if ts else "")
+            out.print(rt)
+            if res.missing:
+                out.print(f"[yellow]missing:[/] " + "; ".join(
+                    f"{r}{'' if l is None else f' layer {l}'} ({p})" for r, l, p in res.missing[:10])
+                    + (f" … and {len(res.missing) - 10} more" if len(res.missing) > 10 else ""))
+        if "provenance" in info:
+            out.print(f"[cyan]edited by patcher:[/] {json.dumps(info['provenance'], sort_keys=True)}")
+    _guard(body)
+
+
+# --- ablate / inject ---------------------------------------------------------------------------
+
+def _print_plan(plan: Plan) -> None:
+    t = Table(title=f"plan: {len(plan.all())} tensors, {_human(plan.bytes_edited)} rewritten", title_justify="left")
+    for c in ("tensor", "role", "layer", "operation", "dtype", "bytes"):
+        t.add_column(c, justify="right" if c in ("layer", "bytes") else "left")
+    for e in plan.all():
+        t.add_row(e.name, e.role, "" if e.layer is None else str(e.layer), e.formula, e.dtype, _human(e.nbytes))
+    out.print(t)
+    for k, v in plan.config_updates.items():
+        out.print(f"config.json: {k} = {json.dumps(v)}")
+    for n in plan.notes:
+        out.print(f"[yellow]note:[/] {n}")
+
+
+def _run(plan: Plan, output: Path, force: bool, dry_run: bool) -> None:
+    if dry_run:
+        _print_plan(plan)
+        out.print(f"dry run: nothing written (would write {output})")
+        return
+    ck = plan.ck
+    with _progress() as prog:
+        task = prog.add_task("writing", total=ck.total_bytes + sum(e.nbytes for e in plan.new))
+        report = execute(plan, output, force=force, command=shlex.join(["patcher", *sys.argv[1:]]),
+                         progress=lambda n: prog.advance(task, n),
+                         on_shard=lambda f: prog.update(task, description=f"writing {f}"))
+    _summary(plan, report)
+
+
+def _summary(plan: Plan, report) -> None:
+    t = Table(title=f"wrote {report.out}", title_justify="left", show_header=False, box=None)
+    t.add_row("tensors edited", f"{len(plan.edits)} edited, {len(plan.new)} added")
+    t.add_row("time", f"{report.seconds:.2f} s for {_human(report.bytes_written)}")
+    if report.leakage:
+        worst = max(report.leakage, key=report.leakage.get)
+        t.add_row("leakage |QᵀW'|/|QᵀW|", f"{report.overall_leakage():.2e} overall, max {report.leakage[worst]:.2e} "
+                                            f"({worst}) — left by storage rounding")
+    for k, v in plan.config_updates.items():
+        t.add_row("config.json", f"{k} = {json.dumps(v)}")
+    if report.skipped_files:
+        t.add_row("not copied", ", ".join(report.skipped_files) + " (other weight files would carry unedited weights)")
+    out.print(t)
+    for n in plan.notes:
+        out.print(f"[yellow]note:[/] {n}")
+
+
+_DIRECTION_HELP = "FILE.npy, or FILE.safetensors[:LAYER] from `patcher extract`"
+
+
+@app.command()
+def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
+           direction: str = typer.Option(..., "-d", "--direction", help=_DIRECTION_HELP),
+           output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
+           layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
+           targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
+           scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
+           norm_preserve: Optional[str] = typer.Option(None, "--norm-preserve",
+               help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written vector's norm "
+                    "(ablation stays exact); rows keeps each residual coordinate's row norm"),
+           untie: bool = typer.Option(False, "--untie-embeddings", help="Keep the original unembedding as lm_head"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
+           force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
+           arch_table: Optional[Path] = typer.Option(None, "--arch-table", help="Custom architecture table (TOML)")):
+    """Remove a direction from every selected residual writer (rank-1 or rank-k projection)."""
+    def body():
+        roles = tuple(r.strip() for r in targets.split(",") if r.strip())
+        bad = [r for r in roles if r not in ROLES]
+        if bad or not roles:
+            raise PatcherError("--targets", f"unknown {bad}; choose from {', '.join(ROLES)}")
+        if norm_preserve not in (None, "rows", "cols"):
+            raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
+        ck, res = _open(model, arch_table)
+        d = load_direction(direction, res.d_model)
+        plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
+                             preserve=norm_preserve, untie=untie)
+        _run(plan, output, force, dry_run)
+    _guard(body)
+
+
+@app.command()
+def inject(model: Path = typer.Argument(..., help="Model folder"),
+           direction: str = typer.Option(..., "-d", "--direction", help=_DIRECTION_HELP),
+           output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
+           layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in resid_pre[layer+1])"),
+           alpha: float = typer.Option(..., "--alpha", help="Strength, in residual-stream units"),
+           target: str = typer.Option("mlp_out", "--target", help="mlp_out or attn_out"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
+           force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
+           arch_table: Optional[Path] = typer.Option(None, "--arch-table", help="Custom architecture table (TOML)")):
+    """Add alpha * r̂ to one writer's bias at one layer (creating the bias if needed)."""
+    def body():
+        if target not in ("mlp_out", "attn_out"):
+            raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
+        ck, res = _open(model, arch_table)
+        d = load_direction(direction, res.d_model)
+        plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
+                              target=target)
+        _run(plan, output, force, dry_run)
+    _guard(body)
+
+
+@app.command()
+def version():
+    """Print the patcher version."""
+    print(__version__)
+
+
+def main():
+    app()

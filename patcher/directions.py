@@ -1,0 +1,116 @@
+"""Loading and saving directions.
+
+DIRECTION on the command line is `FILE.npy` (a (d_model,) vector, or (k, d_model) for rank k) or
+`FILE.safetensors[:LAYER]` in the directions format: tensors `direction`, `positive_mean`,
+`negative_mean`, float32 [L+1, d_model] indexed by resid_pre layer, and `__metadata__["patcher"]`
+holding JSON with at least `selected_layer` (used when no :LAYER is given).
+"""
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patcher.checkpoint import Checkpoint
+from patcher.errors import CheckpointError, PatcherError
+from patcher.writer import OutTensor, write_safetensors
+
+METADATA_KEY = "patcher"
+
+
+@dataclass
+class Direction:
+    vectors: np.ndarray  # [k, d_model] float64, as given (not yet normalised)
+    source: str  # what the user passed
+    layer: int | None  # resid_pre layer it came from, if known
+    sha256: str  # of the vectors as float64 bytes: identifies the direction whatever file held it
+
+    @property
+    def unit(self) -> np.ndarray:
+        return self.vectors / np.linalg.norm(self.vectors, axis=1, keepdims=True)
+
+
+def _digest(v: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
+
+
+def load_direction(spec: str, d_model: int | None = None) -> Direction:
+    m = re.fullmatch(r"(.+\.safetensors)(?::(-?\d+))?", spec)
+    if m:
+        vectors, layer = _from_safetensors(Path(m[1]), None if m[2] is None else int(m[2]))
+    elif spec.endswith(".npy"):
+        vectors, layer = _from_npy(Path(spec)), None
+    else:
+        raise PatcherError(spec, "a direction is FILE.npy or FILE.safetensors[:LAYER]")
+    vectors = np.atleast_2d(vectors).astype(np.float64)
+    if vectors.ndim != 2:
+        raise PatcherError(spec, f"direction must be (d_model,) or (k, d_model), got shape {vectors.shape}")
+    if d_model is not None and vectors.shape[1] != d_model:
+        raise PatcherError(spec, f"direction has dimension {vectors.shape[1]}, the model's d_model is {d_model}")
+    if not np.all(np.isfinite(vectors)):
+        raise PatcherError(spec, "direction contains NaN or Inf")
+    if np.any(np.linalg.norm(vectors, axis=1) == 0):
+        raise PatcherError(spec, "direction has zero norm")
+    return Direction(vectors, spec, layer, _digest(vectors))
+
+
+def _from_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise PatcherError(path, "no such file") from None
+    except (OSError, ValueError) as e:
+        raise PatcherError(path, f"not a readable .npy array ({e})") from None
+    if arr.dtype.kind not in "fiu":
+        raise PatcherError(path, f"expected a numeric array, got dtype {arr.dtype}")
+    return arr
+
+
+def _from_safetensors(path: Path, layer: int | None) -> tuple[np.ndarray, int]:
+    if not path.is_file():
+        raise PatcherError(path, "no such file")
+    ck = Checkpoint(path)
+    try:
+        if "direction" not in ck.tensors:
+            raise CheckpointError(path, "no 'direction' tensor: not a patcher directions file")
+        table = ck.array("direction").astype(np.float64)
+        meta = read_metadata(ck)
+    finally:
+        ck.close()
+    if table.ndim != 2:
+        raise CheckpointError(path, f"'direction' must be [layers+1, d_model], got {list(table.shape)}")
+    if layer is None:
+        layer = meta.get("selected_layer")
+        if not isinstance(layer, int):
+            raise CheckpointError(path, "metadata has no integer 'selected_layer'; give one as FILE.safetensors:LAYER")
+    n = table.shape[0]
+    if not -n <= layer < n:
+        raise PatcherError(f"{path}:{layer}", f"layer {layer} is out of range: the file has resid_pre layers 0..{n - 1}")
+    return table[layer], layer % n
+
+
+def read_metadata(ck: Checkpoint) -> dict:
+    raw = next(iter(ck.files.values())).metadata.get(METADATA_KEY, "{}")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(ck.path, f"__metadata__[{METADATA_KEY!r}] is not JSON") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def save_directions(path, direction: np.ndarray, positive_mean: np.ndarray, negative_mean: np.ndarray,
+                    metadata: dict, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write the directions format (float32 tensors; JSON metadata under __metadata__['patcher'])."""
+    if "selected_layer" not in metadata:
+        raise ValueError("directions metadata needs 'selected_layer'")
+    arrays = {"direction": direction, "positive_mean": positive_mean, "negative_mean": negative_mean, **(extra or {})}
+    tensors = []
+    for name, arr in arrays.items():
+        a = np.ascontiguousarray(arr, dtype=np.float32)
+        tensors.append(OutTensor(name, "F32", a.shape, produce=lambda a=a: [a]))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    write_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    tmp.replace(path)

@@ -1,0 +1,215 @@
+"""Planning edits: turn (checkpoint, table, direction, options) into a readable list of tensor
+operations before any byte is written. `--dry-run` prints exactly this plan; `apply` executes it.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.codecs import numpy_dtype
+from kernels.project import orthonormalize
+from patcher import __version__
+from patcher.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
+from patcher.checkpoint import Checkpoint
+from patcher.directions import Direction
+from patcher.errors import PatcherError
+
+# How each operation reads in the dry-run plan.
+FORMULAS = {
+    ("project", 0): "W - s Q(QᵀW)",
+    ("project", 1): "W - s (WQ)Qᵀ",
+    ("project_bias", None): "b - s Q(Qᵀb)",
+    ("inject_bias", None): "b + α r̂",
+    ("new_bias", None): "α r̂ (new)",
+    ("zero_bias", None): "0 (new, enables the config flag)",
+    ("copy_of", None): "copy of original",
+    ("requant_scale", None): "max(s, amax/448)",
+}
+
+
+@dataclass
+class TensorEdit:
+    name: str
+    role: str
+    layer: int | None
+    op: str  # a key of FORMULAS (first element)
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+    residual_axis: int | None = None
+    expert_axis: int = 0
+    q: np.ndarray | None = None  # [d_model, k] orthonormal basis removed by projections
+    scale: float = 1.0
+    preserve: str | None = None
+    vector: np.ndarray | None = None  # added by inject_bias / new_bias
+    source: str | None = None  # copy_of: the tensor whose original bytes are copied
+    fp8_scale: str | None = None  # name of the block-scale tensor of an fp8 weight
+
+    @property
+    def formula(self) -> str:
+        return FORMULAS[(self.op, self.residual_axis if self.op == "project" else None)]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+
+@dataclass
+class Plan:
+    ck: Checkpoint
+    resolved: Resolved
+    edits: dict[str, TensorEdit] = field(default_factory=dict)  # existing tensors rewritten
+    new: list[TensorEdit] = field(default_factory=list)  # tensors added
+    config_updates: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    record: dict = field(default_factory=dict)  # the edit as JSON, for provenance
+
+    def all(self) -> list[TensorEdit]:
+        return [*self.edits.values(), *self.new]
+
+    @property
+    def bytes_edited(self) -> int:
+        return sum(e.nbytes for e in self.all())
+
+
+def _fp8_scale_name(ck: Checkpoint, weight: str) -> str | None:
+    if ck.tensors[weight].dtype not in ("F8_E4M3",):
+        return None
+    for cand in (weight + "_scale_inv", weight.removesuffix("weight") + "weight_scale"):
+        if cand in ck.tensors:
+            return cand
+    raise PatcherError(ck.path, f"{weight} is FP8 but has no {weight}_scale_inv / weight_scale tensor; "
+                                f"per-tensor FP8 without block scales is not supported")
+
+
+def _post_norm_basis(ck: Checkpoint, resolved: Resolved, target: Target, q: np.ndarray) -> np.ndarray:
+    """Writers followed by g * RMSNorm(.) must be orthogonal to g * r, not r (DESIGN.md)."""
+    gain = POST_NORM_GAINS[resolved.arch.post_norm_gain] + ck.array(target.post_norm).astype(np.float64)
+    return orthonormalize((gain[:, None] * q).T)
+
+
+def _edit_for(ck: Checkpoint, name: str, role: str, layer, op: str, **kw) -> TensorEdit:
+    info = ck.info(name)
+    return TensorEdit(name, role, layer, op, info.dtype, info.shape, ck.shard_of[name], **kw)
+
+
+def plan_ablation(ck: Checkpoint, resolved: Resolved, direction: Direction, *, layers=None, roles=ROLES,
+                  scale: float = 1.0, preserve: str | None = None, untie: bool = False) -> Plan:
+    q0 = orthonormalize(direction.vectors)
+    plan = Plan(ck, resolved)
+    targets = resolved.select(roles, layers)
+    if not targets:
+        raise PatcherError("--targets/--layers", "selects no tensor of this model")
+    for t in targets:
+        q = _post_norm_basis(ck, resolved, t, q0) if t.post_norm else q0
+        info = ck.info(t.weight)
+        if len(info.shape) not in (2, 3) or info.shape[t.residual_axis] != resolved.d_model:
+            raise PatcherError(ck.folder / ck.shard_of[t.weight],
+                               f"{t.weight} has shape {list(info.shape)}; the table says axis {t.residual_axis} "
+                               f"is the residual axis (d_model={resolved.d_model})")
+        fp8 = _fp8_scale_name(ck, t.weight)
+        plan.edits[t.weight] = _edit_for(ck, t.weight, t.role, t.layer, "project", residual_axis=t.residual_axis,
+                                         expert_axis=t.expert_axis, q=q, scale=scale, preserve=preserve,
+                                         fp8_scale=fp8)
+        if fp8:
+            plan.edits[fp8] = _edit_for(ck, fp8, t.role, t.layer, "requant_scale", source=t.weight)
+        if t.bias:
+            plan.edits[t.bias] = _edit_for(ck, t.bias, t.role, t.layer, "project_bias", q=q, scale=scale)
+    token_embed = resolved.prefix + resolved.arch.embeds[0].weight
+    if resolved.tied and token_embed in plan.edits:
+        if untie:
+            unembed = resolved.arch.unembed
+            if unembed in ck.tensors:
+                plan.edits[unembed] = _edit_for(ck, unembed, "unembed", None, "copy_of", source=token_embed)
+            else:
+                info = ck.info(token_embed)
+                plan.new.append(TensorEdit(unembed, "unembed", None, "copy_of", info.dtype, info.shape,
+                                           ck.shard_of[token_embed], source=token_embed))
+            plan.config_updates["tie_word_embeddings"] = False
+            plan.notes.append(f"untied: {unembed} keeps the original embedding; config.json tie_word_embeddings=false")
+        else:
+            plan.notes.append("embeddings are tied: editing the embedding also edits the output unembedding "
+                              "(pass --untie-embeddings to keep the original unembedding)")
+    plan.record = {"op": "ablate", "direction": direction.source, "direction_sha256": direction.sha256,
+                   "rank": int(q0.shape[1]), "layers": _layers_text(layers), "targets": list(roles),
+                   "scale": scale, "norm_preserve": preserve, "untie_embeddings": untie,
+                   "post_norm_corrected": any(t.post_norm for t in targets), "patcher": __version__}
+    return plan
+
+
+def plan_injection(ck: Checkpoint, resolved: Resolved, direction: Direction, *, layer: int, alpha: float,
+                   target: str = "mlp_out") -> Plan:
+    arch = resolved.arch
+    if not 0 <= layer < resolved.n_layers:
+        raise PatcherError("--layer", f"layer {layer} is out of range: the model has layers 0..{resolved.n_layers - 1}")
+    if direction.vectors.shape[0] != 1:
+        raise PatcherError(direction.source, "inject takes one direction, not a rank-k set")
+    slot = arch.inject.get(target)
+    if slot is None:
+        raise PatcherError("--target", f"{arch.model_type} has no injection slot for {target!r}")
+    unit = direction.unit[0]
+    vector = alpha * unit
+    plan = Plan(ck, resolved)
+    lp = resolved.layer_prefix(layer)
+    bias = lp + slot.bias
+    if bias in ck.tensors:
+        plan.edits[bias] = _edit_for(ck, bias, target, layer, "inject_bias", vector=vector)
+    else:
+        writer = next((t for t in resolved.targets if t.layer == layer and t.role == target), None)
+        like = ck.info(writer.weight) if writer else ck.info(next(n for n in ck.tensors if n.startswith(lp)))
+        plan.new.append(TensorEdit(bias, target, layer, "new_bias", _bias_dtype(like.dtype), (resolved.d_model,),
+                                   ck.shard_of[like.name], vector=vector))
+    if slot.hf_loads and slot.config_flag and not resolved_flag(ck, slot.config_flag):
+        plan.config_updates[slot.config_flag] = True
+        for l in range(resolved.n_layers):
+            for sib in slot.siblings:
+                w, b = resolved.layer_prefix(l) + sib + ".weight", resolved.layer_prefix(l) + sib + ".bias"
+                if w in ck.tensors and b not in ck.tensors and b != bias:
+                    info = ck.info(w)
+                    plan.new.append(TensorEdit(b, "bias", l, "zero_bias", _bias_dtype(info.dtype), (info.shape[0],),
+                                               ck.shard_of[w]))
+        plan.notes.append(f"config.json {slot.config_flag}=true so HF transformers loads the bias; the other biases "
+                          f"that flag requires are written as zeros")
+    if slot.hf_loads:
+        plan.notes.append(f"{bias} is loaded by HF transformers and is active there and in the ONNX export")
+    else:
+        plan.notes.append(f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores this tensor "
+                          f"(an 'unused weights' warning). The ONNX export (patcher export) carries it")
+    plan.record = {"op": "inject", "direction": direction.source, "direction_sha256": direction.sha256,
+                   "layer": layer, "alpha": alpha, "target": target, "bias": bias, "hf_loads": slot.hf_loads,
+                   "patcher": __version__}
+    return plan
+
+
+def resolved_flag(ck: Checkpoint, flag: str) -> bool:
+    return bool(ck.config.get(flag, False))
+
+
+def _bias_dtype(weight_dtype: str) -> str:
+    # an FP8 weight's bias is kept in bf16: fp8 has no room for a bias's precision
+    return "BF16" if weight_dtype.startswith("F8") else weight_dtype
+
+
+def _layers_text(layers) -> str | None:
+    return None if layers is None else ",".join(str(l) for l in sorted(layers))
+
+
+def parse_layers(text: str | None, n_layers: int) -> set[int] | None:
+    """'4-20', '3,5,7-9', '-4--1' style ranges (inclusive; negatives count from the end)."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    out = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                i = part.index("-", 1)
+                lo, hi = int(part[:i]), int(part[i + 1:])
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise PatcherError("--layers", f"cannot read {part!r}; use e.g. 4-20 or 3,5,7-9") from None
+        lo, hi = (lo % n_layers if lo < 0 else lo), (hi % n_layers if hi < 0 else hi)
+        if not (0 <= lo <= hi < n_layers):
+            raise PatcherError("--layers", f"{part!r} is outside 0..{n_layers - 1}")
+        out.update(range(lo, hi + 1))
+    return out

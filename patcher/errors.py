@@ -1,0 +1,14 @@
+"""One exception type for every problem a user can fix: the CLI prints it as one line and exits 1."""
+
+
+class PatcherError(Exception):
+    """A clear, user-facing error. `where` names the file (or option) at fault."""
+
+    def __init__(self, where, problem: str):
+        self.where = str(where)
+        self.problem = problem
+        super().__init__(f"{self.where}: {problem}")
+
+
+class CheckpointError(PatcherError):
+    """A checkpoint file or folder is malformed, unsafe, or unsupported."""
