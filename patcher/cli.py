@@ -22,8 +22,9 @@ from patcher.errors import PatcherError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch.")
-out = Console()
-err = Console(stderr=True)
+# piped output (scripts, CI logs) gets wide lines so tensor names are never cut
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _human(n: float) -> str:
@@ -139,7 +140,7 @@ def inspect(model: Path = typer.Argument(..., help="Model folder, or one .safete
 def _print_plan(plan: Plan) -> None:
     t = Table(title=f"plan: {len(plan.all())} tensors, {_human(plan.bytes_edited)} rewritten", title_justify="left")
     for c in ("tensor", "role", "layer", "operation", "dtype", "bytes"):
-        t.add_column(c, justify="right" if c in ("layer", "bytes") else "left")
+        t.add_column(c, justify="right" if c in ("layer", "bytes") else "left", overflow="fold")
     for e in plan.all():
         t.add_row(e.name, e.role, "" if e.layer is None else str(e.layer), e.formula, e.dtype, _human(e.nbytes))
     out.print(t)

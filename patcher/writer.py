@@ -157,7 +157,7 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
                 block = np.ascontiguousarray(block)
                 if block.dtype != numpy_dtype(t.dtype):
                     raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
-                io.write(block)
+                io.write(block.reshape(-1).view(np.uint8))  # ml_dtypes arrays have no buffer format
                 written += block.nbytes
                 if on_bytes:
                     on_bytes(block.nbytes)

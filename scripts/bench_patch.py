@@ -1,0 +1,205 @@
+"""Benchmark `patcher ablate` against `cp -r` on synthetic llama checkpoints.
+
+For each size it writes a sharded bf16 llama-layout checkpoint (HF names, ~1 GB shards, index
+and config.json) plus a random direction, then measures, with the page cache warmed the same way
+before every run and outputs removed between runs:
+
+  * `cp -r SRC DST && sync`                      wall seconds
+  * `patcher ablate SRC -d dir.npy -o OUT; sync` wall seconds and the child's own peak RSS (wait4)
+
+and prints the medians over --repeats. Targets: patcher/cp <= 1.3, peak RSS <= 1 GiB, and RSS not
+growing with checkpoint size. It only reports (exit 0); misses are flagged "TARGET MISSED".
+
+    python scripts/bench_patch.py                      # ~1.1 GB and ~2.2 GB, 2 repeats
+    python scripts/bench_patch.py --sizes 0.5 --repeats 1 --workdir /data/bench --keep
+"""
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from patcher.writer import OutTensor, write_safetensors
+
+D, FF, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 16
+SHARD_BYTES = 1 << 30
+RATIO_MAX, RSS_MAX_MIB = 1.3, 1024
+BF16 = np.dtype(ml_dtypes.bfloat16)
+_POOL = None  # pre-generated random bf16 values; blocks are views at random offsets
+
+
+def _pool() -> np.ndarray:
+    global _POOL
+    if _POOL is None:
+        _POOL = (np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32) * 0.02).astype(BF16)
+    return _POOL
+
+
+def _producer(shape, seed, ones=False):
+    def produce():
+        rows, cols = shape if len(shape) == 2 else (1, shape[0])
+        if ones:
+            yield np.ones(shape, dtype=BF16)
+            return
+        rng, pool = np.random.default_rng(seed), _pool()
+        step = max(1, (4 << 20) // cols)  # ~8 MiB row blocks
+        for s in range(0, rows, step):
+            n = (min(s + step, rows) - s) * cols
+            off = int(rng.integers(0, pool.size - n + 1))
+            yield pool[off:off + n].reshape(-1, cols) if len(shape) == 2 else pool[off:off + n]
+    return produce
+
+
+def llama_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    kv = D // HEADS * KV_HEADS
+    out = [("model.embed_tokens.weight", (VOCAB, D))]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (D, D)), (p + "self_attn.k_proj.weight", (kv, D)),
+                (p + "self_attn.v_proj.weight", (kv, D)), (p + "self_attn.o_proj.weight", (D, D)),
+                (p + "mlp.gate_proj.weight", (FF, D)), (p + "mlp.up_proj.weight", (FF, D)),
+                (p + "mlp.down_proj.weight", (D, FF)),
+                (p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,))]
+    return out + [("model.norm.weight", (D,)), ("lm_head.weight", (VOCAB, D))]
+
+
+def layers_for(gb: float) -> int:
+    per_layer = sum(2 * int(np.prod(s)) for _, s in llama_tensors(1)) - sum(2 * int(np.prod(s)) for _, s in llama_tensors(0))
+    fixed = sum(2 * int(np.prod(s)) for _, s in llama_tensors(0))
+    return max(1, round((gb * 1e9 - fixed) / per_layer))
+
+
+def make_checkpoint(folder: Path, n_layers: int) -> int:
+    folder.mkdir(parents=True)
+    shards, cur, size = [], [], 0
+    for name, shape in llama_tensors(n_layers):
+        nbytes = 2 * int(np.prod(shape))
+        if cur and size + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += nbytes
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        outs = [OutTensor(n, "BF16", s, produce=_producer(s, zlib.crc32(n.encode()), ones=n.endswith("norm.weight")))
+                for n, s in tensors]
+        write_safetensors(folder / fname, outs, {"format": "pt"})
+        for t in outs:
+            weight_map[t.name] = fname
+            total += t.nbytes
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D, "intermediate_size": FF,
+        "num_hidden_layers": n_layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}, indent=2))
+    return total
+
+
+def warm(folder: Path) -> None:
+    subprocess.run(f"cat {folder}/* > /dev/null", shell=True, check=True)
+
+
+def time_cp(src: Path, dst: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["sh", "-c", f'cp -r "{src}" "{dst}" && sync'], check=True)
+    return time.perf_counter() - t0
+
+
+def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> tuple[float, float]:
+    """Wall seconds (including a final sync) and the patcher process's own peak RSS in MiB."""
+    with tempfile.TemporaryFile() as errf:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=errf)
+        _, status, ru = os.wait4(p.pid, 0)  # the child's own rusage, not all children's
+        p.returncode = os.waitstatus_to_exitcode(status)
+        subprocess.run(["sync"], check=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            errf.seek(0)
+            sys.exit(f"patcher failed ({p.returncode}): {errf.read().decode(errors='replace')}")
+    return wall, ru.ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int) -> tuple[float, float, float]:
+    cps, pts, rss = [], [], []
+    for _ in range(repeats):
+        for kind in ("cp", "patcher"):
+            dst = work / f"out-{kind}"
+            shutil.rmtree(dst, ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            warm(src)
+            if kind == "cp":
+                cps.append(time_cp(src, dst))
+            else:
+                w, r = time_patcher(cmd, src, direction, dst)
+                pts.append(w)
+                rss.append(r)
+            shutil.rmtree(dst)
+    subprocess.run(["sync"], check=True)
+    return statistics.median(cps), statistics.median(pts), max(rss)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1.1,2.2", help="checkpoint sizes in GB, comma-separated (default 1.1,2.2)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the median is reported")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a new /tmp folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction")
+    ap.add_argument("--patcher", default="patcher", help="command that runs the CLI (default: patcher on PATH)")
+    args = ap.parse_args(argv)
+    cmd = shlex.split(args.patcher)
+    if not shutil.which(cmd[0]):
+        ap.error(f"{cmd[0]} not found on PATH")
+    sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="patcher-bench-", dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        direction = work / "dir.npy"
+        np.save(direction, np.random.default_rng(1).standard_normal(D).astype(np.float32))
+        for gb in sizes:
+            n_layers = layers_for(gb)
+            src = work / f"llama-{n_layers}L"
+            if not src.exists():
+                t0 = time.perf_counter()
+                total = make_checkpoint(src, n_layers)
+                print(f"generated {src} ({total / 1e9:.2f} GB, {n_layers} layers) in {time.perf_counter() - t0:.1f} s",
+                      flush=True)
+            total = sum(f.stat().st_size for f in src.iterdir())
+            cp_s, pt_s, rss = bench(cmd, src, direction, work, args.repeats)
+            rows.append((total, n_layers, cp_s, pt_s, rss))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'size GB':>8} {'layers':>6} {'cp+sync s':>10} {'patcher s':>10} {'ratio':>6} {'peak RSS MiB':>13}")
+    for total, n_layers, cp_s, pt_s, rss in rows:
+        miss = [m for m, bad in (("ratio", pt_s / cp_s > RATIO_MAX), ("rss", rss > RSS_MAX_MIB)) if bad]
+        print(f"{total / 1e9:8.2f} {n_layers:6d} {cp_s:10.2f} {pt_s:10.2f} {pt_s / cp_s:6.2f} {rss:13.0f}"
+              + (f"  TARGET MISSED ({', '.join(miss)})" if miss else ""))
+    print()
+    for total, _, cp_s, pt_s, rss in rows:
+        print(f"size_gb={total / 1e9:.2f} ratio={pt_s / cp_s:.2f} rss_mib={rss:.0f}")
+    if len(rows) > 1:
+        small, large = rows[0][4], rows[-1][4]
+        grew = large > small * 1.2 + 32  # allow noise: 20 % + 32 MiB
+        print(f"RSS {'grew' if grew else 'did not grow'} with checkpoint size: {small:.0f} -> {large:.0f} MiB "
+              f"({rows[0][0] / 1e9:.2f} -> {rows[-1][0] / 1e9:.2f} GB)" + ("  TARGET MISSED" if grew else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from patcher.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2",
+               "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2", "deepseek_v3"]
+
+
+def fixture_path(model_type: str) -> Path:
+    return FIXTURES / f"tiny-{model_type.replace('_', '-')}"
+
+
+def run_cli(*args, expect: int | None = 0):
+    """Run `patcher ARGS` in-process; check the exit code; return the result."""
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    if expect is not None:
+        assert result.exit_code == expect, f"exit {result.exit_code}\n{result.output}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def direction64(tmp_path_factory) -> Path:
+    return FIXTURES / "direction-64.npy"
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """Copy a fixture so a test can damage it."""
+    def copy(model_type: str) -> Path:
+        dst = tmp_path / f"in-{model_type}"
+        shutil.copytree(fixture_path(model_type), dst)
+        return dst
+    return copy
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
