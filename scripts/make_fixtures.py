@@ -85,7 +85,7 @@ ARCHS = {
                                           "moe_intermediate_size": MOE_INTER, "norm_topk_prob": True,
                                           "decoder_sparse_step": 1, "mlp_only_layers": []}, LLAMA_TOP,
                   {**NORMS, **ATTN, **QK_NORM, **QWEN_MOE}),
-    "deepseek_v3": ("DeepseekV3ForCausalLM", {"num_key_value_heads": HEADS, "moe_intermediate_size": MOE_INTER,
+    "deepseek_v3": ("DeepseekV3ForCausalLM", {"num_key_value_heads": HEADS, "head_dim": 8, "moe_intermediate_size": MOE_INTER,
                                               "n_routed_experts": EXPERTS, "num_experts_per_tok": 2,
                                               "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 32,
                                               "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
