@@ -5,6 +5,7 @@ are copied file to file. Leakage |QᵀW'| / |QᵀW| is measured on what was actu
 """
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -198,5 +199,5 @@ def _copy_side_files(ck: Checkpoint, tmp: Path, config_updates: dict) -> list[st
             cfg = {**ck.config, **config_updates}
             (tmp / p.name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         else:
-            (tmp / p.name).write_bytes(p.read_bytes())
+            shutil.copyfile(p, tmp / p.name)
     return skipped

@@ -124,6 +124,7 @@ class Checkpoint:
             raise CheckpointError(self.path, f"no tensor named {name!r}") from None
 
     def file_of(self, name: str) -> SafetensorsFile:
+        self.info(name)  # a clear error for unknown names
         return self.files[self.shard_of[name]]
 
     def array(self, name: str, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:

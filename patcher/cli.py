@@ -88,7 +88,7 @@ def describe(ck: Checkpoint, res: Optional[Resolved]) -> dict:
         first = next(iter(prov.values()))
         try:
             info["provenance"] = json.loads(first)
-        except ValueError:
+        except (ValueError, RecursionError):
             info["provenance"] = first
     return info
 

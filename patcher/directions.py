@@ -45,7 +45,7 @@ def load_direction(spec: str, d_model: int | None = None) -> Direction:
     else:
         raise PatcherError(spec, "a direction is FILE.npy or FILE.safetensors[:LAYER]")
     vectors = np.atleast_2d(vectors).astype(np.float64)
-    if vectors.ndim != 2:
+    if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise PatcherError(spec, f"direction must be (d_model,) or (k, d_model), got shape {vectors.shape}")
     if d_model is not None and vectors.shape[1] != d_model:
         raise PatcherError(spec, f"direction has dimension {vectors.shape[1]}, the model's d_model is {d_model}")
@@ -61,8 +61,10 @@ def _from_npy(path: Path) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise PatcherError(path, "no such file") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise PatcherError(path, f"not a readable .npy array ({e})") from None
+    if not isinstance(arr, np.ndarray):
+        raise PatcherError(path, "not a single .npy array (an .npz archive?)")
     if arr.dtype.kind not in "fiu":
         raise PatcherError(path, f"expected a numeric array, got dtype {arr.dtype}")
     return arr
@@ -83,7 +85,7 @@ def _from_safetensors(path: Path, layer: int | None) -> tuple[np.ndarray, int]:
         raise CheckpointError(path, f"'direction' must be [layers+1, d_model], got {list(table.shape)}")
     if layer is None:
         layer = meta.get("selected_layer")
-        if not isinstance(layer, int):
+        if not isinstance(layer, int) or isinstance(layer, bool):
             raise CheckpointError(path, "metadata has no integer 'selected_layer'; give one as FILE.safetensors:LAYER")
     n = table.shape[0]
     if not -n <= layer < n:
@@ -95,7 +97,7 @@ def read_metadata(ck: Checkpoint) -> dict:
     raw = next(iter(ck.files.values())).metadata.get(METADATA_KEY, "{}")
     try:
         meta = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(ck.path, f"__metadata__[{METADATA_KEY!r}] is not JSON") from None
     return meta if isinstance(meta, dict) else {}
 

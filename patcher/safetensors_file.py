@@ -65,7 +65,8 @@ def parse_header(path: Path, file_size: int, raw_len: bytes, read_header) -> tup
     try:
         text = read_header(n).decode("utf-8")
         header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except UnicodeDecodeError:
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800) are not text
+    except UnicodeError:
         raise CheckpointError(path, "header is not valid UTF-8") from None
     except RecursionError:
         raise CheckpointError(path, "header JSON is nested too deeply") from None
@@ -73,7 +74,8 @@ def parse_header(path: Path, file_size: int, raw_len: bytes, read_header) -> tup
         raise CheckpointError(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "header JSON is not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(path, "__metadata__ must map strings to strings")
     tensors = {}

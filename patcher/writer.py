@@ -12,7 +12,7 @@ import queue
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,10 +199,12 @@ class OutputFolder:
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
 
     def _clean_stale(self):
-        for p in self.target.parent.glob(f".{self.target.name}.partial-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+        """Leftovers of killed runs: partial outputs and replaced targets whose process is gone."""
+        for kind in ("partial", "old"):
+            for p in self.target.parent.glob(f".{self.target.name}.{kind}-*"):
+                pid = p.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    _remove(p)
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -221,11 +223,18 @@ class OutputFolder:
             trash = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
             os.rename(self.target, trash)
             os.rename(self.tmp, self.target)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove(trash)
         else:
             os.rename(self.tmp, self.target)
         _fsync_dir(self.target.parent)
         return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -244,12 +253,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy a small side file (config, tokenizer, ...) preserving nothing but bytes."""
-    shutil.copyfile(src, dst)
-
-
-def iter_chunks(arr: np.ndarray) -> Iterator[np.ndarray]:
-    yield arr
