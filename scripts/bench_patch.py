@@ -5,10 +5,13 @@ and config.json) plus a random direction, then measures, with the page cache war
 before every run and outputs removed between runs:
 
   * `cp -r SRC DST && sync`                      wall seconds
-  * `patcher ablate SRC -d dir.npy -o OUT; sync` wall seconds and the child's own peak RSS (wait4)
+  * `patcher ablate SRC -d dir.npy -o OUT; sync` wall seconds (Python start-up included), and the
+                                                 child's own peak RSS and CPU seconds (os.wait4)
 
-and prints the medians over --repeats. Targets: patcher/cp <= 1.3, peak RSS <= 1 GiB, and RSS not
-growing with checkpoint size. It only reports (exit 0); misses are flagged "TARGET MISSED".
+and prints each run, then the medians over --repeats (peak RSS: the maximum). Targets: patcher/cp
+<= 1.3, peak RSS <= 1 GiB, and RSS not growing with checkpoint size. It only reports (exit 0);
+misses are flagged "TARGET MISSED". cp+sync on a shared or virtual disk varies a lot from run to
+run; the per-run lines show the spread.
 
     python scripts/bench_patch.py                      # ~1.1 GB and ~2.2 GB, 2 repeats
     python scripts/bench_patch.py --sizes 0.5 --repeats 1 --workdir /data/bench --keep
@@ -73,10 +76,13 @@ def llama_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (D,)), ("lm_head.weight", (VOCAB, D))]
 
 
+def _nbytes(n_layers: int) -> int:
+    return sum(2 * int(np.prod(s)) for _, s in llama_tensors(n_layers))
+
+
 def layers_for(gb: float) -> int:
-    per_layer = sum(2 * int(np.prod(s)) for _, s in llama_tensors(1)) - sum(2 * int(np.prod(s)) for _, s in llama_tensors(0))
-    fixed = sum(2 * int(np.prod(s)) for _, s in llama_tensors(0))
-    return max(1, round((gb * 1e9 - fixed) / per_layer))
+    """Layer count whose checkpoint comes closest to `gb` (1e9 bytes)."""
+    return max(1, round((gb * 1e9 - _nbytes(0)) / (_nbytes(1) - _nbytes(0))))
 
 
 def make_checkpoint(folder: Path, n_layers: int) -> int:
@@ -109,7 +115,7 @@ def make_checkpoint(folder: Path, n_layers: int) -> int:
 
 
 def warm(folder: Path) -> None:
-    subprocess.run(f"cat {folder}/* > /dev/null", shell=True, check=True)
+    subprocess.run(f"cat {shlex.quote(str(folder))}/* > /dev/null", shell=True, check=True)
 
 
 def time_cp(src: Path, dst: Path) -> float:
@@ -118,8 +124,8 @@ def time_cp(src: Path, dst: Path) -> float:
     return time.perf_counter() - t0
 
 
-def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> tuple[float, float]:
-    """Wall seconds (including a final sync) and the patcher process's own peak RSS in MiB."""
+def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> tuple[float, float, float]:
+    """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds."""
     with tempfile.TemporaryFile() as errf:
         t0 = time.perf_counter()
         p = subprocess.Popen([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out)],
@@ -131,7 +137,7 @@ def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> tuple
         if p.returncode != 0:
             errf.seek(0)
             sys.exit(f"patcher failed ({p.returncode}): {errf.read().decode(errors='replace')}")
-    return wall, ru.ru_maxrss / 1024  # Linux reports KiB
+    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime  # Linux reports ru_maxrss in KiB
 
 
 def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int) -> tuple[float, float, float]:
@@ -142,12 +148,15 @@ def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int) 
             shutil.rmtree(dst, ignore_errors=True)
             subprocess.run(["sync"], check=True)
             warm(src)
+            load = f"(1-min load before: {os.getloadavg()[0]:.1f})"
             if kind == "cp":
                 cps.append(time_cp(src, dst))
+                print(f"  {src.name}: cp+sync {cps[-1]:.2f} s {load}", flush=True)
             else:
-                w, r = time_patcher(cmd, src, direction, dst)
+                w, r, cpu = time_patcher(cmd, src, direction, dst)
                 pts.append(w)
                 rss.append(r)
+                print(f"  {src.name}: patcher {w:.2f} s, cpu {cpu:.2f} s, peak RSS {r:.0f} MiB {load}", flush=True)
             shutil.rmtree(dst)
     subprocess.run(["sync"], check=True)
     return statistics.median(cps), statistics.median(pts), max(rss)
@@ -157,8 +166,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1.1,2.2", help="checkpoint sizes in GB, comma-separated (default 1.1,2.2)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the median is reported")
-    ap.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (default: a new /tmp folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where to build checkpoints (default: a new folder under /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction "
+                    "(otherwise everything this run created is deleted)")
     ap.add_argument("--patcher", default="patcher", help="command that runs the CLI (default: patcher on PATH)")
     args = ap.parse_args(argv)
     cmd = shlex.split(args.patcher)
@@ -167,14 +178,17 @@ def main(argv=None) -> int:
     sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="patcher-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
+    created = [] if args.workdir else [work]  # never delete a user's --workdir itself, only what we made in it
     rows = []
     try:
         direction = work / "dir.npy"
+        created.append(direction)
         np.save(direction, np.random.default_rng(1).standard_normal(D).astype(np.float32))
         for gb in sizes:
             n_layers = layers_for(gb)
             src = work / f"llama-{n_layers}L"
             if not src.exists():
+                created.append(src)
                 t0 = time.perf_counter()
                 total = make_checkpoint(src, n_layers)
                 print(f"generated {src} ({total / 1e9:.2f} GB, {n_layers} layers) in {time.perf_counter() - t0:.1f} s",
@@ -184,7 +198,11 @@ def main(argv=None) -> int:
             rows.append((total, n_layers, cp_s, pt_s, rss))
     finally:
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            for p in created:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
     print(f"\n{'size GB':>8} {'layers':>6} {'cp+sync s':>10} {'patcher s':>10} {'ratio':>6} {'peak RSS MiB':>13}")
     for total, n_layers, cp_s, pt_s, rss in rows:
         miss = [m for m, bad in (("ratio", pt_s / cp_s > RATIO_MAX), ("rss", rss > RSS_MAX_MIB)) if bad]
