@@ -35,15 +35,21 @@ def residual_coefficients(block: np.ndarray, q_rows: np.ndarray) -> np.ndarray:
     return q_rows.T.astype(block.dtype) @ block
 
 
-def project_block_rows(block: np.ndarray, q_rows: np.ndarray, coeff: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """Row block of a residual-axis-0 weight: W_b - s Q_b C, with C = Q^T W over the whole tensor."""
-    return block - (scale * q_rows.astype(np.float64) @ coeff).astype(block.dtype)
+def project_block_rows(block: np.ndarray, q_rows: np.ndarray, coeff: np.ndarray, scale: float = 1.0,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """Row block of a residual-axis-0 weight: W_b - s Q_b C, with C = Q^T W over the whole tensor.
+    The rank-k update runs in the block's dtype (float32 GEMM); `out=block` edits in place."""
+    update = (scale * q_rows).astype(block.dtype) @ coeff.astype(block.dtype)
+    return np.subtract(block, update, out=out)
 
 
-def project_block_cols(block: np.ndarray, q: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """Row block of a residual-axis-1 weight: W_b - s (W_b Q) Q^T (each row is one written vector)."""
+def project_block_cols(block: np.ndarray, q: np.ndarray, scale: float = 1.0,
+                       coeff: np.ndarray | None = None) -> np.ndarray:
+    """Row block of a residual-axis-1 weight: W_b - s (W_b Q) Q^T (each row is one written vector).
+    `coeff` = W_b Q if the caller already has it."""
     qf = q.astype(block.dtype)
-    return block - (scale * (block @ qf)) @ qf.T
+    coeff = block @ qf if coeff is None else coeff
+    return block - (scale * coeff) @ qf.T
 
 
 def project_full(weight: np.ndarray, q: np.ndarray, residual_axis: int, scale: float = 1.0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Row-block streaming of a rank-k ablation over one 2-D matrix.
 
-The caller supplies `read(start, stop) -> float32 [stop-start, n_cols]` (decoding storage however
-it must) and consumes the yielded float32 blocks (encoding them however it must). Nothing here
+The caller supplies `read(start, stop) -> float32 [stop-start, n_cols]`, a fresh array each call
+(decoding storage however it must; blocks may be edited in place) and consumes the yielded float32 blocks (encoding them however it must). Nothing here
 holds more than one row block plus O(n_cols) accumulators, whatever the matrix size.
 
 Residual axis 0 needs Q^T W over every row before any row can be written, so it reads twice
@@ -56,14 +56,15 @@ def _axis0(read, n_rows, q, scale, preserve, block_rows, stats):
     if preserve == "cols":
         # |w - s Q c|^2 = |w|^2 - (2s - s^2)|c|^2 for orthonormal Q: no second norm pass needed
         new_sq = np.maximum(col_sq - (2 * scale - scale * scale) * np.sum(coeff * coeff, axis=0), 0.0)
+    coeff32 = coeff.astype(np.float32)
     for start, stop in _ranges(n_rows, block_rows):
         b = read(start, stop)
-        out = project_block_rows(b, q[start:stop], coeff, scale)
+        old_rows = np.einsum("ij,ij->i", b, b, dtype=np.float64) if preserve == "rows" else None
+        out = project_block_rows(b, q[start:stop], coeff32, scale, out=b)  # read() gave a fresh copy
         if preserve == "cols":
             out = rescale_norms(out, col_sq, new_sq, axis=1)
         elif preserve == "rows":
-            out = rescale_norms(out, np.einsum("ij,ij->i", b, b, dtype=np.float64),
-                                np.einsum("ij,ij->i", out, out, dtype=np.float64), axis=0)
+            out = rescale_norms(out, old_rows, np.einsum("ij,ij->i", out, out, dtype=np.float64), axis=0)
         yield start, stop, out
 
 
@@ -79,8 +80,9 @@ def _axis1(read, n_rows, q, scale, preserve, block_rows, stats):
     qf = q.astype(np.float32)
     for start, stop in _ranges(n_rows, block_rows):
         b = read(start, stop)
-        out = project_block_cols(b, q, scale)
-        stats["component_sq"] += float(np.sum(np.square(b @ qf), dtype=np.float64))
+        wq = b @ qf
+        out = project_block_cols(b, q, scale, coeff=wq)
+        stats["component_sq"] += float(np.sum(np.square(wq), dtype=np.float64))
         if preserve == "cols":
             out = rescale_norms(out, np.einsum("ij,ij->i", b, b, dtype=np.float64),
                                 np.einsum("ij,ij->i", out, out, dtype=np.float64), axis=0)

@@ -167,7 +167,6 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
             io.copy(*pending)
         io, closing = None, io
         closing.close()
-        os.fsync(fd)
     finally:
         if io is not None:
             try:
@@ -218,6 +217,8 @@ class OutputFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        for p in self.tmp.iterdir():  # one flush at the end: writeback overlapped the compute
+            _fsync_file(p)
         _fsync_dir(self.tmp)
         if self.target.exists():
             trash = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
@@ -245,6 +246,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

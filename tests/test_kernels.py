@@ -62,7 +62,7 @@ def test_norm_preserve_cols_keeps_written_vectors_and_exactness(axis):
     w = rng.standard_normal((d, other) if axis == 0 else (other, d)).astype(np.float32)
     v = rng.standard_normal(d)
     q = orthonormalize(v)
-    got = np.concatenate([o for _, _, o in ablate_blocks(lambda s, e: w[s:e], w.shape[0], q, axis,
+    got = np.concatenate([o for _, _, o in ablate_blocks(lambda s, e: w[s:e].copy(), w.shape[0], q, axis,
                                                          preserve="cols", block_rows=7)]).astype(np.float64)
     written_axis = 0 if axis == 0 else 1  # norms taken along the residual axis
     np.testing.assert_allclose(np.linalg.norm(got, axis=written_axis),
@@ -82,7 +82,7 @@ def test_norm_preserve_rows_keeps_coordinate_rows(axis):
     d, other = 32, 50
     w = rng.standard_normal((d, other) if axis == 0 else (other, d)).astype(np.float32)
     q = orthonormalize(rng.standard_normal(d))
-    got = np.concatenate([o for _, _, o in ablate_blocks(lambda s, e: w[s:e], w.shape[0], q, axis,
+    got = np.concatenate([o for _, _, o in ablate_blocks(lambda s, e: w[s:e].copy(), w.shape[0], q, axis,
                                                          preserve="rows", block_rows=9)]).astype(np.float64)
     coord_axis = 1 if axis == 0 else 0  # each residual coordinate's slice
     np.testing.assert_allclose(np.linalg.norm(got, axis=coord_axis),
