@@ -39,7 +39,9 @@ def project_block_rows(block: np.ndarray, q_rows: np.ndarray, coeff: np.ndarray,
                        out: np.ndarray | None = None) -> np.ndarray:
     """Row block of a residual-axis-0 weight: W_b - s Q_b C, with C = Q^T W over the whole tensor.
     The rank-k update runs in the block's dtype (float32 GEMM); `out=block` edits in place."""
-    update = (scale * q_rows).astype(block.dtype) @ coeff.astype(block.dtype)
+    qs, c = (scale * q_rows).astype(block.dtype), coeff.astype(block.dtype)
+    # rank 1: a broadcast product is ~2x faster than a K=1 GEMM in numpy
+    update = qs * c if qs.shape[1] == 1 else qs @ c
     return np.subtract(block, update, out=out)
 
 

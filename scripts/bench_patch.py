@@ -165,7 +165,7 @@ def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int) 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1.1,2.2", help="checkpoint sizes in GB, comma-separated (default 1.1,2.2)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the median is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to build checkpoints (default: a new folder under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction "
