@@ -42,13 +42,15 @@ class Report:
         return math.sqrt(num / den) if den else 0.0
 
 
-def _matrices(arr: np.ndarray, edit: TensorEdit):
-    """A 2-D weight is one matrix; a fused 3-D expert tensor [E, a, b] is E matrices."""
-    if arr.ndim == 2:
-        return [(arr, edit.residual_axis)]
+def _matrices(edit: TensorEdit) -> list[tuple[int, int, int]]:
+    """(first row, rows, residual axis) of each matrix in the tensor seen as 2-D [rows, last dim]:
+    a 2-D weight is one matrix; a fused 3-D expert tensor [E, a, b] is E matrices of a rows."""
+    if len(edit.shape) == 2:
+        return [(0, edit.shape[0], edit.residual_axis)]
     if edit.expert_axis != 0:
         raise NotImplementedError(f"{edit.name}: fused experts must have the expert axis first")
-    return [(arr[e], edit.residual_axis - 1) for e in range(arr.shape[0])]
+    E, a = edit.shape[0], edit.shape[1]
+    return [(e * a, a, edit.residual_axis - 1) for e in range(E)]
 
 
 class _Executor:
@@ -57,16 +59,18 @@ class _Executor:
         self.new_scales: dict[str, np.ndarray] = {}
 
     # --- projected weights -----------------------------------------------------------------
-    def _reader(self, m: np.ndarray, edit: TensorEdit) -> Callable[[int, int], np.ndarray]:
+    def _reader(self, edit: TensorEdit, first: int) -> Callable[[int, int], np.ndarray]:
+        cols = edit.shape[-1]
         if edit.fp8_scale is None:
-            return lambda s, e: decode(m[s:e])
+            return lambda s, e: decode(self.ck.read_rows(edit.name, first + s, first + e, cols))
         scale = self.ck.array(edit.fp8_scale)
-        return lambda s, e: dequantize_blocks(m[s:e], scale[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], BLOCK_ROWS)
+        return lambda s, e: dequantize_blocks(self.ck.read_rows(edit.name, first + s, first + e, cols),
+                                              scale[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], BLOCK_ROWS)
 
     def _projected_blocks(self, edit: TensorEdit, stats: dict):
         """Yield (matrix index, residual axis, start, stop, edited float32 block)."""
-        for i, (m, axis) in enumerate(_matrices(self.ck.array(edit.name), edit)):
-            for s, e, out in ablate_blocks(self._reader(m, edit), m.shape[0], edit.q, axis, edit.scale,
+        for i, (first, rows, axis) in enumerate(_matrices(edit)):
+            for s, e, out in ablate_blocks(self._reader(edit, first), rows, edit.q, axis, edit.scale,
                                            edit.preserve, BLOCK_ROWS, stats):
                 yield i, axis, s, e, out
 

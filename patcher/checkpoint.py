@@ -131,6 +131,10 @@ class Checkpoint:
         """Zero-copy view (rows along the first axis)."""
         return self.file_of(name).array(self.info(name), row_start, row_stop)
 
+    def read_rows(self, name: str, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
+        """Fresh 2-D copy of rows of the tensor seen as [numel/row_len, row_len] (pread, for streaming)."""
+        return self.file_of(name).read_rows(self.info(name), row_start, row_stop, row_len)
+
     def release(self, name: str) -> None:
         self.file_of(name).release(self.info(name))
 

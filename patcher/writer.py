@@ -5,10 +5,10 @@ untouched tensors are copied file-to-file by the kernel (copy_file_range, never 
 edited ones arrive as encoded row blocks. A writer thread does the I/O so it overlaps with the
 numpy work of the next block.
 """
+import errno
 import json
 import math
 import os
-import queue
 import shutil
 import struct
 import threading
@@ -50,130 +50,119 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write_all(fd: int, data) -> None:
+def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
+    """Kernel-side copy (no bytes through user space); read/write where the kernel cannot."""
     while count > 0:
         try:
-            n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
+            n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), src_off, dst_off)
         except OSError as e:
-            if e.errno in (18, 38, 95, 22, 1):  # EXDEV, ENOSYS, EOPNOTSUPP, EINVAL, EPERM: no kernel copy here
-                n = 0
-            else:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
                 raise
-        if n == 0:  # fall back to read/write for what is left
-            while count > 0:
-                chunk = os.pread(src_fd, min(count, _COPY_CHUNK), offset)
-                if not chunk:
-                    raise OSError(f"source ended early at byte {offset}")
-                _write_all(dst_fd, chunk)
-                offset += len(chunk)
-                count -= len(chunk)
-            return
-        offset += n
-        count -= n
+            n = 0
+        if n == 0:
+            chunk = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
+            if not chunk:
+                raise OSError(errno.EIO, f"source ended early at byte {src_off}")
+            _pwrite_all(dst_fd, chunk, dst_off)
+            n = len(chunk)
+        src_off, dst_off, count = src_off + n, dst_off + n, count - n
 
 
-class _IOThread:
-    """Serialises writes and copies on a background thread; re-raises its error in the caller."""
+def _start_writeback(fd: int, offset: int, count: int) -> None:
+    """Start flushing a finished range now (Linux: FADV_DONTNEED writes dirty pages back
+    asynchronously), so the disk works while we compute and the final fsync has little left."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advisory only
 
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.q: queue.Queue = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
-        self.sources: dict[Path, int] = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
-    def _run(self):
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue  # drain after a failure
-            try:
-                if item[0] == "write":
-                    _write_all(self.fd, item[1])
-                else:
-                    _, path, offset, count = item
-                    if path not in self.sources:
-                        self.sources[path] = os.open(path, os.O_RDONLY)
-                    _copy_range(self.sources[path], self.fd, offset, count)
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                self.error = e
-
-    def _put(self, item):
-        if self.error is not None:
-            raise self.error
-        self.q.put(item)
-
-    def write(self, data):
-        self._put(("write", data))
-
-    def copy(self, path: Path, offset: int, count: int):
-        self._put(("copy", path, offset, count))
-
-    def close(self):
-        self.q.put(None)
-        self.thread.join()
-        for fd in self.sources.values():
-            os.close(fd)
-        if self.error is not None:
-            raise self.error
+def _copy_runs(tensors: list[OutTensor], data_start: int) -> list[tuple[Path, int, int, int]]:
+    """(source file, source offset, destination offset, bytes) for verbatim tensors; adjacent ones
+    from one source merge into a single copy."""
+    runs, pos = [], data_start
+    for t in tensors:
+        s = t.source
+        if s is not None:
+            last = runs[-1] if runs else None
+            if last and last[0] == s.file and last[1] + last[3] == s.begin and last[2] + last[3] == pos:
+                runs[-1] = (last[0], last[1], last[2], last[3] + s.nbytes)
+            else:
+                runs.append((s.file, s.begin, pos, s.nbytes))
+        pos += t.nbytes
+    return runs
 
 
 def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str],
                       on_bytes: Callable[[int], None] | None = None) -> None:
-    """Write one safetensors file. Consecutive verbatim copies from one source merge into one copy."""
+    """Write one safetensors file. Every tensor's place is fixed by the header, so verbatim copies
+    run on a background thread (kernel copy_file_range) while edited tensors are computed and
+    written at their own offsets here: I/O and numpy work overlap instead of taking turns."""
+    header = header_bytes(tensors, metadata)
+    total = len(header) + sum(t.nbytes for t in tensors)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    io = None
+    copier, error = None, []
     try:
-        _write_all(fd, header_bytes(tensors, metadata))
-        io = _IOThread(fd)
-        pending = None  # (path, offset, count) run of adjacent verbatim bytes
-        for t in tensors:
-            if t.source is not None:
-                s = t.source
-                if pending and pending[0] == s.file and pending[1] + pending[2] == s.begin:
-                    pending = (pending[0], pending[1], pending[2] + s.nbytes)
-                else:
-                    if pending:
-                        io.copy(*pending)
-                    pending = (s.file, s.begin, s.nbytes)
-                if on_bytes:
-                    on_bytes(s.nbytes)
-                continue
-            if pending:
-                io.copy(*pending)
-                pending = None
-            written = 0
-            for block in t.produce():
-                block = np.ascontiguousarray(block)
-                if block.dtype != numpy_dtype(t.dtype):
-                    raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
-                io.write(block.reshape(-1).view(np.uint8))  # ml_dtypes arrays have no buffer format
-                written += block.nbytes
-                if on_bytes:
-                    on_bytes(block.nbytes)
-            if written != t.nbytes:
-                raise RuntimeError(f"{t.name}: produced {written} bytes, header says {t.nbytes}")
-        if pending:
-            io.copy(*pending)
-        io, closing = None, io
-        closing.close()
-    finally:
-        if io is not None:
+        _pwrite_all(fd, header, 0)
+        os.ftruncate(fd, total)
+        runs = _copy_runs(tensors, len(header))
+
+        def copy_all():
+            sources: dict[Path, int] = {}
             try:
-                io.close()
-            except BaseException:  # noqa: BLE001 - the original error wins
-                pass
+                for src, src_off, dst_off, count in runs:
+                    if src not in sources:
+                        sources[src] = os.open(src, os.O_RDONLY)
+                    _copy_range(sources[src], fd, src_off, dst_off, count)
+                    _start_writeback(fd, dst_off, count)
+                    if on_bytes:
+                        on_bytes(count)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the writer
+                error.append(e)
+            finally:
+                for sfd in sources.values():
+                    os.close(sfd)
+        copier = threading.Thread(target=copy_all, daemon=True)
+        copier.start()
+        pos = len(header)
+        for t in tensors:
+            if t.source is None:
+                _write_produced(fd, t, pos, on_bytes, error)
+                _start_writeback(fd, pos, t.nbytes)
+            pos += t.nbytes
+        copier.join()
+        copier = None
+        if error:
+            raise error[0]
+    finally:
+        if copier is not None:
+            copier.join()
         os.close(fd)
+
+
+def _write_produced(fd: int, t: OutTensor, pos: int, on_bytes, error: list) -> None:
+    written = 0
+    want = numpy_dtype(t.dtype)
+    for block in t.produce():
+        if error:  # the copier failed (disk full, ...): stop computing
+            raise error[0]
+        block = np.ascontiguousarray(block)
+        if block.dtype != want:
+            raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
+        _pwrite_all(fd, block.reshape(-1).view(np.uint8), pos + written)  # ml_dtypes have no buffer format
+        written += block.nbytes
+        if on_bytes:
+            on_bytes(block.nbytes)
+    if written != t.nbytes:
+        raise RuntimeError(f"{t.name}: produced {written} bytes, header says {t.nbytes}")
 
 
 class OutputFolder:
