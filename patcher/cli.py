@@ -2,6 +2,7 @@
 and exit code 1; the input is never written."""
 import json
 import shlex
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -242,5 +243,10 @@ def version():
     print(__version__)
 
 
+def _terminate(_signum, _frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: partial output removed
+
+
 def main():
+    signal.signal(signal.SIGTERM, _terminate)
     app()

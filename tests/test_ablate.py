@@ -187,3 +187,36 @@ def test_directions_file_with_layer(tmp_path):
             assert np.abs(emb @ unit(table[row])).max() < 2e-2
     res = run_cli("ablate", fixture_path("llama"), "-d", f"{tmp_path}/d.safetensors:9", "-o", tmp_path / "x", expect=1)
     assert "out of range" in res.output
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_write_leaves_no_output(tmp_path, direction64, sig, monkeypatch):
+    """A run stopped while writing removes its partial folder and leaves the input untouched."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    src = fixture_path("mixtral")
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}  # noqa: E731
+    before = digest()
+    out = tmp_path / "out"
+    code = ("import time, patcher.writer as w\n"
+            "orig = w._write_produced\n"
+            "def slow(*a):\n    time.sleep(0.2); return orig(*a)\n"
+            "w._write_produced = slow\n"
+            "import sys; from patcher.cli import main; sys.argv = ['patcher'] + sys.argv[1:]; main()\n")
+    p = subprocess.Popen([sys.executable, "-c", code, "ablate", str(src), "-d", str(direction64), "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
+        time.sleep(0.02)
+    assert list(tmp_path.glob(".out.partial-*")), "the run never started writing"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and "interrupted" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert digest() == before
+    run_cli("ablate", src, "-d", direction64, "-o", out)  # a re-run succeeds
+    assert (out / "config.json").exists()
