@@ -1,0 +1,88 @@
+"""Layer-streamed execution: a batch goes through block 0, then block 1, ..., with only one block's
+weights decoded (float32) at a time. Peak memory ~ one block's weights + one batch's activations."""
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from kernels.codecs import decode
+from kernels.fp8 import dequantize_blocks
+from patcher import forward as fw
+from patcher.architectures import Resolved, for_model_type, resolve
+from patcher.checkpoint import Checkpoint
+from patcher.errors import PatcherError
+from patcher.numpy_ops import NumpyOps
+
+_SCALE_SUFFIXES = ("_scale_inv", "_scale")
+
+
+class StreamedModel:
+    """A checkpoint run block by block with the numpy backend of patcher/forward.py."""
+
+    def __init__(self, ck: Checkpoint, resolved: Resolved | None = None):
+        self.ck = ck
+        self.model_type = ck.model_type
+        self.resolved = resolved or resolve(for_model_type(ck.model_type, ck.folder / "config.json"), ck.tensors,
+                                            ck.config, ck.folder / "config.json")
+        self.spec = fw.spec_for(self.model_type)
+        self.hp = fw.hyper(self.model_type, ck.config)
+        self._top: dict | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.hp.n_layers
+
+    def _decode(self, name: str) -> np.ndarray:
+        info = self.ck.info(name)
+        raw = self.ck.array(name)
+        for suffix in _SCALE_SUFFIXES:
+            if info.dtype.startswith("F8") and name + suffix in self.ck.tensors:
+                return dequantize_blocks(raw, self.ck.array(name + suffix).astype(np.float32))
+        return decode(raw)
+
+    def _load(self, names: Iterable[str], strip: str) -> dict:
+        out = {}
+        for name in names:
+            if name.endswith(_SCALE_SUFFIXES) and self.ck.info(name).dtype != "F8_E4M3" and \
+                    name.rsplit("_scale", 1)[0] in self.ck.tensors:
+                continue  # an FP8 weight's scale, applied by _decode
+            out[name[len(strip):] if name.startswith(strip) else name] = self._decode(name)
+            self.ck.release(name)
+        return out
+
+    def top_weights(self) -> dict:
+        """Embeddings, final norm and unembedding, keyed by their prefix-free names."""
+        if self._top is None:
+            prefix = self.resolved.prefix
+            n = self.spec.names
+            wanted = [prefix + n["embed"] + ".weight", prefix + n["final_norm"] + ".weight",
+                      prefix + n["final_norm"] + ".bias", n["lm_head"] + ".weight"]
+            if self.spec.positions:
+                wanted.append(prefix + self.spec.positions + ".weight")
+            self._top = self._load([w for w in wanted if w in self.ck.tensors], prefix)
+        return self._top
+
+    def block_weights(self, layer: int) -> dict:
+        prefix = self.resolved.layer_prefix(layer)
+        return self._load([n for n in self.ck.tensors if n.startswith(prefix)], prefix)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            on_resid: Callable[[int, np.ndarray], None] | None = None, logits: bool = False,
+            layers: Iterable[int] | None = None):
+        """Run a left-padded batch. on_resid(l, resid_pre[l]) is called for l = 0..L (float32
+        [B, T, d]); returns the logits if asked. `layers` stops early after the last one needed."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        if input_ids.max(initial=0) >= self.top_weights()[self.spec.names["embed"] + ".weight"].shape[0]:
+            raise PatcherError(self.ck.folder, "token id beyond the embedding table: tokenizer and model disagree")
+        position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        top = NumpyOps(self.top_weights(), mask, position_ids)
+        x = fw.embed(top, self.spec, self.hp, input_ids, position_ids)
+        last = self.n_layers if logits or layers is None else max(layers)
+        if on_resid:
+            on_resid(0, x)
+        for layer in range(min(last, self.n_layers)):
+            ops = NumpyOps(self.block_weights(layer), mask, position_ids)
+            x = fw.block(ops, self.spec, self.hp, x, layer)
+            if on_resid:
+                on_resid(layer + 1, x)
+        return fw.head(top, self.spec, self.hp, x) if logits else None
