@@ -1,0 +1,169 @@
+"""Difference-in-means directions (Arditi et al. 2024): run two prompt sets through the model block
+by block, average resid_pre[l] at chosen token positions, subtract, and rank the layers.
+
+Means are accumulated in float64. Per-prompt projections for the scores are kept as float16
+[prompts, layers, d_model] only when asked for scores (always, for the CLI), which bounds memory by
+the prompt count, not the model size.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from patcher import __version__
+from patcher.checkpoint import Checkpoint
+from patcher.directions import save_directions
+from patcher.edits import parse_layers
+from patcher.errors import PatcherError
+from patcher.execution import StreamedModel
+from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file, sha256_file
+
+IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
+SELECTION_RULE = ("highest signal-to-noise among resid_pre layers 0..floor(0.8*L), "
+                  "ties broken by the larger mean-difference norm")
+
+
+@dataclass
+class ExtractResult:
+    direction: np.ndarray  # [L+1, d] float32: positive_mean - negative_mean (averaged over positions)
+    positive_mean: np.ndarray
+    negative_mean: np.ndarray
+    scores: list[dict]  # one row per layer
+    selected_layer: int
+    per_position: dict = field(default_factory=dict)  # position -> (direction, positive_mean, negative_mean)
+    metadata: dict = field(default_factory=dict)
+
+    def save(self, path) -> None:
+        extra = {}
+        for p, (d, pm, nm) in self.per_position.items():
+            extra.update({f"direction.pos{p}": d, f"positive_mean.pos{p}": pm, f"negative_mean.pos{p}": nm})
+        save_directions(path, self.direction, self.positive_mean, self.negative_mean, self.metadata, extra)
+
+
+class _Accumulator:
+    """Sums of resid_pre at the chosen positions, per layer, in float64; per-prompt rows kept in
+    float16 for the spread-based scores."""
+
+    def __init__(self, n_layers: int, d: int, positions: list[int], n_prompts: int, layers: set[int]):
+        self.sum = np.zeros((len(positions), n_layers + 1, d))
+        self.samples = np.zeros((n_prompts, n_layers + 1, d), dtype=np.float16)
+        self.positions, self.layers, self.count = positions, layers, 0
+
+    def add(self, layer: int, x: np.ndarray, offset: int):
+        if layer not in self.layers:
+            return
+        picked = x[:, self.positions, :].astype(np.float64)  # left padding: position -1 is the last real token
+        self.sum[:, layer] += picked.sum(axis=0)
+        self.samples[offset:offset + x.shape[0], layer] = picked.mean(axis=1)
+
+    @property
+    def mean(self):
+        return self.sum / max(self.count, 1)
+
+
+def _run_set(model: StreamedModel, batches, acc: _Accumulator, layers, progress):
+    offset = 0
+    for ids, mask in batches:
+        model.run(ids, mask, on_resid=lambda l, x, o=offset: acc.add(l, x, o), layers=layers)
+        offset += ids.shape[0]
+        acc.count += ids.shape[0]
+        if progress:
+            progress(ids.shape[0])
+
+
+def _batches(token_lists, pad_id, batch_size, positions, where):
+    need = max(-p for p in positions)
+    short = [i for i, t in enumerate(token_lists) if len(t) < need]
+    if short:
+        raise PatcherError(where, f"prompt {short[0] + 1} has {len(token_lists[short[0]])} tokens; positions "
+                                  f"{positions} need at least {need}")
+    order = np.argsort([len(t) for t in token_lists], kind="stable")  # similar lengths: less padding
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, left_pad([token_lists[i] for i in idx], pad_id)
+
+
+def score_layers(pos_mean, neg_mean, pos_samples, neg_samples, layers) -> list[dict]:
+    """Per-layer scores a user can judge (see the README for definitions)."""
+    diff = pos_mean - neg_mean
+    norms = np.linalg.norm(diff, axis=1)
+    rows = []
+    for l in range(diff.shape[0]):
+        if l not in layers or norms[l] == 0:
+            rows.append({"layer": l, "computed": l in layers, "diff_norm": float(norms[l]) if l in layers else None})
+            continue
+        r = diff[l] / norms[l]
+        sp, sn = pos_samples[:, l].astype(np.float64) @ r, neg_samples[:, l].astype(np.float64) @ r
+        pooled = math.sqrt((sp.var() + sn.var()) / 2)
+        neighbours = [float(diff[m] @ diff[l] / (norms[m] * norms[l])) for m in (l - 1, l + 1)
+                      if 0 <= m < diff.shape[0] and m in layers and norms[m] > 0]
+        stream = np.linalg.norm(np.concatenate([pos_samples[:, l], neg_samples[:, l]]).astype(np.float64), axis=1).mean()
+        rows.append({"layer": l, "computed": True, "diff_norm": float(norms[l]),
+                     "snr": float((sp.mean() - sn.mean()) / pooled) if pooled > 0 else float("inf"),
+                     "neighbour_cos": float(np.mean(neighbours)) if neighbours else None,
+                     "relative_norm": float(norms[l] / stream) if stream > 0 else 0.0})
+    return rows
+
+
+def select_layer(scores: list[dict], n_layers: int) -> int:
+    limit = math.floor((1 - IGNORE_LAST) * n_layers)
+    pool = [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or \
+           [s for s in scores if s.get("snr") is not None]
+    if not pool:
+        raise PatcherError("extract", "no layer separates the two prompt sets (all mean differences are zero)")
+    return max(pool, key=lambda s: (s["snr"], s["diff_norm"]))["layer"]
+
+
+def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8, max_prompts: int | None = None,
+            layers: str | None = None, chat_template: bool = True, system: str | None = None,
+            project_out_negative_mean: bool = False, progress=None) -> ExtractResult:
+    """Python API mirroring `patcher extract`. `positive`/`negative` are prompt files or lists of strings."""
+    positions = sorted({int(p) for p in positions}, reverse=True)
+    if not positions or any(p >= 0 for p in positions):
+        raise PatcherError("--positions", "positions count from the end of the prompt: -1, -2, ...")
+    ck = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    sm = StreamedModel(ck)
+    L, d = sm.n_layers, sm.hp.d_model
+    layer_set = parse_layers(layers, L + 1)
+    layer_set = set(range(L + 1)) if layer_set is None else layer_set
+    tok = load_tokenizer(ck.folder)
+    sets, meta_sets = {}, {}
+    for label, src in (("positive", positive), ("negative", negative)):
+        if isinstance(src, (str, Path)):
+            prompts = read_prompt_file(src, max_prompts)
+            meta_sets[label] = {"file": str(src), "sha256": sha256_file(src), "count": len(prompts)}
+        else:
+            prompts = list(src)[:max_prompts] if max_prompts else list(src)
+            meta_sets[label] = {"count": len(prompts)}
+        if not prompts:
+            raise PatcherError(label, "no prompts")
+        sets[label] = encode_prompts(tok, prompts, chat_template=chat_template, system=system)
+    accs = {}
+    for label, toks in sets.items():
+        acc = _Accumulator(L, d, positions, len(toks), layer_set)
+        # batches are sorted by length; the statistics do not depend on prompt order
+        batches = [b for _, b in _batches(toks, tok.pad_id, batch_size, positions, label)]
+        _run_set(sm, batches, acc, layer_set, progress)
+        accs[label] = acc
+    pos_mean, neg_mean = accs["positive"].mean, accs["negative"].mean  # [P, L+1, d]
+    per_pos_dir = pos_mean - neg_mean
+    direction = per_pos_dir.mean(axis=0)
+    if project_out_negative_mean:
+        nm = neg_mean.mean(axis=0)
+        n_hat = nm / np.maximum(np.linalg.norm(nm, axis=1, keepdims=True), 1e-30)
+        direction = direction - np.sum(direction * n_hat, axis=1, keepdims=True) * n_hat
+    scores = score_layers(pos_mean.mean(axis=0), neg_mean.mean(axis=0), accs["positive"].samples,
+                          accs["negative"].samples, layer_set)
+    selected = select_layer(scores, L)
+    meta = {"model": str(ck.path), "model_type": ck.model_type, "layers": L, "d_model": d,
+            "prompts": meta_sets, "positions": positions, "chat_template": bool(chat_template and tok.has_chat_template),
+            "system": system, "project_out_negative_mean": project_out_negative_mean, "selected_layer": selected,
+            "selection_rule": SELECTION_RULE, "scores": scores, "computed_layers": sorted(layer_set),
+            "patcher": __version__}
+    per_position = {}
+    if len(positions) > 1:
+        per_position = {p: (per_pos_dir[i], pos_mean[i], neg_mean[i]) for i, p in enumerate(positions)}
+    return ExtractResult(direction.astype(np.float32), pos_mean.mean(axis=0).astype(np.float32),
+                         neg_mean.mean(axis=0).astype(np.float32), scores, selected, per_position, meta)
