@@ -1,0 +1,304 @@
+"""Prompts for `patcher extract`: read prompt files, apply the model's chat template, tokenize, left-pad.
+
+Everything here mirrors what HF transformers does (`AutoTokenizer` + `apply_chat_template`) closely enough
+that the token ids are identical, without importing it: tokenizer.json is run by the `tokenizers` library
+and the chat template by a sandboxed Jinja2 environment set up the way transformers sets up its own.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.utils
+import numpy as np
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from .errors import PatcherError
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+# Named special tokens transformers passes to every template (its `special_tokens_map`), when set.
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+# --- Jinja environment (the template is untrusted input: it comes with the downloaded model) ---------------
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant dunders."""
+
+    def __init__(*args, **kwargs):  # same signature trick as jinja2's Namespace, so namespace(self=...) works
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"namespace attribute {name!r} starts with an underscore")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers replaces Jinja's tojson, which HTML-escapes '<', '>', '&' and would change the prompt text.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    def unsafe_undefined(self, obj, attribute):
+        # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would quietly
+        # render "". Refuse at the first unsafe lookup instead: the user learns the template is hostile or broken.
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+
+def _environment(where) -> ImmutableSandboxedEnvironment:
+    def raise_exception(message):  # the template's own way to reject input (Gemma: "System role not supported")
+        raise PatcherError(where, f"the chat template refused the conversation: {message}")
+
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=raise_exception, namespace=_Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str, where: str) -> jinja2.Template:
+    return _environment(where).from_string(template)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PromptTokenizer:
+    tokenizer: Tokenizer
+    folder: Path
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... -> token string
+    chat_template: str | None = None
+    template_source: Path | None = None  # the file the template came from, for error messages
+    add_bos_token: bool | None = None  # as tokenizer_config.json says; tokenization follows tokenizer.json
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    def _id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id("eos_token")
+
+    @property
+    def pad_id(self) -> int:
+        for name in ("pad_token", "eos_token"):
+            if (i := self._id(name)) is not None:
+                return i
+        return 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def render(self, user_prompt: str, system: str | None = None, add_generation_prompt: bool = True) -> str:
+        """The chat template applied to [system?, user], as `apply_chat_template(..., tokenize=False)` renders it."""
+        if self.chat_template is None:
+            raise PatcherError(self.folder, "the tokenizer has no chat template")
+        where = self.template_source or self.folder
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": user_prompt}]
+        try:
+            template = _compile(self.chat_template, str(where))
+            # The variables transformers passes: the named special tokens that are set, tools/documents (None).
+            return template.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except PatcherError:
+            raise
+        except SecurityError as e:
+            raise PatcherError(where, f"the chat template tried unsafe access and was refused ({e})") from None
+        except jinja2.TemplateSyntaxError as e:
+            raise PatcherError(where, f"chat template syntax error at template line {e.lineno}: {e.message}") from None
+        except TemplateError as e:  # UndefinedError, TemplateRuntimeError, ...
+            raise PatcherError(where, f"chat template failed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - untrusted code: any failure (TypeError, RecursionError...) is its fault
+            raise PatcherError(where, f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise PatcherError(path, f"cannot read JSON: {e}") from None
+
+
+def _token_string(value, path: Path, name: str) -> str | None:
+    # HF writes special tokens either as "<s>" or as a serialized AddedToken {"content": "<s>", "lstrip": ...}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value
+    raise PatcherError(path, f"{name} must be a string or an object with a string \"content\", got {value!r}")
+
+
+def load_tokenizer(model_dir) -> PromptTokenizer:
+    folder = Path(model_dir)
+    tok_path = folder / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise PatcherError(tok_path, "not found: patcher needs the fast-tokenizer file tokenizer.json")
+    try:
+        tok = Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a plain Exception for any parse error
+        raise PatcherError(tok_path, f"cannot load tokenizer: {e}") from None
+    # transformers ignores truncation/padding baked into tokenizer.json unless asked for them; so do we.
+    tok.no_truncation()
+    tok.no_padding()
+
+    cfg_path = folder / TOKENIZER_CONFIG
+    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    if not isinstance(cfg, dict):
+        raise PatcherError(cfg_path, "expected a JSON object")
+    specials = {n: s for n in SPECIAL_NAMES if (s := _token_string(cfg.get(n), cfg_path, n)) is not None}
+
+    # add_bos_token is kept for callers' information only: with a tokenizer.json present, transformers drops it
+    # (and add_eos_token) and lets tokenizer.json's post-processor decide which special tokens to add.
+    add_bos = cfg.get("add_bos_token") if isinstance(cfg.get("add_bos_token"), bool) else None
+
+    # Template sources, as transformers orders them: chat_template.jinja wins over tokenizer_config.json.
+    template, source = None, None
+    if (folder / TEMPLATE_FILE).is_file():
+        source = folder / TEMPLATE_FILE
+        try:
+            template = source.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PatcherError(source, f"cannot read chat template: {e}") from None
+    elif cfg.get("chat_template") is not None:
+        source, template = cfg_path, cfg["chat_template"]
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t["name"]: t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
+            if "default" not in named:
+                raise PatcherError(cfg_path, f"chat_template has no template named \"default\" "
+                                             f"(names: {sorted(named)})")
+            template = named["default"]
+        if not isinstance(template, str):
+            raise PatcherError(cfg_path, "chat_template must be a string or a list of {name, template} objects")
+    return PromptTokenizer(tok, folder, specials, template, source, add_bos)
+
+
+def encode_prompts(tok: PromptTokenizer, prompts, chat_template: bool = True, system: str | None = None):
+    """Token ids per prompt, as HF would feed them to the model."""
+    if chat_template and not tok.has_chat_template:
+        raise PatcherError(tok.folder, "the tokenizer has no chat template (no chat_template.jinja and no "
+                                       "chat_template in tokenizer_config.json); pass --no-chat-template to "
+                                       "tokenize the raw prompts")
+    if chat_template:
+        # apply_chat_template(tokenize=True) encodes the rendered text with add_special_tokens=False:
+        # the template writes BOS itself when the model wants one; adding it again would double it.
+        return [tok.encode(tok.render(p, system=system), add_special_tokens=False) for p in prompts]
+    return [tok.encode(p, add_special_tokens=True) for p in prompts]
+
+
+# --- prompt files ------------------------------------------------------------------------------------------
+
+def _prompt(obj, path: Path, at: str) -> str:
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise PatcherError(path, f"{at}: expected a JSON object with a \"prompt\" field")
+    if not isinstance(obj["prompt"], str):
+        raise PatcherError(path, f"{at}: \"prompt\" must be a string, got {type(obj['prompt']).__name__}")
+    if not obj["prompt"].strip():
+        raise PatcherError(path, f"{at}: \"prompt\" is empty")
+    return obj["prompt"]
+
+
+def read_prompt_file(path, limit: int | None = None) -> list[str]:
+    """Prompts from .txt (one per non-empty line) or .jsonl/.json (JSON lines of {"prompt": str}, or for .json
+    also one array of them). `limit` keeps the first N."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".json"):
+        raise PatcherError(path, "unsupported prompt file type: use .txt (one prompt per line) or .jsonl/.json")
+    if limit is not None and limit < 1:
+        raise PatcherError(path, f"the prompt limit must be at least 1, got {limit}")
+    if not path.is_file():
+        raise PatcherError(path, "prompt file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: drop a byte-order mark some editors write
+    except OSError as e:
+        raise PatcherError(path, f"cannot read prompt file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise PatcherError(path, f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
+
+    # Split on "\n" only: str.splitlines() would also break prompts at \x0b, \x1c, \u2028 and the like.
+    lines = [(n, line.rstrip()) for n, line in enumerate(text.split("\n"), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
+    if suffix == ".txt":
+        prompts = [line for _, line in lines]
+    elif suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise PatcherError(path, f"bad JSON: {e}") from None
+        if not isinstance(items, list):
+            raise PatcherError(path, "expected a JSON array of {\"prompt\": ...} objects")
+        prompts = [_prompt(item, path, f"item {i}") for i, item in enumerate(items)]
+    else:
+        prompts = []
+        for n, line in lines:
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise PatcherError(path, f"line {n}: bad JSON: {e}") from None
+            prompts.append(_prompt(obj, path, f"line {n}"))
+    if not prompts:
+        raise PatcherError(path, "no prompts in file")
+    return prompts[:limit]
+
+
+# --- batching ----------------------------------------------------------------------------------------------
+
+def left_pad(batch_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad to the longest sequence, so every prompt's last token sits in the last column."""
+    width = max((len(ids) for ids in batch_ids), default=0)
+    input_ids = np.full((len(batch_ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch_ids), width), dtype=np.int64)
+    for row, ids in enumerate(batch_ids):
+        if len(ids):
+            input_ids[row, width - len(ids):] = ids
+            mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
