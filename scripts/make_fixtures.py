@@ -186,8 +186,8 @@ def build_tokenizer(folder: Path) -> None:
         "chat_template": CHAT_TEMPLATE, "model_max_length": 128}, indent=2) + "\n")
 
 
-def make(model_type: str, out: Path, seed: int = 0) -> Path:
-    folder = out / f"tiny-{model_type.replace('_', '-')}"
+def make(model_type: str, out: Path, seed: int = 0, name: str | None = None) -> Path:
+    folder = out / (name or f"tiny-{model_type.replace('_', '-')}")
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -214,6 +214,51 @@ def make(model_type: str, out: Path, seed: int = 0) -> Path:
     return folder
 
 
+# A planted direction for extraction tests and the demo: the embedding of every token of the
+# marker words carries PLANT_STRENGTH * v, so prompts ending in a marker differ from prompts
+# ending in a neutral word by ~v at resid_pre[0]. Prompt sets are neutral everyday requests.
+MARKERS = ["sea", "robot", "poem", "bread", "dog", "fox", "art", "cat"]
+NEUTRAL = ["weather", "plants", "colors", "today", "France", "people", "numbers", "model"]
+TEMPLATES = ["Tell me something about the {}", "Write one line on the {}", "What do you know about the {}",
+             "Say a kind word about the {}", "Give me a fact on the {}", "Describe the {}"]
+PLANT_STRENGTH = 20.0
+
+
+def planted_prompts() -> tuple[list[str], list[str]]:
+    pos = [t.format(w) for t in TEMPLATES for w in MARKERS]
+    neg = [t.format(w) for t in TEMPLATES for w in NEUTRAL]
+    return pos, neg
+
+
+def make_planted(out: Path) -> Path:
+    """tiny-llama with a planted direction; writes planted-direction-64.npy and prompts/planted-*.txt."""
+    from tokenizers import Tokenizer
+
+    from patcher.checkpoint import Checkpoint
+    target = make("llama", out, name="tiny-llama-planted")
+    tok = Tokenizer.from_file(str(target / "tokenizer.json"))
+    marker_ids = sorted({i for w in MARKERS for i in tok.encode(" " + w).ids})
+    neutral_last = {tok.encode(" " + w).ids[-1] for w in NEUTRAL}
+    assert not neutral_last & set(marker_ids), "neutral words must not end in a marker token"
+    v = np.random.default_rng(99).standard_normal(D)
+    v /= np.linalg.norm(v)
+    name = "model.embed_tokens.weight"
+    with Checkpoint(target) as ck:
+        fname = ck.shard_of[name]
+        arrays = {t.name: np.array(ck.array(t.name)) for t in ck.shard_tensors(fname)}
+    emb = arrays[name].astype(np.float32)
+    emb[marker_ids] += PLANT_STRENGTH * v
+    arrays[name] = emb.astype(ml_dtypes.bfloat16)
+    write_safetensors(target / fname, [OutTensor(n, "BF16", a.shape, produce=lambda a=a: [a]) for n, a in arrays.items()],
+                      {"format": "pt"})
+    np.save(out / "planted-direction-64.npy", v.astype(np.float32))
+    pos, neg = planted_prompts()
+    (out / "prompts").mkdir(exist_ok=True)
+    (out / "prompts" / "planted-positive.txt").write_text("\n".join(pos) + "\n")
+    (out / "prompts" / "planted-negative.txt").write_text("\n".join(neg) + "\n")
+    return target
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
@@ -221,6 +266,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for mt in args.only or ARCHS:
         print(make(mt, args.out))
+    if not args.only:
+        print(make_planted(args.out))
     d = np.random.default_rng(1234).standard_normal(D).astype(np.float32)
     np.save(args.out / "direction-64.npy", d)
 

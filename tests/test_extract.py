@@ -1,0 +1,124 @@
+"""`patcher extract`: difference in means equal to an HF transformers reference, a planted direction
+recovered and ranked, the directions file feeding ablate/inject, and the options."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, fixture_path, run_cli, unit
+from patcher.checkpoint import Checkpoint
+from patcher.directions import read_metadata
+from patcher.extract import extract
+
+POS = FIXTURES / "prompts" / "planted-positive.txt"
+NEG = FIXTURES / "prompts" / "planted-negative.txt"
+PLANTED = FIXTURES / "tiny-llama-planted"
+
+
+def hf_difference_in_means(folder, pos_prompts, neg_prompts):
+    """Reference: HF tokenizer + chat template, HF forward, mean last-token hidden state per layer."""
+    torch = pytest.importorskip("torch")
+    T = pytest.importorskip("transformers")
+    tok = T.AutoTokenizer.from_pretrained(folder)
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    means = []
+    for prompts in (pos_prompts, neg_prompts):
+        rows = []
+        for p in prompts:  # one at a time: no padding in the reference at all
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+            with torch.no_grad():
+                hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            rows.append(np.stack([h[0, -1].double().numpy() for h in hs[:-1]]))  # last HF entry is post-norm
+        means.append(np.mean(rows, axis=0))
+    return means[0] - means[1], np.abs(means[0]).max(axis=1)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3_moe", "gpt2", "olmo2", "phi3"])
+def test_difference_in_means_matches_hf(model_type):
+    pos = POS.read_text().splitlines()[:10]
+    neg = NEG.read_text().splitlines()[:10]
+    want, scale = hf_difference_in_means(fixture_path(model_type), pos, neg)
+    got = extract(fixture_path(model_type), pos, neg, batch_size=4)  # batched, left-padded
+    for l in range(want.shape[0]):  # relative to the size of the activations being averaged
+        assert np.abs(got.direction[l] - want[l]).max() <= 1e-4 * scale[l], f"layer {l}"
+    assert np.abs(want[1:]).max() > 1e-2  # the sets do differ, so the comparison means something
+
+
+def test_planted_direction_is_recovered_and_ranked_first(tmp_path):
+    out = tmp_path / "d.safetensors"
+    res = run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--no-chat-template")
+    v = np.load(FIXTURES / "planted-direction-64.npy")
+    with Checkpoint(out) as ck:
+        d = ck.array("direction")
+        meta = read_metadata(ck)
+    assert float(unit(d[0]) @ unit(v)) >= 0.99
+    assert meta["selected_layer"] == 0
+    snr = {s["layer"]: s["snr"] for s in meta["scores"] if s.get("snr") is not None}
+    assert max(snr, key=snr.get) == 0
+    assert "selected: 0" in res.output
+
+
+def test_directions_file_format_and_feeds_ablate_and_inject(tmp_path):
+    out = tmp_path / "d.safetensors"
+    run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--max-prompts", "12")
+    with Checkpoint(out) as ck:
+        for name in ("direction", "positive_mean", "negative_mean"):
+            assert ck.tensors[name].dtype == "F32" and ck.tensors[name].shape == (4, 64)
+        np.testing.assert_allclose(ck.array("direction"), ck.array("positive_mean") - ck.array("negative_mean"),
+                                   atol=1e-5)
+        meta = read_metadata(ck)
+    assert meta["prompts"]["positive"]["count"] == 12 and len(meta["prompts"]["positive"]["sha256"]) == 64
+    assert meta["chat_template"] is True and meta["positions"] == [-1] and meta["model"] == str(PLANTED)
+    assert isinstance(meta["selected_layer"], int) and len(meta["scores"]) == 4
+    run_cli("ablate", PLANTED, "-d", out, "-o", tmp_path / "abl")
+    run_cli("inject", PLANTED, "-d", f"{out}:2", "-o", tmp_path / "inj", "--layer", "1", "--alpha", "2")
+    prov = json.loads(run_cli("inspect", tmp_path / "abl", "--json").output)["provenance"]
+    assert prov["direction"] == str(out)
+
+
+def test_several_positions_and_projected_variant(tmp_path):
+    r = extract(PLANTED, POS, NEG, positions=(-1, -2), project_out_negative_mean=True, max_prompts=8)
+    assert set(r.per_position) == {-1, -2}
+    neg = r.negative_mean.astype(np.float64)
+    nonzero = [l for l in range(r.direction.shape[0]) if np.linalg.norm(r.direction[l]) > 0]
+    assert len(nonzero) >= 3
+    for l in nonzero:
+        assert abs(unit(r.direction[l]) @ unit(neg[l])) < 1e-5
+    r.save(tmp_path / "d.safetensors")
+    with Checkpoint(tmp_path / "d.safetensors") as ck:
+        assert {"direction.pos-1", "direction.pos-2", "positive_mean.pos-2"} <= set(ck.tensors)
+        plain = ck.array("direction.pos-1") + ck.array("direction.pos-2")
+        assert plain.shape == (4, 64)
+
+
+def test_layers_option_and_plot(tmp_path):
+    out = tmp_path / "d.safetensors"
+    run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--layers", "0-1",
+            "--plot", tmp_path / "s.svg", "--no-chat-template")
+    svg = (tmp_path / "s.svg").read_text()
+    assert svg.startswith("<svg") and "<polyline" in svg and "selected 0" in svg
+    with Checkpoint(out) as ck:
+        d = ck.array("direction")
+        assert np.all(d[2:] == 0) and np.all(np.linalg.norm(d[:2], axis=1) > 0)
+    res = run_cli("ablate", PLANTED, "-d", f"{out}:3", "-o", tmp_path / "x", expect=1)
+    assert "zero norm" in res.output
+
+
+def test_unsafe_chat_template_refused(tmp_path):
+    src = tmp_path / "m"
+    shutil.copytree(PLANTED, src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    res = run_cli("extract", src, "--positive", POS, "--negative", NEG, "-o", tmp_path / "d.safetensors", expect=1)
+    assert "unsafe" in res.output and not (tmp_path / "d.safetensors").exists()
+
+
+def test_prompt_shorter_than_positions_is_an_error(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("sea\n")
+    res = run_cli("extract", PLANTED, "--positive", short, "--negative", NEG, "-o", tmp_path / "d.safetensors",
+                  "--no-chat-template", "--positions", "-1,-2,-3", expect=1)
+    assert "tokens" in res.output
