@@ -15,6 +15,30 @@ from patcher.numpy_ops import NumpyOps
 _SCALE_SUFFIXES = ("_scale_inv", "_scale")
 
 
+class LazyWeights(dict):
+    """Top-level weights decoded on first use: extraction never pays for the unembedding, and an
+    embedding lookup decodes only the rows it needs (a 128k-token table stays on disk)."""
+
+    def __init__(self, model: "StreamedModel", names: dict):
+        super().__init__()
+        self.model, self.names = model, names  # prefix-free name -> checkpoint name
+
+    def __contains__(self, name):
+        return name in self.names
+
+    def __missing__(self, name):
+        value = self.model._decode(self.names[name])
+        self[name] = value
+        return value
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        if dict.__contains__(self, name):
+            return self[name][ids]
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        table = self.model.ck.array(self.names[name])
+        return decode(table[uniq])[inverse.reshape(ids.shape)]
+
+
 class StreamedModel:
     """A checkpoint run block by block with the numpy backend of patcher/forward.py."""
 
@@ -49,16 +73,18 @@ class StreamedModel:
             self.ck.release(name)
         return out
 
-    def top_weights(self) -> dict:
-        """Embeddings, final norm and unembedding, keyed by their prefix-free names."""
+    def top_weights(self) -> LazyWeights:
+        """Embeddings, final norm and unembedding, keyed by their prefix-free names, decoded lazily."""
         if self._top is None:
             prefix = self.resolved.prefix
             n = self.spec.names
-            wanted = [prefix + n["embed"] + ".weight", prefix + n["final_norm"] + ".weight",
-                      prefix + n["final_norm"] + ".bias", n["lm_head"] + ".weight"]
+            wanted = [n["embed"] + ".weight", n["final_norm"] + ".weight", n["final_norm"] + ".bias"]
             if self.spec.positions:
-                wanted.append(prefix + self.spec.positions + ".weight")
-            self._top = self._load([w for w in wanted if w in self.ck.tensors], prefix)
+                wanted.append(self.spec.positions + ".weight")
+            names = {w: prefix + w for w in wanted if prefix + w in self.ck.tensors}
+            if n["lm_head"] + ".weight" in self.ck.tensors:
+                names[n["lm_head"] + ".weight"] = n["lm_head"] + ".weight"
+            self._top = LazyWeights(self, names)
         return self._top
 
     def block_weights(self, layer: int) -> dict:
@@ -72,7 +98,8 @@ class StreamedModel:
         [B, T, d]); returns the logits if asked. `layers` stops early after the last one needed."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.asarray(attention_mask, dtype=np.int64)
-        if input_ids.max(initial=0) >= self.top_weights()[self.spec.names["embed"] + ".weight"].shape[0]:
+        embed = self.top_weights().names[self.spec.names["embed"] + ".weight"]
+        if input_ids.max(initial=0) >= self.ck.info(embed).shape[0]:
             raise PatcherError(self.ck.folder, "token id beyond the embedding table: tokenizer and model disagree")
         position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         top = NumpyOps(self.top_weights(), mask, position_ids)

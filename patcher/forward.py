@@ -194,11 +194,11 @@ def spec_for(model_type: str) -> ForwardSpec:
 # --- the description itself, run by any `ops` backend --------------------------------------------
 
 def embed(ops, spec: ForwardSpec, hp: Hyper, input_ids, position_ids):
-    x = ops.gather(ops.w(spec.names["embed"] + ".weight"), input_ids)
+    x = ops.embedding(spec.names["embed"] + ".weight", input_ids)
     if spec.embed_scale:
         x = ops.scale(x, math.sqrt(hp.d_model), round_to_dtype=True)
     if spec.positions:
-        x = ops.add(x, ops.gather(ops.w(spec.positions + ".weight"), position_ids))
+        x = ops.add(x, ops.embedding(spec.positions + ".weight", position_ids))
     return x
 
 

@@ -85,8 +85,9 @@ class NumpyOps:
         return np.tanh(x / F32(cap)) * F32(cap)
 
     # --- layers --------------------------------------------------------------------------------
-    def gather(self, table, ids):
-        return table[ids]
+    def embedding(self, name: str, ids):
+        rows = getattr(self.weights, "rows", None)  # lazy weights decode only the rows used
+        return rows(name, ids) if rows else self.weights[name][ids]
 
     def linear(self, x, weight: str, bias: str | None, conv1d: bool = False):
         w = self.weights[weight]
