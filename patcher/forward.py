@@ -40,6 +40,7 @@ class ForwardSpec:
     act_keys: tuple = ("hidden_act",)
     act_default: str = "silu"
     rope: bool = True
+    attention: str = "standard"  # standard | mla (DeepSeek multi-head latent attention)
     moe: dict = field(default_factory=dict)  # router semantics for MoE models
 
 
@@ -67,6 +68,12 @@ FORWARD = {
     "qwen3_moe": ForwardSpec(QWEN_MOE_NAMES, qk_norm="head", mlp="moe",
                              moe={"normalize_key": "norm_topk_prob", "normalize": True,
                                   "sparse_rule": True}),
+    "deepseek_v3": ForwardSpec({**QWEN_MOE_NAMES, "shared": "mlp.shared_experts", "router_bias": "mlp.gate.e_score_correction_bias",
+                                "q_a": "self_attn.q_a_proj", "q_a_norm": "self_attn.q_a_layernorm", "q_b": "self_attn.q_b_proj",
+                                "kv_a": "self_attn.kv_a_proj_with_mqa", "kv_a_norm": "self_attn.kv_a_layernorm",
+                                "kv_b": "self_attn.kv_b_proj"},
+                               attention="mla", mlp="moe",
+                               moe={"normalize_key": "norm_topk_prob", "normalize": True, "router": "grouped"}),
     "gpt2": ForwardSpec({"qkv": "attn.c_attn", "o": "attn.c_proj", "attn_norm": "ln_1", "mlp_norm": "ln_2",
                          "up": "mlp.c_fc", "down": "mlp.c_proj", "embed": "wte", "final_norm": "ln_f",
                          "lm_head": "lm_head"},
@@ -86,6 +93,7 @@ class Rope:
     dim: int  # rotated dims per head (partial rotary rotates the first `dim`)
     kind: str = "default"
     params: dict = field(default_factory=dict)
+    interleaved: bool = False  # DeepSeek rotates (even, odd) pairs
 
 
 @dataclass
@@ -107,6 +115,7 @@ class Hyper:
     tied: bool = False
     moe: dict = field(default_factory=dict)
     parallel: bool = False
+    mla: dict = field(default_factory=dict)  # DeepSeek latent-attention dims
 
 
 def _rope_from(cfg: dict, block: dict | None, head_dim: int, theta_default: float, partial_default=1.0) -> Rope:
@@ -115,13 +124,13 @@ def _rope_from(cfg: dict, block: dict | None, head_dim: int, theta_default: floa
     kind = block.get("rope_type") or block.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
     theta = block.get("rope_theta", cfg.get("rope_theta", theta_default))
     partial = block.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", partial_default)))
-    params = {**scaling, **block}
+    params = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), **scaling, **block}
     if kind not in ROPE_KINDS:
         raise PatcherError("config.json", f"rope type {kind!r} is not supported yet (supported: {', '.join(ROPE_KINDS)})")
     return Rope(float(theta), int(head_dim * partial), kind, params)
 
 
-ROPE_KINDS = ("default", "linear", "llama3")
+ROPE_KINDS = ("default", "linear", "llama3", "yarn")
 
 
 def hyper(model_type: str, cfg: dict) -> Hyper:
@@ -132,9 +141,12 @@ def hyper(model_type: str, cfg: dict) -> Hyper:
     heads = int(g("num_attention_heads", "n_head"))
     kv = int(g("num_key_value_heads", default=heads))
     head_dim = int(g("head_dim", default=d // heads))
+    rope_dim = int(g("qk_rope_head_dim", default=head_dim))  # MLA rotates only its rope part
     eps = float(g("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5))
     act = next((cfg[k] for k in spec.act_keys if cfg.get(k)), spec.act_default)
     scale = float(cfg["query_pre_attn_scalar"]) ** -0.5 if cfg.get("query_pre_attn_scalar") else head_dim ** -0.5
+    if spec.attention == "mla":
+        scale = _mla_scale(cfg)
     layer_types = list(cfg.get("layer_types") or _default_layer_types(model_type, cfg, n_layers))
     rp = cfg.get("rope_parameters")
     ropes = {}
@@ -147,18 +159,25 @@ def hyper(model_type: str, cfg: dict) -> Hyper:
                 block = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
             if model_type == "gpt_neox" and block is None and "rotary_emb_base" in cfg:
                 block = {"rope_theta": cfg["rotary_emb_base"]}
-            ropes[lt] = _rope_from(cfg, block, head_dim, theta_default, partial_default)
+            ropes[lt] = _rope_from(cfg, block, rope_dim, theta_default, partial_default)
+            ropes[lt].interleaved = spec.attention == "mla" and bool(cfg.get("rope_interleave", True))
     moe = {}
     if spec.mlp == "moe":
         moe = {"experts": int(g("num_local_experts", "num_experts", "n_routed_experts")),
                "top_k": int(cfg["num_experts_per_tok"]),
                "normalize": bool(cfg.get(spec.moe.get("normalize_key", ""), spec.moe["normalize"])),
                "sparse_layers": _sparse_layers(spec, cfg, n_layers)}
+        if spec.moe.get("router") == "grouped":
+            moe["grouped"] = {"bias": spec.names["router_bias"], "n_group": int(cfg.get("n_group", 1) or 1),
+                              "topk_group": int(cfg.get("topk_group", 1) or 1),
+                              "scaling": float(cfg.get("routed_scaling_factor", 1.0))}
     window = cfg.get("sliding_window") if (model_type != "qwen2" or cfg.get("use_sliding_window")) else None
     return Hyper(d, n_layers, heads, kv, head_dim, eps, act, scale, layer_types, ropes,
                  attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"),
                  window=window, tied=bool(cfg.get("tie_word_embeddings", model_type in ("gemma", "gemma2", "gemma3_text", "gpt2"))),
-                 moe=moe, parallel=bool(cfg.get("use_parallel_residual", True)))
+                 moe=moe, parallel=bool(cfg.get("use_parallel_residual", True)),
+                 mla={k: int(cfg[k]) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")}
+                 if spec.attention == "mla" else {})
 
 
 def _default_layer_types(model_type: str, cfg: dict, n: int) -> list:
@@ -175,7 +194,20 @@ def _default_layer_types(model_type: str, cfg: dict, n: int) -> list:
     return ["full_attention"] * n
 
 
+def _mla_scale(cfg: dict) -> float:
+    """qk_head_dim^-0.5, times mscale^2 under YaRN with mscale_all_dim (DeepSeek)."""
+    scale = (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if (rp.get("rope_type") or rp.get("type") or "default") != "default" and rp.get("mscale_all_dim"):
+        m = 0.1 * rp["mscale_all_dim"] * math.log(rp["factor"]) + 1.0 if rp["factor"] > 1 else 1.0
+        scale *= m * m
+    return scale
+
+
 def _sparse_layers(spec: ForwardSpec, cfg: dict, n: int) -> set:
+    if "first_k_dense_replace" in cfg:  # DeepSeek: dense MLPs first, then MoE every moe_layer_freq
+        k, freq = int(cfg["first_k_dense_replace"]), int(cfg.get("moe_layer_freq", 1) or 1)
+        return {i for i in range(n) if i >= k and i % freq == 0}
     if not spec.moe.get("sparse_rule"):
         return set(range(n))
     only = set(cfg.get("mlp_only_layers") or [])
@@ -213,6 +245,8 @@ def _linear(ops, spec, x, name):
 
 
 def _attention(ops, spec: ForwardSpec, hp: Hyper, x, layer: int):
+    if spec.attention == "mla":
+        return _attention_mla(ops, spec, hp, x, layer, hp.mla)
     n = spec.names
     H, K, hd = hp.n_heads, hp.n_kv, hp.head_dim
     if spec.qkv == "separate":
@@ -237,6 +271,26 @@ def _attention(ops, spec: ForwardSpec, hp: Hyper, x, layer: int):
     return _linear(ops, spec, ops.merge_heads(out), n["o"])
 
 
+def _attention_mla(ops, spec: ForwardSpec, hp: Hyper, x, layer: int, cfg: dict):
+    """DeepSeek multi-head latent attention: low-rank q, one compressed kv latent plus a shared
+    rotary key, expanded per head by kv_b."""
+    n = spec.names
+    H, nope, rope_d, v_d = hp.n_heads, cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    if ops.has(n["q_a"] + ".weight"):
+        q = _linear(ops, spec, ops.rms_norm(_linear(ops, spec, x, n["q_a"]), n["q_a_norm"] + ".weight", hp.eps), n["q_b"])
+    else:
+        q = _linear(ops, spec, x, n["q"])
+    q_pass, q_rot = ops.split(ops.heads(q, H, nope + rope_d), [nope, rope_d])
+    kv_nope, k_rot = ops.split(_linear(ops, spec, x, n["kv_a"]), [cfg["kv_lora_rank"], rope_d])
+    kv = ops.heads(_linear(ops, spec, ops.rms_norm(kv_nope, n["kv_a_norm"] + ".weight", hp.eps), n["kv_b"]), H, nope + v_d)
+    k_nope, v = ops.split(kv, [nope, v_d])
+    rope = hp.ropes[hp.layer_types[layer]]
+    q = ops.concat([q_pass, ops.rope(q_rot, rope)])
+    k = ops.concat([k_nope, ops.expand_heads(ops.rope(ops.heads(k_rot, 1, rope_d), rope), H)])
+    out = ops.attend(q, k, v, layer, hp.scale, None, None)
+    return _linear(ops, spec, ops.merge_heads(out), n["o"])
+
+
 def _mlp_dense(ops, spec: ForwardSpec, hp: Hyper, x, names: dict):
     if spec.mlp == "plain":
         return _linear(ops, spec, ops.act(_linear(ops, spec, x, names["up"]), hp.act), names["down"])
@@ -255,7 +309,8 @@ def _mlp(ops, spec: ForwardSpec, hp: Hyper, x, layer: int):
                 "up": n["experts"].format(e=e) + "." + n["expert_up"],
                 "down": n["experts"].format(e=e) + "." + n["expert_down"]} for e in range(hp.moe["experts"])]
     out = ops.moe(x, n["router"] + ".weight", hp.moe["top_k"], hp.moe["normalize"],
-                  [lambda h, names=names: _mlp_dense(ops, _GATED, hp, h, names) for names in experts])
+                  [lambda h, names=names: _mlp_dense(ops, _GATED, hp, h, names) for names in experts],
+                  hp.moe.get("grouped"))
     if "shared" in n and ops.has(n["shared"] + ".down_proj.weight"):
         shared = _mlp_dense(ops, _GATED, hp, x, {"gate": n["shared"] + ".gate_proj", "up": n["shared"] + ".up_proj",
                                                   "down": n["shared"] + ".down_proj"})

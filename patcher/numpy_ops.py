@@ -33,11 +33,34 @@ ACTS = {
 ACTS["gelu_new"] = ACTS["gelu_fast"] = ACTS["gelu_tanh"] = ACTS["gelu_pytorch_tanh"]
 
 
-def rope_inv_freq(rope) -> np.ndarray:
-    """Inverse frequencies for the rotated dims, with the supported scaling kinds applied."""
+def _yarn(rope, inv: np.ndarray) -> tuple[np.ndarray, float]:
+    """YaRN (as HF computes it): interpolate low frequencies, keep high ones, ramp between."""
+    p, dim, base = rope.params, rope.dim, rope.theta
+    factor, old = float(p["factor"]), float(p["original_max_position_embeddings"])
+    mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+    att = p.get("attention_factor")
+    if att is None:
+        att = (mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+               if p.get("mscale") and p.get("mscale_all_dim") else mscale(factor))
+    corr = lambda rot: dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+    low, high = corr(p.get("beta_fast") or 32), corr(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / ((high + 0.001 if high == low else high) - low), 0, 1)
+    extrapolate = 1 - ramp
+    return inv / factor * (1 - extrapolate) + inv * extrapolate, float(att)
+
+
+def rope_inv_freq(rope) -> tuple[np.ndarray, float]:
+    """Inverse frequencies for the rotated dims with the supported scaling kinds applied, and the
+    factor cos/sin are multiplied by (YaRN's attention factor; 1 otherwise)."""
     dim = rope.dim
     inv = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     p = rope.params
+    if rope.kind == "yarn":
+        inv, att = _yarn(rope, inv.astype(F32).astype(np.float64))
+        return inv.astype(F32), att
     if rope.kind == "linear":
         inv = inv / float(p["factor"])
     elif rope.kind == "llama3":
@@ -48,7 +71,7 @@ def rope_inv_freq(rope) -> np.ndarray:
         scaled = np.where(wavelen > old / low, inv / factor, inv)
         mid = (wavelen >= old / high) & (wavelen <= old / low)
         inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return inv.astype(F32)
+    return inv.astype(F32), 1.0
 
 
 class NumpyOps:
@@ -122,14 +145,24 @@ class NumpyOps:
         return x.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
 
     def rope(self, x, rope):
+        """Rotate the first rope.dim dims: halves (rotate_half) or, if interleaved, even/odd pairs
+        (DeepSeek), whose output is laid out as [evens', odds'] exactly as HF does."""
         key = (rope.theta, rope.dim, rope.kind)
         if key not in self._cos_sin:
-            freqs = self.pos[:, None, :, None].astype(F32) * rope_inv_freq(rope)  # [B, 1, T, dim/2]
-            self._cos_sin[key] = (np.cos(freqs), np.sin(freqs))
+            inv, att = rope_inv_freq(rope)
+            freqs = self.pos[:, None, :, None].astype(F32) * inv  # [B, 1, T, dim/2]
+            self._cos_sin[key] = (np.cos(freqs) * F32(att), np.sin(freqs) * F32(att))
         cos, sin = self._cos_sin[key]
         half = rope.dim // 2
-        x1, x2, rest = x[..., :half], x[..., half:rope.dim], x[..., rope.dim:]
+        rot, rest = x[..., :rope.dim], x[..., rope.dim:]
+        x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if rope.interleaved else (rot[..., :half], rot[..., half:])
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+    def concat(self, xs, axis: int = -1):
+        return np.concatenate(xs, axis=axis)
+
+    def expand_heads(self, x, n: int):
+        return np.broadcast_to(x, (x.shape[0], n, *x.shape[2:]))
 
     def attend(self, q, k, v, layer: int, scale: float, softcap: float | None, window: int | None):
         B, H, T, hd = q.shape
@@ -149,16 +182,31 @@ class NumpyOps:
         p /= p.sum(axis=-1, keepdims=True)
         return p @ v
 
-    def moe(self, x, router: str, top_k: int, normalize: bool, experts):
+    def moe(self, x, router: str, top_k: int, normalize: bool, experts, grouped: dict | None = None):
+        """Route each token to top_k experts. Softmax routing (Mixtral, Qwen) by default; `grouped`
+        selects DeepSeek-V3's sigmoid scores + correction bias, best groups first, then top_k."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         logits = flat @ self.weights[router].T
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+        if grouped is None:
+            probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)
+            choice = probs
+        else:
+            probs = 1.0 / (1.0 + np.exp(-logits))
+            choice = probs + self.weights[grouped["bias"]] if grouped["bias"] in self.weights else probs
+            E, G = choice.shape[1], grouped["n_group"]
+            per_group = np.sort(choice.reshape(-1, G, E // G), axis=-1)[..., -2:].sum(axis=-1)
+            keep = np.argsort(-per_group, axis=-1, kind="stable")[:, :grouped["topk_group"]]
+            group_mask = np.zeros_like(per_group, dtype=bool)
+            np.put_along_axis(group_mask, keep, True, axis=-1)
+            choice = np.where(np.repeat(group_mask, E // G, axis=-1), choice, -np.inf)
+        top = np.argsort(-choice, axis=-1, kind="stable")[:, :top_k]
         weights = np.take_along_axis(probs, top, axis=-1)
         if normalize:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + (1e-20 if grouped else 0.0))
+        if grouped:
+            weights = weights * F32(grouped["scaling"])
         out = np.zeros_like(flat)
         for e, expert in enumerate(experts):
             rows, slot = np.nonzero(top == e)

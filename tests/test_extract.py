@@ -35,7 +35,7 @@ def hf_difference_in_means(folder, pos_prompts, neg_prompts):
     return means[0] - means[1], np.abs(means[0]).max(axis=1)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3_moe", "gpt2", "olmo2", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3_moe", "gpt2", "olmo2", "phi3", "deepseek_v3"])
 def test_difference_in_means_matches_hf(model_type):
     pos = POS.read_text().splitlines()[:10]
     neg = NEG.read_text().splitlines()[:10]

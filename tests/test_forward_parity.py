@@ -35,6 +35,18 @@ CONFIGS = {
     "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, **MOE, num_experts=4, shared_expert_intermediate_size=48,
                                           mlp_only_layers=[1], norm_topk_prob=False),
     "qwen3_moe": lambda: T.Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, norm_topk_prob=True),
+    "deepseek_v3": lambda: T.DeepseekV3Config(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2, routed_scaling_factor=2.5, pad_token_id=0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "deepseek_v3_no_q_lora": lambda: T.DeepseekV3Config(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, pad_token_id=0, rope_interleave=False),
 }
 
 
@@ -51,6 +63,9 @@ def hf_models(tmp_path_factory):
                 for pname, p in model.named_parameters():
                     if "norm" in pname or "ln" in pname or pname.endswith("bias"):
                         p.add_(torch.randn_like(p) * 0.2)
+                for bname, b in model.named_buffers():  # DeepSeek's router correction bias
+                    if bname.endswith("e_score_correction_bias"):
+                        b.add_(torch.randn_like(b) * 0.1)
             model.save_pretrained(root / name)
             made[name] = model
         return made[name], root / name
