@@ -13,6 +13,7 @@ from patcher.errors import PatcherError
 from patcher.numpy_ops import NumpyOps
 
 _SCALE_SUFFIXES = ("_scale_inv", "_scale")
+ACTIVATION_BUDGET = 512 << 20  # residual streams held at once; beyond it, batches run in chunks
 
 
 class LazyWeights(dict):
@@ -94,22 +95,60 @@ class StreamedModel:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             on_resid: Callable[[int, np.ndarray], None] | None = None, logits: bool = False,
             layers: Iterable[int] | None = None):
-        """Run a left-padded batch. on_resid(l, resid_pre[l]) is called for l = 0..L (float32
+        """Run one left-padded batch. on_resid(l, resid_pre[l]) is called for l = 0..L (float32
         [B, T, d]); returns the logits if asked. `layers` stops early after the last one needed."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        mask = np.asarray(attention_mask, dtype=np.int64)
+        cb = (lambda _b, l, x: on_resid(l, x)) if on_resid else None
+        out = self.run_many([(input_ids, attention_mask)], cb, logits=logits, layers=layers)
+        return out[0] if logits else None
+
+    def run_many(self, batches: list, on_resid: Callable[[int, int, np.ndarray], None] | None = None,
+                 logits: bool = False, layers: Iterable[int] | None = None,
+                 budget_bytes: int = ACTIVATION_BUDGET) -> list | None:
+        """Run several batches, block by block: every batch held in memory goes through block l before
+        block l+1 is decoded, so each block is decoded once per chunk of batches whose activations
+        fit in `budget_bytes` (not once per batch). on_resid(batch index, l, resid_pre[l])."""
+        results = []
+        for chunk in _chunks(batches, self.hp.d_model, budget_bytes):
+            results.extend(self._run_chunk(chunk, on_resid, logits, layers))
+        return results if logits else None
+
+    def _run_chunk(self, chunk, on_resid, logits, layers):
+        states = []
         embed = self.top_weights().names[self.spec.names["embed"] + ".weight"]
-        if input_ids.max(initial=0) >= self.ck.info(embed).shape[0]:
-            raise PatcherError(self.ck.folder, "token id beyond the embedding table: tokenizer and model disagree")
-        position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        top = NumpyOps(self.top_weights(), mask, position_ids)
-        x = fw.embed(top, self.spec, self.hp, input_ids, position_ids)
-        last = self.n_layers if logits or layers is None else max(layers)
-        if on_resid:
-            on_resid(0, x)
-        for layer in range(min(last, self.n_layers)):
-            ops = NumpyOps(self.block_weights(layer), mask, position_ids)
-            x = fw.block(ops, self.spec, self.hp, x, layer)
+        for index, (ids, mask) in chunk:
+            ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)
+            if ids.max(initial=0) >= self.ck.info(embed).shape[0]:
+                raise PatcherError(self.ck.folder, "token id beyond the embedding table: tokenizer and model disagree")
+            pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            x = fw.embed(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, ids, pos)
             if on_resid:
-                on_resid(layer + 1, x)
-        return fw.head(top, self.spec, self.hp, x) if logits else None
+                on_resid(index, 0, x)
+            states.append([index, mask, pos, x])
+        last = self.n_layers if logits or layers is None else min(max(layers), self.n_layers)
+        for layer in range(last):
+            weights = self.block_weights(layer)
+            for st in states:
+                index, mask, pos, x = st
+                st[3] = x = fw.block(NumpyOps(weights, mask, pos), self.spec, self.hp, x, layer)
+                if on_resid:
+                    on_resid(index, layer + 1, x)
+            del weights  # free this block before decoding the next
+        if not logits:
+            return []
+        return [fw.head(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, x) for _, mask, pos, x in states]
+
+
+
+def _chunks(batches, d_model: int, budget: int):
+    """Consecutive (index, batch) groups whose residual streams (float32, x4 for a block's temporaries)
+    fit the budget; a single batch always runs."""
+    chunk, used = [], 0
+    for index, (ids, mask) in enumerate(batches):
+        size = int(np.size(ids)) * d_model * 4 * 4
+        if chunk and used + size > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append((index, (ids, mask)))
+        used += size
+    if chunk:
+        yield chunk

@@ -64,13 +64,11 @@ class _Accumulator:
 
 
 def _run_set(model: StreamedModel, batches, acc: _Accumulator, layers, progress):
-    offset = 0
-    for ids, mask in batches:
-        model.run(ids, mask, on_resid=lambda l, x, o=offset: acc.add(l, x, o), layers=layers)
-        offset += ids.shape[0]
-        acc.count += ids.shape[0]
-        if progress:
-            progress(ids.shape[0])
+    offsets = np.cumsum([0] + [ids.shape[0] for ids, _ in batches])
+    model.run_many(batches, on_resid=lambda b, l, x: acc.add(l, x, offsets[b]), layers=layers)
+    acc.count += int(offsets[-1])
+    if progress:
+        progress(int(offsets[-1]))
 
 
 def _batches(token_lists, pad_id, batch_size, positions, where):

@@ -120,3 +120,20 @@ def test_left_padding_equals_unpadded(hf_models, name):
         alone, _ = ours(folder, ids[row:row + 1, n_pad:], mask[row:row + 1, n_pad:])
         for l in range(len(resid)):
             np.testing.assert_allclose(resid[l][row, n_pad:], alone[l][0], rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_batches_equal_one_chunk(hf_models):
+    """Layer-outer execution over several batches gives the same states whatever the chunking."""
+    _, folder = hf_models("qwen3_moe")
+    ids, mask = batch()
+    batches = [(ids[:2], mask[:2]), (ids[2:], mask[2:])]
+    with Checkpoint(folder) as ck:
+        sm = StreamedModel(ck)
+        runs = []
+        for budget in (1, 1 << 30):  # one batch per chunk, then both in one chunk
+            got = {}
+            sm.run_many(batches, on_resid=lambda b, l, x: got.__setitem__((b, l), x.copy()), budget_bytes=budget)
+            runs.append(got)
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 2 * 4
+    for key in runs[0]:
+        np.testing.assert_array_equal(runs[0][key], runs[1][key])
