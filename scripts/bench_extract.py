@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import _producer, warm  # noqa: E402  (synthetic bf16 data, page-cache warm-up)
+from bench_patch import _producer, run_child, warm  # noqa: E402  (synthetic data, per-child rusage, cache warm-up)
 
 from patcher.checkpoint import Checkpoint  # noqa: E402
 from patcher.directions import read_metadata  # noqa: E402
@@ -186,37 +186,6 @@ print(json.dumps({"threads": torch.get_num_threads(), "tokens": n_tokens, "impor
 
 BASELINE = {"patcher": "import patcher.cli, patcher.extract, patcher.execution",
             "hf": "import torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer"}
-
-
-# A child's ru_maxrss starts at its parent's peak RSS: subprocess vforks, and exec records the old
-# mm's high-water mark in the child's maxrss (Linux exec_mmap). This parent holds numpy, patcher and
-# the generator's value pool, so measured directly every child would read >= ~170 MiB. A minimal
-# launcher (python -S, ~10 MiB) spawns the measured command and reports the grandchild's own rusage.
-LAUNCHER = r'''
-import json, os, sys, time
-t0 = time.perf_counter()
-pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(sys.argv[1], "w") as f:
-    json.dump({"wall": wall, "maxrss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + ru.ru_stime,
-               "rc": os.waitstatus_to_exitcode(status)}, f)
-'''
-
-
-def run_child(cmd: list[str], log: Path) -> dict:
-    """Run cmd with stdout+stderr into log; wall seconds, the child's own peak RSS (MiB) and CPU seconds
-    (wall measured around the command alone, launcher start-up excluded)."""
-    exe = shutil.which(cmd[0]) or cmd[0]
-    report = log.with_suffix(".rusage.json")
-    with open(log, "wb") as f:
-        lr = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), exe, *cmd[1:]],
-                            stdout=f, stderr=subprocess.STDOUT)
-    if lr.returncode != 0 or not report.is_file():
-        return {"wall": 0.0, "rss": 0.0, "cpu": 0.0, "rc": lr.returncode or -1, "log": log}
-    r = json.loads(report.read_text())
-    report.unlink()
-    return {"wall": r["wall"], "rss": r["maxrss_kib"] / 1024, "cpu": r["cpu"], "rc": r["rc"], "log": log}  # KiB
 
 
 def failed(r: dict, what: str) -> bool:

@@ -124,20 +124,47 @@ def time_cp(src: Path, dst: Path) -> float:
     return time.perf_counter() - t0
 
 
+# A child's ru_maxrss starts at its parent's peak RSS: subprocess vforks, and exec records the old
+# mm's high-water mark in the child's maxrss (Linux exec_mmap). This parent holds numpy, patcher and
+# the generator's value pool, so measured directly every child would read >= ~170 MiB. A minimal
+# launcher (python -S, ~10 MiB) spawns the measured command and reports the grandchild's own rusage.
+LAUNCHER = r'''
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as f:
+    json.dump({"wall": wall, "maxrss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + ru.ru_stime,
+               "rc": os.waitstatus_to_exitcode(status)}, f)
+'''
+
+
+def run_child(cmd: list[str], log: Path) -> dict:
+    """Run cmd with stdout+stderr into log; wall seconds, the child's own peak RSS (MiB) and CPU seconds
+    (wall measured around the command alone, launcher start-up excluded)."""
+    exe = shutil.which(cmd[0]) or cmd[0]
+    report = log.with_suffix(".rusage.json")
+    with open(log, "wb") as f:
+        lr = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), exe, *cmd[1:]],
+                            stdout=f, stderr=subprocess.STDOUT)
+    if lr.returncode != 0 or not report.is_file():
+        return {"wall": 0.0, "rss": 0.0, "cpu": 0.0, "rc": lr.returncode or -1, "log": log}
+    r = json.loads(report.read_text())
+    report.unlink()
+    return {"wall": r["wall"], "rss": r["maxrss_kib"] / 1024, "cpu": r["cpu"], "rc": r["rc"], "log": log}  # KiB
+
+
 def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> tuple[float, float, float]:
     """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds."""
-    with tempfile.TemporaryFile() as errf:
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        p = subprocess.Popen([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=errf)
-        _, status, ru = os.wait4(p.pid, 0)  # the child's own rusage, not all children's
-        p.returncode = os.waitstatus_to_exitcode(status)
+        r = run_child([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out)], Path(tmp) / "patcher.log")
         subprocess.run(["sync"], check=True)
         wall = time.perf_counter() - t0
-        if p.returncode != 0:
-            errf.seek(0)
-            sys.exit(f"patcher failed ({p.returncode}): {errf.read().decode(errors='replace')}")
-    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime  # Linux reports ru_maxrss in KiB
+        if r["rc"] != 0:
+            sys.exit(f"patcher failed ({r['rc']}): {r['log'].read_text(errors='replace')[-3000:]}")
+    return wall, r["rss"], r["cpu"]
 
 
 def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int) -> tuple[float, float, float]:
