@@ -19,7 +19,7 @@ LLAMA_NAMES = {
 }
 SANDWICH_NAMES = {**LLAMA_NAMES, "mlp_norm": "pre_feedforward_layernorm",
                   "attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
-QWEN_MOE_NAMES = {**LLAMA_NAMES, "router": "mlp.gate", "experts": "mlp.experts.{e}",
+QWEN_MOE_NAMES = {**LLAMA_NAMES, "mlp_out_bias": "mlp.output_bias", "router": "mlp.gate", "experts": "mlp.experts.{e}",
                   "expert_gate": "gate_proj", "expert_up": "up_proj", "expert_down": "down_proj",
                   "shared": "mlp.shared_expert", "shared_gate": "mlp.shared_expert_gate"}
 
@@ -59,7 +59,7 @@ FORWARD = {
                           "mlp_post_norm": "post_feedforward_layernorm"}, layout="post", qk_norm="full"),
     "phi3": ForwardSpec({**LLAMA_NAMES, "qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"},
                         qkv="fused", mlp="gated_fused"),
-    "mixtral": ForwardSpec({**LLAMA_NAMES, "router": "block_sparse_moe.gate", "experts": "block_sparse_moe.experts.{e}",
+    "mixtral": ForwardSpec({**LLAMA_NAMES, "mlp_out_bias": "block_sparse_moe.output_bias", "router": "block_sparse_moe.gate", "experts": "block_sparse_moe.experts.{e}",
                             "expert_gate": "w1", "expert_up": "w3", "expert_down": "w2"},
                            mlp="moe", moe={"normalize": True}),
     "qwen2_moe": ForwardSpec(QWEN_MOE_NAMES, mlp="moe",
@@ -237,7 +237,9 @@ def embed(ops, spec: ForwardSpec, hp: Hyper, input_ids, position_ids):
 def _norm(ops, spec, hp, x, name):
     if spec.norm == "layer":
         return ops.layer_norm(x, name + ".weight", name + ".bias", hp.eps)
-    return ops.rms_norm(x, name + ".weight", hp.eps, spec.norm_offset)
+    y = ops.rms_norm(x, name + ".weight", hp.eps, spec.norm_offset)
+    # RMSNorm has no bias; one is present only where `patcher inject` put it after a post-norm
+    return ops.add(y, ops.w(name + ".bias")) if ops.has(name + ".bias") else y
 
 
 def _linear(ops, spec, x, name):
@@ -302,6 +304,12 @@ def _mlp_dense(ops, spec: ForwardSpec, hp: Hyper, x, names: dict):
 
 
 def _mlp(ops, spec: ForwardSpec, hp: Hyper, x, layer: int):
+    out = _mlp_core(ops, spec, hp, x, layer)
+    bias = spec.names.get("mlp_out_bias")  # MoE blocks have no bias slot: `patcher inject` names one
+    return ops.add(out, ops.w(bias)) if bias and ops.has(bias) else out
+
+
+def _mlp_core(ops, spec: ForwardSpec, hp: Hyper, x, layer: int):
     n = spec.names
     if spec.mlp != "moe" or layer not in hp.moe["sparse_layers"]:
         return _mlp_dense(ops, spec if spec.mlp != "moe" else _GATED, hp, x, n)

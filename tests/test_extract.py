@@ -122,3 +122,30 @@ def test_prompt_shorter_than_positions_is_an_error(tmp_path):
     res = run_cli("extract", PLANTED, "--positive", short, "--negative", NEG, "-o", tmp_path / "d.safetensors",
                   "--no-chat-template", "--positions", "-1,-2,-3", expect=1)
     assert "tokens" in res.output
+
+
+@pytest.mark.parametrize("model_type", [m for m in __import__("conftest").MODEL_TYPES])
+def test_injected_bias_is_live_in_the_numpy_forward(model_type, tmp_path, direction64):
+    """Every architecture table's mlp_out injection slot is one the forward description applies:
+    the output of block L gains exactly alpha * r, whether or not HF could load the bias."""
+    from patcher.execution import StreamedModel
+    layer, alpha = 1, 2.5
+    out = tmp_path / "inj"
+    run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", layer, "--alpha", alpha)
+    ids = np.random.default_rng(2).integers(3, 380, size=(2, 6))
+    mask = np.ones_like(ids)
+    states = []
+    for folder in (fixture_path(model_type), out):
+        got = {}
+        with Checkpoint(folder) as ck:
+            StreamedModel(ck).run(ids, mask, on_resid=lambda l, x: got.__setitem__(l, x.astype(np.float64)))
+        states.append(got)
+    for l in range(layer + 1):
+        np.testing.assert_allclose(states[1][l], states[0][l], atol=1e-6)
+    stored = Checkpoint(out)  # the bias as stored (bf16-rounded alpha * r)
+    name = json.loads(run_cli("inspect", out, "--json").output)["provenance"]["bias"]
+    want = stored.array(name).astype(np.float64)
+    with Checkpoint(fixture_path(model_type)) as base:  # GPT-2 / NeoX: the bias existed and was shifted
+        if name in base.tensors:
+            want = want - base.array(name).astype(np.float64)
+    np.testing.assert_allclose(states[1][layer + 1] - states[0][layer + 1], np.broadcast_to(want, (2, 6, 64)), atol=1e-4)
