@@ -107,9 +107,14 @@ def _provenance(ck: Checkpoint):
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> None:
-    """onnxruntime's MatMulNBits quantizer (no torch): every MatMul with a constant weight -> int4."""
+    """onnxruntime's MatMulNBits quantizer (no torch): every MatMul with a constant weight -> int4.
+    It works on an in-memory ModelProto, so this step needs the fp32 model in RAM (the one limit of
+    export: int4 of a model larger than memory is not possible this way)."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     model = onnx.load(str(src), load_external_data=True)
     q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True)
     q.process()

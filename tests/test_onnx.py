@@ -113,3 +113,59 @@ def test_edited_model_exports_with_injected_bias(tmp_path, direction64, exported
     assert np.abs(got - ref)[real].max() <= 1e-4 * max(1.0, np.abs(ref).max())
     base = numpy_logits(fixture_path("mistral"), ids, mask)
     assert np.abs(base - ref)[real].max() > 1e-2  # the edit (bias HF would drop) is live in the export
+
+
+def test_verify_cli_reports_parity_projection_and_behaviour(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
+    planted = fixture_path("llama").parent / "tiny-llama-planted"
+    direction = fixture_path("llama").parent / "planted-direction-64.npy"
+    prompts = fixture_path("llama").parent / "prompts" / "planted-positive.txt"
+    edited = tmp_path / "edited"
+    run_cli("ablate", planted, "-d", direction, "-o", edited)
+    run_cli("export", edited, "-o", tmp_path / "onnx")
+    res = run_cli("verify", tmp_path / "onnx", "--reference", edited, "--original", planted, "--prompts", prompts,
+                  "-d", direction, "--json")
+    rep = json.loads(res.stdout)  # the cache export announcement goes to stderr
+    assert rep["parity_ok"] and rep["max_abs_logit_diff"] <= 1e-4 * max(1, rep["max_abs_logit"])
+    assert rep["top1_agreement"] == 1.0 and rep["greedy_token_match"] == 1.0
+    assert all(row["edited"] < 1e-2 and row["original"] > 0.1 for row in rep["projections"])
+    assert set(rep["marker_rate"]) == {"original", "edited"} and rep["first_token_kl"] > 0
+    assert len(rep["completions"]["edited"]) == len(prompts.read_text().splitlines())
+
+
+def test_verify_fails_on_a_mismatched_reference(tmp_path):
+    run_cli("export", fixture_path("llama"), "-o", tmp_path / "onnx")
+    res = run_cli("verify", tmp_path / "onnx", "--reference", fixture_path("mistral"), expect=1)
+    assert "FAILED" in res.output
+
+
+def test_marker_rate_matching():
+    from patcher.verify import marker_rate
+    assert marker_rate(["I\u2019m sorry, no.", "Sure! Here it is.", "AS AN AI model", "i cannot do that"]) == 0.75
+
+
+def test_generate_cli_streams_and_batches(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
+    res = run_cli("generate", fixture_path("llama"), "--prompt", "Tell me a story", "--max-new-tokens", "5")
+    assert (tmp_path / "cache" / "onnx").is_dir()  # a safetensors folder is exported to the cache first
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Describe the sea\nHow do plants grow?\n")
+    res = run_cli("generate", fixture_path("llama"), "--prompts", prompts, "--max-new-tokens", "4", "--sample",
+                  "--seed", "3")
+    assert res.output.count("> ") == 2
+
+
+@pytest.mark.parametrize("dtype,file", [("fp16", "model_fp16.onnx"), ("int4", "model_q4.onnx")])
+def test_fp16_and_int4_exports_run(tmp_path, dtype, file):
+    folder = export(fixture_path("qwen3"), tmp_path / dtype, dtype=dtype)
+    assert (folder / "onnx" / file).is_file()
+    ids, mask = batch()
+    m = OnnxModel(folder, file)
+    got, _ = m.step(ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0), m.empty_cache(3))
+    ref = numpy_logits(fixture_path("qwen3"), ids, mask)
+    real = mask.astype(bool)
+    rel = np.abs(got - ref)[real].max() / np.abs(ref).max()
+    assert rel <= {"fp16": 2e-2, "int4": 0.5}[dtype]
+    if dtype == "int4":
+        ops = {n.op_type for n in onnx.load(str(folder / "onnx" / file), load_external_data=False).graph.node}
+        assert "MatMulNBits" in ops
