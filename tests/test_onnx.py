@@ -169,3 +169,26 @@ def test_fp16_and_int4_exports_run(tmp_path, dtype, file):
     if dtype == "int4":
         ops = {n.op_type for n in onnx.load(str(folder / "onnx" / file), load_external_data=False).graph.node}
         assert "MatMulNBits" in ops
+
+
+def test_cuda_provider_when_present(exported):
+    """onnxruntime-gpu with a GPU: the same parity on CUDA. Skipped cleanly on CPU-only machines (CI)."""
+    from patcher.onnx_runtime import available_providers
+    if "cuda" not in available_providers():
+        pytest.skip("CUDAExecutionProvider not available (onnxruntime-gpu and a GPU are needed)")
+    folder = exported("llama")
+    ids, mask = batch()
+    m = OnnxModel(folder, provider="cuda")
+    got, _ = m.step(ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0), m.empty_cache(3))
+    ref = numpy_logits(fixture_path("llama"), ids, mask)
+    real = mask.astype(bool)
+    assert np.abs(got - ref)[real].max() <= 1e-3 * max(1.0, np.abs(ref).max())  # TF32/cuBLAS rounding
+
+
+def test_unavailable_provider_is_a_clear_error(exported):
+    from patcher.errors import PatcherError
+    from patcher.onnx_runtime import available_providers
+    if "cuda" in available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(PatcherError, match="not available"):
+        OnnxModel(exported("llama"), provider="cuda")
