@@ -18,6 +18,7 @@ from kernels.project import bias_inject, bias_project
 from kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
 from kernels.stream import ablate_blocks
 from patcher.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from patcher import manifest
 from patcher.edits import Plan, TensorEdit
 from patcher.writer import OutputFolder, OutTensor, write_safetensors
 
@@ -153,30 +154,60 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
 
 
 def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
-            progress: Callable[[int], None] | None = None, on_shard: Callable[[str], None] | None = None) -> Report:
+            progress: Callable[[int], None] | None = None, on_shard: Callable[[str], None] | None = None,
+            recipe: dict | None = None) -> Report:
     report = Report(out=Path(out))
     t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
-    record = json.dumps({**plan.record, **({"command": command} if command else {})}, sort_keys=True)
-    with OutputFolder(out, [ck.path], force=force) as tmp:
-        for edit in plan.edits.values():
-            if edit.op == "project" and edit.fp8_scale:
-                ex.fp8_prepass(edit)
-        layout = shard_layout(plan, ex)
-        for fname, tensors in layout.items():
-            if on_shard:
-                on_shard(fname)
-            meta = dict(ck.files[fname].metadata)
-            meta.setdefault("format", "pt")
-            meta["patcher"] = record
-            write_safetensors(tmp / fname, tensors, meta, on_bytes=progress)
-            report.bytes_written += sum(t.nbytes for t in tensors)
-        if ck.index_path is not None:
-            _write_index(ck, layout, tmp)
-        report.skipped_files = _copy_side_files(ck, tmp, plan.config_updates)
-    report.seconds = time.perf_counter() - t0
+    record = json.dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
+    hasher = manifest.Hasher()
+    try:
+        with OutputFolder(out, [ck.path], force=force) as tmp:
+            for p in _input_files(ck):  # what this run reads, not unrelated weight files beside it
+                hasher.add(p.name, p)
+            for edit in plan.edits.values():
+                if edit.op == "project" and edit.fp8_scale:
+                    ex.fp8_prepass(edit)
+            layout = shard_layout(plan, ex)
+            for fname, tensors in layout.items():
+                if on_shard:
+                    on_shard(fname)
+                meta = dict(ck.files[fname].metadata)
+                meta.setdefault("format", "pt")
+                meta["patcher"] = record
+                write_safetensors(tmp / fname, tensors, meta, on_bytes=progress)
+                hasher.add("out/" + fname, tmp / fname)
+                report.bytes_written += sum(t.nbytes for t in tensors)
+            if ck.index_path is not None:
+                _write_index(ck, layout, tmp)
+            report.skipped_files = _copy_side_files(ck, tmp, plan.config_updates)
+            hasher.add_folder(tmp, "out/", skip=set(ck.files))
+            digests = hasher.results()
+            report.seconds = time.perf_counter() - t0
+            manifest.write(tmp, kind=plan.record.get("op", "edit"), command=command, record=plan.record,
+                           inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
+                           outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
+                           directions=[{"source": plan.record.get("direction"),
+                                        "sha256": plan.record.get("direction_sha256"),
+                                        "file_sha256": _file_digest(plan.record.get("direction"))}],
+                           timings={"seconds": round(report.seconds, 3)}, recipe=recipe)
+    except BaseException:
+        hasher.cancel()
+        raise
     return report
+
+
+def _input_files(ck: Checkpoint) -> list[Path]:
+    if not ck.path.is_dir():
+        return [ck.path]
+    return [p for p in sorted(ck.folder.iterdir())
+            if p.is_file() and (p.name in ck.files or p.suffix not in _WEIGHT_SUFFIXES)]
+
+
+def _file_digest(spec: str | None) -> str | None:
+    path = Path(str(spec).split(":")[0]) if spec else None
+    return manifest.sha256_file(path) if path and path.is_file() else None
 
 
 def _write_index(ck: Checkpoint, layout: dict[str, list[OutTensor]], tmp: Path) -> None:

@@ -84,6 +84,10 @@ def describe(ck: Checkpoint, res: Optional[Resolved]) -> dict:
             "roles": roles, "role_biases": biases,
             "missing": [{"role": r, "layer": l, "pattern": p} for r, l, p in res.missing],
         })
+    from patcher import manifest
+    made = manifest.read(ck.folder) if ck.path.is_dir() else None
+    if made:
+        info["manifest"] = made
     prov = {f: sf.metadata["patcher"] for f, sf in ck.files.items() if "patcher" in sf.metadata}
     if prov:
         first = next(iter(prov.values()))
@@ -133,6 +137,11 @@ def inspect(model: Path = typer.Argument(..., help="Model folder, or one .safete
                     + (f" … and {len(res.missing) - 10} more" if len(res.missing) > 10 else ""))
         if "provenance" in info:
             out.print(f"[cyan]edited by patcher:[/] {json.dumps(info['provenance'], sort_keys=True)}")
+        if "manifest" in info:
+            m = info["manifest"]
+            out.print(f"[cyan]manifest:[/] patcher {m.get('patcher')}, {m.get('kind')}, {m.get('created')}; "
+                      f"command: {m.get('command') or (m.get('recipe') or {}).get('file')}; "
+                      f"{len(m.get('inputs', {}))} input and {len(m.get('outputs', {}))} output files with sha256")
     _guard(body)
 
 

@@ -1,0 +1,83 @@
+"""Provenance: `patcher-manifest.json` in every output folder — tool version, the command or recipe
+step, sha256 of every input and output file, the directions used, timings.
+
+Hashing runs on a background thread while the edit streams (hashlib releases the GIL), inputs from
+the start and each output shard as soon as it is written, so it costs little wall time.
+"""
+import hashlib
+import json
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from patcher import __version__
+
+MANIFEST = "patcher-manifest.json"
+_CHUNK = 8 << 20
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Hasher:
+    """sha256 of files on one background thread; results keyed by a label."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.jobs: dict[str, object] = {}
+
+    def add(self, key: str, path: Path) -> None:
+        self.jobs[key] = self.pool.submit(sha256_file, path)
+
+    def add_folder(self, folder: Path, prefix: str = "", skip=()) -> None:
+        for p in sorted(Path(folder).iterdir()):
+            if p.is_file() and p.name not in skip:
+                self.add(prefix + p.name, p)
+
+    def results(self) -> dict[str, str]:
+        out = {k: f.result() for k, f in self.jobs.items()}
+        self.pool.shutdown()
+        return out
+
+    def cancel(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write(folder: Path, *, kind: str, command: str | None, inputs: dict, outputs: dict, record: dict | None = None,
+          directions: list | None = None, timings: dict | None = None, recipe: dict | None = None) -> None:
+    data = {"patcher": __version__, "kind": kind, "command": command, "recipe": recipe, "edit": record,
+            "directions": directions or [], "inputs": inputs, "outputs": outputs, "timings": timings or {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version()}
+    (Path(folder) / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read(folder) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_complete(folder, fingerprint: str | None = None) -> bool:
+    """True when the folder's manifest lists outputs that all exist with their recorded sha256 (and,
+    if given, the manifest was made for the same step fingerprint): a re-run may skip it."""
+    data = read(folder)
+    if not data or not isinstance(data.get("outputs"), dict) or not data["outputs"]:
+        return False
+    if fingerprint is not None and (data.get("recipe") or {}).get("fingerprint") != fingerprint:
+        return False
+    for name, digest in data["outputs"].items():
+        p = Path(folder) / name
+        if not p.is_file() or sha256_file(p) != digest:
+            return False
+    return True
