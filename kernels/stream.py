@@ -28,7 +28,9 @@ def ablate_blocks(read: Reader, n_rows: int, q: np.ndarray, residual_axis: int, 
     """Yield (start, stop, edited float32 block) covering rows 0..n_rows of the matrix.
 
     If `stats` is given, stats["component_sq"] is increased by |QᵀW|² of the original matrix
-    (the size of what was removed), so callers can report leakage without re-reading.
+    (the size of what was removed), and while a block is yielded stats["coeff"] holds the original
+    component it must be compared with: QᵀW [k, n_cols] (axis 0) or W_b Q [rows, k] (axis 1), so
+    callers can report leakage without re-reading.
     A residual-axis-0 matrix whose float32 copy fits in `cache_bytes` is decoded once and kept
     for the second pass (at most one tensor in memory); larger ones are read twice."""
     q = np.asarray(q, dtype=np.float64)
@@ -58,6 +60,7 @@ def _axis0(read, n_rows, q, scale, preserve, block_rows, stats, cache_bytes):
             sq = np.einsum("ij,ij->j", b, b, dtype=np.float64)
             col_sq = sq if col_sq is None else col_sq + sq
     stats["component_sq"] += float(np.sum(coeff * coeff)) if coeff is not None else 0.0
+    stats["coeff"] = coeff
     if preserve == "cols":
         # |w - s Q c|^2 = |w|^2 - (2s - s^2)|c|^2 for orthonormal Q: no second norm pass needed
         new_sq = np.maximum(col_sq - (2 * scale - scale * scale) * np.sum(coeff * coeff, axis=0), 0.0)
@@ -88,6 +91,7 @@ def _axis1(read, n_rows, q, scale, preserve, block_rows, stats):
         wq = b @ qf
         out = project_block_cols(b, q, scale, coeff=wq)
         stats["component_sq"] += float(np.sum(np.square(wq), dtype=np.float64))
+        stats["coeff"] = wq
         if preserve == "cols":
             out = rescale_norms(out, np.einsum("ij,ij->i", b, b, dtype=np.float64),
                                 np.einsum("ij,ij->i", out, out, dtype=np.float64), axis=0)

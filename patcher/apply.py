@@ -85,9 +85,12 @@ class _Executor:
         self.new_scales[edit.name] = decode(encode(new, self.ck.info(edit.fp8_scale).dtype, saturate=True))
 
     def produce_projection(self, edit: TensorEdit) -> Iterator[np.ndarray]:
+        """Encoded blocks of a projected weight. Leakage is measured on what is stored: the
+        deviation of QᵀW' from the intended (1 - s) QᵀW, relative to |QᵀW|."""
         stats: dict = {}
         q = edit.q.astype(np.float32)
-        stored_sq, coeff = 0.0, {}  # component along Q of what is stored, from the encoded blocks
+        keep = 1.0 - edit.scale  # the share of the component the edit means to leave
+        dev_sq, stored = 0.0, {}  # per matrix: (stored QᵀW' so far, original QᵀW)
         for i, axis, s, e, out in self._projected_blocks(edit, stats):
             if edit.fp8_scale:
                 tile = self.new_scales[edit.name][s // BLOCK_ROWS: -(-e // BLOCK_ROWS)]
@@ -96,15 +99,16 @@ class _Executor:
             else:
                 enc = encode(out, edit.dtype, saturate=edit.dtype in _SATURATE)
                 back = decode(enc)
-            yield enc
-            if axis == 0:  # QᵀW' sums over row blocks: keep one accumulator per matrix
-                coeff[i] = coeff.get(i, 0.0) + (q[s:e].T @ back).astype(np.float64)
+            if axis == 0:  # QᵀW' sums over row blocks: one accumulator per matrix
+                acc, orig = stored.get(i, (0.0, stats["coeff"]))
+                stored[i] = (acc + (q[s:e].T @ back).astype(np.float64), orig)
             else:
-                stored_sq += float(np.sum(np.square(back @ q), dtype=np.float64))
-        stored_sq += sum(float(np.sum(c * c)) for c in coeff.values())
+                dev_sq += float(np.sum(np.square((back @ q).astype(np.float64) - keep * stats["coeff"])))
+            yield enc
+        dev_sq += sum(float(np.sum(np.square(acc - keep * orig))) for acc, orig in stored.values())
         before = math.sqrt(stats.get("component_sq", 0.0))
         self.report.component[edit.name] = before
-        self.report.leakage[edit.name] = math.sqrt(stored_sq) / before if before > 0 else 0.0
+        self.report.leakage[edit.name] = math.sqrt(dev_sq) / before if before > 0 else 0.0
         self.ck.release(edit.name)
 
     # --- small tensors ---------------------------------------------------------------------
@@ -223,7 +227,7 @@ def _copy_side_files(ck: Checkpoint, tmp: Path, config_updates: dict) -> list[st
     """Copy config, tokenizer and other small files. Other weight files (pickles, GGUF, sub-folders
     such as original/) are not copied: they would carry the unedited weights."""
     skipped = []
-    written = set(ck.files) | {INDEX_NAME}
+    written = set(ck.files) | {INDEX_NAME, manifest.MANIFEST}  # an input's manifest describes the input
     for p in sorted(ck.folder.iterdir()) if ck.path.is_dir() else []:
         if p.name in written:
             continue

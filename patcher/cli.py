@@ -315,7 +315,8 @@ def export(model: Path = typer.Argument(..., help="Model folder (safetensors)"),
     def body():
         from patcher.onnx_export import export as run_export
         with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
-            run_export(model, output, dtype=dtype, force=force, opset=opset)
+            run_export(model, output, dtype=dtype, force=force, opset=opset,
+                       command=shlex.join(["patcher", *sys.argv[1:]]))
         files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
         size = sum((output / f).stat().st_size for f in files)
         out.print(f"wrote {output} ({_human(size)}): " + ", ".join(str(f) for f in files))
@@ -435,6 +436,37 @@ def _print_verify(rep) -> None:
         for row in rep.projections:
             pt.add_row(str(row["layer"]), f"{row['edited']:.3g}", *([f"{row['original']:.3g}"] if "original" in row else []))
         out.print(pt)
+
+
+@app.command("run")
+def run_recipe(recipe: Path = typer.Argument(..., help="Recipe TOML: [[model]] tables and [[step]] tables"),
+               dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the whole plan, write nothing"),
+               jobs: int = typer.Option(1, "--jobs", min=1, help="Models run in N processes (same results as 1)")):
+    """Run a batch of edits (extract, ablate, inject, export, verify) over one or more models."""
+    def body():
+        from patcher import recipe as rc
+        plans = rc.validate(rc.load(recipe))
+        if dry_run:
+            total = 0
+            for row in rc.describe(plans):
+                out.print(f"[bold]{row['model']}[/] step {row['step']} {row['op']}: {row['input']} -> {row['output']}",
+                          highlight=False)
+                for name, formula, nbytes in row["tensors"]:
+                    out.print(f"    {name}  {formula}  {_human(nbytes)}", highlight=False)
+                total += row["bytes"]
+            out.print(f"dry run: {sum(len(p.actions) for p in plans)} steps over {len(plans)} model(s), "
+                      f"{_human(total)} of tensors rewritten; nothing written")
+            return
+        with err.status(f"running {recipe} ({len(plans)} model(s), jobs={jobs})"):
+            results = rc.run(plans, str(recipe), jobs=jobs)
+        t = Table(title=f"recipe {recipe}", title_justify="left")
+        for col in ("model", "step", "op", "result"):
+            t.add_column(col)
+        for name, rows in results.items():
+            for index, op, summary in rows:
+                t.add_row(name, str(index), op, summary)
+        out.print(t)
+    _guard(body)
 
 
 @app.command()

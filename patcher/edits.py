@@ -93,10 +93,14 @@ def _edit_for(ck: Checkpoint, name: str, role: str, layer, op: str, **kw) -> Ten
 
 
 def plan_ablation(ck: Checkpoint, resolved: Resolved, direction: Direction, *, layers=None, roles=ROLES,
-                  scale: float = 1.0, preserve: str | None = None, untie: bool = False) -> Plan:
+                  scale: float | dict = 1.0, preserve: str | None = None, untie: bool = False) -> Plan:
+    """`scale` is one strength, or a strength per layer (embeddings take layer 0's); a layer whose
+    strength is 0 is left untouched."""
     q0 = orthonormalize(direction.vectors)
+    strength = (lambda layer: float(scale.get(0 if layer is None else layer, 0.0))) if isinstance(scale, dict) \
+        else (lambda layer: float(scale))
     plan = Plan(ck, resolved)
-    targets = resolved.select(roles, layers)
+    targets = [t for t in resolved.select(roles, layers) if strength(t.layer) != 0.0]
     if not targets:
         raise PatcherError("--targets/--layers", "selects no tensor of this model")
     for t in targets:
@@ -108,12 +112,12 @@ def plan_ablation(ck: Checkpoint, resolved: Resolved, direction: Direction, *, l
                                f"is the residual axis (d_model={resolved.d_model})")
         fp8 = _fp8_scale_name(ck, t.weight)
         plan.edits[t.weight] = _edit_for(ck, t.weight, t.role, t.layer, "project", residual_axis=t.residual_axis,
-                                         expert_axis=t.expert_axis, q=q, scale=scale, preserve=preserve,
+                                         expert_axis=t.expert_axis, q=q, scale=strength(t.layer), preserve=preserve,
                                          fp8_scale=fp8)
         if fp8:
             plan.edits[fp8] = _edit_for(ck, fp8, t.role, t.layer, "requant_scale", source=t.weight)
         if t.bias:
-            plan.edits[t.bias] = _edit_for(ck, t.bias, t.role, t.layer, "project_bias", q=q, scale=scale)
+            plan.edits[t.bias] = _edit_for(ck, t.bias, t.role, t.layer, "project_bias", q=q, scale=strength(t.layer))
     token_embed = resolved.prefix + resolved.arch.embeds[0].weight
     if resolved.tied and token_embed in plan.edits:
         if untie:
@@ -131,7 +135,8 @@ def plan_ablation(ck: Checkpoint, resolved: Resolved, direction: Direction, *, l
                               "(pass --untie-embeddings to keep the original unembedding)")
     plan.record = {"op": "ablate", "direction": direction.source, "direction_sha256": direction.sha256,
                    "rank": int(q0.shape[1]), "layers": _layers_text(layers), "targets": list(roles),
-                   "scale": scale, "norm_preserve": preserve, "untie_embeddings": untie,
+                   "scale": {str(k): v for k, v in sorted(scale.items())} if isinstance(scale, dict) else scale,
+                   "norm_preserve": preserve, "untie_embeddings": untie,
                    "post_norm_corrected": any(t.post_norm for t in targets), "patcher": __version__}
     return plan
 

@@ -49,16 +49,24 @@ class Hasher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def write(folder: Path, *, kind: str, command: str | None, inputs: dict, outputs: dict, record: dict | None = None,
+def write(folder: Path, **kw) -> None:
+    write_file(Path(folder) / MANIFEST, **kw)
+
+
+def write_file(path: Path, *, kind: str, command: str | None, inputs: dict, outputs: dict, record: dict | None = None,
           directions: list | None = None, timings: dict | None = None, recipe: dict | None = None) -> None:
     data = {"patcher": __version__, "kind": kind, "command": command, "recipe": recipe, "edit": record,
             "directions": directions or [], "inputs": inputs, "outputs": outputs, "timings": timings or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version()}
-    (Path(folder) / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read(folder) -> dict | None:
-    path = Path(folder) / MANIFEST
+    return read_file(Path(folder) / MANIFEST)
+
+
+def read_file(path) -> dict | None:
+    path = Path(path)
     if not path.is_file():
         return None
     try:

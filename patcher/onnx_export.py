@@ -10,12 +10,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
-from patcher import __version__
+from patcher import __version__, manifest
 from patcher import forward as fw
-from patcher.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from patcher.checkpoint import INDEX_NAME, Checkpoint
 from patcher.errors import PatcherError
 from patcher.execution import StreamedModel
 from patcher.onnx_ops import Context, OnnxOps
@@ -71,7 +70,8 @@ def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT) -> ir.Model:
     return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
 
 
-def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, opset: int = OPSET) -> Path:
+def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, opset: int = OPSET,
+           command: str | None = None, recipe: dict | None = None) -> Path:
     if dtype not in FILES:
         raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
     if opset != OPSET:
@@ -95,6 +95,11 @@ def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, ops
             "patcher": __version__, "source": str(ck.path), "model_type": ck.model_type, "dtype": dtype,
             "opset": OPSET, "layers": sm.n_layers, "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
             "provenance": _provenance(ck)}, indent=2) + "\n")
+        outputs = {str(p.relative_to(tmp)): manifest.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        inputs = {p.name: manifest.sha256_file(p) for p in sorted(ck.folder.iterdir())
+                  if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)}
+        manifest.write(tmp, kind="export", command=command, recipe=recipe, inputs=inputs, outputs=outputs,
+                       record={"dtype": dtype, "opset": OPSET, "source": str(ck.path)})
     return out
 
 
