@@ -5,8 +5,9 @@ byte comparison; each changed matrix is analysed row block by row block (kernels
 ‖Δ‖², top singular values by a randomized range finder, the storage-rounding bound). For residual
 writers whose change is rank 1 the residual-side singular vector is the removed direction (left for
 residual axis 0, right for axis 1; divided by the post-norm gain g of the BASE for post-norm
-writers, whose edit removes u ∝ g⊙r̂). Biases, norms, added and removed tensors and config.json are
-compared too, and everything is summed up in one plain verdict:
+writers, whose edit removes u ∝ g⊙r̂); one more pass over the candidate measures the leakage
+|uᵀW'| / |uᵀW|, which tells removal (< 1) from amplification (> 1). Biases, norms, added and removed
+tensors and config.json are compared too, and everything is summed up in one plain verdict:
   "unchanged" (exit 0), "rank-1 directional ablation along one shared direction (N tensors)",
   "bias injection at layer L" or "other changes" (exit 1); an error exits 2.
 """
@@ -14,6 +15,7 @@ import json
 import math
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,12 +29,13 @@ from kernels.lowrank import (MANTISSA_BITS, off_direction_energy, rank_for_energ
 from kernels.project import orthonormalize
 from patcher.architectures import POST_NORM_GAINS, TABLE_DIR, Resolved, Target, load_table, resolve
 from patcher.checkpoint import Checkpoint
-from patcher.directions import load_direction
+from patcher.directions import Direction, load_direction
 from patcher.errors import PatcherError
 
 TOP_K = 8  # singular values estimated per changed matrix
 ENERGY = 0.99  # "rank99": how many singular values carry 99 % of ‖Δ‖²
 CONSISTENT = 0.99  # min cosine to the shared direction for "one shared direction"
+REMOVED = 0.9  # an ablation leaves at most this fraction of the component along the direction
 BLOCK_BYTES = 8 << 20  # per row block and per byte-comparison chunk
 FP8_TILE = 128
 _COSMETIC_CONFIG = {"_name_or_path", "transformers_version"}
@@ -56,16 +59,18 @@ class TensorDiff:
     rounding_share: Optional[float] = None  # storage-rounding bound / ‖Δ‖²
     cos_shared: Optional[float] = None
     cos_direction: Optional[float] = None
+    leakage: Optional[float] = None  # |component along the recovered direction| after / before
     ignorable: bool = False  # zero bias added, untied copy, FP8 scale of an analysed weight
     note: str = ""
     # not in JSON: the recovered residual direction (unit) or a 1-D tensor's change, and its rounding bound
     recovered: Optional[np.ndarray] = None
     delta: Optional[np.ndarray] = None
+    values: Optional[np.ndarray] = None  # a 1-D tensor's candidate values
     floor: float = 0.0
     target: Optional[Target] = None
 
     def to_json(self) -> dict:
-        skip = {"recovered", "delta", "floor", "target"}
+        skip = {"recovered", "delta", "values", "floor", "target"}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k not in skip}
 
 
@@ -89,12 +94,26 @@ class DiffReport:
     def changed(self) -> bool:
         return self.verdict != "unchanged"
 
+    @property
+    def direction_cosine(self) -> Optional[float]:
+        """Cosine of the recovered direction (shared, or injected) with the given --direction."""
+        found = self.shared or self.injection or {}
+        return found.get("cos_to_direction")
+
     def to_json(self) -> dict:
         return {"base": self.base, "candidate": self.candidate, "model_type": self.model_type,
                 "architecture_table": self.table, "verdict": self.verdict, "changed": self.changed,
+                "direction_cosine": self.direction_cosine,
                 "counts": self.counts, "tensors": [t.to_json() for t in self.tensors],
                 "shared_direction": self.shared, "injection": self.injection,
                 "config_changes": self.config_changes, "notes": self.notes, "seconds": round(self.seconds, 3)}
+
+    # the report also reads as its JSON dict (report["verdict"], report.get("direction_cosine"))
+    def __getitem__(self, key):
+        return self.to_json()[key]
+
+    def get(self, key, default=None):
+        return self.to_json().get(key, default)
 
 
 # --- roles --------------------------------------------------------------------------------------
@@ -162,17 +181,17 @@ def _fp8_scale_of(ck: Checkpoint, name: str) -> Optional[str]:
 
 # --- reading ------------------------------------------------------------------------------------
 
-def _identical(a: Checkpoint, b: Checkpoint, name: str) -> bool:
-    """Byte comparison in chunks (pread copies: nothing stays resident)."""
-    info = a.info(name)
+def _same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
+    """Byte comparison of two equally sized tensors in chunks (pread copies: nothing stays resident)."""
+    info = a.info(name_a)
     if info.nbytes == 0:
         return True
     row_len = info.shape[-1] if info.shape and info.shape[-1] else 1
     rows = info.numel // row_len
-    step = max(1, BLOCK_BYTES // max(1, info.nbytes // rows))
+    step = max(1, BLOCK_BYTES // (info.nbytes // rows))
     for s in range(0, rows, step):
         e = min(rows, s + step)
-        x, y = a.read_rows(name, s, e, row_len), b.read_rows(name, s, e, row_len)
+        x, y = a.read_rows(name_a, s, e, row_len), b.read_rows(name_b, s, e, row_len)
         if not np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8)):
             return False
     return True
@@ -263,6 +282,7 @@ def _analyse(base: Checkpoint, cand: Checkpoint, td: TensorDiff, d_model: Option
         delta = read(0, 1).astype(np.float64).reshape(-1)
         energy = float(delta @ delta)
         td.delta, td.floor = delta, sums["floor"]
+        td.values = rc.values(rc.raw(0, 1), 0, 1).astype(np.float64).reshape(-1)
     else:
         spec = top_singular(read, geom.n_rows, geom.n_cols, k=TOP_K,
                             block_rows=_block_rows(geom, rb.scale is not None or rc.scale is not None))
@@ -277,9 +297,27 @@ def _analyse(base: Checkpoint, cand: Checkpoint, td: TensorDiff, d_model: Option
                 v = spec.left[:, 0] if geom.axis == 0 else spec.right[:, 0]
                 if d_model is None or v.shape[0] == d_model:
                     td.recovered = _undo_post_norm(v, base, td.target, gain)
+                    td.leakage = _leakage(rc, geom, spec, _block_rows(geom, rc.scale is not None))
     td.delta_norm = math.sqrt(energy)
     td.rounding_share = td.floor / energy if energy else None
     td.relative_change = math.sqrt(energy / sums["base"]) if sums["base"] > 0 else None
+
+
+def _leakage(cand: _Rows, geom: _Geometry, spec, block: int) -> Optional[float]:
+    """|component of W' along the residual-side vector| / |that of W| (what `ablate` calls leakage):
+    below 1 the edit removed the direction, above 1 it amplified it. One pass over the candidate; the
+    base's component follows from the SVD (aᵀΔ = σ₁b₁ᵀ, Δb₁ = σ₁a₁), so the base is not read again."""
+    a, b, sigma = spec.left[:, 0], spec.right[:, 0], spec.sigma[0]
+    comp = np.zeros(geom.n_cols if geom.axis == 0 else geom.n_rows)
+    for s in range(0, geom.n_rows, block):
+        e = min(s + block, geom.n_rows)
+        w = cand.values(cand.raw(s, e), s, e).astype(np.float64)
+        if geom.axis == 0:
+            comp += a[s:e] @ w
+        else:
+            comp[s:e] = w @ b
+    before = np.linalg.norm(comp - sigma * (b if geom.axis == 0 else a))
+    return float(np.linalg.norm(comp) / before) if before > 0 else None
 
 
 def _post_norm_gain(base: Checkpoint, target: Optional[Target], gain) -> Optional[np.ndarray]:
@@ -307,23 +345,11 @@ def _added(base: Checkpoint, cand: Checkpoint, td: TensorDiff, res: Optional[Res
                 return
     if len(info.shape) == 1 and info.dtype in FLOAT_DTYPES:
         v = cand.read_rows(td.name, 0, 1, info.shape[0]).astype(np.float64).reshape(-1)
-        td.delta, td.delta_norm = v, float(np.linalg.norm(v))
+        td.delta, td.values, td.delta_norm = v, v, float(np.linalg.norm(v))
         bits = MANTISSA_BITS.get(info.dtype)
         td.floor = rounding_floor(v, bits) if bits else 0.0
         if not v.any():
             td.ignorable, td.note = True, "zero bias (enables a config flag)"
-
-
-def _same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
-    info = a.info(name_a)
-    row_len = info.shape[-1] if info.shape and info.shape[-1] else 1
-    rows = info.numel // row_len
-    step = max(1, BLOCK_BYTES // max(1, info.nbytes // max(1, rows)))
-    for s in range(0, rows, step):
-        e = min(rows, s + step)
-        if a.read_rows(name_a, s, e, row_len).tobytes() != b.read_rows(name_b, s, e, row_len).tobytes():
-            return False
-    return True
 
 
 # --- the whole comparison -----------------------------------------------------------------------
@@ -334,7 +360,8 @@ def _architecture(base: Checkpoint, cand: Checkpoint, arch_table, notes: list) -
     elif base.model_type and (TABLE_DIR / f"{base.model_type}.toml").is_file():
         arch = load_table(TABLE_DIR / f"{base.model_type}.toml")
     else:
-        what = f"model_type {base.model_type!r} has no architecture table" if base.model_type else "no config.json model_type"
+        what = (f"model_type {base.model_type!r} has no architecture table" if base.model_type
+                else "no config.json model_type")
         notes.append(f"{what}: roles are unknown and no direction is recovered (pass --arch-table FILE)")
         return None
     if not base.config:
@@ -344,16 +371,19 @@ def _architecture(base: Checkpoint, cand: Checkpoint, arch_table, notes: list) -
     return resolve(arch, names, base.config, base.folder / "config.json")
 
 
-def diff(base_path, cand_path, direction: Optional[str] = None, arch_table=None) -> DiffReport:
+def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_table=None) -> DiffReport:
+    """Compare CANDIDATE with BASE (folders or files); `direction` is a spec as on the command line or a
+    loaded Direction."""
     t0 = time.perf_counter()
-    base, cand = Checkpoint(base_path), Checkpoint(cand_path)
-    try:
+    with ExitStack() as stack:
+        base = stack.enter_context(Checkpoint(base_path))
+        cand = stack.enter_context(Checkpoint(cand_path))
         notes: list[str] = []
         res = _architecture(base, cand, arch_table, notes)
         if res and cand.model_type and cand.model_type != base.model_type:
             notes.append(f"candidate model_type is {cand.model_type!r}, base {base.model_type!r}")
         d_model = res.d_model if res else None
-        given = load_direction(direction, d_model) if direction else None
+        given = load_direction(direction, d_model) if isinstance(direction, str) else direction
         basis = orthonormalize(given.vectors) if given is not None else None  # [d_model, k]
         roles = _Roles(res, set(base.tensors) | set(cand.tensors))
         gain = res.arch.post_norm_gain if res else None
@@ -371,8 +401,8 @@ def diff(base_path, cand_path, direction: Optional[str] = None, arch_table=None)
                                           info.shape if other.shape == info.shape else (info.shape, other.shape)))
                 continue
             scale = _fp8_scale_of(base, name)
-            if _identical(base, cand, name) and (scale is None or scale not in cand.tensors
-                                                   or _identical(base, cand, scale)):
+            if _same_bytes(base, name, cand, name) and (scale is None or scale not in cand.tensors
+                                                         or _same_bytes(base, scale, cand, scale)):
                 identical += 1
                 continue
             td = TensorDiff(name, role, layer, "changed", info.dtype, info.shape, target=target)
@@ -400,13 +430,11 @@ def diff(base_path, cand_path, direction: Optional[str] = None, arch_table=None)
         _verdict(rep, basis)
         rep.seconds = time.perf_counter() - t0
         return rep
-    finally:
-        base.close()
-        cand.close()
 
 
 def _config_changes(base: Checkpoint, cand: Checkpoint, res: Optional[Resolved], rep: DiffReport) -> None:
-    expected = {"tie_word_embeddings"} | ({s.config_flag for s in res.arch.inject.values() if s.config_flag} if res else set())
+    flags = {s.config_flag for s in res.arch.inject.values() if s.config_flag} if res else set()
+    expected = {"tie_word_embeddings"} | flags  # what ablate --untie-embeddings / inject may set
     for key in sorted(set(base.config) | set(cand.config)):
         old, new = base.config.get(key), cand.config.get(key)
         if old != new and key not in _COSMETIC_CONFIG:
@@ -445,12 +473,15 @@ def _shared(rep: DiffReport, base: Checkpoint, basis, gain) -> None:
     rep.direction = s
     rep.shared = {"tensors": len(rank1), "cos_min": float(cos.min()), "cos_median": float(np.median(cos)),
                   "cos_to_direction": _cos_to(basis, s)}
-    for t in _biases(rep):  # an ablation projects the writer biases too: Δb must lie along u (or be rounding)
+    for t in _biases(rep):  # an ablation projects writer biases too: Δb along u, and uᵀb shrinks
         g = _post_norm_gain(base, t.target, gain)
         u = s if g is None else (g * s) / np.linalg.norm(g * s)
-        off = off_direction_energy(t.delta, u)
+        after = abs(u @ t.values) if t.values is not None else 0.0
+        before = abs(u @ (t.values - t.delta)) if t.values is not None else 0.0
         t.cos_shared = float(abs(u @ t.delta) / np.linalg.norm(t.delta)) if t.delta.any() else None
-        if off <= max((1 - ENERGY) * float(t.delta @ t.delta), t.floor):
+        t.leakage = after / before if before > 0 else None
+        along = off_direction_energy(t.delta, u) <= max((1 - ENERGY) * float(t.delta @ t.delta), t.floor)
+        if along and after <= REMOVED * before + math.sqrt(t.floor):
             t.note = "projected along the shared direction"
 
 
@@ -471,8 +502,8 @@ def _verdict(rep: DiffReport, basis) -> None:
         return
     if weights:
         projected = all(t.note == "projected along the shared direction" for t in biases)
-        if (rep.shared and all(t.rank99 == 1 and t.cos_shared is not None and t.cos_shared >= CONSISTENT
-                               for t in weights) and projected):
+        if (rep.shared and projected and all(t.rank99 == 1 and t.cos_shared is not None and t.cos_shared >= CONSISTENT
+                                             and t.leakage is not None and t.leakage <= REMOVED for t in weights)):
             n = len(weights)
             rep.verdict = f"rank-1 directional ablation along one shared direction ({n} tensor{'s' if n != 1 else ''})"
         return
@@ -507,28 +538,30 @@ def _print(rep: DiffReport, out, max_rows: int = 60) -> None:
     out.print(head)
     if rep.tensors:
         t = Table(title="tensors that differ", title_justify="left")
-        for col in ("tensor", "role", "layer", "status", "|Δ|/|W|", "rank99", "σ₁² share", "cos shared", "cos -d"):
+        for col in ("tensor", "role", "layer", "status", "|Δ|", "|Δ|/|W|", "rank99", "σ₁² share", "leakage",
+                    "cos shared", "cos -d"):
             t.add_column(col, justify="left" if col in ("tensor", "role", "status") else "right", overflow="fold")
         for td in rep.tensors[:max_rows]:
             rank = str(td.rank99) if td.rank99 else (f">{td.rank99_above}" if td.rank99_above else "—")
             status = td.status + (f" ({td.note})" if td.note else "")
-            t.add_row(td.name, td.role, _fmt(td.layer, "d"), status, _fmt(td.relative_change), rank,
-                      _fmt(td.top1_share, ".4f"), _fmt(td.cos_shared, ".5f"), _fmt(td.cos_direction, ".5f"))
+            t.add_row(td.name, td.role, _fmt(td.layer, "d"), status, _fmt(td.delta_norm), _fmt(td.relative_change),
+                      rank, _fmt(td.top1_share, ".4f"), _fmt(td.leakage, ".2e"), _fmt(td.cos_shared, ".6f"),
+                      _fmt(td.cos_direction, ".6f"))
         out.print(t)
         if len(rep.tensors) > max_rows:
             out.print(f"… and {len(rep.tensors) - max_rows} more (--json lists every one)")
     if rep.shared:
         s = rep.shared
-        line = (f"shared direction: {s['tensors']} rank-1 tensors, cosine to it min {s['cos_min']:.5f}, "
-                f"median {s['cos_median']:.5f}")
+        line = (f"shared direction: {s['tensors']} rank-1 tensors, cosine to it min {s['cos_min']:.6f}, "
+                f"median {s['cos_median']:.6f}")
         if s["cos_to_direction"] is not None:
-            line += f"; cosine to --direction {s['cos_to_direction']:.5f}"
+            line += f"; cosine to --direction {s['cos_to_direction']:.6f}"
         out.print(line, highlight=False)
     if rep.injection:
         i = rep.injection
         line = f"injected vector at layer {i['layer']} ({', '.join(i['tensors'])}): norm {i['norm']:.4g}"
         if i["cos_to_direction"] is not None:
-            line += f", cosine to --direction {i['cos_to_direction']:.5f}"
+            line += f", cosine to --direction {i['cos_to_direction']:.6f}"
         out.print(line, highlight=False)
     for k, v in rep.config_changes.items():
         out.print(f"config.json: {k}: {json.dumps(v['base'])} → {json.dumps(v['candidate'])}"
@@ -551,7 +584,8 @@ def register(app, out, err, guard) -> None:
                          help="Known direction to compare with: FILE.npy or FILE.safetensors[:LAYER]"),
                      save_direction: Optional[Path] = typer.Option(None, "--save-direction",
                          help="Write the recovered direction (unit, float32) to FILE.npy"),
-                     arch_table: Optional[Path] = typer.Option(None, "--arch-table", help="Custom architecture table (TOML)")):
+                     arch_table: Optional[Path] = typer.Option(None, "--arch-table",
+                                                               help="Custom architecture table (TOML)")):
         """Which tensors changed, how (relative size, rank), and the direction a rank-1 edit removed.
         Exit code 0 unchanged, 1 changed, 2 error."""
         try:
