@@ -226,3 +226,18 @@ def _fill(pattern: str, match) -> str:
 
 def _present(name: str, names) -> str | None:
     return name if name in names else None
+
+
+def markdown_table() -> str:
+    """The README's architecture table, generated from the tables themselves."""
+    rows = ["| model_type | embeddings | attention writer | MLP writer(s) | post-norm | tied | inject attn_out / mlp_out |",
+            "|---|---|---|---|---|---|---|"]
+    loads = lambda slot: "—" if slot is None else ("HF" + (f" (`{slot.config_flag}`)" if slot.config_flag else "")  # noqa: E731
+                                                  if slot.hf_loads else "ONNX only")
+    for mt in supported():
+        a = load_table(TABLE_DIR / f"{mt}.toml")
+        writers = lambda role: ", ".join(f"`{w.weight}`" for w in a.writers if w.role == role)  # noqa: E731
+        rows.append(f"| {mt} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
+                    f"{writers('mlp_out')} | {a.post_norm_gain or '—'} | {'yes' if a.tie_word_embeddings else 'no'} | "
+                    f"{loads(a.inject.get('attn_out'))} / {loads(a.inject.get('mlp_out'))} |")
+    return "\n".join(rows)

@@ -124,3 +124,9 @@ def test_fp8_block_scaled_ablation(tmp_path, direction64, scale_dtype):
         assert a.array(other).tobytes() == b.array(other).tobytes()
         assert a.array(other + "_scale_inv").tobytes() == b.array(other + "_scale_inv").tobytes()
     assert "leakage" in res.output
+
+
+def test_readme_architecture_table_is_generated_from_the_tables():
+    from patcher.architectures import markdown_table
+    readme = (fixture_path("llama").parents[1] / "README.md").read_text()
+    assert markdown_table() in readme
