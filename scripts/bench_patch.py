@@ -1,20 +1,42 @@
-"""Benchmark `patcher ablate` against `cp -r` on synthetic llama checkpoints.
+"""Benchmark `patcher ablate` against `cp -r` and against the usual transformers route, on synthetic
+llama checkpoints.
 
 For each size it writes a sharded bf16 llama-layout checkpoint (HF names, ~1 GB shards, index
 and config.json) plus a random direction, then measures, with the page cache warmed the same way
-before every run and outputs removed between runs:
+before every run and outputs removed between runs, three ways to produce an edited copy:
 
-  * `cp -r SRC DST && sync`                      wall seconds
+  * `cp -r SRC DST; sync`                        wall seconds (the floor: a copy that edits nothing)
   * `patcher ablate SRC -d dir.npy -o OUT; sync` wall seconds (Python start-up included), and the
                                                  child's own peak RSS and CPU seconds (os.wait4)
+  * HF: a child Python that imports torch + transformers, runs
+        `AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)`, applies the same rank-1
+        projection in float32 to the same tensors patcher edits (embed_tokens: W - (W r) r^T;
+        every o_proj and down_proj: W - r (r^T W)), copies the result back into the bf16 parameter
+        in place and calls `save_pretrained(OUT, max_shard_size=1 GiB)`; then `sync`. Same
+        measurements (wall includes Python start-up and the torch/transformers imports).
 
-and prints each run, then the medians over --repeats (peak RSS: the maximum). Targets: patcher/cp
-<= 1.3, peak RSS <= 1 GiB, and RSS not growing with checkpoint size. It only reports (exit 0);
-misses are flagged "TARGET MISSED". cp+sync on a shared or virtual disk varies a lot from run to
-run; the per-run lines show the spread.
+Each run goes through the same tiny launcher (`run_child`), so every RSS is the process's own.
+It prints each run, then per size the medians over --repeats (peak RSS: the maximum) with the
+ratios patcher/cp, HF/cp and HF/patcher. HF is slow, so by default it runs once per size
+(--hf-repeats); --skip-hf leaves it out.
 
-    python scripts/bench_patch.py                      # ~1.1 GB and ~2.2 GB, 2 repeats
+Correctness: after the first repeat in which both edited copies exist, it reads a few tensors
+(the embedding, one o_proj, one down_proj, and an unedited q_proj) from both outputs and reports
+how far patcher's values are from HF's (both start from the same stored bf16 weights and the same
+unit direction, both compute in float32 and round once to bf16), and each from a float64 reference
+rounded once to bf16, in bf16 ulps: raw (the ulp distance of kernels.codecs.ulp_distance) and at the
+operands' scale, max(|W|, |W'|). Raw distances above 1 occur only where the projection cancels
+(|W'| << |W|): there float32 rounding of the operands is many ulps of the tiny result, in both
+implementations alike (compare each one's distance to the reference).
+
+Targets: patcher/cp <= 1.3, patcher peak RSS <= 1 GiB, patcher RSS not growing with checkpoint
+size, patcher vs HF within 1 ulp at the operands' scale. It only reports (exit 0); misses are flagged "TARGET MISSED".
+cp+sync on a shared or virtual disk varies a lot from run to run; the per-run lines show the spread,
+and each shows the 1-minute load average before it (other jobs on the machine slow every method).
+
+    python scripts/bench_patch.py                      # ~1.1 GB and ~2.2 GB, 3 repeats, HF once per size
     python scripts/bench_patch.py --sizes 0.5 --repeats 1 --workdir /data/bench --keep
+    python scripts/bench_patch.py --skip-hf            # cp and patcher only (no torch needed)
 """
 import argparse
 import json
@@ -32,11 +54,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from kernels.codecs import ulp_distance
+from patcher.checkpoint import Checkpoint
 from patcher.writer import OutTensor, write_safetensors
 
 D, FF, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 16
 SHARD_BYTES = 1 << 30
-RATIO_MAX, RSS_MAX_MIB = 1.3, 1024
+RATIO_MAX, RSS_MAX_MIB, ULP_MAX = 1.3, 1024, 1
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _POOL = None  # pre-generated random bf16 values; blocks are views at random offsets
 
@@ -118,12 +142,6 @@ def warm(folder: Path) -> None:
     subprocess.run(f"cat {shlex.quote(str(folder))}/* > /dev/null", shell=True, check=True)
 
 
-def time_cp(src: Path, dst: Path) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(["sh", "-c", f'cp -r "{src}" "{dst}" && sync'], check=True)
-    return time.perf_counter() - t0
-
-
 # A child's ru_maxrss starts at its parent's peak RSS: subprocess vforks, and exec records the old
 # mm's high-water mark in the child's maxrss (Linux exec_mmap). This parent holds numpy, patcher and
 # the generator's value pool, so measured directly every child would read >= ~170 MiB. A minimal
@@ -155,44 +173,231 @@ def run_child(cmd: list[str], log: Path) -> dict:
     return {"wall": r["wall"], "rss": r["maxrss_kib"] / 1024, "cpu": r["cpu"], "rc": r["rc"], "log": log}  # KiB
 
 
+
+def _timed(argv: list[str], log: Path, what: str) -> dict:
+    """run_child(argv) then `sync`, wall timed around both from the parent; exits on failure unless what is None."""
+    t0 = time.perf_counter()
+    r = run_child(argv, log)
+    subprocess.run(["sync"], check=True)
+    r["total"] = time.perf_counter() - t0
+    if r["rc"] != 0 and what:
+        sys.exit(f"{what} failed ({r['rc']}): {log.read_text(errors='replace')[-3000:]}")
+    return r
+
+
+def time_cp(src: Path, dst: Path) -> tuple[float, float]:
+    """Wall seconds of `cp -r` plus a final sync, and cp's own peak RSS in MiB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        r = _timed(["cp", "-r", str(src), str(dst)], Path(tmp) / "cp.log", "cp")
+    return r["total"], r["rss"]
+
+
 def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> tuple[float, float, float]:
     """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds."""
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        r = run_child([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out)], Path(tmp) / "patcher.log")
-        subprocess.run(["sync"], check=True)
-        wall = time.perf_counter() - t0
-        if r["rc"] != 0:
-            sys.exit(f"patcher failed ({r['rc']}): {r['log'].read_text(errors='replace')[-3000:]}")
-    return wall, r["rss"], r["cpu"]
+        r = _timed([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out)], Path(tmp) / "patcher.log",
+                   "patcher")
+    return r["total"], r["rss"], r["cpu"]
 
 
-def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int) -> tuple[float, float, float]:
-    cps, pts, rss = [], [], []
-    for _ in range(repeats):
-        for kind in ("cp", "patcher"):
+# The usual approach, as a user would write it: load the whole model with transformers, edit the same
+# tensors patcher edits in place (float32 math, one rounding to bf16), save_pretrained.
+HF_CHILD = r'''
+import json, os, sys, time
+t0 = time.perf_counter()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+src, out, direction, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+t_import = time.perf_counter()
+torch.set_grad_enabled(False)
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+t_load = time.perf_counter()
+r = np.load(direction).astype(np.float64)
+r = torch.from_numpy(r / np.linalg.norm(r)).float()  # unit direction, float32 (as patcher)
+edited = []
+def project_rows(w):   # embedding [vocab, d_model]: W - (W r) r^T
+    wf = w.float()
+    w.copy_((wf - torch.outer(wf @ r, r)).to(torch.bfloat16))
+def project_linear(w):  # nn.Linear writer [d_model, in]: W - r (r^T W)
+    wf = w.float()
+    w.copy_((wf - torch.outer(r, r @ wf)).to(torch.bfloat16))
+project_rows(model.model.embed_tokens.weight)
+edited.append("model.embed_tokens.weight")
+for i, layer in enumerate(model.model.layers):
+    project_linear(layer.self_attn.o_proj.weight)
+    project_linear(layer.mlp.down_proj.weight)
+    edited += [f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"]
+t_edit = time.perf_counter()
+model.save_pretrained(out, max_shard_size=shard)  # safetensors (transformers 5 has no other format)
+t_save = time.perf_counter()
+print("HF_PHASES " + json.dumps({"import": t_import - t0, "load": t_load - t_import, "edit": t_edit - t_load,
+                                 "save": t_save - t_edit, "edited": len(edited),
+                                 "transformers": __import__("transformers").__version__,
+                                 "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+'''
+
+
+def time_hf(script: Path, src: Path, direction: Path, out: Path) -> dict | None:
+    """Wall seconds (including a final sync), the HF child's own peak RSS (MiB), CPU seconds and its phase
+    timings; None (after printing the log's tail) if it failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "hf.log"
+        r = _timed([sys.executable, str(script), str(src), str(out), str(direction), str(SHARD_BYTES)], log, None)
+        text = log.read_text(errors="replace")
+    if r["rc"] != 0:
+        print(f"  HF child failed ({r['rc']}):\n{text[-3000:]}", flush=True)
+        return None
+    phases = [json.loads(line[len("HF_PHASES "):]) for line in text.splitlines() if line.startswith("HF_PHASES ")]
+    r["phases"] = phases[-1] if phases else {}
+    return r
+
+
+def _bf16_ulp(x: np.ndarray) -> np.ndarray:
+    """Spacing of bf16 values at magnitude |x| (float64; 8 significant bits; subnormal range floored)."""
+    e = np.frexp(np.maximum(np.abs(x), np.float64(2.0 ** -126)))[1]
+    return np.ldexp(1.0, e - 8)
+
+
+def _ulp_stats(a: np.ndarray, b: np.ndarray, w: np.ndarray, rows: int = 4096) -> dict:
+    """Compare two bf16 arrays edited from the same input w, in row blocks (low memory):
+    raw bf16 ulp distance (max, elements at 0 / 1 / more) and the largest |a - b| in bf16 ulps at the
+    scale of the operands, max(|w|, |a|, |b|). Where the projection cancels (|W'| << |W|) float32
+    rounding of the operands is many ulps of the tiny result, for any correct float32 implementation;
+    the scaled number is the one that says whether two implementations agree."""
+    a2, b2, w2 = (x.reshape(x.shape[0], -1) for x in (a, b, w))
+    st = {"max": 0, "n": a.size, "same": 0, "one": 0, "more": 0, "scaled": 0.0, "more_cancel": 0}
+    for s in range(0, a2.shape[0], rows):
+        d = ulp_distance(a2[s:s + rows], b2[s:s + rows], "BF16")
+        af, bf, wf = (x[s:s + rows].astype(np.float64) for x in (a2, b2, w2))
+        scale = _bf16_ulp(np.maximum(np.abs(wf), np.maximum(np.abs(af), np.abs(bf))))
+        st["max"] = max(st["max"], int(d.max()))
+        st["same"] += int(np.count_nonzero(d == 0))
+        st["one"] += int(np.count_nonzero(d == 1))
+        big = d > 1
+        st["more"] += int(np.count_nonzero(big))
+        # "cancellation": the result is at least 8x smaller than the input element
+        st["more_cancel"] += int(np.count_nonzero(big & (np.maximum(np.abs(af), np.abs(bf)) * 8 <= np.abs(wf))))
+        st["scaled"] = max(st["scaled"], float((np.abs(af - bf) / scale).max()))
+    return st
+
+
+def _reference(w: np.ndarray, r: np.ndarray, embedding: bool, rows: int = 4096) -> np.ndarray:
+    """float64 projection of a bf16 weight, rounded once to bf16."""
+    if embedding:
+        out = np.empty(w.shape, dtype=BF16)
+        for s in range(0, w.shape[0], rows):
+            blk = w[s:s + rows].astype(np.float64)
+            out[s:s + rows] = (blk - np.outer(blk @ r, r)).astype(BF16)
+        return out
+    w64 = w.astype(np.float64)
+    return (w64 - np.outer(r, r @ w64)).astype(BF16)
+
+
+def compare_outputs(src: Path, pt_out: Path, hf_out: Path, direction: Path, n_layers: int) -> dict:
+    """Read a few tensors from both edited copies and print how far apart they are, in bf16 ulps.
+    Returns, over the edited tensors compared, the max raw ulp distance patcher vs HF ("raw") and the
+    max distance in ulps at the operands' scale ("scaled")."""
+    r = np.load(direction).astype(np.float64)
+    r /= np.linalg.norm(r)
+    orig, pt, hf = Checkpoint(src), Checkpoint(pt_out), Checkpoint(hf_out)
+    mid, last = n_layers // 2, n_layers - 1
+    names = [("model.embed_tokens.weight", "embed"), (f"model.layers.{mid}.self_attn.o_proj.weight", "linear"),
+             (f"model.layers.{last}.mlp.down_proj.weight", "linear"), ("model.layers.0.self_attn.q_proj.weight", None)]
+    odd = sorted(set(orig.tensors) ^ set(hf.tensors))
+    if odd:
+        print(f"  check: HF output and input differ in tensor names: {odd[:6]}", flush=True)
+    worst = {"raw": 0, "scaled": 0.0}
+    print("  check, patcher output vs HF output, same input and unit direction, both float32 math rounded once "
+          "to bf16\n  (ulps are bf16 ulps; 'ref' = float64 projection of the same input rounded once to bf16):",
+          flush=True)
+    for name, kind in names:
+        a, b, o = pt.array(name), hf.array(name), orig.array(name)
+        if pt.info(name).dtype != "BF16" or hf.info(name).dtype != "BF16" or a.shape != b.shape:
+            print(f"    {name}: dtype/shape mismatch: patcher {pt.info(name).dtype} {a.shape}, "
+                  f"HF {hf.info(name).dtype} {b.shape}  CORRECTNESS MISMATCH", flush=True)
+            worst = {"raw": 1 << 15, "scaled": float("inf")}
+            continue
+        st = _ulp_stats(a, b, o)
+        if kind is None:  # unedited: all three must be bit-identical
+            io, ho = _ulp_stats(a, o, o)["max"], _ulp_stats(b, o, o)["max"]
+            print(f"    {name} (not edited): max ulp patcher vs input {io}, HF vs input {ho}, patcher vs HF "
+                  f"{st['max']}" + ("" if max(io, ho, st["max"]) == 0 else "  CORRECTNESS MISMATCH"), flush=True)
+            continue
+        worst = {"raw": max(worst["raw"], st["max"]), "scaled": max(worst["scaled"], st["scaled"])}
+        ref = _reference(o, r, kind == "embed")
+        pr, hr = _ulp_stats(a, ref, o), _ulp_stats(b, ref, o)
+        changed = st["n"] - _ulp_stats(a, o, o)["same"]
+        print(f"    {name} {tuple(a.shape)}, {changed / st['n']:.0%} of elements changed by the edit:\n"
+              f"      patcher vs HF: {st['same'] / st['n']:.4%} identical, {st['one']} at 1 ulp, {st['more']} "
+              f"at >1 ulp ({st['more_cancel']} of them where |W'| <= |W|/8); max {st['max']} ulp raw, "
+              f"{st['scaled']:.2f} ulp at the operands' scale\n"
+              f"      vs ref: patcher max {pr['max']} raw / {pr['scaled']:.2f} scaled ({pr['more']} at >1 ulp), "
+              f"HF max {hr['max']} raw / {hr['scaled']:.2f} scaled ({hr['more']} at >1 ulp)", flush=True)
+    return worst
+
+
+def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int, hf_repeats: int,
+          hf_script: Path | None, n_layers: int) -> dict:
+    cps, pts, rss, cp_rss, hfs, hf_rss, ulps = [], [], [], [], [], [], []
+    hf_phases = []
+    for rep in range(max(repeats, hf_repeats if hf_script else 0)):
+        kinds = ([("cp", "patcher")] if rep < repeats else []) + ([("hf",)] if hf_script and rep < hf_repeats else [])
+        for kind in [k for group in kinds for k in group]:
             dst = work / f"out-{kind}"
             shutil.rmtree(dst, ignore_errors=True)
             subprocess.run(["sync"], check=True)
             warm(src)
             load = f"(1-min load before: {os.getloadavg()[0]:.1f})"
             if kind == "cp":
-                cps.append(time_cp(src, dst))
-                print(f"  {src.name}: cp+sync {cps[-1]:.2f} s {load}", flush=True)
-            else:
+                w, r = time_cp(src, dst)
+                cps.append(w)
+                cp_rss.append(r)
+                print(f"  {src.name}: cp+sync {w:.2f} s, peak RSS {r:.0f} MiB {load}", flush=True)
+            elif kind == "patcher":
                 w, r, cpu = time_patcher(cmd, src, direction, dst)
                 pts.append(w)
                 rss.append(r)
                 print(f"  {src.name}: patcher {w:.2f} s, cpu {cpu:.2f} s, peak RSS {r:.0f} MiB {load}", flush=True)
-            shutil.rmtree(dst)
+            else:
+                res = time_hf(hf_script, src, direction, dst)
+                if res is not None:
+                    ph = res["phases"]
+                    hfs.append(res["total"])
+                    hf_rss.append(res["rss"])
+                    hf_phases.append(ph)
+                    print(f"  {src.name}: HF from_pretrained+edit+save_pretrained {res['total']:.2f} s, "
+                          f"cpu {res['cpu']:.2f} s, peak RSS {res['rss']:.0f} MiB {load}\n"
+                          f"      phases: import {ph.get('import', 0):.2f} s, load {ph.get('load', 0):.2f} s, "
+                          f"edit {ph.get('edit', 0):.2f} s ({ph.get('edited', '?')} tensors), "
+                          f"save {ph.get('save', 0):.2f} s, sync+start-up "
+                          f"{res['total'] - sum(ph.get(k, 0) for k in ('import', 'load', 'edit', 'save')):.2f} s; "
+                          f"torch {ph.get('torch')} ({ph.get('threads')} threads), "
+                          f"transformers {ph.get('transformers')}", flush=True)
+                    expected = 1 + 2 * n_layers
+                    if ph.get("edited") != expected:
+                        print(f"  HF child edited {ph.get('edited')} tensors, patcher edits {expected}  "
+                              f"CORRECTNESS MISMATCH", flush=True)
+                    if not ulps and (work / "out-patcher").is_dir():
+                        ulps.append(compare_outputs(src, work / "out-patcher", dst, direction, n_layers))
+            if kind != "patcher" or not (hf_script and rep < hf_repeats):
+                shutil.rmtree(dst, ignore_errors=True)
+        shutil.rmtree(work / "out-patcher", ignore_errors=True)  # kept only for the comparison above
     subprocess.run(["sync"], check=True)
-    return statistics.median(cps), statistics.median(pts), max(rss)
+    return {"cp": statistics.median(cps), "patcher": statistics.median(pts), "rss": max(rss),
+            "cp_rss": max(cp_rss), "hf": statistics.median(hfs) if hfs else None,
+            "hf_rss": max(hf_rss) if hf_rss else None, "hf_runs": len(hfs), "runs": len(cps),
+            "ulp": ulps[0] if ulps else None}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1.1,2.2", help="checkpoint sizes in GB, comma-separated (default 1.1,2.2)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="cp and patcher runs per size; the median is reported")
+    ap.add_argument("--hf-repeats", type=int, default=1,
+                    help="HF (from_pretrained + edit + save_pretrained) runs per size (default 1: it is slow)")
+    ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers method (no torch needed)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to build checkpoints (default: a new folder under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction "
@@ -202,15 +407,32 @@ def main(argv=None) -> int:
     cmd = shlex.split(args.patcher)
     if not shutil.which(cmd[0]):
         ap.error(f"{cmd[0]} not found on PATH")
+    if args.repeats < 1 or args.hf_repeats < 0:
+        ap.error("--repeats must be >= 1 and --hf-repeats >= 0")
+    use_hf = not args.skip_hf and args.hf_repeats > 0
+    if use_hf:
+        probe = subprocess.run([sys.executable, "-c", "import torch, transformers"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            ap.error("the HF method needs torch and transformers (pip install -e '.[test]'), or pass --skip-hf:\n"
+                     + probe.stderr[-500:])
     sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="patcher-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     created = [] if args.workdir else [work]  # never delete a user's --workdir itself, only what we made in it
+    print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"cp/patcher: {args.repeats} runs per size"
+          + (f", HF: {args.hf_repeats} run{'s' if args.hf_repeats != 1 else ''} per size (slow)" if use_hf
+             else ", HF: skipped"), flush=True)
     rows = []
     try:
         direction = work / "dir.npy"
         created.append(direction)
         np.save(direction, np.random.default_rng(1).standard_normal(D).astype(np.float32))
+        hf_script = None
+        if use_hf:
+            hf_script = work / "hf_edit_child.py"
+            created.append(hf_script)
+            hf_script.write_text(HF_CHILD)
         for gb in sizes:
             n_layers = layers_for(gb)
             src = work / f"llama-{n_layers}L"
@@ -221,8 +443,8 @@ def main(argv=None) -> int:
                 print(f"generated {src} ({total / 1e9:.2f} GB, {n_layers} layers) in {time.perf_counter() - t0:.1f} s",
                       flush=True)
             total = sum(f.stat().st_size for f in src.iterdir())
-            cp_s, pt_s, rss = bench(cmd, src, direction, work, args.repeats)
-            rows.append((total, n_layers, cp_s, pt_s, rss))
+            res = bench(cmd, src, direction, work, args.repeats, args.hf_repeats, hf_script, n_layers)
+            rows.append((total, n_layers, res))
     finally:
         if not args.keep:
             for p in created:
@@ -230,19 +452,50 @@ def main(argv=None) -> int:
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
-    print(f"\n{'size GB':>8} {'layers':>6} {'cp+sync s':>10} {'patcher s':>10} {'ratio':>6} {'peak RSS MiB':>13}")
-    for total, n_layers, cp_s, pt_s, rss in rows:
+        for name in ("out-cp", "out-patcher", "out-hf"):  # left behind only if a run was interrupted
+            shutil.rmtree(work / name, ignore_errors=True)
+
+    label = "HF (from_pretrained+edit+save_pretrained)"
+    print(f"\n{'size GB':>8} {'layers':>6}  {'method':<42} {'runs':>4} {'wall s':>8} {'/cp':>6} {'/patcher':>8} "
+          f"{'peak RSS MiB':>13}")
+    for total, n_layers, r in rows:
+        cp_s, pt_s, rss = r["cp"], r["patcher"], r["rss"]
         miss = [m for m, bad in (("ratio", pt_s / cp_s > RATIO_MAX), ("rss", rss > RSS_MAX_MIB)) if bad]
-        print(f"{total / 1e9:8.2f} {n_layers:6d} {cp_s:10.2f} {pt_s:10.2f} {pt_s / cp_s:6.2f} {rss:13.0f}"
+        lead = f"{total / 1e9:8.2f} {n_layers:6d}"
+        print(f"{lead}  {'cp+sync':<42} {r['runs']:4d} {cp_s:8.2f} {1:6.2f} {'':>8} {r['cp_rss']:13.0f}")
+        print(f"{'':>15}  {'patcher':<42} {r['runs']:4d} {pt_s:8.2f} {pt_s / cp_s:6.2f} {1:8.2f} {rss:13.0f}"
               + (f"  TARGET MISSED ({', '.join(miss)})" if miss else ""))
+        if r["hf"] is not None:
+            print(f"{'':>15}  {label:<42} {r['hf_runs']:4d} {r['hf']:8.2f} {r['hf'] / cp_s:6.2f} "
+                  f"{r['hf'] / pt_s:8.2f} {r['hf_rss']:13.0f}")
+        elif use_hf:
+            print(f"{'':>15}  {label:<42}  failed (see above)")
+        if r["ulp"] is not None:
+            u = r["ulp"]
+            print(f"{'':>15}  patcher vs HF on the compared edited tensors: max {u['scaled']:.2f} bf16 ulp at the "
+                  f"operands' scale, max {u['raw']} ulp raw (raw > 1 only where the projection cancels)"
+                  + ("" if u["scaled"] <= ULP_MAX else f"  TARGET MISSED (> {ULP_MAX} ulp)"))
+    if use_hf:
+        print(f"(wall = parent-timed child run + sync, Python start-up included; cp/patcher: median of the runs, "
+              f"HF: median of {args.hf_repeats} run{'s' if args.hf_repeats != 1 else ''} per size; "
+              f"peak RSS: max over the runs, each process's own)")
     print()
-    for total, _, cp_s, pt_s, rss in rows:
-        print(f"size_gb={total / 1e9:.2f} ratio={pt_s / cp_s:.2f} rss_mib={rss:.0f}")
+    for total, _, r in rows:
+        line = f"size_gb={total / 1e9:.2f} ratio={r['patcher'] / r['cp']:.2f} rss_mib={r['rss']:.0f}"
+        if r["hf"] is not None:
+            line += (f" hf_ratio={r['hf'] / r['cp']:.2f} hf_rss_mib={r['hf_rss']:.0f} "
+                     f"hf_over_patcher={r['hf'] / r['patcher']:.2f}")
+        if r["ulp"] is not None:
+            line += f" max_ulp_vs_hf={r['ulp']['scaled']:.2f} max_raw_ulp_vs_hf={r['ulp']['raw']}"
+        print(line)
     if len(rows) > 1:
-        small, large = rows[0][4], rows[-1][4]
+        small, large = rows[0][2]["rss"], rows[-1][2]["rss"]
         grew = large > small * 1.2 + 32  # allow noise: 20 % + 32 MiB
         print(f"RSS {'grew' if grew else 'did not grow'} with checkpoint size: {small:.0f} -> {large:.0f} MiB "
               f"({rows[0][0] / 1e9:.2f} -> {rows[-1][0] / 1e9:.2f} GB)" + ("  TARGET MISSED" if grew else ""))
+        if rows[0][2]["hf_rss"] is not None and rows[-1][2]["hf_rss"] is not None:
+            print(f"HF peak RSS: {rows[0][2]['hf_rss']:.0f} -> {rows[-1][2]['hf_rss']:.0f} MiB (no target)")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 
