@@ -207,8 +207,8 @@ class OutputFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         for p in self.tmp.iterdir():  # one flush at the end: writeback overlapped the compute
-            _fsync_file(p)
-        _fsync_dir(self.tmp)
+            _fsync(p)
+        _fsync(self.tmp)
         if self.target.exists():
             trash = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
             os.rename(self.target, trash)
@@ -216,7 +216,7 @@ class OutputFolder:
             _remove(trash)
         else:
             os.rename(self.tmp, self.target)
-        _fsync_dir(self.target.parent)
+        _fsync(self.target.parent)
         return False
 
 
@@ -237,15 +237,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
