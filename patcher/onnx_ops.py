@@ -156,7 +156,8 @@ class OnnxOps:
         return self.op("Add", [y, self._w(bias)]) if bias else y
 
     def rms_norm(self, x, weight, eps, offset=0.0):
-        var = self.op("ReduceMean", [self.op("Mul", [x, x])], axes=[-1], keepdims=1)
+        # Pow(x, 2) (not Mul(x, x)) is the pattern onnxruntime fuses into one normalization kernel
+        var = self.op("ReduceMean", [self.op("Pow", [x, self.const(2.0)])], axes=[-1], keepdims=1)
         normed = self.op("Div", [x, self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])])
         gain = self._w(weight, (lambda a: a + np.float32(offset)) if offset else None, tag="+1" if offset else "")
         return self.op("Mul", [normed, gain])

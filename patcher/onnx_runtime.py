@@ -73,7 +73,7 @@ class OnnxModel:
             if on_token:
                 on_token(tok, done.copy())
             done |= np.isin(tok, eos)
-            if done.all():
+            if done.all() or len(out) == max_new_tokens:  # no forward whose logits nobody reads
                 break
             mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
             logits, past = self.step(tok[:, None], mask, next_pos, past)
