@@ -159,13 +159,13 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
 
 def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
             progress: Callable[[int], None] | None = None, on_shard: Callable[[str], None] | None = None,
-            recipe: dict | None = None) -> Report:
+            recipe: dict | None = None, hash_files: bool = True) -> Report:
     report = Report(out=Path(out))
     t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
     record = json.dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
-    hasher = manifest.Hasher()
+    hasher = manifest.Hasher(enabled=hash_files)
     try:
         with OutputFolder(out, [ck.path], force=force) as tmp:
             for p in _input_files(ck):  # what this run reads, not unrelated weight files beside it

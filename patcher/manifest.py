@@ -25,15 +25,21 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-class Hasher:
-    """sha256 of files on one background thread; results keyed by a label."""
+def size_only(path) -> str:
+    return f"size:{Path(path).stat().st_size}"
 
-    def __init__(self):
+
+class Hasher:
+    """sha256 of files on one background thread; results keyed by a label. With enabled=False
+    (`--no-hash`) only sizes are recorded: hashing reads every input and output byte once more."""
+
+    def __init__(self, enabled: bool = True):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self.jobs: dict[str, object] = {}
+        self.digest = sha256_file if enabled else size_only
 
     def add(self, key: str, path: Path) -> None:
-        self.jobs[key] = self.pool.submit(sha256_file, path)
+        self.jobs[key] = self.pool.submit(self.digest, path)
 
     def add_folder(self, folder: Path, prefix: str = "", skip=()) -> None:
         for p in sorted(Path(folder).iterdir()):

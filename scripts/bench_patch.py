@@ -192,11 +192,14 @@ def time_cp(src: Path, dst: Path) -> tuple[float, float]:
     return r["total"], r["rss"]
 
 
+ABLATE_ARGS: list[str] = []  # extra `patcher ablate` options (--ablate-args), e.g. --no-hash
+
+
 def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> tuple[float, float, float]:
     """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds."""
     with tempfile.TemporaryDirectory() as tmp:
-        r = _timed([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out)], Path(tmp) / "patcher.log",
-                   "patcher")
+        r = _timed([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out), *ABLATE_ARGS],
+                   Path(tmp) / "patcher.log", "patcher")
     return r["total"], r["rss"], r["cpu"]
 
 
@@ -403,7 +406,10 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction "
                     "(otherwise everything this run created is deleted)")
     ap.add_argument("--patcher", default="patcher", help="command that runs the CLI (default: patcher on PATH)")
+    ap.add_argument("--ablate-args", default="", help="extra options for patcher ablate, e.g. '--no-hash' "
+                                                      "(manifest without sha256)")
     args = ap.parse_args(argv)
+    ABLATE_ARGS[:] = shlex.split(args.ablate_args)
     cmd = shlex.split(args.patcher)
     if not shutil.which(cmd[0]):
         ap.error(f"{cmd[0]} not found on PATH")
