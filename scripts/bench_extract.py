@@ -35,20 +35,17 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import _producer, run_child, warm  # noqa: E402  (synthetic data, per-child rusage, cache warm-up)
+from bench_patch import run_child, run_in_workdir, warm, write_sharded  # noqa: E402  (per-child rusage, cache warm-up)
 
 from patcher.checkpoint import Checkpoint  # noqa: E402
 from patcher.directions import read_metadata  # noqa: E402
 from patcher.prompts import encode_prompts, load_tokenizer  # noqa: E402
-from patcher.writer import OutTensor, write_safetensors  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_SRC = REPO / "fixtures" / "tiny-llama"
@@ -94,26 +91,7 @@ def make_model(folder: Path, a) -> None:
     tmp = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards, cur, size = [], [], 0
-    for name, shape in llama_tensors(a):
-        nbytes = 2 * math.prod(shape)
-        if cur and size + nbytes > a.shard_mib * MIB:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, shape))
-        size += nbytes
-    shards.append(cur)
-    weight_map, total = {}, 0
-    for k, tensors in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        outs = [OutTensor(n, "BF16", s, produce=_producer(s, zlib.crc32(n.encode()), ones=n.endswith("norm.weight")))
-                for n, s in tensors]
-        write_safetensors(tmp / fname, outs, {"format": "pt"})
-        for t in outs:
-            weight_map[t.name] = fname
-            total += t.nbytes
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_sharded(tmp, llama_tensors(a), a.shard_mib * MIB)
     (tmp / "config.json").write_text(json.dumps(config(a), indent=2))
     for f in TOKENIZER_FILES:
         shutil.copyfile(TOKENIZER_SRC / f, tmp / f)
@@ -263,20 +241,7 @@ def main(argv=None) -> int:
     if not shutil.which(cmd[0]):
         ap.error(f"{cmd[0]} not found")
 
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="patcher-bench-extract-", dir="/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    created = [] if a.workdir else [work]  # never delete a user's --workdir itself, only what we made in it
-    try:
-        _bench(a, cmd, work, created)
-    finally:
-        if not a.keep:
-            for p in created:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-            if created:
-                print(f"\n(removed what this run generated under {work}; --keep keeps it)")
+    run_in_workdir(a, "patcher-bench-extract-", lambda work, created: _bench(a, cmd, work, created))
     return 0
 
 

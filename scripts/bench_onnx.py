@@ -56,7 +56,6 @@ import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -66,7 +65,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import (NEGATIVE, config, failed, llama_tensors, make_model, make_prompts,  # noqa: E402
                            patcher_cmd, sizes)
-from bench_patch import run_child  # noqa: E402
+from bench_patch import run_child, run_in_workdir  # noqa: E402
 
 from patcher.onnx_runtime import OnnxModel  # noqa: E402
 from patcher.prompts import encode_prompts, left_pad, load_tokenizer  # noqa: E402
@@ -378,20 +377,7 @@ def main(argv=None) -> int:
         ap.error("--new-tokens must be at least 2 (decode is timed from the first new token on)")
     a.threads = a.threads or os.cpu_count() or 1
 
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="patcher-bench-onnx-", dir="/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    created = [] if a.workdir else [work]  # never delete a user's --workdir itself, only what we made in it
-    try:
-        _bench(a, cmd, work, created)
-    finally:
-        if not a.keep:
-            for p in created:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-            if created:
-                print(f"\n(removed what this run generated under {work}; --keep keeps it)")
+    run_in_workdir(a, "patcher-bench-onnx-", lambda work, created: _bench(a, cmd, work, created))
     return 0
 
 

@@ -109,28 +109,55 @@ def layers_for(gb: float) -> int:
     return max(1, round((gb * 1e9 - _nbytes(0)) / (_nbytes(1) - _nbytes(0))))
 
 
-def make_checkpoint(folder: Path, n_layers: int) -> int:
-    folder.mkdir(parents=True)
+def write_sharded(folder: Path, tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> int:
+    """Write bf16 `tensors` (bench values; norm weights 1) in order into shards of <= `shard_bytes` under the
+    existing `folder`, with model.safetensors.index.json; return the total tensor bytes."""
     shards, cur, size = [], [], 0
-    for name, shape in llama_tensors(n_layers):
+    for name, shape in tensors:
         nbytes = 2 * int(np.prod(shape))
-        if cur and size + nbytes > SHARD_BYTES:
+        if cur and size + nbytes > shard_bytes:
             shards.append(cur)
             cur, size = [], 0
         cur.append((name, shape))
         size += nbytes
     shards.append(cur)
     weight_map, total = {}, 0
-    for k, tensors in enumerate(shards):
+    for k, group in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         outs = [OutTensor(n, "BF16", s, produce=_producer(s, zlib.crc32(n.encode()), ones=n.endswith("norm.weight")))
-                for n, s in tensors]
+                for n, s in group]
         write_safetensors(folder / fname, outs, {"format": "pt"})
         for t in outs:
             weight_map[t.name] = fname
             total += t.nbytes
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def run_in_workdir(args, prefix: str, bench_fn, note: bool = True) -> None:
+    """Call bench_fn(work, created) in args.workdir (or a new /tmp/<prefix>* folder). Unless args.keep, then
+    delete the paths in `created`: bench_fn appends what it generates; the folder itself is in it only when
+    this run made it (a user's --workdir is never deleted). `note`: say so when something was removed."""
+    work = args.workdir or Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    created = [] if args.workdir else [work]
+    try:
+        bench_fn(work, created)
+    finally:
+        if not args.keep:
+            for p in created:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            if created and note:
+                print(f"\n(removed what this run generated under {work}; --keep keeps it)")
+
+
+def make_checkpoint(folder: Path, n_layers: int) -> int:
+    folder.mkdir(parents=True)
+    total = write_sharded(folder, llama_tensors(n_layers), SHARD_BYTES)
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D, "intermediate_size": FF,
         "num_hidden_layers": n_layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
@@ -422,44 +449,39 @@ def main(argv=None) -> int:
             ap.error("the HF method needs torch and transformers (pip install -e '.[test]'), or pass --skip-hf:\n"
                      + probe.stderr[-500:])
     sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="patcher-bench-", dir="/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    created = [] if args.workdir else [work]  # never delete a user's --workdir itself, only what we made in it
-    print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"cp/patcher: {args.repeats} runs per size"
-          + (f", HF: {args.hf_repeats} run{'s' if args.hf_repeats != 1 else ''} per size (slow)" if use_hf
-             else ", HF: skipped"), flush=True)
     rows = []
-    try:
-        direction = work / "dir.npy"
-        created.append(direction)
-        np.save(direction, np.random.default_rng(1).standard_normal(D).astype(np.float32))
-        hf_script = None
-        if use_hf:
-            hf_script = work / "hf_edit_child.py"
-            created.append(hf_script)
-            hf_script.write_text(HF_CHILD)
-        for gb in sizes:
-            n_layers = layers_for(gb)
-            src = work / f"llama-{n_layers}L"
-            if not src.exists():
-                created.append(src)
-                t0 = time.perf_counter()
-                total = make_checkpoint(src, n_layers)
-                print(f"generated {src} ({total / 1e9:.2f} GB, {n_layers} layers) in {time.perf_counter() - t0:.1f} s",
-                      flush=True)
-            total = sum(f.stat().st_size for f in src.iterdir())
-            res = bench(cmd, src, direction, work, args.repeats, args.hf_repeats, hf_script, n_layers)
-            rows.append((total, n_layers, res))
-    finally:
-        if not args.keep:
-            for p in created:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-        for name in ("out-cp", "out-patcher", "out-hf"):  # left behind only if a run was interrupted
-            shutil.rmtree(work / name, ignore_errors=True)
+
+    def run(work: Path, created: list[Path]) -> None:
+        print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+              f"cp/patcher: {args.repeats} runs per size"
+              + (f", HF: {args.hf_repeats} run{'s' if args.hf_repeats != 1 else ''} per size (slow)" if use_hf
+                 else ", HF: skipped"), flush=True)
+        try:
+            direction = work / "dir.npy"
+            created.append(direction)
+            np.save(direction, np.random.default_rng(1).standard_normal(D).astype(np.float32))
+            hf_script = None
+            if use_hf:
+                hf_script = work / "hf_edit_child.py"
+                created.append(hf_script)
+                hf_script.write_text(HF_CHILD)
+            for gb in sizes:
+                n_layers = layers_for(gb)
+                src = work / f"llama-{n_layers}L"
+                if not src.exists():
+                    created.append(src)
+                    t0 = time.perf_counter()
+                    total = make_checkpoint(src, n_layers)
+                    print(f"generated {src} ({total / 1e9:.2f} GB, {n_layers} layers) in "
+                          f"{time.perf_counter() - t0:.1f} s", flush=True)
+                total = sum(f.stat().st_size for f in src.iterdir())
+                res = bench(cmd, src, direction, work, args.repeats, args.hf_repeats, hf_script, n_layers)
+                rows.append((total, n_layers, res))
+        finally:
+            for name in ("out-cp", "out-patcher", "out-hf"):  # left behind only if a run was interrupted
+                shutil.rmtree(work / name, ignore_errors=True)
+
+    run_in_workdir(args, "patcher-bench-", run, note=False)
 
     label = "HF (from_pretrained+edit+save_pretrained)"
     print(f"\n{'size GB':>8} {'layers':>6}  {'method':<42} {'runs':>4} {'wall s':>8} {'/cp':>6} {'/patcher':>8} "
