@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.codecs import decode, encode, numpy_dtype
+from kernels.codecs import decode, encode
 from kernels.project import bias_inject, bias_project
 from kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
 from kernels.stream import ablate_blocks

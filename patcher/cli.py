@@ -134,7 +134,7 @@ def inspect(model: Path = typer.Argument(..., help="Model folder, or one .safete
                            str(ts[0].residual_axis) if ts else "")
             out.print(rt)
             if res.missing:
-                out.print(f"[yellow]missing:[/] " + "; ".join(
+                out.print("[yellow]missing:[/] " + "; ".join(
                     f"{r}{'' if l is None else f' layer {l}'} ({p})" for r, l, p in res.missing[:10])
                     + (f" … and {len(res.missing) - 10} more" if len(res.missing) > 10 else ""))
         if "provenance" in info:

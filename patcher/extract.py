@@ -5,7 +5,6 @@ Means are accumulated in float64. Per-prompt projections for the scores are kept
 [prompts, layers, d_model] only when asked for scores (always, for the CLI), which bounds memory by
 the prompt count, not the model size.
 """
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

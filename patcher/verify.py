@@ -2,7 +2,6 @@
 agreement), the direction's projection per layer, and behaviour (marker rate, first-token KL)."""
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import numpy as np
 
 from patcher import __version__
 from patcher.checkpoint import Checkpoint
-from patcher.errors import PatcherError
 from patcher.execution import StreamedModel
 from patcher.onnx_runtime import OnnxModel
 from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file

@@ -33,7 +33,6 @@ import pstats
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path

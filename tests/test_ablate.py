@@ -193,7 +193,6 @@ def test_directions_file_with_layer(tmp_path):
 def test_signal_mid_write_leaves_no_output(tmp_path, direction64, sig, monkeypatch):
     """A run stopped while writing removes its partial folder and leaves the input untouched."""
     import hashlib
-    import os
     import signal
     import subprocess
     import sys

@@ -5,7 +5,6 @@ import math
 
 import ml_dtypes
 import numpy as np
-import pytest
 
 from conftest import FIXTURES, fixture_path, run_cli, unit
 from kernels.codecs import ulp_distance

@@ -2,7 +2,6 @@
 determinism (the same command twice gives the same bytes)."""
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
