@@ -316,13 +316,16 @@ def export(model: Path = typer.Argument(..., help="Model folder (safetensors)"),
            dtype: str = typer.Option("fp32", "--dtype", help="fp32 (model.onnx), fp16 (model_fp16.onnx: fp16 weights), "
                                                            "int4 (model_q4.onnx via MatMulNBits, plus model.onnx)"),
            opset: int = typer.Option(17, "--opset", help="ONNX opset (17: standard ops, correct with left padding)"),
+           int4_block: int = typer.Option(32, "--int4-block", help="int4 quantization block size (power of two)"),
+           int4_accuracy: Optional[int] = typer.Option(None, "--int4-accuracy",
+                                                       help="MatMulNBits accuracy_level (4: int8 compute, faster on CPU)"),
            force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists")):
     """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
     def body():
         from patcher.onnx_export import export as run_export
         with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
             run_export(model, output, dtype=dtype, force=force, opset=opset,
-                       command=shlex.join(["patcher", *sys.argv[1:]]))
+                       command=shlex.join(["patcher", *sys.argv[1:]]), int4_block=int4_block, int4_accuracy=int4_accuracy)
         files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
         size = sum((output / f).stat().st_size for f in files)
         out.print(f"wrote {output} ({_human(size)}): " + ", ".join(str(f) for f in files))

@@ -155,6 +155,18 @@ def test_generate_cli_streams_and_batches(tmp_path, monkeypatch):
     assert res.output.count("> ") == 2
 
 
+def test_int4_options_reach_the_quantizer(tmp_path):
+    run_cli("export", fixture_path("llama"), "-o", tmp_path / "q", "--dtype", "int4", "--int4-block", "64",
+            "--int4-accuracy", "4")
+    nodes = [n for n in onnx.load(str(tmp_path / "q" / "onnx" / "model_q4.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in nodes[0].attribute}
+    assert attrs["block_size"] == 64 and attrs["accuracy_level"] == 4
+    res = run_cli("export", fixture_path("llama"), "-o", tmp_path / "bad", "--dtype", "int4", "--int4-block", "48",
+                  expect=1)
+    assert "power of two" in res.output and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("dtype,file", [("fp16", "model_fp16.onnx"), ("int4", "model_q4.onnx")])
 def test_fp16_and_int4_exports_run(tmp_path, dtype, file):
     folder = export(fixture_path("qwen3"), tmp_path / dtype, dtype=dtype)
