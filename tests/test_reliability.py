@@ -91,7 +91,7 @@ op = "export"
 ''')
     src_before = digests(fixture_path("llama"))
     slow = ("import time, patcher.writer as w\norig = w._write_produced\n"
-            "def slow(*a):\n    time.sleep(0.02); return orig(*a)\nw._write_produced = slow\n"
+            "def slow(*a):\n    time.sleep(0.2); return orig(*a)\nw._write_produced = slow\n"
             "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()\n")
     (tmp_path / "out").mkdir()
     rc = _kill_when_writing([sys.executable, "-c", slow, "run", str(recipe)], tmp_path / "out",
