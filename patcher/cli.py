@@ -47,6 +47,11 @@ def _open(model: Path, arch_table: Optional[Path], need_arch: bool = True) -> tu
     return ck, resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Not a KeyboardInterrupt, which click turns into 'Aborted!' and exit 1 when
+    it lands outside a command body: this one always ends in cleanup and exit 130."""
+
+
 def _guard(fn):
     """Run a command body: PatcherError -> one line + exit 1; Ctrl-C -> exit 130, nothing left."""
     try:
@@ -54,7 +59,7 @@ def _guard(fn):
     except PatcherError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         err.print("[bold red]interrupted:[/] no output was written (partial files removed)")
         raise typer.Exit(130)
     except OSError as e:
@@ -521,11 +526,18 @@ def version():
     print(__version__)
 
 
-def _terminate(_signum, _frame):
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: partial output removed
-
-
 register_diff(app, out, err, _guard)
+
+
+def _interrupt(_signum, _frame):
+    raise Interrupted
+
+
 def main():
-    signal.signal(signal.SIGTERM, _terminate)
-    app()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        app()
+    except Interrupted:
+        err.print("[bold red]interrupted[/]")
+        sys.exit(130)

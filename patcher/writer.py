@@ -143,7 +143,7 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
         if error:
             raise error[0]
     finally:
-        if copier is not None:
+        if copier is not None and copier.ident is not None:  # an interrupt may land before start()
             copier.join()
         os.close(fd)
 

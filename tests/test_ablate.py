@@ -214,7 +214,7 @@ def test_signal_mid_write_leaves_no_output(tmp_path, direction64, sig, monkeypat
     assert list(tmp_path.glob(".out.partial-*")), "the run never started writing"
     p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=30)
-    assert p.returncode == 130 and "interrupted" in err
+    assert p.returncode == 130 and "interrupted" in err, err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     assert digest() == before
     run_cli("ablate", src, "-d", direction64, "-o", out)  # a re-run succeeds
