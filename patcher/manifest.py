@@ -2,11 +2,15 @@
 step, sha256 of every input and output file, the directions used, timings.
 
 Hashing runs on a background thread while the edit streams (hashlib releases the GIL), inputs from
-the start and each output shard as soon as it is written, so it costs little wall time.
+the start and each output shard as soon as it is written. Digests are remembered by file identity
+(device, inode, size, mtime, ctime — ctime cannot be set from user space, so any rewrite of the file
+misses the cache), so re-running on the same base, or the next step of a recipe, does not hash again.
 """
 import hashlib
 import json
+import os
 import platform
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +29,56 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+_CACHE_LOCK = threading.Lock()
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "sha256-by-identity.json"
+
+
+def _identity(path) -> str:
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+class DigestCache:
+    """file identity -> sha256, persisted between runs (a cache: losing it only costs time)."""
+
+    def __init__(self):
+        self.path = _cache_path()
+        try:
+            self.known = json.loads(self.path.read_text())
+            self.known = self.known if isinstance(self.known, dict) else {}
+        except (OSError, ValueError):
+            self.known = {}
+        self.added = {}
+
+    def sha256(self, path) -> str:
+        key = _identity(path)
+        if key in self.known:
+            return self.known[key]
+        digest = sha256_file(path)
+        if key == _identity(path):  # unchanged while we read it
+            with _CACHE_LOCK:
+                self.added[key] = digest
+        return digest
+
+    def save(self) -> None:
+        if not self.added:
+            return
+        with _CACHE_LOCK:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                merged = {**self.known, **self.added}
+                if len(merged) > 100_000:  # keep the file small: newest entries win
+                    merged = dict(list(merged.items())[-50_000:])
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+                tmp.write_text(json.dumps(merged))
+                tmp.replace(self.path)
+            except OSError:
+                pass  # a read-only home only costs time
+
+
 def size_only(path) -> str:
     return f"size:{Path(path).stat().st_size}"
 
@@ -36,7 +90,8 @@ class Hasher:
     def __init__(self, enabled: bool = True):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self.jobs: dict[str, object] = {}
-        self.digest = sha256_file if enabled else size_only
+        self.cache = DigestCache() if enabled else None
+        self.digest = self.cache.sha256 if enabled else size_only
 
     def add(self, key: str, path: Path) -> None:
         self.jobs[key] = self.pool.submit(self.digest, path)
@@ -49,6 +104,8 @@ class Hasher:
     def results(self) -> dict[str, str]:
         out = {k: f.result() for k, f in self.jobs.items()}
         self.pool.shutdown()
+        if self.cache:
+            self.cache.save()
         return out
 
     def cancel(self):

@@ -26,6 +26,13 @@ def run_cli(*args, expect: int | None = 0):
     return result
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Exports and sha256 digests are cached under PATCHER_CACHE: keep the tests' cache private."""
+    import os
+    os.environ["PATCHER_CACHE"] = str(tmp_path_factory.mktemp("patcher-cache"))
+
+
 @pytest.fixture(scope="session")
 def direction64(tmp_path_factory) -> Path:
     return FIXTURES / "direction-64.npy"

@@ -2,6 +2,7 @@
 determinism (the same command twice gives the same bytes)."""
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -133,3 +134,23 @@ def test_fuzz_driver_finds_no_crash():
                         "--seed", "7"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "3000 cases" in p.stdout and "crashes: 0" in p.stdout
+
+
+def test_digest_cache_hits_and_misses_on_any_rewrite(tmp_path, monkeypatch):
+    """Re-hashing is skipped for an unchanged file, never for a rewritten one, even when the
+    rewrite keeps size and mtime (ctime cannot be forged from user space)."""
+    from patcher import manifest
+    monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"a" * 1000)
+    c = manifest.DigestCache()
+    first = c.sha256(f)
+    c.save()
+    calls = []
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: calls.append(p) or "recomputed")
+    assert manifest.DigestCache().sha256(f) == first and not calls  # a later run: from the cache
+    st = os.stat(f)
+    time.sleep(0.01)
+    f.write_bytes(b"b" * 1000)  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime restored
+    assert manifest.DigestCache().sha256(f) == "recomputed" and calls
