@@ -32,7 +32,8 @@ class Direction:
         return self.vectors / np.linalg.norm(self.vectors, axis=1, keepdims=True)
 
 
-def _digest(v: np.ndarray) -> str:
+def digest(v: np.ndarray) -> str:
+    """Identifies a direction whatever file held it: sha256 of its float64 bytes."""
     return hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
 
 
@@ -53,7 +54,7 @@ def load_direction(spec: str, d_model: int | None = None) -> Direction:
         raise PatcherError(spec, "direction contains NaN or Inf")
     if np.any(np.linalg.norm(vectors, axis=1) == 0):
         raise PatcherError(spec, "direction has zero norm")
-    return Direction(vectors, spec, layer, _digest(vectors))
+    return Direction(vectors, spec, layer, digest(vectors))
 
 
 def _from_npy(path: Path) -> np.ndarray:

@@ -64,12 +64,16 @@ class StreamedModel:
                 return dequantize_blocks(raw, self.ck.array(name + suffix).astype(np.float32))
         return decode(raw)
 
+    def is_scale(self, name: str) -> bool:
+        """An FP8 weight's block-scale tensor: applied by _decode, never a weight of its own."""
+        return (name.endswith(_SCALE_SUFFIXES) and self.ck.info(name).dtype != "F8_E4M3"
+                and name.rsplit("_scale", 1)[0] in self.ck.tensors)
+
     def _load(self, names: Iterable[str], strip: str) -> dict:
         out = {}
         for name in names:
-            if name.endswith(_SCALE_SUFFIXES) and self.ck.info(name).dtype != "F8_E4M3" and \
-                    name.rsplit("_scale", 1)[0] in self.ck.tensors:
-                continue  # an FP8 weight's scale, applied by _decode
+            if self.is_scale(name):
+                continue
             out[name[len(strip):] if name.startswith(strip) else name] = self._decode(name)
             self.ck.release(name)
         return out

@@ -41,6 +41,18 @@ def _identity(path) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
+def folder_identity(path, *salt) -> str:
+    """Cheap identity of a model folder (path, and each file's name, size and mtime): keys caches and
+    recipe fingerprints without reading the data."""
+    path = Path(path).resolve()
+    h = hashlib.sha256("|".join([str(path), *map(str, salt)]).encode())
+    for p in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 class DigestCache:
     """file identity -> sha256, persisted between runs (a cache: losing it only costs time)."""
 

@@ -39,7 +39,7 @@ def _source(sm: StreamedModel) -> dict:
     kept; the forward's top-level names are mapped to the checkpoint's)."""
     src = {}
     for name, info in sm.ck.tensors.items():
-        if name.endswith(("_scale_inv", "_scale")) and name.rsplit("_scale", 1)[0] in sm.ck.tensors:
+        if sm.is_scale(name):
             continue
         src[name] = (info.shape, lambda name=name: sm._decode(name))
     top = sm.top_weights().names  # prefix-free -> checkpoint name

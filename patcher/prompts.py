@@ -7,7 +7,6 @@ and the chat template by a sandboxed Jinja2 environment set up the way transform
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -295,10 +294,3 @@ def left_pad(batch_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
             mask[row, width - len(ids):] = 1
     return input_ids, mask
 
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

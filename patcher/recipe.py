@@ -295,7 +295,8 @@ def _fingerprints(plan: ModelPlan) -> None:
     import hashlib
 
     from patcher import __version__
-    model, directions, export = _folder_identity(plan.path), None, None
+    from patcher.manifest import folder_identity
+    model, directions, export = folder_identity(plan.path), None, None
     for a in plan.actions:
         blob = json.dumps({"op": a.op, "options": a.options, "model": model, "directions": directions,
                            "export": export, "v": __version__}, sort_keys=True, default=str)
@@ -306,16 +307,6 @@ def _fingerprints(plan: ModelPlan) -> None:
             directions = a.fingerprint
         elif a.op == "export":
             export = a.fingerprint
-
-
-def _folder_identity(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for p in sorted(path.iterdir()) if path.is_dir() else [path]:
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
 
 
 # --- dry run and execution ---------------------------------------------------------------------------
@@ -351,13 +342,12 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
 
 
 def _directions(specs: list[str], d_model: int):
-    from patcher.directions import Direction, load_direction
+    from patcher.directions import Direction, digest, load_direction
     loaded = [load_direction(s, d_model) for s in specs]
     if len(loaded) == 1:
         return loaded[0]
     vectors = np.concatenate([x.vectors for x in loaded])
-    return Direction(vectors, " + ".join(specs), None, loaded[0].sha256 if len(loaded) == 1 else
-                     __import__("hashlib").sha256(np.ascontiguousarray(vectors, "<f8").tobytes()).hexdigest())
+    return Direction(vectors, " + ".join(specs), None, digest(vectors))
 
 
 def _manifest_path(a: Action) -> Path:

@@ -1,6 +1,5 @@
 """`patcher verify` and `patcher generate`: onnxruntime against the numpy forward (parity, greedy
 agreement), the direction's projection per layer, and behaviour (marker rate, first-token KL)."""
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,8 @@ import numpy as np
 from patcher import __version__
 from patcher.checkpoint import Checkpoint
 from patcher.execution import StreamedModel
+from patcher.manifest import folder_identity
+from patcher.onnx_export import FILES
 from patcher.onnx_runtime import OnnxModel
 from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
@@ -17,7 +18,6 @@ NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
 # max |Δ logits| / max(1, max |logits|) allowed per export dtype: fp32 is exact up to float rounding;
 # fp16 weights round each weight to 11 bits; int4 (block 32) changes logits substantially by design
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 0.5}
-FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int4": "model_q4.onnx"}
 # refusal-style markers peers count (case-insensitive, straight or curly apostrophes)
 MARKERS = ["i'm sorry", "i am sorry", "i cannot", "i can't", "as an ai", "i apologize", "i'm not able",
            "i am not able", "i won't", "i will not"]
@@ -32,12 +32,8 @@ def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     """A safetensors folder's export in the cache (keyed by path, file sizes and mtimes, version)."""
     from patcher.onnx_export import export
     model = Path(model).resolve()
-    h = hashlib.sha256(f"{model}|{__version__}|{dtype}".encode())
-    for p in sorted(model.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "onnx" / h.hexdigest()[:16]
+    key = folder_identity(model, __version__, dtype)
+    root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "onnx" / key[:16]
     if not (root / "onnx" / FILES[dtype]).is_file():
         if announce:
             announce(f"exporting {model} to ONNX in {root} (cached for next time)")

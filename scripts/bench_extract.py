@@ -208,11 +208,9 @@ def profile_patcher(script: str, extract_args: list[str], work: Path, top: int) 
         print(f"{tt:10.2f} {100 * tt / total:6.1f} {ct:10.2f} {ncalls:9d}  {where}")
 
 
-# --- main --------------------------------------------------------------------------------------------------
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_argument_group("synthetic model")
+def add_model_args(ap: argparse.ArgumentParser, title: str = "synthetic model") -> None:
+    """The synthetic llama's shape options (shared with bench_onnx.py)."""
+    g = ap.add_argument_group(title)
     g.add_argument("--d-model", type=int, default=1024)
     g.add_argument("--intermediate", type=int, default=2816)
     g.add_argument("--layers", type=int, default=16)
@@ -221,6 +219,13 @@ def main(argv=None) -> int:
     g.add_argument("--kv-heads", type=int, default=4)
     g.add_argument("--head-dim", type=int, default=64)
     g.add_argument("--shard-mib", type=int, default=128, help="maximum shard size in MiB (default 128)")
+
+
+# --- main --------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=64, help="prompts per set (default 64)")
     ap.add_argument("--batch-size", type=int, default=16, help="batch size for both methods (default 16)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per method; medians reported, RSS the maximum")

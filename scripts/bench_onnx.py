@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import (NEGATIVE, config, failed, llama_tensors, make_model, make_prompts,  # noqa: E402
+from bench_extract import (NEGATIVE, add_model_args, config, failed, llama_tensors, make_model, make_prompts,  # noqa: E402
                            patcher_cmd, sizes)
 from bench_patch import run_child, run_in_workdir  # noqa: E402
 
@@ -341,15 +341,7 @@ def gemm_peak(m: int, k: int, n: int, threads: int, with_torch: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_argument_group("synthetic model (as scripts/bench_extract.py)")
-    g.add_argument("--d-model", type=int, default=1024)
-    g.add_argument("--intermediate", type=int, default=2816)
-    g.add_argument("--layers", type=int, default=16)
-    g.add_argument("--vocab", type=int, default=384, help="384 matches the fixture tokenizer (default)")
-    g.add_argument("--heads", type=int, default=16)
-    g.add_argument("--kv-heads", type=int, default=4)
-    g.add_argument("--head-dim", type=int, default=64)
-    g.add_argument("--shard-mib", type=int, default=128, help="maximum shard size in MiB (default 128)")
+    add_model_args(ap, "synthetic model (as scripts/bench_extract.py)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts in the batch (default 8)")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt (default 32)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, after one warm-up; medians")

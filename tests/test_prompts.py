@@ -11,7 +11,8 @@ import pytest
 from tokenizers import Tokenizer, processors
 
 from patcher.errors import PatcherError
-from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file, sha256_file
+from patcher.manifest import sha256_file
+from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
 from conftest import fixture_path
 
