@@ -3,10 +3,10 @@
 No file I/O, no tensor names, no CLI: every function takes arrays and returns arrays,
 so it can be tested against a float64 reference in isolation.
 """
-from kernels.codecs import decode, encode, numpy_dtype, ulp_distance
-from kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks, requantize_scale, quantize_blocks
-from kernels.stream import ablate_blocks
-from kernels.project import (
+from patcher_kernels.codecs import decode, encode, numpy_dtype, ulp_distance
+from patcher_kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks, requantize_scale, quantize_blocks
+from patcher_kernels.stream import ablate_blocks
+from patcher_kernels.project import (
     bias_inject,
     bias_project,
     orthonormalize,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from kernels.project import project_block_cols, project_block_rows, rescale_norms, residual_coefficients
+from patcher_kernels.project import project_block_cols, project_block_rows, rescale_norms, residual_coefficients
 
 Reader = Callable[[int, int], np.ndarray]
 

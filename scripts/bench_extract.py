@@ -42,9 +42,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_patch import run_child, run_in_workdir, warm, write_sharded  # noqa: E402  (per-child rusage, cache warm-up)
 
-from patcher.checkpoint import Checkpoint  # noqa: E402
-from patcher.directions import read_metadata  # noqa: E402
-from patcher.prompts import encode_prompts, load_tokenizer  # noqa: E402
+from patcher.io.checkpoint import Checkpoint  # noqa: E402
+from patcher.edit.directions import read_metadata  # noqa: E402
+from patcher.model.prompts import encode_prompts, load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_SRC = REPO / "fixtures" / "tiny-llama"
@@ -161,7 +161,7 @@ print(json.dumps({"threads": torch.get_num_threads(), "tokens": n_tokens, "impor
                   "attn_implementation": getattr(model.config, "_attn_implementation", None)}))
 '''
 
-BASELINE = {"patcher": "import patcher.cli, patcher.extract, patcher.execution",
+BASELINE = {"patcher": "import patcher.cli, patcher.edit.extract, patcher.model.execution",
             "hf": "import torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer"}
 
 

@@ -10,7 +10,7 @@ The same chat-templated, left-padded batch of neutral prompts (patcher's tokeniz
 AutoTokenizer is checked to give the same ids) goes through, in this one process:
 
   * HF transformers  AutoModelForCausalLM (float32, eval, no_grad)
-  * ONNX fp32        patcher.onnx_runtime.OnnxModel on onnx/model.onnx
+  * ONNX fp32        patcher.onnx.runtime.OnnxModel on onnx/model.onnx
   * ONNX int4        OnnxModel on onnx/model_q4.onnx
 
 and for each method it measures (each method warmed up once, then --repeats rounds in which the
@@ -67,8 +67,8 @@ from bench_extract import (NEGATIVE, add_model_args, config, failed, llama_tenso
                            patcher_cmd, sizes)
 from bench_patch import run_child, run_in_workdir  # noqa: E402
 
-from patcher.onnx_runtime import OnnxModel  # noqa: E402
-from patcher.prompts import encode_prompts, left_pad, load_tokenizer  # noqa: E402
+from patcher.onnx.runtime import OnnxModel  # noqa: E402
+from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer  # noqa: E402
 
 MIB = 1 << 20
 LABELS = {"hf": "HF", "fp32": "ONNX fp32", "int4": "ONNX int4"}

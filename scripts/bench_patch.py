@@ -24,7 +24,7 @@ Correctness: after the first repeat in which both edited copies exist, it reads 
 (the embedding, one o_proj, one down_proj, and an unedited q_proj) from both outputs and reports
 how far patcher's values are from HF's (both start from the same stored bf16 weights and the same
 unit direction, both compute in float32 and round once to bf16), and each from a float64 reference
-rounded once to bf16, in bf16 ulps: raw (the ulp distance of kernels.codecs.ulp_distance) and at the
+rounded once to bf16, in bf16 ulps: raw (the ulp distance of patcher_kernels.codecs.ulp_distance) and at the
 operands' scale, max(|W|, |W'|). Raw distances above 1 occur only where the projection cancels
 (|W'| << |W|): there float32 rounding of the operands is many ulps of the tiny result, in both
 implementations alike (compare each one's distance to the reference).
@@ -54,9 +54,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from kernels.codecs import ulp_distance
-from patcher.checkpoint import Checkpoint
-from patcher.writer import OutTensor, write_safetensors
+from patcher_kernels.codecs import ulp_distance
+from patcher.io.checkpoint import Checkpoint
+from patcher.io.writer import OutTensor, write_safetensors
 
 D, FF, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 16
 SHARD_BYTES = 1 << 30

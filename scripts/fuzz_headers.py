@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from patcher.checkpoint import Checkpoint  # noqa: E402
+from patcher.io.checkpoint import Checkpoint  # noqa: E402
 from patcher.errors import CheckpointError  # noqa: E402
 
 FIXTURE = ROOT / "fixtures" / "tiny-llama"

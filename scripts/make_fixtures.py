@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from patcher.writer import OutTensor, write_safetensors  # noqa: E402
+from patcher.io.writer import OutTensor, write_safetensors  # noqa: E402
 
 D, HEADS, KV, HD, INTER, VOCAB, LAYERS = 64, 4, 2, 16, 96, 384, 3
 EXPERTS, MOE_INTER, SHARED_INTER = 4, 32, 48
@@ -234,7 +234,7 @@ def make_planted(out: Path) -> Path:
     """tiny-llama with a planted direction; writes planted-direction-64.npy and prompts/planted-*.txt."""
     from tokenizers import Tokenizer
 
-    from patcher.checkpoint import Checkpoint
+    from patcher.io.checkpoint import Checkpoint
     target = make("llama", out, name="tiny-llama-planted")
     tok = Tokenizer.from_file(str(target / "tokenizer.json"))
     marker_ids = sorted({i for w in MARKERS for i in tok.encode(" " + w).ids})

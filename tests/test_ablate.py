@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import MODEL_TYPES, fixture_path, read_config, run_cli, unit
-from kernels.codecs import ulp_distance
-from patcher.checkpoint import Checkpoint
+from patcher_kernels.codecs import ulp_distance
+from patcher.io.checkpoint import Checkpoint
 
 # Residual writers per fixture, written out independently of patcher's tables:
 # regex of the weight name -> residual axis.
@@ -175,7 +175,7 @@ def test_existing_output_refused_then_forced(tmp_path, direction64):
 
 
 def test_directions_file_with_layer(tmp_path):
-    from patcher.directions import save_directions
+    from patcher.edit.directions import save_directions
     rng = np.random.default_rng(5)
     table = rng.standard_normal((4, 64)).astype(np.float32)
     save_directions(tmp_path / "d.safetensors", table, table, 0 * table, {"selected_layer": 2})
@@ -201,7 +201,7 @@ def test_signal_mid_write_leaves_no_output(tmp_path, direction64, sig, monkeypat
     digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}  # noqa: E731
     before = digest()
     out = tmp_path / "out"
-    code = ("import time, patcher.writer as w\n"
+    code = ("import time, patcher.io.writer as w\n"
             "orig = w._write_produced\n"
             "def slow(*a):\n    time.sleep(0.2); return orig(*a)\n"
             "w._write_produced = slow\n"

@@ -21,12 +21,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from patcher.checkpoint import INDEX_NAME, Checkpoint
+from patcher.io.checkpoint import INDEX_NAME, Checkpoint
 from patcher.cli import app
-from patcher.directions import load_direction, save_directions
+from patcher.edit.directions import load_direction, save_directions
 from patcher.errors import CheckpointError, PatcherError
-from patcher.safetensors_file import MAX_HEADER, SafetensorsFile
-from patcher.writer import OutputFolder, OutTensor, write_safetensors
+from patcher.io.safetensors import MAX_HEADER, SafetensorsFile
+from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
 
 
 # --- helpers -------------------------------------------------------------------------------------

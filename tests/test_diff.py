@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import MODEL_TYPES, fixture_path, run_cli, unit
-from kernels.lowrank import rank_for_energy, rounding_floor, shared_direction, top_singular
-from patcher.checkpoint import Checkpoint
-from patcher.safetensors_file import SafetensorsFile
-from patcher.writer import OutTensor, write_safetensors
+from patcher_kernels.lowrank import rank_for_energy, rounding_floor, shared_direction, top_singular
+from patcher.io.checkpoint import Checkpoint
+from patcher.io.safetensors import SafetensorsFile
+from patcher.io.writer import OutTensor, write_safetensors
 
 ABLATION = "rank-1 directional ablation along one shared direction"
 WRITER_ROLES = ("embed", "attn_out", "mlp_out")
@@ -279,7 +279,7 @@ def test_unknown_model_type_still_diffs(tmp_path, rand_dir):
     assert {t["role"] for t in report["tensors"]} == {"unknown"}
     assert all(t["rank99"] == 1 and t["cos_shared"] is None for t in report["tensors"])
     assert any("--arch-table" in n for n in report["notes"])
-    table = fixture_path("llama").parents[1] / "patcher" / "tables" / "llama.toml"
+    table = fixture_path("llama").parents[1] / "patcher" / "model" / "tables" / "llama.toml"
     assert diff_json(base, out, "--arch-table", table)["verdict"] == f"{ABLATION} (7 tensors)"
 
 
@@ -329,8 +329,8 @@ def test_rank_floor_and_shared_direction():
 
 
 def test_python_api_takes_a_loaded_direction(tmp_path, rand_dir):
-    from patcher.diff import diff
-    from patcher.directions import load_direction
+    from patcher.edit.diff import diff
+    from patcher.edit.directions import load_direction
 
     src, out = fixture_path("qwen2"), tmp_path / "out"
     run_cli("inject", src, "-d", rand_dir, "-o", out, "--layer", 1, "--alpha", 2, "--target", "attn_out")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, fixture_path, run_cli, unit
-from patcher.checkpoint import Checkpoint
-from patcher.directions import read_metadata
-from patcher.extract import extract
+from patcher.io.checkpoint import Checkpoint
+from patcher.edit.directions import read_metadata
+from patcher.edit.extract import extract
 
 POS = FIXTURES / "prompts" / "planted-positive.txt"
 NEG = FIXTURES / "prompts" / "planted-negative.txt"
@@ -128,7 +128,7 @@ def test_prompt_shorter_than_positions_is_an_error(tmp_path):
 def test_injected_bias_is_live_in_the_numpy_forward(model_type, tmp_path, direction64):
     """Every architecture table's mlp_out injection slot is one the forward description applies:
     the output of block L gains exactly alpha * r, whether or not HF could load the bias."""
-    from patcher.execution import StreamedModel
+    from patcher.model.execution import StreamedModel
     layer, alpha = 1, 2.5
     out = tmp_path / "inj"
     run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", layer, "--alpha", alpha)

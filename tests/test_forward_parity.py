@@ -4,8 +4,8 @@ created and saved by transformers itself, on a left-padded batch; resid_pre and 
 import numpy as np
 import pytest
 
-from patcher.checkpoint import Checkpoint
-from patcher.execution import StreamedModel
+from patcher.io.checkpoint import Checkpoint
+from patcher.model.execution import StreamedModel
 
 torch = pytest.importorskip("torch")
 T = pytest.importorskip("transformers")

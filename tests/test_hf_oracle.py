@@ -115,7 +115,7 @@ def test_injection_without_hf_slot_is_written_and_reported(model_type, tmp_path,
     out = tmp_path / "out"
     res = run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", 0, "--alpha", 2.0)
     assert "ONNX export" in res.output and "no bias slot" in res.output
-    from patcher.checkpoint import Checkpoint
+    from patcher.io.checkpoint import Checkpoint
     with Checkpoint(out) as ck:
         new = [n for n in ck.tensors if n not in Checkpoint(fixture_path(model_type)).tensors]
         assert len(new) == 1

@@ -3,7 +3,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels import (FP8_MAX, ablate_blocks, bias_inject, bias_project, block_amax, decode, dequantize_blocks, encode,
+from patcher_kernels import (FP8_MAX, ablate_blocks, bias_inject, bias_project, block_amax, decode, dequantize_blocks, encode,
                      orthonormalize, project_full, quantize_blocks, requantize_scale, ulp_distance)
 
 rng = np.random.default_rng(7)

@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 from conftest import MODEL_TYPES, fixture_path, run_cli
-from patcher.checkpoint import Checkpoint
-from patcher.execution import StreamedModel
-from patcher.onnx_export import export
-from patcher.onnx_runtime import OnnxModel
+from patcher.io.checkpoint import Checkpoint
+from patcher.model.execution import StreamedModel
+from patcher.onnx.export import export
+from patcher.onnx.runtime import OnnxModel
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_verify_fails_on_a_mismatched_reference(tmp_path):
 
 
 def test_marker_rate_matching():
-    from patcher.verify import marker_rate
+    from patcher.onnx.verify import marker_rate
     assert marker_rate(["I\u2019m sorry, no.", "Sure! Here it is.", "AS AN AI model", "i cannot do that"]) == 0.75
 
 
@@ -185,7 +185,7 @@ def test_fp16_and_int4_exports_run(tmp_path, dtype, file):
 
 def test_cuda_provider_when_present(exported):
     """onnxruntime-gpu with a GPU: the same parity on CUDA. Skipped cleanly on CPU-only machines (CI)."""
-    from patcher.onnx_runtime import available_providers
+    from patcher.onnx.runtime import available_providers
     if "cuda" not in available_providers():
         pytest.skip("CUDAExecutionProvider not available (onnxruntime-gpu and a GPU are needed)")
     folder = exported("llama")
@@ -199,7 +199,7 @@ def test_cuda_provider_when_present(exported):
 
 def test_unavailable_provider_is_a_clear_error(exported):
     from patcher.errors import PatcherError
-    from patcher.onnx_runtime import available_providers
+    from patcher.onnx.runtime import available_providers
     if "cuda" in available_providers():
         pytest.skip("CUDA is available here")
     with pytest.raises(PatcherError, match="not available"):

@@ -1,4 +1,4 @@
-"""patcher.prompts against HF transformers as the oracle: rendered chat templates and token ids must be
+"""patcher.model.prompts against HF transformers as the oracle: rendered chat templates and token ids must be
 identical to `AutoTokenizer.apply_chat_template` / `AutoTokenizer(text)`; bad templates and prompt files give
 one PatcherError naming the file."""
 import hashlib
@@ -11,8 +11,8 @@ import pytest
 from tokenizers import Tokenizer, processors
 
 from patcher.errors import PatcherError
-from patcher.manifest import sha256_file
-from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.io.manifest import sha256_file
+from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
 from conftest import fixture_path
 

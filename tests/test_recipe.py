@@ -7,9 +7,9 @@ import ml_dtypes
 import numpy as np
 
 from conftest import FIXTURES, fixture_path, run_cli, unit
-from kernels.codecs import ulp_distance
-from patcher import manifest
-from patcher.checkpoint import Checkpoint
+from patcher_kernels.codecs import ulp_distance
+from patcher.io import manifest
+from patcher.io.checkpoint import Checkpoint
 
 POS = FIXTURES / "prompts" / "planted-positive.txt"
 NEG = FIXTURES / "prompts" / "planted-negative.txt"

@@ -59,7 +59,7 @@ def _kill_when_writing(cmd, watch_dir, pattern, tmp_path):
 def test_sigkill_of_ablate(tmp_path, direction64):
     src = fixture_path("qwen2_moe")
     before = digests(src)
-    slow = ("import time, patcher.writer as w\norig = w._write_produced\n"
+    slow = ("import time, patcher.io.writer as w\norig = w._write_produced\n"
             "def slow(*a):\n    time.sleep(0.05); return orig(*a)\nw._write_produced = slow\n"
             "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()\n")
     rc = _kill_when_writing([sys.executable, "-c", slow, "ablate", str(src), "-d", str(direction64), "-o",
@@ -91,7 +91,7 @@ alpha = 2.0
 op = "export"
 ''')
     src_before = digests(fixture_path("llama"))
-    slow = ("import time, patcher.writer as w\norig = w._write_produced\n"
+    slow = ("import time, patcher.io.writer as w\norig = w._write_produced\n"
             "def slow(*a):\n    time.sleep(0.2); return orig(*a)\nw._write_produced = slow\n"
             "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()\n")
     (tmp_path / "out").mkdir()
@@ -120,8 +120,8 @@ def test_same_command_twice_gives_identical_bytes(tmp_path, direction64, cmd):
 
 
 def test_export_is_deterministic(tmp_path):
-    a = digests(__import__("patcher.onnx_export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "a"))
-    b = digests(__import__("patcher.onnx_export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "b"))
+    a = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "a"))
+    b = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "b"))
     for d in (a, b):
         d.pop("patcher-manifest.json")
         d.pop("patcher-export.json")  # names its output folder
@@ -139,7 +139,7 @@ def test_fuzz_driver_finds_no_crash():
 def test_digest_cache_hits_and_misses_on_any_rewrite(tmp_path, monkeypatch):
     """Re-hashing is skipped for an unchanged file, never for a rewritten one, even when the
     rewrite keeps size and mtime (ctime cannot be forged from user space)."""
-    from patcher import manifest
+    from patcher.io import manifest
     monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "x.bin"
     f.write_bytes(b"a" * 1000)

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 
 from conftest import MODEL_TYPES, fixture_path, run_cli, unit
-from kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks
-from patcher.architectures import load_table, supported
-from patcher.checkpoint import Checkpoint
-from patcher.writer import OutTensor, write_safetensors
+from patcher_kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks
+from patcher.model.architectures import load_table, supported
+from patcher.io.checkpoint import Checkpoint
+from patcher.io.writer import OutTensor, write_safetensors
 
 
 def test_every_required_architecture_has_a_table():
     assert set(MODEL_TYPES) <= set(supported())
     for mt in supported():
-        arch = load_table(fixture_path("llama").parents[1] / "patcher" / "tables" / f"{mt}.toml")
+        arch = load_table(fixture_path("llama").parents[1] / "patcher" / "model" / "tables" / f"{mt}.toml")
         assert arch.model_type == mt and arch.writers and arch.embeds
 
 
@@ -127,6 +127,6 @@ def test_fp8_block_scaled_ablation(tmp_path, direction64, scale_dtype):
 
 
 def test_readme_architecture_table_is_generated_from_the_tables():
-    from patcher.architectures import markdown_table
+    from patcher.model.architectures import markdown_table
     readme = (fixture_path("llama").parents[1] / "README.md").read_text()
     assert markdown_table() in readme

@@ -192,10 +192,10 @@ def _direction_specs(opts: dict) -> list[str]:
 
 def validate(recipe: Recipe) -> list[ModelPlan]:
     """Check everything that can be checked before work; raise one error listing every problem."""
-    from patcher.architectures import for_model_type, load_table, resolve
-    from patcher.checkpoint import Checkpoint
-    from patcher.directions import load_direction
-    from patcher.edits import parse_layers
+    from patcher.model.architectures import for_model_type, load_table, resolve
+    from patcher.io.checkpoint import Checkpoint
+    from patcher.edit.directions import load_direction
+    from patcher.edit.plan import parse_layers
     base = recipe.path.parent
     problems = list(recipe.problems)
     plans = []
@@ -295,7 +295,7 @@ def _fingerprints(plan: ModelPlan) -> None:
     import hashlib
 
     from patcher import __version__
-    from patcher.manifest import folder_identity
+    from patcher.io.manifest import folder_identity
     model, directions, export = folder_identity(plan.path), None, None
     for a in plan.actions:
         blob = json.dumps({"op": a.op, "options": a.options, "model": model, "directions": directions,
@@ -313,10 +313,10 @@ def _fingerprints(plan: ModelPlan) -> None:
 
 def describe(plans: list[ModelPlan]) -> list[dict]:
     """The whole plan, for --dry-run: per action its input, output, and (for edits) every tensor."""
-    from patcher.architectures import for_model_type, resolve
-    from patcher.checkpoint import Checkpoint
-    from patcher.directions import Direction
-    from patcher.edits import parse_layers, plan_ablation, plan_injection
+    from patcher.model.architectures import for_model_type, resolve
+    from patcher.io.checkpoint import Checkpoint
+    from patcher.edit.directions import Direction
+    from patcher.edit.plan import parse_layers, plan_ablation, plan_injection
     rows = []
     for plan in plans:
         for a in plan.actions:
@@ -342,7 +342,7 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
 
 
 def _directions(specs: list[str], d_model: int):
-    from patcher.directions import Direction, digest, load_direction
+    from patcher.edit.directions import Direction, digest, load_direction
     loaded = [load_direction(s, d_model) for s in specs]
     if len(loaded) == 1:
         return loaded[0]
@@ -351,12 +351,12 @@ def _directions(specs: list[str], d_model: int):
 
 
 def _manifest_path(a: Action) -> Path:
-    from patcher import manifest
+    from patcher.io import manifest
     return a.output if a.output.suffix == "" else a.output.with_name(a.output.name + "." + manifest.MANIFEST)
 
 
 def is_done(a: Action) -> bool:
-    from patcher import manifest
+    from patcher.io import manifest
     if a.output.suffix == "":
         return manifest.is_complete(a.output, a.fingerprint)
     side = _manifest_path(a)
@@ -369,16 +369,16 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
     """Execute one action (its output is written atomically); returns a one-line summary."""
     import time
 
-    from patcher import manifest
-    from patcher.apply import execute
-    from patcher.architectures import for_model_type, resolve
-    from patcher.checkpoint import Checkpoint
-    from patcher.edits import parse_layers, plan_ablation, plan_injection
+    from patcher.io import manifest
+    from patcher.edit.apply import execute
+    from patcher.model.architectures import for_model_type, resolve
+    from patcher.io.checkpoint import Checkpoint
+    from patcher.edit.plan import parse_layers, plan_ablation, plan_injection
     info = {"file": recipe_file, "step": a.step.index, "fingerprint": a.fingerprint, "model": plan.name}
     t0 = time.perf_counter()
     o = a.options
     if a.op == "extract":
-        from patcher.extract import extract
+        from patcher.edit.extract import extract
         r = extract(a.input, o["positive"], o["negative"], positions=tuple(o.get("positions", [-1])),
                     batch_size=int(o.get("batch_size", 8)), max_prompts=o.get("max_prompts"), layers=o.get("layers"),
                     chat_template=bool(o.get("chat_template", True)), system=o.get("system"),
@@ -405,12 +405,12 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
             rep = execute(p, a.output, force=True, command=None, recipe=info)
         return f"{len(p.edits)} edited, {len(p.new)} added" + (f", leakage {rep.overall_leakage():.2e}" if rep.leakage else "")
     if a.op == "export":
-        from patcher.onnx_export import export
+        from patcher.onnx.export import export
         export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info)
         return f"{o.get('dtype', 'fp32')} export"
     if a.op == "verify":
-        from patcher.directions import load_direction
-        from patcher.verify import verify
+        from patcher.edit.directions import load_direction
+        from patcher.onnx.verify import verify
         d = load_direction(o["directions"][0], plan.d_model) if o.get("directions") else None
         rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"), direction=d,
                      tokens=int(o.get("tokens", 8)))

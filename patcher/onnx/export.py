@@ -12,13 +12,14 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from patcher import __version__, manifest
-from patcher import forward as fw
-from patcher.checkpoint import INDEX_NAME, Checkpoint
+from patcher import __version__
+from patcher.io import manifest
+from patcher.model import forward as fw
+from patcher.io.checkpoint import INDEX_NAME, Checkpoint
 from patcher.errors import PatcherError
-from patcher.execution import StreamedModel
-from patcher.onnx_ops import Context, OnnxOps
-from patcher.writer import OutputFolder
+from patcher.model.execution import StreamedModel
+from patcher.onnx.ops import Context, OnnxOps
+from patcher.io.writer import OutputFolder
 
 OPSET = 17
 FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int4": "model_q4.onnx"}

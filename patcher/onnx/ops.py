@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from patcher.numpy_ops import rope_inv_freq
+from patcher.model.numpy_ops import rope_inv_freq
 
 FLOAT = ir.DataType.FLOAT
 _NEG = float(np.finfo(np.float32).min)

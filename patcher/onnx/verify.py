@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.checkpoint import Checkpoint
-from patcher.execution import StreamedModel
-from patcher.manifest import folder_identity
-from patcher.onnx_export import FILES
-from patcher.onnx_runtime import OnnxModel
-from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.io.checkpoint import Checkpoint
+from patcher.model.execution import StreamedModel
+from patcher.io.manifest import folder_identity
+from patcher.onnx.export import FILES
+from patcher.onnx.runtime import OnnxModel
+from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
-NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
+NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
 # max |Δ logits| / max(1, max |logits|) allowed per export dtype: fp32 is exact up to float rounding;
 # fp16 weights round each weight to 11 bits; int4 (block 32) changes logits substantially by design
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 0.5}
@@ -30,7 +30,7 @@ def marker_rate(texts: list[str]) -> float:
 
 def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     """A safetensors folder's export in the cache (keyed by path, file sizes and mtimes, version)."""
-    from patcher.onnx_export import export
+    from patcher.onnx.export import export
     model = Path(model).resolve()
     key = folder_identity(model, __version__, dtype)
     root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "onnx" / key[:16]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher.checkpoint import Checkpoint
+from patcher.io.checkpoint import Checkpoint
 from patcher.errors import CheckpointError, PatcherError
-from patcher.writer import OutTensor, write_safetensors
+from patcher.io.writer import OutTensor, write_safetensors
 
 METADATA_KEY = "patcher"
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.codecs import decode, encode
-from kernels.project import bias_inject, bias_project
-from kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
-from kernels.stream import ablate_blocks
-from patcher.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
-from patcher import manifest
-from patcher.edits import Plan, TensorEdit
-from patcher.writer import OutputFolder, OutTensor, write_safetensors
+from patcher_kernels.codecs import decode, encode
+from patcher_kernels.project import bias_inject, bias_project
+from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
+from patcher_kernels.stream import ablate_blocks
+from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from patcher.io import manifest
+from patcher.edit.plan import Plan, TensorEdit
+from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
 _SATURATE = {"F16", "F8_E4M3", "F8_E5M2"}

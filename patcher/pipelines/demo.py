@@ -13,7 +13,7 @@ import numpy as np
 
 from patcher.errors import PatcherError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
 
 
@@ -29,15 +29,15 @@ def bundled() -> dict:
 
 def run(out: Path | None = None, step=None) -> dict:
     """Run every stage; `step(name, seconds, facts)` is called after each. Returns all facts."""
-    from patcher.apply import execute
-    from patcher.architectures import for_model_type, resolve
-    from patcher.checkpoint import Checkpoint
-    from patcher.directions import load_direction
-    from patcher.edits import plan_ablation, plan_injection
-    from patcher.extract import extract
-    from patcher.onnx_export import export
-    from patcher.execution import StreamedModel
-    from patcher.verify import load_prompts, projections, verify
+    from patcher.edit.apply import execute
+    from patcher.model.architectures import for_model_type, resolve
+    from patcher.io.checkpoint import Checkpoint
+    from patcher.edit.directions import load_direction
+    from patcher.edit.plan import plan_ablation, plan_injection
+    from patcher.edit.extract import extract
+    from patcher.onnx.export import export
+    from patcher.model.execution import StreamedModel
+    from patcher.onnx.verify import load_prompts, projections, verify
     data = bundled()
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="patcher-demo-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def run(out: Path | None = None, step=None) -> dict:
     timed("verify", do_verify)
 
     def do_diff():
-        from patcher.diff import diff
+        from patcher.edit.diff import diff
         a = diff(data["model"], out / "ablated", direction=load_direction(str(planted), 64))
         b = diff(out / "ablated", out / "ablated-injected", direction=load_direction(str(planted), 64))
         return {"original_vs_ablated": a["verdict"], "ablated_vs_injected": b["verdict"],

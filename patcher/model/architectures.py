@@ -1,6 +1,6 @@
 """Architecture tables: which tensors write into the residual stream, per model_type.
 
-Each table is a TOML file (built-ins live in patcher/tables/; users may pass their own with
+Each table is a TOML file (built-ins live in patcher/model/tables/; users may pass their own with
 --arch-table). A table names tensors by pattern, `{layer}` and `{expert}` standing for indices, and
 gives each tensor's residual axis. `extends` inherits another table: top-level keys override,
 `embed` / `writer` lists are replaced when given, `inject` entries are merged per target.
@@ -141,7 +141,7 @@ def for_model_type(model_type: str | None, where) -> Architecture:
         return load_table(TABLE_DIR / f"{model_type}.toml")
     what = f"model_type {model_type!r} is not supported" if model_type else "config.json has no model_type"
     raise PatcherError(where, f"{what}. Supported: {', '.join(supported())}. For another architecture, write a "
-                              f"table (copy patcher/tables/llama.toml, edit the name patterns) and pass --arch-table FILE")
+                              f"table (copy patcher/model/tables/llama.toml, edit the name patterns) and pass --arch-table FILE")
 
 
 # --- resolving a table against a checkpoint's tensor names ---------------------------------------

@@ -17,20 +17,18 @@ import re
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from kernels.codecs import FLOAT_DTYPES
-from kernels.fp8 import dequantize_blocks
-from kernels.lowrank import (MANTISSA_BITS, off_direction_energy, rank_for_energy, rounding_floor,
+from patcher_kernels.codecs import FLOAT_DTYPES
+from patcher_kernels.fp8 import dequantize_blocks
+from patcher_kernels.lowrank import (MANTISSA_BITS, off_direction_energy, rank_for_energy, rounding_floor,
                              shared_direction, top_singular)
-from kernels.project import orthonormalize
-from patcher.architectures import POST_NORM_GAINS, TABLE_DIR, Resolved, Target, load_table, resolve
-from patcher.checkpoint import Checkpoint
-from patcher.directions import Direction, load_direction
-from patcher.errors import PatcherError
+from patcher_kernels.project import orthonormalize
+from patcher.model.architectures import POST_NORM_GAINS, TABLE_DIR, Resolved, Target, load_table, resolve
+from patcher.io.checkpoint import Checkpoint
+from patcher.edit.directions import Direction, load_direction
 
 TOP_K = 8  # singular values estimated per changed matrix
 ENERGY = 0.99  # "rank99": how many singular values carry 99 % of ‖Δ‖²
@@ -525,7 +523,7 @@ def _fmt(v, spec=".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def _print(rep: DiffReport, out, max_rows: int = 60) -> None:
+def print_report(rep: DiffReport, out, max_rows: int = 60) -> None:
     from rich.table import Table
 
     head = Table(show_header=False, box=None, pad_edge=False)
@@ -569,47 +567,3 @@ def _print(rep: DiffReport, out, max_rows: int = 60) -> None:
     for n in rep.notes:
         out.print(f"[yellow]note:[/] {n}", highlight=False)
     out.print(f"verdict: {rep.verdict}", highlight=False, soft_wrap=True)
-
-
-def register(app, out, err, guard) -> None:
-    """Add `patcher diff` to the CLI. `guard` (exit 1 on errors) is not used: diff's exit codes are
-    0 unchanged, 1 changed, so an error must be 2 for scripts to tell them apart."""
-    import typer
-
-    @app.command("diff")
-    def diff_command(base: Path = typer.Argument(..., help="Trusted base model folder"),
-                     candidate: Path = typer.Argument(..., help="Model folder to audit against it"),
-                     as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
-                     direction: Optional[str] = typer.Option(None, "-d", "--direction",
-                         help="Known direction to compare with: FILE.npy or FILE.safetensors[:LAYER]"),
-                     save_direction: Optional[Path] = typer.Option(None, "--save-direction",
-                         help="Write the recovered direction (unit, float32) to FILE.npy"),
-                     arch_table: Optional[Path] = typer.Option(None, "--arch-table",
-                                                               help="Custom architecture table (TOML)")):
-        """Which tensors changed, how (relative size, rank), and the direction a rank-1 edit removed.
-        Exit code 0 unchanged, 1 changed, 2 error."""
-        try:
-            rep = diff(base, candidate, direction, arch_table)
-            if save_direction is not None:
-                if rep.direction is not None:
-                    np.save(save_direction, rep.direction.astype(np.float32))
-                    rep.notes.append(f"recovered direction written to {save_direction}")
-                else:
-                    rep.notes.append("no direction was recovered: nothing written to --save-direction")
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]")
-            raise typer.Exit(130)
-        except PatcherError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except OSError as e:
-            err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except Exception as e:  # noqa: BLE001 — exit 1 means "changed": a crash must never look like that
-            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        if as_json:
-            print(json.dumps(rep.to_json(), indent=2))
-        else:
-            _print(rep, out)
-        raise typer.Exit(1 if rep.changed else 0)

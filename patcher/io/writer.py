@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.codecs import numpy_dtype
+from patcher_kernels.codecs import numpy_dtype
 from patcher.errors import PatcherError
-from patcher.safetensors_file import TensorInfo
+from patcher.io.safetensors import TensorInfo
 
 _COPY_CHUNK = 64 << 20
 

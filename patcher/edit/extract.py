@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.checkpoint import Checkpoint
-from patcher.directions import save_directions
-from patcher.edits import parse_layers
+from patcher.io.checkpoint import Checkpoint
+from patcher.edit.directions import save_directions
+from patcher.edit.plan import parse_layers
 from patcher.errors import PatcherError
-from patcher.execution import StreamedModel
-from patcher.manifest import sha256_file
-from patcher.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.execution import StreamedModel
+from patcher.io.manifest import sha256_file
+from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
 IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
 SELECTION_RULE = ("highest signal-to-noise among resid_pre layers 0..floor(0.8*L), "

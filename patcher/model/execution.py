@@ -4,13 +4,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from kernels.codecs import decode
-from kernels.fp8 import dequantize_blocks
-from patcher import forward as fw
-from patcher.architectures import Resolved, for_model_type, resolve
-from patcher.checkpoint import Checkpoint
+from patcher_kernels.codecs import decode
+from patcher_kernels.fp8 import dequantize_blocks
+from patcher.model import forward as fw
+from patcher.model.architectures import Resolved, for_model_type, resolve
+from patcher.io.checkpoint import Checkpoint
 from patcher.errors import PatcherError
-from patcher.numpy_ops import NumpyOps
+from patcher.model.numpy_ops import NumpyOps
 
 _SCALE_SUFFIXES = ("_scale_inv", "_scale")
 ACTIVATION_BUDGET = 512 << 20  # residual streams held at once; beyond it, batches run in chunks

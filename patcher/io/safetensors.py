@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.codecs import numpy_dtype
+from patcher_kernels.codecs import numpy_dtype
 from patcher.errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the safetensors reference implementation's bound

@@ -5,12 +5,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.codecs import numpy_dtype
-from kernels.project import orthonormalize
+from patcher_kernels.codecs import numpy_dtype
+from patcher_kernels.project import orthonormalize
 from patcher import __version__
-from patcher.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
-from patcher.checkpoint import Checkpoint
-from patcher.directions import Direction
+from patcher.model.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
+from patcher.io.checkpoint import Checkpoint
+from patcher.edit.directions import Direction
 from patcher.errors import PatcherError
 
 # How each operation reads in the dry-run plan.

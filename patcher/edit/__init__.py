@@ -1,0 +1,1 @@
+"""Edits: directions, planning, applying, extraction, and diffs between checkpoints."""

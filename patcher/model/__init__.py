@@ -1,0 +1,1 @@
+"""What a model is: architecture tables, the forward description, its numpy backend, streamed execution, prompts."""

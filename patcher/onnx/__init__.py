@@ -1,0 +1,1 @@
+"""ONNX: the graph builder over the forward description, export, the onnxruntime runner, verify."""

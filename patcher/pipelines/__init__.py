@@ -1,0 +1,1 @@
+"""Pipelines over the layers below: recipes and the demo."""
