@@ -130,6 +130,15 @@ class ResidentModel:
         return Edits(blocks, top, head, self.head_name if head is not None else None)
 
     # --- running ------------------------------------------------------------------------------
+    def new_cache(self, batch: int) -> dict:
+        return {}
+
+    @staticmethod
+    def select(cache: dict, rows) -> None:
+        """Keep only these batch rows in the KV cache (finished rows leave the batch)."""
+        for layer, (k, v) in cache.items():
+            cache[layer] = (k[rows], v[rows])
+
     def forward(self, ids, mask, pos, cache: dict | None, edits: Edits | None, last: int | None = 1):
         """Logits [B, last, V] of the last `last` positions (all if None). `cache` (layer -> (k, v))
         holds the past and is extended in place; mask covers past + new tokens."""
