@@ -72,9 +72,19 @@ def register(app) -> None:
                untie: bool = typer.Option(False, "--untie-embeddings", help="Embedding edits keep the original unembedding"),
                heuristic: bool = typer.Option(True, "--heuristic/--no-heuristic",
                    help="Also evaluate patcher's default pipeline (selected layer, strength 1) for comparison"),
+               blas_threads: Optional[int] = typer.Option(None, "--blas-threads", min=1,
+                   help="BLAS threads for the numpy engine (default: the library's; 1 is fastest for small models "
+                        "and on busy machines)"),
                seed: int = typer.Option(0, "--seed")):
         """Search ablations for the best trade-off: marker rate of greedy completions vs KL from the original."""
         def body():
+            if blas_threads is None:
+                return run()
+            from threadpoolctl import threadpool_limits
+            with threadpool_limits(limits=blas_threads, user_api="blas"):
+                return run()
+
+        def run():
             import time
 
             from patcher.search import run as sr

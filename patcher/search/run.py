@@ -80,6 +80,8 @@ class Setup:
             trial.set_user_attr("negative_marker_rate", r.negative_marker_rate)
             base = self.evaluator.reference()["negative_marker_rate"]
             trial.set_user_attr("constraint", [r.negative_marker_rate - base])
+            if hasattr(trial, "set_constraint"):
+                trial.set_constraint("negative_marker_rate", r.negative_marker_rate - base)
         return r.marker_rate, r.kl
 
 

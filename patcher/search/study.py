@@ -39,8 +39,9 @@ def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60,
     path = Path(path)
     if not create and not path.is_file():
         raise PatcherError(path, "no such study file")
-    sampler = optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True, group=True, seed=seed,
-                                         constraints_func=_constraints)
+    # optuna >= 5 takes constraints from Trial.set_constraint; older versions from constraints_func
+    legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
+    sampler = optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True, group=True, seed=seed, **legacy)
     try:
         study = optuna.create_study(storage=storage_url(path), study_name=STUDY_NAME, load_if_exists=True,
                                     directions=["minimize", "minimize"], sampler=sampler)
