@@ -239,3 +239,51 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
     # a different model cannot resume this study
     r = run_cli(*[a if a != model else fixture_path("llama") for a in args], "--trials", "61", expect=1)
     assert "different" in r.output or "directions" in r.output
+
+
+# --- the onnxruntime engine ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2_moe"])
+def test_onnx_engine_matches_the_numpy_engine_with_and_without_cache(tmp_path, model_type):
+    from patcher.search.onnx_engine import OnnxEngine
+    from patcher.search.plan import build_plan
+    sm = StreamedModel(Checkpoint(fixture_path(model_type)))
+    L, d = sm.n_layers, sm.hp.d_model
+    params = {"direction_scope": "global", "direction_index": 1.4, "attn_out_peak": 0.9, "attn_out_center": 1.0,
+              "attn_out_min_frac": 0.5, "attn_out_width": 2.0, "mlp_out_peak": 1.2, "mlp_out_center": 2.0,
+              "mlp_out_min_frac": 0.3, "mlp_out_width": 1.5, "embed": True, "embed_strength": 0.7,
+              "norm_preserve": "none"}
+    plan = build_plan(sm.ck, sm.resolved, sp.edit_spec(params, np.random.default_rng(1).standard_normal((L + 1, d)),
+                                                       L), "r")
+    rm, oe = ResidentModel(sm), OnnxEngine(sm)
+    ids, mask = left_pad([[1, 5, 9, 30, 7], [1, 44, 3]], 0)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    caches = rm.new_cache(2), oe.new_cache(2)
+    a = rm.forward(ids, mask, pos, caches[0], rm.edits(plan), last=None)
+    b = oe.forward(ids, mask, pos, caches[1], oe.edits(plan), last=None)
+    real = mask.astype(bool)
+    assert np.abs(a - b)[real].max() <= 1e-4 * np.abs(a[real]).max()
+    mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    a = rm.forward(np.array([[12], [13]]), mask2, pos[:, -1:] + 1, caches[0], rm.edits(plan))
+    b = oe.forward(np.array([[12], [13]]), mask2, pos[:, -1:] + 1, caches[1], oe.edits(plan))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    zero = oe.forward(ids, mask, pos, None, None, last=None)
+    assert np.abs(zero - rm.forward(ids, mask, pos, None, None, last=None))[real].max() <= 1e-4 * np.abs(a).max()
+    preserve = build_plan(sm.ck, sm.resolved, sp.edit_spec({**params, "norm_preserve": "cols"},
+                                                           np.ones((L + 1, d)), L), "r")
+    with pytest.raises(PatcherError, match="numpy engine"):
+        oe.edits(preserve)
+
+
+def test_search_on_the_onnx_engine_runs_and_shows_the_space(refusal, tmp_path):
+    P = refusal / "prompts"
+    model = refusal / make_search_fixture.NAME
+    r = run_cli("search", model, "--positive", P / "refusal-train-positive.txt", "--negative",
+                P / "refusal-train-negative.txt", "--show-space", "--space", "direction_scope=per_layer")
+    assert "direction_scope" in r.output and "= per_layer" in r.output
+    r = run_cli("search", model, "--positive", P / "refusal-train-positive.txt", "--negative",
+                P / "refusal-train-negative.txt", "--no-chat-template", "--tokens", "8", "--max-prompts", "8",
+                "--engine", "onnx", "--trials", "3", "--study", tmp_path / "o.db", "--no-heuristic")
+    assert "Pareto front" in r.output and len(st.completed(st.open_study(tmp_path / "o.db", None, create=False))) == 3
+    run_cli("search", model, "--positive", P / "refusal-train-positive.txt", "--negative",
+            P / "refusal-train-negative.txt", "--engine", "tpu", expect=1)

@@ -27,6 +27,7 @@ from patcher.onnx.ops import FLOAT, Context, OnnxOps
 from patcher.onnx.runtime import PROVIDERS, available_providers
 
 ROLE_SLOT = {"attn_out": 0, "mlp_out": 1}
+GRAPH_VERSION = 2  # part of the cache key: bump when the graph changes
 
 
 class EditOnnxOps(OnnxOps):
@@ -63,7 +64,10 @@ def build(sm: StreamedModel) -> ir.Model:
     d = sm.hp.d_model
     ctx.edit_u = ir.Value(name="edit_u", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2, d]))
     ctx.edit_s = ir.Value(name="edit_s", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2]))
-    ctx.inputs += [ctx.edit_u, ctx.edit_s]
+    # logits only for the last `last_n` positions: a prefill of long prompts would otherwise pay the
+    # unembedding (d_model x vocab) for every prompt token
+    last_n = ir.Value(name="last_n", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+    ctx.inputs += [ctx.edit_u, ctx.edit_s, last_n]
     per_layer = [dict() for _ in range(L)]
     top = {}
     for t in res.targets:
@@ -78,6 +82,7 @@ def build(sm: StreamedModel) -> ir.Model:
     x = fw.embed(EditOnnxOps(ctx, "", top), sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
     for layer in range(L):
         x = fw.block(EditOnnxOps(ctx, res.layer_prefix(layer), per_layer[layer]), sm.spec, sm.hp, x, layer)
+    x = ctx.op("Slice", [x, ctx.op("Neg", [last_n]), ctx.const([2 ** 62], np.int64), ctx.const([1], np.int64)])
     logits = fw.head(EditOnnxOps(ctx, "", {}, 2 * L + 1, head_weight), sm.spec, sm.hp, x)
     logits.name = "logits"
     logits.type = ir.TensorType(FLOAT)
@@ -95,7 +100,7 @@ def build(sm: StreamedModel) -> ir.Model:
 
 def cached_graph(sm: StreamedModel, announce=None) -> Path:
     import os
-    key = folder_identity(sm.ck.folder, __version__, "search-graph")
+    key = folder_identity(sm.ck.folder, __version__, "search-graph", GRAPH_VERSION)
     root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "search" / key[:16]
     path = root / "model.onnx"
     if not path.is_file():
@@ -157,11 +162,13 @@ class OnnxEngine:
     def forward(self, ids, mask, pos, cache, edits, last: int | None = 1):
         u, s = edits if edits is not None else self._zero
         past = cache if cache is not None else self.new_cache(ids.shape[0])
-        feeds = {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64),
-                 "position_ids": np.asarray(pos, np.int64), "edit_u": u, "edit_s": s, **past}
+        ids = np.asarray(ids, np.int64)
+        n = ids.shape[1] if last is None else min(last, ids.shape[1])
+        feeds = {"input_ids": ids, "attention_mask": np.asarray(mask, np.int64),
+                 "position_ids": np.asarray(pos, np.int64), "edit_u": u, "edit_s": s,
+                 "last_n": np.array([n], np.int64), **past}
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         if cache is not None:
             cache.update({n.replace("present.", "past_key_values."): v for n, v in outs.items()
                           if n.startswith("present.")})
-        logits = outs["logits"]
-        return logits if last is None else logits[:, -last:]
+        return outs["logits"]
