@@ -53,7 +53,8 @@ def _round_vectors(x, lo, hi, q, target):
     reach = np.abs(alt - err) * np.sqrt((q ** 2).sum(axis=1))[:, None]
     price = np.where(reach > 0, (alt ** 2 - err ** 2) / np.where(reach > 0, reach, 1.0), np.inf)
     m = min(CANDIDATES, d)
-    idx = np.argpartition(price, m - 1, axis=0)[:m] if m < d else np.broadcast_to(np.arange(d)[:, None], (d, n))
+    every = np.broadcast_to(np.arange(d)[:, None], (d, n))
+    idx = np.argpartition(price, m - 1, axis=0)[:m] if m < d else every
     cols = np.arange(n)
     e, a = err[idx, cols], alt[idx, cols]          # [m, n]
     qc = q[idx]                                    # [m, n, k]
