@@ -14,24 +14,26 @@ calibrated on the model itself: the same spectra with each group's low eigenvect
 random orientation (what "no direction shared between groups" looks like with exactly these spectra),
 scanned the same way; the observed best evidence is compared with the null's best.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
 
-K = 8              # smallest eigenpairs kept per group
-TAU = 0.25         # a group annihilates v when its energy along v is below this (strength ≥ 0.5)
-PER_GROUP = 2      # candidate directions contributed by each group (its smallest eigenvectors)
+K = 8  # smallest eigenpairs kept per group
+TAU = 0.25  # a group annihilates v when its energy along v is below this (strength ≥ 0.5)
+PER_GROUP = 2  # candidate directions contributed by each group (its smallest eigenvectors)
 
 
 @dataclass
 class Spectrum:
     """The low end of one group's normalised Gram (eigenvalues / mean eigenvalue)."""
-    low: np.ndarray      # [K] smallest eigenvalues, ascending
-    basis: np.ndarray    # [d, K] their eigenvectors
-    median: float        # median eigenvalue
-    rest: float          # mean of the other eigenvalues: the expected energy outside the low subspace
+
+    low: np.ndarray  # [K] smallest eigenvalues, ascending
+    basis: np.ndarray  # [d, K] their eigenvectors
+    median: float  # median eigenvalue
+    rest: float  # mean of the other eigenvalues: the expected energy outside the low subspace
     gain: np.ndarray | None = None  # post-norm gain g: the group writes g ⊙ RMSNorm(W x)
-    floor: float = 0.0   # energy storage rounding leaves along any direction: nothing reads below it
+    floor: float = 0.0  # energy storage rounding leaves along any direction: nothing reads below it
 
 
 def summarize(gram: np.ndarray, k: int = K, gain: np.ndarray | None = None, floor: float = 0.0) -> Spectrum:
@@ -41,8 +43,14 @@ def summarize(gram: np.ndarray, k: int = K, gain: np.ndarray | None = None, floo
     mean = max(float(values.sum()) / d, 1e-300)
     values = np.maximum(values / mean, floor)
     rest = float(values[k:].mean())
-    return Spectrum(values[:k].copy(), vectors[:, :k].copy(), float(np.median(values)), rest,
-                    None if gain is None else np.asarray(gain, dtype=np.float64), floor)
+    return Spectrum(
+        values[:k].copy(),
+        vectors[:, :k].copy(),
+        float(np.median(values)),
+        rest,
+        None if gain is None else np.asarray(gain, dtype=np.float64),
+        floor,
+    )
 
 
 def _unit_cols(m: np.ndarray) -> np.ndarray:
@@ -100,7 +108,7 @@ def best_direction(spectra: list[Spectrum], exclude: np.ndarray | None = None) -
     v, source = candidates(spectra)
     if exclude is not None:
         v = v - exclude @ (exclude.T @ v)
-        keep = np.linalg.norm(v, axis=0) > 0.5   # mostly inside the excluded span: not a new direction
+        keep = np.linalg.norm(v, axis=0) > 0.5  # mostly inside the excluded span: not a new direction
         v, source = _unit_cols(v[:, keep]), source[keep]
         if v.shape[1] == 0:
             return np.zeros(spectra[0].basis.shape[0]), 0.0

@@ -1,6 +1,7 @@
 """`patcher audit`: an edit found in the fork alone. Clean random models of every architecture (many
 seeds) must pass; every ablation patcher makes must be found, with its direction; evasions are measured
 and their outcome asserted (README "Auditing without a base" quotes these numbers)."""
+
 import json
 import shutil
 import sys
@@ -25,8 +26,16 @@ R1 = unit(np.load(FIXTURES / "direction-64.npy"))
 def ablated(tmp_path, model_type, *args, d=None, name="ablated"):
     out = tmp_path / name
     d_path = FIXTURES / "direction-64.npy" if d is None else d
-    run_cli("ablate", fixture_path(model_type) if not isinstance(model_type, type(tmp_path)) else model_type,
-            "-d", d_path, "-o", out, "--no-hash", *args)
+    run_cli(
+        "ablate",
+        fixture_path(model_type) if not isinstance(model_type, type(tmp_path)) else model_type,
+        "-d",
+        d_path,
+        "-o",
+        out,
+        "--no-hash",
+        *args,
+    )
     return out
 
 
@@ -40,11 +49,15 @@ def rewrite(src, dst, transform):
         for name, info in ck.tensors.items():
             a = ck.array(name)
             if name in targets:
-                a = encode(transform(decode(a).astype(np.float64), targets[name]).astype(np.float32), info.dtype)
+                a = encode(
+                    transform(decode(a).astype(np.float64), targets[name]).astype(np.float32), info.dtype
+                )
             arrays[name] = (info.dtype, np.array(a))
-    write_safetensors(dst / "model.safetensors",
-                      [OutTensor(n, dt, a.shape, produce=lambda a=a: [a]) for n, (dt, a) in arrays.items()],
-                      {"format": "pt"})
+    write_safetensors(
+        dst / "model.safetensors",
+        [OutTensor(n, dt, a.shape, produce=lambda a=a: [a]) for n, (dt, a) in arrays.items()],
+        {"format": "pt"},
+    )
     return dst
 
 
@@ -53,6 +66,7 @@ def cos(a, b):
 
 
 # --- clean models --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_clean_fixture_of_every_architecture_passes(model_type):
@@ -76,6 +90,7 @@ def test_false_positive_rate_over_many_seeds(tmp_path):
 
 # --- every ablation patcher makes ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_default_ablation_is_found_with_its_direction(tmp_path, model_type):
     rep = audit(ablated(tmp_path, model_type))
@@ -88,14 +103,16 @@ def test_cli_exit_codes_json_direction_and_plot(tmp_path):
     out = ablated(tmp_path, "llama")
     r = run_cli("audit", fixture_path("llama"), expect=0)
     assert "no sign of an edit" in r.output
-    r = run_cli("audit", out, "--json", "--save-direction", tmp_path / "r.npy", "--plot", tmp_path / "s.svg",
-                expect=1)
-    data = json.loads(r.output[r.output.index("{"):])
+    r = run_cli(
+        "audit", out, "--json", "--save-direction", tmp_path / "r.npy", "--plot", tmp_path / "s.svg", expect=1
+    )
+    data = json.loads(r.output[r.output.index("{") :])
     assert data["edited"] and data["directions"][0]["groups_annihilating"] == 7
     assert cos(np.load(tmp_path / "r.npy"), R1) >= 0.99
     svg = (tmp_path / "s.svg").read_text()
     assert svg.startswith("<svg") and "recovered direction" in svg
     import xml.dom.minidom
+
     xml.dom.minidom.parseString(svg)  # valid XML
 
 
@@ -122,10 +139,17 @@ def test_rank_two_subspace_is_recovered(tmp_path):
     assert np.linalg.svd(q.T @ found, compute_uv=False).min() >= 0.99
 
 
-@pytest.mark.parametrize("args, lowest", [
-    (("--scale", "0.9"), 0.8), (("--scale", "0.8"), 0.7),
-    (("--layers", "1-2"), 0.9), (("--targets", "mlp_out"), 0.9),
-    (("--norm-preserve", "cols"), 0.9), (("--norm-preserve", "rows"), 0.9)])
+@pytest.mark.parametrize(
+    "args, lowest",
+    [
+        (("--scale", "0.9"), 0.8),
+        (("--scale", "0.8"), 0.7),
+        (("--layers", "1-2"), 0.9),
+        (("--targets", "mlp_out"), 0.9),
+        (("--norm-preserve", "cols"), 0.9),
+        (("--norm-preserve", "rows"), 0.9),
+    ],
+)
 def test_partial_and_norm_preserving_ablations_are_found(tmp_path, args, lowest):
     rep = audit(ablated(tmp_path, "llama", *args))
     assert rep.edited and rep.directions, rep.verdict
@@ -157,6 +181,7 @@ def test_post_norm_ablation_recovers_r_not_u(tmp_path, model_type):
 
 # --- evasions ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("noise, detected", [(1e-2, True), (0.1, True), (0.3, True), (1.0, False)])
 def test_noise_added_after_the_ablation(tmp_path, noise, detected):
     """Gaussian noise of relative size `noise` on every writer after a full ablation: the removed energy
@@ -179,6 +204,7 @@ def test_rotating_the_residual_basis_moves_the_direction_but_does_not_hide_it(tm
         if w.ndim == 3:
             return np.einsum("ij,ejk->eik", rot, w) if t.residual_axis == 1 else w @ rot.T
         return rot @ w if t.residual_axis == 0 else w @ rot.T
+
     rep = audit(rewrite(src, tmp_path / "rotated", turn))
     assert rep.edited and cos(rep.direction, rot @ R1) >= 0.99
     assert cos(rep.direction, R1) < 0.5
@@ -186,8 +212,21 @@ def test_rotating_the_residual_basis_moves_the_direction_but_does_not_hide_it(tm
 
 def test_bias_injection_is_found(tmp_path):
     out = tmp_path / "inj"
-    run_cli("inject", fixture_path("llama"), "-d", FIXTURES / "direction-64.npy", "-o", out, "--layer", "1",
-            "--alpha", "4", "--target", "mlp_out", "--no-hash")
+    run_cli(
+        "inject",
+        fixture_path("llama"),
+        "-d",
+        FIXTURES / "direction-64.npy",
+        "-o",
+        out,
+        "--layer",
+        "1",
+        "--alpha",
+        "4",
+        "--target",
+        "mlp_out",
+        "--no-hash",
+    )
     rep = audit(out)
     assert rep.edited and "bias injection at layer 1" in rep.verdict, rep.verdict
     assert not rep.directions
@@ -196,7 +235,20 @@ def test_bias_injection_is_found(tmp_path):
 def test_shifted_real_biases_are_found(tmp_path):
     """GPT-2 has real (random, here) biases: one shifted by alpha·r̂ stands out by norm."""
     out = tmp_path / "inj"
-    run_cli("inject", fixture_path("gpt2"), "-d", FIXTURES / "direction-64.npy", "-o", out, "--layer", "1",
-            "--alpha", "40", "--target", "mlp_out", "--no-hash")
+    run_cli(
+        "inject",
+        fixture_path("gpt2"),
+        "-d",
+        FIXTURES / "direction-64.npy",
+        "-o",
+        out,
+        "--layer",
+        "1",
+        "--alpha",
+        "40",
+        "--target",
+        "mlp_out",
+        "--no-hash",
+    )
     rep = audit(out)
     assert any(b["layer"] == 1 for b in rep.biases), rep.verdict

@@ -1,4 +1,5 @@
 """`patcher audit`: signs of an edit in a checkpoint alone, without its base."""
+
 import json
 from pathlib import Path
 from typing import Optional
@@ -24,17 +25,21 @@ def _check_output(option: str, path: Optional[Path], model: Path) -> None:
 
 def register(app) -> None:
     @app.command("audit")
-    def audit_command(model: Path = typer.Argument(..., help="Model folder to audit (no base needed)"),
-                      as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
-                      save_direction: Optional[Path] = typer.Option(
-                          None, "--save-direction", help="Write the recovered direction(s) to FILE.npy"),
-                      plot: Optional[Path] = typer.Option(None, "--plot", help="Write the spectrum plot (.svg)"),
-                      arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
+    def audit_command(
+        model: Path = typer.Argument(..., help="Model folder to audit (no base needed)"),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+        save_direction: Optional[Path] = typer.Option(
+            None, "--save-direction", help="Write the recovered direction(s) to FILE.npy"
+        ),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Write the spectrum plot (.svg)"),
+        arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
+    ):
         """Look for directions the writers cannot write and for baked biases, with no base model.
         Exit code 0 no sign of an edit, 1 signs of one, 2 error."""
         try:
             import numpy as np
             from patcher.edit.audit import audit, plot as write_plot, print_report
+
             for option, path in (("--save-direction", save_direction), ("--plot", plot)):
                 _check_output(option, path, model)
             rep = audit(model, arch_table)
@@ -54,7 +59,9 @@ def register(app) -> None:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except OSError as e:
-            err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2)
         if as_json:
             print(json.dumps(rep.to_json(), indent=2))

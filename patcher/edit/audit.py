@@ -9,6 +9,7 @@ d_model² buffers whatever the model size. The scan for a shared direction and i
 those summaries. A second signature covers baked bias injection: a writer bias alone among zero
 siblings, an outlier norm, or biases of different layers sharing one direction.
 """
+
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,13 +26,13 @@ from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target
 
-BLOCK_BYTES = 32 << 20   # float32 bytes of one streamed block
-NULL_SAMPLES = 24        # random-orientation models in the null
-MARGIN = 2.0             # observed evidence must exceed the null's best by this factor …
-MIN_GROUPS = 3           # … and at least this many groups must annihilate the direction
+BLOCK_BYTES = 32 << 20  # float32 bytes of one streamed block
+NULL_SAMPLES = 24  # random-orientation models in the null
+MARGIN = 2.0  # observed evidence must exceed the null's best by this factor …
+MIN_GROUPS = 3  # … and at least this many groups must annihilate the direction
 FP8_TILE = 128
-BIAS_OUTLIER = 4.0       # a bias this many times the median norm of its role stands out
-BIAS_SHARED_COS = 0.9    # biases of different layers this aligned share one direction
+BIAS_OUTLIER = 4.0  # a bias this many times the median norm of its role stands out
+BIAS_SHARED_COS = 0.9  # biases of different layers this aligned share one direction
 
 
 @dataclass
@@ -51,14 +52,14 @@ class AuditReport:
     groups: list[dict] = field(default_factory=list)
     verdict: str = ""
     edited: bool = False
-    directions: list[dict] = field(default_factory=list)   # per found direction: evidence, profile
+    directions: list[dict] = field(default_factory=list)  # per found direction: evidence, profile
     null: dict = field(default_factory=dict)
     global_spectrum: dict = field(default_factory=dict)
     biases: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bytes_read: int = 0
-    direction: np.ndarray | None = None                     # [d] or [k, d]: what was recovered
+    direction: np.ndarray | None = None  # [d] or [k, d]: what was recovered
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "direction"}
@@ -67,6 +68,7 @@ class AuditReport:
 
 
 # --- streaming one writer into a Gram --------------------------------------------------------------
+
 
 def _blocks(ck: Checkpoint, t: Target, d_model: int):
     """Float32 blocks M_b [d_model, c] with Σ M_b M_bᵀ = W Wᵀ in residual orientation."""
@@ -87,8 +89,11 @@ def _blocks(ck: Checkpoint, t: Target, d_model: int):
             e = min(length, s + step)
             part = m[:, s:e] if axis == 0 else m[s:e, :]
             if scale is not None:
-                tiles = scale[:, s // FP8_TILE: -(-e // FP8_TILE)] if axis == 0 else \
-                    scale[s // FP8_TILE: -(-e // FP8_TILE), :]
+                tiles = (
+                    scale[:, s // FP8_TILE : -(-e // FP8_TILE)]
+                    if axis == 0
+                    else scale[s // FP8_TILE : -(-e // FP8_TILE), :]
+                )
                 block = dequantize_blocks(np.ascontiguousarray(part), tiles, FP8_TILE)
             else:
                 block = decode(np.ascontiguousarray(part))
@@ -123,13 +128,21 @@ def _groups(ck: Checkpoint, res: Resolved, progress=None) -> tuple[list[Group], 
         total += gram
         t0 = members[0]
         label = "embeddings" if t0.layer is None else f"layer {t0.layer} {role}"
-        groups.append(Group(label, role, t0.layer, [t.weight for t in members], ck.info(t0.weight).dtype,
-                            an.summarize(gram, gain=_post_norm_gain(ck, res, t0),
-                                         floor=_floor(ck.info(t0.weight).dtype))))
+        groups.append(
+            Group(
+                label,
+                role,
+                t0.layer,
+                [t.weight for t in members],
+                ck.info(t0.weight).dtype,
+                an.summarize(gram, gain=_post_norm_gain(ck, res, t0), floor=_floor(ck.info(t0.weight).dtype)),
+            )
+        )
     return groups, total, read
 
 
 # --- bias signature -------------------------------------------------------------------------------
+
 
 def _bias_signs(ck: Checkpoint, res: Resolved) -> list[dict]:
     found = []
@@ -143,27 +156,48 @@ def _bias_signs(ck: Checkpoint, res: Resolved) -> list[dict]:
         if nonzero.any() and nonzero.sum() <= max(1, len(items) // 4) and len(items) > 1:
             for (t, b), n in zip(items, norms):
                 if n > 0:
-                    found.append({"kind": "lone bias", "tensor": t.bias, "layer": t.layer, "norm": float(n),
-                                  "why": f"{int((~nonzero).sum())} of {len(items)} {role} biases are exactly zero"})
+                    found.append(
+                        {
+                            "kind": "lone bias",
+                            "tensor": t.bias,
+                            "layer": t.layer,
+                            "norm": float(n),
+                            "why": f"{int((~nonzero).sum())} of {len(items)} {role} biases are exactly zero",
+                        }
+                    )
             continue
         med = float(np.median(norms[nonzero])) if nonzero.any() else 0.0
         for (t, b), n in zip(items, norms):
             if med > 0 and n > BIAS_OUTLIER * med:
-                found.append({"kind": "outlier bias", "tensor": t.bias, "layer": t.layer, "norm": float(n),
-                              "why": f"{n / med:.1f}× the median {role} bias norm"})
+                found.append(
+                    {
+                        "kind": "outlier bias",
+                        "tensor": t.bias,
+                        "layer": t.layer,
+                        "norm": float(n),
+                        "why": f"{n / med:.1f}× the median {role} bias norm",
+                    }
+                )
     flat = [(t, b) for items in by_role.values() for t, b in items if np.linalg.norm(b) > 0]
     unit = [b / np.linalg.norm(b) for _, b in flat]
     for i in range(len(flat)):
         for j in range(i + 1, len(flat)):
             if flat[i][0].layer != flat[j][0].layer and abs(unit[i] @ unit[j]) > BIAS_SHARED_COS:
-                found.append({"kind": "shared bias direction", "tensor": f"{flat[i][0].bias}, {flat[j][0].bias}",
-                              "layer": flat[j][0].layer, "norm": float(np.linalg.norm(flat[j][1])),
-                              "why": f"|cos| {abs(unit[i] @ unit[j]):.3f} between layers "
-                                     f"{flat[i][0].layer} and {flat[j][0].layer}"})
+                found.append(
+                    {
+                        "kind": "shared bias direction",
+                        "tensor": f"{flat[i][0].bias}, {flat[j][0].bias}",
+                        "layer": flat[j][0].layer,
+                        "norm": float(np.linalg.norm(flat[j][1])),
+                        "why": f"|cos| {abs(unit[i] @ unit[j]):.3f} between layers "
+                        f"{flat[i][0].layer} and {flat[j][0].layer}",
+                    }
+                )
     return found
 
 
 # --- the scan --------------------------------------------------------------------------------------
+
 
 def _floor(dtype: str) -> float:
     """Energy along r̂ that storage rounding leaves after an exact ablation, in mean-eigenvalue units:
@@ -174,9 +208,18 @@ def _floor(dtype: str) -> float:
 
 def _profile(groups: list[Group], v: np.ndarray) -> list[dict]:
     e = an.energies([g.spectrum for g in groups], v[:, None])[:, 0]
-    return [{"group": g.label, "layer": g.layer, "role": g.role, "energy": float(ei),
-             "annihilates": bool(ei < an.TAU), "strength_estimate": float(an.strength(np.array([ei]))[0]),
-             "storage_floor": _floor(g.dtype)} for g, ei in zip(groups, e)]
+    return [
+        {
+            "group": g.label,
+            "layer": g.layer,
+            "role": g.role,
+            "energy": float(ei),
+            "annihilates": bool(ei < an.TAU),
+            "strength_estimate": float(an.strength(np.array([ei]))[0]),
+            "storage_floor": _floor(g.dtype),
+        }
+        for g, ei in zip(groups, e)
+    ]
 
 
 def _span(rows: list[dict]) -> str:
@@ -192,16 +235,22 @@ def _span(rows: list[dict]) -> str:
     return ", ".join((["embeddings"] if emb else []) + ([f"layers {', '.join(parts)}"] if parts else []))
 
 
-def audit(model, arch_table=None, resolved: Resolved | None = None, max_rank: int = 4,
-          progress=None) -> AuditReport:
+def audit(
+    model, arch_table=None, resolved: Resolved | None = None, max_rank: int = 4, progress=None
+) -> AuditReport:
     """Scan MODEL (a folder or file) for directions its writers cannot write, and for baked biases."""
     from patcher.model.architectures import for_model_type, load_table, resolve
+
     t0 = time.perf_counter()
     with Checkpoint(model) as ck:
         if resolved is None:
             if not ck.config and arch_table is None:
                 raise PatcherError(model, "auditing needs a model folder with config.json")
-            arch = load_table(arch_table) if arch_table else for_model_type(ck.model_type, ck.folder / "config.json")
+            arch = (
+                load_table(arch_table)
+                if arch_table
+                else for_model_type(ck.model_type, ck.folder / "config.json")
+            )
             resolved = resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
         rep = AuditReport(str(ck.path), ck.model_type)
         groups, total, rep.bytes_read = _groups(ck, resolved, progress)
@@ -209,20 +258,33 @@ def audit(model, arch_table=None, resolved: Resolved | None = None, max_rank: in
     if len(groups) < 2:
         raise PatcherError(model, "fewer than two writer groups: nothing to compare")
     spectra = [g.spectrum for g in groups]
-    rep.groups = [{"group": g.label, "tensors": len(g.tensors), "dtype": g.dtype,
-                   "low_spectrum": [float(x) for x in g.spectrum.low], "median": g.spectrum.median,
-                   "rest_mean": g.spectrum.rest}
-                  for g in groups]
+    rep.groups = [
+        {
+            "group": g.label,
+            "tensors": len(g.tensors),
+            "dtype": g.dtype,
+            "low_spectrum": [float(x) for x in g.spectrum.low],
+            "median": g.spectrum.median,
+            "rest_mean": g.spectrum.rest,
+        }
+        for g in groups
+    ]
     values = np.linalg.eigvalsh(total)
     mean = values.sum() / len(values)
-    rep.global_spectrum = {"min_over_median": float(values[0] / np.median(values)),
-                           "eigenvalues": [float(x / mean) for x in values]}
+    rep.global_spectrum = {
+        "min_over_median": float(values[0] / np.median(values)),
+        "eigenvalues": [float(x / mean) for x in values],
+    }
     null = an.null_evidence(spectra, NULL_SAMPLES)
     threshold = MARGIN * float(null.max()) + 0.5
-    rep.null = {"samples": NULL_SAMPLES, "best_evidence": float(null.max()), "median_evidence":
-                float(np.median(null)), "threshold": threshold,
-                "how": "each group's low eigenvectors replaced by an independent random orthonormal basis "
-                       "(same spectra, no shared direction), scanned the same way"}
+    rep.null = {
+        "samples": NULL_SAMPLES,
+        "best_evidence": float(null.max()),
+        "median_evidence": float(np.median(null)),
+        "threshold": threshold,
+        "how": "each group's low eigenvectors replaced by an independent random orthonormal basis "
+        "(same spectra, no shared direction), scanned the same way",
+    }
     found = np.zeros((spectra[0].basis.shape[0], 0))
     for _ in range(max_rank):
         v, ev = an.best_direction(spectra, exclude=found if found.shape[1] else None)
@@ -234,8 +296,15 @@ def audit(model, arch_table=None, resolved: Resolved | None = None, max_rank: in
         if n < MIN_GROUPS:
             break
         ev_refined = float(an.evidence(an.energies(spectra, v[:, None]))[0])
-        rep.directions.append({"evidence": ev_refined, "evidence_over_null": ev_refined / max(null.max(), 1e-9),
-                               "groups_annihilating": n, "where": _span(rows), "profile": rows})
+        rep.directions.append(
+            {
+                "evidence": ev_refined,
+                "evidence_over_null": ev_refined / max(null.max(), 1e-9),
+                "groups_annihilating": n,
+                "where": _span(rows),
+                "profile": rows,
+            }
+        )
         found = np.concatenate([found, v[:, None]], axis=1)
     rep.edited = bool(rep.directions) or bool(rep.biases)
     if rep.directions:
@@ -250,44 +319,64 @@ def _verdict(rep: AuditReport, n_groups: int) -> str:
     if rep.directions:
         first = rep.directions[0]
         strengths = [r["strength_estimate"] for r in first["profile"] if r["annihilates"]]
-        kind = "directional ablation" if len(rep.directions) == 1 else \
-            f"rank-{len(rep.directions)} subspace ablation"
-        parts.append(f"signs of {kind}: {first['groups_annihilating']} of {n_groups} writer groups "
-                     f"({first['where']}) cannot write one shared direction; evidence "
-                     f"{first['evidence_over_null']:.0f}× the calibrated null's best; "
-                     f"strength ≈ {np.median(strengths):.2f}")
+        kind = (
+            "directional ablation"
+            if len(rep.directions) == 1
+            else f"rank-{len(rep.directions)} subspace ablation"
+        )
+        parts.append(
+            f"signs of {kind}: {first['groups_annihilating']} of {n_groups} writer groups "
+            f"({first['where']}) cannot write one shared direction; evidence "
+            f"{first['evidence_over_null']:.0f}× the calibrated null's best; "
+            f"strength ≈ {np.median(strengths):.2f}"
+        )
     for b in rep.biases[:1]:
         layer = "" if b["layer"] is None else f" at layer {b['layer']}"
         parts.append(f"signs of bias injection{layer} ({b['kind']}: {b['why']})")
     if not parts:
-        return "no sign of an edit (no direction shared by the writers' low spectra beyond the null, " \
-               "no suspicious bias)"
+        return (
+            "no sign of an edit (no direction shared by the writers' low spectra beyond the null, "
+            "no suspicious bias)"
+        )
     return "; ".join(parts)
 
 
 def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:
     from rich.table import Table
+
     head = Table(show_header=False, box=None, pad_edge=False)
     head.add_row("model", rep.model)
     head.add_row("model_type", str(rep.model_type))
-    head.add_row("writer groups", f"{len(rep.groups)} ({rep.bytes_read / 2**20:.1f} MiB read in "
-                                  f"{rep.seconds:.2f} s)")
+    head.add_row(
+        "writer groups", f"{len(rep.groups)} ({rep.bytes_read / 2**20:.1f} MiB read in {rep.seconds:.2f} s)"
+    )
     head.add_row("global Gram", f"smallest / median eigenvalue {rep.global_spectrum['min_over_median']:.3g}")
-    head.add_row("null", f"best evidence {rep.null['best_evidence']:.2f} over {rep.null['samples']} "
-                         f"random-orientation twins; threshold {rep.null['threshold']:.2f}")
+    head.add_row(
+        "null",
+        f"best evidence {rep.null['best_evidence']:.2f} over {rep.null['samples']} "
+        f"random-orientation twins; threshold {rep.null['threshold']:.2f}",
+    )
     out.print(head)
     for i, d in enumerate(rep.directions):
-        t = Table(title=f"direction {i + 1}: evidence {d['evidence']:.1f} "
-                        f"({d['evidence_over_null']:.0f}× null), {d['groups_annihilating']} groups",
-                  title_justify="left")
+        t = Table(
+            title=f"direction {i + 1}: evidence {d['evidence']:.1f} "
+            f"({d['evidence_over_null']:.0f}× null), {d['groups_annihilating']} groups",
+            title_justify="left",
+        )
         for c in ("group", "energy along it (typical 1)", "annihilates", "strength ≈"):
             t.add_column(c, justify="left" if c == "group" else "right")
         for r in d["profile"][:max_rows]:
-            t.add_row(r["group"], f"{r['energy']:.2e}",
-                      "yes" if r["annihilates"] else "", f"{r['strength_estimate']:.2f}" if r["annihilates"] else "")
+            t.add_row(
+                r["group"],
+                f"{r['energy']:.2e}",
+                "yes" if r["annihilates"] else "",
+                f"{r['strength_estimate']:.2f}" if r["annihilates"] else "",
+            )
         out.print(t)
     for b in rep.biases:
-        out.print(f"[yellow]bias:[/] {b['kind']}: {b['tensor']} (norm {b['norm']:.4g}): {b['why']}", highlight=False)
+        out.print(
+            f"[yellow]bias:[/] {b['kind']}: {b['tensor']} (norm {b['norm']:.4g}): {b['why']}", highlight=False
+        )
     for n in rep.notes:
         out.print(f"[yellow]note:[/] {n}", highlight=False)
     out.print(f"verdict: {rep.verdict}", highlight=False, soft_wrap=True)
@@ -296,31 +385,42 @@ def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:
 def plot(rep: AuditReport, path) -> None:
     """SVG: the global normalised spectrum (log) and, when found, the per-group profile along r̂."""
     from xml.sax.saxutils import escape
+
     W, H, pad = 760, 420, 56
     ev = np.maximum(np.array(rep.global_spectrum["eigenvalues"]), 1e-12)
     ly = np.log10(ev)
     lo, hi = math.floor(min(ly.min(), -6)), math.ceil(max(ly.max(), 1))
     y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)  # noqa: E731
     x = lambda i, n: pad + i / max(n - 1, 1) * (W - 2 * pad)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">'
-             f'{escape(rep.verdict[:110])}</text>',
-             f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+        f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{escape(rep.verdict[:110])}</text>',
+        f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
+    ]
     for p in range(lo, hi + 1):
         parts.append(f'<text x="{pad - 6}" y="{y(p) + 4:.1f}" text-anchor="end">1e{p}</text>')
-    parts.append('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
-                 + " ".join(f"{x(i, len(ly)):.1f},{y(v):.1f}" for i, v in enumerate(ly)) + '"/>')
-    parts.append(f'<text x="{pad + 8}" y="{pad + 4}" fill="#1f77b4">global Gram eigenvalues / mean '
-                 f'(ascending)</text>')
+    parts.append(
+        '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
+        + " ".join(f"{x(i, len(ly)):.1f},{y(v):.1f}" for i, v in enumerate(ly))
+        + '"/>'
+    )
+    parts.append(
+        f'<text x="{pad + 8}" y="{pad + 4}" fill="#1f77b4">global Gram eigenvalues / mean (ascending)</text>'
+    )
     if rep.directions:
         prof = rep.directions[0]["profile"]
         a = np.log10(np.maximum([r["energy"] for r in prof], 1e-12))
-        parts.append('<polyline fill="none" stroke="#d62728" stroke-width="2" points="'
-                     + " ".join(f"{x(i, len(a)):.1f},{y(v):.1f}" for i, v in enumerate(a)) + '"/>')
-        parts.append(f'<text x="{pad + 8}" y="{pad + 20}" fill="#d62728">energy along the recovered direction, '
-                     f'per writer group ({escape(prof[0]["group"])} … {escape(prof[-1]["group"])})</text>')
+        parts.append(
+            '<polyline fill="none" stroke="#d62728" stroke-width="2" points="'
+            + " ".join(f"{x(i, len(a)):.1f},{y(v):.1f}" for i, v in enumerate(a))
+            + '"/>'
+        )
+        parts.append(
+            f'<text x="{pad + 8}" y="{pad + 20}" fill="#d62728">energy along the recovered direction, '
+            f"per writer group ({escape(prof[0]['group'])} … {escape(prof[-1]['group'])})</text>"
+        )
     parts.append("</svg>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
