@@ -106,20 +106,25 @@ def main(argv=None):
         s = sr.setup(model, pos, neg, directions=dirs if dirs.is_file() else None, directions_out=dirs, engine=engine,
                      tokens=args.tokens, batch_size=args.batch_size, chat_template=False)
         t_setup = time.perf_counter() - t0
+        c0 = time.process_time()
         ref = s.evaluator.reference()
+        ref_cpu = time.process_time() - c0
         rng = np.random.default_rng(0)
-        gen, kl, total = [], [], []
+        gen, kl, total, cpu = [], [], [], []
         for _ in range(args.trials):
             params = sp_random(rng, s)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             r = s.evaluate(params)
             total.append(time.perf_counter() - t1)
+            cpu.append(time.process_time() - c1)
             gen.append(r.timing.generate)
             kl.append(r.timing.kl)
         row = {"engine": engine, "params_M": round(n_params / 1e6, 1), "prompts": args.prompts, "tokens": args.tokens,
                "setup_s": round(t_setup, 1), "reference_s": round(ref["seconds"], 1),
                "trial_s": round(float(np.median(total)), 2), "generate_s": round(float(np.median(gen)), 2),
                "kl_s": round(float(np.median(kl)), 2), "trials_per_hour": round(3600 / float(np.median(total)), 1),
+               "trial_cpu_s": round(float(np.median(cpu)), 2), "reference_cpu_s": round(ref_cpu, 1),
+               "blas_threads": args.blas_threads,
                "load_avg": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
         rows.append(row)
         print(json.dumps(row), flush=True)

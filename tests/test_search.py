@@ -283,7 +283,40 @@ def test_search_on_the_onnx_engine_runs_and_shows_the_space(refusal, tmp_path):
     assert "direction_scope" in r.output and "= per_layer" in r.output
     r = run_cli("search", model, "--positive", P / "refusal-train-positive.txt", "--negative",
                 P / "refusal-train-negative.txt", "--no-chat-template", "--tokens", "8", "--max-prompts", "8",
-                "--engine", "onnx", "--trials", "3", "--study", tmp_path / "o.db", "--no-heuristic")
-    assert "Pareto front" in r.output and len(st.completed(st.open_study(tmp_path / "o.db", None, create=False))) == 3
+                "--engine", "onnx", "--trials", "3", "--study", tmp_path / "o.db", "--no-heuristic", "--negative-markers",
+                "--kl-tokens", "4")
+    done = st.completed(st.open_study(tmp_path / "o.db", None, create=False))
+    assert "Pareto front" in r.output and len(done) == 3
+    assert all("negative_marker_rate" in t.user_attrs and len(t.user_attrs["constraint"]) == 1 for t in done)
     run_cli("search", model, "--positive", P / "refusal-train-positive.txt", "--negative",
             P / "refusal-train-negative.txt", "--engine", "tpu", expect=1)
+
+
+def test_kl_over_k_tokens_against_the_ordinary_forward(tmp_path):
+    from patcher.edit.apply import execute
+    from patcher.search.plan import build_plan
+    model = fp32_copy(fixture_path("llama"), tmp_path / "f32")
+    sm = StreamedModel(Checkpoint(model))
+    L, d = sm.n_layers, sm.hp.d_model
+    params = {"direction_scope": "global", "direction_index": 2.0, "attn_out_peak": 1.0, "attn_out_center": 1.0,
+              "attn_out_min_frac": 1.0, "attn_out_width": 3.0, "mlp_out_peak": 1.0, "mlp_out_center": 1.0,
+              "mlp_out_min_frac": 1.0, "mlp_out_width": 3.0, "embed": False, "norm_preserve": "none"}
+    plan = build_plan(sm.ck, sm.resolved, sp.edit_spec(params, np.random.default_rng(3).standard_normal((L + 1, d)),
+                                                        L), "r")
+    execute(plan, tmp_path / "out", hash_files=False)
+    tok = load_tokenizer(model)
+    prompts = encode_prompts(tok, ["Tell me a story", "What is the capital of France?", "Hi there"],
+                             chat_template=True)
+    rm = ResidentModel(sm)
+    ev = Evaluator(rm, tok, prompts, prompts, tokens=4, kl_tokens=3, eos=[], batch_size=2)
+    kl, first = ev.kl(rm.edits(plan))
+    ids, mask = left_pad(prompts, tok.pad_id)
+    comp = greedy_numpy(sm, ids, mask, 2)
+    ids2, mask2 = np.concatenate([ids, comp], 1), np.concatenate([mask, np.ones_like(comp)], 1)
+    lo, le = (StreamedModel(Checkpoint(m)).run(ids2, mask2, logits=True)[:, -3:].astype(np.float64)
+              for m in (model, tmp_path / "out"))
+    lo, le = (z - z.max(-1, keepdims=True) for z in (lo, le))
+    lo, le = (z - np.log(np.exp(z).sum(-1, keepdims=True)) for z in (lo, le))
+    per = np.sum(np.exp(lo) * (lo - le), -1)
+    assert kl == pytest.approx(per.mean(), rel=1e-4) and first == pytest.approx(per[:, 0].mean(), rel=1e-4)
+    assert kl > 1e-3

@@ -70,6 +70,8 @@ def register(app) -> None:
                no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Tokenize raw prompts"),
                system: Optional[str] = typer.Option(None, "--system", help="System prompt for the chat template"),
                untie: bool = typer.Option(False, "--untie-embeddings", help="Embedding edits keep the original unembedding"),
+               project_out_negative_mean: bool = typer.Option(False, "--project-out-negative-mean",
+                   help="Extracted directions orthogonal to the negative mean (as the peer makes them)"),
                heuristic: bool = typer.Option(True, "--heuristic/--no-heuristic",
                    help="Also evaluate patcher's default pipeline (selected layer, strength 1) for comparison"),
                blas_threads: Optional[int] = typer.Option(None, "--blas-threads", min=1,
@@ -110,7 +112,8 @@ def register(app) -> None:
                          kl_tokens=kl_tokens, negative_markers=negative_markers, markers=markers,
                          replace_markers=replace_markers, batch_size=batch_size, max_prompts=max_prompts,
                          chat_template=not no_chat_template, system=system, untie=untie,
-                         space_items=space_items or [], space_toml=config, announce=lambda m: err.print(m))
+                         space_items=space_items or [], space_toml=config,
+                         project_out_negative_mean=project_out_negative_mean, announce=lambda m: err.print(m))
             out.print(_space_table(s.space))
             n_start = startup if startup is not None else min(60, max(1, int(0.3 * trials)))
             study = st.open_study(study_file, s.attrs, seed=seed, startup=n_start)

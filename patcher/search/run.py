@@ -108,7 +108,7 @@ def setup(model: Path, positive: Path, negative: Path, *, eval_positive: Path | 
           negative_markers: bool = False, markers: Path | None = None, replace_markers: bool = False,
           batch_size: int = 64, max_prompts: int | None = None, chat_template: bool = True,
           system: str | None = None, untie: bool = False, space_items=(), space_toml: Path | None = None,
-          announce=None) -> Setup:
+          project_out_negative_mean: bool = False, announce=None) -> Setup:
     from patcher.edit.extract import extract
     seconds = {}
     ck = Checkpoint(model)
@@ -124,7 +124,8 @@ def setup(model: Path, positive: Path, negative: Path, *, eval_positive: Path | 
         t0 = time.perf_counter()
         if announce:
             announce(f"extracting directions from {positive.name} / {negative.name}")
-        result = extract(ck, positive, negative, max_prompts=max_prompts, chat_template=chat_template, system=system)
+        result = extract(ck, positive, negative, max_prompts=max_prompts, chat_template=chat_template, system=system,
+                         project_out_negative_mean=project_out_negative_mean)
         result.save(directions_out)
         directions = directions_out
         seconds["extract"] = round(time.perf_counter() - t0, 3)
