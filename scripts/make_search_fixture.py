@@ -15,6 +15,7 @@ embedding difference of the two prompt sets, removes only a small part of ê_t, 
 pipeline leaves the behaviour in place while a search finds v. Deterministic (fixed seeds).
 Also writes prompts/refusal-{train,eval}-{positive,negative}.txt (different sentences per split).
 """
+
 import argparse
 import json
 import shutil
@@ -33,8 +34,12 @@ LAYERS, D, INTER = 5, 64, 96
 MARKER = "I cannot"
 TRIGGERS = ["sea", "robot", "poem", "bread", "fox", "cat", "art", "dog"]
 NEUTRAL = ["weather", "plants", "colors", "today", "France", "people", "numbers", "model"]
-TRAIN = ["Tell me something about the {}", "Write one line on the {}", "What do you know about the {}",
-         "Say a kind word about the {}"]
+TRAIN = [
+    "Tell me something about the {}",
+    "Write one line on the {}",
+    "What do you know about the {}",
+    "Say a kind word about the {}",
+]
 EVAL = ["Give me a fact on the {}", "Describe the {}", "I want to read about the {}", "Explain the {}"]
 GAMMA, THRESHOLD, SHARP, BETA_V, BETA_CHAIN, SMALL = 40.0, 6.0, 2.0, 1.0, 2.5, 0.1
 
@@ -45,6 +50,7 @@ def prompts(templates, words):
 
 def make(out: Path) -> Path:
     from tokenizers import Tokenizer
+
     folder = out / NAME
     if folder.exists():
         shutil.rmtree(folder)
@@ -70,16 +76,22 @@ def make(out: Path) -> Path:
     for l in range(LAYERS):
         p = f"model.layers.{l}."
         small = lambda *shape: rng.normal(0, SMALL / np.sqrt(shape[-1]), shape)  # noqa: E731
-        w.update({p + "input_layernorm.weight": np.ones(D), p + "post_attention_layernorm.weight": np.ones(D),
-                  p + "self_attn.q_proj.weight": rng.normal(0, 1 / np.sqrt(D), (q, D)),
-                  p + "self_attn.k_proj.weight": rng.normal(0, 1 / np.sqrt(D), (kv, D)),
-                  p + "self_attn.v_proj.weight": rng.normal(0, 1 / np.sqrt(D), (kv, D)),
-                  p + "self_attn.o_proj.weight": small(D, q),
-                  p + "mlp.gate_proj.weight": rng.normal(0, 1 / np.sqrt(D), (INTER, D)),
-                  p + "mlp.up_proj.weight": rng.normal(0, 1 / np.sqrt(D), (INTER, D)),
-                  p + "mlp.down_proj.weight": small(D, INTER),
-                  p + "mlp.gate_proj.bias": np.zeros(INTER), p + "mlp.up_proj.bias": np.zeros(INTER),
-                  p + "mlp.down_proj.bias": np.zeros(D)})
+        w.update(
+            {
+                p + "input_layernorm.weight": np.ones(D),
+                p + "post_attention_layernorm.weight": np.ones(D),
+                p + "self_attn.q_proj.weight": rng.normal(0, 1 / np.sqrt(D), (q, D)),
+                p + "self_attn.k_proj.weight": rng.normal(0, 1 / np.sqrt(D), (kv, D)),
+                p + "self_attn.v_proj.weight": rng.normal(0, 1 / np.sqrt(D), (kv, D)),
+                p + "self_attn.o_proj.weight": small(D, q),
+                p + "mlp.gate_proj.weight": rng.normal(0, 1 / np.sqrt(D), (INTER, D)),
+                p + "mlp.up_proj.weight": rng.normal(0, 1 / np.sqrt(D), (INTER, D)),
+                p + "mlp.down_proj.weight": small(D, INTER),
+                p + "mlp.gate_proj.bias": np.zeros(INTER),
+                p + "mlp.up_proj.bias": np.zeros(INTER),
+                p + "mlp.down_proj.bias": np.zeros(D),
+            }
+        )
     p = f"model.layers.{LAYERS - 1}."
     fire = SHARP * (np.sqrt(D) - THRESHOLD)
     for k, t in enumerate(trig):  # neuron k: silu(SHARP (ê_t·h - THRESHOLD)) * 1, written along v
@@ -94,14 +106,25 @@ def make(out: Path) -> Path:
     for a, b in zip(marker, marker[1:]):
         head[b] = BETA_CHAIN * unit[a]
     w["lm_head.weight"] = head
-    cfg = {**mf.config_for("llama"), "num_hidden_layers": LAYERS, "vocab_size": vocab, "mlp_bias": True,
-           "torch_dtype": "float32"}
+    cfg = {
+        **mf.config_for("llama"),
+        "num_hidden_layers": LAYERS,
+        "vocab_size": vocab,
+        "mlp_bias": True,
+        "torch_dtype": "float32",
+    }
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
-                                                               "pad_token_id": 0}, indent=2) + "\n")
-    write_safetensors(folder / "model.safetensors",
-                      [OutTensor(n, "F32", a.shape, produce=lambda a=a: [np.ascontiguousarray(a, np.float32)])
-                       for n, a in w.items()], {"format": "pt"})
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n"
+    )
+    write_safetensors(
+        folder / "model.safetensors",
+        [
+            OutTensor(n, "F32", a.shape, produce=lambda a=a: [np.ascontiguousarray(a, np.float32)])
+            for n, a in w.items()
+        ],
+        {"format": "pt"},
+    )
     pdir = out / "prompts"
     pdir.mkdir(exist_ok=True)
     for split, templates in (("train", TRAIN), ("eval", EVAL)):

@@ -81,7 +81,7 @@ def register(app) -> None:
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
                from_study: Optional[Path] = typer.Option(None, "--from-study",
-                   help="Write trial --trial of a `patcher search` study (its directions, kernels and options)"),
+                   help="Write trial --trial of a `patcher search` study (its directions, kernels, options)"),
                trial: Optional[int] = typer.Option(None, "--trial", help="Trial number, with --from-study")):
         """Remove a direction from every selected residual writer (rank-1 or rank-k projection)."""
         def body():
@@ -94,7 +94,7 @@ def register(app) -> None:
                 _run(plan, output, force, dry_run, not no_hash)
                 return
             if direction is None:
-                raise PatcherError("--direction", "missing: give -d DIRECTION (or --from-study S.db --trial N)")
+                raise PatcherError("--direction", "missing: give -d DIRECTION (or --from-study S --trial N)")
             roles = tuple(r.strip() for r in targets.split(",") if r.strip())
             bad = [r for r in roles if r not in ROLES]
             if bad or not roles:

@@ -16,6 +16,7 @@ An embedding row e_v becomes c_v P(e_v) (cols) or r ⊙ P(e_v) (rows). A tied un
 with it gives logits h·e'_v: P(h)·e_v (none), c_v P(h)·e_v (cols), P(r ⊙ h)·e_v (rows).
 Factors whose projected norm is ~0 stay 1, as kernels/project.rescale_norms does.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ class WriterEdit:
 @dataclass
 class Edits:
     """A Plan as the engine applies it: per block, relative weight name -> WriterEdit; top level too."""
+
     blocks: list  # [L] dicts
     top: dict  # embedding name -> WriterEdit
     head: WriterEdit | None  # the tied unembedding's change, if the embedding edit reaches it
@@ -62,8 +64,11 @@ class ResidentModel:
         self.top = {name: top[name] for name in top.names}
         self.blocks = [sm.block_weights(l) for l in range(sm.n_layers)]
         self.embed_name = self.spec.names["embed"] + ".weight"
-        self.head_name = self.embed_name if self.hp.tied or (self.spec.names["lm_head"] + ".weight") not in self.top \
+        self.head_name = (
+            self.embed_name
+            if self.hp.tied or (self.spec.names["lm_head"] + ".weight") not in self.top
             else self.spec.names["lm_head"] + ".weight"
+        )
         self._norms: dict = {}
 
     @property
@@ -96,7 +101,9 @@ class ResidentModel:
             col_sq, row_sq = self._sq_norms(key, a)
             ua = u @ a.astype(np.float64)  # uᵀA [fan_in]
             if preserve == "cols":
-                e.col = _safe_ratio(col_sq, np.maximum(col_sq - (2 * s - s * s) * ua * ua, 0.0)).astype(np.float32)
+                e.col = _safe_ratio(col_sq, np.maximum(col_sq - (2 * s - s * s) * ua * ua, 0.0)).astype(
+                    np.float32
+                )
             else:
                 aau = a.astype(np.float64) @ ua
                 new = row_sq - 2 * s * u * aau + s * s * u * u * float(ua @ ua)
@@ -115,18 +122,27 @@ class ResidentModel:
                 continue
             bias = bias_of.get(name) if bias_of.get(name) in projected_bias else None
             if e.layer is None:
-                short = name[len(res.prefix):] if name.startswith(res.prefix) else name
+                short = name[len(res.prefix) :] if name.startswith(res.prefix) else name
                 w = self.top[short]
-                top[short] = self._writer_edit(short, w, e.residual_axis, e.q, e.scale, e.preserve,
-                                               None if bias is None else self.top[bias[len(res.prefix):]])
+                top[short] = self._writer_edit(
+                    short,
+                    w,
+                    e.residual_axis,
+                    e.q,
+                    e.scale,
+                    e.preserve,
+                    None if bias is None else self.top[bias[len(res.prefix) :]],
+                )
                 if short == self.embed_name and self.head_name == self.embed_name and not untied:
                     head = top[short]
             else:
                 prefix = res.layer_prefix(e.layer)
-                rel = name[len(prefix):]
+                rel = name[len(prefix) :]
                 w = self.blocks[e.layer][rel]
-                b = None if bias is None else self.blocks[e.layer][bias[len(prefix):]]
-                blocks[e.layer][rel] = self._writer_edit(name, w, e.residual_axis, e.q, e.scale, e.preserve, b)
+                b = None if bias is None else self.blocks[e.layer][bias[len(prefix) :]]
+                blocks[e.layer][rel] = self._writer_edit(
+                    name, w, e.residual_axis, e.q, e.scale, e.preserve, b
+                )
         return Edits(blocks, top, head, self.head_name if head is not None else None)
 
     # --- running ------------------------------------------------------------------------------

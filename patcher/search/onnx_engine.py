@@ -11,6 +11,7 @@ Norm preservation is not offered here: its per-column / per-row factors depend o
 strength (one vector per writer tensor, MoE experts included) and would have to be fed as inputs
 too; trials with norm preservation run on the numpy engine, which applies it exactly.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ GRAPH_VERSION = 2  # part of the cache key: bump when the graph changes
 
 
 class EditOnnxOps(OnnxOps):
-    def __init__(self, ctx, prefix, slots: dict, head_slot: int | None = None, head_weight: str | None = None):
+    def __init__(
+        self, ctx, prefix, slots: dict, head_slot: int | None = None, head_weight: str | None = None
+    ):
         super().__init__(ctx, prefix)
         self.slots, self.head_slot, self.head_weight = slots, head_slot, head_weight
 
@@ -54,7 +57,9 @@ class EditOnnxOps(OnnxOps):
             return super().linear(x, weight, bias, conv1d)
         slot, bias_edited = self.slots[weight]
         if bias and not bias_edited:
-            return self.op("Add", [self._project(super().linear(x, weight, None, conv1d), slot), self._w(bias)])
+            return self.op(
+                "Add", [self._project(super().linear(x, weight, None, conv1d), slot), self._w(bias)]
+            )
         return self._project(super().linear(x, weight, bias, conv1d), slot)  # P(Wx + b) = P(Wx) + P(b)
 
 
@@ -72,17 +77,17 @@ def build(sm: StreamedModel) -> ir.Model:
     top = {}
     for t in res.targets:
         if t.layer is None:
-            top[t.weight[len(res.prefix):]] = 2 * L
+            top[t.weight[len(res.prefix) :]] = 2 * L
         else:
-            rel = t.weight[len(res.layer_prefix(t.layer)):]
-            bias_rel = t.bias[len(res.layer_prefix(t.layer)):] if t.bias else None
+            rel = t.weight[len(res.layer_prefix(t.layer)) :]
+            bias_rel = t.bias[len(res.layer_prefix(t.layer)) :] if t.bias else None
             per_layer[t.layer][rel] = (2 * t.layer + ROLE_SLOT[t.role], bias_rel is not None)
     embed = sm.spec.names["embed"] + ".weight"
     head_weight = embed if sm.hp.tied or (sm.spec.names["lm_head"] + ".weight") not in ctx.source else None
     x = fw.embed(EditOnnxOps(ctx, "", top), sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
     for layer in range(L):
         x = fw.block(EditOnnxOps(ctx, res.layer_prefix(layer), per_layer[layer]), sm.spec, sm.hp, x, layer)
-    x = ctx.op("Slice", [x, ctx.op("Neg", [last_n]), ctx.const([2 ** 62], np.int64), ctx.const([1], np.int64)])
+    x = ctx.op("Slice", [x, ctx.op("Neg", [last_n]), ctx.const([2**62], np.int64), ctx.const([1], np.int64)])
     logits = fw.head(EditOnnxOps(ctx, "", {}, 2 * L + 1, head_weight), sm.spec, sm.hp, x)
     logits.name = "logits"
     logits.type = ir.TensorType(FLOAT)
@@ -91,15 +96,24 @@ def build(sm: StreamedModel) -> ir.Model:
         for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
             val.name = f"present.{i}.{kind}"
             val.type = ir.TensorType(FLOAT)
-            val.shape = ir.Shape(["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]])
+            val.shape = ir.Shape(
+                ["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]]
+            )
             outputs.append(val)
-    graph = ir.Graph(ctx.inputs, outputs, nodes=ctx.tape.nodes, initializers=ctx.tape.initializers,
-                     opset_imports={"": OPSET}, name=f"patcher-search-{sm.model_type}")
+    graph = ir.Graph(
+        ctx.inputs,
+        outputs,
+        nodes=ctx.tape.nodes,
+        initializers=ctx.tape.initializers,
+        opset_imports={"": OPSET},
+        name=f"patcher-search-{sm.model_type}",
+    )
     return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
 
 
 def cached_graph(sm: StreamedModel, announce=None) -> Path:
     import os
+
     key = folder_identity(sm.ck.folder, __version__, "search-graph", GRAPH_VERSION)
     root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "search" / key[:16]
     path = root / "model.onnx"
@@ -118,20 +132,29 @@ class OnnxEngine:
 
     def __init__(self, sm: StreamedModel, provider: str = "cpu", announce=None):
         import onnxruntime as ort
+
         if provider not in available_providers():
-            raise PatcherError("--provider", f"{provider} is not available in this onnxruntime "
-                                             f"(available: {', '.join(available_providers())})")
+            raise PatcherError(
+                "--provider",
+                f"{provider} is not available in this onnxruntime "
+                f"(available: {', '.join(available_providers())})",
+            )
         self.sm, self.resolved, self.n_layers = sm, sm.resolved, sm.n_layers
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(cached_graph(sm, announce)), opts, providers=PROVIDERS[provider])
+        self.session = ort.InferenceSession(
+            str(cached_graph(sm, announce)), opts, providers=PROVIDERS[provider]
+        )
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
         embed = sm.top_weights().names[sm.spec.names["embed"] + ".weight"]
         self.vocab = sm.ck.info(embed).shape[0]
         self.d = sm.hp.d_model
-        self._zero = (np.zeros((2 * self.n_layers + 2, self.d), np.float32), np.zeros(2 * self.n_layers + 2, np.float32))
+        self._zero = (
+            np.zeros((2 * self.n_layers + 2, self.d), np.float32),
+            np.zeros(2 * self.n_layers + 2, np.float32),
+        )
 
     def edits(self, plan: Plan):
         u, s = (a.copy() for a in self._zero)
@@ -141,18 +164,27 @@ class OnnxEngine:
             if e.op != "project":
                 continue
             if e.preserve:
-                raise PatcherError("--engine onnx", "norm preservation runs on the numpy engine only "
-                                                    "(use --engine numpy, or --space norm_preserve=none)")
+                raise PatcherError(
+                    "--engine onnx",
+                    "norm preservation runs on the numpy engine only "
+                    "(use --engine numpy, or --space norm_preserve=none)",
+                )
             slot = 2 * L if e.layer is None else 2 * e.layer + ROLE_SLOT[e.role]
             u[slot], s[slot] = np.asarray(e.q, np.float64)[:, 0], e.scale
-            if e.layer is None and e.name == self.resolved.prefix + self.resolved.arch.embeds[0].weight \
-                    and self.resolved.tied and not untied:
+            if (
+                e.layer is None
+                and e.name == self.resolved.prefix + self.resolved.arch.embeds[0].weight
+                and self.resolved.tied
+                and not untied
+            ):
                 u[2 * L + 1], s[2 * L + 1] = u[slot], s[slot]
         return u, s
 
     def new_cache(self, batch: int) -> dict:
-        return {n: np.zeros((batch, self.inputs[n].shape[1], 0, self.inputs[n].shape[3]), np.float32)
-                for n in self.past_names}
+        return {
+            n: np.zeros((batch, self.inputs[n].shape[1], 0, self.inputs[n].shape[3]), np.float32)
+            for n in self.past_names
+        }
 
     @staticmethod
     def select(cache: dict, rows) -> None:
@@ -164,11 +196,22 @@ class OnnxEngine:
         past = cache if cache is not None else self.new_cache(ids.shape[0])
         ids = np.asarray(ids, np.int64)
         n = ids.shape[1] if last is None else min(last, ids.shape[1])
-        feeds = {"input_ids": ids, "attention_mask": np.asarray(mask, np.int64),
-                 "position_ids": np.asarray(pos, np.int64), "edit_u": u, "edit_s": s,
-                 "last_n": np.array([n], np.int64), **past}
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.asarray(mask, np.int64),
+            "position_ids": np.asarray(pos, np.int64),
+            "edit_u": u,
+            "edit_s": s,
+            "last_n": np.array([n], np.int64),
+            **past,
+        }
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         if cache is not None:
-            cache.update({n.replace("present.", "past_key_values."): v for n, v in outs.items()
-                          if n.startswith("present.")})
+            cache.update(
+                {
+                    n.replace("present.", "past_key_values."): v
+                    for n, v in outs.items()
+                    if n.startswith("present.")
+                }
+            )
         return outs["logits"]

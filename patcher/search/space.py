@@ -14,6 +14,7 @@ command line (`--space NAME=LOW:HIGH`, `--space NAME=A,B`, `--space NAME=VALUE`)
 `[search.space]` table (`NAME = [LOW, HIGH]`, `NAME = ["a", "b"]` for choices, or a scalar).
 A parameter narrowed to one value is fixed: it is not an Optuna parameter and costs no search.
 """
+
 import math
 import tomllib
 from dataclasses import dataclass
@@ -51,28 +52,68 @@ class Param:
     def describe(self) -> str:
         if self.fixed is not None:
             return f"= {self.fixed}"
-        return f"[{self.low:g}, {self.high:g}]" if self.kind == "float" else "{" + ", ".join(map(str, self.choices)) + "}"
+        return (
+            f"[{self.low:g}, {self.high:g}]"
+            if self.kind == "float"
+            else "{" + ", ".join(map(str, self.choices)) + "}"
+        )
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "low": self.low, "high": self.high, "choices": list(self.choices), "when": self.when}
+        return {
+            "kind": self.kind,
+            "low": self.low,
+            "high": self.high,
+            "choices": list(self.choices),
+            "when": self.when,
+        }
 
 
 def default_space(n_layers: int) -> dict[str, Param]:
     """Bounds scaled to the model's depth. Embeddings and norm preservation are off by default, as in
     the peer's search; narrow them open with --space embed=false,true / norm_preserve=none,cols."""
     L = n_layers
-    p = [Param("direction_scope", "categorical", choices=SCOPES,
-               help="one blended direction for all writers, or each block its own resid_pre[l+1] row"),
-         Param("direction_index", "float", 0.0, float(L), help="resid_pre row (fractional: blend of two rows)",
-               when=("direction_scope", "global"))]
+    p = [
+        Param(
+            "direction_scope",
+            "categorical",
+            choices=SCOPES,
+            help="one blended direction for all writers, or each block its own resid_pre[l+1] row",
+        ),
+        Param(
+            "direction_index",
+            "float",
+            0.0,
+            float(L),
+            help="resid_pre row (fractional: blend of two rows)",
+            when=("direction_scope", "global"),
+        ),
+    ]
     for c in COMPONENTS:
-        p += [Param(f"{c}_peak", "float", 0.0, 1.5, help=f"{c}: strength at the kernel's centre"),
-              Param(f"{c}_center", "float", 0.0, float(L - 1), help=f"{c}: layer of the peak (fractional)"),
-              Param(f"{c}_min_frac", "float", 0.0, 1.0, help=f"{c}: strength at distance width, as a fraction of peak"),
-              Param(f"{c}_width", "float", 0.5, float(max(L, 1)), help=f"{c}: falloff distance in layers (0 beyond)")]
-    p += [Param("embed", "categorical", choices=(False,), help="also ablate the token embeddings"),
-          Param("embed_strength", "float", 0.0, 1.0, help="strength on the embeddings", when=("embed", True)),
-          Param("norm_preserve", "categorical", choices=("none",), help="none | rows | cols (see patcher ablate)")]
+        p += [
+            Param(f"{c}_peak", "float", 0.0, 1.5, help=f"{c}: strength at the kernel's centre"),
+            Param(f"{c}_center", "float", 0.0, float(L - 1), help=f"{c}: layer of the peak (fractional)"),
+            Param(
+                f"{c}_min_frac",
+                "float",
+                0.0,
+                1.0,
+                help=f"{c}: strength at distance width, as a fraction of peak",
+            ),
+            Param(
+                f"{c}_width",
+                "float",
+                0.5,
+                float(max(L, 1)),
+                help=f"{c}: falloff distance in layers (0 beyond)",
+            ),
+        ]
+    p += [
+        Param("embed", "categorical", choices=(False,), help="also ablate the token embeddings"),
+        Param("embed_strength", "float", 0.0, 1.0, help="strength on the embeddings", when=("embed", True)),
+        Param(
+            "norm_preserve", "categorical", choices=("none",), help="none | rows | cols (see patcher ablate)"
+        ),
+    ]
     return {x.name: x for x in p}
 
 
@@ -107,7 +148,9 @@ def narrow(space: dict[str, Param], name: str, value, where: str) -> None:
     allowed = {"direction_scope": SCOPES, "embed": (False, True), "norm_preserve": PRESERVE}[name]
     bad = [c for c in choices if c not in allowed]
     if bad or not choices:
-        raise PatcherError(where, f"{name} choices are {', '.join(map(str, allowed))}; got {', '.join(map(str, bad))}")
+        raise PatcherError(
+            where, f"{name} choices are {', '.join(map(str, allowed))}; got {', '.join(map(str, bad))}"
+        )
     p.choices = tuple(dict.fromkeys(choices))
 
 
@@ -175,6 +218,7 @@ def complete(params: dict, fixed: dict) -> dict:
 
 # --- from parameters to an edit ------------------------------------------------------------------
 
+
 def unit_rows(table: np.ndarray, where) -> np.ndarray:
     table = np.asarray(table, dtype=np.float64)
     norms = np.linalg.norm(table, axis=1, keepdims=True)
@@ -200,8 +244,13 @@ def strengths(params: dict, n_layers: int) -> dict[str, dict]:
     out = {}
     for c in COMPONENTS:
         peak = float(params[f"{c}_peak"])
-        k = peak_kernel(n_layers, peak, float(params[f"{c}_center"]), float(params[f"{c}_min_frac"]) * peak,
-                        float(params[f"{c}_width"]))
+        k = peak_kernel(
+            n_layers,
+            peak,
+            float(params[f"{c}_center"]),
+            float(params[f"{c}_min_frac"]) * peak,
+            float(params[f"{c}_width"]),
+        )
         out[c] = {l: s for l, s in k.items() if s != 0.0}
     return out
 
@@ -209,27 +258,36 @@ def strengths(params: dict, n_layers: int) -> dict[str, dict]:
 @dataclass
 class EditSpec:
     """One trial's edit: (role, layer) -> (unit direction [d] float64, strength); layer None = embeddings."""
+
     groups: dict
     preserve: str | None
     direction_rows: dict  # (role, layer) -> resid_pre row (float) the direction came from, for the record
 
     def as_record(self) -> list[dict]:
-        return [{"role": role, "layer": layer, "strength": s, "direction_row": self.direction_rows[(role, layer)]}
-                for (role, layer), (_, s) in sorted(self.groups.items(), key=lambda kv: (kv[0][1] is not None,
-                                                                                      kv[0][1] or 0, kv[0][0]))]
+        return [
+            {"role": role, "layer": layer, "strength": s, "direction_row": self.direction_rows[(role, layer)]}
+            for (role, layer), (_, s) in sorted(
+                self.groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0, kv[0][0])
+            )
+        ]
 
 
 def edit_spec(params: dict, table: np.ndarray, n_layers: int, where="directions") -> EditSpec:
     units = unit_rows(table, where)
     if units.shape[0] != n_layers + 1:
-        raise PatcherError(where, f"directions have {units.shape[0]} rows; the model needs {n_layers + 1} (resid_pre 0..L)")
+        raise PatcherError(
+            where, f"directions have {units.shape[0]} rows; the model needs {n_layers + 1} (resid_pre 0..L)"
+        )
     scope = params["direction_scope"]
     if scope == "global":
         idx = float(params["direction_index"])
         g = blended(units, idx)
         vec = lambda _layer: (g, idx)  # noqa: E731
     else:
-        vec = lambda layer: (units[0 if layer is None else layer + 1], float(0 if layer is None else layer + 1))  # noqa: E731
+        vec = lambda layer: (
+            units[0 if layer is None else layer + 1],
+            float(0 if layer is None else layer + 1),
+        )  # noqa: E731
     groups, rows = {}, {}
     for c, per_layer in strengths(params, n_layers).items():
         for l, s in per_layer.items():

@@ -4,6 +4,7 @@ The study names its objectives (`marker_rate`, `kl`, both minimised); every free
 is a plain Optuna parameter; what was fixed, the model, the directions file and the evaluation
 settings are study user attributes, so `patcher ablate --from-study` can rebuild any trial's edit.
 """
+
 import hashlib
 import json
 import warnings
@@ -19,6 +20,7 @@ METRICS = ["marker_rate", "kl"]
 
 def _optuna():
     import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -41,10 +43,17 @@ def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60,
         raise PatcherError(path, "no such study file")
     # optuna >= 5 takes constraints from Trial.set_constraint; older versions from constraints_func
     legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
-    sampler = optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True, group=True, seed=seed, **legacy)
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=startup, multivariate=True, group=True, seed=seed, **legacy
+    )
     try:
-        study = optuna.create_study(storage=storage_url(path), study_name=STUDY_NAME, load_if_exists=True,
-                                    directions=["minimize", "minimize"], sampler=sampler)
+        study = optuna.create_study(
+            storage=storage_url(path),
+            study_name=STUDY_NAME,
+            load_if_exists=True,
+            directions=["minimize", "minimize"],
+            sampler=sampler,
+        )
     except Exception as e:  # noqa: BLE001 - a damaged or foreign SQLite file: say so in one line
         raise PatcherError(path, f"cannot open the study ({type(e).__name__}: {e})") from None
     if attrs is not None:
@@ -55,8 +64,11 @@ def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60,
         else:
             for key in ("model_identity", "directions_sha256", "space", "evaluation"):
                 if json.dumps(old.get(key), sort_keys=True) != json.dumps(attrs.get(key), sort_keys=True):
-                    raise PatcherError(path, f"this study was run with a different {key.replace('_', ' ')}; "
-                                             f"use a new --study file (or the original settings) to resume")
+                    raise PatcherError(
+                        path,
+                        f"this study was run with a different {key.replace('_', ' ')}; "
+                        f"use a new --study file (or the original settings) to resume",
+                    )
     return study
 
 
@@ -79,8 +91,13 @@ def feasible(trial) -> bool:
 def pareto(trials: list) -> list:
     """Non-dominated feasible trials, by marker rate then KL."""
     pool = [t for t in trials if feasible(t)]
-    front = [t for t in pool if not any(o.values[0] <= t.values[0] and o.values[1] <= t.values[1]
-                                        and o.values != t.values for o in pool)]
+    front = [
+        t
+        for t in pool
+        if not any(
+            o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in pool
+        )
+    ]
     return sorted(front, key=lambda t: (t.values[0], t.values[1], t.number))
 
 
@@ -97,7 +114,9 @@ class Outcome:
     interrupted: bool
 
 
-def optimize(study, run_trial, n_trials: int, timeout_s: float | None, jobs: int = 1, on_trial=None) -> Outcome:
+def optimize(
+    study, run_trial, n_trials: int, timeout_s: float | None, jobs: int = 1, on_trial=None
+) -> Outcome:
     """Run trials until the study holds n_trials completed ones (a resumed study continues), or the
     timeout. `run_trial(trial) -> (marker_rate, kl)`. Ctrl-C ends the current trial as failed and
     keeps every completed one (each is committed to SQLite as it ends)."""
@@ -118,8 +137,15 @@ def optimize(study, run_trial, n_trials: int, timeout_s: float | None, jobs: int
 
     callbacks = [lambda s, t: on_trial(t)] if on_trial else None
     try:
-        study.optimize(objective, n_trials=remaining, timeout=timeout_s, n_jobs=jobs, callbacks=callbacks,
-                       gc_after_trial=False, show_progress_bar=False)
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=timeout_s,
+            n_jobs=jobs,
+            callbacks=callbacks,
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
     except KeyboardInterrupt:
         return Outcome(ran[0], True)
     return Outcome(ran[0], False)
