@@ -114,6 +114,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--engines", default="numpy,onnx")
     ap.add_argument("--blas-threads", type=int, default=None)
+    ap.add_argument("--skip-fixture", action="store_true", help="skip the time-to-Pareto-point run")
     args = ap.parse_args(argv)
     os.environ.setdefault("PATCHER_CACHE", str(args.work.resolve() / "cache"))
     from patcher.search import run as sr
@@ -180,9 +181,39 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
         del s
+    if not args.skip_fixture:
+        rows.append(time_to_point(args.work))
+        print(json.dumps(rows[-1]), flush=True)
     if limits is not None:
         limits.restore_original_limits()
     (args.work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def time_to_point(work: Path, trials: int = 60, rate: float = 0.05, kl: float = 1e-3) -> dict:
+    """Wall time until a search on the planted fixture (scripts/make_search_fixture.py) first holds a
+    trial at marker rate <= rate and KL <= kl, on prompts extraction never saw."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import make_search_fixture as msf
+    from patcher.search import run as sr
+    from patcher.search import study as st
+    model = msf.make(work / "fixture")
+    P = work / "fixture" / "prompts"
+    t0 = time.perf_counter()
+    s = sr.setup(model, P / "refusal-train-positive.txt", P / "refusal-train-negative.txt",
+                 eval_positive=P / "refusal-eval-positive.txt", eval_negative=P / "refusal-eval-negative.txt",
+                 directions_out=work / "fixture" / "dirs.safetensors", chat_template=False)
+    db = work / "fixture" / "study.db"
+    db.unlink(missing_ok=True)
+    study = st.open_study(db, s.attrs, seed=0, startup=20)
+    s.evaluator.reference()
+    hit = {}
+
+    def on_trial(t):
+        if not hit and t.values and t.values[0] <= rate and t.values[1] <= kl:
+            hit.update(trial=t.number, seconds=round(time.perf_counter() - t0, 1))
+    st.optimize(study, s.run_trial, trials, None, 1, on_trial)
+    return {"fixture": msf.NAME, "target": {"marker_rate": rate, "kl": kl}, "reached": hit or None,
+            "trials": trials, "total_s": round(time.perf_counter() - t0, 1)}
 
 
 def sp_random(rng, s) -> dict:
