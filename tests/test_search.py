@@ -146,6 +146,14 @@ def test_blended_direction_is_the_normalised_interpolation():
     v = sp.blended(units, 0.25)
     assert np.allclose(v, np.array([0.75, 0.25, 0]) / np.hypot(0.75, 0.25))
     assert np.allclose(sp.blended(units, 2.0), [0, 0, 1])
+    # a zero row (chat template: resid_pre[0] is one template token for all prompts) edits nothing there
+    table = np.array([[0.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0]])
+    params = {"direction_scope": "per_layer", "embed": True, "embed_strength": 1.0, "norm_preserve": "none",
+              **{f"{c}_{k}": v for c in sp.COMPONENTS for k, v in
+                 (("peak", 1.0), ("center", 0.0), ("min_frac", 1.0), ("width", 2.0))}}
+    spec = sp.edit_spec(params, table, 2)
+    assert set(spec.groups) == {(c, l) for c in sp.COMPONENTS for l in (0, 1)}
+    assert sp.edit_spec({**params, "direction_scope": "global", "direction_index": 0.0}, table, 2).groups == {}
 
 
 # --- objectives ----------------------------------------------------------------------------------

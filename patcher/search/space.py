@@ -220,23 +220,24 @@ def complete(params: dict, fixed: dict) -> dict:
 
 
 def unit_rows(table: np.ndarray, where) -> np.ndarray:
+    """Unit rows; a zero row stays zero (with a chat template, resid_pre[0] at the last position is the
+    same template token for every prompt, so its mean difference is exactly zero: nothing to remove)."""
     table = np.asarray(table, dtype=np.float64)
+    if not np.all(np.isfinite(table)):
+        raise PatcherError(where, "directions contain NaN or Inf")
     norms = np.linalg.norm(table, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        zero = int(np.flatnonzero(norms[:, 0] == 0)[0])
-        raise PatcherError(where, f"direction row {zero} is zero (a layer extract did not compute?)")
-    return table / norms
+    return np.divide(table, norms, out=np.zeros_like(table), where=norms > 0)
 
 
 def blended(units: np.ndarray, index: float) -> np.ndarray:
-    """Fractional row: (1 - f) row[floor] + f row[ceil] of the unit rows, renormalised."""
+    """Fractional row: (1 - f) row[floor] + f row[ceil] of the unit rows, renormalised (zero if both are)."""
     index = min(max(float(index), 0.0), units.shape[0] - 1.0)
     lo = int(math.floor(index))
     hi = min(lo + 1, units.shape[0] - 1)
     f = index - lo
     v = (1 - f) * units[lo] + f * units[hi]
     n = np.linalg.norm(v)
-    return v / n if n > 0 else units[lo]
+    return v / n if n > 0 else np.zeros_like(v)
 
 
 def strengths(params: dict, n_layers: int) -> dict[str, dict]:
@@ -292,9 +293,11 @@ def edit_spec(params: dict, table: np.ndarray, n_layers: int, where="directions"
     for c, per_layer in strengths(params, n_layers).items():
         for l, s in per_layer.items():
             v, row = vec(l)
-            groups[(c, l)], rows[(c, l)] = (v, s), row
+            if np.any(v):  # a zero row: no difference to remove at that layer
+                groups[(c, l)], rows[(c, l)] = (v, s), row
     if params.get("embed") and float(params.get("embed_strength", 0.0)) != 0.0:
         v, row = vec(None)
-        groups[("embed", None)], rows[("embed", None)] = (v, float(params["embed_strength"])), row
+        if np.any(v):
+            groups[("embed", None)], rows[("embed", None)] = (v, float(params["embed_strength"])), row
     preserve = params.get("norm_preserve", "none")
     return EditSpec(groups, None if preserve in (None, "none") else preserve, rows)
