@@ -153,7 +153,8 @@ def test_blended_direction_is_the_normalised_interpolation():
                  (("peak", 1.0), ("center", 0.0), ("min_frac", 1.0), ("width", 2.0))}}
     spec = sp.edit_spec(params, table, 2)
     assert set(spec.groups) == {(c, l) for c in sp.COMPONENTS for l in (0, 1)}
-    assert sp.edit_spec({**params, "direction_scope": "global", "direction_index": 0.0}, table, 2).groups == {}
+    at_zero = {**params, "direction_scope": "global", "direction_index": 0.0}
+    assert sp.edit_spec(at_zero, table, 2).groups == {}
 
 
 # --- objectives ----------------------------------------------------------------------------------
