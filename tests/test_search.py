@@ -310,17 +310,17 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
         "--seed",
         "0",
     ]
-    r = run_cli(*args, "--trials", "30", "--startup", "20")
+    r = run_cli(*args, "--trials", "24", "--startup", "16")
     assert "original: marker rate 1.000" in r.output
     study = st.open_study(tmp_path / "s.db", None, create=False)
     heur = study.user_attrs["heuristic"]
     assert heur["layer"] <= 4 and heur["marker_rate"] >= 0.9  # the 80 % rule never sees resid_pre[5]
-    r = run_cli(*args, "--trials", "60", "--startup", "20")  # resumes: 30 more
+    r = run_cli(*args, "--trials", "40", "--startup", "16")  # resumes: 16 more
     done = st.completed(study)
-    assert len(done) == 60
+    assert len(done) == 40
     best = min((t for t in done if t.values[1] <= 1e-3), key=lambda t: t.values[0])
     assert best.values[0] <= 0.05 < heur["marker_rate"]
-    assert (tmp_path / "s.svg").read_text().count("<circle") >= 60
+    assert (tmp_path / "s.svg").read_text().count("<circle") >= 40
     assert "Pareto front" in r.output and "--trial" in r.output
     # the written trial behaves as the search measured, through the ordinary forward
     run_cli(
@@ -337,7 +337,7 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
     texts = [tok.decode(row, skip_special_tokens=True) for row in greedy_numpy(sm, ids, mask, 16)]
     assert np.mean([hits(t, load_markers(None)) for t in texts]) == pytest.approx(best.values[0])
     # a different model cannot resume this study
-    r = run_cli(*[a if a != model else fixture_path("llama") for a in args], "--trials", "61", expect=1)
+    r = run_cli(*[a if a != model else fixture_path("llama") for a in args], "--trials", "41", expect=1)
     assert "different" in r.output or "directions" in r.output
 
 
