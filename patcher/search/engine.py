@@ -152,8 +152,8 @@ class ResidentModel:
     @staticmethod
     def select(cache: dict, rows) -> None:
         """Keep only these batch rows in the KV cache (finished rows leave the batch)."""
-        for layer, (k, v) in cache.items():
-            cache[layer] = (k[rows], v[rows])
+        for layer, (k, v, n) in cache.items():
+            cache[layer] = (k[rows], v[rows], n)
 
     def forward(self, ids, mask, pos, cache: dict | None, edits: Edits | None, last: int | None = 1):
         """Logits [B, last, V] of the last `last` positions (all if None). `cache` (layer -> (k, v))
@@ -219,10 +219,7 @@ class EditOps(NumpyOps):
         return logits * e.col if e.col is not None else logits
 
     def attend(self, q, k, v, layer, scale, softcap, window):
-        past = self.cache.get(layer)
-        if past is not None:
-            k, v = np.concatenate([past[0], k], axis=2), np.concatenate([past[1], v], axis=2)
-        self.cache[layer] = (k, v)
+        k, v = self._cached(layer, k, v)
         B, H, T, hd = q.shape
         kvh, S = k.shape[1], k.shape[2]
         qg = q.reshape(B, kvh, (H // kvh) * T, hd)
@@ -238,3 +235,21 @@ class EditOps(NumpyOps):
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
         return (p.reshape(B, kvh, (H // kvh) * T, S) @ v).reshape(B, H, T, v.shape[-1])
+
+    def _cached(self, layer, k, v):
+        """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of
+        the filled part. MLA's broadcast keys are materialised once here."""
+        entry = self.cache.get(layer)
+        T = k.shape[2]
+        if entry is None or entry[2] + T > entry[0].shape[2]:
+            n = 0 if entry is None else entry[2]
+            cap = max(2 * (n + T), n + T + 64)
+            kb = np.empty((k.shape[0], k.shape[1], cap, k.shape[3]), F32)
+            vb = np.empty((v.shape[0], v.shape[1], cap, v.shape[3]), F32)
+            if entry is not None:
+                kb[:, :, :n], vb[:, :, :n] = entry[0][:, :, :n], entry[1][:, :, :n]
+            entry = [kb, vb, n]
+        kb, vb, n = entry
+        kb[:, :, n:n + T], vb[:, :, n:n + T] = k, v
+        self.cache[layer] = (kb, vb, n + T)
+        return kb[:, :, :n + T], vb[:, :, :n + T]
