@@ -158,8 +158,7 @@ class ResidentModel:
     def forward(self, ids, mask, pos, cache: dict | None, edits: Edits | None, last: int | None = 1):
         """Logits [B, last, V] of the last `last` positions (all if None). `cache` (layer -> (k, v))
         holds the past and is extended in place; mask covers past + new tokens."""
-        edits = edits or Edits([{}] * self.n_layers, {}, None)
-        cache = {} if cache is None else cache
+        edits = edits or Edits([{}] * self.n_layers, {}, None)  # cache None: a one-off forward, nothing kept
         ops = EditOps(self.top, mask, pos, cache, edits.top, edits.head, edits.head_weight)
         x = fw.embed(ops, self.spec, self.hp, ids, pos)
         for layer in range(self.n_layers):
@@ -239,6 +238,8 @@ class EditOps(NumpyOps):
     def _cached(self, layer, k, v):
         """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of
         the filled part. MLA's broadcast keys are materialised once here."""
+        if self.cache is None:
+            return k, v
         entry = self.cache.get(layer)
         T = k.shape[2]
         if entry is None or entry[2] + T > entry[0].shape[2]:
