@@ -204,6 +204,8 @@ class ShardWriter:
         # copying through user space lets the digests see the bytes; measured as fast as
         # copy_file_range + reading the range back from the page cache (BENCHMARKS.md)
         self.copy = copy or ("read" if hash_out or input_digest else "kernel")
+        if self.copy == "kernel" and (hash_out or input_digest):
+            raise ValueError("a kernel copy passes no bytes through the digests")
         self.errors: list[BaseException] = []
         self.budget = _Budget(_IN_FLIGHT)
         self.free: queue.Queue = queue.Queue()
