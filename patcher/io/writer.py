@@ -5,14 +5,19 @@ One output file is a pipeline of three threads, each handed its work in file ord
 
   caller (main)  walks the tensors: queues untouched ranges as copy jobs (no bytes), computes edited
                  tensors into encoded blocks, and reports the raw input rows the edit read (`seen`);
-  reader         reads untouched ranges in chunks and feeds the input file's sha256 with them and with
-                 the rows the edit read, in input order (a range nobody read, e.g. a bias read through
-                 mmap, is read here once more); hands chunks on;
-  writer         feeds the output file's sha256 with every byte it writes (header included), writes.
+  reader         copies untouched ranges chunk by chunk (copy_file_range), reads each chunk back from
+                 the page cache and feeds the input file's sha256 with it and with the rows the edit
+                 read, in input order (a range nobody read, e.g. a bias read through mmap, is read here
+                 once more); hands chunks on;
+  writer         feeds the output file's sha256 with every byte of the file in order (header included)
+                 and writes the computed blocks.
 
 So with hashing on, each input byte is read from disk once and each output byte written once, and the
-two digests run on two threads beside the edit math (hashlib and pread/pwrite release the GIL). Without
-hashing, untouched ranges are copied by the kernel (copy_file_range: no bytes through user space).
+two digests run on two threads beside the edit math (hashlib, pread, pwrite and copy_file_range release
+the GIL). Without hashing, untouched ranges are copied by the kernel alone.
+Copy + read back ("range") against pread + pwrite through one buffer ("read"), 2 GiB with both digests,
+alternating runs on the shared 2-core box: range used 10-20 % less CPU and finished first in 4 of 4
+pairs (BENCHMARKS.md), 1 MiB chunks slightly ahead of 4 MiB.
 """
 import errno
 import hashlib
@@ -34,9 +39,9 @@ from patcher.errors import PatcherError
 from patcher.io.safetensors import TensorInfo
 
 _COPY_CHUNK = 64 << 20  # copy_file_range fallback
-_CHUNK = 4 << 20  # untouched ranges go through user space in chunks of this size when hashing
-_HASH_SLICE = 1 << 20  # hash in slices that stay in the CPU cache (measured: 16 MiB slices ~30 % slower)
-_BUFFERS = 6  # reusable chunk buffers per output file
+_CHUNK = 1 << 20  # untouched ranges pass the digests in chunks of this size (stays in the CPU cache)
+_HASH_SLICE = 1 << 20  # hash larger blocks in slices too (measured: 16 MiB slices ~30 % slower)
+_BUFFERS = 8  # reusable chunk buffers per output file
 _IN_FLIGHT = 32 << 20  # bytes of computed blocks and seen rows queued per output file
 
 
@@ -201,9 +206,9 @@ class ShardWriter:
         self.total = len(self.header) + sum(t.nbytes for t in tensors)
         self.out_sha = hashlib.sha256() if hash_out else None
         self.input = input_digest
-        # copying through user space lets the digests see the bytes; measured as fast as
-        # copy_file_range + reading the range back from the page cache (BENCHMARKS.md)
-        self.copy = copy or ("read" if hash_out or input_digest else "kernel")
+        # "range" (kernel copy, then read back from the page cache for the digests) measured ahead
+        # of "read" (pread + pwrite); see the module notes
+        self.copy = copy or ("range" if hash_out or input_digest else "kernel")
         if self.copy == "kernel" and (hash_out or input_digest):
             raise ValueError("a kernel copy passes no bytes through the digests")
         self.errors: list[BaseException] = []
