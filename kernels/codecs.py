@@ -23,7 +23,8 @@ _NUMPY = {
 # dtypes only ml_dtypes provides, by attribute name: imported on first use, because some ml_dtypes
 # releases take ~1 s to import (0.7.0 on numpy 2.4, measured) and headers only need item sizes
 _ML = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
-_ITEMSIZE = {**{k: v.itemsize for k, v in _NUMPY.items()}, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_ITEMSIZE = {**{k: v.itemsize for k, v in _NUMPY.items()},
+             "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _FINITE_MAX: dict[str, float] = {}  # finite range of each float storage type (values beyond become inf/NaN)
 

@@ -81,13 +81,14 @@ def test_a_rerun_takes_both_digests_from_the_cache(tmp_path, direction64, fresh_
     run_cli("ablate", tmp_path / "a", "-d", direction64, "-o", tmp_path / "b")  # the output is the next input
     assert not streamed  # its shards' digests were remembered when they were written
     m = json.loads((tmp_path / "b" / manifest.MANIFEST).read_text())
-    assert m["inputs"]["model-00001-of-00002.safetensors"] == sha(tmp_path / "a" / "model-00001-of-00002.safetensors")
+    shard = "model-00001-of-00002.safetensors"
+    assert m["inputs"][shard] == sha(tmp_path / "a" / shard)
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt2"])
 @pytest.mark.parametrize("hash_files", [True, False])
-def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(model_type, hash_files, tmp_path, direction64,
-                                                                  fresh_cache, small_chunks):
+def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(model_type, hash_files, tmp_path,
+                                                                  direction64, fresh_cache, small_chunks):
     from patcher.cli.common import open_model
     from patcher.edit.directions import load_direction
     from patcher.edit.plan import plan_ablation
@@ -127,8 +128,8 @@ def _single_file(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     ck = Checkpoint(src)
     infos = [i for f in ck.files for i in ck.shard_tensors(f)]
-    write_safetensors(dst / "model.safetensors", [OutTensor(i.name, i.dtype, i.shape, source=i) for i in infos],
-                      {"format": "pt"})
+    write_safetensors(dst / "model.safetensors",
+                      [OutTensor(i.name, i.dtype, i.shape, source=i) for i in infos], {"format": "pt"})
     for p in src.iterdir():
         if p.suffix == ".json" and p.name != "model.safetensors.index.json":
             shutil.copyfile(p, dst / p.name)
@@ -204,7 +205,7 @@ HEAVY = ("onnx", "onnxruntime", "tokenizers", "jinja2", "ml_dtypes", "numpy", "s
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["version"], ["ablate", "--help"]])
 def test_cli_start_up_imports_nothing_heavy(argv):
-    heavy = HEAVY + (("rich.table",) if "--help" not in argv else ())  # typer's help is drawn with rich tables
+    heavy = HEAVY + (("rich.table",) if "--help" not in argv else ())  # typer draws help with rich tables
     code = ("import sys; from patcher.cli import main; sys.argv = ['patcher', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             f"print('LOADED', sorted(m for m in {heavy!r} if m in sys.modules))")

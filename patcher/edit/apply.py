@@ -165,7 +165,8 @@ SHARDS_IN_FLIGHT = 2  # shard k's reads, digests and writes drain while shard k+
 
 def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
             progress: Callable[[int], None] | None = None, on_shard: Callable[[str], None] | None = None,
-            recipe: dict | None = None, hash_files: bool = True, shards_in_flight: int = SHARDS_IN_FLIGHT) -> Report:
+            recipe: dict | None = None, hash_files: bool = True,
+            shards_in_flight: int = SHARDS_IN_FLIGHT) -> Report:
     """Write the edited checkpoint into `out` (atomically). With `hash_files`, the sha256 of every input
     and output shard is computed from the bytes as they stream (each input byte read once, each output
     byte written once); `shards_in_flight` = 1 finishes each shard before computing the next (same bytes)."""
@@ -194,8 +195,10 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
     in_flight: list[tuple[str, ShardWriter, str | None]] = []
 
     def finish(fname: str, w: ShardWriter, identity: str | None) -> None:
-        out_sha = w.finish()
-        w.close()
+        try:
+            out_sha = w.finish()
+        finally:
+            w.close()
         if not hash_files:
             hasher.add(fname, ck.files[fname].path)
             hasher.add("out/" + fname, w.path)
@@ -231,8 +234,13 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
                         hasher.set(fname, known)
                     else:
                         identity, digest = manifest.identity(sf.path), InputDigest(sf.path)
-                w = ShardWriter(tmp / fname, tensors, meta, on_bytes=progress, hash_out=hash_files,
-                                input_digest=digest)
+                try:
+                    w = ShardWriter(tmp / fname, tensors, meta, on_bytes=progress, hash_out=hash_files,
+                                    input_digest=digest)
+                except BaseException:
+                    if digest is not None:
+                        digest.close()
+                    raise
                 in_flight.append((fname, w, identity))
                 sf.observer = w.seen if digest is not None else None
                 try:
@@ -258,7 +266,8 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
                                         "sha256": plan.record.get("direction_sha256"),
                                         "file_sha256": _file_digest(plan.record.get("direction"))}],
                            timings={"seconds": round(report.seconds, 3)}, recipe=recipe,
-                           extra={"hub_cache": hub, "warnings": report.warnings} if hub or report.warnings else None)
+                           extra=({"hub_cache": hub, "warnings": report.warnings}
+                                  if hub or report.warnings else None))
     except BaseException:
         for _, w, _ in in_flight:
             w.close()
@@ -276,11 +285,12 @@ def _hub_cache_names(inputs: list[Path], digests: dict, hashed: bool, report: Re
         if name_sha is None:
             continue
         matches = digests.get(p.name) == name_sha if hashed else None
-        hub[p.name] = {"sha256": name_sha, "source": "taken from the Hugging Face cache name (blobs/<sha256>)",
-                       "matches_streamed_sha256": matches}
+        hub[p.name] = {"sha256": name_sha, "matches_streamed_sha256": matches,
+                       "source": "taken from the Hugging Face cache name (blobs/<sha256>)"}
         if matches is False:
             report.warnings.append(f"{p.name}: sha256 of its bytes {digests.get(p.name)} differs from the "
-                                   f"Hugging Face cache name {name_sha}: the cached file is damaged or was replaced")
+                                   f"Hugging Face cache name {name_sha}: the cached file is damaged or "
+                                   "was replaced")
     return hub
 
 

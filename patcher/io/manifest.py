@@ -177,7 +177,8 @@ def write_file(path: Path, *, kind: str, command: str | None, inputs: dict, outp
           extra: dict | None = None) -> None:
     """`extra`: further top-level keys (e.g. hub_cache, warnings), written only when given."""
     data = {**(extra or {}), "patcher": __version__, "kind": kind, "command": command, "recipe": recipe,
-            "edit": record, "directions": directions or [], "inputs": inputs, "outputs": outputs, "timings": timings or {},
+            "edit": record, "directions": directions or [], "inputs": inputs, "outputs": outputs,
+            "timings": timings or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version()}
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

@@ -219,7 +219,8 @@ class ShardWriter:
         self.watermark = 0  # input offset up to which the reader has been told about bytes
         self.sources: dict[Path, int] = {}
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.threads = [threading.Thread(target=self._guarded, args=(f,), daemon=True, name=f"{n} {self.path.name}")
+        self.threads = [threading.Thread(target=self._guarded, args=(f,), daemon=True,
+                                         name=f"{n} {self.path.name}")
                         for n, f in (("read", self._read_loop), ("write", self._write_loop))]
         self.input_sha: str | None = None  # the input's sha256, once finish() returned
         self.made = 0
