@@ -206,8 +206,10 @@ def is_complete(folder, fingerprint: str | None = None) -> bool:
         return False
     if fingerprint is not None and (data.get("recipe") or {}).get("fingerprint") != fingerprint:
         return False
+    cache = DigestCache()  # outputs written by patcher were remembered as they were hashed
     for name, digest in data["outputs"].items():
         p = Path(folder) / name
-        if not p.is_file() or sha256_file(p) != digest:
+        if not p.is_file() or cache.sha256(p) != digest:
             return False
+    cache.save()
     return True
