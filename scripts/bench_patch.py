@@ -209,11 +209,11 @@ def _timed(argv: list[str], log: Path, what: str) -> dict:
     return r
 
 
-def time_cp(src: Path, dst: Path) -> tuple[float, float]:
-    """Wall seconds of `cp -r` plus a final sync, and cp's own peak RSS in MiB."""
+def time_cp(src: Path, dst: Path) -> tuple[float, float, float]:
+    """Wall seconds of `cp -r` plus a final sync, cp's own peak RSS in MiB and its CPU seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         r = _timed(["cp", "-r", str(src), str(dst)], Path(tmp) / "cp.log", "cp")
-    return r["total"], r["rss"]
+    return r["total"], r["rss"], r["cpu"]
 
 
 def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path,
@@ -386,8 +386,8 @@ def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int, 
             warm(src)
             load = f"(1-min load before: {os.getloadavg()[0]:.1f})"
             if kind == "cp":
-                w, r = time_cp(src, dst)
-                runs["cp"].append({"wall": w, "rss": r, "cpu": 0.0})
+                w, r, cpu = time_cp(src, dst)
+                runs["cp"].append({"wall": w, "rss": r, "cpu": cpu})
                 print(f"  {src.name}: cp+sync {w:.2f} s, peak RSS {r:.0f} MiB {load}", flush=True)
             elif kind.startswith("patcher"):
                 w, r, cpu = time_patcher(cmd, src, direction, dst, ["--no-hash"] if "no-hash" in kind else [])
