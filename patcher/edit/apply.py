@@ -177,7 +177,7 @@ def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
 def _one_blas_thread():
     """The edit's products are rank-k updates of 128-row blocks, and the other core is busy reading,
     hashing and writing: OpenBLAS's second thread only spins (2.3x the CPU time for the same run,
-    measured under load). One thread also keeps the bytes independent of the machine's core count."""
+    measured under load); one thread on every machine also means one summation order for the products."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # an environment installed before the dependency: slower, same bytes
