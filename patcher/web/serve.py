@@ -30,6 +30,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.server.log(fmt % args)
 
 
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        import sys
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the browser closed a connection (page closed, download cancelled): nothing to report
+        super().handle_error(request, client_address)
+
+
 class Server:
     """`with Server(folder) as s: s.url` — a background-thread server, closed on exit."""
 
@@ -39,10 +49,9 @@ class Server:
             raise PatcherError(folder, "not a site built by `patcher web` (no index.html)")
         handler = functools.partial(_Handler, directory=str(folder))
         try:
-            self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
+            self.httpd = _HTTPServer((host, port), handler)
         except OSError as e:
             raise PatcherError(f"{host}:{port}", f"cannot listen: {e.strerror or e}")
-        self.httpd.daemon_threads = True
         self.httpd.log = log
         self.thread = None
 
