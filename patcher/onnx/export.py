@@ -7,6 +7,7 @@ peak memory is about one tensor (the largest, e.g. the embedding) whatever the m
 protobuf graph itself is small; the 2 GB protobuf limit does not apply to external data.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from patcher.model import forward as fw
 from patcher.io.checkpoint import INDEX_NAME, Checkpoint
 from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
+from patcher.onnx import storage
 from patcher.onnx.ops import Context, OnnxOps
 from patcher.io.writer import OutputFolder
 
@@ -71,40 +73,137 @@ def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT) -> ir.Model:
     return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
 
 
-def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, opset: int = OPSET,
+def parse_dtypes(dtype) -> list[str]:
+    """`fp32,int4` (or a list) -> known variant names, in table order, without repeats."""
+    names = [d.strip() for d in (dtype.split(",") if isinstance(dtype, str) else dtype) if d.strip()]
+    bad = [d for d in names if d not in FILES]
+    if bad or not names:
+        raise PatcherError("--dtype", f"unknown {', '.join(bad) or 'empty'}: choose from {', '.join(FILES)} "
+                                      "(several separated by commas)")
+    return [d for d in FILES if d in names]
+
+
+def export(model: Path, out: Path, dtype="fp32", force: bool = False, opset: int = OPSET,
            command: str | None = None, recipe: dict | None = None, int4_block: int = 32,
-           int4_accuracy: int | None = None) -> Path:
-    if dtype not in FILES:
-        raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
+           int4_accuracy: int | None = None, chunk_bytes: int = storage.CHUNK_BYTES) -> Path:
+    """Write the variants `dtype` names into OUT. Without --force, OUT may be an earlier patcher export
+    of the same source (same input digests): the missing variants are added beside the ones there."""
+    dtypes = parse_dtypes(dtype)
     if int4_block < 16 or int4_block & (int4_block - 1):
         raise PatcherError("--int4-block", f"block size must be a power of two >= 16, got {int4_block}")
     if opset != OPSET:
         raise PatcherError("--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)")
     ck = Checkpoint(model)
     sm = StreamedModel(ck)
-    with OutputFolder(out, [ck.path], force=force) as tmp:
+    cache = manifest.DigestCache()
+    inputs = {p.name: cache.sha256(p) for p in sorted(ck.folder.iterdir())
+              if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)}
+    cache.save()
+    keep = {} if force else _existing_export(Path(out), inputs)
+    todo = [d for d in dtypes if d not in keep]
+    with OutputFolder(out, [ck.path], force=force or bool(keep)) as tmp:
         (tmp / "onnx").mkdir()
-        fp32 = tmp / "onnx" / FILES["fp32"]
-        if dtype in ("fp32", "int4"):
-            ir.save(build(sm), fp32, external_data=FILES["fp32"] + "_data")
-        if dtype == "fp16":
-            path = tmp / "onnx" / FILES["fp16"]
-            ir.save(build(sm, ir.DataType.FLOAT16), path, external_data=FILES["fp16"] + "_data")
-        if dtype == "int4":
-            quantize_int4(fp32, tmp / "onnx" / FILES["int4"], int4_block, int4_accuracy)
+        for d, files in keep.items():  # hard links: adding a variant does not copy the others' bytes
+            for f in files:
+                os.link(Path(out) / "onnx" / f, tmp / "onnx" / f)
+        chunks = {d: files[1:] for d, files in keep.items()}
+        for d in todo:
+            chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, int4_block, int4_accuracy)
+        variants = [d for d in FILES if d in chunks]
         for name in SIDE_FILES:
             if (ck.folder / name).is_file():
                 shutil.copyfile(ck.folder / name, tmp / name)
+        _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
         (tmp / "patcher-export.json").write_text(json.dumps({
-            "patcher": __version__, "source": str(ck.path), "model_type": ck.model_type, "dtype": dtype,
+            "patcher": __version__, "source": str(ck.path), "model_type": ck.model_type, "dtype": variants[0],
+            "dtypes": variants, "files": {d: [FILES[d], *chunks[d]] for d in variants},
             "opset": OPSET, "layers": sm.n_layers, "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
             "provenance": _provenance(ck)}, indent=2) + "\n")
-        outputs = {str(p.relative_to(tmp)): manifest.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        inputs = {p.name: manifest.sha256_file(p) for p in sorted(ck.folder.iterdir())
-                  if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)}
+        storage.make_readable(tmp)
+        known = (manifest.read(out) or {}).get("outputs", {}) if keep else {}
+        kept = {"onnx/" + f for files in keep.values() for f in files}
+        outputs = {str(p.relative_to(tmp)): known.get(str(p.relative_to(tmp))) if str(p.relative_to(tmp)) in kept
+                   else manifest.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        outputs = {k: v or manifest.sha256_file(tmp / k) for k, v in outputs.items()}
         manifest.write(tmp, kind="export", command=command, recipe=recipe, inputs=inputs, outputs=outputs,
-                       record={"dtype": dtype, "opset": OPSET, "source": str(ck.path)})
+                       record={"dtype": variants[0], "dtypes": variants, "added": todo, "opset": OPSET,
+                               "source": str(ck.path)})
+        storage.make_readable(tmp)
     return out
+
+
+def variants_in(folder: Path) -> dict[str, list[str]]:
+    """The variants an export folder holds: dtype -> [model file, its external data chunks]."""
+    info = Path(folder) / "patcher-export.json"
+    try:
+        files = json.loads(info.read_text()).get("files")
+    except (OSError, ValueError):
+        files = None
+    if isinstance(files, dict):
+        return {d: f for d, f in files.items() if d in FILES and (Path(folder) / "onnx" / f[0]).is_file()}
+    return {d: [f] for d, f in FILES.items() if (Path(folder) / "onnx" / f).is_file()}  # any other ONNX folder
+
+
+def variant_file(folder: Path, dtype: str) -> str:
+    """The ONNX file of variant `dtype` in an export folder, or a clear error naming the ones it has
+    (never another variant in its place)."""
+    if dtype not in FILES:
+        raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
+    have = variants_in(folder)
+    if dtype not in have:
+        listed = ", ".join(have) or "none"
+        raise PatcherError(folder, f"has no {dtype} variant (onnx/{FILES[dtype]}); it holds: {listed}. Add it with "
+                                   f"`patcher export SOURCE -o {folder} --dtype {dtype}`")
+    return have[dtype][0]
+
+
+def _existing_export(out: Path, inputs: dict) -> dict:
+    """An earlier export of the same source in OUT: its variants (to keep); {} when OUT is empty or
+    absent; an error when OUT holds anything else (OutputFolder then asks for --force)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return {}
+    old = manifest.read(out)
+    if not old or old.get("kind") != "export" or not (out / "patcher-export.json").is_file():
+        return {}  # not an export: OutputFolder refuses without --force
+    if old.get("inputs") != inputs:
+        raise PatcherError(out, "is a patcher export of a different source (its manifest's input digests differ); "
+                                "pass --force to replace it, or choose another folder")
+    return variants_in(out)
+
+
+def _write_variant(sm: StreamedModel, dtype: str, folder: Path, chunk_bytes: int, block: int, accuracy) -> list[str]:
+    path = folder / FILES[dtype]
+    if dtype == "int4":
+        return quantize_int4(sm, path, block, accuracy, chunk_bytes)
+    weight = ir.DataType.FLOAT16 if dtype == "fp16" else ir.DataType.FLOAT
+    return storage.write_model(build(sm, weight), path, chunk_bytes)
+
+
+# transformers.js dtype names (its file suffixes: "" fp32, _fp16, _q4, _q4f16, _quantized = q8)
+TJS_DTYPE = {"fp32": "fp32", "fp16": "fp16", "int4": "q4", "q4f16": "q4f16", "int8": "q8"}
+# the variant transformers.js loads when the page names none (first present wins; WebGPU: device_config)
+DEFAULT_ORDER = ("int4", "int8", "fp32", "fp16", "q4f16")
+KV_FP16 = ()  # variants whose KV cache inputs are float16
+
+
+def transformers_js_config(chunks: dict[str, int]) -> dict:
+    present = [d for d in DEFAULT_ORDER if d in chunks]
+    cfg = {"use_external_data_format": {FILES[d]: n for d, n in chunks.items() if n},
+           "dtype": TJS_DTYPE[present[0]]}
+    kv = {TJS_DTYPE[d]: "float16" for d in KV_FP16 if d in chunks}
+    if kv:
+        cfg["kv_cache_dtype"] = kv
+    if "q4f16" in chunks:
+        cfg["device_config"] = {"webgpu": {"dtype": "q4f16"}}
+    return cfg
+
+
+def _write_config(ck: Checkpoint, path: Path, chunks: dict[str, int]) -> None:
+    """The model's config.json plus `transformers.js_config`, so transformers.js loads the folder as is."""
+    src = ck.folder / "config.json"
+    cfg = json.loads(src.read_text()) if src.is_file() else {"model_type": ck.model_type}
+    cfg["transformers.js_config"] = {**cfg.get("transformers.js_config", {}), **transformers_js_config(chunks)}
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _provenance(ck: Checkpoint):
@@ -115,19 +214,19 @@ def _provenance(ck: Checkpoint):
         return meta
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int | None = None) -> None:
-    """onnxruntime's MatMulNBits quantizer (no torch): every MatMul with a constant weight -> int4.
-    It works on an in-memory ModelProto, so this step needs the fp32 model in RAM (the one limit of
-    export: int4 of a model larger than memory is not possible this way). accuracy_level 4 lets
-    onnxruntime's CPU kernel run on int8 activations (measured ~2x faster decode on AVX-512 CPUs,
-    at some accuracy cost: check with `patcher verify --dtype int4`)."""
+def quantize_int4(sm: StreamedModel, dst: Path, block_size: int = 32, accuracy_level: int | None = None,
+                  chunk_bytes: int = storage.CHUNK_BYTES) -> list[str]:
+    """onnxruntime's MatMulNBits quantizer on the fp32 graph (in memory)."""
     import logging
+    import tempfile
 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    model = onnx.load(str(src), load_external_data=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        ir.save(build(sm), src, external_data="fp32.onnx_data")
+        model = onnx.load(str(src), load_external_data=True)
     q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
     q.process()
-    onnx.save_model(q.model.model, str(dst), save_as_external_data=True, location=dst.name + "_data",
-                    all_tensors_to_one_file=True)
+    return storage.write_model(ir.serde.deserialize_model(q.model.model), dst, chunk_bytes)

@@ -10,7 +10,7 @@ from patcher import __version__
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
 from patcher.io.manifest import folder_identity
-from patcher.onnx.export import FILES
+from patcher.onnx.export import FILES, variant_file, variants_in
 from patcher.onnx.runtime import OnnxModel
 from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
@@ -34,10 +34,10 @@ def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     model = Path(model).resolve()
     key = folder_identity(model, __version__, dtype)
     root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "onnx" / key[:16]
-    if not (root / "onnx" / FILES[dtype]).is_file():
+    if dtype not in variants_in(root):  # added beside the variants cached before
         if announce:
-            announce(f"exporting {model} to ONNX in {root} (cached for next time)")
-        export(model, root, dtype=dtype, force=True)
+            announce(f"exporting {model} ({dtype}) to ONNX in {root} (cached for next time)")
+        export(model, root, dtype=dtype)
     return root
 
 
@@ -120,7 +120,7 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
            direction=None, tokens: int = 8, provider: str = "cpu", chat_template: bool = True,
            behaviour_tokens: int = 24, announce=None) -> VerifyReport:
     rep = VerifyReport(dtype, TOLERANCE[dtype])
-    onnx_model = OnnxModel(onnx_dir, FILES[dtype], provider)
+    onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
     ref = StreamedModel(Checkpoint(reference))
     p = load_prompts(reference, prompts, chat_template)
     ids, mask = p.batch()
@@ -142,7 +142,7 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
         orig_dir = cached_export(original, "fp32", announce)
         texts = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
-            m = OnnxModel(folder, FILES["fp32" if label == "original" else dtype], provider)
+            m = OnnxModel(folder, variant_file(folder, "fp32" if label == "original" else dtype), provider)
             new = m.generate(ids, mask, behaviour_tokens, eos_ids=_eos(reference, p.tokenizer))
             texts[label] = [p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)), skip_special_tokens=True)
                             for row in new]
