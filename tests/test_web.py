@@ -22,6 +22,7 @@ from patcher.web.serve import Server
 ARCHS = ["llama", "qwen2", "qwen3", "gpt2", "mistral", "phi3", "gemma2", "olmo2"]
 PROMPT = "Tell me about the sea"
 NEW_TOKENS = 10
+EXPORT_DTYPES = "fp32,int4"  # what the issue's user exports
 PROBE = """<!doctype html><meta charset="utf-8"><title>probe</title>
 <script type="module">
 import * as T from "./js/transformers.min.js";
@@ -85,12 +86,7 @@ def exports(tmp_path_factory, need_browser):
     def get(model_type: str, src: Path | None = None, name: str | None = None) -> Path:
         name = name or model_type
         if name not in cache:
-            out = export(src or fixture_path(model_type), root / name, dtype="int4")
-            cfg = json.loads((out / "config.json").read_text())
-            if "transformers.js_config" not in cfg:  # TEMP until the export writes it (onnxvar)
-                variants, _ = web_site.model_files(out)
-                (out / "config.json").write_text(json.dumps(web_site._web_config(out, variants)))
-            cache[name] = out
+            cache[name] = export(src or fixture_path(model_type), root / name, dtype=EXPORT_DTYPES)
         return cache[name]
     return get
 
