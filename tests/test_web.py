@@ -7,6 +7,7 @@ CI (env CI set), where they fail, so CI proves the browser path."""
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,39 @@ def test_server_mime_types_and_no_listing(site):
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(server.url + "models/")
     assert server.url.startswith("http://127.0.0.1:")
+
+
+def test_serve_flag_serves_and_stops_cleanly(site, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    _, edited, _ = site
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from patcher.cli import main; main()", "web", str(edited),
+                             "-o", str(tmp_path / "s"), "--serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/site.json", timeout=2) as r:
+                    assert json.loads(r.read())["models"][0]["id"] == "edited"
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/" in out and "stopped" in out and "Traceback" not in err
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
