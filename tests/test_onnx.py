@@ -93,7 +93,8 @@ def test_io_names_dims_and_files(exported):
             assert dims[f"past_key_values.{i}.{kind}"] == ["batch_size", cfg["num_key_value_heads"], "past_sequence_length",
                                                           cfg["head_dim"]]
     outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
-    assert outs["logits"] == ["batch_size", "sequence_length", cfg["vocab_size"]]
+    assert outs["logits"] == ["batch_size", "logits_sequence_length", cfg["vocab_size"]]
+    assert dims["num_logits_to_keep"] == []  # a scalar, as transformers.js >= 4 sends it (1 when generating)
     assert outs["present.0.key"] == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # standard ops only

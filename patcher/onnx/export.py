@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from patcher import __version__
@@ -24,7 +25,20 @@ from patcher.onnx.ops import Context, OnnxOps
 from patcher.io.writer import OutputFolder
 
 OPSET = 17
-FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int4": "model_q4.onnx"}
+F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+# --dtype -> file (transformers.js's names), matrix storage, activation / KV cache dtype, bits of the
+# MatMulNBits blocks (0: plain MatMul). int8 is transformers.js's q8 (`model_quantized.onnx`, its WASM default).
+VARIANTS = {
+    "fp32": {"file": "model.onnx", "weights": F32, "act": F32, "bits": 0},
+    "fp16": {"file": "model_fp16.onnx", "weights": F16, "act": F32, "bits": 0},
+    "int4": {"file": "model_q4.onnx", "weights": F32, "act": F32, "bits": 4},
+    "q4f16": {"file": "model_q4f16.onnx", "weights": F16, "act": F16, "bits": 4},
+    "int8": {"file": "model_quantized.onnx", "weights": F32, "act": F32, "bits": 8},
+}
+FILES = {k: v["file"] for k, v in VARIANTS.items()}
+# a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
+# is below this share of a generic weight's (|Qᵀw| / (|w| sqrt(k/d)); an ablated weight stored in bf16 is ~1e-2)
+EDITED_BELOW = 0.1
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -51,26 +65,44 @@ def _source(sm: StreamedModel) -> dict:
     return src
 
 
-def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT) -> ir.Model:
-    ctx = Context(_source(sm), kv_shapes(sm), sm.hp.n_heads, weight_dtype)
+def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT, act=ir.DataType.FLOAT, quant: dict | None = None,
+          ortho=None, logits_to_keep: bool = True) -> ir.Model:
+    spec, hp = sm.spec, sm.hp
+    embed = spec.names["embed"] + ".weight"
+    src = _source(sm)
+    head_reuses = hp.tied or spec.names["lm_head"] + ".weight" not in src
+    ctx = Context(src, kv_shapes(sm), hp.n_heads, weight_dtype, act, quant, token_embed=embed, tied=head_reuses,
+                  ortho=ortho, logits_to_keep=logits_to_keep)
     top = OnnxOps(ctx, "")
-    x = fw.embed(top, sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
+    x = fw.embed(top, spec, hp, ctx.input_ids, ctx.position_ids)
     for layer in range(sm.n_layers):
-        x = fw.block(OnnxOps(ctx, sm.resolved.layer_prefix(layer)), sm.spec, sm.hp, x, layer)
-    logits = fw.head(top, sm.spec, sm.hp, x)
+        x = fw.block(OnnxOps(ctx, sm.resolved.layer_prefix(layer)), spec, hp, x, layer)
+    if ctx.logits_to_keep is not None:  # the head (norm, vocabulary matmul) on the last k positions only
+        i64 = lambda v: ctx.const(v, np.int64)  # noqa: E731
+        start = ctx.op("Neg", [ctx.op("Unsqueeze", [ctx.logits_to_keep, i64([0])])])
+        x = ctx.op("Slice", [x, start, i64([np.iinfo(np.int64).max]), i64([1])])
+    logits = fw.head(top, spec, hp, x)
+    if act != ir.DataType.FLOAT:
+        logits = ctx.op("Cast", [logits], to=ir.DataType.FLOAT)
     logits.name = "logits"
-    vocab = sm.ck.info(sm.top_weights().names[sm.spec.names["embed"] + ".weight"]).shape[0]
-    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", "sequence_length", vocab])
+    vocab = src[embed][0][0]
+    seq = "logits_sequence_length" if ctx.logits_to_keep is not None else "sequence_length"
+    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", seq, vocab])
     outputs = [logits]
     for i, (k, v) in enumerate(ctx.present):
         for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
             val.name = f"present.{i}.{kind}"
-            val.type = ir.TensorType(ir.DataType.FLOAT)
+            val.type = ir.TensorType(act)
             val.shape = ir.Shape(["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]])
             outputs.append(val)
+    opsets = {"": OPSET, **({"com.microsoft": 1} if quant else {})}
     graph = ir.Graph(ctx.inputs, outputs, nodes=ctx.tape.nodes, initializers=ctx.tape.initializers,
-                     opset_imports={"": OPSET}, name=f"patcher-{sm.model_type}")
-    return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
+                     opset_imports=opsets, name=f"patcher-{sm.model_type}")
+    model = ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
+    if ctx.quantized_meta:  # checkpoint name -> its MatMulNBits initializers (verify dequantizes them)
+        full = sm.top_weights().names
+        model.metadata_props["patcher.quantized"] = json.dumps({full.get(k, k): v for k, v in ctx.quantized_meta.items()})
+    return model
 
 
 def parse_dtypes(dtype) -> list[str]:
@@ -85,7 +117,8 @@ def parse_dtypes(dtype) -> list[str]:
 
 def export(model: Path, out: Path, dtype="fp32", force: bool = False, opset: int = OPSET,
            command: str | None = None, recipe: dict | None = None, int4_block: int = 32,
-           int4_accuracy: int | None = None, chunk_bytes: int = storage.CHUNK_BYTES) -> Path:
+           int4_accuracy: int | None = None, chunk_bytes: int = storage.CHUNK_BYTES, symmetric: bool = True,
+           direction=None) -> Path:
     """Write the variants `dtype` names into OUT. Without --force, OUT may be an earlier patcher export
     of the same source (same input digests): the missing variants are added beside the ones there."""
     dtypes = parse_dtypes(dtype)
@@ -107,8 +140,10 @@ def export(model: Path, out: Path, dtype="fp32", force: bool = False, opset: int
             for f in files:
                 os.link(Path(out) / "onnx" / f, tmp / "onnx" / f)
         chunks = {d: files[1:] for d, files in keep.items()}
+        quant = {"block": int4_block, "accuracy": int4_accuracy, "symmetric": symmetric}
+        basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
         for d in todo:
-            chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, int4_block, int4_accuracy)
+            chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(basis))
         variants = [d for d in FILES if d in chunks]
         for name in SIDE_FILES:
             if (ck.folder / name).is_file():
@@ -171,19 +206,62 @@ def _existing_export(out: Path, inputs: dict) -> dict:
     return variants_in(out)
 
 
-def _write_variant(sm: StreamedModel, dtype: str, folder: Path, chunk_bytes: int, block: int, accuracy) -> list[str]:
-    path = folder / FILES[dtype]
-    if dtype == "int4":
-        return quantize_int4(sm, path, block, accuracy, chunk_bytes)
-    weight = ir.DataType.FLOAT16 if dtype == "fp16" else ir.DataType.FLOAT
-    return storage.write_model(build(sm, weight), path, chunk_bytes)
+def _write_variant(sm: StreamedModel, dtype: str, folder: Path, chunk_bytes: int, quant: dict, ortho) -> list[str]:
+    v = VARIANTS[dtype]
+    q = {**quant, "bits": v["bits"]} if v["bits"] else None
+    if q and v["bits"] == 8:
+        q["block"] = max(q["block"], 32)
+    return storage.write_model(build(sm, v["weights"], v["act"], q, ortho if q else None), folder / v["file"],
+                               chunk_bytes)
+
+
+def edit_basis(ck: Checkpoint, direction=None):
+    """Q [d_model, k] of the directions an ablation removed from this checkpoint (from its provenance, or
+    `direction` given explicitly), or None when it records no ablation."""
+    from patcher.edit.directions import load_direction
+    from patcher_kernels.project import orthonormalize
+    d_model = int(ck.config.get("hidden_size") or ck.config.get("n_embd") or 0) or None
+    if direction is not None:
+        d = direction if hasattr(direction, "vectors") else load_direction(str(direction), d_model)
+        return orthonormalize(d.vectors)
+    prov = _provenance(ck)
+    if not isinstance(prov, dict) or prov.get("op") != "ablate":
+        return None
+    src, sha = prov.get("direction"), prov.get("direction_sha256")
+    try:
+        d = load_direction(str(src), d_model)
+    except (PatcherError, OSError, ValueError):
+        d = None
+    if d is None or (sha and d.sha256 != sha):
+        raise PatcherError(ck.path, f"was ablated along {src}, which is {'missing' if d is None else 'changed'}: "
+                                    "a quantized export rounds against it; pass --direction FILE")
+    return orthonormalize(d.vectors)
+
+
+def orthogonal_plan(q):
+    """ortho(name, w[N, K]) for Context: (q, axis) where the weight is already orthogonal to Q along an
+    axis of size d_model (the ablated writers along N, the embedding along K), else None."""
+    if q is None:
+        return None
+    d, k = q.shape
+    q32 = q.astype(np.float32)
+
+    def plan(name, w):
+        for axis in (0, 1):
+            if w.shape[axis] != d:
+                continue
+            comp = np.linalg.norm(q32.T @ w if axis == 0 else w @ q32)
+            if comp < EDITED_BELOW * np.linalg.norm(w) * np.sqrt(k / d):
+                return q, axis
+        return None
+    return plan
 
 
 # transformers.js dtype names (its file suffixes: "" fp32, _fp16, _q4, _q4f16, _quantized = q8)
 TJS_DTYPE = {"fp32": "fp32", "fp16": "fp16", "int4": "q4", "q4f16": "q4f16", "int8": "q8"}
 # the variant transformers.js loads when the page names none (first present wins; WebGPU: device_config)
 DEFAULT_ORDER = ("int4", "int8", "fp32", "fp16", "q4f16")
-KV_FP16 = ()  # variants whose KV cache inputs are float16
+KV_FP16 = tuple(d for d, v in VARIANTS.items() if v["act"] == F16)  # float16 KV cache inputs
 
 
 def transformers_js_config(chunks: dict[str, int]) -> dict:
@@ -212,21 +290,3 @@ def _provenance(ck: Checkpoint):
         return json.loads(meta) if meta else None
     except ValueError:
         return meta
-
-
-def quantize_int4(sm: StreamedModel, dst: Path, block_size: int = 32, accuracy_level: int | None = None,
-                  chunk_bytes: int = storage.CHUNK_BYTES) -> list[str]:
-    """onnxruntime's MatMulNBits quantizer on the fp32 graph (in memory)."""
-    import logging
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        src = Path(tmp) / "fp32.onnx"
-        ir.save(build(sm), src, external_data="fp32.onnx_data")
-        model = onnx.load(str(src), load_external_data=True)
-    q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
-    q.process()
-    return storage.write_model(ir.serde.deserialize_model(q.model.model), dst, chunk_bytes)

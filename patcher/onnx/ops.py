@@ -9,20 +9,31 @@ import onnx_ir as ir
 
 from patcher.model.numpy_ops import rope_inv_freq
 
-FLOAT = ir.DataType.FLOAT
-_NEG = float(np.finfo(np.float32).min)
+FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+NP = {FLOAT: np.float32, FLOAT16: np.float16}
 
 
 class Context:
     """Graph-wide state: the tape, graph inputs, KV cache values, masks and rotary tables."""
 
     def __init__(self, weight_source, kv_shapes: list[tuple[tuple[int, int], tuple[int, int]]], n_heads: int,
-                 weight_dtype=FLOAT):
+                 weight_dtype=FLOAT, act=FLOAT, quant=None, token_embed: str | None = None, tied: bool = False,
+                 ortho=None, logits_to_keep: bool = True):
+        """weight_dtype: storage of unquantized matrices (FLOAT or FLOAT16). act: activation and KV
+        cache dtype. quant: {"bits", "block", "symmetric", "accuracy"} to store every linear weight
+        (and the token embedding) as MatMulNBits blocks. token_embed / tied: the embedding's name and
+        whether the head reuses it (then it is stored once). ortho(name, w) -> (q, axis) or None picks
+        orthogonal rounding for an edited weight."""
         self.tape = ir.tape.Tape()
         self.n_heads = n_heads
         self.source = weight_source  # name -> (shape, loader returning float32 numpy)
-        self.weight_dtype = weight_dtype
+        self.weight_dtype, self.act, self.np_act = weight_dtype, act, NP[act]
+        self.quant, self.ortho = quant, ortho
+        self.token_embed, self.tied = token_embed, tied
+        self.neg = float(np.finfo(self.np_act).min)
         self.inits: dict[str, ir.Value] = {}
+        self.quantized_inits: dict[str, tuple] = {}
+        self.quantized_meta: dict[str, dict] = {}  # recorded in the model so verify can read the stored weights
         self.consts: dict = {}
         self.input_ids = self._input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
         self.attention_mask = self._input("attention_mask", ir.DataType.INT64,
@@ -30,10 +41,14 @@ class Context:
         self.position_ids = self._input("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
         self.past, self.present = [], []
         for i, ((kh, kd), (vh, vd)) in enumerate(kv_shapes):
-            self.past.append((self._input(f"past_key_values.{i}.key", FLOAT, ["batch_size", kh, "past_sequence_length", kd]),
-                              self._input(f"past_key_values.{i}.value", FLOAT, ["batch_size", vh, "past_sequence_length", vd])))
+            self.past.append((self._input(f"past_key_values.{i}.key", act, ["batch_size", kh, "past_sequence_length", kd]),
+                              self._input(f"past_key_values.{i}.value", act, ["batch_size", vh, "past_sequence_length", vd])))
             self.present.append([None, None])
         self.inputs = [self.input_ids, self.attention_mask, self.position_ids] + [v for kv in self.past for v in kv]
+        # how many trailing positions get logits (0: all), as transformers.js >= 4 and optimum pass it
+        self.logits_to_keep = self._input("num_logits_to_keep", ir.DataType.INT64, []) if logits_to_keep else None
+        if self.logits_to_keep is not None:
+            self.inputs.append(self.logits_to_keep)
         self._masks, self._rope = {}, {}
 
     @staticmethod
@@ -43,30 +58,136 @@ class Context:
     def op(self, op_type, inputs, **attrs):
         return self.tape.op(op_type, inputs, attrs or None)
 
-    def const(self, value, dtype=np.float32):
-        arr = np.asarray(value, dtype=dtype)
+    def const(self, value, dtype=None):
+        arr = np.asarray(value, dtype=dtype or self.np_act)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self.consts:
             self.consts[key] = self.tape.initializer(ir.tensor(arr), name=f"const_{len(self.consts)}")
         return self.consts[key]
 
-    def weight(self, name: str, transform=None, tag: str = "") -> ir.Value:
-        """A checkpoint tensor as a lazy initializer (decoded, transformed, cast only at save time)."""
+    def cast(self, x, to):
+        return x if to is None else self.op("Cast", [x], to=to)
+
+    def weight(self, name: str, transform=None, tag: str = "", dtype=None) -> ir.Value:
+        """A checkpoint tensor as a lazy initializer (decoded, transformed, cast only at save time),
+        as a value of `dtype` (default: the activation dtype)."""
+        dtype = dtype or self.act
         key = name + tag
         if key not in self.inits:
             shape, load = self.source[name]
             sample_shape = tuple(shape) if transform is None else transform(np.zeros(shape, np.float32)).shape
-            dtype = self.weight_dtype if len(sample_shape) >= 2 else FLOAT  # norms and biases stay float32
-            np_dtype = np.float16 if dtype == ir.DataType.FLOAT16 else np.float32
+            stored = self.weight_dtype if len(sample_shape) >= 2 else FLOAT  # norms and biases stay float32
 
-            def produce(load=load, transform=transform, np_dtype=np_dtype):
+            def produce(load=load, transform=transform, np_dtype=NP[stored]):
                 arr = load()
                 arr = transform(arr) if transform else arr
                 return ir.tensor(np.ascontiguousarray(arr, dtype=np_dtype))
-            tensor = ir.LazyTensor(produce, dtype=dtype, shape=ir.Shape(sample_shape), name=key)
-            value = self.tape.initializer(tensor, name=key)
-            self.inits[key] = value if dtype == FLOAT else self.op("Cast", [value], to=FLOAT)
-        return self.inits[key]
+            tensor = ir.LazyTensor(produce, dtype=stored, shape=ir.Shape(sample_shape), name=key)
+            self.inits[key] = {stored: self.tape.initializer(tensor, name=key)}
+        views = self.inits[key]
+        if dtype not in views:
+            views[dtype] = self.op("Cast", [next(iter(views.values()))], to=dtype)
+        return views[dtype]
+
+    def quantized(self, name: str, conv1d: bool = False):
+        """MatMulNBits tensors of the matrix `name` as [N, K] (HF Linear layout; a Conv1D weight is
+        transposed first): B, scales, zero points (None when symmetric) and (K, N). The three lazy
+        tensors share one quantization, computed when the first is written and dropped after the last."""
+        if name not in self.quantized_inits:
+            qo = self.quant
+            shape, load = self.source[name]
+            n, k = (shape[1], shape[0]) if conv1d else (shape[0], shape[1])
+            kb = -(-k // qo["block"])
+            memo: dict = {}
+            parts = ["packed", "scales"] + ([] if qo["symmetric"] else ["zero_points"])
+
+            def compute():
+                from patcher.onnx.quant import quantize
+                w = load()
+                w = w.T if conv1d else w
+                plan = self.ortho(name, w) if self.ortho else None
+                q, axis = plan if plan else (None, None)
+                return quantize(w, qo["bits"], qo["block"], qo["symmetric"], q, axis)
+
+            def produce(part, np_dtype):
+                if "q" not in memo:
+                    memo["q"], memo["left"] = compute(), set(parts)
+                arr = getattr(memo["q"], part)
+                memo["left"].discard(part)
+                if not memo["left"]:
+                    memo.clear()  # all three written: release the tensor
+                return ir.tensor(np.ascontiguousarray(arr, dtype=np_dtype))
+            dims = {"packed": ((n, kb, qo["block"] * qo["bits"] // 8), ir.DataType.UINT8),
+                    "scales": ((n, kb), self.act),
+                    "zero_points": ((n, -(-kb * qo["bits"] // 8)), ir.DataType.UINT8)}
+            vals = {}
+            for part in parts:
+                shp, dt = dims[part]
+                t = ir.LazyTensor(lambda part=part, dt=dt: produce(part, NP.get(dt, np.uint8)), dtype=dt,
+                                  shape=ir.Shape(shp), name=f"{name}.{part}")
+                vals[part] = self.tape.initializer(t, name=f"{name}.q{qo['bits']}.{part}")
+            self.quantized_inits[name] = (vals["packed"], vals["scales"], vals.get("zero_points"), k, n)
+            self.quantized_meta[name] = {"init": f"{name}.q{qo['bits']}", "conv1d": conv1d, "bits": qo["bits"],
+                                         "block": qo["block"], "k": k}
+        return self.quantized_inits[name]
+
+    def matmul(self, x, name: str, conv1d: bool = False):
+        """x @ Wᵀ for an HF Linear weight W [out, in] (x @ W for a Conv1D one)."""
+        if self.quant:
+            b, s, z, k, n = self.quantized(name, conv1d)
+            attrs = {"K": k, "N": n, "bits": self.quant["bits"], "block_size": self.quant["block"]}
+            if self.quant.get("accuracy") is not None:
+                attrs["accuracy_level"] = self.quant["accuracy"]
+            return self.tape.op("MatMulNBits", [x, b, s] + ([z] if z is not None else []), attrs,
+                                domain="com.microsoft")
+        if conv1d:
+            return self.op("MatMul", [x, self.weight(name)])
+        return self.op("MatMul", [x, self.weight(name, lambda a: a.T, tag=".T")])  # MatMul wants [in, out]
+
+    def gather_rows(self, name: str, ids):
+        """Embedding rows for `ids` [B, S] -> [B, S, d]. The tied embedding is stored once: transposed
+        ([d, vocab], the head's MatMul layout; rows gathered along axis 1) or as the head's MatMulNBits
+        blocks (rows gathered and dequantized with standard ops, the operator's own formula)."""
+        if self.quant:
+            return self._gather_quantized(name, ids)
+        if name == self.token_embed and self.tied:
+            cols = self.op("Gather", [self.weight(name, lambda a: a.T, tag=".T"), ids], axis=1)  # [d, B, S]
+            return self.op("Transpose", [cols], perm=[1, 2, 0])
+        return self.op("Gather", [self.weight(name), ids], axis=0)
+
+    def _gather_quantized(self, name, ids):
+        b, s, z, k, _ = self.quantized(name)
+        bits, block = self.quant["bits"], self.quant["block"]
+        i64 = lambda v: self.const(v, np.int64)  # noqa: E731
+        f32 = lambda v: self.const(v, np.float32)  # noqa: E731
+        codes = self.op("Cast", [self.op("Gather", [b, ids], axis=0)], to=FLOAT)  # [B, S, kb, blob]
+        if bits == 4:  # unpack nibbles with float ops (exact on 0..255; BitwiseAnd is opset 18)
+            codes = self._nibbles(codes)
+        codes = self.op("Reshape", [codes, i64([0, 0, -1, block])])  # [B, S, kb, block]
+        if z is None:
+            zero = f32(float(1 << (bits - 1)))
+        else:
+            zero = self.op("Cast", [self.op("Gather", [z, ids], axis=0)], to=FLOAT)  # [B, S, zbytes]
+            if bits == 4:
+                zero = self._nibbles(zero)
+            kb = -(-k // block)
+            zero = self.op("Unsqueeze", [self.op("Slice", [zero, i64([0]), i64([kb]), i64([2])]), i64([3])])
+        scale = self.op("Unsqueeze", [self.cast(self.op("Gather", [s, ids], axis=0),
+                                                FLOAT if self.act != FLOAT else None), i64([3])])
+        w = self.op("Mul", [self.op("Sub", [codes, zero]), scale])
+        w = self.op("Reshape", [w, i64([0, 0, -1])])
+        if k % block:
+            w = self.op("Slice", [w, i64([0]), i64([k]), i64([2])])
+        return self.cast(w, self.act if self.act != FLOAT else None)
+
+    def _nibbles(self, x):
+        """[..., m] float codes of packed bytes -> [..., 2m], low nibble first."""
+        f32 = lambda v: self.const(v, np.float32)  # noqa: E731
+        hi = self.op("Floor", [self.op("Div", [x, f32(16.0)])])
+        lo = self.op("Sub", [x, self.op("Mul", [hi, f32(16.0)])])
+        ax = self.const([-1], np.int64)
+        pair = self.op("Concat", [self.op("Unsqueeze", [lo, ax]), self.op("Unsqueeze", [hi, ax])], axis=-1)
+        return self.op("Reshape", [pair, self.const([0, 0, 0, -1], np.int64)])
 
     # --- shared subgraphs -------------------------------------------------------------------------
     def mask(self, window: int | None) -> ir.Value:
@@ -83,7 +204,7 @@ class Context:
                 allowed = self.op("And", [allowed, self.op("Greater", [kidx, self.op("Sub", [qabs, self.const(window, np.int64)])])])
             pad = self.op("Unsqueeze", [self.op("Cast", [am], to=ir.DataType.BOOL), self.const([1, 2], np.int64)])
             allowed = self.op("And", [self.op("Unsqueeze", [allowed, self.const([0, 1], np.int64)]), pad])
-            self._masks[window] = self.op("Where", [allowed, self.const(0.0), self.const(_NEG)])
+            self._masks[window] = self.op("Where", [allowed, self.const(0.0), self.const(self.neg)])
         return self._masks[window]
 
     def cos_sin(self, rope):
@@ -91,11 +212,12 @@ class Context:
         if key not in self._rope:
             inv, att = rope_inv_freq(rope)
             pos = self.op("Unsqueeze", [self.op("Cast", [self.position_ids], to=FLOAT), self.const([1, 3], np.int64)])
-            freqs = self.op("Mul", [pos, self.const(inv)])  # [B, 1, S, dim/2]
+            freqs = self.op("Mul", [pos, self.const(inv, np.float32)])  # [B, 1, S, dim/2]
             cos, sin = self.op("Cos", [freqs]), self.op("Sin", [freqs])
             if att != 1.0:
-                cos, sin = self.op("Mul", [cos, self.const(att)]), self.op("Mul", [sin, self.const(att)])
-            self._rope[key] = (cos, sin)
+                cos, sin = (self.op("Mul", [v, self.const(att, np.float32)]) for v in (cos, sin))
+            to = None if self.act == FLOAT else self.act
+            self._rope[key] = (self.cast(cos, to), self.cast(sin, to))
         return self._rope[key]
 
 
@@ -112,8 +234,15 @@ class OnnxOps:
     def w(self, name):
         return self._w(name)
 
-    def _w(self, name, transform=None, tag=""):
-        return self.ctx.weight(self.prefix + name, transform, tag)
+    def _w(self, name, transform=None, tag="", dtype=None):
+        return self.ctx.weight(self.prefix + name, transform, tag, dtype)
+
+    def _f32(self, x):
+        """Into float32 for a reduction that float16 would overflow (x² in a norm, softmax sums)."""
+        return x if self.ctx.act == FLOAT else self.op("Cast", [x], to=FLOAT)
+
+    def _back(self, x):
+        return x if self.ctx.act == FLOAT else self.op("Cast", [x], to=self.ctx.act)
 
     # elementwise
     def add(self, a, b):
@@ -148,22 +277,28 @@ class OnnxOps:
 
     # layers
     def embedding(self, name, ids):
+        full = self.prefix + name
+        if full == self.ctx.token_embed:
+            return self.ctx.gather_rows(full, ids)
         return self.op("Gather", [self._w(name), ids], axis=0)
 
     def linear(self, x, weight, bias, conv1d=False):
-        w = self._w(weight) if conv1d else self._w(weight, lambda a: a.T, tag=".T")  # MatMul wants [in, out]
-        y = self.op("MatMul", [x, w])
+        y = self.ctx.matmul(x, self.prefix + weight, conv1d)
         return self.op("Add", [y, self._w(bias)]) if bias else y
 
     def rms_norm(self, x, weight, eps, offset=0.0):
         # Pow(x, 2) (not Mul(x, x)) is the pattern onnxruntime fuses into one normalization kernel
-        var = self.op("ReduceMean", [self.op("Pow", [x, self.const(2.0)])], axes=[-1], keepdims=1)
-        normed = self.op("Div", [x, self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])])
-        gain = self._w(weight, (lambda a: a + np.float32(offset)) if offset else None, tag="+1" if offset else "")
-        return self.op("Mul", [normed, gain])
+        x = self._f32(x)
+        f = np.float32
+        var = self.op("ReduceMean", [self.op("Pow", [x, self.const(2.0, f)])], axes=[-1], keepdims=1)
+        normed = self.op("Div", [x, self.op("Sqrt", [self.op("Add", [var, self.const(eps, f)])])])
+        gain = self._w(weight, (lambda a: a + np.float32(offset)) if offset else None, tag="+1" if offset else "",
+                       dtype=FLOAT)
+        return self._back(self.op("Mul", [normed, gain]))
 
     def layer_norm(self, x, weight, bias, eps):
-        return self.op("LayerNormalization", [x, self._w(weight), self._w(bias)], axis=-1, epsilon=float(eps))
+        return self._back(self.op("LayerNormalization", [self._f32(x), self._w(weight, dtype=FLOAT),
+                                                         self._w(bias, dtype=FLOAT)], axis=-1, epsilon=float(eps)))
 
     # attention
     def split(self, x, sizes):
@@ -222,7 +357,7 @@ class OnnxOps:
         scores = self.op("Mul", [self.op("Reshape", [scores, self.const([0, heads, -1, 0], np.int64)]), self.const(scale)])
         if softcap:
             scores = self.softcap(scores, softcap)
-        probs = self.op("Softmax", [self.op("Add", [scores, ctx.mask(window)])], axis=-1)
+        probs = self._back(self.op("Softmax", [self._f32(self.op("Add", [scores, ctx.mask(window)]))], axis=-1))
         out = self.op("MatMul", [self.op("Reshape", [probs, self.const([0, kh, -1, 0], np.int64)]), v])
         return self.op("Reshape", [out, self.const([0, heads, -1, vd], np.int64)])
 

@@ -30,15 +30,20 @@ class OnnxModel:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.cache_dtype = np.float16 if self.past_names and "float16" in self.inputs[self.past_names[0]].type \
+            else np.float32
 
     def empty_cache(self, batch: int) -> dict:
-        return {n: np.zeros((batch, self.inputs[n].shape[1], 0, self.inputs[n].shape[3]), np.float32)
+        return {n: np.zeros((batch, self.inputs[n].shape[1], 0, self.inputs[n].shape[3]), self.cache_dtype)
                 for n in self.past_names}
 
-    def step(self, input_ids, attention_mask, position_ids, past: dict) -> tuple[np.ndarray, dict]:
-        """One forward: logits [B, S, V] and the new cache (present.* renamed to past_key_values.*)."""
+    def step(self, input_ids, attention_mask, position_ids, past: dict, keep: int = 0) -> tuple[np.ndarray, dict]:
+        """One forward: logits [B, S, V] (the last `keep` positions only, when the graph can; 0: all) and
+        the new cache (present.* renamed to past_key_values.*)."""
         feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
                  "position_ids": np.asarray(position_ids, np.int64), **past}
+        if "num_logits_to_keep" in self.inputs:
+            feeds["num_logits_to_keep"] = np.array(keep, np.int64)
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         cache = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
         return outs["logits"], cache
@@ -51,7 +56,7 @@ class OnnxModel:
         ids = np.asarray(input_ids, np.int64)
         mask = np.asarray(attention_mask, np.int64)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        logits, past = self.step(ids, mask, pos, self.empty_cache(ids.shape[0]))
+        logits, past = self.step(ids, mask, pos, self.empty_cache(ids.shape[0]), keep=1)
         done = np.zeros(ids.shape[0], bool)
         eos = np.array(sorted(set(eos_ids)), np.int64)
         out = []
@@ -76,7 +81,7 @@ class OnnxModel:
             if done.all() or len(out) == max_new_tokens:  # no forward whose logits nobody reads
                 break
             mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
-            logits, past = self.step(tok[:, None], mask, next_pos, past)
+            logits, past = self.step(tok[:, None], mask, next_pos, past, keep=1)
             next_pos = next_pos + 1
         new = np.stack(out, axis=1) if out else np.zeros((ids.shape[0], 0), np.int64)
         if new.shape[1] < max_new_tokens:  # everyone finished early: pad with their last token

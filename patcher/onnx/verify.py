@@ -15,9 +15,11 @@ from patcher.onnx.runtime import OnnxModel
 from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
 NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
-# max |Δ logits| / max(1, max |logits|) allowed per export dtype: fp32 is exact up to float rounding;
-# fp16 weights round each weight to 11 bits; int4 (block 32) changes logits substantially by design
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 0.5}
+# max |Δ logits| / max(1, max |logits|) allowed per export dtype, against the numpy forward of the weights
+# the file stores (quantized variants: their dequantized blocks), so each variant checks its graph, not its
+# rounding: fp32 and the fp32-activation quantized variants are exact up to float summation order; fp16 weights
+# are compared with the exact checkpoint (rounding each weight to 11 bits); q4f16 computes in float16.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 1e-4, "q4f16": 2e-2, "int8": 1e-4}
 # refusal-style markers peers count (case-insensitive, straight or curly apostrophes)
 MARKERS = ["i'm sorry", "i am sorry", "i cannot", "i can't", "as an ai", "i apologize", "i'm not able",
            "i am not able", "i won't", "i will not"]
@@ -74,6 +76,90 @@ def greedy_numpy(sm: StreamedModel, ids, mask, n: int) -> np.ndarray:
     return np.stack(out, 1)
 
 
+def stored_weights(folder: Path, dtype: str) -> dict[str, np.ndarray]:
+    """The matrices a quantized variant stores, dequantized (float64, the checkpoint's layout), by
+    checkpoint tensor name. {} for unquantized variants."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from patcher.onnx.quant import Quantized, dequantize
+    path = Path(folder) / "onnx" / variant_file(folder, dtype)
+    model = onnx.load(str(path), load_external_data=False)
+    meta = json.loads({p.key: p.value for p in model.metadata_props}.get("patcher.quantized", "{}"))
+    if not meta:
+        return {}
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def arr(name):
+        t = inits.get(name)
+        if t is None:
+            return None
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(path.parent))
+        return numpy_helper.to_array(t)
+    out = {}
+    for name, m in meta.items():
+        qt = Quantized(arr(m["init"] + ".packed"), arr(m["init"] + ".scales").astype(np.float32),
+                       arr(m["init"] + ".zero_points"), m["bits"], m["block"], m["k"])
+        w = dequantize(qt)
+        out[name] = w.T if m["conv1d"] else w
+    return out
+
+
+class StoredModel(StreamedModel):
+    """The numpy forward with some tensors replaced (by what an export stores)."""
+
+    def __init__(self, ck: Checkpoint, replaced: dict):
+        super().__init__(ck)
+        self.replaced = replaced
+
+    def top_weights(self):
+        top = super().top_weights()
+        for short, full in top.names.items():  # embedding rows are read from the table itself otherwise
+            if full in self.replaced and not dict.__contains__(top, short):
+                top[short] = self.replaced[full].astype(np.float32)
+        return top
+
+    def _decode(self, name):
+        if name in self.replaced:
+            return self.replaced[name].astype(np.float32)
+        return super()._decode(name)
+
+
+def leakage(stored: dict, exact: StreamedModel, original: StreamedModel | None, q: np.ndarray) -> dict:
+    """For every stored matrix the edit made orthogonal to Q: |QᵀW_stored| relative to |QᵀW_original|
+    (with the original model) and to a generic weight's share |W| sqrt(k/d); also the exact checkpoint's."""
+    from patcher.onnx.export import orthogonal_plan
+    plan = orthogonal_plan(q)
+    d, k = q.shape
+    rows = []
+    for name, w in stored.items():
+        x = exact._decode(name)
+        p = plan(name, x)  # both in the checkpoint's layout
+        if p is None:
+            continue
+        axis = p[1]
+        proj = (lambda a: q.T @ a) if axis == 0 else (lambda a: a @ q)
+        row = {"tensor": name, "axis": axis,
+               "stored_generic": float(np.linalg.norm(proj(w)) / (np.linalg.norm(w) * np.sqrt(k / d))),
+               "exact_generic": float(np.linalg.norm(proj(x.astype(np.float64))) /
+                                      (np.linalg.norm(x) * np.sqrt(k / d)))}
+        if original is not None:
+            base = np.linalg.norm(proj(original._decode(name).astype(np.float64)))
+            row["stored_of_original"] = float(np.linalg.norm(proj(w)) / base) if base else None
+            row["exact_of_original"] = float(np.linalg.norm(proj(x.astype(np.float64))) / base) if base else None
+        rows.append(row)
+    summary = {"tensors": len(rows)}
+    for key in ("stored_generic", "exact_generic", "stored_of_original", "exact_of_original"):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        if vals:
+            summary[key + "_max"] = max(vals)
+    return {"summary": summary, "tensors": rows}
+
+
 def _eos(folder: Path, tok) -> list[int]:
     import json
     ids = {tok.eos_id} if tok.eos_id is not None else set()
@@ -102,6 +188,9 @@ class VerifyReport:
     marker_rate: dict = field(default_factory=dict)
     first_token_kl: float | None = None
     completions: dict = field(default_factory=dict)
+    exact_top1_agreement: float | None = None  # quantized variants: against the unquantized checkpoint
+    exact_generation_match: float | None = None
+    leakage: dict = field(default_factory=dict)
 
     @property
     def parity_ok(self) -> bool:
@@ -113,7 +202,8 @@ class VerifyReport:
                 "top1_agreement": self.top1_agreement, "greedy_token_match": self.generation_match,
                 "greedy_tokens_compared": self.tokens_compared, "projections": self.projections,
                 "marker_rate": self.marker_rate, "first_token_kl": self.first_token_kl,
-                "completions": self.completions}
+                "completions": self.completions, "exact_top1_agreement": self.exact_top1_agreement,
+                "exact_greedy_token_match": self.exact_generation_match, "leakage": self.leakage}
 
 
 def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None, original: Path | None = None,
@@ -121,7 +211,9 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
            behaviour_tokens: int = 24, announce=None) -> VerifyReport:
     rep = VerifyReport(dtype, TOLERANCE[dtype])
     onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
-    ref = StreamedModel(Checkpoint(reference))
+    exact = StreamedModel(Checkpoint(reference))
+    stored = stored_weights(onnx_dir, dtype)
+    ref = StoredModel(Checkpoint(reference), stored) if stored else exact
     p = load_prompts(reference, prompts, chat_template)
     ids, mask = p.batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
@@ -131,13 +223,22 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
     rep.max_abs_diff = float(np.abs(got - want)[real].max())
     rep.max_abs_logit = float(np.abs(want)[real].max())
     rep.top1_agreement = float((got.argmax(-1) == want.argmax(-1))[real].mean())
+    a = onnx_model.generate(ids, mask, tokens) if tokens else None
     if tokens:
-        a = onnx_model.generate(ids, mask, tokens)
         b = greedy_numpy(ref, ids, mask, tokens)
         rep.generation_match = float((a == b).mean())
         rep.tokens_compared = int(a.size)
+    if stored:
+        exact_logits = exact.run(ids, mask, logits=True)
+        rep.exact_top1_agreement = float((got.argmax(-1) == exact_logits.argmax(-1))[real].mean())
+        if tokens:
+            rep.exact_generation_match = float((a == greedy_numpy(exact, ids, mask, tokens)).mean())
+        if direction is not None:
+            from patcher_kernels.project import orthonormalize
+            orig_sm = StreamedModel(Checkpoint(original)) if original else None
+            rep.leakage = leakage(stored, exact, orig_sm, orthonormalize(direction.vectors))
     if direction is not None:
-        rep.projections = projections(ref, StreamedModel(Checkpoint(original)) if original else None, ids, mask, direction)
+        rep.projections = projections(exact, StreamedModel(Checkpoint(original)) if original else None, ids, mask, direction)
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
         texts = {}
@@ -149,7 +250,7 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
         orig = StreamedModel(Checkpoint(original)).run(ids, mask, logits=True)[:, -1]
-        lo, le = _softmax_log(orig), _softmax_log(want[:, -1])
+        lo, le = _softmax_log(orig), _softmax_log((exact.run(ids, mask, logits=True) if stored else want)[:, -1])
         rep.first_token_kl = float(np.mean(np.sum(np.exp(lo) * (lo - le), axis=-1)))
     return rep
 
