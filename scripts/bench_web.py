@@ -50,12 +50,23 @@ import * as ort from "/ort/ort.wasm.min.mjs";
 ort.env.wasm.wasmPaths = "/ort/";
 ort.env.wasm.numThreads = %(threads)d;
 ort.env.logLevel = "error";
-const argmax = (data, off, n) => { let b = 0, v = -Infinity; for (let i = 0; i < n; i++) if (data[off + i] > v) { v = data[off + i]; b = i; } return b; };
-window.bench = async ({ url, file, data, layers, kv, head_dim, prompt, steps, repeats }) => {
+const h2f = (h) => {  // IEEE half -> float (logits of float16 graphs)
+  const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 31, m = h & 1023;
+  return e === 0 ? s * m * 2 ** -24 : e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * 2 ** (e - 15);
+};
+const argmax = (t, off, n) => {
+  const f = t.type === "float16" && !(t.data instanceof (globalThis.Float16Array ?? Object)) ? h2f : (x) => x;
+  let b = 0, v = -Infinity;
+  for (let i = 0; i < n; i++) { const x = f(t.data[off + i]); if (x > v) { v = x; b = i; } }
+  return b;
+};
+window.bench = async ({ url, file, data, layers, kv, head_dim, kv_type, prompt, steps, repeats }) => {
   const t0 = performance.now();
   const session = await ort.InferenceSession.create(url + file, { executionProviders: ["wasm"],
     graphOptimizationLevel: "all", externalData: data.map((d) => ({ path: d, data: url + d })) });
   const load_ms = performance.now() - t0;
+  const keep = session.inputNames.includes("num_logits_to_keep");  // last position only
+  const empty = kv_type === "float16" ? new Uint16Array(0) : new Float32Array(0);
   const run = async () => {
     const n = prompt.length;
     const i64 = (a) => BigInt64Array.from(a.map(BigInt));
@@ -63,7 +74,8 @@ window.bench = async ({ url, file, data, layers, kv, head_dim, prompt, steps, re
                   attention_mask: new ort.Tensor("int64", new BigInt64Array(n).fill(1n), [1, n]),
                   position_ids: new ort.Tensor("int64", i64([...Array(n).keys()]), [1, n]) };
     for (let i = 0; i < layers; i++) for (const k of ["key", "value"])
-      feeds[`past_key_values.${i}.${k}`] = new ort.Tensor("float32", new Float32Array(0), [1, kv, 0, head_dim]);
+      feeds[`past_key_values.${i}.${k}`] = new ort.Tensor(kv_type, empty, [1, kv, 0, head_dim]);
+    if (keep) feeds.num_logits_to_keep = new ort.Tensor("int64", BigInt64Array.from([1n]), []);
     let t = performance.now();
     let out = await session.run(feeds);
     const prefill_ms = performance.now() - t;
@@ -72,7 +84,7 @@ window.bench = async ({ url, file, data, layers, kv, head_dim, prompt, steps, re
     t = performance.now();
     for (let s = 0; s < steps; s++) {
       const lg = out.logits, V = lg.dims[2];
-      const next = argmax(lg.data, (lg.dims[1] - 1) * V, V);
+      const next = argmax(lg, (lg.dims[1] - 1) * V, V);
       ids.push(next);
       if (s === steps - 1) break;
       total += 1;
@@ -81,6 +93,7 @@ window.bench = async ({ url, file, data, layers, kv, head_dim, prompt, steps, re
                    position_ids: new ort.Tensor("int64", i64([total - 1]), [1, 1]) };
       for (let i = 0; i < layers; i++) for (const k of ["key", "value"])
         nf[`past_key_values.${i}.${k}`] = out[`present.${i}.${k}`];
+      if (keep) nf.num_logits_to_keep = feeds.num_logits_to_keep;
       for (const v of Object.values(feeds)) if (!Object.values(nf).includes(v)) v.dispose?.();
       feeds = nf;
       out = await session.run(feeds);
@@ -137,6 +150,22 @@ def export_variants(model: Path, work: Path, a) -> dict:
                 export(model, folder, dtype=extra, force=True)
             files = variants_in(folder)[extra]
             out[extra] = (folder, files[0], files[1:], {"dtype": extra})
+    if not a.quick:  # onnxruntime's own dynamic int8 (MatMulInteger, as optimum's q8 files), for comparison
+        name, folder = "q8-matmulinteger", work / "x-q8-matmulinteger"
+        if not (folder / "onnx" / "model_quantized.onnx").is_file():
+            import onnx
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            (folder / "onnx").mkdir(parents=True, exist_ok=True)
+            quantize_dynamic(base / "onnx" / "model.onnx", folder / "onnx" / "model_quantized.onnx",
+                             weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             use_external_data_format=True)
+            m = onnx.load(str(folder / "onnx" / "model_quantized.onnx"))
+            onnx.save_model(m, str(folder / "onnx" / "model_quantized.onnx"), save_as_external_data=True,
+                            location="model_quantized.onnx_data", all_tensors_to_one_file=True)
+            for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+                shutil.copyfile(base / f, folder / f)
+        out[name] = (folder, "model_quantized.onnx", ["model_quantized.onnx_data"],
+                     {"dtype": "q8 (onnxruntime quantize_dynamic)"})
     return out
 
 
@@ -220,7 +249,8 @@ def main(argv=None) -> int:
             for name, (folder, file, data, rec) in variants.items():
                 r = page.evaluate("(x) => window.bench(x)", {
                     "url": f"/m/{name}/", "file": file, "data": data, "layers": a.layers, "kv": a.kv_heads,
-                    "head_dim": a.head_dim, "prompt": prompt, "steps": a.new_tokens, "repeats": a.repeats})
+                    "head_dim": a.head_dim, "kv_type": "float16" if rec["dtype"] == "q4f16" else "float32",
+                    "prompt": prompt, "steps": a.new_tokens, "repeats": a.repeats})
                 res = {**rec, "size_mib": sum((folder / "onnx" / f).stat().st_size for f in [file, *data]) / 2**20,
                        "load_ms": r["load_ms"], "prefill_ms": statistics.median(x["prefill_ms"] for x in r["rounds"]),
                        "decode_ms": statistics.median(x["decode_ms"] for x in r["rounds"]),
