@@ -23,7 +23,8 @@ from patcher.web.serve import Server
 ARCHS = ["llama", "qwen2", "qwen3", "gpt2", "mistral", "phi3", "gemma2", "olmo2"]
 PROMPT = "Tell me about the sea"
 NEW_TOKENS = 10
-EXPORT_DTYPES = "fp32,int4"  # what the issue's user exports
+EXPORT_DTYPES = "fp32,int4"  # what a user exports for the web (the chat page's models)
+ALL_DTYPES = "fp32,fp16,int4,int8,q4f16"  # every variant transformers.js knows that patcher writes
 PROBE = """<!doctype html><meta charset="utf-8"><title>probe</title>
 <script type="module">
 import * as T from "./js/transformers.min.js";
@@ -84,10 +85,10 @@ def exports(tmp_path_factory, need_browser):
     root = tmp_path_factory.mktemp("web-exports")
     cache = {}
 
-    def get(model_type: str, src: Path | None = None, name: str | None = None) -> Path:
+    def get(model_type: str, src: Path | None = None, name: str | None = None, dtype: str = ALL_DTYPES) -> Path:
         name = name or model_type
         if name not in cache:
-            cache[name] = export(src or fixture_path(model_type), root / name, dtype=EXPORT_DTYPES)
+            cache[name] = export(src or fixture_path(model_type), root / name, dtype=dtype)
         return cache[name]
     return get
 
@@ -179,8 +180,7 @@ def test_export_loads_with_no_options_and_greedy_matches_python(model_type, prob
         if dtype == "fp32":
             continue
         file = variants[dtype][0]
-        got = page.evaluate("([m, d, ids, n]) => window.generate(m, {dtype: d}, ids, n)",
-                            [name, dtype, ids, NEW_TOKENS])
+        got = page.evaluate("([m, d, ids, n]) => window.generate(m, {dtype: d}, ids, n)", [name, dtype, ids, NEW_TOKENS])
         py = python_greedy(folder, file, ids)
         report[dtype] = {"browser_vs_python": agreement(got["ids"], py), "browser_vs_fp32": agreement(got["ids"], want)}
         record_property(f"{dtype}_agreement", report[dtype])
@@ -195,9 +195,10 @@ def site(tmp_path_factory, exports, need_browser):
     root = tmp_path_factory.mktemp("web-site")
     edited = root / "ablated"
     run_cli("ablate", fixture_path("llama"), "-d", fixture_path("llama").parent / "direction-64.npy", "-o", edited)
-    ex = exports("llama", edited, name="llama-ablated")
-    run_cli("web", ex, "--compare", exports("llama"), "-o", root / "site", "--max-new-tokens", NEW_TOKENS)
-    return root / "site", ex, exports("llama")
+    ex = exports("llama", edited, name="llama-ablated-web", dtype=EXPORT_DTYPES)
+    orig = exports("llama", name="llama-web", dtype=EXPORT_DTYPES)
+    run_cli("web", ex, "--compare", orig, "-o", root / "site", "--max-new-tokens", NEW_TOKENS)
+    return root / "site", ex, orig
 
 
 def read_answers(page) -> dict:
