@@ -217,6 +217,7 @@ def test_chat_page_answers_like_python(site, browser, tmp_path):
         page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
         status = page.inner_text("#status")
         assert status.startswith("ready"), status
+        assert page.evaluate("crossOriginIsolated")  # the server's COOP/COEP: multi-threaded WASM
         assert "ablated a rank-1 direction" in page.inner_text(".column[data-model=edited] .provenance summary")
         assert "unedited" in page.inner_text(".column[data-model=original] .provenance summary")
         page.fill("#prompt", PROMPT)

@@ -21,8 +21,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return None
 
     def end_headers(self):
-        # the model and runtime never change under a running server; keep the browser from re-asking
-        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Cache-Control", "no-cache")  # a rebuilt site reuses its URLs
+        # cross-origin isolation: SharedArrayBuffer, so onnxruntime-web's WASM runs multi-threaded
+        # (credentialless still lets the --cdn build's scripts load)
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "credentialless")
         super().end_headers()
 
     def log_message(self, fmt, *args):
