@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ort-web", choices=["site", "pinned"], default="site")
     ap.add_argument("--quick", action="store_true", help="fp32 and the q4 blocks only (no fp16 / int8 / q4f16)")
+    ap.add_argument("--only", type=lambda s: s.split(","), help="Run only these variants (names as printed)")
     ap.add_argument("--no-python", action="store_true", help="skip the Python onnxruntime runs")
     ap.add_argument("--json", type=Path, help="Write the results here")
     a = ap.parse_args(argv)
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
         print(f"model: {params / 1e6:.0f}M parameters (d {a.d_model}, {a.layers} layers, ff {a.intermediate}, "
               f"vocab {a.vocab})", flush=True)
         variants = export_variants(model, work, a)
+        if a.only:
+            variants = {k: v for k, v in variants.items() if k in a.only}
         rng = np.random.default_rng(0)
         prompt = [int(x) for x in rng.integers(3, min(a.vocab, 384), a.prompt_tokens)]
         root = work / "site"
