@@ -268,6 +268,9 @@ def test_cdn_site_pins_versions(site, tmp_path):
     v = lock["node_modules/@huggingface/transformers"]["version"]
     assert rt["module"] == f"https://cdn.jsdelivr.net/npm/@huggingface/transformers@{v}/dist/transformers.min.js"
     assert "@" in rt["wasm_base"] and not (tmp_path / "s" / "js").exists()
+    ort = lock["node_modules/@huggingface/transformers/node_modules/onnxruntime-web"]["version"]
+    assert (web_site.PINNED_TRANSFORMERS, web_site.PINNED_ORT_WEB) == (v, ort) == (rt["transformers"],
+                                                                                   rt["onnxruntime_web"])
 
 
 def test_output_rules(site, tmp_path):

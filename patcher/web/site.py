@@ -92,7 +92,13 @@ def find_runtime(js: Path | None, cdn: bool) -> Runtime:
                              f"({', '.join(WASM_FILES[:2])}) and it is not installed beside it; {hint}")
 
 
+# the versions web/package-lock.json pins (a test keeps them equal), for --cdn without a checkout
+PINNED_TRANSFORMERS, PINNED_ORT_WEB = "4.3.2", "1.31.0-dev.20260914-8d85527a0"
+
+
 def _cdn_runtime() -> Runtime:
+    if not (REPO_WEB / "package-lock.json").is_file():
+        return Runtime(PINNED_TRANSFORMERS, PINNED_ORT_WEB, None, None)
     lock = _read_json(REPO_WEB / "package-lock.json")
     pk = lock.get("packages", {})
     tjs = pk.get(f"node_modules/{TRANSFORMERS_PKG}", {})
