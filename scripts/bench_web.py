@@ -287,9 +287,9 @@ def report(results: dict, a, ort_version: str) -> None:
         speed = fp32["decode_ms"] / r["decode_ms"] if fp32 else float("nan")
         pyspeed = fp32["py_decode_ms"] / r["py_decode_ms"] if fp32 and "py_decode_ms" in r else float("nan")
         agree = prefix_agreement(r["ids"], fp32["ids"]) if fp32 else float("nan")
-        print(f"{name:16s} {r['size_mib']:7.1f} {r['decode_ms']:13.1f} {speed:7.2f}x {r['prefill_ms']:10.0f} "
-              f"{r.get('py_decode_ms', float('nan')):9.1f} {pyspeed:9.2f}x {r.get('browser_vs_python', float('nan')):8.0%} "
-              f"{agree:7.0%}")
+        py = (f"{r['py_decode_ms']:9.1f} {pyspeed:9.2f}x {r['browser_vs_python']:8.0%}" if "py_decode_ms" in r
+              else f"{'-':>9s} {'-':>10s} {'-':>8s}")
+        print(f"{name:16s} {r['size_mib']:7.1f} {r['decode_ms']:13.1f} {speed:7.2f}x {r['prefill_ms']:10.0f} {py} {agree:7.0%}")
         r["browser_speedup_vs_fp32"], r["agree_fp32"] = speed, agree
     q4 = {n: r for n, r in results.items() if n.startswith("q4-")}
     if fp32 and q4:
