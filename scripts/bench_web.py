@@ -26,6 +26,7 @@ pinned dependency); --ort-web pinned uses web/package.json's top-level onnxrunti
 Target (issue 12): browser q4 decode >= 1.5x browser fp32 (ms/token ratio fp32/q4).
 The script always exits 0 unless the browser cannot run at all.
 """
+
 import argparse
 import json
 import os
@@ -52,7 +53,8 @@ ort.env.wasm.numThreads = %(threads)d;
 ort.env.logLevel = "error";
 const h2f = (h) => {  // IEEE half -> float (logits of float16 graphs)
   const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 31, m = h & 1023;
-  return e === 0 ? s * m * 2 ** -24 : e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * 2 ** (e - 15);
+  if (e === 0) return s * m * 2 ** -24;
+  return e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * 2 ** (e - 15);
 };
 const argmax = (t, off, n) => {
   const f = t.type === "float16" && !(t.data instanceof (globalThis.Float16Array ?? Object)) ? h2f : (x) => x;
@@ -113,8 +115,10 @@ window.ready = true;
 
 def ort_web_dir(which: str) -> Path:
     nm = REPO / "web" / "node_modules"
-    cands = {"site": [nm / "@huggingface/transformers/node_modules/onnxruntime-web", nm / "onnxruntime-web"],
-             "pinned": [nm / "onnxruntime-web"]}[which]
+    cands = {
+        "site": [nm / "@huggingface/transformers/node_modules/onnxruntime-web", nm / "onnxruntime-web"],
+        "pinned": [nm / "onnxruntime-web"],
+    }[which]
     for c in cands:
         if (c / "dist" / "ort.wasm.min.mjs").is_file():
             return c
@@ -124,6 +128,7 @@ def ort_web_dir(which: str) -> Path:
 def export_variants(model: Path, work: Path, a) -> dict:
     """name -> (folder, file, data files, record of how it was made)"""
     from patcher.onnx.export import FILES, export, variants_in
+
     out = {}
     base = work / "x-float"
     floats = ",".join(d for d in ("fp32", "fp16") if d in FILES and (d == "fp32" or not a.quick))
@@ -155,23 +160,38 @@ def export_variants(model: Path, work: Path, a) -> dict:
         if not (folder / "onnx" / "model_quantized.onnx").is_file():
             import onnx
             from onnxruntime.quantization import QuantType, quantize_dynamic
+
             (folder / "onnx").mkdir(parents=True, exist_ok=True)
-            quantize_dynamic(base / "onnx" / "model.onnx", folder / "onnx" / "model_quantized.onnx",
-                             weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             use_external_data_format=True)
+            quantize_dynamic(
+                base / "onnx" / "model.onnx",
+                folder / "onnx" / "model_quantized.onnx",
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+                use_external_data_format=True,
+            )
             m = onnx.load(str(folder / "onnx" / "model_quantized.onnx"))
-            onnx.save_model(m, str(folder / "onnx" / "model_quantized.onnx"), save_as_external_data=True,
-                            location="model_quantized.onnx_data", all_tensors_to_one_file=True)
+            onnx.save_model(
+                m,
+                str(folder / "onnx" / "model_quantized.onnx"),
+                save_as_external_data=True,
+                location="model_quantized.onnx_data",
+                all_tensors_to_one_file=True,
+            )
             for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
                 shutil.copyfile(base / f, folder / f)
-        out[name] = (folder, "model_quantized.onnx", ["model_quantized.onnx_data"],
-                     {"dtype": "q8 (onnxruntime quantize_dynamic)"})
+        out[name] = (
+            folder,
+            "model_quantized.onnx",
+            ["model_quantized.onnx_data"],
+            {"dtype": "q8 (onnxruntime quantize_dynamic)"},
+        )
     return out
 
 
 def python_run(folder: Path, file: str, prompt: list[int], steps: int, threads: int, repeats: int) -> dict:
     import onnxruntime as ort
     from patcher.onnx.runtime import OnnxModel
+
     m = OnnxModel(folder, file)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
@@ -181,7 +201,9 @@ def python_run(folder: Path, file: str, prompt: list[int], steps: int, threads: 
     per, toks = [], None
     for _ in range(repeats):
         stamps = []
-        toks = m.generate(ids, mask, steps, on_token=lambda t, d: stamps.append(time.perf_counter()))[0].tolist()
+        toks = m.generate(ids, mask, steps, on_token=lambda t, d: stamps.append(time.perf_counter()))[
+            0
+        ].tolist()
         per.append((stamps[-1] - stamps[0]) / max(steps - 1, 1) * 1000)
     return {"decode_ms": statistics.median(per), "ids": toks}
 
@@ -198,14 +220,20 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, help="Reuse / keep the model and exports here")
     ap.add_argument("--keep", action="store_true", help="Keep --workdir's contents")
     ap.add_argument("--blocks", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64, 128])
-    ap.add_argument("--accuracy", type=lambda s: [None if x in ("", "none") else int(x) for x in s.split(",")],
-                    default=[None, 4], help="MatMulNBits accuracy levels (none,4)")
+    ap.add_argument(
+        "--accuracy",
+        type=lambda s: [None if x in ("", "none") else int(x) for x in s.split(",")],
+        default=[None, 4],
+        help="MatMulNBits accuracy levels (none,4)",
+    )
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ort-web", choices=["site", "pinned"], default="site")
-    ap.add_argument("--quick", action="store_true", help="fp32 and the q4 blocks only (no fp16 / int8 / q4f16)")
+    ap.add_argument(
+        "--quick", action="store_true", help="fp32 and the q4 blocks only (no fp16 / int8 / q4f16)"
+    )
     ap.add_argument("--only", type=lambda s: s.split(","), help="Run only these variants (names as printed)")
     ap.add_argument("--no-python", action="store_true", help="skip the Python onnxruntime runs")
     ap.add_argument("--json", type=Path, help="Write the results here")
@@ -213,6 +241,7 @@ def main(argv=None) -> int:
 
     from patcher.web.browser import chromium, missing
     from patcher.web.serve import Server
+
     why = missing()
     if why:
         sys.exit(f"cannot run the browser benchmark: {why}")
@@ -225,10 +254,15 @@ def main(argv=None) -> int:
         if not (model / "config.json").is_file():
             make_model(model, a)
         params = sum(np.prod(v) for v in [(a.vocab, a.d_model)] * 2) + a.layers * (
-            2 * a.d_model * a.heads * a.head_dim + 2 * a.d_model * a.kv_heads * a.head_dim
-            + 3 * a.d_model * a.intermediate)
-        print(f"model: {params / 1e6:.0f}M parameters (d {a.d_model}, {a.layers} layers, ff {a.intermediate}, "
-              f"vocab {a.vocab})", flush=True)
+            2 * a.d_model * a.heads * a.head_dim
+            + 2 * a.d_model * a.kv_heads * a.head_dim
+            + 3 * a.d_model * a.intermediate
+        )
+        print(
+            f"model: {params / 1e6:.0f}M parameters (d {a.d_model}, {a.layers} layers, ff {a.intermediate}, "
+            f"vocab {a.vocab})",
+            flush=True,
+        )
         variants = export_variants(model, work, a)
         if a.only:
             variants = {k: v for k, v in variants.items() if k in a.only}
@@ -247,29 +281,67 @@ def main(argv=None) -> int:
             page.set_default_timeout(600_000)
             page.goto(server.url)
             page.wait_for_function("window.ready === true")
-            print(f"chromium {page.context.browser.version}, onnxruntime-web {ort_version}, "
-                  f"crossOriginIsolated={page.evaluate('crossOriginIsolated')}, threads {a.threads}", flush=True)
+            print(
+                f"chromium {page.context.browser.version}, onnxruntime-web {ort_version}, "
+                f"crossOriginIsolated={page.evaluate('crossOriginIsolated')}, threads {a.threads}",
+                flush=True,
+            )
             for name, (folder, file, data, rec) in variants.items():
-                r = page.evaluate("(x) => window.bench(x)", {
-                    "url": f"/m/{name}/", "file": file, "data": data, "layers": a.layers, "kv": a.kv_heads,
-                    "head_dim": a.head_dim, "kv_type": "float16" if rec["dtype"] == "q4f16" else "float32",
-                    "prompt": prompt, "steps": a.new_tokens, "repeats": a.repeats})
-                res = {**rec, "size_mib": sum((folder / "onnx" / f).stat().st_size for f in [file, *data]) / 2**20,
-                       "load_ms": r["load_ms"], "prefill_ms": statistics.median(x["prefill_ms"] for x in r["rounds"]),
-                       "decode_ms": statistics.median(x["decode_ms"] for x in r["rounds"]),
-                       "ids": r["rounds"][-1]["ids"]}
+                r = page.evaluate(
+                    "(x) => window.bench(x)",
+                    {
+                        "url": f"/m/{name}/",
+                        "file": file,
+                        "data": data,
+                        "layers": a.layers,
+                        "kv": a.kv_heads,
+                        "head_dim": a.head_dim,
+                        "kv_type": "float16" if rec["dtype"] == "q4f16" else "float32",
+                        "prompt": prompt,
+                        "steps": a.new_tokens,
+                        "repeats": a.repeats,
+                    },
+                )
+                res = {
+                    **rec,
+                    "size_mib": sum((folder / "onnx" / f).stat().st_size for f in [file, *data]) / 2**20,
+                    "load_ms": r["load_ms"],
+                    "prefill_ms": statistics.median(x["prefill_ms"] for x in r["rounds"]),
+                    "decode_ms": statistics.median(x["decode_ms"] for x in r["rounds"]),
+                    "ids": r["rounds"][-1]["ids"],
+                }
                 if not a.no_python:
                     py = python_run(folder, file, prompt, a.new_tokens, a.threads, a.repeats)
-                    res.update(py_decode_ms=py["decode_ms"], browser_vs_python=prefix_agreement(res["ids"], py["ids"]))
+                    res.update(
+                        py_decode_ms=py["decode_ms"],
+                        browser_vs_python=prefix_agreement(res["ids"], py["ids"]),
+                    )
                 results[name] = res
-                print(f"  {name:16s} decode {res['decode_ms']:7.1f} ms/token  prefill {res['prefill_ms']:7.0f} ms"
-                      + (f"  python {res['py_decode_ms']:6.1f} ms/token  browser==python "
-                         f"{res['browser_vs_python']:.0%}" if "py_decode_ms" in res else ""), flush=True)
+                print(
+                    f"  {name:16s} decode {res['decode_ms']:7.1f} ms/token  "
+                    f"prefill {res['prefill_ms']:7.0f} ms"
+                    + (
+                        f"  python {res['py_decode_ms']:6.1f} ms/token  browser==python "
+                        f"{res['browser_vs_python']:.0%}"
+                        if "py_decode_ms" in res
+                        else ""
+                    ),
+                    flush=True,
+                )
             assert not ctx.blocked, ctx.blocked
         report(results, a, ort_version)
         if a.json:
-            a.json.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("workdir", "json")},
-                                          "onnxruntime_web": ort_version, "results": results}, indent=2, default=str))
+            a.json.write_text(
+                json.dumps(
+                    {
+                        "args": {k: v for k, v in vars(a).items() if k not in ("workdir", "json")},
+                        "onnxruntime_web": ort_version,
+                        "results": results,
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
     finally:
         if not (a.workdir and a.keep):
             shutil.rmtree(work, ignore_errors=True)
@@ -278,25 +350,38 @@ def main(argv=None) -> int:
 
 def report(results: dict, a, ort_version: str) -> None:
     fp32 = results.get("fp32")
-    print(f"\nbrowser (onnxruntime-web {ort_version}, WASM, {a.threads} thread(s)), {a.prompt_tokens}-token prompt, "
-          f"{a.new_tokens} new tokens, median of {a.repeats}")
-    head = f"{'variant':16s} {'MiB':>7s} {'decode ms/tok':>13s} {'vs fp32':>8s} {'prefill ms':>10s} " \
-           f"{'py ms/tok':>9s} {'py vs fp32':>10s} {'==python':>8s} {'==fp32':>7s}"
+    print(
+        f"\nbrowser (onnxruntime-web {ort_version}, WASM, {a.threads} thread(s)), "
+        f"{a.prompt_tokens}-token prompt, "
+        f"{a.new_tokens} new tokens, median of {a.repeats}"
+    )
+    head = (
+        f"{'variant':16s} {'MiB':>7s} {'decode ms/tok':>13s} {'vs fp32':>8s} {'prefill ms':>10s} "
+        f"{'py ms/tok':>9s} {'py vs fp32':>10s} {'==python':>8s} {'==fp32':>7s}"
+    )
     print(head)
     for name, r in results.items():
         speed = fp32["decode_ms"] / r["decode_ms"] if fp32 else float("nan")
         pyspeed = fp32["py_decode_ms"] / r["py_decode_ms"] if fp32 and "py_decode_ms" in r else float("nan")
         agree = prefix_agreement(r["ids"], fp32["ids"]) if fp32 else float("nan")
-        py = (f"{r['py_decode_ms']:9.1f} {pyspeed:9.2f}x {r['browser_vs_python']:8.0%}" if "py_decode_ms" in r
-              else f"{'-':>9s} {'-':>10s} {'-':>8s}")
-        print(f"{name:16s} {r['size_mib']:7.1f} {r['decode_ms']:13.1f} {speed:7.2f}x {r['prefill_ms']:10.0f} {py} {agree:7.0%}")
+        py = (
+            f"{r['py_decode_ms']:9.1f} {pyspeed:9.2f}x {r['browser_vs_python']:8.0%}"
+            if "py_decode_ms" in r
+            else f"{'-':>9s} {'-':>10s} {'-':>8s}"
+        )
+        print(
+            f"{name:16s} {r['size_mib']:7.1f} {r['decode_ms']:13.1f} {speed:7.2f}x "
+            f"{r['prefill_ms']:10.0f} {py} {agree:7.0%}"
+        )
         r["browser_speedup_vs_fp32"], r["agree_fp32"] = speed, agree
     q4 = {n: r for n, r in results.items() if n.startswith("q4-")}
     if fp32 and q4:
         best = min(q4, key=lambda n: q4[n]["decode_ms"])
         s = fp32["decode_ms"] / q4[best]["decode_ms"]
-        print(f"\nfastest browser q4: {best}, {s:.2f}x fp32 decode (target >= {TARGET}x): "
-              + ("met" if s >= TARGET else "TARGET MISSED"))
+        print(
+            f"\nfastest browser q4: {best}, {s:.2f}x fp32 decode (target >= {TARGET}x): "
+            + ("met" if s >= TARGET else "TARGET MISSED")
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ server, with every other request refused. Greedy tokens must equal Python onnxru
 each quantized variant's agreement with Python is reported. The `patcher web` page is typed into and
 its answers read back. Without chromium / playwright / node_modules these tests skip — except under
 CI (env CI set), where they fail, so CI proves the browser path."""
+
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_path, run_cli
+from patcher.errors import PatcherError
 from patcher.model.prompts import encode_prompts, load_tokenizer
 from patcher.onnx.runtime import OnnxModel
 from patcher.onnx.verify import _eos
@@ -59,12 +61,13 @@ window.probeReady = true;
 
 def _missing() -> str | None:
     from patcher.web.browser import missing
+
     why = missing()
     if why:
         return why
     try:
         web_site.find_runtime(None, False)
-    except Exception as e:  # PatcherError: say what to install
+    except PatcherError as e:  # says what to install
         return str(e)
     return None
 
@@ -82,20 +85,25 @@ def need_browser():
 def exports(tmp_path_factory, need_browser):
     """fp32 + int4 exports of each architecture (tiny fixtures, exported now)."""
     from patcher.onnx.export import export
+
     root = tmp_path_factory.mktemp("web-exports")
     cache = {}
 
-    def get(model_type: str, src: Path | None = None, name: str | None = None, dtype: str = ALL_DTYPES) -> Path:
+    def get(
+        model_type: str, src: Path | None = None, name: str | None = None, dtype: str = ALL_DTYPES
+    ) -> Path:
         name = name or model_type
         if name not in cache:
             cache[name] = export(src or fixture_path(model_type), root / name, dtype=dtype)
         return cache[name]
+
     return get
 
 
 @pytest.fixture(scope="module")
 def browser(need_browser):
     from patcher.web.browser import chromium
+
     with chromium() as context:
         yield context
 
@@ -120,6 +128,7 @@ def probe(tmp_path_factory, browser, exports):
             if not (root / "models" / name).exists():
                 shutil.copytree(folder, root / "models" / name)
             return name
+
         yield page, publish
         page.close()
     assert not browser.blocked, f"the page reached off localhost: {browser.blocked[:3]}"
@@ -127,12 +136,15 @@ def probe(tmp_path_factory, browser, exports):
 
 def python_greedy(folder: Path, file: str, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
     tok = load_tokenizer(folder)
-    row = OnnxModel(folder, file).generate(np.array([ids]), np.ones((1, len(ids)), np.int64), n,
-                                           eos_ids=_eos(folder, tok))[0].tolist()
+    row = (
+        OnnxModel(folder, file)
+        .generate(np.array([ids]), np.ones((1, len(ids)), np.int64), n, eos_ids=_eos(folder, tok))[0]
+        .tolist()
+    )
     eos = set(_eos(folder, tok))
     for i, t in enumerate(row):  # transformers.js stops after the first eos, Python repeats it
         if t in eos:
-            return row[:i + 1]
+            return row[: i + 1]
     return row
 
 
@@ -170,7 +182,9 @@ def test_export_loads_with_no_options_and_greedy_matches_python(model_type, prob
     got = page.evaluate("([m, ids, n]) => window.generate(m, null, ids, n)", [name, ids, NEW_TOKENS])
     assert got["ids"] == python_greedy(folder, default_file, ids), f"default ({got['dtype']}) load"
     # fp32: token for token
-    got = page.evaluate("([m, ids, n]) => window.generate(m, {dtype: 'fp32'}, ids, n)", [name, ids, NEW_TOKENS])
+    got = page.evaluate(
+        "([m, ids, n]) => window.generate(m, {dtype: 'fp32'}, ids, n)", [name, ids, NEW_TOKENS]
+    )
     want = python_greedy(folder, "model.onnx", ids)
     assert got["dtype"] == "fp32" and got["ids"] == want
     # every quantized variant the export holds: agreement with Python on the same file, and with fp32
@@ -180,9 +194,14 @@ def test_export_loads_with_no_options_and_greedy_matches_python(model_type, prob
         if dtype == "fp32":
             continue
         file = variants[dtype][0]
-        got = page.evaluate("([m, d, ids, n]) => window.generate(m, {dtype: d}, ids, n)", [name, dtype, ids, NEW_TOKENS])
+        got = page.evaluate(
+            "([m, d, ids, n]) => window.generate(m, {dtype: d}, ids, n)", [name, dtype, ids, NEW_TOKENS]
+        )
         py = python_greedy(folder, file, ids)
-        report[dtype] = {"browser_vs_python": agreement(got["ids"], py), "browser_vs_fp32": agreement(got["ids"], want)}
+        report[dtype] = {
+            "browser_vs_python": agreement(got["ids"], py),
+            "browser_vs_fp32": agreement(got["ids"], want),
+        }
         record_property(f"{dtype}_agreement", report[dtype])
         # the same graph in two onnxruntime builds: the first token (prefill) must agree
         assert got["ids"][:1] == py[:1], f"{dtype}: browser {got['ids']} vs python {py}"
@@ -194,7 +213,9 @@ def site(tmp_path_factory, exports, need_browser):
     """`patcher web EDITED --compare ORIGINAL -o SITE` on an ablated tiny llama."""
     root = tmp_path_factory.mktemp("web-site")
     edited = root / "ablated"
-    run_cli("ablate", fixture_path("llama"), "-d", fixture_path("llama").parent / "direction-64.npy", "-o", edited)
+    run_cli(
+        "ablate", fixture_path("llama"), "-d", fixture_path("llama").parent / "direction-64.npy", "-o", edited
+    )
     ex = exports("llama", edited, name="llama-ablated-web", dtype=EXPORT_DTYPES)
     orig = exports("llama", name="llama-web", dtype=EXPORT_DTYPES)
     run_cli("web", ex, "--compare", orig, "-o", root / "site", "--max-new-tokens", NEW_TOKENS)
@@ -218,7 +239,9 @@ def test_chat_page_answers_like_python(site, browser, tmp_path):
         status = page.inner_text("#status")
         assert status.startswith("ready"), status
         assert page.evaluate("crossOriginIsolated")  # the server's COOP/COEP: multi-threaded WASM
-        assert "ablated a rank-1 direction" in page.inner_text(".column[data-model=edited] .provenance summary")
+        assert "ablated a rank-1 direction" in page.inner_text(
+            ".column[data-model=edited] .provenance summary"
+        )
         assert "unedited" in page.inner_text(".column[data-model=original] .provenance summary")
         page.fill("#prompt", PROMPT)
         page.click("#send")
@@ -233,7 +256,9 @@ def test_chat_page_answers_like_python(site, browser, tmp_path):
         assert page.locator(".column[data-model=edited] .msg.assistant").count() == 2
         page.close()
     assert not errors and not browser.blocked
-    default = json.loads((folder / "models" / "edited" / "config.json").read_text())["transformers.js_config"]["dtype"]
+    default = json.loads((folder / "models" / "edited" / "config.json").read_text())[
+        "transformers.js_config"
+    ]["dtype"]
     file = f"model{web_site.VARIANTS[default]}.onnx"
     for name, export in (("edited", edited), ("original", original)):
         tok = load_tokenizer(export)
@@ -266,11 +291,16 @@ def test_cdn_site_pins_versions(site, tmp_path):
     rt = json.loads((tmp_path / "s" / "site.json").read_text())["runtime"]
     lock = json.loads((web_site.REPO_WEB / "package-lock.json").read_text())["packages"]
     v = lock["node_modules/@huggingface/transformers"]["version"]
-    assert rt["module"] == f"https://cdn.jsdelivr.net/npm/@huggingface/transformers@{v}/dist/transformers.min.js"
+    assert (
+        rt["module"] == f"https://cdn.jsdelivr.net/npm/@huggingface/transformers@{v}/dist/transformers.min.js"
+    )
     assert "@" in rt["wasm_base"] and not (tmp_path / "s" / "js").exists()
     ort = lock["node_modules/@huggingface/transformers/node_modules/onnxruntime-web"]["version"]
-    assert (web_site.PINNED_TRANSFORMERS, web_site.PINNED_ORT_WEB) == (v, ort) == (rt["transformers"],
-                                                                                   rt["onnxruntime_web"])
+    assert (
+        (web_site.PINNED_TRANSFORMERS, web_site.PINNED_ORT_WEB)
+        == (v, ort)
+        == (rt["transformers"], rt["onnxruntime_web"])
+    )
 
 
 def test_output_rules(site, tmp_path):
@@ -293,11 +323,15 @@ def test_output_rules(site, tmp_path):
 def test_server_mime_types_and_no_listing(site):
     import urllib.error
     import urllib.request
+
     folder, _, _ = site
     with Server(folder) as server:
-        for path, mime in (("js/ort-wasm-simd-threaded.asyncify.wasm", "application/wasm"),
-                           ("js/ort-wasm-simd-threaded.asyncify.mjs", "text/javascript"),
-                           ("app.js", "text/javascript"), ("site.json", "application/json")):
+        for path, mime in (
+            ("js/ort-wasm-simd-threaded.asyncify.wasm", "application/wasm"),
+            ("js/ort-wasm-simd-threaded.asyncify.mjs", "text/javascript"),
+            ("app.js", "text/javascript"),
+            ("site.json", "application/json"),
+        ):
             with urllib.request.urlopen(server.url + path) as r:
                 assert r.headers["Content-Type"] == mime
         with pytest.raises(urllib.error.HTTPError):
@@ -310,11 +344,26 @@ def test_serve_flag_serves_and_stops_cleanly(site, tmp_path):
     import subprocess
     import sys
     import urllib.request
+
     _, edited, _ = site
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from patcher.cli import main; main()", "web", str(edited),
-                             "-o", str(tmp_path / "s"), "--serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from patcher.cli import main; main()",
+            "web",
+            str(edited),
+            "-o",
+            str(tmp_path / "s"),
+            "--serve",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while True:
@@ -336,6 +385,7 @@ def test_serve_flag_serves_and_stops_cleanly(site, tmp_path):
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,6 +1,7 @@
 """Headless Chromium for tests and benchmarks: Playwright (Python) driving the system Chromium (Debian's
 /usr/bin/chromium), never a downloaded browser, with every request off 127.0.0.1 refused (so a page that
 works here works offline)."""
+
 import os
 import shutil
 from contextlib import contextmanager
@@ -9,8 +10,16 @@ from urllib.parse import urlparse
 
 from patcher.errors import PatcherError
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> Path | None:
@@ -37,12 +46,14 @@ def chromium(offline: bool = True):
     if why:
         raise PatcherError("browser", why)
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium_path()), headless=True, args=FLAGS)
         try:
             context = browser.new_context()
             context.blocked = []
             if offline:
+
                 def route(r):
                     host = urlparse(r.request.url).hostname
                     if host in ("127.0.0.1", "localhost") or r.request.url.startswith(("data:", "blob:")):
@@ -50,6 +61,7 @@ def chromium(offline: bool = True):
                     else:
                         context.blocked.append(r.request.url)
                         r.abort()
+
                 context.route("**/*", route)
             yield context
         finally:

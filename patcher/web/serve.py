@@ -1,5 +1,6 @@
 """A local static file server for a built site: 127.0.0.1 only, the MIME types browsers insist on for
 ES modules and WebAssembly streaming compilation, no directory listings, quiet logs."""
+
 import functools
 import http.server
 import threading
@@ -7,14 +8,27 @@ from pathlib import Path
 
 from patcher.errors import PatcherError
 
-MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript",
-        ".json": "application/json", ".onnx": "application/octet-stream", ".html": "text/html; charset=utf-8",
-        ".css": "text/css", ".jinja": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8",
-        ".png": "image/png", ".svg": "image/svg+xml"}
+MIME = {
+    ".wasm": "application/wasm",
+    ".mjs": "text/javascript",
+    ".js": "text/javascript",
+    ".json": "application/json",
+    ".onnx": "application/octet-stream",
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css",
+    ".jinja": "text/plain; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME, "": "application/octet-stream"}
+    extensions_map = {
+        **http.server.SimpleHTTPRequestHandler.extensions_map,
+        **MIME,
+        "": "application/octet-stream",
+    }
 
     def list_directory(self, path):  # a site serves files, not folder listings
         self.send_error(404, "no listing")
@@ -38,6 +52,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         import sys
+
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return  # the browser closed a connection (page closed, download cancelled): nothing to report
         super().handle_error(request, client_address)
@@ -64,7 +79,9 @@ class Server:
         return f"http://{host}:{port}/"
 
     def start(self) -> "Server":
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
         self.thread.start()
         return self
 

@@ -3,7 +3,10 @@
 const $ = (sel) => document.querySelector(sel);
 const params = new URLSearchParams(location.search);
 const statusBox = $("#status");
-const say = (msg, error = false) => { statusBox.textContent = msg; statusBox.classList.toggle("error", error); };
+const say = (msg, error = false) => {
+  statusBox.textContent = msg;
+  statusBox.classList.toggle("error", error);
+};
 
 const state = { site: null, T: null, models: [], busy: false, device: null, last: {} };
 // for tests and the curious: window.patcher.ready resolves once the models are loaded
@@ -21,7 +24,9 @@ async function pickDevice(choice) {
 function describe(value) {
   if (value === null || value === undefined) return "—";
   if (Array.isArray(value)) return value.map(describe).join(", ");
-  if (typeof value === "object") return Object.entries(value).map(([k, v]) => `${k}=${describe(v)}`).join("; ");
+  if (typeof value === "object") {
+    return Object.entries(value).map(([k, v]) => `${k}=${describe(v)}`).join("; ");
+  }
   return String(value);
 }
 
@@ -33,10 +38,14 @@ function provenancePanel(p) {
   const summary = edits.length ? edits.map((e) => {
     if (typeof e !== "object") return String(e);
     const where = e.layers ? `layers ${describe(e.layers)}` : "all layers";
-    if (e.op === "ablate") return `ablated a rank-${e.rank ?? 1} direction (${where}, scale ${e.scale ?? 1}, ` +
-      `targets ${describe(e.targets)})`;
-    if (e.op === "inject") return `injected ${describe(e.alpha)} × r̂ into ${describe(e.target ?? e.targets)} at ` +
-      `layer ${describe(e.layer ?? e.layers)}`;
+    if (e.op === "ablate") {
+      return `ablated a rank-${e.rank ?? 1} direction (${where}, scale ${describe(e.scale ?? 1)}, ` +
+        `targets ${describe(e.targets)})`;
+    }
+    if (e.op === "inject") {
+      return `injected ${describe(e.alpha)} × r̂ into ${describe(e.target ?? e.targets)} at ` +
+        `layer ${describe(e.layer ?? e.layers)}`;
+    }
     return e.op ? `${e.op}` : describe(e);
   }).join(" → ") : "unedited (no edit recorded in the weights)";
   box.innerHTML = "<summary></summary><dl></dl>";
@@ -44,7 +53,8 @@ function provenancePanel(p) {
   const rows = [["source", p.source], ["architecture", p.model_type], ["layers", p.layers],
                 ["exported by", p.export_command], ["patcher", p.patcher]];
   edits.forEach((e, i) => {
-    if (typeof e === "object") for (const [k, v] of Object.entries(e)) rows.push([`edit${edits.length > 1 ? i + 1 : ""}.${k}`, v]);
+    if (typeof e !== "object") return;
+    for (const [k, v] of Object.entries(e)) rows.push([`edit${edits.length > 1 ? i + 1 : ""}.${k}`, v]);
   });
   const dl = box.querySelector("dl");
   for (const [k, v] of rows) {
@@ -125,7 +135,11 @@ async function answer(m, text) {
   const promptLength = inputs.input_ids.dims.at(-1);
   let streamed = "", count = 0;
   const streamer = new TextStreamer(tok, { skip_prompt: true, skip_special_tokens: true,
-    callback_function: (piece) => { streamed += piece; out.textContent = streamed; m.log.scrollTop = m.log.scrollHeight; },
+    callback_function: (piece) => {
+      streamed += piece;
+      out.textContent = streamed;
+      m.log.scrollTop = m.log.scrollHeight;
+    },
     token_callback_function: () => { count += 1; } });
   const sample = $("#sample").checked;
   const started = performance.now();
@@ -138,10 +152,12 @@ async function answer(m, text) {
   out.classList.remove("pending");
   const meta = document.createElement("span");
   meta.className = "meta";
-  meta.textContent = `${ids.length} tokens · ${(ids.length / seconds).toFixed(1)} tok/s · ${m.dtype} · ${state.device}`;
+  const rate = (ids.length / seconds).toFixed(1);
+  meta.textContent = `${ids.length} tokens · ${rate} tok/s · ${m.dtype} · ${state.device}`;
   out.append(meta);
   m.messages.push({ role: "assistant", content: reply });
-  state.last[m.info.id] = { ids, text: reply, prompt_ids: Array.from(inputs.input_ids.data, Number), seconds };
+  const prompt_ids = Array.from(inputs.input_ids.data, Number);
+  state.last[m.info.id] = { ids, text: reply, prompt_ids, seconds };
 }
 
 async function send(event) {
@@ -202,7 +218,8 @@ async function main() {
   env.useBrowserCache = false;  // a rebuilt site reuses URLs: never answer from a stale cached copy
   env.useWasmCache = false;
   const base = new URL(site.runtime.wasm_base, location.href).href;
-  env.backends.onnx.wasm.wasmPaths = { mjs: base + site.runtime.wasm_files[0], wasm: base + site.runtime.wasm_files[1] };
+  const [mjs, wasm] = site.runtime.wasm_files;
+  env.backends.onnx.wasm.wasmPaths = { mjs: base + mjs, wasm: base + wasm };
   state.models = site.models.map((info) => ({ info, messages: [] }));
   $("#max-tokens").value = params.get("max_new_tokens") ?? site.max_new_tokens;
   const variants = [...new Set(site.models.flatMap((m) => m.variants))];
