@@ -75,6 +75,21 @@ def test_every_variant_matches_numpy_of_its_stored_weights(model_type, folders):
             assert all(v.dtype == np.float16 for v in past.values())  # the KV cache is float16
 
 
+def test_zero_point_blocks_match_numpy(tmp_path):
+    out = tmp_path / "z"
+    run_cli("export", fixture_path("gpt2"), "-o", out, "--dtype", "int4,q4f16", "--zero-points", "--int4-block", "16")
+    ids, mask = batch()
+    real = mask.astype(bool)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    for dtype in ("int4", "q4f16"):
+        model = onnx.load(str(out / "onnx" / FILES[dtype]), load_external_data=False)
+        assert any(t.name.endswith(".zero_points") for t in model.graph.initializer)
+        want = StoredModel(Checkpoint(fixture_path("gpt2")), stored_weights(out, dtype)).run(ids, mask, logits=True)
+        m = OnnxModel(out, FILES[dtype])
+        got, _ = m.step(ids, mask, pos, m.empty_cache(3))
+        assert np.abs(got - want)[real].max() <= TOL[dtype] * max(1.0, np.abs(want).max())
+
+
 def test_quantized_layout_is_matmulnbits_and_weights_stay_close(folders):
     folder = folders("llama")
     exact = StreamedModel(Checkpoint(fixture_path("llama")))

@@ -107,7 +107,7 @@ class Context:
                 w = w.T if conv1d else w
                 plan = self.ortho(name, w) if self.ortho else None
                 q, axis = plan if plan else (None, None)
-                return quantize(w, qo["bits"], qo["block"], qo["symmetric"], q, axis)
+                return quantize(w, qo["bits"], qo["block"], qo["symmetric"], q, axis, self.np_act)
 
             def produce(part, np_dtype):
                 if "q" not in memo:
@@ -162,14 +162,14 @@ class Context:
         f32 = lambda v: self.const(v, np.float32)  # noqa: E731
         codes = self.op("Cast", [self.op("Gather", [b, ids], axis=0)], to=FLOAT)  # [B, S, kb, blob]
         if bits == 4:  # unpack nibbles with float ops (exact on 0..255; BitwiseAnd is opset 18)
-            codes = self._nibbles(codes)
+            codes = self._nibbles(codes, 4)
         codes = self.op("Reshape", [codes, i64([0, 0, -1, block])])  # [B, S, kb, block]
         if z is None:
             zero = f32(float(1 << (bits - 1)))
         else:
             zero = self.op("Cast", [self.op("Gather", [z, ids], axis=0)], to=FLOAT)  # [B, S, zbytes]
             if bits == 4:
-                zero = self._nibbles(zero)
+                zero = self._nibbles(zero, 3)
             kb = -(-k // block)
             zero = self.op("Unsqueeze", [self.op("Slice", [zero, i64([0]), i64([kb]), i64([2])]), i64([3])])
         scale = self.op("Unsqueeze", [self.cast(self.op("Gather", [s, ids], axis=0),
@@ -180,14 +180,14 @@ class Context:
             w = self.op("Slice", [w, i64([0]), i64([k]), i64([2])])
         return self.cast(w, self.act if self.act != FLOAT else None)
 
-    def _nibbles(self, x):
-        """[..., m] float codes of packed bytes -> [..., 2m], low nibble first."""
+    def _nibbles(self, x, rank):
+        """[..., m] float codes of packed bytes (`rank` dims) -> [..., 2m], low nibble first."""
         f32 = lambda v: self.const(v, np.float32)  # noqa: E731
         hi = self.op("Floor", [self.op("Div", [x, f32(16.0)])])
         lo = self.op("Sub", [x, self.op("Mul", [hi, f32(16.0)])])
         ax = self.const([-1], np.int64)
         pair = self.op("Concat", [self.op("Unsqueeze", [lo, ax]), self.op("Unsqueeze", [hi, ax])], axis=-1)
-        return self.op("Reshape", [pair, self.const([0, 0, 0, -1], np.int64)])
+        return self.op("Reshape", [pair, self.const([0] * (rank - 1) + [-1], np.int64)])
 
     # --- shared subgraphs -------------------------------------------------------------------------
     def mask(self, window: int | None) -> ir.Value:

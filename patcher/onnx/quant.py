@@ -57,9 +57,10 @@ def _grid(xb: np.ndarray, bits: int, symmetric: bool):
 
 
 def quantize(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True, q: np.ndarray | None = None,
-             axis: int | None = None) -> Quantized:
+             axis: int | None = None, scale_dtype=np.float32) -> Quantized:
     """w [N, K] -> MatMulNBits tensors. q [d_model, k] orthonormal and axis (0: N is the residual axis,
-    a writer; 1: K is, an embedding row) turn on orthogonal rounding."""
+    a writer; 1: K is, an embedding row) turn on orthogonal rounding. Codes are chosen for the scales
+    as stored (`scale_dtype`: float16 in a float16-activation graph)."""
     n, k = w.shape
     kb = -(-k // block)
     top = (1 << bits) - 1
@@ -80,7 +81,8 @@ def quantize(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = Tr
         xp[:, :c] = x
         xb = xp.reshape(r, cb, block)
         s, z = _grid(xb, bits, symmetric)
-        s32 = s.astype(np.float32).astype(np.float64)  # round with the scale the file stores
+        s32 = s.astype(scale_dtype).astype(np.float64)  # round with the scale the file stores
+        s32 = np.where(s32 == 0, 1.0, s32)
         t = xb / s32[..., None] + z[..., None]
         if q is None:
             codes = np.clip(np.round(t), 0, top)
