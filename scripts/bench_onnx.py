@@ -214,6 +214,19 @@ class BuilderRunner:
         return np.stack(out, 1), t0, first, time.perf_counter()
 
 
+def rlimit_check(a, cmd, model: Path, work: Path, created: list, total_b: int) -> None:
+    fp32_bytes = 2 * total_b
+    limit = int((a.rlimit_frac or 0.9) * fp32_bytes)
+    r = export_under_rlimit(cmd, model, work, limit, created)
+    ok = r["rc"] == 0
+    q4 = work / "rlimit-int4" / "onnx"
+    size = sum(p.stat().st_size for p in q4.glob("model_q4.onnx*")) / MIB if ok else 0
+    print(f"\nstreaming int4 export under RLIMIT_AS {limit / MIB:.0f} MiB ({a.rlimit_frac or 0.9:g} x the float32 "
+          f"model's {fp32_bytes / MIB:.0f} MiB; the bf16 checkpoint itself is {total_b / MIB:.0f} MiB, mmapped): "
+          + (f"finished in {r['wall']:.1f} s, peak RSS {r['rss']:.0f} MiB, model_q4 {size:.0f} MiB" if ok else
+             f"FAILED (rc {r['rc']}): {r['log'].read_text(errors='replace')[-400:]}"), flush=True)
+
+
 def export_under_rlimit(cmd: list[str], model: Path, work: Path, limit: int, created: list) -> dict:
     out = work / "rlimit-int4"
     created.append(out)
@@ -467,6 +480,7 @@ def main(argv=None) -> int:
                     help="the benchmark's own venv for onnxruntime-genai")
     ap.add_argument("--rlimit-frac", type=float, default=0.0,
                     help="also export int4 under RLIMIT_AS = this x the float32 model size (0: skip)")
+    ap.add_argument("--rlimit-only", action="store_true", help="only the --rlimit-frac export (no timings)")
     ap.add_argument("--profile", type=int, default=None, metavar="N",
                     help="profile onnxruntime (fp32) and print the top N op types; by default this happens "
                          "(top 15) only when fp32 misses the target; 0 never")
@@ -502,6 +516,9 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
           f"{a.kv_heads} kv, head_dim {a.head_dim}, vocab {a.vocab}; {total_b / MIB:.1f} MiB bf16 "
           f"({2 * total_b / MIB:.1f} MiB float32)")
 
+    if a.rlimit_only:
+        rlimit_check(a, cmd, model, work, created, total_b)
+        return
     dtypes = ["fp32"] if a.skip_int4 else [d for d in VARIANT_FILES if d in a.dtypes.split(",")]
     files = {d: VARIANT_FILES[d] for d in dtypes}
     meta = onnx_dir / "patcher-export.json"
@@ -648,14 +665,7 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
     print(f"\n{summary}")
 
     if a.rlimit_frac:
-        fp32_bytes = 2 * total_b
-        limit = int(a.rlimit_frac * fp32_bytes)
-        r = export_under_rlimit(cmd, model, work, limit, created)
-        ok = r["rc"] == 0
-        print(f"\nstreaming int4 export under RLIMIT_AS {limit / MIB:.0f} MiB ({a.rlimit_frac:g} x the float32 model's "
-              f"{fp32_bytes / MIB:.0f} MiB; the bf16 checkpoint itself is {total_b / MIB:.0f} MiB, mmapped): "
-              + (f"finished in {r['wall']:.1f} s, peak RSS {r['rss']:.0f} MiB" if ok else
-                 f"FAILED (rc {r['rc']}): {r['log'].read_text(errors='replace')[-400:]}"))
+        rlimit_check(a, cmd, model, work, created, total_b)
 
     top = a.profile if a.profile is not None else (15 if missed else 0)
     if top and "fp32" in sizes_mib:
