@@ -56,16 +56,24 @@ def register(app) -> None:
                                          "(model_quantized.onnx). An existing export of the same model gains the "
                                          "missing ones"),
                opset: int = typer.Option(17, "--opset", help="ONNX opset (17: standard ops, correct with left padding)"),
-               int4_block: int = typer.Option(32, "--int4-block", help="int4 quantization block size (power of two)"),
+               int4_block: int = typer.Option(32, "--int4-block", help="MatMulNBits block size for int4/q4f16/int8 "
+                                              "(power of two >= 16; int8 uses at least 32)"),
                int4_accuracy: Optional[int] = typer.Option(None, "--int4-accuracy",
-                                                           help="MatMulNBits accuracy_level (4: int8 compute, faster on CPU)"),
+                                                           help="MatMulNBits accuracy_level (4: int8 activations on "
+                                                                "onnxruntime CPU; ignored by onnxruntime-web)"),
+               zero_points: bool = typer.Option(False, "--zero-points", help="Asymmetric blocks (a zero point per "
+                                                "block): smaller rounding error, slightly larger files"),
+               direction: Optional[str] = typer.Option(None, "--direction", "-d", help="The ablated direction(s), "
+                                                       "for orthogonal rounding when the checkpoint's provenance "
+                                                       "does not lead to them. " + DIRECTION_HELP_SHORT),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (rebuild every variant)")):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
         def body():
             from patcher.onnx.export import export as run_export
             with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
                 run_export(model, output, dtype=dtype, force=force, opset=opset,
-                           command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy)
+                           command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy,
+                           symmetric=not zero_points, direction=direction)
             files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
             size = sum((output / f).stat().st_size for f in files)
             out.print(f"wrote {output} ({human(size)}): " + ", ".join(str(f) for f in files))

@@ -107,7 +107,7 @@ class Context:
                 w = w.T if conv1d else w
                 plan = self.ortho(name, w) if self.ortho else None
                 q, axis = plan if plan else (None, None)
-                return quantize(w, qo["bits"], qo["block"], qo["symmetric"], q, axis)
+                return quantize(w, qo["bits"], qo["block"], qo["symmetric"], q, axis, self.np_act)
 
             def produce(part, np_dtype):
                 if "q" not in memo:
@@ -131,8 +131,54 @@ class Context:
                                          "block": qo["block"], "k": k}
         return self.quantized_inits[name]
 
+    def channelwise(self, name: str, conv1d: bool = False, transposed: bool = True):
+        """int8 codes and per-output-channel scales of the matrix `name` seen as [N, K]: codes stored [K, N]
+        (MatMulInteger's B; `transposed`=False keeps [N, K], for an embedding read by rows)."""
+        key = (name, transposed)
+        if key not in self.quantized_inits:
+            shape, load = self.source[name]
+            n, k = (shape[1], shape[0]) if conv1d else (shape[0], shape[1])
+            memo: dict = {}
+
+            def produce(part):
+                if "q" not in memo:
+                    from patcher.onnx.quant import quantize_channels
+                    w = load()
+                    w = w.T if conv1d else w
+                    plan = self.ortho(name, w) if self.ortho else None
+                    q, axis = plan if plan else (None, None)
+                    memo["q"], memo["left"] = quantize_channels(w, q, axis), {"codes", "scales"}
+                qc = memo["q"]
+                arr = (qc.codes.T if transposed else qc.codes) if part == "codes" else qc.scales
+                memo["left"].discard(part)
+                if not memo["left"]:
+                    memo.clear()
+                return ir.tensor(np.ascontiguousarray(arr))
+            tag = f"{name}.q8c" + ("" if transposed else ".rows")
+            codes = self.tape.initializer(ir.LazyTensor(lambda: produce("codes"), dtype=ir.DataType.INT8,
+                                                        shape=ir.Shape((k, n) if transposed else (n, k)),
+                                                        name=tag + ".codes"), name=tag + ".codes")
+            scales = self.tape.initializer(ir.LazyTensor(lambda: produce("scales"), dtype=FLOAT, shape=ir.Shape((n,)),
+                                                         name=tag + ".scales"), name=tag + ".scales")
+            self.quantized_inits[key] = (codes, scales, k, n)
+            self.quantized_meta.setdefault(name, {"init": tag, "conv1d": conv1d, "format": "int8-channel",
+                                                  "transposed": transposed})
+        return self.quantized_inits[key]
+
+    def _matmul_integer(self, x, name, conv1d):
+        """onnxruntime's dynamic-quantization pattern (fused there into DynamicQuantizeMatMul): activations
+        to uint8 per tensor at run time, int8 weights, int32 accumulation, both scales applied after."""
+        codes, scales, _, _ = self.channelwise(name, conv1d)
+        xq, xs, xz = self.tape.op_multi_out("DynamicQuantizeLinear", [self.cast(x, FLOAT if self.act != FLOAT else None)],
+                                            num_outputs=3)
+        acc = self.op("Cast", [self.op("MatMulInteger", [xq, codes, xz])], to=FLOAT)
+        y = self.op("Mul", [acc, self.op("Mul", [xs, scales])])
+        return self.cast(y, self.act if self.act != FLOAT else None)
+
     def matmul(self, x, name: str, conv1d: bool = False):
         """x @ Wᵀ for an HF Linear weight W [out, in] (x @ W for a Conv1D one)."""
+        if self.quant and self.quant.get("format") == "int8-channel":
+            return self._matmul_integer(x, name, conv1d)
         if self.quant:
             b, s, z, k, n = self.quantized(name, conv1d)
             attrs = {"K": k, "N": n, "bits": self.quant["bits"], "block_size": self.quant["block"]}
@@ -148,6 +194,17 @@ class Context:
         """Embedding rows for `ids` [B, S] -> [B, S, d]. The tied embedding is stored once: transposed
         ([d, vocab], the head's MatMul layout; rows gathered along axis 1) or as the head's MatMulNBits
         blocks (rows gathered and dequantized with standard ops, the operator's own formula)."""
+        if self.quant and self.quant.get("format") == "int8-channel":
+            if self.tied:  # the head's [d, vocab] codes: columns gathered, each times its token's scale
+                codes, scales, _, _ = self.channelwise(name)
+                cols = self.op("Transpose", [self.op("Cast", [self.op("Gather", [codes, ids], axis=1)], to=FLOAT)],
+                               perm=[1, 2, 0])
+            else:
+                codes, scales, _, _ = self.channelwise(name, transposed=False)
+                cols = self.op("Cast", [self.op("Gather", [codes, ids], axis=0)], to=FLOAT)
+            rows = self.op("Mul", [cols, self.op("Unsqueeze", [self.op("Gather", [scales, ids], axis=0),
+                                                               self.const([2], np.int64)])])
+            return self.cast(rows, self.act if self.act != FLOAT else None)
         if self.quant:
             return self._gather_quantized(name, ids)
         if name == self.token_embed and self.tied:
@@ -162,14 +219,14 @@ class Context:
         f32 = lambda v: self.const(v, np.float32)  # noqa: E731
         codes = self.op("Cast", [self.op("Gather", [b, ids], axis=0)], to=FLOAT)  # [B, S, kb, blob]
         if bits == 4:  # unpack nibbles with float ops (exact on 0..255; BitwiseAnd is opset 18)
-            codes = self._nibbles(codes)
+            codes = self._nibbles(codes, 4)
         codes = self.op("Reshape", [codes, i64([0, 0, -1, block])])  # [B, S, kb, block]
         if z is None:
             zero = f32(float(1 << (bits - 1)))
         else:
             zero = self.op("Cast", [self.op("Gather", [z, ids], axis=0)], to=FLOAT)  # [B, S, zbytes]
             if bits == 4:
-                zero = self._nibbles(zero)
+                zero = self._nibbles(zero, 3)
             kb = -(-k // block)
             zero = self.op("Unsqueeze", [self.op("Slice", [zero, i64([0]), i64([kb]), i64([2])]), i64([3])])
         scale = self.op("Unsqueeze", [self.cast(self.op("Gather", [s, ids], axis=0),
@@ -180,14 +237,14 @@ class Context:
             w = self.op("Slice", [w, i64([0]), i64([k]), i64([2])])
         return self.cast(w, self.act if self.act != FLOAT else None)
 
-    def _nibbles(self, x):
-        """[..., m] float codes of packed bytes -> [..., 2m], low nibble first."""
+    def _nibbles(self, x, rank):
+        """[..., m] float codes of packed bytes (`rank` dims) -> [..., 2m], low nibble first."""
         f32 = lambda v: self.const(v, np.float32)  # noqa: E731
         hi = self.op("Floor", [self.op("Div", [x, f32(16.0)])])
         lo = self.op("Sub", [x, self.op("Mul", [hi, f32(16.0)])])
         ax = self.const([-1], np.int64)
         pair = self.op("Concat", [self.op("Unsqueeze", [lo, ax]), self.op("Unsqueeze", [hi, ax])], axis=-1)
-        return self.op("Reshape", [pair, self.const([0, 0, 0, -1], np.int64)])
+        return self.op("Reshape", [pair, self.const([0] * (rank - 1) + [-1], np.int64)])
 
     # --- shared subgraphs -------------------------------------------------------------------------
     def mask(self, window: int | None) -> ir.Value:

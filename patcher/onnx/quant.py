@@ -57,9 +57,10 @@ def _grid(xb: np.ndarray, bits: int, symmetric: bool):
 
 
 def quantize(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True, q: np.ndarray | None = None,
-             axis: int | None = None) -> Quantized:
+             axis: int | None = None, scale_dtype=np.float32) -> Quantized:
     """w [N, K] -> MatMulNBits tensors. q [d_model, k] orthonormal and axis (0: N is the residual axis,
-    a writer; 1: K is, an embedding row) turn on orthogonal rounding."""
+    a writer; 1: K is, an embedding row) turn on orthogonal rounding. Codes are chosen for the scales
+    as stored (`scale_dtype`: float16 in a float16-activation graph)."""
     n, k = w.shape
     kb = -(-k // block)
     top = (1 << bits) - 1
@@ -80,7 +81,8 @@ def quantize(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = Tr
         xp[:, :c] = x
         xb = xp.reshape(r, cb, block)
         s, z = _grid(xb, bits, symmetric)
-        s32 = s.astype(np.float32).astype(np.float64)  # round with the scale the file stores
+        s32 = s.astype(scale_dtype).astype(np.float64)  # round with the scale the file stores
+        s32 = np.where(s32 == 0, 1.0, s32)
         t = xb / s32[..., None] + z[..., None]
         if q is None:
             codes = np.clip(np.round(t), 0, top)
@@ -131,3 +133,43 @@ def dequantize(qt: Quantized) -> np.ndarray:
          else _unpack(qt.zero_points, qt.bits, kb).astype(np.float64))
     w = (codes - z[..., None]) * qt.scales.astype(np.float64)[..., None]
     return w.reshape(n, kb * qt.block)[:, :qt.k]
+
+
+@dataclass
+class Channelwise:
+    """Symmetric int8 with one scale per output channel (row of W [N, K]): ONNX MatMulInteger's weights
+    (stored [K, N]), as onnxruntime's dynamic quantization and transformers.js's q8 files hold them."""
+    codes: np.ndarray  # int8 [N, K]
+    scales: np.ndarray  # float32 [N]
+
+    def dense(self) -> np.ndarray:
+        return self.codes.astype(np.float64) * self.scales.astype(np.float64)[:, None]
+
+
+def quantize_channels(w: np.ndarray, q: np.ndarray | None = None, axis: int | None = None) -> Channelwise:
+    """w [N, K] -> int8 codes in [-127, 127] and per-row scales max|w_n| / 127, with orthogonal rounding
+    along `axis` when q is given (slabs as in quantize)."""
+    n, k = w.shape
+    scales = (np.abs(w).max(axis=1).astype(np.float64) / 127).astype(np.float32)
+    scales = np.where(scales == 0, np.float32(1), scales)
+    s = scales.astype(np.float64)
+    codes = np.empty((n, k), np.int8)
+    if q is not None and axis == 0:
+        step = max(1, SLAB_ELEMENTS // n)
+        slabs = [(slice(0, n), slice(c, min(c + step, k))) for c in range(0, k, step)]
+    else:
+        step = max(1, SLAB_ELEMENTS // max(k, 1))
+        slabs = [(slice(r, min(r + step, n)), slice(0, k)) for r in range(0, n, step)]
+    for rows, cols in slabs:
+        x = np.asarray(w[rows, cols], np.float64)
+        sc = s[rows][:, None]
+        t = x / sc
+        if q is None:
+            c = np.clip(np.round(t), -127, 127)
+        else:
+            c0 = np.clip(np.floor(t), -127, 127)
+            c1 = np.clip(c0 + 1, -127, 127)
+            up = orthogonal_rounding(x, c0 * sc, c1 * sc, q, axis)
+            c = np.where(up, c1, c0)
+        codes[rows, cols] = c.astype(np.int8)
+    return Channelwise(codes, scales)
