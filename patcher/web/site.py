@@ -181,8 +181,26 @@ def _web_config(export: Path, variants: dict) -> dict:
             tjs["use_external_data_format"] = chunks
     if "dtype" not in tjs:
         tjs["dtype"] = "q4" if "q4" in variants else ("fp32" if "fp32" in variants else next(iter(variants)))
+    wasm = (tjs.get("device_config") or {}).get("wasm") or {}
+    if "dtype" not in wasm:  # the page's CPU fallback: the variant measured fastest there (BENCHMARKS.md)
+        fast = [d for d in WASM_ORDER
+                if d in variants and not (d == "q8" and _has_nbits(export, variants[d][0]))]
+        if fast:
+            tjs["device_config"] = {**(tjs.get("device_config") or {}), "wasm": {**wasm, "dtype": fast[0]}}
     cfg["transformers.js_config"] = tjs
     return cfg
+
+
+# onnxruntime-web's WASM build has no MatMulNBits kernel (it dequantizes every call: q4 ran 0.16-0.24x fp32
+# decode) while int8 MatMulInteger ran 1.9x: on WASM prefer q8, then the float variants, q4 last
+WASM_ORDER = ("q8", "fp32", "fp16", "q4", "q4f16")
+
+
+def _has_nbits(export: Path, file: str) -> bool:
+    """True for an int8 file made of 8-bit MatMulNBits (older exports): the slowest layout on WASM."""
+    import onnx
+    graph = onnx.load(str(export / "onnx" / file), load_external_data=False).graph
+    return any(n.op_type == "MatMulNBits" for n in graph.node)
 
 
 def provenance(export: Path) -> dict:
