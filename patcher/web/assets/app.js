@@ -207,6 +207,13 @@ async function reload() {
   }
 }
 
+// what "default" loads: the config's dtype, or its per-device choice (device_config)
+function defaults(models) {
+  const per = (dev) => describe([...new Set(models.map((m) => m.device_dtype?.[dev] ?? m.default_dtype))]);
+  const [gpu, cpu] = [per("webgpu"), per("wasm")];
+  return gpu === cpu ? cpu : `WebGPU ${gpu}, WASM ${cpu}`;
+}
+
 async function main() {
   state.site = await (await fetch("site.json")).json();
   const site = state.site;
@@ -226,7 +233,7 @@ async function main() {
   const dtypeBox = $("#dtype");
   dtypeBox.innerHTML = "";
   for (const v of ["default", ...variants]) dtypeBox.append(new Option(v === "default" ?
-    `default (${describe([...new Set(site.models.map((m) => m.default_dtype))])})` : v, v));
+    `default (${defaults(site.models)})` : v, v));
   if (params.get("dtype")) dtypeBox.value = params.get("dtype");
   if (params.get("device")) $("#device").value = params.get("device");
   buildColumns();
