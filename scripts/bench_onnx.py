@@ -502,7 +502,6 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
     total_b, _ = sizes(a)
     name = f"llama-d{a.d_model}-i{a.intermediate}-L{a.layers}-v{a.vocab}-h{a.heads}-kv{a.kv_heads}-hd{a.head_dim}"
     model, onnx_dir = work / name, work / (name + "-onnx")
-    dtype = "fp32" if a.skip_int4 else "int4"
     if model.is_dir() and json.loads((model / "config.json").read_text()) == config(a):
         print(f"reusing {model}")
     else:

@@ -2,6 +2,7 @@
 each graph against the numpy forward of the weights it stores, the folder's bookkeeping (adding a variant,
 refusing a folder of another source or a missing variant), the tied embedding stored once, the
 last-position logits path, and the orthogonal rounding that keeps an ablation in 4 and 8 bits."""
+
 import json
 import os
 
@@ -44,6 +45,7 @@ def folders(tmp_path_factory):
         if model_type not in cache:
             cache[model_type] = export(fixture_path(model_type), root / model_type, dtype=ALL)
         return cache[model_type]
+
     return get
 
 
@@ -69,7 +71,9 @@ def test_every_variant_matches_numpy_of_its_stored_weights(model_type, folders):
             tok = want[:, -1].argmax(-1)[:, None]  # the reference's tokens: both sides see the same sequence
             full_ids = np.concatenate([full_ids, tok], 1)
             full_mask = np.concatenate([full_mask, np.ones_like(tok)], 1)
-            logits, past = m.step(tok, full_mask, np.maximum(np.cumsum(full_mask, 1) - 1, 0)[:, -1:], past, keep=1)
+            logits, past = m.step(
+                tok, full_mask, np.maximum(np.cumsum(full_mask, 1) - 1, 0)[:, -1:], past, keep=1
+            )
             want = ref.run(full_ids, full_mask, logits=True)
             assert logits.shape[1] == 1
             assert np.abs(logits[:, -1] - want[:, -1]).max() <= TOL[dtype] * scale, dtype
@@ -79,14 +83,26 @@ def test_every_variant_matches_numpy_of_its_stored_weights(model_type, folders):
 
 def test_zero_point_blocks_match_numpy(tmp_path):
     out = tmp_path / "z"
-    run_cli("export", fixture_path("gpt2"), "-o", out, "--dtype", "int4,q4f16", "--zero-points", "--int4-block", "16")
+    run_cli(
+        "export",
+        fixture_path("gpt2"),
+        "-o",
+        out,
+        "--dtype",
+        "int4,q4f16",
+        "--zero-points",
+        "--int4-block",
+        "16",
+    )
     ids, mask = batch()
     real = mask.astype(bool)
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     for dtype in ("int4", "q4f16"):
         model = onnx.load(str(out / "onnx" / FILES[dtype]), load_external_data=False)
         assert any(t.name.endswith(".zero_points") for t in model.graph.initializer)
-        want = StoredModel(Checkpoint(fixture_path("gpt2")), stored_weights(out, dtype)).run(ids, mask, logits=True)
+        want = StoredModel(Checkpoint(fixture_path("gpt2")), stored_weights(out, dtype)).run(
+            ids, mask, logits=True
+        )
         m = OnnxModel(out, FILES[dtype])
         got, _ = m.step(ids, mask, pos, m.empty_cache(3))
         assert np.abs(got - want)[real].max() <= TOL[dtype] * max(1.0, np.abs(want).max())
@@ -94,22 +110,27 @@ def test_zero_point_blocks_match_numpy(tmp_path):
 
 def test_int8_matmul_is_dynamic_quantization():
     """One linear through the int8 path against numpy's emulation of DynamicQuantizeLinear (uint8, per
-    tensor: scale = (max(0, max x) - min(0, min x)) / 255, zero point round(-min / scale)) and MatMulInteger."""
+    tensor: scale = (max(0, max x) - min(0, min x)) / 255, zero point round(-min / scale)) and
+    MatMulInteger."""
     import onnx_ir as ir
     import onnxruntime as ort
 
     from patcher.onnx.ops import Context
+
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((48, 64)) * 0.05).astype(np.float32)
-    ctx = Context({"w": (w.shape, lambda: w)}, [], 1, quant={"bits": 8, "format": "int8-channel"},
-                  logits_to_keep=False)
+    ctx = Context(
+        {"w": (w.shape, lambda: w)}, [], 1, quant={"bits": 8, "format": "int8-channel"}, logits_to_keep=False
+    )
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 64]))
     y = ctx.matmul(x, "w")
     y.name, y.type = "y", ir.TensorType(ir.DataType.FLOAT)
     g = ir.Graph([x], [y], nodes=ctx.tape.nodes, initializers=ctx.tape.initializers, opset_imports={"": 17})
     proto = ir.serde.serialize_model(ir.Model(g, ir_version=8))
     a = rng.standard_normal((2, 5, 64)).astype(np.float32)
-    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": a})[0]
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": a}
+    )[0]
     lo, hi = min(0.0, float(a.min())), max(0.0, float(a.max()))
     s = np.float32((hi - lo) / 255)
     z = np.clip(np.round(-lo / s), 0, 255)
@@ -146,8 +167,11 @@ def test_tied_embedding_is_stored_once(tmp_path):
     for dtype in ("fp32", "int4"):
         model = onnx.load(str(out / "onnx" / FILES[dtype]), load_external_data=False)
         # the matrix itself: [d, vocab] float32, or the [vocab, blocks, bytes] MatMulNBits codes (+ scales)
-        big = [tuple(t.dims) for t in model.graph.initializer
-               if tuple(t.dims)[:2] == (d, vocab) or (tuple(t.dims)[:1] == (vocab,) and len(t.dims) == 3)]
+        big = [
+            tuple(t.dims)
+            for t in model.graph.initializer
+            if tuple(t.dims)[:2] == (d, vocab) or (tuple(t.dims)[:1] == (vocab,) and len(t.dims) == 3)
+        ]
         assert len(big) == 1, (dtype, big)
     data = sum(p.stat().st_size for p in (out / "onnx").glob("model.onnx_data*"))
     assert data <= 4 * params * 1.01  # float32, every checkpoint tensor once (tiny constants aside)
@@ -162,11 +186,19 @@ def test_adding_variants_to_an_export(tmp_path):
     info = json.loads((out / "patcher-export.json").read_text())
     assert info["dtypes"] == ["fp32", "q4f16", "int8"]
     cfg = json.loads((out / "config.json").read_text())["transformers.js_config"]
-    assert cfg["use_external_data_format"] == {"model.onnx": 1, "model_q4f16.onnx": 1, "model_quantized.onnx": 1}
+    assert cfg["use_external_data_format"] == {
+        "model.onnx": 1,
+        "model_q4f16.onnx": 1,
+        "model_quantized.onnx": 1,
+    }
     assert cfg["dtype"] == "q8" and cfg["kv_cache_dtype"] == {"q4f16": "float16"}
     assert cfg["device_config"] == {"webgpu": {"dtype": "q4f16"}}
     manifest = json.loads((out / "patcher-manifest.json").read_text())
-    assert set(manifest["outputs"]) >= {"onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/model_q4f16.onnx_data"}
+    assert set(manifest["outputs"]) >= {
+        "onnx/model.onnx",
+        "onnx/model_quantized.onnx",
+        "onnx/model_q4f16.onnx_data",
+    }
     for p in [out, *out.rglob("*")]:
         assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
     # another model's export is not silently mixed in
@@ -216,7 +248,9 @@ def test_chunked_quantized_export_loads(tmp_path):
     ids, mask = batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     a = OnnxModel(out, FILES["int4"]).step(ids, mask, pos, OnnxModel(out, FILES["int4"]).empty_cache(3))[0]
-    b = OnnxModel(whole, FILES["int4"]).step(ids, mask, pos, OnnxModel(whole, FILES["int4"]).empty_cache(3))[0]
+    b = OnnxModel(whole, FILES["int4"]).step(ids, mask, pos, OnnxModel(whole, FILES["int4"]).empty_cache(3))[
+        0
+    ]
     assert np.array_equal(a, b)
 
 
@@ -234,6 +268,7 @@ def test_quantized_export_of_an_ablation_keeps_it(ablated):
     rounds against the direction it reads from the checkpoint's provenance. Leakage = |r̂ᵀW_stored| /
     |r̂ᵀW_original| over the edited tensors (the original's component is what the ablation removed)."""
     from patcher.onnx import export as ex
+
     planted, direction, edited, root = ablated
     out = export(edited, root / "onnx", dtype="int4,int8")
     plain = root / "plain"
@@ -243,8 +278,21 @@ def test_quantized_export_of_an_ablation_keeps_it(ablated):
         export(edited, plain, dtype="int4,int8")
     finally:
         ex.orthogonal_plan = saved
-    res = run_cli("verify", out, "--reference", edited, "--original", planted, "-d", direction, "--dtype", "int4",
-                  "--json", "--tokens", "4")
+    res = run_cli(
+        "verify",
+        out,
+        "--reference",
+        edited,
+        "--original",
+        planted,
+        "-d",
+        direction,
+        "--dtype",
+        "int4",
+        "--json",
+        "--tokens",
+        "4",
+    )
     rep = json.loads(res.stdout)
     assert rep["parity_ok"] and rep["greedy_token_match"] == 1.0
     leak = rep["leakage"]["summary"]
@@ -252,6 +300,7 @@ def test_quantized_export_of_an_ablation_keeps_it(ablated):
     from patcher.edit.directions import load_direction
     from patcher.onnx.verify import leakage
     from patcher_kernels.project import orthonormalize
+
     q = orthonormalize(load_direction(str(direction)).vectors)
     exact, orig = StreamedModel(Checkpoint(edited)), StreamedModel(Checkpoint(planted))
     for dtype, bound in (("int4", 0.02), ("int8", 0.02)):
@@ -263,20 +312,27 @@ def test_quantized_export_of_an_ablation_keeps_it(ablated):
         if dtype == "int4":
             assert theirs["stored_of_original_max"] > 5 * ours["stored_of_original_max"]
     assert rep["leakage"]["summary"]["stored_of_original_max"] == pytest.approx(
-        leakage(stored_weights(out, "int4"), exact, orig, q)["summary"]["stored_of_original_max"])
+        leakage(stored_weights(out, "int4"), exact, orig, q)["summary"]["stored_of_original_max"]
+    )
 
 
 def test_ablated_export_needs_its_direction(ablated, tmp_path):
     planted, direction, edited, root = ablated
     moved = tmp_path / "edited-moved"
     import shutil
+
     shutil.copytree(edited, moved)
     meta_dir = tmp_path / "dir.npy"
     shutil.copyfile(direction, meta_dir)
     # provenance names the direction by its path: a checkpoint whose direction file is gone asks for it
     from patcher.onnx import export as ex
+
     saved = ex._provenance
-    ex._provenance = lambda ck: {"op": "ablate", "direction": str(tmp_path / "gone.npy"), "direction_sha256": "x"}
+    ex._provenance = lambda ck: {
+        "op": "ablate",
+        "direction": str(tmp_path / "gone.npy"),
+        "direction_sha256": "x",
+    }
     try:
         with pytest.raises(PatcherError, match="--direction"):
             export(moved, tmp_path / "o1", dtype="int4")
@@ -290,6 +346,7 @@ def test_ablated_export_needs_its_direction(ablated, tmp_path):
 def test_cuda_variants_when_present(folders):
     """onnxruntime-gpu with a GPU: every variant's parity on CUDA. Skipped cleanly on CPU-only machines."""
     from patcher.onnx.runtime import available_providers
+
     if "cuda" not in available_providers():
         pytest.skip("CUDAExecutionProvider not available (onnxruntime-gpu and a GPU are needed)")
     folder = folders("llama")
@@ -297,7 +354,9 @@ def test_cuda_variants_when_present(folders):
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     real = mask.astype(bool)
     for dtype in VARIANTS:
-        ref = StoredModel(Checkpoint(fixture_path("llama")), stored_weights(folder, dtype)).run(ids, mask, logits=True)
+        ref = StoredModel(Checkpoint(fixture_path("llama")), stored_weights(folder, dtype)).run(
+            ids, mask, logits=True
+        )
         m = OnnxModel(folder, FILES[dtype], provider="cuda")
         got, _ = m.step(ids, mask, pos, m.empty_cache(3))
         assert np.abs(got - ref)[real].max() <= max(TOL[dtype], 1e-3) * max(1.0, np.abs(ref).max())

@@ -6,6 +6,7 @@ Weights are lazy initializers decoded from the checkpoint one tensor at a time w
 peak memory is about one tensor (the largest, e.g. the embedding) whatever the model size. The
 protobuf graph itself is small; the 2 GB protobuf limit does not apply to external data.
 """
+
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from patcher.io.writer import OutputFolder
 OPSET = 17
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 # --dtype -> file (transformers.js's names), matrix storage, activation / KV cache dtype, bits of the
-# MatMulNBits blocks (0: plain MatMul). int8 is transformers.js's q8 (`model_quantized.onnx`, its WASM default).
+# MatMulNBits blocks (0: plain MatMul). int8 is transformers.js's q8 (`model_quantized.onnx`, WASM's default).
 VARIANTS = {
     "fp32": {"file": "model.onnx", "weights": F32, "act": F32, "bits": 0},
     "fp16": {"file": "model_fp16.onnx", "weights": F16, "act": F32, "bits": 0},
@@ -37,10 +38,19 @@ VARIANTS = {
 }
 FILES = {k: v["file"] for k, v in VARIANTS.items()}
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
-# is below this share of a generic weight's (|Qᵀw| / (|w| sqrt(k/d)); an ablated weight stored in bf16 is ~1e-2)
+# is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def kv_shapes(sm: StreamedModel) -> list:
@@ -65,14 +75,30 @@ def _source(sm: StreamedModel) -> dict:
     return src
 
 
-def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT, act=ir.DataType.FLOAT, quant: dict | None = None,
-          ortho=None, logits_to_keep: bool = True) -> ir.Model:
+def build(
+    sm: StreamedModel,
+    weight_dtype=ir.DataType.FLOAT,
+    act=ir.DataType.FLOAT,
+    quant: dict | None = None,
+    ortho=None,
+    logits_to_keep: bool = True,
+) -> ir.Model:
     spec, hp = sm.spec, sm.hp
     embed = spec.names["embed"] + ".weight"
     src = _source(sm)
     head_reuses = hp.tied or spec.names["lm_head"] + ".weight" not in src
-    ctx = Context(src, kv_shapes(sm), hp.n_heads, weight_dtype, act, quant, token_embed=embed, tied=head_reuses,
-                  ortho=ortho, logits_to_keep=logits_to_keep)
+    ctx = Context(
+        src,
+        kv_shapes(sm),
+        hp.n_heads,
+        weight_dtype,
+        act,
+        quant,
+        token_embed=embed,
+        tied=head_reuses,
+        ortho=ortho,
+        logits_to_keep=logits_to_keep,
+    )
     top = OnnxOps(ctx, "")
     x = fw.embed(top, spec, hp, ctx.input_ids, ctx.position_ids)
     for layer in range(sm.n_layers):
@@ -93,15 +119,25 @@ def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT, act=ir.DataType.FLO
         for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
             val.name = f"present.{i}.{kind}"
             val.type = ir.TensorType(act)
-            val.shape = ir.Shape(["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]])
+            val.shape = ir.Shape(
+                ["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]]
+            )
             outputs.append(val)
     opsets = {"": OPSET, **({"com.microsoft": 1} if quant else {})}
-    graph = ir.Graph(ctx.inputs, outputs, nodes=ctx.tape.nodes, initializers=ctx.tape.initializers,
-                     opset_imports=opsets, name=f"patcher-{sm.model_type}")
+    graph = ir.Graph(
+        ctx.inputs,
+        outputs,
+        nodes=ctx.tape.nodes,
+        initializers=ctx.tape.initializers,
+        opset_imports=opsets,
+        name=f"patcher-{sm.model_type}",
+    )
     model = ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
     if ctx.quantized_meta:  # checkpoint name -> its MatMulNBits initializers (verify dequantizes them)
         full = sm.top_weights().names
-        model.metadata_props["patcher.quantized"] = json.dumps({full.get(k, k): v for k, v in ctx.quantized_meta.items()})
+        model.metadata_props["patcher.quantized"] = json.dumps(
+            {full.get(k, k): v for k, v in ctx.quantized_meta.items()}
+        )
     return model
 
 
@@ -110,27 +146,45 @@ def parse_dtypes(dtype) -> list[str]:
     names = [d.strip() for d in (dtype.split(",") if isinstance(dtype, str) else dtype) if d.strip()]
     bad = [d for d in names if d not in FILES]
     if bad or not names:
-        raise PatcherError("--dtype", f"unknown {', '.join(bad) or 'empty'}: choose from {', '.join(FILES)} "
-                                      "(several separated by commas)")
+        raise PatcherError(
+            "--dtype",
+            f"unknown {', '.join(bad) or 'empty'}: choose from {', '.join(FILES)} "
+            "(several separated by commas)",
+        )
     return [d for d in FILES if d in names]
 
 
-def export(model: Path, out: Path, dtype="fp32", force: bool = False, opset: int = OPSET,
-           command: str | None = None, recipe: dict | None = None, int4_block: int = 32,
-           int4_accuracy: int | None = None, chunk_bytes: int = storage.CHUNK_BYTES, symmetric: bool = True,
-           direction=None) -> Path:
+def export(
+    model: Path,
+    out: Path,
+    dtype="fp32",
+    force: bool = False,
+    opset: int = OPSET,
+    command: str | None = None,
+    recipe: dict | None = None,
+    int4_block: int = 32,
+    int4_accuracy: int | None = None,
+    chunk_bytes: int = storage.CHUNK_BYTES,
+    symmetric: bool = True,
+    direction=None,
+) -> Path:
     """Write the variants `dtype` names into OUT. Without --force, OUT may be an earlier patcher export
     of the same source (same input digests): the missing variants are added beside the ones there."""
     dtypes = parse_dtypes(dtype)
     if int4_block < 16 or int4_block & (int4_block - 1):
         raise PatcherError("--int4-block", f"block size must be a power of two >= 16, got {int4_block}")
     if opset != OPSET:
-        raise PatcherError("--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)")
+        raise PatcherError(
+            "--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)"
+        )
     ck = Checkpoint(model)
     sm = StreamedModel(ck)
     cache = manifest.DigestCache()
-    inputs = {p.name: cache.sha256(p) for p in sorted(ck.folder.iterdir())
-              if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)}
+    inputs = {
+        p.name: cache.sha256(p)
+        for p in sorted(ck.folder.iterdir())
+        if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)
+    }
     cache.save()
     keep = {} if force else _existing_export(Path(out), inputs)
     todo = [d for d in dtypes if d not in keep]
@@ -149,20 +203,50 @@ def export(model: Path, out: Path, dtype="fp32", force: bool = False, opset: int
             if (ck.folder / name).is_file():
                 shutil.copyfile(ck.folder / name, tmp / name)
         _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
-        (tmp / "patcher-export.json").write_text(json.dumps({
-            "patcher": __version__, "source": str(ck.path), "model_type": ck.model_type, "dtype": variants[0],
-            "dtypes": variants, "files": {d: [FILES[d], *chunks[d]] for d in variants},
-            "opset": OPSET, "layers": sm.n_layers, "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
-            "provenance": _provenance(ck)}, indent=2) + "\n")
+        (tmp / "patcher-export.json").write_text(
+            json.dumps(
+                {
+                    "patcher": __version__,
+                    "source": str(ck.path),
+                    "model_type": ck.model_type,
+                    "dtype": variants[0],
+                    "dtypes": variants,
+                    "files": {d: [FILES[d], *chunks[d]] for d in variants},
+                    "opset": OPSET,
+                    "layers": sm.n_layers,
+                    "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
+                    "provenance": _provenance(ck),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         storage.make_readable(tmp)
         known = (manifest.read(out) or {}).get("outputs", {}) if keep else {}
         kept = {"onnx/" + f for files in keep.values() for f in files}
-        outputs = {str(p.relative_to(tmp)): known.get(str(p.relative_to(tmp))) if str(p.relative_to(tmp)) in kept
-                   else manifest.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        outputs = {
+            str(p.relative_to(tmp)): known.get(str(p.relative_to(tmp)))
+            if str(p.relative_to(tmp)) in kept
+            else manifest.sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
         outputs = {k: v or manifest.sha256_file(tmp / k) for k, v in outputs.items()}
-        manifest.write(tmp, kind="export", command=command, recipe=recipe, inputs=inputs, outputs=outputs,
-                       record={"dtype": variants[0], "dtypes": variants, "added": todo, "opset": OPSET,
-                               "source": str(ck.path)})
+        manifest.write(
+            tmp,
+            kind="export",
+            command=command,
+            recipe=recipe,
+            inputs=inputs,
+            outputs=outputs,
+            record={
+                "dtype": variants[0],
+                "dtypes": variants,
+                "added": todo,
+                "opset": OPSET,
+                "source": str(ck.path),
+            },
+        )
         storage.make_readable(tmp)
     return out
 
@@ -176,7 +260,9 @@ def variants_in(folder: Path) -> dict[str, list[str]]:
         files = None
     if isinstance(files, dict):
         return {d: f for d, f in files.items() if d in FILES and (Path(folder) / "onnx" / f[0]).is_file()}
-    return {d: [f] for d, f in FILES.items() if (Path(folder) / "onnx" / f).is_file()}  # any other ONNX folder
+    return {
+        d: [f] for d, f in FILES.items() if (Path(folder) / "onnx" / f).is_file()
+    }  # any other ONNX folder
 
 
 def variant_file(folder: Path, dtype: str) -> str:
@@ -187,8 +273,11 @@ def variant_file(folder: Path, dtype: str) -> str:
     have = variants_in(folder)
     if dtype not in have:
         listed = ", ".join(have) or "none"
-        raise PatcherError(folder, f"has no {dtype} variant (onnx/{FILES[dtype]}); it holds: {listed}. Add it with "
-                                   f"`patcher export SOURCE -o {folder} --dtype {dtype}`")
+        raise PatcherError(
+            folder,
+            f"has no {dtype} variant (onnx/{FILES[dtype]}); it holds: {listed}. Add it with "
+            f"`patcher export SOURCE -o {folder} --dtype {dtype}`",
+        )
     return have[dtype][0]
 
 
@@ -201,18 +290,26 @@ def _existing_export(out: Path, inputs: dict) -> dict:
     if not old or old.get("kind") != "export" or not (out / "patcher-export.json").is_file():
         return {}  # not an export: OutputFolder refuses without --force
     if old.get("inputs") != inputs:
-        raise PatcherError(out, "is a patcher export of a different source (its manifest's input digests differ); "
-                                "pass --force to replace it, or choose another folder")
+        raise PatcherError(
+            out,
+            "is a patcher export of a different source (its manifest's input digests differ); "
+            "pass --force to replace it, or choose another folder",
+        )
     return variants_in(out)
 
 
-def _write_variant(sm: StreamedModel, dtype: str, folder: Path, chunk_bytes: int, quant: dict, ortho) -> list[str]:
+def _write_variant(
+    sm: StreamedModel, dtype: str, folder: Path, chunk_bytes: int, quant: dict, ortho
+) -> list[str]:
     v = VARIANTS[dtype]
     q = {**quant, "bits": v["bits"]} if v["bits"] else None
-    if q and v["bits"] == 8:  # MatMulNBits 8-bit has no fast kernel without accuracy_level 4 (80 ms vs 0.2 ms for
+    if (
+        q and v["bits"] == 8
+    ):  # MatMulNBits 8-bit has no fast kernel without accuracy_level 4 (80 ms vs 0.2 ms for
         q["format"] = "int8-channel"  # a 1024x2816 product; WASM ignores that level): MatMulInteger instead
-    return storage.write_model(build(sm, v["weights"], v["act"], q, ortho if q else None), folder / v["file"],
-                               chunk_bytes)
+    return storage.write_model(
+        build(sm, v["weights"], v["act"], q, ortho if q else None), folder / v["file"], chunk_bytes
+    )
 
 
 def edit_basis(ck: Checkpoint, direction=None):
@@ -220,6 +317,7 @@ def edit_basis(ck: Checkpoint, direction=None):
     `direction` given explicitly), or None when it records no ablation."""
     from patcher.edit.directions import load_direction
     from patcher_kernels.project import orthonormalize
+
     d_model = int(ck.config.get("hidden_size") or ck.config.get("n_embd") or 0) or None
     if direction is not None:
         d = direction if hasattr(direction, "vectors") else load_direction(str(direction), d_model)
@@ -233,8 +331,11 @@ def edit_basis(ck: Checkpoint, direction=None):
     except (PatcherError, OSError, ValueError):
         d = None
     if d is None or (sha and d.sha256 != sha):
-        raise PatcherError(ck.path, f"was ablated along {src}, which is {'missing' if d is None else 'changed'}: "
-                                    "a quantized export rounds against it; pass --direction FILE")
+        raise PatcherError(
+            ck.path,
+            f"was ablated along {src}, which is {'missing' if d is None else 'changed'}: "
+            "a quantized export rounds against it; pass --direction FILE",
+        )
     return orthonormalize(d.vectors)
 
 
@@ -254,6 +355,7 @@ def orthogonal_plan(q):
             if comp < EDITED_BELOW * np.linalg.norm(w) * np.sqrt(k / d):
                 return q, axis
         return None
+
     return plan
 
 
@@ -266,8 +368,10 @@ KV_FP16 = tuple(d for d, v in VARIANTS.items() if v["act"] == F16)  # float16 KV
 
 def transformers_js_config(chunks: dict[str, int]) -> dict:
     present = [d for d in DEFAULT_ORDER if d in chunks]
-    cfg = {"use_external_data_format": {FILES[d]: n for d, n in chunks.items() if n},
-           "dtype": TJS_DTYPE[present[0]]}
+    cfg = {
+        "use_external_data_format": {FILES[d]: n for d, n in chunks.items() if n},
+        "dtype": TJS_DTYPE[present[0]],
+    }
     kv = {TJS_DTYPE[d]: "float16" for d in KV_FP16 if d in chunks}
     if kv:
         cfg["kv_cache_dtype"] = kv
@@ -280,7 +384,10 @@ def _write_config(ck: Checkpoint, path: Path, chunks: dict[str, int]) -> None:
     """The model's config.json plus `transformers.js_config`, so transformers.js loads the folder as is."""
     src = ck.folder / "config.json"
     cfg = json.loads(src.read_text()) if src.is_file() else {"model_type": ck.model_type}
-    cfg["transformers.js_config"] = {**cfg.get("transformers.js_config", {}), **transformers_js_config(chunks)}
+    cfg["transformers.js_config"] = {
+        **cfg.get("transformers.js_config", {}),
+        **transformers_js_config(chunks),
+    }
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 

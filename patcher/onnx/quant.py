@@ -17,6 +17,7 @@ under the same scales, chosen so Qᵀ(stored) stays at Qᵀ(exact).
 Work runs in slabs (rows, or whole blocks of columns when the residual axis is N) so memory stays a
 few float64 copies of a slab, not of the tensor.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,8 +57,15 @@ def _grid(xb: np.ndarray, bits: int, symmetric: bool):
     return s, z
 
 
-def quantize(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True, q: np.ndarray | None = None,
-             axis: int | None = None, scale_dtype=np.float32) -> Quantized:
+def quantize(
+    w: np.ndarray,
+    bits: int = 4,
+    block: int = 32,
+    symmetric: bool = True,
+    q: np.ndarray | None = None,
+    axis: int | None = None,
+    scale_dtype=np.float32,
+) -> Quantized:
     """w [N, K] -> MatMulNBits tensors. q [d_model, k] orthonormal and axis (0: N is the residual axis,
     a writer; 1: K is, an embedding row) turn on orthogonal rounding. Codes are chosen for the scales
     as stored (`scale_dtype`: float16 in a float16-activation graph)."""
@@ -93,16 +101,18 @@ def quantize(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = Tr
             lo, hi = np.minimum(v0, v1), np.maximum(v0, v1)
             flat = lambda a: a.reshape(r, cb * block)[:, :c]  # noqa: E731
             x_lo, x_hi = flat(lo), flat(hi)
-            up = np.zeros((r, cb * block), bool)  # clipped elements (lo == hi) keep their error; others make up
+            up = np.zeros(
+                (r, cb * block), bool
+            )  # clipped elements (lo == hi) keep their error; others make up
             up[:, :c] = orthogonal_rounding(x, x_lo, x_hi, q, axis)
             up = up.reshape(r, cb, block)
             codes = np.where(up == (v1 >= v0), c1, c0)
         codes = codes.astype(np.uint8)
         b0 = cols.start // block
-        packed[rows, b0:b0 + cb] = _pack(codes, bits)
-        scales[rows, b0:b0 + cb] = s32
+        packed[rows, b0 : b0 + cb] = _pack(codes, bits)
+        scales[rows, b0 : b0 + cb] = s32
         if zps is not None:
-            zps[rows, b0:b0 + cb] = z.astype(np.uint8)
+            zps[rows, b0 : b0 + cb] = z.astype(np.uint8)
     if zps is not None:
         zps = _pack(zps[:, None, :], bits)[:, 0, :] if bits == 4 else zps
     return Quantized(packed, scales, zps, bits, block, k)
@@ -129,16 +139,20 @@ def dequantize(qt: Quantized) -> np.ndarray:
     """The float64 matrix [N, K] the stored tensors stand for (MatMulNBits' formula)."""
     n, kb, _ = qt.packed.shape
     codes = _unpack(qt.packed, qt.bits, qt.block).astype(np.float64)
-    z = (np.full((n, kb), float(1 << (qt.bits - 1))) if qt.zero_points is None
-         else _unpack(qt.zero_points, qt.bits, kb).astype(np.float64))
+    z = (
+        np.full((n, kb), float(1 << (qt.bits - 1)))
+        if qt.zero_points is None
+        else _unpack(qt.zero_points, qt.bits, kb).astype(np.float64)
+    )
     w = (codes - z[..., None]) * qt.scales.astype(np.float64)[..., None]
-    return w.reshape(n, kb * qt.block)[:, :qt.k]
+    return w.reshape(n, kb * qt.block)[:, : qt.k]
 
 
 @dataclass
 class Channelwise:
     """Symmetric int8 with one scale per output channel (row of W [N, K]): ONNX MatMulInteger's weights
     (stored [K, N]), as onnxruntime's dynamic quantization and transformers.js's q8 files hold them."""
+
     codes: np.ndarray  # int8 [N, K]
     scales: np.ndarray  # float32 [N]
 

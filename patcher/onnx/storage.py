@@ -6,6 +6,7 @@ names and mounts them under the same names, which are the `location`s the graph 
 Tensors are produced one at a time (lazy initializers decode, transform or quantize on demand), written
 and released, so peak memory is about one tensor whatever the model size.
 """
+
 import os
 from pathlib import Path
 
@@ -54,8 +55,15 @@ def write_model(model: ir.Model, path: Path, chunk_bytes: int = CHUNK_BYTES) -> 
             handle.write(data)
             del data
             offset = start + nbytes
-            value.const_value = ir.ExternalTensor(names[-1], start, nbytes, tensor.dtype, shape=tensor.shape,
-                                                  name=value.name, base_dir=path.parent)
+            value.const_value = ir.ExternalTensor(
+                names[-1],
+                start,
+                nbytes,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=value.name,
+                base_dir=path.parent,
+            )
     finally:
         if handle is not None:
             handle.close()
