@@ -87,9 +87,10 @@ def register(app) -> None:
                 raise PatcherError("--targets", f"unknown {bad}; choose from {', '.join(ROLES)}")
             if norm_preserve not in (None, "rows", "cols"):
                 raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
+            plan = plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
                                  preserve=norm_preserve, untie=untie)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)
@@ -110,9 +111,10 @@ def register(app) -> None:
         def body():
             if target not in ("mlp_out", "attn_out"):
                 raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
+            plan = plan_injection(m, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)

@@ -7,11 +7,11 @@ from typing import Optional
 import typer
 
 from patcher.model.architectures import ROLES, Resolved
-from patcher.io.checkpoint import Checkpoint
+from patcher.model.opened import Model
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
 
 
-def describe(ck: Checkpoint, res: Optional[Resolved]) -> dict:
+def describe(ck: Model, res: Optional[Resolved]) -> dict:
     dtypes = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.nbytes
@@ -51,7 +51,8 @@ def register(app) -> None:
         """Architecture, layers, d_model, dtypes, shards, size, and which tensors each role maps to."""
         def body():
             from rich.table import Table
-            ck, res = open_model(model, arch_table, need_arch=False)
+            ck = open_model(model, arch_table, need_arch=False)
+            res = ck.resolved
             info = describe(ck, res)
             if as_json:
                 print(json.dumps(info, indent=2))
