@@ -246,7 +246,7 @@ def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int |
     key = next((k for k in keys if cfg.get(k) is not None), None)
     if key is None:
         if required:
-            raise PatcherError(where, f"config.json has no {' / '.join(keys)}: the forward pass needs it")
+            raise PatcherError(where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward pass needs it")
         return None
     value = cfg[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
