@@ -62,6 +62,7 @@ class Model:
         self.arch: Architecture | None = None
         self.resolved: Resolved | None = None
         self.arch_note: str | None = None
+        self._check_fp8_scales()
         if arch_table is None and (arch_optional or not require_arch) and not storage.model_type:
             self.arch_note = "no config.json model_type" if storage.config else "no config.json"
             return  # inspect and diff describe what they can without a table
@@ -180,6 +181,18 @@ class Model:
                 if len(shape) != 2 or shape[t.residual_axis] != res.d_model:
                     raise PatcherError(where, f"{arch.config_d_model} = {res.d_model} but {t.weight} has shape "
                                               f"{list(shape)}")
+
+    def _check_fp8_scales(self) -> None:
+        """A block scale must have one entry per 128x128 tile of its weight, or every reader misplaces it."""
+        for name, info in self.tensors.items():
+            weight = fp8_weight_of(self.tensors, name)
+            w = self.tensors[weight].shape if weight else None
+            if weight and len(w) == 2:
+                want = (-(-w[0] // FP8_TILE), -(-w[1] // FP8_TILE))
+                if info.shape != want:
+                    raise PatcherError(info.file, f"{name} has shape {list(info.shape)}; the FP8 weight {weight} "
+                                                  f"{list(w)} needs {list(want)} (one scale per {FP8_TILE}x"
+                                                  f"{FP8_TILE} tile)")
 
     # --- the forward pass: spec and checked hyperparameters --------------------------------------
     @property
