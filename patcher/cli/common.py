@@ -46,7 +46,8 @@ def guard(fn):
         err.print("[bold red]interrupted:[/] no output was written (partial files removed)")
         raise typer.Exit(130)
     except OSError as e:
-        err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(1)
 
 
