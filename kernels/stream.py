@@ -2,7 +2,8 @@
 
 The caller supplies `read(start, stop) -> float32 [stop-start, n_cols]`, a fresh array each call
 (decoding storage however it must; blocks may be edited in place) and consumes the yielded float32
-blocks (encoding them however it must). Nothing here holds more than one row block plus O(n_cols) accumulators, whatever the matrix size.
+blocks (encoding them however it must). Nothing here holds more than one row block plus O(n_cols)
+accumulators, whatever the matrix size.
 
 Residual axis 0 needs Q^T W over every row before any row can be written, so it reads twice
 (the second read comes from the page cache). Residual axis 1 is a single pass unless "rows"
