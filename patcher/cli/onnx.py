@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.edit.directions import load_direction
 from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
@@ -159,10 +158,11 @@ def register(app) -> None:
             from patcher.onnx.verify import FILES, verify as run_verify
             if dtype not in FILES:
                 raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
+            from patcher.edit.directions import load_direction
+            from patcher.io.hub import locate
             from patcher.model.opened import Model
             ref = Model.open(reference)
             d = load_direction(direction, ref.d_model) if direction else None
-            from patcher.io.hub import locate
             rep = run_verify(locate(onnx_dir)[0], ref, dtype=dtype, prompts=prompts, original=original,
                              direction=d,
                              tokens=tokens, provider=provider, chat_template=not no_chat_template,
