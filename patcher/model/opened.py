@@ -10,6 +10,7 @@ Storage is a backend behind one interface (`tensors`, `info`, `array`, `read_row
 `files`, `shard_of`, `config`, `close`): safetensors today (patcher.io.checkpoint.Checkpoint). A new
 format adds a `Backend` to BACKENDS; nothing above this module changes.
 """
+import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,14 @@ class Model:
         except BaseException:
             storage.close()
             raise
+
+    def resolved_as(self, resolved: Resolved) -> "Model":
+        """The same model under an already resolved table (callers that resolved it themselves)."""
+        if resolved is self.resolved:
+            return self
+        other = copy.copy(self)
+        other.resolved, other.arch = resolved, resolved.arch
+        return other
 
     def with_table(self, arch_table) -> "Model":
         """The same open storage under another architecture table."""
