@@ -168,20 +168,22 @@ def test_int4_options_reach_the_quantizer(tmp_path):
     assert "power of two" in res.output and not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("dtype,file", [("fp16", "model_fp16.onnx"), ("int4", "model_q4.onnx")])
-def test_fp16_and_int4_exports_run(tmp_path, dtype, file):
-    folder = export(fixture_path("qwen3"), tmp_path / dtype, dtype=dtype)
-    assert (folder / "onnx" / file).is_file()
+def test_fp16_export_runs(tmp_path):
+    folder = export(fixture_path("qwen3"), tmp_path / "fp16", dtype="fp16")
     ids, mask = batch()
-    m = OnnxModel(folder, file)
+    m = OnnxModel(folder, "model_fp16.onnx")
     got, _ = m.step(ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0), m.empty_cache(3))
     ref = numpy_logits(fixture_path("qwen3"), ids, mask)
     real = mask.astype(bool)
-    rel = np.abs(got - ref)[real].max() / np.abs(ref).max()
-    assert rel <= {"fp16": 2e-2, "int4": 0.5}[dtype]
-    if dtype == "int4":
-        ops = {n.op_type for n in onnx.load(str(folder / "onnx" / file), load_external_data=False).graph.node}
-        assert "MatMulNBits" in ops
+    assert np.abs(got - ref)[real].max() / np.abs(ref).max() <= 2e-2
+
+
+def dequantize_matmulnbits(q4: np.ndarray, scales: np.ndarray, k: int, block: int) -> np.ndarray:
+    """MatMulNBits' symmetric 4-bit layout, by hand: B [N, blocks, block/2] bytes, low nibble first,
+    zero point 8, one scale per (row, block) -> the [N, K] = [out, in] weight it stands for."""
+    n = q4.shape[0]
+    nibbles = np.stack([q4 & 0x0F, q4 >> 4], axis=-1).reshape(n, -1, block).astype(np.float32)
+    return ((nibbles - 8) * scales.reshape(n, -1, 1).astype(np.float32)).reshape(n, -1)[:, :k]
 
 
 def test_cuda_provider_when_present(exported):

@@ -12,16 +12,19 @@ from patcher.model.architectures import ROLES
 if TYPE_CHECKING:
     from patcher.edit.plan import Plan
 
-from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out, progress
+from patcher.cli.common import (ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out,
+                                progress)
 
 
 def _print_plan(plan: Plan) -> None:
     from rich.table import Table
-    t = Table(title=f"plan: {len(plan.all())} tensors, {human(plan.bytes_edited)} rewritten", title_justify="left")
+    t = Table(title=f"plan: {len(plan.all())} tensors, {human(plan.bytes_edited)} rewritten",
+              title_justify="left")
     for c in ("tensor", "role", "layer", "operation", "dtype", "bytes"):
         t.add_column(c, justify="right" if c in ("layer", "bytes") else "left", overflow="fold")
     for e in plan.all():
-        t.add_row(e.name, e.role, "" if e.layer is None else str(e.layer), e.formula, e.dtype, human(e.nbytes))
+        t.add_row(e.name, e.role, "" if e.layer is None else str(e.layer), e.formula, e.dtype,
+                  human(e.nbytes))
     out.print(t)
     for k, v in plan.config_updates.items():
         out.print(f"config.json: {k} = {json.dumps(v)}")
@@ -40,7 +43,8 @@ def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool 
         from patcher.edit.apply import execute
         report = execute(plan, output, force=force, command=command_line(),
                          progress=lambda n: prog.advance(task, n),
-                         on_shard=lambda f: prog.update(task, description=f"writing {f}"), hash_files=hash_files)
+                         on_shard=lambda f: prog.update(task, description=f"writing {f}"),
+                         hash_files=hash_files)
     _summary(plan, report)
 
 
@@ -51,12 +55,14 @@ def _summary(plan: Plan, report) -> None:
     t.add_row("time", f"{report.seconds:.2f} s for {human(report.bytes_written)}")
     if report.leakage:
         worst = max(report.leakage, key=report.leakage.get)
-        t.add_row("leakage |QᵀW'|/|QᵀW|", f"{report.overall_leakage():.2e} overall, max {report.leakage[worst]:.2e} "
+        t.add_row("leakage |QᵀW'|/|QᵀW|", f"{report.overall_leakage():.2e} overall, max "
+                  f"{report.leakage[worst]:.2e} "
                                             f"({worst}) — left by storage rounding")
     for k, v in plan.config_updates.items():
         t.add_row("config.json", f"{k} = {json.dumps(v)}")
     if report.skipped_files:
-        t.add_row("not copied", ", ".join(report.skipped_files) + " (other weight files would carry unedited weights)")
+        t.add_row("not copied", ", ".join(report.skipped_files) + " (other weight files would carry "
+                  "unedited weights)")
     out.print(t)
     for n in plan.notes:
         out.print(f"[yellow]note:[/] {n}")
@@ -64,7 +70,8 @@ def _summary(plan: Plan, report) -> None:
         out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
 
 
-_NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
+_NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input "
+                 "and "
                  "output byte once more; on a 2-core machine it roughly doubles the time)")
 
 
@@ -74,13 +81,18 @@ def register(app) -> None:
                direction: Optional[str] = typer.Option(None, "-d", "--direction", help=DIRECTION_HELP +
                                                        " (with --from-study: the study's directions file)"),
                output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
-               layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
-               targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
-               scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
+               layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or "
+                                                    "3,5,7-9 (default all)"),
+               targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of "
+                                           "embed, attn_out, mlp_out"),
+               scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 "
+                                           "halves it"),
                norm_preserve: Optional[str] = typer.Option(None, "--norm-preserve",
-                   help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written vector's norm "
+                   help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written "
+                   "vector's norm "
                         "(ablation stays exact); rows keeps each residual coordinate's row norm"),
-               untie: bool = typer.Option(False, "--untie-embeddings", help="Keep the original unembedding as lm_head"),
+               untie: bool = typer.Option(False, "--untie-embeddings", help="Keep the original unembedding "
+                                          "as lm_head"),
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
@@ -94,8 +106,8 @@ def register(app) -> None:
                 if from_study is None or trial is None:
                     raise PatcherError("--from-study", "give both --from-study S.db and --trial N")
                 from patcher.search.run import plan_from_study
-                ck, res = open_model(model, arch_table)
-                plan = plan_from_study(ck, res, from_study, trial, Path(direction) if direction else None)
+                ck = open_model(model, arch_table)
+                plan = plan_from_study(ck, ck.resolved, from_study, trial, Path(direction) if direction else None)
                 _run(plan, output, force, dry_run, not no_hash)
                 return
             if direction is None:
@@ -108,9 +120,10 @@ def register(app) -> None:
                 raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
             from patcher.edit.directions import load_direction
             from patcher.edit.plan import parse_layers, plan_ablation
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
+            plan = plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
                                  preserve=norm_preserve, untie=untie)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)
@@ -120,7 +133,8 @@ def register(app) -> None:
     def inject(model: Path = typer.Argument(..., help="Model folder"),
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
                output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
-               layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in resid_pre[layer+1])"),
+               layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in "
+                                         "resid_pre[layer+1])"),
                alpha: float = typer.Option(..., "--alpha", help="Strength, in residual-stream units"),
                target: str = typer.Option("mlp_out", "--target", help="mlp_out or attn_out"),
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
@@ -133,9 +147,10 @@ def register(app) -> None:
                 raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
             from patcher.edit.directions import load_direction
             from patcher.edit.plan import plan_injection
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
+            plan = plan_injection(m, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)

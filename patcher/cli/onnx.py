@@ -7,14 +7,16 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.cli.common import DIRECTION_HELP_SHORT, command_line, err, guard, human, out
+from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
 def _onnx_folder(model: Path, dtype: str) -> Path:
+    from patcher.io.hub import locate
     from patcher.onnx.verify import cached_export, is_onnx_folder
-    if is_onnx_folder(model):
-        return model
-    return cached_export(model, dtype, announce=lambda m: err.print(f"[cyan]{m}[/]"))
+    path = locate(model)[0]
+    if is_onnx_folder(path):
+        return path
+    return cached_export(path, dtype, announce=lambda m: err.print(f"[cyan]{m}[/]"))
 
 
 
@@ -64,14 +66,15 @@ def register(app) -> None:
                direction: Optional[str] = typer.Option(None, "--direction", "-d", help="The ablated direction(s), "
                                                        "for orthogonal rounding when the checkpoint's provenance "
                                                        "does not lead to them. " + DIRECTION_HELP_SHORT),
-               force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (rebuild every variant)")):
+               force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (rebuild every variant)"),
+               arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
         def body():
             from patcher.onnx.export import export as run_export
             with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
                 run_export(model, output, dtype=dtype, force=force, opset=opset,
                            command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy,
-                           symmetric=not zero_points, direction=direction)
+                           symmetric=not zero_points, direction=direction, arch_table=arch_table)
             files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
             size = sum((output / f).stat().st_size for f in files)
             out.print(f"wrote {output} ({human(size)}): " + ", ".join(str(f) for f in files))

@@ -150,10 +150,10 @@ def register(app) -> None:
             from patcher.search.report import params_text, write_plot
 
             if show_space:
-                from patcher.io.checkpoint import Checkpoint
+                from patcher.model.opened import Model
                 from patcher.model.execution import StreamedModel
 
-                sm = StreamedModel(Checkpoint(model))
+                sm = StreamedModel(Model.open(model))
                 space = sp.default_space(sm.n_layers)
                 if config:
                     sp.apply_toml(space, sp.load_toml(config), config)

@@ -18,9 +18,10 @@ from patcher_kernels.codecs import decode, encode
 from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
 from patcher_kernels.stream import ablate_blocks
-from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from patcher.io import manifest
 from patcher.edit.plan import Plan, TensorEdit
+from patcher.model.opened import Model
 from patcher.io.writer import InputDigest, OutputFolder, OutTensor, ShardWriter
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
@@ -210,7 +211,7 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
         hasher.cache.remember(w.path, out_sha)  # the next recipe step reads this file: no re-hash there
 
     try:
-        with OutputFolder(out, [ck.path], force=force) as tmp:
+        with OutputFolder(out, ck.input_paths, force=force) as tmp:
             shard_paths = {sf.path for sf in ck.files.values()}
             inputs = _input_files(ck)  # what this run reads, not unrelated weight files beside it
             for p in inputs:
@@ -294,7 +295,7 @@ def _hub_cache_names(inputs: list[Path], digests: dict, hashed: bool, report: Re
     return hub
 
 
-def _input_files(ck: Checkpoint) -> list[Path]:
+def _input_files(ck: Model) -> list[Path]:
     if not ck.path.is_dir():
         return [ck.path]
     return [p for p in sorted(ck.folder.iterdir())
@@ -306,7 +307,7 @@ def _file_digest(spec: str | None) -> str | None:
     return manifest.sha256_file(path) if path and path.is_file() else None
 
 
-def _write_index(ck: Checkpoint, layout: dict[str, list[OutTensor]], tmp: Path) -> None:
+def _write_index(ck: Model, layout: dict[str, list[OutTensor]], tmp: Path) -> None:
     index = json.loads(ck.index_path.read_text(encoding="utf-8"))
     index["weight_map"] = {t.name: fname for fname, ts in layout.items() for t in ts}
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
@@ -315,7 +316,7 @@ def _write_index(ck: Checkpoint, layout: dict[str, list[OutTensor]], tmp: Path) 
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _copy_side_files(ck: Checkpoint, tmp: Path, config_updates: dict) -> list[str]:
+def _copy_side_files(ck: Model, tmp: Path, config_updates: dict) -> list[str]:
     """Copy config, tokenizer and other small files. Other weight files (pickles, GGUF, sub-folders
     such as original/) are not copied: they would carry the unedited weights."""
     skipped = []

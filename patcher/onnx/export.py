@@ -167,6 +167,7 @@ def export(
     chunk_bytes: int = storage.CHUNK_BYTES,
     symmetric: bool = True,
     direction=None,
+    arch_table=None,
 ) -> Path:
     """Write the variants `dtype` names into OUT. Without --force, OUT may be an earlier patcher export
     of the same source (same input digests): the missing variants are added beside the ones there."""
@@ -177,8 +178,8 @@ def export(
         raise PatcherError(
             "--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)"
         )
-    ck = Checkpoint(model)
-    sm = StreamedModel(ck)
+    sm = StreamedModel(model, arch_table)  # a folder, file, hub repo id or open Model: opened once
+    ck = sm.model
     cache = manifest.DigestCache()
     inputs = {
         p.name: cache.sha256(p)

@@ -21,13 +21,14 @@ def build_plan(
     record: dict | None = None,
 ) -> Plan:
     """Merge one plan_ablation per (role, layer) group (each group has its own direction and strength)."""
+    from patcher.model.opened import as_model
+    ck = as_model(ck).resolved_as(resolved)  # one Model: the FP8 rule and input paths come with it
     plan = Plan(ck, resolved)
     for (role, layer), (vector, strength) in spec.groups.items():
         d = Direction(vector[None, :], source, None, digest(vector[None, :]))
         try:
             part = plan_ablation(
                 ck,
-                resolved,
                 d,
                 layers=None if layer is None else {layer},
                 roles=(role,),

@@ -18,6 +18,7 @@ from patcher.search import space as sp
 from patcher.search import study as st
 from patcher.search.objectives import Evaluator, Result, load_markers
 from patcher.search.plan import build_plan
+from patcher.model.opened import Model
 
 ENGINES = ("numpy", "onnx")
 DEFAULT_ENGINE = "numpy"
@@ -141,7 +142,7 @@ def setup(
     from patcher.edit.extract import extract
 
     seconds = {}
-    ck = Checkpoint(model)
+    ck = Model.open(model)  # a folder, file or hub repo id
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     space = sp.default_space(L)
