@@ -614,7 +614,7 @@ def test_direction_npy_corrupt(tmp_path, content):
 def test_direction_npy_is_a_folder(tmp_path):
     p = tmp_path / "dir.npy"
     p.mkdir()
-    expect_error(lambda: load_direction(str(p)), p, "not a readable .npy array", PatcherError)
+    expect_error(lambda: load_direction(str(p)), p, "is a folder, not a regular file", PatcherError)
 
 
 @pytest.mark.parametrize("kind", ["empty", "npz"])

@@ -6,8 +6,12 @@ and the chat template by a sandboxed Jinja2 environment set up the way transform
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -64,7 +68,78 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# Bounds on rendering an untrusted template: nested `range(99999)` loops or `"x" * 10**9` fail fast
+# with one line instead of running for hours or filling memory.
+RENDER_SECONDS = 2.0
+RENDER_STEPS = 1_000_000  # range iterations and calls per render
+RENDER_CHARS = 1_000_000  # output characters per render, beyond the prompt text itself
+_budget = threading.local()
+
+
+class _RenderLimit(Exception):
+    def __str__(self):
+        return self.args[0] if self.args else f"it runs longer than {RENDER_SECONDS:g} s"
+
+
+def _tick(n: int = 1) -> None:
+    left = getattr(_budget, "steps", None)
+    if left is None:
+        return
+    _budget.steps = left - n
+    if _budget.steps < 0 or time.monotonic() > _budget.deadline:
+        raise _RenderLimit(f"it runs longer than {RENDER_STEPS} steps or {RENDER_SECONDS:g} s")
+
+
+def _bounded_range(*args):
+    for i in range(*args):
+        _tick()
+        yield i
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Budget this thread's render; a watchdog interrupts loops that call nothing (any thread)."""
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"running": True}
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(seconds):
+            with lock:
+                if state["running"]:
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_RenderLimit))
+    _budget.steps, _budget.deadline = RENDER_STEPS, time.monotonic() + seconds
+    t = threading.Thread(target=watchdog, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["running"] = False
+        done.set()
+        t.join()
+        _budget.steps = None
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context, operator, left, right):
+        _tick()
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise _RenderLimit(f"exponent {right} is too large")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_CHARS:
+                raise _RenderLimit(f"it builds a sequence of {len(seq) * n} items")
+        if operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)) \
+                and len(left) + len(right) > 4 * RENDER_CHARS:
+            raise _RenderLimit("it builds a sequence that is too long")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+        _tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
     def unsafe_undefined(self, obj, attribute):
         # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would quietly
         # render "". Refuse at the first unsafe lookup instead: the user learns the template is hostile or broken.
@@ -77,7 +152,7 @@ def _environment(where) -> ImmutableSandboxedEnvironment:
 
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=raise_exception, namespace=_Namespace,
+    env.globals.update(raise_exception=raise_exception, namespace=_Namespace, range=_bounded_range,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env
 
@@ -137,10 +212,22 @@ class PromptTokenizer:
         try:
             template = _compile(self.chat_template, str(where))
             # The variables transformers passes: the named special tokens that are set, tools/documents (None).
-            return template.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            limit = RENDER_CHARS + 4 * (len(user_prompt) + len(system or ""))
+            parts, size = [], 0
+            with _time_limit(RENDER_SECONDS):
+                for piece in template.generate(messages=messages, tools=None, documents=None,
+                                               add_generation_prompt=add_generation_prompt, **self.special_tokens):
+                    size += len(piece)
+                    if size > limit:
+                        raise _RenderLimit(f"its output passes {limit} characters")
+                    _tick()
+                    parts.append(piece)
+            return "".join(parts)
         except PatcherError:
             raise
+        except _RenderLimit as e:
+            raise PatcherError(where, f"chat template stopped: {e} (a template that loops or grows without "
+                                      "bound)") from None
         except SecurityError as e:
             raise PatcherError(where, f"the chat template tried unsafe access and was refused ({e})") from None
         except jinja2.TemplateSyntaxError as e:
