@@ -13,7 +13,7 @@ except ImportError:  # pragma: no cover
 
 from patcher import __version__
 from patcher.cli import demo, diff, edit, extract, inspect, onnx, run
-from patcher.cli.common import Interrupted, err
+from patcher.cli.common import Interrupted, err, one_line
 
 
 
@@ -29,7 +29,7 @@ class _OneLineErrors(TyperGroup):
             e.show()
             rv = e.exit_code
         except click.ClickException as e:
-            err.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True, markup=True)
+            err.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
             rv = 2 if argv[:1] == ["diff"] else 1
         except click.exceptions.Abort:
             err.print("[bold red]interrupted:[/] nothing was written")

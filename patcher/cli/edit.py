@@ -5,9 +5,10 @@ from typing import Optional
 
 import typer
 
-from patcher.errors import PatcherError
+from patcher import validate as V
+from patcher.io.paths import check_output
 from patcher.model.architectures import ROLES
-from patcher.edit.directions import load_direction
+from patcher.edit.directions import load_direction, spec_file
 from patcher.edit.plan import Plan, parse_layers, plan_ablation, plan_injection
 from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out, progress
 
@@ -81,15 +82,14 @@ def register(app) -> None:
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Remove a direction from every selected residual writer (rank-1 or rank-k projection)."""
         def body():
-            roles = tuple(r.strip() for r in targets.split(",") if r.strip())
-            bad = [r for r in roles if r not in ROLES]
-            if bad or not roles:
-                raise PatcherError("--targets", f"unknown {bad}; choose from {', '.join(ROLES)}")
-            if norm_preserve not in (None, "rows", "cols"):
-                raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
+            roles = V.choices(targets, ROLES, "--targets")
+            s = V.number(scale, "scale", "--scale")
+            if norm_preserve is not None:
+                V.choice(norm_preserve, ("rows", "cols"), "--norm-preserve")
+            check_output(output, [model, spec_file(direction), arch_table], force=force)
             ck, res = open_model(model, arch_table)
             d = load_direction(direction, res.d_model)
-            plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
+            plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
                                  preserve=norm_preserve, untie=untie)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)
@@ -108,11 +108,12 @@ def register(app) -> None:
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Add alpha * r̂ to one writer's bias at one layer (creating the bias if needed)."""
         def body():
-            if target not in ("mlp_out", "attn_out"):
-                raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
+            V.choice(target, ("mlp_out", "attn_out"), "--target")
+            a = V.number(alpha, "alpha", "--alpha")
+            check_output(output, [model, spec_file(direction), arch_table], force=force)
             ck, res = open_model(model, arch_table)
             d = load_direction(direction, res.d_model)
-            plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
+            plan = plan_injection(ck, res, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)

@@ -4,7 +4,9 @@ from typing import Optional
 
 import typer
 
+from patcher import validate as V
 from patcher.errors import PatcherError
+from patcher.io.paths import check_distinct, check_output
 from patcher.cli.common import guard, out, progress
 
 
@@ -41,13 +43,19 @@ def register(app) -> None:
         """Difference-in-means directions at every layer, streamed block by block, and a ranking."""
         def body():
             from patcher.edit.extract import extract as run_extract
-            from patcher.io.plot import plot_scores
-            if output.exists() and not force:
-                raise PatcherError(output, "already exists; pass --force to replace it")
-            try:
-                pos = [int(p) for p in positions.split(",") if p.strip()]
-            except ValueError:
-                raise PatcherError("--positions", f"cannot read {positions!r}; use e.g. -1,-2") from None
+            from patcher.io.plot import check_plot_path, plot_scores
+            pos = V.positions(positions, "--positions")
+            V.number(batch_size, "batch_size", "--batch-size")
+            if max_prompts is not None:
+                V.number(max_prompts, "max_prompts", "--max-prompts")
+            inputs = [model, positive, negative]
+            check_output(output, inputs, force=force, kind="file")
+            if output.suffix != ".safetensors":
+                raise PatcherError(output, "a directions file ends in .safetensors")
+            if plot is not None:
+                check_plot_path(plot)
+                check_output(plot, inputs, force=force, kind="file", option="--plot")
+                check_distinct({"-o": output, "--plot": plot})
             with progress() as prog:
                 task = prog.add_task("prompts through the model", total=None)
                 result = run_extract(model, positive, negative, positions=pos, batch_size=batch_size,

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from patcher.io.jsonsafe import dumps
 from patcher.model.architectures import ROLES, Resolved
 from patcher.io.checkpoint import Checkpoint
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
@@ -54,7 +55,7 @@ def register(app) -> None:
             ck, res = open_model(model, arch_table, need_arch=False)
             info = describe(ck, res)
             if as_json:
-                print(json.dumps(info, indent=2))
+                print(dumps(info, indent=2))
                 return
             t = Table(show_header=False, box=None, pad_edge=False)
             t.add_row("model", str(ck.path))

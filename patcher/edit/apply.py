@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patcher.io.jsonsafe import dumps
 from patcher_kernels.codecs import decode, encode
 from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
@@ -164,7 +165,7 @@ def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
     t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
-    record = json.dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
+    record = dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
     hasher = manifest.Hasher(enabled=hash_files)
     try:
         with OutputFolder(out, [ck.path], force=force) as tmp:

@@ -39,6 +39,14 @@ def digest(v: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
 
 
+def spec_file(spec) -> Path | None:
+    """The file a DIRECTION argument names (FILE.npy, FILE.safetensors[:LAYER]), for output checks."""
+    if spec is None:
+        return None
+    m = re.fullmatch(r"(.+\.safetensors)(?::(-?\d+))?", str(spec))
+    return Path(m[1]) if m else Path(str(spec))
+
+
 def load_direction(spec: str, d_model: int | None = None) -> Direction:
     m = re.fullmatch(r"(.+\.safetensors)(?::(-?\d+))?", spec)
     if m:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from patcher_kernels.codecs import numpy_dtype
-from patcher.errors import PatcherError
 from patcher.io.safetensors import TensorInfo
 
 _COPY_CHUNK = 64 << 20
@@ -171,19 +170,9 @@ class OutputFolder:
     looks complete (only `.NAME.partial-PID`, removed on failure and by the next run)."""
 
     def __init__(self, target, inputs: Iterable[Path], force: bool = False):
-        self.target = Path(target).absolute()
+        from patcher.io.paths import check_output
+        self.target = check_output(target, list(inputs), force=force)
         self.force = force
-        t = self.target.resolve()
-        for src in inputs:
-            s = Path(src).resolve()
-            if t == s:
-                raise PatcherError(target, "output is the input; choose a new folder (the input is never modified)")
-            if s in t.parents:
-                raise PatcherError(target, f"output lies inside the input folder {src}; choose a folder outside it")
-            if t in s.parents:
-                raise PatcherError(target, f"output folder contains the input {src}; choose another folder")
-        if self.target.exists() and not (self.target.is_dir() and not any(self.target.iterdir())) and not force:
-            raise PatcherError(target, "already exists; pass --force to replace it")
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
 
     def _clean_stale(self):

@@ -25,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from patcher.errors import PatcherError
+from patcher.io.paths import read_bytes, read_text, regular_file
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -240,8 +241,8 @@ class PromptTokenizer:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return json.loads(read_text(path, "JSON file"))
+    except (ValueError, RecursionError) as e:
         raise PatcherError(path, f"cannot read JSON: {e}") from None
 
 
@@ -257,8 +258,9 @@ def _token_string(value, path: Path, name: str) -> str | None:
 def load_tokenizer(model_dir) -> PromptTokenizer:
     folder = Path(model_dir)
     tok_path = folder / TOKENIZER_FILE
-    if not tok_path.is_file():
+    if not tok_path.exists():
         raise PatcherError(tok_path, "not found: patcher needs the fast-tokenizer file tokenizer.json")
+    regular_file(tok_path, "tokenizer file")
     try:
         tok = Tokenizer.from_file(str(tok_path))
     except Exception as e:  # noqa: BLE001 - the Rust side raises a plain Exception for any parse error
@@ -268,7 +270,7 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
     tok.no_padding()
 
     cfg_path = folder / TOKENIZER_CONFIG
-    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
     if not isinstance(cfg, dict):
         raise PatcherError(cfg_path, "expected a JSON object")
     specials = {n: s for n in SPECIAL_NAMES if (s := _token_string(cfg.get(n), cfg_path, n)) is not None}
@@ -279,12 +281,9 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
 
     # Template sources, as transformers orders them: chat_template.jinja wins over tokenizer_config.json.
     template, source = None, None
-    if (folder / TEMPLATE_FILE).is_file():
+    if (folder / TEMPLATE_FILE).exists():
         source = folder / TEMPLATE_FILE
-        try:
-            template = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise PatcherError(source, f"cannot read chat template: {e}") from None
+        template = read_text(source, "chat template")
     elif cfg.get("chat_template") is not None:
         source, template = cfg_path, cfg["chat_template"]
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
@@ -312,6 +311,41 @@ def encode_prompts(tok: PromptTokenizer, prompts, chat_template: bool = True, sy
     return [tok.encode(p, add_special_tokens=True) for p in prompts]
 
 
+# --- limits ----------------------------------------------------------------------------------------------
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+ATTENTION_BUDGET = 4 << 30  # bytes of attention scores one batch may need in the numpy forward
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence the model was built for, as its config.json says (None: not stated)."""
+    for key in POSITION_KEYS:
+        v = config.get(key) if isinstance(config, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_lengths(token_lists, config: dict, where, extra: int = 0, heads: int | None = None,
+                  batch_size: int = 1) -> None:
+    """Refuse, before any work, prompts longer than the model's positions (plus `extra` tokens to
+    generate), or whose attention scores would not fit ATTENTION_BUDGET (a 120k-token prompt)."""
+    if not token_lists:
+        return
+    longest = max(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    n = len(token_lists[longest]) + extra
+    limit = max_positions(config)
+    plus = f" + {extra} to generate" if extra else ""
+    if limit is not None and n > limit:
+        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the model "
+                                  f"takes at most {limit} positions (config.json max_position_embeddings)")
+    need = (heads or 1) * n * n * 4 * 3 * max(1, min(batch_size, len(token_lists)))
+    if need > ATTENTION_BUDGET:
+        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its attention "
+                                  f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); use shorter "
+                                  "prompts or a smaller --batch-size")
+
+
 # --- prompt files ------------------------------------------------------------------------------------------
 
 def _prompt(obj, path: Path, at: str) -> str:
@@ -333,12 +367,8 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
         raise PatcherError(path, "unsupported prompt file type: use .txt (one prompt per line) or .jsonl/.json")
     if limit is not None and limit < 1:
         raise PatcherError(path, f"the prompt limit must be at least 1, got {limit}")
-    if not path.is_file():
-        raise PatcherError(path, "prompt file not found")
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: drop a byte-order mark some editors write
-    except OSError as e:
-        raise PatcherError(path, f"cannot read prompt file: {e}") from None
+        text = read_bytes(path, "prompt file").decode("utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as e:
         raise PatcherError(path, f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
 

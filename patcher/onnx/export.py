@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from patcher.io.jsonsafe import dumps
 from patcher import __version__
 from patcher.io import manifest
 from patcher.model import forward as fw
@@ -95,7 +96,7 @@ def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, ops
         for name in SIDE_FILES:
             if (ck.folder / name).is_file():
                 shutil.copyfile(ck.folder / name, tmp / name)
-        (tmp / "patcher-export.json").write_text(json.dumps({
+        (tmp / "patcher-export.json").write_text(dumps({
             "patcher": __version__, "source": str(ck.path), "model_type": ck.model_type, "dtype": dtype,
             "opset": OPSET, "layers": sm.n_layers, "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
             "provenance": _provenance(ck)}, indent=2) + "\n")

@@ -12,7 +12,10 @@ from patcher.model.execution import StreamedModel
 from patcher.io.manifest import folder_identity
 from patcher.onnx.export import FILES
 from patcher.onnx.runtime import OnnxModel
-from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher import validate as V
+from patcher.errors import PatcherError
+from patcher.io.paths import read_text
 
 NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
 # max |Δ logits| / max(1, max |logits|) allowed per export dtype: fp32 is exact up to float rounding;
@@ -56,11 +59,14 @@ class Prompts:
         return left_pad([self.ids[i] for i in rows], self.tokenizer.pad_id)
 
 
-def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None) -> Prompts:
+def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None, extra: int = 0) -> Prompts:
     tok = load_tokenizer(folder)
     texts = read_prompt_file(prompts_file or NEUTRAL_PROMPTS, limit)
-    return Prompts(texts, encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template,
-                                         system=system), tok)
+    ids = encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template, system=system)
+    if any(len(i) == 0 for i in ids):
+        raise PatcherError(prompts_file or NEUTRAL_PROMPTS, "a prompt tokenizes to nothing")
+    check_lengths(ids, folder_config(folder), prompts_file or NEUTRAL_PROMPTS, extra=extra)
+    return Prompts(texts, ids, tok)
 
 
 def greedy_numpy(sm: StreamedModel, ids, mask, n: int) -> np.ndarray:
@@ -74,13 +80,37 @@ def greedy_numpy(sm: StreamedModel, ids, mask, n: int) -> np.ndarray:
     return np.stack(out, 1)
 
 
+def folder_config(folder: Path) -> dict:
+    """config.json of a model or export folder ({} when absent)."""
+    import json
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(read_text(path, "config.json"))
+    except (ValueError, RecursionError) as e:
+        raise PatcherError(path, f"cannot parse JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PatcherError(path, "expected a JSON object")
+    return cfg
+
+
 def _eos(folder: Path, tok) -> list[int]:
     import json
     ids = {tok.eos_id} if tok.eos_id is not None else set()
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        e = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set(e if isinstance(e, list) else [e] if e is not None else [])
+    gen = Path(folder) / "generation_config.json"
+    if gen.exists():
+        try:
+            data = json.loads(read_text(gen, "generation config"))
+        except (ValueError, RecursionError) as e:
+            raise PatcherError(gen, f"cannot parse JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise PatcherError(gen, "expected a JSON object")
+        e = data.get("eos_token_id")
+        e = e if isinstance(e, list) else [e] if e is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in e):
+            raise PatcherError(gen, f"eos_token_id must be a token id or a list of them, got {data['eos_token_id']!r}")
+        ids |= set(e)
     return sorted(i for i in ids if i is not None)
 
 
@@ -119,10 +149,13 @@ class VerifyReport:
 def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None, original: Path | None = None,
            direction=None, tokens: int = 8, provider: str = "cpu", chat_template: bool = True,
            behaviour_tokens: int = 24, announce=None) -> VerifyReport:
+    if dtype not in FILES:
+        raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
+    tokens = V.number(tokens, "tokens", "--tokens")
     rep = VerifyReport(dtype, TOLERANCE[dtype])
     onnx_model = OnnxModel(onnx_dir, FILES[dtype], provider)
     ref = StreamedModel(Checkpoint(reference))
-    p = load_prompts(reference, prompts, chat_template)
+    p = load_prompts(reference, prompts, chat_template, extra=max(tokens, behaviour_tokens if original else 0))
     ids, mask = p.batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     got, _ = onnx_model.step(ids, mask, pos, onnx_model.empty_cache(ids.shape[0]))
