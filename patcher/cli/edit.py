@@ -86,10 +86,11 @@ def register(app) -> None:
             s = V.number(scale, "scale", "--scale")
             if norm_preserve is not None:
                 V.choice(norm_preserve, ("rows", "cols"), "--norm-preserve")
-            check_output(output, [model, spec_file(direction), arch_table], force=force)
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
+            plan = plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
                                  preserve=norm_preserve, untie=untie)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)
@@ -110,10 +111,11 @@ def register(app) -> None:
         def body():
             V.choice(target, ("mlp_out", "attn_out"), "--target")
             a = V.number(alpha, "alpha", "--alpha")
-            check_output(output, [model, spec_file(direction), arch_table], force=force)
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_injection(ck, res, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a,
+            plan = plan_injection(m, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)

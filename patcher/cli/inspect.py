@@ -8,11 +8,11 @@ import typer
 
 from patcher.io.jsonsafe import dumps
 from patcher.model.architectures import ROLES, Resolved
-from patcher.io.checkpoint import Checkpoint
+from patcher.model.opened import Model
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
 
 
-def describe(ck: Checkpoint, res: Optional[Resolved]) -> dict:
+def describe(ck: Model, res: Optional[Resolved]) -> dict:
     dtypes = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.nbytes
@@ -52,7 +52,8 @@ def register(app) -> None:
         """Architecture, layers, d_model, dtypes, shards, size, and which tensors each role maps to."""
         def body():
             from rich.table import Table
-            ck, res = open_model(model, arch_table, need_arch=False)
+            ck = open_model(model, arch_table, need_arch=False)
+            res = ck.resolved
             info = describe(ck, res)
             if as_json:
                 print(dumps(info, indent=2))

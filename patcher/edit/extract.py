@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.io.checkpoint import Checkpoint
 from patcher.edit.directions import save_directions
 from patcher.edit.plan import parse_layers
 from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
+from patcher.model.opened import Model, as_model
 from patcher.io.manifest import sha256_file
 from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
 from patcher import validate as V
@@ -117,13 +117,23 @@ def select_layer(scores: list[dict], n_layers: int) -> int:
 
 def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8, max_prompts: int | None = None,
             layers: str | None = None, chat_template: bool = True, system: str | None = None,
-            project_out_negative_mean: bool = False, progress=None) -> ExtractResult:
-    """Python API mirroring `patcher extract`. `positive`/`negative` are prompt files or lists of strings."""
+            project_out_negative_mean: bool = False, progress=None, arch_table=None) -> ExtractResult:
+    """Python API mirroring `patcher extract`. `model` is a Model or anything Model.open takes (a folder,
+    a file, a hub repo id); `positive`/`negative` are prompt files or lists of strings."""
     positions = V.positions(list(positions) if isinstance(positions, (tuple, list)) else positions, "--positions")
     batch_size = V.number(batch_size, "batch_size", "--batch-size")
     if max_prompts is not None:
         max_prompts = V.number(max_prompts, "max_prompts", "--max-prompts")
-    ck = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    if isinstance(model, Model):
+        return _extract(model, positive, negative, positions, batch_size, max_prompts, layers, chat_template,
+                        system, project_out_negative_mean, progress)
+    with as_model(model, arch_table) as opened:
+        return _extract(opened, positive, negative, positions, batch_size, max_prompts, layers, chat_template,
+                        system, project_out_negative_mean, progress)
+
+
+def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, layers, chat_template, system,
+             project_out_negative_mean, progress) -> ExtractResult:
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)

@@ -53,6 +53,7 @@ class Architecture:
     prefixes: tuple[str, ...] = ("",)
     post_norm_gain: str | None = None
     source: str = ""
+    lineage: tuple[str, ...] = ()  # model_types of the tables this one extends, nearest first
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,14 @@ def _merged(path: Path, seen=()) -> dict:
         raise PatcherError(path, f"unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     parent = data.get("extends")
     if parent is None:
-        return data
+        return {**data, "_lineage": ()}
     if parent in seen:
         raise PatcherError(path, f"'extends' loops back to {parent!r}")
     base = _merged(TABLE_DIR / f"{parent}.toml" if (TABLE_DIR / f"{parent}.toml").is_file()
                    else path.parent / f"{parent}.toml", (*seen, parent))
     out = {**base, **{k: v for k, v in data.items() if k != "inject"}}
     out["inject"] = {**base.get("inject", {}), **data.get("inject", {})}
+    out["_lineage"] = (base.get("model_type", parent), *base["_lineage"])  # the tables it extends
     return out
 
 
@@ -129,7 +131,8 @@ def load_table(path) -> Architecture:
         config_layers=cfg.get("layers", "num_hidden_layers"), config_d_model=cfg.get("d_model", "hidden_size"),
         embeds=tuple(_writer(path, e, "embed") for e in d["embed"]),
         writers=tuple(_writer(path, w) for w in d["writer"]),
-        inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path))
+        inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path),
+        lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]))
 
 
 def supported() -> list[str]:
