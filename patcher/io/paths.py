@@ -181,25 +181,25 @@ def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder"
         raise PatcherError(raw, f"{place}; name a new {kind} (the output replaces what is there)")
     for named, src in _input_paths(inputs):
         if real == src:
-            raise PatcherError(raw, f"is the input {named}; choose a new {kind} (inputs are never modified)")
+            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never modified)")
         if src in real.parents:
-            raise PatcherError(raw, f"lies inside the input {named}; choose a {kind} outside it "
+            raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside it "
                                     "(inputs are never modified)")
         if real in src.parents:
-            raise PatcherError(raw, f"contains the input {named}; choose another {kind}")
+            raise PatcherError(raw, f"output {kind} contains the input {named}; choose another {kind}")
     if path.is_symlink():
         raise PatcherError(raw, "is a symbolic link; give the real path of a new output")
     if not path.exists():
         return path
-    if kind == "folder" and not path.is_dir():
-        raise PatcherError(raw, "exists and is not a folder; choose a new folder")
-    if kind == "file" and path.is_dir():
-        raise PatcherError(raw, "is a folder; the output here is a file")
-    if kind == "folder" and not any(path.iterdir()):
+    if kind == "folder" and path.is_dir() and not any(path.iterdir()):
         return path  # an empty folder is as good as none
     if not (force or replace_ok):
         raise PatcherError(raw, "already exists; pass --force to replace it (only a previous patcher output "
                                 "is ever replaced)")
+    if kind == "folder" and not path.is_dir():
+        raise PatcherError(raw, "exists and is not a folder; choose a new folder")
+    if kind == "file" and path.is_dir():
+        raise PatcherError(raw, "is a folder; the output here is a file")
     if not is_patcher_output(path):
         what = f"has no {MANIFEST}" if kind == "folder" else "was not written by patcher"
         raise PatcherError(raw, f"exists and {what}: refusing to replace it; choose a new {kind} "
