@@ -146,7 +146,7 @@ def hostile(args, *, inputs=(), absent=(), code=None, fragment=None, seconds=20.
 def test_extract_onto_an_input_shard_is_refused_even_with_force(ws):
     shard = ws["L"] / "model-00002-of-00002.safetensors"
     hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", shard, "--force"],
-            inputs=[ws["L"]], fragment="is the input")
+            inputs=[ws["L"]], fragment="output lies inside the input folder")
 
 
 def test_extract_inside_the_model_folder_is_refused(ws):
@@ -279,7 +279,7 @@ def test_inject_layer_never_wraps(ws, tmp_path, layer):
 @pytest.mark.parametrize("body,fragment", [
     ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nbatch_size = "eight"\n',
      "batch_size: must be an integer, got 'eight'"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = 0\n', "positions: must be <= -1"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = 0\n', "positions: must be >= -1048576 and <= -1, got 0"),
     ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = ["x"]\n', "must be an integer"),
     ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nmax_prompts = 0\n', "max_prompts: must be"),
     ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nchat_template = "yes"\n', "true or false"),
