@@ -7,7 +7,7 @@ import typer
 from patcher import validate as V
 from patcher.errors import PatcherError
 from patcher.io.paths import check_distinct, check_output
-from patcher.cli.common import guard, out, progress
+from patcher.cli.common import ARCH_TABLE_HELP, guard, out, progress
 
 
 def _score_table(result):
@@ -22,6 +22,13 @@ def _score_table(result):
         t.add_row(str(s["layer"]), fmt(s.get("diff_norm")), fmt(s.get("snr")), fmt(s.get("neighbour_cos")),
                   fmt(s.get("relative_norm")), style=style)
     return t
+
+
+def _run(m, result_args):
+    from patcher.edit.extract import extract as run_extract
+    with progress() as prog:
+        task = prog.add_task("prompts through the model", total=None)
+        return run_extract(m, progress=lambda n: prog.advance(task, n), **result_args)
 
 
 def register(app) -> None:
@@ -39,29 +46,30 @@ def register(app) -> None:
                 project_out_negative_mean: bool = typer.Option(False, "--project-out-negative-mean",
                                                                help="Orthogonalize each direction against the negative mean"),
                 plot: Optional[Path] = typer.Option(None, "--plot", help="Write the score plot (.svg, or .png with matplotlib)"),
-                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists")):
+                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
+                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Difference-in-means directions at every layer, streamed block by block, and a ranking."""
         def body():
-            from patcher.edit.extract import extract as run_extract
             from patcher.io.plot import check_plot_path, plot_scores
             pos = V.positions(positions, "--positions")
             V.number(batch_size, "batch_size", "--batch-size")
             if max_prompts is not None:
                 V.number(max_prompts, "max_prompts", "--max-prompts")
-            inputs = [model, positive, negative]
-            check_output(output, inputs, force=force, kind="file")
             if output.suffix != ".safetensors":
                 raise PatcherError(output, "a directions file ends in .safetensors")
             if plot is not None:
                 check_plot_path(plot)
-                check_output(plot, inputs, force=force, kind="file", option="--plot")
-                check_distinct({"-o": output, "--plot": plot})
-            with progress() as prog:
-                task = prog.add_task("prompts through the model", total=None)
-                result = run_extract(model, positive, negative, positions=pos, batch_size=batch_size,
-                                     max_prompts=max_prompts, layers=layers, chat_template=not no_chat_template,
-                                     system=system, project_out_negative_mean=project_out_negative_mean,
-                                     progress=lambda n: prog.advance(task, n))
+            from patcher.model.opened import Model
+            with Model.open(model, arch_table) as m:
+                inputs = [*m.input_paths, positive, negative, arch_table]
+                check_output(output, inputs, force=force, kind="file")
+                if plot is not None:
+                    check_output(plot, inputs, force=force, kind="file", option="--plot")
+                    check_distinct({"-o": output, "--plot": plot})
+                result = _run(m, result_args=dict(
+                    positive=positive, negative=negative, positions=pos, batch_size=batch_size,
+                    max_prompts=max_prompts, layers=layers, chat_template=not no_chat_template, system=system,
+                    project_out_negative_mean=project_out_negative_mean))
             result.save(output)
             out.print(_score_table(result))
             counts = result.metadata["prompts"]
