@@ -17,6 +17,12 @@ from patcher.cli.common import Interrupted, err, one_line
 
 
 
+try:
+    from typer.exceptions import Abort as _Abort
+except ImportError:  # pragma: no cover - older typer: click's own
+    _Abort = click.exceptions.Abort
+
+
 class _OneLineErrors(TyperGroup):
     """A wrong command line (unknown option, `--scale abc`) is one line on stderr, like every other
     user error, instead of click's boxed usage text: exit 1 (2 for `diff`, whose 1 means "changed")."""
@@ -31,7 +37,7 @@ class _OneLineErrors(TyperGroup):
         except click.ClickException as e:
             err.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
             rv = 2 if argv[:1] == ["diff"] else 1
-        except click.exceptions.Abort:
+        except _Abort:
             err.print("[bold red]interrupted:[/] nothing was written")
             rv = 130
         if not standalone_mode:
