@@ -42,7 +42,7 @@ def regular_file(path, what: str = "file") -> Path:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise PatcherError(path, f"no such file (the {what})") from None
+        raise PatcherError(path, f"{what} not found (no such file)") from None
     except OSError as e:
         raise PatcherError(path, f"cannot read {what} ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
