@@ -12,7 +12,7 @@ except ImportError:  # pragma: no cover
     import click
 
 from patcher import __version__
-from patcher.cli import demo, diff, edit, extract, inspect, onnx, run
+from patcher.cli import audit, demo, diff, edit, extract, inspect, onnx, run
 from patcher.cli.common import Interrupted, err, one_line
 
 
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - older typer: click's own
 
 class _OneLineErrors(TyperGroup):
     """A wrong command line (unknown option, `--scale abc`) is one line on stderr, like every other
-    user error, instead of click's boxed usage text: exit 1 (2 for `diff`, whose 1 means "changed")."""
+    user error, instead of click's boxed usage text: exit 1 (2 for `diff` and `audit`, whose 1 is a finding)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(sys.argv[1:] if args is None else args)
@@ -36,7 +36,7 @@ class _OneLineErrors(TyperGroup):
             rv = e.exit_code
         except click.ClickException as e:
             err.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
-            rv = 2 if argv[:1] == ["diff"] else 1
+            rv = 2 if argv[:1] in (["diff"], ["audit"]) else 1  # their 1 means "changed" / "edited"
         except _Abort:
             err.print("[bold red]interrupted:[/] nothing was written")
             rv = 130
@@ -48,7 +48,7 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch.")
 
-COMMANDS = (inspect, extract, edit, onnx, run, diff, demo)  # help lists commands in this order
+COMMANDS = (inspect, extract, edit, onnx, run, diff, audit, demo)  # help lists commands in this order
 for command in COMMANDS:
     command.register(app)
 
