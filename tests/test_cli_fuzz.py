@@ -71,6 +71,7 @@ def _no_work(monkeypatch):
         _COMMAND.append(typer.main.get_command(app))
     monkeypatch.setattr(typer.testing, "_get_command", lambda _app: _COMMAND[0])
     monkeypatch.setattr("patcher.edit.diff.diff", _reach)
+    monkeypatch.setattr("patcher.edit.audit.audit", _reach)
     from patcher.model.execution import StreamedModel
     from patcher.onnx.runtime import OnnxModel
     monkeypatch.setattr(StreamedModel, "run_many", _reach)
@@ -206,10 +207,25 @@ def test_fuzz_verify(env, data):
 
 @settings(FUZZ, max_examples=200)
 @given(data=st.data())
-def test_fuzz_diff(env, data):
+def test_fuzz_diff_and_audit(env, data):
     opts = data.draw(options({"--direction": paths(env), "--save-direction": paths(env) | st.just("r.npy"),
                               "--arch-table": paths(env)}))
     pair = [env["L"], data.draw(st.sampled_from([env["L"], *env["paths"][:6]]))]
+    if data.draw(st.booleans()):  # audit: one model, and --plot instead of --direction
+        opts.pop("--direction", None)
+        if data.draw(st.booleans()):
+            opts["--plot"] = data.draw(paths(env) | st.sampled_from(["p.svg", "p.png"]))
+        pair = pair[1:]
+        args = _argv(["audit", *pair], opts, data.draw(st.lists(st.sampled_from(["--json", "--force"]), unique=True)))
+        try:
+            res = CliRunner().invoke(app, args)
+        except Reached:
+            return
+        if res.exit_code == 2:
+            check(args, env)
+        else:
+            assert res.exit_code in (0, 1), (args, res.exit_code)
+        return
     res_flags = data.draw(st.lists(st.sampled_from(["--json", "--force"]), unique=True))
     args = _argv(["diff", *pair], opts, res_flags)
     try:

@@ -650,6 +650,14 @@ def _cases(ws, exported, dirs_file, tmp):
         ("run", "inside input", ["run", write_recipe(tmp / "r7", ABLATE_STEP, output=tmp / "r7")], [rec],
          [tmp / "r7" / "01-ablated"], None),
         ("run", "wrong type", ["run", rec, "--jobs", "two"], [], [], None),
+        ("audit", "wrong type", ["audit", L, "--plot", tmp / "p.jpg"], [L], [tmp / "p.jpg"], 2),
+        ("audit", "missing file", ["audit", tmp / "nope"], [], [], 2),
+        ("audit", "wrong kind", ["audit", pos], [pos], [], 2),
+        ("audit", "wrong kind", ["audit", L, "--arch-table", d64], [d64, L], [], 2),
+        ("audit", "inside input", ["audit", L, "--save-direction", L / "r.npy"], [L], [L / "r.npy"], 2),
+        ("audit", "inside input", ["audit", L, "--save-direction", d64, "--force"], [d64], [], 2),
+        ("audit", "out of range", ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"], [L],
+         [tmp / "x.npy"], 2),
         ("demo", "wrong kind", ["demo", "--out", ws["txt"]], [ws["txt"]], [], None),
         ("demo", "wrong kind", ["demo", "--out", ws["user_dir"]], [ws["user_dir"]], [], None),
         ("demo", "inside input", ["demo", "--out", FIXTURES / "tiny-llama-planted" / "x"], [FIXTURES / "tiny-llama-planted"],
@@ -662,8 +670,8 @@ def _cases(ws, exported, dirs_file, tmp):
 def test_every_command_every_kind(ws, exported, dirs_file, tmp_path):
     """One table over all ten commands; `interrupted` is its own test below."""
     cases = _cases(ws, exported, dirs_file, tmp_path)
-    assert {c[0] for c in cases} | {"generate", "verify"} == {"inspect", "extract", "ablate", "inject", "export",
-                                                                "generate", "verify", "diff", "run", "demo"}
+    assert {c[0] for c in cases} == {"inspect", "extract", "ablate", "inject", "export", "generate", "verify",
+                                     "diff", "run", "demo", "audit"}
     failures = []
     for cmd, kind, args, inputs, absent, code in cases:
         try:
@@ -684,6 +692,7 @@ INTERRUPT_AT = {  # command -> (a function in the middle of its work, patched to
     "inspect": "patcher.cli.inspect.describe",
     "run": "patcher.pipelines.recipe.run_action",
     "demo": "patcher.edit.extract.select_layer",
+    "audit": "patcher.edit.audit.audit",
 }
 
 
@@ -716,6 +725,7 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
         "inspect": ["inspect", ws["L"]],
         "run": ["run", write_recipe(tmp_path / "r", ABLATE_STEP)],
         "demo": ["demo", "--out", o],
+        "audit": ["audit", ws["L"], "--save-direction", tmp_path / "r.npy"],
     }[cmd]
     if cmd == "diff":  # the snapshot is byte-identical: make it differ so the analysis runs
         args = ["diff", ws["L"], _broken_config(ws, "L-edited-for-diff", lambda c: None)]

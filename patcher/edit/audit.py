@@ -22,7 +22,7 @@ from patcher_kernels import annihilation as an
 from patcher_kernels.codecs import decode
 from patcher_kernels.fp8 import dequantize_blocks
 from patcher_kernels.lowrank import MANTISSA_BITS
-from patcher.edit.diff import _fp8_scale_of
+from patcher.io.checkpoint import fp8_scale_of
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target
@@ -83,7 +83,7 @@ def _blocks(ck: Checkpoint, t: Target, d_model: int, share: float = 1.0):
     any subset keeps the fingerprint exactly; a clean spectrum needs only a few × d_model of them)."""
     info = ck.info(t.weight)
     raw = ck.array(t.weight)
-    scale_name = _fp8_scale_of(ck, t.weight)
+    scale_name = fp8_scale_of(ck.tensors, t.weight)  # the one FP8 scale rule
     scale = ck.array(scale_name).astype(np.float32) if scale_name else None
     mats = [raw] if raw.ndim == 2 else [raw[x] for x in range(raw.shape[t.expert_axis])]
     axis = t.residual_axis if raw.ndim == 2 else t.residual_axis - 1
