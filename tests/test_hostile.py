@@ -293,6 +293,8 @@ def test_inject_layer_never_wraps(ws, tmp_path, layer):
     (f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\nlayer = "1"\nalpha = 1\n',
      "layer: must be an integer"),
     ('[[step]]\nop = "export"\ndtype = "fp8"\n', "is not one of fp32"),
+    (f'[[step]]\nop = "ablate"\ndirections = ["{FIXTURES / "direction-64.npy"}", "{FIXTURES / "direction-64.npy"}"]\n',
+     "linearly dependent"),
     ('[[step]]\nop = "export"\n\n[[step]]\nop = "verify"\ntokens = -1\n', "tokens: must be >= 0"),
     ('[[step]]\nop = "extract"\npositive = "{fifo}"\nnegative = "{neg}"\n', "FIFO"),
 ])

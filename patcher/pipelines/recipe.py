@@ -254,7 +254,7 @@ def _checks():
 def validate(recipe: Recipe) -> list[ModelPlan]:
     """Check everything that can be checked before work; raise one error listing every problem."""
     from patcher.model.opened import Model
-    from patcher.edit.directions import load_direction
+    from patcher.edit.directions import check_independent, load_direction
     from patcher.io.paths import check_output, regular_file
     checks = _checks()
     base = recipe.path.parent
@@ -311,7 +311,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                             problem(k, e)
             if st.op in ("ablate", "inject", "verify"):
                 specs = _direction_specs(o)
-                resolved_specs = []
+                resolved_specs, loaded = [], []
                 for spec in specs:
                     if not isinstance(spec, str):
                         problem("direction", PatcherError("direction", f"must be a file name, got {spec!r}"))
@@ -321,11 +321,16 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
                     inputs.append(_resolve_path(base, file_part))
                     try:
-                        load_direction(full, d)
+                        loaded.append(load_direction(full, d).vectors)
                     except PatcherError as e:
                         problems.append(Problem(where("direction" if "direction" in o else "directions"),
                                                 f"step {st.index}: {e}"))
                     resolved_specs.append(full)
+                if len(loaded) > 1:  # together they must still span len(...) dimensions
+                    try:
+                        check_independent(np.concatenate(loaded), "directions")
+                    except PatcherError as e:
+                        problem("directions", e)
                 if not specs and st.op != "verify":
                     if last_directions is None:
                         problems.append(Problem(st.line, f"step {st.index} ({st.op}): no direction given and no "
