@@ -159,6 +159,19 @@ def is_patcher_output(path) -> bool:
     return _marked_file(path)
 
 
+def refuse_inputs(target, inputs, kind: str = "folder") -> None:
+    """An output may not be, lie inside, or contain any input, symlink targets included."""
+    raw, real = str(target), _real(Path(target).absolute())
+    for named, src in _input_paths(inputs):
+        if real == src:
+            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never modified)")
+        if src in real.parents:
+            raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside it "
+                                    "(inputs are never modified)")
+        if real in src.parents:
+            raise PatcherError(raw, f"output {kind} contains the input {named}; choose another {kind}")
+
+
 def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder", option: str = "-o/--output",
                  replace_ok: bool = False) -> Path:
     """Refuse an unsafe output path before any work (see the module docstring); returns it absolute.
@@ -179,14 +192,7 @@ def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder"
     place = _forbidden_places(path, real)
     if place:
         raise PatcherError(raw, f"{place}; name a new {kind} (the output replaces what is there)")
-    for named, src in _input_paths(inputs):
-        if real == src:
-            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never modified)")
-        if src in real.parents:
-            raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside it "
-                                    "(inputs are never modified)")
-        if real in src.parents:
-            raise PatcherError(raw, f"output {kind} contains the input {named}; choose another {kind}")
+    refuse_inputs(target, inputs, kind)
     if path.is_symlink():
         raise PatcherError(raw, "is a symbolic link; give the real path of a new output")
     if not path.exists():

@@ -164,6 +164,12 @@ def _write_produced(fd: int, t: OutTensor, pos: int, on_bytes, error: list) -> N
         raise RuntimeError(f"{t.name}: produced {written} bytes, header says {t.nbytes}")
 
 
+def refuse_inputs(target, inputs: Iterable[Path]) -> None:
+    """An output may not be, lie inside, or contain any input (one rule: patcher.io.paths)."""
+    from patcher.io.paths import refuse_inputs as rule
+    rule(target, list(inputs))
+
+
 class OutputFolder:
     """Build an output folder under a hidden temporary name beside the target; rename it into
     place only when everything is written. A failed or interrupted run leaves no folder that
