@@ -55,14 +55,14 @@ def register(app) -> None:
             V.number(batch_size, "batch_size", "--batch-size")
             if max_prompts is not None:
                 V.number(max_prompts, "max_prompts", "--max-prompts")
-            if output.suffix != ".safetensors":
-                raise PatcherError(output, "a directions file ends in .safetensors")
             if plot is not None:
                 check_plot_path(plot)
             from patcher.model.opened import Model
             with Model.open(model, arch_table) as m:
                 inputs = [*m.input_paths, positive, negative, arch_table]
                 check_output(output, inputs, force=force, kind="file")
+                if output.suffix != ".safetensors":
+                    raise PatcherError(output, "a directions file ends in .safetensors")
                 if plot is not None:
                     check_output(plot, inputs, force=force, kind="file", option="--plot")
                     check_distinct({"-o": output, "--plot": plot})

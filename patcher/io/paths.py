@@ -90,7 +90,7 @@ def _input_paths(inputs) -> list[tuple[Path, Path]]:
         src = Path(src)
         if not os.path.lexists(src):
             continue
-        out.append((src, _real(src.absolute())))
+        out += [(src, _real(src.absolute())), (src, Path(os.path.abspath(src)))]
         if src.is_dir():
             for n, p in enumerate(src.rglob("*")):
                 if n >= _MAX_LISTED:
@@ -160,15 +160,20 @@ def is_patcher_output(path) -> bool:
 
 
 def refuse_inputs(target, inputs, kind: str = "folder") -> None:
-    """An output may not be, lie inside, or contain any input, symlink targets included."""
-    raw, real = str(target), _real(Path(target).absolute())
-    for named, src in _input_paths(inputs):
-        if real == src:
-            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never modified)")
-        if src in real.parents:
+    """An output may not be, lie inside, or contain any input, symlink targets included. Both the path
+    as written and its real path (symlinks followed) are checked; "inside" is reported first."""
+    raw = str(target)
+    targets = {_real(Path(target).absolute()), Path(os.path.abspath(target))}
+    cands = _input_paths(inputs)
+    for named, src in cands:
+        if any(src in t.parents for t in targets):
             raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside it "
                                     "(inputs are never modified)")
-        if real in src.parents:
+    for named, src in cands:
+        if src in targets:
+            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never modified)")
+    for named, src in cands:
+        if any(t in src.parents for t in targets):
             raise PatcherError(raw, f"output {kind} contains the input {named}; choose another {kind}")
 
 
