@@ -57,7 +57,8 @@ def number(value, key: str, where: str | None = None, limit: Limit | None = None
         value = int(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise PatcherError(where, f"must be a finite number, got {value!r}")
-    low_bad = value is not None and lim.lo is not None and (value <= lim.lo if lim.lo_open else value < lim.lo)
+    low_bad = value is not None and lim.lo is not None and (value <= lim.lo if lim.lo_open
+                                                            else value < lim.lo)
     if low_bad or (lim.hi is not None and value > lim.hi):
         lo = "" if lim.lo is None else (f"> {_fmt(lim.lo)}" if lim.lo_open else f">= {_fmt(lim.lo)}")
         hi = "" if lim.hi is None else f"<= {_fmt(lim.hi)}"

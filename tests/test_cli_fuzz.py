@@ -47,7 +47,8 @@ def env(tmp_path_factory):
     assert res.exit_code == 0, res.output
     paths = [str(p) for p in (L, d64, pos, neg, fifo, root / "folder", root / "user.txt", root / "two.npy",
                               root / "missing.npy", L / "config.json", L / "inside", onnx)]
-    paths += ["", ".", "~", "-", "/", "nope.safetensors", f"{d64}:1", f"{L}/model-00001-of-00002.safetensors:0"]
+    paths += ["", ".", "~", "-", "/", "nope.safetensors", f"{d64}:1",
+              f"{L}/model-00001-of-00002.safetensors:0"]
     return {"root": root, "L": L, "d64": d64, "pos": pos, "neg": neg, "onnx": onnx, "paths": paths,
             "out": root / "out", "before": _digest(root)}
 
@@ -92,7 +93,8 @@ NUMBERS = st.one_of(
 LAYERS = st.one_of(NUMBERS, st.from_regex(r"\A-?\d{1,3}(--?\d{1,3})?(,-?\d{1,3}(--?\d{1,3})?){0,2}\Z"),
                    st.sampled_from(["all", "2-1", "-100", "0--1", "-1--3", ",", "1,,2", "1-", "-"]))
 WORDS = st.one_of(NUMBERS, st.sampled_from(["embed", "attn_out", "mlp_out", "mlp_outt", "embed,mlp_out",
-                                            "rows", "cols", "fp32", "fp16", "int4", "cpu", "cuda", "embed,,"]))
+                                            "rows", "cols", "fp32", "fp16", "int4", "cpu", "cuda",
+                                            "embed,,"]))
 
 
 def paths(env):
@@ -137,7 +139,8 @@ def options(spec: dict):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_ablate(env, data):
-    opts = data.draw(options({"--scale": NUMBERS, "--layers": LAYERS, "--targets": WORDS, "--norm-preserve": WORDS,
+    opts = data.draw(options({"--scale": NUMBERS, "--layers": LAYERS, "--targets": WORDS,
+                              "--norm-preserve": WORDS,
                               "--direction": paths(env), "--output": paths(env), "--arch-table": paths(env)}))
     flags = data.draw(st.lists(st.sampled_from(["--force", "--dry-run", "--untie-embeddings", "--no-hash"]),
                                unique=True))
@@ -150,7 +153,8 @@ def test_fuzz_ablate(env, data):
 @settings(FUZZ, max_examples=250)
 @given(data=st.data())
 def test_fuzz_inject(env, data):
-    opts = data.draw(options({"--layer": NUMBERS, "--alpha": NUMBERS, "--target": WORDS, "--direction": paths(env),
+    opts = data.draw(options({"--layer": NUMBERS, "--alpha": NUMBERS, "--target": WORDS,
+                              "--direction": paths(env),
                               "--output": paths(env)}))
     opts.setdefault("--direction", env["d64"])
     opts.setdefault("--output", env["out"])
@@ -164,12 +168,14 @@ def test_fuzz_inject(env, data):
 @given(data=st.data())
 def test_fuzz_extract(env, data):
     opts = data.draw(options({"--positions": LAYERS, "--batch-size": NUMBERS, "--max-prompts": NUMBERS,
-                              "--layers": LAYERS, "--plot": paths(env) | st.sampled_from(["p.jpg", "p.svg", "p"]),
+                              "--layers": LAYERS, "--plot": paths(env) | st.sampled_from(["p.jpg", "p.svg",
+                                                                                          "p"]),
                               "--output": paths(env), "--positive": paths(env), "--system": NUMBERS}))
     opts.setdefault("--positive", env["pos"])
     opts.setdefault("--negative", env["neg"])
     opts.setdefault("--output", env["root"] / "out.safetensors")
-    flags = data.draw(st.lists(st.sampled_from(["--force", "--no-chat-template", "--project-out-negative-mean"]),
+    flags = data.draw(st.lists(st.sampled_from(["--force", "--no-chat-template",
+                                                "--project-out-negative-mean"]),
                                unique=True))
     check(_argv(["extract", env["L"]], opts, flags), env)
 
@@ -188,7 +194,8 @@ def test_fuzz_export(env, data):
 @given(data=st.data())
 def test_fuzz_generate(env, data):
     opts = data.draw(options({"--max-new-tokens": NUMBERS, "--dtype": WORDS, "--temperature": NUMBERS,
-                              "--top-k": NUMBERS, "--seed": NUMBERS, "--batch-size": NUMBERS, "--provider": WORDS,
+                              "--top-k": NUMBERS, "--seed": NUMBERS, "--batch-size": NUMBERS,
+                              "--provider": WORDS,
                               "--prompts": paths(env), "--system": NUMBERS}))
     if "--prompts" not in opts:
         opts["--prompt"] = data.draw(NUMBERS | st.just("hello there"))
@@ -199,8 +206,10 @@ def test_fuzz_generate(env, data):
 @settings(FUZZ, max_examples=200)
 @given(data=st.data())
 def test_fuzz_verify(env, data):
-    opts = data.draw(options({"--tokens": NUMBERS, "--dtype": WORDS, "--provider": WORDS, "--prompts": paths(env),
-                              "--direction": paths(env), "--reference": paths(env), "--original": paths(env)}))
+    opts = data.draw(options({"--tokens": NUMBERS, "--dtype": WORDS, "--provider": WORDS,
+                              "--prompts": paths(env),
+                              "--direction": paths(env), "--reference": paths(env),
+                              "--original": paths(env)}))
     opts.setdefault("--reference", env["L"])
     check(_argv(["verify", env["onnx"]], opts, data.draw(st.lists(st.just("--json"), max_size=1))), env)
 
@@ -216,7 +225,8 @@ def test_fuzz_diff_and_audit(env, data):
         if data.draw(st.booleans()):
             opts["--plot"] = data.draw(paths(env) | st.sampled_from(["p.svg", "p.png"]))
         pair = pair[1:]
-        args = _argv(["audit", *pair], opts, data.draw(st.lists(st.sampled_from(["--json", "--force"]), unique=True)))
+        args = _argv(["audit", *pair], opts, data.draw(st.lists(st.sampled_from(["--json", "--force"]),
+                                                                unique=True)))
         try:
             res = CliRunner().invoke(app, args)
         except Reached:
@@ -263,7 +273,8 @@ def test_fuzz_recipe_values(env, data, tmp_path_factory):
     if op in ("ablate", "inject"):
         body.append(f'direction = "{env["d64"]}"')
     for k in chosen:
-        body.append(f"{k} = {_toml_value(data.draw(WORDS if k in ('targets', 'norm_preserve', 'dtype', 'target') else NUMBERS))}")
+        pool = WORDS if k in ("targets", "norm_preserve", "dtype", "target") else NUMBERS
+        body.append(f"{k} = {_toml_value(data.draw(pool))}")
     pre = '[[step]]\nop = "export"\n\n' if op == "verify" else ""
     folder = tmp_path_factory.mktemp("recipe")
     recipe = folder / "r.toml"

@@ -150,12 +150,14 @@ def test_extract_onto_an_input_shard_is_refused_even_with_force(ws):
 
 
 def test_extract_inside_the_model_folder_is_refused(ws):
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["L"] / "d.safetensors"],
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o",
+             ws["L"] / "d.safetensors"],
             inputs=[ws["L"]], absent=[ws["L"] / "d.safetensors"], fragment="lies inside the input")
 
 
 def test_extract_onto_a_prompt_file_is_refused(ws):
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["pos"], "--force"],
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["pos"],
+             "--force"],
             inputs=[ws["pos"], ws["L"]], fragment="is the input")
 
 
@@ -182,7 +184,8 @@ def test_recipe_step_output_may_not_leave_the_output_folder(ws, tmp_path):
             fragment="leaves the model's output folder")
 
 
-@pytest.mark.parametrize("out", ["", ".", "./", "~", "~/x"], ids=["empty", "dot", "dot-slash", "tilde", "tilde-x"])
+@pytest.mark.parametrize("out", ["", ".", "./", "~", "~/x"], ids=["empty", "dot", "dot-slash", "tilde",
+                                                                  "tilde-x"])
 def test_output_that_is_not_a_new_path_is_refused(ws, tmp_path, monkeypatch, out):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "precious.txt").write_text("keep me")
@@ -204,7 +207,8 @@ def test_output_home_or_parent_of_cwd_is_refused(ws, tmp_path, monkeypatch):
 @pytest.mark.parametrize("which", ["user_dir", "user_file"])
 def test_force_never_replaces_what_patcher_did_not_write(ws, which):
     hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws[which], "--force"], inputs=[ws[which], ws["L"]])
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["user_file"], "--force"],
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["user_file"],
+             "--force"],
             inputs=[ws["user_file"]])
 
 
@@ -233,14 +237,17 @@ def test_ablate_scale_must_be_finite_and_in_range(ws, tmp_path, value):
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e40", "70000"])
 def test_inject_alpha_must_be_finite_and_fit_the_bias(ws, tmp_path, value):
     out = tmp_path / "o"
-    hostile(["inject", ws["L"], "-d", ws["d64"], "-o", out, "--layer", "1", "--alpha", value], inputs=[ws["L"]],
+    hostile(["inject", ws["L"], "-d", ws["d64"], "-o", out, "--layer", "1", "--alpha", value],
+            inputs=[ws["L"]],
             absent=[out], fragment="--alpha: must be")
 
 
-@pytest.mark.parametrize("strength", ["scale = nan", "scale = inf", "scale = 1e40", "strength = [1.0, nan, 1.0]",
+@pytest.mark.parametrize("strength", ["scale = nan", "scale = inf", "scale = 1e40", "strength = [1.0, nan, "
+                                      "1.0]",
                                       'strength = { kernel = "gaussian", center = 1, width = 0.0 }',
                                       'strength = { kernel = "gaussian", center = nan }',
-                                      'strength = { kernel = "linear", start = 0, end = inf }', 'scale = "big"'])
+                                      'strength = { kernel = "linear", start = 0, end = inf }',
+                                      'scale = "big"'])
 def test_recipe_strengths_are_checked_like_scale(tmp_path, strength):
     r = write_recipe(tmp_path, ABLATE_STEP + strength + "\n")
     hostile(["run", r], absent=[tmp_path / "out"], fragment="step 1")
@@ -249,7 +256,8 @@ def test_recipe_strengths_are_checked_like_scale(tmp_path, strength):
 def test_recipe_and_cli_give_the_same_message(ws, tmp_path):
     cli = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", "--scale", "nan"])
     rec = hostile(["run", write_recipe(tmp_path, ABLATE_STEP + "scale = nan\n")])
-    assert "must be a finite number, got nan" in cli.stderr and "must be a finite number, got nan" in rec.stderr
+    same = "must be a finite number, got nan"
+    assert same in cli.stderr and same in rec.stderr
 
 
 # --- silently wrong -----------------------------------------------------------------------------------
@@ -259,7 +267,8 @@ def test_recipe_and_cli_give_the_same_message(ws, tmp_path):
                                              ("0--100", "outside")])
 def test_layers_never_wrap_and_say_empty_range(ws, tmp_path, layers, fragment):
     out = tmp_path / "o"
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, f"--layers={layers}"], absent=[out], fragment=fragment)
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, f"--layers={layers}"], absent=[out],
+            fragment=fragment)
 
 
 def test_negative_layers_count_from_the_end_exactly(ws, tmp_path):
@@ -279,10 +288,14 @@ def test_inject_layer_never_wraps(ws, tmp_path, layer):
 @pytest.mark.parametrize("body,fragment", [
     ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nbatch_size = "eight"\n',
      "batch_size: must be an integer, got 'eight'"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = 0\n', "positions: must be >= -1048576 and <= -1, got 0"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = ["x"]\n', "must be an integer"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nmax_prompts = 0\n', "max_prompts: must be"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nchat_template = "yes"\n', "true or false"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = 0\n', "positions: must "
+     "be >= -1048576 and <= -1, got 0"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = ["x"]\n', "must be an "
+     "integer"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nmax_prompts = 0\n', "max_prompts: "
+     "must be"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nchat_template = "yes"\n',
+     "true or false"),
     (ABLATE_STEP + 'targets = ["embed", "mlp_outt"]\n', "did you mean 'mlp_out'"),
     (ABLATE_STEP + 'targets = []\n', "targets: is empty"),
     (ABLATE_STEP + 'layers = "2-1"\n', "empty range"),
@@ -293,14 +306,16 @@ def test_inject_layer_never_wraps(ws, tmp_path, layer):
     (f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\nlayer = "1"\nalpha = 1\n',
      "layer: must be an integer"),
     ('[[step]]\nop = "export"\ndtype = "fp8"\n', "is not one of fp32"),
-    (f'[[step]]\nop = "ablate"\ndirections = ["{FIXTURES / "direction-64.npy"}", "{FIXTURES / "direction-64.npy"}"]\n',
+    (f'[[step]]\nop = "ablate"\ndirections = ["{FIXTURES / "direction-64.npy"}", '
+     f'"{FIXTURES / "direction-64.npy"}"]\n',
      "linearly dependent"),
     ('[[step]]\nop = "export"\n\n[[step]]\nop = "verify"\ntokens = -1\n', "tokens: must be >= 0"),
     ('[[step]]\nop = "extract"\npositive = "{fifo}"\nnegative = "{neg}"\n', "FIFO"),
 ])
 def test_recipe_options_validated_up_front(ws, tmp_path, body, fragment):
     """Step 1 is valid and would write: a later step's bad value must stop the run before it starts."""
-    first = f'[[step]]\nop = "extract"\npositive = "{ws["pos"]}"\nnegative = "{ws["neg"]}"\nchat_template = false\n\n'
+    first = (f'[[step]]\nop = "extract"\npositive = "{ws["pos"]}"\nnegative = "{ws["neg"]}"\n'
+             'chat_template = false\n\n')
     r = write_recipe(tmp_path, first + body.format(pos=ws["pos"], neg=ws["neg"], fifo=ws["fifo"]))
     hostile(["run", r], absent=[tmp_path / "out"], fragment=fragment)
 
@@ -353,14 +368,16 @@ CONFIG_BREAKS = {
 def test_config_disagreeing_with_tensors_is_one_line(ws, tmp_path, brk, cmd):
     m = _broken_config(ws, f"L-{brk}", CONFIG_BREAKS[brk])
     out = tmp_path / "o"
-    args = {"extract": ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", tmp_path / "d.safetensors"],
+    args = {"extract": ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o",
+                        tmp_path / "d.safetensors"],
             "export": ["export", m, "-o", out], "ablate": ["ablate", m, "-d", ws["d64"], "-o", out]}[cmd]
     if cmd == "ablate" and brk in ("no-heads", "zero-heads", "bad-act"):
         pytest.skip("ablate does not run the forward pass: heads and activation do not matter to it")
     hostile(args, inputs=[m], absent=[out, tmp_path / "d.safetensors"])
 
 
-@pytest.mark.parametrize("opt", [["--dtype", "foo"], ["--top-k", "100000", "--sample"], ["--temperature", "nan"],
+@pytest.mark.parametrize("opt", [["--dtype", "foo"], ["--top-k", "100000", "--sample"], ["--temperature",
+                                                                                         "nan"],
                                  ["--temperature", "0"], ["--temperature", "-1"], ["--seed", "-1"],
                                  ["--max-new-tokens", "0"], ["--batch-size", "0"], ["--provider", "tpu"],
                                  ["--top-k", "-1"], ["--prompt", ""]])
@@ -369,7 +386,8 @@ def test_generate_bad_options(exported, opt):
     hostile(args, inputs=[exported])
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"eos_token_id": "two"}', '{"eos_token_id": [1.5]}'])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"eos_token_id": "two"}',
+                                     '{"eos_token_id": [1.5]}'])
 def test_generate_malformed_generation_config(exported, tmp_path, content):
     copy = tmp_path / "onnx-copy"
     shutil.copytree(exported, copy)
@@ -377,7 +395,8 @@ def test_generate_malformed_generation_config(exported, tmp_path, content):
     hostile(["generate", copy, "--prompt", "hi", "--max-new-tokens", "2"], fragment="generation_config.json")
 
 
-@pytest.mark.parametrize("opt", [["--tokens", "-1"], ["--tokens", "x"], ["--tokens", "100000"], ["--dtype", "foo"],
+@pytest.mark.parametrize("opt", [["--tokens", "-1"], ["--tokens", "x"], ["--tokens", "100000"], ["--dtype",
+                                                                                                 "foo"],
                                  ["--provider", "tpu"]])
 def test_verify_bad_options(ws, exported, opt):
     hostile(["verify", exported, "--reference", ws["L"], *opt], inputs=[exported, ws["L"]])
@@ -392,9 +411,11 @@ def long_prompt(ws):
 
 def test_a_120k_token_prompt_is_refused_up_front(ws, exported, long_prompt, tmp_path):
     out = tmp_path / "d.safetensors"
-    hostile(["extract", ws["L"], "--positive", long_prompt, "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+    hostile(["extract", ws["L"], "--positive", long_prompt, "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"],
             absent=[out], fragment="positions", seconds=30)
-    hostile(["generate", exported, "--prompts", long_prompt, "--no-chat-template"], fragment="positions", seconds=30)
+    hostile(["generate", exported, "--prompts", long_prompt, "--no-chat-template"], fragment="positions",
+            seconds=30)
     hostile(["verify", exported, "--reference", ws["L"], "--prompts", long_prompt, "--no-chat-template"],
             fragment="positions", seconds=30)
 
@@ -423,17 +444,20 @@ def _alarm():
 
 def test_fifo_in_place_of_a_shard(ws, tmp_path):
     for args in (["inspect", ws["L_fifo"]], ["ablate", ws["L_fifo"], "-d", ws["d64"], "-o", tmp_path / "o"],
-                 ["extract", ws["L_fifo"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", tmp_path / "d.safetensors"],
+                 ["extract", ws["L_fifo"], "--positive", ws["pos"], "--negative", ws["neg"], "-o",
+                  tmp_path / "d.safetensors"],
                  ["export", ws["L_fifo"], "-o", tmp_path / "e"], ["diff", ws["L"], ws["L_fifo"]]):
         hostile(args, absent=[tmp_path / "o", tmp_path / "e"], seconds=10)
 
 
-@pytest.mark.parametrize("role", ["prompt", "direction", "config", "tokenizer", "recipe", "arch-table", "template"])
+@pytest.mark.parametrize("role", ["prompt", "direction", "config", "tokenizer", "recipe", "arch-table",
+                                  "template"])
 def test_fifo_inputs_never_block(ws, tmp_path, role):
     m = ws["root"] / f"L-fifo-{role}"
     if role in ("config", "tokenizer", "template") and not m.exists():
         shutil.copytree(L_SRC, m)
-        name = {"config": "config.json", "tokenizer": "tokenizer.json", "template": "chat_template.jinja"}[role]
+        name = {"config": "config.json", "tokenizer": "tokenizer.json",
+                "template": "chat_template.jinja"}[role]
         (m / name).unlink(missing_ok=True)
         os.mkfifo(m / name)
     out = tmp_path / "d.safetensors"
@@ -499,21 +523,24 @@ def test_plot_equal_to_an_input_or_the_output(ws, tmp_path):
     hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot", out],
             absent=[out], fragment="plot files are .svg")
     hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot",
-             ws["L"] / "p.svg"], absent=[out, ws["L"] / "p.svg"], inputs=[ws["L"]], fragment="inside the input")
+             ws["L"] / "p.svg"], absent=[out, ws["L"] / "p.svg"], inputs=[ws["L"]], fragment="inside the "
+             "input")
 
 
 def test_svg_title_is_escaped(ws, tmp_path):
     m = tmp_path / "a&b<c"
     shutil.copytree(L_SRC, m)
     out, svg = tmp_path / "d.safetensors", tmp_path / "p.svg"
-    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative", str(ws["neg"]),
+    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative",
+                                   str(ws["neg"]),
                                    "-o", str(out), "--plot", str(svg), "--no-chat-template"])
     assert res.exit_code == 0, res.output + res.stderr
     root = ET.parse(svg).getroot()  # raises on invalid XML
     titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.text and "a&b<c" in t.text]
     assert titles == ["a&b<c: difference-in-means scores"]
     # the plot carries patcher's mark: --force may replace it, and only it
-    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative", str(ws["neg"]),
+    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative",
+                                   str(ws["neg"]),
                                    "-o", str(out), "--plot", str(svg), "--no-chat-template", "--force"])
     assert res.exit_code == 0, res.output + res.stderr
 
@@ -572,12 +599,17 @@ def _cases(ws, exported, dirs_file, tmp):
         ("extract", "out of range", ex + ["--layers", "9"], [L], [d], None),
         ("extract", "out of range", ex + ["--max-prompts", "0"], [L], [d], None),
         ("extract", "NaN", ex + ["--positions", "nan"], [L], [d], None),
-        ("extract", "missing file", ["extract", L, "--positive", tmp / "nope.txt", "--negative", neg, "-o", d], [L], [d], None),
-        ("extract", "wrong kind", ["extract", L, "--positive", d64, "--negative", neg, "-o", d], [L], [d], None),
-        ("extract", "wrong kind", ["extract", L, "--positive", L, "--negative", neg, "-o", d], [L], [d], None),
-        ("extract", "wrong kind", ["extract", L, "--positive", pos, "--negative", neg, "-o", tmp / "d.npy"], [L],
+        ("extract", "missing file", ["extract", L, "--positive", tmp / "nope.txt", "--negative", neg, "-o",
+                                     d], [L], [d], None),
+        ("extract", "wrong kind", ["extract", L, "--positive", d64, "--negative", neg, "-o", d], [L], [d],
+         None),
+        ("extract", "wrong kind", ["extract", L, "--positive", L, "--negative", neg, "-o", d], [L], [d],
+         None),
+        ("extract", "wrong kind", ["extract", L, "--positive", pos, "--negative", neg, "-o", tmp / "d.npy"],
+         [L],
          [tmp / "d.npy"], None),
-        ("extract", "inside input", ["extract", L, "--positive", pos, "--negative", neg, "-o", L / "x.safetensors"],
+        ("extract", "inside input", ["extract", L, "--positive", pos, "--negative", neg, "-o",
+                                     L / "x.safetensors"],
          [L], [L / "x.safetensors"], None),
         ("ablate", "wrong type", ab + ["--scale", "abc"], [L], [o], None),
         ("ablate", "wrong type", ab + ["--targets", "embed,mlp_outt"], [L], [o], None),
@@ -594,16 +626,23 @@ def _cases(ws, exported, dirs_file, tmp):
         ("ablate", "wrong kind", ["ablate", L, "-d", L, "-o", o], [L], [o], None),
         ("ablate", "wrong kind", ["ablate", d64, "-d", d64, "-o", o], [d64], [o], None),
         ("ablate", "inside input", ["ablate", L, "-d", d64, "-o", L / "edited"], [L], [L / "edited"], None),
-        ("inject", "wrong type", ["inject", L, "-d", d64, "-o", o, "--layer", "x", "--alpha", "1"], [L], [o], None),
+        ("inject", "wrong type", ["inject", L, "-d", d64, "-o", o, "--layer", "x", "--alpha", "1"], [L], [o],
+         None),
         ("inject", "wrong type", inj + ["--target", "embed"], [L], [o], None),
-        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "99", "--alpha", "1"], [L], [o], None),
-        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "1e40"], [L], [o], None),
-        ("inject", "NaN", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "nan"], [L], [o], None),
-        ("inject", "missing file", ["inject", L, "-d", tmp / "n.npy", "-o", o, "--layer", "1", "--alpha", "1"], [L],
+        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "99", "--alpha", "1"], [L],
          [o], None),
-        ("inject", "wrong kind", ["inject", L, "-d", ws["dep_npy"], "-o", o, "--layer", "1", "--alpha", "1"], [L],
+        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "1e40"], [L],
          [o], None),
-        ("inject", "inside input", ["inject", L, "-d", d64, "-o", L / "i", "--layer", "1", "--alpha", "1"], [L],
+        ("inject", "NaN", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "nan"], [L], [o],
+         None),
+        ("inject", "missing file", ["inject", L, "-d", tmp / "n.npy", "-o", o, "--layer", "1", "--alpha",
+                                    "1"], [L],
+         [o], None),
+        ("inject", "wrong kind", ["inject", L, "-d", ws["dep_npy"], "-o", o, "--layer", "1", "--alpha", "1"],
+         [L],
+         [o], None),
+        ("inject", "inside input", ["inject", L, "-d", d64, "-o", L / "i", "--layer", "1", "--alpha", "1"],
+         [L],
          [L / "i"], None),
         ("export", "wrong type", exp + ["--opset", "x"], [L], [o], None),
         ("export", "wrong type", exp + ["--dtype", "fp8"], [L], [o], None),
@@ -618,7 +657,8 @@ def _cases(ws, exported, dirs_file, tmp):
         ("generate", "out of range", gen + ["--top-k", "100000", "--sample"], [exported], [], None),
         ("generate", "out of range", gen + ["--max-new-tokens", "100000"], [exported], [], None),
         ("generate", "NaN", gen + ["--temperature", "nan", "--sample"], [exported], [], None),
-        ("generate", "missing file", ["generate", exported, "--prompts", tmp / "nope.txt"], [exported], [], None),
+        ("generate", "missing file", ["generate", exported, "--prompts", tmp / "nope.txt"], [exported], [],
+         None),
         ("generate", "missing file", ["generate", tmp / "nope", "--prompt", "hi"], [], [], None),
         ("generate", "wrong kind", ["generate", exported, "--prompts", d64], [exported], [], None),
         ("generate", "wrong kind", ["generate", ws["txt"], "--prompt", "hi"], [], [], None),
@@ -639,14 +679,20 @@ def _cases(ws, exported, dirs_file, tmp):
         ("diff", "inside input", ["diff", L, L, "--save-direction", L / "r.npy"], [L], [L / "r.npy"], 2),
         ("diff", "inside input", ["diff", L, L, "--save-direction", d64, "--force"], [d64], [], 2),
         ("diff", "wrong type", ["diff", L, L, "--bogus"], [L], [], 2),
-        ("run", "wrong type", ["run", write_recipe(tmp / "r1", ABLATE_STEP + 'layers = 1.5\n')], [], [tmp / "r1" / "out"], None),
-        ("run", "out of range", ["run", write_recipe(tmp / "r2", f'[[step]]\nop = "inject"\ndirection = "{d64}"\n'
-                                                                  'layer = 99\nalpha = 1\n')], [], [tmp / "r2" / "out"], None),
-        ("run", "NaN", ["run", write_recipe(tmp / "r3", ABLATE_STEP + "scale = nan\n")], [], [tmp / "r3" / "out"], None),
+        ("run", "wrong type", ["run", write_recipe(tmp / "r1", ABLATE_STEP + 'layers = 1.5\n')], [],
+         [tmp / "r1" / "out"], None),
+        ("run", "out of range", ["run", write_recipe(tmp / "r2", f'[[step]]\nop = "inject"\ndirection = '
+                                                     f'"{d64}"\n'
+                                                                  'layer = 99\nalpha = 1\n')], [],
+                                                                  [tmp / "r2" / "out"], None),
+        ("run", "NaN", ["run", write_recipe(tmp / "r3", ABLATE_STEP + "scale = nan\n")], [],
+         [tmp / "r3" / "out"], None),
         ("run", "missing file", ["run", tmp / "nope.toml"], [], [], None),
         ("run", "wrong kind", ["run", d64], [d64], [], None),
-        ("run", "wrong kind", ["run", write_recipe(tmp / "r4", "[[step]]\nop = 3\n")], [], [tmp / "r4" / "out"], None),
-        ("run", "wrong kind", ["run", write_recipe(tmp / "r5", "step = 3\n")], [], [tmp / "r5" / "out"], None),
+        ("run", "wrong kind", ["run", write_recipe(tmp / "r4", "[[step]]\nop = 3\n")], [],
+         [tmp / "r4" / "out"], None),
+        ("run", "wrong kind", ["run", write_recipe(tmp / "r5", "step = 3\n")], [], [tmp / "r5" / "out"],
+         None),
         ("run", "inside input", ["run", write_recipe(tmp / "r6", ABLATE_STEP, output=L / "out", path=L)], [L],
          [L / "out"], None),
         ("run", "inside input", ["run", write_recipe(tmp / "r7", ABLATE_STEP, output=tmp / "r7")], [rec],
@@ -658,11 +704,13 @@ def _cases(ws, exported, dirs_file, tmp):
         ("audit", "wrong kind", ["audit", L, "--arch-table", d64], [d64, L], [], 2),
         ("audit", "inside input", ["audit", L, "--save-direction", L / "r.npy"], [L], [L / "r.npy"], 2),
         ("audit", "inside input", ["audit", L, "--save-direction", d64, "--force"], [d64], [], 2),
-        ("audit", "out of range", ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"], [L],
+        ("audit", "out of range", ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"],
+         [L],
          [tmp / "x.npy"], 2),
         ("demo", "wrong kind", ["demo", "--out", ws["txt"]], [ws["txt"]], [], None),
         ("demo", "wrong kind", ["demo", "--out", ws["user_dir"]], [ws["user_dir"]], [], None),
-        ("demo", "inside input", ["demo", "--out", FIXTURES / "tiny-llama-planted" / "x"], [FIXTURES / "tiny-llama-planted"],
+        ("demo", "inside input", ["demo", "--out", FIXTURES / "tiny-llama-planted" / "x"],
+         [FIXTURES / "tiny-llama-planted"],
          [FIXTURES / "tiny-llama-planted" / "x"], None),
         ("demo", "inside input", ["demo", "--out", FIXTURES / "prompts"], [FIXTURES / "prompts"], [], None),
         ("demo", "wrong type", ["demo", "--out"], [], [], None),
@@ -717,7 +765,8 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
     monkeypatch.setattr(owner, attr, interrupted)
     o, d = tmp_path / "o", tmp_path / "d.safetensors"
     args = {
-        "extract": ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", d, "--no-chat-template"],
+        "extract": ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", d,
+                    "--no-chat-template"],
         "ablate": ["ablate", ws["L"], "-d", ws["d64"], "-o", o],
         "inject": ["inject", ws["L"], "-d", ws["d64"], "-o", o, "--layer", "1", "--alpha", "1"],
         "export": ["export", ws["L"], "-o", o],
@@ -732,7 +781,8 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
     if cmd == "diff":  # the snapshot is byte-identical: make it differ so the analysis runs
         args = ["diff", ws["L"], _broken_config(ws, "L-edited-for-diff", lambda c: None)]
         _edit_one_tensor(args[2])
-    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated"], code=130)
+    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated"],
+                  code=130)
     assert "interrupted" in res.stderr
     if cmd in ("extract", "ablate", "inject", "export", "demo"):
         assert "removed" in res.stderr

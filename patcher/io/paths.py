@@ -30,7 +30,8 @@ _MAX_LISTED = 20_000  # files looked at per input folder for symlink targets (mo
 
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR,
+                                                                                       "a folder")):
         if test(mode):
             return name
     return "not a regular file"
@@ -167,11 +168,13 @@ def refuse_inputs(target, inputs, kind: str = "folder") -> None:
     cands = _input_paths(inputs)
     for named, src in cands:
         if any(src in t.parents for t in targets):
-            raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside it "
+            raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside "
+                               f"it "
                                     "(inputs are never modified)")
     for named, src in cands:
         if src in targets:
-            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never modified)")
+            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never "
+                               f"modified)")
     for named, src in cands:
         if any(t in src.parents for t in targets):
             raise PatcherError(raw, f"output {kind} contains the input {named}; choose another {kind}")

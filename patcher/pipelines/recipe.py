@@ -232,7 +232,7 @@ def _layers_check(op):
 
 
 def _checks():
-    """Per op and option: check(value, n_layers, key) -> the value to use; same rules and messages as the CLI."""
+    """Per op and option: check(value, n_layers, key) -> the value to use (same rules, messages as the CLI)."""
     from patcher import validate as V
     from patcher.model.architectures import ROLES
     num = lambda name: lambda v, L, k: V.number(v, name, k)  # noqa: E731
