@@ -1,8 +1,9 @@
 """Row-block streaming of a rank-k ablation over one 2-D matrix.
 
 The caller supplies `read(start, stop) -> float32 [stop-start, n_cols]`, a fresh array each call
-(decoding storage however it must; blocks may be edited in place) and consumes the yielded float32 blocks (encoding them however it must). Nothing here
-holds more than one row block plus O(n_cols) accumulators, whatever the matrix size.
+(decoding storage however it must; blocks may be edited in place) and consumes the yielded float32
+blocks (encoding them however it must). Nothing here holds more than one row block plus O(n_cols)
+accumulators, whatever the matrix size.
 
 Residual axis 0 needs Q^T W over every row before any row can be written, so it reads twice
 (the second read comes from the page cache). Residual axis 1 is a single pass unless "rows"
@@ -12,7 +13,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from patcher_kernels.project import project_block_cols, project_block_rows, rescale_norms, residual_coefficients
+from patcher_kernels.project import (NORM_MODES, project_block_cols, project_block_rows, rescale_norms,
+                                     residual_coefficients)
 
 Reader = Callable[[int, int], np.ndarray]
 
@@ -24,7 +26,8 @@ def _ranges(n_rows: int, block_rows: int):
 
 def ablate_blocks(read: Reader, n_rows: int, q: np.ndarray, residual_axis: int, scale: float = 1.0,
                   preserve: str | None = None, block_rows: int = 128,
-                  stats: dict | None = None, cache_bytes: int = 256 << 20) -> Iterator[tuple[int, int, np.ndarray]]:
+                  stats: dict | None = None,
+                  cache_bytes: int = 256 << 20) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (start, stop, edited float32 block) covering rows 0..n_rows of the matrix.
 
     If `stats` is given, stats["component_sq"] is increased by |QᵀW|² of the original matrix
@@ -36,7 +39,7 @@ def ablate_blocks(read: Reader, n_rows: int, q: np.ndarray, residual_axis: int, 
     q = np.asarray(q, dtype=np.float64)
     stats = {} if stats is None else stats
     stats.setdefault("component_sq", 0.0)
-    if preserve not in (None, "rows", "cols"):
+    if preserve is not None and preserve not in NORM_MODES:
         raise ValueError(f"preserve must be None, 'rows' or 'cols', got {preserve!r}")
     if residual_axis == 0:
         yield from _axis0(read, n_rows, q, scale, preserve, block_rows, stats, cache_bytes)

@@ -32,8 +32,10 @@ def test_orthonormalize_rejects_degenerate():
     v = rng.standard_normal(8)
     with pytest.raises(ValueError):
         orthonormalize(np.stack([v, 2 * v]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^direction contains NaN or Inf$"):
         orthonormalize(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="^directions are zero or linearly dependent$"):
+        orthonormalize(np.stack([v, -3 * v]))
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -240,8 +242,9 @@ def test_fp8_requantize_and_zero_tiles():
     values[10, 10] = 448.0 * 3  # needs scale 3 > 1: grows
     values[130, 140] = 448.0 * 1  # needs 1 < 4: keeps 4
     values[5, 140] = 448.0 * 2  # needs exactly 2: keeps 2
+    values[128, 0] = 448.0 * 0.75  # first row of tile row 1: grows 0.5 -> 0.75 (tile edges are at 128)
     new = requantize_scale(old, values)
-    np.testing.assert_array_equal(new, [[3.0, 2.0], [0.5, 4.0]])
+    np.testing.assert_array_equal(new, [[3.0, 2.0], [0.75, 4.0]])
     assert new.dtype == np.float32
     # a tile whose scale is 0 (all-zero tile) quantizes to zeros, not NaN
     q = quantize_blocks(np.zeros((4, 4), np.float32), np.zeros((1, 1), np.float32))
@@ -250,3 +253,32 @@ def test_fp8_requantize_and_zero_tiles():
     q = quantize_blocks(np.array([[1000.0, -1000.0, 300.0, -0.5]], np.float32), np.ones((1, 1), np.float32))
     np.testing.assert_array_equal(q.astype(np.float32), [[448.0, -448.0, 288.0, -0.5]])
     assert FP8_MAX == 448.0
+
+
+def test_ablate_blocks_rejects_unknown_modes():
+    q = orthonormalize(rng.standard_normal(4))
+    read = lambda s, e: np.ones((e - s, 4), np.float32)  # noqa: E731
+    with pytest.raises(ValueError, match="preserve must be None, 'rows' or 'cols', got 'both'"):
+        list(ablate_blocks(read, 4, q, 0, preserve="both"))
+    with pytest.raises(ValueError, match="residual axis must be 0 or 1 for a matrix, got 2"):
+        list(ablate_blocks(read, 4, q, 2))
+
+
+def test_numerical_zero_thresholds():
+    """The documented guards, at their edges: a slice counts as projected to zero when its squared norm
+    is at most 1e-30 of the old one; directions are dependent when a QR pivot is at most 1e-12 of the
+    largest."""
+    from patcher_kernels.project import rescale_norms
+    x = np.array([[1e-15], [1e-15], [1e-15]])
+    got = rescale_norms(x, np.array([1.0, 1.0, 4.0]), np.array([1e-30, 1.5e-30, 1e-30]), axis=0)
+    assert got[0, 0] == 1e-15  # exactly at the edge: left alone
+    assert got[1, 0] == pytest.approx(1e-15 * np.sqrt(1 / 1.5e-30))  # just above: rescaled
+    assert got[2, 0] == 1e-15  # 1e-30 < 1e-30 * 4: left alone
+    v = rng.standard_normal(16)
+    v *= 10 / np.linalg.norm(v)
+    u = rng.standard_normal(16)
+    u -= (u @ v) / (v @ v) * v
+    u /= np.linalg.norm(u)
+    assert orthonormalize(np.stack([v, v + 1.5e-11 * u])).shape == (16, 2)  # pivot ratio 1.5e-12: independent
+    with pytest.raises(ValueError):
+        orthonormalize(np.stack([v, v + 5e-12 * u]))  # ratio 5e-13: dependent

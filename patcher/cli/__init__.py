@@ -45,8 +45,10 @@ class _OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch.")
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
+                  help="Edit transformer checkpoints along residual-stream directions, streaming, without "
+                  "PyTorch.")
 
 COMMANDS = (inspect, extract, edit, onnx, run, diff, audit, demo)  # help lists commands in this order
 for command in COMMANDS:

@@ -38,7 +38,8 @@ def register(app) -> None:
         ),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write the spectrum plot (.svg)"),
         arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
-        force: bool = typer.Option(False, "--force", help="Replace --save-direction/--plot files patcher wrote"),
+        force: bool = typer.Option(False, "--force", help="Replace --save-direction/--plot files patcher "
+                                   "wrote"),
     ):
         """Look for directions the writers cannot write and for baked biases, with no base model.
         Exit code 0 no sign of an edit, 1 signs of one, 2 error."""
@@ -72,7 +73,8 @@ def register(app) -> None:
                       highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except Exception as e:  # noqa: BLE001 - exit 1 means "edited": a crash must never look like that
-            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}", highlight=False,
+            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}",
+                      highlight=False,
                       soft_wrap=True)
             raise typer.Exit(2)
         if as_json:

@@ -46,7 +46,8 @@ def register(app) -> None:
             import numpy as np
             if save_direction is not None:
                 if save_direction.suffix != ".npy":
-                    raise PatcherError(save_direction, "--save-direction writes a .npy file (name it FILE.npy)")
+                    raise PatcherError(save_direction, "--save-direction writes a .npy file (name it "
+                                       "FILE.npy)")
                 check_output(save_direction, [base, candidate, spec_file(direction), arch_table], force=force,
                              kind="file", option="--save-direction")
             rep = diff(base, candidate, direction, arch_table)
@@ -67,7 +68,8 @@ def register(app) -> None:
                       highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except Exception as e:  # noqa: BLE001 — exit 1 means "changed": a crash must never look like that
-            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}", highlight=False,
+            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}",
+                      highlight=False,
                       soft_wrap=True)
             raise typer.Exit(2)
         if as_json:

@@ -107,7 +107,8 @@ def _time_limit(seconds: float):
         if not done.wait(seconds):
             with lock:
                 if state["running"]:
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_RenderLimit))
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid),
+                                                               ctypes.py_object(_RenderLimit))
     _budget.steps, _budget.deadline = RENDER_STEPS, time.monotonic() + seconds
     t = threading.Thread(target=watchdog, daemon=True)
     t.start()
@@ -217,7 +218,8 @@ class PromptTokenizer:
             parts, size = [], 0
             with _time_limit(RENDER_SECONDS):
                 for piece in template.generate(messages=messages, tools=None, documents=None,
-                                               add_generation_prompt=add_generation_prompt, **self.special_tokens):
+                                               add_generation_prompt=add_generation_prompt,
+                                               **self.special_tokens):
                     size += len(piece)
                     if size > limit:
                         raise _RenderLimit(f"its output passes {limit} characters")
@@ -230,9 +232,11 @@ class PromptTokenizer:
             raise PatcherError(where, f"chat template stopped: {e} (a template that loops or grows without "
                                       "bound)") from None
         except SecurityError as e:
-            raise PatcherError(where, f"the chat template tried unsafe access and was refused ({e})") from None
+            raise PatcherError(where,
+                               f"the chat template tried unsafe access and was refused ({e})") from None
         except jinja2.TemplateSyntaxError as e:
-            raise PatcherError(where, f"chat template syntax error at template line {e.lineno}: {e.message}") from None
+            raise PatcherError(where,
+                               f"chat template syntax error at template line {e.lineno}: {e.message}") from None
         except TemplateError as e:  # UndefinedError, TemplateRuntimeError, ...
             raise PatcherError(where, f"chat template failed: {e}") from None
         except Exception as e:  # noqa: BLE001 - untrusted code: any failure (TypeError, RecursionError...) is its fault
@@ -294,7 +298,8 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
                                              f"(names: {sorted(named)})")
             template = named["default"]
         if not isinstance(template, str):
-            raise PatcherError(cfg_path, "chat_template must be a string or a list of {name, template} objects")
+            raise PatcherError(cfg_path, "chat_template must be a string or a list of {name, template} "
+                               "objects")
     return PromptTokenizer(tok, folder, specials, template, source, add_bos)
 
 
@@ -337,12 +342,15 @@ def check_lengths(token_lists, config: dict, where, extra: int = 0, heads: int |
     limit = max_positions(config)
     plus = f" + {extra} to generate" if extra else ""
     if limit is not None and n > limit:
-        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the model "
+        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the "
+                           f"model "
                                   f"takes at most {limit} positions (config.json max_position_embeddings)")
     need = (heads or 1) * n * n * 4 * 3 * max(1, min(batch_size, len(token_lists)))
     if need > ATTENTION_BUDGET:
-        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its attention "
-                                  f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); use shorter "
+        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its "
+                           f"attention "
+                                  f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); "
+                                  f"use shorter "
                                   "prompts or a smaller --batch-size")
 
 
@@ -364,13 +372,15 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".json"):
-        raise PatcherError(path, "unsupported prompt file type: use .txt (one prompt per line) or .jsonl/.json")
+        raise PatcherError(path, "unsupported prompt file type: use .txt (one prompt per line) or "
+                           ".jsonl/.json")
     if limit is not None and limit < 1:
         raise PatcherError(path, f"the prompt limit must be at least 1, got {limit}")
     try:
         text = read_bytes(path, "prompt file").decode("utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as e:
-        raise PatcherError(path, f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
+        raise PatcherError(path,
+                           f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
 
     # Split on "\n" only: str.splitlines() would also break prompts at \x0b, \x1c, \u2028 and the like.
     lines = [(n, line.rstrip()) for n, line in enumerate(text.split("\n"), 1)]

@@ -61,7 +61,8 @@ class Prompts:
         return left_pad([self.ids[i] for i in rows], self.tokenizer.pad_id)
 
 
-def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None, extra: int = 0) -> Prompts:
+def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None,
+                 extra: int = 0) -> Prompts:
     tok = load_tokenizer(folder)
     texts = read_prompt_file(prompts_file or NEUTRAL_PROMPTS, limit)
     ids = encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template, system=system)
@@ -111,7 +112,8 @@ def _eos(folder: Path, tok) -> list[int]:
         e = data.get("eos_token_id")
         e = e if isinstance(e, list) else [e] if e is not None else []
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in e):
-            raise PatcherError(gen, f"eos_token_id must be a token id or a list of them, got {data['eos_token_id']!r}")
+            raise PatcherError(gen, f"eos_token_id must be a token id or a list of them, got "
+                               f"{data['eos_token_id']!r}")
         ids |= set(e)
     return sorted(i for i in ids if i is not None)
 
@@ -148,7 +150,8 @@ class VerifyReport:
                 "completions": self.completions}
 
 
-def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None, original: Path | None = None,
+def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None,
+           original: Path | None = None,
            direction=None, tokens: int = 8, provider: str = "cpu", chat_template: bool = True,
            behaviour_tokens: int = 24, announce=None, arch_table=None) -> VerifyReport:
     """`reference` and `original`: Models or anything Model.open takes (folders, hub repo ids)."""
@@ -162,7 +165,8 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
     if original is not None:
         orig_model = original if isinstance(original, Model) else Model.open(original, arch_table)
     reference = ref.model.folder
-    p = load_prompts(reference, prompts, chat_template, extra=max(tokens, behaviour_tokens if original else 0))
+    p = load_prompts(reference, prompts, chat_template, extra=max(tokens, behaviour_tokens if original
+                                                                  else 0))
     ids, mask = p.batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     got, _ = onnx_model.step(ids, mask, pos, onnx_model.empty_cache(ids.shape[0]))
@@ -177,14 +181,16 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
         rep.generation_match = float((a == b).mean())
         rep.tokens_compared = int(a.size)
     if direction is not None:
-        rep.projections = projections(ref, StreamedModel(orig_model) if orig_model else None, ids, mask, direction)
+        rep.projections = projections(ref, StreamedModel(orig_model) if orig_model else None, ids, mask,
+                                      direction)
     if orig_model is not None and prompts is not None:
         orig_dir = cached_export(orig_model.path, "fp32", announce, arch_table)
         texts = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
             m = OnnxModel(folder, FILES["fp32" if label == "original" else dtype], provider)
             new = m.generate(ids, mask, behaviour_tokens, eos_ids=_eos(reference, p.tokenizer))
-            texts[label] = [p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)), skip_special_tokens=True)
+            texts[label] = [p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)),
+                                               skip_special_tokens=True)
                             for row in new]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
@@ -214,6 +220,7 @@ def projections(edited: StreamedModel, original: StreamedModel | None, ids, mask
 
         def grab(l, x, label=label):
             v = x[real].astype(np.float64)
-            rows.setdefault(l, {"layer": l})[label] = float(np.mean(np.abs(v @ r) / np.linalg.norm(v, axis=-1)))
+            share = np.abs(v @ r) / np.linalg.norm(v, axis=-1)
+            rows.setdefault(l, {"layer": l})[label] = float(np.mean(share))
         sm.run(ids, mask, on_resid=grab)
     return [rows[l] for l in sorted(rows)]

@@ -34,7 +34,8 @@ from patcher.io.jsonsafe import dumps
 from patcher.errors import PatcherError
 
 STEP_KEYS = {
-    "extract": {"positive", "negative", "positions", "batch_size", "max_prompts", "layers", "chat_template", "system",
+    "extract": {"positive", "negative", "positions", "batch_size", "max_prompts", "layers", "chat_template",
+                "system",
                 "project_out_negative_mean", "output"},
     "ablate": {"direction", "directions", "layers", "targets", "scale", "strength", "norm_preserve",
                "untie_embeddings", "output"},
@@ -44,7 +45,8 @@ STEP_KEYS = {
 }
 MODEL_KEYS = {"name", "path", "output", "arch_table"}
 KERNELS = {"constant": {"value"}, "linear": {"start", "end"}, "gaussian": {"center", "width", "peak"}}
-DEFAULT_OUTPUT = {"extract": "directions.safetensors", "ablate": "ablated", "inject": "injected", "export": "onnx"}
+DEFAULT_OUTPUT = {"extract": "directions.safetensors", "ablate": "ablated", "inject": "injected",
+                  "export": "onnx"}
 
 
 @dataclass
@@ -75,7 +77,8 @@ class Recipe:
 
 def _lines(text: str, header: str) -> list[int]:
     """1-based line of each `[[header]]` table, so problems can point into the file."""
-    return [i + 1 for i, line in enumerate(text.splitlines()) if re.match(rf"\s*\[\[\s*{header}\s*\]\]", line)]
+    return [i + 1 for i, line in enumerate(text.splitlines()) if re.match(rf"\s*\[\[\s*{header}\s*\]\]",
+                                                                          line)]
 
 
 def _key_line(text: str, start: int | None, key: str) -> int | None:
@@ -101,13 +104,15 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
         return {l: num(spec) for l in range(n_layers)}
     if isinstance(spec, list):
         if len(spec) != n_layers:
-            raise PatcherError(where, f"strength list must have {n_layers} numbers (one per layer), got {len(spec)}")
+            raise PatcherError(where, f"strength list must have {n_layers} numbers (one per layer), got "
+                               f"{len(spec)}")
         return {l: num(v, f"strength[{l}]") for l, v in enumerate(spec)}
     if isinstance(spec, dict) and spec.get("kernel") in KERNELS:
         k = spec["kernel"]
         extra = set(spec) - KERNELS[k] - {"kernel"}
         if extra:
-            raise PatcherError(where, f"strength kernel {k!r} takes {sorted(KERNELS[k])}, not {sorted(extra)}")
+            raise PatcherError(where,
+                               f"strength kernel {k!r} takes {sorted(KERNELS[k])}, not {sorted(extra)}")
         if k == "constant":
             return {l: num(spec.get("value", 1.0), "value") for l in range(n_layers)}
         if k == "linear":
@@ -119,7 +124,8 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
         w = num(spec.get("width", 1.0), "width", "gaussian_width")
         p = num(spec.get("peak", 1.0), "peak")
         return {l: p * math.exp(-((l - c) ** 2) / (2 * w * w)) for l in range(n_layers)}
-    raise PatcherError(where, "strength is a number, a list per layer, or {kernel = constant|linear|gaussian, ...}")
+    raise PatcherError(where, "strength is a number, a list per layer, or "
+                       "{kernel = constant|linear|gaussian, ...}")
 
 
 def load(path) -> Recipe:
@@ -133,7 +139,8 @@ def load(path) -> Recipe:
     problems = []
     unknown = set(data) - {"model", "step"}
     if unknown:
-        problems.append(Problem(1, f"unknown top-level keys {sorted(unknown)}; a recipe has [[model]] and [[step]] tables"))
+        problems.append(Problem(1, f"unknown top-level keys {sorted(unknown)}; a recipe has [[model]] and "
+                                f"[[step]] tables"))
     model_lines, step_lines = _lines(text, "model"), _lines(text, "step")
     models = data.get("model") or []
     if not isinstance(models, list) or not models:
@@ -145,7 +152,8 @@ def load(path) -> Recipe:
             problems.append(Problem(line, "model: expected a [[model]] table"))
             continue
         for k in set(m) - MODEL_KEYS:
-            problems.append(Problem(_key_line(text, line, k), f"model: unknown key {k!r} (allowed: {sorted(MODEL_KEYS)})"))
+            problems.append(Problem(_key_line(text, line, k), f"model: unknown key {k!r} (allowed: "
+                                    f"{sorted(MODEL_KEYS)})"))
         for k in ("path", "output"):
             if not isinstance(m.get(k), str):
                 problems.append(Problem(line, f"model: {k!r} (a path) is required"))
@@ -163,7 +171,8 @@ def load(path) -> Recipe:
             continue
         op = s.get("op")
         if op not in STEP_KEYS:
-            problems.append(Problem(_key_line(text, line, "op"), f"step {i + 1}: op must be one of {sorted(STEP_KEYS)}"))
+            problems.append(Problem(_key_line(text, line, "op"), f"step {i + 1}: op must be one of "
+                                    f"{sorted(STEP_KEYS)}"))
             continue
         for k in set(s) - STEP_KEYS[op] - {"op"}:
             problems.append(Problem(_key_line(text, line, k), f"step {i + 1} ({op}): unknown key {k!r} "
@@ -240,10 +249,12 @@ def _checks():
     dtype = lambda v, L, k: V.choice(v, ("fp32", "fp16", "int4"), k)  # noqa: E731
     return {
         "extract": {"positions": lambda v, L, k: V.positions(v, k), "batch_size": num("batch_size"),
-                    "max_prompts": num("max_prompts"), "layers": _layers_check("extract"), "chat_template": flag,
+                    "max_prompts": num("max_prompts"), "layers": _layers_check("extract"),
+                    "chat_template": flag,
                     "system": lambda v, L, k: V.text(v, k), "project_out_negative_mean": flag},
         "ablate": {"layers": _layers_check("ablate"), "targets": lambda v, L, k: list(V.choices(v, ROLES, k)),
-                   "norm_preserve": lambda v, L, k: V.choice(v, ("rows", "cols"), k), "untie_embeddings": flag},
+                   "norm_preserve": lambda v, L, k: V.choice(v, ("rows", "cols"), k),
+                   "untie_embeddings": flag},
         "inject": {"layer": lambda v, L, k: V.layer_index(v, L, k), "alpha": num("alpha"),
                    "target": lambda v, L, k: V.choice(v, ("mlp_out", "attn_out"), k)},
         "export": {"dtype": dtype},
@@ -316,7 +327,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     if not isinstance(spec, str):
                         problem("direction", PatcherError("direction", f"must be a file name, got {spec!r}"))
                         continue
-                    file_part, _, layer_part = spec.rpartition(":") if re.search(r"\.safetensors:-?\d+$", spec) \
+                    file_part, _, layer_part = spec.rpartition(":") if re.search(r"\.safetensors:-?\d+$",
+                                                                                 spec) \
                         else (spec, "", "")
                     full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
                     inputs.append(_resolve_path(base, file_part))
@@ -333,7 +345,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                         problem("directions", e)
                 if not specs and st.op != "verify":
                     if last_directions is None:
-                        problems.append(Problem(st.line, f"step {st.index} ({st.op}): no direction given and no "
+                        problems.append(Problem(st.line, f"step {st.index} ({st.op}): no direction given "
+                                                f"and no "
                                                          "extract step before it"))
                     else:
                         resolved_specs = [str(last_directions)]
@@ -366,7 +379,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 problems.append(Problem(st.line, f"step {st.index}: verify needs an export step before it"))
             action = Action(st, st.op, current, target, o)
             if st.op == "verify":
-                action.input = next(a.output for a in reversed(actions) if a.op == "export") if actions else current
+                action.input = next(a.output for a in reversed(actions)
+                                    if a.op == "export") if actions else current
                 action.options["reference"] = current
                 action.output = out / f"{st.index:02d}-verify.json"
             actions.append(action)
@@ -385,7 +399,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
         for a in plan.actions:
             key = os.path.realpath(a.output)
             if key in seen:
-                problems.append(Problem(a.step.line, f"step {a.step.index}: writes {a.output}, as step {seen[key]} "
+                problems.append(Problem(a.step.line, f"step {a.step.index}: writes {a.output}, as step "
+                                        f"{seen[key]} "
                                                      "does; give each step its own output"))
             seen[key] = a.step.index
     if problems:
@@ -408,7 +423,8 @@ def _fingerprints(plan: ModelPlan) -> None:
     table = sha256_file(plan.arch_table) if plan.arch_table else None
     for a in plan.actions:
         blob = json.dumps({"op": a.op, "options": a.options, "model": model, "directions": directions,
-                           "export": export, "v": __version__, "arch_table": table}, sort_keys=True, default=str)
+                           "export": export, "v": __version__, "arch_table": table}, sort_keys=True,
+                           default=str)
         a.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         if a.op in ("ablate", "inject"):
             model = a.fingerprint
@@ -428,20 +444,25 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
     rows = []
     for plan in plans:
         for a in plan.actions:
-            row = {"model": plan.name, "step": a.step.index, "op": a.op, "input": str(a.input), "output": str(a.output),
+            row = {"model": plan.name, "step": a.step.index, "op": a.op, "input": str(a.input),
+                   "output": str(a.output),
                    "tensors": [], "bytes": 0}
             if a.op in ("ablate", "inject"):
                 src = a.input if a.input.exists() else plan.path  # later steps: described on the original layout
                 with Model.open(src, plan.arch_table) as ck:
                     k = max(len(a.options.get("directions") or []), 1)
-                    d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned", None, "")
+                    d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned",
+                                  None, "")
                     p = (plan_ablation(ck, d, layers=parse_layers(a.options.get("layers"), plan.n_layers),
-                                       roles=tuple(a.options.get("targets") or ("embed", "attn_out", "mlp_out")),
+                                       roles=tuple(a.options.get("targets") or ("embed", "attn_out",
+                                                                                "mlp_out")),
                                        scale=a.options["strengths"], preserve=a.options.get("norm_preserve"),
                                        untie=bool(a.options.get("untie_embeddings")))
                          if a.op == "ablate" else
-                         plan_injection(ck, Direction(d.vectors[:1], "planned", None, ""), layer=a.options["layer"],
-                                        alpha=float(a.options["alpha"]), target=a.options.get("target", "mlp_out")))
+                         plan_injection(ck, Direction(d.vectors[:1], "planned", None, ""),
+                                        layer=a.options["layer"],
+                                        alpha=float(a.options["alpha"]), target=a.options.get("target",
+                                                                                              "mlp_out")))
                     row["tensors"] = [(e.name, e.formula, e.nbytes) for e in p.all()]
                     row["bytes"] = p.bytes_edited
             rows.append(row)
@@ -486,7 +507,8 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
     if a.op == "extract":
         from patcher.edit.extract import extract
         r = extract(a.input, o["positive"], o["negative"], positions=tuple(o.get("positions", [-1])),
-                    batch_size=int(o.get("batch_size", 8)), max_prompts=o.get("max_prompts"), layers=o.get("layers"),
+                    batch_size=int(o.get("batch_size", 8)), max_prompts=o.get("max_prompts"),
+                    layers=o.get("layers"),
                     chat_template=bool(o.get("chat_template", True)), system=o.get("system"),
                     project_out_negative_mean=bool(o.get("project_out_negative_mean", False)),
                     arch_table=plan.arch_table)
@@ -510,21 +532,25 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
                 p = plan_injection(ck, d, layer=int(o["layer"]), alpha=float(o["alpha"]),
                                    target=o.get("target", "mlp_out"))
             rep = execute(p, a.output, force=True, command=None, recipe=info)
-        return f"{len(p.edits)} edited, {len(p.new)} added" + (f", leakage {rep.overall_leakage():.2e}" if rep.leakage else "")
+        return f"{len(p.edits)} edited, {len(p.new)} added" + (f", leakage {rep.overall_leakage():.2e}"
+                                                               if rep.leakage else "")
     if a.op == "export":
         from patcher.onnx.export import export
-        export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info, arch_table=plan.arch_table)
+        export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info,
+               arch_table=plan.arch_table)
         return f"{o.get('dtype', 'fp32')} export"
     if a.op == "verify":
         from patcher.edit.directions import load_direction
         from patcher.onnx.verify import verify
         d = load_direction(o["directions"][0], plan.d_model) if o.get("directions") else None
-        rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"), direction=d,
+        rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"),
+                     direction=d,
                      tokens=int(o.get("tokens", 8)), arch_table=plan.arch_table)
         a.output.write_text(dumps(rep.as_dict(), indent=2) + "\n")
         if not rep.parity_ok:  # the report stays for reading, but the step is not recorded complete
             _manifest_path(a).unlink(missing_ok=True)
-            raise PatcherError(a.output, f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g} (report kept here; "
+            raise PatcherError(a.output, f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g} (report "
+                               f"kept here; "
                                          "the step is not marked complete and runs again next time)")
         manifest.write_file(_manifest_path(a), kind="verify", command=None, recipe=info, inputs={},
                             outputs={a.output.name: manifest.sha256_file(a.output)})
@@ -537,7 +563,8 @@ def run_model(plan: ModelPlan, recipe_file: str) -> list[tuple[int, str, str]]:
     from patcher.io import manifest
     plan.output.mkdir(parents=True, exist_ok=True)
     if not (plan.output / manifest.MANIFEST).is_file():  # marks the folder as patcher's: a re-run resumes in it
-        manifest.write(plan.output, kind="recipe", command=None, recipe={"file": recipe_file, "model": plan.name},
+        manifest.write(plan.output, kind="recipe", command=None, recipe={"file": recipe_file,
+                                                                         "model": plan.name},
                        inputs={}, outputs={})
     done = []
     for a in plan.actions:
