@@ -282,3 +282,7 @@ def test_numerical_zero_thresholds():
     assert orthonormalize(np.stack([v, v + 1.5e-11 * u])).shape == (16, 2)  # pivot ratio 1.5e-12: independent
     with pytest.raises(ValueError):
         orthonormalize(np.stack([v, v + 5e-12 * u]))  # ratio 5e-13: dependent
+
+
+def test_fp8_max_matches_ml_dtypes():
+    assert FP8_MAX == float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)

@@ -1,15 +1,18 @@
 """`patcher ablate` and `patcher inject`: plan, then write."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from patcher import validate as V
 from patcher.io.paths import check_output
 from patcher.model.architectures import ROLES
-from patcher.edit.directions import load_direction, spec_file
-from patcher.edit.plan import Plan, parse_layers, plan_ablation, plan_injection
+if TYPE_CHECKING:
+    from patcher.edit.plan import Plan
+
 from patcher.cli.common import (ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out,
                                 progress)
 
@@ -64,6 +67,8 @@ def _summary(plan: Plan, report) -> None:
     out.print(t)
     for n in plan.notes:
         out.print(f"[yellow]note:[/] {n}")
+    for w in report.warnings:
+        out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
 
 
 _NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input "
@@ -98,6 +103,8 @@ def register(app) -> None:
             s = V.number(scale, "scale", "--scale")
             if norm_preserve is not None:
                 V.choice(norm_preserve, ("rows", "cols"), "--norm-preserve")
+            from patcher.edit.directions import load_direction, spec_file
+            from patcher.edit.plan import parse_layers, plan_ablation
             m = open_model(model, arch_table)
             check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
             res = m.resolved
@@ -124,6 +131,8 @@ def register(app) -> None:
         def body():
             V.choice(target, ("mlp_out", "attn_out"), "--target")
             a = V.number(alpha, "alpha", "--alpha")
+            from patcher.edit.directions import load_direction, spec_file
+            from patcher.edit.plan import plan_injection
             m = open_model(model, arch_table)
             check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
             res = m.resolved

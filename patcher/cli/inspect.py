@@ -1,14 +1,19 @@
 """`patcher inspect`."""
+from __future__ import annotations
+
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from patcher.io.jsonsafe import dumps
-from patcher.model.architectures import ROLES, Resolved
-from patcher.model.opened import Model
+from patcher.model.architectures import ROLES
+if TYPE_CHECKING:
+    from patcher.model.opened import Model
+    from patcher.model.architectures import Resolved
+
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
 
 

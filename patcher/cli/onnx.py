@@ -9,7 +9,6 @@ from patcher.io.jsonsafe import dumps
 from patcher import validate as V
 from patcher.errors import PatcherError
 from patcher.io.paths import check_output
-from patcher.edit.directions import load_direction
 from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
@@ -185,10 +184,11 @@ def register(app) -> None:
             V.choice(dtype, tuple(FILES), "--dtype")
             V.choice(provider, ("cpu", "cuda"), "--provider")
             V.number(tokens, "tokens", "--tokens")
+            from patcher.edit.directions import load_direction
+            from patcher.io.hub import locate
             from patcher.model.opened import Model
             ref = Model.open(reference)
             d = load_direction(direction, ref.d_model) if direction else None
-            from patcher.io.hub import locate
             rep = run_verify(locate(onnx_dir)[0], ref, dtype=dtype, prompts=prompts, original=original,
                              direction=d,
                              tokens=tokens, provider=provider, chat_template=not no_chat_template,

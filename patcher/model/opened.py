@@ -15,13 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint, fp8_scale_of, fp8_weight_of
 from patcher.model.architectures import TABLE_DIR, Architecture, Resolved, for_model_type, load_table, resolve
-from patcher_kernels.codecs import decode
-from patcher_kernels.fp8 import dequantize_blocks
 
 FP8_TILE = 128  # block-scale tile (DeepSeek-V3, Qwen3-FP8)
 
@@ -230,8 +226,12 @@ class Model:
         """An FP8 weight's block-scale tensor: applied by decode(), never a weight of its own."""
         return fp8_weight_of(self.tensors, name) is not None
 
-    def decode(self, name: str) -> np.ndarray:
+    def decode(self, name: str):
         """The whole tensor as float32 (FP8 weights dequantised with their block scales)."""
+        import numpy as np
+
+        from patcher_kernels.codecs import decode
+        from patcher_kernels.fp8 import dequantize_blocks
         raw = self.array(name)
         scale = self.fp8_scale(name)
         if scale is not None:
