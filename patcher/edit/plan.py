@@ -211,3 +211,15 @@ def _bias_dtype(weight_dtype: str) -> str:
 
 def _layers_text(layers) -> str | None:
     return None if layers is None else ",".join(str(l) for l in sorted(layers))
+
+
+def peak_kernel(n_layers: int, peak: float, center: float, minimum: float, width: float) -> dict[int, float]:
+    """Per-layer strength that falls linearly from `peak` at layer `center` to `minimum` at distance
+    `width`, and is 0 beyond (the layer kernel of the best-known peer's search; recipe kernel "peak")."""
+    if width <= 0:
+        raise PatcherError("width", "the peak kernel's width must be > 0")
+    out = {}
+    for l in range(n_layers):
+        dist = abs(l - center)
+        out[l] = 0.0 if dist > width else peak + (minimum - peak) * dist / width
+    return out

@@ -44,7 +44,8 @@ STEP_KEYS = {
     "verify": {"prompts", "direction", "tokens", "dtype"},
 }
 MODEL_KEYS = {"name", "path", "output", "arch_table"}
-KERNELS = {"constant": {"value"}, "linear": {"start", "end"}, "gaussian": {"center", "width", "peak"}}
+KERNELS = {"constant": {"value"}, "linear": {"start", "end"}, "gaussian": {"center", "width", "peak"},
+           "peak": {"peak", "center", "min", "width"}}  # peak: linear falloff to min at width, 0 beyond
 DEFAULT_OUTPUT = {"extract": "directions.safetensors", "ablate": "ablated", "inject": "injected",
                   "export": "onnx"}
 
@@ -119,10 +120,13 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
             a, b = num(spec.get("start", 0.0), "start"), num(spec.get("end", 1.0), "end")
             return {l: a + (b - a) * l / max(n_layers - 1, 1) for l in range(n_layers)}
         if "center" not in spec:
-            raise PatcherError(where, "gaussian strength needs a center")
+            raise PatcherError(where, f"{k} strength needs a center")
         c = num(spec["center"], "center", "gaussian_center")
         w = num(spec.get("width", 1.0), "width", "gaussian_width")
         p = num(spec.get("peak", 1.0), "peak")
+        if k == "peak":
+            from patcher.edit.plan import peak_kernel
+            return peak_kernel(n_layers, p, c, num(spec.get("min", 0.0), "min"), w)
         return {l: p * math.exp(-((l - c) ** 2) / (2 * w * w)) for l in range(n_layers)}
     raise PatcherError(where, "strength is a number, a list per layer, or "
                        "{kernel = constant|linear|gaussian, ...}")
