@@ -21,13 +21,14 @@ def build_plan(
     record: dict | None = None,
 ) -> Plan:
     """Merge one plan_ablation per (role, layer) group (each group has its own direction and strength)."""
+    from patcher.model.opened import as_model
+    ck = as_model(ck)  # plan_ablation takes the one Model object (a Checkpoint is wrapped once here)
     plan = Plan(ck, resolved)
     for (role, layer), (vector, strength) in spec.groups.items():
         d = Direction(vector[None, :], source, None, digest(vector[None, :]))
         try:
             part = plan_ablation(
                 ck,
-                resolved,
                 d,
                 layers=None if layer is None else {layer},
                 roles=(role,),

@@ -141,8 +141,8 @@ def setup(
     from patcher.edit.extract import extract
 
     seconds = {}
-    ck = Checkpoint(model)
-    sm = StreamedModel(ck)
+    sm = StreamedModel(model)
+    ck = sm.model  # the one Model object: plans and the forward pass share it
     L, d = sm.n_layers, sm.hp.d_model
     space = sp.default_space(L)
     if space_toml is not None:
