@@ -170,8 +170,14 @@ def test_existing_output_refused_then_forced(tmp_path, direction64):
     (out / "keep.txt").write_text("x")
     res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out, expect=1)
     assert "already exists" in res.output and (out / "keep.txt").exists()
+    # --force replaces only a previous patcher output: a user's folder is refused (issue 9)
+    res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out, "--force", expect=1)
+    assert "has no patcher-manifest.json" in res.output and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out)  # empty: allowed
+    (out / "extra.txt").write_text("x")  # a previous patcher output, with something added
     run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out, "--force")
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not (out / "extra.txt").exists() and (out / "config.json").exists()
 
 
 def test_directions_file_with_layer(tmp_path):

@@ -620,7 +620,7 @@ def test_direction_npy_corrupt(tmp_path, content):
 def test_direction_npy_is_a_folder(tmp_path):
     p = tmp_path / "dir.npy"
     p.mkdir()
-    expect_error(lambda: load_direction(str(p)), p, "not a readable .npy array", PatcherError)
+    expect_error(lambda: load_direction(str(p)), p, "is a folder, not a regular file", PatcherError)
 
 
 @pytest.mark.parametrize("kind", ["empty", "npz"])
@@ -966,11 +966,12 @@ def test_force_keeps_existing_target_when_body_fails(model_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "patcher-manifest.json").write_text("{}")  # a previous patcher output: --force may replace it
     with pytest.raises(RuntimeError):
         with OutputFolder(target, [model_dir], force=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt", "patcher-manifest.json"]
     assert leftovers(tmp_path, "out") == []
 
 
@@ -978,6 +979,7 @@ def test_force_replaces_existing_target_on_success(model_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "patcher-manifest.json").write_text("{}")  # a previous patcher output: --force may replace it
     with OutputFolder(target, [model_dir], force=True) as tmp:
         assert (target / "old.txt").exists()  # untouched while the body runs
         (tmp / "new.txt").write_text("new")
@@ -985,12 +987,12 @@ def test_force_replaces_existing_target_on_success(model_dir, tmp_path):
     assert leftovers(tmp_path, "out") == []
 
 
-def test_force_replaces_existing_file_target_without_leftovers(model_dir, tmp_path):
+def test_force_never_replaces_a_users_file_with_a_folder(model_dir, tmp_path):
     target = tmp_path / "out"
     target.write_text("a file, not a folder")
-    with OutputFolder(target, [model_dir], force=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert (target / "new.txt").read_text() == "new"
+    expect_error(lambda: OutputFolder(target, [model_dir], force=True), target, "exists and is not a folder",
+                 PatcherError)
+    assert target.read_text() == "a file, not a folder"
     assert leftovers(tmp_path, "out") == []
 
 

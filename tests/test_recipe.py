@@ -89,7 +89,7 @@ negative = "{NEG}"
     assert "problem(s)" in text
     assert f"line {lines.index('layerz = ' + chr(34) + '1-2' + chr(34)) + 1}: step 1 (ablate): unknown key 'layerz'" in text
     assert "dimension 32, the model's d_model is 64" in text
-    assert f"line {lines.index('layer = 7') + 1}: step 2: layer must be an integer in 0..2" in text
+    assert f"line {lines.index('layer = 7') + 1}: step 2 (inject): layer: layer 7 is out of range" in text
     assert "missing.txt does not exist" in text
     assert not (tmp_path / "out").exists()
 

@@ -5,12 +5,48 @@ import signal
 import sys
 
 import typer
+from typer.core import TyperGroup
+try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
 
 from patcher import __version__
 from patcher.cli import audit, demo, diff, edit, extract, inspect, onnx, run, search, web
-from patcher.cli.common import Interrupted, err
+from patcher.cli.common import Interrupted, err, one_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+try:
+    from typer.exceptions import Abort as _Abort
+except ImportError:  # pragma: no cover - older typer: click's own
+    _Abort = click.exceptions.Abort
+
+
+class _OneLineErrors(TyperGroup):
+    """A wrong command line (unknown option, `--scale abc`) is one line on stderr, like every other
+    user error, instead of click's boxed usage text: exit 1 (2 for `diff` and `audit`, whose 1 is a finding)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            rv = e.exit_code
+        except click.ClickException as e:
+            err.print(f"[bold red]error:[/] {one_line(e.format_message())}", highlight=False, soft_wrap=True)
+            rv = 2 if argv[:1] in (["diff"], ["audit"]) else 1  # their 1 means "changed" / "edited"
+        except _Abort:
+            err.print("[bold red]interrupted:[/] nothing was written")
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Edit transformer checkpoints along residual-stream directions, streaming, without "
                   "PyTorch.")
 

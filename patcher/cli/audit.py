@@ -1,18 +1,19 @@
 """`patcher audit`: signs of an edit in a checkpoint alone, without its base."""
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from patcher.errors import PatcherError
-from patcher.cli.common import ARCH_TABLE_HELP, err, out
+from patcher.cli.common import ARCH_TABLE_HELP, Interrupted, err, one_line, out
+from patcher.io.jsonsafe import dumps
 
 _SUFFIXES = {"--save-direction": ".npy", "--plot": ".svg"}
 
 
-def _check_output(option: str, path: Optional[Path], model: Path) -> None:
+def _check_output(option: str, path: Optional[Path], model: Path, inputs: list, force: bool) -> None:
+    from patcher.io.paths import check_output
     if path is None:
         return
     if path.suffix != _SUFFIXES[option]:
@@ -24,6 +25,7 @@ def _check_output(option: str, path: Optional[Path], model: Path) -> None:
     inside = any(p.resolve() == target or p.resolve() in target.parents for p in extra)
     if inside or target == model.resolve() or folder.resolve() in target.parents:
         raise PatcherError(option, f"{path} is inside the audited model; write it elsewhere")
+    check_output(path, inputs, force=force, kind="file", option=option)
 
 
 def register(app) -> None:
@@ -36,6 +38,8 @@ def register(app) -> None:
         ),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write the spectrum plot (.svg)"),
         arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
+        force: bool = typer.Option(False, "--force", help="Replace --save-direction/--plot files patcher "
+                                   "wrote"),
     ):
         """Look for directions the writers cannot write and for baked biases, with no base model.
         Exit code 0 no sign of an edit, 1 signs of one, 2 error."""
@@ -43,31 +47,38 @@ def register(app) -> None:
             import numpy as np
             from patcher.edit.audit import audit, plot as write_plot, print_report
 
+            from patcher.cli.diff import _save_npy
+            from patcher.io.paths import check_distinct
             for option, path in (("--save-direction", save_direction), ("--plot", plot)):
-                _check_output(option, path, model)
+                _check_output(option, path, model, [model, arch_table], force)
+            check_distinct({"--save-direction": save_direction, "--plot": plot})
             rep = audit(model, arch_table)
             if save_direction is not None:
                 if rep.direction is not None:
-                    np.save(save_direction, np.asarray(rep.direction, dtype=np.float32))
+                    _save_npy(save_direction, np.asarray(rep.direction, dtype=np.float32))
                     rep.notes.append(f"recovered direction written to {save_direction}")
                 else:
                     rep.notes.append("no direction was recovered: nothing written to --save-direction")
             if plot is not None:
                 write_plot(rep, plot)
                 rep.notes.append(f"plot written to {plot}")
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]")
+        except (KeyboardInterrupt, Interrupted):
+            err.print("[bold red]interrupted:[/] nothing was written")
             raise typer.Exit(130)
         except PatcherError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {one_line(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except OSError as e:
-            err.print(
-                f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True
-            )
+            err.print(f"[bold red]error:[/] {one_line(e.filename or '')}: {one_line(e.strerror or e)}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except Exception as e:  # noqa: BLE001 - exit 1 means "edited": a crash must never look like that
+            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}",
+                      highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(2)
         if as_json:
-            print(json.dumps(rep.to_json(), indent=2))
+            print(dumps(rep.to_json(), indent=2))
         else:
             print_report(rep, out)
         raise typer.Exit(1 if rep.edited else 0)

@@ -40,20 +40,46 @@ class Interrupted(BaseException):
     it lands outside a command body: this one always ends in cleanup and exit 130."""
 
 
-def guard(fn):
-    """Run a command body: PatcherError -> one line + exit 1; Ctrl-C -> exit 130, nothing left."""
+INTERRUPTED = "no output was written (partial files removed)"
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+    return escape(text)
+
+
+def one_line(text: str) -> str:
+    """Messages are one line: a newline in a file name or an error text must not split them."""
+    from rich.markup import escape
+    return escape(" ".join(str(text).split("\n")))  # a file named "[red]x" is not markup
+
+
+def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
+    """Run a command body: PatcherError -> one line + exit `code`; Ctrl-C -> exit 130, nothing left
+    (`interrupted` says truthfully what is kept); anything unexpected is one line too (set
+    PATCHER_DEBUG=1 for the traceback)."""
+    import os
     try:
         return fn()
+    except typer.Exit:
+        raise
     except PatcherError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        text = escape_markup(str(e)) if getattr(e, "lines", False) else one_line(e)
+        err.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     except (KeyboardInterrupt, Interrupted):
-        err.print("[bold red]interrupted:[/] no output was written (partial files removed)")
+        err.print(f"[bold red]interrupted:[/] {interrupted}")
         raise typer.Exit(130)
     except OSError as e:
-        err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False,
-                  soft_wrap=True)
-        raise typer.Exit(1)
+        err.print(f"[bold red]error:[/] {one_line(e.filename or '')}: {one_line(e.strerror or e)}",
+                  highlight=False, soft_wrap=True)
+    except MemoryError:
+        err.print("[bold red]error:[/] out of memory (try a smaller --batch-size or shorter prompts)")
+    except Exception as e:  # noqa: BLE001 - a bug must still be one line, never a traceback
+        if os.environ.get("PATCHER_DEBUG"):
+            raise
+        err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)} (please report it; "
+                  "PATCHER_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def progress():

@@ -55,4 +55,4 @@ def register(app) -> None:
                 pt.add_row(str(row["layer"]), f"{row['original']:.3f}", f"{row['edited']:.2e}")
             out.print(pt)
             out.print(f"artefacts in {facts['out']}; total {time.perf_counter() - t0:.1f} s")
-        guard(body)
+        guard(body, interrupted="partial files removed (a --out folder the demo created is removed entirely)")

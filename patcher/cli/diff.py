@@ -1,12 +1,25 @@
 """`patcher diff`: audit a checkpoint against its trusted base."""
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from patcher.errors import PatcherError
-from patcher.cli.common import err, out
+from patcher.io.jsonsafe import dumps
+from patcher.cli.common import Interrupted, err, one_line, out
+
+
+def _save_npy(path: Path, arr) -> None:
+    """Atomic: a hidden partial file renamed into place (np.save would append .npy to other names)."""
+    import numpy as np
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def register(app) -> None:
@@ -21,35 +34,46 @@ def register(app) -> None:
                      save_direction: Optional[Path] = typer.Option(None, "--save-direction",
                          help="Write the recovered direction (unit, float32) to FILE.npy"),
                      arch_table: Optional[Path] = typer.Option(None, "--arch-table",
-                                                               help="Custom architecture table (TOML)")):
+                                                               help="Custom architecture table (TOML)"),
+                     force: bool = typer.Option(False, "--force",
+                                                help="Replace --save-direction's file if patcher wrote it")):
         """Which tensors changed, how (relative size, rank), and the direction a rank-1 edit removed.
         Exit code 0 unchanged, 1 changed, 2 error."""
         try:
             from patcher.edit.diff import diff, print_report
+            from patcher.edit.directions import spec_file
+            from patcher.io.paths import check_output
             import numpy as np
+            if save_direction is not None:
+                if save_direction.suffix != ".npy":
+                    raise PatcherError(save_direction, "--save-direction writes a .npy file (name it "
+                                       "FILE.npy)")
+                check_output(save_direction, [base, candidate, spec_file(direction), arch_table], force=force,
+                             kind="file", option="--save-direction")
             rep = diff(base, candidate, direction, arch_table)
             if save_direction is not None:
                 if rep.direction is not None:
-                    np.save(save_direction, rep.direction.astype(np.float32))
+                    _save_npy(save_direction, rep.direction.astype(np.float32))
                     rep.notes.append(f"recovered direction written to {save_direction}")
                 else:
                     rep.notes.append("no direction was recovered: nothing written to --save-direction")
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]")
+        except (KeyboardInterrupt, Interrupted):
+            err.print("[bold red]interrupted:[/] nothing was written")
             raise typer.Exit(130)
         except PatcherError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {one_line(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except OSError as e:
-            err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False,
-                      soft_wrap=True)
+            err.print(f"[bold red]error:[/] {one_line(e.filename or '')}: {one_line(e.strerror or e)}",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except Exception as e:  # noqa: BLE001 — exit 1 means "changed": a crash must never look like that
-            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {e}", highlight=False,
+            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}",
+                      highlight=False,
                       soft_wrap=True)
             raise typer.Exit(2)
         if as_json:
-            print(json.dumps(rep.to_json(), indent=2))
+            print(dumps(rep.to_json(), indent=2))
         else:
             print_report(rep, out)
         raise typer.Exit(1 if rep.changed else 0)

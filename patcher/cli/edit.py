@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from patcher import validate as V
 from patcher.errors import PatcherError
+from patcher.io.paths import check_output
 from patcher.model.architectures import ROLES
 if TYPE_CHECKING:
     from patcher.edit.plan import Plan
@@ -106,24 +108,24 @@ def register(app) -> None:
                 if from_study is None or trial is None:
                     raise PatcherError("--from-study", "give both --from-study S.db and --trial N")
                 from patcher.search.run import plan_from_study
-                ck = open_model(model, arch_table)
-                plan = plan_from_study(ck, ck.resolved, from_study, trial, Path(direction) if direction else None)
+                m = open_model(model, arch_table)
+                check_output(output, [*m.input_paths, from_study, direction, arch_table], force=force)
+                plan = plan_from_study(m, m.resolved, from_study, trial, Path(direction) if direction else None)
                 _run(plan, output, force, dry_run, not no_hash)
                 return
             if direction is None:
                 raise PatcherError("--direction", "missing: give -d DIRECTION (or --from-study S --trial N)")
-            roles = tuple(r.strip() for r in targets.split(",") if r.strip())
-            bad = [r for r in roles if r not in ROLES]
-            if bad or not roles:
-                raise PatcherError("--targets", f"unknown {bad}; choose from {', '.join(ROLES)}")
-            if norm_preserve not in (None, "rows", "cols"):
-                raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
-            from patcher.edit.directions import load_direction
+            roles = V.choices(targets, ROLES, "--targets")
+            s = V.number(scale, "scale", "--scale")
+            if norm_preserve is not None:
+                V.choice(norm_preserve, ("rows", "cols"), "--norm-preserve")
+            from patcher.edit.directions import load_direction, spec_file
             from patcher.edit.plan import parse_layers, plan_ablation
             m = open_model(model, arch_table)
+            check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
             res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
+            plan = plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
                                  preserve=norm_preserve, untie=untie)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)
@@ -143,14 +145,15 @@ def register(app) -> None:
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Add alpha * r̂ to one writer's bias at one layer (creating the bias if needed)."""
         def body():
-            if target not in ("mlp_out", "attn_out"):
-                raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
-            from patcher.edit.directions import load_direction
+            V.choice(target, ("mlp_out", "attn_out"), "--target")
+            a = V.number(alpha, "alpha", "--alpha")
+            from patcher.edit.directions import load_direction, spec_file
             from patcher.edit.plan import plan_injection
             m = open_model(model, arch_table)
+            check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
             res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_injection(m, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
+            plan = plan_injection(m, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)

@@ -4,8 +4,10 @@ from typing import Optional
 
 import typer
 
+from patcher import validate as V
 from patcher.errors import PatcherError
-from patcher.cli.common import ARCH_TABLE_HELP, guard, open_model, out, progress
+from patcher.io.paths import check_distinct, check_output
+from patcher.cli.common import ARCH_TABLE_HELP, guard, out, progress
 
 
 def _score_table(result):
@@ -21,6 +23,13 @@ def _score_table(result):
         t.add_row(str(s["layer"]), fmt(s.get("diff_norm")), fmt(s.get("snr")), fmt(s.get("neighbour_cos")),
                   fmt(s.get("relative_norm")), style=style)
     return t
+
+
+def _run(m, result_args):
+    from patcher.edit.extract import extract as run_extract
+    with progress() as prog:
+        task = prog.add_task("prompts through the model", total=None)
+        return run_extract(m, progress=lambda n: prog.advance(task, n), **result_args)
 
 
 def register(app) -> None:
@@ -50,24 +59,26 @@ def register(app) -> None:
                 arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Difference-in-means directions at every layer, streamed block by block, and a ranking."""
         def body():
-            from patcher.edit.extract import extract as run_extract
-            from patcher.io.plot import plot_scores
-            if output.exists() and not force:
-                raise PatcherError(output, "already exists; pass --force to replace it")
-            try:
-                pos = [int(p) for p in positions.split(",") if p.strip()]
-            except ValueError:
-                raise PatcherError("--positions", f"cannot read {positions!r}; use e.g. -1,-2") from None
-            from patcher.io.writer import refuse_inputs
-            m = open_model(model, arch_table)
-            refuse_inputs(output, m.input_paths)  # never into (or onto) the model, its shards or its cache
-            with progress() as prog:
-                task = prog.add_task("prompts through the model", total=None)
-                result = run_extract(m, positive, negative, positions=pos, batch_size=batch_size,
-                                     max_prompts=max_prompts, layers=layers,
-                                     chat_template=not no_chat_template,
-                                     system=system, project_out_negative_mean=project_out_negative_mean,
-                                     progress=lambda n: prog.advance(task, n))
+            from patcher.io.plot import check_plot_path, plot_scores
+            pos = V.positions(positions, "--positions")
+            V.number(batch_size, "batch_size", "--batch-size")
+            if max_prompts is not None:
+                V.number(max_prompts, "max_prompts", "--max-prompts")
+            if plot is not None:
+                check_plot_path(plot)
+            from patcher.model.opened import Model
+            with Model.open(model, arch_table) as m:
+                inputs = [*m.input_paths, positive, negative, arch_table]
+                check_output(output, inputs, force=force, kind="file")
+                if output.suffix != ".safetensors":
+                    raise PatcherError(output, "a directions file ends in .safetensors")
+                if plot is not None:
+                    check_output(plot, inputs, force=force, kind="file", option="--plot")
+                    check_distinct({"-o": output, "--plot": plot})
+                result = _run(m, result_args=dict(
+                    positive=positive, negative=negative, positions=pos, batch_size=batch_size,
+                    max_prompts=max_prompts, layers=layers, chat_template=not no_chat_template, system=system,
+                    project_out_negative_mean=project_out_negative_mean))
             result.save(output)
             out.print(_score_table(result))
             counts = result.metadata["prompts"]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from patcher.io.jsonsafe import dumps
 from patcher.model.architectures import ROLES
 if TYPE_CHECKING:
     from patcher.model.opened import Model
@@ -61,7 +62,7 @@ def register(app) -> None:
             res = ck.resolved
             info = describe(ck, res)
             if as_json:
-                print(json.dumps(info, indent=2))
+                print(dumps(info, indent=2))
                 return
             t = Table(show_header=False, box=None, pad_edge=False)
             t.add_row("model", str(ck.path))

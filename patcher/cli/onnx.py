@@ -1,12 +1,14 @@
 """`patcher export`, `patcher generate` and `patcher verify`."""
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from patcher.io.jsonsafe import dumps
+from patcher import validate as V
 from patcher.errors import PatcherError
+from patcher.io.paths import check_output
 from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
@@ -70,7 +72,12 @@ def register(app) -> None:
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
         def body():
-            from patcher.onnx.export import export as run_export
+            from patcher.onnx.export import FILES, export as run_export
+            V.choice(dtype, tuple(FILES), "--dtype")
+            V.number(int4_block, "int4_block", "--int4-block")
+            if int4_accuracy is not None:
+                V.number(int4_accuracy, "int4_accuracy", "--int4-accuracy")
+            check_output(output, [model], force=force)
             with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
                 run_export(model, output, dtype=dtype, force=force, opset=opset,
                            command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy,
@@ -99,15 +106,35 @@ def register(app) -> None:
         def body():
             from patcher.onnx.runtime import OnnxModel
             from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
+            from patcher.model.prompts import check_lengths
             from patcher.onnx.export import variant_file
-            from patcher.onnx.verify import _eos, _until_eos
+            from patcher.onnx.verify import FILES, _eos, _until_eos, folder_config
             if (prompt is None) == (prompts is None):
-                raise PatcherError("--prompt/--prompts", "give exactly one of --prompt TEXT or --prompts FILE")
+                raise PatcherError("--prompt/--prompts",
+                                   "give exactly one of --prompt TEXT or --prompts FILE")
+            V.choice(dtype, tuple(FILES), "--dtype")
+            V.choice(provider, ("cpu", "cuda"), "--provider")
+            V.number(max_new_tokens, "max_new_tokens", "--max-new-tokens")
+            V.number(temperature, "temperature", "--temperature")
+            V.number(top_k, "top_k", "--top-k")
+            V.number(seed, "seed", "--seed")
+            V.number(batch_size, "batch_size", "--batch-size")
+            if prompt is not None and not prompt.strip():
+                raise PatcherError("--prompt", "the prompt is empty")
+            texts = [prompt] if prompt is not None else read_prompt_file(prompts)
             folder = _onnx_folder(model, dtype)
+            cfg = folder_config(folder)
+            vocab = cfg.get("vocab_size")
+            if isinstance(vocab, int) and top_k > vocab:
+                raise PatcherError("--top-k", f"must be <= the vocabulary size {vocab}, got {top_k}")
             m = OnnxModel(folder, variant_file(folder, dtype), provider)
             tok = load_tokenizer(folder)
-            texts = [prompt] if prompt is not None else read_prompt_file(prompts)
-            ids = encode_prompts(tok, texts, chat_template=not no_chat_template and tok.has_chat_template, system=system)
+            ids = encode_prompts(tok, texts, chat_template=not no_chat_template and tok.has_chat_template,
+                                 system=system)
+            if any(len(i) == 0 for i in ids):
+                raise PatcherError("--prompt" if prompt is not None else prompts, "a prompt tokenizes to "
+                                   "nothing")
+            check_lengths(ids, cfg, "--prompt" if prompt is not None else prompts, extra=max_new_tokens)
             eos = _eos(folder, tok)
             kw = dict(eos_ids=eos, sample=sample, temperature=temperature, top_k=top_k, seed=seed)
             if prompt is not None:  # stream
@@ -146,20 +173,20 @@ def register(app) -> None:
         """Parity of the export with the numpy forward, and what the edit did. Exit 1 when parity fails."""
         def body():
             from patcher.onnx.verify import FILES, verify as run_verify
-            if dtype not in FILES:
-                raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
-            d = None
-            if direction:
-                from patcher.edit.directions import load_direction
-                from patcher.io.checkpoint import Checkpoint
-                with Checkpoint(reference) as ck:
-                    d_model = int(ck.config.get("hidden_size") or ck.config.get("n_embd"))
-                d = load_direction(direction, d_model)
-            rep = run_verify(onnx_dir, reference, dtype=dtype, prompts=prompts, original=original, direction=d,
+            V.choice(dtype, tuple(FILES), "--dtype")
+            V.choice(provider, ("cpu", "cuda"), "--provider")
+            V.number(tokens, "tokens", "--tokens")
+            from patcher.edit.directions import load_direction
+            from patcher.io.hub import locate
+            from patcher.model.opened import Model
+            ref = Model.open(reference)
+            d = load_direction(direction, ref.d_model) if direction else None
+            rep = run_verify(locate(onnx_dir)[0], reference, dtype=dtype, prompts=prompts, original=original,
+                             direction=d,
                              tokens=tokens, provider=provider, chat_template=not no_chat_template,
                              announce=lambda m: err.print(f"[cyan]{m}[/]"))
             if as_json:
-                print(json.dumps(rep.as_dict(), indent=2))
+                print(dumps(rep.as_dict(), indent=2))
             else:
                 _print_verify(rep)
             if not rep.parity_ok:

@@ -42,4 +42,5 @@ def register(app) -> None:
                 for index, op, summary in rows:
                     t.add_row(name, str(index), op, summary)
             out.print(t)
-        guard(body)
+        guard(body, interrupted="finished steps are kept (a re-run resumes after them); the step in "
+                                "progress was removed")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patcher.io.jsonsafe import dumps
 from patcher_kernels.codecs import decode, encode
 from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
@@ -191,7 +192,7 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
     t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
-    record = json.dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
+    record = dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
     hasher = manifest.Hasher(enabled=hash_files)
     in_flight: list[tuple[str, ShardWriter, str | None]] = []
 

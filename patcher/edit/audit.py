@@ -12,6 +12,7 @@ siblings, an outlier norm, or biases of different layers sharing one direction.
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from itertools import groupby
 
@@ -390,6 +391,7 @@ def plot(rep: AuditReport, path) -> None:
     """SVG, one point per writer group (log energy, a typical direction = 1): each group's smallest
     eigenvalue, and the energy it puts along each recovered direction."""
     from xml.sax.saxutils import escape
+    from patcher.io.paths import SVG_MARK
 
     W, H, pad = 760, 420, 56
     series = [("smallest eigenvalue of the group", "#1f77b4", [g["low_spectrum"][0] for g in rep.groups])]
@@ -404,7 +406,7 @@ def plot(rep: AuditReport, path) -> None:
     y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)  # noqa: E731
     x = lambda i: pad + i / max(n - 1, 1) * (W - 2 * pad)  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+             f'font-size="12">', SVG_MARK, f'<rect width="{W}" height="{H}" fill="white"/>',
              f'<text x="{W / 2}" y="20" text-anchor="middle" '
              f'font-size="13">{escape(rep.verdict[:120])}</text>',
              f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
@@ -418,5 +420,11 @@ def plot(rep: AuditReport, path) -> None:
                      + " ".join(f"{x(i):.1f},{y(e):.1f}" for i, e in enumerate(v)) + '"/>')
         parts.append(f'<text x="{pad + 8}" y="{pad + 4 + 16 * k}" fill="{color}">{escape(label)}</text>')
     parts.append("</svg>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:  # atomic: an interrupted write leaves no half plot
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

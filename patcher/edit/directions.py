@@ -15,6 +15,8 @@ import numpy as np
 
 from patcher.io.checkpoint import Checkpoint
 from patcher.errors import CheckpointError, PatcherError
+from patcher.io.jsonsafe import dumps
+from patcher.io.paths import regular_file
 from patcher.io.writer import OutTensor, write_safetensors
 
 METADATA_KEY = "patcher"
@@ -37,6 +39,14 @@ def digest(v: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
 
 
+def spec_file(spec) -> Path | None:
+    """The file a DIRECTION argument names (FILE.npy, FILE.safetensors[:LAYER]), for output checks."""
+    if spec is None:
+        return None
+    m = re.fullmatch(r"(.+\.safetensors)(?::(-?\d+))?", str(spec))
+    return Path(m[1]) if m else Path(str(spec))
+
+
 def load_direction(spec: str, d_model: int | None = None) -> Direction:
     m = re.fullmatch(r"(.+\.safetensors)(?::(-?\d+))?", spec)
     if m:
@@ -55,10 +65,27 @@ def load_direction(spec: str, d_model: int | None = None) -> Direction:
         raise PatcherError(spec, "direction contains NaN or Inf")
     if np.any(np.linalg.norm(vectors, axis=1) == 0):
         raise PatcherError(spec, "direction has zero norm")
+    check_independent(vectors, spec)
     return Direction(vectors, spec, layer, digest(vectors))
 
 
+def check_independent(vectors: np.ndarray, where: str) -> None:
+    """Rank-k directions must span k dimensions: QR (orthonormalize) cannot build a basis otherwise."""
+    k = vectors.shape[0]
+    if k == 1:
+        return
+    if k > vectors.shape[1]:
+        raise PatcherError(where, f"{k} directions in {vectors.shape[1]} dimensions are linearly dependent")
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    s = np.linalg.svd(unit, compute_uv=False)
+    rank = int(np.sum(s > 1e-6 * s[0]))
+    if rank < k:
+        raise PatcherError(where, f"the {k} directions are linearly dependent (they span only {rank} "
+                                  "dimensions); drop the redundant ones")
+
+
 def _from_npy(path: Path) -> np.ndarray:
+    regular_file(path, "direction file")  # np.load on a FIFO would wait forever
     try:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -73,8 +100,7 @@ def _from_npy(path: Path) -> np.ndarray:
 
 
 def _from_safetensors(path: Path, layer: int | None) -> tuple[np.ndarray, int]:
-    if not path.is_file():
-        raise PatcherError(path, "no such file")
+    regular_file(path, "direction file")
     ck = Checkpoint(path)
     try:
         if "direction" not in ck.tensors:
@@ -119,5 +145,9 @@ def save_directions(path, direction: np.ndarray, positive_mean: np.ndarray, nega
         tensors.append(OutTensor(name, "F32", a.shape, produce=lambda a=a: [a]))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    write_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    tmp.replace(path)
+    try:
+        write_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: dumps(metadata, sort_keys=True)})
+        tmp.replace(path)
+    except BaseException:  # an interrupt or a full disk leaves nothing behind
+        tmp.unlink(missing_ok=True)
+        raise

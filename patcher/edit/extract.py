@@ -18,7 +18,8 @@ from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model, as_model
 from patcher.io.manifest import sha256_file
-from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher import validate as V
 
 IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
 SELECTION_RULE = ("highest signal-to-noise among resid_pre layers 0..floor(0.8*L), "
@@ -124,9 +125,11 @@ def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8,
             project_out_negative_mean: bool = False, progress=None, arch_table=None) -> ExtractResult:
     """Python API mirroring `patcher extract`. `model` is a Model or anything Model.open takes (a folder,
     a file, a hub repo id); `positive`/`negative` are prompt files or lists of strings."""
-    positions = sorted({int(p) for p in positions}, reverse=True)
-    if not positions or any(p >= 0 for p in positions):
-        raise PatcherError("--positions", "positions count from the end of the prompt: -1, -2, ...")
+    positions = V.positions(list(positions) if isinstance(positions, (tuple, list)) else positions,
+                            "--positions")
+    batch_size = V.number(batch_size, "batch_size", "--batch-size")
+    if max_prompts is not None:
+        max_prompts = V.number(max_prompts, "max_prompts", "--max-prompts")
     if isinstance(model, Model):
         return _extract(model, positive, negative, positions, batch_size, max_prompts, layers, chat_template,
                         system, project_out_negative_mean, progress)
@@ -153,6 +156,9 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
         if not prompts:
             raise PatcherError(label, "no prompts")
         sets[label] = encode_prompts(tok, prompts, chat_template=chat_template, system=system)
+    for label, toks in sets.items():  # before any work: a 120k-token prompt is refused here
+        check_lengths(toks, ck.config, meta_sets[label].get("file", label), heads=sm.hp.n_heads,
+                      batch_size=batch_size)
     accs = {}
     for label, toks in sets.items():
         acc = _Accumulator(L, d, positions, len(toks), layer_set)

@@ -12,6 +12,7 @@ from patcher.model.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
 from patcher.model.opened import Model
 from patcher.edit.directions import Direction
 from patcher.errors import PatcherError
+from patcher.validate import parse_layers  # noqa: F401 - re-exported: one layer syntax everywhere
 
 # How each operation reads in the dry-run plan.
 FORMULAS = {
@@ -210,28 +211,6 @@ def _bias_dtype(weight_dtype: str) -> str:
 
 def _layers_text(layers) -> str | None:
     return None if layers is None else ",".join(str(l) for l in sorted(layers))
-
-
-def parse_layers(text: str | None, n_layers: int) -> set[int] | None:
-    """'4-20', '3,5,7-9', '-4--1' style ranges (inclusive; negatives count from the end)."""
-    if text is None or text.strip() in ("", "all"):
-        return None
-    out = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                i = part.index("-", 1)
-                lo, hi = int(part[:i]), int(part[i + 1:])
-            else:
-                lo = hi = int(part)
-        except ValueError:
-            raise PatcherError("--layers", f"cannot read {part!r}; use e.g. 4-20 or 3,5,7-9") from None
-        lo, hi = (lo % n_layers if lo < 0 else lo), (hi % n_layers if hi < 0 else hi)
-        if not (0 <= lo <= hi < n_layers):
-            raise PatcherError("--layers", f"{part!r} is outside 0..{n_layers - 1}")
-        out.update(range(lo, hi + 1))
-    return out
 
 
 def peak_kernel(n_layers: int, peak: float, center: float, minimum: float, width: float) -> dict[int, float]:

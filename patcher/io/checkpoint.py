@@ -3,11 +3,12 @@
 Everything is lazy: opening reads headers only; tensors are memory-mapped views on demand.
 """
 import json
+import os
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from patcher.errors import CheckpointError
+from patcher.errors import CheckpointError, PatcherError
 from patcher.io.safetensors import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -18,7 +19,19 @@ _PICKLE_MSG = ("PyTorch pickle checkpoints are refused: unpickling can run arbit
                "patcher at that")
 
 
+def _regular(path: Path) -> Path:
+    """Only regular files are read: a FIFO or device in place of a shard or config would block forever."""
+    from patcher.io.paths import regular_file
+    try:
+        return regular_file(path)
+    except CheckpointError:
+        raise
+    except PatcherError as e:
+        raise CheckpointError(e.where, e.problem) from None
+
+
 def _load_json(path: Path) -> dict:
+    _regular(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -90,7 +103,7 @@ class Checkpoint:
                 self.shard_of[tname] = fname
         if self.index_path is not None:
             self._check_index_matches()
-        if self.path.is_dir() and (self.folder / "config.json").is_file():
+        if self.path.is_dir() and os.path.lexists(self.folder / "config.json"):
             self.config = _load_json(self.folder / "config.json")
 
     @property
@@ -108,13 +121,15 @@ class Checkpoint:
 
     def _locate(self) -> list[Path]:
         p = self.path
+        if not p.is_dir():
+            _regular(p)
         if p.is_file():
             if p.suffix in PICKLE_SUFFIXES:
                 raise CheckpointError(p, _PICKLE_MSG)
             if p.suffix != ".safetensors":
                 raise CheckpointError(p, "not a .safetensors file or a model folder")
             return [p]
-        if (p / INDEX_NAME).is_file():
+        if os.path.lexists(p / INDEX_NAME):
             self.index_path = p / INDEX_NAME
             index = _load_json(self.index_path)
             wm = index.get("weight_map")
@@ -124,6 +139,8 @@ class Checkpoint:
             names = []
             for tname, fname in wm.items():
                 path = _safe_shard_name(self.index_path, p, fname)
+                if os.path.lexists(path) and not path.is_file():
+                    _regular(path)
                 if not path.is_file():
                     raise CheckpointError(self.index_path, f"tensor {tname!r} is mapped to {fname!r}, which "
                                           f"does not exist")

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from patcher.io.jsonsafe import dumps
 from patcher import __version__
 
 MANIFEST = "patcher-manifest.json"
@@ -183,7 +184,7 @@ def write_file(path: Path, *, kind: str, command: str | None, inputs: dict, outp
             "timings": timings or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python": platform.python_version()}
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    Path(path).write_text(dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read(folder) -> dict | None:

@@ -8,6 +8,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,12 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError as e:
+            raise CheckpointError(self.path, f"cannot read ({e.strerror})") from None
+        if not stat.S_ISREG(mode):  # a FIFO or device would block the open below forever
+            raise CheckpointError(self.path, "is not a regular file (a FIFO, device or folder)")
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size

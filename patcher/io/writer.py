@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from patcher_kernels.codecs import itemsize, numpy_dtype
-from patcher.errors import PatcherError
 from patcher.io.safetensors import TensorInfo
 
 _COPY_CHUNK = 64 << 20  # copy_file_range fallback
@@ -399,18 +398,9 @@ def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
 
 
 def refuse_inputs(target, inputs: Iterable[Path]) -> None:
-    """An output may not be, lie inside, or contain any input (a model folder, file, or hub cache entry)."""
-    t = Path(target).absolute().resolve()
-    for src in inputs:
-        s = Path(src).resolve()
-        if t == s:
-            raise PatcherError(target, "output is the input; choose a new folder (the input is never "
-                               "modified)")
-        if s in t.parents:
-            raise PatcherError(target,
-                               f"output lies inside the input folder {src}; choose a folder outside it")
-        if t in s.parents:
-            raise PatcherError(target, f"output folder contains the input {src}; choose another folder")
+    """An output may not be, lie inside, or contain any input (one rule: patcher.io.paths)."""
+    from patcher.io.paths import refuse_inputs as rule
+    rule(target, list(inputs))
 
 
 class OutputFolder:
@@ -419,12 +409,9 @@ class OutputFolder:
     looks complete (only `.NAME.partial-PID`, removed on failure and by the next run)."""
 
     def __init__(self, target, inputs: Iterable[Path], force: bool = False):
-        self.target = Path(target).absolute()
+        from patcher.io.paths import check_output
+        self.target = check_output(target, list(inputs), force=force)
         self.force = force
-        refuse_inputs(target, inputs)
-        if self.target.exists() and not (self.target.is_dir()
-                                         and not any(self.target.iterdir())) and not force:
-            raise PatcherError(target, "already exists; pass --force to replace it")
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
 
     def _clean_stale(self):

@@ -69,11 +69,9 @@ class Target:
 
 
 def _raw(path: Path) -> dict:
+    from patcher.io.paths import read_text
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise PatcherError(path, f"cannot read architecture table ({e.strerror})") from None
+        return tomllib.loads(read_text(path, "architecture table"))
     except tomllib.TOMLDecodeError as e:
         raise PatcherError(path, f"invalid TOML ({e})") from None
 

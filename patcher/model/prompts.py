@@ -6,8 +6,12 @@ and the chat template by a sandboxed Jinja2 environment set up the way transform
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from patcher.errors import PatcherError
+from patcher.io.paths import read_bytes, read_text, regular_file
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -32,8 +37,7 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 # --- Jinja environment (the template is untrusted input: it comes with the downloaded model) ---------------
 
 class _Namespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant
-    dunders."""
+    """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant dunders."""
 
     def __init__(*args, **kwargs):  # same signature trick as jinja2's Namespace, so namespace(self=...) works
         self, attrs = args[0], dict(*args[1:], **kwargs)
@@ -52,8 +56,7 @@ class _Namespace(jinja2.utils.Namespace):
 
 
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the
-    body."""
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the body."""
     tags = {"generation"}
 
     def parse(self, parser):
@@ -66,22 +69,92 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# Bounds on rendering an untrusted template: nested `range(99999)` loops or `"x" * 10**9` fail fast
+# with one line instead of running for hours or filling memory.
+RENDER_SECONDS = 2.0
+RENDER_STEPS = 1_000_000  # range iterations and calls per render
+RENDER_CHARS = 1_000_000  # output characters per render, beyond the prompt text itself
+_budget = threading.local()
+
+
+class _RenderLimit(Exception):
+    def __str__(self):
+        return self.args[0] if self.args else f"it runs longer than {RENDER_SECONDS:g} s"
+
+
+def _tick(n: int = 1) -> None:
+    left = getattr(_budget, "steps", None)
+    if left is None:
+        return
+    _budget.steps = left - n
+    if _budget.steps < 0 or time.monotonic() > _budget.deadline:
+        raise _RenderLimit(f"it runs longer than {RENDER_STEPS} steps or {RENDER_SECONDS:g} s")
+
+
+def _bounded_range(*args):
+    for i in range(*args):
+        _tick()
+        yield i
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Budget this thread's render; a watchdog interrupts loops that call nothing (any thread)."""
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"running": True}
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(seconds):
+            with lock:
+                if state["running"]:
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid),
+                                                               ctypes.py_object(_RenderLimit))
+    _budget.steps, _budget.deadline = RENDER_STEPS, time.monotonic() + seconds
+    t = threading.Thread(target=watchdog, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["running"] = False
+        done.set()
+        t.join()
+        _budget.steps = None
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context, operator, left, right):
+        _tick()
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise _RenderLimit(f"exponent {right} is too large")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_CHARS:
+                raise _RenderLimit(f"it builds a sequence of {len(seq) * n} items")
+        if operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)) \
+                and len(left) + len(right) > 4 * RENDER_CHARS:
+            raise _RenderLimit("it builds a sequence that is too long")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+        _tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
     def unsafe_undefined(self, obj, attribute):
-        # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would
-        # quietly render "". Refuse at the first unsafe lookup instead: the user learns the template is
-        # hostile or broken.
+        # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would quietly
+        # render "". Refuse at the first unsafe lookup instead: the user learns the template is hostile or broken.
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
 
 def _environment(where) -> ImmutableSandboxedEnvironment:
-    # the template's own way to reject input (Gemma: "System role not supported")
-    def raise_exception(message):
+    def raise_exception(message):  # the template's own way to reject input (Gemma: "System role not supported")
         raise PatcherError(where, f"the chat template refused the conversation: {message}")
 
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=raise_exception, namespace=_Namespace,
+    env.globals.update(raise_exception=raise_exception, namespace=_Namespace, range=_bounded_range,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env
 
@@ -132,8 +205,7 @@ class PromptTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def render(self, user_prompt: str, system: str | None = None, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to [system?, user], as `apply_chat_template(..., tokenize=False)`
-        renders it."""
+        """The chat template applied to [system?, user], as `apply_chat_template(..., tokenize=False)` renders it."""
         if self.chat_template is None:
             raise PatcherError(self.folder, "the tokenizer has no chat template")
         where = self.template_source or self.folder
@@ -141,35 +213,45 @@ class PromptTokenizer:
             [{"role": "user", "content": user_prompt}]
         try:
             template = _compile(self.chat_template, str(where))
-            # The variables transformers passes: the named special tokens that are set, tools/documents
-            # (None).
-            return template.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            # The variables transformers passes: the named special tokens that are set, tools/documents (None).
+            limit = RENDER_CHARS + 4 * (len(user_prompt) + len(system or ""))
+            parts, size = [], 0
+            with _time_limit(RENDER_SECONDS):
+                for piece in template.generate(messages=messages, tools=None, documents=None,
+                                               add_generation_prompt=add_generation_prompt,
+                                               **self.special_tokens):
+                    size += len(piece)
+                    if size > limit:
+                        raise _RenderLimit(f"its output passes {limit} characters")
+                    _tick()
+                    parts.append(piece)
+            return "".join(parts)
         except PatcherError:
             raise
+        except _RenderLimit as e:
+            raise PatcherError(where, f"chat template stopped: {e} (a template that loops or grows without "
+                                      "bound)") from None
         except SecurityError as e:
             raise PatcherError(where,
                                f"the chat template tried unsafe access and was refused ({e})") from None
         except jinja2.TemplateSyntaxError as e:
-            raise PatcherError(where, f"chat template syntax error at template line {e.lineno}: "
-                                      f"{e.message}") from None
+            raise PatcherError(where,
+                               f"chat template syntax error at template line {e.lineno}: {e.message}") from None
         except TemplateError as e:  # UndefinedError, TemplateRuntimeError, ...
             raise PatcherError(where, f"chat template failed: {e}") from None
-        # untrusted code: any failure (TypeError, RecursionError...) is the template's fault
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - untrusted code: any failure (TypeError, RecursionError...) is its fault
             raise PatcherError(where, f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return json.loads(read_text(path, "JSON file"))
+    except (ValueError, RecursionError) as e:
         raise PatcherError(path, f"cannot read JSON: {e}") from None
 
 
 def _token_string(value, path: Path, name: str) -> str | None:
-    # HF writes special tokens either as "<s>" or as a serialized AddedToken
-    # {"content": "<s>", "lstrip": ...}.
+    # HF writes special tokens either as "<s>" or as a serialized AddedToken {"content": "<s>", "lstrip": ...}.
     if isinstance(value, dict):
         value = value.get("content")
     if value is None or isinstance(value, str):
@@ -180,8 +262,9 @@ def _token_string(value, path: Path, name: str) -> str | None:
 def load_tokenizer(model_dir) -> PromptTokenizer:
     folder = Path(model_dir)
     tok_path = folder / TOKENIZER_FILE
-    if not tok_path.is_file():
+    if not tok_path.exists():
         raise PatcherError(tok_path, "not found: patcher needs the fast-tokenizer file tokenizer.json")
+    regular_file(tok_path, "tokenizer file")
     try:
         tok = Tokenizer.from_file(str(tok_path))
     except Exception as e:  # noqa: BLE001 - the Rust side raises a plain Exception for any parse error
@@ -191,24 +274,20 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
     tok.no_padding()
 
     cfg_path = folder / TOKENIZER_CONFIG
-    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
     if not isinstance(cfg, dict):
         raise PatcherError(cfg_path, "expected a JSON object")
     specials = {n: s for n in SPECIAL_NAMES if (s := _token_string(cfg.get(n), cfg_path, n)) is not None}
 
-    # add_bos_token is kept for callers' information only: with a tokenizer.json present, transformers
-    # drops it
+    # add_bos_token is kept for callers' information only: with a tokenizer.json present, transformers drops it
     # (and add_eos_token) and lets tokenizer.json's post-processor decide which special tokens to add.
     add_bos = cfg.get("add_bos_token") if isinstance(cfg.get("add_bos_token"), bool) else None
 
     # Template sources, as transformers orders them: chat_template.jinja wins over tokenizer_config.json.
     template, source = None, None
-    if (folder / TEMPLATE_FILE).is_file():
+    if (folder / TEMPLATE_FILE).exists():
         source = folder / TEMPLATE_FILE
-        try:
-            template = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise PatcherError(source, f"cannot read chat template: {e}") from None
+        template = read_text(source, "chat template")
     elif cfg.get("chat_template") is not None:
         source, template = cfg_path, cfg["chat_template"]
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
@@ -237,6 +316,44 @@ def encode_prompts(tok: PromptTokenizer, prompts, chat_template: bool = True, sy
     return [tok.encode(p, add_special_tokens=True) for p in prompts]
 
 
+# --- limits ----------------------------------------------------------------------------------------------
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+ATTENTION_BUDGET = 4 << 30  # bytes of attention scores one batch may need in the numpy forward
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence the model was built for, as its config.json says (None: not stated)."""
+    for key in POSITION_KEYS:
+        v = config.get(key) if isinstance(config, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_lengths(token_lists, config: dict, where, extra: int = 0, heads: int | None = None,
+                  batch_size: int = 1) -> None:
+    """Refuse, before any work, prompts longer than the model's positions (plus `extra` tokens to
+    generate), or whose attention scores would not fit ATTENTION_BUDGET (a 120k-token prompt)."""
+    if not token_lists:
+        return
+    longest = max(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    n = len(token_lists[longest]) + extra
+    limit = max_positions(config)
+    plus = f" + {extra} to generate" if extra else ""
+    if limit is not None and n > limit:
+        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the "
+                           f"model "
+                                  f"takes at most {limit} positions (config.json max_position_embeddings)")
+    need = (heads or 1) * n * n * 4 * 3 * max(1, min(batch_size, len(token_lists)))
+    if need > ATTENTION_BUDGET:
+        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its "
+                           f"attention "
+                                  f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); "
+                                  f"use shorter "
+                                  "prompts or a smaller --batch-size")
+
+
 # --- prompt files ------------------------------------------------------------------------------------------
 
 def _prompt(obj, path: Path, at: str) -> str:
@@ -259,12 +376,8 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
                            ".jsonl/.json")
     if limit is not None and limit < 1:
         raise PatcherError(path, f"the prompt limit must be at least 1, got {limit}")
-    if not path.is_file():
-        raise PatcherError(path, "prompt file not found")
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: drop a byte-order mark some editors write
-    except OSError as e:
-        raise PatcherError(path, f"cannot read prompt file: {e}") from None
+        text = read_bytes(path, "prompt file").decode("utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as e:
         raise PatcherError(path,
                            f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None

@@ -94,6 +94,9 @@ class OnnxModel:
             last = logits[:, -1, :].astype(np.float64)
             if sample:
                 last = last / max(temperature, 1e-6)
+                if top_k > last.shape[-1]:
+                    raise PatcherError("--top-k", f"must be <= the vocabulary size {last.shape[-1]}, got "
+                                       f"{top_k}")
                 if top_k:
                     kth = np.sort(last, axis=-1)[:, -top_k][:, None]
                     last = np.where(last < kth, -np.inf, last)

@@ -13,7 +13,9 @@ from patcher.model.execution import StreamedModel
 from patcher.io.manifest import folder_identity
 from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
 from patcher.onnx.runtime import OnnxModel
-from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.errors import PatcherError
+from patcher.io.paths import read_text
 
 NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
 # max |Δ logits| / max(1, max |logits|) allowed per export dtype, against the numpy forward of the weights
@@ -72,14 +74,30 @@ class Prompts:
         return left_pad([self.ids[i] for i in rows], self.tokenizer.pad_id)
 
 
-def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None) -> Prompts:
+def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None,
+                 extra: int = 0) -> Prompts:
     tok = load_tokenizer(folder)
     texts = read_prompt_file(prompts_file or NEUTRAL_PROMPTS, limit)
-    return Prompts(
-        texts,
-        encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template, system=system),
-        tok,
-    )
+    ids = encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template, system=system)
+    if any(len(i) == 0 for i in ids):
+        raise PatcherError(prompts_file or NEUTRAL_PROMPTS, "a prompt tokenizes to nothing")
+    check_lengths(ids, folder_config(folder), prompts_file or NEUTRAL_PROMPTS, extra=extra)
+    return Prompts(texts, ids, tok)
+
+
+def folder_config(folder: Path) -> dict:
+    """config.json of a model or export folder ({} when absent)."""
+    import json
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(read_text(path, "config.json"))
+    except (ValueError, RecursionError) as e:
+        raise PatcherError(path, f"cannot parse JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PatcherError(path, "expected a JSON object")
+    return cfg
 
 
 def greedy_numpy(sm: StreamedModel, ids, mask, n: int) -> np.ndarray:
@@ -203,10 +221,20 @@ def _eos(folder: Path, tok) -> list[int]:
     import json
 
     ids = {tok.eos_id} if tok.eos_id is not None else set()
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        e = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set(e if isinstance(e, list) else [e] if e is not None else [])
+    gen = Path(folder) / "generation_config.json"
+    if gen.exists():
+        try:
+            data = json.loads(read_text(gen, "generation config"))
+        except (ValueError, RecursionError) as e:
+            raise PatcherError(gen, f"cannot parse JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise PatcherError(gen, "expected a JSON object")
+        e = data.get("eos_token_id")
+        e = e if isinstance(e, list) else [e] if e is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in e):
+            raise PatcherError(gen, f"eos_token_id must be a token id or a list of them, got "
+                               f"{data['eos_token_id']!r}")
+        ids |= set(e)
     return sorted(i for i in ids if i is not None)
 
 

@@ -32,6 +32,26 @@ def bundled() -> dict:
 
 def run(out: Path | None = None, step=None) -> dict:
     """Run every stage; `step(name, seconds, facts)` is called after each. Returns all facts."""
+    from patcher.io import manifest
+    from patcher.io.paths import check_output
+    data = bundled()
+    if out is not None:  # a new or empty folder, or a previous demo's (it has patcher-manifest.json)
+        check_output(out, list(data.values()), replace_ok=True, option="--out")
+    fresh = out is None or not Path(out).exists() or not any(Path(out).iterdir())
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="patcher-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        facts = _run(out, data, step)
+    except BaseException:
+        if fresh:  # a failed or interrupted demo leaves nothing in a folder it made
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    manifest.write(out, kind="demo", command="patcher demo", inputs={}, outputs={})
+    return facts
+
+
+def _run(out: Path, data: dict, step) -> dict:
     from patcher.edit.apply import execute
     from patcher.model.opened import Model
     from patcher.edit.directions import load_direction
@@ -40,9 +60,6 @@ def run(out: Path | None = None, step=None) -> dict:
     from patcher.onnx.export import export
     from patcher.model.execution import StreamedModel
     from patcher.onnx.verify import load_prompts, projections, verify
-    data = bundled()
-    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="patcher-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
     planted = data["planted"]
     v = np.load(planted).astype(np.float64)
     facts = {"out": str(out)}

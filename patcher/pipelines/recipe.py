@@ -21,6 +21,7 @@ extract's directions feed ablate/inject; export packs the latest model; verify c
 """
 import json
 import math
+import os
 import re
 import tomllib
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patcher.io.jsonsafe import dumps
 from patcher.errors import PatcherError
 
 STEP_KEYS = {
@@ -93,14 +95,19 @@ def _key_line(text: str, start: int | None, key: str) -> int | None:
 
 
 def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
-    """Per-layer strength from a number, a list (one per layer) or a kernel table."""
+    """Per-layer strength from a number, a list (one per layer) or a kernel table; every number is
+    checked like --scale (finite, in range)."""
+    from patcher import validate as V
+
+    def num(v, what="scale", key="scale"):
+        return float(V.number(v, key, f"{where}: {what}"))
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return {l: float(spec) for l in range(n_layers)}
+        return {l: num(spec) for l in range(n_layers)}
     if isinstance(spec, list):
-        if len(spec) != n_layers or not all(isinstance(v, (int, float)) for v in spec):
+        if len(spec) != n_layers:
             raise PatcherError(where, f"strength list must have {n_layers} numbers (one per layer), got "
                                f"{len(spec)}")
-        return {l: float(v) for l, v in enumerate(spec)}
+        return {l: num(v, f"strength[{l}]") for l, v in enumerate(spec)}
     if isinstance(spec, dict) and spec.get("kernel") in KERNELS:
         k = spec["kernel"]
         extra = set(spec) - KERNELS[k] - {"kernel"}
@@ -108,32 +115,29 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
             raise PatcherError(where,
                                f"strength kernel {k!r} takes {sorted(KERNELS[k])}, not {sorted(extra)}")
         if k == "constant":
-            return {l: float(spec.get("value", 1.0)) for l in range(n_layers)}
+            return {l: num(spec.get("value", 1.0), "value") for l in range(n_layers)}
         if k == "linear":
-            a, b = float(spec.get("start", 0.0)), float(spec.get("end", 1.0))
+            a, b = num(spec.get("start", 0.0), "start"), num(spec.get("end", 1.0), "end")
             return {l: a + (b - a) * l / max(n_layers - 1, 1) for l in range(n_layers)}
-        c, w, p = float(spec["center"]), float(spec.get("width", 1.0)), float(spec.get("peak", 1.0))
+        if "center" not in spec:
+            raise PatcherError(where, f"{k} strength needs a center")
+        c = num(spec["center"], "center", "gaussian_center")
+        w = num(spec.get("width", 1.0), "width", "gaussian_width")
+        p = num(spec.get("peak", 1.0), "peak")
         if k == "peak":
             from patcher.edit.plan import peak_kernel
-            if w <= 0:
-                raise PatcherError(where, "peak width must be > 0")
-            return peak_kernel(n_layers, p, c, float(spec.get("min", 0.0)), w)
-        if w <= 0:
-            raise PatcherError(where, "gaussian width must be > 0")
+            return peak_kernel(n_layers, p, c, num(spec.get("min", 0.0), "min"), w)
         return {l: p * math.exp(-((l - c) ** 2) / (2 * w * w)) for l in range(n_layers)}
     raise PatcherError(where, "strength is a number, a list per layer, or "
                        "{kernel = constant|linear|gaussian, ...}")
 
 
 def load(path) -> Recipe:
+    from patcher.io.paths import read_text
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "recipe")
         data = tomllib.loads(text)
-    except OSError as e:
-        raise PatcherError(path, f"cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise PatcherError(path, "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise PatcherError(path, f"invalid TOML ({e})") from None
     problems = []
@@ -148,6 +152,9 @@ def load(path) -> Recipe:
         models = []
     for i, m in enumerate(models):
         line = model_lines[i] if i < len(model_lines) else None
+        if not isinstance(m, dict):
+            problems.append(Problem(line, "model: expected a [[model]] table"))
+            continue
         for k in set(m) - MODEL_KEYS:
             problems.append(Problem(_key_line(text, line, k), f"model: unknown key {k!r} (allowed: "
                                     f"{sorted(MODEL_KEYS)})"))
@@ -155,9 +162,17 @@ def load(path) -> Recipe:
             if not isinstance(m.get(k), str):
                 problems.append(Problem(line, f"model: {k!r} (a path) is required"))
         m["_line"] = line
+    models = [m for m in models if isinstance(m, dict)]
     steps = []
-    for i, s in enumerate(data.get("step") or []):
+    raw_steps = data.get("step") or []
+    if not isinstance(raw_steps, list):
+        problems.append(Problem(None, "step must be [[step]] tables"))
+        raw_steps = []
+    for i, s in enumerate(raw_steps):
         line = step_lines[i] if i < len(step_lines) else None
+        if not isinstance(s, dict):
+            problems.append(Problem(line, f"step {i + 1}: expected a [[step]] table"))
+            continue
         op = s.get("op")
         if op not in STEP_KEYS:
             problems.append(Problem(_key_line(text, line, "op"), f"step {i + 1}: op must be one of "
@@ -215,14 +230,53 @@ def _direction_specs(opts: dict) -> list[str]:
     return [opts["direction"]] if "direction" in opts else []
 
 
+def _inside(target: Path, folder: Path) -> bool:
+    import os
+    t, f = Path(os.path.realpath(target)), Path(os.path.realpath(folder))
+    return f in t.parents
+
+
+def _layers_check(op):
+    def check(v, L, key):
+        from patcher.validate import parse_layers
+        parse_layers(v, L + 1 if op == "extract" else L, key)
+        return str(v)
+    return check
+
+
+def _checks():
+    """Per op and option: check(value, n_layers, key) -> the value to use (same rules, messages as the CLI)."""
+    from patcher import validate as V
+    from patcher.model.architectures import ROLES
+    num = lambda name: lambda v, L, k: V.number(v, name, k)  # noqa: E731
+    flag = lambda v, L, k: V.flag(v, k)  # noqa: E731
+    dtype = lambda v, L, k: V.choice(v, ("fp32", "fp16", "int4"), k)  # noqa: E731
+    return {
+        "extract": {"positions": lambda v, L, k: V.positions(v, k), "batch_size": num("batch_size"),
+                    "max_prompts": num("max_prompts"), "layers": _layers_check("extract"),
+                    "chat_template": flag,
+                    "system": lambda v, L, k: V.text(v, k), "project_out_negative_mean": flag},
+        "ablate": {"layers": _layers_check("ablate"), "targets": lambda v, L, k: list(V.choices(v, ROLES, k)),
+                   "norm_preserve": lambda v, L, k: V.choice(v, ("rows", "cols"), k),
+                   "untie_embeddings": flag},
+        "inject": {"layer": lambda v, L, k: V.layer_index(v, L, k), "alpha": num("alpha"),
+                   "target": lambda v, L, k: V.choice(v, ("mlp_out", "attn_out"), k)},
+        "export": {"dtype": dtype},
+        "verify": {"tokens": num("tokens"), "dtype": dtype},
+    }
+
+
 def validate(recipe: Recipe) -> list[ModelPlan]:
     """Check everything that can be checked before work; raise one error listing every problem."""
     from patcher.model.opened import Model
-    from patcher.edit.directions import load_direction
-    from patcher.edit.plan import parse_layers
+    from patcher.edit.directions import check_independent, load_direction
+    from patcher.io.paths import check_output, regular_file
+    checks = _checks()
     base = recipe.path.parent
     problems = list(recipe.problems)
     plans = []
+    inputs = [recipe.path] + [_resolve_path(base, m[k]) for m in recipe.models for k in ("path", "arch_table")
+                              if isinstance(m.get(k), str)]
     for m in recipe.models:
         line = m.get("_line")
         if not isinstance(m.get("path"), str) or not isinstance(m.get("output"), str):
@@ -235,6 +289,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
             path = _model_path(base, m["path"])
             with Model.open(path, table) as opened:
                 res = opened.resolved
+                inputs.extend(opened.input_paths)  # a hub repo's cache entry, symlink targets
         except PatcherError as e:
             problems.append(Problem(_key_line(recipe.text, line, "path"), f"model {m['path']}: {e}"))
             continue
@@ -243,53 +298,81 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
         for st in recipe.steps:
             o, where = dict(st.options), lambda k, st=st: _key_line(recipe.text, st.line, k)  # noqa: E731
             default = DEFAULT_OUTPUT.get(st.op, "")
-            target = out / (o.pop("output", None) or f"{st.index:02d}-{default}")
+
+            def problem(key, e, st=st):
+                problems.append(Problem(where(key) if key else st.line, f"step {st.index} ({st.op}): "
+                                        + (f"{key}: " if key else "") + e.problem))
+            name = o.pop("output", None)
+            if name is not None and (not isinstance(name, str) or not name.strip()):
+                problem("output", PatcherError("output", f"must be a file or folder name, got {name!r}"))
+                name = None
+            target = out / (name or f"{st.index:02d}-{default}")
+            if not _inside(target, out):
+                problem("output", PatcherError("output", f"{name!r} leaves the model's output folder {out}"))
             for k in ("positive", "negative", "prompts"):
                 if k in o:
+                    if not isinstance(o[k], str):
+                        problem(k, PatcherError(k, f"must be a file name, got {o[k]!r}"))
+                        o.pop(k)
+                        continue
                     o[k] = _resolve_path(base, o[k])
-                    if not o[k].is_file():
+                    inputs.append(o[k])
+                    if not o[k].exists():
                         problems.append(Problem(where(k), f"step {st.index}: {k} file {o[k]} does not exist"))
+                    else:
+                        try:
+                            regular_file(o[k], f"{k} file")
+                        except PatcherError as e:
+                            problem(k, e)
             if st.op in ("ablate", "inject", "verify"):
                 specs = _direction_specs(o)
-                resolved_specs = []
+                resolved_specs, loaded = [], []
                 for spec in specs:
-                    file_part, _, layer_part = (str(spec).partition(":") if ".safetensors:" in str(spec)
-                                                else (str(spec), "", ""))
+                    if not isinstance(spec, str):
+                        problem("direction", PatcherError("direction", f"must be a file name, got {spec!r}"))
+                        continue
+                    file_part, _, layer_part = spec.rpartition(":") if re.search(r"\.safetensors:-?\d+$",
+                                                                                 spec) \
+                        else (spec, "", "")
                     full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
+                    inputs.append(_resolve_path(base, file_part))
                     try:
-                        load_direction(full, d)
+                        loaded.append(load_direction(full, d).vectors)
                     except PatcherError as e:
                         problems.append(Problem(where("direction" if "direction" in o else "directions"),
                                                 f"step {st.index}: {e}"))
                     resolved_specs.append(full)
+                if len(loaded) > 1:  # together they must still span len(...) dimensions
+                    try:
+                        check_independent(np.concatenate(loaded), "directions")
+                    except PatcherError as e:
+                        problem("directions", e)
                 if not specs and st.op != "verify":
                     if last_directions is None:
                         problems.append(Problem(st.line, f"step {st.index} ({st.op}): no direction given "
-                                                f"and no extract step before it"))
+                                                f"and no "
+                                                         "extract step before it"))
                     else:
                         resolved_specs = [str(last_directions)]
                 o["directions"] = resolved_specs
                 o.pop("direction", None)
-            if "layers" in o:
-                try:
-                    parse_layers(str(o["layers"]), L + 1 if st.op == "extract" else L)
-                except PatcherError as e:
-                    problems.append(Problem(where("layers"), f"step {st.index}: {e.problem}"))
+            for key, check in checks.get(st.op, {}).items():
+                if key in o:
+                    try:
+                        o[key] = check(o[key], L, key)
+                    except PatcherError as e:
+                        problem(key, e)
             if st.op == "inject":
-                if not isinstance(o.get("layer"), int) or not 0 <= o["layer"] < L:
-                    problems.append(Problem(where("layer"), f"step {st.index}: layer must be an integer in "
-                                            f"0..{L - 1}"))
-                if not isinstance(o.get("alpha"), (int, float)):
-                    problems.append(Problem(where("alpha"), f"step {st.index}: alpha (a number) is required"))
+                for key in ("layer", "alpha"):
+                    if key not in o:
+                        problem(key, PatcherError(key, "is required"))
             if st.op == "ablate":
                 try:
                     spec = o.pop("strength", o.pop("scale", 1.0))
                     o["strengths"] = strengths(spec, L, f"step {st.index}")
                 except PatcherError as e:
-                    problems.append(Problem(where("strength"), e.problem))
-                if o.get("norm_preserve") not in (None, "rows", "cols"):
-                    problems.append(Problem(where("norm_preserve"), f"step {st.index}: norm_preserve is "
-                                            f"rows or cols"))
+                    problems.append(Problem(where("strength"), e.problem if e.problem.startswith("step")
+                                            else f"{e.where}: {e.problem}"))
             if st.op == "extract":
                 for k in ("positive", "negative"):
                     if k not in o:
@@ -298,8 +381,6 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 last_directions = target
             if st.op == "verify" and not any(a.op == "export" for a in actions):
                 problems.append(Problem(st.line, f"step {st.index}: verify needs an export step before it"))
-            if st.op == "export" and o.get("dtype", "fp32") not in ("fp32", "fp16", "int4"):
-                problems.append(Problem(where("dtype"), f"step {st.index}: dtype is fp32, fp16 or int4"))
             action = Action(st, st.op, current, target, o)
             if st.op == "verify":
                 action.input = next(a.output for a in reversed(actions)
@@ -313,8 +394,23 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
     names = [p.output.resolve() for p in plans]
     if len(set(names)) != len(names):
         problems.append(Problem(None, "two models write to the same output folder"))
+    for plan in plans:  # every input is known now: no output may touch one
+        try:
+            check_output(plan.output, inputs, replace_ok=True, option=f"model {plan.name}: output")
+        except PatcherError as e:
+            problems.append(Problem(None, f"model {plan.name}: output {e}"))
+        seen = {}
+        for a in plan.actions:
+            key = os.path.realpath(a.output)
+            if key in seen:
+                problems.append(Problem(a.step.line, f"step {a.step.index}: writes {a.output}, as step "
+                                        f"{seen[key]} "
+                                                     "does; give each step its own output"))
+            seen[key] = a.step.index
     if problems:
-        raise PatcherError(recipe.path, f"{len(problems)} problem(s):\n  " + "\n  ".join(map(str, problems)))
+        e = PatcherError(recipe.path, f"{len(problems)} problem(s):\n  " + "\n  ".join(map(str, problems)))
+        e.lines = True  # one problem per line, each naming its recipe line
+        raise e
     for plan in plans:
         _fingerprints(plan)
     return plans
@@ -356,8 +452,7 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
                    "output": str(a.output),
                    "tensors": [], "bytes": 0}
             if a.op in ("ablate", "inject"):
-                # later steps: described on the original layout
-                src = a.input if a.input.exists() else plan.path
+                src = a.input if a.input.exists() else plan.path  # later steps: described on the original layout
                 with Model.open(src, plan.arch_table) as ck:
                     k = max(len(a.options.get("directions") or []), 1)
                     d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned",
@@ -455,17 +550,26 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
         rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"),
                      direction=d,
                      tokens=int(o.get("tokens", 8)), arch_table=plan.arch_table)
-        a.output.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
+        a.output.write_text(dumps(rep.as_dict(), indent=2) + "\n")
+        if not rep.parity_ok:  # the report stays for reading, but the step is not recorded complete
+            _manifest_path(a).unlink(missing_ok=True)
+            raise PatcherError(a.output, f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g} (report "
+                               f"kept here; "
+                                         "the step is not marked complete and runs again next time)")
         manifest.write_file(_manifest_path(a), kind="verify", command=None, recipe=info, inputs={},
                             outputs={a.output.name: manifest.sha256_file(a.output)})
-        if not rep.parity_ok:
-            raise PatcherError(a.output, f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g}")
         return f"parity {rep.max_abs_diff:.2e}, greedy match {rep.generation_match:.0%}"
     raise AssertionError(a.op)
 
 
 def run_model(plan: ModelPlan, recipe_file: str) -> list[tuple[int, str, str]]:
     """All actions of one model, in order, skipping those already complete (by manifest)."""
+    from patcher.io import manifest
+    plan.output.mkdir(parents=True, exist_ok=True)
+    if not (plan.output / manifest.MANIFEST).is_file():  # marks the folder as patcher's: a re-run resumes in it
+        manifest.write(plan.output, kind="recipe", command=None, recipe={"file": recipe_file,
+                                                                         "model": plan.name},
+                       inputs={}, outputs={})
     done = []
     for a in plan.actions:
         if is_done(a):

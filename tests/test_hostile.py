@@ -1,0 +1,822 @@
+"""Hostile and careless input on every command (issue 9): the input is never written, bad input is one
+line on stderr (no traceback), a failed or interrupted run leaves nothing, nothing waits forever.
+
+Every case checks the same five things (`hostile`): non-zero exit, at most 3 lines on stderr, no
+traceback and no "internal error", no output left (the named output and any hidden partial file beside
+it), and the sha256 of every input file unchanged. Cases are tables; each is fast because every check
+happens before any work."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import FIXTURES, fixture_path
+from patcher.cli import app
+
+L_SRC = fixture_path("llama")
+PY_CLI = [sys.executable, "-c", "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()"]
+
+
+# --- workspace -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Copies of the inputs (a bug that writes into an input damages a copy, not the fixtures), plus
+    files of the wrong kind, a FIFO, a direction file, an export, a hub-style symlinked snapshot."""
+    root = tmp_path_factory.mktemp("hostile")
+    w = {"root": root}
+    w["L"] = root / "L"
+    shutil.copytree(L_SRC, w["L"])
+    w["d64"] = root / "d64.npy"
+    shutil.copy(FIXTURES / "direction-64.npy", w["d64"])
+    w["pos"], w["neg"] = root / "pos.txt", root / "neg.txt"
+    shutil.copy(FIXTURES / "prompts" / "planted-positive.txt", w["pos"])
+    shutil.copy(FIXTURES / "prompts" / "planted-negative.txt", w["neg"])
+    w["txt"] = root / "notes.txt"
+    w["txt"].write_text("just text\n")
+    w["fake_npy"] = root / "fake.npy"
+    w["fake_npy"].write_text("not an array")
+    w["nan_npy"] = root / "nan.npy"
+    v = np.ones(64)
+    v[3] = np.nan
+    np.save(w["nan_npy"], v)
+    w["dep_npy"] = root / "dependent.npy"  # rank 2 in name only: the second row is twice the first
+    r = np.random.default_rng(0).standard_normal(64)
+    np.save(w["dep_npy"], np.stack([r, 2 * r]))
+    w["fifo"] = root / "pipe.txt"
+    os.mkfifo(w["fifo"])
+    w["fifo_npy"] = root / "pipe.npy"
+    os.mkfifo(w["fifo_npy"])
+    # a model folder whose second shard is a FIFO
+    w["L_fifo"] = root / "L_fifo"
+    shutil.copytree(L_SRC, w["L_fifo"])
+    shard = w["L_fifo"] / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    # a hub-cache-like snapshot: files are symlinks into blobs/
+    snap = root / "models--org--tiny" / "snapshots" / "abc"
+    blobs = root / "models--org--tiny" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for p in L_SRC.iterdir():
+        blob = blobs / hashlib.sha256(p.read_bytes()).hexdigest()
+        shutil.copy(p, blob)
+        (snap / p.name).symlink_to(os.path.relpath(blob, snap))
+    w["snap"], w["blobs"] = snap, blobs
+    w["user_dir"] = root / "user-folder"
+    w["user_dir"].mkdir()
+    (w["user_dir"] / "thesis.tex").write_text("years of work")
+    w["user_file"] = root / "user-file.safetensors"
+    w["user_file"].write_bytes(b"mine")
+    w["home"] = root / "home"
+    w["home"].mkdir()
+    (w["home"] / ".bashrc").write_text("# mine")
+    return w
+
+
+@pytest.fixture(scope="module")
+def exported(ws, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile-export") / "onnx-L"
+    res = CliRunner().invoke(app, ["export", str(ws["L"]), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def dirs_file(ws, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile-dirs") / "dirs.safetensors"
+    res = CliRunner().invoke(app, ["extract", str(ws["L"]), "--positive", str(ws["pos"]), "--negative",
+                                   str(ws["neg"]), "-o", str(out), "--no-chat-template"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def digests(paths) -> dict:
+    out = {}
+    for p in paths:
+        p = Path(p)
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
+        for q in files:
+            out[str(q)] = hashlib.sha256(q.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(path: Path) -> list:
+    path = Path(path)
+    return [p for p in path.parent.glob(f".{path.name}.*")] + ([path] if os.path.lexists(path) else [])
+
+
+def hostile(args, *, inputs=(), absent=(), code=None, fragment=None, seconds=20.0, runner_env=None):
+    """Run `patcher ARGS` in-process and check the five promises. Returns the result."""
+    inputs = [Path(p) for p in inputs]
+    before = digests(inputs)
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, [str(a) for a in args], env=runner_env)
+    took = time.perf_counter() - t0
+    stderr = res.stderr
+    text = res.output + stderr
+    assert res.exit_code != 0, f"exit 0 for {args}\n{text}"
+    if code is not None:
+        assert res.exit_code == code, f"exit {res.exit_code} (want {code})\n{text}"
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in text and "internal error" not in text, text
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 3, f"{len(lines)} lines on stderr:\n{stderr}"
+    if fragment is not None:
+        assert fragment in " ".join(stderr.split()), f"{fragment!r} not in {stderr!r}"
+    for p in absent:
+        assert not leftovers(Path(p)), f"left behind: {leftovers(Path(p))}"
+    assert digests(inputs) == before, "an input file changed"
+    assert took < seconds, f"took {took:.1f} s"
+    return res
+
+
+# --- data loss / input modified ----------------------------------------------------------------------
+
+def test_extract_onto_an_input_shard_is_refused_even_with_force(ws):
+    shard = ws["L"] / "model-00002-of-00002.safetensors"
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", shard, "--force"],
+            inputs=[ws["L"]], fragment="output lies inside the input folder")
+
+
+def test_extract_inside_the_model_folder_is_refused(ws):
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o",
+             ws["L"] / "d.safetensors"],
+            inputs=[ws["L"]], absent=[ws["L"] / "d.safetensors"], fragment="lies inside the input")
+
+
+def test_extract_onto_a_prompt_file_is_refused(ws):
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["pos"],
+             "--force"],
+            inputs=[ws["pos"], ws["L"]], fragment="is the input")
+
+
+def write_recipe(folder: Path, body: str, output=None, name="recipe.toml", path=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    r = folder / name
+    r.write_text(f'[[model]]\nname = "L"\npath = "{path or L_SRC}"\noutput = "{output or folder / "out"}"\n\n'
+                 + body)
+    return r
+
+
+ABLATE_STEP = f'[[step]]\nop = "ablate"\ndirection = "{FIXTURES / "direction-64.npy"}"\n'
+
+
+def test_recipe_output_equal_to_its_path_is_refused(ws, tmp_path):
+    r = write_recipe(tmp_path, ABLATE_STEP, output=ws["L"], path=ws["L"])
+    hostile(["run", r], inputs=[ws["L"]], absent=[ws["L"] / "01-ablated"], fragment="is the input")
+    assert not (ws["L"] / "patcher-manifest.json").exists()
+
+
+def test_recipe_step_output_may_not_leave_the_output_folder(ws, tmp_path):
+    r = write_recipe(tmp_path, ABLATE_STEP + f'output = "../../{tmp_path.name}-escaped"\n')
+    hostile(["run", r], absent=[tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-escaped"],
+            fragment="leaves the model's output folder")
+
+
+@pytest.mark.parametrize("out", ["", ".", "./", "~", "~/x"], ids=["empty", "dot", "dot-slash", "tilde",
+                                                                  "tilde-x"])
+def test_output_that_is_not_a_new_path_is_refused(ws, tmp_path, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "precious.txt").write_text("keep me")
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"], inputs=[tmp_path, ws["L"]])
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_output_home_or_parent_of_cwd_is_refused(ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(ws["home"]))
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws["home"], "--force"], inputs=[ws["home"]],
+            fragment="home folder")
+    sub = tmp_path / "a" / "b"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "a", "--force"], inputs=[tmp_path],
+            fragment="contains the current folder")
+
+
+@pytest.mark.parametrize("which", ["user_dir", "user_file"])
+def test_force_never_replaces_what_patcher_did_not_write(ws, which):
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws[which], "--force"], inputs=[ws[which], ws["L"]])
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["user_file"],
+             "--force"],
+            inputs=[ws["user_file"]])
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "contains", "contains-direction"])
+def test_output_equal_inside_or_containing_an_input(ws, where):
+    out = {"equal": ws["L"], "inside": ws["L"] / "sub" / "x", "contains": ws["root"],
+           "contains-direction": ws["root"]}[where]
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"], inputs=[ws["L"], ws["d64"]],
+            absent=[] if where in ("equal", "contains", "contains-direction") else [out])
+
+
+@pytest.mark.parametrize("target", ["blob", "blobs", "snapshot"])
+def test_outputs_never_touch_symlink_targets_of_a_snapshot(ws, target):
+    blob = next(ws["blobs"].iterdir())
+    out = {"blob": blob, "blobs": ws["blobs"], "snapshot": ws["snap"] / "x"}[target]
+    hostile(["ablate", ws["snap"], "-d", ws["d64"], "-o", out, "--force"], inputs=[ws["blobs"]])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e40", "-1e40", "11"])
+def test_ablate_scale_must_be_finite_and_in_range(ws, tmp_path, value):
+    out = tmp_path / "o"
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--scale", value], inputs=[ws["L"]], absent=[out],
+            fragment="--scale: must be")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e40", "70000"])
+def test_inject_alpha_must_be_finite_and_fit_the_bias(ws, tmp_path, value):
+    out = tmp_path / "o"
+    hostile(["inject", ws["L"], "-d", ws["d64"], "-o", out, "--layer", "1", "--alpha", value],
+            inputs=[ws["L"]],
+            absent=[out], fragment="--alpha: must be")
+
+
+@pytest.mark.parametrize("strength", ["scale = nan", "scale = inf", "scale = 1e40", "strength = [1.0, nan, "
+                                      "1.0]",
+                                      'strength = { kernel = "gaussian", center = 1, width = 0.0 }',
+                                      'strength = { kernel = "gaussian", center = nan }',
+                                      'strength = { kernel = "linear", start = 0, end = inf }',
+                                      'scale = "big"'])
+def test_recipe_strengths_are_checked_like_scale(tmp_path, strength):
+    r = write_recipe(tmp_path, ABLATE_STEP + strength + "\n")
+    hostile(["run", r], absent=[tmp_path / "out"], fragment="step 1")
+
+
+def test_recipe_and_cli_give_the_same_message(ws, tmp_path):
+    cli = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", "--scale", "nan"])
+    rec = hostile(["run", write_recipe(tmp_path, ABLATE_STEP + "scale = nan\n")])
+    same = "must be a finite number, got nan"
+    assert same in cli.stderr and same in rec.stderr
+
+
+# --- silently wrong -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers,fragment", [("-100", "layer -100 is outside 0..2"), ("2-1", "empty range"),
+                                             ("3", "outside 0..2"), ("-4", "outside"), ("1-x", "cannot read"),
+                                             ("0--100", "outside")])
+def test_layers_never_wrap_and_say_empty_range(ws, tmp_path, layers, fragment):
+    out = tmp_path / "o"
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, f"--layers={layers}"], absent=[out],
+            fragment=fragment)
+
+
+def test_negative_layers_count_from_the_end_exactly(ws, tmp_path):
+    res = CliRunner().invoke(app, ["ablate", str(ws["L"]), "-d", str(ws["d64"]), "-o", str(tmp_path / "o"),
+                                   "--layers=-1", "--targets", "mlp_out", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "model.layers.2.mlp.down_proj.weight" in res.output
+    assert "model.layers.0." not in res.output and "model.layers.1." not in res.output
+
+
+@pytest.mark.parametrize("layer", ["-100", "3", "-4"])
+def test_inject_layer_never_wraps(ws, tmp_path, layer):
+    hostile(["inject", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", f"--layer={layer}", "--alpha", "1"],
+            absent=[tmp_path / "o"], fragment="out of range")
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nbatch_size = "eight"\n',
+     "batch_size: must be an integer, got 'eight'"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = 0\n', "positions: must "
+     "be >= -1048576 and <= -1, got 0"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = ["x"]\n', "must be an "
+     "integer"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nmax_prompts = 0\n', "max_prompts: "
+     "must be"),
+    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nchat_template = "yes"\n',
+     "true or false"),
+    (ABLATE_STEP + 'targets = ["embed", "mlp_outt"]\n', "did you mean 'mlp_out'"),
+    (ABLATE_STEP + 'targets = []\n', "targets: is empty"),
+    (ABLATE_STEP + 'layers = "2-1"\n', "empty range"),
+    (ABLATE_STEP + 'norm_preserve = "row"\n', "did you mean 'rows'"),
+    (ABLATE_STEP + 'output = 5\n', "output: must be a file or folder name"),
+    (f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\nlayer = 1\nalpha = nan\n',
+     "alpha: must be a finite number"),
+    (f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\nlayer = "1"\nalpha = 1\n',
+     "layer: must be an integer"),
+    ('[[step]]\nop = "export"\ndtype = "fp8"\n', "is not one of fp32"),
+    (f'[[step]]\nop = "ablate"\ndirections = ["{FIXTURES / "direction-64.npy"}", '
+     f'"{FIXTURES / "direction-64.npy"}"]\n',
+     "linearly dependent"),
+    ('[[step]]\nop = "export"\n\n[[step]]\nop = "verify"\ntokens = -1\n', "tokens: must be >= 0"),
+    ('[[step]]\nop = "extract"\npositive = "{fifo}"\nnegative = "{neg}"\n', "FIFO"),
+])
+def test_recipe_options_validated_up_front(ws, tmp_path, body, fragment):
+    """Step 1 is valid and would write: a later step's bad value must stop the run before it starts."""
+    first = (f'[[step]]\nop = "extract"\npositive = "{ws["pos"]}"\nnegative = "{ws["neg"]}"\n'
+             'chat_template = false\n\n')
+    r = write_recipe(tmp_path, first + body.format(pos=ws["pos"], neg=ws["neg"], fifo=ws["fifo"]))
+    hostile(["run", r], absent=[tmp_path / "out"], fragment=fragment)
+
+
+def test_recipe_positions_as_one_int_is_accepted(ws, tmp_path):
+    body = f'[[step]]\nop = "extract"\npositive = "{ws["pos"]}"\nnegative = "{ws["neg"]}"\npositions = -1\n'
+    res = CliRunner().invoke(app, ["run", str(write_recipe(tmp_path, body)), "--dry-run"])
+    assert res.exit_code == 0, res.output + res.stderr
+
+
+def test_failed_verify_step_is_not_recorded_complete(tmp_path, monkeypatch):
+    from patcher.onnx import verify as vmod
+    monkeypatch.setitem(vmod.TOLERANCE, "fp32", -1.0)  # every parity check fails
+    r = write_recipe(tmp_path, '[[step]]\nop = "export"\n\n[[step]]\nop = "verify"\ntokens = 0\n')
+    res = CliRunner().invoke(app, ["run", str(r)])
+    assert res.exit_code == 1 and "parity failed" in res.stderr and "Traceback" not in res.stderr
+    assert not list((tmp_path / "out").glob("02-verify.json.patcher-manifest.json"))
+    res = CliRunner().invoke(app, ["run", str(r)])  # re-run: export skipped, verify runs (and fails) again
+    assert res.exit_code == 1 and "parity failed" in res.stderr
+
+
+# --- tracebacks instead of one line ---------------------------------------------------------------------
+
+def test_linearly_dependent_rank_k_directions(ws, tmp_path):
+    hostile(["ablate", ws["L"], "-d", ws["dep_npy"], "-o", tmp_path / "o"], absent=[tmp_path / "o"],
+            fragment="linearly dependent")
+
+
+def _broken_config(ws, name, change):
+    dst = ws["root"] / name
+    if not dst.exists():
+        shutil.copytree(L_SRC, dst)
+        cfg = json.loads((dst / "config.json").read_text())
+        change(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+CONFIG_BREAKS = {
+    "no-heads": lambda c: c.pop("num_attention_heads"),
+    "zero-heads": lambda c: c.update(num_attention_heads=0),
+    "bad-act": lambda c: c.update(hidden_act="swoosh"),
+    "more-layers": lambda c: c.update(num_hidden_layers=5),
+    "fewer-layers": lambda c: c.update(num_hidden_layers=2),
+}
+
+
+@pytest.mark.parametrize("brk", list(CONFIG_BREAKS))
+@pytest.mark.parametrize("cmd", ["extract", "export", "ablate"])
+def test_config_disagreeing_with_tensors_is_one_line(ws, tmp_path, brk, cmd):
+    m = _broken_config(ws, f"L-{brk}", CONFIG_BREAKS[brk])
+    out = tmp_path / "o"
+    args = {"extract": ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o",
+                        tmp_path / "d.safetensors"],
+            "export": ["export", m, "-o", out], "ablate": ["ablate", m, "-d", ws["d64"], "-o", out]}[cmd]
+    if cmd == "ablate" and brk in ("no-heads", "zero-heads", "bad-act"):
+        pytest.skip("ablate does not run the forward pass: heads and activation do not matter to it")
+    hostile(args, inputs=[m], absent=[out, tmp_path / "d.safetensors"])
+
+
+@pytest.mark.parametrize("opt", [["--dtype", "foo"], ["--top-k", "100000", "--sample"], ["--temperature",
+                                                                                         "nan"],
+                                 ["--temperature", "0"], ["--temperature", "-1"], ["--seed", "-1"],
+                                 ["--max-new-tokens", "0"], ["--batch-size", "0"], ["--provider", "tpu"],
+                                 ["--top-k", "-1"], ["--prompt", ""]])
+def test_generate_bad_options(exported, opt):
+    args = ["generate", exported, *([] if "--prompt" in opt else ["--prompt", "hi"]), *opt]
+    hostile(args, inputs=[exported])
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"eos_token_id": "two"}',
+                                     '{"eos_token_id": [1.5]}'])
+def test_generate_malformed_generation_config(exported, tmp_path, content):
+    copy = tmp_path / "onnx-copy"
+    shutil.copytree(exported, copy)
+    (copy / "generation_config.json").write_text(content)
+    hostile(["generate", copy, "--prompt", "hi", "--max-new-tokens", "2"], fragment="generation_config.json")
+
+
+@pytest.mark.parametrize("opt", [["--tokens", "-1"], ["--tokens", "x"], ["--tokens", "100000"], ["--dtype",
+                                                                                                 "foo"],
+                                 ["--provider", "tpu"]])
+def test_verify_bad_options(ws, exported, opt):
+    hostile(["verify", exported, "--reference", ws["L"], *opt], inputs=[exported, ws["L"]])
+
+
+@pytest.fixture(scope="module")
+def long_prompt(ws):
+    p = ws["root"] / "long.txt"
+    p.write_text(" ".join(["sea"] * 120_000) + "\n")
+    return p
+
+
+def test_a_120k_token_prompt_is_refused_up_front(ws, exported, long_prompt, tmp_path):
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", ws["L"], "--positive", long_prompt, "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"],
+            absent=[out], fragment="positions", seconds=30)
+    hostile(["generate", exported, "--prompts", long_prompt, "--no-chat-template"], fragment="positions",
+            seconds=30)
+    hostile(["verify", exported, "--reference", ws["L"], "--prompts", long_prompt, "--no-chat-template"],
+            fragment="positions", seconds=30)
+
+
+def test_attention_memory_budget():
+    from patcher.errors import PatcherError
+    from patcher.model.prompts import check_lengths
+    with pytest.raises(PatcherError, match="GiB"):  # no position limit stated: the memory budget refuses
+        check_lengths([[1] * 120_000], {}, "prompts.txt", heads=32)
+    check_lengths([[1] * 500], {}, "prompts.txt", heads=32)
+
+
+# --- hangs ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _alarm():
+    """A test that waits on a FIFO must fail, not hang the suite."""
+    def fail(*_):
+        raise TimeoutError("hung")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_fifo_in_place_of_a_shard(ws, tmp_path):
+    for args in (["inspect", ws["L_fifo"]], ["ablate", ws["L_fifo"], "-d", ws["d64"], "-o", tmp_path / "o"],
+                 ["extract", ws["L_fifo"], "--positive", ws["pos"], "--negative", ws["neg"], "-o",
+                  tmp_path / "d.safetensors"],
+                 ["export", ws["L_fifo"], "-o", tmp_path / "e"], ["diff", ws["L"], ws["L_fifo"]]):
+        hostile(args, absent=[tmp_path / "o", tmp_path / "e"], seconds=10)
+
+
+@pytest.mark.parametrize("role", ["prompt", "direction", "config", "tokenizer", "recipe", "arch-table",
+                                  "template"])
+def test_fifo_inputs_never_block(ws, tmp_path, role):
+    m = ws["root"] / f"L-fifo-{role}"
+    if role in ("config", "tokenizer", "template") and not m.exists():
+        shutil.copytree(L_SRC, m)
+        name = {"config": "config.json", "tokenizer": "tokenizer.json",
+                "template": "chat_template.jinja"}[role]
+        (m / name).unlink(missing_ok=True)
+        os.mkfifo(m / name)
+    out = tmp_path / "d.safetensors"
+    args = {
+        "prompt": ["extract", ws["L"], "--positive", ws["fifo"], "--negative", ws["neg"], "-o", out],
+        "direction": ["ablate", ws["L"], "-d", ws["fifo_npy"], "-o", tmp_path / "o"],
+        "config": ["inspect", m],
+        "tokenizer": ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out],
+        "template": ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out],
+        "recipe": ["run", ws["fifo"]],
+        "arch-table": ["inspect", ws["L"], "--arch-table", ws["fifo"]],
+    }[role]
+    hostile(args, absent=[out, tmp_path / "o"], seconds=10)
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+    "{{ 'x' * 1000000000 }}",
+    "{% set l = [1,2,3,4,5,6,7,8,9,10] %}" + "{% for a in l %}" * 9 + "{% endfor %}" * 9,
+], ids=["nested-range", "nested-range-output", "huge-string", "nested-lists"])
+def test_chat_template_rendering_is_bounded(ws, tmp_path, template):
+    m = tmp_path / "L-template"
+    shutil.copytree(L_SRC, m)
+    (m / "chat_template.jinja").write_text(template)
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out], absent=[out],
+            fragment="chat template stopped", seconds=8)
+
+
+# --- leftovers ----------------------------------------------------------------------------------------
+
+def test_sigint_during_extract_removes_the_partial_file(ws, tmp_path):
+    """A real Ctrl-C while the directions file is being written: the writer is slowed down so the
+    signal lands mid-write; the hidden partial file is gone and the message says so."""
+    out = tmp_path / "d.safetensors"
+    slow = ("import sys, time; import patcher.io.writer as w; _p = w._pwrite_all\n"
+            "def slow(*a):\n    time.sleep(0.5); _p(*a)\n"
+            "w._pwrite_all = slow\nfrom patcher.cli import main; sys.argv[0] = 'patcher'; main()")
+    p = subprocess.Popen([sys.executable, "-c", slow, "extract", str(ws["L"]), "--positive", str(ws["pos"]),
+                          "--negative", str(ws["neg"]), "-o", str(out), "--no-chat-template"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".d.safetensors.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and not partial.exists():
+        time.sleep(0.01)
+    assert partial.exists(), "never started writing"
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    assert "partial files removed" in stderr and "Traceback" not in stderr
+    assert not leftovers(out)
+
+
+def test_plot_type_is_checked_before_any_work(ws, tmp_path):
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot",
+             tmp_path / "x.jpg"], absent=[out, tmp_path / "x.jpg"], fragment="plot files are .svg")
+
+
+def test_plot_equal_to_an_input_or_the_output(ws, tmp_path):
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot", out],
+            absent=[out], fragment="plot files are .svg")
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot",
+             ws["L"] / "p.svg"], absent=[out, ws["L"] / "p.svg"], inputs=[ws["L"]], fragment="inside the "
+             "input")
+
+
+def test_svg_title_is_escaped(ws, tmp_path):
+    m = tmp_path / "a&b<c"
+    shutil.copytree(L_SRC, m)
+    out, svg = tmp_path / "d.safetensors", tmp_path / "p.svg"
+    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative",
+                                   str(ws["neg"]),
+                                   "-o", str(out), "--plot", str(svg), "--no-chat-template"])
+    assert res.exit_code == 0, res.output + res.stderr
+    root = ET.parse(svg).getroot()  # raises on invalid XML
+    titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.text and "a&b<c" in t.text]
+    assert titles == ["a&b<c: difference-in-means scores"]
+    # the plot carries patcher's mark: --force may replace it, and only it
+    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative",
+                                   str(ws["neg"]),
+                                   "-o", str(out), "--plot", str(svg), "--no-chat-template", "--force"])
+    assert res.exit_code == 0, res.output + res.stderr
+
+
+def _strict_json(text):
+    def bad(c):
+        raise ValueError(f"not JSON: {c}")
+    return json.loads(text, parse_constant=bad)
+
+
+def test_metadata_json_never_contains_infinity(tmp_path):
+    from patcher.edit.directions import read_metadata
+    from patcher.edit.extract import ExtractResult
+    from patcher.io.checkpoint import Checkpoint
+    t = np.ones((4, 8), np.float32)
+    scores = [{"layer": 0, "snr": float("inf"), "diff_norm": float("nan")}, {"layer": 1, "snr": 2.5}]
+    ExtractResult(t, t, t, scores, 1, metadata={"selected_layer": 1, "scores": scores,
+                                                "x": np.float32("inf")}).save(tmp_path / "d.safetensors")
+    with Checkpoint(tmp_path / "d.safetensors") as ck:
+        raw = next(iter(ck.files.values())).metadata["patcher"]
+        _strict_json(raw)
+        meta = read_metadata(ck)
+    assert meta["scores"][0]["snr"] is None and meta["scores"][1]["snr"] == 2.5 and meta["x"] is None
+
+
+def test_json_outputs_are_strict_json(ws, dirs_file, tmp_path):
+    res = CliRunner().invoke(app, ["inspect", str(ws["L"]), "--json"])
+    _strict_json(res.stdout)
+    res = CliRunner().invoke(app, ["diff", str(ws["L"]), str(ws["L"]), "--json"])
+    _strict_json(res.stdout)
+
+
+# --- every command × every kind of bad input ------------------------------------------------------
+
+def _cases(ws, exported, dirs_file, tmp):
+    """(command, kind, args, inputs, absent outputs, exit code or None)."""
+    L, d64, pos, neg = ws["L"], ws["d64"], ws["pos"], ws["neg"]
+    o, d = tmp / "o", tmp / "d.safetensors"
+    ex = ["extract", L, "--positive", pos, "--negative", neg, "-o", d]
+    ab = ["ablate", L, "-d", d64, "-o", o]
+    inj = ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "2"]
+    exp = ["export", L, "-o", o]
+    gen = ["generate", exported, "--prompt", "hi", "--max-new-tokens", "2"]
+    ver = ["verify", exported, "--reference", L, "--tokens", "1"]
+    rec = write_recipe(tmp / "r", ABLATE_STEP)
+    return [
+        ("inspect", "wrong type", ["inspect", L, "--json=3"], [L], [], None),
+        ("inspect", "missing file", ["inspect", tmp / "nope"], [], [], None),
+        ("inspect", "wrong kind", ["inspect", d64], [d64], [], None),
+        ("inspect", "wrong kind", ["inspect", L, "--arch-table", d64], [d64], [], None),
+        ("inspect", "out of range", ["inspect", L, "--arch-table", ws["txt"]], [], [], None),
+        ("extract", "wrong type", ex + ["--batch-size", "eight"], [L], [d], None),
+        ("extract", "out of range", ex + ["--batch-size", "0"], [L], [d], None),
+        ("extract", "out of range", ex + ["--positions", "0"], [L], [d], None),
+        ("extract", "out of range", ex + ["--positions=-1000000000"], [L], [d], None),
+        ("extract", "out of range", ex + ["--layers", "9"], [L], [d], None),
+        ("extract", "out of range", ex + ["--max-prompts", "0"], [L], [d], None),
+        ("extract", "NaN", ex + ["--positions", "nan"], [L], [d], None),
+        ("extract", "missing file", ["extract", L, "--positive", tmp / "nope.txt", "--negative", neg, "-o",
+                                     d], [L], [d], None),
+        ("extract", "wrong kind", ["extract", L, "--positive", d64, "--negative", neg, "-o", d], [L], [d],
+         None),
+        ("extract", "wrong kind", ["extract", L, "--positive", L, "--negative", neg, "-o", d], [L], [d],
+         None),
+        ("extract", "wrong kind", ["extract", L, "--positive", pos, "--negative", neg, "-o", tmp / "d.npy"],
+         [L],
+         [tmp / "d.npy"], None),
+        ("extract", "inside input", ["extract", L, "--positive", pos, "--negative", neg, "-o",
+                                     L / "x.safetensors"],
+         [L], [L / "x.safetensors"], None),
+        ("ablate", "wrong type", ab + ["--scale", "abc"], [L], [o], None),
+        ("ablate", "wrong type", ab + ["--targets", "embed,mlp_outt"], [L], [o], None),
+        ("ablate", "wrong type", ab + ["--norm-preserve", "diag"], [L], [o], None),
+        ("ablate", "out of range", ab + ["--scale", "1e40"], [L], [o], None),
+        ("ablate", "out of range", ab + ["--layers=-100"], [L], [o], None),
+        ("ablate", "out of range", ["ablate", L, "-d", f"{dirs_file}:99", "-o", o], [L], [o], None),
+        ("ablate", "NaN", ab + ["--scale", "nan"], [L], [o], None),
+        ("ablate", "NaN", ["ablate", L, "-d", ws["nan_npy"], "-o", o], [L], [o], None),
+        ("ablate", "missing file", ["ablate", L, "-d", tmp / "nope.npy", "-o", o], [L], [o], None),
+        ("ablate", "missing file", ["ablate", tmp / "nope", "-d", d64, "-o", o], [], [o], None),
+        ("ablate", "wrong kind", ["ablate", L, "-d", ws["fake_npy"], "-o", o], [L], [o], None),
+        ("ablate", "wrong kind", ["ablate", L, "-d", pos, "-o", o], [L], [o], None),
+        ("ablate", "wrong kind", ["ablate", L, "-d", L, "-o", o], [L], [o], None),
+        ("ablate", "wrong kind", ["ablate", d64, "-d", d64, "-o", o], [d64], [o], None),
+        ("ablate", "inside input", ["ablate", L, "-d", d64, "-o", L / "edited"], [L], [L / "edited"], None),
+        ("inject", "wrong type", ["inject", L, "-d", d64, "-o", o, "--layer", "x", "--alpha", "1"], [L], [o],
+         None),
+        ("inject", "wrong type", inj + ["--target", "embed"], [L], [o], None),
+        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "99", "--alpha", "1"], [L],
+         [o], None),
+        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "1e40"], [L],
+         [o], None),
+        ("inject", "NaN", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "nan"], [L], [o],
+         None),
+        ("inject", "missing file", ["inject", L, "-d", tmp / "n.npy", "-o", o, "--layer", "1", "--alpha",
+                                    "1"], [L],
+         [o], None),
+        ("inject", "wrong kind", ["inject", L, "-d", ws["dep_npy"], "-o", o, "--layer", "1", "--alpha", "1"],
+         [L],
+         [o], None),
+        ("inject", "inside input", ["inject", L, "-d", d64, "-o", L / "i", "--layer", "1", "--alpha", "1"],
+         [L],
+         [L / "i"], None),
+        ("export", "wrong type", exp + ["--opset", "x"], [L], [o], None),
+        ("export", "wrong type", exp + ["--dtype", "fp8"], [L], [o], None),
+        ("export", "out of range", exp + ["--int4-block", "3", "--dtype", "int4"], [L], [o], None),
+        ("export", "out of range", exp + ["--int4-accuracy", "9", "--dtype", "int4"], [L], [o], None),
+        ("export", "out of range", exp + ["--opset", "5"], [L], [o], None),
+        ("export", "NaN", exp + ["--int4-block", "nan"], [L], [o], None),
+        ("export", "missing file", ["export", tmp / "nope", "-o", o], [], [o], None),
+        ("export", "wrong kind", ["export", pos, "-o", o], [pos], [o], None),
+        ("export", "inside input", ["export", L, "-o", L / "onnx"], [L], [L / "onnx"], None),
+        ("generate", "wrong type", gen + ["--max-new-tokens", "x"], [exported], [], None),
+        ("generate", "out of range", gen + ["--top-k", "100000", "--sample"], [exported], [], None),
+        ("generate", "out of range", gen + ["--max-new-tokens", "100000"], [exported], [], None),
+        ("generate", "NaN", gen + ["--temperature", "nan", "--sample"], [exported], [], None),
+        ("generate", "missing file", ["generate", exported, "--prompts", tmp / "nope.txt"], [exported], [],
+         None),
+        ("generate", "missing file", ["generate", tmp / "nope", "--prompt", "hi"], [], [], None),
+        ("generate", "wrong kind", ["generate", exported, "--prompts", d64], [exported], [], None),
+        ("generate", "wrong kind", ["generate", ws["txt"], "--prompt", "hi"], [], [], None),
+        ("verify", "wrong type", ver + ["--tokens", "x"], [exported, L], [], None),
+        ("verify", "out of range", ver + ["--tokens=-1"], [exported, L], [], None),
+        ("verify", "NaN", ver + ["--tokens", "nan"], [exported, L], [], None),
+        ("verify", "missing file", ["verify", exported, "--reference", tmp / "nope"], [exported], [], None),
+        ("verify", "missing file", ver + ["--prompts", tmp / "nope.txt"], [exported], [], None),
+        ("verify", "wrong kind", ver + ["--prompts", d64], [exported], [], None),
+        ("verify", "wrong kind", ["verify", L, "--reference", L], [L], [], None),
+        ("verify", "NaN", ver + ["-d", ws["nan_npy"]], [exported], [], None),
+        ("diff", "wrong type", ["diff", L, L, "-d", "5"], [L], [], 2),
+        ("diff", "out of range", ["diff", L, L, "-d", f"{dirs_file}:99"], [L], [], 2),
+        ("diff", "NaN", ["diff", L, L, "-d", ws["nan_npy"]], [L], [], 2),
+        ("diff", "missing file", ["diff", L, tmp / "nope"], [L], [], 2),
+        ("diff", "wrong kind", ["diff", L, pos], [L], [], 2),
+        ("diff", "wrong kind", ["diff", L, L, "--save-direction", tmp / "r.txt"], [L], [tmp / "r.txt"], 2),
+        ("diff", "inside input", ["diff", L, L, "--save-direction", L / "r.npy"], [L], [L / "r.npy"], 2),
+        ("diff", "inside input", ["diff", L, L, "--save-direction", d64, "--force"], [d64], [], 2),
+        ("diff", "wrong type", ["diff", L, L, "--bogus"], [L], [], 2),
+        ("run", "wrong type", ["run", write_recipe(tmp / "r1", ABLATE_STEP + 'layers = 1.5\n')], [],
+         [tmp / "r1" / "out"], None),
+        ("run", "out of range", ["run", write_recipe(tmp / "r2", f'[[step]]\nop = "inject"\ndirection = '
+                                                     f'"{d64}"\n'
+                                                                  'layer = 99\nalpha = 1\n')], [],
+                                                                  [tmp / "r2" / "out"], None),
+        ("run", "NaN", ["run", write_recipe(tmp / "r3", ABLATE_STEP + "scale = nan\n")], [],
+         [tmp / "r3" / "out"], None),
+        ("run", "missing file", ["run", tmp / "nope.toml"], [], [], None),
+        ("run", "wrong kind", ["run", d64], [d64], [], None),
+        ("run", "wrong kind", ["run", write_recipe(tmp / "r4", "[[step]]\nop = 3\n")], [],
+         [tmp / "r4" / "out"], None),
+        ("run", "wrong kind", ["run", write_recipe(tmp / "r5", "step = 3\n")], [], [tmp / "r5" / "out"],
+         None),
+        ("run", "inside input", ["run", write_recipe(tmp / "r6", ABLATE_STEP, output=L / "out", path=L)], [L],
+         [L / "out"], None),
+        ("run", "inside input", ["run", write_recipe(tmp / "r7", ABLATE_STEP, output=tmp / "r7")], [rec],
+         [tmp / "r7" / "01-ablated"], None),
+        ("run", "wrong type", ["run", rec, "--jobs", "two"], [], [], None),
+        ("audit", "wrong type", ["audit", L, "--plot", tmp / "p.jpg"], [L], [tmp / "p.jpg"], 2),
+        ("audit", "missing file", ["audit", tmp / "nope"], [], [], 2),
+        ("audit", "wrong kind", ["audit", pos], [pos], [], 2),
+        ("audit", "wrong kind", ["audit", L, "--arch-table", d64], [d64, L], [], 2),
+        ("audit", "inside input", ["audit", L, "--save-direction", L / "r.npy"], [L], [L / "r.npy"], 2),
+        ("audit", "inside input", ["audit", L, "--save-direction", d64, "--force"], [d64], [], 2),
+        ("audit", "out of range", ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"],
+         [L],
+         [tmp / "x.npy"], 2),
+        ("demo", "wrong kind", ["demo", "--out", ws["txt"]], [ws["txt"]], [], None),
+        ("demo", "wrong kind", ["demo", "--out", ws["user_dir"]], [ws["user_dir"]], [], None),
+        ("demo", "inside input", ["demo", "--out", FIXTURES / "tiny-llama-planted" / "x"],
+         [FIXTURES / "tiny-llama-planted"],
+         [FIXTURES / "tiny-llama-planted" / "x"], None),
+        ("demo", "inside input", ["demo", "--out", FIXTURES / "prompts"], [FIXTURES / "prompts"], [], None),
+        ("demo", "wrong type", ["demo", "--out"], [], [], None),
+    ]
+
+
+def test_every_command_every_kind(ws, exported, dirs_file, tmp_path):
+    """One table over all ten commands; `interrupted` is its own test below."""
+    cases = _cases(ws, exported, dirs_file, tmp_path)
+    assert {c[0] for c in cases} == {"inspect", "extract", "ablate", "inject", "export", "generate", "verify",
+                                     "diff", "run", "demo", "audit"}
+    failures = []
+    for cmd, kind, args, inputs, absent, code in cases:
+        try:
+            hostile(args, inputs=inputs, absent=absent, code=code, seconds=15)
+        except AssertionError as e:
+            failures.append(f"{cmd} / {kind}: {[str(a) for a in args[1:]]}: {str(e)[:300]}")
+    assert not failures, "\n".join(failures)
+
+
+INTERRUPT_AT = {  # command -> (a function in the middle of its work, patched to raise Ctrl-C)
+    "extract": "patcher.edit.directions.write_safetensors",
+    "ablate": "patcher.edit.apply.ShardWriter",
+    "inject": "patcher.edit.apply.ShardWriter",
+    "export": "patcher.onnx.export.build",
+    "generate": "patcher.onnx.runtime.OnnxModel.generate",
+    "verify": "patcher.onnx.verify.greedy_numpy",
+    "diff": "patcher.edit.diff._analyse",
+    "inspect": "patcher.cli.inspect.describe",
+    "run": "patcher.pipelines.recipe.run_action",
+    "demo": "patcher.edit.extract.select_layer",
+    "audit": "patcher.edit.audit.audit",
+}
+
+
+@pytest.mark.parametrize("cmd", list(INTERRUPT_AT))
+def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypatch, cmd):
+    import importlib
+    target = INTERRUPT_AT[cmd]
+    mod_name, _, attr = target.rpartition(".")
+    try:
+        owner = importlib.import_module(mod_name)
+    except ModuleNotFoundError:
+        mod_name, _, cls = mod_name.rpartition(".")
+        owner = getattr(importlib.import_module(mod_name), cls)
+    getattr(owner, attr)  # the patched name exists
+
+    def interrupted(*a, **k):
+        if cmd in ("extract", "ablate", "inject"):  # start the partial file, then be interrupted
+            Path(a[0]).write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(owner, attr, interrupted)
+    o, d = tmp_path / "o", tmp_path / "d.safetensors"
+    args = {
+        "extract": ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", d,
+                    "--no-chat-template"],
+        "ablate": ["ablate", ws["L"], "-d", ws["d64"], "-o", o],
+        "inject": ["inject", ws["L"], "-d", ws["d64"], "-o", o, "--layer", "1", "--alpha", "1"],
+        "export": ["export", ws["L"], "-o", o],
+        "generate": ["generate", exported, "--prompt", "hi", "--max-new-tokens", "2"],
+        "verify": ["verify", exported, "--reference", ws["L"], "--tokens", "1"],
+        "diff": ["diff", ws["L"], ws["snap"]],
+        "inspect": ["inspect", ws["L"]],
+        "run": ["run", write_recipe(tmp_path / "r", ABLATE_STEP)],
+        "demo": ["demo", "--out", o],
+        "audit": ["audit", ws["L"], "--save-direction", tmp_path / "r.npy"],
+    }[cmd]
+    if cmd == "diff":  # the snapshot is byte-identical: make it differ so the analysis runs
+        args = ["diff", ws["L"], _broken_config(ws, "L-edited-for-diff", lambda c: None)]
+        _edit_one_tensor(args[2])
+    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated"],
+                  code=130)
+    assert "interrupted" in res.stderr
+    if cmd in ("extract", "ablate", "inject", "export", "demo"):
+        assert "removed" in res.stderr
+
+
+def _edit_one_tensor(folder: Path):
+    shard = folder / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-4] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+# --- the output gate itself -----------------------------------------------------------------------
+
+def test_force_replaces_previous_patcher_outputs_only(ws, tmp_path):
+    from patcher.io.paths import check_output, is_patcher_output
+    from patcher.errors import PatcherError
+    o = tmp_path / "o"
+    res = CliRunner().invoke(app, ["ablate", str(ws["L"]), "-d", str(ws["d64"]), "-o", str(o), "--no-hash"])
+    assert res.exit_code == 0, res.stderr
+    assert is_patcher_output(o)
+    check_output(o, [ws["L"]], force=True)
+    with pytest.raises(PatcherError, match="already exists"):
+        check_output(o, [ws["L"]])
+    np.save(tmp_path / "unit.npy", np.eye(4, dtype=np.float32)[0])
+    np.save(tmp_path / "mine.npy", np.ones(4, dtype=np.float32))
+    check_output(tmp_path / "unit.npy", force=True, kind="file")
+    with pytest.raises(PatcherError, match="not written by patcher"):
+        check_output(tmp_path / "mine.npy", force=True, kind="file")
+    (tmp_path / "a.svg").write_text("<svg/>")
+    with pytest.raises(PatcherError, match="not written by patcher"):
+        check_output(tmp_path / "a.svg", force=True, kind="file")
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", [ws["L"]])
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(PatcherError, match="symbolic link"):
+        check_output(tmp_path / "link", [ws["L"]], force=True)
