@@ -59,6 +59,28 @@ def _summary(plan: Plan, report) -> None:
         out.print(f"[yellow]note:[/] {n}")
 
 
+def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool) -> None:
+    from patcher.edit.adapter import adapter_bytes, adapter_format, check, write_adapter
+    fmt = adapter_format(target)
+    check(plan, fmt)  # refusals come before any work, dry run included
+    if dry_run:
+        _print_plan(plan)
+        out.print(f"dry run: nothing written (would write a {fmt} LoRA adapter of rank {plan.record['rank']}, "
+                  f"~{human(adapter_bytes(plan))}, to {target})")
+        return
+    with progress() as prog:
+        prog.add_task("computing B·A", total=None)
+        report = write_adapter(plan, target, fmt=fmt, force=force, command=command_line())
+    from rich.table import Table
+    t = Table(title=f"wrote {report.out}", title_justify="left", show_header=False, box=None)
+    t.add_row("adapter", f"{report.fmt} LoRA, rank {report.rank}, scaling 1 (alpha = r)")
+    t.add_row("modules", f"{report.modules} ({report.tensors} tensors)")
+    t.add_row("size", f"{human(report.bytes_written)} in {report.seconds:.2f} s")
+    out.print(t)
+    for n in [*plan.notes, *report.notes]:
+        out.print(f"[yellow]note:[/] {n}")
+
+
 _NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
                  "output byte once more; on a 2-core machine it roughly doubles the time)")
 
@@ -67,7 +89,10 @@ def register(app) -> None:
     @app.command()
     def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
-               output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
+               output: Optional[Path] = typer.Option(None, "-o", "--output", help="New folder to write"),
+               adapter: Optional[Path] = typer.Option(None, "--adapter",
+                   help="Write the edit as a LoRA adapter instead of a model (instead of -o): OUT.gguf = llama.cpp "
+                        "--lora file, any other name = PEFT folder (adapter_config.json + adapter_model.safetensors)"),
                layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
                targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
                scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
@@ -89,9 +114,14 @@ def register(app) -> None:
                 raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
             ck, res = open_model(model, arch_table)
             d = load_direction(direction, res.d_model)
+            if (output is None) == (adapter is None):
+                raise PatcherError("-o/--adapter", "give exactly one: -o FOLDER (a model) or --adapter OUT")
             plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
                                  preserve=norm_preserve, untie=untie)
-            _run(plan, output, force, dry_run, not no_hash)
+            if adapter is not None:
+                _run_adapter(plan, adapter, force, dry_run)
+            else:
+                _run(plan, output, force, dry_run, not no_hash)
         guard(body)
 
 
