@@ -259,7 +259,7 @@ def _peft_tensors(plan: Plan, fs: list[Factor]) -> dict[str, np.ndarray]:
             t[key + ".lora_A.weight"], t[key + ".lora_B.weight"] = f.a, f.b
             if f.bias is not None:
                 t[key + ".lora_B.bias"] = f.bias
-    # tied unembedding: PEFT (ensure_weight_tying) gives lm_head lora_A = embedding B ᵀ, lora_B = A ᵀ
+    # tied unembedding [vocab, d_model] as a Linear: ΔW = -s (W Q) Qᵀ, so lora_A = embedding Bᵀ, lora_B = Aᵀ
     token = _token_embedding(plan, fs)
     if token is not None:
         unembed = plan.resolved.arch.unembed.removesuffix(".weight")
@@ -287,7 +287,10 @@ def peft_config(plan: Plan, fs: list[Factor], rank: int) -> dict:
            "rank_pattern": {}, "alpha_pattern": {},
            "base_model_name_or_path": str(plan.ck.folder.resolve()), "revision": None}
     if _token_embedding(plan, fs) is not None:
-        cfg["ensure_weight_tying"] = True  # the tied lm_head gets the same ΔW (PEFT >= 0.18)
+        # the tied unembedding as its own target with the same ΔW: right unmerged on the tied base, and
+        # right merged on a base loaded untied (PEFT's own advice for tied merges). PEFT's
+        # ensure_weight_tying would share the factors instead, but then a merge cannot be made right.
+        cfg["target_modules"] = sorted([*modules, plan.resolved.arch.unembed.removesuffix(".weight")])
     return cfg
 
 
@@ -387,8 +390,10 @@ def write_adapter(plan: Plan, out: Path, *, fmt: str | None = None, force: bool 
     report.modules = len(fs)
     (_write_gguf if fmt == "gguf" else _write_peft)(plan, Path(out), fs, rank, force, command, report, record, t0)
     if _token_embedding(plan, fs) is not None:
-        report.notes.append("tied embeddings: the adapter changes the output unembedding too (PEFT "
-                            "ensure_weight_tying), as the merged edit does")
+        report.notes.append("tied embeddings: the adapter targets the output unembedding too, with the same ΔW, "
+                            "as the merged edit does. To merge it with PEFT, load the base untied "
+                            "(tie_word_embeddings=False, lm_head = a copy of the embedding): merging into one "
+                            "shared matrix would add ΔW twice")
     if any(f.bias is not None for f in fs):
         report.notes.append("writer biases are carried as PEFT lora_B.bias (lora_bias=True); loaders without "
                             "lora_bias support would drop them")
