@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 CASES = [("llama", ()), ("qwen2", ()), ("gemma2", ()), ("olmo2", ()), ("gemma", ()),
          ("gpt2", ("--targets", "attn_out,mlp_out")), ("gpt2", ("--targets", "embed")),
          ("gpt_neox", ("--targets", "attn_out,mlp_out")),
-         ("qwen2_moe", ()), ("mixtral", ()), ("llama", ("--scale", "0.6", "--layers", "1-2"))]
+         ("phi3", ()), ("qwen2_moe", ()), ("qwen3_moe", ()), ("mixtral", ()), ("deepseek_v3", ("--targets", "embed,attn_out")),
+         ("llama", ("--scale", "0.6", "--layers", "1-2"))]
 
 
 def f32_copy(model_type, dst):
@@ -145,6 +146,13 @@ def test_adapter_is_the_factored_projection(tmp_path, direction64):
 def test_adapter_refusals(opts, message, tmp_path, direction64):
     res = run_cli("ablate", fixture_path("gemma"), "-d", direction64, "--adapter", tmp_path / "ad", *opts, expect=1)
     assert message in res.output and not (tmp_path / "ad").exists()
+
+
+def test_adapter_refuses_unverified_experts(tmp_path, direction64):
+    res = run_cli("ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad", expect=1)
+    assert "no known PEFT target" in res.output and not (tmp_path / "ad").exists()
+    run_cli("ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad",
+            "--targets", "attn_out")
 
 
 def test_adapter_refuses_bias_plus_embedding_and_gguf_bias(tmp_path, direction64):
