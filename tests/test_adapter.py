@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 CASES = [("llama", ()), ("qwen2", ()), ("gemma2", ()), ("olmo2", ()), ("gemma", ()),
          ("gpt2", ("--targets", "attn_out,mlp_out")), ("gpt2", ("--targets", "embed")),
          ("gpt_neox", ("--targets", "attn_out,mlp_out")),
-         ("phi3", ()), ("qwen2_moe", ()), ("qwen3_moe", ()), ("mixtral", ()), ("deepseek_v3", ("--targets", "embed,attn_out")),
+         ("phi3", ()), ("qwen2_moe", ()), ("qwen3_moe", ()), ("mixtral", ()),
+         ("deepseek_v3", ("--targets", "embed,attn_out")),
          ("llama", ("--scale", "0.6", "--layers", "1-2"))]
 
 
@@ -48,7 +49,8 @@ def load_untied(folder):
     """PEFT's advice for merging into a tied model: load it untied, lm_head a copy of the embedding."""
     if not transformers.AutoConfig.from_pretrained(folder).tie_word_embeddings:
         return load(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                              tie_word_embeddings=False)
     model.get_output_embeddings().weight.data = model.get_input_embeddings().weight.data.clone()
     return model.eval()
 
@@ -69,7 +71,8 @@ def ablate_both(src, tmp_path, direction, opts):
     return merged, adapter
 
 
-@pytest.mark.parametrize("model_type,opts", CASES, ids=lambda c: c if isinstance(c, str) else "-".join(c) or "all")
+@pytest.mark.parametrize("model_type,opts", CASES,
+                         ids=lambda c: c if isinstance(c, str) else "-".join(c) or "all")
 def test_peft_adapter_equals_merged_checkpoint(model_type, opts, tmp_path, direction64):
     src = f32_copy(model_type, tmp_path / "base")
     merged, adapter = ablate_both(src, tmp_path, direction64, opts)
@@ -144,12 +147,14 @@ def test_adapter_is_the_factored_projection(tmp_path, direction64):
     (("--untie-embeddings",), "cannot untie"),
 ])
 def test_adapter_refusals(opts, message, tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("gemma"), "-d", direction64, "--adapter", tmp_path / "ad", *opts, expect=1)
+    res = run_cli("ablate", fixture_path("gemma"), "-d", direction64, "--adapter", tmp_path / "ad", *opts,
+                  expect=1)
     assert message in res.output and not (tmp_path / "ad").exists()
 
 
 def test_adapter_refuses_unverified_experts(tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad", expect=1)
+    res = run_cli("ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad",
+                  expect=1)
     assert "no known PEFT target" in res.output and not (tmp_path / "ad").exists()
     run_cli("ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad",
             "--targets", "attn_out")

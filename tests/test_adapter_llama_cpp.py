@@ -78,8 +78,8 @@ def write_gguf(folder, out):
 
 
 def run_llama(path, ids, lora=None):
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
-                          verbose=False, n_threads=1, n_batch=64)
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64,
+                          logits_all=True, verbose=False, n_threads=1, n_batch=64)
     try:
         llm.eval(list(ids))
         return np.array(llm.scores[:len(ids)], dtype=np.float64)
@@ -97,7 +97,8 @@ def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction
     r = gguf.GGUFReader(lora)
     assert r.fields["general.type"].contents() == "adapter" and r.fields["adapter.type"].contents() == "lora"
     assert r.fields["adapter.lora.alpha"].contents() == 1.0
-    base_gguf, merged_gguf = write_gguf(src, tmp_path / "base.gguf"), write_gguf(merged, tmp_path / "merged.gguf")
+    base_gguf = write_gguf(src, tmp_path / "base.gguf")
+    merged_gguf = write_gguf(merged, tmp_path / "merged.gguf")
     ids = np.random.default_rng(2).integers(7, 380, size=16)
     z0 = run_llama(base_gguf, ids)
     want = run_llama(merged_gguf, ids)
@@ -109,9 +110,10 @@ def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction
     hf = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids[None])).logits[0].double().numpy()
-    assert np.abs(got - ref).max() <= HF_TOL, f"max |llama.cpp LoRA - HF merged| = {np.abs(got - ref).max():.3g}"
+    assert np.abs(got - ref).max() <= HF_TOL, f"|llama.cpp LoRA - HF| = {np.abs(got - ref).max():.3g}"
 
 
 def test_gguf_lora_refuses_tied_embedding(tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("gemma2"), "-d", direction64, "--adapter", tmp_path / "a.gguf", expect=1)
+    res = run_cli("ablate", fixture_path("gemma2"), "-d", direction64, "--adapter", tmp_path / "a.gguf",
+                  expect=1)
     assert "tied embeddings" in res.output and not (tmp_path / "a.gguf").exists()

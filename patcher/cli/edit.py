@@ -65,8 +65,8 @@ def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool) -> None:
     check(plan, fmt)  # refusals come before any work, dry run included
     if dry_run:
         _print_plan(plan)
-        out.print(f"dry run: nothing written (would write a {fmt} LoRA adapter of rank {plan.record['rank']}, "
-                  f"~{human(adapter_bytes(plan))}, to {target})")
+        out.print(f"dry run: nothing written (would write a {fmt} LoRA adapter of rank "
+                  f"{plan.record['rank']}, ~{human(adapter_bytes(plan))}, to {target})")
         return
     with progress() as prog:
         prog.add_task("computing B·A", total=None)
@@ -91,8 +91,9 @@ def register(app) -> None:
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
                output: Optional[Path] = typer.Option(None, "-o", "--output", help="New folder to write"),
                adapter: Optional[Path] = typer.Option(None, "--adapter",
-                   help="Write the edit as a LoRA adapter instead of a model (instead of -o): OUT.gguf = llama.cpp "
-                        "--lora file, any other name = PEFT folder (adapter_config.json + adapter_model.safetensors)"),
+                   help="Write the edit as a LoRA adapter instead of a model (instead of -o): OUT.gguf = "
+                        "llama.cpp --lora file, any other name = PEFT folder (adapter_config.json + "
+                        "adapter_model.safetensors)"),
                layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
                targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
                scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),

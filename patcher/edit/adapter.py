@@ -112,22 +112,28 @@ def _expert_groups(plan: Plan) -> dict[str, tuple[str, list[tuple[int, str]]]]:
     return out
 
 
+def _refuse(problem: str) -> PatcherError:
+    return PatcherError("--adapter", problem)
+
+
+FULL = "write a full model with -o"
+
+
 def check(plan: Plan, fmt: str) -> None:
     """Refuse, before any work, what an adapter in this format cannot carry."""
-    where = "--adapter"
     if fmt not in FORMATS:
-        raise PatcherError(where, f"format must be one of {FORMATS}")
+        raise _refuse(f"format must be one of {FORMATS}")
     projected = [e for e in plan.all() if e.op == "project"]
     if any(e.op == "copy_of" for e in plan.all()) or plan.new:
-        raise PatcherError(where, "an adapter cannot untie embeddings (it adds to the base's weights, and a tied "
-                                  "base shares one matrix); drop --untie-embeddings or write a full model with -o")
+        raise _refuse("an adapter cannot untie embeddings (it adds to the base's weights, and a tied base "
+                      f"shares one matrix); drop --untie-embeddings or {FULL}")
     if any(e.preserve for e in projected):
-        raise PatcherError(where, "--norm-preserve rescales every row or column: that is not a low-rank change, so "
-                                  "no LoRA adapter carries it; drop --norm-preserve or write a full model with -o")
+        raise _refuse("--norm-preserve rescales every row or column: that is not a low-rank change, so no "
+                      f"LoRA adapter carries it; drop --norm-preserve or {FULL}")
     for e in projected:
         if len(e.shape) != 2:
-            raise PatcherError(where, f"{e.name} is a fused {len(e.shape)}-D expert tensor; LoRA adapters here cover "
-                                      f"2-D weights only: pass --targets without mlp_out or write a full model with -o")
+            raise _refuse(f"{e.name} is a fused {len(e.shape)}-D expert tensor; adapters here cover 2-D "
+                          f"weights only: pass --targets without mlp_out or {FULL}")
     experts = _expert_groups(plan)
     with_expert = [e for e in projected if "{expert}" in _writer_pattern(plan, e)]
     biases = [e for e in plan.edits.values() if e.op == "project_bias"]
@@ -135,28 +141,29 @@ def check(plan: Plan, fmt: str) -> None:
     if fmt == "peft":
         for e in with_expert:
             if e.name not in experts:
-                raise PatcherError(where, f"{e.name}: per-expert writers of {plan.resolved.arch.model_type} have no "
-                                          f"known PEFT target; pass --targets without mlp_out or write a full model")
+                mt = plan.resolved.arch.model_type
+                raise _refuse(f"{e.name}: per-expert writers of {mt} have no known PEFT target; "
+                              f"pass --targets without mlp_out or {FULL}")
         for path, members in {v[0]: v[1] for v in experts.values()}.items():
             if [i for i, _ in members] != list(range(len(members))):
-                raise PatcherError(where, f"{path}: the fused PEFT target needs every expert of the layer")
+                raise _refuse(f"{path}: the fused PEFT target needs every expert of the layer")
         if biases and embeds:
-            raise PatcherError(where, f"this edit changes {len(biases)} writer biases (PEFT: lora_bias, which PEFT "
-                                      f"refuses on embedding layers) and {len(embeds)} embeddings; write them as two "
-                                      f"adapters (--targets embed, then --targets attn_out,mlp_out) or a full model")
+            raise _refuse(f"this edit changes {len(biases)} writer biases (PEFT: lora_bias, which PEFT "
+                          f"refuses on embedding layers) and {len(embeds)} embeddings; write two adapters "
+                          f"(--targets embed, then --targets attn_out,mlp_out) or {FULL}")
         if biases and experts:
-            raise PatcherError(where, "PEFT's fused-expert adapters refuse lora_bias; this edit changes biases too")
+            raise _refuse("PEFT's fused-expert adapters refuse lora_bias; this edit changes biases too")
     else:
         if biases:
-            raise PatcherError(where, f"llama.cpp LoRA adapters carry no biases and this edit changes {len(biases)} "
-                                      f"(e.g. {biases[0].name}); write a PEFT adapter (folder) or a full model")
+            raise _refuse(f"llama.cpp LoRA adapters carry no biases and this edit changes {len(biases)} "
+                          f"(e.g. {biases[0].name}); write a PEFT adapter (a folder) or {FULL}")
         if with_expert:
-            raise PatcherError(where, f"{with_expert[0].name}: GGUF LoRA for expert writers (ffn_down_exps) is not "
-                                      f"supported; pass --targets without mlp_out or write a PEFT adapter")
+            raise _refuse(f"{with_expert[0].name}: GGUF LoRA for expert writers (ffn_down_exps) is not "
+                          f"supported; pass --targets without mlp_out or write a PEFT adapter")
         if embeds and plan.resolved.tied:
-            raise PatcherError(where, "tied embeddings: llama.cpp applies a token_embd LoRA to the output projection "
-                                      "too, in the input orientation (it fails or computes garbage); pass --targets "
-                                      "attn_out,mlp_out or write a PEFT adapter")
+            raise _refuse("tied embeddings: llama.cpp applies a token_embd LoRA to the output projection "
+                          "too, in the input orientation (it fails or computes garbage); pass --targets "
+                          "attn_out,mlp_out or write a PEFT adapter")
         _gguf_names(plan, projected)  # every tensor must have a llama.cpp name
 
 
@@ -280,7 +287,8 @@ def _token_embedding(plan: Plan, fs: list[Factor]) -> Factor | None:
 def peft_config(plan: Plan, fs: list[Factor], rank: int) -> dict:
     modules = sorted(f.module for f in fs if f.kind != "experts")
     params = sorted(f.module for f in fs if f.kind == "experts")
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,  # scaling alpha/r = 1
+    # lora_alpha = r: PEFT's scaling alpha / r is 1
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
            "target_modules": modules, "target_parameters": params or None,
            "fan_in_fan_out": any(f.kind == "conv1d" for f in fs),
            "lora_bias": any(f.bias is not None for f in fs), "bias": "none", "lora_dropout": 0.0,
@@ -390,12 +398,13 @@ def write_adapter(plan: Plan, out: Path, *, fmt: str | None = None, force: bool 
     report = AdapterReport(Path(out), fmt, rank)
     fs = factors(plan)
     report.modules = len(fs)
-    (_write_gguf if fmt == "gguf" else _write_peft)(plan, Path(out), fs, rank, force, command, report, record, t0)
+    write = _write_gguf if fmt == "gguf" else _write_peft
+    write(plan, Path(out), fs, rank, force, command, report, record, t0)
     if _token_embedding(plan, fs) is not None:
-        report.notes.append("tied embeddings: the adapter targets the output unembedding too, with the same ΔW, "
-                            "as the merged edit does. To merge it with PEFT, load the base untied "
-                            "(tie_word_embeddings=False, lm_head = a copy of the embedding): merging into one "
-                            "shared matrix would add ΔW twice")
+        report.notes.append("tied embeddings: the adapter targets the output unembedding too, with the "
+                            "same ΔW, as the merged edit does. To merge it with PEFT, load the base untied "
+                            "(tie_word_embeddings=False, lm_head = a copy of the embedding): merging into "
+                            "one shared matrix would add ΔW twice")
     if any(f.bias is not None for f in fs):
         report.notes.append("writer biases are carried as PEFT lora_B.bias (lora_bias=True); loaders without "
                             "lora_bias support would drop them")
