@@ -97,6 +97,8 @@ def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction
     r = gguf.GGUFReader(lora)
     assert r.fields["general.type"].contents() == "adapter" and r.fields["adapter.type"].contents() == "lora"
     assert r.fields["adapter.lora.alpha"].contents() == 1.0
+    assert json.loads(r.fields["patcher.edit"].contents())["adapter"] == "gguf"
+    assert "config.json" in json.loads(r.fields["patcher.inputs"].contents())
     base_gguf = write_gguf(src, tmp_path / "base.gguf")
     merged_gguf = write_gguf(merged, tmp_path / "merged.gguf")
     ids = np.random.default_rng(2).integers(7, 380, size=16)

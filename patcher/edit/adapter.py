@@ -123,6 +123,9 @@ def check(plan: Plan, fmt: str) -> None:
     """Refuse, before any work, what an adapter in this format cannot carry."""
     if fmt not in FORMATS:
         raise _refuse(f"format must be one of {FORMATS}")
+    if getattr(plan.ck, "is_gguf", False):  # its weights are quantized and named for llama.cpp
+        raise _refuse("adapters are made from the safetensors model (the factors need its names and exact "
+                      "weights); a GGUF input is not supported here")
     projected = [e for e in plan.all() if e.op == "project"]
     if any(e.op == "copy_of" for e in plan.all()) or plan.new:
         raise _refuse("an adapter cannot untie embeddings (it adds to the base's weights, and a tied base "
@@ -335,6 +338,7 @@ def _write_gguf(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool,
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))  # llama.cpp scale = alpha / rank = 1
         w.add_string("patcher.edit", json.dumps(record, sort_keys=True))
         w.add_string("patcher.version", __version__)
+        w.add_string("patcher.inputs", json.dumps(_input_digests(plan), sort_keys=True))
         for f in fs:
             n = names[f.name]
             a = f.a.T if n == "token_embd.weight" else f.a  # llm_build_inp_embd gathers rows of lora_a
@@ -368,19 +372,24 @@ def _check_output_file(out: Path, source: Path, force: bool) -> Path:
     return t
 
 
-def _manifest(plan: Plan, folder: Path, outputs: dict[str, Path], command: str, record: dict,
-              report: AdapterReport) -> None:
+def _input_digests(plan: Plan, outputs: dict[str, Path] | None = None) -> dict[str, str]:
+    """sha256 of what this run read (and, prefixed out/, of what it wrote)."""
     from patcher.edit.apply import _input_files
     hasher = manifest.Hasher()
     try:
         for p in _input_files(plan.ck):
             hasher.add(p.name, p)
-        for n, p in outputs.items():
+        for n, p in (outputs or {}).items():
             hasher.add("out/" + n, p)
-        digests = hasher.results()
+        return hasher.results()
     except BaseException:
         hasher.cancel()
         raise
+
+
+def _manifest(plan: Plan, folder: Path, outputs: dict[str, Path], command: str, record: dict,
+              report: AdapterReport) -> None:
+    digests = _input_digests(plan, outputs)
     manifest.write(folder, kind="adapter", command=command, record=record,
                    inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
                    outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
