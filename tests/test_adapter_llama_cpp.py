@@ -1,9 +1,10 @@
 """`ablate --adapter OUT.gguf` in llama.cpp itself (llama-cpp-python, test extra): the base GGUF with the
 LoRA applied (`lora_path=`) must compute what the GGUF of patcher's merged checkpoint computes.
 
-The GGUFs are written here by a minimal safetensors -> GGUF converter for llama and qwen2 (F32, names from
-the gguf package's TensorNameMap, llama's q/k rows permuted for llama.cpp's rope as convert_hf_to_gguf.py
-does), with the fixture's byte-level BPE vocabulary as tokenizer.ggml.*.
+The GGUFs are written here by a minimal safetensors -> GGUF converter for llama, qwen2 and qwen3_moe (F32,
+names from the gguf package's TensorNameMap, llama's q/k rows permuted for llama.cpp's rope and experts
+stacked into `_exps` tensors as convert_hf_to_gguf.py does), with the fixture's byte-level BPE vocabulary
+as tokenizer.ggml.*.
 
 Tolerances. Both llama.cpp runs use F32 weights and an f16 KV cache: the LoRA run computes Wx + B(Ax)
 where the merged run computes W'x, so K/V values that differ by fp32 rounding can land on neighbouring
@@ -12,6 +13,7 @@ flips): we allow 1e-3. Against HF transformers on the merged checkpoint the f16 
 ≤ 2.3e-3 (as the gguf tests measure for plain F32 GGUFs): 1e-2. The edit moves the logits by ≥ 1.4.
 """
 import json
+import re
 
 import numpy as np
 import pytest
@@ -24,7 +26,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
-ARCH = {"llama": "llama", "qwen2": "qwen2"}
+ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3_moe": "qwen3moe"}
+EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(\w+_proj)\.weight")
 SAME_TOL, HF_TOL = 1e-3, 1e-2
 
 
@@ -53,6 +56,11 @@ def write_gguf(folder, out):
     w.add_rope_dimension_count(cfg["head_dim"])
     w.add_key_length(cfg["head_dim"])
     w.add_value_length(cfg["head_dim"])
+    if cfg.get("num_experts"):
+        w.add_expert_count(cfg["num_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
     w.add_file_type(0)
     tj = json.loads((folder / "tokenizer.json").read_text())
     tokens = sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
@@ -65,6 +73,11 @@ def write_gguf(folder, out):
     w.add_bos_token_id(special["<s>"])
     w.add_eos_token_id(special["</s>"])
     w.add_add_bos_token(False)
+    stacked = {}  # per-expert HF weights -> one [experts, out, in] tensor, as convert_hf_to_gguf.py does
+    for name in [n for n in arrays if EXPERT.match(n)]:
+        m = EXPERT.match(name)
+        stacked.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = arrays.pop(name)
+    arrays.update({n: np.stack([e[i] for i in sorted(e)]) for n, e in stacked.items()})
     for name, v in arrays.items():
         base, suffix = name.rsplit(".", 1)
         if mt == "llama" and base.endswith(("q_proj", "k_proj")):
@@ -88,7 +101,8 @@ def run_llama(path, ids, lora=None):
 
 
 @pytest.mark.parametrize("model_type,opts", [("llama", ()), ("qwen2", ("--targets", "attn_out,mlp_out")),
-                                             ("llama", ("--scale", "0.6", "--layers", "0,2"))])
+                                             ("llama", ("--scale", "0.6", "--layers", "0,2")),
+                                             ("qwen3_moe", ())])
 def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction64):
     src = f32_copy(model_type, tmp_path / "base")
     merged, lora = tmp_path / "merged", tmp_path / "edit.gguf"
@@ -99,6 +113,10 @@ def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction
     assert r.fields["adapter.lora.alpha"].contents() == 1.0
     assert json.loads(r.fields["patcher.edit"].contents())["adapter"] == "gguf"
     assert "config.json" in json.loads(r.fields["patcher.inputs"].contents())
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}  # GGUF order: ne0 first
+    if model_type == "qwen3_moe":  # 4 experts, moe_intermediate 32, d_model 64, rank 1
+        assert shapes["blk.0.ffn_down_exps.weight.lora_a"] == (32, 1, 4)
+        assert shapes["blk.0.ffn_down_exps.weight.lora_b"] == (1, 64, 4)
     base_gguf = write_gguf(src, tmp_path / "base.gguf")
     merged_gguf = write_gguf(merged, tmp_path / "merged.gguf")
     ids = np.random.default_rng(2).integers(7, 380, size=16)

@@ -14,7 +14,8 @@ Two containers:
   `lora_embedding_B` [d_model, k]; fused experts of transformers >= 5 (`target_parameters`,
   ParamWrapper) `lora_A.weight` [E·k, in] expert-major, `lora_B.weight` [out, k·E] rank-major.
 - llama.cpp's GGUF LoRA (src/llama-adapter.cpp): `<gguf tensor>.lora_a` numpy [k, in] and `.lora_b`
-  [out, k]; for `token_embd.weight` lora_a is [vocab, k] (llm_build_inp_embd gathers its rows).
+  [out, k]; for `token_embd.weight` lora_a is [vocab, k] (llm_build_inp_embd gathers its rows); for
+  `ffn_down_exps` [E, k, in] and [E, out, k] (build_lora_mm_id picks each token's experts from both).
   Scale alpha / rank with alpha = k, so 1.
 """
 import json
@@ -160,9 +161,10 @@ def check(plan: Plan, fmt: str) -> None:
         if biases:
             raise _refuse(f"llama.cpp LoRA adapters carry no biases and this edit changes {len(biases)} "
                           f"(e.g. {biases[0].name}); write a PEFT adapter (a folder) or {FULL}")
-        if with_expert:
-            raise _refuse(f"{with_expert[0].name}: GGUF LoRA for expert writers (ffn_down_exps) is not "
-                          f"supported; pass --targets without mlp_out or write a PEFT adapter")
+        for e in with_expert:
+            if e.name not in experts:
+                raise _refuse(f"{e.name}: no GGUF LoRA layout is known for these expert writers; pass "
+                              f"--targets without mlp_out or write a PEFT adapter")
         if embeds and plan.resolved.tied:
             raise _refuse("tied embeddings: llama.cpp applies a token_embd LoRA to the output projection "
                           "too, in the input orientation (it fails or computes garbage); pass --targets "
@@ -194,9 +196,11 @@ def _gguf_names(plan: Plan, edits) -> dict[str, str]:
         raise PatcherError("--adapter", f"no llama.cpp architecture is known for model_type "
                                         f"{plan.resolved.arch.model_type!r}")
     tmap = gguf.get_tensor_name_map(ids[arch], plan.resolved.n_layers)
+    experts = _expert_groups(plan)  # per-expert weights of a layer are one ffn_down_exps tensor in GGUF
     out = {}
     for e in edits:
-        name = tmap.get_name(_module_of(plan, e.name))
+        module = experts[e.name][0] if e.name in experts else _module_of(plan, e.name)
+        name = tmap.get_name(module)
         if name is None:
             raise PatcherError("--adapter", f"llama.cpp's {arch} has no tensor for {e.name}")
         if e.role == "embed" and name != "token_embd":
