@@ -182,3 +182,28 @@ def test_adapter_output_rules(tmp_path, direction64, model_copy):
     assert "already exists" in res.output
     run_cli("ablate", src, "-d", direction64, "--adapter", out, "--force")
     assert not list(tmp_path.glob(".a.gguf.partial-*"))
+
+
+def test_fp8_adapter_uses_the_dequantized_weights(tmp_path, direction64):
+    """FP8 block-scaled weights: A = r̂ᵀ(q·scale), no re-rounding (the adapter keeps the edit exact)."""
+    from test_tables_and_fp8 import make_fp8_model
+    from patcher.io.checkpoint import Checkpoint
+    from patcher_kernels.fp8 import dequantize_blocks
+    src = make_fp8_model(tmp_path, "BF16")
+    adapter = tmp_path / "ad"
+    run_cli("ablate", src, "-d", direction64, "--adapter", adapter, "--targets", "attn_out")
+    t = load_file(adapter / "adapter_model.safetensors")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    with Checkpoint(src) as ck:
+        w = dequantize_blocks(ck.array(name), ck.array(name + "_scale_inv").astype(np.float32)).astype(np.float64)
+    r = unit(np.load(direction64))
+    got = t["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"].numpy()[0].astype(np.float64)
+    np.testing.assert_allclose(got, r @ w, rtol=1e-6, atol=1e-6 * np.abs(r @ w).max())
+
+
+def test_adapter_dry_run_writes_nothing(tmp_path, direction64):
+    res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "--adapter", tmp_path / "a.gguf", "--dry-run")
+    assert "would write a gguf LoRA adapter of rank 1" in res.output and not list(tmp_path.iterdir())
+    res = run_cli("ablate", fixture_path("gpt2"), "-d", direction64, "--adapter", tmp_path / "a", "--dry-run",
+                  expect=1)  # refusals come before the plan is shown
+    assert "lora_bias" in res.output and not list(tmp_path.iterdir())
