@@ -195,14 +195,16 @@ def test_fp8_adapter_uses_the_dequantized_weights(tmp_path, direction64):
     t = load_file(adapter / "adapter_model.safetensors")
     name = "model.layers.1.self_attn.o_proj.weight"
     with Checkpoint(src) as ck:
-        w = dequantize_blocks(ck.array(name), ck.array(name + "_scale_inv").astype(np.float32)).astype(np.float64)
+        scale = ck.array(name + "_scale_inv").astype(np.float32)
+        w = dequantize_blocks(ck.array(name), scale).astype(np.float64)
     r = unit(np.load(direction64))
     got = t["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"].numpy()[0].astype(np.float64)
     np.testing.assert_allclose(got, r @ w, rtol=1e-6, atol=1e-6 * np.abs(r @ w).max())
 
 
 def test_adapter_dry_run_writes_nothing(tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "--adapter", tmp_path / "a.gguf", "--dry-run")
+    res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "--adapter", tmp_path / "a.gguf",
+                  "--dry-run")
     assert "would write a gguf LoRA adapter of rank 1" in res.output and not list(tmp_path.iterdir())
     res = run_cli("ablate", fixture_path("gpt2"), "-d", direction64, "--adapter", tmp_path / "a", "--dry-run",
                   expect=1)  # refusals come before the plan is shown
