@@ -59,7 +59,7 @@ def _summary(plan: Plan, report) -> None:
         out.print(f"[yellow]note:[/] {n}")
 
 
-def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool) -> None:
+def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool, hash_files: bool = True) -> None:
     from patcher.edit.adapter import adapter_bytes, adapter_format, check, write_adapter
     fmt = adapter_format(target)
     check(plan, fmt)  # refusals come before any work, dry run included
@@ -70,7 +70,8 @@ def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool) -> None:
         return
     with progress() as prog:
         prog.add_task("computing B·A", total=None)
-        report = write_adapter(plan, target, fmt=fmt, force=force, command=command_line())
+        report = write_adapter(plan, target, fmt=fmt, force=force, command=command_line(),
+                               hash_files=hash_files)
     from rich.table import Table
     t = Table(title=f"wrote {report.out}", title_justify="left", show_header=False, box=None)
     t.add_row("adapter", f"{report.fmt} LoRA, rank {report.rank}, scaling 1 (alpha = r)")
@@ -120,7 +121,7 @@ def register(app) -> None:
             plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
                                  preserve=norm_preserve, untie=untie)
             if adapter is not None:
-                _run_adapter(plan, adapter, force, dry_run)
+                _run_adapter(plan, adapter, force, dry_run, not no_hash)
             else:
                 _run(plan, output, force, dry_run, not no_hash)
         guard(body)

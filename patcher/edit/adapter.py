@@ -75,6 +75,7 @@ class AdapterReport:
     bytes_written: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    hash_files: bool = True
 
 
 def adapter_format(path: Path) -> str:
@@ -342,7 +343,8 @@ def _write_gguf(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool,
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))  # llama.cpp scale = alpha / rank = 1
         w.add_string("patcher.edit", json.dumps(record, sort_keys=True))
         w.add_string("patcher.version", __version__)
-        w.add_string("patcher.inputs", json.dumps(_input_digests(plan), sort_keys=True))
+        inputs = _input_digests(plan, None, report.hash_files)
+        w.add_string("patcher.inputs", json.dumps(inputs, sort_keys=True))
         for f in fs:
             n = names[f.name]
             a = f.a.T if n == "token_embd.weight" else f.a  # llm_build_inp_embd gathers rows of lora_a
@@ -376,10 +378,11 @@ def _check_output_file(out: Path, source: Path, force: bool) -> Path:
     return t
 
 
-def _input_digests(plan: Plan, outputs: dict[str, Path] | None = None) -> dict[str, str]:
-    """sha256 of what this run read (and, prefixed out/, of what it wrote)."""
+def _input_digests(plan: Plan, outputs: dict[str, Path] | None = None,
+                   hash_files: bool = True) -> dict[str, str]:
+    """sha256 (or, without hashing, sizes) of what this run read and, prefixed out/, of what it wrote."""
     from patcher.edit.apply import _input_files
-    hasher = manifest.Hasher()
+    hasher = manifest.Hasher(enabled=hash_files)
     try:
         for p in _input_files(plan.ck):
             hasher.add(p.name, p)
@@ -393,7 +396,7 @@ def _input_digests(plan: Plan, outputs: dict[str, Path] | None = None) -> dict[s
 
 def _manifest(plan: Plan, folder: Path, outputs: dict[str, Path], command: str, record: dict,
               report: AdapterReport) -> None:
-    digests = _input_digests(plan, outputs)
+    digests = _input_digests(plan, outputs, report.hash_files)
     manifest.write(folder, kind="adapter", command=command, record=record,
                    inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
                    outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
@@ -402,13 +405,13 @@ def _manifest(plan: Plan, folder: Path, outputs: dict[str, Path], command: str, 
 
 
 def write_adapter(plan: Plan, out: Path, *, fmt: str | None = None, force: bool = False,
-                  command: str = "") -> AdapterReport:
+                  command: str = "", hash_files: bool = True) -> AdapterReport:
     fmt = fmt or adapter_format(out)
     check(plan, fmt)
     t0 = time.perf_counter()
     rank = int(plan.record.get("rank", 1))
     record = {**plan.record, "adapter": fmt}
-    report = AdapterReport(Path(out), fmt, rank)
+    report = AdapterReport(Path(out), fmt, rank, hash_files=hash_files)
     fs = factors(plan)
     report.modules = len(fs)
     write = _write_gguf if fmt == "gguf" else _write_peft
