@@ -167,9 +167,10 @@ def check(plan: Plan, fmt: str) -> None:
                 raise _refuse(f"{e.name}: no GGUF LoRA layout is known for these expert writers; pass "
                               f"--targets without mlp_out or write a PEFT adapter")
         if embeds and plan.resolved.tied:
-            raise _refuse("tied embeddings: llama.cpp applies a token_embd LoRA to the output projection "
-                          "too, in the input orientation (it fails or computes garbage); pass --targets "
-                          "attn_out,mlp_out or write a PEFT adapter")
+            # measured: llama.cpp 0.3.36 aborts (GGML_ASSERT in build_lora_mm) on such an adapter
+            raise _refuse("tied embeddings: llama.cpp applies a token_embd LoRA to the tied output projection "
+                          "too, in the gathered-row orientation, and aborts; pass --targets attn_out,mlp_out "
+                          "or write a PEFT adapter")
         _gguf_names(plan, projected)  # every tensor must have a llama.cpp name
 
 
