@@ -168,9 +168,9 @@ def check(plan: Plan, fmt: str) -> None:
                               f"--targets without mlp_out or write a PEFT adapter")
         if embeds and plan.resolved.tied:
             # measured: llama.cpp 0.3.36 aborts (GGML_ASSERT in build_lora_mm) on such an adapter
-            raise _refuse("tied embeddings: llama.cpp applies a token_embd LoRA to the tied output projection "
-                          "too, in the gathered-row orientation, and aborts; pass --targets attn_out,mlp_out "
-                          "or write a PEFT adapter")
+            raise _refuse("tied embeddings: llama.cpp applies a token_embd LoRA to the tied output "
+                          "projection too, in the gathered-row orientation, and aborts; pass --targets "
+                          "attn_out,mlp_out or write a PEFT adapter")
         _gguf_names(plan, projected)  # every tensor must have a llama.cpp name
 
 
