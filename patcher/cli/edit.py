@@ -144,8 +144,8 @@ def register(app) -> None:
             from patcher.edit.plan import parse_layers, plan_ablation
             ck, res = open_model(model, arch_table)
             d = load_direction(direction, res.d_model)
-            write(plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
-                                preserve=norm_preserve, untie=untie))
+            write(plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles,
+                                scale=scale, preserve=norm_preserve, untie=untie))
         guard(body)
 
 
