@@ -93,7 +93,8 @@ def test_io_names_dims_and_files(exported):
             assert dims[f"past_key_values.{i}.{kind}"] == ["batch_size", cfg["num_key_value_heads"], "past_sequence_length",
                                                           cfg["head_dim"]]
     outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
-    assert outs["logits"] == ["batch_size", "sequence_length", cfg["vocab_size"]]
+    assert outs["logits"] == ["batch_size", "logits_sequence_length", cfg["vocab_size"]]
+    assert dims["num_logits_to_keep"] == []  # a scalar, as transformers.js >= 4 sends it (1 when generating)
     assert outs["present.0.key"] == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # standard ops only
@@ -204,3 +205,32 @@ def test_unavailable_provider_is_a_clear_error(exported):
         pytest.skip("CUDA is available here")
     with pytest.raises(PatcherError, match="not available"):
         OnnxModel(exported("llama"), provider="cuda")
+
+
+def test_transformers_js_config_permissions_and_chunks(tmp_path):
+    """config.json says which files have external data and how many chunks (transformers.js fetches
+    `<file>_data`, `<file>_data_1`, ... by that count); every file is world-readable; a tiny chunk limit
+    splits the weights over many chunks that onnxruntime loads from the one .onnx."""
+    import os
+    out = export(fixture_path("qwen3"), tmp_path / "x", dtype="fp32", chunk_bytes=20_000)
+    files = sorted(p.name for p in (out / "onnx").iterdir())
+    chunks = [f for f in files if f.startswith("model.onnx_data")]
+    cfg = json.loads((out / "config.json").read_text())["transformers.js_config"]
+    assert cfg["use_external_data_format"] == {"model.onnx": len(chunks)} and cfg["dtype"] == "fp32"
+    assert len(chunks) > 3 and set(chunks) == {"model.onnx_data"} | {f"model.onnx_data_{i}" for i in range(1, len(chunks))}
+    model = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == set(chunks)
+    per_chunk = {c: sum(1 for t in model.graph.initializer for e in t.external_data if e.value == c) for c in chunks}
+    assert all((out / "onnx" / c).stat().st_size <= 20_000 or per_chunk[c] == 1 for c in chunks)  # one big tensor alone
+    for p in [out, *out.rglob("*")]:
+        assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
+    whole = export(fixture_path("qwen3"), tmp_path / "whole", dtype="fp32")
+    ids, mask = batch()
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    a, _ = OnnxModel(out).step(ids, mask, pos, OnnxModel(out).empty_cache(3))
+    b, _ = OnnxModel(whole).step(ids, mask, pos, OnnxModel(whole).empty_cache(3))
+    assert np.array_equal(a, b)  # same bytes, only spread over files
+    assert json.loads((whole / "config.json").read_text())["transformers.js_config"]["use_external_data_format"] == \
+        {"model.onnx": 1}
+    assert sorted(os.listdir(whole / "onnx")) == ["model.onnx", "model.onnx_data"]

@@ -49,19 +49,29 @@ def register(app) -> None:
     @app.command()
     def export(model: Path = typer.Argument(..., help="Model folder (safetensors)"),
                output: Path = typer.Option(..., "-o", "--output", help="Folder to write (onnx/model.onnx + config + tokenizer)"),
-               dtype: str = typer.Option("fp32", "--dtype", help="fp32 (model.onnx), fp16 (model_fp16.onnx: fp16 weights), "
-                                                               "int4 (model_q4.onnx via MatMulNBits, plus model.onnx)"),
+               dtype: str = typer.Option("fp32", "--dtype", help="Variants, comma-separated: fp32 (model.onnx), fp16 "
+                                         "(model_fp16.onnx), int4 (model_q4.onnx), q4f16 (model_q4f16.onnx), int8 "
+                                         "(model_quantized.onnx). An existing export of the same model gains the "
+                                         "missing ones"),
                opset: int = typer.Option(17, "--opset", help="ONNX opset (17: standard ops, correct with left padding)"),
-               int4_block: int = typer.Option(32, "--int4-block", help="int4 quantization block size (power of two)"),
+               int4_block: int = typer.Option(32, "--int4-block", help="MatMulNBits block size for int4/q4f16/int8 "
+                                              "(power of two >= 16; int8 uses at least 32)"),
                int4_accuracy: Optional[int] = typer.Option(None, "--int4-accuracy",
-                                                           help="MatMulNBits accuracy_level (4: int8 compute, faster on CPU)"),
-               force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists")):
+                                                           help="MatMulNBits accuracy_level (4: int8 activations on "
+                                                                "onnxruntime CPU; ignored by onnxruntime-web)"),
+               zero_points: bool = typer.Option(False, "--zero-points", help="Asymmetric blocks (a zero point per "
+                                                "block): smaller rounding error, slightly larger files"),
+               direction: Optional[str] = typer.Option(None, "--direction", "-d", help="The ablated direction(s), "
+                                                       "for orthogonal rounding when the checkpoint's provenance "
+                                                       "does not lead to them. " + DIRECTION_HELP_SHORT),
+               force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (rebuild every variant)")):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
         def body():
             from patcher.onnx.export import export as run_export
             with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
                 run_export(model, output, dtype=dtype, force=force, opset=opset,
-                           command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy)
+                           command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy,
+                           symmetric=not zero_points, direction=direction)
             files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
             size = sum((output / f).stat().st_size for f in files)
             out.print(f"wrote {output} ({human(size)}): " + ", ".join(str(f) for f in files))
@@ -86,11 +96,12 @@ def register(app) -> None:
         def body():
             from patcher.onnx.runtime import OnnxModel
             from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
-            from patcher.onnx.verify import FILES, _eos, _until_eos
+            from patcher.onnx.export import variant_file
+            from patcher.onnx.verify import _eos, _until_eos
             if (prompt is None) == (prompts is None):
                 raise PatcherError("--prompt/--prompts", "give exactly one of --prompt TEXT or --prompts FILE")
             folder = _onnx_folder(model, dtype)
-            m = OnnxModel(folder, FILES[dtype], provider)
+            m = OnnxModel(folder, variant_file(folder, dtype), provider)
             tok = load_tokenizer(folder)
             texts = [prompt] if prompt is not None else read_prompt_file(prompts)
             ids = encode_prompts(tok, texts, chat_template=not no_chat_template and tok.has_chat_template, system=system)

@@ -6,10 +6,13 @@ Weights are lazy initializers decoded from the checkpoint one tensor at a time w
 peak memory is about one tensor (the largest, e.g. the embedding) whatever the model size. The
 protobuf graph itself is small; the 2 GB protobuf limit does not apply to external data.
 """
+
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from patcher import __version__
@@ -18,13 +21,36 @@ from patcher.model import forward as fw
 from patcher.io.checkpoint import INDEX_NAME, Checkpoint
 from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
+from patcher.onnx import storage
 from patcher.onnx.ops import Context, OnnxOps
 from patcher.io.writer import OutputFolder
 
 OPSET = 17
-FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int4": "model_q4.onnx"}
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+# --dtype -> file (transformers.js's names), matrix storage, activation / KV cache dtype, bits of the
+# MatMulNBits blocks (0: plain MatMul). int8 is transformers.js's q8 (`model_quantized.onnx`, WASM's default).
+VARIANTS = {
+    "fp32": {"file": "model.onnx", "weights": F32, "act": F32, "bits": 0},
+    "fp16": {"file": "model_fp16.onnx", "weights": F16, "act": F32, "bits": 0},
+    "int4": {"file": "model_q4.onnx", "weights": F32, "act": F32, "bits": 4},
+    "q4f16": {"file": "model_q4f16.onnx", "weights": F16, "act": F16, "bits": 4},
+    "int8": {"file": "model_quantized.onnx", "weights": F32, "act": F32, "bits": 8},
+}
+FILES = {k: v["file"] for k, v in VARIANTS.items()}
+# a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
+# is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
+EDITED_BELOW = 0.1
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def kv_shapes(sm: StreamedModel) -> list:
@@ -49,62 +75,320 @@ def _source(sm: StreamedModel) -> dict:
     return src
 
 
-def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT) -> ir.Model:
-    ctx = Context(_source(sm), kv_shapes(sm), sm.hp.n_heads, weight_dtype)
+def build(
+    sm: StreamedModel,
+    weight_dtype=ir.DataType.FLOAT,
+    act=ir.DataType.FLOAT,
+    quant: dict | None = None,
+    ortho=None,
+    logits_to_keep: bool = True,
+) -> ir.Model:
+    spec, hp = sm.spec, sm.hp
+    embed = spec.names["embed"] + ".weight"
+    src = _source(sm)
+    head_reuses = hp.tied or spec.names["lm_head"] + ".weight" not in src
+    ctx = Context(
+        src,
+        kv_shapes(sm),
+        hp.n_heads,
+        weight_dtype,
+        act,
+        quant,
+        token_embed=embed,
+        tied=head_reuses,
+        ortho=ortho,
+        logits_to_keep=logits_to_keep,
+    )
     top = OnnxOps(ctx, "")
-    x = fw.embed(top, sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
+    x = fw.embed(top, spec, hp, ctx.input_ids, ctx.position_ids)
     for layer in range(sm.n_layers):
-        x = fw.block(OnnxOps(ctx, sm.resolved.layer_prefix(layer)), sm.spec, sm.hp, x, layer)
-    logits = fw.head(top, sm.spec, sm.hp, x)
+        x = fw.block(OnnxOps(ctx, sm.resolved.layer_prefix(layer)), spec, hp, x, layer)
+    if ctx.logits_to_keep is not None:  # the head (norm, vocabulary matmul) on the last k positions only
+        i64 = lambda v: ctx.const(v, np.int64)  # noqa: E731
+        start = ctx.op("Neg", [ctx.op("Unsqueeze", [ctx.logits_to_keep, i64([0])])])
+        x = ctx.op("Slice", [x, start, i64([np.iinfo(np.int64).max]), i64([1])])
+    logits = fw.head(top, spec, hp, x)
+    if act != ir.DataType.FLOAT:
+        logits = ctx.op("Cast", [logits], to=ir.DataType.FLOAT)
     logits.name = "logits"
-    vocab = sm.ck.info(sm.top_weights().names[sm.spec.names["embed"] + ".weight"]).shape[0]
-    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", "sequence_length", vocab])
+    vocab = src[embed][0][0]
+    seq = "logits_sequence_length" if ctx.logits_to_keep is not None else "sequence_length"
+    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", seq, vocab])
     outputs = [logits]
     for i, (k, v) in enumerate(ctx.present):
         for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
             val.name = f"present.{i}.{kind}"
-            val.type = ir.TensorType(ir.DataType.FLOAT)
-            val.shape = ir.Shape(["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]])
+            val.type = ir.TensorType(act)
+            val.shape = ir.Shape(
+                ["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]]
+            )
             outputs.append(val)
-    graph = ir.Graph(ctx.inputs, outputs, nodes=ctx.tape.nodes, initializers=ctx.tape.initializers,
-                     opset_imports={"": OPSET}, name=f"patcher-{sm.model_type}")
-    return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
+    opsets = {"": OPSET, **({"com.microsoft": 1} if quant else {})}
+    graph = ir.Graph(
+        ctx.inputs,
+        outputs,
+        nodes=ctx.tape.nodes,
+        initializers=ctx.tape.initializers,
+        opset_imports=opsets,
+        name=f"patcher-{sm.model_type}",
+    )
+    model = ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
+    if ctx.quantized_meta:  # checkpoint name -> its MatMulNBits initializers (verify dequantizes them)
+        full = sm.top_weights().names
+        model.metadata_props["patcher.quantized"] = json.dumps(
+            {full.get(k, k): v for k, v in ctx.quantized_meta.items()}
+        )
+    return model
 
 
-def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, opset: int = OPSET,
-           command: str | None = None, recipe: dict | None = None, int4_block: int = 32,
-           int4_accuracy: int | None = None) -> Path:
-    if dtype not in FILES:
-        raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
+def parse_dtypes(dtype) -> list[str]:
+    """`fp32,int4` (or a list) -> known variant names, in table order, without repeats."""
+    names = [d.strip() for d in (dtype.split(",") if isinstance(dtype, str) else dtype) if d.strip()]
+    bad = [d for d in names if d not in FILES]
+    if bad or not names:
+        raise PatcherError(
+            "--dtype",
+            f"unknown {', '.join(bad) or 'empty'}: choose from {', '.join(FILES)} "
+            "(several separated by commas)",
+        )
+    return [d for d in FILES if d in names]
+
+
+def export(
+    model: Path,
+    out: Path,
+    dtype="fp32",
+    force: bool = False,
+    opset: int = OPSET,
+    command: str | None = None,
+    recipe: dict | None = None,
+    int4_block: int = 32,
+    int4_accuracy: int | None = None,
+    chunk_bytes: int = storage.CHUNK_BYTES,
+    symmetric: bool = True,
+    direction=None,
+) -> Path:
+    """Write the variants `dtype` names into OUT. Without --force, OUT may be an earlier patcher export
+    of the same source (same input digests): the missing variants are added beside the ones there."""
+    dtypes = parse_dtypes(dtype)
     if int4_block < 16 or int4_block & (int4_block - 1):
         raise PatcherError("--int4-block", f"block size must be a power of two >= 16, got {int4_block}")
     if opset != OPSET:
-        raise PatcherError("--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)")
+        raise PatcherError(
+            "--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)"
+        )
     ck = Checkpoint(model)
     sm = StreamedModel(ck)
-    with OutputFolder(out, [ck.path], force=force) as tmp:
+    cache = manifest.DigestCache()
+    inputs = {
+        p.name: cache.sha256(p)
+        for p in sorted(ck.folder.iterdir())
+        if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)
+    }
+    cache.save()
+    keep = {} if force else _existing_export(Path(out), inputs)
+    todo = [d for d in dtypes if d not in keep]
+    with OutputFolder(out, [ck.path], force=force or bool(keep)) as tmp:
         (tmp / "onnx").mkdir()
-        fp32 = tmp / "onnx" / FILES["fp32"]
-        if dtype in ("fp32", "int4"):
-            ir.save(build(sm), fp32, external_data=FILES["fp32"] + "_data")
-        if dtype == "fp16":
-            path = tmp / "onnx" / FILES["fp16"]
-            ir.save(build(sm, ir.DataType.FLOAT16), path, external_data=FILES["fp16"] + "_data")
-        if dtype == "int4":
-            quantize_int4(fp32, tmp / "onnx" / FILES["int4"], int4_block, int4_accuracy)
+        for d, files in keep.items():  # hard links: adding a variant does not copy the others' bytes
+            for f in files:
+                os.link(Path(out) / "onnx" / f, tmp / "onnx" / f)
+        chunks = {d: files[1:] for d, files in keep.items()}
+        quant = {"block": int4_block, "accuracy": int4_accuracy, "symmetric": symmetric}
+        basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
+        for d in todo:
+            chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(basis))
+        variants = [d for d in FILES if d in chunks]
         for name in SIDE_FILES:
             if (ck.folder / name).is_file():
                 shutil.copyfile(ck.folder / name, tmp / name)
-        (tmp / "patcher-export.json").write_text(json.dumps({
-            "patcher": __version__, "source": str(ck.path), "model_type": ck.model_type, "dtype": dtype,
-            "opset": OPSET, "layers": sm.n_layers, "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
-            "provenance": _provenance(ck)}, indent=2) + "\n")
-        outputs = {str(p.relative_to(tmp)): manifest.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        inputs = {p.name: manifest.sha256_file(p) for p in sorted(ck.folder.iterdir())
-                  if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)}
-        manifest.write(tmp, kind="export", command=command, recipe=recipe, inputs=inputs, outputs=outputs,
-                       record={"dtype": dtype, "opset": OPSET, "source": str(ck.path)})
+        _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
+        (tmp / "patcher-export.json").write_text(
+            json.dumps(
+                {
+                    "patcher": __version__,
+                    "source": str(ck.path),
+                    "model_type": ck.model_type,
+                    "dtype": variants[0],
+                    "dtypes": variants,
+                    "files": {d: [FILES[d], *chunks[d]] for d in variants},
+                    "opset": OPSET,
+                    "layers": sm.n_layers,
+                    "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
+                    "provenance": _provenance(ck),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        storage.make_readable(tmp)
+        known = (manifest.read(out) or {}).get("outputs", {}) if keep else {}
+        kept = {"onnx/" + f for files in keep.values() for f in files}
+        outputs = {
+            str(p.relative_to(tmp)): known.get(str(p.relative_to(tmp)))
+            if str(p.relative_to(tmp)) in kept
+            else manifest.sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        outputs = {k: v or manifest.sha256_file(tmp / k) for k, v in outputs.items()}
+        manifest.write(
+            tmp,
+            kind="export",
+            command=command,
+            recipe=recipe,
+            inputs=inputs,
+            outputs=outputs,
+            record={
+                "dtype": variants[0],
+                "dtypes": variants,
+                "added": todo,
+                "opset": OPSET,
+                "source": str(ck.path),
+            },
+        )
+        storage.make_readable(tmp)
     return out
+
+
+def variants_in(folder: Path) -> dict[str, list[str]]:
+    """The variants an export folder holds: dtype -> [model file, its external data chunks]."""
+    info = Path(folder) / "patcher-export.json"
+    try:
+        files = json.loads(info.read_text()).get("files")
+    except (OSError, ValueError):
+        files = None
+    if isinstance(files, dict):
+        return {d: f for d, f in files.items() if d in FILES and (Path(folder) / "onnx" / f[0]).is_file()}
+    return {
+        d: [f] for d, f in FILES.items() if (Path(folder) / "onnx" / f).is_file()
+    }  # any other ONNX folder
+
+
+def variant_file(folder: Path, dtype: str) -> str:
+    """The ONNX file of variant `dtype` in an export folder, or a clear error naming the ones it has
+    (never another variant in its place)."""
+    if dtype not in FILES:
+        raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
+    have = variants_in(folder)
+    if dtype not in have:
+        listed = ", ".join(have) or "none"
+        raise PatcherError(
+            folder,
+            f"has no {dtype} variant (onnx/{FILES[dtype]}); it holds: {listed}. Add it with "
+            f"`patcher export SOURCE -o {folder} --dtype {dtype}`",
+        )
+    return have[dtype][0]
+
+
+def _existing_export(out: Path, inputs: dict) -> dict:
+    """An earlier export of the same source in OUT: its variants (to keep); {} when OUT is empty or
+    absent; an error when OUT holds anything else (OutputFolder then asks for --force)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return {}
+    old = manifest.read(out)
+    if not old or old.get("kind") != "export" or not (out / "patcher-export.json").is_file():
+        return {}  # not an export: OutputFolder refuses without --force
+    if old.get("inputs") != inputs:
+        raise PatcherError(
+            out,
+            "is a patcher export of a different source (its manifest's input digests differ); "
+            "pass --force to replace it, or choose another folder",
+        )
+    return variants_in(out)
+
+
+def _write_variant(
+    sm: StreamedModel, dtype: str, folder: Path, chunk_bytes: int, quant: dict, ortho
+) -> list[str]:
+    v = VARIANTS[dtype]
+    q = {**quant, "bits": v["bits"]} if v["bits"] else None
+    if (
+        q and v["bits"] == 8
+    ):  # MatMulNBits 8-bit has no fast kernel without accuracy_level 4 (80 ms vs 0.2 ms for
+        q["format"] = "int8-channel"  # a 1024x2816 product; WASM ignores that level): MatMulInteger instead
+    return storage.write_model(
+        build(sm, v["weights"], v["act"], q, ortho if q else None), folder / v["file"], chunk_bytes
+    )
+
+
+def edit_basis(ck: Checkpoint, direction=None):
+    """Q [d_model, k] of the directions an ablation removed from this checkpoint (from its provenance, or
+    `direction` given explicitly), or None when it records no ablation."""
+    from patcher.edit.directions import load_direction
+    from patcher_kernels.project import orthonormalize
+
+    d_model = int(ck.config.get("hidden_size") or ck.config.get("n_embd") or 0) or None
+    if direction is not None:
+        d = direction if hasattr(direction, "vectors") else load_direction(str(direction), d_model)
+        return orthonormalize(d.vectors)
+    prov = _provenance(ck)
+    if not isinstance(prov, dict) or prov.get("op") != "ablate":
+        return None
+    src, sha = prov.get("direction"), prov.get("direction_sha256")
+    try:
+        d = load_direction(str(src), d_model)
+    except (PatcherError, OSError, ValueError):
+        d = None
+    if d is None or (sha and d.sha256 != sha):
+        raise PatcherError(
+            ck.path,
+            f"was ablated along {src}, which is {'missing' if d is None else 'changed'}: "
+            "a quantized export rounds against it; pass --direction FILE",
+        )
+    return orthonormalize(d.vectors)
+
+
+def orthogonal_plan(q):
+    """ortho(name, w[N, K]) for Context: (q, axis) where the weight is already orthogonal to Q along an
+    axis of size d_model (the ablated writers along N, the embedding along K), else None."""
+    if q is None:
+        return None
+    d, k = q.shape
+    q32 = q.astype(np.float32)
+
+    def plan(name, w):
+        for axis in (0, 1):
+            if w.shape[axis] != d:
+                continue
+            comp = np.linalg.norm(q32.T @ w if axis == 0 else w @ q32)
+            if comp < EDITED_BELOW * np.linalg.norm(w) * np.sqrt(k / d):
+                return q, axis
+        return None
+
+    return plan
+
+
+# transformers.js dtype names (its file suffixes: "" fp32, _fp16, _q4, _q4f16, _quantized = q8)
+TJS_DTYPE = {"fp32": "fp32", "fp16": "fp16", "int4": "q4", "q4f16": "q4f16", "int8": "q8"}
+# the variant transformers.js loads when the page names none (first present wins; WebGPU: device_config)
+DEFAULT_ORDER = ("int4", "int8", "fp32", "fp16", "q4f16")
+KV_FP16 = tuple(d for d, v in VARIANTS.items() if v["act"] == F16)  # float16 KV cache inputs
+
+
+def transformers_js_config(chunks: dict[str, int]) -> dict:
+    present = [d for d in DEFAULT_ORDER if d in chunks]
+    cfg = {
+        "use_external_data_format": {FILES[d]: n for d, n in chunks.items() if n},
+        "dtype": TJS_DTYPE[present[0]],
+    }
+    kv = {TJS_DTYPE[d]: "float16" for d in KV_FP16 if d in chunks}
+    if kv:
+        cfg["kv_cache_dtype"] = kv
+    if "q4f16" in chunks:
+        cfg["device_config"] = {"webgpu": {"dtype": "q4f16"}}
+    return cfg
+
+
+def _write_config(ck: Checkpoint, path: Path, chunks: dict[str, int]) -> None:
+    """The model's config.json plus `transformers.js_config`, so transformers.js loads the folder as is."""
+    src = ck.folder / "config.json"
+    cfg = json.loads(src.read_text()) if src.is_file() else {"model_type": ck.model_type}
+    cfg["transformers.js_config"] = {
+        **cfg.get("transformers.js_config", {}),
+        **transformers_js_config(chunks),
+    }
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _provenance(ck: Checkpoint):
@@ -113,21 +397,3 @@ def _provenance(ck: Checkpoint):
         return json.loads(meta) if meta else None
     except ValueError:
         return meta
-
-
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int | None = None) -> None:
-    """onnxruntime's MatMulNBits quantizer (no torch): every MatMul with a constant weight -> int4.
-    It works on an in-memory ModelProto, so this step needs the fp32 model in RAM (the one limit of
-    export: int4 of a model larger than memory is not possible this way). accuracy_level 4 lets
-    onnxruntime's CPU kernel run on int8 activations (measured ~2x faster decode on AVX-512 CPUs,
-    at some accuracy cost: check with `patcher verify --dtype int4`)."""
-    import logging
-
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    model = onnx.load(str(src), load_external_data=True)
-    q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
-    q.process()
-    onnx.save_model(q.model.model, str(dst), save_as_external_data=True, location=dst.name + "_data",
-                    all_tensors_to_one_file=True)

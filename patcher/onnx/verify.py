@@ -1,5 +1,6 @@
 """`patcher verify` and `patcher generate`: onnxruntime against the numpy forward (parity, greedy
 agreement), the direction's projection per layer, and behaviour (marker rate, first-token KL)."""
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,17 +11,31 @@ from patcher import __version__
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
 from patcher.io.manifest import folder_identity
-from patcher.onnx.export import FILES
+from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
 from patcher.onnx.runtime import OnnxModel
 from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
 NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
-# max |Δ logits| / max(1, max |logits|) allowed per export dtype: fp32 is exact up to float rounding;
-# fp16 weights round each weight to 11 bits; int4 (block 32) changes logits substantially by design
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 0.5}
+# max |Δ logits| / max(1, max |logits|) allowed per export dtype, against the numpy forward of the weights
+# the file stores (quantized variants: their dequantized blocks), so each variant checks its graph, not its
+# rounding: fp32 and the fp32-activation quantized variants are exact up to float summation order; fp16 weights
+# are compared with the exact checkpoint (rounding each weight to 11 bits); q4f16 computes in float16; int8
+# (MatMulInteger, transformers.js's q8) also rounds each matmul's input to 8 bits per tensor at run time, which
+# the reference does not: measured 2e-2..2.5e-1 on the tiny random test models (real models are far less touchy).
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 1e-4, "q4f16": 2e-2, "int8": 0.35}
 # refusal-style markers peers count (case-insensitive, straight or curly apostrophes)
-MARKERS = ["i'm sorry", "i am sorry", "i cannot", "i can't", "as an ai", "i apologize", "i'm not able",
-           "i am not able", "i won't", "i will not"]
+MARKERS = [
+    "i'm sorry",
+    "i am sorry",
+    "i cannot",
+    "i can't",
+    "as an ai",
+    "i apologize",
+    "i'm not able",
+    "i am not able",
+    "i won't",
+    "i will not",
+]
 
 
 def marker_rate(texts: list[str]) -> float:
@@ -31,13 +46,14 @@ def marker_rate(texts: list[str]) -> float:
 def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     """A safetensors folder's export in the cache (keyed by path, file sizes and mtimes, version)."""
     from patcher.onnx.export import export
+
     model = Path(model).resolve()
     key = folder_identity(model, __version__, dtype)
     root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "onnx" / key[:16]
-    if not (root / "onnx" / FILES[dtype]).is_file():
+    if dtype not in variants_in(root):  # added beside the variants cached before
         if announce:
-            announce(f"exporting {model} to ONNX in {root} (cached for next time)")
-        export(model, root, dtype=dtype, force=True)
+            announce(f"exporting {model} ({dtype}) to ONNX in {root} (cached for next time)")
+        export(model, root, dtype=dtype)
     return root
 
 
@@ -59,8 +75,11 @@ class Prompts:
 def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None) -> Prompts:
     tok = load_tokenizer(folder)
     texts = read_prompt_file(prompts_file or NEUTRAL_PROMPTS, limit)
-    return Prompts(texts, encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template,
-                                         system=system), tok)
+    return Prompts(
+        texts,
+        encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template, system=system),
+        tok,
+    )
 
 
 def greedy_numpy(sm: StreamedModel, ids, mask, n: int) -> np.ndarray:
@@ -74,8 +93,115 @@ def greedy_numpy(sm: StreamedModel, ids, mask, n: int) -> np.ndarray:
     return np.stack(out, 1)
 
 
+def stored_weights(folder: Path, dtype: str) -> dict[str, np.ndarray]:
+    """The matrices a quantized variant stores, dequantized (float64, the checkpoint's layout), by
+    checkpoint tensor name. {} for unquantized variants."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from patcher.onnx.quant import Quantized, dequantize
+
+    path = Path(folder) / "onnx" / variant_file(folder, dtype)
+    model = onnx.load(str(path), load_external_data=False)
+    meta = json.loads({p.key: p.value for p in model.metadata_props}.get("patcher.quantized", "{}"))
+    if not meta:
+        return {}
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def arr(name):
+        t = inits.get(name)
+        if t is None:
+            return None
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(path.parent))
+        return numpy_helper.to_array(t)
+
+    out = {}
+    for name, m in meta.items():
+        if m.get("format") == "int8-channel":
+            codes = arr(m["init"] + ".codes").astype(np.float64)
+            w = (codes.T if m["transposed"] else codes) * arr(m["init"] + ".scales").astype(np.float64)[
+                :, None
+            ]
+            out[name] = w.T if m["conv1d"] else w
+            continue
+        qt = Quantized(
+            arr(m["init"] + ".packed"),
+            arr(m["init"] + ".scales").astype(np.float32),
+            arr(m["init"] + ".zero_points"),
+            m["bits"],
+            m["block"],
+            m["k"],
+        )
+        w = dequantize(qt)
+        out[name] = w.T if m["conv1d"] else w
+    return out
+
+
+class StoredModel(StreamedModel):
+    """The numpy forward with some tensors replaced (by what an export stores)."""
+
+    def __init__(self, ck: Checkpoint, replaced: dict):
+        super().__init__(ck)
+        self.replaced = replaced
+
+    def top_weights(self):
+        top = super().top_weights()
+        for short, full in top.names.items():  # embedding rows are read from the table itself otherwise
+            if full in self.replaced and not dict.__contains__(top, short):
+                top[short] = self.replaced[full].astype(np.float32)
+        return top
+
+    def _decode(self, name):
+        if name in self.replaced:
+            return self.replaced[name].astype(np.float32)
+        return super()._decode(name)
+
+
+def leakage(stored: dict, exact: StreamedModel, original: StreamedModel | None, q: np.ndarray) -> dict:
+    """For every stored matrix the edit made orthogonal to Q: |QᵀW_stored| relative to |QᵀW_original|
+    (with the original model) and to a generic weight's share |W| sqrt(k/d); also the exact checkpoint's."""
+    from patcher.onnx.export import orthogonal_plan
+
+    plan = orthogonal_plan(q)
+    d, k = q.shape
+    rows = []
+    for name, w in stored.items():
+        x = exact._decode(name)
+        p = plan(name, x)  # both in the checkpoint's layout
+        if p is None:
+            continue
+        axis = p[1]
+        proj = (lambda a: q.T @ a) if axis == 0 else (lambda a: a @ q)
+        row = {
+            "tensor": name,
+            "axis": axis,
+            "stored_generic": float(np.linalg.norm(proj(w)) / (np.linalg.norm(w) * np.sqrt(k / d))),
+            "exact_generic": float(
+                np.linalg.norm(proj(x.astype(np.float64))) / (np.linalg.norm(x) * np.sqrt(k / d))
+            ),
+        }
+        if original is not None:
+            base = np.linalg.norm(proj(original._decode(name).astype(np.float64)))
+            row["stored_of_original"] = float(np.linalg.norm(proj(w)) / base) if base else None
+            row["exact_of_original"] = (
+                float(np.linalg.norm(proj(x.astype(np.float64))) / base) if base else None
+            )
+        rows.append(row)
+    summary = {"tensors": len(rows)}
+    for key in ("stored_generic", "exact_generic", "stored_of_original", "exact_of_original"):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        if vals:
+            summary[key + "_max"] = max(vals)
+    return {"summary": summary, "tensors": rows}
+
+
 def _eos(folder: Path, tok) -> list[int]:
     import json
+
     ids = {tok.eos_id} if tok.eos_id is not None else set()
     gen = folder / "generation_config.json"
     if gen.is_file():
@@ -102,26 +228,53 @@ class VerifyReport:
     marker_rate: dict = field(default_factory=dict)
     first_token_kl: float | None = None
     completions: dict = field(default_factory=dict)
+    exact_top1_agreement: float | None = None  # quantized variants: against the unquantized checkpoint
+    exact_generation_match: float | None = None
+    leakage: dict = field(default_factory=dict)
 
     @property
     def parity_ok(self) -> bool:
         return self.max_abs_diff <= self.tolerance * max(1.0, self.max_abs_logit)
 
     def as_dict(self) -> dict:
-        return {"dtype": self.dtype, "tolerance": self.tolerance, "parity_ok": self.parity_ok,
-                "max_abs_logit_diff": self.max_abs_diff, "max_abs_logit": self.max_abs_logit,
-                "top1_agreement": self.top1_agreement, "greedy_token_match": self.generation_match,
-                "greedy_tokens_compared": self.tokens_compared, "projections": self.projections,
-                "marker_rate": self.marker_rate, "first_token_kl": self.first_token_kl,
-                "completions": self.completions}
+        return {
+            "dtype": self.dtype,
+            "tolerance": self.tolerance,
+            "parity_ok": self.parity_ok,
+            "max_abs_logit_diff": self.max_abs_diff,
+            "max_abs_logit": self.max_abs_logit,
+            "top1_agreement": self.top1_agreement,
+            "greedy_token_match": self.generation_match,
+            "greedy_tokens_compared": self.tokens_compared,
+            "projections": self.projections,
+            "marker_rate": self.marker_rate,
+            "first_token_kl": self.first_token_kl,
+            "completions": self.completions,
+            "exact_top1_agreement": self.exact_top1_agreement,
+            "exact_greedy_token_match": self.exact_generation_match,
+            "leakage": self.leakage,
+        }
 
 
-def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None, original: Path | None = None,
-           direction=None, tokens: int = 8, provider: str = "cpu", chat_template: bool = True,
-           behaviour_tokens: int = 24, announce=None) -> VerifyReport:
+def verify(
+    onnx_dir: Path,
+    reference: Path,
+    *,
+    dtype: str = "fp32",
+    prompts=None,
+    original: Path | None = None,
+    direction=None,
+    tokens: int = 8,
+    provider: str = "cpu",
+    chat_template: bool = True,
+    behaviour_tokens: int = 24,
+    announce=None,
+) -> VerifyReport:
     rep = VerifyReport(dtype, TOLERANCE[dtype])
-    onnx_model = OnnxModel(onnx_dir, FILES[dtype], provider)
-    ref = StreamedModel(Checkpoint(reference))
+    onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
+    exact = StreamedModel(Checkpoint(reference))
+    stored = stored_weights(onnx_dir, dtype)
+    ref = StoredModel(Checkpoint(reference), stored) if stored else exact
     p = load_prompts(reference, prompts, chat_template)
     ids, mask = p.batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
@@ -131,25 +284,42 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
     rep.max_abs_diff = float(np.abs(got - want)[real].max())
     rep.max_abs_logit = float(np.abs(want)[real].max())
     rep.top1_agreement = float((got.argmax(-1) == want.argmax(-1))[real].mean())
+    a = onnx_model.generate(ids, mask, tokens) if tokens else None
     if tokens:
-        a = onnx_model.generate(ids, mask, tokens)
         b = greedy_numpy(ref, ids, mask, tokens)
         rep.generation_match = float((a == b).mean())
         rep.tokens_compared = int(a.size)
+    if stored:
+        exact_logits = exact.run(ids, mask, logits=True)
+        rep.exact_top1_agreement = float((got.argmax(-1) == exact_logits.argmax(-1))[real].mean())
+        if tokens:
+            rep.exact_generation_match = float((a == greedy_numpy(exact, ids, mask, tokens)).mean())
+        if direction is not None:
+            from patcher_kernels.project import orthonormalize
+
+            orig_sm = StreamedModel(Checkpoint(original)) if original else None
+            rep.leakage = leakage(stored, exact, orig_sm, orthonormalize(direction.vectors))
     if direction is not None:
-        rep.projections = projections(ref, StreamedModel(Checkpoint(original)) if original else None, ids, mask, direction)
+        rep.projections = projections(
+            exact, StreamedModel(Checkpoint(original)) if original else None, ids, mask, direction
+        )
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
         texts = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
-            m = OnnxModel(folder, FILES["fp32" if label == "original" else dtype], provider)
+            m = OnnxModel(folder, variant_file(folder, "fp32" if label == "original" else dtype), provider)
             new = m.generate(ids, mask, behaviour_tokens, eos_ids=_eos(reference, p.tokenizer))
-            texts[label] = [p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)), skip_special_tokens=True)
-                            for row in new]
+            texts[label] = [
+                p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)), skip_special_tokens=True)
+                for row in new
+            ]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
         orig = StreamedModel(Checkpoint(original)).run(ids, mask, logits=True)[:, -1]
-        lo, le = _softmax_log(orig), _softmax_log(want[:, -1])
+        lo, le = (
+            _softmax_log(orig),
+            _softmax_log((exact.run(ids, mask, logits=True) if stored else want)[:, -1]),
+        )
         rep.first_token_kl = float(np.mean(np.sum(np.exp(lo) * (lo - le), axis=-1)))
     return rep
 
@@ -174,6 +344,9 @@ def projections(edited: StreamedModel, original: StreamedModel | None, ids, mask
 
         def grab(l, x, label=label):
             v = x[real].astype(np.float64)
-            rows.setdefault(l, {"layer": l})[label] = float(np.mean(np.abs(v @ r) / np.linalg.norm(v, axis=-1)))
+            rows.setdefault(l, {"layer": l})[label] = float(
+                np.mean(np.abs(v @ r) / np.linalg.norm(v, axis=-1))
+            )
+
         sm.run(ids, mask, on_resid=grab)
     return [rows[l] for l in sorted(rows)]

@@ -1,0 +1,404 @@
+"""The browser, for real: Debian's headless Chromium (Playwright for Python) runs transformers.js and
+onnxruntime-web (the pinned web/node_modules) on exports of several architectures, from a localhost
+server, with every other request refused. Greedy tokens must equal Python onnxruntime's for fp32;
+each quantized variant's agreement with Python is reported. The `patcher web` page is typed into and
+its answers read back. Without chromium / playwright / node_modules these tests skip — except under
+CI (env CI set), where they fail, so CI proves the browser path."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import fixture_path, run_cli
+from patcher.errors import PatcherError
+from patcher.model.prompts import encode_prompts, load_tokenizer
+from patcher.onnx.runtime import OnnxModel
+from patcher.onnx.verify import _eos
+from patcher.web import site as web_site
+from patcher.web.serve import Server
+
+ARCHS = ["llama", "qwen2", "qwen3", "gpt2", "phi3", "gemma2"]
+PROMPT = "Tell me about the sea"
+NEW_TOKENS = 10
+EXPORT_DTYPES = "fp32,int4"  # what a user exports for the web (the chat page's models)
+ALL_DTYPES = "fp32,fp16,int4,int8,q4f16"  # every variant transformers.js knows that patcher writes
+PROBE = """<!doctype html><meta charset="utf-8"><title>probe</title>
+<script type="module">
+import * as T from "./js/transformers.min.js";
+T.env.allowRemoteModels = false;
+T.env.allowLocalModels = true;
+T.env.localModelPath = "/models/";
+T.env.useBrowserCache = false;
+T.env.useWasmCache = false;
+T.env.backends.onnx.wasm.wasmPaths = { mjs: "/js/ort-wasm-simd-threaded.asyncify.mjs",
+                                       wasm: "/js/ort-wasm-simd-threaded.asyncify.wasm" };
+// options === null: load exactly as a user would, with no options at all
+window.generate = async (model, options, ids, max_new_tokens) => {
+  const m = options === null ? await T.AutoModelForCausalLM.from_pretrained(model)
+                             : await T.AutoModelForCausalLM.from_pretrained(model, options);
+  const input_ids = new T.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, ids.length]);
+  const attention_mask = new T.Tensor("int64", new BigInt64Array(ids.length).fill(1n), [1, ids.length]);
+  const out = await m.generate({ input_ids, attention_mask, max_new_tokens, do_sample: false });
+  const dtype = m.sessions.model.config.dtype;
+  await m.dispose();
+  return { ids: Array.from(out.data, Number).slice(ids.length), dtype };
+};
+window.tokenize = async (model, text) => {
+  const tok = await T.AutoTokenizer.from_pretrained(model);
+  const ids = tok.apply_chat_template([{ role: "user", content: text }], { add_generation_prompt: true,
+                                                                            return_dict: true }).input_ids;
+  const list = Array.from(ids.data, Number);
+  return { ids: list, decoded: tok.decode(list.slice(3), { skip_special_tokens: true }) };
+};
+window.probeReady = true;
+</script>"""
+
+
+def _missing() -> str | None:
+    from patcher.web.browser import missing
+
+    why = missing()
+    if why:
+        return why
+    try:
+        web_site.find_runtime(None, False)
+    except PatcherError as e:  # says what to install
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="module")
+def need_browser():
+    why = _missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, need_browser):
+    """fp32 + int4 exports of each architecture (tiny fixtures, exported now)."""
+    from patcher.onnx.export import export
+
+    root = tmp_path_factory.mktemp("web-exports")
+    cache = {}
+
+    def get(
+        model_type: str, src: Path | None = None, name: str | None = None, dtype: str = ALL_DTYPES
+    ) -> Path:
+        name = name or model_type
+        if name not in cache:
+            cache[name] = export(src or fixture_path(model_type), root / name, dtype=dtype)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def browser(need_browser):
+    from patcher.web.browser import chromium
+
+    with chromium() as context:
+        yield context
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory, browser, exports):
+    """A page with transformers.js that loads exports copied verbatim under /models/NAME."""
+    root = tmp_path_factory.mktemp("web-probe")
+    rt = web_site.find_runtime(None, False)
+    (root / "js").mkdir()
+    shutil.copyfile(rt.dist / web_site.TRANSFORMERS_MODULE, root / "js" / web_site.TRANSFORMERS_MODULE)
+    for f in web_site.WASM_FILES[:2]:
+        shutil.copyfile(rt.wasm_dir / f, root / "js" / f)
+    (root / "index.html").write_text(PROBE)
+    (root / "models").mkdir()
+    with Server(root) as server:
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_function("window.probeReady === true")
+
+        def publish(name: str, folder: Path):
+            if not (root / "models" / name).exists():
+                shutil.copytree(folder, root / "models" / name)
+            return name
+
+        yield page, publish
+        page.close()
+    assert not browser.blocked, f"the page reached off localhost: {browser.blocked[:3]}"
+
+
+def python_greedy(folder: Path, file: str, ids: list[int], n: int = NEW_TOKENS) -> list[int]:
+    tok = load_tokenizer(folder)
+    row = (
+        OnnxModel(folder, file)
+        .generate(np.array([ids]), np.ones((1, len(ids)), np.int64), n, eos_ids=_eos(folder, tok))[0]
+        .tolist()
+    )
+    eos = set(_eos(folder, tok))
+    for i, t in enumerate(row):  # transformers.js stops after the first eos, Python repeats it
+        if t in eos:
+            return row[: i + 1]
+    return row
+
+
+def prompt_ids(folder: Path) -> list[int]:
+    return encode_prompts(load_tokenizer(folder), [PROMPT])[0]
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of the greedy sequence that agrees before the first divergence."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return same / max(len(a), len(b), 1)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_tokenizer_loads_in_transformers_js(model_type, probe, exports):
+    page, publish = probe
+    folder = exports(model_type)
+    name = publish(model_type, folder)
+    got = page.evaluate("([m, t]) => window.tokenize(m, t)", [name, PROMPT])
+    assert got["ids"] == prompt_ids(folder)
+    tok = load_tokenizer(folder)
+    assert got["decoded"] == tok.decode(got["ids"][3:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_export_loads_with_no_options_and_greedy_matches_python(model_type, probe, exports, record_property):
+    page, publish = probe
+    folder = exports(model_type)
+    name = publish(model_type, folder)
+    ids = prompt_ids(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    default = (cfg.get("transformers.js_config") or {}).get("dtype")
+    default_file = {v: f"model{s}.onnx" for v, s in web_site.VARIANTS.items()}.get(default or "q8")
+    # loaded exactly as a user would (no options): what the export's config picks
+    got = page.evaluate("([m, ids, n]) => window.generate(m, null, ids, n)", [name, ids, NEW_TOKENS])
+    assert got["ids"] == python_greedy(folder, default_file, ids), f"default ({got['dtype']}) load"
+    # fp32: token for token
+    got = page.evaluate(
+        "([m, ids, n]) => window.generate(m, {dtype: 'fp32'}, ids, n)", [name, ids, NEW_TOKENS]
+    )
+    want = python_greedy(folder, "model.onnx", ids)
+    assert got["dtype"] == "fp32" and got["ids"] == want
+    # every quantized variant the export holds: agreement with Python on the same file, and with fp32
+    variants, _ = web_site.model_files(folder)
+    report = {}
+    for dtype in variants:
+        if dtype == "fp32":
+            continue
+        file = variants[dtype][0]
+        got = page.evaluate(
+            "([m, d, ids, n]) => window.generate(m, {dtype: d}, ids, n)", [name, dtype, ids, NEW_TOKENS]
+        )
+        py = python_greedy(folder, file, ids)
+        report[dtype] = {
+            "browser_vs_python": agreement(got["ids"], py),
+            "browser_vs_fp32": agreement(got["ids"], want),
+        }
+        record_property(f"{dtype}_agreement", report[dtype])
+        # the same graph in two onnxruntime builds: the first token (prefill) must agree
+        assert got["ids"][:1] == py[:1], f"{dtype}: browser {got['ids']} vs python {py}"
+    print(f"\n{model_type} browser agreement: {json.dumps(report)}")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, exports, need_browser):
+    """`patcher web EDITED --compare ORIGINAL -o SITE` on an ablated tiny llama."""
+    root = tmp_path_factory.mktemp("web-site")
+    edited = root / "ablated"
+    run_cli(
+        "ablate", fixture_path("llama"), "-d", fixture_path("llama").parent / "direction-64.npy", "-o", edited
+    )
+    ex = exports("llama", edited, name="llama-ablated-web", dtype=EXPORT_DTYPES)
+    orig = exports("llama", name="llama-web", dtype=EXPORT_DTYPES)
+    run_cli("web", ex, "--compare", orig, "-o", root / "site", "--max-new-tokens", NEW_TOKENS)
+    return root / "site", ex, orig
+
+
+def read_answers(page) -> dict:
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('.column')].map(c => {
+        const b = [...c.querySelectorAll('.msg.assistant')].at(-1);
+        return [c.dataset.model, b ? b.firstChild.textContent : null]; }))""")
+
+
+def test_chat_page_answers_like_python(site, browser, tmp_path):
+    folder, edited, original = site
+    with Server(folder) as server:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "?device=wasm")
+        page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+        status = page.inner_text("#status")
+        assert status.startswith("ready"), status
+        assert page.evaluate("crossOriginIsolated")  # the server's COOP/COEP: multi-threaded WASM
+        assert "ablated a rank-1 direction" in page.inner_text(
+            ".column[data-model=edited] .provenance summary"
+        )
+        assert "unedited" in page.inner_text(".column[data-model=original] .provenance summary")
+        page.fill("#prompt", PROMPT)
+        page.click("#send")
+        page.wait_for_function("window.patcher.answered >= 1", timeout=60_000)
+        answers = read_answers(page)
+        last = page.evaluate("window.patcher.state.last")
+        loaded = page.evaluate("window.patcher.state.models.map((m) => [m.info.id, m.dtype])")
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        # a second turn goes through the chat template with the history
+        page.fill("#prompt", "And the mountains?")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("window.patcher.answered >= 2", timeout=60_000)
+        assert page.locator(".column[data-model=edited] .msg.assistant").count() == 2
+        page.close()
+    assert not errors and not browser.blocked
+    tjs = json.loads((folder / "models" / "edited" / "config.json").read_text())["transformers.js_config"]
+    # WASM runs the variant measured fastest there: fp32 of an fp32,int4 export (q4 has no WASM kernel)
+    assert tjs["device_config"]["wasm"]["dtype"] == "fp32"
+    assert dict(loaded) == {"original": "fp32", "edited": "fp32"}
+    file = f"model{web_site.VARIANTS['fp32']}.onnx"
+    for name, export in (("edited", edited), ("original", original)):
+        tok = load_tokenizer(export)
+        ids = prompt_ids(export)
+        assert last[name]["prompt_ids"] == ids
+        want = python_greedy(export, file, ids)
+        assert last[name]["ids"] == want, name
+        eos = set(_eos(export, tok))
+        assert answers[name] == tok.decode([t for t in want if t not in eos], skip_special_tokens=True)
+    assert last["edited"]["ids"] != last["original"]["ids"]  # the ablation changed the answer
+
+
+def test_site_layout_and_offline_runtime(site):
+    folder, edited, _ = site
+    spec = json.loads((folder / "site.json").read_text())
+    assert [m["id"] for m in spec["models"]] == ["original", "edited"]
+    assert spec["runtime"]["local"] and spec["runtime"]["module"].startswith("./js/")
+    for f in (web_site.TRANSFORMERS_MODULE, *web_site.WASM_FILES):
+        p = folder / "js" / f
+        assert p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o004
+    for p in (folder / "models" / "edited" / "onnx").iterdir():
+        assert (edited / "onnx" / p.name).read_bytes() == p.read_bytes()
+        assert p.stat().st_mode & 0o777 == 0o644
+    assert "http" not in (folder / "app.js").read_text().replace("https://", "")  # no hard-coded remote
+
+
+def test_cdn_site_pins_versions(site, tmp_path):
+    _, edited, _ = site
+    run_cli("web", edited, "-o", tmp_path / "s", "--cdn")
+    rt = json.loads((tmp_path / "s" / "site.json").read_text())["runtime"]
+    lock = json.loads((web_site.REPO_WEB / "package-lock.json").read_text())["packages"]
+    v = lock["node_modules/@huggingface/transformers"]["version"]
+    assert (
+        rt["module"] == f"https://cdn.jsdelivr.net/npm/@huggingface/transformers@{v}/dist/transformers.min.js"
+    )
+    assert "@" in rt["wasm_base"] and not (tmp_path / "s" / "js").exists()
+    ort = lock["node_modules/@huggingface/transformers/node_modules/onnxruntime-web"]["version"]
+    assert (
+        (web_site.PINNED_TRANSFORMERS, web_site.PINNED_ORT_WEB)
+        == (v, ort)
+        == (rt["transformers"], rt["onnxruntime_web"])
+    )
+
+
+def test_output_rules(site, tmp_path):
+    _, edited, _ = site
+    r = run_cli("web", edited, "-o", edited / "site", expect=1)
+    assert "inside the input" in r.output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = run_cli("web", edited, "-o", tmp_path / "mine", "--force", expect=1)
+    assert "not a patcher output" in r.output and (tmp_path / "mine" / "notes.txt").exists()
+    run_cli("web", edited, "-o", tmp_path / "s")
+    run_cli("web", edited, "-o", tmp_path / "s", expect=1)
+    run_cli("web", edited, "-o", tmp_path / "s", "--force")
+    r = run_cli("web", fixture_path("llama"), "-o", tmp_path / "t", expect=1)
+    assert "not an ONNX export" in r.output
+    r = run_cli("web", edited, "-o", tmp_path / "u", "--js", tmp_path, expect=1)
+    assert "no transformers.js build" in r.output
+
+
+def test_server_mime_types_and_no_listing(site):
+    import urllib.error
+    import urllib.request
+
+    folder, _, _ = site
+    with Server(folder) as server:
+        for path, mime in (
+            ("js/ort-wasm-simd-threaded.asyncify.wasm", "application/wasm"),
+            ("js/ort-wasm-simd-threaded.asyncify.mjs", "text/javascript"),
+            ("app.js", "text/javascript"),
+            ("site.json", "application/json"),
+        ):
+            with urllib.request.urlopen(server.url + path) as r:
+                assert r.headers["Content-Type"] == mime
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(server.url + "models/")
+    assert server.url.startswith("http://127.0.0.1:")
+
+
+def test_serve_flag_serves_and_stops_cleanly(site, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    _, edited, _ = site
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from patcher.cli import main; main()",
+            "web",
+            str(edited),
+            "-o",
+            str(tmp_path / "s"),
+            "--serve",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/site.json", timeout=2) as r:
+                    assert json.loads(r.read())["models"][0]["id"] == "edited"
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/" in out and "stopped" in out and "Traceback" not in err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_site_prefers_fast_wasm_variant(exports, tmp_path):
+    # int8 is DynamicQuantizeLinear + MatMulInteger: WASM's fastest; the export's own choices stay
+    folder = exports("llama")
+    run_cli("web", folder, "-o", tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
+    src = json.loads((folder / "config.json").read_text())["transformers.js_config"]
+    assert cfg["transformers.js_config"]["device_config"]["wasm"] == {"dtype": "q8"}
+    assert cfg["transformers.js_config"]["dtype"] == src["dtype"]
+    assert cfg["transformers.js_config"]["use_external_data_format"] == src["use_external_data_format"]
