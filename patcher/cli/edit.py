@@ -72,8 +72,30 @@ def _summary(plan: Plan, report) -> None:
         out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
 
 
-_NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input "
-                 "and "
+def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool, hash_files: bool = True) -> None:
+    from patcher.edit.adapter import adapter_bytes, adapter_format, check, write_adapter
+    fmt = adapter_format(target)
+    check(plan, fmt)  # refusals come before any work, dry run included
+    if dry_run:
+        _print_plan(plan)
+        out.print(f"dry run: nothing written (would write a {fmt} LoRA adapter of rank "
+                  f"{plan.record['rank']}, ~{human(adapter_bytes(plan))}, to {target})")
+        return
+    with progress() as prog:
+        prog.add_task("computing B·A", total=None)
+        report = write_adapter(plan, target, fmt=fmt, force=force, command=command_line(),
+                               hash_files=hash_files)
+    from rich.table import Table
+    t = Table(title=f"wrote {report.out}", title_justify="left", show_header=False, box=None)
+    t.add_row("adapter", f"{report.fmt} LoRA, rank {report.rank}, scaling 1 (alpha = r)")
+    t.add_row("modules", f"{report.modules} ({report.tensors} tensors)")
+    t.add_row("size", f"{human(report.bytes_written)} in {report.seconds:.2f} s")
+    out.print(t)
+    for n in [*plan.notes, *report.notes]:
+        out.print(f"[yellow]note:[/] {n}")
+
+
+_NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
                  "output byte once more; on a 2-core machine it roughly doubles the time)")
 
 
@@ -82,13 +104,14 @@ def register(app) -> None:
     def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
                direction: Optional[str] = typer.Option(None, "-d", "--direction", help=DIRECTION_HELP +
                                                        " (with --from-study: the study's directions file)"),
-               output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
-               layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or "
-                                                    "3,5,7-9 (default all)"),
-               targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of "
-                                           "embed, attn_out, mlp_out"),
-               scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 "
-                                           "halves it"),
+               output: Optional[Path] = typer.Option(None, "-o", "--output", help="New folder to write"),
+               adapter: Optional[Path] = typer.Option(None, "--adapter",
+                   help="Write the edit as a LoRA adapter instead of a model (instead of -o): OUT.gguf = "
+                        "llama.cpp --lora file, any other name = PEFT folder (adapter_config.json + "
+                        "adapter_model.safetensors)"),
+               layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
+               targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
+               scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
                norm_preserve: Optional[str] = typer.Option(None, "--norm-preserve",
                    help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written "
                    "vector's norm "
@@ -103,15 +126,23 @@ def register(app) -> None:
                    help="Write trial --trial of a `patcher search` study (its directions, kernels, options)"),
                trial: Optional[int] = typer.Option(None, "--trial", help="Trial number, with --from-study")):
         """Remove a direction from every selected residual writer (rank-1 or rank-k projection)."""
+        def write(plan):
+            if adapter is not None:
+                _run_adapter(plan, adapter, force, dry_run, not no_hash)
+            else:
+                _run(plan, output, force, dry_run, not no_hash)
+
         def body():
+            if (output is None) == (adapter is None):
+                raise PatcherError("-o/--adapter", "give exactly one: -o FOLDER (a model) or --adapter OUT")
             if from_study is not None or trial is not None:
                 if from_study is None or trial is None:
                     raise PatcherError("--from-study", "give both --from-study S.db and --trial N")
                 from patcher.search.run import plan_from_study
                 m = open_model(model, arch_table)
-                check_output(output, [*m.input_paths, from_study, direction, arch_table], force=force)
-                plan = plan_from_study(m, m.resolved, from_study, trial, Path(direction) if direction else None)
-                _run(plan, output, force, dry_run, not no_hash)
+                check_output(output if output is not None else adapter,
+                             [*m.input_paths, from_study, direction, arch_table], force=force)
+                write(plan_from_study(m, m.resolved, from_study, trial, Path(direction) if direction else None))
                 return
             if direction is None:
                 raise PatcherError("--direction", "missing: give -d DIRECTION (or --from-study S --trial N)")
@@ -122,12 +153,12 @@ def register(app) -> None:
             from patcher.edit.directions import load_direction, spec_file
             from patcher.edit.plan import parse_layers, plan_ablation
             m = open_model(model, arch_table)
-            check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
+            check_output(output if output is not None else adapter,
+                         [*m.input_paths, spec_file(direction), arch_table], force=force)
             res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
-                                 preserve=norm_preserve, untie=untie)
-            _run(plan, output, force, dry_run, not no_hash)
+            write(plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
+                                preserve=norm_preserve, untie=untie))
         guard(body)
 
 
@@ -150,7 +181,8 @@ def register(app) -> None:
             from patcher.edit.directions import load_direction, spec_file
             from patcher.edit.plan import plan_injection
             m = open_model(model, arch_table)
-            check_output(output, [*m.input_paths, spec_file(direction), arch_table], force=force)
+            check_output(output,
+                         [*m.input_paths, spec_file(direction), arch_table], force=force)
             res = m.resolved
             d = load_direction(direction, res.d_model)
             plan = plan_injection(m, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a,

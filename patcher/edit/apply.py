@@ -47,7 +47,7 @@ class Report:
         return math.sqrt(num / den) if den else 0.0
 
 
-def _matrices(edit: TensorEdit) -> list[tuple[int, int, int]]:
+def matrices(edit: TensorEdit) -> list[tuple[int, int, int]]:
     """(first row, rows, residual axis) of each matrix in the tensor seen as 2-D [rows, last dim]:
     a 2-D weight is one matrix; a fused 3-D expert tensor [E, a, b] is E matrices of a rows."""
     if len(edit.shape) == 2:
@@ -58,6 +58,16 @@ def _matrices(edit: TensorEdit) -> list[tuple[int, int, int]]:
     return [(e * a, a, edit.residual_axis - 1) for e in range(E)]
 
 
+def block_reader(ck: Model, edit: TensorEdit, first: int) -> Callable[[int, int], np.ndarray]:
+    """read(start, stop) -> float32 rows of the matrix that starts at row `first` (FP8 dequantized)."""
+    cols = edit.shape[-1]
+    if edit.fp8_scale is None:
+        return lambda s, e: decode(ck.read_rows(edit.name, first + s, first + e, cols))
+    scale = ck.array(edit.fp8_scale)
+    return lambda s, e: dequantize_blocks(ck.read_rows(edit.name, first + s, first + e, cols),
+                                          scale[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], BLOCK_ROWS)
+
+
 class _Executor:
     def __init__(self, plan: Plan, report: Report):
         self.plan, self.ck, self.report = plan, plan.ck, report
@@ -65,16 +75,11 @@ class _Executor:
 
     # --- projected weights -----------------------------------------------------------------
     def _reader(self, edit: TensorEdit, first: int) -> Callable[[int, int], np.ndarray]:
-        cols = edit.shape[-1]
-        if edit.fp8_scale is None:
-            return lambda s, e: decode(self.ck.read_rows(edit.name, first + s, first + e, cols))
-        scale = self.ck.array(edit.fp8_scale)
-        return lambda s, e: dequantize_blocks(self.ck.read_rows(edit.name, first + s, first + e, cols),
-                                              scale[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], BLOCK_ROWS)
+        return block_reader(self.ck, edit, first)
 
     def _projected_blocks(self, edit: TensorEdit, stats: dict):
         """Yield (matrix index, residual axis, start, stop, edited float32 block)."""
-        for i, (first, rows, axis) in enumerate(_matrices(edit)):
+        for i, (first, rows, axis) in enumerate(matrices(edit)):
             for s, e, out in ablate_blocks(self._reader(edit, first), rows, edit.q, axis, edit.scale,
                                            edit.preserve, BLOCK_ROWS, stats):
                 yield i, axis, s, e, out
