@@ -147,3 +147,7 @@ def test_fp8_block_roundtrip_and_requantize():
     assert np.all(np.isfinite(q2.astype(np.float32)))
     # values past 448 clip instead of turning into NaN
     assert np.isfinite(quantize_blocks(np.full((2, 2), 1e6, np.float32), np.ones((1, 1), np.float32)).astype(np.float32)).all()
+
+
+def test_fp8_max_matches_ml_dtypes():
+    assert FP8_MAX == float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)

@@ -1,13 +1,17 @@
-"""What every command shares: the consoles, the one-line error guard, model opening, sizes."""
+"""What every command shares: the consoles, the one-line error guard, model opening, sizes.
+Kept light (no numpy at import): `patcher --version` and `--help` import this module."""
+from __future__ import annotations
+
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
 from patcher.errors import PatcherError
-from patcher.io.checkpoint import Checkpoint
+if TYPE_CHECKING:
+    from patcher.io.checkpoint import Checkpoint
 from patcher.model.architectures import Resolved, for_model_type, load_table, resolve
 
 # piped output (scripts, CI logs) gets wide lines so tensor names are never cut
@@ -27,6 +31,7 @@ def human(n: float) -> str:
 
 
 def open_model(model: Path, arch_table: Optional[Path], need_arch: bool = True) -> tuple[Checkpoint, Optional[Resolved]]:
+    from patcher.io.checkpoint import Checkpoint
     ck = Checkpoint(model)
     if not need_arch and arch_table is None and not ck.model_type:
         return ck, None

@@ -1,14 +1,17 @@
 """`patcher ablate` and `patcher inject`: plan, then write."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from patcher.errors import PatcherError
 from patcher.model.architectures import ROLES
-from patcher.edit.directions import load_direction
-from patcher.edit.plan import Plan, parse_layers, plan_ablation, plan_injection
+if TYPE_CHECKING:
+    from patcher.edit.plan import Plan
+
 from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out, progress
 
 
@@ -57,6 +60,8 @@ def _summary(plan: Plan, report) -> None:
     out.print(t)
     for n in plan.notes:
         out.print(f"[yellow]note:[/] {n}")
+    for w in report.warnings:
+        out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
 
 
 _NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
@@ -87,6 +92,8 @@ def register(app) -> None:
                 raise PatcherError("--targets", f"unknown {bad}; choose from {', '.join(ROLES)}")
             if norm_preserve not in (None, "rows", "cols"):
                 raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
+            from patcher.edit.directions import load_direction
+            from patcher.edit.plan import parse_layers, plan_ablation
             ck, res = open_model(model, arch_table)
             d = load_direction(direction, res.d_model)
             plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
@@ -110,6 +117,8 @@ def register(app) -> None:
         def body():
             if target not in ("mlp_out", "attn_out"):
                 raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
+            from patcher.edit.directions import load_direction
+            from patcher.edit.plan import plan_injection
             ck, res = open_model(model, arch_table)
             d = load_direction(direction, res.d_model)
             plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,

@@ -1,13 +1,18 @@
 """`patcher inspect`."""
+from __future__ import annotations
+
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from patcher.model.architectures import ROLES, Resolved
-from patcher.io.checkpoint import Checkpoint
+from patcher.model.architectures import ROLES
+if TYPE_CHECKING:
+    from patcher.io.checkpoint import Checkpoint
+    from patcher.model.architectures import Resolved
+
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
 
 

@@ -7,8 +7,6 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.io.checkpoint import Checkpoint
-from patcher.edit.directions import load_direction
 from patcher.cli.common import DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
@@ -149,6 +147,8 @@ def register(app) -> None:
                 raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
             d = None
             if direction:
+                from patcher.edit.directions import load_direction
+                from patcher.io.checkpoint import Checkpoint
                 with Checkpoint(reference) as ck:
                     d_model = int(ck.config.get("hidden_size") or ck.config.get("n_embd"))
                 d = load_direction(direction, d_model)
