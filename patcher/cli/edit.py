@@ -71,7 +71,8 @@ _NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (
 def register(app) -> None:
     @app.command()
     def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
-               direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
+               direction: Optional[str] = typer.Option(None, "-d", "--direction", help=DIRECTION_HELP +
+                                                       " (with --from-study: the study's directions file)"),
                output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
                layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
                targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
@@ -83,9 +84,22 @@ def register(app) -> None:
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
-               arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
+               arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
+               from_study: Optional[Path] = typer.Option(None, "--from-study",
+                   help="Write trial --trial of a `patcher search` study (its directions, kernels, options)"),
+               trial: Optional[int] = typer.Option(None, "--trial", help="Trial number, with --from-study")):
         """Remove a direction from every selected residual writer (rank-1 or rank-k projection)."""
         def body():
+            if from_study is not None or trial is not None:
+                if from_study is None or trial is None:
+                    raise PatcherError("--from-study", "give both --from-study S.db and --trial N")
+                from patcher.search.run import plan_from_study
+                ck, res = open_model(model, arch_table)
+                plan = plan_from_study(ck, res, from_study, trial, Path(direction) if direction else None)
+                _run(plan, output, force, dry_run, not no_hash)
+                return
+            if direction is None:
+                raise PatcherError("--direction", "missing: give -d DIRECTION (or --from-study S --trial N)")
             roles = tuple(r.strip() for r in targets.split(",") if r.strip())
             bad = [r for r in roles if r not in ROLES]
             if bad or not roles:

@@ -218,3 +218,15 @@ def parse_layers(text: str | None, n_layers: int) -> set[int] | None:
             raise PatcherError("--layers", f"{part!r} is outside 0..{n_layers - 1}")
         out.update(range(lo, hi + 1))
     return out
+
+
+def peak_kernel(n_layers: int, peak: float, center: float, minimum: float, width: float) -> dict[int, float]:
+    """Per-layer strength that falls linearly from `peak` at layer `center` to `minimum` at distance
+    `width`, and is 0 beyond (the layer kernel of the best-known peer's search; recipe kernel "peak")."""
+    if width <= 0:
+        raise PatcherError("width", "the peak kernel's width must be > 0")
+    out = {}
+    for l in range(n_layers):
+        dist = abs(l - center)
+        out[l] = 0.0 if dist > width else peak + (minimum - peak) * dist / width
+    return out

@@ -41,7 +41,8 @@ STEP_KEYS = {
     "verify": {"prompts", "direction", "tokens", "dtype"},
 }
 MODEL_KEYS = {"name", "path", "output", "arch_table"}
-KERNELS = {"constant": {"value"}, "linear": {"start", "end"}, "gaussian": {"center", "width", "peak"}}
+KERNELS = {"constant": {"value"}, "linear": {"start", "end"}, "gaussian": {"center", "width", "peak"},
+           "peak": {"peak", "center", "min", "width"}}  # peak: linear falloff to min at width, 0 beyond
 DEFAULT_OUTPUT = {"extract": "directions.safetensors", "ablate": "ablated", "inject": "injected", "export": "onnx"}
 
 
@@ -107,6 +108,11 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
             a, b = float(spec.get("start", 0.0)), float(spec.get("end", 1.0))
             return {l: a + (b - a) * l / max(n_layers - 1, 1) for l in range(n_layers)}
         c, w, p = float(spec["center"]), float(spec.get("width", 1.0)), float(spec.get("peak", 1.0))
+        if k == "peak":
+            from patcher.edit.plan import peak_kernel
+            if w <= 0:
+                raise PatcherError(where, "peak width must be > 0")
+            return peak_kernel(n_layers, p, c, float(spec.get("min", 0.0)), w)
         if w <= 0:
             raise PatcherError(where, "gaussian width must be > 0")
         return {l: p * math.exp(-((l - c) ** 2) / (2 * w * w)) for l in range(n_layers)}

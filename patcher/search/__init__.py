@@ -1,0 +1,1 @@
+"""`patcher search`: multi-objective search over ablations, evaluated in the forward pass."""

@@ -1,0 +1,256 @@
+"""The numpy engine: the whole model resident in float32, a KV cache, and an ablation applied in the
+forward pass instead of in the weights.
+
+For a writer whose weight the Plan edits with basis u (unit, post-norm corrected) and strength s,
+weight orthogonalization gives W' = W - s u uᵀW (nn.Linear orientation [d_model, fan_in]; the
+residual-axis-1 storage of embeddings and Conv1D is the transpose), so the output changes exactly as
+
+    y' = W'x + b' = P(W x) + P(b)   with P(y) = y - s u (uᵀy),   b' = P(b) when the Plan projects b.
+
+Norm preservation rescales W' by a diagonal factor, which moves to the input or the output:
+  "cols" (each written vector keeps its norm) W' = P W diag(c):   y' = P(W (c ⊙ x)) + b'
+         c_j = |a_j| / |P a_j|, |P a_j|² = |a_j|² - (2s - s²)(uᵀa_j)²
+  "rows" (each residual coordinate keeps its norm) W' = diag(r) P W:   y' = r ⊙ P(W x) + b'
+         r_i = |A_i| / |A_i - s u_i (uᵀA)|,  |..|² = |A_i|² - 2 s u_i (A Aᵀu)_i + s² u_i² |uᵀA|²
+An embedding row e_v becomes c_v P(e_v) (cols) or r ⊙ P(e_v) (rows). A tied unembedding edited
+with it gives logits h·e'_v: P(h)·e_v (none), c_v P(h)·e_v (cols), P(r ⊙ h)·e_v (rows).
+Factors whose projected norm is ~0 stay 1, as kernels/project.rescale_norms does.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from patcher.edit.plan import Plan
+from patcher.model import forward as fw
+from patcher.model.execution import StreamedModel
+from patcher.model.numpy_ops import F32, NumpyOps, _NEG
+
+
+@dataclass
+class WriterEdit:
+    u: np.ndarray  # [d] float32 unit basis
+    s: float
+    bias: np.ndarray | None = None  # the projected bias P(b), when the Plan projects this writer's bias
+    col: np.ndarray | None = None  # "cols": per input (fan_in / vocab) factor
+    row: np.ndarray | None = None  # "rows": per residual coordinate factor
+
+
+@dataclass
+class Edits:
+    """A Plan as the engine applies it: per block, relative weight name -> WriterEdit; top level too."""
+
+    blocks: list  # [L] dicts
+    top: dict  # embedding name -> WriterEdit
+    head: WriterEdit | None  # the tied unembedding's change, if the embedding edit reaches it
+    head_weight: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.top and not any(self.blocks)
+
+
+def _safe_ratio(old_sq, new_sq):
+    ok = new_sq > 1e-30 * np.maximum(old_sq, 1e-300)
+    return np.where(ok, np.sqrt(np.where(ok, old_sq, 1.0) / np.where(ok, new_sq, 1.0)), 1.0)
+
+
+class ResidentModel:
+    """Every weight decoded once (float32), shared read-only by every trial and thread."""
+
+    def __init__(self, sm: StreamedModel):
+        self.sm, self.spec, self.hp, self.resolved = sm, sm.spec, sm.hp, sm.resolved
+        top = sm.top_weights()
+        self.top = {name: top[name] for name in top.names}
+        self.blocks = [sm.block_weights(l) for l in range(sm.n_layers)]
+        self.embed_name = self.spec.names["embed"] + ".weight"
+        self.head_name = (
+            self.embed_name
+            if self.hp.tied or (self.spec.names["lm_head"] + ".weight") not in self.top
+            else self.spec.names["lm_head"] + ".weight"
+        )
+        self._norms: dict = {}
+
+    @property
+    def n_layers(self) -> int:
+        return self.hp.n_layers
+
+    @property
+    def vocab(self) -> int:
+        return self.top[self.embed_name].shape[0]
+
+    # --- a Plan -> Edits -----------------------------------------------------------------------
+    def _linear_view(self, w: np.ndarray, axis: int) -> np.ndarray:
+        """The weight as nn.Linear [d_model, fan_in] (a view, no copy)."""
+        return w if axis == 0 else w.T
+
+    def _sq_norms(self, key, a: np.ndarray):
+        if key not in self._norms:
+            a64 = a.astype(np.float64)
+            self._norms[key] = (np.einsum("ij,ij->j", a64, a64), np.einsum("ij,ij->i", a64, a64))
+        return self._norms[key]
+
+    def _writer_edit(self, key, w: np.ndarray, axis: int, q, s: float, preserve, bias) -> WriterEdit:
+        u = np.asarray(q, dtype=np.float64)[:, 0]
+        e = WriterEdit(u.astype(np.float32), float(s))
+        if bias is not None:
+            b = bias.astype(np.float64)
+            e.bias = (b - s * u * (u @ b)).astype(np.float32)
+        if preserve:
+            a = self._linear_view(w, axis)
+            col_sq, row_sq = self._sq_norms(key, a)
+            ua = u @ a.astype(np.float64)  # uᵀA [fan_in]
+            if preserve == "cols":
+                e.col = _safe_ratio(col_sq, np.maximum(col_sq - (2 * s - s * s) * ua * ua, 0.0)).astype(
+                    np.float32
+                )
+            else:
+                aau = a.astype(np.float64) @ ua
+                new = row_sq - 2 * s * u * aau + s * s * u * u * float(ua @ ua)
+                e.row = _safe_ratio(row_sq, np.maximum(new, 0.0)).astype(np.float32)
+        return e
+
+    def edits(self, plan: Plan) -> Edits:
+        res = self.resolved
+        blocks = [dict() for _ in range(self.n_layers)]
+        top, head = {}, None
+        projected_bias = {name for name, e in plan.edits.items() if e.op == "project_bias"}
+        untied = any(e.op == "copy_of" for e in plan.all())
+        bias_of = {t.weight: t.bias for t in res.targets}
+        for name, e in plan.edits.items():
+            if e.op != "project":
+                continue
+            bias = bias_of.get(name) if bias_of.get(name) in projected_bias else None
+            if e.layer is None:
+                short = name[len(res.prefix) :] if name.startswith(res.prefix) else name
+                w = self.top[short]
+                top[short] = self._writer_edit(
+                    short,
+                    w,
+                    e.residual_axis,
+                    e.q,
+                    e.scale,
+                    e.preserve,
+                    None if bias is None else self.top[bias[len(res.prefix) :]],
+                )
+                if short == self.embed_name and self.head_name == self.embed_name and not untied:
+                    head = top[short]
+            else:
+                prefix = res.layer_prefix(e.layer)
+                rel = name[len(prefix) :]
+                w = self.blocks[e.layer][rel]
+                b = None if bias is None else self.blocks[e.layer][bias[len(prefix) :]]
+                blocks[e.layer][rel] = self._writer_edit(
+                    name, w, e.residual_axis, e.q, e.scale, e.preserve, b
+                )
+        return Edits(blocks, top, head, self.head_name if head is not None else None)
+
+    # --- running ------------------------------------------------------------------------------
+    def new_cache(self, batch: int) -> dict:
+        return {}
+
+    @staticmethod
+    def select(cache: dict, rows) -> None:
+        """Keep only these batch rows in the KV cache (finished rows leave the batch)."""
+        for layer, (k, v, n) in cache.items():
+            cache[layer] = (k[rows], v[rows], n)
+
+    def forward(self, ids, mask, pos, cache: dict | None, edits: Edits | None, last: int | None = 1):
+        """Logits [B, last, V] of the last `last` positions (all if None). `cache` (layer -> (k, v))
+        holds the past and is extended in place; mask covers past + new tokens."""
+        edits = edits or Edits([{}] * self.n_layers, {}, None)  # cache None: a one-off forward, nothing kept
+        ops = EditOps(self.top, mask, pos, cache, edits.top, edits.head, edits.head_weight)
+        x = fw.embed(ops, self.spec, self.hp, ids, pos)
+        for layer in range(self.n_layers):
+            ops = EditOps(self.blocks[layer], mask, pos, cache, edits.blocks[layer])
+            x = fw.block(ops, self.spec, self.hp, x, layer)
+        if last is not None:
+            x, pos = x[:, -last:], pos[:, -last:]
+        ops = EditOps(self.top, mask, pos, cache, edits.top, edits.head, edits.head_weight)
+        return fw.head(ops, self.spec, self.hp, x)
+
+
+class EditOps(NumpyOps):
+    """NumpyOps with a KV cache and writers' outputs projected as their edited weights would write."""
+
+    def __init__(self, weights, mask, pos, cache, edits, head=None, head_weight=None):
+        super().__init__(weights, mask, pos)
+        self.cache, self.edits, self.head, self.head_weight = cache, edits, head, head_weight
+
+    @staticmethod
+    def _project(y, e: WriterEdit):
+        coef = y @ e.u  # [..]
+        return y - (F32(e.s) * coef)[..., None] * e.u
+
+    def embedding(self, name, ids):
+        x = super().embedding(name, ids)
+        e = self.edits.get(name)
+        if e is None:
+            return x
+        x = self._project(x, e)
+        if e.col is not None:
+            x = x * e.col[ids][..., None]
+        if e.row is not None:
+            x = x * e.row
+        return x
+
+    def linear(self, x, weight, bias, conv1d=False):
+        if weight == self.head_weight and self.head is not None:
+            return self._head(x, weight)
+        e = self.edits.get(weight)
+        if e is None:
+            return super().linear(x, weight, bias, conv1d)
+        if e.col is not None:
+            x = x * e.col
+        y = super().linear(x, weight, None, conv1d)
+        y = self._project(y, e)
+        if e.row is not None:
+            y = y * e.row
+        if bias:
+            y = y + (e.bias if e.bias is not None else self.weights[bias])
+        return y
+
+    def _head(self, x, weight):
+        e = self.head
+        if e.row is not None:
+            x = x * e.row
+        logits = super().linear(self._project(x, e), weight, None, False)
+        return logits * e.col if e.col is not None else logits
+
+    def attend(self, q, k, v, layer, scale, softcap, window):
+        k, v = self._cached(layer, k, v)
+        B, H, T, hd = q.shape
+        kvh, S = k.shape[1], k.shape[2]
+        qg = q.reshape(B, kvh, (H // kvh) * T, hd)
+        scores = (qg @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, S) * F32(scale)
+        if softcap:
+            scores = np.tanh(scores / F32(softcap)) * F32(softcap)
+        i, j = (S - T) + np.arange(T)[:, None], np.arange(S)[None, :]
+        allowed = (j <= i) & self.mask[:, None, None, :]
+        if window:
+            allowed = allowed & (i - j < window)
+        scores = np.where(allowed, scores, _NEG)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        return (p.reshape(B, kvh, (H // kvh) * T, S) @ v).reshape(B, H, T, v.shape[-1])
+
+    def _cached(self, layer, k, v):
+        """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of
+        the filled part. MLA's broadcast keys are materialised once here."""
+        if self.cache is None:
+            return k, v
+        entry = self.cache.get(layer)
+        T = k.shape[2]
+        if entry is None or entry[2] + T > entry[0].shape[2]:
+            n = 0 if entry is None else entry[2]
+            cap = max(2 * (n + T), n + T + 64)
+            kb = np.empty((k.shape[0], k.shape[1], cap, k.shape[3]), F32)
+            vb = np.empty((v.shape[0], v.shape[1], cap, v.shape[3]), F32)
+            if entry is not None:
+                kb[:, :, :n], vb[:, :, :n] = entry[0][:, :, :n], entry[1][:, :, :n]
+            entry = [kb, vb, n]
+        kb, vb, n = entry
+        kb[:, :, n:n + T], vb[:, :, n:n + T] = k, v
+        self.cache[layer] = (kb, vb, n + T)
+        return kb[:, :, :n + T], vb[:, :, :n + T]

@@ -1,0 +1,217 @@
+"""The onnxruntime engine: one graph for every trial, the edit fed as graph inputs.
+
+The graph is patcher's export (patcher/onnx: same forward description, KV cache, opset 17) with
+each writer's output projected in the graph: `edit_u` [slots, d_model] holds each slot's unit basis
+(post-norm corrected, from the trial's Plan) and `edit_s` [slots] its strength, slot 2l for block
+l's attn_out, 2l+1 for its mlp_out, 2L for the embeddings and 2L+1 for a tied unembedding that the
+embedding edit reaches (the head's input is projected, as for the numpy engine). Strength 0 leaves
+a writer exactly as it is, so the original model is the same session with zero strengths.
+
+Norm preservation is not offered here: its per-column / per-row factors depend on each weight and
+strength (one vector per writer tensor, MoE experts included) and would have to be fed as inputs
+too; trials with norm preservation run on the numpy engine, which applies it exactly.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from patcher import __version__
+from patcher.edit.plan import Plan
+from patcher.errors import PatcherError
+from patcher.io.manifest import folder_identity
+from patcher.model import forward as fw
+from patcher.model.execution import StreamedModel
+from patcher.onnx.export import OPSET, _source, kv_shapes
+from patcher.onnx.ops import FLOAT, Context, OnnxOps
+from patcher.onnx.runtime import PROVIDERS, available_providers
+
+ROLE_SLOT = {"attn_out": 0, "mlp_out": 1}
+GRAPH_VERSION = 2  # part of the cache key: bump when the graph changes
+
+
+class EditOnnxOps(OnnxOps):
+    def __init__(
+        self, ctx, prefix, slots: dict, head_slot: int | None = None, head_weight: str | None = None
+    ):
+        super().__init__(ctx, prefix)
+        self.slots, self.head_slot, self.head_weight = slots, head_slot, head_weight
+
+    def _project(self, y, slot: int):
+        ctx = self.ctx
+        u = self.op("Gather", [ctx.edit_u, self.const(slot, np.int64)], axis=0)  # [d]
+        s = self.op("Gather", [ctx.edit_s, self.const(slot, np.int64)], axis=0)  # []
+        coef = self.op("MatMul", [y, self.op("Unsqueeze", [u, self.const([1], np.int64)])])  # [B, T, 1]
+        return self.op("Sub", [y, self.op("Mul", [self.op("Mul", [coef, s]), u])])
+
+    def embedding(self, name, ids):
+        x = super().embedding(name, ids)
+        return self._project(x, self.slots[name]) if name in self.slots else x
+
+    def linear(self, x, weight, bias, conv1d=False):
+        if weight == self.head_weight and self.head_slot is not None:
+            x = self._project(x, self.head_slot)
+            return super().linear(x, weight, bias, conv1d)
+        if weight not in self.slots:
+            return super().linear(x, weight, bias, conv1d)
+        slot, bias_edited = self.slots[weight]
+        if bias and not bias_edited:
+            return self.op(
+                "Add", [self._project(super().linear(x, weight, None, conv1d), slot), self._w(bias)]
+            )
+        return self._project(super().linear(x, weight, bias, conv1d), slot)  # P(Wx + b) = P(Wx) + P(b)
+
+
+def build(sm: StreamedModel) -> ir.Model:
+    res, L = sm.resolved, sm.n_layers
+    ctx = Context(_source(sm), kv_shapes(sm), sm.hp.n_heads)
+    d = sm.hp.d_model
+    ctx.edit_u = ir.Value(name="edit_u", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2, d]))
+    ctx.edit_s = ir.Value(name="edit_s", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2]))
+    # logits only for the last `last_n` positions: a prefill of long prompts would otherwise pay the
+    # unembedding (d_model x vocab) for every prompt token
+    last_n = ir.Value(name="last_n", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+    ctx.inputs += [ctx.edit_u, ctx.edit_s, last_n]
+    per_layer = [dict() for _ in range(L)]
+    top = {}
+    for t in res.targets:
+        if t.layer is None:
+            top[t.weight[len(res.prefix) :]] = 2 * L
+        else:
+            rel = t.weight[len(res.layer_prefix(t.layer)) :]
+            bias_rel = t.bias[len(res.layer_prefix(t.layer)) :] if t.bias else None
+            per_layer[t.layer][rel] = (2 * t.layer + ROLE_SLOT[t.role], bias_rel is not None)
+    embed = sm.spec.names["embed"] + ".weight"
+    head_weight = embed if sm.hp.tied or (sm.spec.names["lm_head"] + ".weight") not in ctx.source else None
+    x = fw.embed(EditOnnxOps(ctx, "", top), sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
+    for layer in range(L):
+        x = fw.block(EditOnnxOps(ctx, res.layer_prefix(layer), per_layer[layer]), sm.spec, sm.hp, x, layer)
+    x = ctx.op("Slice", [x, ctx.op("Neg", [last_n]), ctx.const([2**62], np.int64), ctx.const([1], np.int64)])
+    logits = fw.head(EditOnnxOps(ctx, "", {}, 2 * L + 1, head_weight), sm.spec, sm.hp, x)
+    logits.name = "logits"
+    logits.type = ir.TensorType(FLOAT)
+    outputs = [logits]
+    for i, (k, v) in enumerate(ctx.present):
+        for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
+            val.name = f"present.{i}.{kind}"
+            val.type = ir.TensorType(FLOAT)
+            val.shape = ir.Shape(
+                ["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]]
+            )
+            outputs.append(val)
+    graph = ir.Graph(
+        ctx.inputs,
+        outputs,
+        nodes=ctx.tape.nodes,
+        initializers=ctx.tape.initializers,
+        opset_imports={"": OPSET},
+        name=f"patcher-search-{sm.model_type}",
+    )
+    return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
+
+
+def cached_graph(sm: StreamedModel, announce=None) -> Path:
+    import os
+
+    key = folder_identity(sm.ck.folder, __version__, "search-graph", GRAPH_VERSION)
+    root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "search" / key[:16]
+    path = root / "model.onnx"
+    if not path.is_file():
+        if announce:
+            announce(f"building the search graph in {root} (cached for next time)")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / "partial.onnx"
+        ir.save(build(sm), tmp, external_data="model.onnx_data")
+        tmp.replace(path)
+    return path
+
+
+class OnnxEngine:
+    """Same interface as the numpy engine's ResidentModel (edits, forward, new_cache, select, vocab)."""
+
+    def __init__(self, sm: StreamedModel, provider: str = "cpu", announce=None):
+        import onnxruntime as ort
+
+        if provider not in available_providers():
+            raise PatcherError(
+                "--provider",
+                f"{provider} is not available in this onnxruntime "
+                f"(available: {', '.join(available_providers())})",
+            )
+        self.sm, self.resolved, self.n_layers = sm, sm.resolved, sm.n_layers
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(cached_graph(sm, announce)), opts, providers=PROVIDERS[provider]
+        )
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        embed = sm.top_weights().names[sm.spec.names["embed"] + ".weight"]
+        self.vocab = sm.ck.info(embed).shape[0]
+        self.d = sm.hp.d_model
+        self._zero = (
+            np.zeros((2 * self.n_layers + 2, self.d), np.float32),
+            np.zeros(2 * self.n_layers + 2, np.float32),
+        )
+
+    def edits(self, plan: Plan):
+        u, s = (a.copy() for a in self._zero)
+        L = self.n_layers
+        untied = any(e.op == "copy_of" for e in plan.all())
+        for e in plan.edits.values():
+            if e.op != "project":
+                continue
+            if e.preserve:
+                raise PatcherError(
+                    "--engine onnx",
+                    "norm preservation runs on the numpy engine only "
+                    "(use --engine numpy, or --space norm_preserve=none)",
+                )
+            slot = 2 * L if e.layer is None else 2 * e.layer + ROLE_SLOT[e.role]
+            u[slot], s[slot] = np.asarray(e.q, np.float64)[:, 0], e.scale
+            if (
+                e.layer is None
+                and e.name == self.resolved.prefix + self.resolved.arch.embeds[0].weight
+                and self.resolved.tied
+                and not untied
+            ):
+                u[2 * L + 1], s[2 * L + 1] = u[slot], s[slot]
+        return u, s
+
+    def new_cache(self, batch: int) -> dict:
+        return {
+            n: np.zeros((batch, self.inputs[n].shape[1], 0, self.inputs[n].shape[3]), np.float32)
+            for n in self.past_names
+        }
+
+    @staticmethod
+    def select(cache: dict, rows) -> None:
+        for n in cache:
+            cache[n] = cache[n][rows]
+
+    def forward(self, ids, mask, pos, cache, edits, last: int | None = 1):
+        u, s = edits if edits is not None else self._zero
+        past = cache if cache is not None else self.new_cache(ids.shape[0])
+        ids = np.asarray(ids, np.int64)
+        n = ids.shape[1] if last is None else min(last, ids.shape[1])
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.asarray(mask, np.int64),
+            "position_ids": np.asarray(pos, np.int64),
+            "edit_u": u,
+            "edit_s": s,
+            "last_n": np.array([n], np.int64),
+            **past,
+        }
+        outs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        if cache is not None:
+            cache.update(
+                {
+                    n.replace("present.", "past_key_values."): v
+                    for n, v in outs.items()
+                    if n.startswith("present.")
+                }
+            )
+        return outs["logits"]

@@ -1,0 +1,278 @@
+"""A search from files to a study: directions (extracted or given), prompts, the engine, the
+evaluator, and the Optuna loop. Also the way back: a stored trial -> its Plan (`--from-study`)."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from patcher.edit.directions import read_metadata
+from patcher.errors import PatcherError
+from patcher.io.checkpoint import Checkpoint
+from patcher.io.manifest import folder_identity, sha256_file
+from patcher.model.architectures import Resolved
+from patcher.model.execution import StreamedModel
+from patcher.model.prompts import encode_prompts, load_tokenizer, read_prompt_file
+from patcher.search import space as sp
+from patcher.search import study as st
+from patcher.search.objectives import Evaluator, Result, load_markers
+from patcher.search.plan import build_plan
+
+ENGINES = ("numpy", "onnx")
+DEFAULT_ENGINE = "numpy"
+
+
+def load_table(path: Path, n_layers: int, d_model: int) -> tuple[np.ndarray, dict]:
+    """The directions file's [L+1, d] table and metadata."""
+    if not Path(path).is_file():
+        raise PatcherError(path, "no such directions file")
+    with Checkpoint(path) as ck:
+        if "direction" not in ck.tensors:
+            raise PatcherError(path, "no 'direction' tensor: not a `patcher extract` directions file")
+        table = np.array(ck.array("direction"), dtype=np.float64)
+        meta = read_metadata(ck)
+    if table.shape != (n_layers + 1, d_model):
+        raise PatcherError(
+            path, f"'direction' is {list(table.shape)}; this model needs [{n_layers + 1}, {d_model}]"
+        )
+    return table, meta
+
+
+def heuristic_params(selected: int, n_layers: int) -> dict:
+    """patcher's default pipeline as a point of the same space: the extract-selected row, every
+    writer at strength 1, embeddings included (`patcher ablate -d DIRS` with its defaults)."""
+    p = {
+        "direction_scope": "global",
+        "direction_index": float(selected),
+        "embed": True,
+        "embed_strength": 1.0,
+        "norm_preserve": "none",
+    }
+    for c in sp.COMPONENTS:
+        p.update({f"{c}_peak": 1.0, f"{c}_center": 0.0, f"{c}_min_frac": 1.0, f"{c}_width": float(n_layers)})
+    return p
+
+
+@dataclass
+class Setup:
+    ck: Checkpoint
+    resolved: Resolved
+    engine: object
+    evaluator: Evaluator
+    table: np.ndarray
+    directions: Path
+    space: dict
+    selected: int | None
+    untie: bool = False
+    attrs: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.resolved.n_layers
+
+    def evaluate(self, params: dict, keep_texts: bool = False) -> Result:
+        spec = sp.edit_spec(params, self.table, self.n_layers, self.directions)
+        plan = build_plan(self.ck, self.resolved, spec, str(self.directions), self.untie)
+        return self.evaluator.evaluate(self.engine.edits(plan), keep_texts)
+
+    def run_trial(self, trial) -> tuple[float, float]:
+        params = sp.sample(trial, self.space)
+        r = self.evaluate(params)
+        trial.set_user_attr("first_token_kl", r.first_token_kl)
+        trial.set_user_attr("seconds_generate", round(r.timing.generate, 3))
+        trial.set_user_attr("seconds_kl", round(r.timing.kl, 3))
+        trial.set_user_attr("tokens_generated", r.tokens_generated)
+        if r.negative_marker_rate is not None:
+            trial.set_user_attr("negative_marker_rate", r.negative_marker_rate)
+            base = self.evaluator.reference()["negative_marker_rate"]
+            trial.set_user_attr("constraint", [r.negative_marker_rate - base])
+            if hasattr(trial, "set_constraint"):
+                trial.set_constraint("negative_marker_rate", r.negative_marker_rate - base)
+        return r.marker_rate, r.kl
+
+
+def make_engine(kind: str, sm: StreamedModel, provider: str = "cpu", announce=None):
+    if kind == "numpy":
+        from patcher.search.engine import ResidentModel
+
+        if provider != "cpu":
+            raise PatcherError("--provider", "the numpy engine runs on the CPU; use --engine onnx for cuda")
+        return ResidentModel(sm)
+    if kind == "onnx":
+        from patcher.search.onnx_engine import OnnxEngine
+
+        return OnnxEngine(sm, provider, announce)
+    raise PatcherError("--engine", f"must be one of {', '.join(ENGINES)}")
+
+
+def _prompts(tok, path, limit, chat_template, system):
+    texts = read_prompt_file(path, limit)
+    return encode_prompts(tok, texts, chat_template=chat_template, system=system)
+
+
+def setup(
+    model: Path,
+    positive: Path,
+    negative: Path,
+    *,
+    eval_positive: Path | None = None,
+    eval_negative: Path | None = None,
+    directions: Path | None = None,
+    directions_out: Path | None = None,
+    engine: str = DEFAULT_ENGINE,
+    provider: str = "cpu",
+    tokens: int = 64,
+    kl_tokens: int = 1,
+    negative_markers: bool = False,
+    markers: Path | None = None,
+    replace_markers: bool = False,
+    batch_size: int = 64,
+    max_prompts: int | None = None,
+    chat_template: bool = True,
+    system: str | None = None,
+    untie: bool = False,
+    space_items=(),
+    space_toml: Path | None = None,
+    project_out_negative_mean: bool = False,
+    announce=None,
+) -> Setup:
+    from patcher.edit.extract import extract
+
+    seconds = {}
+    ck = Checkpoint(model)
+    sm = StreamedModel(ck)
+    L, d = sm.n_layers, sm.hp.d_model
+    space = sp.default_space(L)
+    if space_toml is not None:
+        sp.apply_toml(space, sp.load_toml(space_toml), space_toml)
+    sp.parse_cli(space, list(space_items))
+    if directions is None:
+        if directions_out is None:
+            raise PatcherError("--directions", "give a directions file or a place to write the extracted one")
+        t0 = time.perf_counter()
+        if announce:
+            announce(f"extracting directions from {positive.name} / {negative.name}")
+        result = extract(
+            ck,
+            positive,
+            negative,
+            max_prompts=max_prompts,
+            chat_template=chat_template,
+            system=system,
+            project_out_negative_mean=project_out_negative_mean,
+        )
+        result.save(directions_out)
+        directions = directions_out
+        seconds["extract"] = round(time.perf_counter() - t0, 3)
+    table, meta = load_table(directions, L, d)
+    tok = load_tokenizer(ck.folder)
+    ep = _prompts(tok, eval_positive or positive, max_prompts, chat_template, system)
+    en = _prompts(tok, eval_negative or negative, max_prompts, chat_template, system)
+    t0 = time.perf_counter()
+    eng = make_engine(engine, sm, provider, announce)
+    seconds["load"] = round(time.perf_counter() - t0, 3)
+    from patcher.onnx.verify import _eos
+
+    ev = Evaluator(
+        eng,
+        tok,
+        ep,
+        en,
+        markers=load_markers(markers, replace_markers),
+        tokens=tokens,
+        kl_tokens=kl_tokens,
+        negative_markers=negative_markers,
+        eos=_eos(ck.folder, tok),
+        batch_size=batch_size,
+    )
+    fixed = {p.name: p.fixed for p in space.values() if p.fixed is not None}
+    attrs = st.base_attrs(
+        model=str(Path(model).resolve()),
+        model_identity=folder_identity(ck.folder),
+        directions=str(Path(directions).resolve()),
+        directions_sha256=sha256_file(directions),
+        selected_layer=meta.get("selected_layer"),
+        space={k: p.as_dict() for k, p in space.items()},
+        fixed=fixed,
+        untie_embeddings=untie,
+        evaluation={
+            "positive": sha256_file(eval_positive or positive),
+            "negative": sha256_file(eval_negative or negative),
+            "counts": [len(ep), len(en)],
+            "tokens": tokens,
+            "kl_tokens": kl_tokens,
+            "negative_markers": negative_markers,
+            "markers": list(ev.markers),
+            "max_prompts": max_prompts,
+            "chat_template": chat_template,
+            "system": system,
+            "engine": engine,
+        },
+    )
+    return Setup(
+        ck,
+        sm.resolved,
+        eng,
+        ev,
+        table,
+        Path(directions),
+        space,
+        meta.get("selected_layer"),
+        untie,
+        attrs,
+        seconds,
+    )
+
+
+def trial_params(study, number: int) -> tuple[dict, dict]:
+    """A completed trial's full parameters (free + fixed) and the study's attributes."""
+    attrs = st.study_attrs(study)
+    trials = {t.number: t for t in st.completed(study)}
+    if number not in trials:
+        raise PatcherError(
+            "--trial",
+            f"trial {number} is not a completed trial of this study "
+            f"(completed: {len(trials)}; see the Pareto table of `patcher search`)",
+        )
+    return sp.complete(trials[number].params, attrs.get("fixed", {})), attrs
+
+
+def plan_from_study(
+    ck: Checkpoint, resolved: Resolved, study_path: Path, number: int, directions: Path | None = None
+):
+    """The Plan that writes trial `number` of the study as a checkpoint; its record names the study,
+    the trial, the study digest and the directions file."""
+    study = st.open_study(study_path, None, create=False)
+    params, attrs = trial_params(study, number)
+    dpath = Path(directions or attrs["directions"])
+    if not dpath.is_file():
+        raise PatcherError(dpath, "the study's directions file is missing; pass it with -d/--direction")
+    sha = sha256_file(dpath)
+    if sha != attrs.get("directions_sha256"):
+        raise PatcherError(
+            dpath, "this directions file is not the one the study searched with (sha256 differs)"
+        )
+    if folder_identity(ck.folder) != attrs.get("model_identity"):
+        note = "note: the model folder differs from the one the study searched (path, sizes or times changed)"
+    else:
+        note = None
+    table, _ = load_table(dpath, resolved.n_layers, resolved.d_model)
+    spec = sp.edit_spec(params, table, resolved.n_layers, dpath)
+    values = next(t.values for t in st.completed(study) if t.number == number)
+    record = {
+        "direction_sha256": sha,
+        "search": {
+            "study": str(Path(study_path).resolve()),
+            "study_sha256": st.digest(study),
+            "trial": number,
+            "params": params,
+            "marker_rate": values[0],
+            "kl": values[1],
+        },
+    }
+    plan = build_plan(ck, resolved, spec, str(dpath), bool(attrs.get("untie_embeddings")), record)
+    if note:
+        plan.notes.append(note)
+    return plan

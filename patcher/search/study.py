@@ -1,0 +1,155 @@
+"""The Optuna side: a multi-objective TPE study in SQLite, resumable and readable by other tools.
+
+The study names its objectives (`marker_rate`, `kl`, both minimised); every free search parameter
+is a plain Optuna parameter; what was fixed, the model, the directions file and the evaluation
+settings are study user attributes, so `patcher ablate --from-study` can rebuild any trial's edit.
+"""
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from patcher import __version__
+from patcher.errors import PatcherError
+
+STUDY_NAME = "patcher-search"
+METRICS = ["marker_rate", "kl"]
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def storage_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def _constraints(trial):
+    return trial.user_attrs.get("constraint", [0.0])
+
+
+def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60, create: bool = True):
+    """Create or resume the study at `path`. `attrs` (model, directions, space, evaluation) must match
+    what a resumed study recorded: a study is one search, not a mix of several."""
+    optuna = _optuna()
+    path = Path(path)
+    if not create and not path.is_file():
+        raise PatcherError(path, "no such study file")
+    # optuna >= 5 takes constraints from Trial.set_constraint; older versions from constraints_func
+    legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=startup, multivariate=True, group=True, seed=seed, **legacy
+    )
+    try:
+        study = optuna.create_study(
+            storage=storage_url(path),
+            study_name=STUDY_NAME,
+            load_if_exists=True,
+            directions=["minimize", "minimize"],
+            sampler=sampler,
+        )
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign SQLite file: say so in one line
+        raise PatcherError(path, f"cannot open the study ({type(e).__name__}: {e})") from None
+    if attrs is not None:
+        old = study.user_attrs.get("patcher")
+        if old is None:
+            study.set_metric_names(METRICS)
+            study.set_user_attr("patcher", attrs)
+        else:
+            for key in ("model_identity", "directions_sha256", "space", "evaluation"):
+                if json.dumps(old.get(key), sort_keys=True) != json.dumps(attrs.get(key), sort_keys=True):
+                    raise PatcherError(
+                        path,
+                        f"this study was run with a different {key.replace('_', ' ')}; "
+                        f"use a new --study file (or the original settings) to resume",
+                    )
+    return study
+
+
+def study_attrs(study) -> dict:
+    attrs = study.user_attrs.get("patcher")
+    if not isinstance(attrs, dict):
+        raise PatcherError(STUDY_NAME, "not a patcher search study (no 'patcher' user attribute)")
+    return attrs
+
+
+def completed(study) -> list:
+    optuna = _optuna()
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def feasible(trial) -> bool:
+    return all(c <= 0 for c in _constraints(trial))
+
+
+def pareto(trials: list) -> list:
+    """Non-dominated feasible trials, by marker rate then KL."""
+    pool = [t for t in trials if feasible(t)]
+    front = [
+        t
+        for t in pool
+        if not any(
+            o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in pool
+        )
+    ]
+    return sorted(front, key=lambda t: (t.values[0], t.values[1], t.number))
+
+
+def digest(study) -> str:
+    """Identifies the study's evidence: sha256 over its settings and every completed trial."""
+    rows = [{"n": t.number, "params": t.params, "values": t.values} for t in completed(study)]
+    blob = json.dumps({"attrs": study.user_attrs.get("patcher"), "trials": rows}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class Outcome:
+    ran: int
+    interrupted: bool
+
+
+def optimize(
+    study, run_trial, n_trials: int, timeout_s: float | None, jobs: int = 1, on_trial=None
+) -> Outcome:
+    """Run trials until the study holds n_trials completed ones (a resumed study continues), or the
+    timeout. `run_trial(trial) -> (marker_rate, kl)`. Ctrl-C ends the current trial as failed and
+    keeps every completed one (each is committed to SQLite as it ends)."""
+    remaining = max(n_trials - len(completed(study)), 0)
+    if remaining == 0:
+        return Outcome(0, False)
+    ran = [0]
+
+    def objective(trial):
+        try:
+            values = run_trial(trial)
+        except BaseException as e:
+            if isinstance(e, (Exception, KeyboardInterrupt)):
+                raise
+            raise KeyboardInterrupt from e  # the CLI's Interrupted: optuna records the trial as failed
+        ran[0] += 1
+        return values
+
+    callbacks = [lambda s, t: on_trial(t)] if on_trial else None
+    try:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=timeout_s,
+            n_jobs=jobs,
+            callbacks=callbacks,
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+    except KeyboardInterrupt:
+        return Outcome(ran[0], True)
+    return Outcome(ran[0], False)
+
+
+def base_attrs(**kw) -> dict:
+    return {"patcher": __version__, **kw}
