@@ -75,6 +75,17 @@ def _source(sm: StreamedModel) -> dict:
     return src
 
 
+def _views(sm: StreamedModel) -> dict:
+    """Zero-copy views of the plainly stored tensors (bf16/fp16/fp32, no block scales): the quantizers
+    read them slab by slab, so a quantized export never holds a whole float32 copy of a tensor."""
+    plain = {"BF16", "F16", "F32"}
+    out = {n: (lambda n=n: sm.ck.array(n)) for n, i in sm.ck.tensors.items() if i.dtype in plain}
+    for short, full in sm.top_weights().names.items():
+        if full in out:
+            out[short] = out[full]
+    return out
+
+
 def build(
     sm: StreamedModel,
     weight_dtype=ir.DataType.FLOAT,
@@ -86,6 +97,7 @@ def build(
     spec, hp = sm.spec, sm.hp
     embed = spec.names["embed"] + ".weight"
     src = _source(sm)
+    views = _views(sm) if quant else None
     head_reuses = hp.tied or spec.names["lm_head"] + ".weight" not in src
     ctx = Context(
         src,
@@ -98,6 +110,7 @@ def build(
         tied=head_reuses,
         ortho=ortho,
         logits_to_keep=logits_to_keep,
+        views=views,
     )
     top = OnnxOps(ctx, "")
     x = fw.embed(top, spec, hp, ctx.input_ids, ctx.position_ids)
@@ -346,14 +359,21 @@ def orthogonal_plan(q):
     if q is None:
         return None
     d, k = q.shape
-    q32 = q.astype(np.float32)
 
     def plan(name, w):
         for axis in (0, 1):
             if w.shape[axis] != d:
                 continue
-            comp = np.linalg.norm(q32.T @ w if axis == 0 else w @ q32)
-            if comp < EDITED_BELOW * np.linalg.norm(w) * np.sqrt(k / d):
+            total, acc, comp = 0.0, np.zeros((k, w.shape[1])), 0.0
+            for r in range(0, w.shape[0], 1024):  # row blocks: w may be a view of the stored file
+                x = np.asarray(w[r : r + 1024], np.float64)
+                total += float(np.sum(x * x))
+                if axis == 0:
+                    acc += q[r : r + 1024].T @ x  # Qᵀw accumulates over row blocks
+                else:
+                    comp += float(np.sum(np.square(x @ q)))
+            comp = float(np.sum(acc * acc)) if axis == 0 else comp
+            if np.sqrt(comp) < EDITED_BELOW * np.sqrt(total) * np.sqrt(k / d):
                 return q, axis
         return None
 

@@ -29,6 +29,7 @@ class Context:
         tied: bool = False,
         ortho=None,
         logits_to_keep: bool = True,
+        views: dict | None = None,
     ):
         """weight_dtype: storage of unquantized matrices (FLOAT or FLOAT16). act: activation and KV
         cache dtype. quant: {"bits", "block", "symmetric", "accuracy"} to store every linear weight
@@ -40,6 +41,7 @@ class Context:
         self.source = weight_source  # name -> (shape, loader returning float32 numpy)
         self.weight_dtype, self.act, self.np_act = weight_dtype, act, NP[act]
         self.quant, self.ortho = quant, ortho
+        self.views = views or {}  # name -> zero-copy view of the stored tensor (quantizers read it in slabs)
         self.token_embed, self.tied = token_embed, tied
         self.neg = float(np.finfo(self.np_act).min)
         self.inits: dict[str, ir.Value] = {}
@@ -131,7 +133,7 @@ class Context:
             def compute():
                 from patcher.onnx.quant import quantize
 
-                w = load()
+                w = self.views[name]() if name in self.views else load()
                 w = w.T if conv1d else w
                 plan = self.ortho(name, w) if self.ortho else None
                 q, axis = plan if plan else (None, None)
@@ -184,7 +186,7 @@ class Context:
                 if "q" not in memo:
                     from patcher.onnx.quant import quantize_channels
 
-                    w = load()
+                    w = self.views[name]() if name in self.views else load()
                     w = w.T if conv1d else w
                     plan = self.ortho(name, w) if self.ortho else None
                     q, axis = plan if plan else (None, None)

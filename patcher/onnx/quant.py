@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from patcher_kernels.ortho_round import orthogonal_rounding
 
-SLAB_ELEMENTS = 1 << 22  # elements per slab (a few float64 copies: ~100 MB)
+SLAB_ELEMENTS = 1 << 20  # elements per slab (a few float64 copies: ~40 MB)
 
 
 @dataclass
@@ -164,7 +164,9 @@ def quantize_channels(w: np.ndarray, q: np.ndarray | None = None, axis: int | No
     """w [N, K] -> int8 codes in [-127, 127] and per-row scales max|w_n| / 127, with orthogonal rounding
     along `axis` when q is given (slabs as in quantize)."""
     n, k = w.shape
-    scales = (np.abs(w).max(axis=1).astype(np.float64) / 127).astype(np.float32)
+    scales = np.empty(n, np.float32)
+    for r in range(0, n, 1024):  # w may be a view of the stored file: never one whole float copy
+        scales[r : r + 1024] = np.abs(np.asarray(w[r : r + 1024], np.float64)).max(axis=1) / 127
     scales = np.where(scales == 0, np.float32(1), scales)
     s = scales.astype(np.float64)
     codes = np.empty((n, k), np.int8)

@@ -65,7 +65,7 @@ class EditOnnxOps(OnnxOps):
 
 def build(sm: StreamedModel) -> ir.Model:
     res, L = sm.resolved, sm.n_layers
-    ctx = Context(_source(sm), kv_shapes(sm), sm.hp.n_heads)
+    ctx = Context(_source(sm), kv_shapes(sm), sm.hp.n_heads, logits_to_keep=False)  # it has its own last_n
     d = sm.hp.d_model
     ctx.edit_u = ir.Value(name="edit_u", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2, d]))
     ctx.edit_s = ir.Value(name="edit_s", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2]))
