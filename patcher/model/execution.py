@@ -35,6 +35,8 @@ class LazyWeights(dict):
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         if dict.__contains__(self, name):
             return self[name][ids]
+        if hasattr(self.model.ck, "rows"):  # a quantized store dequantizes just these rows
+            return self.model.ck.rows(self.names[name], ids)
         uniq, inverse = np.unique(ids, return_inverse=True)
         table = self.model.ck.array(self.names[name])
         return decode(table[uniq])[inverse.reshape(ids.shape)]
