@@ -27,6 +27,9 @@ def human(n: float) -> str:
 
 
 def open_model(model: Path, arch_table: Optional[Path], need_arch: bool = True) -> tuple[Checkpoint, Optional[Resolved]]:
+    from patcher.io.gguf import is_gguf
+    if Path(model).is_file() and is_gguf(model):
+        return open_gguf(model, arch_table)
     ck = Checkpoint(model)
     if not need_arch and arch_table is None and not ck.model_type:
         return ck, None
@@ -34,6 +37,16 @@ def open_model(model: Path, arch_table: Optional[Path], need_arch: bool = True) 
         raise PatcherError(model, "editing needs a model folder with config.json, not a lone .safetensors file")
     arch = load_table(arch_table) if arch_table else for_model_type(ck.model_type, ck.folder / "config.json")
     return ck, resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
+
+
+def open_gguf(model: Path, arch_table: Optional[Path]):
+    """A GGUF file and the table resolved against its own (GGUF) tensor names."""
+    from patcher.io.gguf import GGUFFile
+    g = GGUFFile(model)
+    arch = load_table(arch_table) if arch_table else g.architecture
+    if arch.gguf is None:
+        raise PatcherError(arch.source, "this architecture table has no [gguf] section (GGUF names)")
+    return g, resolve(arch.gguf, g.tensors, g.config, g.path)
 
 
 class Interrupted(BaseException):

@@ -26,7 +26,15 @@ def _print_plan(plan: Plan) -> None:
         out.print(f"[yellow]note:[/] {n}")
 
 
-def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool = True) -> None:
+def _is_gguf(plan: Plan) -> bool:
+    from patcher.io.gguf import GGUFFile
+    return isinstance(plan.ck, GGUFFile)
+
+
+def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool = True,
+         requant: str = "Q8_0", rounding: str = "orthogonal") -> None:
+    if _is_gguf(plan):
+        return _run_gguf(plan, output, force, dry_run, requant, rounding)
     if dry_run:
         _print_plan(plan)
         out.print(f"dry run: nothing written (would write {output})")
@@ -39,6 +47,31 @@ def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool 
                          progress=lambda n: prog.advance(task, n),
                          on_shard=lambda f: prog.update(task, description=f"writing {f}"), hash_files=hash_files)
     _summary(plan, report)
+
+
+def _run_gguf(plan: Plan, output: Path, force: bool, dry_run: bool, requant: str, rounding: str) -> None:
+    from patcher.edit import gguf_apply
+    if rounding not in ("orthogonal", "nearest"):
+        raise PatcherError("--rounding", f"must be orthogonal or nearest, got {rounding!r}")
+    gguf_apply.prepare(plan, requant.upper())
+    if dry_run:
+        _print_plan(plan)
+        out.print(f"dry run: nothing written (would write {output})")
+        return
+    with progress() as prog:
+        task = prog.add_task("writing", total=sum(t.nbytes for t in plan.ck.tensors.values()))
+        report = gguf_apply.execute(plan, output, force=force, ortho=rounding == "orthogonal",
+                                    progress=lambda n: prog.advance(task, n), command=command_line())
+    _summary(plan, report)
+    if report.rounding:
+        from rich.table import Table
+        t = Table(title=f"storage rounding ({rounding}) per tensor type: leakage |QᵀW'|/|QᵀW| and weight error "
+                        f"|W'−W*|/|W*| (W* = exact projection)", title_justify="left")
+        for c in ("type", "tensors", "leakage nearest", "leakage written", "error nearest", "error written"):
+            t.add_column(c, justify="left" if c == "type" else "right")
+        for src, dst, n, lp, lo, ep, eo, _ in gguf_apply.summary_rows(report):
+            t.add_row(src if src == dst else f"{src}→{dst}", n, f"{lp:.2%}", f"{lo:.2%}", f"{ep:.2%}", f"{eo:.2%}")
+        out.print(t)
 
 
 def _summary(plan: Plan, report) -> None:
@@ -59,6 +92,30 @@ def _summary(plan: Plan, report) -> None:
         out.print(f"[yellow]note:[/] {n}")
 
 
+_REQUANT_HELP = ("GGUF: type for edited tensors whose own type cannot be written (K-quants, IQ): q8_0, q5_1, "
+                 "q5_0, q4_1, q4_0, f16, bf16, f32")
+_ROUNDING_HELP = ("GGUF: orthogonal (default) chooses each element's rounding so the stored weights stay "
+                  "orthogonal to r̂; nearest is plain re-rounding, which puts back part of the removed component")
+_CVEC_HELP = ("Write a llama.cpp control vector (GGUF, direction.LAYER = alpha*r̂, used with --control-vector) "
+              "instead of a model; LAYER as for --layer (llama.cpp takes 1..L-1)")
+
+
+def _control_vector(res, d, layer: int, alpha: float, path: Path, force: bool, dry_run: bool) -> None:
+    from patcher.edit.gguf_apply import write_control_vector
+    if d.vectors.shape[0] != 1:
+        raise PatcherError(d.source, "a control vector takes one direction, not a rank-k set")
+    layout = res.arch.gguf_layout
+    hint = layout.arch if layout else res.arch.model_type
+    vector = alpha * d.unit[0]
+    if dry_run:
+        out.print(f"dry run: would write {path}: direction.{layer} = {alpha} · r̂ (|v| = {abs(alpha):.4g}), "
+                  f"model hint {hint!r}")
+        return
+    write_control_vector(path, vector, layer, res.n_layers, hint, force)
+    out.print(f"wrote {path}: control vector direction.{layer} = {alpha} · r̂, added by llama.cpp to the output of "
+              f"block {layer} (resid_pre[{layer + 1}]); run llama.cpp with --control-vector {path}")
+
+
 _NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
                  "output byte once more; on a 2-core machine it roughly doubles the time)")
 
@@ -67,7 +124,7 @@ def register(app) -> None:
     @app.command()
     def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
-               output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
+               output: Path = typer.Option(..., "-o", "--output", help="New folder to write (a .gguf file for GGUF input)"),
                layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
                targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
                scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
@@ -78,6 +135,8 @@ def register(app) -> None:
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
+               requant: str = typer.Option("q8_0", "--requant", help=_REQUANT_HELP),
+               rounding: str = typer.Option("orthogonal", "--rounding", help=_ROUNDING_HELP),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Remove a direction from every selected residual writer (rank-1 or rank-k projection)."""
         def body():
@@ -91,14 +150,16 @@ def register(app) -> None:
             d = load_direction(direction, res.d_model)
             plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
                                  preserve=norm_preserve, untie=untie)
-            _run(plan, output, force, dry_run, not no_hash)
+            _run(plan, output, force, dry_run, not no_hash, requant, rounding)
         guard(body)
 
 
     @app.command()
-    def inject(model: Path = typer.Argument(..., help="Model folder"),
+    def inject(model: Path = typer.Argument(..., help="Model folder or .gguf file"),
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
-               output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
+               output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                                     help="New folder to write (a .gguf file for GGUF input)"),
+               control_vector: Optional[Path] = typer.Option(None, "--control-vector", help=_CVEC_HELP),
                layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in resid_pre[layer+1])"),
                alpha: float = typer.Option(..., "--alpha", help="Strength, in residual-stream units"),
                target: str = typer.Option("mlp_out", "--target", help="mlp_out or attn_out"),
@@ -106,12 +167,18 @@ def register(app) -> None:
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
-        """Add alpha * r̂ to one writer's bias at one layer (creating the bias if needed)."""
+        """Add alpha * r̂ to one writer's bias at one layer (creating the bias if needed), or write it as a
+        llama.cpp control vector."""
         def body():
             if target not in ("mlp_out", "attn_out"):
                 raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
+            if (output is None) == (control_vector is None):
+                raise PatcherError("inject", "give exactly one of -o/--output and --control-vector")
             ck, res = open_model(model, arch_table)
             d = load_direction(direction, res.d_model)
+            if control_vector is not None:
+                return _control_vector(res, d, layer if layer >= 0 else layer + res.n_layers, alpha, control_vector,
+                                       force, dry_run)
             plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)

@@ -35,6 +35,7 @@ class Report:
     leakage: dict[str, float] = field(default_factory=dict)  # per projected tensor
     component: dict[str, float] = field(default_factory=dict)  # |QᵀW| before, per tensor
     skipped_files: list[str] = field(default_factory=list)
+    rounding: dict = field(default_factory=dict)  # GGUF: per tensor, plain vs written rounding (gguf_apply)
 
     def overall_leakage(self, names=None) -> float:
         names = self.leakage.keys() if names is None else names
