@@ -179,6 +179,10 @@ def register(app) -> None:
             if control_vector is not None:
                 return _control_vector(res, d, layer if layer >= 0 else layer + res.n_layers, alpha, control_vector,
                                        force, dry_run)
+            from patcher.io.gguf import GGUFFile
+            if isinstance(ck, GGUFFile) and target not in res.arch.inject:
+                raise PatcherError("--target", f"llama.cpp's {ck.gguf_arch} loader has no bias at the {target} writer; "
+                                               f"write the injection as a control vector (--control-vector FILE)")
             plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)

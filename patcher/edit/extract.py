@@ -121,12 +121,19 @@ def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8, 
     positions = sorted({int(p) for p in positions}, reverse=True)
     if not positions or any(p >= 0 for p in positions):
         raise PatcherError("--positions", "positions count from the end of the prompt: -1, -2, ...")
-    ck = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    from patcher.io.gguf import GGUFFile, HFView, is_gguf, load_tokenizer as gguf_tokenizer
+    if isinstance(model, GGUFFile) or (not isinstance(model, Checkpoint) and Path(model).is_file()
+                                       and is_gguf(model)):
+        g = model if isinstance(model, GGUFFile) else GGUFFile(model)
+        ck, tok = HFView(g), gguf_tokenizer(g)  # dequantized block by block, the GGUF's own vocabulary
+    else:
+        ck = model if isinstance(model, Checkpoint) else Checkpoint(model)
+        tok = None
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)
     layer_set = set(range(L + 1)) if layer_set is None else layer_set
-    tok = load_tokenizer(ck.folder)
+    tok = tok or load_tokenizer(ck.folder)
     sets, meta_sets = {}, {}
     for label, src in (("positive", positive), ("negative", negative)):
         if isinstance(src, (str, Path)):
