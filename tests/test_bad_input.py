@@ -346,13 +346,19 @@ def test_index_shard_name_escapes_folder(tmp_path, name):
     assert repr(name) in str(e)
 
 
-def test_index_shard_symlink_out_of_folder(tmp_path):
+def test_index_shard_symlink_out_of_folder_is_read(tmp_path):
+    """A plain weight_map name may be a symlink (the hub cache links every file to ../../blobs/):
+    the tensors are read through it, and its real folder counts as an input."""
     model = tmp_path / "model"
     model.mkdir()
-    valid_st(tmp_path / "outside.safetensors")
-    (model / "a.safetensors").symlink_to(tmp_path / "outside.safetensors")
-    idx = make_index(model, {"a": "a.safetensors"})
-    expect_error(lambda: Checkpoint(model), idx, "escapes the model folder")
+    (tmp_path / "blobs").mkdir()
+    valid_st(tmp_path / "blobs" / "outside.safetensors")
+    (model / "a.safetensors").symlink_to(tmp_path / "blobs" / "outside.safetensors")
+    make_index(model, {"a": "a.safetensors"})
+    with Checkpoint(model) as ck:
+        assert list(ck.files) == ["a.safetensors"]
+        assert ck.array("a").tolist() == [1, 2, 3, 4]
+        assert ck.input_paths == [model, (tmp_path / "blobs").resolve()]
 
 
 def test_index_shard_in_subfolder(tmp_path):

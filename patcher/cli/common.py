@@ -7,8 +7,7 @@ import typer
 from rich.console import Console
 
 from patcher.errors import PatcherError
-from patcher.io.checkpoint import Checkpoint
-from patcher.model.architectures import Resolved, for_model_type, load_table, resolve
+from patcher.model.opened import Model
 
 # piped output (scripts, CI logs) gets wide lines so tensor names are never cut
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -26,27 +25,9 @@ def human(n: float) -> str:
         n /= 1024
 
 
-def open_model(model: Path, arch_table: Optional[Path], need_arch: bool = True) -> tuple[Checkpoint, Optional[Resolved]]:
-    from patcher.io.gguf import is_gguf
-    if Path(model).is_file() and is_gguf(model):
-        return open_gguf(model, arch_table)
-    ck = Checkpoint(model)
-    if not need_arch and arch_table is None and not ck.model_type:
-        return ck, None
-    if not ck.config and ck.path.is_file():
-        raise PatcherError(model, "editing needs a model folder with config.json, not a lone .safetensors file")
-    arch = load_table(arch_table) if arch_table else for_model_type(ck.model_type, ck.folder / "config.json")
-    return ck, resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
-
-
-def open_gguf(model: Path, arch_table: Optional[Path]):
-    """A GGUF file and the table resolved against its own (GGUF) tensor names."""
-    from patcher.io.gguf import GGUFFile
-    g = GGUFFile(model)
-    arch = load_table(arch_table) if arch_table else g.architecture
-    if arch.gguf is None:
-        raise PatcherError(arch.source, "this architecture table has no [gguf] section (GGUF names)")
-    return g, resolve(arch.gguf, g.tensors, g.config, g.path)
+def open_model(model, arch_table: Optional[Path], need_arch: bool = True) -> Model:
+    """A MODEL argument (folder, .safetensors file or hub repo id) opened once, table resolved."""
+    return Model.open(model, arch_table, require_arch=need_arch)
 
 
 class Interrupted(BaseException):

@@ -27,8 +27,7 @@ def _print_plan(plan: Plan) -> None:
 
 
 def _is_gguf(plan: Plan) -> bool:
-    from patcher.io.gguf import GGUFFile
-    return isinstance(plan.ck, GGUFFile)
+    return getattr(plan.ck, "is_gguf", False)
 
 
 def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool = True,
@@ -146,9 +145,10 @@ def register(app) -> None:
                 raise PatcherError("--targets", f"unknown {bad}; choose from {', '.join(ROLES)}")
             if norm_preserve not in (None, "rows", "cols"):
                 raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
-            plan = plan_ablation(ck, res, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
+            plan = plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=scale,
                                  preserve=norm_preserve, untie=untie)
             _run(plan, output, force, dry_run, not no_hash, requant, rounding)
         guard(body)
@@ -174,16 +174,16 @@ def register(app) -> None:
                 raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
             if (output is None) == (control_vector is None):
                 raise PatcherError("inject", "give exactly one of -o/--output and --control-vector")
-            ck, res = open_model(model, arch_table)
+            m = open_model(model, arch_table)
+            res = m.resolved
             d = load_direction(direction, res.d_model)
             if control_vector is not None:
                 return _control_vector(res, d, layer if layer >= 0 else layer + res.n_layers, alpha, control_vector,
                                        force, dry_run)
-            from patcher.io.gguf import GGUFFile
-            if isinstance(ck, GGUFFile) and target not in res.arch.inject:
-                raise PatcherError("--target", f"llama.cpp's {ck.gguf_arch} loader has no bias at the {target} writer; "
-                                               f"write the injection as a control vector (--control-vector FILE)")
-            plan = plan_injection(ck, res, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
+            if m.is_gguf and target not in res.arch.inject:
+                raise PatcherError("--target", f"llama.cpp's {m.storage.gguf_arch} loader has no bias at the {target} "
+                                               f"writer; write the injection as a control vector (--control-vector FILE)")
+            plan = plan_injection(m, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)
         guard(body)

@@ -7,11 +7,11 @@ from typing import Optional
 import typer
 
 from patcher.model.architectures import ROLES, Resolved
-from patcher.io.checkpoint import Checkpoint
+from patcher.model.opened import Model
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
 
 
-def describe(ck: Checkpoint, res: Optional[Resolved]) -> dict:
+def describe(ck: Model, res: Optional[Resolved]) -> dict:
     dtypes = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.nbytes
@@ -28,16 +28,17 @@ def describe(ck: Checkpoint, res: Optional[Resolved]) -> dict:
             "roles": roles, "role_biases": biases,
             "missing": [{"role": r, "layer": l, "pattern": p} for r, l, p in res.missing],
         })
-    from patcher.io.gguf import GGUFFile, provenance
-    if isinstance(ck, GGUFFile):
-        md = ck.metadata
-        info.update({"format": "gguf", "gguf_architecture": ck.gguf_arch, "name": md.get("general.name"),
-                     "tokenizer": md.get("tokenizer.ggml.model"), "vocab": len(ck.tokens()),
+    from patcher.io.gguf import provenance
+    if getattr(ck, "is_gguf", False):
+        g = ck.storage
+        md = g.metadata
+        info.update({"format": "gguf", "gguf_architecture": g.gguf_arch, "name": md.get("general.name"),
+                     "tokenizer": md.get("tokenizer.ggml.model"), "vocab": len(g.tokens()),
                      "chat_template": isinstance(md.get("tokenizer.chat_template"), str)})
         if res is not None:
             info["quant_types_per_role"] = {r: dict(Counter(ck.info(t.weight).dtype for t in res.targets if t.role == r))
                                             for r in ROLES}
-        prov = provenance(ck)
+        prov = provenance(g)
         if prov:
             info["provenance"] = prov
         return info
@@ -64,7 +65,8 @@ def register(app) -> None:
         """Architecture, layers, d_model, dtypes, shards, size, and which tensors each role maps to."""
         def body():
             from rich.table import Table
-            ck, res = open_model(model, arch_table, need_arch=False)
+            ck = open_model(model, arch_table, need_arch=False)
+            res = ck.resolved
             info = describe(ck, res)
             if as_json:
                 print(json.dumps(info, indent=2))

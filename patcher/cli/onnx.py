@@ -7,16 +7,18 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.io.checkpoint import Checkpoint
 from patcher.edit.directions import load_direction
 from patcher.cli.common import DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
 def _onnx_folder(model: Path, dtype: str) -> Path:
+    """An exported folder as is; a safetensors model (folder, file or hub repo id) exported to the cache."""
+    from patcher.io.hub import locate
     from patcher.onnx.verify import cached_export, is_onnx_folder
-    if is_onnx_folder(model):
-        return model
-    return cached_export(model, dtype, announce=lambda m: err.print(f"[cyan]{m}[/]"))
+    path = locate(model)[0]
+    if is_onnx_folder(path):
+        return path
+    return cached_export(path, dtype, announce=lambda m: err.print(f"[cyan]{m}[/]"))
 
 
 
@@ -136,12 +138,11 @@ def register(app) -> None:
             from patcher.onnx.verify import FILES, verify as run_verify
             if dtype not in FILES:
                 raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
-            d = None
-            if direction:
-                with Checkpoint(reference) as ck:
-                    d_model = int(ck.config.get("hidden_size") or ck.config.get("n_embd"))
-                d = load_direction(direction, d_model)
-            rep = run_verify(onnx_dir, reference, dtype=dtype, prompts=prompts, original=original, direction=d,
+            from patcher.model.opened import Model
+            ref = Model.open(reference)
+            d = load_direction(direction, ref.d_model) if direction else None
+            from patcher.io.hub import locate
+            rep = run_verify(locate(onnx_dir)[0], ref, dtype=dtype, prompts=prompts, original=original, direction=d,
                              tokens=tokens, provider=provider, chat_template=not no_chat_template,
                              announce=lambda m: err.print(f"[cyan]{m}[/]"))
             if as_json:

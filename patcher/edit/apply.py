@@ -17,9 +17,10 @@ from patcher_kernels.codecs import decode, encode
 from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
 from patcher_kernels.stream import ablate_blocks
-from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from patcher.io import manifest
 from patcher.edit.plan import Plan, TensorEdit
+from patcher.model.opened import Model
 from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
@@ -168,7 +169,7 @@ def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
     record = json.dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
     hasher = manifest.Hasher(enabled=hash_files)
     try:
-        with OutputFolder(out, [ck.path], force=force) as tmp:
+        with OutputFolder(out, ck.input_paths, force=force) as tmp:
             for p in _input_files(ck):  # what this run reads, not unrelated weight files beside it
                 hasher.add(p.name, p)
             for edit in plan.edits.values():
@@ -203,7 +204,7 @@ def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
     return report
 
 
-def _input_files(ck: Checkpoint) -> list[Path]:
+def _input_files(ck: Model) -> list[Path]:
     if not ck.path.is_dir():
         return [ck.path]
     return [p for p in sorted(ck.folder.iterdir())
@@ -215,7 +216,7 @@ def _file_digest(spec: str | None) -> str | None:
     return manifest.sha256_file(path) if path and path.is_file() else None
 
 
-def _write_index(ck: Checkpoint, layout: dict[str, list[OutTensor]], tmp: Path) -> None:
+def _write_index(ck: Model, layout: dict[str, list[OutTensor]], tmp: Path) -> None:
     index = json.loads(ck.index_path.read_text(encoding="utf-8"))
     index["weight_map"] = {t.name: fname for fname, ts in layout.items() for t in ts}
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
@@ -224,7 +225,7 @@ def _write_index(ck: Checkpoint, layout: dict[str, list[OutTensor]], tmp: Path) 
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _copy_side_files(ck: Checkpoint, tmp: Path, config_updates: dict) -> list[str]:
+def _copy_side_files(ck: Model, tmp: Path, config_updates: dict) -> list[str]:
     """Copy config, tokenizer and other small files. Other weight files (pickles, GGUF, sub-folders
     such as original/) are not copied: they would carry the unedited weights."""
     skipped = []

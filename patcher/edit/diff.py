@@ -26,8 +26,9 @@ from patcher_kernels.fp8 import dequantize_blocks
 from patcher_kernels.lowrank import (MANTISSA_BITS, off_direction_energy, rank_for_energy, rounding_floor,
                              shared_direction, top_singular)
 from patcher_kernels.project import orthonormalize
-from patcher.model.architectures import POST_NORM_GAINS, TABLE_DIR, Resolved, Target, load_table, resolve
-from patcher.io.checkpoint import Checkpoint
+from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target, resolve
+from patcher.io.checkpoint import fp8_weight_of
+from patcher.model.opened import FP8_TILE, Model
 from patcher.edit.directions import Direction, load_direction
 
 TOP_K = 8  # singular values estimated per changed matrix
@@ -35,7 +36,6 @@ ENERGY = 0.99  # "rank99": how many singular values carry 99 % of ‖Δ‖²
 CONSISTENT = 0.99  # min cosine to the shared direction for "one shared direction"
 REMOVED = 0.9  # an ablation leaves at most this fraction of the component along the direction
 BLOCK_BYTES = 8 << 20  # per row block and per byte-comparison chunk
-FP8_TILE = 128
 _COSMETIC_CONFIG = {"_name_or_path", "transformers_version"}
 _NORM_NAME = re.compile(r"norm|(^|\.)ln_")
 
@@ -119,8 +119,8 @@ class DiffReport:
 class _Roles:
     """Which part each tensor name plays, from the architecture table (or "unknown" without one)."""
 
-    def __init__(self, res: Optional[Resolved], names: set):
-        self.res, self.names = res, names
+    def __init__(self, res: Optional[Resolved], names: set, fp8_weight):
+        self.res, self.names, self.fp8_weight = res, names, fp8_weight
         self.weights: dict[str, Target] = {}
         self.biases: dict[str, Target] = {}
         self.slots: dict[str, tuple[str, int]] = {}
@@ -155,7 +155,7 @@ class _Roles:
         if name in self.slots:
             return (*self.slots[name], None)
         layer = self.layer_of(name)
-        if _fp8_weight_of(name, self.names):
+        if self.fp8_weight(name):
             return "fp8_scale", layer, None
         if name == self.res.arch.unembed:
             return "unembed", None, None
@@ -164,22 +164,11 @@ class _Roles:
         return "other", layer, None
 
 
-def _fp8_weight_of(name: str, names) -> Optional[str]:
-    for suffix in ("_scale_inv", "_scale"):
-        if name.endswith(suffix) and name[:-len(suffix)] in names:
-            return name[:-len(suffix)]
-    return None
-
-
-def _fp8_scale_of(ck: Checkpoint, name: str) -> Optional[str]:
-    if not ck.tensors[name].dtype.startswith("F8"):
-        return None
-    return next((s for s in (name + "_scale_inv", name + "_scale") if s in ck.tensors), None)
 
 
 # --- reading ------------------------------------------------------------------------------------
 
-def _same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
+def _same_bytes(a: Model, name_a: str, b: Model, name_b: str) -> bool:
     """Byte comparison of two equally sized tensors in chunks (pread copies: nothing stays resident)."""
     info = a.info(name_a)
     if info.nbytes == 0:
@@ -220,10 +209,10 @@ class _Rows:
     """Rows [s, e) of one checkpoint's tensor in its 2-D view, as float32 (FP8 dequantised), and the
     per-element storage-grid scale needed for the rounding bound."""
 
-    def __init__(self, ck: Checkpoint, name: str, geom: _Geometry):
+    def __init__(self, ck: Model, name: str, geom: _Geometry):
         self.ck, self.name, self.geom = ck, name, geom
         self.dtype = ck.info(name).dtype
-        scale = _fp8_scale_of(ck, name)
+        scale = ck.fp8_scale(name)
         self.scale = ck.array(scale).astype(np.float32) if scale and len(ck.info(name).shape) == 2 else None
 
     def raw(self, s: int, e: int) -> np.ndarray:
@@ -256,7 +245,7 @@ def _block_rows(geom: _Geometry, fp8: bool) -> int:
 
 # --- analysis -----------------------------------------------------------------------------------
 
-def _analyse(base: Checkpoint, cand: Checkpoint, td: TensorDiff, d_model: Optional[int], gain) -> None:
+def _analyse(base: Model, cand: Model, td: TensorDiff, d_model: Optional[int], gain) -> None:
     """Fill in the numbers of a changed tensor (same shape and dtype in both)."""
     if td.dtype not in FLOAT_DTYPES:
         td.note = "non-float tensor changed"
@@ -318,13 +307,13 @@ def _leakage(cand: _Rows, geom: _Geometry, spec, block: int) -> Optional[float]:
     return float(np.linalg.norm(comp) / before) if before > 0 else None
 
 
-def _post_norm_gain(base: Checkpoint, target: Optional[Target], gain) -> Optional[np.ndarray]:
+def _post_norm_gain(base: Model, target: Optional[Target], gain) -> Optional[np.ndarray]:
     if target is None or not target.post_norm or gain is None:
         return None
     return POST_NORM_GAINS[gain] + base.array(target.post_norm).astype(np.float64)
 
 
-def _undo_post_norm(v: np.ndarray, base: Checkpoint, target: Optional[Target], gain) -> np.ndarray:
+def _undo_post_norm(v: np.ndarray, base: Model, target: Optional[Target], gain) -> np.ndarray:
     """A post-norm writer was orthogonalised against u ∝ g⊙r̂; r̂ ∝ u / g, with g from the base."""
     g = _post_norm_gain(base, target, gain)
     if g is not None:
@@ -332,7 +321,7 @@ def _undo_post_norm(v: np.ndarray, base: Checkpoint, target: Optional[Target], g
     return v / np.linalg.norm(v)
 
 
-def _added(base: Checkpoint, cand: Checkpoint, td: TensorDiff, res: Optional[Resolved]) -> None:
+def _added(base: Model, cand: Model, td: TensorDiff, res: Optional[Resolved]) -> None:
     """An added tensor: a zero bias only enables a config flag; a copy of the base embedding is an untie."""
     info = cand.info(td.name)
     if res is not None and td.name == res.arch.unembed:
@@ -352,21 +341,15 @@ def _added(base: Checkpoint, cand: Checkpoint, td: TensorDiff, res: Optional[Res
 
 # --- the whole comparison -----------------------------------------------------------------------
 
-def _architecture(base: Checkpoint, cand: Checkpoint, arch_table, notes: list) -> Optional[Resolved]:
-    if arch_table is not None:
-        arch = load_table(arch_table)
-    elif base.model_type and (TABLE_DIR / f"{base.model_type}.toml").is_file():
-        arch = load_table(TABLE_DIR / f"{base.model_type}.toml")
-    else:
-        what = (f"model_type {base.model_type!r} has no architecture table" if base.model_type
-                else "no config.json model_type")
+def _architecture(base: Model, cand: Model, arch_table, notes: list) -> tuple[Model, Optional[Resolved]]:
+    if arch_table is not None and base.config:
+        base = base.with_table(arch_table)
+    if base.arch is None or not base.config:
+        what = base.arch_note or "the base has no config.json"
         notes.append(f"{what}: roles are unknown and no direction is recovered (pass --arch-table FILE)")
-        return None
-    if not base.config:
-        notes.append("the base has no config.json: roles are unknown and no direction is recovered")
-        return None
+        return base, None
     names = set(base.tensors) | set(cand.tensors)  # biases an edit added resolve too
-    return resolve(arch, names, base.config, base.folder / "config.json")
+    return base, resolve(base.arch, names, base.config, base.config_path)
 
 
 def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_table=None) -> DiffReport:
@@ -374,16 +357,17 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
     loaded Direction."""
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        base = stack.enter_context(Checkpoint(base_path))
-        cand = stack.enter_context(Checkpoint(cand_path))
+        base = stack.enter_context(Model.open(base_path, require_arch=False, arch_optional=True))
+        cand = stack.enter_context(Model.open(cand_path, require_arch=False, arch_optional=True))
         notes: list[str] = []
-        res = _architecture(base, cand, arch_table, notes)
+        base, res = _architecture(base, cand, arch_table, notes)
         if res and cand.model_type and cand.model_type != base.model_type:
             notes.append(f"candidate model_type is {cand.model_type!r}, base {base.model_type!r}")
         d_model = res.d_model if res else None
         given = load_direction(direction, d_model) if isinstance(direction, str) else direction
         basis = orthonormalize(given.vectors) if given is not None else None  # [d_model, k]
-        roles = _Roles(res, set(base.tensors) | set(cand.tensors))
+        union = {**base.tensors, **cand.tensors}
+        roles = _Roles(res, set(union), lambda name: fp8_weight_of(union, name))
         gain = res.arch.post_norm_gain if res else None
 
         tensors, identical = [], 0
@@ -398,7 +382,7 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
                 tensors.append(TensorDiff(name, role, layer, status, f"{info.dtype}→{other.dtype}",
                                           info.shape if other.shape == info.shape else (info.shape, other.shape)))
                 continue
-            scale = _fp8_scale_of(base, name)
+            scale = base.fp8_scale(name)
             if _same_bytes(base, name, cand, name) and (scale is None or scale not in cand.tensors
                                                          or _same_bytes(base, scale, cand, scale)):
                 identical += 1
@@ -414,7 +398,7 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
                 tensors.append(td)
         analysed = {t.name for t in tensors if t.status == "changed" and t.singular_values}
         for t in tensors:  # an FP8 scale changes with its weight, which is analysed dequantised
-            if t.role == "fp8_scale" and _fp8_weight_of(t.name, cand.tensors) in analysed:
+            if t.role == "fp8_scale" and fp8_weight_of(cand.tensors, t.name) in analysed:
                 t.ignorable, t.note = True, "block scale of an analysed FP8 weight"
 
         rep = DiffReport(str(base.path), str(cand.path), base.model_type, res.arch.source if res else None,
@@ -430,7 +414,7 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
         return rep
 
 
-def _config_changes(base: Checkpoint, cand: Checkpoint, res: Optional[Resolved], rep: DiffReport) -> None:
+def _config_changes(base: Model, cand: Model, res: Optional[Resolved], rep: DiffReport) -> None:
     flags = {s.config_flag for s in res.arch.inject.values() if s.config_flag} if res else set()
     expected = {"tie_word_embeddings"} | flags  # what ablate --untie-embeddings / inject may set
     for key in sorted(set(base.config) | set(cand.config)):
@@ -457,7 +441,7 @@ def _cos_to(basis: Optional[np.ndarray], v: np.ndarray) -> Optional[float]:
     return float(proj[0]) if basis.shape[1] == 1 else float(np.linalg.norm(proj))
 
 
-def _shared(rep: DiffReport, base: Checkpoint, basis, gain) -> None:
+def _shared(rep: DiffReport, base: Model, basis, gain) -> None:
     """The common direction of the rank-1 writer changes, and each one's cosine to it."""
     rank1 = [t for t in _writer_weights(rep) if t.recovered is not None]
     if not rank1:

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.io.checkpoint import Checkpoint
 from patcher.edit.directions import save_directions
 from patcher.edit.plan import parse_layers
 from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
+from patcher.model.opened import Model, as_model
 from patcher.io.manifest import sha256_file
 from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
 
@@ -116,24 +116,28 @@ def select_layer(scores: list[dict], n_layers: int) -> int:
 
 def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8, max_prompts: int | None = None,
             layers: str | None = None, chat_template: bool = True, system: str | None = None,
-            project_out_negative_mean: bool = False, progress=None) -> ExtractResult:
-    """Python API mirroring `patcher extract`. `positive`/`negative` are prompt files or lists of strings."""
+            project_out_negative_mean: bool = False, progress=None, arch_table=None) -> ExtractResult:
+    """Python API mirroring `patcher extract`. `model` is a Model or anything Model.open takes (a folder,
+    a file, a hub repo id); `positive`/`negative` are prompt files or lists of strings."""
     positions = sorted({int(p) for p in positions}, reverse=True)
     if not positions or any(p >= 0 for p in positions):
         raise PatcherError("--positions", "positions count from the end of the prompt: -1, -2, ...")
-    from patcher.io.gguf import GGUFFile, HFView, is_gguf, load_tokenizer as gguf_tokenizer
-    if isinstance(model, GGUFFile) or (not isinstance(model, Checkpoint) and Path(model).is_file()
-                                       and is_gguf(model)):
-        g = model if isinstance(model, GGUFFile) else GGUFFile(model)
-        ck, tok = HFView(g), gguf_tokenizer(g)  # dequantized block by block, the GGUF's own vocabulary
-    else:
-        ck = model if isinstance(model, Checkpoint) else Checkpoint(model)
-        tok = None
+    if isinstance(model, Model):
+        return _extract(model, positive, negative, positions, batch_size, max_prompts, layers, chat_template,
+                        system, project_out_negative_mean, progress)
+    with as_model(model, arch_table) as opened:
+        return _extract(opened, positive, negative, positions, batch_size, max_prompts, layers, chat_template,
+                        system, project_out_negative_mean, progress)
+
+
+def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, layers, chat_template, system,
+             project_out_negative_mean, progress) -> ExtractResult:
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)
     layer_set = set(range(L + 1)) if layer_set is None else layer_set
-    tok = tok or load_tokenizer(ck.folder)
+    own = getattr(ck.storage, "tokenizer", None)  # a GGUF carries its vocabulary and chat template
+    tok = own() if own else load_tokenizer(ck.folder)
     sets, meta_sets = {}, {}
     for label, src in (("positive", positive), ("negative", negative)):
         if isinstance(src, (str, Path)):

@@ -53,6 +53,10 @@ class _Acc:
     norm: float = 0.0
 
 
+def _storage(plan: Plan) -> GGUFFile:
+    return getattr(plan.ck, "storage", plan.ck)
+
+
 def stored_type(source: str, requant: str) -> str:
     return source if source in WRITABLE else requant
 
@@ -61,7 +65,7 @@ def prepare(plan: Plan, requant: str = "Q8_0") -> Plan:
     """Fix every edit's output type (what the dry-run shows) and say what llama.cpp will see."""
     if requant not in REQUANT_TYPES:
         raise PatcherError("--requant", f"must be one of {', '.join(REQUANT_TYPES)}, got {requant!r}")
-    g: GGUFFile = plan.ck
+    g: GGUFFile = _storage(plan)
     changed = []
     for e in plan.all():
         src = g.tensors[e.source if e.op == "copy_of" else e.name].dtype if e.name in g.tensors or e.source else "F32"
@@ -106,7 +110,7 @@ def _check_bytes(data: np.ndarray, qtype: str, expected: np.ndarray, name: str) 
 
 class _GGUFExecutor:
     def __init__(self, plan: Plan, report: Report, ortho: bool):
-        self.plan, self.g, self.report, self.ortho = plan, plan.ck, report, ortho
+        self.plan, self.g, self.report, self.ortho = plan, _storage(plan), report, ortho
 
     def _matrices(self, e: TensorEdit) -> Iterator[tuple[np.ndarray, int]]:
         """(float64 matrix, residual axis within it) in file order; row chunks where vectors are rows."""
@@ -219,7 +223,7 @@ def execute(plan: Plan, out: Path, *, force: bool = False, ortho: bool = True,
             progress: Callable[[int], None] | None = None, command: str = "") -> Report:
     report = Report(out=Path(out))
     t0 = time.perf_counter()
-    g: GGUFFile = plan.ck
+    g: GGUFFile = _storage(plan)
     ex = _GGUFExecutor(plan, report, ortho)
     tensors = []
     for info in g.shard_tensors(g.path.name):

@@ -10,7 +10,7 @@ from patcher_kernels.ggml_quant import BYTES_PER_BLOCK, row_bytes
 from patcher_kernels.project import orthonormalize
 from patcher import __version__
 from patcher.model.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
-from patcher.io.checkpoint import Checkpoint
+from patcher.model.opened import Model
 from patcher.edit.directions import Direction
 from patcher.errors import PatcherError
 
@@ -58,7 +58,7 @@ class TensorEdit:
 
 @dataclass
 class Plan:
-    ck: Checkpoint
+    ck: Model
     resolved: Resolved
     edits: dict[str, TensorEdit] = field(default_factory=dict)  # existing tensors rewritten
     new: list[TensorEdit] = field(default_factory=list)  # tensors added
@@ -74,31 +74,32 @@ class Plan:
         return sum(e.nbytes for e in self.all())
 
 
-def _fp8_scale_name(ck: Checkpoint, weight: str) -> str | None:
-    if ck.tensors[weight].dtype not in ("F8_E4M3",):
+def _fp8_scale_name(ck: Model, weight: str) -> str | None:
+    if not ck.info(weight).dtype.startswith("F8"):
         return None
-    for cand in (weight + "_scale_inv", weight.removesuffix("weight") + "weight_scale"):
-        if cand in ck.tensors:
-            return cand
-    raise PatcherError(ck.path, f"{weight} is FP8 but has no {weight}_scale_inv / weight_scale tensor; "
-                                f"per-tensor FP8 without block scales is not supported")
+    scale = ck.fp8_scale(weight)
+    if scale is None:
+        raise PatcherError(ck.path, f"{weight} is FP8 but has no {weight}_scale_inv / {weight}_scale tensor; "
+                                    f"per-tensor FP8 without block scales is not supported")
+    return scale
 
 
-def _post_norm_basis(ck: Checkpoint, resolved: Resolved, target: Target, q: np.ndarray) -> np.ndarray:
+def _post_norm_basis(ck: Model, resolved: Resolved, target: Target, q: np.ndarray) -> np.ndarray:
     """Writers followed by g * RMSNorm(.) must be orthogonal to g * r, not r (DESIGN.md)."""
     gain = POST_NORM_GAINS[resolved.arch.post_norm_gain] + ck.array(target.post_norm).astype(np.float64)
     return orthonormalize((gain[:, None] * q).T)
 
 
-def _edit_for(ck: Checkpoint, name: str, role: str, layer, op: str, **kw) -> TensorEdit:
+def _edit_for(ck: Model, name: str, role: str, layer, op: str, **kw) -> TensorEdit:
     info = ck.info(name)
     return TensorEdit(name, role, layer, op, info.dtype, info.shape, ck.shard_of[name], **kw)
 
 
-def plan_ablation(ck: Checkpoint, resolved: Resolved, direction: Direction, *, layers=None, roles=ROLES,
+def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
                   scale: float | dict = 1.0, preserve: str | None = None, untie: bool = False) -> Plan:
     """`scale` is one strength, or a strength per layer (embeddings take layer 0's); a layer whose
     strength is 0 is left untouched."""
+    resolved = ck.resolved
     q0 = orthonormalize(direction.vectors)
     strength = (lambda layer: float(scale.get(0 if layer is None else layer, 0.0))) if isinstance(scale, dict) \
         else (lambda layer: float(scale))
@@ -144,8 +145,9 @@ def plan_ablation(ck: Checkpoint, resolved: Resolved, direction: Direction, *, l
     return plan
 
 
-def plan_injection(ck: Checkpoint, resolved: Resolved, direction: Direction, *, layer: int, alpha: float,
+def plan_injection(ck: Model, direction: Direction, *, layer: int, alpha: float,
                    target: str = "mlp_out") -> Plan:
+    resolved = ck.resolved
     arch = resolved.arch
     if not 0 <= layer < resolved.n_layers:
         raise PatcherError("--layer", f"layer {layer} is out of range: the model has layers 0..{resolved.n_layers - 1}")
@@ -188,7 +190,7 @@ def plan_injection(ck: Checkpoint, resolved: Resolved, direction: Direction, *, 
     return plan
 
 
-def resolved_flag(ck: Checkpoint, flag: str) -> bool:
+def resolved_flag(ck: Model, flag: str) -> bool:
     return bool(ck.config.get(flag, False))
 
 

@@ -28,18 +28,42 @@ def _load_json(path: Path) -> dict:
 
 
 def _safe_shard_name(index_path: Path, folder: Path, name) -> Path:
-    """A weight_map file name is untrusted: it must be a plain relative path inside the folder."""
+    """A weight_map file name is untrusted: it must be a plain file name in the folder itself (no `..`,
+    no absolute path, no subfolder). The file under that name may be a symlink: the Hugging Face cache
+    makes every snapshot file a link to ../../blobs/<sha256>, and what is read is what the user chose."""
     if not isinstance(name, str) or not name:
         raise CheckpointError(index_path, f"weight_map file name {name!r} is not a string")
     parts = PurePosixPath(name.replace("\\", "/")).parts
-    if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
-        raise CheckpointError(index_path, f"weight_map file name {name!r} escapes the model folder")
-    path = folder / name
-    if folder.resolve() not in path.resolve().parents:
+    if (Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name
+            or name in (".", "")):
         raise CheckpointError(index_path, f"weight_map file name {name!r} escapes the model folder")
     if len(parts) != 1:
-        raise CheckpointError(index_path, f"weight_map file name {name!r}: shards must sit in the model folder itself")
-    return path
+        raise CheckpointError(index_path, f"weight_map file name {name!r}: shards must sit in the model "
+                                          "folder itself")
+    return folder / name
+
+
+# --- FP8 block scales: the one naming rule (edits, execution, export and diff all use it) ----------
+FP8_WEIGHT_DTYPES = ("F8_E4M3", "F8_E5M2")
+# DeepSeek-V3 / Qwen3-FP8 store `<weight>_scale_inv`, compressed-tensors `<weight>_scale`; same meaning
+FP8_SCALE_SUFFIXES = ("_scale_inv", "_scale")
+
+
+def fp8_scale_of(tensors, name: str) -> str | None:
+    """The block-scale tensor of FP8 weight `name`; None when `name` is not an FP8 weight or (per-tensor
+    FP8, unsupported by the edits) has no scale. `tensors` maps names to TensorInfo."""
+    info = tensors.get(name)
+    if info is None or info.dtype not in FP8_WEIGHT_DTYPES:
+        return None
+    return next((name + s for s in FP8_SCALE_SUFFIXES if name + s in tensors), None)
+
+
+def fp8_weight_of(tensors, name: str) -> str | None:
+    """The FP8 weight whose block scale `name` is, or None: a tensor is a scale only beside its weight."""
+    for suffix in FP8_SCALE_SUFFIXES:
+        if name.endswith(suffix) and fp8_scale_of(tensors, name[:-len(suffix)]) == name:
+            return name[:-len(suffix)]
+    return None
 
 
 class Checkpoint:
@@ -49,6 +73,7 @@ class Checkpoint:
         self.path = Path(path)
         self.folder = self.path if self.path.is_dir() else self.path.parent
         self.index_path: Path | None = None
+        self.config_path = self.folder / "config.json"
         self.config: dict = {}
         if not self.path.exists():
             raise CheckpointError(self.path, "no such file or folder")
@@ -66,6 +91,19 @@ class Checkpoint:
             self._check_index_matches()
         if self.path.is_dir() and (self.folder / "config.json").is_file():
             self.config = _load_json(self.folder / "config.json")
+
+    @property
+    def input_paths(self) -> list[Path]:
+        """Everything this checkpoint reads, for the rule that no output lands on or in an input: the
+        file or folder, and the real folders of files that are symlinks (a hub cache's blobs)."""
+        paths = [self.path]
+        side = [q for q in self.folder.iterdir()] if self.path.is_dir() else []
+        for q in [*(f.path for f in self.files.values()), *side]:
+            if q.is_symlink():
+                parent = q.resolve().parent
+                if parent not in paths:
+                    paths.append(parent)
+        return paths
 
     def _locate(self) -> list[Path]:
         p = self.path

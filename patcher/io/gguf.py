@@ -105,6 +105,8 @@ class GGUFFile:
     """One GGUF file, lazily: metadata parsed, tensors memory-mapped, nothing dequantized until asked.
     Offers the Checkpoint interface the planner and inspect use (tensors, info, array, shard_of, files)."""
 
+    is_gguf = True
+
     def __init__(self, path):
         from gguf import GGMLQuantizationType, GGUFReader
         from gguf.constants import GGML_QUANT_SIZES
@@ -147,6 +149,7 @@ class GGUFFile:
         self.metadata = {k: _field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
         self.files = {self.path.name: self}
         self.shard_of = {n: self.path.name for n in self.tensors}
+        self.config_path = self.path
         self.gguf_arch = self.metadata.get("general.architecture")
         if not isinstance(self.gguf_arch, str):
             raise CheckpointError(self.path, "no general.architecture in the GGUF metadata")
@@ -239,6 +242,9 @@ class GGUFFile:
             out.append((key, bytes(self.reader.data[f.offset:f.offset + n])))
         return out
 
+    def tokenizer(self):
+        return load_tokenizer(self)
+
     def tokens(self) -> list[str]:
         return list(self.metadata.get("tokenizer.ggml.tokens") or [])
 
@@ -326,6 +332,7 @@ class HFView:
         from patcher.io.safetensors import TensorInfo
         self.g = g
         self.path, self.folder, self.config = g.path, g.folder, g.config
+        self.config_path, self.index_path = g.path, None
         self.model_type = g.model_type
         self.spec = fw.spec_for(self.model_type)
         self.hp = fw.hyper(self.model_type, self.config)
@@ -368,6 +375,23 @@ class HFView:
 
     def release(self, name: str) -> None:
         self.g.release(self.map[name][0])
+
+    def file_of(self, name: str):
+        self.info(name)
+        return self.g
+
+    def read_rows(self, name: str, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
+        return self.array(name).reshape(-1, row_len or self.info(name).shape[-1])[row_start:row_stop]
+
+    def shard_tensors(self, fname: str):
+        return list(self.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def tokenizer(self):
+        return load_tokenizer(self.g)
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Only the embedding rows a batch needs: a 128k-token table is never dequantized whole."""

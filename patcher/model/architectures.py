@@ -67,6 +67,7 @@ class Architecture:
     prefixes: tuple[str, ...] = ("",)
     post_norm_gain: str | None = None
     source: str = ""
+    lineage: tuple[str, ...] = ()  # model_types of the tables this one extends, nearest first
     gguf_layout: GGUFLayout | None = None
     gguf: "Architecture | None" = None  # the same table with GGUF names and GGUF-order residual axes
 
@@ -100,13 +101,14 @@ def _merged(path: Path, seen=()) -> dict:
         raise PatcherError(path, f"unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     parent = data.get("extends")
     if parent is None:
-        return data
+        return {**data, "_lineage": ()}
     if parent in seen:
         raise PatcherError(path, f"'extends' loops back to {parent!r}")
     base = _merged(TABLE_DIR / f"{parent}.toml" if (TABLE_DIR / f"{parent}.toml").is_file()
                    else path.parent / f"{parent}.toml", (*seen, parent))
     out = {**base, **{k: v for k, v in data.items() if k != "inject"}}
     out["inject"] = {**base.get("inject", {}), **data.get("inject", {})}
+    out["_lineage"] = (base.get("model_type", parent), *base["_lineage"])  # the tables it extends
     return out
 
 
@@ -152,8 +154,8 @@ def _gguf_arch(path, a: "Architecture", d: dict) -> "Architecture | None":
     if gain is not None:  # a stored gain of 1 + w is the gain itself
         offset = POST_NORM_GAINS[gain] - layout.norm_shift
         gain = next(k for k, v in POST_NORM_GAINS.items() if v == offset)
-    return Architecture(a.model_type, GGUF_LAYERS, GGUF_UNEMBED, a.tie_word_embeddings, a.config_layers,
-                        a.config_d_model, embeds, writers, inject, ("",), gain, a.source, layout)
+    return replace(a, layers=GGUF_LAYERS, unembed=GGUF_UNEMBED, embeds=embeds, writers=writers, inject=inject,
+                   prefixes=("",), post_norm_gain=gain, gguf_layout=layout)
 
 
 def load_table(path) -> Architecture:
@@ -178,7 +180,8 @@ def load_table(path) -> Architecture:
         config_layers=cfg.get("layers", "num_hidden_layers"), config_d_model=cfg.get("d_model", "hidden_size"),
         embeds=tuple(_writer(path, e, "embed") for e in d["embed"]),
         writers=tuple(_writer(path, w) for w in d["writer"]),
-        inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path))
+        inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path),
+        lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]))
     gg = _gguf_arch(path, arch, d)
     if gg is None:
         return arch

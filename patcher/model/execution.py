@@ -5,14 +5,10 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from patcher_kernels.codecs import decode
-from patcher_kernels.fp8 import dequantize_blocks
 from patcher.model import forward as fw
-from patcher.model.architectures import Resolved, for_model_type, resolve
-from patcher.io.checkpoint import Checkpoint
 from patcher.errors import PatcherError
 from patcher.model.numpy_ops import NumpyOps
-
-_SCALE_SUFFIXES = ("_scale_inv", "_scale")
+from patcher.model.opened import Model, as_model
 ACTIVATION_BUDGET = 512 << 20  # residual streams held at once; beyond it, batches run in chunks
 
 
@@ -35,23 +31,25 @@ class LazyWeights(dict):
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         if dict.__contains__(self, name):
             return self[name][ids]
-        if hasattr(self.model.ck, "rows"):  # a quantized store dequantizes just these rows
-            return self.model.ck.rows(self.names[name], ids)
+        rows = getattr(self.model.ck.storage, "rows", None)
+        if rows is not None:  # a quantized store (GGUF) dequantizes just these rows
+            return rows(self.names[name], ids)
         uniq, inverse = np.unique(ids, return_inverse=True)
         table = self.model.ck.array(self.names[name])
         return decode(table[uniq])[inverse.reshape(ids.shape)]
 
 
 class StreamedModel:
-    """A checkpoint run block by block with the numpy backend of patcher/forward.py."""
+    """A model run block by block with the numpy backend of patcher/model/forward.py. Takes a Model
+    (or anything `as_model` opens: a path, a hub repo id, an open checkpoint)."""
 
-    def __init__(self, ck: Checkpoint, resolved: Resolved | None = None):
-        self.ck = ck
-        self.model_type = ck.model_type
-        self.resolved = resolved or resolve(for_model_type(ck.model_type, ck.folder / "config.json"), ck.tensors,
-                                            ck.config, ck.folder / "config.json")
-        self.spec = fw.spec_for(self.model_type)
-        self.hp = fw.hyper(self.model_type, ck.config)
+    def __init__(self, model, arch_table=None):
+        self.model: Model = as_model(model, arch_table).forward_model()
+        self.ck = self.model  # the storage interface, FP8 rule included
+        self.model_type = self.model.model_type
+        self.resolved = self.model.resolved
+        self.spec = self.model.spec
+        self.hp = self.model.hp
         self._top: dict | None = None
 
     @property
@@ -59,17 +57,10 @@ class StreamedModel:
         return self.hp.n_layers
 
     def _decode(self, name: str) -> np.ndarray:
-        info = self.ck.info(name)
-        raw = self.ck.array(name)
-        for suffix in _SCALE_SUFFIXES:
-            if info.dtype.startswith("F8") and name + suffix in self.ck.tensors:
-                return dequantize_blocks(raw, self.ck.array(name + suffix).astype(np.float32))
-        return decode(raw)
+        return self.model.decode(name)
 
     def is_scale(self, name: str) -> bool:
-        """An FP8 weight's block-scale tensor: applied by _decode, never a weight of its own."""
-        return (name.endswith(_SCALE_SUFFIXES) and self.ck.info(name).dtype != "F8_E4M3"
-                and name.rsplit("_scale", 1)[0] in self.ck.tensors)
+        return self.model.is_scale(name)
 
     def _load(self, names: Iterable[str], strip: str) -> dict:
         out = {}

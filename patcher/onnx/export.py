@@ -15,9 +15,10 @@ import onnx_ir as ir
 from patcher import __version__
 from patcher.io import manifest
 from patcher.model import forward as fw
-from patcher.io.checkpoint import INDEX_NAME, Checkpoint
+from patcher.io.checkpoint import INDEX_NAME
 from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
+from patcher.model.opened import Model, as_model
 from patcher.onnx.ops import Context, OnnxOps
 from patcher.io.writer import OutputFolder
 
@@ -71,18 +72,25 @@ def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT) -> ir.Model:
     return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
 
 
-def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, opset: int = OPSET,
+def export(model, out: Path, dtype: str = "fp32", force: bool = False, opset: int = OPSET,
            command: str | None = None, recipe: dict | None = None, int4_block: int = 32,
-           int4_accuracy: int | None = None) -> Path:
+           int4_accuracy: int | None = None, arch_table=None) -> Path:
+    """`model`: a Model or anything Model.open takes (folder, .safetensors file, hub repo id)."""
     if dtype not in FILES:
         raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
     if int4_block < 16 or int4_block & (int4_block - 1):
         raise PatcherError("--int4-block", f"block size must be a power of two >= 16, got {int4_block}")
     if opset != OPSET:
         raise PatcherError("--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)")
-    ck = Checkpoint(model)
+    if isinstance(model, Model):
+        return _export(model, Path(out), dtype, force, command, recipe, int4_block, int4_accuracy)
+    with as_model(model, arch_table) as ck:
+        return _export(ck, Path(out), dtype, force, command, recipe, int4_block, int4_accuracy)
+
+
+def _export(ck: Model, out: Path, dtype, force, command, recipe, int4_block, int4_accuracy) -> Path:
     sm = StreamedModel(ck)
-    with OutputFolder(out, [ck.path], force=force) as tmp:
+    with OutputFolder(out, ck.input_paths, force=force) as tmp:
         (tmp / "onnx").mkdir()
         fp32 = tmp / "onnx" / FILES["fp32"]
         if dtype in ("fp32", "int4"):
@@ -107,7 +115,7 @@ def export(model: Path, out: Path, dtype: str = "fp32", force: bool = False, ops
     return out
 
 
-def _provenance(ck: Checkpoint):
+def _provenance(ck: Model):
     meta = next(iter(ck.files.values())).metadata.get("patcher")
     try:
         return json.loads(meta) if meta else None

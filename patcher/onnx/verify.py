@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
+from patcher.model.opened import Model
 from patcher.io.manifest import folder_identity
 from patcher.onnx.export import FILES
 from patcher.onnx.runtime import OnnxModel
@@ -28,16 +28,18 @@ def marker_rate(texts: list[str]) -> float:
     return sum(any(m in t for m in MARKERS) for t in norm) / max(len(texts), 1)
 
 
-def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
-    """A safetensors folder's export in the cache (keyed by path, file sizes and mtimes, version)."""
+def cached_export(model, dtype: str = "fp32", announce=None, arch_table=None) -> Path:
+    """A safetensors folder's export in the cache (keyed by path, file sizes and mtimes, version).
+    `model` may be a hub repo id (its cached snapshot is exported)."""
+    from patcher.io.hub import locate
     from patcher.onnx.export import export
-    model = Path(model).resolve()
+    model = locate(model)[0].resolve()
     key = folder_identity(model, __version__, dtype)
     root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "onnx" / key[:16]
     if not (root / "onnx" / FILES[dtype]).is_file():
         if announce:
             announce(f"exporting {model} to ONNX in {root} (cached for next time)")
-        export(model, root, dtype=dtype, force=True)
+        export(model, root, dtype=dtype, force=True, arch_table=arch_table)
     return root
 
 
@@ -118,10 +120,15 @@ class VerifyReport:
 
 def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None, original: Path | None = None,
            direction=None, tokens: int = 8, provider: str = "cpu", chat_template: bool = True,
-           behaviour_tokens: int = 24, announce=None) -> VerifyReport:
+           behaviour_tokens: int = 24, announce=None, arch_table=None) -> VerifyReport:
+    """`reference` and `original`: Models or anything Model.open takes (folders, hub repo ids)."""
     rep = VerifyReport(dtype, TOLERANCE[dtype])
     onnx_model = OnnxModel(onnx_dir, FILES[dtype], provider)
-    ref = StreamedModel(Checkpoint(reference))
+    ref = StreamedModel(reference if isinstance(reference, Model) else Model.open(reference, arch_table))
+    orig_model = None
+    if original is not None:
+        orig_model = original if isinstance(original, Model) else Model.open(original, arch_table)
+    reference = ref.model.folder
     p = load_prompts(reference, prompts, chat_template)
     ids, mask = p.batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
@@ -137,9 +144,9 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
         rep.generation_match = float((a == b).mean())
         rep.tokens_compared = int(a.size)
     if direction is not None:
-        rep.projections = projections(ref, StreamedModel(Checkpoint(original)) if original else None, ids, mask, direction)
-    if original is not None and prompts is not None:
-        orig_dir = cached_export(original, "fp32", announce)
+        rep.projections = projections(ref, StreamedModel(orig_model) if orig_model else None, ids, mask, direction)
+    if orig_model is not None and prompts is not None:
+        orig_dir = cached_export(orig_model.path, "fp32", announce, arch_table)
         texts = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
             m = OnnxModel(folder, FILES["fp32" if label == "original" else dtype], provider)
@@ -148,7 +155,7 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
                             for row in new]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
-        orig = StreamedModel(Checkpoint(original)).run(ids, mask, logits=True)[:, -1]
+        orig = StreamedModel(orig_model).run(ids, mask, logits=True)[:, -1]
         lo, le = _softmax_log(orig), _softmax_log(want[:, -1])
         rep.first_token_kl = float(np.mean(np.sum(np.exp(lo) * (lo - le), axis=-1)))
     return rep

@@ -30,8 +30,7 @@ def bundled() -> dict:
 def run(out: Path | None = None, step=None) -> dict:
     """Run every stage; `step(name, seconds, facts)` is called after each. Returns all facts."""
     from patcher.edit.apply import execute
-    from patcher.model.architectures import for_model_type, resolve
-    from patcher.io.checkpoint import Checkpoint
+    from patcher.model.opened import Model
     from patcher.edit.directions import load_direction
     from patcher.edit.plan import plan_ablation, plan_injection
     from patcher.edit.extract import extract
@@ -64,10 +63,9 @@ def run(out: Path | None = None, step=None) -> dict:
     spec = f"{out / 'directions.safetensors'}:{ex['selected_layer']}"
 
     def edit(kind, src, dst, **kw):
-        with Checkpoint(src) as ck:
-            res = resolve(for_model_type(ck.model_type, src), ck.tensors, ck.config, src)
-            d = load_direction(spec, res.d_model)
-            plan = plan_ablation(ck, res, d, **kw) if kind == "ablate" else plan_injection(ck, res, d, **kw)
+        with Model.open(src) as m:
+            d = load_direction(spec, m.d_model)
+            plan = plan_ablation(m, d, **kw) if kind == "ablate" else plan_injection(m, d, **kw)
             report = execute(plan, dst, force=True, command=f"patcher demo ({kind})")
         return plan, report
 
@@ -93,7 +91,7 @@ def run(out: Path | None = None, step=None) -> dict:
         # the ablation alone, measured against the planted v on the positive prompts
         p = load_prompts(data["model"], data["positive"], chat_template=False)
         ids, mask = p.batch()
-        proj = projections(StreamedModel(Checkpoint(out / "ablated")), StreamedModel(Checkpoint(data["model"])),
+        proj = projections(StreamedModel(Model.open(out / "ablated")), StreamedModel(Model.open(data["model"])),
                            ids, mask, load_direction(str(planted), 64))
         return {"parity_max_abs": rep.max_abs_diff, "parity_ok": rep.parity_ok, "top1": rep.top1_agreement,
                 "greedy_match": rep.generation_match, "projections": proj}

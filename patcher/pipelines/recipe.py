@@ -177,11 +177,21 @@ class ModelPlan:
     actions: list[Action]
     n_layers: int
     d_model: int
+    arch_table: Path | None = None  # the model's custom table: every step opens the model with it
 
 
 def _resolve_path(base: Path, value) -> Path:
     p = Path(value)
     return p if p.is_absolute() else base / p
+
+
+def _model_path(base: Path, value: str) -> Path:
+    """A model `path`: relative to the recipe's folder, or a hub repo id resolved from the local cache."""
+    from patcher.io.hub import locate, parse_repo_id
+    local = _resolve_path(base, value)
+    if local.exists() or parse_repo_id(value) is None:
+        return local
+    return locate(value)[0]
 
 
 def _direction_specs(opts: dict) -> list[str]:
@@ -192,8 +202,7 @@ def _direction_specs(opts: dict) -> list[str]:
 
 def validate(recipe: Recipe) -> list[ModelPlan]:
     """Check everything that can be checked before work; raise one error listing every problem."""
-    from patcher.model.architectures import for_model_type, load_table, resolve
-    from patcher.io.checkpoint import Checkpoint
+    from patcher.model.opened import Model
     from patcher.edit.directions import load_direction
     from patcher.edit.plan import parse_layers
     base = recipe.path.parent
@@ -203,13 +212,14 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
         line = m.get("_line")
         if not isinstance(m.get("path"), str) or not isinstance(m.get("output"), str):
             continue
-        path, out = _resolve_path(base, m["path"]), _resolve_path(base, m["output"])
+        out = _resolve_path(base, m["output"])
+        table = _resolve_path(base, m["arch_table"]) if isinstance(m.get("arch_table"), str) else None
         try:
-            ck = Checkpoint(path)
-            arch = load_table(_resolve_path(base, m["arch_table"])) if m.get("arch_table") else \
-                for_model_type(ck.model_type, ck.folder / "config.json")
-            res = resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
-            ck.close()
+            if "arch_table" in m and table is None:
+                raise PatcherError("arch_table", "must be a path to a TOML table")
+            path = _model_path(base, m["path"])
+            with Model.open(path, table) as opened:
+                res = opened.resolved
         except PatcherError as e:
             problems.append(Problem(_key_line(recipe.text, line, "path"), f"model {m['path']}: {e}"))
             continue
@@ -279,7 +289,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
             actions.append(action)
             if st.op in ("ablate", "inject"):
                 current = target
-        plans.append(ModelPlan(m.get("name") or path.name, path, out, actions, L, d))
+        plans.append(ModelPlan(m.get("name") or path.name, path, out, actions, L, d, table))
     names = [p.output.resolve() for p in plans]
     if len(set(names)) != len(names):
         problems.append(Problem(None, "two models write to the same output folder"))
@@ -296,10 +306,12 @@ def _fingerprints(plan: ModelPlan) -> None:
 
     from patcher import __version__
     from patcher.io.manifest import folder_identity
+    from patcher.io.manifest import sha256_file
     model, directions, export = folder_identity(plan.path), None, None
+    table = sha256_file(plan.arch_table) if plan.arch_table else None
     for a in plan.actions:
         blob = json.dumps({"op": a.op, "options": a.options, "model": model, "directions": directions,
-                           "export": export, "v": __version__}, sort_keys=True, default=str)
+                           "export": export, "v": __version__, "arch_table": table}, sort_keys=True, default=str)
         a.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         if a.op in ("ablate", "inject"):
             model = a.fingerprint
@@ -313,8 +325,7 @@ def _fingerprints(plan: ModelPlan) -> None:
 
 def describe(plans: list[ModelPlan]) -> list[dict]:
     """The whole plan, for --dry-run: per action its input, output, and (for edits) every tensor."""
-    from patcher.model.architectures import for_model_type, resolve
-    from patcher.io.checkpoint import Checkpoint
+    from patcher.model.opened import Model
     from patcher.edit.directions import Direction
     from patcher.edit.plan import parse_layers, plan_ablation, plan_injection
     rows = []
@@ -324,16 +335,15 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
                    "tensors": [], "bytes": 0}
             if a.op in ("ablate", "inject"):
                 src = a.input if a.input.exists() else plan.path  # later steps: described on the original layout
-                with Checkpoint(src) as ck:
-                    res = resolve(for_model_type(ck.model_type, src), ck.tensors, ck.config, src)
+                with Model.open(src, plan.arch_table) as ck:
                     k = max(len(a.options.get("directions") or []), 1)
                     d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned", None, "")
-                    p = (plan_ablation(ck, res, d, layers=parse_layers(a.options.get("layers"), plan.n_layers),
+                    p = (plan_ablation(ck, d, layers=parse_layers(a.options.get("layers"), plan.n_layers),
                                        roles=tuple(a.options.get("targets") or ("embed", "attn_out", "mlp_out")),
                                        scale=a.options["strengths"], preserve=a.options.get("norm_preserve"),
                                        untie=bool(a.options.get("untie_embeddings")))
                          if a.op == "ablate" else
-                         plan_injection(ck, res, Direction(d.vectors[:1], "planned", None, ""), layer=a.options["layer"],
+                         plan_injection(ck, Direction(d.vectors[:1], "planned", None, ""), layer=a.options["layer"],
                                         alpha=float(a.options["alpha"]), target=a.options.get("target", "mlp_out")))
                     row["tensors"] = [(e.name, e.formula, e.nbytes) for e in p.all()]
                     row["bytes"] = p.bytes_edited
@@ -371,8 +381,7 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
 
     from patcher.io import manifest
     from patcher.edit.apply import execute
-    from patcher.model.architectures import for_model_type, resolve
-    from patcher.io.checkpoint import Checkpoint
+    from patcher.model.opened import Model
     from patcher.edit.plan import parse_layers, plan_ablation, plan_injection
     info = {"file": recipe_file, "step": a.step.index, "fingerprint": a.fingerprint, "model": plan.name}
     t0 = time.perf_counter()
@@ -382,7 +391,8 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
         r = extract(a.input, o["positive"], o["negative"], positions=tuple(o.get("positions", [-1])),
                     batch_size=int(o.get("batch_size", 8)), max_prompts=o.get("max_prompts"), layers=o.get("layers"),
                     chat_template=bool(o.get("chat_template", True)), system=o.get("system"),
-                    project_out_negative_mean=bool(o.get("project_out_negative_mean", False)))
+                    project_out_negative_mean=bool(o.get("project_out_negative_mean", False)),
+                    arch_table=plan.arch_table)
         a.output.parent.mkdir(parents=True, exist_ok=True)
         r.save(a.output)
         manifest.write_file(_manifest_path(a), kind="extract", command=None, recipe=info,
@@ -391,29 +401,29 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
                             timings={"seconds": round(time.perf_counter() - t0, 3)})
         return f"selected layer {r.selected_layer}"
     if a.op in ("ablate", "inject"):
-        with Checkpoint(a.input) as ck:
-            res = resolve(for_model_type(ck.model_type, a.input), ck.tensors, ck.config, a.input)
+        with Model.open(a.input, plan.arch_table) as ck:
+            res = ck.resolved
             d = _directions(o["directions"], res.d_model)
             if a.op == "ablate":
-                p = plan_ablation(ck, res, d, layers=parse_layers(o.get("layers"), res.n_layers),
+                p = plan_ablation(ck, d, layers=parse_layers(o.get("layers"), res.n_layers),
                                   roles=tuple(o.get("targets") or ("embed", "attn_out", "mlp_out")),
                                   scale=o["strengths"], preserve=o.get("norm_preserve"),
                                   untie=bool(o.get("untie_embeddings")))
             else:
-                p = plan_injection(ck, res, d, layer=int(o["layer"]), alpha=float(o["alpha"]),
+                p = plan_injection(ck, d, layer=int(o["layer"]), alpha=float(o["alpha"]),
                                    target=o.get("target", "mlp_out"))
             rep = execute(p, a.output, force=True, command=None, recipe=info)
         return f"{len(p.edits)} edited, {len(p.new)} added" + (f", leakage {rep.overall_leakage():.2e}" if rep.leakage else "")
     if a.op == "export":
         from patcher.onnx.export import export
-        export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info)
+        export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info, arch_table=plan.arch_table)
         return f"{o.get('dtype', 'fp32')} export"
     if a.op == "verify":
         from patcher.edit.directions import load_direction
         from patcher.onnx.verify import verify
         d = load_direction(o["directions"][0], plan.d_model) if o.get("directions") else None
         rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"), direction=d,
-                     tokens=int(o.get("tokens", 8)))
+                     tokens=int(o.get("tokens", 8)), arch_table=plan.arch_table)
         a.output.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
         manifest.write_file(_manifest_path(a), kind="verify", command=None, recipe=info, inputs={},
                             outputs={a.output.name: manifest.sha256_file(a.output)})

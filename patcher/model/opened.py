@@ -1,0 +1,305 @@
+"""One opened model: every command and recipe step starts here.
+
+`Model.open(source, arch_table)` does, once and in one place: find where the model is (a folder, one
+.safetensors file, or a Hugging Face hub repo id resolved offline from the local cache), open its
+storage, find the architecture table (bundled, or the user's `--arch-table`), resolve it against the
+tensor names, and check the config against the tensors (layer count, d_model; and, for commands that
+run the forward pass, the hyperparameters it needs). Problems are one PatcherError each.
+
+Storage is a backend behind one interface (`tensors`, `info`, `array`, `read_rows`, `release`,
+`files`, `shard_of`, `config`, `close`): safetensors today (patcher.io.checkpoint.Checkpoint). A new
+format adds a `Backend` to BACKENDS; nothing above this module changes.
+"""
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patcher.errors import PatcherError
+from patcher.io.checkpoint import Checkpoint, fp8_scale_of, fp8_weight_of
+from patcher.model.architectures import TABLE_DIR, Architecture, Resolved, for_model_type, load_table, resolve
+from patcher_kernels.codecs import decode
+from patcher_kernels.fp8 import dequantize_blocks
+
+FP8_TILE = 128  # block-scale tile (DeepSeek-V3, Qwen3-FP8)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A storage format: `matches(path)` says whether it reads that file or folder, `open(path)`
+    returns an object with the Checkpoint interface."""
+    name: str
+    matches: Callable[[Path], bool]
+    open: Callable[[Path], object]
+
+
+# first match wins; safetensors (a folder or a .safetensors file) is the fallback and reports its own errors
+def _is_gguf(path: Path) -> bool:
+    from patcher.io.gguf import is_gguf
+    return path.is_file() and is_gguf(path)
+
+
+def _open_gguf(path: Path):
+    from patcher.io.gguf import GGUFFile
+    return GGUFFile(path)
+
+
+BACKENDS: list[Backend] = [Backend("gguf", _is_gguf, _open_gguf), Backend("safetensors", lambda p: True, Checkpoint)]
+
+
+def open_storage(path: Path):
+    backend = next(b for b in BACKENDS if b.matches(path))
+    return backend.open(path)
+
+
+class Model:
+    """A checkpoint with its architecture resolved and its config checked against its tensors.
+
+    It reads as its storage (`m.tensors`, `m.info(name)`, `m.array(name)`, ... are the storage's), and
+    adds `arch`, `resolved`, `n_layers`, `d_model`, the forward pass's `hp` and `spec`, the FP8 scale
+    rule (`fp8_scale`, `is_scale`, `decode`) and `input_paths` (what no output may touch)."""
+
+    def __init__(self, storage, *, arch_table=None, require_arch: bool = True, arch_optional: bool = False,
+                 source=None, extra_inputs=()):
+        """`require_arch=False`: no table is fine when config.json has no model_type (inspect);
+        `arch_optional=True`: no table is fine at all (diff), `arch_note` says why there is none."""
+        self.storage = storage
+        self.source = str(source if source is not None else storage.path)
+        self._extra_inputs = list(extra_inputs)
+        self._hp = self._spec = None
+        self.arch: Architecture | None = None
+        self.resolved: Resolved | None = None
+        self.arch_note: str | None = None
+        if arch_table is None and (arch_optional or not require_arch) and not storage.model_type:
+            self.arch_note = "no config.json model_type" if storage.config else "no config.json"
+            return  # inspect and diff describe what they can without a table
+        if arch_table is None and arch_optional and not (TABLE_DIR / f"{storage.model_type}.toml").is_file():
+            self.arch_note = f"model_type {storage.model_type!r} has no architecture table"
+            return
+        if require_arch and not storage.config and storage.path.is_file():
+            raise PatcherError(storage.path, "editing needs a model folder with config.json, not a lone "
+                                             ".safetensors file")
+        self.arch = load_table(arch_table) if arch_table else for_model_type(storage.model_type,
+                                                                            self.config_path)
+        if self.is_gguf:  # the same table under GGUF names (llama.cpp's), from its [gguf] section
+            if self.arch.gguf is None:
+                raise PatcherError(self.arch.source, "this architecture table has no [gguf] section (GGUF names)")
+            self.arch = self.arch.gguf
+        self.resolved = resolve(self.arch, storage.tensors, storage.config, self.config_path)
+        self._check_against_tensors()
+
+    @classmethod
+    def open(cls, source, arch_table=None, *, require_arch: bool = True, arch_optional: bool = False) -> "Model":
+        """Open a folder, a .safetensors file or a hub repo id (`org/name[@revision]`, cache only)."""
+        from patcher.io.hub import locate
+        path, extra = locate(source)
+        storage = open_storage(path)
+        try:
+            return cls(storage, arch_table=arch_table, require_arch=require_arch, arch_optional=arch_optional,
+                       source=source, extra_inputs=extra)
+        except BaseException:
+            storage.close()
+            raise
+
+    def with_table(self, arch_table) -> "Model":
+        """The same open storage under another architecture table."""
+        return Model(self.storage, arch_table=arch_table, source=self.source, extra_inputs=self._extra_inputs)
+
+    @property
+    def is_gguf(self) -> bool:
+        return getattr(self.storage, "is_gguf", False)
+
+    def forward_model(self) -> "Model":
+        """What the forward pass runs: the model itself, or for a GGUF its HF-named float view."""
+        if not self.is_gguf:
+            return self
+        from patcher.io.gguf import HFView
+        return Model(HFView(self.storage), arch_table=self.arch.source, source=self.source)
+
+    # --- the storage interface, delegated ------------------------------------------------------
+    path = property(lambda self: self.storage.path)
+    folder = property(lambda self: self.storage.folder)
+    files = property(lambda self: self.storage.files)
+    tensors = property(lambda self: self.storage.tensors)
+    shard_of = property(lambda self: self.storage.shard_of)
+    config = property(lambda self: self.storage.config)
+    index_path = property(lambda self: self.storage.index_path)
+    model_type = property(lambda self: self.storage.model_type)
+    total_bytes = property(lambda self: self.storage.total_bytes)
+
+    @property
+    def config_path(self) -> Path:
+        return getattr(self.storage, "config_path", self.storage.folder / "config.json")
+
+    def info(self, name):
+        return self.storage.info(name)
+
+    def file_of(self, name):
+        return self.storage.file_of(name)
+
+    def array(self, name, row_start: int = 0, row_stop: int | None = None):
+        return self.storage.array(name, row_start, row_stop)
+
+    def read_rows(self, name, row_start: int, row_stop: int, row_len: int | None = None):
+        return self.storage.read_rows(name, row_start, row_stop, row_len)
+
+    def release(self, name) -> None:
+        self.storage.release(name)
+
+    def shard_tensors(self, fname):
+        return self.storage.shard_tensors(fname)
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def input_paths(self) -> list[Path]:
+        """The model's file or folder, the folders its symlinks point into, and (for a hub repo) the
+        whole cache entry: no output may be written on, inside or around any of them."""
+        paths = list(getattr(self.storage, "input_paths", [self.storage.path]))
+        return paths + [p for p in self._extra_inputs if p not in paths]
+
+    # --- architecture facts ----------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.resolved.n_layers if self.resolved else self.hp.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.resolved.d_model if self.resolved else self.hp.d_model
+
+    def _check_against_tensors(self) -> None:
+        """config.json must describe the tensors: a smaller layer count would leave the last layers
+        unedited, a larger one crashes later; a wrong d_model would misread every matrix."""
+        res, arch, where = self.resolved, self.arch, self.config_path
+        if res.n_layers <= 0:
+            raise PatcherError(where, f"{arch.config_layers} must be a positive integer, got {res.n_layers}")
+        if res.d_model <= 0:
+            raise PatcherError(where, f"{arch.config_d_model} must be a positive integer, got {res.d_model}")
+        head, _, tail = (res.prefix + arch.layers).partition("{layer}")
+        rx = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+        present = sorted({int(m[1]) for n in self.tensors if (m := rx.match(n))})
+        extra = self.config.get("num_nextn_predict_layers")  # DeepSeek-V3's multi-token-prediction layers
+        extra = extra if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0 else 0
+        have = _ranges(present) if present else "none"
+        missing = sorted(set(range(res.n_layers)) - set(present))
+        if missing:
+            raise PatcherError(where, f"{arch.config_layers} = {res.n_layers} but the tensors have no layer "
+                                      f"{missing[0]} (layers in the tensors: {have})")
+        beyond = [layer for layer in present if layer >= res.n_layers + extra]
+        if beyond:
+            raise PatcherError(where, f"{arch.config_layers} = {res.n_layers} but the tensors also hold layer "
+                                      f"{beyond[0]} (layers in the tensors: {have}); an edit would leave it "
+                                      "unedited")
+        for t in res.targets:
+            if t.role == "embed":
+                shape = self.info(t.weight).shape
+                if len(shape) != 2 or shape[t.residual_axis] != res.d_model:
+                    raise PatcherError(where, f"{arch.config_d_model} = {res.d_model} but {t.weight} has shape "
+                                              f"{list(shape)}")
+
+    # --- the forward pass: spec and checked hyperparameters --------------------------------------
+    @property
+    def forward_type(self) -> str:
+        """The model_type whose forward description runs this model: its own, or (for a custom table)
+        the nearest built-in it extends."""
+        from patcher.model.forward import FORWARD
+        lineage = (self.model_type, *(self.arch.lineage if self.arch else ()))
+        return next((t for t in lineage if t in FORWARD), self.model_type)
+
+    @property
+    def spec(self):
+        if self._spec is None:
+            from patcher.model.forward import spec_for
+            self._spec = spec_for(self.forward_type)
+        return self._spec
+
+    @property
+    def hp(self):
+        """Hyperparameters of the forward pass, checked before any work (commands that only edit
+        weights never read them)."""
+        if self._hp is None:
+            self._hp = _checked_hyper(self.forward_type, self.config, self.config_path, self.spec)
+        return self._hp
+
+    # --- FP8 block scales ------------------------------------------------------------------------
+    def fp8_scale(self, name: str) -> str | None:
+        return fp8_scale_of(self.tensors, name)
+
+    def is_scale(self, name: str) -> bool:
+        """An FP8 weight's block-scale tensor: applied by decode(), never a weight of its own."""
+        return fp8_weight_of(self.tensors, name) is not None
+
+    def decode(self, name: str) -> np.ndarray:
+        """The whole tensor as float32 (FP8 weights dequantised with their block scales)."""
+        raw = self.array(name)
+        scale = self.fp8_scale(name)
+        if scale is not None:
+            return dequantize_blocks(raw, self.array(scale).astype(np.float32), FP8_TILE)
+        return decode(raw)
+
+
+def as_model(x, arch_table=None, *, require_arch: bool = True) -> Model:
+    """A Model from a Model (itself), an open storage object, or anything Model.open takes."""
+    if isinstance(x, Model):
+        return x
+    if hasattr(x, "tensors") and hasattr(x, "read_rows"):
+        return Model(x, arch_table=arch_table, require_arch=require_arch)
+    return Model.open(x, arch_table, require_arch=require_arch)
+
+
+def _ranges(values: list[int]) -> str:
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(out)
+
+
+def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int | None:
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        if required:
+            raise PatcherError(where, f"config.json has no {' / '.join(keys)}: the forward pass needs it")
+        return None
+    value = cfg[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PatcherError(where, f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _checked_hyper(forward_type: str, cfg: dict, where, spec):
+    from patcher.model import forward as fw
+    from patcher.model.numpy_ops import ACTS
+    d = _positive_int(cfg, ("hidden_size", "n_embd"), where)
+    _positive_int(cfg, ("num_hidden_layers", "n_layer"), where)
+    heads = _positive_int(cfg, ("num_attention_heads", "n_head"), where)
+    kv = _positive_int(cfg, ("num_key_value_heads",), where, required=False) or heads
+    head_dim = _positive_int(cfg, ("head_dim",), where, required=False)
+    if heads % kv:
+        raise PatcherError(where, f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}")
+    if head_dim is None and d % heads:
+        raise PatcherError(where, f"hidden size {d} is not a multiple of num_attention_heads = {heads} "
+                                  "(and there is no head_dim)")
+    act = next((cfg[k] for k in spec.act_keys if cfg.get(k)), spec.act_default)
+    if not isinstance(act, str) or act not in ACTS:
+        key = next((k for k in spec.act_keys if cfg.get(k)), spec.act_keys[0])
+        raise PatcherError(where, f"{key} = {act!r} is not supported (supported: {', '.join(sorted(ACTS))})")
+    try:
+        return fw.hyper(forward_type, cfg)
+    except PatcherError:
+        raise
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise PatcherError(where, f"cannot read the hyperparameters the forward pass needs ({what})") from None
