@@ -51,6 +51,11 @@ PRE_TOKENIZERS = {
 }
 
 
+# bits per element of each GGML family (the name before "_"), for the quantization-noise bound in diff
+QUANT_BITS = {"F16": 11, "BF16": 8, "Q8": 8, "Q6": 6, "Q5": 5, "Q4": 4, "Q3": 3, "Q2": 2, "IQ4": 4, "IQ3": 3,
+              "IQ2": 2, "IQ1": 1, "TQ2": 2, "TQ1": 1, "MXFP4": 4}
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
@@ -379,6 +384,21 @@ class HFView:
     def file_of(self, name: str):
         self.info(name)
         return self.g
+
+    def source_type(self, name: str) -> str:
+        return self.g.info(self.map[name][0]).dtype
+
+    def quant_floor(self, name: str, values: np.ndarray) -> float:
+        """A bound on the energy storage rounding adds to these values: per 32-element block, a grid step
+        of (max − min)/(levels − 1) gives step²/12 per element for nearest rounding; doubled, since
+        rounding that keeps an ablation may choose the farther neighbour (≤ 1.25× the error)."""
+        bits = QUANT_BITS.get(self.source_type(name).split("_")[0])
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if bits is None or v.size % 32:
+            return 0.0
+        b = v.reshape(-1, 32)
+        step = (b.max(axis=1) - b.min(axis=1)) / (2 ** bits - 1)
+        return float(2.0 * 32 * np.sum(step ** 2) / 12.0)
 
     def read_rows(self, name: str, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
         return self.array(name).reshape(-1, row_len or self.info(name).shape[-1])[row_start:row_stop]
