@@ -366,7 +366,7 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
         base = stack.enter_context(Model.open(base_path, require_arch=False, arch_optional=True))
         cand = stack.enter_context(Model.open(cand_path, require_arch=False, arch_optional=True))
         notes: list[str] = []
-        mixed = base.is_gguf or cand.is_gguf
+        mixed, cross = base.is_gguf or cand.is_gguf, base.is_gguf != cand.is_gguf
         if mixed:  # GGUF: compared as the HF model it stores (dequantized values under HF names)
             base, cand = base.forward_model(), cand.forward_model()
             notes.append("GGUF compared by dequantized values under HF names; rank estimates allow for the "
@@ -419,7 +419,8 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
                           "added": sum(t.status == "added" for t in tensors),
                           "removed": sum(t.status == "removed" for t in tensors)},
                          tensors, notes=notes)
-        _config_changes(base, cand, res, rep)
+        if not cross:  # GGUF metadata and config.json say the same things in different words
+            _config_changes(base, cand, res, rep)
         _shared(rep, base, basis, gain)
         _verdict(rep, basis)
         rep.seconds = time.perf_counter() - t0
