@@ -83,6 +83,9 @@ def prepare(plan: Plan, requant: str = "Q8_0") -> Plan:
         plan.notes.append(f"re-quantized to {requant} (the gguf package cannot write their own type): "
                           + ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""))
     plan.notes = [n for n in plan.notes if "config.json" not in n and "HF transformers" not in n]
+    if plan.config_updates.pop("tie_word_embeddings", None) is not None:  # GGUF has no config.json
+        plan.notes.append("untied: output.weight keeps the original embedding (llama.cpp uses it when present)")
+    plan.config_updates.clear()
     for e in plan.all():
         if e.op in ("inject_bias", "new_bias"):
             plan.notes.append(f"{e.name}: llama.cpp's {g.gguf_arch} loader adds this bias to the block output")
@@ -171,7 +174,8 @@ class _GGUFExecutor:
 
     def out_tensor(self, e: TensorEdit) -> OutTensorGGUF:
         produce = (lambda: self.produce_projection(e)) if e.op == "project" else (lambda: self.produce_small(e))
-        return OutTensorGGUF(e.name, _qtype(e.dtype), tuple(reversed(e.shape)), nbytes(e), produce=produce)
+        size = self.g.info(e.source).nbytes if e.op == "copy_of" else nbytes(e)  # a copy keeps any type
+        return OutTensorGGUF(e.name, _qtype(e.dtype), tuple(reversed(e.shape)), size, produce=produce)
 
 
 def _component(w: np.ndarray, q: np.ndarray, axis: int) -> np.ndarray:
