@@ -1,5 +1,6 @@
 """Rounding that keeps an ablation (kernels/ortho_round.py) against hand-computed cases, a brute-force
 optimum, and plain round-to-nearest on block-quantized grids."""
+
 import numpy as np
 import pytest
 
@@ -43,6 +44,7 @@ def test_result_is_a_local_optimum_and_never_worse_than_nearest():
     """Coordinate descent ends where no single flip among all elements lowers |e|² + W·|Qᵀe|² much
     (candidates are a subset, so allow a little), and is never worse than round-to-nearest."""
     from patcher_kernels.ortho_round import WEIGHT
+
     rng = np.random.default_rng(3)
     d = 48
     for trial in range(10):
@@ -54,6 +56,7 @@ def test_result_is_a_local_optimum_and_never_worse_than_nearest():
         def cost(mask):
             e = np.where(mask, hi[:, 0], lo[:, 0]) - x[:, 0]
             return float(e @ e + WEIGHT * (q @ e) ** 2)
+
         got = cost(up)
         assert got <= cost((hi - x)[:, 0] < (x - lo)[:, 0]) + 1e-9
         for i in range(d):
@@ -80,7 +83,7 @@ def test_block_quantized_ablation_stays_orthogonal(bits, near_min, ortho_max):
 
 def test_rank_two_and_residual_axis_one():
     rng = np.random.default_rng(1)
-    w = rng.normal(size=(256, 512))            # [vocab, d_model]: residual axis 1
+    w = rng.normal(size=(256, 512))  # [vocab, d_model]: residual axis 1
     q = orthonormalize(rng.normal(size=(2, 512)))
     x = project_full(w, q, 1)
     lo, hi = symmetric_grid(x, 4)
@@ -113,8 +116,8 @@ def test_clipped_elements_and_exact_grid_points_are_left_alone():
 
 def test_component_leakage_hand_value():
     q = np.array([1.0, 0.0])
-    original = np.array([[2.0, 0.0], [5.0, 1.0]])   # q^T W = [2, 0]
-    stored = np.array([[0.5, 0.0], [5.0, 1.0]])     # q^T W = [0.5, 0]
+    original = np.array([[2.0, 0.0], [5.0, 1.0]])  # q^T W = [2, 0]
+    stored = np.array([[0.5, 0.0], [5.0, 1.0]])  # q^T W = [0.5, 0]
     assert component_leakage(stored, original, q) == pytest.approx(0.25)
     assert component_leakage(stored.T, original.T, q, axis=1) == pytest.approx(0.25)
 
