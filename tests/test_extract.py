@@ -93,6 +93,37 @@ def test_several_positions_and_projected_variant(tmp_path):
         assert plain.shape == (4, 64)
 
 
+def test_per_position_means_match_a_prompt_by_prompt_reference(tmp_path):
+    """Each position's means and direction equal resid_pre at that position, prompt by prompt (no
+    batching, no padding), averaged in float64; the overall direction is their average."""
+    from patcher.model.execution import StreamedModel
+    from patcher.model.prompts import encode_prompts, load_tokenizer, read_prompt_file
+    positions = (-1, -2, -3)
+    r = extract(PLANTED, POS, NEG, positions=positions, max_prompts=6, batch_size=4, chat_template=False)
+    tok, sm = load_tokenizer(PLANTED), StreamedModel(PLANTED)
+    means = {}
+    for label, path in (("positive", POS), ("negative", NEG)):
+        rows = {p: [] for p in positions}
+        for ids in encode_prompts(tok, read_prompt_file(path, 6), chat_template=False):
+            states = {}
+            sm.run(np.array([ids]), np.ones((1, len(ids)), np.int64),
+                   on_resid=lambda l, x: states.__setitem__(l, x[0].astype(np.float64)))
+            for p in positions:
+                rows[p].append(np.stack([states[l][p] for l in sorted(states)]))
+        means[label] = {p: np.mean(rows[p], axis=0) for p in positions}
+    scale = max(np.abs(m).max() for m in means["positive"].values())
+    for p in positions:
+        d, pm, nm = r.per_position[p]
+        assert np.abs(pm - means["positive"][p]).max() <= 1e-5 * scale, p
+        assert np.abs(nm - means["negative"][p]).max() <= 1e-5 * scale, p
+        assert np.abs(d - (means["positive"][p] - means["negative"][p])).max() <= 2e-5 * scale, p
+        assert np.linalg.norm(d[1:]) > 0.1  # the sets differ at every position
+    overall = np.mean([means["positive"][p] - means["negative"][p] for p in positions], axis=0)
+    assert np.abs(r.direction - overall).max() <= 2e-5 * scale
+    # the positions really differ from each other (a per-position bug copying one would be seen)
+    assert np.abs(r.per_position[-1][0] - r.per_position[-3][0]).max() > 0.1
+
+
 def test_layers_option_and_plot(tmp_path):
     out = tmp_path / "d.safetensors"
     run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--layers", "0-1",

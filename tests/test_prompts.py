@@ -16,8 +16,12 @@ from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read
 
 from conftest import fixture_path
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("torch")
+
+
+def hf_tokenizer(folder):
+    """The HF reference (transformers' tokenizer needs no torch); only the oracle tests skip without it."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
 
 PROMPTS = ["Tell me a story about a friendly robot.", "  How do plants grow?  ", "Line one\nline two",
            "Ünïcödé ✓ 日本語 <b>&amp;</b>", "Say <|end|> and </s> literally", "x"]
@@ -79,7 +83,7 @@ def tokenizer_copy(tmp_path, model_type="llama", config_update=None, jinja=None)
 
 
 def assert_matches_hf(folder, systems=SYSTEMS):
-    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    hf = hf_tokenizer(folder)
     tok = load_tokenizer(folder)
     assert tok.has_chat_template
     for system in systems:
@@ -165,7 +169,7 @@ def test_named_template_list_uses_default(tmp_path):
 
 def test_no_template_path_matches_hf(tmp_path):
     folder = tokenizer_copy(tmp_path, config_update={"chat_template": None})
-    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    hf = hf_tokenizer(folder)
     tok = load_tokenizer(folder)
     assert not tok.has_chat_template
     assert encode_prompts(tok, PROMPTS, chat_template=False) == [hf(p)["input_ids"] for p in PROMPTS]

@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.cli.common import guard, out, progress
+from patcher.cli.common import ARCH_TABLE_HELP, guard, out, progress
 
 
 def _score_table(result):
@@ -37,7 +37,8 @@ def register(app) -> None:
                 project_out_negative_mean: bool = typer.Option(False, "--project-out-negative-mean",
                                                                help="Orthogonalize each direction against the negative mean"),
                 plot: Optional[Path] = typer.Option(None, "--plot", help="Write the score plot (.svg, or .png with matplotlib)"),
-                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists")):
+                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
+                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Difference-in-means directions at every layer, streamed block by block, and a ranking."""
         def body():
             from patcher.edit.extract import extract as run_extract
@@ -53,7 +54,7 @@ def register(app) -> None:
                 result = run_extract(model, positive, negative, positions=pos, batch_size=batch_size,
                                      max_prompts=max_prompts, layers=layers, chat_template=not no_chat_template,
                                      system=system, project_out_negative_mean=project_out_negative_mean,
-                                     progress=lambda n: prog.advance(task, n))
+                                     progress=lambda n: prog.advance(task, n), arch_table=arch_table)
             result.save(output)
             out.print(_score_table(result))
             counts = result.metadata["prompts"]

@@ -8,7 +8,7 @@ import typer
 
 from patcher.errors import PatcherError
 from patcher.edit.directions import load_direction
-from patcher.cli.common import DIRECTION_HELP_SHORT, command_line, err, guard, human, out
+from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
 def _onnx_folder(model: Path, dtype: str) -> Path:
@@ -59,13 +59,15 @@ def register(app) -> None:
                int4_block: int = typer.Option(32, "--int4-block", help="int4 quantization block size (power of two)"),
                int4_accuracy: Optional[int] = typer.Option(None, "--int4-accuracy",
                                                            help="MatMulNBits accuracy_level (4: int8 compute, faster on CPU)"),
-               force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists")):
+               force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
+               arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
         def body():
             from patcher.onnx.export import export as run_export
             with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
                 run_export(model, output, dtype=dtype, force=force, opset=opset,
-                           command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy)
+                           command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy,
+                           arch_table=arch_table)
             files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
             size = sum((output / f).stat().st_size for f in files)
             out.print(f"wrote {output} ({human(size)}): " + ", ".join(str(f) for f in files))

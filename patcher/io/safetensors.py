@@ -65,13 +65,17 @@ def parse_header(path: Path, file_size: int, raw_len: bytes, read_header) -> tup
     try:
         text = read_header(n).decode("utf-8")
         header = json.loads(text, object_pairs_hook=_no_duplicates)
-        json.dumps(header, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800) are not text
     except UnicodeError:
         raise CheckpointError(path, "header is not valid UTF-8") from None
     except RecursionError:
         raise CheckpointError(path, "header JSON is nested too deeply") from None
     except ValueError as e:
         raise CheckpointError(path, f"header is not valid JSON ({e})") from None
+    try:
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800) are not text
+    except UnicodeError:
+        raise CheckpointError(path, "header contains an escaped lone surrogate (\\ud800-style), "
+                                    "which is not text") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "header JSON is not an object")
     metadata = header.pop("__metadata__", None)

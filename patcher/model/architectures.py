@@ -248,12 +248,10 @@ class Resolved:
 def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
     names = set(names)
     prefix = next((p for p in arch.prefixes if all(p + e.weight in names for e in arch.embeds)), arch.prefixes[0])
-    try:
-        n_layers = int(config[arch.config_layers])
-        d_model = int(config[arch.config_d_model])
-    except (KeyError, TypeError, ValueError):
+    n_layers, d_model = config.get(arch.config_layers), config.get(arch.config_d_model)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_layers, d_model)):
         raise PatcherError(where, f"config.json needs integer '{arch.config_layers}' and '{arch.config_d_model}' "
-                                  f"for model_type {arch.model_type!r}") from None
+                                  f"for model_type {arch.model_type!r} (got {n_layers!r} and {d_model!r})")
     tied = bool(config.get("tie_word_embeddings", arch.tie_word_embeddings))
     targets, missing = [], []
     for e in arch.embeds:

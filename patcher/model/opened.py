@@ -72,6 +72,7 @@ class Model:
         self.arch: Architecture | None = None
         self.resolved: Resolved | None = None
         self.arch_note: str | None = None
+        self._check_fp8_scales()
         if arch_table is None and (arch_optional or not require_arch) and not storage.model_type:
             self.arch_note = "no config.json model_type" if storage.config else "no config.json"
             return  # inspect and diff describe what they can without a table
@@ -206,6 +207,18 @@ class Model:
                     raise PatcherError(where, f"{arch.config_d_model} = {res.d_model} but {t.weight} has shape "
                                               f"{list(shape)}")
 
+    def _check_fp8_scales(self) -> None:
+        """A block scale must have one entry per 128x128 tile of its weight, or every reader misplaces it."""
+        for name, info in self.tensors.items():
+            weight = fp8_weight_of(self.tensors, name)
+            w = self.tensors[weight].shape if weight else None
+            if weight and len(w) == 2:
+                want = (-(-w[0] // FP8_TILE), -(-w[1] // FP8_TILE))
+                if info.shape != want:
+                    raise PatcherError(info.file, f"{name} has shape {list(info.shape)}; the FP8 weight {weight} "
+                                                  f"{list(w)} needs {list(want)} (one scale per {FP8_TILE}x"
+                                                  f"{FP8_TILE} tile)")
+
     # --- the forward pass: spec and checked hyperparameters --------------------------------------
     @property
     def forward_type(self) -> str:
@@ -271,7 +284,7 @@ def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int |
     key = next((k for k in keys if cfg.get(k) is not None), None)
     if key is None:
         if required:
-            raise PatcherError(where, f"config.json has no {' / '.join(keys)}: the forward pass needs it")
+            raise PatcherError(where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward pass needs it")
         return None
     value = cfg[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
