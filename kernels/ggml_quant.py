@@ -8,6 +8,7 @@ is the element of largest magnitude with its sign; Q4_1/Q5_1 d = (max-min)/15 (3
 reconstructed exactly as ggml dequantizes them (float32 d*q (+ m)), so lo/hi are what the file will hold.
 Pure numpy: no files, no names.
 """
+
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -49,6 +50,7 @@ def row_bytes(qtype: str, n: int) -> int:
 class Grid:
     """Per element: lo <= hi, the two candidates (float32, equal where the value is pinned); `pack`
     turns a choice (True = hi) into the stored bytes [..., row_bytes]."""
+
     qtype: str
     lo: np.ndarray
     hi: np.ndarray
@@ -109,8 +111,15 @@ def grid(x: np.ndarray, qtype: str) -> Grid:
     swap = v0 > v1  # a negative d reverses the order of values
     lo, hi = np.where(swap, v1, v0), np.where(swap, v0, v1)
     cl, ch = np.where(swap, c1, c0), np.where(swap, c0, c1)
-    return Grid(qtype, lo.reshape(shape), hi.reshape(shape), cl.reshape(shape), ch.reshape(shape),
-                d16[..., 0], None if m16 is None else m16[..., 0])
+    return Grid(
+        qtype,
+        lo.reshape(shape),
+        hi.reshape(shape),
+        cl.reshape(shape),
+        ch.reshape(shape),
+        d16[..., 0],
+        None if m16 is None else m16[..., 0],
+    )
 
 
 def _dequant_codes(k: np.ndarray, d32: np.ndarray, m32) -> np.ndarray:
@@ -143,8 +152,9 @@ def _step(v: np.ndarray, direction: np.ndarray, dt: np.dtype) -> np.ndarray:
     away = (direction > 0) != neg
     new_mag = np.where(away, mag + 1, mag - 1)
     cross = (mag == 0) & ~away
-    new_bits = np.where(cross, np.where(direction > 0, 0x0001, 0x8001),
-                        (bits & 0x8000) | np.clip(new_mag, 0, 0x7FFF))
+    new_bits = np.where(
+        cross, np.where(direction > 0, 0x0001, 0x8001), (bits & 0x8000) | np.clip(new_mag, 0, 0x7FFF)
+    )
     return new_bits.astype(itype).view(dt)
 
 
@@ -163,6 +173,6 @@ def _pack_blocks(qtype: str, codes: np.ndarray, d16: np.ndarray, m16: np.ndarray
             high = ((q >> 4) & 1).astype(np.uint8)
             parts.append(np.packbits(high, axis=-1, bitorder="little"))
         low = q & 0x0F
-        parts.append(low[..., :BLOCK // 2] | (low[..., BLOCK // 2:] << 4))
+        parts.append(low[..., : BLOCK // 2] | (low[..., BLOCK // 2 :] << 4))
     out = np.concatenate(parts, axis=-1)
     return out.reshape(*lead, n_blocks * BYTES_PER_BLOCK[qtype])

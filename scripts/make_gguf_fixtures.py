@@ -10,6 +10,7 @@ weights take the requested type (as llama-quantize does); norms and biases stay 
 re-quantization path can be tested. The vocabulary is the fixture's byte-level BPE (tokenizer.json) as
 tokenizer.ggml.*; llama.cpp loads it. Deterministic.
 """
+
 import argparse
 import json
 import re
@@ -21,9 +22,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 
-GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2",
-             "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2", "olmo2": "olmo2", "mistral": "llama",
-             "qwen2_moe": "qwen2moe", "gemma": "gemma"}
+GGUF_ARCH = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+    "olmo2": "olmo2",
+    "mistral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "gemma": "gemma",
+}
 GEMMA = {"gemma", "gemma2", "gemma3_text"}
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,))}  # block, bytes, fp16 scale offsets
@@ -32,6 +44,7 @@ K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,))}  # block, by
 def _load(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
     cfg = json.loads((folder / "config.json").read_text())
     arrays = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -39,6 +52,7 @@ def _load(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
             arrays.update({k: v.astype(np.float32) for k, v in load_file(f).items()})
         except TypeError:
             from patcher.io.checkpoint import Checkpoint
+
             with Checkpoint(folder) as ck:
                 return cfg, {n: ck.array(n).astype(np.float32) for n in ck.tensors}
     return cfg, arrays
@@ -50,6 +64,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _hf_to_gguf(model_type: str, cfg: dict, arrays: dict) -> dict[str, np.ndarray]:
     import gguf
+
     arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[GGUF_ARCH[model_type]]
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     tmap = gguf.TensorNameMap(arch_id, layers)
@@ -138,12 +153,13 @@ def _k_quant_bytes(shape, qtype: str, rng) -> np.ndarray:
     rows, n = int(np.prod(shape[:-1])), shape[-1]
     raw = rng.integers(0, 256, (rows, n // block, nbytes), dtype=np.uint8)
     for at in scale_at:
-        raw[..., at:at + 2] = np.full((rows, n // block, 1), 0.002, dtype=np.float16).view(np.uint8)
+        raw[..., at : at + 2] = np.full((rows, n // block, 1), 0.002, dtype=np.float16).view(np.uint8)
     return raw.reshape(*shape[:-1], n // block * nbytes)
 
 
 def convert(model_type: str, out: Path, qtype: str = "F32", src: Path | None = None) -> Path:
     import gguf
+
     folder = src or FIXTURES / f"tiny-{model_type.replace('_', '-')}"
     cfg, arrays = _load(folder)
     tensors = _hf_to_gguf(model_type, cfg, arrays)
@@ -159,10 +175,15 @@ def convert(model_type: str, out: Path, qtype: str = "F32", src: Path | None = N
             w.add_tensor(name, v.astype(np.float32))
         elif qtype in K_QUANTS:
             if v.shape[-1] % K_QUANTS[qtype][0]:
-                w.add_tensor(name, gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(
+                    name,
+                    gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q8_0),
+                    raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+                )
             else:
-                w.add_tensor(name, _k_quant_bytes(v.shape, qtype, rng), raw_dtype=gguf.GGMLQuantizationType[qtype])
+                w.add_tensor(
+                    name, _k_quant_bytes(v.shape, qtype, rng), raw_dtype=gguf.GGMLQuantizationType[qtype]
+                )
         else:
             t = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(name, gguf.quants.quantize(v, t), raw_dtype=t)

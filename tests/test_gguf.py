@@ -2,6 +2,7 @@
 fixtures, edits re-quantized with rounding that keeps the ablation (numbers from the gguf package's
 dequantizer, not ours), hostile files, control vectors, diff; and llama.cpp itself (llama-cpp-python)
 running what patcher wrote."""
+
 import json
 import math
 import struct
@@ -26,7 +27,15 @@ R = unit(np.load(DIRECTION))
 IDS = np.array([[5, 17, 40, 99, 3, 200, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
 FORWARD_ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "gpt2", "olmo2"]
 # the issue's targets: leakage after storage rounding, and weight error at most 1.25x plain re-rounding
-LEAK_MAX = {"Q8_0": 0.005, "Q4_0": 0.01, "Q4_1": 0.01, "Q5_0": 0.01, "Q5_1": 0.01, "F16": 0.005, "BF16": 0.005}
+LEAK_MAX = {
+    "Q8_0": 0.005,
+    "Q4_0": 0.01,
+    "Q4_1": 0.01,
+    "Q5_0": 0.01,
+    "Q5_1": 0.01,
+    "F16": 0.005,
+    "BF16": 0.005,
+}
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +48,7 @@ def ggufs(tmp_path_factory):
         if key not in made:
             made[key] = mk.convert(model_type, root / f"tiny-{model_type}-{qtype}.gguf", qtype)
         return made[key]
+
     return get
 
 
@@ -49,6 +59,7 @@ def _deq(path, name):
 
 
 # --- tables ---------------------------------------------------------------------------------------
+
 
 def test_table_gguf_names_are_llama_cpps():
     """Every GGUF name in the tables is what gguf's TensorNameMap (convert_hf_to_gguf's map) makes of the
@@ -63,7 +74,7 @@ def test_table_gguf_names_are_llama_cpps():
         tmap = gguf.TensorNameMap(arch, 4)
         declared = {gguf.TENSOR_NAMES[t].format(bid=0) for t in gguf.MODEL_TENSORS[arch]}
         for hf, gw in zip((*a.embeds, *a.writers), (*a.gguf.embeds, *a.gguf.writers)):
-            full = (a.prefixes[0] if hf.role == "embed" else a.prefixes[0] + a.layers.replace("{layer}", "0"))
+            full = a.prefixes[0] if hf.role == "embed" else a.prefixes[0] + a.layers.replace("{layer}", "0")
             hf_name = (full + hf.weight).replace(".{expert}", "").removesuffix(".weight")
             want = tmap.get_name(hf_name)
             got = ("" if hf.role == "embed" else "blk.0.") + gw.weight.removesuffix(".weight")
@@ -74,12 +85,16 @@ def test_table_gguf_names_are_llama_cpps():
             assert got in declared, (mt, got)
             if gw.post_norm:
                 post = hf.post_norm.removesuffix(".weight")
-                assert tmap.get_name(full + post) == "blk.0." + gw.post_norm.removesuffix(".weight"), (mt, post)
+                assert tmap.get_name(full + post) == "blk.0." + gw.post_norm.removesuffix(".weight"), (
+                    mt,
+                    post,
+                )
             checked += 1
     assert checked >= 25
 
 
 # --- reading ----------------------------------------------------------------------------------------
+
 
 def test_inspect_gguf(ggufs):
     r = run_cli("inspect", ggufs("qwen3_moe", "Q4_1"), "--json")
@@ -105,13 +120,24 @@ def test_forward_parity_with_safetensors(ggufs, model_type):
 
 def test_extract_parity_and_vocabulary(ggufs, tmp_path):
     from safetensors.numpy import load_file
+
     pos, neg = FIXTURES / "prompts" / "planted-positive.txt", FIXTURES / "prompts" / "planted-negative.txt"
     run_cli("extract", ggufs("qwen2"), "--positive", pos, "--negative", neg, "-o", tmp_path / "g.safetensors")
-    run_cli("extract", fixture_path("qwen2"), "--positive", pos, "--negative", neg, "-o", tmp_path / "s.safetensors")
+    run_cli(
+        "extract",
+        fixture_path("qwen2"),
+        "--positive",
+        pos,
+        "--negative",
+        neg,
+        "-o",
+        tmp_path / "s.safetensors",
+    )
     a, b = load_file(tmp_path / "g.safetensors"), load_file(tmp_path / "s.safetensors")
     np.testing.assert_allclose(a["direction"], b["direction"], atol=1e-6)
     # the GGUF's own vocabulary and chat template tokenize like the tokenizer.json they came from
     from patcher.model.prompts import encode_prompts, load_tokenizer
+
     g = GGUFFile(ggufs("qwen2")).tokenizer()
     h = load_tokenizer(fixture_path("qwen2"))
     prompts = ["Tell me a story about a friendly robot.", "Numbers: 1 2 3 ünïcode"]
@@ -119,6 +145,7 @@ def test_extract_parity_and_vocabulary(ggufs, tmp_path):
 
 
 # --- writing ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"])
 def test_ablate_round_trip(ggufs, tmp_path, qtype):
@@ -134,7 +161,9 @@ def test_ablate_round_trip(ggufs, tmp_path, qtype):
             assert [bytes(p) for p in f.parts] == [bytes(p) for p in g.parts], key
     prov = json.loads(b.fields["patcher.edit"].contents())
     assert prov["op"] == "ablate" and prov["rounding"] == "orthogonal"
-    edited = {"token_embd.weight"} | {f"blk.{l}.{n}.weight" for l in range(3) for n in ("attn_output", "ffn_down")}
+    edited = {"token_embd.weight"} | {
+        f"blk.{l}.{n}.weight" for l in range(3) for n in ("attn_output", "ffn_down")
+    }
     tb = {t.name: t for t in b.tensors}
     for t in a.tensors:
         assert tb[t.name].tensor_type == t.tensor_type  # the quant type is kept
@@ -150,7 +179,9 @@ def test_ablate_round_trip(ggufs, tmp_path, qtype):
         leak = np.linalg.norm(R @ stored if axis == 0 else stored @ R) / np.linalg.norm(comp)
         assert leak <= LEAK_MAX[qtype], (name, leak)
         t = gguf.GGMLQuantizationType[qtype]
-        plain = np.asarray(gguf.quants.dequantize(gguf.quants.quantize(exact.astype(np.float32), t), t), np.float64)
+        plain = np.asarray(
+            gguf.quants.dequantize(gguf.quants.quantize(exact.astype(np.float32), t), t), np.float64
+        )
         err, err_plain = np.linalg.norm(stored - exact), np.linalg.norm(plain - exact)
         assert err <= 1.25 * err_plain, (name, err / err_plain)
         if qtype in ("Q4_0", "Q4_1"):  # plain re-rounding undoes the ablation on 4-bit grids; ours does not
@@ -160,7 +191,9 @@ def test_ablate_round_trip(ggufs, tmp_path, qtype):
 
 def test_nearest_rounding_is_what_plain_requantizing_leaves(ggufs, tmp_path):
     out = tmp_path / "n.gguf"
-    text = run_cli("ablate", ggufs("llama", "Q4_1"), "-d", DIRECTION, "-o", out, "--rounding", "nearest").output
+    text = run_cli(
+        "ablate", ggufs("llama", "Q4_1"), "-d", DIRECTION, "-o", out, "--rounding", "nearest"
+    ).output
     assert "(nearest)" in text
     w, stored = _deq(ggufs("llama", "Q4_1"), "blk.1.ffn_down.weight"), _deq(out, "blk.1.ffn_down.weight")
     assert np.linalg.norm(R @ stored) / np.linalg.norm(R @ w) > 0.05
@@ -183,7 +216,9 @@ def test_k_quants_are_requantized(ggufs, tmp_path):
     rng = np.random.default_rng(0)
     for t in r.tensors:
         if t.name == "blk.0.ffn_down.weight":
-            w.add_tensor(t.name, mk._k_quant_bytes((64, 256), "Q4_K", rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+            w.add_tensor(
+                t.name, mk._k_quant_bytes((64, 256), "Q4_K", rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K
+            )
         else:
             w.add_tensor(t.name, np.asarray(t.data))
     w.write_header_to_file()
@@ -192,8 +227,20 @@ def test_k_quants_are_requantized(ggufs, tmp_path):
     w.close()
     for requant, limit in (("q8_0", 0.005), ("q4_0", 0.01)):
         out = tmp_path / f"k-{requant}.gguf"
-        text = run_cli("ablate", path, "-d", DIRECTION, "-o", out, "--targets", "mlp_out", "--layers", "0",
-                       "--requant", requant).output
+        text = run_cli(
+            "ablate",
+            path,
+            "-d",
+            DIRECTION,
+            "-o",
+            out,
+            "--targets",
+            "mlp_out",
+            "--layers",
+            "0",
+            "--requant",
+            requant,
+        ).output
         assert f"Q4_K→{requant.upper()}" in text
         t = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_down.weight")
         assert t.tensor_type.name == requant.upper()
@@ -217,14 +264,36 @@ def test_inject_bias_and_refusals(ggufs, tmp_path):
     run_cli("inject", ggufs("llama", "Q8_0"), "-d", DIRECTION, "-o", out, "--layer", "1", "--alpha", "2.5")
     bias = _deq(out, "blk.1.ffn_down.bias")
     np.testing.assert_allclose(bias, 2.5 * R, atol=1e-6)
-    r = run_cli("inject", ggufs("qwen2"), "-d", DIRECTION, "-o", tmp_path / "q.gguf", "--layer", "1", "--alpha", "1",
-                expect=1)
+    r = run_cli(
+        "inject",
+        ggufs("qwen2"),
+        "-d",
+        DIRECTION,
+        "-o",
+        tmp_path / "q.gguf",
+        "--layer",
+        "1",
+        "--alpha",
+        "1",
+        expect=1,
+    )
     assert "--control-vector" in r.output and not (tmp_path / "q.gguf").exists()
 
 
 def test_control_vector_file(ggufs, tmp_path):
     cv = tmp_path / "cv.gguf"
-    run_cli("inject", ggufs("qwen2", "Q8_0"), "-d", DIRECTION, "--control-vector", cv, "--layer", "1", "--alpha", "4")
+    run_cli(
+        "inject",
+        ggufs("qwen2", "Q8_0"),
+        "-d",
+        DIRECTION,
+        "--control-vector",
+        cv,
+        "--layer",
+        "1",
+        "--alpha",
+        "4",
+    )
     r = gguf.GGUFReader(cv)
     assert r.fields["general.architecture"].contents() == "controlvector"
     assert r.fields["controlvector.model_hint"].contents() == "qwen2"
@@ -232,8 +301,19 @@ def test_control_vector_file(ggufs, tmp_path):
     assert t.name == "direction.1" and t.tensor_type == gguf.GGMLQuantizationType.F32
     np.testing.assert_allclose(np.asarray(t.data), 4 * R, atol=1e-6)
     for bad in ("0", "3"):  # llama.cpp never reads direction.0 and applies 1..L-1 only
-        run_cli("inject", ggufs("qwen2"), "-d", DIRECTION, "--control-vector", tmp_path / f"b{bad}.gguf",
-                "--layer", bad, "--alpha", "1", expect=1)
+        run_cli(
+            "inject",
+            ggufs("qwen2"),
+            "-d",
+            DIRECTION,
+            "--control-vector",
+            tmp_path / f"b{bad}.gguf",
+            "--layer",
+            bad,
+            "--alpha",
+            "1",
+            expect=1,
+        )
         assert not (tmp_path / f"b{bad}.gguf").exists()
 
 
@@ -252,6 +332,7 @@ def test_diff_gguf(ggufs, tmp_path):
 
 # --- hostile files --------------------------------------------------------------------------------------
 
+
 def _corrupt(src, tmp_path, how):
     data = bytearray(src.read_bytes())
     if how == "truncated":
@@ -264,7 +345,7 @@ def _corrupt(src, tmp_path, how):
         r = gguf.GGUFReader(src)
         t = r.tensors[-1]
         at = t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:-1])
-        data[at:at + 8] = struct.pack("<Q", 1 << 30)
+        data[at : at + 8] = struct.pack("<Q", 1 << 30)
     path = tmp_path / f"{how}.gguf"
     path.write_bytes(bytes(data))
     return path
@@ -281,10 +362,14 @@ def test_hostile_gguf(ggufs, tmp_path, how):
 
 # --- llama.cpp itself ------------------------------------------------------------------------------------
 
+
 def _llama(path, ids, cvec=None):
     import ctypes
+
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, n_batch=64)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, n_batch=64
+    )
     try:
         if cvec is not None:  # the buffer llama.cpp's common loader builds from a control-vector file
             data = np.ascontiguousarray(cvec, dtype=np.float32).ravel()
@@ -292,7 +377,9 @@ def _llama(path, ids, cvec=None):
             n_embd = cvec.shape[1]
             assert llama_cpp.llama_set_adapter_cvec(llm.ctx, buf, data.size, n_embd, 1, cvec.shape[0]) == 0
         llm.eval(list(ids))
-        return np.array(llm.scores[:len(ids)], dtype=np.float64), llm.tokenize(b"The quick brown fox", add_bos=False)
+        return np.array(llm.scores[: len(ids)], dtype=np.float64), llm.tokenize(
+            b"The quick brown fox", add_bos=False
+        )
     finally:
         llm.close()
 
@@ -341,12 +428,12 @@ def test_llama_cpp_runs_edited_ggufs(ggufs, tmp_path):
         top2 = np.sort(ref, axis=-1)[:, -2:]
         sure = top2[:, 1] - top2[:, 0] > 2 * tol
         assert np.array_equal(got.argmax(-1)[sure], ref.argmax(-1)[sure])
-    # the control vector, applied by llama.cpp, does what the same vector as a bias does: +alpha r̂ after block 1
+    # the control vector, applied by llama.cpp, acts as the same vector as a bias: +alpha r̂ after block 1
     base, _ = _llama(src, ids)
     steered, _ = _llama(src, ids, _cvec_buffer(cv, 3))
     biased, _ = _llama(inj, ids)
     assert np.abs(steered - base).max() > 0.1  # it changes the logits ...
-    np.testing.assert_allclose(steered, biased, atol=1e-3)  # ... exactly as +alpha r̂ at resid_pre[2] predicts
+    np.testing.assert_allclose(steered, biased, atol=1e-3)  # ... as +alpha r̂ at resid_pre[2] predicts
     wrong, _ = _llama(src, ids, np.roll(_cvec_buffer(cv, 3), 1, axis=0))  # one block later: another result
     assert np.abs(wrong - biased).max() > 0.1
     # the ablated model's residual stream (patcher's forward of the dequantized GGUF llama.cpp just ran)
@@ -355,7 +442,9 @@ def test_llama_cpp_runs_edited_ggufs(ggufs, tmp_path):
     comps = {}
     for key, path in (("orig", src), ("abl", out)):
         acc = {}
-        StreamedModel(Model.open(path)).run(IDS, mask, on_resid=lambda l, x: acc.__setitem__(l, x.astype(np.float64) @ R))
+        StreamedModel(Model.open(path)).run(
+            IDS, mask, on_resid=lambda l, x: acc.__setitem__(l, x.astype(np.float64) @ R)
+        )
         comps[key] = acc
     for l in comps["orig"]:
         share = np.abs(comps["abl"][l]).mean() / np.abs(comps["orig"][l]).mean()
@@ -365,6 +454,7 @@ def test_llama_cpp_runs_edited_ggufs(ggufs, tmp_path):
 def _leakages(text: str):
     """The per-tensor maximum the ablate summary reports ('max X (tensor)')."""
     import re
+
     return re.findall(r"max ([0-9.e+-]+) \(", text)
 
 
@@ -373,10 +463,14 @@ def test_leakage_summary_numbers_match_the_file(ggufs, tmp_path):
     text = run_cli("ablate", ggufs("llama", "Q4_1"), "-d", DIRECTION, "-o", out).output
     reported = float(_leakages(text)[0])
     measured = []
-    for name in ["token_embd.weight"] + [f"blk.{l}.{n}.weight" for l in range(3) for n in ("attn_output", "ffn_down")]:
+    for name in ["token_embd.weight"] + [
+        f"blk.{l}.{n}.weight" for l in range(3) for n in ("attn_output", "ffn_down")
+    ]:
         w, s = _deq(ggufs("llama", "Q4_1"), name), _deq(out, name)
         axis = 1 if name == "token_embd.weight" else 0
-        measured.append(np.linalg.norm(R @ s if axis == 0 else s @ R) / np.linalg.norm(R @ w if axis == 0 else w @ R))
+        measured.append(
+            np.linalg.norm(R @ s if axis == 0 else s @ R) / np.linalg.norm(R @ w if axis == 0 else w @ R)
+        )
     assert math.isclose(max(measured), reported, rel_tol=0.02)
 
 
@@ -386,12 +480,15 @@ def test_fp8_requantize_keeps_the_ablation(tmp_path, direction64):
     from test_tables_and_fp8 import make_fp8_model
     from patcher.io.checkpoint import Checkpoint
     from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks
+
     src = make_fp8_model(tmp_path, "F32")
     out = tmp_path / "out"
     run_cli("ablate", src, "-d", direction64, "-o", out, "--targets", "attn_out,mlp_out")
     name = "model.layers.1.mlp.experts.2.down_proj.weight"
     with Checkpoint(src) as a, Checkpoint(out) as b:
-        w = dequantize_blocks(a.array(name), a.array(name + "_scale_inv").astype(np.float32)).astype(np.float64)
+        w = dequantize_blocks(a.array(name), a.array(name + "_scale_inv").astype(np.float32)).astype(
+            np.float64
+        )
         scale = b.array(name + "_scale_inv").astype(np.float32)
         w2 = dequantize_blocks(b.array(name), scale).astype(np.float64)
     exact = w - np.outer(R, R @ w)

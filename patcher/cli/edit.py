@@ -64,12 +64,13 @@ def _run_gguf(plan: Plan, output: Path, force: bool, dry_run: bool, requant: str
     _summary(plan, report)
     if report.rounding:
         from rich.table import Table
-        t = Table(title=f"storage rounding ({rounding}) per tensor type: leakage |QᵀW'|/|QᵀW| and weight error "
-                        f"|W'−W*|/|W*| (W* = exact projection)", title_justify="left")
+        t = Table(title=f"storage rounding ({rounding}) per tensor type: leakage |QᵀW'|/|QᵀW| and weight "
+                        f"error |W'−W*|/|W*| (W* = exact projection)", title_justify="left")
         for c in ("type", "tensors", "leakage nearest", "leakage written", "error nearest", "error written"):
             t.add_column(c, justify="left" if c == "type" else "right")
         for src, dst, n, lp, lo, ep, eo, _ in gguf_apply.summary_rows(report):
-            t.add_row(src if src == dst else f"{src}→{dst}", n, f"{lp:.2%}", f"{lo:.2%}", f"{ep:.2%}", f"{eo:.2%}")
+            name = src if src == dst else f"{src}→{dst}"
+            t.add_row(name, n, f"{lp:.2%}", f"{lo:.2%}", f"{ep:.2%}", f"{eo:.2%}")
         out.print(t)
 
 
@@ -94,9 +95,10 @@ def _summary(plan: Plan, report) -> None:
 _REQUANT_HELP = ("GGUF: type for edited tensors whose own type cannot be written (K-quants, IQ): q8_0, q5_1, "
                  "q5_0, q4_1, q4_0, f16, bf16, f32")
 _ROUNDING_HELP = ("GGUF: orthogonal (default) chooses each element's rounding so the stored weights stay "
-                  "orthogonal to r̂; nearest is plain re-rounding, which puts back part of the removed component")
-_CVEC_HELP = ("Write a llama.cpp control vector (GGUF, direction.LAYER = alpha*r̂, used with --control-vector) "
-              "instead of a model; LAYER as for --layer (llama.cpp takes 1..L-1)")
+                  "orthogonal to r̂; nearest is plain re-rounding, which puts back part of the removed "
+                  "component")
+_CVEC_HELP = ("Write a llama.cpp control vector (GGUF, direction.LAYER = alpha*r̂, used with "
+              "--control-vector) instead of a model; LAYER as for --layer (llama.cpp takes 1..L-1)")
 
 
 def _control_vector(res, d, layer: int, alpha: float, path: Path, force: bool, dry_run: bool) -> None:
@@ -111,8 +113,8 @@ def _control_vector(res, d, layer: int, alpha: float, path: Path, force: bool, d
                   f"model hint {hint!r}")
         return
     write_control_vector(path, vector, layer, res.n_layers, hint, force)
-    out.print(f"wrote {path}: control vector direction.{layer} = {alpha} · r̂, added by llama.cpp to the output of "
-              f"block {layer} (resid_pre[{layer + 1}]); run llama.cpp with --control-vector {path}")
+    out.print(f"wrote {path}: control vector direction.{layer} = {alpha} · r̂, added by llama.cpp to the "
+              f"output of block {layer} (resid_pre[{layer + 1}]); run llama.cpp with --control-vector {path}")
 
 
 _NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
@@ -123,7 +125,8 @@ def register(app) -> None:
     @app.command()
     def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
-               output: Path = typer.Option(..., "-o", "--output", help="New folder to write (a .gguf file for GGUF input)"),
+               output: Path = typer.Option(..., "-o", "--output",
+                                           help="New folder to write (a .gguf file for GGUF input)"),
                layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
                targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
                scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
@@ -158,7 +161,7 @@ def register(app) -> None:
     def inject(model: Path = typer.Argument(..., help="Model folder or .gguf file"),
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
                output: Optional[Path] = typer.Option(None, "-o", "--output",
-                                                     help="New folder to write (a .gguf file for GGUF input)"),
+                                                     help="New folder to write (.gguf for GGUF input)"),
                control_vector: Optional[Path] = typer.Option(None, "--control-vector", help=_CVEC_HELP),
                layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in resid_pre[layer+1])"),
                alpha: float = typer.Option(..., "--alpha", help="Strength, in residual-stream units"),
@@ -178,11 +181,12 @@ def register(app) -> None:
             res = m.resolved
             d = load_direction(direction, res.d_model)
             if control_vector is not None:
-                return _control_vector(res, d, layer if layer >= 0 else layer + res.n_layers, alpha, control_vector,
-                                       force, dry_run)
+                at = layer if layer >= 0 else layer + res.n_layers
+                return _control_vector(res, d, at, alpha, control_vector, force, dry_run)
             if m.is_gguf and target not in res.arch.inject:
-                raise PatcherError("--target", f"llama.cpp's {m.storage.gguf_arch} loader has no bias at the {target} "
-                                               f"writer; write the injection as a control vector (--control-vector FILE)")
+                raise PatcherError("--target", f"llama.cpp's {m.storage.gguf_arch} loader has no bias at the "
+                                               f"{target} writer; write the injection as a control vector "
+                                               f"(--control-vector FILE)")
             plan = plan_injection(m, d, layer=layer if layer >= 0 else layer + res.n_layers, alpha=alpha,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)

@@ -36,8 +36,8 @@ def describe(ck: Model, res: Optional[Resolved]) -> dict:
                      "tokenizer": md.get("tokenizer.ggml.model"), "vocab": len(g.tokens()),
                      "chat_template": isinstance(md.get("tokenizer.chat_template"), str)})
         if res is not None:
-            info["quant_types_per_role"] = {r: dict(Counter(ck.info(t.weight).dtype for t in res.targets if t.role == r))
-                                            for r in ROLES}
+            info["quant_types_per_role"] = {
+                r: dict(Counter(ck.info(t.weight).dtype for t in res.targets if t.role == r)) for r in ROLES}
         prov = provenance(g)
         if prov:
             info["provenance"] = prov
@@ -59,7 +59,7 @@ def describe(ck: Model, res: Optional[Resolved]) -> dict:
 def register(app) -> None:
 
     @app.command()
-    def inspect(model: Path = typer.Argument(..., help="Model folder, one .safetensors file, or a .gguf file"),
+    def inspect(model: Path = typer.Argument(..., help="Model folder, one .safetensors or .gguf file"),
                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
                 arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Architecture, layers, d_model, dtypes, shards, size, and which tensors each role maps to."""
@@ -75,8 +75,8 @@ def register(app) -> None:
             t.add_row("model", str(ck.path))
             t.add_row("model_type", str(info["model_type"]))
             if info.get("format") == "gguf":
-                t.add_row("GGUF", f"architecture {info['gguf_architecture']}, name {info['name']!r}, vocabulary "
-                                  f"{info['vocab']} ({info['tokenizer']}), chat template "
+                t.add_row("GGUF", f"architecture {info['gguf_architecture']}, name {info['name']!r}, "
+                                  f"vocabulary {info['vocab']} ({info['tokenizer']}), chat template "
                                   f"{'yes' if info['chat_template'] else 'no'}")
             if res is not None:
                 t.add_row("layers", str(res.n_layers))
@@ -91,7 +91,8 @@ def register(app) -> None:
             if res is not None:
                 rt = Table(title="residual writers", title_justify="left")
                 quants = info.get("quant_types_per_role")
-                for c in ("role", "tensors", "biases", "example", "residual axis") + (("types",) if quants else ()):
+                columns = ("role", "tensors", "biases", "example", "residual axis")
+                for c in columns + (("types",) if quants else ()):
                     rt.add_column(c)
                 for role in ROLES:
                     ts = [x for x in res.targets if x.role == role]

@@ -9,6 +9,7 @@ between the two neighbouring grid values so Qᵀ(stored) stays at its exact valu
 measured and reported per tensor; the bytes written are checked against the gguf package's dequantizer.
 Types the gguf package can only dequantize (K-quants, IQ) are re-quantized to `requant` (default Q8_0).
 """
+
 import json
 import math
 import os
@@ -35,6 +36,7 @@ _SMALL_TYPES = ("F32", "F16", "BF16")  # biases keep these; anything else is wri
 @dataclass
 class Rounding:
     """What storage did to one edited tensor: plain nearest rounding vs the rounding that was written."""
+
     source_type: str
     stored_type: str
     leakage_plain: float  # |Qᵀ(nearest) − keep·QᵀW| / |QᵀW|
@@ -68,7 +70,11 @@ def prepare(plan: Plan, requant: str = "Q8_0") -> Plan:
     g: GGUFFile = _storage(plan)
     changed = []
     for e in plan.all():
-        src = g.tensors[e.source if e.op == "copy_of" else e.name].dtype if e.name in g.tensors or e.source else "F32"
+        src = (
+            g.tensors[e.source if e.op == "copy_of" else e.name].dtype
+            if e.name in g.tensors or e.source
+            else "F32"
+        )
         if e.op == "project":
             e.dtype = stored_type(src, requant)
             if e.dtype != src:
@@ -80,15 +86,22 @@ def prepare(plan: Plan, requant: str = "Q8_0") -> Plan:
         else:
             e.dtype = src if src in _SMALL_TYPES and e.name in g.tensors else "F32"
     if changed:
-        plan.notes.append(f"re-quantized to {requant} (the gguf package cannot write their own type): "
-                          + ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""))
+        plan.notes.append(
+            f"re-quantized to {requant} (the gguf package cannot write their own type): "
+            + ", ".join(changed[:6])
+            + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        )
     plan.notes = [n for n in plan.notes if "config.json" not in n and "HF transformers" not in n]
     if plan.config_updates.pop("tie_word_embeddings", None) is not None:  # GGUF has no config.json
-        plan.notes.append("untied: output.weight keeps the original embedding (llama.cpp uses it when present)")
+        plan.notes.append(
+            "untied: output.weight keeps the original embedding (llama.cpp uses it when present)"
+        )
     plan.config_updates.clear()
     for e in plan.all():
         if e.op in ("inject_bias", "new_bias"):
-            plan.notes.append(f"{e.name}: llama.cpp's {g.gguf_arch} loader adds this bias to the block output")
+            plan.notes.append(
+                f"{e.name}: llama.cpp's {g.gguf_arch} loader adds this bias to the block output"
+            )
     plan.record["gguf_requant"] = requant
     return plan
 
@@ -99,12 +112,14 @@ def nbytes(e: TensorEdit) -> int:
 
 def _qtype(name: str) -> int:
     from gguf import GGMLQuantizationType
+
     return int(GGMLQuantizationType[name])
 
 
 def _check_bytes(data: np.ndarray, qtype: str, expected: np.ndarray, name: str) -> np.ndarray:
     """The gguf package's dequantizer must read back exactly the values rounding chose."""
     from gguf.quants import dequantize
+
     back = np.asarray(dequantize(data, _qtype(qtype)), dtype=np.float32).reshape(expected.shape)
     if not np.array_equal(back, expected.astype(np.float32)):
         raise RuntimeError(f"{name}: encoded {qtype} bytes do not dequantize to the chosen values")
@@ -140,21 +155,28 @@ class _GGUFExecutor:
             data = gr.pack(chosen)
             stored = _check_bytes(data, e.dtype, gr.values(chosen), e.name).astype(np.float64)
             comp = _component(w, e.q, axis)
-            acc.comp += float(np.sum(comp ** 2))
+            acc.comp += float(np.sum(comp**2))
             acc.dev += float(np.sum((_component(stored, e.q, axis) - keep * comp) ** 2))
-            acc.dev_plain += float(np.sum((_component(gr.values(plain).astype(np.float64), e.q, axis)
-                                           - keep * comp) ** 2))
+            acc.dev_plain += float(
+                np.sum((_component(gr.values(plain).astype(np.float64), e.q, axis) - keep * comp) ** 2)
+            )
             acc.err += float(np.sum((stored - x) ** 2))
             acc.err_plain += float(np.sum((gr.values(plain).astype(np.float64) - x) ** 2))
-            acc.norm += float(np.sum(x ** 2))
+            acc.norm += float(np.sum(x**2))
             yield data
         comp = math.sqrt(acc.comp)
-        rel = (lambda v: math.sqrt(v) / comp if comp > 0 else 0.0)  # noqa: E731
+        rel = lambda v: math.sqrt(v) / comp if comp > 0 else 0.0  # noqa: E731
         self.report.component[e.name] = comp
         self.report.leakage[e.name] = rel(acc.dev)
         norm = math.sqrt(acc.norm) or 1.0
-        self.report.rounding[e.name] = Rounding(self.g.info(e.name).dtype, e.dtype, rel(acc.dev_plain), rel(acc.dev),
-                                                math.sqrt(acc.err_plain) / norm, math.sqrt(acc.err) / norm)
+        self.report.rounding[e.name] = Rounding(
+            self.g.info(e.name).dtype,
+            e.dtype,
+            rel(acc.dev_plain),
+            rel(acc.dev),
+            math.sqrt(acc.err_plain) / norm,
+            math.sqrt(acc.err) / norm,
+        )
         self.g.release(e.name)
 
     def produce_small(self, e: TensorEdit) -> Iterator[np.ndarray]:
@@ -173,7 +195,9 @@ class _GGUFExecutor:
         yield gr.pack(gr.nearest(np.asarray(values, dtype=np.float64).reshape(1, -1)))
 
     def out_tensor(self, e: TensorEdit) -> OutTensorGGUF:
-        produce = (lambda: self.produce_projection(e)) if e.op == "project" else (lambda: self.produce_small(e))
+        produce = (
+            (lambda: self.produce_projection(e)) if e.op == "project" else (lambda: self.produce_small(e))
+        )
         size = self.g.info(e.source).nbytes if e.op == "copy_of" else nbytes(e)  # a copy keeps any type
         return OutTensorGGUF(e.name, _qtype(e.dtype), tuple(reversed(e.shape)), size, produce=produce)
 
@@ -199,7 +223,9 @@ class AtomicFile:
         for src in inputs:
             s = Path(src).resolve()
             if self.target.resolve() == s:
-                raise PatcherError(target, "output is the input; choose a new file (the input is never modified)")
+                raise PatcherError(
+                    target, "output is the input; choose a new file (the input is never modified)"
+                )
         if self.target.is_dir():
             raise PatcherError(target, "is a folder; a GGUF output is one .gguf file")
         if self.target.exists() and not force:
@@ -223,8 +249,15 @@ class AtomicFile:
         return False
 
 
-def execute(plan: Plan, out: Path, *, force: bool = False, ortho: bool = True,
-            progress: Callable[[int], None] | None = None, command: str = "") -> Report:
+def execute(
+    plan: Plan,
+    out: Path,
+    *,
+    force: bool = False,
+    ortho: bool = True,
+    progress: Callable[[int], None] | None = None,
+    command: str = "",
+) -> Report:
     report = Report(out=Path(out))
     t0 = time.perf_counter()
     g: GGUFFile = _storage(plan)
@@ -232,7 +265,9 @@ def execute(plan: Plan, out: Path, *, force: bool = False, ortho: bool = True,
     tensors = []
     for info in g.shard_tensors(g.path.name):
         e = plan.edits.get(info.name)
-        tensors.append(ex.out_tensor(e) if e else OutTensorGGUF(info.name, info.qtype, info.ne, info.nbytes, source=info))
+        tensors.append(
+            ex.out_tensor(e) if e else OutTensorGGUF(info.name, info.qtype, info.ne, info.nbytes, source=info)
+        )
     tensors += [ex.out_tensor(e) for e in plan.new]
     record = dict(plan.record, rounding="orthogonal" if ortho else "nearest")
     fields = [raw for key, raw in g.field_bytes() if key != PROVENANCE_KEY]
@@ -244,18 +279,24 @@ def execute(plan: Plan, out: Path, *, force: bool = False, ortho: bool = True,
     return report
 
 
-def write_control_vector(path: Path, vector: np.ndarray, layer: int, n_layers: int, model_hint: str,
-                         force: bool = False) -> None:
+def write_control_vector(
+    path: Path, vector: np.ndarray, layer: int, n_layers: int, model_hint: str, force: bool = False
+) -> None:
     """llama.cpp's control vector: tensor `direction.{layer}` is added to the output of block `layer`
     (llama.cpp's common loader stores direction.N for N >= 1 and applies tensors[il] after block il, for
     il in 1..n_layer-1), i.e. patcher's "inject at layer l", first visible in resid_pre[l + 1]."""
     if not 1 <= layer <= n_layers - 1:
-        raise PatcherError("--layer", f"llama.cpp applies control vectors after blocks 1..{n_layers - 1} only "
-                                      f"(it never reads direction.0); got layer {layer}")
+        raise PatcherError(
+            "--layer",
+            f"llama.cpp applies control vectors after blocks 1..{n_layers - 1} only "
+            f"(it never reads direction.0); got layer {layer}",
+        )
     v = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
-    fields = [string_field("general.architecture", "controlvector"),
-              string_field("controlvector.model_hint", model_hint),
-              _u32_field("controlvector.layer_count", 1)]
+    fields = [
+        string_field("general.architecture", "controlvector"),
+        string_field("controlvector.model_hint", model_hint),
+        _u32_field("controlvector.layer_count", 1),
+    ]
     t = OutTensorGGUF(f"direction.{layer}", 0, (v.size,), v.nbytes, produce=lambda: iter([v]))
     with AtomicFile(path, [], force) as tmp:
         write_gguf(tmp, fields, [t])
@@ -263,6 +304,7 @@ def write_control_vector(path: Path, vector: np.ndarray, layer: int, n_layers: i
 
 def _u32_field(key: str, value: int) -> bytes:
     import struct
+
     b = key.encode()
     return struct.pack("<Q", len(b)) + b + struct.pack("<II", 4, value)  # 4 = GGUFValueType.UINT32
 
@@ -284,4 +326,3 @@ def summary_rows(report: Report) -> list[tuple[str, str, str, float, float, floa
         eo = float(np.sqrt(np.mean([report.rounding[n].error ** 2 for n in names])))
         rows.append((src, dst, f"{len(names)}", lp, lo, ep, eo, len(names)))
     return rows
-

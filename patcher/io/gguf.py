@@ -4,6 +4,7 @@ streaming (metadata and untouched tensors copied byte for byte, edited tensors p
 Shapes: GGUF lists ne0 first (the contiguous axis); numpy shapes here are ne reversed, so an HF
 nn.Linear [out, in] is numpy [out, in] in GGUF as well (GGUF ne [in, out]).
 """
+
 import json
 import math
 import os
@@ -27,33 +28,59 @@ _MIN_KV, _MIN_TENSOR = 14, 32
 
 # HF config keys from GGUF metadata keys (`{arch}.` + suffix), as llama.cpp's converter writes them.
 CONFIG_KEYS = {
-    "hidden_size": "embedding_length", "num_hidden_layers": "block_count",
-    "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
-    "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
-    "rms_norm_eps": "attention.layer_norm_rms_epsilon", "layer_norm_eps": "attention.layer_norm_epsilon",
-    "layer_norm_epsilon": "attention.layer_norm_epsilon", "rope_theta": "rope.freq_base",
-    "max_position_embeddings": "context_length", "num_experts": "expert_count",
-    "num_local_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "layer_norm_eps": "attention.layer_norm_epsilon",
+    "layer_norm_epsilon": "attention.layer_norm_epsilon",
+    "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length",
+    "num_experts": "expert_count",
+    "num_local_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
     "moe_intermediate_size": "expert_feed_forward_length",
     "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
-    "sliding_window": "attention.sliding_window", "sliding_window_pattern": "attention.sliding_window_pattern",
-    "attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping",
+    "sliding_window": "attention.sliding_window",
+    "sliding_window_pattern": "attention.sliding_window_pattern",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
     "norm_topk_prob": "expert_weights_norm",
 }
 # llama.cpp's names for the pre-tokenizer split regex (tokenizer.ggml.pre) -> the regex HF's tokenizer.json
 # uses for the same model; None: GPT-2's own ByteLevel regex.
 PRE_TOKENIZERS = {
-    "gpt-2": None, "gpt2": None, "olmo": None,
+    "gpt-2": None,
+    "gpt2": None,
+    "olmo": None,
     "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 
 
 # bits per element of each GGML family (the name before "_"), for the quantization-noise bound in diff
-QUANT_BITS = {"F16": 11, "BF16": 8, "Q8": 8, "Q6": 6, "Q5": 5, "Q4": 4, "Q3": 3, "Q2": 2, "IQ4": 4, "IQ3": 3,
-              "IQ2": 2, "IQ1": 1, "TQ2": 2, "TQ1": 1, "MXFP4": 4}
+QUANT_BITS = {
+    "F16": 11,
+    "BF16": 8,
+    "Q8": 8,
+    "Q6": 6,
+    "Q5": 5,
+    "Q4": 4,
+    "Q3": 3,
+    "Q2": 2,
+    "IQ4": 4,
+    "IQ3": 3,
+    "IQ2": 2,
+    "IQ1": 1,
+    "TQ2": 2,
+    "TQ1": 1,
+    "MXFP4": 4,
+}
 
 
 @dataclass(frozen=True)
@@ -100,10 +127,15 @@ def _precheck(path: Path, size: int) -> None:
         raise CheckpointError(path, f"not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
     version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
     if version not in VERSIONS:
-        raise CheckpointError(path, f"GGUF version {version} is not supported (only {', '.join(map(str, VERSIONS))})")
+        raise CheckpointError(
+            path, f"GGUF version {version} is not supported (only {', '.join(map(str, VERSIONS))})"
+        )
     if n_tensors * _MIN_TENSOR + n_kv * _MIN_KV > size:
-        raise CheckpointError(path, f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than a "
-                                    f"{size}-byte file can hold (truncated or corrupt)")
+        raise CheckpointError(
+            path,
+            f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than a "
+            f"{size}-byte file can hold (truncated or corrupt)",
+        )
 
 
 class GGUFFile:
@@ -115,6 +147,7 @@ class GGUFFile:
     def __init__(self, path):
         from gguf import GGMLQuantizationType, GGUFReader
         from gguf.constants import GGML_QUANT_SIZES
+
         self.path = Path(path)
         self.folder = self.path.parent
         self.index_path = None
@@ -124,8 +157,16 @@ class GGUFFile:
         _precheck(self.path, size)
         try:
             self.reader = GGUFReader(self.path, "r")
-        except (ValueError, IndexError, OverflowError, KeyError, TypeError, MemoryError, UnicodeDecodeError,
-                struct.error) as e:
+        except (
+            ValueError,
+            IndexError,
+            OverflowError,
+            KeyError,
+            TypeError,
+            MemoryError,
+            UnicodeDecodeError,
+            struct.error,
+        ) as e:
             raise CheckpointError(self.path, f"not a valid GGUF file ({type(e).__name__}: {e})") from None
         r = self.reader
         self.alignment = int(r.alignment)
@@ -135,21 +176,29 @@ class GGUFFile:
             try:
                 qname = GGMLQuantizationType(int(t.tensor_type)).name
             except ValueError:
-                raise CheckpointError(self.path, f"tensor {t.name!r} has unknown GGML type {int(t.tensor_type)}") from None
+                raise CheckpointError(
+                    self.path, f"tensor {t.name!r} has unknown GGML type {int(t.tensor_type)}"
+                ) from None
             ne = tuple(int(x) for x in t.shape)
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(t.tensor_type))]
             if not ne or any(n <= 0 for n in ne) or ne[0] % block:
-                raise CheckpointError(self.path, f"tensor {t.name!r} has shape {list(ne)} (ne0 must be a multiple "
-                                                 f"of {block} for {qname})")
+                raise CheckpointError(
+                    self.path,
+                    f"tensor {t.name!r} has shape {list(ne)} (ne0 must be a multiple of {block} for {qname})",
+                )
             nbytes = math.prod(ne) // block * type_size
             begin = int(t.data_offset)  # the reader makes it absolute
             if begin % self.alignment or begin + nbytes > size:
-                raise CheckpointError(self.path, f"tensor {t.name!r} at bytes {begin}..{begin + nbytes} lies "
-                                                 f"outside the {size}-byte file or off its alignment")
+                raise CheckpointError(
+                    self.path,
+                    f"tensor {t.name!r} at bytes {begin}..{begin + nbytes} lies "
+                    f"outside the {size}-byte file or off its alignment",
+                )
             if t.name in self.tensors:
                 raise CheckpointError(self.path, f"tensor {t.name!r} appears twice")
-            self.tensors[t.name] = GGUFTensor(t.name, qname, tuple(reversed(ne)), self.path, begin, begin + nbytes,
-                                              int(t.tensor_type))
+            self.tensors[t.name] = GGUFTensor(
+                t.name, qname, tuple(reversed(ne)), self.path, begin, begin + nbytes, int(t.tensor_type)
+            )
         self._check_overlaps()
         self.metadata = {k: _field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
         self.files = {self.path.name: self}
@@ -172,6 +221,7 @@ class GGUFFile:
     def architecture(self):
         if self._arch is None:
             from patcher.model.architectures import for_gguf_arch
+
             self._arch = for_gguf_arch(self.gguf_arch, self.path)
         return self._arch
 
@@ -207,11 +257,12 @@ class GGUFFile:
         """The stored bytes, [rows, row bytes] (a memory-mapped view)."""
         t = self.info(name)
         rows = math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1
-        return self.reader.data[t.begin:t.end].reshape(rows, -1)
+        return self.reader.data[t.begin : t.end].reshape(rows, -1)
 
     def read_rows(self, name: str, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
         """Dequantized float32 rows [stop-start, ne0] of the tensor seen as 2-D."""
         from gguf.quants import dequantize
+
         t = self.info(name)
         return np.asarray(dequantize(np.array(self.raw(name)[row_start:row_stop]), t.qtype), dtype=np.float32)
 
@@ -229,6 +280,7 @@ class GGUFFile:
         t = self.info(name)
         try:  # drop the pages this tensor touched: a big model streams through without filling RAM
             import mmap as _mmap
+
             start = t.begin - t.begin % _mmap.PAGESIZE
             self.reader.data._mmap.madvise(_mmap.MADV_DONTNEED, start, t.end - start)
         except (AttributeError, OSError, ValueError):
@@ -244,7 +296,7 @@ class GGUFFile:
             if key.startswith("GGUF."):
                 continue
             n = sum(int(p.nbytes) for p in f.parts)
-            out.append((key, bytes(self.reader.data[f.offset:f.offset + n])))
+            out.append((key, bytes(self.reader.data[f.offset : f.offset + n])))
         return out
 
     def tokenizer(self):
@@ -270,6 +322,7 @@ class GGUFFile:
 
 def _field_value(f):
     from gguf import GGUFValueType
+
     try:
         if f.types and f.types[0] == GGUFValueType.ARRAY:
             return f.contents()
@@ -318,14 +371,18 @@ def config_from_metadata(g: GGUFFile) -> dict:
     if table.model_type == "gpt2":
         cfg.setdefault("n_positions", cfg.get("max_position_embeddings"))
     if "num_experts" in cfg:  # layers without fused experts are dense (GGUF has no config flag for it)
-        cfg["mlp_only_layers"] = [l for l in range(int(cfg["num_hidden_layers"]))
-                                  if f"blk.{l}.ffn_down_exps.weight" not in g.tensors]
+        cfg["mlp_only_layers"] = [
+            l
+            for l in range(int(cfg["num_hidden_layers"]))
+            if f"blk.{l}.ffn_down_exps.weight" not in g.tensors
+        ]
         cfg["decoder_sparse_step"] = 1
     cfg["_gguf"] = {"arch": arch, "name": md.get("general.name")}
     return cfg
 
 
-# --- the same model under HF names, for the forward pass -----------------------------------------------------
+# --- the same model under HF names, for the forward pass ------------------------------------------
+
 
 class HFView:
     """A GGUF seen as the HF checkpoint it was converted from: HF tensor names, HF shapes, float32 values,
@@ -335,6 +392,7 @@ class HFView:
     def __init__(self, g: GGUFFile):
         from patcher.model import forward as fw
         from patcher.io.safetensors import TensorInfo
+
         self.g = g
         self.path, self.folder, self.config = g.path, g.folder, g.config
         self.config_path, self.index_path = g.path, None
@@ -371,7 +429,9 @@ class HFView:
             v = self.g.array(gname)
         if layout.norm_shift and gname.endswith("norm.weight"):
             v = v - np.float32(layout.norm_shift)
-        if layout.rope_permuted and gname.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+        if layout.rope_permuted and gname.endswith(
+            ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+        ):
             heads = self.hp.n_heads if "attn_q" in gname else self.hp.n_kv
             v = _unpermute(v, heads)
         if self._transposed(name, v.shape):
@@ -397,8 +457,8 @@ class HFView:
         if bits is None or v.size % 32:
             return 0.0
         b = v.reshape(-1, 32)
-        step = (b.max(axis=1) - b.min(axis=1)) / (2 ** bits - 1)
-        return float(2.0 * 32 * np.sum(step ** 2) / 12.0)
+        step = (b.max(axis=1) - b.min(axis=1)) / (2**bits - 1)
+        return float(2.0 * 32 * np.sum(step**2) / 12.0)
 
     def read_rows(self, name: str, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
         return self.array(name).reshape(-1, row_len or self.info(name).shape[-1])[row_start:row_stop]
@@ -416,10 +476,12 @@ class HFView:
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Only the embedding rows a batch needs: a 128k-token table is never dequantized whole."""
         from gguf.quants import dequantize
+
         gname, _ = self.map[name]
         raw = self.g.raw(gname)
-        return np.asarray(dequantize(np.array(raw[ids.reshape(-1)]), self.g.info(gname).qtype),
-                          dtype=np.float32).reshape(*ids.shape, -1)
+        return np.asarray(
+            dequantize(np.array(raw[ids.reshape(-1)]), self.g.info(gname).qtype), dtype=np.float32
+        ).reshape(*ids.shape, -1)
 
     def close(self):
         self.g.close()
@@ -433,6 +495,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def _hf_map(g: GGUFFile, spec, hp) -> dict:
     from gguf import MODEL_ARCH_NAMES, TensorNameMap
+
     arch_id = {v: k for k, v in MODEL_ARCH_NAMES.items()}.get(g.gguf_arch)
     if arch_id is None:
         raise CheckpointError(g.path, f"the gguf package does not know architecture {g.gguf_arch!r}")
@@ -462,6 +525,7 @@ def _hf_map(g: GGUFFile, spec, hp) -> dict:
                 else:
                     for e, hf in enumerate(expert_names):
                         out[hf + suffix] = (gname + suffix, e)
+
     n = spec.names
     top = {"embed", "final_norm", "lm_head"}
     for key in top:
@@ -484,22 +548,30 @@ def _hf_map(g: GGUFFile, spec, hp) -> dict:
 
 # --- tokenizer ----------------------------------------------------------------------------------------
 
+
 def load_tokenizer(g: GGUFFile):
     """The GGUF's own vocabulary (tokenizer.ggml.*) as a `tokenizers` BPE, and its chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, Regex, processors
     from patcher.model.prompts import PromptTokenizer
+
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
     tokens = md.get("tokenizer.ggml.tokens")
     if not tokens:
         raise PatcherError(g.path, "the GGUF has no vocabulary (tokenizer.ggml.tokens)")
     if kind != "gpt2":
-        raise PatcherError(g.path, f"tokenizer.ggml.model {kind!r}: patcher reads byte-level BPE ('gpt2') GGUF "
-                                   f"vocabularies; for SentencePiece models extract on the safetensors original")
+        raise PatcherError(
+            g.path,
+            f"tokenizer.ggml.model {kind!r}: patcher reads byte-level BPE ('gpt2') GGUF "
+            f"vocabularies; for SentencePiece models extract on the safetensors original",
+        )
     pre = md.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
-        raise PatcherError(g.path, f"tokenizer.ggml.pre {pre!r} is not known to patcher "
-                                   f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
+        raise PatcherError(
+            g.path,
+            f"tokenizer.ggml.pre {pre!r} is not known to patcher "
+            f"(known: {', '.join(sorted(PRE_TOKENIZERS))})",
+        )
     merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges") or []]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab, merges))
@@ -507,33 +579,50 @@ def load_tokenizer(g: GGUFFile):
     if regex is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     types = md.get("tokenizer.ggml.token_type") or []
     specials = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # CONTROL, USER_DEFINED
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     names = {}
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"), ("unk_token", "unknown")):
+    for name, key in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("pad_token", "padding"),
+        ("unk_token", "unknown"),
+    ):
         i = md.get(f"tokenizer.ggml.{key}_token_id")
         if isinstance(i, int) and 0 <= i < len(tokens):
             names[name] = tokens[i]
     add_bos = md.get("tokenizer.ggml.add_bos_token")
     if add_bos and "bos_token" in names:
         bos = names["bos_token"]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, vocab[bos])])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
     template = md.get("tokenizer.chat_template")
-    return PromptTokenizer(tok, g.path, names, template if isinstance(template, str) else None, g.path,
-                           bool(add_bos) if add_bos is not None else None)
+    return PromptTokenizer(
+        tok,
+        g.path,
+        names,
+        template if isinstance(template, str) else None,
+        g.path,
+        bool(add_bos) if add_bos is not None else None,
+    )
 
 
 # --- writing ------------------------------------------------------------------------------------------
 
+
 @dataclass
 class OutTensorGGUF:
     """One tensor of the output: raw bytes copied from `source` (a GGUFTensor), or produced."""
+
     name: str
     qtype: int
     ne: tuple[int, ...]
@@ -551,16 +640,26 @@ def string_field(key: str, value: str) -> bytes:
     return _gguf_string(key) + struct.pack("<I", 8) + _gguf_string(value)  # 8 = GGUFValueType.STRING
 
 
-def write_gguf(path: Path, fields: list[bytes], tensors: list[OutTensorGGUF], alignment: int = _ALIGNMENT,
-               on_bytes: Callable[[int], None] | None = None) -> None:
+def write_gguf(
+    path: Path,
+    fields: list[bytes],
+    tensors: list[OutTensorGGUF],
+    alignment: int = _ALIGNMENT,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
     """GGUF v3: header, the given key/value records (already encoded), tensor infos, then each tensor's
     data at an aligned offset. Copies use the kernel (copy_file_range) like the safetensors writer."""
     from patcher.io.writer import _copy_range, _pwrite_all, _start_writeback
+
     infos, offsets, pos = [], [], 0
     for t in tensors:
         offsets.append(pos)
-        infos.append(_gguf_string(t.name) + struct.pack("<I", len(t.ne)) + struct.pack(f"<{len(t.ne)}Q", *t.ne)
-                     + struct.pack("<IQ", t.qtype, pos))
+        infos.append(
+            _gguf_string(t.name)
+            + struct.pack("<I", len(t.ne))
+            + struct.pack(f"<{len(t.ne)}Q", *t.ne)
+            + struct.pack("<IQ", t.qtype, pos)
+        )
         pos += t.nbytes + (-t.nbytes % alignment)
     header = MAGIC + struct.pack("<IQQ", 3, len(tensors), len(fields)) + b"".join(fields) + b"".join(infos)
     header += b"\0" * (-len(header) % alignment)

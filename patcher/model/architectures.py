@@ -127,7 +127,8 @@ def _writer(path, entry, role=None) -> Writer:
         if not isinstance(entry["gguf"], str) or not isinstance(entry.get("gguf_residual_axis"), int):
             raise PatcherError(path, f"writer {weight!r}: 'gguf' needs a name and 'gguf_residual_axis'")
         g = (entry["gguf"], entry.get("gguf_bias"), entry.get("gguf_post_norm"), entry["gguf_residual_axis"])
-    return Writer(role, weight, axis, entry.get("bias"), entry.get("post_norm"), entry.get("expert_axis", 0), g)
+    return Writer(role, weight, axis, entry.get("bias"), entry.get("post_norm"), entry.get("expert_axis", 0),
+                  g)
 
 
 def _gguf_writer(w: Writer) -> Writer | None:

@@ -46,7 +46,8 @@ def _open_gguf(path: Path):
     return GGUFFile(path)
 
 
-BACKENDS: list[Backend] = [Backend("gguf", _is_gguf, _open_gguf), Backend("safetensors", lambda p: True, Checkpoint)]
+BACKENDS: list[Backend] = [Backend("gguf", _is_gguf, _open_gguf),
+                           Backend("safetensors", lambda p: True, Checkpoint)]
 
 
 def open_storage(path: Path):
@@ -86,7 +87,8 @@ class Model:
                                                                             self.config_path)
         if self.is_gguf:  # the same table under GGUF names (llama.cpp's), from its [gguf] section
             if self.arch.gguf is None:
-                raise PatcherError(self.arch.source, "this architecture table has no [gguf] section (GGUF names)")
+                raise PatcherError(self.arch.source, "this architecture table has no [gguf] section "
+                                                     "(GGUF names)")
             self.arch = self.arch.gguf
         self.resolved = resolve(self.arch, storage.tensors, storage.config, self.config_path)
         self._check_against_tensors()
