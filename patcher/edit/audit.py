@@ -21,9 +21,8 @@ from patcher_kernels import annihilation as an
 from patcher_kernels.codecs import decode
 from patcher_kernels.fp8 import dequantize_blocks
 from patcher_kernels.lowrank import MANTISSA_BITS
-from patcher.edit.diff import _fp8_scale_of
 from patcher.errors import PatcherError
-from patcher.io.checkpoint import Checkpoint
+from patcher.io.checkpoint import Checkpoint, fp8_scale_of
 from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of one streamed block
@@ -74,7 +73,7 @@ def _blocks(ck: Checkpoint, t: Target, d_model: int):
     """Float32 blocks M_b [d_model, c] with Σ M_b M_bᵀ = W Wᵀ in residual orientation."""
     info = ck.info(t.weight)
     raw = ck.array(t.weight)
-    scale_name = _fp8_scale_of(ck, t.weight)
+    scale_name = fp8_scale_of(ck.tensors, t.weight)
     scale = ck.array(scale_name).astype(np.float32) if scale_name else None
     mats = [raw] if raw.ndim == 2 else [raw[x] for x in range(raw.shape[t.expert_axis])]
     axis = t.residual_axis if raw.ndim == 2 else t.residual_axis - 1
