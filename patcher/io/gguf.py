@@ -321,11 +321,8 @@ class GGUFFile:
 
 
 def _field_value(f):
-    from gguf import GGUFValueType
-
+    """A metadata value as Python (str, number, list); None where the field cannot be decoded."""
     try:
-        if f.types and f.types[0] == GGUFValueType.ARRAY:
-            return f.contents()
         return f.contents()
     except (ValueError, IndexError, UnicodeDecodeError):
         return None
