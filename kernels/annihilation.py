@@ -30,27 +30,37 @@ class Spectrum:
 
     low: np.ndarray  # [K] smallest eigenvalues, ascending
     basis: np.ndarray  # [d, K] their eigenvectors
-    median: float  # median eigenvalue
     rest: float  # mean of the other eigenvalues: the expected energy outside the low subspace
     gain: np.ndarray | None = None  # post-norm gain g: the group writes g ⊙ RMSNorm(W x)
     floor: float = 0.0  # energy storage rounding leaves along any direction: nothing reads below it
 
 
+def low_eigs(gram: np.ndarray, k: int, iters: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest eigenpairs of a symmetric PSD matrix: subspace iteration on (G + σI)⁻¹ with a
+    block of 2k, then Rayleigh–Ritz. An isolated smallest eigenvalue (an ablated direction) converges in
+    one or two steps; a continuum is approximated to well under a percent — at ~1/7 the cost of eigh."""
+    d = gram.shape[0]
+    if d <= 4 * k:
+        values, vectors = np.linalg.eigh(gram)
+        return values[:k], vectors[:, :k]
+    mean = max(float(np.trace(gram)) / d, 1e-300)
+    inverse = np.linalg.inv(gram + 1e-3 * mean * np.eye(d))
+    x = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, 2 * k)))[0]
+    for _ in range(iters):
+        x = np.linalg.qr(inverse @ x)[0]
+    values, u = np.linalg.eigh(x.T @ gram @ x)
+    return values[:k], x @ u[:, :k]
+
+
 def summarize(gram: np.ndarray, k: int = K, gain: np.ndarray | None = None, floor: float = 0.0) -> Spectrum:
     d = gram.shape[0]
     k = min(k, d - 1)
-    values, vectors = np.linalg.eigh(np.asarray(gram, dtype=np.float64))
-    mean = max(float(values.sum()) / d, 1e-300)
+    gram = np.asarray(gram, dtype=np.float64)
+    mean = max(float(np.trace(gram)) / d, 1e-300)
+    values, vectors = low_eigs(gram, k)
     values = np.maximum(values / mean, floor)
-    rest = float(values[k:].mean())
-    return Spectrum(
-        values[:k].copy(),
-        vectors[:, :k].copy(),
-        float(np.median(values)),
-        rest,
-        None if gain is None else np.asarray(gain, dtype=np.float64),
-        floor,
-    )
+    rest = max((d - float(values.sum())) / (d - k), floor)   # normalised eigenvalues sum to d
+    return Spectrum(values, vectors, rest, None if gain is None else np.asarray(gain, dtype=np.float64), floor)
 
 
 def _unit_cols(m: np.ndarray) -> np.ndarray:
@@ -138,7 +148,7 @@ def refine(spectra: list[Spectrum], v: np.ndarray, exclude: np.ndarray | None = 
 def random_twin(s: Spectrum, rng: np.random.Generator) -> Spectrum:
     """The same spectrum with its low eigenvectors in an independent random orientation."""
     q, _ = np.linalg.qr(rng.normal(size=s.basis.shape))
-    return Spectrum(s.low, q, s.median, s.rest, s.gain, s.floor)
+    return Spectrum(s.low, q, s.rest, s.gain, s.floor)
 
 
 def null_evidence(spectra: list[Spectrum], samples: int, seed: int = 0) -> np.ndarray:

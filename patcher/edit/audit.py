@@ -26,6 +26,7 @@ from patcher.io.checkpoint import Checkpoint, fp8_scale_of
 from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of one streamed block
+SAMPLE = 4  # written vectors read per group, × d_model (the rest adds cost, not information)
 NULL_SAMPLES = 24  # random-orientation models in the null
 MARGIN = 2.0  # observed evidence must exceed the null's best by this factor …
 MIN_GROUPS = 3  # … and at least this many groups must annihilate the direction
@@ -69,8 +70,15 @@ class AuditReport:
 # --- streaming one writer into a Gram --------------------------------------------------------------
 
 
-def _blocks(ck: Checkpoint, t: Target, d_model: int):
-    """Float32 blocks M_b [d_model, c] with Σ M_b M_bᵀ = W Wᵀ in residual orientation."""
+def _vectors(ck: Checkpoint, t: Target, d_model: int) -> int:
+    """How many written vectors (columns in residual orientation) a writer tensor holds."""
+    return ck.info(t.weight).numel // d_model
+
+
+def _blocks(ck: Checkpoint, t: Target, d_model: int, share: float = 1.0):
+    """Float32 blocks M_b [d_model, c] with Σ M_b M_bᵀ = W Wᵀ in residual orientation, over a central
+    window holding `share` of each matrix's written vectors (an ablated W has every column ⟂ r̂, so
+    any subset keeps the fingerprint exactly; a clean spectrum needs only a few × d_model of them)."""
     info = ck.info(t.weight)
     raw = ck.array(t.weight)
     scale_name = fp8_scale_of(ck.tensors, t.weight)
@@ -80,12 +88,16 @@ def _blocks(ck: Checkpoint, t: Target, d_model: int):
     for m in mats:
         if m.shape[axis] != d_model:
             raise PatcherError(ck.path, f"{t.weight}: shape {info.shape} has no residual axis of {d_model}")
-        length = m.shape[1 - axis]
+        full = m.shape[1 - axis]
+        length = max(1, min(full, math.ceil(full * share)))
+        lo = (full - length) // 2
+        if scale is not None:  # FP8: whole scale tiles
+            lo -= lo % FP8_TILE
         step = max(1, BLOCK_BYTES // (4 * d_model))
         if scale is not None:
             step = max(FP8_TILE, step - step % FP8_TILE)
-        for s in range(0, length, step):
-            e = min(length, s + step)
+        for s in range(lo, lo + length, step):
+            e = min(lo + length, s + step)
             part = m[:, s:e] if axis == 0 else m[s:e, :]
             if scale is not None:
                 tiles = (
@@ -105,7 +117,8 @@ def _post_norm_gain(ck: Checkpoint, res: Resolved, t: Target) -> np.ndarray | No
     return POST_NORM_GAINS[res.arch.post_norm_gain] + decode(ck.array(t.post_norm)).astype(np.float64)
 
 
-def _groups(ck: Checkpoint, res: Resolved, progress=None) -> tuple[list[Group], np.ndarray, int]:
+def _groups(ck: Checkpoint, res: Resolved, progress=None, exact: bool = False):
+    """Writer groups with their spectra, the sum of their normalised Grams, and the bytes read."""
     d = res.d_model
     total = np.zeros((d, d))
     groups, read = [], 0
@@ -113,13 +126,16 @@ def _groups(ck: Checkpoint, res: Resolved, progress=None) -> tuple[list[Group], 
     for (_, role), members in groupby(sorted(res.targets, key=key), key=key):
         members = list(members)
         gram = np.zeros((d, d))
+        vectors = sum(_vectors(ck, t, d) for t in members)
+        share = 1.0 if exact else min(1.0, SAMPLE * d / vectors)
         for t in members:
-            for block in _blocks(ck, t, d):
+            for block in _blocks(ck, t, d, share):
                 gram += (block @ block.T).astype(np.float64)
-            read += ck.info(t.weight).nbytes
+            nbytes = math.ceil(ck.info(t.weight).nbytes * share)
+            read += nbytes
             ck.release(t.weight)
             if progress:
-                progress(ck.info(t.weight).nbytes)
+                progress(nbytes)
         trace = np.trace(gram)
         if not trace > 0:
             continue  # an all-zero group writes nothing: nothing to learn from it
@@ -234,9 +250,8 @@ def _span(rows: list[dict]) -> str:
     return ", ".join((["embeddings"] if emb else []) + ([f"layers {', '.join(parts)}"] if parts else []))
 
 
-def audit(
-    model, arch_table=None, resolved: Resolved | None = None, max_rank: int = 4, progress=None
-) -> AuditReport:
+def audit(model, arch_table=None, resolved: Resolved | None = None, max_rank: int = 4, progress=None,
+          exact: bool = False) -> AuditReport:
     """Scan MODEL (a folder or file) for directions its writers cannot write, and for baked biases."""
     from patcher.model.architectures import for_model_type, load_table, resolve
 
@@ -252,7 +267,7 @@ def audit(
             )
             resolved = resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
         rep = AuditReport(str(ck.path), ck.model_type)
-        groups, total, rep.bytes_read = _groups(ck, resolved, progress)
+        groups, total, rep.bytes_read = _groups(ck, resolved, progress, exact)
         rep.biases = _bias_signs(ck, resolved)
     if len(groups) < 2:
         raise PatcherError(model, "fewer than two writer groups: nothing to compare")
@@ -263,17 +278,13 @@ def audit(
             "tensors": len(g.tensors),
             "dtype": g.dtype,
             "low_spectrum": [float(x) for x in g.spectrum.low],
-            "median": g.spectrum.median,
             "rest_mean": g.spectrum.rest,
         }
         for g in groups
     ]
-    values = np.linalg.eigvalsh(total)
-    mean = values.sum() / len(values)
-    rep.global_spectrum = {
-        "min_over_median": float(values[0] / np.median(values)),
-        "eigenvalues": [float(x / mean) for x in values],
-    }
+    low, _ = an.low_eigs(total, an.K)
+    mean = np.trace(total) / len(total)
+    rep.global_spectrum = {"min_over_mean": float(low[0] / mean), "lowest": [float(x / mean) for x in low]}
     null = an.null_evidence(spectra, NULL_SAMPLES)
     threshold = MARGIN * float(null.max()) + 0.5
     rep.null = {
@@ -349,7 +360,7 @@ def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:
     head.add_row(
         "writer groups", f"{len(rep.groups)} ({rep.bytes_read / 2**20:.1f} MiB read in {rep.seconds:.2f} s)"
     )
-    head.add_row("global Gram", f"smallest / median eigenvalue {rep.global_spectrum['min_over_median']:.3g}")
+    head.add_row("global Gram", f"smallest / mean eigenvalue {rep.global_spectrum['min_over_mean']:.3g}")
     head.add_row(
         "null",
         f"best evidence {rep.null['best_evidence']:.2f} over {rep.null['samples']} "
@@ -382,44 +393,35 @@ def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:
 
 
 def plot(rep: AuditReport, path) -> None:
-    """SVG: the global normalised spectrum (log) and, when found, the per-group profile along r̂."""
+    """SVG, one point per writer group (log energy, a typical direction = 1): each group's smallest
+    eigenvalue, and the energy it puts along each recovered direction."""
     from xml.sax.saxutils import escape
 
     W, H, pad = 760, 420, 56
-    ev = np.maximum(np.array(rep.global_spectrum["eigenvalues"]), 1e-12)
-    ly = np.log10(ev)
-    lo, hi = math.floor(min(ly.min(), -6)), math.ceil(max(ly.max(), 1))
+    series = [("smallest eigenvalue of the group", "#1f77b4", [g["low_spectrum"][0] for g in rep.groups])]
+    colors = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+    for i, d in enumerate(rep.directions):
+        series.append((f"energy along recovered direction {i + 1}", colors[i % 4],
+                       [r["energy"] for r in d["profile"]]))
+    logs = [np.log10(np.maximum(np.array(v, dtype=float), 1e-12)) for _, _, v in series]
+    lo = math.floor(min(min(x.min() for x in logs), -1))
+    hi = 1
+    n = len(rep.groups)
     y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)  # noqa: E731
-    x = lambda i, n: pad + i / max(n - 1, 1) * (W - 2 * pad)  # noqa: E731
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-        f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{escape(rep.verdict[:110])}</text>',
-        f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
-    ]
+    x = lambda i: pad + i / max(n - 1, 1) * (W - 2 * pad)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="13">{escape(rep.verdict[:120])}</text>',
+             f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
+             f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">writer group: '
+             f'{escape(rep.groups[0]["group"])} … {escape(rep.groups[-1]["group"])}</text>']
     for p in range(lo, hi + 1):
         parts.append(f'<text x="{pad - 6}" y="{y(p) + 4:.1f}" text-anchor="end">1e{p}</text>')
-    parts.append(
-        '<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
-        + " ".join(f"{x(i, len(ly)):.1f},{y(v):.1f}" for i, v in enumerate(ly))
-        + '"/>'
-    )
-    parts.append(
-        f'<text x="{pad + 8}" y="{pad + 4}" fill="#1f77b4">global Gram eigenvalues / mean (ascending)</text>'
-    )
-    if rep.directions:
-        prof = rep.directions[0]["profile"]
-        a = np.log10(np.maximum([r["energy"] for r in prof], 1e-12))
-        parts.append(
-            '<polyline fill="none" stroke="#d62728" stroke-width="2" points="'
-            + " ".join(f"{x(i, len(a)):.1f},{y(v):.1f}" for i, v in enumerate(a))
-            + '"/>'
-        )
-        parts.append(
-            f'<text x="{pad + 8}" y="{pad + 20}" fill="#d62728">energy along the recovered direction, '
-            f"per writer group ({escape(prof[0]['group'])} … {escape(prof[-1]['group'])})</text>"
-        )
+    for k, ((label, color, _), v) in enumerate(zip(series, logs)):
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                     + " ".join(f"{x(i):.1f},{y(e):.1f}" for i, e in enumerate(v)) + '"/>')
+        parts.append(f'<text x="{pad + 8}" y="{pad + 4 + 16 * k}" fill="{color}">{escape(label)}</text>')
     parts.append("</svg>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
