@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from patcher_kernels.project import project_block_cols, project_block_rows, rescale_norms, residual_coefficients
+from patcher_kernels.project import (NORM_MODES, project_block_cols, project_block_rows, rescale_norms,
+                                     residual_coefficients)
 
 Reader = Callable[[int, int], np.ndarray]
 
@@ -36,7 +37,7 @@ def ablate_blocks(read: Reader, n_rows: int, q: np.ndarray, residual_axis: int, 
     q = np.asarray(q, dtype=np.float64)
     stats = {} if stats is None else stats
     stats.setdefault("component_sq", 0.0)
-    if preserve not in (None, "rows", "cols"):
+    if preserve is not None and preserve not in NORM_MODES:
         raise ValueError(f"preserve must be None, 'rows' or 'cols', got {preserve!r}")
     if residual_axis == 0:
         yield from _axis0(read, n_rows, q, scale, preserve, block_rows, stats, cache_bytes)

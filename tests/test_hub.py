@@ -142,9 +142,20 @@ def test_recipe_path_may_be_a_repo_id(hub, tmp_path, direction64):
 def test_output_inside_the_cache_is_refused(hub, tmp_path, direction64):
     blobs = hub["snapshot"].parent.parent / "blobs"
     for target in (blobs / "x", hub["snapshot"] / "x", hub["cache"]):
-        res = run_cli("ablate", REPO, "-d", direction64, "-o", target, expect=1)
-        assert "error:" in res.output and "input" in res.output
-        assert not (blobs / "x").exists() and not (hub["snapshot"] / "x").exists()
+        line = one_line(run_cli("ablate", REPO, "-d", direction64, "-o", target, expect=1))
+        assert line.startswith(f"error: {target}: output ") and "input" in line
+    shard = hub["snapshot"] / "model-00001-of-00002.safetensors"  # a symlink onto a blob
+    for target in (blobs / "d.safetensors", hub["snapshot"] / "d.safetensors", shard):
+        args = ("extract", REPO, "--positive", POS, "--negative", NEG, "-o", target, "--force")
+        line = one_line(run_cli(*args, expect=1))
+        assert line.startswith(f"error: {target}: output lies inside the input folder "), line
+    assert not (blobs / "x").exists() and not (hub["snapshot"] / "x").exists()
+
+
+def one_line(res) -> str:
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1, res.output
+    return lines[0]
 
 
 @pytest.mark.parametrize("repo", ["tiny-org/not-cached", f"{REPO}@no-such-branch"])

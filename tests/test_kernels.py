@@ -32,8 +32,10 @@ def test_orthonormalize_rejects_degenerate():
     v = rng.standard_normal(8)
     with pytest.raises(ValueError):
         orthonormalize(np.stack([v, 2 * v]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^direction contains NaN or Inf$"):
         orthonormalize(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="^directions are zero or linearly dependent$"):
+        orthonormalize(np.stack([v, -3 * v]))
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -147,3 +149,116 @@ def test_fp8_block_roundtrip_and_requantize():
     assert np.all(np.isfinite(q2.astype(np.float32)))
     # values past 448 clip instead of turning into NaN
     assert np.isfinite(quantize_blocks(np.full((2, 2), 1e6, np.float32), np.ones((1, 1), np.float32)).astype(np.float32)).all()
+
+
+# --- numbers that pin each kernel down (written to kill surviving mutants; see README "Mutation testing") ---
+
+def test_orthonormalize_aligns_every_column_with_its_direction():
+    v = rng.standard_normal((3, 24))
+    q = orthonormalize(v)
+    # Gram-Schmidt order and sign: column j is the part of v_j orthogonal to v_0..v_{j-1}, pointing along v_j
+    for j in range(3):
+        rest = v[j] - ref_projector(v[:j]) @ v[j] if j else v[j]
+        np.testing.assert_allclose(q[:, j], rest / np.linalg.norm(rest), atol=1e-12)
+    # a single direction given as [d] or [1, d]; a tiny but independent one is still accepted
+    np.testing.assert_allclose(orthonormalize(v[0]), orthonormalize(v[:1]), atol=0)
+    small = np.stack([v[0], v[0] + 1e-6 * v[1]])
+    assert orthonormalize(small).shape == (24, 2)
+    with pytest.raises(ValueError):
+        orthonormalize(np.zeros((0, 4)))
+    with pytest.raises(ValueError):
+        orthonormalize(np.array([1.0, np.inf]))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_block_kernels_against_float64(k):
+    from patcher_kernels.project import project_block_cols, project_block_rows, residual_coefficients
+    d, n = 12, 9
+    w = rng.standard_normal((d, n)).astype(np.float32)
+    q = orthonormalize(rng.standard_normal((k, d)))
+    coeff = residual_coefficients(w[4:9], q[4:9])
+    np.testing.assert_allclose(coeff, q[4:9].T @ w[4:9].astype(np.float64), atol=1e-5)
+    full = q.T @ w.astype(np.float64)
+    got = project_block_rows(w[4:9].copy(), q[4:9], full, 0.75)
+    np.testing.assert_allclose(got, w[4:9] - 0.75 * q[4:9] @ full, atol=1e-5)
+    assert got.dtype == np.float32
+    got1 = project_block_rows(w[4:9].copy(), q[4:9], full)  # default strength removes it all
+    np.testing.assert_allclose(got1, w[4:9] - q[4:9] @ full, atol=1e-5)
+    x = rng.standard_normal((5, d)).astype(np.float32)
+    np.testing.assert_allclose(project_block_cols(x, q), x - (x @ q) @ q.T, atol=1e-5)
+    np.testing.assert_allclose(project_block_cols(x, q, 0.25), x - 0.25 * (x @ q) @ q.T, atol=1e-5)
+    np.testing.assert_allclose(project_block_cols(x, q, 0.5, coeff=np.zeros((5, k), np.float32)), x)
+    np.testing.assert_allclose(project_full(w, q, 0), w - q @ full, atol=1e-6)
+    np.testing.assert_allclose(project_full(x, q, 1, 0.5), x - 0.5 * (x @ q) @ q.T, atol=1e-6)
+    np.testing.assert_allclose(bias_project(w[:, 0], q), w[:, 0] - q @ (q.T @ w[:, 0]), atol=1e-6)
+
+
+def test_rescale_norms_numbers_and_zero_slices():
+    from patcher_kernels.project import rescale_norms
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], np.float32)
+    old = np.array([100.0, 9.0, 4.0])
+    new = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    got = rescale_norms(x, old, new, axis=0)
+    np.testing.assert_allclose(got, [[6.0, 8.0], [0.0, 0.0], [2.0, 0.0]], atol=1e-6)  # the zero row stays zero
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    cols = rescale_norms(x, np.array([40.0, 64.0]), np.einsum("ij,ij->j", x, x, dtype=np.float64), axis=1)
+    np.testing.assert_allclose(np.linalg.norm(cols, axis=0), [np.sqrt(40.0), 8.0], rtol=1e-6)
+    # a numerically vanished slice (1e-40 of its old norm²) is left as it is, not blown up
+    tiny = rescale_norms(np.array([[1e-20]], np.float32), np.array([1.0]), np.array([1e-40]), axis=0)
+    assert tiny[0, 0] == np.float32(1e-20)
+
+
+def test_fp8_tiles_each_use_their_own_scale():
+    w = rng.standard_normal((300, 260)).astype(np.float32)
+    w *= np.repeat(np.repeat(10.0 ** rng.uniform(-3, 1, (3, 3)), 128, 0), 128, 1)[:300, :260].astype(np.float32)
+    amax = block_amax(w)
+    for i in range(3):
+        for j in range(3):
+            tile = w[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)]
+            assert amax[i, j] == np.abs(tile).max()
+    scale = amax / FP8_MAX
+    q = quantize_blocks(w, scale)
+    back = dequantize_blocks(q, scale)
+    for i in range(3):
+        for j in range(3):
+            sl = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))
+            ref = q[sl].astype(np.float64) * float(scale[i, j])  # one tile's value, by hand
+            np.testing.assert_array_equal(back[sl], ref.astype(np.float32))
+            assert np.abs(back[sl] - w[sl]).max() <= 2 ** -4 * amax[i, j]  # e4m3 half-ulp at the top binade
+    # the largest value of every tile maps to exactly ±448
+    assert np.abs(q.astype(np.float32)).max() == FP8_MAX
+    # a row block that starts at tile row 1 uses scale rows from 1 on
+    np.testing.assert_array_equal(dequantize_blocks(q[128:300], scale[1:]), back[128:300])
+    # other block sizes
+    s16 = block_amax(w[:40, :40], 16) / FP8_MAX
+    assert s16.shape == (3, 3)
+    np.testing.assert_array_equal(dequantize_blocks(quantize_blocks(w[:40, :40], s16, 16), s16, 16)[:16, :16],
+                                  dequantize_blocks(quantize_blocks(w[:16, :16], s16[:1, :1], 16), s16[:1, :1], 16))
+
+
+def test_fp8_requantize_and_zero_tiles():
+    old = np.array([[1.0, 2.0], [0.5, 4.0]], np.float32)
+    values = np.zeros((200, 150), np.float32)
+    values[10, 10] = 448.0 * 3  # needs scale 3 > 1: grows
+    values[130, 140] = 448.0 * 1  # needs 1 < 4: keeps 4
+    values[5, 140] = 448.0 * 2  # needs exactly 2: keeps 2
+    values[128, 0] = 448.0 * 0.75  # first row of tile row 1: grows 0.5 -> 0.75 (tile edges are at 128)
+    new = requantize_scale(old, values)
+    np.testing.assert_array_equal(new, [[3.0, 2.0], [0.75, 4.0]])
+    assert new.dtype == np.float32
+    # a tile whose scale is 0 (all-zero tile) quantizes to zeros, not NaN
+    q = quantize_blocks(np.zeros((4, 4), np.float32), np.zeros((1, 1), np.float32))
+    assert np.array_equal(q.astype(np.float32), np.zeros((4, 4), np.float32))
+    # clip to ±448 exactly, both signs; inside the range values are rounded, not clipped
+    q = quantize_blocks(np.array([[1000.0, -1000.0, 300.0, -0.5]], np.float32), np.ones((1, 1), np.float32))
+    np.testing.assert_array_equal(q.astype(np.float32), [[448.0, -448.0, 288.0, -0.5]])
+    assert FP8_MAX == 448.0
+
+
+def test_ablate_blocks_rejects_unknown_modes():
+    q = orthonormalize(rng.standard_normal(4))
+    read = lambda s, e: np.ones((e - s, 4), np.float32)  # noqa: E731
+    with pytest.raises(ValueError, match="preserve must be None, 'rows' or 'cols', got 'both'"):
+        list(ablate_blocks(read, 4, q, 0, preserve="both"))
+    with pytest.raises(ValueError, match="residual axis must be 0 or 1 for a matrix, got 2"):
+        list(ablate_blocks(read, 4, q, 2))

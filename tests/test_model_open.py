@@ -187,3 +187,13 @@ def test_model_open_errors_are_patcher_errors(tmp_path):
     with pytest.raises(PatcherError) as e:
         Model.open(tmp_path / "nothing-here")
     assert "no such file or folder" in str(e.value)
+
+
+def test_lone_safetensors_file(tmp_path, direction64):
+    """inspect describes a lone file; commands that need the architecture say what is missing."""
+    f = fixture_path("llama") / "model-00001-of-00002.safetensors"
+    info = json.loads(run_cli("inspect", f, "--json").stdout)
+    assert info["model_type"] is None and info["shards"] == [f.name]
+    for args in (("ablate", f, "-d", direction64, "-o", tmp_path / "o"), ("export", f, "-o", tmp_path / "e")):
+        assert one_line_error(args) == (f"error: {f}: this needs a model folder with config.json (architecture "
+                                        "and hyperparameters), not a lone .safetensors file")

@@ -17,9 +17,12 @@ def _check_output(option: str, path: Optional[Path], model: Path) -> None:
         return
     if path.suffix != _SUFFIXES[option]:
         raise PatcherError(option, f"{path}: must end in {_SUFFIXES[option]}")
+    from patcher.io.hub import locate
+    model, extra = locate(model)
     folder = model if model.is_dir() else model.parent
     target = path.resolve()
-    if target == model.resolve() or folder.resolve() in target.parents:
+    inside = any(p.resolve() == target or p.resolve() in target.parents for p in extra)
+    if inside or target == model.resolve() or folder.resolve() in target.parents:
         raise PatcherError(option, f"{path} is inside the audited model; write it elsewhere")
 
 

@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.cli.common import ARCH_TABLE_HELP, guard, out, progress
+from patcher.cli.common import ARCH_TABLE_HELP, guard, open_model, out, progress
 
 
 def _score_table(result):
@@ -49,12 +49,15 @@ def register(app) -> None:
                 pos = [int(p) for p in positions.split(",") if p.strip()]
             except ValueError:
                 raise PatcherError("--positions", f"cannot read {positions!r}; use e.g. -1,-2") from None
+            from patcher.io.writer import refuse_inputs
+            m = open_model(model, arch_table)
+            refuse_inputs(output, m.input_paths)  # never into (or onto) the model, its shards or its cache
             with progress() as prog:
                 task = prog.add_task("prompts through the model", total=None)
-                result = run_extract(model, positive, negative, positions=pos, batch_size=batch_size,
+                result = run_extract(m, positive, negative, positions=pos, batch_size=batch_size,
                                      max_prompts=max_prompts, layers=layers, chat_template=not no_chat_template,
                                      system=system, project_out_negative_mean=project_out_negative_mean,
-                                     progress=lambda n: prog.advance(task, n), arch_table=arch_table)
+                                     progress=lambda n: prog.advance(task, n))
             result.save(output)
             out.print(_score_table(result))
             counts = result.metadata["prompts"]

@@ -22,7 +22,7 @@ from patcher_kernels.codecs import decode
 from patcher_kernels.fp8 import dequantize_blocks
 from patcher_kernels.lowrank import MANTISSA_BITS
 from patcher.errors import PatcherError
-from patcher.io.checkpoint import Checkpoint, fp8_scale_of
+from patcher.model.opened import Model
 from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of one streamed block
@@ -70,18 +70,18 @@ class AuditReport:
 # --- streaming one writer into a Gram --------------------------------------------------------------
 
 
-def _vectors(ck: Checkpoint, t: Target, d_model: int) -> int:
+def _vectors(ck: Model, t: Target, d_model: int) -> int:
     """How many written vectors (columns in residual orientation) a writer tensor holds."""
     return ck.info(t.weight).numel // d_model
 
 
-def _blocks(ck: Checkpoint, t: Target, d_model: int, share: float = 1.0):
+def _blocks(ck: Model, t: Target, d_model: int, share: float = 1.0):
     """Float32 blocks M_b [d_model, c] with Σ M_b M_bᵀ = W Wᵀ in residual orientation, over a central
     window holding `share` of each matrix's written vectors (an ablated W has every column ⟂ r̂, so
     any subset keeps the fingerprint exactly; a clean spectrum needs only a few × d_model of them)."""
     info = ck.info(t.weight)
     raw = ck.array(t.weight)
-    scale_name = fp8_scale_of(ck.tensors, t.weight)
+    scale_name = ck.fp8_scale(t.weight)
     scale = ck.array(scale_name).astype(np.float32) if scale_name else None
     mats = [raw] if raw.ndim == 2 else [raw[x] for x in range(raw.shape[t.expert_axis])]
     axis = t.residual_axis if raw.ndim == 2 else t.residual_axis - 1
@@ -111,13 +111,13 @@ def _blocks(ck: Checkpoint, t: Target, d_model: int, share: float = 1.0):
             yield block if axis == 0 else block.T
 
 
-def _post_norm_gain(ck: Checkpoint, res: Resolved, t: Target) -> np.ndarray | None:
+def _post_norm_gain(ck: Model, res: Resolved, t: Target) -> np.ndarray | None:
     if not t.post_norm or res.arch.post_norm_gain is None or t.post_norm not in ck.tensors:
         return None
     return POST_NORM_GAINS[res.arch.post_norm_gain] + decode(ck.array(t.post_norm)).astype(np.float64)
 
 
-def _groups(ck: Checkpoint, res: Resolved, progress=None, exact: bool = False):
+def _groups(ck: Model, res: Resolved, progress=None, exact: bool = False):
     """Writer groups with their spectra, the sum of their normalised Grams, and the bytes read."""
     d = res.d_model
     total = np.zeros((d, d))
@@ -159,7 +159,7 @@ def _groups(ck: Checkpoint, res: Resolved, progress=None, exact: bool = False):
 # --- bias signature -------------------------------------------------------------------------------
 
 
-def _bias_signs(ck: Checkpoint, res: Resolved) -> list[dict]:
+def _bias_signs(ck: Model, res: Resolved) -> list[dict]:
     found = []
     by_role: dict[str, list[tuple[Target, np.ndarray]]] = {}
     for t in res.targets:
@@ -253,19 +253,13 @@ def _span(rows: list[dict]) -> str:
 def audit(model, arch_table=None, resolved: Resolved | None = None, max_rank: int = 4, progress=None,
           exact: bool = False) -> AuditReport:
     """Scan MODEL (a folder or file) for directions its writers cannot write, and for baked biases."""
-    from patcher.model.architectures import for_model_type, load_table, resolve
-
     t0 = time.perf_counter()
-    with Checkpoint(model) as ck:
+    with Model.open(model, arch_table, require_arch=False, arch_optional=True) as ck:
         if resolved is None:
             if not ck.config and arch_table is None:
                 raise PatcherError(model, "auditing needs a model folder with config.json")
-            arch = (
-                load_table(arch_table)
-                if arch_table
-                else for_model_type(ck.model_type, ck.folder / "config.json")
-            )
-            resolved = resolve(arch, ck.tensors, ck.config, ck.folder / "config.json")
+            # without a table, opening it as an edit would name the unsupported model_type
+            resolved = ck.resolved or Model(ck.storage).resolved
         rep = AuditReport(str(ck.path), ck.model_type)
         groups, total, rep.bytes_read = _groups(ck, resolved, progress, exact)
         rep.biases = _bias_signs(ck, resolved)

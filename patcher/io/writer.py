@@ -165,6 +165,19 @@ def _write_produced(fd: int, t: OutTensor, pos: int, on_bytes, error: list) -> N
         raise RuntimeError(f"{t.name}: produced {written} bytes, header says {t.nbytes}")
 
 
+def refuse_inputs(target, inputs: Iterable[Path]) -> None:
+    """An output may not be, lie inside, or contain any input (a model folder, file, or hub cache entry)."""
+    t = Path(target).absolute().resolve()
+    for src in inputs:
+        s = Path(src).resolve()
+        if t == s:
+            raise PatcherError(target, "output is the input; choose a new folder (the input is never modified)")
+        if s in t.parents:
+            raise PatcherError(target, f"output lies inside the input folder {src}; choose a folder outside it")
+        if t in s.parents:
+            raise PatcherError(target, f"output folder contains the input {src}; choose another folder")
+
+
 class OutputFolder:
     """Build an output folder under a hidden temporary name beside the target; rename it into
     place only when everything is written. A failed or interrupted run leaves no folder that
@@ -173,15 +186,7 @@ class OutputFolder:
     def __init__(self, target, inputs: Iterable[Path], force: bool = False):
         self.target = Path(target).absolute()
         self.force = force
-        t = self.target.resolve()
-        for src in inputs:
-            s = Path(src).resolve()
-            if t == s:
-                raise PatcherError(target, "output is the input; choose a new folder (the input is never modified)")
-            if s in t.parents:
-                raise PatcherError(target, f"output lies inside the input folder {src}; choose a folder outside it")
-            if t in s.parents:
-                raise PatcherError(target, f"output folder contains the input {src}; choose another folder")
+        refuse_inputs(target, inputs)
         if self.target.exists() and not (self.target.is_dir() and not any(self.target.iterdir())) and not force:
             raise PatcherError(target, "already exists; pass --force to replace it")
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"

@@ -81,8 +81,8 @@ class Model:
             self.arch_note = f"model_type {storage.model_type!r} has no architecture table"
             return
         if require_arch and not storage.config and storage.path.is_file():
-            raise PatcherError(storage.path, "editing needs a model folder with config.json, not a lone "
-                                             ".safetensors file")
+            raise PatcherError(storage.path, "this needs a model folder with config.json (architecture and "
+                                             "hyperparameters), not a lone .safetensors file")
         self.arch = load_table(arch_table) if arch_table else for_model_type(storage.model_type,
                                                                             self.config_path)
         if self.is_gguf:  # the same table under GGUF names (llama.cpp's), from its [gguf] section
