@@ -194,6 +194,46 @@ def convert(model_type: str, out: Path, qtype: str = "F32", src: Path | None = N
     return out
 
 
+SPM_CORPUS = "the quick brown fox jumps over the lazy dog tell me a story about a friendly robot how do plants grow"
+
+
+def spm_vocab(out: Path) -> Path:
+    """A vocabulary-only GGUF with a SentencePiece-BPE vocabulary (tokenizer.ggml.model 'llama'): specials,
+    the 256 <0xXX> byte-fallback pieces, characters, and word pieces with shuffled scores."""
+    import gguf
+    rng = np.random.default_rng(1)
+    tokens, types, scores = ["<unk>", "<s>", "</s>"], [2, 3, 3], [0.0, 0.0, 0.0]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    scores += [0.0] * 256
+    pieces = ["\u2581", *sorted(set(SPM_CORPUS.replace(" ", "")))]
+    for w in sorted(set(SPM_CORPUS.split())):
+        pieces += [("\u2581" + w)[:n] for n in range(2, len(w) + 2)] + [w[n - 2:n] for n in range(2, len(w))]
+    pieces = list(dict.fromkeys(pieces))
+    for p, s in zip(pieces, -rng.permutation(len(pieces)).astype(float)):
+        tokens.append(p)
+        types.append(1)
+        scores.append(float(s) if len(p) > 1 else -1000.0)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_context_length(64)
+    w.add_head_count(4)
+    w.add_feed_forward_length(64)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)

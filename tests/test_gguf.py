@@ -144,6 +144,18 @@ def test_extract_parity_and_vocabulary(ggufs, tmp_path):
     assert encode_prompts(g, prompts) == encode_prompts(h, prompts)
 
 
+def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = mk.spm_vocab(tmp_path / "spm.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    tok = GGUFFile(path).tokenizer()
+    texts = ["the quick brown fox", "Tell me a story, über café!", "  two  spaces", "robot</s>x", "plants\ngrow"]
+    for text in texts:
+        assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=True), text
+    assert tok.decode(tok.encode(texts[1]), skip_special_tokens=True) == texts[1]
+    llm.close()
+
+
 # --- writing ------------------------------------------------------------------------------------------
 
 
