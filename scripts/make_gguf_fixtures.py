@@ -194,13 +194,16 @@ def convert(model_type: str, out: Path, qtype: str = "F32", src: Path | None = N
     return out
 
 
-SPM_CORPUS = "the quick brown fox jumps over the lazy dog tell me a story about a friendly robot how do plants grow"
+SPM_CORPUS = (
+    "the quick brown fox jumps over the lazy dog tell me a story about a friendly robot how do plants grow"
+)
 
 
 def spm_vocab(out: Path) -> Path:
     """A vocabulary-only GGUF with a SentencePiece-BPE vocabulary (tokenizer.ggml.model 'llama'): specials,
     the 256 <0xXX> byte-fallback pieces, characters, and word pieces with shuffled scores."""
     import gguf
+
     rng = np.random.default_rng(1)
     tokens, types, scores = ["<unk>", "<s>", "</s>"], [2, 3, 3], [0.0, 0.0, 0.0]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -208,7 +211,9 @@ def spm_vocab(out: Path) -> Path:
     scores += [0.0] * 256
     pieces = ["\u2581", *sorted(set(SPM_CORPUS.replace(" ", "")))]
     for w in sorted(set(SPM_CORPUS.split())):
-        pieces += [("\u2581" + w)[:n] for n in range(2, len(w) + 2)] + [w[n - 2:n] for n in range(2, len(w))]
+        pieces += [("\u2581" + w)[:n] for n in range(2, len(w) + 2)] + [
+            w[n - 2 : n] for n in range(2, len(w))
+        ]
     pieces = list(dict.fromkeys(pieces))
     for p, s in zip(pieces, -rng.permutation(len(pieces)).astype(float)):
         tokens.append(p)

@@ -149,7 +149,13 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
     path = mk.spm_vocab(tmp_path / "spm.gguf")
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     tok = GGUFFile(path).tokenizer()
-    texts = ["the quick brown fox", "Tell me a story, über café!", "  two  spaces", "robot</s>x", "plants\ngrow"]
+    texts = [
+        "the quick brown fox",
+        "Tell me a story, über café!",
+        "  two  spaces",
+        "robot</s>x",
+        "plants\ngrow",
+    ]
     for text in texts:
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=True), text
     assert tok.decode(tok.encode(texts[1]), skip_special_tokens=True) == texts[1]

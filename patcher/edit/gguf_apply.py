@@ -233,7 +233,12 @@ class AtomicFile:
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
 
     def __enter__(self) -> Path:
+        from patcher.io.writer import _pid_alive
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        for p in self.target.parent.glob(f".{self.target.name}.partial-*"):  # left by killed runs
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                p.unlink(missing_ok=True)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

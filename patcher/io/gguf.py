@@ -559,8 +559,11 @@ def load_tokenizer(g: GGUFFile):
     if kind == "llama":
         return _spm_tokenizer(g, tokens)
     if kind != "gpt2":
-        raise PatcherError(g.path, f"tokenizer.ggml.model {kind!r} is not supported: patcher reads 'gpt2' "
-                                   f"(byte-level BPE) and 'llama' (SentencePiece BPE) vocabularies")
+        raise PatcherError(
+            g.path,
+            f"tokenizer.ggml.model {kind!r} is not supported: patcher reads 'gpt2' "
+            f"(byte-level BPE) and 'llama' (SentencePiece BPE) vocabularies",
+        )
     pre = md.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise PatcherError(
@@ -614,7 +617,12 @@ def load_tokenizer(g: GGUFFile):
 
 def _special_names(md: dict, tokens: list) -> dict:
     names = {}
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"), ("unk_token", "unknown")):
+    for name, key in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("pad_token", "padding"),
+        ("unk_token", "unknown"),
+    ):
         i = md.get(f"tokenizer.ggml.{key}_token_id")
         if isinstance(i, int) and 0 <= i < len(tokens):
             names[name] = tokens[i]
@@ -627,6 +635,7 @@ def _spm_tokenizer(g: GGUFFile, tokens: list):
     bigram first), '▁' for spaces with a leading one (add_space_prefix), <0xXX> byte fallback."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from patcher.model.prompts import PromptTokenizer
+
     md = g.metadata
     scores = list(md.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
     types = list(md.get("tokenizer.ggml.token_type") or [1] * len(tokens))
@@ -641,24 +650,29 @@ def _spm_tokenizer(g: GGUFFile, tokens: list):
                 merges.append((-float(scores[i]), i, a, b))
     merges = [(a, b) for *_, a, b in sorted(merges)]
     names = _special_names(md, tokens)
-    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token=names.get("unk_token"),
-                               fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(vocab, merges, byte_fallback=True, unk_token=names.get("unk_token"), fuse_unk=True)
+    )
     steps = [normalizers.Replace(" ", "\u2581")]
     if md.get("tokenizer.ggml.add_space_prefix", True):
         steps.insert(0, normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty in (2, 3, 4)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (2, 3, 4)]
+    )
     add_bos = md.get("tokenizer.ggml.add_bos_token", True)  # llama.cpp's default for SentencePiece
     if add_bos and "bos_token" in names:
         bos = names["bos_token"]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, vocab[bos])])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
     template = md.get("tokenizer.chat_template")
-    return PromptTokenizer(tok, g.path, names, template if isinstance(template, str) else None, g.path,
-                           bool(add_bos))
+    return PromptTokenizer(
+        tok, g.path, names, template if isinstance(template, str) else None, g.path, bool(add_bos)
+    )
 
 
 # --- writing ------------------------------------------------------------------------------------------
