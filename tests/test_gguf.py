@@ -514,3 +514,15 @@ def test_fp8_requantize_keeps_the_ablation(tmp_path, direction64):
     leak, leak_plain = (np.linalg.norm(R @ v) / np.linalg.norm(R @ w) for v in (w2, plain))
     assert leak <= 0.005 < leak_plain
     assert np.linalg.norm(w2 - exact) <= 1.3 * np.linalg.norm(plain - exact)  # measured 1.24x (e4m3: 3 bits)
+
+
+def test_chunked_rounding_writes_the_same_bytes(ggufs, tmp_path, monkeypatch):
+    """Written vectors round independently, so column chunks (residual axis 0) and row chunks
+    (embeddings) that bound memory on big matrices change nothing in the file."""
+    from patcher.edit import gguf_apply
+    src = ggufs("llama", "Q4_1")
+    run_cli("ablate", src, "-d", DIRECTION, "-o", tmp_path / "a.gguf")
+    monkeypatch.setattr(gguf_apply, "COL_CHUNK", 32)
+    monkeypatch.setattr(gguf_apply, "ROW_CHUNK", 100)
+    run_cli("ablate", src, "-d", DIRECTION, "-o", tmp_path / "b.gguf")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

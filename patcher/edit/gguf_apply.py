@@ -29,6 +29,7 @@ from patcher.errors import PatcherError
 from patcher.io.gguf import PROVENANCE_KEY, GGUFFile, OutTensorGGUF, string_field, write_gguf
 
 ROW_CHUNK = 4096  # rows of a residual-axis-1 tensor (embeddings) handled at once
+COL_CHUNK = 2048  # columns of a residual-axis-0 matrix handled at once (a multiple of every block size)
 REQUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16", "F32")
 _SMALL_TYPES = ("F32", "F16", "BF16")  # biases keep these; anything else is written F32
 
@@ -131,39 +132,33 @@ class _GGUFExecutor:
         self.plan, self.g, self.report, self.ortho = plan, _storage(plan), report, ortho
 
     def _matrices(self, e: TensorEdit) -> Iterator[tuple[np.ndarray, int]]:
-        """(float64 matrix, residual axis within it) in file order; row chunks where vectors are rows."""
+        """(float32 matrix, residual axis within it) in file order: one expert at a time, row chunks where
+        the written vectors are rows. `--norm-preserve rows` needs whole matrices (norms across vectors)."""
+        whole = e.preserve == "rows"
         if len(e.shape) == 3:
             for x in range(e.shape[0]):
-                yield self.g.array(e.name, x, x + 1)[0].astype(np.float64), e.residual_axis - 1
+                yield self.g.array(e.name, x, x + 1)[0], e.residual_axis - 1
             return
-        if e.residual_axis == 1:
+        if e.residual_axis == 1 and not whole:
             for s in range(0, e.shape[0], ROW_CHUNK):
-                yield self.g.array(e.name, s, min(s + ROW_CHUNK, e.shape[0])).astype(np.float64), 1
+                yield self.g.array(e.name, s, min(s + ROW_CHUNK, e.shape[0])), 1
             return
-        yield self.g.array(e.name).astype(np.float64), 0
+        yield self.g.array(e.name), e.residual_axis
 
     def produce_projection(self, e: TensorEdit) -> Iterator[np.ndarray]:
         acc = _Acc()
-        keep = 1.0 - e.scale
         for w, axis in self._matrices(e):
-            x = project_full(w, e.q, axis, e.scale)
-            if e.preserve:
-                x = _preserve(w, x, e.preserve, axis)
-            gr = grid(x, e.dtype)
-            plain = gr.nearest(x)
-            chosen = orthogonal_rounding(x, gr.lo, gr.hi, e.q, axis) if self.ortho else plain
-            data = gr.pack(chosen)
-            stored = _check_bytes(data, e.dtype, gr.values(chosen), e.name).astype(np.float64)
-            comp = _component(w, e.q, axis)
-            acc.comp += float(np.sum(comp**2))
-            acc.dev += float(np.sum((_component(stored, e.q, axis) - keep * comp) ** 2))
-            acc.dev_plain += float(
-                np.sum((_component(gr.values(plain).astype(np.float64), e.q, axis) - keep * comp) ** 2)
-            )
-            acc.err += float(np.sum((stored - x) ** 2))
-            acc.err_plain += float(np.sum((gr.values(plain).astype(np.float64) - x) ** 2))
-            acc.norm += float(np.sum(x**2))
-            yield data
+            if axis == 0 and e.preserve != "rows":  # columns are independent: float64 work per column chunk
+                cols = w.shape[1]
+                yield np.concatenate(
+                    [
+                        self._round(e, w[:, c : c + COL_CHUNK].astype(np.float64), 0, acc)
+                        for c in range(0, cols, COL_CHUNK)
+                    ],
+                    axis=1,
+                )
+            else:
+                yield self._round(e, w.astype(np.float64), axis, acc)
         comp = math.sqrt(acc.comp)
         rel = lambda v: math.sqrt(v) / comp if comp > 0 else 0.0  # noqa: E731
         self.report.component[e.name] = comp
@@ -178,6 +173,27 @@ class _GGUFExecutor:
             math.sqrt(acc.err) / norm,
         )
         self.g.release(e.name)
+
+    def _round(self, e: TensorEdit, w: np.ndarray, axis: int, acc: _Acc) -> np.ndarray:
+        """Project exactly, put back on the grid (orthogonal or nearest), check the bytes, keep the stats."""
+        keep = 1.0 - e.scale
+        x = project_full(w, e.q, axis, e.scale)
+        if e.preserve:
+            x = _preserve(w, x, e.preserve, axis)
+        gr = grid(x, e.dtype)
+        plain = gr.nearest(x)
+        chosen = orthogonal_rounding(x, gr.lo, gr.hi, e.q, axis) if self.ortho else plain
+        data = gr.pack(chosen)
+        stored = _check_bytes(data, e.dtype, gr.values(chosen), e.name).astype(np.float64)
+        nearest = gr.values(plain).astype(np.float64)
+        comp = _component(w, e.q, axis)
+        acc.comp += float(np.sum(comp**2))
+        acc.dev += float(np.sum((_component(stored, e.q, axis) - keep * comp) ** 2))
+        acc.dev_plain += float(np.sum((_component(nearest, e.q, axis) - keep * comp) ** 2))
+        acc.err += float(np.sum((stored - x) ** 2))
+        acc.err_plain += float(np.sum((nearest - x) ** 2))
+        acc.norm += float(np.sum(x**2))
+        return data
 
     def produce_small(self, e: TensorEdit) -> Iterator[np.ndarray]:
         if e.op == "copy_of":
@@ -234,6 +250,7 @@ class AtomicFile:
 
     def __enter__(self) -> Path:
         from patcher.io.writer import _pid_alive
+
         self.target.parent.mkdir(parents=True, exist_ok=True)
         for p in self.target.parent.glob(f".{self.target.name}.partial-*"):  # left by killed runs
             pid = p.name.rsplit("-", 1)[-1]
