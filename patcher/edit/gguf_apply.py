@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from patcher_kernels.ggml_quant import BLOCK, BLOCK_TYPES, WRITABLE, grid, row_bytes
+from patcher_kernels.ortho_greedy import orthogonal_rounding_rank1
 from patcher_kernels.ortho_round import orthogonal_rounding
 from patcher_kernels.project import bias_inject, bias_project, project_full
 from patcher.edit.apply import Report
@@ -182,7 +183,7 @@ class _GGUFExecutor:
             x = _preserve(w, x, e.preserve, axis)
         gr = grid(x, e.dtype)
         plain = gr.nearest(x)
-        chosen = orthogonal_rounding(x, gr.lo, gr.hi, e.q, axis) if self.ortho else plain
+        chosen = _orthogonal(x, gr.lo, gr.hi, e.q, axis) if self.ortho else plain
         data = gr.pack(chosen)
         stored = _check_bytes(data, e.dtype, gr.values(chosen), e.name).astype(np.float64)
         nearest = gr.values(plain).astype(np.float64)
@@ -216,6 +217,14 @@ class _GGUFExecutor:
         )
         size = self.g.info(e.source).nbytes if e.op == "copy_of" else nbytes(e)  # a copy keeps any type
         return OutTensorGGUF(e.name, _qtype(e.dtype), tuple(reversed(e.shape)), size, produce=produce)
+
+
+def _orthogonal(x, lo, hi, q, axis):
+    """Rank 1 (the usual ablation): the one-pass greedy, which has no flip budget to run out of on
+    large, pre-quantized matrices; rank k: coordinate descent (kernels/ortho_round.py)."""
+    if q.shape[1] == 1:
+        return orthogonal_rounding_rank1(x, lo, hi, q[:, 0], axis)
+    return orthogonal_rounding(x, lo, hi, q, axis)
 
 
 def _component(w: np.ndarray, q: np.ndarray, axis: int) -> np.ndarray:
