@@ -5,10 +5,11 @@ each scale entry covering a BxB tile (B = 128). Requantizing after an edit keeps
 unless the edited tile no longer fits: new scale = max(old, amax / 448), values clipped to +-448
 before the cast (e4m3fn has no inf; 500 would cast to NaN).
 """
-import ml_dtypes
 import numpy as np
 
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448.0
+from patcher_kernels.codecs import numpy_dtype
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn (ml_dtypes.finfo; checked in the tests)
 
 
 def _expand(scale: np.ndarray, rows: int, cols: int, block: int) -> np.ndarray:
@@ -42,7 +43,7 @@ def quantize_blocks(values: np.ndarray, scale: np.ndarray, block: int = 128) -> 
     rows, cols = values.shape
     s = _expand(scale.astype(np.float32), rows, cols, block)
     scaled = np.divide(values, s, out=np.zeros_like(values, dtype=np.float32), where=s != 0)
-    return np.clip(scaled, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return np.clip(scaled, -FP8_MAX, FP8_MAX).astype(numpy_dtype("F8_E4M3"))
 
 
 def neighbours(values: np.ndarray, scale: np.ndarray, block: int = 128):
@@ -53,7 +54,7 @@ def neighbours(values: np.ndarray, scale: np.ndarray, block: int = 128):
     s = _expand(scale.astype(np.float32), rows, cols, block).astype(np.float64)
     x = np.asarray(values, dtype=np.float64)
     scaled = np.clip(np.divide(x, s, out=np.zeros_like(x), where=s != 0), -FP8_MAX, FP8_MAX)
-    near = scaled.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+    near = scaled.astype(np.float32).astype(numpy_dtype("F8_E4M3"))
     nf = near.astype(np.float64)
     up = scaled > nf
     bits = near.view(np.uint8).astype(np.int16)
@@ -62,7 +63,7 @@ def neighbours(values: np.ndarray, scale: np.ndarray, block: int = 128):
     new_mag = np.where(away, np.minimum(mag + 1, 0x7E), mag - 1)
     cross = (mag == 0) & ~away  # from ±0 towards the other sign
     other_bits = np.where(cross, np.where(up, 0x01, 0x81), (bits & 0x80) | np.maximum(new_mag, 0))
-    other = other_bits.astype(np.uint8).view(ml_dtypes.float8_e4m3fn)
+    other = other_bits.astype(np.uint8).view(numpy_dtype("F8_E4M3"))
     pinned = (nf == scaled) | (away & (mag >= 0x7E))
     other = np.where(pinned, near, other)
     lo_q, hi_q = np.where(up, near, other), np.where(up, other, near)

@@ -11,8 +11,9 @@ Pure numpy: no files, no names.
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
+
+from patcher_kernels.codecs import numpy_dtype
 
 BLOCK = 32
 
@@ -34,7 +35,7 @@ BLOCK_TYPES = {
     "Q4_1": BlockType(4, False, True, 15, 15.0),
     "Q5_1": BlockType(5, False, True, 31, 31.0),
 }
-FLOAT_TYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+FLOAT_TYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element; numpy dtypes via codecs (lazy ml_dtypes)
 WRITABLE = (*FLOAT_TYPES, *BLOCK_TYPES)
 BYTES_PER_BLOCK = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 
@@ -42,7 +43,7 @@ BYTES_PER_BLOCK = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 def row_bytes(qtype: str, n: int) -> int:
     """Bytes of one row of n elements."""
     if qtype in FLOAT_TYPES:
-        return n * FLOAT_TYPES[qtype].itemsize
+        return n * FLOAT_TYPES[qtype]
     return n // BLOCK * BYTES_PER_BLOCK[qtype]
 
 
@@ -68,7 +69,7 @@ class Grid:
 
     def pack(self, choose_hi: np.ndarray) -> np.ndarray:
         if self.qtype in FLOAT_TYPES:
-            v = self.values(choose_hi).astype(FLOAT_TYPES[self.qtype])
+            v = self.values(choose_hi).astype(numpy_dtype(self.qtype))
             return np.ascontiguousarray(v).view(np.uint8).reshape(*v.shape[:-1], -1)
         codes = np.where(choose_hi, self.code_hi, self.code_lo)
         return _pack_blocks(self.qtype, codes, self.d16, self.m16)
@@ -129,7 +130,7 @@ def _dequant_codes(k: np.ndarray, d32: np.ndarray, m32) -> np.ndarray:
 
 
 def _float_grid(x: np.ndarray, qtype: str) -> Grid:
-    dt = FLOAT_TYPES[qtype]
+    dt = numpy_dtype(qtype)
     near = x.astype(np.float32).astype(dt) if dt != np.float32 else x.astype(np.float32)
     nf = near.astype(np.float64)
     other = _step(near, np.where(nf > x, -1, 1), dt)

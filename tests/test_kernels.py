@@ -262,3 +262,7 @@ def test_ablate_blocks_rejects_unknown_modes():
         list(ablate_blocks(read, 4, q, 0, preserve="both"))
     with pytest.raises(ValueError, match="residual axis must be 0 or 1 for a matrix, got 2"):
         list(ablate_blocks(read, 4, q, 2))
+
+
+def test_fp8_max_matches_ml_dtypes():
+    assert FP8_MAX == float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)

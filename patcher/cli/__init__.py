@@ -18,6 +18,18 @@ for command in COMMANDS:
     command.register(app)
 
 
+def _print_version(value: bool):
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                        help="Print the patcher version and exit")):
+    """Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch."""
+
+
 @app.command()
 def version():
     """Print the patcher version."""

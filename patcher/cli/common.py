@@ -1,13 +1,18 @@
-"""What every command shares: the consoles, the one-line error guard, model opening, sizes."""
+"""What every command shares: the consoles, the one-line error guard, model opening, sizes.
+Kept light (no numpy at import): `patcher --version` and `--help` import this module."""
+from __future__ import annotations
+
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
 from patcher.errors import PatcherError
-from patcher.model.opened import Model
+
+if TYPE_CHECKING:
+    from patcher.model.opened import Model
 
 # piped output (scripts, CI logs) gets wide lines so tensor names are never cut
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -27,6 +32,7 @@ def human(n: float) -> str:
 
 def open_model(model, arch_table: Optional[Path], need_arch: bool = True) -> Model:
     """A MODEL argument (folder, .safetensors file or hub repo id) opened once, table resolved."""
+    from patcher.model.opened import Model
     return Model.open(model, arch_table, require_arch=need_arch)
 
 

@@ -1,14 +1,17 @@
 """`patcher ablate` and `patcher inject`: plan, then write."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from patcher.errors import PatcherError
 from patcher.model.architectures import ROLES
-from patcher.edit.directions import load_direction
-from patcher.edit.plan import Plan, parse_layers, plan_ablation, plan_injection
+if TYPE_CHECKING:
+    from patcher.edit.plan import Plan
+
 from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out, progress
 
 
@@ -90,6 +93,8 @@ def _summary(plan: Plan, report) -> None:
     out.print(t)
     for n in plan.notes:
         out.print(f"[yellow]note:[/] {n}")
+    for w in report.warnings:
+        out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
 
 
 _REQUANT_HELP = ("GGUF: type for edited tensors whose own type cannot be written (K-quants, IQ): q8_0, q5_1, "
@@ -148,6 +153,8 @@ def register(app) -> None:
                 raise PatcherError("--targets", f"unknown {bad}; choose from {', '.join(ROLES)}")
             if norm_preserve not in (None, "rows", "cols"):
                 raise PatcherError("--norm-preserve", f"must be rows or cols, got {norm_preserve!r}")
+            from patcher.edit.directions import load_direction
+            from patcher.edit.plan import parse_layers, plan_ablation
             m = open_model(model, arch_table)
             res = m.resolved
             d = load_direction(direction, res.d_model)
@@ -177,6 +184,8 @@ def register(app) -> None:
                 raise PatcherError("--target", f"must be mlp_out or attn_out, got {target!r}")
             if (output is None) == (control_vector is None):
                 raise PatcherError("inject", "give exactly one of -o/--output and --control-vector")
+            from patcher.edit.directions import load_direction
+            from patcher.edit.plan import plan_injection
             m = open_model(model, arch_table)
             res = m.resolved
             d = load_direction(direction, res.d_model)

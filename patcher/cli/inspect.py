@@ -1,14 +1,19 @@
 """`patcher inspect`."""
+from __future__ import annotations
+
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from patcher.model.architectures import ROLES, Resolved
-from patcher.model.opened import Model
+from patcher.model.architectures import ROLES
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
+
+if TYPE_CHECKING:
+    from patcher.model.architectures import Resolved
+    from patcher.model.opened import Model
 
 
 def describe(ck: Model, res: Optional[Resolved]) -> dict:

@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.edit.directions import load_direction
 from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP_SHORT, command_line, err, guard, human, out
 
 
@@ -140,6 +139,7 @@ def register(app) -> None:
             from patcher.onnx.verify import FILES, verify as run_verify
             if dtype not in FILES:
                 raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
+            from patcher.edit.directions import load_direction
             from patcher.model.opened import Model
             ref = Model.open(reference)
             d = load_direction(direction, ref.d_model) if direction else None

@@ -3,6 +3,7 @@
 Memory stays bounded by one row block per edited matrix (plus the writer queue); untouched tensors
 are copied file to file. Leakage |QᵀW'| / |QᵀW| is measured on what was actually stored.
 """
+import contextlib
 import json
 import math
 import shutil
@@ -22,7 +23,7 @@ from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from patcher.io import manifest
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.model.opened import Model
-from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
+from patcher.io.writer import InputDigest, OutputFolder, OutTensor, ShardWriter
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
 _SATURATE = {"F16", "F8_E4M3", "F8_E5M2"}
@@ -38,6 +39,7 @@ class Report:
     component: dict[str, float] = field(default_factory=dict)  # |QᵀW| before, per tensor
     skipped_files: list[str] = field(default_factory=list)
     rounding: dict = field(default_factory=dict)  # GGUF: per tensor, plain vs written rounding (gguf_apply)
+    warnings: list[str] = field(default_factory=list)  # shown in the summary and the manifest
 
     def overall_leakage(self, names=None) -> float:
         names = self.leakage.keys() if names is None else names
@@ -92,6 +94,7 @@ class _Executor:
         deviation of QᵀW' from the intended (1 - s) QᵀW, relative to |QᵀW|."""
         stats: dict = {}
         q = edit.q.astype(np.float32)
+        qt = np.ascontiguousarray(q.T)  # [k, rows]: see residual_coefficients on transposed operands
         keep = 1.0 - edit.scale  # the share of the component the edit means to leave
         dev_sq, stored = 0.0, {}  # per matrix: (stored QᵀW' so far, original QᵀW)
         carry: dict[int, np.ndarray] = {}  # per matrix: Qᵀ(stored − exact) of the row blocks written so far
@@ -105,7 +108,7 @@ class _Executor:
                 back = decode(enc)
             if axis == 0:  # QᵀW' sums over row blocks: one accumulator per matrix
                 acc, orig = stored.get(i, (0.0, stats["coeff"]))
-                stored[i] = (acc + (q[s:e].T @ back).astype(np.float64), orig)
+                stored[i] = (acc + (qt[:, s:e] @ back).astype(np.float64), orig)
             else:
                 dev_sq += float(np.sum(np.square((back @ q).astype(np.float64) - keep * stats["coeff"])))
             yield enc
@@ -177,19 +180,62 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
     return out
 
 
+SHARDS_IN_FLIGHT = 2  # shard k's reads, digests and writes drain while shard k+1 is computed
+
+
 def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
             progress: Callable[[int], None] | None = None, on_shard: Callable[[str], None] | None = None,
-            recipe: dict | None = None, hash_files: bool = True) -> Report:
+            recipe: dict | None = None, hash_files: bool = True,
+            shards_in_flight: int = SHARDS_IN_FLIGHT) -> Report:
+    """Write the edited checkpoint into `out` (atomically). With `hash_files`, the sha256 of every input
+    and output shard is computed from the bytes as they stream (each input byte read once, each output
+    byte written once); `shards_in_flight` = 1 finishes each shard before computing the next (same bytes)."""
+    with _one_blas_thread():
+        return _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight)
+
+
+def _one_blas_thread():
+    """The edit's products are rank-k updates of 128-row blocks, and the other core is busy reading,
+    hashing and writing: OpenBLAS's second thread only spins (2.3x the CPU time for the same run,
+    measured under load); one thread on every machine also means one summation order for the products."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an environment installed before the dependency: slower, same bytes
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight) -> Report:
     report = Report(out=Path(out))
     t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
     record = json.dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
     hasher = manifest.Hasher(enabled=hash_files)
+    in_flight: list[tuple[str, ShardWriter, str | None]] = []
+
+    def finish(fname: str, w: ShardWriter, identity: str | None) -> None:
+        try:
+            out_sha = w.finish()
+        finally:
+            w.close()
+        if not hash_files:
+            hasher.add(fname, ck.files[fname].path)
+            hasher.add("out/" + fname, w.path)
+            return
+        if w.input is not None:
+            hasher.set(fname, w.input_sha)
+            hasher.cache.remember(ck.files[fname].path, w.input_sha, identity)
+        hasher.set("out/" + fname, out_sha)
+        hasher.cache.remember(w.path, out_sha)  # the next recipe step reads this file: no re-hash there
+
     try:
         with OutputFolder(out, ck.input_paths, force=force) as tmp:
-            for p in _input_files(ck):  # what this run reads, not unrelated weight files beside it
-                hasher.add(p.name, p)
+            shard_paths = {sf.path for sf in ck.files.values()}
+            inputs = _input_files(ck)  # what this run reads, not unrelated weight files beside it
+            for p in inputs:
+                if p not in shard_paths:  # config, tokenizer: small, hashed on the side
+                    hasher.add(p.name, p)
             for edit in plan.edits.values():
                 if edit.op == "project" and edit.fp8_scale:
                     ex.fp8_prepass(edit)
@@ -200,14 +246,38 @@ def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
                 meta = dict(ck.files[fname].metadata)
                 meta.setdefault("format", "pt")
                 meta["patcher"] = record
-                write_safetensors(tmp / fname, tensors, meta, on_bytes=progress)
-                hasher.add("out/" + fname, tmp / fname)
+                sf = ck.files[fname]
+                digest, identity = None, None
+                if hash_files:
+                    known = hasher.known(sf.path)
+                    if known:
+                        hasher.set(fname, known)
+                    else:
+                        identity, digest = manifest.identity(sf.path), InputDigest(sf.path)
+                try:
+                    w = ShardWriter(tmp / fname, tensors, meta, on_bytes=progress, hash_out=hash_files,
+                                    input_digest=digest)
+                except BaseException:
+                    if digest is not None:
+                        digest.close()
+                    raise
+                in_flight.append((fname, w, identity))
+                sf.observer = w.seen if digest is not None else None
+                try:
+                    w.produce()
+                finally:
+                    sf.observer = None
                 report.bytes_written += sum(t.nbytes for t in tensors)
+                while len(in_flight) >= max(1, shards_in_flight):
+                    finish(*in_flight.pop(0))
+            while in_flight:
+                finish(*in_flight.pop(0))
             if ck.index_path is not None:
                 _write_index(ck, layout, tmp)
             report.skipped_files = _copy_side_files(ck, tmp, plan.config_updates)
             hasher.add_folder(tmp, "out/", skip=set(ck.files))
             digests = hasher.results()
+            hub = _hub_cache_names(inputs, digests, hash_files, report)
             report.seconds = time.perf_counter() - t0
             manifest.write(tmp, kind=plan.record.get("op", "edit"), command=command, record=plan.record,
                            inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
@@ -215,11 +285,33 @@ def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
                            directions=[{"source": plan.record.get("direction"),
                                         "sha256": plan.record.get("direction_sha256"),
                                         "file_sha256": _file_digest(plan.record.get("direction"))}],
-                           timings={"seconds": round(report.seconds, 3)}, recipe=recipe)
+                           timings={"seconds": round(report.seconds, 3)}, recipe=recipe,
+                           extra=({"hub_cache": hub, "warnings": report.warnings}
+                                  if hub or report.warnings else None))
     except BaseException:
+        for _, w, _ in in_flight:
+            w.close()
         hasher.cancel()
         raise
     return report
+
+
+def _hub_cache_names(inputs: list[Path], digests: dict, hashed: bool, report: Report) -> dict:
+    """Inputs from a Hugging Face cache snapshot: the sha256 in the blob's name, checked against the
+    bytes that streamed. A mismatch means the cache file is damaged or was replaced."""
+    hub = {}
+    for p in inputs:
+        name_sha = manifest.hub_blob_sha256(p)
+        if name_sha is None:
+            continue
+        matches = digests.get(p.name) == name_sha if hashed else None
+        hub[p.name] = {"sha256": name_sha, "matches_streamed_sha256": matches,
+                       "source": "taken from the Hugging Face cache name (blobs/<sha256>)"}
+        if matches is False:
+            report.warnings.append(f"{p.name}: sha256 of its bytes {digests.get(p.name)} differs from the "
+                                   f"Hugging Face cache name {name_sha}: the cached file is damaged or "
+                                   "was replaced")
+    return hub
 
 
 def _input_files(ck: Model) -> list[Path]:

@@ -10,9 +10,10 @@ import hashlib
 import json
 import os
 import platform
+import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from patcher import __version__
@@ -75,6 +76,18 @@ class DigestCache:
                 self.added[key] = digest
         return digest
 
+    def lookup(self, path) -> str | None:
+        """The remembered sha256 of a file, if its identity is unchanged; never reads the file."""
+        return self.known.get(_identity(path))
+
+    def remember(self, path, digest: str, identity: str | None = None) -> None:
+        """Store a digest computed elsewhere (while streaming). `identity`: the file's identity before
+        it was read; nothing is stored if the file changed since."""
+        key = _identity(path)
+        if identity is None or identity == key:
+            with _CACHE_LOCK:
+                self.added[key] = digest
+
     def save(self) -> None:
         if not self.added:
             return
@@ -89,6 +102,27 @@ class DigestCache:
                 tmp.replace(self.path)
             except OSError:
                 pass  # a read-only home only costs time
+
+
+def identity(path) -> str:
+    """A file's identity (device, inode, size, mtime, ctime): what the digest cache is keyed by."""
+    return _identity(path)
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def hub_blob_sha256(path) -> str | None:
+    """For a file in a Hugging Face cache snapshot (`snapshots/<rev>/<file>` -> `blobs/<sha256>`), the
+    sha256 the hub recorded, taken from the blob's name; None for any other file. LFS files (every
+    .safetensors) are named by their sha256; small files by a git sha1 (40 hex), which is not matched."""
+    path = Path(path)
+    if not path.is_symlink() and not any(p.is_symlink() for p in path.parents):
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and _HEX64.fullmatch(target.name):
+        return target.name
+    return None
 
 
 def size_only(path) -> str:
@@ -107,6 +141,16 @@ class Hasher:
 
     def add(self, key: str, path: Path) -> None:
         self.jobs[key] = self.pool.submit(self.digest, path)
+
+    def set(self, key: str, digest: str) -> None:
+        """Record a digest computed while the bytes streamed (see patcher.io.writer)."""
+        done: Future = Future()
+        done.set_result(digest)
+        self.jobs[key] = done
+
+    def known(self, path: Path) -> str | None:
+        """The cached sha256 of an unchanged file (None: not known, or hashing is off)."""
+        return self.cache.lookup(path) if self.cache else None
 
     def add_folder(self, folder: Path, prefix: str = "", skip=()) -> None:
         for p in sorted(Path(folder).iterdir()):
@@ -129,9 +173,12 @@ def write(folder: Path, **kw) -> None:
 
 
 def write_file(path: Path, *, kind: str, command: str | None, inputs: dict, outputs: dict, record: dict | None = None,
-          directions: list | None = None, timings: dict | None = None, recipe: dict | None = None) -> None:
-    data = {"patcher": __version__, "kind": kind, "command": command, "recipe": recipe, "edit": record,
-            "directions": directions or [], "inputs": inputs, "outputs": outputs, "timings": timings or {},
+          directions: list | None = None, timings: dict | None = None, recipe: dict | None = None,
+          extra: dict | None = None) -> None:
+    """`extra`: further top-level keys (e.g. hub_cache, warnings), written only when given."""
+    data = {**(extra or {}), "patcher": __version__, "kind": kind, "command": command, "recipe": recipe,
+            "edit": record, "directions": directions or [], "inputs": inputs, "outputs": outputs,
+            "timings": timings or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version()}
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -159,8 +206,10 @@ def is_complete(folder, fingerprint: str | None = None) -> bool:
         return False
     if fingerprint is not None and (data.get("recipe") or {}).get("fingerprint") != fingerprint:
         return False
+    cache = DigestCache()  # outputs written by patcher were remembered as they were hashed
     for name, digest in data["outputs"].items():
         p = Path(folder) / name
-        if not p.is_file() or sha256_file(p) != digest:
+        if not p.is_file() or cache.sha256(p) != digest:
             return False
+    cache.save()
     return True

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher_kernels.codecs import numpy_dtype
+from patcher_kernels.codecs import itemsize, numpy_dtype
 from patcher.errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the safetensors reference implementation's bound
@@ -103,7 +103,7 @@ def _check_entry(path, name, entry):
         raise CheckpointError(path, f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     try:
-        itemsize = numpy_dtype(dtype).itemsize
+        size = itemsize(dtype)
     except (KeyError, TypeError):
         raise CheckpointError(path, f"tensor {name!r}: unsupported dtype {dtype!r}") from None
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
@@ -111,8 +111,8 @@ def _check_entry(path, name, entry):
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
-    if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
-        raise CheckpointError(path, f"tensor {name!r}: {dtype}{shape} needs {math.prod(shape) * itemsize} bytes, "
+    if math.prod(shape) * size != offsets[1] - offsets[0]:
+        raise CheckpointError(path, f"tensor {name!r}: {dtype}{shape} needs {math.prod(shape) * size} bytes, "
                                     f"data_offsets span {offsets[1] - offsets[0]}")
     return dtype, tuple(shape), offsets[0], offsets[1]
 
@@ -133,6 +133,7 @@ class SafetensorsFile:
                         for name, (d, s, b, e) in tensors.items()}
         self._mmap = None
         self._fd: int | None = None
+        self.observer = None  # called as observer(file offset, raw array) after each read_rows (hashing)
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
@@ -171,6 +172,8 @@ class SafetensorsFile:
             if n <= 0:
                 raise CheckpointError(self.path, f"file ended while reading {info.name!r} (was it truncated?)")
             done += n
+        if self.observer is not None:
+            self.observer(offset, out)
         return out
 
     def release(self, info: TensorInfo) -> None:

@@ -1,14 +1,30 @@
 """Streaming safetensors writer and the atomic output folder.
 
-The header is written first (every output shape is known up front), then tensor data in order:
-untouched tensors are copied file-to-file by the kernel (copy_file_range, never through RAM),
-edited ones arrive as encoded row blocks. A writer thread does the I/O so it overlaps with the
-numpy work of the next block.
+The header is written first (every output shape is known up front), then tensor data in file order.
+One output file is a pipeline of three threads, each handed its work in file order:
+
+  caller (main)  walks the tensors: queues untouched ranges as copy jobs (no bytes), computes edited
+                 tensors into encoded blocks, and reports the raw input rows the edit read (`seen`);
+  reader         copies untouched ranges chunk by chunk (copy_file_range), reads each chunk back from
+                 the page cache and feeds the input file's sha256 with it and with the rows the edit
+                 read, in input order (a range nobody read, e.g. a bias read through mmap, is read here
+                 once more); hands chunks on;
+  writer         feeds the output file's sha256 with every byte of the file in order (header included)
+                 and writes the computed blocks.
+
+So with hashing on, each input byte is read from disk once and each output byte written once, and the
+two digests run on two threads beside the edit math (hashlib, pread, pwrite and copy_file_range release
+the GIL). Without hashing, untouched ranges are copied by the kernel alone.
+Copy + read back ("range") against pread + pwrite through one buffer ("read"), 2 GiB with both digests,
+alternating runs on the shared 2-core box: range used 10-20 % less CPU and finished first in 4 of 4
+pairs (BENCHMARKS.md), 1 MiB chunks slightly ahead of 4 MiB.
 """
 import errno
+import hashlib
 import json
 import math
 import os
+import queue
 import shutil
 import struct
 import threading
@@ -18,11 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher_kernels.codecs import numpy_dtype
+from patcher_kernels.codecs import itemsize, numpy_dtype
 from patcher.errors import PatcherError
 from patcher.io.safetensors import TensorInfo
 
-_COPY_CHUNK = 64 << 20
+_COPY_CHUNK = 64 << 20  # copy_file_range fallback
+_CHUNK = 1 << 20  # untouched ranges pass the digests in chunks of this size (stays in the CPU cache)
+_HASH_SLICE = 1 << 20  # hash larger blocks in slices too (measured: 16 MiB slices ~30 % slower)
+_BUFFERS = 8  # reusable chunk buffers per output file
+_IN_FLIGHT = 32 << 20  # bytes of computed blocks and seen rows queued per output file
 
 
 @dataclass
@@ -36,7 +56,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
@@ -55,6 +75,20 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"source ended early at byte {offset + done}")
+        done += n
+
+
+def _hash(h, view: memoryview) -> None:
+    for i in range(0, len(view), _HASH_SLICE):
+        h.update(view[i:i + _HASH_SLICE])
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
@@ -101,66 +135,264 @@ def _copy_runs(tensors: list[OutTensor], data_start: int) -> list[tuple[Path, in
     return runs
 
 
-def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str],
-                      on_bytes: Callable[[int], None] | None = None) -> None:
-    """Write one safetensors file. Every tensor's place is fixed by the header, so verbatim copies
-    run on a background thread (kernel copy_file_range) while edited tensors are computed and
-    written at their own offsets here: I/O and numpy work overlap instead of taking turns."""
-    header = header_bytes(tensors, metadata)
-    total = len(header) + sum(t.nbytes for t in tensors)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    copier, error = None, []
-    try:
-        _pwrite_all(fd, header, 0)
-        os.ftruncate(fd, total)
-        runs = _copy_runs(tensors, len(header))
+class _Budget:
+    """Bounds the bytes queued between threads; one item larger than the bound still passes alone."""
 
-        def copy_all():
-            sources: dict[Path, int] = {}
-            try:
-                for src, src_off, dst_off, count in runs:
-                    if src not in sources:
-                        sources[src] = os.open(src, os.O_RDONLY)
-                    _copy_range(sources[src], fd, src_off, dst_off, count)
-                    _start_writeback(fd, dst_off, count)
-                    if on_bytes:
-                        on_bytes(count)
-            except BaseException as e:  # noqa: BLE001 - re-raised by the writer
-                error.append(e)
-            finally:
-                for sfd in sources.values():
-                    os.close(sfd)
-        copier = threading.Thread(target=copy_all, daemon=True)
-        copier.start()
-        pos = len(header)
-        for t in tensors:
-            if t.source is None:
-                _write_produced(fd, t, pos, on_bytes, error)
-                _start_writeback(fd, pos, t.nbytes)
+    def __init__(self, limit: int):
+        self.limit, self.used, self.cond = limit, 0, threading.Condition()
+
+    def take(self, n: int, failed: Callable[[], bool]) -> None:
+        with self.cond:
+            while self.used and self.used + n > self.limit and not failed():
+                self.cond.wait(0.1)
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+class InputDigest:
+    """sha256 of one input file fed in file order from bytes that pass anyway; bytes nobody passed
+    (a gap, or the tail) are read here. Bytes fed again (a second pass over a tensor) are skipped."""
+
+    def __init__(self, path: Path):
+        self.path, self.pos, self.sha = Path(path), 0, hashlib.sha256()
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.reread = 0  # bytes this digest had to read itself
+
+    def _fill(self, stop: int) -> None:
+        buf = memoryview(bytearray(min(_CHUNK, max(stop - self.pos, 0)) or 1))
+        while self.pos < stop:
+            n = min(len(buf), stop - self.pos)
+            _pread_into(self.fd, buf[:n], self.pos)
+            _hash(self.sha, buf[:n])
+            self.pos += n
+            self.reread += n
+
+    def feed(self, offset: int, view: memoryview) -> None:
+        if offset > self.pos:
+            self._fill(offset)
+        skip = self.pos - offset
+        if skip < len(view):
+            _hash(self.sha, view[skip:])
+            self.pos = offset + len(view)
+
+    def finish(self) -> str:
+        self._fill(self.size)
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ShardWriter:
+    """Write one safetensors file through the reader and writer threads (see the module notes).
+
+    `hash_out`: compute the output's sha256 from the bytes written. `input_digest`: an InputDigest of
+    the source file of the untouched tensors, fed as they are read and by `seen` (the rows an edit
+    reads). Call `produce()` on the main thread, then `finish()` (possibly after starting the next
+    file: the threads drain while the caller computes); `close()` always."""
+
+    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str],
+                 on_bytes: Callable[[int], None] | None = None, hash_out: bool = False,
+                 input_digest: InputDigest | None = None, copy: str | None = None):
+        self.path, self.tensors, self.on_bytes = Path(path), tensors, on_bytes
+        self.header = header_bytes(tensors, metadata)
+        self.total = len(self.header) + sum(t.nbytes for t in tensors)
+        self.out_sha = hashlib.sha256() if hash_out else None
+        self.input = input_digest
+        # "range" (kernel copy, then read back from the page cache for the digests) measured ahead
+        # of "read" (pread + pwrite); see the module notes
+        self.copy = copy or ("range" if hash_out or input_digest else "kernel")
+        if self.copy == "kernel" and (hash_out or input_digest):
+            raise ValueError("a kernel copy passes no bytes through the digests")
+        self.errors: list[BaseException] = []
+        self.budget = _Budget(_IN_FLIGHT)
+        self.free: queue.Queue = queue.Queue()
+        self.to_reader: queue.Queue = queue.Queue()
+        self.to_writer: queue.Queue = queue.Queue()
+        self.watermark = 0  # input offset up to which the reader has been told about bytes
+        self.sources: dict[Path, int] = {}
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.threads = [threading.Thread(target=self._guarded, args=(f,), daemon=True,
+                                         name=f"{n} {self.path.name}")
+                        for n, f in (("read", self._read_loop), ("write", self._write_loop))]
+        self.input_sha: str | None = None  # the input's sha256, once finish() returned
+        self.made = 0
+        self._closed = False
+        for t in self.threads:
+            t.start()
+
+    # --- main thread ---------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.errors:  # a thread failed (disk full, ...): stop computing
+            raise self.errors[0]
+
+    def _put_data(self, offset: int, data, nbytes: int) -> None:
+        self.budget.take(nbytes, lambda: bool(self.errors))
+        self._check()
+        self.to_reader.put(("data", offset, data, nbytes))
+
+    def seen(self, offset: int, raw: np.ndarray) -> None:
+        """Raw input bytes at `offset` of the input file, just read by the edit: feed the input digest
+        (only the first time a range passes: a second pass over a tensor is not hashed again)."""
+        if self.input is None or offset < self.watermark:
+            return
+        self.budget.take(raw.nbytes, lambda: bool(self.errors))
+        self.to_reader.put(("seen", offset, raw, raw.nbytes))
+        self.watermark = offset + raw.nbytes
+
+    def produce(self) -> None:
+        self._put_data(0, self.header, len(self.header))
+        os.ftruncate(self.fd, self.total)
+        pos = len(self.header)
+        for t in self.tensors:
+            self._check()
+            if t.source is not None:
+                self.to_reader.put(("copy", t.source.file, t.source.begin, pos, t.nbytes))
+                if self.input is not None and t.source.file == self.input.path:
+                    self.watermark = max(self.watermark, t.source.end)
+            else:
+                _write_produced(self, t, pos)
             pos += t.nbytes
-        copier.join()
-        copier = None
-        if error:
-            raise error[0]
+        self.to_reader.put(None)
+
+    def finish(self) -> str | None:
+        """Wait for the threads; the output's sha256 (None when not hashing). Raises a thread's error."""
+        for t in self.threads:
+            t.join()
+        self._check()
+        _start_writeback(self.fd, 0, self.total)
+        return self.out_sha.hexdigest() if self.out_sha else None
+
+    def close(self) -> None:
+        """Stop the threads (after an error or interrupt too) and release the files."""
+        if self._closed:
+            return
+        self._closed = True
+        if any(t.is_alive() for t in self.threads):
+            self.errors.append(InterruptedError("writer stopped"))
+            self.to_reader.put(None)
+            self.to_writer.put(None)
+            for t in self.threads:
+                t.join()
+        os.close(self.fd)
+        for fd in self.sources.values():
+            os.close(fd)
+        if self.input is not None:
+            self.input.close()
+
+    # --- threads -------------------------------------------------------------------------------
+    def _guarded(self, loop) -> None:
+        try:
+            loop()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            self.errors.append(e)
+            self.to_writer.put(None)
+
+    def _source(self, path: Path) -> int:
+        if path not in self.sources:
+            self.sources[path] = os.open(path, os.O_RDONLY)
+        return self.sources[path]
+
+    def _buffer(self) -> memoryview:
+        """A free chunk buffer: reused, at most _BUFFERS per file (bounded memory, no page faults)."""
+        if self.free.empty() and self.made < _BUFFERS:
+            self.made += 1
+            return memoryview(bytearray(_CHUNK))
+        while not self.errors:
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        raise self.errors[0]
+
+    def _read_loop(self) -> None:
+        while (item := self.to_reader.get()) is not None:
+            if self.errors:
+                return
+            kind = item[0]
+            if kind == "data":
+                self.to_writer.put(item)
+            elif kind == "seen":
+                _, offset, raw, nbytes = item
+                self.input.feed(offset, memoryview(raw.reshape(-1).view(np.uint8)))
+                self.budget.give(nbytes)
+            else:
+                self._copy(*item[1:])
+        if self.input is not None and not self.errors:
+            self.input_sha = self.input.finish()  # the tail nobody passed (none, normally)
+        self.to_writer.put(None)
+
+    def _copy(self, src: Path, src_off: int, dst_off: int, count: int) -> None:
+        sfd = self._source(src)
+        if self.copy == "kernel":
+            _copy_range(sfd, self.fd, src_off, dst_off, count)
+            _start_writeback(self.fd, dst_off, count)
+            if self.on_bytes:
+                self.on_bytes(count)
+            return
+        feed = self.input is not None and src == self.input.path
+        end = src_off + count
+        while src_off < end and not self.errors:
+            n = min(_CHUNK, end - src_off)
+            buf = self._buffer()
+            if self.copy == "range":  # kernel copy, then the same range back from the page cache
+                _copy_range(sfd, self.fd, src_off, dst_off, n)
+            _pread_into(sfd, buf[:n], src_off)
+            if feed:
+                self.input.feed(src_off, buf[:n])
+            self.to_writer.put(("chunk", dst_off, buf, n))
+            src_off, dst_off = src_off + n, dst_off + n
+
+    def _write_loop(self) -> None:
+        while (item := self.to_writer.get()) is not None:
+            if self.errors:
+                return
+            kind, offset, data, n = item
+            view = memoryview(data).cast("B")[:n]
+            if self.out_sha is not None:
+                _hash(self.out_sha, view)
+            if kind != "chunk" or self.copy != "range":
+                _pwrite_all(self.fd, view, offset)
+            if kind == "chunk":
+                self.free.put(data)
+                _start_writeback(self.fd, offset, n)
+            else:
+                self.budget.give(n)
+            if self.on_bytes:
+                self.on_bytes(n)
+
+
+def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str],
+                      on_bytes: Callable[[int], None] | None = None, hash_out: bool = False,
+                      input_digest: InputDigest | None = None) -> str | None:
+    """Write one safetensors file (see ShardWriter); the output's sha256 when `hash_out`."""
+    w = ShardWriter(path, tensors, metadata, on_bytes=on_bytes, hash_out=hash_out, input_digest=input_digest)
+    try:
+        w.produce()
+        return w.finish()
     finally:
-        if copier is not None and copier.ident is not None:  # an interrupt may land before start()
-            copier.join()
-        os.close(fd)
+        w.close()
 
 
-def _write_produced(fd: int, t: OutTensor, pos: int, on_bytes, error: list) -> None:
+def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
+    """Compute one edited tensor on this (the main) thread and queue its encoded blocks in order."""
     written = 0
     want = numpy_dtype(t.dtype)
     for block in t.produce():
-        if error:  # the copier failed (disk full, ...): stop computing
-            raise error[0]
+        w._check()
         block = np.ascontiguousarray(block)
         if block.dtype != want:
             raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
-        _pwrite_all(fd, block.reshape(-1).view(np.uint8), pos + written)  # ml_dtypes have no buffer format
+        raw = block.reshape(-1).view(np.uint8)  # ml_dtypes have no buffer format
+        w._put_data(pos + written, raw, raw.nbytes)
         written += block.nbytes
-        if on_bytes:
-            on_bytes(block.nbytes)
     if written != t.nbytes:
         raise RuntimeError(f"{t.name}: produced {written} bytes, header says {t.nbytes}")
 

@@ -1,0 +1,259 @@
+"""One pass over the bytes: digests computed while streaming, shards overlapped, hub cache names,
+and a light `patcher --version`. Every digest is checked against hashlib over the files on disk."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import fixture_path, run_cli
+from patcher.edit import apply
+from patcher.io import manifest, writer
+from patcher.io.writer import InputDigest
+
+SHARDED = ["llama", "mixtral", "qwen2_moe", "deepseek_v3", "gpt2"]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Tiny chunks, slices and buffer pool, so a KB-sized fixture runs through many chunks, reuses
+    buffers and makes the queues wait."""
+    monkeypatch.setattr(writer, "_CHUNK", 1000)
+    monkeypatch.setattr(writer, "_HASH_SLICE", 333)
+    monkeypatch.setattr(writer, "_BUFFERS", 2)
+    monkeypatch.setattr(writer, "_IN_FLIGHT", 4096)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "digest-cache"))
+
+
+def test_input_digest_feeds_in_any_pattern(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    p = tmp_path / "f.bin"
+    p.write_bytes(data)
+    d = InputDigest(p)
+    v = memoryview(data)
+    d.feed(0, v[:100])
+    d.feed(50, v[50:300])  # overlaps what passed: only the new part counts
+    d.feed(1000, v[1000:2000])  # a gap: read from the file
+    d.feed(1500, v[1500:1800])  # entirely seen already
+    d.feed(9000, v[9000:9001])
+    assert d.finish() == hashlib.sha256(data).hexdigest()  # the tail is read too
+    assert d.reread == (1000 - 300) + (9000 - 2000) + (50_000 - 9001)
+    d.close()
+
+
+@pytest.mark.parametrize("model_type", SHARDED)
+def test_streamed_digests_match_the_files_and_inputs_are_not_reread(model_type, tmp_path, direction64,
+                                                                     fresh_cache, small_chunks, monkeypatch):
+    src = fixture_path(model_type)
+    hashed = []
+    orig = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(Path(p).name) or orig(p))
+    out = tmp_path / "out"
+    run_cli("ablate", src, "-d", direction64, "-o", out)
+    m = json.loads((out / manifest.MANIFEST).read_text())
+    assert m["outputs"] == {p.name: sha(p) for p in out.iterdir() if p.name != manifest.MANIFEST}
+    shards = {p.name for p in src.glob("*.safetensors")}
+    assert {k: v for k, v in m["inputs"].items() if k in shards} == {n: sha(src / n) for n in shards}
+    assert set(m["inputs"]) == {p.name for p in src.iterdir() if p.is_file()}
+    assert not [n for n in hashed if n.endswith(".safetensors")]  # no shard was hashed by re-reading it
+    assert "hub_cache" not in m and "warnings" not in m
+
+
+def test_a_rerun_takes_both_digests_from_the_cache(tmp_path, direction64, fresh_cache, monkeypatch):
+    src = fixture_path("mixtral")
+    run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "a")
+    streamed = []
+    orig = writer.InputDigest.feed
+    monkeypatch.setattr(writer.InputDigest, "feed", lambda self, *a: streamed.append(1) or orig(self, *a))
+    run_cli("ablate", tmp_path / "a", "-d", direction64, "-o", tmp_path / "b")  # the output is the next input
+    assert not streamed  # its shards' digests were remembered when they were written
+    m = json.loads((tmp_path / "b" / manifest.MANIFEST).read_text())
+    shard = "model-00001-of-00002.safetensors"
+    assert m["inputs"][shard] == sha(tmp_path / "a" / shard)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt2"])
+@pytest.mark.parametrize("hash_files", [True, False])
+def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(model_type, hash_files, tmp_path,
+                                                                  direction64, fresh_cache, small_chunks):
+    from patcher.cli.common import open_model
+    from patcher.edit.directions import load_direction
+    from patcher.edit.plan import plan_ablation
+    results = {}
+    for window in (1, 2, 3):
+        ck, res = open_model(fixture_path(model_type), None)
+        plan = plan_ablation(ck, res, load_direction(str(direction64), res.d_model), layers=None,
+                             roles=("embed", "attn_out", "mlp_out"), scale=1.0, preserve=None, untie=False)
+        out = tmp_path / f"w{window}"
+        rep = apply.execute(plan, out, hash_files=hash_files, shards_in_flight=window)
+        results[window] = ({p.name: p.read_bytes() for p in out.iterdir() if p.name != manifest.MANIFEST},
+                           rep.leakage, json.loads((out / manifest.MANIFEST).read_text())["outputs"])
+        ck.close()
+    assert results[1] == results[2] == results[3]
+
+
+def test_writer_error_stops_the_run_and_leaves_nothing(tmp_path, direction64, small_chunks, monkeypatch):
+    calls = []
+    orig = writer._pwrite_all
+
+    def fail_late(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 7:
+            raise OSError(28, "No space left on device")
+        return orig(fd, data, offset)
+    monkeypatch.setattr(writer, "_pwrite_all", fail_late)
+    r = run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", tmp_path / "out", expect=1)
+    assert "No space left on device" in r.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def _single_file(src: Path, dst: Path) -> Path:
+    """The fixture as one model.safetensors (+ its side files): shard names in a snapshot are the model
+    helper's part (its index check follows the links); a single file needs no index."""
+    from patcher.io.checkpoint import Checkpoint
+    from patcher.io.writer import OutTensor, write_safetensors
+    dst.mkdir(parents=True)
+    ck = Checkpoint(src)
+    infos = [i for f in ck.files for i in ck.shard_tensors(f)]
+    write_safetensors(dst / "model.safetensors",
+                      [OutTensor(i.name, i.dtype, i.shape, source=i) for i in infos], {"format": "pt"})
+    for p in src.iterdir():
+        if p.suffix == ".json" and p.name != "model.safetensors.index.json":
+            shutil.copyfile(p, dst / p.name)
+    return dst
+
+
+def _hub_snapshot(root: Path, src: Path, corrupt: str | None = None) -> Path:
+    """A hand-made Hugging Face cache layout: snapshots/<rev>/<file> -> ../../blobs/<name>, LFS-style
+    sha256 names for the weights (git-sha1-style 40-hex names for the rest)."""
+    repo = root / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / ("c" * 40)
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        data = p.read_bytes()
+        if p.suffix == ".safetensors":
+            name = "0" * 64 if p.name == corrupt else hashlib.sha256(data).hexdigest()
+        else:
+            name = hashlib.sha1(data).hexdigest()
+        (blobs / name).write_bytes(data)
+        os.symlink(f"../../blobs/{name}", snap / p.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    return snap
+
+
+def test_hub_blob_names_of_a_sharded_snapshot(tmp_path):
+    src = fixture_path("mixtral")
+    snap = _hub_snapshot(tmp_path / "hub", src)
+    for p in src.iterdir():
+        want = sha(p) if p.suffix == ".safetensors" else None  # sha1-named blobs are not sha256 claims
+        assert manifest.hub_blob_sha256(snap / p.name) == want
+        assert manifest.hub_blob_sha256(p) is None  # a plain file is never read as a cache entry
+    os.symlink(src / "config.json", tmp_path / "link.json")  # a link elsewhere is not a cache blob
+    assert manifest.hub_blob_sha256(tmp_path / "link.json") is None
+
+
+def test_hub_cache_names_recorded_and_verified(tmp_path, direction64, fresh_cache):
+    src = _single_file(fixture_path("mixtral"), tmp_path / "single")
+    snap = _hub_snapshot(tmp_path / "hub", src)
+    r = run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "out")
+    assert "warning" not in r.output
+    m = json.loads((tmp_path / "out" / manifest.MANIFEST).read_text())
+    assert sorted(m["hub_cache"]) == ["model.safetensors"]  # config.json has a sha1 name: not claimed
+    entry = m["hub_cache"]["model.safetensors"]
+    assert entry["sha256"] == sha(src / "model.safetensors") == m["inputs"]["model.safetensors"]
+    assert entry["matches_streamed_sha256"] is True and "cache name" in entry["source"]
+    assert not m.get("warnings")
+
+
+def test_hub_cache_name_mismatch_is_a_warning(tmp_path, direction64, fresh_cache):
+    src = _single_file(fixture_path("mixtral"), tmp_path / "single")
+    bad = "model.safetensors"
+    snap = _hub_snapshot(tmp_path / "hub", src, corrupt=bad)
+    r = run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "out")
+    assert "warning:" in r.output and bad in r.output and "cache name" in r.output
+    m = json.loads((tmp_path / "out" / manifest.MANIFEST).read_text())
+    assert m["hub_cache"][bad]["matches_streamed_sha256"] is False
+    assert m["hub_cache"][bad]["sha256"] == "0" * 64 and m["inputs"][bad] == sha(src / bad)
+    assert len(m["warnings"]) == 1 and bad in m["warnings"][0]
+
+
+def test_hub_cache_names_without_hashing(tmp_path, direction64):
+    snap = _hub_snapshot(tmp_path / "hub", _single_file(fixture_path("llama"), tmp_path / "single"))
+    run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "out", "--no-hash")
+    m = json.loads((tmp_path / "out" / manifest.MANIFEST).read_text())
+    assert m["hub_cache"] and all(e["matches_streamed_sha256"] is None for e in m["hub_cache"].values())
+
+
+HEAVY = ("onnx", "onnxruntime", "tokenizers", "jinja2", "ml_dtypes", "numpy", "safetensors", "onnx_ir",
+         "rich.progress")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["version"], ["ablate", "--help"]])
+def test_cli_start_up_imports_nothing_heavy(argv):
+    heavy = HEAVY + (("rich.table",) if "--help" not in argv else ())  # typer draws help with rich tables
+    code = ("import sys; from patcher.cli import main; sys.argv = ['patcher', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            f"print('LOADED', sorted(m for m in {heavy!r} if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "LOADED []", p.stdout[-2000:]
+    if argv == ["--version"]:
+        from patcher import __version__
+        assert p.stdout.splitlines()[0] == __version__
+
+
+def test_version_option_and_command_agree():
+    from patcher import __version__
+    assert run_cli("--version").output.strip() == __version__ == run_cli("version").output.strip()
+
+
+def test_headers_open_without_ml_dtypes():
+    code = ("import sys; from patcher.io.checkpoint import Checkpoint\n"
+            f"ck = Checkpoint({str(fixture_path('deepseek_v3'))!r})\n"
+            "assert any(t.dtype == 'BF16' for t in ck.tensors.values())\n"
+            "print('ml_dtypes' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
+
+
+def test_copy_modes_write_the_same_bytes(tmp_path, small_chunks):
+    """The writer's three ways to copy untouched ranges give the same file and digest."""
+    from patcher.io.checkpoint import Checkpoint
+    from patcher.io.writer import OutTensor, ShardWriter
+    src = fixture_path("mixtral") / "model-00001-of-00002.safetensors"
+    ck = Checkpoint(src)
+    infos = ck.shard_tensors(src.name)
+    edited = infos[1]
+    arr = np.asarray(ck.array(edited.name)) * 0  # one produced tensor between copied ones
+    tensors = [OutTensor(i.name, i.dtype, i.shape, source=i) if i is not edited else
+               OutTensor(i.name, i.dtype, i.shape, produce=lambda: [arr]) for i in infos]
+    got = {}
+    for mode in ("kernel", "range", "read"):
+        hashing = mode != "kernel"
+        w = ShardWriter(tmp_path / mode, tensors, {"format": "pt"}, hash_out=hashing,
+                        input_digest=InputDigest(src) if hashing else None, copy=mode)
+        try:
+            w.produce()
+            digest = w.finish()
+        finally:
+            w.close()
+        got[mode] = (tmp_path / mode).read_bytes()
+        if hashing:
+            assert digest == sha(tmp_path / mode) and w.input_sha == sha(src)
+    assert got["kernel"] == got["range"] == got["read"]
+    assert got["read"] != src.read_bytes() and len(got["read"]) == src.stat().st_size
