@@ -94,8 +94,9 @@ def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(model_type, has
     from patcher.edit.plan import plan_ablation
     results = {}
     for window in (1, 2, 3):
-        ck, res = open_model(fixture_path(model_type), None)
-        plan = plan_ablation(ck, res, load_direction(str(direction64), res.d_model), layers=None,
+        ck = open_model(fixture_path(model_type), None)
+        res = ck.resolved
+        plan = plan_ablation(ck, load_direction(str(direction64), res.d_model), layers=None,
                              roles=("embed", "attn_out", "mlp_out"), scale=1.0, preserve=None, untie=False)
         out = tmp_path / f"w{window}"
         rep = apply.execute(plan, out, hash_files=hash_files, shards_in_flight=window)
