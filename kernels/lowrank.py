@@ -30,7 +30,8 @@ class Spectrum:
     energy: float  # ‖Δ‖_F², exact (summed in float64 over every block)
 
 
-def top_singular(read: Reader, n_rows: int, n_cols: int, k: int = 8, oversample: int = 4, power_iters: int = 1,
+def top_singular(read: Reader, n_rows: int, n_cols: int, k: int = 8, oversample: int = 4,
+                 power_iters: int = 1,
                  block_rows: int = 1024, seed: int = 0, cache_bytes: int = 256 << 20) -> Spectrum:
     """Top-k singular triplets of the matrix whose rows [s, e) `read(s, e)` returns (float32).
 
@@ -76,7 +77,8 @@ def top_singular(read: Reader, n_rows: int, n_cols: int, k: int = 8, oversample:
     return Spectrum(sigma, left, q @ w, energy)
 
 
-def rank_for_energy(sigma: np.ndarray, energy: float, fraction: float = 0.99, floor: float = 0.0) -> int | None:
+def rank_for_energy(sigma: np.ndarray, energy: float, fraction: float = 0.99,
+                    floor: float = 0.0) -> int | None:
     """Smallest r such that what the top r singular values leave out, ‖Δ‖² − Σ_{i≤r} σᵢ², is at most
     (1 − fraction)·‖Δ‖² or at most `floor` (the storage-rounding bound). None: more than len(sigma)."""
     allowed = max((1.0 - fraction) * energy, floor)

@@ -1,8 +1,9 @@
 """Row-block streaming of a rank-k ablation over one 2-D matrix.
 
 The caller supplies `read(start, stop) -> float32 [stop-start, n_cols]`, a fresh array each call
-(decoding storage however it must; blocks may be edited in place) and consumes the yielded float32 blocks (encoding them however it must). Nothing here
-holds more than one row block plus O(n_cols) accumulators, whatever the matrix size.
+(decoding storage however it must; blocks may be edited in place) and consumes the yielded float32
+blocks (encoding them however it must). Nothing here holds more than one row block plus O(n_cols)
+accumulators, whatever the matrix size.
 
 Residual axis 0 needs Q^T W over every row before any row can be written, so it reads twice
 (the second read comes from the page cache). Residual axis 1 is a single pass unless "rows"
@@ -25,7 +26,8 @@ def _ranges(n_rows: int, block_rows: int):
 
 def ablate_blocks(read: Reader, n_rows: int, q: np.ndarray, residual_axis: int, scale: float = 1.0,
                   preserve: str | None = None, block_rows: int = 128,
-                  stats: dict | None = None, cache_bytes: int = 256 << 20) -> Iterator[tuple[int, int, np.ndarray]]:
+                  stats: dict | None = None,
+                  cache_bytes: int = 256 << 20) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (start, stop, edited float32 block) covering rows 0..n_rows of the matrix.
 
     If `stats` is given, stats["component_sq"] is increased by |QᵀW|² of the original matrix

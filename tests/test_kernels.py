@@ -264,5 +264,25 @@ def test_ablate_blocks_rejects_unknown_modes():
         list(ablate_blocks(read, 4, q, 2))
 
 
+def test_numerical_zero_thresholds():
+    """The documented guards, at their edges: a slice counts as projected to zero when its squared norm
+    is at most 1e-30 of the old one; directions are dependent when a QR pivot is at most 1e-12 of the
+    largest."""
+    from patcher_kernels.project import rescale_norms
+    x = np.array([[1e-15], [1e-15], [1e-15]])
+    got = rescale_norms(x, np.array([1.0, 1.0, 4.0]), np.array([1e-30, 1.5e-30, 1e-30]), axis=0)
+    assert got[0, 0] == 1e-15  # exactly at the edge: left alone
+    assert got[1, 0] == pytest.approx(1e-15 * np.sqrt(1 / 1.5e-30))  # just above: rescaled
+    assert got[2, 0] == 1e-15  # 1e-30 < 1e-30 * 4: left alone
+    v = rng.standard_normal(16)
+    v *= 10 / np.linalg.norm(v)
+    u = rng.standard_normal(16)
+    u -= (u @ v) / (v @ v) * v
+    u /= np.linalg.norm(u)
+    assert orthonormalize(np.stack([v, v + 1.5e-11 * u])).shape == (16, 2)  # pivot ratio 1.5e-12: independent
+    with pytest.raises(ValueError):
+        orthonormalize(np.stack([v, v + 5e-12 * u]))  # ratio 5e-13: dependent
+
+
 def test_fp8_max_matches_ml_dtypes():
     assert FP8_MAX == float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)

@@ -11,7 +11,8 @@ from patcher.cli import audit, demo, diff, edit, extract, inspect, onnx, run
 from patcher.cli.common import Interrupted, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch.")
+                  help="Edit transformer checkpoints along residual-stream directions, streaming, without "
+                  "PyTorch.")
 
 COMMANDS = (inspect, extract, edit, onnx, run, diff, audit, demo)  # help lists commands in this order
 for command in COMMANDS:

@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 
 from patcher.errors import PatcherError
-
 if TYPE_CHECKING:
     from patcher.model.opened import Model
 
@@ -30,7 +29,7 @@ def human(n: float) -> str:
         n /= 1024
 
 
-def open_model(model, arch_table: Optional[Path], need_arch: bool = True) -> Model:
+def open_model(model, arch_table: Optional[Path], need_arch: bool = True) -> "Model":
     """A MODEL argument (folder, .safetensors file or hub repo id) opened once, table resolved."""
     from patcher.model.opened import Model
     return Model.open(model, arch_table, require_arch=need_arch)
@@ -52,7 +51,8 @@ def guard(fn):
         err.print("[bold red]interrupted:[/] no output was written (partial files removed)")
         raise typer.Exit(130)
     except OSError as e:
-        err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(1)
 
 

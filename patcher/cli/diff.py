@@ -41,10 +41,12 @@ def register(app) -> None:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except OSError as e:
-            err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(2)
         except Exception as e:  # noqa: BLE001 — exit 1 means "changed": a crash must never look like that
-            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {e}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(2)
         if as_json:
             print(json.dumps(rep.to_json(), indent=2))

@@ -12,16 +12,19 @@ from patcher.model.architectures import ROLES
 if TYPE_CHECKING:
     from patcher.edit.plan import Plan
 
-from patcher.cli.common import ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out, progress
+from patcher.cli.common import (ARCH_TABLE_HELP, DIRECTION_HELP, command_line, guard, human, open_model, out,
+                                progress)
 
 
 def _print_plan(plan: Plan) -> None:
     from rich.table import Table
-    t = Table(title=f"plan: {len(plan.all())} tensors, {human(plan.bytes_edited)} rewritten", title_justify="left")
+    t = Table(title=f"plan: {len(plan.all())} tensors, {human(plan.bytes_edited)} rewritten",
+              title_justify="left")
     for c in ("tensor", "role", "layer", "operation", "dtype", "bytes"):
         t.add_column(c, justify="right" if c in ("layer", "bytes") else "left", overflow="fold")
     for e in plan.all():
-        t.add_row(e.name, e.role, "" if e.layer is None else str(e.layer), e.formula, e.dtype, human(e.nbytes))
+        t.add_row(e.name, e.role, "" if e.layer is None else str(e.layer), e.formula, e.dtype,
+                  human(e.nbytes))
     out.print(t)
     for k, v in plan.config_updates.items():
         out.print(f"config.json: {k} = {json.dumps(v)}")
@@ -47,7 +50,8 @@ def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool 
         from patcher.edit.apply import execute
         report = execute(plan, output, force=force, command=command_line(),
                          progress=lambda n: prog.advance(task, n),
-                         on_shard=lambda f: prog.update(task, description=f"writing {f}"), hash_files=hash_files)
+                         on_shard=lambda f: prog.update(task, description=f"writing {f}"),
+                         hash_files=hash_files)
     _summary(plan, report)
 
 
@@ -84,12 +88,14 @@ def _summary(plan: Plan, report) -> None:
     t.add_row("time", f"{report.seconds:.2f} s for {human(report.bytes_written)}")
     if report.leakage:
         worst = max(report.leakage, key=report.leakage.get)
-        t.add_row("leakage |QᵀW'|/|QᵀW|", f"{report.overall_leakage():.2e} overall, max {report.leakage[worst]:.2e} "
+        t.add_row("leakage |QᵀW'|/|QᵀW|", f"{report.overall_leakage():.2e} overall, max "
+                  f"{report.leakage[worst]:.2e} "
                                             f"({worst}) — left by storage rounding")
     for k, v in plan.config_updates.items():
         t.add_row("config.json", f"{k} = {json.dumps(v)}")
     if report.skipped_files:
-        t.add_row("not copied", ", ".join(report.skipped_files) + " (other weight files would carry unedited weights)")
+        t.add_row("not copied", ", ".join(report.skipped_files) + " (other weight files would carry "
+                  "unedited weights)")
     out.print(t)
     for n in plan.notes:
         out.print(f"[yellow]note:[/] {n}")
@@ -136,9 +142,11 @@ def register(app) -> None:
                targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
                scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
                norm_preserve: Optional[str] = typer.Option(None, "--norm-preserve",
-                   help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written vector's norm "
+                   help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written "
+                   "vector's norm "
                         "(ablation stays exact); rows keeps each residual coordinate's row norm"),
-               untie: bool = typer.Option(False, "--untie-embeddings", help="Keep the original unembedding as lm_head"),
+               untie: bool = typer.Option(False, "--untie-embeddings", help="Keep the original unembedding "
+                                          "as lm_head"),
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),

@@ -21,7 +21,8 @@ def describe(ck: Model, res: Optional[Resolved]) -> dict:
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.nbytes
     info = {
-        "path": str(ck.path), "model_type": ck.model_type, "shards": list(ck.files), "tensors": len(ck.tensors),
+        "path": str(ck.path), "model_type": ck.model_type, "shards": list(ck.files),
+        "tensors": len(ck.tensors),
         "total_bytes": ck.total_bytes, "dtypes": dict(dtypes.most_common()),
     }
     if res is not None:
@@ -88,8 +89,10 @@ def register(app) -> None:
                 t.add_row("d_model", str(res.d_model))
                 t.add_row("tied embeddings", "yes" if res.tied else "no")
                 if res.arch.post_norm_gain:
-                    t.add_row("post-norm", f"writers corrected by g = {res.arch.post_norm_gain.replace('_', ' ')}")
-            t.add_row("shards", f"{len(ck.files)} ({', '.join(list(ck.files)[:3])}{', …' if len(ck.files) > 3 else ''})")
+                    t.add_row("post-norm", f"writers corrected by g = "
+                              f"{res.arch.post_norm_gain.replace('_', ' ')}")
+            t.add_row("shards", f"{len(ck.files)} "
+                      f"({', '.join(list(ck.files)[:3])}{', …' if len(ck.files) > 3 else ''})")
             t.add_row("tensors", f"{len(ck.tensors)}, {human(ck.total_bytes)}")
             t.add_row("dtypes", ", ".join(f"{d} {human(b)}" for d, b in info["dtypes"].items()))
             out.print(t)
@@ -115,7 +118,9 @@ def register(app) -> None:
                 out.print(f"[cyan]edited by patcher:[/] {json.dumps(info['provenance'], sort_keys=True)}")
             if "manifest" in info:
                 m = info["manifest"]
-                out.print(f"[cyan]manifest:[/] patcher {m.get('patcher')}, {m.get('kind')}, {m.get('created')}; "
+                out.print(f"[cyan]manifest:[/] patcher {m.get('patcher')}, {m.get('kind')}, "
+                          f"{m.get('created')}; "
                           f"command: {m.get('command') or (m.get('recipe') or {}).get('file')}; "
-                          f"{len(m.get('inputs', {}))} input and {len(m.get('outputs', {}))} output files with sha256")
+                          f"{len(m.get('inputs', {}))} input and {len(m.get('outputs', {}))} output files "
+                          f"with sha256")
         guard(body)

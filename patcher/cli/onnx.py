@@ -30,12 +30,14 @@ def _print_verify(rep) -> None:
                         f"tolerance {rep.tolerance:g} relative, {rep.dtype}) {ok}")
     t.add_row("top-1 agreement", f"{rep.top1_agreement:.1%} of prompt positions")
     if rep.tokens_compared:
-        t.add_row("greedy generation", f"{rep.generation_match:.1%} of {rep.tokens_compared} tokens identical "
+        t.add_row("greedy generation", f"{rep.generation_match:.1%} of {rep.tokens_compared} tokens "
+                  f"identical "
                                        "(onnxruntime with KV cache vs numpy)")
     if rep.marker_rate:
         t.add_row("marker rate", ", ".join(f"{k} {v:.1%}" for k, v in rep.marker_rate.items()))
     if rep.first_token_kl is not None:
-        t.add_row("first-token KL", f"KL(original ‖ edited) = {rep.first_token_kl:.4g} nats (mean over prompts)")
+        t.add_row("first-token KL", f"KL(original ‖ edited) = {rep.first_token_kl:.4g} nats (mean over "
+                  f"prompts)")
     out.print(t)
     if rep.projections:
         pt = Table(title="mean |r̂·h|/|h| per resid_pre layer", title_justify="left")
@@ -44,20 +46,27 @@ def _print_verify(rep) -> None:
         if "original" in rep.projections[0]:
             pt.add_column("original", justify="right")
         for row in rep.projections:
-            pt.add_row(str(row["layer"]), f"{row['edited']:.3g}", *([f"{row['original']:.3g}"] if "original" in row else []))
+            pt.add_row(str(row["layer"]), f"{row['edited']:.3g}", *([f"{row['original']:.3g}"]
+                                                                    if "original" in row else []))
         out.print(pt)
 
 
 def register(app) -> None:
     @app.command()
     def export(model: Path = typer.Argument(..., help="Model folder (safetensors)"),
-               output: Path = typer.Option(..., "-o", "--output", help="Folder to write (onnx/model.onnx + config + tokenizer)"),
-               dtype: str = typer.Option("fp32", "--dtype", help="fp32 (model.onnx), fp16 (model_fp16.onnx: fp16 weights), "
-                                                               "int4 (model_q4.onnx via MatMulNBits, plus model.onnx)"),
-               opset: int = typer.Option(17, "--opset", help="ONNX opset (17: standard ops, correct with left padding)"),
-               int4_block: int = typer.Option(32, "--int4-block", help="int4 quantization block size (power of two)"),
+               output: Path = typer.Option(..., "-o", "--output", help="Folder to write (onnx/model.onnx + "
+                                           "config + tokenizer)"),
+               dtype: str = typer.Option("fp32", "--dtype", help="fp32 (model.onnx), fp16 (model_fp16.onnx: "
+                                         "fp16 weights), "
+                                                               "int4 (model_q4.onnx via MatMulNBits, plus "
+                                                               "model.onnx)"),
+               opset: int = typer.Option(17, "--opset", help="ONNX opset (17: standard ops, correct with "
+                                         "left padding)"),
+               int4_block: int = typer.Option(32, "--int4-block", help="int4 quantization block size (power "
+                                              "of two)"),
                int4_accuracy: Optional[int] = typer.Option(None, "--int4-accuracy",
-                                                           help="MatMulNBits accuracy_level (4: int8 compute, faster on CPU)"),
+                                                           help="MatMulNBits accuracy_level (4: int8 "
+                                                           "compute, faster on CPU)"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
@@ -74,15 +83,19 @@ def register(app) -> None:
 
 
     @app.command()
-    def generate(model: Path = typer.Argument(..., help="Exported folder, or a safetensors folder (exported to a cache first)"),
-                 prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (tokens stream as they come)"),
-                 prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (.txt lines or .jsonl), batched"),
+    def generate(model: Path = typer.Argument(..., help="Exported folder, or a safetensors folder (exported "
+                                              "to a cache first)"),
+                 prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (tokens stream as "
+                                                      "they come)"),
+                 prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (.txt lines or "
+                                                        ".jsonl), batched"),
                  max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
                  provider: str = typer.Option("cpu", "--provider", help="cpu or cuda"),
                  dtype: str = typer.Option("fp32", "--dtype", help="which export to run: fp32, fp16, int4"),
                  sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy"),
                  temperature: float = typer.Option(1.0, "--temperature"),
-                 top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0: all)"),
+                 top_k: int = typer.Option(0, "--top-k",
+                                           help="Sample from the k most likely tokens (0: all)"),
                  seed: int = typer.Option(0, "--seed"),
                  batch_size: int = typer.Option(8, "--batch-size", min=1),
                  no_chat_template: bool = typer.Option(False, "--no-chat-template"),
@@ -93,12 +106,14 @@ def register(app) -> None:
             from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
             from patcher.onnx.verify import FILES, _eos, _until_eos
             if (prompt is None) == (prompts is None):
-                raise PatcherError("--prompt/--prompts", "give exactly one of --prompt TEXT or --prompts FILE")
+                raise PatcherError("--prompt/--prompts",
+                                   "give exactly one of --prompt TEXT or --prompts FILE")
             folder = _onnx_folder(model, dtype)
             m = OnnxModel(folder, FILES[dtype], provider)
             tok = load_tokenizer(folder)
             texts = [prompt] if prompt is not None else read_prompt_file(prompts)
-            ids = encode_prompts(tok, texts, chat_template=not no_chat_template and tok.has_chat_template, system=system)
+            ids = encode_prompts(tok, texts, chat_template=not no_chat_template and tok.has_chat_template,
+                                 system=system)
             eos = _eos(folder, tok)
             kw = dict(eos_ids=eos, sample=sample, temperature=temperature, top_k=top_k, seed=seed)
             if prompt is not None:  # stream
@@ -125,12 +140,16 @@ def register(app) -> None:
 
     @app.command()
     def verify(onnx_dir: Path = typer.Argument(..., help="Folder written by `patcher export`"),
-               reference: Path = typer.Option(..., "--reference", help="The safetensors folder it was exported from"),
-               original: Optional[Path] = typer.Option(None, "--original", help="The unedited model, for behaviour and projections"),
-               prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (default: built-in neutral prompts)"),
+               reference: Path = typer.Option(..., "--reference", help="The safetensors folder it was "
+                                              "exported from"),
+               original: Optional[Path] = typer.Option(None, "--original", help="The unedited model, for "
+                                                       "behaviour and projections"),
+               prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (default: "
+                                                      "built-in neutral prompts)"),
                direction: Optional[str] = typer.Option(None, "--direction", "-d", help=DIRECTION_HELP_SHORT),
                dtype: str = typer.Option("fp32", "--dtype", help="which export to check: fp32, fp16, int4"),
-               tokens: int = typer.Option(8, "--tokens", help="Greedy tokens compared between onnxruntime and numpy"),
+               tokens: int = typer.Option(8, "--tokens", help="Greedy tokens compared between onnxruntime "
+                                          "and numpy"),
                provider: str = typer.Option("cpu", "--provider", help="cpu or cuda"),
                no_chat_template: bool = typer.Option(False, "--no-chat-template"),
                as_json: bool = typer.Option(False, "--json")):
@@ -140,11 +159,12 @@ def register(app) -> None:
             if dtype not in FILES:
                 raise PatcherError("--dtype", f"must be one of {', '.join(FILES)}")
             from patcher.edit.directions import load_direction
+            from patcher.io.hub import locate
             from patcher.model.opened import Model
             ref = Model.open(reference)
             d = load_direction(direction, ref.d_model) if direction else None
-            from patcher.io.hub import locate
-            rep = run_verify(locate(onnx_dir)[0], ref, dtype=dtype, prompts=prompts, original=original, direction=d,
+            rep = run_verify(locate(onnx_dir)[0], ref, dtype=dtype, prompts=prompts, original=original,
+                             direction=d,
                              tokens=tokens, provider=provider, chat_template=not no_chat_template,
                              announce=lambda m: err.print(f"[cyan]{m}[/]"))
             if as_json:

@@ -10,9 +10,12 @@ from patcher.cli.common import err, guard, human, out
 
 def register(app) -> None:
     @app.command("run")
-    def run_recipe(recipe: Path = typer.Argument(..., help="Recipe TOML: [[model]] tables and [[step]] tables"),
-                   dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the whole plan, write nothing"),
-                   jobs: int = typer.Option(1, "--jobs", min=1, help="Models run in N processes (same results as 1)")):
+    def run_recipe(recipe: Path = typer.Argument(...,
+                                                 help="Recipe TOML: [[model]] tables and [[step]] tables"),
+                   dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the whole "
+                                                "plan, write nothing"),
+                   jobs: int = typer.Option(1, "--jobs", min=1, help="Models run in N processes (same "
+                                            "results as 1)")):
         """Run a batch of edits (extract, ablate, inject, export, verify) over one or more models."""
         def body():
             from rich.table import Table
@@ -21,7 +24,8 @@ def register(app) -> None:
             if dry_run:
                 total = 0
                 for row in rc.describe(plans):
-                    out.print(f"[bold]{row['model']}[/] step {row['step']} {row['op']}: {row['input']} -> {row['output']}",
+                    out.print(f"[bold]{row['model']}[/] step {row['step']} {row['op']}: {row['input']} -> "
+                              f"{row['output']}",
                               highlight=False)
                     for name, formula, nbytes in row["tensors"]:
                         out.print(f"    {name}  {formula}  {human(nbytes)}", highlight=False)

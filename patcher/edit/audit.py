@@ -405,7 +405,8 @@ def plot(rep: AuditReport, path) -> None:
     x = lambda i: pad + i / max(n - 1, 1) * (W - 2 * pad)  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
              f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="13">{escape(rep.verdict[:120])}</text>',
+             f'<text x="{W / 2}" y="20" text-anchor="middle" '
+             f'font-size="13">{escape(rep.verdict[:120])}</text>',
              f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
              f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">writer group: '

@@ -69,7 +69,8 @@ class TensorDiff:
 
     def to_json(self) -> dict:
         skip = {"recovered", "delta", "values", "floor", "target"}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k not in skip}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+                if k not in skip}
 
 
 @dataclass
@@ -332,7 +333,9 @@ def _added(base: Model, cand: Model, td: TensorDiff, res: Optional[Resolved]) ->
     info = cand.info(td.name)
     if res is not None and td.name == res.arch.unembed:
         embed = res.prefix + res.arch.embeds[0].weight
-        if embed in base.tensors and base.info(embed).shape == info.shape and base.info(embed).dtype == info.dtype:
+        same_kind = embed in base.tensors and (base.info(embed).shape, base.info(embed).dtype) == (info.shape,
+                                                                                      info.dtype)
+        if same_kind:
             if _same_bytes(cand, td.name, base, embed):  # cand[unembed] == base[embed], byte for byte
                 td.ignorable, td.note = True, "untied: holds the base embedding"
                 return
@@ -391,7 +394,8 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
             if other.shape != info.shape or (other.dtype != info.dtype and not mixed):
                 status = "shape_changed" if other.shape != info.shape else "dtype_changed"
                 tensors.append(TensorDiff(name, role, layer, status, f"{info.dtype}→{other.dtype}",
-                                          info.shape if other.shape == info.shape else (info.shape, other.shape)))
+                                          info.shape if other.shape == info.shape else (info.shape,
+                                                                                        other.shape)))
                 continue
             scale = base.fp8_scale(name)
             if _same_bytes(base, name, cand, name) and (scale is None or scale not in cand.tensors
@@ -460,7 +464,8 @@ def _shared(rep: DiffReport, base: Model, basis, gain) -> None:
     if not rank1:
         return
     ref = basis[:, 0] if basis is not None else None
-    s, cos = shared_direction(np.stack([t.recovered for t in rank1]), np.array([t.top1_share for t in rank1]), ref)
+    s, cos = shared_direction(np.stack([t.recovered for t in rank1]), np.array([t.top1_share for t in rank1]),
+                              ref)
     for t, c in zip(rank1, cos):
         t.cos_shared = float(c)
         if basis is not None:
@@ -490,17 +495,21 @@ def _verdict(rep: DiffReport, basis) -> None:
     if not relevant and not unexpected:
         rep.verdict = "unchanged"
         if rep.tensors or rep.config_changes:
-            rep.notes.append("only zero biases, untied copies or edit flags were added: the model computes the same")
+            rep.notes.append("only zero biases, untied copies or edit flags were added: the model computes "
+                             "the same")
         return
     rep.verdict = "other changes"
     if others or unexpected:
         return
     if weights:
         projected = all(t.note == "projected along the shared direction" for t in biases)
-        if (rep.shared and projected and all(t.rank99 == 1 and t.cos_shared is not None and t.cos_shared >= CONSISTENT
-                                             and t.leakage is not None and t.leakage <= REMOVED for t in weights)):
+        if (rep.shared and projected and all(t.rank99 == 1 and t.cos_shared is not None
+                                             and t.cos_shared >= CONSISTENT
+                                             and t.leakage is not None and t.leakage <= REMOVED
+                                             for t in weights)):
             n = len(weights)
-            rep.verdict = f"rank-1 directional ablation along one shared direction ({n} tensor{'s' if n != 1 else ''})"
+            rep.verdict = (f"rank-1 directional ablation along one shared direction "
+                           f"({n} tensor{'s' if n != 1 else ''})")
         return
     layers = {t.layer for t in biases}
     if biases and len(layers) == 1 and None not in layers:
@@ -510,7 +519,8 @@ def _verdict(rep: DiffReport, basis) -> None:
         rep.direction = total / np.linalg.norm(total) if total.any() else None
         for t in biases:
             t.cos_direction = _cos_to(basis, t.delta) if t.delta.any() else None
-        rep.injection = {"layer": layer, "tensors": [t.name for t in biases], "norm": float(np.linalg.norm(total)),
+        rep.injection = {"layer": layer, "tensors": [t.name for t in biases],
+                         "norm": float(np.linalg.norm(total)),
                          "cos_to_direction": _cos_to(basis, total) if total.any() else None}
 
 
@@ -528,18 +538,21 @@ def print_report(rep: DiffReport, out, max_rows: int = 60) -> None:
     head.add_row("candidate", rep.candidate)
     head.add_row("model_type", f"{rep.model_type} ({rep.table or 'no architecture table'})")
     c = rep.counts
-    head.add_row("tensors", f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} changed, "
+    head.add_row("tensors", f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} "
+                 f"changed, "
                             f"{c['added']} added, {c['removed']} removed ({rep.seconds:.2f} s)")
     out.print(head)
     if rep.tensors:
         t = Table(title="tensors that differ", title_justify="left")
         for col in ("tensor", "role", "layer", "status", "|Δ|", "|Δ|/|W|", "rank99", "σ₁² share", "leakage",
                     "cos shared", "cos -d"):
-            t.add_column(col, justify="left" if col in ("tensor", "role", "status") else "right", overflow="fold")
+            t.add_column(col, justify="left" if col in ("tensor", "role", "status") else "right",
+                         overflow="fold")
         for td in rep.tensors[:max_rows]:
             rank = str(td.rank99) if td.rank99 else (f">{td.rank99_above}" if td.rank99_above else "—")
             status = td.status + (f" ({td.note})" if td.note else "")
-            t.add_row(td.name, td.role, _fmt(td.layer, "d"), status, _fmt(td.delta_norm), _fmt(td.relative_change),
+            t.add_row(td.name, td.role, _fmt(td.layer, "d"), status, _fmt(td.delta_norm),
+                      _fmt(td.relative_change),
                       rank, _fmt(td.top1_share, ".4f"), _fmt(td.leakage, ".2e"), _fmt(td.cos_shared, ".6f"),
                       _fmt(td.cos_direction, ".6f"))
         out.print(t)

@@ -49,7 +49,8 @@ def load_direction(spec: str, d_model: int | None = None) -> Direction:
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise PatcherError(spec, f"direction must be (d_model,) or (k, d_model), got shape {vectors.shape}")
     if d_model is not None and vectors.shape[1] != d_model:
-        raise PatcherError(spec, f"direction has dimension {vectors.shape[1]}, the model's d_model is {d_model}")
+        raise PatcherError(spec, f"direction has dimension {vectors.shape[1]}, the model's d_model is "
+                           f"{d_model}")
     if not np.all(np.isfinite(vectors)):
         raise PatcherError(spec, "direction contains NaN or Inf")
     if np.any(np.linalg.norm(vectors, axis=1) == 0):
@@ -87,10 +88,12 @@ def _from_safetensors(path: Path, layer: int | None) -> tuple[np.ndarray, int]:
     if layer is None:
         layer = meta.get("selected_layer")
         if not isinstance(layer, int) or isinstance(layer, bool):
-            raise CheckpointError(path, "metadata has no integer 'selected_layer'; give one as FILE.safetensors:LAYER")
+            raise CheckpointError(path, "metadata has no integer 'selected_layer'; give one as "
+                                  "FILE.safetensors:LAYER")
     n = table.shape[0]
     if not -n <= layer < n:
-        raise PatcherError(f"{path}:{layer}", f"layer {layer} is out of range: the file has resid_pre layers 0..{n - 1}")
+        raise PatcherError(f"{path}:{layer}", f"layer {layer} is out of range: the file has resid_pre "
+                           f"layers 0..{n - 1}")
     return table[layer], layer % n
 
 
@@ -108,7 +111,8 @@ def save_directions(path, direction: np.ndarray, positive_mean: np.ndarray, nega
     """Write the directions format (float32 tensors; JSON metadata under __metadata__['patcher'])."""
     if "selected_layer" not in metadata:
         raise ValueError("directions metadata needs 'selected_layer'")
-    arrays = {"direction": direction, "positive_mean": positive_mean, "negative_mean": negative_mean, **(extra or {})}
+    arrays = {"direction": direction, "positive_mean": positive_mean, "negative_mean": negative_mean,
+              **(extra or {})}
     tensors = []
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr, dtype=np.float32)

@@ -54,7 +54,8 @@ class _Accumulator:
     def add(self, layer: int, x: np.ndarray, offset: int):
         if layer not in self.layers:
             return
-        picked = x[:, self.positions, :].astype(np.float64)  # left padding: position -1 is the last real token
+        picked = x[:, self.positions,
+                   :].astype(np.float64)  # left padding: position -1 is the last real token
         self.sum[:, layer] += picked.sum(axis=0)
         self.samples[offset:offset + x.shape[0], layer] = picked.mean(axis=1)
 
@@ -90,14 +91,16 @@ def score_layers(pos_mean, neg_mean, pos_samples, neg_samples, layers) -> list[d
     rows = []
     for l in range(diff.shape[0]):
         if l not in layers or norms[l] == 0:
-            rows.append({"layer": l, "computed": l in layers, "diff_norm": float(norms[l]) if l in layers else None})
+            rows.append({"layer": l, "computed": l in layers, "diff_norm": float(norms[l]) if l in layers
+                         else None})
             continue
         r = diff[l] / norms[l]
         sp, sn = pos_samples[:, l].astype(np.float64) @ r, neg_samples[:, l].astype(np.float64) @ r
         pooled = math.sqrt((sp.var() + sn.var()) / 2)
         neighbours = [float(diff[m] @ diff[l] / (norms[m] * norms[l])) for m in (l - 1, l + 1)
                       if 0 <= m < diff.shape[0] and m in layers and norms[m] > 0]
-        stream = np.linalg.norm(np.concatenate([pos_samples[:, l], neg_samples[:, l]]).astype(np.float64), axis=1).mean()
+        stream = np.linalg.norm(np.concatenate([pos_samples[:, l], neg_samples[:, l]]).astype(np.float64),
+                                axis=1).mean()
         rows.append({"layer": l, "computed": True, "diff_norm": float(norms[l]),
                      "snr": float((sp.mean() - sn.mean()) / pooled) if pooled > 0 else float("inf"),
                      "neighbour_cos": float(np.mean(neighbours)) if neighbours else None,
@@ -110,11 +113,13 @@ def select_layer(scores: list[dict], n_layers: int) -> int:
     pool = [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or \
            [s for s in scores if s.get("snr") is not None]
     if not pool:
-        raise PatcherError("extract", "no layer separates the two prompt sets (all mean differences are zero)")
+        raise PatcherError("extract",
+                           "no layer separates the two prompt sets (all mean differences are zero)")
     return max(pool, key=lambda s: (s["snr"], s["diff_norm"]))["layer"]
 
 
-def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8, max_prompts: int | None = None,
+def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8,
+            max_prompts: int | None = None,
             layers: str | None = None, chat_template: bool = True, system: str | None = None,
             project_out_negative_mean: bool = False, progress=None, arch_table=None) -> ExtractResult:
     """Python API mirroring `patcher extract`. `model` is a Model or anything Model.open takes (a folder,
@@ -167,8 +172,10 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
                           accs["negative"].samples, layer_set)
     selected = select_layer(scores, L)
     meta = {"model": str(ck.path), "model_type": ck.model_type, "layers": L, "d_model": d,
-            "prompts": meta_sets, "positions": positions, "chat_template": bool(chat_template and tok.has_chat_template),
-            "system": system, "project_out_negative_mean": project_out_negative_mean, "selected_layer": selected,
+            "prompts": meta_sets, "positions": positions, "chat_template": bool(chat_template
+                                                                                and tok.has_chat_template),
+            "system": system, "project_out_negative_mean": project_out_negative_mean,
+            "selected_layer": selected,
             "selection_rule": SELECTION_RULE, "scores": scores, "computed_layers": sorted(layer_set),
             "patcher": __version__}
     per_position = {}

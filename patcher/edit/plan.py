@@ -101,7 +101,8 @@ def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
     strength is 0 is left untouched."""
     resolved = ck.resolved
     q0 = orthonormalize(direction.vectors)
-    strength = (lambda layer: float(scale.get(0 if layer is None else layer, 0.0))) if isinstance(scale, dict) \
+    strength = (lambda layer: float(scale.get(0 if layer is None else layer, 0.0))) if isinstance(scale,
+                                                                                                  dict) \
         else (lambda layer: float(scale))
     plan = Plan(ck, resolved)
     targets = [t for t in resolved.select(roles, layers) if strength(t.layer) != 0.0]
@@ -112,16 +113,20 @@ def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
         info = ck.info(t.weight)
         if len(info.shape) not in (2, 3) or info.shape[t.residual_axis] != resolved.d_model:
             raise PatcherError(ck.folder / ck.shard_of[t.weight],
-                               f"{t.weight} has shape {list(info.shape)}; the table says axis {t.residual_axis} "
+                               f"{t.weight} has shape {list(info.shape)}; the table says axis "
+                               f"{t.residual_axis} "
                                f"is the residual axis (d_model={resolved.d_model})")
         fp8 = _fp8_scale_name(ck, t.weight)
-        plan.edits[t.weight] = _edit_for(ck, t.weight, t.role, t.layer, "project", residual_axis=t.residual_axis,
-                                         expert_axis=t.expert_axis, q=q, scale=strength(t.layer), preserve=preserve,
+        plan.edits[t.weight] = _edit_for(ck, t.weight, t.role, t.layer, "project",
+                                         residual_axis=t.residual_axis,
+                                         expert_axis=t.expert_axis, q=q, scale=strength(t.layer),
+                                         preserve=preserve,
                                          fp8_scale=fp8)
         if fp8:
             plan.edits[fp8] = _edit_for(ck, fp8, t.role, t.layer, "requant_scale", source=t.weight)
         if t.bias:
-            plan.edits[t.bias] = _edit_for(ck, t.bias, t.role, t.layer, "project_bias", q=q, scale=strength(t.layer))
+            plan.edits[t.bias] = _edit_for(ck, t.bias, t.role, t.layer, "project_bias", q=q,
+                                           scale=strength(t.layer))
     token_embed = resolved.prefix + resolved.arch.embeds[0].weight
     if resolved.tied and token_embed in plan.edits:
         if untie:
@@ -133,13 +138,15 @@ def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
                 plan.new.append(TensorEdit(unembed, "unembed", None, "copy_of", info.dtype, info.shape,
                                            ck.shard_of[token_embed], source=token_embed))
             plan.config_updates["tie_word_embeddings"] = False
-            plan.notes.append(f"untied: {unembed} keeps the original embedding; config.json tie_word_embeddings=false")
+            plan.notes.append(f"untied: {unembed} keeps the original embedding; config.json "
+                              f"tie_word_embeddings=false")
         else:
             plan.notes.append("embeddings are tied: editing the embedding also edits the output unembedding "
                               "(pass --untie-embeddings to keep the original unembedding)")
     plan.record = {"op": "ablate", "direction": direction.source, "direction_sha256": direction.sha256,
                    "rank": int(q0.shape[1]), "layers": _layers_text(layers), "targets": list(roles),
-                   "scale": {str(k): v for k, v in sorted(scale.items())} if isinstance(scale, dict) else scale,
+                   "scale": {str(k): v for k, v in sorted(scale.items())} if isinstance(scale, dict)
+                   else scale,
                    "norm_preserve": preserve, "untie_embeddings": untie,
                    "post_norm_corrected": any(t.post_norm for t in targets), "patcher": __version__}
     return plan
@@ -150,7 +157,8 @@ def plan_injection(ck: Model, direction: Direction, *, layer: int, alpha: float,
     resolved = ck.resolved
     arch = resolved.arch
     if not 0 <= layer < resolved.n_layers:
-        raise PatcherError("--layer", f"layer {layer} is out of range: the model has layers 0..{resolved.n_layers - 1}")
+        raise PatcherError("--layer", f"layer {layer} is out of range: the model has layers "
+                           f"0..{resolved.n_layers - 1}")
     if direction.vectors.shape[0] != 1:
         raise PatcherError(direction.source, "inject takes one direction, not a rank-k set")
     slot = arch.inject.get(target)
@@ -166,7 +174,8 @@ def plan_injection(ck: Model, direction: Direction, *, layer: int, alpha: float,
     else:
         writer = next((t for t in resolved.targets if t.layer == layer and t.role == target), None)
         like = ck.info(writer.weight) if writer else ck.info(next(n for n in ck.tensors if n.startswith(lp)))
-        plan.new.append(TensorEdit(bias, target, layer, "new_bias", _bias_dtype(like.dtype), (resolved.d_model,),
+        plan.new.append(TensorEdit(bias, target, layer, "new_bias", _bias_dtype(like.dtype),
+                                   (resolved.d_model,),
                                    ck.shard_of[like.name], vector=vector))
     if slot.hf_loads and slot.config_flag and not resolved_flag(ck, slot.config_flag):
         plan.config_updates[slot.config_flag] = True
@@ -175,14 +184,17 @@ def plan_injection(ck: Model, direction: Direction, *, layer: int, alpha: float,
                 w, b = resolved.layer_prefix(l) + sib + ".weight", resolved.layer_prefix(l) + sib + ".bias"
                 if w in ck.tensors and b not in ck.tensors and b != bias:
                     info = ck.info(w)
-                    plan.new.append(TensorEdit(b, "bias", l, "zero_bias", _bias_dtype(info.dtype), (info.shape[0],),
+                    plan.new.append(TensorEdit(b, "bias", l, "zero_bias", _bias_dtype(info.dtype),
+                                               (info.shape[0],),
                                                ck.shard_of[w]))
-        plan.notes.append(f"config.json {slot.config_flag}=true so HF transformers loads the bias; the other biases "
+        plan.notes.append(f"config.json {slot.config_flag}=true so HF transformers loads the bias; the "
+                          f"other biases "
                           f"that flag requires are written as zeros")
     if slot.hf_loads:
         plan.notes.append(f"{bias} is loaded by HF transformers and is active there and in the ONNX export")
     else:
-        plan.notes.append(f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores this tensor "
+        plan.notes.append(f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores "
+                          f"this tensor "
                           f"(an 'unused weights' warning). The ONNX export (patcher export) carries it")
     plan.record = {"op": "inject", "direction": direction.source, "direction_sha256": direction.sha256,
                    "layer": layer, "alpha": alpha, "target": target, "bias": bias, "hf_loads": slot.hf_loads,

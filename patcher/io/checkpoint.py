@@ -14,7 +14,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PICKLE_MSG = ("PyTorch pickle checkpoints are refused: unpickling can run arbitrary code. "
-               "Convert to safetensors first (e.g. with the safetensors 'convert' tooling) and point patcher at that")
+               "Convert to safetensors first (e.g. with the safetensors 'convert' tooling) and point "
+               "patcher at that")
 
 
 def _load_json(path: Path) -> dict:
@@ -124,7 +125,8 @@ class Checkpoint:
             for tname, fname in wm.items():
                 path = _safe_shard_name(self.index_path, p, fname)
                 if not path.is_file():
-                    raise CheckpointError(self.index_path, f"tensor {tname!r} is mapped to {fname!r}, which does not exist")
+                    raise CheckpointError(self.index_path, f"tensor {tname!r} is mapped to {fname!r}, which "
+                                          f"does not exist")
                 self.weight_map[tname] = path.name
                 if path not in names:
                     names.append(path)
@@ -136,7 +138,8 @@ class Checkpoint:
         if len(found) == 1:
             return found
         if len(found) > 1:
-            raise CheckpointError(p, f"{len(found)} .safetensors files but no {INDEX_NAME} to say how they fit together")
+            raise CheckpointError(p, f"{len(found)} .safetensors files but no {INDEX_NAME} to say how they "
+                                  f"fit together")
         if any(q.suffix in PICKLE_SUFFIXES for q in p.iterdir()):
             raise CheckpointError(p, _PICKLE_MSG)
         raise CheckpointError(p, "no model.safetensors, index, or .safetensors file in this folder")
@@ -144,7 +147,8 @@ class Checkpoint:
     def _check_index_matches(self):
         for tname, fname in self.weight_map.items():
             if self.shard_of.get(tname) != fname:
-                raise CheckpointError(self.folder / fname, f"tensor {tname!r} is listed in the index but missing from this shard")
+                raise CheckpointError(self.folder / fname, f"tensor {tname!r} is listed in the index but "
+                                      f"missing from this shard")
 
     # --- access ------------------------------------------------------------------------------
     @property

@@ -20,7 +20,8 @@ def cache_dir() -> Path:
     env = os.environ
     if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
         return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME")
+                                          or Path.home() / ".cache") / "huggingface")
     return Path(home).expanduser() / "hub"
 
 

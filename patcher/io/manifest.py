@@ -34,7 +34,8 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _cache_path() -> Path:
-    return Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "sha256-by-identity.json"
+    return Path(os.environ.get("PATCHER_CACHE",
+                               Path.home() / ".cache" / "patcher")) / "sha256-by-identity.json"
 
 
 def _identity(path) -> str:
@@ -172,14 +173,16 @@ def write(folder: Path, **kw) -> None:
     write_file(Path(folder) / MANIFEST, **kw)
 
 
-def write_file(path: Path, *, kind: str, command: str | None, inputs: dict, outputs: dict, record: dict | None = None,
+def write_file(path: Path, *, kind: str, command: str | None, inputs: dict, outputs: dict,
+               record: dict | None = None,
           directions: list | None = None, timings: dict | None = None, recipe: dict | None = None,
           extra: dict | None = None) -> None:
     """`extra`: further top-level keys (e.g. hub_cache, warnings), written only when given."""
     data = {**(extra or {}), "patcher": __version__, "kind": kind, "command": command, "recipe": recipe,
             "edit": record, "directions": directions or [], "inputs": inputs, "outputs": outputs,
             "timings": timings or {},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version()}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": platform.python_version()}
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

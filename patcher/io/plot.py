@@ -5,7 +5,8 @@ from pathlib import Path
 from patcher.errors import PatcherError
 
 SERIES = (("snr", "signal-to-noise", "#1f77b4"), ("diff_norm", "|mean difference|", "#ff7f0e"),
-          ("relative_norm", "|mean difference| / |resid|", "#2ca02c"), ("neighbour_cos", "cos with neighbours", "#9467bd"))
+          ("relative_norm", "|mean difference| / |resid|", "#2ca02c"), ("neighbour_cos",
+                                                                        "cos with neighbours", "#9467bd"))
 
 
 def _svg(scores: list[dict], selected: int, title: str) -> str:
@@ -13,17 +14,21 @@ def _svg(scores: list[dict], selected: int, title: str) -> str:
     layers = [s["layer"] for s in scores]
     lo, hi = min(layers), max(max(layers), min(layers) + 1)
     x = lambda l: pad + (l - lo) / (hi - lo) * (W - 2 * pad)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             f'font-size="12">',
              f'<rect width="{W}" height="{H}" fill="white"/>',
              f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
              f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-             f'<line x1="{x(selected):.1f}" y1="{top}" x2="{x(selected):.1f}" y2="{H - pad}" stroke="red" stroke-dasharray="4"/>',
+             f'<line x1="{x(selected):.1f}" y1="{top}" x2="{x(selected):.1f}" y2="{H - pad}" stroke="red" '
+             f'stroke-dasharray="4"/>',
              f'<text x="{x(selected) + 4:.1f}" y="{top + 12}" fill="red">selected {selected}</text>']
     for l in layers:
         parts.append(f'<text x="{x(l):.1f}" y="{H - pad + 16}" text-anchor="middle">{l}</text>')
-    parts.append(f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">resid_pre layer (each series scaled to its own max)</text>')
+    parts.append(f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">resid_pre layer (each series scaled '
+                 f'to its own max)</text>')
     for i, (key, label, color) in enumerate(SERIES):
-        pts = [(s["layer"], s[key]) for s in scores if isinstance(s.get(key), (int, float)) and s[key] == s[key]
+        pts = [(s["layer"], s[key]) for s in scores if isinstance(s.get(key), (int, float))
+               and s[key] == s[key]
                and abs(s[key]) != float("inf")]
         if not pts:
             continue
@@ -31,7 +36,8 @@ def _svg(scores: list[dict], selected: int, title: str) -> str:
         y = lambda v: H - pad - (v / m) * (H - pad - top - 20)  # noqa: E731
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
                      + " ".join(f"{x(l):.1f},{y(v):.1f}" for l, v in pts) + '"/>')
-        parts.append(f'<text x="{pad + 10}" y="{top + 20 + 15 * i}" fill="{color}">{label} (max {m:.3g})</text>')
+        parts.append(f'<text x="{pad + 10}" y="{top + 20 + 15 * i}" fill="{color}">{label} (max '
+                     f'{m:.3g})</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -48,7 +54,9 @@ def plot_scores(path, scores: list[dict], selected: int, title: str = "differenc
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PatcherError(path, "PNG plots need matplotlib (pip install matplotlib); .svg works without it") from None
+        raise PatcherError(path,
+                           "PNG plots need matplotlib (pip install matplotlib); .svg works without it"
+                           ) from None
     fig, ax = plt.subplots(figsize=(8, 4))
     for key, label, color in SERIES:
         pts = [(s["layer"], s[key]) for s in scores if isinstance(s.get(key), (int, float))]

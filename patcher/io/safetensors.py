@@ -80,7 +80,8 @@ def parse_header(path: Path, file_size: int, raw_len: bytes, read_header) -> tup
         raise CheckpointError(path, "header JSON is not an object")
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k,
+                                                 v in metadata.items()):
         raise CheckpointError(path, "__metadata__ must map strings to strings")
     tensors = {}
     for name, entry in header.items():
@@ -110,7 +111,8 @@ def _check_entry(path, name, entry):
         raise CheckpointError(path, f"tensor {name!r}: shape must be a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointError(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        raise CheckpointError(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= "
+                              f"end")
     if math.prod(shape) * size != offsets[1] - offsets[0]:
         raise CheckpointError(path, f"tensor {name!r}: {dtype}{shape} needs {math.prod(shape) * size} bytes, "
                                     f"data_offsets span {offsets[1] - offsets[0]}")
@@ -155,7 +157,8 @@ class SafetensorsFile:
         offset = info.begin + row_start * per_row * dt.itemsize
         return np.frombuffer(self._map(), dtype=dt, count=count, offset=offset).reshape(out_shape)
 
-    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
+    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int,
+                  row_len: int | None = None) -> np.ndarray:
         """Fresh copy of rows [row_start, row_stop) of the tensor seen as [numel/row_len, row_len]
         (default row_len: everything after the first axis), read with pread: for data streamed once
         this is ~3x faster than touching mmapped pages (no page faults) and leaves RSS untouched."""
@@ -170,7 +173,8 @@ class SafetensorsFile:
         while done < view.nbytes:
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if n <= 0:
-                raise CheckpointError(self.path, f"file ended while reading {info.name!r} (was it truncated?)")
+                raise CheckpointError(self.path,
+                                      f"file ended while reading {info.name!r} (was it truncated?)")
             done += n
         if self.observer is not None:
             self.observer(offset, out)

@@ -63,7 +63,8 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset
+                                                                                     + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data region 8-byte aligned, as the reference writer does
@@ -403,9 +404,11 @@ def refuse_inputs(target, inputs: Iterable[Path]) -> None:
     for src in inputs:
         s = Path(src).resolve()
         if t == s:
-            raise PatcherError(target, "output is the input; choose a new folder (the input is never modified)")
+            raise PatcherError(target, "output is the input; choose a new folder (the input is never "
+                               "modified)")
         if s in t.parents:
-            raise PatcherError(target, f"output lies inside the input folder {src}; choose a folder outside it")
+            raise PatcherError(target,
+                               f"output lies inside the input folder {src}; choose a folder outside it")
         if t in s.parents:
             raise PatcherError(target, f"output folder contains the input {src}; choose another folder")
 
@@ -419,7 +422,8 @@ class OutputFolder:
         self.target = Path(target).absolute()
         self.force = force
         refuse_inputs(target, inputs)
-        if self.target.exists() and not (self.target.is_dir() and not any(self.target.iterdir())) and not force:
+        if self.target.exists() and not (self.target.is_dir()
+                                         and not any(self.target.iterdir())) and not force:
             raise PatcherError(target, "already exists; pass --force to replace it")
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
 

@@ -178,7 +178,8 @@ def load_table(path) -> Architecture:
     arch = Architecture(
         model_type=d["model_type"], layers=d["layers"], unembed=d["unembed"],
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        config_layers=cfg.get("layers", "num_hidden_layers"), config_d_model=cfg.get("d_model", "hidden_size"),
+        config_layers=cfg.get("layers", "num_hidden_layers"), config_d_model=cfg.get("d_model",
+                                                                                     "hidden_size"),
         embeds=tuple(_writer(path, e, "embed") for e in d["embed"]),
         writers=tuple(_writer(path, w) for w in d["writer"]),
         inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path),
@@ -212,15 +213,18 @@ def for_model_type(model_type: str | None, where) -> Architecture:
     if model_type and (TABLE_DIR / f"{model_type}.toml").is_file():
         return load_table(TABLE_DIR / f"{model_type}.toml")
     what = f"model_type {model_type!r} is not supported" if model_type else "config.json has no model_type"
-    raise PatcherError(where, f"{what}. Supported: {', '.join(supported())}. For another architecture, write a "
-                              f"table (copy patcher/model/tables/llama.toml, edit the name patterns) and pass --arch-table FILE")
+    raise PatcherError(where, f"{what}. Supported: {', '.join(supported())}. For another architecture, "
+                       f"write a "
+                              f"table (copy patcher/model/tables/llama.toml, edit the name patterns) and "
+                              f"pass --arch-table FILE")
 
 
 # --- resolving a table against a checkpoint's tensor names ---------------------------------------
 
 def _regex(pattern: str) -> re.Pattern:
     parts = re.split(r"(\{layer\}|\{expert\})", pattern)
-    out = "".join({"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(p, re.escape(p)) for p in parts)
+    out = "".join({"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(p, re.escape(p))
+                  for p in parts)
     return re.compile(out + r"\Z")
 
 
@@ -243,15 +247,18 @@ class Resolved:
         return self.prefix + sub(self.arch.layers, layer)
 
     def select(self, roles=ROLES, layers=None) -> list[Target]:
-        return [t for t in self.targets if t.role in roles and (t.layer is None or layers is None or t.layer in layers)]
+        return [t for t in self.targets if t.role in roles and (t.layer is None or layers is None
+                                                                or t.layer in layers)]
 
 
 def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
     names = set(names)
-    prefix = next((p for p in arch.prefixes if all(p + e.weight in names for e in arch.embeds)), arch.prefixes[0])
+    prefix = next((p for p in arch.prefixes if all(p + e.weight in names for e in arch.embeds)),
+                  arch.prefixes[0])
     n_layers, d_model = config.get(arch.config_layers), config.get(arch.config_d_model)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_layers, d_model)):
-        raise PatcherError(where, f"config.json needs integer '{arch.config_layers}' and '{arch.config_d_model}' "
+        raise PatcherError(where, f"config.json needs integer '{arch.config_layers}' and "
+                           f"'{arch.config_d_model}' "
                                   f"for model_type {arch.model_type!r} (got {n_layers!r} and {d_model!r})")
     tied = bool(config.get("tie_word_embeddings", arch.tie_word_embeddings))
     targets, missing = [], []
@@ -291,7 +298,8 @@ def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
 
 
 def _fill(pattern: str, match) -> str:
-    return pattern.replace("{expert}", match["expert"]) if match and "expert" in match.groupdict() else pattern
+    return pattern.replace("{expert}",
+                           match["expert"]) if match and "expert" in match.groupdict() else pattern
 
 
 def _present(name: str, names) -> str | None:
@@ -300,14 +308,17 @@ def _present(name: str, names) -> str | None:
 
 def markdown_table() -> str:
     """The README's architecture table, generated from the tables themselves."""
-    rows = ["| model_type | embeddings | attention writer | MLP writer(s) | post-norm | tied | inject attn_out / mlp_out |",
+    rows = ["| model_type | embeddings | attention writer | MLP writer(s) | post-norm | tied | inject "
+            "attn_out / mlp_out |",
             "|---|---|---|---|---|---|---|"]
-    loads = lambda slot: "—" if slot is None else ("HF" + (f" (`{slot.config_flag}`)" if slot.config_flag else "")  # noqa: E731
+    loads = lambda slot: "—" if slot is None else ("HF" + (f" (`{slot.config_flag}`)" if slot.config_flag
+                                                           else "")  # noqa: E731
                                                   if slot.hf_loads else "ONNX only")
     for mt in supported():
         a = load_table(TABLE_DIR / f"{mt}.toml")
         writers = lambda role: ", ".join(f"`{w.weight}`" for w in a.writers if w.role == role)  # noqa: E731
         rows.append(f"| {mt} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
-                    f"{writers('mlp_out')} | {a.post_norm_gain or '—'} | {'yes' if a.tie_word_embeddings else 'no'} | "
+                    f"{writers('mlp_out')} | {a.post_norm_gain or '—'} | "
+                    f"{'yes' if a.tie_word_embeddings else 'no'} | "
                     f"{loads(a.inject.get('attn_out'))} / {loads(a.inject.get('mlp_out'))} |")
     return "\n".join(rows)

@@ -115,7 +115,8 @@ class StreamedModel:
         for index, (ids, mask) in chunk:
             ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)
             if ids.max(initial=0) >= self.ck.info(embed).shape[0]:
-                raise PatcherError(self.ck.folder, "token id beyond the embedding table: tokenizer and model disagree")
+                raise PatcherError(self.ck.folder, "token id beyond the embedding table: tokenizer and "
+                                   "model disagree")
             pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
             x = fw.embed(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, ids, pos)
             if on_resid:
@@ -132,7 +133,8 @@ class StreamedModel:
             del weights  # free this block before decoding the next
         if not logits:
             return []
-        return [fw.head(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, x) for _, mask, pos, x in states]
+        return [fw.head(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, x) for _, mask, pos,
+                x in states]
 
 
 

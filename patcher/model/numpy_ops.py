@@ -18,7 +18,8 @@ def erf(x: np.ndarray) -> np.ndarray:
     t = 1.0 / (1.0 + 0.5 * np.abs(x64))
     # Numerical Recipes erfc (Chebyshev fit, fractional error < 1.2e-7 everywhere)
     poly = -x64 * x64 - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223
+                                                                                  + t * 0.17087277))))))))
     erfc = t * np.exp(poly)
     return np.where(x64 >= 0, 1.0 - erfc, erfc - 1.0).astype(x.dtype)
 
@@ -34,7 +35,8 @@ ACTS = {
     "silu": silu,
     "swish": silu,
     "gelu": lambda x: 0.5 * x * (1.0 + erf(x / F32(math.sqrt(2.0)))),
-    "gelu_pytorch_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (x + F32(0.044715) * x ** 3))),
+    "gelu_pytorch_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi))
+                                                            * (x + F32(0.044715) * x ** 3))),
     "relu": lambda x: np.maximum(x, 0),
 }
 ACTS["gelu_new"] = ACTS["gelu_fast"] = ACTS["gelu_tanh"] = ACTS["gelu_pytorch_tanh"]

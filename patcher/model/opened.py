@@ -15,13 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint, fp8_scale_of, fp8_weight_of
 from patcher.model.architectures import TABLE_DIR, Architecture, Resolved, for_model_type, load_table, resolve
-from patcher_kernels.codecs import decode
-from patcher_kernels.fp8 import dequantize_blocks
 
 FP8_TILE = 128  # block-scale tile (DeepSeek-V3, Qwen3-FP8)
 
@@ -94,7 +90,8 @@ class Model:
         self._check_against_tensors()
 
     @classmethod
-    def open(cls, source, arch_table=None, *, require_arch: bool = True, arch_optional: bool = False) -> "Model":
+    def open(cls, source, arch_table=None, *, require_arch: bool = True,
+             arch_optional: bool = False) -> "Model":
         """Open a folder, a .safetensors file or a hub repo id (`org/name[@revision]`, cache only)."""
         from patcher.io.hub import locate
         path, extra = locate(source)
@@ -199,14 +196,16 @@ class Model:
                                       f"{missing[0]} (layers in the tensors: {have})")
         beyond = [layer for layer in present if layer >= res.n_layers + extra]
         if beyond:
-            raise PatcherError(where, f"{arch.config_layers} = {res.n_layers} but the tensors also hold layer "
+            raise PatcherError(where, f"{arch.config_layers} = {res.n_layers} but the tensors also hold "
+                               f"layer "
                                       f"{beyond[0]} (layers in the tensors: {have}); an edit would leave it "
                                       "unedited")
         for t in res.targets:
             if t.role == "embed":
                 shape = self.info(t.weight).shape
                 if len(shape) != 2 or shape[t.residual_axis] != res.d_model:
-                    raise PatcherError(where, f"{arch.config_d_model} = {res.d_model} but {t.weight} has shape "
+                    raise PatcherError(where, f"{arch.config_d_model} = {res.d_model} but {t.weight} has "
+                                       f"shape "
                                               f"{list(shape)}")
 
     def _check_fp8_scales(self) -> None:
@@ -217,7 +216,8 @@ class Model:
             if weight and len(w) == 2:
                 want = (-(-w[0] // FP8_TILE), -(-w[1] // FP8_TILE))
                 if info.shape != want:
-                    raise PatcherError(info.file, f"{name} has shape {list(info.shape)}; the FP8 weight {weight} "
+                    raise PatcherError(info.file, f"{name} has shape {list(info.shape)}; the FP8 weight "
+                                       f"{weight} "
                                                   f"{list(w)} needs {list(want)} (one scale per {FP8_TILE}x"
                                                   f"{FP8_TILE} tile)")
 
@@ -253,8 +253,12 @@ class Model:
         """An FP8 weight's block-scale tensor: applied by decode(), never a weight of its own."""
         return fp8_weight_of(self.tensors, name) is not None
 
-    def decode(self, name: str) -> np.ndarray:
+    def decode(self, name: str):
         """The whole tensor as float32 (FP8 weights dequantised with their block scales)."""
+        import numpy as np
+
+        from patcher_kernels.codecs import decode
+        from patcher_kernels.fp8 import dequantize_blocks
         raw = self.array(name)
         scale = self.fp8_scale(name)
         if scale is not None:
@@ -286,7 +290,8 @@ def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int |
     key = next((k for k in keys if cfg.get(k) is not None), None)
     if key is None:
         if required:
-            raise PatcherError(where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward pass needs it")
+            raise PatcherError(where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward "
+                               f"pass needs it")
         return None
     value = cfg[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -303,7 +308,8 @@ def _checked_hyper(forward_type: str, cfg: dict, where, spec):
     kv = _positive_int(cfg, ("num_key_value_heads",), where, required=False) or heads
     head_dim = _positive_int(cfg, ("head_dim",), where, required=False)
     if heads % kv:
-        raise PatcherError(where, f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}")
+        raise PatcherError(where, f"num_attention_heads = {heads} is not a multiple of num_key_value_heads "
+                           f"= {kv}")
     if head_dim is None and d % heads:
         raise PatcherError(where, f"hidden size {d} is not a multiple of num_attention_heads = {heads} "
                                   "(and there is no head_dim)")
@@ -317,4 +323,5 @@ def _checked_hyper(forward_type: str, cfg: dict, where, spec):
         raise
     except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise PatcherError(where, f"cannot read the hyperparameters the forward pass needs ({what})") from None
+        raise PatcherError(where,
+                           f"cannot read the hyperparameters the forward pass needs ({what})") from None

@@ -32,7 +32,8 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 # --- Jinja environment (the template is untrusted input: it comes with the downloaded model) ---------------
 
 class _Namespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant dunders."""
+    """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant
+    dunders."""
 
     def __init__(*args, **kwargs):  # same signature trick as jinja2's Namespace, so namespace(self=...) works
         self, attrs = args[0], dict(*args[1:], **kwargs)
@@ -51,7 +52,8 @@ class _Namespace(jinja2.utils.Namespace):
 
 
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the body."""
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the
+    body."""
     tags = {"generation"}
 
     def parse(self, parser):
@@ -66,13 +68,15 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 class _Sandbox(ImmutableSandboxedEnvironment):
     def unsafe_undefined(self, obj, attribute):
-        # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would quietly
-        # render "". Refuse at the first unsafe lookup instead: the user learns the template is hostile or broken.
+        # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would
+        # quietly render "". Refuse at the first unsafe lookup instead: the user learns the template is
+        # hostile or broken.
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
 
 def _environment(where) -> ImmutableSandboxedEnvironment:
-    def raise_exception(message):  # the template's own way to reject input (Gemma: "System role not supported")
+    # the template's own way to reject input (Gemma: "System role not supported")
+    def raise_exception(message):
         raise PatcherError(where, f"the chat template refused the conversation: {message}")
 
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
@@ -128,7 +132,8 @@ class PromptTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def render(self, user_prompt: str, system: str | None = None, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to [system?, user], as `apply_chat_template(..., tokenize=False)` renders it."""
+        """The chat template applied to [system?, user], as `apply_chat_template(..., tokenize=False)`
+        renders it."""
         if self.chat_template is None:
             raise PatcherError(self.folder, "the tokenizer has no chat template")
         where = self.template_source or self.folder
@@ -136,18 +141,22 @@ class PromptTokenizer:
             [{"role": "user", "content": user_prompt}]
         try:
             template = _compile(self.chat_template, str(where))
-            # The variables transformers passes: the named special tokens that are set, tools/documents (None).
+            # The variables transformers passes: the named special tokens that are set, tools/documents
+            # (None).
             return template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except PatcherError:
             raise
         except SecurityError as e:
-            raise PatcherError(where, f"the chat template tried unsafe access and was refused ({e})") from None
+            raise PatcherError(where,
+                               f"the chat template tried unsafe access and was refused ({e})") from None
         except jinja2.TemplateSyntaxError as e:
-            raise PatcherError(where, f"chat template syntax error at template line {e.lineno}: {e.message}") from None
+            raise PatcherError(where, f"chat template syntax error at template line {e.lineno}: "
+                                      f"{e.message}") from None
         except TemplateError as e:  # UndefinedError, TemplateRuntimeError, ...
             raise PatcherError(where, f"chat template failed: {e}") from None
-        except Exception as e:  # noqa: BLE001 - untrusted code: any failure (TypeError, RecursionError...) is its fault
+        # untrusted code: any failure (TypeError, RecursionError...) is the template's fault
+        except Exception as e:  # noqa: BLE001
             raise PatcherError(where, f"chat template failed: {type(e).__name__}: {e}") from None
 
 
@@ -159,7 +168,8 @@ def _read_json(path: Path):
 
 
 def _token_string(value, path: Path, name: str) -> str | None:
-    # HF writes special tokens either as "<s>" or as a serialized AddedToken {"content": "<s>", "lstrip": ...}.
+    # HF writes special tokens either as "<s>" or as a serialized AddedToken
+    # {"content": "<s>", "lstrip": ...}.
     if isinstance(value, dict):
         value = value.get("content")
     if value is None or isinstance(value, str):
@@ -186,7 +196,8 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
         raise PatcherError(cfg_path, "expected a JSON object")
     specials = {n: s for n in SPECIAL_NAMES if (s := _token_string(cfg.get(n), cfg_path, n)) is not None}
 
-    # add_bos_token is kept for callers' information only: with a tokenizer.json present, transformers drops it
+    # add_bos_token is kept for callers' information only: with a tokenizer.json present, transformers
+    # drops it
     # (and add_eos_token) and lets tokenizer.json's post-processor decide which special tokens to add.
     add_bos = cfg.get("add_bos_token") if isinstance(cfg.get("add_bos_token"), bool) else None
 
@@ -208,7 +219,8 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
                                              f"(names: {sorted(named)})")
             template = named["default"]
         if not isinstance(template, str):
-            raise PatcherError(cfg_path, "chat_template must be a string or a list of {name, template} objects")
+            raise PatcherError(cfg_path, "chat_template must be a string or a list of {name, template} "
+                               "objects")
     return PromptTokenizer(tok, folder, specials, template, source, add_bos)
 
 
@@ -243,7 +255,8 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".json"):
-        raise PatcherError(path, "unsupported prompt file type: use .txt (one prompt per line) or .jsonl/.json")
+        raise PatcherError(path, "unsupported prompt file type: use .txt (one prompt per line) or "
+                           ".jsonl/.json")
     if limit is not None and limit < 1:
         raise PatcherError(path, f"the prompt limit must be at least 1, got {limit}")
     if not path.is_file():
@@ -253,7 +266,8 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
     except OSError as e:
         raise PatcherError(path, f"cannot read prompt file: {e}") from None
     except UnicodeDecodeError as e:
-        raise PatcherError(path, f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
+        raise PatcherError(path,
+                           f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
 
     # Split on "\n" only: str.splitlines() would also break prompts at \x0b, \x1c, \u2028 and the like.
     lines = [(n, line.rstrip()) for n, line in enumerate(text.split("\n"), 1)]

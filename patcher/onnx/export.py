@@ -59,13 +59,15 @@ def build(sm: StreamedModel, weight_dtype=ir.DataType.FLOAT) -> ir.Model:
     logits = fw.head(top, sm.spec, sm.hp, x)
     logits.name = "logits"
     vocab = sm.ck.info(sm.top_weights().names[sm.spec.names["embed"] + ".weight"]).shape[0]
-    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", "sequence_length", vocab])
+    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", "sequence_length",
+                                                                            vocab])
     outputs = [logits]
     for i, (k, v) in enumerate(ctx.present):
         for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
             val.name = f"present.{i}.{kind}"
             val.type = ir.TensorType(ir.DataType.FLOAT)
-            val.shape = ir.Shape(["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]])
+            val.shape = ir.Shape(["batch_size", past.shape[1], "past_sequence_length + sequence_length",
+                                  past.shape[3]])
             outputs.append(val)
     graph = ir.Graph(ctx.inputs, outputs, nodes=ctx.tape.nodes, initializers=ctx.tape.initializers,
                      opset_imports={"": OPSET}, name=f"patcher-{sm.model_type}")
@@ -81,7 +83,8 @@ def export(model, out: Path, dtype: str = "fp32", force: bool = False, opset: in
     if int4_block < 16 or int4_block & (int4_block - 1):
         raise PatcherError("--int4-block", f"block size must be a power of two >= 16, got {int4_block}")
     if opset != OPSET:
-        raise PatcherError("--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)")
+        raise PatcherError("--opset", f"only opset {OPSET} is emitted (standard ops, correct with left "
+                           f"padding everywhere)")
     if isinstance(model, Model):
         return _export(model, Path(out), dtype, force, command, recipe, int4_block, int4_accuracy)
     with as_model(model, arch_table) as ck:
@@ -105,9 +108,11 @@ def _export(ck: Model, out: Path, dtype, force, command, recipe, int4_block, int
                 shutil.copyfile(ck.folder / name, tmp / name)
         (tmp / "patcher-export.json").write_text(json.dumps({
             "patcher": __version__, "source": str(ck.path), "model_type": ck.model_type, "dtype": dtype,
-            "opset": OPSET, "layers": sm.n_layers, "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
+            "opset": OPSET, "layers": sm.n_layers, "kv_cache": [list(map(list, kv))
+                                                                for kv in kv_shapes(sm)][:1],
             "provenance": _provenance(ck)}, indent=2) + "\n")
-        outputs = {str(p.relative_to(tmp)): manifest.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        outputs = {str(p.relative_to(tmp)): manifest.sha256_file(p) for p in sorted(tmp.rglob("*"))
+                   if p.is_file()}
         inputs = {p.name: manifest.sha256_file(p) for p in sorted(ck.folder.iterdir())
                   if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)}
         manifest.write(tmp, kind="export", command=command, recipe=recipe, inputs=inputs, outputs=outputs,

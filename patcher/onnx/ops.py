@@ -30,10 +30,12 @@ class Context:
         self.position_ids = self._input("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
         self.past, self.present = [], []
         for i, ((kh, kd), (vh, vd)) in enumerate(kv_shapes):
-            self.past.append((self._input(f"past_key_values.{i}.key", FLOAT, ["batch_size", kh, "past_sequence_length", kd]),
-                              self._input(f"past_key_values.{i}.value", FLOAT, ["batch_size", vh, "past_sequence_length", vd])))
+            past = "past_sequence_length"
+            self.past.append((self._input(f"past_key_values.{i}.key", FLOAT, ["batch_size", kh, past, kd]),
+                              self._input(f"past_key_values.{i}.value", FLOAT, ["batch_size", vh, past, vd])))
             self.present.append([None, None])
-        self.inputs = [self.input_ids, self.attention_mask, self.position_ids] + [v for kv in self.past for v in kv]
+        self.inputs = [self.input_ids, self.attention_mask, self.position_ids] + [
+            v for kv in self.past for v in kv]
         self._masks, self._rope = {}, {}
 
     @staticmethod
@@ -76,12 +78,15 @@ class Context:
             total = self.op("Gather", [self.op("Shape", [am]), self.const(1, np.int64)], axis=0)
             seq = self.op("Gather", [self.op("Shape", [self.input_ids]), self.const(1, np.int64)], axis=0)
             kidx = self.op("Range", [self.const(0, np.int64), total, self.const(1, np.int64)])
-            qabs = self.op("Unsqueeze", [self.op("Range", [self.op("Sub", [total, seq]), total, self.const(1, np.int64)]),
+            qabs = self.op("Unsqueeze", [self.op("Range", [self.op("Sub", [total, seq]), total,
+                                                           self.const(1, np.int64)]),
                                          self.const([1], np.int64)])
             allowed = self.op("LessOrEqual", [kidx, qabs])  # [S, T]
             if window:
-                allowed = self.op("And", [allowed, self.op("Greater", [kidx, self.op("Sub", [qabs, self.const(window, np.int64)])])])
-            pad = self.op("Unsqueeze", [self.op("Cast", [am], to=ir.DataType.BOOL), self.const([1, 2], np.int64)])
+                start = self.op("Sub", [qabs, self.const(window, np.int64)])
+                allowed = self.op("And", [allowed, self.op("Greater", [kidx, start])])
+            pad = self.op("Unsqueeze", [self.op("Cast", [am], to=ir.DataType.BOOL),
+                                        self.const([1, 2], np.int64)])
             allowed = self.op("And", [self.op("Unsqueeze", [allowed, self.const([0, 1], np.int64)]), pad])
             self._masks[window] = self.op("Where", [allowed, self.const(0.0), self.const(_NEG)])
         return self._masks[window]
@@ -90,7 +95,8 @@ class Context:
         key = (rope.theta, rope.dim, rope.kind)
         if key not in self._rope:
             inv, att = rope_inv_freq(rope)
-            pos = self.op("Unsqueeze", [self.op("Cast", [self.position_ids], to=FLOAT), self.const([1, 3], np.int64)])
+            pos = self.op("Unsqueeze", [self.op("Cast", [self.position_ids], to=FLOAT),
+                                        self.const([1, 3], np.int64)])
             freqs = self.op("Mul", [pos, self.const(inv)])  # [B, 1, S, dim/2]
             cos, sin = self.op("Cos", [freqs]), self.op("Sin", [freqs])
             if att != 1.0:
@@ -136,12 +142,14 @@ class OnnxOps:
             return self.op("Mul", [x, self.op("Sigmoid", [x])])
         if kind == "gelu":
             erf = self.op("Erf", [self.op("Mul", [x, self.const(1 / math.sqrt(2))])])
-            return self.op("Mul", [self.op("Mul", [x, self.const(0.5)]), self.op("Add", [erf, self.const(1.0)])])
+            return self.op("Mul", [self.op("Mul", [x, self.const(0.5)]),
+                                   self.op("Add", [erf, self.const(1.0)])])
         if kind in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
             cube = self.op("Mul", [self.op("Mul", [x, x]), x])
             inner = self.op("Mul", [self.op("Add", [x, self.op("Mul", [cube, self.const(0.044715)])]),
                                     self.const(math.sqrt(2 / math.pi))])
-            return self.op("Mul", [self.op("Mul", [x, self.const(0.5)]), self.op("Add", [self.op("Tanh", [inner]), self.const(1.0)])])
+            return self.op("Mul", [self.op("Mul", [x, self.const(0.5)]),
+                                   self.op("Add", [self.op("Tanh", [inner]), self.const(1.0)])])
         if kind == "relu":
             return self.op("Relu", [x])
         raise NotImplementedError(f"activation {kind!r}")
@@ -159,7 +167,8 @@ class OnnxOps:
         # Pow(x, 2) (not Mul(x, x)) is the pattern onnxruntime fuses into one normalization kernel
         var = self.op("ReduceMean", [self.op("Pow", [x, self.const(2.0)])], axes=[-1], keepdims=1)
         normed = self.op("Div", [x, self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])])
-        gain = self._w(weight, (lambda a: a + np.float32(offset)) if offset else None, tag="+1" if offset else "")
+        gain = self._w(weight, (lambda a: a + np.float32(offset)) if offset else None,
+                       tag="+1" if offset else "")
         return self.op("Mul", [normed, gain])
 
     def layer_norm(self, x, weight, bias, eps):
@@ -169,7 +178,8 @@ class OnnxOps:
     def split(self, x, sizes):
         if isinstance(sizes, int):
             return self._split_equal(x, sizes)
-        return self.ctx.tape.op_multi_out("Split", [x, self.const(sizes, np.int64)], {"axis": -1}, num_outputs=len(sizes))
+        return self.ctx.tape.op_multi_out("Split", [x, self.const(sizes, np.int64)], {"axis": -1},
+                                          num_outputs=len(sizes))
 
     def _split_equal(self, x, parts):
         # opset 17 Split needs sizes: take the last dim at run time
@@ -180,15 +190,17 @@ class OnnxOps:
 
     def split_per_head(self, x, heads, parts, head_dim):
         y = self.op("Reshape", [x, self.const([0, 0, heads, parts * head_dim], np.int64)])
-        outs = self.ctx.tape.op_multi_out("Split", [y, self.const([head_dim] * parts, np.int64)], {"axis": -1},
-                                          num_outputs=parts)
+        outs = self.ctx.tape.op_multi_out("Split", [y, self.const([head_dim] * parts, np.int64)],
+                                          {"axis": -1}, num_outputs=parts)
         return [self.op("Reshape", [o, self.const([0, 0, heads * head_dim], np.int64)]) for o in outs]
 
     def heads(self, x, n, head_dim):
-        return self.op("Transpose", [self.op("Reshape", [x, self.const([0, 0, n, head_dim], np.int64)])], perm=[0, 2, 1, 3])
+        return self.op("Transpose", [self.op("Reshape", [x, self.const([0, 0, n, head_dim], np.int64)])],
+                       perm=[0, 2, 1, 3])
 
     def merge_heads(self, x):
-        return self.op("Reshape", [self.op("Transpose", [x], perm=[0, 2, 1, 3]), self.const([0, 0, -1], np.int64)])
+        return self.op("Reshape", [self.op("Transpose", [x], perm=[0, 2, 1, 3]),
+                                   self.const([0, 0, -1], np.int64)])
 
     def concat(self, xs, axis=-1):
         return self.op("Concat", list(xs), axis=axis)
@@ -199,10 +211,11 @@ class OnnxOps:
     def rope(self, x, rope):
         cos, sin = self.ctx.cos_sin(rope)
         ax = self.const([3], np.int64)
-        sl = lambda a, b, step=1: self.op("Slice", [x, self.const([a], np.int64), self.const([b], np.int64), ax,  # noqa: E731
-                                                    self.const([step], np.int64)])
+        sl = lambda a, b, step=1: self.op("Slice", [  # noqa: E731
+            x, self.const([a], np.int64), self.const([b], np.int64), ax, self.const([step], np.int64)])
         half = rope.dim // 2
-        x1, x2 = (sl(0, rope.dim, 2), sl(1, rope.dim, 2)) if rope.interleaved else (sl(0, half), sl(half, rope.dim))
+        x1, x2 = ((sl(0, rope.dim, 2), sl(1, rope.dim, 2)) if rope.interleaved
+                  else (sl(0, half), sl(half, rope.dim)))
         parts = [self.op("Sub", [self.op("Mul", [x1, cos]), self.op("Mul", [x2, sin])]),
                  self.op("Add", [self.op("Mul", [x2, cos]), self.op("Mul", [x1, sin])])]
         if rope.dim:
@@ -219,7 +232,8 @@ class OnnxOps:
         heads = ctx.n_heads
         qg = self.op("Reshape", [q, self.const([0, kh, -1, 0], np.int64)])  # [B, kv, G*S, hd]
         scores = self.op("MatMul", [qg, self.op("Transpose", [k], perm=[0, 1, 3, 2])])
-        scores = self.op("Mul", [self.op("Reshape", [scores, self.const([0, heads, -1, 0], np.int64)]), self.const(scale)])
+        scores = self.op("Mul", [self.op("Reshape", [scores, self.const([0, heads, -1, 0], np.int64)]),
+                                 self.const(scale)])
         if softcap:
             scores = self.softcap(scores, softcap)
         probs = self.op("Softmax", [self.op("Add", [scores, ctx.mask(window)])], axis=-1)
@@ -248,7 +262,8 @@ class OnnxOps:
             weights = self.op("Div", [weights, denom])
         if grouped is not None:
             weights = self.op("Mul", [weights, self.const(grouped["scaling"])])
-        dense = self.op("ScatterElements", [self.op("Mul", [logits, self.const(0.0)]), top, weights], axis=-1)  # [B,S,E]
+        dense = self.op("ScatterElements", [self.op("Mul", [logits, self.const(0.0)]), top, weights],
+                        axis=-1)  # [B,S,E]
         out = None
         for e, expert in enumerate(experts):
             w_e = self.op("Gather", [dense, self.const([e], np.int64)], axis=-1)  # [B, S, 1]
@@ -261,7 +276,8 @@ class OnnxOps:
         if G <= 1:
             return choice
         g = self.op("Reshape", [choice, self.const([0, 0, G, -1], np.int64)])  # [B, S, G, E/G]
-        top2 = self.ctx.tape.op_multi_out("TopK", [g, self.const([2], np.int64)], {"axis": -1}, num_outputs=2)[0]
+        top2 = self.ctx.tape.op_multi_out("TopK", [g, self.const([2], np.int64)], {"axis": -1},
+                                          num_outputs=2)[0]
         group_scores = self.op("ReduceSum", [top2, self.const([-1], np.int64)], keepdims=0)  # [B, S, G]
         kth = self.ctx.tape.op_multi_out("TopK", [group_scores, self.const([keep], np.int64)], {"axis": -1},
                                          num_outputs=2)[0]

@@ -37,10 +37,12 @@ class OnnxModel:
 
     def step(self, input_ids, attention_mask, position_ids, past: dict) -> tuple[np.ndarray, dict]:
         """One forward: logits [B, S, V] and the new cache (present.* renamed to past_key_values.*)."""
-        feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask,
+                                                                                            np.int64),
                  "position_ids": np.asarray(position_ids, np.int64), **past}
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
-        cache = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
+        cache = {n.replace("present.", "past_key_values."): v for n, v in outs.items()
+                 if n.startswith("present.")}
         return outs["logits"], cache
 
     def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_ids=(), sample: bool = False,

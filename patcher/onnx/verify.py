@@ -118,7 +118,8 @@ class VerifyReport:
                 "completions": self.completions}
 
 
-def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None, original: Path | None = None,
+def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None,
+           original: Path | None = None,
            direction=None, tokens: int = 8, provider: str = "cpu", chat_template: bool = True,
            behaviour_tokens: int = 24, announce=None, arch_table=None) -> VerifyReport:
     """`reference` and `original`: Models or anything Model.open takes (folders, hub repo ids)."""
@@ -144,14 +145,16 @@ def verify(onnx_dir: Path, reference: Path, *, dtype: str = "fp32", prompts=None
         rep.generation_match = float((a == b).mean())
         rep.tokens_compared = int(a.size)
     if direction is not None:
-        rep.projections = projections(ref, StreamedModel(orig_model) if orig_model else None, ids, mask, direction)
+        rep.projections = projections(ref, StreamedModel(orig_model) if orig_model else None, ids, mask,
+                                      direction)
     if orig_model is not None and prompts is not None:
         orig_dir = cached_export(orig_model.path, "fp32", announce, arch_table)
         texts = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
             m = OnnxModel(folder, FILES["fp32" if label == "original" else dtype], provider)
             new = m.generate(ids, mask, behaviour_tokens, eos_ids=_eos(reference, p.tokenizer))
-            texts[label] = [p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)), skip_special_tokens=True)
+            texts[label] = [p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)),
+                                               skip_special_tokens=True)
                             for row in new]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
@@ -181,6 +184,7 @@ def projections(edited: StreamedModel, original: StreamedModel | None, ids, mask
 
         def grab(l, x, label=label):
             v = x[real].astype(np.float64)
-            rows.setdefault(l, {"layer": l})[label] = float(np.mean(np.abs(v @ r) / np.linalg.norm(v, axis=-1)))
+            share = np.abs(v @ r) / np.linalg.norm(v, axis=-1)
+            rows.setdefault(l, {"layer": l})[label] = float(np.mean(share))
         sm.run(ids, mask, on_resid=grab)
     return [rows[l] for l in sorted(rows)]

@@ -18,12 +18,15 @@ FIXTURES = ROOT / "fixtures"
 
 
 def bundled() -> dict:
-    paths = {"model": FIXTURES / "tiny-llama-planted", "positive": FIXTURES / "prompts" / "planted-positive.txt",
-             "negative": FIXTURES / "prompts" / "planted-negative.txt", "planted": FIXTURES / "planted-direction-64.npy"}
+    paths = {"model": FIXTURES / "tiny-llama-planted",
+             "positive": FIXTURES / "prompts" / "planted-positive.txt",
+             "negative": FIXTURES / "prompts" / "planted-negative.txt",
+             "planted": FIXTURES / "planted-direction-64.npy"}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise PatcherError(missing[0], "bundled demo data not found: run from a checkout installed with "
-                                       "`pip install -e .` (or rebuild it with python scripts/make_fixtures.py)")
+                                       "`pip install -e .` (or rebuild it with python "
+                                       "scripts/make_fixtures.py)")
     return paths
 
 
@@ -75,7 +78,8 @@ def run(out: Path | None = None, step=None) -> dict:
     timed("ablate", do_ablate)
 
     def do_inject():
-        plan, _ = edit("inject", out / "ablated", out / "ablated-injected", layer=1, alpha=4.0, target="mlp_out")
+        plan, _ = edit("inject", out / "ablated", out / "ablated-injected", layer=1, alpha=4.0,
+                       target="mlp_out")
         return {"layer": 1, "alpha": 4.0, "bias": plan.record["bias"], "hf_loads": plan.record["hf_loads"],
                 "config": plan.config_updates, "folder": str(out / "ablated-injected")}
     timed("inject", do_inject)
@@ -91,7 +95,8 @@ def run(out: Path | None = None, step=None) -> dict:
         # the ablation alone, measured against the planted v on the positive prompts
         p = load_prompts(data["model"], data["positive"], chat_template=False)
         ids, mask = p.batch()
-        proj = projections(StreamedModel(Model.open(out / "ablated")), StreamedModel(Model.open(data["model"])),
+        proj = projections(StreamedModel(Model.open(out / "ablated")),
+                           StreamedModel(Model.open(data["model"])),
                            ids, mask, load_direction(str(planted), 64))
         return {"parity_max_abs": rep.max_abs_diff, "parity_ok": rep.parity_ok, "top1": rep.top1_agreement,
                 "greedy_match": rep.generation_match, "projections": proj}

@@ -32,7 +32,8 @@ import numpy as np
 from patcher.errors import PatcherError
 
 STEP_KEYS = {
-    "extract": {"positive", "negative", "positions", "batch_size", "max_prompts", "layers", "chat_template", "system",
+    "extract": {"positive", "negative", "positions", "batch_size", "max_prompts", "layers", "chat_template",
+                "system",
                 "project_out_negative_mean", "output"},
     "ablate": {"direction", "directions", "layers", "targets", "scale", "strength", "norm_preserve",
                "untie_embeddings", "output"},
@@ -42,7 +43,8 @@ STEP_KEYS = {
 }
 MODEL_KEYS = {"name", "path", "output", "arch_table"}
 KERNELS = {"constant": {"value"}, "linear": {"start", "end"}, "gaussian": {"center", "width", "peak"}}
-DEFAULT_OUTPUT = {"extract": "directions.safetensors", "ablate": "ablated", "inject": "injected", "export": "onnx"}
+DEFAULT_OUTPUT = {"extract": "directions.safetensors", "ablate": "ablated", "inject": "injected",
+                  "export": "onnx"}
 
 
 @dataclass
@@ -73,7 +75,8 @@ class Recipe:
 
 def _lines(text: str, header: str) -> list[int]:
     """1-based line of each `[[header]]` table, so problems can point into the file."""
-    return [i + 1 for i, line in enumerate(text.splitlines()) if re.match(rf"\s*\[\[\s*{header}\s*\]\]", line)]
+    return [i + 1 for i, line in enumerate(text.splitlines()) if re.match(rf"\s*\[\[\s*{header}\s*\]\]",
+                                                                          line)]
 
 
 def _key_line(text: str, start: int | None, key: str) -> int | None:
@@ -94,13 +97,15 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
         return {l: float(spec) for l in range(n_layers)}
     if isinstance(spec, list):
         if len(spec) != n_layers or not all(isinstance(v, (int, float)) for v in spec):
-            raise PatcherError(where, f"strength list must have {n_layers} numbers (one per layer), got {len(spec)}")
+            raise PatcherError(where, f"strength list must have {n_layers} numbers (one per layer), got "
+                               f"{len(spec)}")
         return {l: float(v) for l, v in enumerate(spec)}
     if isinstance(spec, dict) and spec.get("kernel") in KERNELS:
         k = spec["kernel"]
         extra = set(spec) - KERNELS[k] - {"kernel"}
         if extra:
-            raise PatcherError(where, f"strength kernel {k!r} takes {sorted(KERNELS[k])}, not {sorted(extra)}")
+            raise PatcherError(where,
+                               f"strength kernel {k!r} takes {sorted(KERNELS[k])}, not {sorted(extra)}")
         if k == "constant":
             return {l: float(spec.get("value", 1.0)) for l in range(n_layers)}
         if k == "linear":
@@ -110,7 +115,8 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
         if w <= 0:
             raise PatcherError(where, "gaussian width must be > 0")
         return {l: p * math.exp(-((l - c) ** 2) / (2 * w * w)) for l in range(n_layers)}
-    raise PatcherError(where, "strength is a number, a list per layer, or {kernel = constant|linear|gaussian, ...}")
+    raise PatcherError(where, "strength is a number, a list per layer, or "
+                       "{kernel = constant|linear|gaussian, ...}")
 
 
 def load(path) -> Recipe:
@@ -127,7 +133,8 @@ def load(path) -> Recipe:
     problems = []
     unknown = set(data) - {"model", "step"}
     if unknown:
-        problems.append(Problem(1, f"unknown top-level keys {sorted(unknown)}; a recipe has [[model]] and [[step]] tables"))
+        problems.append(Problem(1, f"unknown top-level keys {sorted(unknown)}; a recipe has [[model]] and "
+                                f"[[step]] tables"))
     model_lines, step_lines = _lines(text, "model"), _lines(text, "step")
     models = data.get("model") or []
     if not isinstance(models, list) or not models:
@@ -136,7 +143,8 @@ def load(path) -> Recipe:
     for i, m in enumerate(models):
         line = model_lines[i] if i < len(model_lines) else None
         for k in set(m) - MODEL_KEYS:
-            problems.append(Problem(_key_line(text, line, k), f"model: unknown key {k!r} (allowed: {sorted(MODEL_KEYS)})"))
+            problems.append(Problem(_key_line(text, line, k), f"model: unknown key {k!r} (allowed: "
+                                    f"{sorted(MODEL_KEYS)})"))
         for k in ("path", "output"):
             if not isinstance(m.get(k), str):
                 problems.append(Problem(line, f"model: {k!r} (a path) is required"))
@@ -146,7 +154,8 @@ def load(path) -> Recipe:
         line = step_lines[i] if i < len(step_lines) else None
         op = s.get("op")
         if op not in STEP_KEYS:
-            problems.append(Problem(_key_line(text, line, "op"), f"step {i + 1}: op must be one of {sorted(STEP_KEYS)}"))
+            problems.append(Problem(_key_line(text, line, "op"), f"step {i + 1}: op must be one of "
+                                    f"{sorted(STEP_KEYS)}"))
             continue
         for k in set(s) - STEP_KEYS[op] - {"op"}:
             problems.append(Problem(_key_line(text, line, k), f"step {i + 1} ({op}): unknown key {k!r} "
@@ -238,7 +247,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 specs = _direction_specs(o)
                 resolved_specs = []
                 for spec in specs:
-                    file_part, _, layer_part = str(spec).partition(":") if ".safetensors:" in str(spec) else (str(spec), "", "")
+                    file_part, _, layer_part = (str(spec).partition(":") if ".safetensors:" in str(spec)
+                                                else (str(spec), "", ""))
                     full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
                     try:
                         load_direction(full, d)
@@ -248,7 +258,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     resolved_specs.append(full)
                 if not specs and st.op != "verify":
                     if last_directions is None:
-                        problems.append(Problem(st.line, f"step {st.index} ({st.op}): no direction given and no extract step before it"))
+                        problems.append(Problem(st.line, f"step {st.index} ({st.op}): no direction given "
+                                                f"and no extract step before it"))
                     else:
                         resolved_specs = [str(last_directions)]
                 o["directions"] = resolved_specs
@@ -260,7 +271,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     problems.append(Problem(where("layers"), f"step {st.index}: {e.problem}"))
             if st.op == "inject":
                 if not isinstance(o.get("layer"), int) or not 0 <= o["layer"] < L:
-                    problems.append(Problem(where("layer"), f"step {st.index}: layer must be an integer in 0..{L - 1}"))
+                    problems.append(Problem(where("layer"), f"step {st.index}: layer must be an integer in "
+                                            f"0..{L - 1}"))
                 if not isinstance(o.get("alpha"), (int, float)):
                     problems.append(Problem(where("alpha"), f"step {st.index}: alpha (a number) is required"))
             if st.op == "ablate":
@@ -270,7 +282,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 except PatcherError as e:
                     problems.append(Problem(where("strength"), e.problem))
                 if o.get("norm_preserve") not in (None, "rows", "cols"):
-                    problems.append(Problem(where("norm_preserve"), f"step {st.index}: norm_preserve is rows or cols"))
+                    problems.append(Problem(where("norm_preserve"), f"step {st.index}: norm_preserve is "
+                                            f"rows or cols"))
             if st.op == "extract":
                 for k in ("positive", "negative"):
                     if k not in o:
@@ -283,7 +296,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 problems.append(Problem(where("dtype"), f"step {st.index}: dtype is fp32, fp16 or int4"))
             action = Action(st, st.op, current, target, o)
             if st.op == "verify":
-                action.input = next(a.output for a in reversed(actions) if a.op == "export") if actions else current
+                action.input = next(a.output for a in reversed(actions)
+                                    if a.op == "export") if actions else current
                 action.options["reference"] = current
                 action.output = out / f"{st.index:02d}-verify.json"
             actions.append(action)
@@ -311,7 +325,8 @@ def _fingerprints(plan: ModelPlan) -> None:
     table = sha256_file(plan.arch_table) if plan.arch_table else None
     for a in plan.actions:
         blob = json.dumps({"op": a.op, "options": a.options, "model": model, "directions": directions,
-                           "export": export, "v": __version__, "arch_table": table}, sort_keys=True, default=str)
+                           "export": export, "v": __version__, "arch_table": table}, sort_keys=True,
+                           default=str)
         a.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         if a.op in ("ablate", "inject"):
             model = a.fingerprint
@@ -331,20 +346,26 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
     rows = []
     for plan in plans:
         for a in plan.actions:
-            row = {"model": plan.name, "step": a.step.index, "op": a.op, "input": str(a.input), "output": str(a.output),
+            row = {"model": plan.name, "step": a.step.index, "op": a.op, "input": str(a.input),
+                   "output": str(a.output),
                    "tensors": [], "bytes": 0}
             if a.op in ("ablate", "inject"):
-                src = a.input if a.input.exists() else plan.path  # later steps: described on the original layout
+                # later steps: described on the original layout
+                src = a.input if a.input.exists() else plan.path
                 with Model.open(src, plan.arch_table) as ck:
                     k = max(len(a.options.get("directions") or []), 1)
-                    d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned", None, "")
+                    d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned",
+                                  None, "")
                     p = (plan_ablation(ck, d, layers=parse_layers(a.options.get("layers"), plan.n_layers),
-                                       roles=tuple(a.options.get("targets") or ("embed", "attn_out", "mlp_out")),
+                                       roles=tuple(a.options.get("targets") or ("embed", "attn_out",
+                                                                                "mlp_out")),
                                        scale=a.options["strengths"], preserve=a.options.get("norm_preserve"),
                                        untie=bool(a.options.get("untie_embeddings")))
                          if a.op == "ablate" else
-                         plan_injection(ck, Direction(d.vectors[:1], "planned", None, ""), layer=a.options["layer"],
-                                        alpha=float(a.options["alpha"]), target=a.options.get("target", "mlp_out")))
+                         plan_injection(ck, Direction(d.vectors[:1], "planned", None, ""),
+                                        layer=a.options["layer"],
+                                        alpha=float(a.options["alpha"]), target=a.options.get("target",
+                                                                                              "mlp_out")))
                     row["tensors"] = [(e.name, e.formula, e.nbytes) for e in p.all()]
                     row["bytes"] = p.bytes_edited
             rows.append(row)
@@ -389,7 +410,8 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
     if a.op == "extract":
         from patcher.edit.extract import extract
         r = extract(a.input, o["positive"], o["negative"], positions=tuple(o.get("positions", [-1])),
-                    batch_size=int(o.get("batch_size", 8)), max_prompts=o.get("max_prompts"), layers=o.get("layers"),
+                    batch_size=int(o.get("batch_size", 8)), max_prompts=o.get("max_prompts"),
+                    layers=o.get("layers"),
                     chat_template=bool(o.get("chat_template", True)), system=o.get("system"),
                     project_out_negative_mean=bool(o.get("project_out_negative_mean", False)),
                     arch_table=plan.arch_table)
@@ -413,16 +435,19 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
                 p = plan_injection(ck, d, layer=int(o["layer"]), alpha=float(o["alpha"]),
                                    target=o.get("target", "mlp_out"))
             rep = execute(p, a.output, force=True, command=None, recipe=info)
-        return f"{len(p.edits)} edited, {len(p.new)} added" + (f", leakage {rep.overall_leakage():.2e}" if rep.leakage else "")
+        return f"{len(p.edits)} edited, {len(p.new)} added" + (f", leakage {rep.overall_leakage():.2e}"
+                                                               if rep.leakage else "")
     if a.op == "export":
         from patcher.onnx.export import export
-        export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info, arch_table=plan.arch_table)
+        export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info,
+               arch_table=plan.arch_table)
         return f"{o.get('dtype', 'fp32')} export"
     if a.op == "verify":
         from patcher.edit.directions import load_direction
         from patcher.onnx.verify import verify
         d = load_direction(o["directions"][0], plan.d_model) if o.get("directions") else None
-        rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"), direction=d,
+        rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"),
+                     direction=d,
                      tokens=int(o.get("tokens", 8)), arch_table=plan.arch_table)
         a.output.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
         manifest.write_file(_manifest_path(a), kind="verify", command=None, recipe=info, inputs={},
