@@ -44,3 +44,28 @@ def quantize_blocks(values: np.ndarray, scale: np.ndarray, block: int = 128) -> 
     s = _expand(scale.astype(np.float32), rows, cols, block)
     scaled = np.divide(values, s, out=np.zeros_like(values, dtype=np.float32), where=s != 0)
     return np.clip(scaled, -FP8_MAX, FP8_MAX).astype(numpy_dtype("F8_E4M3"))
+
+
+def neighbours(values: np.ndarray, scale: np.ndarray, block: int = 128):
+    """The two e4m3 codes around each value under fixed tile scales, and their values as
+    dequantize_blocks reads them: (lo codes, hi codes, lo values, hi values), lo <= x <= hi (equal
+    where x is on the grid or beyond ±448·scale). Lets a caller choose the rounding per element."""
+    rows, cols = values.shape
+    s = _expand(scale.astype(np.float32), rows, cols, block).astype(np.float64)
+    x = np.asarray(values, dtype=np.float64)
+    scaled = np.clip(np.divide(x, s, out=np.zeros_like(x), where=s != 0), -FP8_MAX, FP8_MAX)
+    near = scaled.astype(np.float32).astype(numpy_dtype("F8_E4M3"))
+    nf = near.astype(np.float64)
+    up = scaled > nf
+    bits = near.view(np.uint8).astype(np.int16)
+    neg, mag = bits >= 0x80, bits & 0x7F
+    away = up != neg  # moving away from zero: magnitude + 1 (0x7E = 448 is the largest finite)
+    new_mag = np.where(away, np.minimum(mag + 1, 0x7E), mag - 1)
+    cross = (mag == 0) & ~away  # from ±0 towards the other sign
+    other_bits = np.where(cross, np.where(up, 0x01, 0x81), (bits & 0x80) | np.maximum(new_mag, 0))
+    other = other_bits.astype(np.uint8).view(numpy_dtype("F8_E4M3"))
+    pinned = (nf == scaled) | (away & (mag >= 0x7E))
+    other = np.where(pinned, near, other)
+    lo_q, hi_q = np.where(up, near, other), np.where(up, other, near)
+    s32 = s.astype(np.float32)
+    return lo_q, hi_q, lo_q.astype(np.float32) * s32, hi_q.astype(np.float32) * s32

@@ -135,11 +135,12 @@ def test_ablation_is_exact_per_tile(fp8_model, direction, tmp_path, scale):
                 got = dequant_reference(b.array(name), new_s)
                 want = w - scale * np.outer(r, r @ w)
                 assert np.all(new_s >= old_s)  # scales only grow
-                # every tile agrees to within e4m3 rounding of *its own* magnitude (3 mantissa bits)
+                # every tile agrees to within e4m3 rounding of *its own* magnitude (3 mantissa bits): one
+                # grid step, since rounding that keeps the ablation may take the other neighbour
                 for ti in range(new_s.shape[0]):
                     for tj in range(new_s.shape[1]):
                         sl = (slice(ti * 128, (ti + 1) * 128), slice(tj * 128, (tj + 1) * 128))
-                        assert np.abs(got[sl] - want[sl]).max() <= 0.07 * np.abs(want[sl]).max(), (name, ti, tj)
+                        assert np.abs(got[sl] - want[sl]).max() <= 0.13 * np.abs(want[sl]).max(), (name, ti, tj)
                 # and the component along r is what the strength asked for
                 kept = np.linalg.norm(r @ got) / np.linalg.norm(r @ w)
                 assert kept == pytest.approx(1 - scale, abs=0.1), name  # e4m3 rounding leaks ~5 %

@@ -34,7 +34,14 @@ def _print_plan(plan: Plan) -> None:
         out.print(f"[yellow]note:[/] {n}")
 
 
-def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool = True) -> None:
+def _is_gguf(plan: Plan) -> bool:
+    return getattr(plan.ck, "is_gguf", False)
+
+
+def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool = True,
+         requant: str = "Q8_0", rounding: str = "orthogonal") -> None:
+    if _is_gguf(plan):
+        return _run_gguf(plan, output, force, dry_run, requant, rounding)
     if dry_run:
         _print_plan(plan)
         out.print(f"dry run: nothing written (would write {output})")
@@ -48,6 +55,32 @@ def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool 
                          on_shard=lambda f: prog.update(task, description=f"writing {f}"),
                          hash_files=hash_files)
     _summary(plan, report)
+
+
+def _run_gguf(plan: Plan, output: Path, force: bool, dry_run: bool, requant: str, rounding: str) -> None:
+    from patcher.edit import gguf_apply
+    if rounding not in ("orthogonal", "nearest"):
+        raise PatcherError("--rounding", f"must be orthogonal or nearest, got {rounding!r}")
+    gguf_apply.prepare(plan, requant.upper())
+    if dry_run:
+        _print_plan(plan)
+        out.print(f"dry run: nothing written (would write {output})")
+        return
+    with progress() as prog:
+        task = prog.add_task("writing", total=sum(t.nbytes for t in plan.ck.tensors.values()))
+        report = gguf_apply.execute(plan, output, force=force, ortho=rounding == "orthogonal",
+                                    progress=lambda n: prog.advance(task, n), command=command_line())
+    _summary(plan, report)
+    if report.rounding:
+        from rich.table import Table
+        t = Table(title=f"storage rounding ({rounding}) per tensor type: leakage |QᵀW'|/|QᵀW| and weight "
+                        f"error |W'−W*|/|W*| (W* = exact projection)", title_justify="left")
+        for c in ("type", "tensors", "leakage nearest", "leakage written", "error nearest", "error written"):
+            t.add_column(c, justify="left" if c == "type" else "right")
+        for src, dst, n, lp, lo, ep, eo, _ in gguf_apply.summary_rows(report):
+            name = src if src == dst else f"{src}→{dst}"
+            t.add_row(name, n, f"{lp:.2%}", f"{lo:.2%}", f"{ep:.2%}", f"{eo:.2%}")
+        out.print(t)
 
 
 def _summary(plan: Plan, report) -> None:
@@ -95,6 +128,31 @@ def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool, hash_file
         out.print(f"[yellow]note:[/] {n}")
 
 
+_REQUANT_HELP = ("GGUF: type for edited tensors whose own type cannot be written (K-quants, IQ): q8_0, q5_1, "
+                 "q5_0, q4_1, q4_0, f16, bf16, f32")
+_ROUNDING_HELP = ("GGUF: orthogonal (default) chooses each element's rounding so the stored weights stay "
+                  "orthogonal to r̂; nearest is plain re-rounding, which puts back part of the removed "
+                  "component")
+_CVEC_HELP = ("Write a llama.cpp control vector (GGUF, direction.LAYER = alpha*r̂, used with "
+              "--control-vector) instead of a model; LAYER as for --layer (llama.cpp takes 1..L-1)")
+
+
+def _control_vector(res, d, layer: int, alpha: float, path: Path, force: bool, dry_run: bool) -> None:
+    from patcher.edit.gguf_apply import write_control_vector
+    if d.vectors.shape[0] != 1:
+        raise PatcherError(d.source, "a control vector takes one direction, not a rank-k set")
+    layout = res.arch.gguf_layout
+    hint = layout.arch if layout else res.arch.model_type
+    vector = alpha * d.unit[0]
+    if dry_run:
+        out.print(f"dry run: would write {path}: direction.{layer} = {alpha} · r̂ (|v| = {abs(alpha):.4g}), "
+                  f"model hint {hint!r}")
+        return
+    write_control_vector(path, vector, layer, res.n_layers, hint, force)
+    out.print(f"wrote {path}: control vector direction.{layer} = {alpha} · r̂, added by llama.cpp to the "
+              f"output of block {layer} (resid_pre[{layer + 1}]); run llama.cpp with --control-vector {path}")
+
+
 _NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
                  "output byte once more; on a 2-core machine it roughly doubles the time)")
 
@@ -104,7 +162,7 @@ def register(app) -> None:
     def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
                direction: Optional[str] = typer.Option(None, "-d", "--direction", help=DIRECTION_HELP +
                                                        " (with --from-study: the study's directions file)"),
-               output: Optional[Path] = typer.Option(None, "-o", "--output", help="New folder to write"),
+               output: Optional[Path] = typer.Option(None, "-o", "--output", help="New folder to write (a .gguf file for GGUF input)"),
                adapter: Optional[Path] = typer.Option(None, "--adapter",
                    help="Write the edit as a LoRA adapter instead of a model (instead of -o): OUT.gguf = "
                         "llama.cpp --lora file, any other name = PEFT folder (adapter_config.json + "
@@ -121,6 +179,8 @@ def register(app) -> None:
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
+               requant: str = typer.Option("q8_0", "--requant", help=_REQUANT_HELP),
+               rounding: str = typer.Option("orthogonal", "--rounding", help=_ROUNDING_HELP),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
                from_study: Optional[Path] = typer.Option(None, "--from-study",
                    help="Write trial --trial of a `patcher search` study (its directions, kernels, options)"),
@@ -130,7 +190,7 @@ def register(app) -> None:
             if adapter is not None:
                 _run_adapter(plan, adapter, force, dry_run, not no_hash)
             else:
-                _run(plan, output, force, dry_run, not no_hash)
+                _run(plan, output, force, dry_run, not no_hash, requant, rounding)
 
         def body():
             if (output is None) == (adapter is None):
@@ -163,28 +223,39 @@ def register(app) -> None:
 
 
     @app.command()
-    def inject(model: Path = typer.Argument(..., help="Model folder"),
+    def inject(model: Path = typer.Argument(..., help="Model folder or .gguf file"),
                direction: str = typer.Option(..., "-d", "--direction", help=DIRECTION_HELP),
-               output: Path = typer.Option(..., "-o", "--output", help="New folder to write"),
-               layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in "
-                                         "resid_pre[layer+1])"),
+               output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                                     help="New folder to write (.gguf for GGUF input)"),
+               control_vector: Optional[Path] = typer.Option(None, "--control-vector", help=_CVEC_HELP),
+               layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in resid_pre[layer+1])"),
                alpha: float = typer.Option(..., "--alpha", help="Strength, in residual-stream units"),
                target: str = typer.Option("mlp_out", "--target", help="mlp_out or attn_out"),
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
-        """Add alpha * r̂ to one writer's bias at one layer (creating the bias if needed)."""
+        """Add alpha * r̂ to one writer's bias at one layer (creating the bias if needed), or write it as a
+        llama.cpp control vector."""
         def body():
             V.choice(target, ("mlp_out", "attn_out"), "--target")
             a = V.number(alpha, "alpha", "--alpha")
+            if (output is None) == (control_vector is None):
+                raise PatcherError("inject", "give exactly one of -o/--output and --control-vector")
             from patcher.edit.directions import load_direction, spec_file
             from patcher.edit.plan import plan_injection
             m = open_model(model, arch_table)
-            check_output(output,
+            check_output(output if output is not None else control_vector,
                          [*m.input_paths, spec_file(direction), arch_table], force=force)
             res = m.resolved
             d = load_direction(direction, res.d_model)
+            if control_vector is not None:
+                at = V.layer_index(layer, res.n_layers, "--layer")
+                return _control_vector(res, d, at, a, control_vector, force, dry_run)
+            if m.is_gguf and target not in res.arch.inject:
+                raise PatcherError("--target", f"llama.cpp's {m.storage.gguf_arch} loader has no bias at the "
+                                               f"{target} writer; write the injection as a control vector "
+                                               f"(--control-vector FILE)")
             plan = plan_injection(m, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a,
                                   target=target)
             _run(plan, output, force, dry_run, not no_hash)

@@ -10,11 +10,11 @@ import typer
 
 from patcher.io.jsonsafe import dumps
 from patcher.model.architectures import ROLES
-if TYPE_CHECKING:
-    from patcher.model.opened import Model
-    from patcher.model.architectures import Resolved
-
 from patcher.cli.common import ARCH_TABLE_HELP, guard, human, open_model, out
+
+if TYPE_CHECKING:
+    from patcher.model.architectures import Resolved
+    from patcher.model.opened import Model
 
 
 def describe(ck: Model, res: Optional[Resolved]) -> dict:
@@ -35,6 +35,20 @@ def describe(ck: Model, res: Optional[Resolved]) -> dict:
             "roles": roles, "role_biases": biases,
             "missing": [{"role": r, "layer": l, "pattern": p} for r, l, p in res.missing],
         })
+    from patcher.io.gguf import provenance
+    if getattr(ck, "is_gguf", False):
+        g = ck.storage
+        md = g.metadata
+        info.update({"format": "gguf", "gguf_architecture": g.gguf_arch, "name": md.get("general.name"),
+                     "tokenizer": md.get("tokenizer.ggml.model"), "vocab": len(g.tokens()),
+                     "chat_template": isinstance(md.get("tokenizer.chat_template"), str)})
+        if res is not None:
+            info["quant_types_per_role"] = {
+                r: dict(Counter(ck.info(t.weight).dtype for t in res.targets if t.role == r)) for r in ROLES}
+        prov = provenance(g)
+        if prov:
+            info["provenance"] = prov
+        return info
     from patcher.io import manifest
     made = manifest.read(ck.folder) if ck.path.is_dir() else None
     if made:
@@ -52,7 +66,7 @@ def describe(ck: Model, res: Optional[Resolved]) -> dict:
 def register(app) -> None:
 
     @app.command()
-    def inspect(model: Path = typer.Argument(..., help="Model folder, or one .safetensors file"),
+    def inspect(model: Path = typer.Argument(..., help="Model folder, one .safetensors or .gguf file"),
                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
                 arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Architecture, layers, d_model, dtypes, shards, size, and which tensors each role maps to."""
@@ -67,6 +81,10 @@ def register(app) -> None:
             t = Table(show_header=False, box=None, pad_edge=False)
             t.add_row("model", str(ck.path))
             t.add_row("model_type", str(info["model_type"]))
+            if info.get("format") == "gguf":
+                t.add_row("GGUF", f"architecture {info['gguf_architecture']}, name {info['name']!r}, "
+                                  f"vocabulary {info['vocab']} ({info['tokenizer']}), chat template "
+                                  f"{'yes' if info['chat_template'] else 'no'}")
             if res is not None:
                 t.add_row("layers", str(res.n_layers))
                 t.add_row("d_model", str(res.d_model))
@@ -81,13 +99,17 @@ def register(app) -> None:
             out.print(t)
             if res is not None:
                 rt = Table(title="residual writers", title_justify="left")
-                for c in ("role", "tensors", "biases", "example", "residual axis"):
+                quants = info.get("quant_types_per_role")
+                columns = ("role", "tensors", "biases", "example", "residual axis")
+                for c in columns + (("types",) if quants else ()):
                     rt.add_column(c)
                 for role in ROLES:
                     ts = [x for x in res.targets if x.role == role]
-                    rt.add_row(role, str(len(ts)), str(sum(1 for x in ts if x.bias)), ts[0].weight if ts
-                               else "—",
-                               str(ts[0].residual_axis) if ts else "")
+                    row = [role, str(len(ts)), str(sum(1 for x in ts if x.bias)), ts[0].weight if ts else "—",
+                           str(ts[0].residual_axis) if ts else ""]
+                    if quants:
+                        row.append(", ".join(f"{k} ×{v}" for k, v in quants[role].items()) or "—")
+                    rt.add_row(*row)
                 out.print(rt)
                 if res.missing:
                     out.print("[yellow]missing:[/] " + "; ".join(

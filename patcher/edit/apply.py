@@ -17,7 +17,8 @@ import numpy as np
 from patcher.io.jsonsafe import dumps
 from patcher_kernels.codecs import decode, encode
 from patcher_kernels.project import bias_inject, bias_project
-from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks, requantize_scale
+from patcher_kernels.fp8 import dequantize_blocks, neighbours as fp8_neighbours, requantize_scale
+from patcher_kernels.ortho_round import orthogonal_rounding
 from patcher_kernels.stream import ablate_blocks
 from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from patcher.io import manifest
@@ -38,6 +39,7 @@ class Report:
     leakage: dict[str, float] = field(default_factory=dict)  # per projected tensor
     component: dict[str, float] = field(default_factory=dict)  # |QᵀW| before, per tensor
     skipped_files: list[str] = field(default_factory=list)
+    rounding: dict = field(default_factory=dict)  # GGUF: per tensor, plain vs written rounding (gguf_apply)
     warnings: list[str] = field(default_factory=list)  # shown in the summary and the manifest
 
     def overall_leakage(self, names=None) -> float:
@@ -101,10 +103,11 @@ class _Executor:
         qt = np.ascontiguousarray(q.T)  # [k, rows]: see residual_coefficients on transposed operands
         keep = 1.0 - edit.scale  # the share of the component the edit means to leave
         dev_sq, stored = 0.0, {}  # per matrix: (stored QᵀW' so far, original QᵀW)
+        carry: dict[int, np.ndarray] = {}  # per matrix: Qᵀ(stored − exact) of the row blocks written so far
         for i, axis, s, e, out in self._projected_blocks(edit, stats):
             if edit.fp8_scale:
                 tile = self.new_scales[edit.name][s // BLOCK_ROWS: -(-e // BLOCK_ROWS)]
-                enc = quantize_blocks(out, tile, BLOCK_ROWS)
+                enc = self._fp8_round(edit, i, axis, s, e, out, tile, carry)
                 back = dequantize_blocks(enc, tile, BLOCK_ROWS)
             else:
                 enc = encode(out, edit.dtype, saturate=edit.dtype in _SATURATE)
@@ -120,6 +123,22 @@ class _Executor:
         self.report.component[edit.name] = before
         self.report.leakage[edit.name] = math.sqrt(dev_sq) / before if before > 0 else 0.0
         self.ck.release(edit.name)
+
+    def _fp8_round(self, edit, i, axis, s, e, out, tile, carry) -> np.ndarray:
+        """Rounding that keeps the ablation on the fp8 grid (the tile scales are fixed first). Residual-
+        axis-0 tensors arrive in row blocks: each block's rounding also cancels what the blocks before it
+        left along Q (carried per matrix), so QᵀW' of the whole matrix stays at its exact value."""
+        lo_q, hi_q, lo, hi = fp8_neighbours(out, tile, BLOCK_ROWS)
+        x = out.astype(np.float64)
+        if axis == 0:
+            qb = edit.q[s:e].astype(np.float64)
+            prev = carry.get(i, 0.0)
+            up = orthogonal_rounding(x, lo, hi, qb, 0, qb.T @ x - prev)
+            chosen = np.where(up, hi, lo).astype(np.float64)
+            carry[i] = prev + qb.T @ (chosen - x)
+        else:
+            up = orthogonal_rounding(x, lo, hi, edit.q, 1)
+        return np.where(up, hi_q, lo_q)
 
     # --- small tensors ---------------------------------------------------------------------
     def produce_small(self, edit: TensorEdit) -> Iterator[np.ndarray]:

@@ -180,7 +180,10 @@ def _same_bytes(a: Model, name_a: str, b: Model, name_b: str) -> bool:
     for s in range(0, rows, step):
         e = min(rows, s + step)
         x, y = a.read_rows(name_a, s, e, row_len), b.read_rows(name_b, s, e, row_len)
-        if not np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8)):
+        if x.dtype != y.dtype:  # a GGUF's values against another storage: compare values
+            if not np.array_equal(x.astype(np.float32), y.astype(np.float32)):
+                return False
+        elif not np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8)):
             return False
     return True
 
@@ -230,6 +233,9 @@ class _Rows:
         return raw.astype(np.float32)
 
     def floor(self, raw: np.ndarray, values: np.ndarray) -> float:
+        quant = getattr(self.ck.storage, "quant_floor", None)  # GGUF: the block grid of its own type
+        if quant is not None:
+            return quant(self.name, values)
         bits = MANTISSA_BITS.get(self.dtype)
         if bits is None:
             return 0.0
@@ -363,6 +369,11 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
         base = stack.enter_context(Model.open(base_path, require_arch=False, arch_optional=True))
         cand = stack.enter_context(Model.open(cand_path, require_arch=False, arch_optional=True))
         notes: list[str] = []
+        mixed, cross = base.is_gguf or cand.is_gguf, base.is_gguf != cand.is_gguf
+        if mixed:  # GGUF: compared as the HF model it stores (dequantized values under HF names)
+            base, cand = base.forward_model(), cand.forward_model()
+            notes.append("GGUF compared by dequantized values under HF names; rank estimates allow for the "
+                         "quantization grid of the candidate's storage type")
         base, res = _architecture(base, cand, arch_table, notes)
         if res and cand.model_type and cand.model_type != base.model_type:
             notes.append(f"candidate model_type is {cand.model_type!r}, base {base.model_type!r}")
@@ -380,7 +391,7 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
                 tensors.append(TensorDiff(name, role, layer, "removed", info.dtype, info.shape))
                 continue
             other = cand.info(name)
-            if other.shape != info.shape or other.dtype != info.dtype:
+            if other.shape != info.shape or (other.dtype != info.dtype and not mixed):
                 status = "shape_changed" if other.shape != info.shape else "dtype_changed"
                 tensors.append(TensorDiff(name, role, layer, status, f"{info.dtype}→{other.dtype}",
                                           info.shape if other.shape == info.shape else (info.shape,
@@ -391,7 +402,8 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
                                                          or _same_bytes(base, scale, cand, scale)):
                 identical += 1
                 continue
-            td = TensorDiff(name, role, layer, "changed", info.dtype, info.shape, target=target)
+            td = TensorDiff(name, role, layer, "changed", info.dtype if other.dtype == info.dtype
+                            else "F32", info.shape, target=target)
             _analyse(base, cand, td, d_model, gain)
             tensors.append(td)
         for name, info in cand.tensors.items():
@@ -411,7 +423,8 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
                           "added": sum(t.status == "added" for t in tensors),
                           "removed": sum(t.status == "removed" for t in tensors)},
                          tensors, notes=notes)
-        _config_changes(base, cand, res, rep)
+        if not cross:  # GGUF metadata and config.json say the same things in different words
+            _config_changes(base, cand, res, rep)
         _shared(rep, base, basis, gain)
         _verdict(rep, basis)
         rep.seconds = time.perf_counter() - t0

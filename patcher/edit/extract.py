@@ -144,7 +144,8 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)
     layer_set = set(range(L + 1)) if layer_set is None else layer_set
-    tok = load_tokenizer(ck.folder)
+    own = getattr(ck.storage, "tokenizer", None)  # a GGUF carries its vocabulary and chat template
+    tok = own() if own else load_tokenizer(ck.folder)
     sets, meta_sets = {}, {}
     for label, src in (("positive", positive), ("negative", negative)):
         if isinstance(src, (str, Path)):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from patcher_kernels.codecs import numpy_dtype
+from patcher_kernels.ggml_quant import BYTES_PER_BLOCK, row_bytes
 from patcher_kernels.project import orthonormalize
 from patcher import __version__
 from patcher.model.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
@@ -51,6 +52,8 @@ class TensorEdit:
 
     @property
     def nbytes(self) -> int:
+        if self.dtype in BYTES_PER_BLOCK:  # GGUF block types
+            return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.dtype, self.shape[-1])
         return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
 
 

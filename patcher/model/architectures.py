@@ -7,7 +7,7 @@ gives each tensor's residual axis. `extends` inherits another table: top-level k
 """
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from patcher.errors import PatcherError
@@ -16,8 +16,12 @@ TABLE_DIR = Path(__file__).parent / "tables"
 ROLES = ("embed", "attn_out", "mlp_out")
 POST_NORM_GAINS = {"one_plus_weight": 1.0, "weight": 0.0}  # g = offset + w
 _TOP_KEYS = {"model_type", "extends", "layers", "unembed", "tie_word_embeddings", "config", "prefixes",
-             "post_norm_gain", "embed", "writer", "inject"}
-_WRITER_KEYS = {"role", "weight", "bias", "residual_axis", "post_norm", "expert_axis"}
+             "post_norm_gain", "embed", "writer", "inject", "gguf"}
+_WRITER_KEYS = {"role", "weight", "bias", "residual_axis", "post_norm", "expert_axis",
+                "gguf", "gguf_bias", "gguf_residual_axis", "gguf_post_norm"}
+_GGUF_KEYS = {"arch", "rope_permuted", "norm_shift", "inject"}
+GGUF_LAYERS = "blk.{layer}."
+GGUF_UNEMBED = "output.weight"
 _INJECT_KEYS = {"bias", "hf_loads", "config_flag", "siblings"}
 
 
@@ -29,6 +33,16 @@ class Writer:
     bias: str | None = None
     post_norm: str | None = None
     expert_axis: int = 0  # for fused 3-D expert tensors [experts, ...]
+    gguf: tuple | None = None  # (weight, bias, post_norm, residual axis in GGUF order: ne0 first)
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp's converter stores this architecture: the GGUF `general.architecture`, and the
+    transforms it applies that a reader must undo (rope permutation of q/k rows, norm gains + 1)."""
+    arch: str
+    rope_permuted: bool = False
+    norm_shift: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,8 @@ class Architecture:
     post_norm_gain: str | None = None
     source: str = ""
     lineage: tuple[str, ...] = ()  # model_types of the tables this one extends, nearest first
+    gguf_layout: GGUFLayout | None = None
+    gguf: "Architecture | None" = None  # the same table with GGUF names and GGUF-order residual axes
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,41 @@ def _writer(path, entry, role=None) -> Writer:
     axis = entry.get("residual_axis")
     if not isinstance(weight, str) or not isinstance(axis, int):
         raise PatcherError(path, f"writer {entry!r} needs 'weight' (a name pattern) and 'residual_axis'")
-    return Writer(role, weight, axis, entry.get("bias"), entry.get("post_norm"), entry.get("expert_axis", 0))
+    g = None
+    if "gguf" in entry:
+        if not isinstance(entry["gguf"], str) or not isinstance(entry.get("gguf_residual_axis"), int):
+            raise PatcherError(path, f"writer {weight!r}: 'gguf' needs a name and 'gguf_residual_axis'")
+        g = (entry["gguf"], entry.get("gguf_bias"), entry.get("gguf_post_norm"), entry["gguf_residual_axis"])
+    return Writer(role, weight, axis, entry.get("bias"), entry.get("post_norm"), entry.get("expert_axis", 0),
+                  g)
+
+
+def _gguf_writer(w: Writer) -> Writer | None:
+    """A writer as GGUF stores it. numpy shapes are GGUF's ne reversed, so an axis counted from ne0
+    becomes ndim-1-axis; HF's per-expert tensors are one fused 3-D `_exps` tensor (experts first)."""
+    if w.gguf is None:
+        return None
+    name, bias, post, ne_axis = w.gguf
+    ndim = 3 if "{expert}" in w.weight else 2
+    return Writer(w.role, name, ndim - 1 - ne_axis, bias, post, 0)
+
+
+def _gguf_arch(path, a: "Architecture", d: dict) -> "Architecture | None":
+    g = d.get("gguf")
+    if g is None:
+        return None
+    if not isinstance(g, dict) or set(g) - _GGUF_KEYS or not isinstance(g.get("arch"), str):
+        raise PatcherError(path, f"bad [gguf] table {g!r}; keys: {sorted(_GGUF_KEYS)} ('arch' required)")
+    layout = GGUFLayout(g["arch"], bool(g.get("rope_permuted", False)), float(g.get("norm_shift", 0.0)))
+    embeds = tuple(x for x in map(_gguf_writer, a.embeds) if x is not None)
+    writers = tuple(x for x in map(_gguf_writer, a.writers) if x is not None)
+    inject = {t: InjectSlot(bias, True) for t, bias in (g.get("inject") or {}).items()}
+    gain = a.post_norm_gain
+    if gain is not None:  # a stored gain of 1 + w is the gain itself
+        offset = POST_NORM_GAINS[gain] - layout.norm_shift
+        gain = next(k for k, v in POST_NORM_GAINS.items() if v == offset)
+    return replace(a, layers=GGUF_LAYERS, unembed=GGUF_UNEMBED, embeds=embeds, writers=writers, inject=inject,
+                   prefixes=("",), post_norm_gain=gain, gguf_layout=layout)
 
 
 def load_table(path) -> Architecture:
@@ -123,7 +173,7 @@ def load_table(path) -> Architecture:
         inject[target] = InjectSlot(slot["bias"], bool(slot.get("hf_loads", False)), slot.get("config_flag"),
                                     tuple(slot.get("siblings", ())))
     cfg = d["config"]
-    return Architecture(
+    arch = Architecture(
         model_type=d["model_type"], layers=d["layers"], unembed=d["unembed"],
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         config_layers=cfg.get("layers", "num_hidden_layers"), config_d_model=cfg.get("d_model",
@@ -132,6 +182,25 @@ def load_table(path) -> Architecture:
         writers=tuple(_writer(path, w) for w in d["writer"]),
         inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path),
         lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]))
+    gg = _gguf_arch(path, arch, d)
+    if gg is None:
+        return arch
+    return replace(arch, gguf_layout=gg.gguf_layout, gguf=gg)
+
+
+def for_gguf_arch(gguf_arch: str, where) -> Architecture:
+    """The table whose [gguf] arch is this `general.architecture` (the one named like it first)."""
+    found = []
+    for mt in supported():
+        a = load_table(TABLE_DIR / f"{mt}.toml")
+        if a.gguf_layout and a.gguf_layout.arch == gguf_arch:
+            found.append(a)
+    if not found:
+        known = sorted({a.gguf_layout.arch for a in map(load_table, sorted(TABLE_DIR.glob("*.toml")))
+                        if a.gguf_layout})
+        raise PatcherError(where, f"GGUF architecture {gguf_arch!r} is not supported. Supported: "
+                                  f"{', '.join(known)}")
+    return next((a for a in found if a.model_type == gguf_arch), found[0])
 
 
 def supported() -> list[str]:

@@ -31,6 +31,9 @@ class LazyWeights(dict):
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         if dict.__contains__(self, name):
             return self[name][ids]
+        rows = getattr(self.model.ck.storage, "rows", None)
+        if rows is not None:  # a quantized store (GGUF) dequantizes just these rows
+            return rows(self.names[name], ids)
         uniq, inverse = np.unique(ids, return_inverse=True)
         table = self.model.ck.array(self.names[name])
         return decode(table[uniq])[inverse.reshape(ids.shape)]
@@ -41,7 +44,7 @@ class StreamedModel:
     (or anything `as_model` opens: a path, a hub repo id, an open checkpoint)."""
 
     def __init__(self, model, arch_table=None):
-        self.model: Model = as_model(model, arch_table)
+        self.model: Model = as_model(model, arch_table).forward_model()
         self.ck = self.model  # the storage interface, FP8 rule included
         self.model_type = self.model.model_type
         self.resolved = self.model.resolved

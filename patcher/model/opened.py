@@ -33,7 +33,18 @@ class Backend:
 
 
 # first match wins; safetensors (a folder or a .safetensors file) is the fallback and reports its own errors
-BACKENDS: list[Backend] = [Backend("safetensors", lambda p: True, Checkpoint)]
+def _is_gguf(path: Path) -> bool:
+    from patcher.io.gguf import is_gguf
+    return path.is_file() and is_gguf(path)
+
+
+def _open_gguf(path: Path):
+    from patcher.io.gguf import GGUFFile
+    return GGUFFile(path)
+
+
+BACKENDS: list[Backend] = [Backend("gguf", _is_gguf, _open_gguf),
+                           Backend("safetensors", lambda p: True, Checkpoint)]
 
 
 def open_storage(path: Path):
@@ -71,6 +82,11 @@ class Model:
                                              "hyperparameters), not a lone .safetensors file")
         self.arch = load_table(arch_table) if arch_table else for_model_type(storage.model_type,
                                                                             self.config_path)
+        if self.is_gguf:  # the same table under GGUF names (llama.cpp's), from its [gguf] section
+            if self.arch.gguf is None:
+                raise PatcherError(self.arch.source, "this architecture table has no [gguf] section "
+                                                     "(GGUF names)")
+            self.arch = self.arch.gguf
         self.resolved = resolve(self.arch, storage.tensors, storage.config, self.config_path)
         self._check_against_tensors()
 
@@ -99,6 +115,17 @@ class Model:
     def with_table(self, arch_table) -> "Model":
         """The same open storage under another architecture table."""
         return Model(self.storage, arch_table=arch_table, source=self.source, extra_inputs=self._extra_inputs)
+
+    @property
+    def is_gguf(self) -> bool:
+        return getattr(self.storage, "is_gguf", False)
+
+    def forward_model(self) -> "Model":
+        """What the forward pass runs: the model itself, or for a GGUF its HF-named float view."""
+        if not self.is_gguf:
+            return self
+        from patcher.io.gguf import HFView
+        return Model(HFView(self.storage), arch_table=self.arch.source, source=self.source)
 
     # --- the storage interface, delegated ------------------------------------------------------
     path = property(lambda self: self.storage.path)
