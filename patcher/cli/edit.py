@@ -105,6 +105,15 @@ def _summary(plan: Plan, report) -> None:
         out.print(f"[bold yellow]warning:[/] {w}", highlight=False)
 
 
+def _out(output, alternative):
+    """The path a command writes: -o, or the option that replaces it (--adapter, --control-vector)."""
+    return output if output is not None else alternative
+
+
+def _kind(path) -> str:
+    return "file" if path is not None and str(path).endswith(".gguf") else "folder"
+
+
 def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool, hash_files: bool = True) -> None:
     from patcher.edit.adapter import adapter_bytes, adapter_format, check, write_adapter
     fmt = adapter_format(target)
@@ -200,8 +209,9 @@ def register(app) -> None:
                     raise PatcherError("--from-study", "give both --from-study S.db and --trial N")
                 from patcher.search.run import plan_from_study
                 m = open_model(model, arch_table)
-                check_output(output if output is not None else adapter,
-                             [*m.input_paths, from_study, direction, arch_table], force=force)
+                check_output(_out(output, adapter),
+                             [*m.input_paths, from_study, direction, arch_table], force=force,
+                             kind=_kind(_out(output, adapter)))
                 write(plan_from_study(m, m.resolved, from_study, trial, Path(direction) if direction else None))
                 return
             if direction is None:
@@ -213,8 +223,9 @@ def register(app) -> None:
             from patcher.edit.directions import load_direction, spec_file
             from patcher.edit.plan import parse_layers, plan_ablation
             m = open_model(model, arch_table)
-            check_output(output if output is not None else adapter,
-                         [*m.input_paths, spec_file(direction), arch_table], force=force)
+            check_output(_out(output, adapter),
+                         [*m.input_paths, spec_file(direction), arch_table], force=force,
+                         kind=_kind(_out(output, adapter)))
             res = m.resolved
             d = load_direction(direction, res.d_model)
             write(plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
@@ -245,8 +256,9 @@ def register(app) -> None:
             from patcher.edit.directions import load_direction, spec_file
             from patcher.edit.plan import plan_injection
             m = open_model(model, arch_table)
-            check_output(output if output is not None else control_vector,
-                         [*m.input_paths, spec_file(direction), arch_table], force=force)
+            check_output(_out(output, control_vector),
+                         [*m.input_paths, spec_file(direction), arch_table], force=force,
+                         kind=_kind(_out(output, control_vector)))
             res = m.resolved
             d = load_direction(direction, res.d_model)
             if control_vector is not None:

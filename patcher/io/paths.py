@@ -142,6 +142,12 @@ def _marked_file(path: Path) -> bool:
         except (OSError, ValueError, RecursionError):
             return False
         return isinstance(data, dict) and "patcher" in data
+    if suffix == ".gguf":  # patcher's GGUF outputs (models, control vectors, LoRA) carry patcher.* keys
+        try:
+            from gguf import GGUFReader
+            return any(k.startswith("patcher.") for k in GGUFReader(str(path)).fields)
+        except Exception:  # noqa: BLE001 — not a readable GGUF: not ours
+            return False
     if suffix == ".npy":
         import numpy as np
         try:
