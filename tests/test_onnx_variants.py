@@ -208,7 +208,8 @@ def test_adding_variants_to_an_export(tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     res = run_cli("export", fixture_path("llama"), "-o", other, "--dtype", "int4", expect=1)
-    assert "--force" in res.output and (other / "notes.txt").read_text() == "mine"
+    # a user's folder is never replaced, not even with --force (only a previous patcher output is)
+    assert "refusing to replace it" in res.output and (other / "notes.txt").read_text() == "mine"
 
 
 def test_missing_variant_is_refused_not_replaced(tmp_path):

@@ -72,12 +72,13 @@ def register(app) -> None:
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
         def body():
-            from patcher.onnx.export import FILES, export as run_export
-            V.choice(dtype, tuple(FILES), "--dtype")
+            from patcher.onnx.export import export as run_export, parse_dtypes
+            parse_dtypes(dtype)  # comma-separated variants, each checked
             V.number(int4_block, "int4_block", "--int4-block")
             if int4_accuracy is not None:
                 V.number(int4_accuracy, "int4_accuracy", "--int4-accuracy")
-            check_output(output, [model], force=force)
+            # an export of the same source gains the missing variants (export checks the source)
+            check_output(output, [model], force=force, replace_ok=True)
             with err.status("exporting (weights stream from the checkpoint one tensor at a time)"):
                 run_export(model, output, dtype=dtype, force=force, opset=opset,
                            command=command_line(), int4_block=int4_block, int4_accuracy=int4_accuracy,

@@ -297,10 +297,11 @@ def verify(
     chat_template: bool = True,
     behaviour_tokens: int = 24,
     announce=None,
+    arch_table=None,
 ) -> VerifyReport:
     rep = VerifyReport(dtype, TOLERANCE[dtype])
     onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
-    exact = StreamedModel(Checkpoint(reference))
+    exact = StreamedModel(reference, arch_table)
     stored = stored_weights(onnx_dir, dtype)
     ref = StoredModel(Checkpoint(reference), stored) if stored else exact
     p = load_prompts(reference, prompts, chat_template)
