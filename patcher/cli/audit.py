@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from patcher.errors import PatcherError
-from patcher.cli.common import ARCH_TABLE_HELP, Interrupted, err, one_line, out
+from patcher.cli.common import ARCH_TABLE_HELP, guard, out
 from patcher.io.jsonsafe import dumps
 
 _SUFFIXES = {"--save-direction": ".npy", "--plot": ".svg"}
@@ -43,7 +43,7 @@ def register(app) -> None:
     ):
         """Look for directions the writers cannot write and for baked biases, with no base model.
         Exit code 0 no sign of an edit, 1 signs of one, 2 error."""
-        try:
+        def body():
             import numpy as np
             from patcher.edit.audit import audit, plot as write_plot, print_report
 
@@ -62,23 +62,9 @@ def register(app) -> None:
             if plot is not None:
                 write_plot(rep, plot)
                 rep.notes.append(f"plot written to {plot}")
-        except (KeyboardInterrupt, Interrupted):
-            err.print("[bold red]interrupted:[/] nothing was written")
-            raise typer.Exit(130)
-        except PatcherError as e:
-            err.print(f"[bold red]error:[/] {one_line(e)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except OSError as e:
-            err.print(f"[bold red]error:[/] {one_line(e.filename or '')}: {one_line(e.strerror or e)}",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except Exception as e:  # noqa: BLE001 - exit 1 means "edited": a crash must never look like that
-            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}",
-                      highlight=False,
-                      soft_wrap=True)
-            raise typer.Exit(2)
-        if as_json:
-            print(dumps(rep.to_json(), indent=2))
-        else:
-            print_report(rep, out)
-        raise typer.Exit(1 if rep.edited else 0)
+            if as_json:
+                print(dumps(rep.to_json(), indent=2))
+            else:
+                print_report(rep, out)
+            raise typer.Exit(1 if rep.edited else 0)
+        guard(body, interrupted="nothing was written", code=2)  # exit 1 means a finding

@@ -6,7 +6,7 @@ import typer
 
 from patcher.errors import PatcherError
 from patcher.io.jsonsafe import dumps
-from patcher.cli.common import Interrupted, err, one_line, out
+from patcher.cli.common import guard, out
 
 
 def _save_npy(path: Path, arr) -> None:
@@ -39,7 +39,7 @@ def register(app) -> None:
                                                 help="Replace --save-direction's file if patcher wrote it")):
         """Which tensors changed, how (relative size, rank), and the direction a rank-1 edit removed.
         Exit code 0 unchanged, 1 changed, 2 error."""
-        try:
+        def body():
             from patcher.edit.diff import diff, print_report
             from patcher.edit.directions import spec_file
             from patcher.io.paths import check_output
@@ -57,23 +57,9 @@ def register(app) -> None:
                     rep.notes.append(f"recovered direction written to {save_direction}")
                 else:
                     rep.notes.append("no direction was recovered: nothing written to --save-direction")
-        except (KeyboardInterrupt, Interrupted):
-            err.print("[bold red]interrupted:[/] nothing was written")
-            raise typer.Exit(130)
-        except PatcherError as e:
-            err.print(f"[bold red]error:[/] {one_line(e)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except OSError as e:
-            err.print(f"[bold red]error:[/] {one_line(e.filename or '')}: {one_line(e.strerror or e)}",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        except Exception as e:  # noqa: BLE001 — exit 1 means "changed": a crash must never look like that
-            err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)}",
-                      highlight=False,
-                      soft_wrap=True)
-            raise typer.Exit(2)
-        if as_json:
-            print(dumps(rep.to_json(), indent=2))
-        else:
-            print_report(rep, out)
-        raise typer.Exit(1 if rep.changed else 0)
+            if as_json:
+                print(dumps(rep.to_json(), indent=2))
+            else:
+                print_report(rep, out)
+            raise typer.Exit(1 if rep.changed else 0)
+        guard(body, interrupted="nothing was written", code=2)  # exit 1 means a finding
