@@ -9,6 +9,8 @@ before every run and outputs removed between runs, four ways to produce an edite
   * `patcher ablate SRC -d dir.npy -o OUT; sync` wall seconds (Python start-up included), the child's own
                                                  peak RSS and CPU seconds (os.wait4); sha256 manifest on,
                                                  with an empty digest cache (a first run on a new base)
+  * the same with the base's digests known       (the cache the previous default run left: every later edit
+                                                 of the same base hashes only what it writes)
   * the same with `--no-hash`                    (sizes instead of sha256 in the manifest)
   * HF (sizes up to --hf-max-gb): a child Python that imports torch + transformers, runs
         `AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)`, applies the same rank-1
@@ -217,13 +219,20 @@ def time_cp(src: Path, dst: Path) -> tuple[float, float, float]:
 
 
 def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path,
-                 extra: list[str]) -> tuple[float, float, float]:
-    """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds."""
+                 extra: list[str], known: Path) -> tuple[float, float, float]:
+    """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds.
+    Default and --no-hash runs start from an empty digest cache (a first run on a new base) and leave it in
+    `known`; "base digest known" runs start from that cache, as every later edit of the same base does."""
     with tempfile.TemporaryDirectory() as tmp:
-        # a fresh digest cache: every run hashes its input as a first run on a new base does
-        os.environ["PATCHER_CACHE"] = str(Path(tmp) / "cache")
-        r = _timed([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out), *extra],
-                   Path(tmp) / "patcher.log", "patcher")
+        cache = Path(tmp) / "cache"
+        if "known" in extra:
+            shutil.copytree(known, cache)
+        os.environ["PATCHER_CACHE"] = str(cache)
+        r = _timed([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out),
+                    *[a for a in extra if a != "known"]], Path(tmp) / "patcher.log", "patcher")
+        if "known" not in extra and "--no-hash" not in extra:
+            shutil.rmtree(known, ignore_errors=True)
+            shutil.copytree(cache, known)
     return r["total"], r["rss"], r["cpu"]
 
 
@@ -365,7 +374,8 @@ def compare_outputs(src: Path, pt_out: Path, hf_out: Path, direction: Path, n_la
     return worst
 
 
-METHODS = ("cp", "patcher", "patcher --no-hash", "hf")
+KNOWN = "patcher, base digest known"
+METHODS = ("cp", "patcher", KNOWN, "patcher --no-hash", "hf")
 TARGETS = {"patcher": 1.25, "patcher --no-hash": 1.1}  # wall / cp+sync at >= 4 GB
 RATIO_FROM_GB = 3.5
 
@@ -377,10 +387,10 @@ def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int, 
     runs = {m: [] for m in METHODS}
     ulps = []
     for rep in range(max(repeats, hf_repeats if hf_script else 0)):
-        kinds = (["cp", "patcher", "patcher --no-hash"] if rep < repeats else []) + (
+        kinds = (["cp", "patcher", KNOWN, "patcher --no-hash"] if rep < repeats else []) + (
             ["hf"] if hf_script and rep < hf_repeats else [])
         for kind in kinds:
-            dst = work / f"out-{kind.split()[-1]}"
+            dst = work / f"out-{kind.split()[-1] if kind != KNOWN else 'known'}"
             shutil.rmtree(dst, ignore_errors=True)
             subprocess.run(["sync"], check=True)
             warm(src)
@@ -390,7 +400,8 @@ def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int, 
                 runs["cp"].append({"wall": w, "rss": r, "cpu": cpu})
                 print(f"  {src.name}: cp+sync {w:.2f} s, peak RSS {r:.0f} MiB {load}", flush=True)
             elif kind.startswith("patcher"):
-                w, r, cpu = time_patcher(cmd, src, direction, dst, ["--no-hash"] if "no-hash" in kind else [])
+                flags = {"patcher": [], KNOWN: ["known"], "patcher --no-hash": ["--no-hash"]}[kind]
+                w, r, cpu = time_patcher(cmd, src, direction, dst, flags, work / "digest-cache")
                 runs[kind].append({"wall": w, "rss": r, "cpu": cpu})
                 print(f"  {src.name}: {kind} {w:.2f} s, cpu {cpu:.2f} s, peak RSS {r:.0f} MiB {load}",
                       flush=True)
@@ -501,7 +512,7 @@ def main(argv=None) -> int:
                     print(f"  patcher inspect {src.name}: {spread(extra['inspect'])} s", flush=True)
                 shutil.rmtree(src, ignore_errors=True)  # room on the disk for the next size
         finally:
-            for name in ("out-cp", "out-patcher", "out-no-hash", "out-hf"):  # left behind only if interrupted
+            for name in ("out-cp", "out-patcher", "out-known", "out-no-hash", "out-hf", "digest-cache"):  # left behind only if interrupted
                 shutil.rmtree(work / name, ignore_errors=True)
 
     run_in_workdir(args, "patcher-bench-", run, note=False)

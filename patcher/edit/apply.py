@@ -7,8 +7,10 @@ import contextlib
 import json
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +24,13 @@ from patcher_kernels.ortho_round import orthogonal_rounding
 from patcher_kernels.stream import ablate_blocks
 from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from patcher.io import manifest
+from patcher.io.allocator import keep_freed_blocks
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.model.opened import Model
 from patcher.io.writer import InputDigest, OutputFolder, OutTensor, ShardWriter
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
+AXIS0_CACHE = 64 << 20  # per shard in flight: a larger residual-axis-0 matrix is decoded twice instead
 _SATURATE = {"F16", "F8_E4M3", "F8_E5M2"}
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", *PICKLE_SUFFIXES)
 
@@ -83,7 +87,7 @@ class _Executor:
         """Yield (matrix index, residual axis, start, stop, edited float32 block)."""
         for i, (first, rows, axis) in enumerate(matrices(edit)):
             for s, e, out in ablate_blocks(self._reader(edit, first), rows, edit.q, axis, edit.scale,
-                                           edit.preserve, BLOCK_ROWS, stats):
+                                           edit.preserve, BLOCK_ROWS, stats, cache_bytes=AXIS0_CACHE):
                 yield i, axis, s, e, out
 
     def fp8_prepass(self, edit: TensorEdit) -> None:
@@ -186,7 +190,7 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
     return out
 
 
-SHARDS_IN_FLIGHT = 2  # shard k's reads, digests and writes drain while shard k+1 is computed
+SHARDS_IN_FLIGHT = 2  # shards written at once, each on its own thread (two cores stay busy)
 
 
 def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
@@ -196,6 +200,7 @@ def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
     """Write the edited checkpoint into `out` (atomically). With `hash_files`, the sha256 of every input
     and output shard is computed from the bytes as they stream (each input byte read once, each output
     byte written once); `shards_in_flight` = 1 finishes each shard before computing the next (same bytes)."""
+    keep_freed_blocks()
     with _one_blas_thread():
         return _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight)
 
@@ -216,25 +221,7 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
     t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
-    record = dumps(plan.record, sort_keys=True)  # no command line or time: outputs stay deterministic
     hasher = manifest.Hasher(enabled=hash_files)
-    in_flight: list[tuple[str, ShardWriter, str | None]] = []
-
-    def finish(fname: str, w: ShardWriter, identity: str | None) -> None:
-        try:
-            out_sha = w.finish()
-        finally:
-            w.close()
-        if not hash_files:
-            hasher.add(fname, ck.files[fname].path)
-            hasher.add("out/" + fname, w.path)
-            return
-        if w.input is not None:
-            hasher.set(fname, w.input_sha)
-            hasher.cache.remember(ck.files[fname].path, w.input_sha, identity)
-        hasher.set("out/" + fname, out_sha)
-        hasher.cache.remember(w.path, out_sha)  # the next recipe step reads this file: no re-hash there
-
     try:
         with OutputFolder(out, ck.input_paths, force=force) as tmp:
             shard_paths = {sf.path for sf in ck.files.values()}
@@ -246,38 +233,9 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
                 if edit.op == "project" and edit.fp8_scale:
                     ex.fp8_prepass(edit)
             layout = shard_layout(plan, ex)
-            for fname, tensors in layout.items():
-                if on_shard:
-                    on_shard(fname)
-                meta = dict(ck.files[fname].metadata)
-                meta.setdefault("format", "pt")
-                meta["patcher"] = record
-                sf = ck.files[fname]
-                digest, identity = None, None
-                if hash_files:
-                    known = hasher.known(sf.path)
-                    if known:
-                        hasher.set(fname, known)
-                    else:
-                        identity, digest = manifest.identity(sf.path), InputDigest(sf.path)
-                try:
-                    w = ShardWriter(tmp / fname, tensors, meta, on_bytes=progress, hash_out=hash_files,
-                                    input_digest=digest)
-                except BaseException:
-                    if digest is not None:
-                        digest.close()
-                    raise
-                in_flight.append((fname, w, identity))
-                sf.observer = w.seen if digest is not None else None
-                try:
-                    w.produce()
-                finally:
-                    sf.observer = None
-                report.bytes_written += sum(t.nbytes for t in tensors)
-                while len(in_flight) >= max(1, shards_in_flight):
-                    finish(*in_flight.pop(0))
-            while in_flight:
-                finish(*in_flight.pop(0))
+            report.bytes_written = sum(t.nbytes for ts in layout.values() for t in ts)
+            shards = _Shards(plan, tmp, hasher, progress, on_shard)
+            shards.run(layout, shards_in_flight)
             if ck.index_path is not None:
                 _write_index(ck, layout, tmp)
             report.skipped_files = _copy_side_files(ck, tmp, plan.config_updates)
@@ -285,6 +243,8 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
             digests = hasher.results()
             hub = _hub_cache_names(inputs, digests, hash_files, report)
             report.seconds = time.perf_counter() - t0
+            report.leakage = dict(sorted(report.leakage.items()))  # shards finish in any order
+            report.component = dict(sorted(report.component.items()))
             manifest.write(tmp, kind=plan.record.get("op", "edit"), command=command, record=plan.record,
                            inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
                            outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
@@ -295,11 +255,90 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
                            extra=({"hub_cache": hub, "warnings": report.warnings}
                                   if hub or report.warnings else None))
     except BaseException:
-        for _, w, _ in in_flight:
-            w.close()
         hasher.cancel()
         raise
     return report
+
+
+class _Shards:
+    """Writes the output shards, up to `in_flight` at once, each on its own thread: shards are
+    independent once the plan is made, so one shard's copy and digests run beside another's edit math
+    (numpy, hashlib and the file calls release the GIL). Each shard's bytes depend only on its own
+    tensors, so the output is the same for any number in flight."""
+
+    def __init__(self, plan: Plan, tmp: Path, hasher, progress, on_shard):
+        self.plan, self.ck, self.tmp, self.hasher = plan, plan.ck, tmp, hasher
+        self.progress, self.on_shard = progress, on_shard
+        self.record = dumps(plan.record, sort_keys=True)  # no command line or time: deterministic bytes
+        self.writers: dict[str, ShardWriter] = {}
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    def run(self, layout: dict[str, list[OutTensor]], in_flight: int) -> None:
+        with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="shard") as pool:
+            jobs = [pool.submit(self._one, fname, tensors) for fname, tensors in layout.items()]
+            try:
+                for job in jobs:  # in order: the first failure is reported
+                    self._record(*job.result())
+            except BaseException:  # a shard failed, or Ctrl-C / SIGTERM on this thread: stop the others
+                self.stop(jobs)
+                raise
+
+    def stop(self, jobs) -> None:
+        with self.lock:
+            self.stopped = True
+            for w in self.writers.values():
+                w.abort()
+        for job in jobs:
+            job.cancel()
+        wait(jobs)
+
+    def _one(self, fname: str, tensors: list[OutTensor]):
+        ck, sf = self.ck, self.ck.files[fname]
+        if self.on_shard:
+            self.on_shard(fname)
+        meta = dict(sf.metadata)
+        meta.setdefault("format", "pt")
+        meta["patcher"] = self.record
+        hashing = self.hasher.cache is not None
+        known = self.hasher.known(sf.path) if hashing else None
+        digest = InputDigest(sf.path) if hashing and not known else None
+        identity = manifest.identity(sf.path) if digest is not None else None
+        try:
+            w = ShardWriter(self.tmp / fname, tensors, meta, on_bytes=self.progress, hash_out=hashing,
+                            input_digest=digest)
+        except BaseException:
+            if digest is not None:
+                digest.close()
+            raise
+        try:
+            with self.lock:
+                if self.stopped:
+                    raise InterruptedError("stopped")
+                self.writers[fname] = w
+            sf.observer = w.seen if digest is not None else None
+            try:
+                w.produce()
+            finally:
+                sf.observer = None
+            out_sha = w.finish()
+        finally:
+            w.close()
+            with self.lock:
+                self.writers.pop(fname, None)
+        return fname, w.path, known or w.input_sha, out_sha, identity
+
+    def _record(self, fname, out_path, in_sha, out_sha, identity) -> None:
+        hasher, path = self.hasher, self.ck.files[fname].path
+        if hasher.cache is None:  # --no-hash: sizes
+            hasher.add(fname, path)
+            hasher.add("out/" + fname, out_path)
+            return
+        hasher.set(fname, in_sha)
+        if identity is not None:
+            hasher.cache.remember(path, in_sha, identity)
+        hasher.set("out/" + fname, out_sha)
+        hasher.cache.remember(out_path, out_sha)  # the next recipe step reads this file: no re-hash there
 
 
 def _hub_cache_names(inputs: list[Path], digests: dict, hashed: bool, report: Report) -> dict:

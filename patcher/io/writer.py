@@ -41,7 +41,7 @@ _COPY_CHUNK = 64 << 20  # copy_file_range fallback
 _CHUNK = 1 << 20  # untouched ranges pass the digests in chunks of this size (stays in the CPU cache)
 _HASH_SLICE = 1 << 20  # hash larger blocks in slices too (measured: 16 MiB slices ~30 % slower)
 _BUFFERS = 8  # reusable chunk buffers per output file
-_IN_FLIGHT = 32 << 20  # bytes of computed blocks and seen rows queued per output file
+_IN_FLIGHT = 16 << 20  # bytes of computed blocks and seen rows queued per output file
 
 
 @dataclass
@@ -270,15 +270,20 @@ class ShardWriter:
         _start_writeback(self.fd, 0, self.total)
         return self.out_sha.hexdigest() if self.out_sha else None
 
+    def abort(self) -> None:
+        """Make the threads and the producing caller stop soon (from any thread); close() still
+        releases the files, on the thread that owns them."""
+        self.errors.append(InterruptedError("writer stopped"))
+        self.to_reader.put(None)
+        self.to_writer.put(None)
+
     def close(self) -> None:
         """Stop the threads (after an error or interrupt too) and release the files."""
         if self._closed:
             return
         self._closed = True
         if any(t.is_alive() for t in self.threads):
-            self.errors.append(InterruptedError("writer stopped"))
-            self.to_reader.put(None)
-            self.to_writer.put(None)
+            self.abort()
             for t in self.threads:
                 t.join()
         os.close(self.fd)
@@ -318,6 +323,8 @@ class ShardWriter:
                 return
             kind = item[0]
             if kind == "data":
+                if self.out_sha is not None:
+                    _hash(self.out_sha, memoryview(item[2]).cast("B")[:item[3]])
                 self.to_writer.put(item)
             elif kind == "seen":
                 _, offset, raw, nbytes = item
@@ -347,6 +354,8 @@ class ShardWriter:
             _pread_into(sfd, buf[:n], src_off)
             if feed:
                 self.input.feed(src_off, buf[:n])
+            if self.out_sha is not None:  # the chunk is still in this core's cache: both digests here
+                _hash(self.out_sha, buf[:n])
             self.to_writer.put(("chunk", dst_off, buf, n))
             src_off, dst_off = src_off + n, dst_off + n
 
@@ -356,8 +365,6 @@ class ShardWriter:
                 return
             kind, offset, data, n = item
             view = memoryview(data).cast("B")[:n]
-            if self.out_sha is not None:
-                _hash(self.out_sha, view)
             if kind != "chunk" or self.copy != "range":
                 _pwrite_all(self.fd, view, offset)
             if kind == "chunk":
