@@ -201,7 +201,7 @@ def test_hub_cache_names_without_hashing(tmp_path, direction64):
 
 
 HEAVY = ("onnx", "onnxruntime", "tokenizers", "jinja2", "ml_dtypes", "numpy", "safetensors", "onnx_ir",
-         "rich.progress")
+         "rich.progress", "pydantic")  # pydantic: typer >= 0.29 builds adapters with it on every start
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["version"], ["ablate", "--help"]])
@@ -258,3 +258,31 @@ def test_copy_modes_write_the_same_bytes(tmp_path, small_chunks):
             assert digest == sha(tmp_path / mode) and w.input_sha == sha(src)
     assert got["kernel"] == got["range"] == got["read"]
     assert got["read"] != src.read_bytes() and len(got["read"]) == src.stat().st_size
+
+
+ALLOC_CHILD = """
+import resource, sys
+import numpy as np
+from patcher.io.allocator import keep_freed_blocks
+on = sys.argv[1] == "on" and keep_freed_blocks()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):  # what a streamed edit does per matrix: its row blocks (MiBs each) kept, then freed
+    blocks = [np.ones(3 << 18, np.float32) for _ in range(16)]
+    del blocks
+print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_row_blocks_are_reused_not_faulted_in_again():
+    faults = {}
+    for mode in ("off", "on"):
+        p = subprocess.run([sys.executable, "-c", ALLOC_CHILD, mode], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        applied, n = p.stdout.split()
+        assert applied == str(mode == "on")
+        faults[mode] = int(n)
+    per_round = 16 * (3 << 20) // 4096  # pages of one matrix's blocks
+    # glibc's default returns the freed heap top to the kernel, so every matrix faults its pages in anew
+    assert faults["off"] > 6 * per_round, faults
+    assert faults["on"] < 2 * per_round, faults  # the first matrix's pages, then reuse

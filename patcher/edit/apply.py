@@ -273,8 +273,10 @@ class _Shards:
         self.writers: dict[str, ShardWriter] = {}
         self.lock = threading.Lock()
         self.stopped = False
+        self.alone = False
 
     def run(self, layout: dict[str, list[OutTensor]], in_flight: int) -> None:
+        self.alone = len(layout) == 1 or in_flight == 1  # one file at a time: spread its digests
         with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="shard") as pool:
             jobs = [pool.submit(self._one, fname, tensors) for fname, tensors in layout.items()]
             try:
@@ -306,7 +308,7 @@ class _Shards:
         identity = manifest.identity(sf.path) if digest is not None else None
         try:
             w = ShardWriter(self.tmp / fname, tensors, meta, on_bytes=self.progress, hash_out=hashing,
-                            input_digest=digest)
+                            input_digest=digest, spread_digests=self.alone)
         except BaseException:
             if digest is not None:
                 digest.close()

@@ -3,18 +3,20 @@
 The header is written first (every output shape is known up front), then tensor data in file order.
 One output file is a pipeline of three threads, each handed its work in file order:
 
-  caller (main)  walks the tensors: queues untouched ranges as copy jobs (no bytes), computes edited
+  caller         walks the tensors: queues untouched ranges as copy jobs (no bytes), computes edited
                  tensors into encoded blocks, and reports the raw input rows the edit read (`seen`);
   reader         copies untouched ranges chunk by chunk (copy_file_range), reads each chunk back from
                  the page cache and feeds the input file's sha256 with it and with the rows the edit
                  read, in input order (a range nobody read, e.g. a bias read through mmap, is read here
-                 once more); hands chunks on;
-  writer         feeds the output file's sha256 with every byte of the file in order (header included)
-                 and writes the computed blocks.
+                 once more), and the output file's sha256 with every byte of the output in order
+                 (header and computed blocks included) while the chunk is still in this core's cache;
+  writer         writes the computed blocks (and, with `spread_digests`, feeds the output's sha256
+                 instead of the reader: for a file that runs alone, two busy threads beat one).
 
 So with hashing on, each input byte is read from disk once and each output byte written once, and the
-two digests run on two threads beside the edit math (hashlib, pread, pwrite and copy_file_range release
-the GIL). Without hashing, untouched ranges are copied by the kernel alone.
+digests run beside the edit math (hashlib, pread, pwrite and copy_file_range release the GIL); the
+caller writes several files at once (patcher.edit.apply). Without hashing, untouched ranges are copied
+by the kernel alone.
 Copy + read back ("range") against pread + pwrite through one buffer ("read"), 2 GiB with both digests,
 alternating runs on the shared 2-core box: range used 10-20 % less CPU and finished first in 4 of 4
 pairs (BENCHMARKS.md), 1 MiB chunks slightly ahead of 4 MiB.
@@ -200,11 +202,16 @@ class ShardWriter:
 
     def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str],
                  on_bytes: Callable[[int], None] | None = None, hash_out: bool = False,
-                 input_digest: InputDigest | None = None, copy: str | None = None):
+                 input_digest: InputDigest | None = None, copy: str | None = None,
+                 spread_digests: bool = False):
         self.path, self.tensors, self.on_bytes = Path(path), tensors, on_bytes
         self.header = header_bytes(tensors, metadata)
         self.total = len(self.header) + sum(t.nbytes for t in tensors)
-        self.out_sha = hashlib.sha256() if hash_out else None
+        sha = hashlib.sha256() if hash_out else None
+        # where the output digest runs: on the reader, right after the input digest read the same chunk
+        # (fewest CPU-s: ~1.3 GB/s hashing cache-hot bytes against ~1.0 cold, measured), or on the writer
+        # thread when this file is the only one in flight and the reader would be the one busy thread
+        self.out_sha, self.write_sha = (None, sha) if spread_digests else (sha, None)
         self.input = input_digest
         # "range" (kernel copy, then read back from the page cache for the digests) measured ahead
         # of "read" (pread + pwrite); see the module notes
@@ -268,7 +275,8 @@ class ShardWriter:
             t.join()
         self._check()
         _start_writeback(self.fd, 0, self.total)
-        return self.out_sha.hexdigest() if self.out_sha else None
+        sha = self.out_sha or self.write_sha
+        return sha.hexdigest() if sha else None
 
     def abort(self) -> None:
         """Make the threads and the producing caller stop soon (from any thread); close() still
@@ -365,6 +373,8 @@ class ShardWriter:
                 return
             kind, offset, data, n = item
             view = memoryview(data).cast("B")[:n]
+            if self.write_sha is not None:
+                _hash(self.write_sha, view)
             if kind != "chunk" or self.copy != "range":
                 _pwrite_all(self.fd, view, offset)
             if kind == "chunk":
