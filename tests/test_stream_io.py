@@ -286,3 +286,16 @@ def test_freed_row_blocks_are_reused_not_faulted_in_again():
     # glibc's default returns the freed heap top to the kernel, so every matrix faults its pages in anew
     assert faults["off"] > 6 * per_round, faults
     assert faults["on"] < 2 * per_round, faults  # the first matrix's pages, then reuse
+
+
+def test_allocator_tuning_is_skipped_where_there_is_no_glibc(monkeypatch):
+    import ctypes
+    from patcher.io import allocator
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert allocator.keep_freed_blocks() is False
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+
+    def no_libc(*a, **k):
+        raise OSError("no C library")
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    assert allocator.keep_freed_blocks() is False

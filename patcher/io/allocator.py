@@ -10,7 +10,7 @@ import ctypes
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
+MMAP_THRESHOLD = 32 << 20  # blocks below this come from the heap (a row block is a few MiB)
 TRIM_THRESHOLD = 256 << 20  # free heap top kept before it is returned
 
 
