@@ -7,10 +7,8 @@ import contextlib
 import json
 import math
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,8 @@ from patcher.io import manifest
 from patcher.io.allocator import keep_freed_blocks
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.model.opened import Model
-from patcher.io.writer import InputDigest, OutputFolder, OutTensor, ShardWriter
+from patcher.io.writer import OutputFolder, OutTensor
+from patcher.edit.shards import ShardRun
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
 # Residual-axis-0 matrices are read twice (QᵀW needs every row first). Keeping the first pass's float32
@@ -237,8 +236,7 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
                     ex.fp8_prepass(edit)
             layout = shard_layout(plan, ex)
             report.bytes_written = sum(t.nbytes for ts in layout.values() for t in ts)
-            shards = _Shards(plan, tmp, hasher, progress, on_shard)
-            shards.run(layout, shards_in_flight)
+            ShardRun(plan, tmp, hasher, progress, on_shard).run(layout, shards_in_flight)
             if ck.index_path is not None:
                 _write_index(ck, layout, tmp)
             report.skipped_files = _copy_side_files(ck, tmp, plan.config_updates)
@@ -261,89 +259,6 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
         hasher.cancel()
         raise
     return report
-
-
-class _Shards:
-    """Writes the output shards, up to `in_flight` at once, each on its own thread: shards are
-    independent once the plan is made, so one shard's copy and digests run beside another's edit math
-    (numpy, hashlib and the file calls release the GIL). Each shard's bytes depend only on its own
-    tensors, so the output is the same for any number in flight."""
-
-    def __init__(self, plan: Plan, tmp: Path, hasher, progress, on_shard):
-        self.plan, self.ck, self.tmp, self.hasher = plan, plan.ck, tmp, hasher
-        self.progress, self.on_shard = progress, on_shard
-        self.record = dumps(plan.record, sort_keys=True)  # no command line or time: deterministic bytes
-        self.writers: dict[str, ShardWriter] = {}
-        self.lock = threading.Lock()
-        self.stopped = False
-        self.alone = False
-
-    def run(self, layout: dict[str, list[OutTensor]], in_flight: int) -> None:
-        self.alone = len(layout) == 1 or in_flight == 1  # one file at a time: spread its digests
-        with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="shard") as pool:
-            jobs = [pool.submit(self._one, fname, tensors) for fname, tensors in layout.items()]
-            try:
-                for job in jobs:  # in order: the first failure is reported
-                    self._record(*job.result())
-            except BaseException:  # a shard failed, or Ctrl-C / SIGTERM on this thread: stop the others
-                self.stop(jobs)
-                raise
-
-    def stop(self, jobs) -> None:
-        with self.lock:
-            self.stopped = True
-            for w in self.writers.values():
-                w.abort()
-        for job in jobs:
-            job.cancel()
-        wait(jobs)
-
-    def _one(self, fname: str, tensors: list[OutTensor]):
-        ck, sf = self.ck, self.ck.files[fname]
-        if self.on_shard:
-            self.on_shard(fname)
-        meta = dict(sf.metadata)
-        meta.setdefault("format", "pt")
-        meta["patcher"] = self.record
-        hashing = self.hasher.cache is not None
-        known = self.hasher.known(sf.path) if hashing else None
-        digest = InputDigest(sf.path) if hashing and not known else None
-        identity = manifest.identity(sf.path) if digest is not None else None
-        try:
-            w = ShardWriter(self.tmp / fname, tensors, meta, on_bytes=self.progress, hash_out=hashing,
-                            input_digest=digest, spread_digests=self.alone)
-        except BaseException:
-            if digest is not None:
-                digest.close()
-            raise
-        try:
-            with self.lock:
-                if self.stopped:
-                    raise InterruptedError("stopped")
-                self.writers[fname] = w
-            sf.observer = w.seen if digest is not None else None
-            try:
-                w.produce()
-            finally:
-                sf.observer = None
-            out_sha = w.finish()
-        finally:
-            w.close()
-            with self.lock:
-                self.writers.pop(fname, None)
-        return fname, w.path, known or w.input_sha, out_sha, identity
-
-    def _record(self, fname, out_path, in_sha, out_sha, identity) -> None:
-        hasher, path = self.hasher, self.ck.files[fname].path
-        if hasher.cache is None:  # --no-hash: sizes
-            hasher.add(fname, path)
-            hasher.add("out/" + fname, out_path)
-            return
-        hasher.set(fname, in_sha)
-        if identity is not None:
-            hasher.cache.remember(path, in_sha, identity)
-        hasher.set("out/" + fname, out_sha)
-        hasher.cache.remember(out_path, out_sha)  # the next recipe step reads this file: no re-hash there
 
 
 def _hub_cache_names(inputs: list[Path], digests: dict, hashed: bool, report: Report) -> dict:
