@@ -122,7 +122,7 @@ def test_cli_errors_exit_2_and_never_write_inside_the_model(tmp_path):
     model = tmp_path / "m"
     shutil.copytree(fixture_path("llama"), model)
     r = run_cli("audit", model, "--plot", model / "s.svg", expect=2)
-    assert "inside the audited model" in r.output and not (model / "s.svg").exists()
+    assert f"is inside the model {model}" in r.output and not (model / "s.svg").exists()
     r = run_cli("audit", model, "--plot", tmp_path / "s.png", expect=2)
     assert "must end in .svg" in r.output
 

@@ -733,8 +733,8 @@ def test_every_command_every_kind(ws, exported, dirs_file, tmp_path):
 
 INTERRUPT_AT = {  # command -> (a function in the middle of its work, patched to raise Ctrl-C)
     "extract": "patcher.edit.directions.write_safetensors",
-    "ablate": "patcher.edit.apply.ShardWriter",
-    "inject": "patcher.edit.apply.ShardWriter",
+    "ablate": "patcher.edit.shards.ShardWriter",
+    "inject": "patcher.edit.shards.ShardWriter",
     "export": "patcher.onnx.export.build",
     "generate": "patcher.onnx.runtime.OnnxModel.generate",
     "verify": "patcher.onnx.verify.greedy_numpy",

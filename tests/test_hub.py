@@ -152,6 +152,16 @@ def test_output_inside_the_cache_is_refused(hub, tmp_path, direction64):
     assert not (blobs / "x").exists() and not (hub["snapshot"] / "x").exists()
 
 
+@pytest.mark.parametrize("command", ["diff", "audit"])
+def test_report_files_of_a_repo_id_may_not_land_in_its_cache(hub, tmp_path, command):
+    blobs = hub["snapshot"].parent.parent / "blobs"
+    models = [fixture_path("llama"), REPO] if command == "diff" else [REPO]
+    for target in (blobs / "r.npy", hub["snapshot"] / "r.npy", hub["snapshot"].parent / "r.npy"):
+        line = one_line(run_cli(command, *models, "--save-direction", target, "--force", expect=2))
+        assert line.startswith("error: --save-direction: ") and "inside" in line, line
+        assert not target.exists()
+
+
 def one_line(res) -> str:
     lines = res.output.strip().splitlines()
     assert len(lines) == 1, res.output

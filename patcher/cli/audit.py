@@ -5,28 +5,8 @@ from typing import Optional
 
 import typer
 
-from patcher.errors import PatcherError
-from patcher.cli.common import ARCH_TABLE_HELP, guard, out
+from patcher.cli.common import ARCH_TABLE_HELP, check_report_file, guard, out, save_direction as save
 from patcher.io.jsonsafe import dumps
-
-_SUFFIXES = {"--save-direction": ".npy", "--plot": ".svg"}
-
-
-def _check_output(option: str, path: Optional[Path], model: Path, inputs: list, force: bool) -> None:
-    from patcher.io.paths import check_output
-    if path is None:
-        return
-    if path.suffix != _SUFFIXES[option]:
-        raise PatcherError(option, f"{path}: must end in {_SUFFIXES[option]}")
-    from patcher.io.hub import locate
-    model, extra = locate(model)
-    folder = model if model.is_dir() else model.parent
-    target = path.resolve()
-    inside = any(p.resolve() == target or p.resolve() in target.parents for p in extra)
-    if inside or target == model.resolve() or folder.resolve() in target.parents:
-        raise PatcherError(option, f"{path} is inside the audited model; write it elsewhere")
-    check_output(path, inputs, force=force, kind="file", option=option)
-
 
 def register(app) -> None:
     @app.command("audit")
@@ -44,21 +24,13 @@ def register(app) -> None:
         """Look for directions the writers cannot write and for baked biases, with no base model.
         Exit code 0 no sign of an edit, 1 signs of one, 2 error."""
         def body():
-            import numpy as np
             from patcher.edit.audit import audit, plot as write_plot, print_report
-
-            from patcher.cli.diff import _save_npy
             from patcher.io.paths import check_distinct
-            for option, path in (("--save-direction", save_direction), ("--plot", plot)):
-                _check_output(option, path, model, [model, arch_table], force)
+            for option, path, suffix in (("--save-direction", save_direction, ".npy"), ("--plot", plot, ".svg")):
+                check_report_file(option, path, suffix, [model], [arch_table], force)
             check_distinct({"--save-direction": save_direction, "--plot": plot})
             rep = audit(model, arch_table)
-            if save_direction is not None:
-                if rep.direction is not None:
-                    _save_npy(save_direction, np.asarray(rep.direction, dtype=np.float32))
-                    rep.notes.append(f"recovered direction written to {save_direction}")
-                else:
-                    rep.notes.append("no direction was recovered: nothing written to --save-direction")
+            save(rep, save_direction)
             if plot is not None:
                 write_plot(rep, plot)
                 rep.notes.append(f"plot written to {plot}")

@@ -92,3 +92,42 @@ def progress():
 def command_line() -> str:
     import shlex
     return shlex.join(["patcher", *sys.argv[1:]])
+
+
+def check_report_file(option: str, path: Optional[Path], suffix: str, models: list, inputs: list,
+                      force: bool) -> None:
+    """A file that `diff` or `audit` writes beside its report: the right suffix, not inside any model's
+    folder (hub ids resolved first, so their cache entries count too), then the common output rule."""
+    if path is None:
+        return
+    if path.suffix != suffix:
+        raise PatcherError(option, f"{path}: must end in {suffix}")
+    from patcher.io.hub import locate
+    from patcher.io.paths import check_output
+    target, resolved = path.resolve(), []
+    for model in models:
+        local, extra = locate(model)
+        if any(p.resolve() == target or p.resolve() in target.parents for p in (local, *extra)):
+            raise PatcherError(option, f"{path} is inside the model {model}; write it elsewhere")
+        resolved += [local, *extra]
+    check_output(path, [*resolved, *inputs], force=force, kind="file", option=option)
+
+
+def save_direction(rep, path: Optional[Path]) -> None:
+    """Write a report's recovered direction (unit, float32) to `path` atomically and say so in its notes:
+    a hidden partial file renamed into place (np.save would append .npy to other names)."""
+    if path is None:
+        return
+    if rep.direction is None:
+        rep.notes.append("no direction was recovered: nothing written to --save-direction")
+        return
+    import numpy as np
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(rep.direction, dtype=np.float32))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    rep.notes.append(f"recovered direction written to {path}")
