@@ -277,7 +277,8 @@ print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_row_blocks_are_reused_not_faulted_in_again():
     faults = {}
     for mode in ("off", "on"):
-        p = subprocess.run([sys.executable, "-c", ALLOC_CHILD, mode], capture_output=True, text=True, timeout=60)
+        p = subprocess.run([sys.executable, "-c", ALLOC_CHILD, mode], capture_output=True, text=True,
+                           timeout=60)
         assert p.returncode == 0, p.stderr
         applied, n = p.stdout.split()
         assert applied == str(mode == "on")
@@ -299,3 +300,153 @@ def test_allocator_tuning_is_skipped_where_there_is_no_glibc(monkeypatch):
         raise OSError("no C library")
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     assert allocator.keep_freed_blocks() is False
+
+
+# --- patcher/edit/shards.py: shards written at once ------------------------------------------------
+
+def _plan(model_type, direction64):
+    return _plan_of(fixture_path(model_type), direction64)
+
+
+@pytest.mark.parametrize("model_type,window,spread,most", [
+    ("mixtral", 2, False, 2),  # two files at once: each keeps both digests on its reader (cache-hot)
+    ("mixtral", 1, True, 1),   # one at a time: the writer thread takes the output digest
+    ("llama-single", 2, True, 1),  # a one-file checkpoint runs alone whatever the window
+])
+def test_shards_in_flight_and_where_the_digests_run(model_type, window, spread, most, tmp_path,
+                                                    direction64, fresh_cache, monkeypatch):
+    import threading
+    from patcher.edit import shards
+    if model_type == "llama-single":
+        plan = _plan_of(_single_file(fixture_path("llama"), tmp_path / "single"), direction64)
+    else:
+        plan = _plan(model_type, direction64)
+    seen, alive, lock, gate = [], [0], threading.Lock(), threading.Barrier(2, timeout=2)
+
+    class Spy(writer.ShardWriter):
+        def __init__(self, *a, **k):
+            seen.append(k["spread_digests"])
+            super().__init__(*a, **k)
+
+        def produce(self):
+            with lock:
+                alive[0] += 1
+                most_seen.append(alive[0])
+            try:
+                gate.wait()  # two in flight meet here; one alone times out and goes on
+            except threading.BrokenBarrierError:
+                pass
+            super().produce()
+            with lock:
+                alive[0] -= 1
+    most_seen: list[int] = []
+    monkeypatch.setattr(shards, "ShardWriter", Spy)
+    apply.execute(plan, tmp_path / "out", shards_in_flight=window)
+    assert seen and set(seen) == {spread}
+    assert max(most_seen) == most
+
+
+def _plan_of(folder, direction64):
+    from patcher.edit.directions import load_direction
+    from patcher.edit.plan import plan_ablation
+    from patcher.model.opened import Model
+    ck = Model.open(folder)
+    return plan_ablation(ck, load_direction(str(direction64), ck.resolved.d_model), layers=None,
+                         roles=("embed", "attn_out", "mlp_out"), scale=1.0, preserve=None, untie=False)
+
+
+def test_a_shard_without_format_metadata_gets_pt(tmp_path, direction64):
+    from safetensors.numpy import save_file
+    src = tmp_path / "src"
+    shutil.copytree(fixture_path("llama"), src)
+    for f in src.glob("*.safetensors"):  # the same tensors, no __metadata__ at all
+        from safetensors.numpy import load_file
+        save_file(load_file(f), f)
+    run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "out", "--no-hash")
+    from safetensors import safe_open
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(f, "np") as h:
+            assert h.metadata()["format"] == "pt" and "patcher" in h.metadata()
+
+
+def test_no_hash_manifest_lists_every_shard_by_size(tmp_path, direction64):
+    out = tmp_path / "out"
+    run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", out, "--no-hash")
+    m = json.loads((out / manifest.MANIFEST).read_text())
+    assert m["outputs"] == {p.name: f"size:{p.stat().st_size}" for p in out.iterdir()
+                            if p.name != manifest.MANIFEST}
+    src = fixture_path("mixtral")
+    assert m["inputs"] == {p.name: f"size:{p.stat().st_size}" for p in src.iterdir() if p.is_file()}
+
+
+def test_an_edit_of_the_same_base_again_streams_no_input_digest(tmp_path, direction64, fresh_cache,
+                                                                monkeypatch):
+    src = fixture_path("mixtral")
+    run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "a")
+    made = []
+    orig = writer.InputDigest.__init__
+    monkeypatch.setattr(writer.InputDigest, "__init__", lambda self, p: made.append(p) or orig(self, p))
+    run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "b", "--scale", "0.5")
+    assert not made  # the first run remembered every input shard's sha256
+    m = json.loads((tmp_path / "b" / manifest.MANIFEST).read_text())
+    assert all(m["inputs"][p.name] == sha(p) for p in src.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("model_type", SHARDED)
+def test_edited_rows_feed_the_input_digest_as_they_are_read(model_type, tmp_path, direction64,
+                                                            fresh_cache, monkeypatch):
+    rereads = {}
+    orig = writer.InputDigest.finish
+    monkeypatch.setattr(writer.InputDigest, "finish",
+                        lambda self: (orig(self), rereads.setdefault(self.path, self.reread))[0])
+    run_cli("ablate", fixture_path(model_type), "-d", direction64, "-o", tmp_path / "out")
+    assert rereads
+    for path, n in rereads.items():  # read for the digest alone: the header, and 1-D tensors an edit
+        with open(path, "rb") as f:  # read through mmap (biases); every matrix byte passed on its way
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        vectors = sum(e - b for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 1
+                      for b, e in [v["data_offsets"]])
+        assert 8 + size <= n <= 8 + size + vectors, (path.name, n, size, vectors)
+
+
+def test_an_interrupt_in_one_shard_stops_the_other_and_leaves_nothing(tmp_path, direction64, fresh_cache,
+                                                                      monkeypatch):
+    import threading
+    import time as _time
+    from patcher.edit import shards
+    started, aborted = threading.Event(), []
+
+    class Slow(writer.ShardWriter):
+        def produce(self):
+            if self.path.name.startswith("model-00002"):
+                started.wait(5)
+                raise KeyboardInterrupt
+            started.set()
+            while not self.errors:  # shard 1 keeps working until it is told to stop
+                _time.sleep(0.01)
+            aborted.append(self.path.name)
+            self._check()
+
+    monkeypatch.setattr(shards, "ShardWriter", Slow)
+    plan = _plan("mixtral", direction64)
+    t0 = _time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        apply.execute(plan, tmp_path / "out", shards_in_flight=2)
+    assert aborted == ["model-00001-of-00002.safetensors"] and _time.perf_counter() - t0 < 5
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_writer_that_cannot_start_closes_the_input_it_opened(tmp_path, direction64, fresh_cache,
+                                                               monkeypatch):
+    from patcher.edit import shards
+    closed = []
+    orig = writer.InputDigest.close
+    monkeypatch.setattr(writer.InputDigest, "close", lambda self: closed.append(self.path) or orig(self))
+
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(shards, "ShardWriter", no_space)
+    with pytest.raises(OSError, match="No space"):
+        apply.execute(_plan("mixtral", direction64), tmp_path / "out", shards_in_flight=1)
+    assert closed and not list(tmp_path.iterdir())

@@ -26,7 +26,8 @@ def register(app) -> None:
         def body():
             from patcher.edit.audit import audit, plot as write_plot, print_report
             from patcher.io.paths import check_distinct
-            for option, path, suffix in (("--save-direction", save_direction, ".npy"), ("--plot", plot, ".svg")):
+            for option, path, suffix in (("--save-direction", save_direction, ".npy"),
+                                         ("--plot", plot, ".svg")):
                 check_report_file(option, path, suffix, [model], [arch_table], force)
             check_distinct({"--save-direction": save_direction, "--plot": plot})
             rep = audit(model, arch_table)

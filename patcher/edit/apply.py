@@ -109,7 +109,7 @@ class _Executor:
         qt = np.ascontiguousarray(q.T)  # [k, rows]: see residual_coefficients on transposed operands
         keep = 1.0 - edit.scale  # the share of the component the edit means to leave
         dev_sq, stored = 0.0, {}  # per matrix: (stored QᵀW' so far, original QᵀW)
-        carry: dict[int, np.ndarray] = {}  # per matrix: Qᵀ(stored − exact) of the row blocks written so far
+        carry: dict[int, np.ndarray] = {}  # per matrix: Qᵀ(stored − exact) of the blocks written so far
         for i, axis, s, e, out in self._projected_blocks(edit, stats):
             if edit.fp8_scale:
                 tile = self.new_scales[edit.name][s // BLOCK_ROWS: -(-e // BLOCK_ROWS)]

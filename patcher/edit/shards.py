@@ -6,7 +6,7 @@ file calls release the GIL). Each shard's bytes depend only on its own tensors: 
 for any number in flight (tests/test_stream_io.py).
 """
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from patcher.io import manifest
@@ -32,11 +32,17 @@ class ShardRun:
         with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="shard") as pool:
             jobs = [pool.submit(self._one, fname, tensors) for fname, tensors in layout.items()]
             try:
-                for job in jobs:  # in order: the first failure is reported
-                    self._record(*job.result())
+                pending = set(jobs)
+                while pending:  # the first shard to fail stops the others at once
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for job in done:
+                        if job.exception() is not None:
+                            raise job.exception()
             except BaseException:  # a shard failed, or Ctrl-C / SIGTERM on this thread: stop the others
                 self.stop(jobs)
                 raise
+        for job in jobs:  # in shard order
+            self._record(*job.result())
 
     def stop(self, jobs) -> None:
         with self.lock:
