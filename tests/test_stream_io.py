@@ -423,7 +423,9 @@ def test_an_interrupt_in_one_shard_stops_the_other_and_leaves_nothing(tmp_path, 
                 started.wait(5)
                 raise KeyboardInterrupt
             started.set()
+            deadline = _time.perf_counter() + 5
             while not self.errors:  # shard 1 keeps working until it is told to stop
+                assert _time.perf_counter() < deadline, "the failed shard did not stop the others"
                 _time.sleep(0.01)
             aborted.append(self.path.name)
             self._check()
