@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from patcher.errors import CheckpointError, PatcherError
+from patcher.io.safetensors import TensorInfo
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -84,22 +85,10 @@ QUANT_BITS = {
 
 
 @dataclass(frozen=True)
-class GGUFTensor:
-    name: str
-    dtype: str  # GGML type name: F32, F16, BF16, Q8_0, Q4_K, ...
-    shape: tuple[int, ...]  # numpy order (ne reversed)
-    file: Path
-    begin: int  # absolute byte offset
-    end: int
+class GGUFTensor(TensorInfo):
+    """A safetensors-like tensor entry: dtype is the GGML type name (F32, F16, BF16, Q8_0, Q4_K, ...),
+    shape in numpy order (GGUF's ne reversed)."""
     qtype: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -588,16 +577,7 @@ def load_tokenizer(g: GGUFFile):
     types = md.get("tokenizer.ggml.token_type") or []
     specials = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # CONTROL, USER_DEFINED
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    names = {}
-    for name, key in (
-        ("bos_token", "bos"),
-        ("eos_token", "eos"),
-        ("pad_token", "padding"),
-        ("unk_token", "unknown"),
-    ):
-        i = md.get(f"tokenizer.ggml.{key}_token_id")
-        if isinstance(i, int) and 0 <= i < len(tokens):
-            names[name] = tokens[i]
+    names = _special_names(md, tokens)
     add_bos = md.get("tokenizer.ggml.add_bos_token")
     if add_bos and "bos_token" in names:
         bos = names["bos_token"]

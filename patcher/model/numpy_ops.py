@@ -175,14 +175,16 @@ class NumpyOps:
         return np.broadcast_to(x, (x.shape[0], n, *x.shape[2:]))
 
     def attend(self, q, k, v, layer: int, scale: float, softcap: float | None, window: int | None):
+        """Causal attention of T queries over S >= T keys (the queries are the last T positions: S > T
+        when keys come from a decode cache); self.mask covers the S key positions."""
         B, H, T, hd = q.shape
-        kvh = k.shape[1]
+        kvh, S = k.shape[1], k.shape[2]
         # grouped-query attention without copying k/v: queries as [B, kv_heads, groups*T, hd]
         qg = q.reshape(B, kvh, (H // kvh) * T, hd)
-        scores = (qg @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, T) * F32(scale)
+        scores = (qg @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, S) * F32(scale)
         if softcap:
             scores = np.tanh(scores / F32(softcap)) * F32(softcap)
-        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        i, j = (S - T) + np.arange(T)[:, None], np.arange(S)[None, :]
         allowed = (j <= i) & self.mask[:, None, None, :]
         if window:
             allowed = allowed & (i - j < window)
@@ -190,7 +192,7 @@ class NumpyOps:
         scores = scores - scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
-        return (p.reshape(B, kvh, (H // kvh) * T, T) @ v).reshape(B, H, T, v.shape[-1])
+        return (p.reshape(B, kvh, (H // kvh) * T, S) @ v).reshape(B, H, T, v.shape[-1])
 
     def moe(self, x, router: str, top_k: int, normalize: bool, experts, grouped: dict | None = None):
         """Route each token to top_k experts. Softmax routing (Mixtral, Qwen) by default; `grouped`

@@ -86,6 +86,21 @@ def _views(sm: StreamedModel) -> dict:
     return out
 
 
+def present_outputs(ctx, dtype) -> list:
+    """The graph's present.N.key / present.N.value outputs, named and shaped as onnxruntime-genai and
+    transformers.js expect (the past length grows by the new tokens)."""
+    outs = []
+    for i, (k, v) in enumerate(ctx.present):
+        for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
+            val.name = f"present.{i}.{kind}"
+            val.type = ir.TensorType(dtype)
+            val.shape = ir.Shape(
+                ["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]]
+            )
+            outs.append(val)
+    return outs
+
+
 def build(
     sm: StreamedModel,
     weight_dtype=ir.DataType.FLOAT,
@@ -127,15 +142,7 @@ def build(
     vocab = src[embed][0][0]
     seq = "logits_sequence_length" if ctx.logits_to_keep is not None else "sequence_length"
     logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", seq, vocab])
-    outputs = [logits]
-    for i, (k, v) in enumerate(ctx.present):
-        for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
-            val.name = f"present.{i}.{kind}"
-            val.type = ir.TensorType(act)
-            val.shape = ir.Shape(
-                ["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]]
-            )
-            outputs.append(val)
+    outputs = [logits, *present_outputs(ctx, act)]
     opsets = {"": OPSET, **({"com.microsoft": 1} if quant else {})}
     graph = ir.Graph(
         ctx.inputs,

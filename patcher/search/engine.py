@@ -24,7 +24,7 @@ import numpy as np
 from patcher.edit.plan import Plan
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
-from patcher.model.numpy_ops import F32, NumpyOps, _NEG
+from patcher.model.numpy_ops import F32, NumpyOps
 
 
 @dataclass
@@ -218,22 +218,8 @@ class EditOps(NumpyOps):
         return logits * e.col if e.col is not None else logits
 
     def attend(self, q, k, v, layer, scale, softcap, window):
-        k, v = self._cached(layer, k, v)
-        B, H, T, hd = q.shape
-        kvh, S = k.shape[1], k.shape[2]
-        qg = q.reshape(B, kvh, (H // kvh) * T, hd)
-        scores = (qg @ k.transpose(0, 1, 3, 2)).reshape(B, H, T, S) * F32(scale)
-        if softcap:
-            scores = np.tanh(scores / F32(softcap)) * F32(softcap)
-        i, j = (S - T) + np.arange(T)[:, None], np.arange(S)[None, :]
-        allowed = (j <= i) & self.mask[:, None, None, :]
-        if window:
-            allowed = allowed & (i - j < window)
-        scores = np.where(allowed, scores, _NEG)
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        p = np.exp(scores)
-        p /= p.sum(axis=-1, keepdims=True)
-        return (p.reshape(B, kvh, (H // kvh) * T, S) @ v).reshape(B, H, T, v.shape[-1])
+        k, v = self._cached(layer, k, v)  # queries are the last positions of the cached keys
+        return super().attend(q, k, v, layer, scale, softcap, window)
 
     def _cached(self, layer, k, v):
         """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of

@@ -23,7 +23,7 @@ from patcher.errors import PatcherError
 from patcher.io.manifest import folder_identity
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
-from patcher.onnx.export import OPSET, _source, kv_shapes
+from patcher.onnx.export import OPSET, _source, kv_shapes, present_outputs
 from patcher.onnx.ops import FLOAT, Context, OnnxOps
 from patcher.onnx.runtime import PROVIDERS, available_providers
 
@@ -91,15 +91,7 @@ def build(sm: StreamedModel) -> ir.Model:
     logits = fw.head(EditOnnxOps(ctx, "", {}, 2 * L + 1, head_weight), sm.spec, sm.hp, x)
     logits.name = "logits"
     logits.type = ir.TensorType(FLOAT)
-    outputs = [logits]
-    for i, (k, v) in enumerate(ctx.present):
-        for kind, val, past in (("key", k, ctx.past[i][0]), ("value", v, ctx.past[i][1])):
-            val.name = f"present.{i}.{kind}"
-            val.type = ir.TensorType(FLOAT)
-            val.shape = ir.Shape(
-                ["batch_size", past.shape[1], "past_sequence_length + sequence_length", past.shape[3]]
-            )
-            outputs.append(val)
+    outputs = [logits, *present_outputs(ctx, FLOAT)]
     graph = ir.Graph(
         ctx.inputs,
         outputs,
