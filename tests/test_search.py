@@ -187,6 +187,18 @@ def test_cached_greedy_generation_matches_the_uncached_forward(model_type):
 
 # --- the in-forward edit equals the written checkpoint ------------------------------------------
 
+
+
+def train_prompts(P):
+    """--positive/--negative for the refusal fixture's training prompts."""
+    return ("--positive", P / "refusal-train-positive.txt", "--negative", P / "refusal-train-negative.txt")
+
+# one set of per-layer strength kernels (attention and MLP writers) shared by the trials below
+LAYER_KERNELS = {
+    "attn_out_peak": 0.9, "attn_out_center": 1.0, "attn_out_min_frac": 0.5, "attn_out_width": 2.0,
+    "mlp_out_peak": 1.2, "mlp_out_center": 2.0, "mlp_out_min_frac": 0.3, "mlp_out_width": 1.5,
+}
+
 CASES = [
     ("llama", "none"),
     ("olmo2", "none"),
@@ -207,14 +219,7 @@ def test_trial_in_the_forward_pass_equals_the_checkpoint_from_study(tmp_path, mo
     dirs = directions_file(tmp_path / "dirs.safetensors", L, d)
     free = {
         "direction_scope": "per_layer",
-        "attn_out_peak": 0.9,
-        "attn_out_center": 1.0,
-        "attn_out_min_frac": 0.5,
-        "attn_out_width": 2.0,
-        "mlp_out_peak": 1.2,
-        "mlp_out_center": 2.0,
-        "mlp_out_min_frac": 0.3,
-        "mlp_out_width": 1.5,
+        **LAYER_KERNELS,
         "embed_strength": 0.7,
     }
     fixed = {"embed": True, "norm_preserve": preserve}
@@ -292,10 +297,7 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
     args = [
         "search",
         model,
-        "--positive",
-        P / "refusal-train-positive.txt",
-        "--negative",
-        P / "refusal-train-negative.txt",
+        *train_prompts(P),
         "--eval-positive",
         P / "refusal-eval-positive.txt",
         "--eval-negative",
@@ -354,14 +356,7 @@ def test_onnx_engine_matches_the_numpy_engine_with_and_without_cache(tmp_path, m
     params = {
         "direction_scope": "global",
         "direction_index": 1.4,
-        "attn_out_peak": 0.9,
-        "attn_out_center": 1.0,
-        "attn_out_min_frac": 0.5,
-        "attn_out_width": 2.0,
-        "mlp_out_peak": 1.2,
-        "mlp_out_center": 2.0,
-        "mlp_out_min_frac": 0.3,
-        "mlp_out_width": 1.5,
+        **LAYER_KERNELS,
         "embed": True,
         "embed_strength": 0.7,
         "norm_preserve": "none",
@@ -398,10 +393,7 @@ def test_search_on_the_onnx_engine_runs_and_shows_the_space(refusal, tmp_path):
     r = run_cli(
         "search",
         model,
-        "--positive",
-        P / "refusal-train-positive.txt",
-        "--negative",
-        P / "refusal-train-negative.txt",
+        *train_prompts(P),
         "--show-space",
         "--space",
         "direction_scope=per_layer",
@@ -410,10 +402,7 @@ def test_search_on_the_onnx_engine_runs_and_shows_the_space(refusal, tmp_path):
     r = run_cli(
         "search",
         model,
-        "--positive",
-        P / "refusal-train-positive.txt",
-        "--negative",
-        P / "refusal-train-negative.txt",
+        *train_prompts(P),
         "--no-chat-template",
         "--tokens",
         "8",
@@ -436,10 +425,7 @@ def test_search_on_the_onnx_engine_runs_and_shows_the_space(refusal, tmp_path):
     run_cli(
         "search",
         model,
-        "--positive",
-        P / "refusal-train-positive.txt",
-        "--negative",
-        P / "refusal-train-negative.txt",
+        *train_prompts(P),
         "--engine",
         "tpu",
         expect=1,
