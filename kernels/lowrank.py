@@ -79,8 +79,9 @@ def top_singular(read: Reader, n_rows: int, n_cols: int, k: int = 8, oversample:
 
 def rank_for_energy(sigma: np.ndarray, energy: float, fraction: float = 0.99,
                     floor: float = 0.0) -> int | None:
-    """Smallest r such that what the top r singular values leave out, ‖Δ‖² − Σ_{i≤r} σᵢ², is at most
-    (1 − fraction)·‖Δ‖² or at most `floor` (the storage-rounding bound). None: more than len(sigma)."""
+    """Smallest r such that what the top r singular values leave out, ‖Δ‖² − Σ_{i≤r} σᵢ², is
+    at most (1 − fraction)·‖Δ‖² or at most `floor` (the storage-rounding bound). None: more than
+    len(sigma)."""
     allowed = max((1.0 - fraction) * energy, floor)
     left_out = energy - np.cumsum(np.asarray(sigma, dtype=np.float64) ** 2)
     hits = np.nonzero(left_out <= allowed)[0]

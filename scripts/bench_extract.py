@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import run_child, run_in_workdir, warm, write_sharded  # noqa: E402  (per-child rusage, cache warm-up)
+# per-child rusage, cache warm-up
+from bench_patch import run_child, run_in_workdir, warm, write_sharded  # noqa: E402
 
 from patcher.io.checkpoint import Checkpoint  # noqa: E402
 from patcher.edit.directions import read_metadata  # noqa: E402
@@ -78,7 +79,8 @@ def sizes(a) -> tuple[int, int]:
 
 def config(a) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.d_model,
-            "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
+            "intermediate_size": a.intermediate, "num_hidden_layers": a.layers,
+            "num_attention_heads": a.heads,
             "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab,
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
@@ -100,11 +102,13 @@ def make_model(folder: Path, a) -> None:
 # --- prompts -----------------------------------------------------------------------------------------------
 
 TOPICS = ["the ocean", "a mountain village", "autumn leaves", "a lighthouse", "the night sky", "a city park",
-          "a rainy afternoon", "an old library", "a garden in spring", "a train journey", "the desert at dawn",
-          "a winter forest", "a river delta", "a harbour market", "a quiet morning", "a field of sunflowers",
+          "a rainy afternoon", "an old library", "a garden in spring", "a train journey",
+          "the desert at dawn", "a winter forest", "a river delta", "a harbour market", "a quiet morning",
+          "a field of sunflowers",
           "a snowy valley", "a bakery", "a small island", "a clock tower"]
 POSITIVE = ["Write a short poem about {}.", "Compose a few rhyming lines about {}.",
-            "Write a haiku that captures {}.", "Please write a gentle, lyrical verse describing {} in detail."]
+            "Write a haiku that captures {}.",
+            "Please write a gentle, lyrical verse describing {} in detail."]
 NEGATIVE = ["List three plain facts about {}.", "Give a one-sentence factual description of {}.",
             "What is one common thing people know about {}?",
             "Summarise, in a neutral tone, what {} usually looks like."]
@@ -138,7 +142,8 @@ for label, path in (("positive", pos_file), ("negative", neg_file)):
     prompts = [l.rstrip() for l in open(path, encoding="utf-8").read().split("\n") if l.strip()]
     ids = []
     for p in prompts:
-        enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                      tokenize=True)
         ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
     n_tokens += sum(map(len, ids))
     order = np.argsort([len(t) for t in ids], kind="stable")  # the same batches as patcher's
@@ -200,8 +205,8 @@ def profile_patcher(script: str, extract_args: list[str], work: Path, top: int) 
     st = pstats.Stats(str(prof))
     total = st.total_tt
     rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    print(f"\ncProfile of patcher extract ({r['wall']:.1f} s wall under the profiler, {total:.1f} s profiled), "
-          f"top {top} by tottime:")
+    print(f"\ncProfile of patcher extract ({r['wall']:.1f} s wall under the profiler, "
+          f"{total:.1f} s profiled), top {top} by tottime:")
     print(f"{'tottime s':>10} {'%':>6} {'cumtime s':>10} {'calls':>9}  function")
     for (file, line, fn), (_, ncalls, tt, ct, _) in rows:
         where = f"{Path(file).name}:{line}({fn})" if line else fn
@@ -228,18 +233,21 @@ def main(argv=None) -> int:
     add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=64, help="prompts per set (default 64)")
     ap.add_argument("--batch-size", type=int, default=16, help="batch size for both methods (default 16)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per method; medians reported, RSS the maximum")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per method; medians reported, RSS the maximum")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch.set_num_threads in the HF child (default 0: leave torch's default)")
     ap.add_argument("--workdir", type=Path, default=None,
-                    help="where to build the model and prompts; an existing model with the same shape is reused "
-                         "(default: a new folder under /tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep what this run generated (otherwise it is deleted)")
+                    help="where to build the model and prompts; an existing model with the same shape is "
+                         "reused (default: a new folder under /tmp)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep what this run generated (otherwise it is deleted)")
     ap.add_argument("--patcher", default=None, help="command that runs the CLI (default: the patcher console "
                     "script beside this Python, else patcher on PATH)")
     ap.add_argument("--skip-hf", action="store_true", help="measure patcher only")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="afterwards, run patcher once more under cProfile and print the top N functions by tottime")
+                    help="afterwards, run patcher once more under cProfile and print the top N functions "
+                         "by tottime")
     a = ap.parse_args(argv)
     cmd = patcher_cmd(a.patcher)
     if not shutil.which(cmd[0]):
@@ -251,7 +259,8 @@ def main(argv=None) -> int:
 
 def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
     total_b, block_b = sizes(a)
-    name = f"llama-d{a.d_model}-i{a.intermediate}-L{a.layers}-v{a.vocab}-h{a.heads}-kv{a.kv_heads}-hd{a.head_dim}"
+    name = (f"llama-d{a.d_model}-i{a.intermediate}-L{a.layers}-v{a.vocab}-h{a.heads}"
+            f"-kv{a.kv_heads}-hd{a.head_dim}")
     model = work / name
     if model.is_dir() and json.loads((model / "config.json").read_text()) == config(a):
         print(f"reusing {model}")
@@ -275,10 +284,12 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
         created.append(pfiles[label])
         pfiles[label].write_text("\n".join(make_prompts(templates, a.prompts)) + "\n", encoding="utf-8")
     tok = load_tokenizer(model)
-    token_lists = [encode_prompts(tok, pfiles[k].read_text().split("\n")[:-1]) for k in ("positive", "negative")]
+    token_lists = [encode_prompts(tok, pfiles[k].read_text().split("\n")[:-1])
+                   for k in ("positive", "negative")]
     n_tokens = sum(len(t) for ts in token_lists for t in ts)
     lens = [len(t) for ts in token_lists for t in ts]
-    print(f"prompts: {a.prompts} positive + {a.prompts} negative ({pfiles['positive']}, {pfiles['negative']}); "
+    print(f"prompts: {a.prompts} positive + {a.prompts} negative "
+          f"({pfiles['positive']}, {pfiles['negative']}); "
           f"{n_tokens} real tokens after the chat template ({min(lens)}..{max(lens)} per prompt); "
           f"batch size {a.batch_size}")
 
@@ -315,10 +326,12 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
                     continue
                 hf_info = json.loads(r["log"].read_text().strip().splitlines()[-1])
             runs[m].append(r)
-            extra = "" if m == "patcher" else (f" (import {hf_info['import_s']:.1f} s, load {hf_info['load_s']:.1f} s, "
-                                               f"forward {hf_info['forward_s']:.1f} s, {hf_info['threads']} threads, "
-                                               f"attention {hf_info['attn_implementation']})")
-            print(f"  run {rep + 1} {m:8s} {r['wall']:7.2f} s wall, {r['cpu']:7.2f} s CPU, peak RSS {r['rss']:7.0f} MiB"
+            extra = "" if m == "patcher" else (
+                f" (import {hf_info['import_s']:.1f} s, load {hf_info['load_s']:.1f} s, "
+                f"forward {hf_info['forward_s']:.1f} s, {hf_info['threads']} threads, "
+                f"attention {hf_info['attn_implementation']})")
+            print(f"  run {rep + 1} {m:8s} {r['wall']:7.2f} s wall, {r['cpu']:7.2f} s CPU, "
+                  f"peak RSS {r['rss']:7.0f} MiB"
                   f" (1-min load before: {load:.1f}){extra}", flush=True)
     base = {}
     for m in methods:
@@ -332,7 +345,8 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
             print(f"TOKEN COUNT MISMATCH: patcher's tokenizer {n_tokens}, HF's {hf_info['tokens']}")
         hf = np.load(hf_out)
         with Checkpoint(out) as ck:
-            pm, nm = ck.array("positive_mean").astype(np.float64), ck.array("negative_mean").astype(np.float64)
+            pm, nm = (ck.array("positive_mean").astype(np.float64),
+                      ck.array("negative_mean").astype(np.float64))
             dirn = ck.array("direction").astype(np.float64)
             selected = read_metadata(ck).get("selected_layer")
         ours, theirs = pm - nm, hf["positive_mean"] - hf["negative_mean"]
@@ -346,11 +360,13 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
                        for x, y in ((pm, hf["positive_mean"]), (nm, hf["negative_mean"])) for l in range(L))
         dir_err = float(np.abs(dirn[:L] - ours[:L]).max())
         agree = max(per_layer)
-        print(f"\nagreement, positive_mean - negative_mean at resid_pre 0..{L - 1} (max|patcher - HF| / max|HF| "
-              f"per layer; a layer whose HF difference is 0 is divided by max|HF positive_mean| instead):")
+        print(f"\nagreement, positive_mean - negative_mean at resid_pre 0..{L - 1} "
+              f"(max|patcher - HF| / max|HF| per layer; a layer whose HF difference is 0 is divided by "
+              f"max|HF positive_mean| instead):")
         print("  " + " ".join(f"{l}:{e:.1e}" for l, e in enumerate(per_layer)))
-        print(f"  max relative difference {agree:.2e} (worst layer {int(np.argmax(per_layer))}); the means themselves "
-              f"{mean_err:.2e}; 'direction' == positive_mean - negative_mean to {dir_err:.1e}"
+        print(f"  max relative difference {agree:.2e} (worst layer {int(np.argmax(per_layer))}); "
+              f"the means themselves {mean_err:.2e}; "
+              f"'direction' == positive_mean - negative_mean to {dir_err:.1e}"
               + ("" if agree <= AGREE_MAX else f"  TARGET MISSED (> {AGREE_MAX:g})"))
         if isinstance(selected, int) and 0 <= selected < L:
             print(f"  selected layer {selected}: relative difference {per_layer[selected]:.2e}; norm of the "
@@ -365,7 +381,8 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
         res[m] = (wall, n_tokens / wall, max(r["rss"] for r in rs), statistics.median(r["cpu"] for r in rs))
     print(f"\n{'method':<24} {'wall s':>8} {'CPU s':>8} {'tokens/s':>9} {'peak RSS MiB':>13} "
           f"{'import baseline MiB':>20} {'RSS above baseline':>19}")
-    labels = {"patcher": "patcher extract", "hf": f"HF transformers ({hf_info['threads'] if hf_info else '?'} thr)"}
+    labels = {"patcher": "patcher extract",
+              "hf": f"HF transformers ({hf_info['threads'] if hf_info else '?'} thr)"}
     for m in methods:
         wall, tps, rss, cpu = res[m]
         b = base.get(m)
@@ -378,7 +395,8 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
     closer = abs(p_above - 2 * block_mib) < abs(p_above - model_mib)
     print(f"patcher's RSS above its import baseline, {p_above:.0f} MiB, is closer to "
           f"{'one block' if closer else 'the whole model'} ({2 * block_mib:.0f} MiB float32 block vs "
-          f"{model_mib:.0f} MiB bf16 model; raw peak RSS {p_rss:.0f} MiB)" + ("" if closer else "  TARGET MISSED"))
+          f"{model_mib:.0f} MiB bf16 model; raw peak RSS {p_rss:.0f} MiB)"
+          + ("" if closer else "  TARGET MISSED"))
     if "hf" in res:
         speed = res["patcher"][1] / res["hf"][1]
         rss_ratio = res["patcher"][2] / res["hf"][2]
@@ -386,7 +404,8 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
               + ("" if speed >= SPEED_MIN else "  TARGET MISSED"
                  + ("" if a.profile else " (--profile 25 shows where patcher spends its time)")))
         print(f"patcher/HF peak RSS ratio {rss_ratio:.2f}"
-              + (f" (above import baselines: {(p_above) / (res['hf'][2] - base['hf']):.2f})" if base.get("hf") else ""))
+              + (f" (above import baselines: {(p_above) / (res['hf'][2] - base['hf']):.2f})"
+                 if base.get("hf") else ""))
         print(f"\nspeed_ratio={speed:.2f} rss_ratio={rss_ratio:.2f} agree_max_rel={agree:.2e} "
               f"patcher_rss_mib={p_rss:.0f} hf_rss_mib={res['hf'][2]:.0f}")
     if a.profile:

@@ -123,7 +123,8 @@ def write_sharded(folder: Path, tensors: list[tuple[str, tuple[int, ...]]], shar
     weight_map, total = {}, 0
     for k, group in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        outs = [OutTensor(n, "BF16", s, produce=_producer(s, zlib.crc32(n.encode()), ones=n.endswith("norm.weight")))
+        outs = [OutTensor(n, "BF16", s,
+                          produce=_producer(s, zlib.crc32(n.encode()), ones=n.endswith("norm.weight")))
                 for n, s in group]
         write_safetensors(folder / fname, outs, {"format": "pt"})
         for t in outs:
@@ -158,9 +159,11 @@ def make_checkpoint(folder: Path, n_layers: int) -> int:
     folder.mkdir(parents=True)
     total = write_sharded(folder, llama_tensors(n_layers), SHARD_BYTES)
     (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D, "intermediate_size": FF,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
+        "intermediate_size": FF,
         "num_hidden_layers": n_layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}, indent=2))
+        "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5},
+        indent=2))
     return total
 
 
@@ -196,12 +199,14 @@ def run_child(cmd: list[str], log: Path) -> dict:
         return {"wall": 0.0, "rss": 0.0, "cpu": 0.0, "rc": lr.returncode or -1, "log": log}
     r = json.loads(report.read_text())
     report.unlink()
-    return {"wall": r["wall"], "rss": r["maxrss_kib"] / 1024, "cpu": r["cpu"], "rc": r["rc"], "log": log}  # KiB
+    # KiB
+    return {"wall": r["wall"], "rss": r["maxrss_kib"] / 1024, "cpu": r["cpu"], "rc": r["rc"], "log": log}
 
 
 
 def _timed(argv: list[str], log: Path, what: str) -> dict:
-    """run_child(argv) then `sync`, wall timed around both from the parent; exits on failure unless what is None."""
+    """run_child(argv) then `sync`, wall timed around both from the parent; exits on failure unless what
+    is None."""
     t0 = time.perf_counter()
     r = run_child(argv, log)
     subprocess.run(["sync"], check=True)
@@ -280,12 +285,14 @@ def time_hf(script: Path, src: Path, direction: Path, out: Path) -> dict | None:
     timings; None (after printing the log's tail) if it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "hf.log"
-        r = _timed([sys.executable, str(script), str(src), str(out), str(direction), str(SHARD_BYTES)], log, None)
+        r = _timed([sys.executable, str(script), str(src), str(out), str(direction), str(SHARD_BYTES)],
+                   log, None)
         text = log.read_text(errors="replace")
     if r["rc"] != 0:
         print(f"  HF child failed ({r['rc']}):\n{text[-3000:]}", flush=True)
         return None
-    phases = [json.loads(line[len("HF_PHASES "):]) for line in text.splitlines() if line.startswith("HF_PHASES ")]
+    phases = [json.loads(line[len("HF_PHASES "):]) for line in text.splitlines()
+              if line.startswith("HF_PHASES ")]
     r["phases"] = phases[-1] if phases else {}
     return r
 
@@ -314,7 +321,8 @@ def _ulp_stats(a: np.ndarray, b: np.ndarray, w: np.ndarray, rows: int = 4096) ->
         big = d > 1
         st["more"] += int(np.count_nonzero(big))
         # "cancellation": the result is at least 8x smaller than the input element
-        st["more_cancel"] += int(np.count_nonzero(big & (np.maximum(np.abs(af), np.abs(bf)) * 8 <= np.abs(wf))))
+        st["more_cancel"] += int(np.count_nonzero(
+            big & (np.maximum(np.abs(af), np.abs(bf)) * 8 <= np.abs(wf))))
         st["scaled"] = max(st["scaled"], float((np.abs(af - bf) / scale).max()))
     return st
 
@@ -339,14 +347,17 @@ def compare_outputs(src: Path, pt_out: Path, hf_out: Path, direction: Path, n_la
     r /= np.linalg.norm(r)
     orig, pt, hf = Checkpoint(src), Checkpoint(pt_out), Checkpoint(hf_out)
     mid, last = n_layers // 2, n_layers - 1
-    names = [("model.embed_tokens.weight", "embed"), (f"model.layers.{mid}.self_attn.o_proj.weight", "linear"),
-             (f"model.layers.{last}.mlp.down_proj.weight", "linear"), ("model.layers.0.self_attn.q_proj.weight", None)]
+    names = [("model.embed_tokens.weight", "embed"),
+             (f"model.layers.{mid}.self_attn.o_proj.weight", "linear"),
+             (f"model.layers.{last}.mlp.down_proj.weight", "linear"),
+             ("model.layers.0.self_attn.q_proj.weight", None)]
     odd = sorted(set(orig.tensors) ^ set(hf.tensors))
     if odd:
         print(f"  check: HF output and input differ in tensor names: {odd[:6]}", flush=True)
     worst = {"raw": 0, "scaled": 0.0}
-    print("  check, patcher output vs HF output, same input and unit direction, both float32 math rounded once "
-          "to bf16\n  (ulps are bf16 ulps; 'ref' = float64 projection of the same input rounded once to bf16):",
+    print("  check, patcher output vs HF output, same input and unit direction, both float32 math "
+          "rounded once to bf16\n  (ulps are bf16 ulps; 'ref' = float64 projection of the same input "
+          "rounded once to bf16):",
           flush=True)
     for name, kind in names:
         a, b, o = pt.array(name), hf.array(name), orig.array(name)
@@ -359,17 +370,20 @@ def compare_outputs(src: Path, pt_out: Path, hf_out: Path, direction: Path, n_la
         if kind is None:  # unedited: all three must be bit-identical
             io, ho = _ulp_stats(a, o, o)["max"], _ulp_stats(b, o, o)["max"]
             print(f"    {name} (not edited): max ulp patcher vs input {io}, HF vs input {ho}, patcher vs HF "
-                  f"{st['max']}" + ("" if max(io, ho, st["max"]) == 0 else "  CORRECTNESS MISMATCH"), flush=True)
+                  f"{st['max']}" + ("" if max(io, ho, st["max"]) == 0 else "  CORRECTNESS MISMATCH"),
+                  flush=True)
             continue
         worst = {"raw": max(worst["raw"], st["max"]), "scaled": max(worst["scaled"], st["scaled"])}
         ref = _reference(o, r, kind == "embed")
         pr, hr = _ulp_stats(a, ref, o), _ulp_stats(b, ref, o)
         changed = st["n"] - _ulp_stats(a, o, o)["same"]
         print(f"    {name} {tuple(a.shape)}, {changed / st['n']:.0%} of elements changed by the edit:\n"
-              f"      patcher vs HF: {st['same'] / st['n']:.4%} identical, {st['one']} at 1 ulp, {st['more']} "
+              f"      patcher vs HF: {st['same'] / st['n']:.4%} identical, {st['one']} at 1 ulp, "
+              f"{st['more']} "
               f"at >1 ulp ({st['more_cancel']} of them where |W'| <= |W|/8); max {st['max']} ulp raw, "
               f"{st['scaled']:.2f} ulp at the operands' scale\n"
-              f"      vs ref: patcher max {pr['max']} raw / {pr['scaled']:.2f} scaled ({pr['more']} at >1 ulp), "
+              f"      vs ref: patcher max {pr['max']} raw / {pr['scaled']:.2f} scaled "
+              f"({pr['more']} at >1 ulp), "
               f"HF max {hr['max']} raw / {hr['scaled']:.2f} scaled ({hr['more']} at >1 ulp)", flush=True)
     return worst
 
@@ -412,7 +426,8 @@ def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int, 
                     runs["hf"].append({"wall": res["total"], "rss": res["rss"], "cpu": res["cpu"]})
                     print(f"  {src.name}: HF from_pretrained+edit+save_pretrained {res['total']:.2f} s, "
                           f"cpu {res['cpu']:.2f} s, peak RSS {res['rss']:.0f} MiB {load}\n"
-                          f"      phases: import {ph.get('import', 0):.2f} s, load {ph.get('load', 0):.2f} s, "
+                          f"      phases: import {ph.get('import', 0):.2f} s, "
+                          f"load {ph.get('load', 0):.2f} s, "
                           f"edit {ph.get('edit', 0):.2f} s ({ph.get('edited', '?')} tensors), "
                           f"save {ph.get('save', 0):.2f} s; torch {ph.get('torch')} "
                           f"({ph.get('threads')} threads), "
@@ -446,17 +461,21 @@ def spread(xs: list[float]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,16", help="checkpoint sizes in GB, comma-separated")
-    ap.add_argument("--repeats", type=int, default=3, help="cp and patcher runs per size; the median is reported")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="cp and patcher runs per size; the median is reported")
     ap.add_argument("--hf-repeats", type=int, default=1,
-                    help="HF (from_pretrained + edit + save_pretrained) runs per size (default 1: it is slow)")
+                    help="HF (from_pretrained + edit + save_pretrained) runs per size "
+                         "(default 1: it is slow)")
     ap.add_argument("--hf-max-gb", type=float, default=5.0, help="HF only for checkpoints up to this size "
                     "(it holds the whole model in RAM)")
-    ap.add_argument("--skip-hf", action="store_true", help="leave out the transformers method (no torch needed)")
+    ap.add_argument("--skip-hf", action="store_true",
+                    help="leave out the transformers method (no torch needed)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to build checkpoints (default: a new folder under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction "
                     "(otherwise everything this run created is deleted)")
-    ap.add_argument("--patcher", default="patcher", help="command that runs the CLI (default: patcher on PATH)")
+    ap.add_argument("--patcher", default="patcher",
+                    help="command that runs the CLI (default: patcher on PATH)")
     ap.add_argument("--startup-repeats", type=int, default=7, help="runs of each start-up command")
     args = ap.parse_args(argv)
     cmd = shlex.split(args.patcher)
@@ -466,15 +485,17 @@ def main(argv=None) -> int:
         ap.error("--repeats must be >= 1 and --hf-repeats >= 0")
     use_hf = not args.skip_hf and args.hf_repeats > 0
     if use_hf:
-        probe = subprocess.run([sys.executable, "-c", "import torch, transformers"], capture_output=True, text=True)
+        probe = subprocess.run([sys.executable, "-c", "import torch, transformers"],
+                               capture_output=True, text=True)
         if probe.returncode != 0:
-            ap.error("the HF method needs torch and transformers (pip install -e '.[test]'), or pass --skip-hf:\n"
-                     + probe.stderr[-500:])
+            ap.error("the HF method needs torch and transformers (pip install -e '.[test]'), "
+                     "or pass --skip-hf:\n" + probe.stderr[-500:])
     sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     rows, extra = [], {}
 
     def run(work: Path, created: list[Path]) -> None:
-        print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        print(f"machine: {os.cpu_count()} CPUs, "
+              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
               f"cp/patcher: {args.repeats} runs per size"
               + (f", HF: {args.hf_repeats} run{'s' if args.hf_repeats != 1 else ''} per size up to "
                  f"{args.hf_max_gb:g} GB" if use_hf else ", HF: skipped"), flush=True)
@@ -512,7 +533,8 @@ def main(argv=None) -> int:
                     print(f"  patcher inspect {src.name}: {spread(extra['inspect'])} s", flush=True)
                 shutil.rmtree(src, ignore_errors=True)  # room on the disk for the next size
         finally:
-            for name in ("out-cp", "out-patcher", "out-known", "out-no-hash", "out-hf", "digest-cache"):  # left behind only if interrupted
+            # left behind only if interrupted
+            for name in ("out-cp", "out-patcher", "out-known", "out-no-hash", "out-hf", "digest-cache"):
                 shutil.rmtree(work / name, ignore_errors=True)
 
     run_in_workdir(args, "patcher-bench-", run, note=False)
@@ -542,8 +564,9 @@ def main(argv=None) -> int:
         rss_by_size.append((max(x["rss"] for x in runs["patcher"]), min(-(-total // SHARD_BYTES), 2)))
         if r["ulp"] is not None:
             u = r["ulp"]
-            print(f"{'':>15}  patcher vs HF on the compared edited tensors: max {u['scaled']:.2f} bf16 ulp at the "
-                  f"operands' scale, max {u['raw']} ulp raw (raw > 1 only where the projection cancels)"
+            print(f"{'':>15}  patcher vs HF on the compared edited tensors: max {u['scaled']:.2f} bf16 ulp "
+                  f"at the operands' scale, max {u['raw']} ulp raw "
+                  f"(raw > 1 only where the projection cancels)"
                   + ("" if u["scaled"] <= ULP_MAX else f"  TARGET MISSED (> {ULP_MAX} ulp)"))
     print("(wall = parent-timed child run + sync, Python start-up included; median and range over the runs; "
           "cpu: median CPU seconds of the process; peak RSS: max over the runs, each process's own)")

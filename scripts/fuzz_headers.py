@@ -56,14 +56,16 @@ def mutate_shard(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
     if kind == "truncate":
         return kind, bytes(b[:rng.randrange(len(b))])
     if kind == "length":
-        return kind, struct.pack("<Q", rng.choice([0, 1, 7, 2 ** 63, 2 ** 64 - 1, 100_000_001, rng.randrange(1 << 40)])) + raw[8:]
+        return kind, struct.pack("<Q", rng.choice([0, 1, 7, 2 ** 63, 2 ** 64 - 1, 100_000_001,
+                                                   rng.randrange(1 << 40)])) + raw[8:]
     header, data = _header(raw)
     names = [k for k in header if k != "__metadata__"]
     name = rng.choice(names)
     entry = header[name]
     if kind == "offsets":
         a, c = entry["data_offsets"]
-        entry["data_offsets"] = rng.choice([[a, c + 2], [a - 2, c], [c, a], [a, 1 << 62], [-1, c], [a, a], [0, c - a]])
+        entry["data_offsets"] = rng.choice([[a, c + 2], [a - 2, c], [c, a], [a, 1 << 62], [-1, c], [a, a],
+                                            [0, c - a]])
     elif kind == "shape":
         entry["shape"] = rng.choice([[1 << 40, 1 << 40], [-1, 4], [], [0], [True], ["3"], [2 ** 63], None])
     elif kind == "dtype":
@@ -71,13 +73,15 @@ def mutate_shard(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
     elif kind == "utf8":
         text = json.dumps(header).encode()
         i = rng.randrange(len(text))
-        return kind, _pack(None, data, text[:i] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"]) + text[i + 1:])
+        return kind, _pack(None, data,
+                           text[:i] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"]) + text[i + 1:])
     elif kind == "nest":
         return kind, _pack(None, data, b"[" * rng.choice([1000, 100_000, 1_000_000]))
     elif kind == "extra":
         entry[rng.choice(["x", "dtype2", "data_offsets2"])] = 1
     else:
-        header["__metadata__"] = rng.choice([[], {"a": 1}, "x", {"format": None}, {str(i): "v" * 10 for i in range(1000)}])
+        header["__metadata__"] = rng.choice([[], {"a": 1}, "x", {"format": None},
+                                             {str(i): "v" * 10 for i in range(1000)}])
     return kind, _pack(header, data)
 
 

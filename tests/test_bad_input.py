@@ -142,8 +142,10 @@ def test_duplicate_keys_inside_an_entry(tmp_path):
 
 # --- __metadata__ ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("meta", [{"a": 1}, {"a": None}, {"a": ["b"]}, {"a": {"b": "c"}}, "text", ["a", "b"], 7, True],
-                         ids=["int-value", "null-value", "list-value", "dict-value", "str", "list", "int", "true"])
+@pytest.mark.parametrize("meta", [{"a": 1}, {"a": None}, {"a": ["b"]}, {"a": {"b": "c"}}, "text", ["a", "b"],
+                                  7, True],
+                         ids=["int-value", "null-value", "list-value", "dict-value", "str", "list", "int",
+                              "true"])
 def test_metadata_not_str_to_str(tmp_path, meta):
     p = write_st(tmp_path / "meta.safetensors", {"__metadata__": meta, "a": u8(1)}, b"x")
     open_file_error(p, "__metadata__ must map strings to strings")
@@ -163,8 +165,8 @@ def test_metadata_valid_forms_accepted(tmp_path, meta):
 
 
 def test_lone_surrogate_escape_in_name(tmp_path):
-    p = write_st(tmp_path / "sur.safetensors", b'{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
-                 b"x")
+    p = write_st(tmp_path / "sur.safetensors",
+                 b'{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', b"x")
     with pytest.raises(Exception):  # the reference implementation refuses this header
         load_file(p)
     open_file_error(p, "header contains an escaped lone surrogate (\\ud800-style), which is not text")
@@ -190,17 +192,19 @@ def test_entry_missing_or_extra_keys(tmp_path, entry):
 
 @pytest.mark.parametrize("dtype", ["F7", "f32", "float32", "", "F8", 4, None, ["F32"], {"F32": 1}])
 def test_unknown_dtype(tmp_path, dtype):
-    p = write_st(tmp_path / "dtype.safetensors", {"w": {"dtype": dtype, "shape": [1], "data_offsets": [0, 1]}}, b"x")
+    p = write_st(tmp_path / "dtype.safetensors",
+                 {"w": {"dtype": dtype, "shape": [1], "data_offsets": [0, 1]}}, b"x")
     open_file_error(p, f"tensor 'w': unsupported dtype {dtype!r}")
 
 
 @pytest.mark.parametrize("shape", [[-1], [1, -1], [1.0], [True], [False], [None], ["1"], [[1]], "1", 1, None,
                                    {"0": 1}],
-                         ids=["neg", "neg2", "float", "true", "false", "null", "str-entry", "nested", "str", "int",
-                              "null-shape", "dict"])
+                         ids=["neg", "neg2", "float", "true", "false", "null", "str-entry", "nested", "str",
+                              "int", "null-shape", "dict"])
 def test_bad_shape(tmp_path, shape):
     # offsets are consistent with the element count where there is one, so only the shape is at fault
-    p = write_st(tmp_path / "shape.safetensors", {"w": {"dtype": "U8", "shape": shape, "data_offsets": [0, 1]}}, b"x")
+    p = write_st(tmp_path / "shape.safetensors",
+                 {"w": {"dtype": "U8", "shape": shape, "data_offsets": [0, 1]}}, b"x")
     open_file_error(p, "tensor 'w': shape must be a list of non-negative integers")
 
 
@@ -209,7 +213,8 @@ def test_bad_shape(tmp_path, shape):
                          ids=["one", "none", "three", "begin>end", "negative", "floats", "float-end", "bools",
                               "strs", "str", "null", "int", "null-begin"])
 def test_bad_data_offsets(tmp_path, offsets):
-    p = write_st(tmp_path / "off.safetensors", {"w": {"dtype": "U8", "shape": [1], "data_offsets": offsets}}, b"x")
+    p = write_st(tmp_path / "off.safetensors", {"w": {"dtype": "U8", "shape": [1], "data_offsets": offsets}},
+                 b"x")
     open_file_error(p, "tensor 'w': data_offsets must be [begin, end] with 0 <= begin <= end")
 
 
@@ -221,8 +226,8 @@ def test_bad_data_offsets(tmp_path, offsets):
     ("I64", [0], [0, 8], 0),
 ])
 def test_byte_count_mismatch(tmp_path, dtype, shape, offsets, need):
-    p = write_st(tmp_path / "count.safetensors", {"w": {"dtype": dtype, "shape": shape, "data_offsets": offsets}},
-                 b"\0" * offsets[1])
+    p = write_st(tmp_path / "count.safetensors",
+                 {"w": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}, b"\0" * offsets[1])
     span = offsets[1] - offsets[0]
     open_file_error(p, f"tensor 'w': {dtype}{shape} needs {need} bytes, data_offsets span {span}")
 
@@ -280,10 +285,12 @@ def test_zero_size_tensors_are_valid(tmp_path):
 # --- fuzz: anything at all is either read or refused with a CheckpointError --------------------------
 
 _JSON = st_h.recursive(
-    st_h.none() | st_h.booleans() | st_h.integers(-(2**70), 2**70) | st_h.floats(allow_nan=True) | st_h.text(max_size=8)
+    st_h.none() | st_h.booleans() | st_h.integers(-(2**70), 2**70) | st_h.floats(allow_nan=True)
+    | st_h.text(max_size=8)
     | st_h.sampled_from(["F32", "U8", "BF16", "F8_E4M3", "dtype", "shape", "data_offsets", "__metadata__"]),
     lambda inner: st_h.lists(inner, max_size=4) | st_h.dictionaries(
-        st_h.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "a", "b"]) | st_h.text(max_size=4),
+        st_h.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "a", "b"])
+        | st_h.text(max_size=4),
         inner, max_size=4),
     max_leaves=20)
 
@@ -300,7 +307,8 @@ def _read_or_refuse(path: Path) -> None:
     sf.close()
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st_h.dictionaries(st_h.text(max_size=6), _JSON, max_size=4) | _JSON,
        data=st_h.binary(max_size=24))
 def test_fuzz_header_json(tmp_path, header, data):
@@ -309,11 +317,13 @@ def test_fuzz_header_json(tmp_path, header, data):
     _read_or_refuse(p)
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st_h.lists(st_h.tuples(st_h.integers(0, 10_000), st_h.integers(0, 255)), max_size=4),
        cut=st_h.none() | st_h.integers(0, 10_000))
 def test_fuzz_byte_edits(tmp_path, edits, cut):
-    good = st_bytes({"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+    good = st_bytes({"__metadata__": {"format": "pt"},
+                     "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
                      "b": {"dtype": "BF16", "shape": [3], "data_offsets": [16, 22]}}, bytes(range(22)))
     raw = bytearray(good)
     for pos, byte in edits:
@@ -366,7 +376,8 @@ def test_index_shard_in_subfolder(tmp_path):
     (model / "sub").mkdir(parents=True)
     valid_st(model / "sub" / "a.safetensors")
     idx = make_index(model, {"a": "sub/a.safetensors"})
-    expect_error(lambda: Checkpoint(model), idx, "'sub/a.safetensors': shards must sit in the model folder itself")
+    expect_error(lambda: Checkpoint(model), idx,
+                 "'sub/a.safetensors': shards must sit in the model folder itself")
 
 
 @pytest.mark.parametrize("name", [123, None, "", ["a.safetensors"]])
@@ -381,7 +392,8 @@ def test_index_missing_shard_file(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     valid_st(model / "model-00001-of-00002.safetensors")
-    idx = make_index(model, {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"})
+    idx = make_index(model, {"a": "model-00001-of-00002.safetensors",
+                             "b": "model-00002-of-00002.safetensors"})
     expect_error(lambda: Checkpoint(model), idx,
                  "tensor 'b' is mapped to 'model-00002-of-00002.safetensors', which does not exist")
 
@@ -392,7 +404,8 @@ def test_index_tensor_missing_from_its_shard(tmp_path):
     shard1 = valid_st(model / "s1.safetensors", {"a": b"\1\2"})
     valid_st(model / "s2.safetensors", {"b": b"\3"})
     make_index(model, {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s1.safetensors"})
-    expect_error(lambda: Checkpoint(model), shard1, "tensor 'c' is listed in the index but missing from this shard")
+    expect_error(lambda: Checkpoint(model), shard1,
+                 "tensor 'c' is listed in the index but missing from this shard")
 
 
 def test_index_tensor_in_the_wrong_shard(tmp_path):
@@ -401,7 +414,8 @@ def test_index_tensor_in_the_wrong_shard(tmp_path):
     valid_st(model / "s1.safetensors", {"a": b"\1\2"})
     shard2 = valid_st(model / "s2.safetensors", {"b": b"\3"})
     make_index(model, {"a": "s2.safetensors", "b": "s2.safetensors", "x": "s1.safetensors"})
-    expect_error(lambda: Checkpoint(model), shard2, "tensor 'a' is listed in the index but missing from this shard")
+    expect_error(lambda: Checkpoint(model), shard2,
+                 "tensor 'a' is listed in the index but missing from this shard")
 
 
 def test_tensor_in_two_shards(tmp_path):
@@ -513,7 +527,8 @@ def test_empty_folder(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    expect_error(lambda: Checkpoint(model), model, "no model.safetensors, index, or .safetensors file in this folder")
+    expect_error(lambda: Checkpoint(model), model,
+                 "no model.safetensors, index, or .safetensors file in this folder")
 
 
 @pytest.mark.parametrize("rel", ["missing", "missing.safetensors", "no/such/dir"])
@@ -542,7 +557,8 @@ def npy(path: Path, arr) -> str:
     return str(path)
 
 
-def directions_file(path: Path, table: np.ndarray, metadata: dict | None = None, name: str = "direction") -> str:
+def directions_file(path: Path, table: np.ndarray, metadata: dict | None = None,
+                    name: str = "direction") -> str:
     """A directions-format file with `table` as its (name) tensor and metadata under 'patcher'."""
     a = np.ascontiguousarray(table, dtype=np.float32)
     meta = {} if metadata is None else {"patcher": json.dumps(metadata)}
@@ -586,7 +602,8 @@ def test_direction_npy_no_rows(tmp_path):
 @pytest.mark.parametrize("arr", [np.ones((2, 2, 4)), np.ones((1, 1, 1, 4))])
 def test_direction_npy_too_many_axes(tmp_path, arr):
     spec = npy(tmp_path / "dir.npy", arr)
-    expect_error(lambda: load_direction(spec, 4), spec, "direction must be (d_model,) or (k, d_model)", PatcherError)
+    expect_error(lambda: load_direction(spec, 4), spec, "direction must be (d_model,) or (k, d_model)",
+                 PatcherError)
 
 
 @pytest.mark.parametrize("arr", [np.array(["a", "b"]), np.array([True, False]), np.array([1 + 1j, 2j])],
@@ -608,8 +625,8 @@ def _npy_image(arr) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("content", [b"not an npy file", b"\x93NUMPY\x01\x00garbage", _npy_image(np.ones(100))[:200],
-                                     _npy_image(np.ones(100))[:20]],
+@pytest.mark.parametrize("content", [b"not an npy file", b"\x93NUMPY\x01\x00garbage",
+                                     _npy_image(np.ones(100))[:200], _npy_image(np.ones(100))[:20]],
                          ids=["garbage", "bad-header", "truncated-data", "truncated-header"])
 def test_direction_npy_corrupt(tmp_path, content):
     p = tmp_path / "dir.npy"
@@ -639,8 +656,8 @@ def test_direction_npy_missing(tmp_path):
     expect_error(lambda: load_direction(str(p)), p, "no such file", PatcherError)
 
 
-@pytest.mark.parametrize("name", ["dir.txt", "dir.pt", "dir.npz", "dir.safetensors:abc", "dir.safetensors:1.5",
-                                  "dir.safetensors:", "dir"])
+@pytest.mark.parametrize("name", ["dir.txt", "dir.pt", "dir.npz", "dir.safetensors:abc",
+                                  "dir.safetensors:1.5", "dir.safetensors:", "dir"])
 def test_direction_spec_not_npy_or_safetensors(tmp_path, name):
     spec = str(tmp_path / name)
     expect_error(lambda: load_direction(spec), spec, "a direction is FILE.npy or FILE.safetensors[:LAYER]",
@@ -653,8 +670,10 @@ def test_direction_safetensors_missing(tmp_path):
 
 
 def test_direction_safetensors_without_direction_tensor(tmp_path):
-    spec = directions_file(tmp_path / "dirs.safetensors", np.ones((3, 4)), {"selected_layer": 1}, name="weight")
-    expect_error(lambda: load_direction(spec, 4), spec, "no 'direction' tensor: not a patcher directions file")
+    spec = directions_file(tmp_path / "dirs.safetensors", np.ones((3, 4)), {"selected_layer": 1},
+                           name="weight")
+    expect_error(lambda: load_direction(spec, 4), spec,
+                 "no 'direction' tensor: not a patcher directions file")
 
 
 def test_direction_safetensors_corrupt(tmp_path):
@@ -704,7 +723,8 @@ def test_direction_metadata_not_json(tmp_path):
 def test_direction_metadata_nested_too_deeply(tmp_path):
     a = np.ones((3, 4), np.float32)
     p = tmp_path / "dirs.safetensors"
-    write_safetensors(p, [OutTensor("direction", "F32", a.shape, produce=lambda: [a])], {"patcher": "[" * 100_000})
+    write_safetensors(p, [OutTensor("direction", "F32", a.shape, produce=lambda: [a])],
+                      {"patcher": "[" * 100_000})
     expect_error(lambda: load_direction(str(p), 4), p, "__metadata__['patcher']")
 
 
@@ -726,8 +746,10 @@ def test_direction_good_files_load(tmp_path):
 ROUND_TRIP = {
     "f32": ("F32", np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)),
     "f16": ("F16", np.array([[0.5, -1.25, 65504.0], [-0.0, 6e-8, np.inf]], dtype=np.float16)),
-    "bf16": ("BF16", np.array([1.0, -2.5, 3.0e38, 1e-40, np.nan], dtype=np.float32).astype(ml_dtypes.bfloat16)),
-    "fp8": ("F8_E4M3", np.array([[0.0, 448.0], [-0.015625, 1.75]], dtype=np.float32).astype(ml_dtypes.float8_e4m3fn)),
+    "bf16": ("BF16", np.array([1.0, -2.5, 3.0e38, 1e-40, np.nan],
+                              dtype=np.float32).astype(ml_dtypes.bfloat16)),
+    "fp8": ("F8_E4M3", np.array([[0.0, 448.0], [-0.015625, 1.75]],
+                                dtype=np.float32).astype(ml_dtypes.float8_e4m3fn)),
     "i64": ("I64", np.array([-(2**63), 2**63 - 1, 0, 7], dtype=np.int64)),
     "u8": ("U8", np.arange(7, dtype=np.uint8)),  # odd size: later offsets are not aligned
     "f64": ("F64", np.array(3.25, dtype=np.float64)),  # scalar, shape ()
@@ -739,7 +761,8 @@ ROUND_TRIP = {
 @pytest.fixture
 def round_trip_file(tmp_path):
     p = tmp_path / "rt.safetensors"
-    tensors = [OutTensor(name, dt, arr.shape, produce=lambda arr=arr: [arr]) for name, (dt, arr) in ROUND_TRIP.items()]
+    tensors = [OutTensor(name, dt, arr.shape, produce=lambda arr=arr: [arr])
+               for name, (dt, arr) in ROUND_TRIP.items()]
     write_safetensors(p, tensors, {"format": "pt", "note": "ünïcode ✓"})
     return p
 
@@ -796,7 +819,8 @@ def test_reference_writer_our_reader(tmp_path):
             got = ck.array(name)
             assert got.dtype == arr.dtype and got.shape == arr.shape, name
             assert np.array_equal(got, arr) and got.tobytes() == arr.tobytes(), name
-    assert {k: v.tobytes() for k, v in load_file(str(p)).items()} == {k: v.tobytes() for k, v in arrays.items()}
+    assert ({k: v.tobytes() for k, v in load_file(str(p)).items()}
+            == {k: v.tobytes() for k, v in arrays.items()})
 
 
 # --- command line ---------------------------------------------------------------------------------------
@@ -808,24 +832,27 @@ def _corrupt_inputs(tmp_path: Path) -> dict[str, tuple[Path, Path, str]]:
     p.write_bytes(b"abc")
     out["short"] = (p, p, "file is 3 bytes, too short for a safetensors header")
     p = write_st(tmp_path / "garbled.safetensors", b"{nope")
-    out["not-json"] = (p, p, "header is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
-                             "column 2 (char 1))")
+    out["not-json"] = (p, p, "header is not valid JSON (Expecting property name enclosed in double quotes: "
+                             "line 1 column 2 (char 1))")
     p = write_st(tmp_path / "deep.safetensors", b"[" * 100_000)
     out["deep"] = (p, p, "header JSON is nested too deeply")
     p = write_st(tmp_path / "cut.safetensors", {"a": u8(8)}, b"\0")
     out["truncated"] = (p, p, "file is 69 bytes but the header describes 76 (truncated)")
-    p = write_st(tmp_path / "dtype.safetensors", {"a": {"dtype": "F7", "shape": [1], "data_offsets": [0, 1]}}, b"x")
+    p = write_st(tmp_path / "dtype.safetensors", {"a": {"dtype": "F7", "shape": [1], "data_offsets": [0, 1]}},
+                 b"x")
     out["dtype"] = (p, p, "tensor 'a': unsupported dtype 'F7'")
     p = tmp_path / "pytorch_model.bin"
     p.write_bytes(b"\x80\x02.")
-    out["pickle"] = (p, p, "PyTorch pickle checkpoints are refused: unpickling can run arbitrary code. Convert to "
-                           "safetensors first (e.g. with the safetensors 'convert' tooling) and point patcher at that")
+    out["pickle"] = (p, p, "PyTorch pickle checkpoints are refused: unpickling can run arbitrary code. "
+                           "Convert to safetensors first (e.g. with the safetensors 'convert' tooling) "
+                           "and point patcher at that")
     p = tmp_path / "nowhere.safetensors"
     out["missing"] = (p, p, "no such file or folder")
     model = tmp_path / "escaping"
     model.mkdir()
     make_index(model, {"a": "../x.safetensors"})
-    out["index-escape"] = (model, model / INDEX_NAME, "weight_map file name '../x.safetensors' escapes the model folder")
+    out["index-escape"] = (model, model / INDEX_NAME,
+                           "weight_map file name '../x.safetensors' escapes the model folder")
     return out
 
 
@@ -851,8 +878,8 @@ def test_cli_inspect_corrupt(tmp_path, case, as_json):
 @pytest.mark.parametrize("case", ["truncated", "pickle", "index-escape"])
 def test_cli_subprocess_inspect_corrupt(tmp_path, case):
     path, where, problem = _corrupt_inputs(tmp_path)[case]
-    proc = subprocess.run([sys.executable, "-c", "from patcher.cli import main; main()", "inspect", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", "from patcher.cli import main; main()", "inspect",
+                           str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.strip() == ""
     _assert_one_error_line(proc.stderr, where, problem)
@@ -932,8 +959,8 @@ def test_existing_non_empty_output_refused_without_force(model_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("precious")
-    expect_error(lambda: OutputFolder(target, [model_dir]), target, "already exists; pass --force to replace it",
-                 PatcherError)
+    expect_error(lambda: OutputFolder(target, [model_dir]), target,
+                 "already exists; pass --force to replace it", PatcherError)
     f = tmp_path / "file-target"
     f.write_text("x")
     expect_error(lambda: OutputFolder(f, [model_dir]), f, "already exists", PatcherError)
@@ -997,7 +1024,8 @@ def test_force_never_replaces_a_users_file_with_a_folder(model_dir, tmp_path):
 
 
 def test_stale_partial_of_dead_process_removed(model_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
     dead = int(proc.stdout)
     stale = tmp_path / f".out.partial-{dead}"
     stale.mkdir()

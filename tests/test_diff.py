@@ -38,11 +38,13 @@ def writers(report) -> list[dict]:
 def differing_weights(a, b) -> int:
     """Edited weight tensors, counted from the bytes (independently of diff's role tables)."""
     with Checkpoint(a) as x, Checkpoint(b) as y:
-        return sum(1 for n in x.tensors if not n.endswith(".bias") and x.array(n).tobytes() != y.array(n).tobytes())
+        return sum(1 for n in x.tensors
+                   if not n.endswith(".bias") and x.array(n).tobytes() != y.array(n).tobytes())
 
 
 def rewrite(src, dst, change):
-    """Copy a (bf16) fixture with each tensor replaced by change(name, float32 values): same names, shards, index."""
+    """Copy a (bf16) fixture with each tensor replaced by change(name, float32 values): same names,
+    shards, index."""
     shutil.copytree(src, dst)
     with Checkpoint(src) as ck:
         for fname in ck.files:
@@ -141,7 +143,8 @@ def test_different_directions_per_layer_are_not_one_shared_direction(tmp_path, r
 
 @pytest.mark.parametrize("scale, verdict", [(0.5, f"{ABLATION} (7 tensors)"), (-1.0, "other changes")])
 def test_partial_ablation_and_amplification(tmp_path, rand_dir, scale, verdict):
-    """Both are rank 1 along r̂; the leakage (component left after / before) tells removal from amplification."""
+    """Both are rank 1 along r̂; the leakage (component left after / before) tells removal from
+    amplification."""
     src, out = fixture_path("llama"), tmp_path / "out"
     run_cli("ablate", src, "-d", rand_dir, "-o", out, "--scale", scale)
     report = diff_json(src, out)
@@ -190,7 +193,8 @@ def _fused(src, dst, residual_axis):
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     table = dst.parent / f"fused{residual_axis}.toml"
     table.write_text('model_type = "qwen3_moe"\nextends = "qwen3_moe"\n\n'
-                     '[[writer]]\nrole = "attn_out"\nweight = "self_attn.o_proj.weight"\nresidual_axis = 0\n\n'
+                     '[[writer]]\nrole = "attn_out"\nweight = "self_attn.o_proj.weight"\n'
+                     'residual_axis = 0\n\n'
                      '[[writer]]\nrole = "mlp_out"\nweight = "mlp.experts.down_proj"\n'
                      f'residual_axis = {residual_axis}\n')
     return table
@@ -228,7 +232,8 @@ def test_injection(model_type, bias, status, tmp_path, rand_dir):
     if model_type == "llama":
         zeros = [t for t in report["tensors"] if t["name"] != bias]
         assert len(zeros) == 8 and all(t["ignorable"] and t["status"] == "added" for t in zeros)
-        assert report["config_changes"]["mlp_bias"] == {"base": None, "candidate": True, "expected_for_an_edit": True}
+        assert report["config_changes"]["mlp_bias"] == {"base": None, "candidate": True,
+                                                        "expected_for_an_edit": True}
     saved = tmp_path / "v.npy"
     run_cli("diff", src, out, "--save-direction", saved, expect=1)
     assert unit(np.load(saved)) @ unit(np.load(rand_dir)) >= 0.99
@@ -321,7 +326,8 @@ def test_rank_floor_and_shared_direction():
     assert rank_for_energy(sigma, energy) is None  # 99 % is never reached in the top 3
     assert rank_for_energy(sigma, energy, floor=0.3) == 2  # but what is left over is within rounding
     values = np.array([1.0, -3.0, 0.5], dtype=np.float32)  # bf16 ulps 2^-7, 2^-6, 2^-8
-    assert rounding_floor(values, 7) == pytest.approx(((2.0 ** -7) ** 2 + (2.0 ** -6) ** 2 + (2.0 ** -8) ** 2) / 4)
+    assert rounding_floor(values, 7) == pytest.approx(
+        ((2.0 ** -7) ** 2 + (2.0 ** -6) ** 2 + (2.0 ** -8) ** 2) / 4)
     r = unit(np.arange(1.0, 9.0))
     noisy = np.stack([r, -r, unit(r + 0.01), -unit(r - 0.01)])
     s, cos = shared_direction(noisy, reference=-r)

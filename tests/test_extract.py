@@ -35,7 +35,8 @@ def hf_difference_in_means(folder, pos_prompts, neg_prompts):
     return means[0] - means[1], np.abs(means[0]).max(axis=1)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3_moe", "gpt2", "olmo2", "phi3", "deepseek_v3"])
+@pytest.mark.parametrize("model_type",
+                         ["llama", "gemma2", "qwen3_moe", "gpt2", "olmo2", "phi3", "deepseek_v3"])
 def test_difference_in_means_matches_hf(model_type):
     pos = POS.read_text().splitlines()[:10]
     neg = NEG.read_text().splitlines()[:10]
@@ -66,8 +67,8 @@ def test_directions_file_format_and_feeds_ablate_and_inject(tmp_path):
     with Checkpoint(out) as ck:
         for name in ("direction", "positive_mean", "negative_mean"):
             assert ck.tensors[name].dtype == "F32" and ck.tensors[name].shape == (4, 64)
-        np.testing.assert_allclose(ck.array("direction"), ck.array("positive_mean") - ck.array("negative_mean"),
-                                   atol=1e-5)
+        np.testing.assert_allclose(ck.array("direction"),
+                                   ck.array("positive_mean") - ck.array("negative_mean"), atol=1e-5)
         meta = read_metadata(ck)
     assert meta["prompts"]["positive"]["count"] == 12 and len(meta["prompts"]["positive"]["sha256"]) == 64
     assert meta["chat_template"] is True and meta["positions"] == [-1] and meta["model"] == str(PLANTED)
@@ -143,15 +144,16 @@ def test_unsafe_chat_template_refused(tmp_path):
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
-    res = run_cli("extract", src, "--positive", POS, "--negative", NEG, "-o", tmp_path / "d.safetensors", expect=1)
+    res = run_cli("extract", src, "--positive", POS, "--negative", NEG, "-o", tmp_path / "d.safetensors",
+                  expect=1)
     assert "unsafe" in res.output and not (tmp_path / "d.safetensors").exists()
 
 
 def test_prompt_shorter_than_positions_is_an_error(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("sea\n")
-    res = run_cli("extract", PLANTED, "--positive", short, "--negative", NEG, "-o", tmp_path / "d.safetensors",
-                  "--no-chat-template", "--positions", "-1,-2,-3", expect=1)
+    res = run_cli("extract", PLANTED, "--positive", short, "--negative", NEG,
+                  "-o", tmp_path / "d.safetensors", "--no-chat-template", "--positions", "-1,-2,-3", expect=1)
     assert "tokens" in res.output
 
 
@@ -162,7 +164,8 @@ def test_injected_bias_is_live_in_the_numpy_forward(model_type, tmp_path, direct
     from patcher.model.execution import StreamedModel
     layer, alpha = 1, 2.5
     out = tmp_path / "inj"
-    run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", layer, "--alpha", alpha)
+    run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", layer,
+            "--alpha", alpha)
     ids = np.random.default_rng(2).integers(3, 380, size=(2, 6))
     mask = np.ones_like(ids)
     states = []
@@ -179,4 +182,5 @@ def test_injected_bias_is_live_in_the_numpy_forward(model_type, tmp_path, direct
     with Checkpoint(fixture_path(model_type)) as base:  # GPT-2 / NeoX: the bias existed and was shifted
         if name in base.tensors:
             want = want - base.array(name).astype(np.float64)
-    np.testing.assert_allclose(states[1][layer + 1] - states[0][layer + 1], np.broadcast_to(want, (2, 6, 64)), atol=1e-4)
+    np.testing.assert_allclose(states[1][layer + 1] - states[0][layer + 1], np.broadcast_to(want, (2, 6, 64)),
+                               atol=1e-4)

@@ -25,26 +25,31 @@ CONFIGS = {
     "gemma2": lambda: T.Gemma2Config(**COMMON, sliding_window=4, query_pre_attn_scalar=24),
     "gemma3_text": lambda: T.Gemma3TextConfig(**COMMON, sliding_window=4, sliding_window_pattern=2),
     "olmo2": lambda: T.Olmo2Config(**COMMON),
-    "phi3": lambda: T.Phi3Config(**{k: v for k, v in COMMON.items() if k != "head_dim"}, partial_rotary_factor=0.5),
+    "phi3": lambda: T.Phi3Config(**{k: v for k, v in COMMON.items() if k != "head_dim"},
+                                 partial_rotary_factor=0.5),
     "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=128, n_positions=64),
     "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                         num_attention_heads=4, vocab_size=128, rotary_pct=0.5),
     "gpt_neox_sequential": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                                   num_attention_heads=4, vocab_size=128, use_parallel_residual=False),
+                                                   num_attention_heads=4, vocab_size=128,
+                                                   use_parallel_residual=False),
     "mixtral": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, **MOE, num_experts=4, shared_expert_intermediate_size=48,
                                           mlp_only_layers=[1], norm_topk_prob=False),
     "qwen3_moe": lambda: T.Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, norm_topk_prob=True),
     "deepseek_v3": lambda: T.DeepseekV3Config(
-        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2,
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
+        n_routed_experts=8, num_experts_per_tok=2,
         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2, routed_scaling_factor=2.5, pad_token_id=0,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16,
                          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
     "deepseek_v3_no_q_lora": lambda: T.DeepseekV3Config(
-        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, n_routed_experts=4, num_experts_per_tok=2,
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
+        n_routed_experts=4, num_experts_per_tok=2,
         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, pad_token_id=0, rope_interleave=False),
 }
@@ -85,7 +90,8 @@ def batch():
 def ours(folder, ids, mask):
     got = {}
     with Checkpoint(folder) as ck:
-        logits = StreamedModel(ck).run(ids, mask, on_resid=lambda l, x: got.__setitem__(l, x.copy()), logits=True)
+        logits = StreamedModel(ck).run(ids, mask, on_resid=lambda l, x: got.__setitem__(l, x.copy()),
+                                       logits=True)
     return [got[l] for l in sorted(got)], logits
 
 
@@ -99,8 +105,8 @@ def test_resid_pre_and_logits_match_hf(hf_models, name):
     ids, mask = batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
-                    output_hidden_states=True)
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos), output_hidden_states=True)
     hs = [h.numpy() for h in out.hidden_states]
     resid, logits = ours(folder, ids, mask)
     real = mask.astype(bool)
@@ -132,7 +138,8 @@ def test_chunked_batches_equal_one_chunk(hf_models):
         runs = []
         for budget in (1, 1 << 30):  # one batch per chunk, then both in one chunk
             got = {}
-            sm.run_many(batches, on_resid=lambda b, l, x: got.__setitem__((b, l), x.copy()), budget_bytes=budget)
+            sm.run_many(batches, on_resid=lambda b, l, x: got.__setitem__((b, l), x.copy()),
+                        budget_bytes=budget)
             runs.append(got)
     assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 2 * 4
     for key in runs[0]:

@@ -19,7 +19,8 @@ from patcher.model.opened import Model
 
 D, FF, VOCAB, LAYERS, HEADS, HEAD_DIM = 160, 288, 50, 2, 5, 32  # 2 tiles x 3 tiles per MLP matrix
 PROJ = {"self_attn.q_proj": (D, D), "self_attn.k_proj": (D, D), "self_attn.v_proj": (D, D),
-        "self_attn.o_proj": (D, D), "mlp.gate_proj": (FF, D), "mlp.up_proj": (FF, D), "mlp.down_proj": (D, FF)}
+        "self_attn.o_proj": (D, D), "mlp.gate_proj": (FF, D), "mlp.up_proj": (FF, D),
+        "mlp.down_proj": (D, FF)}
 
 
 def tiles(shape):
@@ -122,8 +123,8 @@ def test_forward_matches_the_dequantised_model(fp8_model, tmp_path):
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_ablation_is_exact_per_tile(fp8_model, direction, tmp_path, scale):
     out = tmp_path / "out"
-    run_cli("ablate", fp8_model, "-d", direction, "-o", out, "--targets", "attn_out,mlp_out", "--scale", scale,
-            "--no-hash")
+    run_cli("ablate", fp8_model, "-d", direction, "-o", out, "--targets", "attn_out,mlp_out",
+            "--scale", scale, "--no-hash")
     r = unit(np.load(direction))
     with Checkpoint(fp8_model) as a, Checkpoint(out) as b:
         for proj in ("self_attn.o_proj", "mlp.down_proj"):
@@ -140,7 +141,8 @@ def test_ablation_is_exact_per_tile(fp8_model, direction, tmp_path, scale):
                 for ti in range(new_s.shape[0]):
                     for tj in range(new_s.shape[1]):
                         sl = (slice(ti * 128, (ti + 1) * 128), slice(tj * 128, (tj + 1) * 128))
-                        assert np.abs(got[sl] - want[sl]).max() <= 0.13 * np.abs(want[sl]).max(), (name, ti, tj)
+                        assert np.abs(got[sl] - want[sl]).max() <= 0.13 * np.abs(want[sl]).max(), \
+                            (name, ti, tj)
                 # and the component along r is what the strength asked for
                 kept = np.linalg.norm(r @ got) / np.linalg.norm(r @ w)
                 assert kept == pytest.approx(1 - scale, abs=0.1), name  # e4m3 rounding leaks ~5 %
@@ -170,7 +172,7 @@ def test_scale_of_the_wrong_shape_is_one_clear_error(tmp_path, direction):
     with pytest.raises(PatcherError) as e:
         Model.open(model)
     assert str(e.value) == (f"{model / 'model-00002-of-00002.safetensors'}: {name} has shape [1, 3]; the FP8 "
-                            f"weight model.layers.0.mlp.down_proj.weight [160, 288] needs [2, 3] (one scale per "
-                            f"128x128 tile)")
+                            f"weight model.layers.0.mlp.down_proj.weight [160, 288] needs [2, 3] "
+                            f"(one scale per 128x128 tile)")
     res = run_cli("ablate", model, "-d", direction, "-o", tmp_path / "o", expect=1)
     assert res.output.strip() == f"error: {e.value}"

@@ -414,7 +414,8 @@ def _cvec_buffer(path, n_layers):
     return buf
 
 
-# F32 weights: llama.cpp keeps the KV cache in f16 (relative 2^-11 per value); observed ≤ 3e-3 on logits ≤ 40.
+# F32 weights: llama.cpp keeps the KV cache in f16 (relative 2^-11 per value); observed ≤ 3e-3 on
+# logits ≤ 40.
 # Quantized weights: ggml's CPU dot products also quantize the activations to 8 bits per block, observed
 # ≤ 4 % of the largest logit; greedy tokens must agree wherever patcher's top-2 margin exceeds that.
 F32_TOL, QUANT_TOL = 1e-2, 0.05

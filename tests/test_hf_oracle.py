@@ -113,10 +113,12 @@ def attn_output(model, model_type, layer, ids):
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "mixtral", "gemma2", "olmo2"])
 def test_injection_without_hf_slot_is_written_and_reported(model_type, tmp_path, direction64):
     out = tmp_path / "out"
-    res = run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", 0, "--alpha", 2.0)
+    res = run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", 0,
+                  "--alpha", 2.0)
     assert "ONNX export" in res.output and "no bias slot" in res.output
     from patcher.io.checkpoint import Checkpoint
     with Checkpoint(out) as ck:
         new = [n for n in ck.tensors if n not in Checkpoint(fixture_path(model_type)).tensors]
         assert len(new) == 1
-        np.testing.assert_allclose(ck.array(new[0]).astype(np.float64), 2.0 * unit(np.load(direction64)), atol=2e-2)
+        np.testing.assert_allclose(ck.array(new[0]).astype(np.float64), 2.0 * unit(np.load(direction64)),
+                                   atol=2e-2)

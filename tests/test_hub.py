@@ -115,10 +115,12 @@ def test_export(hub, way, tmp_path):
 def test_diff(hub, way, tmp_path, direction64):
     out = tmp_path / "ablated"
     run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out, "--no-hash")
-    want = json.loads(run_cli("diff", fixture_path("llama"), out, "--json", "-d", direction64, expect=1).stdout)
+    want = json.loads(run_cli("diff", fixture_path("llama"), out, "--json", "-d", direction64,
+                              expect=1).stdout)
     got = json.loads(run_cli("diff", sources(hub)[way], out, "--json", "-d", direction64, expect=1).stdout)
     assert got["base"] == str(hub["snapshot"])
-    assert got["verdict"] == want["verdict"] == "rank-1 directional ablation along one shared direction (7 tensors)"
+    assert got["verdict"] == want["verdict"] == ("rank-1 directional ablation along one shared direction "
+                                                 "(7 tensors)")
     assert got["direction_cosine"] == pytest.approx(want["direction_cosine"], abs=1e-12)
     assert got["direction_cosine"] > 0.999
     assert [t["name"] for t in got["tensors"]] == [t["name"] for t in want["tensors"]]
@@ -176,8 +178,8 @@ def test_repo_id_not_in_the_cache_is_one_line(hub, repo, tmp_path, direction64):
         res = run_cli(*args, expect=1)
         lines = res.output.strip().splitlines()
         assert len(lines) == 1, res.output
-        assert lines[0].startswith(f"error: {repo}: no such file or folder, and not in the Hugging Face cache "
-                                   f"{hub['cache']}")
+        assert lines[0].startswith(f"error: {repo}: no such file or folder, and not in the Hugging Face "
+                                   f"cache {hub['cache']}")
         assert "never downloads" in lines[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
 

@@ -3,8 +3,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from patcher_kernels import (FP8_MAX, ablate_blocks, bias_inject, bias_project, block_amax, decode, dequantize_blocks, encode,
-                     orthonormalize, project_full, quantize_blocks, requantize_scale, ulp_distance)
+from patcher_kernels import (FP8_MAX, ablate_blocks, bias_inject, bias_project, block_amax, decode,
+                             dequantize_blocks, encode, orthonormalize, project_full, quantize_blocks,
+                             requantize_scale, ulp_distance)
 
 rng = np.random.default_rng(7)
 
@@ -102,7 +103,8 @@ def test_bias_kernels():
 
 
 @pytest.mark.parametrize("name,mldt", [("BF16", ml_dtypes.bfloat16), ("F16", np.float16),
-                                       ("F8_E4M3", ml_dtypes.float8_e4m3fn), ("F8_E5M2", ml_dtypes.float8_e5m2)])
+                                       ("F8_E4M3", ml_dtypes.float8_e4m3fn),
+                                       ("F8_E5M2", ml_dtypes.float8_e5m2)])
 def test_codecs_round_to_nearest_even(name, mldt):
     x = (rng.standard_normal(5000) * 4).astype(np.float32).astype(np.float64)  # exactly representable input
     enc = encode(x.astype(np.float32), name, saturate=True)
@@ -110,7 +112,8 @@ def test_codecs_round_to_nearest_even(name, mldt):
     # nearest: no representable neighbour is closer than the chosen value
     back = decode(enc, np.float64)
     # nearest: compare with every finite value of the type (enumerated from its bit patterns)
-    bits = np.arange(2 ** (8 * np.dtype(mldt).itemsize)).astype({1: np.uint8, 2: np.uint16}[np.dtype(mldt).itemsize])
+    bits = np.arange(2 ** (8 * np.dtype(mldt).itemsize)).astype(
+        {1: np.uint8, 2: np.uint16}[np.dtype(mldt).itemsize])
     with np.errstate(invalid="ignore"):
         all_vals = bits.view(mldt).astype(np.float64)
     all_vals = np.unique(all_vals[np.isfinite(all_vals)])
@@ -148,7 +151,8 @@ def test_fp8_block_roundtrip_and_requantize():
     q2 = quantize_blocks(edited, new)
     assert np.all(np.isfinite(q2.astype(np.float32)))
     # values past 448 clip instead of turning into NaN
-    assert np.isfinite(quantize_blocks(np.full((2, 2), 1e6, np.float32), np.ones((1, 1), np.float32)).astype(np.float32)).all()
+    assert np.isfinite(quantize_blocks(np.full((2, 2), 1e6, np.float32),
+                                       np.ones((1, 1), np.float32)).astype(np.float32)).all()
 
 
 # --- numbers that pin each kernel down (written to kill surviving mutants; see README "Mutation testing") ---
@@ -199,7 +203,8 @@ def test_rescale_norms_numbers_and_zero_slices():
     old = np.array([100.0, 9.0, 4.0])
     new = np.einsum("ij,ij->i", x, x, dtype=np.float64)
     got = rescale_norms(x, old, new, axis=0)
-    np.testing.assert_allclose(got, [[6.0, 8.0], [0.0, 0.0], [2.0, 0.0]], atol=1e-6)  # the zero row stays zero
+    # the zero row stays zero
+    np.testing.assert_allclose(got, [[6.0, 8.0], [0.0, 0.0], [2.0, 0.0]], atol=1e-6)
     assert got.dtype == np.float32 and np.isfinite(got).all()
     cols = rescale_norms(x, np.array([40.0, 64.0]), np.einsum("ij,ij->j", x, x, dtype=np.float64), axis=1)
     np.testing.assert_allclose(np.linalg.norm(cols, axis=0), [np.sqrt(40.0), 8.0], rtol=1e-6)
@@ -210,7 +215,8 @@ def test_rescale_norms_numbers_and_zero_slices():
 
 def test_fp8_tiles_each_use_their_own_scale():
     w = rng.standard_normal((300, 260)).astype(np.float32)
-    w *= np.repeat(np.repeat(10.0 ** rng.uniform(-3, 1, (3, 3)), 128, 0), 128, 1)[:300, :260].astype(np.float32)
+    w *= np.repeat(np.repeat(10.0 ** rng.uniform(-3, 1, (3, 3)), 128, 0), 128, 1)[:300, :260].astype(
+        np.float32)
     amax = block_amax(w)
     for i in range(3):
         for j in range(3):
@@ -233,7 +239,8 @@ def test_fp8_tiles_each_use_their_own_scale():
     s16 = block_amax(w[:40, :40], 16) / FP8_MAX
     assert s16.shape == (3, 3)
     np.testing.assert_array_equal(dequantize_blocks(quantize_blocks(w[:40, :40], s16, 16), s16, 16)[:16, :16],
-                                  dequantize_blocks(quantize_blocks(w[:16, :16], s16[:1, :1], 16), s16[:1, :1], 16))
+                                  dequantize_blocks(quantize_blocks(w[:16, :16], s16[:1, :1], 16),
+                                                    s16[:1, :1], 16))
 
 
 def test_fp8_requantize_and_zero_tiles():

@@ -52,7 +52,8 @@ def test_pypi_kernels_and_patcher_kernels_work_together(tmp_path):
                                        "pip install -e '.[test]'\n" + env_check.stderr)
     script = tmp_path / "both.py"
     script.write_text(SCRIPT)
-    res = subprocess.run([sys.executable, str(script), str(ROOT)], cwd=tmp_path, capture_output=True, text=True,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300)
+    res = subprocess.run([sys.executable, str(script), str(ROOT)], cwd=tmp_path, capture_output=True,
+                         text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                         "HOME": str(tmp_path)}, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip().splitlines()[-1] == "ok kernels patcher_kernels"

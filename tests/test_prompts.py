@@ -31,11 +31,16 @@ LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
           "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
           "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
           "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-         "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+         "{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for message in messages %}"
+         "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+         "{% endif %}"
+         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+         "{% set role = message['role'] %}"
          "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
          "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 # Exercises trim_blocks/lstrip_blocks, namespace, loop controls, tojson (with indent; no HTML escaping).
@@ -94,7 +99,8 @@ def assert_matches_hf(folder, systems=SYSTEMS):
             assert tok.render(prompt, system=system, add_generation_prompt=False) == \
                 hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
         ids = encode_prompts(tok, PROMPTS, system=system)
-        assert ids == [hf_ids(hf.apply_chat_template(messages(p, system), tokenize=True, add_generation_prompt=True))
+        assert ids == [hf_ids(hf.apply_chat_template(messages(p, system), tokenize=True,
+                                                     add_generation_prompt=True))
                        for p in PROMPTS]
     assert encode_prompts(tok, PROMPTS, chat_template=False) == [hf(p)["input_ids"] for p in PROMPTS]
     return tok, hf
@@ -122,8 +128,9 @@ def test_llama3_style_template(tmp_path):
 @pytest.mark.parametrize("add_bos", [None, True, False])
 @pytest.mark.parametrize("bos_post_processor", [False, True])
 def test_gemma_style_template_and_bos(tmp_path, add_bos, bos_post_processor):
-    """Real Gemma/Llama tokenizers add BOS in tokenizer.json's post-processor and write bos_token in the template:
-    the chat path must carry exactly one BOS, the raw path follows the post-processor (not add_bos_token)."""
+    """Real Gemma/Llama tokenizers add BOS in tokenizer.json's post-processor and write bos_token in the
+    template: the chat path must carry exactly one BOS, the raw path follows the post-processor (not
+    add_bos_token)."""
     folder = tokenizer_copy(tmp_path, config_update={"chat_template": GEMMA, "add_bos_token": add_bos})
     if bos_post_processor:
         backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -146,7 +153,8 @@ def test_gemma_style_template_and_bos(tmp_path, add_bos, bos_post_processor):
 def test_fancy_template_tojson_namespace_loopcontrols(tmp_path):
     folder = tokenizer_copy(tmp_path, config_update={"chat_template": FANCY})
     tok, _ = assert_matches_hf(folder)
-    assert '"Ünïcödé ✓ 日本語 <b>&amp;</b>"' in tok.render(PROMPTS[3])  # no \\u escapes, no HTML escaping
+    # no \\u escapes, no HTML escaping
+    assert '"Ünïcödé ✓ 日本語 <b>&amp;</b>"' in tok.render(PROMPTS[3])
 
 
 def test_chat_template_jinja_takes_precedence(tmp_path):
@@ -214,7 +222,8 @@ def test_missing_or_corrupt_tokenizer_files(tmp_path):
     "{{ namespace(__class__=1) }}",
 ])
 def test_unsafe_templates_refused(tmp_path, template):
-    tok = load_tokenizer(tokenizer_copy(tmp_path, jinja=template))  # loading alone is fine (--no-chat-template)
+    # loading alone is fine (--no-chat-template)
+    tok = load_tokenizer(tokenizer_copy(tmp_path, jinja=template))
     with pytest.raises(PatcherError, match="unsafe access") as e:
         tok.render("hi")
     assert "chat_template.jinja" in str(e.value)
@@ -247,7 +256,8 @@ def test_read_txt(tmp_path):
 
 def test_read_jsonl_and_json(tmp_path):
     p = tmp_path / "p.jsonl"
-    p.write_text('{"prompt": "a\\nb", "label": 1}\n\n{"prompt": "Ünï"}\n{"prompt": "c"}\n', encoding="utf-8")
+    p.write_text('{"prompt": "a\\nb", "label": 1}\n\n{"prompt": "Ünï"}\n{"prompt": "c"}\n',
+                 encoding="utf-8")
     assert read_prompt_file(p) == ["a\nb", "Ünï", "c"]
     assert read_prompt_file(p, limit=1) == ["a\nb"]
     q = tmp_path / "p.json"

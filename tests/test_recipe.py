@@ -16,7 +16,8 @@ NEG = FIXTURES / "prompts" / "planted-negative.txt"
 
 
 def write_recipe(tmp_path, body: str, models=("llama", "qwen3"), name="recipe.toml"):
-    head = "".join(f'[[model]]\nname = "{m}"\npath = "{fixture_path(m)}"\noutput = "out/{m}"\n\n' for m in models)
+    head = "".join(f'[[model]]\nname = "{m}"\npath = "{fixture_path(m)}"\noutput = "out/{m}"\n\n'
+                   for m in models)
     path = tmp_path / name
     path.write_text(head + body)
     return path
@@ -45,7 +46,8 @@ def folder_bytes(root):
     for p in sorted(root.rglob("*")):
         if p.is_file():
             rel = str(p.relative_to(root))
-            out[rel] = json.loads(p.read_text())["outputs"] if p.name.endswith(manifest.MANIFEST) else p.read_bytes()
+            out[rel] = (json.loads(p.read_text())["outputs"] if p.name.endswith(manifest.MANIFEST)
+                        else p.read_bytes())
     return out
 
 
@@ -87,7 +89,8 @@ negative = "{NEG}"
     text = res.output
     lines = recipe.read_text().splitlines()
     assert "problem(s)" in text
-    assert f"line {lines.index('layerz = ' + chr(34) + '1-2' + chr(34)) + 1}: step 1 (ablate): unknown key 'layerz'" in text
+    assert (f"line {lines.index('layerz = ' + chr(34) + '1-2' + chr(34)) + 1}: step 1 (ablate): "
+            f"unknown key 'layerz'") in text
     assert "dimension 32, the model's d_model is 64" in text
     assert f"line {lines.index('layer = 7') + 1}: step 2 (inject): layer: layer 7 is out of range" in text
     assert "missing.txt does not exist" in text

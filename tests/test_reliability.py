@@ -67,7 +67,8 @@ def test_sigkill_of_ablate(tmp_path, direction64):
     assert rc == -signal.SIGKILL
     assert not looks_complete(tmp_path, "out")
     assert digests(src) == before
-    run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "out")  # re-run succeeds, stale partial removed
+    # re-run succeeds, stale partial removed
+    run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "out")
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -106,7 +107,8 @@ op = "export"
     assert (tmp_path / "out" / "03-onnx" / "onnx" / "model.onnx").exists()
 
 
-@pytest.mark.parametrize("cmd", [["ablate", "--norm-preserve", "cols"], ["inject", "--layer", "1", "--alpha", "2"]])
+@pytest.mark.parametrize("cmd", [["ablate", "--norm-preserve", "cols"],
+                                 ["inject", "--layer", "1", "--alpha", "2"]])
 def test_same_command_twice_gives_identical_bytes(tmp_path, direction64, cmd):
     outs = []
     for i in range(2):
@@ -120,8 +122,10 @@ def test_same_command_twice_gives_identical_bytes(tmp_path, direction64, cmd):
 
 
 def test_export_is_deterministic(tmp_path):
-    a = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "a"))
-    b = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "b"))
+    a = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"),
+                                                                              tmp_path / "a"))
+    b = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"),
+                                                                              tmp_path / "b"))
     for d in (a, b):
         d.pop("patcher-manifest.json")
         d.pop("patcher-export.json")  # names its output folder
@@ -130,8 +134,8 @@ def test_export_is_deterministic(tmp_path):
 
 def test_fuzz_driver_finds_no_crash():
     """scripts/fuzz_headers.py: 3000 damaged shards and indexes, each a clean read or a CheckpointError."""
-    p = subprocess.run([sys.executable, str(FIXTURES.parent / "scripts" / "fuzz_headers.py"), "--cases", "3000",
-                        "--seed", "7"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, str(FIXTURES.parent / "scripts" / "fuzz_headers.py"),
+                        "--cases", "3000", "--seed", "7"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "3000 cases" in p.stdout and "crashes: 0" in p.stdout
 

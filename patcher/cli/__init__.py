@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - older typer: click's own
 
 class _OneLineErrors(TyperGroup):
     """A wrong command line (unknown option, `--scale abc`) is one line on stderr, like every other
-    user error, instead of click's boxed usage text: exit 1 (2 for `diff` and `audit`, whose 1 is a finding)."""
+    user error, instead of click's boxed usage text: exit 1 (2 for `diff` and `audit`, whose 1 is a
+    finding)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(sys.argv[1:] if args is None else args)
@@ -50,7 +51,8 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   help="Edit transformer checkpoints along residual-stream directions, streaming, without "
                   "PyTorch.")
 
-COMMANDS = (inspect, extract, edit, search, onnx, run, diff, audit, demo, web)  # help lists commands in this order
+# help lists commands in this order
+COMMANDS = (inspect, extract, edit, search, onnx, run, diff, audit, demo, web)
 for command in COMMANDS:
     command.register(app)
 

@@ -35,8 +35,8 @@ def register(app) -> None:
                 "verify": lambda f: f"onnxruntime vs numpy: max |Δ logits| {f['parity_max_abs']:.2e} "
                                     f"({'ok' if f['parity_ok'] else 'FAILED'}), top-1 {f['top1']:.0%}, "
                                     f"greedy tokens {f['greedy_match']:.0%}",
-                "diff": lambda f: f"original→ablated: “{f['original_vs_ablated']}”; ablated→injected: "
-                f"“{f['ablated_vs_injected']}”",
+                "diff": lambda f: f"original→ablated: “{f['original_vs_ablated']}”; "
+                f"ablated→injected: “{f['ablated_vs_injected']}”",
             }
             t = Table(title="patcher demo", title_justify="left", show_lines=False)
             for c in ("step", "seconds", "what it measured"):

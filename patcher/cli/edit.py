@@ -154,16 +154,16 @@ def _control_vector(res, d, layer: int, alpha: float, path: Path, force: bool, d
     hint = layout.arch if layout else res.arch.model_type
     vector = alpha * d.unit[0]
     if dry_run:
-        out.print(f"dry run: would write {path}: direction.{layer} = {alpha} · r̂ (|v| = {abs(alpha):.4g}), "
-                  f"model hint {hint!r}")
+        out.print(f"dry run: would write {path}: direction.{layer} = {alpha} · r̂ "
+                  f"(|v| = {abs(alpha):.4g}), model hint {hint!r}")
         return
     write_control_vector(path, vector, layer, res.n_layers, hint, force)
     out.print(f"wrote {path}: control vector direction.{layer} = {alpha} · r̂, added by llama.cpp to the "
               f"output of block {layer} (resid_pre[{layer + 1}]); run llama.cpp with --control-vector {path}")
 
 
-_NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input and "
-                 "output byte once more; on a 2-core machine it roughly doubles the time)")
+_NO_HASH_HELP = ("Record file sizes instead of sha256 in patcher-manifest.json (hashing reads every input "
+                 "and output byte once more; on a 2-core machine it roughly doubles the time)")
 
 
 def register(app) -> None:
@@ -171,14 +171,18 @@ def register(app) -> None:
     def ablate(model: Path = typer.Argument(..., help="Model folder (safetensors, sharded or not)"),
                direction: Optional[str] = typer.Option(None, "-d", "--direction", help=DIRECTION_HELP +
                                                        " (with --from-study: the study's directions file)"),
-               output: Optional[Path] = typer.Option(None, "-o", "--output", help="New folder to write (a .gguf file for GGUF input)"),
+               output: Optional[Path] = typer.Option(None, "-o", "--output",
+                   help="New folder to write (a .gguf file for GGUF input)"),
                adapter: Optional[Path] = typer.Option(None, "--adapter",
                    help="Write the edit as a LoRA adapter instead of a model (instead of -o): OUT.gguf = "
                         "llama.cpp --lora file, any other name = PEFT folder (adapter_config.json + "
                         "adapter_model.safetensors)"),
-               layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
-               targets: str = typer.Option("embed,attn_out,mlp_out", "--targets", help="Comma list of embed, attn_out, mlp_out"),
-               scale: float = typer.Option(1.0, "--scale", help="Strength: 1 removes the component, 0.5 halves it"),
+               layers: Optional[str] = typer.Option(None, "--layers",
+                   help="Blocks to edit, e.g. 4-20 or 3,5,7-9 (default all)"),
+               targets: str = typer.Option("embed,attn_out,mlp_out", "--targets",
+                                           help="Comma list of embed, attn_out, mlp_out"),
+               scale: float = typer.Option(1.0, "--scale",
+                                           help="Strength: 1 removes the component, 0.5 halves it"),
                norm_preserve: Optional[str] = typer.Option(None, "--norm-preserve",
                    help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written "
                    "vector's norm "
@@ -212,7 +216,8 @@ def register(app) -> None:
                 check_output(_out(output, adapter),
                              [*m.input_paths, from_study, direction, arch_table], force=force,
                              kind=_kind(_out(output, adapter)))
-                write(plan_from_study(m, m.resolved, from_study, trial, Path(direction) if direction else None))
+                write(plan_from_study(m, m.resolved, from_study, trial,
+                                      Path(direction) if direction else None))
                 return
             if direction is None:
                 raise PatcherError("--direction", "missing: give -d DIRECTION (or --from-study S --trial N)")
@@ -239,7 +244,8 @@ def register(app) -> None:
                output: Optional[Path] = typer.Option(None, "-o", "--output",
                                                      help="New folder to write (.gguf for GGUF input)"),
                control_vector: Optional[Path] = typer.Option(None, "--control-vector", help=_CVEC_HELP),
-               layer: int = typer.Option(..., "--layer", help="Block whose output gets +alpha*r̂ (shows in resid_pre[layer+1])"),
+               layer: int = typer.Option(..., "--layer",
+                   help="Block whose output gets +alpha*r̂ (shows in resid_pre[layer+1])"),
                alpha: float = typer.Option(..., "--alpha", help="Strength, in residual-stream units"),
                target: str = typer.Option("mlp_out", "--target", help="mlp_out or attn_out"),
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),

@@ -105,8 +105,8 @@ def register(app) -> None:
                     rt.add_column(c)
                 for role in ROLES:
                     ts = [x for x in res.targets if x.role == role]
-                    row = [role, str(len(ts)), str(sum(1 for x in ts if x.bias)), ts[0].weight if ts else "—",
-                           str(ts[0].residual_axis) if ts else ""]
+                    row = [role, str(len(ts)), str(sum(1 for x in ts if x.bias)),
+                           ts[0].weight if ts else "—", str(ts[0].residual_axis) if ts else ""]
                     if quants:
                         row.append(", ".join(f"{k} ×{v}" for k, v in quants[role].items()) or "—")
                     rt.add_row(*row)

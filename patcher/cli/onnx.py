@@ -31,12 +31,13 @@ def _print_verify(rep) -> None:
                         f"tolerance {rep.tolerance:g} relative, {rep.dtype}) {ok}")
     t.add_row("top-1 agreement", f"{rep.top1_agreement:.1%} of prompt positions")
     if rep.tokens_compared:
-        t.add_row("greedy generation", f"{rep.generation_match:.1%} of {rep.tokens_compared} tokens identical "
-                                       "(onnxruntime with KV cache vs numpy)")
+        t.add_row("greedy generation", f"{rep.generation_match:.1%} of {rep.tokens_compared} tokens "
+                                       "identical (onnxruntime with KV cache vs numpy)")
     if rep.marker_rate:
         t.add_row("marker rate", ", ".join(f"{k} {v:.1%}" for k, v in rep.marker_rate.items()))
     if rep.first_token_kl is not None:
-        t.add_row("first-token KL", f"KL(original ‖ edited) = {rep.first_token_kl:.4g} nats (mean over prompts)")
+        t.add_row("first-token KL",
+                  f"KL(original ‖ edited) = {rep.first_token_kl:.4g} nats (mean over prompts)")
     out.print(t)
     if rep.projections:
         pt = Table(title="mean |r̂·h|/|h| per resid_pre layer", title_justify="left")
@@ -45,30 +46,39 @@ def _print_verify(rep) -> None:
         if "original" in rep.projections[0]:
             pt.add_column("original", justify="right")
         for row in rep.projections:
-            pt.add_row(str(row["layer"]), f"{row['edited']:.3g}", *([f"{row['original']:.3g}"] if "original" in row else []))
+            pt.add_row(str(row["layer"]), f"{row['edited']:.3g}",
+                       *([f"{row['original']:.3g}"] if "original" in row else []))
         out.print(pt)
 
 
 def register(app) -> None:
     @app.command()
     def export(model: Path = typer.Argument(..., help="Model folder (safetensors)"),
-               output: Path = typer.Option(..., "-o", "--output", help="Folder to write (onnx/model.onnx + config + tokenizer)"),
-               dtype: str = typer.Option("fp32", "--dtype", help="Variants, comma-separated: fp32 (model.onnx), fp16 "
-                                         "(model_fp16.onnx), int4 (model_q4.onnx), q4f16 (model_q4f16.onnx), int8 "
-                                         "(model_quantized.onnx). An existing export of the same model gains the "
-                                         "missing ones"),
-               opset: int = typer.Option(17, "--opset", help="ONNX opset (17: standard ops, correct with left padding)"),
-               int4_block: int = typer.Option(32, "--int4-block", help="MatMulNBits block size for int4/q4f16/int8 "
+               output: Path = typer.Option(..., "-o", "--output",
+                                           help="Folder to write (onnx/model.onnx + config + tokenizer)"),
+               dtype: str = typer.Option("fp32", "--dtype",
+                                         help="Variants, comma-separated: fp32 (model.onnx), fp16 "
+                                         "(model_fp16.onnx), int4 (model_q4.onnx), q4f16 (model_q4f16.onnx), "
+                                         "int8 (model_quantized.onnx). An existing export of the same model "
+                                         "gains the missing ones"),
+               opset: int = typer.Option(17, "--opset",
+                                         help="ONNX opset (17: standard ops, correct with left padding)"),
+               int4_block: int = typer.Option(32, "--int4-block",
+                                              help="MatMulNBits block size for int4/q4f16/int8 "
                                               "(power of two >= 16; int8 uses at least 32)"),
                int4_accuracy: Optional[int] = typer.Option(None, "--int4-accuracy",
-                                                           help="MatMulNBits accuracy_level (4: int8 activations on "
-                                                                "onnxruntime CPU; ignored by onnxruntime-web)"),
-               zero_points: bool = typer.Option(False, "--zero-points", help="Asymmetric blocks (a zero point per "
+                                                           help="MatMulNBits accuracy_level (4: int8 "
+                                                                "activations on onnxruntime CPU; ignored by "
+                                                                "onnxruntime-web)"),
+               zero_points: bool = typer.Option(False, "--zero-points",
+                                                help="Asymmetric blocks (a zero point per "
                                                 "block): smaller rounding error, slightly larger files"),
-               direction: Optional[str] = typer.Option(None, "--direction", "-d", help="The ablated direction(s), "
-                                                       "for orthogonal rounding when the checkpoint's provenance "
+               direction: Optional[str] = typer.Option(None, "--direction", "-d",
+                                                       help="The ablated direction(s), for orthogonal "
+                                                       "rounding when the checkpoint's provenance "
                                                        "does not lead to them. " + DIRECTION_HELP_SHORT),
-               force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists (rebuild every variant)"),
+               force: bool = typer.Option(False, "--force",
+                                          help="Replace OUTPUT if it exists (rebuild every variant)"),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP)):
         """Export to ONNX from the same forward description the numpy path runs, weights streamed."""
         def body():
@@ -90,15 +100,19 @@ def register(app) -> None:
 
 
     @app.command()
-    def generate(model: Path = typer.Argument(..., help="Exported folder, or a safetensors folder (exported to a cache first)"),
-                 prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (tokens stream as they come)"),
-                 prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (.txt lines or .jsonl), batched"),
+    def generate(model: Path = typer.Argument(..., help="Exported folder, or a safetensors folder "
+                                                   "(exported to a cache first)"),
+                 prompt: Optional[str] = typer.Option(None, "--prompt",
+                                                      help="One prompt (tokens stream as they come)"),
+                 prompts: Optional[Path] = typer.Option(None, "--prompts",
+                                                        help="Prompt file (.txt lines or .jsonl), batched"),
                  max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
                  provider: str = typer.Option("cpu", "--provider", help="cpu or cuda"),
                  dtype: str = typer.Option("fp32", "--dtype", help="which export to run: fp32, fp16, int4"),
                  sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy"),
                  temperature: float = typer.Option(1.0, "--temperature"),
-                 top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0: all)"),
+                 top_k: int = typer.Option(0, "--top-k",
+                                           help="Sample from the k most likely tokens (0: all)"),
                  seed: int = typer.Option(0, "--seed"),
                  batch_size: int = typer.Option(8, "--batch-size", min=1),
                  no_chat_template: bool = typer.Option(False, "--no-chat-template"),
@@ -162,12 +176,16 @@ def register(app) -> None:
 
     @app.command()
     def verify(onnx_dir: Path = typer.Argument(..., help="Folder written by `patcher export`"),
-               reference: Path = typer.Option(..., "--reference", help="The safetensors folder it was exported from"),
-               original: Optional[Path] = typer.Option(None, "--original", help="The unedited model, for behaviour and projections"),
-               prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (default: built-in neutral prompts)"),
+               reference: Path = typer.Option(..., "--reference",
+                                              help="The safetensors folder it was exported from"),
+               original: Optional[Path] = typer.Option(None, "--original",
+                   help="The unedited model, for behaviour and projections"),
+               prompts: Optional[Path] = typer.Option(None, "--prompts",
+                                                      help="Prompt file (default: built-in neutral prompts)"),
                direction: Optional[str] = typer.Option(None, "--direction", "-d", help=DIRECTION_HELP_SHORT),
                dtype: str = typer.Option("fp32", "--dtype", help="which export to check: fp32, fp16, int4"),
-               tokens: int = typer.Option(8, "--tokens", help="Greedy tokens compared between onnxruntime and numpy"),
+               tokens: int = typer.Option(8, "--tokens",
+                                          help="Greedy tokens compared between onnxruntime and numpy"),
                provider: str = typer.Option("cpu", "--provider", help="cpu or cuda"),
                no_chat_template: bool = typer.Option(False, "--no-chat-template"),
                as_json: bool = typer.Option(False, "--json")):

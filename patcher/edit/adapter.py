@@ -277,7 +277,8 @@ def _peft_tensors(plan: Plan, fs: list[Factor]) -> dict[str, np.ndarray]:
             t[key + ".lora_A.weight"], t[key + ".lora_B.weight"] = f.a, f.b
             if f.bias is not None:
                 t[key + ".lora_B.bias"] = f.bias
-    # tied unembedding [vocab, d_model] as a Linear: ΔW = -s (W Q) Qᵀ, so lora_A = embedding Bᵀ, lora_B = Aᵀ
+    # tied unembedding [vocab, d_model] as a Linear: ΔW = -s (W Q) Qᵀ, so lora_A = embedding Bᵀ,
+    # lora_B = Aᵀ
     token = _token_embedding(plan, fs)
     if token is not None:
         unembed = plan.resolved.arch.unembed.removesuffix(".weight")

@@ -3,8 +3,8 @@
 Weight orthogonalization makes every edited residual writer unable to write r̂. The checkpoint is
 streamed once, writer by writer (column blocks of [d_model, in] weights, row blocks of [in, d_model]
 ones, FP8 dequantised per tile): each group — one layer's attention output, one layer's MLP output
-with all its experts, the embeddings — accumulates its Gram Σ W Wᵀ / Σ‖W‖² in one d_model × d_model
-buffer and is summarised by the low end of its spectrum (kernels/annihilation.py), so memory is a few
+with all its experts, the embeddings — accumulates its Gram Σ W Wᵀ / Σ‖W‖² in one d_model ×
+d_model buffer and is summarised by the low end of its spectrum (kernels/annihilation.py), so memory is a few
 d_model² buffers whatever the model size. The scan for a shared direction and its calibrated null run on
 those summaries. A second signature covers baked bias injection: a writer bias alone among zero
 siblings, an outlier norm, or biases of different layers sharing one direction.

@@ -300,7 +300,8 @@ def _analyse(base: Model, cand: Model, td: TensorDiff, d_model: Optional[int], g
 def _leakage(cand: _Rows, geom: _Geometry, spec, block: int) -> Optional[float]:
     """|component of W' along the residual-side vector| / |that of W| (what `ablate` calls leakage):
     below 1 the edit removed the direction, above 1 it amplified it. One pass over the candidate; the
-    base's component follows from the SVD (aᵀΔ = σ₁b₁ᵀ, Δb₁ = σ₁a₁), so the base is not read again."""
+    base's component follows from the SVD (aᵀΔ = σ₁b₁ᵀ, Δb₁ = σ₁a₁), so the base is not read
+    again."""
     a, b, sigma = spec.left[:, 0], spec.right[:, 0], spec.sigma[0]
     comp = np.zeros(geom.n_cols if geom.axis == 0 else geom.n_rows)
     for s in range(0, geom.n_rows, block):
@@ -544,8 +545,8 @@ def print_report(rep: DiffReport, out, max_rows: int = 60) -> None:
     out.print(head)
     if rep.tensors:
         t = Table(title="tensors that differ", title_justify="left")
-        for col in ("tensor", "role", "layer", "status", "|Δ|", "|Δ|/|W|", "rank99", "σ₁² share", "leakage",
-                    "cos shared", "cos -d"):
+        for col in ("tensor", "role", "layer", "status", "|Δ|", "|Δ|/|W|", "rank99", "σ₁² share",
+                    "leakage", "cos shared", "cos -d"):
             t.add_column(col, justify="left" if col in ("tensor", "role", "status") else "right",
                          overflow="fold")
         for td in rep.tensors[:max_rows]:

@@ -37,7 +37,8 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 # --- Jinja environment (the template is untrusted input: it comes with the downloaded model) ---------------
 
 class _Namespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant dunders."""
+    """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant
+    dunders."""
 
     def __init__(*args, **kwargs):  # same signature trick as jinja2's Namespace, so namespace(self=...) works
         self, attrs = args[0], dict(*args[1:], **kwargs)
@@ -56,7 +57,8 @@ class _Namespace(jinja2.utils.Namespace):
 
 
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the body."""
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the
+    body."""
     tags = {"generation"}
 
     def parse(self, parser):
@@ -143,13 +145,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call(__context, __obj, *args, **kwargs)
 
     def unsafe_undefined(self, obj, attribute):
-        # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would quietly
-        # render "". Refuse at the first unsafe lookup instead: the user learns the template is hostile or broken.
+        # Jinja's sandbox returns an Undefined that only raises once *used*, so `{{ x.__class__ }}` would
+        # quietly render "". Refuse at the first unsafe lookup instead: the user learns the template is
+        # hostile or broken.
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
 
 def _environment(where) -> ImmutableSandboxedEnvironment:
-    def raise_exception(message):  # the template's own way to reject input (Gemma: "System role not supported")
+    # the template's own way to reject input (Gemma: "System role not supported")
+    def raise_exception(message):
         raise PatcherError(where, f"the chat template refused the conversation: {message}")
 
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
@@ -205,7 +209,8 @@ class PromptTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def render(self, user_prompt: str, system: str | None = None, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to [system?, user], as `apply_chat_template(..., tokenize=False)` renders it."""
+        """The chat template applied to [system?, user], as `apply_chat_template(..., tokenize=False)`
+        renders it."""
         if self.chat_template is None:
             raise PatcherError(self.folder, "the tokenizer has no chat template")
         where = self.template_source or self.folder
@@ -213,7 +218,8 @@ class PromptTokenizer:
             [{"role": "user", "content": user_prompt}]
         try:
             template = _compile(self.chat_template, str(where))
-            # The variables transformers passes: the named special tokens that are set, tools/documents (None).
+            # The variables transformers passes: the named special tokens that are set, tools/documents
+            # (None).
             limit = RENDER_CHARS + 4 * (len(user_prompt) + len(system or ""))
             parts, size = [], 0
             with _time_limit(RENDER_SECONDS):
@@ -236,10 +242,12 @@ class PromptTokenizer:
                                f"the chat template tried unsafe access and was refused ({e})") from None
         except jinja2.TemplateSyntaxError as e:
             raise PatcherError(where,
-                               f"chat template syntax error at template line {e.lineno}: {e.message}") from None
+                               f"chat template syntax error at template line {e.lineno}: "
+                               f"{e.message}") from None
         except TemplateError as e:  # UndefinedError, TemplateRuntimeError, ...
             raise PatcherError(where, f"chat template failed: {e}") from None
-        except Exception as e:  # noqa: BLE001 - untrusted code: any failure (TypeError, RecursionError...) is its fault
+        # untrusted code: any failure (TypeError, RecursionError...) is its fault
+        except Exception as e:  # noqa: BLE001
             raise PatcherError(where, f"chat template failed: {type(e).__name__}: {e}") from None
 
 
@@ -251,7 +259,8 @@ def _read_json(path: Path):
 
 
 def _token_string(value, path: Path, name: str) -> str | None:
-    # HF writes special tokens either as "<s>" or as a serialized AddedToken {"content": "<s>", "lstrip": ...}.
+    # HF writes special tokens either as "<s>" or as a serialized AddedToken
+    # {"content": "<s>", "lstrip": ...}.
     if isinstance(value, dict):
         value = value.get("content")
     if value is None or isinstance(value, str):
@@ -279,8 +288,9 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
         raise PatcherError(cfg_path, "expected a JSON object")
     specials = {n: s for n in SPECIAL_NAMES if (s := _token_string(cfg.get(n), cfg_path, n)) is not None}
 
-    # add_bos_token is kept for callers' information only: with a tokenizer.json present, transformers drops it
-    # (and add_eos_token) and lets tokenizer.json's post-processor decide which special tokens to add.
+    # add_bos_token is kept for callers' information only: with a tokenizer.json present, transformers
+    # drops it (and add_eos_token) and lets tokenizer.json's post-processor decide which special tokens
+    # to add.
     add_bos = cfg.get("add_bos_token") if isinstance(cfg.get("add_bos_token"), bool) else None
 
     # Template sources, as transformers orders them: chat_template.jinja wins over tokenizer_config.json.

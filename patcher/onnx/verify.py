@@ -20,10 +20,11 @@ from patcher.io.paths import read_text
 NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
 # max |Δ logits| / max(1, max |logits|) allowed per export dtype, against the numpy forward of the weights
 # the file stores (quantized variants: their dequantized blocks), so each variant checks its graph, not its
-# rounding: fp32 and the fp32-activation quantized variants are exact up to float summation order; fp16 weights
-# are compared with the exact checkpoint (rounding each weight to 11 bits); q4f16 computes in float16; int8
-# (MatMulInteger, transformers.js's q8) also rounds each matmul's input to 8 bits per tensor at run time, which
-# the reference does not: measured 2e-2..2.5e-1 on the tiny random test models (real models are far less touchy).
+# rounding: fp32 and the fp32-activation quantized variants are exact up to float summation order; fp16
+# weights are compared with the exact checkpoint (rounding each weight to 11 bits); q4f16 computes in
+# float16; int8 (MatMulInteger, transformers.js's q8) also rounds each matmul's input to 8 bits per tensor
+# at run time, which the reference does not: measured 2e-2..2.5e-1 on the tiny random test models (real
+# models are far less touchy).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int4": 1e-4, "q4f16": 2e-2, "int8": 0.35}
 # refusal-style markers peers count (case-insensitive, straight or curly apostrophes)
 MARKERS = [

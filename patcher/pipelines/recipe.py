@@ -245,7 +245,8 @@ def _layers_check(op):
 
 
 def _checks():
-    """Per op and option: check(value, n_layers, key) -> the value to use (same rules, messages as the CLI)."""
+    """Per op and option: check(value, n_layers, key) -> the value to use (same rules, messages as the
+    CLI)."""
     from patcher import validate as V
     from patcher.model.architectures import ROLES
     num = lambda name: lambda v, L, k: V.number(v, name, k)  # noqa: E731
@@ -452,7 +453,8 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
                    "output": str(a.output),
                    "tensors": [], "bytes": 0}
             if a.op in ("ablate", "inject"):
-                src = a.input if a.input.exists() else plan.path  # later steps: described on the original layout
+                # later steps: described on the original layout
+                src = a.input if a.input.exists() else plan.path
                 with Model.open(src, plan.arch_table) as ck:
                     k = max(len(a.options.get("directions") or []), 1)
                     d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned",
@@ -566,7 +568,8 @@ def run_model(plan: ModelPlan, recipe_file: str) -> list[tuple[int, str, str]]:
     """All actions of one model, in order, skipping those already complete (by manifest)."""
     from patcher.io import manifest
     plan.output.mkdir(parents=True, exist_ok=True)
-    if not (plan.output / manifest.MANIFEST).is_file():  # marks the folder as patcher's: a re-run resumes in it
+    # marks the folder as patcher's: a re-run resumes in it
+    if not (plan.output / manifest.MANIFEST).is_file():
         manifest.write(plan.output, kind="recipe", command=None, recipe={"file": recipe_file,
                                                                          "model": plan.name},
                        inputs={}, outputs={})

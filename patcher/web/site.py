@@ -244,7 +244,8 @@ def _add_model(tmp: Path, name: str, export: Path, label: str) -> dict:
         "variants": list(variants),
         "default_dtype": cfg["transformers.js_config"].get("dtype"),
         "device_dtype": {dev: c.get("dtype") for dev, c in
-                         (cfg["transformers.js_config"].get("device_config") or {}).items() if c.get("dtype")},
+                         (cfg["transformers.js_config"].get("device_config") or {}).items()
+                         if c.get("dtype")},
         "bytes": size,
         "provenance": provenance(export),
     }
