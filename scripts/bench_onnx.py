@@ -44,8 +44,7 @@ prefill (after a warm-up run) and a few decode steps, prints the op types that t
 MatMul GFLOP/s (prefill) and GB/s of weights (decode), and a float32 GEMM peak (onnxruntime and
 torch.mm) for comparison. The script always exits 0.
 
-    python scripts/bench_onnx.py                                   \
-# defaults: d 1024, 16 layers, 8 prompts, 32 tokens
+    python scripts/bench_onnx.py      # defaults: d 1024, 16 layers, 8 prompts, 32 tokens
     python scripts/bench_onnx.py --workdir /tmp/bo --keep          # keep model + export for the next run
     python scripts/bench_onnx.py --workdir /tmp/bo --keep --profile 15 --repeats 5
     python scripts/bench_onnx.py --layers 4 --d-model 512 --intermediate 1408 --new-tokens 16   # quick
