@@ -537,8 +537,7 @@ def _hf_map(g: GGUFFile, spec, hp) -> dict:
 
 def load_tokenizer(g: GGUFFile):
     """The GGUF's own vocabulary (tokenizer.ggml.*) as a `tokenizers` BPE, and its chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, Regex, processors
-    from patcher.model.prompts import PromptTokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, Regex
 
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
@@ -578,21 +577,23 @@ def load_tokenizer(g: GGUFFile):
     specials = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # CONTROL, USER_DEFINED
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     names = _special_names(md, tokens)
-    add_bos = md.get("tokenizer.ggml.add_bos_token")
+    return _prompt_tokenizer(g, tok, names, vocab, md.get("tokenizer.ggml.add_bos_token"))
+
+
+def _prompt_tokenizer(g: GGUFFile, tok, names: dict, vocab: dict, add_bos):
+    """Both vocabulary kinds end alike: BOS prepended when the file asks for it, the special-token names,
+    the chat template; add_bos None means the file does not say."""
+    from tokenizers import processors
+    from patcher.model.prompts import PromptTokenizer
+
     if add_bos and "bos_token" in names:
         bos = names["bos_token"]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )
-    template = md.get("tokenizer.chat_template")
-    return PromptTokenizer(
-        tok,
-        g.path,
-        names,
-        template if isinstance(template, str) else None,
-        g.path,
-        bool(add_bos) if add_bos is not None else None,
-    )
+    template = g.metadata.get("tokenizer.chat_template")
+    return PromptTokenizer(tok, g.path, names, template if isinstance(template, str) else None, g.path,
+                           None if add_bos is None else bool(add_bos))
 
 
 def _special_names(md: dict, tokens: list) -> dict:
@@ -613,8 +614,7 @@ def _spm_tokenizer(g: GGUFFile, tokens: list):
     """A SentencePiece-BPE vocabulary (tokenizer.ggml.model 'llama': tokens, scores, token types) as a
     `tokenizers` BPE: merges ranked by the score of the merged piece (llama.cpp merges the best-scoring
     bigram first), '▁' for spaces with a leading one (add_space_prefix), <0xXX> byte fallback."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from patcher.model.prompts import PromptTokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     md = g.metadata
     scores = list(md.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
@@ -644,15 +644,7 @@ def _spm_tokenizer(g: GGUFFile, tokens: list):
         [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (2, 3, 4)]
     )
     add_bos = md.get("tokenizer.ggml.add_bos_token", True)  # llama.cpp's default for SentencePiece
-    if add_bos and "bos_token" in names:
-        bos = names["bos_token"]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
-        )
-    template = md.get("tokenizer.chat_template")
-    return PromptTokenizer(
-        tok, g.path, names, template if isinstance(template, str) else None, g.path, bool(add_bos)
-    )
+    return _prompt_tokenizer(g, tok, names, vocab, add_bos)
 
 
 # --- writing ------------------------------------------------------------------------------------------

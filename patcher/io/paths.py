@@ -75,6 +75,18 @@ def read_text(path, what: str = "file") -> str:
         raise PatcherError(path, f"{what} is not UTF-8 text (byte {e.start})") from None
 
 
+def read_json_object(path, what: str = "file") -> dict:
+    """A JSON file that must hold an object (config.json, generation_config.json, ...)."""
+    import json
+    try:
+        data = json.loads(read_text(path, what))
+    except (ValueError, RecursionError) as e:
+        raise PatcherError(path, f"cannot parse JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PatcherError(path, "expected a JSON object")
+    return data
+
+
 # --- outputs -----------------------------------------------------------------------------------------
 
 def _real(p: Path) -> Path:

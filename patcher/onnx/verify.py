@@ -15,7 +15,7 @@ from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (
 from patcher.onnx.runtime import OnnxModel
 from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
 from patcher.errors import PatcherError
-from patcher.io.paths import read_text
+from patcher.io.paths import read_json_object
 
 NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
 # max |Δ logits| / max(1, max |logits|) allowed per export dtype, against the numpy forward of the weights
@@ -88,17 +88,8 @@ def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, li
 
 def folder_config(folder: Path) -> dict:
     """config.json of a model or export folder ({} when absent)."""
-    import json
     path = Path(folder) / "config.json"
-    if not path.exists():
-        return {}
-    try:
-        cfg = json.loads(read_text(path, "config.json"))
-    except (ValueError, RecursionError) as e:
-        raise PatcherError(path, f"cannot parse JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise PatcherError(path, "expected a JSON object")
-    return cfg
+    return read_json_object(path, "config.json") if path.exists() else {}
 
 
 def greedy_numpy(sm: StreamedModel, ids, mask, n: int) -> np.ndarray:
@@ -219,17 +210,10 @@ def leakage(stored: dict, exact: StreamedModel, original: StreamedModel | None, 
 
 
 def _eos(folder: Path, tok) -> list[int]:
-    import json
-
     ids = {tok.eos_id} if tok.eos_id is not None else set()
     gen = Path(folder) / "generation_config.json"
     if gen.exists():
-        try:
-            data = json.loads(read_text(gen, "generation config"))
-        except (ValueError, RecursionError) as e:
-            raise PatcherError(gen, f"cannot parse JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise PatcherError(gen, "expected a JSON object")
+        data = read_json_object(gen, "generation config")
         e = data.get("eos_token_id")
         e = e if isinstance(e, list) else [e] if e is not None else []
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in e):
