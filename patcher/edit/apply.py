@@ -29,10 +29,6 @@ from patcher.io.writer import OutputFolder, OutTensor
 from patcher.edit.shards import ShardRun
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
-# Residual-axis-0 matrices are read twice (QᵀW needs every row first). Keeping the first pass's float32
-# blocks saved nothing: on a 4 GB llama, 2 shards in flight, reading again from the page cache took
-# 6.1 CPU-s against 6.4 with a 64 MiB cache per shard, and 116 MiB peak RSS against 175 (measured).
-AXIS0_CACHE = 0
 _SATURATE = {"F16", "F8_E4M3", "F8_E5M2"}
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", *PICKLE_SUFFIXES)
 
@@ -89,7 +85,7 @@ class _Executor:
         """Yield (matrix index, residual axis, start, stop, edited float32 block)."""
         for i, (first, rows, axis) in enumerate(matrices(edit)):
             for s, e, out in ablate_blocks(self._reader(edit, first), rows, edit.q, axis, edit.scale,
-                                           edit.preserve, BLOCK_ROWS, stats, cache_bytes=AXIS0_CACHE):
+                                           edit.preserve, BLOCK_ROWS, stats):
                 yield i, axis, s, e, out
 
     def fp8_prepass(self, edit: TensorEdit) -> None:

@@ -19,18 +19,17 @@ class ShardRun:
     (or sizes, when hashing is off) in `hasher`, in shard order."""
 
     def __init__(self, plan, tmp: Path, hasher, progress, on_shard):
-        self.plan, self.ck, self.tmp, self.hasher = plan, plan.ck, tmp, hasher
+        self.ck, self.tmp, self.hasher = plan.ck, tmp, hasher
         self.progress, self.on_shard = progress, on_shard
         self.record = dumps(plan.record, sort_keys=True)  # no command line or time: deterministic bytes
         self.writers: dict[str, ShardWriter] = {}
         self.lock = threading.Lock()
         self.stopped = False
-        self.alone = False
 
     def run(self, layout: dict[str, list[OutTensor]], in_flight: int) -> None:
-        self.alone = len(layout) == 1 or in_flight == 1  # one file at a time: spread its digests
+        alone = len(layout) == 1 or in_flight == 1  # one file at a time: spread its digests
         with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="shard") as pool:
-            jobs = [pool.submit(self._one, fname, tensors) for fname, tensors in layout.items()]
+            jobs = [pool.submit(self._one, fname, tensors, alone) for fname, tensors in layout.items()]
             try:
                 pending = set(jobs)
                 while pending:  # the first shard to fail stops the others at once
@@ -53,7 +52,7 @@ class ShardRun:
             job.cancel()
         wait(jobs)
 
-    def _one(self, fname: str, tensors: list[OutTensor]):
+    def _one(self, fname: str, tensors: list[OutTensor], alone: bool):
         sf = self.ck.files[fname]
         if self.on_shard:
             self.on_shard(fname)
@@ -66,7 +65,7 @@ class ShardRun:
         identity = manifest.identity(sf.path) if digest is not None else None
         try:
             w = ShardWriter(self.tmp / fname, tensors, meta, on_bytes=self.progress, hash_out=hashing,
-                            input_digest=digest, spread_digests=self.alone)
+                            input_digest=digest, spread_digests=alone)
         except BaseException:
             if digest is not None:
                 digest.close()
