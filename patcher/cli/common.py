@@ -96,12 +96,10 @@ def command_line() -> str:
 
 def check_report_file(option: str, path: Optional[Path], suffix: str, models: list, inputs: list,
                       force: bool) -> None:
-    """A file that `diff` or `audit` writes beside its report: the right suffix, not inside any model's
-    folder (hub ids resolved first, so their cache entries count too), then the common output rule."""
+    """A file that `diff` or `audit` writes beside its report: not inside any model's folder (hub ids
+    resolved first, so their cache entries count too), the common output rule, then the right suffix."""
     if path is None:
         return
-    if path.suffix != suffix:
-        raise PatcherError(option, f"{path}: must end in {suffix}")
     from patcher.io.hub import locate
     from patcher.io.paths import check_output
     target, resolved = path.resolve(), []
@@ -111,6 +109,8 @@ def check_report_file(option: str, path: Optional[Path], suffix: str, models: li
             raise PatcherError(option, f"{path} is inside the model {model}; write it elsewhere")
         resolved += [local, *extra]
     check_output(path, [*resolved, *inputs], force=force, kind="file", option=option)
+    if path.suffix != suffix:  # after the path itself is known to be sane ("" reads as ".")
+        raise PatcherError(option, f"{path}: must end in {suffix}")
 
 
 def save_direction(rep, path: Optional[Path]) -> None:
