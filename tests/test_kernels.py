@@ -293,3 +293,29 @@ def test_numerical_zero_thresholds():
 
 def test_fp8_max_matches_ml_dtypes():
     assert FP8_MAX == float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_partial_cols_preserve_and_the_stats_callers_read(axis):
+    """scale 0.5 with "cols": each written vector is the float64 partial projection rescaled to its old
+    norm (small weights: squared norms below 1); stats add to what the caller had (a fused-expert tensor
+    sums its matrices) and, on axis 1, hold each block's own W_b Q while it is yielded."""
+    d, other, scale = 32, 50, 0.5
+    w = (0.05 * rng.standard_normal((d, other) if axis == 0 else (other, d))).astype(np.float32)
+    q = orthonormalize(rng.standard_normal(d))
+    w64 = w.astype(np.float64)
+    plain = project_full(w64, q, axis, scale)
+    written = 0 if axis == 0 else 1
+    assert np.all(np.sum(w64 * w64, axis=written) < 1)
+    want = plain * np.sqrt(np.sum(w64 ** 2, axis=written, keepdims=True)
+                           / np.sum(plain ** 2, axis=written, keepdims=True))
+    stats = {"component_sq": 2.0}
+    blocks = []
+    for s, e, out in ablate_blocks(lambda s, e: w[s:e].copy(), w.shape[0], q, axis, scale,
+                                   preserve="cols", block_rows=16, stats=stats):
+        if axis == 1:
+            np.testing.assert_allclose(stats["coeff"], w64[s:e] @ q, atol=1e-6)
+        blocks.append(out.astype(np.float64))
+    np.testing.assert_allclose(np.concatenate(blocks), want, atol=1e-6)
+    comp = np.linalg.norm(q.T @ w64) if axis == 0 else np.linalg.norm(w64 @ q)
+    assert stats["component_sq"] == pytest.approx(2.0 + comp ** 2, rel=1e-5)
