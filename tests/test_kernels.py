@@ -3,9 +3,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from patcher_kernels import (FP8_MAX, ablate_blocks, bias_inject, bias_project, block_amax, decode,
-                             dequantize_blocks, encode, orthonormalize, project_full, quantize_blocks,
-                             requantize_scale, ulp_distance)
+from patcher_kernels.codecs import decode, encode, ulp_distance
+from patcher_kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks, quantize_blocks, requantize_scale
+from patcher_kernels.project import bias_inject, bias_project, orthonormalize, project_full
+from patcher_kernels.stream import ablate_blocks
 
 rng = np.random.default_rng(7)
 
