@@ -24,7 +24,9 @@ import numpy as np
 
 from patcher.errors import PatcherError
 from patcher.io import manifest
+from patcher.io.checkpoint import INDEX_NAME
 from patcher.io.gguf import CONFIG_KEYS, PRE_TOKENIZERS, HFView, OutTensorGGUF, load_tokenizer, write_gguf
+from patcher.io.gguf_hf import side_files
 from patcher.io.gguf_fields import INT32, encode, typed
 from patcher.io.writer import OutTensor, OutputFolder, write_safetensors
 from patcher.model.opened import Model
@@ -33,14 +35,6 @@ from patcher.model.opened import Model
 HF_DTYPES = {"bf16": ("BF16", "bfloat16"), "fp16": ("F16", "float16"), "fp32": ("F32", "float32")}
 # --type -> llama.cpp's general.file_type (LlamaFileType)
 GGUF_TYPES = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7}
-# the HF class config.json names, per model_type with a [gguf] table
-HF_CLASSES = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel",
-    "olmo2": "Olmo2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-}
 SHARD_BYTES = 5_000_000_000  # HF's default max_shard_size
 BLOCK_BYTES = 64 << 20  # float32 bytes per row block of a large tensor
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -84,8 +78,7 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
     t0 = time.perf_counter()
     g = model.storage
     view = model.forward_model().storage  # HFView; the hyperparameters HF needs are checked here
-    tok = load_tokenizer(g)  # a vocabulary patcher cannot read fails here, before any work
-    config = _hf_config(g, torch_dtype)
+    files = side_files(g, torch_dtype)  # a vocabulary patcher cannot read fails here, before any work
     shards = _shards([(n, math.prod(view.info(n).shape) * _itemsize(st_dtype)) for n in view.tensors])
     hasher = manifest.Hasher(enabled=hash_files)
     hasher.add(g.path.name, g.path)
@@ -99,12 +92,10 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
                 hasher.set("out/" + fname, sha) if sha else hasher.add("out/" + fname, tmp / fname)
                 weight_map.update(dict.fromkeys(names, fname))
                 total += sum(t.nbytes for t in tensors)
-            files = _hf_side_files(g, tok, config)
             if len(shards) > 1:
-                files["model.safetensors.index.json"] = {"metadata": {"total_size": total},
-                                                         "weight_map": weight_map}
-            for name, data in files.items():
-                text = data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+                files[INDEX_NAME] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=2) + "\n"
+            for name, text in files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
                 hasher.add("out/" + name, tmp / name)
             digests = hasher.results()
@@ -163,37 +154,6 @@ def _hf_blocks(view: HFView, name: str, st_dtype: str) -> Iterator[np.ndarray]:
                                           "use --dtype bf16 or fp32")
         yield data
     view.release(name)
-
-
-def _hf_config(g, torch_dtype: str) -> dict:
-    # GGUF stores float32: write each float's shortest float32 spelling (1e-05, not 9.9999997e-06)
-    cfg = {k: float(str(np.float32(v))) if isinstance(v, float) else v
-           for k, v in g.config.items() if not k.startswith("_")}
-    model_type = cfg["model_type"]
-    if model_type not in HF_CLASSES:
-        raise PatcherError(g.path, f"no HF class is known for model_type {model_type!r}")
-    if model_type != "gpt2":
-        cfg.pop("n_head", None)  # patcher's reader adds it for GPT-2-style configs
-    for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
-        i = g.metadata.get(f"tokenizer.ggml.{key}_token_id")
-        if isinstance(i, int):
-            cfg[f"{name}_token_id"] = i
-    return {"architectures": [HF_CLASSES[model_type]], **cfg, "torch_dtype": torch_dtype}
-
-
-def _hf_side_files(g, tok, config: dict) -> dict:
-    """tokenizer.json, tokenizer_config.json (special tokens, chat template), generation_config.json."""
-    tc = {"tokenizer_class": "PreTrainedTokenizerFast", **tok.special_tokens,
-          "clean_up_tokenization_spaces": False}
-    if config.get("max_position_embeddings"):
-        tc["model_max_length"] = config["max_position_embeddings"]
-    if tok.add_bos_token is not None:
-        tc["add_bos_token"] = tok.add_bos_token
-    if tok.chat_template is not None:
-        tc["chat_template"] = tok.chat_template
-    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-    return {"config.json": config, "generation_config.json": gen,
-            "tokenizer.json": tok.tokenizer.to_str(pretty=True), "tokenizer_config.json": tc}
 
 
 # --- HF -> GGUF ---------------------------------------------------------------------------------------
