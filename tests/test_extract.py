@@ -6,14 +6,14 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, fixture_path, run_cli, unit
+from conftest import DEMO, FIXTURES, fixture_path, run_cli, unit
 from patcher.io.checkpoint import Checkpoint
 from patcher.edit.directions import read_metadata
 from patcher.edit.extract import extract
 
-POS = FIXTURES / "prompts" / "planted-positive.txt"
-NEG = FIXTURES / "prompts" / "planted-negative.txt"
-PLANTED = FIXTURES / "tiny-llama-planted"
+POS = DEMO / "positive.txt"
+NEG = DEMO / "negative.txt"
+PLANTED = DEMO / "model"
 
 
 def hf_difference_in_means(folder, pos_prompts, neg_prompts):
@@ -50,7 +50,7 @@ def test_difference_in_means_matches_hf(model_type):
 def test_planted_direction_is_recovered_and_ranked_first(tmp_path):
     out = tmp_path / "d.safetensors"
     res = run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--no-chat-template")
-    v = np.load(FIXTURES / "planted-direction-64.npy")
+    v = np.load(DEMO / "planted-direction.npy")
     with Checkpoint(out) as ck:
         d = ck.array("direction")
         meta = read_metadata(ck)
