@@ -18,14 +18,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from patcher.errors import PatcherError
 from patcher.io import manifest
 from patcher.io.checkpoint import INDEX_NAME
-from patcher.io.gguf import CONFIG_KEYS, PRE_TOKENIZERS, HFView, OutTensorGGUF, load_tokenizer, write_gguf
+from patcher.io.gguf import CONFIG_KEYS, PRE_TOKENIZERS, HFView, OutTensorGGUF, pre_tokenizer, write_gguf
 from patcher.io.gguf_hf import side_files
 from patcher.io.gguf_fields import INT32, encode, typed
 from patcher.io.writer import OutTensor, OutputFolder, write_safetensors
@@ -353,17 +352,14 @@ def _adds_bos(tok) -> bool:
 
 
 def _pre_tokenizer_name(tokenizer, where) -> str:
-    want = _split(tokenizer)
-    for pre in PRE_TOKENIZERS:
-        probe = SimpleNamespace(path=where, metadata={"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
-                                                      "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []})
-        if _split(load_tokenizer(probe).tokenizer) == want:
-            return pre
+    want = _split(tokenizer.normalizer, tokenizer.pre_tokenizer)
+    for name in PRE_TOKENIZERS:
+        if _split(tokenizer.normalizer, pre_tokenizer(name, where)) == want:
+            return name
     raise PatcherError(where, "its pre-tokenizer splits text like none of the llama.cpp pre-tokenizers "
                               f"patcher knows ({', '.join(sorted(PRE_TOKENIZERS))})")
 
 
-def _split(tokenizer) -> list[str]:
-    norm = tokenizer.normalizer.normalize_str(_PROBE) if tokenizer.normalizer else _PROBE
-    pre = tokenizer.pre_tokenizer
-    return [p for p, _ in pre.pre_tokenize_str(norm)] if pre else [norm]
+def _split(normalizer, pre) -> list[str]:
+    text = normalizer.normalize_str(_PROBE) if normalizer else _PROBE
+    return [p for p, _ in pre.pre_tokenize_str(text)] if pre else [text]
