@@ -74,7 +74,8 @@ def test_round_trip_is_exact_and_loads_in_hf(model_type, tmp_path):
     ids = torch.tensor([ta.encode(ta.render(PROMPTS[1]))])
     logits = []
     for folder in (src, tmp_path / "back"):
-        m, info = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        m, info = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                         output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         with torch.no_grad():
             logits.append(m.eval()(ids).logits.numpy())

@@ -217,8 +217,8 @@ def _gguf_tensors(model: Model, arch: str, qtype: str, notes: list) -> list[OutT
             continue
         g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if g is None:
-            raise PatcherError(model.path, f"tensor {name!r} has no GGUF name for {arch} (llama.cpp would not "
-                                           "load it)")
+            raise PatcherError(model.path, f"tensor {name!r} has no GGUF name for {arch} "
+                                           "(llama.cpp would not load it)")
         shape = model.info(name).shape
         sources[g] = _Source(g, [name], model.spec.conv1d and len(shape) == 2 and name.endswith(".weight")
                              and ".h." in name)
@@ -328,7 +328,8 @@ def _vocab_fields(model: Model) -> list[bytes]:
     for t, i in vocab.items():
         tokens[i] = t
     if "" in tokens:
-        raise PatcherError(model.folder / "tokenizer.json", "token ids have gaps; GGUF needs one token per id")
+        raise PatcherError(model.folder / "tokenizer.json",
+                           "token ids have gaps; GGUF needs one token per id")
     added = {a["content"]: a for a in spec.get("added_tokens") or []}
     types = [(3 if added[t].get("special") else 4) if t in added else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges") or []]

