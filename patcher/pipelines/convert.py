@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patcher_kernels.codecs import itemsize
 from patcher.errors import PatcherError
 from patcher.io import manifest
 from patcher.io.checkpoint import INDEX_NAME
@@ -78,7 +79,7 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
     g = model.storage
     view = model.forward_model().storage  # HFView; the hyperparameters HF needs are checked here
     files = side_files(g, torch_dtype)  # a vocabulary patcher cannot read fails here, before any work
-    shards = _shards([(n, math.prod(view.info(n).shape) * _itemsize(st_dtype)) for n in view.tensors])
+    shards = _shards([(n, math.prod(view.info(n).shape) * itemsize(st_dtype)) for n in view.tensors])
     hasher = manifest.Hasher(enabled=hash_files)
     hasher.add(g.path.name, g.path)
     try:
@@ -88,7 +89,10 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
                 tensors = [OutTensor(n, st_dtype, view.info(n).shape,
                                      produce=lambda n=n: _hf_blocks(view, n, st_dtype)) for n in names]
                 sha = write_safetensors(tmp / fname, tensors, {"format": "pt"}, hash_out=hash_files)
-                hasher.set("out/" + fname, sha) if sha else hasher.add("out/" + fname, tmp / fname)
+                if sha:
+                    hasher.set("out/" + fname, sha)
+                else:  # --no-hash: the size
+                    hasher.add("out/" + fname, tmp / fname)
                 weight_map.update(dict.fromkeys(names, fname))
                 total += sum(t.nbytes for t in tensors)
             if len(shards) > 1:
@@ -108,10 +112,6 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
         hasher.cancel()
         raise
     return Converted(Path(out), len(view.tensors), total, seconds)
-
-
-def _itemsize(st_dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4}[st_dtype]
 
 
 def _shards(sizes: list[tuple[str, int]]) -> list[tuple[str, list[str]]]:

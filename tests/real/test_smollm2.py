@@ -211,27 +211,37 @@ def test_ablated_conversion_carries_no_direction(real_model, hf, directions, abl
     assert (np.abs(h0 @ r) / np.linalg.norm(h0, axis=-1)).max() > 0.1  # not vacuous
 
 
-def test_ablate_the_gguf_keeps_the_ablation_in_its_blocks(real_model, directions, tmp_path):
-    """Ablating Q4_1 blocks: the stored weights, dequantized by the gguf package, have lost r̂'s
-    component (orthogonal rounding), and llama.cpp runs the file."""
+@pytest.mark.parametrize("source", ["Q4_1", "Q4_K_M"])
+def test_ablate_the_gguf_keeps_the_ablation_in_its_blocks(real_model, directions, tmp_path, source):
+    """Ablating quantized blocks (the shipped Q4_1 file, llama.cpp's Q4_K_M): the stored weights,
+    dequantized by the gguf package, have lost r̂'s component (orthogonal rounding; K-quants are written
+    Q8_0), and llama.cpp runs the file."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+    from patcher_kernels.ggml_quant import WRITABLE
+    src = real_model.gguf if source == "Q4_1" else real_model.kquants[source]
     out = tmp_path / "ablated.gguf"
-    run_cli("ablate", real_model.gguf, "-d", f"{directions}:{LAYER}", "-o", out, "--layers", "18-21",
+    run_cli("ablate", src, "-d", f"{directions}:{LAYER}", "-o", out, "--layers", "18-21",
             "--targets", "attn_out,mlp_out")
     r = unit(load_file(directions)["direction"][LAYER])
-    before = {t.name: t for t in GGUFReader(real_model.gguf).tensors}
+    before = {t.name: t for t in GGUFReader(src).tensors}
     after = {t.name: t for t in GGUFReader(out).tensors}
+    stored = set()
     for layer in range(18, 22):
         for name in (f"blk.{layer}.attn_output.weight", f"blk.{layer}.ffn_down.weight"):
             w0 = dequantize(before[name].data, before[name].tensor_type).astype(np.float64)
             w1 = dequantize(after[name].data, after[name].tensor_type).astype(np.float64)
-            assert after[name].tensor_type.name == "Q4_1"
+            own = before[name].tensor_type.name
+            assert after[name].tensor_type.name == (own if own in WRITABLE else "Q8_0"), name
+            stored.add((own, after[name].tensor_type.name))
             assert np.linalg.norm(r @ w1) <= 1e-2 * np.linalg.norm(r @ w0), name
+    assert source == "Q4_1" or any(a != b for a, b in stored)  # a K-quant tensor was re-quantized
     untouched = "blk.5.ffn_down.weight"
     assert bytes(before[untouched].data) == bytes(after[untouched].data)
     ids = llama_cpp.Llama(str(out), vocab_only=True, verbose=False).tokenize(b"Hello there", add_bos=False)
     assert np.isfinite(llama_logits(out, ids)).all()
+    if source != "Q4_1":
+        return
     rep = json.loads(run_cli("diff", real_model.gguf, out, "--json", "-d", f"{directions}:{LAYER}",
                              expect=1).stdout)  # the quantized edit still reads as a rank-1 ablation
     assert rep["counts"]["changed"] == 8 and "rank-1" in rep["verdict"]
