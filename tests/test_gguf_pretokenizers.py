@@ -23,7 +23,7 @@ TEXTS = [
     "Hello world! It's a test: don't, we'll, I'M, they'RE 'quoted' O'Neil's.",
     "Numbers 1 12 123 1234 12345 1234567890 3.14159 -42 1,000,000 x2y33z444 ١٢٣ ½ Ⅻ ２０２４",
     "def f(x):\n    return x**2 + 1  # comment\n\n\tif a<=b and c!=d: print(f\"{a}\")\r\n}}",
-    "Ünïcödé café naïve résumé — Привет мир! Γειά σου κόσμε. 你好，世界。こんにちは、カタカナ。안녕하세요 세계",
+    "Ünïcödé café naïve résumé — Привет мир! Γειά σου κόσμε. 你好，世界。こんにちは、カタカナ。안녕하세요 세계 漢字English混合テキスト",
     "مرحبا بالعالم، हिन्दी भाषा। ไทย ทดสอบ emoji 🙂👍🏽 <sentinel:12> IMGIMGABZ …!?",
     "   leading and trailing spaces   \n\n\n  \t \u00a0 nbsp\u3000ideographic space  end   ",
     "CamelCaseWords HTTPServer iPhone McDonald's ALLCAPS lowercase ÉCOLE Straße",
@@ -163,11 +163,11 @@ def test_unknown_and_unsupported_names_are_refused_by_name(vocabularies, tmp_pat
     assert "'smolm'" in msg and "nearest: smollm" in msg and "m.gguf" in msg and "\n" not in msg
     with pytest.raises(PatcherError, match="'llama4-bpe'.*nearest: .*llama-bpe"):
         lookup("llama4-bpe", "m.gguf")
-    for name in NOT_SUPPORTED:  # names llama.cpp loads, but splits with code no regex list reproduces
+    for name in NOT_SUPPORTED:  # names llama.cpp loads, for vocabularies that are not byte-level BPE
         with pytest.raises(PatcherError, match=f"{name!r} is not supported: "):
             lookup(name, "m.gguf")
     llama_cpp = pytest.importorskip("llama_cpp")
-    llama_cpp.Llama(model_path=str(_with_pre(vocabularies["dense"], "kimi-k2", tmp_path / "k.gguf")),
+    llama_cpp.Llama(model_path=str(_with_pre(vocabularies["dense"], "gemma4", tmp_path / "k.gguf")),
                     vocab_only=True, verbose=False).close()
     with pytest.raises(ValueError):  # llama.cpp refuses the unknown name as well
         llama_cpp.Llama(model_path=str(_with_pre(vocabularies["dense"], "smolm", tmp_path / "u.gguf")),

@@ -2,8 +2,10 @@
 llama.cpp applies in turn (src/llama-vocab.cpp, llama-cpp-python 0.3.36's llama.cpp), whether a piece that
 is already a token skips the merges (ignore_merges), and whether BOS is added when the file does not say.
 Each regex splits every piece the previous one left, matches and the text between them both kept; the
-pieces are then mapped to GPT-2's byte alphabet. tests/test_gguf_pretokenizers.py checks every name token
-for token against llama.cpp itself.
+pieces are then mapped to GPT-2's byte alphabet. Where llama.cpp runs code instead of a regex (kimi-k2,
+afmoe, tiny_aya's digits) or its std::regex reads one differently from Oniguruma (\p{Lu} as \p{L}, \d as
+ASCII, non-ASCII whitespace never inside a class), the table holds what llama.cpp does.
+tests/test_gguf_pretokenizers.py checks every name token for token against llama.cpp itself.
 """
 
 import difflib
@@ -45,6 +47,9 @@ def _letters(regex: str) -> str:
 
 # Regexes without \p{..} run in llama.cpp on text whose non-ASCII whitespace became \v, so a class that
 # spans such a code point (U+3000 here) never matches it there: "&&\S" says so to Oniguruma.
+_DIGITS_IN_THREES = r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))"  # llama.cpp's digit code: threes from the right
+_HAN = ("\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef"
+        "\U0002f800-\U0002fa1f")  # unicode_cpt_is_han
 _CJK = "[[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]&&\\S]+"
 _PUNCT_WORDS = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+""" + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+")
 _FINNISH = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
@@ -110,8 +115,7 @@ _GROUPS = [
         _cased(_CONTRACTIONS + "?", r"\p{L}\p{M}")
         + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",), ignore_merges=True)),
     (("tiny_aya", "cohere2moe"), PreTokenizer((
-        # llama.cpp replaces its \d{1,3}(?=(?:\d{3})*\b) by code: runs of \p{N} in threes from the right
-        r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))",
+        _DIGITS_IN_THREES,  # llama.cpp runs this code for its \d{1,3}(?=(?:\d{3})*\b)
         _letters(_BY_CASE + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")))),
     (("superbpe",), PreTokenizer((r"\p{N}+", r"(?=([0-9]{3})+(?![0-9]))"))),  # std::wregex's \d is ASCII
     (("bailingmoe", "bailingmoe2", "llada-moe"), PreTokenizer((
@@ -129,14 +133,21 @@ _GROUPS = [
         r"\p{N}{1,3}",
         _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
         ignore_merges=True)),
+    (("kimi-k2",), PreTokenizer((  # llama.cpp's hand-written splitter, as one regex (letters: L only)
+        f"[{_HAN}]+|[^\\r\\n\\p{{L}}\\p{{N}}]?[\\p{{L}}&&[^{_HAN}]]+{_CONTRACTIONS}?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",))),
+    (("afmoe",), PreTokenizer((
+        _DIGITS_IN_THREES,
+        "[\u4e00-\u9fff\u3400-\u4dbf\u8c48-\ufaff\u3040-\u309f\u30a0-\u30ff\uff65-\uff9f\u2f00-\u2fdf"
+        "\u0e40-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f\uaa60-\uaa7f\ua9e0-\ua9ff\uac00-\ud7af"
+        "\u1100-\u11ff]+",
+        _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"))),
     (("default",), PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))),
 ]
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {name: pre for names, pre in _GROUPS for name in names}
 
-# names llama.cpp knows but splits with hand-written code, or without GPT-2's byte alphabet
+# names llama.cpp knows for vocabularies without GPT-2's byte alphabet
 NOT_SUPPORTED = {
-    "kimi-k2": "llama.cpp splits it with custom code (Han runs kept apart from cased words)",
-    "afmoe": "llama.cpp groups its digits with custom code",
     "gemma4": "it is SentencePiece-style BPE on raw UTF-8, not GPT-2 byte-level BPE",
     "granite-embed-multi-311m": "it is SentencePiece-style BPE on raw UTF-8, not GPT-2 byte-level BPE",
     "sarvam-moe": "it is SentencePiece-style BPE on raw UTF-8, not GPT-2 byte-level BPE",
