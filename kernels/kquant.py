@@ -5,7 +5,7 @@ under those scales, and the bytes for any choice of codes.
 
 Layouts (bytes per super-block), value of an element with stored code c in sub-block j:
   Q2_K  84: scales[16] (4-bit sc | 4-bit m << 4), qs[64] (2 bits), d, dmin     v = d·sc_j·c − dmin·m_j
-  Q3_K 110: hmask[32] (3rd bit), qs[64], scales[12] (16 × 6 bits, +32), d       v = d·(s_j − 32)·(c − 4)
+  Q3_K 110: hmask[32] (3rd bit), qs[64], scales[12] (16 × 6 bits, +32), d      v = d·(s_j − 32)·(c − 4)
   Q4_K 144: d, dmin, scales[12] (8 × 6-bit sc and m), qs[128] (4 bits)          v = d·sc_j·c − dmin·m_j
   Q5_K 176: d, dmin, scales[12], qh[32] (5th bit), qs[128]                      v = d·sc_j·c − dmin·m_j
   Q6_K 210: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] int8, d      v = d·sc_j·(c − 32)
