@@ -70,9 +70,12 @@ class KScales:
 
 
 def _sum(a: np.ndarray) -> np.ndarray:
-    """float32 sum over the last axis, left to right as ggml's loops accumulate (numpy's own sum is
-    pairwise, which rounds differently)."""
-    return np.cumsum(a, axis=-1, dtype=np.float32)[..., -1]
+    """float32 sum over axis 0 of a [n, N] (sub-blocks as columns), left to right as ggml's loops
+    accumulate (numpy's own sum is pairwise, which rounds differently); n is 16 or 32."""
+    total = a[0].astype(np.float32)
+    for row in a[1:]:
+        total += row
+    return total
 
 
 def _nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -81,30 +84,34 @@ def _nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
         return np.clip(np.rint(v), lo, hi).astype(np.float32)
 
 
+# The three searches below take sub-blocks as columns, x [n, N]: every step is then a few passes over
+# contiguous rows of N values, and the sums run down the columns in ggml's order.
+
+
 def _qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
-    """make_qkx2_quants over rows of x [N, n]: (scale [N], min [N] (subtracted, >= 0), codes [N, n])."""
+    """make_qkx2_quants for each column of x [n, N]: (scale [N], min [N] (subtracted, >= 0), codes)."""
     f32 = np.float32
-    mn = x.min(axis=-1)
+    mn = x.min(axis=0)
     mn = np.where(mn > 0, f32(0), mn)
-    mx = x.max(axis=-1)
+    mx = x.max(axis=0)
     flat = mx == mn
-    span = np.where(flat, f32(1), mx - mn)
     sum_w, sum_x = _sum(w), _sum(w * x)
 
     def error(scale, mins, codes):
-        diff = scale[:, None] * codes + mins[:, None] - x
+        diff = scale * codes + mins - x
         return _sum(w * (np.abs(diff) if mad else diff * diff))
 
+    span = np.where(flat, f32(1), mx - mn)
     iscale = f32(nmax) / span
     scale = f32(1) / iscale
-    codes = _nearest(iscale[:, None] * (x - mn[:, None]), 0, nmax)
+    codes = _nearest(iscale * (x - mn), 0, nmax)
     best = error(scale, mn, codes)
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in range(nstep + 1):
             # ggml searches from the best (scale, min) so far: span and offsets move with it
             span = np.where(flat, f32(1), mx - mn)
             iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span
-            aux = _nearest(iscale[:, None] * (x - mn[:, None]), 0, nmax)
+            aux = _nearest(iscale * (x - mn), 0, nmax)
             wl = w * aux
             sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * aux), _sum(wl * x)
             det = sum_w * sum_l2 - sum_l * sum_l
@@ -115,23 +122,25 @@ def _qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
             this_scale = np.where(clip, sum_xl / sum_l2, this_scale)
             cur = error(this_scale, this_min, aux)
             better = (det > 0) & (cur < best) & ~flat
-            codes = np.where(better[:, None], aux, codes)
+            codes = np.where(better, aux, codes)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
-    codes = np.where(flat[:, None], f32(0), codes)
+    codes = np.where(flat, f32(0), codes)
     return np.where(flat, f32(0), scale), -mn, codes
 
 
 def _signed_max(x):
-    """(the element of largest magnitude with its sign, that magnitude), first one on ties."""
-    idx = np.abs(x).argmax(axis=-1)
-    mx = np.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+    """Per column of x [n, N]: (the element of largest magnitude with its sign, that magnitude), the first
+    one on ties."""
+    idx = np.abs(x).argmax(axis=0)
+    mx = np.take_along_axis(x, idx[None, :], axis=0)[0]
     return mx, np.abs(mx)
 
 
 def _qx(x, nmax: int):
-    """make_qx_quants with rmse_type 1 and no importance weights (Q6_K): (scale [N], codes [N, n])."""
+    """make_qx_quants with rmse_type 1 and no importance weights (Q6_K), per column of x [n, N]:
+    (scale [N], codes [n, N])."""
     f32 = np.float32
     mx, amax = _signed_max(x)
     zero = amax < GROUP_MAX_EPS
@@ -140,7 +149,7 @@ def _qx(x, nmax: int):
     wx = w * x
 
     def attempt(iscale):
-        l = _nearest(iscale[:, None] * x, -nmax, nmax - 1)
+        l = _nearest(iscale * x, -nmax, nmax - 1)
         return l, _sum(wx * l), _sum(w * l * l)
 
     codes, sumlx, suml2 = attempt(f32(-nmax) / mx)
@@ -150,33 +159,33 @@ def _qx(x, nmax: int):
         for step in (*range(-9, 0), *range(1, 10)):
             l, sumlx, suml2 = attempt(-(f32(nmax) + f32(0.1) * f32(step)) / mx)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            codes = np.where(better[:, None], l, codes)
+            codes = np.where(better, l, codes)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    codes = np.where(zero[:, None], f32(0), codes + nmax)
+    codes = np.where(zero, f32(0), codes + nmax)
     return np.where(zero, f32(0), scale), codes
 
 
 def _q3(x, nmax: int = 4, tries: int = 5):
-    """make_q3_quants with do_rmse (Q3_K): element by element improvement, vectorized over sub-blocks.
-    A sub-block that changed nothing in a pass changes nothing in the next, so running every pass on
-    every sub-block is what ggml's early exit does."""
+    """make_q3_quants with do_rmse (Q3_K), per column of x [n, N]: element by element improvement. A
+    sub-block that changed nothing in a pass changes nothing in the next, so running every pass on every
+    sub-block is what ggml's early exit does."""
     f32 = np.float32
     mx, amax = _signed_max(x)
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, f32(1), mx)
-    codes = _nearest((f32(-nmax) / mx)[:, None] * x, -nmax, nmax - 1)
+    codes = _nearest((f32(-nmax) / mx) * x, -nmax, nmax - 1)
     w = x * x
     wx = w * x
     sumlx, suml2 = _sum(wx * codes), _sum(w * codes * codes)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(tries):
-            for i in range(x.shape[1]):
-                li, xi, wi = codes[:, i], x[:, i], w[:, i]
-                slx = sumlx - wx[:, i] * li
+            for i in range(x.shape[0]):
+                li, xi, wi = codes[i], x[i], w[i]
+                slx = sumlx - wx[i] * li
                 sl2 = suml2 - wi * li * li
                 new = _nearest(xi * sl2 / slx, -nmax, nmax - 1)
-                slx_new = slx + wx[:, i] * new
+                slx_new = slx + wx[i] * new
                 sl2_new = sl2 + wi * new * new
                 take = (
                     (slx > 0)
@@ -184,11 +193,11 @@ def _q3(x, nmax: int = 4, tries: int = 5):
                     & (sl2_new > 0)
                     & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
                 )
-                codes[:, i] = np.where(take, new, li)
+                codes[i] = np.where(take, new, li)
                 sumlx = np.where(take, slx_new, sumlx)
                 suml2 = np.where(take, sl2_new, suml2)
         scale = np.where(suml2 > 0, sumlx / suml2, f32(0))
-    codes = np.where(zero[:, None], f32(0), codes + nmax)
+    codes = np.where(zero, f32(0), codes + nmax)
     return np.where(zero, f32(0), scale), codes
 
 
@@ -208,14 +217,14 @@ def _scales_with_min(x, qtype: str) -> KScales:
     t = KTYPES[qtype]
     f32 = np.float32
     b = x.shape[0]
-    xs = x.reshape(-1, t.sub)
+    xs = np.ascontiguousarray(x.reshape(-1, t.sub).T)  # sub-blocks as columns
     if qtype == "Q2_K":
         sc, mins, codes = _qkx2(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
         levels = 15
     else:
         av = np.sqrt(_sum(xs * xs) / f32(t.sub))
         rmin, nstep = (-1.0, 20) if qtype == "Q4_K" else (-0.5, 15)
-        sc, mins, codes = _qkx2(xs, av[:, None] + np.abs(xs), t.code_max, rmin, 0.1, nstep, False)
+        sc, mins, codes = _qkx2(xs, av + np.abs(xs), t.code_max, rmin, 0.1, nstep, False)
         levels = 63
     sc, mins = sc.reshape(b, -1), mins.reshape(b, -1)
     max_scale = np.maximum(sc.max(axis=1), f32(0))
@@ -232,7 +241,7 @@ def _scales_with_min(x, qtype: str) -> KScales:
         ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
     d16 = _to_f16(max_scale / f32(levels))
     dmin16 = _to_f16(max_min / f32(levels))
-    return KScales(qtype, d16, dmin16, ls, lm, codes.reshape(b, QK_K).astype(np.int64))
+    return KScales(qtype, d16, dmin16, ls, lm, codes.T.reshape(b, QK_K).astype(np.int64))
 
 
 def _scales_signed(x, qtype: str) -> KScales:
@@ -240,7 +249,7 @@ def _scales_signed(x, qtype: str) -> KScales:
     magnitude (6 bits + 32 for Q3_K, int8 for Q6_K)."""
     f32 = np.float32
     b = x.shape[0]
-    xs = x.reshape(-1, 16)
+    xs = np.ascontiguousarray(x.reshape(-1, 16).T)  # sub-blocks as columns
     if qtype == "Q3_K":
         sc, codes = _q3(xs)
         levels, lo, hi = 32, -32, 31
@@ -248,7 +257,7 @@ def _scales_signed(x, qtype: str) -> KScales:
         sc, codes = _qx(xs, 32)
         levels, lo, hi = 128, -128, 127
     sc = sc.reshape(b, 16)
-    max_scale, amax = _signed_max(sc)
+    max_scale, amax = _signed_max(sc.T)
     live = amax >= GROUP_MAX_EPS if qtype == "Q6_K" else max_scale != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = np.where(live, f32(-levels) / np.where(live, max_scale, f32(1)), f32(0))
@@ -256,7 +265,7 @@ def _scales_signed(x, qtype: str) -> KScales:
         ls = np.rint(iscale[:, None] * sc)
     ls = np.clip(np.nan_to_num(ls), lo, hi).astype(np.int64)
     ls = np.where(live[:, None], ls, 0)
-    codes = codes.reshape(b, QK_K).astype(np.int64)
+    codes = codes.T.reshape(b, QK_K).astype(np.int64)
     if qtype == "Q3_K":
         ls = ls + 32  # stored with +32; a dead block stores 0 (its d is 0)
         ls = np.where(live[:, None], ls, 0)
