@@ -18,7 +18,7 @@ from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model, as_model
 from patcher.io.manifest import sha256_file
-from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import check_lengths, encode_prompts, left_pad, read_prompt_file
 from patcher import validate as V
 
 IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
@@ -174,8 +174,7 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)
     layer_set = set(range(L + 1)) if layer_set is None else layer_set
-    own = getattr(ck.storage, "tokenizer", None)  # a GGUF carries its vocabulary and chat template
-    tok = own() if own else load_tokenizer(ck.folder)
+    tok = ck.tokenizer()
     sets, meta_sets = {}, {}
     for label, src in (("positive", positive), ("negative", negative)):
         if isinstance(src, (str, Path)):

@@ -13,7 +13,7 @@ from patcher.io.checkpoint import Checkpoint
 from patcher.io.manifest import folder_identity, sha256_file
 from patcher.model.architectures import Resolved
 from patcher.model.execution import StreamedModel
-from patcher.model.prompts import encode_prompts, load_tokenizer, read_prompt_file
+from patcher.model.prompts import encode_prompts, read_prompt_file
 from patcher.search import space as sp
 from patcher.search import study as st
 from patcher.search.objectives import Evaluator, Result, load_markers
@@ -168,7 +168,7 @@ def setup(
         directions = directions_out
         seconds["extract"] = round(time.perf_counter() - t0, 3)
     table, meta = load_table(directions, L, d)
-    tok = load_tokenizer(ck.folder)
+    tok = ck.tokenizer()
     ep = _prompts(tok, eval_positive or positive, max_prompts, chat_template, system)
     en = _prompts(tok, eval_negative or negative, max_prompts, chat_template, system)
     t0 = time.perf_counter()
