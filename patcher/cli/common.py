@@ -122,12 +122,7 @@ def save_direction(rep, path: Optional[Path]) -> None:
         rep.notes.append("no direction was recovered: nothing written to --save-direction")
         return
     import numpy as np
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(rep.direction, dtype=np.float32))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from patcher.io.atomic import atomic_file
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(rep.direction, dtype=np.float32))
     rep.notes.append(f"recovered direction written to {path}")

@@ -143,11 +143,6 @@ def save_directions(path, direction: np.ndarray, positive_mean: np.ndarray, nega
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr, dtype=np.float32)
         tensors.append(OutTensor(name, "F32", a.shape, produce=lambda a=a: [a]))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    from patcher.io.atomic import atomic_file
+    with atomic_file(path) as tmp:  # an interrupt or a full disk leaves nothing behind
         write_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: dumps(metadata, sort_keys=True)})
-        tmp.replace(path)
-    except BaseException:  # an interrupt or a full disk leaves nothing behind
-        tmp.unlink(missing_ok=True)
-        raise
