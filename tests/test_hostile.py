@@ -819,3 +819,138 @@ def test_force_replaces_previous_patcher_outputs_only(ws, tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     with pytest.raises(PatcherError, match="symbolic link"):
         check_output(tmp_path / "link", [ws["L"]], force=True)
+
+
+# --- issue 22: races, foreign files, recorded ownership -----------------------------------------------
+
+def _during_write(monkeypatch, module, name, action):
+    """Run `action()` once, the first time `module.name` is called (mid-run, before the output is
+    published): the user acting on the output path while patcher works."""
+    import threading
+    orig, done, once = getattr(module, name), [], threading.Lock()
+
+    def wrapped(*a, **kw):
+        with once:  # shards are written from several threads
+            if not done:
+                done.append(action() or True)
+        return orig(*a, **kw)
+    monkeypatch.setattr(module, name, wrapped)
+    return done
+
+
+def _users_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    (path / "thesis.tex").write_text("years of work")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_folder_created_during_an_ablate_is_never_replaced(ws, tmp_path, monkeypatch, force):
+    """Item 1: the target is checked at the start; what the user puts there during the run survives
+    (with --force, a previous patcher output swapped for the user's folder mid-run is not replaced)."""
+    import patcher.io.writer as w
+    out = tmp_path / "out"
+    if force:
+        res = CliRunner().invoke(app, [str(a) for a in ("ablate", ws["L"], "-d", ws["d64"], "-o", out)])
+        assert res.exit_code == 0, res.output
+    done = _during_write(monkeypatch, w, "_write_produced", lambda: _users_folder(out))
+    res = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] if force else [])],
+                  inputs=[ws["L"]], fragment="left untouched")
+    assert done and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], res.stderr
+
+
+def test_file_created_during_an_extract_is_never_replaced(ws, tmp_path, monkeypatch):
+    import patcher.edit.directions as dmod
+    out = tmp_path / "d.safetensors"
+    done = _during_write(monkeypatch, dmod, "write_safetensors", lambda: out.write_bytes(b"mine"))
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"], inputs=[ws["L"], ws["pos"], ws["neg"]], fragment="left untouched")
+    assert done and out.read_bytes() == b"mine"
+    assert not list(tmp_path.glob(".d.safetensors.*"))
+
+
+def test_adding_an_export_variant_keeps_the_users_files(exported, tmp_path):
+    """Item 2: `export M -o E --dtype int8` onto an export holding the user's notes is refused, naming
+    them; nothing in E changes."""
+    e = tmp_path / "E"
+    shutil.copytree(exported, e)
+    (e / "NOTES.md").write_text("my notes")
+    (e / "results").mkdir()
+    (e / "results" / "run1.csv").write_text("1,2")
+    before = digests([e])
+    res = hostile(["export", L_SRC, "-o", e, "--dtype", "int8"], inputs=[e], fragment="does not list")
+    assert "NOTES.md" in res.stderr and "results/" in res.stderr
+    assert digests([e]) == before and not (e / "onnx" / "model_int8.onnx").exists()
+
+
+@pytest.mark.parametrize("manifest_text", ["", "{}", '{"outputs": {"thesis.tex": "x"}}', "[1, 2]",
+                                           '{"patcher": 1, "kind": "edit", "outputs": {}}'])
+def test_force_needs_a_manifest_valid_by_content(ws, tmp_path, manifest_text):
+    """Item 4: a file merely named patcher-manifest.json does not make a folder patcher's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "patcher-manifest.json").write_text(manifest_text)
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"], inputs=[ws["L"], out],
+            fragment="not a valid manifest")
+
+
+def test_recipe_rerun_keeps_the_users_files_in_a_changed_step(tmp_path):
+    """Item 5: a step whose options changed is redone; a file the user added to its folder is named and
+    kept, nothing is replaced."""
+    r = write_recipe(tmp_path, ABLATE_STEP)
+    assert CliRunner().invoke(app, ["run", str(r)]).exit_code == 0
+    step = tmp_path / "out" / "01-ablated"
+    (step / "NOTES.md").write_text("my notes")
+    r.write_text(r.read_text() + "strength = 0.5\n")
+    before = digests([step])
+    res = hostile(["run", r], inputs=[step], fragment="does not list")
+    assert "NOTES.md" in res.stderr and digests([step]) == before
+
+
+def test_force_never_replaces_a_users_unit_vector(ws, tmp_path):
+    """Item 6: ownership of --save-direction files is recorded when patcher writes them, not guessed:
+    a hand-made float32 unit vector is refused; patcher's own earlier file is replaced."""
+    edited = tmp_path / "edited"  # diff recovers the ablated direction: a unit float32 vector
+    res = CliRunner().invoke(app, [str(a) for a in ("ablate", ws["L"], "-d", ws["d64"], "-o", edited)])
+    assert res.exit_code == 0, res.output
+    mine = tmp_path / "mine.npy"
+    np.save(mine, np.eye(64, dtype=np.float32)[3])
+    before = mine.read_bytes()
+    hostile(["diff", ws["L"], edited, "--save-direction", mine, "--force"], inputs=[ws["L"], mine],
+            fragment="was not written by patcher")
+    assert mine.read_bytes() == before
+    ours = tmp_path / "ours.npy"
+    for extra in ([], ["--force"]):
+        res = CliRunner().invoke(app, [str(a) for a in ("diff", ws["L"], edited, "--save-direction", ours,
+                                                        *extra)])
+        assert res.exit_code == 1 and ours.is_file(), res.output  # diff: 1 = the models differ
+    assert abs(float(np.linalg.norm(np.load(ours))) - 1) < 1e-4
+    np.save(ours, np.load(ours))  # the user rewrote it: theirs now
+    hostile(["diff", ws["L"], edited, "--save-direction", ours, "--force"], inputs=[ours],
+            fragment="was not written by patcher")
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_two_runs_writing_one_output_cannot_both_win(ws, tmp_path, kind):
+    """The second run writing an output another run is writing stops before any work, one clear line."""
+    from patcher.io.atomic import OutputLock
+    out = tmp_path / ("out" if kind == "folder" else "d.safetensors")
+    args = (["ablate", ws["L"], "-d", ws["d64"], "-o", out] if kind == "folder" else
+            ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"])
+    other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                              f"f = open({str(tmp_path / ('.' + out.name + '.lock'))!r}, 'a')\n"
+                              "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        assert res.exit_code == 1 and "another patcher run is writing this output" in res.stderr, res.output
+        assert not out.exists()
+    finally:
+        other.kill()
+        other.wait()
+    OutputLock(out).acquire().release()  # free again once the other run is gone
