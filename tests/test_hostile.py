@@ -954,3 +954,54 @@ def test_two_runs_writing_one_output_cannot_both_win(ws, tmp_path, kind):
         other.kill()
         other.wait()
     OutputLock(out).acquire().release()  # free again once the other run is gone
+
+
+# --- issue 22: errors that are one clear line ---------------------------------------------------------
+
+def test_step_error_in_a_worker_keeps_its_message(tmp_path):
+    """`run --jobs 2`: a step's PatcherError pickles back from the worker (it read "internal error:
+    BrokenProcessPool")."""
+    import pickle
+    from patcher.errors import CheckpointError, PatcherError
+    for cls in (PatcherError, CheckpointError):
+        e = pickle.loads(pickle.dumps(cls("f.safetensors", "bad header")))
+        assert type(e) is cls and str(e) == "f.safetensors: bad header"
+    models = "".join(f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n' for n in "ab")
+    r = tmp_path / "r.toml"
+    r.write_text(models + ABLATE_STEP)
+    assert CliRunner().invoke(app, ["run", str(r), "--jobs", "2"]).exit_code == 0
+    (tmp_path / "b" / "01-ablated" / "NOTES.md").write_text("mine")
+    r.write_text(models + ABLATE_STEP + "strength = 0.5\n")
+    res = hostile(["run", r, "--jobs", 2], fragment="does not list")
+    assert "NOTES.md" in res.stderr and "BrokenProcessPool" not in res.stderr
+
+
+def test_disk_full_names_the_output(ws, tmp_path, monkeypatch):
+    import errno
+    import patcher.io.writer as w
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(w, "_pwrite_all", full)
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"], absent=[out], fragment=f"{out}: cannot write this output (No space left")
+
+
+def test_a_closed_pipe_is_not_an_error(ws, tmp_path):
+    """`patcher diff A B | head`: the reader leaving is not reported as "error: : Broken pipe"."""
+    p = subprocess.Popen([*PY_CLI, "diff", str(ws["L"]), str(ws["L"]), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before the first line
+    stderr = p.stderr.read()
+    p.wait(timeout=60)
+    assert "Broken pipe" not in stderr and "error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_output_through_an_input_file_and_missing_parent_folders(ws, tmp_path):
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws["d64"] / "out"], inputs=[ws["d64"]],
+            fragment="runs through the input file")
+    missing = tmp_path / "nonexistent" / "x" / "o"
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", missing], inputs=[ws["L"]],
+            fragment="does not exist; create it first")
+    assert not (tmp_path / "nonexistent").exists()

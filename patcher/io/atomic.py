@@ -210,6 +210,10 @@ class AtomicOutput:
             if os.path.lexists(self.tmp):
                 remove(self.tmp)
             self.lock.release()
+        if isinstance(exc, OSError) and not exc.filename and not isinstance(exc, InterruptedError):
+            # a full disk while writing (from a writer thread: no file name): say which output
+            raise PatcherError(self.target, f"cannot write this output ({exc.strerror or exc}); nothing "
+                                            "was written") from exc
         return False
 
     def _publish(self) -> None:

@@ -315,9 +315,11 @@ def refuse_inputs(target, inputs, kind: str = "folder") -> None:
     cands = _input_paths(inputs)
     for named, src in cands:
         if any(src in t.parents for t in targets):
+            if not Path(named).is_dir():
+                raise PatcherError(raw, f"output path runs through the input file {named} (a file, not a "
+                                        "folder); choose another path (inputs are never modified)")
             raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside "
-                               f"it "
-                                    "(inputs are never modified)")
+                                    "it (inputs are never modified)")
     for named, src in cands:
         if src in targets:
             raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never "
@@ -349,6 +351,10 @@ def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder"
     if place:
         raise PatcherError(raw, f"{place}; name a new {kind} (the output replaces what is there)")
     refuse_inputs(target, inputs, kind)
+    if not resume and not path.parent.is_dir():  # no folders the user did not ask for (a typo); a recipe
+        # (resume) declares its output folders and gets them
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise PatcherError(raw, f"the folder it would be written in ({path.parent}) {what}; create it first")
     if path.is_symlink():
         raise PatcherError(raw, "is a symbolic link; give the real path of a new output")
     if not path.exists():
