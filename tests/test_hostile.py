@@ -1005,3 +1005,47 @@ def test_output_through_an_input_file_and_missing_parent_folders(ws, tmp_path):
     hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", missing], inputs=[ws["L"]],
             fragment="does not exist; create it first")
     assert not (tmp_path / "nonexistent").exists()
+
+
+# --- issue 22: non-finite data ------------------------------------------------------------------------
+
+def _poisoned_copy(tmp_path: Path, tensor: str = "model.layers.0.self_attn.o_proj.weight") -> Path:
+    """A copy of tiny-llama with four BF16 NaN (0x7FC0) in one tensor."""
+    import struct
+    m = tmp_path / "poisoned"
+    shutil.copytree(L_SRC, m)
+    for f in sorted(m.glob("*.safetensors")):
+        raw = bytearray(f.read_bytes())
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        if tensor in header:
+            begin = 8 + n + header[tensor]["data_offsets"][0]
+            for i in (0, 5, 17, 63):
+                raw[begin + 2 * i:begin + 2 * i + 2] = struct.pack("<H", 0x7FC0)
+            f.write_bytes(bytes(raw))
+            return m
+    raise AssertionError(tensor)
+
+
+def test_ablate_refuses_non_finite_writers(ws, tmp_path):
+    """4 NaN in one writer used to become 256 in the output, exit 0."""
+    m = _poisoned_copy(tmp_path)
+    out = tmp_path / "out"
+    res = hostile(["ablate", m, "-d", ws["d64"], "-o", out], inputs=[m], absent=[out], fragment="NaN or Inf")
+    assert "model.layers.0.self_attn.o_proj.weight" in res.stderr
+
+
+@pytest.mark.parametrize("damage", ["weights", "rms_norm_eps", "rope_theta"])
+def test_extract_refuses_a_non_finite_residual_stream(ws, tmp_path, damage):
+    """An all-NaN directions file with a NaN "selected" layer used to be written, exit 0."""
+    if damage == "weights":
+        m = _poisoned_copy(tmp_path, "model.layers.1.mlp.down_proj.weight")
+    else:
+        m = tmp_path / "m"
+        shutil.copytree(L_SRC, m)
+        cfg = json.loads((m / "config.json").read_text())
+        cfg[damage] = -1.0 if damage == "rms_norm_eps" else 0.0
+        (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[m], absent=[out], fragment="not finite")

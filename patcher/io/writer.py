@@ -398,6 +398,14 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
         w.close()
 
 
+def _finite(block: np.ndarray) -> bool:
+    """All values finite (float dtypes, ml_dtypes included; integer codes always are)."""
+    try:
+        return bool(np.isfinite(block).all())
+    except TypeError:
+        return True
+
+
 def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
     """Compute one edited tensor on this (the main) thread and queue its encoded blocks in order."""
     written = 0
@@ -407,6 +415,10 @@ def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
         block = np.ascontiguousarray(block)
         if block.dtype != want:
             raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
+        if not _finite(block):
+            from patcher.errors import PatcherError
+            raise PatcherError(t.name, f"the edited tensor holds NaN or Inf (the input tensor is not finite, "
+                                       f"or the edit overflowed {t.dtype}); nothing was written")
         raw = block.reshape(-1).view(np.uint8)  # ml_dtypes have no buffer format
         w._put_data(pos + written, raw, raw.nbytes)
         written += block.nbytes
