@@ -1049,3 +1049,57 @@ def test_extract_refuses_a_non_finite_residual_stream(ws, tmp_path, damage):
     out = tmp_path / "d.safetensors"
     hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
             inputs=[m], absent=[out], fragment="not finite")
+
+
+# --- issue 22: directions and writers that cannot mean what they say ----------------------------------
+
+def _retyped_copy(tmp_path: Path, tensor: str, dtype: str, shape=None) -> Path:
+    """A copy of tiny-llama whose `tensor` is declared `dtype` (same bytes, header rewritten)."""
+    import struct
+    m = tmp_path / f"retyped-{dtype}"
+    shutil.copytree(L_SRC, m)
+    for f in sorted(m.glob("*.safetensors")):
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        if tensor in header:
+            header[tensor]["dtype"] = dtype
+            header[tensor]["shape"] = shape or header[tensor]["shape"]
+            h = json.dumps(header).encode()
+            h += b" " * (-len(h) % 8)
+            f.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+            return m
+    raise AssertionError(tensor)
+
+
+@pytest.mark.parametrize("dtype,shape", [("I16", None), ("U8", [64, 128]), ("BOOL", [64, 128])])
+def test_ablate_refuses_integer_writers(ws, tmp_path, dtype, shape):
+    """An I16/U8/BOOL "writer" used to be projected and written back as integers, exit 0."""
+    m = _retyped_copy(tmp_path, "model.layers.0.self_attn.o_proj.weight", dtype, shape)
+    out = tmp_path / "out"
+    hostile(["ablate", m, "-d", ws["d64"], "-o", out], inputs=[m], absent=[out],
+            fragment=f"o_proj.weight is {dtype}, not a floating-point weight")
+
+
+def test_directions_never_wrap_and_must_fit_the_model(ws, tmp_path):
+    from patcher.edit.directions import save_directions
+    table = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)  # tiny-llama: 3 layers
+    wrap = tmp_path / "wrap.safetensors"
+    save_directions(wrap, table, table, 0 * table, {"selected_layer": -1})
+    for spec in (wrap, f"{wrap}:-1"):
+        hostile(["ablate", ws["L"], "-d", spec, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
+                fragment="layer -1 is out of range")
+    big = np.random.default_rng(0).standard_normal((41, 64)).astype(np.float32)
+    forty = tmp_path / "forty.safetensors"
+    save_directions(forty, big, big, 0 * big, {"selected_layer": 2})
+    for cmd in (["ablate", ws["L"], "-d", forty, "-o", tmp_path / "o"],
+                ["inject", ws["L"], "-d", forty, "--layer", 1, "--alpha", 1, "-o", tmp_path / "o"]):
+        hostile(cmd, absent=[tmp_path / "o"], fragment="41 rows")
+
+
+def test_a_direction_set_that_leaves_nothing_is_refused(ws, tmp_path):
+    """63 independent directions in 64 dimensions zeroed every writer without a word."""
+    many = tmp_path / "many.npy"
+    np.save(many, np.random.default_rng(1).standard_normal((63, 64)))
+    hostile(["ablate", ws["L"], "-d", many, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
+            fragment="leave at most 1 dimension")

@@ -338,7 +338,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
                     inputs.append(_resolve_path(base, file_part))
                     try:
-                        loaded.append(load_direction(full, d).vectors)
+                        loaded.append(load_direction(full, d, L).vectors)
                     except PatcherError as e:
                         problems.append(Problem(where("direction" if "direction" in o else "directions"),
                                                 f"step {st.index}: {e}"))
