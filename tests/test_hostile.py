@@ -1103,3 +1103,20 @@ def test_a_direction_set_that_leaves_nothing_is_refused(ws, tmp_path):
     np.save(many, np.random.default_rng(1).standard_normal((63, 64)))
     hostile(["ablate", ws["L"], "-d", many, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
             fragment="leave at most 1 dimension")
+
+
+def test_a_study_applies_only_to_the_model_it_searched(tmp_path):
+    """`ablate --from-study` on another model printed "note: note: ..." and wrote it, exit 0."""
+    from test_search import directions_file, manual_study
+    from patcher.search import space as sp
+    dirs = directions_file(tmp_path / "d.safetensors", 3, 64)
+    free = {"direction_scope": "per_layer",
+            **{f"{c}_{k}": 1.0 for c in sp.COMPONENTS for k in ("peak", "center", "min_frac", "width")}}
+    manual_study(tmp_path / "s.db", L_SRC, dirs, free, {"embed": False, "norm_preserve": "none"})
+    other = tmp_path / "other"
+    shutil.copytree(L_SRC, other)
+    hostile(["ablate", other, "--from-study", tmp_path / "s.db", "--trial", 0, "-o", tmp_path / "o"],
+            inputs=[other], absent=[tmp_path / "o"], fragment="is not the model this study searched")
+    res = CliRunner().invoke(app, [str(a) for a in ("ablate", L_SRC, "--from-study", tmp_path / "s.db",
+                                                    "--trial", 0, "-o", tmp_path / "o")])
+    assert res.exit_code == 0, res.output
