@@ -1086,9 +1086,8 @@ def test_directions_never_wrap_and_must_fit_the_model(ws, tmp_path):
     table = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)  # tiny-llama: 3 layers
     wrap = tmp_path / "wrap.safetensors"
     save_directions(wrap, table, table, 0 * table, {"selected_layer": -1})
-    for spec in (wrap, f"{wrap}:-1"):
-        hostile(["ablate", ws["L"], "-d", spec, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
-                fragment="layer -1 is out of range")
+    hostile(["ablate", ws["L"], "-d", wrap, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
+            fragment="selected_layer -1 is out of range")  # FILE:-1 still counts from the end, as documented
     big = np.random.default_rng(0).standard_normal((41, 64)).astype(np.float32)
     forty = tmp_path / "forty.safetensors"
     save_directions(forty, big, big, 0 * big, {"selected_layer": 2})
@@ -1120,3 +1119,25 @@ def test_a_study_applies_only_to_the_model_it_searched(tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in ("ablate", L_SRC, "--from-study", tmp_path / "s.db",
                                                     "--trial", 0, "-o", tmp_path / "o")])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("key,value", [("rope_scaling", {"rope_type": "linear", "factor": "two"}),
+                                       ("rope_scaling", {"rope_type": "linear", "factor": 0}),
+                                       ("rope_theta", "1e4")])
+def test_non_numeric_rope_settings_are_one_line(ws, tmp_path, key, value):
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg[key] = value
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[m], absent=[out], fragment=f"{key}")
+
+
+def test_a_lone_surrogate_in_a_jsonl_prompt_is_one_line(ws, tmp_path):
+    p = tmp_path / "pos.jsonl"
+    p.write_text('{"prompt": "fine"}\n{"prompt": "half \\ud800 a pair"}\n')
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", ws["L"], "--positive", p, "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[p], absent=[out], fragment="line 2: \"prompt\" holds a lone surrogate")

@@ -115,19 +115,22 @@ def _from_safetensors(path: Path, layer: int | None, n_layers: int | None = None
         ck.close()
     if table.ndim != 2:
         raise CheckpointError(path, f"'direction' must be [layers+1, d_model], got {list(table.shape)}")
+    n = table.shape[0]
     if layer is None:
         layer = meta.get("selected_layer")
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise CheckpointError(path, "metadata has no integer 'selected_layer'; give one as "
                                   "FILE.safetensors:LAYER")
-    n = table.shape[0]
+        if not 0 <= layer < n:  # extract writes 0..L: anything else is damage, and never wraps
+            raise CheckpointError(path, f"metadata selected_layer {layer} is out of range: the file has "
+                                        f"resid_pre layers 0..{n - 1}")
     if n_layers is not None and n != n_layers + 1:
         raise CheckpointError(path, f"the directions table has {n} rows (a {n - 1}-layer model's); this "
                                     f"model has {n_layers} layers ({n_layers + 1} resid_pre rows)")
-    if not 0 <= layer < n:  # layers never wrap: -1 is a mistake, not "the last"
+    if not -n <= layer < n:  # FILE:-1 counts from the end, as --layers does; nothing wraps
         raise PatcherError(f"{path}:{layer}", f"layer {layer} is out of range: the file has resid_pre "
                            f"layers 0..{n - 1}")
-    return table[layer], layer
+    return table[layer], layer % n
 
 
 def read_metadata(ck: Checkpoint) -> dict:
