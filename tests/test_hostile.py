@@ -1141,3 +1141,20 @@ def test_a_lone_surrogate_in_a_jsonl_prompt_is_one_line(ws, tmp_path):
     out = tmp_path / "d.safetensors"
     hostile(["extract", ws["L"], "--positive", p, "--negative", ws["neg"], "-o", out, "--no-chat-template"],
             inputs=[p], absent=[out], fragment="line 2: \"prompt\" holds a lone surrogate")
+
+
+def test_a_bad_study_file_is_refused_before_any_work(ws, tmp_path):
+    """`search --study bad.db` extracted for seconds before saying so, with SQLAlchemy's text and URL."""
+    bad = tmp_path / "bad.db"
+    bad.write_text("garbage, not SQLite")
+    res = hostile(["search", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "--study", bad,
+                   "--trials", 1], inputs=[bad], absent=[tmp_path / "bad.directions.safetensors"],
+                  fragment="is not a study database", seconds=5)
+    assert "sqlalche" not in res.stderr
+    import sqlite3
+    odd = tmp_path / "odd.db"  # SQLite, but not optuna's schema
+    with sqlite3.connect(odd) as c:
+        c.execute("create table studies (x text)")
+    res = hostile(["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"], inputs=[odd],
+                  fragment="cannot open the study")
+    assert "sqlalche" not in res.stderr and "[SQL:" not in res.stderr

@@ -162,6 +162,7 @@ def register(app) -> None:
                 return
             if engine not in sr.ENGINES:
                 raise PatcherError("--engine", f"must be one of {', '.join(sr.ENGINES)}")
+            st.check_study_file(study_file)  # before the extraction, not 11 s later
             dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
             from patcher.io.paths import check_output
             inputs = [model, positive, negative, eval_positive, eval_negative, directions, config]
