@@ -1158,3 +1158,17 @@ def test_a_bad_study_file_is_refused_before_any_work(ws, tmp_path):
     res = hostile(["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"], inputs=[odd],
                   fragment="cannot open the study")
     assert "sqlalche" not in res.stderr and "[SQL:" not in res.stderr
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "tokenizer_config.json"])
+def test_huge_side_files_are_refused_before_reading(ws, tmp_path, name):
+    """A 3 GB tokenizer.json took 3.2 GB of memory before failing: side files are size-capped (sparse
+    file here: no disk used)."""
+    from patcher.io.paths import MAX_SIDE_FILE
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    with open(m / name, "r+b") as f:
+        f.truncate(MAX_SIDE_FILE + 1)
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[ws["pos"]], absent=[out], fragment="patcher reads whole")
