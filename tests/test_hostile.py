@@ -1172,3 +1172,15 @@ def test_huge_side_files_are_refused_before_reading(ws, tmp_path, name):
     out = tmp_path / "d.safetensors"
     hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
             inputs=[ws["pos"]], absent=[out], fragment="patcher reads whole")
+
+
+def test_readme_recipe_export_int4_then_verify_runs(tmp_path):
+    """README's recipe exports int4 and verifies with no dtype: verify looked for the fp32 variant."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("The sea is\nA robot can\n")
+    r = write_recipe(tmp_path, f'[[step]]\nop = "export"\ndtype = "int4"\n\n[[step]]\nop = "verify"\n'
+                               f'prompts = "{prompts}"\ntokens = 2\n')
+    res = CliRunner().invoke(app, ["run", str(r)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "02-verify.json").read_text())
+    assert report["dtype"] == "int4", report.get("dtype")
