@@ -1184,3 +1184,27 @@ def test_readme_recipe_export_int4_then_verify_runs(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "02-verify.json").read_text())
     assert report["dtype"] == "int4", report.get("dtype")
+
+
+# --- issue 22: exports that cannot load ---------------------------------------------------------------
+
+def test_an_export_onnxruntime_cannot_load_is_not_written(tmp_path):
+    """config head_dim != the tensors: export said "wrote", generate then failed inside onnxruntime."""
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "e"
+    hostile(["export", m, "-o", out], inputs=[m], absent=[out], fragment="the exported graph would not load")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "verify"])
+def test_onnxruntime_load_failures_are_one_line(exported, tmp_path, cmd):
+    e = tmp_path / "e"
+    shutil.copytree(exported, e)
+    graph = e / "onnx" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:200])  # truncated
+    args = {"generate": ["generate", e, "--prompt", "hi", "--max-new-tokens", 1],
+            "verify": ["verify", e, "--reference", L_SRC, "--tokens", 1]}[cmd]
+    hostile(args, inputs=[e], fragment="onnxruntime cannot load this model")
