@@ -1208,3 +1208,14 @@ def test_onnxruntime_load_failures_are_one_line(exported, tmp_path, cmd):
     args = {"generate": ["generate", e, "--prompt", "hi", "--max-new-tokens", 1],
             "verify": ["verify", e, "--reference", L_SRC, "--tokens", 1]}[cmd]
     hostile(args, inputs=[e], fragment="onnxruntime cannot load this model")
+
+
+def test_a_config_whose_heads_do_not_fit_the_tensors_is_one_line(ws, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[m], absent=[out], fragment="the config's sizes do not fit the tensors")
