@@ -1158,3 +1158,64 @@ def test_a_bad_study_file_is_refused_before_any_work(ws, tmp_path):
     res = hostile(["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"], inputs=[odd],
                   fragment="cannot open the study")
     assert "sqlalche" not in res.stderr and "[SQL:" not in res.stderr
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "tokenizer_config.json"])
+def test_huge_side_files_are_refused_before_reading(ws, tmp_path, name):
+    """A 3 GB tokenizer.json took 3.2 GB of memory before failing: side files are size-capped (sparse
+    file here: no disk used)."""
+    from patcher.io.paths import MAX_SIDE_FILE
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    with open(m / name, "r+b") as f:
+        f.truncate(MAX_SIDE_FILE + 1)
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[ws["pos"]], absent=[out], fragment="patcher reads whole")
+
+
+def test_readme_recipe_export_int4_then_verify_runs(tmp_path):
+    """README's recipe exports int4 and verifies with no dtype: verify looked for the fp32 variant."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("The sea is\nA robot can\n")
+    r = write_recipe(tmp_path, f'[[step]]\nop = "export"\ndtype = "int4"\n\n[[step]]\nop = "verify"\n'
+                               f'prompts = "{prompts}"\ntokens = 2\n')
+    res = CliRunner().invoke(app, ["run", str(r)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "02-verify.json").read_text())
+    assert report["dtype"] == "int4", report.get("dtype")
+
+
+# --- issue 22: exports that cannot load ---------------------------------------------------------------
+
+def test_an_export_onnxruntime_cannot_load_is_not_written(tmp_path):
+    """config head_dim != the tensors: export said "wrote", generate then failed inside onnxruntime."""
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "e"
+    hostile(["export", m, "-o", out], inputs=[m], absent=[out], fragment="the exported graph would not load")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "verify"])
+def test_onnxruntime_load_failures_are_one_line(exported, tmp_path, cmd):
+    e = tmp_path / "e"
+    shutil.copytree(exported, e)
+    graph = e / "onnx" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:200])  # truncated
+    args = {"generate": ["generate", e, "--prompt", "hi", "--max-new-tokens", 1],
+            "verify": ["verify", e, "--reference", L_SRC, "--tokens", 1]}[cmd]
+    hostile(args, inputs=[e], fragment="onnxruntime cannot load this model")
+
+
+def test_a_config_whose_heads_do_not_fit_the_tensors_is_one_line(ws, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[m], absent=[out], fragment="the config's sizes do not fit the tensors")

@@ -42,8 +42,14 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def regular_file(path, what: str = "file") -> Path:
-    """`path` if it is (or links to) a regular file; otherwise one clear error, without opening it."""
+# Largest text/JSON side file read whole (configs, tokenizer.json, templates, prompts, recipes): real
+# tokenizer.json files are under 40 MB; a 3 GB one took 3.2 GB of memory before failing.
+MAX_SIDE_FILE = 256 << 20
+
+
+def regular_file(path, what: str = "file", limit: int | None = None) -> Path:
+    """`path` if it is (or links to) a regular file (of at most `limit` bytes); otherwise one clear
+    error, without opening it."""
     path = Path(path)
     try:
         st = os.stat(path)
@@ -53,6 +59,9 @@ def regular_file(path, what: str = "file") -> Path:
         raise PatcherError(path, f"cannot read {what} ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
         raise PatcherError(path, f"{what} is {_kind(st.st_mode)}, not a regular file")
+    if limit is not None and st.st_size > limit:
+        raise PatcherError(path, f"{what} is {st.st_size / 2**20:,.0f} MiB; more than the {limit >> 20} MiB "
+                                 "patcher reads whole (a damaged or wrong file?)")
     return path
 
 
@@ -66,7 +75,7 @@ def is_irregular(path) -> bool:
 
 
 def read_bytes(path, what: str = "file") -> bytes:
-    regular_file(path, what)
+    regular_file(path, what, MAX_SIDE_FILE)
     try:
         return Path(path).read_bytes()
     except OSError as e:

@@ -384,8 +384,10 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 problems.append(Problem(st.line, f"step {st.index}: verify needs an export step before it"))
             action = Action(st, st.op, current, target, o)
             if st.op == "verify":
-                action.input = next(a.output for a in reversed(actions)
-                                    if a.op == "export") if actions else current
+                export = next((a for a in reversed(actions) if a.op == "export"), None)
+                action.input = export.output if export else current
+                if export is not None:  # verify what the export wrote (README: export int4, then verify)
+                    action.options.setdefault("dtype", export.options.get("dtype", "fp32"))
                 action.options["reference"] = current
                 action.output = out / f"{st.index:02d}-verify.json"
             actions.append(action)
