@@ -34,7 +34,7 @@ class OnnxModel:
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
-        except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph: one line naming the file
+        except Exception as e:  # noqa: BLE001 - ORT's own Fail/InvalidGraph: one line naming the file
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise PatcherError(path, f"onnxruntime cannot load this model ({reason[:300]})") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
