@@ -1243,3 +1243,12 @@ def test_bad_arch_table_values_are_one_line(ws, tmp_path, old, new, fragment):
     table.write_text("\n".join(lines))
     hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", "--arch-table", table],
             inputs=[table], absent=[tmp_path / "o"], fragment=fragment)
+
+
+def test_generate_refuses_nan_logits(tmp_path):
+    """An export of NaN weights: generate printed nothing (argmax of NaN) and exited 0."""
+    m = _poisoned_copy(tmp_path)
+    e = tmp_path / "e"
+    assert CliRunner().invoke(app, ["export", str(m), "-o", str(e)]).exit_code == 0
+    hostile(["generate", e, "--prompt", "hi", "--max-new-tokens", 2], inputs=[e],
+            fragment="logits are NaN at generated token 0")
