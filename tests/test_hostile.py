@@ -1252,3 +1252,21 @@ def test_generate_refuses_nan_logits(tmp_path):
     assert CliRunner().invoke(app, ["export", str(m), "-o", str(e)]).exit_code == 0
     hostile(["generate", e, "--prompt", "hi", "--max-new-tokens", 2], inputs=[e],
             fragment="logits are NaN at generated token 0")
+
+
+def test_numpy_runtime_warnings_are_one_note(capsys):
+    """Raw numpy RuntimeWarnings (with source lines) reached stderr on runs that exit 0."""
+    import warnings
+    from patcher.cli.common import guard
+
+    def body():
+        np.float32(3e38) * np.float32(10)  # overflow
+        np.float32(3e38) * np.float32(10)  # the same warning: one note
+        warnings.warn("a library's own warning", FutureWarning)
+        return 7
+    with warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        assert guard(body) == 7
+    err = capsys.readouterr().err
+    assert err.count("note: numeric warning: overflow") == 1 and "RuntimeWarning" not in err, err
+    assert [str(w.message) for w in passed] == ["a library's own warning"]
