@@ -1237,7 +1237,7 @@ def test_bad_arch_table_values_are_one_line(ws, tmp_path, old, new, fragment):
     from patcher.model.architectures import TABLE_DIR
     text = (TABLE_DIR / "llama.toml").read_text()
     lines = text.split("\n")
-    at = next(i for i, line in enumerate(lines) if line.split("#")[0].strip() == old)  # the first: attn writer
+    at = next(i for i, line in enumerate(lines) if line.split("#")[0].strip() == old)  # first: attn writer
     lines[at] = new
     table = tmp_path / "t.toml"
     table.write_text("\n".join(lines))
@@ -1270,3 +1270,15 @@ def test_numpy_runtime_warnings_are_one_note(capsys):
     err = capsys.readouterr().err
     assert err.count("note: numeric warning: overflow") == 1 and "RuntimeWarning" not in err, err
     assert [str(w.message) for w in passed] == ["a library's own warning"]
+
+
+def test_extract_reports_progress_without_a_terminal(ws, tmp_path, monkeypatch):
+    """A long extract in a log (no TTY: the bar is hidden) printed nothing for its whole run."""
+    import patcher.cli.common as common
+    monkeypatch.setattr(common, "PLAIN_PROGRESS_SECONDS", 0.0)
+    out = tmp_path / "d.safetensors"
+    res = CliRunner().invoke(app, [str(a) for a in ("extract", ws["L"], "--positive", ws["pos"], "--negative",
+                                                    ws["neg"], "-o", out, "--no-chat-template")])
+    assert res.exit_code == 0, res.output
+    n = sum(1 for f in (ws["pos"], ws["neg"]) for line in f.read_text().splitlines() if line.strip())
+    assert f"prompts through the model: {n} of {n} (100 %)" in res.stderr, res.stderr

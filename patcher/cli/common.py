@@ -114,6 +114,32 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
     raise typer.Exit(code)
 
 
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal (logs, CI): one progress line this often
+
+
+class PlainProgress:
+    """Progress for a run whose stderr is not a terminal (the bar is hidden there): every
+    PLAIN_PROGRESS_SECONDS one line with the count, the total and an estimate of the time left."""
+
+    def __init__(self, what: str, total: int | None):
+        import time
+        self.what, self.total, self.done = what, total, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        import time
+        self.done += n
+        now = time.monotonic()
+        if err.is_terminal or now - self.last < PLAIN_PROGRESS_SECONDS:
+            return
+        self.last = now
+        left = ""
+        if self.total:
+            minutes = (self.total - self.done) / max(self.done, 1) * (now - self.start) / 60
+            left = f" of {self.total} ({100 * self.done / self.total:.0f} %), ~{minutes:.0f} min left"
+        err.print(f"{self.what}: {self.done}{left}", highlight=False)
+
+
 def progress():
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
