@@ -219,7 +219,7 @@ class AtomicOutput:
     def _publish(self) -> None:
         if self.kind == "folder":
             for p in self.tmp.iterdir():  # one flush at the end: writeback overlapped the compute
-                if p.is_file():
+                if not p.is_symlink():
                     fsync(p)
         fsync(self.tmp)
         try:
