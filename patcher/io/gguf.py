@@ -51,16 +51,21 @@ CONFIG_KEYS = {
     "final_logit_softcapping": "final_logit_softcapping",
     "norm_topk_prob": "expert_weights_norm",
 }
-# llama.cpp's names for the pre-tokenizer split regex (tokenizer.ggml.pre) -> the regex HF's tokenizer.json
-# uses for the same model; None: GPT-2's own ByteLevel regex.
+# llama.cpp's names for the pre-tokenizer (tokenizer.ggml.pre) -> the split regexes it applies in turn
+# (src/llama-vocab.cpp): each regex splits every piece the previous one left, matches and gaps both kept.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
-    "gpt-2": None,
-    "gpt2": None,
-    "olmo": None,
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt-2": (GPT2_SPLIT,),
+    "gpt2": (GPT2_SPLIT,),
+    "olmo": (GPT2_SPLIT,),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+    "smollm": (r"\p{N}", GPT2_SPLIT),
 }
 
 
@@ -537,7 +542,7 @@ def _hf_map(g: GGUFFile, spec, hp) -> dict:
 
 def load_tokenizer(g: GGUFFile):
     """The GGUF's own vocabulary (tokenizer.ggml.*) as a `tokenizers` BPE, and its chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, Regex
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
@@ -552,32 +557,31 @@ def load_tokenizer(g: GGUFFile):
             f"tokenizer.ggml.model {kind!r} is not supported: patcher reads 'gpt2' "
             f"(byte-level BPE) and 'llama' (SentencePiece BPE) vocabularies",
         )
-    pre = md.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in PRE_TOKENIZERS:
-        raise PatcherError(
-            g.path,
-            f"tokenizer.ggml.pre {pre!r} is not known to patcher "
-            f"(known: {', '.join(sorted(PRE_TOKENIZERS))})",
-        )
     merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges") or []]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab, merges))
-    regex = PRE_TOKENIZERS[pre]
-    if regex is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    tok.pre_tokenizer = pre_tokenizer(md.get("tokenizer.ggml.pre", "gpt-2"), g.path)
     tok.decoder = decoders.ByteLevel()
     types = md.get("tokenizer.ggml.token_type") or []
     specials = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # CONTROL, USER_DEFINED
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     names = _special_names(md, tokens)
     return _prompt_tokenizer(g, tok, names, vocab, md.get("tokenizer.ggml.add_bos_token"))
+
+
+def pre_tokenizer(name: str, path):
+    """llama.cpp's pre-tokenizer `name` as a `tokenizers` pre-tokenizer: its regexes in turn, then bytes."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if name not in PRE_TOKENIZERS:
+        raise PatcherError(
+            path,
+            f"tokenizer.ggml.pre {name!r} is not known to patcher (known: {', '.join(sorted(PRE_TOKENIZERS))})",
+        )
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[name]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
 
 
 def _prompt_tokenizer(g: GGUFFile, tok, names: dict, vocab: dict, add_bos):
