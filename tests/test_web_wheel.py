@@ -2,59 +2,42 @@
 installed in a fresh venv (its heavy dependencies from the system site-packages, patcher itself only from
 the wheel), run with its working directory outside the repository and an empty runtime cache. Its
 `patcher web` fetches the pinned runtime (npm registry), builds a site from an export it made itself, serves
-it, and the page answers in Chromium as Python onnxruntime does. Needs pip's build backend, npm and the
-browser: skips without them, fails under CI."""
+it, and the page answers in Chromium as Python onnxruntime does. Needs npm and the browser: skips without
+them, fails under CI."""
 
 import os
-import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, fixture_path
+from conftest import fixture_path
 from test_web import NEW_TOKENS, PROMPT, _free_port, _missing, prompt_ids, python_greedy
-
-SOURCES = ("pyproject.toml", "README.md", "patcher", "kernels")
-
-
-def _skip(why: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the wheel test: {why}")
-    pytest.skip(why)
+from test_wheel import venv, wheel  # noqa: F401 - the wheel and its fresh venv, built as test_wheel does
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def need_browser():
     why = _missing()
     if why:
-        _skip(why)
-    root = tmp_path_factory.mktemp("wheel")
-    src = root / "src"  # a copy: building in the checkout would write build/ and *.egg-info into it
-    src.mkdir()
-    for name in SOURCES:
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copyfile
-        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                         if (ROOT / name).is_dir() else {}))
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "dist", src],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        _skip(f"pip wheel failed: {r.stderr.strip()[-300:]}")
-    wheel = next((root / "dist").glob("patcher-*.whl"))
-    env = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", env], check=True)
-    subprocess.run([env / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True)
-    print(f"\nwheel {wheel.name}: {wheel.stat().st_size / 1024:.0f} KiB")
-    return env, root
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the wheel's browser test: {why}")
+        pytest.skip(why)
 
 
-def test_wheel_patcher_web_outside_the_checkout(venv, tmp_path):
+def test_wheel_patcher_web_outside_the_checkout(wheel, venv, tmp_path):  # noqa: F811
+    import zipfile
+
     from patcher.web.browser import chromium
 
-    env, _ = venv
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("index.html", "app.js", "worker.js", "style.css", "favicon.svg"):
+        assert f"patcher/web/assets/{f}" in names
+    assert "patcher/web/runtime.py" in names and not any(n.endswith(".wasm") for n in names)
+    print(f"\nwheel {wheel.name}: {wheel.stat().st_size / 1024:.0f} KiB")
+    env = venv
     work = tmp_path / "work"  # the commands' working directory: nowhere near the repository
     work.mkdir()
     run_env = {**os.environ, "PATCHER_WEB_RUNTIME": str(tmp_path / "runtime-cache"),
