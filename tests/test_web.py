@@ -395,15 +395,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_site_prefers_fast_wasm_variant(exports, tmp_path):
-    # int8 is DynamicQuantizeLinear + MatMulInteger: WASM's fastest; the export's own choices stay
-    folder = exports("llama")
+@pytest.mark.parametrize("dtypes, want", [(ALL_DTYPES, "fp32"), ("int4,int8", "q8"), ("q4f16,int4", "q4")])
+def test_site_wasm_variant_when_the_export_names_none(exports, tmp_path, dtypes, want):
+    # fp32 first (quality), then int8 MatMulInteger (WASM's fastest), 4-bit last; the export's settings stay
+    folder = exports("llama", name=f"llama-{dtypes}", dtype=dtypes)
+    src = json.loads((folder / "config.json").read_text())["transformers.js_config"]
+    assert "wasm" not in (src.get("device_config") or {})
     run_cli("web", folder, "-o", tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
-    src = json.loads((folder / "config.json").read_text())["transformers.js_config"]
-    assert cfg["transformers.js_config"]["device_config"]["wasm"] == {"dtype": "q8"}
-    assert cfg["transformers.js_config"]["dtype"] == src["dtype"]
-    assert cfg["transformers.js_config"]["use_external_data_format"] == src["use_external_data_format"]
+    cfg = cfg["transformers.js_config"]
+    assert cfg["device_config"]["wasm"] == {"dtype": want}
+    assert {k: v for k, v in cfg.items() if k != "device_config"} == {k: v for k, v in src.items()
+                                                                       if k != "device_config"}
+    assert cfg["device_config"].get("webgpu") == (src.get("device_config") or {}).get("webgpu")
+
+
+def test_site_keeps_the_exports_own_wasm_choice(exports, tmp_path):
+    folder = tmp_path / "x"
+    shutil.copytree(exports("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["transformers.js_config"]["device_config"] = {"wasm": {"dtype": "q4"}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    run_cli("web", folder, "-o", tmp_path / "s")
+    site = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
+    assert site["transformers.js_config"]["device_config"] == {"wasm": {"dtype": "q4"}}
 
 
 # --- the chat page as a user meets it: streaming, stop, new chat, layout -------------------------------

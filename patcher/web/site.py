@@ -83,7 +83,7 @@ def _web_config(export: Path, variants: dict) -> dict:
     if "dtype" not in tjs:
         tjs["dtype"] = "q4" if "q4" in variants else ("fp32" if "fp32" in variants else next(iter(variants)))
     wasm = (tjs.get("device_config") or {}).get("wasm") or {}
-    if "dtype" not in wasm:  # the page's CPU fallback: the variant measured fastest there (BENCHMARKS.md)
+    if "dtype" not in wasm:  # an export that predates the measured per-device choice: WASM_ORDER
         fast = [d for d in WASM_ORDER
                 if d in variants and not (d == "q8" and _has_nbits(export, variants[d][0]))]
         if fast:
@@ -92,9 +92,11 @@ def _web_config(export: Path, variants: dict) -> dict:
     return cfg
 
 
-# onnxruntime-web's WASM build has no MatMulNBits kernel (it dequantizes every call: q4 ran 0.16-0.24x fp32
-# decode) while int8 MatMulInteger ran 1.9x: on WASM prefer q8, then the float variants, q4 last
-WASM_ORDER = ("q8", "fp32", "fp16", "q4", "q4f16")
+# What WASM runs when the export does not say (device_config.wasm): quality first, then speed. Such exports
+# predate the measured choice, and their int8 (one activation scale per tensor) answers nonsense on real
+# models (SmolLM2-135M: greedy agreement 8 %), so fp32 leads; among the rest, int8 MatMulInteger ran 1.9x fp32
+# on WASM, while the WASM build has no MatMulNBits kernel (q4: 0.16-0.24x fp32 decode; BENCHMARKS.md).
+WASM_ORDER = ("fp32", "fp16", "q8", "q4", "q4f16")
 
 
 def _has_nbits(export: Path, file: str) -> bool:
