@@ -109,3 +109,16 @@ def test_no_npm_is_one_clear_line(tmp_path, monkeypatch):
     # --cdn needs no runtime files at all
     run_cli("web", export, "-o", tmp_path / "site", "--cdn")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_cache_is_fetched_again(fake_npm, monkeypatch):
+    tarballs, contents = fake_npm
+    pins = {pkg: runtime.Pin(pin.version, _sri(Path(tarballs[pkg])), pin.files)
+            for pkg, pin in runtime.PINS.items()}
+    monkeypatch.setattr(runtime, "PINS", pins)
+    rt = runtime.cached()
+    (rt.wasm_dir / runtime.WASM_FILES[1]).unlink()
+    said = []
+    rt = runtime.cached(say=said.append)
+    assert said and (rt.wasm_dir / runtime.WASM_FILES[1]).read_bytes() == \
+        contents[runtime.ORT_PKG][f"dist/{runtime.WASM_FILES[1]}"]

@@ -166,6 +166,8 @@ def fetch_runtime(folder: Path, say=None) -> None:
                         shutil.copyfileobj(member, out)
         for p in [stage, *stage.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        if folder.is_dir() and not _complete(folder):  # a damaged copy (a file deleted): replaced whole
+            shutil.rmtree(folder)
         try:
             stage.rename(folder)
         except OSError:  # another process finished first: its copy is the same pinned files
