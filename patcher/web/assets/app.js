@@ -143,7 +143,7 @@ async function loadModels() {
   }
 }
 
-async function answer(m, text, epoch) {
+async function answer(m, text, epoch, progress) {
   m.messages.push({ role: "user", content: text });
   bubble(m, "user", text);
   const out = bubble(m, "assistant", "");
@@ -152,8 +152,9 @@ async function answer(m, text, epoch) {
   const r = await call("generate", {
     id: m.info.id, messages: m.messages, sample,
     max_new_tokens: Number($("#max-tokens").value) || state.site.max_new_tokens,
-  }, (text) => {
+  }, (text, tokens) => {
     if (epoch !== state.epoch) return;  // "new chat" was pressed: this answer is gone
+    progress.tokens = tokens;
     out.textContent = text;
     m.log.scrollTop = m.log.scrollHeight;
   });
@@ -188,16 +189,17 @@ async function send(event) {
   box.value = "";
   const epoch = state.epoch;
   const started = performance.now();
-  let who = "";
+  const progress = { who: "", tokens: 0 };
   const clock = setInterval(() => {  // a live clock: the page is drawn while the model works
-    say(`${who} is answering… ${((performance.now() - started) / 1000).toFixed(1)} s`);
+    say(`${progress.who} is answering… ${((performance.now() - started) / 1000).toFixed(1)} s · ` +
+        `${progress.tokens} tokens`);
   }, 100);
   try {
     for (const m of state.models) {  // one after the other: the WASM backend runs one session at a time
       if (state.stopping) break;
-      who = m.info.label;
-      say(`${who} is answering…`);
-      await answer(m, text, epoch);
+      Object.assign(progress, { who: m.info.label, tokens: 0 });
+      say(`${progress.who} is answering…`);
+      await answer(m, text, epoch, progress);
     }
     say(`${state.stopping ? "stopped" : "ready"} · ${state.device} · ` +
         `transformers.js ${state.site.runtime.transformers}`);
