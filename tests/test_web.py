@@ -599,7 +599,12 @@ def test_single_unedited_column_and_hint(single, browser, site, tmp_path):
     assert [m["label"] for m in spec["models"]] == ["unedited"]
     with chat_page(browser, folder) as (page, problems):
         title = page.locator(".column h2").evaluate("h => h.firstChild.textContent")
+        # the page names its icon, and the site has it (else browsers ask for /favicon.ico: a 404)
+        icon = page.evaluate("document.querySelector('link[rel=icon]')?.href")
+        got = page.evaluate("async (u) => { const r = await fetch(u); "
+                            "return [r.status, r.headers.get('content-type')]; }", icon)
     assert title == "unedited" and not problems
+    assert icon.endswith("/favicon.svg") and got == [200, "image/svg+xml"]
     assert f"`patcher web {export} -o {folder} --force --serve`" in " ".join(printed.split())
     # the hint repeats every option given, --compare included
     _, edited, original = site
