@@ -1,6 +1,7 @@
-"""Build the `patcher web` site: a static folder (index.html, app.js, style.css, site.json), the model
-files of one export (and optionally the original's, for side-by-side answers), and a local copy of the
-pinned transformers.js + onnxruntime-web runtime, so the page works with no network at all.
+"""Build the `patcher web` site: a static folder (index.html, app.js, worker.js, style.css, site.json), the
+model files of one export (and optionally the original's, for side-by-side answers), and a local copy of
+the pinned transformers.js + onnxruntime-web runtime (patcher/web/runtime.py), so the page works with no
+network at all.
 
 Nothing here runs in the browser: the page reads site.json (which models, which variants, what the
 edit did) and does everything else itself.
