@@ -712,7 +712,7 @@ def _cases(ws, exported, dirs_file, tmp):
         ("demo", "inside input", ["demo", "--out", DEMO / "model" / "x"],
          [DEMO / "model"],
          [DEMO / "model" / "x"], None),
-        ("demo", "inside input", ["demo", "--out", FIXTURES / "prompts"], [FIXTURES / "prompts"], [], None),
+        ("demo", "inside input", ["demo", "--out", DEMO], [DEMO], [], None),
         ("demo", "wrong type", ["demo", "--out"], [], [], None),
     ]
 
