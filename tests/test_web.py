@@ -395,12 +395,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("dtypes, want", [(ALL_DTYPES, "fp32"), ("int4,int8", "q8"), ("q4f16,int4", "q4")])
+@pytest.mark.parametrize("dtypes, want", [(ALL_DTYPES, "fp16"), ("fp32,int4", "fp32"), ("int4,int8", "q8"),
+                                          ("q4f16,int4", "q4")])
 def test_site_wasm_variant_when_the_export_names_none(exports, tmp_path, dtypes, want):
-    # fp32 first (quality), then int8 MatMulInteger (WASM's fastest), 4-bit last; the export's settings stay
-    folder = exports("llama", name=f"llama-{dtypes}", dtype=dtypes)
-    src = json.loads((folder / "config.json").read_text())["transformers.js_config"]
-    assert "wasm" not in (src.get("device_config") or {})
+    # an export made before the per-device choice was recorded: the float variants first (quality), then
+    # int8 MatMulInteger (WASM's fastest), 4-bit last; the export's other settings stay
+    folder = tmp_path / "x"
+    shutil.copytree(exports("llama", name=f"llama-{dtypes}", dtype=dtypes), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    src = cfg["transformers.js_config"]
+    (src.get("device_config") or {}).pop("wasm", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
     run_cli("web", folder, "-o", tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
     cfg = cfg["transformers.js_config"]

@@ -93,11 +93,12 @@ def _web_config(export: Path, variants: dict) -> dict:
     return cfg
 
 
-# What WASM runs when the export does not say (device_config.wasm): quality first, then speed. Such exports
-# predate the measured choice, and their int8 (one activation scale per tensor) answers nonsense on real
-# models (SmolLM2-135M: greedy agreement 8 %), so fp32 leads; among the rest, int8 MatMulInteger ran 1.9x fp32
-# on WASM, while the WASM build has no MatMulNBits kernel (q4: 0.16-0.24x fp32 decode; BENCHMARKS.md).
-WASM_ORDER = ("fp32", "fp16", "q8", "q4", "q4f16")
+# What WASM runs when the export does not say (device_config.wasm): the order patcher export uses to set it,
+# quality first, then speed. Such exports predate the measured choice, and their int8 (one activation scale
+# per tensor) answers nonsense on real models (SmolLM2-135M: greedy agreement 8 %), so the float variants
+# lead (fp16 ran 1.35x fp32 on WASM); then int8 MatMulInteger (1.9x fp32), while the WASM build has no
+# MatMulNBits kernel (q4: 0.16-0.24x fp32 decode; BENCHMARKS.md).
+WASM_ORDER = ("fp16", "fp32", "q8", "q4", "q4f16")
 
 
 def _has_nbits(export: Path, file: str) -> bool:
