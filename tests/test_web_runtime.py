@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fixture_path, run_cli
+from patcher.errors import PatcherError
 from patcher.web import runtime
 
 FAKE_NPM = """#!{python}
@@ -122,3 +123,24 @@ def test_a_damaged_cache_is_fetched_again(fake_npm, monkeypatch):
     rt = runtime.cached(say=said.append)
     assert said and (rt.wasm_dir / runtime.WASM_FILES[1]).read_bytes() == \
         contents[runtime.ORT_PKG][f"dist/{runtime.WASM_FILES[1]}"]
+
+
+def test_npm_failure_is_npms_words_on_one_line(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "npm").write_text(
+        "#!/bin/sh\n"
+        "echo 'npm error code E404' >&2\n"
+        "echo 'npm error 404 Not Found - GET https://registry.example/onnxruntime-web' >&2\n"
+        "echo 'npm error     at fetch (/usr/lib/node_modules/npm/x.js:1:1)' >&2\n"
+        "echo 'npm error A complete log of this run can be found in: /root/.npm/_logs/x.log' >&2\n"
+        "exit 1\n")
+    (bin_dir / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("PATCHER_WEB_RUNTIME", str(tmp_path / "cache"))
+    with pytest.raises(PatcherError) as e:
+        runtime.cached()
+    msg = str(e.value)
+    assert "code E404 404 Not Found - GET https://registry.example/onnxruntime-web" in msg
+    assert "at fetch" not in msg and "complete log" not in msg and "--cdn" in msg
+    assert list(runtime.cache_root().iterdir()) == []

@@ -129,6 +129,13 @@ def _npm() -> str:
     return npm
 
 
+def _npm_error(r: subprocess.CompletedProcess) -> str:
+    """npm's own words without its stack trace and log-file lines, on one line."""
+    lines = [ln.removeprefix("npm error").strip() for ln in (r.stderr or r.stdout).splitlines()]
+    keep = [ln for ln in lines if ln and not ln.startswith(("at ", "A complete log"))]
+    return " ".join(" ".join(keep).split())[:300] or f"exit {r.returncode}"
+
+
 def _sri(path: Path) -> str:
     with path.open("rb") as f:
         return "sha512-" + base64.b64encode(hashlib.file_digest(f, "sha512").digest()).decode()
@@ -149,8 +156,8 @@ def fetch_runtime(folder: Path, say=None) -> None:
                "--cache", str(tmp / "npm-cache"), "--no-audit", "--no-fund", "--loglevel=error"]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if r.returncode != 0:
-            why = " ".join((r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").split())
-            raise PatcherError("npm pack", f"could not fetch {' '.join(specs)}: {why[:400]}")
+            raise PatcherError("npm pack", f"could not fetch {' '.join(specs)}: {_npm_error(r)} "
+                                           "(--js DIST or --cdn need no download)")
         packed = {p["name"]: tmp / p["filename"] for p in json.loads(r.stdout)}
         stage = tmp / "runtime"
         for pkg, dst in _layout(stage).items():
