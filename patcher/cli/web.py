@@ -41,7 +41,8 @@ def register(app) -> None:
         ),
     ):
         """A static site (no server code) with a chat box that runs the export in the visitor's browser:
-        WebGPU when available, WASM otherwise; streams tokens; shows what the edit did."""
+        WebGPU when available, WASM otherwise, in a Web Worker (tokens stream, stop and new chat work
+        mid-answer); shows what the edit did."""
 
         def body():
             from patcher.web.serve import Server
