@@ -234,7 +234,7 @@ def register(app) -> None:
                          [*m.input_paths, spec_file(direction), arch_table], force=force,
                          kind=_kind(_out(output, adapter)))
             res = m.resolved
-            d = load_direction(direction, res.d_model)
+            d = load_direction(direction, res.d_model, res.n_layers)
             write(plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
                                 preserve=norm_preserve, untie=untie))
         guard(body)
@@ -268,7 +268,7 @@ def register(app) -> None:
                          [*m.input_paths, spec_file(direction), arch_table], force=force,
                          kind=_kind(_out(output, control_vector)))
             res = m.resolved
-            d = load_direction(direction, res.d_model)
+            d = load_direction(direction, res.d_model, res.n_layers)
             if control_vector is not None:
                 at = V.layer_index(layer, res.n_layers, "--layer")
                 return _control_vector(res, d, at, a, control_vector, force, dry_run)

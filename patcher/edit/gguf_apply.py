@@ -14,7 +14,6 @@ both with a type the user chose.
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from patcher_kernels.project import bias_inject, bias_project, project_full
 from patcher.edit.apply import Report
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.errors import PatcherError
+from patcher.io.atomic import AtomicOutput
 from patcher.io.gguf import PROVENANCE_KEY, GGUFFile, OutTensorGGUF, string_field, write_gguf
 
 ROW_CHUNK = 4096  # rows of a residual-axis-1 tensor (embeddings) handled at once
@@ -260,44 +260,12 @@ def _preserve(w: np.ndarray, x: np.ndarray, mode: str, axis: int) -> np.ndarray:
     return x * np.where(new > 0, old / np.where(new > 0, new, 1.0), 1.0)
 
 
-class AtomicFile:
-    """Write a file under a hidden temporary name beside the target; rename it into place when complete."""
+class AtomicFile(AtomicOutput):
+    """One GGUF output file: checked as an output, published without replacing (patcher.io.atomic)."""
 
     def __init__(self, target, inputs, force: bool = False):
-        self.target = Path(target).absolute()
-        for src in inputs:
-            s = Path(src).resolve()
-            if self.target.resolve() == s:
-                raise PatcherError(
-                    target, "output is the input; choose a new file (the input is never modified)"
-                )
-        if self.target.is_dir():
-            raise PatcherError(target, "is a folder; a GGUF output is one .gguf file")
-        if self.target.exists() and not force:
-            raise PatcherError(target, "already exists; pass --force to replace it")
-        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        from patcher.io.writer import _pid_alive
-
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        for p in self.target.parent.glob(f".{self.target.name}.partial-*"):  # left by killed runs
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                p.unlink(missing_ok=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return False
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.target)
-        return False
+        from patcher.io.paths import check_output
+        super().__init__(check_output(target, list(inputs), force=force, kind="file"), "file")
 
 
 def execute(

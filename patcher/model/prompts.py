@@ -373,6 +373,11 @@ def _prompt(obj, path: Path, at: str) -> str:
         raise PatcherError(path, f"{at}: \"prompt\" must be a string, got {type(obj['prompt']).__name__}")
     if not obj["prompt"].strip():
         raise PatcherError(path, f"{at}: \"prompt\" is empty")
+    try:
+        obj["prompt"].encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON "\ud800" decodes to a lone surrogate no tokenizer takes
+        raise PatcherError(path, f"{at}: \"prompt\" holds a lone surrogate ({obj['prompt'][e.start]!r} at "
+                                 f"character {e.start}): not valid Unicode") from None
     return obj["prompt"]
 
 
