@@ -15,20 +15,20 @@ SKIP = shutil.ignore_patterns(".git", "node_modules", "build", "dist", "*.egg-in
                               ".pytest_cache", ".hypothesis", ".mutmut-cache", "bench-out", ".venv")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
     """Build from a copy of the checkout, so the build's own files never land in the repository."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
-                          str(src)], capture_output=True, text=True, timeout=600)
+                          str(src.resolve())], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     (whl,) = (tmp / "dist").glob("patcher-*.whl")
     return whl
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def venv(wheel, tmp_path_factory) -> Path:
     """A fresh venv holding the wheel; the heavy dependencies come from this interpreter's site-packages."""
     env = tmp_path_factory.mktemp("venv") / "env"
