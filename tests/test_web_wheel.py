@@ -15,7 +15,6 @@ import pytest
 
 from conftest import fixture_path
 from test_web import NEW_TOKENS, PROMPT, _free_port, _missing, prompt_ids, python_greedy
-from test_wheel import venv, wheel  # noqa: F401 - the wheel and its fresh venv, built as test_wheel does
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,7 +26,7 @@ def need_browser():
         pytest.skip(why)
 
 
-def test_wheel_patcher_web_outside_the_checkout(wheel, venv, tmp_path):  # noqa: F811
+def test_wheel_patcher_web_outside_the_checkout(wheel, venv, tmp_path):
     import zipfile
 
     from patcher.web.browser import chromium
