@@ -1,4 +1,4 @@
-"""llama.cpp's pre-tokenizers (the GGUF key tokenizer.ggml.pre) as data: each name -> the split regexes
+r"""llama.cpp's pre-tokenizers (the GGUF key tokenizer.ggml.pre) as data: each name -> the split regexes
 llama.cpp applies in turn (src/llama-vocab.cpp, llama-cpp-python 0.3.36's llama.cpp), whether a piece that
 is already a token skips the merges (ignore_merges), and whether BOS is added when the file does not say.
 Each regex splits every piece the previous one left, matches and the text between them both kept; the
