@@ -40,8 +40,8 @@ WHEELS_ENV = "PATCHER_REAL_WHEELS"
 # bumped when what is derived changes in a way the code fingerprint cannot see
 RECIPE = 1
 # the code whose output is cached: a change in any of these derives again
-FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_fields.py",
-                 "patcher/io/gguf_hf.py", "patcher/io/writer.py")
+FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_pretokenizers.py",
+                 "patcher/io/gguf_fields.py", "patcher/io/gguf_hf.py", "patcher/io/writer.py")
 
 
 @dataclass(frozen=True)

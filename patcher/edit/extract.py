@@ -168,6 +168,18 @@ def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8,
                         system, project_out_negative_mean, progress)
 
 
+def _refuse_non_finite(ck: Model, pos_mean, neg_mean, layer_set) -> None:
+    """NaN/Inf weights, or a config whose forward pass overflows (rms_norm_eps < 0, rope_theta 0), make
+    the residual stream non-finite: no directions file and no "selected" layer from that."""
+    bad = [l for l in sorted(layer_set) if not (np.isfinite(pos_mean[:, l]).all()
+                                                and np.isfinite(neg_mean[:, l]).all())]
+    if bad:
+        after = " and after" if len(bad) > 1 else ""
+        raise PatcherError(ck.path, f"the residual stream is not finite (NaN or Inf) at resid_pre layer "
+                                    f"{bad[0]}{after}: the weights hold NaN/Inf or the config makes the forward "
+                                    "pass overflow; nothing was written")
+
+
 def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, layers, chat_template, system,
              project_out_negative_mean, progress) -> ExtractResult:
     sm = StreamedModel(ck)
@@ -197,6 +209,7 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
         _run_set(sm, batches, acc, layer_set, progress)
         accs[label] = acc
     pos_mean, neg_mean = accs["positive"].mean, accs["negative"].mean  # [P, L+1, d]
+    _refuse_non_finite(ck, pos_mean, neg_mean, layer_set)
     per_pos_dir = pos_mean - neg_mean
     direction = per_pos_dir.mean(axis=0)
     if project_out_negative_mean:

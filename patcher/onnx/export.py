@@ -224,6 +224,7 @@ def export(
         basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
         for d in todo:
             chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(basis))
+            check_graph(tmp / "onnx" / FILES[d], ck.path)  # never "wrote" what onnxruntime cannot load
         variants = [d for d in FILES if d in chunks]
         if gguf is not None:
             for name, text in made.items():
@@ -433,3 +434,16 @@ def _provenance(ck: Checkpoint):
         return json.loads(meta) if meta else None
     except ValueError:
         return meta
+
+
+def check_graph(path: Path, source) -> None:
+    """Shape- and type-check a written graph as onnxruntime does when it loads it (weights stay on
+    disk): a config whose head_dim disagrees with the tensors exported fine and failed at load."""
+    import onnx
+    try:
+        onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), check_type=True,
+                                          strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx's InferenceError and ValidationError: one line
+        reason = str(e).replace("\n", " ")[:300]
+        raise PatcherError(source, f"the exported graph would not load ({reason}): the config and the "
+                                   "tensors disagree; nothing was written") from None
