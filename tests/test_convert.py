@@ -158,6 +158,14 @@ def test_bad_options_are_one_line(args, message, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_output_names_say_the_format(tmp_path):
+    res = run_cli("convert", fixture_path("llama"), "-o", tmp_path / "model", expect=1)
+    assert "name it *.gguf" in res.output and not (tmp_path / "model").exists()
+    src = mk.convert("llama", tmp_path / "src.gguf", "F32")
+    res = run_cli("convert", src, "-o", tmp_path / "out.gguf", expect=1)
+    assert "writes a folder" in res.output and not (tmp_path / "out.gguf").exists()
+
+
 def test_output_rules(tmp_path):
     src = tmp_path / "model"
     import shutil

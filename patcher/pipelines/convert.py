@@ -64,6 +64,15 @@ def target_format(model: Model, to: str | None) -> str:
     return other
 
 
+def _check_name(out, fmt: str) -> None:
+    """A GGUF output is one file named *.gguf; an HF output is a folder (no .gguf name)."""
+    is_gguf = str(out).lower().endswith(".gguf")
+    if fmt == "gguf" and not is_gguf:
+        raise PatcherError("-o/--output", f"{out}: the GGUF is one file; name it *.gguf")
+    if fmt == "hf" and is_gguf:
+        raise PatcherError("-o/--output", f"{out}: converting to hf writes a folder; name it without .gguf")
+
+
 # --- GGUF -> HF ---------------------------------------------------------------------------------------
 
 
@@ -76,6 +85,7 @@ def check_hf_dtype(dtype: str) -> tuple[str, str]:
 def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, command: str = "",
           hash_files: bool = True) -> Converted:
     st_dtype, torch_dtype = check_hf_dtype(dtype)
+    _check_name(out, "hf")
     t0 = time.perf_counter()
     g = model.storage
     view = model.forward_model().storage  # HFView; the hyperparameters HF needs are checked here
@@ -170,6 +180,7 @@ def to_gguf(model: Model, out, qtype: str = "F16", *, force: bool = False, comma
     from patcher.edit.gguf_apply import AtomicFile
     from patcher.io.paths import check_output
     qtype = check_gguf_type(qtype)
+    _check_name(out, "gguf")
     path = check_output(out, model.input_paths, force=force, kind="file")
     t0 = time.perf_counter()
     layout = model.arch.gguf_layout
