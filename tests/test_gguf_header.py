@@ -67,7 +67,8 @@ def _same_as_reader(path, flattened=()):
         assert h.data_offset + ours.offset == int(theirs.data_offset)
     g = GGUFFile(path)
     for t in r.tensors:  # the bytes patcher hands the dequantizer are the reader's
-        assert np.array_equal(g.raw(t.name).reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+        assert np.array_equal(g.raw(t.name).reshape(-1),
+                              np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
     g.close()
     h.close()
 

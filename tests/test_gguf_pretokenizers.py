@@ -53,7 +53,8 @@ def _dense_vocab():
                 if b[i : i + n] not in seen:
                     seen.add(b[i : i + n])
                     tokens.append(b[i : i + n])
-    merges = [f"{t[:k]} {t[k:]}" for t in tokens[256:] for k in range(1, len(t)) if t[:k] in seen and t[k:] in seen]
+    merges = [f"{t[:k]} {t[k:]}" for t in tokens[256:] for k in range(1, len(t)) if t[:k] in seen
+              and t[k:] in seen]
     return tokens, merges
 
 

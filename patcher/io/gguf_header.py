@@ -260,7 +260,8 @@ class GGUFHeader:
             return DEFAULT_ALIGNMENT
         value = self.metadata["general.alignment"] if f.type == 4 else None  # UINT32, as the spec says
         if not isinstance(value, int) or value <= 0 or value & (value - 1):
-            c.fail(f"general.alignment must be a power of two stored as UINT32 (found type {f.type}, {value!r})")
+            c.fail(f"general.alignment must be a power of two stored as UINT32 (found type {f.type}, "
+                   f"{value!r})")
         return value
 
     def field_bytes(self, key: str) -> bytes:
