@@ -211,3 +211,10 @@ def test_array_of_arrays_and_alignment(tmp_path):
     path.write_bytes(bytes(b))
     with pytest.raises(CheckpointError, match="general.alignment must be a power of two"):
         GGUFHeader(path)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        GGUFHeader(fifo)

@@ -173,3 +173,26 @@ def test_unknown_and_unsupported_names_are_refused_by_name(vocabularies, tmp_pat
     with pytest.raises(ValueError):  # llama.cpp refuses the unknown name as well
         llama_cpp.Llama(model_path=str(_with_pre(vocabularies["dense"], "smolm", tmp_path / "u.gguf")),
                         vocab_only=True, verbose=False)
+
+
+def test_a_model_with_an_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
+    """extract on a GGUF whose tokenizer.ggml.pre llama.cpp does not know: exit 1, one line, nearest names."""
+    import sys
+
+    from conftest import FIXTURES, ROOT, run_cli
+    from patcher.io.gguf import OutTensorGGUF, write_gguf
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_gguf_fixtures as mk
+
+    g = GGUFFile(mk.convert("llama", tmp_path / "src.gguf"))
+    fields = [string_field(k, "qwen-2") if k == "tokenizer.ggml.pre" else raw for k, raw in g.field_bytes()]
+    tensors = [OutTensorGGUF(t.name, t.qtype, t.ne, t.nbytes, source=t) for t in g.shard_tensors(g.path.name)]
+    bad = tmp_path / "bad.gguf"
+    write_gguf(bad, fields, tensors, g.alignment)
+    prompts = FIXTURES / "prompts" / "planted-positive.txt"
+    r = run_cli("extract", bad, "--positive", prompts, "--negative", prompts, "-o", tmp_path / "d.safetensors",
+                expect=1)
+    assert r.output.count("\n") == 1 and "bad.gguf" in r.output and "'qwen-2'" in r.output, r.output
+    assert "nearest: qwen2" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "d.safetensors").exists()

@@ -195,6 +195,8 @@ class GGUFHeader:
 
     def __init__(self, path):
         self.path = Path(path)
+        if not self.path.is_file():  # never open a FIFO or device: that would wait, not fail
+            raise CheckpointError(self.path, "not a regular file")
         with open(self.path, "rb") as f:
             size = f.seek(0, 2)
             if size < 24:
