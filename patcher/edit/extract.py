@@ -18,7 +18,7 @@ from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model, as_model
 from patcher.io.manifest import sha256_file
-from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import check_lengths, encode_prompts, left_pad, read_prompt_file
 from patcher import validate as V
 
 IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
@@ -109,10 +109,40 @@ def score_layers(pos_mean, neg_mean, pos_samples, neg_samples, layers) -> list[d
     return rows
 
 
-def select_layer(scores: list[dict], n_layers: int) -> int:
+def _snr(a: np.ndarray, b: np.ndarray) -> float:
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    norm = np.linalg.norm(diff)
+    if norm == 0:
+        return 0.0
+    pa, pb = a @ (diff / norm), b @ (diff / norm)
+    pooled = math.sqrt((pa.var() + pb.var()) / 2)
+    return float((pa.mean() - pb.mean()) / pooled) if pooled > 0 else float("inf")
+
+
+def shuffled_snr(pos: np.ndarray, neg: np.ndarray, layers: list[int], rounds: int = 16,
+                 seed: int = 0) -> float:
+    """The best SNR the same prompts reach over `layers` with their labels shuffled (the largest of `rounds`
+    shuffles): the direction is fitted to the samples it is scored on, and the best layer is picked, so
+    even sets that do not differ score above zero (about sqrt(d·(1/n+ + 1/n-)) for isotropic noise).
+    A selected SNR within this range is noise. pos, neg: [prompts, layers, d]."""
+    both = np.concatenate([pos[:, layers], neg[:, layers]]).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    best = 0.0
+    for _ in range(rounds):
+        idx = rng.permutation(len(both))
+        a, b = both[idx[:len(pos)]], both[idx[len(pos):]]
+        best = max(best, *(_snr(a[:, i], b[:, i]) for i in range(len(layers))))
+    return best
+
+
+def selection_pool(scores: list[dict], n_layers: int) -> list[dict]:
     limit = math.floor((1 - IGNORE_LAST) * n_layers)
-    pool = [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or \
+    return [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or \
            [s for s in scores if s.get("snr") is not None]
+
+
+def select_layer(scores: list[dict], n_layers: int) -> int:
+    pool = selection_pool(scores, n_layers)
     if not pool:
         raise PatcherError("extract",
                            "no layer separates the two prompt sets (all mean differences are zero)")
@@ -138,14 +168,24 @@ def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8,
                         system, project_out_negative_mean, progress)
 
 
+def _refuse_non_finite(ck: Model, pos_mean, neg_mean, layer_set) -> None:
+    """NaN/Inf weights, or a config whose forward pass overflows (rms_norm_eps < 0, rope_theta 0), make
+    the residual stream non-finite: no directions file and no "selected" layer from that."""
+    bad = [l for l in sorted(layer_set) if not (np.isfinite(pos_mean[:, l]).all()
+                                                and np.isfinite(neg_mean[:, l]).all())]
+    if bad:
+        raise PatcherError(ck.path, f"the residual stream is not finite (NaN or Inf) at resid_pre layer "
+                                    f"{bad[0]}{' and after' if len(bad) > 1 else ''}: the weights hold NaN/Inf "
+                                    "or the config makes the forward pass overflow; nothing was written")
+
+
 def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, layers, chat_template, system,
              project_out_negative_mean, progress) -> ExtractResult:
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)
     layer_set = set(range(L + 1)) if layer_set is None else layer_set
-    own = getattr(ck.storage, "tokenizer", None)  # a GGUF carries its vocabulary and chat template
-    tok = own() if own else load_tokenizer(ck.folder)
+    tok = ck.tokenizer()
     sets, meta_sets = {}, {}
     for label, src in (("positive", positive), ("negative", negative)):
         if isinstance(src, (str, Path)):
@@ -168,6 +208,7 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
         _run_set(sm, batches, acc, layer_set, progress)
         accs[label] = acc
     pos_mean, neg_mean = accs["positive"].mean, accs["negative"].mean  # [P, L+1, d]
+    _refuse_non_finite(ck, pos_mean, neg_mean, layer_set)
     per_pos_dir = pos_mean - neg_mean
     direction = per_pos_dir.mean(axis=0)
     if project_out_negative_mean:
@@ -177,11 +218,13 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
     scores = score_layers(pos_mean.mean(axis=0), neg_mean.mean(axis=0), accs["positive"].samples,
                           accs["negative"].samples, layer_set)
     selected = select_layer(scores, L)
+    null = shuffled_snr(accs["positive"].samples, accs["negative"].samples,
+                        [r["layer"] for r in selection_pool(scores, L)])
     meta = {"model": str(ck.path), "model_type": ck.model_type, "layers": L, "d_model": d,
             "prompts": meta_sets, "positions": positions, "chat_template": bool(chat_template
                                                                                 and tok.has_chat_template),
             "system": system, "project_out_negative_mean": project_out_negative_mean,
-            "selected_layer": selected,
+            "selected_layer": selected, "shuffled_labels_snr": null,
             "selection_rule": SELECTION_RULE, "scores": scores, "computed_layers": sorted(layer_set),
             "patcher": __version__}
     per_position = {}
