@@ -71,7 +71,8 @@ _LATIN_LETTERS = (  # deepseek-llm's letters (its tokenizer.json spells the clas
 )
 _KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
 
-# (names, pre-tokenizer): the groups llama.cpp's loader maps to one LLAMA_VOCAB_PRE_TYPE
+# (names, pre-tokenizer): the groups llama.cpp's loader maps to one LLAMA_VOCAB_PRE_TYPE. `patcher convert`
+# writes the first name whose splits match an HF tokenizer's, so common names come first.
 _GROUPS = [
     (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
       "jina-v5-nano"),
@@ -96,7 +97,7 @@ _GROUPS = [
         ignore_merges=True)),
     (("deepseek-coder",), PreTokenizer((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"))),
     (("falcon",), PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"))),
-    (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"),
+    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
      PreTokenizer((r"\p{N}", GPT2))),
     (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
       "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion",

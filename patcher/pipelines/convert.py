@@ -25,7 +25,8 @@ import numpy as np
 from patcher.errors import PatcherError
 from patcher.io import manifest
 from patcher.io.checkpoint import INDEX_NAME
-from patcher.io.gguf import CONFIG_KEYS, PRE_TOKENIZERS, HFView, OutTensorGGUF, load_tokenizer, write_gguf
+from patcher.io.gguf import CONFIG_KEYS, HFView, OutTensorGGUF, load_tokenizer, write_gguf
+from patcher.io.gguf_pretokenizers import PRE_TOKENIZERS
 from patcher.io.gguf_hf import side_files
 from patcher.io.gguf_fields import INT32, encode, typed
 from patcher.io.writer import OutTensor, OutputFolder, write_safetensors
