@@ -854,7 +854,7 @@ def test_folder_created_during_an_ablate_is_never_replaced(ws, tmp_path, monkeyp
         res = CliRunner().invoke(app, [str(a) for a in ("ablate", ws["L"], "-d", ws["d64"], "-o", out)])
         assert res.exit_code == 0, res.output
     done = _during_write(monkeypatch, w, "_write_produced", lambda: _users_folder(out))
-    res = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] if force else [])],
+    res = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] * force)],
                   inputs=[ws["L"]], fragment="left untouched")
     assert done and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
     assert (out / "thesis.tex").read_text() == "years of work"
@@ -966,7 +966,8 @@ def test_step_error_in_a_worker_keeps_its_message(tmp_path):
     for cls in (PatcherError, CheckpointError):
         e = pickle.loads(pickle.dumps(cls("f.safetensors", "bad header")))
         assert type(e) is cls and str(e) == "f.safetensors: bad header"
-    models = "".join(f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n' for n in "ab")
+    models = "".join(f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n'
+                     for n in "ab")
     r = tmp_path / "r.toml"
     r.write_text(models + ABLATE_STEP)
     assert CliRunner().invoke(app, ["run", str(r), "--jobs", "2"]).exit_code == 0
@@ -1048,7 +1049,8 @@ def test_extract_refuses_a_non_finite_residual_stream(ws, tmp_path, damage):
         (m / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "d.safetensors"
     hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
-            inputs=[m], absent=[out], fragment="not finite")
+            inputs=[m], absent=[out], fragment="rope_theta must be a finite positive number"
+            if damage == "rope_theta" else "not finite")  # rope_theta = 0 is caught with the config
 
 
 # --- issue 22: directions and writers that cannot mean what they say ----------------------------------
@@ -1219,3 +1221,64 @@ def test_a_config_whose_heads_do_not_fit_the_tensors_is_one_line(ws, tmp_path):
     out = tmp_path / "d.safetensors"
     hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
             inputs=[m], absent=[out], fragment="the config's sizes do not fit the tensors")
+
+
+@pytest.mark.parametrize("old,new,fragment", [
+    ("residual_axis = 0", "residual_axis = 7", "residual_axis must be one of"),
+    ("residual_axis = 0", "residual_axis = 2", "is the residual axis"),
+    ('layers = "model.layers.{layer}."', "layers = 5", "layers must be a str"),
+    ("tie_word_embeddings = false", 'tie_word_embeddings = "no"', "tie_word_embeddings must be a bool"),
+    ('config = { layers = "num_hidden_layers", d_model = "hidden_size" }', "config = 5",
+     "config must be a dict"),
+    ('config = { layers = "num_hidden_layers", d_model = "hidden_size" }', "config = { layers = 3 }",
+     "config.layers must be a str")])
+def test_bad_arch_table_values_are_one_line(ws, tmp_path, old, new, fragment):
+    """Wrong value types in --arch-table were IndexError/TypeError/AttributeError internal errors."""
+    from patcher.model.architectures import TABLE_DIR
+    text = (TABLE_DIR / "llama.toml").read_text()
+    lines = text.split("\n")
+    at = next(i for i, line in enumerate(lines) if line.split("#")[0].strip() == old)  # first: attn writer
+    lines[at] = new
+    table = tmp_path / "t.toml"
+    table.write_text("\n".join(lines))
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", "--arch-table", table],
+            inputs=[table], absent=[tmp_path / "o"], fragment=fragment)
+
+
+def test_generate_refuses_nan_logits(tmp_path):
+    """An export of NaN weights: generate printed nothing (argmax of NaN) and exited 0."""
+    m = _poisoned_copy(tmp_path)
+    e = tmp_path / "e"
+    assert CliRunner().invoke(app, ["export", str(m), "-o", str(e)]).exit_code == 0
+    hostile(["generate", e, "--prompt", "hi", "--max-new-tokens", 2], inputs=[e],
+            fragment="logits are NaN at generated token 0")
+
+
+def test_numpy_runtime_warnings_are_one_note(capsys):
+    """Raw numpy RuntimeWarnings (with source lines) reached stderr on runs that exit 0."""
+    import warnings
+    from patcher.cli.common import guard
+
+    def body():
+        np.float32(3e38) * np.float32(10)  # overflow
+        np.float32(3e38) * np.float32(10)  # the same warning: one note
+        warnings.warn("a library's own warning", FutureWarning)
+        return 7
+    with warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        assert guard(body) == 7
+    err = capsys.readouterr().err
+    assert err.count("note: numeric warning: overflow") == 1 and "RuntimeWarning" not in err, err
+    assert [str(w.message) for w in passed] == ["a library's own warning"]
+
+
+def test_extract_reports_progress_without_a_terminal(ws, tmp_path, monkeypatch):
+    """A long extract in a log (no TTY: the bar is hidden) printed nothing for its whole run."""
+    import patcher.cli.common as common
+    monkeypatch.setattr(common, "PLAIN_PROGRESS_SECONDS", 0.0)
+    out = tmp_path / "d.safetensors"
+    res = CliRunner().invoke(app, [str(a) for a in ("extract", ws["L"], "--positive", ws["pos"], "--negative",
+                                                    ws["neg"], "-o", out, "--no-chat-template")])
+    assert res.exit_code == 0, res.output
+    n = sum(1 for f in (ws["pos"], ws["neg"]) for line in f.read_text().splitlines() if line.strip())
+    assert f"prompts through the model: {n} of {n} (100 %)" in res.stderr, res.stderr

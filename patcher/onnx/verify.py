@@ -56,6 +56,7 @@ def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     if dtype not in variants_in(root):  # added beside the variants cached before
         if announce:
             announce(f"exporting {model} ({dtype}) to ONNX in {root} (cached for next time)")
+        root.parent.mkdir(parents=True, exist_ok=True)  # the cache's own folders
         export(model, root, dtype=dtype)
     return root
 
