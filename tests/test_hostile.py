@@ -585,6 +585,8 @@ def _cases(ws, exported, dirs_file, tmp):
     gen = ["generate", exported, "--prompt", "hi", "--max-new-tokens", "2"]
     ver = ["verify", exported, "--reference", L, "--tokens", "1"]
     rec = write_recipe(tmp / "r", ABLATE_STEP)
+    cg = tmp / "c.gguf"
+    cv = ["convert", L, "-o", cg]
     return [
         ("inspect", "wrong type", ["inspect", L, "--json=3"], [L], [], None),
         ("inspect", "missing file", ["inspect", tmp / "nope"], [], [], None),
@@ -706,6 +708,12 @@ def _cases(ws, exported, dirs_file, tmp):
         ("audit", "out of range", ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"],
          [L],
          [tmp / "x.npy"], 2),
+        ("convert", "wrong type", cv + ["--type", "Q4_K"], [L], [cg], None),
+        ("convert", "wrong type", cv + ["--dtype", "int3"], [L], [cg], None),
+        ("convert", "wrong kind", cv + ["--to", "hf"], [L], [cg], None),
+        ("convert", "wrong kind", ["convert", d64, "-o", o], [d64], [o], None),
+        ("convert", "missing file", ["convert", tmp / "nope", "-o", o], [], [o], None),
+        ("convert", "inside input", ["convert", L, "-o", L / "x.gguf"], [L], [L / "x.gguf"], None),
         ("demo", "wrong kind", ["demo", "--out", ws["txt"]], [ws["txt"]], [], None),
         ("demo", "wrong kind", ["demo", "--out", ws["user_dir"]], [ws["user_dir"]], [], None),
         ("demo", "inside input", ["demo", "--out", DEMO / "model" / "x"],
@@ -717,10 +725,10 @@ def _cases(ws, exported, dirs_file, tmp):
 
 
 def test_every_command_every_kind(ws, exported, dirs_file, tmp_path):
-    """One table over all ten commands; `interrupted` is its own test below."""
+    """One table over every command; `interrupted` is its own test below."""
     cases = _cases(ws, exported, dirs_file, tmp_path)
     assert {c[0] for c in cases} == {"inspect", "extract", "ablate", "inject", "export", "generate", "verify",
-                                     "diff", "run", "demo", "audit"}
+                                     "diff", "run", "demo", "audit", "convert"}
     failures = []
     for cmd, kind, args, inputs, absent, code in cases:
         try:
@@ -742,6 +750,7 @@ INTERRUPT_AT = {  # command -> (a function in the middle of its work, patched to
     "run": "patcher.pipelines.recipe.run_action",
     "demo": "patcher.edit.extract.select_layer",
     "audit": "patcher.edit.audit.audit",
+    "convert": "patcher.pipelines.convert.write_gguf",
 }
 
 
@@ -758,7 +767,7 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
     getattr(owner, attr)  # the patched name exists
 
     def interrupted(*a, **k):
-        if cmd in ("extract", "ablate", "inject"):  # start the partial file, then be interrupted
+        if cmd in ("extract", "ablate", "inject", "convert"):  # start the partial file, then be interrupted
             Path(a[0]).write_bytes(b"partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(owner, attr, interrupted)
@@ -776,14 +785,16 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
         "run": ["run", write_recipe(tmp_path / "r", ABLATE_STEP)],
         "demo": ["demo", "--out", o],
         "audit": ["audit", ws["L"], "--save-direction", tmp_path / "r.npy"],
+        "convert": ["convert", ws["L"], "-o", tmp_path / "o.gguf"],
     }[cmd]
     if cmd == "diff":  # the snapshot is byte-identical: make it differ so the analysis runs
         args = ["diff", ws["L"], _broken_config(ws, "L-edited-for-diff", lambda c: None)]
         _edit_one_tensor(args[2])
-    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated"],
+    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated",
+                                                             tmp_path / "o.gguf"],
                   code=130)
     assert "interrupted" in res.stderr
-    if cmd in ("extract", "ablate", "inject", "export", "demo"):
+    if cmd in ("extract", "ablate", "inject", "export", "demo", "convert"):
         assert "removed" in res.stderr
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
 from patcher.io.manifest import folder_identity
 from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
@@ -157,7 +156,7 @@ def stored_weights(folder: Path, dtype: str) -> dict[str, np.ndarray]:
 class StoredModel(StreamedModel):
     """The numpy forward with some tensors replaced (by what an export stores)."""
 
-    def __init__(self, ck: Checkpoint, replaced: dict):
+    def __init__(self, ck, replaced: dict):  # a Model, or anything StreamedModel opens
         super().__init__(ck)
         self.replaced = replaced
 
@@ -291,7 +290,7 @@ def verify(
     onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
     exact = StreamedModel(reference, arch_table)
     stored = stored_weights(onnx_dir, dtype)
-    ref = StoredModel(Checkpoint(reference), stored) if stored else exact
+    ref = StoredModel(exact.model, stored) if stored else exact  # a GGUF reference: its HF view
     p = load_prompts(reference, prompts, chat_template, model=exact.model)
     ids, mask = p.batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
@@ -314,11 +313,11 @@ def verify(
         if direction is not None:
             from patcher_kernels.project import orthonormalize
 
-            orig_sm = StreamedModel(Checkpoint(original)) if original else None
+            orig_sm = StreamedModel(original) if original else None
             rep.leakage = leakage(stored, exact, orig_sm, orthonormalize(direction.vectors))
     if direction is not None:
         rep.projections = projections(
-            exact, StreamedModel(Checkpoint(original)) if original else None, ids, mask, direction
+            exact, StreamedModel(original) if original else None, ids, mask, direction
         )
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
@@ -332,7 +331,7 @@ def verify(
             ]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
-        orig = StreamedModel(Checkpoint(original)).run(ids, mask, logits=True)[:, -1]
+        orig = StreamedModel(original).run(ids, mask, logits=True)[:, -1]
         lo, le = (
             _softmax_log(orig),
             _softmax_log((exact.run(ids, mask, logits=True) if stored else want)[:, -1]),
