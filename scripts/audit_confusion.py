@@ -35,7 +35,7 @@ def cosines(rep, truth) -> str:
 
 
 def row(name, truth_label, rep, truth, seconds) -> str:
-    where = next((s.get("where", "") for s in rep.signals if s["verdict"] == rep.level), "")
+    where = next((s.get("where", "") for s in rep.signals if s["verdict"] == rep.level != "no sign"), "")
     return (f"| {name} | {truth_label} | **{rep.level}** | {cosines(rep, truth)} | {where} | "
             f"{seconds:.0f} |")
 

@@ -341,7 +341,7 @@ def _shared_at_floor(groups, store, max_rank: int) -> list[dict]:
         hits[src, np.arange(len(src))] = False
         n = hits.sum(axis=0)
         best = int(np.lexsort((an.evidence(e, src), n))[-1])
-        if n[best] < MIN_GROUPS:
+        if n[best] < MIN_GROUPS - 1:  # the proposing group itself makes the third
             break
         u = an.refine(spectra, v[:, best], exclude=found if found.shape[1] else None)
         e_u = _energies(groups, store, u)[:, 0]
