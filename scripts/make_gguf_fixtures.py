@@ -6,8 +6,8 @@ gguf package's own writer, quantizer and name map (TensorNameMap), independently
 Converter transforms reproduced: llama q/k rows permuted for llama.cpp's rope, Gemma norm gains stored as
 1 + w, GPT-2 Conv1D weights transposed, per-expert MoE weights stacked into 3-D `_exps` tensors. 2-D
 weights take the requested type (as llama-quantize does); norms and biases stay F32. K-quant types
-(Q4_K, Q6_K), which the gguf package cannot quantize, get random valid blocks with sane scales, so the
-re-quantization path can be tested. The vocabulary is the fixture's byte-level BPE (tokenizer.json) as
+(Q4_K, Q6_K) and IQ4_XS, which the gguf package cannot quantize, get random valid blocks with sane scales,
+so the re-quantization path can be tested. The vocabulary is the fixture's byte-level BPE (tokenizer.json) as
 tokenizer.ggml.*; llama.cpp loads it. Deterministic.
 """
 
@@ -38,7 +38,8 @@ GGUF_ARCH = {
 }
 GEMMA = {"gemma", "gemma2", "gemma3_text"}
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,))}  # block, bytes, fp16 scale offsets
+# block, bytes, fp16 scale offsets (IQ4_XS: an IQ type, which patcher reads but writes as a K type)
+K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,)), "IQ4_XS": (256, 136, (0,))}
 
 
 def _load(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -232,6 +233,63 @@ def spm_vocab(out: Path) -> Path:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def big_vocab(out: Path, n_tokens: int = 262_144, d_model: int = 32, qtype: str = "Q8_0") -> Path:
+    """A one-layer llama GGUF with an n_tokens byte-level BPE vocabulary (Gemma 3's size by default):
+    every token past the 256 bytes is the merge of two earlier ones, with scores and token types, so
+    the file is a valid model llama.cpp loads; random weights, the embedding in `qtype`."""
+    import gguf
+
+    rng = np.random.default_rng(262)
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x1A1)]
+    tokens, merges, seen = alphabet[:256], [], set(alphabet[:256])
+    while len(tokens) < n_tokens - 2:
+        for a, b in rng.random((n_tokens, 2)):
+            x, y = tokens[int(a * len(tokens))], alphabet[int(b * 256)]
+            if x + y not in seen and len(tokens) < n_tokens - 2:
+                seen.add(x + y)
+                tokens.append(x + y)
+                merges.append(f"{x} {y}")
+    tokens += ["<bos>", "<eos>"]
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("synthetic-262k")
+    w.add_context_length(128)
+    w.add_embedding_length(d_model)
+    w.add_block_count(1)
+    w.add_feed_forward_length(2 * d_model)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(d_model // 2)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_scores((-np.arange(len(tokens), dtype=np.float32)).tolist())
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    d, f = d_model, 2 * d_model
+    shapes = {"token_embd.weight": (len(tokens), d), "output_norm.weight": (d,),
+              "blk.0.attn_norm.weight": (d,), "blk.0.ffn_norm.weight": (d,),
+              "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (d, d), "blk.0.attn_v.weight": (d, d),
+              "blk.0.attn_output.weight": (d, d), "blk.0.ffn_gate.weight": (f, d),
+              "blk.0.ffn_up.weight": (f, d), "blk.0.ffn_down.weight": (d, f)}
+    for name, shape in shapes.items():
+        v = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 1:
+            w.add_tensor(name, v + 1.0)
+        else:
+            t = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(v, t), raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

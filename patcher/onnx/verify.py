@@ -56,6 +56,7 @@ def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     if dtype not in variants_in(root):  # added beside the variants cached before
         if announce:
             announce(f"exporting {model} ({dtype}) to ONNX in {root} (cached for next time)")
+        root.parent.mkdir(parents=True, exist_ok=True)  # the cache's own folders
         export(model, root, dtype=dtype)
     return root
 
@@ -76,13 +77,15 @@ class Prompts:
 
 
 def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None,
-                 extra: int = 0) -> Prompts:
-    tok = load_tokenizer(folder)
+                 extra: int = 0, model=None) -> Prompts:
+    """`model`: an opened Model whose tokenizer and config to use (a GGUF has no folder of its own)."""
+    tok = model.tokenizer() if model is not None else load_tokenizer(folder)
     texts = read_prompt_file(prompts_file or NEUTRAL_PROMPTS, limit)
     ids = encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template, system=system)
     if any(len(i) == 0 for i in ids):
         raise PatcherError(prompts_file or NEUTRAL_PROMPTS, "a prompt tokenizes to nothing")
-    check_lengths(ids, folder_config(folder), prompts_file or NEUTRAL_PROMPTS, extra=extra)
+    config = model.config if model is not None else folder_config(folder)
+    check_lengths(ids, config, prompts_file or NEUTRAL_PROMPTS, extra=extra)
     return Prompts(texts, ids, tok)
 
 
@@ -289,7 +292,7 @@ def verify(
     exact = StreamedModel(reference, arch_table)
     stored = stored_weights(onnx_dir, dtype)
     ref = StoredModel(Checkpoint(reference), stored) if stored else exact
-    p = load_prompts(reference, prompts, chat_template)
+    p = load_prompts(reference, prompts, chat_template, model=exact.model)
     ids, mask = p.batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     got, _ = onnx_model.step(ids, mask, pos, onnx_model.empty_cache(ids.shape[0]))
