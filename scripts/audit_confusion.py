@@ -1,8 +1,9 @@
 """The confusion table of `patcher audit` on a real model (README "Auditing without a base").
 
-    python scripts/audit_confusion.py HF_FOLDER [--gguf FILE] [--workdir DIR] [--out table.md]
+    python scripts/audit_confusion.py HF_FOLDER [--clean GGUF ...] [--workdir DIR] [--out table.md]
 
-For the clean folder (and the GGUF it came from, if given), the clean-but-changed controls and every
+For the clean folder (and other clean
+copies of it, e.g. GGUFs), the clean-but-changed controls and every
 fork kind at strengths 0.25/0.5/0.75/1.0 (scripts/audit_forks.py: plain numpy, not patcher's ablate),
 writes the fork, audits it, and appends one row: truth, verdict, |cos| of the recovered direction with
 the one used (per layer for per-layer forks), the layers named, seconds. Rows are written as they come.
@@ -36,14 +37,19 @@ def cosines(rep, truth) -> str:
 
 def row(name, truth_label, rep, truth, seconds) -> str:
     where = next((s.get("where", "") for s in rep.signals if s["verdict"] == rep.level != "no sign"), "")
-    return (f"| {name} | {truth_label} | **{rep.level}** | {cosines(rep, truth)} | {where} | "
-            f"{seconds:.0f} |")
+    measured = {s["signal"].split()[0]: s for s in rep.signals}
+    values = (measured.get("shared", {}).get("groups_at_floor", ""), measured.get("one", {}).get("isolation"),
+              measured.get("per-layer", {}).get("score"))
+    floor, iso, score = values[0], "" if values[1] is None else f"{values[1]:.2f}", \
+        "" if values[2] is None else f"{values[2]:.1f}"
+    return (f"| {name} | {truth_label} | **{rep.level}** | {cosines(rep, truth)} | {where} | {floor} | "
+            f"{iso} | {score} | {seconds:.0f} |")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
-    ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--clean", type=Path, nargs="*", default=[], help="more clean checkpoints (GGUFs)")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--out", type=Path, default=Path("audit-confusion.md"))
     args = ap.parse_args(argv)
@@ -53,9 +59,11 @@ def main(argv=None) -> int:
             print(line, flush=True)
             out.write(line + "\n")
             out.flush()
-        emit("| model | truth | verdict | \\|cos\\| with the direction used | layers named | s |")
-        emit("|---|---|---|---|---|---|")
-        for name, path in (("untouched (bf16)", args.folder), ("untouched (Q4_1 GGUF)", args.gguf)):
+        emit("| model | truth | verdict | \\|cos\\| with the direction used | layers named | groups at "
+             "floor | isolation | track score | s |")
+        emit("|---|---|---|---|---|---|---|---|---|")
+        for path in [args.folder] + args.clean:
+            name = f"untouched ({path.name})"
             if path is not None:
                 t0 = time.perf_counter()
                 emit(row(name, "clean", audit(path), {}, time.perf_counter() - t0))

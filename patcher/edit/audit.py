@@ -344,12 +344,18 @@ def _shared_at_floor(groups, store, max_rank: int) -> list[dict]:
         n = hits.sum(axis=0)
         best = int(np.lexsort((an.evidence(e, src), n))[-1])
         if n[best] < MIN_GROUPS - 1:  # the proposing group itself makes the third
+            if not out:  # what the best candidate reached, for the report
+                out.append({"signal": "shared direction at the storage floor", "verdict": "no sign",
+                            "groups_at_floor": int(n[best]), "direction": None})
             break
         u = an.refine(spectra, v[:, best], exclude=found if found.shape[1] else None)
         e_u = _energies(groups, store, u)[:, 0]
         rows = _profile(groups, e_u)
         at_floor = sum(r["at_floor"] for r in rows)
         if at_floor < MIN_GROUPS:
+            if not out:
+                out.append({"signal": "shared direction at the storage floor", "verdict": "no sign",
+                            "groups_at_floor": at_floor, "direction": None})
             break
         out.append({"signal": "shared direction at the storage floor", "verdict": "abliterated",
                     "groups_at_floor": at_floor, "groups_annihilating": sum(r["annihilates"] for r in rows),
@@ -485,7 +491,8 @@ def _scan(rep: AuditReport, groups: list[Group], store: GramStore, max_rank: int
     if any(floor_level(g.dtype) is None for g in groups):
         rep.notes.append("some writers are stored in a type whose rounding reaches the energies clean "
                          "models have (4-6-bit GGUF): the storage-floor signal is off for them")
-    shared = _shared_at_floor(groups, store, max_rank)
+    measured = _shared_at_floor(groups, store, max_rank)
+    shared = [s for s in measured if s["verdict"] != "no sign"]
     signals = [s for s in (_isolated(groups, store), _layer_track(groups, store, n_layers)) if s]
     if not shared and not signals:  # too few layers for signals 2-3 (and for a real-model calibration)
         graded = _graded(groups, store, spectra)
@@ -493,7 +500,7 @@ def _scan(rep: AuditReport, groups: list[Group], store: GramStore, max_rank: int
     if shared:  # one edit, one verdict: signals 2-4 would describe the same direction again
         signals = [s for s in signals if s["signal"].startswith("per-layer") and
                    _varies(s["direction"], shared[0]["direction"])]
-    rep.signals = shared + signals
+    rep.signals = (shared or measured) + signals
     decided = [s for s in rep.signals if s["verdict"] != "no sign"]
     decided.sort(key=lambda s: LEVELS.index(s["verdict"]))
     rep.level = decided[0]["verdict"] if decided else "no sign"
