@@ -309,3 +309,18 @@ def test_tracks_follow_smoothly_moving_per_layer_directions():
     dirs = np.concatenate([noise[:3], smooth[:5], noise[3:6]])
     assert (3, 8) in an.tracks(dirs, 0.4)
     assert max(b - a for a, b in an.tracks(noise, 0.4)) <= 2
+
+
+@pytest.mark.parametrize("level, code", [("no sign", 0), ("abliterated", 1), ("inconclusive", 3)])
+def test_cli_exit_code_names_the_verdict(monkeypatch, level, code):
+    import patcher.edit.audit as audit_module
+
+    real = audit_module.audit
+
+    def with_level(*args, **kwargs):
+        rep = real(*args, **kwargs)
+        rep.level, rep.edited = level, level == "abliterated"
+        return rep
+
+    monkeypatch.setattr(audit_module, "audit", with_level)
+    run_cli("audit", fixture_path("llama"), expect=code)
