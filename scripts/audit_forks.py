@@ -55,7 +55,8 @@ def heretic_kernel(n_layers: int, max_weight: float, position: float, min_weight
 
 def ablate(w: np.ndarray, r: np.ndarray, s: float, norm_preserve: str | None = None,
            lora_rank: int | None = None) -> np.ndarray:
-    """W [d, n] in residual orientation → W − s r̂ r̂ᵀ W, optionally norm-preserving and low-rank applied."""
+    """W [d, n] in residual orientation → W − s r̂ r̂ᵀ W, optionally norm-preserving, optionally applied
+    as the rank-`lora_rank` approximation of the change."""
     new = w - s * np.outer(r, r @ w)
     if norm_preserve == "rows":  # each residual coordinate keeps its norm
         new *= (np.linalg.norm(w, axis=1) / np.maximum(np.linalg.norm(new, axis=1), 1e-30))[:, None]
@@ -149,7 +150,8 @@ def make_fork(src: Path, dst: Path, fork: Fork) -> dict:
                 raw = encode(w.astype(np.float32), dtype)
             elif plan is None and fork.kind in ("noise", "merge", "lora") and linear:
                 if fork.kind != "merge" or t is not None:  # a merge touches the writers; noise/LoRA all
-                    raw = encode(_control(fork, decode(raw).astype(np.float64), rng).astype(np.float32), dtype)
+                    w = _control(fork, decode(raw).astype(np.float64), rng)
+                    raw = encode(w.astype(np.float32), dtype)
             elif dtype != info.dtype:
                 raw = encode(decode(raw).astype(np.float32), dtype)
             tensors.append((name, dtype, np.array(raw)))

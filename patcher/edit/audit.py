@@ -1,19 +1,21 @@
 """`patcher audit MODEL`: signs of an edit in a checkpoint alone, without its base.
 
-Weight orthogonalization makes every edited residual writer unable to write r̂. The checkpoint is
-streamed once, writer by writer (column blocks of [d_model, in] weights, row blocks of [in, d_model]
-ones, FP8 dequantised per tile): each group — one layer's attention output, one layer's MLP output
-with all its experts, the embeddings — accumulates its Gram Σ W Wᵀ / Σ‖W‖² in one d_model ×
-d_model buffer and is summarised by the low end of its spectrum (kernels/annihilation.py), so memory is a few
-d_model² buffers whatever the model size. The scan for a shared direction and its calibrated null run on
-those summaries. A second signature covers baked bias injection: a writer bias alone among zero
-siblings, an outlier norm, or biases of different layers sharing one direction.
+Weight orthogonalization makes every edited residual writer write less (strength s: (1 − s)²) of r̂.
+The checkpoint is streamed once, writer by writer (column blocks of [d_model, in] weights, row blocks of
+[in, d_model] ones, FP8 dequantised per tile): each group — one layer's attention output, one layer's
+MLP output with all its experts, the embeddings — accumulates its Gram Σ W Wᵀ, normalised to mean
+eigenvalue 1, summarised by the low end of its spectrum (kernels/annihilation.py) and kept in a
+temporary file (GramStore), so memory is a few d_model² buffers whatever the model size. Three signals,
+calibrated on a real model and its clean-but-changed controls, give one of three verdicts (abliterated /
+inconclusive / no sign): a direction several groups write no more of than their dtype's storage floor;
+one direction every layer writes less of, attention and MLP agreeing; per-layer directions moving
+smoothly across layers (heretic's kernels). A second signature covers baked bias injection: a writer
+bias alone among zero siblings, an outlier norm, or biases of different layers sharing one direction.
 """
 
 import math
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from itertools import groupby
 
@@ -308,7 +310,8 @@ def _span(layers: list[int], embeddings: bool = False) -> str:
         if i + 1 == len(layers) or layers[i + 1] != l + 1:
             parts.append(f"{start}" if start == l else f"{start}-{l}")
             start = None
-    return ", ".join((["embeddings"] if embeddings else []) + ([f"layers {', '.join(parts)}"] if parts else []))
+    named = ["embeddings"] if embeddings else []
+    return ", ".join(named + ([f"layers {', '.join(parts)}"] if parts else []))
 
 
 def _where(rows: list[dict], key: str = "annihilates") -> str:
@@ -509,7 +512,8 @@ def _scan(rep: AuditReport, groups: list[Group], store: GramStore, max_rank: int
     rep.edited = rep.level == "abliterated"
     if shared:
         rep.directions = [{k: v for k, v in s.items() if k != "direction"} for s in shared]
-        rep.direction = shared[0]["direction"] if len(shared) == 1 else np.stack([s["direction"] for s in shared])
+        rep.direction = (shared[0]["direction"] if len(shared) == 1
+                         else np.stack([s["direction"] for s in shared]))
     elif decided:
         first = decided[0]
         rep.directions = [{k: v for k, v in first.items() if k not in ("direction", "layer_profile")}]
@@ -560,10 +564,11 @@ def _verdict(rep: AuditReport, n_groups: int, decided: list[dict]) -> str:
 
 
 def _signal_line(s: dict) -> str:
-    measured = {"isolation": "isolation {:.2f}", "score": "score {:.2f}", "groups_at_floor": "{} groups at floor",
-                "evidence_over_null": "evidence {:.0f}× null"}
+    measured = {"isolation": "isolation {:.2f}", "score": "score {:.2f}",
+                "groups_at_floor": "{} groups at floor", "evidence_over_null": "evidence {:.0f}× null"}
     values = [f.format(s[k]) for k, f in measured.items() if k in s]
-    return f"{s['signal']}: {', '.join(values)} → {s['verdict']}" + (f" ({s['where']})" if s.get("where") else "")
+    where = f" ({s['where']})" if s.get("where") else ""
+    return f"{s['signal']}: {', '.join(values)} → {s['verdict']}{where}"
 
 
 def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:

@@ -45,7 +45,8 @@ def test_real_clean_model_and_controls_show_no_sign(smollm2, tmp_path, kind, str
 def test_real_heretic_fork_is_found_layer_by_layer(smollm2, tmp_path):
     """heretic-style: a direction per layer (neighbours |cos| 0.72), a linear kernel peaking at layer 17.4
     (attention 1.0, MLP 0.9, falling to 0.2 at ±16.5 layers): abliterated, each named layer's direction
-    |cos| ≥ 0.95 with the one used there, the named layers inside the kernel, the profile peaking near 17."""
+    |cos| ≥ 0.95 with the one used there, the named layers inside the kernel, the profile peaking near
+    17."""
     path, truth = _fork(smollm2, tmp_path, "heretic", 1.0)
     rep = audit(path)
     assert rep.level == "abliterated", rep.verdict
