@@ -246,12 +246,17 @@ def planted_prompts() -> tuple[list[str], list[str]]:
     return pos, neg
 
 
+FIXTURES_DEFAULT = Path(__file__).resolve().parents[1] / "fixtures"
+DEMO = Path(__file__).resolve().parents[1] / "patcher" / "data" / "demo"
+
+
 def make_planted(out: Path) -> Path:
-    """tiny-llama with a planted direction; writes planted-direction-64.npy and prompts/planted-*.txt."""
+    """The demo's data (it ships in the package, patcher/data/demo): tiny-llama with a planted direction
+    (model/), the direction (planted-direction.npy) and the prompt sets (positive.txt, negative.txt)."""
     from tokenizers import Tokenizer
 
     from patcher.io.checkpoint import Checkpoint
-    target = make("llama", out, name="tiny-llama-planted")
+    target = make("llama", out, name="model")
     tok = Tokenizer.from_file(str(target / "tokenizer.json"))
     marker_ids = sorted({i for w in MARKERS for i in tok.encode(" " + w).ids})
     neutral_last = {tok.encode(" " + w).ids[-1] for w in NEUTRAL}
@@ -268,23 +273,22 @@ def make_planted(out: Path) -> Path:
     write_safetensors(target / fname,
                       [OutTensor(n, "BF16", a.shape, produce=lambda a=a: [a]) for n, a in arrays.items()],
                       {"format": "pt"})
-    np.save(out / "planted-direction-64.npy", v.astype(np.float32))
+    np.save(out / "planted-direction.npy", v.astype(np.float32))
     pos, neg = planted_prompts()
-    (out / "prompts").mkdir(exist_ok=True)
-    (out / "prompts" / "planted-positive.txt").write_text("\n".join(pos) + "\n")
-    (out / "prompts" / "planted-negative.txt").write_text("\n".join(neg) + "\n")
+    (out / "positive.txt").write_text("\n".join(pos) + "\n")
+    (out / "negative.txt").write_text("\n".join(neg) + "\n")
     return target
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
+    ap.add_argument("--out", type=Path, default=FIXTURES_DEFAULT)
     ap.add_argument("--only", nargs="*", default=None, help="model types to build (default: all)")
     args = ap.parse_args(argv)
     for mt in args.only or ARCHS:
         print(make(mt, args.out))
     if not args.only:
-        print(make_planted(args.out))
+        print(make_planted(DEMO if args.out == FIXTURES_DEFAULT else args.out / "demo"))
     d = np.random.default_rng(1234).standard_normal(D).astype(np.float32)
     np.save(args.out / "direction-64.npy", d)
 

@@ -239,6 +239,63 @@ def spm_vocab(out: Path) -> Path:
     return out
 
 
+def big_vocab(out: Path, n_tokens: int = 262_144, d_model: int = 32, qtype: str = "Q8_0") -> Path:
+    """A one-layer llama GGUF with an n_tokens byte-level BPE vocabulary (Gemma 3's size by default):
+    every token past the 256 bytes is the merge of two earlier ones, with scores and token types, so
+    the file is a valid model llama.cpp loads; random weights, the embedding in `qtype`."""
+    import gguf
+
+    rng = np.random.default_rng(262)
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x1A1)]
+    tokens, merges, seen = alphabet[:256], [], set(alphabet[:256])
+    while len(tokens) < n_tokens - 2:
+        for a, b in rng.random((n_tokens, 2)):
+            x, y = tokens[int(a * len(tokens))], alphabet[int(b * 256)]
+            if x + y not in seen and len(tokens) < n_tokens - 2:
+                seen.add(x + y)
+                tokens.append(x + y)
+                merges.append(f"{x} {y}")
+    tokens += ["<bos>", "<eos>"]
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("synthetic-262k")
+    w.add_context_length(128)
+    w.add_embedding_length(d_model)
+    w.add_block_count(1)
+    w.add_feed_forward_length(2 * d_model)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(d_model // 2)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_scores((-np.arange(len(tokens), dtype=np.float32)).tolist())
+    w.add_token_merges(merges)
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    d, f = d_model, 2 * d_model
+    shapes = {"token_embd.weight": (len(tokens), d), "output_norm.weight": (d,),
+              "blk.0.attn_norm.weight": (d,), "blk.0.ffn_norm.weight": (d,),
+              "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (d, d), "blk.0.attn_v.weight": (d, d),
+              "blk.0.attn_output.weight": (d, d), "blk.0.ffn_gate.weight": (f, d),
+              "blk.0.ffn_up.weight": (f, d), "blk.0.ffn_down.weight": (d, f)}
+    for name, shape in shapes.items():
+        v = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 1:
+            w.add_tensor(name, v + 1.0)
+        else:
+            t = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(v, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)

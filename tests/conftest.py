@@ -10,6 +10,8 @@ from patcher.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
+# the demo's planted-direction model, prompts and direction ship inside the package (patcher demo)
+DEMO = ROOT / "patcher" / "data" / "demo"
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2",
                "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2", "deepseek_v3"]
 

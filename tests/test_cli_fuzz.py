@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, fixture_path
+from conftest import DEMO, FIXTURES, fixture_path
 from patcher.cli import app
 
 
@@ -35,8 +35,8 @@ def env(tmp_path_factory):
     d64 = root / "d64.npy"
     shutil.copy(FIXTURES / "direction-64.npy", d64)
     pos, neg = root / "pos.txt", root / "neg.txt"
-    shutil.copy(FIXTURES / "prompts" / "planted-positive.txt", pos)
-    shutil.copy(FIXTURES / "prompts" / "planted-negative.txt", neg)
+    shutil.copy(DEMO / "positive.txt", pos)
+    shutil.copy(DEMO / "negative.txt", neg)
     fifo = root / "fifo.txt"
     os.mkfifo(fifo)
     (root / "folder").mkdir()

@@ -6,14 +6,14 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, fixture_path, run_cli, unit
+from conftest import DEMO, FIXTURES, fixture_path, run_cli, unit
 from patcher.io.checkpoint import Checkpoint
 from patcher.edit.directions import read_metadata
 from patcher.edit.extract import extract
 
-POS = FIXTURES / "prompts" / "planted-positive.txt"
-NEG = FIXTURES / "prompts" / "planted-negative.txt"
-PLANTED = FIXTURES / "tiny-llama-planted"
+POS = DEMO / "positive.txt"
+NEG = DEMO / "negative.txt"
+PLANTED = DEMO / "model"
 
 
 def hf_difference_in_means(folder, pos_prompts, neg_prompts):
@@ -50,7 +50,7 @@ def test_difference_in_means_matches_hf(model_type):
 def test_planted_direction_is_recovered_and_ranked_first(tmp_path):
     out = tmp_path / "d.safetensors"
     res = run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--no-chat-template")
-    v = np.load(FIXTURES / "planted-direction-64.npy")
+    v = np.load(DEMO / "planted-direction.npy")
     with Checkpoint(out) as ck:
         d = ck.array("direction")
         meta = read_metadata(ck)
@@ -184,3 +184,38 @@ def test_injected_bias_is_live_in_the_numpy_forward(model_type, tmp_path, direct
             want = want - base.array(name).astype(np.float64)
     np.testing.assert_allclose(states[1][layer + 1] - states[0][layer + 1], np.broadcast_to(want, (2, 6, 64)),
                                atol=1e-4)
+
+
+def test_shuffled_label_snr_matches_isotropic_noise_theory():
+    """Labels carry nothing: the best shuffled SNR sits near sqrt(d·(1/n+ + 1/n-)) (the in-sample fit's
+    bias); the same data with a real offset of 3σ along one axis scores far above it."""
+    from patcher.edit.extract import _snr, shuffled_snr
+    rng = np.random.default_rng(5)
+    n, d = 40, 64
+    pos, neg = rng.standard_normal((n, 1, d)), rng.standard_normal((n, 1, d))
+    theory = np.sqrt(d * 2 / n)
+    null = shuffled_snr(pos, neg, [0])
+    assert 0.8 * theory < null < 1.6 * theory
+    pos[:, 0, 0] += 3.0
+    assert _snr(pos[:, 0], neg[:, 0]) > 1.5 * null
+
+
+def test_extract_warns_when_the_sets_do_not_differ(tmp_path):
+    """One prompt set split at random: the direction is noise and extract says so, on stderr, with the
+    chat-template hint; the planted sets without a template get no warning."""
+    lines = [ln for ln in NEG.read_text().splitlines() if ln]
+    np.random.default_rng(1).shuffle(lines)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(lines[:24]) + "\n")
+    b.write_text("\n".join(lines[24:]) + "\n")
+    res = run_cli("extract", PLANTED, "--positive", a, "--negative", b, "-o", tmp_path / "noise.safetensors")
+    assert "weak direction" in res.stderr and "--no-chat-template" in res.stderr
+    meta = read_metadata(Checkpoint(tmp_path / "noise.safetensors"))
+    best = next(r["snr"] for r in meta["scores"] if r["layer"] == meta["selected_layer"])
+    assert best <= 1.25 * meta["shuffled_labels_snr"]
+    res = run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "--no-chat-template",
+                  "-o", tmp_path / "planted.safetensors")
+    assert "weak direction" not in res.stderr
+    meta = read_metadata(Checkpoint(tmp_path / "planted.safetensors"))
+    best = next(r["snr"] for r in meta["scores"] if r["layer"] == meta["selected_layer"])
+    assert best > 10 * meta["shuffled_labels_snr"]

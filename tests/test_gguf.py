@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, ROOT, fixture_path, run_cli, unit
+from conftest import DEMO, FIXTURES, ROOT, fixture_path, run_cli, unit
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -121,7 +121,7 @@ def test_forward_parity_with_safetensors(ggufs, model_type):
 def test_extract_parity_and_vocabulary(ggufs, tmp_path):
     from safetensors.numpy import load_file
 
-    pos, neg = FIXTURES / "prompts" / "planted-positive.txt", FIXTURES / "prompts" / "planted-negative.txt"
+    pos, neg = DEMO / "positive.txt", DEMO / "negative.txt"
     run_cli("extract", ggufs("qwen2"), "--positive", pos, "--negative", neg, "-o", tmp_path / "g.safetensors")
     run_cli(
         "extract",

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, fixture_path
+from conftest import DEMO, FIXTURES, fixture_path
 from patcher.cli import app
 
 L_SRC = fixture_path("llama")
@@ -40,8 +40,8 @@ def ws(tmp_path_factory):
     w["d64"] = root / "d64.npy"
     shutil.copy(FIXTURES / "direction-64.npy", w["d64"])
     w["pos"], w["neg"] = root / "pos.txt", root / "neg.txt"
-    shutil.copy(FIXTURES / "prompts" / "planted-positive.txt", w["pos"])
-    shutil.copy(FIXTURES / "prompts" / "planted-negative.txt", w["neg"])
+    shutil.copy(DEMO / "positive.txt", w["pos"])
+    shutil.copy(DEMO / "negative.txt", w["neg"])
     w["txt"] = root / "notes.txt"
     w["txt"].write_text("just text\n")
     w["fake_npy"] = root / "fake.npy"
@@ -709,10 +709,10 @@ def _cases(ws, exported, dirs_file, tmp):
          [tmp / "x.npy"], 2),
         ("demo", "wrong kind", ["demo", "--out", ws["txt"]], [ws["txt"]], [], None),
         ("demo", "wrong kind", ["demo", "--out", ws["user_dir"]], [ws["user_dir"]], [], None),
-        ("demo", "inside input", ["demo", "--out", FIXTURES / "tiny-llama-planted" / "x"],
-         [FIXTURES / "tiny-llama-planted"],
-         [FIXTURES / "tiny-llama-planted" / "x"], None),
-        ("demo", "inside input", ["demo", "--out", FIXTURES / "prompts"], [FIXTURES / "prompts"], [], None),
+        ("demo", "inside input", ["demo", "--out", DEMO / "model" / "x"],
+         [DEMO / "model"],
+         [DEMO / "model" / "x"], None),
+        ("demo", "inside input", ["demo", "--out", DEMO], [DEMO], [], None),
         ("demo", "wrong type", ["demo", "--out"], [], [], None),
     ]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, fixture_path, run_cli
+from conftest import DEMO, FIXTURES, fixture_path, run_cli
 from patcher.io.checkpoint import Checkpoint
 
 REPO = "tiny-org/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-POS = FIXTURES / "prompts" / "planted-positive.txt"
-NEG = FIXTURES / "prompts" / "planted-negative.txt"
+POS = DEMO / "positive.txt"
+NEG = DEMO / "negative.txt"
 
 
 def make_hub_cache(cache: Path, repo: str, src: Path, commit: str = COMMIT, branch: str = "main") -> Path:

@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, fixture_path, run_cli
+from conftest import DEMO, FIXTURES, fixture_path, run_cli
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint, TensorInfo, fp8_scale_of, fp8_weight_of
 from patcher.model.opened import Model
 
-POS = FIXTURES / "prompts" / "planted-positive.txt"
-NEG = FIXTURES / "prompts" / "planted-negative.txt"
+POS = DEMO / "positive.txt"
+NEG = DEMO / "negative.txt"
 
 
 def broken(tmp_path, **changes):

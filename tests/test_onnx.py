@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import MODEL_TYPES, fixture_path, run_cli
+from conftest import DEMO, MODEL_TYPES, fixture_path, run_cli
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
 from patcher.onnx.export import export
@@ -123,9 +123,9 @@ def test_edited_model_exports_with_injected_bias(tmp_path, direction64, exported
 
 def test_verify_cli_reports_parity_projection_and_behaviour(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
-    planted = fixture_path("llama").parent / "tiny-llama-planted"
-    direction = fixture_path("llama").parent / "planted-direction-64.npy"
-    prompts = fixture_path("llama").parent / "prompts" / "planted-positive.txt"
+    planted = DEMO / "model"
+    direction = DEMO / "planted-direction.npy"
+    prompts = DEMO / "positive.txt"
     edited = tmp_path / "edited"
     run_cli("ablate", planted, "-d", direction, "-o", edited)
     run_cli("export", edited, "-o", tmp_path / "onnx")

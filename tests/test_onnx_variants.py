@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import fixture_path, run_cli
+from conftest import DEMO, fixture_path, run_cli
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
@@ -264,8 +264,8 @@ def test_chunked_quantized_export_loads(tmp_path):
 @pytest.fixture(scope="module")
 def ablated(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablated")
-    planted = fixture_path("llama").parent / "tiny-llama-planted"
-    direction = fixture_path("llama").parent / "planted-direction-64.npy"
+    planted = DEMO / "model"
+    direction = DEMO / "planted-direction.npy"
     run_cli("ablate", planted, "-d", direction, "-o", root / "edited")
     return planted, direction, root / "edited", root
 

@@ -6,13 +6,13 @@ import math
 import ml_dtypes
 import numpy as np
 
-from conftest import FIXTURES, fixture_path, run_cli, unit
+from conftest import DEMO, FIXTURES, fixture_path, run_cli, unit
 from patcher_kernels.codecs import ulp_distance
 from patcher.io import manifest
 from patcher.io.checkpoint import Checkpoint
 
-POS = FIXTURES / "prompts" / "planted-positive.txt"
-NEG = FIXTURES / "prompts" / "planted-negative.txt"
+POS = DEMO / "positive.txt"
+NEG = DEMO / "negative.txt"
 
 
 def write_recipe(tmp_path, body: str, models=("llama", "qwen3"), name="recipe.toml"):

@@ -8,9 +8,6 @@ import typer
 from patcher.cli.common import err, guard, out
 
 
-
-
-
 def register(app) -> None:
     @app.command()
     def demo(out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the artefacts "
@@ -55,4 +52,8 @@ def register(app) -> None:
                 pt.add_row(str(row["layer"]), f"{row['original']:.3f}", f"{row['edited']:.2e}")
             out.print(pt)
             out.print(f"artefacts in {facts['out']}; total {time.perf_counter() - t0:.1f} s")
+            out.print("\nnext, on the demo's files (a tiny random model: its text output is noise; "
+                      "on your own model, bring two prompt files and keep the chat template):")
+            for line in facts["next"]:
+                out.print(f"  {line}", highlight=False, soft_wrap=True)
         guard(body, interrupted="partial files removed (a --out folder the demo created is removed entirely)")

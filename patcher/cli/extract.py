@@ -7,7 +7,7 @@ import typer
 from patcher import validate as V
 from patcher.errors import PatcherError
 from patcher.io.paths import check_distinct, check_output
-from patcher.cli.common import ARCH_TABLE_HELP, guard, out, progress
+from patcher.cli.common import ARCH_TABLE_HELP, err, guard, out, progress
 
 
 def _score_table(result):
@@ -87,9 +87,30 @@ def register(app) -> None:
                       f"{result.direction.shape[1]}] from {counts['positive']['count']} + "
                       f"{counts['negative']['count']} "
                       f"prompts at positions {result.metadata['positions']}; use it as -d {output} "
-                      f"(layer {result.selected_layer}) or -d {output}:LAYER")
+                      f"(layer {result.selected_layer}) or -d {output}:LAYER; with shuffled labels the same "
+                      f"prompts reach SNR {result.metadata['shuffled_labels_snr']:.2f}")
+            weak = _weak_separation(result)
+            if weak:
+                err.print(f"[yellow]warning:[/] {weak}", highlight=False)
             if plot:
                 plot_scores(plot, result.scores, result.selected_layer, f"{model.name}: difference-in-means "
                             f"scores")
                 out.print(f"plot: {plot}")
         guard(body)
+
+
+def _weak_separation(result) -> str | None:
+    """A line for a direction the prompt sets do not support: its SNR is no better than the same prompts
+    reach with their labels shuffled."""
+    meta = result.metadata
+    snr = next(r.get("snr") for r in result.scores if r["layer"] == result.selected_layer)
+    null = meta.get("shuffled_labels_snr")
+    if snr is None or null is None or snr > 1.25 * null:
+        return None
+    hint = ("every prompt ends in the chat template's same closing tokens; if your sets differ in their last "
+            "words, try --no-chat-template or other --positions" if meta.get("chat_template") else
+            "check that the positive prompts show the behaviour and the negative ones do not, or try other "
+            "--positions")
+    return (f"weak direction: layer {result.selected_layer}'s SNR {snr:.2f} is within what the same prompts "
+            f"reach with shuffled labels ({null:.2f}); {hint}")
+

@@ -40,7 +40,7 @@ def describe(ck: Model, res: Optional[Resolved]) -> dict:
         g = ck.storage
         md = g.metadata
         info.update({"format": "gguf", "gguf_architecture": g.gguf_arch, "name": md.get("general.name"),
-                     "tokenizer": md.get("tokenizer.ggml.model"), "vocab": len(g.tokens()),
+                     "tokenizer": md.get("tokenizer.ggml.model"), "vocab": g.vocab_size,
                      "chat_template": isinstance(md.get("tokenizer.chat_template"), str)})
         if res is not None:
             info["quant_types_per_role"] = {

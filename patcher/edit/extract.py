@@ -109,10 +109,40 @@ def score_layers(pos_mean, neg_mean, pos_samples, neg_samples, layers) -> list[d
     return rows
 
 
-def select_layer(scores: list[dict], n_layers: int) -> int:
+def _snr(a: np.ndarray, b: np.ndarray) -> float:
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    norm = np.linalg.norm(diff)
+    if norm == 0:
+        return 0.0
+    pa, pb = a @ (diff / norm), b @ (diff / norm)
+    pooled = math.sqrt((pa.var() + pb.var()) / 2)
+    return float((pa.mean() - pb.mean()) / pooled) if pooled > 0 else float("inf")
+
+
+def shuffled_snr(pos: np.ndarray, neg: np.ndarray, layers: list[int], rounds: int = 16,
+                 seed: int = 0) -> float:
+    """The best SNR the same prompts reach over `layers` with their labels shuffled (the largest of `rounds`
+    shuffles): the direction is fitted to the samples it is scored on, and the best layer is picked, so
+    even sets that do not differ score above zero (about sqrt(d·(1/n+ + 1/n-)) for isotropic noise).
+    A selected SNR within this range is noise. pos, neg: [prompts, layers, d]."""
+    both = np.concatenate([pos[:, layers], neg[:, layers]]).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    best = 0.0
+    for _ in range(rounds):
+        idx = rng.permutation(len(both))
+        a, b = both[idx[:len(pos)]], both[idx[len(pos):]]
+        best = max(best, *(_snr(a[:, i], b[:, i]) for i in range(len(layers))))
+    return best
+
+
+def selection_pool(scores: list[dict], n_layers: int) -> list[dict]:
     limit = math.floor((1 - IGNORE_LAST) * n_layers)
-    pool = [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or \
+    return [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or \
            [s for s in scores if s.get("snr") is not None]
+
+
+def select_layer(scores: list[dict], n_layers: int) -> int:
+    pool = selection_pool(scores, n_layers)
     if not pool:
         raise PatcherError("extract",
                            "no layer separates the two prompt sets (all mean differences are zero)")
@@ -177,11 +207,13 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
     scores = score_layers(pos_mean.mean(axis=0), neg_mean.mean(axis=0), accs["positive"].samples,
                           accs["negative"].samples, layer_set)
     selected = select_layer(scores, L)
+    null = shuffled_snr(accs["positive"].samples, accs["negative"].samples,
+                        [r["layer"] for r in selection_pool(scores, L)])
     meta = {"model": str(ck.path), "model_type": ck.model_type, "layers": L, "d_model": d,
             "prompts": meta_sets, "positions": positions, "chat_template": bool(chat_template
                                                                                 and tok.has_chat_template),
             "system": system, "project_out_negative_mean": project_out_negative_mean,
-            "selected_layer": selected,
+            "selected_layer": selected, "shuffled_labels_snr": null,
             "selection_rule": SELECTION_RULE, "scores": scores, "computed_layers": sorted(layer_set),
             "patcher": __version__}
     per_position = {}

@@ -16,16 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from patcher.errors import CheckpointError, PatcherError
+from patcher.io.gguf_header import MAGIC, GGUFHeader, TensorEntry
+from patcher.io.gguf_pretokenizers import lookup, pre_tokenizer
 from patcher.io.safetensors import TensorInfo
 
-MAGIC = b"GGUF"
-VERSIONS = (2, 3)
 PROVENANCE_KEY = "patcher.edit"
 _ALIGNMENT = 32
-# The smallest encodings: a key/value (u64 key length, 1 key byte, u32 type, 1 value byte) and a tensor
-# info (u64 name length, u32 n_dims, one u64 dim, u32 type, u64 offset). Counts beyond what the file
-# could hold are refused before anything is parsed.
-_MIN_KV, _MIN_TENSOR = 14, 32
 
 # HF config keys from GGUF metadata keys (`{arch}.` + suffix), as llama.cpp's converter writes them.
 CONFIG_KEYS = {
@@ -51,19 +47,6 @@ CONFIG_KEYS = {
     "final_logit_softcapping": "final_logit_softcapping",
     "norm_topk_prob": "expert_weights_norm",
 }
-# llama.cpp's names for the pre-tokenizer split regex (tokenizer.ggml.pre) -> the regex HF's tokenizer.json
-# uses for the same model; None: GPT-2's own ByteLevel regex.
-PRE_TOKENIZERS = {
-    "gpt-2": None,
-    "gpt2": None,
-    "olmo": None,
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
-}
-
-
 # bits per element of each GGML family (the name before "_"), for the quantization-noise bound in diff
 QUANT_BITS = {
     "F16": 11,
@@ -106,90 +89,28 @@ def is_gguf(path) -> bool:
         return False
 
 
-def _precheck(path: Path, size: int) -> None:
-    """Magic, version and counts, before the reader trusts any of them."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24:
-        raise CheckpointError(path, f"file is {size} bytes, too short for a GGUF header")
-    if head[:4] != MAGIC:
-        raise CheckpointError(path, f"not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
-    if version not in VERSIONS:
-        raise CheckpointError(
-            path, f"GGUF version {version} is not supported (only {', '.join(map(str, VERSIONS))})"
-        )
-    if n_tensors * _MIN_TENSOR + n_kv * _MIN_KV > size:
-        raise CheckpointError(
-            path,
-            f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than a "
-            f"{size}-byte file can hold (truncated or corrupt)",
-        )
-
-
 class GGUFFile:
-    """One GGUF file, lazily: metadata parsed, tensors memory-mapped, nothing dequantized until asked.
-    Offers the Checkpoint interface the planner and inspect use (tensors, info, array, shard_of, files)."""
+    """One GGUF file, lazily: header parsed by patcher.io.gguf_header, tensors memory-mapped, metadata
+    arrays (the vocabulary) decoded when first read, nothing dequantized until asked. Offers the
+    Checkpoint interface the planner and inspect use (tensors, info, array, shard_of, files)."""
 
     is_gguf = True
 
     def __init__(self, path):
-        from gguf import GGMLQuantizationType, GGUFReader
-        from gguf.constants import GGML_QUANT_SIZES
-
         self.path = Path(path)
         self.folder = self.path.parent
         self.index_path = None
         if not self.path.is_file():
             raise CheckpointError(self.path, "no such file")
-        size = self.path.stat().st_size
-        _precheck(self.path, size)
-        try:
-            self.reader = GGUFReader(self.path, "r")
-        except (
-            ValueError,
-            IndexError,
-            OverflowError,
-            KeyError,
-            TypeError,
-            MemoryError,
-            UnicodeDecodeError,
-            struct.error,
-        ) as e:
-            raise CheckpointError(self.path, f"not a valid GGUF file ({type(e).__name__}: {e})") from None
-        r = self.reader
-        self.alignment = int(r.alignment)
-        self.data_offset = int(r.data_offset)
+        self.header = h = GGUFHeader(self.path)
+        self.data = h.data
+        self.alignment = h.alignment
+        self.data_offset = h.data_offset
+        self.metadata = h.metadata
         self.tensors: dict[str, GGUFTensor] = {}
-        for t in r.tensors:
-            try:
-                qname = GGMLQuantizationType(int(t.tensor_type)).name
-            except ValueError:
-                raise CheckpointError(
-                    self.path, f"tensor {t.name!r} has unknown GGML type {int(t.tensor_type)}"
-                ) from None
-            ne = tuple(int(x) for x in t.shape)
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(t.tensor_type))]
-            if not ne or any(n <= 0 for n in ne) or ne[0] % block:
-                raise CheckpointError(
-                    self.path,
-                    f"tensor {t.name!r} has shape {list(ne)} (ne0 must be a multiple of {block} for {qname})",
-                )
-            nbytes = math.prod(ne) // block * type_size
-            begin = int(t.data_offset)  # the reader makes it absolute
-            if begin % self.alignment or begin + nbytes > size:
-                raise CheckpointError(
-                    self.path,
-                    f"tensor {t.name!r} at bytes {begin}..{begin + nbytes} lies "
-                    f"outside the {size}-byte file or off its alignment",
-                )
-            if t.name in self.tensors:
-                raise CheckpointError(self.path, f"tensor {t.name!r} appears twice")
-            self.tensors[t.name] = GGUFTensor(
-                t.name, qname, tuple(reversed(ne)), self.path, begin, begin + nbytes, int(t.tensor_type)
-            )
+        for t in h.tensors:
+            self._add_tensor(t, h.size)
         self._check_overlaps()
-        self.metadata = {k: _field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
         self.files = {self.path.name: self}
         self.shard_of = {n: self.path.name for n in self.tensors}
         self.config_path = self.path
@@ -198,6 +119,34 @@ class GGUFFile:
             raise CheckpointError(self.path, "no general.architecture in the GGUF metadata")
         self._arch = None
         self._config = None
+
+    def _add_tensor(self, t: TensorEntry, size: int) -> None:
+        from gguf import GGMLQuantizationType
+        from gguf.constants import GGML_QUANT_SIZES
+
+        try:
+            kind = GGMLQuantizationType(t.qtype)
+        except ValueError:
+            raise CheckpointError(self.path, f"tensor {t.name!r} has unknown GGML type {t.qtype}") from None
+        block, type_size = GGML_QUANT_SIZES[kind]
+        if any(n <= 0 for n in t.ne) or t.ne[0] % block:
+            raise CheckpointError(
+                self.path,
+                f"tensor {t.name!r} has shape {list(t.ne)} (ne0 must be a multiple of {block} for {kind.name})",
+            )
+        nbytes = math.prod(t.ne) // block * type_size
+        begin = self.data_offset + t.offset
+        if t.offset % self.alignment or begin + nbytes > size:
+            raise CheckpointError(
+                self.path,
+                f"tensor {t.name!r} at bytes {begin}..{begin + nbytes} lies "
+                f"outside the {size}-byte file or off its alignment",
+            )
+        if t.name in self.tensors:
+            raise CheckpointError(self.path, f"tensor {t.name!r} appears twice")
+        self.tensors[t.name] = GGUFTensor(
+            t.name, kind.name, tuple(reversed(t.ne)), self.path, begin, begin + nbytes, t.qtype
+        )
 
     def _check_overlaps(self):
         spans = sorted((t.begin, t.end, t.name) for t in self.tensors.values())
@@ -246,7 +195,7 @@ class GGUFFile:
         """The stored bytes, [rows, row bytes] (a memory-mapped view)."""
         t = self.info(name)
         rows = math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1
-        return self.reader.data[t.begin : t.end].reshape(rows, -1)
+        return self.data[t.begin : t.end].reshape(rows, -1)
 
     def read_rows(self, name: str, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
         """Dequantized float32 rows [stop-start, ne0] of the tensor seen as 2-D."""
@@ -266,27 +215,15 @@ class GGUFFile:
         return self.read_rows(name, 0, self.raw(name).shape[0]).reshape(t.shape)
 
     def release(self, name: str) -> None:
-        t = self.info(name)
-        try:  # drop the pages this tensor touched: a big model streams through without filling RAM
-            import mmap as _mmap
-
-            start = t.begin - t.begin % _mmap.PAGESIZE
-            self.reader.data._mmap.madvise(_mmap.MADV_DONTNEED, start, t.end - start)
-        except (AttributeError, OSError, ValueError):
-            pass
+        t = self.info(name)  # drop the pages this tensor touched: a big model streams through without filling RAM
+        self.header.madvise_dontneed(t.begin, t.end)
 
     def shard_tensors(self, fname: str) -> list[GGUFTensor]:
         return sorted(self.tensors.values(), key=lambda t: t.begin)
 
     def field_bytes(self) -> list[tuple[str, bytes]]:
         """Every metadata key/value exactly as stored, in file order."""
-        out = []
-        for key, f in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            n = sum(int(p.nbytes) for p in f.parts)
-            out.append((key, bytes(self.reader.data[f.offset : f.offset + n])))
-        return out
+        return [(key, self.header.field_bytes(key)) for key in self.metadata]
 
     def tokenizer(self):
         return load_tokenizer(self)
@@ -294,27 +231,20 @@ class GGUFFile:
     def tokens(self) -> list[str]:
         return list(self.metadata.get("tokenizer.ggml.tokens") or [])
 
+    @property
+    def vocab_size(self) -> int:
+        """Entries in tokenizer.ggml.tokens, without decoding them."""
+        return self.metadata.count("tokenizer.ggml.tokens")
+
     def close(self):
-        mm = getattr(self.reader.data, "_mmap", None)
-        if mm is not None:
-            try:
-                mm.close()
-            except (BufferError, ValueError):
-                pass  # views still alive; the OS reclaims the mapping when they go
+        self.data = None
+        self.header.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _field_value(f):
-    """A metadata value as Python (str, number, list); None where the field cannot be decoded."""
-    try:
-        return f.contents()
-    except (ValueError, IndexError, UnicodeDecodeError):
-        return None
 
 
 def config_from_metadata(g: GGUFFile) -> dict:
@@ -537,7 +467,7 @@ def _hf_map(g: GGUFFile, spec, hp) -> dict:
 
 def load_tokenizer(g: GGUFFile):
     """The GGUF's own vocabulary (tokenizer.ggml.*) as a `tokenizers` BPE, and its chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, Regex
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
@@ -552,32 +482,19 @@ def load_tokenizer(g: GGUFFile):
             f"tokenizer.ggml.model {kind!r} is not supported: patcher reads 'gpt2' "
             f"(byte-level BPE) and 'llama' (SentencePiece BPE) vocabularies",
         )
-    pre = md.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in PRE_TOKENIZERS:
-        raise PatcherError(
-            g.path,
-            f"tokenizer.ggml.pre {pre!r} is not known to patcher "
-            f"(known: {', '.join(sorted(PRE_TOKENIZERS))})",
-        )
+    pre_name = md.get("tokenizer.ggml.pre", "default")  # llama.cpp's choice when the key is absent
+    pre = lookup(pre_name, g.path)
     merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges") or []]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab, merges))
-    regex = PRE_TOKENIZERS[pre]
-    if regex is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
+    tok.pre_tokenizer = pre_tokenizer(pre_name, g.path)
     tok.decoder = decoders.ByteLevel()
     types = md.get("tokenizer.ggml.token_type") or []
     specials = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # CONTROL, USER_DEFINED
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     names = _special_names(md, tokens)
-    return _prompt_tokenizer(g, tok, names, vocab, md.get("tokenizer.ggml.add_bos_token"))
+    add_bos = md.get("tokenizer.ggml.add_bos_token", True if pre.add_bos else None)
+    return _prompt_tokenizer(g, tok, names, vocab, add_bos)
 
 
 def _prompt_tokenizer(g: GGUFFile, tok, names: dict, vocab: dict, add_bos):

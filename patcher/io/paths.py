@@ -155,11 +155,16 @@ def _marked_file(path: Path) -> bool:
             return False
         return isinstance(data, dict) and "patcher" in data
     if suffix == ".gguf":  # patcher's GGUF outputs (models, control vectors, LoRA) carry patcher.* keys
+        from patcher.errors import CheckpointError
+        from patcher.io.gguf_header import GGUFHeader
         try:
-            from gguf import GGUFReader
-            return any(k.startswith("patcher.") for k in GGUFReader(str(path)).fields)
-        except Exception:  # noqa: BLE001 — not a readable GGUF: not ours
+            header = GGUFHeader(path)
+        except (OSError, ValueError, CheckpointError):  # not a readable GGUF: not ours
             return False
+        try:
+            return any(k.startswith("patcher.") for k in header.metadata)
+        finally:
+            header.close()
     if suffix == ".npy":
         import numpy as np
         try:

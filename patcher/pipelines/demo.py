@@ -5,6 +5,8 @@ The demo model is tiny-llama with a known unit vector v added to the embeddings 
 few neutral marker words ("sea", "robot", ...); the bundled prompt sets end in a marker word or in a
 neutral word. A working pipeline recovers v, removes it everywhere, and proves both.
 """
+import shlex
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -13,20 +15,20 @@ import numpy as np
 
 from patcher.errors import PatcherError
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "fixtures"
+# the demo's data ships inside the package (pip install, wheel or checkout alike): a 300 kB model, its
+# prompt sets and the planted direction; scripts/make_fixtures.py rebuilds them
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def bundled() -> dict:
-    paths = {"model": FIXTURES / "tiny-llama-planted",
-             "positive": FIXTURES / "prompts" / "planted-positive.txt",
-             "negative": FIXTURES / "prompts" / "planted-negative.txt",
-             "planted": FIXTURES / "planted-direction-64.npy"}
+    paths = {"model": DEMO / "model",
+             "positive": DEMO / "positive.txt",
+             "negative": DEMO / "negative.txt",
+             "planted": DEMO / "planted-direction.npy"}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
-        raise PatcherError(missing[0], "bundled demo data not found: run from a checkout installed with "
-                                       "`pip install -e .` (or rebuild it with python "
-                                       "scripts/make_fixtures.py)")
+        raise PatcherError(missing[0], "bundled demo data missing from this installation of patcher "
+                                       "(reinstall it; in a checkout: python scripts/make_fixtures.py)")
     return paths
 
 
@@ -44,11 +46,26 @@ def run(out: Path | None = None, step=None) -> dict:
         facts = _run(out, data, step)
     except BaseException:
         if fresh:  # a failed or interrupted demo leaves nothing in a folder it made
-            import shutil
             shutil.rmtree(out, ignore_errors=True)
         raise
     manifest.write(out, kind="demo", command="patcher demo", inputs={}, outputs={})
     return facts
+
+
+def next_commands(out: Path) -> list[str]:
+    """What to try next, on the demo's own copies (the tiny model is random: its text output is noise).
+    The prompt sets are plain text, so extract runs without the chat template, as the demo does."""
+    o = lambda name: shlex.quote(str(out / name))  # noqa: E731
+    return [
+        f"patcher inspect {o('original')}",
+        f"patcher extract {o('original')} --positive {o('positive.txt')} --negative {o('negative.txt')} "
+        f"--no-chat-template -o my-direction.safetensors",
+        f"patcher ablate {o('original')} -d my-direction.safetensors -o my-ablated",
+        f"patcher diff {o('original')} my-ablated",
+        "patcher export my-ablated -o my-onnx",
+        "patcher generate my-onnx --prompt 'Tell me about the sea' --max-new-tokens 16",
+        "patcher web my-onnx -o my-site --serve",
+    ]
 
 
 def _run(out: Path, data: dict, step) -> dict:
@@ -62,7 +79,11 @@ def _run(out: Path, data: dict, step) -> dict:
     from patcher.onnx.verify import load_prompts, projections, verify
     planted = data["planted"]
     v = np.load(planted).astype(np.float64)
-    facts = {"out": str(out)}
+    facts = {"out": str(out), "next": next_commands(out)}
+    # copies of the inputs, so the next commands run on files the user has (a wheel's are in site-packages)
+    shutil.copytree(data["model"], out / "original", dirs_exist_ok=True)
+    for name in ("positive", "negative"):
+        shutil.copyfile(data[name], out / f"{name}.txt")
 
     def timed(name, fn):
         t0 = time.perf_counter()
