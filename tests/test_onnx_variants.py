@@ -197,8 +197,9 @@ def test_adding_variants_to_an_export(tmp_path):
         "model_q4f16.onnx": 1,
         "model_quantized.onnx": 1,
     }
-    assert cfg["dtype"] == "q8" and cfg["kv_cache_dtype"] == {"q4f16": "float16"}
-    assert cfg["device_config"] == {"webgpu": {"dtype": "q4f16"}}
+    # fp32 is the best fit present on both devices (fp16 would come first: DEVICE_DEFAULTS)
+    assert cfg["dtype"] == "fp32" and cfg["kv_cache_dtype"] == {"q4f16": "float16"}
+    assert cfg["device_config"] == {"wasm": {"dtype": "fp32"}, "webgpu": {"dtype": "fp32"}}
     manifest = json.loads((out / "patcher-manifest.json").read_text())
     assert set(manifest["outputs"]) >= {
         "onnx/model.onnx",
