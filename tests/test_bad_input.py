@@ -989,11 +989,18 @@ def test_body_raises_leaves_nothing(model_dir, tmp_path, exc):
     assert leftovers(tmp_path, "out") == []
 
 
+def previous_output(target: Path) -> None:
+    """A previous patcher output: a valid manifest listing everything in the folder."""
+    from patcher.io import manifest
+    (target / "old.txt").write_text("old")
+    manifest.write(target, kind="ablate", command="patcher ablate", inputs={},
+                   outputs={"old.txt": manifest.sha256_file(target / "old.txt")})
+
+
 def test_force_keeps_existing_target_when_body_fails(model_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    (target / "old.txt").write_text("old")
-    (target / "patcher-manifest.json").write_text("{}")  # a previous patcher output: --force may replace it
+    previous_output(target)  # --force may replace it
     with pytest.raises(RuntimeError):
         with OutputFolder(target, [model_dir], force=True) as tmp:
             (tmp / "new.txt").write_text("new")
@@ -1005,8 +1012,7 @@ def test_force_keeps_existing_target_when_body_fails(model_dir, tmp_path):
 def test_force_replaces_existing_target_on_success(model_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    (target / "old.txt").write_text("old")
-    (target / "patcher-manifest.json").write_text("{}")  # a previous patcher output: --force may replace it
+    previous_output(target)  # --force may replace it
     with OutputFolder(target, [model_dir], force=True) as tmp:
         assert (target / "old.txt").exists()  # untouched while the body runs
         (tmp / "new.txt").write_text("new")
@@ -1023,18 +1029,28 @@ def test_force_never_replaces_a_users_file_with_a_folder(model_dir, tmp_path):
     assert leftovers(tmp_path, "out") == []
 
 
-def test_stale_partial_of_dead_process_removed(model_dir, tmp_path):
+def test_stale_clean_up_removes_only_what_a_dead_run_recorded(model_dir, tmp_path):
+    """A sibling merely *named* like a leftover (dead PID) is the user's and stays; the partial a killed
+    run recorded in the lock file it no longer holds is removed, and the previous output it had set
+    aside is put back (issue 22, item 7)."""
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True)
     dead = int(proc.stdout)
-    stale = tmp_path / f".out.partial-{dead}"
-    stale.mkdir()
-    (stale / "junk").write_text("x")
-    target = tmp_path / "out"
-    with OutputFolder(target, [model_dir]) as tmp:
-        (tmp / "x").write_text("y")
-    assert target.is_dir()
-    if not any(p.name == f".out.partial-{dead}" for p in tmp_path.iterdir()):
-        return
-    # the pid was reused by a live process in the meantime: then keeping the folder is right
-    assert os.path.exists(f"/proc/{dead}")
+    for kind in ("partial", "old"):
+        (tmp_path / f".out.{kind}-{dead}").mkdir()
+        (tmp_path / f".out.{kind}-{dead}" / "mine.txt").write_text("user data")
+    recorded = tmp_path / f".out.partial-{dead}-abc123"
+    recorded.mkdir()
+    (recorded / "model.safetensors").write_text("half written")
+    aside = tmp_path / f".out.old-{dead}-abc123"
+    aside.mkdir()
+    (aside / "previous.txt").write_text("the previous output")
+    (tmp_path / ".out.lock").write_text(json.dumps({"kind": "patcher output lock", "pid": dead,
+                                                    "partial": recorded.name, "old": aside.name}))
+    with pytest.raises(PatcherError, match="set the previous output aside .* put back"):
+        with OutputFolder(tmp_path / "out", [model_dir], force=True):
+            pass
+    assert (tmp_path / "out" / "previous.txt").read_text() == "the previous output"
+    for kind in ("partial", "old"):
+        assert (tmp_path / f".out.{kind}-{dead}" / "mine.txt").read_text() == "user data"
+    assert not recorded.exists() and not aside.exists() and not (tmp_path / ".out.lock").exists()

@@ -217,10 +217,9 @@ def test_nearest_rounding_is_what_plain_requantizing_leaves(ggufs, tmp_path):
     assert np.linalg.norm(R @ stored) / np.linalg.norm(R @ w) > 0.05
 
 
-def test_k_quants_are_requantized(ggufs, tmp_path):
-    src = ggufs("llama", "F32")
+def _with_tensor_as(src, path, name, qtype, shape):
+    """A copy of GGUF src with tensor `name` replaced by random valid `qtype` blocks of `shape`."""
     r = gguf.GGUFReader(src)
-    path = tmp_path / "k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
@@ -233,38 +232,41 @@ def test_k_quants_are_requantized(ggufs, tmp_path):
             w.add_key_value(key, value, vtype)
     rng = np.random.default_rng(0)
     for t in r.tensors:
-        if t.name == "blk.0.ffn_down.weight":
-            w.add_tensor(
-                t.name, mk._k_quant_bytes((64, 256), "Q4_K", rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K
-            )
+        if t.name == name:
+            w.add_tensor(t.name, mk._k_quant_bytes(shape, qtype, rng),
+                         raw_dtype=gguf.GGMLQuantizationType[qtype])
         else:
             w.add_tensor(t.name, np.asarray(t.data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    for requant, limit in (("q8_0", 0.005), ("q4_0", 0.01)):
+    return path
+
+
+@pytest.mark.parametrize("source", ["Q4_K", "IQ4_XS"])
+def test_k_quants_keep_their_type_iq_becomes_k(ggufs, tmp_path, source):
+    """A K-quant is written in its own type by default (IQ: the nearest K type, said in the summary and
+    the edit record); --requant still converts it."""
+    name = "blk.0.ffn_down.weight"
+    path = _with_tensor_as(ggufs("llama", "F32"), tmp_path / "k.gguf", name, source, (64, 256))
+    before = _deq(path, name)
+    for requant, stored, limit in ((None, "Q4_K", 0.01), ("q8_0", "Q8_0", 0.005), ("q4_0", "Q4_0", 0.01),
+                                   ("q6_k", "Q6_K", 0.005)):
         out = tmp_path / f"k-{requant}.gguf"
-        text = run_cli(
-            "ablate",
-            path,
-            "-d",
-            DIRECTION,
-            "-o",
-            out,
-            "--targets",
-            "mlp_out",
-            "--layers",
-            "0",
-            "--requant",
-            requant,
-        ).output
-        assert f"Q4_K→{requant.upper()}" in text
-        t = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_down.weight")
-        assert t.tensor_type.name == requant.upper()
-        before, after = _deq(path, "blk.0.ffn_down.weight"), _deq(out, "blk.0.ffn_down.weight")
+        args = ("--targets", "mlp_out", "--layers", "0") + (("--requant", requant) if requant else ())
+        text = run_cli("ablate", path, "-d", DIRECTION, "-o", out, *args).output
+        moved = f"{source}→{stored}"
+        assert (moved in text) == (source != stored)
+        record = json.loads(gguf.GGUFReader(out).fields["patcher.edit"].contents())
+        assert record["gguf_requant"] == (requant.upper() if requant else "keep")
+        assert record.get("gguf_retyped", {}).get(name) == (moved if source != stored else None)
+        t = next(t for t in gguf.GGUFReader(out).tensors if t.name == name)
+        assert t.tensor_type.name == stored
+        after = _deq(out, name)
         assert np.linalg.norm(R @ after) / np.linalg.norm(R @ before) <= limit
-    run_cli("ablate", path, "-d", DIRECTION, "-o", tmp_path / "x.gguf", "--requant", "q4_k", expect=1)
+        assert np.linalg.norm(after - (before - np.outer(R, R @ before))) / np.linalg.norm(before) < 0.1
+    run_cli("ablate", path, "-d", DIRECTION, "-o", tmp_path / "x.gguf", "--requant", "q7_k", expect=1)
 
 
 def test_post_norm_gguf_is_orthogonal_to_the_stored_gain(ggufs, tmp_path):

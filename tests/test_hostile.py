@@ -500,11 +500,10 @@ def test_sigint_during_extract_removes_the_partial_file(ws, tmp_path):
     p = subprocess.Popen([sys.executable, "-c", slow, "extract", str(ws["L"]), "--positive", str(ws["pos"]),
                           "--negative", str(ws["neg"]), "-o", str(out), "--no-chat-template"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = tmp_path / ".d.safetensors.partial"
     deadline = time.time() + 60
-    while time.time() < deadline and not partial.exists():
+    while time.time() < deadline and not list(tmp_path.glob(".d.safetensors.partial-*")):
         time.sleep(0.01)
-    assert partial.exists(), "never started writing"
+    assert list(tmp_path.glob(".d.safetensors.partial-*")), "never started writing"
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
@@ -809,9 +808,9 @@ def test_force_replaces_previous_patcher_outputs_only(ws, tmp_path):
         check_output(o, [ws["L"]])
     np.save(tmp_path / "unit.npy", np.eye(4, dtype=np.float32)[0])
     np.save(tmp_path / "mine.npy", np.ones(4, dtype=np.float32))
-    check_output(tmp_path / "unit.npy", force=True, kind="file")
-    with pytest.raises(PatcherError, match="not written by patcher"):
-        check_output(tmp_path / "mine.npy", force=True, kind="file")
+    for name in ("unit.npy", "mine.npy"):  # a unit vector is what users own most: only a record counts
+        with pytest.raises(PatcherError, match="not written by patcher"):
+            check_output(tmp_path / name, force=True, kind="file")
     (tmp_path / "a.svg").write_text("<svg/>")
     with pytest.raises(PatcherError, match="not written by patcher"):
         check_output(tmp_path / "a.svg", force=True, kind="file")
@@ -820,3 +819,403 @@ def test_force_replaces_previous_patcher_outputs_only(ws, tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     with pytest.raises(PatcherError, match="symbolic link"):
         check_output(tmp_path / "link", [ws["L"]], force=True)
+
+
+# --- issue 22: races, foreign files, recorded ownership -----------------------------------------------
+
+def _during_write(monkeypatch, module, name, action):
+    """Run `action()` once, the first time `module.name` is called (mid-run, before the output is
+    published): the user acting on the output path while patcher works."""
+    import threading
+    orig, done, once = getattr(module, name), [], threading.Lock()
+
+    def wrapped(*a, **kw):
+        with once:  # shards are written from several threads
+            if not done:
+                done.append(action() or True)
+        return orig(*a, **kw)
+    monkeypatch.setattr(module, name, wrapped)
+    return done
+
+
+def _users_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    (path / "thesis.tex").write_text("years of work")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_folder_created_during_an_ablate_is_never_replaced(ws, tmp_path, monkeypatch, force):
+    """Item 1: the target is checked at the start; what the user puts there during the run survives
+    (with --force, a previous patcher output swapped for the user's folder mid-run is not replaced)."""
+    import patcher.io.writer as w
+    out = tmp_path / "out"
+    if force:
+        res = CliRunner().invoke(app, [str(a) for a in ("ablate", ws["L"], "-d", ws["d64"], "-o", out)])
+        assert res.exit_code == 0, res.output
+    done = _during_write(monkeypatch, w, "_write_produced", lambda: _users_folder(out))
+    res = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] if force else [])],
+                  inputs=[ws["L"]], fragment="left untouched")
+    assert done and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], res.stderr
+
+
+def test_file_created_during_an_extract_is_never_replaced(ws, tmp_path, monkeypatch):
+    import patcher.edit.directions as dmod
+    out = tmp_path / "d.safetensors"
+    done = _during_write(monkeypatch, dmod, "write_safetensors", lambda: out.write_bytes(b"mine"))
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"], inputs=[ws["L"], ws["pos"], ws["neg"]], fragment="left untouched")
+    assert done and out.read_bytes() == b"mine"
+    assert not list(tmp_path.glob(".d.safetensors.*"))
+
+
+def test_adding_an_export_variant_keeps_the_users_files(exported, tmp_path):
+    """Item 2: `export M -o E --dtype int8` onto an export holding the user's notes is refused, naming
+    them; nothing in E changes."""
+    e = tmp_path / "E"
+    shutil.copytree(exported, e)
+    (e / "NOTES.md").write_text("my notes")
+    (e / "results").mkdir()
+    (e / "results" / "run1.csv").write_text("1,2")
+    before = digests([e])
+    res = hostile(["export", L_SRC, "-o", e, "--dtype", "int8"], inputs=[e], fragment="does not list")
+    assert "NOTES.md" in res.stderr and "results/" in res.stderr
+    assert digests([e]) == before and not (e / "onnx" / "model_int8.onnx").exists()
+
+
+@pytest.mark.parametrize("manifest_text", ["", "{}", '{"outputs": {"thesis.tex": "x"}}', "[1, 2]",
+                                           '{"patcher": 1, "kind": "edit", "outputs": {}}'])
+def test_force_needs_a_manifest_valid_by_content(ws, tmp_path, manifest_text):
+    """Item 4: a file merely named patcher-manifest.json does not make a folder patcher's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "patcher-manifest.json").write_text(manifest_text)
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"], inputs=[ws["L"], out],
+            fragment="not a valid manifest")
+
+
+def test_recipe_rerun_keeps_the_users_files_in_a_changed_step(tmp_path):
+    """Item 5: a step whose options changed is redone; a file the user added to its folder is named and
+    kept, nothing is replaced."""
+    r = write_recipe(tmp_path, ABLATE_STEP)
+    assert CliRunner().invoke(app, ["run", str(r)]).exit_code == 0
+    step = tmp_path / "out" / "01-ablated"
+    (step / "NOTES.md").write_text("my notes")
+    r.write_text(r.read_text() + "strength = 0.5\n")
+    before = digests([step])
+    res = hostile(["run", r], inputs=[step], fragment="does not list")
+    assert "NOTES.md" in res.stderr and digests([step]) == before
+
+
+def test_force_never_replaces_a_users_unit_vector(ws, tmp_path):
+    """Item 6: ownership of --save-direction files is recorded when patcher writes them, not guessed:
+    a hand-made float32 unit vector is refused; patcher's own earlier file is replaced."""
+    edited = tmp_path / "edited"  # diff recovers the ablated direction: a unit float32 vector
+    res = CliRunner().invoke(app, [str(a) for a in ("ablate", ws["L"], "-d", ws["d64"], "-o", edited)])
+    assert res.exit_code == 0, res.output
+    mine = tmp_path / "mine.npy"
+    np.save(mine, np.eye(64, dtype=np.float32)[3])
+    before = mine.read_bytes()
+    hostile(["diff", ws["L"], edited, "--save-direction", mine, "--force"], inputs=[ws["L"], mine],
+            fragment="was not written by patcher")
+    assert mine.read_bytes() == before
+    ours = tmp_path / "ours.npy"
+    for extra in ([], ["--force"]):
+        res = CliRunner().invoke(app, [str(a) for a in ("diff", ws["L"], edited, "--save-direction", ours,
+                                                        *extra)])
+        assert res.exit_code == 1 and ours.is_file(), res.output  # diff: 1 = the models differ
+    assert abs(float(np.linalg.norm(np.load(ours))) - 1) < 1e-4
+    np.save(ours, np.load(ours))  # the user rewrote it: theirs now
+    hostile(["diff", ws["L"], edited, "--save-direction", ours, "--force"], inputs=[ours],
+            fragment="was not written by patcher")
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_two_runs_writing_one_output_cannot_both_win(ws, tmp_path, kind):
+    """The second run writing an output another run is writing stops before any work, one clear line."""
+    from patcher.io.atomic import OutputLock
+    out = tmp_path / ("out" if kind == "folder" else "d.safetensors")
+    args = (["ablate", ws["L"], "-d", ws["d64"], "-o", out] if kind == "folder" else
+            ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"])
+    other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                              f"f = open({str(tmp_path / ('.' + out.name + '.lock'))!r}, 'a')\n"
+                              "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        assert res.exit_code == 1 and "another patcher run is writing this output" in res.stderr, res.output
+        assert not out.exists()
+    finally:
+        other.kill()
+        other.wait()
+    OutputLock(out).acquire().release()  # free again once the other run is gone
+
+
+# --- issue 22: errors that are one clear line ---------------------------------------------------------
+
+def test_step_error_in_a_worker_keeps_its_message(tmp_path):
+    """`run --jobs 2`: a step's PatcherError pickles back from the worker (it read "internal error:
+    BrokenProcessPool")."""
+    import pickle
+    from patcher.errors import CheckpointError, PatcherError
+    for cls in (PatcherError, CheckpointError):
+        e = pickle.loads(pickle.dumps(cls("f.safetensors", "bad header")))
+        assert type(e) is cls and str(e) == "f.safetensors: bad header"
+    models = "".join(f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n' for n in "ab")
+    r = tmp_path / "r.toml"
+    r.write_text(models + ABLATE_STEP)
+    assert CliRunner().invoke(app, ["run", str(r), "--jobs", "2"]).exit_code == 0
+    (tmp_path / "b" / "01-ablated" / "NOTES.md").write_text("mine")
+    r.write_text(models + ABLATE_STEP + "strength = 0.5\n")
+    res = hostile(["run", r, "--jobs", 2], fragment="does not list")
+    assert "NOTES.md" in res.stderr and "BrokenProcessPool" not in res.stderr
+
+
+def test_disk_full_names_the_output(ws, tmp_path, monkeypatch):
+    import errno
+    import patcher.io.writer as w
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(w, "_pwrite_all", full)
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
+             "--no-chat-template"], absent=[out], fragment=f"{out}: cannot write this output (No space left")
+
+
+def test_a_closed_pipe_is_not_an_error(ws, tmp_path):
+    """`patcher diff A B | head`: the reader leaving is not reported as "error: : Broken pipe"."""
+    p = subprocess.Popen([*PY_CLI, "diff", str(ws["L"]), str(ws["L"]), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before the first line
+    stderr = p.stderr.read()
+    p.wait(timeout=60)
+    assert "Broken pipe" not in stderr and "error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_output_through_an_input_file_and_missing_parent_folders(ws, tmp_path):
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws["d64"] / "out"], inputs=[ws["d64"]],
+            fragment="runs through the input file")
+    missing = tmp_path / "nonexistent" / "x" / "o"
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", missing], inputs=[ws["L"]],
+            fragment="does not exist; create it first")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+# --- issue 22: non-finite data ------------------------------------------------------------------------
+
+def _poisoned_copy(tmp_path: Path, tensor: str = "model.layers.0.self_attn.o_proj.weight") -> Path:
+    """A copy of tiny-llama with four BF16 NaN (0x7FC0) in one tensor."""
+    import struct
+    m = tmp_path / "poisoned"
+    shutil.copytree(L_SRC, m)
+    for f in sorted(m.glob("*.safetensors")):
+        raw = bytearray(f.read_bytes())
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        if tensor in header:
+            begin = 8 + n + header[tensor]["data_offsets"][0]
+            for i in (0, 5, 17, 63):
+                raw[begin + 2 * i:begin + 2 * i + 2] = struct.pack("<H", 0x7FC0)
+            f.write_bytes(bytes(raw))
+            return m
+    raise AssertionError(tensor)
+
+
+def test_ablate_refuses_non_finite_writers(ws, tmp_path):
+    """4 NaN in one writer used to become 256 in the output, exit 0."""
+    m = _poisoned_copy(tmp_path)
+    out = tmp_path / "out"
+    res = hostile(["ablate", m, "-d", ws["d64"], "-o", out], inputs=[m], absent=[out], fragment="NaN or Inf")
+    assert "model.layers.0.self_attn.o_proj.weight" in res.stderr
+
+
+@pytest.mark.parametrize("damage", ["weights", "rms_norm_eps", "rope_theta"])
+def test_extract_refuses_a_non_finite_residual_stream(ws, tmp_path, damage):
+    """An all-NaN directions file with a NaN "selected" layer used to be written, exit 0."""
+    if damage == "weights":
+        m = _poisoned_copy(tmp_path, "model.layers.1.mlp.down_proj.weight")
+    else:
+        m = tmp_path / "m"
+        shutil.copytree(L_SRC, m)
+        cfg = json.loads((m / "config.json").read_text())
+        cfg[damage] = -1.0 if damage == "rms_norm_eps" else 0.0
+        (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[m], absent=[out], fragment="not finite")
+
+
+# --- issue 22: directions and writers that cannot mean what they say ----------------------------------
+
+def _retyped_copy(tmp_path: Path, tensor: str, dtype: str, shape=None) -> Path:
+    """A copy of tiny-llama whose `tensor` is declared `dtype` (same bytes, header rewritten)."""
+    import struct
+    m = tmp_path / f"retyped-{dtype}"
+    shutil.copytree(L_SRC, m)
+    for f in sorted(m.glob("*.safetensors")):
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        if tensor in header:
+            header[tensor]["dtype"] = dtype
+            header[tensor]["shape"] = shape or header[tensor]["shape"]
+            h = json.dumps(header).encode()
+            h += b" " * (-len(h) % 8)
+            f.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+            return m
+    raise AssertionError(tensor)
+
+
+@pytest.mark.parametrize("dtype,shape", [("I16", None), ("U8", [64, 128]), ("BOOL", [64, 128])])
+def test_ablate_refuses_integer_writers(ws, tmp_path, dtype, shape):
+    """An I16/U8/BOOL "writer" used to be projected and written back as integers, exit 0."""
+    m = _retyped_copy(tmp_path, "model.layers.0.self_attn.o_proj.weight", dtype, shape)
+    out = tmp_path / "out"
+    hostile(["ablate", m, "-d", ws["d64"], "-o", out], inputs=[m], absent=[out],
+            fragment=f"o_proj.weight is {dtype}, not a floating-point weight")
+
+
+def test_directions_never_wrap_and_must_fit_the_model(ws, tmp_path):
+    from patcher.edit.directions import save_directions
+    table = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)  # tiny-llama: 3 layers
+    wrap = tmp_path / "wrap.safetensors"
+    save_directions(wrap, table, table, 0 * table, {"selected_layer": -1})
+    hostile(["ablate", ws["L"], "-d", wrap, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
+            fragment="selected_layer -1 is out of range")  # FILE:-1 still counts from the end, as documented
+    big = np.random.default_rng(0).standard_normal((41, 64)).astype(np.float32)
+    forty = tmp_path / "forty.safetensors"
+    save_directions(forty, big, big, 0 * big, {"selected_layer": 2})
+    for cmd in (["ablate", ws["L"], "-d", forty, "-o", tmp_path / "o"],
+                ["inject", ws["L"], "-d", forty, "--layer", 1, "--alpha", 1, "-o", tmp_path / "o"]):
+        hostile(cmd, absent=[tmp_path / "o"], fragment="41 rows")
+
+
+def test_a_direction_set_that_leaves_nothing_is_refused(ws, tmp_path):
+    """63 independent directions in 64 dimensions zeroed every writer without a word."""
+    many = tmp_path / "many.npy"
+    np.save(many, np.random.default_rng(1).standard_normal((63, 64)))
+    hostile(["ablate", ws["L"], "-d", many, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
+            fragment="leave at most 1 dimension")
+
+
+def test_a_study_applies_only_to_the_model_it_searched(tmp_path):
+    """`ablate --from-study` on another model printed "note: note: ..." and wrote it, exit 0."""
+    from test_search import directions_file, manual_study
+    from patcher.search import space as sp
+    dirs = directions_file(tmp_path / "d.safetensors", 3, 64)
+    free = {"direction_scope": "per_layer",
+            **{f"{c}_{k}": 1.0 for c in sp.COMPONENTS for k in ("peak", "center", "min_frac", "width")}}
+    manual_study(tmp_path / "s.db", L_SRC, dirs, free, {"embed": False, "norm_preserve": "none"})
+    other = tmp_path / "other"
+    shutil.copytree(L_SRC, other)
+    hostile(["ablate", other, "--from-study", tmp_path / "s.db", "--trial", 0, "-o", tmp_path / "o"],
+            inputs=[other], absent=[tmp_path / "o"], fragment="is not the model this study searched")
+    res = CliRunner().invoke(app, [str(a) for a in ("ablate", L_SRC, "--from-study", tmp_path / "s.db",
+                                                    "--trial", 0, "-o", tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("key,value", [("rope_scaling", {"rope_type": "linear", "factor": "two"}),
+                                       ("rope_scaling", {"rope_type": "linear", "factor": 0}),
+                                       ("rope_theta", "1e4")])
+def test_non_numeric_rope_settings_are_one_line(ws, tmp_path, key, value):
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg[key] = value
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[m], absent=[out], fragment=f"{key}")
+
+
+def test_a_lone_surrogate_in_a_jsonl_prompt_is_one_line(ws, tmp_path):
+    p = tmp_path / "pos.jsonl"
+    p.write_text('{"prompt": "fine"}\n{"prompt": "half \\ud800 a pair"}\n')
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", ws["L"], "--positive", p, "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[p], absent=[out], fragment="line 2: \"prompt\" holds a lone surrogate")
+
+
+def test_a_bad_study_file_is_refused_before_any_work(ws, tmp_path):
+    """`search --study bad.db` extracted for seconds before saying so, with SQLAlchemy's text and URL."""
+    bad = tmp_path / "bad.db"
+    bad.write_text("garbage, not SQLite")
+    res = hostile(["search", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "--study", bad,
+                   "--trials", 1], inputs=[bad], absent=[tmp_path / "bad.directions.safetensors"],
+                  fragment="is not a study database", seconds=5)
+    assert "sqlalche" not in res.stderr
+    import sqlite3
+    odd = tmp_path / "odd.db"  # SQLite, but not optuna's schema
+    with sqlite3.connect(odd) as c:
+        c.execute("create table studies (x text)")
+    res = hostile(["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"], inputs=[odd],
+                  fragment="cannot open the study")
+    assert "sqlalche" not in res.stderr and "[SQL:" not in res.stderr
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "tokenizer_config.json"])
+def test_huge_side_files_are_refused_before_reading(ws, tmp_path, name):
+    """A 3 GB tokenizer.json took 3.2 GB of memory before failing: side files are size-capped (sparse
+    file here: no disk used)."""
+    from patcher.io.paths import MAX_SIDE_FILE
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    with open(m / name, "r+b") as f:
+        f.truncate(MAX_SIDE_FILE + 1)
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[ws["pos"]], absent=[out], fragment="patcher reads whole")
+
+
+def test_readme_recipe_export_int4_then_verify_runs(tmp_path):
+    """README's recipe exports int4 and verifies with no dtype: verify looked for the fp32 variant."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("The sea is\nA robot can\n")
+    r = write_recipe(tmp_path, f'[[step]]\nop = "export"\ndtype = "int4"\n\n[[step]]\nop = "verify"\n'
+                               f'prompts = "{prompts}"\ntokens = 2\n')
+    res = CliRunner().invoke(app, ["run", str(r)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "02-verify.json").read_text())
+    assert report["dtype"] == "int4", report.get("dtype")
+
+
+# --- issue 22: exports that cannot load ---------------------------------------------------------------
+
+def test_an_export_onnxruntime_cannot_load_is_not_written(tmp_path):
+    """config head_dim != the tensors: export said "wrote", generate then failed inside onnxruntime."""
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "e"
+    hostile(["export", m, "-o", out], inputs=[m], absent=[out], fragment="the exported graph would not load")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "verify"])
+def test_onnxruntime_load_failures_are_one_line(exported, tmp_path, cmd):
+    e = tmp_path / "e"
+    shutil.copytree(exported, e)
+    graph = e / "onnx" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:200])  # truncated
+    args = {"generate": ["generate", e, "--prompt", "hi", "--max-new-tokens", 1],
+            "verify": ["verify", e, "--reference", L_SRC, "--tokens", 1]}[cmd]
+    hostile(args, inputs=[e], fragment="onnxruntime cannot load this model")
+
+
+def test_a_config_whose_heads_do_not_fit_the_tensors_is_one_line(ws, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "d.safetensors"
+    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+            inputs=[m], absent=[out], fragment="the config's sizes do not fit the tensors")

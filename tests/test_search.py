@@ -52,6 +52,7 @@ def directions_file(path: Path, L: int, d: int, seed: int = 0) -> Path:
     from patcher.edit.directions import save_directions
 
     table = np.random.default_rng(seed).standard_normal((L + 1, d)).astype(np.float32)
+    Path(path).unlink(missing_ok=True)  # a user's new file, not patcher rewriting its own
     save_directions(path, table, table, table * 0, {"selected_layer": 1})
     return path
 

@@ -449,6 +449,7 @@ def test_a_writer_that_cannot_start_closes_the_input_it_opened(tmp_path, directi
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(shards, "ShardWriter", no_space)
-    with pytest.raises(OSError, match="No space"):
+    from patcher.errors import PatcherError
+    with pytest.raises(PatcherError, match=r"out: cannot write this output \(No space"):  # names the output
         apply.execute(_plan("mixtral", direction64), tmp_path / "out", shards_in_flight=1)
     assert closed and not list(tmp_path.iterdir())

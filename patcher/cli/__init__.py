@@ -12,7 +12,7 @@ except ImportError:  # pragma: no cover
     import click
 
 from patcher import __version__
-from patcher.cli import audit, demo, diff, edit, extract, inspect, onnx, run, search, web
+from patcher.cli import audit, convert, demo, diff, edit, extract, inspect, onnx, run, search, web
 from patcher.cli.common import Interrupted, err, one_line
 
 
@@ -52,7 +52,7 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   "PyTorch.")
 
 # help lists commands in this order
-COMMANDS = (inspect, extract, edit, search, onnx, run, diff, audit, demo, web)
+COMMANDS = (inspect, extract, edit, search, onnx, convert, run, diff, audit, demo, web)
 for command in COMMANDS:
     command.register(app)
 

@@ -69,9 +69,15 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
     except (KeyboardInterrupt, Interrupted):
         err.print(f"[bold red]interrupted:[/] {interrupted}")
         raise typer.Exit(130)
+    except BrokenPipeError:  # `patcher diff ... | head`: the reader left; nothing to say to it
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        raise typer.Exit(141) from None  # 128 + SIGPIPE, as the shell reports it
     except OSError as e:
-        err.print(f"[bold red]error:[/] {one_line(e.filename or '')}: {one_line(e.strerror or e)}",
-                  highlight=False, soft_wrap=True)
+        where = f"{one_line(e.filename)}: " if e.filename else ""
+        err.print(f"[bold red]error:[/] {where}{one_line(e.strerror or e)}", highlight=False, soft_wrap=True)
     except MemoryError:
         err.print("[bold red]error:[/] out of memory (try a smaller --batch-size or shorter prompts)")
     except Exception as e:  # noqa: BLE001 - a bug must still be one line, never a traceback
@@ -122,12 +128,7 @@ def save_direction(rep, path: Optional[Path]) -> None:
         rep.notes.append("no direction was recovered: nothing written to --save-direction")
         return
     import numpy as np
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(rep.direction, dtype=np.float32))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from patcher.io.atomic import atomic_file
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(rep.direction, dtype=np.float32))
     rep.notes.append(f"recovered direction written to {path}")

@@ -39,7 +39,7 @@ def _is_gguf(plan: Plan) -> bool:
 
 
 def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool = True,
-         requant: str = "Q8_0", rounding: str = "orthogonal") -> None:
+         requant: str | None = None, rounding: str = "orthogonal") -> None:
     if _is_gguf(plan):
         return _run_gguf(plan, output, force, dry_run, requant, rounding)
     if dry_run:
@@ -57,11 +57,12 @@ def _run(plan: Plan, output: Path, force: bool, dry_run: bool, hash_files: bool 
     _summary(plan, report)
 
 
-def _run_gguf(plan: Plan, output: Path, force: bool, dry_run: bool, requant: str, rounding: str) -> None:
+def _run_gguf(plan: Plan, output: Path, force: bool, dry_run: bool, requant: str | None,
+              rounding: str) -> None:
     from patcher.edit import gguf_apply
     if rounding not in ("orthogonal", "nearest"):
         raise PatcherError("--rounding", f"must be orthogonal or nearest, got {rounding!r}")
-    gguf_apply.prepare(plan, requant.upper())
+    gguf_apply.prepare(plan, requant.upper() if requant else None)
     if dry_run:
         _print_plan(plan)
         out.print(f"dry run: nothing written (would write {output})")
@@ -137,8 +138,9 @@ def _run_adapter(plan: Plan, target: Path, force: bool, dry_run: bool, hash_file
         out.print(f"[yellow]note:[/] {n}")
 
 
-_REQUANT_HELP = ("GGUF: type for edited tensors whose own type cannot be written (K-quants, IQ): q8_0, q5_1, "
-                 "q5_0, q4_1, q4_0, f16, bf16, f32")
+_REQUANT_HELP = ("GGUF: write edited K-quant and IQ tensors in this type (default: K-quants keep theirs, IQ "
+                 "become the nearest K type): q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k, "
+                 "f16, bf16, f32")
 _ROUNDING_HELP = ("GGUF: orthogonal (default) chooses each element's rounding so the stored weights stay "
                   "orthogonal to r̂; nearest is plain re-rounding, which puts back part of the removed "
                   "component")
@@ -192,7 +194,7 @@ def register(app) -> None:
                dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, write nothing"),
                force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
                no_hash: bool = typer.Option(False, "--no-hash", help=_NO_HASH_HELP),
-               requant: str = typer.Option("q8_0", "--requant", help=_REQUANT_HELP),
+               requant: Optional[str] = typer.Option(None, "--requant", help=_REQUANT_HELP),
                rounding: str = typer.Option("orthogonal", "--rounding", help=_ROUNDING_HELP),
                arch_table: Optional[Path] = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
                from_study: Optional[Path] = typer.Option(None, "--from-study",
@@ -232,7 +234,7 @@ def register(app) -> None:
                          [*m.input_paths, spec_file(direction), arch_table], force=force,
                          kind=_kind(_out(output, adapter)))
             res = m.resolved
-            d = load_direction(direction, res.d_model)
+            d = load_direction(direction, res.d_model, res.n_layers)
             write(plan_ablation(m, d, layers=parse_layers(layers, res.n_layers), roles=roles, scale=s,
                                 preserve=norm_preserve, untie=untie))
         guard(body)
@@ -266,7 +268,7 @@ def register(app) -> None:
                          [*m.input_paths, spec_file(direction), arch_table], force=force,
                          kind=_kind(_out(output, control_vector)))
             res = m.resolved
-            d = load_direction(direction, res.d_model)
+            d = load_direction(direction, res.d_model, res.n_layers)
             if control_vector is not None:
                 at = V.layer_index(layer, res.n_layers, "--layer")
                 return _control_vector(res, d, at, a, control_vector, force, dry_run)

@@ -162,7 +162,12 @@ def register(app) -> None:
                 return
             if engine not in sr.ENGINES:
                 raise PatcherError("--engine", f"must be one of {', '.join(sr.ENGINES)}")
+            st.check_study_file(study_file)  # before the extraction, not 11 s later
             dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
+            from patcher.io.paths import check_output
+            inputs = [model, positive, negative, eval_positive, eval_negative, directions, config]
+            check_output(plot or study_file.with_suffix(".svg"), inputs, kind="file", option="--plot",
+                         replace_ok=True)  # rewritten by every run of the study, never a user's file
             given = directions if directions is not None else (dirs_out if dirs_out.is_file() else None)
             s = sr.setup(
                 model,

@@ -20,7 +20,6 @@ Two containers:
 """
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -336,9 +335,10 @@ def _write_gguf(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool,
     import gguf
     names = _gguf_names(plan, [plan.edits[f.name] for f in fs])
     arch = _gguf_arch(plan)
-    target = _check_output_file(out, plan.ck.path, force)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
+    from patcher.io.atomic import atomic_file
+    from patcher.io.paths import check_output
+    target = check_output(out, plan.ck.input_paths, force=force, kind="file", option="--adapter")
+    with atomic_file(target) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -356,28 +356,9 @@ def _write_gguf(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool,
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     report.tensors = 2 * len(fs)
     report.bytes_written = target.stat().st_size
     report.seconds = time.perf_counter() - t0
-
-
-def _check_output_file(out: Path, source: Path, force: bool) -> Path:
-    """One output file, never the input nor inside an input folder."""
-    t, s = Path(out).absolute().resolve(), Path(source).resolve()
-    if t == s or s in t.parents:
-        raise PatcherError(out, f"output lies inside the input {source}; choose a path outside it")
-    if t.is_dir():
-        raise PatcherError(out, "is a folder; a GGUF adapter is one file")
-    if t.exists() and not force:
-        raise PatcherError(out, "already exists; pass --force to replace it")
-    t.parent.mkdir(parents=True, exist_ok=True)
-    return t
 
 
 def _input_digests(plan: Plan, outputs: dict[str, Path] | None = None,

@@ -420,11 +420,6 @@ def plot(rep: AuditReport, path) -> None:
                      + " ".join(f"{x(i):.1f},{y(e):.1f}" for i, e in enumerate(v)) + '"/>')
         parts.append(f'<text x="{pad + 8}" y="{pad + 4 + 16 * k}" fill="{color}">{escape(label)}</text>')
     parts.append("</svg>")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:  # atomic: an interrupted write leaves no half plot
+    from patcher.io.atomic import atomic_file
+    with atomic_file(path) as tmp:  # an interrupted write leaves no half plot
         tmp.write_text("\n".join(parts), encoding="utf-8")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

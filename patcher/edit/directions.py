@@ -47,10 +47,11 @@ def spec_file(spec) -> Path | None:
     return Path(m[1]) if m else Path(str(spec))
 
 
-def load_direction(spec: str, d_model: int | None = None) -> Direction:
+def load_direction(spec: str, d_model: int | None = None, n_layers: int | None = None) -> Direction:
+    """n_layers: the model's; a directions table (one row per resid_pre layer) must match it."""
     m = re.fullmatch(r"(.+\.safetensors)(?::(-?\d+))?", spec)
     if m:
-        vectors, layer = _from_safetensors(Path(m[1]), None if m[2] is None else int(m[2]))
+        vectors, layer = _from_safetensors(Path(m[1]), None if m[2] is None else int(m[2]), n_layers)
     elif spec.endswith(".npy"):
         vectors, layer = _from_npy(Path(spec)), None
     else:
@@ -71,7 +72,10 @@ def load_direction(spec: str, d_model: int | None = None) -> Direction:
 
 def check_independent(vectors: np.ndarray, where: str) -> None:
     """Rank-k directions must span k dimensions: QR (orthonormalize) cannot build a basis otherwise."""
-    k = vectors.shape[0]
+    k, d = vectors.shape
+    if k > 1 and k >= d - 1:  # removing them leaves at most one dimension: every writer is (nearly) zeroed
+        raise PatcherError(where, f"{k} directions in a {d}-dimensional residual stream leave at most "
+                                  f"{max(d - k, 0)} dimension(s): the edit would erase (almost) everything")
     if k == 1:
         return
     if k > vectors.shape[1]:
@@ -99,7 +103,7 @@ def _from_npy(path: Path) -> np.ndarray:
     return arr
 
 
-def _from_safetensors(path: Path, layer: int | None) -> tuple[np.ndarray, int]:
+def _from_safetensors(path: Path, layer: int | None, n_layers: int | None = None) -> tuple[np.ndarray, int]:
     regular_file(path, "direction file")
     ck = Checkpoint(path)
     try:
@@ -111,13 +115,19 @@ def _from_safetensors(path: Path, layer: int | None) -> tuple[np.ndarray, int]:
         ck.close()
     if table.ndim != 2:
         raise CheckpointError(path, f"'direction' must be [layers+1, d_model], got {list(table.shape)}")
+    n = table.shape[0]
     if layer is None:
         layer = meta.get("selected_layer")
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise CheckpointError(path, "metadata has no integer 'selected_layer'; give one as "
                                   "FILE.safetensors:LAYER")
-    n = table.shape[0]
-    if not -n <= layer < n:
+        if not 0 <= layer < n:  # extract writes 0..L: anything else is damage, and never wraps
+            raise CheckpointError(path, f"metadata selected_layer {layer} is out of range: the file has "
+                                        f"resid_pre layers 0..{n - 1}")
+    if n_layers is not None and n != n_layers + 1:
+        raise CheckpointError(path, f"the directions table has {n} rows (a {n - 1}-layer model's); this "
+                                    f"model has {n_layers} layers ({n_layers + 1} resid_pre rows)")
+    if not -n <= layer < n:  # FILE:-1 counts from the end, as --layers does; nothing wraps
         raise PatcherError(f"{path}:{layer}", f"layer {layer} is out of range: the file has resid_pre "
                            f"layers 0..{n - 1}")
     return table[layer], layer % n
@@ -143,11 +153,6 @@ def save_directions(path, direction: np.ndarray, positive_mean: np.ndarray, nega
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr, dtype=np.float32)
         tensors.append(OutTensor(name, "F32", a.shape, produce=lambda a=a: [a]))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    from patcher.io.atomic import atomic_file
+    with atomic_file(path) as tmp:  # an interrupt or a full disk leaves nothing behind
         write_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: dumps(metadata, sort_keys=True)})
-        tmp.replace(path)
-    except BaseException:  # an interrupt or a full disk leaves nothing behind
-        tmp.unlink(missing_ok=True)
-        raise

@@ -18,7 +18,7 @@ from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model, as_model
 from patcher.io.manifest import sha256_file
-from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import check_lengths, encode_prompts, left_pad, read_prompt_file
 from patcher import validate as V
 
 IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
@@ -168,14 +168,24 @@ def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8,
                         system, project_out_negative_mean, progress)
 
 
+def _refuse_non_finite(ck: Model, pos_mean, neg_mean, layer_set) -> None:
+    """NaN/Inf weights, or a config whose forward pass overflows (rms_norm_eps < 0, rope_theta 0), make
+    the residual stream non-finite: no directions file and no "selected" layer from that."""
+    bad = [l for l in sorted(layer_set) if not (np.isfinite(pos_mean[:, l]).all()
+                                                and np.isfinite(neg_mean[:, l]).all())]
+    if bad:
+        raise PatcherError(ck.path, f"the residual stream is not finite (NaN or Inf) at resid_pre layer "
+                                    f"{bad[0]}{' and after' if len(bad) > 1 else ''}: the weights hold NaN/Inf "
+                                    "or the config makes the forward pass overflow; nothing was written")
+
+
 def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, layers, chat_template, system,
              project_out_negative_mean, progress) -> ExtractResult:
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)
     layer_set = set(range(L + 1)) if layer_set is None else layer_set
-    own = getattr(ck.storage, "tokenizer", None)  # a GGUF carries its vocabulary and chat template
-    tok = own() if own else load_tokenizer(ck.folder)
+    tok = ck.tokenizer()
     sets, meta_sets = {}, {}
     for label, src in (("positive", positive), ("negative", negative)):
         if isinstance(src, (str, Path)):
@@ -198,6 +208,7 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
         _run_set(sm, batches, acc, layer_set, progress)
         accs[label] = acc
     pos_mean, neg_mean = accs["positive"].mean, accs["negative"].mean  # [P, L+1, d]
+    _refuse_non_finite(ck, pos_mean, neg_mean, layer_set)
     per_pos_dir = pos_mean - neg_mean
     direction = per_pos_dir.mean(axis=0)
     if project_out_negative_mean:

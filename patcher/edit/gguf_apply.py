@@ -7,12 +7,13 @@ own type (scales fixed from the exact values, kernels/ggml_quant.py). Plain roun
 back a large share of the removed component on 4-bit grids; orthogonal_rounding chooses per element
 between the two neighbouring grid values so Qᵀ(stored) stays at its exact value. Both roundings are
 measured and reported per tensor; the bytes written are checked against the gguf package's dequantizer.
-Types the gguf package can only dequantize (K-quants, IQ) are re-quantized to `requant` (default Q8_0).
+K-quants keep their type (scales as llama.cpp's quantizer picks them, kernels/kquant.py); IQ types, which
+nothing here can write, become the nearest K type with at least their bits per weight; `requant` replaces
+both with a type the user chose.
 """
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,18 +21,27 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher_kernels.ggml_quant import BLOCK, BLOCK_TYPES, WRITABLE, grid, row_bytes
+from patcher_kernels.ggml_quant import BLOCK_TYPES, FLOAT_TYPES, K_TYPES, block_size, grid, row_bytes
 from patcher_kernels.ortho_greedy import orthogonal_rounding_rank1
 from patcher_kernels.ortho_round import orthogonal_rounding
 from patcher_kernels.project import bias_inject, bias_project, project_full
 from patcher.edit.apply import Report
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.errors import PatcherError
+from patcher.io.atomic import AtomicOutput
 from patcher.io.gguf import PROVENANCE_KEY, GGUFFile, OutTensorGGUF, string_field, write_gguf
 
 ROW_CHUNK = 4096  # rows of a residual-axis-1 tensor (embeddings) handled at once
 COL_CHUNK = 2048  # columns of a residual-axis-0 matrix handled at once (a multiple of every block size)
-REQUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16", "F32")
+REQUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K",
+                 "F16", "BF16", "F32")
+# IQ (and ternary) types are read through the gguf package's dequantizers; edited ones are written as the
+# K type with the fewest bits per weight that is not below theirs (llama.cpp's table of sizes)
+IQ_AS_K = {
+    "IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_S": "Q2_K",
+    "TQ1_0": "Q2_K", "TQ2_0": "Q2_K", "IQ3_XXS": "Q3_K", "IQ3_S": "Q3_K", "IQ4_XS": "Q4_K", "IQ4_NL": "Q4_K",
+}
+FALLBACK = "Q8_0"  # other types no writer here knows (or an IQ4_NL row too short for a K super-block)
 _SMALL_TYPES = ("F32", "F16", "BF16")  # biases keep these; anything else is written F32
 
 
@@ -61,13 +71,21 @@ def _storage(plan: Plan) -> GGUFFile:
     return getattr(plan.ck, "storage", plan.ck)
 
 
-def stored_type(source: str, requant: str) -> str:
-    return source if source in WRITABLE else requant
+def stored_type(source: str, requant: str | None, row: int) -> str:
+    """The type an edited tensor is written in: F*/Q*_0/Q*_1 their own; K-quants their own unless the
+    user chose `requant`; IQ the nearest K type (or `requant`); anything else `requant` or Q8_0."""
+    if source in FLOAT_TYPES or source in BLOCK_TYPES:
+        return source
+    if requant is not None:
+        return requant
+    want = source if source in K_TYPES else IQ_AS_K.get(source, FALLBACK)
+    return want if row % block_size(want) == 0 else FALLBACK
 
 
-def prepare(plan: Plan, requant: str = "Q8_0") -> Plan:
-    """Fix every edit's output type (what the dry-run shows) and say what llama.cpp will see."""
-    if requant not in REQUANT_TYPES:
+def prepare(plan: Plan, requant: str | None = None) -> Plan:
+    """Fix every edit's output type (what the dry-run shows) and say what llama.cpp will see.
+    requant None keeps each K-quant's type (IQ: the nearest K type)."""
+    if requant is not None and requant not in REQUANT_TYPES:
         raise PatcherError("--requant", f"must be one of {', '.join(REQUANT_TYPES)}, got {requant!r}")
     g: GGUFFile = _storage(plan)
     changed = []
@@ -78,21 +96,23 @@ def prepare(plan: Plan, requant: str = "Q8_0") -> Plan:
             else "F32"
         )
         if e.op == "project":
-            e.dtype = stored_type(src, requant)
+            e.dtype = stored_type(src, requant, e.shape[-1])
             if e.dtype != src:
                 changed.append(f"{e.name} {src}→{e.dtype}")
-            if e.dtype in BLOCK_TYPES and e.shape[-1] % BLOCK:
+            if e.shape[-1] % block_size(e.dtype):
                 raise PatcherError(g.path, f"{e.name}: rows of {e.shape[-1]} cannot hold {e.dtype} blocks")
         elif e.op == "copy_of":
             e.dtype = src
         else:
             e.dtype = src if src in _SMALL_TYPES and e.name in g.tensors else "F32"
     if changed:
+        why = (f"re-quantized as --requant {requant.lower()} asks" if requant is not None else
+               "written in another type (IQ: the nearest K type; no writer for their own)")
         plan.notes.append(
-            f"re-quantized to {requant} (the gguf package cannot write their own type): "
-            + ", ".join(changed[:6])
-            + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            f"{why}: " + ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6
+                                                   else "")
         )
+        plan.record["gguf_retyped"] = dict(c.split(" ", 1) for c in changed)
     plan.notes = [n for n in plan.notes if "config.json" not in n and "HF transformers" not in n]
     if plan.config_updates.pop("tie_word_embeddings", None) is not None:  # GGUF has no config.json
         plan.notes.append(
@@ -104,7 +124,7 @@ def prepare(plan: Plan, requant: str = "Q8_0") -> Plan:
             plan.notes.append(
                 f"{e.name}: llama.cpp's {g.gguf_arch} loader adds this bias to the block output"
             )
-    plan.record["gguf_requant"] = requant
+    plan.record["gguf_requant"] = requant or "keep"
     return plan
 
 
@@ -240,44 +260,12 @@ def _preserve(w: np.ndarray, x: np.ndarray, mode: str, axis: int) -> np.ndarray:
     return x * np.where(new > 0, old / np.where(new > 0, new, 1.0), 1.0)
 
 
-class AtomicFile:
-    """Write a file under a hidden temporary name beside the target; rename it into place when complete."""
+class AtomicFile(AtomicOutput):
+    """One GGUF output file: checked as an output, published without replacing (patcher.io.atomic)."""
 
     def __init__(self, target, inputs, force: bool = False):
-        self.target = Path(target).absolute()
-        for src in inputs:
-            s = Path(src).resolve()
-            if self.target.resolve() == s:
-                raise PatcherError(
-                    target, "output is the input; choose a new file (the input is never modified)"
-                )
-        if self.target.is_dir():
-            raise PatcherError(target, "is a folder; a GGUF output is one .gguf file")
-        if self.target.exists() and not force:
-            raise PatcherError(target, "already exists; pass --force to replace it")
-        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        from patcher.io.writer import _pid_alive
-
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        for p in self.target.parent.glob(f".{self.target.name}.partial-*"):  # left by killed runs
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                p.unlink(missing_ok=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return False
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.target)
-        return False
+        from patcher.io.paths import check_output
+        super().__init__(check_output(target, list(inputs), force=force, kind="file"), "file")
 
 
 def execute(

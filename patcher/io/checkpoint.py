@@ -31,9 +31,16 @@ def _regular(path: Path) -> Path:
 
 
 def _load_json(path: Path) -> dict:
+    from patcher.io.paths import read_text
     _regular(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text(path, "JSON file")  # size-capped
+    except CheckpointError:
+        raise
+    except PatcherError as e:
+        raise CheckpointError(e.where, e.problem) from None
+    try:
+        data = json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(path, f"cannot parse JSON ({e})") from None
     if not isinstance(data, dict):

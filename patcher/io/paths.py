@@ -5,11 +5,16 @@ never equals, lies inside, or contains an input (model folders, input files, and
 symlinks point to, as in a Hugging Face cache snapshot); `""`, `.`, `~`, the home folder, the
 current folder and its parents are refused; and `--force` replaces only a previous patcher output:
 
-- a folder with `patcher-manifest.json` (every folder patcher writes has one), or an empty folder;
-- a single file carrying patcher's mark: a `.safetensors` whose `__metadata__` has a "patcher" entry
-  (directions files), an `.svg` with the `<!-- written by patcher -->` comment, a `.png` whose
-  "Software" text chunk starts with "patcher", a `.json` with a top-level "patcher" key, or an
-  `.npy` holding one float32 unit vector (the only thing patcher writes as .npy: --save-direction).
+- a folder whose `patcher-manifest.json` is a valid manifest (by content, not by name) and that holds
+  nothing the manifest does not list (files added later are named in the refusal), or an empty folder;
+- a single file patcher recorded as its own when it published it (`owned-outputs.json` in the patcher
+  cache: path and identity, which any rewrite changes), or that carries patcher's mark in its own
+  metadata: a `.safetensors` whose `__metadata__` has a "patcher" entry, a `.gguf` with `patcher.*`
+  keys, an `.svg` with the `<!-- written by patcher -->` comment, a `.png` whose "Software" text chunk
+  starts with "patcher", a `.json` whose top-level "patcher" is a version string. An `.npy` has no
+  metadata: only the record counts (a unit vector is what users own most).
+Replacements `check_output` approves are remembered for this process: patcher.io.atomic replaces a
+target only if it was approved and is still what was approved.
 
 `regular_file` / `read_bytes` / `read_text`: inputs are read only from regular files, so a FIFO or a
 device in place of a shard, prompt file or config is one clear error instead of a read that waits
@@ -37,8 +42,14 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def regular_file(path, what: str = "file") -> Path:
-    """`path` if it is (or links to) a regular file; otherwise one clear error, without opening it."""
+# Largest text/JSON side file read whole (configs, tokenizer.json, templates, prompts, recipes): real
+# tokenizer.json files are under 40 MB; a 3 GB one took 3.2 GB of memory before failing.
+MAX_SIDE_FILE = 256 << 20
+
+
+def regular_file(path, what: str = "file", limit: int | None = None) -> Path:
+    """`path` if it is (or links to) a regular file (of at most `limit` bytes); otherwise one clear
+    error, without opening it."""
     path = Path(path)
     try:
         st = os.stat(path)
@@ -48,6 +59,9 @@ def regular_file(path, what: str = "file") -> Path:
         raise PatcherError(path, f"cannot read {what} ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
         raise PatcherError(path, f"{what} is {_kind(st.st_mode)}, not a regular file")
+    if limit is not None and st.st_size > limit:
+        raise PatcherError(path, f"{what} is {st.st_size / 2**20:,.0f} MiB; more than the {limit >> 20} MiB "
+                                 "patcher reads whole (a damaged or wrong file?)")
     return path
 
 
@@ -61,7 +75,7 @@ def is_irregular(path) -> bool:
 
 
 def read_bytes(path, what: str = "file") -> bytes:
-    regular_file(path, what)
+    regular_file(path, what, MAX_SIDE_FILE)
     try:
         return Path(path).read_bytes()
     except OSError as e:
@@ -128,7 +142,7 @@ def _forbidden_places(target: Path, real: Path) -> str | None:
 
 
 def _marked_file(path: Path) -> bool:
-    """Does this existing file carry patcher's mark (see the module docstring)?"""
+    """Does this existing file carry patcher's mark in its own metadata (see the module docstring)?"""
     if not path.is_file() or path.is_symlink():
         return False
     suffix = path.suffix.lower()
@@ -153,7 +167,7 @@ def _marked_file(path: Path) -> bool:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             return False
-        return isinstance(data, dict) and "patcher" in data
+        return isinstance(data, dict) and isinstance(data.get("patcher"), str)
     if suffix == ".gguf":  # patcher's GGUF outputs (models, control vectors, LoRA) carry patcher.* keys
         from patcher.errors import CheckpointError
         from patcher.io.gguf_header import GGUFHeader
@@ -165,22 +179,146 @@ def _marked_file(path: Path) -> bool:
             return any(k.startswith("patcher.") for k in header.metadata)
         finally:
             header.close()
-    if suffix == ".npy":
-        import numpy as np
-        try:
-            a = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            return False
-        return (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1
-                and abs(float(np.linalg.norm(a.astype(np.float64))) - 1.0) < 1e-4)
     return False
+
+
+# --- ownership of single-file outputs: recorded when published, never guessed from contents ----------
+
+def _owned_path() -> Path:
+    from patcher.io.manifest import _cache_path
+    return _cache_path().parent / "owned-outputs.json"
+
+
+def _file_identity(path) -> str:
+    from patcher.io.manifest import identity
+    return identity(path)
+
+
+def _owned_table(fd: int) -> dict:
+    raw = b""
+    while chunk := os.read(fd, 1 << 20):
+        raw += chunk
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_owned(path) -> None:
+    """Remember that patcher published this file (its real path and identity): `--force` may replace it
+    later while nobody has rewritten it. A cache: losing it only makes `--force` refuse."""
+    import fcntl
+    path = Path(path)
+    table_path = _owned_path()
+    try:
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(table_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        table = _owned_table(fd)
+        table[str(_real(path.absolute()))] = _file_identity(path)
+        if len(table) > 20_000:  # keep it small: forget files that are gone or were rewritten
+            table = {k: v for k, v in table.items() if os.path.isfile(k) and _file_identity(k) == v}
+        data = json.dumps(table).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+    except OSError:
+        pass  # a read-only cache only costs a later --force
+    finally:
+        os.close(fd)
+
+
+def owned_file(path) -> bool:
+    """Did patcher publish this very file (same identity as when it was recorded)?"""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        fd = os.open(_owned_path(), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        table = _owned_table(fd)
+    finally:
+        os.close(fd)
+    return table.get(str(_real(path.absolute()))) == _file_identity(path)
+
+
+# --- ownership of folders: a valid manifest that lists everything inside -----------------------------
+
+_MAX_FOREIGN_SCAN = 100_000
+
+
+def valid_manifest(folder) -> bool:
+    """Is `folder/patcher-manifest.json` a manifest patcher wrote (checked by content, not by name)?"""
+    from patcher.io.manifest import read
+    data = read(folder)
+    return bool(data) and isinstance(data.get("patcher"), str) and isinstance(data.get("kind"), str) \
+        and isinstance(data.get("created"), str) and isinstance(data.get("inputs"), dict) \
+        and isinstance(data.get("outputs"), dict) \
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in data["outputs"].items())
+
+
+def foreign_entries(folder) -> list[str]:
+    """Files and folders inside a patcher output folder that its manifest does not list (added later)."""
+    from patcher.io.manifest import read
+    folder = Path(folder)
+    listed = set((read(folder) or {}).get("outputs") or {}) | {MANIFEST}
+    parents = {q.as_posix() for k in listed for q in Path(k).parents}
+    foreign, foreign_dirs = [], []
+    for n, p in enumerate(sorted(folder.rglob("*"))):
+        if n >= _MAX_FOREIGN_SCAN:
+            return foreign + [f"(more than {_MAX_FOREIGN_SCAN} entries)"]
+        rel = p.relative_to(folder).as_posix()
+        if any(rel.startswith(d + "/") for d in foreign_dirs):
+            continue  # inside a foreign folder: the folder is named
+        if p.is_dir() and not p.is_symlink():
+            if rel not in parents:
+                foreign_dirs.append(rel)
+                foreign.append(rel + "/")
+        elif rel not in listed:
+            foreign.append(rel)
+    return foreign
+
+
+def replaceable(path, kind: str) -> str | None:
+    """Why `path` may not be replaced as a previous patcher output (None: it may)."""
+    path = Path(path)
+    if kind == "folder":
+        if not (path / MANIFEST).is_file():
+            return f"has no {MANIFEST}"
+        if not valid_manifest(path):
+            return f"has a {MANIFEST} patcher did not write (not a valid manifest)"
+        foreign = foreign_entries(path)
+        if foreign:
+            listed = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+            return f"holds files its {MANIFEST} does not list (added after patcher wrote it): {listed}"
+        return None
+    if owned_file(path) or (path.suffix.lower() != ".npy" and _marked_file(path)):
+        return None
+    return "was not written by patcher (or was changed since)"
 
 
 def is_patcher_output(path) -> bool:
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
-        return (path / MANIFEST).is_file() or not any(path.iterdir())
-    return _marked_file(path)
+        return not any(path.iterdir()) or replaceable(path, "folder") is None
+    return replaceable(path, "file") is None
+
+
+_APPROVED: dict[str, str] = {}  # real path -> why check_output approved replacing it (this process)
+
+
+def approve(path: Path, why: str) -> None:
+    _APPROVED[str(_real(Path(path).absolute()))] = why
+
+
+def approved_replacement(path) -> str | None:
+    """"empty folder" or "patcher output" when check_output approved replacing `path`; else None."""
+    return _APPROVED.pop(str(_real(Path(path).absolute())), None)
 
 
 def refuse_inputs(target, inputs, kind: str = "folder") -> None:
@@ -191,9 +329,11 @@ def refuse_inputs(target, inputs, kind: str = "folder") -> None:
     cands = _input_paths(inputs)
     for named, src in cands:
         if any(src in t.parents for t in targets):
+            if not Path(named).is_dir():
+                raise PatcherError(raw, f"output path runs through the input file {named} (a file, not a "
+                                        "folder); choose another path (inputs are never modified)")
             raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside "
-                               f"it "
-                                    "(inputs are never modified)")
+                                    "it (inputs are never modified)")
     for named, src in cands:
         if src in targets:
             raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never "
@@ -204,10 +344,11 @@ def refuse_inputs(target, inputs, kind: str = "folder") -> None:
 
 
 def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder", option: str = "-o/--output",
-                 replace_ok: bool = False) -> Path:
+                 replace_ok: bool = False, resume: bool = False) -> Path:
     """Refuse an unsafe output path before any work (see the module docstring); returns it absolute.
     kind: "folder" or "file". replace_ok: the caller replaces previous patcher outputs by design
-    (recipe and demo folders, resumable), as if --force were given."""
+    (recipe steps, export variants), as if --force were given. resume: a folder the caller writes
+    into without replacing it (recipe and demo folders)."""
     if target is None:
         raise PatcherError(option, "no output path given")
     raw = str(target)
@@ -224,23 +365,34 @@ def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder"
     if place:
         raise PatcherError(raw, f"{place}; name a new {kind} (the output replaces what is there)")
     refuse_inputs(target, inputs, kind)
+    if not resume and not path.parent.is_dir():  # no folders the user did not ask for (a typo); a recipe
+        # (resume) declares its output folders and gets them
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise PatcherError(raw, f"the folder it would be written in ({path.parent}) {what}; create it first")
     if path.is_symlink():
         raise PatcherError(raw, "is a symbolic link; give the real path of a new output")
     if not path.exists():
         return path
     if kind == "folder" and path.is_dir() and not any(path.iterdir()):
+        approve(path, "empty folder")
         return path  # an empty folder is as good as none
-    if not (force or replace_ok):
+    if not (force or replace_ok or resume):
         raise PatcherError(raw, "already exists; pass --force to replace it (only a previous patcher output "
                                 "is ever replaced)")
     if kind == "folder" and not path.is_dir():
         raise PatcherError(raw, "exists and is not a folder; choose a new folder")
     if kind == "file" and path.is_dir():
         raise PatcherError(raw, "is a folder; the output here is a file")
-    if not is_patcher_output(path):
-        what = f"has no {MANIFEST}" if kind == "folder" else "was not written by patcher"
-        raise PatcherError(raw, f"exists and {what}: refusing to replace it; choose a new {kind} "
+    if resume:  # written into, never replaced: only its manifest has to be patcher's
+        if not valid_manifest(path):
+            raise PatcherError(raw, f"exists and has no valid {MANIFEST}: not a previous patcher output; "
+                                    "choose a new folder (or remove it yourself)")
+        return path
+    problem = replaceable(path, kind)
+    if problem:
+        raise PatcherError(raw, f"exists and {problem}: refusing to replace it; choose a new {kind} "
                                 "(or remove it yourself)")
+    approve(path, "patcher output")
     return path
 
 

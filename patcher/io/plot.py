@@ -68,16 +68,12 @@ def plot_scores(path, scores: list[dict], selected: int, title: str = "differenc
     """Write the plot atomically (a hidden partial file renamed into place)."""
     path = Path(path)
     check_plot_path(path)
-    tmp = path.with_name(f".{path.name}.partial{path.suffix}")
-    try:
+    from patcher.io.atomic import atomic_file
+    with atomic_file(path) as tmp:
         if path.suffix.lower() == ".svg":
             tmp.write_text(_svg(scores, selected, title), encoding="utf-8")
         else:
             _png(tmp, scores, selected, title)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _png(path: Path, scores: list[dict], selected: int, title: str) -> None:

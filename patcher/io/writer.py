@@ -27,7 +27,6 @@ import json
 import math
 import os
 import queue
-import shutil
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from patcher_kernels.codecs import itemsize, numpy_dtype
+from patcher.io.atomic import AtomicOutput
 from patcher.io.safetensors import TensorInfo
 
 _COPY_CHUNK = 64 << 20  # copy_file_range fallback
@@ -398,6 +398,14 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
         w.close()
 
 
+def _finite(block: np.ndarray) -> bool:
+    """All values finite (float dtypes, ml_dtypes included; integer codes always are)."""
+    try:
+        return bool(np.isfinite(block).all())
+    except TypeError:
+        return True
+
+
 def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
     """Compute one edited tensor on this (the main) thread and queue its encoded blocks in order."""
     written = 0
@@ -407,6 +415,10 @@ def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
         block = np.ascontiguousarray(block)
         if block.dtype != want:
             raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
+        if not _finite(block):
+            from patcher.errors import PatcherError
+            raise PatcherError(t.name, f"the edited tensor holds NaN or Inf (the input tensor is not finite, "
+                                       f"or the edit overflowed {t.dtype}); nothing was written")
         raw = block.reshape(-1).view(np.uint8)  # ml_dtypes have no buffer format
         w._put_data(pos + written, raw, raw.nbytes)
         written += block.nbytes
@@ -420,72 +432,13 @@ def refuse_inputs(target, inputs: Iterable[Path]) -> None:
     rule(target, list(inputs))
 
 
-class OutputFolder:
-    """Build an output folder under a hidden temporary name beside the target; rename it into
-    place only when everything is written. A failed or interrupted run leaves no folder that
-    looks complete (only `.NAME.partial-PID`, removed on failure and by the next run)."""
+class OutputFolder(AtomicOutput):
+    """Build an output folder under a hidden temporary name beside the target and publish it only when
+    everything is written (patcher.io.atomic: never over something that appeared meanwhile; a failed
+    or interrupted run leaves no folder that looks complete)."""
 
     def __init__(self, target, inputs: Iterable[Path], force: bool = False):
         from patcher.io.paths import check_output
-        self.target = check_output(target, list(inputs), force=force)
+        super().__init__(check_output(target, list(inputs), force=force), "folder")
         self.force = force
-        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
 
-    def _clean_stale(self):
-        """Leftovers of killed runs: partial outputs and replaced targets whose process is gone."""
-        for kind in ("partial", "old"):
-            for p in self.target.parent.glob(f".{self.target.name}.{kind}-*"):
-                pid = p.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and not _pid_alive(int(pid)):
-                    _remove(p)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._clean_stale()
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for p in self.tmp.iterdir():  # one flush at the end: writeback overlapped the compute
-            _fsync(p)
-        _fsync(self.tmp)
-        if self.target.exists():
-            trash = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.rename(self.target, trash)
-            os.rename(self.tmp, self.target)
-            _remove(trash)
-        else:
-            os.rename(self.tmp, self.target)
-        _fsync(self.target.parent)
-        return False
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

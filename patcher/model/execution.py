@@ -127,7 +127,12 @@ class StreamedModel:
             weights = self.block_weights(layer)
             for st in states:
                 index, mask, pos, x = st
-                st[3] = x = fw.block(NumpyOps(weights, mask, pos), self.spec, self.hp, x, layer)
+                try:
+                    st[3] = x = fw.block(NumpyOps(weights, mask, pos), self.spec, self.hp, x, layer)
+                except ValueError as e:  # numpy's shape errors: the config's sizes do not fit the tensors
+                    raise PatcherError(self.ck.config_path, f"block {layer}: the config's sizes do not fit the "
+                                       f"tensors ({e}); check head_dim, num_attention_heads, "
+                                       "num_key_value_heads, intermediate_size") from None
                 if on_resid:
                     on_resid(index, layer + 1, x)
             del weights  # free this block before decoding the next

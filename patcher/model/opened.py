@@ -142,6 +142,15 @@ class Model:
     def config_path(self) -> Path:
         return getattr(self.storage, "config_path", self.storage.folder / "config.json")
 
+    def tokenizer(self):
+        """The model's PromptTokenizer: a GGUF carries its own vocabulary and chat template, a folder has
+        tokenizer.json (and tokenizer_config.json / chat_template.jinja)."""
+        own = getattr(self.storage, "tokenizer", None)
+        if own is not None:
+            return own()
+        from patcher.model.prompts import load_tokenizer
+        return load_tokenizer(self.folder)
+
     def info(self, name):
         return self.storage.info(name)
 

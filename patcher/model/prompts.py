@@ -25,7 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from patcher.errors import PatcherError
-from patcher.io.paths import read_bytes, read_text, regular_file
+from patcher.io.paths import MAX_SIDE_FILE, read_bytes, read_text, regular_file
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -273,7 +273,7 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
     tok_path = folder / TOKENIZER_FILE
     if not tok_path.exists():
         raise PatcherError(tok_path, "not found: patcher needs the fast-tokenizer file tokenizer.json")
-    regular_file(tok_path, "tokenizer file")
+    regular_file(tok_path, "tokenizer file", MAX_SIDE_FILE)
     try:
         tok = Tokenizer.from_file(str(tok_path))
     except Exception as e:  # noqa: BLE001 - the Rust side raises a plain Exception for any parse error
@@ -373,6 +373,11 @@ def _prompt(obj, path: Path, at: str) -> str:
         raise PatcherError(path, f"{at}: \"prompt\" must be a string, got {type(obj['prompt']).__name__}")
     if not obj["prompt"].strip():
         raise PatcherError(path, f"{at}: \"prompt\" is empty")
+    try:
+        obj["prompt"].encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON "\ud800" decodes to a lone surrogate no tokenizer takes
+        raise PatcherError(path, f"{at}: \"prompt\" holds a lone surrogate ({obj['prompt'][e.start]!r} at "
+                                 f"character {e.start}): not valid Unicode") from None
     return obj["prompt"]
 
 

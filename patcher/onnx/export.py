@@ -201,13 +201,18 @@ def export(
     sm = StreamedModel(model, arch_table)  # a folder, file, hub repo id or open Model: opened once
     ck = sm.model
     cache = manifest.DigestCache()
+    gguf = getattr(ck.storage, "g", None)  # a GGUF (seen through its HF view): files beside it are not its own
     inputs = {
         p.name: cache.sha256(p)
-        for p in sorted(ck.folder.iterdir())
+        for p in ([gguf.path] if gguf else sorted(ck.folder.iterdir()))
         if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)
     }
     cache.save()
     keep = {} if force else _existing_export(Path(out), inputs)
+    made = {}
+    if gguf is not None:  # config and tokenizer from its metadata (as `patcher convert` writes), read first
+        from patcher.io.gguf_hf import side_files
+        made = side_files(gguf)
     todo = [d for d in dtypes if d not in keep]
     with OutputFolder(out, [ck.path], force=force or bool(keep)) as tmp:
         (tmp / "onnx").mkdir()
@@ -219,10 +224,15 @@ def export(
         basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
         for d in todo:
             chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(basis))
+            check_graph(tmp / "onnx" / FILES[d], ck.path)  # never "wrote" what onnxruntime cannot load
         variants = [d for d in FILES if d in chunks]
-        for name in SIDE_FILES:
-            if (ck.folder / name).is_file():
-                shutil.copyfile(ck.folder / name, tmp / name)
+        if gguf is not None:
+            for name, text in made.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+        else:
+            for name in SIDE_FILES:
+                if (ck.folder / name).is_file():
+                    shutil.copyfile(ck.folder / name, tmp / name)
         _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
         (tmp / "patcher-export.json").write_text(
             json.dumps(
@@ -421,8 +431,7 @@ def transformers_js_config(chunks: dict[str, int]) -> dict:
 
 def _write_config(ck: Checkpoint, path: Path, chunks: dict[str, int]) -> None:
     """The model's config.json plus `transformers.js_config`, so transformers.js loads the folder as is."""
-    src = ck.folder / "config.json"
-    cfg = json.loads(src.read_text()) if src.is_file() else {"model_type": ck.model_type}
+    cfg = json.loads(path.read_text()) if path.is_file() else {"model_type": ck.model_type}  # the copy
     cfg["transformers.js_config"] = {
         **cfg.get("transformers.js_config", {}),
         **transformers_js_config(chunks),
@@ -436,3 +445,16 @@ def _provenance(ck: Checkpoint):
         return json.loads(meta) if meta else None
     except ValueError:
         return meta
+
+
+def check_graph(path: Path, source) -> None:
+    """Shape- and type-check a written graph as onnxruntime does when it loads it (weights stay on
+    disk): a config whose head_dim disagrees with the tensors exported fine and failed at load."""
+    import onnx
+    try:
+        onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), check_type=True,
+                                          strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx's InferenceError and ValidationError: one line
+        reason = str(e).replace("\n", " ")[:300]
+        raise PatcherError(source, f"the exported graph would not load ({reason}): the config and the "
+                                   "tensors disagree; nothing was written") from None

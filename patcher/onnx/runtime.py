@@ -32,7 +32,11 @@ class OnnxModel:
             )
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph: one line naming the file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PatcherError(path, f"onnxruntime cannot load this model ({reason[:300]})") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]

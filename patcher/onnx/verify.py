@@ -77,13 +77,15 @@ class Prompts:
 
 
 def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None,
-                 extra: int = 0) -> Prompts:
-    tok = load_tokenizer(folder)
+                 extra: int = 0, model=None) -> Prompts:
+    """`model`: an opened Model whose tokenizer and config to use (a GGUF has no folder of its own)."""
+    tok = model.tokenizer() if model is not None else load_tokenizer(folder)
     texts = read_prompt_file(prompts_file or NEUTRAL_PROMPTS, limit)
     ids = encode_prompts(tok, texts, chat_template=chat_template and tok.has_chat_template, system=system)
     if any(len(i) == 0 for i in ids):
         raise PatcherError(prompts_file or NEUTRAL_PROMPTS, "a prompt tokenizes to nothing")
-    check_lengths(ids, folder_config(folder), prompts_file or NEUTRAL_PROMPTS, extra=extra)
+    config = model.config if model is not None else folder_config(folder)
+    check_lengths(ids, config, prompts_file or NEUTRAL_PROMPTS, extra=extra)
     return Prompts(texts, ids, tok)
 
 
@@ -295,7 +297,7 @@ def verify(
     exact = StreamedModel(reference, arch_table)
     stored = stored_weights(onnx_dir, dtype)
     ref = StoredModel(Checkpoint(reference), stored) if stored else exact
-    p = load_prompts(reference, prompts, chat_template)
+    p = load_prompts(reference, prompts, chat_template, model=exact.model)
     agree = positions = same = 0
     for rows in _chunks(len(p.ids)):
         ids, mask = p.batch(rows)
@@ -314,7 +316,8 @@ def verify(
     rep.top1_agreement = agree / max(positions, 1)
     rep.generation_match = same / rep.tokens_compared if rep.tokens_compared else 0.0
     if dtype != "fp32" and quality_tokens:
-        qp = load_prompts(reference, prompts or QUALITY_PROMPTS, chat_template, extra=quality_tokens)
+        qp = load_prompts(reference, prompts or QUALITY_PROMPTS, chat_template, extra=quality_tokens,
+                          model=exact.model)
         fp32_dir = onnx_dir if "fp32" in variants_in(onnx_dir) else cached_export(reference, "fp32", announce)
         rep.quality = compare(OnnxModel(fp32_dir, variant_file(fp32_dir, "fp32"), provider), onnx_model,
                               qp.ids, quality_tokens, _eos(reference, qp.tokenizer))

@@ -38,7 +38,7 @@ def run(out: Path | None = None, step=None) -> dict:
     from patcher.io.paths import check_output
     data = bundled()
     if out is not None:  # a new or empty folder, or a previous demo's (it has patcher-manifest.json)
-        check_output(out, list(data.values()), replace_ok=True, option="--out")
+        check_output(out, list(data.values()), resume=True, option="--out")
     fresh = out is None or not Path(out).exists() or not any(Path(out).iterdir())
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="patcher-demo-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,7 @@ def _run(out: Path, data: dict, step) -> dict:
     from patcher.onnx.export import export
     from patcher.model.execution import StreamedModel
     from patcher.onnx.verify import load_prompts, projections, verify
+    from patcher.io.paths import check_output
     planted = data["planted"]
     v = np.load(planted).astype(np.float64)
     facts = {"out": str(out), "next": next_commands(out)}
@@ -95,6 +96,7 @@ def _run(out: Path, data: dict, step) -> dict:
 
     def do_extract():
         r = extract(data["model"], data["positive"], data["negative"], chat_template=False, batch_size=16)
+        check_output(out / "directions.safetensors", list(data.values()), kind="file", replace_ok=True)
         r.save(out / "directions.safetensors")
         d = r.direction[r.selected_layer]
         return {"selected_layer": r.selected_layer, "layers": len(r.scores),

@@ -338,7 +338,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
                     inputs.append(_resolve_path(base, file_part))
                     try:
-                        loaded.append(load_direction(full, d).vectors)
+                        loaded.append(load_direction(full, d, L).vectors)
                     except PatcherError as e:
                         problems.append(Problem(where("direction" if "direction" in o else "directions"),
                                                 f"step {st.index}: {e}"))
@@ -384,8 +384,10 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 problems.append(Problem(st.line, f"step {st.index}: verify needs an export step before it"))
             action = Action(st, st.op, current, target, o)
             if st.op == "verify":
-                action.input = next(a.output for a in reversed(actions)
-                                    if a.op == "export") if actions else current
+                export = next((a for a in reversed(actions) if a.op == "export"), None)
+                action.input = export.output if export else current
+                if export is not None:  # verify what the export wrote (README: export int4, then verify)
+                    action.options.setdefault("dtype", export.options.get("dtype", "fp32"))
                 action.options["reference"] = current
                 action.output = out / f"{st.index:02d}-verify.json"
             actions.append(action)
@@ -397,7 +399,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
         problems.append(Problem(None, "two models write to the same output folder"))
     for plan in plans:  # every input is known now: no output may touch one
         try:
-            check_output(plan.output, inputs, replace_ok=True, option=f"model {plan.name}: output")
+            check_output(plan.output, inputs, resume=True, option=f"model {plan.name}: output")
         except PatcherError as e:
             problems.append(Problem(None, f"model {plan.name}: output {e}"))
         seen = {}
@@ -507,9 +509,12 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
     from patcher.edit.apply import execute
     from patcher.model.opened import Model
     from patcher.edit.plan import parse_layers, plan_ablation, plan_injection
+    from patcher.io.paths import check_output
     info = {"file": recipe_file, "step": a.step.index, "fingerprint": a.fingerprint, "model": plan.name}
     t0 = time.perf_counter()
     o = a.options
+    if a.output.suffix:  # a file step: a previous run's file is replaced, anything else is refused
+        check_output(a.output, [plan.path], kind="file", replace_ok=True, option=f"step {a.step.index} output")
     if a.op == "extract":
         from patcher.edit.extract import extract
         r = extract(a.input, o["positive"], o["negative"], positions=tuple(o.get("positions", [-1])),
@@ -552,7 +557,9 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
         rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"),
                      direction=d,
                      tokens=int(o.get("tokens", 8)), arch_table=plan.arch_table)
-        a.output.write_text(dumps(rep.as_dict(), indent=2) + "\n")
+        from patcher.io.atomic import atomic_file
+        with atomic_file(a.output) as tmp:
+            tmp.write_text(dumps(rep.as_dict(), indent=2) + "\n")
         if not rep.parity_ok:  # the report stays for reading, but the step is not recorded complete
             _manifest_path(a).unlink(missing_ok=True)
             raise PatcherError(a.output, f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g} (report "

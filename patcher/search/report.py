@@ -93,4 +93,6 @@ def write_plot(path: Path, points, front, title: str, extra=None) -> None:
     path = Path(path)
     if path.suffix != ".svg":
         raise PatcherError(path, "the search plot is written as .svg")
-    path.write_text(svg(points, front, title, extra), encoding="utf-8")
+    from patcher.io.atomic import atomic_file
+    with atomic_file(path) as tmp:
+        tmp.write_text(svg(points, front, title, extra), encoding="utf-8")

@@ -13,7 +13,7 @@ from patcher.io.checkpoint import Checkpoint
 from patcher.io.manifest import folder_identity, sha256_file
 from patcher.model.architectures import Resolved
 from patcher.model.execution import StreamedModel
-from patcher.model.prompts import encode_prompts, load_tokenizer, read_prompt_file
+from patcher.model.prompts import encode_prompts, read_prompt_file
 from patcher.search import space as sp
 from patcher.search import study as st
 from patcher.search.objectives import Evaluator, Result, load_markers
@@ -168,7 +168,7 @@ def setup(
         directions = directions_out
         seconds["extract"] = round(time.perf_counter() - t0, 3)
     table, meta = load_table(directions, L, d)
-    tok = load_tokenizer(ck.folder)
+    tok = ck.tokenizer()
     ep = _prompts(tok, eval_positive or positive, max_prompts, chat_template, system)
     en = _prompts(tok, eval_negative or negative, max_prompts, chat_template, system)
     t0 = time.perf_counter()
@@ -255,10 +255,9 @@ def plan_from_study(
         raise PatcherError(
             dpath, "this directions file is not the one the study searched with (sha256 differs)"
         )
-    if folder_identity(ck.folder) != attrs.get("model_identity"):
-        note = "note: the model folder differs from the one the study searched (path, sizes or times changed)"
-    else:
-        note = None
+    if folder_identity(ck.folder) != attrs.get("model_identity"):  # trials were measured on that model
+        raise PatcherError(ck.folder, f"is not the model this study searched ({attrs.get('model')}; path, "
+                                      "file sizes or times differ): run `patcher search` on this model")
     table, _ = load_table(dpath, resolved.n_layers, resolved.d_model)
     spec = sp.edit_spec(params, table, resolved.n_layers, dpath)
     values = next(t.values for t in st.completed(study) if t.number == number)
@@ -273,7 +272,4 @@ def plan_from_study(
             "kl": values[1],
         },
     }
-    plan = build_plan(ck, resolved, spec, str(dpath), bool(attrs.get("untie_embeddings")), record)
-    if note:
-        plan.notes.append(note)
-    return plan
+    return build_plan(ck, resolved, spec, str(dpath), bool(attrs.get("untie_embeddings")), record)

@@ -7,6 +7,7 @@ settings are study user attributes, so `patcher ablate --from-study` can rebuild
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,10 @@ def _optuna():
     return optuna
 
 
-def storage_url(path: Path) -> str:
+def storage_url(path: Path, read_only: bool = False) -> str:
+    if read_only:  # optuna creates its tables in any SQLite file it opens: not in one we only read
+        from urllib.parse import quote
+        return f"sqlite:///file:{quote(str(Path(path).resolve()))}?mode=ro&uri=true"
     return f"sqlite:///{Path(path).resolve()}"
 
 
@@ -34,28 +38,41 @@ def _constraints(trial):
     return trial.user_attrs.get("constraint", [0.0])
 
 
+def check_study_file(path: Path, create: bool = True) -> None:
+    """Before any work: an existing study file must be an SQLite database (a new one is created)."""
+    from patcher.io.paths import regular_file
+    path = Path(path)
+    if not os.path.lexists(path):
+        if not create:
+            raise PatcherError(path, "no such study file")
+        return
+    with open(regular_file(path, "study file"), "rb") as f:  # a FIFO is refused, not read
+        head = f.read(16)
+    if head and head != b"SQLite format 3\x00":
+        raise PatcherError(path, "is not a study database (not an SQLite file); choose a new .db path")
+
+
 def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60, create: bool = True):
     """Create or resume the study at `path`. `attrs` (model, directions, space, evaluation) must match
     what a resumed study recorded: a study is one search, not a mix of several."""
     optuna = _optuna()
     path = Path(path)
-    if not create and not path.is_file():
-        raise PatcherError(path, "no such study file")
+    check_study_file(path, create)
     # optuna >= 5 takes constraints from Trial.set_constraint; older versions from constraints_func
     legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=startup, multivariate=True, group=True, seed=seed, **legacy
     )
     try:
-        study = optuna.create_study(
-            storage=storage_url(path),
-            study_name=STUDY_NAME,
-            load_if_exists=True,
-            directions=["minimize", "minimize"],
-            sampler=sampler,
-        )
+        if create:
+            study = optuna.create_study(storage=storage_url(path), study_name=STUDY_NAME, load_if_exists=True,
+                                        directions=["minimize", "minimize"], sampler=sampler)
+        else:  # only read: optuna would create its tables (and a study) in any SQLite file it opens
+            study = optuna.load_study(storage=storage_url(path, read_only=True), study_name=STUDY_NAME,
+                                      sampler=sampler)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign SQLite file: say so in one line
-        raise PatcherError(path, f"cannot open the study ({type(e).__name__}: {e})") from None
+        cause = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error in SQL and a URL
+        raise PatcherError(path, f"cannot open the study ({str(cause).splitlines()[0][:200]})") from None
     if attrs is not None:
         old = study.user_attrs.get("patcher")
         if old is None:

