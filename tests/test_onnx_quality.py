@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import fixture_path, run_cli
+from conftest import DEMO, fixture_path, run_cli
 from patcher.onnx.export import DEVICE_DEFAULTS, FILES, export
 from patcher.onnx.quality import FIT, Quality, compare
 from patcher.onnx.runtime import OnnxModel
@@ -137,8 +137,23 @@ def test_real_smollm2_default_variant_keeps_the_answers(tmp_path, monkeypatch):
     assert cfg["device_config"]["wasm"]["dtype"] == cfg["device_config"]["webgpu"]["dtype"] == "fp16"
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(Path("patcher/data/quality_prompts.txt").read_text().splitlines()[:8]))
-    reports = {d: json.loads(run_cli("verify", out, "--reference", REAL_HF, "--dtype", d, "--prompts", prompts,
-                                     "--tokens", "0", "--quality-tokens", "12", "--json").stdout)
+    args = ["--prompts", prompts, "--tokens", "0", "--quality-tokens", "12", "--json"]
+    reports = {d: json.loads(run_cli("verify", out, "--reference", REAL_HF, "--dtype", d, *args).stdout)
                for d in ("fp16", "int8")}
     assert reports["fp16"]["quality"]["fit"], reports["fp16"]["quality"]
     assert reports["int8"]["quality"]["first_token_kl"] < 0.3, reports["int8"]["quality"]
+
+
+def test_verify_prints_the_leakage_along_the_direction(tmp_path):
+    """An ablated model's int8 export: the table's leakage line is --json's worst edited tensor."""
+    planted, direction = DEMO / "model", DEMO / "planted-direction.npy"
+    run_cli("ablate", planted, "-d", direction, "-o", tmp_path / "edited")
+    out = export(tmp_path / "edited", tmp_path / "onnx", dtype="int8")
+    args = ["verify", out, "--reference", tmp_path / "edited", "--original", planted, "-d", direction,
+            "--dtype", "int8", "--tokens", "1", "--quality-tokens", "0"]
+    rep = json.loads(run_cli(*args, "--json").stdout)
+    leak = rep["leakage"]["summary"]
+    assert rep["quality"] is None and leak["stored_of_original_max"] < 0.02  # orthogonal rounding kept it
+    text = " ".join(run_cli(*args).stdout.split())
+    assert (f"leakage along r̂ stored weights keep {leak['stored_of_original_max']:.2%} of the original's "
+            f"component (worst of {leak['tensors']} edited tensors") in text

@@ -28,8 +28,9 @@ def _print_verify(rep) -> None:
     from patcher.onnx.quality import FIT
     ok = "[green]ok[/]" if rep.parity_ok else "[bold red]FAILED[/]"
     t = Table(show_header=False, box=None, title="verify", title_justify="left")
-    t.add_row("graph parity", f"max |Δ logits| {rep.max_abs_diff:.3g} (logits up to {rep.max_abs_logit:.3g}; "
-                              f"tolerance {rep.tolerance:g} relative, {rep.dtype}) {ok}")
+    t.add_row("graph parity", f"max |Δ logits| {rep.max_abs_diff:.3g} (logits up to "
+                              f"{rep.max_abs_logit:.3g}; tolerance {rep.tolerance:g} relative, "
+                              f"{rep.dtype}) {ok}")
     t.add_row("graph top-1", f"{rep.top1_agreement:.1%} of prompt positions agree with numpy on the weights "
                              "the file stores")
     if rep.tokens_compared:
@@ -43,17 +44,18 @@ def _print_verify(rep) -> None:
                                     "tokens)")
         t.add_row("vs fp32: greedy", f"{q.greedy:.1%} of {q.prompts} × {q.tokens} greedy tokens identical")
         color = "green" if q.fit else "bold red"
-        t.add_row("ship", f"[{color}]{rep.dtype}: {q.verdict()}[/] (README: KL ≤ {FIT['first_token_kl']:g}, "
-                          f"top-1 ≥ {FIT['top1']:.0%}, greedy ≥ {FIT['greedy']:.0%})")
+        t.add_row("ship", f"[{color}]{rep.dtype}: {q.verdict()}[/] (README: KL ≤ "
+                          f"{FIT['first_token_kl']:g}, top-1 ≥ {FIT['top1']:.0%}, "
+                          f"greedy ≥ {FIT['greedy']:.0%})")
     leak = rep.leakage.get("summary", {}) if rep.leakage else {}
     if "stored_of_original_max" in leak:
         t.add_row("leakage along r̂", f"stored weights keep {leak['stored_of_original_max']:.2%} of the "
                                      f"original's component (worst of {leak['tensors']} edited tensors; the "
                                      f"checkpoint itself {leak.get('exact_of_original_max', 0):.2%})")
     elif "stored_generic_max" in leak:
-        t.add_row("leakage along r̂", f"|Qᵀ W_stored| {leak['stored_generic_max']:.2%} of a generic weight's "
-                                     f"(worst of {leak['tensors']} edited tensors; the checkpoint itself "
-                                     f"{leak.get('exact_generic_max', 0):.2%})")
+        t.add_row("leakage along r̂", f"|Qᵀ W_stored| {leak['stored_generic_max']:.2%} of a "
+                                     f"generic weight's (worst of {leak['tensors']} edited tensors; the "
+                                     f"checkpoint itself {leak.get('exact_generic_max', 0):.2%})")
     if rep.marker_rate:
         t.add_row("marker rate", ", ".join(f"{k} {v:.1%}" for k, v in rep.marker_rate.items()))
     if rep.first_token_kl is not None:
