@@ -57,6 +57,7 @@ def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     if dtype not in variants_in(root):  # added beside the variants cached before
         if announce:
             announce(f"exporting {model} ({dtype}) to ONNX in {root} (cached for next time)")
+        root.parent.mkdir(parents=True, exist_ok=True)  # the cache is ours: output rules ask for a parent
         export(model, root, dtype=dtype)
     return root
 
