@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
 from patcher.io.manifest import folder_identity
 from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
@@ -158,8 +157,8 @@ def stored_weights(folder: Path, dtype: str) -> dict[str, np.ndarray]:
 class StoredModel(StreamedModel):
     """The numpy forward with some tensors replaced (by what an export stores)."""
 
-    def __init__(self, ck: Checkpoint, replaced: dict):
-        super().__init__(ck)
+    def __init__(self, model, replaced: dict, arch_table=None):
+        super().__init__(model, arch_table)
         self.replaced = replaced
 
     def top_weights(self):
@@ -297,7 +296,7 @@ def verify(
     onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
     exact = StreamedModel(reference, arch_table)
     stored = stored_weights(onnx_dir, dtype)
-    ref = StoredModel(Checkpoint(reference), stored) if stored else exact
+    ref = StoredModel(reference, stored, arch_table) if stored else exact
     p = load_prompts(reference, prompts, chat_template, model=exact.model)
     agree = positions = same = 0
     for rows in _chunks(len(p.ids)):
@@ -325,12 +324,12 @@ def verify(
     if stored and direction is not None:
         from patcher_kernels.project import orthonormalize
 
-        orig_sm = StreamedModel(Checkpoint(original)) if original else None
+        orig_sm = StreamedModel(original, arch_table) if original else None
         rep.leakage = leakage(stored, exact, orig_sm, orthonormalize(direction.vectors))
     ids, mask = p.batch()
     if direction is not None:
         rep.projections = projections(
-            exact, StreamedModel(Checkpoint(original)) if original else None, ids, mask, direction
+            exact, StreamedModel(original, arch_table) if original else None, ids, mask, direction
         )
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
@@ -346,7 +345,7 @@ def verify(
                 ]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
-        orig, kls = StreamedModel(Checkpoint(original)), []
+        orig, kls = StreamedModel(original, arch_table), []
         for rows in _chunks(len(p.ids)):
             ids, mask = p.batch(rows)
             kls += list(kl(orig.run(ids, mask, logits=True)[:, -1], exact.run(ids, mask, logits=True)[:, -1]))
