@@ -585,6 +585,8 @@ def _cases(ws, exported, dirs_file, tmp):
     gen = ["generate", exported, "--prompt", "hi", "--max-new-tokens", "2"]
     ver = ["verify", exported, "--reference", L, "--tokens", "1"]
     rec = write_recipe(tmp / "r", ABLATE_STEP)
+    cg = tmp / "c.gguf"
+    cv = ["convert", L, "-o", cg]
     return [
         ("inspect", "wrong type", ["inspect", L, "--json=3"], [L], [], None),
         ("inspect", "missing file", ["inspect", tmp / "nope"], [], [], None),
@@ -706,6 +708,12 @@ def _cases(ws, exported, dirs_file, tmp):
         ("audit", "out of range", ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"],
          [L],
          [tmp / "x.npy"], 2),
+        ("convert", "wrong type", cv + ["--type", "Q4_K"], [L], [cg], None),
+        ("convert", "wrong type", cv + ["--dtype", "int3"], [L], [cg], None),
+        ("convert", "wrong kind", cv + ["--to", "hf"], [L], [cg], None),
+        ("convert", "wrong kind", ["convert", d64, "-o", o], [d64], [o], None),
+        ("convert", "missing file", ["convert", tmp / "nope", "-o", o], [], [o], None),
+        ("convert", "inside input", ["convert", L, "-o", L / "x.gguf"], [L], [L / "x.gguf"], None),
         ("demo", "wrong kind", ["demo", "--out", ws["txt"]], [ws["txt"]], [], None),
         ("demo", "wrong kind", ["demo", "--out", ws["user_dir"]], [ws["user_dir"]], [], None),
         ("demo", "inside input", ["demo", "--out", DEMO / "model" / "x"],
@@ -717,10 +725,10 @@ def _cases(ws, exported, dirs_file, tmp):
 
 
 def test_every_command_every_kind(ws, exported, dirs_file, tmp_path):
-    """One table over all ten commands; `interrupted` is its own test below."""
+    """One table over every command; `interrupted` is its own test below."""
     cases = _cases(ws, exported, dirs_file, tmp_path)
     assert {c[0] for c in cases} == {"inspect", "extract", "ablate", "inject", "export", "generate", "verify",
-                                     "diff", "run", "demo", "audit"}
+                                     "diff", "run", "demo", "audit", "convert"}
     failures = []
     for cmd, kind, args, inputs, absent, code in cases:
         try:
@@ -742,6 +750,7 @@ INTERRUPT_AT = {  # command -> (a function in the middle of its work, patched to
     "run": "patcher.pipelines.recipe.run_action",
     "demo": "patcher.edit.extract.select_layer",
     "audit": "patcher.edit.audit.audit",
+    "convert": "patcher.pipelines.convert.write_gguf",
 }
 
 
@@ -758,7 +767,7 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
     getattr(owner, attr)  # the patched name exists
 
     def interrupted(*a, **k):
-        if cmd in ("extract", "ablate", "inject"):  # start the partial file, then be interrupted
+        if cmd in ("extract", "ablate", "inject", "convert"):  # start the partial file, then be interrupted
             Path(a[0]).write_bytes(b"partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(owner, attr, interrupted)
@@ -776,14 +785,16 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
         "run": ["run", write_recipe(tmp_path / "r", ABLATE_STEP)],
         "demo": ["demo", "--out", o],
         "audit": ["audit", ws["L"], "--save-direction", tmp_path / "r.npy"],
+        "convert": ["convert", ws["L"], "-o", tmp_path / "o.gguf"],
     }[cmd]
     if cmd == "diff":  # the snapshot is byte-identical: make it differ so the analysis runs
         args = ["diff", ws["L"], _broken_config(ws, "L-edited-for-diff", lambda c: None)]
         _edit_one_tensor(args[2])
-    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated"],
+    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated",
+                                                             tmp_path / "o.gguf"],
                   code=130)
     assert "interrupted" in res.stderr
-    if cmd in ("extract", "ablate", "inject", "export", "demo"):
+    if cmd in ("extract", "ablate", "inject", "export", "demo", "convert"):
         assert "removed" in res.stderr
 
 
@@ -854,7 +865,7 @@ def test_folder_created_during_an_ablate_is_never_replaced(ws, tmp_path, monkeyp
         res = CliRunner().invoke(app, [str(a) for a in ("ablate", ws["L"], "-d", ws["d64"], "-o", out)])
         assert res.exit_code == 0, res.output
     done = _during_write(monkeypatch, w, "_write_produced", lambda: _users_folder(out))
-    res = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] if force else [])],
+    res = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] * force)],
                   inputs=[ws["L"]], fragment="left untouched")
     assert done and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
     assert (out / "thesis.tex").read_text() == "years of work"
@@ -966,7 +977,8 @@ def test_step_error_in_a_worker_keeps_its_message(tmp_path):
     for cls in (PatcherError, CheckpointError):
         e = pickle.loads(pickle.dumps(cls("f.safetensors", "bad header")))
         assert type(e) is cls and str(e) == "f.safetensors: bad header"
-    models = "".join(f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n' for n in "ab")
+    models = "".join(f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n'
+                     for n in "ab")
     r = tmp_path / "r.toml"
     r.write_text(models + ABLATE_STEP)
     assert CliRunner().invoke(app, ["run", str(r), "--jobs", "2"]).exit_code == 0
@@ -1048,7 +1060,8 @@ def test_extract_refuses_a_non_finite_residual_stream(ws, tmp_path, damage):
         (m / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "d.safetensors"
     hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
-            inputs=[m], absent=[out], fragment="not finite")
+            inputs=[m], absent=[out], fragment="rope_theta must be a finite positive number"
+            if damage == "rope_theta" else "not finite")  # rope_theta = 0 is caught with the config
 
 
 # --- issue 22: directions and writers that cannot mean what they say ----------------------------------
@@ -1219,3 +1232,139 @@ def test_a_config_whose_heads_do_not_fit_the_tensors_is_one_line(ws, tmp_path):
     out = tmp_path / "d.safetensors"
     hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
             inputs=[m], absent=[out], fragment="the config's sizes do not fit the tensors")
+
+
+@pytest.mark.parametrize("old,new,fragment", [
+    ("residual_axis = 0", "residual_axis = 7", "residual_axis must be one of"),
+    ("residual_axis = 0", "residual_axis = 2", "is the residual axis"),
+    ('layers = "model.layers.{layer}."', "layers = 5", "layers must be a str"),
+    ("tie_word_embeddings = false", 'tie_word_embeddings = "no"', "tie_word_embeddings must be a bool"),
+    ('config = { layers = "num_hidden_layers", d_model = "hidden_size" }', "config = 5",
+     "config must be a dict"),
+    ('config = { layers = "num_hidden_layers", d_model = "hidden_size" }', "config = { layers = 3 }",
+     "config.layers must be a str")])
+def test_bad_arch_table_values_are_one_line(ws, tmp_path, old, new, fragment):
+    """Wrong value types in --arch-table were IndexError/TypeError/AttributeError internal errors."""
+    from patcher.model.architectures import TABLE_DIR
+    text = (TABLE_DIR / "llama.toml").read_text()
+    lines = text.split("\n")
+    at = next(i for i, line in enumerate(lines) if line.split("#")[0].strip() == old)  # first: attn writer
+    lines[at] = new
+    table = tmp_path / "t.toml"
+    table.write_text("\n".join(lines))
+    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", "--arch-table", table],
+            inputs=[table], absent=[tmp_path / "o"], fragment=fragment)
+
+
+def test_generate_refuses_nan_logits(tmp_path):
+    """An export of NaN weights: generate printed nothing (argmax of NaN) and exited 0."""
+    m = _poisoned_copy(tmp_path)
+    e = tmp_path / "e"
+    assert CliRunner().invoke(app, ["export", str(m), "-o", str(e)]).exit_code == 0
+    hostile(["generate", e, "--prompt", "hi", "--max-new-tokens", 2], inputs=[e],
+            fragment="logits are NaN at generated token 0")
+
+
+def test_numpy_runtime_warnings_are_one_note(capsys):
+    """Raw numpy RuntimeWarnings (with source lines) reached stderr on runs that exit 0."""
+    import warnings
+    from patcher.cli.common import guard
+
+    def body():
+        np.float32(3e38) * np.float32(10)  # overflow
+        np.float32(3e38) * np.float32(10)  # the same warning: one note
+        warnings.warn("a library's own warning", FutureWarning)
+        return 7
+    with warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        assert guard(body) == 7
+    err = capsys.readouterr().err
+    assert err.count("note: numeric warning: overflow") == 1 and "RuntimeWarning" not in err, err
+    assert [str(w.message) for w in passed] == ["a library's own warning"]
+
+
+def test_extract_reports_progress_without_a_terminal(ws, tmp_path, monkeypatch):
+    """A long extract in a log (no TTY: the bar is hidden) printed nothing for its whole run."""
+    import patcher.cli.common as common
+    monkeypatch.setattr(common, "PLAIN_PROGRESS_SECONDS", 0.0)
+    out = tmp_path / "d.safetensors"
+    res = CliRunner().invoke(app, [str(a) for a in ("extract", ws["L"], "--positive", ws["pos"], "--negative",
+                                                    ws["neg"], "-o", out, "--no-chat-template")])
+    assert res.exit_code == 0, res.output
+    n = sum(1 for f in (ws["pos"], ws["neg"]) for line in f.read_text().splitlines() if line.strip())
+    assert f"prompts through the model: {n} of {n} (100 %)" in res.stderr, res.stderr
+
+
+# --- issue 22: every command that writes × races and foreign files ------------------------------------
+
+def _writers(ws, tmp_path, edited):
+    """Each command that publishes an output, with the output it publishes (folder or file)."""
+    L, d64, t = ws["L"], ws["d64"], tmp_path
+    ex = ["extract", L, "--positive", ws["pos"], "--negative", ws["neg"], "--no-chat-template"]
+    return {
+        "ablate": (["ablate", L, "-d", d64, "-o", t / "out"], t / "out"),
+        "inject": (["inject", L, "-d", d64, "--layer", 1, "--alpha", 1, "-o", t / "out"], t / "out"),
+        "ablate --adapter folder": (["ablate", L, "-d", d64, "--adapter", t / "out"], t / "out"),
+        "ablate --adapter gguf": (["ablate", L, "-d", d64, "--adapter", t / "a.gguf"], t / "a.gguf"),
+        "inject --control-vector": (["inject", L, "-d", d64, "--layer", 1, "--alpha", 1, "--control-vector",
+                                     t / "cv.gguf"], t / "cv.gguf"),
+        "export": (["export", L, "-o", t / "out"], t / "out"),
+        "extract": ([*ex, "-o", t / "d.safetensors"], t / "d.safetensors"),
+        "extract --plot": ([*ex, "-o", t / "d.safetensors", "--plot", t / "p.svg"], t / "p.svg"),
+        "diff --save-direction": (["diff", L, edited, "--save-direction", t / "v.npy"], t / "v.npy"),
+        "audit --plot": (["audit", edited, "--plot", t / "p.svg"], t / "p.svg"),
+    }
+
+
+@pytest.fixture(scope="module")
+def edited(ws, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile-edited") / "edited"
+    res = CliRunner().invoke(app, ["ablate", str(ws["L"]), "-d", str(ws["d64"]), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+WRITERS = ["ablate", "inject", "ablate --adapter folder", "ablate --adapter gguf", "inject --control-vector",
+           "export", "extract", "extract --plot", "diff --save-direction", "audit --plot"]
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_every_writer_leaves_what_appeared_meanwhile(ws, edited, tmp_path, monkeypatch, name):
+    """Item 1 for every command: the user's file or folder created at the output path just before
+    patcher publishes survives, and the run says so."""
+    import patcher.io.atomic as atomic
+    args, target = _writers(ws, tmp_path, edited)[name]
+    orig = atomic.AtomicOutput._publish
+
+    def users_first(self):
+        if self.target == target.absolute():
+            if self.kind == "folder":
+                target.mkdir()
+                (target / "thesis.tex").write_text("years of work")
+            else:
+                target.write_text("years of work")
+        return orig(self)
+    monkeypatch.setattr(atomic.AtomicOutput, "_publish", users_first)
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code != 0 and "left untouched" in res.stderr, res.output
+    kept = target / "thesis.tex" if target.is_dir() else target
+    assert kept.read_text() == "years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")]
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_every_writer_under_force_keeps_what_the_user_added(ws, edited, tmp_path, name):
+    """Items 3 and 6 for every command: a previous output of the same command, then the user's addition
+    (a file in the folder) or rewrite (of the file): --force refuses and changes nothing."""
+    args, target = _writers(ws, tmp_path, edited)[name]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code in (0, 1) and os.path.exists(target), res.output  # diff: 1 = the models differ
+    if target.is_dir():
+        (target / "NOTES.md").write_text("mine")
+    else:
+        target.write_bytes(target.read_bytes())  # rewritten by the user: theirs now
+    before = digests([target])
+    res = hostile([*args, "--force"], inputs=[target])
+    assert ("NOTES.md" in res.stderr) if target.is_dir() else ("not written by patcher" in res.stderr
+                                                               or "--force" in res.stderr), res.stderr
+    assert digests([target]) == before

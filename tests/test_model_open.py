@@ -92,8 +92,8 @@ def test_layer_count_must_be_a_positive_integer(tmp_path, direction64, value):
      "hidden size 64 is not a multiple of num_attention_heads = 6 (and there is no head_dim)"),
     ({"hidden_act": "swiglu_foo"}, "hidden_act = 'swiglu_foo' is not supported (supported: gelu, gelu_fast, "
                                    "gelu_new, gelu_pytorch_tanh, gelu_tanh, relu, silu, swish)"),
-    ({"rope_theta": "big"}, "cannot read the hyperparameters the forward pass needs (could not convert "
-                            "string to float: 'big')"),
+    ({"rope_theta": "big"}, "cannot read the hyperparameters the forward pass needs (rope_theta must be a "
+                            "finite positive number, got 'big')"),
 ])
 @pytest.mark.parametrize("command", ["extract", "export"])
 def test_forward_hyperparameters_are_checked(tmp_path, direction64, changes, problem, command):

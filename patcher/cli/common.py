@@ -54,13 +54,39 @@ def one_line(text: str) -> str:
     return escape(" ".join(str(text).split("\n")))  # a file named "[red]x" is not markup
 
 
+class _numeric_warnings_as_notes:
+    """numpy's RuntimeWarnings (overflow, invalid value) become one "note:" line each, once, when the
+    command succeeds, instead of raw warning text with source lines; other warnings pass through."""
+
+    def __enter__(self):
+        import warnings
+        self.caught = warnings.catch_warnings(record=True)
+        self.records = self.caught.__enter__()
+        warnings.simplefilter("default")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import warnings
+        self.caught.__exit__(exc_type, exc, tb)
+        seen = set()
+        for w in self.records:
+            if not issubclass(w.category, RuntimeWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif exc_type is None and str(w.message) not in seen:
+                seen.add(str(w.message))
+                err.print(f"[yellow]note:[/] numeric warning: {one_line(w.message)} (some values may be "
+                          "inf or NaN)", highlight=False)
+        return False
+
+
 def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
     """Run a command body: PatcherError -> one line + exit `code`; Ctrl-C -> exit 130, nothing left
     (`interrupted` says truthfully what is kept); anything unexpected is one line too (set
     PATCHER_DEBUG=1 for the traceback)."""
     import os
     try:
-        return fn()
+        with _numeric_warnings_as_notes():
+            return fn()
     except typer.Exit:
         raise
     except PatcherError as e:
@@ -86,6 +112,32 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
         err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)} (please report it; "
                   "PATCHER_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal (logs, CI): one progress line this often
+
+
+class PlainProgress:
+    """Progress for a run whose stderr is not a terminal (the bar is hidden there): every
+    PLAIN_PROGRESS_SECONDS one line with the count, the total and an estimate of the time left."""
+
+    def __init__(self, what: str, total: int | None):
+        import time
+        self.what, self.total, self.done = what, total, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        import time
+        self.done += n
+        now = time.monotonic()
+        if err.is_terminal or now - self.last < PLAIN_PROGRESS_SECONDS:
+            return
+        self.last = now
+        left = ""
+        if self.total:
+            minutes = (self.total - self.done) / max(self.done, 1) * (now - self.start) / 60
+            left = f" of {self.total} ({100 * self.done / self.total:.0f} %), ~{minutes:.0f} min left"
+        err.print(f"{self.what}: {self.done}{left}", highlight=False)
 
 
 def progress():

@@ -7,7 +7,7 @@ import typer
 from patcher import validate as V
 from patcher.errors import PatcherError
 from patcher.io.paths import check_distinct, check_output
-from patcher.cli.common import ARCH_TABLE_HELP, err, guard, out, progress
+from patcher.cli.common import ARCH_TABLE_HELP, PlainProgress, err, guard, out, progress
 
 
 def _score_table(result):
@@ -27,9 +27,13 @@ def _score_table(result):
 
 def _run(m, result_args):
     from patcher.edit.extract import extract as run_extract
+    from patcher.model.prompts import read_prompt_file
+    total = sum(len(read_prompt_file(result_args[k], result_args["max_prompts"]))
+                for k in ("positive", "negative"))
+    plain = PlainProgress("prompts through the model", total)
     with progress() as prog:
-        task = prog.add_task("prompts through the model", total=None)
-        return run_extract(m, progress=lambda n: prog.advance(task, n), **result_args)
+        task = prog.add_task("prompts through the model", total=total)
+        return run_extract(m, progress=lambda n: (prog.advance(task, n), plain.advance(n)), **result_args)
 
 
 def register(app) -> None:

@@ -180,10 +180,12 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
             if edit is None:
                 tensors.append(OutTensor(info.name, info.dtype, info.shape, source=info))
             else:
-                tensors.append(OutTensor(info.name, edit.dtype, edit.shape, produce=ex.producer(edit)))
+                tensors.append(OutTensor(info.name, edit.dtype, edit.shape, produce=ex.producer(edit),
+                                         finite=True))
         for edit in plan.new:
             if edit.shard == fname:
-                tensors.append(OutTensor(edit.name, edit.dtype, edit.shape, produce=ex.producer(edit)))
+                tensors.append(OutTensor(edit.name, edit.dtype, edit.shape, produce=ex.producer(edit),
+                                         finite=True))
         out[fname] = tensors
     return out
 

@@ -174,9 +174,10 @@ def _refuse_non_finite(ck: Model, pos_mean, neg_mean, layer_set) -> None:
     bad = [l for l in sorted(layer_set) if not (np.isfinite(pos_mean[:, l]).all()
                                                 and np.isfinite(neg_mean[:, l]).all())]
     if bad:
+        after = " and after" if len(bad) > 1 else ""
         raise PatcherError(ck.path, f"the residual stream is not finite (NaN or Inf) at resid_pre layer "
-                                    f"{bad[0]}{' and after' if len(bad) > 1 else ''}: the weights hold NaN/Inf "
-                                    "or the config makes the forward pass overflow; nothing was written")
+                                    f"{bad[0]}{after}: the weights hold NaN/Inf or the config makes the forward "
+                                    "pass overflow; nothing was written")
 
 
 def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, layers, chat_template, system,

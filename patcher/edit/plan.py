@@ -118,7 +118,8 @@ def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
     for t in targets:
         q = _post_norm_basis(ck, resolved, t, q0) if t.post_norm else q0
         info = ck.info(t.weight)
-        if len(info.shape) not in (2, 3) or info.shape[t.residual_axis] != resolved.d_model:
+        if len(info.shape) not in (2, 3) or t.residual_axis >= len(info.shape) \
+                or info.shape[t.residual_axis] != resolved.d_model:
             raise PatcherError(ck.folder / ck.shard_of[t.weight],
                                f"{t.weight} has shape {list(info.shape)}; the table says axis "
                                f"{t.residual_axis} "

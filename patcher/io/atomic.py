@@ -9,9 +9,9 @@ first moved aside, then checked again (same folder or file, still patcher's, not
 and put back untouched if not.
 
 `OutputLock`: `flock` on `.NAME.lock` beside the target, so two runs writing one output cannot both
-"win"; the lock file records the partial and set-aside names of its run (process id + random token),
-and only those names, left by a run that no longer holds the lock, are ever cleaned up (a killed run's set-aside previous
-output is put back when nothing replaced it).
+"win"; the lock file records the partial and set-aside names of its run (process id + random
+token), and only those names, left by a run that no longer holds the lock, are ever cleaned up (a
+killed run's set-aside previous output is put back when nothing replaced it).
 """
 import ctypes
 import errno
@@ -219,7 +219,7 @@ class AtomicOutput:
     def _publish(self) -> None:
         if self.kind == "folder":
             for p in self.tmp.iterdir():  # one flush at the end: writeback overlapped the compute
-                if p.is_file():
+                if not p.is_symlink():
                     fsync(p)
         fsync(self.tmp)
         try:

@@ -31,16 +31,14 @@ def _regular(path: Path) -> Path:
 
 
 def _load_json(path: Path) -> dict:
-    from patcher.io.paths import read_text
+    from patcher.io.paths import MAX_SIDE_FILE, regular_file
     _regular(path)
     try:
-        text = read_text(path, "JSON file")  # size-capped
-    except CheckpointError:
-        raise
+        regular_file(path, "JSON file", MAX_SIDE_FILE)
     except PatcherError as e:
         raise CheckpointError(e.where, e.problem) from None
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(path, f"cannot parse JSON ({e})") from None
     if not isinstance(data, dict):

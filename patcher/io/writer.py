@@ -54,6 +54,7 @@ class OutTensor:
     shape: tuple[int, ...]
     source: TensorInfo | None = None
     produce: Callable[[], Iterable[np.ndarray]] | None = None
+    finite: bool = False  # an edit's result: NaN/Inf in it stops the write (a plain writer stores any value)
 
     @property
     def nbytes(self) -> int:
@@ -415,7 +416,7 @@ def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
         block = np.ascontiguousarray(block)
         if block.dtype != want:
             raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
-        if not _finite(block):
+        if t.finite and not _finite(block):
             from patcher.errors import PatcherError
             raise PatcherError(t.name, f"the edited tensor holds NaN or Inf (the input tensor is not finite, "
                                        f"or the edit overflowed {t.dtype}); nothing was written")

@@ -20,6 +20,23 @@ _TOP_KEYS = {"model_type", "extends", "layers", "unembed", "tie_word_embeddings"
 _WRITER_KEYS = {"role", "weight", "bias", "residual_axis", "post_norm", "expert_axis",
                 "gguf", "gguf_bias", "gguf_residual_axis", "gguf_post_norm"}
 _GGUF_KEYS = {"arch", "rope_permuted", "norm_shift", "inject"}
+# what each value must be (a table is user input: `--arch-table`)
+_TOP_TYPES = {"model_type": str, "extends": str, "layers": str, "unembed": str, "tie_word_embeddings": bool,
+              "config": dict, "prefixes": list, "post_norm_gain": str, "embed": list, "writer": list,
+              "inject": dict, "gguf": dict}
+_WRITER_TYPES = {"role": str, "weight": str, "name": str, "bias": str, "post_norm": str, "gguf": str,
+                 "gguf_bias": str, "gguf_post_norm": str}
+_AXES = {"residual_axis": (0, 1, 2), "expert_axis": (0, 1, 2), "gguf_residual_axis": (0, 1, 2)}
+
+
+def _check_types(path, where: str, entry: dict, types: dict, axes=None) -> None:
+    for key, value in entry.items():
+        want = types.get(key)
+        if want is not None and not isinstance(value, want):
+            raise PatcherError(path, f"{where}{key} must be a {want.__name__}, got {value!r}")
+        if axes and key in axes and (isinstance(value, bool) or value not in axes[key]):
+            raise PatcherError(path, f"{where}{key} must be one of {axes[key]} (an axis of the weight), "
+                                     f"got {value!r}")
 GGUF_LAYERS = "blk.{layer}."
 GGUF_UNEMBED = "output.weight"
 _INJECT_KEYS = {"bias", "hf_loads", "config_flag", "siblings"}
@@ -113,6 +130,7 @@ def _merged(path: Path, seen=()) -> dict:
 def _writer(path, entry, role=None) -> Writer:
     if not isinstance(entry, dict) or set(entry) - _WRITER_KEYS - {"name"}:
         raise PatcherError(path, f"bad writer entry {entry!r}; keys: {sorted(_WRITER_KEYS)}")
+    _check_types(path, f"writer {entry.get('weight') or entry.get('name')!r}: ", entry, _WRITER_TYPES, _AXES)
     role = role or entry.get("role")
     if role not in ROLES:
         raise PatcherError(path, f"writer role {role!r} is not one of {ROLES}")
@@ -163,6 +181,8 @@ def load_table(path) -> Architecture:
     missing = [k for k in ("model_type", "layers", "unembed", "config", "embed", "writer") if k not in d]
     if missing:
         raise PatcherError(path, f"architecture table lacks {missing}")
+    _check_types(path, "", {k: v for k, v in d.items() if not k.startswith("_")}, _TOP_TYPES)
+    _check_types(path, "config.", d["config"], {"layers": str, "d_model": str})
     gain = d.get("post_norm_gain")
     if gain is not None and gain not in POST_NORM_GAINS:
         raise PatcherError(path, f"post_norm_gain must be one of {sorted(POST_NORM_GAINS)}")

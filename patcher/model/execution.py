@@ -130,8 +130,8 @@ class StreamedModel:
                 try:
                     st[3] = x = fw.block(NumpyOps(weights, mask, pos), self.spec, self.hp, x, layer)
                 except ValueError as e:  # numpy's shape errors: the config's sizes do not fit the tensors
-                    raise PatcherError(self.ck.config_path, f"block {layer}: the config's sizes do not fit the "
-                                       f"tensors ({e}); check head_dim, num_attention_heads, "
+                    raise PatcherError(self.ck.config_path, f"block {layer}: the config's sizes do not fit "
+                                       f"the tensors ({e}); check head_dim, num_attention_heads, "
                                        "num_key_value_heads, intermediate_size") from None
                 if on_resid:
                     on_resid(index, layer + 1, x)

@@ -139,13 +139,12 @@ def _rope_from(cfg: dict, block: dict | None, head_dim: int, theta_default: floa
     if kind not in ROPE_KINDS:
         raise PatcherError("config.json", f"rope type {kind!r} is not supported yet (supported: "
                            f"{', '.join(ROPE_KINDS)})")
-    for key, value in (("rope_theta", theta), ("partial_rotary_factor", partial),
-                       *((f"rope_scaling.{k}", params[k]) for k in ROPE_NUMBERS if params.get(k) is not None)):
+    numbers = [(f"rope_scaling.{k}", params[k]) for k in ROPE_NUMBERS if params.get(k) is not None]
+    for key, value in [("rope_theta", theta), ("partial_rotary_factor", partial), *numbers]:
         positive = key in ("rope_theta", "rope_scaling.factor")  # 0 makes every rotation NaN
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or (positive and value <= 0):
-            raise PatcherError("config.json", f"{key} must be a finite {'positive ' if positive else ''}number, "
-                                              f"got {value!r}")
+            raise ValueError(f"{key} must be a finite {'positive ' if positive else ''}number, got {value!r}")
     return Rope(float(theta), int(head_dim * partial), kind, params)
 
 

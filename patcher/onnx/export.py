@@ -201,7 +201,7 @@ def export(
     sm = StreamedModel(model, arch_table)  # a folder, file, hub repo id or open Model: opened once
     ck = sm.model
     cache = manifest.DigestCache()
-    gguf = getattr(ck.storage, "g", None)  # a GGUF (seen through its HF view): files beside it are not its own
+    gguf = getattr(ck.storage, "g", None)  # a GGUF, seen through its HF view: files beside it are not its
     inputs = {
         p.name: cache.sha256(p)
         for p in ([gguf.path] if gguf else sorted(ck.folder.iterdir()))

@@ -514,7 +514,8 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
     t0 = time.perf_counter()
     o = a.options
     if a.output.suffix:  # a file step: a previous run's file is replaced, anything else is refused
-        check_output(a.output, [plan.path], kind="file", replace_ok=True, option=f"step {a.step.index} output")
+        check_output(a.output, [plan.path], kind="file", replace_ok=True,
+                     option=f"step {a.step.index} output")
     if a.op == "extract":
         from patcher.edit.extract import extract
         r = extract(a.input, o["positive"], o["negative"], positions=tuple(o.get("positions", [-1])),
