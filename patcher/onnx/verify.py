@@ -226,7 +226,7 @@ def _eos(folder: Path, tok) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-PARITY_CHUNK = 4  # prompts per numpy forward: memory holds one chunk's logits, whatever the prompt count
+PARITY_CHUNK = 8  # prompts per numpy forward: memory holds one chunk's logits, whatever the prompt count
 
 
 def _chunks(n: int, size: int = PARITY_CHUNK):
