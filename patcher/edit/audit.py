@@ -80,7 +80,7 @@ class AuditReport:
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("direction", "signals")}
-        out["signals"] = [{k: v for k, v in s.items() if k not in ("direction", "profile")}
+        out["signals"] = [{k: v for k, v in s.items() if k not in ("direction", "profile", "layer_profile")}
                           for s in self.signals]
         out["direction"] = None if self.direction is None else np.asarray(self.direction).tolist()
         return out
