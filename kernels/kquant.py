@@ -274,12 +274,20 @@ def _scales_signed(x, qtype: str) -> KScales:
     return KScales(qtype, _to_f16(d), None, ls, None, codes)
 
 
+CHUNK = 1024  # super-blocks searched at once: the search's temporaries stay in cache (2-3x faster)
+
+
 def scales(x: np.ndarray, qtype: str) -> KScales:
     """Super-block and sub-block scales for values x [B, 256] (float32, as ggml's quantizers see them)."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK_K)
-    if KTYPES[qtype].has_min:
-        return _scales_with_min(x, qtype)
-    return _scales_signed(x, qtype)
+    search = _scales_with_min if KTYPES[qtype].has_min else _scales_signed
+    if len(x) <= CHUNK:
+        return search(x, qtype)
+    parts = [search(x[i : i + CHUNK], qtype) for i in range(0, len(x), CHUNK)]
+    joined = lambda field: (  # noqa: E731
+        None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])
+    )
+    return KScales(qtype, *(joined(f) for f in ("d16", "dmin16", "sc", "m", "codes")))
 
 
 def _per_element(a: np.ndarray, sub: int) -> np.ndarray:

@@ -16,8 +16,8 @@ the greedy tokens. The same greedy generation runs in Python onnxruntime (intra_
 --threads) for ms/token and for token agreement: browser vs Python on the same file, and each variant
 vs fp32 (prefix agreement: share of the sequence before the first different token).
 
-The onnxruntime-web build defaults to the one the `patcher web` page uses (transformers.js's own
-pinned dependency); --ort-web pinned uses web/package.json's top-level onnxruntime-web instead.
+The onnxruntime-web build is the one the `patcher web` page uses (transformers.js's own pinned
+dependency, from the runtime cache: patcher/web/runtime.py fetches it once with npm).
 
     python scripts/bench_web.py                                  # defaults (~5-10 min on 2 cores)
     python scripts/bench_web.py --workdir /tmp/bw --keep         # keep model + exports for the next run
@@ -42,7 +42,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import add_model_args, make_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.5  # browser fp32 ms/token / q4 ms/token
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>bench</title>
@@ -113,16 +112,15 @@ window.ready = true;
 </script>"""
 
 
-def ort_web_dir(which: str) -> Path:
-    nm = REPO / "web" / "node_modules"
-    cands = {
-        "site": [nm / "@huggingface/transformers/node_modules/onnxruntime-web", nm / "onnxruntime-web"],
-        "pinned": [nm / "onnxruntime-web"],
-    }[which]
-    for c in cands:
-        if (c / "dist" / "ort.wasm.min.mjs").is_file():
-            return c
-    sys.exit(f"no onnxruntime-web under {nm}: run `cd web && npm ci --ignore-scripts`")
+def ort_web_dir() -> Path:
+    """onnxruntime-web's dist/ (ort.wasm.min.mjs and the WASM it loads) from the pinned runtime cache."""
+    from patcher.errors import PatcherError
+    from patcher.web import runtime
+
+    try:
+        return runtime.cached(say=print).wasm_dir
+    except PatcherError as e:
+        sys.exit(f"no onnxruntime-web: {e}")
 
 
 def export_variants(model: Path, work: Path, a) -> dict:
@@ -230,7 +228,6 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ort-web", choices=["site", "pinned"], default="site")
     ap.add_argument(
         "--quick", action="store_true", help="fp32 and the q4 blocks only (no fp16 / int8 / q4f16)"
     )
@@ -245,8 +242,8 @@ def main(argv=None) -> int:
     why = missing()
     if why:
         sys.exit(f"cannot run the browser benchmark: {why}")
-    ort_dir = ort_web_dir(a.ort_web)
-    ort_version = json.loads((ort_dir / "package.json").read_text())["version"]
+    ort_dir = ort_web_dir()
+    ort_version = json.loads((ort_dir.parent / "package.json").read_text())["version"]
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-web-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -271,7 +268,7 @@ def main(argv=None) -> int:
         root = work / "site"
         shutil.rmtree(root, ignore_errors=True)
         (root / "m").mkdir(parents=True)
-        os.symlink(ort_dir / "dist", root / "ort")
+        os.symlink(ort_dir, root / "ort")
         for name, (folder, *_rest) in variants.items():
             os.symlink(folder / "onnx", root / "m" / name)
         (root / "index.html").write_text(PAGE % {"threads": a.threads})

@@ -23,6 +23,7 @@ assembles its GGUF from four chunk packages (`-part1` .. `-part4`); not fetched 
 """
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -39,8 +40,8 @@ WHEELS_ENV = "PATCHER_REAL_WHEELS"
 # bumped when what is derived changes in a way the code fingerprint cannot see
 RECIPE = 1
 # the code whose output is cached: a change in any of these derives again
-FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_fields.py",
-                 "patcher/io/gguf_hf.py", "patcher/io/writer.py")
+FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_pretokenizers.py",
+                 "patcher/io/gguf_fields.py", "patcher/io/gguf_hf.py", "patcher/io/writer.py")
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,11 @@ def _quantize(src: Path, out: Path, ftype: int) -> None:
     params.nthread = min(2, os.cpu_count() or 1)
     part = _partial(out)
     try:
-        with tempfile.TemporaryFile() as log, _stderr_to(log):  # llama.cpp logs every tensor
+        said = io.StringIO()  # llama.cpp logs every tensor: through Python's sys.stderr and through fd 2
+        with tempfile.TemporaryFile() as log, _stderr_to(log), contextlib.redirect_stderr(said):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
             log.seek(0)
-            text = log.read().decode(errors="replace")
+            text = said.getvalue() + log.read().decode(errors="replace")
         if rc != 0:
             raise SystemExit(f"llama_model_quantize({src.name} -> {out.name}) failed ({rc}):\n"
                              f"{text[-2000:]}")

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -75,3 +77,32 @@ def read_config(folder: Path) -> dict:
 def unit(v) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     return v / np.linalg.norm(v)
+
+
+# patcher as users install it (tests/test_wheel.py, tests/test_web_wheel.py): built once per session
+SKIP = shutil.ignore_patterns(".git", "node_modules", "build", "dist", "*.egg-info", "__pycache__",
+                              ".pytest_cache", ".hypothesis", ".mutmut-cache", "bench-out", ".venv")
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """Build from a copy of the checkout, so the build's own files never land in the repository."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=SKIP)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
+                          str(src.resolve())], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (whl,) = (tmp / "dist").glob("patcher-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="session")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv holding the wheel; the heavy dependencies come from this interpreter's site-packages."""
+    env = tmp_path_factory.mktemp("venv") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env)], check=True)
+    res = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return env

@@ -69,7 +69,9 @@ def _deq(raw: np.ndarray, qtype: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_bytes_are_llama_cpps(qtype, ggml):
+@pytest.mark.parametrize("chunk", [100, K.CHUNK], ids=["chunked", "whole"])
+def test_bytes_are_llama_cpps(qtype, chunk, ggml, monkeypatch):
+    monkeypatch.setattr(K, "CHUNK", chunk)  # the search runs per chunk of super-blocks: no seams
     for name, x in INPUTS.items():
         ours = K.quantize(x, qtype).reshape(-1, K.KTYPES[qtype].nbytes)
         theirs = ggml(x, qtype)

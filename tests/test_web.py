@@ -1,14 +1,16 @@
 """The browser, for real: Debian's headless Chromium (Playwright for Python) runs transformers.js and
-onnxruntime-web (the pinned web/node_modules) on exports of several architectures, from a localhost
-server, with every other request refused. Greedy tokens must equal Python onnxruntime's for fp32;
-each quantized variant's agreement with Python is reported. The `patcher web` page is typed into and
-its answers read back. Without chromium / playwright / node_modules these tests skip — except under
-CI (env CI set), where they fail, so CI proves the browser path."""
+onnxruntime-web (the pinned runtime, fetched once from the npm registry into the user cache) on exports of
+several architectures, from a localhost server, with every other request refused. Greedy tokens must
+equal Python onnxruntime's for fp32; each quantized variant's agreement with Python is reported. The
+`patcher web` page is typed into and its answers read back while they stream. Without chromium /
+playwright / the runtime (npm to fetch it) these tests skip — except under CI (env CI set), where they
+fail, so CI proves the browser path."""
 
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from patcher.errors import PatcherError
 from patcher.model.prompts import encode_prompts, load_tokenizer
 from patcher.onnx.runtime import OnnxModel
 from patcher.onnx.verify import _eos
+from patcher.web import runtime as web_runtime
 from patcher.web import site as web_site
 from patcher.web.serve import Server
 
@@ -66,7 +69,7 @@ def _missing() -> str | None:
     if why:
         return why
     try:
-        web_site.find_runtime(None, False)
+        web_runtime.cached()  # fetched once into the user cache (the same call `patcher web` makes)
     except PatcherError as e:  # says what to install
         return str(e)
     return None
@@ -112,10 +115,10 @@ def browser(need_browser):
 def probe(tmp_path_factory, browser, exports):
     """A page with transformers.js that loads exports copied verbatim under /models/NAME."""
     root = tmp_path_factory.mktemp("web-probe")
-    rt = web_site.find_runtime(None, False)
+    rt = web_runtime.cached(fetch=False)
     (root / "js").mkdir()
-    shutil.copyfile(rt.dist / web_site.TRANSFORMERS_MODULE, root / "js" / web_site.TRANSFORMERS_MODULE)
-    for f in web_site.WASM_FILES[:2]:
+    shutil.copyfile(rt.dist / web_runtime.TRANSFORMERS_MODULE, root / "js" / web_runtime.TRANSFORMERS_MODULE)
+    for f in web_runtime.WASM_FILES[:2]:
         shutil.copyfile(rt.wasm_dir / f, root / "js" / f)
     (root / "index.html").write_text(PROBE)
     (root / "models").mkdir()
@@ -278,7 +281,7 @@ def test_site_layout_and_offline_runtime(site):
     spec = json.loads((folder / "site.json").read_text())
     assert [m["id"] for m in spec["models"]] == ["original", "edited"]
     assert spec["runtime"]["local"] and spec["runtime"]["module"].startswith("./js/")
-    for f in (web_site.TRANSFORMERS_MODULE, *web_site.WASM_FILES):
+    for f in (web_runtime.TRANSFORMERS_MODULE, *web_runtime.WASM_FILES):
         p = folder / "js" / f
         assert p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o004
     for p in (folder / "models" / "edited" / "onnx").iterdir():
@@ -291,18 +294,17 @@ def test_cdn_site_pins_versions(site, tmp_path):
     _, edited, _ = site
     run_cli("web", edited, "-o", tmp_path / "s", "--cdn")
     rt = json.loads((tmp_path / "s" / "site.json").read_text())["runtime"]
-    lock = json.loads((web_site.REPO_WEB / "package-lock.json").read_text())["packages"]
-    v = lock["node_modules/@huggingface/transformers"]["version"]
-    assert (
-        rt["module"] == f"https://cdn.jsdelivr.net/npm/@huggingface/transformers@{v}/dist/transformers.min.js"
-    )
-    assert "@" in rt["wasm_base"] and not (tmp_path / "s" / "js").exists()
-    ort = lock["node_modules/@huggingface/transformers/node_modules/onnxruntime-web"]["version"]
-    assert (
-        (web_site.PINNED_TRANSFORMERS, web_site.PINNED_ORT_WEB)
-        == (v, ort)
-        == (rt["transformers"], rt["onnxruntime_web"])
-    )
+    tjs, ort = (web_runtime.PINS[p].version for p in (web_runtime.TRANSFORMERS_PKG, web_runtime.ORT_PKG))
+    cdn = "https://cdn.jsdelivr.net/npm"
+    assert rt["module"] == f"{cdn}/@huggingface/transformers@{tjs}/dist/transformers.min.js"
+    assert rt["wasm_base"] == f"{cdn}/onnxruntime-web@{ort}/dist/"
+    assert not (tmp_path / "s" / "js").exists()
+    # the pinned onnxruntime-web is the exact build transformers.js's own package.json asks for
+    cached = web_runtime.cached(fetch=False)
+    pkg = json.loads((cached.dist.parent / "package.json").read_text())
+    assert (pkg["version"], pkg["dependencies"]["onnxruntime-web"]) == (tjs, ort)
+    assert json.loads((cached.wasm_dir.parent / "package.json").read_text())["version"] == ort
+    assert (rt["transformers"], rt["onnxruntime_web"]) == (tjs, ort)
 
 
 def test_output_rules(site, tmp_path):
@@ -393,12 +395,248 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_site_prefers_fast_wasm_variant(exports, tmp_path):
-    # int8 is DynamicQuantizeLinear + MatMulInteger: WASM's fastest; the export's own choices stay
+@pytest.mark.parametrize("dtypes, want", [(ALL_DTYPES, "fp16"), ("fp32,int4", "fp32"), ("int4,int8", "q8"),
+                                          ("q4f16,int4", "q4")])
+def test_site_wasm_variant_when_the_export_names_none(exports, tmp_path, dtypes, want):
+    # an export made before the per-device choice was recorded: the float variants first (quality), then
+    # int8 MatMulInteger (WASM's fastest), 4-bit last; the export's other settings stay
+    folder = tmp_path / "x"
+    shutil.copytree(exports("llama", name=f"llama-{dtypes}", dtype=dtypes), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    src = cfg["transformers.js_config"]
+    (src.get("device_config") or {}).pop("wasm", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    run_cli("web", folder, "-o", tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
+    cfg = cfg["transformers.js_config"]
+    assert cfg["device_config"]["wasm"] == {"dtype": want}
+    assert {k: v for k, v in cfg.items() if k != "device_config"} == {k: v for k, v in src.items()
+                                                                       if k != "device_config"}
+    assert cfg["device_config"].get("webgpu") == (src.get("device_config") or {}).get("webgpu")
+
+
+def test_site_keeps_the_exports_own_wasm_choice(exports, tmp_path):
+    folder = tmp_path / "x"
+    shutil.copytree(exports("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["transformers.js_config"]["device_config"] = {"wasm": {"dtype": "q4"}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    run_cli("web", folder, "-o", tmp_path / "s")
+    site = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
+    assert site["transformers.js_config"]["device_config"] == {"wasm": {"dtype": "q4"}}
+
+
+# --- the chat page as a user meets it: streaming, stop, new chat, layout -------------------------------
+
+STREAM_TOKENS = 300  # the tiny llama's greedy answer runs the whole length (no eos): > 1 s in the browser
+LONG_TOKENS = 2000  # an answer that only "stop" ends within the test's time
+
+# One answer, measured inside the page: timer ticks and animation frames while the model works, every
+# distinct text the answer bubble showed before it was finished. A page that generates on its own thread
+# shows none of these until the answer is complete.
+WATCH = """async ({ prompt, stopAfter, resetAfter }) => {
+  const st = window.patcher.state, log = document.querySelector('.column .log');
+  const until = (ok) => new Promise((done) => {
+    const poll = () => ok() ? done() : setTimeout(poll, 5);
+    poll();
+  });
+  const answer = () => [...log.querySelectorAll('.msg.assistant')].at(-1);
+  let ticks = 0, frames = 0;
+  const clock = setInterval(() => ticks++, 25);
+  const frame = () => { frames++; if (st.busy) requestAnimationFrame(frame); };
+  const partial = [];
+  const watch = new MutationObserver(() => {
+    const b = answer();
+    if (b?.classList.contains('pending') && b.textContent && b.textContent !== partial.at(-1)) {
+      partial.push(b.textContent);
+    }
+  });
+  watch.observe(log, { subtree: true, childList: true, characterData: true });
+  const t0 = performance.now();
+  document.querySelector('#prompt').value = prompt;
+  document.querySelector('#send').click();
+  requestAnimationFrame(frame);
+  let actedMs = null, logsAfterReset = null, textsAfterReset = null;
+  if (stopAfter || resetAfter) {
+    await until(() => partial.length >= 3);  // the answer is streaming
+    const t = performance.now();
+    document.querySelector(stopAfter ? '#stop' : '#reset').click();
+    if (resetAfter) {
+      logsAfterReset = log.children.length;
+      await new Promise((r) => setTimeout(r, 200));  // pieces of the old answer must not come back
+      textsAfterReset = log.textContent.length;
+    }
+    await until(() => !st.busy);
+    actedMs = performance.now() - t;
+  } else {
+    await until(() => !st.busy);
+  }
+  clearInterval(clock);
+  watch.disconnect();
+  return { ms: performance.now() - t0, ticks, frames, partial, actedMs, logsAfterReset, textsAfterReset,
+           last: st.last, status: document.querySelector('#status').textContent,
+           meta: answer()?.querySelector('.meta')?.textContent ?? null };
+}"""
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, exports, need_browser):
+    """`patcher web` on one unedited export (no --compare), and what the command printed."""
+    root = tmp_path_factory.mktemp("web-single")
+    ex = exports("llama", name="llama-web", dtype=EXPORT_DTYPES)
+    r = run_cli("web", ex, "-o", root / "site")
+    return root / "site", ex, r.output
+
+
+@contextmanager
+def chat_page(browser, folder: Path, query: str = "device=wasm"):
+    """The page, loaded and ready; yields (page, problems): page errors and failed requests (a 404
+    favicon included) collected while it was open."""
+    with Server(folder) as server:
+        page = browser.new_page()
+        problems = []
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("response", lambda r: r.status >= 400 and problems.append(f"{r.status} {r.url}"))
+        page.goto(f"{server.url}?{query}")
+        page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+        try:
+            yield page, problems
+        finally:
+            page.close()
+
+
+def test_answer_streams_while_the_page_keeps_drawing(single, browser):
+    folder, export, _ = single
+    with chat_page(browser, folder, f"device=wasm&max_new_tokens={STREAM_TOKENS}") as (page, problems):
+        got = page.evaluate(WATCH, {"prompt": PROMPT})
+    assert not problems and not browser.blocked
+    last = got["last"]["edited"]
+    want = python_greedy(export, "model.onnx", prompt_ids(export), STREAM_TOKENS)
+    assert last["ids"] == want and len(want) == STREAM_TOKENS  # fp32 on WASM, token for token
+    final = load_tokenizer(export).decode(want, skip_special_tokens=True)
+    assert last["text"] == final
+    # the answer appeared piece by piece, each piece the start of the final answer
+    assert len(got["partial"]) >= 10, got["partial"]
+    assert all(final.startswith(p) for p in got["partial"])
+    assert len(set(got["partial"])) == len(got["partial"])
+    # the page's own thread stayed free: its timers and frames ran during the answer
+    assert got["ms"] > 500, "the answer was too short to show anything"
+    assert got["ticks"] >= 5 and got["frames"] >= 5, got
+
+
+def test_stop_ends_the_answer_within_a_second(single, browser):
+    folder, export, _ = single
+    with chat_page(browser, folder, f"device=wasm&max_new_tokens={LONG_TOKENS}") as (page, problems):
+        got = page.evaluate(WATCH, {"prompt": PROMPT, "stopAfter": True})
+        page.fill("#prompt", "And the mountains?")  # the chat goes on after a stop
+        page.press("#prompt", "Enter")
+        page.wait_for_function("window.patcher.answered >= 2", timeout=120_000)
+        history = page.evaluate("window.patcher.state.models[0].messages.length")
+    assert not problems
+    last = got["last"]["edited"]
+    assert got["actedMs"] < 1000, got["actedMs"]
+    assert last["stopped"] and 0 < len(last["ids"]) < LONG_TOKENS
+    assert last["ids"] == python_greedy(export, "model.onnx", prompt_ids(export), len(last["ids"]))
+    assert got["status"].startswith("stopped") and got["meta"].endswith("stopped")
+    assert history == 4  # the stopped answer stays in the conversation
+
+
+def test_new_chat_during_an_answer(single, browser):
+    folder, export, _ = single
+    with chat_page(browser, folder, f"device=wasm&max_new_tokens={LONG_TOKENS}") as (page, problems):
+        got = page.evaluate(WATCH, {"prompt": "Something long", "resetAfter": True})
+        page.fill("#prompt", PROMPT)
+        page.press("#prompt", "Enter")
+        page.wait_for_function("window.patcher.answered >= 2", timeout=60_000)
+        last = page.evaluate("window.patcher.state.last")
+        bubbles = page.locator(".msg").count()
+    assert not problems
+    assert got["logsAfterReset"] == 0 and got["textsAfterReset"] == 0  # cleared at once, stays clear
+    assert got["actedMs"] < 1000  # and the old answer stopped
+    # the new conversation starts from nothing: the prompt is the single-turn one
+    assert last["edited"]["prompt_ids"] == prompt_ids(export) and bubbles == 2
+
+
+def test_wasm_default_variant_is_the_one_readme_names(exports, browser, tmp_path):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    order = re.search(r"else the first of `([a-z0-9, ]+)` it holds", readme)
+    assert order, "README no longer says which variant WASM runs by default"
+    order = tuple(order[1].split(", "))
+    assert order == web_site.WASM_ORDER
+    folder = exports("llama")  # every variant patcher writes
+    own = (json.loads((folder / "config.json").read_text())["transformers.js_config"].get("device_config")
+           or {}).get("wasm", {}).get("dtype")
+    variants, _ = web_site.model_files(folder)
+    want = own or next(d for d in order if d in variants)
+    run_cli("web", folder, "-o", tmp_path / "s")
+    with chat_page(browser, tmp_path / "s") as (page, problems):
+        loaded = page.evaluate("window.patcher.state.models.map((m) => m.dtype)")
+        tag = page.inner_text(".column h2 .tag")
+        choice = page.inner_text("#dtype option[value=default]")
+    assert not problems
+    assert loaded == [want] and tag == f"{want} · wasm" and want in choice
+
+
+def test_compare_layout_fits_the_viewport(site, browser):
+    folder, _, _ = site
+    with chat_page(browser, folder, "device=wasm&max_new_tokens=4") as (page, problems):
+        titles = page.locator(".column h2").evaluate_all("hs => hs.map((h) => h.firstChild.textContent)")
+        page.fill("#prompt", PROMPT)
+        page.click("#send")
+        page.wait_for_function("window.patcher.answered >= 1", timeout=60_000)
+        # a 2 000-character answer with no place to break, in both columns, as the page shows answers
+        width = page.evaluate("""() => {
+          const long = 'x'.repeat(2000);
+          for (const b of document.querySelectorAll('.msg.assistant')) b.firstChild.textContent = long;
+          const cols = [...document.querySelectorAll('.column')].map((c) => c.getBoundingClientRect().right);
+          return { page: document.documentElement.scrollWidth, view: innerWidth, right: Math.max(...cols) };
+        }""")
+    assert not problems  # no 404 (favicon included), no page error
+    assert titles == ["original", "edited"]
+    assert width["page"] <= width["view"] and width["right"] <= width["view"], width
+
+
+def test_single_unedited_column_and_hint(single, browser, site, tmp_path):
+    folder, export, printed = single
+    spec = json.loads((folder / "site.json").read_text())
+    assert [m["label"] for m in spec["models"]] == ["unedited"]
+    with chat_page(browser, folder) as (page, problems):
+        title = page.locator(".column h2").evaluate("h => h.firstChild.textContent")
+        # the page names its icon, and the site has it (else browsers ask for /favicon.ico: a 404)
+        icon = page.evaluate("document.querySelector('link[rel=icon]')?.href")
+        got = page.evaluate("async (u) => { const r = await fetch(u); "
+                            "return [r.status, r.headers.get('content-type')]; }", icon)
+    assert title == "unedited" and not problems
+    assert icon.endswith("/favicon.svg") and got == [200, "image/svg+xml"]
+    assert f"`patcher web {export} -o {folder} --force --serve`" in " ".join(printed.split())
+    # the hint repeats every option given, --compare included
+    _, edited, original = site
+    r = run_cli("web", edited, "--compare", original, "-o", tmp_path / "c", "--max-new-tokens", "7")
+    hint = " ".join(r.output.split())
+    want = f"patcher web {edited} -o {tmp_path / 'c'} --compare {original} --max-new-tokens 7 --force --serve"
+    assert f"`{want}`" in hint
+
+
+def test_serve_checks_the_port_before_building(single, tmp_path):
+    import socket
+
+    _, export, _ = single
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_cli("web", export, "-o", tmp_path / "s", "--serve", "--port", port, expect=1)
+    assert f"127.0.0.1:{port}" in r.output and "cannot listen" in r.output
+    assert not (tmp_path / "s").exists()  # nothing was built
+
+def test_site_keeps_the_exports_recorded_defaults(exports, tmp_path):
+    # the export's own choice per device (quality first: fp16 when present) stays
     folder = exports("llama")
     run_cli("web", folder, "-o", tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
     src = json.loads((folder / "config.json").read_text())["transformers.js_config"]
-    assert cfg["transformers.js_config"]["device_config"]["wasm"] == {"dtype": "q8"}
+    assert cfg["transformers.js_config"]["device_config"]["wasm"] == {"dtype": "fp16"}
     assert cfg["transformers.js_config"]["dtype"] == src["dtype"]
     assert cfg["transformers.js_config"]["use_external_data_format"] == src["use_external_data_format"]

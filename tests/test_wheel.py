@@ -1,43 +1,12 @@
 """patcher installed the way users install a tool: a wheel built from the checkout, in a fresh venv, run
 from a folder outside the repository (so nothing can come from the checkout by accident)."""
 import re
-import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 
 from conftest import ROOT
-
-SKIP = shutil.ignore_patterns(".git", "node_modules", "build", "dist", "*.egg-info", "__pycache__",
-                              ".pytest_cache", ".hypothesis", ".mutmut-cache", "bench-out", ".venv")
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """Build from a copy of the checkout, so the build's own files never land in the repository."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=SKIP)
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
-                          str(src)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    (whl,) = (tmp / "dist").glob("patcher-*.whl")
-    return whl
-
-
-@pytest.fixture(scope="module")
-def venv(wheel, tmp_path_factory) -> Path:
-    """A fresh venv holding the wheel; the heavy dependencies come from this interpreter's site-packages."""
-    env = tmp_path_factory.mktemp("venv") / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env)], check=True)
-    res = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return env
-
 
 def test_wheel_holds_the_package_its_math_and_the_demo_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -18,14 +18,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from patcher_kernels.codecs import itemsize
 from patcher.errors import PatcherError
 from patcher.io import manifest
 from patcher.io.checkpoint import INDEX_NAME
-from patcher.io.gguf import CONFIG_KEYS, PRE_TOKENIZERS, HFView, OutTensorGGUF, load_tokenizer, write_gguf
+from patcher.io.gguf import CONFIG_KEYS, HFView, OutTensorGGUF, write_gguf
+from patcher.io.gguf_pretokenizers import PRE_TOKENIZERS, pre_tokenizer
 from patcher.io.gguf_hf import side_files
 from patcher.io.gguf_fields import INT32, encode, typed
 from patcher.io.writer import OutTensor, OutputFolder, write_safetensors
@@ -79,7 +80,7 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
     g = model.storage
     view = model.forward_model().storage  # HFView; the hyperparameters HF needs are checked here
     files = side_files(g, torch_dtype)  # a vocabulary patcher cannot read fails here, before any work
-    shards = _shards([(n, math.prod(view.info(n).shape) * _itemsize(st_dtype)) for n in view.tensors])
+    shards = _shards([(n, math.prod(view.info(n).shape) * itemsize(st_dtype)) for n in view.tensors])
     hasher = manifest.Hasher(enabled=hash_files)
     hasher.add(g.path.name, g.path)
     try:
@@ -89,7 +90,10 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
                 tensors = [OutTensor(n, st_dtype, view.info(n).shape,
                                      produce=lambda n=n: _hf_blocks(view, n, st_dtype)) for n in names]
                 sha = write_safetensors(tmp / fname, tensors, {"format": "pt"}, hash_out=hash_files)
-                hasher.set("out/" + fname, sha) if sha else hasher.add("out/" + fname, tmp / fname)
+                if sha:
+                    hasher.set("out/" + fname, sha)
+                else:  # --no-hash: the size
+                    hasher.add("out/" + fname, tmp / fname)
                 weight_map.update(dict.fromkeys(names, fname))
                 total += sum(t.nbytes for t in tensors)
             if len(shards) > 1:
@@ -109,10 +113,6 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
         hasher.cancel()
         raise
     return Converted(Path(out), len(view.tensors), total, seconds)
-
-
-def _itemsize(st_dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4}[st_dtype]
 
 
 def _shards(sizes: list[tuple[str, int]]) -> list[tuple[str, list[str]]]:
@@ -218,8 +218,8 @@ def _gguf_tensors(model: Model, arch: str, qtype: str, notes: list) -> list[OutT
             continue
         g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if g is None:
-            raise PatcherError(model.path, f"tensor {name!r} has no GGUF name for {arch} (llama.cpp would not "
-                                           "load it)")
+            raise PatcherError(model.path, f"tensor {name!r} has no GGUF name for {arch} "
+                                           "(llama.cpp would not load it)")
         shape = model.info(name).shape
         sources[g] = _Source(g, [name], model.spec.conv1d and len(shape) == 2 and name.endswith(".weight")
                              and ".h." in name)
@@ -329,7 +329,8 @@ def _vocab_fields(model: Model) -> list[bytes]:
     for t, i in vocab.items():
         tokens[i] = t
     if "" in tokens:
-        raise PatcherError(model.folder / "tokenizer.json", "token ids have gaps; GGUF needs one token per id")
+        raise PatcherError(model.folder / "tokenizer.json",
+                           "token ids have gaps; GGUF needs one token per id")
     added = {a["content"]: a for a in spec.get("added_tokens") or []}
     types = [(3 if added[t].get("special") else 4) if t in added else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges") or []]
@@ -353,17 +354,14 @@ def _adds_bos(tok) -> bool:
 
 
 def _pre_tokenizer_name(tokenizer, where) -> str:
-    want = _split(tokenizer)
-    for pre in PRE_TOKENIZERS:
-        probe = SimpleNamespace(path=where, metadata={"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
-                                                      "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": []})
-        if _split(load_tokenizer(probe).tokenizer) == want:
-            return pre
+    want = _split(tokenizer.normalizer, tokenizer.pre_tokenizer)
+    for name in PRE_TOKENIZERS:
+        if _split(tokenizer.normalizer, pre_tokenizer(name, where)) == want:
+            return name
     raise PatcherError(where, "its pre-tokenizer splits text like none of the llama.cpp pre-tokenizers "
                               f"patcher knows ({', '.join(sorted(PRE_TOKENIZERS))})")
 
 
-def _split(tokenizer) -> list[str]:
-    norm = tokenizer.normalizer.normalize_str(_PROBE) if tokenizer.normalizer else _PROBE
-    pre = tokenizer.pre_tokenizer
-    return [p for p, _ in pre.pre_tokenize_str(norm)] if pre else [norm]
+def _split(normalizer, pre) -> list[str]:
+    text = normalizer.normalize_str(_PROBE) if normalizer else _PROBE
+    return [p for p, _ in pre.pre_tokenize_str(text)] if pre else [text]

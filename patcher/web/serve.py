@@ -59,13 +59,13 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
 
 class Server:
-    """`with Server(folder) as s: s.url` — a background-thread server, closed on exit."""
+    """`with Server(folder) as s: s.url` — a background-thread server, closed on exit. The port is taken
+    at construction, the folder only read when it starts: `patcher web --serve` holds the port first, so a
+    busy port is reported before the site is built."""
 
     def __init__(self, folder, port: int = 0, host: str = "127.0.0.1", log=None):
-        folder = Path(folder)
-        if not (folder / "index.html").is_file():
-            raise PatcherError(folder, "not a site built by `patcher web` (no index.html)")
-        handler = functools.partial(_Handler, directory=str(folder))
+        self.folder = Path(folder)
+        handler = functools.partial(_Handler, directory=str(self.folder))
         try:
             self.httpd = _HTTPServer((host, port), handler)
         except OSError as e:
@@ -79,6 +79,8 @@ class Server:
         return f"http://{host}:{port}/"
 
     def start(self) -> "Server":
+        if not (self.folder / "index.html").is_file():
+            raise PatcherError(self.folder, "not a site built by `patcher web` (no index.html)")
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
         )
@@ -92,7 +94,11 @@ class Server:
         self.httpd.server_close()
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc):
         self.close()

@@ -1,6 +1,7 @@
-"""Build the `patcher web` site: a static folder (index.html, app.js, style.css, site.json), the model
-files of one export (and optionally the original's, for side-by-side answers), and a local copy of the
-pinned transformers.js + onnxruntime-web runtime, so the page works with no network at all.
+"""Build the `patcher web` site: a static folder (index.html, app.js, worker.js, style.css, site.json), the
+model files of one export (and optionally the original's, for side-by-side answers), and a local copy of
+the pinned transformers.js + onnxruntime-web runtime (patcher/web/runtime.py), so the page works with no
+network at all.
 
 Nothing here runs in the browser: the page reads site.json (which models, which variants, what the
 edit did) and does everything else itself.
@@ -10,28 +11,18 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from patcher import __version__
 from patcher.errors import PatcherError
 from patcher.io import manifest
+from patcher.io.paths import read_json_object
 from patcher.io.writer import OutputFolder
+from patcher.onnx.export import DEVICE_DEFAULTS, TJS_DTYPE
+from patcher.web.runtime import TRANSFORMERS_MODULE, WASM_FILES, find as find_runtime
 
 ASSETS = Path(__file__).parent / "assets"
-SITE_FILES = ("index.html", "app.js", "style.css")
-REPO_WEB = Path(__file__).resolve().parents[2] / "web"  # the repository's pinned npm packages
-TRANSFORMERS_PKG = "@huggingface/transformers"
-# The runtime module and the onnxruntime-web WASM build it loads (asyncify: WASM and WebGPU in one binary);
-# the plain build is Safari < 26's fallback.
-TRANSFORMERS_MODULE = "transformers.min.js"
-WASM_FILES = (
-    "ort-wasm-simd-threaded.asyncify.mjs",
-    "ort-wasm-simd-threaded.asyncify.wasm",
-    "ort-wasm-simd-threaded.mjs",
-    "ort-wasm-simd-threaded.wasm",
-)
-CDN = "https://cdn.jsdelivr.net/npm"
+SITE_FILES = ("index.html", "app.js", "worker.js", "style.css", "favicon.svg")
 # transformers.js dtype -> file suffix (its DEFAULT_DTYPE_SUFFIX_MAPPING)
 VARIANTS = {
     "fp32": "",
@@ -52,94 +43,6 @@ MODEL_SIDE_FILES = (
     "chat_template.jinja",
 )
 DATA_CHUNK = re.compile(r"^(?P<base>.+\.onnx)_data(?:_(?P<n>\d+))?$")
-
-
-@dataclass
-class Runtime:
-    """Where the page gets transformers.js and the WASM files: a local folder copied into the site,
-    or pinned CDN URLs."""
-
-    transformers_version: str
-    ort_version: str
-    dist: Path | None  # transformers.js dist/ (None: CDN)
-    wasm_dir: Path | None  # onnxruntime-web dist/ matching the version transformers.js was built with
-
-    def module_url(self) -> str:
-        if self.dist is None:
-            return f"{CDN}/{TRANSFORMERS_PKG}@{self.transformers_version}/dist/{TRANSFORMERS_MODULE}"
-        return f"./js/{TRANSFORMERS_MODULE}"
-
-    def wasm_base(self) -> str:
-        return f"{CDN}/onnxruntime-web@{self.ort_version}/dist/" if self.wasm_dir is None else "./js/"
-
-
-def _read_json(path: Path, where=None) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PatcherError(where or path, f"cannot read {path.name}: {e}")
-    if not isinstance(data, dict):
-        raise PatcherError(where or path, f"{path.name} is not a JSON object")
-    return data
-
-
-def find_runtime(js: Path | None, cdn: bool) -> Runtime:
-    """Locate transformers.js's dist/ (the --js folder, else the repository's web/node_modules) and the
-    onnxruntime-web build it expects (its own pinned dependency, nested or hoisted)."""
-    dist = Path(js) if js else REPO_WEB / "node_modules" / TRANSFORMERS_PKG / "dist"
-    pkg_json = dist.parent / "package.json"
-    hint = (
-        "install the pinned runtime with `cd web && npm ci --ignore-scripts`, pass --js "
-        "node_modules/@huggingface/transformers/dist, or use --cdn"
-    )
-    if not (dist / TRANSFORMERS_MODULE).is_file() or not pkg_json.is_file():
-        if cdn and js is None:  # a CDN site needs only the versions: take them from the repository's pins
-            return _cdn_runtime()
-        raise PatcherError(
-            js or "--js",
-            f"no transformers.js build at {dist} ({TRANSFORMERS_MODULE} and ../package.json); {hint}",
-        )
-    pkg = _read_json(pkg_json, js or "--js")
-    want = (pkg.get("dependencies") or {}).get("onnxruntime-web")
-    if pkg.get("name") != TRANSFORMERS_PKG or not want:
-        raise PatcherError(pkg_json, f"not the {TRANSFORMERS_PKG} package (or it lists no onnxruntime-web)")
-    if cdn:
-        return Runtime(pkg["version"], want.lstrip("^~="), None, None)
-    # npm nests the dependency when the top level holds another version, else hoists it
-    modules = dist.parent.parent.parent if dist.parent.parent.name.startswith("@") else dist.parent.parent
-    for cand in (dist.parent / "node_modules" / "onnxruntime-web", modules / "onnxruntime-web"):
-        meta = cand / "package.json"
-        if (
-            meta.is_file()
-            and _read_json(meta).get("version") == want.lstrip("^~=")
-            and all((cand / "dist" / f).is_file() for f in WASM_FILES)
-        ):
-            return Runtime(pkg["version"], want.lstrip("^~="), dist, cand / "dist")
-    raise PatcherError(
-        dist,
-        f"transformers.js {pkg['version']} needs onnxruntime-web {want} "
-        f"({', '.join(WASM_FILES[:2])}) and it is not installed beside it; {hint}",
-    )
-
-
-# the versions web/package-lock.json pins (a test keeps them equal), for --cdn without a checkout
-PINNED_TRANSFORMERS, PINNED_ORT_WEB = "4.3.2", "1.31.0-dev.20260914-8d85527a0"
-
-
-def _cdn_runtime() -> Runtime:
-    if not (REPO_WEB / "package-lock.json").is_file():
-        return Runtime(PINNED_TRANSFORMERS, PINNED_ORT_WEB, None, None)
-    lock = _read_json(REPO_WEB / "package-lock.json")
-    pk = lock.get("packages", {})
-    tjs = pk.get(f"node_modules/{TRANSFORMERS_PKG}", {})
-    ort = pk.get(f"node_modules/{TRANSFORMERS_PKG}/node_modules/onnxruntime-web") or pk.get(
-        "node_modules/onnxruntime-web", {}
-    )
-    if not tjs.get("version") or not ort.get("version"):
-        raise PatcherError(
-            REPO_WEB / "package-lock.json", "no pinned transformers.js / onnxruntime-web versions"
-        )
-    return Runtime(tjs["version"], ort["version"], None, None)
 
 
 def model_files(export: Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -173,7 +76,7 @@ def model_files(export: Path) -> tuple[dict[str, list[str]], list[str]]:
 def _web_config(export: Path, variants: dict) -> dict:
     """config.json for the site: the export's own transformers.js_config wins; what it leaves out is
     filled in from the files present (external data per file, so older exports load too)."""
-    cfg = _read_json(export / "config.json")
+    cfg = read_json_object(export / "config.json")
     tjs = dict(cfg.get("transformers.js_config") or {})
     if "use_external_data_format" not in tjs:
         chunks = {files[0]: len(files) - 1 for files in variants.values() if len(files) > 1}
@@ -182,7 +85,7 @@ def _web_config(export: Path, variants: dict) -> dict:
     if "dtype" not in tjs:
         tjs["dtype"] = "q4" if "q4" in variants else ("fp32" if "fp32" in variants else next(iter(variants)))
     wasm = (tjs.get("device_config") or {}).get("wasm") or {}
-    if "dtype" not in wasm:  # the page's CPU fallback: the variant measured fastest there (BENCHMARKS.md)
+    if "dtype" not in wasm:  # an export that predates the measured per-device choice: WASM_ORDER
         fast = [d for d in WASM_ORDER
                 if d in variants and not (d == "q8" and _has_nbits(export, variants[d][0]))]
         if fast:
@@ -191,9 +94,9 @@ def _web_config(export: Path, variants: dict) -> dict:
     return cfg
 
 
-# onnxruntime-web's WASM build has no MatMulNBits kernel (it dequantizes every call: q4 ran 0.16-0.24x fp32
-# decode) while int8 MatMulInteger ran 1.9x: on WASM prefer q8, then the float variants, q4 last
-WASM_ORDER = ("q8", "fp32", "fp16", "q4", "q4f16")
+# an export that predates the per-device choice gets patcher export's own WASM order (quality first, then
+# speed; measured in BENCHMARKS.md), in transformers.js's names
+WASM_ORDER = tuple(TJS_DTYPE[d] for d in DEVICE_DEFAULTS["wasm"])
 
 
 def _has_nbits(export: Path, file: str) -> bool:
@@ -206,7 +109,8 @@ def _has_nbits(export: Path, file: str) -> bool:
 def provenance(export: Path) -> dict:
     """What the exported model is: the edit recorded in the shards (ablate / inject parameters) and the
     export's own record, for the page's provenance panel."""
-    info = _read_json(export / "patcher-export.json") if (export / "patcher-export.json").is_file() else {}
+    record = export / "patcher-export.json"
+    info = read_json_object(record) if record.is_file() else {}
     man = manifest.read(export) or {}
     return {
         "source": info.get("source") or (man.get("edit") or {}).get("source"),
@@ -224,8 +128,11 @@ def _copy(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o644)
 
 
-def _add_model(tmp: Path, name: str, export: Path, label: str) -> dict:
+def _add_model(tmp: Path, name: str, export: Path, label: str | None = None) -> dict:
+    """Copy one export under models/NAME; its column is titled `label`, else by what the weights record
+    ("edited" only when an edit is recorded)."""
     variants, side = model_files(export)
+    prov = provenance(export)
     dst = tmp / "models" / name
     (dst / "onnx").mkdir(parents=True)
     for files in variants.values():
@@ -239,7 +146,7 @@ def _add_model(tmp: Path, name: str, export: Path, label: str) -> dict:
     size = sum((export / "onnx" / f).stat().st_size for files in variants.values() for f in files)
     return {
         "id": name,
-        "label": label,
+        "label": label or ("edited" if prov["edit"] else "unedited"),
         "path": f"models/{name}",
         "variants": list(variants),
         "default_dtype": cfg["transformers.js_config"].get("dtype"),
@@ -247,7 +154,7 @@ def _add_model(tmp: Path, name: str, export: Path, label: str) -> dict:
                          (cfg["transformers.js_config"].get("device_config") or {}).items()
                          if c.get("dtype")},
         "bytes": size,
-        "provenance": provenance(export),
+        "provenance": prov,
     }
 
 
@@ -260,12 +167,14 @@ def build(
     force: bool = False,
     command: str | None = None,
     max_new_tokens: int = 64,
+    say=None,
 ) -> Path:
+    """Write the site for `export` (and `compare`) into `out`; `say` hears about a first-run download."""
     export, out = Path(export), Path(out)
     inputs = [export] + ([Path(compare)] if compare else [])
     for src in inputs:
         model_files(src)  # fail before touching anything
-    runtime = find_runtime(js, cdn)
+    runtime = find_runtime(js, cdn, say)
     if force and out.exists() and any(out.iterdir()) and manifest.read(out) is None:
         raise PatcherError(
             out,
@@ -273,7 +182,7 @@ def build(
             "--force only replaces an earlier patcher output",
         )
     with OutputFolder(out, inputs, force=force) as tmp:
-        models = [_add_model(tmp, "edited", export, "edited")]
+        models = [_add_model(tmp, "edited", export)]
         if compare:
             models.insert(0, _add_model(tmp, "original", Path(compare), "original"))
         if runtime.dist is not None:

@@ -1,5 +1,6 @@
 // patcher web: chat with an exported (edited) model in the browser through transformers.js.
 // Everything comes from this folder (site.json says which models, variants and runtime); no server code.
+// The models run in a Web Worker (worker.js): this thread only draws, so the page never freezes.
 const $ = (sel) => document.querySelector(sel);
 const params = new URLSearchParams(location.search);
 const statusBox = $("#status");
@@ -8,7 +9,7 @@ const say = (msg, error = false) => {
   statusBox.classList.toggle("error", error);
 };
 
-const state = { site: null, T: null, models: [], busy: false, device: null, last: {} };
+const state = { site: null, models: [], busy: false, stopping: false, epoch: 0, device: null, last: {} };
 // for tests and the curious: window.patcher.ready resolves once the models are loaded
 let markReady, markFailed;
 window.patcher = { state, ready: new Promise((ok, bad) => { markReady = ok; markFailed = bad; }) };
@@ -75,6 +76,7 @@ function buildColumns() {
     col.dataset.model = m.info.id;
     const h = document.createElement("h2");
     h.textContent = m.info.label;
+    h.title = m.info.source ?? "";
     const tag = document.createElement("span");
     tag.className = "tag";
     h.append(tag);
@@ -96,8 +98,35 @@ function bubble(m, role, text) {
   return div;
 }
 
+// The worker and its requests: every reply names the request (rid) it answers.
+const worker = new Worker(new URL("worker.js", import.meta.url), { type: "module" });
+const calls = new Map();  // rid -> { resolve, reject, onToken }
+let nextRid = 0;
+
+function call(type, body = {}, onToken = null) {
+  const rid = ++nextRid;
+  return new Promise((resolve, reject) => {
+    calls.set(rid, { resolve, reject, onToken });
+    worker.postMessage({ type, rid, ...body });
+  });
+}
+
+worker.onmessage = ({ data }) => {
+  const c = calls.get(data.rid);
+  if (!c) return;
+  if (data.type === "token") return c.onToken?.(data.text, data.tokens);
+  calls.delete(data.rid);
+  if (data.type === "failed") c.reject(new Error(data.error));
+  else c.resolve(data);
+};
+worker.onerror = (e) => {  // the worker itself failed (its script did not load): every call fails
+  const error = new Error(`the model worker failed: ${e.message ?? "could not start"}`);
+  for (const c of calls.values()) c.reject(error);
+  calls.clear();
+  say(error.message, true);
+};
+
 async function loadModels() {
-  const { AutoTokenizer, AutoModelForCausalLM } = state.T;
   const want = $("#dtype").value;
   state.device = await pickDevice($("#device").value);
   for (const m of state.models) {
@@ -105,87 +134,95 @@ async function loadModels() {
     if (dtype && !m.info.variants.includes(dtype)) {
       throw new Error(`${m.info.label} has no ${dtype} variant (it has ${m.info.variants.join(", ")})`);
     }
-    say(`loading ${m.info.label} (${dtype ?? m.info.default_dtype ?? "default"}, ${state.device})…`);
-    await m.model?.dispose?.();
-    m.tokenizer ??= await AutoTokenizer.from_pretrained(m.info.id);
-    const opts = { device: state.device, ...(dtype ? { dtype } : {}) };
-    try {
-      m.model = await AutoModelForCausalLM.from_pretrained(m.info.id, opts);
-    } catch (e) {
-      if (state.device !== "webgpu") throw e;
-      console.warn("WebGPU load failed, falling back to WASM:", e);
-      state.device = "wasm";
-      m.model = await AutoModelForCausalLM.from_pretrained(m.info.id, { ...opts, device: "wasm" });
-    }
-    m.dtype = m.model.sessions?.model?.config?.dtype ?? dtype ?? m.info.default_dtype;
-    m.tag.textContent = `${m.dtype} · ${state.device}`;
+    const chosen = dtype ?? m.info.device_dtype?.[state.device] ?? m.info.default_dtype ?? "default";
+    say(`loading ${m.info.label} (${chosen}, ${state.device})…`);
+    const got = await call("load", { id: m.info.id, device: state.device, dtype });
+    state.device = got.device;  // WebGPU that failed to load falls back to WASM
+    m.dtype = got.dtype ?? chosen;
+    m.tag.textContent = `${m.dtype} · ${got.device}`;
   }
 }
 
-async function answer(m, text) {
-  const { TextStreamer } = state.T;
+async function answer(m, text, epoch, progress) {
   m.messages.push({ role: "user", content: text });
   bubble(m, "user", text);
   const out = bubble(m, "assistant", "");
   out.classList.add("pending");
-  const tok = m.tokenizer;
-  const inputs = tok.chat_template
-    ? tok.apply_chat_template(m.messages, { add_generation_prompt: true, return_dict: true })
-    : tok(m.messages.map((x) => x.content).join("\n"));
-  const promptLength = inputs.input_ids.dims.at(-1);
-  let streamed = "", count = 0;
-  const streamer = new TextStreamer(tok, { skip_prompt: true, skip_special_tokens: true,
-    callback_function: (piece) => {
-      streamed += piece;
-      out.textContent = streamed;
-      m.log.scrollTop = m.log.scrollHeight;
-    },
-    token_callback_function: () => { count += 1; } });
   const sample = $("#sample").checked;
-  const started = performance.now();
-  const seq = await m.model.generate({ ...inputs, max_new_tokens: Number($("#max-tokens").value) || 64,
-    do_sample: sample, ...(sample ? { temperature: 0.7 } : {}), repetition_penalty: 1.0, streamer });
-  const seconds = (performance.now() - started) / 1000;
-  const ids = Array.from(seq.slice(null, [promptLength, null]).data, Number);
-  const reply = tok.decode(ids, { skip_special_tokens: true });
-  out.textContent = reply;
+  const r = await call("generate", {
+    id: m.info.id, messages: m.messages, sample,
+    max_new_tokens: Number($("#max-tokens").value) || state.site.max_new_tokens,
+  }, (text, tokens) => {
+    if (epoch !== state.epoch) return;  // "new chat" was pressed: this answer is gone
+    progress.tokens = tokens;
+    out.textContent = text;
+    m.log.scrollTop = m.log.scrollHeight;
+  });
+  if (epoch !== state.epoch) return;
+  out.textContent = r.text;
   out.classList.remove("pending");
   const meta = document.createElement("span");
   meta.className = "meta";
-  const rate = (ids.length / seconds).toFixed(1);
-  meta.textContent = `${ids.length} tokens · ${rate} tok/s · ${m.dtype} · ${state.device}`;
+  const rate = (r.ids.length / Math.max(r.seconds, 1e-3)).toFixed(1);
+  meta.textContent = `${r.ids.length} tokens · ${rate} tok/s · ${r.dtype} · ${r.device}` +
+    (r.stopped ? " · stopped" : "");
   out.append(meta);
-  m.messages.push({ role: "assistant", content: reply });
-  const prompt_ids = Array.from(inputs.input_ids.data, Number);
-  state.last[m.info.id] = { ids, text: reply, prompt_ids, seconds };
+  m.messages.push({ role: "assistant", content: r.text });
+  state.last[m.info.id] = { ids: r.ids, text: r.text, prompt_ids: r.prompt_ids, seconds: r.seconds,
+                            stopped: r.stopped };
+}
+
+function setBusy(busy) {
+  state.busy = busy;
+  $("#send").hidden = busy;
+  $("#stop").hidden = !busy;
+  for (const id of ["#dtype", "#device"]) $(id).disabled = busy;
 }
 
 async function send(event) {
   event?.preventDefault();
   const box = $("#prompt");
   const text = box.value.trim();
-  if (!text || state.busy) return;
-  state.busy = true;
+  if (!text || state.busy || $("#send").disabled) return;
+  setBusy(true);
+  state.stopping = false;
   box.value = "";
-  $("#send").disabled = true;
+  const epoch = state.epoch;
+  const started = performance.now();
+  const progress = { who: "", tokens: 0 };
+  const clock = setInterval(() => {  // a live clock: the page is drawn while the model works
+    say(`${progress.who} is answering… ${((performance.now() - started) / 1000).toFixed(1)} s · ` +
+        `${progress.tokens} tokens`);
+  }, 100);
   try {
     for (const m of state.models) {  // one after the other: the WASM backend runs one session at a time
-      say(`${m.info.label} is answering…`);
-      await answer(m, text);
+      if (state.stopping) break;
+      Object.assign(progress, { who: m.info.label, tokens: 0 });
+      say(`${progress.who} is answering…`);
+      await answer(m, text, epoch, progress);
     }
-    say(`ready · ${state.device} · transformers.js ${state.site.runtime.transformers}`);
+    say(`${state.stopping ? "stopped" : "ready"} · ${state.device} · ` +
+        `transformers.js ${state.site.runtime.transformers}`);
   } catch (e) {
     console.error(e);
     say(`error: ${e.message ?? e}`, true);
   } finally {
-    state.busy = false;
-    $("#send").disabled = false;
+    clearInterval(clock);
+    setBusy(false);
     box.focus();
     window.patcher.answered = (window.patcher.answered ?? 0) + 1;
   }
 }
 
+function stop() {
+  if (!state.busy) return;
+  state.stopping = true;
+  worker.postMessage({ type: "stop" });
+}
+
 function reset() {
+  stop();
+  state.epoch += 1;
   for (const m of state.models) { m.messages = []; m.log.innerHTML = ""; }
   state.last = {};
 }
@@ -217,16 +254,11 @@ function defaults(models) {
 async function main() {
   state.site = await (await fetch("site.json")).json();
   const site = state.site;
-  state.T = await import(site.runtime.module);
-  const { env } = state.T;
-  env.allowRemoteModels = false;  // only this folder's files, never the Hugging Face hub
-  env.allowLocalModels = true;
-  env.localModelPath = new URL("models/", location.href).pathname;  // a path: full URLs count as remote
-  env.useBrowserCache = false;  // a rebuilt site reuses URLs: never answer from a stale cached copy
-  env.useWasmCache = false;
-  const base = new URL(site.runtime.wasm_base, location.href).href;
-  const [mjs, wasm] = site.runtime.wasm_files;
-  env.backends.onnx.wasm.wasmPaths = { mjs: base + mjs, wasm: base + wasm };
+  const url = (path) => new URL(path, location.href).href;
+  await call("init", {
+    runtime: { ...site.runtime, module: url(site.runtime.module), wasm_base: url(site.runtime.wasm_base) },
+    modelsPath: new URL("models/", location.href).pathname,
+  });
   state.models = site.models.map((info) => ({ info, messages: [] }));
   $("#max-tokens").value = params.get("max_new_tokens") ?? site.max_new_tokens;
   const variants = [...new Set(site.models.flatMap((m) => m.variants))];
@@ -241,9 +273,11 @@ async function main() {
   dtypeBox.addEventListener("change", () => reload().catch(() => {}));
   $("#device").addEventListener("change", () => reload().catch(() => {}));
   $("#chat").addEventListener("submit", send);
+  $("#stop").addEventListener("click", stop);
   $("#reset").addEventListener("click", reset);
   $("#prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) send(e);
+    if (e.key === "Escape") stop();
   });
 }
 
