@@ -78,7 +78,7 @@ def test_every_key_and_tensor_matches_gguf_reader(files):
 
 @pytest.mark.real
 def test_real_file_matches_gguf_reader(real_model):
-    """SmolLM2-135M-Instruct's Q4_1 GGUF as shipped, and the K-quant files llama.cpp's quantizer made from it."""
+    """SmolLM2-135M-Instruct's Q4_1 GGUF as shipped, and the K-quant files llama.cpp's quantizer made."""
     for path in (real_model.gguf, *real_model.kquants.values()):
         _same_as_reader(path)
 

@@ -185,7 +185,7 @@ def test_a_model_with_an_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
     """extract on a GGUF whose tokenizer.ggml.pre llama.cpp does not know: exit 1, one line, nearest names."""
     import sys
 
-    from conftest import FIXTURES, ROOT, run_cli
+    from conftest import ROOT, run_cli
     from patcher.io.gguf import OutTensorGGUF, write_gguf
 
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -196,9 +196,10 @@ def test_a_model_with_an_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
     tensors = [OutTensorGGUF(t.name, t.qtype, t.ne, t.nbytes, source=t) for t in g.shard_tensors(g.path.name)]
     bad = tmp_path / "bad.gguf"
     write_gguf(bad, fields, tensors, g.alignment)
-    prompts = FIXTURES / "prompts" / "planted-positive.txt"
-    r = run_cli("extract", bad, "--positive", prompts, "--negative", prompts, "-o", tmp_path / "d.safetensors",
-                expect=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me a story.\nHow do plants grow?\n")
+    out = tmp_path / "d.safetensors"
+    r = run_cli("extract", bad, "--positive", prompts, "--negative", prompts, "-o", out, expect=1)
     assert r.output.count("\n") == 1 and "bad.gguf" in r.output and "'qwen-2'" in r.output, r.output
     assert "nearest: qwen2" in r.output and "Traceback" not in r.output
-    assert not (tmp_path / "d.safetensors").exists()
+    assert not out.exists()
