@@ -80,7 +80,7 @@ class AuditReport:
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("direction", "signals")}
-        out["signals"] = [{k: v for k, v in s.items() if k not in ("direction", "profile")}
+        out["signals"] = [{k: v for k, v in s.items() if k not in ("direction", "profile", "layer_profile")}
                           for s in self.signals]
         out["direction"] = None if self.direction is None else np.asarray(self.direction).tolist()
         return out
@@ -548,7 +548,7 @@ def _verdict(rep: AuditReport, n_groups: int, decided: list[dict]) -> str:
         elif s["signal"].startswith("per-layer"):
             prof = [r for r in rep.layer_profile if r["edited"]]
             kernel = ", ".join(f"{r['layer']}:{max(r['strength_attn'], r['strength_mlp']):.2f}" for r in prof)
-            parts.append(f"{s['verdict']}: per-layer directions moving smoothly across layers {s['where']} "
+            parts.append(f"{s['verdict']}: per-layer directions moving smoothly across {s['where']} "
                          f"(score {s['score']:.1f}); strength by layer {kernel}")
         else:
             parts.append(f"{s['verdict']}: {s['groups_annihilating']} of {n_groups} writer groups "
@@ -567,7 +567,7 @@ def _signal_line(s: dict) -> str:
     measured = {"isolation": "isolation {:.2f}", "score": "score {:.2f}",
                 "groups_at_floor": "{} groups at floor", "evidence_over_null": "evidence {:.0f}× null"}
     values = [f.format(s[k]) for k, f in measured.items() if k in s]
-    where = f" ({s['where']})" if s.get("where") else ""
+    where = f" ({s['where']})" if s.get("where") and s["verdict"] != "no sign" else ""
     return f"{s['signal']}: {', '.join(values)} → {s['verdict']}{where}"
 
 
@@ -593,13 +593,16 @@ def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:
                       f"{r['strength_estimate']:.2f}" if r["annihilates"] else "")
         out.print(t)
     if rep.layer_profile:
-        t = Table(title="per-layer directions (the layer profile)", title_justify="left")
+        t = Table(title="per-layer directions (the layer profile; * named)", title_justify="left")
         for c in ("layer", "attn energy", "mlp energy", "|cos| to previous", "strength attn", "strength mlp"):
             t.add_column(c, justify="right")
         for r in rep.layer_profile[:max_rows]:
             link = "" if r["link_to_previous"] is None else f"{r['link_to_previous']:.2f}"
+            # strength only where the edit outweighs the natural minima (elsewhere 1 − √energy would
+            # read those minima as an edit)
+            strengths = [f"{r[k]:.2f}" if r["edited"] else "" for k in ("strength_attn", "strength_mlp")]
             t.add_row(str(r["layer"]) + (" *" if r["edited"] else ""), f"{r['energy_attn']:.2e}",
-                      f"{r['energy_mlp']:.2e}", link, f"{r['strength_attn']:.2f}", f"{r['strength_mlp']:.2f}")
+                      f"{r['energy_mlp']:.2e}", link, *strengths)
         out.print(t)
     for b in rep.biases:
         out.print(
