@@ -162,3 +162,38 @@ def strength(e: np.ndarray) -> np.ndarray:
     """Rough edit strength from the energy left along r̂: a clean direction carries about the mean
     eigenvalue (1), a scaled ablation (1 − s)² of it."""
     return np.clip(1.0 - np.sqrt(np.maximum(e, 0.0)), 0.0, 1.0)
+
+
+# --- shared structure across groups: what a real model's natural low directions do not have -------
+
+
+def isolation(gram: np.ndarray, k: int = K) -> tuple[float, np.ndarray, float]:
+    """How far the smallest eigenvalue of a mean of normalised Grams stands below the low edge of the
+    rest (its ratio to the median of the next k): ~1 when no direction is shared by the groups, (1 − s)²
+    when every group was ablated with strength s along one direction. Returns (ratio, v, λ₁)."""
+    values, vectors = np.linalg.eigh(np.asarray(gram, dtype=np.float64))
+    edge = float(np.median(values[1 : k + 1]))
+    return float(values[0] / max(edge, 1e-300)), vectors[:, 0], float(values[0])
+
+
+def layer_directions(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the direction its attention and MLP writers together write least (the smallest
+    eigenvector of G_attn + G_mlp) and the two energies along it: [L, d], [L, 2]."""
+    dirs, energy_pairs = [], []
+    for a, m in pairs:
+        _, vectors = np.linalg.eigh(a + m)
+        u = vectors[:, 0]
+        dirs.append(u)
+        energy_pairs.append([u @ a @ u, u @ m @ u])
+    return np.array(dirs), np.maximum(np.array(energy_pairs), 1e-300)
+
+
+def tracks(dirs: np.ndarray, link: float) -> list[tuple[int, int]]:
+    """Maximal runs [start, stop) of consecutive layers whose directions stay linked (|cos| ≥ link):
+    a per-layer difference of means moves smoothly, a clean model's per-layer minima do not."""
+    runs, start = [], 0
+    for i in range(1, len(dirs) + 1):
+        if i == len(dirs) or abs(float(dirs[i] @ dirs[i - 1])) < link:
+            runs.append((start, i))
+            start = i
+    return runs

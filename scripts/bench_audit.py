@@ -11,6 +11,7 @@ for the clean and the ablated checkpoint, and prints audit/cat ratios (target â‰
 
     python scripts/bench_audit.py                 # ~1 GB, 2 repeats
     python scripts/bench_audit.py --gb 4 --repeats 1 --workdir /data/bench --keep
+    python scripts/bench_audit.py --gb 0 --model ~/.cache/patcher/real-models/smollm2-135m-instruct/hf
 """
 import argparse
 import json
@@ -34,7 +35,38 @@ def time_cat(folder: Path) -> float:
     return time.perf_counter() - t0
 
 
+def bench_existing(args, work: Path, created: list) -> None:
+    """--model: audit checkpoints that exist (a real model), each against one cat of its files."""
+    for folder in args.model:
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
+        cats, audits = [], []
+        for k in range(args.repeats):
+            warm_files(files)
+            t0 = time.perf_counter()
+            subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+            cats.append(time.perf_counter() - t0)
+            warm_files(files)
+            log = work / f"model-{k}.log"
+            created.append(log)
+            audits.append(run_child(["patcher", "audit", str(folder), "--json"], log))
+        text = log.read_text()
+        rep = json.loads(text[text.index("{"):])
+        cat, wall = statistics.median(cats), statistics.median(a["wall"] for a in audits)
+        size = sum(f.stat().st_size for f in files)
+        print(f"{folder}: {size / 1e6:.0f} MB; cat {cat:.2f} s, audit {wall:.2f} s (cpu "
+              f"{statistics.median(a['cpu'] for a in audits):.1f} s) = {wall / cat:.1f}Ã— the read; peak RSS "
+              f"{max(a['rss'] for a in audits):.0f} MiB; verdict: {rep['level']}")
+
+
+def warm_files(files) -> None:
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
 def bench(args, work: Path, created: list) -> None:
+    if args.model:
+        bench_existing(args, work, created)
+        if args.gb <= 0:
+            return
     src, out = work / "model", work / "ablated"
     created += [src, out, work / "dir.npy"]
     n_layers = layers_for(args.gb)
@@ -72,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--model", type=Path, action="append", default=[],
+                    help="also audit this existing checkpoint (folder or GGUF); --gb 0 for only these")
     args = ap.parse_args(argv)
     run_in_workdir(args, "bench-audit-", lambda work, created: bench(args, work, created))
     return 0

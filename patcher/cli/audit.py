@@ -8,6 +8,9 @@ import typer
 from patcher.cli.common import ARCH_TABLE_HELP, check_report_file, guard, out, save_direction as save
 from patcher.io.jsonsafe import dumps
 
+EXIT_CODES = {"no sign": 0, "abliterated": 1, "inconclusive": 3}
+
+
 def register(app) -> None:
     @app.command("audit")
     def audit_command(
@@ -22,7 +25,7 @@ def register(app) -> None:
                                    "wrote"),
     ):
         """Look for directions the writers cannot write and for baked biases, with no base model.
-        Exit code 0 no sign of an edit, 1 signs of one, 2 error."""
+        Exit code 0 no sign of an edit, 1 abliterated (or a baked bias), 2 error, 3 inconclusive."""
         def body():
             from patcher.edit.audit import audit, plot as write_plot, print_report
             from patcher.io.paths import check_distinct
@@ -39,5 +42,5 @@ def register(app) -> None:
                 print(dumps(rep.to_json(), indent=2))
             else:
                 print_report(rep, out)
-            raise typer.Exit(1 if rep.edited else 0)
+            raise typer.Exit(EXIT_CODES[rep.level])
         guard(body, interrupted="nothing was written", code=2)  # exit 1 means a finding

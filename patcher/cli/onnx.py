@@ -25,14 +25,37 @@ def _onnx_folder(model: Path, dtype: str) -> Path:
 
 def _print_verify(rep) -> None:
     from rich.table import Table
+    from patcher.onnx.quality import FIT
     ok = "[green]ok[/]" if rep.parity_ok else "[bold red]FAILED[/]"
     t = Table(show_header=False, box=None, title="verify", title_justify="left")
-    t.add_row("parity", f"max |Δ logits| {rep.max_abs_diff:.3g} (logits up to {rep.max_abs_logit:.3g}; "
-                        f"tolerance {rep.tolerance:g} relative, {rep.dtype}) {ok}")
-    t.add_row("top-1 agreement", f"{rep.top1_agreement:.1%} of prompt positions")
+    t.add_row("graph parity", f"max |Δ logits| {rep.max_abs_diff:.3g} (logits up to "
+                              f"{rep.max_abs_logit:.3g}; tolerance {rep.tolerance:g} relative, "
+                              f"{rep.dtype}) {ok}")
+    t.add_row("graph top-1", f"{rep.top1_agreement:.1%} of prompt positions agree with numpy on the weights "
+                             "the file stores")
     if rep.tokens_compared:
-        t.add_row("greedy generation", f"{rep.generation_match:.1%} of {rep.tokens_compared} tokens "
-                                       "identical (onnxruntime with KV cache vs numpy)")
+        t.add_row("graph greedy", f"{rep.generation_match:.1%} of {rep.tokens_compared} tokens identical "
+                                  "(onnxruntime with KV cache vs numpy, same weights)")
+    q = rep.quality
+    if q is not None:
+        t.add_row("vs fp32: KL", f"first-token KL(fp32 ‖ {rep.dtype}) {q.first_token_kl:.3g} nats, mean of "
+                                  f"{q.prompts} prompts (max {q.max_first_token_kl:.3g})")
+        t.add_row("vs fp32: top-1", f"{q.top1:.1%} of prompt positions ({q.first_top1:.1%} of first answer "
+                                    "tokens)")
+        t.add_row("vs fp32: greedy", f"{q.greedy:.1%} of {q.prompts} × {q.tokens} greedy tokens identical")
+        color = "green" if q.fit else "bold red"
+        t.add_row("ship", f"[{color}]{rep.dtype}: {q.verdict()}[/] (README: KL ≤ "
+                          f"{FIT['first_token_kl']:g}, top-1 ≥ {FIT['top1']:.0%}, "
+                          f"greedy ≥ {FIT['greedy']:.0%})")
+    leak = rep.leakage.get("summary", {}) if rep.leakage else {}
+    if "stored_of_original_max" in leak:
+        t.add_row("leakage along r̂", f"stored weights keep {leak['stored_of_original_max']:.2%} of the "
+                                     f"original's component (worst of {leak['tensors']} edited tensors; the "
+                                     f"checkpoint itself {leak.get('exact_of_original_max', 0):.2%})")
+    elif "stored_generic_max" in leak:
+        t.add_row("leakage along r̂", f"|Qᵀ W_stored| {leak['stored_generic_max']:.2%} of a "
+                                     f"generic weight's (worst of {leak['tensors']} edited tensors; the "
+                                     f"checkpoint itself {leak.get('exact_generic_max', 0):.2%})")
     if rep.marker_rate:
         t.add_row("marker rate", ", ".join(f"{k} {v:.1%}" for k, v in rep.marker_rate.items()))
     if rep.first_token_kl is not None:
@@ -183,9 +206,13 @@ def register(app) -> None:
                prompts: Optional[Path] = typer.Option(None, "--prompts",
                                                       help="Prompt file (default: built-in neutral prompts)"),
                direction: Optional[str] = typer.Option(None, "--direction", "-d", help=DIRECTION_HELP_SHORT),
-               dtype: str = typer.Option("fp32", "--dtype", help="which export to check: fp32, fp16, int4"),
+               dtype: str = typer.Option("fp32", "--dtype",
+                                         help="which variant to check: fp32, fp16, int4, q4f16, int8"),
                tokens: int = typer.Option(8, "--tokens",
                                           help="Greedy tokens compared between onnxruntime and numpy"),
+               quality_tokens: int = typer.Option(32, "--quality-tokens",
+                                                  help="Greedy tokens per prompt compared with the fp32 "
+                                                  "model (quality; 0: skip it)"),
                provider: str = typer.Option("cpu", "--provider", help="cpu or cuda"),
                no_chat_template: bool = typer.Option(False, "--no-chat-template"),
                as_json: bool = typer.Option(False, "--json")):
@@ -195,6 +222,7 @@ def register(app) -> None:
             V.choice(dtype, tuple(FILES), "--dtype")
             V.choice(provider, ("cpu", "cuda"), "--provider")
             V.number(tokens, "tokens", "--tokens")
+            V.number(quality_tokens, "tokens", "--quality-tokens")
             from patcher.edit.directions import load_direction
             from patcher.io.hub import locate
             from patcher.model.opened import Model
@@ -202,7 +230,8 @@ def register(app) -> None:
             d = load_direction(direction, ref.d_model) if direction else None
             rep = run_verify(locate(onnx_dir)[0], reference, dtype=dtype, prompts=prompts, original=original,
                              direction=d,
-                             tokens=tokens, provider=provider, chat_template=not no_chat_template,
+                             tokens=tokens, quality_tokens=quality_tokens, provider=provider,
+                             chat_template=not no_chat_template,
                              announce=lambda m: err.print(f"[cyan]{m}[/]"))
             if as_json:
                 print(dumps(rep.as_dict(), indent=2))

@@ -132,7 +132,8 @@ class GGUFFile:
         if any(n <= 0 for n in t.ne) or t.ne[0] % block:
             raise CheckpointError(
                 self.path,
-                f"tensor {t.name!r} has shape {list(t.ne)} (ne0 must be a multiple of {block} for {kind.name})",
+                f"tensor {t.name!r} has shape {list(t.ne)} (ne0 must be a multiple of {block} for "
+                f"{kind.name})",
             )
         nbytes = math.prod(t.ne) // block * type_size
         begin = self.data_offset + t.offset
@@ -215,7 +216,7 @@ class GGUFFile:
         return self.read_rows(name, 0, self.raw(name).shape[0]).reshape(t.shape)
 
     def release(self, name: str) -> None:
-        t = self.info(name)  # drop the pages this tensor touched: a big model streams through without filling RAM
+        t = self.info(name)  # drop the pages it touched: a big model streams through without filling RAM
         self.header.madvise_dontneed(t.begin, t.end)
 
     def shard_tensors(self, fname: str) -> list[GGUFTensor]:

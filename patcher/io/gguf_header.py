@@ -195,6 +195,8 @@ class GGUFHeader:
 
     def __init__(self, path):
         self.path = Path(path)
+        if not self.path.is_file():  # never open a FIFO or device: that would wait, not fail
+            raise CheckpointError(self.path, "not a regular file")
         with open(self.path, "rb") as f:
             size = f.seek(0, 2)
             if size < 24:
@@ -260,7 +262,8 @@ class GGUFHeader:
             return DEFAULT_ALIGNMENT
         value = self.metadata["general.alignment"] if f.type == 4 else None  # UINT32, as the spec says
         if not isinstance(value, int) or value <= 0 or value & (value - 1):
-            c.fail(f"general.alignment must be a power of two stored as UINT32 (found type {f.type}, {value!r})")
+            c.fail(f"general.alignment must be a power of two stored as UINT32 (found type {f.type}, "
+                   f"{value!r})")
         return value
 
     def field_bytes(self, key: str) -> bytes:

@@ -37,8 +37,10 @@ def _cased(suffix: str = "", letter: str = r"\p{L}") -> str:
 
 # youtu's and tiny_aya's words by case; llama.cpp's category table knows letters only as L, so it matches
 # \p{Lu}, \p{Ll}, ... all as \p{L} (_letters says so)
-_BY_CASE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + f"{_CONTRACTIONS}?"
-            + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + f"{_CONTRACTIONS}?")
+_BY_CASE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+            + f"{_CONTRACTIONS}?"
+            + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+            + f"{_CONTRACTIONS}?")
 
 
 def _letters(regex: str) -> str:
@@ -51,7 +53,8 @@ _DIGITS_IN_THREES = r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))"  # llama.cpp's digit
 _HAN = ("\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef"
         "\U0002f800-\U0002fa1f")  # unicode_cpt_is_han
 _CJK = "[[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]&&\\S]+"
-_PUNCT_WORDS = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+""" + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+")
+_PUNCT_WORDS = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+"""
+                + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+")
 _FINNISH = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 _LATIN_LETTERS = (  # deepseek-llm's letters (its tokenizer.json spells the class out)
     "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
@@ -68,17 +71,21 @@ _LATIN_LETTERS = (  # deepseek-llm's letters (its tokenizer.json spells the clas
 )
 _KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
 
-# (names, pre-tokenizer): the groups llama.cpp's loader maps to one LLAMA_VOCAB_PRE_TYPE
+# (names, pre-tokenizer): the groups llama.cpp's loader maps to one LLAMA_VOCAB_PRE_TYPE. `patcher convert`
+# writes the first name whose splits match an HF tokenizer's, so common names come first.
 _GROUPS = [
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+      "jina-v5-nano"),
      PreTokenizer((LLAMA3,), ignore_merges=True, add_bos=True)),
     (("dbrx", "smaug-bpe"), PreTokenizer((LLAMA3,))),
     (("jais-2",), PreTokenizer((
         _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-        + "".join(rf"|\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4)) + r"|\s{1,2}(?!\S)|\s{1}",))),
+        + "".join(rf"|\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4))
+        + r"|\s{1,2}(?!\S)|\s{1}",))),
     (("deepseek-llm",), PreTokenizer((
         r"[\r\n]", r"\s?[" + _LATIN_LETTERS + "]+",
-        "\\s?[[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]&&\\S]+", r"\s+$", _CJK, r"\p{N}+"))),
+        "\\s?[[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]&&\\S]+", r"\s+$", _CJK,
+        r"\p{N}+"))),
     (("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"), PreTokenizer((
         r"\p{N}{1,3}", _KANA, _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"))),
     (("spark2_5",), PreTokenizer((
@@ -86,10 +93,11 @@ _GROUPS = [
     (("youtu",), PreTokenizer((
         "[\uac00-\ud7a3\u3131-\u318e]+|[\uff01\u2026\u201c\u201d\u2018\u2019\u2014\uff1a\uff1b\uff0c"
         "\u3001-\u303f\ufe30-\ufe4f]+|[\u3105-\u312f]+|[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-        _letters(_BY_CASE + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")), ignore_merges=True)),
+        _letters(_BY_CASE + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")),
+        ignore_merges=True)),
     (("deepseek-coder",), PreTokenizer((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"))),
     (("falcon",), PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"))),
-    (("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"),
+    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
      PreTokenizer((r"\p{N}", GPT2))),
     (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
       "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion",
@@ -122,16 +130,19 @@ _GROUPS = [
         r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
         r"|\s*[\r\n]|\s+(?!\S)|\s+",))),
     (("seed-coder",), PreTokenizer((
-        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",))),
+        _CONTRACTIONS
+        + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",))),
     (("ufakzeka",), PreTokenizer((QWEN2[len(_CONTRACTIONS) + 1 :],))),
     (("grok-2",), PreTokenizer((QWEN2,))),
     (("laguna",), PreTokenizer((r"[^\n]+|[\n]+", QWEN2))),
     (("exaone-moe",), PreTokenizer((
-        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?"
+        _CONTRACTIONS
+        + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?"
         r"|\s*[\r\n]|\s+(?!\S)|\s+",))),
     (("minicpm5",), PreTokenizer((
         r"\p{N}{1,3}",
-        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+        _CONTRACTIONS
+        + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
         ignore_merges=True)),
     (("kimi-k2",), PreTokenizer((  # llama.cpp's hand-written splitter, as one regex (letters: L only)
         f"[{_HAN}]+|[^\\r\\n\\p{{L}}\\p{{N}}]?[\\p{{L}}&&[^{_HAN}]]+{_CONTRACTIONS}?"
@@ -162,7 +173,7 @@ def lookup(name: str, path) -> PreTokenizer:
     if name in NOT_SUPPORTED:
         raise PatcherError(path, f"tokenizer.ggml.pre {name!r} is not supported: {NOT_SUPPORTED[name]}")
     near = difflib.get_close_matches(name, [*PRE_TOKENIZERS, *NOT_SUPPORTED], n=3, cutoff=0.5)
-    hint = f"nearest: {', '.join(near)}" if near else f"{len(PRE_TOKENIZERS)} are known, e.g. llama-bpe, qwen2"
+    hint = f"nearest: {', '.join(near)}" if near else f"{len(PRE_TOKENIZERS)} known, e.g. llama-bpe, qwen2"
     raise PatcherError(path, f"tokenizer.ggml.pre {name!r} is not a pre-tokenizer llama.cpp knows ({hint})")
 
 

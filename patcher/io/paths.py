@@ -8,11 +8,8 @@ current folder and its parents are refused; and `--force` replaces only a previo
 - a folder whose `patcher-manifest.json` is a valid manifest (by content, not by name) and that holds
   nothing the manifest does not list (files added later are named in the refusal), or an empty folder;
 - a single file patcher recorded as its own when it published it (`owned-outputs.json` in the patcher
-  cache: path and identity, which any rewrite changes), or that carries patcher's mark in its own
-  metadata: a `.safetensors` whose `__metadata__` has a "patcher" entry, a `.gguf` with `patcher.*`
-  keys, an `.svg` with the `<!-- written by patcher -->` comment, a `.png` whose "Software" text chunk
-  starts with "patcher", a `.json` whose top-level "patcher" is a version string. An `.npy` has no
-  metadata: only the record counts (a unit vector is what users own most).
+  cache: real path and identity, which any rewrite changes). Never guessed from contents: a unit vector
+  in an `.npy`, or a file carrying patcher's metadata, may be the user's own (copied, edited).
 Replacements `check_output` approves are remembered for this process: patcher.io.atomic replaces a
 target only if it was approved and is still what was approved.
 
@@ -23,13 +20,12 @@ forever.
 import json
 import os
 import stat
-import struct
 from pathlib import Path
 
 from patcher.errors import PatcherError
 
 MANIFEST = "patcher-manifest.json"
-SVG_MARK = "<!-- written by patcher -->"
+SVG_MARK = "<!-- written by patcher -->"  # for readers; ownership is recorded
 _MAX_LISTED = 20_000  # files looked at per input folder for symlink targets (model folders are flat)
 
 
@@ -139,47 +135,6 @@ def _forbidden_places(target: Path, real: Path) -> str | None:
     if real in home.parents:
         return "contains your home folder"
     return None
-
-
-def _marked_file(path: Path) -> bool:
-    """Does this existing file carry patcher's mark in its own metadata (see the module docstring)?"""
-    if not path.is_file() or path.is_symlink():
-        return False
-    suffix = path.suffix.lower()
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-            if suffix == ".safetensors":
-                if len(head) < 8:
-                    return False
-                (n,) = struct.unpack("<Q", head[:8])
-                f.seek(8)
-                header = json.loads(f.read(min(n, 100_000_000)))
-                return isinstance(header, dict) and "patcher" in (header.get("__metadata__") or {})
-    except (OSError, ValueError, RecursionError):
-        return False
-    if suffix == ".svg":
-        return SVG_MARK.encode() in head
-    if suffix == ".png":
-        return b"Software\x00patcher" in head
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            return False
-        return isinstance(data, dict) and isinstance(data.get("patcher"), str)
-    if suffix == ".gguf":  # patcher's GGUF outputs (models, control vectors, LoRA) carry patcher.* keys
-        from patcher.errors import CheckpointError
-        from patcher.io.gguf_header import GGUFHeader
-        try:
-            header = GGUFHeader(path)
-        except (OSError, ValueError, CheckpointError):  # not a readable GGUF: not ours
-            return False
-        try:
-            return any(k.startswith("patcher.") for k in header.metadata)
-        finally:
-            header.close()
-    return False
 
 
 # --- ownership of single-file outputs: recorded when published, never guessed from contents ----------
@@ -297,9 +252,9 @@ def replaceable(path, kind: str) -> str | None:
             listed = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
             return f"holds files its {MANIFEST} does not list (added after patcher wrote it): {listed}"
         return None
-    if owned_file(path) or (path.suffix.lower() != ".npy" and _marked_file(path)):
+    if owned_file(path):
         return None
-    return "was not written by patcher (or was changed since)"
+    return "was not written by patcher (or was changed since; patcher records the files it writes)"
 
 
 def is_patcher_output(path) -> bool:

@@ -221,14 +221,24 @@ class Context:
         return self.quantized_inits[key]
 
     def _matmul_integer(self, x, name, conv1d):
-        """onnxruntime's dynamic-quantization pattern (fused there into DynamicQuantizeMatMul): activations
-        to uint8 per tensor at run time, int8 weights, int32 accumulation, both scales applied after."""
+        """int8 weights, activations rounded to 8 bits at run time, int32 accumulation, both scales applied
+        after. One activation scale per row (token), max|x|/127, not onnxruntime's one per tensor
+        (DynamicQuantizeLinear): on SmolLM2-135M (64 prompts) a tensor-wide scale set by one outlier token
+        took the first-token KL vs fp32 to 0.65 and top-1 agreement to 51 %; per row 0.064 and 90 %. The codes are
+        offset by a fixed zero point 128 so MatMulInteger keeps its fast uint8 x int8 kernel (int8 x int8
+        runs ~40x slower in onnxruntime's CPU build, measured)."""
         codes, scales, _, _ = self.channelwise(name, conv1d)
-        xq, xs, xz = self.tape.op_multi_out(
-            "DynamicQuantizeLinear", [self.cast(x, FLOAT if self.act != FLOAT else None)], num_outputs=3
-        )
+        f32 = lambda v: self.const(v, np.float32)  # noqa: E731
+        x = self.cast(x, FLOAT if self.act != FLOAT else None)
+        top = self.op("ReduceMax", [self.op("Abs", [x])], axes=[-1], keepdims=1)
+        xs = self.op("Div", [self.op("Max", [top, f32(1e-30)]), f32(127.0)])  # an all-zero row: codes 128
+        rounded = self.op("Round", [self.op("Div", [x, xs])])  # in [-127, 127]: no clipping needed
+        xq = self.op("Cast", [self.op("Add", [rounded, f32(128.0)])], to=ir.DataType.UINT8)
+        xz = self.const(128, np.uint8)
         acc = self.op("Cast", [self.op("MatMulInteger", [xq, codes, xz])], to=FLOAT)
-        y = self.op("Mul", [acc, self.op("Mul", [xs, scales])])
+        # weight scales first: Mul(acc, Mul(xs, scales)) is matched by onnxruntime's MatMulIntegerToFloat
+        # fusion, which then computes wrong logits (|Δ| ~ the logits themselves on the gpt2 fixture)
+        y = self.op("Mul", [self.op("Mul", [acc, scales]), xs])
         return self.cast(y, self.act if self.act != FLOAT else None)
 
     def matmul(self, x, name: str, conv1d: bool = False):

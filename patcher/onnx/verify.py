@@ -11,6 +11,7 @@ from patcher import __version__
 from patcher.model.execution import StreamedModel
 from patcher.io.manifest import folder_identity
 from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
+from patcher.onnx.quality import QUALITY_PROMPTS, QUALITY_TOKENS, Quality, compare, kl
 from patcher.onnx.runtime import OnnxModel
 from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
 from patcher.errors import PatcherError
@@ -55,7 +56,7 @@ def cached_export(model: Path, dtype: str = "fp32", announce=None) -> Path:
     if dtype not in variants_in(root):  # added beside the variants cached before
         if announce:
             announce(f"exporting {model} ({dtype}) to ONNX in {root} (cached for next time)")
-        root.parent.mkdir(parents=True, exist_ok=True)  # the cache's own folders
+        root.parent.mkdir(parents=True, exist_ok=True)  # the cache is ours: output rules ask for a parent
         export(model, root, dtype=dtype)
     return root
 
@@ -156,8 +157,8 @@ def stored_weights(folder: Path, dtype: str) -> dict[str, np.ndarray]:
 class StoredModel(StreamedModel):
     """The numpy forward with some tensors replaced (by what an export stores)."""
 
-    def __init__(self, ck, replaced: dict):  # a Model, or anything StreamedModel opens
-        super().__init__(ck)
+    def __init__(self, model, replaced: dict, arch_table=None):
+        super().__init__(model, arch_table)
         self.replaced = replaced
 
     def top_weights(self):
@@ -225,9 +226,11 @@ def _eos(folder: Path, tok) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _softmax_log(logits):
-    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+PARITY_CHUNK = 8  # prompts per numpy forward: memory holds one chunk's logits, whatever the prompt count
+
+
+def _chunks(n: int, size: int = PARITY_CHUNK):
+    return (range(i, min(i + size, n)) for i in range(0, n, size))
 
 
 @dataclass
@@ -236,15 +239,14 @@ class VerifyReport:
     tolerance: float
     max_abs_diff: float = 0.0
     max_abs_logit: float = 0.0
-    top1_agreement: float = 0.0
+    top1_agreement: float = 0.0  # the graph against numpy on the weights the file stores
     generation_match: float = 0.0
     tokens_compared: int = 0
     projections: list = field(default_factory=list)  # per layer {"layer", "edited", "original"}
     marker_rate: dict = field(default_factory=dict)
     first_token_kl: float | None = None
     completions: dict = field(default_factory=dict)
-    exact_top1_agreement: float | None = None  # quantized variants: against the unquantized checkpoint
-    exact_generation_match: float | None = None
+    quality: Quality | None = None  # the variant's answers against the fp32 model's
     leakage: dict = field(default_factory=dict)
 
     @property
@@ -265,8 +267,7 @@ class VerifyReport:
             "marker_rate": self.marker_rate,
             "first_token_kl": self.first_token_kl,
             "completions": self.completions,
-            "exact_top1_agreement": self.exact_top1_agreement,
-            "exact_greedy_token_match": self.exact_generation_match,
+            "quality": self.quality.as_dict() if self.quality else None,
             "leakage": self.leakage,
         }
 
@@ -283,60 +284,72 @@ def verify(
     provider: str = "cpu",
     chat_template: bool = True,
     behaviour_tokens: int = 24,
+    quality_tokens: int = QUALITY_TOKENS,
     announce=None,
     arch_table=None,
 ) -> VerifyReport:
+    """Parity of the graph with numpy on the stored weights (`prompts`, default the 8 neutral ones), the
+    variant's quality against the fp32 model (`prompts`, default the 64 quality prompts; none for fp32
+    itself or with quality_tokens 0), leakage and projections along `direction`, behaviour against
+    `original`. Every pass goes prompt chunk by prompt chunk: memory does not grow with their number."""
     rep = VerifyReport(dtype, TOLERANCE[dtype])
     onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
     exact = StreamedModel(reference, arch_table)
     stored = stored_weights(onnx_dir, dtype)
-    ref = StoredModel(exact.model, stored) if stored else exact  # a GGUF reference: its HF view
+    ref = StoredModel(reference, stored, arch_table) if stored else exact
     p = load_prompts(reference, prompts, chat_template, model=exact.model)
-    ids, mask = p.batch()
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    got, _ = onnx_model.step(ids, mask, pos, onnx_model.empty_cache(ids.shape[0]))
-    want = ref.run(ids, mask, logits=True)
-    real = mask.astype(bool)
-    rep.max_abs_diff = float(np.abs(got - want)[real].max())
-    rep.max_abs_logit = float(np.abs(want)[real].max())
-    rep.top1_agreement = float((got.argmax(-1) == want.argmax(-1))[real].mean())
-    a = onnx_model.generate(ids, mask, tokens) if tokens else None
-    if tokens:
-        b = greedy_numpy(ref, ids, mask, tokens)
-        rep.generation_match = float((a == b).mean())
-        rep.tokens_compared = int(a.size)
-    if stored:
-        exact_logits = exact.run(ids, mask, logits=True)
-        rep.exact_top1_agreement = float((got.argmax(-1) == exact_logits.argmax(-1))[real].mean())
+    agree = positions = same = 0
+    for rows in _chunks(len(p.ids)):
+        ids, mask = p.batch(rows)
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        got, _ = onnx_model.step(ids, mask, pos, onnx_model.empty_cache(ids.shape[0]))
+        want = ref.run(ids, mask, logits=True)
+        real = mask.astype(bool)
+        rep.max_abs_diff = max(rep.max_abs_diff, float(np.abs(got - want)[real].max()))
+        rep.max_abs_logit = max(rep.max_abs_logit, float(np.abs(want)[real].max()))
+        agree += int((got.argmax(-1) == want.argmax(-1))[real].sum())
+        positions += int(real.sum())
+        del got, want
         if tokens:
-            rep.exact_generation_match = float((a == greedy_numpy(exact, ids, mask, tokens)).mean())
-        if direction is not None:
-            from patcher_kernels.project import orthonormalize
+            a, b = onnx_model.generate(ids, mask, tokens), greedy_numpy(ref, ids, mask, tokens)
+            same, rep.tokens_compared = same + int((a == b).sum()), rep.tokens_compared + int(a.size)
+    rep.top1_agreement = agree / max(positions, 1)
+    rep.generation_match = same / rep.tokens_compared if rep.tokens_compared else 0.0
+    if dtype != "fp32" and quality_tokens:
+        qp = load_prompts(reference, prompts or QUALITY_PROMPTS, chat_template, extra=quality_tokens,
+                          model=exact.model)
+        fp32_dir = onnx_dir if "fp32" in variants_in(onnx_dir) else cached_export(reference, "fp32", announce)
+        rep.quality = compare(OnnxModel(fp32_dir, variant_file(fp32_dir, "fp32"), provider), onnx_model,
+                              qp.ids, quality_tokens, _eos(reference, qp.tokenizer))
+    if stored and direction is not None:
+        from patcher_kernels.project import orthonormalize
 
-            orig_sm = StreamedModel(original) if original else None
-            rep.leakage = leakage(stored, exact, orig_sm, orthonormalize(direction.vectors))
+        orig_sm = StreamedModel(original, arch_table) if original else None
+        rep.leakage = leakage(stored, exact, orig_sm, orthonormalize(direction.vectors))
+    ids, mask = p.batch()
     if direction is not None:
         rep.projections = projections(
-            exact, StreamedModel(original) if original else None, ids, mask, direction
+            exact, StreamedModel(original, arch_table) if original else None, ids, mask, direction
         )
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
+        eos = _eos(reference, p.tokenizer)
         texts = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
             m = OnnxModel(folder, variant_file(folder, "fp32" if label == "original" else dtype), provider)
-            new = m.generate(ids, mask, behaviour_tokens, eos_ids=_eos(reference, p.tokenizer))
-            texts[label] = [
-                p.tokenizer.decode(_until_eos(row, _eos(reference, p.tokenizer)), skip_special_tokens=True)
-                for row in new
-            ]
+            texts[label] = []
+            for rows in _chunks(len(p.ids)):
+                new = m.generate(*p.batch(rows), behaviour_tokens, eos_ids=eos)
+                texts[label] += [
+                    p.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in new
+                ]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
-        orig = StreamedModel(original).run(ids, mask, logits=True)[:, -1]
-        lo, le = (
-            _softmax_log(orig),
-            _softmax_log((exact.run(ids, mask, logits=True) if stored else want)[:, -1]),
-        )
-        rep.first_token_kl = float(np.mean(np.sum(np.exp(lo) * (lo - le), axis=-1)))
+        orig, kls = StreamedModel(original, arch_table), []
+        for rows in _chunks(len(p.ids)):
+            ids, mask = p.batch(rows)
+            kls += list(kl(orig.run(ids, mask, logits=True)[:, -1], exact.run(ids, mask, logits=True)[:, -1]))
+        rep.first_token_kl = float(np.mean(kls))
     return rep
 
 

@@ -18,6 +18,7 @@ from patcher.errors import PatcherError
 from patcher.io import manifest
 from patcher.io.paths import read_json_object
 from patcher.io.writer import OutputFolder
+from patcher.onnx.export import DEVICE_DEFAULTS, TJS_DTYPE
 from patcher.web.runtime import TRANSFORMERS_MODULE, WASM_FILES, find as find_runtime
 
 ASSETS = Path(__file__).parent / "assets"
@@ -93,12 +94,9 @@ def _web_config(export: Path, variants: dict) -> dict:
     return cfg
 
 
-# What WASM runs when the export does not say (device_config.wasm): the order patcher export uses to set it,
-# quality first, then speed. Such exports predate the measured choice, and their int8 (one activation scale
-# per tensor) answers nonsense on real models (SmolLM2-135M: greedy agreement 8 %), so the float variants
-# lead (fp16 ran 1.35x fp32 on WASM); then int8 MatMulInteger (1.9x fp32), while the WASM build has no
-# MatMulNBits kernel (q4: 0.16-0.24x fp32 decode; BENCHMARKS.md).
-WASM_ORDER = ("fp16", "fp32", "q8", "q4", "q4f16")
+# an export that predates the per-device choice gets patcher export's own WASM order (quality first, then
+# speed; measured in BENCHMARKS.md), in transformers.js's names
+WASM_ORDER = tuple(TJS_DTYPE[d] for d in DEVICE_DEFAULTS["wasm"])
 
 
 def _has_nbits(export: Path, file: str) -> bool:
