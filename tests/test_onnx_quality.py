@@ -1,7 +1,6 @@
 """Quality of an export's variants against its fp32 model (patcher/onnx/quality.py), what `patcher verify`
 prints of it, the memory of verify's passes, and the per-device default variant in config.json."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -121,24 +120,18 @@ def test_config_names_the_best_fit_variant_per_device(tmp_path, dtypes, wasm, we
     assert set(DEVICE_DEFAULTS["wasm"]) == set(DEVICE_DEFAULTS["webgpu"]) == set(FILES)
 
 
-REAL_HF = Path(os.environ.get("PATCHER_REAL_MODELS") or Path.home() / ".cache" / "patcher" / "real-models") \
-    / "smollm2-135m-instruct" / "hf"
-
-
 @pytest.mark.real
-@pytest.mark.skipif(not (REAL_HF / "config.json").is_file(),
-                    reason=f"real model not derived: run `python scripts/real_models.py` (wants {REAL_HF})")
-def test_real_smollm2_default_variant_keeps_the_answers(tmp_path, monkeypatch):
+def test_real_smollm2_default_variant_keeps_the_answers(real_model, tmp_path, monkeypatch):
     """SmolLM2-135M-Instruct: the variant config.json names for WASM and WebGPU passes the fit-to-ship
     thresholds against fp32; per-row int8 keeps the first token close (per-tensor int8 had KL 0.88)."""
     monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
-    out = export(REAL_HF, tmp_path / "x", dtype="fp32,fp16,int8")
+    out = export(real_model.hf, tmp_path / "x", dtype="fp32,fp16,int8")
     cfg = json.loads((out / "config.json").read_text())["transformers.js_config"]
     assert cfg["device_config"]["wasm"]["dtype"] == cfg["device_config"]["webgpu"]["dtype"] == "fp16"
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(Path("patcher/data/quality_prompts.txt").read_text().splitlines()[:8]))
     args = ["--prompts", prompts, "--tokens", "0", "--quality-tokens", "12", "--json"]
-    reports = {d: json.loads(run_cli("verify", out, "--reference", REAL_HF, "--dtype", d, *args).stdout)
+    reports = {d: json.loads(run_cli("verify", out, "--reference", real_model.hf, "--dtype", d, *args).stdout)
                for d in ("fp16", "int8")}
     assert reports["fp16"]["quality"]["fit"], reports["fp16"]["quality"]
     assert reports["int8"]["quality"]["first_token_kl"] < 0.3, reports["int8"]["quality"]
