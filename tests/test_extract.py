@@ -219,3 +219,37 @@ def test_extract_warns_when_the_sets_do_not_differ(tmp_path):
     meta = read_metadata(Checkpoint(tmp_path / "planted.safetensors"))
     best = next(r["snr"] for r in meta["scores"] if r["layer"] == meta["selected_layer"])
     assert best > 10 * meta["shuffled_labels_snr"]
+
+
+def test_snr_against_a_float64_hand_computation():
+    from patcher.edit.extract import _snr
+    rng = np.random.default_rng(11)
+    a, b = rng.standard_normal((30, 8)) + 0.4, rng.standard_normal((20, 8))
+    r = a.mean(0) - b.mean(0)
+    r /= np.linalg.norm(r)
+    pa, pb = a @ r, b @ r
+    want = (pa.mean() - pb.mean()) / np.sqrt((pa.var() + pb.var()) / 2)
+    assert _snr(a, b) == pytest.approx(want, rel=1e-12)
+    assert _snr(a, a) == 0.0  # no difference at all: no direction, no signal
+    assert _snr(np.ones((3, 4)), np.zeros((2, 4))) == float("inf")  # no spread along the difference
+
+
+def test_shuffled_snr_is_small_when_prompts_outnumber_dimensions():
+    """n >> d: the in-sample bias vanishes, so the null sits near sqrt(d·(1/n+ + 1/n-)) = 0.14, not at
+    any floor."""
+    from patcher.edit.extract import shuffled_snr
+    rng = np.random.default_rng(3)
+    null = shuffled_snr(rng.standard_normal((400, 1, 4)), rng.standard_normal((400, 1, 4)), [0])
+    assert 0.05 < null < 0.4
+
+
+def test_selection_ignores_the_last_fifth_of_layers():
+    """L = 10: resid_pre layers 0..8 are candidates (floor(0.8·10)); 9 and 10 never win."""
+    from patcher.edit.extract import select_layer
+    rows = [{"layer": i, "snr": 1.0, "diff_norm": 1.0} for i in range(11)]
+    rows[9]["snr"] = rows[10]["snr"] = 50.0
+    rows[8]["snr"] = 5.0
+    assert select_layer(rows, 10) == 8
+    rows[8]["snr"] = 1.0
+    rows[3]["diff_norm"] = 2.0  # ties go to the larger mean difference
+    assert select_layer(rows, 10) == 3
