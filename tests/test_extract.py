@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import DEMO, FIXTURES, fixture_path, run_cli, unit
+from conftest import DEMO, fixture_path, run_cli, unit
 from patcher.io.checkpoint import Checkpoint
 from patcher.edit.directions import read_metadata
 from patcher.edit.extract import extract

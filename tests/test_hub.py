@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DEMO, FIXTURES, fixture_path, run_cli
+from conftest import DEMO, fixture_path, run_cli
 from patcher.io.checkpoint import Checkpoint
 
 REPO = "tiny-org/tiny-llama"

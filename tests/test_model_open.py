@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import DEMO, FIXTURES, fixture_path, run_cli
+from conftest import DEMO, fixture_path, run_cli
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint, TensorInfo, fp8_scale_of, fp8_weight_of
 from patcher.model.opened import Model

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher.io.jsonsafe import dumps
 from patcher_kernels.codecs import decode, encode
 from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.fp8 import dequantize_blocks, neighbours as fp8_neighbours, requantize_scale
