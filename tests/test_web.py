@@ -640,3 +640,24 @@ def test_site_keeps_the_exports_recorded_defaults(exports, tmp_path):
     assert cfg["transformers.js_config"]["device_config"]["wasm"] == {"dtype": "fp16"}
     assert cfg["transformers.js_config"]["dtype"] == src["dtype"]
     assert cfg["transformers.js_config"]["use_external_data_format"] == src["use_external_data_format"]
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncate", "model.onnx_data: truncated: weight"),
+    ("delete", "which is missing from"),
+    ("cut graph", "not a readable ONNX file"),
+])
+def test_a_damaged_export_is_refused_before_the_site_is_built(tmp_path, damage, says):
+    """A missing or truncated weight file would only fail in the visitor's browser: one line, no site."""
+    from patcher.onnx.export import export
+    folder = export(fixture_path("llama"), tmp_path / "x")
+    data, graph = folder / "onnx" / "model.onnx_data", folder / "onnx" / "model.onnx"
+    if damage == "truncate":
+        os.truncate(data, data.stat().st_size // 2)
+    elif damage == "delete":
+        data.unlink()
+    else:
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 4])
+    res = run_cli("web", folder, "-o", tmp_path / "site", expect=1)
+    assert says in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "site").exists()

@@ -66,11 +66,37 @@ def model_files(export: Path) -> tuple[dict[str, list[str]], list[str]]:
         raise PatcherError(
             onnx_dir, "no model*.onnx that transformers.js can load (model.onnx, model_q4.onnx, ...)"
         )
+    for files in variants.values():
+        _check_weights(onnx_dir, files[0])
     side = [n for n in MODEL_SIDE_FILES if (export / n).is_file()]
     for need in ("config.json", "tokenizer.json"):
         if need not in side:
             raise PatcherError(export, f"no {need}: transformers.js needs it to load the model")
     return variants, side
+
+
+def _check_weights(onnx_dir: Path, main: str) -> None:
+    """Every weight the graph keeps in external data is there in full: a missing or truncated data file
+    would only fail in the visitor's browser, after the whole site was copied."""
+    import onnx
+    try:
+        graph = onnx.load(str(onnx_dir / main), load_external_data=False).graph
+    except Exception as e:  # noqa: BLE001 — protobuf's errors have no common base
+        raise PatcherError(onnx_dir / main, f"not a readable ONNX file ({type(e).__name__}): re-export it")
+    sizes = {}
+    for t in graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        where = onnx_dir / info.get("location", "")
+        if where.parent != onnx_dir or not where.is_file():
+            raise PatcherError(onnx_dir / main, f"weight {t.name} lives in {info.get('location')!r}, which is "
+                                                f"missing from {onnx_dir}: re-export it")
+        size = sizes.setdefault(where.name, where.stat().st_size)
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > size:
+            raise PatcherError(where, f"truncated: weight {t.name} ends at byte {end}, the file has {size}; "
+                                      f"re-export it")
 
 
 def _web_config(export: Path, variants: dict) -> dict:
