@@ -246,3 +246,13 @@ def test_transformers_js_config_permissions_and_chunks(tmp_path):
     assert json.loads((whole / "config.json").read_text())["transformers.js_config"][
         "use_external_data_format"] == {"model.onnx": 1}
     assert sorted(os.listdir(whole / "onnx")) == ["model.onnx", "model.onnx_data"]
+
+
+@pytest.mark.parametrize("other", ["qwen2", "gpt2"])
+def test_verify_refuses_an_original_that_is_another_model(tmp_path, other):
+    """An unrelated --original gave plausible leakage / KL numbers; now one line naming what differs."""
+    run_cli("export", fixture_path("llama"), "-o", tmp_path / "onnx")
+    res = run_cli("verify", tmp_path / "onnx", "--reference", fixture_path("llama"),
+                  "--original", fixture_path(other), expect=1)
+    assert "is not the edited model's original (model_type llama vs " + other in res.output
+    assert len(res.output.strip().splitlines()) == 1

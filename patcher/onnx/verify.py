@@ -295,6 +295,8 @@ def verify(
     rep = VerifyReport(dtype, TOLERANCE[dtype])
     onnx_model = OnnxModel(onnx_dir, variant_file(onnx_dir, dtype), provider)
     exact = StreamedModel(reference, arch_table)
+    if original is not None:
+        same_model_shape(exact, StreamedModel(original, arch_table), original)
     stored = stored_weights(onnx_dir, dtype)
     ref = StoredModel(reference, stored, arch_table) if stored else exact
     p = load_prompts(reference, prompts, chat_template, model=exact.model)
@@ -360,6 +362,20 @@ def _until_eos(row, eos):
             break
         out.append(t)
     return out
+
+
+# what an edit never changes: a --original that differs in any of these is another model
+SHAPE = ("d_model", "n_layers", "n_heads", "n_kv", "head_dim")
+
+
+def same_model_shape(edited: StreamedModel, original: StreamedModel, where) -> None:
+    """Refuse an --original that cannot be the edited model's base: its numbers would look plausible."""
+    pairs = {"model_type": (edited.model_type, original.model_type),
+             **{k: (getattr(edited.hp, k), getattr(original.hp, k)) for k in SHAPE},
+             "vocab_size": (edited.model.config.get("vocab_size"), original.model.config.get("vocab_size"))}
+    differ = [f"{k} {a} vs {b}" for k, (a, b) in pairs.items() if a != b]
+    if differ:
+        raise PatcherError(where, f"is not the edited model's original ({', '.join(differ)}: edited vs this)")
 
 
 def projections(edited: StreamedModel, original: StreamedModel | None, ids, mask, direction) -> list[dict]:
