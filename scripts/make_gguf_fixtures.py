@@ -42,6 +42,14 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,)), "IQ4_XS": (256, 136, (0,))}
 
 
+def _finish(w) -> None:
+    """GGUFWriter's closing sequence: header, metadata, tensors."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _load(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
@@ -188,10 +196,7 @@ def convert(model_type: str, out: Path, qtype: str = "F32", src: Path | None = N
         else:
             t = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(name, gguf.quants.quantize(v, t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return out
 
 
@@ -233,10 +238,7 @@ def spm_vocab(out: Path) -> Path:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return out
 
 
@@ -290,10 +292,7 @@ def big_vocab(out: Path, n_tokens: int = 262_144, d_model: int = 32, qtype: str 
         else:
             t = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(name, gguf.quants.quantize(v, t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return out
 
 

@@ -1201,13 +1201,19 @@ def test_readme_recipe_export_int4_then_verify_runs(tmp_path):
 
 # --- issue 22: exports that cannot load ---------------------------------------------------------------
 
-def test_an_export_onnxruntime_cannot_load_is_not_written(tmp_path):
-    """config head_dim != the tensors: export said "wrote", generate then failed inside onnxruntime."""
+def _heads_that_do_not_fit(tmp_path):
+    """A copy of the llama fixture whose config head_dim is half what its tensors hold."""
     m = tmp_path / "m"
     shutil.copytree(L_SRC, m)
     cfg = json.loads((m / "config.json").read_text())
     cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
     (m / "config.json").write_text(json.dumps(cfg))
+    return m
+
+
+def test_an_export_onnxruntime_cannot_load_is_not_written(tmp_path):
+    """config head_dim != the tensors: export said "wrote", generate then failed inside onnxruntime."""
+    m = _heads_that_do_not_fit(tmp_path)
     out = tmp_path / "e"
     hostile(["export", m, "-o", out], inputs=[m], absent=[out], fragment="the exported graph would not load")
 
@@ -1224,11 +1230,7 @@ def test_onnxruntime_load_failures_are_one_line(exported, tmp_path, cmd):
 
 
 def test_a_config_whose_heads_do_not_fit_the_tensors_is_one_line(ws, tmp_path):
-    m = tmp_path / "m"
-    shutil.copytree(L_SRC, m)
-    cfg = json.loads((m / "config.json").read_text())
-    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
-    (m / "config.json").write_text(json.dumps(cfg))
+    m = _heads_that_do_not_fit(tmp_path)
     out = tmp_path / "d.safetensors"
     hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
             inputs=[m], absent=[out], fragment="the config's sizes do not fit the tensors")

@@ -14,16 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import fixture_path
-from test_web import NEW_TOKENS, PROMPT, _free_port, _missing, prompt_ids, python_greedy
+from test_web import NEW_TOKENS, PROMPT, _free_port, need_browser, prompt_ids, python_greedy  # noqa: F401
 
-
-@pytest.fixture(scope="module", autouse=True)
-def need_browser():
-    why = _missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the wheel's browser test: {why}")
-        pytest.skip(why)
+pytestmark = pytest.mark.usefixtures("need_browser")  # test_web's: skips, or fails under CI, saying why
 
 
 def test_wheel_patcher_web_outside_the_checkout(wheel, venv, tmp_path):
