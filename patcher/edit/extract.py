@@ -95,26 +95,28 @@ def score_layers(pos_mean, neg_mean, pos_samples, neg_samples, layers) -> list[d
             rows.append({"layer": l, "computed": l in layers, "diff_norm": float(norms[l]) if l in layers
                          else None})
             continue
-        r = diff[l] / norms[l]
-        sp, sn = pos_samples[:, l].astype(np.float64) @ r, neg_samples[:, l].astype(np.float64) @ r
-        pooled = math.sqrt((sp.var() + sn.var()) / 2)
         neighbours = [float(diff[m] @ diff[l] / (norms[m] * norms[l])) for m in (l - 1, l + 1)
                       if 0 <= m < diff.shape[0] and m in layers and norms[m] > 0]
         stream = np.linalg.norm(np.concatenate([pos_samples[:, l], neg_samples[:, l]]).astype(np.float64),
                                 axis=1).mean()
         rows.append({"layer": l, "computed": True, "diff_norm": float(norms[l]),
-                     "snr": float((sp.mean() - sn.mean()) / pooled) if pooled > 0 else float("inf"),
+                     "snr": _snr(pos_samples[:, l].astype(np.float64), neg_samples[:, l].astype(np.float64),
+                                 diff[l] / norms[l]),
                      "neighbour_cos": float(np.mean(neighbours)) if neighbours else None,
                      "relative_norm": float(norms[l] / stream) if stream > 0 else 0.0})
     return rows
 
 
-def _snr(a: np.ndarray, b: np.ndarray) -> float:
-    diff = a.mean(axis=0) - b.mean(axis=0)
-    norm = np.linalg.norm(diff)
-    if norm == 0:
-        return 0.0
-    pa, pb = a @ (diff / norm), b @ (diff / norm)
+def _snr(a: np.ndarray, b: np.ndarray, r: np.ndarray | None = None) -> float:
+    """Separation of two sample sets along r (default: their own unit mean difference), in pooled
+    standard deviations."""
+    if r is None:
+        diff = a.mean(axis=0) - b.mean(axis=0)
+        norm = np.linalg.norm(diff)
+        if norm == 0:
+            return 0.0
+        r = diff / norm
+    pa, pb = a @ r, b @ r
     pooled = math.sqrt((pa.var() + pb.var()) / 2)
     return float((pa.mean() - pb.mean()) / pooled) if pooled > 0 else float("inf")
 
