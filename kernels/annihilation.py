@@ -59,9 +59,10 @@ def summarize(gram: np.ndarray, k: int = K, gain: np.ndarray | None = None, floo
     mean = max(float(np.trace(gram)) / d, 1e-300)
     values, vectors = low_eigs(gram, k)
     values = np.maximum(values / mean, floor)
-    rest = max((d - float(values.sum())) / (d - k), floor)   # normalised eigenvalues sum to d
-    return Spectrum(values, vectors, rest, None if gain is None else np.asarray(gain, dtype=np.float64),
-                    floor)
+    rest = max((d - float(values.sum())) / (d - k), floor)  # normalised eigenvalues sum to d
+    return Spectrum(
+        values, vectors, rest, None if gain is None else np.asarray(gain, dtype=np.float64), floor
+    )
 
 
 def _unit_cols(m: np.ndarray) -> np.ndarray:

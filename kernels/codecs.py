@@ -3,6 +3,7 @@
 numpy has no bf16 or fp8; ml_dtypes supplies them as real numpy dtypes, so decoding is a cast
 and encoding is a cast with IEEE round-to-nearest-even.
 """
+
 import numpy as np
 
 # safetensors dtype name -> numpy dtype. Integer and bool types are carried through untouched.
@@ -23,14 +24,20 @@ _NUMPY = {
 # dtypes only ml_dtypes provides, by attribute name: imported on first use, because some ml_dtypes
 # releases take ~1 s to import (0.7.0 on numpy 2.4, measured) and headers only need item sizes
 _ML = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
-_ITEMSIZE = {**{k: v.itemsize for k, v in _NUMPY.items()},
-             "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_ITEMSIZE = {
+    **{k: v.itemsize for k, v in _NUMPY.items()},
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _FINITE_MAX: dict[str, float] = {}  # finite range of each float storage type (values beyond become inf/NaN)
 
 
 def _load_ml_dtypes() -> None:
     import ml_dtypes
+
     for name, attr in _ML.items():
         _NUMPY[name] = np.dtype(getattr(ml_dtypes, attr))
     _FINITE_MAX.update({name: float(ml_dtypes.finfo(_NUMPY[name]).max) for name in FLOAT_DTYPES})
@@ -70,8 +77,10 @@ def ulp_distance(a: np.ndarray, b: np.ndarray, dtype_name: str) -> np.ndarray:
     Uses the ordered integer view of the IEEE bit pattern, so it is exact at every magnitude."""
     dt = numpy_dtype(dtype_name)
     itype = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[dt.itemsize]
+
     def ordered(x):
         i = np.ascontiguousarray(x, dtype=dt).view(itype).astype(np.int64)
         sign_bit = np.int64(1) << (8 * dt.itemsize - 1)
         return np.where(i < 0, -(i & (sign_bit - 1)), i)
+
     return np.abs(ordered(a) - ordered(b))

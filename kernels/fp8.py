@@ -5,8 +5,8 @@ each scale entry covering a BxB tile (B = 128). Requantizing after an edit keeps
 unless the edited tile no longer fits: new scale = max(old, amax / 448), values clipped to +-448
 before the cast (e4m3fn has no inf; 500 would cast to NaN).
 """
-import numpy as np
 
+import numpy as np
 from patcher_kernels.codecs import numpy_dtype
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn (ml_dtypes.finfo; checked in the tests)

@@ -14,7 +14,6 @@ Pure numpy: no files, no names.
 from dataclasses import dataclass
 
 import numpy as np
-
 from patcher_kernels import kquant
 from patcher_kernels.codecs import numpy_dtype
 
@@ -41,8 +40,14 @@ BLOCK_TYPES = {
 FLOAT_TYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element; numpy dtypes via codecs (lazy ml_dtypes)
 K_TYPES = tuple(kquant.KTYPES)
 WRITABLE = (*FLOAT_TYPES, *BLOCK_TYPES, *K_TYPES)
-BYTES_PER_BLOCK = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,
-                   **{q: t.nbytes for q, t in kquant.KTYPES.items()}}
+BYTES_PER_BLOCK = {
+    "Q8_0": 34,
+    "Q4_0": 18,
+    "Q4_1": 20,
+    "Q5_0": 22,
+    "Q5_1": 24,
+    **{q: t.nbytes for q, t in kquant.KTYPES.items()},
+}
 
 
 def block_size(qtype: str) -> int:
@@ -147,8 +152,9 @@ def _k_grid(x: np.ndarray, qtype: str) -> Grid:
     flat = x.reshape(-1, kquant.QK_K)
     s = kquant.scales(flat.astype(np.float32), qtype)
     lo, hi, cl, ch = kquant.neighbours(flat, s)
-    return Grid(qtype, lo.reshape(shape), hi.reshape(shape), cl.reshape(shape), ch.reshape(shape),
-                None, None, s)
+    return Grid(
+        qtype, lo.reshape(shape), hi.reshape(shape), cl.reshape(shape), ch.reshape(shape), None, None, s
+    )
 
 
 def _dequant_codes(k: np.ndarray, d32: np.ndarray, m32) -> np.ndarray:

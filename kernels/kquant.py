@@ -368,8 +368,9 @@ def _nibbles(codes: np.ndarray) -> np.ndarray:
 
 def _bitplane(bit: np.ndarray) -> np.ndarray:
     """One bit per element: element 32k+l at bit k of byte l."""
-    return np.packbits(bit.reshape(-1, 8, 32).transpose(0, 2, 1).astype(np.uint8), axis=-1,
-                       bitorder="little").reshape(-1, 32)
+    return np.packbits(
+        bit.reshape(-1, 8, 32).transpose(0, 2, 1).astype(np.uint8), axis=-1, bitorder="little"
+    ).reshape(-1, 32)
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
@@ -390,11 +391,16 @@ def pack(codes: np.ndarray, s: KScales) -> np.ndarray:
         parts.append(_nibbles(c))
     else:  # Q6_K: each 128 elements: ql 64 bytes (quarters 0,1 low nibbles; 2,3 high), qh 32 bytes
         h = c.reshape(-1, 2, 4, 32)
-        ql = np.concatenate([h[:, :, 0] & 0xF | (h[:, :, 2] & 0xF) << 4,
-                             h[:, :, 1] & 0xF | (h[:, :, 3] & 0xF) << 4], axis=2)
+        ql = np.concatenate(
+            [h[:, :, 0] & 0xF | (h[:, :, 2] & 0xF) << 4, h[:, :, 1] & 0xF | (h[:, :, 3] & 0xF) << 4], axis=2
+        )
         qh = sum((h[:, :, k] >> 4) << (2 * k) for k in range(4))
-        parts = [ql.reshape(-1, 128), qh.reshape(-1, 64), s.sc.astype(np.int8).view(np.uint8),
-                 _f16_bytes(s.d16)]
+        parts = [
+            ql.reshape(-1, 128),
+            qh.reshape(-1, 64),
+            s.sc.astype(np.int8).view(np.uint8),
+            _f16_bytes(s.d16),
+        ]
     out = np.concatenate([np.asarray(p).astype(np.uint8) for p in parts], axis=1)
     assert out.shape[1] == KTYPES[q].nbytes
     return out

@@ -11,6 +11,7 @@ an ulp per element. That noise is spread over every singular value, so for wide 
 top component may carry a little under 99 % of ‖Δ‖². `rounding_floor` bounds that noise
 (Σ (ulp/2)² of the stored values) so `rank_for_energy` can say "the rest is rounding".
 """
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,9 +31,17 @@ class Spectrum:
     energy: float  # ‖Δ‖_F², exact (summed in float64 over every block)
 
 
-def top_singular(read: Reader, n_rows: int, n_cols: int, k: int = 8, oversample: int = 4,
-                 power_iters: int = 1,
-                 block_rows: int = 1024, seed: int = 0, cache_bytes: int = 256 << 20) -> Spectrum:
+def top_singular(
+    read: Reader,
+    n_rows: int,
+    n_cols: int,
+    k: int = 8,
+    oversample: int = 4,
+    power_iters: int = 1,
+    block_rows: int = 1024,
+    seed: int = 0,
+    cache_bytes: int = 256 << 20,
+) -> Spectrum:
     """Top-k singular triplets of the matrix whose rows [s, e) `read(s, e)` returns (float32).
 
     Reads the matrix 2 + power_iters times; when its float32 copy fits in `cache_bytes` the blocks
@@ -77,8 +86,9 @@ def top_singular(read: Reader, n_rows: int, n_cols: int, k: int = 8, oversample:
     return Spectrum(sigma, left, q @ w, energy)
 
 
-def rank_for_energy(sigma: np.ndarray, energy: float, fraction: float = 0.99,
-                    floor: float = 0.0) -> int | None:
+def rank_for_energy(
+    sigma: np.ndarray, energy: float, fraction: float = 0.99, floor: float = 0.0
+) -> int | None:
     """Smallest r such that what the top r singular values leave out, ‖Δ‖² − Σ_{i≤r} σᵢ², is
     at most (1 − fraction)·‖Δ‖² or at most `floor` (the storage-rounding bound). None: more than
     len(sigma)."""
@@ -112,8 +122,9 @@ def off_direction_energy(vector: np.ndarray, unit: np.ndarray) -> float:
     return float(v @ v - (unit @ v) ** 2)
 
 
-def shared_direction(vectors: np.ndarray, weights: np.ndarray | None = None,
-                     reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def shared_direction(
+    vectors: np.ndarray, weights: np.ndarray | None = None, reference: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Common direction of unit vectors known up to sign: align each to a reference (given, or the
     heaviest vector), take the weighted mean, then re-align once to that mean so one poorly chosen
     reference cannot flip others. Returns (unit direction, cosine of each aligned vector to it)."""

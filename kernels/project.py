@@ -11,6 +11,7 @@ Norm preservation is named in nn.Linear orientation [d_model, fan_in], whatever 
 - "rows": each residual coordinate's row keeps its norm (what some tools do). This rescales
   coordinates unequally and so re-introduces a small component along Q; leakage reports show it.
 """
+
 import numpy as np
 
 NORM_MODES = ("rows", "cols")
@@ -37,8 +38,13 @@ def residual_coefficients(block: np.ndarray, q_rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(q_rows.T, dtype=block.dtype) @ block
 
 
-def project_block_rows(block: np.ndarray, q_rows: np.ndarray, coeff: np.ndarray, scale: float = 1.0,
-                       out: np.ndarray | None = None) -> np.ndarray:
+def project_block_rows(
+    block: np.ndarray,
+    q_rows: np.ndarray,
+    coeff: np.ndarray,
+    scale: float = 1.0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Row block of a residual-axis-0 weight: W_b - s Q_b C, with C = Q^T W over the whole tensor.
     The rank-k update runs in the block's dtype (float32 GEMM); `out=block` edits in place."""
     qs, c = (scale * q_rows).astype(block.dtype), coeff.astype(block.dtype)
@@ -47,8 +53,9 @@ def project_block_rows(block: np.ndarray, q_rows: np.ndarray, coeff: np.ndarray,
     return np.subtract(block, update, out=out)
 
 
-def project_block_cols(block: np.ndarray, q: np.ndarray, scale: float = 1.0,
-                       coeff: np.ndarray | None = None) -> np.ndarray:
+def project_block_cols(
+    block: np.ndarray, q: np.ndarray, scale: float = 1.0, coeff: np.ndarray | None = None
+) -> np.ndarray:
     """Row block of a residual-axis-1 weight: W_b - s (W_b Q) Q^T (each row is one written vector).
     `coeff` = W_b Q if the caller already has it."""
     qf = q.astype(block.dtype)

@@ -11,12 +11,17 @@ nothing: on a 4 GB llama, two shards in flight, 6.4 CPU-s with a 64 MiB cache pe
 reading again, and 175 MiB peak RSS against 116 (measured). Residual axis 1 is a single pass unless "rows"
 norm preservation needs per-column norms over the whole matrix first.
 """
+
 from collections.abc import Callable, Iterator
 
 import numpy as np
-
-from patcher_kernels.project import (NORM_MODES, project_block_cols, project_block_rows, rescale_norms,
-                                     residual_coefficients)
+from patcher_kernels.project import (
+    NORM_MODES,
+    project_block_cols,
+    project_block_rows,
+    rescale_norms,
+    residual_coefficients,
+)
 
 Reader = Callable[[int, int], np.ndarray]
 
@@ -26,9 +31,16 @@ def _ranges(n_rows: int, block_rows: int):
         yield start, min(start + block_rows, n_rows)
 
 
-def ablate_blocks(read: Reader, n_rows: int, q: np.ndarray, residual_axis: int, scale: float = 1.0,
-                  preserve: str | None = None, block_rows: int = 128,
-                  stats: dict | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+def ablate_blocks(
+    read: Reader,
+    n_rows: int,
+    q: np.ndarray,
+    residual_axis: int,
+    scale: float = 1.0,
+    preserve: str | None = None,
+    block_rows: int = 128,
+    stats: dict | None = None,
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (start, stop, edited float32 block) covering rows 0..n_rows of the matrix.
 
     If `stats` is given, stats["component_sq"] is increased by |QᵀW|² of the original matrix
@@ -92,8 +104,12 @@ def _axis1(read, n_rows, q, scale, preserve, block_rows, stats):
         stats["component_sq"] += float(np.sum(np.square(wq), dtype=np.float64))
         stats["coeff"] = wq
         if preserve == "cols":
-            out = rescale_norms(out, np.einsum("ij,ij->i", b, b, dtype=np.float64),
-                                np.einsum("ij,ij->i", out, out, dtype=np.float64), axis=0)
+            out = rescale_norms(
+                out,
+                np.einsum("ij,ij->i", b, b, dtype=np.float64),
+                np.einsum("ij,ij->i", out, out, dtype=np.float64),
+                axis=0,
+            )
         elif preserve == "rows":
             out = rescale_norms(out, old_sq, new_sq, axis=1)
         yield start, stop, out

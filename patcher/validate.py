@@ -1,6 +1,7 @@
 """Every number and choice a user gives, checked the same way on the command line and in recipes:
 finite, in range, the right type. Each check raises PatcherError(where, problem) with one message,
 so `--scale nan` and a recipe's `scale = nan` read alike. Limits are data (LIMITS), not if-chains."""
+
 import difflib
 import math
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ LIMITS = {
     "max_new_tokens": Limit(int, 1, 1 << 20),
     "temperature": Limit(float, 0.0, 100.0, lo_open=True),
     "top_k": Limit(int, 0, 1 << 31),
-    "seed": Limit(int, 0, 2 ** 63 - 1),
+    "seed": Limit(int, 0, 2**63 - 1),
     "int4_block": Limit(int, 16, 4096),
     "int4_accuracy": Limit(int, 0, 4),
     "position": Limit(int, -(1 << 20), -1, why="positions count from the end of the prompt: -1, -2, ..."),
@@ -41,7 +42,8 @@ LIMITS = {
 
 def _type_name(v) -> str:
     return {str: "text", bool: "true/false", list: "a list", dict: "a table", type(None): "nothing"}.get(
-        type(v), type(v).__name__)
+        type(v), type(v).__name__
+    )
 
 
 def number(value, key: str, where: str | None = None, limit: Limit | None = None):
@@ -57,8 +59,9 @@ def number(value, key: str, where: str | None = None, limit: Limit | None = None
         value = int(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise PatcherError(where, f"must be a finite number, got {value!r}")
-    low_bad = value is not None and lim.lo is not None and (value <= lim.lo if lim.lo_open
-                                                            else value < lim.lo)
+    low_bad = (
+        value is not None and lim.lo is not None and (value <= lim.lo if lim.lo_open else value < lim.lo)
+    )
     if low_bad or (lim.hi is not None and value > lim.hi):
         lo = "" if lim.lo is None else (f"> {_fmt(lim.lo)}" if lim.lo_open else f">= {_fmt(lim.lo)}")
         hi = "" if lim.hi is None else f"<= {_fmt(lim.hi)}"
@@ -124,8 +127,11 @@ def layer_index(value, n_layers: int, where: str = "--layer") -> int:
     """One block index: 0..n-1, or -n..-1 counted from the end (never wrapped further)."""
     v = number(value, "layer", where, Limit(int))
     if not -n_layers <= v < n_layers:
-        raise PatcherError(where, f"layer {v} is out of range: the model has layers 0..{n_layers - 1} "
-                                  f"(or -{n_layers}..-1 from the end)")
+        raise PatcherError(
+            where,
+            f"layer {v} is out of range: the model has layers 0..{n_layers - 1} "
+            f"(or -{n_layers}..-1 from the end)",
+        )
     return v + n_layers if v < 0 else v
 
 
@@ -134,7 +140,7 @@ def parse_layers(text_value, n_layers: int, where: str = "--layers") -> set[int]
     if text_value is None:
         return None
     if isinstance(text_value, bool) or not isinstance(text_value, (str, int)):
-        raise PatcherError(where, f"must be text such as \"4-20\" or \"3,5,7-9\", got {text_value!r}")
+        raise PatcherError(where, f'must be text such as "4-20" or "3,5,7-9", got {text_value!r}')
     spec = str(text_value).strip()
     if spec in ("", "all"):
         return None
@@ -144,7 +150,7 @@ def parse_layers(text_value, n_layers: int, where: str = "--layers") -> set[int]
         try:
             if "-" in part[1:]:
                 i = part.index("-", 1)
-                lo, hi = int(part[:i]), int(part[i + 1:])
+                lo, hi = int(part[:i]), int(part[i + 1 :])
             else:
                 lo = hi = int(part)
         except ValueError:
@@ -152,11 +158,14 @@ def parse_layers(text_value, n_layers: int, where: str = "--layers") -> set[int]
         ends = []
         for v in (lo, hi):
             if not -n_layers <= v < n_layers:
-                raise PatcherError(where, f"{part!r}: layer {v} is outside 0..{n_layers - 1} "
-                                          f"(or -{n_layers}..-1 from the end)")
+                raise PatcherError(
+                    where,
+                    f"{part!r}: layer {v} is outside 0..{n_layers - 1} (or -{n_layers}..-1 from the end)",
+                )
             ends.append(v + n_layers if v < 0 else v)
         if ends[0] > ends[1]:
-            raise PatcherError(where, f"{part!r} is an empty range (it starts after it ends); write "
-                                      f"{ends[1]}-{ends[0]}")
+            raise PatcherError(
+                where, f"{part!r} is an empty range (it starts after it ends); write {ends[1]}-{ends[0]}"
+            )
         out.update(range(ends[0], ends[1] + 1))
     return out

@@ -8,6 +8,7 @@ fork kind at strengths 0.25/0.5/0.75/1.0 (scripts/audit_forks.py: plain numpy, n
 writes the fork, audits it, and appends one row: truth, verdict, |cos| of the recovered direction with
 the one used (per layer for per-layer forks), the layers named, seconds. Rows are written as they come.
 """
+
 import argparse
 import shutil
 import sys
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audit_forks import CONTROLS, Fork, make_fork, standard_forks  # noqa: E402
-from patcher.edit.audit import audit  # noqa: E402
+from audit_forks import CONTROLS, make_fork, standard_forks
+
+from patcher.edit.audit import audit
 
 
 def cosines(rep, truth) -> str:
@@ -38,12 +40,20 @@ def cosines(rep, truth) -> str:
 def row(name, truth_label, rep, truth, seconds) -> str:
     where = next((s.get("where", "") for s in rep.signals if s["verdict"] == rep.level != "no sign"), "")
     measured = {s["signal"].split()[0]: s for s in rep.signals}
-    values = (measured.get("shared", {}).get("groups_at_floor", ""), measured.get("one", {}).get("isolation"),
-              measured.get("per-layer", {}).get("score"))
-    floor, iso, score = values[0], "" if values[1] is None else f"{values[1]:.2f}", \
-        "" if values[2] is None else f"{values[2]:.1f}"
-    return (f"| {name} | {truth_label} | **{rep.level}** | {cosines(rep, truth)} | {where} | {floor} | "
-            f"{iso} | {score} | {seconds:.0f} |")
+    values = (
+        measured.get("shared", {}).get("groups_at_floor", ""),
+        measured.get("one", {}).get("isolation"),
+        measured.get("per-layer", {}).get("score"),
+    )
+    floor, iso, score = (
+        values[0],
+        "" if values[1] is None else f"{values[1]:.2f}",
+        "" if values[2] is None else f"{values[2]:.1f}",
+    )
+    return (
+        f"| {name} | {truth_label} | **{rep.level}** | {cosines(rep, truth)} | {where} | {floor} | "
+        f"{iso} | {score} | {seconds:.0f} |"
+    )
 
 
 def main(argv=None) -> int:
@@ -55,12 +65,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="audit-confusion-", dir=args.workdir))
     with open(args.out, "a") as out:
+
         def emit(line):
             print(line, flush=True)
             out.write(line + "\n")
             out.flush()
-        emit("| model | truth | verdict | \\|cos\\| with the direction used | layers named | groups at "
-             "floor | isolation | track score | s |")
+
+        emit(
+            "| model | truth | verdict | \\|cos\\| with the direction used | layers named | groups at "
+            "floor | isolation | track score | s |"
+        )
         emit("|---|---|---|---|---|---|---|---|---|")
         for path in [args.folder] + args.clean:
             name = f"untouched ({path.name})"

@@ -16,16 +16,17 @@ every linear layer, and dtype round trips.
 
 Weights are handled in residual orientation: [d_model, n] (each column a written vector).
 """
+
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from patcher_kernels.codecs import decode, encode
 
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.writer import OutTensor, write_safetensors
 from patcher.model.architectures import for_model_type, resolve
-from patcher_kernels.codecs import decode, encode
 
 
 def unit(v):
@@ -44,8 +45,9 @@ def smooth_directions(d: int, n_layers: int, rng, neighbour_cos: float = 0.72) -
     return np.stack(out)
 
 
-def heretic_kernel(n_layers: int, max_weight: float, position: float, min_weight: float,
-                   distance: float) -> np.ndarray:
+def heretic_kernel(
+    n_layers: int, max_weight: float, position: float, min_weight: float, distance: float
+) -> np.ndarray:
     """heretic's per-layer weight: linear from max_weight at `position` to min_weight at `distance`
     layers away, zero beyond."""
     x = np.abs(np.arange(n_layers) - position)
@@ -53,8 +55,9 @@ def heretic_kernel(n_layers: int, max_weight: float, position: float, min_weight
     return np.where(x <= distance, w, 0.0)
 
 
-def ablate(w: np.ndarray, r: np.ndarray, s: float, norm_preserve: str | None = None,
-           lora_rank: int | None = None) -> np.ndarray:
+def ablate(
+    w: np.ndarray, r: np.ndarray, s: float, norm_preserve: str | None = None, lora_rank: int | None = None
+) -> np.ndarray:
     """W [d, n] in residual orientation → W − s r̂ r̂ᵀ W, optionally norm-preserving, optionally applied
     as the rank-`lora_rank` approximation of the change."""
     new = w - s * np.outer(r, r @ w)
@@ -71,6 +74,7 @@ def ablate(w: np.ndarray, r: np.ndarray, s: float, norm_preserve: str | None = N
 @dataclass(frozen=True)
 class Fork:
     """One way of changing a checkpoint: `kind` names an entry of KINDS, `strength` its size."""
+
     kind: str
     strength: float = 1.0
     seed: int = 0
@@ -90,8 +94,13 @@ def _writer_plan(fork: Fork, n_layers: int, d: int, rng):
     if k == "heretic":  # per-layer directions, linear kernel peaking at 60 % depth, MLP a little weaker
         dirs = smooth_directions(d, n_layers, rng)
         pos, dist = 0.6 * (n_layers - 1), 0.55 * n_layers
-        return (dirs, heretic_kernel(n_layers, s, pos, 0.2 * s, dist),
-                heretic_kernel(n_layers, 0.9 * s, pos, 0.2 * s, dist), None, None)
+        return (
+            dirs,
+            heretic_kernel(n_layers, s, pos, 0.2 * s, dist),
+            heretic_kernel(n_layers, 0.9 * s, pos, 0.2 * s, dist),
+            None,
+            None,
+        )
     if k in ("mpoa-rows", "mpoa-cols"):  # projected direction, norm-preserving, through a rank-3 LoRA
         harmless = unit(rng.normal(size=d))
         r = unit(one[0] + 0.5 * harmless)
@@ -155,15 +164,25 @@ def make_fork(src: Path, dst: Path, fork: Fork) -> dict:
             elif dtype != info.dtype:
                 raw = encode(decode(raw).astype(np.float32), dtype)
             tensors.append((name, dtype, np.array(raw)))
-    write_safetensors(dst / "model.safetensors",
-                      [OutTensor(n, dt, a.shape, produce=lambda a=a: [a]) for n, dt, a in tensors],
-                      {"format": "pt"})
+    write_safetensors(
+        dst / "model.safetensors",
+        [OutTensor(n, dt, a.shape, produce=lambda a=a: [a]) for n, dt, a in tensors],
+        {"format": "pt"},
+    )
     return truth
 
 
 def standard_forks(strengths=(0.25, 0.5, 0.75, 1.0)) -> list[Fork]:
     """The confusion table's rows: controls, then every fork kind at every strength."""
-    controls = [Fork("noise", 1e-3), Fork("merge", 0.01), Fork("lora", 0.05), Fork("fp16"), Fork("fp32"),
-                Fork("noise", 1e-2, seed=1), Fork("merge", 0.05, seed=1), Fork("lora", 0.2, seed=1)]
+    controls = [
+        Fork("noise", 1e-3),
+        Fork("merge", 0.01),
+        Fork("lora", 0.05),
+        Fork("fp16"),
+        Fork("fp32"),
+        Fork("noise", 1e-2, seed=1),
+        Fork("merge", 0.05, seed=1),
+        Fork("lora", 0.2, seed=1),
+    ]
     edits = [Fork(k, s) for k in ("classic", "heretic", "mpoa-rows", "mpoa-cols") for s in strengths]
     return controls + edits

@@ -5,6 +5,7 @@ RSS and the output size. The adapter reads each edited weight once and writes on
     python scripts/bench_adapter.py                 # ~1.1 GB, 1 repeat
     python scripts/bench_adapter.py --sizes 1.1,2.2 --repeats 3
 """
+
 import argparse
 import shutil
 import statistics
@@ -15,12 +16,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import D, _timed, layers_for, make_checkpoint, run_in_workdir, warm  # noqa: E402
+from bench_patch import D, _timed, layers_for, make_checkpoint, run_in_workdir, warm
 
 
 def _size(path: Path) -> int:
-    return (sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir()
-            else path.stat().st_size)
+    return (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
 
 
 def main(argv=None) -> int:
@@ -42,19 +46,27 @@ def main(argv=None) -> int:
                 make_checkpoint(src, layers_for(gb))
                 created.append(src)
             rows = {}
-            for label, flag, out in (("ablate -o", "-o", work / "out"),
-                                     ("--adapter peft", "--adapter", work / "ad"),
-                                     ("--adapter gguf", "--adapter", work / "ad.gguf")):
+            for label, flag, out in (
+                ("ablate -o", "-o", work / "out"),
+                ("--adapter peft", "--adapter", work / "ad"),
+                ("--adapter gguf", "--adapter", work / "ad.gguf"),
+            ):
                 runs = []
                 for _ in range(args.repeats):
                     warm(src)
                     with tempfile.TemporaryDirectory() as tmp:
-                        r = _timed([*patcher, "ablate", str(src), "-d", str(direction), flag, str(out),
-                                    "--force"], Path(tmp) / "log", label)
+                        r = _timed(
+                            [*patcher, "ablate", str(src), "-d", str(direction), flag, str(out), "--force"],
+                            Path(tmp) / "log",
+                            label,
+                        )
                     runs.append((r["total"], r["rss"], _size(out)))
                     shutil.rmtree(out) if out.is_dir() else out.unlink()
-                rows[label] = (statistics.median(t for t, _, _ in runs), max(m for _, m, _ in runs),
-                               runs[0][2])
+                rows[label] = (
+                    statistics.median(t for t, _, _ in runs),
+                    max(m for _, m, _ in runs),
+                    runs[0][2],
+                )
             print(f"\n{gb} GB checkpoint ({_size(src) / 1e9:.2f} GB)")
             for label, (t, rss, size) in rows.items():
                 print(f"  {label:16s} {t:7.2f} s  peak RSS {rss:7.0f} MiB  output {size / 1e6:10.3f} MB")

@@ -13,6 +13,7 @@ for the clean and the ablated checkpoint, and prints audit/cat ratios (target �
     python scripts/bench_audit.py --gb 4 --repeats 1 --workdir /data/bench --keep
     python scripts/bench_audit.py --gb 0 --model ~/.cache/patcher/real-models/smollm2-135m-instruct/hf
 """
+
 import argparse
 import json
 import statistics
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import D, layers_for, make_checkpoint, run_child, run_in_workdir, warm  # noqa: E402
+from bench_patch import D, layers_for, make_checkpoint, run_child, run_in_workdir, warm
 
 RATIO_MAX = 1.5
 
@@ -50,12 +51,14 @@ def bench_existing(args, work: Path, created: list) -> None:
             created.append(log)
             audits.append(run_child(["patcher", "audit", str(folder), "--json"], log))
         text = log.read_text()
-        rep = json.loads(text[text.index("{"):])
+        rep = json.loads(text[text.index("{") :])
         cat, wall = statistics.median(cats), statistics.median(a["wall"] for a in audits)
         size = sum(f.stat().st_size for f in files)
-        print(f"{folder}: {size / 1e6:.0f} MB; cat {cat:.2f} s, audit {wall:.2f} s (cpu "
-              f"{statistics.median(a['cpu'] for a in audits):.1f} s) = {wall / cat:.1f}× the read; peak RSS "
-              f"{max(a['rss'] for a in audits):.0f} MiB; verdict: {rep['level']}")
+        print(
+            f"{folder}: {size / 1e6:.0f} MB; cat {cat:.2f} s, audit {wall:.2f} s (cpu "
+            f"{statistics.median(a['cpu'] for a in audits):.1f} s) = {wall / cat:.1f}× the read; peak RSS "
+            f"{max(a['rss'] for a in audits):.0f} MiB; verdict: {rep['level']}"
+        )
 
 
 def warm_files(files) -> None:
@@ -73,8 +76,11 @@ def bench(args, work: Path, created: list) -> None:
     total = make_checkpoint(src, n_layers)
     r = np.random.default_rng(0).normal(size=D).astype(np.float32)
     np.save(work / "dir.npy", r)
-    subprocess.run(["patcher", "ablate", str(src), "-d", str(work / "dir.npy"), "-o", str(out), "--no-hash"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["patcher", "ablate", str(src), "-d", str(work / "dir.npy"), "-o", str(out), "--no-hash"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     print(f"checkpoint: {n_layers} layers, d_model {D}, {total / 1e9:.2f} GB of tensors")
     for label, folder in (("clean", src), ("ablated", out)):
         cats, audits = [], []
@@ -85,17 +91,21 @@ def bench(args, work: Path, created: list) -> None:
             res = run_child(["patcher", "audit", str(folder), "--json"], work / f"{label}-{k}.log")
             created.append(work / f"{label}-{k}.log")
             text = (work / f"{label}-{k}.log").read_text()
-            rep = json.loads(text[text.index("{"):])
+            rep = json.loads(text[text.index("{") :])
             audits.append(res)
-            print(f"  {label} run {k + 1}: cat {cats[-1]:.2f} s, audit {res['wall']:.2f} s "
-                  f"(cpu {res['cpu']:.1f} s, peak RSS {res['rss']:.0f} MiB)")
+            print(
+                f"  {label} run {k + 1}: cat {cats[-1]:.2f} s, audit {res['wall']:.2f} s "
+                f"(cpu {res['cpu']:.1f} s, peak RSS {res['rss']:.0f} MiB)"
+            )
         cat, wall = statistics.median(cats), statistics.median(a["wall"] for a in audits)
         found = rep["direction"]
         cosine = abs(float(np.dot(found, r) / np.linalg.norm(r))) if found and np.ndim(found) == 1 else None
         flag = "" if wall / cat <= RATIO_MAX else "  TARGET MISSED"
-        print(f"{label}: audit / cat = {wall / cat:.2f}× (target ≤ {RATIO_MAX}){flag}; peak RSS "
-              f"{max(a['rss'] for a in audits):.0f} MiB; verdict: {rep['verdict']}"
-              + ("" if cosine is None else f"; |cos| with the ablated direction {cosine:.6f}"))
+        print(
+            f"{label}: audit / cat = {wall / cat:.2f}× (target ≤ {RATIO_MAX}){flag}; peak RSS "
+            f"{max(a['rss'] for a in audits):.0f} MiB; verdict: {rep['verdict']}"
+            + ("" if cosine is None else f"; |cos| with the ablated direction {cosine:.6f}")
+        )
 
 
 def main(argv=None) -> int:
@@ -104,8 +114,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--model", type=Path, action="append", default=[],
-                    help="also audit this existing checkpoint (folder or GGUF); --gb 0 for only these")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="also audit this existing checkpoint (folder or GGUF); --gb 0 for only these",
+    )
     args = ap.parse_args(argv)
     run_in_workdir(args, "bench-audit-", lambda work, created: bench(args, work, created))
     return 0

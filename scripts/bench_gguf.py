@@ -40,8 +40,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def run(argv: list[str]) -> tuple[float, float, float]:
     """(wall s, cpu s, peak RSS MiB) of one child, as GNU time reports them: time forks the command itself,
     so the peak is the command's own, not this (larger) parent's copied at fork."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", *argv], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%e %U %S %M", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(argv)}\n{proc.stderr[-2000:]}")
     wall, user, system, rss_kb = proc.stderr.strip().splitlines()[-1].split()
@@ -67,8 +71,9 @@ def bench(path: Path, work: Path, repeats: int, reader: bool) -> list[tuple[str,
         "python -c 'import numpy'": py("import numpy"),
         "GGUFReader(path)": py(f"import gguf; gguf.GGUFReader({str(path)!r})"),
         "GGUFFile(path)": py(f"from patcher.io.gguf import GGUFFile; GGUFFile({str(path)!r})"),
-        "GGUFFile(path).tokenizer()": py(f"from patcher.io.gguf import GGUFFile; "
-                                         f"GGUFFile({str(path)!r}).tokenizer()"),
+        "GGUFFile(path).tokenizer()": py(
+            f"from patcher.io.gguf import GGUFFile; GGUFFile({str(path)!r}).tokenizer()"
+        ),
         "patcher inspect": [patcher, "inspect", str(path)],
         "cp": ["cp", str(path), str(out)],
         "patcher ablate": [patcher, "ablate", str(path), "-d", str(direction), "-o", str(out), "--force"],
@@ -84,8 +89,9 @@ def bench(path: Path, work: Path, repeats: int, reader: bool) -> list[tuple[str,
             load = os.getloadavg()[0]
             runs[name].append(run(argv))
             wall, cpu, rss = runs[name][-1]
-            print(f"  [{i + 1}] {name:28s} {wall:7.2f} s  cpu {cpu:6.2f} s  {rss:6.0f} MiB  "
-                  f"(load {load:.1f})")
+            print(
+                f"  [{i + 1}] {name:28s} {wall:7.2f} s  cpu {cpu:6.2f} s  {rss:6.0f} MiB  (load {load:.1f})"
+            )
     if out.exists():
         out.unlink()
     return [(m, *(statistics.median(x[k] for x in v) for k in range(3))) for m, v in runs.items()]
@@ -94,8 +100,9 @@ def bench(path: Path, work: Path, repeats: int, reader: bool) -> list[tuple[str,
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", type=Path, help="a real GGUF (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
-    ap.add_argument("--workdir", type=Path, help="where the synthetic file and outputs go (default: a tmp "
-                    "dir)")
+    ap.add_argument(
+        "--workdir", type=Path, help="where the synthetic file and outputs go (default: a tmp dir)"
+    )
     ap.add_argument("--tokens", type=int, default=262_144)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-reader", action="store_true", help="skip the gguf package's GGUFReader runs")
@@ -107,8 +114,9 @@ def main():
         files = [a.real] if a.real else []
         t = time.perf_counter()
         files.append(mk.big_vocab(work / f"synthetic-{a.tokens}.gguf", a.tokens))
-        print(f"wrote {files[-1]} ({files[-1].stat().st_size / 1e6:.1f} MB) in "
-              f"{time.perf_counter() - t:.1f} s")
+        print(
+            f"wrote {files[-1]} ({files[-1].stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s"
+        )
         for path in files:
             size = path.stat().st_size
             print(f"\n{path.name}: {size / 1e6:.1f} MB")

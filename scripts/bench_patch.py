@@ -37,6 +37,7 @@ at the operands' scale. It only reports (exit 0); misses are flagged "TARGET MIS
     python scripts/bench_patch.py --sizes 0.5 --repeats 1 --workdir /data/bench --keep
     python scripts/bench_patch.py --skip-hf            # cp and patcher only (no torch needed)
 """
+
 import argparse
 import json
 import os
@@ -52,8 +53,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-
 from patcher_kernels.codecs import ulp_distance
+
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.writer import OutTensor, write_safetensors
 
@@ -82,7 +83,8 @@ def _producer(shape, seed, ones=False):
         for s in range(0, rows, step):
             n = (min(s + step, rows) - s) * cols
             off = int(rng.integers(0, pool.size - n + 1))
-            yield pool[off:off + n].reshape(-1, cols) if len(shape) == 2 else pool[off:off + n]
+            yield pool[off : off + n].reshape(-1, cols) if len(shape) == 2 else pool[off : off + n]
+
     return produce
 
 
@@ -91,11 +93,17 @@ def llama_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (VOCAB, D))]
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (D, D)), (p + "self_attn.k_proj.weight", (kv, D)),
-                (p + "self_attn.v_proj.weight", (kv, D)), (p + "self_attn.o_proj.weight", (D, D)),
-                (p + "mlp.gate_proj.weight", (FF, D)), (p + "mlp.up_proj.weight", (FF, D)),
-                (p + "mlp.down_proj.weight", (D, FF)),
-                (p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,))]
+        out += [
+            (p + "self_attn.q_proj.weight", (D, D)),
+            (p + "self_attn.k_proj.weight", (kv, D)),
+            (p + "self_attn.v_proj.weight", (kv, D)),
+            (p + "self_attn.o_proj.weight", (D, D)),
+            (p + "mlp.gate_proj.weight", (FF, D)),
+            (p + "mlp.up_proj.weight", (FF, D)),
+            (p + "mlp.down_proj.weight", (D, FF)),
+            (p + "input_layernorm.weight", (D,)),
+            (p + "post_attention_layernorm.weight", (D,)),
+        ]
     return out + [("model.norm.weight", (D,)), ("lm_head.weight", (VOCAB, D))]
 
 
@@ -123,15 +131,19 @@ def write_sharded(folder: Path, tensors: list[tuple[str, tuple[int, ...]]], shar
     weight_map, total = {}, 0
     for k, group in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        outs = [OutTensor(n, "BF16", s,
-                          produce=_producer(s, zlib.crc32(n.encode()), ones=n.endswith("norm.weight")))
-                for n, s in group]
+        outs = [
+            OutTensor(
+                n, "BF16", s, produce=_producer(s, zlib.crc32(n.encode()), ones=n.endswith("norm.weight"))
+            )
+            for n, s in group
+        ]
         write_safetensors(folder / fname, outs, {"format": "pt"})
         for t in outs:
             weight_map[t.name] = fname
             total += t.nbytes
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return total
 
 
@@ -158,12 +170,24 @@ def run_in_workdir(args, prefix: str, bench_fn, note: bool = True) -> None:
 def make_checkpoint(folder: Path, n_layers: int) -> int:
     folder.mkdir(parents=True)
     total = write_sharded(folder, llama_tensors(n_layers), SHARD_BYTES)
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
-        "intermediate_size": FF,
-        "num_hidden_layers": n_layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5},
-        indent=2))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": D,
+                "intermediate_size": FF,
+                "num_hidden_layers": n_layers,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": KV_HEADS,
+                "vocab_size": VOCAB,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+                "rms_norm_eps": 1e-5,
+            },
+            indent=2,
+        )
+    )
     return total
 
 
@@ -175,7 +199,7 @@ def warm(folder: Path) -> None:
 # mm's high-water mark in the child's maxrss (Linux exec_mmap). This parent holds numpy, patcher and
 # the generator's value pool, so measured directly every child would read >= ~170 MiB. A minimal
 # launcher (python -S, ~10 MiB) spawns the measured command and reports the grandchild's own rusage.
-LAUNCHER = r'''
+LAUNCHER = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
 pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
@@ -184,7 +208,7 @@ wall = time.perf_counter() - t0
 with open(sys.argv[1], "w") as f:
     json.dump({"wall": wall, "maxrss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + ru.ru_stime,
                "rc": os.waitstatus_to_exitcode(status)}, f)
-'''
+"""
 
 
 def run_child(cmd: list[str], log: Path) -> dict:
@@ -193,15 +217,17 @@ def run_child(cmd: list[str], log: Path) -> dict:
     exe = shutil.which(cmd[0]) or cmd[0]
     report = log.with_suffix(".rusage.json")
     with open(log, "wb") as f:
-        lr = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), exe, *cmd[1:]],
-                            stdout=f, stderr=subprocess.STDOUT)
+        lr = subprocess.run(
+            [sys.executable, "-S", "-c", LAUNCHER, str(report), exe, *cmd[1:]],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if lr.returncode != 0 or not report.is_file():
         return {"wall": 0.0, "rss": 0.0, "cpu": 0.0, "rc": lr.returncode or -1, "log": log}
     r = json.loads(report.read_text())
     report.unlink()
     # KiB
     return {"wall": r["wall"], "rss": r["maxrss_kib"] / 1024, "cpu": r["cpu"], "rc": r["rc"], "log": log}
-
 
 
 def _timed(argv: list[str], log: Path, what: str) -> dict:
@@ -223,8 +249,9 @@ def time_cp(src: Path, dst: Path) -> tuple[float, float, float]:
     return r["total"], r["rss"], r["cpu"]
 
 
-def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path,
-                 extra: list[str], known: Path) -> tuple[float, float, float]:
+def time_patcher(
+    cmd: list[str], src: Path, direction: Path, out: Path, extra: list[str], known: Path
+) -> tuple[float, float, float]:
     """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds.
     Default and --no-hash runs start from an empty digest cache (a first run on a new base) and leave it in
     `known`; "base digest known" runs start from that cache, as every later edit of the same base does."""
@@ -233,8 +260,20 @@ def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path,
         if "known" in extra:
             shutil.copytree(known, cache)
         os.environ["PATCHER_CACHE"] = str(cache)
-        r = _timed([*cmd, "ablate", str(src), "-d", str(direction), "-o", str(out),
-                    *[a for a in extra if a != "known"]], Path(tmp) / "patcher.log", "patcher")
+        r = _timed(
+            [
+                *cmd,
+                "ablate",
+                str(src),
+                "-d",
+                str(direction),
+                "-o",
+                str(out),
+                *[a for a in extra if a != "known"],
+            ],
+            Path(tmp) / "patcher.log",
+            "patcher",
+        )
         if "known" not in extra and "--no-hash" not in extra:
             shutil.rmtree(known, ignore_errors=True)
             shutil.copytree(cache, known)
@@ -243,7 +282,7 @@ def time_patcher(cmd: list[str], src: Path, direction: Path, out: Path,
 
 # The usual approach, as a user would write it: load the whole model with transformers, edit the same
 # tensors patcher edits in place (float32 math, one rounding to bf16), save_pretrained.
-HF_CHILD = r'''
+HF_CHILD = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -277,7 +316,7 @@ print("HF_PHASES " + json.dumps({"import": t_import - t0, "load": t_load - t_imp
                                  "save": t_save - t_edit, "edited": len(edited),
                                  "transformers": __import__("transformers").__version__,
                                  "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
-'''
+"""
 
 
 def time_hf(script: Path, src: Path, direction: Path, out: Path) -> dict | None:
@@ -285,21 +324,23 @@ def time_hf(script: Path, src: Path, direction: Path, out: Path) -> dict | None:
     timings; None (after printing the log's tail) if it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "hf.log"
-        r = _timed([sys.executable, str(script), str(src), str(out), str(direction), str(SHARD_BYTES)],
-                   log, None)
+        r = _timed(
+            [sys.executable, str(script), str(src), str(out), str(direction), str(SHARD_BYTES)], log, None
+        )
         text = log.read_text(errors="replace")
     if r["rc"] != 0:
         print(f"  HF child failed ({r['rc']}):\n{text[-3000:]}", flush=True)
         return None
-    phases = [json.loads(line[len("HF_PHASES "):]) for line in text.splitlines()
-              if line.startswith("HF_PHASES ")]
+    phases = [
+        json.loads(line[len("HF_PHASES ") :]) for line in text.splitlines() if line.startswith("HF_PHASES ")
+    ]
     r["phases"] = phases[-1] if phases else {}
     return r
 
 
 def _bf16_ulp(x: np.ndarray) -> np.ndarray:
     """Spacing of bf16 values at magnitude |x| (float64; 8 significant bits; subnormal range floored)."""
-    e = np.frexp(np.maximum(np.abs(x), np.float64(2.0 ** -126)))[1]
+    e = np.frexp(np.maximum(np.abs(x), np.float64(2.0**-126)))[1]
     return np.ldexp(1.0, e - 8)
 
 
@@ -312,8 +353,8 @@ def _ulp_stats(a: np.ndarray, b: np.ndarray, w: np.ndarray, rows: int = 4096) ->
     a2, b2, w2 = (x.reshape(x.shape[0], -1) for x in (a, b, w))
     st = {"max": 0, "n": a.size, "same": 0, "one": 0, "more": 0, "scaled": 0.0, "more_cancel": 0}
     for s in range(0, a2.shape[0], rows):
-        d = ulp_distance(a2[s:s + rows], b2[s:s + rows], "BF16")
-        af, bf, wf = (x[s:s + rows].astype(np.float64) for x in (a2, b2, w2))
+        d = ulp_distance(a2[s : s + rows], b2[s : s + rows], "BF16")
+        af, bf, wf = (x[s : s + rows].astype(np.float64) for x in (a2, b2, w2))
         scale = _bf16_ulp(np.maximum(np.abs(wf), np.maximum(np.abs(af), np.abs(bf))))
         st["max"] = max(st["max"], int(d.max()))
         st["same"] += int(np.count_nonzero(d == 0))
@@ -321,8 +362,9 @@ def _ulp_stats(a: np.ndarray, b: np.ndarray, w: np.ndarray, rows: int = 4096) ->
         big = d > 1
         st["more"] += int(np.count_nonzero(big))
         # "cancellation": the result is at least 8x smaller than the input element
-        st["more_cancel"] += int(np.count_nonzero(
-            big & (np.maximum(np.abs(af), np.abs(bf)) * 8 <= np.abs(wf))))
+        st["more_cancel"] += int(
+            np.count_nonzero(big & (np.maximum(np.abs(af), np.abs(bf)) * 8 <= np.abs(wf)))
+        )
         st["scaled"] = max(st["scaled"], float((np.abs(af - bf) / scale).max()))
     return st
 
@@ -332,8 +374,8 @@ def _reference(w: np.ndarray, r: np.ndarray, embedding: bool, rows: int = 4096) 
     if embedding:
         out = np.empty(w.shape, dtype=BF16)
         for s in range(0, w.shape[0], rows):
-            blk = w[s:s + rows].astype(np.float64)
-            out[s:s + rows] = (blk - np.outer(blk @ r, r)).astype(BF16)
+            blk = w[s : s + rows].astype(np.float64)
+            out[s : s + rows] = (blk - np.outer(blk @ r, r)).astype(BF16)
         return out
     w64 = w.astype(np.float64)
     return (w64 - np.outer(r, r @ w64)).astype(BF16)
@@ -347,44 +389,56 @@ def compare_outputs(src: Path, pt_out: Path, hf_out: Path, direction: Path, n_la
     r /= np.linalg.norm(r)
     orig, pt, hf = Checkpoint(src), Checkpoint(pt_out), Checkpoint(hf_out)
     mid, last = n_layers // 2, n_layers - 1
-    names = [("model.embed_tokens.weight", "embed"),
-             (f"model.layers.{mid}.self_attn.o_proj.weight", "linear"),
-             (f"model.layers.{last}.mlp.down_proj.weight", "linear"),
-             ("model.layers.0.self_attn.q_proj.weight", None)]
+    names = [
+        ("model.embed_tokens.weight", "embed"),
+        (f"model.layers.{mid}.self_attn.o_proj.weight", "linear"),
+        (f"model.layers.{last}.mlp.down_proj.weight", "linear"),
+        ("model.layers.0.self_attn.q_proj.weight", None),
+    ]
     odd = sorted(set(orig.tensors) ^ set(hf.tensors))
     if odd:
         print(f"  check: HF output and input differ in tensor names: {odd[:6]}", flush=True)
     worst = {"raw": 0, "scaled": 0.0}
-    print("  check, patcher output vs HF output, same input and unit direction, both float32 math "
-          "rounded once to bf16\n  (ulps are bf16 ulps; 'ref' = float64 projection of the same input "
-          "rounded once to bf16):",
-          flush=True)
+    print(
+        "  check, patcher output vs HF output, same input and unit direction, both float32 math "
+        "rounded once to bf16\n  (ulps are bf16 ulps; 'ref' = float64 projection of the same input "
+        "rounded once to bf16):",
+        flush=True,
+    )
     for name, kind in names:
         a, b, o = pt.array(name), hf.array(name), orig.array(name)
         if pt.info(name).dtype != "BF16" or hf.info(name).dtype != "BF16" or a.shape != b.shape:
-            print(f"    {name}: dtype/shape mismatch: patcher {pt.info(name).dtype} {a.shape}, "
-                  f"HF {hf.info(name).dtype} {b.shape}  CORRECTNESS MISMATCH", flush=True)
+            print(
+                f"    {name}: dtype/shape mismatch: patcher {pt.info(name).dtype} {a.shape}, "
+                f"HF {hf.info(name).dtype} {b.shape}  CORRECTNESS MISMATCH",
+                flush=True,
+            )
             worst = {"raw": 1 << 15, "scaled": float("inf")}
             continue
         st = _ulp_stats(a, b, o)
         if kind is None:  # unedited: all three must be bit-identical
             io, ho = _ulp_stats(a, o, o)["max"], _ulp_stats(b, o, o)["max"]
-            print(f"    {name} (not edited): max ulp patcher vs input {io}, HF vs input {ho}, patcher vs HF "
-                  f"{st['max']}" + ("" if max(io, ho, st["max"]) == 0 else "  CORRECTNESS MISMATCH"),
-                  flush=True)
+            print(
+                f"    {name} (not edited): max ulp patcher vs input {io}, HF vs input {ho}, patcher vs HF "
+                f"{st['max']}" + ("" if max(io, ho, st["max"]) == 0 else "  CORRECTNESS MISMATCH"),
+                flush=True,
+            )
             continue
         worst = {"raw": max(worst["raw"], st["max"]), "scaled": max(worst["scaled"], st["scaled"])}
         ref = _reference(o, r, kind == "embed")
         pr, hr = _ulp_stats(a, ref, o), _ulp_stats(b, ref, o)
         changed = st["n"] - _ulp_stats(a, o, o)["same"]
-        print(f"    {name} {tuple(a.shape)}, {changed / st['n']:.0%} of elements changed by the edit:\n"
-              f"      patcher vs HF: {st['same'] / st['n']:.4%} identical, {st['one']} at 1 ulp, "
-              f"{st['more']} "
-              f"at >1 ulp ({st['more_cancel']} of them where |W'| <= |W|/8); max {st['max']} ulp raw, "
-              f"{st['scaled']:.2f} ulp at the operands' scale\n"
-              f"      vs ref: patcher max {pr['max']} raw / {pr['scaled']:.2f} scaled "
-              f"({pr['more']} at >1 ulp), "
-              f"HF max {hr['max']} raw / {hr['scaled']:.2f} scaled ({hr['more']} at >1 ulp)", flush=True)
+        print(
+            f"    {name} {tuple(a.shape)}, {changed / st['n']:.0%} of elements changed by the edit:\n"
+            f"      patcher vs HF: {st['same'] / st['n']:.4%} identical, {st['one']} at 1 ulp, "
+            f"{st['more']} "
+            f"at >1 ulp ({st['more_cancel']} of them where |W'| <= |W|/8); max {st['max']} ulp raw, "
+            f"{st['scaled']:.2f} ulp at the operands' scale\n"
+            f"      vs ref: patcher max {pr['max']} raw / {pr['scaled']:.2f} scaled "
+            f"({pr['more']} at >1 ulp), "
+            f"HF max {hr['max']} raw / {hr['scaled']:.2f} scaled ({hr['more']} at >1 ulp)",
+            flush=True,
+        )
     return worst
 
 
@@ -394,15 +448,24 @@ TARGETS = {"patcher": 1.25, "patcher --no-hash": 1.1}  # wall / cp+sync at >= 4 
 RATIO_FROM_GB = 3.5
 
 
-def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int, hf_repeats: int,
-          hf_script: Path | None, n_layers: int) -> dict:
+def bench(
+    cmd: list[str],
+    src: Path,
+    direction: Path,
+    work: Path,
+    repeats: int,
+    hf_repeats: int,
+    hf_script: Path | None,
+    n_layers: int,
+) -> dict:
     """Every method `repeats` times (HF `hf_repeats`), interleaved so disk noise hits them alike; per method
     the wall seconds of each run, its peak RSS and CPU seconds."""
     runs = {m: [] for m in METHODS}
     ulps = []
     for rep in range(max(repeats, hf_repeats if hf_script else 0)):
         kinds = (["cp", "patcher", KNOWN, "patcher --no-hash"] if rep < repeats else []) + (
-            ["hf"] if hf_script and rep < hf_repeats else [])
+            ["hf"] if hf_script and rep < hf_repeats else []
+        )
         for kind in kinds:
             dst = work / f"out-{kind.split()[-1] if kind != KNOWN else 'known'}"
             shutil.rmtree(dst, ignore_errors=True)
@@ -417,25 +480,33 @@ def bench(cmd: list[str], src: Path, direction: Path, work: Path, repeats: int, 
                 flags = {"patcher": [], KNOWN: ["known"], "patcher --no-hash": ["--no-hash"]}[kind]
                 w, r, cpu = time_patcher(cmd, src, direction, dst, flags, work / "digest-cache")
                 runs[kind].append({"wall": w, "rss": r, "cpu": cpu})
-                print(f"  {src.name}: {kind} {w:.2f} s, cpu {cpu:.2f} s, peak RSS {r:.0f} MiB {load}",
-                      flush=True)
+                print(
+                    f"  {src.name}: {kind} {w:.2f} s, cpu {cpu:.2f} s, peak RSS {r:.0f} MiB {load}",
+                    flush=True,
+                )
             else:
                 res = time_hf(hf_script, src, direction, dst)
                 if res is not None:
                     ph = res["phases"]
                     runs["hf"].append({"wall": res["total"], "rss": res["rss"], "cpu": res["cpu"]})
-                    print(f"  {src.name}: HF from_pretrained+edit+save_pretrained {res['total']:.2f} s, "
-                          f"cpu {res['cpu']:.2f} s, peak RSS {res['rss']:.0f} MiB {load}\n"
-                          f"      phases: import {ph.get('import', 0):.2f} s, "
-                          f"load {ph.get('load', 0):.2f} s, "
-                          f"edit {ph.get('edit', 0):.2f} s ({ph.get('edited', '?')} tensors), "
-                          f"save {ph.get('save', 0):.2f} s; torch {ph.get('torch')} "
-                          f"({ph.get('threads')} threads), "
-                          f"transformers {ph.get('transformers')}", flush=True)
+                    print(
+                        f"  {src.name}: HF from_pretrained+edit+save_pretrained {res['total']:.2f} s, "
+                        f"cpu {res['cpu']:.2f} s, peak RSS {res['rss']:.0f} MiB {load}\n"
+                        f"      phases: import {ph.get('import', 0):.2f} s, "
+                        f"load {ph.get('load', 0):.2f} s, "
+                        f"edit {ph.get('edit', 0):.2f} s ({ph.get('edited', '?')} tensors), "
+                        f"save {ph.get('save', 0):.2f} s; torch {ph.get('torch')} "
+                        f"({ph.get('threads')} threads), "
+                        f"transformers {ph.get('transformers')}",
+                        flush=True,
+                    )
                     expected = 1 + 2 * n_layers
                     if ph.get("edited") != expected:
-                        print(f"  HF child edited {ph.get('edited')} tensors, patcher edits {expected}  "
-                              f"CORRECTNESS MISMATCH", flush=True)
+                        print(
+                            f"  HF child edited {ph.get('edited')} tensors, patcher edits {expected}  "
+                            f"CORRECTNESS MISMATCH",
+                            flush=True,
+                        )
                     if not ulps and (work / "out-patcher").is_dir():
                         ulps.append(compare_outputs(src, work / "out-patcher", dst, direction, n_layers))
             if kind != "patcher" or not (hf_script and rep < hf_repeats):
@@ -461,21 +532,39 @@ def spread(xs: list[float]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,16", help="checkpoint sizes in GB, comma-separated")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="cp and patcher runs per size; the median is reported")
-    ap.add_argument("--hf-repeats", type=int, default=1,
-                    help="HF (from_pretrained + edit + save_pretrained) runs per size "
-                         "(default 1: it is slow)")
-    ap.add_argument("--hf-max-gb", type=float, default=5.0, help="HF only for checkpoints up to this size "
-                    "(it holds the whole model in RAM)")
-    ap.add_argument("--skip-hf", action="store_true",
-                    help="leave out the transformers method (no torch needed)")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="where to build checkpoints (default: a new folder under /tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and direction "
-                    "(otherwise everything this run created is deleted)")
-    ap.add_argument("--patcher", default="patcher",
-                    help="command that runs the CLI (default: patcher on PATH)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="cp and patcher runs per size; the median is reported"
+    )
+    ap.add_argument(
+        "--hf-repeats",
+        type=int,
+        default=1,
+        help="HF (from_pretrained + edit + save_pretrained) runs per size (default 1: it is slow)",
+    )
+    ap.add_argument(
+        "--hf-max-gb",
+        type=float,
+        default=5.0,
+        help="HF only for checkpoints up to this size (it holds the whole model in RAM)",
+    )
+    ap.add_argument(
+        "--skip-hf", action="store_true", help="leave out the transformers method (no torch needed)"
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where to build checkpoints (default: a new folder under /tmp)",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the generated checkpoints and direction "
+        "(otherwise everything this run created is deleted)",
+    )
+    ap.add_argument(
+        "--patcher", default="patcher", help="command that runs the CLI (default: patcher on PATH)"
+    )
     ap.add_argument("--startup-repeats", type=int, default=7, help="runs of each start-up command")
     args = ap.parse_args(argv)
     cmd = shlex.split(args.patcher)
@@ -485,26 +574,39 @@ def main(argv=None) -> int:
         ap.error("--repeats must be >= 1 and --hf-repeats >= 0")
     use_hf = not args.skip_hf and args.hf_repeats > 0
     if use_hf:
-        probe = subprocess.run([sys.executable, "-c", "import torch, transformers"],
-                               capture_output=True, text=True)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import torch, transformers"], capture_output=True, text=True
+        )
         if probe.returncode != 0:
-            ap.error("the HF method needs torch and transformers (pip install -e '.[test]'), "
-                     "or pass --skip-hf:\n" + probe.stderr[-500:])
+            ap.error(
+                "the HF method needs torch and transformers (pip install -e '.[test]'), "
+                "or pass --skip-hf:\n" + probe.stderr[-500:]
+            )
     sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     rows, extra = [], {}
 
     def run(work: Path, created: list[Path]) -> None:
-        print(f"machine: {os.cpu_count()} CPUs, "
-              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-              f"cp/patcher: {args.repeats} runs per size"
-              + (f", HF: {args.hf_repeats} run{'s' if args.hf_repeats != 1 else ''} per size up to "
-                 f"{args.hf_max_gb:g} GB" if use_hf else ", HF: skipped"), flush=True)
+        print(
+            f"machine: {os.cpu_count()} CPUs, "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+            f"cp/patcher: {args.repeats} runs per size"
+            + (
+                f", HF: {args.hf_repeats} run{'s' if args.hf_repeats != 1 else ''} per size up to "
+                f"{args.hf_max_gb:g} GB"
+                if use_hf
+                else ", HF: skipped"
+            ),
+            flush=True,
+        )
         py = str(Path(sys.executable))
         extra["numpy"] = _timed_command([py, "-c", "import numpy"], args.startup_repeats)
         extra["version"] = _timed_command([*cmd, "--version"], args.startup_repeats)
         extra["help"] = _timed_command([*cmd, "--help"], args.startup_repeats)
-        print(f"start-up: python -c 'import numpy' {spread(extra['numpy'])} s, patcher --version "
-              f"{spread(extra['version'])} s, patcher --help {spread(extra['help'])} s", flush=True)
+        print(
+            f"start-up: python -c 'import numpy' {spread(extra['numpy'])} s, patcher --version "
+            f"{spread(extra['version'])} s, patcher --help {spread(extra['help'])} s",
+            flush=True,
+        )
         try:
             direction = work / "dir.npy"
             created.append(direction)
@@ -521,11 +623,22 @@ def main(argv=None) -> int:
                     created.append(src)
                     t0 = time.perf_counter()
                     total = make_checkpoint(src, n_layers)
-                    print(f"generated {src} ({total / 1e9:.2f} GB, {n_layers} layers) in "
-                          f"{time.perf_counter() - t0:.1f} s", flush=True)
+                    print(
+                        f"generated {src} ({total / 1e9:.2f} GB, {n_layers} layers) in "
+                        f"{time.perf_counter() - t0:.1f} s",
+                        flush=True,
+                    )
                 total = sum(f.stat().st_size for f in src.iterdir())
-                res = bench(cmd, src, direction, work, args.repeats, args.hf_repeats,
-                            hf_script if gb <= args.hf_max_gb else None, n_layers)
+                res = bench(
+                    cmd,
+                    src,
+                    direction,
+                    work,
+                    args.repeats,
+                    args.hf_repeats,
+                    hf_script if gb <= args.hf_max_gb else None,
+                    n_layers,
+                )
                 rows.append((total, n_layers, res))
                 if gb == max(sizes):
                     extra["inspect"] = _timed_command([*cmd, "inspect", str(src)], args.startup_repeats)
@@ -539,8 +652,10 @@ def main(argv=None) -> int:
 
     run_in_workdir(args, "patcher-bench-", run, note=False)
 
-    print(f"\n{'size GB':>8} {'layers':>6}  {'method':<42} {'runs':>4} {'wall s, median (min-max)':>25} "
-          f"{'/cp':>6} {'cpu s':>6} {'peak RSS MiB':>13}")
+    print(
+        f"\n{'size GB':>8} {'layers':>6}  {'method':<42} {'runs':>4} {'wall s, median (min-max)':>25} "
+        f"{'/cp':>6} {'cpu s':>6} {'peak RSS MiB':>13}"
+    )
     rss_by_size = []
     for total, n_layers, r in rows:
         runs = r["runs"]
@@ -558,26 +673,37 @@ def main(argv=None) -> int:
             if m.startswith("patcher") and rss > RSS_MAX_MIB:
                 miss.append(f"rss > {RSS_MAX_MIB}")
             name = "HF (from_pretrained+edit+save_pretrained)" if m == "hf" else m + "+sync"
-            print(f"{lead:>15}  {name:<42} {len(walls):4d} {spread(walls):>25} {med / cp:6.2f} {cpu:6.2f} "
-                  f"{rss:13.0f}" + (f"  TARGET MISSED ({', '.join(miss)})" if miss else ""))
+            print(
+                f"{lead:>15}  {name:<42} {len(walls):4d} {spread(walls):>25} {med / cp:6.2f} {cpu:6.2f} "
+                f"{rss:13.0f}" + (f"  TARGET MISSED ({', '.join(miss)})" if miss else "")
+            )
             lead = ""
         rss_by_size.append((max(x["rss"] for x in runs["patcher"]), min(-(-total // SHARD_BYTES), 2)))
         if r["ulp"] is not None:
             u = r["ulp"]
-            print(f"{'':>15}  patcher vs HF on the compared edited tensors: max {u['scaled']:.2f} bf16 ulp "
-                  f"at the operands' scale, max {u['raw']} ulp raw "
-                  f"(raw > 1 only where the projection cancels)"
-                  + ("" if u["scaled"] <= ULP_MAX else f"  TARGET MISSED (> {ULP_MAX} ulp)"))
-    print("(wall = parent-timed child run + sync, Python start-up included; median and range over the runs; "
-          "cpu: median CPU seconds of the process; peak RSS: max over the runs, each process's own)")
+            print(
+                f"{'':>15}  patcher vs HF on the compared edited tensors: max {u['scaled']:.2f} bf16 ulp "
+                f"at the operands' scale, max {u['raw']} ulp raw "
+                f"(raw > 1 only where the projection cancels)"
+                + ("" if u["scaled"] <= ULP_MAX else f"  TARGET MISSED (> {ULP_MAX} ulp)")
+            )
+    print(
+        "(wall = parent-timed child run + sync, Python start-up included; median and range over the runs; "
+        "cpu: median CPU seconds of the process; peak RSS: max over the runs, each process's own)"
+    )
     np_med, v_med = statistics.median(extra["numpy"]), statistics.median(extra["version"])
-    print(f"start-up: patcher --version {spread(extra['version'])} s vs python -c 'import numpy' "
-          f"{spread(extra['numpy'])} s = {v_med / np_med:.2f}x (target <= 2x)"
-          + ("  TARGET MISSED" if v_med > 2 * np_med else "") + f"; patcher --help {spread(extra['help'])} s")
+    print(
+        f"start-up: patcher --version {spread(extra['version'])} s vs python -c 'import numpy' "
+        f"{spread(extra['numpy'])} s = {v_med / np_med:.2f}x (target <= 2x)"
+        + ("  TARGET MISSED" if v_med > 2 * np_med else "")
+        + f"; patcher --help {spread(extra['help'])} s"
+    )
     if "inspect" in extra:
         i_med = statistics.median(extra["inspect"])
-        print(f"patcher inspect of the {extra['inspect_gb']:.1f} GB checkpoint: {spread(extra['inspect'])} s"
-              + ("  TARGET MISSED (> 1 s)" if i_med > 1 else ""))
+        print(
+            f"patcher inspect of the {extra['inspect_gb']:.1f} GB checkpoint: {spread(extra['inspect'])} s"
+            + ("  TARGET MISSED (> 1 s)" if i_med > 1 else "")
+        )
     if len(rows) > 1:
         # patcher writes up to 2 shards at once, each with its own pipeline: a one-shard checkpoint runs
         # one. Growth is judged between sizes that run the same number (allow noise: 20 % + 32 MiB).
@@ -586,10 +712,12 @@ def main(argv=None) -> int:
             sizes_by_pipes.setdefault(pipes, []).append(rss)
         for pipes, rss in sorted(sizes_by_pipes.items()):
             grew = rss[-1] > rss[0] * 1.2 + 32
-            print(f"patcher RSS with {pipes} shard{'s' if pipes > 1 else ''} in flight: "
-                  f"{' -> '.join(f'{x:.0f}' for x in rss)} MiB"
-                  + (f" ({'grew' if grew else 'did not grow'} with checkpoint size)" if len(rss) > 1 else "")
-                  + ("  TARGET MISSED" if grew else ""))
+            print(
+                f"patcher RSS with {pipes} shard{'s' if pipes > 1 else ''} in flight: "
+                f"{' -> '.join(f'{x:.0f}' for x in rss)} MiB"
+                + (f" ({'grew' if grew else 'did not grow'} with checkpoint size)" if len(rss) > 1 else "")
+                + ("  TARGET MISSED" if grew else "")
+            )
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

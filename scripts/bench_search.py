@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from patcher.io.writer import OutTensor, write_safetensors  # noqa: E402
+from patcher.io.writer import OutTensor, write_safetensors
 
 SHAPE = dict(d=576, layers=30, heads=9, kv=3, inter=1536, vocab=49152)
 
@@ -194,14 +194,22 @@ def time_to_point(work: Path, trials: int = 60, rate: float = 0.05, kl: float = 
     trial at marker rate <= rate and KL <= kl, on prompts extraction never saw."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import make_search_fixture as msf
+
     from patcher.search import run as sr
     from patcher.search import study as st
+
     model = msf.make(work / "fixture")
     P = work / "fixture" / "prompts"
     t0 = time.perf_counter()
-    s = sr.setup(model, P / "refusal-train-positive.txt", P / "refusal-train-negative.txt",
-                 eval_positive=P / "refusal-eval-positive.txt", eval_negative=P / "refusal-eval-negative.txt",
-                 directions_out=work / "fixture" / "dirs.safetensors", chat_template=False)
+    s = sr.setup(
+        model,
+        P / "refusal-train-positive.txt",
+        P / "refusal-train-negative.txt",
+        eval_positive=P / "refusal-eval-positive.txt",
+        eval_negative=P / "refusal-eval-negative.txt",
+        directions_out=work / "fixture" / "dirs.safetensors",
+        chat_template=False,
+    )
     db = work / "fixture" / "study.db"
     db.unlink(missing_ok=True)
     study = st.open_study(db, s.attrs, seed=0, startup=20)
@@ -211,9 +219,15 @@ def time_to_point(work: Path, trials: int = 60, rate: float = 0.05, kl: float = 
     def on_trial(t):
         if not hit and t.values and t.values[0] <= rate and t.values[1] <= kl:
             hit.update(trial=t.number, seconds=round(time.perf_counter() - t0, 1))
+
     st.optimize(study, s.run_trial, trials, None, 1, on_trial)
-    return {"fixture": msf.NAME, "target": {"marker_rate": rate, "kl": kl}, "reached": hit or None,
-            "trials": trials, "total_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "fixture": msf.NAME,
+        "target": {"marker_rate": rate, "kl": kl},
+        "reached": hit or None,
+        "trials": trials,
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def sp_random(rng, s) -> dict:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import add_model_args, make_model  # noqa: E402
+from bench_extract import add_model_args, make_model
 
 TARGET = 1.5  # browser fp32 ms/token / q4 ms/token
 
@@ -188,6 +188,7 @@ def export_variants(model: Path, work: Path, a) -> dict:
 
 def python_run(folder: Path, file: str, prompt: list[int], steps: int, threads: int, repeats: int) -> dict:
     import onnxruntime as ort
+
     from patcher.onnx.runtime import OnnxModel
 
     m = OnnxModel(folder, file)

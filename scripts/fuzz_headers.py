@@ -9,6 +9,7 @@ out of range, huge shapes, wrong dtypes, non-UTF-8, deeply nested JSON), or a re
 CheckpointError; anything else (another exception, > 2 s, or an allocation past the 2 GiB address
 space cap) is a crash. Prints the counts and exits 1 if any case crashed.
 """
+
 import argparse
 import json
 import random
@@ -24,15 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from patcher.io.checkpoint import Checkpoint  # noqa: E402
 from patcher.errors import CheckpointError  # noqa: E402
+from patcher.io.checkpoint import Checkpoint  # noqa: E402
 
 FIXTURE = ROOT / "fixtures" / "tiny-llama"
 
 
 def _header(raw: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _pack(header, data: bytes, text: bytes | None = None) -> bytes:
@@ -41,8 +42,21 @@ def _pack(header, data: bytes, text: bytes | None = None) -> bytes:
 
 
 def mutate_shard(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
-    kind = rng.choice(["flip", "overwrite", "truncate", "length", "offsets", "shape", "dtype", "utf8", "nest",
-                       "extra", "metadata"])
+    kind = rng.choice(
+        [
+            "flip",
+            "overwrite",
+            "truncate",
+            "length",
+            "offsets",
+            "shape",
+            "dtype",
+            "utf8",
+            "nest",
+            "extra",
+            "metadata",
+        ]
+    )
     b = bytearray(raw)
     if kind == "flip":
         for _ in range(rng.randint(1, 8)):
@@ -51,37 +65,41 @@ def mutate_shard(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
         return kind, bytes(b)
     if kind == "overwrite":
         i = rng.randrange(min(len(b), 4096))
-        b[i:i + 8] = bytes(rng.randrange(256) for _ in range(8))
+        b[i : i + 8] = bytes(rng.randrange(256) for _ in range(8))
         return kind, bytes(b)
     if kind == "truncate":
-        return kind, bytes(b[:rng.randrange(len(b))])
+        return kind, bytes(b[: rng.randrange(len(b))])
     if kind == "length":
-        return kind, struct.pack("<Q", rng.choice([0, 1, 7, 2 ** 63, 2 ** 64 - 1, 100_000_001,
-                                                   rng.randrange(1 << 40)])) + raw[8:]
+        return kind, struct.pack(
+            "<Q", rng.choice([0, 1, 7, 2**63, 2**64 - 1, 100_000_001, rng.randrange(1 << 40)])
+        ) + raw[8:]
     header, data = _header(raw)
     names = [k for k in header if k != "__metadata__"]
     name = rng.choice(names)
     entry = header[name]
     if kind == "offsets":
         a, c = entry["data_offsets"]
-        entry["data_offsets"] = rng.choice([[a, c + 2], [a - 2, c], [c, a], [a, 1 << 62], [-1, c], [a, a],
-                                            [0, c - a]])
+        entry["data_offsets"] = rng.choice(
+            [[a, c + 2], [a - 2, c], [c, a], [a, 1 << 62], [-1, c], [a, a], [0, c - a]]
+        )
     elif kind == "shape":
-        entry["shape"] = rng.choice([[1 << 40, 1 << 40], [-1, 4], [], [0], [True], ["3"], [2 ** 63], None])
+        entry["shape"] = rng.choice([[1 << 40, 1 << 40], [-1, 4], [], [0], [True], ["3"], [2**63], None])
     elif kind == "dtype":
         entry["dtype"] = rng.choice(["F7", "", None, 3, "bf16", "F8_E4M3", "I8", "BOOL"])
     elif kind == "utf8":
         text = json.dumps(header).encode()
         i = rng.randrange(len(text))
-        return kind, _pack(None, data,
-                           text[:i] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"]) + text[i + 1:])
+        return kind, _pack(
+            None, data, text[:i] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"]) + text[i + 1 :]
+        )
     elif kind == "nest":
         return kind, _pack(None, data, b"[" * rng.choice([1000, 100_000, 1_000_000]))
     elif kind == "extra":
         entry[rng.choice(["x", "dtype2", "data_offsets2"])] = 1
     else:
-        header["__metadata__"] = rng.choice([[], {"a": 1}, "x", {"format": None},
-                                             {str(i): "v" * 10 for i in range(1000)}])
+        header["__metadata__"] = rng.choice(
+            [[], {"a": 1}, "x", {"format": None}, {str(i): "v" * 10 for i in range(1000)}]
+        )
     return kind, _pack(header, data)
 
 
@@ -147,7 +165,7 @@ def main(argv=None):
                 counts[(label, "read")] += 1
             except CheckpointError:
                 counts[(label, "CheckpointError")] += 1
-            except BaseException as e:  # noqa: BLE001 - the point is to catch everything else
+            except BaseException as e:
                 counts[(label, "CRASH")] += 1
                 crashes.append((case, label, f"{type(e).__name__}: {e}"[:200]))
             finally:

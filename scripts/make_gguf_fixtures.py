@@ -51,8 +51,8 @@ def _finish(w) -> None:
 
 
 def _load(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    from safetensors.numpy import load_file
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    from safetensors.numpy import load_file
 
     cfg = json.loads((folder / "config.json").read_text())
     arrays = {}
@@ -280,11 +280,19 @@ def big_vocab(out: Path, n_tokens: int = 262_144, d_model: int = 32, qtype: str 
     w.add_eos_token_id(len(tokens) - 1)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     d, f = d_model, 2 * d_model
-    shapes = {"token_embd.weight": (len(tokens), d), "output_norm.weight": (d,),
-              "blk.0.attn_norm.weight": (d,), "blk.0.ffn_norm.weight": (d,),
-              "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (d, d), "blk.0.attn_v.weight": (d, d),
-              "blk.0.attn_output.weight": (d, d), "blk.0.ffn_gate.weight": (f, d),
-              "blk.0.ffn_up.weight": (f, d), "blk.0.ffn_down.weight": (d, f)}
+    shapes = {
+        "token_embd.weight": (len(tokens), d),
+        "output_norm.weight": (d,),
+        "blk.0.attn_norm.weight": (d,),
+        "blk.0.ffn_norm.weight": (d,),
+        "blk.0.attn_q.weight": (d, d),
+        "blk.0.attn_k.weight": (d, d),
+        "blk.0.attn_v.weight": (d, d),
+        "blk.0.attn_output.weight": (d, d),
+        "blk.0.ffn_gate.weight": (f, d),
+        "blk.0.ffn_up.weight": (f, d),
+        "blk.0.ffn_down.weight": (d, f),
+    }
     for name, shape in shapes.items():
         v = (rng.standard_normal(shape) * 0.05).astype(np.float32)
         if len(shape) == 1:

@@ -26,8 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import make_fixtures as mf  # noqa: E402
-from patcher.io.writer import OutTensor, write_safetensors  # noqa: E402
+import make_fixtures as mf
+
+from patcher.io.writer import OutTensor, write_safetensors
 
 NAME = "tiny-llama-refusal"
 LAYERS, D, INTER = 5, 64, 96

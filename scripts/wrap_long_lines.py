@@ -6,6 +6,7 @@ Only two rewrites, both inside brackets where Python continues lines implicitly:
 A file is rewritten only if its AST is unchanged (string splits compared by value). Usage:
     python scripts/wrap_long_lines.py [--limit 110] FILE...
 """
+
 import argparse
 import ast
 import io
@@ -55,7 +56,7 @@ def _split_point(src_lines, i, limit):
     line = src_lines[i]
     info = _depth_stack(src_lines, i + 1)
     best = None
-    for (row, col), (stack, tok) in sorted(info.items(), key=lambda kv: kv[0][1]):
+    for (_row, col), (stack, tok) in sorted(info.items(), key=lambda kv: kv[0][1]):
         if not stack:
             continue
         opener_row, opener_col = stack[-1]
@@ -123,14 +124,16 @@ def wrap(text: str, limit: int) -> str:
             if string is not None:
                 tok, (prefix, quote, head, tail) = string
                 a, b = tok.start[1], tok.end[1]
-                new = [line[:a] + prefix + quote + head + quote + nl,
-                       " " * indent + prefix + quote + tail + quote + line[b:]]
+                new = [
+                    line[:a] + prefix + quote + head + quote + nl,
+                    " " * indent + prefix + quote + tail + quote + line[b:],
+                ]
             else:
                 head, tail = line[:cut].rstrip(), line[cut:].lstrip()
                 if not tail.strip() or len(head) < indent + 4:
                     continue
                 new = [head + "\n", " " * indent + tail]
-            candidate = lines[:i] + new + lines[i + 1:]
+            candidate = lines[:i] + new + lines[i + 1 :]
             try:
                 ast.parse("".join(candidate))
             except SyntaxError:

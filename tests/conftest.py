@@ -1,7 +1,7 @@
 import json
+import shutil
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 # the demo's planted-direction model, prompts and direction ship inside the package (patcher demo)
 DEMO = ROOT / "patcher" / "data" / "demo"
-MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2",
-               "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2", "deepseek_v3"]
+MODEL_TYPES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "olmo2",
+    "deepseek_v3",
+]
 
 
 def fixture_path(model_type: str) -> Path:
@@ -34,6 +49,7 @@ def run_cli(*args, expect: int | None = 0):
 def _private_cache(tmp_path_factory):
     """Exports and sha256 digests are cached under PATCHER_CACHE: keep the tests' cache private."""
     import os
+
     os.environ["PATCHER_CACHE"] = str(tmp_path_factory.mktemp("patcher-cache"))
 
 
@@ -43,8 +59,10 @@ def _real(make: str):
     import os
     import subprocess
     import sys
+
     sys.path.insert(0, str(ROOT / "scripts"))
     import real_models
+
     try:
         return getattr(real_models, make)()
     except (subprocess.CalledProcessError, ImportError) as e:
@@ -68,10 +86,12 @@ def direction64(tmp_path_factory) -> Path:
 @pytest.fixture
 def model_copy(tmp_path):
     """Copy a fixture so a test can damage it."""
+
     def copy(model_type: str) -> Path:
         dst = tmp_path / f"in-{model_type}"
         shutil.copytree(fixture_path(model_type), dst)
         return dst
+
     return copy
 
 
@@ -85,8 +105,19 @@ def unit(v) -> np.ndarray:
 
 
 # patcher as users install it (tests/test_wheel.py, tests/test_web_wheel.py): built once per session
-SKIP = shutil.ignore_patterns(".git", "node_modules", "build", "dist", "*.egg-info", "__pycache__",
-                              ".pytest_cache", ".hypothesis", ".mutmut-cache", "bench-out", ".venv")
+SKIP = shutil.ignore_patterns(
+    ".git",
+    "node_modules",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".mutmut-cache",
+    "bench-out",
+    ".venv",
+)
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +126,22 @@ def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
-                          str(src.resolve())], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(tmp / "dist"),
+            str(src.resolve()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     (whl,) = (tmp / "dist").glob("patcher-*.whl")
     return whl
@@ -107,7 +152,11 @@ def venv(wheel, tmp_path_factory) -> Path:
     """A fresh venv holding the wheel; the heavy dependencies come from this interpreter's site-packages."""
     env = tmp_path_factory.mktemp("venv") / "env"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env)], check=True)
-    res = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return env

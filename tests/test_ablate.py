@@ -1,24 +1,30 @@
 """`patcher ablate` end to end on every fixture: byte identity of untouched tensors, edited tensors
 within 1 bf16 ulp of a float64 reference computed here from the formulas in DESIGN.md."""
+
 import json
 
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import MODEL_TYPES, fixture_path, read_config, run_cli, unit
 from patcher_kernels.codecs import ulp_distance
+
 from patcher.io.checkpoint import Checkpoint
 
 # Residual writers per fixture, written out independently of patcher's tables:
 # regex of the weight name -> residual axis.
 GPT2_WRITERS = {r"transformer\.(wte|wpe)\.weight": 1, r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.weight": 1}
-NEOX_WRITERS = {r"gpt_neox\.embed_in\.weight": 1,
-                r"gpt_neox\.layers\.\d+\.(attention\.dense|mlp\.dense_4h_to_h)\.weight": 0}
-DEFAULT_WRITERS = {r"model\.embed_tokens\.weight": 1, r"model\.layers\.\d+\.self_attn\.o_proj\.weight": 0,
-                   r"model\.layers\.\d+\.mlp\.(down_proj|shared_experts?\.down_proj|experts\.\d+\.down_proj)"
-                   r"\.weight": 0,
-                   r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w2\.weight": 0}
+NEOX_WRITERS = {
+    r"gpt_neox\.embed_in\.weight": 1,
+    r"gpt_neox\.layers\.\d+\.(attention\.dense|mlp\.dense_4h_to_h)\.weight": 0,
+}
+DEFAULT_WRITERS = {
+    r"model\.embed_tokens\.weight": 1,
+    r"model\.layers\.\d+\.self_attn\.o_proj\.weight": 0,
+    r"model\.layers\.\d+\.mlp\.(down_proj|shared_experts?\.down_proj|experts\.\d+\.down_proj)"
+    r"\.weight": 0,
+    r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w2\.weight": 0,
+}
 POST_NORM = {"gemma2": 1.0, "gemma3_text": 1.0, "olmo2": 0.0}  # g = offset + w
 
 
@@ -28,6 +34,7 @@ def writers(model_type):
 
 def axis_of(model_type, name):
     import re
+
     for pat, axis in writers(model_type).items():
         if re.fullmatch(pat, name):
             return axis
@@ -58,9 +65,9 @@ def test_ablate_matches_float64_reference(model_type, tmp_path, direction64):
         assert list(a.files) == list(b.files)  # shard names and layout kept
         assert set(b.tensors) == set(a.tensors)
         edited = 0
-        for name, info in a.tensors.items():
+        for name, _info in a.tensors.items():
             axis = axis_of(model_type, name)
-            bias_of = name[:-len(".bias")] + ".weight" if name.endswith(".bias") else None
+            bias_of = name[: -len(".bias")] + ".weight" if name.endswith(".bias") else None
             bias_axis = axis_of(model_type, bias_of) if bias_of else None
             if axis is None and bias_axis is None:
                 assert a.array(name).tobytes() == b.array(name).tobytes(), f"{name} changed"
@@ -102,8 +109,20 @@ def test_side_files_copied_and_index_consistent(tmp_path, direction64):
 def test_layers_targets_and_scale(tmp_path, direction64):
     src = fixture_path("llama")
     out = tmp_path / "out"
-    run_cli("ablate", src, "-d", direction64, "-o", out, "--layers", "1-2", "--targets", "mlp_out",
-            "--scale", "0.5")
+    run_cli(
+        "ablate",
+        src,
+        "-d",
+        direction64,
+        "-o",
+        out,
+        "--layers",
+        "1-2",
+        "--targets",
+        "mlp_out",
+        "--scale",
+        "0.5",
+    )
     r = unit(np.load(direction64))
     with Checkpoint(src) as a, Checkpoint(out) as b:
         changed = {n for n in a.tensors if a.array(n).tobytes() != b.array(n).tobytes()}
@@ -150,8 +169,9 @@ def test_untie_embeddings(tmp_path, direction64):
     assert read_config(out)["tie_word_embeddings"] is False
     with Checkpoint(src) as a, Checkpoint(out) as b:
         assert b.array("lm_head.weight").tobytes() == a.array("model.embed_tokens.weight").tobytes()
-        assert (b.array("model.embed_tokens.weight").tobytes()
-                != a.array("model.embed_tokens.weight").tobytes())
+        assert (
+            b.array("model.embed_tokens.weight").tobytes() != a.array("model.embed_tokens.weight").tobytes()
+        )
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert index["weight_map"]["lm_head.weight"] == b.shard_of["lm_head.weight"]
 
@@ -165,8 +185,9 @@ def test_norm_preserve_cli(tmp_path, direction64, mode, axis):
     with Checkpoint(src) as a, Checkpoint(out) as b:
         w, w2 = f64(a, name), f64(b, name)
         norm_axis = 0 if mode == "cols" else 1
-        np.testing.assert_allclose(np.linalg.norm(w2, axis=norm_axis), np.linalg.norm(w, axis=norm_axis),
-                                   rtol=1e-2)
+        np.testing.assert_allclose(
+            np.linalg.norm(w2, axis=norm_axis), np.linalg.norm(w, axis=norm_axis), rtol=1e-2
+        )
 
 
 def test_existing_output_refused_then_forced(tmp_path, direction64):
@@ -191,6 +212,7 @@ def test_existing_output_refused_then_forced(tmp_path, direction64):
 
 def test_directions_file_with_layer(tmp_path):
     from patcher.edit.directions import save_directions
+
     rng = np.random.default_rng(5)
     table = rng.standard_normal((4, 64)).astype(np.float32)
     save_directions(tmp_path / "d.safetensors", table, table, 0 * table, {"selected_layer": 2})
@@ -200,8 +222,9 @@ def test_directions_file_with_layer(tmp_path):
         with Checkpoint(out) as b:
             emb = f64(b, "model.embed_tokens.weight")
             assert np.abs(emb @ unit(table[row])).max() < 2e-2
-    res = run_cli("ablate", fixture_path("llama"), "-d", f"{tmp_path}/d.safetensors:9", "-o", tmp_path / "x",
-                  expect=1)
+    res = run_cli(
+        "ablate", fixture_path("llama"), "-d", f"{tmp_path}/d.safetensors:9", "-o", tmp_path / "x", expect=1
+    )
     assert "out of range" in res.output
 
 
@@ -213,18 +236,24 @@ def test_signal_mid_write_leaves_no_output(tmp_path, direction64, sig, monkeypat
     import subprocess
     import sys
     import time
+
     src = fixture_path("mixtral")
     digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}  # noqa: E731
     before = digest()
     out = tmp_path / "out"
-    code = ("import time, patcher.io.writer as w\n"
-            "orig = w._write_produced\n"
-            "def slow(*a):\n    time.sleep(0.2); return orig(*a)\n"
-            "w._write_produced = slow\n"
-            "import sys; from patcher.cli import main; sys.argv = ['patcher'] + sys.argv[1:]; main()\n")
-    p = subprocess.Popen([sys.executable, "-c", code, "ablate", str(src), "-d", str(direction64),
-                          "-o", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code = (
+        "import time, patcher.io.writer as w\n"
+        "orig = w._write_produced\n"
+        "def slow(*a):\n    time.sleep(0.2); return orig(*a)\n"
+        "w._write_produced = slow\n"
+        "import sys; from patcher.cli import main; sys.argv = ['patcher'] + sys.argv[1:]; main()\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, "ablate", str(src), "-d", str(direction64), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 20
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
         time.sleep(0.02)

@@ -8,13 +8,13 @@ a few fp32 ulps of |W| ~ 1 (measured ≤ 5e-7) and logits (|z| ≲ 10, three lay
 1e-6 on weights and 1e-4 on logits. On the bf16 fixtures patcher rounds W' once to bf16 (round to nearest):
 PEFT's fp32 merge rounded the same way must be within 1 bf16 ulp.
 """
+
 import json
 import shutil
 
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import fixture_path, run_cli, unit
 
 torch = pytest.importorskip("torch")
@@ -24,12 +24,22 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 # (fixture, extra ablate options): dense, qkv-bias, post-norm (u instead of r̂), tied embeddings,
 # GPT-2 Conv1D with writer biases (lora_bias) and its tied + positional embeddings, MoE (fused experts).
-CASES = [("llama", ()), ("qwen2", ()), ("gemma2", ()), ("olmo2", ()), ("gemma", ()),
-         ("gpt2", ("--targets", "attn_out,mlp_out")), ("gpt2", ("--targets", "embed")),
-         ("gpt_neox", ("--targets", "attn_out,mlp_out")),
-         ("phi3", ()), ("qwen2_moe", ()), ("qwen3_moe", ()), ("mixtral", ()),
-         ("deepseek_v3", ("--targets", "embed,attn_out")),
-         ("llama", ("--scale", "0.6", "--layers", "1-2"))]
+CASES = [
+    ("llama", ()),
+    ("qwen2", ()),
+    ("gemma2", ()),
+    ("olmo2", ()),
+    ("gemma", ()),
+    ("gpt2", ("--targets", "attn_out,mlp_out")),
+    ("gpt2", ("--targets", "embed")),
+    ("gpt_neox", ("--targets", "attn_out,mlp_out")),
+    ("phi3", ()),
+    ("qwen2_moe", ()),
+    ("qwen3_moe", ()),
+    ("mixtral", ()),
+    ("deepseek_v3", ("--targets", "embed,attn_out")),
+    ("llama", ("--scale", "0.6", "--layers", "1-2")),
+]
 
 
 def f32_copy(model_type, dst):
@@ -49,8 +59,9 @@ def load_untied(folder):
     """PEFT's advice for merging into a tied model: load it untied, lm_head a copy of the embedding."""
     if not transformers.AutoConfig.from_pretrained(folder).tie_word_embeddings:
         return load(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                              tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, tie_word_embeddings=False
+    )
     model.get_output_embeddings().weight.data = model.get_input_embeddings().weight.data.clone()
     return model.eval()
 
@@ -71,8 +82,9 @@ def ablate_both(src, tmp_path, direction, opts):
     return merged, adapter
 
 
-@pytest.mark.parametrize("model_type,opts", CASES,
-                         ids=lambda c: c if isinstance(c, str) else "-".join(c) or "all")
+@pytest.mark.parametrize(
+    "model_type,opts", CASES, ids=lambda c: c if isinstance(c, str) else "-".join(c) or "all"
+)
 def test_peft_adapter_equals_merged_checkpoint(model_type, opts, tmp_path, direction64):
     src = f32_copy(model_type, tmp_path / "base")
     merged, adapter = ablate_both(src, tmp_path, direction64, opts)
@@ -117,6 +129,7 @@ def test_rank_k_adapter(tmp_path):
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 def test_bf16_merge_within_one_ulp_of_patcher(model_type, tmp_path, direction64):
     from patcher_kernels.codecs import ulp_distance
+
     merged, adapter = ablate_both(fixture_path(model_type), tmp_path, direction64, ())
     model = peft.PeftModel.from_pretrained(load_untied(fixture_path(model_type)), adapter).merge_and_unload()
     got = {n: p.detach().numpy() for n, p in model.named_parameters()}
@@ -128,6 +141,7 @@ def test_bf16_merge_within_one_ulp_of_patcher(model_type, tmp_path, direction64)
 def test_adapter_is_the_factored_projection(tmp_path, direction64):
     """Hand-computed: B = -r̂, A = r̂ᵀW for a Linear writer; A = (W r̂)ᵀ for the embedding."""
     from patcher.io.checkpoint import Checkpoint
+
     adapter = tmp_path / "ad"
     run_cli("ablate", fixture_path("llama"), "-d", direction64, "--adapter", adapter)
     r = unit(np.load(direction64))
@@ -142,29 +156,51 @@ def test_adapter_is_the_factored_projection(tmp_path, direction64):
     assert (adapter / "patcher-manifest.json").is_file()
 
 
-@pytest.mark.parametrize("opts,message", [
-    (("--norm-preserve", "cols"), "not a low-rank change"),
-    (("--untie-embeddings",), "cannot untie"),
-])
+@pytest.mark.parametrize(
+    "opts,message",
+    [
+        (("--norm-preserve", "cols"), "not a low-rank change"),
+        (("--untie-embeddings",), "cannot untie"),
+    ],
+)
 def test_adapter_refusals(opts, message, tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("gemma"), "-d", direction64, "--adapter", tmp_path / "ad", *opts,
-                  expect=1)
+    res = run_cli(
+        "ablate", fixture_path("gemma"), "-d", direction64, "--adapter", tmp_path / "ad", *opts, expect=1
+    )
     assert message in res.output and not (tmp_path / "ad").exists()
 
 
 def test_adapter_refuses_unverified_experts(tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad",
-                  expect=1)
+    res = run_cli(
+        "ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad", expect=1
+    )
     assert "no known PEFT target" in res.output and not (tmp_path / "ad").exists()
-    run_cli("ablate", fixture_path("deepseek_v3"), "-d", direction64, "--adapter", tmp_path / "ad",
-            "--targets", "attn_out")
+    run_cli(
+        "ablate",
+        fixture_path("deepseek_v3"),
+        "-d",
+        direction64,
+        "--adapter",
+        tmp_path / "ad",
+        "--targets",
+        "attn_out",
+    )
 
 
 def test_adapter_refuses_bias_plus_embedding_and_gguf_bias(tmp_path, direction64):
     res = run_cli("ablate", fixture_path("gpt2"), "-d", direction64, "--adapter", tmp_path / "ad", expect=1)
     assert "lora_bias" in res.output
-    res = run_cli("ablate", fixture_path("gpt2"), "-d", direction64, "--adapter", tmp_path / "a.gguf",
-                  "--targets", "attn_out,mlp_out", expect=1)
+    res = run_cli(
+        "ablate",
+        fixture_path("gpt2"),
+        "-d",
+        direction64,
+        "--adapter",
+        tmp_path / "a.gguf",
+        "--targets",
+        "attn_out,mlp_out",
+        expect=1,
+    )
     assert "carry no biases" in res.output and not (tmp_path / "a.gguf").exists()
 
 
@@ -186,9 +222,11 @@ def test_adapter_output_rules(tmp_path, direction64, model_copy):
 
 def test_fp8_adapter_uses_the_dequantized_weights(tmp_path, direction64):
     """FP8 block-scaled weights: A = r̂ᵀ(q·scale), no re-rounding (the adapter keeps the edit exact)."""
-    from test_tables_and_fp8 import make_fp8_model
-    from patcher.io.checkpoint import Checkpoint
     from patcher_kernels.fp8 import dequantize_blocks
+    from test_tables_and_fp8 import make_fp8_model
+
+    from patcher.io.checkpoint import Checkpoint
+
     src = make_fp8_model(tmp_path, "BF16")
     adapter = tmp_path / "ad"
     run_cli("ablate", src, "-d", direction64, "--adapter", adapter, "--targets", "attn_out")
@@ -203,9 +241,11 @@ def test_fp8_adapter_uses_the_dequantized_weights(tmp_path, direction64):
 
 
 def test_adapter_dry_run_writes_nothing(tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "--adapter", tmp_path / "a.gguf",
-                  "--dry-run")
+    res = run_cli(
+        "ablate", fixture_path("llama"), "-d", direction64, "--adapter", tmp_path / "a.gguf", "--dry-run"
+    )
     assert "would write a gguf LoRA adapter of rank 1" in res.output and not list(tmp_path.iterdir())
-    res = run_cli("ablate", fixture_path("gpt2"), "-d", direction64, "--adapter", tmp_path / "a", "--dry-run",
-                  expect=1)  # refusals come before the plan is shown
+    res = run_cli(
+        "ablate", fixture_path("gpt2"), "-d", direction64, "--adapter", tmp_path / "a", "--dry-run", expect=1
+    )  # refusals come before the plan is shown
     assert "lora_bias" in res.output and not list(tmp_path.iterdir())

@@ -12,12 +12,12 @@ f16 values (2^-11 relative). Measured |LoRA - merged| ≤ 2.1e-4 on logits ≤ 4
 flips): we allow 1e-3. Against HF transformers on the merged checkpoint the f16 cache alone gives
 ≤ 2.3e-3 (as the gguf tests measure for plain F32 GGUFs): 1e-2. The edit moves the logits by ≥ 1.4.
 """
+
 import json
 import re
 
 import numpy as np
 import pytest
-
 from conftest import fixture_path, run_cli
 from test_adapter import f32_copy
 
@@ -91,18 +91,31 @@ def write_gguf(folder, out):
 
 
 def run_llama(path, ids, lora=None):
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64,
-                          logits_all=True, verbose=False, n_threads=1, n_batch=64)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        lora_path=str(lora) if lora else None,
+        n_ctx=64,
+        logits_all=True,
+        verbose=False,
+        n_threads=1,
+        n_batch=64,
+    )
     try:
         llm.eval(list(ids))
-        return np.array(llm.scores[:len(ids)], dtype=np.float64)
+        return np.array(llm.scores[: len(ids)], dtype=np.float64)
     finally:
         llm.close()
 
 
-@pytest.mark.parametrize("model_type,opts", [("llama", ()), ("qwen2", ("--targets", "attn_out,mlp_out")),
-                                             ("llama", ("--scale", "0.6", "--layers", "0,2")),
-                                             ("qwen3_moe", ())])
+@pytest.mark.parametrize(
+    "model_type,opts",
+    [
+        ("llama", ()),
+        ("qwen2", ("--targets", "attn_out,mlp_out")),
+        ("llama", ("--scale", "0.6", "--layers", "0,2")),
+        ("qwen3_moe", ()),
+    ],
+)
 def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction64):
     src = f32_copy(model_type, tmp_path / "base")
     merged, lora = tmp_path / "merged", tmp_path / "edit.gguf"
@@ -127,6 +140,7 @@ def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction
     assert np.abs(got - want).max() <= SAME_TOL, f"max |LoRA - merged| = {np.abs(got - want).max():.3g}"
     # and llama.cpp agrees with HF transformers on the merged model (same weights, f16 KV cache)
     import transformers
+
     hf = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids[None])).logits[0].double().numpy()
@@ -134,6 +148,7 @@ def test_llama_cpp_lora_equals_merged_gguf(model_type, opts, tmp_path, direction
 
 
 def test_gguf_lora_refuses_tied_embedding(tmp_path, direction64):
-    res = run_cli("ablate", fixture_path("gemma2"), "-d", direction64, "--adapter", tmp_path / "a.gguf",
-                  expect=1)
+    res = run_cli(
+        "ablate", fixture_path("gemma2"), "-d", direction64, "--adapter", tmp_path / "a.gguf", expect=1
+    )
     assert "tied embeddings" in res.output and not (tmp_path / "a.gguf").exists()

@@ -8,16 +8,16 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, MODEL_TYPES, ROOT, fixture_path, run_cli, unit
+from patcher_kernels.codecs import decode, encode
+
 from patcher.edit.audit import audit
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.writer import OutTensor, write_safetensors
 from patcher.model.architectures import for_model_type, resolve
-from patcher_kernels.codecs import decode, encode
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import make_fixtures  # noqa: E402
+import make_fixtures
 
 D = 64
 R1 = unit(np.load(FIXTURES / "direction-64.npy"))
@@ -299,8 +299,8 @@ def test_isolation_reads_a_partial_ablation_shared_by_all_groups():
 
 
 def test_tracks_follow_smoothly_moving_per_layer_directions():
-    from patcher_kernels import annihilation as an
     from audit_forks import smooth_directions
+    from patcher_kernels import annihilation as an
 
     rng = np.random.default_rng(5)
     smooth = smooth_directions(64, 10, rng, neighbour_cos=0.7)

@@ -5,17 +5,18 @@ Runs in-process (typer's CliRunner). The expensive part of each command (the for
 writer, the ONNX build, a recipe step, the demo) is replaced by a sentinel: reaching it means every
 check before the work accepted the input, which is all a fuzz of option values can judge, and keeps
 the whole file well under a minute. 2 100 cases in total, derandomized so CI is reproducible."""
+
 import hashlib
 import os
 import shutil
 
 import numpy as np
 import pytest
+from conftest import DEMO, FIXTURES, fixture_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import DEMO, FIXTURES, fixture_path
 from patcher.cli import app
 
 
@@ -45,12 +46,44 @@ def env(tmp_path_factory):
     onnx = root / "onnx"  # an export folder is only read up to the session: a real export is not needed
     res = CliRunner().invoke(app, ["export", str(L), "-o", str(onnx)])
     assert res.exit_code == 0, res.output
-    paths = [str(p) for p in (L, d64, pos, neg, fifo, root / "folder", root / "user.txt", root / "two.npy",
-                              root / "missing.npy", L / "config.json", L / "inside", onnx)]
-    paths += ["", ".", "~", "-", "/", "nope.safetensors", f"{d64}:1",
-              f"{L}/model-00001-of-00002.safetensors:0"]
-    return {"root": root, "L": L, "d64": d64, "pos": pos, "neg": neg, "onnx": onnx, "paths": paths,
-            "out": root / "out", "before": _digest(root)}
+    paths = [
+        str(p)
+        for p in (
+            L,
+            d64,
+            pos,
+            neg,
+            fifo,
+            root / "folder",
+            root / "user.txt",
+            root / "two.npy",
+            root / "missing.npy",
+            L / "config.json",
+            L / "inside",
+            onnx,
+        )
+    ]
+    paths += [
+        "",
+        ".",
+        "~",
+        "-",
+        "/",
+        "nope.safetensors",
+        f"{d64}:1",
+        f"{L}/model-00001-of-00002.safetensors:0",
+    ]
+    return {
+        "root": root,
+        "L": L,
+        "d64": d64,
+        "pos": pos,
+        "neg": neg,
+        "onnx": onnx,
+        "paths": paths,
+        "out": root / "out",
+        "before": _digest(root),
+    }
 
 
 def _digest(root):
@@ -68,6 +101,7 @@ _COMMAND = []
 def _no_work(monkeypatch):
     import typer.main
     import typer.testing
+
     if not _COMMAND:  # typer rebuilds the click command on every invoke: half of each case's time
         _COMMAND.append(typer.main.get_command(app))
     monkeypatch.setattr(typer.testing, "_get_command", lambda _app: _COMMAND[0])
@@ -75,6 +109,7 @@ def _no_work(monkeypatch):
     monkeypatch.setattr("patcher.edit.audit.audit", _reach)
     from patcher.model.execution import StreamedModel
     from patcher.onnx.runtime import OnnxModel
+
     monkeypatch.setattr(StreamedModel, "run_many", _reach)
     monkeypatch.setattr(OnnxModel, "generate", _reach)
     monkeypatch.setattr("patcher.edit.apply.execute", _reach)
@@ -85,16 +120,64 @@ def _no_work(monkeypatch):
 
 
 NUMBERS = st.one_of(
-    st.sampled_from(["nan", "NaN", "inf", "-inf", "1e40", "-1e40", "1e308", "0", "-0", "1", "-1", "2", "-100",
-                     "100000", "99999999999999999999", "abc", "", " ", "1.5", "0x10", "1_000", "٣", "eight",
-                     "--force", "\udcff"]),
-    st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=6))
-LAYERS = st.one_of(NUMBERS, st.from_regex(r"\A-?\d{1,3}(--?\d{1,3})?(,-?\d{1,3}(--?\d{1,3})?){0,2}\Z"),
-                   st.sampled_from(["all", "2-1", "-100", "0--1", "-1--3", ",", "1,,2", "1-", "-"]))
-WORDS = st.one_of(NUMBERS, st.sampled_from(["embed", "attn_out", "mlp_out", "mlp_outt", "embed,mlp_out",
-                                            "rows", "cols", "fp32", "fp16", "int4", "cpu", "cuda",
-                                            "embed,,"]))
+    st.sampled_from(
+        [
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "1e40",
+            "-1e40",
+            "1e308",
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "2",
+            "-100",
+            "100000",
+            "99999999999999999999",
+            "abc",
+            "",
+            " ",
+            "1.5",
+            "0x10",
+            "1_000",
+            "٣",
+            "eight",
+            "--force",
+            "\udcff",
+        ]
+    ),
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=6),
+)
+LAYERS = st.one_of(
+    NUMBERS,
+    st.from_regex(r"\A-?\d{1,3}(--?\d{1,3})?(,-?\d{1,3}(--?\d{1,3})?){0,2}\Z"),
+    st.sampled_from(["all", "2-1", "-100", "0--1", "-1--3", ",", "1,,2", "1-", "-"]),
+)
+WORDS = st.one_of(
+    NUMBERS,
+    st.sampled_from(
+        [
+            "embed",
+            "attn_out",
+            "mlp_out",
+            "mlp_outt",
+            "embed,mlp_out",
+            "rows",
+            "cols",
+            "fp32",
+            "fp16",
+            "int4",
+            "cpu",
+            "cuda",
+            "embed,,",
+        ]
+    ),
+)
 
 
 def paths(env):
@@ -126,9 +209,17 @@ def check(args, env):
     assert not list(env["root"].glob(".out.*")), (args, "partial output left")
 
 
-FUZZ = settings(max_examples=350, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=350,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+    ],
+)
 
 
 def options(spec: dict):
@@ -139,11 +230,22 @@ def options(spec: dict):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_ablate(env, data):
-    opts = data.draw(options({"--scale": NUMBERS, "--layers": LAYERS, "--targets": WORDS,
-                              "--norm-preserve": WORDS,
-                              "--direction": paths(env), "--output": paths(env), "--arch-table": paths(env)}))
-    flags = data.draw(st.lists(st.sampled_from(["--force", "--dry-run", "--untie-embeddings", "--no-hash"]),
-                               unique=True))
+    opts = data.draw(
+        options(
+            {
+                "--scale": NUMBERS,
+                "--layers": LAYERS,
+                "--targets": WORDS,
+                "--norm-preserve": WORDS,
+                "--direction": paths(env),
+                "--output": paths(env),
+                "--arch-table": paths(env),
+            }
+        )
+    )
+    flags = data.draw(
+        st.lists(st.sampled_from(["--force", "--dry-run", "--untie-embeddings", "--no-hash"]), unique=True)
+    )
     base = ["ablate", data.draw(st.sampled_from([env["L"], *env["paths"][:4]]))]
     opts.setdefault("--direction", env["d64"])
     opts.setdefault("--output", env["out"])
@@ -153,9 +255,17 @@ def test_fuzz_ablate(env, data):
 @settings(FUZZ, max_examples=250)
 @given(data=st.data())
 def test_fuzz_inject(env, data):
-    opts = data.draw(options({"--layer": NUMBERS, "--alpha": NUMBERS, "--target": WORDS,
-                              "--direction": paths(env),
-                              "--output": paths(env)}))
+    opts = data.draw(
+        options(
+            {
+                "--layer": NUMBERS,
+                "--alpha": NUMBERS,
+                "--target": WORDS,
+                "--direction": paths(env),
+                "--output": paths(env),
+            }
+        )
+    )
     opts.setdefault("--direction", env["d64"])
     opts.setdefault("--output", env["out"])
     opts.setdefault("--layer", "1")
@@ -167,24 +277,45 @@ def test_fuzz_inject(env, data):
 @settings(FUZZ, max_examples=250)
 @given(data=st.data())
 def test_fuzz_extract(env, data):
-    opts = data.draw(options({"--positions": LAYERS, "--batch-size": NUMBERS, "--max-prompts": NUMBERS,
-                              "--layers": LAYERS, "--plot": paths(env) | st.sampled_from(["p.jpg", "p.svg",
-                                                                                          "p"]),
-                              "--output": paths(env), "--positive": paths(env), "--system": NUMBERS}))
+    opts = data.draw(
+        options(
+            {
+                "--positions": LAYERS,
+                "--batch-size": NUMBERS,
+                "--max-prompts": NUMBERS,
+                "--layers": LAYERS,
+                "--plot": paths(env) | st.sampled_from(["p.jpg", "p.svg", "p"]),
+                "--output": paths(env),
+                "--positive": paths(env),
+                "--system": NUMBERS,
+            }
+        )
+    )
     opts.setdefault("--positive", env["pos"])
     opts.setdefault("--negative", env["neg"])
     opts.setdefault("--output", env["root"] / "out.safetensors")
-    flags = data.draw(st.lists(st.sampled_from(["--force", "--no-chat-template",
-                                                "--project-out-negative-mean"]),
-                               unique=True))
+    flags = data.draw(
+        st.lists(
+            st.sampled_from(["--force", "--no-chat-template", "--project-out-negative-mean"]), unique=True
+        )
+    )
     check(_argv(["extract", env["L"]], opts, flags), env)
 
 
 @settings(FUZZ, max_examples=200)
 @given(data=st.data())
 def test_fuzz_export(env, data):
-    opts = data.draw(options({"--dtype": WORDS, "--opset": NUMBERS, "--int4-block": NUMBERS,
-                              "--int4-accuracy": NUMBERS, "--output": paths(env)}))
+    opts = data.draw(
+        options(
+            {
+                "--dtype": WORDS,
+                "--opset": NUMBERS,
+                "--int4-block": NUMBERS,
+                "--int4-accuracy": NUMBERS,
+                "--output": paths(env),
+            }
+        )
+    )
     opts.setdefault("--output", env["out"])
     base = ["export", data.draw(st.sampled_from([env["L"], *env["paths"][:4]]))]
     check(_argv(base, opts, data.draw(st.lists(st.just("--force"), max_size=1))), env)
@@ -193,10 +324,21 @@ def test_fuzz_export(env, data):
 @settings(FUZZ, max_examples=250)
 @given(data=st.data())
 def test_fuzz_generate(env, data):
-    opts = data.draw(options({"--max-new-tokens": NUMBERS, "--dtype": WORDS, "--temperature": NUMBERS,
-                              "--top-k": NUMBERS, "--seed": NUMBERS, "--batch-size": NUMBERS,
-                              "--provider": WORDS,
-                              "--prompts": paths(env), "--system": NUMBERS}))
+    opts = data.draw(
+        options(
+            {
+                "--max-new-tokens": NUMBERS,
+                "--dtype": WORDS,
+                "--temperature": NUMBERS,
+                "--top-k": NUMBERS,
+                "--seed": NUMBERS,
+                "--batch-size": NUMBERS,
+                "--provider": WORDS,
+                "--prompts": paths(env),
+                "--system": NUMBERS,
+            }
+        )
+    )
     if "--prompts" not in opts:
         opts["--prompt"] = data.draw(NUMBERS | st.just("hello there"))
     flags = data.draw(st.lists(st.sampled_from(["--sample", "--no-chat-template"]), unique=True))
@@ -206,10 +348,19 @@ def test_fuzz_generate(env, data):
 @settings(FUZZ, max_examples=200)
 @given(data=st.data())
 def test_fuzz_verify(env, data):
-    opts = data.draw(options({"--tokens": NUMBERS, "--dtype": WORDS, "--provider": WORDS,
-                              "--prompts": paths(env),
-                              "--direction": paths(env), "--reference": paths(env),
-                              "--original": paths(env)}))
+    opts = data.draw(
+        options(
+            {
+                "--tokens": NUMBERS,
+                "--dtype": WORDS,
+                "--provider": WORDS,
+                "--prompts": paths(env),
+                "--direction": paths(env),
+                "--reference": paths(env),
+                "--original": paths(env),
+            }
+        )
+    )
     opts.setdefault("--reference", env["L"])
     check(_argv(["verify", env["onnx"]], opts, data.draw(st.lists(st.just("--json"), max_size=1))), env)
 
@@ -217,16 +368,24 @@ def test_fuzz_verify(env, data):
 @settings(FUZZ, max_examples=200)
 @given(data=st.data())
 def test_fuzz_diff_and_audit(env, data):
-    opts = data.draw(options({"--direction": paths(env), "--save-direction": paths(env) | st.just("r.npy"),
-                              "--arch-table": paths(env)}))
+    opts = data.draw(
+        options(
+            {
+                "--direction": paths(env),
+                "--save-direction": paths(env) | st.just("r.npy"),
+                "--arch-table": paths(env),
+            }
+        )
+    )
     pair = [env["L"], data.draw(st.sampled_from([env["L"], *env["paths"][:6]]))]
     if data.draw(st.booleans()):  # audit: one model, and --plot instead of --direction
         opts.pop("--direction", None)
         if data.draw(st.booleans()):
             opts["--plot"] = data.draw(paths(env) | st.sampled_from(["p.svg", "p.png"]))
         pair = pair[1:]
-        args = _argv(["audit", *pair], opts, data.draw(st.lists(st.sampled_from(["--json", "--force"]),
-                                                                unique=True)))
+        args = _argv(
+            ["audit", *pair], opts, data.draw(st.lists(st.sampled_from(["--json", "--force"]), unique=True))
+        )
         try:
             res = CliRunner().invoke(app, args)
         except Reached:
@@ -262,10 +421,13 @@ def _toml_value(v: str) -> str:
 @given(data=st.data())
 def test_fuzz_recipe_values(env, data, tmp_path_factory):
     op = data.draw(st.sampled_from(["extract", "ablate", "inject", "export", "verify"]))
-    keys = {"extract": ["positions", "batch_size", "max_prompts", "layers", "chat_template", "system"],
-            "ablate": ["layers", "targets", "scale", "norm_preserve", "untie_embeddings", "output"],
-            "inject": ["layer", "alpha", "target", "output"], "export": ["dtype", "output"],
-            "verify": ["tokens", "dtype"]}[op]
+    keys = {
+        "extract": ["positions", "batch_size", "max_prompts", "layers", "chat_template", "system"],
+        "ablate": ["layers", "targets", "scale", "norm_preserve", "untie_embeddings", "output"],
+        "inject": ["layer", "alpha", "target", "output"],
+        "export": ["dtype", "output"],
+        "verify": ["tokens", "dtype"],
+    }[op]
     chosen = data.draw(st.lists(st.sampled_from(keys), unique=True, max_size=3))
     body = [f'op = "{op}"']
     if op == "extract":
@@ -278,8 +440,11 @@ def test_fuzz_recipe_values(env, data, tmp_path_factory):
     pre = '[[step]]\nop = "export"\n\n' if op == "verify" else ""
     folder = tmp_path_factory.mktemp("recipe")
     recipe = folder / "r.toml"
-    recipe.write_text(f'[[model]]\npath = "{env["L"]}"\noutput = "{folder / "out"}"\n\n{pre}[[step]]\n'
-                      + "\n".join(body) + "\n")
+    recipe.write_text(
+        f'[[model]]\npath = "{env["L"]}"\noutput = "{folder / "out"}"\n\n{pre}[[step]]\n'
+        + "\n".join(body)
+        + "\n"
+    )
     check(["run", str(recipe)] + data.draw(st.lists(st.just("--dry-run"), max_size=1)), env)
 
 

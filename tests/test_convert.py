@@ -2,20 +2,20 @@
 scripts/make_gguf_fixtures.py (the gguf package's writer and name map), the round trip safetensors ->
 GGUF F32 -> safetensors exact, HF transformers loading the result strictly, llama.cpp running what convert
 wrote, and the output and option rules. The real model (SmolLM2) is in tests/real/."""
+
 import json
 import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, fixture_path, run_cli
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_gguf_fixtures as mk  # noqa: E402
 
-from patcher.model.prompts import load_tokenizer  # noqa: E402
 from patcher.model.opened import Model  # noqa: E402
+from patcher.model.prompts import load_tokenizer  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gpt2", "olmo2"]
 PROMPTS = ["Tell me a story", "How do plants grow? 1234 don't", "  spaces\nand lines"]
@@ -74,8 +74,9 @@ def test_round_trip_is_exact_and_loads_in_hf(model_type, tmp_path):
     ids = torch.tensor([ta.encode(ta.render(PROMPTS[1]))])
     logits = []
     for folder in (src, tmp_path / "back"):
-        m, info = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                         output_loading_info=True)
+        m, info = T.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, output_loading_info=True
+        )
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         with torch.no_grad():
             logits.append(m.eval()(ids).logits.numpy())
@@ -96,8 +97,12 @@ def test_llama_cpp_runs_what_convert_wrote(qtype, tol, tmp_path):
     text = tok.render(PROMPTS[0])
     ids = tok.encode(text)
     with torch.no_grad():
-        ref = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(
-            torch.tensor([ids])).logits[0].numpy()
+        ref = (
+            T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            .eval()(torch.tensor([ids]))
+            .logits[0]
+            .numpy()
+        )
     llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     try:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
@@ -110,11 +115,13 @@ def test_llama_cpp_runs_what_convert_wrote(qtype, tol, tmp_path):
     assert types == {"F32"} if qtype == "F32" else types == {"F32", qtype}
 
 
-@pytest.mark.parametrize("dtype,numpy_dtype", [("fp32", "float32"), ("fp16", "float16"),
-                                               ("bf16", "bfloat16")])
+@pytest.mark.parametrize(
+    "dtype,numpy_dtype", [("fp32", "float32"), ("fp16", "float16"), ("bf16", "bfloat16")]
+)
 def test_gguf_to_hf_dtypes(dtype, numpy_dtype, tmp_path):
     """Each --dtype stores the GGUF's values rounded to nearest even; the manifest and config say so."""
     import ml_dtypes  # noqa: F401  (bfloat16 for numpy)
+
     src = mk.convert("qwen2", tmp_path / "src.gguf", "Q8_0")
     run_cli("convert", src, "-o", tmp_path / "out", "--dtype", dtype)
     with Model.open(src) as g:
@@ -133,6 +140,7 @@ def test_gguf_to_hf_dtypes(dtype, numpy_dtype, tmp_path):
 
 def test_large_models_are_sharded(tmp_path, monkeypatch):
     from patcher.pipelines import convert
+
     monkeypatch.setattr(convert, "SHARD_BYTES", 40_000)
     src = mk.convert("llama", tmp_path / "src.gguf", "F32")
     run_cli("convert", src, "-o", tmp_path / "out", "--dtype", "fp32")
@@ -146,12 +154,15 @@ def test_large_models_are_sharded(tmp_path, monkeypatch):
     assert all(np.array_equal(got[n], v) for n, v in want.items())
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--type", "Q4_K"], "--type: must be one of F32, F16, BF16, Q8_0"),
-    (["--dtype", "int8"], "--dtype: must be one of bf16, fp16, fp32"),
-    (["--to", "onnx"], "--to: must be hf or gguf"),
-    (["--to", "hf"], "already HF safetensors"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--type", "Q4_K"], "--type: must be one of F32, F16, BF16, Q8_0"),
+        (["--dtype", "int8"], "--dtype: must be one of bf16, fp16, fp32"),
+        (["--to", "onnx"], "--to: must be hf or gguf"),
+        (["--to", "hf"], "already HF safetensors"),
+    ],
+)
 def test_bad_options_are_one_line(args, message, tmp_path):
     res = run_cli("convert", fixture_path("llama"), "-o", tmp_path / "x.gguf", *args, expect=1)
     assert message in res.output and "Traceback" not in res.output
@@ -169,6 +180,7 @@ def test_output_names_say_the_format(tmp_path):
 def test_output_rules(tmp_path):
     src = tmp_path / "model"
     import shutil
+
     shutil.copytree(fixture_path("llama"), src)
     res = run_cli("convert", src, "-o", src / "inside.gguf", expect=1)
     assert "inside the input folder" in res.output
@@ -191,7 +203,8 @@ def test_a_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
 
     def boom(*_a, **_k):
         raise OSError(28, "No space left on device")
-        yield  # noqa: unreachable - a generator, as the real producers are
+        yield  # unreachable: makes this a generator, as the real producers are
+
     monkeypatch.setattr(convert, "_gguf_blocks", boom)
     monkeypatch.setattr(convert, "_hf_blocks", boom)
     run_cli("convert", fixture_path("llama"), "-o", tmp_path / "x.gguf", expect=1)

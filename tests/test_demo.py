@@ -1,4 +1,5 @@
 """`patcher demo`, the README's main job: every stage runs on the bundled data and reports."""
+
 import re
 
 from conftest import run_cli
@@ -24,11 +25,12 @@ def test_demo_ends_with_next_commands_that_run_as_printed(tmp_path, monkeypatch)
 
     import numpy as np
     from conftest import DEMO
+
     from patcher.edit.directions import load_direction
 
     demo = tmp_path / "demo"
     text = run_cli("demo", "--out", demo).stdout
-    lines = [ln.strip() for ln in text[text.index("next, on the demo's files"):].splitlines()[1:]]
+    lines = [ln.strip() for ln in text[text.index("next, on the demo's files") :].splitlines()[1:]]
     commands = [shlex.split(ln)[1:] for ln in lines if ln.startswith("patcher ")]
     assert [c[0] for c in commands] == ["inspect", "extract", "ablate", "diff", "export", "generate", "web"]
     monkeypatch.chdir(tmp_path)

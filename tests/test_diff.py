@@ -1,6 +1,7 @@
 """`patcher diff` end to end: candidates are made with `patcher ablate` / `patcher inject` (or written
 here with the streaming writer), and the audit must name the edit, recover its direction and exit
 0 (unchanged), 1 (changed) or 2 (error)."""
+
 import json
 import re
 import shutil
@@ -8,9 +9,9 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import MODEL_TYPES, fixture_path, run_cli, unit
 from patcher_kernels.lowrank import rank_for_energy, rounding_floor, shared_direction, top_singular
+
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.safetensors import SafetensorsFile
 from patcher.io.writer import OutTensor, write_safetensors
@@ -38,8 +39,9 @@ def writers(report) -> list[dict]:
 def differing_weights(a, b) -> int:
     """Edited weight tensors, counted from the bytes (independently of diff's role tables)."""
     with Checkpoint(a) as x, Checkpoint(b) as y:
-        return sum(1 for n in x.tensors
-                   if not n.endswith(".bias") and x.array(n).tobytes() != y.array(n).tobytes())
+        return sum(
+            1 for n in x.tensors if not n.endswith(".bias") and x.array(n).tobytes() != y.array(n).tobytes()
+        )
 
 
 def rewrite(src, dst, change):
@@ -58,6 +60,7 @@ def rewrite(src, dst, change):
 
 # --- unchanged ---------------------------------------------------------------------------------
 
+
 def test_identical_copy_is_unchanged(tmp_path):
     src = fixture_path("gpt2")
     copy = shutil.copytree(src, tmp_path / "copy")
@@ -69,6 +72,7 @@ def test_identical_copy_is_unchanged(tmp_path):
 
 
 # --- ablation ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_ablation_is_rank1_along_the_direction(model_type, tmp_path, rand_dir):
@@ -182,8 +186,11 @@ def _fused(src, dst, residual_axis):
                 stacks.setdefault(m[1] + "down_proj", []).append(a if residual_axis == 1 else a.T)
                 home.setdefault(m[1] + "down_proj", ck.shard_of[name])
         for fname in ck.files:
-            tensors = [OutTensor(i.name, i.dtype, i.shape, produce=lambda a=np.array(ck.array(i.name)): [a])
-                       for i in ck.shard_tensors(fname) if not rx.fullmatch(i.name)]
+            tensors = [
+                OutTensor(i.name, i.dtype, i.shape, produce=lambda a=np.array(ck.array(i.name)): [a])
+                for i in ck.shard_tensors(fname)
+                if not rx.fullmatch(i.name)
+            ]
             for name, parts in stacks.items():
                 if home[name] == fname:
                     w = np.stack(parts).astype(ml_dtypes.bfloat16)
@@ -192,11 +199,13 @@ def _fused(src, dst, residual_axis):
     weight_map = {n: p.name for p in sorted(dst.glob("*.safetensors")) for n in SafetensorsFile(p).tensors}
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     table = dst.parent / f"fused{residual_axis}.toml"
-    table.write_text('model_type = "qwen3_moe"\nextends = "qwen3_moe"\n\n'
-                     '[[writer]]\nrole = "attn_out"\nweight = "self_attn.o_proj.weight"\n'
-                     'residual_axis = 0\n\n'
-                     '[[writer]]\nrole = "mlp_out"\nweight = "mlp.experts.down_proj"\n'
-                     f'residual_axis = {residual_axis}\n')
+    table.write_text(
+        'model_type = "qwen3_moe"\nextends = "qwen3_moe"\n\n'
+        '[[writer]]\nrole = "attn_out"\nweight = "self_attn.o_proj.weight"\n'
+        "residual_axis = 0\n\n"
+        '[[writer]]\nrole = "mlp_out"\nweight = "mlp.experts.down_proj"\n'
+        f"residual_axis = {residual_axis}\n"
+    )
     return table
 
 
@@ -213,12 +222,16 @@ def test_fused_expert_tensors(tmp_path, rand_dir, residual_axis):
 
 # --- injection ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model_type, bias, status", [
-    ("llama", "model.layers.2.mlp.down_proj.bias", "added"),  # + mlp_bias flag and zero sibling biases
-    ("mistral", "model.layers.2.mlp.down_proj.bias", "added"),  # HF has no slot: the bias is simply added
-    ("gpt2", "transformer.h.2.mlp.c_proj.bias", "changed"),  # an existing bias is shifted
-    ("gemma2", "model.layers.2.post_feedforward_layernorm.bias", "added"),  # after the post-norm
-])
+
+@pytest.mark.parametrize(
+    "model_type, bias, status",
+    [
+        ("llama", "model.layers.2.mlp.down_proj.bias", "added"),  # + mlp_bias flag and zero sibling biases
+        ("mistral", "model.layers.2.mlp.down_proj.bias", "added"),  # HF has no slot: the bias is simply added
+        ("gpt2", "transformer.h.2.mlp.c_proj.bias", "changed"),  # an existing bias is shifted
+        ("gemma2", "model.layers.2.post_feedforward_layernorm.bias", "added"),  # after the post-norm
+    ],
+)
 def test_injection(model_type, bias, status, tmp_path, rand_dir):
     src, out = fixture_path(model_type), tmp_path / "out"
     run_cli("inject", src, "-d", rand_dir, "-o", out, "--layer", 2, "--alpha", 3)
@@ -232,8 +245,11 @@ def test_injection(model_type, bias, status, tmp_path, rand_dir):
     if model_type == "llama":
         zeros = [t for t in report["tensors"] if t["name"] != bias]
         assert len(zeros) == 8 and all(t["ignorable"] and t["status"] == "added" for t in zeros)
-        assert report["config_changes"]["mlp_bias"] == {"base": None, "candidate": True,
-                                                        "expected_for_an_edit": True}
+        assert report["config_changes"]["mlp_bias"] == {
+            "base": None,
+            "candidate": True,
+            "expected_for_an_edit": True,
+        }
     saved = tmp_path / "v.npy"
     run_cli("diff", src, out, "--save-direction", saved, expect=1)
     assert unit(np.load(saved)) @ unit(np.load(rand_dir)) >= 0.99
@@ -248,11 +264,15 @@ def test_ablation_plus_injection_is_other_changes(tmp_path, rand_dir):
 
 # --- other changes -----------------------------------------------------------------------------
 
+
 def test_dense_perturbation_is_other_changes(tmp_path):
     rng = np.random.default_rng(0)
     src = fixture_path("llama")
-    noisy = rewrite(src, tmp_path / "noisy",
-                    lambda name, w: w + 0.02 * w.std() * rng.standard_normal(w.shape) if w.ndim == 2 else w)
+    noisy = rewrite(
+        src,
+        tmp_path / "noisy",
+        lambda name, w: w + 0.02 * w.std() * rng.standard_normal(w.shape) if w.ndim == 2 else w,
+    )
     report = diff_json(src, noisy)
     assert report["verdict"] == "other changes"
     assert report["counts"]["changed"] == sum(1 for t in report["tensors"] if len(t["shape"]) == 2) == 23
@@ -290,6 +310,7 @@ def test_unknown_model_type_still_diffs(tmp_path, rand_dir):
 
 # --- errors ------------------------------------------------------------------------------------
 
+
 def test_corrupt_or_missing_candidate_exits_2(tmp_path, rand_dir):
     src, bad = fixture_path("llama"), tmp_path / "bad"
     run_cli("ablate", src, "-d", rand_dir, "-o", bad)
@@ -304,6 +325,7 @@ def test_corrupt_or_missing_candidate_exits_2(tmp_path, rand_dir):
 
 
 # --- kernels -----------------------------------------------------------------------------------
+
 
 def test_streaming_spectrum_matches_exact_svd():
     rng = np.random.default_rng(3)
@@ -326,8 +348,7 @@ def test_rank_floor_and_shared_direction():
     assert rank_for_energy(sigma, energy) is None  # 99 % is never reached in the top 3
     assert rank_for_energy(sigma, energy, floor=0.3) == 2  # but what is left over is within rounding
     values = np.array([1.0, -3.0, 0.5], dtype=np.float32)  # bf16 ulps 2^-7, 2^-6, 2^-8
-    assert rounding_floor(values, 7) == pytest.approx(
-        ((2.0 ** -7) ** 2 + (2.0 ** -6) ** 2 + (2.0 ** -8) ** 2) / 4)
+    assert rounding_floor(values, 7) == pytest.approx(((2.0**-7) ** 2 + (2.0**-6) ** 2 + (2.0**-8) ** 2) / 4)
     r = unit(np.arange(1.0, 9.0))
     noisy = np.stack([r, -r, unit(r + 0.01), -unit(r - 0.01)])
     s, cos = shared_direction(noisy, reference=-r)

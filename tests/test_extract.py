@@ -1,15 +1,16 @@
 """`patcher extract`: difference in means equal to an HF transformers reference, a planted direction
 recovered and ranked, the directions file feeding ablate/inject, and the options."""
+
 import json
 import shutil
 
 import numpy as np
 import pytest
-
 from conftest import DEMO, fixture_path, run_cli, unit
-from patcher.io.checkpoint import Checkpoint
+
 from patcher.edit.directions import read_metadata
 from patcher.edit.extract import extract
+from patcher.io.checkpoint import Checkpoint
 
 POS = DEMO / "positive.txt"
 NEG = DEMO / "negative.txt"
@@ -26,8 +27,9 @@ def hf_difference_in_means(folder, pos_prompts, neg_prompts):
     for prompts in (pos_prompts, neg_prompts):
         rows = []
         for p in prompts:  # one at a time: no padding in the reference at all
-            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"]
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
             with torch.no_grad():
                 hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
             rows.append(np.stack([h[0, -1].double().numpy() for h in hs[:-1]]))  # last HF entry is post-norm
@@ -35,8 +37,9 @@ def hf_difference_in_means(folder, pos_prompts, neg_prompts):
     return means[0] - means[1], np.abs(means[0]).max(axis=1)
 
 
-@pytest.mark.parametrize("model_type",
-                         ["llama", "gemma2", "qwen3_moe", "gpt2", "olmo2", "phi3", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "model_type", ["llama", "gemma2", "qwen3_moe", "gpt2", "olmo2", "phi3", "deepseek_v3"]
+)
 def test_difference_in_means_matches_hf(model_type):
     pos = POS.read_text().splitlines()[:10]
     neg = NEG.read_text().splitlines()[:10]
@@ -67,8 +70,9 @@ def test_directions_file_format_and_feeds_ablate_and_inject(tmp_path):
     with Checkpoint(out) as ck:
         for name in ("direction", "positive_mean", "negative_mean"):
             assert ck.tensors[name].dtype == "F32" and ck.tensors[name].shape == (4, 64)
-        np.testing.assert_allclose(ck.array("direction"),
-                                   ck.array("positive_mean") - ck.array("negative_mean"), atol=1e-5)
+        np.testing.assert_allclose(
+            ck.array("direction"), ck.array("positive_mean") - ck.array("negative_mean"), atol=1e-5
+        )
         meta = read_metadata(ck)
     assert meta["prompts"]["positive"]["count"] == 12 and len(meta["prompts"]["positive"]["sha256"]) == 64
     assert meta["chat_template"] is True and meta["positions"] == [-1] and meta["model"] == str(PLANTED)
@@ -99,6 +103,7 @@ def test_per_position_means_match_a_prompt_by_prompt_reference(tmp_path):
     batching, no padding), averaged in float64; the overall direction is their average."""
     from patcher.model.execution import StreamedModel
     from patcher.model.prompts import encode_prompts, load_tokenizer, read_prompt_file
+
     positions = (-1, -2, -3)
     r = extract(PLANTED, POS, NEG, positions=positions, max_prompts=6, batch_size=4, chat_template=False)
     tok, sm = load_tokenizer(PLANTED), StreamedModel(PLANTED)
@@ -107,8 +112,11 @@ def test_per_position_means_match_a_prompt_by_prompt_reference(tmp_path):
         rows = {p: [] for p in positions}
         for ids in encode_prompts(tok, read_prompt_file(path, 6), chat_template=False):
             states = {}
-            sm.run(np.array([ids]), np.ones((1, len(ids)), np.int64),
-                   on_resid=lambda l, x: states.__setitem__(l, x[0].astype(np.float64)))
+            sm.run(
+                np.array([ids]),
+                np.ones((1, len(ids)), np.int64),
+                on_resid=lambda l, x: states.__setitem__(l, x[0].astype(np.float64)),
+            )
             for p in positions:
                 rows[p].append(np.stack([states[l][p] for l in sorted(states)]))
         means[label] = {p: np.mean(rows[p], axis=0) for p in positions}
@@ -127,8 +135,21 @@ def test_per_position_means_match_a_prompt_by_prompt_reference(tmp_path):
 
 def test_layers_option_and_plot(tmp_path):
     out = tmp_path / "d.safetensors"
-    run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--layers", "0-1",
-            "--plot", tmp_path / "s.svg", "--no-chat-template")
+    run_cli(
+        "extract",
+        PLANTED,
+        "--positive",
+        POS,
+        "--negative",
+        NEG,
+        "-o",
+        out,
+        "--layers",
+        "0-1",
+        "--plot",
+        tmp_path / "s.svg",
+        "--no-chat-template",
+    )
     svg = (tmp_path / "s.svg").read_text()
     assert svg.startswith("<svg") and "<polyline" in svg and "selected 0" in svg
     with Checkpoint(out) as ck:
@@ -144,16 +165,29 @@ def test_unsafe_chat_template_refused(tmp_path):
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
-    res = run_cli("extract", src, "--positive", POS, "--negative", NEG, "-o", tmp_path / "d.safetensors",
-                  expect=1)
+    res = run_cli(
+        "extract", src, "--positive", POS, "--negative", NEG, "-o", tmp_path / "d.safetensors", expect=1
+    )
     assert "unsafe" in res.output and not (tmp_path / "d.safetensors").exists()
 
 
 def test_prompt_shorter_than_positions_is_an_error(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("sea\n")
-    res = run_cli("extract", PLANTED, "--positive", short, "--negative", NEG,
-                  "-o", tmp_path / "d.safetensors", "--no-chat-template", "--positions", "-1,-2,-3", expect=1)
+    res = run_cli(
+        "extract",
+        PLANTED,
+        "--positive",
+        short,
+        "--negative",
+        NEG,
+        "-o",
+        tmp_path / "d.safetensors",
+        "--no-chat-template",
+        "--positions",
+        "-1,-2,-3",
+        expect=1,
+    )
     assert "tokens" in res.output
 
 
@@ -162,10 +196,12 @@ def test_injected_bias_is_live_in_the_numpy_forward(model_type, tmp_path, direct
     """Every architecture table's mlp_out injection slot is one the forward description applies:
     the output of block L gains exactly alpha * r, whether or not HF could load the bias."""
     from patcher.model.execution import StreamedModel
+
     layer, alpha = 1, 2.5
     out = tmp_path / "inj"
-    run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", layer,
-            "--alpha", alpha)
+    run_cli(
+        "inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", layer, "--alpha", alpha
+    )
     ids = np.random.default_rng(2).integers(3, 380, size=(2, 6))
     mask = np.ones_like(ids)
     states = []
@@ -182,14 +218,16 @@ def test_injected_bias_is_live_in_the_numpy_forward(model_type, tmp_path, direct
     with Checkpoint(fixture_path(model_type)) as base:  # GPT-2 / NeoX: the bias existed and was shifted
         if name in base.tensors:
             want = want - base.array(name).astype(np.float64)
-    np.testing.assert_allclose(states[1][layer + 1] - states[0][layer + 1], np.broadcast_to(want, (2, 6, 64)),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        states[1][layer + 1] - states[0][layer + 1], np.broadcast_to(want, (2, 6, 64)), atol=1e-4
+    )
 
 
 def test_shuffled_label_snr_matches_isotropic_noise_theory():
     """Labels carry nothing: the best shuffled SNR sits near sqrt(d·(1/n+ + 1/n-)) (the in-sample fit's
     bias); the same data with a real offset of 3σ along one axis scores far above it."""
     from patcher.edit.extract import _snr, shuffled_snr
+
     rng = np.random.default_rng(5)
     n, d = 40, 64
     pos, neg = rng.standard_normal((n, 1, d)), rng.standard_normal((n, 1, d))
@@ -213,8 +251,17 @@ def test_extract_warns_when_the_sets_do_not_differ(tmp_path):
     meta = read_metadata(Checkpoint(tmp_path / "noise.safetensors"))
     best = next(r["snr"] for r in meta["scores"] if r["layer"] == meta["selected_layer"])
     assert best <= 1.25 * meta["shuffled_labels_snr"]
-    res = run_cli("extract", PLANTED, "--positive", POS, "--negative", NEG, "--no-chat-template",
-                  "-o", tmp_path / "planted.safetensors")
+    res = run_cli(
+        "extract",
+        PLANTED,
+        "--positive",
+        POS,
+        "--negative",
+        NEG,
+        "--no-chat-template",
+        "-o",
+        tmp_path / "planted.safetensors",
+    )
     assert "weak direction" not in res.stderr
     meta = read_metadata(Checkpoint(tmp_path / "planted.safetensors"))
     best = next(r["snr"] for r in meta["scores"] if r["layer"] == meta["selected_layer"])
@@ -223,6 +270,7 @@ def test_extract_warns_when_the_sets_do_not_differ(tmp_path):
 
 def test_snr_against_a_float64_hand_computation():
     from patcher.edit.extract import _snr
+
     rng = np.random.default_rng(11)
     a, b = rng.standard_normal((30, 8)) + 0.4, rng.standard_normal((20, 8))
     r = a.mean(0) - b.mean(0)
@@ -238,6 +286,7 @@ def test_shuffled_snr_is_small_when_prompts_outnumber_dimensions():
     """n >> d: the in-sample bias vanishes, so the null sits near sqrt(d·(1/n+ + 1/n-)) = 0.14, not at
     any floor."""
     from patcher.edit.extract import shuffled_snr
+
     rng = np.random.default_rng(3)
     null = shuffled_snr(rng.standard_normal((400, 1, 4)), rng.standard_normal((400, 1, 4)), [0])
     assert 0.05 < null < 0.4
@@ -246,6 +295,7 @@ def test_shuffled_snr_is_small_when_prompts_outnumber_dimensions():
 def test_selection_ignores_the_last_fifth_of_layers():
     """L = 10: resid_pre layers 0..8 are candidates (floor(0.8·10)); 9 and 10 never win."""
     from patcher.edit.extract import select_layer
+
     rows = [{"layer": i, "snr": 1.0, "diff_norm": 1.0} for i in range(11)]
     rows[9]["snr"] = rows[10]["snr"] = 50.0
     rows[8]["snr"] = 5.0

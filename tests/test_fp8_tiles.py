@@ -4,13 +4,14 @@ wrong tile's scale (always row 0, always column 0, off by one block) is off by ~
 
 The references are independent: dequantisation is written out tile by tile in this file, and the
 ablation is W - r(rᵀW) in float64."""
+
 import json
 
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import run_cli, unit
+
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.writer import OutTensor, write_safetensors
@@ -18,9 +19,15 @@ from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model
 
 D, FF, VOCAB, LAYERS, HEADS, HEAD_DIM = 160, 288, 50, 2, 5, 32  # 2 tiles x 3 tiles per MLP matrix
-PROJ = {"self_attn.q_proj": (D, D), "self_attn.k_proj": (D, D), "self_attn.v_proj": (D, D),
-        "self_attn.o_proj": (D, D), "mlp.gate_proj": (FF, D), "mlp.up_proj": (FF, D),
-        "mlp.down_proj": (D, FF)}
+PROJ = {
+    "self_attn.q_proj": (D, D),
+    "self_attn.k_proj": (D, D),
+    "self_attn.v_proj": (D, D),
+    "self_attn.o_proj": (D, D),
+    "mlp.gate_proj": (FF, D),
+    "mlp.up_proj": (FF, D),
+    "mlp.down_proj": (D, FF),
+}
 
 
 def tiles(shape):
@@ -73,10 +80,24 @@ def make_model(folder, seed=0, fp8=True):
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     else:
         (folder / next(iter(shards))).rename(folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": D, "intermediate_size": FF, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "head_dim": HEAD_DIM, "vocab_size": VOCAB,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu"}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": D,
+                "intermediate_size": FF,
+                "num_hidden_layers": LAYERS,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": HEADS,
+                "head_dim": HEAD_DIM,
+                "vocab_size": VOCAB,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": False,
+                "hidden_act": "silu",
+            }
+        )
+    )
     return folder
 
 
@@ -96,8 +117,10 @@ def test_fixture_is_multi_tile_with_distinct_scales(fp8_model):
     with Checkpoint(fp8_model) as ck:
         s = ck.array("model.layers.0.mlp.down_proj.weight_scale_inv")
         assert s.shape == (2, 3) and s.max() / s.min() > 10
-        assert ck.shard_of["model.layers.0.mlp.down_proj.weight_scale_inv"] != \
-            ck.shard_of["model.layers.0.mlp.down_proj.weight"]
+        assert (
+            ck.shard_of["model.layers.0.mlp.down_proj.weight_scale_inv"]
+            != ck.shard_of["model.layers.0.mlp.down_proj.weight"]
+        )
 
 
 def test_decode_uses_each_tiles_scale(fp8_model):
@@ -123,8 +146,19 @@ def test_forward_matches_the_dequantised_model(fp8_model, tmp_path):
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_ablation_is_exact_per_tile(fp8_model, direction, tmp_path, scale):
     out = tmp_path / "out"
-    run_cli("ablate", fp8_model, "-d", direction, "-o", out, "--targets", "attn_out,mlp_out",
-            "--scale", scale, "--no-hash")
+    run_cli(
+        "ablate",
+        fp8_model,
+        "-d",
+        direction,
+        "-o",
+        out,
+        "--targets",
+        "attn_out,mlp_out",
+        "--scale",
+        scale,
+        "--no-hash",
+    )
     r = unit(np.load(direction))
     with Checkpoint(fp8_model) as a, Checkpoint(out) as b:
         for proj in ("self_attn.o_proj", "mlp.down_proj"):
@@ -141,8 +175,11 @@ def test_ablation_is_exact_per_tile(fp8_model, direction, tmp_path, scale):
                 for ti in range(new_s.shape[0]):
                     for tj in range(new_s.shape[1]):
                         sl = (slice(ti * 128, (ti + 1) * 128), slice(tj * 128, (tj + 1) * 128))
-                        assert np.abs(got[sl] - want[sl]).max() <= 0.13 * np.abs(want[sl]).max(), \
-                            (name, ti, tj)
+                        assert np.abs(got[sl] - want[sl]).max() <= 0.13 * np.abs(want[sl]).max(), (
+                            name,
+                            ti,
+                            tj,
+                        )
                 # and the component along r is what the strength asked for
                 kept = np.linalg.norm(r @ got) / np.linalg.norm(r @ w)
                 assert kept == pytest.approx(1 - scale, abs=0.1), name  # e4m3 rounding leaks ~5 %
@@ -163,16 +200,25 @@ def test_scale_of_the_wrong_shape_is_one_clear_error(tmp_path, direction):
     model = make_model(tmp_path / "m")
     name = "model.layers.0.mlp.down_proj.weight_scale_inv"
     with Checkpoint(model) as ck:
-        tensors = [OutTensor(i.name, i.dtype, (1, 3) if i.name == name else i.shape,
-                             produce=(lambda: [np.ones((1, 3), np.float32)]) if i.name == name
-                             else (lambda i=i: [np.array(ck.array(i.name))]))
-                   for i in ck.shard_tensors("model-00002-of-00002.safetensors")]
+        tensors = [
+            OutTensor(
+                i.name,
+                i.dtype,
+                (1, 3) if i.name == name else i.shape,
+                produce=(lambda: [np.ones((1, 3), np.float32)])
+                if i.name == name
+                else (lambda i=i: [np.array(ck.array(i.name))]),
+            )
+            for i in ck.shard_tensors("model-00002-of-00002.safetensors")
+        ]
         write_safetensors(tmp_path / "s2", tensors, {"format": "pt"})
     (tmp_path / "s2").replace(model / "model-00002-of-00002.safetensors")
     with pytest.raises(PatcherError) as e:
         Model.open(model)
-    assert str(e.value) == (f"{model / 'model-00002-of-00002.safetensors'}: {name} has shape [1, 3]; the FP8 "
-                            f"weight model.layers.0.mlp.down_proj.weight [160, 288] needs [2, 3] "
-                            f"(one scale per 128x128 tile)")
+    assert str(e.value) == (
+        f"{model / 'model-00002-of-00002.safetensors'}: {name} has shape [1, 3]; the FP8 "
+        f"weight model.layers.0.mlp.down_proj.weight [160, 288] needs [2, 3] "
+        f"(one scale per 128x128 tile)"
+    )
     res = run_cli("ablate", model, "-d", direction, "-o", tmp_path / "o", expect=1)
     assert res.output.strip() == f"error: {e.value}"

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DEMO, FIXTURES, ROOT, fixture_path, run_cli, unit
 
 gguf = pytest.importorskip("gguf")
@@ -233,8 +232,9 @@ def _with_tensor_as(src, path, name, qtype, shape):
     rng = np.random.default_rng(0)
     for t in r.tensors:
         if t.name == name:
-            w.add_tensor(t.name, mk._k_quant_bytes(shape, qtype, rng),
-                         raw_dtype=gguf.GGMLQuantizationType[qtype])
+            w.add_tensor(
+                t.name, mk._k_quant_bytes(shape, qtype, rng), raw_dtype=gguf.GGMLQuantizationType[qtype]
+            )
         else:
             w.add_tensor(t.name, np.asarray(t.data))
     w.write_header_to_file()
@@ -251,8 +251,12 @@ def test_k_quants_keep_their_type_iq_becomes_k(ggufs, tmp_path, source):
     name = "blk.0.ffn_down.weight"
     path = _with_tensor_as(ggufs("llama", "F32"), tmp_path / "k.gguf", name, source, (64, 256))
     before = _deq(path, name)
-    for requant, stored, limit in ((None, "Q4_K", 0.01), ("q8_0", "Q8_0", 0.005), ("q4_0", "Q4_0", 0.01),
-                                   ("q6_k", "Q6_K", 0.005)):
+    for requant, stored, limit in (
+        (None, "Q4_K", 0.01),
+        ("q8_0", "Q8_0", 0.005),
+        ("q4_0", "Q4_0", 0.01),
+        ("q6_k", "Q6_K", 0.005),
+    ):
         out = tmp_path / f"k-{requant}.gguf"
         args = ("--targets", "mlp_out", "--layers", "0") + (("--requant", requant) if requant else ())
         text = run_cli("ablate", path, "-d", DIRECTION, "-o", out, *args).output
@@ -498,9 +502,10 @@ def test_leakage_summary_numbers_match_the_file(ggufs, tmp_path):
 def test_fp8_requantize_keeps_the_ablation(tmp_path, direction64):
     """The same per-element rounding on the FP8 block grid (scales fixed first), row block by row block
     with the residual carried: leakage far below plain round-to-nearest's."""
-    from test_tables_and_fp8 import make_fp8_model
-    from patcher.io.checkpoint import Checkpoint
     from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks
+    from test_tables_and_fp8 import make_fp8_model
+
+    from patcher.io.checkpoint import Checkpoint
 
     src = make_fp8_model(tmp_path, "F32")
     out = tmp_path / "out"
@@ -523,6 +528,7 @@ def test_chunked_rounding_writes_the_same_bytes(ggufs, tmp_path, monkeypatch):
     """Written vectors round independently, so column chunks (residual axis 0) and row chunks
     (embeddings) that bound memory on big matrices change nothing in the file."""
     from patcher.edit import gguf_apply
+
     src = ggufs("llama", "Q4_1")
     run_cli("ablate", src, "-d", DIRECTION, "-o", tmp_path / "a.gguf")
     monkeypatch.setattr(gguf_apply, "COL_CHUNK", 32)

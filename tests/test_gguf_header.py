@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 gguf = pytest.importorskip("gguf")
@@ -27,8 +26,10 @@ N_BIG = 262_144
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("hdr")
-    out = [mk.convert(m, root / f"{m}-{q}.gguf", q)
-           for m, q in (("llama", "Q8_0"), ("qwen2", "Q4_1"), ("gemma3_text", "F32"), ("qwen3_moe", "Q4_K"))]
+    out = [
+        mk.convert(m, root / f"{m}-{q}.gguf", q)
+        for m, q in (("llama", "Q8_0"), ("qwen2", "Q4_1"), ("gemma3_text", "F32"), ("qwen3_moe", "Q4_K"))
+    ]
     out.append(mk.spm_vocab(root / "spm.gguf"))
     return out
 
@@ -65,8 +66,9 @@ def _same_as_reader(path, flattened=()):
         assert h.data_offset + ours.offset == int(theirs.data_offset)
     g = GGUFFile(path)
     for t in r.tensors:  # the bytes patcher hands the dequantizer are the reader's
-        assert np.array_equal(g.raw(t.name).reshape(-1),
-                              np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+        assert np.array_equal(g.raw(t.name).reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), (
+            t.name
+        )
     g.close()
     h.close()
 
@@ -96,7 +98,7 @@ def test_big_vocabulary_is_read_in_bulk_and_decoded_when_asked(big):
     merges = md["tokenizer.ggml.merges"]
     assert all(" ".join(m.split(" ")) in merges[:5] for m in merges[:5])
     vocab = set(tokens)
-    assert all(a + b in vocab for a, b in (m.split(" ") for m in merges[:: 997]))
+    assert all(a + b in vocab for a, b in (m.split(" ") for m in merges[::997]))
     scores = md.numbers("tokenizer.ggml.scores")
     np.testing.assert_array_equal(scores, -np.arange(N_BIG, dtype=np.float32))
     assert md["tokenizer.ggml.token_type"][-3:] == [1, 3, 3]

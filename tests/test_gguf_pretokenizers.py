@@ -20,8 +20,9 @@ from patcher.io.gguf_pretokenizers import NOT_SUPPORTED, PRE_TOKENIZERS, lookup,
 TEXTS = [
     "Hello world! It's a test: don't, we'll, I'M, they'RE 'quoted' O'Neil's.",
     "Numbers 1 12 123 1234 12345 1234567890 3.14159 -42 1,000,000 x2y33z444 ١٢٣ ½ Ⅻ ２０２４",
-    "def f(x):\n    return x**2 + 1  # comment\n\n\tif a<=b and c!=d: print(f\"{a}\")\r\n}}",
-    "Ünïcödé café naïve résumé — Привет мир! Γειά σου κόσμε. 你好，世界。こんにちは、カタカナ。안녕하세요 세계 漢字English混合テキスト",
+    'def f(x):\n    return x**2 + 1  # comment\n\n\tif a<=b and c!=d: print(f"{a}")\r\n}}',
+    "Ünïcödé café naïve résumé — Привет мир! Γειά σου κόσμε. 你好，世界。こんにちは、カタカナ。"
+    "안녕하세요 세계 漢字English混合テキスト",
     "مرحبا بالعالم، हिन्दी भाषा। ไทย ทดสอบ emoji 🙂👍🏽 <sentinel:12> IMGIMGABZ …!?",
     "   leading and trailing spaces   \n\n\n  \t \u00a0 nbsp\u3000ideographic space  end   ",
     "CamelCaseWords HTTPServer iPhone McDonald's ALLCAPS lowercase ÉCOLE Straße",
@@ -51,8 +52,9 @@ def _dense_vocab():
                 if b[i : i + n] not in seen:
                     seen.add(b[i : i + n])
                     tokens.append(b[i : i + n])
-    merges = [f"{t[:k]} {t[k:]}" for t in tokens[256:] for k in range(1, len(t)) if t[:k] in seen
-              and t[k:] in seen]
+    merges = [
+        f"{t[:k]} {t[k:]}" for t in tokens[256:] for k in range(1, len(t)) if t[:k] in seen and t[k:] in seen
+    ]
     return tokens, merges
 
 
@@ -98,8 +100,12 @@ def smollm2(real_model, tmp_path_factory):
     """SmolLM2's vocabulary (tokens, merges, token types) in a vocabulary-only GGUF."""
     g = GGUFFile(real_model.gguf)
     md = g.metadata
-    path = _vocab_gguf(tmp_path_factory.mktemp("pretok") / "smollm2.gguf", g.tokens(),
-                       md["tokenizer.ggml.merges"], md["tokenizer.ggml.token_type"])
+    path = _vocab_gguf(
+        tmp_path_factory.mktemp("pretok") / "smollm2.gguf",
+        g.tokens(),
+        md["tokenizer.ggml.merges"],
+        md["tokenizer.ggml.token_type"],
+    )
     g.close()
     return path
 
@@ -174,11 +180,13 @@ def test_unknown_and_unsupported_names_are_refused_by_name(dense, tmp_path):
         with pytest.raises(PatcherError, match=f"{name!r} is not supported: "):
             lookup(name, "m.gguf")
     llama_cpp = pytest.importorskip("llama_cpp")
-    llama_cpp.Llama(model_path=str(_with_pre(dense, "gemma4", tmp_path / "k.gguf")),
-                    vocab_only=True, verbose=False).close()
+    llama_cpp.Llama(
+        model_path=str(_with_pre(dense, "gemma4", tmp_path / "k.gguf")), vocab_only=True, verbose=False
+    ).close()
     with pytest.raises(ValueError):  # llama.cpp refuses the unknown name as well
-        llama_cpp.Llama(model_path=str(_with_pre(dense, "smolm", tmp_path / "u.gguf")),
-                        vocab_only=True, verbose=False)
+        llama_cpp.Llama(
+            model_path=str(_with_pre(dense, "smolm", tmp_path / "u.gguf")), vocab_only=True, verbose=False
+        )
 
 
 def test_a_model_with_an_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
@@ -186,6 +194,7 @@ def test_a_model_with_an_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
     import sys
 
     from conftest import ROOT, run_cli
+
     from patcher.io.gguf import OutTensorGGUF, write_gguf
 
     sys.path.insert(0, str(ROOT / "scripts"))

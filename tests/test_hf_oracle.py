@@ -1,8 +1,8 @@
 """HF transformers as the oracle: fixtures load strictly, ablated models no longer carry the
 direction in any residual stream state, and injected biases show up as +alpha*r in HF."""
+
 import numpy as np
 import pytest
-
 from conftest import MODEL_TYPES, fixture_path, run_cli, unit
 
 torch = pytest.importorskip("torch")
@@ -11,15 +11,25 @@ transformers = pytest.importorskip("transformers")
 # Where each architecture keeps its decoder blocks in the HF module tree.
 BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 # Which injection targets HF loads as a live bias (from the architecture tables' hf_loads).
-HF_INJECT = {("llama", "mlp_out"), ("llama", "attn_out"), ("qwen3", "attn_out"), ("qwen3_moe", "attn_out"),
-             ("gemma", "attn_out"), ("deepseek_v3", "attn_out"), ("gpt2", "mlp_out"), ("gpt2", "attn_out"),
-             ("gpt_neox", "mlp_out"), ("gpt_neox", "attn_out")}
+HF_INJECT = {
+    ("llama", "mlp_out"),
+    ("llama", "attn_out"),
+    ("qwen3", "attn_out"),
+    ("qwen3_moe", "attn_out"),
+    ("gemma", "attn_out"),
+    ("deepseek_v3", "attn_out"),
+    ("gpt2", "mlp_out"),
+    ("gpt2", "attn_out"),
+    ("gpt_neox", "mlp_out"),
+    ("gpt_neox", "attn_out"),
+}
 ATTN_MODULE = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense"}
 
 
 def load(folder):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                                   output_loading_info=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True
+    )
     return model.eval(), info
 
 
@@ -37,6 +47,7 @@ def resid_pre(model, model_type, ids):
 
     def post(_m, _args, output):
         states.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
     hooks = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in layers]
     hooks.append(layers[-1].register_forward_hook(post))
     try:
@@ -81,8 +92,20 @@ def test_ablated_hidden_states_carry_no_direction(model_type, tmp_path, directio
 def test_injection_is_live_in_hf(model_type, target, tmp_path, direction64):
     layer, alpha = 1, 3.0
     out = tmp_path / "out"
-    run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", layer,
-            "--alpha", alpha, "--target", target)
+    run_cli(
+        "inject",
+        fixture_path(model_type),
+        "-d",
+        direction64,
+        "-o",
+        out,
+        "--layer",
+        layer,
+        "--alpha",
+        alpha,
+        "--target",
+        target,
+    )
     r = unit(np.load(direction64))
     ids = tokens()
     base = load(fixture_path(model_type))[0]
@@ -113,12 +136,15 @@ def attn_output(model, model_type, layer, ids):
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "mixtral", "gemma2", "olmo2"])
 def test_injection_without_hf_slot_is_written_and_reported(model_type, tmp_path, direction64):
     out = tmp_path / "out"
-    res = run_cli("inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", 0,
-                  "--alpha", 2.0)
+    res = run_cli(
+        "inject", fixture_path(model_type), "-d", direction64, "-o", out, "--layer", 0, "--alpha", 2.0
+    )
     assert "ONNX export" in res.output and "no bias slot" in res.output
     from patcher.io.checkpoint import Checkpoint
+
     with Checkpoint(out) as ck:
         new = [n for n in ck.tensors if n not in Checkpoint(fixture_path(model_type)).tensors]
         assert len(new) == 1
-        np.testing.assert_allclose(ck.array(new[0]).astype(np.float64), 2.0 * unit(np.load(direction64)),
-                                   atol=2e-2)
+        np.testing.assert_allclose(
+            ck.array(new[0]).astype(np.float64), 2.0 * unit(np.load(direction64)), atol=2e-2
+        )

@@ -5,6 +5,7 @@ Every case checks the same five things (`hostile`): non-zero exit, at most 3 lin
 traceback and no "internal error", no output left (the named output and any hidden partial file beside
 it), and the sha256 of every input file unchanged. Cases are tables; each is fast because every check
 happens before any work."""
+
 import hashlib
 import json
 import os
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DEMO, FIXTURES, fixture_path
 from typer.testing import CliRunner
 
-from conftest import DEMO, FIXTURES, fixture_path
 from patcher.cli import app
 
 L_SRC = fixture_path("llama")
@@ -28,6 +29,7 @@ PY_CLI = [sys.executable, "-c", "import sys; from patcher.cli import main; sys.a
 
 
 # --- workspace -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
@@ -95,8 +97,20 @@ def exported(ws, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dirs_file(ws, tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile-dirs") / "dirs.safetensors"
-    res = CliRunner().invoke(app, ["extract", str(ws["L"]), "--positive", str(ws["pos"]), "--negative",
-                                   str(ws["neg"]), "-o", str(out), "--no-chat-template"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(ws["L"]),
+            "--positive",
+            str(ws["pos"]),
+            "--negative",
+            str(ws["neg"]),
+            "-o",
+            str(out),
+            "--no-chat-template",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -143,29 +157,48 @@ def hostile(args, *, inputs=(), absent=(), code=None, fragment=None, seconds=20.
 
 # --- data loss / input modified ----------------------------------------------------------------------
 
+
 def test_extract_onto_an_input_shard_is_refused_even_with_force(ws):
     shard = ws["L"] / "model-00002-of-00002.safetensors"
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", shard, "--force"],
-            inputs=[ws["L"]], fragment="output lies inside the input folder")
+    hostile(
+        ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", shard, "--force"],
+        inputs=[ws["L"]],
+        fragment="output lies inside the input folder",
+    )
 
 
 def test_extract_inside_the_model_folder_is_refused(ws):
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o",
-             ws["L"] / "d.safetensors"],
-            inputs=[ws["L"]], absent=[ws["L"] / "d.safetensors"], fragment="lies inside the input")
+    hostile(
+        [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            ws["L"] / "d.safetensors",
+        ],
+        inputs=[ws["L"]],
+        absent=[ws["L"] / "d.safetensors"],
+        fragment="lies inside the input",
+    )
 
 
 def test_extract_onto_a_prompt_file_is_refused(ws):
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["pos"],
-             "--force"],
-            inputs=[ws["pos"], ws["L"]], fragment="is the input")
+    hostile(
+        ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["pos"], "--force"],
+        inputs=[ws["pos"], ws["L"]],
+        fragment="is the input",
+    )
 
 
 def write_recipe(folder: Path, body: str, output=None, name="recipe.toml", path=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     r = folder / name
-    r.write_text(f'[[model]]\nname = "L"\npath = "{path or L_SRC}"\noutput = "{output or folder / "out"}"\n\n'
-                 + body)
+    r.write_text(
+        f'[[model]]\nname = "L"\npath = "{path or L_SRC}"\noutput = "{output or folder / "out"}"\n\n' + body
+    )
     return r
 
 
@@ -180,12 +213,16 @@ def test_recipe_output_equal_to_its_path_is_refused(ws, tmp_path):
 
 def test_recipe_step_output_may_not_leave_the_output_folder(ws, tmp_path):
     r = write_recipe(tmp_path, ABLATE_STEP + f'output = "../../{tmp_path.name}-escaped"\n')
-    hostile(["run", r], absent=[tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-escaped"],
-            fragment="leaves the model's output folder")
+    hostile(
+        ["run", r],
+        absent=[tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-escaped"],
+        fragment="leaves the model's output folder",
+    )
 
 
-@pytest.mark.parametrize("out", ["", ".", "./", "~", "~/x"], ids=["empty", "dot", "dot-slash", "tilde",
-                                                                  "tilde-x"])
+@pytest.mark.parametrize(
+    "out", ["", ".", "./", "~", "~/x"], ids=["empty", "dot", "dot-slash", "tilde", "tilde-x"]
+)
 def test_output_that_is_not_a_new_path_is_refused(ws, tmp_path, monkeypatch, out):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "precious.txt").write_text("keep me")
@@ -195,29 +232,53 @@ def test_output_that_is_not_a_new_path_is_refused(ws, tmp_path, monkeypatch, out
 
 def test_output_home_or_parent_of_cwd_is_refused(ws, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(ws["home"]))
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws["home"], "--force"], inputs=[ws["home"]],
-            fragment="home folder")
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", ws["home"], "--force"],
+        inputs=[ws["home"]],
+        fragment="home folder",
+    )
     sub = tmp_path / "a" / "b"
     sub.mkdir(parents=True)
     monkeypatch.chdir(sub)
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "a", "--force"], inputs=[tmp_path],
-            fragment="contains the current folder")
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "a", "--force"],
+        inputs=[tmp_path],
+        fragment="contains the current folder",
+    )
 
 
 @pytest.mark.parametrize("which", ["user_dir", "user_file"])
 def test_force_never_replaces_what_patcher_did_not_write(ws, which):
     hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws[which], "--force"], inputs=[ws[which], ws["L"]])
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", ws["user_file"],
-             "--force"],
-            inputs=[ws["user_file"]])
+    hostile(
+        [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            ws["user_file"],
+            "--force",
+        ],
+        inputs=[ws["user_file"]],
+    )
 
 
 @pytest.mark.parametrize("where", ["equal", "inside", "contains", "contains-direction"])
 def test_output_equal_inside_or_containing_an_input(ws, where):
-    out = {"equal": ws["L"], "inside": ws["L"] / "sub" / "x", "contains": ws["root"],
-           "contains-direction": ws["root"]}[where]
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"], inputs=[ws["L"], ws["d64"]],
-            absent=[] if where in ("equal", "contains", "contains-direction") else [out])
+    out = {
+        "equal": ws["L"],
+        "inside": ws["L"] / "sub" / "x",
+        "contains": ws["root"],
+        "contains-direction": ws["root"],
+    }[where]
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"],
+        inputs=[ws["L"], ws["d64"]],
+        absent=[] if where in ("equal", "contains", "contains-direction") else [out],
+    )
 
 
 @pytest.mark.parametrize("target", ["blob", "blobs", "snapshot"])
@@ -230,24 +291,38 @@ def test_outputs_never_touch_symlink_targets_of_a_snapshot(ws, target):
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e40", "-1e40", "11"])
 def test_ablate_scale_must_be_finite_and_in_range(ws, tmp_path, value):
     out = tmp_path / "o"
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--scale", value], inputs=[ws["L"]], absent=[out],
-            fragment="--scale: must be")
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--scale", value],
+        inputs=[ws["L"]],
+        absent=[out],
+        fragment="--scale: must be",
+    )
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e40", "70000"])
 def test_inject_alpha_must_be_finite_and_fit_the_bias(ws, tmp_path, value):
     out = tmp_path / "o"
-    hostile(["inject", ws["L"], "-d", ws["d64"], "-o", out, "--layer", "1", "--alpha", value],
-            inputs=[ws["L"]],
-            absent=[out], fragment="--alpha: must be")
+    hostile(
+        ["inject", ws["L"], "-d", ws["d64"], "-o", out, "--layer", "1", "--alpha", value],
+        inputs=[ws["L"]],
+        absent=[out],
+        fragment="--alpha: must be",
+    )
 
 
-@pytest.mark.parametrize("strength", ["scale = nan", "scale = inf", "scale = 1e40", "strength = [1.0, nan, "
-                                      "1.0]",
-                                      'strength = { kernel = "gaussian", center = 1, width = 0.0 }',
-                                      'strength = { kernel = "gaussian", center = nan }',
-                                      'strength = { kernel = "linear", start = 0, end = inf }',
-                                      'scale = "big"'])
+@pytest.mark.parametrize(
+    "strength",
+    [
+        "scale = nan",
+        "scale = inf",
+        "scale = 1e40",
+        "strength = [1.0, nan, 1.0]",
+        'strength = { kernel = "gaussian", center = 1, width = 0.0 }',
+        'strength = { kernel = "gaussian", center = nan }',
+        'strength = { kernel = "linear", start = 0, end = inf }',
+        'scale = "big"',
+    ],
+)
 def test_recipe_strengths_are_checked_like_scale(tmp_path, strength):
     r = write_recipe(tmp_path, ABLATE_STEP + strength + "\n")
     hostile(["run", r], absent=[tmp_path / "out"], fragment="step 1")
@@ -262,18 +337,41 @@ def test_recipe_and_cli_give_the_same_message(ws, tmp_path):
 
 # --- silently wrong -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layers,fragment", [("-100", "layer -100 is outside 0..2"), ("2-1", "empty range"),
-                                             ("3", "outside 0..2"), ("-4", "outside"), ("1-x", "cannot read"),
-                                             ("0--100", "outside")])
+
+@pytest.mark.parametrize(
+    "layers,fragment",
+    [
+        ("-100", "layer -100 is outside 0..2"),
+        ("2-1", "empty range"),
+        ("3", "outside 0..2"),
+        ("-4", "outside"),
+        ("1-x", "cannot read"),
+        ("0--100", "outside"),
+    ],
+)
 def test_layers_never_wrap_and_say_empty_range(ws, tmp_path, layers, fragment):
     out = tmp_path / "o"
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, f"--layers={layers}"], absent=[out],
-            fragment=fragment)
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", out, f"--layers={layers}"], absent=[out], fragment=fragment
+    )
 
 
 def test_negative_layers_count_from_the_end_exactly(ws, tmp_path):
-    res = CliRunner().invoke(app, ["ablate", str(ws["L"]), "-d", str(ws["d64"]), "-o", str(tmp_path / "o"),
-                                   "--layers=-1", "--targets", "mlp_out", "--dry-run"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "ablate",
+            str(ws["L"]),
+            "-d",
+            str(ws["d64"]),
+            "-o",
+            str(tmp_path / "o"),
+            "--layers=-1",
+            "--targets",
+            "mlp_out",
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "model.layers.2.mlp.down_proj.weight" in res.output
     assert "model.layers.0." not in res.output and "model.layers.1." not in res.output
@@ -281,41 +379,67 @@ def test_negative_layers_count_from_the_end_exactly(ws, tmp_path):
 
 @pytest.mark.parametrize("layer", ["-100", "3", "-4"])
 def test_inject_layer_never_wraps(ws, tmp_path, layer):
-    hostile(["inject", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", f"--layer={layer}", "--alpha", "1"],
-            absent=[tmp_path / "o"], fragment="out of range")
+    hostile(
+        ["inject", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", f"--layer={layer}", "--alpha", "1"],
+        absent=[tmp_path / "o"],
+        fragment="out of range",
+    )
 
 
-@pytest.mark.parametrize("body,fragment", [
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nbatch_size = "eight"\n',
-     "batch_size: must be an integer, got 'eight'"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = 0\n', "positions: must "
-     "be >= -1048576 and <= -1, got 0"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = ["x"]\n', "must be an "
-     "integer"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nmax_prompts = 0\n', "max_prompts: "
-     "must be"),
-    ('[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nchat_template = "yes"\n',
-     "true or false"),
-    (ABLATE_STEP + 'targets = ["embed", "mlp_outt"]\n', "did you mean 'mlp_out'"),
-    (ABLATE_STEP + 'targets = []\n', "targets: is empty"),
-    (ABLATE_STEP + 'layers = "2-1"\n', "empty range"),
-    (ABLATE_STEP + 'norm_preserve = "row"\n', "did you mean 'rows'"),
-    (ABLATE_STEP + 'output = 5\n', "output: must be a file or folder name"),
-    (f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\nlayer = 1\nalpha = nan\n',
-     "alpha: must be a finite number"),
-    (f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\nlayer = "1"\nalpha = 1\n',
-     "layer: must be an integer"),
-    ('[[step]]\nop = "export"\ndtype = "fp8"\n', "is not one of fp32"),
-    (f'[[step]]\nop = "ablate"\ndirections = ["{FIXTURES / "direction-64.npy"}", '
-     f'"{FIXTURES / "direction-64.npy"}"]\n',
-     "linearly dependent"),
-    ('[[step]]\nop = "export"\n\n[[step]]\nop = "verify"\ntokens = -1\n', "tokens: must be >= 0"),
-    ('[[step]]\nop = "extract"\npositive = "{fifo}"\nnegative = "{neg}"\n', "FIFO"),
-])
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        (
+            '[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nbatch_size = "eight"\n',
+            "batch_size: must be an integer, got 'eight'",
+        ),
+        (
+            '[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = 0\n',
+            "positions: must be >= -1048576 and <= -1, got 0",
+        ),
+        (
+            '[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\npositions = ["x"]\n',
+            "must be an integer",
+        ),
+        (
+            '[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nmax_prompts = 0\n',
+            "max_prompts: must be",
+        ),
+        (
+            '[[step]]\nop = "extract"\npositive = "{pos}"\nnegative = "{neg}"\nchat_template = "yes"\n',
+            "true or false",
+        ),
+        (ABLATE_STEP + 'targets = ["embed", "mlp_outt"]\n', "did you mean 'mlp_out'"),
+        (ABLATE_STEP + "targets = []\n", "targets: is empty"),
+        (ABLATE_STEP + 'layers = "2-1"\n', "empty range"),
+        (ABLATE_STEP + 'norm_preserve = "row"\n', "did you mean 'rows'"),
+        (ABLATE_STEP + "output = 5\n", "output: must be a file or folder name"),
+        (
+            f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\n'
+            "layer = 1\nalpha = nan\n",
+            "alpha: must be a finite number",
+        ),
+        (
+            f'[[step]]\nop = "inject"\ndirection = "{FIXTURES / "direction-64.npy"}"\n'
+            'layer = "1"\nalpha = 1\n',
+            "layer: must be an integer",
+        ),
+        ('[[step]]\nop = "export"\ndtype = "fp8"\n', "is not one of fp32"),
+        (
+            f'[[step]]\nop = "ablate"\ndirections = ["{FIXTURES / "direction-64.npy"}", '
+            f'"{FIXTURES / "direction-64.npy"}"]\n',
+            "linearly dependent",
+        ),
+        ('[[step]]\nop = "export"\n\n[[step]]\nop = "verify"\ntokens = -1\n', "tokens: must be >= 0"),
+        ('[[step]]\nop = "extract"\npositive = "{fifo}"\nnegative = "{neg}"\n', "FIFO"),
+    ],
+)
 def test_recipe_options_validated_up_front(ws, tmp_path, body, fragment):
     """Step 1 is valid and would write: a later step's bad value must stop the run before it starts."""
-    first = (f'[[step]]\nop = "extract"\npositive = "{ws["pos"]}"\nnegative = "{ws["neg"]}"\n'
-             'chat_template = false\n\n')
+    first = (
+        f'[[step]]\nop = "extract"\npositive = "{ws["pos"]}"\nnegative = "{ws["neg"]}"\n'
+        "chat_template = false\n\n"
+    )
     r = write_recipe(tmp_path, first + body.format(pos=ws["pos"], neg=ws["neg"], fifo=ws["fifo"]))
     hostile(["run", r], absent=[tmp_path / "out"], fragment=fragment)
 
@@ -328,6 +452,7 @@ def test_recipe_positions_as_one_int_is_accepted(ws, tmp_path):
 
 def test_failed_verify_step_is_not_recorded_complete(tmp_path, monkeypatch):
     from patcher.onnx import verify as vmod
+
     monkeypatch.setitem(vmod.TOLERANCE, "fp32", -1.0)  # every parity check fails
     r = write_recipe(tmp_path, '[[step]]\nop = "export"\n\n[[step]]\nop = "verify"\ntokens = 0\n')
     res = CliRunner().invoke(app, ["run", str(r)])
@@ -339,9 +464,13 @@ def test_failed_verify_step_is_not_recorded_complete(tmp_path, monkeypatch):
 
 # --- tracebacks instead of one line ---------------------------------------------------------------------
 
+
 def test_linearly_dependent_rank_k_directions(ws, tmp_path):
-    hostile(["ablate", ws["L"], "-d", ws["dep_npy"], "-o", tmp_path / "o"], absent=[tmp_path / "o"],
-            fragment="linearly dependent")
+    hostile(
+        ["ablate", ws["L"], "-d", ws["dep_npy"], "-o", tmp_path / "o"],
+        absent=[tmp_path / "o"],
+        fragment="linearly dependent",
+    )
 
 
 def _broken_config(ws, name, change):
@@ -368,26 +497,49 @@ CONFIG_BREAKS = {
 def test_config_disagreeing_with_tensors_is_one_line(ws, tmp_path, brk, cmd):
     m = _broken_config(ws, f"L-{brk}", CONFIG_BREAKS[brk])
     out = tmp_path / "o"
-    args = {"extract": ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o",
-                        tmp_path / "d.safetensors"],
-            "export": ["export", m, "-o", out], "ablate": ["ablate", m, "-d", ws["d64"], "-o", out]}[cmd]
+    args = {
+        "extract": [
+            "extract",
+            m,
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            tmp_path / "d.safetensors",
+        ],
+        "export": ["export", m, "-o", out],
+        "ablate": ["ablate", m, "-d", ws["d64"], "-o", out],
+    }[cmd]
     if cmd == "ablate" and brk in ("no-heads", "zero-heads", "bad-act"):
         pytest.skip("ablate does not run the forward pass: heads and activation do not matter to it")
     hostile(args, inputs=[m], absent=[out, tmp_path / "d.safetensors"])
 
 
-@pytest.mark.parametrize("opt", [["--dtype", "foo"], ["--top-k", "100000", "--sample"], ["--temperature",
-                                                                                         "nan"],
-                                 ["--temperature", "0"], ["--temperature", "-1"], ["--seed", "-1"],
-                                 ["--max-new-tokens", "0"], ["--batch-size", "0"], ["--provider", "tpu"],
-                                 ["--top-k", "-1"], ["--prompt", ""]])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        ["--dtype", "foo"],
+        ["--top-k", "100000", "--sample"],
+        ["--temperature", "nan"],
+        ["--temperature", "0"],
+        ["--temperature", "-1"],
+        ["--seed", "-1"],
+        ["--max-new-tokens", "0"],
+        ["--batch-size", "0"],
+        ["--provider", "tpu"],
+        ["--top-k", "-1"],
+        ["--prompt", ""],
+    ],
+)
 def test_generate_bad_options(exported, opt):
     args = ["generate", exported, *([] if "--prompt" in opt else ["--prompt", "hi"]), *opt]
     hostile(args, inputs=[exported])
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"eos_token_id": "two"}',
-                                     '{"eos_token_id": [1.5]}'])
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", '{"eos_token_id": "two"}', '{"eos_token_id": [1.5]}']
+)
 def test_generate_malformed_generation_config(exported, tmp_path, content):
     copy = tmp_path / "onnx-copy"
     shutil.copytree(exported, copy)
@@ -395,9 +547,16 @@ def test_generate_malformed_generation_config(exported, tmp_path, content):
     hostile(["generate", copy, "--prompt", "hi", "--max-new-tokens", "2"], fragment="generation_config.json")
 
 
-@pytest.mark.parametrize("opt", [["--tokens", "-1"], ["--tokens", "x"], ["--tokens", "100000"], ["--dtype",
-                                                                                                 "foo"],
-                                 ["--provider", "tpu"]])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        ["--tokens", "-1"],
+        ["--tokens", "x"],
+        ["--tokens", "100000"],
+        ["--dtype", "foo"],
+        ["--provider", "tpu"],
+    ],
+)
 def test_verify_bad_options(ws, exported, opt):
     hostile(["verify", exported, "--reference", ws["L"], *opt], inputs=[exported, ws["L"]])
 
@@ -411,18 +570,38 @@ def long_prompt(ws):
 
 def test_a_120k_token_prompt_is_refused_up_front(ws, exported, long_prompt, tmp_path):
     out = tmp_path / "d.safetensors"
-    hostile(["extract", ws["L"], "--positive", long_prompt, "--negative", ws["neg"], "-o", out,
-             "--no-chat-template"],
-            absent=[out], fragment="positions", seconds=30)
-    hostile(["generate", exported, "--prompts", long_prompt, "--no-chat-template"], fragment="positions",
-            seconds=30)
-    hostile(["verify", exported, "--reference", ws["L"], "--prompts", long_prompt, "--no-chat-template"],
-            fragment="positions", seconds=30)
+    hostile(
+        [
+            "extract",
+            ws["L"],
+            "--positive",
+            long_prompt,
+            "--negative",
+            ws["neg"],
+            "-o",
+            out,
+            "--no-chat-template",
+        ],
+        absent=[out],
+        fragment="positions",
+        seconds=30,
+    )
+    hostile(
+        ["generate", exported, "--prompts", long_prompt, "--no-chat-template"],
+        fragment="positions",
+        seconds=30,
+    )
+    hostile(
+        ["verify", exported, "--reference", ws["L"], "--prompts", long_prompt, "--no-chat-template"],
+        fragment="positions",
+        seconds=30,
+    )
 
 
 def test_attention_memory_budget():
     from patcher.errors import PatcherError
     from patcher.model.prompts import check_lengths
+
     with pytest.raises(PatcherError, match="GiB"):  # no position limit stated: the memory budget refuses
         check_lengths([[1] * 120_000], {}, "prompts.txt", heads=32)
     check_lengths([[1] * 500], {}, "prompts.txt", heads=32)
@@ -430,11 +609,14 @@ def test_attention_memory_budget():
 
 # --- hangs ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def _alarm():
     """A test that waits on a FIFO must fail, not hang the suite."""
+
     def fail(*_):
         raise TimeoutError("hung")
+
     old = signal.signal(signal.SIGALRM, fail)
     signal.alarm(120)
     yield
@@ -443,21 +625,35 @@ def _alarm():
 
 
 def test_fifo_in_place_of_a_shard(ws, tmp_path):
-    for args in (["inspect", ws["L_fifo"]], ["ablate", ws["L_fifo"], "-d", ws["d64"], "-o", tmp_path / "o"],
-                 ["extract", ws["L_fifo"], "--positive", ws["pos"], "--negative", ws["neg"], "-o",
-                  tmp_path / "d.safetensors"],
-                 ["export", ws["L_fifo"], "-o", tmp_path / "e"], ["diff", ws["L"], ws["L_fifo"]]):
+    for args in (
+        ["inspect", ws["L_fifo"]],
+        ["ablate", ws["L_fifo"], "-d", ws["d64"], "-o", tmp_path / "o"],
+        [
+            "extract",
+            ws["L_fifo"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            tmp_path / "d.safetensors",
+        ],
+        ["export", ws["L_fifo"], "-o", tmp_path / "e"],
+        ["diff", ws["L"], ws["L_fifo"]],
+    ):
         hostile(args, absent=[tmp_path / "o", tmp_path / "e"], seconds=10)
 
 
-@pytest.mark.parametrize("role", ["prompt", "direction", "config", "tokenizer", "recipe", "arch-table",
-                                  "template"])
+@pytest.mark.parametrize(
+    "role", ["prompt", "direction", "config", "tokenizer", "recipe", "arch-table", "template"]
+)
 def test_fifo_inputs_never_block(ws, tmp_path, role):
     m = ws["root"] / f"L-fifo-{role}"
     if role in ("config", "tokenizer", "template") and not m.exists():
         shutil.copytree(L_SRC, m)
-        name = {"config": "config.json", "tokenizer": "tokenizer.json",
-                "template": "chat_template.jinja"}[role]
+        name = {"config": "config.json", "tokenizer": "tokenizer.json", "template": "chat_template.jinja"}[
+            role
+        ]
         (m / name).unlink(missing_ok=True)
         os.mkfifo(m / name)
     out = tmp_path / "d.safetensors"
@@ -473,33 +669,60 @@ def test_fifo_inputs_never_block(ws, tmp_path, role):
     hostile(args, absent=[out, tmp_path / "o"], seconds=10)
 
 
-@pytest.mark.parametrize("template", [
-    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
-    "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
-    "{{ 'x' * 1000000000 }}",
-    "{% set l = [1,2,3,4,5,6,7,8,9,10] %}" + "{% for a in l %}" * 9 + "{% endfor %}" * 9,
-], ids=["nested-range", "nested-range-output", "huge-string", "nested-lists"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+        "{{ 'x' * 1000000000 }}",
+        "{% set l = [1,2,3,4,5,6,7,8,9,10] %}" + "{% for a in l %}" * 9 + "{% endfor %}" * 9,
+    ],
+    ids=["nested-range", "nested-range-output", "huge-string", "nested-lists"],
+)
 def test_chat_template_rendering_is_bounded(ws, tmp_path, template):
     m = tmp_path / "L-template"
     shutil.copytree(L_SRC, m)
     (m / "chat_template.jinja").write_text(template)
     out = tmp_path / "d.safetensors"
-    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out], absent=[out],
-            fragment="chat template stopped", seconds=8)
+    hostile(
+        ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out],
+        absent=[out],
+        fragment="chat template stopped",
+        seconds=8,
+    )
 
 
 # --- leftovers ----------------------------------------------------------------------------------------
+
 
 def test_sigint_during_extract_removes_the_partial_file(ws, tmp_path):
     """A real Ctrl-C while the directions file is being written: the writer is slowed down so the
     signal lands mid-write; the hidden partial file is gone and the message says so."""
     out = tmp_path / "d.safetensors"
-    slow = ("import sys, time; import patcher.io.writer as w; _p = w._pwrite_all\n"
-            "def slow(*a):\n    time.sleep(0.5); _p(*a)\n"
-            "w._pwrite_all = slow\nfrom patcher.cli import main; sys.argv[0] = 'patcher'; main()")
-    p = subprocess.Popen([sys.executable, "-c", slow, "extract", str(ws["L"]), "--positive", str(ws["pos"]),
-                          "--negative", str(ws["neg"]), "-o", str(out), "--no-chat-template"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    slow = (
+        "import sys, time; import patcher.io.writer as w; _p = w._pwrite_all\n"
+        "def slow(*a):\n    time.sleep(0.5); _p(*a)\n"
+        "w._pwrite_all = slow\nfrom patcher.cli import main; sys.argv[0] = 'patcher'; main()"
+    )
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            slow,
+            "extract",
+            str(ws["L"]),
+            "--positive",
+            str(ws["pos"]),
+            "--negative",
+            str(ws["neg"]),
+            "-o",
+            str(out),
+            "--no-chat-template",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".d.safetensors.partial-*")):
         time.sleep(0.01)
@@ -513,40 +736,99 @@ def test_sigint_during_extract_removes_the_partial_file(ws, tmp_path):
 
 def test_plot_type_is_checked_before_any_work(ws, tmp_path):
     out = tmp_path / "d.safetensors"
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot",
-             tmp_path / "x.jpg"], absent=[out, tmp_path / "x.jpg"], fragment="plot files are .svg")
+    hostile(
+        [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            out,
+            "--plot",
+            tmp_path / "x.jpg",
+        ],
+        absent=[out, tmp_path / "x.jpg"],
+        fragment="plot files are .svg",
+    )
 
 
 def test_plot_equal_to_an_input_or_the_output(ws, tmp_path):
     out = tmp_path / "d.safetensors"
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot", out],
-            absent=[out], fragment="plot files are .svg")
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot",
-             ws["L"] / "p.svg"], absent=[out, ws["L"] / "p.svg"], inputs=[ws["L"]], fragment="inside the "
-             "input")
+    hostile(
+        ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--plot", out],
+        absent=[out],
+        fragment="plot files are .svg",
+    )
+    hostile(
+        [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            out,
+            "--plot",
+            ws["L"] / "p.svg",
+        ],
+        absent=[out, ws["L"] / "p.svg"],
+        inputs=[ws["L"]],
+        fragment="inside the input",
+    )
 
 
 def test_svg_title_is_escaped(ws, tmp_path):
     m = tmp_path / "a&b<c"
     shutil.copytree(L_SRC, m)
     out, svg = tmp_path / "d.safetensors", tmp_path / "p.svg"
-    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative",
-                                   str(ws["neg"]),
-                                   "-o", str(out), "--plot", str(svg), "--no-chat-template"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(m),
+            "--positive",
+            str(ws["pos"]),
+            "--negative",
+            str(ws["neg"]),
+            "-o",
+            str(out),
+            "--plot",
+            str(svg),
+            "--no-chat-template",
+        ],
+    )
     assert res.exit_code == 0, res.output + res.stderr
     root = ET.parse(svg).getroot()  # raises on invalid XML
     titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.text and "a&b<c" in t.text]
     assert titles == ["a&b<c: difference-in-means scores"]
     # the plot carries patcher's mark: --force may replace it, and only it
-    res = CliRunner().invoke(app, ["extract", str(m), "--positive", str(ws["pos"]), "--negative",
-                                   str(ws["neg"]),
-                                   "-o", str(out), "--plot", str(svg), "--no-chat-template", "--force"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(m),
+            "--positive",
+            str(ws["pos"]),
+            "--negative",
+            str(ws["neg"]),
+            "-o",
+            str(out),
+            "--plot",
+            str(svg),
+            "--no-chat-template",
+            "--force",
+        ],
+    )
     assert res.exit_code == 0, res.output + res.stderr
 
 
 def _strict_json(text):
     def bad(c):
         raise ValueError(f"not JSON: {c}")
+
     return json.loads(text, parse_constant=bad)
 
 
@@ -554,10 +836,12 @@ def test_metadata_json_never_contains_infinity(tmp_path):
     from patcher.edit.directions import read_metadata
     from patcher.edit.extract import ExtractResult
     from patcher.io.checkpoint import Checkpoint
+
     t = np.ones((4, 8), np.float32)
     scores = [{"layer": 0, "snr": float("inf"), "diff_norm": float("nan")}, {"layer": 1, "snr": 2.5}]
-    ExtractResult(t, t, t, scores, 1, metadata={"selected_layer": 1, "scores": scores,
-                                                "x": np.float32("inf")}).save(tmp_path / "d.safetensors")
+    ExtractResult(
+        t, t, t, scores, 1, metadata={"selected_layer": 1, "scores": scores, "x": np.float32("inf")}
+    ).save(tmp_path / "d.safetensors")
     with Checkpoint(tmp_path / "d.safetensors") as ck:
         raw = next(iter(ck.files.values())).metadata["patcher"]
         _strict_json(raw)
@@ -573,6 +857,7 @@ def test_json_outputs_are_strict_json(ws, dirs_file, tmp_path):
 
 
 # --- every command × every kind of bad input ------------------------------------------------------
+
 
 def _cases(ws, exported, dirs_file, tmp):
     """(command, kind, args, inputs, absent outputs, exit code or None)."""
@@ -600,18 +885,46 @@ def _cases(ws, exported, dirs_file, tmp):
         ("extract", "out of range", ex + ["--layers", "9"], [L], [d], None),
         ("extract", "out of range", ex + ["--max-prompts", "0"], [L], [d], None),
         ("extract", "NaN", ex + ["--positions", "nan"], [L], [d], None),
-        ("extract", "missing file", ["extract", L, "--positive", tmp / "nope.txt", "--negative", neg, "-o",
-                                     d], [L], [d], None),
-        ("extract", "wrong kind", ["extract", L, "--positive", d64, "--negative", neg, "-o", d], [L], [d],
-         None),
-        ("extract", "wrong kind", ["extract", L, "--positive", L, "--negative", neg, "-o", d], [L], [d],
-         None),
-        ("extract", "wrong kind", ["extract", L, "--positive", pos, "--negative", neg, "-o", tmp / "d.npy"],
-         [L],
-         [tmp / "d.npy"], None),
-        ("extract", "inside input", ["extract", L, "--positive", pos, "--negative", neg, "-o",
-                                     L / "x.safetensors"],
-         [L], [L / "x.safetensors"], None),
+        (
+            "extract",
+            "missing file",
+            ["extract", L, "--positive", tmp / "nope.txt", "--negative", neg, "-o", d],
+            [L],
+            [d],
+            None,
+        ),
+        (
+            "extract",
+            "wrong kind",
+            ["extract", L, "--positive", d64, "--negative", neg, "-o", d],
+            [L],
+            [d],
+            None,
+        ),
+        (
+            "extract",
+            "wrong kind",
+            ["extract", L, "--positive", L, "--negative", neg, "-o", d],
+            [L],
+            [d],
+            None,
+        ),
+        (
+            "extract",
+            "wrong kind",
+            ["extract", L, "--positive", pos, "--negative", neg, "-o", tmp / "d.npy"],
+            [L],
+            [tmp / "d.npy"],
+            None,
+        ),
+        (
+            "extract",
+            "inside input",
+            ["extract", L, "--positive", pos, "--negative", neg, "-o", L / "x.safetensors"],
+            [L],
+            [L / "x.safetensors"],
+            None,
+        ),
         ("ablate", "wrong type", ab + ["--scale", "abc"], [L], [o], None),
         ("ablate", "wrong type", ab + ["--targets", "embed,mlp_outt"], [L], [o], None),
         ("ablate", "wrong type", ab + ["--norm-preserve", "diag"], [L], [o], None),
@@ -627,24 +940,63 @@ def _cases(ws, exported, dirs_file, tmp):
         ("ablate", "wrong kind", ["ablate", L, "-d", L, "-o", o], [L], [o], None),
         ("ablate", "wrong kind", ["ablate", d64, "-d", d64, "-o", o], [d64], [o], None),
         ("ablate", "inside input", ["ablate", L, "-d", d64, "-o", L / "edited"], [L], [L / "edited"], None),
-        ("inject", "wrong type", ["inject", L, "-d", d64, "-o", o, "--layer", "x", "--alpha", "1"], [L], [o],
-         None),
+        (
+            "inject",
+            "wrong type",
+            ["inject", L, "-d", d64, "-o", o, "--layer", "x", "--alpha", "1"],
+            [L],
+            [o],
+            None,
+        ),
         ("inject", "wrong type", inj + ["--target", "embed"], [L], [o], None),
-        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "99", "--alpha", "1"], [L],
-         [o], None),
-        ("inject", "out of range", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "1e40"], [L],
-         [o], None),
-        ("inject", "NaN", ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "nan"], [L], [o],
-         None),
-        ("inject", "missing file", ["inject", L, "-d", tmp / "n.npy", "-o", o, "--layer", "1", "--alpha",
-                                    "1"], [L],
-         [o], None),
-        ("inject", "wrong kind", ["inject", L, "-d", ws["dep_npy"], "-o", o, "--layer", "1", "--alpha", "1"],
-         [L],
-         [o], None),
-        ("inject", "inside input", ["inject", L, "-d", d64, "-o", L / "i", "--layer", "1", "--alpha", "1"],
-         [L],
-         [L / "i"], None),
+        (
+            "inject",
+            "out of range",
+            ["inject", L, "-d", d64, "-o", o, "--layer", "99", "--alpha", "1"],
+            [L],
+            [o],
+            None,
+        ),
+        (
+            "inject",
+            "out of range",
+            ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "1e40"],
+            [L],
+            [o],
+            None,
+        ),
+        (
+            "inject",
+            "NaN",
+            ["inject", L, "-d", d64, "-o", o, "--layer", "1", "--alpha", "nan"],
+            [L],
+            [o],
+            None,
+        ),
+        (
+            "inject",
+            "missing file",
+            ["inject", L, "-d", tmp / "n.npy", "-o", o, "--layer", "1", "--alpha", "1"],
+            [L],
+            [o],
+            None,
+        ),
+        (
+            "inject",
+            "wrong kind",
+            ["inject", L, "-d", ws["dep_npy"], "-o", o, "--layer", "1", "--alpha", "1"],
+            [L],
+            [o],
+            None,
+        ),
+        (
+            "inject",
+            "inside input",
+            ["inject", L, "-d", d64, "-o", L / "i", "--layer", "1", "--alpha", "1"],
+            [L],
+            [L / "i"],
+            None,
+        ),
         ("export", "wrong type", exp + ["--opset", "x"], [L], [o], None),
         ("export", "wrong type", exp + ["--dtype", "fp8"], [L], [o], None),
         ("export", "out of range", exp + ["--int4-block", "3", "--dtype", "int4"], [L], [o], None),
@@ -658,8 +1010,14 @@ def _cases(ws, exported, dirs_file, tmp):
         ("generate", "out of range", gen + ["--top-k", "100000", "--sample"], [exported], [], None),
         ("generate", "out of range", gen + ["--max-new-tokens", "100000"], [exported], [], None),
         ("generate", "NaN", gen + ["--temperature", "nan", "--sample"], [exported], [], None),
-        ("generate", "missing file", ["generate", exported, "--prompts", tmp / "nope.txt"], [exported], [],
-         None),
+        (
+            "generate",
+            "missing file",
+            ["generate", exported, "--prompts", tmp / "nope.txt"],
+            [exported],
+            [],
+            None,
+        ),
         ("generate", "missing file", ["generate", tmp / "nope", "--prompt", "hi"], [], [], None),
         ("generate", "wrong kind", ["generate", exported, "--prompts", d64], [exported], [], None),
         ("generate", "wrong kind", ["generate", ws["txt"], "--prompt", "hi"], [], [], None),
@@ -680,24 +1038,69 @@ def _cases(ws, exported, dirs_file, tmp):
         ("diff", "inside input", ["diff", L, L, "--save-direction", L / "r.npy"], [L], [L / "r.npy"], 2),
         ("diff", "inside input", ["diff", L, L, "--save-direction", d64, "--force"], [d64], [], 2),
         ("diff", "wrong type", ["diff", L, L, "--bogus"], [L], [], 2),
-        ("run", "wrong type", ["run", write_recipe(tmp / "r1", ABLATE_STEP + 'layers = 1.5\n')], [],
-         [tmp / "r1" / "out"], None),
-        ("run", "out of range", ["run", write_recipe(tmp / "r2", f'[[step]]\nop = "inject"\ndirection = '
-                                                     f'"{d64}"\n'
-                                                                  'layer = 99\nalpha = 1\n')], [],
-                                                                  [tmp / "r2" / "out"], None),
-        ("run", "NaN", ["run", write_recipe(tmp / "r3", ABLATE_STEP + "scale = nan\n")], [],
-         [tmp / "r3" / "out"], None),
+        (
+            "run",
+            "wrong type",
+            ["run", write_recipe(tmp / "r1", ABLATE_STEP + "layers = 1.5\n")],
+            [],
+            [tmp / "r1" / "out"],
+            None,
+        ),
+        (
+            "run",
+            "out of range",
+            [
+                "run",
+                write_recipe(
+                    tmp / "r2", f'[[step]]\nop = "inject"\ndirection = "{d64}"\nlayer = 99\nalpha = 1\n'
+                ),
+            ],
+            [],
+            [tmp / "r2" / "out"],
+            None,
+        ),
+        (
+            "run",
+            "NaN",
+            ["run", write_recipe(tmp / "r3", ABLATE_STEP + "scale = nan\n")],
+            [],
+            [tmp / "r3" / "out"],
+            None,
+        ),
         ("run", "missing file", ["run", tmp / "nope.toml"], [], [], None),
         ("run", "wrong kind", ["run", d64], [d64], [], None),
-        ("run", "wrong kind", ["run", write_recipe(tmp / "r4", "[[step]]\nop = 3\n")], [],
-         [tmp / "r4" / "out"], None),
-        ("run", "wrong kind", ["run", write_recipe(tmp / "r5", "step = 3\n")], [], [tmp / "r5" / "out"],
-         None),
-        ("run", "inside input", ["run", write_recipe(tmp / "r6", ABLATE_STEP, output=L / "out", path=L)], [L],
-         [L / "out"], None),
-        ("run", "inside input", ["run", write_recipe(tmp / "r7", ABLATE_STEP, output=tmp / "r7")], [rec],
-         [tmp / "r7" / "01-ablated"], None),
+        (
+            "run",
+            "wrong kind",
+            ["run", write_recipe(tmp / "r4", "[[step]]\nop = 3\n")],
+            [],
+            [tmp / "r4" / "out"],
+            None,
+        ),
+        (
+            "run",
+            "wrong kind",
+            ["run", write_recipe(tmp / "r5", "step = 3\n")],
+            [],
+            [tmp / "r5" / "out"],
+            None,
+        ),
+        (
+            "run",
+            "inside input",
+            ["run", write_recipe(tmp / "r6", ABLATE_STEP, output=L / "out", path=L)],
+            [L],
+            [L / "out"],
+            None,
+        ),
+        (
+            "run",
+            "inside input",
+            ["run", write_recipe(tmp / "r7", ABLATE_STEP, output=tmp / "r7")],
+            [rec],
+            [tmp / "r7" / "01-ablated"],
+            None,
+        ),
         ("run", "wrong type", ["run", rec, "--jobs", "two"], [], [], None),
         ("audit", "wrong type", ["audit", L, "--plot", tmp / "p.jpg"], [L], [tmp / "p.jpg"], 2),
         ("audit", "missing file", ["audit", tmp / "nope"], [], [], 2),
@@ -705,9 +1108,14 @@ def _cases(ws, exported, dirs_file, tmp):
         ("audit", "wrong kind", ["audit", L, "--arch-table", d64], [d64, L], [], 2),
         ("audit", "inside input", ["audit", L, "--save-direction", L / "r.npy"], [L], [L / "r.npy"], 2),
         ("audit", "inside input", ["audit", L, "--save-direction", d64, "--force"], [d64], [], 2),
-        ("audit", "out of range", ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"],
-         [L],
-         [tmp / "x.npy"], 2),
+        (
+            "audit",
+            "out of range",
+            ["audit", L, "--save-direction", tmp / "x.npy", "--plot", tmp / "x.npy"],
+            [L],
+            [tmp / "x.npy"],
+            2,
+        ),
         ("convert", "wrong type", cv + ["--type", "Q4_K"], [L], [cg], None),
         ("convert", "wrong type", cv + ["--dtype", "int3"], [L], [cg], None),
         ("convert", "wrong kind", cv + ["--to", "hf"], [L], [cg], None),
@@ -716,9 +1124,14 @@ def _cases(ws, exported, dirs_file, tmp):
         ("convert", "inside input", ["convert", L, "-o", L / "x.gguf"], [L], [L / "x.gguf"], None),
         ("demo", "wrong kind", ["demo", "--out", ws["txt"]], [ws["txt"]], [], None),
         ("demo", "wrong kind", ["demo", "--out", ws["user_dir"]], [ws["user_dir"]], [], None),
-        ("demo", "inside input", ["demo", "--out", DEMO / "model" / "x"],
-         [DEMO / "model"],
-         [DEMO / "model" / "x"], None),
+        (
+            "demo",
+            "inside input",
+            ["demo", "--out", DEMO / "model" / "x"],
+            [DEMO / "model"],
+            [DEMO / "model" / "x"],
+            None,
+        ),
         ("demo", "inside input", ["demo", "--out", DEMO], [DEMO], [], None),
         ("demo", "wrong type", ["demo", "--out"], [], [], None),
     ]
@@ -727,8 +1140,20 @@ def _cases(ws, exported, dirs_file, tmp):
 def test_every_command_every_kind(ws, exported, dirs_file, tmp_path):
     """One table over every command; `interrupted` is its own test below."""
     cases = _cases(ws, exported, dirs_file, tmp_path)
-    assert {c[0] for c in cases} == {"inspect", "extract", "ablate", "inject", "export", "generate", "verify",
-                                     "diff", "run", "demo", "audit", "convert"}
+    assert {c[0] for c in cases} == {
+        "inspect",
+        "extract",
+        "ablate",
+        "inject",
+        "export",
+        "generate",
+        "verify",
+        "diff",
+        "run",
+        "demo",
+        "audit",
+        "convert",
+    }
     failures = []
     for cmd, kind, args, inputs, absent, code in cases:
         try:
@@ -757,6 +1182,7 @@ INTERRUPT_AT = {  # command -> (a function in the middle of its work, patched to
 @pytest.mark.parametrize("cmd", list(INTERRUPT_AT))
 def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypatch, cmd):
     import importlib
+
     target = INTERRUPT_AT[cmd]
     mod_name, _, attr = target.rpartition(".")
     try:
@@ -770,11 +1196,21 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
         if cmd in ("extract", "ablate", "inject", "convert"):  # start the partial file, then be interrupted
             Path(a[0]).write_bytes(b"partial")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(owner, attr, interrupted)
     o, d = tmp_path / "o", tmp_path / "d.safetensors"
     args = {
-        "extract": ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", d,
-                    "--no-chat-template"],
+        "extract": [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            d,
+            "--no-chat-template",
+        ],
         "ablate": ["ablate", ws["L"], "-d", ws["d64"], "-o", o],
         "inject": ["inject", ws["L"], "-d", ws["d64"], "-o", o, "--layer", "1", "--alpha", "1"],
         "export": ["export", ws["L"], "-o", o],
@@ -790,9 +1226,12 @@ def test_interrupted_leaves_nothing_and_says_so(ws, exported, tmp_path, monkeypa
     if cmd == "diff":  # the snapshot is byte-identical: make it differ so the analysis runs
         args = ["diff", ws["L"], _broken_config(ws, "L-edited-for-diff", lambda c: None)]
         _edit_one_tensor(args[2])
-    res = hostile(args, inputs=[ws["L"], ws["d64"]], absent=[o, d, tmp_path / "r" / "out" / "01-ablated",
-                                                             tmp_path / "o.gguf"],
-                  code=130)
+    res = hostile(
+        args,
+        inputs=[ws["L"], ws["d64"]],
+        absent=[o, d, tmp_path / "r" / "out" / "01-ablated", tmp_path / "o.gguf"],
+        code=130,
+    )
     assert "interrupted" in res.stderr
     if cmd in ("extract", "ablate", "inject", "export", "demo", "convert"):
         assert "removed" in res.stderr
@@ -807,9 +1246,11 @@ def _edit_one_tensor(folder: Path):
 
 # --- the output gate itself -----------------------------------------------------------------------
 
+
 def test_force_replaces_previous_patcher_outputs_only(ws, tmp_path):
-    from patcher.io.paths import check_output, is_patcher_output
     from patcher.errors import PatcherError
+    from patcher.io.paths import check_output, is_patcher_output
+
     o = tmp_path / "o"
     res = CliRunner().invoke(app, ["ablate", str(ws["L"]), "-d", str(ws["d64"]), "-o", str(o), "--no-hash"])
     assert res.exit_code == 0, res.stderr
@@ -834,10 +1275,12 @@ def test_force_replaces_previous_patcher_outputs_only(ws, tmp_path):
 
 # --- issue 22: races, foreign files, recorded ownership -----------------------------------------------
 
+
 def _during_write(monkeypatch, module, name, action):
     """Run `action()` once, the first time `module.name` is called (mid-run, before the output is
     published): the user acting on the output path while patcher works."""
     import threading
+
     orig, done, once = getattr(module, name), [], threading.Lock()
 
     def wrapped(*a, **kw):
@@ -845,6 +1288,7 @@ def _during_write(monkeypatch, module, name, action):
             if not done:
                 done.append(action() or True)
         return orig(*a, **kw)
+
     monkeypatch.setattr(module, name, wrapped)
     return done
 
@@ -860,13 +1304,17 @@ def test_folder_created_during_an_ablate_is_never_replaced(ws, tmp_path, monkeyp
     """Item 1: the target is checked at the start; what the user puts there during the run survives
     (with --force, a previous patcher output swapped for the user's folder mid-run is not replaced)."""
     import patcher.io.writer as w
+
     out = tmp_path / "out"
     if force:
         res = CliRunner().invoke(app, [str(a) for a in ("ablate", ws["L"], "-d", ws["d64"], "-o", out)])
         assert res.exit_code == 0, res.output
     done = _during_write(monkeypatch, w, "_write_produced", lambda: _users_folder(out))
-    res = hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] * force)],
-                  inputs=[ws["L"]], fragment="left untouched")
+    res = hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--no-hash", *(["--force"] * force)],
+        inputs=[ws["L"]],
+        fragment="left untouched",
+    )
     assert done and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
     assert (out / "thesis.tex").read_text() == "years of work"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], res.stderr
@@ -874,10 +1322,24 @@ def test_folder_created_during_an_ablate_is_never_replaced(ws, tmp_path, monkeyp
 
 def test_file_created_during_an_extract_is_never_replaced(ws, tmp_path, monkeypatch):
     import patcher.edit.directions as dmod
+
     out = tmp_path / "d.safetensors"
     done = _during_write(monkeypatch, dmod, "write_safetensors", lambda: out.write_bytes(b"mine"))
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
-             "--no-chat-template"], inputs=[ws["L"], ws["pos"], ws["neg"]], fragment="left untouched")
+    hostile(
+        [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            out,
+            "--no-chat-template",
+        ],
+        inputs=[ws["L"], ws["pos"], ws["neg"]],
+        fragment="left untouched",
+    )
     assert done and out.read_bytes() == b"mine"
     assert not list(tmp_path.glob(".d.safetensors.*"))
 
@@ -896,16 +1358,21 @@ def test_adding_an_export_variant_keeps_the_users_files(exported, tmp_path):
     assert digests([e]) == before and not (e / "onnx" / "model_int8.onnx").exists()
 
 
-@pytest.mark.parametrize("manifest_text", ["", "{}", '{"outputs": {"thesis.tex": "x"}}', "[1, 2]",
-                                           '{"patcher": 1, "kind": "edit", "outputs": {}}'])
+@pytest.mark.parametrize(
+    "manifest_text",
+    ["", "{}", '{"outputs": {"thesis.tex": "x"}}', "[1, 2]", '{"patcher": 1, "kind": "edit", "outputs": {}}'],
+)
 def test_force_needs_a_manifest_valid_by_content(ws, tmp_path, manifest_text):
     """Item 4: a file merely named patcher-manifest.json does not make a folder patcher's."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     (out / "patcher-manifest.json").write_text(manifest_text)
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"], inputs=[ws["L"], out],
-            fragment="not a valid manifest")
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", out, "--force"],
+        inputs=[ws["L"], out],
+        fragment="not a valid manifest",
+    )
 
 
 def test_recipe_rerun_keeps_the_users_files_in_a_changed_step(tmp_path):
@@ -930,32 +1397,59 @@ def test_force_never_replaces_a_users_unit_vector(ws, tmp_path):
     mine = tmp_path / "mine.npy"
     np.save(mine, np.eye(64, dtype=np.float32)[3])
     before = mine.read_bytes()
-    hostile(["diff", ws["L"], edited, "--save-direction", mine, "--force"], inputs=[ws["L"], mine],
-            fragment="was not written by patcher")
+    hostile(
+        ["diff", ws["L"], edited, "--save-direction", mine, "--force"],
+        inputs=[ws["L"], mine],
+        fragment="was not written by patcher",
+    )
     assert mine.read_bytes() == before
     ours = tmp_path / "ours.npy"
     for extra in ([], ["--force"]):
-        res = CliRunner().invoke(app, [str(a) for a in ("diff", ws["L"], edited, "--save-direction", ours,
-                                                        *extra)])
+        res = CliRunner().invoke(
+            app, [str(a) for a in ("diff", ws["L"], edited, "--save-direction", ours, *extra)]
+        )
         assert res.exit_code == 1 and ours.is_file(), res.output  # diff: 1 = the models differ
     assert abs(float(np.linalg.norm(np.load(ours))) - 1) < 1e-4
     np.save(ours, np.load(ours))  # the user rewrote it: theirs now
-    hostile(["diff", ws["L"], edited, "--save-direction", ours, "--force"], inputs=[ours],
-            fragment="was not written by patcher")
+    hostile(
+        ["diff", ws["L"], edited, "--save-direction", ours, "--force"],
+        inputs=[ours],
+        fragment="was not written by patcher",
+    )
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
 def test_two_runs_writing_one_output_cannot_both_win(ws, tmp_path, kind):
     """The second run writing an output another run is writing stops before any work, one clear line."""
     from patcher.io.atomic import OutputLock
+
     out = tmp_path / ("out" if kind == "folder" else "d.safetensors")
-    args = (["ablate", ws["L"], "-d", ws["d64"], "-o", out] if kind == "folder" else
-            ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
-             "--no-chat-template"])
-    other = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
-                              f"f = open({str(tmp_path / ('.' + out.name + '.lock'))!r}, 'a')\n"
-                              "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True)
+    args = (
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", out]
+        if kind == "folder"
+        else [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            out,
+            "--no-chat-template",
+        ]
+    )
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(tmp_path / ('.' + out.name + '.lock'))!r}, 'a')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert other.stdout.readline().strip() == "locked"
         res = CliRunner().invoke(app, [str(a) for a in args])
@@ -969,16 +1463,20 @@ def test_two_runs_writing_one_output_cannot_both_win(ws, tmp_path, kind):
 
 # --- issue 22: errors that are one clear line ---------------------------------------------------------
 
+
 def test_step_error_in_a_worker_keeps_its_message(tmp_path):
     """`run --jobs 2`: a step's PatcherError pickles back from the worker (it read "internal error:
     BrokenProcessPool")."""
     import pickle
+
     from patcher.errors import CheckpointError, PatcherError
+
     for cls in (PatcherError, CheckpointError):
         e = pickle.loads(pickle.dumps(cls("f.safetensors", "bad header")))
         assert type(e) is cls and str(e) == "f.safetensors: bad header"
-    models = "".join(f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n'
-                     for n in "ab")
+    models = "".join(
+        f'[[model]]\nname = "{n}"\npath = "{L_SRC}"\noutput = "{tmp_path / n}"\n\n' for n in "ab"
+    )
     r = tmp_path / "r.toml"
     r.write_text(models + ABLATE_STEP)
     assert CliRunner().invoke(app, ["run", str(r), "--jobs", "2"]).exit_code == 0
@@ -990,20 +1488,39 @@ def test_step_error_in_a_worker_keeps_its_message(tmp_path):
 
 def test_disk_full_names_the_output(ws, tmp_path, monkeypatch):
     import errno
+
     import patcher.io.writer as w
 
     def full(*a):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(w, "_pwrite_all", full)
     out = tmp_path / "d.safetensors"
-    hostile(["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out,
-             "--no-chat-template"], absent=[out], fragment=f"{out}: cannot write this output (No space left")
+    hostile(
+        [
+            "extract",
+            ws["L"],
+            "--positive",
+            ws["pos"],
+            "--negative",
+            ws["neg"],
+            "-o",
+            out,
+            "--no-chat-template",
+        ],
+        absent=[out],
+        fragment=f"{out}: cannot write this output (No space left",
+    )
 
 
 def test_a_closed_pipe_is_not_an_error(ws, tmp_path):
     """`patcher diff A B | head`: the reader leaving is not reported as "error: : Broken pipe"."""
-    p = subprocess.Popen([*PY_CLI, "diff", str(ws["L"]), str(ws["L"]), "--json"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [*PY_CLI, "diff", str(ws["L"]), str(ws["L"]), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     p.stdout.close()  # the reader is gone before the first line
     stderr = p.stderr.read()
     p.wait(timeout=60)
@@ -1011,29 +1528,37 @@ def test_a_closed_pipe_is_not_an_error(ws, tmp_path):
 
 
 def test_output_through_an_input_file_and_missing_parent_folders(ws, tmp_path):
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", ws["d64"] / "out"], inputs=[ws["d64"]],
-            fragment="runs through the input file")
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", ws["d64"] / "out"],
+        inputs=[ws["d64"]],
+        fragment="runs through the input file",
+    )
     missing = tmp_path / "nonexistent" / "x" / "o"
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", missing], inputs=[ws["L"]],
-            fragment="does not exist; create it first")
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", missing],
+        inputs=[ws["L"]],
+        fragment="does not exist; create it first",
+    )
     assert not (tmp_path / "nonexistent").exists()
 
 
 # --- issue 22: non-finite data ------------------------------------------------------------------------
 
+
 def _poisoned_copy(tmp_path: Path, tensor: str = "model.layers.0.self_attn.o_proj.weight") -> Path:
     """A copy of tiny-llama with four BF16 NaN (0x7FC0) in one tensor."""
     import struct
+
     m = tmp_path / "poisoned"
     shutil.copytree(L_SRC, m)
     for f in sorted(m.glob("*.safetensors")):
         raw = bytearray(f.read_bytes())
         (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8 : 8 + n])
         if tensor in header:
             begin = 8 + n + header[tensor]["data_offsets"][0]
             for i in (0, 5, 17, 63):
-                raw[begin + 2 * i:begin + 2 * i + 2] = struct.pack("<H", 0x7FC0)
+                raw[begin + 2 * i : begin + 2 * i + 2] = struct.pack("<H", 0x7FC0)
             f.write_bytes(bytes(raw))
             return m
     raise AssertionError(tensor)
@@ -1059,28 +1584,33 @@ def test_extract_refuses_a_non_finite_residual_stream(ws, tmp_path, damage):
         cfg[damage] = -1.0 if damage == "rms_norm_eps" else 0.0
         (m / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "d.safetensors"
-    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
-            inputs=[m], absent=[out], fragment="rope_theta must be a finite positive number"
-            if damage == "rope_theta" else "not finite")  # rope_theta = 0 is caught with the config
+    hostile(
+        ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+        inputs=[m],
+        absent=[out],
+        fragment="rope_theta must be a finite positive number" if damage == "rope_theta" else "not finite",
+    )  # rope_theta = 0 is caught with the config
 
 
 # --- issue 22: directions and writers that cannot mean what they say ----------------------------------
 
+
 def _retyped_copy(tmp_path: Path, tensor: str, dtype: str, shape=None) -> Path:
     """A copy of tiny-llama whose `tensor` is declared `dtype` (same bytes, header rewritten)."""
     import struct
+
     m = tmp_path / f"retyped-{dtype}"
     shutil.copytree(L_SRC, m)
     for f in sorted(m.glob("*.safetensors")):
         raw = f.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8 : 8 + n])
         if tensor in header:
             header[tensor]["dtype"] = dtype
             header[tensor]["shape"] = shape or header[tensor]["shape"]
             h = json.dumps(header).encode()
             h += b" " * (-len(h) % 8)
-            f.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+            f.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :])
             return m
     raise AssertionError(tensor)
 
@@ -1090,22 +1620,32 @@ def test_ablate_refuses_integer_writers(ws, tmp_path, dtype, shape):
     """An I16/U8/BOOL "writer" used to be projected and written back as integers, exit 0."""
     m = _retyped_copy(tmp_path, "model.layers.0.self_attn.o_proj.weight", dtype, shape)
     out = tmp_path / "out"
-    hostile(["ablate", m, "-d", ws["d64"], "-o", out], inputs=[m], absent=[out],
-            fragment=f"o_proj.weight is {dtype}, not a floating-point weight")
+    hostile(
+        ["ablate", m, "-d", ws["d64"], "-o", out],
+        inputs=[m],
+        absent=[out],
+        fragment=f"o_proj.weight is {dtype}, not a floating-point weight",
+    )
 
 
 def test_directions_never_wrap_and_must_fit_the_model(ws, tmp_path):
     from patcher.edit.directions import save_directions
+
     table = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)  # tiny-llama: 3 layers
     wrap = tmp_path / "wrap.safetensors"
     save_directions(wrap, table, table, 0 * table, {"selected_layer": -1})
-    hostile(["ablate", ws["L"], "-d", wrap, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
-            fragment="selected_layer -1 is out of range")  # FILE:-1 still counts from the end, as documented
+    hostile(
+        ["ablate", ws["L"], "-d", wrap, "-o", tmp_path / "o"],
+        absent=[tmp_path / "o"],
+        fragment="selected_layer -1 is out of range",
+    )  # FILE:-1 still counts from the end, as documented
     big = np.random.default_rng(0).standard_normal((41, 64)).astype(np.float32)
     forty = tmp_path / "forty.safetensors"
     save_directions(forty, big, big, 0 * big, {"selected_layer": 2})
-    for cmd in (["ablate", ws["L"], "-d", forty, "-o", tmp_path / "o"],
-                ["inject", ws["L"], "-d", forty, "--layer", 1, "--alpha", 1, "-o", tmp_path / "o"]):
+    for cmd in (
+        ["ablate", ws["L"], "-d", forty, "-o", tmp_path / "o"],
+        ["inject", ws["L"], "-d", forty, "--layer", 1, "--alpha", 1, "-o", tmp_path / "o"],
+    ):
         hostile(cmd, absent=[tmp_path / "o"], fragment="41 rows")
 
 
@@ -1113,30 +1653,51 @@ def test_a_direction_set_that_leaves_nothing_is_refused(ws, tmp_path):
     """63 independent directions in 64 dimensions zeroed every writer without a word."""
     many = tmp_path / "many.npy"
     np.save(many, np.random.default_rng(1).standard_normal((63, 64)))
-    hostile(["ablate", ws["L"], "-d", many, "-o", tmp_path / "o"], absent=[tmp_path / "o"],
-            fragment="leave at most 1 dimension")
+    hostile(
+        ["ablate", ws["L"], "-d", many, "-o", tmp_path / "o"],
+        absent=[tmp_path / "o"],
+        fragment="leave at most 1 dimension",
+    )
 
 
 def test_a_study_applies_only_to_the_model_it_searched(tmp_path):
     """`ablate --from-study` on another model printed "note: note: ..." and wrote it, exit 0."""
     from test_search import directions_file, manual_study
+
     from patcher.search import space as sp
+
     dirs = directions_file(tmp_path / "d.safetensors", 3, 64)
-    free = {"direction_scope": "per_layer",
-            **{f"{c}_{k}": 1.0 for c in sp.COMPONENTS for k in ("peak", "center", "min_frac", "width")}}
+    free = {
+        "direction_scope": "per_layer",
+        **{f"{c}_{k}": 1.0 for c in sp.COMPONENTS for k in ("peak", "center", "min_frac", "width")},
+    }
     manual_study(tmp_path / "s.db", L_SRC, dirs, free, {"embed": False, "norm_preserve": "none"})
     other = tmp_path / "other"
     shutil.copytree(L_SRC, other)
-    hostile(["ablate", other, "--from-study", tmp_path / "s.db", "--trial", 0, "-o", tmp_path / "o"],
-            inputs=[other], absent=[tmp_path / "o"], fragment="is not the model this study searched")
-    res = CliRunner().invoke(app, [str(a) for a in ("ablate", L_SRC, "--from-study", tmp_path / "s.db",
-                                                    "--trial", 0, "-o", tmp_path / "o")])
+    hostile(
+        ["ablate", other, "--from-study", tmp_path / "s.db", "--trial", 0, "-o", tmp_path / "o"],
+        inputs=[other],
+        absent=[tmp_path / "o"],
+        fragment="is not the model this study searched",
+    )
+    res = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in ("ablate", L_SRC, "--from-study", tmp_path / "s.db", "--trial", 0, "-o", tmp_path / "o")
+        ],
+    )
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("key,value", [("rope_scaling", {"rope_type": "linear", "factor": "two"}),
-                                       ("rope_scaling", {"rope_type": "linear", "factor": 0}),
-                                       ("rope_theta", "1e4")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("rope_scaling", {"rope_type": "linear", "factor": "two"}),
+        ("rope_scaling", {"rope_type": "linear", "factor": 0}),
+        ("rope_theta", "1e4"),
+    ],
+)
 def test_non_numeric_rope_settings_are_one_line(ws, tmp_path, key, value):
     m = tmp_path / "m"
     shutil.copytree(L_SRC, m)
@@ -1144,32 +1705,48 @@ def test_non_numeric_rope_settings_are_one_line(ws, tmp_path, key, value):
     cfg[key] = value
     (m / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "d.safetensors"
-    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
-            inputs=[m], absent=[out], fragment=f"{key}")
+    hostile(
+        ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+        inputs=[m],
+        absent=[out],
+        fragment=f"{key}",
+    )
 
 
 def test_a_lone_surrogate_in_a_jsonl_prompt_is_one_line(ws, tmp_path):
     p = tmp_path / "pos.jsonl"
     p.write_text('{"prompt": "fine"}\n{"prompt": "half \\ud800 a pair"}\n')
     out = tmp_path / "d.safetensors"
-    hostile(["extract", ws["L"], "--positive", p, "--negative", ws["neg"], "-o", out, "--no-chat-template"],
-            inputs=[p], absent=[out], fragment="line 2: \"prompt\" holds a lone surrogate")
+    hostile(
+        ["extract", ws["L"], "--positive", p, "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+        inputs=[p],
+        absent=[out],
+        fragment='line 2: "prompt" holds a lone surrogate',
+    )
 
 
 def test_a_bad_study_file_is_refused_before_any_work(ws, tmp_path):
     """`search --study bad.db` extracted for seconds before saying so, with SQLAlchemy's text and URL."""
     bad = tmp_path / "bad.db"
     bad.write_text("garbage, not SQLite")
-    res = hostile(["search", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "--study", bad,
-                   "--trials", 1], inputs=[bad], absent=[tmp_path / "bad.directions.safetensors"],
-                  fragment="is not a study database", seconds=5)
+    res = hostile(
+        ["search", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "--study", bad, "--trials", 1],
+        inputs=[bad],
+        absent=[tmp_path / "bad.directions.safetensors"],
+        fragment="is not a study database",
+        seconds=5,
+    )
     assert "sqlalche" not in res.stderr
     import sqlite3
+
     odd = tmp_path / "odd.db"  # SQLite, but not optuna's schema
     with sqlite3.connect(odd) as c:
         c.execute("create table studies (x text)")
-    res = hostile(["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"], inputs=[odd],
-                  fragment="cannot open the study")
+    res = hostile(
+        ["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"],
+        inputs=[odd],
+        fragment="cannot open the study",
+    )
     assert "sqlalche" not in res.stderr and "[SQL:" not in res.stderr
 
 
@@ -1178,21 +1755,29 @@ def test_huge_side_files_are_refused_before_reading(ws, tmp_path, name):
     """A 3 GB tokenizer.json took 3.2 GB of memory before failing: side files are size-capped (sparse
     file here: no disk used)."""
     from patcher.io.paths import MAX_SIDE_FILE
+
     m = tmp_path / "m"
     shutil.copytree(L_SRC, m)
     with open(m / name, "r+b") as f:
         f.truncate(MAX_SIDE_FILE + 1)
     out = tmp_path / "d.safetensors"
-    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
-            inputs=[ws["pos"]], absent=[out], fragment="patcher reads whole")
+    hostile(
+        ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+        inputs=[ws["pos"]],
+        absent=[out],
+        fragment="patcher reads whole",
+    )
 
 
 def test_readme_recipe_export_int4_then_verify_runs(tmp_path):
     """README's recipe exports int4 and verifies with no dtype: verify looked for the fp32 variant."""
     prompts = tmp_path / "eval.txt"
     prompts.write_text("The sea is\nA robot can\n")
-    r = write_recipe(tmp_path, f'[[step]]\nop = "export"\ndtype = "int4"\n\n[[step]]\nop = "verify"\n'
-                               f'prompts = "{prompts}"\ntokens = 2\n')
+    r = write_recipe(
+        tmp_path,
+        f'[[step]]\nop = "export"\ndtype = "int4"\n\n[[step]]\nop = "verify"\n'
+        f'prompts = "{prompts}"\ntokens = 2\n',
+    )
     res = CliRunner().invoke(app, ["run", str(r)])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "02-verify.json").read_text())
@@ -1200,6 +1785,7 @@ def test_readme_recipe_export_int4_then_verify_runs(tmp_path):
 
 
 # --- issue 22: exports that cannot load ---------------------------------------------------------------
+
 
 def _heads_that_do_not_fit(tmp_path):
     """A copy of the llama fixture whose config head_dim is half what its tensors hold."""
@@ -1224,38 +1810,59 @@ def test_onnxruntime_load_failures_are_one_line(exported, tmp_path, cmd):
     shutil.copytree(exported, e)
     graph = e / "onnx" / "model.onnx"
     graph.write_bytes(graph.read_bytes()[:200])  # truncated
-    args = {"generate": ["generate", e, "--prompt", "hi", "--max-new-tokens", 1],
-            "verify": ["verify", e, "--reference", L_SRC, "--tokens", 1]}[cmd]
+    args = {
+        "generate": ["generate", e, "--prompt", "hi", "--max-new-tokens", 1],
+        "verify": ["verify", e, "--reference", L_SRC, "--tokens", 1],
+    }[cmd]
     hostile(args, inputs=[e], fragment="onnxruntime cannot load this model")
 
 
 def test_a_config_whose_heads_do_not_fit_the_tensors_is_one_line(ws, tmp_path):
     m = _heads_that_do_not_fit(tmp_path)
     out = tmp_path / "d.safetensors"
-    hostile(["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
-            inputs=[m], absent=[out], fragment="the config's sizes do not fit the tensors")
+    hostile(
+        ["extract", m, "--positive", ws["pos"], "--negative", ws["neg"], "-o", out, "--no-chat-template"],
+        inputs=[m],
+        absent=[out],
+        fragment="the config's sizes do not fit the tensors",
+    )
 
 
-@pytest.mark.parametrize("old,new,fragment", [
-    ("residual_axis = 0", "residual_axis = 7", "residual_axis must be one of"),
-    ("residual_axis = 0", "residual_axis = 2", "is the residual axis"),
-    ('layers = "model.layers.{layer}."', "layers = 5", "layers must be a str"),
-    ("tie_word_embeddings = false", 'tie_word_embeddings = "no"', "tie_word_embeddings must be a bool"),
-    ('config = { layers = "num_hidden_layers", d_model = "hidden_size" }', "config = 5",
-     "config must be a dict"),
-    ('config = { layers = "num_hidden_layers", d_model = "hidden_size" }', "config = { layers = 3 }",
-     "config.layers must be a str")])
+@pytest.mark.parametrize(
+    "old,new,fragment",
+    [
+        ("residual_axis = 0", "residual_axis = 7", "residual_axis must be one of"),
+        ("residual_axis = 0", "residual_axis = 2", "is the residual axis"),
+        ('layers = "model.layers.{layer}."', "layers = 5", "layers must be a str"),
+        ("tie_word_embeddings = false", 'tie_word_embeddings = "no"', "tie_word_embeddings must be a bool"),
+        (
+            'config = { layers = "num_hidden_layers", d_model = "hidden_size" }',
+            "config = 5",
+            "config must be a dict",
+        ),
+        (
+            'config = { layers = "num_hidden_layers", d_model = "hidden_size" }',
+            "config = { layers = 3 }",
+            "config.layers must be a str",
+        ),
+    ],
+)
 def test_bad_arch_table_values_are_one_line(ws, tmp_path, old, new, fragment):
     """Wrong value types in --arch-table were IndexError/TypeError/AttributeError internal errors."""
     from patcher.model.architectures import TABLE_DIR
+
     text = (TABLE_DIR / "llama.toml").read_text()
     lines = text.split("\n")
     at = next(i for i, line in enumerate(lines) if line.split("#")[0].strip() == old)  # first: attn writer
     lines[at] = new
     table = tmp_path / "t.toml"
     table.write_text("\n".join(lines))
-    hostile(["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", "--arch-table", table],
-            inputs=[table], absent=[tmp_path / "o"], fragment=fragment)
+    hostile(
+        ["ablate", ws["L"], "-d", ws["d64"], "-o", tmp_path / "o", "--arch-table", table],
+        inputs=[table],
+        absent=[tmp_path / "o"],
+        fragment=fragment,
+    )
 
 
 def test_generate_refuses_nan_logits(tmp_path):
@@ -1263,20 +1870,25 @@ def test_generate_refuses_nan_logits(tmp_path):
     m = _poisoned_copy(tmp_path)
     e = tmp_path / "e"
     assert CliRunner().invoke(app, ["export", str(m), "-o", str(e)]).exit_code == 0
-    hostile(["generate", e, "--prompt", "hi", "--max-new-tokens", 2], inputs=[e],
-            fragment="logits are NaN at generated token 0")
+    hostile(
+        ["generate", e, "--prompt", "hi", "--max-new-tokens", 2],
+        inputs=[e],
+        fragment="logits are NaN at generated token 0",
+    )
 
 
 def test_numpy_runtime_warnings_are_one_note(capsys):
     """Raw numpy RuntimeWarnings (with source lines) reached stderr on runs that exit 0."""
     import warnings
+
     from patcher.cli.common import guard
 
     def body():
         np.float32(3e38) * np.float32(10)  # overflow
         np.float32(3e38) * np.float32(10)  # the same warning: one note
-        warnings.warn("a library's own warning", FutureWarning)
+        warnings.warn("a library's own warning", FutureWarning, stacklevel=2)
         return 7
+
     with warnings.catch_warnings(record=True) as passed:
         warnings.simplefilter("always")
         assert guard(body) == 7
@@ -1288,16 +1900,33 @@ def test_numpy_runtime_warnings_are_one_note(capsys):
 def test_extract_reports_progress_without_a_terminal(ws, tmp_path, monkeypatch):
     """A long extract in a log (no TTY: the bar is hidden) printed nothing for its whole run."""
     import patcher.cli.common as common
+
     monkeypatch.setattr(common, "PLAIN_PROGRESS_SECONDS", 0.0)
     out = tmp_path / "d.safetensors"
-    res = CliRunner().invoke(app, [str(a) for a in ("extract", ws["L"], "--positive", ws["pos"], "--negative",
-                                                    ws["neg"], "-o", out, "--no-chat-template")])
+    res = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in (
+                "extract",
+                ws["L"],
+                "--positive",
+                ws["pos"],
+                "--negative",
+                ws["neg"],
+                "-o",
+                out,
+                "--no-chat-template",
+            )
+        ],
+    )
     assert res.exit_code == 0, res.output
     n = sum(1 for f in (ws["pos"], ws["neg"]) for line in f.read_text().splitlines() if line.strip())
     assert f"prompts through the model: {n} of {n} (100 %)" in res.stderr, res.stderr
 
 
 # --- issue 22: every command that writes × races and foreign files ------------------------------------
+
 
 def _writers(ws, tmp_path, edited):
     """Each command that publishes an output, with the output it publishes (folder or file)."""
@@ -1308,8 +1937,10 @@ def _writers(ws, tmp_path, edited):
         "inject": (["inject", L, "-d", d64, "--layer", 1, "--alpha", 1, "-o", t / "out"], t / "out"),
         "ablate --adapter folder": (["ablate", L, "-d", d64, "--adapter", t / "out"], t / "out"),
         "ablate --adapter gguf": (["ablate", L, "-d", d64, "--adapter", t / "a.gguf"], t / "a.gguf"),
-        "inject --control-vector": (["inject", L, "-d", d64, "--layer", 1, "--alpha", 1, "--control-vector",
-                                     t / "cv.gguf"], t / "cv.gguf"),
+        "inject --control-vector": (
+            ["inject", L, "-d", d64, "--layer", 1, "--alpha", 1, "--control-vector", t / "cv.gguf"],
+            t / "cv.gguf",
+        ),
         "export": (["export", L, "-o", t / "out"], t / "out"),
         "extract": ([*ex, "-o", t / "d.safetensors"], t / "d.safetensors"),
         "extract --plot": ([*ex, "-o", t / "d.safetensors", "--plot", t / "p.svg"], t / "p.svg"),
@@ -1326,8 +1957,18 @@ def edited(ws, tmp_path_factory):
     return out
 
 
-WRITERS = ["ablate", "inject", "ablate --adapter folder", "ablate --adapter gguf", "inject --control-vector",
-           "export", "extract", "extract --plot", "diff --save-direction", "audit --plot"]
+WRITERS = [
+    "ablate",
+    "inject",
+    "ablate --adapter folder",
+    "ablate --adapter gguf",
+    "inject --control-vector",
+    "export",
+    "extract",
+    "extract --plot",
+    "diff --save-direction",
+    "audit --plot",
+]
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -1335,6 +1976,7 @@ def test_every_writer_leaves_what_appeared_meanwhile(ws, edited, tmp_path, monke
     """Item 1 for every command: the user's file or folder created at the output path just before
     patcher publishes survives, and the run says so."""
     import patcher.io.atomic as atomic
+
     args, target = _writers(ws, tmp_path, edited)[name]
     orig = atomic.AtomicOutput._publish
 
@@ -1346,6 +1988,7 @@ def test_every_writer_leaves_what_appeared_meanwhile(ws, edited, tmp_path, monke
             else:
                 target.write_text("years of work")
         return orig(self)
+
     monkeypatch.setattr(atomic.AtomicOutput, "_publish", users_first)
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code != 0 and "left untouched" in res.stderr, res.output
@@ -1367,6 +2010,9 @@ def test_every_writer_under_force_keeps_what_the_user_added(ws, edited, tmp_path
         target.write_bytes(target.read_bytes())  # rewritten by the user: theirs now
     before = digests([target])
     res = hostile([*args, "--force"], inputs=[target])
-    assert ("NOTES.md" in res.stderr) if target.is_dir() else ("not written by patcher" in res.stderr
-                                                               or "--force" in res.stderr), res.stderr
+    assert (
+        ("NOTES.md" in res.stderr)
+        if target.is_dir()
+        else ("not written by patcher" in res.stderr or "--force" in res.stderr)
+    ), res.stderr
     assert digests([target]) == before

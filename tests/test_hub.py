@@ -3,6 +3,7 @@ by sha256, snapshot files that are symlinks to ../../blobs/<sha256>, refs/main),
 it. inspect, extract, ablate, export and diff must give the same results by snapshot folder, by repo id
 and by repo id @revision as from the plain fixture folder; outputs are real files; nothing is written
 into the cache; a repo id that is not cached is one line."""
+
 import hashlib
 import json
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DEMO, fixture_path, run_cli
+
 from patcher.io.checkpoint import Checkpoint
 
 REPO = "tiny-org/tiny-llama"
@@ -38,8 +39,11 @@ def make_hub_cache(cache: Path, repo: str, src: Path, commit: str = COMMIT, bran
 
 
 def tree_digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +63,12 @@ def hub(tmp_path_factory):
 
 
 def sources(hub) -> dict:
-    return {"snapshot": hub["snapshot"], "repo": REPO, "revision": f"{REPO}@main",
-            "commit": f"{REPO}@{COMMIT}"}
+    return {
+        "snapshot": hub["snapshot"],
+        "repo": REPO,
+        "revision": f"{REPO}@main",
+        "commit": f"{REPO}@{COMMIT}",
+    }
 
 
 WAYS = ["snapshot", "repo", "revision", "commit"]
@@ -115,12 +123,16 @@ def test_export(hub, way, tmp_path):
 def test_diff(hub, way, tmp_path, direction64):
     out = tmp_path / "ablated"
     run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", out, "--no-hash")
-    want = json.loads(run_cli("diff", fixture_path("llama"), out, "--json", "-d", direction64,
-                              expect=1).stdout)
+    want = json.loads(
+        run_cli("diff", fixture_path("llama"), out, "--json", "-d", direction64, expect=1).stdout
+    )
     got = json.loads(run_cli("diff", sources(hub)[way], out, "--json", "-d", direction64, expect=1).stdout)
     assert got["base"] == str(hub["snapshot"])
-    assert got["verdict"] == want["verdict"] == ("rank-1 directional ablation along one shared direction "
-                                                 "(7 tensors)")
+    assert (
+        got["verdict"]
+        == want["verdict"]
+        == ("rank-1 directional ablation along one shared direction (7 tensors)")
+    )
     assert got["direction_cosine"] == pytest.approx(want["direction_cosine"], abs=1e-12)
     assert got["direction_cosine"] > 0.999
     assert [t["name"] for t in got["tensors"]] == [t["name"] for t in want["tensors"]]
@@ -131,8 +143,10 @@ def test_diff(hub, way, tmp_path, direction64):
 
 def test_recipe_path_may_be_a_repo_id(hub, tmp_path, direction64):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'[[model]]\npath = "{REPO}@main"\noutput = "out"\n\n'
-                      f'[[step]]\nop = "ablate"\ndirection = "{direction64}"\n')
+    recipe.write_text(
+        f'[[model]]\npath = "{REPO}@main"\noutput = "out"\n\n'
+        f'[[step]]\nop = "ablate"\ndirection = "{direction64}"\n'
+    )
     run_cli("run", recipe)
     run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", tmp_path / "plain", "--no-hash")
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
@@ -172,14 +186,18 @@ def one_line(res) -> str:
 
 @pytest.mark.parametrize("repo", ["tiny-org/not-cached", f"{REPO}@no-such-branch"])
 def test_repo_id_not_in_the_cache_is_one_line(hub, repo, tmp_path, direction64):
-    for args in (("inspect", repo), ("ablate", repo, "-d", direction64, "-o", tmp_path / "o"),
-                 ("extract", repo, "--positive", POS, "--negative", NEG, "-o", tmp_path / "d.safetensors"),
-                 ("export", repo, "-o", tmp_path / "e")):
+    for args in (
+        ("inspect", repo),
+        ("ablate", repo, "-d", direction64, "-o", tmp_path / "o"),
+        ("extract", repo, "--positive", POS, "--negative", NEG, "-o", tmp_path / "d.safetensors"),
+        ("export", repo, "-o", tmp_path / "e"),
+    ):
         res = run_cli(*args, expect=1)
         lines = res.output.strip().splitlines()
         assert len(lines) == 1, res.output
-        assert lines[0].startswith(f"error: {repo}: no such file or folder, and not in the Hugging Face "
-                                   f"cache {hub['cache']}")
+        assert lines[0].startswith(
+            f"error: {repo}: no such file or folder, and not in the Hugging Face cache {hub['cache']}"
+        )
         assert "never downloads" in lines[0]
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
 
@@ -187,6 +205,7 @@ def test_repo_id_not_in_the_cache_is_one_line(hub, repo, tmp_path, direction64):
 def test_weight_map_names_still_may_not_escape(tmp_path):
     """Symlinks are accepted; `..`, absolute names and subfolders in weight_map still are not."""
     from patcher.errors import CheckpointError
+
     snap = make_hub_cache(tmp_path / "hub", REPO, fixture_path("llama"))
     index = json.loads((snap / "model.safetensors.index.json").read_text())
     first = next(iter(index["weight_map"]))

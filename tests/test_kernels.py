@@ -1,8 +1,8 @@
 """Every kernel against an independent float64 reference."""
+
 import ml_dtypes
 import numpy as np
 import pytest
-
 from patcher_kernels.codecs import decode, encode, ulp_distance
 from patcher_kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks, quantize_blocks, requantize_scale
 from patcher_kernels.project import bias_inject, bias_project, orthonormalize, project_full
@@ -51,12 +51,17 @@ def test_ablate_blocks_matches_float64(axis, k, scale):
     want = w - scale * P @ w if axis == 0 else w - scale * w @ P
     q = orthonormalize(v)
     stats = {}
-    got = np.concatenate([out for _, _, out in
-                          ablate_blocks(lambda s, e: w[s:e].astype(np.float32), w.shape[0], q, axis, scale,
-                                        block_rows=16, stats=stats)])
+    got = np.concatenate(
+        [
+            out
+            for _, _, out in ablate_blocks(
+                lambda s, e: w[s:e].astype(np.float32), w.shape[0], q, axis, scale, block_rows=16, stats=stats
+            )
+        ]
+    )
     np.testing.assert_allclose(got, want, atol=2e-5)
     comp = np.linalg.norm(q.T @ w) if axis == 0 else np.linalg.norm(w @ q)
-    assert stats["component_sq"] == pytest.approx(comp ** 2, rel=1e-5)
+    assert stats["component_sq"] == pytest.approx(comp**2, rel=1e-5)
     np.testing.assert_allclose(project_full(w, q, axis, scale), want, atol=1e-10)
 
 
@@ -66,18 +71,28 @@ def test_norm_preserve_cols_keeps_written_vectors_and_exactness(axis):
     w = rng.standard_normal((d, other) if axis == 0 else (other, d)).astype(np.float32)
     v = rng.standard_normal(d)
     q = orthonormalize(v)
-    got = np.concatenate([o for _, _, o in ablate_blocks(lambda s, e: w[s:e].copy(), w.shape[0], q, axis,
-                                                         preserve="cols", block_rows=7)]).astype(np.float64)
+    got = np.concatenate(
+        [
+            o
+            for _, _, o in ablate_blocks(
+                lambda s, e: w[s:e].copy(), w.shape[0], q, axis, preserve="cols", block_rows=7
+            )
+        ]
+    ).astype(np.float64)
     written_axis = 0 if axis == 0 else 1  # norms taken along the residual axis
-    np.testing.assert_allclose(np.linalg.norm(got, axis=written_axis),
-                               np.linalg.norm(w.astype(np.float64), axis=written_axis), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(got, axis=written_axis),
+        np.linalg.norm(w.astype(np.float64), axis=written_axis),
+        rtol=1e-5,
+    )
     # still exactly orthogonal to r
     comp = q[:, 0] @ got if axis == 0 else got @ q[:, 0]
     assert np.max(np.abs(comp)) < 1e-4
     # direction of each written vector equals the plain projection's
     plain = project_full(w, q, axis)
-    cos = np.sum(got * plain, axis=written_axis) / (np.linalg.norm(got, axis=written_axis) *
-                                                    np.linalg.norm(plain, axis=written_axis))
+    cos = np.sum(got * plain, axis=written_axis) / (
+        np.linalg.norm(got, axis=written_axis) * np.linalg.norm(plain, axis=written_axis)
+    )
     np.testing.assert_allclose(cos, 1.0, atol=1e-6)
 
 
@@ -86,11 +101,18 @@ def test_norm_preserve_rows_keeps_coordinate_rows(axis):
     d, other = 32, 50
     w = rng.standard_normal((d, other) if axis == 0 else (other, d)).astype(np.float32)
     q = orthonormalize(rng.standard_normal(d))
-    got = np.concatenate([o for _, _, o in ablate_blocks(lambda s, e: w[s:e].copy(), w.shape[0], q, axis,
-                                                         preserve="rows", block_rows=9)]).astype(np.float64)
+    got = np.concatenate(
+        [
+            o
+            for _, _, o in ablate_blocks(
+                lambda s, e: w[s:e].copy(), w.shape[0], q, axis, preserve="rows", block_rows=9
+            )
+        ]
+    ).astype(np.float64)
     coord_axis = 1 if axis == 0 else 0  # each residual coordinate's slice
-    np.testing.assert_allclose(np.linalg.norm(got, axis=coord_axis),
-                               np.linalg.norm(w.astype(np.float64), axis=coord_axis), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(got, axis=coord_axis), np.linalg.norm(w.astype(np.float64), axis=coord_axis), rtol=1e-5
+    )
 
 
 def test_bias_kernels():
@@ -103,9 +125,15 @@ def test_bias_kernels():
     np.testing.assert_allclose(bias_inject(None, v, -2.0), -2.0 * v)
 
 
-@pytest.mark.parametrize("name,mldt", [("BF16", ml_dtypes.bfloat16), ("F16", np.float16),
-                                       ("F8_E4M3", ml_dtypes.float8_e4m3fn),
-                                       ("F8_E5M2", ml_dtypes.float8_e5m2)])
+@pytest.mark.parametrize(
+    "name,mldt",
+    [
+        ("BF16", ml_dtypes.bfloat16),
+        ("F16", np.float16),
+        ("F8_E4M3", ml_dtypes.float8_e4m3fn),
+        ("F8_E5M2", ml_dtypes.float8_e5m2),
+    ],
+)
 def test_codecs_round_to_nearest_even(name, mldt):
     x = (rng.standard_normal(5000) * 4).astype(np.float32).astype(np.float64)  # exactly representable input
     enc = encode(x.astype(np.float32), name, saturate=True)
@@ -114,7 +142,8 @@ def test_codecs_round_to_nearest_even(name, mldt):
     back = decode(enc, np.float64)
     # nearest: compare with every finite value of the type (enumerated from its bit patterns)
     bits = np.arange(2 ** (8 * np.dtype(mldt).itemsize)).astype(
-        {1: np.uint8, 2: np.uint16}[np.dtype(mldt).itemsize])
+        {1: np.uint8, 2: np.uint16}[np.dtype(mldt).itemsize]
+    )
     with np.errstate(invalid="ignore"):
         all_vals = bits.view(mldt).astype(np.float64)
     all_vals = np.unique(all_vals[np.isfinite(all_vals)])
@@ -124,8 +153,8 @@ def test_codecs_round_to_nearest_even(name, mldt):
     np.testing.assert_array_equal(np.abs(back - x)[inside], nearest_dist[inside])
     # ties go to even mantissa: 1 + half an ulp of bf16 rounds down to 1.0
     if name == "BF16":
-        assert float(encode(np.array([1 + 2.0 ** -8], np.float32), "BF16")[0]) == 1.0
-        assert float(encode(np.array([1 + 3 * 2.0 ** -8], np.float32), "BF16")[0]) == 1 + 2.0 ** -6
+        assert float(encode(np.array([1 + 2.0**-8], np.float32), "BF16")[0]) == 1.0
+        assert float(encode(np.array([1 + 3 * 2.0**-8], np.float32), "BF16")[0]) == 1 + 2.0**-6
 
 
 def test_ulp_distance():
@@ -152,11 +181,13 @@ def test_fp8_block_roundtrip_and_requantize():
     q2 = quantize_blocks(edited, new)
     assert np.all(np.isfinite(q2.astype(np.float32)))
     # values past 448 clip instead of turning into NaN
-    assert np.isfinite(quantize_blocks(np.full((2, 2), 1e6, np.float32),
-                                       np.ones((1, 1), np.float32)).astype(np.float32)).all()
+    assert np.isfinite(
+        quantize_blocks(np.full((2, 2), 1e6, np.float32), np.ones((1, 1), np.float32)).astype(np.float32)
+    ).all()
 
 
 # --- numbers that pin each kernel down (written to kill surviving mutants; see README "Mutation testing") ---
+
 
 def test_orthonormalize_aligns_every_column_with_its_direction():
     v = rng.standard_normal((3, 24))
@@ -178,6 +209,7 @@ def test_orthonormalize_aligns_every_column_with_its_direction():
 @pytest.mark.parametrize("k", [1, 2])
 def test_block_kernels_against_float64(k):
     from patcher_kernels.project import project_block_cols, project_block_rows, residual_coefficients
+
     d, n = 12, 9
     w = rng.standard_normal((d, n)).astype(np.float32)
     q = orthonormalize(rng.standard_normal((k, d)))
@@ -200,6 +232,7 @@ def test_block_kernels_against_float64(k):
 
 def test_rescale_norms_numbers_and_zero_slices():
     from patcher_kernels.project import rescale_norms
+
     x = np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], np.float32)
     old = np.array([100.0, 9.0, 4.0])
     new = np.einsum("ij,ij->i", x, x, dtype=np.float64)
@@ -217,11 +250,12 @@ def test_rescale_norms_numbers_and_zero_slices():
 def test_fp8_tiles_each_use_their_own_scale():
     w = rng.standard_normal((300, 260)).astype(np.float32)
     w *= np.repeat(np.repeat(10.0 ** rng.uniform(-3, 1, (3, 3)), 128, 0), 128, 1)[:300, :260].astype(
-        np.float32)
+        np.float32
+    )
     amax = block_amax(w)
     for i in range(3):
         for j in range(3):
-            tile = w[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)]
+            tile = w[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)]
             assert amax[i, j] == np.abs(tile).max()
     scale = amax / FP8_MAX
     q = quantize_blocks(w, scale)
@@ -231,7 +265,7 @@ def test_fp8_tiles_each_use_their_own_scale():
             sl = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))
             ref = q[sl].astype(np.float64) * float(scale[i, j])  # one tile's value, by hand
             np.testing.assert_array_equal(back[sl], ref.astype(np.float32))
-            assert np.abs(back[sl] - w[sl]).max() <= 2 ** -4 * amax[i, j]  # e4m3 half-ulp at the top binade
+            assert np.abs(back[sl] - w[sl]).max() <= 2**-4 * amax[i, j]  # e4m3 half-ulp at the top binade
     # the largest value of every tile maps to exactly ±448
     assert np.abs(q.astype(np.float32)).max() == FP8_MAX
     # a row block that starts at tile row 1 uses scale rows from 1 on
@@ -239,9 +273,10 @@ def test_fp8_tiles_each_use_their_own_scale():
     # other block sizes
     s16 = block_amax(w[:40, :40], 16) / FP8_MAX
     assert s16.shape == (3, 3)
-    np.testing.assert_array_equal(dequantize_blocks(quantize_blocks(w[:40, :40], s16, 16), s16, 16)[:16, :16],
-                                  dequantize_blocks(quantize_blocks(w[:16, :16], s16[:1, :1], 16),
-                                                    s16[:1, :1], 16))
+    np.testing.assert_array_equal(
+        dequantize_blocks(quantize_blocks(w[:40, :40], s16, 16), s16, 16)[:16, :16],
+        dequantize_blocks(quantize_blocks(w[:16, :16], s16[:1, :1], 16), s16[:1, :1], 16),
+    )
 
 
 def test_fp8_requantize_and_zero_tiles():
@@ -277,6 +312,7 @@ def test_numerical_zero_thresholds():
     is at most 1e-30 of the old one; directions are dependent when a QR pivot is at most 1e-12 of the
     largest."""
     from patcher_kernels.project import rescale_norms
+
     x = np.array([[1e-15], [1e-15], [1e-15]])
     got = rescale_norms(x, np.array([1.0, 1.0, 4.0]), np.array([1e-30, 1.5e-30, 1e-30]), axis=0)
     assert got[0, 0] == 1e-15  # exactly at the edge: left alone
@@ -308,15 +344,17 @@ def test_partial_cols_preserve_and_the_stats_callers_read(axis):
     plain = project_full(w64, q, axis, scale)
     written = 0 if axis == 0 else 1
     assert np.all(np.sum(w64 * w64, axis=written) < 1)
-    want = plain * np.sqrt(np.sum(w64 ** 2, axis=written, keepdims=True)
-                           / np.sum(plain ** 2, axis=written, keepdims=True))
+    want = plain * np.sqrt(
+        np.sum(w64**2, axis=written, keepdims=True) / np.sum(plain**2, axis=written, keepdims=True)
+    )
     stats = {"component_sq": 2.0}
     blocks = []
-    for s, e, out in ablate_blocks(lambda s, e: w[s:e].copy(), w.shape[0], q, axis, scale,
-                                   preserve="cols", block_rows=16, stats=stats):
+    for s, e, out in ablate_blocks(
+        lambda s, e: w[s:e].copy(), w.shape[0], q, axis, scale, preserve="cols", block_rows=16, stats=stats
+    ):
         if axis == 1:
             np.testing.assert_allclose(stats["coeff"], w64[s:e] @ q, atol=1e-6)
         blocks.append(out.astype(np.float64))
     np.testing.assert_allclose(np.concatenate(blocks), want, atol=1e-6)
     comp = np.linalg.norm(q.T @ w64) if axis == 0 else np.linalg.norm(w64 @ q)
-    assert stats["component_sq"] == pytest.approx(2.0 + comp ** 2, rel=1e-5)
+    assert stats["component_sq"] == pytest.approx(2.0 + comp**2, rel=1e-5)

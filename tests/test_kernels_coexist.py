@@ -5,13 +5,14 @@ patcher's math lives in the repository's kernels/ folder and installs as `patche
 `python -m pytest`, `python -c` and `python script.py` put first on sys.path), it is at most a namespace
 portion, and Python's import system prefers any regular package, HF's, found later on the path. Each case
 runs the way users run things, with the repository root as the working folder."""
+
 import subprocess
 import sys
 import textwrap
 
 from conftest import ROOT
 
-CHECK = textwrap.dedent('''
+CHECK = textwrap.dedent("""
     import pathlib, sys
     import numpy as np
     import torch
@@ -24,7 +25,8 @@ CHECK = textwrap.dedent('''
     from transformers.integrations import hub_kernels  # transformers' own use of HF's kernels
 
     repo = pathlib.Path(REPO).resolve()
-    hf, ours = pathlib.Path(kernels.__file__).resolve(), pathlib.Path(patcher_kernels.project.__file__).resolve()
+    hf = pathlib.Path(kernels.__file__).resolve()
+    ours = pathlib.Path(patcher_kernels.project.__file__).resolve()
     assert repo not in hf.parents and "site-packages" in hf.parts, hf
     assert ours == repo / "kernels" / "project.py", ours
     assert hub_kernels.is_kernels_available(), "transformers does not see HF's kernels"
@@ -49,31 +51,38 @@ CHECK = textwrap.dedent('''
     want = x[:, :4] / (1 + torch.exp(-x[:, :4])) * x[:, 4:]
     assert torch.allclose(model(x), want, atol=1e-6)
     print("ok", kernels.__name__, patcher_kernels.__name__)
-''').replace("REPO", repr(str(ROOT)))
+""").replace("REPO", repr(str(ROOT)))
 
 # pytest collects this from the repository root exactly as README's `python -m pytest` does
-PYTEST_CASE = textwrap.dedent('''
+PYTEST_CASE = textwrap.dedent("""
     def test_both():
         exec(compile(CHECK, "check", "exec"), {})
-''').replace("CHECK", repr(CHECK))
+""").replace("CHECK", repr(CHECK))
 
 
 def _run(args, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_hf_kernels_is_installed_for_this_check(tmp_path):
-    res = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"],
-                         cwd=tmp_path, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", "import kernels; print(kernels.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and "site-packages" in res.stdout, (
-        "the PyPI `kernels` package is part of the test extra: pip install -e '.[test]'\n" + res.stderr)
+        "the PyPI `kernels` package is part of the test extra: pip install -e '.[test]'\n" + res.stderr
+    )
 
 
 def test_no_regular_kernels_package_in_the_checkout():
     assert not (ROOT / "kernels" / "__init__.py").exists(), (
-        "kernels/__init__.py would make the folder shadow HF's `kernels` for anything run from the checkout")
+        "kernels/__init__.py would make the folder shadow HF's `kernels` for anything run from the checkout"
+    )
 
 
 def test_python_c_from_the_checkout_root(tmp_path):
@@ -94,7 +103,20 @@ def test_script_that_puts_the_checkout_first(tmp_path):
 def test_python_m_pytest_from_the_checkout_root(tmp_path):
     case = tmp_path / "test_coexist_inner.py"
     case.write_text(PYTEST_CASE)
-    res = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                "--confcutdir", str(tmp_path), str(case)], tmp_path)
+    res = _run(
+        [
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "--confcutdir",
+            str(tmp_path),
+            str(case),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 passed" in res.stdout

@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-
 from patcher_kernels import kquant as K
 from patcher_kernels.ggml_quant import grid
 from patcher_kernels.ortho_greedy import orthogonal_rounding_rank1
@@ -128,8 +127,10 @@ def _ablation(qtype: str, prequantized: bool):
     x = w - np.outer(r, comp)
     g = grid(x, qtype)
     result = {}
-    for how, choice in (("nearest", g.nearest(x)), ("written", orthogonal_rounding_rank1(x, g.lo, g.hi, r,
-                                                                                         0))):
+    for how, choice in (
+        ("nearest", g.nearest(x)),
+        ("written", orthogonal_rounding_rank1(x, g.lo, g.hi, r, 0)),
+    ):
         stored = _deq(g.pack(choice), qtype).reshape(d, n).astype(np.float64)
         assert np.array_equal(stored.astype(np.float32), g.values(choice))
         result[how] = (

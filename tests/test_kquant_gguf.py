@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
 
 gguf = pytest.importorskip("gguf")
@@ -60,10 +59,15 @@ def _synthetic_llama(path, tmp_path):
     w.add_tensor("output_norm.weight", np.ones(D, np.float32))
     w.add_tensor("output.weight", dense(vocab, D))
     for b in range(LAYERS):
-        for name, shape in (("attn_q", (D, D)), ("attn_k", (KV_HEADS * hd, D)), ("attn_v", (KV_HEADS * hd,
-                                                                                            D)),
-                            ("attn_output", (D, D)), ("ffn_gate", (FF, D)), ("ffn_up", (FF, D)),
-                            ("ffn_down", (D, FF))):
+        for name, shape in (
+            ("attn_q", (D, D)),
+            ("attn_k", (KV_HEADS * hd, D)),
+            ("attn_v", (KV_HEADS * hd, D)),
+            ("attn_output", (D, D)),
+            ("ffn_gate", (FF, D)),
+            ("ffn_up", (FF, D)),
+            ("ffn_down", (D, FF)),
+        ):
             w.add_tensor(f"blk.{b}.{name}.weight", dense(*shape))
         for norm in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{b}.{norm}.weight", (1 + 0.1 * rng.standard_normal(D)).astype(np.float32))
@@ -86,8 +90,10 @@ def k_files(tmp_path_factory):
             params.ftype = FTYPES[ftype]
             params.nthread = 1
             out = root / f"synthetic-{ftype}.gguf"
-            assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(),
-                                                  ctypes.byref(params)) == 0
+            assert (
+                llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params))
+                == 0
+            )
             made[ftype] = out
         return made[ftype]
 
@@ -105,8 +111,9 @@ def _deq(t):
 
 
 def _logits(path):
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
-                          n_batch=64)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, n_batch=64
+    )
     try:
         llm.eval(list(IDS))
         return np.array(llm.scores[: len(IDS)], dtype=np.float64)
@@ -126,8 +133,9 @@ def test_llama_cpp_k_quant_file_ablated_keeps_types_and_runs(ftype, k_files, tmp
     text = run_cli("ablate", src, "-d", direction, "-o", out).output
     before, after = _tensors(src), _tensors(out)
     assert list(before) == list(after)
-    edited = {"token_embd.weight"} | {f"blk.{b}.{n}.weight" for b in range(LAYERS) for n in ("attn_output",
-                                                                                             "ffn_down")}
+    edited = {"token_embd.weight"} | {
+        f"blk.{b}.{n}.weight" for b in range(LAYERS) for n in ("attn_output", "ffn_down")
+    }
     k_types = set()
     for name, t in before.items():
         assert after[name].tensor_type == t.tensor_type, name  # every type kept, K-quants included

@@ -1,13 +1,14 @@
 """ONNX export: every architecture's graph matches the numpy forward on a left-padded batch, for
 prefill and 8 cached decode steps, and HF transformers; I/O names, dims and files follow the
 conventions transformers.js / optimum loaders expect."""
+
 import json
 
 import numpy as np
 import onnx
 import pytest
-
 from conftest import DEMO, MODEL_TYPES, fixture_path, run_cli
+
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
 from patcher.onnx.export import export
@@ -24,6 +25,7 @@ def exported(tmp_path_factory):
         if key not in cache:
             cache[key] = export(src or fixture_path(model_type), root / f"{model_type}-{len(cache)}")
         return cache[key]
+
     return get
 
 
@@ -53,7 +55,7 @@ def test_prefill_and_cached_decode_match_numpy(model_type, exported):
     assert np.abs(logits - ref)[real].max() <= 1e-4 * max(1.0, np.abs(ref).max())
     # 8 decode steps with the cache == the numpy forward over the whole grown sequence
     full_ids, full_mask = ids, mask
-    for step in range(8):
+    for _step in range(8):
         tok = logits[:, -1].argmax(-1)[:, None]
         full_ids = np.concatenate([full_ids, tok], 1)
         full_mask = np.concatenate([full_mask, np.ones_like(tok)], 1)
@@ -70,10 +72,12 @@ def test_export_matches_hf(model_type, exported):
     ids, mask = batch()
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     with torch.no_grad():
-        want = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     position_ids=torch.tensor(pos)).logits.numpy()
-    got, _ = OnnxModel(exported(model_type)).step(ids, mask, pos,
-                                                  OnnxModel(exported(model_type)).empty_cache(3))
+        want = model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)
+        ).logits.numpy()
+    got, _ = OnnxModel(exported(model_type)).step(
+        ids, mask, pos, OnnxModel(exported(model_type)).empty_cache(3)
+    )
     real = mask.astype(bool)
     assert np.abs(got - want)[real].max() <= 1e-4 * max(1.0, np.abs(want).max())
 
@@ -84,18 +88,24 @@ def test_io_names_dims_and_files(exported):
     for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / f).is_file()
     model = onnx.load(str(folder / "onnx" / "model.onnx"), load_external_data=False)
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-            for i in model.graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+    }
     assert dims["input_ids"] == ["batch_size", "sequence_length"]
     assert dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
     assert dims["position_ids"] == ["batch_size", "sequence_length"]
     cfg = json.loads((folder / "config.json").read_text())
     for i in range(cfg["num_hidden_layers"]):
         for kind in ("key", "value"):
-            assert dims[f"past_key_values.{i}.{kind}"] == ["batch_size", cfg["num_key_value_heads"],
-                                                          "past_sequence_length", cfg["head_dim"]]
-    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-            for o in model.graph.output}
+            assert dims[f"past_key_values.{i}.{kind}"] == [
+                "batch_size",
+                cfg["num_key_value_heads"],
+                "past_sequence_length",
+                cfg["head_dim"],
+            ]
+    outs = {
+        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output
+    }
     assert outs["logits"] == ["batch_size", "logits_sequence_length", cfg["vocab_size"]]
     assert dims["num_logits_to_keep"] == []  # a scalar, as transformers.js >= 4 sends it (1 when generating)
     assert outs["present.0.key"] == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
@@ -105,15 +115,26 @@ def test_io_names_dims_and_files(exported):
 
 def test_edited_model_exports_with_injected_bias(tmp_path, direction64, exported):
     edited = tmp_path / "edited"
-    run_cli("inject", fixture_path("mistral"), "-d", direction64, "-o", tmp_path / "inj", "--layer", "1",
-            "--alpha", "3")
+    run_cli(
+        "inject",
+        fixture_path("mistral"),
+        "-d",
+        direction64,
+        "-o",
+        tmp_path / "inj",
+        "--layer",
+        "1",
+        "--alpha",
+        "3",
+    )
     run_cli("ablate", tmp_path / "inj", "-d", direction64, "-o", edited, "--layers", "2")
     folder = exported("mistral", edited)
     model = onnx.load(str(folder / "onnx" / "model.onnx"), load_external_data=False)
     assert any(i.name == "model.layers.1.mlp.down_proj.bias" for i in model.graph.initializer)
     ids, mask = batch()
-    got, _ = OnnxModel(folder).step(ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0),
-                                    OnnxModel(folder).empty_cache(3))
+    got, _ = OnnxModel(folder).step(
+        ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0), OnnxModel(folder).empty_cache(3)
+    )
     ref = numpy_logits(edited, ids, mask)
     real = mask.astype(bool)
     assert np.abs(got - ref)[real].max() <= 1e-4 * max(1.0, np.abs(ref).max())
@@ -129,8 +150,19 @@ def test_verify_cli_reports_parity_projection_and_behaviour(tmp_path, monkeypatc
     edited = tmp_path / "edited"
     run_cli("ablate", planted, "-d", direction, "-o", edited)
     run_cli("export", edited, "-o", tmp_path / "onnx")
-    res = run_cli("verify", tmp_path / "onnx", "--reference", edited, "--original", planted,
-                  "--prompts", prompts, "-d", direction, "--json")
+    res = run_cli(
+        "verify",
+        tmp_path / "onnx",
+        "--reference",
+        edited,
+        "--original",
+        planted,
+        "--prompts",
+        prompts,
+        "-d",
+        direction,
+        "--json",
+    )
     rep = json.loads(res.stdout)  # the cache export announcement goes to stderr
     assert rep["parity_ok"] and rep["max_abs_logit_diff"] <= 1e-4 * max(1, rep["max_abs_logit"])
     assert rep["top1_agreement"] == 1.0 and rep["greedy_token_match"] == 1.0
@@ -147,8 +179,11 @@ def test_verify_fails_on_a_mismatched_reference(tmp_path):
 
 def test_marker_rate_matching():
     from patcher.onnx.verify import marker_rate
-    assert marker_rate(["I\u2019m sorry, no.", "Sure! Here it is.", "AS AN AI model",
-                        "i cannot do that"]) == 0.75
+
+    assert (
+        marker_rate(["I\u2019m sorry, no.", "Sure! Here it is.", "AS AN AI model", "i cannot do that"])
+        == 0.75
+    )
 
 
 def test_generate_cli_streams_and_batches(tmp_path, monkeypatch):
@@ -157,21 +192,53 @@ def test_generate_cli_streams_and_batches(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "onnx").is_dir()  # a safetensors folder is exported to the cache first
     prompts = tmp_path / "p.txt"
     prompts.write_text("Describe the sea\nHow do plants grow?\n")
-    res = run_cli("generate", fixture_path("llama"), "--prompts", prompts, "--max-new-tokens", "4",
-                  "--sample", "--seed", "3")
+    res = run_cli(
+        "generate",
+        fixture_path("llama"),
+        "--prompts",
+        prompts,
+        "--max-new-tokens",
+        "4",
+        "--sample",
+        "--seed",
+        "3",
+    )
     assert res.output.count("> ") == 2
 
 
 def test_int4_options_reach_the_quantizer(tmp_path):
-    run_cli("export", fixture_path("llama"), "-o", tmp_path / "q", "--dtype", "int4", "--int4-block", "64",
-            "--int4-accuracy", "4")
-    nodes = [n for n in onnx.load(str(tmp_path / "q" / "onnx" / "model_q4.onnx"),
-                                  load_external_data=False).graph.node
-             if n.op_type == "MatMulNBits"]
+    run_cli(
+        "export",
+        fixture_path("llama"),
+        "-o",
+        tmp_path / "q",
+        "--dtype",
+        "int4",
+        "--int4-block",
+        "64",
+        "--int4-accuracy",
+        "4",
+    )
+    nodes = [
+        n
+        for n in onnx.load(
+            str(tmp_path / "q" / "onnx" / "model_q4.onnx"), load_external_data=False
+        ).graph.node
+        if n.op_type == "MatMulNBits"
+    ]
     attrs = {a.name: a.i for a in nodes[0].attribute}
     assert attrs["block_size"] == 64 and attrs["accuracy_level"] == 4
-    res = run_cli("export", fixture_path("llama"), "-o", tmp_path / "bad", "--dtype", "int4",
-                  "--int4-block", "48", expect=1)
+    res = run_cli(
+        "export",
+        fixture_path("llama"),
+        "-o",
+        tmp_path / "bad",
+        "--dtype",
+        "int4",
+        "--int4-block",
+        "48",
+        expect=1,
+    )
     assert "power of two" in res.output and not (tmp_path / "bad").exists()
 
 
@@ -196,6 +263,7 @@ def dequantize_matmulnbits(q4: np.ndarray, scales: np.ndarray, k: int, block: in
 def test_cuda_provider_when_present(exported):
     """onnxruntime-gpu with a GPU: the same parity on CUDA. Skipped cleanly on CPU-only machines (CI)."""
     from patcher.onnx.runtime import available_providers
+
     if "cuda" not in available_providers():
         pytest.skip("CUDAExecutionProvider not available (onnxruntime-gpu and a GPU are needed)")
     folder = exported("llama")
@@ -210,6 +278,7 @@ def test_cuda_provider_when_present(exported):
 def test_unavailable_provider_is_a_clear_error(exported):
     from patcher.errors import PatcherError
     from patcher.onnx.runtime import available_providers
+
     if "cuda" in available_providers():
         pytest.skip("CUDA is available here")
     with pytest.raises(PatcherError, match="not available"):
@@ -221,18 +290,21 @@ def test_transformers_js_config_permissions_and_chunks(tmp_path):
     `<file>_data`, `<file>_data_1`, ... by that count); every file is world-readable; a tiny chunk limit
     splits the weights over many chunks that onnxruntime loads from the one .onnx."""
     import os
+
     out = export(fixture_path("qwen3"), tmp_path / "x", dtype="fp32", chunk_bytes=20_000)
     files = sorted(p.name for p in (out / "onnx").iterdir())
     chunks = [f for f in files if f.startswith("model.onnx_data")]
     cfg = json.loads((out / "config.json").read_text())["transformers.js_config"]
     assert cfg["use_external_data_format"] == {"model.onnx": len(chunks)} and cfg["dtype"] == "fp32"
-    assert len(chunks) > 3 and set(chunks) == {"model.onnx_data"} | {f"model.onnx_data_{i}"
-                                                                     for i in range(1, len(chunks))}
+    assert len(chunks) > 3 and set(chunks) == {"model.onnx_data"} | {
+        f"model.onnx_data_{i}" for i in range(1, len(chunks))
+    }
     model = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
     locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == set(chunks)
-    per_chunk = {c: sum(1 for t in model.graph.initializer for e in t.external_data if e.value == c)
-                 for c in chunks}
+    per_chunk = {
+        c: sum(1 for t in model.graph.initializer for e in t.external_data if e.value == c) for c in chunks
+    }
     # one big tensor alone
     assert all((out / "onnx" / c).stat().st_size <= 20_000 or per_chunk[c] == 1 for c in chunks)
     for p in [out, *out.rglob("*")]:
@@ -244,7 +316,8 @@ def test_transformers_js_config_permissions_and_chunks(tmp_path):
     b, _ = OnnxModel(whole).step(ids, mask, pos, OnnxModel(whole).empty_cache(3))
     assert np.array_equal(a, b)  # same bytes, only spread over files
     assert json.loads((whole / "config.json").read_text())["transformers.js_config"][
-        "use_external_data_format"] == {"model.onnx": 1}
+        "use_external_data_format"
+    ] == {"model.onnx": 1}
     assert sorted(os.listdir(whole / "onnx")) == ["model.onnx", "model.onnx_data"]
 
 
@@ -252,7 +325,14 @@ def test_transformers_js_config_permissions_and_chunks(tmp_path):
 def test_verify_refuses_an_original_that_is_another_model(tmp_path, other):
     """An unrelated --original gave plausible leakage / KL numbers; now one line naming what differs."""
     run_cli("export", fixture_path("llama"), "-o", tmp_path / "onnx")
-    res = run_cli("verify", tmp_path / "onnx", "--reference", fixture_path("llama"),
-                  "--original", fixture_path(other), expect=1)
+    res = run_cli(
+        "verify",
+        tmp_path / "onnx",
+        "--reference",
+        fixture_path("llama"),
+        "--original",
+        fixture_path(other),
+        expect=1,
+    )
     assert "is not the edited model's original (model_type llama vs " + other in res.output
     assert len(res.output.strip().splitlines()) == 1

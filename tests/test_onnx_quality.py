@@ -1,12 +1,13 @@
 """Quality of an export's variants against its fp32 model (patcher/onnx/quality.py), what `patcher verify`
 prints of it, the memory of verify's passes, and the per-device default variant in config.json."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DEMO, fixture_path, run_cli
+
 from patcher.onnx.export import DEVICE_DEFAULTS, FILES, export
 from patcher.onnx.quality import FIT, Quality, compare
 from patcher.onnx.runtime import OnnxModel
@@ -47,16 +48,26 @@ def test_compare_against_numpy_softmax_and_argmax(llama):
     assert same_model.fit
 
 
-@pytest.mark.parametrize("kl,top1,greedy,bad", [
-    (FIT["first_token_kl"], FIT["top1"], FIT["greedy"], []),
-    (FIT["first_token_kl"] * 1.01, 1.0, 1.0, ["first-token KL"]),
-    (0.0, FIT["top1"] - 0.01, 1.0, ["top-1"]),
-    (0.0, 1.0, FIT["greedy"] - 0.01, ["greedy"]),
-    (1.0, 0.5, 0.1, ["first-token KL", "top-1", "greedy"]),
-])
+@pytest.mark.parametrize(
+    "kl,top1,greedy,bad",
+    [
+        (FIT["first_token_kl"], FIT["top1"], FIT["greedy"], []),
+        (FIT["first_token_kl"] * 1.01, 1.0, 1.0, ["first-token KL"]),
+        (0.0, FIT["top1"] - 0.01, 1.0, ["top-1"]),
+        (0.0, 1.0, FIT["greedy"] - 0.01, ["greedy"]),
+        (1.0, 0.5, 0.1, ["first-token KL", "top-1", "greedy"]),
+    ],
+)
 def test_fit_to_ship_verdict_names_what_fails(kl, top1, greedy, bad):
-    q = Quality(prompts=64, tokens=32, first_token_kl=kl, max_first_token_kl=kl, top1=top1, first_top1=top1,
-                greedy=greedy)
+    q = Quality(
+        prompts=64,
+        tokens=32,
+        first_token_kl=kl,
+        max_first_token_kl=kl,
+        top1=top1,
+        first_top1=top1,
+        greedy=greedy,
+    )
     assert q.fit == (not bad)
     v = q.verdict()
     assert v.startswith("fit to ship" if not bad else "NOT fit to ship")
@@ -69,8 +80,20 @@ def test_verify_prints_quality_and_labels_the_graph_check(llama, tmp_path):
     (100 %) and the variant's top-1 against fp32 (what --json's quality says), with the verdict."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello there\nwhat is this\nthe cat sat\n")
-    args = ["verify", llama, "--reference", fixture_path("llama"), "--dtype", "int4", "--prompts", prompts,
-            "--tokens", "2", "--quality-tokens", "5"]
+    args = [
+        "verify",
+        llama,
+        "--reference",
+        fixture_path("llama"),
+        "--dtype",
+        "int4",
+        "--prompts",
+        prompts,
+        "--tokens",
+        "2",
+        "--quality-tokens",
+        "5",
+    ]
     rep = json.loads(run_cli(*args, "--json").stdout)
     q = rep["quality"]
     assert rep["top1_agreement"] == 1.0 and q["top1"] < 1.0  # the two numbers the old table conflated
@@ -80,8 +103,19 @@ def test_verify_prints_quality_and_labels_the_graph_check(llama, tmp_path):
     assert f"vs fp32: top-1 {q['top1']:.1%} of prompt positions" in text
     assert f"{q['greedy']:.1%} of 3 × 5 greedy tokens identical" in text
     assert ("int4: fit to ship" if q["fit"] else "int4: NOT fit to ship") in text
-    fp32 = json.loads(run_cli("verify", llama, "--reference", fixture_path("llama"), "--prompts", prompts,
-                              "--tokens", "1", "--json").stdout)
+    fp32 = json.loads(
+        run_cli(
+            "verify",
+            llama,
+            "--reference",
+            fixture_path("llama"),
+            "--prompts",
+            prompts,
+            "--tokens",
+            "1",
+            "--json",
+        ).stdout
+    )
     assert fp32["quality"] is None  # fp32 is the reference itself
 
 
@@ -93,10 +127,12 @@ def test_verify_memory_does_not_grow_with_the_prompt_count(llama, tmp_path, monk
 
     seen, steps = [], []
     run, step = StreamedModel.run, OnnxModel.step
-    monkeypatch.setattr(StreamedModel, "run", lambda self, ids, *a, **k: seen.append(len(ids)) or
-                        run(self, ids, *a, **k))
-    monkeypatch.setattr(OnnxModel, "step", lambda self, ids, *a, **k: steps.append(len(ids)) or
-                        step(self, ids, *a, **k))
+    monkeypatch.setattr(
+        StreamedModel, "run", lambda self, ids, *a, **k: seen.append(len(ids)) or run(self, ids, *a, **k)
+    )
+    monkeypatch.setattr(
+        OnnxModel, "step", lambda self, ids, *a, **k: steps.append(len(ids)) or step(self, ids, *a, **k)
+    )
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(11)))
     rep = vmod.verify(llama, fixture_path("llama"), dtype="int8", prompts=prompts, tokens=2, quality_tokens=2)
@@ -106,12 +142,15 @@ def test_verify_memory_does_not_grow_with_the_prompt_count(llama, tmp_path, monk
     assert rep.tokens_compared == 11 * 2 and rep.parity_ok
 
 
-@pytest.mark.parametrize("dtypes,wasm,webgpu", [
-    ("fp32,fp16,int4,q4f16,int8", "fp16", "fp16"),
-    ("fp32,int4", "fp32", "fp32"),
-    ("int4,q4f16,int8", "q8", "q8"),
-    ("q4f16", "q4f16", "q4f16"),
-])
+@pytest.mark.parametrize(
+    "dtypes,wasm,webgpu",
+    [
+        ("fp32,fp16,int4,q4f16,int8", "fp16", "fp16"),
+        ("fp32,int4", "fp32", "fp32"),
+        ("int4,q4f16,int8", "q8", "q8"),
+        ("q4f16", "q4f16", "q4f16"),
+    ],
+)
 def test_config_names_the_best_fit_variant_per_device(tmp_path, dtypes, wasm, webgpu):
     out = export(fixture_path("qwen3"), tmp_path / "x", dtype=dtypes)
     cfg = json.loads((out / "config.json").read_text())["transformers.js_config"]
@@ -131,8 +170,10 @@ def test_real_smollm2_default_variant_keeps_the_answers(real_model, tmp_path, mo
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(Path("patcher/data/quality_prompts.txt").read_text().splitlines()[:8]))
     args = ["--prompts", prompts, "--tokens", "0", "--quality-tokens", "12", "--json"]
-    reports = {d: json.loads(run_cli("verify", out, "--reference", real_model.hf, "--dtype", d, *args).stdout)
-               for d in ("fp16", "int8")}
+    reports = {
+        d: json.loads(run_cli("verify", out, "--reference", real_model.hf, "--dtype", d, *args).stdout)
+        for d in ("fp16", "int8")
+    }
     assert reports["fp16"]["quality"]["fit"], reports["fp16"]["quality"]
     assert reports["int8"]["quality"]["first_token_kl"] < 0.3, reports["int8"]["quality"]
 
@@ -142,21 +183,37 @@ def test_verify_prints_the_leakage_along_the_direction(tmp_path):
     planted, direction = DEMO / "model", DEMO / "planted-direction.npy"
     run_cli("ablate", planted, "-d", direction, "-o", tmp_path / "edited")
     out = export(tmp_path / "edited", tmp_path / "onnx", dtype="int8")
-    args = ["verify", out, "--reference", tmp_path / "edited", "--original", planted, "-d", direction,
-            "--dtype", "int8", "--tokens", "1", "--quality-tokens", "0"]
+    args = [
+        "verify",
+        out,
+        "--reference",
+        tmp_path / "edited",
+        "--original",
+        planted,
+        "-d",
+        direction,
+        "--dtype",
+        "int8",
+        "--tokens",
+        "1",
+        "--quality-tokens",
+        "0",
+    ]
     rep = json.loads(run_cli(*args, "--json").stdout)
     leak = rep["leakage"]["summary"]
     assert rep["quality"] is None and leak["stored_of_original_max"] < 0.02  # orthogonal rounding kept it
     text = " ".join(run_cli(*args).stdout.split())
-    assert (f"leakage along r̂ stored weights keep {leak['stored_of_original_max']:.2%} of the original's "
-            f"component (worst of {leak['tensors']} edited tensors") in text
+    assert (
+        f"leakage along r̂ stored weights keep {leak['stored_of_original_max']:.2%} of the original's "
+        f"component (worst of {leak['tensors']} edited tensors"
+    ) in text
 
 
 def test_readme_names_the_defaults_the_table_picks():
     """README's quality table says which variant each device loads by default: the one DEVICE_DEFAULTS
     picks from a full export, and one README marks fit to ship."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme[readme.index("| variant | MiB | first-token KL |"):].split("\n\n")[0].splitlines()[3:]
+    table = readme[readme.index("| variant | MiB | first-token KL |") :].split("\n\n")[0].splitlines()[3:]
     rows = [r.split("|")[1:-1] for r in table]  # the rows after fp32's
     marked = {dev: [r[0].split()[0].strip() for r in rows if dev in r[-1]] for dev in ("WASM", "WebGPU")}
     assert marked == {"WASM": [DEVICE_DEFAULTS["wasm"][0]], "WebGPU": [DEVICE_DEFAULTS["webgpu"][0]]}

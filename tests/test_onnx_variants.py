@@ -9,8 +9,8 @@ import os
 import numpy as np
 import onnx
 import pytest
-
 from conftest import DEMO, fixture_path, run_cli
+
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
@@ -305,9 +305,10 @@ def test_quantized_export_of_an_ablation_keeps_it(ablated):
     assert rep["parity_ok"] and rep["greedy_token_match"] == 1.0
     leak = rep["leakage"]["summary"]
     assert leak["tensors"] >= 7  # embedding + attention and MLP writers of the 3 layers
+    from patcher_kernels.project import orthonormalize
+
     from patcher.edit.directions import load_direction
     from patcher.onnx.verify import leakage
-    from patcher_kernels.project import orthonormalize
 
     q = orthonormalize(load_direction(str(direction)).vectors)
     exact, orig = StreamedModel(Checkpoint(edited)), StreamedModel(Checkpoint(planted))

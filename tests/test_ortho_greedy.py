@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from patcher_kernels.ggml_quant import grid
 from patcher_kernels.ortho_greedy import orthogonal_rounding_rank1
 from patcher_kernels.ortho_round import orthogonal_rounding

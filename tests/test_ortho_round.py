@@ -3,7 +3,6 @@ optimum, and plain round-to-nearest on block-quantized grids."""
 
 import numpy as np
 import pytest
-
 from patcher_kernels.ortho_round import component_leakage, orthogonal_rounding
 from patcher_kernels.project import orthonormalize, project_full
 

@@ -1,6 +1,7 @@
 """patcher.model.prompts against HF transformers as the oracle: rendered chat templates and token ids must be
 identical to `AutoTokenizer.apply_chat_template` / `AutoTokenizer(text)`; bad templates and prompt files give
 one PatcherError naming the file."""
+
 import hashlib
 import json
 import shutil
@@ -8,14 +9,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import pytest
+from conftest import fixture_path
 from tokenizers import Tokenizer, processors
 
 from patcher.errors import PatcherError
 from patcher.io.manifest import sha256_file
 from patcher.model.prompts import encode_prompts, left_pad, load_tokenizer, read_prompt_file
-
-from conftest import fixture_path
-
 
 
 def hf_tokenizer(folder):
@@ -23,26 +22,37 @@ def hf_tokenizer(folder):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(folder))
 
-PROMPTS = ["Tell me a story about a friendly robot.", "  How do plants grow?  ", "Line one\nline two",
-           "Ünïcödé ✓ 日本語 <b>&amp;</b>", "Say <|end|> and </s> literally", "x"]
+
+PROMPTS = [
+    "Tell me a story about a friendly robot.",
+    "  How do plants grow?  ",
+    "Line one\nline two",
+    "Ünïcödé ✓ 日本語 <b>&amp;</b>",
+    "Say <|end|> and </s> literally",
+    "x",
+]
 SYSTEMS = [None, "You are a helpful assistant.", "  Be brief.\n"]
 
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
-          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-          "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-          "{% endif %}")
-GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-         "{{ raise_exception('System role not supported') }}"
-         "{% endif %}{% for message in messages %}"
-         "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-         "{% endif %}"
-         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
-         "{% set role = message['role'] %}"
-         "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-         "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+    "{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
 # Exercises trim_blocks/lstrip_blocks, namespace, loop controls, tojson (with indent; no HTML escaping).
 FANCY = """{%- set ns = namespace(sys='') %}
 {%- for m in messages %}
@@ -60,8 +70,9 @@ FANCY = """{%- set ns = namespace(sys='') %}
 
 
 def messages(prompt, system=None):
-    return ([{"role": "system", "content": system}] if system is not None else []) + \
-        [{"role": "user", "content": prompt}]
+    return ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}
+    ]
 
 
 def hf_ids(out) -> list[int]:
@@ -96,17 +107,20 @@ def assert_matches_hf(folder, systems=SYSTEMS):
             msgs = messages(prompt, system)
             expected = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             assert tok.render(prompt, system=system) == expected
-            assert tok.render(prompt, system=system, add_generation_prompt=False) == \
-                hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+            assert tok.render(prompt, system=system, add_generation_prompt=False) == hf.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=False
+            )
         ids = encode_prompts(tok, PROMPTS, system=system)
-        assert ids == [hf_ids(hf.apply_chat_template(messages(p, system), tokenize=True,
-                                                     add_generation_prompt=True))
-                       for p in PROMPTS]
+        assert ids == [
+            hf_ids(hf.apply_chat_template(messages(p, system), tokenize=True, add_generation_prompt=True))
+            for p in PROMPTS
+        ]
     assert encode_prompts(tok, PROMPTS, chat_template=False) == [hf(p)["input_ids"] for p in PROMPTS]
     return tok, hf
 
 
 # --- chat templates vs transformers ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma", "qwen2"])
 def test_fixture_templates_match_hf(model_type):
@@ -116,8 +130,15 @@ def test_fixture_templates_match_hf(model_type):
 
 
 def test_llama3_style_template(tmp_path):
-    bos = {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False, "rstrip": False,
-           "single_word": False, "special": True}  # as transformers 4.x saved special tokens
+    bos = {
+        "__type": "AddedToken",
+        "content": "<s>",
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }  # as transformers 4.x saved special tokens
     folder = tokenizer_copy(tmp_path, config_update={"chat_template": LLAMA3, "bos_token": bos})
     tok, _ = assert_matches_hf(folder)
     assert tok.render("hi").startswith("<s><|start_header_id|>user")
@@ -165,8 +186,10 @@ def test_chat_template_jinja_takes_precedence(tmp_path):
 
 
 def test_named_template_list_uses_default(tmp_path):
-    templates = [{"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
-                 {"name": "default", "template": GEMMA}]
+    templates = [
+        {"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
+        {"name": "default", "template": GEMMA},
+    ]
     folder = tokenizer_copy(tmp_path, config_update={"chat_template": templates})
     tok, _ = assert_matches_hf(folder, systems=[None])
     assert tok.render("hi").startswith("<s><start_of_turn>user")
@@ -187,14 +210,24 @@ def test_no_template_path_matches_hf(tmp_path):
 
 # --- special tokens ----------------------------------------------------------------------------------------
 
+
 def test_special_tokens_as_dicts_and_pad_fallback(tmp_path):
-    added = {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False, "rstrip": False,
-             "special": True}
+    added = {
+        "__type": "AddedToken",
+        "content": "</s>",
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "special": True,
+    }
     tok = load_tokenizer(tokenizer_copy(tmp_path, config_update={"eos_token": added, "pad_token": None}))
     assert tok.eos_id == 2 and tok.pad_id == 2  # no pad token: falls back to eos
     (tmp_path / "none").mkdir()
-    tok = load_tokenizer(tokenizer_copy(tmp_path / "none", config_update={
-        "eos_token": None, "pad_token": None, "bos_token": None}))
+    tok = load_tokenizer(
+        tokenizer_copy(
+            tmp_path / "none", config_update={"eos_token": None, "pad_token": None, "bos_token": None}
+        )
+    )
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, None, 0)
 
 
@@ -213,14 +246,18 @@ def test_missing_or_corrupt_tokenizer_files(tmp_path):
 
 # --- untrusted templates -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ cycler.__init__.__globals__ }}",
-    "{{ messages.__class__ }}",
-    "{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}",  # immutable sandbox: no mutation
-    "{% set ns = namespace() %}{% set ns.__dict__ = 1 %}{{ ns }}",
-    "{{ namespace(__class__=1) }}",
-])
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ messages.__class__ }}",
+        "{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}",  # immutable sandbox: no mutation
+        "{% set ns = namespace() %}{% set ns.__dict__ = 1 %}{{ ns }}",
+        "{{ namespace(__class__=1) }}",
+    ],
+)
 def test_unsafe_templates_refused(tmp_path, template):
     # loading alone is fine (--no-chat-template)
     tok = load_tokenizer(tokenizer_copy(tmp_path, jinja=template))
@@ -231,11 +268,14 @@ def test_unsafe_templates_refused(tmp_path, template):
         encode_prompts(tok, ["hi"])
 
 
-@pytest.mark.parametrize("template, problem", [
-    ("{% for m in messages %}{{ m['content'] }}", "syntax error"),
-    ("{{ messages[0]['content'].nope.deeper }}", "chat template failed"),
-    ("{{ 1 / 0 }}", "ZeroDivisionError"),
-])
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        ("{% for m in messages %}{{ m['content'] }}", "syntax error"),
+        ("{{ messages[0]['content'].nope.deeper }}", "chat template failed"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ],
+)
 def test_broken_templates_give_patcher_error(tmp_path, template, problem):
     tok = load_tokenizer(tokenizer_copy(tmp_path, config_update={"chat_template": template}))
     with pytest.raises(PatcherError, match=problem) as e:
@@ -245,9 +285,10 @@ def test_broken_templates_give_patcher_error(tmp_path, template, problem):
 
 # --- prompt files ------------------------------------------------------------------------------------------
 
+
 def test_read_txt(tmp_path):
     p = tmp_path / "p.txt"
-    p.write_bytes("first prompt  \r\n\n   \n  inner  text kept\nlast\tline\t\n".encode())
+    p.write_bytes(b"first prompt  \r\n\n   \n  inner  text kept\nlast\tline\t\n")
     assert read_prompt_file(p) == ["first prompt", "  inner  text kept", "last\tline"]
     assert read_prompt_file(p, limit=2) == ["first prompt", "  inner  text kept"]
     p.write_bytes("\ufeffwith bom\n".encode())
@@ -256,8 +297,7 @@ def test_read_txt(tmp_path):
 
 def test_read_jsonl_and_json(tmp_path):
     p = tmp_path / "p.jsonl"
-    p.write_text('{"prompt": "a\\nb", "label": 1}\n\n{"prompt": "Ünï"}\n{"prompt": "c"}\n',
-                 encoding="utf-8")
+    p.write_text('{"prompt": "a\\nb", "label": 1}\n\n{"prompt": "Ünï"}\n{"prompt": "c"}\n', encoding="utf-8")
     assert read_prompt_file(p) == ["a\nb", "Ünï", "c"]
     assert read_prompt_file(p, limit=1) == ["a\nb"]
     q = tmp_path / "p.json"
@@ -267,18 +307,21 @@ def test_read_jsonl_and_json(tmp_path):
     assert read_prompt_file(q) == ["x", "z"]
 
 
-@pytest.mark.parametrize("name, content, problem", [
-    ("empty.txt", b"\n  \n\n", "no prompts"),
-    ("empty.jsonl", b"", "no prompts"),
-    ("bad.jsonl", b'{"prompt": "ok"}\n\n{"prompt": oops}\n', "line 3: bad JSON"),
-    ("field.jsonl", b'{"prompt": "ok"}\n{"text": "no prompt"}\n', "line 2: .*\"prompt\""),
-    ("type.jsonl", b'{"prompt": 42}\n', "line 1: \"prompt\" must be a string"),
-    ("array.json", b'[{"prompt": "ok"}, "bare"]', "item 1"),
-    ("broken.json", b'[{"prompt": "ok"},', "bad JSON"),
-    ("blank.jsonl", b'{"prompt": "ok"}\n{"prompt": "  "}\n', "line 2: \"prompt\" is empty"),
-    ("latin1.txt", "caf\u00e9\n".encode("latin-1"), "not UTF-8"),
-    ("p.csv", b"a,b\n", "unsupported"),
-])
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("empty.txt", b"\n  \n\n", "no prompts"),
+        ("empty.jsonl", b"", "no prompts"),
+        ("bad.jsonl", b'{"prompt": "ok"}\n\n{"prompt": oops}\n', "line 3: bad JSON"),
+        ("field.jsonl", b'{"prompt": "ok"}\n{"text": "no prompt"}\n', 'line 2: .*"prompt"'),
+        ("type.jsonl", b'{"prompt": 42}\n', 'line 1: "prompt" must be a string'),
+        ("array.json", b'[{"prompt": "ok"}, "bare"]', "item 1"),
+        ("broken.json", b'[{"prompt": "ok"},', "bad JSON"),
+        ("blank.jsonl", b'{"prompt": "ok"}\n{"prompt": "  "}\n', 'line 2: "prompt" is empty'),
+        ("latin1.txt", "caf\u00e9\n".encode("latin-1"), "not UTF-8"),
+        ("p.csv", b"a,b\n", "unsupported"),
+    ],
+)
 def test_bad_prompt_files(tmp_path, name, content, problem):
     p = tmp_path / name
     p.write_bytes(content)
@@ -297,6 +340,7 @@ def test_missing_prompt_file_and_bad_limit(tmp_path):
 
 
 # --- batching and hashing ----------------------------------------------------------------------------------
+
 
 def test_left_pad():
     ids, mask = left_pad([[1, 2, 3], [4], [5, 6]], pad_id=9)

@@ -1,13 +1,14 @@
 """`patcher run`: recipes validated up front with line numbers, dry runs, --jobs determinism,
 resume by manifest, per-layer strength kernels, and provenance manifests."""
+
 import json
 import math
 
 import ml_dtypes
 import numpy as np
-
 from conftest import DEMO, FIXTURES, fixture_path, run_cli, unit
 from patcher_kernels.codecs import ulp_distance
+
 from patcher.io import manifest
 from patcher.io.checkpoint import Checkpoint
 
@@ -16,8 +17,9 @@ NEG = DEMO / "negative.txt"
 
 
 def write_recipe(tmp_path, body: str, models=("llama", "qwen3"), name="recipe.toml"):
-    head = "".join(f'[[model]]\nname = "{m}"\npath = "{fixture_path(m)}"\noutput = "out/{m}"\n\n'
-                   for m in models)
+    head = "".join(
+        f'[[model]]\nname = "{m}"\npath = "{fixture_path(m)}"\noutput = "out/{m}"\n\n' for m in models
+    )
     path = tmp_path / name
     path.write_text(head + body)
     return path
@@ -26,12 +28,12 @@ def write_recipe(tmp_path, body: str, models=("llama", "qwen3"), name="recipe.to
 PIPELINE = f'''
 [[step]]
 op = "ablate"
-direction = "{FIXTURES / 'direction-64.npy'}"
+direction = "{FIXTURES / "direction-64.npy"}"
 strength = {{ kernel = "gaussian", center = 1, width = 1.0, peak = 1.0 }}
 
 [[step]]
 op = "inject"
-direction = "{FIXTURES / 'direction-64.npy'}"
+direction = "{FIXTURES / "direction-64.npy"}"
 layer = 2
 alpha = 1.5
 
@@ -46,13 +48,15 @@ def folder_bytes(root):
     for p in sorted(root.rglob("*")):
         if p.is_file():
             rel = str(p.relative_to(root))
-            out[rel] = (json.loads(p.read_text())["outputs"] if p.name.endswith(manifest.MANIFEST)
-                        else p.read_bytes())
+            out[rel] = (
+                json.loads(p.read_text())["outputs"] if p.name.endswith(manifest.MANIFEST) else p.read_bytes()
+            )
     return out
 
 
 def test_jobs_2_equals_jobs_1_byte_for_byte(tmp_path):
     import shutil
+
     results = []
     recipe = write_recipe(tmp_path, PIPELINE)
     for jobs in (1, 2):  # same recipe, same output paths: only the scheduling differs
@@ -68,15 +72,17 @@ def test_validation_reports_every_problem_with_its_line(tmp_path):
     bad = np.zeros(32, np.float32)
     bad[0] = 1
     np.save(tmp_path / "short.npy", bad)
-    recipe = write_recipe(tmp_path, f'''
+    recipe = write_recipe(
+        tmp_path,
+        f'''
 [[step]]
 op = "ablate"
-direction = "{tmp_path / 'short.npy'}"
+direction = "{tmp_path / "short.npy"}"
 layerz = "1-2"
 
 [[step]]
 op = "inject"
-direction = "{FIXTURES / 'direction-64.npy'}"
+direction = "{FIXTURES / "direction-64.npy"}"
 layer = 7
 alpha = 1.0
 
@@ -84,13 +90,17 @@ alpha = 1.0
 op = "extract"
 positive = "missing.txt"
 negative = "{NEG}"
-''', models=("llama",))
+''',
+        models=("llama",),
+    )
     res = run_cli("run", recipe, expect=1)
     text = res.output
     lines = recipe.read_text().splitlines()
     assert "problem(s)" in text
-    assert (f"line {lines.index('layerz = ' + chr(34) + '1-2' + chr(34)) + 1}: step 1 (ablate): "
-            f"unknown key 'layerz'") in text
+    assert (
+        f"line {lines.index('layerz = ' + chr(34) + '1-2' + chr(34)) + 1}: step 1 (ablate): "
+        f"unknown key 'layerz'"
+    ) in text
     assert "dimension 32, the model's d_model is 64" in text
     assert f"line {lines.index('layer = 7') + 1}: step 2 (inject): layer: layer 7 is out of range" in text
     assert "missing.txt does not exist" in text
@@ -150,7 +160,9 @@ def test_manifests_record_inputs_outputs_and_directions(tmp_path):
 
 
 def test_extract_then_ablate_uses_the_extracted_direction(tmp_path):
-    recipe = write_recipe(tmp_path, f'''
+    recipe = write_recipe(
+        tmp_path,
+        f'''
 [[step]]
 op = "extract"
 positive = "{POS}"
@@ -160,7 +172,9 @@ max_prompts = 12
 [[step]]
 op = "ablate"
 targets = ["embed"]
-''', models=("llama",))
+''',
+        models=("llama",),
+    )
     run_cli("run", recipe)
     out = tmp_path / "out" / "llama"
     with Checkpoint(out / "01-directions.safetensors") as ck:

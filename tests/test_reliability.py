@@ -1,5 +1,6 @@
 """Nothing is lost when things go wrong: a full disk, SIGKILL of `ablate` and `run`, and
 determinism (the same command twice gives the same bytes)."""
+
 import hashlib
 import json
 import os
@@ -9,15 +10,17 @@ import sys
 import time
 
 import pytest
-
 from conftest import FIXTURES, fixture_path, run_cli
 
 PY_CLI = [sys.executable, "-c", "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()"]
 
 
 def digests(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def looks_complete(parent, name):
@@ -27,6 +30,7 @@ def looks_complete(parent, name):
 
 def test_disk_full_mid_write_leaves_nothing_and_rerun_succeeds(tmp_path, direction64):
     import resource
+
     src = fixture_path("mixtral")
     before = digests(src)
     out = tmp_path / "out"
@@ -34,8 +38,13 @@ def test_disk_full_mid_write_leaves_nothing_and_rerun_succeeds(tmp_path, directi
     def small_disk():  # every file this process writes is capped at 64 KiB: the shards do not fit
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-    p = subprocess.run([*PY_CLI, "ablate", str(src), "-d", str(direction64), "-o", str(out)],
-                       capture_output=True, text=True, preexec_fn=small_disk)
+
+    p = subprocess.run(
+        [*PY_CLI, "ablate", str(src), "-d", str(direction64), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+    )
     assert p.returncode == 1, p.stderr
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert lines[0].startswith("error:") and "File too large" in p.stderr and "Traceback" not in p.stderr
@@ -59,11 +68,17 @@ def _kill_when_writing(cmd, watch_dir, pattern, tmp_path):
 def test_sigkill_of_ablate(tmp_path, direction64):
     src = fixture_path("qwen2_moe")
     before = digests(src)
-    slow = ("import time, patcher.io.writer as w\norig = w._write_produced\n"
-            "def slow(*a):\n    time.sleep(0.05); return orig(*a)\nw._write_produced = slow\n"
-            "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()\n")
-    rc = _kill_when_writing([sys.executable, "-c", slow, "ablate", str(src), "-d", str(direction64), "-o",
-                             str(tmp_path / "out")], tmp_path, ".out.partial-*/*.safetensors", tmp_path)
+    slow = (
+        "import time, patcher.io.writer as w\norig = w._write_produced\n"
+        "def slow(*a):\n    time.sleep(0.05); return orig(*a)\nw._write_produced = slow\n"
+        "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()\n"
+    )
+    rc = _kill_when_writing(
+        [sys.executable, "-c", slow, "ablate", str(src), "-d", str(direction64), "-o", str(tmp_path / "out")],
+        tmp_path,
+        ".out.partial-*/*.safetensors",
+        tmp_path,
+    )
     assert rc == -signal.SIGKILL
     assert not looks_complete(tmp_path, "out")
     assert digests(src) == before
@@ -75,7 +90,7 @@ def test_sigkill_of_ablate(tmp_path, direction64):
 def test_sigkill_of_run_then_resume(tmp_path, direction64):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'''[[model]]
-path = "{fixture_path('llama')}"
+path = "{fixture_path("llama")}"
 output = "out"
 
 [[step]]
@@ -92,12 +107,18 @@ alpha = 2.0
 op = "export"
 ''')
     src_before = digests(fixture_path("llama"))
-    slow = ("import time, patcher.io.writer as w\norig = w._write_produced\n"
-            "def slow(*a):\n    time.sleep(0.2); return orig(*a)\nw._write_produced = slow\n"
-            "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()\n")
+    slow = (
+        "import time, patcher.io.writer as w\norig = w._write_produced\n"
+        "def slow(*a):\n    time.sleep(0.2); return orig(*a)\nw._write_produced = slow\n"
+        "import sys; from patcher.cli import main; sys.argv[0] = 'patcher'; main()\n"
+    )
     (tmp_path / "out").mkdir()
-    rc = _kill_when_writing([sys.executable, "-c", slow, "run", str(recipe)], tmp_path / "out",
-                            ".02-injected.partial-*/*.safetensors", tmp_path)
+    rc = _kill_when_writing(
+        [sys.executable, "-c", slow, "run", str(recipe)],
+        tmp_path / "out",
+        ".02-injected.partial-*/*.safetensors",
+        tmp_path,
+    )
     assert rc == -signal.SIGKILL
     assert (tmp_path / "out" / "01-ablated" / "patcher-manifest.json").exists()  # finished before the kill
     assert not looks_complete(tmp_path / "out", "02-injected")
@@ -107,8 +128,9 @@ op = "export"
     assert (tmp_path / "out" / "03-onnx" / "onnx" / "model.onnx").exists()
 
 
-@pytest.mark.parametrize("cmd", [["ablate", "--norm-preserve", "cols"],
-                                 ["inject", "--layer", "1", "--alpha", "2"]])
+@pytest.mark.parametrize(
+    "cmd", [["ablate", "--norm-preserve", "cols"], ["inject", "--layer", "1", "--alpha", "2"]]
+)
 def test_same_command_twice_gives_identical_bytes(tmp_path, direction64, cmd):
     outs = []
     for i in range(2):
@@ -122,10 +144,12 @@ def test_same_command_twice_gives_identical_bytes(tmp_path, direction64, cmd):
 
 
 def test_export_is_deterministic(tmp_path):
-    a = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"),
-                                                                              tmp_path / "a"))
-    b = digests(__import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"),
-                                                                              tmp_path / "b"))
+    a = digests(
+        __import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "a")
+    )
+    b = digests(
+        __import__("patcher.onnx.export", fromlist=["export"]).export(fixture_path("phi3"), tmp_path / "b")
+    )
     for d in (a, b):
         d.pop("patcher-manifest.json")
         d.pop("patcher-export.json")  # names its output folder
@@ -134,8 +158,19 @@ def test_export_is_deterministic(tmp_path):
 
 def test_fuzz_driver_finds_no_crash():
     """scripts/fuzz_headers.py: 3000 damaged shards and indexes, each a clean read or a CheckpointError."""
-    p = subprocess.run([sys.executable, str(FIXTURES.parent / "scripts" / "fuzz_headers.py"),
-                        "--cases", "3000", "--seed", "7"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(FIXTURES.parent / "scripts" / "fuzz_headers.py"),
+            "--cases",
+            "3000",
+            "--seed",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "3000 cases" in p.stdout and "crashes: 0" in p.stdout
 
@@ -144,6 +179,7 @@ def test_digest_cache_hits_and_misses_on_any_rewrite(tmp_path, monkeypatch):
     """Re-hashing is skipped for an unchanged file, never for a rewritten one, even when the
     rewrite keeps size and mtime (ctime cannot be forged from user space)."""
     from patcher.io import manifest
+
     monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "x.bin"
     f.write_bytes(b"a" * 1000)

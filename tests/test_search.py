@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, fixture_path, run_cli
+from patcher_kernels.codecs import decode
+
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.writer import OutTensor, write_safetensors
@@ -21,10 +22,9 @@ from patcher.search import space as sp
 from patcher.search import study as st
 from patcher.search.engine import ResidentModel
 from patcher.search.objectives import Evaluator, hits, load_markers, normalize
-from patcher_kernels.codecs import decode
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import make_search_fixture  # noqa: E402
+import make_search_fixture
 
 
 def fp32_copy(src: Path, dst: Path) -> Path:
@@ -60,6 +60,7 @@ def directions_file(path: Path, L: int, d: int, seed: int = 0) -> Path:
 def manual_study(path: Path, model: Path, dirs: Path, params: dict, fixed: dict) -> int:
     """A study holding one completed trial with these free parameters (as `patcher search` stores it)."""
     import optuna
+
     from patcher.io.manifest import folder_identity, sha256_file
 
     attrs = st.base_attrs(
@@ -149,9 +150,17 @@ def test_blended_direction_is_the_normalised_interpolation():
     assert np.allclose(sp.blended(units, 2.0), [0, 0, 1])
     # a zero row (chat template: resid_pre[0] is one template token for all prompts) edits nothing there
     table = np.array([[0.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0]])
-    params = {"direction_scope": "per_layer", "embed": True, "embed_strength": 1.0, "norm_preserve": "none",
-              **{f"{c}_{k}": v for c in sp.COMPONENTS for k, v in
-                 (("peak", 1.0), ("center", 0.0), ("min_frac", 1.0), ("width", 2.0))}}
+    params = {
+        "direction_scope": "per_layer",
+        "embed": True,
+        "embed_strength": 1.0,
+        "norm_preserve": "none",
+        **{
+            f"{c}_{k}": v
+            for c in sp.COMPONENTS
+            for k, v in (("peak", 1.0), ("center", 0.0), ("min_frac", 1.0), ("width", 2.0))
+        },
+    }
     spec = sp.edit_spec(params, table, 2)
     assert set(spec.groups) == {(c, l) for c in sp.COMPONENTS for l in (0, 1)}
     at_zero = {**params, "direction_scope": "global", "direction_index": 0.0}
@@ -189,15 +198,21 @@ def test_cached_greedy_generation_matches_the_uncached_forward(model_type):
 # --- the in-forward edit equals the written checkpoint ------------------------------------------
 
 
-
 def train_prompts(P):
     """--positive/--negative for the refusal fixture's training prompts."""
     return ("--positive", P / "refusal-train-positive.txt", "--negative", P / "refusal-train-negative.txt")
 
+
 # one set of per-layer strength kernels (attention and MLP writers) shared by the trials below
 LAYER_KERNELS = {
-    "attn_out_peak": 0.9, "attn_out_center": 1.0, "attn_out_min_frac": 0.5, "attn_out_width": 2.0,
-    "mlp_out_peak": 1.2, "mlp_out_center": 2.0, "mlp_out_min_frac": 0.3, "mlp_out_width": 1.5,
+    "attn_out_peak": 0.9,
+    "attn_out_center": 1.0,
+    "attn_out_min_frac": 0.5,
+    "attn_out_width": 2.0,
+    "mlp_out_peak": 1.2,
+    "mlp_out_center": 2.0,
+    "mlp_out_min_frac": 0.3,
+    "mlp_out_width": 1.5,
 }
 
 CASES = [

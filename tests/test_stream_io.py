@@ -1,5 +1,6 @@
 """One pass over the bytes: digests computed while streaming, shards overlapped, hub cache names,
 and a light `patcher --version`. Every digest is checked against hashlib over the files on disk."""
+
 import hashlib
 import json
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import fixture_path, run_cli
+
 from patcher.edit import apply
 from patcher.io import manifest, writer
 from patcher.io.writer import InputDigest
@@ -55,8 +56,9 @@ def test_input_digest_feeds_in_any_pattern(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", SHARDED)
-def test_streamed_digests_match_the_files_and_inputs_are_not_reread(model_type, tmp_path, direction64,
-                                                                     fresh_cache, small_chunks, monkeypatch):
+def test_streamed_digests_match_the_files_and_inputs_are_not_reread(
+    model_type, tmp_path, direction64, fresh_cache, small_chunks, monkeypatch
+):
     src = fixture_path(model_type)
     hashed = []
     orig = manifest.sha256_file
@@ -87,21 +89,33 @@ def test_a_rerun_takes_both_digests_from_the_cache(tmp_path, direction64, fresh_
 
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt2"])
 @pytest.mark.parametrize("hash_files", [True, False])
-def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(model_type, hash_files, tmp_path,
-                                                                  direction64, fresh_cache, small_chunks):
+def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(
+    model_type, hash_files, tmp_path, direction64, fresh_cache, small_chunks
+):
     from patcher.cli.common import open_model
     from patcher.edit.directions import load_direction
     from patcher.edit.plan import plan_ablation
+
     results = {}
     for window in (1, 2, 3):
         ck = open_model(fixture_path(model_type), None)
         res = ck.resolved
-        plan = plan_ablation(ck, load_direction(str(direction64), res.d_model), layers=None,
-                             roles=("embed", "attn_out", "mlp_out"), scale=1.0, preserve=None, untie=False)
+        plan = plan_ablation(
+            ck,
+            load_direction(str(direction64), res.d_model),
+            layers=None,
+            roles=("embed", "attn_out", "mlp_out"),
+            scale=1.0,
+            preserve=None,
+            untie=False,
+        )
         out = tmp_path / f"w{window}"
         rep = apply.execute(plan, out, hash_files=hash_files, shards_in_flight=window)
-        results[window] = ({p.name: p.read_bytes() for p in out.iterdir() if p.name != manifest.MANIFEST},
-                           rep.leakage, json.loads((out / manifest.MANIFEST).read_text())["outputs"])
+        results[window] = (
+            {p.name: p.read_bytes() for p in out.iterdir() if p.name != manifest.MANIFEST},
+            rep.leakage,
+            json.loads((out / manifest.MANIFEST).read_text())["outputs"],
+        )
         ck.close()
     assert results[1] == results[2] == results[3]
 
@@ -115,6 +129,7 @@ def test_writer_error_stops_the_run_and_leaves_nothing(tmp_path, direction64, sm
         if len(calls) == 7:
             raise OSError(28, "No space left on device")
         return orig(fd, data, offset)
+
     monkeypatch.setattr(writer, "_pwrite_all", fail_late)
     r = run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", tmp_path / "out", expect=1)
     assert "No space left on device" in r.output
@@ -126,11 +141,15 @@ def _single_file(src: Path, dst: Path) -> Path:
     helper's part (its index check follows the links); a single file needs no index."""
     from patcher.io.checkpoint import Checkpoint
     from patcher.io.writer import OutTensor, write_safetensors
+
     dst.mkdir(parents=True)
     ck = Checkpoint(src)
     infos = [i for f in ck.files for i in ck.shard_tensors(f)]
-    write_safetensors(dst / "model.safetensors",
-                      [OutTensor(i.name, i.dtype, i.shape, source=i) for i in infos], {"format": "pt"})
+    write_safetensors(
+        dst / "model.safetensors",
+        [OutTensor(i.name, i.dtype, i.shape, source=i) for i in infos],
+        {"format": "pt"},
+    )
     for p in src.iterdir():
         if p.suffix == ".json" and p.name != "model.safetensors.index.json":
             shutil.copyfile(p, dst / p.name)
@@ -200,34 +219,50 @@ def test_hub_cache_names_without_hashing(tmp_path, direction64):
     assert m["hub_cache"] and all(e["matches_streamed_sha256"] is None for e in m["hub_cache"].values())
 
 
-HEAVY = ("onnx", "onnxruntime", "tokenizers", "jinja2", "ml_dtypes", "numpy", "safetensors", "onnx_ir",
-         "rich.progress", "pydantic")  # pydantic: typer >= 0.29 builds adapters with it on every start
+HEAVY = (
+    "onnx",
+    "onnxruntime",
+    "tokenizers",
+    "jinja2",
+    "ml_dtypes",
+    "numpy",
+    "safetensors",
+    "onnx_ir",
+    "rich.progress",
+    "pydantic",
+)  # pydantic: typer >= 0.29 builds adapters with it on every start
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["version"], ["ablate", "--help"]])
 def test_cli_start_up_imports_nothing_heavy(argv):
     heavy = HEAVY + (("rich.table",) if "--help" not in argv else ())  # typer draws help with rich tables
-    code = ("import sys; from patcher.cli import main; sys.argv = ['patcher', *sys.argv[1:]]\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            f"print('LOADED', sorted(m for m in {heavy!r} if m in sys.modules))")
+    code = (
+        "import sys; from patcher.cli import main; sys.argv = ['patcher', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print('LOADED', sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
     p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "LOADED []", p.stdout[-2000:]
     if argv == ["--version"]:
         from patcher import __version__
+
         assert p.stdout.splitlines()[0] == __version__
 
 
 def test_version_option_and_command_agree():
     from patcher import __version__
+
     assert run_cli("--version").output.strip() == __version__ == run_cli("version").output.strip()
 
 
 def test_headers_open_without_ml_dtypes():
-    code = ("import sys; from patcher.io.checkpoint import Checkpoint\n"
-            f"ck = Checkpoint({str(fixture_path('deepseek_v3'))!r})\n"
-            "assert any(t.dtype == 'BF16' for t in ck.tensors.values())\n"
-            "print('ml_dtypes' in sys.modules)")
+    code = (
+        "import sys; from patcher.io.checkpoint import Checkpoint\n"
+        f"ck = Checkpoint({str(fixture_path('deepseek_v3'))!r})\n"
+        "assert any(t.dtype == 'BF16' for t in ck.tensors.values())\n"
+        "print('ml_dtypes' in sys.modules)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
 
@@ -236,18 +271,29 @@ def test_copy_modes_write_the_same_bytes(tmp_path, small_chunks):
     """The writer's three ways to copy untouched ranges give the same file and digest."""
     from patcher.io.checkpoint import Checkpoint
     from patcher.io.writer import OutTensor, ShardWriter
+
     src = fixture_path("mixtral") / "model-00001-of-00002.safetensors"
     ck = Checkpoint(src)
     infos = ck.shard_tensors(src.name)
     edited = infos[1]
     arr = np.asarray(ck.array(edited.name)) * 0  # one produced tensor between copied ones
-    tensors = [OutTensor(i.name, i.dtype, i.shape, source=i) if i is not edited else
-               OutTensor(i.name, i.dtype, i.shape, produce=lambda: [arr]) for i in infos]
+    tensors = [
+        OutTensor(i.name, i.dtype, i.shape, source=i)
+        if i is not edited
+        else OutTensor(i.name, i.dtype, i.shape, produce=lambda: [arr])
+        for i in infos
+    ]
     got = {}
     for mode in ("kernel", "range", "read"):
         hashing = mode != "kernel"
-        w = ShardWriter(tmp_path / mode, tensors, {"format": "pt"}, hash_out=hashing,
-                        input_digest=InputDigest(src) if hashing else None, copy=mode)
+        w = ShardWriter(
+            tmp_path / mode,
+            tensors,
+            {"format": "pt"},
+            hash_out=hashing,
+            input_digest=InputDigest(src) if hashing else None,
+            copy=mode,
+        )
         try:
             w.produce()
             digest = w.finish()
@@ -277,8 +323,9 @@ print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_row_blocks_are_reused_not_faulted_in_again():
     faults = {}
     for mode in ("off", "on"):
-        p = subprocess.run([sys.executable, "-c", ALLOC_CHILD, mode], capture_output=True, text=True,
-                           timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-c", ALLOC_CHILD, mode], capture_output=True, text=True, timeout=60
+        )
         assert p.returncode == 0, p.stderr
         applied, n = p.stdout.split()
         assert applied == str(mode == "on")
@@ -291,32 +338,42 @@ def test_freed_row_blocks_are_reused_not_faulted_in_again():
 
 def test_allocator_tuning_is_skipped_where_there_is_no_glibc(monkeypatch):
     import ctypes
+
     from patcher.io import allocator
+
     monkeypatch.setattr(allocator.sys, "platform", "darwin")
     assert allocator.keep_freed_blocks() is False
     monkeypatch.setattr(allocator.sys, "platform", "linux")
 
     def no_libc(*a, **k):
         raise OSError("no C library")
+
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     assert allocator.keep_freed_blocks() is False
 
 
 # --- patcher/edit/shards.py: shards written at once ------------------------------------------------
 
+
 def _plan(model_type, direction64):
     return _plan_of(fixture_path(model_type), direction64)
 
 
-@pytest.mark.parametrize("model_type,window,spread,most", [
-    ("mixtral", 2, False, 2),  # two files at once: each keeps both digests on its reader (cache-hot)
-    ("mixtral", 1, True, 1),   # one at a time: the writer thread takes the output digest
-    ("llama-single", 2, True, 1),  # a one-file checkpoint runs alone whatever the window
-])
-def test_shards_in_flight_and_where_the_digests_run(model_type, window, spread, most, tmp_path,
-                                                    direction64, fresh_cache, monkeypatch):
+@pytest.mark.parametrize(
+    "model_type,window,spread,most",
+    [
+        ("mixtral", 2, False, 2),  # two files at once: each keeps both digests on its reader (cache-hot)
+        ("mixtral", 1, True, 1),  # one at a time: the writer thread takes the output digest
+        ("llama-single", 2, True, 1),  # a one-file checkpoint runs alone whatever the window
+    ],
+)
+def test_shards_in_flight_and_where_the_digests_run(
+    model_type, window, spread, most, tmp_path, direction64, fresh_cache, monkeypatch
+):
     import threading
+
     from patcher.edit import shards
+
     if model_type == "llama-single":
         plan = _plan_of(_single_file(fixture_path("llama"), tmp_path / "single"), direction64)
     else:
@@ -339,6 +396,7 @@ def test_shards_in_flight_and_where_the_digests_run(model_type, window, spread, 
             super().produce()
             with lock:
                 alive[0] -= 1
+
     most_seen: list[int] = []
     monkeypatch.setattr(shards, "ShardWriter", Spy)
     apply.execute(plan, tmp_path / "out", shards_in_flight=window)
@@ -350,20 +408,31 @@ def _plan_of(folder, direction64):
     from patcher.edit.directions import load_direction
     from patcher.edit.plan import plan_ablation
     from patcher.model.opened import Model
+
     ck = Model.open(folder)
-    return plan_ablation(ck, load_direction(str(direction64), ck.resolved.d_model), layers=None,
-                         roles=("embed", "attn_out", "mlp_out"), scale=1.0, preserve=None, untie=False)
+    return plan_ablation(
+        ck,
+        load_direction(str(direction64), ck.resolved.d_model),
+        layers=None,
+        roles=("embed", "attn_out", "mlp_out"),
+        scale=1.0,
+        preserve=None,
+        untie=False,
+    )
 
 
 def test_a_shard_without_format_metadata_gets_pt(tmp_path, direction64):
     from safetensors.numpy import save_file
+
     src = tmp_path / "src"
     shutil.copytree(fixture_path("llama"), src)
     for f in src.glob("*.safetensors"):  # the same tensors, no __metadata__ at all
         from safetensors.numpy import load_file
+
         save_file(load_file(f), f)
     run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "out", "--no-hash")
     from safetensors import safe_open
+
     for f in (tmp_path / "out").glob("*.safetensors"):
         with safe_open(f, "np") as h:
             assert h.metadata()["format"] == "pt" and "patcher" in h.metadata()
@@ -373,14 +442,16 @@ def test_no_hash_manifest_lists_every_shard_by_size(tmp_path, direction64):
     out = tmp_path / "out"
     run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", out, "--no-hash")
     m = json.loads((out / manifest.MANIFEST).read_text())
-    assert m["outputs"] == {p.name: f"size:{p.stat().st_size}" for p in out.iterdir()
-                            if p.name != manifest.MANIFEST}
+    assert m["outputs"] == {
+        p.name: f"size:{p.stat().st_size}" for p in out.iterdir() if p.name != manifest.MANIFEST
+    }
     src = fixture_path("mixtral")
     assert m["inputs"] == {p.name: f"size:{p.stat().st_size}" for p in src.iterdir() if p.is_file()}
 
 
-def test_an_edit_of_the_same_base_again_streams_no_input_digest(tmp_path, direction64, fresh_cache,
-                                                                monkeypatch):
+def test_an_edit_of_the_same_base_again_streams_no_input_digest(
+    tmp_path, direction64, fresh_cache, monkeypatch
+):
     src = fixture_path("mixtral")
     run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "a")
     made = []
@@ -393,28 +464,37 @@ def test_an_edit_of_the_same_base_again_streams_no_input_digest(tmp_path, direct
 
 
 @pytest.mark.parametrize("model_type", SHARDED)
-def test_edited_rows_feed_the_input_digest_as_they_are_read(model_type, tmp_path, direction64,
-                                                            fresh_cache, monkeypatch):
+def test_edited_rows_feed_the_input_digest_as_they_are_read(
+    model_type, tmp_path, direction64, fresh_cache, monkeypatch
+):
     rereads = {}
     orig = writer.InputDigest.finish
-    monkeypatch.setattr(writer.InputDigest, "finish",
-                        lambda self: (orig(self), rereads.setdefault(self.path, self.reread))[0])
+    monkeypatch.setattr(
+        writer.InputDigest, "finish", lambda self: (orig(self), rereads.setdefault(self.path, self.reread))[0]
+    )
     run_cli("ablate", fixture_path(model_type), "-d", direction64, "-o", tmp_path / "out")
     assert rereads
     for path, n in rereads.items():  # read for the digest alone: the header, and 1-D tensors an edit
         with open(path, "rb") as f:  # read through mmap (biases); every matrix byte passed on its way
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
-        vectors = sum(e - b for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 1
-                      for b, e in [v["data_offsets"]])
+        vectors = sum(
+            e - b
+            for k, v in header.items()
+            if k != "__metadata__" and len(v["shape"]) == 1
+            for b, e in [v["data_offsets"]]
+        )
         assert 8 + size <= n <= 8 + size + vectors, (path.name, n, size, vectors)
 
 
-def test_an_interrupt_in_one_shard_stops_the_other_and_leaves_nothing(tmp_path, direction64, fresh_cache,
-                                                                      monkeypatch):
+def test_an_interrupt_in_one_shard_stops_the_other_and_leaves_nothing(
+    tmp_path, direction64, fresh_cache, monkeypatch
+):
     import threading
     import time as _time
+
     from patcher.edit import shards
+
     started, aborted = threading.Event(), []
 
     class Slow(writer.ShardWriter):
@@ -439,17 +519,21 @@ def test_an_interrupt_in_one_shard_stops_the_other_and_leaves_nothing(tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
-def test_a_writer_that_cannot_start_closes_the_input_it_opened(tmp_path, direction64, fresh_cache,
-                                                               monkeypatch):
+def test_a_writer_that_cannot_start_closes_the_input_it_opened(
+    tmp_path, direction64, fresh_cache, monkeypatch
+):
     from patcher.edit import shards
+
     closed = []
     orig = writer.InputDigest.close
     monkeypatch.setattr(writer.InputDigest, "close", lambda self: closed.append(self.path) or orig(self))
 
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(shards, "ShardWriter", no_space)
     from patcher.errors import PatcherError
+
     with pytest.raises(PatcherError, match=r"out: cannot write this output \(No space"):  # names the output
         apply.execute(_plan("mixtral", direction64), tmp_path / "out", shards_in_flight=1)
     assert closed and not list(tmp_path.iterdir())

@@ -1,16 +1,17 @@
 """Architecture tables (built-in, custom, errors), `inspect`, and FP8 block-scaled checkpoints."""
+
 import json
 import shutil
 
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import MODEL_TYPES, fixture_path, run_cli, unit
 from patcher_kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks
-from patcher.model.architectures import load_table, supported
+
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.writer import OutTensor, write_safetensors
+from patcher.model.architectures import load_table, supported
 
 
 def test_every_required_architecture_has_a_table():
@@ -54,8 +55,17 @@ def test_unknown_model_type_lists_supported_and_custom_table(tmp_path, direction
 def test_bad_custom_table_is_reported(tmp_path, direction64):
     table = tmp_path / "t.toml"
     table.write_text('model_type = "x"\nextends = "llama"\nwritre = []\n')
-    res = run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", tmp_path / "o",
-                  "--arch-table", table, expect=1)
+    res = run_cli(
+        "ablate",
+        fixture_path("llama"),
+        "-d",
+        direction64,
+        "-o",
+        tmp_path / "o",
+        "--arch-table",
+        table,
+        expect=1,
+    )
     assert "unknown keys" in res.output and "writre" in res.output
 
 
@@ -63,6 +73,7 @@ def test_post_norm_correction_is_what_removes_the_direction(tmp_path, direction6
     """Without the (g*r) correction a gemma2 block still writes r: the oracle test would catch it."""
     torch = pytest.importorskip("torch")
     from test_hf_oracle import load, resid_pre, tokens
+
     table = tmp_path / "no_post_norm.toml"
     table.write_text('model_type = "gemma2"\nextends = "gemma"\n')  # same writers, no post_norm entries
     out = tmp_path / "out"
@@ -85,16 +96,21 @@ def make_fp8_model(tmp_path, scale_dtype="F32"):
                 w = ck.array(info.name).astype(np.float32)
                 if info.name.endswith("proj.weight") and w.ndim == 2:
                     s = block_amax(w) / FP8_MAX
-                    q = np.clip(w / np.repeat(np.repeat(s, 128, 0), 128, 1)[:w.shape[0], :w.shape[1]],
-                                -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+                    q = np.clip(
+                        w / np.repeat(np.repeat(s, 128, 0), 128, 1)[: w.shape[0], : w.shape[1]],
+                        -FP8_MAX,
+                        FP8_MAX,
+                    ).astype(ml_dtypes.float8_e4m3fn)
                     sd = s.astype({"F32": np.float32, "BF16": ml_dtypes.bfloat16}[scale_dtype])
                     tensors.append(OutTensor(info.name, "F8_E4M3", q.shape, produce=lambda q=q: [q]))
-                    tensors.append(OutTensor(info.name + "_scale_inv", scale_dtype, sd.shape,
-                                             produce=lambda s=sd: [s]))
+                    tensors.append(
+                        OutTensor(info.name + "_scale_inv", scale_dtype, sd.shape, produce=lambda s=sd: [s])
+                    )
                 else:
                     a = ck.array(info.name)
-                    tensors.append(OutTensor(info.name, info.dtype, info.shape,
-                                             produce=lambda a=a: [np.array(a)]))
+                    tensors.append(
+                        OutTensor(info.name, info.dtype, info.shape, produce=lambda a=a: [np.array(a)])
+                    )
             write_safetensors(dst / fname, tensors, {"format": "pt"})
     index = json.loads((src / "model.safetensors.index.json").read_text())
     with Checkpoint(dst) as ck:  # re-read to rebuild the index with the new scale tensors
@@ -112,17 +128,20 @@ def test_fp8_block_scaled_ablation(tmp_path, direction64, scale_dtype):
     name = "model.layers.1.mlp.experts.2.down_proj.weight"
     with Checkpoint(src) as a, Checkpoint(out) as b:
         assert b.tensors[name].dtype == "F8_E4M3"
-        w = dequantize_blocks(a.array(name),
-                              a.array(name + "_scale_inv").astype(np.float32)).astype(np.float64)
-        w2 = dequantize_blocks(b.array(name),
-                               b.array(name + "_scale_inv").astype(np.float32)).astype(np.float64)
+        w = dequantize_blocks(a.array(name), a.array(name + "_scale_inv").astype(np.float32)).astype(
+            np.float64
+        )
+        w2 = dequantize_blocks(b.array(name), b.array(name + "_scale_inv").astype(np.float32)).astype(
+            np.float64
+        )
         want = w - np.outer(r, r @ w)
         # fp8 e4m3 keeps 3 mantissa bits: agreement to within its rounding, and the direction mostly gone
         assert np.abs(w2 - want).max() <= 0.07 * np.abs(want).max()
         assert np.linalg.norm(r @ w2) < 0.1 * np.linalg.norm(r @ w)
         # scales only ever grow, and every stored value is finite
-        assert np.all(b.array(name + "_scale_inv").astype(np.float32)
-                      >= a.array(name + "_scale_inv").astype(np.float32))
+        assert np.all(
+            b.array(name + "_scale_inv").astype(np.float32) >= a.array(name + "_scale_inv").astype(np.float32)
+        )
         assert np.isfinite(b.array(name).astype(np.float32)).all()
         # tensors that were not edited keep their bytes, scales included
         other = "model.layers.1.mlp.experts.2.up_proj.weight"
@@ -133,5 +152,6 @@ def test_fp8_block_scaled_ablation(tmp_path, direction64, scale_dtype):
 
 def test_readme_architecture_table_is_generated_from_the_tables():
     from patcher.model.architectures import markdown_table
+
     readme = (fixture_path("llama").parents[1] / "README.md").read_text()
     assert markdown_table() in readme

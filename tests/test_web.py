@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import fixture_path, run_cli
+
 from patcher.errors import PatcherError
 from patcher.model.prompts import encode_prompts, load_tokenizer
 from patcher.onnx.runtime import OnnxModel
@@ -395,8 +395,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("dtypes, want", [(ALL_DTYPES, "fp16"), ("fp32,int4", "fp32"), ("int4,int8", "q8"),
-                                          ("q4f16,int4", "q4")])
+@pytest.mark.parametrize(
+    "dtypes, want", [(ALL_DTYPES, "fp16"), ("fp32,int4", "fp32"), ("int4,int8", "q8"), ("q4f16,int4", "q4")]
+)
 def test_site_wasm_variant_when_the_export_names_none(exports, tmp_path, dtypes, want):
     # an export made before the per-device choice was recorded: the float variants first (quality), then
     # int8 MatMulInteger (WASM's fastest), 4-bit last; the export's other settings stay
@@ -410,8 +411,9 @@ def test_site_wasm_variant_when_the_export_names_none(exports, tmp_path, dtypes,
     cfg = json.loads((tmp_path / "s" / "models" / "edited" / "config.json").read_text())
     cfg = cfg["transformers.js_config"]
     assert cfg["device_config"]["wasm"] == {"dtype": want}
-    assert {k: v for k, v in cfg.items() if k != "device_config"} == {k: v for k, v in src.items()
-                                                                       if k != "device_config"}
+    assert {k: v for k, v in cfg.items() if k != "device_config"} == {
+        k: v for k, v in src.items() if k != "device_config"
+    }
     assert cfg["device_config"].get("webgpu") == (src.get("device_config") or {}).get("webgpu")
 
 
@@ -566,8 +568,14 @@ def test_wasm_default_variant_is_the_one_readme_names(exports, browser, tmp_path
     order = tuple(order[1].split(", "))
     assert order == web_site.WASM_ORDER
     folder = exports("llama")  # every variant patcher writes
-    own = (json.loads((folder / "config.json").read_text())["transformers.js_config"].get("device_config")
-           or {}).get("wasm", {}).get("dtype")
+    own = (
+        (
+            json.loads((folder / "config.json").read_text())["transformers.js_config"].get("device_config")
+            or {}
+        )
+        .get("wasm", {})
+        .get("dtype")
+    )
     variants, _ = web_site.model_files(folder)
     want = own or next(d for d in order if d in variants)
     run_cli("web", folder, "-o", tmp_path / "s")
@@ -606,8 +614,10 @@ def test_single_unedited_column_and_hint(single, browser, site, tmp_path):
         title = page.locator(".column h2").evaluate("h => h.firstChild.textContent")
         # the page names its icon, and the site has it (else browsers ask for /favicon.ico: a 404)
         icon = page.evaluate("document.querySelector('link[rel=icon]')?.href")
-        got = page.evaluate("async (u) => { const r = await fetch(u); "
-                            "return [r.status, r.headers.get('content-type')]; }", icon)
+        got = page.evaluate(
+            "async (u) => { const r = await fetch(u); return [r.status, r.headers.get('content-type')]; }",
+            icon,
+        )
     assert title == "unedited" and not problems
     assert icon.endswith("/favicon.svg") and got == [200, "image/svg+xml"]
     assert f"`patcher web {export} -o {folder} --force --serve`" in " ".join(printed.split())
@@ -631,6 +641,7 @@ def test_serve_checks_the_port_before_building(single, tmp_path):
     assert f"127.0.0.1:{port}" in r.output and "cannot listen" in r.output
     assert not (tmp_path / "s").exists()  # nothing was built
 
+
 def test_site_keeps_the_exports_recorded_defaults(exports, tmp_path):
     # the export's own choice per device (quality first: fp16 when present) stays
     folder = exports("llama")
@@ -642,14 +653,18 @@ def test_site_keeps_the_exports_recorded_defaults(exports, tmp_path):
     assert cfg["transformers.js_config"]["use_external_data_format"] == src["use_external_data_format"]
 
 
-@pytest.mark.parametrize("damage, says", [
-    ("truncate", "model.onnx_data: truncated: weight"),
-    ("delete", "which is missing from"),
-    ("cut graph", "not a readable ONNX file"),
-])
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("truncate", "model.onnx_data: truncated: weight"),
+        ("delete", "which is missing from"),
+        ("cut graph", "not a readable ONNX file"),
+    ],
+)
 def test_a_damaged_export_is_refused_before_the_site_is_built(tmp_path, damage, says):
     """A missing or truncated weight file would only fail in the visitor's browser: one line, no site."""
     from patcher.onnx.export import export
+
     folder = export(fixture_path("llama"), tmp_path / "x")
     data, graph = folder / "onnx" / "model.onnx_data", folder / "onnx" / "model.onnx"
     if damage == "truncate":

@@ -11,8 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import fixture_path, run_cli
+
 from patcher.errors import PatcherError
 from patcher.web import runtime
 
@@ -67,19 +67,27 @@ def fake_npm(tmp_path, monkeypatch):
 
 def test_fetch_keeps_only_the_pinned_files(fake_npm, monkeypatch):
     tarballs, contents = fake_npm
-    pins = {pkg: runtime.Pin(pin.version, _sri(Path(tarballs[pkg])), pin.files)
-            for pkg, pin in runtime.PINS.items()}
+    pins = {
+        pkg: runtime.Pin(pin.version, _sri(Path(tarballs[pkg])), pin.files)
+        for pkg, pin in runtime.PINS.items()
+    }
     monkeypatch.setattr(runtime, "PINS", pins)
     said = []
     rt = runtime.cached(say=said.append)
     assert "npm registry" in said[0] and str(runtime.cached_folder()) in said[0]
-    kept = sorted(p.relative_to(runtime.cached_folder()).as_posix()
-                  for p in runtime.cached_folder().rglob("*") if p.is_file())
-    layout = {pkg: d.relative_to(runtime.cached_folder()).as_posix()
-              for pkg, d in runtime._layout(runtime.cached_folder()).items()}
+    kept = sorted(
+        p.relative_to(runtime.cached_folder()).as_posix()
+        for p in runtime.cached_folder().rglob("*")
+        if p.is_file()
+    )
+    layout = {
+        pkg: d.relative_to(runtime.cached_folder()).as_posix()
+        for pkg, d in runtime._layout(runtime.cached_folder()).items()
+    }
     assert kept == sorted(f"{layout[pkg]}/{f}" for pkg, pin in pins.items() for f in pin.files)
-    assert (rt.dist / runtime.TRANSFORMERS_MODULE).read_bytes() == \
-        contents[runtime.TRANSFORMERS_PKG][f"dist/{runtime.TRANSFORMERS_MODULE}"]
+    assert (rt.dist / runtime.TRANSFORMERS_MODULE).read_bytes() == contents[runtime.TRANSFORMERS_PKG][
+        f"dist/{runtime.TRANSFORMERS_MODULE}"
+    ]
     for f in runtime.WASM_FILES:
         assert (rt.wasm_dir / f).read_bytes() == contents[runtime.ORT_PKG][f"dist/{f}"]
         assert (rt.wasm_dir / f).stat().st_mode & 0o777 == 0o644
@@ -114,15 +122,20 @@ def test_no_npm_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_a_damaged_cache_is_fetched_again(fake_npm, monkeypatch):
     tarballs, contents = fake_npm
-    pins = {pkg: runtime.Pin(pin.version, _sri(Path(tarballs[pkg])), pin.files)
-            for pkg, pin in runtime.PINS.items()}
+    pins = {
+        pkg: runtime.Pin(pin.version, _sri(Path(tarballs[pkg])), pin.files)
+        for pkg, pin in runtime.PINS.items()
+    }
     monkeypatch.setattr(runtime, "PINS", pins)
     rt = runtime.cached()
     (rt.wasm_dir / runtime.WASM_FILES[1]).unlink()
     said = []
     rt = runtime.cached(say=said.append)
-    assert said and (rt.wasm_dir / runtime.WASM_FILES[1]).read_bytes() == \
-        contents[runtime.ORT_PKG][f"dist/{runtime.WASM_FILES[1]}"]
+    assert (
+        said
+        and (rt.wasm_dir / runtime.WASM_FILES[1]).read_bytes()
+        == contents[runtime.ORT_PKG][f"dist/{runtime.WASM_FILES[1]}"]
+    )
 
 
 def test_npm_failure_is_npms_words_on_one_line(tmp_path, monkeypatch):
@@ -134,7 +147,8 @@ def test_npm_failure_is_npms_words_on_one_line(tmp_path, monkeypatch):
         "echo 'npm error 404 Not Found - GET https://registry.example/onnxruntime-web' >&2\n"
         "echo 'npm error     at fetch (/usr/lib/node_modules/npm/x.js:1:1)' >&2\n"
         "echo 'npm error A complete log of this run can be found in: /root/.npm/_logs/x.log' >&2\n"
-        "exit 1\n")
+        "exit 1\n"
+    )
     (bin_dir / "npm").chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("PATCHER_WEB_RUNTIME", str(tmp_path / "cache"))

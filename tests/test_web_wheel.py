@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import fixture_path
 from test_web import NEW_TOKENS, PROMPT, _free_port, need_browser, prompt_ids, python_greedy  # noqa: F401
 
@@ -32,16 +31,31 @@ def test_wheel_patcher_web_outside_the_checkout(wheel, venv, tmp_path):
     env = venv
     work = tmp_path / "work"  # the commands' working directory: nowhere near the repository
     work.mkdir()
-    run_env = {**os.environ, "PATCHER_WEB_RUNTIME": str(tmp_path / "runtime-cache"),
-               "PATCHER_CACHE": str(tmp_path / "cache")}
+    run_env = {
+        **os.environ,
+        "PATCHER_WEB_RUNTIME": str(tmp_path / "runtime-cache"),
+        "PATCHER_CACHE": str(tmp_path / "cache"),
+    }
     run_env.pop("PYTHONPATH", None)
 
     def patcher(*args, **kw):
-        return subprocess.run([env / "bin" / "patcher", *map(str, args)], cwd=work, env=run_env,
-                              capture_output=True, text=True, **kw)
+        return subprocess.run(
+            [env / "bin" / "patcher", *map(str, args)],
+            cwd=work,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            **kw,
+        )
 
-    where = subprocess.run([env / "bin" / "python", "-c", "import patcher; print(patcher.__file__)"],
-                           cwd=work, env=run_env, capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [env / "bin" / "python", "-c", "import patcher; print(patcher.__file__)"],
+        cwd=work,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert Path(where.strip()).is_relative_to(env), f"patcher came from {where}, not the wheel"
     r = patcher("export", fixture_path("llama"), "-o", "x", "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
@@ -55,9 +69,14 @@ def test_wheel_patcher_web_outside_the_checkout(wheel, venv, tmp_path):
     print(f"patcher web: first run (runtime fetched) {first_run:.1f} s, next {time.perf_counter() - t:.1f} s")
     assert r.returncode == 0 and "npm" not in r.stderr, r.stderr
     port = _free_port()
-    server = subprocess.Popen([env / "bin" / "patcher", "web", "x", "-o", "site", "--force", "--serve",
-                               "--port", str(port)], cwd=work, env=run_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [env / "bin" / "patcher", "web", "x", "-o", "site", "--force", "--serve", "--port", str(port)],
+        cwd=work,
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.time() + 60

@@ -1,11 +1,13 @@
 """The `patcher` command line (typer + rich). Every user-fixable problem is one line on stderr and exit
 code 1; the input is never written. Each command lives in its own module and registers itself; heavy
 libraries are imported inside command bodies, so start-up stays fast."""
+
 import signal
 import sys
 
 import typer
 from typer.core import TyperGroup
+
 try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
     from typer import _click as click
 except ImportError:  # pragma: no cover
@@ -14,8 +16,6 @@ except ImportError:  # pragma: no cover
 from patcher import __version__
 from patcher.cli import audit, convert, demo, diff, edit, extract, inspect, onnx, run, search, web
 from patcher.cli.common import Interrupted, err, one_line
-
-
 
 try:
     from typer.exceptions import Abort as _Abort
@@ -46,10 +46,13 @@ class _OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
-                  pretty_exceptions_enable=False,
-                  help="Edit transformer checkpoints along residual-stream directions, streaming, without "
-                  "PyTorch.")
+app = typer.Typer(
+    cls=_OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch.",
+)
 
 # help lists commands in this order
 COMMANDS = (inspect, extract, edit, search, onnx, convert, run, diff, audit, demo, web)
@@ -64,8 +67,11 @@ def _print_version(value: bool):
 
 
 @app.callback()
-def _root(_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                        help="Print the patcher version and exit")):
+def _root(
+    _version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the patcher version and exit"
+    ),
+):
     """Edit transformer checkpoints along residual-stream directions, streaming, without PyTorch."""
 
 

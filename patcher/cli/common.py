@@ -1,15 +1,17 @@
 """What every command shares: the consoles, the one-line error guard, model opening, sizes.
 Kept light (no numpy at import): `patcher --version` and `--help` import this module."""
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from patcher.errors import PatcherError
+
 if TYPE_CHECKING:
     from patcher.model.opened import Model
 
@@ -29,9 +31,10 @@ def human(n: float) -> str:
         n /= 1024
 
 
-def open_model(model, arch_table: Optional[Path], need_arch: bool = True) -> "Model":
+def open_model(model, arch_table: Path | None, need_arch: bool = True) -> Model:
     """A MODEL argument (folder, .safetensors file or hub repo id) opened once, table resolved."""
     from patcher.model.opened import Model
+
     return Model.open(model, arch_table, require_arch=need_arch)
 
 
@@ -45,12 +48,14 @@ INTERRUPTED = "no output was written (partial files removed)"
 
 def escape_markup(text: str) -> str:
     from rich.markup import escape
+
     return escape(text)
 
 
 def one_line(text: str) -> str:
     """Messages are one line: a newline in a file name or an error text must not split them."""
     from rich.markup import escape
+
     return escape(" ".join(str(text).split("\n")))  # a file named "[red]x" is not markup
 
 
@@ -60,6 +65,7 @@ class _numeric_warnings_as_notes:
 
     def __enter__(self):
         import warnings
+
         self.caught = warnings.catch_warnings(record=True)
         self.records = self.caught.__enter__()
         warnings.simplefilter("default")
@@ -67,6 +73,7 @@ class _numeric_warnings_as_notes:
 
     def __exit__(self, exc_type, exc, tb):
         import warnings
+
         self.caught.__exit__(exc_type, exc, tb)
         seen = set()
         for w in self.records:
@@ -74,8 +81,11 @@ class _numeric_warnings_as_notes:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             elif exc_type is None and str(w.message) not in seen:
                 seen.add(str(w.message))
-                err.print(f"[yellow]note:[/] numeric warning: {one_line(w.message)} (some values may be "
-                          "inf or NaN)", highlight=False)
+                err.print(
+                    f"[yellow]note:[/] numeric warning: {one_line(w.message)} (some values may be "
+                    "inf or NaN)",
+                    highlight=False,
+                )
         return False
 
 
@@ -84,6 +94,7 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
     (`interrupted` says truthfully what is kept); anything unexpected is one line too (set
     PATCHER_DEBUG=1 for the traceback)."""
     import os
+
     try:
         with _numeric_warnings_as_notes():
             return fn()
@@ -94,7 +105,7 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
         err.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     except (KeyboardInterrupt, Interrupted):
         err.print(f"[bold red]interrupted:[/] {interrupted}")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except BrokenPipeError:  # `patcher diff ... | head`: the reader left; nothing to say to it
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -106,11 +117,15 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
         err.print(f"[bold red]error:[/] {where}{one_line(e.strerror or e)}", highlight=False, soft_wrap=True)
     except MemoryError:
         err.print("[bold red]error:[/] out of memory (try a smaller --batch-size or shorter prompts)")
-    except Exception as e:  # noqa: BLE001 - a bug must still be one line, never a traceback
+    except Exception as e:
         if os.environ.get("PATCHER_DEBUG"):
             raise
-        err.print(f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)} (please report it; "
-                  "PATCHER_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/] internal error: {type(e).__name__}: {one_line(e)} (please report it; "
+            "PATCHER_DEBUG=1 shows the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
     raise typer.Exit(code)
 
 
@@ -123,11 +138,13 @@ class PlainProgress:
 
     def __init__(self, what: str, total: int | None):
         import time
+
         self.what, self.total, self.done = what, total, 0
         self.start = self.last = time.monotonic()
 
     def advance(self, n: int) -> None:
         import time
+
         self.done += n
         now = time.monotonic()
         if err.is_terminal or now - self.last < PLAIN_PROGRESS_SECONDS:
@@ -141,25 +158,43 @@ class PlainProgress:
 
 
 def progress():
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
 
 
 def command_line() -> str:
     import shlex
+
     return shlex.join(["patcher", *sys.argv[1:]])
 
 
-def check_report_file(option: str, path: Optional[Path], suffix: str, models: list, inputs: list,
-                      force: bool) -> None:
+def check_report_file(
+    option: str, path: Path | None, suffix: str, models: list, inputs: list, force: bool
+) -> None:
     """A file that `diff` or `audit` writes beside its report: not inside any model's folder (hub ids
     resolved first, so their cache entries count too), the common output rule, then the right suffix."""
     if path is None:
         return
     from patcher.io.hub import locate
     from patcher.io.paths import check_output
+
     target, resolved = path.resolve(), []
     for model in models:
         local, extra = locate(model)
@@ -171,7 +206,7 @@ def check_report_file(option: str, path: Optional[Path], suffix: str, models: li
         raise PatcherError(option, f"{path}: must end in {suffix}")
 
 
-def save_direction(rep, path: Optional[Path]) -> None:
+def save_direction(rep, path: Path | None) -> None:
     """Write a report's recovered direction (unit, float32) to `path` atomically and say so in its notes:
     a hidden partial file renamed into place (np.save would append .npy to other names)."""
     if path is None:
@@ -180,7 +215,9 @@ def save_direction(rep, path: Optional[Path]) -> None:
         rep.notes.append("no direction was recovered: nothing written to --save-direction")
         return
     import numpy as np
+
     from patcher.io.atomic import atomic_file
+
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(rep.direction, dtype=np.float32))
     rep.notes.append(f"recovered direction written to {path}")

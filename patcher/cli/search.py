@@ -2,12 +2,11 @@
 in the forward pass, study in SQLite; `patcher ablate --from-study` writes a chosen trial."""
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from patcher.errors import PatcherError
 from patcher.cli.common import err, guard, out
+from patcher.errors import PatcherError
 
 
 def _space_table(space: dict):
@@ -26,6 +25,7 @@ def _space_table(space: dict):
 
 def _front_table(front, title: str):
     from rich.table import Table
+
     from patcher.search.report import params_text
     from patcher.search.space import complete
 
@@ -52,28 +52,28 @@ def register(app) -> None:
             ..., "--positive", help="Prompts that show the behaviour (for the directions)"
         ),
         negative: Path = typer.Option(..., "--negative", help="Contrast prompts (for the directions)"),
-        eval_positive: Optional[Path] = typer.Option(
+        eval_positive: Path | None = typer.Option(
             None,
             "--eval-positive",
             help="Prompts the marker rate is measured on (default: --positive; "
             "better: prompts extraction never saw)",
         ),
-        eval_negative: Optional[Path] = typer.Option(
+        eval_negative: Path | None = typer.Option(
             None, "--eval-negative", help="Prompts the KL is measured on (default: --negative)"
         ),
-        directions: Optional[Path] = typer.Option(
+        directions: Path | None = typer.Option(
             None,
             "--directions",
             help="Directions from `patcher extract` (default: extracted now, saved beside the study)",
         ),
         trials: int = typer.Option(200, "--trials", min=1, help="Completed trials the study should hold"),
-        startup: Optional[int] = typer.Option(
+        startup: int | None = typer.Option(
             None,
             "--startup",
             min=0,
             help="Random start-up trials before TPE (default: 30 % of --trials, at most 60)",
         ),
-        timeout: Optional[float] = typer.Option(None, "--timeout", min=0, help="Stop after MIN minutes"),
+        timeout: float | None = typer.Option(None, "--timeout", min=0, help="Stop after MIN minutes"),
         study_file: Path = typer.Option(Path("search.db"), "--study", help="SQLite study (again: resumes)"),
         jobs: int = typer.Option(1, "--jobs", min=1, help="Trials in parallel (threads)"),
         engine: str = typer.Option("numpy", "--engine", help="numpy | onnx: where trials run"),
@@ -90,24 +90,22 @@ def register(app) -> None:
             "--negative-markers",
             help="Also generate on eval-negative prompts; trials that raise their marker rate are infeasible",
         ),
-        markers: Optional[Path] = typer.Option(None, "--markers", help="Extra markers, one per line"),
+        markers: Path | None = typer.Option(None, "--markers", help="Extra markers, one per line"),
         replace_markers: bool = typer.Option(
             False, "--replace-markers", help="Use only the --markers file's list"
         ),
-        space_items: Optional[List[str]] = typer.Option(
-            None, "--space", help="Narrow a parameter (repeatable)"
-        ),
-        config: Optional[Path] = typer.Option(None, "--config", help="TOML file with a [search.space] table"),
+        space_items: list[str] | None = typer.Option(None, "--space", help="Narrow a parameter (repeatable)"),
+        config: Path | None = typer.Option(None, "--config", help="TOML file with a [search.space] table"),
         show_space: bool = typer.Option(False, "--show-space", help="Print the search space and exit"),
-        plot: Optional[Path] = typer.Option(
+        plot: Path | None = typer.Option(
             None, "--plot", help="SVG of all trials and the front (default: STUDY.svg)"
         ),
         batch_size: int = typer.Option(64, "--batch-size", min=1),
-        max_prompts: Optional[int] = typer.Option(
+        max_prompts: int | None = typer.Option(
             None, "--max-prompts", min=1, help="Use the first N of each file"
         ),
         no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Tokenize raw prompts"),
-        system: Optional[str] = typer.Option(None, "--system", help="System prompt for the chat template"),
+        system: str | None = typer.Option(None, "--system", help="System prompt for the chat template"),
         untie: bool = typer.Option(
             False, "--untie-embeddings", help="Embedding edits keep the original unembedding"
         ),
@@ -121,7 +119,7 @@ def register(app) -> None:
             "--heuristic/--no-heuristic",
             help="Also evaluate patcher's default pipeline (selected layer, strength 1) for comparison",
         ),
-        blas_threads: Optional[int] = typer.Option(
+        blas_threads: int | None = typer.Option(
             None,
             "--blas-threads",
             min=1,
@@ -150,8 +148,8 @@ def register(app) -> None:
             from patcher.search.report import params_text, write_plot
 
             if show_space:
-                from patcher.model.opened import Model
                 from patcher.model.execution import StreamedModel
+                from patcher.model.opened import Model
 
                 sm = StreamedModel(Model.open(model))
                 space = sp.default_space(sm.n_layers)
@@ -165,9 +163,11 @@ def register(app) -> None:
             st.check_study_file(study_file)  # before the extraction, not 11 s later
             dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
             from patcher.io.paths import check_output
+
             inputs = [model, positive, negative, eval_positive, eval_negative, directions, config]
-            check_output(plot or study_file.with_suffix(".svg"), inputs, kind="file", option="--plot",
-                         replace_ok=True)  # rewritten by every run of the study, never a user's file
+            check_output(
+                plot or study_file.with_suffix(".svg"), inputs, kind="file", option="--plot", replace_ok=True
+            )  # rewritten by every run of the study, never a user's file
             given = directions if directions is not None else (dirs_out if dirs_out.is_file() else None)
             s = sr.setup(
                 model,

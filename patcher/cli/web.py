@@ -1,7 +1,6 @@
 """`patcher web`: a static chat site that runs an export in the browser (transformers.js)."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,10 +14,10 @@ def register(app) -> None:
     def web(
         export: Path = typer.Argument(..., help="Folder written by `patcher export` (the edited model)"),
         output: Path = typer.Option(..., "-o", "--output", help="Site folder to write"),
-        compare: Optional[Path] = typer.Option(
+        compare: Path | None = typer.Option(
             None, "--compare", help="Export of the original model: both answer side by side"
         ),
-        js: Optional[Path] = typer.Option(
+        js: Path | None = typer.Option(
             None,
             "--js",
             help="node_modules/@huggingface/transformers/dist to copy (default: the pinned runtime, fetched "
@@ -51,13 +50,26 @@ def register(app) -> None:
             # take the port before any work: a busy one fails now, not after copying the whole site
             server = Server(output, port=port, log=_log) if serve else None
             try:
-                build(export, output, compare=compare, js=js, cdn=cdn, force=force, command=command_line(),
-                      max_new_tokens=max_new_tokens, say=lambda m: err.print(m, markup=False))
+                build(
+                    export,
+                    output,
+                    compare=compare,
+                    js=js,
+                    cdn=cdn,
+                    force=force,
+                    command=command_line(),
+                    max_new_tokens=max_new_tokens,
+                    say=lambda m: err.print(m, markup=False),
+                )
                 size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
                 if server is None:
                     again = _command(export, output, compare, js, cdn, max_new_tokens, port)
-                    out.print(f"wrote {output} ({human(size)}): serve it with any static web server, e.g. "
-                              f"`{again}`", highlight=False, soft_wrap=True)
+                    out.print(
+                        f"wrote {output} ({human(size)}): serve it with any static web server, e.g. "
+                        f"`{again}`",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
                     return
                 out.print(f"wrote {output} ({human(size)})")
                 _serve(server)
@@ -71,6 +83,7 @@ def register(app) -> None:
 def _command(export, output, compare, js, cdn, max_new_tokens, port) -> str:
     """The same `patcher web` again, rebuilding and serving (every option the user gave kept)."""
     import shlex
+
     args = ["patcher", "web", str(export), "-o", str(output)]
     args += ["--compare", str(compare)] if compare else []
     args += ["--js", str(js)] if js else []
@@ -86,6 +99,7 @@ def _log(message: str) -> None:
 
 def _serve(server) -> None:
     import threading
+
     from patcher.cli.common import Interrupted
 
     with server as s:

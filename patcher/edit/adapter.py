@@ -18,6 +18,7 @@ Two containers:
   `ffn_down_exps` [E, k, in] and [E, out, k] (build_lora_mm_id picks each token's experts from both).
   Scale alpha / rank with alpha = k, so 1.
 """
+
 import json
 import math
 import re
@@ -38,16 +39,31 @@ FORMATS = ("peft", "gguf")
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 # llama.cpp's `general.architecture` for each model_type (convert_hf_to_gguf.py's choices).
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2",
-             "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gptneox",
-             "deepseek_v3": "deepseek2"}
+GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "olmo2": "olmo2",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+    "gpt_neox": "gptneox",
+    "deepseek_v3": "deepseek2",
+}
 # Per-expert writers on disk that transformers >= 5 fuses at load time into one 3-D parameter
 # [experts, d_model, in] (module path relative to the layer prefix): PEFT reaches it through
 # `target_parameters`. (checkpoint pattern relative to the layer prefix, fused parameter path)
-FUSED_EXPERTS = {"qwen2_moe": ("mlp.experts.{expert}.down_proj.weight", "mlp.experts.down_proj"),
-                 "qwen3_moe": ("mlp.experts.{expert}.down_proj.weight", "mlp.experts.down_proj"),
-                 "mixtral": ("block_sparse_moe.experts.{expert}.w2.weight", "mlp.experts.down_proj")}
+FUSED_EXPERTS = {
+    "qwen2_moe": ("mlp.experts.{expert}.down_proj.weight", "mlp.experts.down_proj"),
+    "qwen3_moe": ("mlp.experts.{expert}.down_proj.weight", "mlp.experts.down_proj"),
+    "mixtral": ("block_sparse_moe.experts.{expert}.w2.weight", "mlp.experts.down_proj"),
+}
 # Not deepseek_v3: PEFT 0.21 + transformers 5.24 leave its dense and shared-expert down_proj unadapted
 # when loading such an adapter (found by the oracle test), so it is refused rather than written wrong.
 
@@ -55,6 +71,7 @@ FUSED_EXPERTS = {"qwen2_moe": ("mlp.experts.{expert}.down_proj.weight", "mlp.exp
 @dataclass
 class Factor:
     """ΔW of one module as B·A (float32), plus the bias change if the plan edits one."""
+
     name: str  # checkpoint tensor (experts: the first expert's)
     module: str  # HF module path (experts: the fused parameter path)
     kind: str  # linear | conv1d | embedding | experts
@@ -86,7 +103,7 @@ def _module_of(plan: Plan, name: str) -> str:
     (GPT-2 without `transformer.`); the module tree always has it."""
     res = plan.resolved
     canonical = res.arch.prefixes[0]
-    return canonical + name[len(res.prefix):].removesuffix(".weight")
+    return canonical + name[len(res.prefix) :].removesuffix(".weight")
 
 
 def _expert_groups(plan: Plan) -> dict[str, tuple[str, list[tuple[int, str]]]]:
@@ -107,7 +124,7 @@ def _expert_groups(plan: Plan) -> dict[str, tuple[str, list[tuple[int, str]]]]:
     canonical = plan.resolved.arch.prefixes[0]
     out = {}
     for layer, members in groups.items():
-        path = canonical + plan.resolved.layer_prefix(layer)[len(plan.resolved.prefix):] + fused
+        path = canonical + plan.resolved.layer_prefix(layer)[len(plan.resolved.prefix) :] + fused
         for _, n in members:
             out[n] = (path, sorted(members))
     return out
@@ -125,19 +142,27 @@ def check(plan: Plan, fmt: str) -> None:
     if fmt not in FORMATS:
         raise _refuse(f"format must be one of {FORMATS}")
     if getattr(plan.ck, "is_gguf", False):  # its weights are quantized and named for llama.cpp
-        raise _refuse("adapters are made from the safetensors model (the factors need its names and exact "
-                      "weights); a GGUF input is not supported here")
+        raise _refuse(
+            "adapters are made from the safetensors model (the factors need its names and exact "
+            "weights); a GGUF input is not supported here"
+        )
     projected = [e for e in plan.all() if e.op == "project"]
     if any(e.op == "copy_of" for e in plan.all()) or plan.new:
-        raise _refuse("an adapter cannot untie embeddings (it adds to the base's weights, and a tied base "
-                      f"shares one matrix); drop --untie-embeddings or {FULL}")
+        raise _refuse(
+            "an adapter cannot untie embeddings (it adds to the base's weights, and a tied base "
+            f"shares one matrix); drop --untie-embeddings or {FULL}"
+        )
     if any(e.preserve for e in projected):
-        raise _refuse("--norm-preserve rescales every row or column: that is not a low-rank change, so no "
-                      f"LoRA adapter carries it; drop --norm-preserve or {FULL}")
+        raise _refuse(
+            "--norm-preserve rescales every row or column: that is not a low-rank change, so no "
+            f"LoRA adapter carries it; drop --norm-preserve or {FULL}"
+        )
     for e in projected:
         if len(e.shape) != 2:
-            raise _refuse(f"{e.name} is a fused {len(e.shape)}-D expert tensor; adapters here cover 2-D "
-                          f"weights only: pass --targets without mlp_out or {FULL}")
+            raise _refuse(
+                f"{e.name} is a fused {len(e.shape)}-D expert tensor; adapters here cover 2-D "
+                f"weights only: pass --targets without mlp_out or {FULL}"
+            )
     experts = _expert_groups(plan)
     with_expert = [e for e in projected if "{expert}" in _writer_pattern(plan, e)]
     biases = [e for e in plan.edits.values() if e.op == "project_bias"]
@@ -146,30 +171,40 @@ def check(plan: Plan, fmt: str) -> None:
         for e in with_expert:
             if e.name not in experts:
                 mt = plan.resolved.arch.model_type
-                raise _refuse(f"{e.name}: per-expert writers of {mt} have no known PEFT target; "
-                              f"pass --targets without mlp_out or {FULL}")
+                raise _refuse(
+                    f"{e.name}: per-expert writers of {mt} have no known PEFT target; "
+                    f"pass --targets without mlp_out or {FULL}"
+                )
         for path, members in {v[0]: v[1] for v in experts.values()}.items():
             if [i for i, _ in members] != list(range(len(members))):
                 raise _refuse(f"{path}: the fused PEFT target needs every expert of the layer")
         if biases and embeds:
-            raise _refuse(f"this edit changes {len(biases)} writer biases (PEFT: lora_bias, which PEFT "
-                          f"refuses on embedding layers) and {len(embeds)} embeddings; write two adapters "
-                          f"(--targets embed, then --targets attn_out,mlp_out) or {FULL}")
+            raise _refuse(
+                f"this edit changes {len(biases)} writer biases (PEFT: lora_bias, which PEFT "
+                f"refuses on embedding layers) and {len(embeds)} embeddings; write two adapters "
+                f"(--targets embed, then --targets attn_out,mlp_out) or {FULL}"
+            )
         if biases and experts:
             raise _refuse("PEFT's fused-expert adapters refuse lora_bias; this edit changes biases too")
     else:
         if biases:
-            raise _refuse(f"llama.cpp LoRA adapters carry no biases and this edit changes {len(biases)} "
-                          f"(e.g. {biases[0].name}); write a PEFT adapter (a folder) or {FULL}")
+            raise _refuse(
+                f"llama.cpp LoRA adapters carry no biases and this edit changes {len(biases)} "
+                f"(e.g. {biases[0].name}); write a PEFT adapter (a folder) or {FULL}"
+            )
         for e in with_expert:
             if e.name not in experts:
-                raise _refuse(f"{e.name}: no GGUF LoRA layout is known for these expert writers; pass "
-                              f"--targets without mlp_out or write a PEFT adapter")
+                raise _refuse(
+                    f"{e.name}: no GGUF LoRA layout is known for these expert writers; pass "
+                    f"--targets without mlp_out or write a PEFT adapter"
+                )
         if embeds and plan.resolved.tied:
             # measured: llama.cpp 0.3.36 aborts (GGML_ASSERT in build_lora_mm) on such an adapter
-            raise _refuse("tied embeddings: llama.cpp applies a token_embd LoRA to the tied output "
-                          "projection too, in the gathered-row orientation, and aborts; pass --targets "
-                          "attn_out,mlp_out or write a PEFT adapter")
+            raise _refuse(
+                "tied embeddings: llama.cpp applies a token_embd LoRA to the tied output "
+                "projection too, in the gathered-row orientation, and aborts; pass --targets "
+                "attn_out,mlp_out or write a PEFT adapter"
+            )
         _gguf_names(plan, projected)  # every tensor must have a llama.cpp name
 
 
@@ -191,11 +226,14 @@ def _gguf_arch(plan: Plan) -> str | None:
 
 def _gguf_names(plan: Plan, edits) -> dict[str, str]:
     import gguf
+
     arch = _gguf_arch(plan)
     ids = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in ids:
-        raise PatcherError("--adapter", f"no llama.cpp architecture is known for model_type "
-                                        f"{plan.resolved.arch.model_type!r}")
+        raise PatcherError(
+            "--adapter",
+            f"no llama.cpp architecture is known for model_type {plan.resolved.arch.model_type!r}",
+        )
     tmap = gguf.get_tensor_name_map(ids[arch], plan.resolved.n_layers)
     experts = _expert_groups(plan)  # per-expert weights of a layer are one ffn_down_exps tensor in GGUF
     out = {}
@@ -205,18 +243,22 @@ def _gguf_names(plan: Plan, edits) -> dict[str, str]:
         if name is None:
             raise PatcherError("--adapter", f"llama.cpp's {arch} has no tensor for {e.name}")
         if e.role == "embed" and name != "token_embd":
-            raise PatcherError("--adapter", f"llama.cpp applies no LoRA to {name} ({e.name}); pass --targets "
-                                            f"attn_out,mlp_out or write a PEFT adapter")
+            raise PatcherError(
+                "--adapter",
+                f"llama.cpp applies no LoRA to {name} ({e.name}); pass --targets "
+                f"attn_out,mlp_out or write a PEFT adapter",
+            )
         out[e.name] = name + ".weight"
     return out
 
 
 # --- the factors ------------------------------------------------------------------------------------
 
+
 def _lowrank(plan: Plan, edit: TensorEdit) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) of one 2-D weight in nn.Linear orientation, reading the weight once, one row block at a
     time, float64 accumulation."""
-    (first, rows, axis), = matrices(edit)
+    ((first, rows, axis),) = matrices(edit)
     read = block_reader(plan.ck, edit, first)
     q = np.asarray(edit.q, dtype=np.float64)
     if axis == 0:  # W [d_model, in]: A = QᵀW sums over row blocks
@@ -244,8 +286,16 @@ def factors(plan: Plan) -> list[Factor]:
             path, members = experts[edit.name]
             pairs = [_lowrank(plan, plan.edits[n]) for _, n in members]
             done.update(n for _, n in members)
-            out.append(Factor(members[0][1], path, "experts", np.stack([a for a, _ in pairs]),
-                              np.stack([b for _, b in pairs]), layer=edit.layer))
+            out.append(
+                Factor(
+                    members[0][1],
+                    path,
+                    "experts",
+                    np.stack([a for a, _ in pairs]),
+                    np.stack([b for _, b in pairs]),
+                    layer=edit.layer,
+                )
+            )
             continue
         a, b = _lowrank(plan, edit)
         kind = "embedding" if edit.role == "embed" else ("conv1d" if edit.residual_axis == 1 else "linear")
@@ -261,6 +311,7 @@ def factors(plan: Plan) -> list[Factor]:
 
 # --- PEFT ----------------------------------------------------------------------------------------------
 
+
 def _peft_tensors(plan: Plan, fs: list[Factor]) -> dict[str, np.ndarray]:
     t = {}
     for f in fs:
@@ -271,7 +322,8 @@ def _peft_tensors(plan: Plan, fs: list[Factor]) -> dict[str, np.ndarray]:
             E, k = f.a.shape[0], f.a.shape[1]
             t[key.rsplit(".", 1)[0] + ".lora_A.weight"] = f.a.reshape(E * k, -1)  # row e*k + j
             t[key.rsplit(".", 1)[0] + ".lora_B.weight"] = np.ascontiguousarray(
-                f.b.transpose(1, 2, 0).reshape(f.b.shape[1], k * E))  # column j*E + e
+                f.b.transpose(1, 2, 0).reshape(f.b.shape[1], k * E)
+            )  # column j*E + e
         else:
             t[key + ".lora_A.weight"], t[key + ".lora_B.weight"] = f.a, f.b
             if f.bias is not None:
@@ -297,14 +349,29 @@ def peft_config(plan: Plan, fs: list[Factor], rank: int) -> dict:
     modules = sorted(f.module for f in fs if f.kind != "experts")
     params = sorted(f.module for f in fs if f.kind == "experts")
     # lora_alpha = r: PEFT's scaling alpha / r is 1
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-           "target_modules": modules, "target_parameters": params or None,
-           "fan_in_fan_out": any(f.kind == "conv1d" for f in fs),
-           "lora_bias": any(f.bias is not None for f in fs), "bias": "none", "lora_dropout": 0.0,
-           "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-           "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-           "rank_pattern": {}, "alpha_pattern": {},
-           "base_model_name_or_path": str(plan.ck.folder.resolve()), "revision": None}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": modules,
+        "target_parameters": params or None,
+        "fan_in_fan_out": any(f.kind == "conv1d" for f in fs),
+        "lora_bias": any(f.bias is not None for f in fs),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": str(plan.ck.folder.resolve()),
+        "revision": None,
+    }
     if _token_embedding(plan, fs) is not None:
         # the tied unembedding as its own target with the same ΔW: right unmerged on the tied base, and
         # right merged on a base loaded untied (PEFT's own advice for tied merges). PEFT's
@@ -313,14 +380,25 @@ def peft_config(plan: Plan, fs: list[Factor], rank: int) -> dict:
     return cfg
 
 
-def _write_peft(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool, command: str,
-                report: AdapterReport, record: dict, t0: float) -> None:
+def _write_peft(
+    plan: Plan,
+    out: Path,
+    fs: list[Factor],
+    rank: int,
+    force: bool,
+    command: str,
+    report: AdapterReport,
+    record: dict,
+    t0: float,
+) -> None:
     tensors = _peft_tensors(plan, fs)
     cfg = peft_config(plan, fs, rank)
     with OutputFolder(out, [plan.ck.path], force=force) as tmp:
-        write_safetensors(tmp / WEIGHTS_NAME, [OutTensor(k, "F32", v.shape, produce=lambda v=v: [v])
-                                               for k, v in tensors.items()],
-                          {"format": "pt", "patcher": json.dumps(record, sort_keys=True)})
+        write_safetensors(
+            tmp / WEIGHTS_NAME,
+            [OutTensor(k, "F32", v.shape, produce=lambda v=v: [v]) for k, v in tensors.items()],
+            {"format": "pt", "patcher": json.dumps(record, sort_keys=True)},
+        )
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         report.tensors = len(tensors)
         report.bytes_written = (tmp / WEIGHTS_NAME).stat().st_size
@@ -330,13 +408,25 @@ def _write_peft(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool,
 
 # --- GGUF ----------------------------------------------------------------------------------------------
 
-def _write_gguf(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool, command: str,
-                report: AdapterReport, record: dict, t0: float) -> None:
+
+def _write_gguf(
+    plan: Plan,
+    out: Path,
+    fs: list[Factor],
+    rank: int,
+    force: bool,
+    command: str,
+    report: AdapterReport,
+    record: dict,
+    t0: float,
+) -> None:
     import gguf
+
     names = _gguf_names(plan, [plan.edits[f.name] for f in fs])
     arch = _gguf_arch(plan)
     from patcher.io.atomic import atomic_file
     from patcher.io.paths import check_output
+
     target = check_output(out, plan.ck.input_paths, force=force, kind="file", option="--adapter")
     with atomic_file(target) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -361,10 +451,12 @@ def _write_gguf(plan: Plan, out: Path, fs: list[Factor], rank: int, force: bool,
     report.seconds = time.perf_counter() - t0
 
 
-def _input_digests(plan: Plan, outputs: dict[str, Path] | None = None,
-                   hash_files: bool = True) -> dict[str, str]:
+def _input_digests(
+    plan: Plan, outputs: dict[str, Path] | None = None, hash_files: bool = True
+) -> dict[str, str]:
     """sha256 (or, without hashing, sizes) of what this run read and, prefixed out/, of what it wrote."""
     from patcher.edit.apply import _input_files
+
     hasher = manifest.Hasher(enabled=hash_files)
     try:
         for p in _input_files(plan.ck):
@@ -377,18 +469,31 @@ def _input_digests(plan: Plan, outputs: dict[str, Path] | None = None,
         raise
 
 
-def _manifest(plan: Plan, folder: Path, outputs: dict[str, Path], command: str, record: dict,
-              report: AdapterReport) -> None:
+def _manifest(
+    plan: Plan, folder: Path, outputs: dict[str, Path], command: str, record: dict, report: AdapterReport
+) -> None:
     digests = _input_digests(plan, outputs, report.hash_files)
-    manifest.write(folder, kind="adapter", command=command, record=record,
-                   inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
-                   outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
-                   directions=[{"source": record.get("direction"), "sha256": record.get("direction_sha256")}],
-                   timings={"seconds": round(report.seconds, 3)})
+    manifest.write(
+        folder,
+        kind="adapter",
+        command=command,
+        record=record,
+        inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
+        outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
+        directions=[{"source": record.get("direction"), "sha256": record.get("direction_sha256")}],
+        timings={"seconds": round(report.seconds, 3)},
+    )
 
 
-def write_adapter(plan: Plan, out: Path, *, fmt: str | None = None, force: bool = False,
-                  command: str = "", hash_files: bool = True) -> AdapterReport:
+def write_adapter(
+    plan: Plan,
+    out: Path,
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    command: str = "",
+    hash_files: bool = True,
+) -> AdapterReport:
     fmt = fmt or adapter_format(out)
     check(plan, fmt)
     t0 = time.perf_counter()
@@ -400,21 +505,28 @@ def write_adapter(plan: Plan, out: Path, *, fmt: str | None = None, force: bool 
     write = _write_gguf if fmt == "gguf" else _write_peft
     write(plan, Path(out), fs, rank, force, command, report, record, t0)
     if _token_embedding(plan, fs) is not None:
-        report.notes.append("tied embeddings: the adapter targets the output unembedding too, with the "
-                            "same ΔW, as the merged edit does. To merge it with PEFT, load the base untied "
-                            "(tie_word_embeddings=False, lm_head = a copy of the embedding): merging into "
-                            "one shared matrix would add ΔW twice")
+        report.notes.append(
+            "tied embeddings: the adapter targets the output unembedding too, with the "
+            "same ΔW, as the merged edit does. To merge it with PEFT, load the base untied "
+            "(tie_word_embeddings=False, lm_head = a copy of the embedding): merging into "
+            "one shared matrix would add ΔW twice"
+        )
     if any(f.bias is not None for f in fs):
-        report.notes.append("writer biases are carried as PEFT lora_B.bias (lora_bias=True); loaders without "
-                            "lora_bias support would drop them")
+        report.notes.append(
+            "writer biases are carried as PEFT lora_B.bias (lora_bias=True); loaders without "
+            "lora_bias support would drop them"
+        )
     if any(f.kind == "experts" for f in fs):
-        report.notes.append("experts are targeted as transformers >= 5 fuses them (target_parameters "
-                            "mlp.experts.down_proj); PEFT >= 0.17 loads that")
+        report.notes.append(
+            "experts are targeted as transformers >= 5 fuses them (target_parameters "
+            "mlp.experts.down_proj); PEFT >= 0.17 loads that"
+        )
     return report
 
 
 def adapter_bytes(plan: Plan) -> int:
     """Size of the factors (float32): what `--dry-run` announces."""
     k = int(plan.record.get("rank", 1))
-    return sum(4 * k * (e.shape[0] + e.shape[1]) for e in plan.edits.values() if e.op == "project") + \
-        sum(4 * math.prod(e.shape) for e in plan.edits.values() if e.op == "project_bias")
+    return sum(4 * k * (e.shape[0] + e.shape[1]) for e in plan.edits.values() if e.op == "project") + sum(
+        4 * math.prod(e.shape) for e in plan.edits.values() if e.op == "project_bias"
+    )

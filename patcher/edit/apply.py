@@ -3,6 +3,7 @@
 Memory stays bounded by one row block per edited matrix (plus the writer queue); untouched tensors
 are copied file to file. Leakage |QᵀW'| / |QᵀW| is measured on what was actually stored.
 """
+
 import contextlib
 import json
 import math
@@ -13,19 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from patcher_kernels.codecs import decode, encode
-from patcher_kernels.project import bias_inject, bias_project
-from patcher_kernels.fp8 import dequantize_blocks, neighbours as fp8_neighbours, requantize_scale
+from patcher_kernels.fp8 import dequantize_blocks, requantize_scale
+from patcher_kernels.fp8 import neighbours as fp8_neighbours
 from patcher_kernels.ortho_round import orthogonal_rounding
+from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.stream import ablate_blocks
-from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
+
+from patcher.edit.plan import Plan, TensorEdit
+from patcher.edit.shards import ShardRun
 from patcher.io import manifest
 from patcher.io.allocator import keep_freed_blocks
-from patcher.edit.plan import Plan, TensorEdit
-from patcher.model.opened import Model
+from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from patcher.io.writer import OutputFolder, OutTensor
-from patcher.edit.shards import ShardRun
+from patcher.model.opened import Model
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
 _SATURATE = {"F16", "F8_E4M3", "F8_E5M2"}
@@ -67,8 +69,11 @@ def block_reader(ck: Model, edit: TensorEdit, first: int) -> Callable[[int, int]
     if edit.fp8_scale is None:
         return lambda s, e: decode(ck.read_rows(edit.name, first + s, first + e, cols))
     scale = ck.array(edit.fp8_scale)
-    return lambda s, e: dequantize_blocks(ck.read_rows(edit.name, first + s, first + e, cols),
-                                          scale[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], BLOCK_ROWS)
+    return lambda s, e: dequantize_blocks(
+        ck.read_rows(edit.name, first + s, first + e, cols),
+        scale[s // BLOCK_ROWS : -(-e // BLOCK_ROWS)],
+        BLOCK_ROWS,
+    )
 
 
 class _Executor:
@@ -83,15 +88,18 @@ class _Executor:
     def _projected_blocks(self, edit: TensorEdit, stats: dict):
         """Yield (matrix index, residual axis, start, stop, edited float32 block)."""
         for i, (first, rows, axis) in enumerate(matrices(edit)):
-            for s, e, out in ablate_blocks(self._reader(edit, first), rows, edit.q, axis, edit.scale,
-                                           edit.preserve, BLOCK_ROWS, stats):
+            for s, e, out in ablate_blocks(
+                self._reader(edit, first), rows, edit.q, axis, edit.scale, edit.preserve, BLOCK_ROWS, stats
+            ):
                 yield i, axis, s, e, out
 
     def fp8_prepass(self, edit: TensorEdit) -> None:
         """New tile scales must be known before the scale tensor is written (it may come first)."""
         old = self.ck.array(edit.fp8_scale).astype(np.float32)
-        rows = [requantize_scale(old[s // BLOCK_ROWS: -(-e // BLOCK_ROWS)], out, BLOCK_ROWS)
-                for _, _, s, e, out in self._projected_blocks(edit, {})]
+        rows = [
+            requantize_scale(old[s // BLOCK_ROWS : -(-e // BLOCK_ROWS)], out, BLOCK_ROWS)
+            for _, _, s, e, out in self._projected_blocks(edit, {})
+        ]
         new = np.concatenate(rows, axis=0).reshape(old.shape)
         # keep what the file will hold, and quantize against exactly that
         self.new_scales[edit.name] = decode(encode(new, self.ck.info(edit.fp8_scale).dtype, saturate=True))
@@ -107,7 +115,7 @@ class _Executor:
         carry: dict[int, np.ndarray] = {}  # per matrix: Qᵀ(stored − exact) of the blocks written so far
         for i, axis, s, e, out in self._projected_blocks(edit, stats):
             if edit.fp8_scale:
-                tile = self.new_scales[edit.name][s // BLOCK_ROWS: -(-e // BLOCK_ROWS)]
+                tile = self.new_scales[edit.name][s // BLOCK_ROWS : -(-e // BLOCK_ROWS)]
                 enc = self._fp8_round(edit, i, axis, s, e, out, tile, carry)
                 back = dequantize_blocks(enc, tile, BLOCK_ROWS)
             else:
@@ -179,12 +187,14 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
             if edit is None:
                 tensors.append(OutTensor(info.name, info.dtype, info.shape, source=info))
             else:
-                tensors.append(OutTensor(info.name, edit.dtype, edit.shape, produce=ex.producer(edit),
-                                         finite=True))
+                tensors.append(
+                    OutTensor(info.name, edit.dtype, edit.shape, produce=ex.producer(edit), finite=True)
+                )
         for edit in plan.new:
             if edit.shard == fname:
-                tensors.append(OutTensor(edit.name, edit.dtype, edit.shape, produce=ex.producer(edit),
-                                         finite=True))
+                tensors.append(
+                    OutTensor(edit.name, edit.dtype, edit.shape, produce=ex.producer(edit), finite=True)
+                )
         out[fname] = tensors
     return out
 
@@ -192,10 +202,18 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
 SHARDS_IN_FLIGHT = 2  # shards written at once, each on its own thread (two cores stay busy)
 
 
-def execute(plan: Plan, out: Path, *, force: bool = False, command: str = "",
-            progress: Callable[[int], None] | None = None, on_shard: Callable[[str], None] | None = None,
-            recipe: dict | None = None, hash_files: bool = True,
-            shards_in_flight: int = SHARDS_IN_FLIGHT) -> Report:
+def execute(
+    plan: Plan,
+    out: Path,
+    *,
+    force: bool = False,
+    command: str = "",
+    progress: Callable[[int], None] | None = None,
+    on_shard: Callable[[str], None] | None = None,
+    recipe: dict | None = None,
+    hash_files: bool = True,
+    shards_in_flight: int = SHARDS_IN_FLIGHT,
+) -> Report:
     """Write the edited checkpoint into `out` (atomically). With `hash_files`, the sha256 of every input
     and output shard is computed from the bytes as they stream (each input byte read once, each output
     byte written once); `shards_in_flight` = 1 finishes each shard before computing the next (same bytes)."""
@@ -243,15 +261,24 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
             report.seconds = time.perf_counter() - t0
             report.leakage = dict(sorted(report.leakage.items()))  # shards finish in any order
             report.component = dict(sorted(report.component.items()))
-            manifest.write(tmp, kind=plan.record.get("op", "edit"), command=command, record=plan.record,
-                           inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
-                           outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
-                           directions=[{"source": plan.record.get("direction"),
-                                        "sha256": plan.record.get("direction_sha256"),
-                                        "file_sha256": _file_digest(plan.record.get("direction"))}],
-                           timings={"seconds": round(report.seconds, 3)}, recipe=recipe,
-                           extra=({"hub_cache": hub, "warnings": report.warnings}
-                                  if hub or report.warnings else None))
+            manifest.write(
+                tmp,
+                kind=plan.record.get("op", "edit"),
+                command=command,
+                record=plan.record,
+                inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
+                outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
+                directions=[
+                    {
+                        "source": plan.record.get("direction"),
+                        "sha256": plan.record.get("direction_sha256"),
+                        "file_sha256": _file_digest(plan.record.get("direction")),
+                    }
+                ],
+                timings={"seconds": round(report.seconds, 3)},
+                recipe=recipe,
+                extra=({"hub_cache": hub, "warnings": report.warnings} if hub or report.warnings else None),
+            )
     except BaseException:
         hasher.cancel()
         raise
@@ -267,20 +294,28 @@ def _hub_cache_names(inputs: list[Path], digests: dict, hashed: bool, report: Re
         if name_sha is None:
             continue
         matches = digests.get(p.name) == name_sha if hashed else None
-        hub[p.name] = {"sha256": name_sha, "matches_streamed_sha256": matches,
-                       "source": "taken from the Hugging Face cache name (blobs/<sha256>)"}
+        hub[p.name] = {
+            "sha256": name_sha,
+            "matches_streamed_sha256": matches,
+            "source": "taken from the Hugging Face cache name (blobs/<sha256>)",
+        }
         if matches is False:
-            report.warnings.append(f"{p.name}: sha256 of its bytes {digests.get(p.name)} differs from the "
-                                   f"Hugging Face cache name {name_sha}: the cached file is damaged or "
-                                   "was replaced")
+            report.warnings.append(
+                f"{p.name}: sha256 of its bytes {digests.get(p.name)} differs from the "
+                f"Hugging Face cache name {name_sha}: the cached file is damaged or "
+                "was replaced"
+            )
     return hub
 
 
 def _input_files(ck: Model) -> list[Path]:
     if not ck.path.is_dir():
         return [ck.path]
-    return [p for p in sorted(ck.folder.iterdir())
-            if p.is_file() and (p.name in ck.files or p.suffix not in _WEIGHT_SUFFIXES)]
+    return [
+        p
+        for p in sorted(ck.folder.iterdir())
+        if p.is_file() and (p.name in ck.files or p.suffix not in _WEIGHT_SUFFIXES)
+    ]
 
 
 def _file_digest(spec: str | None) -> str | None:

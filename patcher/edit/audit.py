@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 import numpy as np
-
 from patcher_kernels import annihilation as an
 from patcher_kernels.codecs import decode
 from patcher_kernels.fp8 import dequantize_blocks
 from patcher_kernels.lowrank import MANTISSA_BITS
+
 from patcher.errors import PatcherError
-from patcher.model.opened import Model
 from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target
+from patcher.model.opened import Model
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of one streamed block
 SAMPLE = 4  # written vectors read per group, × d_model (the rest adds cost, not information)
@@ -80,8 +80,10 @@ class AuditReport:
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("direction", "signals")}
-        out["signals"] = [{k: v for k, v in s.items() if k not in ("direction", "profile", "layer_profile")}
-                          for s in self.signals]
+        out["signals"] = [
+            {k: v for k, v in s.items() if k not in ("direction", "profile", "layer_profile")}
+            for s in self.signals
+        ]
         out["direction"] = None if self.direction is None else np.asarray(self.direction).tolist()
         return out
 
@@ -186,9 +188,17 @@ def _groups(ck: Model, res: Resolved, store: GramStore, progress=None, exact: bo
         label = "embeddings" if t0.layer is None else f"layer {t0.layer} {role}"
         dtype = ck.info(t0.weight).dtype
         floor = storage_floor(dtype)
-        groups.append(Group(label, role, t0.layer, [t.weight for t in members], dtype,
-                            an.summarize(gram, gain=_post_norm_gain(ck, res, t0), floor=floor),
-                            store.add(gram)))
+        groups.append(
+            Group(
+                label,
+                role,
+                t0.layer,
+                [t.weight for t in members],
+                dtype,
+                an.summarize(gram, gain=_post_norm_gain(ck, res, t0), floor=floor),
+                store.add(gram),
+            )
+        )
     return groups, read
 
 
@@ -205,7 +215,7 @@ def _bias_signs(ck: Model, res: Resolved) -> list[dict]:
         norms = np.array([np.linalg.norm(b) for _, b in items])
         nonzero = norms > 0
         if nonzero.any() and nonzero.sum() <= max(1, len(items) // 4) and len(items) > 1:
-            for (t, b), n in zip(items, norms):
+            for (t, _b), n in zip(items, norms):
                 if n > 0:
                     found.append(
                         {
@@ -218,7 +228,7 @@ def _bias_signs(ck: Model, res: Resolved) -> list[dict]:
                     )
             continue
         med = float(np.median(norms[nonzero])) if nonzero.any() else 0.0
-        for (t, b), n in zip(items, norms):
+        for (t, _b), n in zip(items, norms):
             if med > 0 and n > BIAS_OUTLIER * med:
                 found.append(
                     {
@@ -252,9 +262,27 @@ def _bias_signs(ck: Model, res: Resolved) -> list[dict]:
 
 # GGML block types: effective bits of the rounding relative to the block's largest value (so the error
 # of a typical weight is ~3× larger than a float type's with the same bits: the 9 in storage_floor)
-QUANT_BITS = {"Q8_0": 7, "Q8_1": 7, "Q8_K": 7, "Q6_K": 5, "Q5_0": 4, "Q5_1": 4, "Q5_K": 4, "Q4_0": 3,
-              "Q4_1": 3, "Q4_K": 3, "IQ4_NL": 3, "IQ4_XS": 3, "Q3_K": 2, "IQ3_S": 2, "IQ3_XXS": 2,
-              "Q2_K": 1, "IQ2_XXS": 1, "IQ2_XS": 1, "IQ2_S": 1}
+QUANT_BITS = {
+    "Q8_0": 7,
+    "Q8_1": 7,
+    "Q8_K": 7,
+    "Q6_K": 5,
+    "Q5_0": 4,
+    "Q5_1": 4,
+    "Q5_K": 4,
+    "Q4_0": 3,
+    "Q4_1": 3,
+    "Q4_K": 3,
+    "IQ4_NL": 3,
+    "IQ4_XS": 3,
+    "Q3_K": 2,
+    "IQ3_S": 2,
+    "IQ3_XXS": 2,
+    "Q2_K": 1,
+    "IQ2_XXS": 1,
+    "IQ2_XS": 1,
+    "IQ2_S": 1,
+}
 
 
 def storage_floor(dtype: str) -> float:
@@ -315,8 +343,10 @@ def _span(layers: list[int], embeddings: bool = False) -> str:
 
 
 def _where(rows: list[dict], key: str = "annihilates") -> str:
-    return _span([r["layer"] for r in rows if r[key] and r["layer"] is not None],
-                 any(r[key] and r["layer"] is None for r in rows))
+    return _span(
+        [r["layer"] for r in rows if r[key] and r["layer"] is not None],
+        any(r[key] and r["layer"] is None for r in rows),
+    )
 
 
 def _rate(value: float, thresholds: dict, below: bool = True) -> str:
@@ -348,8 +378,14 @@ def _shared_at_floor(groups, store, max_rank: int) -> list[dict]:
         best = int(np.lexsort((an.evidence(e, src), n))[-1])
         if n[best] < MIN_GROUPS - 1:  # the proposing group itself makes the third
             if not out:  # what the best candidate reached, for the report
-                out.append({"signal": "shared direction at the storage floor", "verdict": "no sign",
-                            "groups_at_floor": int(n[best]), "direction": None})
+                out.append(
+                    {
+                        "signal": "shared direction at the storage floor",
+                        "verdict": "no sign",
+                        "groups_at_floor": int(n[best]),
+                        "direction": None,
+                    }
+                )
             break
         u = an.refine(spectra, v[:, best], exclude=found if found.shape[1] else None)
         e_u = _energies(groups, store, u)[:, 0]
@@ -357,13 +393,27 @@ def _shared_at_floor(groups, store, max_rank: int) -> list[dict]:
         at_floor = sum(r["at_floor"] for r in rows)
         if at_floor < MIN_GROUPS:
             if not out:
-                out.append({"signal": "shared direction at the storage floor", "verdict": "no sign",
-                            "groups_at_floor": at_floor, "direction": None})
+                out.append(
+                    {
+                        "signal": "shared direction at the storage floor",
+                        "verdict": "no sign",
+                        "groups_at_floor": at_floor,
+                        "direction": None,
+                    }
+                )
             break
-        out.append({"signal": "shared direction at the storage floor", "verdict": "abliterated",
-                    "groups_at_floor": at_floor, "groups_annihilating": sum(r["annihilates"] for r in rows),
-                    "evidence": float(an.evidence(e_u[:, None])[0]), "where": _where(rows, "at_floor"),
-                    "profile": rows, "direction": u})
+        out.append(
+            {
+                "signal": "shared direction at the storage floor",
+                "verdict": "abliterated",
+                "groups_at_floor": at_floor,
+                "groups_annihilating": sum(r["annihilates"] for r in rows),
+                "evidence": float(an.evidence(e_u[:, None])[0]),
+                "where": _where(rows, "at_floor"),
+                "profile": rows,
+                "direction": u,
+            }
+        )
         found = np.concatenate([found, u[:, None]], axis=1)
     return out
 
@@ -387,10 +437,18 @@ def _isolated(groups, store) -> dict | None:
     agree = all(x < AGREE for x in geo.values())
     verdict = _rate(ratio, ISOLATION) if agree else "no sign"
     rows = _profile(groups, e)
-    return {"signal": "one direction every layer writes less of", "verdict": verdict,
-            "isolation": ratio, "thresholds": ISOLATION, "geomean_energy_by_role": geo,
-            "roles_agree": agree, "groups_annihilating": sum(r["annihilates"] for r in rows),
-            "where": _where(rows), "profile": rows, "direction": v}
+    return {
+        "signal": "one direction every layer writes less of",
+        "verdict": verdict,
+        "isolation": ratio,
+        "thresholds": ISOLATION,
+        "geomean_energy_by_role": geo,
+        "roles_agree": agree,
+        "groups_annihilating": sum(r["annihilates"] for r in rows),
+        "where": _where(rows),
+        "profile": rows,
+        "direction": v,
+    }
 
 
 def _layer_track(groups, store, n_layers: int) -> dict | None:
@@ -405,8 +463,9 @@ def _layer_track(groups, store, n_layers: int) -> dict | None:
     layers = [l for l in sorted(pairs) if len(pairs[l]) == 2]
     if len(layers) < SHARED_MIN_LAYERS:
         return None
-    dirs, e = an.layer_directions([(store.get(pairs[l]["attn_out"].slot), store.get(pairs[l]["mlp_out"].slot))
-                                   for l in layers])
+    dirs, e = an.layer_directions(
+        [(store.get(pairs[l]["attn_out"].slot), store.get(pairs[l]["mlp_out"].slot)) for l in layers]
+    )
     depth = -0.5 * np.log10(e[:, 0] * e[:, 1])
     runs = an.tracks(dirs, LINK)
     scores = [float(np.maximum(0.0, depth[a:b] - CLEAN_DEPTH).sum()) for a, b in runs]
@@ -418,18 +477,32 @@ def _layer_track(groups, store, n_layers: int) -> dict | None:
         ga, gm = store.get(pairs[layers[i]]["attn_out"].slot), store.get(pairs[layers[i]]["mlp_out"].slot)
         u = np.linalg.eigh(ga / e[i, 0] + gm / e[i, 1])[1][:, 0]
         direction[layers[i]] = u * np.sign(u @ dirs[i] or 1.0)
-    profile = [{"layer": layers[i], "energy_attn": float(e[i, 0]), "energy_mlp": float(e[i, 1]),
-                "depth": float(depth[i]), "in_track": a <= i < b,
-                "edited": i in edited,
-                "link_to_previous": float(abs(dirs[i] @ dirs[i - 1])) if i else None,
-                "strength_attn": float(an.strength(e[i, :1])[0]),
-                "strength_mlp": float(an.strength(e[i, 1:])[0])} for i in range(len(layers))]
-    return {"signal": "per-layer directions moving smoothly across layers", "verdict":
-            _rate(scores[best], TRACK_SCORE, below=False), "score": scores[best], "thresholds": TRACK_SCORE,
-            "clean_depth": CLEAN_DEPTH, "where": _span([layers[i] for i in edited]),
-            "track": [layers[a], layers[b - 1]], "layer_profile": profile,
-            "direction": direction if edited else None,
-            "max_depth": float(depth.max())}
+    profile = [
+        {
+            "layer": layers[i],
+            "energy_attn": float(e[i, 0]),
+            "energy_mlp": float(e[i, 1]),
+            "depth": float(depth[i]),
+            "in_track": a <= i < b,
+            "edited": i in edited,
+            "link_to_previous": float(abs(dirs[i] @ dirs[i - 1])) if i else None,
+            "strength_attn": float(an.strength(e[i, :1])[0]),
+            "strength_mlp": float(an.strength(e[i, 1:])[0]),
+        }
+        for i in range(len(layers))
+    ]
+    return {
+        "signal": "per-layer directions moving smoothly across layers",
+        "verdict": _rate(scores[best], TRACK_SCORE, below=False),
+        "score": scores[best],
+        "thresholds": TRACK_SCORE,
+        "clean_depth": CLEAN_DEPTH,
+        "where": _span([layers[i] for i in edited]),
+        "track": [layers[a], layers[b - 1]],
+        "layer_profile": profile,
+        "direction": direction if edited else None,
+        "max_depth": float(depth.max()),
+    }
 
 
 def _graded(groups, store, spectra) -> dict | None:
@@ -449,20 +522,38 @@ def _graded(groups, store, spectra) -> dict | None:
     roles = {g.role for g in layer_groups}
     agree = {r["role"] for r in hit if r["layer"] is not None} >= roles or len(roles) == 1
     share = sum(r["layer"] is not None for r in hit) / max(len(layer_groups), 1)
-    verdict = ("abliterated" if agree and share >= 0.5 and len(hit) >= MIN_GROUPS
-               else "inconclusive" if agree and len(hit) >= MIN_GROUPS else "no sign")
+    verdict = (
+        "abliterated"
+        if agree and share >= 0.5 and len(hit) >= MIN_GROUPS
+        else "inconclusive"
+        if agree and len(hit) >= MIN_GROUPS
+        else "no sign"
+    )
     ev_v = float(an.evidence(e[:, None])[0])
-    return {"signal": "direction shared beyond the random-orientation null", "verdict": verdict,
-            "evidence": ev_v, "evidence_over_null": ev_v / max(float(null.max()), 1e-9),
-            "null": {"samples": NULL_SAMPLES, "best_evidence": float(null.max()), "threshold": threshold},
-            "groups_annihilating": len(hit), "where": _where(rows), "profile": rows, "direction": v}
+    return {
+        "signal": "direction shared beyond the random-orientation null",
+        "verdict": verdict,
+        "evidence": ev_v,
+        "evidence_over_null": ev_v / max(float(null.max()), 1e-9),
+        "null": {"samples": NULL_SAMPLES, "best_evidence": float(null.max()), "threshold": threshold},
+        "groups_annihilating": len(hit),
+        "where": _where(rows),
+        "profile": rows,
+        "direction": v,
+    }
 
 
 LEVELS = ("abliterated", "inconclusive", "no sign")
 
 
-def audit(model, arch_table=None, resolved: Resolved | None = None, max_rank: int = 4, progress=None,
-          exact: bool = False) -> AuditReport:
+def audit(
+    model,
+    arch_table=None,
+    resolved: Resolved | None = None,
+    max_rank: int = 4,
+    progress=None,
+    exact: bool = False,
+) -> AuditReport:
     """Scan MODEL (a folder or file) for directions its writers cannot write, and for baked biases."""
     t0 = time.perf_counter()
     with Model.open(model, arch_table, require_arch=False, arch_optional=True) as ck:
@@ -487,13 +578,23 @@ def audit(model, arch_table=None, resolved: Resolved | None = None, max_rank: in
 
 def _scan(rep: AuditReport, groups: list[Group], store: GramStore, max_rank: int, n_layers: int) -> None:
     spectra = [g.spectrum for g in groups]
-    rep.groups = [{"group": g.label, "tensors": len(g.tensors), "dtype": g.dtype,
-                   "storage_floor": storage_floor(g.dtype), "floor_level": floor_level(g.dtype),
-                   "low_spectrum": [float(x) for x in g.spectrum.low], "rest_mean": g.spectrum.rest}
-                  for g in groups]
+    rep.groups = [
+        {
+            "group": g.label,
+            "tensors": len(g.tensors),
+            "dtype": g.dtype,
+            "storage_floor": storage_floor(g.dtype),
+            "floor_level": floor_level(g.dtype),
+            "low_spectrum": [float(x) for x in g.spectrum.low],
+            "rest_mean": g.spectrum.rest,
+        }
+        for g in groups
+    ]
     if any(floor_level(g.dtype) is None for g in groups):
-        rep.notes.append("some writers are stored in a type whose rounding reaches the energies clean "
-                         "models have (4-6-bit GGUF): the storage-floor signal is off for them")
+        rep.notes.append(
+            "some writers are stored in a type whose rounding reaches the energies clean "
+            "models have (4-6-bit GGUF): the storage-floor signal is off for them"
+        )
     measured = _shared_at_floor(groups, store, max_rank)
     shared = [s for s in measured if s["verdict"] != "no sign"]
     signals = [s for s in (_isolated(groups, store), _layer_track(groups, store, n_layers)) if s]
@@ -501,8 +602,11 @@ def _scan(rep: AuditReport, groups: list[Group], store: GramStore, max_rank: int
         graded = _graded(groups, store, spectra)
         signals += [graded] if graded else []
     if shared:  # one edit, one verdict: signals 2-4 would describe the same direction again
-        signals = [s for s in signals if s["signal"].startswith("per-layer") and
-                   _varies(s["direction"], shared[0]["direction"])]
+        signals = [
+            s
+            for s in signals
+            if s["signal"].startswith("per-layer") and _varies(s["direction"], shared[0]["direction"])
+        ]
     rep.signals = (shared or measured) + signals
     decided = [s for s in rep.signals if s["verdict"] != "no sign"]
     decided.sort(key=lambda s: LEVELS.index(s["verdict"]))
@@ -512,8 +616,9 @@ def _scan(rep: AuditReport, groups: list[Group], store: GramStore, max_rank: int
     rep.edited = rep.level == "abliterated"
     if shared:
         rep.directions = [{k: v for k, v in s.items() if k != "direction"} for s in shared]
-        rep.direction = (shared[0]["direction"] if len(shared) == 1
-                         else np.stack([s["direction"] for s in shared]))
+        rep.direction = (
+            shared[0]["direction"] if len(shared) == 1 else np.stack([s["direction"] for s in shared])
+        )
     elif decided:
         first = decided[0]
         rep.directions = [{k: v for k, v in first.items() if k not in ("direction", "layer_profile")}]
@@ -534,38 +639,55 @@ def _verdict(rep: AuditReport, n_groups: int, decided: list[dict]) -> str:
     parts = []
     for s in decided[:1]:
         if s["signal"].startswith("shared direction"):
-            kind = "directional ablation" if len(rep.directions) == 1 else \
-                f"rank-{len(rep.directions)} subspace ablation"
+            kind = (
+                "directional ablation"
+                if len(rep.directions) == 1
+                else f"rank-{len(rep.directions)} subspace ablation"
+            )
             strengths = [r["strength_estimate"] for r in s["profile"] if r["annihilates"]]
-            parts.append(f"abliterated ({kind}): {s['groups_at_floor']} of {n_groups} writer groups "
-                         f"({s['where']}) write no more of one shared direction than their storage floor; "
-                         f"strength ≈ {np.median(strengths):.2f}")
+            parts.append(
+                f"abliterated ({kind}): {s['groups_at_floor']} of {n_groups} writer groups "
+                f"({s['where']}) write no more of one shared direction than their storage floor; "
+                f"strength ≈ {np.median(strengths):.2f}"
+            )
         elif s["signal"].startswith("one direction"):
             strengths = [r["strength_estimate"] for r in s["profile"] if r["layer"] is not None]
-            parts.append(f"{s['verdict']}: every layer's writers write less of one direction (its energy "
-                         f"{s['isolation']:.2f}× the next lowest; attention and MLP agree); strength ≈ "
-                         f"{np.median(strengths):.2f}")
+            parts.append(
+                f"{s['verdict']}: every layer's writers write less of one direction (its energy "
+                f"{s['isolation']:.2f}× the next lowest; attention and MLP agree); strength ≈ "
+                f"{np.median(strengths):.2f}"
+            )
         elif s["signal"].startswith("per-layer"):
             prof = [r for r in rep.layer_profile if r["edited"]]
             kernel = ", ".join(f"{r['layer']}:{max(r['strength_attn'], r['strength_mlp']):.2f}" for r in prof)
-            parts.append(f"{s['verdict']}: per-layer directions moving smoothly across {s['where']} "
-                         f"(score {s['score']:.1f}); strength by layer {kernel}")
+            parts.append(
+                f"{s['verdict']}: per-layer directions moving smoothly across {s['where']} "
+                f"(score {s['score']:.1f}); strength by layer {kernel}"
+            )
         else:
-            parts.append(f"{s['verdict']}: {s['groups_annihilating']} of {n_groups} writer groups "
-                         f"({s['where']}) share a low direction, evidence {s['evidence_over_null']:.0f}× "
-                         "the random-orientation null's best")
+            parts.append(
+                f"{s['verdict']}: {s['groups_annihilating']} of {n_groups} writer groups "
+                f"({s['where']}) share a low direction, evidence {s['evidence_over_null']:.0f}× "
+                "the random-orientation null's best"
+            )
     for b in rep.biases[:1]:
         layer = "" if b["layer"] is None else f" at layer {b['layer']}"
         parts.append(f"signs of bias injection{layer} ({b['kind']}: {b['why']})")
     if not parts:
-        return ("no sign of an edit (no direction shared by the writers at their storage floor, none "
-                "every layer writes less of, no smooth per-layer track, no suspicious bias)")
+        return (
+            "no sign of an edit (no direction shared by the writers at their storage floor, none "
+            "every layer writes less of, no smooth per-layer track, no suspicious bias)"
+        )
     return "; ".join(parts)
 
 
 def _signal_line(s: dict) -> str:
-    measured = {"isolation": "isolation {:.2f}", "score": "score {:.2f}",
-                "groups_at_floor": "{} groups at floor", "evidence_over_null": "evidence {:.0f}× null"}
+    measured = {
+        "isolation": "isolation {:.2f}",
+        "score": "score {:.2f}",
+        "groups_at_floor": "{} groups at floor",
+        "evidence_over_null": "evidence {:.0f}× null",
+    }
     values = [f.format(s[k]) for k, f in measured.items() if k in s]
     where = f" ({s['where']})" if s.get("where") and s["verdict"] != "no sign" else ""
     return f"{s['signal']}: {', '.join(values)} → {s['verdict']}{where}"
@@ -584,13 +706,18 @@ def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:
         head.add_row("signal", _signal_line(s))
     out.print(head)
     for i, d in enumerate(rep.directions if not rep.layer_profile else []):
-        t = Table(title=f"direction {i + 1}: {d['groups_annihilating']} groups annihilate it",
-                  title_justify="left")
+        t = Table(
+            title=f"direction {i + 1}: {d['groups_annihilating']} groups annihilate it", title_justify="left"
+        )
         for c in ("group", "energy along it (typical 1)", "at storage floor", "strength ≈"):
             t.add_column(c, justify="left" if c == "group" else "right")
         for r in d["profile"][:max_rows]:
-            t.add_row(r["group"], f"{r['energy']:.2e}", "yes" if r["at_floor"] else "",
-                      f"{r['strength_estimate']:.2f}" if r["annihilates"] else "")
+            t.add_row(
+                r["group"],
+                f"{r['energy']:.2e}",
+                "yes" if r["at_floor"] else "",
+                f"{r['strength_estimate']:.2f}" if r["annihilates"] else "",
+            )
         out.print(t)
     if rep.layer_profile:
         t = Table(title="per-layer directions (the layer profile; * named)", title_justify="left")
@@ -601,8 +728,13 @@ def print_report(rep: AuditReport, out, max_rows: int = 40) -> None:
             # strength only where the edit outweighs the natural minima (elsewhere 1 − √energy would
             # read those minima as an edit)
             strengths = [f"{r[k]:.2f}" if r["edited"] else "" for k in ("strength_attn", "strength_mlp")]
-            t.add_row(str(r["layer"]) + (" *" if r["edited"] else ""), f"{r['energy_attn']:.2e}",
-                      f"{r['energy_mlp']:.2e}", link, *strengths)
+            t.add_row(
+                str(r["layer"]) + (" *" if r["edited"] else ""),
+                f"{r['energy_attn']:.2e}",
+                f"{r['energy_mlp']:.2e}",
+                link,
+                *strengths,
+            )
         out.print(t)
     for b in rep.biases:
         out.print(
@@ -617,35 +749,44 @@ def plot(rep: AuditReport, path) -> None:
     """SVG, one point per writer group (log energy, a typical direction = 1): each group's smallest
     eigenvalue, and the energy it puts along each recovered direction."""
     from xml.sax.saxutils import escape
+
     from patcher.io.paths import SVG_MARK
 
     W, H, pad = 760, 420, 56
     series = [("smallest eigenvalue of the group", "#1f77b4", [g["low_spectrum"][0] for g in rep.groups])]
     colors = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
     for i, d in enumerate(d for d in rep.directions if "profile" in d):
-        series.append((f"energy along recovered direction {i + 1}", colors[i % 4],
-                       [r["energy"] for r in d["profile"]]))
+        series.append(
+            (f"energy along recovered direction {i + 1}", colors[i % 4], [r["energy"] for r in d["profile"]])
+        )
     logs = [np.log10(np.maximum(np.array(v, dtype=float), 1e-12)) for _, _, v in series]
     lo = math.floor(min(min(x.min() for x in logs), -1))
     hi = 1
     n = len(rep.groups)
     y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)  # noqa: E731
     x = lambda i: pad + i / max(n - 1, 1) * (W - 2 * pad)  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-             f'font-size="12">', SVG_MARK, f'<rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="20" text-anchor="middle" '
-             f'font-size="13">{escape(rep.verdict[:120])}</text>',
-             f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
-             f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">writer group: '
-             f'{escape(rep.groups[0]["group"])} … {escape(rep.groups[-1]["group"])}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+        f'font-size="12">',
+        SVG_MARK,
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="13">{escape(rep.verdict[:120])}</text>',
+        f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
+        f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">writer group: '
+        f"{escape(rep.groups[0]['group'])} … {escape(rep.groups[-1]['group'])}</text>",
+    ]
     for p in range(lo, hi + 1):
         parts.append(f'<text x="{pad - 6}" y="{y(p) + 4:.1f}" text-anchor="end">1e{p}</text>')
     for k, ((label, color, _), v) in enumerate(zip(series, logs)):
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
-                     + " ".join(f"{x(i):.1f},{y(e):.1f}" for i, e in enumerate(v)) + '"/>')
+        parts.append(
+            f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+            + " ".join(f"{x(i):.1f},{y(e):.1f}" for i, e in enumerate(v))
+            + '"/>'
+        )
         parts.append(f'<text x="{pad + 8}" y="{pad + 4 + 16 * k}" fill="{color}">{escape(label)}</text>')
     parts.append("</svg>")
     from patcher.io.atomic import atomic_file
+
     with atomic_file(path) as tmp:  # an interrupted write leaves no half plot
         tmp.write_text("\n".join(parts), encoding="utf-8")

@@ -11,25 +11,31 @@ tensors and config.json are compared too, and everything is summed up in one pla
   "unchanged" (exit 0), "rank-1 directional ablation along one shared direction (N tensors)",
   "bias injection at layer L" or "other changes" (exit 1); an error exits 2.
 """
+
 import json
 import math
 import re
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
-
 from patcher_kernels.codecs import FLOAT_DTYPES
 from patcher_kernels.fp8 import dequantize_blocks
-from patcher_kernels.lowrank import (MANTISSA_BITS, off_direction_energy, rank_for_energy, rounding_floor,
-                             shared_direction, top_singular)
+from patcher_kernels.lowrank import (
+    MANTISSA_BITS,
+    off_direction_energy,
+    rank_for_energy,
+    rounding_floor,
+    shared_direction,
+    top_singular,
+)
 from patcher_kernels.project import orthonormalize
-from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target, resolve
-from patcher.io.checkpoint import fp8_weight_of
-from patcher.model.opened import FP8_TILE, Model
+
 from patcher.edit.directions import Direction, load_direction
+from patcher.io.checkpoint import fp8_weight_of
+from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target, resolve
+from patcher.model.opened import FP8_TILE, Model
 
 TOP_K = 8  # singular values estimated per changed matrix
 ENERGY = 0.99  # "rank99": how many singular values carry 99 % of ‖Δ‖²
@@ -44,47 +50,48 @@ _NORM_NAME = re.compile(r"norm|(^|\.)ln_")
 class TensorDiff:
     name: str
     role: str  # embed / attn_out / mlp_out, <role>_bias, norm, fp8_scale, unembed, other, unknown
-    layer: Optional[int]
+    layer: int | None
     status: str  # changed / added / removed / dtype_changed / shape_changed
     dtype: str
     shape: tuple
-    relative_change: Optional[float] = None  # ‖Δ‖ / ‖W_base‖
-    delta_norm: Optional[float] = None
-    rank99: Optional[int] = None
-    rank99_above: Optional[int] = None  # set when the top TOP_K do not reach 99 %
+    relative_change: float | None = None  # ‖Δ‖ / ‖W_base‖
+    delta_norm: float | None = None
+    rank99: int | None = None
+    rank99_above: int | None = None  # set when the top TOP_K do not reach 99 %
     singular_values: list = field(default_factory=list)
-    top1_share: Optional[float] = None  # σ₁² / ‖Δ‖²
-    rounding_share: Optional[float] = None  # storage-rounding bound / ‖Δ‖²
-    cos_shared: Optional[float] = None
-    cos_direction: Optional[float] = None
-    leakage: Optional[float] = None  # |component along the recovered direction| after / before
+    top1_share: float | None = None  # σ₁² / ‖Δ‖²
+    rounding_share: float | None = None  # storage-rounding bound / ‖Δ‖²
+    cos_shared: float | None = None
+    cos_direction: float | None = None
+    leakage: float | None = None  # |component along the recovered direction| after / before
     ignorable: bool = False  # zero bias added, untied copy, FP8 scale of an analysed weight
     note: str = ""
     # not in JSON: the recovered residual direction (unit) or a 1-D tensor's change, and its rounding bound
-    recovered: Optional[np.ndarray] = None
-    delta: Optional[np.ndarray] = None
-    values: Optional[np.ndarray] = None  # a 1-D tensor's candidate values
+    recovered: np.ndarray | None = None
+    delta: np.ndarray | None = None
+    values: np.ndarray | None = None  # a 1-D tensor's candidate values
     floor: float = 0.0
-    target: Optional[Target] = None
+    target: Target | None = None
 
     def to_json(self) -> dict:
         skip = {"recovered", "delta", "values", "floor", "target"}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-                if k not in skip}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k not in skip
+        }
 
 
 @dataclass
 class DiffReport:
     base: str
     candidate: str
-    model_type: Optional[str]
-    table: Optional[str]
+    model_type: str | None
+    table: str | None
     counts: dict
     tensors: list[TensorDiff]
     verdict: str = "unchanged"
-    shared: Optional[dict] = None
-    direction: Optional[np.ndarray] = None  # the recovered shared (or injected) direction, unit
-    injection: Optional[dict] = None
+    shared: dict | None = None
+    direction: np.ndarray | None = None  # the recovered shared (or injected) direction, unit
+    injection: dict | None = None
     config_changes: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -94,18 +101,28 @@ class DiffReport:
         return self.verdict != "unchanged"
 
     @property
-    def direction_cosine(self) -> Optional[float]:
+    def direction_cosine(self) -> float | None:
         """Cosine of the recovered direction (shared, or injected) with the given --direction."""
         found = self.shared or self.injection or {}
         return found.get("cos_to_direction")
 
     def to_json(self) -> dict:
-        return {"base": self.base, "candidate": self.candidate, "model_type": self.model_type,
-                "architecture_table": self.table, "verdict": self.verdict, "changed": self.changed,
-                "direction_cosine": self.direction_cosine,
-                "counts": self.counts, "tensors": [t.to_json() for t in self.tensors],
-                "shared_direction": self.shared, "injection": self.injection,
-                "config_changes": self.config_changes, "notes": self.notes, "seconds": round(self.seconds, 3)}
+        return {
+            "base": self.base,
+            "candidate": self.candidate,
+            "model_type": self.model_type,
+            "architecture_table": self.table,
+            "verdict": self.verdict,
+            "changed": self.changed,
+            "direction_cosine": self.direction_cosine,
+            "counts": self.counts,
+            "tensors": [t.to_json() for t in self.tensors],
+            "shared_direction": self.shared,
+            "injection": self.injection,
+            "config_changes": self.config_changes,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 3),
+        }
 
     # the report also reads as its JSON dict (report["verdict"], report.get("direction_cosine"))
     def __getitem__(self, key):
@@ -117,10 +134,11 @@ class DiffReport:
 
 # --- roles --------------------------------------------------------------------------------------
 
+
 class _Roles:
     """Which part each tensor name plays, from the architecture table (or "unknown" without one)."""
 
-    def __init__(self, res: Optional[Resolved], names: set, fp8_weight):
+    def __init__(self, res: Resolved | None, names: set, fp8_weight):
         self.res, self.names, self.fp8_weight = res, names, fp8_weight
         self.weights: dict[str, Target] = {}
         self.biases: dict[str, Target] = {}
@@ -140,11 +158,11 @@ class _Roles:
         head, _, tail = (res.prefix + res.arch.layers).partition("{layer}")
         self._layer_rx = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
 
-    def layer_of(self, name: str) -> Optional[int]:
+    def layer_of(self, name: str) -> int | None:
         m = self._layer_rx.match(name) if self.res else None
         return int(m[1]) if m else None
 
-    def of(self, name: str, ndim: int) -> tuple[str, Optional[int], Optional[Target]]:
+    def of(self, name: str, ndim: int) -> tuple[str, int | None, Target | None]:
         if self.res is None:
             return "unknown", None, None
         if name in self.weights:
@@ -165,9 +183,8 @@ class _Roles:
         return "other", layer, None
 
 
-
-
 # --- reading ------------------------------------------------------------------------------------
+
 
 def _same_bytes(a: Model, name_a: str, b: Model, name_b: str) -> bool:
     """Byte comparison of two equally sized tensors in chunks (pread copies: nothing stays resident)."""
@@ -192,13 +209,14 @@ def _same_bytes(a: Model, name_a: str, b: Model, name_b: str) -> bool:
 class _Geometry:
     """A tensor seen as the 2-D matrix the analysis streams. `experts` > 1 with axis 0: a fused
     [E, d_model, b] tensor read as [d_model, E·b] (all experts side by side share r̂ on the left)."""
+
     n_rows: int
     n_cols: int
-    axis: Optional[int]  # residual axis of the 2-D view; None for non-writers
+    axis: int | None  # residual axis of the 2-D view; None for non-writers
     experts: int = 1
 
     @classmethod
-    def of(cls, shape: tuple, target: Optional[Target]) -> "_Geometry":
+    def of(cls, shape: tuple, target: Target | None) -> "_Geometry":
         axis = target.residual_axis if target else None
         if len(shape) == 3 and target and target.expert_axis == 0 and axis in (1, 2):
             if axis == 2:
@@ -224,12 +242,14 @@ class _Rows:
         if g.experts == 1:
             return self.ck.read_rows(self.name, s, e, g.n_cols)
         per = g.n_cols // g.experts  # fused experts: row i of the view is row i of every expert
-        return np.concatenate([self.ck.read_rows(self.name, x * g.n_rows + s, x * g.n_rows + e, per)
-                               for x in range(g.experts)], axis=1)
+        return np.concatenate(
+            [self.ck.read_rows(self.name, x * g.n_rows + s, x * g.n_rows + e, per) for x in range(g.experts)],
+            axis=1,
+        )
 
     def values(self, raw: np.ndarray, s: int, e: int) -> np.ndarray:
         if self.scale is not None:
-            return dequantize_blocks(raw, self.scale[s // FP8_TILE: -(-e // FP8_TILE)], FP8_TILE)
+            return dequantize_blocks(raw, self.scale[s // FP8_TILE : -(-e // FP8_TILE)], FP8_TILE)
         return raw.astype(np.float32)
 
     def floor(self, raw: np.ndarray, values: np.ndarray) -> float:
@@ -252,7 +272,8 @@ def _block_rows(geom: _Geometry, fp8: bool) -> int:
 
 # --- analysis -----------------------------------------------------------------------------------
 
-def _analyse(base: Model, cand: Model, td: TensorDiff, d_model: Optional[int], gain) -> None:
+
+def _analyse(base: Model, cand: Model, td: TensorDiff, d_model: int | None, gain) -> None:
     """Fill in the numbers of a changed tensor (same shape and dtype in both)."""
     if td.dtype not in FLOAT_DTYPES:
         td.note = "non-float tensor changed"
@@ -278,8 +299,13 @@ def _analyse(base: Model, cand: Model, td: TensorDiff, d_model: Optional[int], g
         td.delta, td.floor = delta, sums["floor"]
         td.values = rc.values(rc.raw(0, 1), 0, 1).astype(np.float64).reshape(-1)
     else:
-        spec = top_singular(read, geom.n_rows, geom.n_cols, k=TOP_K,
-                            block_rows=_block_rows(geom, rb.scale is not None or rc.scale is not None))
+        spec = top_singular(
+            read,
+            geom.n_rows,
+            geom.n_cols,
+            k=TOP_K,
+            block_rows=_block_rows(geom, rb.scale is not None or rc.scale is not None),
+        )
         energy, td.floor = spec.energy, sums["floor"]
         td.singular_values = [float(x) for x in spec.sigma]
         if energy > 0:
@@ -297,7 +323,7 @@ def _analyse(base: Model, cand: Model, td: TensorDiff, d_model: Optional[int], g
     td.relative_change = math.sqrt(energy / sums["base"]) if sums["base"] > 0 else None
 
 
-def _leakage(cand: _Rows, geom: _Geometry, spec, block: int) -> Optional[float]:
+def _leakage(cand: _Rows, geom: _Geometry, spec, block: int) -> float | None:
     """|component of W' along the residual-side vector| / |that of W| (what `ablate` calls leakage):
     below 1 the edit removed the direction, above 1 it amplified it. One pass over the candidate; the
     base's component follows from the SVD (aᵀΔ = σ₁b₁ᵀ, Δb₁ = σ₁a₁), so the base is not read
@@ -315,13 +341,13 @@ def _leakage(cand: _Rows, geom: _Geometry, spec, block: int) -> Optional[float]:
     return float(np.linalg.norm(comp) / before) if before > 0 else None
 
 
-def _post_norm_gain(base: Model, target: Optional[Target], gain) -> Optional[np.ndarray]:
+def _post_norm_gain(base: Model, target: Target | None, gain) -> np.ndarray | None:
     if target is None or not target.post_norm or gain is None:
         return None
     return POST_NORM_GAINS[gain] + base.array(target.post_norm).astype(np.float64)
 
 
-def _undo_post_norm(v: np.ndarray, base: Model, target: Optional[Target], gain) -> np.ndarray:
+def _undo_post_norm(v: np.ndarray, base: Model, target: Target | None, gain) -> np.ndarray:
     """A post-norm writer was orthogonalised against u ∝ g⊙r̂; r̂ ∝ u / g, with g from the base."""
     g = _post_norm_gain(base, target, gain)
     if g is not None:
@@ -329,13 +355,15 @@ def _undo_post_norm(v: np.ndarray, base: Model, target: Optional[Target], gain) 
     return v / np.linalg.norm(v)
 
 
-def _added(base: Model, cand: Model, td: TensorDiff, res: Optional[Resolved]) -> None:
+def _added(base: Model, cand: Model, td: TensorDiff, res: Resolved | None) -> None:
     """An added tensor: a zero bias only enables a config flag; a copy of the base embedding is an untie."""
     info = cand.info(td.name)
     if res is not None and td.name == res.arch.unembed:
         embed = res.prefix + res.arch.embeds[0].weight
-        same_kind = embed in base.tensors and (base.info(embed).shape, base.info(embed).dtype) == (info.shape,
-                                                                                      info.dtype)
+        same_kind = embed in base.tensors and (base.info(embed).shape, base.info(embed).dtype) == (
+            info.shape,
+            info.dtype,
+        )
         if same_kind:
             if _same_bytes(cand, td.name, base, embed):  # cand[unembed] == base[embed], byte for byte
                 td.ignorable, td.note = True, "untied: holds the base embedding"
@@ -351,7 +379,8 @@ def _added(base: Model, cand: Model, td: TensorDiff, res: Optional[Resolved]) ->
 
 # --- the whole comparison -----------------------------------------------------------------------
 
-def _architecture(base: Model, cand: Model, arch_table, notes: list) -> tuple[Model, Optional[Resolved]]:
+
+def _architecture(base: Model, cand: Model, arch_table, notes: list) -> tuple[Model, Resolved | None]:
     if arch_table is not None and base.config:
         base = base.with_table(arch_table)
     if base.arch is None or not base.config:
@@ -373,8 +402,10 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
         mixed, cross = base.is_gguf or cand.is_gguf, base.is_gguf != cand.is_gguf
         if mixed:  # GGUF: compared as the HF model it stores (dequantized values under HF names)
             base, cand = base.forward_model(), cand.forward_model()
-            notes.append("GGUF compared by dequantized values under HF names; rank estimates allow for the "
-                         "quantization grid of the candidate's storage type")
+            notes.append(
+                "GGUF compared by dequantized values under HF names; rank estimates allow for the "
+                "quantization grid of the candidate's storage type"
+            )
         base, res = _architecture(base, cand, arch_table, notes)
         if res and cand.model_type and cand.model_type != base.model_type:
             notes.append(f"candidate model_type is {cand.model_type!r}, base {base.model_type!r}")
@@ -394,17 +425,32 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
             other = cand.info(name)
             if other.shape != info.shape or (other.dtype != info.dtype and not mixed):
                 status = "shape_changed" if other.shape != info.shape else "dtype_changed"
-                tensors.append(TensorDiff(name, role, layer, status, f"{info.dtype}→{other.dtype}",
-                                          info.shape if other.shape == info.shape else (info.shape,
-                                                                                        other.shape)))
+                tensors.append(
+                    TensorDiff(
+                        name,
+                        role,
+                        layer,
+                        status,
+                        f"{info.dtype}→{other.dtype}",
+                        info.shape if other.shape == info.shape else (info.shape, other.shape),
+                    )
+                )
                 continue
             scale = base.fp8_scale(name)
-            if _same_bytes(base, name, cand, name) and (scale is None or scale not in cand.tensors
-                                                         or _same_bytes(base, scale, cand, scale)):
+            if _same_bytes(base, name, cand, name) and (
+                scale is None or scale not in cand.tensors or _same_bytes(base, scale, cand, scale)
+            ):
                 identical += 1
                 continue
-            td = TensorDiff(name, role, layer, "changed", info.dtype if other.dtype == info.dtype
-                            else "F32", info.shape, target=target)
+            td = TensorDiff(
+                name,
+                role,
+                layer,
+                "changed",
+                info.dtype if other.dtype == info.dtype else "F32",
+                info.shape,
+                target=target,
+            )
             _analyse(base, cand, td, d_model, gain)
             tensors.append(td)
         for name, info in cand.tensors.items():
@@ -418,12 +464,21 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
             if t.role == "fp8_scale" and fp8_weight_of(cand.tensors, t.name) in analysed:
                 t.ignorable, t.note = True, "block scale of an analysed FP8 weight"
 
-        rep = DiffReport(str(base.path), str(cand.path), base.model_type, res.arch.source if res else None,
-                         {"base_tensors": len(base.tensors), "identical": identical,
-                          "changed": sum(t.status != "added" and t.status != "removed" for t in tensors),
-                          "added": sum(t.status == "added" for t in tensors),
-                          "removed": sum(t.status == "removed" for t in tensors)},
-                         tensors, notes=notes)
+        rep = DiffReport(
+            str(base.path),
+            str(cand.path),
+            base.model_type,
+            res.arch.source if res else None,
+            {
+                "base_tensors": len(base.tensors),
+                "identical": identical,
+                "changed": sum(t.status != "added" and t.status != "removed" for t in tensors),
+                "added": sum(t.status == "added" for t in tensors),
+                "removed": sum(t.status == "removed" for t in tensors),
+            },
+            tensors,
+            notes=notes,
+        )
         if not cross:  # GGUF metadata and config.json say the same things in different words
             _config_changes(base, cand, res, rep)
         _shared(rep, base, basis, gain)
@@ -432,7 +487,7 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
         return rep
 
 
-def _config_changes(base: Model, cand: Model, res: Optional[Resolved], rep: DiffReport) -> None:
+def _config_changes(base: Model, cand: Model, res: Resolved | None, rep: DiffReport) -> None:
     flags = {s.config_flag for s in res.arch.inject.values() if s.config_flag} if res else set()
     expected = {"tie_word_embeddings"} | flags  # what ablate --untie-embeddings / inject may set
     for key in sorted(set(base.config) | set(cand.config)):
@@ -447,11 +502,17 @@ def _writer_weights(rep: DiffReport) -> list[TensorDiff]:
 
 def _biases(rep: DiffReport) -> list[TensorDiff]:
     """1-D changes that act as residual biases (writer biases, injection slots), not ignorable."""
-    return [t for t in rep.tensors if t.role.endswith("_bias") and t.delta is not None and not t.ignorable
-            and t.status in ("changed", "added")]
+    return [
+        t
+        for t in rep.tensors
+        if t.role.endswith("_bias")
+        and t.delta is not None
+        and not t.ignorable
+        and t.status in ("changed", "added")
+    ]
 
 
-def _cos_to(basis: Optional[np.ndarray], v: np.ndarray) -> Optional[float]:
+def _cos_to(basis: np.ndarray | None, v: np.ndarray) -> float | None:
     """Cosine of v to the --direction (norm of its projection on their span when several are given)."""
     if basis is None or v.shape[0] != basis.shape[0]:
         return None
@@ -465,15 +526,20 @@ def _shared(rep: DiffReport, base: Model, basis, gain) -> None:
     if not rank1:
         return
     ref = basis[:, 0] if basis is not None else None
-    s, cos = shared_direction(np.stack([t.recovered for t in rank1]), np.array([t.top1_share for t in rank1]),
-                              ref)
+    s, cos = shared_direction(
+        np.stack([t.recovered for t in rank1]), np.array([t.top1_share for t in rank1]), ref
+    )
     for t, c in zip(rank1, cos):
         t.cos_shared = float(c)
         if basis is not None:
             t.cos_direction = abs(_cos_to(basis, t.recovered))
     rep.direction = s
-    rep.shared = {"tensors": len(rank1), "cos_min": float(cos.min()), "cos_median": float(np.median(cos)),
-                  "cos_to_direction": _cos_to(basis, s)}
+    rep.shared = {
+        "tensors": len(rank1),
+        "cos_min": float(cos.min()),
+        "cos_median": float(np.median(cos)),
+        "cos_to_direction": _cos_to(basis, s),
+    }
     for t in _biases(rep):  # an ablation projects writer biases too: Δb along u, and uᵀb shrinks
         g = _post_norm_gain(base, t.target, gain)
         u = s if g is None else (g * s) / np.linalg.norm(g * s)
@@ -496,21 +562,31 @@ def _verdict(rep: DiffReport, basis) -> None:
     if not relevant and not unexpected:
         rep.verdict = "unchanged"
         if rep.tensors or rep.config_changes:
-            rep.notes.append("only zero biases, untied copies or edit flags were added: the model computes "
-                             "the same")
+            rep.notes.append(
+                "only zero biases, untied copies or edit flags were added: the model computes the same"
+            )
         return
     rep.verdict = "other changes"
     if others or unexpected:
         return
     if weights:
         projected = all(t.note == "projected along the shared direction" for t in biases)
-        if (rep.shared and projected and all(t.rank99 == 1 and t.cos_shared is not None
-                                             and t.cos_shared >= CONSISTENT
-                                             and t.leakage is not None and t.leakage <= REMOVED
-                                             for t in weights)):
+        if (
+            rep.shared
+            and projected
+            and all(
+                t.rank99 == 1
+                and t.cos_shared is not None
+                and t.cos_shared >= CONSISTENT
+                and t.leakage is not None
+                and t.leakage <= REMOVED
+                for t in weights
+            )
+        ):
             n = len(weights)
-            rep.verdict = (f"rank-1 directional ablation along one shared direction "
-                           f"({n} tensor{'s' if n != 1 else ''})")
+            rep.verdict = (
+                f"rank-1 directional ablation along one shared direction ({n} tensor{'s' if n != 1 else ''})"
+            )
         return
     layers = {t.layer for t in biases}
     if biases and len(layers) == 1 and None not in layers:
@@ -520,12 +596,16 @@ def _verdict(rep: DiffReport, basis) -> None:
         rep.direction = total / np.linalg.norm(total) if total.any() else None
         for t in biases:
             t.cos_direction = _cos_to(basis, t.delta) if t.delta.any() else None
-        rep.injection = {"layer": layer, "tensors": [t.name for t in biases],
-                         "norm": float(np.linalg.norm(total)),
-                         "cos_to_direction": _cos_to(basis, total) if total.any() else None}
+        rep.injection = {
+            "layer": layer,
+            "tensors": [t.name for t in biases],
+            "norm": float(np.linalg.norm(total)),
+            "cos_to_direction": _cos_to(basis, total) if total.any() else None,
+        }
 
 
 # --- command line -------------------------------------------------------------------------------
+
 
 def _fmt(v, spec=".3g") -> str:
     return "—" if v is None else format(v, spec)
@@ -539,30 +619,56 @@ def print_report(rep: DiffReport, out, max_rows: int = 60) -> None:
     head.add_row("candidate", rep.candidate)
     head.add_row("model_type", f"{rep.model_type} ({rep.table or 'no architecture table'})")
     c = rep.counts
-    head.add_row("tensors", f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} "
-                 f"changed, "
-                            f"{c['added']} added, {c['removed']} removed ({rep.seconds:.2f} s)")
+    head.add_row(
+        "tensors",
+        f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} "
+        f"changed, "
+        f"{c['added']} added, {c['removed']} removed ({rep.seconds:.2f} s)",
+    )
     out.print(head)
     if rep.tensors:
         t = Table(title="tensors that differ", title_justify="left")
-        for col in ("tensor", "role", "layer", "status", "|Δ|", "|Δ|/|W|", "rank99", "σ₁² share",
-                    "leakage", "cos shared", "cos -d"):
-            t.add_column(col, justify="left" if col in ("tensor", "role", "status") else "right",
-                         overflow="fold")
+        for col in (
+            "tensor",
+            "role",
+            "layer",
+            "status",
+            "|Δ|",
+            "|Δ|/|W|",
+            "rank99",
+            "σ₁² share",
+            "leakage",
+            "cos shared",
+            "cos -d",
+        ):
+            t.add_column(
+                col, justify="left" if col in ("tensor", "role", "status") else "right", overflow="fold"
+            )
         for td in rep.tensors[:max_rows]:
             rank = str(td.rank99) if td.rank99 else (f">{td.rank99_above}" if td.rank99_above else "—")
             status = td.status + (f" ({td.note})" if td.note else "")
-            t.add_row(td.name, td.role, _fmt(td.layer, "d"), status, _fmt(td.delta_norm),
-                      _fmt(td.relative_change),
-                      rank, _fmt(td.top1_share, ".4f"), _fmt(td.leakage, ".2e"), _fmt(td.cos_shared, ".6f"),
-                      _fmt(td.cos_direction, ".6f"))
+            t.add_row(
+                td.name,
+                td.role,
+                _fmt(td.layer, "d"),
+                status,
+                _fmt(td.delta_norm),
+                _fmt(td.relative_change),
+                rank,
+                _fmt(td.top1_share, ".4f"),
+                _fmt(td.leakage, ".2e"),
+                _fmt(td.cos_shared, ".6f"),
+                _fmt(td.cos_direction, ".6f"),
+            )
         out.print(t)
         if len(rep.tensors) > max_rows:
             out.print(f"… and {len(rep.tensors) - max_rows} more (--json lists every one)")
     if rep.shared:
         s = rep.shared
-        line = (f"shared direction: {s['tensors']} rank-1 tensors, cosine to it min {s['cos_min']:.6f}, "
-                f"median {s['cos_median']:.6f}")
+        line = (
+            f"shared direction: {s['tensors']} rank-1 tensors, cosine to it min {s['cos_min']:.6f}, "
+            f"median {s['cos_median']:.6f}"
+        )
         if s["cos_to_direction"] is not None:
             line += f"; cosine to --direction {s['cos_to_direction']:.6f}"
         out.print(line, highlight=False)
@@ -573,8 +679,11 @@ def print_report(rep: DiffReport, out, max_rows: int = 60) -> None:
             line += f", cosine to --direction {i['cos_to_direction']:.6f}"
         out.print(line, highlight=False)
     for k, v in rep.config_changes.items():
-        out.print(f"config.json: {k}: {json.dumps(v['base'])} → {json.dumps(v['candidate'])}"
-                  + (" (an edit flag)" if v["expected_for_an_edit"] else ""), highlight=False)
+        out.print(
+            f"config.json: {k}: {json.dumps(v['base'])} → {json.dumps(v['candidate'])}"
+            + (" (an edit flag)" if v["expected_for_an_edit"] else ""),
+            highlight=False,
+        )
     for n in rep.notes:
         out.print(f"[yellow]note:[/] {n}", highlight=False)
     out.print(f"verdict: {rep.verdict}", highlight=False, soft_wrap=True)

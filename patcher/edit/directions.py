@@ -5,6 +5,7 @@ DIRECTION on the command line is `FILE.npy` (a (d_model,) vector, or (k, d_model
 `negative_mean`, float32 [L+1, d_model] indexed by resid_pre layer, and `__metadata__["patcher"]`
 holding JSON with at least `selected_layer` (used when no :LAYER is given).
 """
+
 import hashlib
 import json
 import re
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher.io.checkpoint import Checkpoint
 from patcher.errors import CheckpointError, PatcherError
+from patcher.io.checkpoint import Checkpoint
 from patcher.io.jsonsafe import dumps
 from patcher.io.paths import regular_file
 from patcher.io.writer import OutTensor, write_safetensors
@@ -60,8 +61,9 @@ def load_direction(spec: str, d_model: int | None = None, n_layers: int | None =
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise PatcherError(spec, f"direction must be (d_model,) or (k, d_model), got shape {vectors.shape}")
     if d_model is not None and vectors.shape[1] != d_model:
-        raise PatcherError(spec, f"direction has dimension {vectors.shape[1]}, the model's d_model is "
-                           f"{d_model}")
+        raise PatcherError(
+            spec, f"direction has dimension {vectors.shape[1]}, the model's d_model is {d_model}"
+        )
     if not np.all(np.isfinite(vectors)):
         raise PatcherError(spec, "direction contains NaN or Inf")
     if np.any(np.linalg.norm(vectors, axis=1) == 0):
@@ -74,8 +76,11 @@ def check_independent(vectors: np.ndarray, where: str) -> None:
     """Rank-k directions must span k dimensions: QR (orthonormalize) cannot build a basis otherwise."""
     k, d = vectors.shape
     if k > 1 and k >= d - 1:  # removing them leaves at most one dimension: every writer is (nearly) zeroed
-        raise PatcherError(where, f"{k} directions in a {d}-dimensional residual stream leave at most "
-                                  f"{max(d - k, 0)} dimension(s): the edit would erase (almost) everything")
+        raise PatcherError(
+            where,
+            f"{k} directions in a {d}-dimensional residual stream leave at most "
+            f"{max(d - k, 0)} dimension(s): the edit would erase (almost) everything",
+        )
     if k == 1:
         return
     if k > vectors.shape[1]:
@@ -84,8 +89,11 @@ def check_independent(vectors: np.ndarray, where: str) -> None:
     s = np.linalg.svd(unit, compute_uv=False)
     rank = int(np.sum(s > 1e-6 * s[0]))
     if rank < k:
-        raise PatcherError(where, f"the {k} directions are linearly dependent (they span only {rank} "
-                                  "dimensions); drop the redundant ones")
+        raise PatcherError(
+            where,
+            f"the {k} directions are linearly dependent (they span only {rank} "
+            "dimensions); drop the redundant ones",
+        )
 
 
 def _from_npy(path: Path) -> np.ndarray:
@@ -119,17 +127,24 @@ def _from_safetensors(path: Path, layer: int | None, n_layers: int | None = None
     if layer is None:
         layer = meta.get("selected_layer")
         if not isinstance(layer, int) or isinstance(layer, bool):
-            raise CheckpointError(path, "metadata has no integer 'selected_layer'; give one as "
-                                  "FILE.safetensors:LAYER")
+            raise CheckpointError(
+                path, "metadata has no integer 'selected_layer'; give one as FILE.safetensors:LAYER"
+            )
         if not 0 <= layer < n:  # extract writes 0..L: anything else is damage, and never wraps
-            raise CheckpointError(path, f"metadata selected_layer {layer} is out of range: the file has "
-                                        f"resid_pre layers 0..{n - 1}")
+            raise CheckpointError(
+                path,
+                f"metadata selected_layer {layer} is out of range: the file has resid_pre layers 0..{n - 1}",
+            )
     if n_layers is not None and n != n_layers + 1:
-        raise CheckpointError(path, f"the directions table has {n} rows (a {n - 1}-layer model's); this "
-                                    f"model has {n_layers} layers ({n_layers + 1} resid_pre rows)")
+        raise CheckpointError(
+            path,
+            f"the directions table has {n} rows (a {n - 1}-layer model's); this "
+            f"model has {n_layers} layers ({n_layers + 1} resid_pre rows)",
+        )
     if not -n <= layer < n:  # FILE:-1 counts from the end, as --layers does; nothing wraps
-        raise PatcherError(f"{path}:{layer}", f"layer {layer} is out of range: the file has resid_pre "
-                           f"layers 0..{n - 1}")
+        raise PatcherError(
+            f"{path}:{layer}", f"layer {layer} is out of range: the file has resid_pre layers 0..{n - 1}"
+        )
     return table[layer], layer % n
 
 
@@ -142,17 +157,28 @@ def read_metadata(ck: Checkpoint) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def save_directions(path, direction: np.ndarray, positive_mean: np.ndarray, negative_mean: np.ndarray,
-                    metadata: dict, extra: dict[str, np.ndarray] | None = None) -> None:
+def save_directions(
+    path,
+    direction: np.ndarray,
+    positive_mean: np.ndarray,
+    negative_mean: np.ndarray,
+    metadata: dict,
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
     """Write the directions format (float32 tensors; JSON metadata under __metadata__['patcher'])."""
     if "selected_layer" not in metadata:
         raise ValueError("directions metadata needs 'selected_layer'")
-    arrays = {"direction": direction, "positive_mean": positive_mean, "negative_mean": negative_mean,
-              **(extra or {})}
+    arrays = {
+        "direction": direction,
+        "positive_mean": positive_mean,
+        "negative_mean": negative_mean,
+        **(extra or {}),
+    }
     tensors = []
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr, dtype=np.float32)
         tensors.append(OutTensor(name, "F32", a.shape, produce=lambda a=a: [a]))
     from patcher.io.atomic import atomic_file
+
     with atomic_file(path) as tmp:  # an interrupt or a full disk leaves nothing behind
         write_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: dumps(metadata, sort_keys=True)})

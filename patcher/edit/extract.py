@@ -5,6 +5,7 @@ Means are accumulated in float64. Per-prompt projections for the scores are kept
 [prompts, layers, d_model] only when asked for scores (always, for the CLI), which bounds memory by
 the prompt count, not the model size.
 """
+
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,18 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
+from patcher import validate as V
 from patcher.edit.directions import save_directions
 from patcher.edit.plan import parse_layers
 from patcher.errors import PatcherError
+from patcher.io.manifest import sha256_file
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model, as_model
-from patcher.io.manifest import sha256_file
 from patcher.model.prompts import check_lengths, encode_prompts, left_pad, read_prompt_file
-from patcher import validate as V
 
 IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
-SELECTION_RULE = ("highest signal-to-noise among resid_pre layers 0..floor(0.8*L), "
-                  "ties broken by the larger mean-difference norm")
+SELECTION_RULE = (
+    "highest signal-to-noise among resid_pre layers 0..floor(0.8*L), "
+    "ties broken by the larger mean-difference norm"
+)
 
 
 @dataclass
@@ -55,10 +58,11 @@ class _Accumulator:
     def add(self, layer: int, x: np.ndarray, offset: int):
         if layer not in self.layers:
             return
-        picked = x[:, self.positions,
-                   :].astype(np.float64)  # left padding: position -1 is the last real token
+        picked = x[:, self.positions, :].astype(
+            np.float64
+        )  # left padding: position -1 is the last real token
         self.sum[:, layer] += picked.sum(axis=0)
-        self.samples[offset:offset + x.shape[0], layer] = picked.mean(axis=1)
+        self.samples[offset : offset + x.shape[0], layer] = picked.mean(axis=1)
 
     @property
     def mean(self):
@@ -77,11 +81,14 @@ def _batches(token_lists, pad_id, batch_size, positions, where):
     need = max(-p for p in positions)
     short = [i for i, t in enumerate(token_lists) if len(t) < need]
     if short:
-        raise PatcherError(where, f"prompt {short[0] + 1} has {len(token_lists[short[0]])} tokens; positions "
-                                  f"{positions} need at least {need}")
+        raise PatcherError(
+            where,
+            f"prompt {short[0] + 1} has {len(token_lists[short[0]])} tokens; positions "
+            f"{positions} need at least {need}",
+        )
     order = np.argsort([len(t) for t in token_lists], kind="stable")  # similar lengths: less padding
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         yield idx, left_pad([token_lists[i] for i in idx], pad_id)
 
 
@@ -92,18 +99,32 @@ def score_layers(pos_mean, neg_mean, pos_samples, neg_samples, layers) -> list[d
     rows = []
     for l in range(diff.shape[0]):
         if l not in layers or norms[l] == 0:
-            rows.append({"layer": l, "computed": l in layers, "diff_norm": float(norms[l]) if l in layers
-                         else None})
+            rows.append(
+                {"layer": l, "computed": l in layers, "diff_norm": float(norms[l]) if l in layers else None}
+            )
             continue
-        neighbours = [float(diff[m] @ diff[l] / (norms[m] * norms[l])) for m in (l - 1, l + 1)
-                      if 0 <= m < diff.shape[0] and m in layers and norms[m] > 0]
-        stream = np.linalg.norm(np.concatenate([pos_samples[:, l], neg_samples[:, l]]).astype(np.float64),
-                                axis=1).mean()
-        rows.append({"layer": l, "computed": True, "diff_norm": float(norms[l]),
-                     "snr": _snr(pos_samples[:, l].astype(np.float64), neg_samples[:, l].astype(np.float64),
-                                 diff[l] / norms[l]),
-                     "neighbour_cos": float(np.mean(neighbours)) if neighbours else None,
-                     "relative_norm": float(norms[l] / stream) if stream > 0 else 0.0})
+        neighbours = [
+            float(diff[m] @ diff[l] / (norms[m] * norms[l]))
+            for m in (l - 1, l + 1)
+            if 0 <= m < diff.shape[0] and m in layers and norms[m] > 0
+        ]
+        stream = np.linalg.norm(
+            np.concatenate([pos_samples[:, l], neg_samples[:, l]]).astype(np.float64), axis=1
+        ).mean()
+        rows.append(
+            {
+                "layer": l,
+                "computed": True,
+                "diff_norm": float(norms[l]),
+                "snr": _snr(
+                    pos_samples[:, l].astype(np.float64),
+                    neg_samples[:, l].astype(np.float64),
+                    diff[l] / norms[l],
+                ),
+                "neighbour_cos": float(np.mean(neighbours)) if neighbours else None,
+                "relative_norm": float(norms[l] / stream) if stream > 0 else 0.0,
+            }
+        )
     return rows
 
 
@@ -121,8 +142,9 @@ def _snr(a: np.ndarray, b: np.ndarray, r: np.ndarray | None = None) -> float:
     return float((pa.mean() - pb.mean()) / pooled) if pooled > 0 else float("inf")
 
 
-def shuffled_snr(pos: np.ndarray, neg: np.ndarray, layers: list[int], rounds: int = 16,
-                 seed: int = 0) -> float:
+def shuffled_snr(
+    pos: np.ndarray, neg: np.ndarray, layers: list[int], rounds: int = 16, seed: int = 0
+) -> float:
     """The best SNR the same prompts reach over `layers` with their labels shuffled (the largest of `rounds`
     shuffles): the direction is fitted to the samples it is scored on, and the best layer is picked, so
     even sets that do not differ score above zero (about sqrt(d·(1/n+ + 1/n-)) for isotropic noise).
@@ -132,58 +154,111 @@ def shuffled_snr(pos: np.ndarray, neg: np.ndarray, layers: list[int], rounds: in
     best = 0.0
     for _ in range(rounds):
         idx = rng.permutation(len(both))
-        a, b = both[idx[:len(pos)]], both[idx[len(pos):]]
+        a, b = both[idx[: len(pos)]], both[idx[len(pos) :]]
         best = max(best, *(_snr(a[:, i], b[:, i]) for i in range(len(layers))))
     return best
 
 
 def selection_pool(scores: list[dict], n_layers: int) -> list[dict]:
     limit = math.floor((1 - IGNORE_LAST) * n_layers)
-    return [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or \
-           [s for s in scores if s.get("snr") is not None]
+    return [s for s in scores if s.get("snr") is not None and s["layer"] <= limit] or [
+        s for s in scores if s.get("snr") is not None
+    ]
 
 
 def select_layer(scores: list[dict], n_layers: int) -> int:
     pool = selection_pool(scores, n_layers)
     if not pool:
-        raise PatcherError("extract",
-                           "no layer separates the two prompt sets (all mean differences are zero)")
+        raise PatcherError(
+            "extract", "no layer separates the two prompt sets (all mean differences are zero)"
+        )
     return max(pool, key=lambda s: (s["snr"], s["diff_norm"]))["layer"]
 
 
-def extract(model, positive, negative, *, positions=(-1,), batch_size: int = 8,
-            max_prompts: int | None = None,
-            layers: str | None = None, chat_template: bool = True, system: str | None = None,
-            project_out_negative_mean: bool = False, progress=None, arch_table=None) -> ExtractResult:
+def extract(
+    model,
+    positive,
+    negative,
+    *,
+    positions=(-1,),
+    batch_size: int = 8,
+    max_prompts: int | None = None,
+    layers: str | None = None,
+    chat_template: bool = True,
+    system: str | None = None,
+    project_out_negative_mean: bool = False,
+    progress=None,
+    arch_table=None,
+) -> ExtractResult:
     """Python API mirroring `patcher extract`. `model` is a Model or anything Model.open takes (a folder,
     a file, a hub repo id); `positive`/`negative` are prompt files or lists of strings."""
-    positions = V.positions(list(positions) if isinstance(positions, (tuple, list)) else positions,
-                            "--positions")
+    positions = V.positions(
+        list(positions) if isinstance(positions, (tuple, list)) else positions, "--positions"
+    )
     batch_size = V.number(batch_size, "batch_size", "--batch-size")
     if max_prompts is not None:
         max_prompts = V.number(max_prompts, "max_prompts", "--max-prompts")
     if isinstance(model, Model):
-        return _extract(model, positive, negative, positions, batch_size, max_prompts, layers, chat_template,
-                        system, project_out_negative_mean, progress)
+        return _extract(
+            model,
+            positive,
+            negative,
+            positions,
+            batch_size,
+            max_prompts,
+            layers,
+            chat_template,
+            system,
+            project_out_negative_mean,
+            progress,
+        )
     with as_model(model, arch_table) as opened:
-        return _extract(opened, positive, negative, positions, batch_size, max_prompts, layers, chat_template,
-                        system, project_out_negative_mean, progress)
+        return _extract(
+            opened,
+            positive,
+            negative,
+            positions,
+            batch_size,
+            max_prompts,
+            layers,
+            chat_template,
+            system,
+            project_out_negative_mean,
+            progress,
+        )
 
 
 def _refuse_non_finite(ck: Model, pos_mean, neg_mean, layer_set) -> None:
     """NaN/Inf weights, or a config whose forward pass overflows (rms_norm_eps < 0, rope_theta 0), make
     the residual stream non-finite: no directions file and no "selected" layer from that."""
-    bad = [l for l in sorted(layer_set) if not (np.isfinite(pos_mean[:, l]).all()
-                                                and np.isfinite(neg_mean[:, l]).all())]
+    bad = [
+        l
+        for l in sorted(layer_set)
+        if not (np.isfinite(pos_mean[:, l]).all() and np.isfinite(neg_mean[:, l]).all())
+    ]
     if bad:
         after = " and after" if len(bad) > 1 else ""
-        raise PatcherError(ck.path, f"the residual stream is not finite (NaN or Inf) at resid_pre layer "
-                                    f"{bad[0]}{after}: the weights hold NaN/Inf or the config makes the forward "
-                                    "pass overflow; nothing was written")
+        raise PatcherError(
+            ck.path,
+            f"the residual stream is not finite (NaN or Inf) at resid_pre layer "
+            f"{bad[0]}{after}: the weights hold NaN/Inf or the config makes the forward "
+            "pass overflow; nothing was written",
+        )
 
 
-def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, layers, chat_template, system,
-             project_out_negative_mean, progress) -> ExtractResult:
+def _extract(
+    ck: Model,
+    positive,
+    negative,
+    positions,
+    batch_size,
+    max_prompts,
+    layers,
+    chat_template,
+    system,
+    project_out_negative_mean,
+    progress,
+) -> ExtractResult:
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     layer_set = parse_layers(layers, L + 1)
@@ -201,8 +276,9 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
             raise PatcherError(label, "no prompts")
         sets[label] = encode_prompts(tok, prompts, chat_template=chat_template, system=system)
     for label, toks in sets.items():  # before any work: a 120k-token prompt is refused here
-        check_lengths(toks, ck.config, meta_sets[label].get("file", label), heads=sm.hp.n_heads,
-                      batch_size=batch_size)
+        check_lengths(
+            toks, ck.config, meta_sets[label].get("file", label), heads=sm.hp.n_heads, batch_size=batch_size
+        )
     accs = {}
     for label, toks in sets.items():
         acc = _Accumulator(L, d, positions, len(toks), layer_set)
@@ -218,20 +294,43 @@ def _extract(ck: Model, positive, negative, positions, batch_size, max_prompts, 
         nm = neg_mean.mean(axis=0)
         n_hat = nm / np.maximum(np.linalg.norm(nm, axis=1, keepdims=True), 1e-30)
         direction = direction - np.sum(direction * n_hat, axis=1, keepdims=True) * n_hat
-    scores = score_layers(pos_mean.mean(axis=0), neg_mean.mean(axis=0), accs["positive"].samples,
-                          accs["negative"].samples, layer_set)
+    scores = score_layers(
+        pos_mean.mean(axis=0),
+        neg_mean.mean(axis=0),
+        accs["positive"].samples,
+        accs["negative"].samples,
+        layer_set,
+    )
     selected = select_layer(scores, L)
-    null = shuffled_snr(accs["positive"].samples, accs["negative"].samples,
-                        [r["layer"] for r in selection_pool(scores, L)])
-    meta = {"model": str(ck.path), "model_type": ck.model_type, "layers": L, "d_model": d,
-            "prompts": meta_sets, "positions": positions, "chat_template": bool(chat_template
-                                                                                and tok.has_chat_template),
-            "system": system, "project_out_negative_mean": project_out_negative_mean,
-            "selected_layer": selected, "shuffled_labels_snr": null,
-            "selection_rule": SELECTION_RULE, "scores": scores, "computed_layers": sorted(layer_set),
-            "patcher": __version__}
+    null = shuffled_snr(
+        accs["positive"].samples, accs["negative"].samples, [r["layer"] for r in selection_pool(scores, L)]
+    )
+    meta = {
+        "model": str(ck.path),
+        "model_type": ck.model_type,
+        "layers": L,
+        "d_model": d,
+        "prompts": meta_sets,
+        "positions": positions,
+        "chat_template": bool(chat_template and tok.has_chat_template),
+        "system": system,
+        "project_out_negative_mean": project_out_negative_mean,
+        "selected_layer": selected,
+        "shuffled_labels_snr": null,
+        "selection_rule": SELECTION_RULE,
+        "scores": scores,
+        "computed_layers": sorted(layer_set),
+        "patcher": __version__,
+    }
     per_position = {}
     if len(positions) > 1:
         per_position = {p: (per_pos_dir[i], pos_mean[i], neg_mean[i]) for i, p in enumerate(positions)}
-    return ExtractResult(direction.astype(np.float32), pos_mean.mean(axis=0).astype(np.float32),
-                         neg_mean.mean(axis=0).astype(np.float32), scores, selected, per_position, meta)
+    return ExtractResult(
+        direction.astype(np.float32),
+        pos_mean.mean(axis=0).astype(np.float32),
+        neg_mean.mean(axis=0).astype(np.float32),
+        scores,
+        selected,
+        per_position,
+        meta,
+    )

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from patcher_kernels.ggml_quant import BLOCK_TYPES, FLOAT_TYPES, K_TYPES, block_size, grid, row_bytes
 from patcher_kernels.ortho_greedy import orthogonal_rounding_rank1
 from patcher_kernels.ortho_round import orthogonal_rounding
 from patcher_kernels.project import bias_inject, bias_project, project_full
+
 from patcher.edit.apply import Report
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.errors import PatcherError
@@ -33,13 +33,35 @@ from patcher.io.gguf import PROVENANCE_KEY, GGUFFile, OutTensorGGUF, string_fiel
 
 ROW_CHUNK = 4096  # rows of a residual-axis-1 tensor (embeddings) handled at once
 COL_CHUNK = 2048  # columns of a residual-axis-0 matrix handled at once (a multiple of every block size)
-REQUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K",
-                 "F16", "BF16", "F32")
+REQUANT_TYPES = (
+    "Q8_0",
+    "Q6_K",
+    "Q5_K",
+    "Q5_1",
+    "Q5_0",
+    "Q4_K",
+    "Q4_1",
+    "Q4_0",
+    "Q3_K",
+    "Q2_K",
+    "F16",
+    "BF16",
+    "F32",
+)
 # IQ (and ternary) types are read through the gguf package's dequantizers; edited ones are written as the
 # K type with the fewest bits per weight that is not below theirs (llama.cpp's table of sizes)
 IQ_AS_K = {
-    "IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_S": "Q2_K",
-    "TQ1_0": "Q2_K", "TQ2_0": "Q2_K", "IQ3_XXS": "Q3_K", "IQ3_S": "Q3_K", "IQ4_XS": "Q4_K", "IQ4_NL": "Q4_K",
+    "IQ1_S": "Q2_K",
+    "IQ1_M": "Q2_K",
+    "IQ2_XXS": "Q2_K",
+    "IQ2_XS": "Q2_K",
+    "IQ2_S": "Q2_K",
+    "TQ1_0": "Q2_K",
+    "TQ2_0": "Q2_K",
+    "IQ3_XXS": "Q3_K",
+    "IQ3_S": "Q3_K",
+    "IQ4_XS": "Q4_K",
+    "IQ4_NL": "Q4_K",
 }
 FALLBACK = "Q8_0"  # other types no writer here knows (or an IQ4_NL row too short for a K super-block)
 _SMALL_TYPES = ("F32", "F16", "BF16")  # biases keep these; anything else is written F32
@@ -106,11 +128,15 @@ def prepare(plan: Plan, requant: str | None = None) -> Plan:
         else:
             e.dtype = src if src in _SMALL_TYPES and e.name in g.tensors else "F32"
     if changed:
-        why = (f"re-quantized as --requant {requant.lower()} asks" if requant is not None else
-               "written in another type (IQ: the nearest K type; no writer for their own)")
+        why = (
+            f"re-quantized as --requant {requant.lower()} asks"
+            if requant is not None
+            else "written in another type (IQ: the nearest K type; no writer for their own)"
+        )
         plan.notes.append(
-            f"{why}: " + ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6
-                                                   else "")
+            f"{why}: "
+            + ", ".join(changed[:6])
+            + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
         )
         plan.record["gguf_retyped"] = dict(c.split(" ", 1) for c in changed)
     plan.notes = [n for n in plan.notes if "config.json" not in n and "HF transformers" not in n]
@@ -265,6 +291,7 @@ class AtomicFile(AtomicOutput):
 
     def __init__(self, target, inputs, force: bool = False):
         from patcher.io.paths import check_output
+
         super().__init__(check_output(target, list(inputs), force=force, kind="file"), "file")
 
 

@@ -1,18 +1,19 @@
 """Planning edits: turn (checkpoint, table, direction, options) into a readable list of tensor
 operations before any byte is written. `--dry-run` prints exactly this plan; `apply` executes it.
 """
+
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from patcher_kernels.codecs import numpy_dtype
 from patcher_kernels.ggml_quant import BYTES_PER_BLOCK, row_bytes
 from patcher_kernels.project import orthonormalize
+
 from patcher import __version__
-from patcher.model.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
-from patcher.model.opened import Model
 from patcher.edit.directions import Direction
 from patcher.errors import PatcherError
+from patcher.model.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
+from patcher.model.opened import Model
 from patcher.validate import parse_layers  # noqa: F401 - re-exported: one layer syntax everywhere
 
 # How each operation reads in the dry-run plan.
@@ -80,8 +81,11 @@ def _fp8_scale_name(ck: Model, weight: str) -> str | None:
         return None
     scale = ck.fp8_scale(weight)
     if scale is None:
-        raise PatcherError(ck.path, f"{weight} is FP8 but has no {weight}_scale_inv / {weight}_scale tensor; "
-                                    f"per-tensor FP8 without block scales is not supported")
+        raise PatcherError(
+            ck.path,
+            f"{weight} is FP8 but has no {weight}_scale_inv / {weight}_scale tensor; "
+            f"per-tensor FP8 without block scales is not supported",
+        )
     return scale
 
 
@@ -97,20 +101,32 @@ _NOT_WEIGHTS = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}  #
 def _edit_for(ck: Model, name: str, role: str, layer, op: str, **kw) -> TensorEdit:
     info = ck.info(name)
     if info.dtype in _NOT_WEIGHTS:  # a projection of integer codes is not the edit (and rounds to garbage)
-        raise PatcherError(ck.folder / ck.shard_of[name], f"{name} is {info.dtype}, not a floating-point "
-                                                          "weight: it cannot be edited along a direction")
+        raise PatcherError(
+            ck.folder / ck.shard_of[name],
+            f"{name} is {info.dtype}, not a floating-point weight: it cannot be edited along a direction",
+        )
     return TensorEdit(name, role, layer, op, info.dtype, info.shape, ck.shard_of[name], **kw)
 
 
-def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
-                  scale: float | dict = 1.0, preserve: str | None = None, untie: bool = False) -> Plan:
+def plan_ablation(
+    ck: Model,
+    direction: Direction,
+    *,
+    layers=None,
+    roles=ROLES,
+    scale: float | dict = 1.0,
+    preserve: str | None = None,
+    untie: bool = False,
+) -> Plan:
     """`scale` is one strength, or a strength per layer (embeddings take layer 0's); a layer whose
     strength is 0 is left untouched."""
     resolved = ck.resolved
     q0 = orthonormalize(direction.vectors)
-    strength = (lambda layer: float(scale.get(0 if layer is None else layer, 0.0))) if isinstance(scale,
-                                                                                                  dict) \
+    strength = (
+        (lambda layer: float(scale.get(0 if layer is None else layer, 0.0)))
+        if isinstance(scale, dict)
         else (lambda layer: float(scale))
+    )
     plan = Plan(ck, resolved)
     targets = [t for t in resolved.select(roles, layers) if strength(t.layer) != 0.0]
     if not targets:
@@ -118,23 +134,37 @@ def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
     for t in targets:
         q = _post_norm_basis(ck, resolved, t, q0) if t.post_norm else q0
         info = ck.info(t.weight)
-        if len(info.shape) not in (2, 3) or t.residual_axis >= len(info.shape) \
-                or info.shape[t.residual_axis] != resolved.d_model:
-            raise PatcherError(ck.folder / ck.shard_of[t.weight],
-                               f"{t.weight} has shape {list(info.shape)}; the table says axis "
-                               f"{t.residual_axis} "
-                               f"is the residual axis (d_model={resolved.d_model})")
+        if (
+            len(info.shape) not in (2, 3)
+            or t.residual_axis >= len(info.shape)
+            or info.shape[t.residual_axis] != resolved.d_model
+        ):
+            raise PatcherError(
+                ck.folder / ck.shard_of[t.weight],
+                f"{t.weight} has shape {list(info.shape)}; the table says axis "
+                f"{t.residual_axis} "
+                f"is the residual axis (d_model={resolved.d_model})",
+            )
         fp8 = _fp8_scale_name(ck, t.weight)
-        plan.edits[t.weight] = _edit_for(ck, t.weight, t.role, t.layer, "project",
-                                         residual_axis=t.residual_axis,
-                                         expert_axis=t.expert_axis, q=q, scale=strength(t.layer),
-                                         preserve=preserve,
-                                         fp8_scale=fp8)
+        plan.edits[t.weight] = _edit_for(
+            ck,
+            t.weight,
+            t.role,
+            t.layer,
+            "project",
+            residual_axis=t.residual_axis,
+            expert_axis=t.expert_axis,
+            q=q,
+            scale=strength(t.layer),
+            preserve=preserve,
+            fp8_scale=fp8,
+        )
         if fp8:
             plan.edits[fp8] = _edit_for(ck, fp8, t.role, t.layer, "requant_scale", source=t.weight)
         if t.bias:
-            plan.edits[t.bias] = _edit_for(ck, t.bias, t.role, t.layer, "project_bias", q=q,
-                                           scale=strength(t.layer))
+            plan.edits[t.bias] = _edit_for(
+                ck, t.bias, t.role, t.layer, "project_bias", q=q, scale=strength(t.layer)
+            )
     token_embed = resolved.prefix + resolved.arch.embeds[0].weight
     if resolved.tied and token_embed in plan.edits:
         if untie:
@@ -143,30 +173,52 @@ def plan_ablation(ck: Model, direction: Direction, *, layers=None, roles=ROLES,
                 plan.edits[unembed] = _edit_for(ck, unembed, "unembed", None, "copy_of", source=token_embed)
             else:
                 info = ck.info(token_embed)
-                plan.new.append(TensorEdit(unembed, "unembed", None, "copy_of", info.dtype, info.shape,
-                                           ck.shard_of[token_embed], source=token_embed))
+                plan.new.append(
+                    TensorEdit(
+                        unembed,
+                        "unembed",
+                        None,
+                        "copy_of",
+                        info.dtype,
+                        info.shape,
+                        ck.shard_of[token_embed],
+                        source=token_embed,
+                    )
+                )
             plan.config_updates["tie_word_embeddings"] = False
-            plan.notes.append(f"untied: {unembed} keeps the original embedding; config.json "
-                              f"tie_word_embeddings=false")
+            plan.notes.append(
+                f"untied: {unembed} keeps the original embedding; config.json tie_word_embeddings=false"
+            )
         else:
-            plan.notes.append("embeddings are tied: editing the embedding also edits the output unembedding "
-                              "(pass --untie-embeddings to keep the original unembedding)")
-    plan.record = {"op": "ablate", "direction": direction.source, "direction_sha256": direction.sha256,
-                   "rank": int(q0.shape[1]), "layers": _layers_text(layers), "targets": list(roles),
-                   "scale": {str(k): v for k, v in sorted(scale.items())} if isinstance(scale, dict)
-                   else scale,
-                   "norm_preserve": preserve, "untie_embeddings": untie,
-                   "post_norm_corrected": any(t.post_norm for t in targets), "patcher": __version__}
+            plan.notes.append(
+                "embeddings are tied: editing the embedding also edits the output unembedding "
+                "(pass --untie-embeddings to keep the original unembedding)"
+            )
+    plan.record = {
+        "op": "ablate",
+        "direction": direction.source,
+        "direction_sha256": direction.sha256,
+        "rank": int(q0.shape[1]),
+        "layers": _layers_text(layers),
+        "targets": list(roles),
+        "scale": {str(k): v for k, v in sorted(scale.items())} if isinstance(scale, dict) else scale,
+        "norm_preserve": preserve,
+        "untie_embeddings": untie,
+        "post_norm_corrected": any(t.post_norm for t in targets),
+        "patcher": __version__,
+    }
     return plan
 
 
-def plan_injection(ck: Model, direction: Direction, *, layer: int, alpha: float,
-                   target: str = "mlp_out") -> Plan:
+def plan_injection(
+    ck: Model, direction: Direction, *, layer: int, alpha: float, target: str = "mlp_out"
+) -> Plan:
     resolved = ck.resolved
     arch = resolved.arch
     if not 0 <= layer < resolved.n_layers:
-        raise PatcherError("--layer", f"layer {layer} is out of range: the model has layers "
-                           f"0..{resolved.n_layers - 1}")
+        raise PatcherError(
+            "--layer", f"layer {layer} is out of range: the model has layers 0..{resolved.n_layers - 1}"
+        )
     if direction.vectors.shape[0] != 1:
         raise PatcherError(direction.source, "inject takes one direction, not a rank-k set")
     slot = arch.inject.get(target)
@@ -182,9 +234,18 @@ def plan_injection(ck: Model, direction: Direction, *, layer: int, alpha: float,
     else:
         writer = next((t for t in resolved.targets if t.layer == layer and t.role == target), None)
         like = ck.info(writer.weight) if writer else ck.info(next(n for n in ck.tensors if n.startswith(lp)))
-        plan.new.append(TensorEdit(bias, target, layer, "new_bias", _bias_dtype(like.dtype),
-                                   (resolved.d_model,),
-                                   ck.shard_of[like.name], vector=vector))
+        plan.new.append(
+            TensorEdit(
+                bias,
+                target,
+                layer,
+                "new_bias",
+                _bias_dtype(like.dtype),
+                (resolved.d_model,),
+                ck.shard_of[like.name],
+                vector=vector,
+            )
+        )
     if slot.hf_loads and slot.config_flag and not resolved_flag(ck, slot.config_flag):
         plan.config_updates[slot.config_flag] = True
         for l in range(resolved.n_layers):
@@ -192,21 +253,41 @@ def plan_injection(ck: Model, direction: Direction, *, layer: int, alpha: float,
                 w, b = resolved.layer_prefix(l) + sib + ".weight", resolved.layer_prefix(l) + sib + ".bias"
                 if w in ck.tensors and b not in ck.tensors and b != bias:
                     info = ck.info(w)
-                    plan.new.append(TensorEdit(b, "bias", l, "zero_bias", _bias_dtype(info.dtype),
-                                               (info.shape[0],),
-                                               ck.shard_of[w]))
-        plan.notes.append(f"config.json {slot.config_flag}=true so HF transformers loads the bias; the "
-                          f"other biases "
-                          f"that flag requires are written as zeros")
+                    plan.new.append(
+                        TensorEdit(
+                            b,
+                            "bias",
+                            l,
+                            "zero_bias",
+                            _bias_dtype(info.dtype),
+                            (info.shape[0],),
+                            ck.shard_of[w],
+                        )
+                    )
+        plan.notes.append(
+            f"config.json {slot.config_flag}=true so HF transformers loads the bias; the "
+            f"other biases "
+            f"that flag requires are written as zeros"
+        )
     if slot.hf_loads:
         plan.notes.append(f"{bias} is loaded by HF transformers and is active there and in the ONNX export")
     else:
-        plan.notes.append(f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores "
-                          f"this tensor "
-                          f"(an 'unused weights' warning). The ONNX export (patcher export) carries it")
-    plan.record = {"op": "inject", "direction": direction.source, "direction_sha256": direction.sha256,
-                   "layer": layer, "alpha": alpha, "target": target, "bias": bias, "hf_loads": slot.hf_loads,
-                   "patcher": __version__}
+        plan.notes.append(
+            f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores "
+            f"this tensor "
+            f"(an 'unused weights' warning). The ONNX export (patcher export) carries it"
+        )
+    plan.record = {
+        "op": "inject",
+        "direction": direction.source,
+        "direction_sha256": direction.sha256,
+        "layer": layer,
+        "alpha": alpha,
+        "target": target,
+        "bias": bias,
+        "hf_loads": slot.hf_loads,
+        "patcher": __version__,
+    }
     return plan
 
 

@@ -5,6 +5,7 @@ by its own thread, so one shard's copy and digests run beside another's edit mat
 file calls release the GIL). Each shard's bytes depend only on its own tensors: the output is the same
 for any number in flight (tests/test_stream_io.py).
 """
+
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -64,8 +65,15 @@ class ShardRun:
         digest = InputDigest(sf.path) if hashing and not known else None
         identity = manifest.identity(sf.path) if digest is not None else None
         try:
-            w = ShardWriter(self.tmp / fname, tensors, meta, on_bytes=self.progress, hash_out=hashing,
-                            input_digest=digest, spread_digests=alone)
+            w = ShardWriter(
+                self.tmp / fname,
+                tensors,
+                meta,
+                on_bytes=self.progress,
+                hash_out=hashing,
+                input_digest=digest,
+                spread_digests=alone,
+            )
         except BaseException:
             if digest is not None:
                 digest.close()

@@ -13,6 +13,7 @@ and put back untouched if not.
 token), and only those names, left by a run that no longer holds the lock, are ever cleaned up (a
 killed run's set-aside previous output is put back when nothing replaced it).
 """
+
 import ctypes
 import errno
 import fcntl
@@ -90,15 +91,20 @@ class OutputLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             except OSError as e:
-                raise PatcherError(self.target, f"cannot create the lock file {self.path.name} beside the "
-                                                f"output ({e.strerror})") from None
+                raise PatcherError(
+                    self.target,
+                    f"cannot create the lock file {self.path.name} beside the output ({e.strerror})",
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise PatcherError(self.target, "another patcher run is writing this output right now "
-                                                f"(it holds {self.path.name}); wait for it to finish or "
-                                                "choose another output") from None
+                raise PatcherError(
+                    self.target,
+                    "another patcher run is writing this output right now "
+                    f"(it holds {self.path.name}); wait for it to finish or "
+                    "choose another output",
+                ) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -115,8 +121,11 @@ class OutputLock:
         if not isinstance(data, dict) or (data and data.get("kind") != _LOCK_KIND):
             os.close(fd)
             self.fd = -1
-            raise PatcherError(self.path, "exists and is not patcher's lock file; remove it yourself "
-                                          "(patcher uses this name to lock the output beside it)")
+            raise PatcherError(
+                self.path,
+                "exists and is not patcher's lock file; remove it yourself "
+                "(patcher uses this name to lock the output beside it)",
+            )
         self.leftovers = data
         self.record()
         return self
@@ -142,8 +151,11 @@ class OutputLock:
             except FileExistsError:
                 remove(parent / old)  # it published, then died before removing the old output
             else:
-                raise PatcherError(self.target, f"an interrupted run had set the previous output aside as "
-                                                f"{old}; it was put back: run again")
+                raise PatcherError(
+                    self.target,
+                    f"an interrupted run had set the previous output aside as "
+                    f"{old}; it was put back: run again",
+                )
 
     def release(self) -> None:
         if self.fd < 0:
@@ -165,8 +177,11 @@ def _stat_key(path: Path):
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if not os.path.isdir(path) else \
-        (st.st_dev, st.st_ino)
+    return (
+        (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if not os.path.isdir(path)
+        else (st.st_dev, st.st_ino)
+    )
 
 
 class AtomicOutput:
@@ -177,12 +192,16 @@ class AtomicOutput:
 
     def __init__(self, target, kind: str = "file"):
         from patcher.io.paths import approved_replacement
+
         self.target, self.kind = Path(target).absolute(), kind
         self.approved = approved_replacement(self.target)
         self.checked = _stat_key(self.target)
         if self.checked is not None and self.approved is None:
-            raise PatcherError(self.target, "already exists; pass --force to replace it (only a previous "
-                                            "patcher output is ever replaced)")
+            raise PatcherError(
+                self.target,
+                "already exists; pass --force to replace it (only a previous "
+                "patcher output is ever replaced)",
+            )
         token = f"{os.getpid()}-{secrets.token_hex(3)}"
         suffix = self.target.suffix if kind == "file" else ""  # writers that insist on a suffix
         self.tmp = self.target.parent / f".{self.target.name}.partial-{token}{suffix}"
@@ -212,8 +231,9 @@ class AtomicOutput:
             self.lock.release()
         if isinstance(exc, OSError) and not exc.filename and not isinstance(exc, InterruptedError):
             # a full disk while writing (from a writer thread: no file name): say which output
-            raise PatcherError(self.target, f"cannot write this output ({exc.strerror or exc}); nothing "
-                                            "was written") from exc
+            raise PatcherError(
+                self.target, f"cannot write this output ({exc.strerror or exc}); nothing was written"
+            ) from exc
         return False
 
     def _publish(self) -> None:
@@ -229,22 +249,30 @@ class AtomicOutput:
         fsync(self.target.parent)
         if self.kind == "file":
             from patcher.io.paths import record_owned
+
             record_owned(self.target)
 
     def _replace(self) -> None:
         t = self.target
         if self.approved is None or _stat_key(t) != self.checked:
-            raise PatcherError(t, "was created or changed while this run worked; it was left untouched and "
-                                  "nothing was written (run again to replace it, or choose a new output)")
+            raise PatcherError(
+                t,
+                "was created or changed while this run worked; it was left untouched and "
+                "nothing was written (run again to replace it, or choose a new output)",
+            )
         if self.approved == "empty folder":
             try:
                 os.rmdir(t)
             except OSError:
-                raise PatcherError(t, "files were added to this empty folder while this run worked; left "
-                                      "untouched, nothing was written") from None
+                raise PatcherError(
+                    t,
+                    "files were added to this empty folder while this run worked; left "
+                    "untouched, nothing was written",
+                ) from None
             rename_noreplace(self.tmp, t)
             return
         from patcher.io.paths import replaceable
+
         if self.kind == "file" and (problem := replaceable(t, "file")):  # recorded by its path
             raise PatcherError(t, f"{problem}; it was left untouched and nothing was written")
         self.lock.record(partial=self.tmp.name, old=self.old.name)
@@ -259,8 +287,11 @@ class AtomicOutput:
             rename_noreplace(self.tmp, t)
         except FileExistsError:
             remove(self.tmp)
-            raise PatcherError(t, "was created while this run worked; left untouched, nothing was written "
-                                  f"(the previous output is kept as {self.old.name})") from None
+            raise PatcherError(
+                t,
+                "was created while this run worked; left untouched, nothing was written "
+                f"(the previous output is kept as {self.old.name})",
+            ) from None
         remove(self.old)
 
 

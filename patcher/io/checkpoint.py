@@ -2,6 +2,7 @@
 
 Everything is lazy: opening reads headers only; tensors are memory-mapped views on demand.
 """
+
 import json
 import os
 from pathlib import Path, PurePosixPath
@@ -14,14 +15,17 @@ from patcher.io.safetensors import SafetensorsFile, TensorInfo
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_PICKLE_MSG = ("PyTorch pickle checkpoints are refused: unpickling can run arbitrary code. "
-               "Convert to safetensors first (e.g. with the safetensors 'convert' tooling) and point "
-               "patcher at that")
+_PICKLE_MSG = (
+    "PyTorch pickle checkpoints are refused: unpickling can run arbitrary code. "
+    "Convert to safetensors first (e.g. with the safetensors 'convert' tooling) and point "
+    "patcher at that"
+)
 
 
 def _regular(path: Path) -> Path:
     """Only regular files are read: a FIFO or device in place of a shard or config would block forever."""
     from patcher.io.paths import regular_file
+
     try:
         return regular_file(path)
     except CheckpointError:
@@ -32,6 +36,7 @@ def _regular(path: Path) -> Path:
 
 def _load_json(path: Path) -> dict:
     from patcher.io.paths import MAX_SIDE_FILE, regular_file
+
     _regular(path)
     try:
         regular_file(path, "JSON file", MAX_SIDE_FILE)
@@ -53,12 +58,18 @@ def _safe_shard_name(index_path: Path, folder: Path, name) -> Path:
     if not isinstance(name, str) or not name:
         raise CheckpointError(index_path, f"weight_map file name {name!r} is not a string")
     parts = PurePosixPath(name.replace("\\", "/")).parts
-    if (Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name
-            or name in (".", "")):
+    if (
+        Path(name).is_absolute()
+        or name.startswith(("/", "\\"))
+        or ".." in parts
+        or ":" in name
+        or name in (".", "")
+    ):
         raise CheckpointError(index_path, f"weight_map file name {name!r} escapes the model folder")
     if len(parts) != 1:
-        raise CheckpointError(index_path, f"weight_map file name {name!r}: shards must sit in the model "
-                                          "folder itself")
+        raise CheckpointError(
+            index_path, f"weight_map file name {name!r}: shards must sit in the model folder itself"
+        )
     return folder / name
 
 
@@ -80,8 +91,8 @@ def fp8_scale_of(tensors, name: str) -> str | None:
 def fp8_weight_of(tensors, name: str) -> str | None:
     """The FP8 weight whose block scale `name` is, or None: a tensor is a scale only beside its weight."""
     for suffix in FP8_SCALE_SUFFIXES:
-        if name.endswith(suffix) and fp8_scale_of(tensors, name[:-len(suffix)]) == name:
-            return name[:-len(suffix)]
+        if name.endswith(suffix) and fp8_scale_of(tensors, name[: -len(suffix)]) == name:
+            return name[: -len(suffix)]
     return None
 
 
@@ -147,8 +158,9 @@ class Checkpoint:
                 if os.path.lexists(path) and not path.is_file():
                     _regular(path)
                 if not path.is_file():
-                    raise CheckpointError(self.index_path, f"tensor {tname!r} is mapped to {fname!r}, which "
-                                          f"does not exist")
+                    raise CheckpointError(
+                        self.index_path, f"tensor {tname!r} is mapped to {fname!r}, which does not exist"
+                    )
                 self.weight_map[tname] = path.name
                 if path not in names:
                     names.append(path)
@@ -160,8 +172,9 @@ class Checkpoint:
         if len(found) == 1:
             return found
         if len(found) > 1:
-            raise CheckpointError(p, f"{len(found)} .safetensors files but no {INDEX_NAME} to say how they "
-                                  f"fit together")
+            raise CheckpointError(
+                p, f"{len(found)} .safetensors files but no {INDEX_NAME} to say how they fit together"
+            )
         if any(q.suffix in PICKLE_SUFFIXES for q in p.iterdir()):
             raise CheckpointError(p, _PICKLE_MSG)
         raise CheckpointError(p, "no model.safetensors, index, or .safetensors file in this folder")
@@ -169,8 +182,10 @@ class Checkpoint:
     def _check_index_matches(self):
         for tname, fname in self.weight_map.items():
             if self.shard_of.get(tname) != fname:
-                raise CheckpointError(self.folder / fname, f"tensor {tname!r} is listed in the index but "
-                                      f"missing from this shard")
+                raise CheckpointError(
+                    self.folder / fname,
+                    f"tensor {tname!r} is listed in the index but missing from this shard",
+                )
 
     # --- access ------------------------------------------------------------------------------
     @property

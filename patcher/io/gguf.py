@@ -71,6 +71,7 @@ QUANT_BITS = {
 class GGUFTensor(TensorInfo):
     """A safetensors-like tensor entry: dtype is the GGML type name (F32, F16, BF16, Q8_0, Q4_K, ...),
     shape in numpy order (GGUF's ne reversed)."""
+
     qtype: int
 
     @property
@@ -151,7 +152,7 @@ class GGUFFile:
 
     def _check_overlaps(self):
         spans = sorted((t.begin, t.end, t.name) for t in self.tensors.values())
-        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        for (_b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise CheckpointError(self.path, f"tensors {n0!r} and {n1!r} overlap")
 
@@ -307,8 +308,8 @@ class HFView:
     transposes). Names come from the gguf package's own TensorNameMap, the map convert_hf_to_gguf uses."""
 
     def __init__(self, g: GGUFFile):
-        from patcher.model import forward as fw
         from patcher.io.safetensors import TensorInfo
+        from patcher.model import forward as fw
 
         self.g = g
         self.path, self.folder, self.config = g.path, g.folder, g.config
@@ -502,6 +503,7 @@ def _prompt_tokenizer(g: GGUFFile, tok, names: dict, vocab: dict, add_bos):
     """Both vocabulary kinds end alike: BOS prepended when the file asks for it, the special-token names,
     the chat template; add_bos None means the file does not say."""
     from tokenizers import processors
+
     from patcher.model.prompts import PromptTokenizer
 
     if add_bos and "bos_token" in names:
@@ -510,8 +512,14 @@ def _prompt_tokenizer(g: GGUFFile, tok, names: dict, vocab: dict, add_bos):
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )
     template = g.metadata.get("tokenizer.chat_template")
-    return PromptTokenizer(tok, g.path, names, template if isinstance(template, str) else None, g.path,
-                           None if add_bos is None else bool(add_bos))
+    return PromptTokenizer(
+        tok,
+        g.path,
+        names,
+        template if isinstance(template, str) else None,
+        g.path,
+        None if add_bos is None else bool(add_bos),
+    )
 
 
 def _special_names(md: dict, tokens: list) -> dict:

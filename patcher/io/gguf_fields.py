@@ -16,6 +16,7 @@ _PACK = {UINT32: "<I", INT32: "<i", FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT
 @dataclass(frozen=True)
 class typed:
     """A value with its GGUF type fixed (for arrays: the element type)."""
+
     value: object
     kind: int
 

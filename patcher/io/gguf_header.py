@@ -75,8 +75,10 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> int:
         if n < 0 or self.pos + n > self.size:
-            self.fail(f"{what} at byte {self.pos} needs {n} bytes, past the end of the {self.size}-byte file "
-                      f"(truncated or corrupt)")
+            self.fail(
+                f"{what} at byte {self.pos} needs {n} bytes, past the end of the {self.size}-byte file "
+                f"(truncated or corrupt)"
+            )
         start, self.pos = self.pos, self.pos + n
         return start
 
@@ -217,8 +219,10 @@ class GGUFHeader:
         # the smallest key/value record is 14 bytes, the smallest tensor info 32: counts past what the file
         # could hold are refused before any loop runs
         if n_tensors * 32 + n_kv * 14 > c.size - c.pos:
-            c.fail(f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than a "
-                   f"{c.size}-byte file can hold (truncated or corrupt)")
+            c.fail(
+                f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than a "
+                f"{c.size}-byte file can hold (truncated or corrupt)"
+            )
         fields: dict[str, Field] = {}
         for i in range(n_kv):
             offset = c.pos
@@ -262,8 +266,9 @@ class GGUFHeader:
             return DEFAULT_ALIGNMENT
         value = self.metadata["general.alignment"] if f.type == 4 else None  # UINT32, as the spec says
         if not isinstance(value, int) or value <= 0 or value & (value - 1):
-            c.fail(f"general.alignment must be a power of two stored as UINT32 (found type {f.type}, "
-                   f"{value!r})")
+            c.fail(
+                f"general.alignment must be a power of two stored as UINT32 (found type {f.type}, {value!r})"
+            )
         return value
 
     def field_bytes(self, key: str) -> bytes:

@@ -24,8 +24,10 @@ class PreTokenizer:
 
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-          r"|\s+(?!\S)|\s+")
+LLAMA3 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
@@ -37,10 +39,12 @@ def _cased(suffix: str = "", letter: str = r"\p{L}") -> str:
 
 # youtu's and tiny_aya's words by case; llama.cpp's category table knows letters only as L, so it matches
 # \p{Lu}, \p{Ll}, ... all as \p{L} (_letters says so)
-_BY_CASE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-            + f"{_CONTRACTIONS}?"
-            + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-            + f"{_CONTRACTIONS}?")
+_BY_CASE = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    + f"{_CONTRACTIONS}?"
+    + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    + f"{_CONTRACTIONS}?"
+)
 
 
 def _letters(regex: str) -> str:
@@ -50,11 +54,14 @@ def _letters(regex: str) -> str:
 # Regexes without \p{..} run in llama.cpp on text whose non-ASCII whitespace became \v, so a class that
 # spans such a code point (U+3000 here) never matches it there: "&&\S" says so to Oniguruma.
 _DIGITS_IN_THREES = r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))"  # llama.cpp's digit code: threes from the right
-_HAN = ("\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef"
-        "\U0002f800-\U0002fa1f")  # unicode_cpt_is_han
+_HAN = (
+    "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef"
+    "\U0002f800-\U0002fa1f"
+)  # unicode_cpt_is_han
 _CJK = "[[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]&&\\S]+"
-_PUNCT_WORDS = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+"""
-                + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+")
+_PUNCT_WORDS = (
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+""" + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+)
 _FINNISH = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 _LATIN_LETTERS = (  # deepseek-llm's letters (its tokenizer.json spells the class out)
     "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
@@ -74,85 +81,231 @@ _KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
 # (names, pre-tokenizer): the groups llama.cpp's loader maps to one LLAMA_VOCAB_PRE_TYPE. `patcher convert`
 # writes the first name whose splits match an HF tokenizer's, so common names come first.
 _GROUPS = [
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-      "jina-v5-nano"),
-     PreTokenizer((LLAMA3,), ignore_merges=True, add_bos=True)),
+    (
+        (
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+        ),
+        PreTokenizer((LLAMA3,), ignore_merges=True, add_bos=True),
+    ),
     (("dbrx", "smaug-bpe"), PreTokenizer((LLAMA3,))),
-    (("jais-2",), PreTokenizer((
-        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-        + "".join(rf"|\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4))
-        + r"|\s{1,2}(?!\S)|\s{1}",))),
-    (("deepseek-llm",), PreTokenizer((
-        r"[\r\n]", r"\s?[" + _LATIN_LETTERS + "]+",
-        "\\s?[[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]&&\\S]+", r"\s+$", _CJK,
-        r"\p{N}+"))),
-    (("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"), PreTokenizer((
-        r"\p{N}{1,3}", _KANA, _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"))),
-    (("spark2_5",), PreTokenizer((
-        r"\p{N}{1,3}", _KANA, _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+", r"\p{N}"))),
-    (("youtu",), PreTokenizer((
-        "[\uac00-\ud7a3\u3131-\u318e]+|[\uff01\u2026\u201c\u201d\u2018\u2019\u2014\uff1a\uff1b\uff0c"
-        "\u3001-\u303f\ufe30-\ufe4f]+|[\u3105-\u312f]+|[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-        _letters(_BY_CASE + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")),
-        ignore_merges=True)),
+    (
+        ("jais-2",),
+        PreTokenizer(
+            (
+                _CONTRACTIONS
+                + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                + "".join(rf"|\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4))
+                + r"|\s{1,2}(?!\S)|\s{1}",
+            )
+        ),
+    ),
+    (
+        ("deepseek-llm",),
+        PreTokenizer(
+            (
+                r"[\r\n]",
+                r"\s?[" + _LATIN_LETTERS + "]+",
+                "\\s?[[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]&&\\S]+",
+                r"\s+$",
+                _CJK,
+                r"\p{N}+",
+            )
+        ),
+    ),
+    (
+        ("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"),
+        PreTokenizer(
+            (r"\p{N}{1,3}", _KANA, _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+        ),
+    ),
+    (
+        ("spark2_5",),
+        PreTokenizer(
+            (r"\p{N}{1,3}", _KANA, _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+", r"\p{N}")
+        ),
+    ),
+    (
+        ("youtu",),
+        PreTokenizer(
+            (
+                "[\uac00-\ud7a3\u3131-\u318e]+|[\uff01\u2026\u201c\u201d\u2018\u2019\u2014\uff1a\uff1b\uff0c"
+                "\u3001-\u303f\ufe30-\ufe4f]+|[\u3105-\u312f]+|[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                _letters(_BY_CASE + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            ),
+            ignore_merges=True,
+        ),
+    ),
     (("deepseek-coder",), PreTokenizer((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"))),
     (("falcon",), PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"))),
-    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
-     PreTokenizer((r"\p{N}", GPT2))),
-    (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
-      "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion",
-      "granite-docling", "exaone4"), PreTokenizer((GPT2,))),
-    (("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
-     PreTokenizer((QWEN2,))),
-    (("qwen35",), PreTokenizer((
-        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
-        r"|\s+(?!\S)|\s+",))),
+    (
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
+        PreTokenizer((r"\p{N}", GPT2)),
+    ),
+    (
+        (
+            "gpt-2",
+            "phi-2",
+            "jina-es",
+            "jina-de",
+            "gigachat",
+            "jina-v2-es",
+            "jina-v2-de",
+            "a.x-4.0",
+            "mellum",
+            "modern-bert",
+            "jina-v1-en",
+            "jina-v2-code",
+            "roberta-bpe",
+            "mpt",
+            "olmo",
+            "jais",
+            "trillion",
+            "granite-docling",
+            "exaone4",
+        ),
+        PreTokenizer((GPT2,)),
+    ),
+    (
+        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
+        PreTokenizer((QWEN2,)),
+    ),
+    (
+        ("qwen35",),
+        PreTokenizer(
+            (
+                _CONTRACTIONS
+                + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+",
+            )
+        ),
+    ),
     (("poro-chat", "bloom", "gpt3-finnish"), PreTokenizer((_FINNISH,))),
     (("chatglm-bpe",), PreTokenizer((LLAMA3,))),
     (("glm4", "glm5"), PreTokenizer((LLAMA3,), ignore_merges=True)),
     (("viking",), PreTokenizer((_FINNISH, r"\p{N}"))),
-    (("tekken",), PreTokenizer((
-        _cased() + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
-        ignore_merges=True, add_bos=True)),
-    (("chameleon",), PreTokenizer((
-        r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
-        r"[\p{P}!-/:-@\[-`{-~]", GPT2), add_bos=True)),
-    (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), PreTokenizer((
-        _cased(_CONTRACTIONS + "?") + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",))),
-    (("granite-embed-multi-97m",), PreTokenizer((
-        _cased(_CONTRACTIONS + "?", r"\p{L}\p{M}")
-        + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",), ignore_merges=True)),
-    (("tiny_aya", "cohere2moe"), PreTokenizer((
-        _DIGITS_IN_THREES,  # llama.cpp runs this code for its \d{1,3}(?=(?:\d{3})*\b)
-        _letters(_BY_CASE + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")))),
+    (
+        ("tekken",),
+        PreTokenizer(
+            (_cased() + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+            ignore_merges=True,
+            add_bos=True,
+        ),
+    ),
+    (
+        ("chameleon",),
+        PreTokenizer(
+            (
+                r"<sentinel:[0-9]+>",
+                r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z",
+                r"([\t\n]|    |  )",
+                r"\p{N}",
+                r"[\p{P}!-/:-@\[-`{-~]",
+                GPT2,
+            ),
+            add_bos=True,
+        ),
+    ),
+    (
+        ("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"),
+        PreTokenizer(
+            (
+                _cased(_CONTRACTIONS + "?")
+                + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )
+        ),
+    ),
+    (
+        ("granite-embed-multi-97m",),
+        PreTokenizer(
+            (
+                _cased(_CONTRACTIONS + "?", r"\p{L}\p{M}")
+                + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            ),
+            ignore_merges=True,
+        ),
+    ),
+    (
+        ("tiny_aya", "cohere2moe"),
+        PreTokenizer(
+            (
+                _DIGITS_IN_THREES,  # llama.cpp runs this code for its \d{1,3}(?=(?:\d{3})*\b)
+                _letters(_BY_CASE + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            )
+        ),
+    ),
     (("superbpe",), PreTokenizer((r"\p{N}+", r"(?=([0-9]{3})+(?![0-9]))"))),  # std::wregex's \d is ASCII
-    (("bailingmoe", "bailingmoe2", "llada-moe"), PreTokenizer((
-        r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-        r"|\s*[\r\n]|\s+(?!\S)|\s+",))),
-    (("seed-coder",), PreTokenizer((
-        _CONTRACTIONS
-        + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",))),
+    (
+        ("bailingmoe", "bailingmoe2", "llada-moe"),
+        PreTokenizer(
+            (
+                r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]|\s+(?!\S)|\s+",
+            )
+        ),
+    ),
+    (
+        ("seed-coder",),
+        PreTokenizer(
+            (
+                _CONTRACTIONS
+                + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )
+        ),
+    ),
     (("ufakzeka",), PreTokenizer((QWEN2[len(_CONTRACTIONS) + 1 :],))),
     (("grok-2",), PreTokenizer((QWEN2,))),
     (("laguna",), PreTokenizer((r"[^\n]+|[\n]+", QWEN2))),
-    (("exaone-moe",), PreTokenizer((
-        _CONTRACTIONS
-        + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?"
-        r"|\s*[\r\n]|\s+(?!\S)|\s+",))),
-    (("minicpm5",), PreTokenizer((
-        r"\p{N}{1,3}",
-        _CONTRACTIONS
-        + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-        ignore_merges=True)),
-    (("kimi-k2",), PreTokenizer((  # llama.cpp's hand-written splitter, as one regex (letters: L only)
-        f"[{_HAN}]+|[^\\r\\n\\p{{L}}\\p{{N}}]?[\\p{{L}}&&[^{_HAN}]]+{_CONTRACTIONS}?"
-        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",))),
-    (("afmoe",), PreTokenizer((
-        _DIGITS_IN_THREES,
-        "[\u4e00-\u9fff\u3400-\u4dbf\u8c48-\ufaff\u3040-\u309f\u30a0-\u30ff\uff65-\uff9f\u2f00-\u2fdf"
-        "\u0e40-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f\uaa60-\uaa7f\ua9e0-\ua9ff\uac00-\ud7af"
-        "\u1100-\u11ff]+",
-        _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"))),
+    (
+        ("exaone-moe",),
+        PreTokenizer(
+            (
+                _CONTRACTIONS
+                + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?"
+                r"|\s*[\r\n]|\s+(?!\S)|\s+",
+            )
+        ),
+    ),
+    (
+        ("minicpm5",),
+        PreTokenizer(
+            (
+                r"\p{N}{1,3}",
+                _CONTRACTIONS
+                + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            ),
+            ignore_merges=True,
+        ),
+    ),
+    (
+        ("kimi-k2",),
+        PreTokenizer(
+            (  # llama.cpp's hand-written splitter, as one regex (letters: L only)
+                f"[{_HAN}]+|[^\\r\\n\\p{{L}}\\p{{N}}]?[\\p{{L}}&&[^{_HAN}]]+{_CONTRACTIONS}?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )
+        ),
+    ),
+    (
+        ("afmoe",),
+        PreTokenizer(
+            (
+                _DIGITS_IN_THREES,
+                "[\u4e00-\u9fff\u3400-\u4dbf\u8c48-\ufaff\u3040-\u309f\u30a0-\u30ff\uff65-\uff9f\u2f00-\u2fdf"
+                "\u0e40-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f\uaa60-\uaa7f\ua9e0-\ua9ff\uac00-\ud7af"
+                "\u1100-\u11ff]+",
+                _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )
+        ),
+    ),
     (("default",), PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))),
 ]
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {name: pre for names, pre in _GROUPS for name in names}

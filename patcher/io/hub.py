@@ -6,6 +6,7 @@ the network. The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/hu
 call time (huggingface_hub reads its environment once, at import). A snapshot's files are symlinks to
 `../../blobs/<sha256>`: the whole `models--org--name` folder is an input that no output may touch.
 """
+
 import os
 import re
 from contextlib import contextmanager
@@ -20,8 +21,9 @@ def cache_dir() -> Path:
     env = os.environ
     if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
         return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = env.get("HF_HOME") or str(Path(env.get("XDG_CACHE_HOME")
-                                          or Path.home() / ".cache") / "huggingface")
+    home = env.get("HF_HOME") or str(
+        Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    )
     return Path(home).expanduser() / "hub"
 
 
@@ -53,15 +55,20 @@ def snapshot(repo: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise PatcherError(label, "is not a file or folder, and huggingface_hub (needed to read the hub "
-                                  "cache) is not installed") from None
+        raise PatcherError(
+            label,
+            "is not a file or folder, and huggingface_hub (needed to read the hub cache) is not installed",
+        ) from None
     try:
         with _offline():
             folder = snapshot_download(repo, revision=revision, cache_dir=str(cache), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - every way of "not there" (entry, revision, ref) is one answer
-        raise PatcherError(label, f"no such file or folder, and not in the Hugging Face cache {cache} "
-                                  f"({type(e).__name__}); patcher never downloads: fetch it first, e.g. "
-                                  f"`hf download {repo}`") from None
+    except Exception as e:
+        raise PatcherError(
+            label,
+            f"no such file or folder, and not in the Hugging Face cache {cache} "
+            f"({type(e).__name__}); patcher never downloads: fetch it first, e.g. "
+            f"`hf download {repo}`",
+        ) from None
     return Path(folder)
 
 

@@ -1,6 +1,7 @@
 """JSON that every parser accepts: Python's json writes NaN/Infinity, which is not JSON. Non-finite
 floats (an infinite SNR when two prompt sets separate perfectly, numpy scalars that are NaN) become
 null, and allow_nan=False makes any that slip through an error instead of invalid output."""
+
 import json
 import math
 

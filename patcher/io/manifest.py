@@ -6,6 +6,7 @@ the start and each output shard as soon as it is written. Digests are remembered
 (device, inode, size, mtime, ctime — ctime cannot be set from user space, so any rewrite of the file
 misses the cache), so re-running on the same base, or the next step of a recipe, does not hash again.
 """
+
 import hashlib
 import json
 import os
@@ -16,8 +17,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from patcher.io.jsonsafe import dumps
 from patcher import __version__
+from patcher.io.jsonsafe import dumps
 
 MANIFEST = "patcher-manifest.json"
 _CHUNK = 8 << 20
@@ -35,8 +36,9 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _cache_path() -> Path:
-    return Path(os.environ.get("PATCHER_CACHE",
-                               Path.home() / ".cache" / "patcher")) / "sha256-by-identity.json"
+    return (
+        Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "sha256-by-identity.json"
+    )
 
 
 def _identity(path) -> str:
@@ -174,16 +176,34 @@ def write(folder: Path, **kw) -> None:
     write_file(Path(folder) / MANIFEST, **kw)
 
 
-def write_file(path: Path, *, kind: str, command: str | None, inputs: dict, outputs: dict,
-               record: dict | None = None,
-          directions: list | None = None, timings: dict | None = None, recipe: dict | None = None,
-          extra: dict | None = None) -> None:
+def write_file(
+    path: Path,
+    *,
+    kind: str,
+    command: str | None,
+    inputs: dict,
+    outputs: dict,
+    record: dict | None = None,
+    directions: list | None = None,
+    timings: dict | None = None,
+    recipe: dict | None = None,
+    extra: dict | None = None,
+) -> None:
     """`extra`: further top-level keys (e.g. hub_cache, warnings), written only when given."""
-    data = {**(extra or {}), "patcher": __version__, "kind": kind, "command": command, "recipe": recipe,
-            "edit": record, "directions": directions or [], "inputs": inputs, "outputs": outputs,
-            "timings": timings or {},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "python": platform.python_version()}
+    data = {
+        **(extra or {}),
+        "patcher": __version__,
+        "kind": kind,
+        "command": command,
+        "recipe": recipe,
+        "edit": record,
+        "directions": directions or [],
+        "inputs": inputs,
+        "outputs": outputs,
+        "timings": timings or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+    }
     Path(path).write_text(dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -17,6 +17,7 @@ target only if it was approved and is still what was approved.
 device in place of a shard, prompt file or config is one clear error instead of a read that waits
 forever.
 """
+
 import json
 import os
 import stat
@@ -30,9 +31,13 @@ _MAX_LISTED = 20_000  # files looked at per input folder for symlink targets (mo
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR,
-                                                                                       "a folder")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -56,8 +61,11 @@ def regular_file(path, what: str = "file", limit: int | None = None) -> Path:
     if not stat.S_ISREG(st.st_mode):
         raise PatcherError(path, f"{what} is {_kind(st.st_mode)}, not a regular file")
     if limit is not None and st.st_size > limit:
-        raise PatcherError(path, f"{what} is {st.st_size / 2**20:,.0f} MiB; more than the {limit >> 20} MiB "
-                                 "patcher reads whole (a damaged or wrong file?)")
+        raise PatcherError(
+            path,
+            f"{what} is {st.st_size / 2**20:,.0f} MiB; more than the {limit >> 20} MiB "
+            "patcher reads whole (a damaged or wrong file?)",
+        )
     return path
 
 
@@ -88,6 +96,7 @@ def read_text(path, what: str = "file") -> str:
 def read_json_object(path, what: str = "file") -> dict:
     """A JSON file that must hold an object (config.json, generation_config.json, ...)."""
     import json
+
     try:
         data = json.loads(read_text(path, what))
     except (ValueError, RecursionError) as e:
@@ -98,6 +107,7 @@ def read_json_object(path, what: str = "file") -> dict:
 
 
 # --- outputs -----------------------------------------------------------------------------------------
+
 
 def _real(p: Path) -> Path:
     return Path(os.path.realpath(p))
@@ -139,13 +149,16 @@ def _forbidden_places(target: Path, real: Path) -> str | None:
 
 # --- ownership of single-file outputs: recorded when published, never guessed from contents ----------
 
+
 def _owned_path() -> Path:
     from patcher.io.manifest import _cache_path
+
     return _cache_path().parent / "owned-outputs.json"
 
 
 def _file_identity(path) -> str:
     from patcher.io.manifest import identity
+
     return identity(path)
 
 
@@ -164,6 +177,7 @@ def record_owned(path) -> None:
     """Remember that patcher published this file (its real path and identity): `--force` may replace it
     later while nobody has rewritten it. A cache: losing it only makes `--force` refuse."""
     import fcntl
+
     path = Path(path)
     table_path = _owned_path()
     try:
@@ -210,16 +224,23 @@ _MAX_FOREIGN_SCAN = 100_000
 def valid_manifest(folder) -> bool:
     """Is `folder/patcher-manifest.json` a manifest patcher wrote (checked by content, not by name)?"""
     from patcher.io.manifest import read
+
     data = read(folder)
-    return bool(data) and isinstance(data.get("patcher"), str) and isinstance(data.get("kind"), str) \
-        and isinstance(data.get("created"), str) and isinstance(data.get("inputs"), dict) \
-        and isinstance(data.get("outputs"), dict) \
+    return (
+        bool(data)
+        and isinstance(data.get("patcher"), str)
+        and isinstance(data.get("kind"), str)
+        and isinstance(data.get("created"), str)
+        and isinstance(data.get("inputs"), dict)
+        and isinstance(data.get("outputs"), dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in data["outputs"].items())
+    )
 
 
 def foreign_entries(folder) -> list[str]:
     """Files and folders inside a patcher output folder that its manifest does not list (added later)."""
     from patcher.io.manifest import read
+
     folder = Path(folder)
     listed = set((read(folder) or {}).get("outputs") or {}) | {MANIFEST}
     parents = {q.as_posix() for k in listed for q in Path(k).parents}
@@ -272,7 +293,7 @@ def approve(path: Path, why: str) -> None:
 
 
 def approved_replacement(path) -> str | None:
-    """"empty folder" or "patcher output" when check_output approved replacing `path`; else None."""
+    """ "empty folder" or "patcher output" when check_output approved replacing `path`; else None."""
     return _APPROVED.pop(str(_real(Path(path).absolute())), None)
 
 
@@ -285,21 +306,36 @@ def refuse_inputs(target, inputs, kind: str = "folder") -> None:
     for named, src in cands:
         if any(src in t.parents for t in targets):
             if not Path(named).is_dir():
-                raise PatcherError(raw, f"output path runs through the input file {named} (a file, not a "
-                                        "folder); choose another path (inputs are never modified)")
-            raise PatcherError(raw, f"output lies inside the input folder {named}; choose a {kind} outside "
-                                    "it (inputs are never modified)")
+                raise PatcherError(
+                    raw,
+                    f"output path runs through the input file {named} (a file, not a "
+                    "folder); choose another path (inputs are never modified)",
+                )
+            raise PatcherError(
+                raw,
+                f"output lies inside the input folder {named}; choose a {kind} outside "
+                "it (inputs are never modified)",
+            )
     for named, src in cands:
         if src in targets:
-            raise PatcherError(raw, f"output is the input {named}; choose a new {kind} (inputs are never "
-                               f"modified)")
+            raise PatcherError(
+                raw, f"output is the input {named}; choose a new {kind} (inputs are never modified)"
+            )
     for named, src in cands:
         if any(t in src.parents for t in targets):
             raise PatcherError(raw, f"output {kind} contains the input {named}; choose another {kind}")
 
 
-def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder", option: str = "-o/--output",
-                 replace_ok: bool = False, resume: bool = False) -> Path:
+def check_output(
+    target,
+    inputs=(),
+    *,
+    force: bool = False,
+    kind: str = "folder",
+    option: str = "-o/--output",
+    replace_ok: bool = False,
+    resume: bool = False,
+) -> Path:
     """Refuse an unsafe output path before any work (see the module docstring); returns it absolute.
     kind: "folder" or "file". replace_ok: the caller replaces previous patcher outputs by design
     (recipe steps, export variants), as if --force were given. resume: a folder the caller writes
@@ -308,8 +344,9 @@ def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder"
         raise PatcherError(option, "no output path given")
     raw = str(target)
     if not raw.strip() or raw.strip() in (".", "./"):
-        raise PatcherError(option, f"{raw!r} is not an output path (an unset shell variable?); "
-                                   "name a new folder or file")
+        raise PatcherError(
+            option, f"{raw!r} is not an output path (an unset shell variable?); name a new folder or file"
+        )
     if raw == "~" or raw.startswith("~/"):
         raise PatcherError(option, f"{raw!r}: '~' was not expanded (quoted?); give the full path")
     path = Path(target).absolute()
@@ -332,21 +369,27 @@ def check_output(target, inputs=(), *, force: bool = False, kind: str = "folder"
         approve(path, "empty folder")
         return path  # an empty folder is as good as none
     if not (force or replace_ok or resume):
-        raise PatcherError(raw, "already exists; pass --force to replace it (only a previous patcher output "
-                                "is ever replaced)")
+        raise PatcherError(
+            raw,
+            "already exists; pass --force to replace it (only a previous patcher output is ever replaced)",
+        )
     if kind == "folder" and not path.is_dir():
         raise PatcherError(raw, "exists and is not a folder; choose a new folder")
     if kind == "file" and path.is_dir():
         raise PatcherError(raw, "is a folder; the output here is a file")
     if resume:  # written into, never replaced: only its manifest has to be patcher's
         if not valid_manifest(path):
-            raise PatcherError(raw, f"exists and has no valid {MANIFEST}: not a previous patcher output; "
-                                    "choose a new folder (or remove it yourself)")
+            raise PatcherError(
+                raw,
+                f"exists and has no valid {MANIFEST}: not a previous patcher output; "
+                "choose a new folder (or remove it yourself)",
+            )
         return path
     problem = replaceable(path, kind)
     if problem:
-        raise PatcherError(raw, f"exists and {problem}: refusing to replace it; choose a new {kind} "
-                                "(or remove it yourself)")
+        raise PatcherError(
+            raw, f"exists and {problem}: refusing to replace it; choose a new {kind} (or remove it yourself)"
+        )
     approve(path, "patcher output")
     return path
 
@@ -355,6 +398,6 @@ def check_distinct(paths: dict[str, Path]) -> None:
     """Two outputs of one command must not be the same file or nest inside each other."""
     items = [(k, _real(Path(v).absolute())) for k, v in paths.items() if v is not None]
     for i, (a, pa) in enumerate(items):
-        for b, pb in items[i + 1:]:
+        for b, pb in items[i + 1 :]:
             if pa == pb or pa in pb.parents or pb in pa.parents:
                 raise PatcherError(b, f"overlaps the output of {a} ({paths[a]}); give them separate paths")

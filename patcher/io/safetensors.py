@@ -4,6 +4,7 @@ We do not use the safetensors package here: it cannot read F8 tensors through nu
 tensors into RAM, and has no streaming writer. The format is simple enough to check completely:
 u64 little-endian header length N, N bytes of JSON, then the data region.
 """
+
 import json
 import math
 import mmap
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from patcher_kernels.codecs import itemsize, numpy_dtype
+
 from patcher.errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the safetensors reference implementation's bound
@@ -75,28 +76,33 @@ def parse_header(path: Path, file_size: int, raw_len: bytes, read_header) -> tup
     try:
         json.dumps(header, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800) are not text
     except UnicodeError:
-        raise CheckpointError(path, "header contains an escaped lone surrogate (\\ud800-style), "
-                                    "which is not text") from None
+        raise CheckpointError(
+            path, "header contains an escaped lone surrogate (\\ud800-style), which is not text"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "header JSON is not an object")
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k,
-                                                 v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise CheckpointError(path, "__metadata__ must map strings to strings")
     tensors = {}
     for name, entry in header.items():
         tensors[name] = _check_entry(path, name, entry)
     # offsets must tile the data region exactly: sorted, contiguous from 0, no holes or overlaps
     pos = 0
-    for name, (dtype, shape, begin, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+    for name, (_dtype, _shape, begin, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin != pos:
             what = "overlaps the previous tensor" if begin < pos else f"leaves a hole at byte {pos}"
             raise CheckpointError(path, f"tensor {name!r} starts at data byte {begin}: {what}")
         pos = end
     if 8 + n + pos != file_size:
-        raise CheckpointError(path, f"file is {file_size} bytes but the header describes {8 + n + pos} "
-                                    f"({'truncated' if file_size < 8 + n + pos else 'trailing bytes'})")
+        raise CheckpointError(
+            path,
+            f"file is {file_size} bytes but the header describes {8 + n + pos} "
+            f"({'truncated' if file_size < 8 + n + pos else 'trailing bytes'})",
+        )
     return tensors, metadata, 8 + n
 
 
@@ -110,13 +116,21 @@ def _check_entry(path, name, entry):
         raise CheckpointError(path, f"tensor {name!r}: unsupported dtype {dtype!r}") from None
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(path, f"tensor {name!r}: shape must be a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointError(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= "
-                              f"end")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(
+            path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end"
+        )
     if math.prod(shape) * size != offsets[1] - offsets[0]:
-        raise CheckpointError(path, f"tensor {name!r}: {dtype}{shape} needs {math.prod(shape) * size} bytes, "
-                                    f"data_offsets span {offsets[1] - offsets[0]}")
+        raise CheckpointError(
+            path,
+            f"tensor {name!r}: {dtype}{shape} needs {math.prod(shape) * size} bytes, "
+            f"data_offsets span {offsets[1] - offsets[0]}",
+        )
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
@@ -138,8 +152,10 @@ class SafetensorsFile:
         except OSError as e:
             raise CheckpointError(self.path, f"cannot read ({e.strerror})") from None
         self.size = size
-        self.tensors = {name: TensorInfo(name, d, s, self.path, data_start + b, data_start + e)
-                        for name, (d, s, b, e) in tensors.items()}
+        self.tensors = {
+            name: TensorInfo(name, d, s, self.path, data_start + b, data_start + e)
+            for name, (d, s, b, e) in tensors.items()
+        }
         self._mmap = None
         self._fd: int | None = None
         self.observer = None  # called as observer(file offset, raw array) after each read_rows (hashing)
@@ -164,8 +180,9 @@ class SafetensorsFile:
         offset = info.begin + row_start * per_row * dt.itemsize
         return np.frombuffer(self._map(), dtype=dt, count=count, offset=offset).reshape(out_shape)
 
-    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int,
-                  row_len: int | None = None) -> np.ndarray:
+    def read_rows(
+        self, info: TensorInfo, row_start: int, row_stop: int, row_len: int | None = None
+    ) -> np.ndarray:
         """Fresh copy of rows [row_start, row_stop) of the tensor seen as [numel/row_len, row_len]
         (default row_len: everything after the first axis), read with pread: for data streamed once
         this is ~3x faster than touching mmapped pages (no page faults) and leaves RSS untouched."""
@@ -180,8 +197,9 @@ class SafetensorsFile:
         while done < view.nbytes:
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if n <= 0:
-                raise CheckpointError(self.path,
-                                      f"file ended while reading {info.name!r} (was it truncated?)")
+                raise CheckpointError(
+                    self.path, f"file ended while reading {info.name!r} (was it truncated?)"
+                )
             done += n
         if self.observer is not None:
             self.observer(offset, out)

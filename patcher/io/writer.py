@@ -21,6 +21,7 @@ Copy + read back ("range") against pread + pwrite through one buffer ("read"), 2
 alternating runs on the shared 2-core box: range used 10-20 % less CPU and finished first in 4 of 4
 pairs (BENCHMARKS.md), 1 MiB chunks slightly ahead of 4 MiB.
 """
+
 import errno
 import hashlib
 import json
@@ -34,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from patcher_kernels.codecs import itemsize, numpy_dtype
+
 from patcher.io.atomic import AtomicOutput
 from patcher.io.safetensors import TensorInfo
 
@@ -49,6 +50,7 @@ _IN_FLIGHT = 8 << 20  # bytes of computed blocks and seen rows queued per output
 @dataclass
 class OutTensor:
     """One tensor of an output file: copied verbatim from `source`, or made by `produce`."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -65,8 +67,11 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset
-                                                                                     + t.nbytes]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data region 8-byte aligned, as the reference writer does
@@ -91,7 +96,7 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 def _hash(h, view: memoryview) -> None:
     for i in range(0, len(view), _HASH_SLICE):
-        h.update(view[i:i + _HASH_SLICE])
+        h.update(view[i : i + _HASH_SLICE])
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
@@ -201,10 +206,17 @@ class ShardWriter:
     reads). Call `produce()` on the main thread, then `finish()` (possibly after starting the next
     file: the threads drain while the caller computes); `close()` always."""
 
-    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str],
-                 on_bytes: Callable[[int], None] | None = None, hash_out: bool = False,
-                 input_digest: InputDigest | None = None, copy: str | None = None,
-                 spread_digests: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        tensors: list[OutTensor],
+        metadata: dict[str, str],
+        on_bytes: Callable[[int], None] | None = None,
+        hash_out: bool = False,
+        input_digest: InputDigest | None = None,
+        copy: str | None = None,
+        spread_digests: bool = False,
+    ):
         self.path, self.tensors, self.on_bytes = Path(path), tensors, on_bytes
         self.header = header_bytes(tensors, metadata)
         self.total = len(self.header) + sum(t.nbytes for t in tensors)
@@ -227,9 +239,10 @@ class ShardWriter:
         self.watermark = 0  # input offset up to which the reader has been told about bytes
         self.sources: dict[Path, int] = {}
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.threads = [threading.Thread(target=self._guarded, args=(f,), daemon=True,
-                                         name=f"{n} {self.path.name}")
-                        for n, f in (("read", self._read_loop), ("write", self._write_loop))]
+        self.threads = [
+            threading.Thread(target=self._guarded, args=(f,), daemon=True, name=f"{n} {self.path.name}")
+            for n, f in (("read", self._read_loop), ("write", self._write_loop))
+        ]
         self.input_sha: str | None = None  # the input's sha256, once finish() returned
         self.made = 0
         self._closed = False
@@ -305,7 +318,7 @@ class ShardWriter:
     def _guarded(self, loop) -> None:
         try:
             loop()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+        except BaseException as e:
             self.errors.append(e)
             self.to_writer.put(None)
 
@@ -333,7 +346,7 @@ class ShardWriter:
             kind = item[0]
             if kind == "data":
                 if self.out_sha is not None:
-                    _hash(self.out_sha, memoryview(item[2]).cast("B")[:item[3]])
+                    _hash(self.out_sha, memoryview(item[2]).cast("B")[: item[3]])
                 self.to_writer.put(item)
             elif kind == "seen":
                 _, offset, raw, nbytes = item
@@ -387,9 +400,14 @@ class ShardWriter:
                 self.on_bytes(n)
 
 
-def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str],
-                      on_bytes: Callable[[int], None] | None = None, hash_out: bool = False,
-                      input_digest: InputDigest | None = None) -> str | None:
+def write_safetensors(
+    path: Path,
+    tensors: list[OutTensor],
+    metadata: dict[str, str],
+    on_bytes: Callable[[int], None] | None = None,
+    hash_out: bool = False,
+    input_digest: InputDigest | None = None,
+) -> str | None:
     """Write one safetensors file (see ShardWriter); the output's sha256 when `hash_out`."""
     w = ShardWriter(path, tensors, metadata, on_bytes=on_bytes, hash_out=hash_out, input_digest=input_digest)
     try:
@@ -418,8 +436,12 @@ def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
             raise RuntimeError(f"{t.name}: produced {block.dtype}, header says {t.dtype}")
         if t.finite and not _finite(block):
             from patcher.errors import PatcherError
-            raise PatcherError(t.name, f"the edited tensor holds NaN or Inf (the input tensor is not finite, "
-                                       f"or the edit overflowed {t.dtype}); nothing was written")
+
+            raise PatcherError(
+                t.name,
+                f"the edited tensor holds NaN or Inf (the input tensor is not finite, "
+                f"or the edit overflowed {t.dtype}); nothing was written",
+            )
         raw = block.reshape(-1).view(np.uint8)  # ml_dtypes have no buffer format
         w._put_data(pos + written, raw, raw.nbytes)
         written += block.nbytes
@@ -430,6 +452,7 @@ def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
 def refuse_inputs(target, inputs: Iterable[Path]) -> None:
     """An output may not be, lie inside, or contain any input (one rule: patcher.io.paths)."""
     from patcher.io.paths import refuse_inputs as rule
+
     rule(target, list(inputs))
 
 
@@ -440,6 +463,6 @@ class OutputFolder(AtomicOutput):
 
     def __init__(self, target, inputs: Iterable[Path], force: bool = False):
         from patcher.io.paths import check_output
+
         super().__init__(check_output(target, list(inputs), force=force), "folder")
         self.force = force
-

@@ -5,6 +5,7 @@ Each table is a TOML file (built-ins live in patcher/model/tables/; users may pa
 gives each tensor's residual axis. `extends` inherits another table: top-level keys override,
 `embed` / `writer` lists are replaced when given, `inject` entries are merged per target.
 """
+
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -15,17 +16,58 @@ from patcher.errors import PatcherError
 TABLE_DIR = Path(__file__).parent / "tables"
 ROLES = ("embed", "attn_out", "mlp_out")
 POST_NORM_GAINS = {"one_plus_weight": 1.0, "weight": 0.0}  # g = offset + w
-_TOP_KEYS = {"model_type", "extends", "layers", "unembed", "tie_word_embeddings", "config", "prefixes",
-             "post_norm_gain", "embed", "writer", "inject", "gguf"}
-_WRITER_KEYS = {"role", "weight", "bias", "residual_axis", "post_norm", "expert_axis",
-                "gguf", "gguf_bias", "gguf_residual_axis", "gguf_post_norm"}
+_TOP_KEYS = {
+    "model_type",
+    "extends",
+    "layers",
+    "unembed",
+    "tie_word_embeddings",
+    "config",
+    "prefixes",
+    "post_norm_gain",
+    "embed",
+    "writer",
+    "inject",
+    "gguf",
+}
+_WRITER_KEYS = {
+    "role",
+    "weight",
+    "bias",
+    "residual_axis",
+    "post_norm",
+    "expert_axis",
+    "gguf",
+    "gguf_bias",
+    "gguf_residual_axis",
+    "gguf_post_norm",
+}
 _GGUF_KEYS = {"arch", "rope_permuted", "norm_shift", "inject"}
 # what each value must be (a table is user input: `--arch-table`)
-_TOP_TYPES = {"model_type": str, "extends": str, "layers": str, "unembed": str, "tie_word_embeddings": bool,
-              "config": dict, "prefixes": list, "post_norm_gain": str, "embed": list, "writer": list,
-              "inject": dict, "gguf": dict}
-_WRITER_TYPES = {"role": str, "weight": str, "name": str, "bias": str, "post_norm": str, "gguf": str,
-                 "gguf_bias": str, "gguf_post_norm": str}
+_TOP_TYPES = {
+    "model_type": str,
+    "extends": str,
+    "layers": str,
+    "unembed": str,
+    "tie_word_embeddings": bool,
+    "config": dict,
+    "prefixes": list,
+    "post_norm_gain": str,
+    "embed": list,
+    "writer": list,
+    "inject": dict,
+    "gguf": dict,
+}
+_WRITER_TYPES = {
+    "role": str,
+    "weight": str,
+    "name": str,
+    "bias": str,
+    "post_norm": str,
+    "gguf": str,
+    "gguf_bias": str,
+    "gguf_post_norm": str,
+}
 _AXES = {"residual_axis": (0, 1, 2), "expert_axis": (0, 1, 2), "gguf_residual_axis": (0, 1, 2)}
 
 
@@ -35,8 +77,11 @@ def _check_types(path, where: str, entry: dict, types: dict, axes=None) -> None:
         if want is not None and not isinstance(value, want):
             raise PatcherError(path, f"{where}{key} must be a {want.__name__}, got {value!r}")
         if axes and key in axes and (isinstance(value, bool) or value not in axes[key]):
-            raise PatcherError(path, f"{where}{key} must be one of {axes[key]} (an axis of the weight), "
-                                     f"got {value!r}")
+            raise PatcherError(
+                path, f"{where}{key} must be one of {axes[key]} (an axis of the weight), got {value!r}"
+            )
+
+
 GGUF_LAYERS = "blk.{layer}."
 GGUF_UNEMBED = "output.weight"
 _INJECT_KEYS = {"bias", "hf_loads", "config_flag", "siblings"}
@@ -57,6 +102,7 @@ class Writer:
 class GGUFLayout:
     """How llama.cpp's converter stores this architecture: the GGUF `general.architecture`, and the
     transforms it applies that a reader must undo (rope permutation of q/k rows, norm gains + 1)."""
+
     arch: str
     rope_permuted: bool = False
     norm_shift: float = 0.0
@@ -92,6 +138,7 @@ class Architecture:
 @dataclass(frozen=True)
 class Target:
     """One concrete tensor an ablation may edit."""
+
     role: str
     layer: int | None  # None for embeddings
     weight: str
@@ -103,6 +150,7 @@ class Target:
 
 def _raw(path: Path) -> dict:
     from patcher.io.paths import read_text
+
     try:
         return tomllib.loads(read_text(path, "architecture table"))
     except tomllib.TOMLDecodeError as e:
@@ -119,8 +167,12 @@ def _merged(path: Path, seen=()) -> dict:
         return {**data, "_lineage": ()}
     if parent in seen:
         raise PatcherError(path, f"'extends' loops back to {parent!r}")
-    base = _merged(TABLE_DIR / f"{parent}.toml" if (TABLE_DIR / f"{parent}.toml").is_file()
-                   else path.parent / f"{parent}.toml", (*seen, parent))
+    base = _merged(
+        TABLE_DIR / f"{parent}.toml"
+        if (TABLE_DIR / f"{parent}.toml").is_file()
+        else path.parent / f"{parent}.toml",
+        (*seen, parent),
+    )
     out = {**base, **{k: v for k, v in data.items() if k != "inject"}}
     out["inject"] = {**base.get("inject", {}), **data.get("inject", {})}
     out["_lineage"] = (base.get("model_type", parent), *base["_lineage"])  # the tables it extends
@@ -143,8 +195,9 @@ def _writer(path, entry, role=None) -> Writer:
         if not isinstance(entry["gguf"], str) or not isinstance(entry.get("gguf_residual_axis"), int):
             raise PatcherError(path, f"writer {weight!r}: 'gguf' needs a name and 'gguf_residual_axis'")
         g = (entry["gguf"], entry.get("gguf_bias"), entry.get("gguf_post_norm"), entry["gguf_residual_axis"])
-    return Writer(role, weight, axis, entry.get("bias"), entry.get("post_norm"), entry.get("expert_axis", 0),
-                  g)
+    return Writer(
+        role, weight, axis, entry.get("bias"), entry.get("post_norm"), entry.get("expert_axis", 0), g
+    )
 
 
 def _gguf_writer(w: Writer) -> Writer | None:
@@ -171,8 +224,17 @@ def _gguf_arch(path, a: "Architecture", d: dict) -> "Architecture | None":
     if gain is not None:  # a stored gain of 1 + w is the gain itself
         offset = POST_NORM_GAINS[gain] - layout.norm_shift
         gain = next(k for k, v in POST_NORM_GAINS.items() if v == offset)
-    return replace(a, layers=GGUF_LAYERS, unembed=GGUF_UNEMBED, embeds=embeds, writers=writers, inject=inject,
-                   prefixes=("",), post_norm_gain=gain, gguf_layout=layout)
+    return replace(
+        a,
+        layers=GGUF_LAYERS,
+        unembed=GGUF_UNEMBED,
+        embeds=embeds,
+        writers=writers,
+        inject=inject,
+        prefixes=("",),
+        post_norm_gain=gain,
+        gguf_layout=layout,
+    )
 
 
 def load_table(path) -> Architecture:
@@ -190,18 +252,28 @@ def load_table(path) -> Architecture:
     for target, slot in d.get("inject", {}).items():
         if target not in ("attn_out", "mlp_out") or set(slot) - _INJECT_KEYS or "bias" not in slot:
             raise PatcherError(path, f"bad inject entry {target!r}: {slot!r}")
-        inject[target] = InjectSlot(slot["bias"], bool(slot.get("hf_loads", False)), slot.get("config_flag"),
-                                    tuple(slot.get("siblings", ())))
+        inject[target] = InjectSlot(
+            slot["bias"],
+            bool(slot.get("hf_loads", False)),
+            slot.get("config_flag"),
+            tuple(slot.get("siblings", ())),
+        )
     cfg = d["config"]
     arch = Architecture(
-        model_type=d["model_type"], layers=d["layers"], unembed=d["unembed"],
+        model_type=d["model_type"],
+        layers=d["layers"],
+        unembed=d["unembed"],
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        config_layers=cfg.get("layers", "num_hidden_layers"), config_d_model=cfg.get("d_model",
-                                                                                     "hidden_size"),
+        config_layers=cfg.get("layers", "num_hidden_layers"),
+        config_d_model=cfg.get("d_model", "hidden_size"),
         embeds=tuple(_writer(path, e, "embed") for e in d["embed"]),
         writers=tuple(_writer(path, w) for w in d["writer"]),
-        inject=inject, prefixes=tuple(d.get("prefixes", ("",))), post_norm_gain=gain, source=str(path),
-        lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]))
+        inject=inject,
+        prefixes=tuple(d.get("prefixes", ("",))),
+        post_norm_gain=gain,
+        source=str(path),
+        lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]),
+    )
     gg = _gguf_arch(path, arch, d)
     if gg is None:
         return arch
@@ -216,10 +288,12 @@ def for_gguf_arch(gguf_arch: str, where) -> Architecture:
         if a.gguf_layout and a.gguf_layout.arch == gguf_arch:
             found.append(a)
     if not found:
-        known = sorted({a.gguf_layout.arch for a in map(load_table, sorted(TABLE_DIR.glob("*.toml")))
-                        if a.gguf_layout})
-        raise PatcherError(where, f"GGUF architecture {gguf_arch!r} is not supported. Supported: "
-                                  f"{', '.join(known)}")
+        known = sorted(
+            {a.gguf_layout.arch for a in map(load_table, sorted(TABLE_DIR.glob("*.toml"))) if a.gguf_layout}
+        )
+        raise PatcherError(
+            where, f"GGUF architecture {gguf_arch!r} is not supported. Supported: {', '.join(known)}"
+        )
     return next((a for a in found if a.model_type == gguf_arch), found[0])
 
 
@@ -231,18 +305,23 @@ def for_model_type(model_type: str | None, where) -> Architecture:
     if model_type and (TABLE_DIR / f"{model_type}.toml").is_file():
         return load_table(TABLE_DIR / f"{model_type}.toml")
     what = f"model_type {model_type!r} is not supported" if model_type else "config.json has no model_type"
-    raise PatcherError(where, f"{what}. Supported: {', '.join(supported())}. For another architecture, "
-                       f"write a "
-                              f"table (copy patcher/model/tables/llama.toml, edit the name patterns) and "
-                              f"pass --arch-table FILE")
+    raise PatcherError(
+        where,
+        f"{what}. Supported: {', '.join(supported())}. For another architecture, "
+        f"write a "
+        f"table (copy patcher/model/tables/llama.toml, edit the name patterns) and "
+        f"pass --arch-table FILE",
+    )
 
 
 # --- resolving a table against a checkpoint's tensor names ---------------------------------------
 
+
 def _regex(pattern: str) -> re.Pattern:
     parts = re.split(r"(\{layer\}|\{expert\})", pattern)
-    out = "".join({"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(p, re.escape(p))
-                  for p in parts)
+    out = "".join(
+        {"{layer}": r"(?P<layer>\d+)", "{expert}": r"(?P<expert>\d+)"}.get(p, re.escape(p)) for p in parts
+    )
     return re.compile(out + r"\Z")
 
 
@@ -253,6 +332,7 @@ def sub(pattern: str, layer: int) -> str:
 @dataclass
 class Resolved:
     """A table applied to one checkpoint: concrete targets per role and layer, and what is absent."""
+
     arch: Architecture
     prefix: str
     n_layers: int
@@ -265,25 +345,41 @@ class Resolved:
         return self.prefix + sub(self.arch.layers, layer)
 
     def select(self, roles=ROLES, layers=None) -> list[Target]:
-        return [t for t in self.targets if t.role in roles and (t.layer is None or layers is None
-                                                                or t.layer in layers)]
+        return [
+            t
+            for t in self.targets
+            if t.role in roles and (t.layer is None or layers is None or t.layer in layers)
+        ]
 
 
 def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
     names = set(names)
-    prefix = next((p for p in arch.prefixes if all(p + e.weight in names for e in arch.embeds)),
-                  arch.prefixes[0])
+    prefix = next(
+        (p for p in arch.prefixes if all(p + e.weight in names for e in arch.embeds)), arch.prefixes[0]
+    )
     n_layers, d_model = config.get(arch.config_layers), config.get(arch.config_d_model)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_layers, d_model)):
-        raise PatcherError(where, f"config.json needs integer '{arch.config_layers}' and "
-                           f"'{arch.config_d_model}' "
-                                  f"for model_type {arch.model_type!r} (got {n_layers!r} and {d_model!r})")
+        raise PatcherError(
+            where,
+            f"config.json needs integer '{arch.config_layers}' and "
+            f"'{arch.config_d_model}' "
+            f"for model_type {arch.model_type!r} (got {n_layers!r} and {d_model!r})",
+        )
     tied = bool(config.get("tie_word_embeddings", arch.tie_word_embeddings))
     targets, missing = [], []
     for e in arch.embeds:
         if prefix + e.weight in names:
-            targets.append(Target("embed", None, prefix + e.weight, e.residual_axis,
-                                  _present(prefix + e.bias, names) if e.bias else None, None, 0))
+            targets.append(
+                Target(
+                    "embed",
+                    None,
+                    prefix + e.weight,
+                    e.residual_axis,
+                    _present(prefix + e.bias, names) if e.bias else None,
+                    None,
+                    0,
+                )
+            )
         else:
             missing.append(("embed", None, prefix + e.weight))
     by_role_layer: dict[tuple[str, int], int] = {}
@@ -297,7 +393,7 @@ def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
         for layer, _, n in sorted(hits):
             if layer >= n_layers:
                 continue
-            tail = n[len(prefix + sub(arch.layers, layer)):]
+            tail = n[len(prefix + sub(arch.layers, layer)) :]
             expert = _regex(w.weight).match(tail)
             bias = post = None
             if w.bias:
@@ -316,8 +412,9 @@ def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
 
 
 def _fill(pattern: str, match) -> str:
-    return pattern.replace("{expert}",
-                           match["expert"]) if match and "expert" in match.groupdict() else pattern
+    return (
+        pattern.replace("{expert}", match["expert"]) if match and "expert" in match.groupdict() else pattern
+    )
 
 
 def _present(name: str, names) -> str | None:
@@ -326,17 +423,30 @@ def _present(name: str, names) -> str | None:
 
 def markdown_table() -> str:
     """The README's architecture table, generated from the tables themselves."""
-    rows = ["| model_type | embeddings | attention writer | MLP writer(s) | post-norm | tied | inject "
-            "attn_out / mlp_out |",
-            "|---|---|---|---|---|---|---|"]
-    loads = lambda slot: "—" if slot is None else ("HF" + (f" (`{slot.config_flag}`)" if slot.config_flag
-                                                           else "")  # noqa: E731
-                                                  if slot.hf_loads else "ONNX only")
+    rows = [
+        "| model_type | embeddings | attention writer | MLP writer(s) | post-norm | tied | inject "
+        "attn_out / mlp_out |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def loads(slot):
+        return (
+            "—"
+            if slot is None
+            else (
+                "HF" + (f" (`{slot.config_flag}`)" if slot.config_flag else "")
+                if slot.hf_loads
+                else "ONNX only"
+            )
+        )
+
     for mt in supported():
         a = load_table(TABLE_DIR / f"{mt}.toml")
         writers = lambda role: ", ".join(f"`{w.weight}`" for w in a.writers if w.role == role)  # noqa: E731
-        rows.append(f"| {mt} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
-                    f"{writers('mlp_out')} | {a.post_norm_gain or '—'} | "
-                    f"{'yes' if a.tie_word_embeddings else 'no'} | "
-                    f"{loads(a.inject.get('attn_out'))} / {loads(a.inject.get('mlp_out'))} |")
+        rows.append(
+            f"| {mt} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
+            f"{writers('mlp_out')} | {a.post_norm_gain or '—'} | "
+            f"{'yes' if a.tie_word_embeddings else 'no'} | "
+            f"{loads(a.inject.get('attn_out'))} / {loads(a.inject.get('mlp_out'))} |"
+        )
     return "\n".join(rows)

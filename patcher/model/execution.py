@@ -1,14 +1,16 @@
 """Layer-streamed execution: a batch goes through block 0, then block 1, ..., with only one block's
 weights decoded (float32) at a time. Peak memory ~ one block's weights + one batch's activations."""
+
 from collections.abc import Callable, Iterable
 
 import numpy as np
-
 from patcher_kernels.codecs import decode
-from patcher.model import forward as fw
+
 from patcher.errors import PatcherError
+from patcher.model import forward as fw
 from patcher.model.numpy_ops import NumpyOps
 from patcher.model.opened import Model, as_model
+
 ACTIVATION_BUDGET = 512 << 20  # residual streams held at once; beyond it, batches run in chunks
 
 
@@ -67,7 +69,7 @@ class StreamedModel:
         for name in names:
             if self.is_scale(name):
                 continue
-            out[name[len(strip):] if name.startswith(strip) else name] = self._decode(name)
+            out[name[len(strip) :] if name.startswith(strip) else name] = self._decode(name)
             self.ck.release(name)
         return out
 
@@ -89,18 +91,28 @@ class StreamedModel:
         prefix = self.resolved.layer_prefix(layer)
         return self._load([n for n in self.ck.tensors if n.startswith(prefix)], prefix)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-            on_resid: Callable[[int, np.ndarray], None] | None = None, logits: bool = False,
-            layers: Iterable[int] | None = None):
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        on_resid: Callable[[int, np.ndarray], None] | None = None,
+        logits: bool = False,
+        layers: Iterable[int] | None = None,
+    ):
         """Run one left-padded batch. on_resid(l, resid_pre[l]) is called for l = 0..L (float32
         [B, T, d]); returns the logits if asked. `layers` stops early after the last one needed."""
         cb = (lambda _b, l, x: on_resid(l, x)) if on_resid else None
         out = self.run_many([(input_ids, attention_mask)], cb, logits=logits, layers=layers)
         return out[0] if logits else None
 
-    def run_many(self, batches: list, on_resid: Callable[[int, int, np.ndarray], None] | None = None,
-                 logits: bool = False, layers: Iterable[int] | None = None,
-                 budget_bytes: int = ACTIVATION_BUDGET) -> list | None:
+    def run_many(
+        self,
+        batches: list,
+        on_resid: Callable[[int, int, np.ndarray], None] | None = None,
+        logits: bool = False,
+        layers: Iterable[int] | None = None,
+        budget_bytes: int = ACTIVATION_BUDGET,
+    ) -> list | None:
         """Run several batches, block by block: every batch held in memory goes through block l before
         block l+1 is decoded, so each block is decoded once per chunk of batches whose activations
         fit in `budget_bytes` (not once per batch). on_resid(batch index, l, resid_pre[l])."""
@@ -115,8 +127,9 @@ class StreamedModel:
         for index, (ids, mask) in chunk:
             ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)
             if ids.max(initial=0) >= self.ck.info(embed).shape[0]:
-                raise PatcherError(self.ck.folder, "token id beyond the embedding table: tokenizer and "
-                                   "model disagree")
+                raise PatcherError(
+                    self.ck.folder, "token id beyond the embedding table: tokenizer and model disagree"
+                )
             pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
             x = fw.embed(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, ids, pos)
             if on_resid:
@@ -130,17 +143,21 @@ class StreamedModel:
                 try:
                     st[3] = x = fw.block(NumpyOps(weights, mask, pos), self.spec, self.hp, x, layer)
                 except ValueError as e:  # numpy's shape errors: the config's sizes do not fit the tensors
-                    raise PatcherError(self.ck.config_path, f"block {layer}: the config's sizes do not fit "
-                                       f"the tensors ({e}); check head_dim, num_attention_heads, "
-                                       "num_key_value_heads, intermediate_size") from None
+                    raise PatcherError(
+                        self.ck.config_path,
+                        f"block {layer}: the config's sizes do not fit "
+                        f"the tensors ({e}); check head_dim, num_attention_heads, "
+                        "num_key_value_heads, intermediate_size",
+                    ) from None
                 if on_resid:
                     on_resid(index, layer + 1, x)
             del weights  # free this block before decoding the next
         if not logits:
             return []
-        return [fw.head(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, x) for _, mask, pos,
-                x in states]
-
+        return [
+            fw.head(NumpyOps(self.top_weights(), mask, pos), self.spec, self.hp, x)
+            for _, mask, pos, x in states
+        ]
 
 
 def _chunks(batches, d_model: int, budget: int):

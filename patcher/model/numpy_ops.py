@@ -4,6 +4,7 @@ Weights come from a dict (one block's tensors, or the top-level ones), decoded t
 caller. Activations are [batch, seq, features]; attention heads are [batch, heads, seq, head_dim].
 The batch is left-padded: `attention_mask` marks real tokens, `position_ids` count real tokens.
 """
+
 import math
 
 import numpy as np
@@ -17,9 +18,31 @@ def erf(x: np.ndarray) -> np.ndarray:
     x64 = x.astype(np.float64)
     t = 1.0 / (1.0 + 0.5 * np.abs(x64))
     # Numerical Recipes erfc (Chebyshev fit, fractional error < 1.2e-7 everywhere)
-    poly = -x64 * x64 - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223
-                                                                                  + t * 0.17087277))))))))
+    poly = (
+        -x64 * x64
+        - 1.26551223
+        + t
+        * (
+            1.00002368
+            + t
+            * (
+                0.37409196
+                + t
+                * (
+                    0.09678418
+                    + t
+                    * (
+                        -0.18628806
+                        + t
+                        * (
+                            0.27886807
+                            + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))
+                        )
+                    )
+                )
+            )
+        )
+    )
     erfc = t * np.exp(poly)
     return np.where(x64 >= 0, 1.0 - erfc, erfc - 1.0).astype(x.dtype)
 
@@ -35,8 +58,9 @@ ACTS = {
     "silu": silu,
     "swish": silu,
     "gelu": lambda x: 0.5 * x * (1.0 + erf(x / F32(math.sqrt(2.0)))),
-    "gelu_pytorch_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi))
-                                                            * (x + F32(0.044715) * x ** 3))),
+    "gelu_pytorch_tanh": lambda x: (
+        0.5 * x * (1.0 + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (x + F32(0.044715) * x**3)))
+    ),
     "relu": lambda x: np.maximum(x, 0),
 }
 ACTS["gelu_new"] = ACTS["gelu_fast"] = ACTS["gelu_tanh"] = ACTS["gelu_pytorch_tanh"]
@@ -49,8 +73,11 @@ def _yarn(rope, inv: np.ndarray) -> tuple[np.ndarray, float]:
     mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
     att = p.get("attention_factor")
     if att is None:
-        att = (mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
-               if p.get("mscale") and p.get("mscale_all_dim") else mscale(factor))
+        att = (
+            mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+            if p.get("mscale") and p.get("mscale_all_dim")
+            else mscale(factor)
+        )
     corr = lambda rot: dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
     low, high = corr(p.get("beta_fast") or 32), corr(p.get("beta_slow") or 1)
     if p.get("truncate", True):
@@ -144,7 +171,9 @@ class NumpyOps:
     def split_per_head(self, x, heads: int, parts: int, head_dim: int):
         B, T, _ = x.shape
         y = x.reshape(B, T, heads, parts * head_dim)
-        return [y[..., i * head_dim:(i + 1) * head_dim].reshape(B, T, heads * head_dim) for i in range(parts)]
+        return [
+            y[..., i * head_dim : (i + 1) * head_dim].reshape(B, T, heads * head_dim) for i in range(parts)
+        ]
 
     def heads(self, x, n: int, head_dim: int):
         B, T, _ = x.shape
@@ -164,7 +193,7 @@ class NumpyOps:
             self._cos_sin[key] = (np.cos(freqs) * F32(att), np.sin(freqs) * F32(att))
         cos, sin = self._cos_sin[key]
         half = rope.dim // 2
-        rot, rest = x[..., :rope.dim], x[..., rope.dim:]
+        rot, rest = x[..., : rope.dim], x[..., rope.dim :]
         x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if rope.interleaved else (rot[..., :half], rot[..., half:])
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
@@ -209,7 +238,7 @@ class NumpyOps:
             choice = probs + self.weights[grouped["bias"]] if grouped["bias"] in self.weights else probs
             E, G = choice.shape[1], grouped["n_group"]
             per_group = np.sort(choice.reshape(-1, G, E // G), axis=-1)[..., -2:].sum(axis=-1)
-            keep = np.argsort(-per_group, axis=-1, kind="stable")[:, :grouped["topk_group"]]
+            keep = np.argsort(-per_group, axis=-1, kind="stable")[:, : grouped["topk_group"]]
             group_mask = np.zeros_like(per_group, dtype=bool)
             np.put_along_axis(group_mask, keep, True, axis=-1)
             choice = np.where(np.repeat(group_mask, E // G, axis=-1), choice, -np.inf)

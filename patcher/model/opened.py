@@ -10,6 +10,7 @@ Storage is a backend behind one interface (`tensors`, `info`, `array`, `read_row
 `files`, `shard_of`, `config`, `close`): safetensors today (patcher.io.checkpoint.Checkpoint). A new
 format adds a `Backend` to BACKENDS; nothing above this module changes.
 """
+
 import copy
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ FP8_TILE = 128  # block-scale tile (DeepSeek-V3, Qwen3-FP8)
 class Backend:
     """A storage format: `matches(path)` says whether it reads that file or folder, `open(path)`
     returns an object with the Checkpoint interface."""
+
     name: str
     matches: Callable[[Path], bool]
     open: Callable[[Path], object]
@@ -35,16 +37,20 @@ class Backend:
 # first match wins; safetensors (a folder or a .safetensors file) is the fallback and reports its own errors
 def _is_gguf(path: Path) -> bool:
     from patcher.io.gguf import is_gguf
+
     return path.is_file() and is_gguf(path)
 
 
 def _open_gguf(path: Path):
     from patcher.io.gguf import GGUFFile
+
     return GGUFFile(path)
 
 
-BACKENDS: list[Backend] = [Backend("gguf", _is_gguf, _open_gguf),
-                           Backend("safetensors", lambda p: True, Checkpoint)]
+BACKENDS: list[Backend] = [
+    Backend("gguf", _is_gguf, _open_gguf),
+    Backend("safetensors", lambda p: True, Checkpoint),
+]
 
 
 def open_storage(path: Path):
@@ -59,8 +65,16 @@ class Model:
     adds `arch`, `resolved`, `n_layers`, `d_model`, the forward pass's `hp` and `spec`, the FP8 scale
     rule (`fp8_scale`, `is_scale`, `decode`) and `input_paths` (what no output may touch)."""
 
-    def __init__(self, storage, *, arch_table=None, require_arch: bool = True, arch_optional: bool = False,
-                 source=None, extra_inputs=()):
+    def __init__(
+        self,
+        storage,
+        *,
+        arch_table=None,
+        require_arch: bool = True,
+        arch_optional: bool = False,
+        source=None,
+        extra_inputs=(),
+    ):
         """`require_arch=False`: no table is fine when config.json has no model_type (inspect);
         `arch_optional=True`: no table is fine at all (diff), `arch_note` says why there is none."""
         self.storage = storage
@@ -78,28 +92,41 @@ class Model:
             self.arch_note = f"model_type {storage.model_type!r} has no architecture table"
             return
         if require_arch and not storage.config and storage.path.is_file():
-            raise PatcherError(storage.path, "this needs a model folder with config.json (architecture and "
-                                             "hyperparameters), not a lone .safetensors file")
-        self.arch = load_table(arch_table) if arch_table else for_model_type(storage.model_type,
-                                                                            self.config_path)
+            raise PatcherError(
+                storage.path,
+                "this needs a model folder with config.json (architecture and "
+                "hyperparameters), not a lone .safetensors file",
+            )
+        self.arch = (
+            load_table(arch_table) if arch_table else for_model_type(storage.model_type, self.config_path)
+        )
         if self.is_gguf:  # the same table under GGUF names (llama.cpp's), from its [gguf] section
             if self.arch.gguf is None:
-                raise PatcherError(self.arch.source, "this architecture table has no [gguf] section "
-                                                     "(GGUF names)")
+                raise PatcherError(
+                    self.arch.source, "this architecture table has no [gguf] section (GGUF names)"
+                )
             self.arch = self.arch.gguf
         self.resolved = resolve(self.arch, storage.tensors, storage.config, self.config_path)
         self._check_against_tensors()
 
     @classmethod
-    def open(cls, source, arch_table=None, *, require_arch: bool = True,
-             arch_optional: bool = False) -> "Model":
+    def open(
+        cls, source, arch_table=None, *, require_arch: bool = True, arch_optional: bool = False
+    ) -> "Model":
         """Open a folder, a .safetensors file or a hub repo id (`org/name[@revision]`, cache only)."""
         from patcher.io.hub import locate
+
         path, extra = locate(source)
         storage = open_storage(path)
         try:
-            return cls(storage, arch_table=arch_table, require_arch=require_arch, arch_optional=arch_optional,
-                       source=source, extra_inputs=extra)
+            return cls(
+                storage,
+                arch_table=arch_table,
+                require_arch=require_arch,
+                arch_optional=arch_optional,
+                source=source,
+                extra_inputs=extra,
+            )
         except BaseException:
             storage.close()
             raise
@@ -125,6 +152,7 @@ class Model:
         if not self.is_gguf:
             return self
         from patcher.io.gguf import HFView
+
         return Model(HFView(self.storage), arch_table=self.arch.source, source=self.source)
 
     # --- the storage interface, delegated ------------------------------------------------------
@@ -149,6 +177,7 @@ class Model:
         if own is not None:
             return own()
         from patcher.model.prompts import load_tokenizer
+
         return load_tokenizer(self.folder)
 
     def info(self, name):
@@ -210,21 +239,27 @@ class Model:
         have = _ranges(present) if present else "none"
         missing = sorted(set(range(res.n_layers)) - set(present))
         if missing:
-            raise PatcherError(where, f"{arch.config_layers} = {res.n_layers} but the tensors have no layer "
-                                      f"{missing[0]} (layers in the tensors: {have})")
+            raise PatcherError(
+                where,
+                f"{arch.config_layers} = {res.n_layers} but the tensors have no layer "
+                f"{missing[0]} (layers in the tensors: {have})",
+            )
         beyond = [layer for layer in present if layer >= res.n_layers + extra]
         if beyond:
-            raise PatcherError(where, f"{arch.config_layers} = {res.n_layers} but the tensors also hold "
-                               f"layer "
-                                      f"{beyond[0]} (layers in the tensors: {have}); an edit would leave it "
-                                      "unedited")
+            raise PatcherError(
+                where,
+                f"{arch.config_layers} = {res.n_layers} but the tensors also hold "
+                f"layer "
+                f"{beyond[0]} (layers in the tensors: {have}); an edit would leave it "
+                "unedited",
+            )
         for t in res.targets:
             if t.role == "embed":
                 shape = self.info(t.weight).shape
                 if len(shape) != 2 or shape[t.residual_axis] != res.d_model:
-                    raise PatcherError(where, f"{arch.config_d_model} = {res.d_model} but {t.weight} has "
-                                       f"shape "
-                                              f"{list(shape)}")
+                    raise PatcherError(
+                        where, f"{arch.config_d_model} = {res.d_model} but {t.weight} has shape {list(shape)}"
+                    )
 
     def _check_fp8_scales(self) -> None:
         """A block scale must have one entry per 128x128 tile of its weight, or every reader misplaces it."""
@@ -234,10 +269,13 @@ class Model:
             if weight and len(w) == 2:
                 want = (-(-w[0] // FP8_TILE), -(-w[1] // FP8_TILE))
                 if info.shape != want:
-                    raise PatcherError(info.file, f"{name} has shape {list(info.shape)}; the FP8 weight "
-                                       f"{weight} "
-                                                  f"{list(w)} needs {list(want)} (one scale per {FP8_TILE}x"
-                                                  f"{FP8_TILE} tile)")
+                    raise PatcherError(
+                        info.file,
+                        f"{name} has shape {list(info.shape)}; the FP8 weight "
+                        f"{weight} "
+                        f"{list(w)} needs {list(want)} (one scale per {FP8_TILE}x"
+                        f"{FP8_TILE} tile)",
+                    )
 
     # --- the forward pass: spec and checked hyperparameters --------------------------------------
     @property
@@ -245,6 +283,7 @@ class Model:
         """The model_type whose forward description runs this model: its own, or (for a custom table)
         the nearest built-in it extends."""
         from patcher.model.forward import FORWARD
+
         lineage = (self.model_type, *(self.arch.lineage if self.arch else ()))
         return next((t for t in lineage if t in FORWARD), self.model_type)
 
@@ -252,6 +291,7 @@ class Model:
     def spec(self):
         if self._spec is None:
             from patcher.model.forward import spec_for
+
             self._spec = spec_for(self.forward_type)
         return self._spec
 
@@ -274,9 +314,9 @@ class Model:
     def decode(self, name: str):
         """The whole tensor as float32 (FP8 weights dequantised with their block scales)."""
         import numpy as np
-
         from patcher_kernels.codecs import decode
         from patcher_kernels.fp8 import dequantize_blocks
+
         raw = self.array(name)
         scale = self.fp8_scale(name)
         if scale is not None:
@@ -308,8 +348,9 @@ def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int |
     key = next((k for k in keys if cfg.get(k) is not None), None)
     if key is None:
         if required:
-            raise PatcherError(where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward "
-                               f"pass needs it")
+            raise PatcherError(
+                where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward pass needs it"
+            )
         return None
     value = cfg[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -320,17 +361,21 @@ def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int |
 def _checked_hyper(forward_type: str, cfg: dict, where, spec):
     from patcher.model import forward as fw
     from patcher.model.numpy_ops import ACTS
+
     d = _positive_int(cfg, ("hidden_size", "n_embd"), where)
     _positive_int(cfg, ("num_hidden_layers", "n_layer"), where)
     heads = _positive_int(cfg, ("num_attention_heads", "n_head"), where)
     kv = _positive_int(cfg, ("num_key_value_heads",), where, required=False) or heads
     head_dim = _positive_int(cfg, ("head_dim",), where, required=False)
     if heads % kv:
-        raise PatcherError(where, f"num_attention_heads = {heads} is not a multiple of num_key_value_heads "
-                           f"= {kv}")
+        raise PatcherError(
+            where, f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}"
+        )
     if head_dim is None and d % heads:
-        raise PatcherError(where, f"hidden size {d} is not a multiple of num_attention_heads = {heads} "
-                                  "(and there is no head_dim)")
+        raise PatcherError(
+            where,
+            f"hidden size {d} is not a multiple of num_attention_heads = {heads} (and there is no head_dim)",
+        )
     act = next((cfg[k] for k in spec.act_keys if cfg.get(k)), spec.act_default)
     if not isinstance(act, str) or act not in ACTS:
         key = next((k for k in spec.act_keys if cfg.get(k)), spec.act_keys[0])
@@ -341,5 +386,6 @@ def _checked_hyper(forward_type: str, cfg: dict, where, spec):
         raise
     except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise PatcherError(where,
-                           f"cannot read the hyperparameters the forward pass needs ({what})") from None
+        raise PatcherError(
+            where, f"cannot read the hyperparameters the forward pass needs ({what})"
+        ) from None

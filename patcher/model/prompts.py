@@ -4,6 +4,7 @@ Everything here mirrors what HF transformers does (`AutoTokenizer` + `apply_chat
 that the token ids are identical, without importing it: tokenizer.json is run by the `tokenizers` library
 and the chat template by a sandboxed Jinja2 environment set up the way transformers sets up its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +37,7 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 
 # --- Jinja environment (the template is untrusted input: it comes with the downloaded model) ---------------
 
+
 class _Namespace(jinja2.utils.Namespace):
     """`namespace()` that refuses underscore names, as transformers' does, so a template cannot plant
     dunders."""
@@ -59,6 +61,7 @@ class _Namespace(jinja2.utils.Namespace):
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers marks assistant tokens with it): render the
     body."""
+
     tags = {"generation"}
 
     def parse(self, parser):
@@ -109,8 +112,10 @@ def _time_limit(seconds: float):
         if not done.wait(seconds):
             with lock:
                 if state["running"]:
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid),
-                                                               ctypes.py_object(_RenderLimit))
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(tid), ctypes.py_object(_RenderLimit)
+                    )
+
     _budget.steps, _budget.deadline = RENDER_STEPS, time.monotonic() + seconds
     t = threading.Thread(target=watchdog, daemon=True)
     t.start()
@@ -135,12 +140,16 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             seq, n = (left, right) if isinstance(right, int) else (right, left)
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_CHARS:
                 raise _RenderLimit(f"it builds a sequence of {len(seq) * n} items")
-        if operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)) \
-                and len(left) + len(right) > 4 * RENDER_CHARS:
+        if (
+            operator == "+"
+            and isinstance(left, (str, list))
+            and isinstance(right, (str, list))
+            and len(left) + len(right) > 4 * RENDER_CHARS
+        ):
             raise _RenderLimit("it builds a sequence that is too long")
         return super().call_binop(context, operator, left, right)
 
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+    def call(__self, __context, __obj, *args, **kwargs):
         _tick()
         return super().call(__context, __obj, *args, **kwargs)
 
@@ -158,8 +167,12 @@ def _environment(where) -> ImmutableSandboxedEnvironment:
 
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=raise_exception, namespace=_Namespace, range=_bounded_range,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.globals.update(
+        raise_exception=raise_exception,
+        namespace=_Namespace,
+        range=_bounded_range,
+        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+    )
     return env
 
 
@@ -169,6 +182,7 @@ def _compile(template: str, where: str) -> jinja2.Template:
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class PromptTokenizer:
@@ -214,8 +228,9 @@ class PromptTokenizer:
         if self.chat_template is None:
             raise PatcherError(self.folder, "the tokenizer has no chat template")
         where = self.template_source or self.folder
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
-            [{"role": "user", "content": user_prompt}]
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": user_prompt}
+        ]
         try:
             template = _compile(self.chat_template, str(where))
             # The variables transformers passes: the named special tokens that are set, tools/documents
@@ -223,9 +238,13 @@ class PromptTokenizer:
             limit = RENDER_CHARS + 4 * (len(user_prompt) + len(system or ""))
             parts, size = [], 0
             with _time_limit(RENDER_SECONDS):
-                for piece in template.generate(messages=messages, tools=None, documents=None,
-                                               add_generation_prompt=add_generation_prompt,
-                                               **self.special_tokens):
+                for piece in template.generate(
+                    messages=messages,
+                    tools=None,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **self.special_tokens,
+                ):
                     size += len(piece)
                     if size > limit:
                         raise _RenderLimit(f"its output passes {limit} characters")
@@ -235,19 +254,21 @@ class PromptTokenizer:
         except PatcherError:
             raise
         except _RenderLimit as e:
-            raise PatcherError(where, f"chat template stopped: {e} (a template that loops or grows without "
-                                      "bound)") from None
+            raise PatcherError(
+                where, f"chat template stopped: {e} (a template that loops or grows without bound)"
+            ) from None
         except SecurityError as e:
-            raise PatcherError(where,
-                               f"the chat template tried unsafe access and was refused ({e})") from None
+            raise PatcherError(
+                where, f"the chat template tried unsafe access and was refused ({e})"
+            ) from None
         except jinja2.TemplateSyntaxError as e:
-            raise PatcherError(where,
-                               f"chat template syntax error at template line {e.lineno}: "
-                               f"{e.message}") from None
+            raise PatcherError(
+                where, f"chat template syntax error at template line {e.lineno}: {e.message}"
+            ) from None
         except TemplateError as e:  # UndefinedError, TemplateRuntimeError, ...
             raise PatcherError(where, f"chat template failed: {e}") from None
         # untrusted code: any failure (TypeError, RecursionError...) is its fault
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise PatcherError(where, f"chat template failed: {type(e).__name__}: {e}") from None
 
 
@@ -265,7 +286,7 @@ def _token_string(value, path: Path, name: str) -> str | None:
         value = value.get("content")
     if value is None or isinstance(value, str):
         return value
-    raise PatcherError(path, f"{name} must be a string or an object with a string \"content\", got {value!r}")
+    raise PatcherError(path, f'{name} must be a string or an object with a string "content", got {value!r}')
 
 
 def load_tokenizer(model_dir) -> PromptTokenizer:
@@ -276,7 +297,7 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
     regular_file(tok_path, "tokenizer file", MAX_SIDE_FILE)
     try:
         tok = Tokenizer.from_file(str(tok_path))
-    except Exception as e:  # noqa: BLE001 - the Rust side raises a plain Exception for any parse error
+    except Exception as e:
         raise PatcherError(tok_path, f"cannot load tokenizer: {e}") from None
     # transformers ignores truncation/padding baked into tokenizer.json unless asked for them; so do we.
     tok.no_truncation()
@@ -301,24 +322,32 @@ def load_tokenizer(model_dir) -> PromptTokenizer:
     elif cfg.get("chat_template") is not None:
         source, template = cfg_path, cfg["chat_template"]
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            named = {t["name"]: t.get("template") for t in template
-                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
+            named = {
+                t["name"]: t.get("template")
+                for t in template
+                if isinstance(t, dict) and isinstance(t.get("name"), str)
+            }
             if "default" not in named:
-                raise PatcherError(cfg_path, f"chat_template has no template named \"default\" "
-                                             f"(names: {sorted(named)})")
+                raise PatcherError(
+                    cfg_path, f'chat_template has no template named "default" (names: {sorted(named)})'
+                )
             template = named["default"]
         if not isinstance(template, str):
-            raise PatcherError(cfg_path, "chat_template must be a string or a list of {name, template} "
-                               "objects")
+            raise PatcherError(
+                cfg_path, "chat_template must be a string or a list of {name, template} objects"
+            )
     return PromptTokenizer(tok, folder, specials, template, source, add_bos)
 
 
 def encode_prompts(tok: PromptTokenizer, prompts, chat_template: bool = True, system: str | None = None):
     """Token ids per prompt, as HF would feed them to the model."""
     if chat_template and not tok.has_chat_template:
-        raise PatcherError(tok.folder, "the tokenizer has no chat template (no chat_template.jinja and no "
-                                       "chat_template in tokenizer_config.json); pass --no-chat-template to "
-                                       "tokenize the raw prompts")
+        raise PatcherError(
+            tok.folder,
+            "the tokenizer has no chat template (no chat_template.jinja and no "
+            "chat_template in tokenizer_config.json); pass --no-chat-template to "
+            "tokenize the raw prompts",
+        )
     if chat_template:
         # apply_chat_template(tokenize=True) encodes the rendered text with add_special_tokens=False:
         # the template writes BOS itself when the model wants one; adding it again would double it.
@@ -341,8 +370,9 @@ def max_positions(config: dict) -> int | None:
     return None
 
 
-def check_lengths(token_lists, config: dict, where, extra: int = 0, heads: int | None = None,
-                  batch_size: int = 1) -> None:
+def check_lengths(
+    token_lists, config: dict, where, extra: int = 0, heads: int | None = None, batch_size: int = 1
+) -> None:
     """Refuse, before any work, prompts longer than the model's positions (plus `extra` tokens to
     generate), or whose attention scores would not fit ATTENTION_BUDGET (a 120k-token prompt)."""
     if not token_lists:
@@ -352,32 +382,42 @@ def check_lengths(token_lists, config: dict, where, extra: int = 0, heads: int |
     limit = max_positions(config)
     plus = f" + {extra} to generate" if extra else ""
     if limit is not None and n > limit:
-        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the "
-                           f"model "
-                                  f"takes at most {limit} positions (config.json max_position_embeddings)")
+        raise PatcherError(
+            where,
+            f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the "
+            f"model "
+            f"takes at most {limit} positions (config.json max_position_embeddings)",
+        )
     need = (heads or 1) * n * n * 4 * 3 * max(1, min(batch_size, len(token_lists)))
     if need > ATTENTION_BUDGET:
-        raise PatcherError(where, f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its "
-                           f"attention "
-                                  f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); "
-                                  f"use shorter "
-                                  "prompts or a smaller --batch-size")
+        raise PatcherError(
+            where,
+            f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its "
+            f"attention "
+            f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); "
+            f"use shorter "
+            "prompts or a smaller --batch-size",
+        )
 
 
 # --- prompt files ------------------------------------------------------------------------------------------
 
+
 def _prompt(obj, path: Path, at: str) -> str:
     if not isinstance(obj, dict) or "prompt" not in obj:
-        raise PatcherError(path, f"{at}: expected a JSON object with a \"prompt\" field")
+        raise PatcherError(path, f'{at}: expected a JSON object with a "prompt" field')
     if not isinstance(obj["prompt"], str):
-        raise PatcherError(path, f"{at}: \"prompt\" must be a string, got {type(obj['prompt']).__name__}")
+        raise PatcherError(path, f'{at}: "prompt" must be a string, got {type(obj["prompt"]).__name__}')
     if not obj["prompt"].strip():
-        raise PatcherError(path, f"{at}: \"prompt\" is empty")
+        raise PatcherError(path, f'{at}: "prompt" is empty')
     try:
         obj["prompt"].encode("utf-8")
     except UnicodeEncodeError as e:  # JSON "\ud800" decodes to a lone surrogate no tokenizer takes
-        raise PatcherError(path, f"{at}: \"prompt\" holds a lone surrogate ({obj['prompt'][e.start]!r} at "
-                                 f"character {e.start}): not valid Unicode") from None
+        raise PatcherError(
+            path,
+            f'{at}: "prompt" holds a lone surrogate ({obj["prompt"][e.start]!r} at '
+            f"character {e.start}): not valid Unicode",
+        ) from None
     return obj["prompt"]
 
 
@@ -387,15 +427,17 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".json"):
-        raise PatcherError(path, "unsupported prompt file type: use .txt (one prompt per line) or "
-                           ".jsonl/.json")
+        raise PatcherError(
+            path, "unsupported prompt file type: use .txt (one prompt per line) or .jsonl/.json"
+        )
     if limit is not None and limit < 1:
         raise PatcherError(path, f"the prompt limit must be at least 1, got {limit}")
     try:
         text = read_bytes(path, "prompt file").decode("utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as e:
-        raise PatcherError(path,
-                           f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
+        raise PatcherError(
+            path, f"prompt file is not UTF-8 text (byte {e.start}): re-save it as UTF-8"
+        ) from None
 
     # Split on "\n" only: str.splitlines() would also break prompts at \x0b, \x1c, \u2028 and the like.
     lines = [(n, line.rstrip()) for n, line in enumerate(text.split("\n"), 1)]
@@ -408,7 +450,7 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
         except (ValueError, RecursionError) as e:
             raise PatcherError(path, f"bad JSON: {e}") from None
         if not isinstance(items, list):
-            raise PatcherError(path, "expected a JSON array of {\"prompt\": ...} objects")
+            raise PatcherError(path, 'expected a JSON array of {"prompt": ...} objects')
         prompts = [_prompt(item, path, f"item {i}") for i, item in enumerate(items)]
     else:
         prompts = []
@@ -425,6 +467,7 @@ def read_prompt_file(path, limit: int | None = None) -> list[str]:
 
 # --- batching ----------------------------------------------------------------------------------------------
 
+
 def left_pad(batch_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad to the longest sequence, so every prompt's last token sits in the last column."""
     width = max((len(ids) for ids in batch_ids), default=0)
@@ -432,7 +475,6 @@ def left_pad(batch_ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros((len(batch_ids), width), dtype=np.int64)
     for row, ids in enumerate(batch_ids):
         if len(ids):
-            input_ids[row, width - len(ids):] = ids
-            mask[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = ids
+            mask[row, width - len(ids) :] = 1
     return input_ids, mask
-

@@ -16,14 +16,14 @@ import numpy as np
 import onnx_ir as ir
 
 from patcher import __version__
-from patcher.io import manifest
-from patcher.model import forward as fw
-from patcher.io.checkpoint import INDEX_NAME, Checkpoint
 from patcher.errors import PatcherError
+from patcher.io import manifest
+from patcher.io.checkpoint import INDEX_NAME, Checkpoint
+from patcher.io.writer import OutputFolder
+from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
 from patcher.onnx import storage
 from patcher.onnx.ops import Context, OnnxOps
-from patcher.io.writer import OutputFolder
 
 OPSET = 17
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
@@ -212,11 +212,12 @@ def export(
     made = {}
     if gguf is not None:  # config and tokenizer from its metadata (as `patcher convert` writes), read first
         from patcher.io.gguf_hf import side_files
+
         made = side_files(gguf)
     todo = [d for d in dtypes if d not in keep]
     with OutputFolder(out, [ck.path], force=force or bool(keep)) as tmp:
         (tmp / "onnx").mkdir()
-        for d, files in keep.items():  # hard links: adding a variant does not copy the others' bytes
+        for files in keep.values():  # hard links: adding a variant does not copy the others' bytes
             for f in files:
                 os.link(Path(out) / "onnx" / f, tmp / "onnx" / f)
         chunks = {d: files[1:] for d, files in keep.items()}
@@ -346,8 +347,9 @@ def _write_variant(
 def edit_basis(ck: Checkpoint, direction=None):
     """Q [d_model, k] of the directions an ablation removed from this checkpoint (from its provenance, or
     `direction` given explicitly), or None when it records no ablation."""
-    from patcher.edit.directions import load_direction
     from patcher_kernels.project import orthonormalize
+
+    from patcher.edit.directions import load_direction
 
     d_model = int(ck.config.get("hidden_size") or ck.config.get("n_embd") or 0) or None
     if direction is not None:
@@ -451,10 +453,15 @@ def check_graph(path: Path, source) -> None:
     """Shape- and type-check a written graph as onnxruntime does when it loads it (weights stay on
     disk): a config whose head_dim disagrees with the tensors exported fine and failed at load."""
     import onnx
+
     try:
-        onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), check_type=True,
-                                          strict_mode=True, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - onnx's InferenceError and ValidationError: one line
+        onnx.shape_inference.infer_shapes(
+            onnx.load(str(path), load_external_data=False), check_type=True, strict_mode=True, data_prop=True
+        )
+    except Exception as e:
         reason = str(e).replace("\n", " ")[:300]
-        raise PatcherError(source, f"the exported graph would not load ({reason}): the config and the "
-                                   "tensors disagree; nothing was written") from None
+        raise PatcherError(
+            source,
+            f"the exported graph would not load ({reason}): the config and the "
+            "tensors disagree; nothing was written",
+        ) from None

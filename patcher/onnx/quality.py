@@ -39,8 +39,11 @@ class Quality:
         bad = [
             f"{label} {shown}"
             for label, shown, ok in (
-                ("first-token KL", f"{self.first_token_kl:.3g} > {FIT['first_token_kl']:g}",
-                 self.first_token_kl <= FIT["first_token_kl"]),
+                (
+                    "first-token KL",
+                    f"{self.first_token_kl:.3g} > {FIT['first_token_kl']:g}",
+                    self.first_token_kl <= FIT["first_token_kl"],
+                ),
                 ("top-1", f"{self.top1:.1%} < {FIT['top1']:.0%}", self.top1 >= FIT["top1"]),
                 ("greedy", f"{self.greedy:.1%} < {FIT['greedy']:.0%}", self.greedy >= FIT["greedy"]),
             )
@@ -63,8 +66,9 @@ def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     return np.sum(np.exp(lp) * (lp - lq), axis=-1)
 
 
-def compare(reference, variant, prompt_ids: list[list[int]], tokens: int = QUALITY_TOKENS,
-            eos_ids=()) -> Quality:
+def compare(
+    reference, variant, prompt_ids: list[list[int]], tokens: int = QUALITY_TOKENS, eos_ids=()
+) -> Quality:
     """`variant` against `reference` (two runtime.OnnxModel), one prompt at a time."""
     kls, agree, positions, first, same, total = [], 0, 0, 0, 0, 0
     for row in prompt_ids:

@@ -34,7 +34,7 @@ class OnnxModel:
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
-        except Exception as e:  # noqa: BLE001 - ORT's own Fail/InvalidGraph: one line naming the file
+        except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise PatcherError(path, f"onnxruntime cannot load this model ({reason[:300]})") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -97,13 +97,17 @@ class OnnxModel:
         for step in range(max_new_tokens):
             last = logits[:, -1, :].astype(np.float64)
             if np.isnan(last[~done]).any():  # argmax of NaN is token 0: it "generated" nothing, exit 0
-                raise PatcherError(self.folder, f"the model's logits are NaN at generated token {step}: its "
-                                                "weights are not finite (or overflow in this dtype)")
+                raise PatcherError(
+                    self.folder,
+                    f"the model's logits are NaN at generated token {step}: its "
+                    "weights are not finite (or overflow in this dtype)",
+                )
             if sample:
                 last = last / max(temperature, 1e-6)
                 if top_k > last.shape[-1]:
-                    raise PatcherError("--top-k", f"must be <= the vocabulary size {last.shape[-1]}, got "
-                                       f"{top_k}")
+                    raise PatcherError(
+                        "--top-k", f"must be <= the vocabulary size {last.shape[-1]}, got {top_k}"
+                    )
                 if top_k:
                     kth = np.sort(last, axis=-1)[:, -top_k][:, None]
                     last = np.where(last < kth, -np.inf, last)

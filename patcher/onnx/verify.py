@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from patcher import __version__
-from patcher.model.execution import StreamedModel
+from patcher.errors import PatcherError
 from patcher.io.manifest import folder_identity
+from patcher.io.paths import read_json_object
+from patcher.model.execution import StreamedModel
+from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
 from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
 from patcher.onnx.quality import QUALITY_PROMPTS, QUALITY_TOKENS, Quality, compare, kl
 from patcher.onnx.runtime import OnnxModel
-from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
-from patcher.errors import PatcherError
-from patcher.io.paths import read_json_object
 
 NEUTRAL_PROMPTS = Path(__file__).parents[1] / "data" / "neutral_prompts.txt"
 # max |Δ logits| / max(1, max |logits|) allowed per export dtype, against the numpy forward of the weights
@@ -76,8 +76,9 @@ class Prompts:
         return left_pad([self.ids[i] for i in rows], self.tokenizer.pad_id)
 
 
-def load_prompts(folder: Path, prompts_file, chat_template=True, system=None, limit=None,
-                 extra: int = 0, model=None) -> Prompts:
+def load_prompts(
+    folder: Path, prompts_file, chat_template=True, system=None, limit=None, extra: int = 0, model=None
+) -> Prompts:
     """`model`: an opened Model whose tokenizer and config to use (a GGUF has no folder of its own)."""
     tok = model.tokenizer() if model is not None else load_tokenizer(folder)
     texts = read_prompt_file(prompts_file or NEUTRAL_PROMPTS, limit)
@@ -220,8 +221,9 @@ def _eos(folder: Path, tok) -> list[int]:
         e = data.get("eos_token_id")
         e = e if isinstance(e, list) else [e] if e is not None else []
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in e):
-            raise PatcherError(gen, f"eos_token_id must be a token id or a list of them, got "
-                               f"{data['eos_token_id']!r}")
+            raise PatcherError(
+                gen, f"eos_token_id must be a token id or a list of them, got {data['eos_token_id']!r}"
+            )
         ids |= set(e)
     return sorted(i for i in ids if i is not None)
 
@@ -318,11 +320,17 @@ def verify(
     rep.top1_agreement = agree / max(positions, 1)
     rep.generation_match = same / rep.tokens_compared if rep.tokens_compared else 0.0
     if dtype != "fp32" and quality_tokens:
-        qp = load_prompts(reference, prompts or QUALITY_PROMPTS, chat_template, extra=quality_tokens,
-                          model=exact.model)
+        qp = load_prompts(
+            reference, prompts or QUALITY_PROMPTS, chat_template, extra=quality_tokens, model=exact.model
+        )
         fp32_dir = onnx_dir if "fp32" in variants_in(onnx_dir) else cached_export(reference, "fp32", announce)
-        rep.quality = compare(OnnxModel(fp32_dir, variant_file(fp32_dir, "fp32"), provider), onnx_model,
-                              qp.ids, quality_tokens, _eos(reference, qp.tokenizer))
+        rep.quality = compare(
+            OnnxModel(fp32_dir, variant_file(fp32_dir, "fp32"), provider),
+            onnx_model,
+            qp.ids,
+            quality_tokens,
+            _eos(reference, qp.tokenizer),
+        )
     if stored and direction is not None:
         from patcher_kernels.project import orthonormalize
 
@@ -370,9 +378,11 @@ SHAPE = ("d_model", "n_layers", "n_heads", "n_kv", "head_dim")
 
 def same_model_shape(edited: StreamedModel, original: StreamedModel, where) -> None:
     """Refuse an --original that cannot be the edited model's base: its numbers would look plausible."""
-    pairs = {"model_type": (edited.model_type, original.model_type),
-             **{k: (getattr(edited.hp, k), getattr(original.hp, k)) for k in SHAPE},
-             "vocab_size": (edited.model.config.get("vocab_size"), original.model.config.get("vocab_size"))}
+    pairs = {
+        "model_type": (edited.model_type, original.model_type),
+        **{k: (getattr(edited.hp, k), getattr(original.hp, k)) for k in SHAPE},
+        "vocab_size": (edited.model.config.get("vocab_size"), original.model.config.get("vocab_size")),
+    }
     differ = [f"{k} {a} vs {b}" for k, (a, b) in pairs.items() if a != b]
     if differ:
         raise PatcherError(where, f"is not the edited model's original ({', '.join(differ)}: edited vs this)")

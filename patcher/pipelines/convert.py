@@ -11,6 +11,7 @@ GPT-2 Conv1D weights transposed, per-expert weights stacked into `_exps` tensors
 others the requested type (F32, F16, BF16, Q8_0; a matrix whose rows do not hold whole Q8_0 blocks is
 F16, as the converter does); tokenizer.json's byte-level BPE vocabulary as tokenizer.ggml.*.
 """
+
 import json
 import math
 import re
@@ -20,16 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from patcher_kernels.codecs import itemsize
+
 from patcher.errors import PatcherError
 from patcher.io import manifest
 from patcher.io.checkpoint import INDEX_NAME
 from patcher.io.gguf import CONFIG_KEYS, HFView, OutTensorGGUF, write_gguf
-from patcher.io.gguf_pretokenizers import PRE_TOKENIZERS, pre_tokenizer
-from patcher.io.gguf_hf import side_files
 from patcher.io.gguf_fields import INT32, encode, typed
-from patcher.io.writer import OutTensor, OutputFolder, write_safetensors
+from patcher.io.gguf_hf import side_files
+from patcher.io.gguf_pretokenizers import PRE_TOKENIZERS, pre_tokenizer
+from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
 from patcher.model.opened import Model
 
 # --dtype -> (safetensors dtype, config.json torch_dtype)
@@ -59,8 +60,11 @@ def target_format(model: Model, to: str | None) -> str:
     if to is not None and to.lower() not in ("hf", "gguf"):
         raise PatcherError("--to", f"must be hf or gguf, got {to!r}")
     if to is not None and to.lower() != other:
-        raise PatcherError("--to", f"the input is already {'GGUF' if model.is_gguf else 'HF safetensors'}; "
-                                   f"convert writes the other format ({other})")
+        raise PatcherError(
+            "--to",
+            f"the input is already {'GGUF' if model.is_gguf else 'HF safetensors'}; "
+            f"convert writes the other format ({other})",
+        )
     return other
 
 
@@ -82,8 +86,9 @@ def check_hf_dtype(dtype: str) -> tuple[str, str]:
     return HF_DTYPES[dtype]
 
 
-def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, command: str = "",
-          hash_files: bool = True) -> Converted:
+def to_hf(
+    model: Model, out, dtype: str = "bf16", *, force: bool = False, command: str = "", hash_files: bool = True
+) -> Converted:
     st_dtype, torch_dtype = check_hf_dtype(dtype)
     _check_name(out, "hf")
     t0 = time.perf_counter()
@@ -97,8 +102,12 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
         with OutputFolder(out, model.input_paths, force=force) as tmp:
             weight_map, total = {}, 0
             for fname, names in shards:
-                tensors = [OutTensor(n, st_dtype, view.info(n).shape,
-                                     produce=lambda n=n: _hf_blocks(view, n, st_dtype)) for n in names]
+                tensors = [
+                    OutTensor(
+                        n, st_dtype, view.info(n).shape, produce=lambda n=n: _hf_blocks(view, n, st_dtype)
+                    )
+                    for n in names
+                ]
                 sha = write_safetensors(tmp / fname, tensors, {"format": "pt"}, hash_out=hash_files)
                 if sha:
                     hasher.set("out/" + fname, sha)
@@ -107,18 +116,23 @@ def to_hf(model: Model, out, dtype: str = "bf16", *, force: bool = False, comman
                 weight_map.update(dict.fromkeys(names, fname))
                 total += sum(t.nbytes for t in tensors)
             if len(shards) > 1:
-                files[INDEX_NAME] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               indent=2) + "\n"
+                files[INDEX_NAME] = (
+                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+                )
             for name, text in files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
                 hasher.add("out/" + name, tmp / name)
             digests = hasher.results()
             seconds = time.perf_counter() - t0
-            manifest.write(tmp, kind="convert", command=command,
-                           record={"op": "convert", "from": "gguf", "to": "hf", "dtype": dtype},
-                           inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
-                           outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
-                           timings={"seconds": round(seconds, 3)})
+            manifest.write(
+                tmp,
+                kind="convert",
+                command=command,
+                record={"op": "convert", "from": "gguf", "to": "hf", "dtype": dtype},
+                inputs={k: v for k, v in digests.items() if not k.startswith("out/")},
+                outputs={k[4:]: v for k, v in digests.items() if k.startswith("out/")},
+                timings={"seconds": round(seconds, 3)},
+            )
     except BaseException:
         hasher.cancel()
         raise
@@ -150,18 +164,24 @@ def _hf_blocks(view: HFView, name: str, st_dtype: str) -> Iterator[np.ndarray]:
     """The tensor's values in the storage dtype; row blocks where the view reads rows independently
     (no q/k un-permutation, no transpose, not an expert slice)."""
     from patcher_kernels.codecs import encode as encode_values
+
     shape = view.info(name).shape
     gname, expert = view.map[name]
     layout = view.g.architecture.gguf_layout
-    row_local = (len(shape) == 2 and expert is None and not view._transposed(name, shape)
-                 and not (layout.rope_permuted and re.search(r"attn_[qk]\.", gname)))
+    row_local = (
+        len(shape) == 2
+        and expert is None
+        and not view._transposed(name, shape)
+        and not (layout.rope_permuted and re.search(r"attn_[qk]\.", gname))
+    )
     spans = _row_blocks(shape[0], math.prod(shape[1:])) if row_local else [(None, None)]
     for s, e in spans:
         v = view.array(name) if s is None else view.array(name, s, e)
         data = encode_values(np.asarray(v, dtype=np.float32), st_dtype)
         if st_dtype == "F16" and not np.isfinite(data).all():
-            raise PatcherError("--dtype", f"{name} holds values beyond fp16's range (±65504); "
-                                          "use --dtype bf16 or fp32")
+            raise PatcherError(
+                "--dtype", f"{name} holds values beyond fp16's range (±65504); use --dtype bf16 or fp32"
+            )
         yield data
     view.release(name)
 
@@ -179,14 +199,17 @@ def check_gguf_type(qtype: str) -> str:
 def to_gguf(model: Model, out, qtype: str = "F16", *, force: bool = False, command: str = "") -> Converted:
     from patcher.edit.gguf_apply import AtomicFile
     from patcher.io.paths import check_output
+
     qtype = check_gguf_type(qtype)
     _check_name(out, "gguf")
     path = check_output(out, model.input_paths, force=force, kind="file")
     t0 = time.perf_counter()
     layout = model.arch.gguf_layout
     if layout is None:
-        raise PatcherError(model.arch.source, f"model_type {model.model_type!r} has no [gguf] section: "
-                                              "its GGUF names are not known")
+        raise PatcherError(
+            model.arch.source,
+            f"model_type {model.model_type!r} has no [gguf] section: its GGUF names are not known",
+        )
     model.hp  # noqa: B018 - the hyperparameters llama.cpp needs, checked before any work
     notes: list[str] = []
     tensors = _gguf_tensors(model, layout.arch, qtype, notes)
@@ -207,6 +230,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 @dataclass
 class _Source:
     """One GGUF tensor made from HF tensors: a single one, or the per-expert ones stacked."""
+
     gguf: str
     hf: list[str]
     transposed: bool = False
@@ -214,6 +238,7 @@ class _Source:
 
 def _gguf_tensors(model: Model, arch: str, qtype: str, notes: list) -> list[OutTensorGGUF]:
     from gguf import MODEL_ARCH_NAMES, TensorNameMap
+
     arch_id = {v: k for k, v in MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_id is None:
         raise PatcherError(model.arch.source, f"the gguf package does not know architecture {arch!r}")
@@ -229,11 +254,13 @@ def _gguf_tensors(model: Model, arch: str, qtype: str, notes: list) -> list[OutT
             continue
         g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if g is None:
-            raise PatcherError(model.path, f"tensor {name!r} has no GGUF name for {arch} "
-                                           "(llama.cpp would not load it)")
+            raise PatcherError(
+                model.path, f"tensor {name!r} has no GGUF name for {arch} (llama.cpp would not load it)"
+            )
         shape = model.info(name).shape
-        sources[g] = _Source(g, [name], model.spec.conv1d and len(shape) == 2 and name.endswith(".weight")
-                             and ".h." in name)
+        sources[g] = _Source(
+            g, [name], model.spec.conv1d and len(shape) == 2 and name.endswith(".weight") and ".h." in name
+        )
     for base, by_e in experts.items():
         stem, suffix = base.rsplit(".", 1)
         g = tmap.get_name(stem)
@@ -254,22 +281,31 @@ def _gguf_tensors(model: Model, arch: str, qtype: str, notes: list) -> list[OutT
             fallback.append(src.gguf)
         out.append(_out_tensor(model, src, shape, t))
     if fallback:
-        notes.append(f"{len(fallback)} tensors written F16: their rows do not hold whole Q8_0 blocks "
-                     f"({', '.join(fallback[:4])}{' …' if len(fallback) > 4 else ''})")
+        notes.append(
+            f"{len(fallback)} tensors written F16: their rows do not hold whole Q8_0 blocks "
+            f"({', '.join(fallback[:4])}{' …' if len(fallback) > 4 else ''})"
+        )
     return out
 
 
 def _out_tensor(model: Model, src: _Source, shape: tuple, t: str) -> OutTensorGGUF:
     from gguf import GGMLQuantizationType
     from gguf.constants import GGML_QUANT_SIZES
+
     qt = GGMLQuantizationType[t]
     block, size = GGML_QUANT_SIZES[qt]
-    return OutTensorGGUF(src.gguf, int(qt), tuple(reversed(shape)), math.prod(shape) // block * size,
-                         produce=lambda: _gguf_blocks(model, src, qt))
+    return OutTensorGGUF(
+        src.gguf,
+        int(qt),
+        tuple(reversed(shape)),
+        math.prod(shape) // block * size,
+        produce=lambda: _gguf_blocks(model, src, qt),
+    )
 
 
 def _gguf_blocks(model: Model, src: _Source, qt) -> Iterator[np.ndarray]:
     from gguf.quants import quantize
+
     layout = model.arch.gguf_layout
     permute = layout.rope_permuted and re.search(r"attn_[qk]\.(weight|bias)$", src.gguf)
     shift = layout.norm_shift if src.gguf.endswith("norm.weight") else 0.0
@@ -300,22 +336,30 @@ def _gguf_metadata(model: Model, arch: str, qtype: str) -> list[bytes]:
         v = cfg.get(hf)
         if isinstance(v, (bool, int, float)):
             kv[key] = v
-    kv.update({
-        "context_length": g("max_position_embeddings", "n_positions", "n_ctx"),
-        "embedding_length": hp.d_model, "block_count": hp.n_layers,
-        "feed_forward_length": g("intermediate_size", "n_inner") or 4 * hp.d_model,
-        "attention.head_count": hp.n_heads, "attention.head_count_kv": hp.n_kv,
-        ("attention.layer_norm_epsilon" if spec.norm == "layer" else "attention.layer_norm_rms_epsilon"):
-            float(hp.eps),
-    })
+    kv.update(
+        {
+            "context_length": g("max_position_embeddings", "n_positions", "n_ctx"),
+            "embedding_length": hp.d_model,
+            "block_count": hp.n_layers,
+            "feed_forward_length": g("intermediate_size", "n_inner") or 4 * hp.d_model,
+            "attention.head_count": hp.n_heads,
+            "attention.head_count_kv": hp.n_kv,
+            (
+                "attention.layer_norm_epsilon" if spec.norm == "layer" else "attention.layer_norm_rms_epsilon"
+            ): float(hp.eps),
+        }
+    )
     if "head_dim" in cfg:
         kv["attention.key_length"] = kv["attention.value_length"] = hp.head_dim
     if hp.ropes:
         rope = next(iter(hp.ropes.values()))
         kv["rope.freq_base"], kv["rope.dimension_count"] = float(rope.theta), rope.dim
-    fields = [encode("general.architecture", arch),
-              encode("general.name", Path(str(model.source)).name or "model"),
-              encode("general.file_type", GGUF_TYPES[qtype]), encode("general.quantization_version", 2)]
+    fields = [
+        encode("general.architecture", arch),
+        encode("general.name", Path(str(model.source)).name or "model"),
+        encode("general.file_type", GGUF_TYPES[qtype]),
+        encode("general.quantization_version", 2),
+    ]
     for key, v in kv.items():
         if v is None:
             continue
@@ -328,28 +372,42 @@ def _vocab_fields(model: Model) -> list[bytes]:
     template. The pre-tokenizer is named by behaviour: the llama.cpp name whose split of a probe text
     (contractions, digits, spaces, symbols) equals tokenizer.json's own."""
     from patcher.model.prompts import load_tokenizer as load_hf
+
     tok = load_hf(model.folder)
     spec = json.loads(tok.tokenizer.to_str())
     bpe = spec.get("model") or {}
     if bpe.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise PatcherError(model.folder / "tokenizer.json", "convert to GGUF reads byte-level BPE "
-                           "vocabularies (GPT-2 style) only; this tokenizer is "
-                           f"{bpe.get('type')} with a {(spec.get('decoder') or {}).get('type')} decoder")
+        raise PatcherError(
+            model.folder / "tokenizer.json",
+            "convert to GGUF reads byte-level BPE "
+            "vocabularies (GPT-2 style) only; this tokenizer is "
+            f"{bpe.get('type')} with a {(spec.get('decoder') or {}).get('type')} decoder",
+        )
     vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
     tokens = [""] * (max(vocab.values()) + 1)
     for t, i in vocab.items():
         tokens[i] = t
     if "" in tokens:
-        raise PatcherError(model.folder / "tokenizer.json",
-                           "token ids have gaps; GGUF needs one token per id")
+        raise PatcherError(
+            model.folder / "tokenizer.json", "token ids have gaps; GGUF needs one token per id"
+        )
     added = {a["content"]: a for a in spec.get("added_tokens") or []}
     types = [(3 if added[t].get("special") else 4) if t in added else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges") or []]
     pre = _pre_tokenizer_name(tok.tokenizer, model.folder / "tokenizer.json")
-    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-          "tokenizer.ggml.token_type": typed(types, INT32), "tokenizer.ggml.merges": merges}
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"),
-                      ("unk_token", "unknown")):
+    md = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": typed(types, INT32),
+        "tokenizer.ggml.merges": merges,
+    }
+    for name, key in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("pad_token", "padding"),
+        ("unk_token", "unknown"),
+    ):
         i = tok._id(name)
         if i is not None:
             md[f"tokenizer.ggml.{key}_token_id"] = i
@@ -369,8 +427,11 @@ def _pre_tokenizer_name(tokenizer, where) -> str:
     for name in PRE_TOKENIZERS:
         if _split(tokenizer.normalizer, pre_tokenizer(name, where)) == want:
             return name
-    raise PatcherError(where, "its pre-tokenizer splits text like none of the llama.cpp pre-tokenizers "
-                              f"patcher knows ({', '.join(sorted(PRE_TOKENIZERS))})")
+    raise PatcherError(
+        where,
+        "its pre-tokenizer splits text like none of the llama.cpp pre-tokenizers "
+        f"patcher knows ({', '.join(sorted(PRE_TOKENIZERS))})",
+    )
 
 
 def _split(normalizer, pre) -> list[str]:

@@ -5,6 +5,7 @@ The demo model is tiny-llama with a known unit vector v added to the embeddings 
 few neutral marker words ("sea", "robot", ...); the bundled prompt sets end in a marker word or in a
 neutral word. A working pipeline recovers v, removes it everywhere, and proves both.
 """
+
 import shlex
 import shutil
 import tempfile
@@ -21,14 +22,19 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def bundled() -> dict:
-    paths = {"model": DEMO / "model",
-             "positive": DEMO / "positive.txt",
-             "negative": DEMO / "negative.txt",
-             "planted": DEMO / "planted-direction.npy"}
+    paths = {
+        "model": DEMO / "model",
+        "positive": DEMO / "positive.txt",
+        "negative": DEMO / "negative.txt",
+        "planted": DEMO / "planted-direction.npy",
+    }
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
-        raise PatcherError(missing[0], "bundled demo data missing from this installation of patcher "
-                                       "(reinstall it; in a checkout: python scripts/make_fixtures.py)")
+        raise PatcherError(
+            missing[0],
+            "bundled demo data missing from this installation of patcher "
+            "(reinstall it; in a checkout: python scripts/make_fixtures.py)",
+        )
     return paths
 
 
@@ -36,6 +42,7 @@ def run(out: Path | None = None, step=None) -> dict:
     """Run every stage; `step(name, seconds, facts)` is called after each. Returns all facts."""
     from patcher.io import manifest
     from patcher.io.paths import check_output
+
     data = bundled()
     if out is not None:  # a new or empty folder, or a previous demo's (it has patcher-manifest.json)
         check_output(out, list(data.values()), resume=True, option="--out")
@@ -70,14 +77,15 @@ def next_commands(out: Path) -> list[str]:
 
 def _run(out: Path, data: dict, step) -> dict:
     from patcher.edit.apply import execute
-    from patcher.model.opened import Model
     from patcher.edit.directions import load_direction
-    from patcher.edit.plan import plan_ablation, plan_injection
     from patcher.edit.extract import extract
-    from patcher.onnx.export import export
-    from patcher.model.execution import StreamedModel
-    from patcher.onnx.verify import load_prompts, projections, verify
+    from patcher.edit.plan import plan_ablation, plan_injection
     from patcher.io.paths import check_output
+    from patcher.model.execution import StreamedModel
+    from patcher.model.opened import Model
+    from patcher.onnx.export import export
+    from patcher.onnx.verify import load_prompts, projections, verify
+
     planted = data["planted"]
     v = np.load(planted).astype(np.float64)
     facts = {"out": str(out), "next": next_commands(out)}
@@ -99,9 +107,14 @@ def _run(out: Path, data: dict, step) -> dict:
         check_output(out / "directions.safetensors", list(data.values()), kind="file", replace_ok=True)
         r.save(out / "directions.safetensors")
         d = r.direction[r.selected_layer]
-        return {"selected_layer": r.selected_layer, "layers": len(r.scores),
-                "cosine_with_planted": float(abs(d @ v) / np.linalg.norm(d)),
-                "snr": r.scores[r.selected_layer]["snr"], "file": str(out / "directions.safetensors")}
+        return {
+            "selected_layer": r.selected_layer,
+            "layers": len(r.scores),
+            "cosine_with_planted": float(abs(d @ v) / np.linalg.norm(d)),
+            "snr": r.scores[r.selected_layer]["snr"],
+            "file": str(out / "directions.safetensors"),
+        }
+
     ex = timed("extract", do_extract)
     spec = f"{out / 'directions.safetensors'}:{ex['selected_layer']}"
 
@@ -115,19 +128,29 @@ def _run(out: Path, data: dict, step) -> dict:
     def do_ablate():
         plan, rep = edit("ablate", data["model"], out / "ablated")
         return {"tensors": len(plan.edits), "leakage": rep.overall_leakage(), "folder": str(out / "ablated")}
+
     timed("ablate", do_ablate)
 
     def do_inject():
-        plan, _ = edit("inject", out / "ablated", out / "ablated-injected", layer=1, alpha=4.0,
-                       target="mlp_out")
-        return {"layer": 1, "alpha": 4.0, "bias": plan.record["bias"], "hf_loads": plan.record["hf_loads"],
-                "config": plan.config_updates, "folder": str(out / "ablated-injected")}
+        plan, _ = edit(
+            "inject", out / "ablated", out / "ablated-injected", layer=1, alpha=4.0, target="mlp_out"
+        )
+        return {
+            "layer": 1,
+            "alpha": 4.0,
+            "bias": plan.record["bias"],
+            "hf_loads": plan.record["hf_loads"],
+            "config": plan.config_updates,
+            "folder": str(out / "ablated-injected"),
+        }
+
     timed("inject", do_inject)
 
     def do_export():
         export(out / "ablated-injected", out / "onnx", force=True)
         files = sorted(str(p.relative_to(out / "onnx")) for p in (out / "onnx").rglob("*") if p.is_file())
         return {"folder": str(out / "onnx"), "files": files}
+
     timed("export", do_export)
 
     def do_verify():
@@ -135,18 +158,33 @@ def _run(out: Path, data: dict, step) -> dict:
         # the ablation alone, measured against the planted v on the positive prompts
         p = load_prompts(data["model"], data["positive"], chat_template=False)
         ids, mask = p.batch()
-        proj = projections(StreamedModel(Model.open(out / "ablated")),
-                           StreamedModel(Model.open(data["model"])),
-                           ids, mask, load_direction(str(planted), 64))
-        return {"parity_max_abs": rep.max_abs_diff, "parity_ok": rep.parity_ok, "top1": rep.top1_agreement,
-                "greedy_match": rep.generation_match, "projections": proj}
+        proj = projections(
+            StreamedModel(Model.open(out / "ablated")),
+            StreamedModel(Model.open(data["model"])),
+            ids,
+            mask,
+            load_direction(str(planted), 64),
+        )
+        return {
+            "parity_max_abs": rep.max_abs_diff,
+            "parity_ok": rep.parity_ok,
+            "top1": rep.top1_agreement,
+            "greedy_match": rep.generation_match,
+            "projections": proj,
+        }
+
     timed("verify", do_verify)
 
     def do_diff():
         from patcher.edit.diff import diff
+
         a = diff(data["model"], out / "ablated", direction=load_direction(str(planted), 64))
         b = diff(out / "ablated", out / "ablated-injected", direction=load_direction(str(planted), 64))
-        return {"original_vs_ablated": a["verdict"], "ablated_vs_injected": b["verdict"],
-                "recovered_cosine": a.get("direction_cosine")}
+        return {
+            "original_vs_ablated": a["verdict"],
+            "ablated_vs_injected": b["verdict"],
+            "recovered_cosine": a.get("direction_cosine"),
+        }
+
     timed("diff", do_diff)
     return facts

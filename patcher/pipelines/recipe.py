@@ -19,6 +19,7 @@ before any work, resumable, and parallel across models.
 Each step's input is the previous step's output model (the original for the first); the last
 extract's directions feed ablate/inject; export packs the latest model; verify checks that export.
 """
+
 import json
 import math
 import os
@@ -30,24 +31,50 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher.io.jsonsafe import dumps
 from patcher.errors import PatcherError
+from patcher.io.jsonsafe import dumps
 
 STEP_KEYS = {
-    "extract": {"positive", "negative", "positions", "batch_size", "max_prompts", "layers", "chat_template",
-                "system",
-                "project_out_negative_mean", "output"},
-    "ablate": {"direction", "directions", "layers", "targets", "scale", "strength", "norm_preserve",
-               "untie_embeddings", "output"},
+    "extract": {
+        "positive",
+        "negative",
+        "positions",
+        "batch_size",
+        "max_prompts",
+        "layers",
+        "chat_template",
+        "system",
+        "project_out_negative_mean",
+        "output",
+    },
+    "ablate": {
+        "direction",
+        "directions",
+        "layers",
+        "targets",
+        "scale",
+        "strength",
+        "norm_preserve",
+        "untie_embeddings",
+        "output",
+    },
     "inject": {"direction", "layer", "alpha", "target", "output"},
     "export": {"dtype", "output"},
     "verify": {"prompts", "direction", "tokens", "dtype"},
 }
 MODEL_KEYS = {"name", "path", "output", "arch_table"}
-KERNELS = {"constant": {"value"}, "linear": {"start", "end"}, "gaussian": {"center", "width", "peak"},
-           "peak": {"peak", "center", "min", "width"}}  # peak: linear falloff to min at width, 0 beyond
-DEFAULT_OUTPUT = {"extract": "directions.safetensors", "ablate": "ablated", "inject": "injected",
-                  "export": "onnx"}
+KERNELS = {
+    "constant": {"value"},
+    "linear": {"start", "end"},
+    "gaussian": {"center", "width", "peak"},
+    "peak": {"peak", "center", "min", "width"},
+}  # peak: linear falloff to min at width, 0 beyond
+DEFAULT_OUTPUT = {
+    "extract": "directions.safetensors",
+    "ablate": "ablated",
+    "inject": "injected",
+    "export": "onnx",
+}
 
 
 @dataclass
@@ -78,8 +105,9 @@ class Recipe:
 
 def _lines(text: str, header: str) -> list[int]:
     """1-based line of each `[[header]]` table, so problems can point into the file."""
-    return [i + 1 for i, line in enumerate(text.splitlines()) if re.match(rf"\s*\[\[\s*{header}\s*\]\]",
-                                                                          line)]
+    return [
+        i + 1 for i, line in enumerate(text.splitlines()) if re.match(rf"\s*\[\[\s*{header}\s*\]\]", line)
+    ]
 
 
 def _key_line(text: str, start: int | None, key: str) -> int | None:
@@ -101,19 +129,22 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
 
     def num(v, what="scale", key="scale"):
         return float(V.number(v, key, f"{where}: {what}"))
+
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return {l: num(spec) for l in range(n_layers)}
     if isinstance(spec, list):
         if len(spec) != n_layers:
-            raise PatcherError(where, f"strength list must have {n_layers} numbers (one per layer), got "
-                               f"{len(spec)}")
+            raise PatcherError(
+                where, f"strength list must have {n_layers} numbers (one per layer), got {len(spec)}"
+            )
         return {l: num(v, f"strength[{l}]") for l, v in enumerate(spec)}
     if isinstance(spec, dict) and spec.get("kernel") in KERNELS:
         k = spec["kernel"]
         extra = set(spec) - KERNELS[k] - {"kernel"}
         if extra:
-            raise PatcherError(where,
-                               f"strength kernel {k!r} takes {sorted(KERNELS[k])}, not {sorted(extra)}")
+            raise PatcherError(
+                where, f"strength kernel {k!r} takes {sorted(KERNELS[k])}, not {sorted(extra)}"
+            )
         if k == "constant":
             return {l: num(spec.get("value", 1.0), "value") for l in range(n_layers)}
         if k == "linear":
@@ -126,14 +157,17 @@ def strengths(spec, n_layers: int, where: str) -> dict[int, float]:
         p = num(spec.get("peak", 1.0), "peak")
         if k == "peak":
             from patcher.edit.plan import peak_kernel
+
             return peak_kernel(n_layers, p, c, num(spec.get("min", 0.0), "min"), w)
         return {l: p * math.exp(-((l - c) ** 2) / (2 * w * w)) for l in range(n_layers)}
-    raise PatcherError(where, "strength is a number, a list per layer, or "
-                       "{kernel = constant|linear|gaussian, ...}")
+    raise PatcherError(
+        where, "strength is a number, a list per layer, or {kernel = constant|linear|gaussian, ...}"
+    )
 
 
 def load(path) -> Recipe:
     from patcher.io.paths import read_text
+
     path = Path(path)
     try:
         text = read_text(path, "recipe")
@@ -143,8 +177,11 @@ def load(path) -> Recipe:
     problems = []
     unknown = set(data) - {"model", "step"}
     if unknown:
-        problems.append(Problem(1, f"unknown top-level keys {sorted(unknown)}; a recipe has [[model]] and "
-                                f"[[step]] tables"))
+        problems.append(
+            Problem(
+                1, f"unknown top-level keys {sorted(unknown)}; a recipe has [[model]] and [[step]] tables"
+            )
+        )
     model_lines, step_lines = _lines(text, "model"), _lines(text, "step")
     models = data.get("model") or []
     if not isinstance(models, list) or not models:
@@ -156,8 +193,9 @@ def load(path) -> Recipe:
             problems.append(Problem(line, "model: expected a [[model]] table"))
             continue
         for k in set(m) - MODEL_KEYS:
-            problems.append(Problem(_key_line(text, line, k), f"model: unknown key {k!r} (allowed: "
-                                    f"{sorted(MODEL_KEYS)})"))
+            problems.append(
+                Problem(_key_line(text, line, k), f"model: unknown key {k!r} (allowed: {sorted(MODEL_KEYS)})")
+            )
         for k in ("path", "output"):
             if not isinstance(m.get(k), str):
                 problems.append(Problem(line, f"model: {k!r} (a path) is required"))
@@ -175,12 +213,17 @@ def load(path) -> Recipe:
             continue
         op = s.get("op")
         if op not in STEP_KEYS:
-            problems.append(Problem(_key_line(text, line, "op"), f"step {i + 1}: op must be one of "
-                                    f"{sorted(STEP_KEYS)}"))
+            problems.append(
+                Problem(_key_line(text, line, "op"), f"step {i + 1}: op must be one of {sorted(STEP_KEYS)}")
+            )
             continue
         for k in set(s) - STEP_KEYS[op] - {"op"}:
-            problems.append(Problem(_key_line(text, line, k), f"step {i + 1} ({op}): unknown key {k!r} "
-                                                               f"(allowed: {sorted(STEP_KEYS[op])})"))
+            problems.append(
+                Problem(
+                    _key_line(text, line, k),
+                    f"step {i + 1} ({op}): unknown key {k!r} (allowed: {sorted(STEP_KEYS[op])})",
+                )
+            )
         steps.append(Step(i + 1, op, {k: v for k, v in s.items() if k != "op"}, line))
     if not steps:
         problems.append(Problem(None, "no [[step]] tables"))
@@ -188,6 +231,7 @@ def load(path) -> Recipe:
 
 
 # --- validation against the models ------------------------------------------------------------------
+
 
 @dataclass
 class Action:
@@ -218,6 +262,7 @@ def _resolve_path(base: Path, value) -> Path:
 def _model_path(base: Path, value: str) -> Path:
     """A model `path`: relative to the recipe's folder, or a hub repo id resolved from the local cache."""
     from patcher.io.hub import locate, parse_repo_id
+
     local = _resolve_path(base, value)
     if local.exists() or parse_repo_id(value) is None:
         return local
@@ -232,6 +277,7 @@ def _direction_specs(opts: dict) -> list[str]:
 
 def _inside(target: Path, folder: Path) -> bool:
     import os
+
     t, f = Path(os.path.realpath(target)), Path(os.path.realpath(folder))
     return f in t.parents
 
@@ -239,8 +285,10 @@ def _inside(target: Path, folder: Path) -> bool:
 def _layers_check(op):
     def check(v, L, key):
         from patcher.validate import parse_layers
+
         parse_layers(v, L + 1 if op == "extract" else L, key)
         return str(v)
+
     return check
 
 
@@ -249,19 +297,31 @@ def _checks():
     CLI)."""
     from patcher import validate as V
     from patcher.model.architectures import ROLES
+
     num = lambda name: lambda v, L, k: V.number(v, name, k)  # noqa: E731
     flag = lambda v, L, k: V.flag(v, k)  # noqa: E731
     dtype = lambda v, L, k: V.choice(v, ("fp32", "fp16", "int4"), k)  # noqa: E731
     return {
-        "extract": {"positions": lambda v, L, k: V.positions(v, k), "batch_size": num("batch_size"),
-                    "max_prompts": num("max_prompts"), "layers": _layers_check("extract"),
-                    "chat_template": flag,
-                    "system": lambda v, L, k: V.text(v, k), "project_out_negative_mean": flag},
-        "ablate": {"layers": _layers_check("ablate"), "targets": lambda v, L, k: list(V.choices(v, ROLES, k)),
-                   "norm_preserve": lambda v, L, k: V.choice(v, ("rows", "cols"), k),
-                   "untie_embeddings": flag},
-        "inject": {"layer": lambda v, L, k: V.layer_index(v, L, k), "alpha": num("alpha"),
-                   "target": lambda v, L, k: V.choice(v, ("mlp_out", "attn_out"), k)},
+        "extract": {
+            "positions": lambda v, L, k: V.positions(v, k),
+            "batch_size": num("batch_size"),
+            "max_prompts": num("max_prompts"),
+            "layers": _layers_check("extract"),
+            "chat_template": flag,
+            "system": lambda v, L, k: V.text(v, k),
+            "project_out_negative_mean": flag,
+        },
+        "ablate": {
+            "layers": _layers_check("ablate"),
+            "targets": lambda v, L, k: list(V.choices(v, ROLES, k)),
+            "norm_preserve": lambda v, L, k: V.choice(v, ("rows", "cols"), k),
+            "untie_embeddings": flag,
+        },
+        "inject": {
+            "layer": lambda v, L, k: V.layer_index(v, L, k),
+            "alpha": num("alpha"),
+            "target": lambda v, L, k: V.choice(v, ("mlp_out", "attn_out"), k),
+        },
         "export": {"dtype": dtype},
         "verify": {"tokens": num("tokens"), "dtype": dtype},
     }
@@ -269,15 +329,20 @@ def _checks():
 
 def validate(recipe: Recipe) -> list[ModelPlan]:
     """Check everything that can be checked before work; raise one error listing every problem."""
-    from patcher.model.opened import Model
     from patcher.edit.directions import check_independent, load_direction
     from patcher.io.paths import check_output, regular_file
+    from patcher.model.opened import Model
+
     checks = _checks()
     base = recipe.path.parent
     problems = list(recipe.problems)
     plans = []
-    inputs = [recipe.path] + [_resolve_path(base, m[k]) for m in recipe.models for k in ("path", "arch_table")
-                              if isinstance(m.get(k), str)]
+    inputs = [recipe.path] + [
+        _resolve_path(base, m[k])
+        for m in recipe.models
+        for k in ("path", "arch_table")
+        if isinstance(m.get(k), str)
+    ]
     for m in recipe.models:
         line = m.get("_line")
         if not isinstance(m.get("path"), str) or not isinstance(m.get("output"), str):
@@ -297,12 +362,17 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
         L, d = res.n_layers, res.d_model
         actions, current, last_directions = [], path, None
         for st in recipe.steps:
-            o, where = dict(st.options), lambda k, st=st: _key_line(recipe.text, st.line, k)  # noqa: E731
+            o, where = dict(st.options), lambda k, st=st: _key_line(recipe.text, st.line, k)
             default = DEFAULT_OUTPUT.get(st.op, "")
 
             def problem(key, e, st=st):
-                problems.append(Problem(where(key) if key else st.line, f"step {st.index} ({st.op}): "
-                                        + (f"{key}: " if key else "") + e.problem))
+                problems.append(
+                    Problem(
+                        where(key) if key else st.line,
+                        f"step {st.index} ({st.op}): " + (f"{key}: " if key else "") + e.problem,
+                    )
+                )
+
             name = o.pop("output", None)
             if name is not None and (not isinstance(name, str) or not name.strip()):
                 problem("output", PatcherError("output", f"must be a file or folder name, got {name!r}"))
@@ -332,16 +402,20 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     if not isinstance(spec, str):
                         problem("direction", PatcherError("direction", f"must be a file name, got {spec!r}"))
                         continue
-                    file_part, _, layer_part = spec.rpartition(":") if re.search(r"\.safetensors:-?\d+$",
-                                                                                 spec) \
-                        else (spec, "", "")
+                    file_part, _, layer_part = (
+                        spec.rpartition(":") if re.search(r"\.safetensors:-?\d+$", spec) else (spec, "", "")
+                    )
                     full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
                     inputs.append(_resolve_path(base, file_part))
                     try:
                         loaded.append(load_direction(full, d, L).vectors)
                     except PatcherError as e:
-                        problems.append(Problem(where("direction" if "direction" in o else "directions"),
-                                                f"step {st.index}: {e}"))
+                        problems.append(
+                            Problem(
+                                where("direction" if "direction" in o else "directions"),
+                                f"step {st.index}: {e}",
+                            )
+                        )
                     resolved_specs.append(full)
                 if len(loaded) > 1:  # together they must still span len(...) dimensions
                     try:
@@ -350,9 +424,14 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                         problem("directions", e)
                 if not specs and st.op != "verify":
                     if last_directions is None:
-                        problems.append(Problem(st.line, f"step {st.index} ({st.op}): no direction given "
-                                                f"and no "
-                                                         "extract step before it"))
+                        problems.append(
+                            Problem(
+                                st.line,
+                                f"step {st.index} ({st.op}): no direction given "
+                                f"and no "
+                                "extract step before it",
+                            )
+                        )
                     else:
                         resolved_specs = [str(last_directions)]
                 o["directions"] = resolved_specs
@@ -372,8 +451,12 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                     spec = o.pop("strength", o.pop("scale", 1.0))
                     o["strengths"] = strengths(spec, L, f"step {st.index}")
                 except PatcherError as e:
-                    problems.append(Problem(where("strength"), e.problem if e.problem.startswith("step")
-                                            else f"{e.where}: {e.problem}"))
+                    problems.append(
+                        Problem(
+                            where("strength"),
+                            e.problem if e.problem.startswith("step") else f"{e.where}: {e.problem}",
+                        )
+                    )
             if st.op == "extract":
                 for k in ("positive", "negative"):
                     if k not in o:
@@ -406,9 +489,14 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
         for a in plan.actions:
             key = os.path.realpath(a.output)
             if key in seen:
-                problems.append(Problem(a.step.line, f"step {a.step.index}: writes {a.output}, as step "
-                                        f"{seen[key]} "
-                                                     "does; give each step its own output"))
+                problems.append(
+                    Problem(
+                        a.step.line,
+                        f"step {a.step.index}: writes {a.output}, as step "
+                        f"{seen[key]} "
+                        "does; give each step its own output",
+                    )
+                )
             seen[key] = a.step.index
     if problems:
         e = PatcherError(recipe.path, f"{len(problems)} problem(s):\n  " + "\n  ".join(map(str, problems)))
@@ -424,14 +512,24 @@ def _fingerprints(plan: ModelPlan) -> None:
     import hashlib
 
     from patcher import __version__
-    from patcher.io.manifest import folder_identity
-    from patcher.io.manifest import sha256_file
+    from patcher.io.manifest import folder_identity, sha256_file
+
     model, directions, export = folder_identity(plan.path), None, None
     table = sha256_file(plan.arch_table) if plan.arch_table else None
     for a in plan.actions:
-        blob = json.dumps({"op": a.op, "options": a.options, "model": model, "directions": directions,
-                           "export": export, "v": __version__, "arch_table": table}, sort_keys=True,
-                           default=str)
+        blob = json.dumps(
+            {
+                "op": a.op,
+                "options": a.options,
+                "model": model,
+                "directions": directions,
+                "export": export,
+                "v": __version__,
+                "arch_table": table,
+            },
+            sort_keys=True,
+            default=str,
+        )
         a.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         if a.op in ("ablate", "inject"):
             model = a.fingerprint
@@ -443,34 +541,52 @@ def _fingerprints(plan: ModelPlan) -> None:
 
 # --- dry run and execution ---------------------------------------------------------------------------
 
+
 def describe(plans: list[ModelPlan]) -> list[dict]:
     """The whole plan, for --dry-run: per action its input, output, and (for edits) every tensor."""
-    from patcher.model.opened import Model
     from patcher.edit.directions import Direction
     from patcher.edit.plan import parse_layers, plan_ablation, plan_injection
+    from patcher.model.opened import Model
+
     rows = []
     for plan in plans:
         for a in plan.actions:
-            row = {"model": plan.name, "step": a.step.index, "op": a.op, "input": str(a.input),
-                   "output": str(a.output),
-                   "tensors": [], "bytes": 0}
+            row = {
+                "model": plan.name,
+                "step": a.step.index,
+                "op": a.op,
+                "input": str(a.input),
+                "output": str(a.output),
+                "tensors": [],
+                "bytes": 0,
+            }
             if a.op in ("ablate", "inject"):
                 # later steps: described on the original layout
                 src = a.input if a.input.exists() else plan.path
                 with Model.open(src, plan.arch_table) as ck:
                     k = max(len(a.options.get("directions") or []), 1)
-                    d = Direction(np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned",
-                                  None, "")
-                    p = (plan_ablation(ck, d, layers=parse_layers(a.options.get("layers"), plan.n_layers),
-                                       roles=tuple(a.options.get("targets") or ("embed", "attn_out",
-                                                                                "mlp_out")),
-                                       scale=a.options["strengths"], preserve=a.options.get("norm_preserve"),
-                                       untie=bool(a.options.get("untie_embeddings")))
-                         if a.op == "ablate" else
-                         plan_injection(ck, Direction(d.vectors[:1], "planned", None, ""),
-                                        layer=a.options["layer"],
-                                        alpha=float(a.options["alpha"]), target=a.options.get("target",
-                                                                                              "mlp_out")))
+                    d = Direction(
+                        np.random.default_rng(0).standard_normal((k, plan.d_model)), "planned", None, ""
+                    )
+                    p = (
+                        plan_ablation(
+                            ck,
+                            d,
+                            layers=parse_layers(a.options.get("layers"), plan.n_layers),
+                            roles=tuple(a.options.get("targets") or ("embed", "attn_out", "mlp_out")),
+                            scale=a.options["strengths"],
+                            preserve=a.options.get("norm_preserve"),
+                            untie=bool(a.options.get("untie_embeddings")),
+                        )
+                        if a.op == "ablate"
+                        else plan_injection(
+                            ck,
+                            Direction(d.vectors[:1], "planned", None, ""),
+                            layer=a.options["layer"],
+                            alpha=float(a.options["alpha"]),
+                            target=a.options.get("target", "mlp_out"),
+                        )
+                    )
                     row["tensors"] = [(e.name, e.formula, e.nbytes) for e in p.all()]
                     row["bytes"] = p.bytes_edited
             rows.append(row)
@@ -479,6 +595,7 @@ def describe(plans: list[ModelPlan]) -> list[dict]:
 
 def _directions(specs: list[str], d_model: int):
     from patcher.edit.directions import Direction, digest, load_direction
+
     loaded = [load_direction(s, d_model) for s in specs]
     if len(loaded) == 1:
         return loaded[0]
@@ -488,86 +605,138 @@ def _directions(specs: list[str], d_model: int):
 
 def _manifest_path(a: Action) -> Path:
     from patcher.io import manifest
+
     return a.output if a.output.suffix == "" else a.output.with_name(a.output.name + "." + manifest.MANIFEST)
 
 
 def is_done(a: Action) -> bool:
     from patcher.io import manifest
+
     if a.output.suffix == "":
         return manifest.is_complete(a.output, a.fingerprint)
     side = _manifest_path(a)
     data = manifest.read_file(side)
-    return bool(data and (data.get("recipe") or {}).get("fingerprint") == a.fingerprint and a.output.is_file()
-                and manifest.sha256_file(a.output) == data["outputs"].get(a.output.name))
+    return bool(
+        data
+        and (data.get("recipe") or {}).get("fingerprint") == a.fingerprint
+        and a.output.is_file()
+        and manifest.sha256_file(a.output) == data["outputs"].get(a.output.name)
+    )
 
 
 def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
     """Execute one action (its output is written atomically); returns a one-line summary."""
     import time
 
-    from patcher.io import manifest
     from patcher.edit.apply import execute
-    from patcher.model.opened import Model
     from patcher.edit.plan import parse_layers, plan_ablation, plan_injection
+    from patcher.io import manifest
     from patcher.io.paths import check_output
+    from patcher.model.opened import Model
+
     info = {"file": recipe_file, "step": a.step.index, "fingerprint": a.fingerprint, "model": plan.name}
     t0 = time.perf_counter()
     o = a.options
     if a.output.suffix:  # a file step: a previous run's file is replaced, anything else is refused
-        check_output(a.output, [plan.path], kind="file", replace_ok=True,
-                     option=f"step {a.step.index} output")
+        check_output(
+            a.output, [plan.path], kind="file", replace_ok=True, option=f"step {a.step.index} output"
+        )
     if a.op == "extract":
         from patcher.edit.extract import extract
-        r = extract(a.input, o["positive"], o["negative"], positions=tuple(o.get("positions", [-1])),
-                    batch_size=int(o.get("batch_size", 8)), max_prompts=o.get("max_prompts"),
-                    layers=o.get("layers"),
-                    chat_template=bool(o.get("chat_template", True)), system=o.get("system"),
-                    project_out_negative_mean=bool(o.get("project_out_negative_mean", False)),
-                    arch_table=plan.arch_table)
+
+        r = extract(
+            a.input,
+            o["positive"],
+            o["negative"],
+            positions=tuple(o.get("positions", [-1])),
+            batch_size=int(o.get("batch_size", 8)),
+            max_prompts=o.get("max_prompts"),
+            layers=o.get("layers"),
+            chat_template=bool(o.get("chat_template", True)),
+            system=o.get("system"),
+            project_out_negative_mean=bool(o.get("project_out_negative_mean", False)),
+            arch_table=plan.arch_table,
+        )
         a.output.parent.mkdir(parents=True, exist_ok=True)
         r.save(a.output)
-        manifest.write_file(_manifest_path(a), kind="extract", command=None, recipe=info,
-                            inputs={p.name: manifest.sha256_file(p) for p in (o["positive"], o["negative"])},
-                            outputs={a.output.name: manifest.sha256_file(a.output)},
-                            timings={"seconds": round(time.perf_counter() - t0, 3)})
+        manifest.write_file(
+            _manifest_path(a),
+            kind="extract",
+            command=None,
+            recipe=info,
+            inputs={p.name: manifest.sha256_file(p) for p in (o["positive"], o["negative"])},
+            outputs={a.output.name: manifest.sha256_file(a.output)},
+            timings={"seconds": round(time.perf_counter() - t0, 3)},
+        )
         return f"selected layer {r.selected_layer}"
     if a.op in ("ablate", "inject"):
         with Model.open(a.input, plan.arch_table) as ck:
             res = ck.resolved
             d = _directions(o["directions"], res.d_model)
             if a.op == "ablate":
-                p = plan_ablation(ck, d, layers=parse_layers(o.get("layers"), res.n_layers),
-                                  roles=tuple(o.get("targets") or ("embed", "attn_out", "mlp_out")),
-                                  scale=o["strengths"], preserve=o.get("norm_preserve"),
-                                  untie=bool(o.get("untie_embeddings")))
+                p = plan_ablation(
+                    ck,
+                    d,
+                    layers=parse_layers(o.get("layers"), res.n_layers),
+                    roles=tuple(o.get("targets") or ("embed", "attn_out", "mlp_out")),
+                    scale=o["strengths"],
+                    preserve=o.get("norm_preserve"),
+                    untie=bool(o.get("untie_embeddings")),
+                )
             else:
-                p = plan_injection(ck, d, layer=int(o["layer"]), alpha=float(o["alpha"]),
-                                   target=o.get("target", "mlp_out"))
+                p = plan_injection(
+                    ck, d, layer=int(o["layer"]), alpha=float(o["alpha"]), target=o.get("target", "mlp_out")
+                )
             rep = execute(p, a.output, force=True, command=None, recipe=info)
-        return f"{len(p.edits)} edited, {len(p.new)} added" + (f", leakage {rep.overall_leakage():.2e}"
-                                                               if rep.leakage else "")
+        return f"{len(p.edits)} edited, {len(p.new)} added" + (
+            f", leakage {rep.overall_leakage():.2e}" if rep.leakage else ""
+        )
     if a.op == "export":
         from patcher.onnx.export import export
-        export(a.input, a.output, dtype=o.get("dtype", "fp32"), force=True, recipe=info,
-               arch_table=plan.arch_table)
+
+        export(
+            a.input,
+            a.output,
+            dtype=o.get("dtype", "fp32"),
+            force=True,
+            recipe=info,
+            arch_table=plan.arch_table,
+        )
         return f"{o.get('dtype', 'fp32')} export"
     if a.op == "verify":
         from patcher.edit.directions import load_direction
         from patcher.onnx.verify import verify
+
         d = load_direction(o["directions"][0], plan.d_model) if o.get("directions") else None
-        rep = verify(a.input, o["reference"], dtype=o.get("dtype", "fp32"), prompts=o.get("prompts"),
-                     direction=d,
-                     tokens=int(o.get("tokens", 8)), arch_table=plan.arch_table)
+        rep = verify(
+            a.input,
+            o["reference"],
+            dtype=o.get("dtype", "fp32"),
+            prompts=o.get("prompts"),
+            direction=d,
+            tokens=int(o.get("tokens", 8)),
+            arch_table=plan.arch_table,
+        )
         from patcher.io.atomic import atomic_file
+
         with atomic_file(a.output) as tmp:
             tmp.write_text(dumps(rep.as_dict(), indent=2) + "\n")
         if not rep.parity_ok:  # the report stays for reading, but the step is not recorded complete
             _manifest_path(a).unlink(missing_ok=True)
-            raise PatcherError(a.output, f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g} (report "
-                               f"kept here; "
-                                         "the step is not marked complete and runs again next time)")
-        manifest.write_file(_manifest_path(a), kind="verify", command=None, recipe=info, inputs={},
-                            outputs={a.output.name: manifest.sha256_file(a.output)})
+            raise PatcherError(
+                a.output,
+                f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g} (report "
+                f"kept here; "
+                "the step is not marked complete and runs again next time)",
+            )
+        manifest.write_file(
+            _manifest_path(a),
+            kind="verify",
+            command=None,
+            recipe=info,
+            inputs={},
+            outputs={a.output.name: manifest.sha256_file(a.output)},
+        )
         return f"parity {rep.max_abs_diff:.2e}, greedy match {rep.generation_match:.0%}"
     raise AssertionError(a.op)
 
@@ -575,12 +744,18 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
 def run_model(plan: ModelPlan, recipe_file: str) -> list[tuple[int, str, str]]:
     """All actions of one model, in order, skipping those already complete (by manifest)."""
     from patcher.io import manifest
+
     plan.output.mkdir(parents=True, exist_ok=True)
     # marks the folder as patcher's: a re-run resumes in it
     if not (plan.output / manifest.MANIFEST).is_file():
-        manifest.write(plan.output, kind="recipe", command=None, recipe={"file": recipe_file,
-                                                                         "model": plan.name},
-                       inputs={}, outputs={})
+        manifest.write(
+            plan.output,
+            kind="recipe",
+            command=None,
+            recipe={"file": recipe_file, "model": plan.name},
+            inputs={},
+            outputs={},
+        )
     done = []
     for a in plan.actions:
         if is_done(a):
@@ -600,6 +775,7 @@ def run(plans: list[ModelPlan], recipe_file: str, jobs: int = 1, on_done=None) -
                 on_done(plan.name, results[plan.name])
         return results
     import multiprocessing
+
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {plan.name: pool.submit(run_model, plan, recipe_file) for plan in plans}
         for name, fut in futures.items():

@@ -237,6 +237,6 @@ class EditOps(NumpyOps):
                 kb[:, :, :n], vb[:, :, :n] = entry[0][:, :, :n], entry[1][:, :, :n]
             entry = [kb, vb, n]
         kb, vb, n = entry
-        kb[:, :, n:n + T], vb[:, :, n:n + T] = k, v
+        kb[:, :, n : n + T], vb[:, :, n : n + T] = k, v
         self.cache[layer] = (kb, vb, n + T)
-        return kb[:, :, :n + T], vb[:, :, :n + T]
+        return kb[:, :, : n + T], vb[:, :, : n + T]

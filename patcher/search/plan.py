@@ -22,6 +22,7 @@ def build_plan(
 ) -> Plan:
     """Merge one plan_ablation per (role, layer) group (each group has its own direction and strength)."""
     from patcher.model.opened import as_model
+
     ck = as_model(ck).resolved_as(resolved)  # one Model: the FP8 rule and input paths come with it
     plan = Plan(ck, resolved)
     for (role, layer), (vector, strength) in spec.groups.items():

@@ -94,5 +94,6 @@ def write_plot(path: Path, points, front, title: str, extra=None) -> None:
     if path.suffix != ".svg":
         raise PatcherError(path, "the search plot is written as .svg")
     from patcher.io.atomic import atomic_file
+
     with atomic_file(path) as tmp:
         tmp.write_text(svg(points, front, title, extra), encoding="utf-8")

@@ -13,12 +13,12 @@ from patcher.io.checkpoint import Checkpoint
 from patcher.io.manifest import folder_identity, sha256_file
 from patcher.model.architectures import Resolved
 from patcher.model.execution import StreamedModel
+from patcher.model.opened import Model
 from patcher.model.prompts import encode_prompts, read_prompt_file
 from patcher.search import space as sp
 from patcher.search import study as st
 from patcher.search.objectives import Evaluator, Result, load_markers
 from patcher.search.plan import build_plan
-from patcher.model.opened import Model
 
 ENGINES = ("numpy", "onnx")
 DEFAULT_ENGINE = "numpy"
@@ -256,8 +256,11 @@ def plan_from_study(
             dpath, "this directions file is not the one the study searched with (sha256 differs)"
         )
     if folder_identity(ck.folder) != attrs.get("model_identity"):  # trials were measured on that model
-        raise PatcherError(ck.folder, f"is not the model this study searched ({attrs.get('model')}; path, "
-                                      "file sizes or times differ): run `patcher search` on this model")
+        raise PatcherError(
+            ck.folder,
+            f"is not the model this study searched ({attrs.get('model')}; path, "
+            "file sizes or times differ): run `patcher search` on this model",
+        )
     table, _ = load_table(dpath, resolved.n_layers, resolved.d_model)
     spec = sp.edit_spec(params, table, resolved.n_layers, dpath)
     values = next(t.values for t in st.completed(study) if t.number == number)

@@ -285,10 +285,13 @@ def edit_spec(params: dict, table: np.ndarray, n_layers: int, where="directions"
         g = blended(units, idx)
         vec = lambda _layer: (g, idx)  # noqa: E731
     else:
-        vec = lambda layer: (
-            units[0 if layer is None else layer + 1],
-            float(0 if layer is None else layer + 1),
-        )  # noqa: E731
+
+        def vec(layer):
+            return (
+                units[0 if layer is None else layer + 1],
+                float(0 if layer is None else layer + 1),
+            )
+
     groups, rows = {}, {}
     for c, per_layer in strengths(params, n_layers).items():
         for l, s in per_layer.items():

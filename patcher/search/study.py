@@ -30,6 +30,7 @@ def _optuna():
 def storage_url(path: Path, read_only: bool = False) -> str:
     if read_only:  # optuna creates its tables in any SQLite file it opens: not in one we only read
         from urllib.parse import quote
+
         return f"sqlite:///file:{quote(str(Path(path).resolve()))}?mode=ro&uri=true"
     return f"sqlite:///{Path(path).resolve()}"
 
@@ -41,6 +42,7 @@ def _constraints(trial):
 def check_study_file(path: Path, create: bool = True) -> None:
     """Before any work: an existing study file must be an SQLite database (a new one is created)."""
     from patcher.io.paths import regular_file
+
     path = Path(path)
     if not os.path.lexists(path):
         if not create:
@@ -65,12 +67,18 @@ def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60,
     )
     try:
         if create:
-            study = optuna.create_study(storage=storage_url(path), study_name=STUDY_NAME, load_if_exists=True,
-                                        directions=["minimize", "minimize"], sampler=sampler)
+            study = optuna.create_study(
+                storage=storage_url(path),
+                study_name=STUDY_NAME,
+                load_if_exists=True,
+                directions=["minimize", "minimize"],
+                sampler=sampler,
+            )
         else:  # only read: optuna would create its tables (and a study) in any SQLite file it opens
-            study = optuna.load_study(storage=storage_url(path, read_only=True), study_name=STUDY_NAME,
-                                      sampler=sampler)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign SQLite file: say so in one line
+            study = optuna.load_study(
+                storage=storage_url(path, read_only=True), study_name=STUDY_NAME, sampler=sampler
+            )
+    except Exception as e:
         cause = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error in SQL and a URL
         raise PatcherError(path, f"cannot open the study ({str(cause).splitlines()[0][:200]})") from None
     if attrs is not None:

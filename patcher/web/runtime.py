@@ -114,8 +114,12 @@ def cached(fetch: bool = True, say=None) -> Runtime:
             raise PatcherError(folder, "the pinned browser runtime is not cached")
         fetch_runtime(folder, say)
     dirs = _layout(folder)
-    return Runtime(pinned().transformers_version, pinned().ort_version,
-                   dirs[TRANSFORMERS_PKG] / "dist", dirs[ORT_PKG] / "dist")
+    return Runtime(
+        pinned().transformers_version,
+        pinned().ort_version,
+        dirs[TRANSFORMERS_PKG] / "dist",
+        dirs[ORT_PKG] / "dist",
+    )
 
 
 def _npm() -> str:
@@ -148,23 +152,40 @@ def fetch_runtime(folder: Path, say=None) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     specs = [f"{pkg}@{pin.version}" for pkg, pin in PINS.items()]
     if say:
-        say(f"fetching the pinned browser runtime ({', '.join(specs)}, ~35 MB) from the npm registry "
-            f"into {folder} (once)")
+        say(
+            f"fetching the pinned browser runtime ({', '.join(specs)}, ~35 MB) from the npm registry "
+            f"into {folder} (once)"
+        )
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder.parent) as tmp:
         tmp = Path(tmp)
-        cmd = [npm, "pack", *specs, "--ignore-scripts", "--json", "--pack-destination", str(tmp),
-               "--cache", str(tmp / "npm-cache"), "--no-audit", "--no-fund", "--loglevel=error"]
+        cmd = [
+            npm,
+            "pack",
+            *specs,
+            "--ignore-scripts",
+            "--json",
+            "--pack-destination",
+            str(tmp),
+            "--cache",
+            str(tmp / "npm-cache"),
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if r.returncode != 0:
-            raise PatcherError("npm pack", f"could not fetch {' '.join(specs)}: {_npm_error(r)} "
-                                           "(--js DIST or --cdn need no download)")
+            raise PatcherError(
+                "npm pack",
+                f"could not fetch {' '.join(specs)}: {_npm_error(r)} (--js DIST or --cdn need no download)",
+            )
         packed = {p["name"]: tmp / p["filename"] for p in json.loads(r.stdout)}
         stage = tmp / "runtime"
         for pkg, dst in _layout(stage).items():
             tgz, pin = packed.get(pkg), PINS[pkg]
             if tgz is None or _sri(tgz) != pin.integrity:
-                raise PatcherError(tgz or pkg,
-                                   f"{pkg}@{pin.version}: not the pinned tarball (sha512 differs)")
+                raise PatcherError(
+                    tgz or pkg, f"{pkg}@{pin.version}: not the pinned tarball (sha512 differs)"
+                )
             with tarfile.open(tgz) as tar:
                 for f in pin.files:
                     member = tar.extractfile(f"package/{f}")
@@ -189,8 +210,9 @@ def from_js(js: Path) -> Runtime:
     pkg_json = dist.parent / "package.json"
     hint = "pass the dist/ folder of an npm install of @huggingface/transformers, or leave --js out"
     if not (dist / TRANSFORMERS_MODULE).is_file() or not pkg_json.is_file():
-        raise PatcherError(js, f"no transformers.js build at {dist} ({TRANSFORMERS_MODULE} and "
-                               f"../package.json); {hint}")
+        raise PatcherError(
+            js, f"no transformers.js build at {dist} ({TRANSFORMERS_MODULE} and ../package.json); {hint}"
+        )
     pkg = read_json_object(pkg_json)
     want = ((pkg.get("dependencies") or {}).get(ORT_PKG) or "").lstrip("^~=")
     if pkg.get("name") != TRANSFORMERS_PKG or not want:
@@ -198,11 +220,17 @@ def from_js(js: Path) -> Runtime:
     modules = dist.parent.parent.parent if dist.parent.parent.name.startswith("@") else dist.parent.parent
     for cand in (dist.parent / "node_modules" / ORT_PKG, modules / ORT_PKG):
         meta = cand / "package.json"
-        if (meta.is_file() and read_json_object(meta).get("version") == want
-                and all((cand / "dist" / f).is_file() for f in WASM_FILES)):
+        if (
+            meta.is_file()
+            and read_json_object(meta).get("version") == want
+            and all((cand / "dist" / f).is_file() for f in WASM_FILES)
+        ):
             return Runtime(pkg["version"], want, dist, cand / "dist")
-    raise PatcherError(dist, f"transformers.js {pkg['version']} needs {ORT_PKG} {want} "
-                             f"({', '.join(WASM_FILES[:2])}) and it is not installed beside it; {hint}")
+    raise PatcherError(
+        dist,
+        f"transformers.js {pkg['version']} needs {ORT_PKG} {want} "
+        f"({', '.join(WASM_FILES[:2])}) and it is not installed beside it; {hint}",
+    )
 
 
 def find(js: Path | None, cdn: bool, say=None) -> Runtime:

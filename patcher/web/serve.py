@@ -69,7 +69,7 @@ class Server:
         try:
             self.httpd = _HTTPServer((host, port), handler)
         except OSError as e:
-            raise PatcherError(f"{host}:{port}", f"cannot listen: {e.strerror or e}")
+            raise PatcherError(f"{host}:{port}", f"cannot listen: {e.strerror or e}") from None
         self.httpd.log = log
         self.thread = None
 

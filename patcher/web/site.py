@@ -19,7 +19,8 @@ from patcher.io import manifest
 from patcher.io.paths import read_json_object
 from patcher.io.writer import OutputFolder
 from patcher.onnx.export import DEVICE_DEFAULTS, TJS_DTYPE
-from patcher.web.runtime import TRANSFORMERS_MODULE, WASM_FILES, find as find_runtime
+from patcher.web.runtime import TRANSFORMERS_MODULE, WASM_FILES
+from patcher.web.runtime import find as find_runtime
 
 ASSETS = Path(__file__).parent / "assets"
 SITE_FILES = ("index.html", "app.js", "worker.js", "style.css", "favicon.svg")
@@ -79,10 +80,13 @@ def _check_weights(onnx_dir: Path, main: str) -> None:
     """Every weight the graph keeps in external data is there in full: a missing or truncated data file
     would only fail in the visitor's browser, after the whole site was copied."""
     import onnx
+
     try:
         graph = onnx.load(str(onnx_dir / main), load_external_data=False).graph
-    except Exception as e:  # noqa: BLE001 — protobuf's errors have no common base
-        raise PatcherError(onnx_dir / main, f"not a readable ONNX file ({type(e).__name__}): re-export it")
+    except Exception as e:
+        raise PatcherError(
+            onnx_dir / main, f"not a readable ONNX file ({type(e).__name__}): re-export it"
+        ) from None
     sizes = {}
     for t in graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -90,13 +94,17 @@ def _check_weights(onnx_dir: Path, main: str) -> None:
         info = {e.key: e.value for e in t.external_data}
         where = onnx_dir / info.get("location", "")
         if where.parent != onnx_dir or not where.is_file():
-            raise PatcherError(onnx_dir / main, f"weight {t.name} lives in {info.get('location')!r}, which is "
-                                                f"missing from {onnx_dir}: re-export it")
+            raise PatcherError(
+                onnx_dir / main,
+                f"weight {t.name} lives in {info.get('location')!r}, which is "
+                f"missing from {onnx_dir}: re-export it",
+            )
         size = sizes.setdefault(where.name, where.stat().st_size)
         end = int(info.get("offset", 0)) + int(info.get("length", 0))
         if end > size:
-            raise PatcherError(where, f"truncated: weight {t.name} ends at byte {end}, the file has {size}; "
-                                      f"re-export it")
+            raise PatcherError(
+                where, f"truncated: weight {t.name} ends at byte {end}, the file has {size}; re-export it"
+            )
 
 
 def _web_config(export: Path, variants: dict) -> dict:
@@ -112,8 +120,9 @@ def _web_config(export: Path, variants: dict) -> dict:
         tjs["dtype"] = "q4" if "q4" in variants else ("fp32" if "fp32" in variants else next(iter(variants)))
     wasm = (tjs.get("device_config") or {}).get("wasm") or {}
     if "dtype" not in wasm:  # an export that predates the measured per-device choice: WASM_ORDER
-        fast = [d for d in WASM_ORDER
-                if d in variants and not (d == "q8" and _has_nbits(export, variants[d][0]))]
+        fast = [
+            d for d in WASM_ORDER if d in variants and not (d == "q8" and _has_nbits(export, variants[d][0]))
+        ]
         if fast:
             tjs["device_config"] = {**(tjs.get("device_config") or {}), "wasm": {**wasm, "dtype": fast[0]}}
     cfg["transformers.js_config"] = tjs
@@ -128,6 +137,7 @@ WASM_ORDER = tuple(TJS_DTYPE[d] for d in DEVICE_DEFAULTS["wasm"])
 def _has_nbits(export: Path, file: str) -> bool:
     """True for an int8 file made of 8-bit MatMulNBits (older exports): the slowest layout on WASM."""
     import onnx
+
     graph = onnx.load(str(export / "onnx" / file), load_external_data=False).graph
     return any(n.op_type == "MatMulNBits" for n in graph.node)
 
@@ -176,9 +186,11 @@ def _add_model(tmp: Path, name: str, export: Path, label: str | None = None) -> 
         "path": f"models/{name}",
         "variants": list(variants),
         "default_dtype": cfg["transformers.js_config"].get("dtype"),
-        "device_dtype": {dev: c.get("dtype") for dev, c in
-                         (cfg["transformers.js_config"].get("device_config") or {}).items()
-                         if c.get("dtype")},
+        "device_dtype": {
+            dev: c.get("dtype")
+            for dev, c in (cfg["transformers.js_config"].get("device_config") or {}).items()
+            if c.get("dtype")
+        },
         "bytes": size,
         "provenance": prov,
     }

@@ -3,17 +3,18 @@ plain numpy from the published descriptions (scripts/audit_forks.py, not patcher
 model and clean-but-changed controls show no sign; every fork kind is found, with its direction (per
 layer for per-layer forks) and its layers. One audit per test (~10-30 s). README "Auditing without a
 base" has the full confusion table (scripts/audit_confusion.py)."""
+
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, unit
+
 from patcher.edit.audit import audit
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from audit_forks import Fork, make_fork  # noqa: E402
+from audit_forks import Fork, make_fork
 
 pytestmark = pytest.mark.real
 

@@ -5,13 +5,13 @@ package.
 
 Small on purpose (a few prompts, few tokens, one export and one ablation shared by the tests): the tier
 runs in every `python -m pytest` and in .ci/run."""
+
 import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
 from conftest import run_cli, unit
+from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.real
 torch = pytest.importorskip("torch")
@@ -19,13 +19,24 @@ transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
 
 # two topics the model tells apart: their difference in means is a real, strong direction
-POSITIVE = ["How do I bake bread at home?", "What is a good recipe for pancakes?",
-            "How long should I boil an egg?", "What spices go well with roasted chicken?"]
-NEGATIVE = ["What is the derivative of x squared?", "How do I solve a quadratic equation?",
-            "What is the sum of the first ten primes?", "Explain what a matrix determinant is."]
+POSITIVE = [
+    "How do I bake bread at home?",
+    "What is a good recipe for pancakes?",
+    "How long should I boil an egg?",
+    "What spices go well with roasted chicken?",
+]
+NEGATIVE = [
+    "What is the derivative of x squared?",
+    "How do I solve a quadratic equation?",
+    "What is the sum of the first ten primes?",
+    "Explain what a matrix determinant is.",
+]
 # chat prompts whose tokenization exercises the pre-tokenizer: digit runs, contractions, punctuation, spaces
-CHAT = ["What is the capital of France?", "Write 1234567 and 89 in words, don't abbreviate!",
-        "  Two  spaces,\nnew line\tand tab: ok?"]
+CHAT = [
+    "What is the capital of France?",
+    "Write 1234567 and 89 in words, don't abbreviate!",
+    "  Two  spaces,\nnew line\tand tab: ok?",
+]
 LAYER = 20  # where ablate / inject / diff take the extracted direction
 
 
@@ -38,8 +49,9 @@ def hf(real_model):
 
 
 def chat_ids(tok, prompt: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -48,7 +60,8 @@ def hidden(model, ids) -> list[np.ndarray]:
     norm), then the last block's output."""
     captured = []
     hook = model.model.layers[-1].register_forward_hook(
-        lambda _m, _a, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        lambda _m, _a, o: captured.append(o[0] if isinstance(o, tuple) else o)
+    )
     try:
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
@@ -91,8 +104,16 @@ def prompt_files(tmp_path_factory):
 def directions(real_model, prompt_files, tmp_path_factory):
     """`patcher extract` on the GGUF as shipped."""
     out = tmp_path_factory.mktemp("extract") / "d.safetensors"
-    run_cli("extract", real_model.gguf, "--positive", prompt_files / "pos.txt", "--negative",
-            prompt_files / "neg.txt", "-o", out)
+    run_cli(
+        "extract",
+        real_model.gguf,
+        "--positive",
+        prompt_files / "pos.txt",
+        "--negative",
+        prompt_files / "neg.txt",
+        "-o",
+        out,
+    )
     return out
 
 
@@ -108,8 +129,11 @@ def test_inspect_gguf_and_conversion(real_model):
     info = json.loads(run_cli("inspect", real_model.gguf, "--json").output)
     assert (info["format"], info["layers"], info["d_model"], info["vocab"]) == ("gguf", 30, 576, 49152)
     assert info["tied_embeddings"] and info["chat_template"] and info["tokenizer"] == "gpt2"
-    assert info["quant_types_per_role"] == {"embed": {"Q8_0": 1}, "attn_out": {"Q4_1": 30},
-                                            "mlp_out": {"Q4_1": 30}}
+    assert info["quant_types_per_role"] == {
+        "embed": {"Q8_0": 1},
+        "attn_out": {"Q4_1": 30},
+        "mlp_out": {"Q4_1": 30},
+    }
     info = json.loads(run_cli("inspect", real_model.hf, "--json").output)
     assert (info["model_type"], info["layers"], info["d_model"]) == ("llama", 30, 576)
     assert set(info["dtypes"]) == {"BF16"} and info["manifest"]["kind"] == "convert"
@@ -120,6 +144,7 @@ def test_every_tokenizer_agrees(real_model, hf):
     transformers on the converted folder, and by patcher on the GGUF and on the folder: the same ids."""
     from patcher.io.gguf import GGUFFile
     from patcher.model.prompts import load_tokenizer
+
     tok, _ = hf
     llm = llama_cpp.Llama(str(real_model.gguf), vocab_only=True, verbose=False)
     with GGUFFile(real_model.gguf) as g:
@@ -127,8 +152,9 @@ def test_every_tokenizer_agrees(real_model, hf):
         ours_hf = load_tokenizer(real_model.hf)
         for prompt in CHAT:
             text = ours_gguf.render(prompt)
-            assert text == tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                                   add_generation_prompt=True, tokenize=False)
+            assert text == tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
             want = llm.tokenize(text.encode(), add_bos=False, special=True)
             assert ours_gguf.encode(text) == want, prompt
             assert ours_hf.encode(text) == want, prompt
@@ -140,6 +166,7 @@ def test_conversion_gives_llama_cpps_logits(real_model, hf):
     """HF transformers on the bf16 folder against llama.cpp on the F16 GGUF made from it (the same
     values), on the Q4_1 GGUF as shipped, and on llama.cpp's own K-quants of it."""
     from gguf import GGUFReader
+
     tok, model = hf
     ids = chat_ids(tok, CHAT[0])
     ref = hf_logits(model, ids)
@@ -151,8 +178,11 @@ def test_conversion_gives_llama_cpps_logits(real_model, hf):
     # Q4_1 0.005 / 97 %, Q6_K 0.03-0.04 / 86-94 %, Q4_K_M 0.11-0.12 / 81-89 % (K-quants of the Q4_1
     # values re-round an already 4-bit grid; d_model 576 is no multiple of 256, so llama.cpp falls back
     # to Q5_0/Q8_0 for most matrices)
-    bounds = {"shipped Q4_1": (real_model.gguf, 0.02, 0.9), "Q6_K": (real_model.kquants["Q6_K"], 0.1, 0.8),
-              "Q4_K_M": (real_model.kquants["Q4_K_M"], 0.25, 0.75)}
+    bounds = {
+        "shipped Q4_1": (real_model.gguf, 0.02, 0.9),
+        "Q6_K": (real_model.kquants["Q6_K"], 0.1, 0.8),
+        "Q4_K_M": (real_model.kquants["Q4_K_M"], 0.25, 0.75),
+    }
     for name, (path, kl, top1) in bounds.items():
         got = llama_logits(path, ids)
         assert mean_kl(ref, got) <= kl, name
@@ -165,6 +195,7 @@ def test_conversion_gives_llama_cpps_logits(real_model, hf):
 def test_convert_round_trip_is_exact(real_model, tmp_path):
     """bf16 folder -> GGUF F32 -> fp32 folder: every tensor, the tokenizer and the config come back."""
     from patcher.model.prompts import load_tokenizer
+
     run_cli("convert", real_model.hf, "-o", tmp_path / "f32.gguf", "--type", "F32")
     run_cli("convert", tmp_path / "f32.gguf", "-o", tmp_path / "back", "--dtype", "fp32")
     a = load_file(real_model.hf / "model.safetensors")
@@ -176,8 +207,9 @@ def test_convert_round_trip_is_exact(real_model, tmp_path):
     for prompt in CHAT:
         assert ta.encode(ta.render(prompt)) == tb.encode(tb.render(prompt))
     ca, cb = (json.loads((p / "config.json").read_text()) for p in (real_model.hf, tmp_path / "back"))
-    assert {k: v for k, v in ca.items() if k != "torch_dtype"} == {k: v for k, v in cb.items()
-                                                                    if k != "torch_dtype"}
+    assert {k: v for k, v in ca.items() if k != "torch_dtype"} == {
+        k: v for k, v in cb.items() if k != "torch_dtype"
+    }
 
 
 def test_extract_on_the_gguf_agrees_with_hf(real_model, hf, directions):
@@ -186,8 +218,9 @@ def test_extract_on_the_gguf_agrees_with_hf(real_model, hf, directions):
     tok, model = hf
     means = []
     for prompts in (POSITIVE, NEGATIVE):
-        means.append(np.mean([np.stack([h[-1] for h in hidden(model, chat_ids(tok, p))]) for p in prompts],
-                             axis=0))
+        means.append(
+            np.mean([np.stack([h[-1] for h in hidden(model, chat_ids(tok, p))]) for p in prompts], axis=0)
+        )
     want = means[0] - means[1]
     got = load_file(directions)["direction"].astype(np.float64)
     assert got.shape == want.shape == (31, 576)
@@ -204,7 +237,7 @@ def test_ablated_conversion_carries_no_direction(real_model, hf, directions, abl
     tok, model = hf
     edited = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = chat_ids(tok, POSITIVE[0])
-    for l, (h0, h) in enumerate(zip(hidden(model, ids), hidden(edited, ids))):
+    for l, h in enumerate(hidden(edited, ids)):
         ratio = np.abs(h @ r) / np.linalg.norm(h, axis=-1)
         assert ratio.max() <= 2e-2, f"resid_pre[{l}]: |r·h|/|h| = {ratio.max():.3g}"
     h0 = hidden(model, ids)[LAYER]
@@ -216,9 +249,20 @@ def test_ablate_the_gguf_keeps_the_ablation_in_its_blocks(real_model, directions
     r̂'s component (orthogonal rounding), llama.cpp runs the file, diff reads it as a rank-1 ablation."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
     out = tmp_path / "ablated.gguf"
-    run_cli("ablate", real_model.gguf, "-d", f"{directions}:{LAYER}", "-o", out, "--layers", "18-21",
-            "--targets", "attn_out,mlp_out")
+    run_cli(
+        "ablate",
+        real_model.gguf,
+        "-d",
+        f"{directions}:{LAYER}",
+        "-o",
+        out,
+        "--layers",
+        "18-21",
+        "--targets",
+        "attn_out,mlp_out",
+    )
     r = unit(load_file(directions)["direction"][LAYER])
     before = {t.name: t for t in GGUFReader(real_model.gguf).tensors}
     after = {t.name: t for t in GGUFReader(out).tensors}
@@ -232,8 +276,9 @@ def test_ablate_the_gguf_keeps_the_ablation_in_its_blocks(real_model, directions
     assert bytes(before[untouched].data) == bytes(after[untouched].data)
     ids = llama_cpp.Llama(str(out), vocab_only=True, verbose=False).tokenize(b"Hello there", add_bos=False)
     assert np.isfinite(llama_logits(out, ids)).all()
-    rep = json.loads(run_cli("diff", real_model.gguf, out, "--json", "-d", f"{directions}:{LAYER}",
-                             expect=1).stdout)  # the quantized edit still reads as a rank-1 ablation
+    rep = json.loads(
+        run_cli("diff", real_model.gguf, out, "--json", "-d", f"{directions}:{LAYER}", expect=1).stdout
+    )  # the quantized edit still reads as a rank-1 ablation
     assert rep["counts"]["changed"] == 8 and "rank-1" in rep["verdict"]
     # measured 0.917: Q4_1 re-rounding (4.4 % of |W|) is as large as the removed component in 8 tensors
     assert rep["direction_cosine"] >= 0.85
@@ -248,9 +293,20 @@ def test_ablate_a_k_quant_gguf_keeps_its_types(real_model, directions, tmp_path,
     0.046 from F16, so the logits cannot tell rounding noise from the edit: the blocks are the check)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
     src, out = real_model.kquants[kind], tmp_path / f"{kind}.gguf"
-    text = run_cli("ablate", src, "-d", f"{directions}:{LAYER}", "--layers", "18-21", "--targets",
-                   "attn_out,mlp_out", "-o", out).output
+    text = run_cli(
+        "ablate",
+        src,
+        "-d",
+        f"{directions}:{LAYER}",
+        "--layers",
+        "18-21",
+        "--targets",
+        "attn_out,mlp_out",
+        "-o",
+        out,
+    ).output
     assert "→" not in text  # nothing re-typed
     r = unit(load_file(directions)["direction"][LAYER])
     before = {t.name: t for t in GGUFReader(src).tensors}
@@ -268,8 +324,10 @@ def test_ablate_a_k_quant_gguf_keeps_its_types(real_model, directions, tmp_path,
         k_types.add(t.tensor_type.name)
     assert {"Q4_K", "Q6_K"} & k_types == ({"Q4_K", "Q6_K"} if kind == "Q4_K_M" else {"Q6_K"}), k_types
     ids = llama_cpp.Llama(str(out), vocab_only=True, verbose=False).tokenize(
-        f"<|im_start|>user\n{POSITIVE[0]}<|im_end|>\n<|im_start|>assistant\n".encode(), add_bos=False,
-        special=True)
+        f"<|im_start|>user\n{POSITIVE[0]}<|im_end|>\n<|im_start|>assistant\n".encode(),
+        add_bos=False,
+        special=True,
+    )
     kl = mean_kl(llama_logits(src, ids), llama_logits(out, ids))
     assert 0 < kl <= 0.05, kl
 
@@ -278,8 +336,20 @@ def test_inject_shows_up_in_hf(real_model, hf, directions, tmp_path):
     """`inject --layer 12 --alpha 4`: HF's resid_pre[13] moves by exactly 4 r̂ at every position,
     the layers before it do not move."""
     out = tmp_path / "injected"
-    run_cli("inject", real_model.hf, "-d", f"{directions}:{LAYER}", "-o", out, "--layer", "12",
-            "--alpha", "4", "--target", "mlp_out")
+    run_cli(
+        "inject",
+        real_model.hf,
+        "-d",
+        f"{directions}:{LAYER}",
+        "-o",
+        out,
+        "--layer",
+        "12",
+        "--alpha",
+        "4",
+        "--target",
+        "mlp_out",
+    )
     r = unit(load_file(directions)["direction"][LAYER])
     tok, model = hf
     edited = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -299,16 +369,26 @@ def exported(real_model, tmp_path_factory):
 
 
 def test_export_of_the_gguf_verifies(real_model, exported, prompt_files):
-    res = run_cli("verify", exported, "--reference", real_model.gguf, "--prompts", prompt_files / "chat.txt",
-                  "--tokens", "2", "--json")
+    res = run_cli(
+        "verify",
+        exported,
+        "--reference",
+        real_model.gguf,
+        "--prompts",
+        prompt_files / "chat.txt",
+        "--tokens",
+        "2",
+        "--json",
+    )
     rep = json.loads(res.stdout)
     assert rep["parity_ok"] and rep["max_abs_logit_diff"] <= 1e-4 * rep["max_abs_logit"]
     assert rep["top1_agreement"] == 1.0 and rep["greedy_token_match"] == 1.0
 
 
 def test_generate_answers_with_the_chat_template(exported):
-    res = run_cli("generate", exported, "--prompt", "What is the capital of France?",
-                  "--max-new-tokens", "12")
+    res = run_cli(
+        "generate", exported, "--prompt", "What is the capital of France?", "--max-new-tokens", "12"
+    )
     assert "Paris" in res.output
 
 
@@ -316,8 +396,17 @@ def test_diff_names_the_ablated_direction(real_model, directions, ablated, tmp_p
     out, _ = ablated
     r = unit(load_file(directions)["direction"][LAYER])
     saved = tmp_path / "found.npy"
-    res = run_cli("diff", real_model.hf, out, "--json", "-d", f"{directions}:{LAYER}", "--save-direction",
-                  saved, expect=1)
+    res = run_cli(
+        "diff",
+        real_model.hf,
+        out,
+        "--json",
+        "-d",
+        f"{directions}:{LAYER}",
+        "--save-direction",
+        saved,
+        expect=1,
+    )
     rep = json.loads(res.stdout)
     assert rep["changed"] and rep["counts"]["changed"] == 61 and "rank-1" in rep["verdict"]
     assert rep["direction_cosine"] >= 0.999
