@@ -315,8 +315,8 @@ class HFView:
         self.path, self.folder, self.config = g.path, g.folder, g.config
         self.config_path, self.index_path = g.path, None
         self.model_type = g.model_type
-        self.spec = fw.spec_for(self.model_type)
-        self.hp = fw.hyper(self.model_type, self.config)
+        self.spec = g.architecture.forward
+        self.hp = fw.hyper(self.spec, self.config)
         self.map: dict[str, tuple[str, int | None]] = _hf_map(g, self.spec, self.hp)  # hf -> (gguf, expert)
         self.tensors = {}
         for hf, (name, expert) in self.map.items():

@@ -2,8 +2,9 @@
 
 Each table is a TOML file (built-ins live in patcher/model/tables/; users may pass their own with
 --arch-table). A table names tensors by pattern, `{layer}` and `{expert}` standing for indices, and
-gives each tensor's residual axis. `extends` inherits another table: top-level keys override,
-`embed` / `writer` lists are replaced when given, `inject` entries are merged per target.
+gives each tensor's residual axis; its [forward] section describes the forward pass (parsed by
+patcher.model.forward). `extends` inherits another table: top-level keys override, `embed` / `writer`
+lists are replaced when given, `inject` entries are merged per target, [forward] key by key at every depth.
 """
 
 import re
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from patcher.errors import PatcherError
+from patcher.model.forward import ForwardSpec, parse_forward
 
 TABLE_DIR = Path(__file__).parent / "tables"
 ROLES = ("embed", "attn_out", "mlp_out")
@@ -29,6 +31,7 @@ _TOP_KEYS = {
     "writer",
     "inject",
     "gguf",
+    "forward",
 }
 _WRITER_KEYS = {
     "role",
@@ -57,6 +60,7 @@ _TOP_TYPES = {
     "writer": list,
     "inject": dict,
     "gguf": dict,
+    "forward": dict,
 }
 _WRITER_TYPES = {
     "role": str,
@@ -133,6 +137,7 @@ class Architecture:
     lineage: tuple[str, ...] = ()  # model_types of the tables this one extends, nearest first
     gguf_layout: GGUFLayout | None = None
     gguf: "Architecture | None" = None  # the same table with GGUF names and GGUF-order residual axes
+    forward: ForwardSpec | None = None  # how the forward pass runs ([forward]); None: edits only
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,8 @@ def _merged(path: Path, seen=()) -> dict:
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise PatcherError(path, f"unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    if not isinstance(data.get("forward", {}), dict):
+        raise PatcherError(path, f"forward must be a table ([forward]), got {data['forward']!r}")
     parent = data.get("extends")
     if parent is None:
         return {**data, "_lineage": ()}
@@ -175,8 +182,16 @@ def _merged(path: Path, seen=()) -> dict:
     )
     out = {**base, **{k: v for k, v in data.items() if k != "inject"}}
     out["inject"] = {**base.get("inject", {}), **data.get("inject", {})}
+    if "forward" in base or "forward" in data:
+        out["forward"] = _overlay(base.get("forward", {}), data.get("forward", {}))
     out["_lineage"] = (base.get("model_type", parent), *base["_lineage"])  # the tables it extends
     return out
+
+
+def _overlay(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, key by key at every depth ([forward] and its sub-tables)."""
+    both = lambda k: isinstance(base.get(k), dict) and isinstance(over[k], dict)  # noqa: E731
+    return {**base, **{k: _overlay(base[k], v) if both(k) else v for k, v in over.items()}}
 
 
 def _writer(path, entry, role=None) -> Writer:
@@ -259,11 +274,12 @@ def load_table(path) -> Architecture:
             tuple(slot.get("siblings", ())),
         )
     cfg = d["config"]
+    tied = bool(d.get("tie_word_embeddings", False))
     arch = Architecture(
         model_type=d["model_type"],
         layers=d["layers"],
         unembed=d["unembed"],
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_word_embeddings=tied,
         config_layers=cfg.get("layers", "num_hidden_layers"),
         config_d_model=cfg.get("d_model", "hidden_size"),
         embeds=tuple(_writer(path, e, "embed") for e in d["embed"]),
@@ -273,6 +289,7 @@ def load_table(path) -> Architecture:
         post_norm_gain=gain,
         source=str(path),
         lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]),
+        forward=parse_forward(path, d["forward"], tied) if "forward" in d else None,
     )
     gg = _gguf_arch(path, arch, d)
     if gg is None:
