@@ -140,3 +140,43 @@ def test_an_architecture_from_one_table_file(tmp_path, base):
     # search: the same trials, to the last bit, as on the built-in architecture
     values = search(model, tmp_path / "s.db", "--arch-table", table)
     assert len(values) == 3 and values == search(fixture_path(base), tmp_path / "t.db")
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('[forward]\nlayout = "diagonal"', "[forward] layout must be one of pre, sandwich, post, parallel"),
+        ("[forward]\nrope_theta = true", "[forward] rope_theta must be a float, got True"),
+        ("[forward]\nact_keys = [3]", "[forward] act_keys must be a list of config key names"),
+        ("[forward]\nrotary = 1.0", "unknown keys ['rotary'] in [forward]"),
+        ('[forward.names]\nquery = "q"', "unknown keys ['query'] in [forward.names]"),
+        ('[forward]\nqkv = "fused"', "[forward.names] lacks ['qkv'], which qkv = 'fused' reads"),
+        (
+            '[forward]\nmlp = "moe"',
+            "lacks ['router', 'experts', 'expert_gate', 'expert_up', 'expert_down'], which mlp = 'moe'",
+        ),
+        ('[forward.sliding]\nlayers = "pattern"', "layers = 'pattern' needs pattern >= 1"),
+        ("[forward.rope_layer_types]\nlocal = 5", "[forward.rope_layer_types.local] must be a table"),
+        ('forward = "llama"', "forward must be a table ([forward])"),
+    ],
+)
+def test_a_bad_forward_section_is_one_line_naming_the_table(tmp_path, body, fragment):
+    table = tmp_path / "t.toml"
+    table.write_text(f'model_type = "llama"\nextends = "llama"\n{body}\n')
+    res = run_cli("export", fixture_path("llama"), "-o", tmp_path / "e", "--arch-table", table, expect=1)
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and str(table) in lines[0] and fragment in lines[0], res.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_table_without_forward_edits_but_does_not_run(tmp_path, direction64):
+    """A table that describes only the writers (no [forward], no extends) still serves ablate; commands
+    that run the model say what is missing."""
+    text = (TABLE_DIR / "llama.toml").read_text()
+    table = tmp_path / "edits_only.toml"
+    table.write_text(text[: text.index("# The forward pass")])
+    run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", tmp_path / "a", "--arch-table", table)
+    res = run_cli("export", fixture_path("llama"), "-o", tmp_path / "e", "--arch-table", table, expect=1)
+    assert res.output.strip() == f"error: {table}: has no [forward] section: the forward pass needs one " + (
+        "(add it, or 'extends' a table that has one, such as llama)"
+    )

@@ -154,46 +154,57 @@ def _check(path, where: str, section: dict, schema: dict) -> None:
 def parse_forward(path, section: dict, tied: bool) -> ForwardSpec:
     """A table's (merged) [forward] section as a ForwardSpec; `tied` is the table's tie_word_embeddings."""
     _check(path, "[forward]", section, {**_KINDS, **_VALUES})
-    names = section.get("names", {})
-    _check(path, "[forward.names]", names, dict.fromkeys(NAME_KEYS, str))
     kinds = {k: section.get(k, ForwardSpec.__dataclass_fields__[k].default) for k in _KINDS}
-    needed = [*_ALWAYS, *(n for (k, v), need in _NEEDS.items() if kinds[k] == v for n in need)]
-    moe = section.get("moe", {})
-    _check(path, "[forward.moe]", moe, _MOE)
-    if moe.get("router") == "grouped":
-        needed.append("router_bias")
-    missing = [n for n in dict.fromkeys(needed) if n not in names]
-    if missing:
-        what = ", ".join(f"{k} = {v!r}" for k, v in kinds.items())
-        raise PatcherError(path, f"[forward.names] lacks {missing}, which a forward pass with {what} reads")
-    if kinds["mlp"] == "moe" and "{e}" not in names["experts"]:
-        raise PatcherError(path, "[forward.names] experts must hold {e} (the expert index)")
-    sliding = section.get("sliding", {})
-    _check(path, "[forward.sliding]", sliding, _SLIDING)
-    if sliding.get("layers") == "pattern" and sliding.get("pattern", 0) < 1:
-        raise PatcherError(path, "[forward.sliding] layers = 'pattern' needs pattern >= 1")
-    if sliding.get("layers") == "from" and not sliding.get("from_key"):
-        raise PatcherError(path, "[forward.sliding] layers = 'from' needs from_key (a config key)")
-    layer_ropes = {}
-    for layer_type, rope in section.get("rope_layer_types", {}).items():
-        where = f"[forward.rope_layer_types.{layer_type}]"
-        if not isinstance(rope, dict) or "theta" not in rope:
-            raise PatcherError(path, f"{where} must be a table with theta (and theta_keys, rope_type)")
-        _check(path, where, rope, _LAYER_ROPE)
-        layer_ropes[layer_type] = LayerRope(
-            float(rope["theta"]), tuple(rope.get("theta_keys", ())), rope.get("rope_type")
-        )
+    _check(path, "[forward.moe]", section.get("moe", {}), _MOE)
+    _check_names(path, section.get("names", {}), kinds, section.get("moe", {}))
     plain = {k: v for k, v in section.items() if k not in ("names", "qk_norm", "sliding", "rope_layer_types")}
     lists = {k: tuple(v) for k, v in plain.items() if isinstance(v, list)}
     floats = {k: float(v) for k, v in plain.items() if _VALUES.get(k) is float}
     return ForwardSpec(
         **{**plain, **lists, **floats},
-        names=dict(names),
+        names=dict(section.get("names", {})),
         qk_norm=None if kinds["qk_norm"] == "none" else kinds["qk_norm"],
         tied=tied,
-        rope_layer_types=layer_ropes,
-        sliding=Sliding(**{k: tuple(v) if isinstance(v, list) else v for k, v in sliding.items()}),
+        rope_layer_types=_layer_ropes(path, section.get("rope_layer_types", {})),
+        sliding=_sliding(path, section.get("sliding", {})),
     )
+
+
+def _check_names(path, names: dict, kinds: dict, moe: dict) -> None:
+    """Every tensor name the chosen kinds read is given (a typo'd key is unknown, not silently unused)."""
+    _check(path, "[forward.names]", names, dict.fromkeys(NAME_KEYS, str))
+    needs = [("every forward pass", _ALWAYS)]
+    needs += [(f"{k} = {v!r}", need) for (k, v), need in _NEEDS.items() if kinds[k] == v]
+    if moe.get("router") == "grouped":
+        needs.append(("[forward.moe] router = 'grouped'", ("router_bias",)))
+    for why, need in needs:
+        missing = [n for n in need if n not in names]
+        if missing:
+            raise PatcherError(path, f"[forward.names] lacks {missing}, which {why} reads")
+    if kinds["mlp"] == "moe" and "{e}" not in names["experts"]:
+        raise PatcherError(path, "[forward.names] experts must hold {e} (the expert index)")
+
+
+def _sliding(path, section: dict) -> Sliding:
+    _check(path, "[forward.sliding]", section, _SLIDING)
+    if section.get("layers") == "pattern" and section.get("pattern", 0) < 1:
+        raise PatcherError(path, "[forward.sliding] layers = 'pattern' needs pattern >= 1")
+    if section.get("layers") == "from" and not section.get("from_key"):
+        raise PatcherError(path, "[forward.sliding] layers = 'from' needs from_key (a config key)")
+    return Sliding(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+
+
+def _layer_ropes(path, section: dict) -> dict:
+    out = {}
+    for layer_type, rope in section.items():
+        where = f"[forward.rope_layer_types.{layer_type}]"
+        if not isinstance(rope, dict) or "theta" not in rope:
+            raise PatcherError(path, f"{where} must be a table with theta (and theta_keys, rope_type)")
+        _check(path, where, rope, _LAYER_ROPE)
+        out[layer_type] = LayerRope(
+            float(rope["theta"]), tuple(rope.get("theta_keys", ())), rope.get("rope_type")
+        )
+    return out
 
 
 def _first(cfg: dict, keys, default):
