@@ -441,9 +441,9 @@ def _present(name: str, names) -> str | None:
 def markdown_table() -> str:
     """The README's architecture table, generated from the tables themselves."""
     rows = [
-        "| model_type | embeddings | attention writer | MLP writer(s) | post-norm | tied | inject "
-        "attn_out / mlp_out |",
-        "|---|---|---|---|---|---|---|",
+        "| model_type | forward: norm, layout, qkv, MLP, attention | embeddings | attention writer "
+        "| MLP writer(s) | post-norm | tied | inject attn_out / mlp_out |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def loads(slot):
@@ -460,8 +460,10 @@ def markdown_table() -> str:
     for mt in supported():
         a = load_table(TABLE_DIR / f"{mt}.toml")
         writers = lambda role: ", ".join(f"`{w.weight}`" for w in a.writers if w.role == role)  # noqa: E731
+        f = a.forward
+        kinds = ", ".join((f.norm, f.layout, f.qkv, f.mlp, f.attention)) if f else "—"
         rows.append(
-            f"| {mt} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
+            f"| {mt} | {kinds} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
             f"{writers('mlp_out')} | {a.post_norm_gain or '—'} | "
             f"{'yes' if a.tie_word_embeddings else 'no'} | "
             f"{loads(a.inject.get('attn_out'))} / {loads(a.inject.get('mlp_out'))} |"
