@@ -9,6 +9,7 @@ config.json may leave out), parsed here into a ForwardSpec, and hyperparameters 
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from patcher.errors import PatcherError
 
@@ -126,7 +127,7 @@ _NEEDS = {
     ("mlp", "moe"): ("router", "experts", "expert_gate", "expert_up", "expert_down"),
     ("attention", "mla"): ("q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b"),
 }
-_ALWAYS = ("embed", "final_norm", "lm_head", "o")
+_ALWAYS: tuple[str, ...] = ("embed", "final_norm", "lm_head", "o")
 _OPTIONAL = ("gate", "up", "down", "mlp_out_bias", "shared", "shared_gate", "router_bias")  # MoE extras
 NAME_KEYS = tuple(dict.fromkeys((*_ALWAYS, *(n for need in _NEEDS.values() for n in need), *_OPTIONAL)))
 
@@ -147,7 +148,7 @@ def _check(path, where: str, section: dict, schema: dict) -> None:
         ok = (int, float) if want is float else want
         if isinstance(value, bool) != (want is bool) or not isinstance(value, ok):
             raise PatcherError(path, f"{at} must be a {want.__name__}, got {value!r}")
-        if want is list and not all(isinstance(v, str) for v in value):
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise PatcherError(path, f"{at} must be a list of config key names, got {value!r}")
 
 
@@ -173,7 +174,7 @@ def parse_forward(path, section: dict, tied: bool) -> ForwardSpec:
 def _check_names(path, names: dict, kinds: dict, moe: dict) -> None:
     """Every tensor name the chosen kinds read is given (a typo'd key is unknown, not silently unused)."""
     _check(path, "[forward.names]", names, dict.fromkeys(NAME_KEYS, str))
-    needs = [("every forward pass", _ALWAYS)]
+    needs: list[tuple[str, tuple[str, ...]]] = [("every forward pass", _ALWAYS)]
     needs += [(f"{k} = {v!r}", need) for (k, v), need in _NEEDS.items() if kinds[k] == v]
     if moe.get("router") == "grouped":
         needs.append(("[forward.moe] router = 'grouped'", ("router_bias",)))
@@ -191,7 +192,8 @@ def _sliding(path, section: dict) -> Sliding:
         raise PatcherError(path, "[forward.sliding] layers = 'pattern' needs pattern >= 1")
     if section.get("layers") == "from" and not section.get("from_key"):
         raise PatcherError(path, "[forward.sliding] layers = 'from' needs from_key (a config key)")
-    return Sliding(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+    return Sliding(**values)
 
 
 def _layer_ropes(path, section: dict) -> dict:
