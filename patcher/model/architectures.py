@@ -134,7 +134,6 @@ class Architecture:
     prefixes: tuple[str, ...] = ("",)
     post_norm_gain: str | None = None
     source: str = ""
-    lineage: tuple[str, ...] = ()  # model_types of the tables this one extends, nearest first
     gguf_layout: GGUFLayout | None = None
     gguf: "Architecture | None" = None  # the same table with GGUF names and GGUF-order residual axes
     forward: ForwardSpec | None = None  # how the forward pass runs ([forward]); None: edits only
@@ -171,7 +170,7 @@ def _merged(path: Path, seen=()) -> dict:
         raise PatcherError(path, f"forward must be a table ([forward]), got {data['forward']!r}")
     parent = data.get("extends")
     if parent is None:
-        return {**data, "_lineage": ()}
+        return data
     if parent in seen:
         raise PatcherError(path, f"'extends' loops back to {parent!r}")
     base = _merged(
@@ -184,7 +183,6 @@ def _merged(path: Path, seen=()) -> dict:
     out["inject"] = {**base.get("inject", {}), **data.get("inject", {})}
     if "forward" in base or "forward" in data:
         out["forward"] = _overlay(base.get("forward", {}), data.get("forward", {}))
-    out["_lineage"] = (base.get("model_type", parent), *base["_lineage"])  # the tables it extends
     return out
 
 
@@ -258,7 +256,7 @@ def load_table(path) -> Architecture:
     missing = [k for k in ("model_type", "layers", "unembed", "config", "embed", "writer") if k not in d]
     if missing:
         raise PatcherError(path, f"architecture table lacks {missing}")
-    _check_types(path, "", {k: v for k, v in d.items() if not k.startswith("_")}, _TOP_TYPES)
+    _check_types(path, "", d, _TOP_TYPES)
     _check_types(path, "config.", d["config"], {"layers": str, "d_model": str})
     gain = d.get("post_norm_gain")
     if gain is not None and gain not in POST_NORM_GAINS:
@@ -288,7 +286,6 @@ def load_table(path) -> Architecture:
         prefixes=tuple(d.get("prefixes", ("",))),
         post_norm_gain=gain,
         source=str(path),
-        lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]),
         forward=parse_forward(path, d["forward"], tied) if "forward" in d else None,
     )
     gg = _gguf_arch(path, arch, d)
