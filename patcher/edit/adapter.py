@@ -38,24 +38,6 @@ from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
 FORMATS = ("peft", "gguf")
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
-# llama.cpp's `general.architecture` for each model_type (convert_hf_to_gguf.py's choices).
-GGUF_ARCH = {
-    "llama": "llama",
-    "mistral": "llama",
-    "mixtral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "qwen2_moe": "qwen2moe",
-    "qwen3_moe": "qwen3moe",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "olmo2": "olmo2",
-    "phi3": "phi3",
-    "gpt2": "gpt2",
-    "gpt_neox": "gptneox",
-    "deepseek_v3": "deepseek2",
-}
 # Per-expert writers on disk that transformers >= 5 fuses at load time into one 3-D parameter
 # [experts, d_model, in] (module path relative to the layer prefix): PEFT reaches it through
 # `target_parameters`. (checkpoint pattern relative to the layer prefix, fused parameter path)
@@ -220,8 +202,9 @@ def _writer_pattern(plan: Plan, edit: TensorEdit) -> str:
 
 
 def _gguf_arch(plan: Plan) -> str | None:
-    layout = getattr(plan.resolved.arch, "gguf_layout", None)  # the architecture table's, where it has one
-    return layout.arch if layout is not None else GGUF_ARCH.get(plan.resolved.arch.model_type)
+    """llama.cpp's `general.architecture`: the [gguf] arch of the model's table, where it has one."""
+    layout = getattr(plan.resolved.arch, "gguf_layout", None)
+    return layout.arch if layout is not None else None
 
 
 def _gguf_names(plan: Plan, edits) -> dict[str, str]:
@@ -232,7 +215,8 @@ def _gguf_names(plan: Plan, edits) -> dict[str, str]:
     if arch not in ids:
         raise PatcherError(
             "--adapter",
-            f"no llama.cpp architecture is known for model_type {plan.resolved.arch.model_type!r}",
+            f"no llama.cpp architecture is known for model_type {plan.resolved.arch.model_type!r} "
+            "(its architecture table has no [gguf] section)",
         )
     tmap = gguf.get_tensor_name_map(ids[arch], plan.resolved.n_layers)
     experts = _expert_groups(plan)  # per-expert weights of a layer are one ffn_down_exps tensor in GGUF

@@ -45,7 +45,7 @@ _WRITER_KEYS = {
     "gguf_residual_axis",
     "gguf_post_norm",
 }
-_GGUF_KEYS = {"arch", "rope_permuted", "norm_shift", "inject"}
+_GGUF_KEYS = {"arch", "rope_permuted", "norm_shift", "inject", "config"}
 # what each value must be (a table is user input: `--arch-table`)
 _TOP_TYPES = {
     "model_type": str,
@@ -110,6 +110,7 @@ class GGUFLayout:
     arch: str
     rope_permuted: bool = False
     norm_shift: float = 0.0
+    config: dict = field(default_factory=dict)  # config.json key -> the value it takes (GGUF has no such key)
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,14 @@ def _gguf_arch(path, a: "Architecture", d: dict) -> "Architecture | None":
         return None
     if not isinstance(g, dict) or set(g) - _GGUF_KEYS or not isinstance(g.get("arch"), str):
         raise PatcherError(path, f"bad [gguf] table {g!r}; keys: {sorted(_GGUF_KEYS)} ('arch' required)")
-    layout = GGUFLayout(g["arch"], bool(g.get("rope_permuted", False)), float(g.get("norm_shift", 0.0)))
+    config = g.get("config", {})
+    if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
+        raise PatcherError(
+            path, f"[gguf] config must map config.json keys to the keys they copy, got {config!r}"
+        )
+    layout = GGUFLayout(
+        g["arch"], bool(g.get("rope_permuted", False)), float(g.get("norm_shift", 0.0)), dict(config)
+    )
     embeds = tuple(x for x in map(_gguf_writer, a.embeds) if x is not None)
     writers = tuple(x for x in map(_gguf_writer, a.writers) if x is not None)
     inject = {t: InjectSlot(bias, True) for t, bias in (g.get("inject") or {}).items()}
