@@ -2,6 +2,7 @@
 its tensor names changed, passed with --arch-table, runs extract, export and search. The checkpoint is the
 built-in's fixture with the same weights under the new names and the new model_type, so HF transformers on
 the original fixture is the oracle for the forward pass, and every command must give the built-in's numbers.
+verify takes the table too.
 """
 
 import json
@@ -131,11 +132,14 @@ def test_an_architecture_from_one_table_file(tmp_path, base):
     with Checkpoint(tmp_path / "a.safetensors") as a, Checkpoint(tmp_path / "b.safetensors") as b:
         assert np.array_equal(a.array("direction"), b.array("direction"))
 
-    # export: onnxruntime runs the graph built from the table and agrees with the numpy forward
+    # export: onnxruntime runs the graph built from the table and agrees with the numpy forward (and verify)
     run_cli("export", model, "-o", tmp_path / "e", "--arch-table", table)
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     logits, _ = (m := OnnxModel(tmp_path / "e")).step(ids, mask, pos, m.empty_cache(2))
     assert np.abs(logits - ours)[real].max() <= 1e-4 * max(1.0, np.abs(ours).max())
+    verify = ["verify", tmp_path / "e", "--reference", model, "--tokens", "2", "--quality-tokens", "0"]
+    rep = json.loads(run_cli(*verify, "--no-chat-template", "--json", "--arch-table", table).output)
+    assert rep["parity_ok"] and rep["greedy_token_match"]
 
     # search: the same trials, to the last bit, as on the built-in architecture
     values = search(model, tmp_path / "s.db", "--arch-table", table)

@@ -295,6 +295,7 @@ def register(app) -> None:
         provider: str = typer.Option("cpu", "--provider", help="cpu or cuda"),
         no_chat_template: bool = typer.Option(False, "--no-chat-template"),
         as_json: bool = typer.Option(False, "--json"),
+        arch_table: Path | None = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
     ):
         """Parity of the export with the numpy forward, and what the edit did. Exit 1 when parity fails."""
 
@@ -310,7 +311,7 @@ def register(app) -> None:
             from patcher.io.hub import locate
             from patcher.model.opened import Model
 
-            ref = Model.open(reference)
+            ref = Model.open(reference, arch_table)
             d = load_direction(direction, ref.d_model) if direction else None
             rep = run_verify(
                 locate(onnx_dir)[0],
@@ -323,6 +324,7 @@ def register(app) -> None:
                 quality_tokens=quality_tokens,
                 provider=provider,
                 chat_template=not no_chat_template,
+                arch_table=arch_table,
                 announce=lambda m: err.print(f"[cyan]{m}[/]"),
             )
             if as_json:
