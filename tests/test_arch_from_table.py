@@ -162,6 +162,7 @@ def test_an_architecture_from_one_table_file(tmp_path, base):
         ('[forward.sliding]\nlayers = "pattern"', "layers = 'pattern' needs pattern >= 1"),
         ("[forward.rope_layer_types]\nlocal = 5", "[forward.rope_layer_types.local] must be a table"),
         ('forward = "llama"', "forward must be a table ([forward])"),
+        ('[gguf]\narch = "llama"\nconfig = { n_ctx = 4 }', "[gguf] config must map config.json keys"),
     ],
 )
 def test_a_bad_forward_section_is_one_line_naming_the_table(tmp_path, body, fragment):

@@ -55,7 +55,7 @@ class ForwardSpec:
     norm: str = "rms"  # rms | layer
     norm_offset: float = 0.0  # RMSNorm gain is offset + w (Gemma: 1)
     layout: str = "pre"  # pre: x + f(norm(x)); sandwich: x + post(f(norm(x))); post: x + post(f(x)); parallel
-    qkv: str = "separate"  # separate | fused (q|k|v concatenated) | per_head (NeoX [heads, 3, hd]) | conv1d
+    qkv: str = "separate"  # separate | fused (q|k|v concatenated) | per_head (NeoX [heads, 3, hd])
     qk_norm: str | None = None  # None | head (over head_dim) | full (over the whole projection)
     mlp: str = "gated"  # gated | gated_fused | plain | moe
     conv1d: bool = False  # GPT-2 stores [in, out]
