@@ -1798,10 +1798,117 @@ def _heads_that_do_not_fit(tmp_path):
 
 
 def test_an_export_onnxruntime_cannot_load_is_not_written(tmp_path):
-    """config head_dim != the tensors: export said "wrote", generate then failed inside onnxruntime."""
-    m = _heads_that_do_not_fit(tmp_path)
+    """Tensors that do not fit each other (here k_proj stored transposed; before: config head_dim !=
+    the tensors): export said "wrote", generate then failed inside onnxruntime."""
+    m = _retyped_copy(tmp_path, "model.layers.0.self_attn.k_proj.weight", "BF16", [64, 32])
     out = tmp_path / "e"
-    hostile(["export", m, "-o", out], inputs=[m], absent=[out], fragment="the exported graph would not load")
+    hostile(
+        ["export", m, "-o", out],
+        inputs=[m],
+        absent=[out],
+        fragment="the exported graph would not load (at model.layers.0.self_attn.k_proj.weight:",
+    )
+
+
+def _config_copy(tmp_path: Path, **changes) -> Path:
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return m
+
+
+def test_an_export_that_loads_but_cannot_run_is_not_written(tmp_path):
+    """num_key_value_heads 4 where k_proj holds 2 heads: the graph passes shape inference (the reshape is
+    dynamic) and loads; it fails on the first token. Export said "wrote", exit 0."""
+    m = _config_copy(tmp_path, num_key_value_heads=4)
+    out = tmp_path / "e"
+    res = hostile(
+        ["export", m, "-o", out],
+        inputs=[m],
+        absent=[out],
+        fragment="the exported model does not run in onnxruntime at model.layers.0.self_attn.k_proj.weight",
+    )
+    assert "requested shape:{1,3,4,16}" in res.stderr and "onnxruntime_src" not in res.stderr
+
+
+def test_a_head_dim_that_does_not_fit_names_the_config_keys(tmp_path):
+    m = _heads_that_do_not_fit(tmp_path)
+    hostile(
+        ["export", m, "-o", tmp_path / "e"],
+        inputs=[m],
+        absent=[tmp_path / "e"],
+        fragment="num_attention_heads 4 x head_dim 8 = 32, but model.layers.0.self_attn.o_proj.weight reads 64",
+    )
+
+
+@pytest.mark.parametrize(
+    "tensor,dtype,shape,fragment",
+    [
+        ("model.layers.0.mlp.down_proj.weight", "BF16", [96, 64], "down_proj.weight has shape [96, 64]"),
+        ("model.layers.0.mlp.up_proj.weight", "BF16", [64, 96], "at model.layers.0.mlp.up_proj.weight"),
+        ("model.layers.0.self_attn.o_proj.weight", "I16", None, "o_proj.weight is I16, not a floating"),
+        ("model.embed_tokens.weight", "I16", None, "embed_tokens.weight is I16, not a floating"),
+        ("model.layers.1.self_attn.q_proj.weight", "I16", None, "q_proj.weight is I16, not a floating"),
+    ],
+)
+def test_transposed_and_integer_tensors_are_named_before_export(tmp_path, tensor, dtype, shape, fragment):
+    """A transposed (non-square) tensor or integer codes of the right size: one line naming the tensor.
+    The I16 tensors of the right size exported with exit 0 (onnxruntime computed with the codes)."""
+    m = _retyped_copy(tmp_path, tensor, dtype, shape)
+    hostile(["export", m, "-o", tmp_path / "e"], inputs=[m], absent=[tmp_path / "e"], fragment=fragment)
+
+
+def test_an_export_of_non_finite_weights_is_not_written(tmp_path):
+    """4 NaN in o_proj: the export was written (exit 0) and answered nothing in generate."""
+    m = _poisoned_copy(tmp_path)
+    out = tmp_path / "e"
+    hostile(
+        ["export", m, "-o", out],
+        inputs=[m],
+        absent=[out],
+        fragment="model.layers.0.self_attn.o_proj.weight holds NaN or Inf",
+    )
+
+
+def test_a_variant_too_large_for_memory_is_graph_checked_and_said(tmp_path, monkeypatch):
+    """onnxruntime holds a whole variant: beyond half the available memory the run is skipped, saying
+    so (the export itself streams one tensor at a time)."""
+    import patcher.onnx.selftest as st
+
+    ran = []
+    monkeypatch.setattr(st, "available_memory", lambda: 1000)
+    monkeypatch.setattr(st, "run_one_step", lambda *a: ran.append(a))
+    res = CliRunner().invoke(app, ["export", str(L_SRC), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    assert not ran and "not run in onnxruntime" in " ".join(res.stderr.split()), res.stderr
+    monkeypatch.undo()
+    assert st.available_memory() > 2**20  # the real reading: bytes, not kB
+
+
+def test_a_transposed_square_writer_is_what_cannot_be_caught(tmp_path):
+    """The limit, held so that it is known: o_proj [64, 64] stored transposed has the shape the table
+    expects; the export loads, runs and computes another model (its first-token logits differ)."""
+    from patcher.onnx.runtime import OnnxModel
+
+    m = tmp_path / "t"
+    shutil.copytree(L_SRC, m)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.self_attn.o_proj.weight"
+    shard = next(f for f in sorted(m.glob("*.safetensors")) if name in load_file(f))
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].T.contiguous().to(torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    logits = []
+    for src in (L_SRC, m):
+        out = tmp_path / f"e-{src.name}"
+        assert CliRunner().invoke(app, ["export", str(src), "-o", str(out)]).exit_code == 0
+        om = OnnxModel(out)
+        ids = np.array([[1, 2, 3]])
+        logits.append(om.step(ids, np.ones_like(ids), np.arange(3)[None], om.empty_cache(1), keep=1)[0])
+    assert np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
 @pytest.mark.parametrize("cmd", ["generate", "verify"])
@@ -1867,9 +1974,13 @@ def test_bad_arch_table_values_are_one_line(ws, tmp_path, old, new, fragment):
 
 def test_generate_refuses_nan_logits(tmp_path):
     """An export of NaN weights: generate printed nothing (argmax of NaN) and exited 0."""
-    m = _poisoned_copy(tmp_path)
     e = tmp_path / "e"
-    assert CliRunner().invoke(app, ["export", str(m), "-o", str(e)]).exit_code == 0
+    assert CliRunner().invoke(app, ["export", str(L_SRC), "-o", str(e)]).exit_code == 0
+    data = e / "onnx" / "model.onnx_data"  # export refuses NaN weights: poison the written ones
+    values = np.fromfile(data, np.float32)
+    values[:: max(len(values) // 64, 1)] = np.nan
+    os.chmod(data, 0o644)
+    values.tofile(data)
     hostile(
         ["generate", e, "--prompt", "hi", "--max-new-tokens", 2],
         inputs=[e],

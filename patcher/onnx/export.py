@@ -202,17 +202,19 @@ def export(
     symmetric: bool = True,
     direction=None,
     arch_table=None,
+    announce=None,
 ) -> Path:
     """Write the variants `dtype` names into OUT. Without --force, OUT may be an earlier patcher export
     of the same source (same input digests): the missing variants are added beside the ones there.
-    Checks, plan, write, self-test: nothing is published that onnxruntime cannot load and run."""
+    Checks, plan, write, self-test: nothing is published that onnxruntime cannot load and run
+    (`announce(line)` says when a variant too large for memory was only graph-checked)."""
     dtypes = _check_options(dtype, opset, int4_block)
     sm = StreamedModel(model, arch_table)  # a folder, file, hub repo id or open Model: opened once
     selftest.check_source(sm)
     plan = _plan(sm, Path(out), dtypes, force, direction)
     quant = {"block": int4_block, "accuracy": int4_accuracy, "symmetric": symmetric}
     with OutputFolder(out, [sm.ck.path], force=force or bool(plan.keep)) as tmp:
-        _write(sm, plan, Path(out), tmp, chunk_bytes, quant, command, recipe)
+        _write(sm, plan, Path(out), tmp, chunk_bytes, quant, command, recipe, announce)
     return out
 
 
@@ -257,6 +259,7 @@ def _write(
     quant: dict,
     command: str | None,
     recipe: dict | None,
+    announce=None,
 ) -> None:
     """Fill the temporary folder OutputFolder publishes: each new variant written and self-tested, the
     kept ones linked, side files, config, patcher-export.json and the manifest."""
@@ -270,7 +273,9 @@ def _write(
     for d in plan.todo:
         chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(plan.basis))
         selftest.check_graph(tmp / "onnx" / FILES[d], ck.path)  # never "wrote" what onnxruntime cannot load
-        selftest.run_one_step(tmp, FILES[d], ck.path, vocab)
+        skipped = selftest.self_test(tmp, [FILES[d], *chunks[d]], ck.path, vocab)
+        if skipped and announce:
+            announce(skipped)
     variants = [d for d in FILES if d in chunks]
     if plan.made is not None:
         for name, text in plan.made.items():

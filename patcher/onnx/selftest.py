@@ -16,6 +16,9 @@ from patcher.model.execution import StreamedModel
 # safetensors / GGUF integer and boolean dtypes: a weight stored so is codes, not numbers the graph can use
 NOT_FLOAT = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 SELF_TEST_TOKENS = 3  # prefill this many tokens, then decode one with the cache the prefill returned
+# onnxruntime holds the whole variant in memory: the self-test runs when that is at most this share of the
+# memory available (export itself streams one tensor at a time, and a 70B export must not need 280 GB)
+SELF_TEST_MEMORY_SHARE = 0.5
 
 
 def check_source(sm: StreamedModel) -> None:
@@ -85,6 +88,33 @@ def _tensors_at_failure(graph, message: str) -> list[str]:
             return list(dict.fromkeys(names))
         nodes = [producer[i] for n in nodes for i in n.input if i in producer]
     return []
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def self_test(folder: Path, files: list[str], source, vocab: int) -> str | None:
+    """Run one step of the variant whose files are `files` (model file first) when it fits in memory;
+    None when it ran, else the reason it was skipped (a sentence for a note)."""
+    size = sum((folder / "onnx" / f).stat().st_size for f in files)
+    budget = int(available_memory() * SELF_TEST_MEMORY_SHARE)
+    if size > budget:
+        return (
+            f"onnx/{files[0]} was checked (graph shapes and types) but not run in onnxruntime: its "
+            f"{size / 2**30:.1f} GiB exceed half the memory available ({budget / 2**30:.1f} GiB)"
+        )
+    run_one_step(folder, files[0], source, vocab)
+    return None
 
 
 def run_one_step(folder: Path, file: str, source, vocab: int) -> float:
