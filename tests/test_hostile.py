@@ -1745,9 +1745,97 @@ def test_a_bad_study_file_is_refused_before_any_work(ws, tmp_path):
     res = hostile(
         ["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"],
         inputs=[odd],
-        fragment="cannot open the study",
+        fragment=f"{odd}: is an SQLite database but not an optuna study",
     )
     assert "sqlalche" not in res.stderr and "[SQL:" not in res.stderr
+
+
+def _search(ws, study, model=None) -> list:
+    return ["search", model or ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "--study", study]
+
+
+def test_a_users_sqlite_database_is_never_made_a_study(ws, tmp_path):
+    """search --study on a user's own SQLite file extracted first, then optuna wrote its tables into it."""
+    import sqlite3
+
+    mine = tmp_path / "mine.db"
+    with sqlite3.connect(mine) as c:
+        c.execute("create table notes (body text)")
+        c.execute("insert into notes values ('years of work')")
+    c.close()
+    res = hostile(
+        [*_search(ws, mine), "--trials", 1],
+        inputs=[mine],
+        absent=[tmp_path / "mine.directions.safetensors"],
+        fragment=f"{mine}: is an SQLite database but not an optuna study (no 'studies' table)",
+        seconds=5,
+    )
+    assert "sqlite:" not in res.stderr
+
+
+def _study_of(tmp_path, model, name="s.db"):
+    from test_search import directions_file, manual_study
+
+    from patcher.search import space as sp
+
+    dirs = directions_file(tmp_path / f"{name}.d.safetensors", 3, 64)
+    free = {
+        "direction_scope": "per_layer",
+        **{f"{c}_{k}": 1.0 for c in sp.COMPONENTS for k in ("peak", "center", "min_frac", "width")},
+    }
+    manual_study(tmp_path / name, model, dirs, free, {"embed": False, "norm_preserve": "none"})
+    return tmp_path / name, dirs
+
+
+def test_a_study_of_another_model_is_refused_before_any_work(ws, tmp_path):
+    """The model mismatch was found after the extraction (seconds to hours), and named the study
+    ("patcher-search"), not its file."""
+    study, dirs = _study_of(tmp_path, L_SRC)
+    hostile(
+        [*_search(ws, study), "--trials", 2],
+        inputs=[study],
+        absent=[tmp_path / "s.directions.safetensors"],
+        fragment=f"{study}: is a study of another model ({L_SRC};",
+        seconds=5,
+    )
+    same, _ = _study_of(tmp_path, ws["L"], "same.db")
+    other_dirs = tmp_path / "other.npy"
+    np.save(other_dirs, np.ones(64))
+    hostile(
+        [*_search(ws, same), "--directions", other_dirs, "--trials", 2],
+        inputs=[same, other_dirs],
+        fragment=f"{same}: was searched with other directions than {other_dirs}",
+        seconds=5,
+    )
+
+
+def test_foreign_optuna_studies_are_named_by_their_file(ws, tmp_path):
+    """An optuna database of someone else's studies, or a study under patcher's name that patcher did
+    not write: one line naming the file (study_attrs named the study, "patcher-search")."""
+    import optuna
+
+    theirs = tmp_path / "theirs.db"
+    optuna.create_study(storage=f"sqlite:///{theirs}", study_name="lr-sweep")
+    hostile(
+        [*_search(ws, theirs), "--trials", 1],
+        inputs=[theirs],
+        fragment=f"{theirs}: holds optuna studies ('lr-sweep') but not patcher's 'patcher-search'",
+        seconds=5,
+    )
+    hostile(
+        ["ablate", ws["L"], "--from-study", theirs, "--trial", 0, "-o", tmp_path / "o"],
+        inputs=[theirs],
+        absent=[tmp_path / "o"],
+        fragment=f"{theirs}: holds optuna studies",
+    )
+    named = tmp_path / "named.db"
+    optuna.create_study(storage=f"sqlite:///{named}", study_name="patcher-search").set_user_attr("x", 1)
+    hostile(
+        ["ablate", ws["L"], "--from-study", named, "--trial", 0, "-o", tmp_path / "o"],
+        inputs=[named],
+        absent=[tmp_path / "o"],
+        fragment=f"{named}: holds a study named 'patcher-search' that patcher did not write",
+    )
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "tokenizer_config.json"])
