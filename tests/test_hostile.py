@@ -2124,6 +2124,78 @@ def test_extract_reports_progress_without_a_terminal(ws, tmp_path, monkeypatch):
     assert f"prompts through the model: {n} of {n} (100 %)" in res.stderr, res.stderr
 
 
+def _extract_args(ws, out, *extra) -> list[str]:
+    args = ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out]
+    return [str(a) for a in (*args, "--no-chat-template", *extra)]
+
+
+def test_extract_progress_advances_within_a_prompt_set(ws, tmp_path, monkeypatch):
+    """Progress moved once per prompt set (after the whole set): a 100 MB file showed 0 % for its whole
+    first half. It now moves as each batch leaves each block."""
+    import re
+
+    import patcher.cli.common as common
+
+    monkeypatch.setattr(common, "PLAIN_PROGRESS_SECONDS", 0.0)
+    res = CliRunner().invoke(app, _extract_args(ws, tmp_path / "d.safetensors", "--batch-size", 16))
+    assert res.exit_code == 0, res.output
+    counts = [int(c) for c in re.findall(r"prompts through the model: (\d+) of 96", res.stderr)]
+    assert counts == sorted(counts) and counts[-1] == 96, res.stderr
+    assert len([c for c in counts if c < 48]) >= 3, counts  # 3 batches x 4 resid_pre steps in the first set
+
+
+def test_extract_estimates_its_time_up_front(ws, tmp_path, monkeypatch):
+    """Nothing said how long a run would take. The estimate, checked by hand: a matmul timed at 10 ms
+    (53.7 GFLOP/s), the llama fixture's block weights, the padded tokens of the two sets."""
+    import time
+
+    from patcher.edit import extract as ex
+    from patcher.model.execution import StreamedModel
+    from patcher.model.prompts import encode_prompts, read_prompt_file
+
+    res = CliRunner().invoke(app, _extract_args(ws, tmp_path / "d.safetensors"))
+    assert res.exit_code == 0, res.output
+    assert "96 prompts (" in res.stderr and "tokens with padding) through 3 of 3 blocks: about" in res.stderr
+
+    clock = iter(np.arange(0.0, 100.0, 0.01))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    sm = StreamedModel(ws["L"])
+    tok = sm.model.tokenizer()
+    batches = []
+    for f in (ws["pos"], ws["neg"]):
+        toks = encode_prompts(tok, read_prompt_file(f), chat_template=False)
+        batches += [b for _, b in ex._batches(toks, tok.pad_id, 8, [-1], "x")]
+    tokens, seconds = ex.estimate_seconds(sm, batches, 2)
+    assert tokens == sum(ids.size for ids, _ in batches)
+    weights = 64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 3 + 64 * 2  # q, o, k, v, gate/up/down, 2 norms
+    attention = sum(ids.size * ids.shape[1] for ids, _ in batches) * 4 * 4 * 16
+    work = (2 * weights * tokens + attention) / 0.35 + 4.7e5 * tokens
+    assert seconds == pytest.approx(2 * work / (2 * 256 * 1024 * 1024 / 0.01), rel=1e-9)
+
+
+def test_default_max_prompts_caps_and_says_so(ws, tmp_path, monkeypatch):
+    """No cap: a 100 MB prompt file ran ~50 min. The default cap is said, with the way to raise it."""
+    from patcher import validate as V
+
+    res = CliRunner().invoke(app, ["extract", "--help"])
+    assert f"default {V.DEFAULT_MAX_PROMPTS}" in " ".join(res.output.split())
+    monkeypatch.setattr(V, "DEFAULT_MAX_PROMPTS", 10)
+    out = tmp_path / "d.safetensors"
+    res = CliRunner().invoke(app, _extract_args(ws, out))
+    assert res.exit_code == 0, res.output
+    assert (
+        "note: using the first 10 of 48 positive and 10 of 48 negative prompts (--max-prompts 10 is the "
+        "default); pass --max-prompts 48 to use them all" in " ".join(res.stderr.split())
+    ), res.stderr
+    from safetensors import safe_open
+
+    with safe_open(out, "np") as f:
+        counts = json.loads(f.metadata()["patcher"])["prompts"]
+    assert [counts[k]["count"] for k in ("positive", "negative")] == [10, 10], counts
+    res = CliRunner().invoke(app, _extract_args(ws, tmp_path / "all.safetensors", "--max-prompts", 48))
+    assert res.exit_code == 0 and "note: using" not in res.stderr, res.stderr
+
+
 # --- issue 22: every command that writes × races and foreign files ------------------------------------
 
 
