@@ -37,7 +37,7 @@ VARIANTS = {
     "q4f16": {"file": "model_q4f16.onnx", "weights": F16, "act": F16, "bits": 4},
     "int8": {"file": "model_quantized.onnx", "weights": F32, "act": F32, "bits": 8},
 }
-FILES = {k: v["file"] for k, v in VARIANTS.items()}
+FILES: dict[str, str] = {k: str(v["file"]) for k, v in VARIANTS.items()}
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
 # is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
