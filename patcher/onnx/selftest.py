@@ -9,12 +9,11 @@ and nothing here knows the right ones."""
 from pathlib import Path
 
 import numpy as np
+from patcher_kernels.codecs import INTEGER_DTYPES
 
 from patcher.errors import PatcherError
 from patcher.model.execution import StreamedModel
 
-# safetensors / GGUF integer and boolean dtypes: a weight stored so is codes, not numbers the graph can use
-NOT_FLOAT = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 SELF_TEST_TOKENS = 3  # prefill this many tokens, then decode one with the cache the prefill returned
 # onnxruntime holds the whole variant in memory: the self-test runs when that is at most this share of the
 # memory available (export itself streams one tensor at a time, and a 70B export must not need 280 GB)
@@ -134,8 +133,8 @@ def run_one_step(folder: Path, file: str, source, vocab: int) -> float:
         if logits.shape == (1, 1, vocab):
             mask = np.ones((1, ids.shape[1] + 1), np.int64)
             logits, _ = model.step(ids[:, -1:], mask, np.array([[ids.shape[1]]]), past, keep=1)
-    except PatcherError as e:
-        raise PatcherError(source, f"the exported model failed its self-test in onnxruntime: {e}") from None
+    except PatcherError as e:  # its `where` is the unpublished temporary folder: say the file's name
+        raise PatcherError(source, f"onnx/{file}: {e.problem}; nothing was written") from None
     except Exception as e:  # onnxruntime's own errors (a Reshape, a Gather out of range ...)
         import onnx
 
@@ -145,19 +144,19 @@ def run_one_step(folder: Path, file: str, source, vocab: int) -> float:
         at = f" at {', '.join(tensors)}" if tensors else ""
         raise PatcherError(
             source,
-            f"the exported model does not run in onnxruntime{at} ({_ort_reason(e)}): the config and the "
+            f"onnx/{file} does not run in onnxruntime{at} ({_ort_reason(e)}): the config and the "
             "tensors disagree; nothing was written",
         ) from None
     if logits.shape != (1, 1, vocab):
         raise PatcherError(
             source,
-            f"the exported model returns logits of shape {list(logits.shape)}, not [1, 1, {vocab}]; "
+            f"onnx/{file} returns logits of shape {list(logits.shape)}, not [1, 1, {vocab}]; "
             "nothing was written",
         )
     if not np.isfinite(logits).all():
         raise PatcherError(
             source,
-            "the exported model's logits are not finite (NaN or Inf) on a short input: the weights "
+            f"onnx/{file} computes non-finite logits (NaN or Inf) on a short input: the weights "
             "hold NaN/Inf or overflow in this dtype; nothing was written",
         )
     return time.perf_counter() - t0
@@ -181,7 +180,7 @@ def decoded(sm: StreamedModel, name: str) -> np.ndarray:
 
 def _refuse_codes(sm: StreamedModel, name: str) -> None:
     dtype = sm.ck.info(name).dtype
-    if dtype in NOT_FLOAT:
+    if dtype in INTEGER_DTYPES:
         raise PatcherError(
             _where(sm, name),
             f"{name} is {dtype}, not a floating-point weight: onnxruntime would compute with its integer "
