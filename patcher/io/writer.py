@@ -30,6 +30,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,36 @@ class _Budget:
             self.cond.notify_all()
 
 
+class Busy:
+    """Seconds one thread spent in each activity (read, hash, write, edit), for the summary's "where the
+    time went". One per thread: no lock, merged once the threads are done."""
+
+    PARTS = ("read", "edit", "hash", "write")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._since = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """Charge the time since the previous lap to `part`."""
+        now = time.perf_counter()
+        self.seconds[part] += now - self._since
+        self._since = now
+
+    def skip(self) -> None:
+        """Drop the time since the previous lap (waiting on a queue is nobody's work)."""
+        self._since = time.perf_counter()
+
+
+def merge_busy(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Seconds per activity, summed over threads (or files)."""
+    total = dict.fromkeys(Busy.PARTS, 0.0)
+    for seconds in parts:
+        for k, v in seconds.items():
+            total[k] += v
+    return total
+
+
 class InputDigest:
     """sha256 of one input file fed in file order from bytes that pass anyway; bytes nobody passed
     (a gap, or the tail) are read here. Bytes fed again (a second pass over a tensor) are skipped."""
@@ -245,6 +276,7 @@ class ShardWriter:
         ]
         self.input_sha: str | None = None  # the input's sha256, once finish() returned
         self.made = 0
+        self.busy = {"caller": Busy(), "read": Busy(), "write": Busy()}  # per thread; see busy_seconds
         self._closed = False
         for t in self.threads:
             t.start()
@@ -254,8 +286,14 @@ class ShardWriter:
         if self.errors:  # a thread failed (disk full, ...): stop computing
             raise self.errors[0]
 
-    def _put_data(self, offset: int, data, nbytes: int) -> None:
+    def _wait_budget(self, nbytes: int) -> None:
+        """Queue room for `nbytes`; the caller's time before it was edit work, the wait is not."""
+        self.busy["caller"].lap("edit")
         self.budget.take(nbytes, lambda: bool(self.errors))
+        self.busy["caller"].skip()
+
+    def _put_data(self, offset: int, data, nbytes: int) -> None:
+        self._wait_budget(nbytes)
         self._check()
         self.to_reader.put(("data", offset, data, nbytes))
 
@@ -264,11 +302,12 @@ class ShardWriter:
         (only the first time a range passes: a second pass over a tensor is not hashed again)."""
         if self.input is None or offset < self.watermark:
             return
-        self.budget.take(raw.nbytes, lambda: bool(self.errors))
+        self._wait_budget(raw.nbytes)
         self.to_reader.put(("seen", offset, raw, raw.nbytes))
         self.watermark = offset + raw.nbytes
 
     def produce(self) -> None:
+        self.busy["caller"].skip()
         self._put_data(0, self.header, len(self.header))
         os.ftruncate(self.fd, self.total)
         pos = len(self.header)
@@ -281,6 +320,7 @@ class ShardWriter:
             else:
                 _write_produced(self, t, pos)
             pos += t.nbytes
+        self.busy["caller"].lap("edit")
         self.to_reader.put(None)
 
     def finish(self) -> str | None:
@@ -288,9 +328,15 @@ class ShardWriter:
         for t in self.threads:
             t.join()
         self._check()
+        self.busy["caller"].skip()
         _start_writeback(self.fd, 0, self.total)
+        self.busy["caller"].lap("write")
         sha = self.out_sha or self.write_sha
         return sha.hexdigest() if sha else None
+
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds this file's threads spent reading, editing, hashing and writing (after finish())."""
+        return merge_busy(b.seconds for b in self.busy.values())
 
     def abort(self) -> None:
         """Make the threads and the producing caller stop soon (from any thread); close() still
@@ -340,29 +386,37 @@ class ShardWriter:
         raise self.errors[0]
 
     def _read_loop(self) -> None:
+        busy = self.busy["read"]
         while (item := self.to_reader.get()) is not None:
+            busy.skip()
             if self.errors:
                 return
             kind = item[0]
             if kind == "data":
                 if self.out_sha is not None:
                     _hash(self.out_sha, memoryview(item[2]).cast("B")[: item[3]])
+                    busy.lap("hash")
                 self.to_writer.put(item)
             elif kind == "seen":
                 _, offset, raw, nbytes = item
                 self.input.feed(offset, memoryview(raw.reshape(-1).view(np.uint8)))
+                busy.lap("hash")
                 self.budget.give(nbytes)
             else:
                 self._copy(*item[1:])
+        busy.skip()
         if self.input is not None and not self.errors:
             self.input_sha = self.input.finish()  # the tail nobody passed (none, normally)
+            busy.lap("hash")
         self.to_writer.put(None)
 
     def _copy(self, src: Path, src_off: int, dst_off: int, count: int) -> None:
         sfd = self._source(src)
+        busy = self.busy["read"]
         if self.copy == "kernel":
             _copy_range(sfd, self.fd, src_off, dst_off, count)
             _start_writeback(self.fd, dst_off, count)
+            busy.lap("write")  # the kernel reads and writes in one call: one activity to the user
             if self.on_bytes:
                 self.on_bytes(count)
             return
@@ -371,24 +425,31 @@ class ShardWriter:
         while src_off < end and not self.errors:
             n = min(_CHUNK, end - src_off)
             buf = self._buffer()
+            busy.skip()
             if self.copy == "range":  # kernel copy, then the same range back from the page cache
                 _copy_range(sfd, self.fd, src_off, dst_off, n)
+                busy.lap("write")
             _pread_into(sfd, buf[:n], src_off)
+            busy.lap("read")
             if feed:
                 self.input.feed(src_off, buf[:n])
             if self.out_sha is not None:  # the chunk is still in this core's cache: both digests here
                 _hash(self.out_sha, buf[:n])
+            busy.lap("hash")
             self.to_writer.put(("chunk", dst_off, buf, n))
             src_off, dst_off = src_off + n, dst_off + n
 
     def _write_loop(self) -> None:
+        busy = self.busy["write"]
         while (item := self.to_writer.get()) is not None:
+            busy.skip()
             if self.errors:
                 return
             kind, offset, data, n = item
             view = memoryview(data).cast("B")[:n]
             if self.write_sha is not None:
                 _hash(self.write_sha, view)
+                busy.lap("hash")
             if kind != "chunk" or self.copy != "range":
                 _pwrite_all(self.fd, view, offset)
             if kind == "chunk":
@@ -396,6 +457,7 @@ class ShardWriter:
                 _start_writeback(self.fd, offset, n)
             else:
                 self.budget.give(n)
+            busy.lap("write")
             if self.on_bytes:
                 self.on_bytes(n)
 
