@@ -635,7 +635,7 @@ def test_where_the_time_went_sums_to_the_wall_time(hash_files, tmp_path, directi
     parts = rep.time_parts
     assert set(parts) == {"read", "edit", "hash", "write", "other"} and min(parts.values()) >= 0
     assert sum(parts.values()) == pytest.approx(rep.seconds, rel=1e-6)
-    assert rep.seconds <= wall and sum(parts.values()) == pytest.approx(wall, rel=0.1, abs=0.02)
+    assert rep.seconds <= wall and sum(parts.values()) == pytest.approx(wall, rel=0.1, abs=0.05)
     assert parts["edit"] > 0 and parts["write"] > 0 and rep.threads_busy > 0
     assert (parts["hash"] > 0) == hash_files  # --no-hash: no time in sha256
 

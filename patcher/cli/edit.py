@@ -126,9 +126,9 @@ def _run_gguf(
         out.print(t)
 
 
-_TIME_HINTS = {
-    "hash": "sha256 of inputs and outputs: --no-hash skips it; later edits of this base reuse its digests",
-    "write": "the disk: writing is the floor (cp would take as long)",
+_TIME_HINTS = {  # what the largest part means for the user
+    "hash": "sha256 bound (--no-hash skips it; later edits of this base reuse its digests)",
+    "write": "disk bound (a plain copy takes as long)",
 }
 
 
@@ -137,9 +137,9 @@ def time_line(parts: dict[str, float], threads_busy: float) -> str:
     wall = sum(parts.values()) or 1.0
     ranked = sorted(parts.items(), key=lambda kv: -kv[1])
     text = ", ".join(f"{k} {v:.2f} s ({v / wall:.0%})" for k, v in ranked)
-    text += f"; {threads_busy:.1f} threads busy on average while writing"
+    text += f"; {threads_busy:.1f} threads busy while writing"
     hint = _TIME_HINTS.get(ranked[0][0])
-    return text + (f" — mostly {hint}" if hint else "")
+    return text + (f": {hint}" if hint else "")
 
 
 def _summary(plan: Plan, report) -> None:

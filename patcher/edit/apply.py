@@ -221,11 +221,12 @@ def execute(
     byte written once), except inputs whose digest is known (digest cache, hub blob name) unless
     `rehash_inputs`; `shards_in_flight` (default: from the cores, patcher.edit.shards) = 1 finishes
     each shard before computing the next (same bytes for any number)."""
+    t0 = time.perf_counter()
     keep_freed_blocks()
     in_flight = shards.in_flight(len(plan.ck.files), shards_in_flight)
     with _one_blas_thread():
         return _execute(
-            plan, out, force, command, progress, on_shard, recipe, hash_files, in_flight, rehash_inputs
+            plan, out, force, command, progress, on_shard, recipe, hash_files, in_flight, rehash_inputs, t0
         )
 
 
@@ -241,10 +242,9 @@ def _one_blas_thread():
 
 
 def _execute(
-    plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight, rehash
+    plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight, rehash, t0
 ) -> Report:
     report = Report(out=Path(out))
-    t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
     hasher = manifest.Hasher(enabled=hash_files)
