@@ -32,6 +32,8 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(writer, "_HASH_SLICE", 333)
     monkeypatch.setattr(writer, "_BUFFERS", 2)
     monkeypatch.setattr(writer, "_IN_FLIGHT", 4096)
+    monkeypatch.setattr(writer, "_COPY_PIECE", 3000)  # a copy thread gets many small ranges
+    monkeypatch.setattr(writer, "_COPY_AHEAD", 7000)
 
 
 @pytest.fixture
@@ -142,6 +144,29 @@ def test_writer_error_stops_the_run_and_leaves_nothing(tmp_path, direction64, sm
     monkeypatch.setattr(writer, "_pwrite_all", fail_late)
     r = run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", tmp_path / "out", expect=1)
     assert "No space left on device" in r.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_failing_copy_thread_stops_the_run_and_leaves_nothing(
+    tmp_path, direction64, small_chunks, monkeypatch
+):
+    import threading
+
+    from patcher.edit import shards
+
+    monkeypatch.setattr(shards, "cores", lambda: 16)  # a copy thread per file
+    calls = []
+    orig = writer._copy_range
+
+    def fail_late(*a):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 9:
+            raise OSError(28, "No space left on device")
+        return orig(*a)
+
+    monkeypatch.setattr(writer, "_copy_range", fail_late)
+    r = run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", tmp_path / "out", expect=1)
+    assert "No space left on device" in r.output and calls[-1].startswith("copy ")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
@@ -403,17 +428,19 @@ def _plan(model_type, direction64):
 
 
 @pytest.mark.parametrize(
-    "model_type,window,ncores,spread,most",
+    "model_type,window,ncores,spread,copier,most",
     [
-        ("mixtral", 2, 2, False, 2),  # two files at once: each keeps both digests on its reader (cache-hot)
-        ("mixtral", 2, 16, True, 2),  # cores to spare: each file's output digest gets its own thread
-        ("mixtral", None, 2, False, 2),  # chosen from 2 cores: two at once
-        ("mixtral", 1, 2, True, 1),  # one at a time: the writer thread takes the output digest
-        ("llama-single", 2, 2, True, 1),  # a one-file checkpoint runs alone whatever the window
+        ("mixtral", 2, 2, False, False, 2),  # two at once: each keeps both digests on its reader (cache-hot)
+        ("mixtral", 2, 6, True, False, 2),  # cores to spare: each file's output digest gets its own thread
+        ("mixtral", 2, 16, True, True, 2),  # and its kernel copy too
+        ("mixtral", None, 2, False, False, 2),  # chosen from 2 cores: two at once
+        ("mixtral", 1, 2, True, False, 1),  # one at a time: the writer thread takes the output digest
+        ("llama-single", 2, 2, True, False, 1),  # a one-file checkpoint runs alone whatever the window
+        ("llama-single", None, 4, True, True, 1),  # alone on 4 cores: copy, digests and edit apart
     ],
 )
 def test_shards_in_flight_and_where_the_digests_run(
-    model_type, window, ncores, spread, most, tmp_path, direction64, fresh_cache, monkeypatch
+    model_type, window, ncores, spread, copier, most, tmp_path, direction64, fresh_cache, monkeypatch
 ):
     import threading
 
@@ -429,8 +456,9 @@ def test_shards_in_flight_and_where_the_digests_run(
 
     class Spy(writer.ShardWriter):
         def __init__(self, *a, **k):
-            seen.append(k["spread_digests"])
+            seen.append((k["spread_digests"], k["copy_thread"]))
             super().__init__(*a, **k)
+            assert (self.to_copier is not None) == copier  # hashing is on: a range copy
 
         def produce(self):
             with lock:
@@ -447,7 +475,7 @@ def test_shards_in_flight_and_where_the_digests_run(
     most_seen: list[int] = []
     monkeypatch.setattr(shards, "ShardWriter", Spy)
     apply.execute(plan, tmp_path / "out", shards_in_flight=window)
-    assert seen and set(seen) == {spread}
+    assert seen and set(seen) == {(spread, copier)}
     assert max(most_seen) == most
 
 

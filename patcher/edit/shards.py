@@ -6,9 +6,10 @@ file calls release the GIL). Each shard's bytes depend only on its own tensors: 
 for any number in flight (tests/test_stream_io.py).
 
 How many run at once follows the cores (`in_flight`, or `--jobs`): one shard in flight keeps about
-three threads busy when its digests are spread (edit math; copy + input sha256; output sha256), and
-sha256 is one sequential stream per file (~1.0-1.6 GB/s per core with SHA-NI), so the digests hide
-behind the copy only when there are cores for them. Memory grows by ~40 MiB per shard in flight
+three threads busy when its digests are spread (edit math; copy + input sha256; output sha256), four
+with a copy thread of its own, and sha256 is one sequential stream per file (~1.0-1.6 GB/s per core
+with SHA-NI), so the digests hide behind the copy only when there are cores for them; a single large
+file is then bound by its two digests. Memory grows by ~40 MiB per shard in flight
 (8 MiB of queued blocks, 4 x 1 MiB buffers, the row blocks, a malloc arena per thread; BENCHMARKS.md),
 so at most MAX_IN_FLIGHT unless the user asks for more. The disk is not measured: one shard's copy
 already keeps a disk busy, and a faster disk only moves the bound onto the digests.
@@ -52,6 +53,12 @@ def spread_digests(in_flight: int, ncores: int | None = None) -> bool:
     return in_flight == 1 or (ncores or cores()) >= THREADS_PER_SHARD * in_flight
 
 
+def copy_thread(in_flight: int, ncores: int | None = None) -> bool:
+    """Give each file a fourth thread for the kernel copy when there are cores for it, so the reader
+    only reads and hashes: a single large file is then bound by its two digests, not digests + copy."""
+    return (ncores or cores()) >= (THREADS_PER_SHARD + 1) * in_flight
+
+
 class ShardRun:
     """Writes a plan's output shards into `tmp`, up to `in_flight` at once; records their digests
     (or sizes, when hashing is off) in `hasher`, in shard order."""
@@ -81,9 +88,9 @@ class ShardRun:
 
     def _run(self, layout: dict[str, list[OutTensor]], in_flight: int) -> None:
         in_flight = max(1, min(in_flight, len(layout)))
-        spread = spread_digests(in_flight)
+        threads = (spread_digests(in_flight), copy_thread(in_flight))
         with ThreadPoolExecutor(in_flight, thread_name_prefix="shard") as pool:
-            jobs = [pool.submit(self._one, fname, tensors, spread) for fname, tensors in layout.items()]
+            jobs = [pool.submit(self._one, fname, tensors, *threads) for fname, tensors in layout.items()]
             try:
                 pending = set(jobs)
                 while pending:  # the first shard to fail stops the others at once
@@ -127,7 +134,7 @@ class ShardRun:
             return name
         return None
 
-    def _one(self, fname: str, tensors: list[OutTensor], spread: bool):
+    def _one(self, fname: str, tensors: list[OutTensor], spread: bool, copier: bool):
         sf = self.ck.files[fname]
         if self.on_shard:
             self.on_shard(fname)
@@ -147,6 +154,7 @@ class ShardRun:
                 hash_out=hashing,
                 input_digest=digest,
                 spread_digests=spread,
+                copy_thread=copier,
             )
         except BaseException:
             if digest is not None:

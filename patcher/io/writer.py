@@ -1,7 +1,7 @@
 """Streaming safetensors writer and the atomic output folder.
 
 The header is written first (every output shape is known up front), then tensor data in file order.
-One output file is a pipeline of three threads, each handed its work in file order:
+One output file is a pipeline of three or four threads, each handed its work in file order:
 
   caller         walks the tensors: queues untouched ranges as copy jobs (no bytes), computes edited
                  tensors into encoded blocks, and reports the raw input rows the edit read (`seen`);
@@ -12,6 +12,8 @@ One output file is a pipeline of three threads, each handed its work in file ord
                  (header and computed blocks included) while the chunk is still in this core's cache;
   writer         writes the computed blocks (and, with `spread_digests`, feeds the output's sha256
                  instead of the reader: for a file that runs alone, two busy threads beat one).
+  copy           (with `copy_thread`, where cores are spare) the kernel copies of untouched ranges, at
+                 most _COPY_AHEAD ahead of the reader, which then only reads back and hashes.
 
 So with hashing on, each input byte is read from disk once and each output byte written once, and the
 digests run beside the edit math (hashlib, pread, pwrite and copy_file_range release the GIL); the
@@ -46,6 +48,8 @@ _CHUNK = 1 << 20  # untouched ranges pass the digests in chunks of this size (st
 _HASH_SLICE = 1 << 20  # hash larger blocks in slices too (measured: 16 MiB slices ~30 % slower)
 _BUFFERS = 4  # reusable chunk buffers per output file
 _IN_FLIGHT = 8 << 20  # bytes of computed blocks and seen rows queued per output file (16 or 32: no faster)
+_COPY_PIECE = 16 << 20  # with a copy thread: ranges handed to it at a time, at most _COPY_AHEAD ahead
+_COPY_AHEAD = 64 << 20  # of the digests (the source pages it reads stay cached until they are hashed)
 
 
 @dataclass
@@ -247,6 +251,7 @@ class ShardWriter:
         input_digest: InputDigest | None = None,
         copy: str | None = None,
         spread_digests: bool = False,
+        copy_thread: bool = False,
     ):
         self.path, self.tensors, self.on_bytes = Path(path), tensors, on_bytes
         self.header = header_bytes(tensors, metadata)
@@ -267,16 +272,20 @@ class ShardWriter:
         self.free: queue.Queue = queue.Queue()
         self.to_reader: queue.Queue = queue.Queue()
         self.to_writer: queue.Queue = queue.Queue()
+        # a copy thread takes the kernel copies off the reader, which then only reads and hashes: with
+        # cores to spare a single large file is bound by its digests alone (one sequential stream each)
+        self.to_copier: queue.Queue | None = queue.Queue() if copy_thread and self.copy == "range" else None
         self.watermark = 0  # input offset up to which the reader has been told about bytes
         self.sources: dict[Path, int] = {}
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.threads = [
             threading.Thread(target=self._guarded, args=(f,), daemon=True, name=f"{n} {self.path.name}")
             for n, f in (("read", self._read_loop), ("write", self._write_loop))
+            + ((("copy", self._copy_loop),) if self.to_copier is not None else ())
         ]
         self.input_sha: str | None = None  # the input's sha256, once finish() returned
         self.made = 0
-        self.busy = {"caller": Busy(), "read": Busy(), "write": Busy()}  # per thread; see busy_seconds
+        self.busy = {n: Busy() for n in ("caller", "read", "write", "copy")}  # per thread: busy_seconds
         self._closed = False
         for t in self.threads:
             t.start()
@@ -343,7 +352,13 @@ class ShardWriter:
         releases the files, on the thread that owns them."""
         self.errors.append(InterruptedError("writer stopped"))
         self.to_reader.put(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        """End the writer's and the copier's loops (they wait on their queues)."""
         self.to_writer.put(None)
+        if self.to_copier is not None:
+            self.to_copier.put(None)
 
     def close(self) -> None:
         """Stop the threads (after an error or interrupt too) and release the files."""
@@ -366,7 +381,7 @@ class ShardWriter:
             loop()
         except BaseException as e:
             self.errors.append(e)
-            self.to_writer.put(None)
+            self._wake()
 
     def _source(self, path: Path) -> int:
         if path not in self.sources:
@@ -408,7 +423,7 @@ class ShardWriter:
         if self.input is not None and not self.errors:
             self.input_sha = self.input.finish()  # the tail nobody passed (none, normally)
             busy.lap("hash")
-        self.to_writer.put(None)
+        self._wake()
 
     def _copy(self, src: Path, src_off: int, dst_off: int, count: int) -> None:
         sfd = self._source(src)
@@ -421,12 +436,16 @@ class ShardWriter:
                 self.on_bytes(count)
             return
         feed = self.input is not None and src == self.input.path
-        end = src_off + count
+        end, handed = src_off + count, src_off  # handed: source offset up to which the copier has ranges
         while src_off < end and not self.errors:
             n = min(_CHUNK, end - src_off)
+            while self.to_copier is not None and handed < min(end, src_off + _COPY_AHEAD):
+                piece = min(_COPY_PIECE, end - handed)
+                self.to_copier.put((sfd, handed, dst_off + handed - src_off, piece))
+                handed += piece
             buf = self._buffer()
             busy.skip()
-            if self.copy == "range":  # kernel copy, then the same range back from the page cache
+            if self.copy == "range" and self.to_copier is None:  # kernel copy, then read back (cached)
                 _copy_range(sfd, self.fd, src_off, dst_off, n)
                 busy.lap("write")
             _pread_into(sfd, buf[:n], src_off)
@@ -438,6 +457,17 @@ class ShardWriter:
             busy.lap("hash")
             self.to_writer.put(("chunk", dst_off, buf, n))
             src_off, dst_off = src_off + n, dst_off + n
+
+    def _copy_loop(self) -> None:
+        busy = self.busy["copy"]
+        while (item := self.to_copier.get()) is not None:
+            busy.skip()
+            if self.errors:
+                return
+            sfd, src_off, dst_off, n = item
+            _copy_range(sfd, self.fd, src_off, dst_off, n)
+            _start_writeback(self.fd, dst_off, n)
+            busy.lap("write")
 
     def _write_loop(self) -> None:
         busy = self.busy["write"]
