@@ -253,7 +253,7 @@ def _control_vector(res, d, layer: int, alpha: float, path: Path, force: bool, d
 
 
 _JOBS_HELP = (
-    "Shards written at once (default: from the cores, 2 to 4; more uses ~40 MiB more memory each "
+    "Shards written at once (default: from the cores, 2 to 4; each uses ~30 MiB of memory "
     "and helps when there are cores to hash beside the copy)"
 )
 _REHASH_HELP = (

@@ -9,10 +9,11 @@ How many run at once follows the cores (`in_flight`, or `--jobs`): one shard in 
 three threads busy when its digests are spread (edit math; copy + input sha256; output sha256), four
 with a copy thread of its own, and sha256 is one sequential stream per file (~1.0-1.6 GB/s per core
 with SHA-NI), so the digests hide behind the copy only when there are cores for them; a single large
-file is then bound by its two digests. Memory grows by ~40 MiB per shard in flight
-(8 MiB of queued blocks, 4 x 1 MiB buffers, the row blocks, a malloc arena per thread; BENCHMARKS.md),
-so at most MAX_IN_FLIGHT unless the user asks for more. The disk is not measured: one shard's copy
-already keeps a disk busy, and a faster disk only moves the bound onto the digests.
+file is then bound by its two digests. Memory grows by ~30 MiB per shard in flight (8 MiB of
+queued blocks, 4 x 1 MiB buffers, the row blocks, a malloc arena per thread: 80 / 114 / 168 MiB peak
+RSS with 1 / 2 / 4, BENCHMARKS.md), so at most MAX_IN_FLIGHT unless the user asks for more. The
+disk is not measured: one shard's copy already keeps a disk busy, and a faster disk only moves the
+bound onto the digests.
 """
 
 import os
@@ -25,7 +26,7 @@ from patcher.io import manifest
 from patcher.io.jsonsafe import dumps
 from patcher.io.writer import InputDigest, OutTensor, ShardWriter, merge_busy
 
-MAX_IN_FLIGHT = 4  # peak RSS stays under 256 MiB: ~30 MiB + ~40 MiB per shard in flight (measured)
+MAX_IN_FLIGHT = 4  # peak RSS well under 256 MiB: ~50 MiB + ~30 MiB per shard in flight (measured)
 THREADS_PER_SHARD = 3  # edit; copy + input digest; output digest (when spread)
 
 
