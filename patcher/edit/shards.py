@@ -125,15 +125,16 @@ class ShardRun:
         if known is not None:
             return known
         name = manifest.hub_blob_sha256(sf.path)
+        if name is None:
+            return None
         try:
-            same = name is not None and os.stat(sf.path).st_size == sf.size
+            if os.stat(sf.path).st_size != sf.size:  # changed since it was opened and checked
+                return None
         except OSError:
-            same = False
-        if same:
-            with self.lock:
-                self.from_hub[fname] = name
-            return name
-        return None
+            return None
+        with self.lock:
+            self.from_hub[fname] = name
+        return name
 
     def _one(self, fname: str, tensors: list[OutTensor], spread: bool, copier: bool):
         sf = self.ck.files[fname]

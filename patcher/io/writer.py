@@ -459,8 +459,9 @@ class ShardWriter:
             src_off, dst_off = src_off + n, dst_off + n
 
     def _copy_loop(self) -> None:
-        busy = self.busy["copy"]
-        while (item := self.to_copier.get()) is not None:
+        busy, jobs = self.busy["copy"], self.to_copier
+        assert jobs is not None  # started only with a copy queue
+        while (item := jobs.get()) is not None:
             busy.skip()
             if self.errors:
                 return
