@@ -172,7 +172,7 @@ class Busy:
 
     PARTS = ("read", "edit", "hash", "write")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
         self._since = time.perf_counter()
 
