@@ -163,7 +163,7 @@ def register(app) -> None:
                 raise PatcherError("--engine", f"must be one of {', '.join(sr.ENGINES)}")
             dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
             given = directions if directions is not None else (dirs_out if dirs_out.is_file() else None)
-            _check_study(st, study_file, model, given)  # before the extraction, not 11 s later
+            _check_study(st, study_file, model, given, arch_table)  # before the extraction, not 11 s later
             from patcher.io.paths import check_output
 
             inputs = [model, positive, negative, eval_positive, eval_negative, directions, config, arch_table]
@@ -272,13 +272,13 @@ def register(app) -> None:
         guard(body)
 
 
-def _check_study(st, study_file: Path, model, directions: Path | None) -> None:
+def _check_study(st, study_file: Path, model, directions: Path | None, arch_table: Path | None) -> None:
     """A study file that exists is readable, patcher's, and was searched on this model (and with these
     directions, when they are known before extraction): checked before any work."""
     from patcher.io.manifest import folder_identity, sha256_file
     from patcher.model.opened import Model
 
-    with Model.open(model) as m:
+    with Model.open(model, arch_table) as m:
         identity = folder_identity(m.folder)
     attrs = st.check_study_file(study_file, model_identity=identity)
     if attrs and directions is not None and Path(directions).is_file():
