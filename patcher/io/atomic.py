@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import TypeGuard
 
 from patcher.errors import PatcherError
 
@@ -168,8 +169,8 @@ class OutputLock:
         self.fd = -1
 
 
-def _plain_name(name) -> bool:
-    return isinstance(name, str) and name and "/" not in name and name not in (".", "..")
+def _plain_name(name: object) -> TypeGuard[str]:
+    return isinstance(name, str) and name != "" and "/" not in name and name not in (".", "..")
 
 
 def _stat_key(path: Path):

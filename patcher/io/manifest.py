@@ -139,16 +139,16 @@ class Hasher:
 
     def __init__(self, enabled: bool = True):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self.jobs: dict[str, object] = {}
+        self.jobs: dict[str, Future[str]] = {}
         self.cache = DigestCache() if enabled else None
-        self.digest = self.cache.sha256 if enabled else size_only
+        self.digest = self.cache.sha256 if self.cache else size_only
 
     def add(self, key: str, path: Path) -> None:
         self.jobs[key] = self.pool.submit(self.digest, path)
 
     def set(self, key: str, digest: str) -> None:
         """Record a digest computed while the bytes streamed (see patcher.io.writer)."""
-        done: Future = Future()
+        done: Future[str] = Future()
         done.set_result(digest)
         self.jobs[key] = done
 

@@ -4,6 +4,7 @@ the checkpoint one at a time when the model is saved, so export never holds the 
 """
 
 import math
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -157,7 +158,7 @@ class Context:
             for part in parts:
                 shp, dt = dims[part]
                 t = ir.LazyTensor(
-                    lambda part=part, dt=dt: produce(part, NP.get(dt, np.uint8)),
+                    partial(produce, part, NP.get(dt, np.uint8)),
                     dtype=dt,
                     shape=ir.Shape(shp),
                     name=f"{name}.{part}",

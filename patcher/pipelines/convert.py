@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,7 @@ def to_hf(
             weight_map, total = {}, 0
             for fname, names in shards:
                 tensors = [
-                    OutTensor(
-                        n, st_dtype, view.info(n).shape, produce=lambda n=n: _hf_blocks(view, n, st_dtype)
-                    )
+                    OutTensor(n, st_dtype, view.info(n).shape, produce=partial(_hf_blocks, view, n, st_dtype))
                     for n in names
                 ]
                 sha = write_safetensors(tmp / fname, tensors, {"format": "pt"}, hash_out=hash_files)
