@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def describe(ck: Model, res: Resolved | None) -> dict:
-    dtypes = Counter()
+    dtypes: Counter[str] = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.nbytes
     info = {

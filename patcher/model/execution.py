@@ -3,6 +3,7 @@ weights decoded (float32) at a time. Peak memory ~ one block's weights + one bat
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 from patcher_kernels.codecs import decode
@@ -94,6 +95,27 @@ class StreamedModel:
     def block_weights(self, layer: int) -> dict:
         prefix = self.resolved.layer_prefix(layer)
         return self._load([n for n in self.ck.tensors if n.startswith(prefix)], prefix)
+
+    @overload
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        on_resid: Callable[[int, np.ndarray], None] | None = None,
+        *,
+        logits: Literal[True],
+        layers: Iterable[int] | None = None,
+    ) -> np.ndarray: ...
+
+    @overload
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        on_resid: Callable[[int, np.ndarray], None] | None = None,
+        logits: bool = False,
+        layers: Iterable[int] | None = None,
+    ) -> np.ndarray | None: ...
 
     def run(
         self,

@@ -197,22 +197,23 @@ class PromptTokenizer:
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
 
-    def _id(self, name: str) -> int | None:
+    def special_id(self, name: str) -> int | None:
+        """Id of a special token by its role (bos_token, eos_token, ...); None when it has none."""
         token = self.special_tokens.get(name)
         return None if token is None else self.tokenizer.token_to_id(token)
 
     @property
     def bos_id(self) -> int | None:
-        return self._id("bos_token")
+        return self.special_id("bos_token")
 
     @property
     def eos_id(self) -> int | None:
-        return self._id("eos_token")
+        return self.special_id("eos_token")
 
     @property
     def pad_id(self) -> int:
         for name in ("pad_token", "eos_token"):
-            if (i := self._id(name)) is not None:
+            if (i := self.special_id(name)) is not None:
                 return i
         return 0
 

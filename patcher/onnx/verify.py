@@ -2,6 +2,7 @@
 agreement), the direction's projection per layer, and behaviour (marker rate, first-token KL)."""
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,14 @@ from patcher.errors import PatcherError
 from patcher.io.manifest import folder_identity
 from patcher.io.paths import read_json_object
 from patcher.model.execution import StreamedModel
-from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import (
+    PromptTokenizer,
+    check_lengths,
+    encode_prompts,
+    left_pad,
+    load_tokenizer,
+    read_prompt_file,
+)
 from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
 from patcher.onnx.quality import QUALITY_PROMPTS, QUALITY_TOKENS, Quality, compare, kl
 from patcher.onnx.runtime import OnnxModel
@@ -69,9 +77,9 @@ def is_onnx_folder(path: Path) -> bool:
 class Prompts:
     texts: list[str]
     ids: list[list[int]]
-    tokenizer: object
+    tokenizer: PromptTokenizer
 
-    def batch(self, rows=None):
+    def batch(self, rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = range(len(self.ids)) if rows is None else rows
         return left_pad([self.ids[i] for i in rows], self.tokenizer.pad_id)
 
@@ -344,7 +352,7 @@ def verify(
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
         eos = _eos(reference, p.tokenizer)
-        texts = {}
+        texts: dict[str, list[str]] = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
             m = OnnxModel(folder, variant_file(folder, "fp32" if label == "original" else dtype), provider)
             texts[label] = []
@@ -392,7 +400,7 @@ def projections(edited: StreamedModel, original: StreamedModel | None, ids, mask
     """Mean |r̂ · resid_pre[l]| / |resid_pre[l]| over real tokens, per layer, for each model."""
     r = direction.unit[0]
     real = mask.astype(bool)
-    rows = {}
+    rows: dict[int, dict] = {}  # layer -> its row
     for label, sm in (("edited", edited), ("original", original)):
         if sm is None:
             continue
