@@ -115,6 +115,8 @@ SKIP = shutil.ignore_patterns(
     ".pytest_cache",
     ".hypothesis",
     ".mutmut-cache",
+    ".mypy_cache",
+    ".ruff_cache",
     "bench-out",
     ".venv",
 )
