@@ -212,7 +212,7 @@ def register(app) -> None:
             )
             from patcher.onnx.export import variant_file
             from patcher.onnx.runtime import OnnxModel
-            from patcher.onnx.verify import FILES, _eos, _until_eos, folder_config
+            from patcher.onnx.verify import FILES, folder_config, stop_tokens, until_eos
 
             if (prompt is None) == (prompts is None):
                 raise PatcherError(
@@ -243,7 +243,7 @@ def register(app) -> None:
                     "--prompt" if prompt is not None else prompts, "a prompt tokenizes to nothing"
                 )
             check_lengths(ids, cfg, "--prompt" if prompt is not None else prompts, extra=max_new_tokens)
-            eos = _eos(folder, tok)
+            eos = stop_tokens(folder, tok)
             kw = dict(eos_ids=eos, sample=sample, temperature=temperature, top_k=top_k, seed=seed)
             if prompt is not None:  # stream
                 shown = []
@@ -264,7 +264,7 @@ def register(app) -> None:
                 new = m.generate(*left_pad(ids[s : s + batch_size], tok.pad_id), max_new_tokens, **kw)
                 for text, row in zip(texts[s : s + batch_size], new):
                     out.print(f"[bold]> {text}[/]", highlight=False)
-                    out.print(tok.decode(_until_eos(row, eos), skip_special_tokens=True), highlight=False)
+                    out.print(tok.decode(until_eos(row, eos), skip_special_tokens=True), highlight=False)
 
         guard(body)
 

@@ -35,7 +35,8 @@ def sha256_file(path) -> str:
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_path() -> Path:
+def digest_cache_path() -> Path:
+    """Where file digests are cached by identity (PATCHER_CACHE, default ~/.cache/patcher)."""
     return (
         Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "sha256-by-identity.json"
     )
@@ -62,7 +63,7 @@ class DigestCache:
     """file identity -> sha256, persisted between runs (a cache: losing it only costs time)."""
 
     def __init__(self):
-        self.path = _cache_path()
+        self.path = digest_cache_path()
         try:
             self.known = json.loads(self.path.read_text())
             self.known = self.known if isinstance(self.known, dict) else {}

@@ -142,9 +142,9 @@ def _forbidden_places(target: Path, real: Path) -> str | None:
 
 
 def _owned_path() -> Path:
-    from patcher.io.manifest import _cache_path
+    from patcher.io.manifest import digest_cache_path
 
-    return _cache_path().parent / "owned-outputs.json"
+    return digest_cache_path().parent / "owned-outputs.json"
 
 
 def _file_identity(path) -> str:

@@ -221,7 +221,8 @@ def leakage(stored: dict, exact: StreamedModel, original: StreamedModel | None, 
     return {"summary": summary, "tensors": rows}
 
 
-def _eos(folder: Path, tok) -> list[int]:
+def stop_tokens(folder: Path, tok: PromptTokenizer) -> list[int]:
+    """The token ids generation stops at: the tokenizer's eos and generation_config.json's eos_token_id."""
     ids = {tok.eos_id} if tok.eos_id is not None else set()
     gen = Path(folder) / "generation_config.json"
     if gen.exists():
@@ -234,6 +235,9 @@ def _eos(folder: Path, tok) -> list[int]:
             )
         ids |= set(e)
     return sorted(i for i in ids if i is not None)
+
+
+_eos = stop_tokens  # the old name: patcher/search/run.py (being refactored, issue 23) imports it
 
 
 PARITY_CHUNK = 8  # prompts per numpy forward: memory holds one chunk's logits, whatever the prompt count
@@ -337,7 +341,7 @@ def verify(
             onnx_model,
             qp.ids,
             quality_tokens,
-            _eos(reference, qp.tokenizer),
+            stop_tokens(reference, qp.tokenizer),
         )
     if stored and direction is not None:
         from patcher_kernels.project import orthonormalize
@@ -351,7 +355,7 @@ def verify(
         )
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
-        eos = _eos(reference, p.tokenizer)
+        eos = stop_tokens(reference, p.tokenizer)
         texts: dict[str, list[str]] = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
             m = OnnxModel(folder, variant_file(folder, "fp32" if label == "original" else dtype), provider)
@@ -359,7 +363,7 @@ def verify(
             for rows in _chunks(len(p.ids)):
                 new = m.generate(*p.batch(rows), behaviour_tokens, eos_ids=eos)
                 texts[label] += [
-                    p.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in new
+                    p.tokenizer.decode(until_eos(row, eos), skip_special_tokens=True) for row in new
                 ]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
@@ -371,7 +375,8 @@ def verify(
     return rep
 
 
-def _until_eos(row, eos):
+def until_eos(row: np.ndarray, eos: Iterable[int]) -> list[int]:
+    """A generated row's tokens before the first stop token."""
     out = []
     for t in row.tolist():
         if t in eos:
