@@ -623,9 +623,8 @@ def print_report(rep: DiffReport, out, max_rows: int = 60) -> None:
     c = rep.counts
     head.add_row(
         "tensors",
-        f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} "
-        f"changed, "
-        f"{c['added']} added, {c['removed']} removed ({rep.seconds:.2f} s)",
+        f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} changed, {c['added']} "
+        f"added, {c['removed']} removed ({rep.seconds:.2f} s)",
     )
     out.print(head)
     if rep.tensors:

@@ -153,9 +153,8 @@ def plan_ablation(
         ):
             raise PatcherError(
                 ck.folder / ck.shard_of[t.weight],
-                f"{t.weight} has shape {list(info.shape)}; the table says axis "
-                f"{t.residual_axis} "
-                f"is the residual axis (d_model={resolved.d_model})",
+                f"{t.weight} has shape {list(info.shape)}; the table says axis {t.residual_axis} is the "
+                f"residual axis (d_model={resolved.d_model})",
             )
         fp8 = _fp8_scale_name(ck, t.weight)
         plan.edits[t.weight] = _edit_for(
@@ -278,16 +277,14 @@ def plan_injection(
                     )
         plan.notes.append(
             f"config.json {slot.config_flag}=true so HF transformers loads the bias; the "
-            f"other biases "
-            f"that flag requires are written as zeros"
+            "other biases that flag requires are written as zeros"
         )
     if slot.hf_loads:
         plan.notes.append(f"{bias} is loaded by HF transformers and is active there and in the ONNX export")
     else:
         plan.notes.append(
-            f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores "
-            f"this tensor "
-            f"(an 'unused weights' warning). The ONNX export (patcher export) carries it"
+            f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores this tensor "
+            "(an 'unused weights' warning). The ONNX export (patcher export) carries it"
         )
     plan.record = {
         "op": "inject",

@@ -102,9 +102,8 @@ class OutputLock:
                 os.close(fd)
                 raise PatcherError(
                     self.target,
-                    "another patcher run is writing this output right now "
-                    f"(it holds {self.path.name}); wait for it to finish or "
-                    "choose another output",
+                    f"another patcher run is writing this output right now (it holds {self.path.name}); wait "
+                    "for it to finish or choose another output",
                 ) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))

@@ -385,18 +385,15 @@ def check_lengths(
     if limit is not None and n > limit:
         raise PatcherError(
             where,
-            f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the "
-            f"model "
-            f"takes at most {limit} positions (config.json max_position_embeddings)",
+            f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the model takes at most "
+            f"{limit} positions (config.json max_position_embeddings)",
         )
     need = (heads or 1) * n * n * 4 * 3 * max(1, min(batch_size, len(token_lists)))
     if need > ATTENTION_BUDGET:
         raise PatcherError(
             where,
             f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its "
-            f"attention "
-            f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); "
-            f"use shorter "
+            f"attention needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); use shorter "
             "prompts or a smaller --batch-size",
         )
 

@@ -429,8 +429,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                             Problem(
                                 st.line,
                                 f"step {st.index} ({st.op}): no direction given "
-                                f"and no "
-                                "extract step before it",
+                                "and no extract step before it",
                             )
                         )
                     else:
@@ -493,9 +492,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                 problems.append(
                     Problem(
                         a.step.line,
-                        f"step {a.step.index}: writes {a.output}, as step "
-                        f"{seen[key]} "
-                        "does; give each step its own output",
+                        f"step {a.step.index}: writes {a.output}, as step {seen[key]} does; "
+                        "give each step its own output",
                     )
                 )
             seen[key] = a.step.index
@@ -731,8 +729,7 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
             raise PatcherError(
                 a.output,
                 f"parity failed: max |Δ logits| {verified.max_abs_diff:.3g} (report "
-                f"kept here; "
-                "the step is not marked complete and runs again next time)",
+                "kept here; the step is not marked complete and runs again next time)",
             )
         manifest.write_file(
             _manifest_path(a),
