@@ -1,4 +1,6 @@
+import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +164,58 @@ def venv(wheel, tmp_path_factory) -> Path:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     return env
+
+
+# --- markers (registered in pyproject.toml): each test gets them from what it uses, not by hand -------------
+# oracle: reaches torch, transformers, llama-cpp-python or peft; browser: drives Chromium; real: a real
+# checkpoint (tests/real); slow: builds patcher's wheel or a venv. fast: none of these (`pytest -m fast`).
+ORACLE = re.compile(
+    r"""(?:^|[\s;])(?:import|from)\s+(?:torch|transformers|llama_cpp|peft)\b"""
+    r"""|importorskip\(\s*["'](?:torch|transformers|llama_cpp|peft)["']""",
+    re.M,
+)
+BROWSER_FIXTURES = {"browser", "need_browser"}
+SLOW_FIXTURES = {"wheel", "venv"}
+_reach: dict[Path, tuple[bool, set[str]]] = {}
+
+
+def _oracle_reach(path: Path) -> tuple[bool, set[str]]:
+    """(the module imports an oracle at top level, its functions and classes that reach one, directly or
+    through another of them)."""
+    if path not in _reach:
+        src = path.read_text(encoding="utf-8")
+        tree = ast.parse(src)
+        defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        top = "\n".join(ast.get_source_segment(src, n) or "" for n in tree.body if not isinstance(n, defs))
+        body = {n.name: ast.get_source_segment(src, n) or "" for n in tree.body if isinstance(n, defs)}
+        reach = {name for name, text in body.items() if ORACLE.search(text)}
+        grown = True
+        while grown:
+            more = {
+                n
+                for n, text in body.items()
+                if n not in reach and any(re.search(rf"\b{r}\b", text) for r in reach)
+            }
+            reach |= more
+            grown = bool(more)
+        _reach[path] = (bool(ORACLE.search(top)), reach)
+    return _reach[path]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by them
+def pytest_collection_modifyitems(config, items):
+    conftest_reach = _oracle_reach(Path(__file__))[1]
+    for item in items:
+        path = Path(item.path)
+        at_top, reach = _oracle_reach(path)
+        names = {item.originalname, getattr(item.cls, "__name__", None), *item.fixturenames}
+        if at_top or names & (reach | conftest_reach):
+            item.add_marker(pytest.mark.oracle)
+        if BROWSER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.browser)
+        if "real" in path.relative_to(ROOT / "tests").parts[:-1]:
+            item.add_marker(pytest.mark.real)
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        if not any(item.get_closest_marker(m) for m in ("oracle", "browser", "real", "slow")):
+            item.add_marker(pytest.mark.fast)
