@@ -66,6 +66,22 @@ def test_bad_custom_table_is_reported(tmp_path, direction64):
     assert "unknown keys" in res.output and "writre" in res.output
 
 
+def test_post_norm_without_its_gain_rule_is_one_line(tmp_path, direction64):
+    # a writer behind a post-norm needs the table to say how the norm's gain reads (was a KeyError)
+    table = tmp_path / "t.toml"
+    table.write_text(
+        'model_type = "gemma2"\nextends = "gemma"\n\n[[writer]]\nrole = "mlp_out"\n'
+        'weight = "mlp.down_proj.weight"\nresidual_axis = 0\n'
+        'post_norm = "post_feedforward_layernorm.weight"\n'
+    )
+    out = tmp_path / "o"
+    res = run_cli(
+        "ablate", fixture_path("gemma2"), "-d", direction64, "-o", out, "--arch-table", table, expect=1
+    )
+    assert "no post_norm_gain" in res.output and "mlp.down_proj.weight" in res.output, res.output
+    assert "internal error" not in res.output and not out.exists()
+
+
 def test_post_norm_correction_is_what_removes_the_direction(tmp_path, direction64):
     """Without the (g*r) correction a gemma2 block still writes r: the oracle test would catch it."""
     torch = pytest.importorskip("torch")
