@@ -222,6 +222,10 @@ SLOW_TESTS = {
     "test_bad_input.py::test_cli_inspect_deeply_nested_provenance",
     "test_demo.py::test_demo_ends_with_next_commands_that_run_as_printed",
     "test_demo.py::test_demo_runs_every_stage_and_reports",
+    "test_gguf_header.py::test_big_vocabulary_is_read_in_bulk_and_decoded_when_asked",
+    "test_extract.py::test_extract_warns_when_the_sets_do_not_differ",
+    "test_gguf.py::test_extract_parity_and_vocabulary",
+    "test_onnx_export.py::test_verify_fails_on_a_mismatched_reference",
 }
 
 
