@@ -24,6 +24,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -201,10 +202,19 @@ def _writer_pattern(plan: Plan, edit: TensorEdit) -> str:
     return ""
 
 
-def _gguf_arch(plan: Plan) -> str | None:
-    """llama.cpp's `general.architecture`: the [gguf] arch of the model's table, where it has one."""
+def _gguf_arch(plan: Plan) -> str:
+    """llama.cpp's `general.architecture`: the [gguf] arch of the model's table (an error without one)."""
+    import gguf
+
     layout = getattr(plan.resolved.arch, "gguf_layout", None)
-    return layout.arch if layout is not None else None
+    arch = layout.arch if layout is not None else None
+    if arch is None or arch not in gguf.MODEL_ARCH_NAMES.values():
+        raise PatcherError(
+            "--adapter",
+            f"no llama.cpp architecture is known for model_type {plan.resolved.arch.model_type!r} "
+            "(its architecture table has no [gguf] section)",
+        )
+    return arch
 
 
 def _gguf_names(plan: Plan, edits) -> dict[str, str]:
@@ -212,12 +222,6 @@ def _gguf_names(plan: Plan, edits) -> dict[str, str]:
 
     arch = _gguf_arch(plan)
     ids = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    if arch not in ids:
-        raise PatcherError(
-            "--adapter",
-            f"no llama.cpp architecture is known for model_type {plan.resolved.arch.model_type!r} "
-            "(its architecture table has no [gguf] section)",
-        )
     tmap = gguf.get_tensor_name_map(ids[arch], plan.resolved.n_layers)
     experts = _expert_groups(plan)  # per-expert weights of a layer are one ffn_down_exps tensor in GGUF
     out = {}
@@ -262,7 +266,8 @@ def _lowrank(plan: Plan, edit: TensorEdit) -> tuple[np.ndarray, np.ndarray]:
 def factors(plan: Plan) -> list[Factor]:
     weight_bias = {t.weight: t.bias for t in plan.resolved.targets if t.bias}
     experts = _expert_groups(plan)
-    out, done = [], set()
+    out: list[Factor] = []
+    done: set[str] = set()
     for edit in plan.edits.values():
         if edit.op != "project" or edit.name in done:
             continue
@@ -380,7 +385,7 @@ def _write_peft(
     with OutputFolder(out, [plan.ck.path], force=force) as tmp:
         write_safetensors(
             tmp / WEIGHTS_NAME,
-            [OutTensor(k, "F32", v.shape, produce=lambda v=v: [v]) for k, v in tensors.items()],
+            [OutTensor(k, "F32", v.shape, produce=partial(list, [v])) for k, v in tensors.items()],
             {"format": "pt", "patcher": json.dumps(record, sort_keys=True)},
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
