@@ -60,7 +60,11 @@ def save(path: Path, key: str, ref: dict) -> None:
     """Published atomically (a run killed while writing leaves no half file) and recorded as patcher's
     own, so the next run may replace it."""
     from patcher.io.atomic import atomic_file
+    from patcher.io.paths import check_output
 
+    check_output(
+        path, kind="file", option="--study", replace_ok=True
+    )  # a previous cache, never a user's file
     pos, pos_len = _flat(ref["positive_completions"])
     neg, neg_len = _flat(ref["negative_completions"])
     neg_rate = ref["negative_marker_rate"]
