@@ -25,6 +25,7 @@ a time; other encodings are decoded once). The conversion is exact, so both give
 import os
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 from patcher_kernels.codecs import decode
 
@@ -64,7 +65,8 @@ def _safe_ratio(old_sq, new_sq):
 
 
 RESIDENT = ("auto", "float32", "storage")
-STORED = (np.dtype(np.float32), np.dtype(np.float16), np.dtype("bfloat16"))  # converted exactly per use
+# kept as stored and converted (exactly) at each use; other encodings are decoded once
+STORED = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
 class StoredWeights(dict):
