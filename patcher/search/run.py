@@ -247,19 +247,9 @@ def setup(
         eos=eos,
         batch_size=batch_size,
     )
-    evaluation = {
-        "positive": sha256_file(eval_positive or positive),
-        "negative": sha256_file(eval_negative or negative),
-        "counts": [len(ep), len(en)],
-        "tokens": tokens,
-        "kl_tokens": kl_tokens,
-        "negative_markers": negative_markers,
-        "markers": list(ev.markers),
-        "max_prompts": max_prompts,
-        "chat_template": chat_template,
-        "system": system,
-        "engine": engine,
-    }
+    evaluation = _evaluation(
+        ev, eval_positive or positive, eval_negative or negative, max_prompts, chat_template, system, engine
+    )
     attrs = st.base_attrs(
         model=str(Path(model).resolve()),
         model_identity=folder_identity(ck.folder),
@@ -290,6 +280,23 @@ def setup(
         prune,
         key,
     )
+
+
+def _evaluation(ev: Evaluator, positive: Path, negative: Path, max_prompts, chat_template, system, engine):
+    """The evaluation settings a study records (a resumed study must match them)."""
+    return {
+        "positive": sha256_file(positive),
+        "negative": sha256_file(negative),
+        "counts": [len(ev.positive), len(ev.negative)],
+        "tokens": ev.tokens,
+        "kl_tokens": ev.kl_tokens,
+        "negative_markers": ev.negative_markers,
+        "markers": list(ev.markers),
+        "max_prompts": max_prompts,
+        "chat_template": chat_template,
+        "system": system,
+        "engine": engine,
+    }
 
 
 def reference(s: Setup, cache: Path | None) -> tuple[dict, bool]:
