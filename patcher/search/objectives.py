@@ -207,7 +207,7 @@ class Evaluator:
             tok = logits.argmax(-1)
             steps += len(alive)
             if watch is not None:
-                watch.rows = steps
+                watch.rows += len(alive)  # rows generated in this trial so far
             keep = []
             for j, r in enumerate(alive):
                 t = int(tok[j])
