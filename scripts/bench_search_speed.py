@@ -1,9 +1,12 @@
-"""What pruning and the cached reference save, on the planted fixture (scripts/make_search_fixture.py):
-the same seeded search with and without --prune (wall time, trials pruned, rows generated, the
-fronts: they differ once a trial is pruned, as TPE then sees a pruned trial instead of its values),
-then a repeated study's set-up with the reference loaded instead of computed.
+"""What pruning and the cached reference save, on the planted fixture (scripts/make_search_fixture.py).
 
-    python scripts/bench_search_speed.py [--work bench-out/search-speed] [--trials 40] [--tokens 16]
+    python scripts/bench_search_speed.py [--work bench-out/search-speed] [--points 40] [--tokens 64]
+
+The same random points of the default space (what the start-up trials draw) are evaluated in order
+twice: every trial to the end, then each judged against the front of the trials completed before it
+(as `patcher search` does). Reported: rows generated, generation seconds, trials pruned, the fronts
+(equal: a pruned trial is never one that would have been on the front). Then a repeated set-up
+loads the reference from beside the study instead of computing it.
 """
 
 import argparse
@@ -13,66 +16,96 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import make_search_fixture as msf
 
 
-def run(work: Path, prune: bool, trials: int, tokens: int) -> dict:
-    from patcher.search import reference_cache
+def _setup(work: Path, tokens: int):
     from patcher.search import run as sr
-    from patcher.search import study as st
 
     model = msf.make(work) if not (work / msf.NAME).is_dir() else work / msf.NAME
-    P = work / "prompts"
-    db = work / f"prune-{prune}.db"
-    for f in (db, reference_cache.path_for(db)):
-        f.unlink(missing_ok=True)
-    s = sr.setup(
+    P, dirs = work / "prompts", work / "dirs.safetensors"
+    return sr.setup(
         model,
         P / "refusal-train-positive.txt",
         P / "refusal-train-negative.txt",
         eval_positive=P / "refusal-eval-positive.txt",
         eval_negative=P / "refusal-eval-negative.txt",
-        directions=work / "dirs.safetensors" if (work / "dirs.safetensors").is_file() else None,
-        directions_out=work / "dirs.safetensors",
+        directions=dirs if dirs.is_file() else None,
+        directions_out=dirs,
         chat_template=False,
         tokens=tokens,
-        prune=prune,
     )
-    study = st.open_study(db, s.attrs, seed=0, startup=16)
+
+
+def _points(s, n: int) -> list:
+    from patcher.search import space as sp
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        p = {}
+        for q in s.space.values():
+            if q.when is not None and p.get(q.when[0]) != q.when[1]:
+                continue
+            if q.fixed is not None:
+                p[q.name] = q.fixed
+            elif q.kind == "float":
+                p[q.name] = float(rng.uniform(q.low, q.high))
+            else:
+                p[q.name] = q.choices[int(rng.integers(len(q.choices)))]
+        out.append(sp.complete(p, {}))
+    return out
+
+
+def _front(values: list) -> list:
+    return sorted(v for v in values if not any(o[0] <= v[0] and o[1] <= v[1] and o != v for o in values))
+
+
+def run(work: Path, n: int, tokens: int) -> dict:
+    from patcher.search import reference_cache
+    from patcher.search import run as sr
+    from patcher.search.objectives import Hopeless
+
+    s = _setup(work, tokens)
+    cache = reference_cache.path_for(work / "study.db")
+    cache.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    ref, _ = sr.reference(s, reference_cache.path_for(db))
+    sr.reference(s, cache)
     t_ref = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
-    st.optimize(study, s.run_trial, trials, None, 1)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    done = st.completed(study)
+    points = _points(s, n)
+    rows = {}
+    for prune in (False, True):
+        done, total, pruned, t0 = [], 0, 0, time.process_time()
+        for params in points:
+            front = _front(done)
+            try:
+                r = s.evaluate(params, prune=sr.beyond_front(front) if prune and front else None)
+            except Hopeless as h:
+                total, pruned = total + h.rows, pruned + 1
+                continue
+            total += r.tokens_generated
+            done.append((r.marker_rate, r.kl))
+        rows[prune] = {
+            "rows_generated": total,
+            "trials_pruned": pruned,
+            "cpu_s": round(time.process_time() - t0, 1),
+            "front": _front(done),
+        }
     t0 = time.perf_counter()
-    again = sr.setup(  # a repeated study: the reference comes from the file beside it
-        model,
-        P / "refusal-train-positive.txt",
-        P / "refusal-train-negative.txt",
-        eval_positive=P / "refusal-eval-positive.txt",
-        eval_negative=P / "refusal-eval-negative.txt",
-        directions=work / "dirs.safetensors",
-        chat_template=False,
-        tokens=tokens,
-    )
-    _, cached = sr.reference(again, reference_cache.path_for(db))
+    _, loaded = sr.reference(_setup(work, tokens), cache)
     return {
-        "prune": prune,
-        "trials": trials,
-        "completed": len(done),
-        "pruned": len(st.pruned_trials(study)),
-        "trials_wall_s": round(wall, 1),
-        "trials_cpu_s": round(cpu, 1),
-        "trials_per_hour_cpu": round(3600 * trials / cpu, 0),
-        "rows_generated": sum(t.user_attrs.get("tokens_generated", 0) for t in done),
-        "front": [tuple(round(v, 6) for v in t.values) for t in st.pareto(done)],
-        "reference_s": round(t_ref, 2),
-        "reference_loaded": cached,
-        "setup_and_loaded_reference_s": round(time.perf_counter() - t0, 2),
+        "points": n,
+        "tokens": tokens,
+        "no_pruning": rows[False],
+        "pruning": rows[True],
+        "same_front": rows[False]["front"] == rows[True]["front"],
+        "reference_computed_s": round(t_ref, 2),
+        "reference_loaded": loaded,
+        "setup_with_loaded_reference_s": round(time.perf_counter() - t0, 2),
         "load_avg": round(os.getloadavg()[0], 1),
     }
 
@@ -80,14 +113,13 @@ def run(work: Path, prune: bool, trials: int, tokens: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-out/search-speed"))
-    ap.add_argument("--trials", type=int, default=40)
-    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--points", type=int, default=40)
+    ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = [run(args.work, prune, args.trials, args.tokens) for prune in (False, True)]
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    (args.work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    row = run(args.work, args.points, args.tokens)
+    print(json.dumps(row), flush=True)
+    (args.work / "results.json").write_text(json.dumps(row, indent=2) + "\n")
 
 
 if __name__ == "__main__":

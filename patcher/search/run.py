@@ -2,6 +2,7 @@
 evaluator, and the Optuna loop. Also the way back: a stored trial -> its Plan (`--from-study`)."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,7 @@ class Setup:
         return r.marker_rate, r.kl
 
 
-def beyond_front(front: list):
+def beyond_front(front: list) -> Callable[[float, float], bool]:
     """prune(rate_lower_bound, kl) for a trial whose KL is known and whose marker rate is at least the
     bound: True when a front point (rate f, KL g) dominates every value the trial can still end with:
     f <= bound and g <= kl, one of them strictly (equal values would tie, not dominate, and a tie stays
