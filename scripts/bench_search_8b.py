@@ -7,6 +7,8 @@ on a 24 GiB machine.
 It writes the checkpoint (d_model 4096, 32 blocks, 32 heads / 8 kv heads, MLP 14336, vocab 128256,
 untied head), then runs a tiny search (2 trials, 2 + 2 prompts, 4 tokens) under `/usr/bin/time -v`
 and prints the wall time and peak RSS. The checkpoint is deleted afterwards unless --keep.
+The search takes a random directions file (--extract: extracted by the search, one more pass over
+the weights; extraction is streamed block by block, see BENCHMARKS.md "Scale").
 """
 
 import argparse
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_search
@@ -32,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--resident", default="auto", help="--resident of patcher search")
+    ap.add_argument("--extract", action="store_true", help="let the search extract its directions")
     args = ap.parse_args(argv)
     work = args.work.expanduser()
     work.mkdir(parents=True, exist_ok=True)
@@ -44,6 +49,12 @@ def main(argv=None) -> None:
     pos = bench_search.prompt_file(work / "pos.txt", 2, 1, SHAPE_8B["vocab"])
     neg = bench_search.prompt_file(work / "neg.txt", 2, 2, SHAPE_8B["vocab"])
     dirs = work / "dirs.safetensors"
+    if not args.extract and not dirs.is_file():
+        from patcher.edit.directions import save_directions
+
+        L, d = SHAPE_8B["layers"], SHAPE_8B["d"]
+        table = np.random.default_rng(0).standard_normal((L + 1, d)).astype(np.float32)
+        save_directions(dirs, table, table, table * 0, {"selected_layer": L // 2})
     cmd = [
         "/usr/bin/time",
         "-v",
@@ -69,8 +80,8 @@ def main(argv=None) -> None:
     ]
     if dirs.is_file():
         cmd += ["--directions", str(dirs)]
-    (work / "study.db").unlink(missing_ok=True)
-    (work / "study.reference.npz").unlink(missing_ok=True)
+    for f in ("study.db", "study.reference.npz", "study.svg"):
+        (work / f).unlink(missing_ok=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
     print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
