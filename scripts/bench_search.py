@@ -27,16 +27,19 @@ from patcher.io.writer import OutTensor, write_safetensors
 SHAPE = dict(d=576, layers=30, heads=9, kv=3, inter=1536, vocab=49152)
 
 
-def make_model(folder: Path, shape=SHAPE, seed=0) -> Path:
+def make_model(folder: Path, shape=SHAPE, seed=0, fast: bool = False) -> Path:
+    """A llama checkpoint of this shape with random bf16 weights. `fast`: random bit patterns of
+    uniform magnitude (~std) instead of normal draws (an 8B-shaped checkpoint in minutes)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     if (folder / "config.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     d, L, H, K, I, V = (shape[k] for k in ("d", "layers", "heads", "kv", "inter", "vocab"))
+    tied = shape.get("tied", True)
     hd = d // H
     rng = np.random.default_rng(seed)
-    t = {"model.embed_tokens.weight": rng.normal(0, 1.0, (V, d)), "model.norm.weight": np.ones(d)}
+    shapes = {"model.embed_tokens.weight": ((V, d), 1.0), "model.norm.weight": ((d,), None)}
     for l in range(L):
         p = f"model.layers.{l}."
         for name, shp in (
@@ -48,12 +51,26 @@ def make_model(folder: Path, shape=SHAPE, seed=0) -> Path:
             ("mlp.up_proj", (I, d)),
             ("mlp.down_proj", (d, I)),
         ):
-            t[p + name + ".weight"] = rng.normal(0, 1 / np.sqrt(shp[1]), shp)
-        t[p + "input_layernorm.weight"] = np.ones(d)
-        t[p + "post_attention_layernorm.weight"] = np.ones(d)
+            shapes[p + name + ".weight"] = (shp, 1 / np.sqrt(shp[1]))
+        shapes[p + "input_layernorm.weight"] = ((d,), None)
+        shapes[p + "post_attention_layernorm.weight"] = ((d,), None)
+    if not tied:
+        shapes["lm_head.weight"] = ((V, d), 1 / np.sqrt(d))
+    # made as the writer asks (in this order): a checkpoint larger than memory never is in memory at once
+    make = _fast_bf16 if fast else lambda rng, shp, std: _bf16(rng.normal(0, std, shp))
     write_safetensors(
         folder / "model.safetensors",
-        [OutTensor(n, "BF16", a.shape, produce=lambda a=a: [_bf16(a)]) for n, a in t.items()],
+        [
+            OutTensor(
+                n,
+                "BF16",
+                shp,
+                produce=lambda shp=shp, std=std: [
+                    _bf16(np.ones(shp)) if std is None else make(rng, shp, std)
+                ],
+            )
+            for n, (shp, std) in shapes.items()
+        ],
         {"format": "pt"},
     )
     cfg = {
@@ -69,7 +86,7 @@ def make_model(folder: Path, shape=SHAPE, seed=0) -> Path:
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tied,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,
@@ -87,6 +104,18 @@ def make_model(folder: Path, shape=SHAPE, seed=0) -> Path:
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
     )
     return folder
+
+
+def _fast_bf16(rng, shape, std: float) -> np.ndarray:
+    """Random sign and mantissa, exponent of `std`: values uniform in magnitude over [std/2, std)."""
+    import ml_dtypes
+
+    exponent = (
+        int(np.floor(np.log2(std))) + 127
+    )  # bf16 = float32's top 16 bits: 1 sign, 8 exponent, 7 mantissa
+    bits = np.frombuffer(rng.bytes(2 * int(np.prod(shape))), np.uint16) & np.uint16(0x807F)
+    bits = bits | np.uint16((exponent - 1) << 7)
+    return bits.reshape(shape).view(ml_dtypes.bfloat16)
 
 
 def _bf16(a):

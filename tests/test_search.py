@@ -335,10 +335,10 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
     assert heur["layer"] <= 4 and heur["marker_rate"] >= 0.9  # the 80 % rule never sees resid_pre[5]
     r = run_cli(*args, "--trials", "40", "--startup", "16")  # resumes: 16 more
     done = st.completed(study)
-    assert len(done) == 40
+    assert len(done) + len(st.pruned_trials(study)) == 40  # pruned trials count towards --trials
     best = min((t for t in done if t.values[1] <= 1e-3), key=lambda t: t.values[0])
     assert best.values[0] <= 0.05 < heur["marker_rate"]
-    assert (tmp_path / "s.svg").read_text().count("<circle") >= 40
+    assert (tmp_path / "s.svg").read_text().count("<circle") >= len(done)
     assert "Pareto front" in r.output and "--trial" in r.output
     # the written trial behaves as the search measured, through the ordinary forward
     run_cli(
@@ -434,6 +434,7 @@ def test_search_on_the_onnx_engine_runs_and_shows_the_space(refusal, tmp_path):
         "--negative-markers",
         "--kl-tokens",
         "4",
+        "--no-prune",  # every trial runs to the end: each has its negative marker rate
     )
     done = st.completed(st.open_study(tmp_path / "o.db", None, create=False))
     assert "Pareto front" in r.output and len(done) == 3

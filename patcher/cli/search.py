@@ -2,6 +2,7 @@
 in the forward pass, study in SQLite; `patcher ablate --from-study` writes a chosen trial."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 
@@ -66,7 +67,9 @@ def register(app) -> None:
             "--directions",
             help="Directions from `patcher extract` (default: extracted now, saved beside the study)",
         ),
-        trials: int = typer.Option(200, "--trials", min=1, help="Completed trials the study should hold"),
+        trials: int = typer.Option(
+            200, "--trials", min=1, help="Trials the study should hold (completed or pruned)"
+        ),
         startup: int | None = typer.Option(
             None,
             "--startup",
@@ -123,153 +126,212 @@ def register(app) -> None:
             None,
             "--blas-threads",
             min=1,
-            help="BLAS threads for the numpy engine (default: the library's; 1 is fastest for small models "
-            "and on busy machines)",
+            help="BLAS threads for the numpy engine (default: the usable cores / --jobs)",
+        ),
+        resident: str = typer.Option(
+            "auto",
+            "--resident",
+            help="numpy engine weights: float32 (decoded once, fastest) | storage (bf16/fp16 as stored, "
+            "converted per use: models larger than memory in float32) | auto (float32 if it takes at most "
+            "half the available memory)",
+        ),
+        prune: bool = typer.Option(
+            True,
+            "--prune/--no-prune",
+            help="Give up a trial as soon as its marker hits so far put it behind the Pareto front "
+            "(it could not end on the front)",
         ),
         seed: int = typer.Option(0, "--seed"),
         arch_table: Path | None = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
     ):
         """Search ablations for the best trade-off: marker rate of greedy completions vs KL from the
         original."""
+        a = SimpleNamespace(**locals())
+        guard(lambda: _search(a))
 
-        def body():
-            if blas_threads is None:
-                return run()
-            from threadpoolctl import threadpool_limits
 
-            with threadpool_limits(limits=blas_threads, user_api="blas"):
-                return run()
+def _search(a) -> None:
+    """Check every value, set up, run the study, report: `patcher search`'s four steps."""
+    from threadpoolctl import threadpool_limits
 
-        def run():
-            import time
+    if a.show_space:
+        return _show_space(a)
+    _validate(a)
+    with threadpool_limits(limits=a.blas_threads or blas_threads_for(a.jobs), user_api="blas"):
+        s = _setup(a)
+        study, extra, t0 = _start(a, s)
+        outcome = _run(a, s, study)
+        _report(a, s, study, outcome, extra, t0)
 
-            from patcher.search import run as sr
-            from patcher.search import space as sp
-            from patcher.search import study as st
-            from patcher.search.report import params_text, write_plot
 
-            if show_space:
-                from patcher.model.execution import StreamedModel
-                from patcher.model.opened import Model
+def blas_threads_for(jobs: int) -> int:
+    """The cores this process may use, shared by the parallel trials (threads x BLAS threads <= cores)."""
+    import os
 
-                sm = StreamedModel(Model.open(model, arch_table))
-                space = sp.default_space(sm.n_layers)
-                if config:
-                    sp.apply_toml(space, sp.load_toml(config), config)
-                sp.parse_cli(space, list(space_items or []))
-                out.print(_space_table(space))
-                return
-            if engine not in sr.ENGINES:
-                raise PatcherError("--engine", f"must be one of {', '.join(sr.ENGINES)}")
-            dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
-            given = directions if directions is not None else (dirs_out if dirs_out.is_file() else None)
-            _check_study(st, study_file, model, given, arch_table)  # before the extraction, not 11 s later
-            from patcher.io.paths import check_output
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jobs)
 
-            inputs = [model, positive, negative, eval_positive, eval_negative, directions, config, arch_table]
-            check_output(
-                plot or study_file.with_suffix(".svg"), inputs, kind="file", option="--plot", replace_ok=True
-            )  # rewritten by every run of the study, never a user's file
-            s = sr.setup(
-                model,
-                positive,
-                negative,
-                eval_positive=eval_positive,
-                eval_negative=eval_negative,
-                directions=given,
-                directions_out=dirs_out,
-                engine=engine,
-                provider=provider,
-                tokens=tokens,
-                kl_tokens=kl_tokens,
-                negative_markers=negative_markers,
-                markers=markers,
-                replace_markers=replace_markers,
-                batch_size=batch_size,
-                max_prompts=max_prompts,
-                chat_template=not no_chat_template,
-                system=system,
-                untie=untie,
-                space_items=space_items or [],
-                space_toml=config,
-                project_out_negative_mean=project_out_negative_mean,
-                arch_table=arch_table,
-                announce=lambda m: err.print(m),
+
+def _show_space(a) -> None:
+    from patcher.model.execution import StreamedModel
+    from patcher.model.opened import Model
+    from patcher.search.run import build_space
+
+    sm = StreamedModel(Model.open(a.model, a.arch_table))
+    out.print(_space_table(build_space(sm.n_layers, a.config, a.space_items or [])))
+
+
+def _validate(a) -> None:
+    """Every option and output path, before any work (not after an 11 s extraction)."""
+    from patcher.io.paths import check_output
+    from patcher.search import reference_cache
+    from patcher.search import run as sr
+    from patcher.search import study as st
+
+    sr.check_engine(a.engine, a.provider, a.resident)
+    a.dirs_out = a.study_file.with_name(a.study_file.stem + ".directions.safetensors")
+    a.given = a.directions if a.directions is not None else (a.dirs_out if a.dirs_out.is_file() else None)
+    _check_study(st, a.study_file, a.model, a.given, a.arch_table)
+    inputs = [a.model, a.positive, a.negative, a.eval_positive, a.eval_negative, a.directions, a.config]
+    inputs.append(a.arch_table)
+    a.plot = a.plot or a.study_file.with_suffix(".svg")
+    a.reference = reference_cache.path_for(a.study_file)
+    for path, option in ((a.plot, "--plot"), (a.reference, "--study")):
+        # rewritten by every run of the study, never a user's file
+        check_output(path, inputs, kind="file", option=option, replace_ok=True)
+
+
+def _setup(a):
+    from patcher.search import run as sr
+
+    s = sr.setup(
+        a.model,
+        a.positive,
+        a.negative,
+        eval_positive=a.eval_positive,
+        eval_negative=a.eval_negative,
+        directions=a.given,
+        directions_out=a.dirs_out,
+        engine=a.engine,
+        provider=a.provider,
+        resident=a.resident,
+        tokens=a.tokens,
+        kl_tokens=a.kl_tokens,
+        negative_markers=a.negative_markers,
+        markers=a.markers,
+        replace_markers=a.replace_markers,
+        batch_size=a.batch_size,
+        max_prompts=a.max_prompts,
+        chat_template=not a.no_chat_template,
+        system=a.system,
+        untie=a.untie,
+        space_items=a.space_items or [],
+        space_toml=a.config,
+        project_out_negative_mean=a.project_out_negative_mean,
+        prune=a.prune,
+        arch_table=a.arch_table,
+        announce=lambda m: err.print(m),
+    )
+    out.print(_space_table(s.space))
+    return s
+
+
+def _start(a, s):
+    """Open (or resume) the study; the original's reference (cached beside the study) and the
+    default pipeline's point for comparison."""
+    import time
+
+    from patcher.search import run as sr
+    from patcher.search import study as st
+
+    n_start = a.startup if a.startup is not None else min(60, max(1, int(0.3 * a.trials)))
+    study = st.open_study(a.study_file, s.attrs, seed=a.seed, startup=n_start)
+    if a.eval_positive is None or a.eval_negative is None:
+        err.print(
+            "[yellow]note:[/] evaluating on the extraction prompts; pass "
+            "--eval-positive/--eval-negative "
+            "with prompts extraction never saw to judge the edit fairly"
+        )
+    t0 = time.perf_counter()
+    ref, cached = sr.reference(s, a.reference)
+    how = f"loaded from {a.reference.name}" if cached else f"computed in {ref['seconds']:.1f} s"
+    out.print(
+        f"original: marker rate {ref['marker_rate']:.3f} on {len(s.evaluator.positive)} prompts "
+        f"({a.tokens} tokens); reference {how}"
+    )
+    extra = {"original": (ref["marker_rate"], 0.0)}
+    if a.heuristic and s.selected is not None:
+        h = s.evaluate(sr.heuristic_params(int(s.selected), s.n_layers))
+        extra[f"default pipeline (layer {s.selected})"] = (h.marker_rate, h.kl)
+        study.set_user_attr("heuristic", {"layer": int(s.selected), "marker_rate": h.marker_rate, "kl": h.kl})
+        out.print(
+            f"default pipeline (extract-selected layer {s.selected}, strength 1, all writers): "
+            f"marker rate {h.marker_rate:.3f}, KL {h.kl:.4g}"
+        )
+    return study, extra, t0
+
+
+def _run(a, s, study):
+    from patcher.search import space as sp
+    from patcher.search import study as st
+    from patcher.search.report import params_text
+
+    def on_trial(t):
+        gave_up = t.user_attrs.get("pruned")
+        if t.values is None and gave_up:
+            err.print(
+                f"trial {t.number}: pruned (marker rate >= {gave_up['marker_rate_at_least']:.3f} "
+                f"at KL {gave_up['kl']:.4g}: behind the front) "
+                f"{params_text(sp.complete(t.params, s.attrs['fixed']))}",
+                highlight=False,
             )
-            out.print(_space_table(s.space))
-            n_start = startup if startup is not None else min(60, max(1, int(0.3 * trials)))
-            study = st.open_study(study_file, s.attrs, seed=seed, startup=n_start)
-            if eval_positive is None or eval_negative is None:
-                err.print(
-                    "[yellow]note:[/] evaluating on the extraction prompts; pass "
-                    "--eval-positive/--eval-negative "
-                    "with prompts extraction never saw to judge the edit fairly"
-                )
-            t0 = time.perf_counter()
-            ref = s.evaluator.reference()
-            out.print(
-                f"original: marker rate {ref['marker_rate']:.3f} on {len(s.evaluator.positive)} prompts "
-                f"({tokens} tokens); reference computed in {ref['seconds']:.1f} s"
-            )
-            extra = {"original": (ref["marker_rate"], 0.0)}
-            if heuristic and s.selected is not None:
-                h = s.evaluate(sr.heuristic_params(int(s.selected), s.n_layers))
-                extra[f"default pipeline (layer {s.selected})"] = (h.marker_rate, h.kl)
-                study.set_user_attr(
-                    "heuristic", {"layer": int(s.selected), "marker_rate": h.marker_rate, "kl": h.kl}
-                )
-                out.print(
-                    f"default pipeline (extract-selected layer {s.selected}, strength 1, all writers): "
-                    f"marker rate {h.marker_rate:.3f}, KL {h.kl:.4g}"
-                )
+        if t.values is None:
+            return
+        err.print(
+            f"trial {t.number}: marker rate {t.values[0]:.3f}, KL {t.values[1]:.4g} "
+            f"({t.user_attrs.get('seconds_generate', 0):.1f} s generate, "
+            f"{t.user_attrs.get('seconds_kl', 0):.1f} s KL) "
+            f"{params_text(sp.complete(t.params, s.attrs['fixed']))}",
+            highlight=False,
+        )
 
-            def on_trial(t):
-                if t.values is None:
-                    return
-                err.print(
-                    f"trial {t.number}: marker rate {t.values[0]:.3f}, KL {t.values[1]:.4g} "
-                    f"({t.user_attrs.get('seconds_generate', 0):.1f} s generate, "
-                    f"{t.user_attrs.get('seconds_kl', 0):.1f} s KL) "
-                    f"{params_text(sp.complete(t.params, s.attrs['fixed']))}",
-                    highlight=False,
-                )
+    return st.optimize(study, s.run_trial, a.trials, a.timeout * 60 if a.timeout else None, a.jobs, on_trial)
 
-            outcome = st.optimize(
-                study, s.run_trial, trials, timeout * 60 if timeout else None, jobs, on_trial
-            )
-            seconds = time.perf_counter() - t0
-            done = st.completed(study)
-            front = st.pareto(done)
-            fixed = s.attrs["fixed"]
-            out.print(
-                _front_table(
-                    [(t, fixed) for t in front],
-                    f"Pareto front: {len(front)} of {len(done)} completed trials "
-                    f"({outcome.ran} this run, {seconds:.0f} s) — study {study_file}",
-                )
-            )
-            path = plot or study_file.with_suffix(".svg")
-            write_plot(
-                path,
-                [(t.number, t.values[0], t.values[1]) for t in done],
-                [(t.number, t.values[0], t.values[1]) for t in front],
-                f"{Path(model).name}: search trials",
-                extra,
-            )
-            out.print(f"plot: {path}")
-            if front:
-                out.print(
-                    f"write a trial: patcher ablate {model} --from-study {study_file} "
-                    f"--trial {front[0].number} "
-                    f"-o OUT"
-                )
-            if outcome.interrupted:
-                err.print(
-                    "[bold red]interrupted:[/] completed trials are kept in the study; run again to resume"
-                )
-                raise typer.Exit(130)
 
-        guard(body)
+def _report(a, s, study, outcome, extra, t0) -> None:
+    import time
+
+    from patcher.search import study as st
+    from patcher.search.report import write_plot
+
+    seconds = time.perf_counter() - t0
+    done = st.completed(study)
+    front = st.pareto(done)
+    pruned = len(st.pruned_trials(study))
+    out.print(
+        _front_table(
+            [(t, s.attrs["fixed"]) for t in front],
+            f"Pareto front: {len(front)} of {len(done)} completed trials"
+            + (f" ({pruned} more pruned)" if pruned else "")
+            + f" ({outcome.ran} this run, {seconds:.0f} s) — study {a.study_file}",
+        )
+    )
+    write_plot(
+        a.plot,
+        [(t.number, t.values[0], t.values[1]) for t in done],
+        [(t.number, t.values[0], t.values[1]) for t in front],
+        f"{Path(a.model).name}: search trials",
+        extra,
+    )
+    out.print(f"plot: {a.plot}")
+    if front:
+        out.print(
+            f"write a trial: patcher ablate {a.model} --from-study {a.study_file} "
+            f"--trial {front[0].number} -o OUT"
+        )
+    if outcome.interrupted:
+        err.print("[bold red]interrupted:[/] completed trials are kept in the study; run again to resume")
+        raise typer.Exit(130)
 
 
 def _check_study(st, study_file: Path, model, directions: Path | None, arch_table: Path | None) -> None:

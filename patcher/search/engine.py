@@ -15,13 +15,22 @@ Norm preservation rescales W' by a diagonal factor, which moves to the input or 
 An embedding row e_v becomes c_v P(e_v) (cols) or r ⊙ P(e_v) (rows). A tied unembedding edited
 with it gives logits h·e'_v: P(h)·e_v (none), c_v P(h)·e_v (cols), P(r ⊙ h)·e_v (rows).
 Factors whose projected norm is ~0 stay 1, as kernels/project.rescale_norms does.
+
+Weights are resident either decoded (float32: fastest) or as stored ("storage": bf16 / fp16 / fp32
+tensors stay the file's memory-mapped arrays and are converted to float32 at each use, one tensor at
+a time; other encodings are decoded once). The conversion is exact, so both give the same logits;
+"auto" decodes when the float32 model takes at most half the memory available.
 """
 
+import os
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
+from patcher_kernels.codecs import decode
 
 from patcher.edit.plan import Plan
+from patcher.errors import PatcherError
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
 from patcher.model.numpy_ops import F32, NumpyOps
@@ -55,14 +64,73 @@ def _safe_ratio(old_sq, new_sq):
     return np.where(ok, np.sqrt(np.where(ok, old_sq, 1.0) / np.where(ok, new_sq, 1.0)), 1.0)
 
 
-class ResidentModel:
-    """Every weight decoded once (float32), shared read-only by every trial and thread."""
+RESIDENT = ("auto", "float32", "storage")
+# kept as stored and converted (exactly) at each use; other encodings are decoded once
+STORED = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
-    def __init__(self, sm: StreamedModel):
+
+class StoredWeights(dict):
+    """Weights as the file stores them (memory-mapped), each converted to float32 when it is used."""
+
+    def __getitem__(self, name):
+        return decode(dict.__getitem__(self, name))
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return decode(dict.__getitem__(self, name)[ids])
+
+
+def available_memory() -> int:
+    """MemAvailable (bytes): what can be allocated without swapping or evicting much."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def float32_bytes(sm: StreamedModel) -> int:
+    return sum(4 * int(np.prod(sm.ck.info(n).shape)) for n in sm.ck.tensors if not sm.is_scale(n))
+
+
+def choose_resident(sm: StreamedModel, resident: str = "auto") -> str:
+    if resident not in RESIDENT:
+        raise PatcherError("--resident", f"must be one of {', '.join(RESIDENT)}")
+    if resident != "auto":
+        return resident
+    return "float32" if 2 * float32_bytes(sm) <= available_memory() else "storage"
+
+
+def _stored(sm: StreamedModel, names: dict) -> StoredWeights:
+    """short name -> the stored array (bf16/fp16/fp32, memory-mapped) or, for other encodings (FP8
+    with scales, quantized), the decoded float32 array."""
+    out = StoredWeights()
+    for short, name in names.items():
+        raw = sm.ck.array(name)
+        keep = raw.dtype in STORED and sm.model.fp8_scale(name) is None
+        dict.__setitem__(out, short, raw if keep else sm._decode(name))
+    return out
+
+
+class ResidentModel:
+    """Every weight resident (decoded once to float32, or as stored: see the module notes), shared
+    read-only by every trial and thread."""
+
+    def __init__(self, sm: StreamedModel, resident: str = "float32"):
         self.sm, self.spec, self.hp, self.resolved = sm, sm.spec, sm.hp, sm.resolved
+        self.resident = choose_resident(sm, resident)
         top = sm.top_weights()
-        self.top = {name: top[name] for name in top.names}
-        self.blocks = [sm.block_weights(l) for l in range(sm.n_layers)]
+        if self.resident == "storage":
+            self.top = _stored(sm, top.names)
+            self.blocks = [
+                _stored(sm, {n[len(p) :]: n for n in sm.ck.tensors if n.startswith(p) and not sm.is_scale(n)})
+                for p in map(self.resolved.layer_prefix, range(sm.n_layers))
+            ]
+        else:
+            self.top = {name: top[name] for name in top.names}
+            self.blocks = [sm.block_weights(l) for l in range(sm.n_layers)]
         self.embed_name = self.spec.names["embed"] + ".weight"
         self.head_name = (
             self.embed_name
@@ -77,7 +145,7 @@ class ResidentModel:
 
     @property
     def vocab(self) -> int:
-        return self.top[self.embed_name].shape[0]
+        return self.sm.ck.info(self.sm.top_weights().names[self.embed_name]).shape[0]
 
     # --- a Plan -> Edits -----------------------------------------------------------------------
     def _linear_view(self, w: np.ndarray, axis: int) -> np.ndarray:

@@ -101,6 +101,28 @@ def _has_marker(text: str, markers) -> bool:
     return any(m in t for m in markers)
 
 
+class Hopeless(Exception):
+    """A trial given up part-way: `rate` is a lower bound of its marker rate (rows already known to
+    hit, over all prompts), `kl` its exact KL; the caller's `prune` said it cannot reach the front."""
+
+    def __init__(self, rate: float, kl: float, first_token_kl: float, rows: int):
+        super().__init__(f"marker rate >= {rate:.3f} at KL {kl:.4g}")
+        self.rate, self.kl, self.first_token_kl, self.rows = rate, kl, first_token_kl, rows
+
+
+class _Watch:
+    """Counts the rows known to end as marker hits while one trial generates, and gives up as soon
+    as `give_up(hits)` says so."""
+
+    def __init__(self, give_up):
+        self.give_up, self.hits, self.rows = give_up, 0, 0
+
+    def add(self, n: int) -> None:
+        self.hits += n
+        if n and self.give_up(self.hits):
+            raise Hopeless(0.0, 0.0, 0.0, self.rows)
+
+
 @dataclass
 class Timing:
     generate: float = 0.0
@@ -156,18 +178,23 @@ class Evaluator:
         self.ref = None
 
     # --- generation ----------------------------------------------------------------------------
-    def generate(self, prompts, edits, n: int, stop_on_marker: bool = True) -> tuple[list, int]:
+    def generate(
+        self, prompts, edits, n: int, stop_on_marker: bool = True, watch: _Watch | None = None
+    ) -> tuple[list, int]:
         """Greedy completions (token lists, cut at EOS) of every prompt; rows leave the batch at EOS or,
-        if stop_on_marker, at their first marker hit."""
+        if stop_on_marker, at their first marker hit. `watch` counts the rows known to end as hits
+        (and may end the generation by raising Hopeless)."""
         out = [None] * len(prompts)
         steps = 0
         order = _order(prompts)
         for s in range(0, len(order), self.batch_size):
             rows = [int(i) for i in order[s : s + self.batch_size]]
-            steps += self._generate_batch([prompts[i] for i in rows], rows, out, edits, n, stop_on_marker)
+            steps += self._generate_batch(
+                [prompts[i] for i in rows], rows, out, edits, n, stop_on_marker, watch
+            )
         return out, steps
 
-    def _generate_batch(self, batch, rows, out, edits, n, stop_on_marker):
+    def _generate_batch(self, batch, rows, out, edits, n, stop_on_marker, watch=None):
         ids, mask = left_pad(batch, self.tok.pad_id)
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
         cache = self.engine.new_cache(len(batch))
@@ -179,21 +206,30 @@ class Evaluator:
         for step in range(n):
             tok = logits.argmax(-1)
             steps += len(alive)
+            if watch is not None:
+                watch.rows += len(alive)  # rows generated in this trial so far
             keep = []
             for j, r in enumerate(alive):
                 t = int(tok[j])
                 if t in self.eos:
+                    if watch is not None:  # this row's text is final
+                        watch.add(int(hits(self.tok.decode(gen[r], skip_special_tokens=True), self.markers)))
                     continue
                 gen[r].append(t)
                 keep.append(j)
             last = step == n - 1
             if stop_on_marker and keep and not last and (step + 1) % self.check_every == 0:
                 # only a marker ends a row early: a reply that is blank so far may still say something
+                before = len(keep)
                 keep = [
                     j
                     for j in keep
                     if not _has_marker(self.tok.decode(gen[alive[j]], skip_special_tokens=True), self.markers)
                 ]
+                if watch is not None:
+                    watch.add(before - len(keep))
+            if last and watch is not None:
+                watch.add(sum(hits(t, self.markers) for t in self.texts([gen[alive[j]] for j in keep])))
             if not keep or last:
                 break
             keep = np.array(keep)
@@ -241,6 +277,11 @@ class Evaluator:
             out[rows] = _log_softmax(self.engine.forward(ids, mask, pos, None, edits, last=self.kl_tokens))
         return out
 
+    def use_reference(self, ref: dict) -> None:
+        """A reference computed earlier (the study's cache): the original model is not run again."""
+        self.ref = ref
+        self._kl_seqs = self._kl_batches()
+
     def reference(self) -> dict:
         """The original model's completions and distributions: computed once per search."""
         if self.ref is None:
@@ -267,18 +308,26 @@ class Evaluator:
         w = self._kl_seqs[1]
         return float(np.sum(per * w) / np.sum(w)), float(per[:, 0].mean())
 
-    def evaluate(self, edits, keep_texts: bool = False) -> Result:
+    def evaluate(self, edits, keep_texts: bool = False, prune=None) -> Result:
+        """Marker rate and KL of an edit. `prune(rate_lower_bound, kl) -> bool` is asked whenever more
+        rows are known to hit a marker; True gives the trial up (Hopeless). The KL (cheap: one forward
+        pass) comes first so the bound can be judged from the first rows on."""
         self.reference()
         t0 = time.perf_counter()
-        comp, steps = self.generate(self.positive, edits, self.tokens)
+        kl, first = self.kl(edits)
+        t1 = time.perf_counter()
+        n = len(self.positive)
+        watch = _Watch(lambda h: prune(h / n, kl)) if prune is not None and n else None
+        try:
+            comp, steps = self.generate(self.positive, edits, self.tokens, watch=watch)
+        except Hopeless as e:
+            raise Hopeless(watch.hits / n, kl, first, e.rows) from None
         rate = self.rate(comp)
         neg_rate = None
         if self.negative_markers:
             neg, more = self.generate(self.negative, edits, self.tokens)
             neg_rate, steps = self.rate(neg), steps + more
-        t1 = time.perf_counter()
-        kl, first = self.kl(edits)
         t2 = time.perf_counter()
         return Result(
-            rate, kl, first, neg_rate, self.texts(comp) if keep_texts else [], Timing(t1 - t0, t2 - t1), steps
+            rate, kl, first, neg_rate, self.texts(comp) if keep_texts else [], Timing(t2 - t1, t1 - t0), steps
         )

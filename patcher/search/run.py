@@ -2,6 +2,7 @@
 evaluator, and the Optuna loop. Also the way back: a stored trial -> its Plan (`--from-study`)."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from patcher.model.architectures import Resolved
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model
 from patcher.model.prompts import encode_prompts, read_prompt_file
+from patcher.search import reference_cache as ref_cache
 from patcher.search import space as sp
 from patcher.search import study as st
-from patcher.search.objectives import Evaluator, Result, load_markers
+from patcher.search.objectives import Evaluator, Hopeless, Result, load_markers
 from patcher.search.plan import build_plan
 
 ENGINES = ("numpy", "onnx")
@@ -68,19 +70,27 @@ class Setup:
     untie: bool = False
     attrs: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    prune: bool = True
+    reference_key: str = ""
 
     @property
     def n_layers(self) -> int:
         return self.resolved.n_layers
 
-    def evaluate(self, params: dict, keep_texts: bool = False) -> Result:
+    def evaluate(self, params: dict, keep_texts: bool = False, prune=None) -> Result:
         spec = sp.edit_spec(params, self.table, self.n_layers, self.directions)
         plan = build_plan(self.ck, self.resolved, spec, str(self.directions), self.untie)
-        return self.evaluator.evaluate(self.engine.edits(plan), keep_texts)
+        return self.evaluator.evaluate(self.engine.edits(plan), keep_texts, prune)
 
     def run_trial(self, trial) -> tuple[float, float]:
         params = sp.sample(trial, self.space)
-        r = self.evaluate(params)
+        front = [t.values for t in st.pareto(st.completed(trial.study))] if self.prune else []
+        try:
+            r = self.evaluate(params, prune=beyond_front(front) if front else None)
+        except Hopeless as h:
+            trial.set_user_attr("first_token_kl", h.first_token_kl)
+            trial.set_user_attr("pruned", {"marker_rate_at_least": h.rate, "kl": h.kl, "rows": h.rows})
+            raise st.pruned() from None
         trial.set_user_attr("first_token_kl", r.first_token_kl)
         trial.set_user_attr("seconds_generate", round(r.timing.generate, 3))
         trial.set_user_attr("seconds_kl", round(r.timing.kl, 3))
@@ -94,13 +104,47 @@ class Setup:
         return r.marker_rate, r.kl
 
 
-def make_engine(kind: str, sm: StreamedModel, provider: str = "cpu", announce=None):
+def beyond_front(front: list) -> Callable[[float, float], bool]:
+    """prune(rate_lower_bound, kl) for a trial whose KL is known and whose marker rate is at least the
+    bound: True when a front point (rate f, KL g) dominates every value the trial can still end with:
+    f <= bound and g <= kl, one of them strictly (equal values would tie, not dominate, and a tie stays
+    on the front). The trial's final rate only grows from the bound, so it ends dominated: never on
+    the front. Feasible front points only (st.pareto), so an infeasible point never prunes."""
+
+    def prune(rate: float, kl: float) -> bool:
+        return any(f <= rate and g <= kl and (f < rate or g < kl) for f, g in front)
+
+    return prune
+
+
+def check_engine(engine: str, provider: str, resident: str) -> None:
+    """--engine, --provider and --resident, before any work: one line naming what is wrong."""
+    from patcher.onnx.runtime import PROVIDERS, available_providers
+    from patcher.search.engine import RESIDENT
+
+    if engine not in ENGINES:
+        raise PatcherError("--engine", f"must be one of {', '.join(ENGINES)}")
+    if provider not in PROVIDERS:
+        raise PatcherError("--provider", f"must be one of {', '.join(PROVIDERS)}")
+    if engine == "numpy" and provider != "cpu":
+        raise PatcherError("--provider", "the numpy engine runs on the CPU; use --engine onnx for cuda")
+    if engine == "onnx" and provider not in available_providers():
+        raise PatcherError(
+            "--provider",
+            f"{provider} is not available in this onnxruntime "
+            f"(available: {', '.join(available_providers())}; cuda needs onnxruntime-gpu and a GPU)",
+        )
+    if resident not in RESIDENT:
+        raise PatcherError("--resident", f"must be one of {', '.join(RESIDENT)}")
+
+
+def make_engine(kind: str, sm: StreamedModel, provider: str = "cpu", announce=None, resident: str = "auto"):
     if kind == "numpy":
         from patcher.search.engine import ResidentModel
 
         if provider != "cpu":
             raise PatcherError("--provider", "the numpy engine runs on the CPU; use --engine onnx for cuda")
-        return ResidentModel(sm)
+        return ResidentModel(sm, resident)
     if kind == "onnx":
         from patcher.search.onnx_engine import OnnxEngine
 
@@ -111,6 +155,29 @@ def make_engine(kind: str, sm: StreamedModel, provider: str = "cpu", announce=No
 def _prompts(tok, path, limit, chat_template, system):
     texts = read_prompt_file(path, limit)
     return encode_prompts(tok, texts, chat_template=chat_template, system=system)
+
+
+def build_space(n_layers: int, space_toml: Path | None, space_items=()) -> dict:
+    """The default space for this depth, narrowed by the TOML file, then by --space items."""
+    space = sp.default_space(n_layers)
+    if space_toml is not None:
+        sp.apply_toml(space, sp.load_toml(space_toml), space_toml)
+    sp.parse_cli(space, list(space_items))
+    return space
+
+
+def _extracted(ck, positive, negative, directions_out, seconds: dict, announce, **options) -> Path:
+    """Directions extracted from the training prompts, saved to `directions_out`."""
+    from patcher.edit.extract import extract
+
+    if directions_out is None:
+        raise PatcherError("--directions", "give a directions file or a place to write the extracted one")
+    t0 = time.perf_counter()
+    if announce:
+        announce(f"extracting directions from {positive.name} / {negative.name}")
+    extract(ck, positive, negative, **options).save(directions_out)
+    seconds["extract"] = round(time.perf_counter() - t0, 3)
+    return directions_out
 
 
 def setup(
@@ -124,6 +191,7 @@ def setup(
     directions_out: Path | None = None,
     engine: str = DEFAULT_ENGINE,
     provider: str = "cpu",
+    resident: str = "auto",
     tokens: int = 64,
     kl_tokens: int = 1,
     negative_markers: bool = False,
@@ -138,45 +206,37 @@ def setup(
     space_toml: Path | None = None,
     project_out_negative_mean: bool = False,
     arch_table: Path | None = None,
+    prune: bool = True,
     announce=None,
 ) -> Setup:
-    from patcher.edit.extract import extract
+    """Model, space, directions (extracted when not given), prompts, engine and evaluator of a search."""
+    from patcher.onnx.verify import _eos
 
-    seconds = {}
+    seconds: dict = {}
     ck = Model.open(model, arch_table)  # a folder, file or hub repo id; its table, if given
     sm = StreamedModel(ck)
-    L, d = sm.n_layers, sm.hp.d_model
-    space = sp.default_space(L)
-    if space_toml is not None:
-        sp.apply_toml(space, sp.load_toml(space_toml), space_toml)
-    sp.parse_cli(space, list(space_items))
+    space = build_space(sm.n_layers, space_toml, space_items)
     if directions is None:
-        if directions_out is None:
-            raise PatcherError("--directions", "give a directions file or a place to write the extracted one")
-        t0 = time.perf_counter()
-        if announce:
-            announce(f"extracting directions from {positive.name} / {negative.name}")
-        result = extract(
+        directions = _extracted(
             ck,
             positive,
             negative,
+            directions_out,
+            seconds,
+            announce,
             max_prompts=max_prompts,
             chat_template=chat_template,
             system=system,
             project_out_negative_mean=project_out_negative_mean,
         )
-        result.save(directions_out)
-        directions = directions_out
-        seconds["extract"] = round(time.perf_counter() - t0, 3)
-    table, meta = load_table(directions, L, d)
+    table, meta = load_table(directions, sm.n_layers, sm.hp.d_model)
     tok = ck.tokenizer()
     ep = _prompts(tok, eval_positive or positive, max_prompts, chat_template, system)
     en = _prompts(tok, eval_negative or negative, max_prompts, chat_template, system)
     t0 = time.perf_counter()
-    eng = make_engine(engine, sm, provider, announce)
+    eng = make_engine(engine, sm, provider, announce, resident)
     seconds["load"] = round(time.perf_counter() - t0, 3)
-    from patcher.onnx.verify import _eos
-
+    eos = _eos(ck.folder, tok)
     ev = Evaluator(
         eng,
         tok,
@@ -186,10 +246,12 @@ def setup(
         tokens=tokens,
         kl_tokens=kl_tokens,
         negative_markers=negative_markers,
-        eos=_eos(ck.folder, tok),
+        eos=eos,
         batch_size=batch_size,
     )
-    fixed = {p.name: p.fixed for p in space.values() if p.fixed is not None}
+    evaluation = _evaluation(
+        ev, eval_positive or positive, eval_negative or negative, max_prompts, chat_template, system, engine
+    )
     attrs = st.base_attrs(
         model=str(Path(model).resolve()),
         model_identity=folder_identity(ck.folder),
@@ -197,21 +259,13 @@ def setup(
         directions_sha256=sha256_file(directions),
         selected_layer=meta.get("selected_layer"),
         space={k: p.as_dict() for k, p in space.items()},
-        fixed=fixed,
+        fixed={p.name: p.fixed for p in space.values() if p.fixed is not None},
         untie_embeddings=untie,
-        evaluation={
-            "positive": sha256_file(eval_positive or positive),
-            "negative": sha256_file(eval_negative or negative),
-            "counts": [len(ep), len(en)],
-            "tokens": tokens,
-            "kl_tokens": kl_tokens,
-            "negative_markers": negative_markers,
-            "markers": list(ev.markers),
-            "max_prompts": max_prompts,
-            "chat_template": chat_template,
-            "system": system,
-            "engine": engine,
-        },
+        evaluation=evaluation,
+    )
+    # what the original's completions and log-probs depend on: model, prompts as token ids, settings
+    key = ref_cache.key(
+        attrs["model_identity"], evaluation, ep, en, sorted(set(eos)), batch_size, provider, tok.pad_id
     )
     return Setup(
         ck,
@@ -225,7 +279,39 @@ def setup(
         untie,
         attrs,
         seconds,
+        prune,
+        key,
     )
+
+
+def _evaluation(ev: Evaluator, positive: Path, negative: Path, max_prompts, chat_template, system, engine):
+    """The evaluation settings a study records (a resumed study must match them)."""
+    return {
+        "positive": sha256_file(positive),
+        "negative": sha256_file(negative),
+        "counts": [len(ev.positive), len(ev.negative)],
+        "tokens": ev.tokens,
+        "kl_tokens": ev.kl_tokens,
+        "negative_markers": ev.negative_markers,
+        "markers": list(ev.markers),
+        "max_prompts": max_prompts,
+        "chat_template": chat_template,
+        "system": system,
+        "engine": engine,
+    }
+
+
+def reference(s: Setup, cache: Path | None) -> tuple[dict, bool]:
+    """The original model's completions and log-probs: from the cache file beside the study when it
+    was made for the same key (True), else computed (False) and written there."""
+    ref = ref_cache.load(cache, s.reference_key) if cache is not None else None
+    if ref is not None:
+        s.evaluator.use_reference(ref)
+        return s.evaluator.reference(), True
+    ref = s.evaluator.reference()
+    if cache is not None:
+        ref_cache.save(cache, s.reference_key, ref)
+    return ref, False
 
 
 def trial_params(study, number: int, path: Path) -> tuple[dict, dict]:

@@ -167,6 +167,16 @@ def completed(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def pruned_trials(study) -> list:
+    optuna = _optuna()
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.PRUNED]
+
+
+def pruned() -> Exception:
+    """What a trial raises when it is given up (optuna records it as PRUNED; TPE ranks it low)."""
+    return _optuna().TrialPruned()
+
+
 def feasible(trial) -> bool:
     return all(c <= 0 for c in _constraints(trial))
 
@@ -200,10 +210,11 @@ class Outcome:
 def optimize(
     study, run_trial, n_trials: int, timeout_s: float | None, jobs: int = 1, on_trial=None
 ) -> Outcome:
-    """Run trials until the study holds n_trials completed ones (a resumed study continues), or the
-    timeout. `run_trial(trial) -> (marker_rate, kl)`. Ctrl-C ends the current trial as failed and
-    keeps every completed one (each is committed to SQLite as it ends)."""
-    remaining = max(n_trials - len(completed(study)), 0)
+    """Run trials until the study holds n_trials finished ones, completed or pruned (a resumed study
+    continues), or the timeout. `run_trial(trial) -> (marker_rate, kl)`, or it raises pruned().
+    Ctrl-C ends the current trial as failed and keeps every finished one (each is committed to
+    SQLite as it ends)."""
+    remaining = max(n_trials - len(completed(study)) - len(pruned_trials(study)), 0)
     if remaining == 0:
         return Outcome(0, False)
     ran = [0]
@@ -211,6 +222,9 @@ def optimize(
     def objective(trial):
         try:
             values = run_trial(trial)
+        except _optuna().TrialPruned:
+            ran[0] += 1
+            raise
         except BaseException as e:
             if isinstance(e, (Exception, KeyboardInterrupt)):
                 raise

@@ -1,0 +1,239 @@
+"""`patcher search` speed and scale: the original's reference cached beside the study, trials pruned
+once they cannot reach the front (and never one that would have been on it), weights resident as
+stored (bf16) with the same logits as float32, BLAS threads from the cores, --provider checks."""
+
+import os
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import ROOT, fixture_path, run_cli
+from test_search import LAYER_KERNELS, train_prompts
+
+from patcher.io.checkpoint import Checkpoint
+from patcher.model.execution import StreamedModel
+from patcher.model.prompts import left_pad
+from patcher.search import engine as en
+from patcher.search import reference_cache
+from patcher.search import run as sr
+from patcher.search import space as sp
+from patcher.search.objectives import Evaluator, Hopeless
+from patcher.search.plan import build_plan
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_search_fixture
+
+
+@pytest.fixture(scope="module")
+def refusal(tmp_path_factory):
+    return make_search_fixture.make(tmp_path_factory.mktemp("refusal")).parent
+
+
+def _setup(refusal, tmp_path, **kw) -> sr.Setup:
+    P = refusal / "prompts"
+    dirs = tmp_path / "dirs.safetensors"
+    return sr.setup(
+        refusal / make_search_fixture.NAME,
+        P / "refusal-train-positive.txt",
+        P / "refusal-train-negative.txt",
+        eval_positive=P / "refusal-eval-positive.txt",
+        eval_negative=P / "refusal-eval-negative.txt",
+        directions=dirs if dirs.is_file() else None,
+        directions_out=dirs,
+        chat_template=False,
+        **{"tokens": 16, "batch_size": 8, **kw},
+    )
+
+
+def _points(s: sr.Setup, n: int, seed: int = 0) -> list[dict]:
+    """Random points of the default space (as the start-up trials draw them), then the default pipeline."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p = {}
+        for q in s.space.values():
+            if q.when is not None and p.get(q.when[0]) != q.when[1]:
+                continue
+            if q.fixed is not None:
+                p[q.name] = q.fixed
+            elif q.kind == "float":
+                p[q.name] = float(rng.uniform(q.low, q.high))
+            else:
+                p[q.name] = q.choices[int(rng.integers(len(q.choices)))]
+        out.append(sp.complete(p, {}))
+    return out + [sr.heuristic_params(int(s.selected), s.n_layers)]
+
+
+def _front(values: list) -> list:
+    return sorted(v for v in values if not any(o[0] <= v[0] and o[1] <= v[1] and o != v for o in values))
+
+
+# --- the reference, cached beside the study --------------------------------------------------------
+
+
+def test_a_repeated_study_loads_the_reference_and_scores_the_same(refusal, tmp_path, monkeypatch):
+    cache = reference_cache.path_for(tmp_path / "s.db")
+    s1 = _setup(refusal, tmp_path)
+    ref1, cached = sr.reference(s1, cache)
+    assert not cached and cache.is_file()
+    calls = []
+    generate = Evaluator.generate
+    monkeypatch.setattr(
+        Evaluator, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        Evaluator, "_log_probs", lambda self, e, f=Evaluator._log_probs: calls.append(2) or f(self, e)
+    )
+    s2 = _setup(refusal, tmp_path)
+    ref2, cached = sr.reference(s2, cache)
+    assert cached and calls == []  # no generation, no forward pass of the original
+    assert ref2["positive_completions"] == ref1["positive_completions"]
+    assert ref2["negative_completions"] == ref1["negative_completions"]
+    assert ref2["marker_rate"] == ref1["marker_rate"] and np.array_equal(ref2["log_probs"], ref1["log_probs"])
+    params = _points(s1, 1)[0]
+    a, b = s1.evaluate(params), s2.evaluate(params)
+    assert (a.marker_rate, a.kl, a.first_token_kl) == (b.marker_rate, b.kl, b.first_token_kl)
+    # other settings are another reference: computed again, the file rewritten for them
+    s3 = _setup(refusal, tmp_path, tokens=8)
+    ref3, cached = sr.reference(s3, cache)
+    assert not cached and calls and ref3["positive_completions"] != ref1["positive_completions"]
+    assert reference_cache.load(cache, s1.reference_key) is None
+    assert reference_cache.load(cache, s3.reference_key) is not None
+    cache.write_bytes(b"not a zip")  # a damaged cache only costs time
+    assert reference_cache.load(cache, s3.reference_key) is None
+
+
+def test_the_cli_says_the_reference_was_loaded(refusal, tmp_path):
+    P = refusal / "prompts"
+    args = ["search", refusal / make_search_fixture.NAME, *train_prompts(P), "--no-chat-template"]
+    args += ["--tokens", "4", "--max-prompts", "8", "--study", tmp_path / "s.db", "--no-heuristic"]
+    r = run_cli(*args, "--trials", "1")
+    assert "reference computed in" in r.output
+    r = run_cli(*args, "--trials", "2")
+    assert "reference loaded from s.reference.npz" in r.output
+
+
+# --- pruning --------------------------------------------------------------------------------------
+
+
+def test_pruning_never_drops_a_trial_that_would_be_on_the_front(refusal, tmp_path):
+    """Trials in order, each judged against the front of those completed before it (as the search
+    does): a pruned trial is dominated by that front at its full values; a completed one has exactly
+    its full values; the final front is the front without pruning."""
+    s = _setup(refusal, tmp_path)
+    s.evaluator.check_every = 1
+    points = _points(s, 16)
+    full = [(r.marker_rate, r.kl) for r in map(s.evaluate, points)]
+    done, pruned = [], []
+    for i, (params, want) in enumerate(zip(points, full)):
+        front = _front(done)
+        try:
+            r = s.evaluate(params, prune=sr.beyond_front(front) if front else None)
+        except Hopeless as h:
+            pruned.append(i)
+            assert h.kl == want[1] and h.rate <= want[0]
+            assert any(f <= want[0] and g <= want[1] and (f, g) != want for f, g in front)
+            continue
+        assert (r.marker_rate, r.kl) == want
+        done.append(want)
+    assert pruned and len(pruned) < len(points)  # the check can fail both ways
+    assert _front(done) == _front(full)
+
+
+def test_pruning_bound_is_strict_on_ties():
+    prune = sr.beyond_front([(0.25, 0.01)])
+    assert not prune(0.25, 0.01)  # the same values would tie: both on the front
+    assert prune(0.25, 0.02) and prune(0.3, 0.01)
+    assert not prune(0.2, 0.5) and not prune(0.9, 0.005)
+
+
+# --- weights resident as stored ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model_type,preserve", [("llama", "cols"), ("qwen2_moe", "none"), ("gemma2", "rows")]
+)
+def test_weights_as_stored_give_the_float32_logits_bit_for_bit(model_type, preserve):
+    sm = StreamedModel(Checkpoint(fixture_path(model_type)))
+    L, d = sm.n_layers, sm.hp.d_model
+    stored, f32 = en.ResidentModel(sm, "storage"), en.ResidentModel(sm, "float32")
+    kept = [dict.__getitem__(stored.blocks[0], n).dtype for n in stored.blocks[0]]
+    assert np.dtype(ml_dtypes.bfloat16) in kept and np.dtype(np.float32) not in kept  # not decoded
+    params = {
+        "direction_scope": "global",
+        "direction_index": 1.4,
+        **LAYER_KERNELS,
+        "embed": True,
+        "embed_strength": 0.7,
+        "norm_preserve": preserve,
+    }
+    table = np.random.default_rng(1).standard_normal((L + 1, d))
+    plan = build_plan(sm.ck, sm.resolved, sp.edit_spec(params, table, L), "r")
+    ids, mask = left_pad([[1, 5, 9, 30, 7], [1, 44, 3]], 0)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    caches = stored.new_cache(2), f32.new_cache(2)
+    a = stored.forward(ids, mask, pos, caches[0], stored.edits(plan), last=None)
+    b = f32.forward(ids, mask, pos, caches[1], f32.edits(plan), last=None)
+    assert np.array_equal(a, b)
+    mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    a = stored.forward(np.array([[12], [13]]), mask2, pos[:, -1:] + 1, caches[0], stored.edits(plan))
+    b = f32.forward(np.array([[12], [13]]), mask2, pos[:, -1:] + 1, caches[1], f32.edits(plan))
+    assert np.array_equal(a, b) and stored.vocab == f32.vocab
+
+
+def test_auto_keeps_weights_as_stored_when_float32_would_not_fit(monkeypatch):
+    sm = StreamedModel(Checkpoint(fixture_path("llama")))
+    need = en.float32_bytes(sm)
+    assert need == 4 * sum(int(np.prod(sm.ck.info(n).shape)) for n in sm.ck.tensors)
+    monkeypatch.setattr(en, "available_memory", lambda: 2 * need)
+    assert en.choose_resident(sm) == "float32"
+    monkeypatch.setattr(en, "available_memory", lambda: 2 * need - 1)
+    assert en.choose_resident(sm) == "storage" and en.ResidentModel(sm, "auto").resident == "storage"
+
+
+# --- threads and providers ----------------------------------------------------------------------------
+
+
+def test_blas_threads_share_the_cores_between_jobs():
+    from patcher.cli.search import blas_threads_for
+
+    cores = len(os.sched_getaffinity(0))
+    assert blas_threads_for(1) == cores and blas_threads_for(cores + 1) == 1
+    assert blas_threads_for(2) == max(1, cores // 2)
+
+
+def _has_cuda() -> bool:
+    from patcher.onnx.runtime import available_providers
+
+    return "cuda" in available_providers()
+
+
+def test_provider_is_checked_before_any_work(refusal, tmp_path):
+    P = refusal / "prompts"
+    base = ["search", refusal / make_search_fixture.NAME, *train_prompts(P), "--study", tmp_path / "s.db"]
+    r = run_cli(*base, "--provider", "cuda", expect=1)  # the numpy engine
+    assert "numpy engine runs on the CPU" in r.output
+    r = run_cli(*base, "--engine", "onnx", "--provider", "tpu", expect=1)
+    assert "--provider" in r.output and "cpu, cuda" in r.output
+    r = run_cli(*base, "--resident", "fp8", expect=1)
+    assert "--resident" in r.output
+    if not _has_cuda():
+        r = run_cli(*base, "--engine", "onnx", "--provider", "cuda", expect=1)
+        assert "cuda is not available" in r.output and r.output.count("\n") == 1
+    assert not (tmp_path / "s.directions.safetensors").exists()  # no extraction ran
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="onnxruntime has no CUDA provider here (no GPU)")
+def test_search_on_cuda_matches_the_cpu_engine(refusal, tmp_path):
+    P = refusal / "prompts"
+    args = ["search", refusal / make_search_fixture.NAME, *train_prompts(P), "--no-chat-template"]
+    args += ["--tokens", "8", "--max-prompts", "8", "--engine", "onnx", "--trials", "2", "--no-heuristic"]
+    run_cli(*args, "--provider", "cuda", "--study", tmp_path / "g.db")
+    run_cli(*args, "--study", tmp_path / "c.db")
+    from patcher.search import study as st
+
+    gpu, cpu = (st.completed(st.open_study(tmp_path / f, None, create=False)) for f in ("g.db", "c.db"))
+    assert [t.params for t in gpu] == [t.params for t in cpu]
+    for g, c in zip(gpu, cpu):
+        assert g.values[0] == c.values[0] and g.values[1] == pytest.approx(c.values[1], rel=1e-3, abs=1e-6)
