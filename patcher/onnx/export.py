@@ -9,7 +9,6 @@ protobuf graph itself is small; the 2 GB protobuf limit does not apply to extern
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,8 @@ import onnx_ir as ir
 from patcher import __version__
 from patcher.errors import PatcherError
 from patcher.io import manifest
-from patcher.io.checkpoint import INDEX_NAME, Checkpoint
-from patcher.io.writer import OutputFolder
+from patcher.io.atomic import AtomicOutput
+from patcher.io.checkpoint import INDEX_NAME, SIDE_FILES, Checkpoint
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
 from patcher.onnx import storage
@@ -40,17 +39,6 @@ FILES = {k: v["file"] for k, v in VARIANTS.items()}
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
 # is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 def kv_shapes(sm: StreamedModel) -> list:
@@ -201,21 +189,16 @@ def export(
     sm = StreamedModel(model, arch_table)  # a folder, file, hub repo id or open Model: opened once
     ck = sm.model
     cache = manifest.DigestCache()
-    gguf = getattr(ck.storage, "g", None)  # a GGUF, seen through its HF view: files beside it are not its
     inputs = {
         p.name: cache.sha256(p)
-        for p in ([gguf.path] if gguf else sorted(ck.folder.iterdir()))
-        if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)
+        for p in ck.storage.input_files()
+        if p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME
     }
     cache.save()
     keep = {} if force else _existing_export(Path(out), inputs)
-    made = {}
-    if gguf is not None:  # config and tokenizer from its metadata (as `patcher convert` writes), read first
-        from patcher.io.gguf_hf import side_files
-
-        made = side_files(gguf)
+    side = ck.storage.side_files()  # a GGUF's made from its metadata: a vocabulary it cannot read fails here
     todo = [d for d in dtypes if d not in keep]
-    with OutputFolder(out, [ck.path], force=force or bool(keep)) as tmp:
+    with AtomicOutput(out, "folder", inputs=[ck.path], force=force or bool(keep)) as tmp:
         (tmp / "onnx").mkdir()
         for files in keep.values():  # hard links: adding a variant does not copy the others' bytes
             for f in files:
@@ -227,13 +210,8 @@ def export(
             chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(basis))
             check_graph(tmp / "onnx" / FILES[d], ck.path)  # never "wrote" what onnxruntime cannot load
         variants = [d for d in FILES if d in chunks]
-        if gguf is not None:
-            for name, text in made.items():
-                (tmp / name).write_text(text, encoding="utf-8")
-        else:
-            for name in SIDE_FILES:
-                if (ck.folder / name).is_file():
-                    shutil.copyfile(ck.folder / name, tmp / name)
+        for name, data in side.items():
+            (tmp / name).write_bytes(data)
         _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
         (tmp / "patcher-export.json").write_text(
             json.dumps(
@@ -315,12 +293,12 @@ def variant_file(folder: Path, dtype: str) -> str:
 
 def _existing_export(out: Path, inputs: dict) -> dict:
     """An earlier export of the same source in OUT: its variants (to keep); {} when OUT is empty or
-    absent; an error when OUT holds anything else (OutputFolder then asks for --force)."""
+    absent; an error when OUT holds anything else (AtomicOutput then asks for --force)."""
     if not out.is_dir() or not any(out.iterdir()):
         return {}
     old = manifest.read(out)
     if not old or old.get("kind") != "export" or not (out / "patcher-export.json").is_file():
-        return {}  # not an export: OutputFolder refuses without --force
+        return {}  # not an export: AtomicOutput refuses without --force
     if old.get("inputs") != inputs:
         raise PatcherError(
             out,
