@@ -12,6 +12,7 @@ import numpy as np
 
 from patcher.errors import CheckpointError, PatcherError
 from patcher.io.safetensors import SafetensorsFile, TensorInfo
+from patcher.io.storage import TensorTable
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -110,7 +111,7 @@ def fp8_weight_of(tensors, name: str) -> str | None:
     return None
 
 
-class Checkpoint:
+class Checkpoint(TensorTable):
     """Lazy view of a checkpoint (patcher.io.storage.Storage). `files` keeps shard order; `tensors` maps
     name -> TensorInfo."""
 
@@ -242,16 +243,6 @@ class Checkpoint:
     def model_type(self) -> str | None:
         return self.config.get("model_type")
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(self.path, f"no tensor named {name!r}") from None
-
     def file_of(self, name: str) -> SafetensorsFile:
         self.info(name)  # a clear error for unknown names
         return self.files[self.shard_of[name]]
@@ -284,9 +275,3 @@ class Checkpoint:
     def close(self):
         for f in self.files.values():
             f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

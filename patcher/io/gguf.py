@@ -20,6 +20,7 @@ import numpy as np
 from patcher.errors import CheckpointError
 from patcher.io.gguf_header import MAGIC, GGUFHeader, TensorEntry
 from patcher.io.safetensors import TensorInfo
+from patcher.io.storage import TensorTable
 
 PROVENANCE_KEY = "patcher.edit"
 _ALIGNMENT = 32
@@ -91,7 +92,7 @@ def is_gguf(path) -> bool:
         return False
 
 
-class GGUFFile:
+class GGUFFile(TensorTable):
     """One GGUF file, lazily: header parsed by patcher.io.gguf_header, tensors memory-mapped, metadata
     arrays (the vocabulary) decoded when first read, nothing dequantized until asked. The reader half
     of patcher.io.storage.Storage; patcher.model.gguf.GGUFStorage adds what the architecture tables
@@ -158,16 +159,6 @@ class GGUFFile:
                 raise CheckpointError(self.path, f"tensors {n0!r} and {n1!r} overlap")
 
     # --- what the rest of patcher asks a checkpoint -------------------------------------------
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def info(self, name: str) -> GGUFTensor:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(self.path, f"no tensor named {name!r}") from None
-
     def file_of(self, name: str) -> "GGUFFile":
         self.info(name)
         return self
@@ -245,12 +236,6 @@ class GGUFFile:
     def close(self):
         self.data = None
         self.header.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --- writing ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from patcher.errors import CheckpointError
 from patcher.io.safetensors import TensorInfo
 
 
@@ -72,6 +73,31 @@ class Storage(Protocol):
     def shard_tensors(self, fname: str) -> list[TensorInfo]: ...  # one file's tensors in file order
 
     def close(self) -> None: ...
+
+
+class TensorTable:
+    """What every format derives alike from `path` and `tensors`: a base class for implementations."""
+
+    path: Path
+    tensors: Mapping[str, TensorInfo]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(self.path, f"no tensor named {name!r}") from None
+
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def missing_members(obj: object) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 from patcher.errors import CheckpointError
 from patcher.io.gguf import CONFIG_KEYS, GGUFFile, provenance
 from patcher.io.safetensors import TensorInfo
+from patcher.io.storage import TensorTable
 from patcher.model.architectures import Architecture, for_gguf_arch
 
 
@@ -116,7 +117,7 @@ def config_from_metadata(g: "GGUFStorage") -> dict:
 # --- the same model under HF names, for the forward pass ------------------------------------------
 
 
-class HFView:
+class HFView(TensorTable):
     """A GGUF seen as the HF checkpoint it was converted from: HF tensor names, HF shapes, float32 values,
     the converter's transforms undone (q/k rope permutation, norm gains stored as 1 + w, GPT-2 Conv1D
     transposes). Names come from the gguf package's own TensorNameMap, the map convert_hf_to_gguf uses."""
@@ -144,12 +145,6 @@ class HFView:
 
     def _transposed(self, hf: str, shape) -> bool:
         return self.spec.conv1d and len(shape) == 2 and hf.endswith(".weight") and ".h." in hf
-
-    def info(self, name):
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(self.path, f"no tensor named {name!r}") from None
 
     def array(self, name: str, row_start: int = 0, row_stop: int | None = None):
         gname, expert = self.map[name]
@@ -186,10 +181,6 @@ class HFView:
 
     def shard_tensors(self, fname: str):
         return list(self.tensors.values())
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         return self.g.rows(self.map[name][0], ids)
