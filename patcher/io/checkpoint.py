@@ -111,7 +111,7 @@ def fp8_weight_of(tensors, name: str) -> str | None:
     return None
 
 
-class Checkpoint(TensorTable):
+class Checkpoint(TensorTable[TensorInfo]):
     """Lazy view of a checkpoint (patcher.io.storage.Storage). `files` keeps shard order; `tensors` maps
     name -> TensorInfo."""
 

@@ -92,7 +92,7 @@ def is_gguf(path) -> bool:
         return False
 
 
-class GGUFFile(TensorTable):
+class GGUFFile(TensorTable[GGUFTensor]):
     """One GGUF file, lazily: header parsed by patcher.io.gguf_header, tensors memory-mapped, metadata
     arrays (the vocabulary) decoded when first read, nothing dequantized until asked. The reader half
     of patcher.io.storage.Storage; patcher.model.gguf.GGUFStorage adds what the architecture tables

@@ -12,7 +12,7 @@ safetensors: the stored dtype, a memory-mapped view); nothing is read before it 
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -75,17 +75,21 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
-class TensorTable:
-    """What every format derives alike from `path` and `tensors`: a base class for implementations."""
+T = TypeVar("T", bound=TensorInfo)
+
+
+class TensorTable(Generic[T]):
+    """What every format derives alike from `path` and `tensors` (entries of type T): a base class for
+    implementations."""
 
     path: Path
-    tensors: Mapping[str, TensorInfo]
+    tensors: Mapping[str, T]
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def info(self, name: str) -> TensorInfo:
+    def info(self, name: str) -> T:
         try:
             return self.tensors[name]
         except KeyError:

@@ -117,7 +117,7 @@ def config_from_metadata(g: "GGUFStorage") -> dict:
 # --- the same model under HF names, for the forward pass ------------------------------------------
 
 
-class HFView(TensorTable):
+class HFView(TensorTable[TensorInfo]):
     """A GGUF seen as the HF checkpoint it was converted from: HF tensor names, HF shapes, float32 values,
     the converter's transforms undone (q/k rope permutation, norm gains stored as 1 + w, GPT-2 Conv1D
     transposes). Names come from the gguf package's own TensorNameMap, the map convert_hf_to_gguf uses."""

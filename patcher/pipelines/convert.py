@@ -74,10 +74,10 @@ def target_format(model: Model, to: str | None) -> str:
 
 def _check_name(out, fmt: str) -> None:
     """A GGUF output is one file named *.gguf; an HF output is a folder (no .gguf name)."""
-    is_gguf = str(out).lower().endswith(".gguf")
-    if fmt == "gguf" and not is_gguf:
+    named_gguf = str(out).lower().endswith(".gguf")
+    if fmt == "gguf" and not named_gguf:
         raise PatcherError("-o/--output", f"{out}: the GGUF is one file; name it *.gguf")
-    if fmt == "hf" and is_gguf:
+    if fmt == "hf" and named_gguf:
         raise PatcherError("-o/--output", f"{out}: converting to hf writes a folder; name it without .gguf")
 
 
