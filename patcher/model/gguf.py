@@ -245,7 +245,7 @@ def _hf_map(g: GGUFStorage, spec, hp) -> dict:
                         out[hf + suffix] = (gname + suffix, e)
 
     n = spec.names
-    top = {"embed", "final_norm", "lm_head"}
+    top = ("embed", "final_norm", "lm_head")  # a tuple: `convert` writes tensors in this order on every run
     for key in top:
         add((top_prefix if key != "lm_head" else "") + n[key])
     if spec.positions:
