@@ -43,6 +43,9 @@ class Report:
     skipped_files: list[str] = field(default_factory=list)
     rounding: dict = field(default_factory=dict)  # GGUF: per tensor, plain vs written rounding (gguf_apply)
     warnings: list[str] = field(default_factory=list)  # shown in the summary and the manifest
+    time_parts: dict[str, float] = field(default_factory=dict)  # where `seconds` went (time_parts())
+    threads_busy: float = 0.0  # threads busy on average while the shards were written
+    digests_from_hub: list[str] = field(default_factory=list)  # inputs digested by their blob name
 
     def overall_leakage(self, names=None) -> float:
         names = self.leakage.keys() if names is None else names

@@ -298,9 +298,12 @@ def execute(
     progress: Callable[[int], None] | None = None,
     on_shard: Callable[[str], None] | None = None,
     hash_files: bool = True,
+    shards_in_flight: int | None = None,
+    rehash_inputs: bool = False,
 ) -> Report:
-    """Write the edited GGUF at `out` (atomically), with the rounding `prepare` recorded. One file
-    carries its provenance in its metadata: there is no manifest to hash into (`hash_files`)."""
+    """Write the edited GGUF at `out` (atomically), with the rounding `prepare` recorded. The writer
+    interface's other options are a folder's: one file carries its provenance in its metadata, with no
+    manifest to hash into (`hash_files`, `rehash_inputs`) and no shards to run at once."""
     report = Report(out=Path(out))
     t0 = time.perf_counter()
     g: GGUFFile = plan.ck.storage
