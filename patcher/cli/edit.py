@@ -273,9 +273,8 @@ def register(app) -> None:
         norm_preserve: str | None = typer.Option(
             None,
             "--norm-preserve",
-            help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written "
-            "vector's norm "
-            "(ablation stays exact); rows keeps each residual coordinate's row norm",
+            help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written vector's "
+            "norm (ablation stays exact); rows keeps each residual coordinate's row norm",
         ),
         untie: bool = typer.Option(
             False, "--untie-embeddings", help="Keep the original unembedding as lm_head"

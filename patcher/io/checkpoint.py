@@ -118,7 +118,7 @@ class Checkpoint(TensorTable[TensorInfo]):
     format = "safetensors"
     names = "hf"
 
-    def __init__(self, path):
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.folder = self.path if self.path.is_dir() else self.path.parent
         self.index_path: Path | None = None
@@ -215,7 +215,6 @@ class Checkpoint(TensorTable[TensorInfo]):
                 self.weight_map[tname] = path.name
                 if path not in names:
                     names.append(path)
-            self.index_metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
             return sorted(names, key=lambda q: q.name)
         if (p / SINGLE_NAME).is_file():
             return [p / SINGLE_NAME]

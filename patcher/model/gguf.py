@@ -14,7 +14,7 @@ from patcher.errors import CheckpointError
 from patcher.io.gguf import CONFIG_KEYS, GGUFFile, provenance
 from patcher.io.safetensors import TensorInfo
 from patcher.io.storage import TensorTable
-from patcher.model.architectures import Architecture, for_gguf_arch
+from patcher.model.architectures import Architecture, GGUFLayout, for_gguf_arch
 
 
 class GGUFStorage(GGUFFile):
@@ -23,6 +23,14 @@ class GGUFStorage(GGUFFile):
     @cached_property
     def architecture(self) -> Architecture:
         return for_gguf_arch(self.gguf_arch, self.path)
+
+    @property
+    def layout(self) -> GGUFLayout:
+        """The table's [gguf] section (for_gguf_arch finds tables by it, so it is always there)."""
+        layout = self.architecture.gguf_layout
+        if layout is None:
+            raise CheckpointError(self.path, f"{self.architecture.source} has no [gguf] section")
+        return layout
 
     @property
     def model_type(self) -> str:
@@ -85,15 +93,14 @@ def config_from_metadata(g: "GGUFStorage") -> dict:
             raise CheckpointError(g.path, f"GGUF metadata lacks {arch}.{CONFIG_KEYS[need]}")
     cfg[table.config_layers] = cfg["num_hidden_layers"]
     cfg[table.config_d_model] = cfg["hidden_size"]
-    heads = cfg.get("num_attention_heads")
+    heads, derived = cfg.get("num_attention_heads"), {}
     if heads:
         cfg.setdefault("n_head", heads)
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         rope_dim = md.get(f"{arch}.rope.dimension_count")
         if rope_dim and head_dim and int(rope_dim) != int(head_dim):
             cfg["partial_rotary_factor"] = int(rope_dim) / int(head_dim)
-        if table.model_type in ("gemma2", "gemma3_text"):
-            cfg.setdefault("query_pre_attn_scalar", head_dim)  # llama.cpp scales by key_length^-1/2
+        derived["head_dim"] = head_dim
     kind, factor = md.get(f"{arch}.rope.scaling.type"), md.get(f"{arch}.rope.scaling.factor")
     if kind and kind != "none" and factor:
         cfg["rope_scaling"] = {"rope_type": kind, "factor": float(factor)}
@@ -101,8 +108,10 @@ def config_from_metadata(g: "GGUFStorage") -> dict:
     if emb is not None:
         cfg["vocab_size"] = emb.shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in g.tensors
-    if table.model_type == "gpt2":
-        cfg.setdefault("n_positions", cfg.get("max_position_embeddings"))
+    known = {**cfg, **derived}
+    for key, source in g.layout.config.items():  # what the table says GGUF leaves out
+        if source in known:
+            cfg.setdefault(key, known[source])
     if "num_experts" in cfg:  # layers without fused experts are dense (GGUF has no config flag for it)
         cfg["mlp_only_layers"] = [
             l
@@ -131,8 +140,11 @@ class HFView(TensorTable[TensorInfo]):
         self.g = g
         self.path, self.folder, self.config = g.path, g.folder, g.config
         self.config_path, self.index_path = g.path, None
-        self.spec = fw.spec_for(self.model_type)
-        self.hp = fw.hyper(self.model_type, self.config)
+        spec = g.architecture.forward
+        if spec is None:
+            raise CheckpointError(g.path, f"model_type {g.model_type!r} has no forward description")
+        self.spec = spec
+        self.hp = fw.hyper(self.spec, self.config)
         self.map: dict[str, tuple[str, int | None]] = _hf_map(g, self.spec, self.hp)  # hf -> (gguf, expert)
         self.tensors = {}
         for hf, (name, expert) in self.map.items():
@@ -148,7 +160,7 @@ class HFView(TensorTable[TensorInfo]):
 
     def array(self, name: str, row_start: int = 0, row_stop: int | None = None):
         gname, expert = self.map[name]
-        layout = self.g.architecture.gguf_layout
+        layout = self.g.layout
         if expert is not None:
             v = self.g.array(gname, expert, expert + 1)[0]
         elif row_start or row_stop is not None:

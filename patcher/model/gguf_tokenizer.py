@@ -85,20 +85,20 @@ def _spm_tokenizer(g: GGUFFile, tokens: list):
     scores = list(md.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
     types = list(md.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
+    ranked: list[tuple[float, int, str, str]] = []
     for i, t in enumerate(tokens):
         if types[i] != 1 or len(t) < 2:  # NORMAL pieces only: specials and <0xXX> bytes never merge
             continue
         for cut in range(1, len(t)):
             a, b = t[:cut], t[cut:]
             if a in vocab and b in vocab:
-                merges.append((-float(scores[i]), i, a, b))
-    merges = [(a, b) for *_, a, b in sorted(merges)]
+                ranked.append((-float(scores[i]), i, a, b))
+    merges = [(a, b) for *_, a, b in sorted(ranked)]
     names = _special_names(md, tokens)
     tok = Tokenizer(
         models.BPE(vocab, merges, byte_fallback=True, unk_token=names.get("unk_token"), fuse_unk=True)
     )
-    steps = [normalizers.Replace(" ", "\u2581")]
+    steps: list[normalizers.Normalizer] = [normalizers.Replace(" ", "\u2581")]
     if md.get("tokenizer.ggml.add_space_prefix", True):
         steps.insert(0, normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
