@@ -12,7 +12,7 @@ warm, repeated --repeats times (median shown):
   * python -c "import numpy"               the floor every Python command pays
   * GGUFReader(path)                        the gguf package's reader, as patcher opened files before
   * GGUFFile(path)                          patcher's reader (header, tensor infos, lazy metadata)
-  * GGUFFile(path).tokenizer()              the vocabulary decoded and a `tokenizers` BPE built from it
+  * GGUFStorage(path).tokenizer()           the vocabulary decoded and a `tokenizers` BPE built from it
   * patcher inspect PATH                    the command (targets: <= 0.5 s, <= 100 MB RSS beyond the mapping)
   * cp PATH OUT                             the floor for a command that writes the file again
   * patcher ablate PATH -d r.npy -o OUT     a random unit direction; MB/s of the input (target >= 100 MB/s)
@@ -57,9 +57,9 @@ def py(code: str) -> list[str]:
 
 
 def bench(path: Path, work: Path, repeats: int, reader: bool) -> list[tuple[str, float, float, float]]:
-    from patcher.io.gguf import GGUFFile
+    from patcher.model.gguf import GGUFStorage
 
-    g = GGUFFile(path)
+    g = GGUFStorage(path)
     d_model = int(g.config["hidden_size"])
     g.close()
     direction = work / "r.npy"
@@ -71,8 +71,8 @@ def bench(path: Path, work: Path, repeats: int, reader: bool) -> list[tuple[str,
         "python -c 'import numpy'": py("import numpy"),
         "GGUFReader(path)": py(f"import gguf; gguf.GGUFReader({str(path)!r})"),
         "GGUFFile(path)": py(f"from patcher.io.gguf import GGUFFile; GGUFFile({str(path)!r})"),
-        "GGUFFile(path).tokenizer()": py(
-            f"from patcher.io.gguf import GGUFFile; GGUFFile({str(path)!r}).tokenizer()"
+        "GGUFStorage(path).tokenizer()": py(
+            f"from patcher.model.gguf import GGUFStorage; GGUFStorage({str(path)!r}).tokenizer()"
         ),
         "patcher inspect": [patcher, "inspect", str(path)],
         "cp": ["cp", str(path), str(out)],

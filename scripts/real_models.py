@@ -45,10 +45,12 @@ RECIPE = 1
 FINGERPRINTED = (
     "patcher/pipelines/convert.py",
     "patcher/io/gguf.py",
-    "patcher/io/gguf_pretokenizers.py",
     "patcher/io/gguf_header.py",
     "patcher/io/gguf_fields.py",
-    "patcher/io/gguf_hf.py",
+    "patcher/model/gguf.py",
+    "patcher/model/gguf_hf.py",
+    "patcher/model/gguf_pretokenizers.py",
+    "patcher/model/gguf_tokenizer.py",
     "patcher/io/writer.py",
 )
 

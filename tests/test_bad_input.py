@@ -24,9 +24,10 @@ from typer.testing import CliRunner
 from patcher.cli import app
 from patcher.edit.directions import load_direction, save_directions
 from patcher.errors import CheckpointError, PatcherError
+from patcher.io.atomic import AtomicOutput
 from patcher.io.checkpoint import INDEX_NAME, Checkpoint
 from patcher.io.safetensors import MAX_HEADER, SafetensorsFile
-from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
+from patcher.io.writer import OutTensor, write_safetensors
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -1110,7 +1111,7 @@ def test_cli_inspect_valid_file_still_works(round_trip_file):
     assert info["tensors"] == len(ROUND_TRIP)
 
 
-# --- OutputFolder -------------------------------------------------------------------------------------
+# --- AtomicOutput -------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -1126,29 +1127,41 @@ def leftovers(parent: Path, name: str) -> list[str]:
 
 
 def test_output_is_input_refused(model_dir):
-    expect_error(lambda: OutputFolder(model_dir, [model_dir]), model_dir, "output is the input", PatcherError)
+    expect_error(
+        lambda: AtomicOutput(model_dir, "folder", inputs=[model_dir]),
+        model_dir,
+        "output is the input",
+        PatcherError,
+    )
 
 
 def test_output_is_input_through_other_spelling(model_dir, tmp_path):
     other = tmp_path / "model" / ".." / "model"
-    expect_error(lambda: OutputFolder(other, [model_dir]), other, "output is the input", PatcherError)
+    expect_error(
+        lambda: AtomicOutput(other, "folder", inputs=[model_dir]), other, "output is the input", PatcherError
+    )
     link = tmp_path / "link"
     link.symlink_to(model_dir)
-    expect_error(lambda: OutputFolder(link, [model_dir]), link, "output is the input", PatcherError)
+    expect_error(
+        lambda: AtomicOutput(link, "folder", inputs=[model_dir]), link, "output is the input", PatcherError
+    )
 
 
 @pytest.mark.parametrize("rel", ["out", "a/b/out"])
 def test_output_inside_input_refused(model_dir, rel):
     target = model_dir / rel
     expect_error(
-        lambda: OutputFolder(target, [model_dir]), target, "output lies inside the input folder", PatcherError
+        lambda: AtomicOutput(target, "folder", inputs=[model_dir]),
+        target,
+        "output lies inside the input folder",
+        PatcherError,
     )
     assert not target.exists()
 
 
 def test_output_containing_input_refused(model_dir, tmp_path):
     expect_error(
-        lambda: OutputFolder(tmp_path, [model_dir]),
+        lambda: AtomicOutput(tmp_path, "folder", inputs=[model_dir]),
         tmp_path,
         "output folder contains the input",
         PatcherError,
@@ -1160,21 +1173,21 @@ def test_existing_non_empty_output_refused_without_force(model_dir, tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("precious")
     expect_error(
-        lambda: OutputFolder(target, [model_dir]),
+        lambda: AtomicOutput(target, "folder", inputs=[model_dir]),
         target,
         "already exists; pass --force to replace it",
         PatcherError,
     )
     f = tmp_path / "file-target"
     f.write_text("x")
-    expect_error(lambda: OutputFolder(f, [model_dir]), f, "already exists", PatcherError)
+    expect_error(lambda: AtomicOutput(f, "folder", inputs=[model_dir]), f, "already exists", PatcherError)
     assert (target / "keep.txt").read_text() == "precious"
 
 
 def test_existing_empty_output_accepted(model_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    with OutputFolder(target, [model_dir]) as tmp:
+    with AtomicOutput(target, "folder", inputs=[model_dir]) as tmp:
         (tmp / "x").write_text("new")
     assert (target / "x").read_text() == "new"
     assert leftovers(tmp_path, "out") == []
@@ -1188,7 +1201,7 @@ def test_existing_empty_output_accepted(model_dir, tmp_path):
 def test_body_raises_leaves_nothing(model_dir, tmp_path, exc):
     target = tmp_path / "out"
     with pytest.raises(type(exc)):
-        with OutputFolder(target, [model_dir]) as tmp:
+        with AtomicOutput(target, "folder", inputs=[model_dir]) as tmp:
             assert tmp.name.startswith(".out.partial-")
             (tmp / "model.safetensors").write_bytes(b"half")
             raise exc
@@ -1215,7 +1228,7 @@ def test_force_keeps_existing_target_when_body_fails(model_dir, tmp_path):
     target.mkdir()
     previous_output(target)  # --force may replace it
     with pytest.raises(RuntimeError):
-        with OutputFolder(target, [model_dir], force=True) as tmp:
+        with AtomicOutput(target, "folder", inputs=[model_dir], force=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("boom")
     assert sorted(p.name for p in target.iterdir()) == ["old.txt", "patcher-manifest.json"]
@@ -1226,7 +1239,7 @@ def test_force_replaces_existing_target_on_success(model_dir, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     previous_output(target)  # --force may replace it
-    with OutputFolder(target, [model_dir], force=True) as tmp:
+    with AtomicOutput(target, "folder", inputs=[model_dir], force=True) as tmp:
         assert (target / "old.txt").exists()  # untouched while the body runs
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
@@ -1237,7 +1250,7 @@ def test_force_never_replaces_a_users_file_with_a_folder(model_dir, tmp_path):
     target = tmp_path / "out"
     target.write_text("a file, not a folder")
     expect_error(
-        lambda: OutputFolder(target, [model_dir], force=True),
+        lambda: AtomicOutput(target, "folder", inputs=[model_dir], force=True),
         target,
         "exists and is not a folder",
         PatcherError,
@@ -1267,7 +1280,7 @@ def test_stale_clean_up_removes_only_what_a_dead_run_recorded(model_dir, tmp_pat
         json.dumps({"kind": "patcher output lock", "pid": dead, "partial": recorded.name, "old": aside.name})
     )
     with pytest.raises(PatcherError, match="set the previous output aside .* put back"):
-        with OutputFolder(tmp_path / "out", [model_dir], force=True):
+        with AtomicOutput(tmp_path / "out", "folder", inputs=[model_dir], force=True):
             pass
     assert (tmp_path / "out" / "previous.txt").read_text() == "the previous output"
     for kind in ("partial", "old"):

@@ -16,9 +16,9 @@ gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_gguf_fixtures as mk  # noqa: E402
 
-from patcher.io.gguf import GGUFFile  # noqa: E402
 from patcher.model.architectures import TABLE_DIR, load_table, supported  # noqa: E402
 from patcher.model.execution import StreamedModel  # noqa: E402
+from patcher.model.gguf import GGUFStorage  # noqa: E402
 from patcher.model.opened import Model  # noqa: E402
 
 DIRECTION = FIXTURES / "direction-64.npy"
@@ -137,7 +137,7 @@ def test_extract_parity_and_vocabulary(ggufs, tmp_path):
     # the GGUF's own vocabulary and chat template tokenize like the tokenizer.json they came from
     from patcher.model.prompts import encode_prompts, load_tokenizer
 
-    g = GGUFFile(ggufs("qwen2")).tokenizer()
+    g = GGUFStorage(ggufs("qwen2")).tokenizer()
     h = load_tokenizer(fixture_path("qwen2"))
     prompts = ["Tell me a story about a friendly robot.", "Numbers: 1 2 3 ünïcode"]
     assert encode_prompts(g, prompts) == encode_prompts(h, prompts)
@@ -147,7 +147,7 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     path = mk.spm_vocab(tmp_path / "spm.gguf")
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    tok = GGUFFile(path).tokenizer()
+    tok = GGUFStorage(path).tokenizer()
     texts = [
         "the quick brown fox",
         "Tell me a story, über café!",
@@ -434,7 +434,7 @@ def test_llama_cpp_runs_the_fixtures_as_patcher_does(ggufs, model_type):
     ref = StreamedModel(Model.open(path)).run(ids[None], np.ones((1, len(ids)), np.int64), logits=True)[0]
     got, toks = _llama(path, ids)
     assert np.abs(got - ref).max() <= F32_TOL
-    assert toks == GGUFFile(path).tokenizer().encode("The quick brown fox", add_special_tokens=False)
+    assert toks == GGUFStorage(path).tokenizer().encode("The quick brown fox", add_special_tokens=False)
 
 
 def test_llama_cpp_runs_edited_ggufs(ggufs, tmp_path):

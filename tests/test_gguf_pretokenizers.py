@@ -15,7 +15,8 @@ import pytest
 from patcher.errors import PatcherError
 from patcher.io.gguf import GGUFFile, string_field
 from patcher.io.gguf_header import MAGIC, GGUFHeader
-from patcher.io.gguf_pretokenizers import NOT_SUPPORTED, PRE_TOKENIZERS, lookup, pre_tokenizer
+from patcher.model.gguf import GGUFStorage
+from patcher.model.gguf_pretokenizers import NOT_SUPPORTED, PRE_TOKENIZERS, lookup, pre_tokenizer
 
 TEXTS = [
     "Hello world! It's a test: don't, we'll, I'M, they'RE 'quoted' O'Neil's.",
@@ -124,7 +125,7 @@ def _every_name_like_llama_cpp(vocabulary: Path, tmp_path: Path) -> None:
     for name in sorted(PRE_TOKENIZERS):
         path = _with_pre(vocabulary, name, tmp_path / f"{name}.gguf")
         want = _llama_cpp_tokens(path, TEXTS)
-        tok = GGUFFile(path).tokenizer()
+        tok = GGUFStorage(path).tokenizer()
         got = [tok.encode(t, add_special_tokens=False) for t in TEXTS]
         failures += [(name, i) for i, (a, b) in enumerate(zip(got, want)) if a != b]
         path.unlink()
@@ -142,7 +143,7 @@ def test_every_name_tokenizes_like_llama_cpp_on_smollm2s_vocabulary(smollm2, tmp
 
 def test_the_dense_vocabulary_sees_piece_boundaries(dense):
     """The check above can fail: a pre-tokenizer that splits differently gives other tokens."""
-    tok = GGUFFile(dense).tokenizer().tokenizer
+    tok = GGUFStorage(dense).tokenizer().tokenizer
     by_name = {}
     for name in ("gpt-2", "llama-bpe", "qwen2", "smollm", "deepseek-coder", "tekken", "gpt-4o", "falcon"):
         tok.pre_tokenizer = pre_tokenizer(name, "x.gguf")
@@ -152,7 +153,7 @@ def test_the_dense_vocabulary_sees_piece_boundaries(dense):
 
 @pytest.mark.real
 def test_real_smollm2_tokenizes_like_llama_cpp(real_model):
-    tok = GGUFFile(real_model.gguf).tokenizer()
+    tok = GGUFStorage(real_model.gguf).tokenizer()
     assert [tok.encode(t) for t in TEXTS] == _llama_cpp_tokens(real_model.gguf, TEXTS)
 
 

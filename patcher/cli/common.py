@@ -219,8 +219,8 @@ def save_direction(rep, path: Path | None) -> None:
         return
     import numpy as np
 
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
 
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    with AtomicOutput(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(rep.direction, dtype=np.float32))
     rep.notes.append(f"recovered direction written to {path}")

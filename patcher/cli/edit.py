@@ -47,10 +47,6 @@ def _print_plan(plan: Plan) -> None:
         out.print(f"[yellow]note:[/] {n}")
 
 
-def _is_gguf(plan: Plan) -> bool:
-    return getattr(plan.ck, "is_gguf", False)
-
-
 def _run(
     plan: Plan,
     output: Path,
@@ -62,18 +58,17 @@ def _run(
     jobs: int | None = None,
     rehash: bool = False,
 ) -> None:
-    if _is_gguf(plan):
-        return _run_gguf(plan, output, force, dry_run, requant, rounding)
+    from patcher.edit.executor import writer_for
+
+    writer = writer_for(plan)  # the module that writes this storage format
+    writer.prepare(plan, requant, rounding)
     if dry_run:
         _print_plan(plan)
         out.print(f"dry run: nothing written (would write {output})")
         return
-    ck = plan.ck
     with progress() as prog:
-        task = prog.add_task("writing", total=ck.total_bytes + sum(e.nbytes for e in plan.new))
-        from patcher.edit.apply import execute
-
-        report = execute(
+        task = prog.add_task("writing", total=writer.progress_total(plan))
+        report = writer.execute(
             plan,
             output,
             force=force,
@@ -85,45 +80,27 @@ def _run(
             rehash_inputs=rehash,
         )
     _summary(plan, report)
-
-
-def _run_gguf(
-    plan: Plan, output: Path, force: bool, dry_run: bool, requant: str | None, rounding: str
-) -> None:
-    from patcher.edit import gguf_apply
-
-    if rounding not in ("orthogonal", "nearest"):
-        raise PatcherError("--rounding", f"must be orthogonal or nearest, got {rounding!r}")
-    gguf_apply.prepare(plan, requant.upper() if requant else None)
-    if dry_run:
-        _print_plan(plan)
-        out.print(f"dry run: nothing written (would write {output})")
-        return
-    with progress() as prog:
-        task = prog.add_task("writing", total=sum(t.nbytes for t in plan.ck.tensors.values()))
-        report = gguf_apply.execute(
-            plan,
-            output,
-            force=force,
-            ortho=rounding == "orthogonal",
-            progress=lambda n: prog.advance(task, n),
-            command=command_line(),
-        )
-    _summary(plan, report)
     if report.rounding:
-        from rich.table import Table
+        _rounding_table(report, rounding)
 
-        t = Table(
-            title=f"storage rounding ({rounding}) per tensor type: leakage |QᵀW'|/|QᵀW| and weight "
-            f"error |W'−W*|/|W*| (W* = exact projection)",
-            title_justify="left",
-        )
-        for c in ("type", "tensors", "leakage nearest", "leakage written", "error nearest", "error written"):
-            t.add_column(c, justify="left" if c == "type" else "right")
-        for src, dst, n, lp, lo, ep, eo, _ in gguf_apply.summary_rows(report):
-            name = src if src == dst else f"{src}→{dst}"
-            t.add_row(name, n, f"{lp:.2%}", f"{lo:.2%}", f"{ep:.2%}", f"{eo:.2%}")
-        out.print(t)
+
+def _rounding_table(report, rounding: str) -> None:
+    """What re-quantizing did, per tensor type (GGUF): nearest rounding against what was written."""
+    from rich.table import Table
+
+    from patcher.edit.gguf_apply import summary_rows
+
+    t = Table(
+        title=f"storage rounding ({rounding}) per tensor type: leakage |QᵀW'|/|QᵀW| and weight "
+        f"error |W'−W*|/|W*| (W* = exact projection)",
+        title_justify="left",
+    )
+    for c in ("type", "tensors", "leakage nearest", "leakage written", "error nearest", "error written"):
+        t.add_column(c, justify="left" if c == "type" else "right")
+    for src, dst, n, lp, lo, ep, eo, _ in summary_rows(report):
+        name = src if src == dst else f"{src}→{dst}"
+        t.add_row(name, n, f"{lp:.2%}", f"{lo:.2%}", f"{ep:.2%}", f"{eo:.2%}")
+    out.print(t)
 
 
 _TIME_HINTS = {  # what the largest part means for the user
@@ -148,9 +125,9 @@ def _summary(plan: Plan, report) -> None:
     t = Table(title=f"wrote {report.out}", title_justify="left", show_header=False, box=None)
     t.add_row("tensors edited", f"{len(plan.edits)} edited, {len(plan.new)} added")
     t.add_row("time", f"{report.seconds:.2f} s for {human(report.bytes_written)}")
-    if getattr(report, "time_parts", None):
+    if report.time_parts:
         t.add_row("time went to", time_line(report.time_parts, report.threads_busy))
-    if getattr(report, "digests_from_hub", None):
+    if report.digests_from_hub:
         t.add_row(
             "input digests",
             f"{len(report.digests_from_hub)} file(s) by their Hugging Face cache names (blobs/<sha256>), "
@@ -419,12 +396,6 @@ def register(app) -> None:
             if control_vector is not None:
                 at = V.layer_index(layer, res.n_layers, "--layer")
                 return _control_vector(res, d, at, a, control_vector, force, dry_run)
-            if m.is_gguf and target not in res.arch.inject:
-                raise PatcherError(
-                    "--target",
-                    f"llama.cpp's {m.storage.gguf_arch} loader has no bias at the "
-                    f"{target} writer; write the injection as a control vector (--control-vector FILE)",
-                )
             plan = plan_injection(
                 m, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a, target=target
             )

@@ -30,6 +30,7 @@ def describe(ck: Model, res: Resolved | None) -> dict:
         "total_bytes": ck.total_bytes,
         "dtypes": dict(dtypes.most_common()),
     }
+    roles = None  # role -> its weights' names
     if res is not None:
         roles = {r: [t.weight for t in res.targets if t.role == r] for r in ROLES}
         biases = {r: [t.bias for t in res.targets if t.role == r and t.bias] for r in ROLES}
@@ -45,41 +46,7 @@ def describe(ck: Model, res: Resolved | None) -> dict:
                 "missing": [{"role": r, "layer": l, "pattern": p} for r, l, p in res.missing],
             }
         )
-    from patcher.io.gguf import provenance
-
-    if getattr(ck, "is_gguf", False):
-        g = ck.storage
-        md = g.metadata
-        info.update(
-            {
-                "format": "gguf",
-                "gguf_architecture": g.gguf_arch,
-                "name": md.get("general.name"),
-                "tokenizer": md.get("tokenizer.ggml.model"),
-                "vocab": g.vocab_size,
-                "chat_template": isinstance(md.get("tokenizer.chat_template"), str),
-            }
-        )
-        if res is not None:
-            info["quant_types_per_role"] = {
-                r: dict(Counter(ck.info(t.weight).dtype for t in res.targets if t.role == r)) for r in ROLES
-            }
-        prov = provenance(g)
-        if prov:
-            info["provenance"] = prov
-        return info
-    from patcher.io import manifest
-
-    made = manifest.read(ck.folder) if ck.path.is_dir() else None
-    if made:
-        info["manifest"] = made
-    prov = {f: sf.metadata["patcher"] for f, sf in ck.files.items() if "patcher" in sf.metadata}
-    if prov:
-        first = next(iter(prov.values()))
-        try:
-            info["provenance"] = json.loads(first)
-        except (ValueError, RecursionError):
-            info["provenance"] = first
+    info.update(ck.storage.describe(roles))  # the format's own facts: GGUF metadata, a manifest, provenance
     return info
 
 

@@ -34,7 +34,8 @@ from patcher.edit.apply import BLOCK_ROWS, block_reader, matrices
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.errors import PatcherError
 from patcher.io import manifest
-from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
+from patcher.io.atomic import AtomicOutput
+from patcher.io.writer import OutTensor, write_safetensors
 
 FORMATS = ("peft", "gguf")
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -124,7 +125,7 @@ def check(plan: Plan, fmt: str) -> None:
     """Refuse, before any work, what an adapter in this format cannot carry."""
     if fmt not in FORMATS:
         raise _refuse(f"format must be one of {FORMATS}")
-    if getattr(plan.ck, "is_gguf", False):  # its weights are quantized and named for llama.cpp
+    if plan.ck.storage.names != "hf":  # a GGUF: its weights are quantized and named for llama.cpp
         raise _refuse(
             "adapters are made from the safetensors model (the factors need its names and exact "
             "weights); a GGUF input is not supported here"
@@ -382,7 +383,7 @@ def _write_peft(
 ) -> None:
     tensors = _peft_tensors(plan, fs)
     cfg = peft_config(plan, fs, rank)
-    with OutputFolder(out, [plan.ck.path], force=force) as tmp:
+    with AtomicOutput(out, "folder", inputs=[plan.ck.path], force=force) as tmp:
         write_safetensors(
             tmp / WEIGHTS_NAME,
             [OutTensor(k, "F32", v.shape, produce=partial(list, [v])) for k, v in tensors.items()],
@@ -413,11 +414,11 @@ def _write_gguf(
 
     names = _gguf_names(plan, [plan.edits[f.name] for f in fs])
     arch = _gguf_arch(plan)
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
     from patcher.io.paths import check_output
 
     target = check_output(out, plan.ck.input_paths, force=force, kind="file", option="--adapter")
-    with atomic_file(target) as tmp:
+    with AtomicOutput(target) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -444,11 +445,9 @@ def _input_digests(
     plan: Plan, outputs: dict[str, Path] | None = None, hash_files: bool = True
 ) -> dict[str, str]:
     """sha256 (or, without hashing, sizes) of what this run read and, prefixed out/, of what it wrote."""
-    from patcher.edit.apply import _input_files
-
     hasher = manifest.Hasher(enabled=hash_files)
     try:
-        for p in _input_files(plan.ck):
+        for p in plan.ck.storage.input_files():
             hasher.add(p.name, p)
         for n, p in (outputs or {}).items():
             hasher.add("out/" + n, p)

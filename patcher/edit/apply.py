@@ -1,4 +1,5 @@
-"""Executing a Plan: stream every shard into a new folder, tensor by tensor, row block by row block.
+"""Executing a Plan on safetensors: stream every shard into a new folder, tensor by tensor, row block by
+row block (the writer patcher.edit.executor.WRITERS names for "safetensors").
 
 Memory stays bounded by one row block per edited matrix (plus the writer queue); untouched tensors
 are copied file to file. Leakage |QᵀW'| / |QᵀW| is measured on what was actually stored.
@@ -10,7 +11,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,42 +18,22 @@ from patcher_kernels.codecs import decode, encode
 from patcher_kernels.fp8 import dequantize_blocks, requantize_scale
 from patcher_kernels.fp8 import neighbours as fp8_neighbours
 from patcher_kernels.ortho_round import orthogonal_rounding
-from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.stream import ablate_blocks
 
 from patcher.edit import shards
+from patcher.edit.executor import Executor, Report
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.edit.shards import ShardRun
 from patcher.io import manifest
 from patcher.io.allocator import keep_freed_blocks
-from patcher.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
-from patcher.io.writer import OutputFolder, OutTensor
+from patcher.io.atomic import AtomicOutput
+from patcher.io.checkpoint import INDEX_NAME, WEIGHT_SUFFIXES
+from patcher.io.writer import OutTensor
 from patcher.model.opened import Model
 
 BLOCK_ROWS = 128  # also the FP8 tile size, so row blocks never split a scale tile
 _SATURATE = {"F16", "F8_E4M3", "F8_E5M2"}
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf", *PICKLE_SUFFIXES)
-
-
-@dataclass
-class Report:
-    out: Path | None = None
-    seconds: float = 0.0
-    bytes_written: int = 0
-    leakage: dict[str, float] = field(default_factory=dict)  # per projected tensor
-    component: dict[str, float] = field(default_factory=dict)  # |QᵀW| before, per tensor
-    skipped_files: list[str] = field(default_factory=list)
-    rounding: dict = field(default_factory=dict)  # GGUF: per tensor, plain vs written rounding (gguf_apply)
-    warnings: list[str] = field(default_factory=list)  # shown in the summary and the manifest
-    time_parts: dict[str, float] = field(default_factory=dict)  # where `seconds` went (time_parts())
-    threads_busy: float = 0.0  # threads busy on average while the shards were written
-    digests_from_hub: list[str] = field(default_factory=list)  # inputs digested by their blob name
-
-    def overall_leakage(self, names=None) -> float:
-        names = self.leakage.keys() if names is None else names
-        num = sum((self.leakage[n] * self.component[n]) ** 2 for n in names)
-        den = sum(self.component[n] ** 2 for n in names)
-        return math.sqrt(num / den) if den else 0.0
+KIND = "folder"  # what -o names
 
 
 def matrices(edit: TensorEdit) -> list[tuple[int, int, int]]:
@@ -80,9 +60,9 @@ def block_reader(ck: Model, edit: TensorEdit, first: int) -> Callable[[int, int]
     )
 
 
-class _Executor:
+class _Executor(Executor):
     def __init__(self, plan: Plan, report: Report):
-        self.plan, self.ck, self.report = plan, plan.ck, report
+        super().__init__(plan, report)
         self.new_scales: dict[str, np.ndarray] = {}
 
     # --- projected weights -----------------------------------------------------------------
@@ -154,31 +134,18 @@ class _Executor:
         return np.where(up, hi_q, lo_q)
 
     # --- small tensors ---------------------------------------------------------------------
-    def produce_small(self, edit: TensorEdit) -> Iterator[np.ndarray]:
-        if edit.op == "project_bias":
-            values = bias_project(self.ck.array(edit.name), edit.q, edit.scale)
-        elif edit.op == "inject_bias":
-            values = bias_inject(self.ck.array(edit.name), edit.vector, 1.0)
-        elif edit.op == "new_bias":
-            values = bias_inject(None, edit.vector, 1.0)
-        elif edit.op == "zero_bias":
-            values = np.zeros(edit.shape)
-        elif edit.op == "requant_scale":
+    def encode_small(self, edit: TensorEdit, values: np.ndarray) -> np.ndarray:
+        return encode(values, edit.dtype, saturate=edit.dtype in _SATURATE)
+
+    def produce_other(self, edit: TensorEdit) -> Iterator[np.ndarray]:
+        if edit.op == "requant_scale":
             yield encode(self.new_scales[edit.source], edit.dtype, saturate=True)
-            return
         elif edit.op == "copy_of":
             src = self.ck.info(edit.source)
             for s in range(0, src.shape[0], 4096):
                 yield np.array(self.ck.array(edit.source, s, min(s + 4096, src.shape[0])))
-            return
         else:
-            raise AssertionError(edit.op)
-        yield encode(np.asarray(values).reshape(edit.shape), edit.dtype, saturate=edit.dtype in _SATURATE)
-
-    def producer(self, edit: TensorEdit) -> Callable[[], Iterator[np.ndarray]]:
-        if edit.op == "project":
-            return lambda: self.produce_projection(edit)
-        return lambda: self.produce_small(edit)
+            yield from super().produce_other(edit)
 
 
 def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
@@ -201,6 +168,16 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
                 )
         out[fname] = tensors
     return out
+
+
+def prepare(plan: Plan, requant: str | None = None, rounding: str = "orthogonal") -> Plan:
+    """Output dtypes are the input's, as the planner chose them; `requant` and `rounding` are GGUF's
+    (FP8 tiles always round orthogonally)."""
+    return plan
+
+
+def progress_total(plan: Plan) -> int:
+    return plan.ck.total_bytes + sum(e.nbytes for e in plan.new)
 
 
 def execute(
@@ -249,9 +226,9 @@ def _execute(
     ex = _Executor(plan, report)
     hasher = manifest.Hasher(enabled=hash_files)
     try:
-        with OutputFolder(out, ck.input_paths, force=force) as tmp:
+        with AtomicOutput(out, "folder", inputs=ck.input_paths, force=force) as tmp:
             shard_paths = {sf.path for sf in ck.files.values()}
-            inputs = _input_files(ck)  # what this run reads, not unrelated weight files beside it
+            inputs = ck.storage.input_files()  # what this run reads, not unrelated weight files beside it
             for p in inputs:
                 if p not in shard_paths:  # config, tokenizer: small, hashed on the side
                     hasher.add(p.name, p)
@@ -345,16 +322,6 @@ def _hub_cache_names(
     return hub
 
 
-def _input_files(ck: Model) -> list[Path]:
-    if not ck.path.is_dir():
-        return [ck.path]
-    return [
-        p
-        for p in sorted(ck.folder.iterdir())
-        if p.is_file() and (p.name in ck.files or p.suffix not in _WEIGHT_SUFFIXES)
-    ]
-
-
 def _file_digest(spec: str | None) -> str | None:
     path = Path(str(spec).split(":")[0]) if spec else None
     return manifest.sha256_file(path) if path and path.is_file() else None
@@ -377,7 +344,7 @@ def _copy_side_files(ck: Model, tmp: Path, config_updates: dict) -> list[str]:
     for p in sorted(ck.folder.iterdir()) if ck.path.is_dir() else []:
         if p.name in written:
             continue
-        if p.is_dir() or p.suffix in _WEIGHT_SUFFIXES:
+        if p.is_dir() or p.suffix in WEIGHT_SUFFIXES:
             skipped.append(p.name + ("/" if p.is_dir() else ""))
             continue
         if p.name == "config.json" and config_updates:

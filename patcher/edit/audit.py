@@ -788,7 +788,7 @@ def plot(rep: AuditReport, path) -> None:
         )
         parts.append(f'<text x="{pad + 8}" y="{pad + 4 + 16 * k}" fill="{color}">{escape(label)}</text>')
     parts.append("</svg>")
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
 
-    with atomic_file(path) as tmp:  # an interrupted write leaves no half plot
+    with AtomicOutput(path) as tmp:  # an interrupted write leaves no half plot
         tmp.write_text("\n".join(parts), encoding="utf-8")

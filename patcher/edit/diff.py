@@ -253,9 +253,9 @@ class _Rows:
         return raw.astype(np.float32)
 
     def floor(self, raw: np.ndarray, values: np.ndarray) -> float:
-        quant = getattr(self.ck.storage, "quant_floor", None)  # GGUF: the block grid of its own type
+        quant = self.ck.storage.quant_floor(self.name, values)  # GGUF: the block grid of its own type
         if quant is not None:
-            return quant(self.name, values)
+            return quant
         bits = MANTISSA_BITS.get(self.dtype)
         if bits is None:
             return 0.0
@@ -399,9 +399,12 @@ def diff(base_path, cand_path, direction: "str | Direction | None" = None, arch_
         base = stack.enter_context(Model.open(base_path, require_arch=False, arch_optional=True))
         cand = stack.enter_context(Model.open(cand_path, require_arch=False, arch_optional=True))
         notes: list[str] = []
-        mixed, cross = base.is_gguf or cand.is_gguf, base.is_gguf != cand.is_gguf
-        if mixed:  # GGUF: compared as the HF model it stores (dequantized values under HF names)
-            base, cand = base.forward_model(), cand.forward_model()
+        # a GGUF is compared as the HF model it stores (dequantized values under HF names)
+        views = base.forward_model(), cand.forward_model()
+        viewed = views[0] is not base, views[1] is not cand
+        mixed, cross = any(viewed), viewed[0] != viewed[1]  # cross: their metadata speak in different words
+        if mixed:
+            base, cand = views
             notes.append(
                 "GGUF compared by dequantized values under HF names; rank estimates allow for the "
                 "quantization grid of the candidate's storage type"

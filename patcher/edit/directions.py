@@ -179,7 +179,7 @@ def save_directions(
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr, dtype=np.float32)
         tensors.append(OutTensor(name, "F32", a.shape, produce=partial(list, [a])))
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
 
-    with atomic_file(path) as tmp:  # an interrupt or a full disk leaves nothing behind
+    with AtomicOutput(path) as tmp:  # an interrupt or a full disk leaves nothing behind
         write_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: dumps(metadata, sort_keys=True)})

@@ -1,5 +1,6 @@
-"""Executing a Plan on a GGUF: a new GGUF with the metadata and every untouched tensor copied byte for byte,
-edited tensors re-quantized with rounding that keeps the ablation.
+"""Executing a Plan on a GGUF (the writer patcher.edit.executor.WRITERS names for "gguf"): a new GGUF with
+the metadata and every untouched tensor copied byte for byte, edited tensors re-quantized with rounding
+that keeps the ablation.
 
 Each edited matrix (one expert at a time for fused `_exps` tensors; row chunks for embeddings, whose
 written vectors are rows) is dequantized to float64, projected exactly, and put back on the grid of its
@@ -23,14 +24,16 @@ import numpy as np
 from patcher_kernels.ggml_quant import BLOCK_TYPES, FLOAT_TYPES, K_TYPES, block_size, grid, row_bytes
 from patcher_kernels.ortho_greedy import orthogonal_rounding_rank1
 from patcher_kernels.ortho_round import orthogonal_rounding
-from patcher_kernels.project import bias_inject, bias_project, project_full
+from patcher_kernels.project import project_full
 
-from patcher.edit.apply import Report
+from patcher.edit.executor import Executor, Report
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.errors import PatcherError
 from patcher.io.atomic import AtomicOutput
 from patcher.io.gguf import PROVENANCE_KEY, GGUFFile, OutTensorGGUF, string_field, write_gguf
 
+KIND = "file"  # what -o names
+ROUNDINGS = ("orthogonal", "nearest")
 ROW_CHUNK = 4096  # rows of a residual-axis-1 tensor (embeddings) handled at once
 COL_CHUNK = 2048  # columns of a residual-axis-0 matrix handled at once (a multiple of every block size)
 REQUANT_TYPES = (
@@ -89,10 +92,6 @@ class _Acc:
     norm: float = 0.0
 
 
-def _storage(plan: Plan) -> GGUFFile:
-    return getattr(plan.ck, "storage", plan.ck)
-
-
 def stored_type(source: str, requant: str | None, row: int) -> str:
     """The type an edited tensor is written in: F*/Q*_0/Q*_1 their own; K-quants their own unless the
     user chose `requant`; IQ the nearest K type (or `requant`); anything else `requant` or Q8_0."""
@@ -104,12 +103,16 @@ def stored_type(source: str, requant: str | None, row: int) -> str:
     return want if row % block_size(want) == 0 else FALLBACK
 
 
-def prepare(plan: Plan, requant: str | None = None) -> Plan:
+def prepare(plan: Plan, requant: str | None = None, rounding: str = "orthogonal") -> Plan:
     """Fix every edit's output type (what the dry-run shows) and say what llama.cpp will see.
-    requant None keeps each K-quant's type (IQ: the nearest K type)."""
+    requant None keeps each K-quant's type (IQ: the nearest K type); `rounding` (orthogonal or nearest)
+    is recorded for execute."""
+    if rounding not in ROUNDINGS:
+        raise PatcherError("--rounding", f"must be orthogonal or nearest, got {rounding!r}")
+    requant = requant.upper() if requant else None
     if requant is not None and requant not in REQUANT_TYPES:
         raise PatcherError("--requant", f"must be one of {', '.join(REQUANT_TYPES)}, got {requant!r}")
-    g: GGUFFile = _storage(plan)
+    g: GGUFFile = plan.ck.storage
     changed = []
     for e in plan.all():
         src = (
@@ -151,7 +154,12 @@ def prepare(plan: Plan, requant: str | None = None) -> Plan:
                 f"{e.name}: llama.cpp's {g.gguf_arch} loader adds this bias to the block output"
             )
     plan.record["gguf_requant"] = requant or "keep"
+    plan.record["rounding"] = rounding
     return plan
+
+
+def progress_total(plan: Plan) -> int:
+    return sum(t.nbytes for t in plan.ck.tensors.values())
 
 
 def nbytes(e: TensorEdit) -> int:
@@ -174,9 +182,11 @@ def _check_bytes(data: np.ndarray, qtype: str, expected: np.ndarray, name: str) 
     return back
 
 
-class _GGUFExecutor:
+class _GGUFExecutor(Executor):
     def __init__(self, plan: Plan, report: Report, ortho: bool):
-        self.plan, self.g, self.report, self.ortho = plan, _storage(plan), report, ortho
+        super().__init__(plan, report)
+        self.g: GGUFFile = plan.ck.storage
+        self.ortho = ortho
 
     def _matrices(self, e: TensorEdit) -> Iterator[tuple[np.ndarray, int]]:
         """(float32 matrix, residual axis within it) in file order: one expert at a time, row chunks where
@@ -242,25 +252,18 @@ class _GGUFExecutor:
         acc.norm += float(np.sum(x**2))
         return data
 
-    def produce_small(self, e: TensorEdit) -> Iterator[np.ndarray]:
-        if e.op == "copy_of":
-            yield np.array(self.g.raw(e.source))
-            return
-        if e.op == "project_bias":
-            values = bias_project(self.g.array(e.name), e.q, e.scale)
-        elif e.op == "inject_bias":
-            values = bias_inject(self.g.array(e.name), e.vector, 1.0)
-        elif e.op in ("new_bias", "zero_bias"):
-            values = bias_inject(None, e.vector if e.vector is not None else np.zeros(e.shape), 1.0)
-        else:
+    def encode_small(self, e: TensorEdit, values: np.ndarray) -> np.ndarray:
+        row = np.asarray(values, dtype=np.float64).reshape(1, -1)
+        gr = grid(row, e.dtype)
+        return gr.pack(gr.nearest(row))
+
+    def produce_other(self, e: TensorEdit) -> Iterator[np.ndarray]:
+        if e.op != "copy_of":
             raise PatcherError(self.g.path, f"{e.name}: operation {e.op!r} is not available for GGUF output")
-        gr = grid(np.asarray(values, dtype=np.float64).reshape(1, -1), e.dtype)
-        yield gr.pack(gr.nearest(np.asarray(values, dtype=np.float64).reshape(1, -1)))
+        yield np.array(self.g.raw(e.source))
 
     def out_tensor(self, e: TensorEdit) -> OutTensorGGUF:
-        produce = (
-            (lambda: self.produce_projection(e)) if e.op == "project" else (lambda: self.produce_small(e))
-        )
+        produce = self.producer(e)
         size = self.g.info(e.source).nbytes if e.op == "copy_of" else nbytes(e)  # a copy keeps any type
         return OutTensorGGUF(e.name, _qtype(e.dtype), tuple(reversed(e.shape)), size, produce=produce)
 
@@ -286,28 +289,28 @@ def _preserve(w: np.ndarray, x: np.ndarray, mode: str, axis: int) -> np.ndarray:
     return x * np.where(new > 0, old / np.where(new > 0, new, 1.0), 1.0)
 
 
-class AtomicFile(AtomicOutput):
-    """One GGUF output file: checked as an output, published without replacing (patcher.io.atomic)."""
-
-    def __init__(self, target, inputs, force: bool = False):
-        from patcher.io.paths import check_output
-
-        super().__init__(check_output(target, list(inputs), force=force, kind="file"), "file")
-
-
 def execute(
     plan: Plan,
     out: Path,
     *,
     force: bool = False,
-    ortho: bool = True,
-    progress: Callable[[int], None] | None = None,
     command: str = "",
+    progress: Callable[[int], None] | None = None,
+    on_shard: Callable[[str], None] | None = None,
+    hash_files: bool = True,
+    shards_in_flight: int | None = None,
+    rehash_inputs: bool = False,
 ) -> Report:
+    """Write the edited GGUF at `out` (atomically), with the rounding `prepare` recorded. The writer
+    interface's other options are a folder's: one file carries its provenance in its metadata, with no
+    manifest to hash into (`hash_files`, `rehash_inputs`) and no shards to run at once."""
     report = Report(out=Path(out))
     t0 = time.perf_counter()
-    g: GGUFFile = _storage(plan)
+    g: GGUFFile = plan.ck.storage
+    ortho = plan.record.setdefault("rounding", "orthogonal") == "orthogonal"
     ex = _GGUFExecutor(plan, report, ortho)
+    if on_shard:
+        on_shard(g.path.name)
     tensors = []
     for info in g.shard_tensors(g.path.name):
         e = plan.edits.get(info.name)
@@ -315,10 +318,10 @@ def execute(
             ex.out_tensor(e) if e else OutTensorGGUF(info.name, info.qtype, info.ne, info.nbytes, source=info)
         )
     tensors += [ex.out_tensor(e) for e in plan.new]
-    record = dict(plan.record, rounding="orthogonal" if ortho else "nearest")
+    record = dict(plan.record)
     fields = [raw for key, raw in g.field_bytes() if key != PROVENANCE_KEY]
     fields.append(string_field(PROVENANCE_KEY, json.dumps(record, sort_keys=True)))
-    with AtomicFile(out, [g.path], force) as tmp:
+    with AtomicOutput(out, "file", inputs=[g.path], force=force) as tmp:
         write_gguf(tmp, fields, tensors, g.alignment, on_bytes=progress)
         report.bytes_written = tmp.stat().st_size
     report.seconds = time.perf_counter() - t0
@@ -344,7 +347,7 @@ def write_control_vector(
         _u32_field("controlvector.layer_count", 1),
     ]
     t = OutTensorGGUF(f"direction.{layer}", 0, (v.size,), v.nbytes, produce=lambda: iter([v]))
-    with AtomicFile(path, [], force) as tmp:
+    with AtomicOutput(path, "file", inputs=[], force=force) as tmp:
         write_gguf(tmp, fields, [t])
 
 

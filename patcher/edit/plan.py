@@ -231,7 +231,7 @@ def plan_injection(
         raise PatcherError(direction.source, "inject takes one direction, not a rank-k set")
     slot = arch.inject.get(target)
     if slot is None:
-        raise PatcherError("--target", f"{arch.model_type} has no injection slot for {target!r}")
+        raise PatcherError("--target", ck.no_injection_slot(target))
     unit = direction.unit[0]
     vector = alpha * unit
     plan = Plan(ck, resolved)

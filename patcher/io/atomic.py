@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeGuard
 
@@ -185,14 +186,21 @@ def _stat_key(path: Path):
 
 
 class AtomicOutput:
-    """Build an output (kind "folder" or "file") at `tmp`, publish it at `target` on success.
+    """`with AtomicOutput(target, kind) as tmp:` build an output (kind "folder" or "file") at `tmp`; it
+    is published at `target` when the block ends without an error. The one way patcher writes outputs.
 
-    `target` must have passed `patcher.io.paths.check_output` in this process: an existing target is
-    replaced only if the check approved replacing it and it is still what was approved."""
+    With `inputs`, `target` is checked here first (`patcher.io.paths.check_output`: not an input, not
+    inside one, not over something that is not patcher's unless `force`); without, it must have passed
+    that check earlier in this process. An existing target is replaced only if the check approved
+    replacing it and it is still what was approved."""
 
-    def __init__(self, target, kind: str = "file"):
-        from patcher.io.paths import approved_replacement
+    def __init__(
+        self, target, kind: str = "file", *, inputs: Iterable[Path] | None = None, force: bool = False
+    ):
+        from patcher.io.paths import approved_replacement, check_output
 
+        if inputs is not None:
+            target = check_output(target, list(inputs), force=force, kind=kind)
         self.target, self.kind = Path(target).absolute(), kind
         self.approved = approved_replacement(self.target)
         self.checked = _stat_key(self.target)
@@ -293,8 +301,3 @@ class AtomicOutput:
                 f"(the previous output is kept as {self.old.name})",
             ) from None
         remove(self.old)
-
-
-def atomic_file(target) -> AtomicOutput:
-    """`with atomic_file(path) as tmp:` write `tmp`; it is published at `path` when the block ends."""
-    return AtomicOutput(target, "file")

@@ -5,16 +5,31 @@ Everything is lazy: opening reads headers only; tensors are memory-mapped views 
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from patcher.errors import CheckpointError, PatcherError
 from patcher.io.safetensors import SafetensorsFile, TensorInfo
+from patcher.io.storage import TensorTable
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", *PICKLE_SUFFIXES)  # files that hold weights
+# what an HF model folder holds beside its weights for transformers(.js) to load it
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 _PICKLE_MSG = (
     "PyTorch pickle checkpoints are refused: unpickling can run arbitrary code. "
     "Convert to safetensors first (e.g. with the safetensors 'convert' tooling) and point "
@@ -96,8 +111,12 @@ def fp8_weight_of(tensors, name: str) -> str | None:
     return None
 
 
-class Checkpoint:
-    """Lazy view of a checkpoint. `files` keeps shard order; `tensors` maps name -> TensorInfo."""
+class Checkpoint(TensorTable[TensorInfo]):
+    """Lazy view of a checkpoint (patcher.io.storage.Storage). `files` keeps shard order; `tensors` maps
+    name -> TensorInfo."""
+
+    format = "safetensors"
+    names = "hf"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -134,6 +153,38 @@ class Checkpoint:
                 if parent not in paths:
                     paths.append(parent)
         return paths
+
+    def input_files(self) -> list[Path]:
+        """The shards and the folder's other small files (config, tokenizer); not weight files beside
+        them that a run does not read."""
+        if not self.path.is_dir():
+            return [self.path]
+        return [
+            p
+            for p in sorted(self.folder.iterdir())
+            if p.is_file() and (p.name in self.files or p.suffix not in WEIGHT_SUFFIXES)
+        ]
+
+    def side_files(self) -> dict[str, bytes]:
+        return {n: (self.folder / n).read_bytes() for n in SIDE_FILES if (self.folder / n).is_file()}
+
+    def describe(self, roles: Mapping[str, list[str]] | None = None) -> dict:
+        """What `inspect` adds for a folder: the manifest patcher wrote into it and the edit recorded in
+        the shards' metadata (patcher's provenance)."""
+        from patcher.io import manifest
+
+        info: dict = {}
+        made = manifest.read(self.folder) if self.path.is_dir() else None
+        if made:
+            info["manifest"] = made
+        prov = {f: sf.metadata["patcher"] for f, sf in self.files.items() if "patcher" in sf.metadata}
+        if prov:
+            first = next(iter(prov.values()))
+            try:
+                info["provenance"] = json.loads(first)
+            except (ValueError, RecursionError):
+                info["provenance"] = first
+        return info
 
     def _locate(self) -> list[Path]:
         p = self.path
@@ -191,16 +242,6 @@ class Checkpoint:
     def model_type(self) -> str | None:
         return self.config.get("model_type")
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(self.path, f"no tensor named {name!r}") from None
-
     def file_of(self, name: str) -> SafetensorsFile:
         self.info(name)  # a clear error for unknown names
         return self.files[self.shard_of[name]]
@@ -213,6 +254,16 @@ class Checkpoint:
         """Fresh 2-D copy of rows of the tensor seen as [numel/row_len, row_len] (pread, for streaming)."""
         return self.file_of(name).read_rows(self.info(name), row_start, row_stop, row_len)
 
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows by token id, decoded to float32 (each distinct row read once)."""
+        from patcher_kernels.codecs import decode
+
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        return decode(self.array(name)[uniq])[inverse.reshape(ids.shape)]
+
+    def quant_floor(self, name: str, values: np.ndarray) -> float | None:
+        return None  # no block grid: the dtype's own rounding (the caller knows the float formats)
+
     def release(self, name: str) -> None:
         self.file_of(name).release(self.info(name))
 
@@ -223,9 +274,3 @@ class Checkpoint:
     def close(self):
         for f in self.files.values():
             f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

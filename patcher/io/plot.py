@@ -85,9 +85,9 @@ def plot_scores(path, scores: list[dict], selected: int, title: str = "differenc
     """Write the plot atomically (a hidden partial file renamed into place)."""
     path = Path(path)
     check_plot_path(path)
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
 
-    with atomic_file(path) as tmp:
+    with AtomicOutput(path) as tmp:
         if path.suffix.lower() == ".svg":
             tmp.write_text(_svg(scores, selected, title), encoding="utf-8")
         else:

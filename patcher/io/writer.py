@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 from patcher_kernels.codecs import itemsize, numpy_dtype
 
-from patcher.io.atomic import AtomicOutput
 from patcher.io.safetensors import TensorInfo
 
 _COPY_CHUNK = 64 << 20  # copy_file_range fallback
@@ -547,15 +546,3 @@ def refuse_inputs(target, inputs: Iterable[Path]) -> None:
     from patcher.io.paths import refuse_inputs as rule
 
     rule(target, list(inputs))
-
-
-class OutputFolder(AtomicOutput):
-    """Build an output folder under a hidden temporary name beside the target and publish it only when
-    everything is written (patcher.io.atomic: never over something that appeared meanwhile; a failed
-    or interrupted run leaves no folder that looks complete)."""
-
-    def __init__(self, target, inputs: Iterable[Path], force: bool = False):
-        from patcher.io.paths import check_output
-
-        super().__init__(check_output(target, list(inputs), force=force), "folder")
-        self.force = force

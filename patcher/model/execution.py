@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Literal, overload
 
 import numpy as np
-from patcher_kernels.codecs import decode
 
 from patcher.errors import PatcherError
 from patcher.model import forward as fw
@@ -36,12 +35,7 @@ class LazyWeights(dict):
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         if dict.__contains__(self, name):
             return self[name][ids]
-        rows = getattr(self.model.ck.storage, "rows", None)
-        if rows is not None:  # a quantized store (GGUF) dequantizes just these rows
-            return rows(self.names[name], ids)
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        table = self.model.ck.array(self.names[name])
-        return decode(table[uniq])[inverse.reshape(ids.shape)]
+        return self.model.ck.storage.rows(self.names[name], ids)  # a GGUF dequantizes just these rows
 
 
 class StreamedModel:

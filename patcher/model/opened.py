@@ -6,12 +6,13 @@ storage, find the architecture table (bundled, or the user's `--arch-table`), re
 tensor names, and check the config against the tensors (layer count, d_model; and, for commands that
 run the forward pass, the hyperparameters it needs). Problems are one PatcherError each.
 
-Storage is a backend behind one interface (`tensors`, `info`, `array`, `read_rows`, `release`,
-`files`, `shard_of`, `config`, `close`): safetensors today (patcher.io.checkpoint.Checkpoint). A new
-format adds a `Backend` to BACKENDS; nothing above this module changes.
+Storage is a backend behind one declared interface, patcher.io.storage.Storage: safetensors
+(patcher.io.checkpoint.Checkpoint) and GGUF (patcher.model.gguf.GGUFStorage). A new format implements
+it and adds a `Backend` to BACKENDS; nothing above this module changes.
 """
 
 import copy
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint, fp8_scale_of, fp8_weight_of
+from patcher.io.safetensors import TensorInfo
+from patcher.io.storage import Storage
 from patcher.model.architectures import TABLE_DIR, Architecture, Resolved, for_model_type, load_table, resolve
 
 FP8_TILE = 128  # block-scale tile (DeepSeek-V3, Qwen3-FP8)
@@ -27,11 +30,11 @@ FP8_TILE = 128  # block-scale tile (DeepSeek-V3, Qwen3-FP8)
 @dataclass(frozen=True)
 class Backend:
     """A storage format: `matches(path)` says whether it reads that file or folder, `open(path)`
-    returns an object with the Checkpoint interface."""
+    opens it as Storage."""
 
     name: str
     matches: Callable[[Path], bool]
-    open: Callable[[Path], object]
+    open: Callable[[Path], Storage]
 
 
 # first match wins; safetensors (a folder or a .safetensors file) is the fallback and reports its own errors
@@ -41,10 +44,10 @@ def _is_gguf(path: Path) -> bool:
     return path.is_file() and is_gguf(path)
 
 
-def _open_gguf(path: Path):
-    from patcher.io.gguf import GGUFFile
+def _open_gguf(path: Path) -> Storage:
+    from patcher.model.gguf import GGUFStorage
 
-    return GGUFFile(path)
+    return GGUFStorage(path)
 
 
 BACKENDS: list[Backend] = [
@@ -53,7 +56,7 @@ BACKENDS: list[Backend] = [
 ]
 
 
-def open_storage(path: Path):
+def open_storage(path: Path) -> Storage:
     backend = next(b for b in BACKENDS if b.matches(path))
     return backend.open(path)
 
@@ -67,7 +70,7 @@ class Model:
 
     def __init__(
         self,
-        storage,
+        storage: Storage,
         *,
         arch_table=None,
         require_arch: bool = True,
@@ -100,7 +103,7 @@ class Model:
         self.arch = (
             load_table(arch_table) if arch_table else for_model_type(storage.model_type, self.config_path)
         )
-        if self.is_gguf:  # the same table under GGUF names (llama.cpp's), from its [gguf] section
+        if storage.names == "gguf":  # the same table under GGUF names (llama.cpp's), from its [gguf] section
             if self.arch.gguf is None:
                 raise PatcherError(
                     self.arch.source, "this architecture table has no [gguf] section (GGUF names)"
@@ -143,15 +146,11 @@ class Model:
         """The same open storage under another architecture table."""
         return Model(self.storage, arch_table=arch_table, source=self.source, extra_inputs=self._extra_inputs)
 
-    @property
-    def is_gguf(self) -> bool:
-        return getattr(self.storage, "is_gguf", False)
-
     def forward_model(self) -> "Model":
         """What the forward pass runs: the model itself, or for a GGUF its HF-named float view."""
-        if not self.is_gguf:
+        if self.storage.names == "hf":
             return self
-        from patcher.io.gguf import HFView
+        from patcher.model.gguf import HFView
 
         return Model(HFView(self.storage), arch_table=self.arch.source, source=self.source)
 
@@ -165,22 +164,19 @@ class Model:
     index_path = property(lambda self: self.storage.index_path)
     model_type = property(lambda self: self.storage.model_type)
     total_bytes = property(lambda self: self.storage.total_bytes)
-
-    @property
-    def config_path(self) -> Path:
-        return getattr(self.storage, "config_path", self.storage.folder / "config.json")
+    config_path = property(lambda self: self.storage.config_path)
+    format = property(lambda self: self.storage.format)
 
     def tokenizer(self):
         """The model's PromptTokenizer: a GGUF carries its own vocabulary and chat template, a folder has
         tokenizer.json (and tokenizer_config.json / chat_template.jinja)."""
-        own = getattr(self.storage, "tokenizer", None)
-        if own is not None:
-            return own()
-        from patcher.model.prompts import load_tokenizer
+        if self.storage.format == "safetensors":
+            from patcher.model.prompts import load_tokenizer
 
-        return load_tokenizer(self.folder)
+            return load_tokenizer(self.folder)
+        return self.storage.tokenizer()
 
-    def info(self, name):
+    def info(self, name: str) -> TensorInfo:
         return self.storage.info(name)
 
     def file_of(self, name):
@@ -211,10 +207,20 @@ class Model:
     def input_paths(self) -> list[Path]:
         """The model's file or folder, the folders its symlinks point into, and (for a hub repo) the
         whole cache entry: no output may be written on, inside or around any of them."""
-        paths = list(getattr(self.storage, "input_paths", [self.storage.path]))
+        paths = list(self.storage.input_paths)
         return paths + [p for p in self._extra_inputs if p not in paths]
 
     # --- architecture facts ----------------------------------------------------------------------
+    def no_injection_slot(self, target: str) -> str:
+        """Why an injection at `target` cannot be written: a GGUF's reader (llama.cpp) adds biases only
+        where its loader has them; a table without that slot has no bias to write."""
+        if self.storage.names == "gguf":
+            return (
+                f"llama.cpp's {self.arch.gguf_layout.arch} loader has no bias at the {target} writer; "
+                "write the injection as a control vector (--control-vector FILE)"
+            )
+        return f"{self.arch.model_type} has no injection slot for {target!r}"
+
     @property
     def n_layers(self) -> int:
         return self.resolved.n_layers if self.resolved else self.hp.n_layers
@@ -322,12 +328,12 @@ class Model:
 
 
 def as_model(x, arch_table=None, *, require_arch: bool = True) -> Model:
-    """A Model from a Model (itself), an open storage object, or anything Model.open takes."""
+    """A Model from a Model (itself), an open Storage, or what Model.open takes (a path, a repo id)."""
     if isinstance(x, Model):
         return x
-    if hasattr(x, "tensors") and hasattr(x, "read_rows"):
-        return Model(x, arch_table=arch_table, require_arch=require_arch)
-    return Model.open(x, arch_table, require_arch=require_arch)
+    if isinstance(x, (str, os.PathLike)):
+        return Model.open(x, arch_table, require_arch=require_arch)
+    return Model(x, arch_table=arch_table, require_arch=require_arch)
 
 
 def _ranges(values: list[int]) -> str:

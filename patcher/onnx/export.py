@@ -9,7 +9,6 @@ protobuf graph itself is small; the 2 GB protobuf limit does not apply to extern
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import onnx_ir as ir
 from patcher import __version__
 from patcher.errors import PatcherError
 from patcher.io import manifest
-from patcher.io.checkpoint import INDEX_NAME, Checkpoint
-from patcher.io.writer import OutputFolder
+from patcher.io.atomic import AtomicOutput
+from patcher.io.checkpoint import INDEX_NAME, SIDE_FILES, Checkpoint
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
 from patcher.onnx import selftest, storage
@@ -41,17 +40,6 @@ FILES: dict[str, str] = {k: str(v["file"]) for k, v in VARIANTS.items()}
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
 # is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 def kv_shapes(sm: StreamedModel) -> list:
@@ -178,13 +166,14 @@ def parse_dtypes(dtype) -> list[str]:
 @dataclass
 class ExportPlan:
     """What one export run writes: the source's input digests, the variants an earlier export of the same
-    source in OUT already holds (kept, hard-linked), the ones to write, config/tokenizer files made from a
-    GGUF's metadata, and the basis quantized variants round orthogonally to."""
+    source in OUT already holds (kept, hard-linked), the ones to write, the config and tokenizer files
+    (Storage.side_files: a folder's own, a GGUF's made from its metadata), and the basis quantized
+    variants round orthogonally to."""
 
     inputs: dict
     keep: dict
     todo: list
-    made: dict | None  # None: not a GGUF (its folder's side files are copied)
+    side: dict[str, bytes]  # file name -> bytes
     basis: np.ndarray | None
 
 
@@ -213,7 +202,7 @@ def export(
     selftest.check_source(sm)
     plan = _plan(sm, Path(out), dtypes, force, direction)
     quant = {"block": int4_block, "accuracy": int4_accuracy, "symmetric": symmetric}
-    with OutputFolder(out, [sm.ck.path], force=force or bool(plan.keep)) as tmp:
+    with AtomicOutput(out, "folder", inputs=[sm.ck.path], force=force or bool(plan.keep)) as tmp:
         _write(sm, plan, Path(out), tmp, chunk_bytes, quant, command, recipe, announce)
     return out
 
@@ -232,22 +221,19 @@ def _check_options(dtype, opset: int, int4_block: int) -> list[str]:
 def _plan(sm: StreamedModel, out: Path, dtypes: list[str], force: bool, direction) -> ExportPlan:
     ck = sm.model
     cache = manifest.DigestCache()
-    gguf = getattr(ck.storage, "g", None)  # a GGUF, seen through its HF view: files beside it are not its
     inputs = {
         p.name: cache.sha256(p)
-        for p in ([gguf.path] if gguf else sorted(ck.folder.iterdir()))
-        if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)
+        for p in ck.storage.input_files()
+        if p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME
     }
     cache.save()
     keep = {} if force else _existing_export(out, inputs)
-    made = None
-    if gguf is not None:  # config and tokenizer from its metadata (as `patcher convert` writes), read first
-        from patcher.io.gguf_hf import side_files
-
-        made = side_files(gguf)
+    side = (
+        ck.storage.side_files()
+    )  # a GGUF's are made from its metadata: a vocabulary it cannot read fails here
     todo = [d for d in dtypes if d not in keep]
     basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
-    return ExportPlan(inputs, keep, todo, made, basis)
+    return ExportPlan(inputs, keep, todo, side, basis)
 
 
 def _write(
@@ -261,7 +247,7 @@ def _write(
     recipe: dict | None,
     announce=None,
 ) -> None:
-    """Fill the temporary folder OutputFolder publishes: each new variant written and self-tested, the
+    """Fill the temporary folder AtomicOutput publishes: each new variant written and self-tested, the
     kept ones linked, side files, config, patcher-export.json and the manifest."""
     ck = sm.model
     (tmp / "onnx").mkdir()
@@ -277,13 +263,8 @@ def _write(
         if skipped and announce:
             announce(skipped)
     variants = [d for d in FILES if d in chunks]
-    if plan.made is not None:
-        for name, text in plan.made.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-    else:
-        for name in SIDE_FILES:
-            if (ck.folder / name).is_file():
-                shutil.copyfile(ck.folder / name, tmp / name)
+    for name, data in plan.side.items():
+        (tmp / name).write_bytes(data)
     _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
     _write_export_info(sm, tmp / "patcher-export.json", variants, chunks)
     storage.make_readable(tmp)
@@ -367,12 +348,12 @@ def variant_file(folder: Path, dtype: str) -> str:
 
 def _existing_export(out: Path, inputs: dict) -> dict:
     """An earlier export of the same source in OUT: its variants (to keep); {} when OUT is empty or
-    absent; an error when OUT holds anything else (OutputFolder then asks for --force)."""
+    absent; an error when OUT holds anything else (AtomicOutput then asks for --force)."""
     if not out.is_dir() or not any(out.iterdir()):
         return {}
     old = manifest.read(out)
     if not old or old.get("kind") != "export" or not (out / "patcher-export.json").is_file():
-        return {}  # not an export: OutputFolder refuses without --force
+        return {}  # not an export: AtomicOutput refuses without --force
     if old.get("inputs") != inputs:
         raise PatcherError(
             out,

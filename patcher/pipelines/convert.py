@@ -1,6 +1,6 @@
 """`patcher convert`: a GGUF as a Hugging Face safetensors folder, and an HF safetensors model as a GGUF.
 
-GGUF -> HF: the tensors are the GGUF's HF view (patcher.io.gguf.HFView: HF names and shapes, llama.cpp's
+GGUF -> HF: the tensors are the GGUF's HF view (patcher.model.gguf.HFView: HF names and shapes, llama.cpp's
 converter transforms undone, as `extract` reads a GGUF), written one tensor at a time (row blocks where
 no transform mixes rows) in bf16, fp16 or fp32; config.json, generation_config.json, tokenizer.json and
 tokenizer_config.json (with the chat template) come from the GGUF metadata.
@@ -26,19 +26,24 @@ from patcher_kernels.codecs import itemsize
 
 from patcher.errors import PatcherError
 from patcher.io import manifest
+from patcher.io.atomic import AtomicOutput
 from patcher.io.checkpoint import INDEX_NAME
-from patcher.io.gguf import CONFIG_KEYS, HFView, OutTensorGGUF, write_gguf
+from patcher.io.gguf import CONFIG_KEYS, OutTensorGGUF, write_gguf
 from patcher.io.gguf_fields import INT32, encode, typed
-from patcher.io.gguf_hf import side_files
-from patcher.io.gguf_pretokenizers import PRE_TOKENIZERS, pre_tokenizer
-from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
+from patcher.io.writer import OutTensor, write_safetensors
 from patcher.model.architectures import Architecture, GGUFLayout
+from patcher.model.gguf import HFView
+from patcher.model.gguf_hf import side_files
+from patcher.model.gguf_pretokenizers import PRE_TOKENIZERS, pre_tokenizer
 from patcher.model.opened import Model
 
 # --dtype -> (safetensors dtype, config.json torch_dtype)
 HF_DTYPES = {"bf16": ("BF16", "bfloat16"), "fp16": ("F16", "float16"), "fp32": ("F32", "float32")}
 # --type -> llama.cpp's general.file_type (LlamaFileType)
 GGUF_TYPES = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7}
+# the input's storage format -> what convert writes, and what the input is called
+OTHER = {"gguf": "hf", "safetensors": "gguf"}
+FORMAT_NAMES = {"gguf": "GGUF", "safetensors": "HF safetensors"}
 SHARD_BYTES = 5_000_000_000  # HF's default max_shard_size
 BLOCK_BYTES = 64 << 20  # float32 bytes per row block of a large tensor
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -58,24 +63,23 @@ class Converted:
 
 def target_format(model: Model, to: str | None) -> str:
     """hf for a GGUF input, gguf for a safetensors one; --to must be the other format."""
-    other = "hf" if model.is_gguf else "gguf"
+    other = OTHER[model.format]
     if to is not None and to.lower() not in ("hf", "gguf"):
         raise PatcherError("--to", f"must be hf or gguf, got {to!r}")
     if to is not None and to.lower() != other:
         raise PatcherError(
             "--to",
-            f"the input is already {'GGUF' if model.is_gguf else 'HF safetensors'}; "
-            f"convert writes the other format ({other})",
+            f"the input is already {FORMAT_NAMES[model.format]}; convert writes the other format ({other})",
         )
     return other
 
 
 def _check_name(out, fmt: str) -> None:
     """A GGUF output is one file named *.gguf; an HF output is a folder (no .gguf name)."""
-    is_gguf = str(out).lower().endswith(".gguf")
-    if fmt == "gguf" and not is_gguf:
+    named_gguf = str(out).lower().endswith(".gguf")
+    if fmt == "gguf" and not named_gguf:
         raise PatcherError("-o/--output", f"{out}: the GGUF is one file; name it *.gguf")
-    if fmt == "hf" and is_gguf:
+    if fmt == "hf" and named_gguf:
         raise PatcherError("-o/--output", f"{out}: converting to hf writes a folder; name it without .gguf")
 
 
@@ -95,13 +99,15 @@ def to_hf(
     _check_name(out, "hf")
     t0 = time.perf_counter()
     g = model.storage
-    view = model.forward_model().storage  # HFView; the hyperparameters HF needs are checked here
+    view = model.forward_model().storage  # the hyperparameters HF needs are checked here
+    if not isinstance(view, HFView):
+        raise PatcherError(model.source, "converting to hf reads a GGUF")
     files = side_files(g, torch_dtype)  # a vocabulary patcher cannot read fails here, before any work
     shards = _shards([(n, math.prod(view.info(n).shape) * itemsize(st_dtype)) for n in view.tensors])
     hasher = manifest.Hasher(enabled=hash_files)
     hasher.add(g.path.name, g.path)
     try:
-        with OutputFolder(out, model.input_paths, force=force) as tmp:
+        with AtomicOutput(out, "folder", inputs=model.input_paths, force=force) as tmp:
             weight_map, total = {}, 0
             for fname, names in shards:
                 tensors = [
@@ -168,7 +174,7 @@ def _hf_blocks(view: HFView, name: str, st_dtype: str) -> Iterator[np.ndarray]:
 
     shape = view.info(name).shape
     gname, expert = view.map[name]
-    layout = view.g.architecture.gguf_layout
+    layout = view.g.layout
     row_local = (
         len(shape) == 2
         and expert is None
@@ -198,7 +204,7 @@ def check_gguf_type(qtype: str) -> str:
 
 
 def to_gguf(model: Model, out, qtype: str = "F16", *, force: bool = False, command: str = "") -> Converted:
-    from patcher.edit.gguf_apply import AtomicFile
+    from patcher.io.atomic import AtomicOutput
     from patcher.io.paths import check_output
 
     qtype = check_gguf_type(qtype)
@@ -212,7 +218,7 @@ def to_gguf(model: Model, out, qtype: str = "F16", *, force: bool = False, comma
     fields = _gguf_metadata(model, layout.arch, qtype) + _vocab_fields(model)
     record = {"op": "convert", "from": "hf", "to": "gguf", "type": qtype, "source": str(model.source)}
     fields.append(encode("patcher.convert", json.dumps(record, sort_keys=True)))
-    with AtomicFile(path, [model.path], force=True) as tmp:
+    with AtomicOutput(path, "file", inputs=[model.path], force=True) as tmp:
         write_gguf(tmp, fields, tensors)
         size = tmp.stat().st_size
     return Converted(path, len(tensors), size, time.perf_counter() - t0, notes)

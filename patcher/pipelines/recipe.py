@@ -720,9 +720,9 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
             tokens=int(o.get("tokens", 8)),
             arch_table=plan.arch_table,
         )
-        from patcher.io.atomic import atomic_file
+        from patcher.io.atomic import AtomicOutput
 
-        with atomic_file(a.output) as tmp:
+        with AtomicOutput(a.output) as tmp:
             tmp.write_text(dumps(verified.as_dict(), indent=2) + "\n")
         if not verified.parity_ok:  # the report stays for reading, but the step is not recorded complete
             _manifest_path(a).unlink(missing_ok=True)

@@ -93,7 +93,7 @@ def write_plot(path: Path, points, front, title: str, extra=None) -> None:
     path = Path(path)
     if path.suffix != ".svg":
         raise PatcherError(path, "the search plot is written as .svg")
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
 
-    with atomic_file(path) as tmp:
+    with AtomicOutput(path) as tmp:
         tmp.write_text(svg(points, front, title, extra), encoding="utf-8")

@@ -16,8 +16,8 @@ from pathlib import Path
 from patcher import __version__
 from patcher.errors import PatcherError
 from patcher.io import manifest
+from patcher.io.atomic import AtomicOutput
 from patcher.io.paths import read_json_object
-from patcher.io.writer import OutputFolder
 from patcher.onnx.export import DEVICE_DEFAULTS, TJS_DTYPE
 from patcher.web.runtime import TRANSFORMERS_MODULE, WASM_FILES
 from patcher.web.runtime import find as find_runtime
@@ -225,7 +225,7 @@ def build(
             "exists and is not a patcher output (no patcher-manifest.json); "
             "--force only replaces an earlier patcher output",
         )
-    with OutputFolder(out, inputs, force=force) as tmp:
+    with AtomicOutput(out, "folder", inputs=inputs, force=force) as tmp:
         models = [_add_model(tmp, "edited", export)]
         if compare:
             models.insert(0, _add_model(tmp, "original", Path(compare), "original"))

@@ -142,12 +142,12 @@ def test_inspect_gguf_and_conversion(real_model):
 def test_every_tokenizer_agrees(real_model, hf):
     """The chat prompt tokenized by llama.cpp (the GGUF's own vocabulary and pre-tokenizer), by HF
     transformers on the converted folder, and by patcher on the GGUF and on the folder: the same ids."""
-    from patcher.io.gguf import GGUFFile
+    from patcher.model.gguf import GGUFStorage
     from patcher.model.prompts import load_tokenizer
 
     tok, _ = hf
     llm = llama_cpp.Llama(str(real_model.gguf), vocab_only=True, verbose=False)
-    with GGUFFile(real_model.gguf) as g:
+    with GGUFStorage(real_model.gguf) as g:
         ours_gguf = g.tokenizer()
         ours_hf = load_tokenizer(real_model.hf)
         for prompt in CHAT:

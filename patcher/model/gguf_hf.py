@@ -54,7 +54,7 @@ def hf_config(g, torch_dtype: str | None = None) -> dict:
 
 def side_files(g, torch_dtype: str | None = None) -> dict[str, str]:
     """File name -> text. The vocabulary is read first: one patcher cannot read fails before any work."""
-    from patcher.io.gguf import load_tokenizer
+    from patcher.model.gguf_tokenizer import load_tokenizer
 
     tok = load_tokenizer(g)
     config = hf_config(g, torch_dtype)
