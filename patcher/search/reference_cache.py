@@ -59,7 +59,7 @@ def _lists(flat: np.ndarray, lengths: np.ndarray) -> list:
 def save(path: Path, key: str, ref: dict) -> None:
     """Published atomically (a run killed while writing leaves no half file) and recorded as patcher's
     own, so the next run may replace it."""
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
     from patcher.io.paths import check_output
 
     check_output(
@@ -68,7 +68,7 @@ def save(path: Path, key: str, ref: dict) -> None:
     pos, pos_len = _flat(ref["positive_completions"])
     neg, neg_len = _flat(ref["negative_completions"])
     neg_rate = ref["negative_marker_rate"]
-    with atomic_file(Path(path)) as tmp, open(tmp, "wb") as f:
+    with AtomicOutput(Path(path)) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             key=np.array(key),
