@@ -10,7 +10,8 @@ Prompts: scripts/prompt_sets.py (train: directions; search: what both searches s
 test: the final scoring). The peer runs in its own venv (`--heretic-python`, default
 /work/venvs/heretic/bin/python; `pip install heretic-llm==1.4.0` there): its CLI for the search (stdin
 closed, so it ends after the trials), then scripts/heretic_export.py writes its front as merged
-checkpoints. Trials/hour: 3600 / median trial wall time, from each study's own trial timestamps.
+checkpoints. The two searches run at the same time (the machine is shared: each sees the same
+load). Trials/hour: 3600 / median trial wall time, from each study's own trial timestamps.
 """
 
 import json
@@ -57,12 +58,13 @@ def heretic_config(
     return "\n".join(lines) + "\n"
 
 
-def run_heretic(work: Path, model: Path, P: dict, args) -> dict:
-    """The peer's search (its CLI) and its front as merged checkpoints."""
+def start_heretic(work: Path, model: Path, P: dict, args):
+    """The peer's search (its CLI, stdin closed so it ends after the trials), started in the
+    background; `finish_heretic` waits for it and writes its front as merged checkpoints."""
     folder = work / "heretic"
     done = folder / "front" / "front.json"
     if done.is_file():  # a finished peer run is kept: rerunning the benchmark only re-scores
-        return json.loads(done.read_text())
+        return None
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -71,10 +73,19 @@ def run_heretic(work: Path, model: Path, P: dict, args) -> dict:
         heretic_config(model, P, args.trials, startup, args.tokens, args.seed, args.batch_size)
     )
     heretic = Path(args.heretic_python).with_name("heretic")
+    log = open(folder / "heretic.log", "w")
+    return subprocess.Popen([str(heretic)], cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=log), log
+
+
+def finish_heretic(work: Path, started, args) -> dict:
+    folder = work / "heretic"
+    done = folder / "front" / "front.json"
+    if started is None:
+        return json.loads(done.read_text())
+    proc, log = started
     t0 = time.perf_counter()
-    with open(folder / "heretic.log", "w") as log:
-        subprocess.run([str(heretic)], cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    wall = time.perf_counter() - t0
+    proc.wait()
+    log.close()
     with open(folder / "export.log", "w") as log:
         subprocess.run(
             [args.heretic_python, str(HERE / "heretic_export.py"), str(folder / "front")],
@@ -85,7 +96,7 @@ def run_heretic(work: Path, model: Path, P: dict, args) -> dict:
             check=True,
         )
     data = json.loads(done.read_text())
-    data["wall_s"] = wall
+    data["waited_s"] = time.perf_counter() - t0
     done.write_text(json.dumps(data, indent=2) + "\n")
     return data
 
@@ -186,11 +197,13 @@ def main(args) -> None:
     model = real_models.ensure().hf
     load = {"start": os.getloadavg()}
     report = {"model": str(model), "trials": args.trials, "tokens": args.tokens, "cores": os.cpu_count()}
+    # both searches run at the same time, so they share whatever else loads the machine
+    started = None if args.skip_heretic else start_heretic(work, model, P, args)
     s, study, report["patcher"] = run_patcher(work, model, P, args)
     load["after_patcher"] = os.getloadavg()
     print(json.dumps({"patcher": report["patcher"]}), flush=True)
     if not args.skip_heretic:
-        report["heretic"] = run_heretic(work, model, P, args)
+        report["heretic"] = finish_heretic(work, started, args)
         load["after_heretic"] = os.getloadavg()
         print(json.dumps({"heretic": report["heretic"]}), flush=True)
     cache = work / "scores.json"  # scored rows are kept: a rerun with --judge only judges
@@ -222,7 +235,6 @@ def main(args) -> None:
         cache.write_text(json.dumps(rows) + "\n")
     if args.judge:
         from patcher.search.judge import Judge
-
         from patcher.search.objectives import MARKERS
 
         judged(rows, Judge.open(args.judge), read_texts(P["harmful-test"]), MARKERS)
