@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 from patcher.errors import PatcherError
 from patcher.io.writer import OutTensor, write_safetensors
+from patcher.search import study as st
 from patcher.search.judge import JUDGE_PROMPT, NO, YES, Judge
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_fixtures as mf
+import make_search_fixture
 
 EPS = 1e-5
 
@@ -100,3 +102,49 @@ def test_random_model_matches_transformers(tmp_path):
             prob = torch.softmax(hf(**ids).logits[0, -1].double(), -1)
         want = float(prob[yes].sum() / (prob[yes].sum() + prob[no].sum()))
         assert abs(got - want) < 1e-4, (q, r, got, want)
+
+
+def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
+    """`patcher search --judge`: every trial records the judge's rate (forced to 1 here, while the
+    planted fixture's marker rate falls below 1 once an edit removes the behaviour)."""
+    make_search_fixture.make(tmp_path)
+    P = tmp_path / "prompts"
+    judge = forced_model(tmp_path / "judge", 3.0, 1.0)
+    r = run_cli(
+        "search",
+        tmp_path / make_search_fixture.NAME,
+        "--positive",
+        P / "refusal-train-positive.txt",
+        "--negative",
+        P / "refusal-train-negative.txt",
+        "--no-chat-template",
+        "--tokens",
+        "4",
+        "--max-prompts",
+        "4",
+        "--trials",
+        "2",
+        "--no-heuristic",
+        "--study",
+        tmp_path / "s.db",
+        "--judge",
+        judge,
+    )
+    assert "judge's refusal rate 1.000" in r.output and "judge" in r.output.split("Pareto front")[1]
+    done = st.completed(st.open_study(tmp_path / "s.db", None, create=False))
+    assert len(done) == 2 and all(t.user_attrs["judge_rate"] == 1.0 for t in done)
+    bad = run_cli(
+        "search",
+        tmp_path / make_search_fixture.NAME,
+        "--positive",
+        P / "refusal-train-positive.txt",
+        "--negative",
+        P / "refusal-train-negative.txt",
+        "--no-chat-template",
+        "--study",
+        tmp_path / "t.db",
+        "--judge",
+        tmp_path / "nothing-here",
+        expect=1,
+    )
+    assert "nothing-here" in bad.output and "Traceback" not in bad.output

@@ -30,13 +30,15 @@ def _front_table(front, title: str):
     from patcher.search.space import complete
 
     t = Table(title=title, title_justify="left")
-    for c in ("trial", "marker rate", "KL", "first-token KL", "parameters"):
+    judged = any("judge_rate" in tr.user_attrs for tr, _ in front)
+    for c in ("trial", "marker rate", *(("judge",) if judged else ()), "KL", "first-token KL", "parameters"):
         t.add_column(c, justify="right" if c != "parameters" else "left", overflow="fold")
     for tr, fixed in front:
-        first = tr.user_attrs.get("first_token_kl")
+        first, judge = tr.user_attrs.get("first_token_kl"), tr.user_attrs.get("judge_rate")
         t.add_row(
             str(tr.number),
             f"{tr.values[0]:.3f}",
+            *(("" if judge is None else f"{judge:.3f}",) if judged else ()),
             f"{tr.values[1]:.4g}",
             "" if first is None else f"{first:.4g}",
             params_text(complete(tr.params, fixed)),
@@ -127,6 +129,13 @@ def register(app) -> None:
             "and on busy machines)",
         ),
         seed: int = typer.Option(0, "--seed"),
+        # searchquality's options (one block)
+        judge: Path | None = typer.Option(
+            None,
+            "--judge",
+            help="A local chat model (folder) that judges each eval-positive completion: refusal or not "
+            "(P(Yes) vs P(No) after a fixed judge prompt); its rate is shown beside the marker rate",
+        ),
     ):
         """Search ablations for the best trade-off: marker rate of greedy completions vs KL from the
         original."""
@@ -193,6 +202,7 @@ def register(app) -> None:
                 space_toml=config,
                 project_out_negative_mean=project_out_negative_mean,
                 announce=lambda m: err.print(m),
+                judge=judge,
             )
             out.print(_space_table(s.space))
             n_start = startup if startup is not None else min(60, max(1, int(0.3 * trials)))
@@ -208,6 +218,7 @@ def register(app) -> None:
             out.print(
                 f"original: marker rate {ref['marker_rate']:.3f} on {len(s.evaluator.positive)} prompts "
                 f"({tokens} tokens); reference computed in {ref['seconds']:.1f} s"
+                + ("" if ref.get("judge_rate") is None else f"; judge's refusal rate {ref['judge_rate']:.3f}")
             )
             extra = {"original": (ref["marker_rate"], 0.0)}
             if heuristic and s.selected is not None:
@@ -224,8 +235,11 @@ def register(app) -> None:
             def on_trial(t):
                 if t.values is None:
                     return
+                judged = t.user_attrs.get("judge_rate")
                 err.print(
-                    f"trial {t.number}: marker rate {t.values[0]:.3f}, KL {t.values[1]:.4g} "
+                    f"trial {t.number}: marker rate {t.values[0]:.3f}, "
+                    + ("" if judged is None else f"judge {judged:.3f}, ")
+                    + f"KL {t.values[1]:.4g} "
                     f"({t.user_attrs.get('seconds_generate', 0):.1f} s generate, "
                     f"{t.user_attrs.get('seconds_kl', 0):.1f} s KL) "
                     f"{params_text(sp.complete(t.params, s.attrs['fixed']))}",

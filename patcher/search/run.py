@@ -85,6 +85,8 @@ class Setup:
         trial.set_user_attr("seconds_generate", round(r.timing.generate, 3))
         trial.set_user_attr("seconds_kl", round(r.timing.kl, 3))
         trial.set_user_attr("tokens_generated", r.tokens_generated)
+        if r.judge_rate is not None:
+            trial.set_user_attr("judge_rate", r.judge_rate)
         if r.negative_marker_rate is not None:
             trial.set_user_attr("negative_marker_rate", r.negative_marker_rate)
             base = self.evaluator.reference()["negative_marker_rate"]
@@ -138,6 +140,7 @@ def setup(
     space_toml: Path | None = None,
     project_out_negative_mean: bool = False,
     announce=None,
+    judge: Path | None = None,
 ) -> Setup:
     from patcher.edit.extract import extract
 
@@ -175,6 +178,9 @@ def setup(
     eng = make_engine(engine, sm, provider, announce)
     seconds["load"] = round(time.perf_counter() - t0, 3)
     from patcher.onnx.verify import _eos
+    from patcher.search.judge import Judge
+
+    judged = Judge.open(judge) if judge is not None else None
 
     ev = Evaluator(
         eng,
@@ -187,6 +193,8 @@ def setup(
         negative_markers=negative_markers,
         eos=_eos(ck.folder, tok),
         batch_size=batch_size,
+        judge=judged,
+        requests=read_prompt_file(eval_positive or positive, max_prompts) if judged else None,
     )
     fixed = {p.name: p.fixed for p in space.values() if p.fixed is not None}
     attrs = st.base_attrs(
@@ -210,6 +218,7 @@ def setup(
             "chat_template": chat_template,
             "system": system,
             "engine": engine,
+            "judge": None if judge is None else str(Path(judge).resolve()),
         },
     )
     return Setup(
