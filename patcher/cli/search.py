@@ -136,6 +136,11 @@ def register(app) -> None:
             help="A local chat model (folder) that judges each eval-positive completion: refusal or not "
             "(P(Yes) vs P(No) after a fixed judge prompt); its rate is shown beside the marker rate",
         ),
+        winsorize: float | None = typer.Option(
+            None,
+            "--winsorize",
+            help="Extracted directions from winsorized activations (see patcher extract --winsorize)",
+        ),
     ):
         """Search ablations for the best trade-off: marker rate of greedy completions vs KL from the
         original."""
@@ -169,6 +174,9 @@ def register(app) -> None:
                 return
             if engine not in sr.ENGINES:
                 raise PatcherError("--engine", f"must be one of {', '.join(sr.ENGINES)}")
+            from patcher.edit.extract import check_winsorize
+
+            check_winsorize(winsorize)
             st.check_study_file(study_file)  # before the extraction, not 11 s later
             dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
             from patcher.io.paths import check_output
@@ -203,6 +211,7 @@ def register(app) -> None:
                 project_out_negative_mean=project_out_negative_mean,
                 announce=lambda m: err.print(m),
                 judge=judge,
+                winsorize=winsorize,
             )
             out.print(_space_table(s.space))
             n_start = startup if startup is not None else min(60, max(1, int(0.3 * trials)))

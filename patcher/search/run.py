@@ -141,6 +141,7 @@ def setup(
     project_out_negative_mean: bool = False,
     announce=None,
     judge: Path | None = None,
+    winsorize: float | None = None,
 ) -> Setup:
     from patcher.edit.extract import extract
 
@@ -166,6 +167,7 @@ def setup(
             chat_template=chat_template,
             system=system,
             project_out_negative_mean=project_out_negative_mean,
+            winsorize=winsorize,
         )
         result.save(directions_out)
         directions = directions_out
