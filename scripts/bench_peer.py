@@ -124,7 +124,8 @@ def run_patcher(work: Path, model: Path, P: dict, args):
     )
     startup = min(60, max(1, int(0.3 * args.trials)))
     study = st.open_study(folder / "study.db", s.attrs, seed=args.seed, startup=startup)
-    s.evaluator.reference()
+    if len(st.completed(study)) < args.trials:  # a finished study needs no reference completions
+        s.evaluator.reference()
     st.optimize(study, s.run_trial, args.trials, None)
     wall = time.perf_counter() - t0
     done = st.completed(study)
@@ -132,7 +133,7 @@ def run_patcher(work: Path, model: Path, P: dict, args):
     return s, study, {"wall_s": wall, "trial_seconds": seconds, "setup_seconds": s.seconds}
 
 
-def test_evaluator(s, P: dict, tokens: int, kl_tokens: int):
+def test_evaluator(s, P: dict, tokens: int, kl_tokens: int, limit: int | None = None):
     from patcher.model.prompts import encode_prompts, read_prompt_file
     from patcher.onnx.verify import _eos
     from patcher.search.objectives import Evaluator
@@ -140,7 +141,7 @@ def test_evaluator(s, P: dict, tokens: int, kl_tokens: int):
     tok = s.ck.tokenizer()
 
     def enc(path):
-        return encode_prompts(tok, read_prompt_file(path, None), chat_template=True, system=SYSTEM)
+        return encode_prompts(tok, read_prompt_file(path, limit), chat_template=True, system=SYSTEM)
 
     ev = Evaluator(
         s.engine,
@@ -157,13 +158,14 @@ def test_evaluator(s, P: dict, tokens: int, kl_tokens: int):
 
 
 def score(ev, engine, edits) -> dict:
-    """One evaluator for every edit: full-length completions (no early exit, so a judge reads them
-    whole), marker rate, first-token KL and KL over the original's first kl_tokens tokens (kl_seq)."""
+    """One evaluator for every edit: marker rate (completions end at their first marker, which cannot
+    change it; a judge reads them cut there), first-token KL and KL over the original's first
+    kl_tokens tokens (kl_seq)."""
     import copy
 
     e = copy.copy(ev)
     e.engine = engine
-    comp, _ = e.generate(e.positive, edits, e.tokens, stop_on_marker=False)
+    comp, _ = e.generate(e.positive, edits, e.tokens)
     kl, first = e.kl(edits)
     return {"marker_rate": e.rate(comp), "kl_first": first, "kl_seq": kl, "texts": e.texts(comp)}
 
@@ -209,7 +211,7 @@ def main(args) -> None:
     cache = work / "scores.json"  # scored rows are kept: a rerun with --judge only judges
     rows = json.loads(cache.read_text()) if cache.is_file() else []
     if not rows:
-        ev = test_evaluator(s, P, args.eval_tokens, args.kl_tokens)
+        ev = test_evaluator(s, P, args.eval_tokens, args.kl_tokens, args.test_prompts)
         rows = [{"who": "original", **score(ev, s.engine, None)}]
         fixed = s.attrs["fixed"]
         for t in st.pareto(st.completed(study)):
@@ -237,7 +239,7 @@ def main(args) -> None:
         from patcher.search.judge import Judge
         from patcher.search.objectives import MARKERS
 
-        judged(rows, Judge.open(args.judge), read_texts(P["harmful-test"]), MARKERS)
+        judged(rows, Judge.open(args.judge), read_texts(P["harmful-test"])[: args.test_prompts], MARKERS)
     load["end"] = os.getloadavg()
     report.update(
         rows=rows, load=load, uptime=subprocess.run(["uptime"], capture_output=True, text=True).stdout
@@ -273,5 +275,6 @@ def add_arguments(ap) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-tokens", type=int, default=96)
     g.add_argument("--kl-tokens", type=int, default=16)
+    g.add_argument("--test-prompts", type=int, default=64, help="held-out prompts of each kind scored")
     g.add_argument("--space", action="append", default=[], help="narrow patcher's space (NAME=LOW:HIGH)")
     g.add_argument("--judge", type=Path, default=None, help="a chat model that judges refusals")
