@@ -4,7 +4,8 @@ variants that each change one thing, scored on the search split (scripts/prompt_
 directions never saw): marker rate over `--tokens` greedy tokens, first-token KL, KL over the first 16
 tokens of the original's completion.
 
-    python scripts/bench_levers.py [--work bench-out/levers] [--tokens 48] [--winsorize 0.99]
+    python scripts/bench_levers.py --extract [--work bench-out/levers] [--tokens 48] [--winsorize 0.99]
+    python scripts/bench_levers.py --directions DIRS.safetensors      # reuse directions: no extraction
 
 Levers: projected directions (orthogonalised against the harmless mean), winsorized means, norm
 preservation (cols / rows), per-layer directions, attention-only / MLP-only, and a rank-2 subspace
@@ -53,7 +54,12 @@ def main(argv=None) -> None:
     ap.add_argument("--kl-tokens", type=int, default=16)
     ap.add_argument("--winsorize", type=float, default=0.99)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--directions", type=Path, default=None, help="reuse a directions file (no extraction)")
+    ap.add_argument("--extract", action="store_true", help="also the winsorized and rank-2 levers")
+    ap.add_argument("--max-prompts", type=int, default=None, help="search-split prompts of each kind")
     args = ap.parse_args(argv)
+    if args.directions is None and not args.extract:
+        ap.error("give --directions FILE, --extract, or both")
     import prompt_sets
     import real_models
 
@@ -71,16 +77,30 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     P, model = prompt_sets.ensure(), real_models.ensure().hf
     t0 = time.perf_counter()
-    two = extract(
-        model, P["harmful-train"], P["harmless-train"], positions=(-1, -2), system=SYSTEM, batch_size=16
-    )
-    wins = extract(
-        model, P["harmful-train"], P["harmless-train"], system=SYSTEM, batch_size=16, winsorize=args.winsorize
-    )
-    print(f"extractions: {time.perf_counter() - t0:.0f} s", flush=True)
-    last, pos_mean, neg_mean = (np.asarray(a, np.float64) for a in two.per_position[-1])
-    second = np.asarray(two.per_position[-2][0], np.float64)
-    sel = wins.selected_layer  # the -1 extraction's choice (its scores are over position -1 alone)
+    if args.directions is not None:  # e.g. the peer benchmark's: same prompts, same system prompt
+        from patcher.edit.directions import read_metadata
+        from patcher.io.checkpoint import Checkpoint
+
+        with Checkpoint(args.directions) as c:
+            last = np.array(c.array("direction"), np.float64)
+            neg_mean = np.array(c.array("negative_mean"), np.float64)
+            sel = int(read_metadata(c)["selected_layer"])
+    if args.extract:  # the levers that need their own extraction: winsorized means, rank 2
+        two = extract(
+            model, P["harmful-train"], P["harmless-train"], positions=(-1, -2), system=SYSTEM, batch_size=16
+        )
+        wins = extract(
+            model,
+            P["harmful-train"],
+            P["harmless-train"],
+            system=SYSTEM,
+            batch_size=16,
+            winsorize=args.winsorize,
+        )
+        last, pos_mean, neg_mean = (np.asarray(a, np.float64) for a in two.per_position[-1])
+        second = np.asarray(two.per_position[-2][0], np.float64)
+        sel = wins.selected_layer  # the -1 extraction's choice (its scores are over position -1 alone)
+    print(f"directions: {time.perf_counter() - t0:.0f} s, selected layer {sel}", flush=True)
     ck = Model.open(model)
     sm = StreamedModel(ck)
     L = sm.n_layers
@@ -88,7 +108,9 @@ def main(argv=None) -> None:
     tok = ck.tokenizer()
 
     def enc(path):
-        return encode_prompts(tok, read_prompt_file(path, None), chat_template=True, system=SYSTEM)
+        return encode_prompts(
+            tok, read_prompt_file(path, args.max_prompts), chat_template=True, system=SYSTEM
+        )
 
     ev = Evaluator(
         engine,
@@ -105,13 +127,16 @@ def main(argv=None) -> None:
     variants = [
         ("difference in means (base)", last, base),
         ("projected (⟂ harmless mean)", projected(last, neg_mean), base),
-        (f"winsorized means (q = {args.winsorize})", np.asarray(wins.direction, np.float64), base),
         ("norm-preserve cols", last, {**base, "norm_preserve": "cols"}),
         ("norm-preserve rows", last, {**base, "norm_preserve": "rows"}),
         ("per-layer directions", last, {**base, "direction_scope": "per_layer"}),
         ("attention writers only", last, {**base, "mlp_out_peak": 0.0}),
         ("MLP writers only", last, {**base, "attn_out_peak": 0.0}),
     ]
+    if args.extract:
+        variants.insert(
+            2, (f"winsorized means (q = {args.winsorize})", np.asarray(wins.direction, np.float64), base)
+        )
     rows = [{"lever": "original", "marker_rate": ref["marker_rate"], "kl_first": 0.0, "kl_seq": 0.0}]
     out = work / "levers.json"
 
@@ -135,6 +160,8 @@ def main(argv=None) -> None:
         spec = sp.edit_spec(params, table, L)
         r = ev.evaluate(engine.edits(build_plan(ck, sm.resolved, spec, name)))
         record(name, r, time.perf_counter() - t1)
+    if not args.extract:
+        return
     # rank 2: span of the last and second-to-last token directions at the selected layer
     t1 = time.perf_counter()
     q = np.stack([last[sel], second[sel]]).astype(np.float32)
