@@ -123,10 +123,14 @@ def run_patcher(work: Path, model: Path, P: dict, args):
         space_items=args.space,
     )
     startup = min(60, max(1, int(0.3 * args.trials)))
-    study = st.open_study(folder / "study.db", s.attrs, seed=args.seed, startup=startup)
-    if len(st.completed(study)) < args.trials:  # a finished study needs no reference completions
+    db = folder / "study.db"
+    done = db.is_file() and len(st.completed(st.open_study(db, None, create=False))) >= args.trials
+    if done:  # only re-scored: read it as it is (the shared model cache may have been re-derived since)
+        study = st.open_study(db, None, create=False)
+    else:
+        study = st.open_study(db, s.attrs, seed=args.seed, startup=startup)
         s.evaluator.reference()
-    st.optimize(study, s.run_trial, args.trials, None)
+        st.optimize(study, s.run_trial, args.trials, None)
     wall = time.perf_counter() - t0
     done = st.completed(study)
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
@@ -196,7 +200,7 @@ def main(args) -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     P = prompt_sets.ensure()
-    model = real_models.ensure().hf
+    model = args.model or real_models.ensure().hf
     load = {"start": os.getloadavg()}
     report = {"model": str(model), "trials": args.trials, "tokens": args.tokens, "cores": os.cpu_count()}
     # both searches run at the same time, so they share whatever else loads the machine
@@ -271,6 +275,7 @@ def add_arguments(ap) -> None:
     g = ap.add_argument_group("--peer")
     g.add_argument("--peer", action="store_true", help="patcher search vs heretic on SmolLM2-135M-Instruct")
     g.add_argument("--heretic-python", default="/work/venvs/heretic/bin/python")
+    g.add_argument("--model", type=Path, default=None, help="default: scripts/real_models.py's SmolLM2")
     g.add_argument("--skip-heretic", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-tokens", type=int, default=96)
