@@ -33,7 +33,7 @@ def _toml_str(p) -> str:
 
 
 def heretic_config(
-    model: Path, P: dict, trials: int, startup: int, tokens: int, seed: int, batch: int
+    model: Path, P: dict, trials: int, startup: int, tokens: int, seed: int, batch: int, dtype: str = "auto"
 ) -> str:
     sets = {
         "good_prompts": P["harmless-train"],
@@ -44,6 +44,7 @@ def heretic_config(
     lines = [
         f"model = {_toml_str(model)}",
         'device_map = "cpu"',
+        f"dtypes = [{_toml_str(dtype)}]",
         f"batch_size = {batch}",
         f"max_response_length = {tokens}",
         'response_prefix = ""',  # SmolLM2 has none; skips the peer's 200-prompt prefix check
@@ -70,25 +71,35 @@ def start_heretic(work: Path, model: Path, P: dict, args):
     folder.mkdir(parents=True)
     startup = min(60, max(1, int(0.3 * args.trials)))
     (folder / "config.toml").write_text(
-        heretic_config(model, P, args.trials, startup, args.tokens, args.seed, args.batch_size)
+        heretic_config(
+            model, P, args.trials, startup, args.tokens, args.seed, args.batch_size, args.heretic_dtype
+        )
     )
     heretic = Path(args.heretic_python).with_name("heretic")
     log = open(folder / "heretic.log", "w")
-    return subprocess.Popen([str(heretic)], cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=log), log
+    proc = subprocess.Popen([str(heretic)], cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    return proc, log, time.perf_counter()
 
 
-def finish_heretic(work: Path, started, args) -> dict:
+def finish_heretic(work: Path, started, args, limit: int) -> dict:
+    """Wait for the peer (at most until --search-minutes after its start), then write the front of
+    its first `limit` completed trials (patcher's count: equal budgets) as merged checkpoints."""
     folder = work / "heretic"
     done = folder / "front" / "front.json"
     if started is None:
         return json.loads(done.read_text())
-    proc, log = started
+    proc, log, t_start = started
     t0 = time.perf_counter()
-    proc.wait()
+    left = None if args.search_minutes is None else max(t_start + args.search_minutes * 60 - t0, 0)
+    try:
+        proc.wait(timeout=left)
+    except subprocess.TimeoutExpired:  # the same wall-clock budget as patcher's search
+        proc.terminate()
+        proc.wait()
     log.close()
     with open(folder / "export.log", "w") as log:
         subprocess.run(
-            [args.heretic_python, str(HERE / "heretic_export.py"), str(folder / "front")],
+            [args.heretic_python, str(HERE / "heretic_export.py"), str(folder / "front"), str(limit)],
             cwd=folder,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -130,7 +141,10 @@ def run_patcher(work: Path, model: Path, P: dict, args):
     else:
         study = st.open_study(db, s.attrs, seed=args.seed, startup=startup)
         s.evaluator.reference()
-        st.optimize(study, s.run_trial, args.trials, None)
+        budget = (
+            None if args.search_minutes is None else args.search_minutes * 60 - (time.perf_counter() - t0)
+        )
+        st.optimize(study, s.run_trial, args.trials, budget)
     wall = time.perf_counter() - t0
     done = st.completed(study)
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
@@ -209,7 +223,8 @@ def main(args) -> None:
     load["after_patcher"] = os.getloadavg()
     print(json.dumps({"patcher": report["patcher"]}), flush=True)
     if not args.skip_heretic:
-        report["heretic"] = finish_heretic(work, started, args)
+        n_patcher = len(st.completed(study))
+        report["heretic"] = finish_heretic(work, started, args, n_patcher)
         load["after_heretic"] = os.getloadavg()
         print(json.dumps({"heretic": report["heretic"]}), flush=True)
     cache = work / "scores.json"  # scored rows are kept: a rerun with --judge only judges
@@ -218,7 +233,9 @@ def main(args) -> None:
         ev = test_evaluator(s, P, args.eval_tokens, args.kl_tokens, args.test_prompts)
         rows = [{"who": "original", **score(ev, s.engine, None)}]
         fixed = s.attrs["fixed"]
-        for t in st.pareto(st.completed(study)):
+        n = min(len(st.completed(study)), report.get("heretic", {}).get("completed", 10**9))
+        report["equal_trials"] = n  # both fronts from the same number of completed trials
+        for t in st.pareto(sorted(st.completed(study), key=lambda t: t.number)[:n]):
             params = sp.complete(t.params, fixed)
             spec = sp.edit_spec(params, s.table, s.n_layers, s.directions)
             edits = s.engine.edits(build_plan(s.ck, s.resolved, spec, str(s.directions), s.untie))
@@ -276,6 +293,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--peer", action="store_true", help="patcher search vs heretic on SmolLM2-135M-Instruct")
     g.add_argument("--heretic-python", default="/work/venvs/heretic/bin/python")
     g.add_argument("--model", type=Path, default=None, help="default: scripts/real_models.py's SmolLM2")
+    g.add_argument("--heretic-dtype", default="auto", help="the peer's torch dtype (its default: auto)")
+    g.add_argument("--search-minutes", type=float, default=None, help="wall-clock cap for each search")
     g.add_argument("--skip-heretic", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-tokens", type=int, default=96)

@@ -3,7 +3,7 @@ scripts/bench_search.py --peer scores them with the same evaluator as patcher's 
 
 Runs in the peer's own environment (heretic-llm is AGPL and needs its own torch stack):
 
-    cd WORK/heretic && /work/venvs/heretic/bin/python scripts/heretic_export.py OUT
+    cd WORK/heretic && /work/venvs/heretic/bin/python scripts/heretic_export.py OUT [LIMIT]
 
 It reads heretic's config.toml and study journal from the current folder, recomputes heretic's
 per-layer refusal directions with heretic's own Model (the study stores parameters, not directions),
@@ -27,6 +27,7 @@ def front(trials: list) -> list:
 
 def main() -> None:
     out = Path(sys.argv[1]).resolve()
+    limit = int(sys.argv[2]) if len(sys.argv) > 2 else None  # the front of the first LIMIT trials
     sys.argv = sys.argv[:1]  # heretic's Settings parse the command line
     import optuna
     import torch
@@ -41,7 +42,7 @@ def main() -> None:
     settings = Settings()
     journal = next(Path(settings.study_checkpoint_dir).glob("*.jsonl"))
     study = optuna.load_study(study_name="heretic", storage=JournalStorage(JournalFileBackend(str(journal))))
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][:limit]
     model = Model(settings)
     good = model.get_residuals_mean(load_prompts(settings, settings.good_prompts))
     bad = model.get_residuals_mean(load_prompts(settings, settings.bad_prompts))
@@ -68,7 +69,8 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-    (out / "front.json").write_text(json.dumps({"front": rows, "trial_seconds": seconds}, indent=2) + "\n")
+    data = {"front": rows, "trial_seconds": seconds, "completed": len(done)}
+    (out / "front.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":
