@@ -40,9 +40,16 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     settings = Settings()
-    journal = next(Path(settings.study_checkpoint_dir).glob("*.jsonl"))
-    study = optuna.load_study(study_name="heretic", storage=JournalStorage(JournalFileBackend(str(journal))))
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][:limit]
+    done = []
+    for journal in Path(settings.study_checkpoint_dir).glob("*.jsonl"):
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        if storage.get_all_studies():  # a peer stopped before its first trial has none
+            study = optuna.load_study(study_name="heretic", storage=storage)
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE][:limit]
+    out.mkdir(parents=True, exist_ok=True)
+    if not done:
+        (out / "front.json").write_text(json.dumps({"front": [], "trial_seconds": [], "completed": 0}) + "\n")
+        return
     model = Model(settings)
     good = model.get_residuals_mean(load_prompts(settings, settings.good_prompts))
     bad = model.get_residuals_mean(load_prompts(settings, settings.bad_prompts))
