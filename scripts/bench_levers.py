@@ -167,17 +167,8 @@ def main(argv=None) -> None:
     q = np.stack([last[sel], second[sel]]).astype(np.float32)
     np.save(work / "rank2.npy", q)
     written = work / "rank2-model"
-    cmd = [
-        sys.executable,
-        "-m",
-        "patcher.cli",
-        "ablate",
-        str(model),
-        "-d",
-        str(work / "rank2.npy"),
-        "-o",
-        str(written),
-    ]
+    patcher = Path(sys.executable).with_name("patcher")
+    cmd = [str(patcher), "ablate", str(model), "-d", str(work / "rank2.npy"), "-o", str(written)]
     subprocess.run([*cmd, "--targets", "attn_out,mlp_out", "--force"], check=True, stdout=subprocess.DEVNULL)
     e = copy.copy(ev)
     e.engine = ResidentModel(StreamedModel(Model.open(written)))
