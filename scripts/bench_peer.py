@@ -275,6 +275,7 @@ def main(args) -> None:
         who: [(r["marker_rate"], r["kl_first"]) for r in rows if r["who"] == who]
         for who in ("patcher", "heretic")
     }
+    (work / "peer.svg").unlink(missing_ok=True)  # this benchmark's own plot, redrawn on every run
     write_fronts(
         work / "peer.svg",
         series,
