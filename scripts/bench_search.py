@@ -2,6 +2,7 @@
 no downloads), numpy vs onnxruntime engine, time per trial split into generation and KL.
 
     python scripts/bench_search.py [--trials 2] [--prompts 64] [--tokens 64] [--engines numpy,onnx]
+    python scripts/bench_search.py --peer --trials 8 --tokens 48 --work bench-out/peer   # vs heretic
 
 The model has SmolLM-135M's shape (llama, d_model 576, 30 blocks, 9 heads / 3 kv heads, MLP 1536,
 vocab 49152, tied embeddings). Random weights never say a marker, so no completion stops early:
@@ -144,7 +145,13 @@ def main(argv=None):
     ap.add_argument("--engines", default="numpy,onnx")
     ap.add_argument("--blas-threads", type=int, default=None)
     ap.add_argument("--skip-fixture", action="store_true", help="skip the time-to-Pareto-point run")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_peer
+
+    bench_peer.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.peer:  # the real model against the peer (scripts/bench_peer.py)
+        return bench_peer.main(args)
     os.environ.setdefault("PATCHER_CACHE", str(args.work.resolve() / "cache"))
     from patcher.search import run as sr
 

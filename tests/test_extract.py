@@ -17,8 +17,9 @@ NEG = DEMO / "negative.txt"
 PLANTED = DEMO / "model"
 
 
-def hf_difference_in_means(folder, pos_prompts, neg_prompts):
-    """Reference: HF tokenizer + chat template, HF forward, mean last-token hidden state per layer."""
+def hf_difference_in_means(folder, pos_prompts, neg_prompts, winsorize=None):
+    """Reference: HF tokenizer + chat template, HF forward, mean last-token hidden state per layer
+    (each hidden state clamped to ± its `winsorize`-quantile absolute component first, if given)."""
     torch = pytest.importorskip("torch")
     T = pytest.importorskip("transformers")
     tok = T.AutoTokenizer.from_pretrained(folder)
@@ -32,7 +33,11 @@ def hf_difference_in_means(folder, pos_prompts, neg_prompts):
             )["input_ids"]
             with torch.no_grad():
                 hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-            rows.append(np.stack([h[0, -1].double().numpy() for h in hs[:-1]]))  # last HF entry is post-norm
+            row = np.stack([h[0, -1].double().numpy() for h in hs[:-1]])  # last HF entry is post-norm
+            if winsorize is not None:
+                t = np.array([np.quantile(np.abs(r), winsorize) for r in row])[:, None]
+                row = np.minimum(np.maximum(row, -t), t)
+            rows.append(row)
         means.append(np.mean(rows, axis=0))
     return means[0] - means[1], np.abs(means[0]).max(axis=1)
 
@@ -48,6 +53,28 @@ def test_difference_in_means_matches_hf(model_type):
     for l in range(want.shape[0]):  # relative to the size of the activations being averaged
         assert np.abs(got.direction[l] - want[l]).max() <= 1e-4 * scale[l], f"layer {l}"
     assert np.abs(want[1:]).max() > 1e-2  # the sets do differ, so the comparison means something
+
+
+def test_winsorized_means_match_hf():
+    pos = POS.read_text().splitlines()[:8]
+    neg = NEG.read_text().splitlines()[:8]
+    want, scale = hf_difference_in_means(fixture_path("llama"), pos, neg, winsorize=0.9)
+    plain, _ = hf_difference_in_means(fixture_path("llama"), pos, neg)
+    got = extract(fixture_path("llama"), pos, neg, batch_size=4, winsorize=0.9)
+    for l in range(want.shape[0]):
+        assert np.abs(got.direction[l] - want[l]).max() <= 1e-4 * scale[l], f"layer {l}"
+    assert np.abs(want[1:] - plain[1:]).max() > 1e-2  # clamping changed the means: the check can fail
+    assert got.metadata["winsorize"] == 0.9
+
+
+@pytest.mark.parametrize("q", ["1.0", "0", "-0.5", "nan"])
+def test_winsorize_out_of_range_is_refused(tmp_path, q):
+    out = tmp_path / "d.safetensors"
+    r = run_cli(
+        "extract", PLANTED, "--positive", POS, "--negative", NEG, "-o", out, "--winsorize", q, expect=1
+    )
+    assert "--winsorize" in r.output and "Traceback" not in r.output
+    assert not out.exists()
 
 
 def test_planted_direction_is_recovered_and_ranked_first(tmp_path):

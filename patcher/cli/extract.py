@@ -95,6 +95,12 @@ def register(app) -> None:
             "--project-out-negative-mean",
             help="Orthogonalize each direction against the negative mean",
         ),
+        winsorize: float | None = typer.Option(
+            None,
+            "--winsorize",
+            help="Clamp each residual vector's components to its Q-quantile absolute value before the "
+            "means (e.g. 0.995; tames massive activations)",
+        ),
         plot: Path | None = typer.Option(
             None, "--plot", help="Write the score plot (.svg, or .png with matplotlib)"
         ),
@@ -115,6 +121,9 @@ def register(app) -> None:
             )
             if plot is not None:
                 check_plot_path(plot)
+            from patcher.edit.extract import check_winsorize
+
+            check_winsorize(winsorize)
             from patcher.model.opened import Model
 
             with Model.open(model, arch_table) as m:
@@ -137,6 +146,7 @@ def register(app) -> None:
                         chat_template=not no_chat_template,
                         system=system,
                         project_out_negative_mean=project_out_negative_mean,
+                        winsorize=winsorize,
                     ),
                     capped_by_default=max_prompts is None,
                 )

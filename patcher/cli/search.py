@@ -143,6 +143,17 @@ def register(app) -> None:
         ),
         seed: int = typer.Option(0, "--seed"),
         arch_table: Path | None = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
+        judge: Path | None = typer.Option(
+            None,
+            "--judge",
+            help="A local chat model (folder) that judges each eval-positive completion: refusal or not "
+            "(P(Yes) vs P(No) after a fixed judge prompt); its rate is shown beside the marker rate",
+        ),
+        winsorize: float | None = typer.Option(
+            None,
+            "--winsorize",
+            help="Extracted directions from winsorized activations (see patcher extract --winsorize)",
+        ),
     ):
         """Search ablations for the best trade-off: marker rate of greedy completions vs KL from the
         original."""
@@ -183,12 +194,14 @@ def _show_space(a) -> None:
 
 def _validate(a) -> None:
     """Every option and output path, before any work (not after an 11 s extraction)."""
+    from patcher.edit.extract import check_winsorize
     from patcher.io.paths import check_output
     from patcher.search import reference_cache
     from patcher.search import run as sr
     from patcher.search import study as st
 
     sr.check_engine(a.engine, a.provider, a.resident)
+    check_winsorize(a.winsorize)
     a.dirs_out = a.study_file.with_name(a.study_file.stem + ".directions.safetensors")
     a.given = a.directions if a.directions is not None else (a.dirs_out if a.dirs_out.is_file() else None)
     _check_study(st, a.study_file, a.model, a.given, a.arch_table)
@@ -230,6 +243,8 @@ def _setup(a):
         project_out_negative_mean=a.project_out_negative_mean,
         prune=a.prune,
         arch_table=a.arch_table,
+        judge=a.judge,
+        winsorize=a.winsorize,
         announce=lambda m: err.print(m),
     )
     out.print(_space_table(s.space))
@@ -258,6 +273,7 @@ def _start(a, s):
     out.print(
         f"original: marker rate {ref['marker_rate']:.3f} on {len(s.evaluator.positive)} prompts "
         f"({a.tokens} tokens); reference {how}"
+        + ("" if ref.get("judge_rate") is None else f"; judge's refusal rate {ref['judge_rate']:.3f}")
     )
     extra = {"original": (ref["marker_rate"], 0.0)}
     if a.heuristic and s.selected is not None:
@@ -287,8 +303,11 @@ def _run(a, s, study):
             )
         if t.values is None:
             return
+        judged = t.user_attrs.get("judge_rate")
         err.print(
-            f"trial {t.number}: marker rate {t.values[0]:.3f}, KL {t.values[1]:.4g} "
+            f"trial {t.number}: marker rate {t.values[0]:.3f}, "
+            + ("" if judged is None else f"judge {judged:.3f}, ")
+            + f"KL {t.values[1]:.4g} "
             f"({t.user_attrs.get('seconds_generate', 0):.1f} s generate, "
             f"{t.user_attrs.get('seconds_kl', 0):.1f} s KL) "
             f"{params_text(sp.complete(t.params, s.attrs['fixed']))}",

@@ -56,10 +56,19 @@ class _Accumulator:
     """Sums of resid_pre at the chosen positions, per layer, in float64; per-prompt rows kept in
     float16 for the spread-based scores."""
 
-    def __init__(self, n_layers: int, d: int, positions: list[int], n_prompts: int, layers: set[int]):
+    def __init__(
+        self,
+        n_layers: int,
+        d: int,
+        positions: list[int],
+        n_prompts: int,
+        layers: set[int],
+        winsorize: float | None = None,
+    ):
         self.sum = np.zeros((len(positions), n_layers + 1, d))
         self.samples = np.zeros((n_prompts, n_layers + 1, d), dtype=np.float16)
         self.positions, self.layers, self.count = positions, layers, 0
+        self.winsorize = winsorize
 
     def add(self, layer: int, x: np.ndarray, offset: int):
         if layer not in self.layers:
@@ -67,12 +76,27 @@ class _Accumulator:
         picked = x[:, self.positions, :].astype(
             np.float64
         )  # left padding: position -1 is the last real token
+        if self.winsorize is not None:
+            picked = winsorized(picked, self.winsorize)
         self.sum[:, layer] += picked.sum(axis=0)
         self.samples[offset : offset + x.shape[0], layer] = picked.mean(axis=1)
 
     @property
     def mean(self):
         return self.sum / max(self.count, 1)
+
+
+def check_winsorize(q) -> None:
+    if q is not None and not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q < 1):
+        raise PatcherError("--winsorize", f"must be a quantile strictly between 0 and 1, got {q!r}")
+
+
+def winsorized(x: np.ndarray, q: float) -> np.ndarray:
+    """Each residual vector (last axis) with its components clamped to ± the q-quantile of its own
+    absolute components: tames the few "massive activations" some models carry in fixed coordinates,
+    which otherwise dominate a mean difference."""
+    t = np.quantile(np.abs(x), q, axis=-1, keepdims=True)
+    return np.clip(x, -t, t)
 
 
 def _run_set(model: StreamedModel, batches, acc: _Accumulator, layers, progress):
@@ -234,6 +258,7 @@ def extract(
     progress=None,
     arch_table=None,
     announce=None,
+    winsorize: float | None = None,
 ) -> ExtractResult:
     """Python API mirroring `patcher extract`. `model` is a Model or anything Model.open takes (a folder,
     a file, a hub repo id); `positive`/`negative` are prompt files or lists of strings."""
@@ -243,6 +268,7 @@ def extract(
     batch_size = V.number(batch_size, "batch_size", "--batch-size")
     if max_prompts is not None:
         max_prompts = V.number(max_prompts, "max_prompts", "--max-prompts")
+    check_winsorize(winsorize)
     if isinstance(model, Model):
         return _extract(
             model,
@@ -257,6 +283,7 @@ def extract(
             project_out_negative_mean,
             progress,
             announce,
+            winsorize,
         )
     with as_model(model, arch_table) as opened:
         return _extract(
@@ -272,6 +299,7 @@ def extract(
             project_out_negative_mean,
             progress,
             announce,
+            winsorize,
         )
 
 
@@ -306,6 +334,7 @@ def _extract(
     project_out_negative_mean,
     progress,
     announce=None,
+    winsorize=None,
 ) -> ExtractResult:
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
@@ -341,7 +370,7 @@ def _extract(
         )
     accs = {}
     for label, toks in sets.items():
-        acc = _Accumulator(L, d, positions, len(toks), layer_set)
+        acc = _Accumulator(L, d, positions, len(toks), layer_set, winsorize)
         _run_set(sm, batches[label], acc, layer_set, progress)
         accs[label] = acc
     pos_mean, neg_mean = accs["positive"].mean, accs["negative"].mean  # [P, L+1, d]
@@ -373,6 +402,7 @@ def _extract(
         "chat_template": bool(chat_template and tok.has_chat_template),
         "system": system,
         "project_out_negative_mean": project_out_negative_mean,
+        "winsorize": winsorize,
         "selected_layer": selected,
         "shuffled_labels_snr": null,
         "selection_rule": SELECTION_RULE,

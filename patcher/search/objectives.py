@@ -9,6 +9,9 @@
   after the original's EOS are left out).
 - optionally the marker rate on the eval-negative prompts (an edit that makes harmless prompts
   refuse is bad): the search treats "more than the original" as a constraint violation.
+- optionally a judge's refusal rate on the same completions (patcher/search/judge.py), recorded
+  beside the marker rate (not an objective). A trial's completions end at their first marker, so
+  the judge reads those cut where the marker rate already counts a refusal.
 
 The original's reference distributions and completions are computed once (`reference()`).
 Generation drops a row from the batch (and the KV cache) once it has hit EOS or a marker: a hit
@@ -135,6 +138,7 @@ class Result:
     kl: float
     first_token_kl: float
     negative_marker_rate: float | None = None
+    judge_rate: float | None = None
     completions: list = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
     tokens_generated: int = 0
@@ -167,6 +171,8 @@ class Evaluator:
         eos=(),
         batch_size: int = 64,
         check_every: int = 4,
+        judge=None,
+        requests: list[str] | None = None,
     ):
         if tokens < 1 or kl_tokens < 1:
             raise PatcherError("--tokens/--kl-tokens", "must be at least 1")
@@ -175,6 +181,9 @@ class Evaluator:
         self.markers, self.tokens, self.kl_tokens = tuple(markers), tokens, kl_tokens
         self.negative_markers, self.eos = negative_markers, np.array(sorted(set(eos)), np.int64)
         self.batch_size, self.check_every = batch_size, check_every
+        if judge is not None and (requests is None or len(requests) != len(positive)):
+            raise PatcherError("--judge", "the judge needs the eval-positive prompts' text, one per prompt")
+        self.judge, self.requests = judge, requests
         self.ref = None
 
     # --- generation ----------------------------------------------------------------------------
@@ -279,6 +288,7 @@ class Evaluator:
 
     def use_reference(self, ref: dict) -> None:
         """A reference computed earlier (the study's cache): the original model is not run again."""
+        ref.setdefault("judge_rate", self.judged(ref["positive_completions"]))  # the cache keeps no judge
         self.ref = ref
         self._kl_seqs = self._kl_batches()
 
@@ -290,6 +300,7 @@ class Evaluator:
             pos_comp, _ = self.generate(self.positive, None, self.tokens, stop_on_marker=False)
             ref["positive_completions"] = pos_comp
             ref["marker_rate"] = self.rate(pos_comp)
+            ref["judge_rate"] = self.judged(pos_comp)
             neg_n = max(self.tokens if self.negative_markers else 0, self.kl_tokens)
             neg_comp, _ = self.generate(self.negative, None, neg_n, stop_on_marker=False)
             ref["negative_completions"] = neg_comp
@@ -299,6 +310,9 @@ class Evaluator:
             ref["log_probs"] = self._log_probs(None)
             ref["seconds"] = time.perf_counter() - t0
         return self.ref
+
+    def judged(self, completions) -> float | None:
+        return None if self.judge is None else self.judge.rate(self.requests, self.texts(completions))
 
     def kl(self, edits) -> tuple[float, float]:
         ref = self.reference()
@@ -327,7 +341,7 @@ class Evaluator:
         if self.negative_markers:
             neg, more = self.generate(self.negative, edits, self.tokens)
             neg_rate, steps = self.rate(neg), steps + more
+        judge_rate = self.judged(comp)
         t2 = time.perf_counter()
-        return Result(
-            rate, kl, first, neg_rate, self.texts(comp) if keep_texts else [], Timing(t2 - t1, t1 - t0), steps
-        )
+        texts = self.texts(comp) if keep_texts else []
+        return Result(rate, kl, first, neg_rate, judge_rate, texts, Timing(t2 - t1, t1 - t0), steps)

@@ -95,6 +95,8 @@ class Setup:
         trial.set_user_attr("seconds_generate", round(r.timing.generate, 3))
         trial.set_user_attr("seconds_kl", round(r.timing.kl, 3))
         trial.set_user_attr("tokens_generated", r.tokens_generated)
+        if r.judge_rate is not None:
+            trial.set_user_attr("judge_rate", r.judge_rate)
         if r.negative_marker_rate is not None:
             trial.set_user_attr("negative_marker_rate", r.negative_marker_rate)
             base = self.evaluator.reference()["negative_marker_rate"]
@@ -208,6 +210,8 @@ def setup(
     arch_table: Path | None = None,
     prune: bool = True,
     announce=None,
+    judge: Path | None = None,
+    winsorize: float | None = None,
 ) -> Setup:
     """Model, space, directions (extracted when not given), prompts, engine and evaluator of a search."""
     from patcher.onnx.verify import _eos
@@ -228,6 +232,7 @@ def setup(
             chat_template=chat_template,
             system=system,
             project_out_negative_mean=project_out_negative_mean,
+            winsorize=winsorize,
         )
     table, meta = load_table(directions, sm.n_layers, sm.hp.d_model)
     tok = ck.tokenizer()
@@ -237,6 +242,9 @@ def setup(
     eng = make_engine(engine, sm, provider, announce, resident)
     seconds["load"] = round(time.perf_counter() - t0, 3)
     eos = _eos(ck.folder, tok)
+    from patcher.search.judge import Judge
+
+    judged = Judge.open(judge) if judge is not None else None
     ev = Evaluator(
         eng,
         tok,
@@ -248,10 +256,13 @@ def setup(
         negative_markers=negative_markers,
         eos=eos,
         batch_size=batch_size,
+        judge=judged,
+        requests=read_prompt_file(eval_positive or positive, max_prompts) if judged else None,
     )
     evaluation = _evaluation(
         ev, eval_positive or positive, eval_negative or negative, max_prompts, chat_template, system, engine
     )
+    evaluation["judge"] = None if judge is None else str(Path(judge).resolve())
     attrs = st.base_attrs(
         model=str(Path(model).resolve()),
         model_identity=folder_identity(ck.folder),
