@@ -150,8 +150,8 @@ def test_fp8_block_scaled_ablation(tmp_path, direction64, scale_dtype):
     assert "leakage" in res.output
 
 
-def test_readme_architecture_table_is_generated_from_the_tables():
+def test_docs_architecture_table_is_generated_from_the_tables():
     from patcher.model.architectures import markdown_table
 
-    readme = (fixture_path("llama").parents[1] / "README.md").read_text()
+    readme = (fixture_path("llama").parents[1] / "docs" / "models.md").read_text()
     assert markdown_table() in readme

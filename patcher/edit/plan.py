@@ -90,7 +90,7 @@ def _fp8_scale_name(ck: Model, weight: str) -> str | None:
 
 
 def _post_norm_basis(ck: Model, resolved: Resolved, target: Target, q: np.ndarray) -> np.ndarray:
-    """Writers followed by g * RMSNorm(.) must be orthogonal to g * r, not r (DESIGN.md)."""
+    """Writers followed by g * RMSNorm(.) must be orthogonal to g * r, not r (docs/math.md)."""
     gain = POST_NORM_GAINS[resolved.arch.post_norm_gain] + ck.array(target.post_norm).astype(np.float64)
     return orthonormalize((gain[:, None] * q).T)
 
