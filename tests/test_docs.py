@@ -138,3 +138,11 @@ def test_nothing_cites_a_document_outside_the_repository():
         if "DESIGN.md" in line
     ]
     assert not cites, cites
+
+
+def test_readme_names_every_supported_architecture():
+    from patcher.model.architectures import supported
+
+    section = prose(README.read_text()).split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
+    named = section.split(" — ", 1)[0]
+    assert sorted(re.findall(r"[a-z0-9_]+", named)) == sorted(supported())
