@@ -23,6 +23,7 @@ assembles its GGUF from four chunk packages (`-part1` .. `-part4`); not fetched 
 """
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -260,19 +261,34 @@ def _stderr_to(f):
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One process at a time in a cache folder: a second test run (another checkout, another fingerprint)
+    waits instead of deleting and re-deriving files the first one is reading or writing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def shipped(spec: Shipped = SMOLLM2, cache: Path | None = None) -> Path:
     """Only the GGUF as shipped (no derived files: nothing but the wheel needed)."""
-    folder = (cache or cache_dir()) / spec.key
-    folder.mkdir(parents=True, exist_ok=True)
-    return _shipped(spec, folder, _Stamps(folder))
+    with _locked((cache or cache_dir()) / spec.key) as folder:
+        return _shipped(spec, folder, _Stamps(folder))
 
 
 def ensure(spec: Shipped = SMOLLM2, cache: Path | None = None, log=print) -> RealModel:
     """Fetch and derive what is missing; return the paths. Cheap when everything is there."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    folder = (cache or cache_dir()) / spec.key
-    folder.mkdir(parents=True, exist_ok=True)
+    with _locked((cache or cache_dir()) / spec.key) as folder:
+        return _ensure(spec, folder, log)
+
+
+def _ensure(spec: Shipped, folder: Path, log) -> RealModel:
     stamps = _Stamps(folder)
     gguf = _shipped(spec, folder, stamps)
     hf, f16 = folder / "hf", folder / "f16.gguf"
