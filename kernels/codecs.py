@@ -21,6 +21,8 @@ _NUMPY = {
     "I64": np.dtype(np.int64),
     "U64": np.dtype(np.uint64),
 }
+# integer and boolean storage: codes, not weights (never edited along a direction, never exported)
+INTEGER_DTYPES = frozenset(k for k, v in _NUMPY.items() if v.kind in "biu")
 # dtypes only ml_dtypes provides, by attribute name: imported on first use, because some ml_dtypes
 # releases take ~1 s to import (0.7.0 on numpy 2.4, measured) and headers only need item sizes
 _ML = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}

@@ -55,6 +55,7 @@ import ml_dtypes
 import numpy as np
 from patcher_kernels.codecs import ulp_distance
 
+from patcher.edit.shards import in_flight
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.writer import OutTensor, write_safetensors
 
@@ -251,8 +252,9 @@ def time_cp(src: Path, dst: Path) -> tuple[float, float, float]:
 
 def time_patcher(
     cmd: list[str], src: Path, direction: Path, out: Path, extra: list[str], known: Path
-) -> tuple[float, float, float]:
-    """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, and its CPU seconds.
+) -> tuple[float, float, float, str]:
+    """Wall seconds (including a final sync), the patcher process's own peak RSS in MiB, its CPU seconds and
+    its own "time went to" line.
     Default and --no-hash runs start from an empty digest cache (a first run on a new base) and leave it in
     `known`; "base digest known" runs start from that cache, as every later edit of the same base does."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,6 +262,7 @@ def time_patcher(
         if "known" in extra:
             shutil.copytree(known, cache)
         os.environ["PATCHER_CACHE"] = str(cache)
+        os.environ["COLUMNS"] = "400"  # the summary's lines unwrapped in the log
         r = _timed(
             [
                 *cmd,
@@ -277,7 +280,40 @@ def time_patcher(
         if "known" not in extra and "--no-hash" not in extra:
             shutil.rmtree(known, ignore_errors=True)
             shutil.copytree(cache, known)
-    return r["total"], r["rss"], r["cpu"]
+        went = time_line(Path(tmp, "patcher.log").read_text(errors="replace"))
+    return r["total"], r["rss"], r["cpu"], went
+
+
+def profile_patcher(cmd: list[str], src: Path, direction: Path, out: Path) -> None:
+    """One default run (empty digest cache) under `perf record` (every thread, kernel included when
+    allowed); prints the CPU share per library and the top symbols: what bounds the run."""
+    if not shutil.which("perf"):
+        print("  profile: perf not found, skipped", flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["PATCHER_CACHE"] = str(Path(tmp) / "cache")
+        data = Path(tmp) / "perf.data"
+        exe = shutil.which(cmd[0]) or cmd[0]
+        argv = [exe, *cmd[1:], "ablate", str(src), "-d", str(direction), "-o", str(out)]
+        shutil.rmtree(out, ignore_errors=True)
+        warm(src)
+        rec = subprocess.run(
+            ["perf", "record", "-F", "499", "-o", str(data), "--", *argv], capture_output=True, text=True
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        if rec.returncode != 0:
+            print(f"  profile: perf record failed: {rec.stderr[-500:]}", flush=True)
+            return
+        print(f"  profile of one default run of {src.name} (perf, CPU samples of every thread):", flush=True)
+        for sort, top in (("dso", 8), ("dso,sym", 12)):
+            rep = subprocess.run(
+                ["perf", "report", "-i", str(data), "--stdio", "--sort", sort, "--percent-limit", "1"],
+                capture_output=True,
+                text=True,
+            )
+            rows = [x for x in rep.stdout.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+            for x in rows[:top]:
+                print("    " + " ".join(x.split()), flush=True)
 
 
 # The usual approach, as a user would write it: load the whole model with transformers, edit the same
@@ -444,8 +480,22 @@ def compare_outputs(src: Path, pt_out: Path, hf_out: Path, direction: Path, n_la
 
 KNOWN = "patcher, base digest known"
 METHODS = ("cp", "patcher", KNOWN, "patcher --no-hash", "hf")
-TARGETS = {"patcher": 1.25, "patcher --no-hash": 1.1}  # wall / cp+sync at >= 4 GB
+# wall / cp+sync at >= 4 GB (issue 24): the default's two sha256 streams hide behind the copy only with
+# cores to spare; on two cores they are CPU work the copy does not have
+TARGETS = {"patcher": 1.15 if (os.cpu_count() or 1) >= 8 else 2.0, "patcher --no-hash": 1.1}
 RATIO_FROM_GB = 3.5
+
+
+def jobs_method(n: int) -> str:
+    return f"patcher --jobs {n}"
+
+
+def time_line(log_text: str) -> str:
+    """The summary's "time went to" line of a patcher run (where its wall time went)."""
+    for line in log_text.splitlines():
+        if "time went to" in line:
+            return " ".join(line.split("time went to", 1)[1].split())
+    return ""
 
 
 def bench(
@@ -457,15 +507,16 @@ def bench(
     hf_repeats: int,
     hf_script: Path | None,
     n_layers: int,
+    jobs: list[int] = (),
 ) -> dict:
     """Every method `repeats` times (HF `hf_repeats`), interleaved so disk noise hits them alike; per method
-    the wall seconds of each run, its peak RSS and CPU seconds."""
-    runs = {m: [] for m in METHODS}
+    the wall seconds of each run, its peak RSS and CPU seconds. `jobs`: also the default with `--jobs N`."""
+    runs = {m: [] for m in (*METHODS, *map(jobs_method, jobs))}
     ulps = []
     for rep in range(max(repeats, hf_repeats if hf_script else 0)):
-        kinds = (["cp", "patcher", KNOWN, "patcher --no-hash"] if rep < repeats else []) + (
-            ["hf"] if hf_script and rep < hf_repeats else []
-        )
+        kinds = (
+            ["cp", "patcher", KNOWN, "patcher --no-hash", *map(jobs_method, jobs)] if rep < repeats else []
+        ) + (["hf"] if hf_script and rep < hf_repeats else [])
         for kind in kinds:
             dst = work / f"out-{kind.split()[-1] if kind != KNOWN else 'known'}"
             shutil.rmtree(dst, ignore_errors=True)
@@ -477,11 +528,14 @@ def bench(
                 runs["cp"].append({"wall": w, "rss": r, "cpu": cpu})
                 print(f"  {src.name}: cp+sync {w:.2f} s, peak RSS {r:.0f} MiB {load}", flush=True)
             elif kind.startswith("patcher"):
-                flags = {"patcher": [], KNOWN: ["known"], "patcher --no-hash": ["--no-hash"]}[kind]
-                w, r, cpu = time_patcher(cmd, src, direction, dst, flags, work / "digest-cache")
+                flags = {"patcher": [], KNOWN: ["known"], "patcher --no-hash": ["--no-hash"]}.get(
+                    kind, kind.split()[1:]
+                )
+                w, r, cpu, went = time_patcher(cmd, src, direction, dst, flags, work / "digest-cache")
                 runs[kind].append({"wall": w, "rss": r, "cpu": cpu})
                 print(
-                    f"  {src.name}: {kind} {w:.2f} s, cpu {cpu:.2f} s, peak RSS {r:.0f} MiB {load}",
+                    f"  {src.name}: {kind} {w:.2f} s, cpu {cpu:.2f} s, peak RSS {r:.0f} MiB {load}\n"
+                    f"      time went to: {went}",
                     flush=True,
                 )
             else:
@@ -566,7 +620,21 @@ def main(argv=None) -> int:
         "--patcher", default="patcher", help="command that runs the CLI (default: patcher on PATH)"
     )
     ap.add_argument("--startup-repeats", type=int, default=7, help="runs of each start-up command")
+    ap.add_argument(
+        "--jobs",
+        default="",
+        help="also run the default with `--jobs N` for each N (comma-separated): RSS per shard in flight",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="one more default run at the largest size under `perf record`"
+    )
     args = ap.parse_args(argv)
+    try:
+        jobs = [int(x) for x in args.jobs.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--jobs: comma-separated integers, got {args.jobs!r}")
+    if any(n < 1 for n in jobs):
+        ap.error("--jobs values must be >= 1")
     cmd = shlex.split(args.patcher)
     if not shutil.which(cmd[0]):
         ap.error(f"{cmd[0]} not found on PATH")
@@ -638,7 +706,10 @@ def main(argv=None) -> int:
                     args.hf_repeats,
                     hf_script if gb <= args.hf_max_gb else None,
                     n_layers,
+                    jobs,
                 )
+                if args.profile and gb == max(sizes):
+                    profile_patcher(cmd, src, direction, work / "out-patcher")
                 rows.append((total, n_layers, res))
                 if gb == max(sizes):
                     extra["inspect"] = _timed_command([*cmd, "inspect", str(src)], args.startup_repeats)
@@ -649,6 +720,8 @@ def main(argv=None) -> int:
             # left behind only if interrupted
             for name in ("out-cp", "out-patcher", "out-known", "out-no-hash", "out-hf", "digest-cache"):
                 shutil.rmtree(work / name, ignore_errors=True)
+            for n in jobs:
+                shutil.rmtree(work / f"out-{n}", ignore_errors=True)
 
     run_in_workdir(args, "patcher-bench-", run, note=False)
 
@@ -661,7 +734,7 @@ def main(argv=None) -> int:
         runs = r["runs"]
         cp = statistics.median(x["wall"] for x in runs["cp"])
         lead = f"{total / 1e9:8.2f} {n_layers:6d}"
-        for m in METHODS:
+        for m in runs:
             if not runs[m]:
                 continue
             walls = [x["wall"] for x in runs[m]]
@@ -678,7 +751,16 @@ def main(argv=None) -> int:
                 f"{rss:13.0f}" + (f"  TARGET MISSED ({', '.join(miss)})" if miss else "")
             )
             lead = ""
-        rss_by_size.append((max(x["rss"] for x in runs["patcher"]), min(-(-total // SHARD_BYTES), 2)))
+        files = -(-total // SHARD_BYTES)
+        rss_by_size.append((max(x["rss"] for x in runs["patcher"]), in_flight(files)))
+        by_jobs = {min(n, files): max(x["rss"] for x in runs[jobs_method(n)]) for n in jobs}
+        if len(by_jobs) > 1:
+            lo, hi = min(by_jobs), max(by_jobs)
+            print(
+                f"{'':>15}  peak RSS by shards in flight: "
+                + ", ".join(f"{n}: {by_jobs[n]:.0f} MiB" for n in sorted(by_jobs))
+                + f"; {(by_jobs[hi] - by_jobs[lo]) / (hi - lo):.0f} MiB per shard in flight"
+            )
         if r["ulp"] is not None:
             u = r["ulp"]
             print(
@@ -705,8 +787,8 @@ def main(argv=None) -> int:
             + ("  TARGET MISSED (> 1 s)" if i_med > 1 else "")
         )
     if len(rows) > 1:
-        # patcher writes up to 2 shards at once, each with its own pipeline: a one-shard checkpoint runs
-        # one. Growth is judged between sizes that run the same number (allow noise: 20 % + 32 MiB).
+        # patcher writes several shards at once (from the cores), each with its own pipeline: a one-shard
+        # checkpoint runs one. Growth is judged between sizes that run the same number (noise: 20 % + 32 MiB).
         sizes_by_pipes: dict[int, list[float]] = {}
         for rss, pipes in rss_by_size:
             sizes_by_pipes.setdefault(pipes, []).append(rss)

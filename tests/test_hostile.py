@@ -1745,9 +1745,97 @@ def test_a_bad_study_file_is_refused_before_any_work(ws, tmp_path):
     res = hostile(
         ["ablate", ws["L"], "--from-study", odd, "--trial", 0, "-o", tmp_path / "o"],
         inputs=[odd],
-        fragment="cannot open the study",
+        fragment=f"{odd}: is an SQLite database but not an optuna study",
     )
     assert "sqlalche" not in res.stderr and "[SQL:" not in res.stderr
+
+
+def _search(ws, study, model=None) -> list:
+    return ["search", model or ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "--study", study]
+
+
+def test_a_users_sqlite_database_is_never_made_a_study(ws, tmp_path):
+    """search --study on a user's own SQLite file extracted first, then optuna wrote its tables into it."""
+    import sqlite3
+
+    mine = tmp_path / "mine.db"
+    with sqlite3.connect(mine) as c:
+        c.execute("create table notes (body text)")
+        c.execute("insert into notes values ('years of work')")
+    c.close()
+    res = hostile(
+        [*_search(ws, mine), "--trials", 1],
+        inputs=[mine],
+        absent=[tmp_path / "mine.directions.safetensors"],
+        fragment=f"{mine}: is an SQLite database but not an optuna study (no 'studies' table)",
+        seconds=5,
+    )
+    assert "sqlite:" not in res.stderr
+
+
+def _study_of(tmp_path, model, name="s.db"):
+    from test_search import directions_file, manual_study
+
+    from patcher.search import space as sp
+
+    dirs = directions_file(tmp_path / f"{name}.d.safetensors", 3, 64)
+    free = {
+        "direction_scope": "per_layer",
+        **{f"{c}_{k}": 1.0 for c in sp.COMPONENTS for k in ("peak", "center", "min_frac", "width")},
+    }
+    manual_study(tmp_path / name, model, dirs, free, {"embed": False, "norm_preserve": "none"})
+    return tmp_path / name, dirs
+
+
+def test_a_study_of_another_model_is_refused_before_any_work(ws, tmp_path):
+    """The model mismatch was found after the extraction (seconds to hours), and named the study
+    ("patcher-search"), not its file."""
+    study, dirs = _study_of(tmp_path, L_SRC)
+    hostile(
+        [*_search(ws, study), "--trials", 2],
+        inputs=[study],
+        absent=[tmp_path / "s.directions.safetensors"],
+        fragment=f"{study}: is a study of another model ({L_SRC};",
+        seconds=5,
+    )
+    same, _ = _study_of(tmp_path, ws["L"], "same.db")
+    other_dirs = tmp_path / "other.npy"
+    np.save(other_dirs, np.ones(64))
+    hostile(
+        [*_search(ws, same), "--directions", other_dirs, "--trials", 2],
+        inputs=[same, other_dirs],
+        fragment=f"{same}: was searched with other directions than {other_dirs}",
+        seconds=5,
+    )
+
+
+def test_foreign_optuna_studies_are_named_by_their_file(ws, tmp_path):
+    """An optuna database of someone else's studies, or a study under patcher's name that patcher did
+    not write: one line naming the file (study_attrs named the study, "patcher-search")."""
+    import optuna
+
+    theirs = tmp_path / "theirs.db"
+    optuna.create_study(storage=f"sqlite:///{theirs}", study_name="lr-sweep")
+    hostile(
+        [*_search(ws, theirs), "--trials", 1],
+        inputs=[theirs],
+        fragment=f"{theirs}: holds optuna studies ('lr-sweep') but not patcher's 'patcher-search'",
+        seconds=5,
+    )
+    hostile(
+        ["ablate", ws["L"], "--from-study", theirs, "--trial", 0, "-o", tmp_path / "o"],
+        inputs=[theirs],
+        absent=[tmp_path / "o"],
+        fragment=f"{theirs}: holds optuna studies",
+    )
+    named = tmp_path / "named.db"
+    optuna.create_study(storage=f"sqlite:///{named}", study_name="patcher-search").set_user_attr("x", 1)
+    hostile(
+        ["ablate", ws["L"], "--from-study", named, "--trial", 0, "-o", tmp_path / "o"],
+        inputs=[named],
+        absent=[tmp_path / "o"],
+        fragment=f"{named}: holds a study named 'patcher-search' that patcher did not write",
+    )
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "tokenizer_config.json"])
@@ -1798,10 +1886,117 @@ def _heads_that_do_not_fit(tmp_path):
 
 
 def test_an_export_onnxruntime_cannot_load_is_not_written(tmp_path):
-    """config head_dim != the tensors: export said "wrote", generate then failed inside onnxruntime."""
-    m = _heads_that_do_not_fit(tmp_path)
+    """Tensors that do not fit each other (here k_proj stored transposed; before: config head_dim !=
+    the tensors): export said "wrote", generate then failed inside onnxruntime."""
+    m = _retyped_copy(tmp_path, "model.layers.0.self_attn.k_proj.weight", "BF16", [64, 32])
     out = tmp_path / "e"
-    hostile(["export", m, "-o", out], inputs=[m], absent=[out], fragment="the exported graph would not load")
+    hostile(
+        ["export", m, "-o", out],
+        inputs=[m],
+        absent=[out],
+        fragment="the exported graph would not load (at model.layers.0.self_attn.k_proj.weight:",
+    )
+
+
+def _config_copy(tmp_path: Path, **changes) -> Path:
+    m = tmp_path / "m"
+    shutil.copytree(L_SRC, m)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return m
+
+
+def test_an_export_that_loads_but_cannot_run_is_not_written(tmp_path):
+    """num_key_value_heads 4 where k_proj holds 2 heads: the graph passes shape inference (the reshape is
+    dynamic) and loads; it fails on the first token. Export said "wrote", exit 0."""
+    m = _config_copy(tmp_path, num_key_value_heads=4)
+    out = tmp_path / "e"
+    res = hostile(
+        ["export", m, "-o", out],
+        inputs=[m],
+        absent=[out],
+        fragment="onnx/model.onnx does not run in onnxruntime at model.layers.0.self_attn.k_proj.weight",
+    )
+    assert "requested shape:{1,3,4,16}" in res.stderr and "onnxruntime_src" not in res.stderr
+
+
+def test_a_head_dim_that_does_not_fit_names_the_config_keys(tmp_path):
+    m = _heads_that_do_not_fit(tmp_path)
+    hostile(
+        ["export", m, "-o", tmp_path / "e"],
+        inputs=[m],
+        absent=[tmp_path / "e"],
+        fragment="num_attention_heads 4 x head_dim 8 = 32, but model.layers.0.self_attn.o_proj.weight",
+    )
+
+
+@pytest.mark.parametrize(
+    "tensor,dtype,shape,fragment",
+    [
+        ("model.layers.0.mlp.down_proj.weight", "BF16", [96, 64], "down_proj.weight has shape [96, 64]"),
+        ("model.layers.0.mlp.up_proj.weight", "BF16", [64, 96], "at model.layers.0.mlp.up_proj.weight"),
+        ("model.layers.0.self_attn.o_proj.weight", "I16", None, "o_proj.weight is I16, not a floating"),
+        ("model.embed_tokens.weight", "I16", None, "embed_tokens.weight is I16, not a floating"),
+        ("model.layers.1.self_attn.q_proj.weight", "I16", None, "q_proj.weight is I16, not a floating"),
+    ],
+)
+def test_transposed_and_integer_tensors_are_named_before_export(tmp_path, tensor, dtype, shape, fragment):
+    """A transposed (non-square) tensor or integer codes of the right size: one line naming the tensor.
+    The I16 tensors of the right size exported with exit 0 (onnxruntime computed with the codes)."""
+    m = _retyped_copy(tmp_path, tensor, dtype, shape)
+    hostile(["export", m, "-o", tmp_path / "e"], inputs=[m], absent=[tmp_path / "e"], fragment=fragment)
+
+
+def test_an_export_of_non_finite_weights_is_not_written(tmp_path):
+    """4 NaN in o_proj: the export was written (exit 0) and answered nothing in generate."""
+    m = _poisoned_copy(tmp_path)
+    out = tmp_path / "e"
+    hostile(
+        ["export", m, "-o", out],
+        inputs=[m],
+        absent=[out],
+        fragment="model.layers.0.self_attn.o_proj.weight holds NaN or Inf",
+    )
+
+
+def test_a_variant_too_large_for_memory_is_graph_checked_and_said(tmp_path, monkeypatch):
+    """onnxruntime holds a whole variant: beyond half the available memory the run is skipped, saying
+    so (the export itself streams one tensor at a time)."""
+    import patcher.onnx.selftest as st
+
+    ran = []
+    monkeypatch.setattr(st, "available_memory", lambda: 1000)
+    monkeypatch.setattr(st, "run_one_step", lambda *a: ran.append(a))
+    res = CliRunner().invoke(app, ["export", str(L_SRC), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    assert not ran and "not run in onnxruntime" in " ".join(res.stderr.split()), res.stderr
+    monkeypatch.undo()
+    assert st.available_memory() > 2**20  # the real reading: bytes, not kB
+
+
+def test_a_transposed_square_writer_is_what_cannot_be_caught(tmp_path):
+    """The limit, held so that it is known: o_proj [64, 64] stored transposed has the shape the table
+    expects; the export loads, runs and computes another model (its first-token logits differ)."""
+    from patcher.onnx.runtime import OnnxModel
+
+    m = tmp_path / "t"
+    shutil.copytree(L_SRC, m)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.self_attn.o_proj.weight"
+    shard = next(f for f in sorted(m.glob("*.safetensors")) if name in load_file(f))
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].T.contiguous().to(torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    logits = []
+    for src in (L_SRC, m):
+        out = tmp_path / f"e-{src.name}"
+        assert CliRunner().invoke(app, ["export", str(src), "-o", str(out)]).exit_code == 0
+        om = OnnxModel(out)
+        ids = np.array([[1, 2, 3]])
+        logits.append(om.step(ids, np.ones_like(ids), np.arange(3)[None], om.empty_cache(1), keep=1)[0])
+    assert np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
 @pytest.mark.parametrize("cmd", ["generate", "verify"])
@@ -1867,9 +2062,13 @@ def test_bad_arch_table_values_are_one_line(ws, tmp_path, old, new, fragment):
 
 def test_generate_refuses_nan_logits(tmp_path):
     """An export of NaN weights: generate printed nothing (argmax of NaN) and exited 0."""
-    m = _poisoned_copy(tmp_path)
     e = tmp_path / "e"
-    assert CliRunner().invoke(app, ["export", str(m), "-o", str(e)]).exit_code == 0
+    assert CliRunner().invoke(app, ["export", str(L_SRC), "-o", str(e)]).exit_code == 0
+    data = e / "onnx" / "model.onnx_data"  # export refuses NaN weights: poison the written ones
+    values = np.fromfile(data, np.float32)
+    values[:: max(len(values) // 64, 1)] = np.nan
+    os.chmod(data, 0o644)
+    values.tofile(data)
     hostile(
         ["generate", e, "--prompt", "hi", "--max-new-tokens", 2],
         inputs=[e],
@@ -1923,6 +2122,78 @@ def test_extract_reports_progress_without_a_terminal(ws, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     n = sum(1 for f in (ws["pos"], ws["neg"]) for line in f.read_text().splitlines() if line.strip())
     assert f"prompts through the model: {n} of {n} (100 %)" in res.stderr, res.stderr
+
+
+def _extract_args(ws, out, *extra) -> list[str]:
+    args = ["extract", ws["L"], "--positive", ws["pos"], "--negative", ws["neg"], "-o", out]
+    return [str(a) for a in (*args, "--no-chat-template", *extra)]
+
+
+def test_extract_progress_advances_within_a_prompt_set(ws, tmp_path, monkeypatch):
+    """Progress moved once per prompt set (after the whole set): a 100 MB file showed 0 % for its whole
+    first half. It now moves as each batch leaves each block."""
+    import re
+
+    import patcher.cli.common as common
+
+    monkeypatch.setattr(common, "PLAIN_PROGRESS_SECONDS", 0.0)
+    res = CliRunner().invoke(app, _extract_args(ws, tmp_path / "d.safetensors", "--batch-size", 16))
+    assert res.exit_code == 0, res.output
+    counts = [int(c) for c in re.findall(r"prompts through the model: (\d+) of 96", res.stderr)]
+    assert counts == sorted(counts) and counts[-1] == 96, res.stderr
+    assert len([c for c in counts if c < 48]) >= 3, counts  # 3 batches x 4 resid_pre steps in the first set
+
+
+def test_extract_estimates_its_time_up_front(ws, tmp_path, monkeypatch):
+    """Nothing said how long a run would take. The estimate, checked by hand: a matmul timed at 10 ms
+    (53.7 GFLOP/s), the llama fixture's block weights, the padded tokens of the two sets."""
+    import time
+
+    from patcher.edit import extract as ex
+    from patcher.model.execution import StreamedModel
+    from patcher.model.prompts import encode_prompts, read_prompt_file
+
+    res = CliRunner().invoke(app, _extract_args(ws, tmp_path / "d.safetensors"))
+    assert res.exit_code == 0, res.output
+    assert "96 prompts (" in res.stderr and "tokens with padding) through 3 of 3 blocks: about" in res.stderr
+
+    clock = iter(np.arange(0.0, 100.0, 0.01))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    sm = StreamedModel(ws["L"])
+    tok = sm.model.tokenizer()
+    batches = []
+    for f in (ws["pos"], ws["neg"]):
+        toks = encode_prompts(tok, read_prompt_file(f), chat_template=False)
+        batches += [b for _, b in ex._batches(toks, tok.pad_id, 8, [-1], "x")]
+    tokens, seconds = ex.estimate_seconds(sm, batches, 2)
+    assert tokens == sum(ids.size for ids, _ in batches)
+    weights = 64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 3 + 64 * 2  # q, o, k, v, gate/up/down, 2 norms
+    attention = sum(ids.size * ids.shape[1] for ids, _ in batches) * 4 * 4 * 16
+    work = (2 * weights * tokens + attention) / 0.35 + 4.7e5 * tokens
+    assert seconds == pytest.approx(2 * work / (2 * 256 * 1024 * 1024 / 0.01), rel=1e-9)
+
+
+def test_default_max_prompts_caps_and_says_so(ws, tmp_path, monkeypatch):
+    """No cap: a 100 MB prompt file ran ~50 min. The default cap is said, with the way to raise it."""
+    from patcher import validate as V
+
+    res = CliRunner().invoke(app, ["extract", "--help"])
+    assert f"default {V.DEFAULT_MAX_PROMPTS}" in " ".join(res.output.split())
+    monkeypatch.setattr(V, "DEFAULT_MAX_PROMPTS", 10)
+    out = tmp_path / "d.safetensors"
+    res = CliRunner().invoke(app, _extract_args(ws, out))
+    assert res.exit_code == 0, res.output
+    assert (
+        "note: using the first 10 of 48 positive and 10 of 48 negative prompts (--max-prompts 10 is the "
+        "default); pass --max-prompts 48 to use them all" in " ".join(res.stderr.split())
+    ), res.stderr
+    from safetensors import safe_open
+
+    with safe_open(out, "np") as f:
+        counts = json.loads(f.metadata()["patcher"])["prompts"]
+    assert [counts[k]["count"] for k in ("positive", "negative")] == [10, 10], counts
+    res = CliRunner().invoke(app, _extract_args(ws, tmp_path / "all.safetensors", "--max-prompts", 48))
+    assert res.exit_code == 0 and "note: using" not in res.stderr, res.stderr
 
 
 # --- issue 22: every command that writes × races and foreign files ------------------------------------

@@ -356,7 +356,7 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
     assert np.mean([hits(t, load_markers(None)) for t in texts]) == pytest.approx(best.values[0])
     # a different model cannot resume this study
     r = run_cli(*[a if a != model else fixture_path("llama") for a in args], "--trials", "41", expect=1)
-    assert "different" in r.output or "directions" in r.output
+    assert "s.db: is a study of another model" in " ".join(r.output.split())  # before any extraction
 
 
 # --- the onnxruntime engine ------------------------------------------------------------------------

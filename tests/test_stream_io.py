@@ -32,6 +32,8 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(writer, "_HASH_SLICE", 333)
     monkeypatch.setattr(writer, "_BUFFERS", 2)
     monkeypatch.setattr(writer, "_IN_FLIGHT", 4096)
+    monkeypatch.setattr(writer, "_COPY_PIECE", 3000)  # a copy thread gets many small ranges
+    monkeypatch.setattr(writer, "_COPY_AHEAD", 7000)
 
 
 @pytest.fixture
@@ -90,14 +92,17 @@ def test_a_rerun_takes_both_digests_from_the_cache(tmp_path, direction64, fresh_
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt2"])
 @pytest.mark.parametrize("hash_files", [True, False])
 def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(
-    model_type, hash_files, tmp_path, direction64, fresh_cache, small_chunks
+    model_type, hash_files, tmp_path, direction64, fresh_cache, small_chunks, monkeypatch
 ):
     from patcher.cli.common import open_model
+    from patcher.edit import shards
     from patcher.edit.directions import load_direction
     from patcher.edit.plan import plan_ablation
 
     results = {}
-    for window in (1, 2, 3):
+    # (shards in flight, cores): 16 cores spread each file's digests over two threads; None = chosen
+    for window, ncores in ((1, 2), (2, 2), (3, 16), (None, 16), (None, 2)):
+        monkeypatch.setattr(shards, "cores", lambda n=ncores: n)
         ck = open_model(fixture_path(model_type), None)
         res = ck.resolved
         plan = plan_ablation(
@@ -109,15 +114,21 @@ def test_overlapped_shards_write_the_same_bytes_as_one_at_a_time(
             preserve=None,
             untie=False,
         )
-        out = tmp_path / f"w{window}"
-        rep = apply.execute(plan, out, hash_files=hash_files, shards_in_flight=window)
-        results[window] = (
+        out = tmp_path / f"w{window}-{ncores}"
+        # rehash: every run streams its input digests (the first would otherwise serve the others)
+        rep = apply.execute(plan, out, hash_files=hash_files, shards_in_flight=window, rehash_inputs=True)
+        m = json.loads((out / manifest.MANIFEST).read_text())
+        results[window, ncores] = (
             {p.name: p.read_bytes() for p in out.iterdir() if p.name != manifest.MANIFEST},
             rep.leakage,
-            json.loads((out / manifest.MANIFEST).read_text())["outputs"],
+            m["outputs"],
+            m["inputs"],
         )
         ck.close()
-    assert results[1] == results[2] == results[3]
+    first = results[1, 2]
+    assert all(r == first for r in results.values())
+    if hash_files:
+        assert first[3] == {p.name: sha(p) for p in fixture_path(model_type).iterdir() if p.is_file()}
 
 
 def test_writer_error_stops_the_run_and_leaves_nothing(tmp_path, direction64, small_chunks, monkeypatch):
@@ -133,6 +144,29 @@ def test_writer_error_stops_the_run_and_leaves_nothing(tmp_path, direction64, sm
     monkeypatch.setattr(writer, "_pwrite_all", fail_late)
     r = run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", tmp_path / "out", expect=1)
     assert "No space left on device" in r.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_failing_copy_thread_stops_the_run_and_leaves_nothing(
+    tmp_path, direction64, small_chunks, monkeypatch
+):
+    import threading
+
+    from patcher.edit import shards
+
+    monkeypatch.setattr(shards, "cores", lambda: 16)  # a copy thread per file
+    calls = []
+    orig = writer._copy_range
+
+    def fail_late(*a):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 9:
+            raise OSError(28, "No space left on device")
+        return orig(*a)
+
+    monkeypatch.setattr(writer, "_copy_range", fail_late)
+    r = run_cli("ablate", fixture_path("mixtral"), "-d", direction64, "-o", tmp_path / "out", expect=1)
+    assert "No space left on device" in r.output and calls[-1].startswith("copy ")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
@@ -187,24 +221,58 @@ def test_hub_blob_names_of_a_sharded_snapshot(tmp_path):
     assert manifest.hub_blob_sha256(tmp_path / "link.json") is None
 
 
-def test_hub_cache_names_recorded_and_verified(tmp_path, direction64, fresh_cache):
+def _input_digests_made(monkeypatch) -> list[Path]:
+    made: list[Path] = []
+    orig = writer.InputDigest.__init__
+    monkeypatch.setattr(writer.InputDigest, "__init__", lambda self, p: made.append(Path(p)) or orig(self, p))
+    return made
+
+
+def test_hub_blob_name_is_the_input_digest_without_reading_it(
+    tmp_path, direction64, fresh_cache, monkeypatch
+):
     src = _single_file(fixture_path("mixtral"), tmp_path / "single")
     snap = _hub_snapshot(tmp_path / "hub", src)
+    made = _input_digests_made(monkeypatch)
     r = run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "out")
-    assert "warning" not in r.output
+    assert "warning" not in r.output and "Hugging Face cache names" in r.output
+    assert not made  # the weights were read for the edit and the copy, never for a digest
     m = json.loads((tmp_path / "out" / manifest.MANIFEST).read_text())
     assert sorted(m["hub_cache"]) == ["model.safetensors"]  # config.json has a sha1 name: not claimed
     entry = m["hub_cache"]["model.safetensors"]
     assert entry["sha256"] == sha(src / "model.safetensors") == m["inputs"]["model.safetensors"]
-    assert entry["matches_streamed_sha256"] is True and "cache name" in entry["source"]
+    assert entry["matches_streamed_sha256"] is None and "without reading" in entry["source"]
+    out = tmp_path / "out"
+    assert m["outputs"] == {p.name: sha(p) for p in out.iterdir() if p.name != manifest.MANIFEST}
     assert not m.get("warnings")
+    # --rehash-inputs reads it and checks the name against the bytes
+    run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "again", "--rehash-inputs")
+    assert made == [snap / "model.safetensors"]
+    m = json.loads((tmp_path / "again" / manifest.MANIFEST).read_text())
+    assert m["hub_cache"]["model.safetensors"]["matches_streamed_sha256"] is True
 
 
-def test_hub_cache_name_mismatch_is_a_warning(tmp_path, direction64, fresh_cache):
+def test_a_hub_blob_whose_size_changed_is_hashed_not_trusted(tmp_path, direction64, fresh_cache, monkeypatch):
+    snap = _hub_snapshot(tmp_path / "hub", _single_file(fixture_path("llama"), tmp_path / "single"))
+    plan = _plan_of(snap, direction64)
+    plan.ck.files["model.safetensors"].size += 1  # as if the blob changed after it was opened
+    made = _input_digests_made(monkeypatch)
+    apply.execute(plan, tmp_path / "out")
+    assert made  # streamed, and so checked against the name
+    m = json.loads((tmp_path / "out" / manifest.MANIFEST).read_text())
+    assert m["hub_cache"]["model.safetensors"]["matches_streamed_sha256"] is True
+
+
+def test_a_hub_blob_that_does_not_match_its_name_is_caught_by_rehash(tmp_path, direction64, fresh_cache):
+    """The name is trusted by default (docs/formats.md: what is trusted); --rehash-inputs catches a blob whose
+    bytes are not the ones named (damaged, or replaced by hand)."""
     src = _single_file(fixture_path("mixtral"), tmp_path / "single")
     bad = "model.safetensors"
     snap = _hub_snapshot(tmp_path / "hub", src, corrupt=bad)
-    r = run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "out")
+    run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "trusted")
+    m = json.loads((tmp_path / "trusted" / manifest.MANIFEST).read_text())
+    assert m["inputs"][bad] == "0" * 64 and "without reading" in m["hub_cache"][bad]["source"]
+    r = run_cli("ablate", snap, "-d", direction64, "-o", tmp_path / "out", "--rehash-inputs")
     assert "warning:" in r.output and bad in r.output and "cache name" in r.output
     m = json.loads((tmp_path / "out" / manifest.MANIFEST).read_text())
     assert m["hub_cache"][bad]["matches_streamed_sha256"] is False
@@ -360,19 +428,25 @@ def _plan(model_type, direction64):
 
 
 @pytest.mark.parametrize(
-    "model_type,window,spread,most",
+    "model_type,window,ncores,spread,copier,most",
     [
-        ("mixtral", 2, False, 2),  # two files at once: each keeps both digests on its reader (cache-hot)
-        ("mixtral", 1, True, 1),  # one at a time: the writer thread takes the output digest
-        ("llama-single", 2, True, 1),  # a one-file checkpoint runs alone whatever the window
+        ("mixtral", 2, 2, False, False, 2),  # two at once: each keeps both digests on its reader (cache-hot)
+        ("mixtral", 2, 6, True, False, 2),  # cores to spare: each file's output digest gets its own thread
+        ("mixtral", 2, 16, True, True, 2),  # and its kernel copy too
+        ("mixtral", None, 2, False, False, 2),  # chosen from 2 cores: two at once
+        ("mixtral", 1, 2, True, False, 1),  # one at a time: the writer thread takes the output digest
+        ("llama-single", 2, 2, True, False, 1),  # a one-file checkpoint runs alone whatever the window
+        ("llama-single", None, 4, True, True, 1),  # alone on 4 cores: copy, digests and edit apart
     ],
 )
 def test_shards_in_flight_and_where_the_digests_run(
-    model_type, window, spread, most, tmp_path, direction64, fresh_cache, monkeypatch
+    model_type, window, ncores, spread, copier, most, tmp_path, direction64, fresh_cache, monkeypatch
 ):
     import threading
 
     from patcher.edit import shards
+
+    monkeypatch.setattr(shards, "cores", lambda: ncores)
 
     if model_type == "llama-single":
         plan = _plan_of(_single_file(fixture_path("llama"), tmp_path / "single"), direction64)
@@ -382,8 +456,9 @@ def test_shards_in_flight_and_where_the_digests_run(
 
     class Spy(writer.ShardWriter):
         def __init__(self, *a, **k):
-            seen.append(k["spread_digests"])
+            seen.append((k["spread_digests"], k["copy_thread"]))
             super().__init__(*a, **k)
+            assert (self.to_copier is not None) == copier  # hashing is on: a range copy
 
         def produce(self):
             with lock:
@@ -400,8 +475,39 @@ def test_shards_in_flight_and_where_the_digests_run(
     most_seen: list[int] = []
     monkeypatch.setattr(shards, "ShardWriter", Spy)
     apply.execute(plan, tmp_path / "out", shards_in_flight=window)
-    assert seen and set(seen) == {spread}
+    assert seen and set(seen) == {(spread, copier)}
     assert max(most_seen) == most
+
+
+@pytest.mark.parametrize(
+    "files,jobs,ncores,want",
+    [
+        (16, None, 1, 2),  # even one core: one shard's I/O waits beside another's math
+        (16, None, 2, 2),
+        (16, None, 9, 3),  # one per three cores
+        (16, None, 16, 4),
+        (16, None, 128, 4),  # memory: at most MAX_IN_FLIGHT unless asked
+        (16, 8, 2, 8),  # --jobs wins
+        (3, None, 16, 3),  # never more than the files
+        (1, 5, 16, 1),
+    ],
+)
+def test_shards_in_flight_follow_the_cores(files, jobs, ncores, want):
+    from patcher.edit import shards
+
+    assert shards.in_flight(files, jobs, ncores) == want
+    assert shards.spread_digests(1, 2) and shards.spread_digests(4, 12) and not shards.spread_digests(2, 5)
+
+
+def test_cli_jobs_write_the_same_checkpoint(tmp_path, direction64, fresh_cache):
+    src = fixture_path("mixtral")
+    for jobs in ("1", "4"):
+        run_cli("ablate", src, "-d", direction64, "-o", tmp_path / jobs, "--jobs", jobs, "--rehash-inputs")
+    a, b = (json.loads((tmp_path / j / manifest.MANIFEST).read_text()) for j in ("1", "4"))
+    assert a["outputs"] == b["outputs"] and a["inputs"] == b["inputs"]
+    assert a["outputs"] == {p.name: sha(p) for p in (tmp_path / "4").iterdir() if p.name != manifest.MANIFEST}
+    r = run_cli("ablate", src, "-d", direction64, "-o", tmp_path / "zero", "--jobs", "0", expect=1)
+    assert "--jobs" in r.output and not (tmp_path / "zero").exists()
 
 
 def _plan_of(folder, direction64):
@@ -537,3 +643,32 @@ def test_a_writer_that_cannot_start_closes_the_input_it_opened(
     with pytest.raises(PatcherError, match=r"out: cannot write this output \(No space"):  # names the output
         apply.execute(_plan("mixtral", direction64), tmp_path / "out", shards_in_flight=1)
     assert closed and not list(tmp_path.iterdir())
+
+
+def test_time_parts_share_the_shard_phase_by_thread_seconds():
+    busy = {"read": 1.0, "edit": 2.0, "hash": 4.0, "write": 1.0}  # 8 thread-s in a 4 s shard phase
+    parts = apply.time_parts(6.0, 4.0, busy, prepass=0.5, flush=0.25)
+    assert parts == pytest.approx({"read": 0.5, "edit": 1.5, "hash": 2.0, "write": 0.75, "other": 1.25})
+    assert apply.time_parts(1.0, 0.0, dict.fromkeys(busy, 0.0), 0.0, 0.0)["other"] == 1.0
+
+
+@pytest.mark.parametrize("hash_files", [True, False])
+def test_where_the_time_went_sums_to_the_wall_time(hash_files, tmp_path, direction64, fresh_cache):
+    import time as _time
+
+    plan = _plan("mixtral", direction64)
+    t0 = _time.perf_counter()
+    rep = apply.execute(plan, tmp_path / "out", hash_files=hash_files)
+    wall = _time.perf_counter() - t0
+    parts = rep.time_parts
+    assert set(parts) == {"read", "edit", "hash", "write", "other"} and min(parts.values()) >= 0
+    assert sum(parts.values()) == pytest.approx(rep.seconds, rel=1e-6)
+    assert rep.seconds <= wall and sum(parts.values()) == pytest.approx(wall, rel=0.1, abs=0.05)
+    assert parts["edit"] > 0 and parts["write"] > 0 and rep.threads_busy > 0
+    assert (parts["hash"] > 0) == hash_files  # --no-hash: no time in sha256
+
+
+def test_the_summary_says_where_the_time_went(tmp_path, direction64):
+    r = run_cli("ablate", fixture_path("llama"), "-d", direction64, "-o", tmp_path / "out")
+    line = next(x for x in r.output.splitlines() if "time went to" in x)
+    assert all(f" {k} " in line for k in ("read", "edit", "hash", "write")) and "%" in line

@@ -129,7 +129,7 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
     raise typer.Exit(code)
 
 
-PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal (logs, CI): one progress line this often
+PLAIN_PROGRESS_SECONDS = 10.0  # without a terminal (logs, CI): one progress line this often
 
 
 class PlainProgress:
@@ -154,7 +154,7 @@ class PlainProgress:
         if self.total:
             minutes = (self.total - self.done) / max(self.done, 1) * (now - self.start) / 60
             left = f" of {self.total} ({100 * self.done / self.total:.0f} %), ~{minutes:.0f} min left"
-        err.print(f"{self.what}: {self.done}{left}", highlight=False)
+        err.print(f"{self.what}: {round(self.done)}{left}", highlight=False)
 
 
 def progress():

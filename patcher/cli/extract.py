@@ -33,17 +33,30 @@ def _score_table(result):
     return t
 
 
-def _run(m, result_args):
+def _run(m, result_args, capped_by_default: bool):
     from patcher.edit.extract import extract as run_extract
     from patcher.model.prompts import read_prompt_file
 
-    total = sum(
-        len(read_prompt_file(result_args[k], result_args["max_prompts"])) for k in ("positive", "negative")
-    )
+    cap = result_args["max_prompts"]
+    have = {k: len(read_prompt_file(result_args[k])) for k in ("positive", "negative")}
+    used = {k: min(n, cap) for k, n in have.items()}
+    if capped_by_default and used != have:
+        parts = " and ".join(f"{used[k]} of {have[k]} {k}" for k in have)
+        err.print(
+            f"[yellow]note:[/] using the first {parts} prompts (--max-prompts {cap} is the default); "
+            f"pass --max-prompts {max(have.values())} to use them all",
+            highlight=False,
+        )
+    total = sum(used.values())
     plain = PlainProgress("prompts through the model", total)
     with progress() as prog:
         task = prog.add_task("prompts through the model", total=total)
-        return run_extract(m, progress=lambda n: (prog.advance(task, n), plain.advance(n)), **result_args)
+        return run_extract(
+            m,
+            progress=lambda n: (prog.advance(task, n), plain.advance(n)),
+            announce=lambda line: err.print(f"[cyan]{line}[/]", highlight=False),
+            **result_args,
+        )
 
 
 def register(app) -> None:
@@ -60,7 +73,12 @@ def register(app) -> None:
         ),
         batch_size: int = typer.Option(8, "--batch-size", min=1),
         max_prompts: int | None = typer.Option(
-            None, "--max-prompts", min=1, help="Use the first N of each file"
+            None,
+            "--max-prompts",
+            min=1,
+            help=f"Use the first N prompts of each file (default {V.DEFAULT_MAX_PROMPTS}: the direction's "
+            "sampling error falls as 1/sqrt(N), so more prompts add time more than accuracy)",
+            show_default=False,
         ),
         layers: str | None = typer.Option(None, "--layers", help="resid_pre layers to compute, e.g. 0-20"),
         no_chat_template: bool = typer.Option(
@@ -85,8 +103,11 @@ def register(app) -> None:
 
             pos = V.positions(positions, "--positions")
             V.number(batch_size, "batch_size", "--batch-size")
-            if max_prompts is not None:
-                V.number(max_prompts, "max_prompts", "--max-prompts")
+            cap = (
+                V.DEFAULT_MAX_PROMPTS
+                if max_prompts is None
+                else V.number(max_prompts, "max_prompts", "--max-prompts")
+            )
             if plot is not None:
                 check_plot_path(plot)
             from patcher.model.opened import Model
@@ -106,12 +127,13 @@ def register(app) -> None:
                         negative=negative,
                         positions=pos,
                         batch_size=batch_size,
-                        max_prompts=max_prompts,
+                        max_prompts=cap,
                         layers=layers,
                         chat_template=not no_chat_template,
                         system=system,
                         project_out_negative_mean=project_out_negative_mean,
                     ),
+                    capped_by_default=max_prompts is None,
                 )
             result.save(output)
             out.print(_score_table(result))

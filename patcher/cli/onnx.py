@@ -173,6 +173,7 @@ def register(app) -> None:
                     symmetric=not zero_points,
                     direction=direction,
                     arch_table=arch_table,
+                    announce=lambda m: err.print(f"[yellow]note:[/] {m}", highlight=False),
                 )
             files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
             size = sum((output / f).stat().st_size for f in files)

@@ -160,15 +160,15 @@ def register(app) -> None:
                 return
             if engine not in sr.ENGINES:
                 raise PatcherError("--engine", f"must be one of {', '.join(sr.ENGINES)}")
-            st.check_study_file(study_file)  # before the extraction, not 11 s later
             dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
+            given = directions if directions is not None else (dirs_out if dirs_out.is_file() else None)
+            _check_study(st, study_file, model, given)  # before the extraction, not 11 s later
             from patcher.io.paths import check_output
 
             inputs = [model, positive, negative, eval_positive, eval_negative, directions, config]
             check_output(
                 plot or study_file.with_suffix(".svg"), inputs, kind="file", option="--plot", replace_ok=True
             )  # rewritten by every run of the study, never a user's file
-            given = directions if directions is not None else (dirs_out if dirs_out.is_file() else None)
             s = sr.setup(
                 model,
                 positive,
@@ -268,3 +268,21 @@ def register(app) -> None:
                 raise typer.Exit(130)
 
         guard(body)
+
+
+def _check_study(st, study_file: Path, model, directions: Path | None) -> None:
+    """A study file that exists is readable, patcher's, and was searched on this model (and with these
+    directions, when they are known before extraction): checked before any work."""
+    from patcher.io.manifest import folder_identity, sha256_file
+    from patcher.model.opened import Model
+
+    with Model.open(model) as m:
+        identity = folder_identity(m.folder)
+    attrs = st.check_study_file(study_file, model_identity=identity)
+    if attrs and directions is not None and Path(directions).is_file():
+        if sha256_file(directions) != attrs.get("directions_sha256"):
+            raise PatcherError(
+                study_file,
+                f"was searched with other directions than {directions} (sha256 differs): "
+                "choose a new --study file, or give the study's directions",
+            )

@@ -21,6 +21,7 @@ from patcher_kernels.ortho_round import orthogonal_rounding
 from patcher_kernels.project import bias_inject, bias_project
 from patcher_kernels.stream import ablate_blocks
 
+from patcher.edit import shards
 from patcher.edit.plan import Plan, TensorEdit
 from patcher.edit.shards import ShardRun
 from patcher.io import manifest
@@ -44,6 +45,9 @@ class Report:
     skipped_files: list[str] = field(default_factory=list)
     rounding: dict = field(default_factory=dict)  # GGUF: per tensor, plain vs written rounding (gguf_apply)
     warnings: list[str] = field(default_factory=list)  # shown in the summary and the manifest
+    time_parts: dict[str, float] = field(default_factory=dict)  # where `seconds` went (time_parts())
+    threads_busy: float = 0.0  # threads busy on average while the shards were written
+    digests_from_hub: list[str] = field(default_factory=list)  # inputs digested by their blob name
 
     def overall_leakage(self, names=None) -> float:
         names = self.leakage.keys() if names is None else names
@@ -199,9 +203,6 @@ def shard_layout(plan: Plan, ex: _Executor) -> dict[str, list[OutTensor]]:
     return out
 
 
-SHARDS_IN_FLIGHT = 2  # shards written at once, each on its own thread (two cores stay busy)
-
-
 def execute(
     plan: Plan,
     out: Path,
@@ -212,14 +213,21 @@ def execute(
     on_shard: Callable[[str], None] | None = None,
     recipe: dict | None = None,
     hash_files: bool = True,
-    shards_in_flight: int = SHARDS_IN_FLIGHT,
+    shards_in_flight: int | None = None,
+    rehash_inputs: bool = False,
 ) -> Report:
     """Write the edited checkpoint into `out` (atomically). With `hash_files`, the sha256 of every input
     and output shard is computed from the bytes as they stream (each input byte read once, each output
-    byte written once); `shards_in_flight` = 1 finishes each shard before computing the next (same bytes)."""
+    byte written once), except inputs whose digest is known (digest cache, hub blob name) unless
+    `rehash_inputs`; `shards_in_flight` (default: from the cores, patcher.edit.shards) = 1 finishes
+    each shard before computing the next (same bytes for any number)."""
+    t0 = time.perf_counter()
     keep_freed_blocks()
+    in_flight = shards.in_flight(len(plan.ck.files), shards_in_flight)
     with _one_blas_thread():
-        return _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight)
+        return _execute(
+            plan, out, force, command, progress, on_shard, recipe, hash_files, in_flight, rehash_inputs, t0
+        )
 
 
 def _one_blas_thread():
@@ -233,9 +241,10 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight) -> Report:
+def _execute(
+    plan, out, force, command, progress, on_shard, recipe, hash_files, shards_in_flight, rehash, t0
+) -> Report:
     report = Report(out=Path(out))
-    t0 = time.perf_counter()
     ck = plan.ck
     ex = _Executor(plan, report)
     hasher = manifest.Hasher(enabled=hash_files)
@@ -246,18 +255,22 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
             for p in inputs:
                 if p not in shard_paths:  # config, tokenizer: small, hashed on the side
                     hasher.add(p.name, p)
+            t_pre = time.perf_counter()
             for edit in plan.edits.values():
                 if edit.op == "project" and edit.fp8_scale:
                     ex.fp8_prepass(edit)
+            t_pre = time.perf_counter() - t_pre
             layout = shard_layout(plan, ex)
             report.bytes_written = sum(t.nbytes for ts in layout.values() for t in ts)
-            ShardRun(plan, tmp, hasher, progress, on_shard).run(layout, shards_in_flight)
+            run = ShardRun(plan, tmp, hasher, progress, on_shard, rehash=rehash)
+            run.run(layout, shards_in_flight)
             if ck.index_path is not None:
                 _write_index(ck, layout, tmp)
             report.skipped_files = _copy_side_files(ck, tmp, plan.config_updates)
             hasher.add_folder(tmp, "out/", skip=set(ck.files))
             digests = hasher.results()
-            hub = _hub_cache_names(inputs, digests, hash_files, report)
+            hub = _hub_cache_names(inputs, digests, hash_files, report, run.from_hub)
+            report.digests_from_hub = sorted(run.from_hub)
             report.seconds = time.perf_counter() - t0
             report.leakage = dict(sorted(report.leakage.items()))  # shards finish in any order
             report.component = dict(sorted(report.component.items()))
@@ -279,25 +292,49 @@ def _execute(plan, out, force, command, progress, on_shard, recipe, hash_files, 
                 recipe=recipe,
                 extra=({"hub_cache": hub, "warnings": report.warnings} if hub or report.warnings else None),
             )
+            t_flush = time.perf_counter()
     except BaseException:
         hasher.cancel()
         raise
+    report.seconds = time.perf_counter() - t0  # the final flush (fsync) included
+    report.time_parts = time_parts(
+        report.seconds, run.seconds, run.busy_seconds(), t_pre, time.perf_counter() - t_flush
+    )
+    report.threads_busy = sum(run.busy_seconds().values()) / run.seconds if run.seconds > 0 else 0.0
     return report
 
 
-def _hub_cache_names(inputs: list[Path], digests: dict, hashed: bool, report: Report) -> dict:
-    """Inputs from a Hugging Face cache snapshot: the sha256 in the blob's name, checked against the
-    bytes that streamed. A mismatch means the cache file is damaged or was replaced."""
+def time_parts(
+    wall: float, shard_wall: float, busy: dict[str, float], prepass: float, flush: float
+) -> dict[str, float]:
+    """Where the wall time went: read, edit, hash, write, other (opening, plan, side files, manifest).
+    While shards are written the threads overlap, so the shard phase's wall time is shared out in
+    proportion to the thread-seconds each activity took; the FP8 prepass is edit, the final flush write."""
+    total = sum(busy.values())
+    parts = {k: shard_wall * v / total if total > 0 else 0.0 for k, v in busy.items()}
+    parts["edit"] += prepass
+    parts["write"] += flush
+    parts["other"] = max(0.0, wall - sum(parts.values()))
+    return parts
+
+
+def _hub_cache_names(
+    inputs: list[Path], digests: dict, hashed: bool, report: Report, trusted: dict[str, str]
+) -> dict:
+    """Inputs from a Hugging Face cache snapshot: the sha256 in the blob's name. Weight files whose
+    name was taken as their digest (`trusted`) were not read for it; the others are checked against
+    the bytes that streamed. A mismatch means the cache file is damaged or was replaced."""
     hub = {}
     for p in inputs:
         name_sha = manifest.hub_blob_sha256(p)
         if name_sha is None:
             continue
-        matches = digests.get(p.name) == name_sha if hashed else None
+        matches = digests.get(p.name) == name_sha if hashed and p.name not in trusted else None
         hub[p.name] = {
             "sha256": name_sha,
             "matches_streamed_sha256": matches,
-            "source": "taken from the Hugging Face cache name (blobs/<sha256>)",
+            "source": "taken from the Hugging Face cache name (blobs/<sha256>)"
+            + ("; used as the input digest without reading the file" if p.name in trusted else ""),
         }
         if matches is False:
             report.warnings.append(

@@ -22,6 +22,12 @@ from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model, as_model
 from patcher.model.prompts import check_lengths, encode_prompts, left_pad, read_prompt_file
 
+# The up-front time estimate, in units of this machine's float32 matmul rate (timed when it is made):
+# the block-by-block forward reaches this share of it on the block weights (SmolLM2-135M, CPU time: 6.6 of
+# 18.7 GFLOP/s, weight decoding included), plus a per-token, per-block cost of numpy's small operations
+# worth this many matmul FLOPs (the 64-wide demo model: 1.6 s of CPU for 45k token-blocks at 13 GFLOP/s)
+FORWARD_EFFICIENCY = 0.35
+TOKEN_BLOCK_OVERHEAD_FLOPS = 4.7e5
 IGNORE_LAST = 0.2  # selection ignores the last 20 % of layers: late layers separate prompts trivially
 SELECTION_RULE = (
     "highest signal-to-noise among resid_pre layers 0..floor(0.8*L), "
@@ -70,11 +76,49 @@ class _Accumulator:
 
 
 def _run_set(model: StreamedModel, batches, acc: _Accumulator, layers, progress):
+    """Run one prompt set; progress advances as each batch leaves each block (a set of 100k prompts
+    reported nothing until it was done), in prompts, summing to the set's count."""
     offsets = np.cumsum([0] + [ids.shape[0] for ids, _ in batches])
-    model.run_many(batches, on_resid=lambda b, l, x: acc.add(l, x, offsets[b]), layers=layers)
+    steps = min(max(layers), model.n_layers) + 1  # resid_pre[0..last]: calls per batch
+    told = [0.0]
+
+    def on_resid(b, l, x):
+        acc.add(l, x, offsets[b])
+        if progress:
+            told[0] += x.shape[0] / steps
+            progress(x.shape[0] / steps)
+
+    model.run_many(batches, on_resid=on_resid, layers=layers)
     acc.count += int(offsets[-1])
-    if progress:
-        progress(int(offsets[-1]))
+    if progress and int(offsets[-1]) != told[0]:
+        progress(int(offsets[-1]) - told[0])
+
+
+def estimate_seconds(model: StreamedModel, batches: list, blocks: int) -> tuple[int, float]:
+    """(padded tokens, seconds) the forward of `batches` through `blocks` blocks should take on this
+    machine now: 2 x the block weights a token meets (MoE: the routed share of the experts) plus
+    attention, at FORWARD_EFFICIENCY of a float32 matmul timed here (median of 3), plus the per-token
+    overhead. A loaded machine makes it rough: the progress lines then give the pace."""
+    import time
+
+    hp, ck = model.hp, model.ck
+    prefix = model.resolved.layer_prefix(0)
+    weights = 0.0
+    for name, info in ck.tensors.items():
+        if name.startswith(prefix) and not model.is_scale(name):
+            share = hp.moe["top_k"] / hp.moe["experts"] if hp.moe and "experts" in name else 1.0
+            weights += math.prod(info.shape) * share
+    tokens = sum(int(ids.size) for ids, _ in batches)
+    attention = sum(int(ids.size) * ids.shape[1] for ids, _ in batches) * 4 * hp.n_heads * hp.head_dim
+    a, b = np.ones((256, 1024), np.float32), np.ones((1024, 1024), np.float32)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    rate = 2 * a.shape[0] * a.shape[1] * b.shape[1] / max(sorted(times)[1], 1e-9)
+    work = (2 * weights * tokens + attention) / FORWARD_EFFICIENCY + TOKEN_BLOCK_OVERHEAD_FLOPS * tokens
+    return tokens, work * blocks / rate
 
 
 def _batches(token_lists, pad_id, batch_size, positions, where):
@@ -189,6 +233,7 @@ def extract(
     project_out_negative_mean: bool = False,
     progress=None,
     arch_table=None,
+    announce=None,
 ) -> ExtractResult:
     """Python API mirroring `patcher extract`. `model` is a Model or anything Model.open takes (a folder,
     a file, a hub repo id); `positive`/`negative` are prompt files or lists of strings."""
@@ -211,6 +256,7 @@ def extract(
             system,
             project_out_negative_mean,
             progress,
+            announce,
         )
     with as_model(model, arch_table) as opened:
         return _extract(
@@ -225,6 +271,7 @@ def extract(
             system,
             project_out_negative_mean,
             progress,
+            announce,
         )
 
 
@@ -258,6 +305,7 @@ def _extract(
     system,
     project_out_negative_mean,
     progress,
+    announce=None,
 ) -> ExtractResult:
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
@@ -279,12 +327,22 @@ def _extract(
         check_lengths(
             toks, ck.config, meta_sets[label].get("file", label), heads=sm.hp.n_heads, batch_size=batch_size
         )
+    # batches are sorted by length; the statistics do not depend on prompt order
+    batches = {
+        label: [b for _, b in _batches(toks, tok.pad_id, batch_size, positions, label)]
+        for label, toks in sets.items()
+    }
+    if announce:
+        blocks = min(max(layer_set), L)
+        tokens, seconds = estimate_seconds(sm, [b for bs in batches.values() for b in bs], blocks)
+        announce(
+            f"{sum(len(t) for t in sets.values())} prompts ({tokens} tokens with padding) through "
+            f"{blocks} of {L} blocks: about {_duration(seconds)} at this machine's current speed"
+        )
     accs = {}
     for label, toks in sets.items():
         acc = _Accumulator(L, d, positions, len(toks), layer_set)
-        # batches are sorted by length; the statistics do not depend on prompt order
-        batches = [b for _, b in _batches(toks, tok.pad_id, batch_size, positions, label)]
-        _run_set(sm, batches, acc, layer_set, progress)
+        _run_set(sm, batches[label], acc, layer_set, progress)
         accs[label] = acc
     pos_mean, neg_mean = accs["positive"].mean, accs["negative"].mean  # [P, L+1, d]
     _refuse_non_finite(ck, pos_mean, neg_mean, layer_set)
@@ -334,3 +392,11 @@ def _extract(
         per_position,
         meta,
     )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

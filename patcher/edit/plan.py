@@ -5,7 +5,7 @@ operations before any byte is written. `--dry-run` prints exactly this plan; `ap
 from dataclasses import dataclass, field
 
 import numpy as np
-from patcher_kernels.codecs import numpy_dtype
+from patcher_kernels.codecs import INTEGER_DTYPES, numpy_dtype
 from patcher_kernels.ggml_quant import BYTES_PER_BLOCK, row_bytes
 from patcher_kernels.project import orthonormalize
 
@@ -95,12 +95,9 @@ def _post_norm_basis(ck: Model, resolved: Resolved, target: Target, q: np.ndarra
     return orthonormalize((gain[:, None] * q).T)
 
 
-_NOT_WEIGHTS = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}  # safetensors integer dtypes
-
-
 def _edit_for(ck: Model, name: str, role: str, layer, op: str, **kw) -> TensorEdit:
     info = ck.info(name)
-    if info.dtype in _NOT_WEIGHTS:  # a projection of integer codes is not the edit (and rounds to garbage)
+    if info.dtype in INTEGER_DTYPES:  # a projection of integer codes is not the edit (and rounds to garbage)
         raise PatcherError(
             ck.folder / ck.shard_of[name],
             f"{name} is {info.dtype}, not a floating-point weight: it cannot be edited along a direction",

@@ -1,7 +1,7 @@
 """Streaming safetensors writer and the atomic output folder.
 
 The header is written first (every output shape is known up front), then tensor data in file order.
-One output file is a pipeline of three threads, each handed its work in file order:
+One output file is a pipeline of three or four threads, each handed its work in file order:
 
   caller         walks the tensors: queues untouched ranges as copy jobs (no bytes), computes edited
                  tensors into encoded blocks, and reports the raw input rows the edit read (`seen`);
@@ -12,6 +12,8 @@ One output file is a pipeline of three threads, each handed its work in file ord
                  (header and computed blocks included) while the chunk is still in this core's cache;
   writer         writes the computed blocks (and, with `spread_digests`, feeds the output's sha256
                  instead of the reader: for a file that runs alone, two busy threads beat one).
+  copy           (with `copy_thread`, where cores are spare) the kernel copies of untouched ranges, at
+                 most _COPY_AHEAD ahead of the reader, which then only reads back and hashes.
 
 So with hashing on, each input byte is read from disk once and each output byte written once, and the
 digests run beside the edit math (hashlib, pread, pwrite and copy_file_range release the GIL); the
@@ -30,6 +32,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +48,8 @@ _CHUNK = 1 << 20  # untouched ranges pass the digests in chunks of this size (st
 _HASH_SLICE = 1 << 20  # hash larger blocks in slices too (measured: 16 MiB slices ~30 % slower)
 _BUFFERS = 4  # reusable chunk buffers per output file
 _IN_FLIGHT = 8 << 20  # bytes of computed blocks and seen rows queued per output file (16 or 32: no faster)
+_COPY_PIECE = 16 << 20  # with a copy thread: ranges handed to it at a time, at most _COPY_AHEAD ahead
+_COPY_AHEAD = 64 << 20  # of the digests (the source pages it reads stay cached until they are hashed)
 
 
 @dataclass
@@ -161,6 +166,36 @@ class _Budget:
             self.cond.notify_all()
 
 
+class Busy:
+    """Seconds one thread spent in each activity (read, hash, write, edit), for the summary's "where the
+    time went". One per thread: no lock, merged once the threads are done."""
+
+    PARTS = ("read", "edit", "hash", "write")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._since = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """Charge the time since the previous lap to `part`."""
+        now = time.perf_counter()
+        self.seconds[part] += now - self._since
+        self._since = now
+
+    def skip(self) -> None:
+        """Drop the time since the previous lap (waiting on a queue is nobody's work)."""
+        self._since = time.perf_counter()
+
+
+def merge_busy(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Seconds per activity, summed over threads (or files)."""
+    total = dict.fromkeys(Busy.PARTS, 0.0)
+    for seconds in parts:
+        for k, v in seconds.items():
+            total[k] += v
+    return total
+
+
 class InputDigest:
     """sha256 of one input file fed in file order from bytes that pass anyway; bytes nobody passed
     (a gap, or the tail) are read here. Bytes fed again (a second pass over a tensor) are skipped."""
@@ -216,6 +251,7 @@ class ShardWriter:
         input_digest: InputDigest | None = None,
         copy: str | None = None,
         spread_digests: bool = False,
+        copy_thread: bool = False,
     ):
         self.path, self.tensors, self.on_bytes = Path(path), tensors, on_bytes
         self.header = header_bytes(tensors, metadata)
@@ -236,15 +272,20 @@ class ShardWriter:
         self.free: queue.Queue = queue.Queue()
         self.to_reader: queue.Queue = queue.Queue()
         self.to_writer: queue.Queue = queue.Queue()
+        # a copy thread takes the kernel copies off the reader, which then only reads and hashes: with
+        # cores to spare a single large file is bound by its digests alone (one sequential stream each)
+        self.to_copier: queue.Queue | None = queue.Queue() if copy_thread and self.copy == "range" else None
         self.watermark = 0  # input offset up to which the reader has been told about bytes
         self.sources: dict[Path, int] = {}
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.threads = [
             threading.Thread(target=self._guarded, args=(f,), daemon=True, name=f"{n} {self.path.name}")
             for n, f in (("read", self._read_loop), ("write", self._write_loop))
+            + ((("copy", self._copy_loop),) if self.to_copier is not None else ())
         ]
         self.input_sha: str | None = None  # the input's sha256, once finish() returned
         self.made = 0
+        self.busy = {n: Busy() for n in ("caller", "read", "write", "copy")}  # per thread: busy_seconds
         self._closed = False
         for t in self.threads:
             t.start()
@@ -254,8 +295,14 @@ class ShardWriter:
         if self.errors:  # a thread failed (disk full, ...): stop computing
             raise self.errors[0]
 
-    def _put_data(self, offset: int, data, nbytes: int) -> None:
+    def _wait_budget(self, nbytes: int) -> None:
+        """Queue room for `nbytes`; the caller's time before it was edit work, the wait is not."""
+        self.busy["caller"].lap("edit")
         self.budget.take(nbytes, lambda: bool(self.errors))
+        self.busy["caller"].skip()
+
+    def _put_data(self, offset: int, data, nbytes: int) -> None:
+        self._wait_budget(nbytes)
         self._check()
         self.to_reader.put(("data", offset, data, nbytes))
 
@@ -264,11 +311,12 @@ class ShardWriter:
         (only the first time a range passes: a second pass over a tensor is not hashed again)."""
         if self.input is None or offset < self.watermark:
             return
-        self.budget.take(raw.nbytes, lambda: bool(self.errors))
+        self._wait_budget(raw.nbytes)
         self.to_reader.put(("seen", offset, raw, raw.nbytes))
         self.watermark = offset + raw.nbytes
 
     def produce(self) -> None:
+        self.busy["caller"].skip()
         self._put_data(0, self.header, len(self.header))
         os.ftruncate(self.fd, self.total)
         pos = len(self.header)
@@ -281,6 +329,7 @@ class ShardWriter:
             else:
                 _write_produced(self, t, pos)
             pos += t.nbytes
+        self.busy["caller"].lap("edit")
         self.to_reader.put(None)
 
     def finish(self) -> str | None:
@@ -288,16 +337,28 @@ class ShardWriter:
         for t in self.threads:
             t.join()
         self._check()
+        self.busy["caller"].skip()
         _start_writeback(self.fd, 0, self.total)
+        self.busy["caller"].lap("write")
         sha = self.out_sha or self.write_sha
         return sha.hexdigest() if sha else None
+
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds this file's threads spent reading, editing, hashing and writing (after finish())."""
+        return merge_busy(b.seconds for b in self.busy.values())
 
     def abort(self) -> None:
         """Make the threads and the producing caller stop soon (from any thread); close() still
         releases the files, on the thread that owns them."""
         self.errors.append(InterruptedError("writer stopped"))
         self.to_reader.put(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        """End the writer's and the copier's loops (they wait on their queues)."""
         self.to_writer.put(None)
+        if self.to_copier is not None:
+            self.to_copier.put(None)
 
     def close(self) -> None:
         """Stop the threads (after an error or interrupt too) and release the files."""
@@ -320,7 +381,7 @@ class ShardWriter:
             loop()
         except BaseException as e:
             self.errors.append(e)
-            self.to_writer.put(None)
+            self._wake()
 
     def _source(self, path: Path) -> int:
         if path not in self.sources:
@@ -340,55 +401,86 @@ class ShardWriter:
         raise self.errors[0]
 
     def _read_loop(self) -> None:
+        busy = self.busy["read"]
         while (item := self.to_reader.get()) is not None:
+            busy.skip()
             if self.errors:
                 return
             kind = item[0]
             if kind == "data":
                 if self.out_sha is not None:
                     _hash(self.out_sha, memoryview(item[2]).cast("B")[: item[3]])
+                    busy.lap("hash")
                 self.to_writer.put(item)
             elif kind == "seen":
                 _, offset, raw, nbytes = item
                 self.input.feed(offset, memoryview(raw.reshape(-1).view(np.uint8)))
+                busy.lap("hash")
                 self.budget.give(nbytes)
             else:
                 self._copy(*item[1:])
+        busy.skip()
         if self.input is not None and not self.errors:
             self.input_sha = self.input.finish()  # the tail nobody passed (none, normally)
-        self.to_writer.put(None)
+            busy.lap("hash")
+        self._wake()
 
     def _copy(self, src: Path, src_off: int, dst_off: int, count: int) -> None:
         sfd = self._source(src)
+        busy = self.busy["read"]
         if self.copy == "kernel":
             _copy_range(sfd, self.fd, src_off, dst_off, count)
             _start_writeback(self.fd, dst_off, count)
+            busy.lap("write")  # the kernel reads and writes in one call: one activity to the user
             if self.on_bytes:
                 self.on_bytes(count)
             return
         feed = self.input is not None and src == self.input.path
-        end = src_off + count
+        end, handed = src_off + count, src_off  # handed: source offset up to which the copier has ranges
         while src_off < end and not self.errors:
             n = min(_CHUNK, end - src_off)
+            while self.to_copier is not None and handed < min(end, src_off + _COPY_AHEAD):
+                piece = min(_COPY_PIECE, end - handed)
+                self.to_copier.put((sfd, handed, dst_off + handed - src_off, piece))
+                handed += piece
             buf = self._buffer()
-            if self.copy == "range":  # kernel copy, then the same range back from the page cache
+            busy.skip()
+            if self.copy == "range" and self.to_copier is None:  # kernel copy, then read back (cached)
                 _copy_range(sfd, self.fd, src_off, dst_off, n)
+                busy.lap("write")
             _pread_into(sfd, buf[:n], src_off)
+            busy.lap("read")
             if feed:
                 self.input.feed(src_off, buf[:n])
             if self.out_sha is not None:  # the chunk is still in this core's cache: both digests here
                 _hash(self.out_sha, buf[:n])
+            busy.lap("hash")
             self.to_writer.put(("chunk", dst_off, buf, n))
             src_off, dst_off = src_off + n, dst_off + n
 
+    def _copy_loop(self) -> None:
+        busy, jobs = self.busy["copy"], self.to_copier
+        assert jobs is not None  # started only with a copy queue
+        while (item := jobs.get()) is not None:
+            busy.skip()
+            if self.errors:
+                return
+            sfd, src_off, dst_off, n = item
+            _copy_range(sfd, self.fd, src_off, dst_off, n)
+            _start_writeback(self.fd, dst_off, n)
+            busy.lap("write")
+
     def _write_loop(self) -> None:
+        busy = self.busy["write"]
         while (item := self.to_writer.get()) is not None:
+            busy.skip()
             if self.errors:
                 return
             kind, offset, data, n = item
             view = memoryview(data).cast("B")[:n]
             if self.write_sha is not None:
                 _hash(self.write_sha, view)
+                busy.lap("hash")
             if kind != "chunk" or self.copy != "range":
                 _pwrite_all(self.fd, view, offset)
             if kind == "chunk":
@@ -396,6 +488,7 @@ class ShardWriter:
                 _start_writeback(self.fd, offset, n)
             else:
                 self.budget.give(n)
+            busy.lap("write")
             if self.on_bytes:
                 self.on_bytes(n)
 

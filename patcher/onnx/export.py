@@ -10,6 +10,7 @@ protobuf graph itself is small; the 2 GB protobuf limit does not apply to extern
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from patcher.io.checkpoint import INDEX_NAME, Checkpoint
 from patcher.io.writer import OutputFolder
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
-from patcher.onnx import storage
+from patcher.onnx import selftest, storage
 from patcher.onnx.ops import Context, OnnxOps
 
 OPSET = 17
@@ -36,7 +37,7 @@ VARIANTS = {
     "q4f16": {"file": "model_q4f16.onnx", "weights": F16, "act": F16, "bits": 4},
     "int8": {"file": "model_quantized.onnx", "weights": F32, "act": F32, "bits": 8},
 }
-FILES = {k: v["file"] for k, v in VARIANTS.items()}
+FILES: dict[str, str] = {k: str(v["file"]) for k, v in VARIANTS.items()}
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
 # is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
@@ -68,7 +69,7 @@ def _source(sm: StreamedModel) -> dict:
     for name, info in sm.ck.tensors.items():
         if sm.is_scale(name):
             continue
-        src[name] = (info.shape, lambda name=name: sm._decode(name))
+        src[name] = (info.shape, lambda name=name: selftest.decoded(sm, name))
     top = sm.top_weights().names  # prefix-free -> checkpoint name
     for short, full in top.items():
         src[short] = src[full]
@@ -174,6 +175,19 @@ def parse_dtypes(dtype) -> list[str]:
     return [d for d in FILES if d in names]
 
 
+@dataclass
+class ExportPlan:
+    """What one export run writes: the source's input digests, the variants an earlier export of the same
+    source in OUT already holds (kept, hard-linked), the ones to write, config/tokenizer files made from a
+    GGUF's metadata, and the basis quantized variants round orthogonally to."""
+
+    inputs: dict
+    keep: dict
+    todo: list
+    made: dict | None  # None: not a GGUF (its folder's side files are copied)
+    basis: np.ndarray | None
+
+
 def export(
     model: Path,
     out: Path,
@@ -188,9 +202,23 @@ def export(
     symmetric: bool = True,
     direction=None,
     arch_table=None,
+    announce=None,
 ) -> Path:
     """Write the variants `dtype` names into OUT. Without --force, OUT may be an earlier patcher export
-    of the same source (same input digests): the missing variants are added beside the ones there."""
+    of the same source (same input digests): the missing variants are added beside the ones there.
+    Checks, plan, write, self-test: nothing is published that onnxruntime cannot load and run
+    (`announce(line)` says when a variant too large for memory was only graph-checked)."""
+    dtypes = _check_options(dtype, opset, int4_block)
+    sm = StreamedModel(model, arch_table)  # a folder, file, hub repo id or open Model: opened once
+    selftest.check_source(sm)
+    plan = _plan(sm, Path(out), dtypes, force, direction)
+    quant = {"block": int4_block, "accuracy": int4_accuracy, "symmetric": symmetric}
+    with OutputFolder(out, [sm.ck.path], force=force or bool(plan.keep)) as tmp:
+        _write(sm, plan, Path(out), tmp, chunk_bytes, quant, command, recipe, announce)
+    return out
+
+
+def _check_options(dtype, opset: int, int4_block: int) -> list[str]:
     dtypes = parse_dtypes(dtype)
     if int4_block < 16 or int4_block & (int4_block - 1):
         raise PatcherError("--int4-block", f"block size must be a power of two >= 16, got {int4_block}")
@@ -198,7 +226,10 @@ def export(
         raise PatcherError(
             "--opset", f"only opset {OPSET} is emitted (standard ops, correct with left padding everywhere)"
         )
-    sm = StreamedModel(model, arch_table)  # a folder, file, hub repo id or open Model: opened once
+    return dtypes
+
+
+def _plan(sm: StreamedModel, out: Path, dtypes: list[str], force: bool, direction) -> ExportPlan:
     ck = sm.model
     cache = manifest.DigestCache()
     gguf = getattr(ck.storage, "g", None)  # a GGUF, seen through its HF view: files beside it are not its
@@ -208,79 +239,100 @@ def export(
         if p.is_file() and (p.name in ck.files or p.name in SIDE_FILES or p.name == INDEX_NAME)
     }
     cache.save()
-    keep = {} if force else _existing_export(Path(out), inputs)
-    made = {}
+    keep = {} if force else _existing_export(out, inputs)
+    made = None
     if gguf is not None:  # config and tokenizer from its metadata (as `patcher convert` writes), read first
         from patcher.io.gguf_hf import side_files
 
         made = side_files(gguf)
     todo = [d for d in dtypes if d not in keep]
-    with OutputFolder(out, [ck.path], force=force or bool(keep)) as tmp:
-        (tmp / "onnx").mkdir()
-        for files in keep.values():  # hard links: adding a variant does not copy the others' bytes
-            for f in files:
-                os.link(Path(out) / "onnx" / f, tmp / "onnx" / f)
-        chunks = {d: files[1:] for d, files in keep.items()}
-        quant = {"block": int4_block, "accuracy": int4_accuracy, "symmetric": symmetric}
-        basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
-        for d in todo:
-            chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(basis))
-            check_graph(tmp / "onnx" / FILES[d], ck.path)  # never "wrote" what onnxruntime cannot load
-        variants = [d for d in FILES if d in chunks]
-        if gguf is not None:
-            for name, text in made.items():
-                (tmp / name).write_text(text, encoding="utf-8")
-        else:
-            for name in SIDE_FILES:
-                if (ck.folder / name).is_file():
-                    shutil.copyfile(ck.folder / name, tmp / name)
-        _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
-        (tmp / "patcher-export.json").write_text(
-            json.dumps(
-                {
-                    "patcher": __version__,
-                    "source": str(ck.path),
-                    "model_type": ck.model_type,
-                    "dtype": variants[0],
-                    "dtypes": variants,
-                    "files": {d: [FILES[d], *chunks[d]] for d in variants},
-                    "opset": OPSET,
-                    "layers": sm.n_layers,
-                    "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
-                    "provenance": _provenance(ck),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        storage.make_readable(tmp)
-        known = (manifest.read(out) or {}).get("outputs", {}) if keep else {}
-        kept = {"onnx/" + f for files in keep.values() for f in files}
-        outputs = {
-            str(p.relative_to(tmp)): known.get(str(p.relative_to(tmp)))
-            if str(p.relative_to(tmp)) in kept
-            else manifest.sha256_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        outputs = {k: v or manifest.sha256_file(tmp / k) for k, v in outputs.items()}
-        manifest.write(
-            tmp,
-            kind="export",
-            command=command,
-            recipe=recipe,
-            inputs=inputs,
-            outputs=outputs,
-            record={
-                "dtype": variants[0],
-                "dtypes": variants,
-                "added": todo,
-                "opset": OPSET,
-                "source": str(ck.path),
-            },
-        )
-        storage.make_readable(tmp)
-    return out
+    basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
+    return ExportPlan(inputs, keep, todo, made, basis)
+
+
+def _write(
+    sm: StreamedModel,
+    plan: ExportPlan,
+    out: Path,
+    tmp: Path,
+    chunk_bytes: int,
+    quant: dict,
+    command: str | None,
+    recipe: dict | None,
+    announce=None,
+) -> None:
+    """Fill the temporary folder OutputFolder publishes: each new variant written and self-tested, the
+    kept ones linked, side files, config, patcher-export.json and the manifest."""
+    ck = sm.model
+    (tmp / "onnx").mkdir()
+    for files in plan.keep.values():  # hard links: adding a variant does not copy the others' bytes
+        for f in files:
+            os.link(out / "onnx" / f, tmp / "onnx" / f)
+    chunks = {d: files[1:] for d, files in plan.keep.items()}
+    vocab = ck.info(sm.top_weights().names[sm.spec.names["embed"] + ".weight"]).shape[0]
+    for d in plan.todo:
+        chunks[d] = _write_variant(sm, d, tmp / "onnx", chunk_bytes, quant, orthogonal_plan(plan.basis))
+        selftest.check_graph(tmp / "onnx" / FILES[d], ck.path)  # never "wrote" what onnxruntime cannot load
+        skipped = selftest.self_test(tmp, [FILES[d], *chunks[d]], ck.path, vocab)
+        if skipped and announce:
+            announce(skipped)
+    variants = [d for d in FILES if d in chunks]
+    if plan.made is not None:
+        for name, text in plan.made.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    else:
+        for name in SIDE_FILES:
+            if (ck.folder / name).is_file():
+                shutil.copyfile(ck.folder / name, tmp / name)
+    _write_config(ck, tmp / "config.json", {d: len(chunks[d]) for d in variants})
+    _write_export_info(sm, tmp / "patcher-export.json", variants, chunks)
+    storage.make_readable(tmp)
+    _write_manifest(ck, plan, out, tmp, variants, command, recipe)
+    storage.make_readable(tmp)
+
+
+def _write_export_info(sm: StreamedModel, path: Path, variants: list[str], chunks: dict) -> None:
+    ck = sm.model
+    info = {
+        "patcher": __version__,
+        "source": str(ck.path),
+        "model_type": ck.model_type,
+        "dtype": variants[0],
+        "dtypes": variants,
+        "files": {d: [FILES[d], *chunks[d]] for d in variants},
+        "opset": OPSET,
+        "layers": sm.n_layers,
+        "kv_cache": [list(map(list, kv)) for kv in kv_shapes(sm)][:1],
+        "provenance": _provenance(ck),
+    }
+    path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _write_manifest(ck, plan: ExportPlan, out: Path, tmp: Path, variants, command, recipe) -> None:
+    """The manifest lists every file; the kept variants' digests come from the earlier manifest (their
+    bytes are not read again)."""
+    known = (manifest.read(out) or {}).get("outputs", {}) if plan.keep else {}
+    kept = {"onnx/" + f for files in plan.keep.values() for f in files}
+    outputs = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(tmp))
+            outputs[rel] = (known.get(rel) if rel in kept else None) or manifest.sha256_file(p)
+    manifest.write(
+        tmp,
+        kind="export",
+        command=command,
+        recipe=recipe,
+        inputs=plan.inputs,
+        outputs=outputs,
+        record={
+            "dtype": variants[0],
+            "dtypes": variants,
+            "added": plan.todo,
+            "opset": OPSET,
+            "source": str(ck.path),
+        },
+    )
 
 
 def variants_in(folder: Path) -> dict[str, list[str]]:
@@ -447,21 +499,3 @@ def _provenance(ck: Checkpoint):
         return json.loads(meta) if meta else None
     except ValueError:
         return meta
-
-
-def check_graph(path: Path, source) -> None:
-    """Shape- and type-check a written graph as onnxruntime does when it loads it (weights stay on
-    disk): a config whose head_dim disagrees with the tensors exported fine and failed at load."""
-    import onnx
-
-    try:
-        onnx.shape_inference.infer_shapes(
-            onnx.load(str(path), load_external_data=False), check_type=True, strict_mode=True, data_prop=True
-        )
-    except Exception as e:
-        reason = str(e).replace("\n", " ")[:300]
-        raise PatcherError(
-            source,
-            f"the exported graph would not load ({reason}): the config and the "
-            "tensors disagree; nothing was written",
-        ) from None

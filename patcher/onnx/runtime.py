@@ -31,7 +31,7 @@ class OnnxModel:
                 f"(available: {', '.join(available_providers())})",
             )
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # errors come back as exceptions, said once as one line
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
         except Exception as e:

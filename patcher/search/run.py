@@ -227,9 +227,9 @@ def setup(
     )
 
 
-def trial_params(study, number: int) -> tuple[dict, dict]:
+def trial_params(study, number: int, path: Path) -> tuple[dict, dict]:
     """A completed trial's full parameters (free + fixed) and the study's attributes."""
-    attrs = st.study_attrs(study)
+    attrs = st.study_attrs(study, path)
     trials = {t.number: t for t in st.completed(study)}
     if number not in trials:
         raise PatcherError(
@@ -246,7 +246,7 @@ def plan_from_study(
     """The Plan that writes trial `number` of the study as a checkpoint; its record names the study,
     the trial, the study digest and the directions file."""
     study = st.open_study(study_path, None, create=False)
-    params, attrs = trial_params(study, number)
+    params, attrs = trial_params(study, number, study_path)
     dpath = Path(directions or attrs["directions"])
     if not dpath.is_file():
         raise PatcherError(dpath, "the study's directions file is missing; pass it with -d/--direction")

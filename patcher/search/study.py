@@ -39,19 +39,77 @@ def _constraints(trial):
     return trial.user_attrs.get("constraint", [0.0])
 
 
-def check_study_file(path: Path, create: bool = True) -> None:
-    """Before any work: an existing study file must be an SQLite database (a new one is created)."""
+def check_study_file(path: Path, create: bool = True, model_identity: str | None = None) -> dict | None:
+    """Before any work: a study file that exists must be a readable SQLite database holding the study
+    patcher's search wrote (a new path is created by `search`); with `model_identity`, one searched on
+    that model. Read with sqlite3 read-only (never optuna: it adds its tables to any SQLite file it
+    opens). Returns the study's recorded settings, or None for a new study. Errors name the file."""
     from patcher.io.paths import regular_file
 
     path = Path(path)
     if not os.path.lexists(path):
         if not create:
             raise PatcherError(path, "no such study file")
-        return
+        return None
     with open(regular_file(path, "study file"), "rb") as f:  # a FIFO is refused, not read
         head = f.read(16)
-    if head and head != b"SQLite format 3\x00":
+    if not head:
+        return None  # an empty file: SQLite's empty database, the study is created in it
+    if head != b"SQLite format 3\x00":
         raise PatcherError(path, "is not a study database (not an SQLite file); choose a new .db path")
+    attrs = _recorded_attrs(path, create)
+    if attrs is not None and model_identity is not None and attrs.get("model_identity") != model_identity:
+        raise PatcherError(
+            path,
+            f"is a study of another model ({attrs.get('model')}; path, file sizes or times differ): "
+            "choose a new --study file for this model",
+        )
+    return attrs
+
+
+def _recorded_attrs(path: Path, create: bool) -> dict | None:
+    """The 'patcher' attribute of the study in `path`; None for optuna's tables without a study yet (a
+    first run interrupted while creating it) when the study may be created."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        with sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True) as db:
+            tables = {r[0] for r in db.execute("select name from sqlite_master where type = 'table'")}
+            if not {"studies", "study_user_attributes"} <= tables:
+                raise PatcherError(
+                    path,
+                    "is an SQLite database but not an optuna study (no 'studies' table); "
+                    "choose a new .db path",
+                )
+            names = [r[0] for r in db.execute("select study_name from studies")]
+            rows = db.execute(
+                "select a.value_json from study_user_attributes a join studies s using (study_id) "
+                "where s.study_name = ? and a.key = 'patcher'",
+                (STUDY_NAME,),
+            ).fetchall()
+        db.close()
+    except sqlite3.Error as e:
+        raise PatcherError(path, f"is not a readable study database ({e})") from None
+    if STUDY_NAME not in names:
+        if names:
+            raise PatcherError(
+                path,
+                f"holds optuna studies ({', '.join(map(repr, names[:5]))}) but not patcher's "
+                f"{STUDY_NAME!r}; choose a new .db path",
+            )
+        if create:
+            return None
+        raise PatcherError(path, "holds no study yet: its search never completed a trial")
+    try:
+        attrs = json.loads(rows[0][0]) if rows else None
+    except ValueError:
+        attrs = None
+    if not isinstance(attrs, dict):
+        if create and not rows:
+            return None  # created, interrupted before its settings were recorded
+        raise PatcherError(path, f"holds a study named {STUDY_NAME!r} that patcher did not write")
+    return attrs
 
 
 def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60, create: bool = True):
@@ -97,10 +155,10 @@ def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60,
     return study
 
 
-def study_attrs(study) -> dict:
+def study_attrs(study, path: Path) -> dict:
     attrs = study.user_attrs.get("patcher")
     if not isinstance(attrs, dict):
-        raise PatcherError(STUDY_NAME, "not a patcher search study (no 'patcher' user attribute)")
+        raise PatcherError(path, "is not a patcher search study (no 'patcher' user attribute)")
     return attrs
 
 
