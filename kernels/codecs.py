@@ -7,7 +7,7 @@ and encoding is a cast with IEEE round-to-nearest-even.
 import numpy as np
 
 # safetensors dtype name -> numpy dtype. Integer and bool types are carried through untouched.
-_NUMPY = {
+_NUMPY: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),

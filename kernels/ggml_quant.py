@@ -87,10 +87,14 @@ class Grid:
         if self.qtype in FLOAT_TYPES:
             v = self.values(choose_hi).astype(numpy_dtype(self.qtype))
             return np.ascontiguousarray(v).view(np.uint8).reshape(*v.shape[:-1], -1)
+        if self.code_lo is None or self.code_hi is None:
+            raise ValueError(f"a {self.qtype} grid without codes")
         codes = np.where(choose_hi, self.code_hi, self.code_lo)
         if self.kscales is not None:
             lead, n = codes.shape[:-1], codes.shape[-1]
             return kquant.pack(codes, self.kscales).reshape(*lead, row_bytes(self.qtype, n))
+        if self.d16 is None:
+            raise ValueError(f"a {self.qtype} grid without block scales")
         return _pack_blocks(self.qtype, codes, self.d16, self.m16)
 
 
@@ -198,7 +202,7 @@ def _pack_blocks(qtype: str, codes: np.ndarray, d16: np.ndarray, m16: np.ndarray
     lead = codes.shape[:-1]
     n_blocks = codes.shape[-1] // BLOCK
     q = codes.reshape(-1, n_blocks, BLOCK).astype(np.uint8)
-    parts = [d16.reshape(-1, n_blocks, 1).view(np.uint8)]
+    parts: list[np.ndarray] = [d16.reshape(-1, n_blocks, 1).view(np.uint8)]
     if m16 is not None:
         parts.append(m16.reshape(-1, n_blocks, 1).view(np.uint8))
     if t.bits == 8:

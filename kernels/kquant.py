@@ -64,7 +64,7 @@ class KScales:
     @property
     def shift(self) -> np.ndarray:
         """float32 [B, n_sub]: what is subtracted (dmin times the sub-block minimum), 0 without one."""
-        if self.m is None:
+        if self.m is None or self.dmin16 is None:
             return np.zeros(self.sc.shape, np.float32)
         return self.dmin16.astype(np.float32)[:, None] * self.m.astype(np.float32)
 
@@ -284,10 +284,20 @@ def scales(x: np.ndarray, qtype: str) -> KScales:
     if len(x) <= CHUNK:
         return search(x, qtype)
     parts = [search(x[i : i + CHUNK], qtype) for i in range(0, len(x), CHUNK)]
-    joined = lambda field: (  # noqa: E731
-        None if getattr(parts[0], field) is None else np.concatenate([getattr(p, field) for p in parts])
+    return KScales(
+        qtype,
+        np.concatenate([p.d16 for p in parts]),
+        _concatenate_present([p.dmin16 for p in parts]),
+        np.concatenate([p.sc for p in parts]),
+        _concatenate_present([p.m for p in parts]),
+        np.concatenate([p.codes for p in parts]),
     )
-    return KScales(qtype, *(joined(f) for f in ("d16", "dmin16", "sc", "m", "codes")))
+
+
+def _concatenate_present(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    """The parts joined, or None for a field the type lacks (then every part lacks it)."""
+    present = [a for a in arrays if a is not None]
+    return np.concatenate(present) if present else None
 
 
 def _per_element(a: np.ndarray, sub: int) -> np.ndarray:
@@ -350,14 +360,14 @@ def _pack_q3_scales(s: np.ndarray) -> np.ndarray:
     """Q3_K: sixteen 6-bit scales in 12 bytes: low nibbles two per byte (j, j+8), top two bits of scale
     4g+k at bits 2g of byte 8+k."""
     low = (s[:, :8] & 0xF) | (s[:, 8:] & 0xF) << 4
-    high = sum(((s[:, 4 * g : 4 * g + 4] >> 4) & 3) << (2 * g) for g in range(4))
+    high = np.bitwise_or.reduce([((s[:, 4 * g : 4 * g + 4] >> 4) & 3) << (2 * g) for g in range(4)])
     return np.concatenate([low, high], axis=1)
 
 
 def _crumbs(codes: np.ndarray) -> np.ndarray:
     """2-bit fields: each 128 elements in 32 bytes, element 32k+l at bits 2k of byte l."""
     c = (codes & 3).reshape(-1, QK_K // 128, 4, 32)
-    return sum(c[:, :, k] << (2 * k) for k in range(4)).reshape(-1, QK_K // 4)
+    return np.bitwise_or.reduce([c[:, :, k] << (2 * k) for k in range(4)]).reshape(-1, QK_K // 4)
 
 
 def _nibbles(codes: np.ndarray) -> np.ndarray:
@@ -377,16 +387,25 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v.astype(np.float16)).view(np.uint8).reshape(-1, 2)
 
 
+def _minimums(s: KScales) -> tuple[np.ndarray, np.ndarray]:
+    """(dmin16, m) of a type with a per-sub-block minimum."""
+    if s.dmin16 is None or s.m is None:
+        raise ValueError(f"{s.qtype} scales lack their minimums")
+    return s.dmin16, s.m
+
+
 def pack(codes: np.ndarray, s: KScales) -> np.ndarray:
     """uint8 [B, nbytes]: super-blocks of codes [B, 256] (stored codes, 0..code_max) under scales s."""
     c = np.asarray(codes, dtype=np.int64).reshape(-1, QK_K)
     q = s.qtype
     if q == "Q2_K":
-        parts = [s.sc | s.m << 4, _crumbs(c), _f16_bytes(s.d16), _f16_bytes(s.dmin16)]
+        dmin16, m = _minimums(s)
+        parts = [s.sc | m << 4, _crumbs(c), _f16_bytes(s.d16), _f16_bytes(dmin16)]
     elif q == "Q3_K":
         parts = [_bitplane(c >> 2 & 1), _crumbs(c), _pack_q3_scales(s.sc), _f16_bytes(s.d16)]
     elif q in ("Q4_K", "Q5_K"):
-        parts = [_f16_bytes(s.d16), _f16_bytes(s.dmin16), _pack_6bit(s.sc, s.m)]
+        dmin16, m = _minimums(s)
+        parts = [_f16_bytes(s.d16), _f16_bytes(dmin16), _pack_6bit(s.sc, m)]
         parts += [_bitplane(c >> 4 & 1)] if q == "Q5_K" else []
         parts.append(_nibbles(c))
     else:  # Q6_K: each 128 elements: ql 64 bytes (quarters 0,1 low nibbles; 2,3 high), qh 32 bytes
@@ -394,7 +413,7 @@ def pack(codes: np.ndarray, s: KScales) -> np.ndarray:
         ql = np.concatenate(
             [h[:, :, 0] & 0xF | (h[:, :, 2] & 0xF) << 4, h[:, :, 1] & 0xF | (h[:, :, 3] & 0xF) << 4], axis=2
         )
-        qh = sum((h[:, :, k] >> 4) << (2 * k) for k in range(4))
+        qh = np.bitwise_or.reduce([(h[:, :, k] >> 4) << (2 * k) for k in range(4)])
         parts = [
             ql.reshape(-1, 128),
             qh.reshape(-1, 64),

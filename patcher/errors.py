@@ -4,9 +4,10 @@
 class PatcherError(Exception):
     """A clear, user-facing error. `where` names the file (or option) at fault."""
 
-    def __init__(self, where, problem: str):
+    def __init__(self, where: object, problem: str) -> None:
         self.where = str(where)
         self.problem = problem
+        self.lines = False  # True: the problem is several lines, each already one finding
         super().__init__(f"{self.where}: {problem}")
 
     def __reduce__(self):  # survives pickling back from a worker process (`run --jobs N`)

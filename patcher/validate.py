@@ -147,7 +147,7 @@ def parse_layers(text_value, n_layers: int, where: str = "--layers") -> set[int]
     spec = str(text_value).strip()
     if spec in ("", "all"):
         return None
-    out = set()
+    out: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import D, _timed, layers_for, make_checkpoint, run_in_workdir, warm
+from bench_patch import D, layers_for, make_checkpoint, run_in_workdir, timed, warm
 
 
 def _size(path: Path) -> int:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                 for _ in range(args.repeats):
                     warm(src)
                     with tempfile.TemporaryDirectory() as tmp:
-                        r = _timed(
+                        r = timed(
                             [*patcher, "ablate", str(src), "-d", str(direction), flag, str(out), "--force"],
                             Path(tmp) / "log",
                             label,

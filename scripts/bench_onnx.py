@@ -823,8 +823,7 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
                 else float(np.abs(lg[:, -1] - ref[:, -1]).max() / np.abs(ref[:, -1]).max())
             )
             print(
-                f"greedy tokens, {LABELS[d]} vs HF (left-padded batch): {100 * same.mean():.1f} % "
-                f"agreement "
+                f"greedy tokens, {LABELS[d]} vs HF (left-padded batch): {100 * same.mean():.1f} % agreement "
                 f"({rows}/{B} rows identical; first divergence per row: {first_diff}); prefill logits "
                 f"max|diff|/max|HF| {err:.1e}"
                 + ("  NOT APPLES TO APPLES" if d == "fp32" and not same.all() else "")
@@ -898,10 +897,9 @@ def _bench(a, cmd: list[str], work: Path, created: list[Path]) -> None:
             )
             print(
                 f"ONNX {d} / fp32: prefill {res[d]['prefill_tps'] / res['fp32']['prefill_tps']:.2f}, "
-                f"decode {x:.2f}"
-                f"{goal}, best-of-{a.repeats} decode "
-                f"{res[d]['best_decode_tps'] / res['fp32']['best_decode_tps']:.2f};"
-                f" files {sizes_mib[d]:.1f} MiB vs {sizes_mib['fp32']:.1f} MiB "
+                f"decode {x:.2f}{goal}, best-of-{a.repeats} decode "
+                f"{res[d]['best_decode_tps'] / res['fp32']['best_decode_tps']:.2f}; "
+                f"files {sizes_mib[d]:.1f} MiB vs {sizes_mib['fp32']:.1f} MiB "
                 f"({sizes_mib[d] / sizes_mib['fp32']:.3f}x)"
             )
     for prec in ("fp32", "int4"):

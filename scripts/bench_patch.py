@@ -231,7 +231,7 @@ def run_child(cmd: list[str], log: Path) -> dict:
     return {"wall": r["wall"], "rss": r["maxrss_kib"] / 1024, "cpu": r["cpu"], "rc": r["rc"], "log": log}
 
 
-def _timed(argv: list[str], log: Path, what: str) -> dict:
+def timed(argv: list[str], log: Path, what: str) -> dict:
     """run_child(argv) then `sync`, wall timed around both from the parent; exits on failure unless what
     is None."""
     t0 = time.perf_counter()
@@ -246,7 +246,7 @@ def _timed(argv: list[str], log: Path, what: str) -> dict:
 def time_cp(src: Path, dst: Path) -> tuple[float, float, float]:
     """Wall seconds of `cp -r` plus a final sync, cp's own peak RSS in MiB and its CPU seconds."""
     with tempfile.TemporaryDirectory() as tmp:
-        r = _timed(["cp", "-r", str(src), str(dst)], Path(tmp) / "cp.log", "cp")
+        r = timed(["cp", "-r", str(src), str(dst)], Path(tmp) / "cp.log", "cp")
     return r["total"], r["rss"], r["cpu"]
 
 
@@ -263,7 +263,7 @@ def time_patcher(
             shutil.copytree(known, cache)
         os.environ["PATCHER_CACHE"] = str(cache)
         os.environ["COLUMNS"] = "400"  # the summary's lines unwrapped in the log
-        r = _timed(
+        r = timed(
             [
                 *cmd,
                 "ablate",
@@ -360,7 +360,7 @@ def time_hf(script: Path, src: Path, direction: Path, out: Path) -> dict | None:
     timings; None (after printing the log's tail) if it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "hf.log"
-        r = _timed(
+        r = timed(
             [sys.executable, str(script), str(src), str(out), str(direction), str(SHARD_BYTES)], log, None
         )
         text = log.read_text(errors="replace")

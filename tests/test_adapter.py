@@ -223,7 +223,7 @@ def test_adapter_output_rules(tmp_path, direction64, model_copy):
 def test_fp8_adapter_uses_the_dequantized_weights(tmp_path, direction64):
     """FP8 block-scaled weights: A = r̂ᵀ(q·scale), no re-rounding (the adapter keeps the edit exact)."""
     from patcher_kernels.fp8 import dequantize_blocks
-    from test_tables_and_fp8 import make_fp8_model
+    from test_fp8 import make_fp8_model
 
     from patcher.io.checkpoint import Checkpoint
 

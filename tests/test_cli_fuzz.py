@@ -105,18 +105,25 @@ def _no_work(monkeypatch):
     if not _COMMAND:  # typer rebuilds the click command on every invoke: half of each case's time
         _COMMAND.append(typer.main.get_command(app))
     monkeypatch.setattr(typer.testing, "_get_command", lambda _app: _COMMAND[0])
-    monkeypatch.setattr("patcher.edit.diff.diff", _reach)
-    monkeypatch.setattr("patcher.edit.audit.audit", _reach)
+    from patcher.edit import apply, audit, diff
     from patcher.model.execution import StreamedModel
+    from patcher.onnx import export, verify
     from patcher.onnx.runtime import OnnxModel
+    from patcher.pipelines import demo, recipe
 
-    monkeypatch.setattr(StreamedModel, "run_many", _reach)
-    monkeypatch.setattr(OnnxModel, "generate", _reach)
-    monkeypatch.setattr("patcher.edit.apply.execute", _reach)
-    monkeypatch.setattr("patcher.onnx.export.export", _reach)
-    monkeypatch.setattr("patcher.onnx.verify.verify", _reach)
-    monkeypatch.setattr("patcher.pipelines.recipe.run_action", _reach)
-    monkeypatch.setattr("patcher.pipelines.demo._run", _reach)
+    # every command's work starts in one of these: the fuzzed options are checked before it
+    for owner, name in [
+        (diff, "diff"),
+        (audit, "audit"),
+        (StreamedModel, "run_many"),
+        (OnnxModel, "generate"),
+        (apply, "execute"),
+        (export, "export"),
+        (verify, "verify"),
+        (recipe, "run_action"),
+        (demo, "run_stages"),  # after `run` checks --out
+    ]:
+        monkeypatch.setattr(owner, name, _reach)
 
 
 NUMBERS = st.one_of(

@@ -158,7 +158,7 @@ def test_partial_ablation_and_amplification(tmp_path, rand_dir, scale, verdict):
 
 
 def test_fp8_block_scaled_ablation(tmp_path, rand_dir):
-    from test_tables_and_fp8 import make_fp8_model
+    from test_fp8 import make_fp8_model
 
     src, out = make_fp8_model(tmp_path), tmp_path / "out"
     run_cli("ablate", src, "-d", rand_dir, "-o", out, "--targets", "attn_out,mlp_out")

@@ -503,7 +503,7 @@ def test_fp8_requantize_keeps_the_ablation(tmp_path, direction64):
     """The same per-element rounding on the FP8 block grid (scales fixed first), row block by row block
     with the residual carried: leakage far below plain round-to-nearest's."""
     from patcher_kernels.fp8 import dequantize_blocks, quantize_blocks
-    from test_tables_and_fp8 import make_fp8_model
+    from test_fp8 import make_fp8_model
 
     from patcher.io.checkpoint import Checkpoint
 

@@ -20,7 +20,7 @@ from conftest import fixture_path, run_cli
 from patcher.errors import PatcherError
 from patcher.model.prompts import encode_prompts, load_tokenizer
 from patcher.onnx.runtime import OnnxModel
-from patcher.onnx.verify import _eos
+from patcher.onnx.verify import stop_tokens
 from patcher.web import runtime as web_runtime
 from patcher.web import site as web_site
 from patcher.web.serve import Server
@@ -141,10 +141,10 @@ def python_greedy(folder: Path, file: str, ids: list[int], n: int = NEW_TOKENS) 
     tok = load_tokenizer(folder)
     row = (
         OnnxModel(folder, file)
-        .generate(np.array([ids]), np.ones((1, len(ids)), np.int64), n, eos_ids=_eos(folder, tok))[0]
+        .generate(np.array([ids]), np.ones((1, len(ids)), np.int64), n, eos_ids=stop_tokens(folder, tok))[0]
         .tolist()
     )
-    eos = set(_eos(folder, tok))
+    eos = set(stop_tokens(folder, tok))
     for i, t in enumerate(row):  # transformers.js stops after the first eos, Python repeats it
         if t in eos:
             return row[: i + 1]
@@ -271,7 +271,7 @@ def test_chat_page_answers_like_python(site, browser, tmp_path):
         assert last[name]["prompt_ids"] == ids
         want = python_greedy(export, file, ids)
         assert last[name]["ids"] == want, name
-        eos = set(_eos(export, tok))
+        eos = set(stop_tokens(export, tok))
         assert answers[name] == tok.decode([t for t in want if t not in eos], skip_special_tokens=True)
     assert last["edited"]["ids"] != last["original"]["ids"]  # the ablation changed the answer
 
@@ -350,7 +350,7 @@ def test_serve_flag_serves_and_stops_cleanly(site, tmp_path):
     import urllib.request
 
     _, edited, _ = site
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -387,7 +387,7 @@ def test_serve_flag_serves_and_stops_cleanly(site, tmp_path):
     assert f"http://127.0.0.1:{port}/" in out and "stopped" in out and "Traceback" not in err
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import fixture_path
-from test_web import NEW_TOKENS, PROMPT, _free_port, need_browser, prompt_ids, python_greedy  # noqa: F401
+from test_web import NEW_TOKENS, PROMPT, free_port, need_browser, prompt_ids, python_greedy  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("need_browser")  # test_web's: skips, or fails under CI, saying why
 
@@ -68,7 +68,7 @@ def test_wheel_patcher_web_outside_the_checkout(wheel, venv, tmp_path):
     r = patcher("web", "x", "-o", "site", "--force")
     print(f"patcher web: first run (runtime fetched) {first_run:.1f} s, next {time.perf_counter() - t:.1f} s")
     assert r.returncode == 0 and "npm" not in r.stderr, r.stderr
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [env / "bin" / "patcher", "web", "x", "-o", "site", "--force", "--serve", "--port", str(port)],
         cwd=work,

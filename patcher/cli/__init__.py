@@ -11,7 +11,7 @@ from typer.core import TyperGroup
 try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
     from typer import _click as click
 except ImportError:  # pragma: no cover
-    import click
+    import click  # type: ignore[no-redef]  # older typer: click itself, the same API
 
 from patcher import __version__
 from patcher.cli import audit, convert, demo, diff, edit, extract, inspect, onnx, run, search, web
@@ -20,7 +20,7 @@ from patcher.cli.common import Interrupted, err, one_line
 try:
     from typer.exceptions import Abort as _Abort
 except ImportError:  # pragma: no cover - older typer: click's own
-    _Abort = click.exceptions.Abort
+    _Abort = click.exceptions.Abort  # type: ignore[misc,attr-defined]  # older typer only
 
 
 class _OneLineErrors(TyperGroup):

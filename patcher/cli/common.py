@@ -25,10 +25,13 @@ DIRECTION_HELP_SHORT = "Direction to measure per layer: " + DIRECTION_HELP
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def open_model(model, arch_table: Path | None, need_arch: bool = True) -> Model:
@@ -52,7 +55,7 @@ def escape_markup(text: str) -> str:
     return escape(text)
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     """Messages are one line: a newline in a file name or an error text must not split them."""
     from rich.markup import escape
 
@@ -101,7 +104,7 @@ def guard(fn, interrupted: str = INTERRUPTED, code: int = 1):
     except typer.Exit:
         raise
     except PatcherError as e:
-        text = escape_markup(str(e)) if getattr(e, "lines", False) else one_line(e)
+        text = escape_markup(str(e)) if e.lines else one_line(e)
         err.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     except (KeyboardInterrupt, Interrupted):
         err.print(f"[bold red]interrupted:[/] {interrupted}")

@@ -27,8 +27,7 @@ def register(app) -> None:
             t0 = time.perf_counter()
             describe = {
                 "extract": lambda f: (
-                    f"selected resid_pre layer {f['selected_layer']} of {f['layers']}; "
-                    f"cosine with the "
+                    f"selected resid_pre layer {f['selected_layer']} of {f['layers']}; cosine with the "
                     f"planted direction {f['cosine_with_planted']:.4f} (SNR {f['snr']:.1f})"
                 ),
                 "ablate": lambda f: (

@@ -296,9 +296,8 @@ def register(app) -> None:
         norm_preserve: str | None = typer.Option(
             None,
             "--norm-preserve",
-            help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written "
-            "vector's norm "
-            "(ablation stays exact); rows keeps each residual coordinate's row norm",
+            help="rows | cols, in nn.Linear orientation [d_model, fan_in]: cols keeps each written vector's "
+            "norm (ablation stays exact); rows keeps each residual coordinate's row norm",
         ),
         untie: bool = typer.Option(
             False, "--untie-embeddings", help="Keep the original unembedding as lm_head"
@@ -424,8 +423,7 @@ def register(app) -> None:
                 raise PatcherError(
                     "--target",
                     f"llama.cpp's {m.storage.gguf_arch} loader has no bias at the "
-                    f"{target} writer; write the injection as a control vector "
-                    f"(--control-vector FILE)",
+                    f"{target} writer; write the injection as a control vector (--control-vector FILE)",
                 )
             plan = plan_injection(
                 m, d, layer=V.layer_index(layer, res.n_layers, "--layer"), alpha=a, target=target

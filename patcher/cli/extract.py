@@ -51,9 +51,14 @@ def _run(m, result_args, capped_by_default: bool):
     plain = PlainProgress("prompts through the model", total)
     with progress() as prog:
         task = prog.add_task("prompts through the model", total=total)
+
+        def advance(n: int) -> None:  # the bar on a terminal, a line now and then otherwise
+            prog.advance(task, n)
+            plain.advance(n)
+
         return run_extract(
             m,
-            progress=lambda n: (prog.advance(task, n), plain.advance(n)),
+            progress=advance,
             announce=lambda line: err.print(f"[cyan]{line}[/]", highlight=False),
             **result_args,
         )

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def describe(ck: Model, res: Resolved | None) -> dict:
-    dtypes = Counter()
+    dtypes: Counter[str] = Counter()
     for t in ck.tensors.values():
         dtypes[t.dtype] += t.nbytes
     info = {
@@ -159,11 +159,10 @@ def register(app) -> None:
             if "manifest" in info:
                 m = info["manifest"]
                 out.print(
-                    f"[cyan]manifest:[/] patcher {m.get('patcher')}, {m.get('kind')}, "
-                    f"{m.get('created')}; "
+                    f"[cyan]manifest:[/] patcher {m.get('patcher')}, {m.get('kind')}, {m.get('created')}; "
                     f"command: {m.get('command') or (m.get('recipe') or {}).get('file')}; "
-                    f"{len(m.get('inputs', {}))} input and {len(m.get('outputs', {}))} output files "
-                    f"with sha256"
+                    f"{len(m.get('inputs', {}))} input and "
+                    f"{len(m.get('outputs', {}))} output files with sha256"
                 )
 
         guard(body)

@@ -31,9 +31,8 @@ def _print_verify(rep) -> None:
     t = Table(show_header=False, box=None, title="verify", title_justify="left")
     t.add_row(
         "graph parity",
-        f"max |Δ logits| {rep.max_abs_diff:.3g} (logits up to "
-        f"{rep.max_abs_logit:.3g}; tolerance {rep.tolerance:g} relative, "
-        f"{rep.dtype}) {ok}",
+        f"max |Δ logits| {rep.max_abs_diff:.3g} (logits up to {rep.max_abs_logit:.3g}; tolerance "
+        f"{rep.tolerance:g} relative, {rep.dtype}) {ok}",
     )
     t.add_row(
         "graph top-1",
@@ -110,10 +109,9 @@ def register(app) -> None:
         dtype: str = typer.Option(
             "fp32",
             "--dtype",
-            help="Variants, comma-separated: fp32 (model.onnx), fp16 "
-            "(model_fp16.onnx), int4 (model_q4.onnx), q4f16 (model_q4f16.onnx), "
-            "int8 (model_quantized.onnx). An existing export of the same model "
-            "gains the missing ones",
+            help="Variants, comma-separated: fp32 (model.onnx), fp16 (model_fp16.onnx), int4 "
+            "(model_q4.onnx), q4f16 (model_q4f16.onnx), int8 (model_quantized.onnx). An existing "
+            "export of the same model gains the missing ones",
         ),
         opset: int = typer.Option(
             17, "--opset", help="ONNX opset (17: standard ops, correct with left padding)"
@@ -126,8 +124,7 @@ def register(app) -> None:
         int4_accuracy: int | None = typer.Option(
             None,
             "--int4-accuracy",
-            help="MatMulNBits accuracy_level (4: int8 "
-            "activations on onnxruntime CPU; ignored by "
+            help="MatMulNBits accuracy_level (4: int8 activations on onnxruntime CPU; ignored by "
             "onnxruntime-web)",
         ),
         zero_points: bool = typer.Option(
@@ -140,8 +137,7 @@ def register(app) -> None:
             "--direction",
             "-d",
             help="The ablated direction(s), for orthogonal "
-            "rounding when the checkpoint's provenance "
-            "does not lead to them. " + DIRECTION_HELP_SHORT,
+            "rounding when the checkpoint's provenance does not lead to them. " + DIRECTION_HELP_SHORT,
         ),
         force: bool = typer.Option(
             False, "--force", help="Replace OUTPUT if it exists (rebuild every variant)"
@@ -213,7 +209,7 @@ def register(app) -> None:
             )
             from patcher.onnx.export import variant_file
             from patcher.onnx.runtime import OnnxModel
-            from patcher.onnx.verify import FILES, _eos, _until_eos, folder_config
+            from patcher.onnx.verify import FILES, folder_config, stop_tokens, until_eos
 
             if (prompt is None) == (prompts is None):
                 raise PatcherError(
@@ -244,7 +240,7 @@ def register(app) -> None:
                     "--prompt" if prompt is not None else prompts, "a prompt tokenizes to nothing"
                 )
             check_lengths(ids, cfg, "--prompt" if prompt is not None else prompts, extra=max_new_tokens)
-            eos = _eos(folder, tok)
+            eos = stop_tokens(folder, tok)
             kw = dict(eos_ids=eos, sample=sample, temperature=temperature, top_k=top_k, seed=seed)
             if prompt is not None:  # stream
                 shown = []
@@ -265,7 +261,7 @@ def register(app) -> None:
                 new = m.generate(*left_pad(ids[s : s + batch_size], tok.pad_id), max_new_tokens, **kw)
                 for text, row in zip(texts[s : s + batch_size], new):
                     out.print(f"[bold]> {text}[/]", highlight=False)
-                    out.print(tok.decode(_until_eos(row, eos), skip_special_tokens=True), highlight=False)
+                    out.print(tok.decode(until_eos(row, eos), skip_special_tokens=True), highlight=False)
 
         guard(body)
 
@@ -296,6 +292,7 @@ def register(app) -> None:
         provider: str = typer.Option("cpu", "--provider", help="cpu or cuda"),
         no_chat_template: bool = typer.Option(False, "--no-chat-template"),
         as_json: bool = typer.Option(False, "--json"),
+        arch_table: Path | None = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
     ):
         """Parity of the export with the numpy forward, and what the edit did. Exit 1 when parity fails."""
 
@@ -311,7 +308,7 @@ def register(app) -> None:
             from patcher.io.hub import locate
             from patcher.model.opened import Model
 
-            ref = Model.open(reference)
+            ref = Model.open(reference, arch_table)
             d = load_direction(direction, ref.d_model) if direction else None
             rep = run_verify(
                 locate(onnx_dir)[0],
@@ -324,6 +321,7 @@ def register(app) -> None:
                 quality_tokens=quality_tokens,
                 provider=provider,
                 chat_template=not no_chat_template,
+                arch_table=arch_table,
                 announce=lambda m: err.print(f"[cyan]{m}[/]"),
             )
             if as_json:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from patcher.cli.common import err, guard, out
+from patcher.cli.common import ARCH_TABLE_HELP, err, guard, out
 from patcher.errors import PatcherError
 
 
@@ -127,6 +127,7 @@ def register(app) -> None:
             "and on busy machines)",
         ),
         seed: int = typer.Option(0, "--seed"),
+        arch_table: Path | None = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
     ):
         """Search ablations for the best trade-off: marker rate of greedy completions vs KL from the
         original."""
@@ -151,7 +152,7 @@ def register(app) -> None:
                 from patcher.model.execution import StreamedModel
                 from patcher.model.opened import Model
 
-                sm = StreamedModel(Model.open(model))
+                sm = StreamedModel(Model.open(model, arch_table))
                 space = sp.default_space(sm.n_layers)
                 if config:
                     sp.apply_toml(space, sp.load_toml(config), config)
@@ -162,10 +163,10 @@ def register(app) -> None:
                 raise PatcherError("--engine", f"must be one of {', '.join(sr.ENGINES)}")
             dirs_out = study_file.with_name(study_file.stem + ".directions.safetensors")
             given = directions if directions is not None else (dirs_out if dirs_out.is_file() else None)
-            _check_study(st, study_file, model, given)  # before the extraction, not 11 s later
+            _check_study(st, study_file, model, given, arch_table)  # before the extraction, not 11 s later
             from patcher.io.paths import check_output
 
-            inputs = [model, positive, negative, eval_positive, eval_negative, directions, config]
+            inputs = [model, positive, negative, eval_positive, eval_negative, directions, config, arch_table]
             check_output(
                 plot or study_file.with_suffix(".svg"), inputs, kind="file", option="--plot", replace_ok=True
             )  # rewritten by every run of the study, never a user's file
@@ -192,6 +193,7 @@ def register(app) -> None:
                 space_items=space_items or [],
                 space_toml=config,
                 project_out_negative_mean=project_out_negative_mean,
+                arch_table=arch_table,
                 announce=lambda m: err.print(m),
             )
             out.print(_space_table(s.space))
@@ -270,13 +272,13 @@ def register(app) -> None:
         guard(body)
 
 
-def _check_study(st, study_file: Path, model, directions: Path | None) -> None:
+def _check_study(st, study_file: Path, model, directions: Path | None, arch_table: Path | None) -> None:
     """A study file that exists is readable, patcher's, and was searched on this model (and with these
     directions, when they are known before extraction): checked before any work."""
     from patcher.io.manifest import folder_identity, sha256_file
     from patcher.model.opened import Model
 
-    with Model.open(model) as m:
+    with Model.open(model, arch_table) as m:
         identity = folder_identity(m.folder)
     attrs = st.check_study_file(study_file, model_identity=identity)
     if attrs and directions is not None and Path(directions).is_file():

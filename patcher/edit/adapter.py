@@ -24,6 +24,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,24 +39,6 @@ from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
 FORMATS = ("peft", "gguf")
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
-# llama.cpp's `general.architecture` for each model_type (convert_hf_to_gguf.py's choices).
-GGUF_ARCH = {
-    "llama": "llama",
-    "mistral": "llama",
-    "mixtral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "qwen2_moe": "qwen2moe",
-    "qwen3_moe": "qwen3moe",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "olmo2": "olmo2",
-    "phi3": "phi3",
-    "gpt2": "gpt2",
-    "gpt_neox": "gptneox",
-    "deepseek_v3": "deepseek2",
-}
 # Per-expert writers on disk that transformers >= 5 fuses at load time into one 3-D parameter
 # [experts, d_model, in] (module path relative to the layer prefix): PEFT reaches it through
 # `target_parameters`. (checkpoint pattern relative to the layer prefix, fused parameter path)
@@ -219,9 +202,19 @@ def _writer_pattern(plan: Plan, edit: TensorEdit) -> str:
     return ""
 
 
-def _gguf_arch(plan: Plan) -> str | None:
-    layout = getattr(plan.resolved.arch, "gguf_layout", None)  # the architecture table's, where it has one
-    return layout.arch if layout is not None else GGUF_ARCH.get(plan.resolved.arch.model_type)
+def _gguf_arch(plan: Plan) -> str:
+    """llama.cpp's `general.architecture`: the [gguf] arch of the model's table (an error without one)."""
+    import gguf
+
+    layout = getattr(plan.resolved.arch, "gguf_layout", None)
+    arch = layout.arch if layout is not None else None
+    if arch is None or arch not in gguf.MODEL_ARCH_NAMES.values():
+        raise PatcherError(
+            "--adapter",
+            f"no llama.cpp architecture is known for model_type {plan.resolved.arch.model_type!r} "
+            "(its architecture table has no [gguf] section)",
+        )
+    return arch
 
 
 def _gguf_names(plan: Plan, edits) -> dict[str, str]:
@@ -229,11 +222,6 @@ def _gguf_names(plan: Plan, edits) -> dict[str, str]:
 
     arch = _gguf_arch(plan)
     ids = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    if arch not in ids:
-        raise PatcherError(
-            "--adapter",
-            f"no llama.cpp architecture is known for model_type {plan.resolved.arch.model_type!r}",
-        )
     tmap = gguf.get_tensor_name_map(ids[arch], plan.resolved.n_layers)
     experts = _expert_groups(plan)  # per-expert weights of a layer are one ffn_down_exps tensor in GGUF
     out = {}
@@ -278,7 +266,8 @@ def _lowrank(plan: Plan, edit: TensorEdit) -> tuple[np.ndarray, np.ndarray]:
 def factors(plan: Plan) -> list[Factor]:
     weight_bias = {t.weight: t.bias for t in plan.resolved.targets if t.bias}
     experts = _expert_groups(plan)
-    out, done = [], set()
+    out: list[Factor] = []
+    done: set[str] = set()
     for edit in plan.edits.values():
         if edit.op != "project" or edit.name in done:
             continue
@@ -396,7 +385,7 @@ def _write_peft(
     with OutputFolder(out, [plan.ck.path], force=force) as tmp:
         write_safetensors(
             tmp / WEIGHTS_NAME,
-            [OutTensor(k, "F32", v.shape, produce=lambda v=v: [v]) for k, v in tensors.items()],
+            [OutTensor(k, "F32", v.shape, produce=partial(list, [v])) for k, v in tensors.items()],
             {"format": "pt", "patcher": json.dumps(record, sort_keys=True)},
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

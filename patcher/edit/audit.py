@@ -25,6 +25,7 @@ from patcher_kernels.codecs import decode
 from patcher_kernels.fp8 import dequantize_blocks
 from patcher_kernels.lowrank import MANTISSA_BITS
 
+from patcher.edit.plan import resolved_table
 from patcher.errors import PatcherError
 from patcher.model.architectures import POST_NORM_GAINS, Resolved, Target
 from patcher.model.opened import Model
@@ -167,8 +168,8 @@ def _groups(ck: Model, res: Resolved, store: GramStore, progress=None, exact: bo
     d = res.d_model
     groups, read = [], 0
     key = lambda t: (-1 if t.layer is None else t.layer, t.role)  # noqa: E731
-    for (_, role), members in groupby(sorted(res.targets, key=key), key=key):
-        members = list(members)
+    for (_, role), run in groupby(sorted(res.targets, key=key), key=key):
+        members = list(run)
         gram = np.zeros((d, d))
         vectors = sum(_vectors(ck, t, d) for t in members)
         share = 1.0 if exact else min(1.0, SAMPLE * d / vectors)
@@ -364,7 +365,8 @@ def _shared_at_floor(groups, store, max_rank: int) -> list[dict]:
     spectra = [g.spectrum for g in groups]
     level = np.array([floor_level(g.dtype) or 0.0 for g in groups])[:, None]
     cands, source = an.candidates(spectra)
-    found, out = np.zeros((store.d, 0)), []
+    found = np.zeros((store.d, 0))
+    out: list[dict] = []
     for _ in range(max_rank):
         v = cands - found @ (found.T @ cands) if found.shape[1] else cands
         keep = np.linalg.norm(v, axis=0) > 0.5
@@ -429,7 +431,7 @@ def _isolated(groups, store) -> dict | None:
     mean = sum(store.get(g.slot) for g in layer_groups) / len(layer_groups)
     ratio, v, _ = an.isolation(mean)
     e = _energies(groups, store, v)[:, 0]
-    by_role = {}
+    by_role: dict[str, list[float]] = {}
     for g, ei in zip(groups, e):
         if g.layer is not None:
             by_role.setdefault(g.role, []).append(ei)
@@ -456,7 +458,7 @@ def _layer_track(groups, store, n_layers: int) -> dict | None:
     — in each layer the direction its attention and MLP writers together write least, and the runs of
     layers along which it moves smoothly. A run's score sums how far each layer's depth (decades below
     a typical direction, geometric mean of the two roles) exceeds what clean layers reach."""
-    pairs, layers = {}, []
+    pairs: dict[int, dict[str, Group]] = {}
     for g in groups:
         if g.layer is not None and g.role in ("attn_out", "mlp_out"):
             pairs.setdefault(g.layer, {})[g.role] = g
@@ -561,7 +563,7 @@ def audit(
             if not ck.config and arch_table is None:
                 raise PatcherError(model, "auditing needs a model folder with config.json")
             # without a table, opening it as an edit would name the unsupported model_type
-            resolved = ck.resolved or Model(ck.storage).resolved
+            resolved = resolved_table(ck if ck.resolved else Model(ck.storage))
         rep = AuditReport(str(ck.path), ck.model_type)
         store = GramStore(resolved.d_model)
         try:

@@ -522,17 +522,18 @@ def _cos_to(basis: np.ndarray | None, v: np.ndarray) -> float | None:
 
 def _shared(rep: DiffReport, base: Model, basis, gain) -> None:
     """The common direction of the rank-1 writer changes, and each one's cosine to it."""
-    rank1 = [t for t in _writer_weights(rep) if t.recovered is not None]
+    rank1 = [(t, t.recovered) for t in _writer_weights(rep) if t.recovered is not None]
     if not rank1:
         return
     ref = basis[:, 0] if basis is not None else None
     s, cos = shared_direction(
-        np.stack([t.recovered for t in rank1]), np.array([t.top1_share for t in rank1]), ref
+        np.stack([r for _, r in rank1]), np.array([t.top1_share for t, _ in rank1]), ref
     )
-    for t, c in zip(rank1, cos):
+    for (t, r), c in zip(rank1, cos):
         t.cos_shared = float(c)
-        if basis is not None:
-            t.cos_direction = abs(_cos_to(basis, t.recovered))
+        cos_direction = _cos_to(basis, r)
+        if cos_direction is not None:
+            t.cos_direction = abs(cos_direction)
     rep.direction = s
     rep.shared = {
         "tensors": len(rank1),
@@ -541,6 +542,7 @@ def _shared(rep: DiffReport, base: Model, basis, gain) -> None:
         "cos_to_direction": _cos_to(basis, s),
     }
     for t in _biases(rep):  # an ablation projects writer biases too: Δb along u, and uᵀb shrinks
+        assert t.delta is not None  # _biases keeps only tensors with a change
         g = _post_norm_gain(base, t.target, gain)
         u = s if g is None else (g * s) / np.linalg.norm(g * s)
         after = abs(u @ t.values) if t.values is not None else 0.0
@@ -590,12 +592,12 @@ def _verdict(rep: DiffReport, basis) -> None:
         return
     layers = {t.layer for t in biases}
     if biases and len(layers) == 1 and None not in layers:
-        total = sum(t.delta for t in biases)
+        total = np.sum([t.delta for t in biases if t.delta is not None], axis=0)  # all have one
         layer = layers.pop()
         rep.verdict = f"bias injection at layer {layer}"
         rep.direction = total / np.linalg.norm(total) if total.any() else None
         for t in biases:
-            t.cos_direction = _cos_to(basis, t.delta) if t.delta.any() else None
+            t.cos_direction = _cos_to(basis, t.delta) if t.delta is not None and t.delta.any() else None
         rep.injection = {
             "layer": layer,
             "tensors": [t.name for t in biases],
@@ -621,9 +623,8 @@ def print_report(rep: DiffReport, out, max_rows: int = 60) -> None:
     c = rep.counts
     head.add_row(
         "tensors",
-        f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} "
-        f"changed, "
-        f"{c['added']} added, {c['removed']} removed ({rep.seconds:.2f} s)",
+        f"{c['base_tensors']} in base: {c['identical']} identical, {c['changed']} changed, {c['added']} "
+        f"added, {c['removed']} removed ({rep.seconds:.2f} s)",
     )
     out.print(head)
     if rep.tensors:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,7 @@ def save_directions(
     tensors = []
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr, dtype=np.float32)
-        tensors.append(OutTensor(name, "F32", a.shape, produce=lambda a=a: [a]))
+        tensors.append(OutTensor(name, "F32", a.shape, produce=partial(list, [a])))
     from patcher.io.atomic import atomic_file
 
     with atomic_file(path) as tmp:  # an interrupt or a full disk leaves nothing behind

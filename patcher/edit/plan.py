@@ -76,6 +76,13 @@ class Plan:
         return sum(e.nbytes for e in self.all())
 
 
+def resolved_table(ck: Model) -> Resolved:
+    """The model's resolved architecture table (a clear error for a model opened without one)."""
+    if ck.resolved is None:
+        raise PatcherError(ck.source, ck.arch_note or "no architecture table was resolved for this model")
+    return ck.resolved
+
+
 def _fp8_scale_name(ck: Model, weight: str) -> str | None:
     if not ck.info(weight).dtype.startswith("F8"):
         return None
@@ -91,7 +98,12 @@ def _fp8_scale_name(ck: Model, weight: str) -> str | None:
 
 def _post_norm_basis(ck: Model, resolved: Resolved, target: Target, q: np.ndarray) -> np.ndarray:
     """Writers followed by g * RMSNorm(.) must be orthogonal to g * r, not r (docs/math.md)."""
-    gain = POST_NORM_GAINS[resolved.arch.post_norm_gain] + ck.array(target.post_norm).astype(np.float64)
+    rule = resolved.arch.post_norm_gain
+    if rule is None:  # the table names a writer's post-norm but not how its gain reads
+        raise PatcherError(
+            resolved.arch.source, f"{target.weight} has a post_norm but the table no post_norm_gain"
+        )
+    gain = POST_NORM_GAINS[rule] + ck.array(target.post_norm).astype(np.float64)
     return orthonormalize((gain[:, None] * q).T)
 
 
@@ -117,7 +129,7 @@ def plan_ablation(
 ) -> Plan:
     """`scale` is one strength, or a strength per layer (embeddings take layer 0's); a layer whose
     strength is 0 is left untouched."""
-    resolved = ck.resolved
+    resolved = resolved_table(ck)
     q0 = orthonormalize(direction.vectors)
     strength = (
         (lambda layer: float(scale.get(0 if layer is None else layer, 0.0)))
@@ -138,9 +150,8 @@ def plan_ablation(
         ):
             raise PatcherError(
                 ck.folder / ck.shard_of[t.weight],
-                f"{t.weight} has shape {list(info.shape)}; the table says axis "
-                f"{t.residual_axis} "
-                f"is the residual axis (d_model={resolved.d_model})",
+                f"{t.weight} has shape {list(info.shape)}; the table says axis {t.residual_axis} is the "
+                f"residual axis (d_model={resolved.d_model})",
             )
         fp8 = _fp8_scale_name(ck, t.weight)
         plan.edits[t.weight] = _edit_for(
@@ -210,7 +221,7 @@ def plan_ablation(
 def plan_injection(
     ck: Model, direction: Direction, *, layer: int, alpha: float, target: str = "mlp_out"
 ) -> Plan:
-    resolved = ck.resolved
+    resolved = resolved_table(ck)
     arch = resolved.arch
     if not 0 <= layer < resolved.n_layers:
         raise PatcherError(
@@ -263,16 +274,14 @@ def plan_injection(
                     )
         plan.notes.append(
             f"config.json {slot.config_flag}=true so HF transformers loads the bias; the "
-            f"other biases "
-            f"that flag requires are written as zeros"
+            "other biases that flag requires are written as zeros"
         )
     if slot.hf_loads:
         plan.notes.append(f"{bias} is loaded by HF transformers and is active there and in the ONNX export")
     else:
         plan.notes.append(
-            f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores "
-            f"this tensor "
-            f"(an 'unused weights' warning). The ONNX export (patcher export) carries it"
+            f"HF transformers has no bias slot at {bias} for {arch.model_type}: it ignores this tensor "
+            "(an 'unused weights' warning). The ONNX export (patcher export) carries it"
         )
     plan.record = {
         "op": "inject",

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import TypeGuard
 
 from patcher.errors import PatcherError
 
@@ -101,9 +102,8 @@ class OutputLock:
                 os.close(fd)
                 raise PatcherError(
                     self.target,
-                    "another patcher run is writing this output right now "
-                    f"(it holds {self.path.name}); wait for it to finish or "
-                    "choose another output",
+                    f"another patcher run is writing this output right now (it holds {self.path.name}); wait "
+                    "for it to finish or choose another output",
                 ) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -168,8 +168,8 @@ class OutputLock:
         self.fd = -1
 
 
-def _plain_name(name) -> bool:
-    return isinstance(name, str) and name and "/" not in name and name not in (".", "..")
+def _plain_name(name: object) -> TypeGuard[str]:
+    return isinstance(name, str) and name != "" and "/" not in name and name not in (".", "..")
 
 
 def _stat_key(path: Path):

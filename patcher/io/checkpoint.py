@@ -99,7 +99,7 @@ def fp8_weight_of(tensors, name: str) -> str | None:
 class Checkpoint:
     """Lazy view of a checkpoint. `files` keeps shard order; `tensors` maps name -> TensorInfo."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.folder = self.path if self.path.is_dir() else self.path.parent
         self.index_path: Path | None = None
@@ -164,7 +164,6 @@ class Checkpoint:
                 self.weight_map[tname] = path.name
                 if path not in names:
                     names.append(path)
-            self.index_metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
             return sorted(names, key=lambda q: q.name)
         if (p / SINGLE_NAME).is_file():
             return [p / SINGLE_NAME]

@@ -270,15 +270,14 @@ def config_from_metadata(g: GGUFFile) -> dict:
             raise CheckpointError(g.path, f"GGUF metadata lacks {arch}.{CONFIG_KEYS[need]}")
     cfg[table.config_layers] = cfg["num_hidden_layers"]
     cfg[table.config_d_model] = cfg["hidden_size"]
-    heads = cfg.get("num_attention_heads")
+    heads, derived = cfg.get("num_attention_heads"), {}
     if heads:
         cfg.setdefault("n_head", heads)
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         rope_dim = md.get(f"{arch}.rope.dimension_count")
         if rope_dim and head_dim and int(rope_dim) != int(head_dim):
             cfg["partial_rotary_factor"] = int(rope_dim) / int(head_dim)
-        if table.model_type in ("gemma2", "gemma3_text"):
-            cfg.setdefault("query_pre_attn_scalar", head_dim)  # llama.cpp scales by key_length^-1/2
+        derived["head_dim"] = head_dim
     kind, factor = md.get(f"{arch}.rope.scaling.type"), md.get(f"{arch}.rope.scaling.factor")
     if kind and kind != "none" and factor:
         cfg["rope_scaling"] = {"rope_type": kind, "factor": float(factor)}
@@ -286,8 +285,10 @@ def config_from_metadata(g: GGUFFile) -> dict:
     if emb is not None:
         cfg["vocab_size"] = emb.shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in g.tensors
-    if table.model_type == "gpt2":
-        cfg.setdefault("n_positions", cfg.get("max_position_embeddings"))
+    known = {**cfg, **derived}
+    for key, source in table.gguf_layout.config.items():  # what the table says GGUF leaves out
+        if source in known:
+            cfg.setdefault(key, known[source])
     if "num_experts" in cfg:  # layers without fused experts are dense (GGUF has no config flag for it)
         cfg["mlp_only_layers"] = [
             l
@@ -315,8 +316,8 @@ class HFView:
         self.path, self.folder, self.config = g.path, g.folder, g.config
         self.config_path, self.index_path = g.path, None
         self.model_type = g.model_type
-        self.spec = fw.spec_for(self.model_type)
-        self.hp = fw.hyper(self.model_type, self.config)
+        self.spec = g.architecture.forward
+        self.hp = fw.hyper(self.spec, self.config)
         self.map: dict[str, tuple[str, int | None]] = _hf_map(g, self.spec, self.hp)  # hf -> (gguf, expert)
         self.tensors = {}
         for hf, (name, expert) in self.map.items():

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -25,7 +26,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8  # arrays of arrays: real files use none
 STRING, ARRAY = 8, 9
 # value type -> numpy dtype of one element (every type but STRING and ARRAY)
-NUMERIC = {
+NUMERIC: dict[int, np.dtype] = {
     0: np.dtype("u1"),
     1: np.dtype("i1"),
     2: np.dtype("<u2"),
@@ -52,8 +53,8 @@ class Field:
     offset: int
     at: int
     end: int
-    item_type: int | None = None
-    count: int | None = None
+    item_type: int | None = None  # arrays only
+    count: int = 0  # arrays only
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.path, self.size, self.pos = buf, path, len(buf), 0
 
-    def fail(self, what: str):
+    def fail(self, what: str) -> NoReturn:
         raise CheckpointError(self.path, what)
 
     def need(self, n: int, what: str) -> int:
@@ -144,9 +145,9 @@ def _array(buf, item_type: int, count: int, at: int) -> tuple[list, int]:
     """An array's elements as Python values (what the gguf package's contents() gives) and its end; the
     parse already checked every length against the file."""
     if item_type in NUMERIC:
-        values = np.frombuffer(buf, NUMERIC[item_type], count, at)
-        end = at + values.nbytes
-        return (values.astype(bool) if item_type == BOOL else values).tolist(), end
+        numbers = np.frombuffer(buf, NUMERIC[item_type], count, at)
+        end = at + numbers.nbytes
+        return (numbers.astype(bool) if item_type == BOOL else numbers).tolist(), end
     if item_type == STRING:
         return _strings(buf, at, count)
     out = []
@@ -161,12 +162,13 @@ class Metadata(Mapping):
     """The key/value records as Python values, each decoded the first time it is read."""
 
     def __init__(self, buf, fields: dict[str, Field]):
-        self._buf, self.fields, self._cache = buf, fields, {}
+        self._buf, self.fields = buf, fields
+        self._cache: dict[str, Any] = {}
 
     def __getitem__(self, key: str):
         if key not in self._cache:
             f = self.fields[key]
-            if f.type == ARRAY:
+            if f.item_type is not None:  # only arrays have one
                 self._cache[key] = _array(self._buf, f.item_type, f.count, f.at + 12)[0]
             else:
                 self._cache[key] = _scalar(self._buf, f.type, f.at)

@@ -35,7 +35,8 @@ def sha256_file(path) -> str:
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_path() -> Path:
+def digest_cache_path() -> Path:
+    """Where file digests are cached by identity (PATCHER_CACHE, default ~/.cache/patcher)."""
     return (
         Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "sha256-by-identity.json"
     )
@@ -62,7 +63,7 @@ class DigestCache:
     """file identity -> sha256, persisted between runs (a cache: losing it only costs time)."""
 
     def __init__(self):
-        self.path = _cache_path()
+        self.path = digest_cache_path()
         try:
             self.known = json.loads(self.path.read_text())
             self.known = self.known if isinstance(self.known, dict) else {}
@@ -139,16 +140,16 @@ class Hasher:
 
     def __init__(self, enabled: bool = True):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self.jobs: dict[str, object] = {}
+        self.jobs: dict[str, Future[str]] = {}
         self.cache = DigestCache() if enabled else None
-        self.digest = self.cache.sha256 if enabled else size_only
+        self.digest = self.cache.sha256 if self.cache else size_only
 
     def add(self, key: str, path: Path) -> None:
         self.jobs[key] = self.pool.submit(self.digest, path)
 
     def set(self, key: str, digest: str) -> None:
         """Record a digest computed while the bytes streamed (see patcher.io.writer)."""
-        done: Future = Future()
+        done: Future[str] = Future()
         done.set_result(digest)
         self.jobs[key] = done
 

@@ -69,15 +69,6 @@ def regular_file(path, what: str = "file", limit: int | None = None) -> Path:
     return path
 
 
-def is_irregular(path) -> bool:
-    """True when `path` exists but is neither a regular file nor a folder (a FIFO, device, socket)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
 def read_bytes(path, what: str = "file") -> bytes:
     regular_file(path, what, MAX_SIDE_FILE)
     try:
@@ -151,9 +142,9 @@ def _forbidden_places(target: Path, real: Path) -> str | None:
 
 
 def _owned_path() -> Path:
-    from patcher.io.manifest import _cache_path
+    from patcher.io.manifest import digest_cache_path
 
-    return _cache_path().parent / "owned-outputs.json"
+    return digest_cache_path().parent / "owned-outputs.json"
 
 
 def _file_identity(path) -> str:
@@ -225,7 +216,7 @@ def valid_manifest(folder) -> bool:
     """Is `folder/patcher-manifest.json` a manifest patcher wrote (checked by content, not by name)?"""
     from patcher.io.manifest import read
 
-    data = read(folder)
+    data = read(folder) or {}
     return (
         bool(data)
         and isinstance(data.get("patcher"), str)
@@ -244,7 +235,8 @@ def foreign_entries(folder) -> list[str]:
     folder = Path(folder)
     listed = set((read(folder) or {}).get("outputs") or {}) | {MANIFEST}
     parents = {q.as_posix() for k in listed for q in Path(k).parents}
-    foreign, foreign_dirs = [], []
+    foreign: list[str] = []
+    foreign_dirs: list[str] = []
     for n, p in enumerate(sorted(folder.rglob("*"))):
         if n >= _MAX_FOREIGN_SCAN:
             return foreign + [f"(more than {_MAX_FOREIGN_SCAN} entries)"]

@@ -156,11 +156,11 @@ class SafetensorsFile:
             name: TensorInfo(name, d, s, self.path, data_start + b, data_start + e)
             for name, (d, s, b, e) in tensors.items()
         }
-        self._mmap = None
+        self._mmap: mmap.mmap | bytes | None = None  # b'' for an empty file (mmap refuses those)
         self._fd: int | None = None
         self.observer = None  # called as observer(file offset, raw array) after each read_rows (hashing)
 
-    def _map(self) -> mmap.mmap:
+    def _map(self) -> mmap.mmap | bytes:
         if self._mmap is None:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
@@ -195,7 +195,7 @@ class SafetensorsFile:
             self._fd = os.open(self.path, os.O_RDONLY)
         offset, done = info.begin + row_start * per_row, 0
         while done < view.nbytes:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
+            n = os.preadv(self._fd, [view[done:].data], offset + done)
             if n <= 0:
                 raise CheckpointError(
                     self.path, f"file ended while reading {info.name!r} (was it truncated?)"
@@ -214,10 +214,6 @@ class SafetensorsFile:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, info.end - start)
         except (OSError, ValueError, AttributeError):
             pass  # advisory only
-
-    def advise_sequential(self) -> None:
-        if isinstance(self._map(), mmap.mmap) and hasattr(mmap, "MADV_SEQUENTIAL"):
-            self._mmap.madvise(mmap.MADV_SEQUENTIAL)
 
     def close(self) -> None:
         if self._fd is not None:

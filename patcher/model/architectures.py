@@ -2,8 +2,9 @@
 
 Each table is a TOML file (built-ins live in patcher/model/tables/; users may pass their own with
 --arch-table). A table names tensors by pattern, `{layer}` and `{expert}` standing for indices, and
-gives each tensor's residual axis. `extends` inherits another table: top-level keys override,
-`embed` / `writer` lists are replaced when given, `inject` entries are merged per target.
+gives each tensor's residual axis; its [forward] section describes the forward pass (parsed by
+patcher.model.forward). `extends` inherits another table: top-level keys override, `embed` / `writer`
+lists are replaced when given, `inject` entries are merged per target, [forward] key by key at every depth.
 """
 
 import re
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from patcher.errors import PatcherError
+from patcher.model.forward import ForwardSpec, parse_forward
 
 TABLE_DIR = Path(__file__).parent / "tables"
 ROLES = ("embed", "attn_out", "mlp_out")
@@ -29,6 +31,7 @@ _TOP_KEYS = {
     "writer",
     "inject",
     "gguf",
+    "forward",
 }
 _WRITER_KEYS = {
     "role",
@@ -42,7 +45,7 @@ _WRITER_KEYS = {
     "gguf_residual_axis",
     "gguf_post_norm",
 }
-_GGUF_KEYS = {"arch", "rope_permuted", "norm_shift", "inject"}
+_GGUF_KEYS = {"arch", "rope_permuted", "norm_shift", "inject", "config"}
 # what each value must be (a table is user input: `--arch-table`)
 _TOP_TYPES = {
     "model_type": str,
@@ -57,6 +60,7 @@ _TOP_TYPES = {
     "writer": list,
     "inject": dict,
     "gguf": dict,
+    "forward": dict,
 }
 _WRITER_TYPES = {
     "role": str,
@@ -106,6 +110,7 @@ class GGUFLayout:
     arch: str
     rope_permuted: bool = False
     norm_shift: float = 0.0
+    config: dict = field(default_factory=dict)  # config.json key -> the value it takes (GGUF has no such key)
 
 
 @dataclass(frozen=True)
@@ -130,9 +135,9 @@ class Architecture:
     prefixes: tuple[str, ...] = ("",)
     post_norm_gain: str | None = None
     source: str = ""
-    lineage: tuple[str, ...] = ()  # model_types of the tables this one extends, nearest first
     gguf_layout: GGUFLayout | None = None
     gguf: "Architecture | None" = None  # the same table with GGUF names and GGUF-order residual axes
+    forward: ForwardSpec | None = None  # how the forward pass runs ([forward]); None: edits only
 
 
 @dataclass(frozen=True)
@@ -162,9 +167,11 @@ def _merged(path: Path, seen=()) -> dict:
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise PatcherError(path, f"unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    if not isinstance(data.get("forward", {}), dict):
+        raise PatcherError(path, f"forward must be a table ([forward]), got {data['forward']!r}")
     parent = data.get("extends")
     if parent is None:
-        return {**data, "_lineage": ()}
+        return data
     if parent in seen:
         raise PatcherError(path, f"'extends' loops back to {parent!r}")
     base = _merged(
@@ -175,8 +182,15 @@ def _merged(path: Path, seen=()) -> dict:
     )
     out = {**base, **{k: v for k, v in data.items() if k != "inject"}}
     out["inject"] = {**base.get("inject", {}), **data.get("inject", {})}
-    out["_lineage"] = (base.get("model_type", parent), *base["_lineage"])  # the tables it extends
+    if "forward" in base or "forward" in data:
+        out["forward"] = _overlay(base.get("forward", {}), data.get("forward", {}))
     return out
+
+
+def _overlay(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, key by key at every depth ([forward] and its sub-tables)."""
+    both = lambda k: isinstance(base.get(k), dict) and isinstance(over[k], dict)  # noqa: E731
+    return {**base, **{k: _overlay(base[k], v) if both(k) else v for k, v in over.items()}}
 
 
 def _writer(path, entry, role=None) -> Writer:
@@ -216,7 +230,14 @@ def _gguf_arch(path, a: "Architecture", d: dict) -> "Architecture | None":
         return None
     if not isinstance(g, dict) or set(g) - _GGUF_KEYS or not isinstance(g.get("arch"), str):
         raise PatcherError(path, f"bad [gguf] table {g!r}; keys: {sorted(_GGUF_KEYS)} ('arch' required)")
-    layout = GGUFLayout(g["arch"], bool(g.get("rope_permuted", False)), float(g.get("norm_shift", 0.0)))
+    config = g.get("config", {})
+    if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
+        raise PatcherError(
+            path, f"[gguf] config must map config.json keys to the keys they copy, got {config!r}"
+        )
+    layout = GGUFLayout(
+        g["arch"], bool(g.get("rope_permuted", False)), float(g.get("norm_shift", 0.0)), dict(config)
+    )
     embeds = tuple(x for x in map(_gguf_writer, a.embeds) if x is not None)
     writers = tuple(x for x in map(_gguf_writer, a.writers) if x is not None)
     inject = {t: InjectSlot(bias, True) for t, bias in (g.get("inject") or {}).items()}
@@ -243,7 +264,7 @@ def load_table(path) -> Architecture:
     missing = [k for k in ("model_type", "layers", "unembed", "config", "embed", "writer") if k not in d]
     if missing:
         raise PatcherError(path, f"architecture table lacks {missing}")
-    _check_types(path, "", {k: v for k, v in d.items() if not k.startswith("_")}, _TOP_TYPES)
+    _check_types(path, "", d, _TOP_TYPES)
     _check_types(path, "config.", d["config"], {"layers": str, "d_model": str})
     gain = d.get("post_norm_gain")
     if gain is not None and gain not in POST_NORM_GAINS:
@@ -259,11 +280,12 @@ def load_table(path) -> Architecture:
             tuple(slot.get("siblings", ())),
         )
     cfg = d["config"]
+    tied = bool(d.get("tie_word_embeddings", False))
     arch = Architecture(
         model_type=d["model_type"],
         layers=d["layers"],
         unembed=d["unembed"],
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_word_embeddings=tied,
         config_layers=cfg.get("layers", "num_hidden_layers"),
         config_d_model=cfg.get("d_model", "hidden_size"),
         embeds=tuple(_writer(path, e, "embed") for e in d["embed"]),
@@ -272,7 +294,7 @@ def load_table(path) -> Architecture:
         prefixes=tuple(d.get("prefixes", ("",))),
         post_norm_gain=gain,
         source=str(path),
-        lineage=tuple(x for x in d["_lineage"] if x != d["model_type"]),
+        forward=parse_forward(path, d["forward"], tied) if "forward" in d else None,
     )
     gg = _gguf_arch(path, arch, d)
     if gg is None:
@@ -424,9 +446,9 @@ def _present(name: str, names) -> str | None:
 def markdown_table() -> str:
     """The architecture table of docs/models.md, generated from the tables themselves."""
     rows = [
-        "| model_type | embeddings | attention writer | MLP writer(s) | post-norm | tied | inject "
-        "attn_out / mlp_out |",
-        "|---|---|---|---|---|---|---|",
+        "| model_type | forward: norm, layout, qkv, MLP, attention | embeddings | attention writer "
+        "| MLP writer(s) | post-norm | tied | inject attn_out / mlp_out |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def loads(slot):
@@ -443,8 +465,10 @@ def markdown_table() -> str:
     for mt in supported():
         a = load_table(TABLE_DIR / f"{mt}.toml")
         writers = lambda role: ", ".join(f"`{w.weight}`" for w in a.writers if w.role == role)  # noqa: E731
+        f = a.forward
+        kinds = ", ".join((f.norm, f.layout, f.qkv, f.mlp, f.attention)) if f else "—"
         rows.append(
-            f"| {mt} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
+            f"| {mt} | {kinds} | {', '.join(f'`{e.weight}`' for e in a.embeds)} | {writers('attn_out')} | "
             f"{writers('mlp_out')} | {a.post_norm_gain or '—'} | "
             f"{'yes' if a.tie_word_embeddings else 'no'} | "
             f"{loads(a.inject.get('attn_out'))} / {loads(a.inject.get('mlp_out'))} |"

@@ -2,12 +2,15 @@
 weights decoded (float32) at a time. Peak memory ~ one block's weights + one batch's activations."""
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 from patcher_kernels.codecs import decode
 
 from patcher.errors import PatcherError
 from patcher.model import forward as fw
+from patcher.model.architectures import Resolved
 from patcher.model.numpy_ops import NumpyOps
 from patcher.model.opened import Model, as_model
 
@@ -45,14 +48,16 @@ class StreamedModel:
     """A model run block by block with the numpy backend of patcher/model/forward.py. Takes a Model
     (or anything `as_model` opens: a path, a hub repo id, an open checkpoint)."""
 
-    def __init__(self, model, arch_table=None):
+    def __init__(self, model: object, arch_table: str | Path | None = None) -> None:
         self.model: Model = as_model(model, arch_table).forward_model()
         self.ck = self.model  # the storage interface, FP8 rule included
         self.model_type = self.model.model_type
-        self.resolved = self.model.resolved
+        if self.model.resolved is None:  # as_model requires a table: this does not happen
+            raise PatcherError(self.model.source, "no architecture table was resolved for this model")
+        self.resolved: Resolved = self.model.resolved
         self.spec = self.model.spec
         self.hp = self.model.hp
-        self._top: dict | None = None
+        self._top: LazyWeights | None = None
 
     @property
     def n_layers(self) -> int:
@@ -91,6 +96,18 @@ class StreamedModel:
         prefix = self.resolved.layer_prefix(layer)
         return self._load([n for n in self.ck.tensors if n.startswith(prefix)], prefix)
 
+    @overload
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        on_resid: Callable[[int, np.ndarray], None] | None = None,
+        *,
+        logits: Literal[True],
+        layers: Iterable[int] | None = None,
+    ) -> np.ndarray: ...
+
+    @overload
     def run(
         self,
         input_ids: np.ndarray,
@@ -98,12 +115,21 @@ class StreamedModel:
         on_resid: Callable[[int, np.ndarray], None] | None = None,
         logits: bool = False,
         layers: Iterable[int] | None = None,
-    ):
+    ) -> np.ndarray | None: ...
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        on_resid: Callable[[int, np.ndarray], None] | None = None,
+        logits: bool = False,
+        layers: Iterable[int] | None = None,
+    ) -> np.ndarray | None:
         """Run one left-padded batch. on_resid(l, resid_pre[l]) is called for l = 0..L (float32
         [B, T, d]); returns the logits if asked. `layers` stops early after the last one needed."""
         cb = (lambda _b, l, x: on_resid(l, x)) if on_resid else None
         out = self.run_many([(input_ids, attention_mask)], cb, logits=logits, layers=layers)
-        return out[0] if logits else None
+        return out[0] if out is not None else None  # a list exactly when logits were asked
 
     def run_many(
         self,
@@ -163,7 +189,8 @@ class StreamedModel:
 def _chunks(batches, d_model: int, budget: int):
     """Consecutive (index, batch) groups whose residual streams (float32, x4 for a block's temporaries)
     fit the budget; a single batch always runs."""
-    chunk, used = [], 0
+    chunk: list[tuple[int, tuple]] = []
+    used = 0
     for index, (ids, mask) in enumerate(batches):
         size = int(np.size(ids)) * d_model * 4 * 4
         if chunk and used + size > budget:

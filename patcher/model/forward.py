@@ -1,60 +1,61 @@
 """One description of each architecture's forward pass.
 
 `block()` and `embed()` / `head()` are written once against an abstract `ops` object. The numpy
-backend (patcher/numpy_ops.py) executes them; an ONNX backend emits the same calls as graph
-nodes. Architectures differ only through data: a FORWARD entry per model_type (tensor names,
-norm kind, residual layout, fused projections, MoE) and hyperparameters read from config.json.
+backend (patcher/model/numpy_ops.py) executes them; an ONNX backend emits the same calls as graph
+nodes. Architectures differ only through data: the [forward] section of their table in
+patcher/model/tables/ (tensor names, norm kind, residual layout, fused projections, MoE, the defaults
+config.json may leave out), parsed here into a ForwardSpec, and hyperparameters read from config.json.
 """
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from patcher.errors import PatcherError
 
-LLAMA_NAMES = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "attn_norm": "input_layernorm",
-    "mlp_norm": "post_attention_layernorm",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-    "q_norm": "self_attn.q_norm",
-    "k_norm": "self_attn.k_norm",
-    "embed": "model.embed_tokens",
-    "final_norm": "model.norm",
-    "lm_head": "lm_head",
-}
-SANDWICH_NAMES = {
-    **LLAMA_NAMES,
-    "mlp_norm": "pre_feedforward_layernorm",
-    "attn_post_norm": "post_attention_layernorm",
-    "mlp_post_norm": "post_feedforward_layernorm",
-}
-QWEN_MOE_NAMES = {
-    **LLAMA_NAMES,
-    "mlp_out_bias": "mlp.output_bias",
-    "router": "mlp.gate",
-    "experts": "mlp.experts.{e}",
-    "expert_gate": "gate_proj",
-    "expert_up": "up_proj",
-    "expert_down": "down_proj",
-    "shared": "mlp.shared_expert",
-    "shared_gate": "mlp.shared_expert_gate",
-}
+
+@dataclass(frozen=True)
+class Sliding:
+    """Which layers use the sliding window when config.json has no `layer_types` (HF's defaults)."""
+
+    layers: str = "none"  # none | all | pattern (every pattern-th layer is full) | from (layers >= from_key)
+    requires: tuple[str, ...] = ()  # config keys that must all be true for any layer to slide
+    pattern: int = 0
+    pattern_keys: tuple[str, ...] = ()  # config keys read (first present) before `pattern`
+    from_key: str = ""
+    window_requires: tuple[str, ...] = ()  # config keys that must be true for sliding_window to apply
+
+    def layer_types(self, cfg: dict, n: int) -> list[str]:
+        if self.layers == "none" or not all(cfg.get(k) for k in self.requires):
+            return ["full_attention"] * n
+        if self.layers == "pattern":
+            p = _first(cfg, self.pattern_keys, self.pattern)
+            slides = [bool((i + 1) % p) for i in range(n)]
+        elif self.layers == "from":
+            slides = [i >= cfg.get(self.from_key, 0) for i in range(n)]
+        else:
+            slides = [True] * n
+        return ["sliding_attention" if s else "full_attention" for s in slides]
+
+
+@dataclass(frozen=True)
+class LayerRope:
+    """Rope settings one layer type takes when config.json gives none for it (Gemma 3's local layers)."""
+
+    theta: float
+    theta_keys: tuple[str, ...] = ()  # config keys read (first present) before `theta`
+    rope_type: str | None = None
 
 
 @dataclass(frozen=True)
 class ForwardSpec:
-    """How one architecture computes a block (data, not code)."""
+    """How one architecture computes a block (data, not code): a table's [forward] section."""
 
     names: dict
     norm: str = "rms"  # rms | layer
     norm_offset: float = 0.0  # RMSNorm gain is offset + w (Gemma: 1)
     layout: str = "pre"  # pre: x + f(norm(x)); sandwich: x + post(f(norm(x))); post: x + post(f(x)); parallel
-    qkv: str = "separate"  # separate | fused (q|k|v concatenated) | per_head (NeoX [heads, 3, hd]) | conv1d
+    qkv: str = "separate"  # separate | fused (q|k|v concatenated) | per_head (NeoX [heads, 3, hd])
     qk_norm: str | None = None  # None | head (over head_dim) | full (over the whole projection)
     mlp: str = "gated"  # gated | gated_fused | plain | moe
     conv1d: bool = False  # GPT-2 stores [in, out]
@@ -65,131 +66,152 @@ class ForwardSpec:
     rope: bool = True
     attention: str = "standard"  # standard | mla (DeepSeek multi-head latent attention)
     moe: dict = field(default_factory=dict)  # router semantics for MoE models
+    tied: bool = False  # tie_word_embeddings when config.json does not say (the table's top-level key)
+    rope_theta: float = 10000.0  # when config.json has none
+    rope_partial: float = 1.0  # rotated fraction of head_dim when config.json does not say
+    rope_theta_keys: tuple[str, ...] = ()  # config keys read (first present) before rope_theta
+    rope_layer_types: dict = field(default_factory=dict)  # layer type -> LayerRope
+    sliding: Sliding = Sliding()
 
 
-FORWARD = {
-    "llama": ForwardSpec(LLAMA_NAMES),
-    "mistral": ForwardSpec(LLAMA_NAMES),
-    "qwen2": ForwardSpec(LLAMA_NAMES),
-    "qwen3": ForwardSpec(LLAMA_NAMES, qk_norm="head"),
-    "gemma": ForwardSpec(
-        LLAMA_NAMES,
-        norm_offset=1.0,
-        embed_scale=True,
-        act_keys=("hidden_activation", "hidden_act"),
-        act_default="gelu_pytorch_tanh",
-    ),
-    "gemma2": ForwardSpec(
-        SANDWICH_NAMES,
-        norm_offset=1.0,
-        embed_scale=True,
-        layout="sandwich",
-        act_keys=("hidden_activation", "hidden_act"),
-        act_default="gelu_pytorch_tanh",
-    ),
-    "gemma3_text": ForwardSpec(
-        SANDWICH_NAMES,
-        norm_offset=1.0,
-        embed_scale=True,
-        layout="sandwich",
-        qk_norm="head",
-        act_keys=("hidden_activation", "hidden_act"),
-        act_default="gelu_pytorch_tanh",
-    ),
-    "olmo2": ForwardSpec(
-        {
-            **LLAMA_NAMES,
-            "attn_post_norm": "post_attention_layernorm",
-            "mlp_post_norm": "post_feedforward_layernorm",
-        },
-        layout="post",
-        qk_norm="full",
-    ),
-    "phi3": ForwardSpec(
-        {**LLAMA_NAMES, "qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"},
-        qkv="fused",
-        mlp="gated_fused",
-    ),
-    "mixtral": ForwardSpec(
-        {
-            **LLAMA_NAMES,
-            "mlp_out_bias": "block_sparse_moe.output_bias",
-            "router": "block_sparse_moe.gate",
-            "experts": "block_sparse_moe.experts.{e}",
-            "expert_gate": "w1",
-            "expert_up": "w3",
-            "expert_down": "w2",
-        },
-        mlp="moe",
-        moe={"normalize": True},
-    ),
-    "qwen2_moe": ForwardSpec(
-        QWEN_MOE_NAMES,
-        mlp="moe",
-        moe={"normalize_key": "norm_topk_prob", "normalize": False, "sparse_rule": True},
-    ),
-    "qwen3_moe": ForwardSpec(
-        QWEN_MOE_NAMES,
-        qk_norm="head",
-        mlp="moe",
-        moe={"normalize_key": "norm_topk_prob", "normalize": True, "sparse_rule": True},
-    ),
-    "deepseek_v3": ForwardSpec(
-        {
-            **QWEN_MOE_NAMES,
-            "shared": "mlp.shared_experts",
-            "router_bias": "mlp.gate.e_score_correction_bias",
-            "q_a": "self_attn.q_a_proj",
-            "q_a_norm": "self_attn.q_a_layernorm",
-            "q_b": "self_attn.q_b_proj",
-            "kv_a": "self_attn.kv_a_proj_with_mqa",
-            "kv_a_norm": "self_attn.kv_a_layernorm",
-            "kv_b": "self_attn.kv_b_proj",
-        },
-        attention="mla",
-        mlp="moe",
-        moe={"normalize_key": "norm_topk_prob", "normalize": True, "router": "grouped"},
-    ),
-    "gpt2": ForwardSpec(
-        {
-            "qkv": "attn.c_attn",
-            "o": "attn.c_proj",
-            "attn_norm": "ln_1",
-            "mlp_norm": "ln_2",
-            "up": "mlp.c_fc",
-            "down": "mlp.c_proj",
-            "embed": "wte",
-            "final_norm": "ln_f",
-            "lm_head": "lm_head",
-        },
-        norm="layer",
-        qkv="fused",
-        mlp="plain",
-        conv1d=True,
-        positions="wpe",
-        rope=False,
-        act_keys=("activation_function",),
-        act_default="gelu_new",
-    ),
-    "gpt_neox": ForwardSpec(
-        {
-            "qkv": "attention.query_key_value",
-            "o": "attention.dense",
-            "attn_norm": "input_layernorm",
-            "mlp_norm": "post_attention_layernorm",
-            "up": "mlp.dense_h_to_4h",
-            "down": "mlp.dense_4h_to_h",
-            "embed": "gpt_neox.embed_in",
-            "final_norm": "gpt_neox.final_layer_norm",
-            "lm_head": "embed_out",
-        },
-        norm="layer",
-        qkv="per_head",
-        mlp="plain",
-        layout="parallel",
-        act_default="gelu",
-    ),
+# --- a table's [forward] section -> ForwardSpec (a table is user input: every value is checked) -----
+
+_KINDS = {
+    "norm": ("rms", "layer"),
+    "layout": ("pre", "sandwich", "post", "parallel"),
+    "qkv": ("separate", "fused", "per_head"),
+    "qk_norm": ("none", "head", "full"),
+    "mlp": ("gated", "gated_fused", "plain", "moe"),
+    "attention": ("standard", "mla"),
 }
+_VALUES = {
+    "norm_offset": float,
+    "conv1d": bool,
+    "embed_scale": bool,
+    "positions": str,
+    "act_keys": list,
+    "act_default": str,
+    "rope": bool,
+    "rope_theta": float,
+    "rope_partial": float,
+    "rope_theta_keys": list,
+    "names": dict,
+    "moe": dict,
+    "sliding": dict,
+    "rope_layer_types": dict,
+}
+_SLIDING = {
+    "layers": ("none", "all", "pattern", "from"),
+    "requires": list,
+    "pattern": int,
+    "pattern_keys": list,
+    "from_key": str,
+    "window_requires": list,
+}
+_MOE = {"normalize": bool, "normalize_key": str, "sparse_rule": bool, "router": ("topk", "grouped")}
+_LAYER_ROPE = {"theta": float, "theta_keys": list, "rope_type": str}
+# the tensor names (relative to a layer; embed, final_norm, lm_head to the checkpoint) each kind reads
+_NEEDS = {
+    ("qkv", "separate"): ("q", "k", "v"),
+    ("qkv", "fused"): ("qkv",),
+    ("qkv", "per_head"): ("qkv",),
+    ("qk_norm", "head"): ("q_norm", "k_norm"),
+    ("qk_norm", "full"): ("q_norm", "k_norm"),
+    ("layout", "pre"): ("attn_norm", "mlp_norm"),
+    ("layout", "parallel"): ("attn_norm", "mlp_norm"),
+    ("layout", "sandwich"): ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm"),
+    ("layout", "post"): ("attn_post_norm", "mlp_post_norm"),
+    ("mlp", "gated"): ("gate", "up", "down"),
+    ("mlp", "gated_fused"): ("gate_up", "down"),
+    ("mlp", "plain"): ("up", "down"),
+    ("mlp", "moe"): ("router", "experts", "expert_gate", "expert_up", "expert_down"),
+    ("attention", "mla"): ("q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b"),
+}
+_ALWAYS: tuple[str, ...] = ("embed", "final_norm", "lm_head", "o")
+_OPTIONAL = ("gate", "up", "down", "mlp_out_bias", "shared", "shared_gate", "router_bias")  # MoE extras
+NAME_KEYS = tuple(dict.fromkeys((*_ALWAYS, *(n for need in _NEEDS.values() for n in need), *_OPTIONAL)))
+
+
+def _check(path, where: str, section: dict, schema: dict) -> None:
+    """Unknown keys, wrong types and values outside a kind's choices, each one line naming `where`."""
+    unknown = sorted(set(section) - set(schema))
+    if unknown:
+        raise PatcherError(path, f"unknown keys {unknown} in {where}; allowed: {sorted(schema)}")
+    for key, want in schema.items():
+        if key not in section:
+            continue
+        value, at = section[key], f"{where} {key}"
+        if isinstance(want, tuple):
+            if value not in want:
+                raise PatcherError(path, f"{at} must be one of {', '.join(want)}, got {value!r}")
+            continue
+        ok = (int, float) if want is float else want
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, ok):
+            raise PatcherError(path, f"{at} must be a {want.__name__}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise PatcherError(path, f"{at} must be a list of config key names, got {value!r}")
+
+
+def parse_forward(path, section: dict, tied: bool) -> ForwardSpec:
+    """A table's (merged) [forward] section as a ForwardSpec; `tied` is the table's tie_word_embeddings."""
+    _check(path, "[forward]", section, {**_KINDS, **_VALUES})
+    kinds = {k: section.get(k, ForwardSpec.__dataclass_fields__[k].default) for k in _KINDS}
+    _check(path, "[forward.moe]", section.get("moe", {}), _MOE)
+    _check_names(path, section.get("names", {}), kinds, section.get("moe", {}))
+    plain = {k: v for k, v in section.items() if k not in ("names", "qk_norm", "sliding", "rope_layer_types")}
+    lists = {k: tuple(v) for k, v in plain.items() if isinstance(v, list)}
+    floats = {k: float(v) for k, v in plain.items() if _VALUES.get(k) is float}
+    return ForwardSpec(
+        **{**plain, **lists, **floats},
+        names=dict(section.get("names", {})),
+        qk_norm=None if kinds["qk_norm"] == "none" else kinds["qk_norm"],
+        tied=tied,
+        rope_layer_types=_layer_ropes(path, section.get("rope_layer_types", {})),
+        sliding=_sliding(path, section.get("sliding", {})),
+    )
+
+
+def _check_names(path, names: dict, kinds: dict, moe: dict) -> None:
+    """Every tensor name the chosen kinds read is given (a typo'd key is unknown, not silently unused)."""
+    _check(path, "[forward.names]", names, dict.fromkeys(NAME_KEYS, str))
+    needs: list[tuple[str, tuple[str, ...]]] = [("every forward pass", _ALWAYS)]
+    needs += [(f"{k} = {v!r}", need) for (k, v), need in _NEEDS.items() if kinds[k] == v]
+    if moe.get("router") == "grouped":
+        needs.append(("[forward.moe] router = 'grouped'", ("router_bias",)))
+    for why, need in needs:
+        missing = [n for n in need if n not in names]
+        if missing:
+            raise PatcherError(path, f"[forward.names] lacks {missing}, which {why} reads")
+    if kinds["mlp"] == "moe" and "{e}" not in names["experts"]:
+        raise PatcherError(path, "[forward.names] experts must hold {e} (the expert index)")
+
+
+def _sliding(path, section: dict) -> Sliding:
+    _check(path, "[forward.sliding]", section, _SLIDING)
+    if section.get("layers") == "pattern" and section.get("pattern", 0) < 1:
+        raise PatcherError(path, "[forward.sliding] layers = 'pattern' needs pattern >= 1")
+    if section.get("layers") == "from" and not section.get("from_key"):
+        raise PatcherError(path, "[forward.sliding] layers = 'from' needs from_key (a config key)")
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+    return Sliding(**values)
+
+
+def _layer_ropes(path, section: dict) -> dict:
+    out = {}
+    for layer_type, rope in section.items():
+        where = f"[forward.rope_layer_types.{layer_type}]"
+        if not isinstance(rope, dict) or "theta" not in rope:
+            raise PatcherError(path, f"{where} must be a table with theta (and theta_keys, rope_type)")
+        _check(path, where, rope, _LAYER_ROPE)
+        out[layer_type] = LayerRope(
+            float(rope["theta"]), tuple(rope.get("theta_keys", ())), rope.get("rope_type")
+        )
+    return out
+
+
+def _first(cfg: dict, keys, default):
+    """The value of the first of `keys` config.json has, else `default`."""
+    return next((cfg[k] for k in keys if k in cfg), default)
 
 
 @dataclass
@@ -274,96 +296,88 @@ ROPE_NUMBERS = (
 ROPE_KINDS = ("default", "linear", "llama3", "yarn")
 
 
-def hyper(model_type: str, cfg: dict) -> Hyper:
-    spec = spec_for(model_type)
-    g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
+def hyper(spec: ForwardSpec, cfg: dict) -> Hyper:
+    """The forward pass's hyperparameters: config.json's values, the table's declared defaults."""
+    g = lambda *keys, default=None: _set(cfg, keys, default)  # noqa: E731
     d = int(g("hidden_size", "n_embd"))
     n_layers = int(g("num_hidden_layers", "n_layer"))
     heads = int(g("num_attention_heads", "n_head"))
-    kv = int(g("num_key_value_heads", default=heads))
     head_dim = int(g("head_dim", default=d // heads))
-    rope_dim = int(g("qk_rope_head_dim", default=head_dim))  # MLA rotates only its rope part
-    eps = float(g("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5))
-    act = next((cfg[k] for k in spec.act_keys if cfg.get(k)), spec.act_default)
     scale = (
         float(cfg["query_pre_attn_scalar"]) ** -0.5 if cfg.get("query_pre_attn_scalar") else head_dim**-0.5
     )
-    if spec.attention == "mla":
-        scale = _mla_scale(cfg)
-    layer_types = list(cfg.get("layer_types") or _default_layer_types(model_type, cfg, n_layers))
-    rp = cfg.get("rope_parameters")
-    ropes = {}
-    if spec.rope:
-        partial_default = 0.25 if model_type == "gpt_neox" else 1.0
-        theta_default = {"gemma3_text": 1_000_000.0}.get(model_type, 10000.0)
-        for lt in set(layer_types):
-            block = (
-                rp.get(lt)
-                if isinstance(rp, dict) and lt in rp
-                else rp
-                if isinstance(rp, dict) and "rope_theta" in rp
-                else None
-            )
-            if model_type == "gemma3_text" and block is None and lt == "sliding_attention":
-                block = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
-            if model_type == "gpt_neox" and block is None and "rotary_emb_base" in cfg:
-                block = {"rope_theta": cfg["rotary_emb_base"]}
-            ropes[lt] = _rope_from(cfg, block, rope_dim, theta_default, partial_default)
-            ropes[lt].interleaved = spec.attention == "mla" and bool(cfg.get("rope_interleave", True))
-    moe = {}
-    if spec.mlp == "moe":
-        moe = {
-            "experts": int(g("num_local_experts", "num_experts", "n_routed_experts")),
-            "top_k": int(cfg["num_experts_per_tok"]),
-            "normalize": bool(cfg.get(spec.moe.get("normalize_key", ""), spec.moe["normalize"])),
-            "sparse_layers": _sparse_layers(spec, cfg, n_layers),
-        }
-        if spec.moe.get("router") == "grouped":
-            moe["grouped"] = {
-                "bias": spec.names["router_bias"],
-                "n_group": int(cfg.get("n_group", 1) or 1),
-                "topk_group": int(cfg.get("topk_group", 1) or 1),
-                "scaling": float(cfg.get("routed_scaling_factor", 1.0)),
-            }
-    window = cfg.get("sliding_window") if (model_type != "qwen2" or cfg.get("use_sliding_window")) else None
+    layer_types = list(cfg.get("layer_types") or spec.sliding.layer_types(cfg, n_layers))
+    rope_dim = int(g("qk_rope_head_dim", default=head_dim))  # MLA rotates only its rope part
+    mla = spec.attention == "mla"
     return Hyper(
         d,
         n_layers,
         heads,
-        kv,
+        int(g("num_key_value_heads", default=heads)),
         head_dim,
-        eps,
-        act,
-        scale,
+        float(g("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
+        next((cfg[k] for k in spec.act_keys if cfg.get(k)), spec.act_default),
+        _mla_scale(cfg) if mla else scale,
         layer_types,
-        ropes,
+        _ropes(spec, cfg, layer_types, rope_dim) if spec.rope else {},
         attn_softcap=cfg.get("attn_logit_softcapping"),
         final_softcap=cfg.get("final_logit_softcapping"),
-        window=window,
-        tied=bool(cfg.get("tie_word_embeddings", model_type in ("gemma", "gemma2", "gemma3_text", "gpt2"))),
-        moe=moe,
+        window=cfg.get("sliding_window") if all(cfg.get(k) for k in spec.sliding.window_requires) else None,
+        tied=bool(cfg.get("tie_word_embeddings", spec.tied)),
+        moe=_moe(spec, cfg, n_layers) if spec.mlp == "moe" else {},
         parallel=bool(cfg.get("use_parallel_residual", True)),
         mla={k: int(cfg[k]) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")}
-        if spec.attention == "mla"
+        if mla
         else {},
     )
 
 
-def _default_layer_types(model_type: str, cfg: dict, n: int) -> list:
-    """HF's defaults when config.json has no layer_types."""
-    if model_type == "gemma2":
-        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    if model_type == "gemma3_text":
-        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
-        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    if model_type == "qwen2" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
-        return [
-            "sliding_attention" if i >= cfg.get("max_window_layers", 0) else "full_attention"
-            for i in range(n)
-        ]
-    if model_type == "mistral" and cfg.get("sliding_window"):
-        return ["sliding_attention"] * n
-    return ["full_attention"] * n
+def _set(cfg: dict, keys, default=None):
+    """The first of `keys` config.json sets (not null), else `default`."""
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), default)
+
+
+def _ropes(spec: ForwardSpec, cfg: dict, layer_types: list, dim: int) -> dict:
+    rp = cfg.get("rope_parameters")
+    ropes = {}
+    for lt in set(layer_types):
+        block = (
+            (rp.get(lt) if lt in rp else rp if "rope_theta" in rp else None) if isinstance(rp, dict) else None
+        )
+        if block is None:
+            block = _declared_rope(spec, cfg, lt)
+        ropes[lt] = _rope_from(cfg, block, dim, spec.rope_theta, spec.rope_partial)
+        ropes[lt].interleaved = spec.attention == "mla" and bool(cfg.get("rope_interleave", True))
+    return ropes
+
+
+def _declared_rope(spec: ForwardSpec, cfg: dict, layer_type: str) -> dict | None:
+    """Rope settings the table declares where config.json's rope_parameters says nothing."""
+    own = spec.rope_layer_types.get(layer_type)
+    if own is not None:
+        return {
+            **({"rope_type": own.rope_type} if own.rope_type else {}),
+            "rope_theta": _first(cfg, own.theta_keys, own.theta),
+        }
+    key = next((k for k in spec.rope_theta_keys if k in cfg), None)
+    return {"rope_theta": cfg[key]} if key else None
+
+
+def _moe(spec: ForwardSpec, cfg: dict, n_layers: int) -> dict:
+    moe = {
+        "experts": int(_set(cfg, ("num_local_experts", "num_experts", "n_routed_experts"))),
+        "top_k": int(cfg["num_experts_per_tok"]),
+        "normalize": bool(cfg.get(spec.moe.get("normalize_key", ""), spec.moe.get("normalize", False))),
+        "sparse_layers": _sparse_layers(spec, cfg, n_layers),
+    }
+    if spec.moe.get("router") == "grouped":
+        moe["grouped"] = {
+            "bias": spec.names["router_bias"],
+            "n_group": int(cfg.get("n_group", 1) or 1),
+            "topk_group": int(cfg.get("topk_group", 1) or 1),
+            "scaling": float(cfg.get("routed_scaling_factor", 1.0)),
+        }
+    return moe
 
 
 def _mla_scale(cfg: dict) -> float:
@@ -385,18 +399,6 @@ def _sparse_layers(spec: ForwardSpec, cfg: dict, n: int) -> set:
     only = set(cfg.get("mlp_only_layers") or [])
     step = int(cfg.get("decoder_sparse_step", 1) or 1)
     return {i for i in range(n) if i not in only and (i + 1) % step == 0}
-
-
-def spec_for(model_type: str) -> ForwardSpec:
-    try:
-        return FORWARD[model_type]
-    except KeyError:
-        raise PatcherError(
-            "config.json",
-            f"the forward pass for model_type {model_type!r} is not "
-            f"implemented "
-            f"(supported: {', '.join(sorted(FORWARD))})",
-        ) from None
 
 
 # --- the description itself, run by any `ops` backend --------------------------------------------
@@ -533,7 +535,7 @@ def _mlp_core(ops, spec: ForwardSpec, hp: Hyper, x, layer: int):
     return out
 
 
-_GATED = ForwardSpec(LLAMA_NAMES)
+_GATED = ForwardSpec({})  # experts and dense MoE layers: gated, names given per call
 
 
 def block(ops, spec: ForwardSpec, hp: Hyper, x, layer: int):

@@ -115,7 +115,7 @@ class NumpyOps:
         self.weights = weights
         self.mask = attention_mask.astype(bool)  # [B, T]
         self.pos = position_ids  # [B, T]
-        self._cos_sin = {}
+        self._cos_sin: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- weights -------------------------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -279,20 +279,17 @@ class Model:
 
     # --- the forward pass: spec and checked hyperparameters --------------------------------------
     @property
-    def forward_type(self) -> str:
-        """The model_type whose forward description runs this model: its own, or (for a custom table)
-        the nearest built-in it extends."""
-        from patcher.model.forward import FORWARD
-
-        lineage = (self.model_type, *(self.arch.lineage if self.arch else ()))
-        return next((t for t in lineage if t in FORWARD), self.model_type)
-
-    @property
     def spec(self):
+        """The forward pass's description: the [forward] section of the model's table."""
         if self._spec is None:
-            from patcher.model.forward import spec_for
-
-            self._spec = spec_for(self.forward_type)
+            if self.arch is None or self.arch.forward is None:
+                where = self.arch.source if self.arch else self.config_path
+                raise PatcherError(
+                    where,
+                    "has no [forward] section: the forward pass needs one (add it, or 'extends' "
+                    "a table that has one, such as llama)",
+                )
+            self._spec = self.arch.forward
         return self._spec
 
     @property
@@ -300,7 +297,7 @@ class Model:
         """Hyperparameters of the forward pass, checked before any work (commands that only edit
         weights never read them)."""
         if self._hp is None:
-            self._hp = _checked_hyper(self.forward_type, self.config, self.config_path, self.spec)
+            self._hp = _checked_hyper(self.config, self.config_path, self.spec)
         return self._hp
 
     # --- FP8 block scales ------------------------------------------------------------------------
@@ -358,7 +355,7 @@ def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int |
     return value
 
 
-def _checked_hyper(forward_type: str, cfg: dict, where, spec):
+def _checked_hyper(cfg: dict, where, spec):
     from patcher.model import forward as fw
     from patcher.model.numpy_ops import ACTS
 
@@ -381,7 +378,7 @@ def _checked_hyper(forward_type: str, cfg: dict, where, spec):
         key = next((k for k in spec.act_keys if cfg.get(k)), spec.act_keys[0])
         raise PatcherError(where, f"{key} = {act!r} is not supported (supported: {', '.join(sorted(ACTS))})")
     try:
-        return fw.hyper(forward_type, cfg)
+        return fw.hyper(spec, cfg)
     except PatcherError:
         raise
     except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:

@@ -197,22 +197,23 @@ class PromptTokenizer:
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
 
-    def _id(self, name: str) -> int | None:
+    def special_id(self, name: str) -> int | None:
+        """Id of a special token by its role (bos_token, eos_token, ...); None when it has none."""
         token = self.special_tokens.get(name)
         return None if token is None else self.tokenizer.token_to_id(token)
 
     @property
     def bos_id(self) -> int | None:
-        return self._id("bos_token")
+        return self.special_id("bos_token")
 
     @property
     def eos_id(self) -> int | None:
-        return self._id("eos_token")
+        return self.special_id("eos_token")
 
     @property
     def pad_id(self) -> int:
         for name in ("pad_token", "eos_token"):
-            if (i := self._id(name)) is not None:
+            if (i := self.special_id(name)) is not None:
                 return i
         return 0
 
@@ -384,18 +385,15 @@ def check_lengths(
     if limit is not None and n > limit:
         raise PatcherError(
             where,
-            f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the "
-            f"model "
-            f"takes at most {limit} positions (config.json max_position_embeddings)",
+            f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}; the model takes at most "
+            f"{limit} positions (config.json max_position_embeddings)",
         )
     need = (heads or 1) * n * n * 4 * 3 * max(1, min(batch_size, len(token_lists)))
     if need > ATTENTION_BUDGET:
         raise PatcherError(
             where,
             f"prompt {longest + 1} has {len(token_lists[longest])} tokens{plus}: its "
-            f"attention "
-            f"needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); "
-            f"use shorter "
+            f"attention needs ~{need / 2**30:.0f} GiB (budget {ATTENTION_BUDGET >> 30} GiB); use shorter "
             "prompts or a smaller --batch-size",
         )
 

@@ -4,6 +4,7 @@ the checkpoint one at a time when the model is saved, so export never holds the 
 """
 
 import math
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -11,7 +12,7 @@ import onnx_ir as ir
 from patcher.model.numpy_ops import rope_inv_freq
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
-NP = {FLOAT: np.float32, FLOAT16: np.float16}
+NP: dict[ir.DataType, type[np.floating]] = {FLOAT: np.float32, FLOAT16: np.float16}
 
 
 class Context:
@@ -44,8 +45,9 @@ class Context:
         self.views = views or {}  # name -> zero-copy view of the stored tensor (quantizers read it in slabs)
         self.token_embed, self.tied = token_embed, tied
         self.neg = float(np.finfo(self.np_act).min)
-        self.inits: dict[str, ir.Value] = {}
-        self.quantized_inits: dict[str, tuple] = {}
+        self.inits: dict[str, dict[ir.DataType, ir.Value]] = {}  # name -> its value in each dtype asked
+        # MatMulNBits parts by name; int8-per-channel parts by (name, transposed)
+        self.quantized_inits: dict[str | tuple[str, bool], tuple] = {}
         self.quantized_meta: dict[
             str, dict
         ] = {}  # recorded in the model so verify can read the stored weights
@@ -77,7 +79,8 @@ class Context:
         )
         if self.logits_to_keep is not None:
             self.inputs.append(self.logits_to_keep)
-        self._masks, self._rope = {}, {}
+        self._masks: dict[int | None, ir.Value] = {}
+        self._rope: dict[tuple, tuple[ir.Value, ir.Value]] = {}
 
     @staticmethod
     def _input(name, dtype, dims):
@@ -136,7 +139,7 @@ class Context:
                 w = self.views[name]() if name in self.views else load()
                 w = w.T if conv1d else w
                 plan = self.ortho(name, w) if self.ortho else None
-                q, axis = plan if plan else (None, None)
+                q, axis = plan if plan else (None, 0)
                 return quantize(w, qo["bits"], qo["block"], qo["symmetric"], q, axis, self.np_act)
 
             def produce(part, np_dtype):
@@ -157,7 +160,7 @@ class Context:
             for part in parts:
                 shp, dt = dims[part]
                 t = ir.LazyTensor(
-                    lambda part=part, dt=dt: produce(part, NP.get(dt, np.uint8)),
+                    partial(produce, part, NP.get(dt, np.uint8)),
                     dtype=dt,
                     shape=ir.Shape(shp),
                     name=f"{name}.{part}",
@@ -189,7 +192,7 @@ class Context:
                     w = self.views[name]() if name in self.views else load()
                     w = w.T if conv1d else w
                     plan = self.ortho(name, w) if self.ortho else None
-                    q, axis = plan if plan else (None, None)
+                    q, axis = plan if plan else (None, 0)
                     memo["q"], memo["left"] = quantize_channels(w, q, axis), {"codes", "scales"}
                 qc = memo["q"]
                 arr = (qc.codes.T if transposed else qc.codes) if part == "codes" else qc.scales

@@ -63,7 +63,7 @@ def quantize(
     block: int = 32,
     symmetric: bool = True,
     q: np.ndarray | None = None,
-    axis: int | None = None,
+    axis: int = 0,
     scale_dtype=np.float32,
 ) -> Quantized:
     """w [N, K] -> MatMulNBits tensors. q [d_model, k] orthonormal and axis (0: N is the residual axis,
@@ -160,7 +160,7 @@ class Channelwise:
         return self.codes.astype(np.float64) * self.scales.astype(np.float64)[:, None]
 
 
-def quantize_channels(w: np.ndarray, q: np.ndarray | None = None, axis: int | None = None) -> Channelwise:
+def quantize_channels(w: np.ndarray, q: np.ndarray | None = None, axis: int = 0) -> Channelwise:
     """w [N, K] -> int8 codes in [-127, 127] and per-row scales max|w_n| / 127, with orthogonal rounding
     along `axis` when q is given (slabs as in quantize)."""
     n, k = w.shape

@@ -92,7 +92,7 @@ class OnnxModel:
         logits, past = self.step(ids, mask, pos, self.empty_cache(ids.shape[0]), keep=1)
         done = np.zeros(ids.shape[0], bool)
         eos = np.array(sorted(set(eos_ids)), np.int64)
-        out = []
+        out: list[np.ndarray] = []
         next_pos = pos[:, -1:] + 1
         for step in range(max_new_tokens):
             last = logits[:, -1, :].astype(np.float64)

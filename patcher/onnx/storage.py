@@ -31,7 +31,7 @@ def write_model(model: ir.Model, path: Path, chunk_bytes: int = CHUNK_BYTES) -> 
     names: list[str] = []
     handle, offset = None, 0
     try:
-        for value in list(model.graph.initializers.values()):
+        for name, value in list(model.graph.initializers.items()):
             tensor = value.const_value
             if tensor is None or isinstance(tensor, ir.ExternalTensor):
                 continue
@@ -60,8 +60,8 @@ def write_model(model: ir.Model, path: Path, chunk_bytes: int = CHUNK_BYTES) -> 
                 start,
                 nbytes,
                 tensor.dtype,
-                shape=tensor.shape,
-                name=value.name,
+                shape=ir.Shape(tensor.shape.numpy()),  # static: a stored tensor
+                name=name,
                 base_dir=path.parent,
             )
     finally:

@@ -2,6 +2,7 @@
 agreement), the direction's projection per layer, and behaviour (marker rate, first-token KL)."""
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,14 @@ from patcher.errors import PatcherError
 from patcher.io.manifest import folder_identity
 from patcher.io.paths import read_json_object
 from patcher.model.execution import StreamedModel
-from patcher.model.prompts import check_lengths, encode_prompts, left_pad, load_tokenizer, read_prompt_file
+from patcher.model.prompts import (
+    PromptTokenizer,
+    check_lengths,
+    encode_prompts,
+    left_pad,
+    load_tokenizer,
+    read_prompt_file,
+)
 from patcher.onnx.export import FILES, variant_file, variants_in  # noqa: F401 (FILES: for the CLI)
 from patcher.onnx.quality import QUALITY_PROMPTS, QUALITY_TOKENS, Quality, compare, kl
 from patcher.onnx.runtime import OnnxModel
@@ -69,9 +77,9 @@ def is_onnx_folder(path: Path) -> bool:
 class Prompts:
     texts: list[str]
     ids: list[list[int]]
-    tokenizer: object
+    tokenizer: PromptTokenizer
 
-    def batch(self, rows=None):
+    def batch(self, rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = range(len(self.ids)) if rows is None else rows
         return left_pad([self.ids[i] for i in rows], self.tokenizer.pad_id)
 
@@ -213,7 +221,8 @@ def leakage(stored: dict, exact: StreamedModel, original: StreamedModel | None, 
     return {"summary": summary, "tensors": rows}
 
 
-def _eos(folder: Path, tok) -> list[int]:
+def stop_tokens(folder: Path, tok: PromptTokenizer) -> list[int]:
+    """The token ids generation stops at: the tokenizer's eos and generation_config.json's eos_token_id."""
     ids = {tok.eos_id} if tok.eos_id is not None else set()
     gen = Path(folder) / "generation_config.json"
     if gen.exists():
@@ -226,6 +235,9 @@ def _eos(folder: Path, tok) -> list[int]:
             )
         ids |= set(e)
     return sorted(i for i in ids if i is not None)
+
+
+_eos = stop_tokens  # the old name: patcher/search/run.py (being refactored, issue 23) imports it
 
 
 PARITY_CHUNK = 8  # prompts per numpy forward: memory holds one chunk's logits, whatever the prompt count
@@ -329,7 +341,7 @@ def verify(
             onnx_model,
             qp.ids,
             quality_tokens,
-            _eos(reference, qp.tokenizer),
+            stop_tokens(reference, qp.tokenizer),
         )
     if stored and direction is not None:
         from patcher_kernels.project import orthonormalize
@@ -343,15 +355,15 @@ def verify(
         )
     if original is not None and prompts is not None:
         orig_dir = cached_export(original, "fp32", announce)
-        eos = _eos(reference, p.tokenizer)
-        texts = {}
+        eos = stop_tokens(reference, p.tokenizer)
+        texts: dict[str, list[str]] = {}
         for label, folder in (("original", orig_dir), ("edited", onnx_dir)):
             m = OnnxModel(folder, variant_file(folder, "fp32" if label == "original" else dtype), provider)
             texts[label] = []
             for rows in _chunks(len(p.ids)):
                 new = m.generate(*p.batch(rows), behaviour_tokens, eos_ids=eos)
                 texts[label] += [
-                    p.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in new
+                    p.tokenizer.decode(until_eos(row, eos), skip_special_tokens=True) for row in new
                 ]
             rep.marker_rate[label] = marker_rate(texts[label])
         rep.completions = texts
@@ -363,7 +375,8 @@ def verify(
     return rep
 
 
-def _until_eos(row, eos):
+def until_eos(row: np.ndarray, eos: Iterable[int]) -> list[int]:
+    """A generated row's tokens before the first stop token."""
     out = []
     for t in row.tolist():
         if t in eos:
@@ -392,7 +405,7 @@ def projections(edited: StreamedModel, original: StreamedModel | None, ids, mask
     """Mean |r̂ · resid_pre[l]| / |resid_pre[l]| over real tokens, per layer, for each model."""
     r = direction.unit[0]
     real = mask.astype(bool)
-    rows = {}
+    rows: dict[int, dict] = {}  # layer -> its row
     for label, sm in (("edited", edited), ("original", original)):
         if sm is None:
             continue

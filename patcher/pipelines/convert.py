@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from patcher.io.gguf_fields import INT32, encode, typed
 from patcher.io.gguf_hf import side_files
 from patcher.io.gguf_pretokenizers import PRE_TOKENIZERS, pre_tokenizer
 from patcher.io.writer import OutputFolder, OutTensor, write_safetensors
+from patcher.model.architectures import Architecture, GGUFLayout
 from patcher.model.opened import Model
 
 # --dtype -> (safetensors dtype, config.json torch_dtype)
@@ -103,9 +105,7 @@ def to_hf(
             weight_map, total = {}, 0
             for fname, names in shards:
                 tensors = [
-                    OutTensor(
-                        n, st_dtype, view.info(n).shape, produce=lambda n=n: _hf_blocks(view, n, st_dtype)
-                    )
+                    OutTensor(n, st_dtype, view.info(n).shape, produce=partial(_hf_blocks, view, n, st_dtype))
                     for n in names
                 ]
                 sha = write_safetensors(tmp / fname, tensors, {"format": "pt"}, hash_out=hash_files)
@@ -141,7 +141,8 @@ def to_hf(
 
 def _shards(sizes: list[tuple[str, int]]) -> list[tuple[str, list[str]]]:
     """Tensors in order, cut into files of at most SHARD_BYTES (HF's model-0000i-of-0000n names)."""
-    groups, size = [[]], 0
+    groups: list[list[str]] = [[]]
+    size = 0
     for name, n in sizes:
         if groups[-1] and size + n > SHARD_BYTES:
             groups.append([])
@@ -204,12 +205,7 @@ def to_gguf(model: Model, out, qtype: str = "F16", *, force: bool = False, comma
     _check_name(out, "gguf")
     path = check_output(out, model.input_paths, force=force, kind="file")
     t0 = time.perf_counter()
-    layout = model.arch.gguf_layout
-    if layout is None:
-        raise PatcherError(
-            model.arch.source,
-            f"model_type {model.model_type!r} has no [gguf] section: its GGUF names are not known",
-        )
+    _, layout = _gguf_layout(model)
     model.hp  # noqa: B018 - the hyperparameters llama.cpp needs, checked before any work
     notes: list[str] = []
     tensors = _gguf_tensors(model, layout.arch, qtype, notes)
@@ -236,12 +232,25 @@ class _Source:
     transposed: bool = False
 
 
+def _gguf_layout(model: Model) -> tuple[Architecture, GGUFLayout]:
+    """The model's table and its [gguf] section (llama.cpp's names for it)."""
+    arch = model.arch
+    if arch is None or arch.gguf_layout is None:
+        raise PatcherError(
+            arch.source if arch else model.source,
+            f"model_type {model.model_type!r} has no [gguf] section: its GGUF names are not known",
+        )
+    return arch, arch.gguf_layout
+
+
 def _gguf_tensors(model: Model, arch: str, qtype: str, notes: list) -> list[OutTensorGGUF]:
     from gguf import MODEL_ARCH_NAMES, TensorNameMap
 
     arch_id = {v: k for k, v in MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_id is None:
-        raise PatcherError(model.arch.source, f"the gguf package does not know architecture {arch!r}")
+        raise PatcherError(
+            _gguf_layout(model)[0].source, f"the gguf package does not know architecture {arch!r}"
+        )
     tmap = TensorNameMap(arch_id, model.n_layers)
     sources: dict[str, _Source] = {}
     experts: dict[str, dict[int, str]] = {}
@@ -306,7 +315,7 @@ def _out_tensor(model: Model, src: _Source, shape: tuple, t: str) -> OutTensorGG
 def _gguf_blocks(model: Model, src: _Source, qt) -> Iterator[np.ndarray]:
     from gguf.quants import quantize
 
-    layout = model.arch.gguf_layout
+    _, layout = _gguf_layout(model)
     permute = layout.rope_permuted and re.search(r"attn_[qk]\.(weight|bias)$", src.gguf)
     shift = layout.norm_shift if src.gguf.endswith("norm.weight") else 0.0
     for name in src.hf:
@@ -408,9 +417,9 @@ def _vocab_fields(model: Model) -> list[bytes]:
         ("pad_token", "padding"),
         ("unk_token", "unknown"),
     ):
-        i = tok._id(name)
-        if i is not None:
-            md[f"tokenizer.ggml.{key}_token_id"] = i
+        token_id = tok.special_id(name)
+        if token_id is not None:
+            md[f"tokenizer.ggml.{key}_token_id"] = token_id
     md["tokenizer.ggml.add_bos_token"] = _adds_bos(tok)
     if tok.chat_template is not None:
         md["tokenizer.chat_template"] = tok.chat_template

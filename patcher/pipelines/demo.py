@@ -10,6 +10,7 @@ import shlex
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def run(out: Path | None = None, step=None) -> dict:
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="patcher-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     try:
-        facts = _run(out, data, step)
+        facts = run_stages(out, data, step)
     except BaseException:
         if fresh:  # a failed or interrupted demo leaves nothing in a folder it made
             shutil.rmtree(out, ignore_errors=True)
@@ -75,7 +76,8 @@ def next_commands(out: Path) -> list[str]:
     ]
 
 
-def _run(out: Path, data: dict, step) -> dict:
+def run_stages(out: Path, data: dict, step: Callable[[str, float, dict], None] | None) -> dict:
+    """The demo's stages on its bundled inputs `data`, writing under `out` (checked by `run`)."""
     from patcher.edit.apply import execute
     from patcher.edit.directions import load_direction
     from patcher.edit.extract import extract

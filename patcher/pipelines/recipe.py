@@ -360,7 +360,8 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
             problems.append(Problem(_key_line(recipe.text, line, "path"), f"model {m['path']}: {e}"))
             continue
         L, d = res.n_layers, res.d_model
-        actions, current, last_directions = [], path, None
+        actions: list[Action] = []
+        current, last_directions = path, None
         for st in recipe.steps:
             o, where = dict(st.options), lambda k, st=st: _key_line(recipe.text, st.line, k)
             default = DEFAULT_OUTPUT.get(st.op, "")
@@ -428,8 +429,7 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
                             Problem(
                                 st.line,
                                 f"step {st.index} ({st.op}): no direction given "
-                                f"and no "
-                                "extract step before it",
+                                "and no extract step before it",
                             )
                         )
                     else:
@@ -485,23 +485,24 @@ def validate(recipe: Recipe) -> list[ModelPlan]:
             check_output(plan.output, inputs, resume=True, option=f"model {plan.name}: output")
         except PatcherError as e:
             problems.append(Problem(None, f"model {plan.name}: output {e}"))
-        seen = {}
+        seen: dict[str, int] = {}
         for a in plan.actions:
             key = os.path.realpath(a.output)
             if key in seen:
                 problems.append(
                     Problem(
                         a.step.line,
-                        f"step {a.step.index}: writes {a.output}, as step "
-                        f"{seen[key]} "
-                        "does; give each step its own output",
+                        f"step {a.step.index}: writes {a.output}, as step {seen[key]} does; "
+                        "give each step its own output",
                     )
                 )
             seen[key] = a.step.index
     if problems:
-        e = PatcherError(recipe.path, f"{len(problems)} problem(s):\n  " + "\n  ".join(map(str, problems)))
-        e.lines = True  # one problem per line, each naming its recipe line
-        raise e
+        error = PatcherError(
+            recipe.path, f"{len(problems)} problem(s):\n  " + "\n  ".join(map(str, problems))
+        )
+        error.lines = True  # one problem per line, each naming its recipe line
+        raise error
     for plan in plans:
         _fingerprints(plan)
     return plans
@@ -687,7 +688,9 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
                 p = plan_injection(
                     ck, d, layer=int(o["layer"]), alpha=float(o["alpha"]), target=o.get("target", "mlp_out")
                 )
-            rep = execute(p, a.output, force=True, command=None, recipe=info)
+            # execute's `command: str` is too narrow (the manifest records None: no command line);
+            # apply.py is being refactored (issue 23)
+            rep = execute(p, a.output, force=True, command=None, recipe=info)  # type: ignore[arg-type]
         return f"{len(p.edits)} edited, {len(p.new)} added" + (
             f", leakage {rep.overall_leakage():.2e}" if rep.leakage else ""
         )
@@ -708,7 +711,7 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
         from patcher.onnx.verify import verify
 
         d = load_direction(o["directions"][0], plan.d_model) if o.get("directions") else None
-        rep = verify(
+        verified = verify(
             a.input,
             o["reference"],
             dtype=o.get("dtype", "fp32"),
@@ -720,14 +723,13 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
         from patcher.io.atomic import atomic_file
 
         with atomic_file(a.output) as tmp:
-            tmp.write_text(dumps(rep.as_dict(), indent=2) + "\n")
-        if not rep.parity_ok:  # the report stays for reading, but the step is not recorded complete
+            tmp.write_text(dumps(verified.as_dict(), indent=2) + "\n")
+        if not verified.parity_ok:  # the report stays for reading, but the step is not recorded complete
             _manifest_path(a).unlink(missing_ok=True)
             raise PatcherError(
                 a.output,
-                f"parity failed: max |Δ logits| {rep.max_abs_diff:.3g} (report "
-                f"kept here; "
-                "the step is not marked complete and runs again next time)",
+                f"parity failed: max |Δ logits| {verified.max_abs_diff:.3g} (report "
+                "kept here; the step is not marked complete and runs again next time)",
             )
         manifest.write_file(
             _manifest_path(a),
@@ -737,7 +739,7 @@ def run_action(a: Action, plan: ModelPlan, recipe_file: str) -> str:
             inputs={},
             outputs={a.output.name: manifest.sha256_file(a.output)},
         )
-        return f"parity {rep.max_abs_diff:.2e}, greedy match {rep.generation_match:.0%}"
+        return f"parity {verified.max_abs_diff:.2e}, greedy match {verified.generation_match:.0%}"
     raise AssertionError(a.op)
 
 

@@ -137,12 +137,13 @@ def setup(
     space_items=(),
     space_toml: Path | None = None,
     project_out_negative_mean: bool = False,
+    arch_table: Path | None = None,
     announce=None,
 ) -> Setup:
     from patcher.edit.extract import extract
 
     seconds = {}
-    ck = Model.open(model)  # a folder, file or hub repo id
+    ck = Model.open(model, arch_table)  # a folder, file or hub repo id; its table, if given
     sm = StreamedModel(ck)
     L, d = sm.n_layers, sm.hp.d_model
     space = sp.default_space(L)

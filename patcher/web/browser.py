@@ -51,7 +51,8 @@ def chromium(offline: bool = True):
         browser = p.chromium.launch(executable_path=str(chromium_path()), headless=True, args=FLAGS)
         try:
             context = browser.new_context()
-            context.blocked = []
+            blocked: list[str] = []
+            context.blocked = blocked  # type: ignore[attr-defined]  # callers read what was refused here
             if offline:
 
                 def route(r):
@@ -59,7 +60,7 @@ def chromium(offline: bool = True):
                     if host in ("127.0.0.1", "localhost") or r.request.url.startswith(("data:", "blob:")):
                         r.continue_()
                     else:
-                        context.blocked.append(r.request.url)
+                        blocked.append(r.request.url)
                         r.abort()
 
                 context.route("**/*", route)

@@ -156,8 +156,8 @@ def fetch_runtime(folder: Path, say=None) -> None:
             f"fetching the pinned browser runtime ({', '.join(specs)}, ~35 MB) from the npm registry "
             f"into {folder} (once)"
         )
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder.parent) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder.parent) as scratch:
+        tmp = Path(scratch)
         cmd = [
             npm,
             "pack",
@@ -189,6 +189,8 @@ def fetch_runtime(folder: Path, say=None) -> None:
             with tarfile.open(tgz) as tar:
                 for f in pin.files:
                     member = tar.extractfile(f"package/{f}")
+                    if member is None:  # a folder or a link where the pin lists a file
+                        raise PatcherError(tgz, f"{pkg}@{pin.version}: package/{f} is not a regular file")
                     (dst / f).parent.mkdir(parents=True, exist_ok=True)
                     with open(dst / f, "wb") as out:
                         shutil.copyfileobj(member, out)

@@ -4,6 +4,7 @@ ES modules and WebAssembly streaming compilation, no directory listings, quiet l
 import functools
 import http.server
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from patcher.errors import PatcherError
@@ -49,6 +50,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    log: Callable[[str], None] | None = None  # where request lines go (None: nowhere)
 
     def handle_error(self, request, client_address):
         import sys
@@ -63,7 +65,13 @@ class Server:
     at construction, the folder only read when it starts: `patcher web --serve` holds the port first, so a
     busy port is reported before the site is built."""
 
-    def __init__(self, folder, port: int = 0, host: str = "127.0.0.1", log=None):
+    def __init__(
+        self,
+        folder: str | Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         handler = functools.partial(_Handler, directory=str(self.folder))
         try:
@@ -71,11 +79,11 @@ class Server:
         except OSError as e:
             raise PatcherError(f"{host}:{port}", f"cannot listen: {e.strerror or e}") from None
         self.httpd.log = log
-        self.thread = None
+        self.thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = self.httpd.socket.getsockname()[:2]
         return f"http://{host}:{port}/"
 
     def start(self) -> "Server":

@@ -46,6 +46,12 @@ MODEL_SIDE_FILES = (
 DATA_CHUNK = re.compile(r"^(?P<base>.+\.onnx)_data(?:_(?P<n>\d+))?$")
 
 
+def _chunk_number(name: str) -> int:
+    """Which external-data chunk a file is (0: the first, unnumbered one)."""
+    m = DATA_CHUNK.match(name)
+    return int(m["n"] or 0) if m else 0
+
+
 def model_files(export: Path) -> tuple[dict[str, list[str]], list[str]]:
     """The export's variants {dtype: [onnx file, external data files...]} and its side files."""
     onnx_dir = export / "onnx"
@@ -60,7 +66,7 @@ def model_files(export: Path) -> tuple[dict[str, list[str]], list[str]]:
         if main in names:
             data = sorted(
                 (n for n in names if (m := DATA_CHUNK.match(n)) and m["base"] == main),
-                key=lambda n: int(DATA_CHUNK.match(n)["n"] or 0),
+                key=_chunk_number,
             )
             variants[dtype] = [main, *data]
     if not variants:
@@ -87,7 +93,7 @@ def _check_weights(onnx_dir: Path, main: str) -> None:
         raise PatcherError(
             onnx_dir / main, f"not a readable ONNX file ({type(e).__name__}): re-export it"
         ) from None
-    sizes = {}
+    sizes: dict[str, int] = {}
     for t in graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -223,7 +229,7 @@ def build(
         models = [_add_model(tmp, "edited", export)]
         if compare:
             models.insert(0, _add_model(tmp, "original", Path(compare), "original"))
-        if runtime.dist is not None:
+        if runtime.dist is not None and runtime.wasm_dir is not None:  # both, or both None (CDN)
             (tmp / "js").mkdir()
             _copy(runtime.dist / TRANSFORMERS_MODULE, tmp / "js" / TRANSFORMERS_MODULE)
             for f in WASM_FILES:

@@ -1,4 +1,5 @@
-"""FP8 block-scaled checkpoints whose matrices span several 128x128 tiles in both directions, with tile
+"""FP8 block-scaled checkpoints. The deepseek_v3 fixture stored FP8 (make_fp8_model, which other tests
+use too) ablated end to end; and matrices that span several 128x128 tiles in both directions, with tile
 scales that differ by orders of magnitude and are stored in the other shard: a reader that used the
 wrong tile's scale (always row 0, always column 0, off by one block) is off by ~10x and fails here.
 
@@ -6,11 +7,13 @@ The references are independent: dequantisation is written out tile by tile in th
 ablation is W - r(rᵀW) in float64."""
 
 import json
+import shutil
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import run_cli, unit
+from conftest import fixture_path, run_cli, unit
+from patcher_kernels.fp8 import FP8_MAX, block_amax, dequantize_blocks
 
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
@@ -28,6 +31,72 @@ PROJ = {
     "mlp.up_proj": (FF, D),
     "mlp.down_proj": (D, FF),
 }
+
+
+def make_fp8_model(tmp_path, scale_dtype="F32"):
+    """The deepseek_v3 fixture with every 2-D projection weight stored FP8 + `_scale_inv` block scales."""
+    src = fixture_path("deepseek_v3")
+    dst = tmp_path / "fp8"
+    shutil.copytree(src, dst)
+    with Checkpoint(src) as ck:
+        for fname in ck.files:
+            tensors = []
+            for info in ck.shard_tensors(fname):
+                w = ck.array(info.name).astype(np.float32)
+                if info.name.endswith("proj.weight") and w.ndim == 2:
+                    s = block_amax(w) / FP8_MAX
+                    q = np.clip(
+                        w / np.repeat(np.repeat(s, 128, 0), 128, 1)[: w.shape[0], : w.shape[1]],
+                        -FP8_MAX,
+                        FP8_MAX,
+                    ).astype(ml_dtypes.float8_e4m3fn)
+                    sd = s.astype({"F32": np.float32, "BF16": ml_dtypes.bfloat16}[scale_dtype])
+                    tensors.append(OutTensor(info.name, "F8_E4M3", q.shape, produce=lambda q=q: [q]))
+                    tensors.append(
+                        OutTensor(info.name + "_scale_inv", scale_dtype, sd.shape, produce=lambda s=sd: [s])
+                    )
+                else:
+                    a = ck.array(info.name)
+                    tensors.append(
+                        OutTensor(info.name, info.dtype, info.shape, produce=lambda a=a: [np.array(a)])
+                    )
+            write_safetensors(dst / fname, tensors, {"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    with Checkpoint(dst) as ck:  # re-read to rebuild the index with the new scale tensors
+        index["weight_map"] = dict(ck.shard_of)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize("scale_dtype", ["F32", "BF16"])
+def test_fp8_block_scaled_ablation(tmp_path, direction64, scale_dtype):
+    src = make_fp8_model(tmp_path, scale_dtype)
+    out = tmp_path / "out"
+    res = run_cli("ablate", src, "-d", direction64, "-o", out, "--targets", "attn_out,mlp_out")
+    r = unit(np.load(direction64))
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    with Checkpoint(src) as a, Checkpoint(out) as b:
+        assert b.tensors[name].dtype == "F8_E4M3"
+        w = dequantize_blocks(a.array(name), a.array(name + "_scale_inv").astype(np.float32)).astype(
+            np.float64
+        )
+        w2 = dequantize_blocks(b.array(name), b.array(name + "_scale_inv").astype(np.float32)).astype(
+            np.float64
+        )
+        want = w - np.outer(r, r @ w)
+        # fp8 e4m3 keeps 3 mantissa bits: agreement to within its rounding, and the direction mostly gone
+        assert np.abs(w2 - want).max() <= 0.07 * np.abs(want).max()
+        assert np.linalg.norm(r @ w2) < 0.1 * np.linalg.norm(r @ w)
+        # scales only ever grow, and every stored value is finite
+        assert np.all(
+            b.array(name + "_scale_inv").astype(np.float32) >= a.array(name + "_scale_inv").astype(np.float32)
+        )
+        assert np.isfinite(b.array(name).astype(np.float32)).all()
+        # tensors that were not edited keep their bytes, scales included
+        other = "model.layers.1.mlp.experts.2.up_proj.weight"
+        assert a.array(other).tobytes() == b.array(other).tobytes()
+        assert a.array(other + "_scale_inv").tobytes() == b.array(other + "_scale_inv").tobytes()
+    assert "leakage" in res.output
 
 
 def tiles(shape):
