@@ -83,8 +83,9 @@ class Server:
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.socket.getsockname()[:2]
-        return f"http://{host}:{port}/"
+        # server_address, not the socket: the URL is still known after the server closed
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}/"
 
     def start(self) -> "Server":
         if not (self.folder / "index.html").is_file():
