@@ -1,4 +1,4 @@
-"""The confusion table of `patcher audit` on a real model (README "Auditing without a base").
+"""The confusion table of `patcher audit` on a real model (docs/audit.md "Measured on a real model").
 
     python scripts/audit_confusion.py HF_FOLDER [--clean GGUF ...] [--workdir DIR] [--out table.md]
 

@@ -1,5 +1,5 @@
 """`patcher ablate` end to end on every fixture: byte identity of untouched tensors, edited tensors
-within 1 bf16 ulp of a float64 reference computed here from the formulas in DESIGN.md."""
+within 1 bf16 ulp of a float64 reference computed here from the formulas in docs/math.md."""
 
 import json
 

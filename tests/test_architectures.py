@@ -1,5 +1,5 @@
 """Architecture tables (built-in, custom, errors), `inspect`, the post-norm correction they enable, and
-the README's table generated from them."""
+the table in docs/models.md generated from them."""
 
 import json
 import shutil
@@ -97,8 +97,8 @@ def test_post_norm_correction_is_what_removes_the_direction(tmp_path, direction6
     assert max((np.abs(h @ r) / np.linalg.norm(h, axis=-1)).max() for h in states[1:]) > 5e-2
 
 
-def test_readme_architecture_table_is_generated_from_the_tables():
+def test_docs_architecture_table_is_generated_from_the_tables():
     from patcher.model.architectures import markdown_table
 
-    readme = (fixture_path("llama").parents[1] / "README.md").read_text()
+    readme = (fixture_path("llama").parents[1] / "docs" / "models.md").read_text()
     assert markdown_table() in readme

@@ -1,6 +1,6 @@
 """`patcher audit`: an edit found in the fork alone. Clean random models of every architecture (many
 seeds) must pass; every ablation patcher makes must be found, with its direction; evasions are measured
-and their outcome asserted (README "Auditing without a base" quotes these numbers)."""
+and their outcome asserted (docs/audit.md quotes these numbers)."""
 
 import json
 import shutil

@@ -186,7 +186,7 @@ def test_fp8_block_roundtrip_and_requantize():
     ).all()
 
 
-# --- numbers that pin each kernel down (written to kill surviving mutants; see README "Mutation testing") ---
+# --- numbers that pin each kernel down (written to kill surviving mutants; see docs/testing.md) ---
 
 
 def test_orthonormalize_aligns_every_column_with_its_direction():

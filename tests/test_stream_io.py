@@ -264,7 +264,7 @@ def test_a_hub_blob_whose_size_changed_is_hashed_not_trusted(tmp_path, direction
 
 
 def test_a_hub_blob_that_does_not_match_its_name_is_caught_by_rehash(tmp_path, direction64, fresh_cache):
-    """The name is trusted by default (README: what is trusted); --rehash-inputs catches a blob whose
+    """The name is trusted by default (docs/formats.md: what is trusted); --rehash-inputs catches a blob whose
     bytes are not the ones named (damaged, or replaced by hand)."""
     src = _single_file(fixture_path("mixtral"), tmp_path / "single")
     bad = "model.safetensors"

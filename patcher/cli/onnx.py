@@ -58,7 +58,7 @@ def _print_verify(rep) -> None:
         color = "green" if q.fit else "bold red"
         t.add_row(
             "ship",
-            f"[{color}]{rep.dtype}: {q.verdict()}[/] (README: KL ≤ "
+            f"[{color}]{rep.dtype}: {q.verdict()}[/] (docs/onnx.md: KL ≤ "
             f"{FIT['first_token_kl']:g}, top-1 ≥ {FIT['top1']:.0%}, "
             f"greedy ≥ {FIT['greedy']:.0%})",
         )

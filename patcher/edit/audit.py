@@ -35,8 +35,8 @@ SAMPLE = 4  # written vectors read per group, × d_model (the rest adds cost, no
 NULL_SAMPLES = 24  # random-orientation models in the null
 MARGIN = 2.0  # signal 4: observed evidence must exceed the null's best by this factor …
 MIN_GROUPS = 3  # … and at least this many groups must annihilate (signal 1: be at the floor along) it
-# Thresholds measured on SmolLM2-135M-Instruct (bf16) and its clean-but-changed controls (README
-# "Auditing without a base" gives the confusion table and the false-positive rate at each threshold)
+# Thresholds measured on SmolLM2-135M-Instruct (bf16) and its clean-but-changed controls (docs/audit.md
+# "Measured on a real model" gives the confusion table and the false-positive rate at each threshold)
 FLOOR_ABS, FLOOR_TIMES, FLOOR_USABLE = 1e-3, 100.0, 1e-2  # signal 1: the storage floor
 SHARED_MIN_LAYERS = 8  # signals 2-3 need this many layers
 ISOLATION = {"abliterated": 0.6, "inconclusive": 0.85}  # signal 2: clean 0.94-0.97

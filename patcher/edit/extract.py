@@ -161,7 +161,7 @@ def _batches(token_lists, pad_id, batch_size, positions, where):
 
 
 def score_layers(pos_mean, neg_mean, pos_samples, neg_samples, layers) -> list[dict]:
-    """Per-layer scores a user can judge (see the README for definitions)."""
+    """Per-layer scores a user can judge (definitions: docs/extract.md)."""
     diff = pos_mean - neg_mean
     norms = np.linalg.norm(diff, axis=1)
     rows = []

@@ -97,7 +97,7 @@ def _fp8_scale_name(ck: Model, weight: str) -> str | None:
 
 
 def _post_norm_basis(ck: Model, resolved: Resolved, target: Target, q: np.ndarray) -> np.ndarray:
-    """Writers followed by g * RMSNorm(.) must be orthogonal to g * r, not r (DESIGN.md)."""
+    """Writers followed by g * RMSNorm(.) must be orthogonal to g * r, not r (docs/math.md)."""
     rule = resolved.arch.post_norm_gain
     if rule is None:  # the table names a writer's post-norm but not how its gain reads
         raise PatcherError(

@@ -444,7 +444,7 @@ def _present(name: str, names) -> str | None:
 
 
 def markdown_table() -> str:
-    """The README's architecture table, generated from the tables themselves."""
+    """The architecture table of docs/models.md, generated from the tables themselves."""
     rows = [
         "| model_type | forward: norm, layout, qkv, MLP, attention | embeddings | attention writer "
         "| MLP writer(s) | post-norm | tied | inject attn_out / mlp_out |",

@@ -436,7 +436,7 @@ def orthogonal_plan(q):
 TJS_DTYPE = {"fp32": "fp32", "fp16": "fp16", "int4": "q4", "q4f16": "q4f16", "int8": "q8"}
 # The variant transformers.js loads on each device when the page names none: the first of these the export
 # holds. Quality first: on SmolLM2-135M-Instruct only fp16 and fp32 keep the fp32 model's answers within the
-# README's fit-to-ship thresholds (first-token KL <= 0.1, top-1 >= 90 %, greedy >= 80 %; table in
+# fit-to-ship thresholds of docs/onnx.md (first-token KL <= 0.1, top-1 >= 90 %, greedy >= 80 %; table in
 # BENCHMARKS.md); speed second: fp16 runs 1.35x fp32 on WASM and is half the download. The quantized
 # variants follow, best measured quality first (an export holding only those still gets a default).
 DEVICE_DEFAULTS = {

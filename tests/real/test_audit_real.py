@@ -1,8 +1,8 @@
 """`patcher audit` on SmolLM2-135M-Instruct (bf16, 30 layers, d_model 576) and on forks of it made with
 plain numpy from the published descriptions (scripts/audit_forks.py, not patcher's ablate): the clean
 model and clean-but-changed controls show no sign; every fork kind is found, with its direction (per
-layer for per-layer forks) and its layers. One audit per test (~10-30 s). README "Auditing without a
-base" has the full confusion table (scripts/audit_confusion.py)."""
+layer for per-layer forks) and its layers. One audit per test (~10-30 s). docs/audit.md has the full
+confusion table (scripts/audit_confusion.py)."""
 
 import sys
 from pathlib import Path
