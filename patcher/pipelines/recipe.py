@@ -329,183 +329,235 @@ def _checks():
 
 def validate(recipe: Recipe) -> list[ModelPlan]:
     """Check everything that can be checked before work; raise one error listing every problem."""
-    from patcher.edit.directions import check_independent, load_direction
-    from patcher.io.paths import check_output, regular_file
-    from patcher.model.opened import Model
-
-    checks = _checks()
-    base = recipe.path.parent
-    problems = list(recipe.problems)
-    plans = []
-    inputs = [recipe.path] + [
-        _resolve_path(base, m[k])
-        for m in recipe.models
-        for k in ("path", "arch_table")
-        if isinstance(m.get(k), str)
-    ]
-    for m in recipe.models:
-        line = m.get("_line")
-        if not isinstance(m.get("path"), str) or not isinstance(m.get("output"), str):
-            continue
-        out = _resolve_path(base, m["output"])
-        table = _resolve_path(base, m["arch_table"]) if isinstance(m.get("arch_table"), str) else None
-        try:
-            if "arch_table" in m and table is None:
-                raise PatcherError("arch_table", "must be a path to a TOML table")
-            path = _model_path(base, m["path"])
-            with Model.open(path, table) as opened:
-                res = opened.resolved
-                inputs.extend(opened.input_paths)  # a hub repo's cache entry, symlink targets
-        except PatcherError as e:
-            problems.append(Problem(_key_line(recipe.text, line, "path"), f"model {m['path']}: {e}"))
-            continue
-        L, d = res.n_layers, res.d_model
-        actions: list[Action] = []
-        current, last_directions = path, None
-        for st in recipe.steps:
-            o, where = dict(st.options), lambda k, st=st: _key_line(recipe.text, st.line, k)
-            default = DEFAULT_OUTPUT.get(st.op, "")
-
-            def problem(key, e, st=st):
-                problems.append(
-                    Problem(
-                        where(key) if key else st.line,
-                        f"step {st.index} ({st.op}): " + (f"{key}: " if key else "") + e.problem,
-                    )
-                )
-
-            name = o.pop("output", None)
-            if name is not None and (not isinstance(name, str) or not name.strip()):
-                problem("output", PatcherError("output", f"must be a file or folder name, got {name!r}"))
-                name = None
-            target = out / (name or f"{st.index:02d}-{default}")
-            if not _inside(target, out):
-                problem("output", PatcherError("output", f"{name!r} leaves the model's output folder {out}"))
-            for k in ("positive", "negative", "prompts"):
-                if k in o:
-                    if not isinstance(o[k], str):
-                        problem(k, PatcherError(k, f"must be a file name, got {o[k]!r}"))
-                        o.pop(k)
-                        continue
-                    o[k] = _resolve_path(base, o[k])
-                    inputs.append(o[k])
-                    if not o[k].exists():
-                        problems.append(Problem(where(k), f"step {st.index}: {k} file {o[k]} does not exist"))
-                    else:
-                        try:
-                            regular_file(o[k], f"{k} file")
-                        except PatcherError as e:
-                            problem(k, e)
-            if st.op in ("ablate", "inject", "verify"):
-                specs = _direction_specs(o)
-                resolved_specs, loaded = [], []
-                for spec in specs:
-                    if not isinstance(spec, str):
-                        problem("direction", PatcherError("direction", f"must be a file name, got {spec!r}"))
-                        continue
-                    file_part, _, layer_part = (
-                        spec.rpartition(":") if re.search(r"\.safetensors:-?\d+$", spec) else (spec, "", "")
-                    )
-                    full = str(_resolve_path(base, file_part)) + (f":{layer_part}" if layer_part else "")
-                    inputs.append(_resolve_path(base, file_part))
-                    try:
-                        loaded.append(load_direction(full, d, L).vectors)
-                    except PatcherError as e:
-                        problems.append(
-                            Problem(
-                                where("direction" if "direction" in o else "directions"),
-                                f"step {st.index}: {e}",
-                            )
-                        )
-                    resolved_specs.append(full)
-                if len(loaded) > 1:  # together they must still span len(...) dimensions
-                    try:
-                        check_independent(np.concatenate(loaded), "directions")
-                    except PatcherError as e:
-                        problem("directions", e)
-                if not specs and st.op != "verify":
-                    if last_directions is None:
-                        problems.append(
-                            Problem(
-                                st.line,
-                                f"step {st.index} ({st.op}): no direction given "
-                                "and no extract step before it",
-                            )
-                        )
-                    else:
-                        resolved_specs = [str(last_directions)]
-                o["directions"] = resolved_specs
-                o.pop("direction", None)
-            for key, check in checks.get(st.op, {}).items():
-                if key in o:
-                    try:
-                        o[key] = check(o[key], L, key)
-                    except PatcherError as e:
-                        problem(key, e)
-            if st.op == "inject":
-                for key in ("layer", "alpha"):
-                    if key not in o:
-                        problem(key, PatcherError(key, "is required"))
-            if st.op == "ablate":
-                try:
-                    spec = o.pop("strength", o.pop("scale", 1.0))
-                    o["strengths"] = strengths(spec, L, f"step {st.index}")
-                except PatcherError as e:
-                    problems.append(
-                        Problem(
-                            where("strength"),
-                            e.problem if e.problem.startswith("step") else f"{e.where}: {e.problem}",
-                        )
-                    )
-            if st.op == "extract":
-                for k in ("positive", "negative"):
-                    if k not in o:
-                        problems.append(Problem(st.line, f"step {st.index}: extract needs {k}"))
-                target = target if target.suffix == ".safetensors" else target.with_suffix(".safetensors")
-                last_directions = target
-            if st.op == "verify" and not any(a.op == "export" for a in actions):
-                problems.append(Problem(st.line, f"step {st.index}: verify needs an export step before it"))
-            action = Action(st, st.op, current, target, o)
-            if st.op == "verify":
-                export = next((a for a in reversed(actions) if a.op == "export"), None)
-                action.input = export.output if export else current
-                if export is not None:  # verify what the export wrote (README: export int4, then verify)
-                    action.options.setdefault("dtype", export.options.get("dtype", "fp32"))
-                action.options["reference"] = current
-                action.output = out / f"{st.index:02d}-verify.json"
-            actions.append(action)
-            if st.op in ("ablate", "inject"):
-                current = target
-        plans.append(ModelPlan(m.get("name") or path.name, path, out, actions, L, d, table))
-    names = [p.output.resolve() for p in plans]
-    if len(set(names)) != len(names):
-        problems.append(Problem(None, "two models write to the same output folder"))
-    for plan in plans:  # every input is known now: no output may touch one
-        try:
-            check_output(plan.output, inputs, resume=True, option=f"model {plan.name}: output")
-        except PatcherError as e:
-            problems.append(Problem(None, f"model {plan.name}: output {e}"))
-        seen: dict[str, int] = {}
-        for a in plan.actions:
-            key = os.path.realpath(a.output)
-            if key in seen:
-                problems.append(
-                    Problem(
-                        a.step.line,
-                        f"step {a.step.index}: writes {a.output}, as step {seen[key]} does; "
-                        "give each step its own output",
-                    )
-                )
-            seen[key] = a.step.index
-    if problems:
+    v = _Validation(recipe)
+    plans = [plan for m in recipe.models if (plan := v.model_plan(m)) is not None]
+    v.check_outputs(plans)
+    if v.problems:
         error = PatcherError(
-            recipe.path, f"{len(problems)} problem(s):\n  " + "\n  ".join(map(str, problems))
+            recipe.path, f"{len(v.problems)} problem(s):\n  " + "\n  ".join(map(str, v.problems))
         )
         error.lines = True  # one problem per line, each naming its recipe line
         raise error
     for plan in plans:
         _fingerprints(plan)
     return plans
+
+
+class _Validation:
+    """One recipe's checks, one method per rule; every problem is collected (with its recipe line)
+    so the user sees them all at once. `inputs` gathers every file the recipe reads: no output may
+    touch one."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe, self.base = recipe, recipe.path.parent
+        self.checks = _checks()
+        self.problems = list(recipe.problems)
+        self.inputs = [recipe.path] + [
+            _resolve_path(self.base, m[k])
+            for m in recipe.models
+            for k in ("path", "arch_table")
+            if isinstance(m.get(k), str)
+        ]
+
+    def where(self, st: Step, key: str) -> int | None:
+        return _key_line(self.recipe.text, st.line, key)
+
+    def problem(self, st: Step, key: str | None, e: PatcherError) -> None:
+        """A step's problem, at the line of `key` (the step's first line without one)."""
+        self.problems.append(
+            Problem(
+                self.where(st, key) if key else st.line,
+                f"step {st.index} ({st.op}): " + (f"{key}: " if key else "") + e.problem,
+            )
+        )
+
+    def model_plan(self, m: dict) -> ModelPlan | None:
+        from patcher.model.opened import Model
+
+        if not isinstance(m.get("path"), str) or not isinstance(m.get("output"), str):
+            return None  # already a problem of the recipe's shape
+        out = _resolve_path(self.base, m["output"])
+        table = _resolve_path(self.base, m["arch_table"]) if isinstance(m.get("arch_table"), str) else None
+        try:
+            if "arch_table" in m and table is None:
+                raise PatcherError("arch_table", "must be a path to a TOML table")
+            path = _model_path(self.base, m["path"])
+            with Model.open(path, table) as opened:
+                res = opened.resolved
+                self.inputs.extend(opened.input_paths)  # a hub repo's cache entry, symlink targets
+        except PatcherError as e:
+            line = _key_line(self.recipe.text, m.get("_line"), "path")
+            self.problems.append(Problem(line, f"model {m['path']}: {e}"))
+            return None
+        L, d = res.n_layers, res.d_model
+        actions: list[Action] = []
+        current, last_directions = path, None
+        for st in self.recipe.steps:
+            o = dict(st.options)
+            target = self.step_output(st, o, out)
+            self.prompt_files(st, o)
+            if st.op in ("ablate", "inject", "verify"):
+                self.directions(st, o, L, d, last_directions)
+            self.option_values(st, o, L)
+            for rule in OP_RULES.get(st.op, ()):
+                target = rule(self, st, o, L, target) or target
+            if st.op == "extract":
+                last_directions = target
+            if st.op == "verify" and not any(a.op == "export" for a in actions):
+                self.problems.append(
+                    Problem(st.line, f"step {st.index}: verify needs an export step before it")
+                )
+            action = Action(st, st.op, current, target, o)
+            if st.op == "verify":
+                _verify_inputs(action, actions, current, out)
+            actions.append(action)
+            if st.op in ("ablate", "inject"):
+                current = target
+        return ModelPlan(m.get("name") or path.name, path, out, actions, L, d, table)
+
+    def step_output(self, st: Step, o: dict, out: Path) -> Path:
+        """Where the step writes: its `output` name, or NN-default, inside the model's output folder."""
+        name = o.pop("output", None)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            self.problem(st, "output", PatcherError("output", f"must be a file or folder name, got {name!r}"))
+            name = None
+        target = out / (name or f"{st.index:02d}-{DEFAULT_OUTPUT.get(st.op, '')}")
+        if not _inside(target, out):
+            self.problem(
+                st, "output", PatcherError("output", f"{name!r} leaves the model's output folder {out}")
+            )
+        return target
+
+    def prompt_files(self, st: Step, o: dict) -> None:
+        from patcher.io.paths import regular_file
+
+        for k in ("positive", "negative", "prompts"):
+            if k not in o:
+                continue
+            if not isinstance(o[k], str):
+                self.problem(st, k, PatcherError(k, f"must be a file name, got {o[k]!r}"))
+                o.pop(k)
+                continue
+            o[k] = _resolve_path(self.base, o[k])
+            self.inputs.append(o[k])
+            if not o[k].exists():
+                self.problems.append(
+                    Problem(self.where(st, k), f"step {st.index}: {k} file {o[k]} does not exist")
+                )
+                continue
+            try:
+                regular_file(o[k], f"{k} file")
+            except PatcherError as e:
+                self.problem(st, k, e)
+
+    def directions(self, st: Step, o: dict, L: int, d: int, last_directions: Path | None) -> None:
+        """`direction`/`directions` resolved, loaded and checked; none given: the last extract's."""
+        from patcher.edit.directions import check_independent, load_direction
+
+        specs = _direction_specs(o)
+        resolved_specs, loaded = [], []
+        for spec in specs:
+            if not isinstance(spec, str):
+                self.problem(st, "direction", PatcherError("direction", f"must be a file name, got {spec!r}"))
+                continue
+            file_part, _, layer_part = (
+                spec.rpartition(":") if re.search(r"\.safetensors:-?\d+$", spec) else (spec, "", "")
+            )
+            full = str(_resolve_path(self.base, file_part)) + (f":{layer_part}" if layer_part else "")
+            self.inputs.append(_resolve_path(self.base, file_part))
+            try:
+                loaded.append(load_direction(full, d, L).vectors)
+            except PatcherError as e:
+                key = "direction" if "direction" in o else "directions"
+                self.problems.append(Problem(self.where(st, key), f"step {st.index}: {e}"))
+            resolved_specs.append(full)
+        if len(loaded) > 1:  # together they must still span len(...) dimensions
+            try:
+                check_independent(np.concatenate(loaded), "directions")
+            except PatcherError as e:
+                self.problem(st, "directions", e)
+        if not specs and st.op != "verify":
+            if last_directions is None:
+                self.problems.append(
+                    Problem(
+                        st.line,
+                        f"step {st.index} ({st.op}): no direction given and no extract step before it",
+                    )
+                )
+            else:
+                resolved_specs = [str(last_directions)]
+        o["directions"] = resolved_specs
+        o.pop("direction", None)
+
+    def option_values(self, st: Step, o: dict, L: int) -> None:
+        for key, check in self.checks.get(st.op, {}).items():
+            if key in o:
+                try:
+                    o[key] = check(o[key], L, key)
+                except PatcherError as e:
+                    self.problem(st, key, e)
+
+    def check_outputs(self, plans: list[ModelPlan]) -> None:
+        """Every input is known now: no output may touch one, and no two outputs may be one."""
+        from patcher.io.paths import check_output
+
+        names = [p.output.resolve() for p in plans]
+        if len(set(names)) != len(names):
+            self.problems.append(Problem(None, "two models write to the same output folder"))
+        for plan in plans:
+            try:
+                check_output(plan.output, self.inputs, resume=True, option=f"model {plan.name}: output")
+            except PatcherError as e:
+                self.problems.append(Problem(None, f"model {plan.name}: output {e}"))
+            seen: dict[str, int] = {}
+            for a in plan.actions:
+                key = os.path.realpath(a.output)
+                if key in seen:
+                    self.problems.append(
+                        Problem(
+                            a.step.line,
+                            f"step {a.step.index}: writes {a.output}, as step {seen[key]} does; "
+                            "give each step its own output",
+                        )
+                    )
+                seen[key] = a.step.index
+
+
+def _inject_needs(v: _Validation, st: Step, o: dict, L: int, target: Path) -> None:
+    for key in ("layer", "alpha"):
+        if key not in o:
+            v.problem(st, key, PatcherError(key, "is required"))
+
+
+def _ablate_strengths(v: _Validation, st: Step, o: dict, L: int, target: Path) -> None:
+    try:
+        spec = o.pop("strength", o.pop("scale", 1.0))
+        o["strengths"] = strengths(spec, L, f"step {st.index}")
+    except PatcherError as e:
+        message = e.problem if e.problem.startswith("step") else f"{e.where}: {e.problem}"
+        v.problems.append(Problem(v.where(st, "strength"), message))
+
+
+def _extract_needs(v: _Validation, st: Step, o: dict, L: int, target: Path) -> Path:
+    for k in ("positive", "negative"):
+        if k not in o:
+            v.problems.append(Problem(st.line, f"step {st.index}: extract needs {k}"))
+    return target if target.suffix == ".safetensors" else target.with_suffix(".safetensors")
+
+
+# per op, the rules beyond the common ones (output, prompt files, directions, option values);
+# a rule may return the step's output path when it changes it
+OP_RULES = {"inject": (_inject_needs,), "ablate": (_ablate_strengths,), "extract": (_extract_needs,)}
+
+
+def _verify_inputs(action: Action, actions: list[Action], current: Path, out: Path) -> None:
+    """verify reads the last export (in its dtype) and compares with the checkpoint it came from."""
+    export = next((a for a in reversed(actions) if a.op == "export"), None)
+    action.input = export.output if export else current
+    if export is not None:  # verify what the export wrote (docs/recipes.md: export int4, then verify)
+        action.options.setdefault("dtype", export.options.get("dtype", "fp32"))
+    action.options["reference"] = current
+    action.output = out / f"{action.step.index:02d}-verify.json"
 
 
 def _fingerprints(plan: ModelPlan) -> None:
