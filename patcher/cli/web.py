@@ -102,9 +102,9 @@ def _serve(server) -> None:
 
     from patcher.cli.common import Interrupted
 
-    with server as s:
-        out.print(f"serving {s.folder} at {s.url} (Ctrl-C stops)")
-        try:
+    try:  # an interrupt from the moment the server listens (a client may already be served) stops it
+        with server as s:
+            out.print(f"serving {s.folder} at {s.url} (Ctrl-C stops)")
             threading.Event().wait()  # until Ctrl-C / SIGTERM raise Interrupted
-        except (KeyboardInterrupt, Interrupted):
-            out.print("stopped")
+    except (KeyboardInterrupt, Interrupted):
+        out.print("stopped")
