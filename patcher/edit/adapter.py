@@ -147,49 +147,65 @@ def check(plan: Plan, fmt: str) -> None:
                 f"{e.name} is a fused {len(e.shape)}-D expert tensor; adapters here cover 2-D "
                 f"weights only: pass --targets without mlp_out or {FULL}"
             )
-    experts = _expert_groups(plan)
-    with_expert = [e for e in projected if "{expert}" in _writer_pattern(plan, e)]
-    biases = [e for e in plan.edits.values() if e.op == "project_bias"]
-    embeds = [e for e in projected if e.role == "embed"]
-    if fmt == "peft":
-        for e in with_expert:
-            if e.name not in experts:
-                mt = plan.resolved.arch.model_type
-                raise _refuse(
-                    f"{e.name}: per-expert writers of {mt} have no known PEFT target; "
-                    f"pass --targets without mlp_out or {FULL}"
-                )
-        for path, members in {v[0]: v[1] for v in experts.values()}.items():
-            if [i for i, _ in members] != list(range(len(members))):
-                raise _refuse(f"{path}: the fused PEFT target needs every expert of the layer")
-        if biases and embeds:
+    FORMAT_CHECKS[fmt](plan, _Parts(plan, projected))
+
+
+class _Parts:
+    """What an adapter would carry, sorted by what the formats treat differently."""
+
+    def __init__(self, plan: Plan, projected: list[TensorEdit]):
+        self.projected = projected
+        self.experts = _expert_groups(plan)
+        self.with_expert = [e for e in projected if "{expert}" in _writer_pattern(plan, e)]
+        self.biases = [e for e in plan.edits.values() if e.op == "project_bias"]
+        self.embeds = [e for e in projected if e.role == "embed"]
+
+
+def _check_peft(plan: Plan, p: _Parts) -> None:
+    for e in p.with_expert:
+        if e.name not in p.experts:
+            mt = plan.resolved.arch.model_type
             raise _refuse(
-                f"this edit changes {len(biases)} writer biases (PEFT: lora_bias, which PEFT "
-                f"refuses on embedding layers) and {len(embeds)} embeddings; write two adapters "
-                f"(--targets embed, then --targets attn_out,mlp_out) or {FULL}"
+                f"{e.name}: per-expert writers of {mt} have no known PEFT target; "
+                f"pass --targets without mlp_out or {FULL}"
             )
-        if biases and experts:
-            raise _refuse("PEFT's fused-expert adapters refuse lora_bias; this edit changes biases too")
-    else:
-        if biases:
+    for path, members in {v[0]: v[1] for v in p.experts.values()}.items():
+        if [i for i, _ in members] != list(range(len(members))):
+            raise _refuse(f"{path}: the fused PEFT target needs every expert of the layer")
+    if p.biases and p.embeds:
+        raise _refuse(
+            f"this edit changes {len(p.biases)} writer biases (PEFT: lora_bias, which PEFT "
+            f"refuses on embedding layers) and {len(p.embeds)} embeddings; write two adapters "
+            f"(--targets embed, then --targets attn_out,mlp_out) or {FULL}"
+        )
+    if p.biases and p.experts:
+        raise _refuse("PEFT's fused-expert adapters refuse lora_bias; this edit changes biases too")
+
+
+def _check_gguf(plan: Plan, p: _Parts) -> None:
+    if p.biases:
+        raise _refuse(
+            f"llama.cpp LoRA adapters carry no biases and this edit changes {len(p.biases)} "
+            f"(e.g. {p.biases[0].name}); write a PEFT adapter (a folder) or {FULL}"
+        )
+    for e in p.with_expert:
+        if e.name not in p.experts:
             raise _refuse(
-                f"llama.cpp LoRA adapters carry no biases and this edit changes {len(biases)} "
-                f"(e.g. {biases[0].name}); write a PEFT adapter (a folder) or {FULL}"
+                f"{e.name}: no GGUF LoRA layout is known for these expert writers; pass "
+                f"--targets without mlp_out or write a PEFT adapter"
             )
-        for e in with_expert:
-            if e.name not in experts:
-                raise _refuse(
-                    f"{e.name}: no GGUF LoRA layout is known for these expert writers; pass "
-                    f"--targets without mlp_out or write a PEFT adapter"
-                )
-        if embeds and plan.resolved.tied:
-            # measured: llama.cpp 0.3.36 aborts (GGML_ASSERT in build_lora_mm) on such an adapter
-            raise _refuse(
-                "tied embeddings: llama.cpp applies a token_embd LoRA to the tied output "
-                "projection too, in the gathered-row orientation, and aborts; pass --targets "
-                "attn_out,mlp_out or write a PEFT adapter"
-            )
-        _gguf_names(plan, projected)  # every tensor must have a llama.cpp name
+    if p.embeds and plan.resolved.tied:
+        # measured: llama.cpp 0.3.36 aborts (GGML_ASSERT in build_lora_mm) on such an adapter
+        raise _refuse(
+            "tied embeddings: llama.cpp applies a token_embd LoRA to the tied output "
+            "projection too, in the gathered-row orientation, and aborts; pass --targets "
+            "attn_out,mlp_out or write a PEFT adapter"
+        )
+    _gguf_names(plan, p.projected)  # every tensor must have a llama.cpp name
+
+
+# what each adapter format cannot carry, beyond what none can
+FORMAT_CHECKS = {"peft": _check_peft, "gguf": _check_gguf}
 
 
 def _writer_pattern(plan: Plan, edit: TensorEdit) -> str:
