@@ -237,3 +237,44 @@ def test_search_on_cuda_matches_the_cpu_engine(refusal, tmp_path):
     assert [t.params for t in gpu] == [t.params for t in cpu]
     for g, c in zip(gpu, cpu):
         assert g.values[0] == c.values[0] and g.values[1] == pytest.approx(c.values[1], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("neg_rate", [None, 0.25])
+def test_the_reference_file_round_trips_every_field(tmp_path, neg_rate):
+    # hand-made reference: ragged completions, both forms of the negative marker rate
+    ref = {
+        "positive_completions": [[5, 6, 7], [8], []],
+        "negative_completions": [[1, 2], [3, 4, 9, 10]],
+        "marker_rate": 1 / 3,
+        "negative_marker_rate": neg_rate,
+        "log_probs": np.log(np.full((2, 1, 4), 0.25)),
+        "seconds": 12.5,
+    }
+    path = tmp_path / "s.reference.npz"
+    reference_cache.save(path, "k1", ref)
+    got = reference_cache.load(path, "k1")
+    assert got is not None and set(got) == set(ref)
+    for k, v in ref.items():
+        if k == "log_probs":
+            np.testing.assert_array_equal(got[k], v)
+        else:
+            assert got[k] == v, k
+    assert reference_cache.load(path, "k2") is None
+
+
+def test_the_reference_file_never_replaces_a_users_file(tmp_path):
+    from patcher.errors import PatcherError
+
+    path = tmp_path / "s.reference.npz"
+    path.write_bytes(b"mine")
+    ref = {
+        "positive_completions": [[1]],
+        "negative_completions": [[2]],
+        "marker_rate": 0.0,
+        "negative_marker_rate": None,
+        "log_probs": np.zeros((1, 1, 2)),
+        "seconds": 1.0,
+    }
+    with pytest.raises(PatcherError) as e:
+        reference_cache.save(path, "k", ref)
+    assert "not written by patcher" in str(e.value) and path.read_bytes() == b"mine"
