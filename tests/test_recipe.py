@@ -183,3 +183,30 @@ targets = ["embed"]
     with Checkpoint(out / "02-ablated") as b:
         emb = b.array("model.embed_tokens.weight").astype(np.float64)
         assert np.abs(emb @ r).max() < 2e-2
+
+
+def test_extract_steps_need_both_prompt_sets_and_write_safetensors(tmp_path):
+    from patcher.pipelines.recipe import load, validate
+
+    recipe = write_recipe(
+        tmp_path,
+        f'''
+[[step]]
+op = "extract"
+positive = "{POS}"
+output = "dirs"
+
+[[step]]
+op = "ablate"
+''',
+        models=("llama",),
+    )
+    res = run_cli("run", recipe, expect=1)
+    lines = recipe.read_text().splitlines()
+    assert f"line {lines.index('[[step]]') + 1}: step 1: extract needs negative" in res.output
+    recipe.write_text(recipe.read_text().replace('output = "dirs"', f'negative = "{NEG}"\noutput = "dirs"'))
+    (plan,) = validate(load(recipe))
+    extract, ablate = plan.actions
+    # an output named without a suffix is still a directions file, and the next step reads it
+    assert extract.output == tmp_path / "out" / "llama" / "dirs.safetensors"
+    assert ablate.options["directions"] == [str(extract.output)]
