@@ -6,7 +6,7 @@ import tomllib
 
 from conftest import ROOT
 
-from patcher.search.report import fronts_svg
+from patcher.search.report import fronts_svg, write_fronts
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_peer
@@ -40,3 +40,12 @@ def test_fronts_plot_has_one_line_per_series():
     )
     assert svg.count("<polyline") == 2 and svg.count("<circle") == 3
     assert "patcher" in svg and "heretic" in svg and "original" in svg
+
+
+def test_fronts_plot_is_written_whole(tmp_path):
+    # write_fronts (bench_peer's last step) once called a helper the storage merge removed
+    path = tmp_path / "peer.svg"
+    series = {"patcher": [(0.1, 0.05)], "heretic": [(0.2, 0.1)]}
+    write_fronts(path, series, "t")
+    assert path.read_text(encoding="utf-8") == fronts_svg(series, "t")
+    assert [p.name for p in tmp_path.iterdir()] == ["peer.svg"]  # no partial file left beside it

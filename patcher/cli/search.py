@@ -263,8 +263,7 @@ def _start(a, s):
     study = st.open_study(a.study_file, s.attrs, seed=a.seed, startup=n_start)
     if a.eval_positive is None or a.eval_negative is None:
         err.print(
-            "[yellow]note:[/] evaluating on the extraction prompts; pass "
-            "--eval-positive/--eval-negative "
+            "[yellow]note:[/] evaluating on the extraction prompts; pass --eval-positive/--eval-negative "
             "with prompts extraction never saw to judge the edit fairly"
         )
     t0 = time.perf_counter()

@@ -40,11 +40,11 @@ def matrices(edit: TensorEdit) -> list[tuple[int, int, int]]:
     """(first row, rows, residual axis) of each matrix in the tensor seen as 2-D [rows, last dim]:
     a 2-D weight is one matrix; a fused 3-D expert tensor [E, a, b] is E matrices of a rows."""
     if len(edit.shape) == 2:
-        return [(0, edit.shape[0], edit.residual_axis)]
+        return [(0, edit.shape[0], edit.axis)]
     if edit.expert_axis != 0:
         raise NotImplementedError(f"{edit.name}: fused experts must have the expert axis first")
     E, a = edit.shape[0], edit.shape[1]
-    return [(e * a, a, edit.residual_axis - 1) for e in range(E)]
+    return [(e * a, a, edit.axis - 1) for e in range(E)]
 
 
 def block_reader(ck: Model, edit: TensorEdit, first: int) -> Callable[[int, int], np.ndarray]:
@@ -73,29 +73,37 @@ class _Executor(Executor):
         """Yield (matrix index, residual axis, start, stop, edited float32 block)."""
         for i, (first, rows, axis) in enumerate(matrices(edit)):
             for s, e, out in ablate_blocks(
-                self._reader(edit, first), rows, edit.q, axis, edit.scale, edit.preserve, BLOCK_ROWS, stats
+                self._reader(edit, first),
+                rows,
+                edit.basis,
+                axis,
+                edit.scale,
+                edit.preserve,
+                BLOCK_ROWS,
+                stats,
             ):
                 yield i, axis, s, e, out
 
     def fp8_prepass(self, edit: TensorEdit) -> None:
         """New tile scales must be known before the scale tensor is written (it may come first)."""
-        old = self.ck.array(edit.fp8_scale).astype(np.float32)
+        old = self.ck.array(edit.scale_name).astype(np.float32)
         rows = [
             requantize_scale(old[s // BLOCK_ROWS : -(-e // BLOCK_ROWS)], out, BLOCK_ROWS)
             for _, _, s, e, out in self._projected_blocks(edit, {})
         ]
         new = np.concatenate(rows, axis=0).reshape(old.shape)
         # keep what the file will hold, and quantize against exactly that
-        self.new_scales[edit.name] = decode(encode(new, self.ck.info(edit.fp8_scale).dtype, saturate=True))
+        self.new_scales[edit.name] = decode(encode(new, self.ck.info(edit.scale_name).dtype, saturate=True))
 
     def produce_projection(self, edit: TensorEdit) -> Iterator[np.ndarray]:
         """Encoded blocks of a projected weight. Leakage is measured on what is stored: the
         deviation of QᵀW' from the intended (1 - s) QᵀW, relative to |QᵀW|."""
         stats: dict = {}
-        q = edit.q.astype(np.float32)
+        q = edit.basis.astype(np.float32)
         qt = np.ascontiguousarray(q.T)  # [k, rows]: see residual_coefficients on transposed operands
         keep = 1.0 - edit.scale  # the share of the component the edit means to leave
-        dev_sq, stored = 0.0, {}  # per matrix: (stored QᵀW' so far, original QᵀW)
+        dev_sq = 0.0
+        stored: dict[int, tuple[np.ndarray | float, np.ndarray]] = {}  # per matrix: (QᵀW' so far, QᵀW)
         carry: dict[int, np.ndarray] = {}  # per matrix: Qᵀ(stored − exact) of the blocks written so far
         for i, axis, s, e, out in self._projected_blocks(edit, stats):
             if edit.fp8_scale:
@@ -139,11 +147,11 @@ class _Executor(Executor):
 
     def produce_other(self, edit: TensorEdit) -> Iterator[np.ndarray]:
         if edit.op == "requant_scale":
-            yield encode(self.new_scales[edit.source], edit.dtype, saturate=True)
+            yield encode(self.new_scales[edit.source_name], edit.dtype, saturate=True)
         elif edit.op == "copy_of":
-            src = self.ck.info(edit.source)
+            src = self.ck.info(edit.source_name)
             for s in range(0, src.shape[0], 4096):
-                yield np.array(self.ck.array(edit.source, s, min(s + 4096, src.shape[0])))
+                yield np.array(self.ck.array(src.name, s, min(s + 4096, src.shape[0])))
         else:
             yield from super().produce_other(edit)
 

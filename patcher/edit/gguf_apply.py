@@ -112,11 +112,11 @@ def prepare(plan: Plan, requant: str | None = None, rounding: str = "orthogonal"
     requant = requant.upper() if requant else None
     if requant is not None and requant not in REQUANT_TYPES:
         raise PatcherError("--requant", f"must be one of {', '.join(REQUANT_TYPES)}, got {requant!r}")
-    g: GGUFFile = plan.ck.storage
+    g = _gguf(plan)
     changed = []
     for e in plan.all():
         src = (
-            g.tensors[e.source if e.op == "copy_of" else e.name].dtype
+            g.tensors[e.source_name if e.op == "copy_of" else e.name].dtype
             if e.name in g.tensors or e.source
             else "F32"
         )
@@ -166,6 +166,13 @@ def nbytes(e: TensorEdit) -> int:
     return math.prod(e.shape[:-1]) * row_bytes(e.dtype, e.shape[-1])
 
 
+def _gguf(plan: Plan) -> GGUFFile:
+    g = plan.ck.storage
+    if not isinstance(g, GGUFFile):
+        raise PatcherError(plan.ck.path, f"a GGUF edit needs a GGUF file, not a {g.format} checkpoint")
+    return g
+
+
 def _qtype(name: str) -> int:
     from gguf import GGMLQuantizationType
 
@@ -174,9 +181,10 @@ def _qtype(name: str) -> int:
 
 def _check_bytes(data: np.ndarray, qtype: str, expected: np.ndarray, name: str) -> np.ndarray:
     """The gguf package's dequantizer must read back exactly the values rounding chose."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    back = np.asarray(dequantize(data, _qtype(qtype)), dtype=np.float32).reshape(expected.shape)
+    back = np.asarray(dequantize(data, GGMLQuantizationType[qtype]), dtype=np.float32).reshape(expected.shape)
     if not np.array_equal(back, expected.astype(np.float32)):
         raise RuntimeError(f"{name}: encoded {qtype} bytes do not dequantize to the chosen values")
     return back
@@ -185,7 +193,7 @@ def _check_bytes(data: np.ndarray, qtype: str, expected: np.ndarray, name: str) 
 class _GGUFExecutor(Executor):
     def __init__(self, plan: Plan, report: Report, ortho: bool):
         super().__init__(plan, report)
-        self.g: GGUFFile = plan.ck.storage
+        self.g = _gguf(plan)
         self.ortho = ortho
 
     def _matrices(self, e: TensorEdit) -> Iterator[tuple[np.ndarray, int]]:
@@ -194,13 +202,13 @@ class _GGUFExecutor(Executor):
         whole = e.preserve == "rows"
         if len(e.shape) == 3:
             for x in range(e.shape[0]):
-                yield self.g.array(e.name, x, x + 1)[0], e.residual_axis - 1
+                yield self.g.array(e.name, x, x + 1)[0], e.axis - 1
             return
-        if e.residual_axis == 1 and not whole:
+        if e.axis == 1 and not whole:
             for s in range(0, e.shape[0], ROW_CHUNK):
                 yield self.g.array(e.name, s, min(s + ROW_CHUNK, e.shape[0])), 1
             return
-        yield self.g.array(e.name), e.residual_axis
+        yield self.g.array(e.name), e.axis
 
     def produce_projection(self, e: TensorEdit) -> Iterator[np.ndarray]:
         acc = _Acc()
@@ -233,20 +241,20 @@ class _GGUFExecutor(Executor):
 
     def _round(self, e: TensorEdit, w: np.ndarray, axis: int, acc: _Acc) -> np.ndarray:
         """Project exactly, put back on the grid (orthogonal or nearest), check the bytes, keep the stats."""
-        keep = 1.0 - e.scale
-        x = project_full(w, e.q, axis, e.scale)
+        keep, q = 1.0 - e.scale, e.basis
+        x = project_full(w, q, axis, e.scale)
         if e.preserve:
             x = _preserve(w, x, e.preserve, axis)
         gr = grid(x, e.dtype)
         plain = gr.nearest(x)
-        chosen = _orthogonal(x, gr.lo, gr.hi, e.q, axis) if self.ortho else plain
+        chosen = _orthogonal(x, gr.lo, gr.hi, q, axis) if self.ortho else plain
         data = gr.pack(chosen)
         stored = _check_bytes(data, e.dtype, gr.values(chosen), e.name).astype(np.float64)
         nearest = gr.values(plain).astype(np.float64)
-        comp = _component(w, e.q, axis)
+        comp = _component(w, q, axis)
         acc.comp += float(np.sum(comp**2))
-        acc.dev += float(np.sum((_component(stored, e.q, axis) - keep * comp) ** 2))
-        acc.dev_plain += float(np.sum((_component(nearest, e.q, axis) - keep * comp) ** 2))
+        acc.dev += float(np.sum((_component(stored, q, axis) - keep * comp) ** 2))
+        acc.dev_plain += float(np.sum((_component(nearest, q, axis) - keep * comp) ** 2))
         acc.err += float(np.sum((stored - x) ** 2))
         acc.err_plain += float(np.sum((nearest - x) ** 2))
         acc.norm += float(np.sum(x**2))
@@ -260,11 +268,11 @@ class _GGUFExecutor(Executor):
     def produce_other(self, e: TensorEdit) -> Iterator[np.ndarray]:
         if e.op != "copy_of":
             raise PatcherError(self.g.path, f"{e.name}: operation {e.op!r} is not available for GGUF output")
-        yield np.array(self.g.raw(e.source))
+        yield np.array(self.g.raw(e.source_name))
 
     def out_tensor(self, e: TensorEdit) -> OutTensorGGUF:
         produce = self.producer(e)
-        size = self.g.info(e.source).nbytes if e.op == "copy_of" else nbytes(e)  # a copy keeps any type
+        size = self.g.info(e.source_name).nbytes if e.op == "copy_of" else nbytes(e)  # a copy keeps any type
         return OutTensorGGUF(e.name, _qtype(e.dtype), tuple(reversed(e.shape)), size, produce=produce)
 
 
@@ -306,7 +314,7 @@ def execute(
     manifest to hash into (`hash_files`, `rehash_inputs`) and no shards to run at once."""
     report = Report(out=Path(out))
     t0 = time.perf_counter()
-    g: GGUFFile = plan.ck.storage
+    g = _gguf(plan)
     ortho = plan.record.setdefault("rounding", "orthogonal") == "orthogonal"
     ex = _GGUFExecutor(plan, report, ortho)
     if on_shard:

@@ -3,6 +3,7 @@ operations before any byte is written. `--dry-run` prints exactly this plan; `ap
 """
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from patcher_kernels.codecs import INTEGER_DTYPES, numpy_dtype
@@ -15,6 +16,8 @@ from patcher.errors import PatcherError
 from patcher.model.architectures import POST_NORM_GAINS, ROLES, Resolved, Target
 from patcher.model.opened import Model
 from patcher.validate import parse_layers  # noqa: F401 - re-exported: one layer syntax everywhere
+
+V = TypeVar("V")
 
 # How each operation reads in the dry-run plan.
 FORMULAS = {
@@ -47,6 +50,23 @@ class TensorEdit:
     source: str | None = None  # copy_of: the tensor whose original bytes are copied
     fp8_scale: str | None = None  # name of the block-scale tensor of an fp8 weight
 
+    # the fields an operation needs, present (the planner sets them; a hand-made plan may not)
+    @property
+    def axis(self) -> int:
+        return _given(self, "residual_axis", self.residual_axis)
+
+    @property
+    def basis(self) -> np.ndarray:
+        return _given(self, "q", self.q)
+
+    @property
+    def source_name(self) -> str:
+        return _given(self, "source", self.source)
+
+    @property
+    def scale_name(self) -> str:
+        return _given(self, "fp8_scale", self.fp8_scale)
+
     @property
     def formula(self) -> str:
         return FORMULAS[(self.op, self.residual_axis if self.op == "project" else None)]
@@ -56,6 +76,12 @@ class TensorEdit:
         if self.dtype in BYTES_PER_BLOCK:  # GGUF block types
             return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.dtype, self.shape[-1])
         return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+
+def _given(edit: TensorEdit, what: str, value: V | None) -> V:
+    if value is None:
+        raise PatcherError(edit.name, f"a {edit.op} edit needs {what}, and this plan has none")
+    return value
 
 
 @dataclass

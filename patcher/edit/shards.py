@@ -97,8 +97,8 @@ class ShardRun:
                 while pending:  # the first shard to fail stops the others at once
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for job in done:
-                        if job.exception() is not None:
-                            raise job.exception()
+                        if (error := job.exception()) is not None:
+                            raise error
             except BaseException:  # a shard failed, or Ctrl-C / SIGTERM on this thread: stop the others
                 self.stop(jobs)
                 raise

@@ -101,7 +101,7 @@ class GGUFFile(TensorTable[GGUFTensor]):
     format = "gguf"
     names = "gguf"
 
-    def __init__(self, path):
+    def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.folder = self.path.parent
         self.index_path = None
@@ -119,9 +119,10 @@ class GGUFFile(TensorTable[GGUFTensor]):
         self.files = {self.path.name: self}
         self.shard_of = {n: self.path.name for n in self.tensors}
         self.config_path = self.path
-        self.gguf_arch = self.metadata.get("general.architecture")
-        if not isinstance(self.gguf_arch, str):
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
             raise CheckpointError(self.path, "no general.architecture in the GGUF metadata")
+        self.gguf_arch: str = arch
 
     def _add_tensor(self, t: TensorEntry, size: int) -> None:
         from gguf import GGMLQuantizationType
@@ -171,10 +172,12 @@ class GGUFFile(TensorTable[GGUFTensor]):
 
     def read_rows(self, name: str, row_start: int, row_stop: int, row_len: int | None = None) -> np.ndarray:
         """Dequantized float32 rows [stop-start, ne0] of the tensor seen as 2-D."""
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         t = self.info(name)
-        return np.asarray(dequantize(np.array(self.raw(name)[row_start:row_stop]), t.qtype), dtype=np.float32)
+        rows = np.array(self.raw(name)[row_start:row_stop])
+        return np.asarray(dequantize(rows, GGMLQuantizationType(t.qtype)), dtype=np.float32)
 
     def array(self, name: str, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
         """Dequantized float32 copy in numpy shape (rows along the first axis)."""
@@ -192,12 +195,14 @@ class GGUFFile(TensorTable[GGUFTensor]):
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Only the rows a batch needs (an embedding): a 128k-token table is never dequantized whole."""
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         t = self.info(name)
-        return np.asarray(
-            dequantize(np.array(self.raw(name)[ids.reshape(-1)]), t.qtype), dtype=np.float32
-        ).reshape(*ids.shape, -1)
+        rows = np.array(self.raw(name)[ids.reshape(-1)])
+        return np.asarray(dequantize(rows, GGMLQuantizationType(t.qtype)), dtype=np.float32).reshape(
+            *ids.shape, -1
+        )
 
     def quant_floor(self, name: str, values: np.ndarray) -> float | None:
         """A bound on the energy storage rounding adds to these values: per 32-element block, a grid step
@@ -300,6 +305,8 @@ def write_gguf(
                 if on_bytes:
                     on_bytes(written)
             else:
+                if t.produce is None:
+                    raise ValueError(f"{t.name}: an output tensor needs a source or a produce function")
                 written = 0
                 for block in t.produce():
                     data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)

@@ -10,7 +10,7 @@ Tensor shapes are numpy order; `array` and `read_rows` give values (GGUF: dequan
 safetensors: the stored dtype, a memory-mapped view); nothing is read before it is asked for.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -24,15 +24,33 @@ from patcher.io.safetensors import TensorInfo
 class Storage(Protocol):
     """One opened checkpoint in some format (see the module notes)."""
 
-    format: str  # "safetensors", "gguf", "gguf-hf" (a GGUF seen under HF names)
-    names: str  # the naming scheme of `tensors`: "hf" (transformers') or "gguf" (llama.cpp's)
-    path: Path  # the file or folder opened
-    folder: Path  # the folder it lies in (the folder itself for a model folder)
-    config_path: Path  # where its hyperparameters come from (config.json, or the GGUF itself)
-    index_path: Path | None  # a sharded checkpoint's index file
-    files: Mapping[str, Any]  # file name -> open file, in shard order
-    tensors: Mapping[str, TensorInfo]  # name -> dtype, shape, file, byte span
-    shard_of: Mapping[str, str]  # tensor name -> file name
+    # read-only (properties here), so a format may narrow them: GGUF's tensors are GGUFTensors
+    @property
+    def format(self) -> str: ...  # "safetensors", "gguf", "gguf-hf" (a GGUF seen under HF names)
+
+    @property
+    def names(self) -> str: ...  # the naming of `tensors`: "hf" (transformers') or "gguf" (llama.cpp's)
+
+    @property
+    def path(self) -> Path: ...  # the file or folder opened
+
+    @property
+    def folder(self) -> Path: ...  # the folder it lies in (the folder itself for a model folder)
+
+    @property
+    def config_path(self) -> Path: ...  # where its hyperparameters come from (config.json, or the GGUF)
+
+    @property
+    def index_path(self) -> Path | None: ...  # a sharded checkpoint's index file
+
+    @property
+    def files(self) -> Mapping[str, Any]: ...  # file name -> open file, in shard order
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]: ...  # name -> dtype, shape, file, byte span
+
+    @property
+    def shard_of(self) -> Mapping[str, str]: ...  # tensor name -> file name
 
     # --- the model's description ------------------------------------------------------------
     @property
@@ -70,7 +88,7 @@ class Storage(Protocol):
 
     def release(self, name: str) -> None: ...  # drop the pages a streamed tensor touched
 
-    def shard_tensors(self, fname: str) -> list[TensorInfo]: ...  # one file's tensors in file order
+    def shard_tensors(self, fname: str) -> Sequence[TensorInfo]: ...  # one file's tensors in file order
 
     def close(self) -> None: ...
 

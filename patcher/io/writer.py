@@ -131,22 +131,6 @@ def _start_writeback(fd: int, offset: int, count: int) -> None:
             pass  # advisory only
 
 
-def _copy_runs(tensors: list[OutTensor], data_start: int) -> list[tuple[Path, int, int, int]]:
-    """(source file, source offset, destination offset, bytes) for verbatim tensors; adjacent ones
-    from one source merge into a single copy."""
-    runs, pos = [], data_start
-    for t in tensors:
-        s = t.source
-        if s is not None:
-            last = runs[-1] if runs else None
-            if last and last[0] == s.file and last[1] + last[3] == s.begin and last[2] + last[3] == pos:
-                runs[-1] = (last[0], last[1], last[2], last[3] + s.nbytes)
-            else:
-                runs.append((s.file, s.begin, pos, s.nbytes))
-        pos += t.nbytes
-    return runs
-
-
 class _Budget:
     """Bounds the bytes queued between threads; one item larger than the bound still passes alone."""
 
@@ -259,7 +243,8 @@ class ShardWriter:
         # where the output digest runs: on the reader, right after the input digest read the same chunk
         # (fewest CPU-s: ~1.6 GB/s hashing cache-hot bytes against ~1.0 cold, measured), or on the writer
         # thread when this file is the only one in flight and the reader would be the one busy thread
-        self.out_sha, self.write_sha = (None, sha) if spread_digests else (sha, None)
+        self.out_sha: hashlib._Hash | None = None if spread_digests else sha
+        self.write_sha: hashlib._Hash | None = sha if spread_digests else None
         self.input = input_digest
         # "range" (kernel copy, then read back from the page cache for the digests) measured ahead
         # of "read" (pread + pwrite); see the module notes
@@ -413,6 +398,7 @@ class ShardWriter:
                 self.to_writer.put(item)
             elif kind == "seen":
                 _, offset, raw, nbytes = item
+                assert self.input is not None  # "seen" items are sent only with an input digest
                 self.input.feed(offset, memoryview(raw.reshape(-1).view(np.uint8)))
                 busy.lap("hash")
                 self.budget.give(nbytes)
@@ -434,7 +420,7 @@ class ShardWriter:
             if self.on_bytes:
                 self.on_bytes(count)
             return
-        feed = self.input is not None and src == self.input.path
+        feed = self.input if self.input is not None and src == self.input.path else None
         end, handed = src_off + count, src_off  # handed: source offset up to which the copier has ranges
         while src_off < end and not self.errors:
             n = min(_CHUNK, end - src_off)
@@ -449,8 +435,8 @@ class ShardWriter:
                 busy.lap("write")
             _pread_into(sfd, buf[:n], src_off)
             busy.lap("read")
-            if feed:
-                self.input.feed(src_off, buf[:n])
+            if feed is not None:
+                feed.feed(src_off, buf[:n])
             if self.out_sha is not None:  # the chunk is still in this core's cache: both digests here
                 _hash(self.out_sha, buf[:n])
             busy.lap("hash")
@@ -519,6 +505,8 @@ def _finite(block: np.ndarray) -> bool:
 
 def _write_produced(w: ShardWriter, t: OutTensor, pos: int) -> None:
     """Compute one edited tensor on this (the main) thread and queue its encoded blocks in order."""
+    if t.produce is None:
+        raise ValueError(f"{t.name}: an output tensor needs a source or a produce function")
     written = 0
     want = numpy_dtype(t.dtype)
     for block in t.produce():

@@ -11,6 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeGuard
 
 from patcher.errors import PatcherError
 from patcher.model.forward import ForwardSpec, parse_forward
@@ -329,10 +330,8 @@ def for_model_type(model_type: str | None, where) -> Architecture:
     what = f"model_type {model_type!r} is not supported" if model_type else "config.json has no model_type"
     raise PatcherError(
         where,
-        f"{what}. Supported: {', '.join(supported())}. For another architecture, "
-        f"write a "
-        f"table (copy patcher/model/tables/llama.toml, edit the name patterns) and "
-        f"pass --arch-table FILE",
+        f"{what}. Supported: {', '.join(supported())}. For another architecture, write a table "
+        "(copy patcher/model/tables/llama.toml, edit the name patterns) and pass --arch-table FILE",
     )
 
 
@@ -380,15 +379,15 @@ def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
         (p for p in arch.prefixes if all(p + e.weight in names for e in arch.embeds)), arch.prefixes[0]
     )
     n_layers, d_model = config.get(arch.config_layers), config.get(arch.config_d_model)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_layers, d_model)):
+    if not (_is_int(n_layers) and _is_int(d_model)):
         raise PatcherError(
             where,
-            f"config.json needs integer '{arch.config_layers}' and "
-            f"'{arch.config_d_model}' "
+            f"config.json needs integer '{arch.config_layers}' and '{arch.config_d_model}' "
             f"for model_type {arch.model_type!r} (got {n_layers!r} and {d_model!r})",
         )
     tied = bool(config.get("tie_word_embeddings", arch.tie_word_embeddings))
-    targets, missing = [], []
+    targets: list[Target] = []
+    missing: list[tuple[str, int | None, str]] = []
     for e in arch.embeds:
         if prefix + e.weight in names:
             targets.append(
@@ -431,6 +430,10 @@ def resolve(arch: Architecture, names, config: dict, where) -> Resolved:
             if (role, layer) not in by_role_layer:
                 missing.append((role, layer, " | ".join(w.weight for w in arch.writers if w.role == role)))
     return Resolved(arch, prefix, n_layers, d_model, tied, targets, missing)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fill(pattern: str, match) -> str:

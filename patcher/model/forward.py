@@ -407,7 +407,7 @@ def _sparse_layers(spec: ForwardSpec, cfg: dict, n: int) -> set:
 def embed(ops, spec: ForwardSpec, hp: Hyper, input_ids, position_ids):
     x = ops.embedding(spec.names["embed"] + ".weight", input_ids)
     if spec.embed_scale:
-        x = ops.scale(x, math.sqrt(hp.d_model), round_to_dtype=True)
+        x = ops.scale(x, math.sqrt(hp.d_model))
     if spec.positions:
         x = ops.add(x, ops.embedding(spec.positions + ".weight", position_ids))
     return x

@@ -1,6 +1,8 @@
 """A GGUF's vocabulary (tokenizer.ggml.*) as a `tokenizers` tokenizer with its chat template: byte-level
 BPE ('gpt2') with llama.cpp's pre-tokenizer of that name, or SentencePiece BPE ('llama')."""
 
+from collections.abc import Mapping
+
 from patcher.errors import PatcherError
 from patcher.io.gguf import GGUFFile
 from patcher.model.gguf_pretokenizers import lookup, pre_tokenizer
@@ -61,7 +63,7 @@ def _prompt_tokenizer(g: GGUFFile, tok, names: dict, vocab: dict, add_bos):
     )
 
 
-def _special_names(md: dict, tokens: list) -> dict:
+def _special_names(md: Mapping, tokens: list) -> dict:
     names = {}
     for name, key in (
         ("bos_token", "bos"),

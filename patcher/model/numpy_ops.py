@@ -131,7 +131,7 @@ class NumpyOps:
     def mul(self, a, b):
         return a * b
 
-    def scale(self, x, s: float, round_to_dtype: bool = False):
+    def scale(self, x, s: float):
         return x * F32(s)
 
     def sigmoid(self, x):

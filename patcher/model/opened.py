@@ -23,6 +23,7 @@ from patcher.io.checkpoint import Checkpoint, fp8_scale_of, fp8_weight_of
 from patcher.io.safetensors import TensorInfo
 from patcher.io.storage import Storage
 from patcher.model.architectures import TABLE_DIR, Architecture, Resolved, for_model_type, load_table, resolve
+from patcher.model.forward import ForwardSpec, Hyper
 
 FP8_TILE = 128  # block-scale tile (DeepSeek-V3, Qwen3-FP8)
 
@@ -83,7 +84,8 @@ class Model:
         self.storage = storage
         self.source = str(source if source is not None else storage.path)
         self._extra_inputs = list(extra_inputs)
-        self._hp = self._spec = None
+        self._hp: Hyper | None = None
+        self._spec: ForwardSpec | None = None
         self.arch: Architecture | None = None
         self.resolved: Resolved | None = None
         self.arch_note: str | None = None
@@ -100,17 +102,14 @@ class Model:
                 "this needs a model folder with config.json (architecture and "
                 "hyperparameters), not a lone .safetensors file",
             )
-        self.arch = (
-            load_table(arch_table) if arch_table else for_model_type(storage.model_type, self.config_path)
-        )
+        arch = load_table(arch_table) if arch_table else for_model_type(storage.model_type, self.config_path)
         if storage.names == "gguf":  # the same table under GGUF names (llama.cpp's), from its [gguf] section
-            if self.arch.gguf is None:
-                raise PatcherError(
-                    self.arch.source, "this architecture table has no [gguf] section (GGUF names)"
-                )
-            self.arch = self.arch.gguf
-        self.resolved = resolve(self.arch, storage.tensors, storage.config, self.config_path)
-        self._check_against_tensors()
+            if arch.gguf is None:
+                raise PatcherError(arch.source, "this architecture table has no [gguf] section (GGUF names)")
+            arch = arch.gguf
+        self.arch = arch
+        self.resolved = resolve(arch, storage.tensors, storage.config, self.config_path)
+        self._check_against_tensors(self.resolved)
 
     @classmethod
     def open(
@@ -150,9 +149,11 @@ class Model:
         """What the forward pass runs: the model itself, or for a GGUF its HF-named float view."""
         if self.storage.names == "hf":
             return self
-        from patcher.model.gguf import HFView
+        from patcher.model.gguf import GGUFStorage, HFView
 
-        return Model(HFView(self.storage), arch_table=self.arch.source, source=self.source)
+        if not isinstance(self.storage, GGUFStorage):
+            raise PatcherError(self.path, f"no HF-named view of a {self.storage.format} checkpoint")
+        return Model(HFView(self.storage), arch_table=self.table.source, source=self.source)
 
     # --- the storage interface, delegated ------------------------------------------------------
     path = property(lambda self: self.storage.path)
@@ -214,12 +215,13 @@ class Model:
     def no_injection_slot(self, target: str) -> str:
         """Why an injection at `target` cannot be written: a GGUF's reader (llama.cpp) adds biases only
         where its loader has them; a table without that slot has no bias to write."""
-        if self.storage.names == "gguf":
+        layout = self.table.gguf_layout
+        if self.storage.names == "gguf" and layout is not None:
             return (
-                f"llama.cpp's {self.arch.gguf_layout.arch} loader has no bias at the {target} writer; "
+                f"llama.cpp's {layout.arch} loader has no bias at the {target} writer; "
                 "write the injection as a control vector (--control-vector FILE)"
             )
-        return f"{self.arch.model_type} has no injection slot for {target!r}"
+        return f"{self.table.model_type} has no injection slot for {target!r}"
 
     @property
     def n_layers(self) -> int:
@@ -229,10 +231,17 @@ class Model:
     def d_model(self) -> int:
         return self.resolved.d_model if self.resolved else self.hp.d_model
 
-    def _check_against_tensors(self) -> None:
+    @property
+    def table(self) -> Architecture:
+        """The architecture table; a model opened without one (inspect, diff) fails here, clearly."""
+        if self.arch is None:
+            raise PatcherError(self.config_path, f"this needs an architecture table ({self.arch_note})")
+        return self.arch
+
+    def _check_against_tensors(self, res: Resolved) -> None:
         """config.json must describe the tensors: a smaller layer count would leave the last layers
         unedited, a larger one crashes later; a wrong d_model would misread every matrix."""
-        res, arch, where = self.resolved, self.arch, self.config_path
+        arch, where = res.arch, self.config_path
         if res.n_layers <= 0:
             raise PatcherError(where, f"{arch.config_layers} must be a positive integer, got {res.n_layers}")
         if res.d_model <= 0:
@@ -254,10 +263,8 @@ class Model:
         if beyond:
             raise PatcherError(
                 where,
-                f"{arch.config_layers} = {res.n_layers} but the tensors also hold "
-                f"layer "
-                f"{beyond[0]} (layers in the tensors: {have}); an edit would leave it "
-                "unedited",
+                f"{arch.config_layers} = {res.n_layers} but the tensors also hold layer {beyond[0]} "
+                f"(layers in the tensors: {have}); an edit would leave it unedited",
             )
         for t in res.targets:
             if t.role == "embed":
@@ -272,20 +279,18 @@ class Model:
         for name, info in self.tensors.items():
             weight = fp8_weight_of(self.tensors, name)
             w = self.tensors[weight].shape if weight else None
-            if weight and len(w) == 2:
+            if weight and w is not None and len(w) == 2:
                 want = (-(-w[0] // FP8_TILE), -(-w[1] // FP8_TILE))
                 if info.shape != want:
                     raise PatcherError(
                         info.file,
-                        f"{name} has shape {list(info.shape)}; the FP8 weight "
-                        f"{weight} "
-                        f"{list(w)} needs {list(want)} (one scale per {FP8_TILE}x"
-                        f"{FP8_TILE} tile)",
+                        f"{name} has shape {list(info.shape)}; the FP8 weight {weight} {list(w)} "
+                        f"needs {list(want)} (one scale per {FP8_TILE}x{FP8_TILE} tile)",
                     )
 
     # --- the forward pass: spec and checked hyperparameters --------------------------------------
     @property
-    def spec(self):
+    def spec(self) -> ForwardSpec:
         """The forward pass's description: the [forward] section of the model's table."""
         if self._spec is None:
             if self.arch is None or self.arch.forward is None:
@@ -299,7 +304,7 @@ class Model:
         return self._spec
 
     @property
-    def hp(self):
+    def hp(self) -> Hyper:
         """Hyperparameters of the forward pass, checked before any work (commands that only edit
         weights never read them)."""
         if self._hp is None:
@@ -347,13 +352,18 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(out)
 
 
-def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int | None:
+def _positive_int(cfg: dict, keys: tuple[str, ...], where: Path) -> int:
+    value = _optional_positive_int(cfg, keys, where)
+    if value is None:
+        raise PatcherError(
+            where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward pass needs it"
+        )
+    return value
+
+
+def _optional_positive_int(cfg: dict, keys: tuple[str, ...], where: Path) -> int | None:
     key = next((k for k in keys if cfg.get(k) is not None), None)
     if key is None:
-        if required:
-            raise PatcherError(
-                where, f"has no {' (or '.join(keys)}{')' * (len(keys) - 1)}: the forward pass needs it"
-            )
         return None
     value = cfg[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -361,15 +371,15 @@ def _positive_int(cfg: dict, keys: tuple, where, required: bool = True) -> int |
     return value
 
 
-def _checked_hyper(cfg: dict, where, spec):
+def _checked_hyper(cfg: dict, where: Path, spec: ForwardSpec) -> Hyper:
     from patcher.model import forward as fw
     from patcher.model.numpy_ops import ACTS
 
     d = _positive_int(cfg, ("hidden_size", "n_embd"), where)
     _positive_int(cfg, ("num_hidden_layers", "n_layer"), where)
     heads = _positive_int(cfg, ("num_attention_heads", "n_head"), where)
-    kv = _positive_int(cfg, ("num_key_value_heads",), where, required=False) or heads
-    head_dim = _positive_int(cfg, ("head_dim",), where, required=False)
+    kv = _optional_positive_int(cfg, ("num_key_value_heads",), where) or heads
+    head_dim = _optional_positive_int(cfg, ("head_dim",), where)
     if heads % kv:
         raise PatcherError(
             where, f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}"

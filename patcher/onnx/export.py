@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import onnx_ir as ir
@@ -19,24 +20,34 @@ from patcher import __version__
 from patcher.errors import PatcherError
 from patcher.io import manifest
 from patcher.io.atomic import AtomicOutput
-from patcher.io.checkpoint import INDEX_NAME, SIDE_FILES, Checkpoint
+from patcher.io.checkpoint import INDEX_NAME, SIDE_FILES
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
+from patcher.model.opened import Model
 from patcher.onnx import selftest, storage
 from patcher.onnx.ops import Context, OnnxOps
 
 OPSET = 17
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+
+
 # --dtype -> file (transformers.js's names), matrix storage, activation / KV cache dtype, bits of the
 # MatMulNBits blocks (0: plain MatMul). int8 is transformers.js's q8 (`model_quantized.onnx`, WASM's default).
-VARIANTS = {
+class Variant(TypedDict):
+    file: str
+    weights: ir.DataType
+    act: ir.DataType
+    bits: int
+
+
+VARIANTS: dict[str, Variant] = {
     "fp32": {"file": "model.onnx", "weights": F32, "act": F32, "bits": 0},
     "fp16": {"file": "model_fp16.onnx", "weights": F16, "act": F32, "bits": 0},
     "int4": {"file": "model_q4.onnx", "weights": F32, "act": F32, "bits": 4},
     "q4f16": {"file": "model_q4f16.onnx", "weights": F16, "act": F16, "bits": 4},
     "int8": {"file": "model_quantized.onnx", "weights": F32, "act": F32, "bits": 8},
 }
-FILES: dict[str, str] = {k: str(v["file"]) for k, v in VARIANTS.items()}
+FILES: dict[str, str] = {k: v["file"] for k, v in VARIANTS.items()}
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
 # is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
@@ -228,9 +239,8 @@ def _plan(sm: StreamedModel, out: Path, dtypes: list[str], force: bool, directio
     }
     cache.save()
     keep = {} if force else _existing_export(out, inputs)
-    side = (
-        ck.storage.side_files()
-    )  # a GGUF's are made from its metadata: a vocabulary it cannot read fails here
+    # a GGUF's side files are made from its metadata: a vocabulary it cannot read fails here
+    side = ck.storage.side_files()
     todo = [d for d in dtypes if d not in keep]
     basis = edit_basis(ck, direction) if any(VARIANTS[d]["bits"] for d in todo) else None
     return ExportPlan(inputs, keep, todo, side, basis)
@@ -377,7 +387,7 @@ def _write_variant(
     )
 
 
-def edit_basis(ck: Checkpoint, direction=None):
+def edit_basis(ck: Model, direction=None):
     """Q [d_model, k] of the directions an ablation removed from this checkpoint (from its provenance, or
     `direction` given explicitly), or None when it records no ablation."""
     from patcher_kernels.project import orthonormalize
@@ -464,9 +474,10 @@ def transformers_js_config(chunks: dict[str, int]) -> dict:
     return cfg
 
 
-def _write_config(ck: Checkpoint, path: Path, chunks: dict[str, int]) -> None:
+def _write_config(ck: Model, path: Path, chunks: dict[str, int]) -> None:
     """The model's config.json plus `transformers.js_config`, so transformers.js loads the folder as is."""
-    cfg = json.loads(path.read_text()) if path.is_file() else {"model_type": ck.model_type}  # the copy
+    # the config.json already copied into the export, else a minimal one
+    cfg: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"model_type": ck.model_type}
     cfg["transformers.js_config"] = {
         **cfg.get("transformers.js_config", {}),
         **transformers_js_config(chunks),
@@ -474,7 +485,7 @@ def _write_config(ck: Checkpoint, path: Path, chunks: dict[str, int]) -> None:
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _provenance(ck: Checkpoint):
+def _provenance(ck: Model):
     meta = next(iter(ck.files.values())).metadata.get("patcher")
     try:
         return json.loads(meta) if meta else None

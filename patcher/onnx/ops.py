@@ -406,7 +406,7 @@ class OnnxOps:
     def mul(self, a, b):
         return self.op("Mul", [a, b])
 
-    def scale(self, x, s, round_to_dtype=False):
+    def scale(self, x, s: float):
         return self.op("Mul", [x, self.const(s)])
 
     def sigmoid(self, x):

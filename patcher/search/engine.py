@@ -122,6 +122,8 @@ class ResidentModel:
         self.sm, self.spec, self.hp, self.resolved = sm, sm.spec, sm.hp, sm.resolved
         self.resident = choose_resident(sm, resident)
         top = sm.top_weights()
+        self.top: dict[str, np.ndarray]
+        self.blocks: list[dict[str, np.ndarray]]
         if self.resident == "storage":
             self.top = _stored(sm, top.names)
             self.blocks = [
@@ -180,8 +182,9 @@ class ResidentModel:
 
     def edits(self, plan: Plan) -> Edits:
         res = self.resolved
-        blocks = [dict() for _ in range(self.n_layers)]
-        top, head = {}, None
+        blocks: list[dict[str, WriterEdit]] = [{} for _ in range(self.n_layers)]
+        top: dict[str, WriterEdit] = {}
+        head: WriterEdit | None = None
         projected_bias = {name for name, e in plan.edits.items() if e.op == "project_bias"}
         untied = any(e.op == "copy_of" for e in plan.all())
         bias_of = {t.weight: t.bias for t in res.targets}
@@ -195,7 +198,7 @@ class ResidentModel:
                 top[short] = self._writer_edit(
                     short,
                     w,
-                    e.residual_axis,
+                    e.axis,
                     e.q,
                     e.scale,
                     e.preserve,
@@ -208,9 +211,7 @@ class ResidentModel:
                 rel = name[len(prefix) :]
                 w = self.blocks[e.layer][rel]
                 b = None if bias is None else self.blocks[e.layer][bias[len(prefix) :]]
-                blocks[e.layer][rel] = self._writer_edit(
-                    name, w, e.residual_axis, e.q, e.scale, e.preserve, b
-                )
+                blocks[e.layer][rel] = self._writer_edit(name, w, e.axis, e.q, e.scale, e.preserve, b)
         return Edits(blocks, top, head, self.head_name if head is not None else None)
 
     # --- running ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -184,7 +185,7 @@ class Evaluator:
         if judge is not None and (requests is None or len(requests) != len(positive)):
             raise PatcherError("--judge", "the judge needs the eval-positive prompts' text, one per prompt")
         self.judge, self.requests = judge, requests
-        self.ref = None
+        self.ref: dict[str, Any] | None = None
 
     # --- generation ----------------------------------------------------------------------------
     def generate(
@@ -292,11 +293,11 @@ class Evaluator:
         self.ref = ref
         self._kl_seqs = self._kl_batches()
 
-    def reference(self) -> dict:
+    def reference(self) -> dict[str, Any]:
         """The original model's completions and distributions: computed once per search."""
         if self.ref is None:
             t0 = time.perf_counter()
-            ref = {}
+            ref: dict[str, Any] = {}
             pos_comp, _ = self.generate(self.positive, None, self.tokens, stop_on_marker=False)
             ref["positive_completions"] = pos_comp
             ref["marker_rate"] = self.rate(pos_comp)
@@ -335,6 +336,7 @@ class Evaluator:
         try:
             comp, steps = self.generate(self.positive, edits, self.tokens, watch=watch)
         except Hopeless as e:
+            assert watch is not None  # only a watch gives a generation up
             raise Hopeless(watch.hits / n, kl, first, e.rows) from None
         rate = self.rate(comp)
         neg_rate = None

@@ -33,15 +33,22 @@ GRAPH_VERSION = 2  # part of the cache key: bump when the graph changes
 
 class EditOnnxOps(OnnxOps):
     def __init__(
-        self, ctx, prefix, slots: dict, head_slot: int | None = None, head_weight: str | None = None
+        self,
+        ctx: Context,
+        prefix: str,
+        slots: dict,
+        edit: tuple[ir.Value, ir.Value],
+        head_slot: int | None = None,
+        head_weight: str | None = None,
     ):
+        """`edit`: the graph inputs (u [slots, d], s [slots]) holding each slot's direction and strength."""
         super().__init__(ctx, prefix)
         self.slots, self.head_slot, self.head_weight = slots, head_slot, head_weight
+        self.edit_u, self.edit_s = edit
 
     def _project(self, y, slot: int):
-        ctx = self.ctx
-        u = self.op("Gather", [ctx.edit_u, self.const(slot, np.int64)], axis=0)  # [d]
-        s = self.op("Gather", [ctx.edit_s, self.const(slot, np.int64)], axis=0)  # []
+        u = self.op("Gather", [self.edit_u, self.const(slot, np.int64)], axis=0)  # [d]
+        s = self.op("Gather", [self.edit_s, self.const(slot, np.int64)], axis=0)  # []
         coef = self.op("MatMul", [y, self.op("Unsqueeze", [u, self.const([1], np.int64)])])  # [B, T, 1]
         return self.op("Sub", [y, self.op("Mul", [self.op("Mul", [coef, s]), u])])
 
@@ -67,14 +74,15 @@ def build(sm: StreamedModel) -> ir.Model:
     res, L = sm.resolved, sm.n_layers
     ctx = Context(_source(sm), kv_shapes(sm), sm.hp.n_heads, logits_to_keep=False)  # it has its own last_n
     d = sm.hp.d_model
-    ctx.edit_u = ir.Value(name="edit_u", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2, d]))
-    ctx.edit_s = ir.Value(name="edit_s", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2]))
+    edit_u = ir.Value(name="edit_u", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2, d]))
+    edit_s = ir.Value(name="edit_s", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2]))
+    edit = (edit_u, edit_s)
     # logits only for the last `last_n` positions: a prefill of long prompts would otherwise pay the
     # unembedding (d_model x vocab) for every prompt token
     last_n = ir.Value(name="last_n", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
-    ctx.inputs += [ctx.edit_u, ctx.edit_s, last_n]
-    per_layer = [dict() for _ in range(L)]
-    top = {}
+    ctx.inputs += [edit_u, edit_s, last_n]
+    per_layer: list[dict[str, tuple[int, bool]]] = [{} for _ in range(L)]
+    top: dict[str, int] = {}
     for t in res.targets:
         if t.layer is None:
             top[t.weight[len(res.prefix) :]] = 2 * L
@@ -84,11 +92,13 @@ def build(sm: StreamedModel) -> ir.Model:
             per_layer[t.layer][rel] = (2 * t.layer + ROLE_SLOT[t.role], bias_rel is not None)
     embed = sm.spec.names["embed"] + ".weight"
     head_weight = embed if sm.hp.tied or (sm.spec.names["lm_head"] + ".weight") not in ctx.source else None
-    x = fw.embed(EditOnnxOps(ctx, "", top), sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
+    x = fw.embed(EditOnnxOps(ctx, "", top, edit), sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
     for layer in range(L):
-        x = fw.block(EditOnnxOps(ctx, res.layer_prefix(layer), per_layer[layer]), sm.spec, sm.hp, x, layer)
+        x = fw.block(
+            EditOnnxOps(ctx, res.layer_prefix(layer), per_layer[layer], edit), sm.spec, sm.hp, x, layer
+        )
     x = ctx.op("Slice", [x, ctx.op("Neg", [last_n]), ctx.const([2**62], np.int64), ctx.const([1], np.int64)])
-    logits = fw.head(EditOnnxOps(ctx, "", {}, 2 * L + 1, head_weight), sm.spec, sm.hp, x)
+    logits = fw.head(EditOnnxOps(ctx, "", {}, edit, 2 * L + 1, head_weight), sm.spec, sm.hp, x)
     logits.name = "logits"
     logits.type = ir.TensorType(FLOAT)
     outputs = [logits, *present_outputs(ctx, FLOAT)]

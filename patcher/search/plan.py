@@ -7,13 +7,14 @@ from patcher import __version__
 from patcher.edit.directions import Direction, digest
 from patcher.edit.plan import Plan, plan_ablation
 from patcher.errors import PatcherError
-from patcher.io.checkpoint import Checkpoint
+from patcher.io.storage import Storage
 from patcher.model.architectures import Resolved
+from patcher.model.opened import Model, as_model
 from patcher.search.space import EditSpec
 
 
 def build_plan(
-    ck: Checkpoint,
+    ck: Model | Storage,
     resolved: Resolved,
     spec: EditSpec,
     source: str,
@@ -21,15 +22,13 @@ def build_plan(
     record: dict | None = None,
 ) -> Plan:
     """Merge one plan_ablation per (role, layer) group (each group has its own direction and strength)."""
-    from patcher.model.opened import as_model
-
-    ck = as_model(ck).resolved_as(resolved)  # one Model: the FP8 rule and input paths come with it
-    plan = Plan(ck, resolved)
+    model = as_model(ck).resolved_as(resolved)  # one Model: the FP8 rule and input paths come with it
+    plan = Plan(model, resolved)
     for (role, layer), (vector, strength) in spec.groups.items():
         d = Direction(vector[None, :], source, None, digest(vector[None, :]))
         try:
             part = plan_ablation(
-                ck,
+                model,
                 d,
                 layers=None if layer is None else {layer},
                 roles=(role,),

@@ -152,7 +152,7 @@ def fronts_svg(series: dict[str, list[tuple[float, float]]], title: str, extra: 
 
 
 def write_fronts(path: Path, series: dict, title: str, extra: dict | None = None) -> None:
-    from patcher.io.atomic import atomic_file
+    from patcher.io.atomic import AtomicOutput
 
-    with atomic_file(Path(path)) as tmp:
+    with AtomicOutput(Path(path)) as tmp:
         tmp.write_text(fronts_svg(series, title, extra), encoding="utf-8")

@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from patcher.edit.directions import read_metadata
 from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.io.manifest import folder_identity, sha256_file
+from patcher.io.storage import Storage
 from patcher.model.architectures import Resolved
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model
@@ -21,6 +23,10 @@ from patcher.search import space as sp
 from patcher.search import study as st
 from patcher.search.objectives import Evaluator, Hopeless, Result, load_markers
 from patcher.search.plan import build_plan
+
+if TYPE_CHECKING:  # the engines import their runtimes (numpy kernels, onnxruntime) only when chosen
+    from patcher.search.engine import ResidentModel
+    from patcher.search.onnx_engine import OnnxEngine
 
 ENGINES = ("numpy", "onnx")
 DEFAULT_ENGINE = "numpy"
@@ -59,9 +65,9 @@ def heuristic_params(selected: int, n_layers: int) -> dict:
 
 @dataclass
 class Setup:
-    ck: Checkpoint
+    ck: Model
     resolved: Resolved
-    engine: object
+    engine: "ResidentModel | OnnxEngine"
     evaluator: Evaluator
     table: np.ndarray
     directions: Path
@@ -140,7 +146,9 @@ def check_engine(engine: str, provider: str, resident: str) -> None:
         raise PatcherError("--resident", f"must be one of {', '.join(RESIDENT)}")
 
 
-def make_engine(kind: str, sm: StreamedModel, provider: str = "cpu", announce=None, resident: str = "auto"):
+def make_engine(
+    kind: str, sm: StreamedModel, provider: str = "cpu", announce=None, resident: str = "auto"
+) -> "ResidentModel | OnnxEngine":
     if kind == "numpy":
         from patcher.search.engine import ResidentModel
 
@@ -339,7 +347,7 @@ def trial_params(study, number: int, path: Path) -> tuple[dict, dict]:
 
 
 def plan_from_study(
-    ck: Checkpoint, resolved: Resolved, study_path: Path, number: int, directions: Path | None = None
+    ck: Model | Storage, resolved: Resolved, study_path: Path, number: int, directions: Path | None = None
 ):
     """The Plan that writes trial `number` of the study as a checkpoint; its record names the study,
     the trial, the study digest and the directions file."""

@@ -195,7 +195,7 @@ def apply_toml(space: dict[str, Param], section: dict, where) -> None:
 def sample(trial, space: dict[str, Param]) -> dict:
     """Ask an Optuna trial for every free parameter (conditional ones only when they apply); fixed
     parameters are filled in but are not Optuna parameters."""
-    out = {}
+    out: dict[str, object] = {}
     for p in space.values():
         if p.when is not None and out.get(p.when[0]) != p.when[1]:
             continue
