@@ -43,7 +43,7 @@ CONFIGS = {
     "gemma3_text": lambda: T.Gemma3TextConfig(**COMMON, sliding_window=4, sliding_window_pattern=2),
     "olmo2": lambda: T.Olmo2Config(**COMMON),
     "phi3": lambda: T.Phi3Config(
-        **{k: v for k, v in COMMON.items() if k != "head_dim"}, partial_rotary_factor=0.5
+        **{k: v for k, v in COMMON.items() if k != "head_dim"}, partial_rotary_factor=0.5, sliding_window=4
     ),
     "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=128, n_positions=64),
     "gpt_neox": lambda: T.GPTNeoXConfig(
@@ -62,7 +62,10 @@ CONFIGS = {
         vocab_size=128,
         use_parallel_residual=False,
     ),
-    "mixtral": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    # sliding_window set: HF then slides every layer of Mixtral and Phi-3, as Mistral
+    "mixtral": lambda: T.MixtralConfig(
+        **COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=4
+    ),
     "qwen2_moe": lambda: T.Qwen2MoeConfig(
         **COMMON,
         **MOE,
