@@ -45,20 +45,7 @@ def _points(s, n: int) -> list:
     from patcher.search import space as sp
 
     rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        p = {}
-        for q in s.space.values():
-            if q.when is not None and p.get(q.when[0]) != q.when[1]:
-                continue
-            if q.fixed is not None:
-                p[q.name] = q.fixed
-            elif q.kind == "float":
-                p[q.name] = float(rng.uniform(q.low, q.high))
-            else:
-                p[q.name] = q.choices[int(rng.integers(len(q.choices)))]
-        out.append(sp.complete(p, {}))
-    return out
+    return [sp.complete(sp.sample(sp.RandomTrial(rng), s.space), {}) for _ in range(n)]
 
 
 def _front(values: list) -> list:

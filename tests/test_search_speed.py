@@ -49,19 +49,7 @@ def _setup(refusal, tmp_path, **kw) -> sr.Setup:
 def _points(s: sr.Setup, n: int, seed: int = 0) -> list[dict]:
     """Random points of the default space (as the start-up trials draw them), then the default pipeline."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        p = {}
-        for q in s.space.values():
-            if q.when is not None and p.get(q.when[0]) != q.when[1]:
-                continue
-            if q.fixed is not None:
-                p[q.name] = q.fixed
-            elif q.kind == "float":
-                p[q.name] = float(rng.uniform(q.low, q.high))
-            else:
-                p[q.name] = q.choices[int(rng.integers(len(q.choices)))]
-        out.append(sp.complete(p, {}))
+    out = [sp.complete(sp.sample(sp.RandomTrial(rng), s.space), {}) for _ in range(n)]
     return out + [sr.heuristic_params(int(s.selected), s.n_layers)]
 
 

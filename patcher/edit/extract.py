@@ -6,6 +6,7 @@ Means are accumulated in float64. Per-prompt projections for the scores are kept
 the prompt count, not the model size.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,25 +270,11 @@ def extract(
     if max_prompts is not None:
         max_prompts = V.number(max_prompts, "max_prompts", "--max-prompts")
     check_winsorize(winsorize)
-    if isinstance(model, Model):
+    # a Model the caller opened stays open; anything else is opened (and closed) here
+    opened = contextlib.nullcontext(model) if isinstance(model, Model) else as_model(model, arch_table)
+    with opened as m:
         return _extract(
-            model,
-            positive,
-            negative,
-            positions,
-            batch_size,
-            max_prompts,
-            layers,
-            chat_template,
-            system,
-            project_out_negative_mean,
-            progress,
-            announce,
-            winsorize,
-        )
-    with as_model(model, arch_table) as opened:
-        return _extract(
-            opened,
+            m,
             positive,
             negative,
             positions,

@@ -208,6 +208,20 @@ def sample(trial, space: dict[str, Param]) -> dict:
     return out
 
 
+class RandomTrial:
+    """Stands in for an Optuna trial in `sample`: every free parameter drawn uniformly (as the study's
+    random start-up trials draw them), for benchmarks and tests that need points without a study."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        return float(self.rng.uniform(low, high))
+
+    def suggest_categorical(self, name: str, choices: list):
+        return choices[int(self.rng.integers(len(choices)))]
+
+
 def complete(params: dict, fixed: dict) -> dict:
     """A stored trial's parameters plus the fixed ones the study recorded (conditions re-checked)."""
     out = dict(params)
