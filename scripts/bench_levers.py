@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     from patcher.model.execution import StreamedModel
     from patcher.model.opened import Model
     from patcher.model.prompts import encode_prompts, read_prompt_file
-    from patcher.onnx.verify import _eos
+    from patcher.onnx.verify import stop_tokens
     from patcher.search import space as sp
     from patcher.search.engine import ResidentModel
     from patcher.search.objectives import Evaluator
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
         enc(P["harmless-search"]),
         tokens=args.tokens,
         kl_tokens=args.kl_tokens,
-        eos=_eos(ck.folder, tok),
+        eos=stop_tokens(ck.folder, tok),
         batch_size=args.batch_size,
     )
     ref = ev.reference()

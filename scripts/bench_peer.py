@@ -153,7 +153,7 @@ def run_patcher(work: Path, model: Path, P: dict, args):
 
 def test_evaluator(s, P: dict, tokens: int, kl_tokens: int, limit: int | None = None):
     from patcher.model.prompts import encode_prompts, read_prompt_file
-    from patcher.onnx.verify import _eos
+    from patcher.onnx.verify import stop_tokens
     from patcher.search.objectives import Evaluator
 
     tok = s.ck.tokenizer()
@@ -168,7 +168,7 @@ def test_evaluator(s, P: dict, tokens: int, kl_tokens: int, limit: int | None = 
         enc(P["harmless-test"]),
         tokens=tokens,
         kl_tokens=kl_tokens,
-        eos=_eos(s.ck.folder, tok),
+        eos=stop_tokens(s.ck.folder, tok),
         batch_size=s.evaluator.batch_size,
     )
     ev.reference()

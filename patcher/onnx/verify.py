@@ -237,9 +237,6 @@ def stop_tokens(folder: Path, tok: PromptTokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-_eos = stop_tokens  # the old name: patcher/search/run.py (being refactored, issue 23) imports it
-
-
 PARITY_CHUNK = 8  # prompts per numpy forward: memory holds one chunk's logits, whatever the prompt count
 
 

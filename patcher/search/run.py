@@ -222,7 +222,7 @@ def setup(
     winsorize: float | None = None,
 ) -> Setup:
     """Model, space, directions (extracted when not given), prompts, engine and evaluator of a search."""
-    from patcher.onnx.verify import _eos
+    from patcher.onnx.verify import stop_tokens
 
     seconds: dict = {}
     ck = Model.open(model, arch_table)  # a folder, file or hub repo id; its table, if given
@@ -249,7 +249,7 @@ def setup(
     t0 = time.perf_counter()
     eng = make_engine(engine, sm, provider, announce, resident)
     seconds["load"] = round(time.perf_counter() - t0, 3)
-    eos = _eos(ck.folder, tok)
+    eos = stop_tokens(ck.folder, tok)
     from patcher.search.judge import Judge
 
     judged = Judge.open(judge) if judge is not None else None
