@@ -129,6 +129,23 @@ def test_pruning_never_drops_a_trial_that_would_be_on_the_front(refusal, tmp_pat
     assert _front(done) == _front(full)
 
 
+def test_a_trial_behind_the_front_on_kl_alone_generates_nothing(refusal, tmp_path):
+    """A front point with marker rate 0 and a lower KL dominates whatever the trial would say: the
+    trial is given up after its KL, before a single row is generated; at a KL just below that point's
+    it runs to the end."""
+    s = _setup(refusal, tmp_path)
+    params = sr.heuristic_params(int(s.selected), s.n_layers)
+    full = s.evaluate(params)
+    calls = []
+    generate = s.evaluator.generate
+    s.evaluator.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    with pytest.raises(Hopeless) as h:
+        s.evaluate(params, prune=sr.beyond_front([(0.0, full.kl * 0.999)]))
+    assert (h.value.rate, h.value.kl, h.value.rows) == (0.0, full.kl, 0) and not calls
+    r = s.evaluate(params, prune=sr.beyond_front([(0.0, full.kl * 1.001)]))
+    assert (r.marker_rate, r.kl) == (full.marker_rate, full.kl) and calls
+
+
 def test_pruning_bound_is_strict_on_ties():
     prune = sr.beyond_front([(0.25, 0.01)])
     assert not prune(0.25, 0.01)  # the same values would tie: both on the front

@@ -325,13 +325,16 @@ class Evaluator:
 
     def evaluate(self, edits, keep_texts: bool = False, prune=None) -> Result:
         """Marker rate and KL of an edit. `prune(rate_lower_bound, kl) -> bool` is asked whenever more
-        rows are known to hit a marker; True gives the trial up (Hopeless). The KL (cheap: one forward
-        pass) comes first so the bound can be judged from the first rows on."""
+        rows are known to hit a marker, and once before any at rate 0; True gives the trial up (Hopeless).
+        The KL (cheap: one forward pass) comes first, so a trial whose KL alone puts it behind the front
+        generates nothing."""
         self.reference()
         t0 = time.perf_counter()
         kl, first = self.kl(edits)
         t1 = time.perf_counter()
         n = len(self.positive)
+        if prune is not None and prune(0.0, kl):  # behind a front point at this KL or less, whatever it says
+            raise Hopeless(0.0, kl, first, 0)
         watch = _Watch(lambda h: prune(h / n, kl)) if prune is not None and n else None
         try:
             comp, steps = self.generate(self.positive, edits, self.tokens, watch=watch)
