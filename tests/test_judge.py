@@ -125,6 +125,7 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
         "--trials",
         "2",
         "--no-heuristic",
+        "--no-prune",  # both trials judged, even one behind the first on KL alone
         "--study",
         tmp_path / "s.db",
         "--judge",

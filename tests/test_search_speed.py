@@ -283,3 +283,50 @@ def test_the_reference_file_never_replaces_a_users_file(tmp_path):
     with pytest.raises(PatcherError) as e:
         reference_cache.save(path, "k", ref)
     assert "not written by patcher" in str(e.value) and path.read_bytes() == b"mine"
+
+
+# --- a prefix every prompt shares runs once ------------------------------------------------------
+
+
+def test_shared_prefix_is_what_every_row_starts_with():
+    head = [5, 6, 7, 8, 9]
+    assert en_shared([head + [1, 2], head + [3], head + [4, 4, 4]]) == 5
+    assert en_shared([head + [1, 2], head + [3]], last=2) == 4  # each row keeps `last` tokens of its own
+    assert en_shared([head + [1], [5, 6, 7, 0, 9, 1]]) == 0  # 3 shared: below MIN_SHARED
+    assert en_shared([head + [1, 2]]) == 0 and en_shared([head, head]) == 4
+
+
+def en_shared(batch, last=1):
+    from patcher.search.objectives import shared_prefix
+
+    return shared_prefix(batch, last)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_a_shared_prefix_run_once_gives_the_same_completions_and_kl(model_type):
+    """Rows laid out as [shared prefix, padding, own tokens] give the left-padded batch's greedy tokens
+    and log-probabilities (gemma3_text: sliding window 4 < the prompts, so the window must count
+    positions, not columns); the prefix runs as one row."""
+    from patcher.model.prompts import load_tokenizer
+
+    folder = fixture_path(model_type)
+    sm = StreamedModel(Checkpoint(folder))
+    tok = load_tokenizer(folder)
+    head = [int(t) for t in np.random.default_rng(0).integers(3, 100, 7)]
+    prompts = [
+        head + [int(t) for t in np.random.default_rng(i).integers(3, 100, n)]
+        for i, n in enumerate((1, 5, 9, 3))
+    ]
+    engine = en.ResidentModel(sm)
+    ev = Evaluator(engine, tok, prompts, prompts, tokens=6, kl_tokens=3, eos=[], batch_size=4)
+    ev.reference()
+    widths = []
+    forward = engine.forward
+    engine.forward = lambda ids, *a, **k: widths.append(ids.shape) or forward(ids, *a, **k)
+    got, _ = ev.generate(prompts, None, 6, stop_on_marker=False)
+    shared = ev._log_probs(None)
+    assert (1, 7) in widths  # the prefix, once
+    engine.shares_prefix = False
+    want, _ = ev.generate(prompts, None, 6, stop_on_marker=False)
+    assert got == want
+    np.testing.assert_allclose(shared, ev._log_probs(None), atol=2e-5)

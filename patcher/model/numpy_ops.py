@@ -215,8 +215,9 @@ class NumpyOps:
             scores = np.tanh(scores / F32(softcap)) * F32(softcap)
         i, j = (S - T) + np.arange(T)[:, None], np.arange(S)[None, :]
         allowed = (j <= i) & self.mask[:, None, None, :]
-        if window:
-            allowed = allowed & (i - j < window)
+        if window:  # by position, not column: padding may sit between a shared prefix and a row's tokens
+            kpos = np.cumsum(self.mask, 1)
+            allowed = allowed & ((kpos[:, -T:, None] - kpos[:, None, :]) < window)[:, None]
         scores = np.where(allowed, scores, _NEG)
         scores = scores - scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)

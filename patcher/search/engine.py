@@ -118,6 +118,8 @@ class ResidentModel:
     """Every weight resident (decoded once to float32, or as stored: see the module notes), shared
     read-only by every trial and thread."""
 
+    shares_prefix = True  # the Evaluator may run a prefix all rows share once (attention masks by position)
+
     def __init__(self, sm: StreamedModel, resident: str = "float32"):
         self.sm, self.spec, self.hp, self.resolved = sm, sm.spec, sm.hp, sm.resolved
         self.resident = choose_resident(sm, resident)

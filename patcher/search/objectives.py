@@ -151,6 +151,21 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+MIN_SHARED = 4  # a shorter shared prefix is not worth a separate forward pass
+
+
+def shared_prefix(batch: list[list[int]], last: int = 1) -> int:
+    """Tokens every row starts with, leaving each row at least `last` tokens of its own (0 when fewer
+    than MIN_SHARED, or one row)."""
+    if len(batch) < 2:
+        return 0
+    c = min(len(b) for b in batch) - last
+    first = batch[0]
+    for b in batch[1:]:
+        c = next((i for i in range(max(c, 0)) if b[i] != first[i]), c)
+    return c if c >= MIN_SHARED else 0
+
+
 def _order(token_lists):
     return np.argsort([len(t) for t in token_lists], kind="stable")
 
@@ -204,11 +219,26 @@ class Evaluator:
             )
         return out, steps
 
+    def _prompts(self, batch, edits, cache, last: int = 1):
+        """Logits of the last `last` positions of each (left-padded) prompt, the KV cache filled.
+        With an engine that allows it, the prefix every row shares (a chat template's system turn) runs
+        once and its cache is copied to every row: a row is laid out as [shared prefix, padding, its own
+        tokens], positions counting its real tokens. Returns (logits, mask, positions of own tokens)."""
+        c = shared_prefix(batch, last) if self.engine.shares_prefix else 0
+        ids, mask = left_pad([b[c:] for b in batch], self.tok.pad_id)
+        if c:
+            self.engine.forward(
+                np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits
+            )
+            self.engine.select(cache, np.zeros(len(batch), np.int64))
+            mask = np.concatenate([np.ones((len(batch), c), np.int64), mask], 1)
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)[:, c:]
+        return self.engine.forward(ids, mask, pos, cache, edits, last=last), mask, pos
+
     def _generate_batch(self, batch, rows, out, edits, n, stop_on_marker, watch=None):
-        ids, mask = left_pad(batch, self.tok.pad_id)
-        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
         cache = self.engine.new_cache(len(batch))
-        logits = self.engine.forward(ids, mask, pos, cache, edits)[:, -1]
+        logits, mask, pos = self._prompts(batch, edits, cache)
+        logits = logits[:, -1]
         alive = np.arange(len(batch))
         gen = [[] for _ in batch]
         next_pos = pos[:, -1:] + 1
@@ -282,9 +312,9 @@ class Evaluator:
         order = _order(seqs)
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
-            ids, mask = left_pad([seqs[i] for i in rows], self.tok.pad_id)
-            pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-            out[rows] = _log_softmax(self.engine.forward(ids, mask, pos, None, edits, last=self.kl_tokens))
+            cache = self.engine.new_cache(len(rows))
+            logits = self._prompts([seqs[i] for i in rows], edits, cache, last=self.kl_tokens)[0]
+            out[rows] = _log_softmax(logits)
         return out
 
     def use_reference(self, ref: dict) -> None:

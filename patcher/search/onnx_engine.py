@@ -132,6 +132,8 @@ def cached_graph(sm: StreamedModel, announce=None) -> Path:
 class OnnxEngine:
     """Same interface as the numpy engine's ResidentModel (edits, forward, new_cache, select, vocab)."""
 
+    shares_prefix = False  # the graph's sliding-window mask counts columns, not positions
+
     def __init__(self, sm: StreamedModel, provider: str = "cpu", announce=None):
         import onnxruntime as ort
 
