@@ -11,7 +11,8 @@ test: the final scoring). The peer runs in its own venv (`--heretic-python`, def
 /work/venvs/heretic/bin/python; `pip install heretic-llm==1.4.0` there): its CLI for the search (stdin
 closed, so it ends after the trials), then scripts/heretic_export.py writes its front as merged
 checkpoints. The two searches run at the same time (the machine is shared: each sees the same
-load). Trials/hour: 3600 / median trial wall time, from each study's own trial timestamps.
+load). Trials/hour: trials run (pruned ones too) x 3600 / their summed wall time, from each
+study's own trial timestamps.
 """
 
 import json
@@ -132,6 +133,7 @@ def run_patcher(work: Path, model: Path, P: dict, args):
         batch_size=args.batch_size,
         system=SYSTEM,
         space_items=args.space,
+        winsorize=args.winsorize,
     )
     startup = min(60, max(1, int(0.3 * args.trials)))
     db = folder / "study.db"
@@ -146,9 +148,11 @@ def run_patcher(work: Path, model: Path, P: dict, args):
         )
         st.optimize(study, s.run_trial, args.trials, budget)
     wall = time.perf_counter() - t0
-    done = st.completed(study)
-    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-    return s, study, {"wall_s": wall, "trial_seconds": seconds, "setup_seconds": s.seconds}
+    # every trial run counts, pruned ones too: trials/hour is what the whole study takes per trial
+    ran = sorted(st.completed(study) + st.pruned_trials(study), key=lambda t: t.number)
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in ran]
+    pruned = len(st.pruned_trials(study))
+    return s, study, {"wall_s": wall, "trial_seconds": seconds, "pruned": pruned, "setup_seconds": s.seconds}
 
 
 def test_evaluator(s, P: dict, tokens: int, kl_tokens: int, limit: int | None = None):
@@ -233,9 +237,10 @@ def main(args) -> None:
         ev = test_evaluator(s, P, args.eval_tokens, args.kl_tokens, args.test_prompts)
         rows = [{"who": "original", **score(ev, s.engine, None)}]
         fixed = s.attrs["fixed"]
-        n = min(len(st.completed(study)), report.get("heretic", {}).get("completed", 10**9))
-        report["equal_trials"] = n  # both fronts from the same number of completed trials
-        for t in st.pareto(sorted(st.completed(study), key=lambda t: t.number)[:n]):
+        ran = len(report["patcher"]["trial_seconds"])  # completed and pruned
+        n = min(ran, report.get("heretic", {}).get("completed", 10**9))
+        report["equal_trials"] = n  # both fronts from the first n trials each (a pruned one adds nothing)
+        for t in st.pareto([t for t in st.completed(study) if t.number < n]):
             params = sp.complete(t.params, fixed)
             spec = sp.edit_spec(params, s.table, s.n_layers, s.directions)
             edits = s.engine.edits(build_plan(s.ck, s.resolved, spec, str(s.directions), s.untie))
@@ -267,7 +272,8 @@ def main(args) -> None:
     )
     for who in ("patcher", "heretic"):
         if who in report and report[who]["trial_seconds"]:
-            report[who]["trials_per_hour"] = round(3600 / float(np.median(report[who]["trial_seconds"])), 1)
+            sec = report[who]["trial_seconds"]
+            report[who]["trials_per_hour"] = round(3600 * len(sec) / float(np.sum(sec)), 1)
     (work / "peer.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     from patcher.search.report import write_fronts
 
@@ -303,3 +309,4 @@ def add_arguments(ap) -> None:
     g.add_argument("--test-prompts", type=int, default=64, help="held-out prompts of each kind scored")
     g.add_argument("--space", action="append", default=[], help="narrow patcher's space (NAME=LOW:HIGH)")
     g.add_argument("--judge", type=Path, default=None, help="a chat model that judges refusals")
+    g.add_argument("--winsorize", type=float, default=None, help="patcher's directions: winsorized means")
