@@ -349,6 +349,14 @@ def ensure(spec: Shipped = SMOLLM2, cache: Path | None = None, log=print) -> Rea
         return _ensure(spec, folder, log)
 
 
+def cached(spec: Shipped, cache: Path | None = None) -> RealModel | None:
+    """The model if its shipped GGUF is already in the cache (nothing is downloaded), derived as needed;
+    None otherwise: how tests use an extra without fetching it."""
+    if not ((cache or cache_dir()) / spec.key / spec.name).is_file():
+        return None
+    return ensure(spec, cache, log=lambda s: print(s, file=sys.stderr))
+
+
 def _ensure(spec: Shipped, folder: Path, log) -> RealModel:
     stamps = _Stamps(folder)
     gguf = _shipped(spec, folder, stamps)
