@@ -39,9 +39,10 @@ def test_extra_conversion_gives_llama_cpps_logits(key):
     model = transformers.AutoModelForCausalLM.from_pretrained(m.hf, dtype=torch.float32).eval()
     with torch.no_grad():
         got = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
-    lw, lg = _log_softmax(want), _log_softmax(got)
+    # position 0 left out: without a BOS (Qwen) its massive activations meet llama.cpp's 8-bit activation
+    # rounding (measured on the 1.5B: KL 5.8 there, <= 0.005 at every other position)
+    lw, lg = _log_softmax(want[1:]), _log_softmax(got[1:])
     kl = float(np.mean(np.sum(np.exp(lw) * (lw - lg), axis=-1)))
-    # bf16 values of the dequantized weights vs llama.cpp's Q4_K_M kernels (q8 activations)
-    assert kl <= 0.05, kl
-    assert (want.argmax(-1) == got.argmax(-1)).mean() >= 0.8
+    assert kl <= 0.02, kl  # bf16 values of the dequantized weights vs llama.cpp's Q4_K_M kernels
+    assert (want[1:].argmax(-1) == got[1:].argmax(-1)).mean() >= 0.9
     assert tok.decode(got[-1].argmax()).strip() == "Rome"
