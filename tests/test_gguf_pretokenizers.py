@@ -213,3 +213,24 @@ def test_a_model_with_an_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
     assert r.output.count("\n") == 1 and "bad.gguf" in r.output and "'qwen-2'" in r.output, r.output
     assert "nearest: qwen2" in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_user_defined_tokens_are_text_control_tokens_are_not(tmp_path):
+    """USER_DEFINED tokens (type 4: Gemma's newline runs, Qwen's <tool_call>) are matched whole and kept by
+    decode(skip_special_tokens=True); CONTROL ones (3) are matched whole and dropped, as llama.cpp renders
+    them (detokenize without special). Before, both were special: Gemma replies lost every newline."""
+    tokens, merges = _dense_vocab()
+    tokens, types = [*tokens, "<ctl>", "<ud>"], [1] * len(tokens) + [3, 4]
+    path = _vocab_gguf(tmp_path / "types.gguf", tokens, merges, types)
+    tok = GGUFStorage(path).tokenizer()
+    ids = tok.encode("a<ud>b<ctl>c", add_special_tokens=False)
+    assert tokens.index("<ud>") in ids and tokens.index("<ctl>") in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "a<ud>bc"
+    assert tok.decode(ids, skip_special_tokens=False) == "a<ud>b<ctl>c"
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        assert llm.tokenize(b"a<ud>b<ctl>c", add_bos=False, special=True) == ids
+        assert llm.detokenize(ids, special=False).decode() == "a<ud>bc"
+    finally:
+        llm.close()

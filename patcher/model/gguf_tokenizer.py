@@ -10,7 +10,7 @@ from patcher.model.gguf_pretokenizers import lookup, pre_tokenizer
 
 def load_tokenizer(g: GGUFFile):
     """The GGUF's own vocabulary (tokenizer.ggml.*) as a `tokenizers` BPE, and its chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import Tokenizer, decoders, models
 
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
@@ -33,11 +33,24 @@ def load_tokenizer(g: GGUFFile):
     tok.pre_tokenizer = pre_tokenizer(pre_name, g.path)
     tok.decoder = decoders.ByteLevel()
     types = md.get("tokenizer.ggml.token_type") or []
-    specials = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # CONTROL, USER_DEFINED
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    _add_whole(tok, tokens, types, (3,))
     names = _special_names(md, tokens)
     add_bos = md.get("tokenizer.ggml.add_bos_token", True if pre.add_bos else None)
     return _prompt_tokenizer(g, tok, names, vocab, add_bos)
+
+
+def _add_whole(tok, tokens: list, types: list, special: tuple[int, ...]) -> None:
+    """The tokens matched whole in any text: `special` types (UNKNOWN 2, CONTROL 3) as special ones (dropped
+    by decode(skip_special_tokens=True)); USER_DEFINED (4) as plain added tokens: Gemma's newline runs and
+    Qwen's <tool_call> are text, as in the models' own tokenizer.json."""
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in special]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    )
 
 
 def _prompt_tokenizer(g: GGUFFile, tok, names: dict, vocab: dict, add_bos):
@@ -81,7 +94,7 @@ def _spm_tokenizer(g: GGUFFile, tokens: list):
     """A SentencePiece-BPE vocabulary (tokenizer.ggml.model 'llama': tokens, scores, token types) as a
     `tokenizers` BPE: merges ranked by the score of the merged piece (llama.cpp merges the best-scoring
     bigram first), '▁' for spaces with a leading one (add_space_prefix), <0xXX> byte fallback."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     md = g.metadata
     scores = list(md.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
@@ -107,8 +120,6 @@ def _spm_tokenizer(g: GGUFFile, tokens: list):
     tok.decoder = decoders.Sequence(
         [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (2, 3, 4)]
-    )
+    _add_whole(tok, tokens, types, (2, 3))
     add_bos = md.get("tokenizer.ggml.add_bos_token", True)  # llama.cpp's default for SentencePiece
     return _prompt_tokenizer(g, tok, names, vocab, add_bos)
