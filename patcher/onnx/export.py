@@ -48,7 +48,15 @@ VARIANTS: dict[str, Variant] = {
     "int8": {"file": "model_quantized.onnx", "weights": F32, "act": F32, "bits": 8},
 }
 FILES: dict[str, str] = {k: v["file"] for k, v in VARIANTS.items()}
-QUANT = {"block": 32, "accuracy": None, "symmetric": True}  # the blocks' defaults (`patcher export` options)
+
+
+class Quant(TypedDict):
+    block: int
+    accuracy: int | None
+    symmetric: bool
+
+
+QUANT: Quant = {"block": 32, "accuracy": None, "symmetric": True}  # `patcher export`'s defaults
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
 # is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
@@ -69,11 +77,19 @@ def _source(sm: StreamedModel) -> dict:
     for name, info in sm.ck.tensors.items():
         if sm.is_scale(name):
             continue
-        src[name] = (info.shape, lambda name=name: selftest.decoded(sm, name))
+        src[name] = (info.shape, lambda name=name: _decoded(sm, name))
     top = sm.top_weights().names  # prefix-free -> checkpoint name
     for short, full in top.items():
         src[short] = src[full]
     return src
+
+
+def _decoded(sm: StreamedModel, name: str):
+    """The tensor as float32; its mapped pages then leave the resident set (a 1B bf16 model's fp32 build
+    otherwise ends holding the whole 2.5 GB file beside what it writes)."""
+    w = selftest.decoded(sm, name)
+    sm.ck.release(name)  # a view of an fp32 file stays valid: its pages fault back in when read
+    return w
 
 
 def _views(sm: StreamedModel) -> dict:
@@ -85,6 +101,12 @@ def _views(sm: StreamedModel) -> dict:
         if full in out:
             out[short] = out[full]
     return out
+
+
+def _release(sm: StreamedModel):
+    """release(name) for Context: the view's checkpoint tensor (a top-level name mapped) leaves the RSS."""
+    full = sm.top_weights().names
+    return lambda name: sm.ck.release(full.get(name, name))
 
 
 def present_outputs(ctx, dtype) -> list:
@@ -127,6 +149,7 @@ def context(
         ortho=ortho,
         logits_to_keep=logits_to_keep,
         views=_views(sm) if quant else None,
+        release=_release(sm),
     )
 
 
