@@ -1,6 +1,8 @@
 """`patcher search --engine onnx --engine-dtype int4|int8`: the search graph with the weights `patcher export`
 stores for that variant, the edit still fed as float32 graph inputs."""
 
+import json
+
 import numpy as np
 import pytest
 from conftest import fixture_path, run_cli
@@ -11,6 +13,7 @@ from patcher.errors import PatcherError
 from patcher.io.checkpoint import Checkpoint
 from patcher.model.execution import StreamedModel
 from patcher.model.prompts import left_pad
+from patcher.onnx import storage
 from patcher.onnx.export import FILES, export
 from patcher.onnx.runtime import OnnxModel
 from patcher.onnx.verify import StoredModel, stored_weights
@@ -144,3 +147,15 @@ def test_int4_search_is_a_study_of_its_own(tmp_path, refusal):
     assert st.study_attrs(study, tmp_path / "q.db")["evaluation"]["engine"] == "onnx-int4"
     r = run_cli(*args, "--trials", "3", expect=1)  # the same study on the fp32 engine: other scores
     assert "different evaluation" in r.output
+
+
+def test_quantized_build_releases_each_source_tensor(tmp_path, monkeypatch):
+    """Each matrix read through its mapped view leaves the resident set once quantized (a 1B llama's int4
+    build otherwise held the whole 2.5 GB file: BENCHMARKS.md, Quantized onnx engine)."""
+    sm = StreamedModel(Checkpoint(fixture_path("llama")))
+    released: list[str] = []
+    monkeypatch.setattr(sm.ck, "release", released.append)
+    model = build(sm, "int4")
+    storage.write_model(model, tmp_path / "model.onnx")
+    quantized = set(json.loads(model.metadata_props["patcher.quantized"]))
+    assert len(quantized) > 7 * sm.n_layers and quantized <= set(released)
