@@ -227,7 +227,7 @@ def main(args) -> None:
     load["after_patcher"] = os.getloadavg()
     print(json.dumps({"patcher": report["patcher"]}), flush=True)
     if not args.skip_heretic:
-        n_patcher = len(st.completed(study))
+        n_patcher = len(report["patcher"]["trial_seconds"])  # trials run, pruned ones too
         report["heretic"] = finish_heretic(work, started, args, n_patcher)
         load["after_heretic"] = os.getloadavg()
         print(json.dumps({"heretic": report["heretic"]}), flush=True)

@@ -89,7 +89,9 @@ def manual_study(path: Path, model: Path, dirs: Path, params: dict, fixed: dict)
 
 def test_space_narrowing_cli_and_toml(tmp_path):
     space = sp.default_space(24)
-    assert (space["direction_index"].low, space["direction_index"].high) == (0.0, 24.0)
+    assert (space["direction_index"].low, space["direction_index"].high) == (0.4 * 24, 0.9 * 24)
+    assert (space["attn_out_center"].low, space["attn_out_center"].high) == (0.6 * 23, 23.0)
+    assert (space["mlp_out_peak"].low, space["mlp_out_width"].high) == (0.8, 0.6 * 23)
     assert space["embed"].fixed is False and space["norm_preserve"].fixed == "none"
     sp.parse_cli(
         space,

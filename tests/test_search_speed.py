@@ -146,6 +146,27 @@ def test_a_trial_behind_the_front_on_kl_alone_generates_nothing(refusal, tmp_pat
     assert (r.marker_rate, r.kl) == (full.marker_rate, full.kl) and calls
 
 
+def test_a_trial_that_refuses_as_often_as_the_original_is_pruned(refusal, tmp_path):
+    """The original (marker rate r0, KL 0) bounds every front: a trial known to reach r0 is given up
+    even before any trial has completed; without pruning the same trial completes at rate r0."""
+    from patcher.search import study as st
+
+    s = _setup(refusal, tmp_path)
+    r0 = s.evaluator.reference()["marker_rate"]
+    assert r0 > 0
+    for name in ("attn_out_peak", "mlp_out_peak"):  # a faint edit: KL > 0, the behaviour untouched
+        sp.narrow(s.space, name, 0.01, "test")
+    states = {}
+    for prune in (True, False):
+        s.prune = prune
+        study = st.open_study(tmp_path / f"{prune}.db", s.attrs, seed=0, startup=1)
+        st.optimize(study, s.run_trial, 1, None)
+        (t,) = study.trials
+        states[prune] = (t.state.name, t.values)
+    assert states[True] == ("PRUNED", None)
+    assert states[False][0] == "COMPLETE" and states[False][1][0] == r0 and states[False][1][1] > 0
+
+
 def test_pruning_bound_is_strict_on_ties():
     prune = sr.beyond_front([(0.25, 0.01)])
     assert not prune(0.25, 0.01)  # the same values would tie: both on the front

@@ -91,6 +91,9 @@ class Setup:
     def run_trial(self, trial) -> tuple[float, float]:
         params = sp.sample(trial, self.space)
         front = [t.values for t in st.pareto(st.completed(trial.study))] if self.prune else []
+        base = self.evaluator.reference()["marker_rate"]
+        if self.prune and base > 0:  # the original itself: refusing as often is no use at any KL
+            front.append((base, 0.0))
         try:
             r = self.evaluate(params, prune=beyond_front(front) if front else None)
         except Hopeless as h:

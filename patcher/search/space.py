@@ -69,9 +69,14 @@ class Param:
 
 
 def default_space(n_layers: int) -> dict[str, Param]:
-    """Bounds scaled to the model's depth. Embeddings and norm preservation are off by default, as in
-    the peer's search; narrow them open with --space embed=false,true / norm_preserve=none,cols."""
+    """Bounds scaled to the model's depth, where abliteration works on most models (the peer's ranges,
+    from its experiments over many models: refusal is best read a little past the middle of the stack,
+    and edited hardest in its upper 40 %; a peak below 0.8 mostly leaves the behaviour in place).
+    Every range can be widened with --space (e.g. attn_out_peak=0:1.5, direction_index=0:L).
+    Embeddings and norm preservation are off by default, as in the peer's search; open them with
+    --space embed=false,true / norm_preserve=none,cols."""
     L = n_layers
+    top = float(max(L - 1, 0))
     p = [
         Param(
             "direction_scope",
@@ -82,16 +87,16 @@ def default_space(n_layers: int) -> dict[str, Param]:
         Param(
             "direction_index",
             "float",
-            0.0,
-            float(L),
+            0.4 * L,
+            0.9 * L,
             help="resid_pre row (fractional: blend of two rows)",
             when=("direction_scope", "global"),
         ),
     ]
     for c in COMPONENTS:
         p += [
-            Param(f"{c}_peak", "float", 0.0, 1.5, help=f"{c}: strength at the kernel's centre"),
-            Param(f"{c}_center", "float", 0.0, float(L - 1), help=f"{c}: layer of the peak (fractional)"),
+            Param(f"{c}_peak", "float", 0.8, 1.5, help=f"{c}: strength at the kernel's centre"),
+            Param(f"{c}_center", "float", 0.6 * top, top, help=f"{c}: layer of the peak (fractional)"),
             Param(
                 f"{c}_min_frac",
                 "float",
@@ -102,8 +107,8 @@ def default_space(n_layers: int) -> dict[str, Param]:
             Param(
                 f"{c}_width",
                 "float",
-                0.5,
-                float(max(L, 1)),
+                1.0,
+                max(0.6 * top, 1.0),
                 help=f"{c}: falloff distance in layers (0 beyond)",
             ),
         ]
