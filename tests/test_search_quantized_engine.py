@@ -2,6 +2,7 @@
 stores for that variant, the edit still fed as float32 graph inputs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,22 @@ def test_quantized_build_releases_each_source_tensor(tmp_path, monkeypatch):
     storage.write_model(model, tmp_path / "model.onnx")
     quantized = set(json.loads(model.metadata_props["patcher.quantized"]))
     assert len(quantized) > 7 * sm.n_layers and quantized <= set(released)
+
+
+def test_an_interrupted_build_leaves_no_graph(tmp_path, monkeypatch):
+    from patcher.search import onnx_engine
+
+    monkeypatch.setenv("PATCHER_CACHE", str(tmp_path))
+    sm = StreamedModel(Checkpoint(fixture_path("llama")))
+
+    def interrupted(model, path, *a):
+        (Path(path).parent / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(onnx_engine.storage, "write_model", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            OnnxEngine(sm, dtype="int4")
+    assert not list((tmp_path / "search").iterdir())  # neither a graph nor its partial folder
+    ids, mask, pos = batch()
+    assert np.isfinite(OnnxEngine(sm, dtype="int4").forward(ids, mask, pos, None, None)).all()
