@@ -81,6 +81,12 @@ def register(app) -> None:
         jobs: int = typer.Option(1, "--jobs", min=1, help="Trials in parallel (threads)"),
         engine: str = typer.Option("numpy", "--engine", help="numpy | onnx: where trials run"),
         provider: str = typer.Option("cpu", "--provider", help="cpu | cuda (onnx engine)"),
+        engine_dtype: str = typer.Option(
+            "fp32",
+            "--engine-dtype",
+            help="onnx engine weights: fp32 | int4 | int8, rounded as `patcher export --dtype` rounds them "
+            "(int4: ~0.6 byte per parameter; trials score edits of the quantized model)",
+        ),
         tokens: int = typer.Option(64, "--tokens", min=1, help="Greedy tokens per eval-positive completion"),
         kl_tokens: int = typer.Option(
             1,
@@ -200,7 +206,7 @@ def _validate(a) -> None:
     from patcher.search import run as sr
     from patcher.search import study as st
 
-    sr.check_engine(a.engine, a.provider, a.resident)
+    sr.check_engine(a.engine, a.provider, a.resident, a.engine_dtype)
     check_winsorize(a.winsorize)
     a.dirs_out = a.study_file.with_name(a.study_file.stem + ".directions.safetensors")
     a.given = a.directions if a.directions is not None else (a.dirs_out if a.dirs_out.is_file() else None)
@@ -228,6 +234,7 @@ def _setup(a):
         engine=a.engine,
         provider=a.provider,
         resident=a.resident,
+        engine_dtype=a.engine_dtype,
         tokens=a.tokens,
         kl_tokens=a.kl_tokens,
         negative_markers=a.negative_markers,

@@ -48,6 +48,15 @@ VARIANTS: dict[str, Variant] = {
     "int8": {"file": "model_quantized.onnx", "weights": F32, "act": F32, "bits": 8},
 }
 FILES: dict[str, str] = {k: v["file"] for k, v in VARIANTS.items()}
+
+
+class Quant(TypedDict):
+    block: int
+    accuracy: int | None
+    symmetric: bool
+
+
+QUANT: Quant = {"block": 32, "accuracy": None, "symmetric": True}  # `patcher export`'s defaults
 # a weight counts as edited (and gets orthogonal rounding) when its component along the edit's directions
 # is below this share of a generic weight's: |Qᵀw| / (|w| sqrt(k/d)); an ablated bf16 weight has ~1e-2
 EDITED_BELOW = 0.1
@@ -68,11 +77,19 @@ def _source(sm: StreamedModel) -> dict:
     for name, info in sm.ck.tensors.items():
         if sm.is_scale(name):
             continue
-        src[name] = (info.shape, lambda name=name: selftest.decoded(sm, name))
+        src[name] = (info.shape, lambda name=name: _decoded(sm, name))
     top = sm.top_weights().names  # prefix-free -> checkpoint name
     for short, full in top.items():
         src[short] = src[full]
     return src
+
+
+def _decoded(sm: StreamedModel, name: str):
+    """The tensor as float32; its mapped pages then leave the resident set (a 1B bf16 model's fp32 build
+    otherwise ends holding the whole 2.5 GB file beside what it writes)."""
+    w = selftest.decoded(sm, name)
+    sm.ck.release(name)  # a view of an fp32 file stays valid: its pages fault back in when read
+    return w
 
 
 def _views(sm: StreamedModel) -> dict:
@@ -84,6 +101,12 @@ def _views(sm: StreamedModel) -> dict:
         if full in out:
             out[short] = out[full]
     return out
+
+
+def _release(sm: StreamedModel):
+    """release(name) for Context: the view's checkpoint tensor (a top-level name mapped) leaves the RSS."""
+    full = sm.top_weights().names
+    return lambda name: sm.ck.release(full.get(name, name))
 
 
 def present_outputs(ctx, dtype) -> list:
@@ -101,6 +124,48 @@ def present_outputs(ctx, dtype) -> list:
     return outs
 
 
+def context(
+    sm: StreamedModel,
+    weight_dtype=ir.DataType.FLOAT,
+    act=ir.DataType.FLOAT,
+    quant: dict | None = None,
+    ortho=None,
+    logits_to_keep: bool = True,
+) -> Context:
+    """The graph's Context as an export builds it: weights from the checkpoint (quantizers read the
+    stored tensors in slabs), the token embedding stored once when the head reuses it."""
+    spec, hp = sm.spec, sm.hp
+    embed = spec.names["embed"] + ".weight"
+    src = _source(sm)
+    return Context(
+        src,
+        kv_shapes(sm),
+        hp.n_heads,
+        weight_dtype,
+        act,
+        quant,
+        token_embed=embed,
+        tied=hp.tied or spec.names["lm_head"] + ".weight" not in src,
+        ortho=ortho,
+        logits_to_keep=logits_to_keep,
+        views=_views(sm) if quant else None,
+        release=_release(sm),
+    )
+
+
+def opset_imports(ctx: Context) -> dict[str, int]:
+    return {"": OPSET, **({"com.microsoft": 1} if ctx.quant else {})}
+
+
+def quantized_metadata(sm: StreamedModel, ctx: Context, model: ir.Model) -> None:
+    """Checkpoint name -> its quantized initializers, in the model (verify dequantizes them)."""
+    if ctx.quantized_meta:
+        full = sm.top_weights().names
+        model.metadata_props["patcher.quantized"] = json.dumps(
+            {full.get(k, k): v for k, v in ctx.quantized_meta.items()}
+        )
+
+
 def build(
     sm: StreamedModel,
     weight_dtype=ir.DataType.FLOAT,
@@ -110,23 +175,7 @@ def build(
     logits_to_keep: bool = True,
 ) -> ir.Model:
     spec, hp = sm.spec, sm.hp
-    embed = spec.names["embed"] + ".weight"
-    src = _source(sm)
-    views = _views(sm) if quant else None
-    head_reuses = hp.tied or spec.names["lm_head"] + ".weight" not in src
-    ctx = Context(
-        src,
-        kv_shapes(sm),
-        hp.n_heads,
-        weight_dtype,
-        act,
-        quant,
-        token_embed=embed,
-        tied=head_reuses,
-        ortho=ortho,
-        logits_to_keep=logits_to_keep,
-        views=views,
-    )
+    ctx = context(sm, weight_dtype, act, quant, ortho, logits_to_keep)
     top = OnnxOps(ctx, "")
     x = fw.embed(top, spec, hp, ctx.input_ids, ctx.position_ids)
     for layer in range(sm.n_layers):
@@ -139,25 +188,20 @@ def build(
     if act != ir.DataType.FLOAT:
         logits = ctx.op("Cast", [logits], to=ir.DataType.FLOAT)
     logits.name = "logits"
-    vocab = src[embed][0][0]
+    vocab = ctx.source[ctx.token_embed][0][0]
     seq = "logits_sequence_length" if ctx.logits_to_keep is not None else "sequence_length"
     logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch_size", seq, vocab])
     outputs = [logits, *present_outputs(ctx, act)]
-    opsets = {"": OPSET, **({"com.microsoft": 1} if quant else {})}
     graph = ir.Graph(
         ctx.inputs,
         outputs,
         nodes=ctx.tape.nodes,
         initializers=ctx.tape.initializers,
-        opset_imports=opsets,
+        opset_imports=opset_imports(ctx),
         name=f"patcher-{sm.model_type}",
     )
     model = ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
-    if ctx.quantized_meta:  # checkpoint name -> its MatMulNBits initializers (verify dequantizes them)
-        full = sm.top_weights().names
-        model.metadata_props["patcher.quantized"] = json.dumps(
-            {full.get(k, k): v for k, v in ctx.quantized_meta.items()}
-        )
+    quantized_metadata(sm, ctx, model)
     return model
 
 
@@ -196,10 +240,10 @@ def export(
     opset: int = OPSET,
     command: str | None = None,
     recipe: dict | None = None,
-    int4_block: int = 32,
-    int4_accuracy: int | None = None,
+    int4_block: int = QUANT["block"],
+    int4_accuracy: int | None = QUANT["accuracy"],
     chunk_bytes: int = storage.CHUNK_BYTES,
-    symmetric: bool = True,
+    symmetric: bool = QUANT["symmetric"],
     direction=None,
     arch_table=None,
     announce=None,
@@ -373,15 +417,23 @@ def _existing_export(out: Path, inputs: dict) -> dict:
     return variants_in(out)
 
 
+def variant_quant(dtype: str, quant: dict | None = None) -> dict | None:
+    """Context's `quant` for variant `dtype` (None: plain matrices); `quant` as export's options
+    (block, accuracy, symmetric; default QUANT)."""
+    bits = VARIANTS[dtype]["bits"]
+    if not bits:
+        return None
+    q = {**(quant or QUANT), "bits": bits}
+    if bits == 8:  # MatMulNBits 8-bit has no fast kernel without accuracy_level 4 (80 ms vs 0.2 ms for
+        q["format"] = "int8-channel"  # a 1024x2816 product; WASM ignores that level): MatMulInteger instead
+    return q
+
+
 def _write_variant(
     sm: StreamedModel, dtype: str, folder: Path, chunk_bytes: int, quant: dict, ortho
 ) -> list[str]:
     v = VARIANTS[dtype]
-    q = {**quant, "bits": v["bits"]} if v["bits"] else None
-    if (
-        q and v["bits"] == 8
-    ):  # MatMulNBits 8-bit has no fast kernel without accuracy_level 4 (80 ms vs 0.2 ms for
-        q["format"] = "int8-channel"  # a 1024x2816 product; WASM ignores that level): MatMulInteger instead
+    q = variant_quant(dtype, quant)
     return storage.write_model(
         build(sm, v["weights"], v["act"], q, ortho if q else None), folder / v["file"], chunk_bytes
     )

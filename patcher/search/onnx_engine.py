@@ -7,11 +7,20 @@ l's attn_out, 2l+1 for its mlp_out, 2L for the embeddings and 2L+1 for a tied un
 embedding edit reaches (the head's input is projected, as for the numpy engine). Strength 0 leaves
 a writer exactly as it is, so the original model is the same session with zero strengths.
 
+`dtype` picks the weights' storage as `patcher export --dtype` writes it (same Context, same rounding):
+fp32, int4 (MatMulNBits blocks) or int8 (per-channel codes, MatMulInteger). The edit's projection
+stays in float32 on the writers' outputs, so a quantized engine scores edits of the quantized model
+and strength 0 is the quantized original exactly. Weights are streamed into the graph file one tensor
+at a time (quantized from the stored bf16/fp16 arrays in slabs), so a quantized engine never holds the
+float32 model.
+
 Norm preservation is not offered here: its per-column / per-row factors depend on each weight and
 strength (one vector per writer tensor, MoE experts included) and would have to be fed as inputs
 too; trials with norm preservation run on the numpy engine, which applies it exactly.
 """
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +32,22 @@ from patcher.errors import PatcherError
 from patcher.io.manifest import folder_identity
 from patcher.model import forward as fw
 from patcher.model.execution import StreamedModel
-from patcher.onnx.export import OPSET, _source, kv_shapes, present_outputs
+from patcher.onnx import storage
+from patcher.onnx.export import (
+    VARIANTS,
+    context,
+    opset_imports,
+    present_outputs,
+    quantized_metadata,
+    variant_quant,
+)
 from patcher.onnx.ops import FLOAT, Context, OnnxOps
 from patcher.onnx.runtime import PROVIDERS, available_providers
 
 ROLE_SLOT = {"attn_out": 0, "mlp_out": 1}
-GRAPH_VERSION = 2  # part of the cache key: bump when the graph changes
+GRAPH_VERSION = 3  # part of the cache key: bump when the graph changes
+# --engine-dtype: the export variants whose activations are float32 (the edit inputs' dtype)
+DTYPES = tuple(d for d in ("fp32", "int4", "int8") if VARIANTS[d]["act"] == FLOAT)
 
 
 class EditOnnxOps(OnnxOps):
@@ -70,9 +89,19 @@ class EditOnnxOps(OnnxOps):
         return self._project(super().linear(x, weight, bias, conv1d), slot)  # P(Wx + b) = P(Wx) + P(b)
 
 
-def build(sm: StreamedModel) -> ir.Model:
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise PatcherError("--engine-dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def build(sm: StreamedModel, dtype: str = "fp32") -> ir.Model:
+    """The search graph with the weights of export variant `dtype` (plain rounding: a search starts
+    from an original model, which has no ablation for orthogonal rounding to keep)."""
+    check_dtype(dtype)
     res, L = sm.resolved, sm.n_layers
-    ctx = Context(_source(sm), kv_shapes(sm), sm.hp.n_heads, logits_to_keep=False)  # it has its own last_n
+    v = VARIANTS[dtype]
+    # it has its own last_n, not num_logits_to_keep
+    ctx = context(sm, v["weights"], v["act"], variant_quant(dtype), logits_to_keep=False)
     d = sm.hp.d_model
     edit_u = ir.Value(name="edit_u", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2, d]))
     edit_s = ir.Value(name="edit_s", type=ir.TensorType(FLOAT), shape=ir.Shape([2 * L + 2]))
@@ -90,8 +119,7 @@ def build(sm: StreamedModel) -> ir.Model:
             rel = t.weight[len(res.layer_prefix(t.layer)) :]
             bias_rel = t.bias[len(res.layer_prefix(t.layer)) :] if t.bias else None
             per_layer[t.layer][rel] = (2 * t.layer + ROLE_SLOT[t.role], bias_rel is not None)
-    embed = sm.spec.names["embed"] + ".weight"
-    head_weight = embed if sm.hp.tied or (sm.spec.names["lm_head"] + ".weight") not in ctx.source else None
+    head_weight = ctx.token_embed if ctx.tied else None
     x = fw.embed(EditOnnxOps(ctx, "", top, edit), sm.spec, sm.hp, ctx.input_ids, ctx.position_ids)
     for layer in range(L):
         x = fw.block(
@@ -107,25 +135,39 @@ def build(sm: StreamedModel) -> ir.Model:
         outputs,
         nodes=ctx.tape.nodes,
         initializers=ctx.tape.initializers,
-        opset_imports={"": OPSET},
+        opset_imports=opset_imports(ctx),
         name=f"patcher-search-{sm.model_type}",
     )
-    return ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
+    model = ir.Model(graph, ir_version=8, producer_name="patcher", producer_version=__version__)
+    quantized_metadata(sm, ctx, model)
+    return model
 
 
-def cached_graph(sm: StreamedModel, announce=None) -> Path:
-    import os
+def graph_key(sm: StreamedModel, dtype: str = "fp32") -> str:
+    """The cache folder's name: the model's identity, patcher's version, the graph's and the weights'."""
+    return folder_identity(sm.ck.folder, __version__, "search-graph", GRAPH_VERSION, dtype)[:16]
 
-    key = folder_identity(sm.ck.folder, __version__, "search-graph", GRAPH_VERSION)
-    root = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "search" / key[:16]
+
+def cached_graph(sm: StreamedModel, dtype: str = "fp32", announce=None) -> Path:
+    """The search graph's file under ~/.cache/patcher/search/KEY (PATCHER_CACHE moves it), built once:
+    in a folder of its own, renamed into place when complete (an interrupted build leaves no graph)."""
+    cache = Path(os.environ.get("PATCHER_CACHE", Path.home() / ".cache" / "patcher")) / "search"
+    root = cache / graph_key(sm, dtype)
     path = root / "model.onnx"
     if not path.is_file():
         if announce:
-            announce(f"building the search graph in {root} (cached for next time)")
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / "partial.onnx"
-        ir.save(build(sm), tmp, external_data="model.onnx_data")
-        tmp.replace(path)
+            announce(f"building the {dtype} search graph in {root} (cached for next time)")
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f"{root.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            storage.write_model(build(sm, dtype), tmp / "model.onnx")
+            if not path.is_file():  # else another process built it meanwhile
+                shutil.rmtree(root, ignore_errors=True)  # a folder left without its graph
+                tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -134,20 +176,21 @@ class OnnxEngine:
 
     shares_prefix = False  # the graph's sliding-window mask counts columns, not positions
 
-    def __init__(self, sm: StreamedModel, provider: str = "cpu", announce=None):
+    def __init__(self, sm: StreamedModel, provider: str = "cpu", announce=None, dtype: str = "fp32"):
         import onnxruntime as ort
 
+        check_dtype(dtype)
         if provider not in available_providers():
             raise PatcherError(
                 "--provider",
                 f"{provider} is not available in this onnxruntime "
                 f"(available: {', '.join(available_providers())})",
             )
-        self.sm, self.resolved, self.n_layers = sm, sm.resolved, sm.n_layers
+        self.sm, self.resolved, self.n_layers, self.dtype = sm, sm.resolved, sm.n_layers, dtype
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(
-            str(cached_graph(sm, announce)), opts, providers=PROVIDERS[provider]
+            str(cached_graph(sm, dtype, announce)), opts, providers=PROVIDERS[provider]
         )
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]

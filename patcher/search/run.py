@@ -128,10 +128,12 @@ def beyond_front(front: list) -> Callable[[float, float], bool]:
     return prune
 
 
-def check_engine(engine: str, provider: str, resident: str) -> None:
-    """--engine, --provider and --resident, before any work: one line naming what is wrong."""
+def check_engine(engine: str, provider: str, resident: str, dtype: str = "fp32") -> None:
+    """--engine, --provider, --resident and --engine-dtype, before any work: one line naming what is
+    wrong."""
     from patcher.onnx.runtime import PROVIDERS, available_providers
     from patcher.search.engine import RESIDENT
+    from patcher.search.onnx_engine import check_dtype
 
     if engine not in ENGINES:
         raise PatcherError("--engine", f"must be one of {', '.join(ENGINES)}")
@@ -147,21 +149,30 @@ def check_engine(engine: str, provider: str, resident: str) -> None:
         )
     if resident not in RESIDENT:
         raise PatcherError("--resident", f"must be one of {', '.join(RESIDENT)}")
+    check_dtype(dtype)
+    if engine == "numpy" and dtype != "fp32":
+        raise PatcherError(
+            "--engine-dtype", f"{dtype} weights run on the onnx engine only (add --engine onnx)"
+        )
 
 
 def make_engine(
-    kind: str, sm: StreamedModel, provider: str = "cpu", announce=None, resident: str = "auto"
+    kind: str,
+    sm: StreamedModel,
+    provider: str = "cpu",
+    announce=None,
+    resident: str = "auto",
+    dtype: str = "fp32",
 ) -> "ResidentModel | OnnxEngine":
+    check_engine(kind, provider, resident, dtype)
     if kind == "numpy":
         from patcher.search.engine import ResidentModel
 
-        if provider != "cpu":
-            raise PatcherError("--provider", "the numpy engine runs on the CPU; use --engine onnx for cuda")
         return ResidentModel(sm, resident)
     if kind == "onnx":
         from patcher.search.onnx_engine import OnnxEngine
 
-        return OnnxEngine(sm, provider, announce)
+        return OnnxEngine(sm, provider, announce, dtype)
     raise PatcherError("--engine", f"must be one of {', '.join(ENGINES)}")
 
 
@@ -205,6 +216,7 @@ def setup(
     engine: str = DEFAULT_ENGINE,
     provider: str = "cpu",
     resident: str = "auto",
+    engine_dtype: str = "fp32",
     tokens: int = 64,
     kl_tokens: int = 1,
     negative_markers: bool = False,
@@ -250,7 +262,7 @@ def setup(
     ep = _prompts(tok, eval_positive or positive, max_prompts, chat_template, system)
     en = _prompts(tok, eval_negative or negative, max_prompts, chat_template, system)
     t0 = time.perf_counter()
-    eng = make_engine(engine, sm, provider, announce, resident)
+    eng = make_engine(engine, sm, provider, announce, resident, engine_dtype)
     seconds["load"] = round(time.perf_counter() - t0, 3)
     eos = stop_tokens(ck.folder, tok)
     from patcher.search.judge import Judge
@@ -270,8 +282,10 @@ def setup(
         judge=judged,
         requests=read_prompt_file(eval_positive or positive, max_prompts) if judged else None,
     )
+    # a quantized engine scores edits of another model: its study and reference are its own
+    label = engine if engine_dtype == "fp32" else f"{engine}-{engine_dtype}"
     evaluation = _evaluation(
-        ev, eval_positive or positive, eval_negative or negative, max_prompts, chat_template, system, engine
+        ev, eval_positive or positive, eval_negative or negative, max_prompts, chat_template, system, label
     )
     evaluation["judge"] = None if judge is None else str(Path(judge).resolve())
     attrs = st.base_attrs(
