@@ -94,7 +94,18 @@ def hf_logits(folder, ids, mask) -> np.ndarray:
 
 
 def search(model, study, *extra):
-    args = ["--tokens", "4", "--max-prompts", "6", "--trials", "3", "--no-heuristic", "--seed", "0"]
+    args = [
+        "--tokens",
+        "4",
+        "--max-prompts",
+        "6",
+        "--trials",
+        "3",
+        "--no-heuristic",
+        "--seed",
+        "0",
+        "--no-prune",
+    ]
     run_cli(
         "search",
         model,
