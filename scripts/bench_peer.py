@@ -217,7 +217,7 @@ def main(args) -> None:
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    P = prompt_sets.ensure()
+    P = cut(prompt_sets.ensure(), work / "prompts", args.search_prompts)
     model = args.model or real_models.ensure().hf
     load = {"start": os.getloadavg()}
     report = {"model": str(model), "trials": args.trials, "tokens": args.tokens, "cores": os.cpu_count()}
@@ -285,10 +285,22 @@ def main(args) -> None:
     write_fronts(
         work / "peer.svg",
         series,
-        f"SmolLM2-135M-Instruct: Pareto fronts of {args.trials} trials each, held-out prompts",
+        f"{Path(model).name}: Pareto fronts of {args.trials} trials each, held-out prompts",
         {"original": (rows[0]["marker_rate"], rows[0]["kl_first"])},
     )
     print(json.dumps({k: report[k] for k in ("load",)}), flush=True)
+
+
+def cut(P: dict, folder: Path, n: int | None) -> dict:
+    """The search split cut to its first n prompts of each kind (both searches score trials on it)."""
+    if not n:
+        return P
+    folder.mkdir(parents=True, exist_ok=True)
+    out = dict(P)
+    for key in ("harmful-search", "harmless-search"):
+        out[key] = folder / f"{key}.txt"
+        out[key].write_text("\n".join(read_texts(P[key])[:n]) + "\n", encoding="utf-8")
+    return out
 
 
 def read_texts(path: Path) -> list[str]:
@@ -309,4 +321,5 @@ def add_arguments(ap) -> None:
     g.add_argument("--test-prompts", type=int, default=64, help="held-out prompts of each kind scored")
     g.add_argument("--space", action="append", default=[], help="narrow patcher's space (NAME=LOW:HIGH)")
     g.add_argument("--judge", type=Path, default=None, help="a chat model that judges refusals")
+    g.add_argument("--search-prompts", type=int, default=None, help="cut the search split to N of each kind")
     g.add_argument("--winsorize", type=float, default=None, help="patcher's directions: winsorized means")
