@@ -134,6 +134,7 @@ def run_patcher(work: Path, model: Path, P: dict, args):
         system=SYSTEM,
         space_items=args.space,
         winsorize=args.winsorize,
+        project_out_negative_mean=args.project,
     )
     startup = min(60, max(1, int(0.3 * args.trials)))
     db = folder / "study.db"
@@ -322,4 +323,5 @@ def add_arguments(ap) -> None:
     g.add_argument("--space", action="append", default=[], help="narrow patcher's space (NAME=LOW:HIGH)")
     g.add_argument("--judge", type=Path, default=None, help="a chat model that judges refusals")
     g.add_argument("--search-prompts", type=int, default=None, help="cut the search split to N of each kind")
+    g.add_argument("--project", action="store_true", help="patcher's directions: ⟂ the harmless mean")
     g.add_argument("--winsorize", type=float, default=None, help="patcher's directions: winsorized means")
