@@ -167,6 +167,21 @@ def test_a_trial_that_refuses_as_often_as_the_original_is_pruned(refusal, tmp_pa
     assert states[False][0] == "COMPLETE" and states[False][1][0] == r0 and states[False][1][1] > 0
 
 
+def test_an_original_that_never_refuses_prunes_nothing(refusal, tmp_path):
+    """With no marker in the original's completions (rate 0) the original is no front point: it would
+    dominate every trial with KL > 0 and prune them all."""
+    from patcher.search import study as st
+
+    never = tmp_path / "markers.txt"
+    never.write_text("zzqx never said\n")
+    s = _setup(refusal, tmp_path, markers=never, replace_markers=True)
+    assert s.evaluator.reference()["marker_rate"] == 0.0
+    study = st.open_study(tmp_path / "s.db", s.attrs, seed=0, startup=1)
+    st.optimize(study, s.run_trial, 1, None)
+    (t,) = study.trials
+    assert t.state.name == "COMPLETE" and t.values[0] == 0.0 and t.values[1] > 0
+
+
 def test_pruning_bound_is_strict_on_ties():
     prune = sr.beyond_front([(0.25, 0.01)])
     assert not prune(0.25, 0.01)  # the same values would tie: both on the front
