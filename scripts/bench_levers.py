@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     ap.add_argument("--directions", type=Path, default=None, help="reuse a directions file (no extraction)")
     ap.add_argument("--extract", action="store_true", help="also the winsorized and rank-2 levers")
     ap.add_argument("--max-prompts", type=int, default=None, help="search-split prompts of each kind")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="an HF folder (default: SmolLM2 from real_models)"
+    )
     args = ap.parse_args(argv)
     if args.directions is None and not args.extract:
         ap.error("give --directions FILE, --extract, or both")
@@ -75,7 +78,7 @@ def main(argv=None) -> None:
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    P, model = prompt_sets.ensure(), real_models.ensure().hf
+    P, model = prompt_sets.ensure(), args.model or real_models.ensure().hf
     t0 = time.perf_counter()
     if args.directions is not None:  # e.g. the peer benchmark's: same prompts, same system prompt
         from patcher.edit.directions import read_metadata
