@@ -335,6 +335,10 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
     study = st.open_study(tmp_path / "s.db", None, create=False)
     heur = study.user_attrs["heuristic"]
     assert heur["layer"] <= 4 and heur["marker_rate"] >= 0.9  # the 80 % rule never sees resid_pre[5]
+    with Checkpoint(tmp_path / "s.directions.safetensors") as c:  # projected by default, as the peer's
+        rows, neg = (np.asarray(c.array(n), np.float64) for n in ("direction", "negative_mean"))
+    cos = np.abs(np.sum(rows * neg, 1)) / (np.linalg.norm(rows, axis=1) * np.linalg.norm(neg, axis=1) + 1e-30)
+    assert cos[1:].max() < 1e-5
     r = run_cli(*args, "--trials", "40", "--startup", "16")  # resumes: 16 more
     done = st.completed(study)
     assert len(done) + len(st.pruned_trials(study)) == 40  # pruned trials count towards --trials

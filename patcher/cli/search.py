@@ -119,9 +119,10 @@ def register(app) -> None:
             False, "--untie-embeddings", help="Embedding edits keep the original unembedding"
         ),
         project_out_negative_mean: bool = typer.Option(
-            False,
-            "--project-out-negative-mean",
-            help="Extracted directions orthogonal to the negative mean (as the peer makes them)",
+            True,
+            "--project-out-negative-mean/--no-project-out-negative-mean",
+            help="Extracted directions orthogonal to the negative mean (as the peer makes them; less KL "
+            "at the same refusals on SmolLM2 and Qwen2.5-Coder-0.5B)",
         ),
         heuristic: bool = typer.Option(
             True,
