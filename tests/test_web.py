@@ -523,7 +523,9 @@ def test_answer_streams_while_the_page_keeps_drawing(single, browser):
     assert len(set(got["partial"])) == len(got["partial"])
     # the page's own thread stayed free: its timers and frames ran during the answer
     assert got["ms"] > 500, "the answer was too short to show anything"
-    assert got["ticks"] >= 5 and got["frames"] >= 5, got
+    # (a model on the page's thread gives 0-1 of each: a blocked timer fires once when freed; on the
+    # 2-core CI box the WASM threads leave the page thread few slices: 4 ticks and 7 frames were seen)
+    assert got["ticks"] >= 3 and got["frames"] >= 3, got
 
 
 def test_stop_ends_the_answer_within_a_second(single, browser):
