@@ -368,12 +368,11 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
 # --- the onnxruntime engine ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2_moe"])
-def test_onnx_engine_matches_the_numpy_engine_with_and_without_cache(tmp_path, model_type):
-    from patcher.search.onnx_engine import OnnxEngine
+def plan_for(sm: StreamedModel, table: np.ndarray | None = None, **changes):
+    """A global-direction edit of every writer and the embeddings (random direction table, seed 1,
+    unless `table`); `changes` replace search parameters."""
     from patcher.search.plan import build_plan
 
-    sm = StreamedModel(Checkpoint(fixture_path(model_type)))
     L, d = sm.n_layers, sm.hp.d_model
     params = {
         "direction_scope": "global",
@@ -382,10 +381,18 @@ def test_onnx_engine_matches_the_numpy_engine_with_and_without_cache(tmp_path, m
         "embed": True,
         "embed_strength": 0.7,
         "norm_preserve": "none",
+        **changes,
     }
-    plan = build_plan(
-        sm.ck, sm.resolved, sp.edit_spec(params, np.random.default_rng(1).standard_normal((L + 1, d)), L), "r"
-    )
+    table = np.random.default_rng(1).standard_normal((L + 1, d)) if table is None else table
+    return build_plan(sm.ck, sm.resolved, sp.edit_spec(params, table, L), "r")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2_moe"])
+def test_onnx_engine_matches_the_numpy_engine_with_and_without_cache(tmp_path, model_type):
+    from patcher.search.onnx_engine import OnnxEngine
+
+    sm = StreamedModel(Checkpoint(fixture_path(model_type)))
+    plan = plan_for(sm)
     rm, oe = ResidentModel(sm), OnnxEngine(sm)
     ids, mask = left_pad([[1, 5, 9, 30, 7], [1, 44, 3]], 0)
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
@@ -402,9 +409,7 @@ def test_onnx_engine_matches_the_numpy_engine_with_and_without_cache(tmp_path, m
     assert (
         np.abs(zero - rm.forward(ids, mask, pos, None, None, last=None))[real].max() <= 1e-4 * np.abs(a).max()
     )
-    preserve = build_plan(
-        sm.ck, sm.resolved, sp.edit_spec({**params, "norm_preserve": "cols"}, np.ones((L + 1, d)), L), "r"
-    )
+    preserve = plan_for(sm, np.ones((sm.n_layers + 1, sm.hp.d_model)), norm_preserve="cols")
     with pytest.raises(PatcherError, match="numpy engine"):
         oe.edits(preserve)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import fixture_path, run_cli
-from test_search import LAYER_KERNELS, make_search_fixture, train_prompts
+from test_search import make_search_fixture, plan_for, train_prompts
 from test_search import refusal as refusal
 
 from patcher.errors import PatcherError
@@ -18,11 +18,9 @@ from patcher.onnx import storage
 from patcher.onnx.export import FILES, export
 from patcher.onnx.runtime import OnnxModel
 from patcher.onnx.verify import StoredModel, stored_weights
-from patcher.search import space as sp
 from patcher.search import study as st
 from patcher.search.engine import ResidentModel
 from patcher.search.onnx_engine import OnnxEngine, build, graph_key
-from patcher.search.plan import build_plan
 
 MODELS = ["llama", "gemma2", "qwen2_moe"]  # untied; tied with post-norms and softcaps; MoE experts
 QUANTIZED = ["int4", "int8"]
@@ -44,20 +42,6 @@ def exported(tmp_path_factory):
 def batch():
     ids, mask = left_pad([[1, 5, 9, 30, 7, 11], [1, 44, 3], [2, 8, 8, 8]], 0)
     return ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0)
-
-
-def plan_for(sm: StreamedModel):
-    L, d = sm.n_layers, sm.hp.d_model
-    params = {
-        "direction_scope": "global",
-        "direction_index": 1.4,
-        **LAYER_KERNELS,
-        "embed": True,
-        "embed_strength": 0.7,
-        "norm_preserve": "none",
-    }
-    table = np.random.default_rng(1).standard_normal((L + 1, d))
-    return build_plan(sm.ck, sm.resolved, sp.edit_spec(params, table, L), "r")
 
 
 @pytest.mark.parametrize("model_type", MODELS)
