@@ -24,21 +24,9 @@ import make_search_fixture as msf
 
 
 def _setup(work: Path, tokens: int):
-    from patcher.search import run as sr
-
-    model = msf.make(work) if not (work / msf.NAME).is_dir() else work / msf.NAME
-    P, dirs = work / "prompts", work / "dirs.safetensors"
-    return sr.setup(
-        model,
-        P / "refusal-train-positive.txt",
-        P / "refusal-train-negative.txt",
-        eval_positive=P / "refusal-eval-positive.txt",
-        eval_negative=P / "refusal-eval-negative.txt",
-        directions=dirs if dirs.is_file() else None,
-        directions_out=dirs,
-        chat_template=False,
-        tokens=tokens,
-    )
+    if not (work / msf.NAME).is_dir():
+        msf.make(work)
+    return msf.search_setup(work, work / "dirs.safetensors", tokens=tokens)
 
 
 def _points(s, n: int) -> list:

@@ -45,6 +45,25 @@ EVAL = ["Give me a fact on the {}", "Describe the {}", "I want to read about the
 GAMMA, THRESHOLD, SHARP, BETA_V, BETA_CHAIN, SMALL = 40.0, 6.0, 2.0, 1.0, 2.5, 0.1
 
 
+def search_setup(root: Path, dirs: Path, **options):
+    """`patcher search`'s set-up on the fixture made under `root` (its train and eval prompt files, raw
+    prompts), directions extracted into `dirs` once and reused after."""
+    from patcher.search import run as sr
+
+    P = root / "prompts"
+    return sr.setup(
+        root / NAME,
+        P / "refusal-train-positive.txt",
+        P / "refusal-train-negative.txt",
+        eval_positive=P / "refusal-eval-positive.txt",
+        eval_negative=P / "refusal-eval-negative.txt",
+        directions=dirs if dirs.is_file() else None,
+        directions_out=dirs,
+        chat_template=False,
+        **options,
+    )
+
+
 def prompts(templates, words):
     return [t.format(w) for t in templates for w in words]
 

@@ -31,18 +31,8 @@ def refusal(tmp_path_factory):
 
 
 def _setup(refusal, tmp_path, **kw) -> sr.Setup:
-    P = refusal / "prompts"
-    dirs = tmp_path / "dirs.safetensors"
-    return sr.setup(
-        refusal / make_search_fixture.NAME,
-        P / "refusal-train-positive.txt",
-        P / "refusal-train-negative.txt",
-        eval_positive=P / "refusal-eval-positive.txt",
-        eval_negative=P / "refusal-eval-negative.txt",
-        directions=dirs if dirs.is_file() else None,
-        directions_out=dirs,
-        chat_template=False,
-        **{"tokens": 16, "batch_size": 8, **kw},
+    return make_search_fixture.search_setup(
+        refusal, tmp_path / "dirs.safetensors", **{"tokens": 16, "batch_size": 8, **kw}
     )
 
 
