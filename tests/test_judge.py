@@ -110,7 +110,7 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
     make_search_fixture.make(tmp_path)
     P = tmp_path / "prompts"
     judge = forced_model(tmp_path / "judge", 3.0, 1.0)
-    r = run_cli(
+    search = (
         "search",
         tmp_path / make_search_fixture.NAME,
         "--positive",
@@ -118,6 +118,9 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
         "--negative",
         P / "refusal-train-negative.txt",
         "--no-chat-template",
+    )
+    r = run_cli(
+        *search,
         "--tokens",
         "4",
         "--max-prompts",
@@ -134,18 +137,5 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
     assert "judge's refusal rate 1.000" in r.output and "judge" in r.output.split("Pareto front")[1]
     done = st.completed(st.open_study(tmp_path / "s.db", None, create=False))
     assert len(done) == 2 and all(t.user_attrs["judge_rate"] == 1.0 for t in done)
-    bad = run_cli(
-        "search",
-        tmp_path / make_search_fixture.NAME,
-        "--positive",
-        P / "refusal-train-positive.txt",
-        "--negative",
-        P / "refusal-train-negative.txt",
-        "--no-chat-template",
-        "--study",
-        tmp_path / "t.db",
-        "--judge",
-        tmp_path / "nothing-here",
-        expect=1,
-    )
+    bad = run_cli(*search, "--study", tmp_path / "t.db", "--judge", tmp_path / "nothing-here", expect=1)
     assert "nothing-here" in bad.output and "Traceback" not in bad.output
