@@ -223,10 +223,12 @@ class Evaluator:
         """Logits of the last `last` positions of each (left-padded) prompt, the KV cache filled.
         With an engine that allows it, the prefix every row shares (a chat template's system turn) runs
         once and its cache is copied to every row: a row is laid out as [shared prefix, padding, its own
-        tokens], positions counting its real tokens. Returns (logits, mask, positions of own tokens)."""
+        tokens], positions counting its real tokens. `cache` None: nothing is kept beyond this call (a
+        shared prefix still needs one). Returns (logits, mask, positions of own tokens)."""
         c = shared_prefix(batch, last) if self.engine.shares_prefix else 0
         ids, mask = left_pad([b[c:] for b in batch], self.tok.pad_id)
         if c:
+            cache = self.engine.new_cache(len(batch)) if cache is None else cache
             self.engine.forward(
                 np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits
             )
@@ -312,8 +314,7 @@ class Evaluator:
         order = _order(seqs)
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
-            cache = self.engine.new_cache(len(rows))
-            logits = self._prompts([seqs[i] for i in rows], edits, cache, last=self.kl_tokens)[0]
+            logits = self._prompts([seqs[i] for i in rows], edits, None, last=self.kl_tokens)[0]
             out[rows] = _log_softmax(logits)
         return out
 
