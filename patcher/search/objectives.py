@@ -335,8 +335,11 @@ class Evaluator:
             ref["judge_rate"] = self.judged(pos_comp)
             neg_n = max(self.tokens if self.negative_markers else 0, self.kl_tokens - 1)
             # first-token KL alone needs no completion of the negatives: their log-probs come next
-            neg_comp = self.generate(self.negative, None, neg_n, stop_on_marker=False)[0] if neg_n else []
-            neg_comp = neg_comp or [[] for _ in self.negative]
+            neg_comp = (
+                self.generate(self.negative, None, neg_n, stop_on_marker=False)[0]
+                if neg_n
+                else [[] for _ in self.negative]
+            )
             ref["negative_completions"] = neg_comp
             ref["negative_marker_rate"] = self.rate(neg_comp) if self.negative_markers else None
             self.ref = ref
