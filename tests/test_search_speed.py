@@ -356,3 +356,72 @@ def test_a_shared_prefix_run_once_gives_the_same_completions_and_kl(model_type):
     want, _ = ev.generate(prompts, None, 6, stop_on_marker=False)
     assert got == want
     np.testing.assert_allclose(shared, ev._log_probs(None), atol=2e-5)
+
+
+# --- a trial runs only the layers its edit reaches ---------------------------------------------
+
+
+def _stem_evaluator(model_type, **kw):
+    from patcher.model.prompts import load_tokenizer
+
+    folder = fixture_path(model_type)
+    sm = StreamedModel(Checkpoint(folder))
+    head = [int(t) for t in np.random.default_rng(0).integers(3, 100, 6)]
+    prompts = [
+        head + [int(t) for t in np.random.default_rng(i).integers(3, 100, n)]
+        for i, n in enumerate((1, 5, 9, 3, 2))
+    ]
+    engine = en.ResidentModel(sm)
+    ev = Evaluator(engine, load_tokenizer(folder), prompts, prompts[::-1], eos=[], batch_size=3, **kw)
+    return sm, engine, ev
+
+
+# kernels over the 3 fixture layers: (first edited layer, parameters)
+STEM_EDITS = [
+    (1, {"attn_out_center": 2.0, "attn_out_width": 0.5, "mlp_out_center": 1.5, "mlp_out_width": 0.6}),
+    (2, {"attn_out_center": 2.0, "attn_out_width": 0.5, "mlp_out_center": 2.0, "mlp_out_width": 0.5}),
+    (0, {"attn_out_center": 2.0, "attn_out_width": 0.5, "mlp_out_center": 2.0, "mlp_out_width": 0.5}),
+]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "deepseek_v3", "gpt_neox", "qwen2_moe"])
+def test_a_trial_started_from_the_originals_stem_scores_the_same(model_type):
+    """Completions (generation: the skipped layers' keys and values come from the stem), KL over 3
+    tokens and the negatives' marker rate equal those of a pass from the embedding, and the pass did
+    start at the first edited layer (0 when the embedding is edited)."""
+    from test_search import plan_for
+
+    sm, engine, ev = _stem_evaluator(model_type, tokens=5, kl_tokens=3, negative_markers=True)
+    ev.reference()
+    starts = []
+    forward = engine.forward
+    engine.forward = lambda *a, **k: starts.append(k.get("start", 0)) or forward(*a, **k)
+    for first, kernels in STEM_EDITS:
+        edits = engine.edits(plan_for(sm, embed=first == 0, **kernels))
+        assert edits.first_layer == first
+        starts.clear()
+        got = ev.evaluate(edits, keep_texts=True)
+        assert set(starts) == {0, first}  # decode steps run every layer; prompt passes start late
+        stems, ev._stems = ev._stems, None
+        want = ev.evaluate(edits, keep_texts=True)
+        ev._stems = stems
+        assert got.completions == want.completions and got.negative_marker_rate == want.negative_marker_rate
+        np.testing.assert_allclose(
+            [got.kl, got.first_token_kl], [want.kl, want.first_token_kl], rtol=1e-4, atol=1e-11
+        )
+        assert want.kl > 1e-7  # the edit changes the model: a pass that skipped it would not match
+
+
+def test_stems_keep_every_stride_th_layer_as_memory_allows(monkeypatch):
+    from patcher.search import objectives
+
+    sm, engine, ev = _stem_evaluator("llama", tokens=4)
+    per_layer = 2 * 4 * sm.hp.d_model * sum(len(p) + 1 for p in ev.positive + ev.negative)
+    monkeypatch.setattr(objectives, "STEM_MAX_BYTES", per_layer * 3 // 2)  # 3 layers at stride 2
+    assert ev._kept() == {2}
+    stem = objectives.Stem(rows={2: None}, kv={})
+    assert [stem.start(first, True) for first in range(4)] == [0, 0, 2, 2]
+    assert objectives.Stem(rows={1: None, 2: None}).start(2, needs_kv=True) == 0  # no keys/values kept
+    ev2 = _stem_evaluator("llama", tokens=4)[2]
+    monkeypatch.setattr(objectives, "STEM_MAX_BYTES", per_layer)  # stride 3: nothing kept
+    assert ev2._kept() == set()

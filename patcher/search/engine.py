@@ -58,6 +58,14 @@ class Edits:
     def empty(self) -> bool:
         return not self.top and not any(self.blocks)
 
+    @property
+    def first_layer(self) -> int:
+        """The first layer whose residual stream differs from the original's (0 when the embedding is
+        edited; the layer count when nothing before the head is)."""
+        if self.top:  # only embeddings (token, position) write the residual outside the blocks
+            return 0
+        return next((i for i, b in enumerate(self.blocks) if b), len(self.blocks))
+
 
 def _safe_ratio(old_sq, new_sq):
     ok = new_sq > 1e-30 * np.maximum(old_sq, 1e-300)
@@ -119,6 +127,7 @@ class ResidentModel:
     read-only by every trial and thread."""
 
     shares_prefix = True  # the Evaluator may run a prefix all rows share once (attention masks by position)
+    resumes = True  # a forward pass may start at a layer, from the residual stream entering it
 
     def __init__(self, sm: StreamedModel, resident: str = "float32"):
         self.sm, self.spec, self.hp, self.resolved = sm, sm.spec, sm.hp, sm.resolved
@@ -226,13 +235,30 @@ class ResidentModel:
         for layer, (k, v, n) in cache.items():
             cache[layer] = (k[rows], v[rows], n)
 
-    def forward(self, ids, mask, pos, cache: dict | None, edits: Edits | None, last: int | None = 1):
+    def forward(
+        self,
+        ids,
+        mask,
+        pos,
+        cache: dict | None,
+        edits: Edits | None,
+        last: int | None = 1,
+        start: int = 0,
+        x: np.ndarray | None = None,
+        trace: dict | None = None,
+    ):
         """Logits [B, last, V] of the last `last` positions (all if None). `cache` (layer -> (k, v))
-        holds the past and is extended in place; mask covers past + new tokens."""
+        holds the past and is extended in place; mask covers past + new tokens. With `start` > 0 the
+        pass begins at that layer from `x`, the residual stream entering it (layers before it are
+        neither run nor cached here). `trace` (layer -> None) gets the residual entering each of its
+        layers."""
         edits = edits or Edits([{}] * self.n_layers, {}, None)  # cache None: a one-off forward, nothing kept
         ops = EditOps(self.top, mask, pos, cache, edits.top, edits.head, edits.head_weight)
-        x = fw.embed(ops, self.spec, self.hp, ids, pos)
-        for layer in range(self.n_layers):
+        if not start:
+            x = fw.embed(ops, self.spec, self.hp, ids, pos)
+        for layer in range(start, self.n_layers):
+            if trace is not None and layer in trace:
+                trace[layer] = x
             ops = EditOps(self.blocks[layer], mask, pos, cache, edits.blocks[layer])
             x = fw.block(ops, self.spec, self.hp, x, layer)
         if last is not None:

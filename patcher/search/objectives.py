@@ -16,6 +16,11 @@
 The original's reference distributions and completions are computed once (`reference()`).
 Generation drops a row from the batch (and the KV cache) once it has hit EOS or a marker: a hit
 stays a hit, so the rate is exactly that of the full-length completions.
+
+A trial runs only the layers its edit reaches: with an engine that can start a pass at a layer, the
+original's residual stream entering every `stride`-th layer (and, for generation, its KV cache) is kept
+per prompt batch (a Stem), and a trial's prompt pass starts at the last kept layer at or before the
+first one it edits. The layers before it would compute the original's numbers again.
 """
 
 import re
@@ -28,6 +33,7 @@ import numpy as np
 
 from patcher.errors import PatcherError
 from patcher.model.prompts import left_pad
+from patcher.search.engine import available_memory
 
 # Refusal-style substrings, matched after normalize(): case-insensitive, any apostrophe, `*` stripped.
 MARKERS = (
@@ -152,6 +158,24 @@ def _log_softmax(z):
 
 
 MIN_SHARED = 4  # a shorter shared prefix is not worth a separate forward pass
+# what the original's kept residual streams (Stems) may take: a share of the available memory, capped
+STEM_MEMORY_SHARE, STEM_MAX_BYTES = 0.1, 2 << 30
+
+
+@dataclass
+class Stem:
+    """The original model on one prompt batch: the residual stream entering each kept layer, for the
+    shared prefix (if any) and the rows, and its KV cache after the prompts when the batch generates."""
+
+    prefix: dict = field(default_factory=dict)  # layer -> [1, c, d]
+    rows: dict = field(default_factory=dict)  # layer -> [B, T, d]
+    kv: dict | None = None  # layer -> (k, v, n), copies trimmed to n (an append reallocates)
+
+    def start(self, first_layer: int, needs_kv: bool) -> int:
+        """The last kept layer at or before `first_layer` (0: run from the embedding)."""
+        if needs_kv and self.kv is None:
+            return 0
+        return max((layer for layer in self.rows if layer <= first_layer), default=0)
 
 
 def shared_prefix(batch: list[list[int]], last: int = 1) -> int:
@@ -164,6 +188,15 @@ def shared_prefix(batch: list[list[int]], last: int = 1) -> int:
     for b in batch[1:]:
         c = next((i for i in range(max(c, 0)) if b[i] != first[i]), c)
     return c if c >= MIN_SHARED else 0
+
+
+def _resume(start: int, kept: dict | None, record: dict | None, layers) -> dict:
+    """The engine.forward arguments that start a pass at `start` from a kept residual stream, or
+    record the residual entering each kept layer into `record`."""
+    if record is not None:
+        record.update(dict.fromkeys(layers()))
+        return {"trace": record}
+    return {"start": start, "x": kept[start]} if start and kept is not None else {}
 
 
 def _order(token_lists):
@@ -201,6 +234,8 @@ class Evaluator:
             raise PatcherError("--judge", "the judge needs the eval-positive prompts' text, one per prompt")
         self.judge, self.requests = judge, requests
         self.ref: dict[str, Any] | None = None
+        self._stems: dict | None = {} if getattr(engine, "resumes", False) else None
+        self._kept_layers: set | None = None
 
     # --- generation ----------------------------------------------------------------------------
     def generate(
@@ -224,18 +259,62 @@ class Evaluator:
         With an engine that allows it, the prefix every row shares (a chat template's system turn) runs
         once and its cache is copied to every row: a row is laid out as [shared prefix, padding, its own
         tokens], positions counting its real tokens. `cache` None: nothing is kept beyond this call (a
-        shared prefix still needs one). Returns (logits, mask, positions of own tokens)."""
+        shared prefix still needs one). An edit starts from the original's Stem of this batch (kept
+        while the original runs it, or run for it once). Returns (logits, mask, positions)."""
+        if self._stems is None:
+            return self._run_prompts(batch, edits, cache, last)
+        key = (last, cache is not None, tuple(map(tuple, batch)))
+        stem = self._stems.get(key)
+        if stem is None:  # filled first, then shared (trials may run in threads)
+            stem = Stem()
+            if edits is None:  # the original: keep what it computes anyway
+                out = self._run_prompts(batch, None, cache, last, record=stem)
+                self._stems[key] = stem
+                return out
+            keep = self.engine.new_cache(len(batch)) if cache is not None else None
+            self._run_prompts(batch, None, keep, last, record=stem)
+            self._stems[key] = stem
+        return self._run_prompts(batch, edits, cache, last, stem=stem)
+
+    def _kept(self) -> set:
+        """The layers whose entering residual a Stem keeps: every `stride`-th, as memory allows."""
+        if self._kept_layers is None:
+            n, d = self.engine.n_layers, self.engine.hp.d_model
+            seqs = self.positive + self.negative * (2 if self.negative_markers else 1)
+            # x2: padding, and the keys/values of generation batches (at most the residual's size)
+            per_layer = 2 * 4 * d * sum(len(t) + self.kl_tokens for t in seqs)
+            budget = min(STEM_MAX_BYTES, STEM_MEMORY_SHARE * available_memory())
+            stride = max(1, -(-per_layer * n // max(int(budget), 1)))
+            self._kept_layers = set(range(stride, n, stride))
+        return self._kept_layers
+
+    def _run_prompts(self, batch, edits, cache, last, stem: Stem | None = None, record: Stem | None = None):
+        keep_kv = cache is not None
         c = shared_prefix(batch, last) if self.engine.shares_prefix else 0
+        start = 0 if stem is None or edits is None else stem.start(edits.first_layer, keep_kv)
         ids, mask = left_pad([b[c:] for b in batch], self.tok.pad_id)
         if c:
             cache = self.engine.new_cache(len(batch)) if cache is None else cache
+            kw = _resume(start, stem.prefix if stem else None, record.prefix if record else None, self._kept)
             self.engine.forward(
-                np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits
+                np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits, **kw
             )
             self.engine.select(cache, np.zeros(len(batch), np.int64))
             mask = np.concatenate([np.ones((len(batch), c), np.int64), mask], 1)
+        if start and keep_kv:  # the layers this pass skips: the original's keys and values
+            assert stem is not None and stem.kv is not None
+            cache.update({layer: stem.kv[layer] for layer in range(start)})
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)[:, c:]
-        return self.engine.forward(ids, mask, pos, cache, edits, last=last), mask, pos
+        kw = _resume(start, stem.rows if stem else None, record.rows if record else None, self._kept)
+        logits = self.engine.forward(ids, mask, pos, cache, edits, last=last, **kw)
+        if record is not None and keep_kv:
+            top = max(self._kept(), default=0)
+            record.kv = {
+                layer: (k[:, :, :n].copy(), v[:, :, :n].copy(), n)
+                for layer, (k, v, n) in cache.items()
+                if layer < top
+            }
+        return logits, mask, pos
 
     def _generate_batch(self, batch, rows, out, edits, n, stop_on_marker, watch=None):
         cache = self.engine.new_cache(len(batch))
