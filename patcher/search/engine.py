@@ -256,6 +256,7 @@ class ResidentModel:
         ops = EditOps(self.top, mask, pos, cache, edits.top, edits.head, edits.head_weight)
         if not start:
             x = fw.embed(ops, self.spec, self.hp, ids, pos)
+        assert x is not None, "a pass that starts at a layer needs the residual entering it"
         for layer in range(start, self.n_layers):
             if trace is not None and layer in trace:
                 trace[layer] = x
