@@ -219,7 +219,7 @@ class Evaluator:
         negative_markers: bool = False,
         eos=(),
         batch_size: int = 64,
-        check_every: int = 4,
+        check_every: int = 1,  # a marker ends its row (and may prune the trial) the step it appears
         judge=None,
         requests: list[str] | None = None,
     ):
