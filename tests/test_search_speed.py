@@ -425,3 +425,40 @@ def test_stems_keep_every_stride_th_layer_as_memory_allows(monkeypatch):
     ev2 = _stem_evaluator("llama", tokens=4)[2]
     monkeypatch.setattr(objectives, "STEM_MAX_BYTES", per_layer)  # stride 3: nothing kept
     assert ev2._kept() == set()
+
+
+# --- prompts run in length buckets, joined for generation ----------------------------------------
+
+
+def test_buckets_keep_padding_within_the_slack(monkeypatch):
+    from patcher.search import objectives
+
+    monkeypatch.setattr(objectives, "MIN_BUCKET", 10)
+    # 4 rows of 5: 20 real tokens; a 6 would pad 4 of 30 (13 % > 10 %): new run; 6, 6 then 20 pads 28 of 60
+    assert objectives.buckets([5, 5, 5, 5, 6, 6, 20]) == [slice(0, 4), slice(4, 6), slice(6, 7)]
+    assert objectives.buckets([5, 5, 5, 5, 5, 5]) == [slice(0, 6)]  # no padding: one run
+    assert objectives.buckets([2, 2, 9]) == [slice(0, 3)]  # 4 real tokens: too few to split off
+    assert objectives.buckets([5, 5, 6]) == [slice(0, 2), slice(2, 3)]  # exactly MIN_BUCKET: may split
+    assert objectives.buckets([]) == []
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "deepseek_v3"])
+def test_prompts_in_length_buckets_give_the_one_batch_completions_and_kl(model_type, monkeypatch):
+    """Buckets' caches joined right-aligned (zeros on the left, masked) decode as the one left-padded
+    batch does (gemma3_text: a window of 4 counts positions), with and without the stem."""
+    from test_search import plan_for
+
+    from patcher.search import objectives
+
+    sm, engine, ev = _stem_evaluator(model_type, tokens=6, kl_tokens=2)
+    ev.batch_size = 5
+    edits = engine.edits(plan_for(sm, embed=False, **STEM_EDITS[0][1]))
+    whole = [ev.evaluate(e, keep_texts=True) for e in (None, edits)]
+    monkeypatch.setattr(objectives, "MIN_BUCKET", 1)
+    joined = []
+    engine.concat = lambda caches: joined.append(len(caches)) or en.ResidentModel.concat(caches)
+    for want, e in zip(whole, (None, edits)):
+        got = ev.evaluate(e, keep_texts=True)
+        assert got.completions == want.completions
+        np.testing.assert_allclose([got.kl, got.first_token_kl], [want.kl, want.first_token_kl], atol=1e-7)
+    assert joined and min(joined) >= 3  # five rows of 7..15 tokens: in at least three runs

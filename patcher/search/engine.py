@@ -230,6 +230,18 @@ class ResidentModel:
         return {}
 
     @staticmethod
+    def concat(caches: list[dict]) -> dict:
+        """One cache with the rows of several, each right-aligned to the longest: the columns a shorter
+        one lacks are zeros on the left, which the caller's mask leaves out."""
+        out = {}
+        for layer in caches[0]:
+            parts = [c[layer] for c in caches]
+            n = max(p[2] for p in parts)
+            pad = lambda a, m: np.pad(a[:, :, :m], ((0, 0), (0, 0), (n - m, 0), (0, 0)))  # noqa: E731
+            out[layer] = tuple(np.concatenate([pad(p[i], p[2]) for p in parts]) for i in (0, 1)) + (n,)
+        return out
+
+    @staticmethod
     def select(cache: dict, rows) -> None:
         """Keep only these batch rows in the KV cache (finished rows leave the batch)."""
         for layer, (k, v, n) in cache.items():

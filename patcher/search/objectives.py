@@ -199,6 +199,22 @@ def _resume(start: int, kept: dict | None, record: dict | None, layers) -> dict:
     return {"start": start, "x": kept[start]} if start and kept is not None else {}
 
 
+MIN_BUCKET, PAD_SLACK = 128, 0.1  # real tokens a bucket holds before another may start; padding allowed
+
+
+def buckets(lengths: list[int]) -> list[slice]:
+    """Runs of rows (lengths ascending) whose left padding stays within PAD_SLACK of the tokens run: a
+    new run starts when the next row would pad more and the current one already holds MIN_BUCKET real
+    tokens (smaller matrix products run slower per token)."""
+    out, start, real = [], 0, 0
+    for i, n in enumerate(lengths):
+        if real >= MIN_BUCKET and (real + n) < (1 - PAD_SLACK) * n * (i - start + 1):
+            out.append(slice(start, i))
+            start, real = i, 0
+        real += n
+    return out + [slice(start, len(lengths))] if lengths else out
+
+
 def _order(token_lists):
     return np.argsort([len(t) for t in token_lists], kind="stable")
 
@@ -316,13 +332,32 @@ class Evaluator:
             }
         return logits, mask, pos
 
+    def _parts(self, batch, last: int = 1) -> list[slice]:
+        """The length buckets of a batch (sorted by length) for its prompt passes."""
+        c = shared_prefix(batch, last) if self.engine.shares_prefix else 0
+        return buckets([len(b) - c for b in batch])
+
+    def _prefill(self, batch, edits):
+        """The prompts of a generation batch, run in length buckets when the engine can join their
+        caches (rows right-aligned: positions count real tokens). Returns (last logits, mask, next
+        positions, cache)."""
+        parts = self._parts(batch) if hasattr(self.engine, "concat") else [slice(0, len(batch))]
+        runs = []
+        for part in parts:
+            cache = self.engine.new_cache(len(batch[part]))
+            logits, mask, pos = self._prompts(batch[part], edits, cache)
+            runs.append((logits[:, -1], mask, pos[:, -1:] + 1, cache))
+        if len(runs) == 1:
+            return runs[0]
+        width = max(r[1].shape[1] for r in runs)
+        mask = np.concatenate([np.pad(r[1], ((0, 0), (width - r[1].shape[1], 0))) for r in runs])
+        cache = self.engine.concat([r[3] for r in runs])
+        return np.concatenate([r[0] for r in runs]), mask, np.concatenate([r[2] for r in runs]), cache
+
     def _generate_batch(self, batch, rows, out, edits, n, stop_on_marker, watch=None):
-        cache = self.engine.new_cache(len(batch))
-        logits, mask, pos = self._prompts(batch, edits, cache)
-        logits = logits[:, -1]
+        logits, mask, next_pos, cache = self._prefill(batch, edits)
         alive = np.arange(len(batch))
         gen = [[] for _ in batch]
-        next_pos = pos[:, -1:] + 1
         steps = 0
         for step in range(n):
             tok = logits.argmax(-1)
@@ -393,8 +428,11 @@ class Evaluator:
         order = _order(seqs)
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
-            logits = self._prompts([seqs[i] for i in rows], edits, None, last=self.kl_tokens)[0]
-            out[rows] = _log_softmax(logits)
+            batch = [seqs[i] for i in rows]
+            for part in self._parts(batch, self.kl_tokens):
+                out[rows[part]] = _log_softmax(
+                    self._prompts(batch[part], edits, None, last=self.kl_tokens)[0]
+                )
         return out
 
     def use_reference(self, ref: dict) -> None:
