@@ -242,6 +242,11 @@ class ResidentModel:
         return out
 
     @staticmethod
+    def extend(cache: dict, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Append keys and values computed elsewhere (the original's, for a layer a pass skips)."""
+        append_kv(cache, layer, k, v)
+
+    @staticmethod
     def select(cache: dict, rows) -> None:
         """Keep only these batch rows in the KV cache (finished rows leave the batch)."""
         for layer, (k, v, n) in cache.items():
@@ -332,21 +337,25 @@ class EditOps(NumpyOps):
         return super().attend(q, k, v, layer, scale, softcap, window)
 
     def _cached(self, layer, k, v):
-        """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of
-        the filled part. MLA's broadcast keys are materialised once here."""
         if self.cache is None:
             return k, v
-        entry = self.cache.get(layer)
-        T = k.shape[2]
-        if entry is None or entry[2] + T > entry[0].shape[2]:
-            n = 0 if entry is None else entry[2]
-            cap = max(2 * (n + T), n + T + 64)
-            kb = np.empty((k.shape[0], k.shape[1], cap, k.shape[3]), F32)
-            vb = np.empty((v.shape[0], v.shape[1], cap, v.shape[3]), F32)
-            if entry is not None:
-                kb[:, :, :n], vb[:, :, :n] = entry[0][:, :, :n], entry[1][:, :, :n]
-            entry = [kb, vb, n]
-        kb, vb, n = entry
-        kb[:, :, n : n + T], vb[:, :, n : n + T] = k, v
-        self.cache[layer] = (kb, vb, n + T)
-        return kb[:, :, : n + T], vb[:, :, : n + T]
+        return append_kv(self.cache, layer, k, v)
+
+
+def append_kv(cache: dict, layer: int, k, v):
+    """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of
+    the filled part. MLA's broadcast keys are materialised once here."""
+    entry = cache.get(layer)
+    T = k.shape[2]
+    if entry is None or entry[2] + T > entry[0].shape[2]:
+        n = 0 if entry is None else entry[2]
+        cap = max(2 * (n + T), n + T + 64)
+        kb = np.empty((k.shape[0], k.shape[1], cap, k.shape[3]), F32)
+        vb = np.empty((v.shape[0], v.shape[1], cap, v.shape[3]), F32)
+        if entry is not None:
+            kb[:, :, :n], vb[:, :, :n] = entry[0][:, :, :n], entry[1][:, :, :n]
+        entry = [kb, vb, n]
+    kb, vb, n = entry
+    kb[:, :, n : n + T], vb[:, :, n : n + T] = k, v
+    cache[layer] = (kb, vb, n + T)
+    return kb[:, :, : n + T], vb[:, :, : n + T]

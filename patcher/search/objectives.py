@@ -34,6 +34,7 @@ import numpy as np
 from patcher.errors import PatcherError
 from patcher.model.prompts import left_pad
 from patcher.search.engine import available_memory
+from patcher.search.stems import Decoding, Group, Stem, Track, buckets, kept_layers, resume_args, start_layer
 
 # Refusal-style substrings, matched after normalize(): case-insensitive, any apostrophe, `*` stripped.
 MARKERS = (
@@ -158,24 +159,6 @@ def _log_softmax(z):
 
 
 MIN_SHARED = 4  # a shorter shared prefix is not worth a separate forward pass
-# what the original's kept residual streams (Stems) may take: a share of the available memory, capped
-STEM_MEMORY_SHARE, STEM_MAX_BYTES = 0.1, 2 << 30
-
-
-@dataclass
-class Stem:
-    """The original model on one prompt batch: the residual stream entering each kept layer, for the
-    shared prefix (if any) and the rows, and its KV cache after the prompts when the batch generates."""
-
-    prefix: dict = field(default_factory=dict)  # layer -> [1, c, d]
-    rows: dict = field(default_factory=dict)  # layer -> [B, T, d]
-    kv: dict | None = None  # layer -> (k, v, n), copies trimmed to n (an append reallocates)
-
-    def start(self, first_layer: int, needs_kv: bool) -> int:
-        """The last kept layer at or before `first_layer` (0: run from the embedding)."""
-        if needs_kv and self.kv is None:
-            return 0
-        return max((layer for layer in self.rows if layer <= first_layer), default=0)
 
 
 def shared_prefix(batch: list[list[int]], last: int = 1) -> int:
@@ -188,31 +171,6 @@ def shared_prefix(batch: list[list[int]], last: int = 1) -> int:
     for b in batch[1:]:
         c = next((i for i in range(max(c, 0)) if b[i] != first[i]), c)
     return c if c >= MIN_SHARED else 0
-
-
-def _resume(start: int, kept: dict | None, record: dict | None, layers) -> dict:
-    """The engine.forward arguments that start a pass at `start` from a kept residual stream, or
-    record the residual entering each kept layer into `record`."""
-    if record is not None:
-        record.update(dict.fromkeys(layers()))
-        return {"trace": record}
-    return {"start": start, "x": kept[start]} if start and kept is not None else {}
-
-
-MIN_BUCKET, PAD_SLACK = 128, 0.1  # real tokens a bucket holds before another may start; padding allowed
-
-
-def buckets(lengths: list[int]) -> list[slice]:
-    """Runs of rows (lengths ascending) whose left padding stays within PAD_SLACK of the tokens run: a
-    new run starts when the next row would pad more and the current one already holds MIN_BUCKET real
-    tokens (smaller matrix products run slower per token)."""
-    out, start, real = [], 0, 0
-    for i, n in enumerate(lengths):
-        if real >= MIN_BUCKET and (real + n) < (1 - PAD_SLACK) * n * (i - start + 1):
-            out.append(slice(start, i))
-            start, real = i, 0
-        real += n
-    return out + [slice(start, len(lengths))] if lengths else out
 
 
 def _order(token_lists):
@@ -251,6 +209,7 @@ class Evaluator:
         self.judge, self.requests = judge, requests
         self.ref: dict[str, Any] | None = None
         self._stems: dict | None = {} if getattr(engine, "resumes", False) else None
+        self._tracks: dict = {}  # generation batch -> the original's Track (with stems only)
         self._kept_layers: set | None = None
 
     # --- generation ----------------------------------------------------------------------------
@@ -295,13 +254,13 @@ class Evaluator:
     def _kept(self) -> set:
         """The layers whose entering residual a Stem keeps: every `stride`-th, as memory allows."""
         if self._kept_layers is None:
-            n, d = self.engine.n_layers, self.engine.hp.d_model
-            seqs = self.positive + self.negative * (2 if self.negative_markers else 1)
-            # x2: padding, and the keys/values of generation batches (at most the residual's size)
-            per_layer = 2 * 4 * d * sum(len(t) + self.kl_tokens for t in seqs)
-            budget = min(STEM_MAX_BYTES, STEM_MEMORY_SHARE * available_memory())
-            stride = max(1, -(-per_layer * n // max(int(budget), 1)))
-            self._kept_layers = set(range(stride, n, stride))
+            generating = self.positive + (self.negative if self.negative_markers else [])
+            tokens = sum(len(t) + self.tokens for t in generating) + sum(
+                len(t) + self.kl_tokens for t in self.negative
+            )
+            # x2: padding, and the keys/values kept for generation (at most the residual's size)
+            per_layer = 2 * 4 * self.engine.hp.d_model * tokens
+            self._kept_layers = kept_layers(self.engine.n_layers, per_layer, available_memory())
         return self._kept_layers
 
     def _run_prompts(self, batch, edits, cache, last, stem: Stem | None = None, record: Stem | None = None):
@@ -311,7 +270,9 @@ class Evaluator:
         ids, mask = left_pad([b[c:] for b in batch], self.tok.pad_id)
         if c:
             cache = self.engine.new_cache(len(batch)) if cache is None else cache
-            kw = _resume(start, stem.prefix if stem else None, record.prefix if record else None, self._kept)
+            kw = resume_args(
+                start, stem.prefix if stem else None, record.prefix if record else None, self._kept
+            )
             self.engine.forward(
                 np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits, **kw
             )
@@ -321,7 +282,7 @@ class Evaluator:
             assert stem is not None and stem.kv is not None
             cache.update({layer: stem.kv[layer] for layer in range(start)})
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)[:, c:]
-        kw = _resume(start, stem.rows if stem else None, record.rows if record else None, self._kept)
+        kw = resume_args(start, stem.rows if stem else None, record.rows if record else None, self._kept)
         logits = self.engine.forward(ids, mask, pos, cache, edits, last=last, **kw)
         if record is not None and keep_kv:
             top = max(self._kept(), default=0)
@@ -354,13 +315,29 @@ class Evaluator:
         cache = self.engine.concat([r[3] for r in runs])
         return np.concatenate([r[0] for r in runs]), mask, np.concatenate([r[2] for r in runs]), cache
 
+    def _decoding(self, batch, edits, n) -> Decoding:
+        """The batch's prompts run, ready to decode: rows on the original's Track when the edit starts
+        late (the Track recorded while the original decodes this batch, or decoded for it once)."""
+        logits, mask, pos, cache = self._prefill(batch, edits)
+        group = Group(np.arange(len(batch)), cache, mask, pos)
+        if self._stems is None:
+            return Decoding(self.engine, edits, logits, group)
+        key = tuple(map(tuple, batch))
+        if edits is None:
+            record = Track() if key not in self._tracks else None
+            return Decoding(self.engine, None, logits, group, record=record, kept=self._kept())
+        start = start_layer(self._kept(), edits.first_layer)
+        if start and key not in self._tracks:
+            self._generate_batch(batch, list(range(len(batch))), [None] * len(batch), None, n, False)
+        return Decoding(self.engine, edits, logits, group, self._tracks.get(key), start)
+
     def _generate_batch(self, batch, rows, out, edits, n, stop_on_marker, watch=None):
-        logits, mask, next_pos, cache = self._prefill(batch, edits)
-        alive = np.arange(len(batch))
+        dec = self._decoding(batch, edits, n)
         gen = [[] for _ in batch]
         steps = 0
         for step in range(n):
-            tok = logits.argmax(-1)
+            alive = dec.alive
+            tok = dec.logits.argmax(-1)
             steps += len(alive)
             if watch is not None:
                 watch.rows += len(alive)  # rows generated in this trial so far
@@ -388,13 +365,10 @@ class Evaluator:
                 watch.add(sum(hits(t, self.markers) for t in self.texts([gen[alive[j]] for j in keep])))
             if not keep or last:
                 break
-            keep = np.array(keep)
-            if len(keep) < len(alive):
-                alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
-                self.engine.select(cache, keep)
-            mask = np.concatenate([mask, np.ones((len(alive), 1), np.int64)], 1)
-            logits = self.engine.forward(tok[:, None], mask, next_pos, cache, edits)[:, -1]
-            next_pos = next_pos + 1
+            dec.advance(step, np.array(keep), tok)
+        if dec.record is not None:
+            dec.record.tokens = gen
+            self._tracks[tuple(map(tuple, batch))] = dec.record
         for j, r in enumerate(rows):
             out[r] = gen[j]
         return steps
