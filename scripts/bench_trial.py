@@ -39,9 +39,9 @@ def main(argv=None) -> None:
     import prompt_sets
     import real_models
 
-    from patcher.search import objectives
     from patcher.search import run as sr
     from patcher.search import space as sp
+    from patcher.search import stems
     from patcher.search.plan import build_plan
 
     P, model = prompt_sets.ensure(), args.model or real_models.ensure().hf
@@ -71,15 +71,15 @@ def main(argv=None) -> None:
     s.engine.forward = lambda ids, *a, **k: (
         work.append(ids.size * (L - k.get("start", 0))) or forward(ids, *a, **k)
     )
-    variants = {"new": (ev._stems, objectives.MIN_BUCKET), "old": (None, 1 << 62)}
+    variants = {"new": (ev._stems, stems.MIN_BUCKET), "old": (None, 1 << 62)}
     for i in range(args.points):
         params = sp.complete(sp.sample(sp.RandomTrial(rng), s.space), {})
         spec = sp.edit_spec(params, s.table, s.n_layers, s.directions)
         edits = s.engine.edits(build_plan(s.ck, s.resolved, spec, str(s.directions), s.untie))
         row: dict = {"point": i, "first_layer": edits.first_layer, "layers": L}
         results = {}
-        for name, (stems, min_bucket) in variants.items():
-            ev._stems, objectives.MIN_BUCKET = stems, min_bucket
+        for name, (kept, min_bucket) in variants.items():
+            ev._stems, stems.MIN_BUCKET = kept, min_bucket
             work.clear()
             t0 = time.perf_counter()
             r = ev.evaluate(edits)
