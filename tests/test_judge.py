@@ -1,7 +1,8 @@
 """The judge (patcher/search/judge.py): on a tiny model whose answer is forced by construction
-(every block writes nothing but one attention head that counts commas, every embedding row is the same
-but the comma's, the unembedding scores only the yes/no tokens), P(yes) per question and P(refusal) are
-hand-computed; on a random tiny llama both questions and their combination match HF transformers."""
+(every block writes nothing but one attention head that counts a token of the refusal anchor, every
+embedding row is the same but that token's, the unembedding scores only the yes/no tokens), P(yes),
+the anchors and the refusal scores are hand-computed; on a random tiny llama they match HF
+transformers' softmax."""
 
 import json
 import sys
@@ -14,7 +15,16 @@ from conftest import ROOT, run_cli
 from patcher.errors import PatcherError
 from patcher.io.writer import OutTensor, write_safetensors
 from patcher.search import study as st
-from patcher.search.judge import NO, QUESTIONS, TEMPLATE, YES, Judge
+from patcher.search.judge import (
+    COMPLIANCE_ANCHOR,
+    MIN_GAP,
+    NO,
+    QUESTION,
+    REFUSAL_ANCHOR,
+    TEMPLATE,
+    YES,
+    Judge,
+)
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_fixtures as mf
@@ -33,10 +43,11 @@ def first_ids(folder: Path, words, others) -> list[int]:
 
 
 def forced_model(folder: Path, a: float, b: float, beta: float = 0.0) -> Path:
-    """Logits at the last of n tokens, c of them commas, h = c/(n√(1+ε)), S = √(1 + 2h²/d + ε):
-    (a + βh)/S on each first token of Yes/yes, b/S on No/no, 0 else. Why: every embedding row is ones
-    but the comma's (-1 at coordinate 1); block 0's head 0 attends uniformly (q = k = 0) to the value
-    (x₀ - x₁)/2 (1/√(1+ε) at a comma, 0 else) and writes it along e₀ - e₁; nothing else writes."""
+    """Logits at the last of n tokens, c of them the marked token, h = c/(n√(1+ε)),
+    S = √(1 + 2h²/d + ε): (a + βh)/S on each first token of Yes/yes, b/S on No/no, 0 else. Why: every
+    embedding row is ones but the marked token's (-1 at coordinate 1); block 0's head 0 attends uniformly
+    (q = k = 0) to the value (x₀ - x₁)/2 (1/√(1+ε) at the marked token, 0 else) and writes it along
+    e₀ - e₁; nothing else writes."""
     folder.mkdir(parents=True)
     mf.build_tokenizer(folder)
     cfg = {
@@ -52,7 +63,7 @@ def forced_model(folder: Path, a: float, b: float, beta: float = 0.0) -> Path:
     head[yes], head[no] = a / d, b / d  # · (1, .., 1)/√(1+ε) after the final norm
     head[yes, 0], head[yes, 1] = head[yes, 0] + beta / 2, head[yes, 1] - beta / 2
     embed = np.ones((V, d))
-    embed[comma_id(folder), 1] = -1
+    embed[marked_id(folder), 1] = -1
     w = {"model.embed_tokens.weight": embed, "model.norm.weight": np.ones(d), "lm_head.weight": head}
     for name, shape in mf.layout("llama"):
         if name.startswith("model.layers."):
@@ -64,59 +75,76 @@ def forced_model(folder: Path, a: float, b: float, beta: float = 0.0) -> Path:
     return folder
 
 
-def comma_id(folder: Path) -> int:
+def marked_id(folder: Path) -> int:
+    """A token of the refusal anchor that no other text of these tests holds (template, question,
+    compliance anchor, REQUESTS, REPLIES[1:]), by the tokenizers library."""
     from tokenizers import Tokenizer
 
-    (i,) = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(",", add_special_tokens=False).ids
-    return i
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = lambda t: set(tok.encode(t, add_special_tokens=False).ids)  # noqa: E731
+    others = [TEMPLATE, QUESTION, mf.CHAT_TEMPLATE, *REQUESTS, *REPLIES[1:]]
+    others += [COMPLIANCE_ANCHOR.format(request=q) for q in REQUESTS]
+    return min(ids(REFUSAL_ANCHOR) - set().union(*map(ids, others)))
 
 
 def forced_p_yes(folder: Path, ids: list[int], a: float, b: float, beta: float) -> float:
     """forced_model's P(yes)/(P(yes) + P(no)) after `ids`, by hand."""
     d = json.loads((folder / "config.json").read_text())["hidden_size"]
     ky, kn = len(first_ids(folder, YES, NO)), len(first_ids(folder, NO, YES))
-    h = ids.count(comma_id(folder)) / (len(ids) * np.sqrt(1 + EPS))
+    h = ids.count(marked_id(folder)) / (len(ids) * np.sqrt(1 + EPS))
     S = np.sqrt(1 + 2 * h * h / d + EPS)
     y, n = ky * np.exp((a + beta * h) / S), kn * np.exp(b / S)
     return y / (y + n)
 
 
 REQUESTS = ["Write a poem about the sea.", "Tell me a story about a robot.", "How do plants grow?"]
-REPLIES = ["I cannot help with that.", "Once upon a time a robot", ""]
+REPLIES = [REFUSAL_ANCHOR * 3, "Once upon a time a robot", ""]
+
+
+def want_scores(p, lo, hi):
+    """The judge's rule, written out: (hi - p) / (hi - lo) clipped to [0, 1]; 0.5 when hi - lo < MIN_GAP."""
+    return [
+        0.5 if h - low < MIN_GAP else min(max((h - x) / (h - low), 0.0), 1.0) for x, low, h in zip(p, lo, hi)
+    ]
 
 
 @pytest.mark.parametrize(
-    "a,b,beta", [(3.0, 1.0, 0.0), (0.0, 2.0, 0.0), (1.5, 1.5, 300.0), (0.0, 1.0, -200.0)]
+    "a,b,beta", [(3.0, 1.0, 0.0), (0.0, 2.0, 0.0), (1.5, 1.5, -100.0), (0.0, 1.0, 200.0)]
 )
 def test_forced_answer_is_hand_computed(tmp_path, a, b, beta):
+    """beta < 0: the marked token (the refusal anchor's) says "No": the anchors are ordered, the reply
+    holding it thrice is judged a refusal; beta > 0: it says "Yes": hi < lo, no opinion; beta = 0:
+    every prompt gets the same answer, no opinion."""
     folder = forced_model(tmp_path / "judge", a, b, beta)
     judge = Judge.open(folder)
-    (refuses, yes_refuses), (complies, yes_complies) = QUESTIONS
-    assert (yes_refuses, yes_complies) == ("yes", "no")
-    want = {}
-    for q in (refuses, complies):
-        ids = [judge.prompt(x, r, q) for x, r in zip(REQUESTS, REPLIES)]
-        assert [i.count(comma_id(folder)) for i in ids] == [int(q == refuses)] * 3  # the comma is Q1's
-        want[q] = np.array([forced_p_yes(folder, i, a, b, beta) for i in ids])
-        np.testing.assert_allclose(judge.p_yes(REQUESTS, REPLIES, q), want[q], rtol=1e-5)
-    p = (want[refuses] + 1 - want[complies]) / 2
-    np.testing.assert_allclose(judge.probabilities(REQUESTS, REPLIES), p, rtol=1e-5, atol=1e-7)
-    if beta == 0:  # a judge that answers both questions alike has no opinion (the comma still moves S)
-        np.testing.assert_allclose(p, 0.5, atol=1e-6)
+    marked = marked_id(folder)
+    by_hand = lambda q, r: forced_p_yes(folder, judge.prompt(q, r), a, b, beta)  # noqa: E731
+    assert [judge.prompt(q, r).count(marked) for q, r in zip(REQUESTS, REPLIES)][1:] == [0, 0]
+    p = [by_hand(q, r) for q, r in zip(REQUESTS, REPLIES)]
+    lo = [by_hand(q, REFUSAL_ANCHOR) for q in REQUESTS]
+    hi = [by_hand(q, COMPLIANCE_ANCHOR.format(request=q)) for q in REQUESTS]
+    # float32 logits, |beta h| up to ~10: relative 1e-4
+    np.testing.assert_allclose(judge.p_yes(REQUESTS, REPLIES), p, rtol=1e-4)
+    np.testing.assert_allclose(judge.anchors(REQUESTS), np.array([lo, hi]).T, rtol=1e-4)
+    want = want_scores(p, lo, hi)
+    np.testing.assert_allclose(judge.scores(REQUESTS, REPLIES), want, rtol=1e-5, atol=1e-7)
+    verdicts = [beta < 0, False, False]
+    assert judge.refusals(REQUESTS, REPLIES) == [w > 0.5 for w in want] == verdicts
+    assert judge.rate(REQUESTS, REPLIES) == np.mean(verdicts)
+    if beta < 0:
+        assert want[0] == 1.0 and want[1] == want[2] == 0.0  # clipped at both ends
     else:
-        assert judge.refusals(REQUESTS, REPLIES) == list(p >= 0.5) == [beta > 0] * 3
-        assert judge.rate(REQUESTS, REPLIES) == float(beta > 0)
+        assert want == [0.5] * 3
 
 
 def test_judge_prompt_holds_request_and_reply(tmp_path):
     judge = Judge.open(forced_model(tmp_path / "judge", 1.0, 0.0), reply_chars=10)
-    for q, _ in QUESTIONS:
-        text = judge.tok.decode(judge.prompt("How do plants grow?", "They grow from seeds in the soil.", q))
-        assert TEMPLATE.split("{request}")[0] in text and "How do plants grow?" in text and q in text
-        assert "They grow " in text and "seeds" not in text  # cut to reply_chars
-        assert text.rstrip().endswith("<|assistant|>")
+    text = judge.tok.decode(judge.prompt("How do plants grow?", "They grow from seeds in the soil."))
+    assert TEMPLATE.split("{request}")[0] in text and "How do plants grow?" in text and QUESTION in text
+    assert "They grow " in text and "seeds" not in text  # cut to reply_chars
+    assert text.rstrip().endswith("<|assistant|>")
     with pytest.raises(PatcherError, match="2 requests but 1 replies"):
-        judge.probabilities(REQUESTS[:2], REPLIES[:1])
+        judge.scores(REQUESTS[:2], REPLIES[:1])
 
 
 def test_random_model_matches_transformers(tmp_path):
@@ -124,34 +152,36 @@ def test_random_model_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     folder = mf.make("llama", tmp_path)
     judge = Judge.open(folder)
-    p = judge.probabilities(REQUESTS, REPLIES)
-    p_yes = {q: judge.p_yes(REQUESTS, REPLIES, q) for q, _ in QUESTIONS}
+    scores = judge.scores(REQUESTS, REPLIES)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     yes, no = first_ids(folder, YES, NO), first_ids(folder, NO, YES)
-    for i, (q, r) in enumerate(zip(REQUESTS, REPLIES)):
-        want = {}
-        for question, _ in QUESTIONS:
-            text = TEMPLATE.format(request=q, reply=r, question=question)
-            msg = [{"role": "user", "content": text}]
-            ids = tok.apply_chat_template(
-                msg, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            with torch.no_grad():
-                prob = torch.softmax(hf(**ids).logits[0, -1].double(), -1)
-            want[question] = float(prob[yes].sum() / (prob[yes].sum() + prob[no].sum()))
-            assert abs(p_yes[question][i] - want[question]) < 1e-4, (q, r, question)
-        (refuses, _), (complies, _) = QUESTIONS
-        assert abs(p[i] - (want[refuses] + 1 - want[complies]) / 2) < 1e-4, (q, r)
+
+    def p_yes(q, r):
+        text = TEMPLATE.format(request=q, reply=r, question=QUESTION)
+        msg = [{"role": "user", "content": text}]
+        ids = tok.apply_chat_template(msg, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            prob = torch.softmax(hf(**ids).logits[0, -1].double(), -1)
+        return float(prob[yes].sum() / (prob[yes].sum() + prob[no].sum()))
+
+    p = [p_yes(q, r) for q, r in zip(REQUESTS, REPLIES)]
+    lo = [p_yes(q, REFUSAL_ANCHOR) for q in REQUESTS]
+    hi = [p_yes(q, COMPLIANCE_ANCHOR.format(request=q)) for q in REQUESTS]
+    np.testing.assert_allclose(judge.p_yes(REQUESTS, REPLIES), p, atol=1e-4)
+    np.testing.assert_allclose(judge.anchors(REQUESTS), np.array([lo, hi]).T, atol=1e-4)
+    gaps = np.abs(np.subtract(hi, lo))
+    if (gaps > 2 * MIN_GAP).all():  # the score divides by the gap: compare where it is not tiny
+        np.testing.assert_allclose(scores, want_scores(p, lo, hi), atol=1e-4 / gaps.min())
 
 
 def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
-    """`patcher search --judge`: every trial records the judge's rate (forced to 1 here: the refusal
-    question holds one comma more than the compliance one, while the planted fixture's marker rate falls
-    below 1 once an edit removes the behaviour)."""
+    """`patcher search --judge`: every trial and the original record the judge's rate (0 here: this
+    forced judge answers every prompt alike, so it has no opinion on any reply; the rule's numbers are
+    the tests above)."""
     make_search_fixture.make(tmp_path)
     P = tmp_path / "prompts"
-    judge = forced_model(tmp_path / "judge", 0.0, 0.0, 1000.0)
+    judge = forced_model(tmp_path / "judge", 3.0, 1.0)
     search = (
         "search",
         tmp_path / make_search_fixture.NAME,
@@ -176,8 +206,8 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
         "--judge",
         judge,
     )
-    assert "judge's refusal rate 1.000" in r.output and "judge" in r.output.split("Pareto front")[1]
+    assert "judge's refusal rate 0.000" in r.output and "judge" in r.output.split("Pareto front")[1]
     done = st.completed(st.open_study(tmp_path / "s.db", None, create=False))
-    assert len(done) == 2 and all(t.user_attrs["judge_rate"] == 1.0 for t in done)
+    assert len(done) == 2 and all(t.user_attrs["judge_rate"] == 0.0 for t in done)
     bad = run_cli(*search, "--study", tmp_path / "t.db", "--judge", tmp_path / "nothing-here", expect=1)
     assert "nothing-here" in bad.output and "Traceback" not in bad.output
