@@ -170,9 +170,8 @@ def test_random_model_matches_transformers(tmp_path):
     hi = [p_yes(q, COMPLIANCE_ANCHOR.format(request=q)) for q in REQUESTS]
     np.testing.assert_allclose(judge.p_yes(REQUESTS, REPLIES), p, atol=1e-4)
     np.testing.assert_allclose(judge.anchors(REQUESTS), np.array([lo, hi]).T, atol=1e-4)
-    gaps = np.abs(np.subtract(hi, lo))
-    if (gaps > 2 * MIN_GAP).all():  # the score divides by the gap: compare where it is not tiny
-        np.testing.assert_allclose(scores, want_scores(p, lo, hi), atol=1e-4 / gaps.min())
+    # this model's anchor gaps (-0.011, 0.055, -0.058) are far from MIN_GAP: the rule cannot flip
+    np.testing.assert_allclose(scores, want_scores(p, lo, hi), atol=1e-3)
 
 
 def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
