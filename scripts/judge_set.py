@@ -4,6 +4,7 @@ an abliterated copy, so there are compliant replies to harmful requests) and to 
 
     python scripts/judge_set.py generate --ablated DIR --out /tmp/judge-set-unlabelled.json
     python scripts/judge_set.py score --judge MODEL      # each rule's accuracy on scripts/data/judge_set.json
+    python scripts/judge_set.py rates --judge MODEL --scores bench-out/qwen05/scores.json   # vs markers
 
 `generate` writes the pairs unlabelled ("refusal": null); the labels in scripts/data/judge_set.json were
 then written by a person reading each reply (see its "labelled" field), never by markers. The abliterated
@@ -192,6 +193,33 @@ def score(args) -> None:
     print("anchors refusal", np.round(raw["anchor_refusal"], 2), "comply", np.round(raw["anchor_comply"], 2))
 
 
+def rates(args) -> None:
+    """Judge rate beside marker rate for edits a benchmark scored (bench_peer.py's scores.json: texts are
+    completions of the first prompts of harmful-test, cut at their first marker)."""
+    sys.path.insert(0, str(HERE))
+    import prompt_sets
+
+    from patcher.model.prompts import read_prompt_file
+    from patcher.search.judge import Judge
+    from patcher.search.objectives import MARKERS, hits
+
+    judge = Judge.open(args.judge)
+    rows = json.loads(args.scores.read_text())
+    requests = read_prompt_file(prompt_sets.ensure()["harmful-test"], len(rows[0]["texts"]))
+    print("| edit | marker rate | judge rate | agreement | s per reply |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if args.only and f"{r['who']} {r.get('trial', '')}".strip() not in args.only:
+            continue
+        t0 = time.perf_counter()
+        verdicts = np.array(judge.refusals(requests, r["texts"]))
+        s = (time.perf_counter() - t0) / len(requests)
+        marked = np.array([hits(t, MARKERS) for t in r["texts"]])
+        name = f"{r['who']} {r.get('trial', '')}".strip()
+        agree = (verdicts == marked).mean()
+        print(f"| {name} | {marked.mean():.3f} | {verdicts.mean():.3f} | {agree:.2f} | {s:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -201,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("score")
     c.add_argument("--judge", type=Path, required=True)
     c.add_argument("--cache", type=Path, required=True, help="JSON of the raw P(yes) per variant (reused)")
+    r = sub.add_parser("rates")
+    r.add_argument("--judge", type=Path, required=True)
+    r.add_argument("--scores", type=Path, required=True, help="bench_peer.py's scores.json")
+    r.add_argument("--only", nargs="*", default=None, help="edits to judge, e.g. original 'heretic 0'")
     args = ap.parse_args(argv)
-    {"generate": generate, "score": score}[args.cmd](args)
+    {"generate": generate, "score": score, "rates": rates}[args.cmd](args)
 
 
 if __name__ == "__main__":
