@@ -356,3 +356,119 @@ def test_a_shared_prefix_run_once_gives_the_same_completions_and_kl(model_type):
     want, _ = ev.generate(prompts, None, 6, stop_on_marker=False)
     assert got == want
     np.testing.assert_allclose(shared, ev._log_probs(None), atol=2e-5)
+
+
+# --- a trial runs only the layers its edit reaches ---------------------------------------------
+
+
+def _stem_evaluator(model_type, **kw):
+    from patcher.model.prompts import load_tokenizer
+
+    folder = fixture_path(model_type)
+    sm = StreamedModel(Checkpoint(folder))
+    head = [int(t) for t in np.random.default_rng(0).integers(3, 100, 6)]
+    prompts = [
+        head + [int(t) for t in np.random.default_rng(i).integers(3, 100, n)]
+        for i, n in enumerate((1, 5, 9, 3, 2))
+    ]
+    engine = en.ResidentModel(sm)
+    ev = Evaluator(engine, load_tokenizer(folder), prompts, prompts[::-1], eos=[], batch_size=3, **kw)
+    return sm, engine, ev
+
+
+# kernels over the 3 fixture layers: (first edited layer, parameters)
+STEM_EDITS = [
+    (1, {"attn_out_center": 2.0, "attn_out_width": 0.5, "mlp_out_center": 1.5, "mlp_out_width": 0.6}),
+    (2, {"attn_out_center": 2.0, "attn_out_width": 0.5, "mlp_out_center": 2.0, "mlp_out_width": 0.5}),
+    (0, {"attn_out_center": 2.0, "attn_out_width": 0.5, "mlp_out_center": 2.0, "mlp_out_width": 0.5}),
+]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "deepseek_v3", "gpt_neox", "qwen2_moe"])
+def test_a_trial_started_from_the_originals_stem_scores_the_same(model_type):
+    """Completions (generation: the skipped layers' keys and values come from the stem, and from the
+    original's track while a row's tokens are the original's), KL over 3 tokens and the negatives'
+    marker rate equal those of passes from the embedding; the passes did start at the first edited
+    layer (0 when the embedding is edited)."""
+    from test_search import plan_for
+
+    sm, engine, ev = _stem_evaluator(model_type, tokens=5, kl_tokens=3, negative_markers=True)
+    ev.reference()
+    for track in ev._tracks.values():  # every other row leaves the track at step 2 (always allowed)
+        for r in range(0, len(track.tokens), 2):
+            track.tokens[r] = track.tokens[r][:2] + [-1] + track.tokens[r][3:]
+    starts = []
+    forward = engine.forward
+    engine.forward = lambda *a, **k: starts.append(k.get("start", 0)) or forward(*a, **k)
+    moved_off = False
+    for first, kernels in STEM_EDITS:
+        edits = engine.edits(plan_for(sm, embed=first == 0, **kernels))
+        assert edits.first_layer == first
+        starts.clear()
+        got = ev.evaluate(edits, keep_texts=True)
+        # prompt passes and on-track rows start late; rows off the original's track run every layer
+        assert first in starts and set(starts) <= {0, first}
+        moved_off |= first > 0 and 0 in starts
+        stems, ev._stems = ev._stems, None
+        want = ev.evaluate(edits, keep_texts=True)
+        ev._stems = stems
+        assert got.completions == want.completions and got.negative_marker_rate == want.negative_marker_rate
+        np.testing.assert_allclose(
+            [got.kl, got.first_token_kl], [want.kl, want.first_token_kl], rtol=1e-4, atol=1e-11
+        )
+        assert want.kl > 1e-7  # the edit changes the model: a pass that skipped it would not match
+    assert moved_off  # some row left the original's track mid-generation
+
+
+def test_stems_keep_every_stride_th_layer_as_memory_allows(monkeypatch):
+    from patcher.search import stems as objectives
+
+    sm, engine, ev = _stem_evaluator("llama", tokens=4)
+    per_layer = (
+        2 * 4 * sm.hp.d_model * (sum(len(p) + 4 for p in ev.positive) + sum(len(p) + 1 for p in ev.negative))
+    )
+    monkeypatch.setattr(objectives, "STEM_MAX_BYTES", per_layer * 3 // 2)  # 3 layers at stride 2
+    assert ev._kept() == {2}
+    stem = objectives.Stem(rows={2: None}, kv={})
+    assert [stem.start(first, True) for first in range(4)] == [0, 0, 2, 2]
+    assert objectives.Stem(rows={1: None, 2: None}).start(2, needs_kv=True) == 0  # no keys/values kept
+    ev2 = _stem_evaluator("llama", tokens=4)[2]
+    monkeypatch.setattr(objectives, "STEM_MAX_BYTES", per_layer)  # stride 3: nothing kept
+    assert ev2._kept() == set()
+
+
+# --- prompts run in length buckets, joined for generation ----------------------------------------
+
+
+def test_buckets_keep_padding_within_the_slack(monkeypatch):
+    from patcher.search import stems as objectives
+
+    monkeypatch.setattr(objectives, "MIN_BUCKET", 10)
+    # 4 rows of 5: 20 real tokens; a 6 would pad 4 of 30 (13 % > 10 %): new run; 6, 6 then 20 pads 28 of 60
+    assert objectives.buckets([5, 5, 5, 5, 6, 6, 20]) == [slice(0, 4), slice(4, 6), slice(6, 7)]
+    assert objectives.buckets([5, 5, 5, 5, 5, 5]) == [slice(0, 6)]  # no padding: one run
+    assert objectives.buckets([2, 2, 9]) == [slice(0, 3)]  # 4 real tokens: too few to split off
+    assert objectives.buckets([5, 5, 6]) == [slice(0, 2), slice(2, 3)]  # exactly MIN_BUCKET: may split
+    assert objectives.buckets([]) == []
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "deepseek_v3"])
+def test_prompts_in_length_buckets_give_the_one_batch_completions_and_kl(model_type, monkeypatch):
+    """Buckets' caches joined right-aligned (zeros on the left, masked) decode as the one left-padded
+    batch does (gemma3_text: a window of 4 counts positions), with and without the stem."""
+    from test_search import plan_for
+
+    from patcher.search import stems as objectives
+
+    sm, engine, ev = _stem_evaluator(model_type, tokens=6, kl_tokens=2)
+    ev.batch_size = 5
+    edits = engine.edits(plan_for(sm, embed=False, **STEM_EDITS[0][1]))
+    whole = [ev.evaluate(e, keep_texts=True) for e in (None, edits)]
+    monkeypatch.setattr(objectives, "MIN_BUCKET", 1)
+    joined = []
+    engine.concat = lambda caches: joined.append(len(caches)) or en.ResidentModel.concat(caches)
+    for want, e in zip(whole, (None, edits)):
+        got = ev.evaluate(e, keep_texts=True)
+        assert got.completions == want.completions
+        np.testing.assert_allclose([got.kl, got.first_token_kl], [want.kl, want.first_token_kl], atol=1e-7)
+    assert joined and max(joined) >= 3  # five rows of 7..15 tokens: in at least three runs

@@ -58,6 +58,14 @@ class Edits:
     def empty(self) -> bool:
         return not self.top and not any(self.blocks)
 
+    @property
+    def first_layer(self) -> int:
+        """The first layer whose residual stream differs from the original's (0 when the embedding is
+        edited; the layer count when nothing before the head is)."""
+        if self.top:  # only embeddings (token, position) write the residual outside the blocks
+            return 0
+        return next((i for i, b in enumerate(self.blocks) if b), len(self.blocks))
+
 
 def _safe_ratio(old_sq, new_sq):
     ok = new_sq > 1e-30 * np.maximum(old_sq, 1e-300)
@@ -119,6 +127,7 @@ class ResidentModel:
     read-only by every trial and thread."""
 
     shares_prefix = True  # the Evaluator may run a prefix all rows share once (attention masks by position)
+    resumes = True  # a forward pass may start at a layer, from the residual stream entering it
 
     def __init__(self, sm: StreamedModel, resident: str = "float32"):
         self.sm, self.spec, self.hp, self.resolved = sm, sm.spec, sm.hp, sm.resolved
@@ -221,18 +230,53 @@ class ResidentModel:
         return {}
 
     @staticmethod
+    def concat(caches: list[dict]) -> dict:
+        """One cache with the rows of several, each right-aligned to the longest: the columns a shorter
+        one lacks are zeros on the left, which the caller's mask leaves out."""
+        out = {}
+        for layer in caches[0]:
+            parts = [c[layer] for c in caches]
+            n = max(p[2] for p in parts)
+            pad = lambda a, m: np.pad(a[:, :, :m], ((0, 0), (0, 0), (n - m, 0), (0, 0)))  # noqa: E731
+            out[layer] = tuple(np.concatenate([pad(p[i], p[2]) for p in parts]) for i in (0, 1)) + (n,)
+        return out
+
+    @staticmethod
+    def extend(cache: dict, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Append keys and values computed elsewhere (the original's, for a layer a pass skips)."""
+        append_kv(cache, layer, k, v)
+
+    @staticmethod
     def select(cache: dict, rows) -> None:
         """Keep only these batch rows in the KV cache (finished rows leave the batch)."""
         for layer, (k, v, n) in cache.items():
             cache[layer] = (k[rows], v[rows], n)
 
-    def forward(self, ids, mask, pos, cache: dict | None, edits: Edits | None, last: int | None = 1):
+    def forward(
+        self,
+        ids,
+        mask,
+        pos,
+        cache: dict | None,
+        edits: Edits | None,
+        last: int | None = 1,
+        start: int = 0,
+        x: np.ndarray | None = None,
+        trace: dict | None = None,
+    ):
         """Logits [B, last, V] of the last `last` positions (all if None). `cache` (layer -> (k, v))
-        holds the past and is extended in place; mask covers past + new tokens."""
+        holds the past and is extended in place; mask covers past + new tokens. With `start` > 0 the
+        pass begins at that layer from `x`, the residual stream entering it (layers before it are
+        neither run nor cached here). `trace` (layer -> None) gets the residual entering each of its
+        layers."""
         edits = edits or Edits([{}] * self.n_layers, {}, None)  # cache None: a one-off forward, nothing kept
         ops = EditOps(self.top, mask, pos, cache, edits.top, edits.head, edits.head_weight)
-        x = fw.embed(ops, self.spec, self.hp, ids, pos)
-        for layer in range(self.n_layers):
+        if not start:
+            x = fw.embed(ops, self.spec, self.hp, ids, pos)
+        assert x is not None, "a pass that starts at a layer needs the residual entering it"
+        for layer in range(start, self.n_layers):
+            if trace is not None and layer in trace:
+                trace[layer] = x
             ops = EditOps(self.blocks[layer], mask, pos, cache, edits.blocks[layer])
             x = fw.block(ops, self.spec, self.hp, x, layer)
         if last is not None:
@@ -293,21 +337,25 @@ class EditOps(NumpyOps):
         return super().attend(q, k, v, layer, scale, softcap, window)
 
     def _cached(self, layer, k, v):
-        """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of
-        the filled part. MLA's broadcast keys are materialised once here."""
         if self.cache is None:
             return k, v
-        entry = self.cache.get(layer)
-        T = k.shape[2]
-        if entry is None or entry[2] + T > entry[0].shape[2]:
-            n = 0 if entry is None else entry[2]
-            cap = max(2 * (n + T), n + T + 64)
-            kb = np.empty((k.shape[0], k.shape[1], cap, k.shape[3]), F32)
-            vb = np.empty((v.shape[0], v.shape[1], cap, v.shape[3]), F32)
-            if entry is not None:
-                kb[:, :, :n], vb[:, :, :n] = entry[0][:, :, :n], entry[1][:, :, :n]
-            entry = [kb, vb, n]
-        kb, vb, n = entry
-        kb[:, :, n : n + T], vb[:, :, n : n + T] = k, v
-        self.cache[layer] = (kb, vb, n + T)
-        return kb[:, :, : n + T], vb[:, :, : n + T]
+        return append_kv(self.cache, layer, k, v)
+
+
+def append_kv(cache: dict, layer: int, k, v):
+    """Append to the layer's KV buffers (grown by doubling, not copied every step) and return views of
+    the filled part. MLA's broadcast keys are materialised once here."""
+    entry = cache.get(layer)
+    T = k.shape[2]
+    if entry is None or entry[2] + T > entry[0].shape[2]:
+        n = 0 if entry is None else entry[2]
+        cap = max(2 * (n + T), n + T + 64)
+        kb = np.empty((k.shape[0], k.shape[1], cap, k.shape[3]), F32)
+        vb = np.empty((v.shape[0], v.shape[1], cap, v.shape[3]), F32)
+        if entry is not None:
+            kb[:, :, :n], vb[:, :, :n] = entry[0][:, :, :n], entry[1][:, :, :n]
+        entry = [kb, vb, n]
+    kb, vb, n = entry
+    kb[:, :, n : n + T], vb[:, :, n : n + T] = k, v
+    cache[layer] = (kb, vb, n + T)
+    return kb[:, :, : n + T], vb[:, :, : n + T]

@@ -16,6 +16,11 @@
 The original's reference distributions and completions are computed once (`reference()`).
 Generation drops a row from the batch (and the KV cache) once it has hit EOS or a marker: a hit
 stays a hit, so the rate is exactly that of the full-length completions.
+
+A trial runs only the layers its edit reaches: with an engine that can start a pass at a layer, the
+original's residual stream entering every `stride`-th layer (and, for generation, its KV cache) is kept
+per prompt batch (a Stem), and a trial's prompt pass starts at the last kept layer at or before the
+first one it edits. The layers before it would compute the original's numbers again.
 """
 
 import re
@@ -28,6 +33,8 @@ import numpy as np
 
 from patcher.errors import PatcherError
 from patcher.model.prompts import left_pad
+from patcher.search.engine import available_memory
+from patcher.search.stems import Decoding, Group, Stem, Track, buckets, kept_layers, resume_args, start_layer
 
 # Refusal-style substrings, matched after normalize(): case-insensitive, any apostrophe, `*` stripped.
 MARKERS = (
@@ -186,7 +193,7 @@ class Evaluator:
         negative_markers: bool = False,
         eos=(),
         batch_size: int = 64,
-        check_every: int = 4,
+        check_every: int = 1,  # a marker ends its row (and may prune the trial) the step it appears
         judge=None,
         requests: list[str] | None = None,
     ):
@@ -201,6 +208,9 @@ class Evaluator:
             raise PatcherError("--judge", "the judge needs the eval-positive prompts' text, one per prompt")
         self.judge, self.requests = judge, requests
         self.ref: dict[str, Any] | None = None
+        self._stems: dict | None = {} if getattr(engine, "resumes", False) else None
+        self._tracks: dict = {}  # generation batch -> the original's Track (with stems only)
+        self._kept_layers: set | None = None
 
     # --- generation ----------------------------------------------------------------------------
     def generate(
@@ -224,29 +234,110 @@ class Evaluator:
         With an engine that allows it, the prefix every row shares (a chat template's system turn) runs
         once and its cache is copied to every row: a row is laid out as [shared prefix, padding, its own
         tokens], positions counting its real tokens. `cache` None: nothing is kept beyond this call (a
-        shared prefix still needs one). Returns (logits, mask, positions of own tokens)."""
+        shared prefix still needs one). An edit starts from the original's Stem of this batch (kept
+        while the original runs it, or run for it once). Returns (logits, mask, positions)."""
+        if self._stems is None:
+            return self._run_prompts(batch, edits, cache, last)
+        key = (last, cache is not None, tuple(map(tuple, batch)))
+        stem = self._stems.get(key)
+        if stem is None:  # filled first, then shared (trials may run in threads)
+            stem = Stem()
+            if edits is None:  # the original: keep what it computes anyway
+                out = self._run_prompts(batch, None, cache, last, record=stem)
+                self._stems[key] = stem
+                return out
+            keep = self.engine.new_cache(len(batch)) if cache is not None else None
+            self._run_prompts(batch, None, keep, last, record=stem)
+            self._stems[key] = stem
+        return self._run_prompts(batch, edits, cache, last, stem=stem)
+
+    def _kept(self) -> set:
+        """The layers whose entering residual a Stem keeps: every `stride`-th, as memory allows."""
+        if self._kept_layers is None:
+            generating = self.positive + (self.negative if self.negative_markers else [])
+            tokens = sum(len(t) + self.tokens for t in generating) + sum(
+                len(t) + self.kl_tokens for t in self.negative
+            )
+            # x2: padding, and the keys/values kept for generation (at most the residual's size)
+            per_layer = 2 * 4 * self.engine.hp.d_model * tokens
+            self._kept_layers = kept_layers(self.engine.n_layers, per_layer, available_memory())
+        return self._kept_layers
+
+    def _run_prompts(self, batch, edits, cache, last, stem: Stem | None = None, record: Stem | None = None):
+        keep_kv = cache is not None
         c = shared_prefix(batch, last) if self.engine.shares_prefix else 0
+        start = 0 if stem is None or edits is None else stem.start(edits.first_layer, keep_kv)
         ids, mask = left_pad([b[c:] for b in batch], self.tok.pad_id)
         if c:
             cache = self.engine.new_cache(len(batch)) if cache is None else cache
+            kw = resume_args(
+                start, stem.prefix if stem else None, record.prefix if record else None, self._kept
+            )
             self.engine.forward(
-                np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits
+                np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits, **kw
             )
             self.engine.select(cache, np.zeros(len(batch), np.int64))
             mask = np.concatenate([np.ones((len(batch), c), np.int64), mask], 1)
+        if start and keep_kv:  # the layers this pass skips: the original's keys and values
+            assert stem is not None and stem.kv is not None
+            cache.update({layer: stem.kv[layer] for layer in range(start)})
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)[:, c:]
-        return self.engine.forward(ids, mask, pos, cache, edits, last=last), mask, pos
+        kw = resume_args(start, stem.rows if stem else None, record.rows if record else None, self._kept)
+        logits = self.engine.forward(ids, mask, pos, cache, edits, last=last, **kw)
+        if record is not None and keep_kv:
+            top = max(self._kept(), default=0)
+            record.kv = {
+                layer: (k[:, :, :n].copy(), v[:, :, :n].copy(), n)
+                for layer, (k, v, n) in cache.items()
+                if layer < top
+            }
+        return logits, mask, pos
+
+    def _parts(self, batch, last: int = 1) -> list[slice]:
+        """The length buckets of a batch (sorted by length) for its prompt passes."""
+        c = shared_prefix(batch, last) if self.engine.shares_prefix else 0
+        return buckets([len(b) - c for b in batch])
+
+    def _prefill(self, batch, edits):
+        """The prompts of a generation batch, run in length buckets when the engine can join their
+        caches (rows right-aligned: positions count real tokens). Returns (last logits, mask, next
+        positions, cache)."""
+        parts = self._parts(batch) if hasattr(self.engine, "concat") else [slice(0, len(batch))]
+        runs = []
+        for part in parts:
+            cache = self.engine.new_cache(len(batch[part]))
+            logits, mask, pos = self._prompts(batch[part], edits, cache)
+            runs.append((logits[:, -1], mask, pos[:, -1:] + 1, cache))
+        if len(runs) == 1:
+            return runs[0]
+        width = max(r[1].shape[1] for r in runs)
+        mask = np.concatenate([np.pad(r[1], ((0, 0), (width - r[1].shape[1], 0))) for r in runs])
+        cache = self.engine.concat([r[3] for r in runs])
+        return np.concatenate([r[0] for r in runs]), mask, np.concatenate([r[2] for r in runs]), cache
+
+    def _decoding(self, batch, edits, n) -> Decoding:
+        """The batch's prompts run, ready to decode: rows on the original's Track when the edit starts
+        late (the Track recorded while the original decodes this batch, or decoded for it once)."""
+        logits, mask, pos, cache = self._prefill(batch, edits)
+        group = Group(np.arange(len(batch)), cache, mask, pos)
+        if self._stems is None:
+            return Decoding(self.engine, edits, logits, group)
+        key = tuple(map(tuple, batch))
+        if edits is None:
+            record = Track() if key not in self._tracks else None
+            return Decoding(self.engine, None, logits, group, record=record, kept=self._kept())
+        start = start_layer(self._kept(), edits.first_layer)
+        if start and key not in self._tracks:
+            self._generate_batch(batch, list(range(len(batch))), [None] * len(batch), None, n, False)
+        return Decoding(self.engine, edits, logits, group, self._tracks.get(key), start)
 
     def _generate_batch(self, batch, rows, out, edits, n, stop_on_marker, watch=None):
-        cache = self.engine.new_cache(len(batch))
-        logits, mask, pos = self._prompts(batch, edits, cache)
-        logits = logits[:, -1]
-        alive = np.arange(len(batch))
+        dec = self._decoding(batch, edits, n)
         gen = [[] for _ in batch]
-        next_pos = pos[:, -1:] + 1
         steps = 0
         for step in range(n):
-            tok = logits.argmax(-1)
+            alive = dec.alive
+            tok = dec.logits.argmax(-1)
             steps += len(alive)
             if watch is not None:
                 watch.rows += len(alive)  # rows generated in this trial so far
@@ -274,13 +365,10 @@ class Evaluator:
                 watch.add(sum(hits(t, self.markers) for t in self.texts([gen[alive[j]] for j in keep])))
             if not keep or last:
                 break
-            keep = np.array(keep)
-            if len(keep) < len(alive):
-                alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
-                self.engine.select(cache, keep)
-            mask = np.concatenate([mask, np.ones((len(alive), 1), np.int64)], 1)
-            logits = self.engine.forward(tok[:, None], mask, next_pos, cache, edits)[:, -1]
-            next_pos = next_pos + 1
+            dec.advance(step, np.array(keep), tok)
+        if dec.record is not None:
+            dec.record.tokens = gen
+            self._tracks[tuple(map(tuple, batch))] = dec.record
         for j, r in enumerate(rows):
             out[r] = gen[j]
         return steps
@@ -314,8 +402,11 @@ class Evaluator:
         order = _order(seqs)
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
-            logits = self._prompts([seqs[i] for i in rows], edits, None, last=self.kl_tokens)[0]
-            out[rows] = _log_softmax(logits)
+            batch = [seqs[i] for i in rows]
+            for part in self._parts(batch, self.kl_tokens):
+                out[rows[part]] = _log_softmax(
+                    self._prompts(batch[part], edits, None, last=self.kl_tokens)[0]
+                )
         return out
 
     def use_reference(self, ref: dict) -> None:
