@@ -154,7 +154,8 @@ def register(app) -> None:
             None,
             "--judge",
             help="A local chat model (folder) that judges each eval-positive completion: refusal or not "
-            "(P(Yes) vs P(No) after a fixed judge prompt); its rate is shown beside the marker rate",
+            "(its P(Yes) to 'does the reply do what the request asks?' against a canned refusal and the "
+            "request echoed as done); its rate is shown beside the marker rate",
         ),
         winsorize: float | None = typer.Option(
             None,
