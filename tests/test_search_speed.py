@@ -399,7 +399,13 @@ def test_a_trial_started_from_the_originals_stem_scores_the_same(model_type):
             track.tokens[r] = track.tokens[r][:2] + [-1] + track.tokens[r][3:]
     starts = []
     forward = engine.forward
-    engine.forward = lambda *a, **k: starts.append(k.get("start", 0)) or forward(*a, **k)
+
+    def spy(ids, *a, **k):  # (start, rows resuming there, rows)
+        known = k.get("known")
+        starts.append((k.get("start", 0), len(ids) if known is None else len(known[0]), len(ids)))
+        return forward(ids, *a, **k)
+
+    engine.forward = spy
     moved_off = False
     for first, kernels in STEM_EDITS:
         edits = engine.edits(plan_for(sm, embed=first == 0, **kernels))
@@ -407,8 +413,8 @@ def test_a_trial_started_from_the_originals_stem_scores_the_same(model_type):
         starts.clear()
         got = ev.evaluate(edits, keep_texts=True)
         # prompt passes and on-track rows start late; rows off the original's track run every layer
-        assert first in starts and set(starts) <= {0, first}
-        moved_off |= first > 0 and 0 in starts
+        assert {s for s, _, _ in starts} <= {0, first} and any(s == first for s, _, _ in starts)
+        moved_off |= any(s == first > 0 and 0 < n < b for s, n, b in starts)
         stems, ev._stems = ev._stems, None
         want = ev.evaluate(edits, keep_texts=True)
         ev._stems = stems
@@ -472,3 +478,49 @@ def test_prompts_in_length_buckets_give_the_one_batch_completions_and_kl(model_t
         assert got.completions == want.completions
         np.testing.assert_allclose([got.kl, got.first_token_kl], [want.kl, want.first_token_kl], atol=1e-7)
     assert joined and max(joined) >= 3  # five rows of 7..15 tokens: in at least three runs
+
+
+@pytest.mark.parametrize("model_type", ["llama", "deepseek_v3", "gemma3_text"])
+def test_rows_resuming_at_a_layer_give_the_full_passs_logits_and_cache(model_type):
+    """One decode step where rows 0 and 2 resume at layer 2 from the residual and keys/values a full
+    pass computed, row 1 runs every layer: same logits and the same cache, column for column, so the
+    next full step (which reads every layer's keys) gives the same logits too."""
+    from test_search import plan_for
+
+    sm = StreamedModel(Checkpoint(fixture_path(model_type)))
+    engine = en.ResidentModel(sm)
+    edits = engine.edits(plan_for(sm, embed=False, **STEM_EDITS[1][1]))
+    ids, mask = left_pad([[5, 9, 13, 4], [7, 3], [11, 12, 8]], 0)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    caches = [{}, {}]
+    for c in caches:
+        engine.forward(ids, mask, pos, c, edits)
+    step, mask2, pos2 = (
+        np.array([[21], [22], [23]]),
+        np.concatenate([mask, np.ones((3, 1), int)], 1),
+        pos[:, -1:] + 1,
+    )
+    trace = {2: None}
+    want = engine.forward(step, mask2, pos2, caches[0], edits, trace=trace)
+    rows = np.array([0, 2])
+    kv = {layer: (k[rows, :, n - 1 : n], v[rows, :, n - 1 : n]) for layer, (k, v, n) in caches[0].items()}
+    got = engine.forward(step, mask2, pos2, caches[1], edits, start=2, known=(rows, trace[2][rows], kv))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for layer, (k, v, n) in caches[0].items():
+        np.testing.assert_allclose(caches[1][layer][0][:, :, :n], k[:, :, :n], atol=1e-5)
+        np.testing.assert_allclose(caches[1][layer][1][:, :, :n], v[:, :, :n], atol=1e-5)
+    mask3, pos3 = np.concatenate([mask2, np.ones((3, 1), int)], 1), pos2 + 1
+    a, b = (engine.forward(np.array([[30], [31], [32]]), mask3, pos3, c, edits) for c in caches)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_is_on_track_while_its_tokens_are_the_originals():
+    from patcher.search.stems import Decoding, Group, Track
+
+    track = Track(tokens=[[5, 6, 7], [5, 8]], steps=[None, None])  # two decode steps recorded
+    dec = Decoding(None, None, None, Group(np.arange(2), {}, np.ones((2, 1)), np.ones((2, 1))), track, 1)
+    assert dec.on.tolist() == [True, True]
+    assert dec._on_track(0, [0, 1], [5, 5]).tolist() == [True, True]
+    assert dec._on_track(1, [0, 1], [6, 6]).tolist() == [True, False]
+    assert dec._on_track(2, [0, 1], [7, 7]).tolist() == [False, False]  # past the recorded steps
+    assert not Decoding(None, None, None, Group(np.arange(2), {}, None, None), track, 0).on.any()

@@ -226,6 +226,28 @@ class ResidentModel:
         return Edits(blocks, top, head, self.head_name if head is not None else None)
 
     # --- running ------------------------------------------------------------------------------
+    def _below(self, ids, mask, pos, cache, edits, start, known) -> np.ndarray:
+        """The residual entering `start` for every row: the known rows' as given, the others' computed
+        through the layers before it (their keys/values appended beside the known rows')."""
+        rows, x_known, kv = known
+        others = np.setdiff1d(np.arange(len(ids)), rows)
+        x = np.empty((len(ids), ids.shape[1], x_known.shape[-1]), F32)
+        x[rows] = x_known
+        if not len(others):
+            for layer in range(start):
+                append_kv(cache, layer, *kv[layer])
+            return x
+        sub = dict(mask=mask[others], pos=pos[others], cache=cache, rows=(rows, others), known=kv)
+        y = fw.embed(
+            SubsetOps(self.top, edits=edits.top, **sub), self.spec, self.hp, ids[others], pos[others]
+        )
+        for layer in range(start):
+            y = fw.block(
+                SubsetOps(self.blocks[layer], edits=edits.blocks[layer], **sub), self.spec, self.hp, y, layer
+            )
+        x[others] = y
+        return x
+
     def new_cache(self, batch: int) -> dict:
         return {}
 
@@ -263,15 +285,20 @@ class ResidentModel:
         start: int = 0,
         x: np.ndarray | None = None,
         trace: dict | None = None,
+        known: tuple | None = None,
     ):
         """Logits [B, last, V] of the last `last` positions (all if None). `cache` (layer -> (k, v))
         holds the past and is extended in place; mask covers past + new tokens. With `start` > 0 the
         pass begins at that layer from `x`, the residual stream entering it (layers before it are
         neither run nor cached here). `trace` (layer -> None) gets the residual entering each of its
-        layers."""
+        layers. `known` = (rows, x, kv): only those rows resume at `start` from x, the keys/values of the
+        layers before it given (kv: layer -> (k, v)); the other rows run every layer, in one batch
+        with them from `start` on."""
         edits = edits or Edits([{}] * self.n_layers, {}, None)  # cache None: a one-off forward, nothing kept
         ops = EditOps(self.top, mask, pos, cache, edits.top, edits.head, edits.head_weight)
-        if not start:
+        if known is not None:  # some rows resume at `start`; the others run the layers before it
+            x = self._below(ids, mask, pos, cache, edits, start, known)
+        elif not start:
             x = fw.embed(ops, self.spec, self.hp, ids, pos)
         assert x is not None, "a pass that starts at a layer needs the residual entering it"
         for layer in range(start, self.n_layers):
@@ -359,3 +386,22 @@ def append_kv(cache: dict, layer: int, k, v):
     kb[:, :, n : n + T], vb[:, :, n : n + T] = k, v
     cache[layer] = (kb, vb, n + T)
     return kb[:, :, : n + T], vb[:, :, : n + T]
+
+
+class SubsetOps(EditOps):
+    """EditOps for some rows of a batch whose other rows' keys and values come from elsewhere: each
+    layer's new columns are written for every row, attention reads the subset's."""
+
+    def __init__(self, weights, mask, pos, cache, edits, rows, known):
+        super().__init__(weights, mask, pos, cache, edits)
+        (self.known_rows, self.rows), self.known = rows, known
+
+    def _cached(self, layer, k, v):
+        kk, vk = self.known[layer]
+        full = []
+        for new, given in ((k, kk), (v, vk)):
+            a = np.empty((len(self.rows) + len(self.known_rows), *new.shape[1:]), F32)
+            a[self.rows], a[self.known_rows] = new, given
+            full.append(a)
+        kb, vb = append_kv(self.cache, layer, *full)
+        return kb[self.rows], vb[self.rows]

@@ -80,86 +80,60 @@ class Track:
 
 @dataclass
 class Group:
-    """Rows of a generation batch that decode together: batch-local ids, KV cache, mask, next positions."""
+    """Rows of a generation batch decoding together: batch-local ids, KV cache, mask, next positions."""
 
     ids: np.ndarray
     cache: dict
     mask: np.ndarray
     pos: np.ndarray
 
-    def take(self, engine, j: np.ndarray) -> "Group":
-        """The rows at indices j, as a group of their own (copies)."""
-        cache = dict(self.cache)
-        engine.select(cache, j)
-        return Group(self.ids[j], cache, self.mask[j], self.pos[j])
-
     def keep(self, engine, j: np.ndarray) -> None:
         if len(j) < len(self.ids):
             self.ids, self.mask, self.pos = self.ids[j], self.mask[j], self.pos[j]
             engine.select(self.cache, j)
 
-    def join(self, engine, other: "Group | None") -> "Group":
-        if other is None or not len(other.ids):
-            return self
-        if not len(self.ids):
-            return other
-        cache = engine.concat([self.cache, other.cache])
-        mask = np.concatenate([self.mask, other.mask])  # rows decode in step: same widths
-        return Group(
-            np.concatenate([self.ids, other.ids]), cache, mask, np.concatenate([self.pos, other.pos])
-        )
-
 
 class Decoding:
     """One generation batch decoding greedily, one token per step. With the original's Track and a
-    start layer > 0, rows still on track run layers start.. only; a row leaves that group the step
-    its token differs from the original's (or the Track ends), and never comes back. With `record`
-    (the original itself), every step's residuals and keys/values are kept into it."""
+    start layer > 0, rows still on track (every token so far the original's) resume at the start
+    layer from the original's residual, the skipped layers' keys/values being the original's; a row
+    leaves the track the step its token differs (or the Track ends) and then runs every layer. All
+    rows run the layers from the start one together. With `record` (the original itself), every
+    step's residuals and keys/values are kept into it."""
 
     def __init__(self, engine, edits, logits, group: Group, track=None, start=0, record=None, kept=()):
-        self.engine, self.edits, self.logits = engine, edits, logits
+        self.engine, self.edits, self.logits, self.g = engine, edits, logits, group
         self.track, self.start, self.record, self.kept = track, start, record, kept
-        on = track is not None and start > 0
-        self.on: Group | None = group if on else None
-        self.off: Group | None = None if on else group
+        self.on = np.full(len(group.ids), track is not None and start > 0)
 
     @property
     def alive(self) -> np.ndarray:
-        return np.concatenate([g.ids for g in (self.on, self.off) if g is not None])
+        return self.g.ids
 
     def _on_track(self, step: int, ids, tok) -> np.ndarray:
         t = self.track
-        if step >= len(t.steps):
+        if t is None or step >= len(t.steps):
             return np.zeros(len(ids), bool)
         return np.array([step < len(t.tokens[r]) and t.tokens[r][step] == k for r, k in zip(ids, tok)], bool)
 
     def advance(self, step: int, keep: np.ndarray, tok: np.ndarray) -> None:
         """Keep the rows at `keep` (indices into alive), run each one's token (tok: aligned with alive)
         and set `logits` for the rows then alive."""
-        n_on = len(self.on.ids) if self.on is not None else 0
-        k_on, k_off = keep[keep < n_on], keep[keep >= n_on] - n_on
-        toks_off = tok[k_off + n_on]
-        if self.off is not None:
-            self.off.keep(self.engine, k_off)
-        if self.on is not None:
-            same = self._on_track(step, self.on.ids[k_on], tok[k_on])
-            moved = self.on.take(self.engine, k_on[~same])
-            self.on.keep(self.engine, k_on[same])
-            self.off = moved if self.off is None else self.off.join(self.engine, moved)
-            toks_off = np.concatenate([toks_off, tok[k_on[~same]]])
-            toks_on = tok[k_on[same]]
-        logits = []
-        if self.on is not None and len(self.on.ids):
-            logits.append(self._run_on(self.on, step, toks_on))
-        if self.off is not None and len(self.off.ids):
-            logits.append(self._run(self.off, toks_off))
-        self.logits = np.concatenate(logits)
-
-    def _run(self, g: Group, tok, **kw):
+        g = self.g
+        g.keep(self.engine, keep)
+        tok = tok[keep]
+        self.on = self.on[keep] & self._on_track(step, g.ids, tok)
         g.mask = np.concatenate([g.mask, np.ones((len(g.ids), 1), np.int64)], 1)
+        kw: dict = {}
+        if self.on.any():
+            rows, xs, kvs = self.track.steps[step]
+            on = np.flatnonzero(self.on)
+            idx = np.searchsorted(rows, g.ids[on])
+            kv = {layer: (kvs[layer][0][idx], kvs[layer][1][idx]) for layer in range(self.start)}
+            kw = {"start": self.start, "known": (on, xs[self.start][idx], kv)}
         if self.record is not None:
             kw["trace"] = dict.fromkeys(self.kept)
-        out = self.engine.forward(tok[:, None], g.mask, g.pos, g.cache, self.edits, **kw)[:, -1]
+        self.logits = self.engine.forward(tok[:, None], g.mask, g.pos, g.cache, self.edits, **kw)[:, -1]
         if self.record is not None:  # this step's keys and values: the newest column of each layer
             top = max(self.kept, default=0)
             kv = {
@@ -169,13 +143,3 @@ class Decoding:
             }
             self.record.steps.append((g.ids.copy(), kw["trace"], kv))
         g.pos = g.pos + 1
-        return out
-
-    def _run_on(self, g: Group, step: int, tok):
-        """On-track rows from the start layer: the residual entering it and the skipped layers' keys
-        and values are the original's at this step."""
-        rows, xs, kvs = self.track.steps[step]
-        idx = np.searchsorted(rows, g.ids)
-        for layer in range(self.start):
-            self.engine.extend(g.cache, layer, kvs[layer][0][idx], kvs[layer][1][idx])
-        return self._run(g, tok, start=self.start, x=xs[self.start][idx])
