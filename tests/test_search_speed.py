@@ -394,6 +394,9 @@ def test_a_trial_started_from_the_originals_stem_scores_the_same(model_type):
 
     sm, engine, ev = _stem_evaluator(model_type, tokens=5, kl_tokens=3, negative_markers=True)
     ev.reference()
+    top = max(ev._kept())  # keys/values kept for the layers below the last kept one only
+    assert all(set(t.steps[0][2]) == set(range(top)) for t in ev._tracks.values()) and ev._tracks
+    assert all(set(s.kv) == set(range(top)) for s in ev._stems.values() if s.kv is not None)
     for track in ev._tracks.values():  # every other row leaves the track at step 2 (always allowed)
         for r in range(0, len(track.tokens), 2):
             track.tokens[r] = track.tokens[r][:2] + [-1] + track.tokens[r][3:]
@@ -441,6 +444,9 @@ def test_stems_keep_every_stride_th_layer_as_memory_allows(monkeypatch):
     ev2 = _stem_evaluator("llama", tokens=4)[2]
     monkeypatch.setattr(objectives, "STEM_MAX_BYTES", per_layer)  # stride 3: nothing kept
     assert ev2._kept() == set()
+    assert objectives.kept_layers(7, 10, 1 << 40) == {1, 2, 3, 4, 5, 6}  # everything fits
+    monkeypatch.setattr(objectives, "STEM_MAX_BYTES", 28)  # 70 bytes in 28: stride 2.5, rounded up
+    assert objectives.kept_layers(7, 10, 1 << 40) == {3, 6}
 
 
 # --- prompts run in length buckets, joined for generation ----------------------------------------
@@ -455,6 +461,8 @@ def test_buckets_keep_padding_within_the_slack(monkeypatch):
     assert objectives.buckets([5, 5, 5, 5, 5, 5]) == [slice(0, 6)]  # no padding: one run
     assert objectives.buckets([2, 2, 9]) == [slice(0, 3)]  # 4 real tokens: too few to split off
     assert objectives.buckets([5, 5, 6]) == [slice(0, 2), slice(2, 3)]  # exactly MIN_BUCKET: may split
+    monkeypatch.setattr(objectives, "MIN_BUCKET", 8)
+    assert objectives.buckets([8, 10]) == [slice(0, 2)]  # pads exactly 10 %: allowed
     assert objectives.buckets([]) == []
 
 
