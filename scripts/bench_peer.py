@@ -29,6 +29,12 @@ HERE = Path(__file__).resolve().parent
 SYSTEM = "You are a helpful assistant."  # heretic's default system prompt, given to both
 
 
+def _label(model) -> str:
+    """A model's name for a title (real_models' folders all end in hf/)."""
+    p = Path(model).resolve()
+    return p.parent.name if p.name == "hf" else p.name
+
+
 def _toml_str(p) -> str:
     return json.dumps(str(p))
 
@@ -286,7 +292,7 @@ def main(args) -> None:
     write_fronts(
         work / "peer.svg",
         series,
-        f"{Path(model).name}: Pareto fronts of {args.trials} trials each, held-out prompts",
+        f"{_label(model)}: Pareto fronts of {args.trials} trials each, held-out prompts",
         {"original": (rows[0]["marker_rate"], rows[0]["kl_first"])},
     )
     print(json.dumps({k: report[k] for k in ("load",)}), flush=True)
