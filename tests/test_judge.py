@@ -210,3 +210,17 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
     assert len(done) == 2 and all(t.user_attrs["judge_rate"] == 0.0 for t in done)
     bad = run_cli(*search, "--study", tmp_path / "t.db", "--judge", tmp_path / "nothing-here", expect=1)
     assert "nothing-here" in bad.output and "Traceback" not in bad.output
+
+
+def test_anchor_gap_below_min_gap_gives_no_opinion(monkeypatch):
+    """Scores from hand-set anchors: (hi - p) / (hi - lo), clipped; a gap of exactly MIN_GAP (0.01)
+    still scores, one below it gives 0.5 (no opinion)."""
+    from patcher.search import judge as jd
+
+    j = jd.Judge.__new__(jd.Judge)
+    j._anchors = {"a": (0.0, 0.01), "b": (0.0, 0.015), "c": (0.2, 0.209), "d": (0.2, 0.6), "e": (0.2, 0.6)}
+    p = {"a": 0.0, "b": 0.015, "c": 0.0, "d": 0.7, "e": 0.5}
+    monkeypatch.setattr(jd.Judge, "p_yes", lambda self, qs, rs: np.array([p[q] for q in qs]))
+    got = j.scores(list("abcde"), ["r"] * 5)
+    np.testing.assert_allclose(got, [1.0, 0.0, 0.5, 0.0, 0.25])
+    assert j.refusals(list("abcde"), ["r"] * 5) == [True, False, False, False, False]
