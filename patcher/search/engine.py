@@ -264,6 +264,16 @@ class ResidentModel:
         return out
 
     @staticmethod
+    def columns(cache: dict, below: int, last: int | None = None) -> dict:
+        """Copies of the keys and values of the layers below `below`: layer -> (k, v), their last `last`
+        columns (all if None)."""
+        return {
+            layer: tuple(a[:, :, (n - last if last else 0) : n].copy() for a in (k, v))
+            for layer, (k, v, n) in cache.items()
+            if layer < below
+        }
+
+    @staticmethod
     def extend(cache: dict, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """Append keys and values computed elsewhere (the original's, for a layer a pass skips)."""
         append_kv(cache, layer, k, v)

@@ -265,14 +265,13 @@ class Evaluator:
 
     def _run_prompts(self, batch, edits, cache, last, stem: Stem | None = None, record: Stem | None = None):
         keep_kv = cache is not None
+        layers = self._kept() if record is not None else set()  # an engine that cannot resume records none
         c = shared_prefix(batch, last) if self.engine.shares_prefix else 0
         start = 0 if stem is None or edits is None else stem.start(edits.first_layer, keep_kv)
         ids, mask = left_pad([b[c:] for b in batch], self.tok.pad_id)
         if c:
             cache = self.engine.new_cache(len(batch)) if cache is None else cache
-            kw = resume_args(
-                start, stem.prefix if stem else None, record.prefix if record else None, self._kept
-            )
+            kw = resume_args(start, stem.prefix if stem else None, record.prefix if record else None, layers)
             self.engine.forward(
                 np.array([batch[0][:c]]), np.ones((1, c), np.int64), np.arange(c)[None], cache, edits, **kw
             )
@@ -280,17 +279,13 @@ class Evaluator:
             mask = np.concatenate([np.ones((len(batch), c), np.int64), mask], 1)
         if start and keep_kv:  # the layers this pass skips: the original's keys and values
             assert stem is not None and stem.kv is not None
-            cache.update({layer: stem.kv[layer] for layer in range(start)})
+            for layer in range(start):
+                self.engine.extend(cache, layer, *stem.kv[layer])
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)[:, c:]
-        kw = resume_args(start, stem.rows if stem else None, record.rows if record else None, self._kept)
+        kw = resume_args(start, stem.rows if stem else None, record.rows if record else None, layers)
         logits = self.engine.forward(ids, mask, pos, cache, edits, last=last, **kw)
         if record is not None and keep_kv:
-            top = max(self._kept(), default=0)
-            record.kv = {
-                layer: (k[:, :, :n].copy(), v[:, :, :n].copy(), n)
-                for layer, (k, v, n) in cache.items()
-                if layer < top
-            }
+            record.kv = self.engine.columns(cache, max(layers, default=0))
         return logits, mask, pos
 
     def _parts(self, batch, last: int = 1) -> list[slice]:

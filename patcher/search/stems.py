@@ -40,7 +40,7 @@ class Stem:
 
     prefix: dict = field(default_factory=dict)  # layer -> [1, c, d]
     rows: dict = field(default_factory=dict)  # layer -> [B, T, d]
-    kv: dict | None = None  # layer -> (k, v, n), copies trimmed to n (an append reallocates)
+    kv: dict | None = None  # layer -> (k, v) of the layers below the last kept one
 
     def start(self, first_layer: int, needs_kv: bool) -> int:
         if needs_kv and self.kv is None:
@@ -48,11 +48,11 @@ class Stem:
         return start_layer(self.rows, first_layer)
 
 
-def resume_args(start: int, kept: dict | None, record: dict | None, layers) -> dict:
+def resume_args(start: int, kept: dict | None, record: dict | None, layers: set) -> dict:
     """The engine.forward arguments that start a pass at `start` from a kept residual stream, or
-    record the residual entering each kept layer into `record`."""
+    record the residual entering each of `layers` into `record`."""
     if record is not None:
-        record.update(dict.fromkeys(layers()))
+        record.update(dict.fromkeys(layers))
         return {"trace": record}
     return {"start": start, "x": kept[start]} if start and kept is not None else {}
 
@@ -135,11 +135,6 @@ class Decoding:
             kw["trace"] = dict.fromkeys(self.kept)
         self.logits = self.engine.forward(tok[:, None], g.mask, g.pos, g.cache, self.edits, **kw)[:, -1]
         if self.record is not None:  # this step's keys and values: the newest column of each layer
-            top = max(self.kept, default=0)
-            kv = {
-                layer: (k[:, :, n - 1 : n].copy(), v[:, :, n - 1 : n].copy())
-                for layer, (k, v, n) in g.cache.items()
-                if layer < top
-            }
+            kv = self.engine.columns(g.cache, max(self.kept, default=0), last=1)
             self.record.steps.append((g.ids.copy(), kw["trace"], kv))
         g.pos = g.pos + 1
