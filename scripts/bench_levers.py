@@ -26,7 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-SYSTEM = "You are a helpful assistant."
+from prompt_sets import SYSTEM  # noqa: E402
 
 
 def projected(direction: np.ndarray, negative_mean: np.ndarray) -> np.ndarray:

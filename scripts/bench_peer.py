@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SYSTEM = "You are a helpful assistant."  # heretic's default system prompt, given to both
+sys.path.insert(0, str(HERE))
+import prompt_sets  # noqa: E402
+from prompt_sets import SYSTEM  # noqa: E402
 
 
 def _label(model) -> str:
@@ -120,24 +122,18 @@ def finish_heretic(work: Path, started, args, limit: int) -> dict:
 
 
 def run_patcher(work: Path, model: Path, P: dict, args):
-    from patcher.search import run as sr
     from patcher.search import study as st
 
     folder = work / "patcher"  # a study that holds its trials already is resumed, not rerun
     folder.mkdir(parents=True, exist_ok=True)
     dirs = folder / "dirs.safetensors"
     t0 = time.perf_counter()
-    s = sr.setup(
+    s = prompt_sets.search_setup(
         model,
-        P["harmful-train"],
-        P["harmless-train"],
-        eval_positive=P["harmful-search"],
-        eval_negative=P["harmless-search"],
-        directions=dirs if dirs.is_file() else None,
-        directions_out=dirs,
+        P,
+        dirs,
         tokens=args.tokens,
         batch_size=args.batch_size,
-        system=SYSTEM,
         space_items=args.space,
         winsorize=args.winsorize,
         project_out_negative_mean=args.project,
@@ -212,7 +208,6 @@ def judged(rows: list, judge, prompts: list[str], markers) -> None:
 
 def main(args) -> None:
     sys.path.insert(0, str(HERE))
-    import prompt_sets
     import real_models
 
     from patcher.model.execution import StreamedModel

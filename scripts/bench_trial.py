@@ -24,7 +24,6 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-SYSTEM = "You are a helpful assistant."
 
 
 def main(argv=None) -> None:
@@ -39,7 +38,6 @@ def main(argv=None) -> None:
     import prompt_sets
     import real_models
 
-    from patcher.search import run as sr
     from patcher.search import space as sp
     from patcher.search import stems
     from patcher.search.plan import build_plan
@@ -48,19 +46,14 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     label = "-".join(Path(model).resolve().parts[-2:])  # real_models' folders all end in hf/
     dirs = args.work / f"{label}-dirs.safetensors"
-    s = sr.setup(
+    s = prompt_sets.search_setup(
         model,
-        P["harmful-train"],
-        P["harmless-train"],
-        eval_positive=P["harmful-search"],
-        eval_negative=P["harmless-search"],
-        directions=dirs if dirs.is_file() else None,
-        directions_out=dirs,
+        P,
+        dirs,
         project_out_negative_mean=True,
         tokens=args.tokens,
         batch_size=args.prompts,
         max_prompts=args.prompts,
-        system=SYSTEM,
         resident="float32",
     )
     t0 = time.perf_counter()

@@ -112,6 +112,27 @@ def ensure(folder: Path | None = None) -> dict[str, Path]:
     return out
 
 
+SYSTEM = "You are a helpful assistant."  # heretic's default system prompt, given to every tool
+
+
+def search_setup(model: Path, P: dict[str, Path], dirs: Path, **options):
+    """`patcher search`'s set-up as the benchmarks run it: directions from the train split (extracted
+    into `dirs` once, reused after), edits scored on the search split, the shared system prompt."""
+    from patcher.search import run as sr
+
+    return sr.setup(
+        model,
+        P["harmful-train"],
+        P["harmless-train"],
+        eval_positive=P["harmful-search"],
+        eval_negative=P["harmless-search"],
+        directions=dirs if dirs.is_file() else None,
+        directions_out=dirs,
+        system=SYSTEM,
+        **options,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--print", action="store_true", help="print the paths as JSON")
