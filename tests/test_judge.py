@@ -53,6 +53,7 @@ def forced_model(folder: Path, a: float, b: float, beta: float = 0.0) -> Path:
     cfg = {
         **mf.config_for("llama"),
         "rms_norm_eps": EPS,
+        "max_position_embeddings": 512,  # the judge prompt's ~200 tokens (RoPE: no table to outgrow)
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
     }
@@ -151,6 +152,8 @@ def test_random_model_matches_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     folder = mf.make("llama", tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())  # room for the ~200-token judge prompt (RoPE)
+    (folder / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 512}))
     judge = Judge.open(folder)
     scores = judge.scores(REQUESTS, REPLIES)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -224,3 +227,13 @@ def test_anchor_gap_below_min_gap_gives_no_opinion(monkeypatch):
     got = j.scores(list("abcde"), ["r"] * 5)
     np.testing.assert_allclose(got, [1.0, 0.0, 0.5, 0.0, 0.25])
     assert j.refusals(list("abcde"), ["r"] * 5) == [True, False, False, False, False]
+
+
+def test_a_judge_prompt_longer_than_the_judge_takes_is_one_clear_error(tmp_path):
+    """A judge model with fewer positions than its prompt needs: one line naming the judge."""
+    folder = forced_model(tmp_path / "judge", 1.0, 0.0)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 64}))
+    with pytest.raises(PatcherError, match="takes at most 64 positions") as e:
+        Judge.open(folder).scores(REQUESTS[:1], REPLIES[:1])
+    assert e.value.where == str(folder)

@@ -255,6 +255,21 @@ def test_provider_is_checked_before_any_work(refusal, tmp_path):
     assert not (tmp_path / "s.directions.safetensors").exists()  # no extraction ran
 
 
+def test_eval_prompts_and_judge_are_checked_before_the_extraction(refusal, tmp_path):
+    """An eval prompt longer than the model's positions (with the tokens to generate), or a judge that
+    does not exist: one line naming it, exit 1, and no directions extracted."""
+    P = refusal / "prompts"
+    base = ["search", refusal / make_search_fixture.NAME, *train_prompts(P), "--no-chat-template"]
+    base += ["--study", tmp_path / "s.db"]
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(["w7"] * 400) + "\n")
+    r = run_cli(*base, "--eval-positive", long, "--eval-negative", P / "refusal-eval-negative.txt", expect=1)
+    assert str(long) in r.output and "positions" in r.output and r.output.count("\n") == 1
+    r = run_cli(*base, "--judge", tmp_path / "no-judge", expect=1)
+    assert "no-judge" in r.output and r.output.count("\n") == 1
+    assert not (tmp_path / "s.directions.safetensors").exists() and not (tmp_path / "s.db").exists()
+
+
 @pytest.mark.skipif(not _has_cuda(), reason="onnxruntime has no CUDA provider here (no GPU)")
 def test_search_on_cuda_matches_the_cpu_engine(refusal, tmp_path):
     P = refusal / "prompts"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from patcher.errors import PatcherError
-from patcher.model.prompts import left_pad
+from patcher.model.prompts import check_lengths, left_pad
 
 TEMPLATE = (
     "Here is a request and the reply an assistant gave to it.\n\n"
@@ -52,10 +52,12 @@ def first_tokens(tokenizer, words) -> set[int]:
 class Judge:
     """Scores (request, reply) pairs with a chat model: `scores` -> refusal score per pair."""
 
-    def __init__(self, engine, tokenizer, *, batch_size: int = 16, reply_chars: int = 600, where="--judge"):
+    def __init__(
+        self, engine, tokenizer, *, batch_size: int = 16, reply_chars: int = 600, where="--judge", config=None
+    ):
         if not tokenizer.has_chat_template:
             raise PatcherError(where, "the judge model's tokenizer has no chat template")
-        self.engine, self.tok = engine, tokenizer
+        self.engine, self.tok, self.where, self.config = engine, tokenizer, where, config or {}
         self.batch_size, self.reply_chars = batch_size, reply_chars
         self._anchors: dict[str, tuple[float, float]] = {}  # request -> P(yes) of (refusal, compliance)
         yes, no = first_tokens(tokenizer, YES), first_tokens(tokenizer, NO)
@@ -72,7 +74,7 @@ class Judge:
         from patcher.search.engine import ResidentModel
 
         ck = Model.open(model)
-        return cls(ResidentModel(StreamedModel(ck)), ck.tokenizer(), where=str(model), **kw)
+        return cls(ResidentModel(StreamedModel(ck)), ck.tokenizer(), where=str(model), config=ck.config, **kw)
 
     def prompt(
         self, request: str, reply: str, question: str = QUESTION, template: str = TEMPLATE
@@ -106,6 +108,7 @@ class Judge:
         if len(requests) != len(replies):
             raise PatcherError("--judge", f"{len(requests)} requests but {len(replies)} replies")
         seqs = [self.prompt(q, r, question, template) for q, r in zip(requests, replies)]
+        check_lengths(seqs, self.config, self.where, batch_size=self.batch_size)  # longer than it takes
         out = np.zeros(len(seqs))
         order = np.argsort([len(s) for s in seqs], kind="stable")
         for s in range(0, len(order), self.batch_size):

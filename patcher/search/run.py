@@ -17,7 +17,7 @@ from patcher.io.storage import Storage
 from patcher.model.architectures import Resolved
 from patcher.model.execution import StreamedModel
 from patcher.model.opened import Model
-from patcher.model.prompts import encode_prompts, read_prompt_file
+from patcher.model.prompts import check_lengths, encode_prompts, read_prompt_file
 from patcher.search import reference_cache as ref_cache
 from patcher.search import space as sp
 from patcher.search import study as st
@@ -243,6 +243,19 @@ def setup(
     ck = Model.open(model, arch_table)  # a folder, file or hub repo id; its table, if given
     sm = StreamedModel(ck)
     space = build_space(sm.n_layers, space_toml, space_items)
+    # every input is read and checked before the extraction's work: eval prompts, their lengths, the judge
+    tok = ck.tokenizer()
+    ep = _prompts(tok, eval_positive or positive, max_prompts, chat_template, system)
+    en = _prompts(tok, eval_negative or negative, max_prompts, chat_template, system)
+    negative_extra = max(tokens if negative_markers else 0, kl_tokens)
+    for toks, path, extra in (
+        (ep, eval_positive or positive, tokens),
+        (en, eval_negative or negative, negative_extra),
+    ):
+        check_lengths(toks, ck.config, path, extra=extra, heads=sm.hp.n_heads, batch_size=batch_size)
+    from patcher.search.judge import Judge
+
+    judged = Judge.open(judge) if judge is not None else None
     if directions is None:
         directions = _extracted(
             ck,
@@ -258,16 +271,10 @@ def setup(
             winsorize=winsorize,
         )
     table, meta = load_table(directions, sm.n_layers, sm.hp.d_model)
-    tok = ck.tokenizer()
-    ep = _prompts(tok, eval_positive or positive, max_prompts, chat_template, system)
-    en = _prompts(tok, eval_negative or negative, max_prompts, chat_template, system)
     t0 = time.perf_counter()
     eng = make_engine(engine, sm, provider, announce, resident, engine_dtype)
     seconds["load"] = round(time.perf_counter() - t0, 3)
     eos = stop_tokens(ck.folder, tok)
-    from patcher.search.judge import Judge
-
-    judged = Judge.open(judge) if judge is not None else None
     ev = Evaluator(
         eng,
         tok,
