@@ -478,6 +478,10 @@ def test_buckets_keep_padding_within_the_slack(monkeypatch):
     assert objectives.buckets([5, 5, 6]) == [slice(0, 2), slice(2, 3)]  # exactly MIN_BUCKET: may split
     monkeypatch.setattr(objectives, "MIN_BUCKET", 8)
     assert objectives.buckets([8, 10]) == [slice(0, 2)]  # pads exactly 10 %: allowed
+    monkeypatch.setattr(objectives, "MIN_BUCKET", 10)  # a later run counts its own rows and tokens
+    assert objectives.buckets([5, 5, 5, 5, 6, 6, 6, 6]) == [slice(0, 4), slice(4, 8)]
+    monkeypatch.setattr(objectives, "MIN_BUCKET", 7)
+    assert objectives.buckets([3, 4, 6, 20]) == [slice(0, 2), slice(2, 4)]  # 6 real tokens: too few
     assert objectives.buckets([]) == []
 
 
@@ -546,4 +550,7 @@ def test_a_row_is_on_track_while_its_tokens_are_the_originals():
     assert dec._on_track(0, [0, 1], [5, 5]).tolist() == [True, True]
     assert dec._on_track(1, [0, 1], [6, 6]).tolist() == [True, False]
     assert dec._on_track(2, [0, 1], [7, 7]).tolist() == [False, False]  # past the recorded steps
+    ended = Track(tokens=[[5, 6, 7], [5]], steps=[None, None, None])  # row 1's original stopped at EOS
+    dec = Decoding(None, None, None, Group(np.arange(2), {}, np.ones((2, 1)), np.ones((2, 1))), ended, 1)
+    assert dec._on_track(1, [0, 1], [6, 9]).tolist() == [True, False]
     assert not Decoding(None, None, None, Group(np.arange(2), {}, None, None), track, 0).on.any()
