@@ -137,6 +137,7 @@ def run_patcher(work: Path, model: Path, P: dict, args):
         space_items=args.space,
         winsorize=args.winsorize,
         project_out_negative_mean=args.project,
+        objective=args.objective,
     )
     startup = min(60, max(1, int(0.3 * args.trials)))
     db = folder / "study.db"
@@ -326,3 +327,4 @@ def add_arguments(ap) -> None:
     g.add_argument("--search-prompts", type=int, default=None, help="cut the search split to N of each kind")
     g.add_argument("--project", action="store_true", help="patcher's directions: ⟂ the harmless mean")
     g.add_argument("--winsorize", type=float, default=None, help="patcher's directions: winsorized means")
+    g.add_argument("--objective", default="markers", help="patcher's refusal objective: markers | likelihood")

@@ -504,3 +504,137 @@ def test_kl_over_k_tokens_against_the_ordinary_forward(tmp_path):
     per = np.sum(np.exp(lo) * (lo - le), -1)
     assert kl == pytest.approx(per.mean(), rel=1e-4) and first == pytest.approx(per[:, 0].mean(), rel=1e-4)
     assert kl > 1e-3
+
+
+# --- the refusal likelihood (--objective likelihood) ----------------------------------------------
+
+
+def test_opening_ends_with_the_token_that_completes_the_first_marker():
+    from patcher.search.objectives import opening
+
+    words = {1: "Well", 2: " I", 3: "'m", 4: " sorry", 5: " no"}
+    decode = lambda ts: "".join(words[t] for t in ts)  # noqa: E731
+    assert opening([1, 2, 3, 4, 5], decode, ("i'm sorry",)) == [1, 2, 3, 4]
+    assert opening([1, 2, 3, 4, 5], decode, ("i'm sorry",), limit=4) == [1, 2, 3, 4]
+    assert opening([1, 2, 3, 4, 5], decode, ("i'm sorry",), limit=3) == []  # the marker ends later
+    assert opening([5, 1], decode, ("i'm sorry",)) == []
+    assert opening([2, 3, 4], decode, ("i'm",)) == [2, 3]
+
+
+def test_refusal_likelihood_against_the_ordinary_forward(tmp_path):
+    """Sum over the refused prompts of P_edited(the original's opening), teacher-forced, / all prompts:
+    against float64 log-softmax of the written checkpoint's ordinary forward, prompt by prompt."""
+    from patcher.edit.apply import execute
+    from patcher.search.objectives import normalize
+    from patcher.search.plan import build_plan
+
+    model = fp32_copy(fixture_path("llama"), tmp_path / "f32")
+    sm = StreamedModel(Checkpoint(model))
+    L, d = sm.n_layers, sm.hp.d_model
+    params = {**LAYER_KERNELS, "direction_scope": "global", "direction_index": 2.0, "embed": False}
+    params["norm_preserve"] = "none"
+    plan = build_plan(
+        sm.ck, sm.resolved, sp.edit_spec(params, np.random.default_rng(3).standard_normal((L + 1, d)), L), "r"
+    )
+    execute(plan, tmp_path / "out", hash_files=False)
+    tok = load_tokenizer(model)
+    texts = ["Tell me a story", "What is the capital of France?", "Hi there", "Name a colour"]
+    prompts = encode_prompts(tok, texts, chat_template=True)
+    ids, mask = left_pad(prompts, tok.pad_id)
+    comp = greedy_numpy(sm, ids, mask, 6)
+    # markers that the original's replies to prompts 0 and 2 complete at their 2nd and 1st token
+    dec = lambda ts: tok.decode(list(ts), skip_special_tokens=True)  # noqa: E731
+    markers = (normalize(dec(comp[0, :2])), normalize(dec(comp[2, :1])))
+    assert all(markers) and not any(m in normalize(dec(comp[j])) for m in markers for j in (1, 3))
+    rm = ResidentModel(sm)
+    ev = Evaluator(
+        rm, tok, prompts, prompts, markers=markers, tokens=6, eos=[], batch_size=3, objective="likelihood"
+    )
+    ref = ev.reference()
+    got = ev.likelihood(rm.edits(plan))
+    want = {}
+    for m in (model, tmp_path / "out"):
+        total = 0.0
+        for i, k in ((0, 2), (2, 1)):
+            seq = np.array([prompts[i] + list(comp[i, : k - 1])])
+            z = StreamedModel(Checkpoint(m)).run(seq, np.ones_like(seq), logits=True)[0, -k:]
+            z = z.astype(np.float64) - z.max(-1, keepdims=True)
+            z = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            total += np.exp(sum(z[j, comp[i, j]] for j in range(k)))
+        want[m] = total / len(prompts)
+    assert ref["likelihood"] == pytest.approx(want[model], rel=1e-4)
+    assert got == pytest.approx(want[tmp_path / "out"], rel=1e-4)
+    assert abs(got - ref["likelihood"]) > 1e-4  # the edit moves it
+    r = ev.evaluate(rm.edits(plan))  # the search's trial: no generation
+    assert r.marker_rate is None and r.likelihood == pytest.approx(got) and r.tokens_generated == 0
+    r = ev.evaluate(rm.edits(plan), markers=True)  # the front's marker rate
+    assert r.marker_rate is not None and r.likelihood == pytest.approx(got)
+    both = Evaluator(
+        rm,
+        tok,
+        prompts,
+        prompts,
+        markers=markers,
+        tokens=3,
+        eos=[],
+        negative_markers=True,
+        batch_size=3,
+        objective="likelihood",
+    )
+    r = both.evaluate(rm.edits(plan))  # harmless prompts still generate: their marker rate is a constraint
+    assert r.marker_rate is None and r.negative_marker_rate is not None and r.tokens_generated > 0
+    assert r.likelihood == pytest.approx(got)
+    with pytest.raises(PatcherError, match="--objective"):
+        Evaluator(rm, tok, prompts, prompts, objective="judge")
+
+
+def test_search_with_the_likelihood_objective(refusal, tmp_path):
+    P = refusal / "prompts"
+    model = refusal / make_search_fixture.NAME
+    args = [
+        "search",
+        model,
+        *train_prompts(P),
+        "--eval-positive",
+        P / "refusal-eval-positive.txt",
+        "--eval-negative",
+        P / "refusal-eval-negative.txt",
+        "--no-chat-template",
+        "--tokens",
+        "16",
+        "--blas-threads",
+        "1",
+        "--study",
+        tmp_path / "s.db",
+        "--trials",
+        "6",
+    ]
+    r = run_cli(*args, "--objective", "likelihood")
+    out = " ".join(r.output.split())
+    assert "refusal likelihood" in out and "measuring the marker rate of" in out
+    study = st.open_study(tmp_path / "s.db", None, create=False)
+    assert study.metric_names == ["likelihood", "kl"]
+    assert study.user_attrs["patcher"]["evaluation"]["objective"] == "likelihood"
+    front = st.pareto(st.completed(study))
+    rates = study.user_attrs["front_marker_rates"]
+    assert front and sorted(map(int, rates)) == sorted(t.number for t in front)
+    assert all(0.0 <= t.values[0] <= 1.0 for t in front)
+    # the front's marker rate is the written trial's, through the ordinary forward
+    best = front[0]
+    run_cli("ablate", model, "--from-study", tmp_path / "s.db", "--trial", best.number, "-o", tmp_path / "o")
+    tok = load_tokenizer(model)
+    pos = encode_prompts(tok, read_prompt_file(P / "refusal-eval-positive.txt"), chat_template=False)
+    ids, mask = left_pad(pos, tok.pad_id)
+    sm = StreamedModel(Checkpoint(tmp_path / "o"))
+    texts = [tok.decode(row, skip_special_tokens=True) for row in greedy_numpy(sm, ids, mask, 16)]
+    assert np.mean([hits(t, load_markers(None)) for t in texts]) == pytest.approx(rates[str(best.number)])
+    record = json.loads((tmp_path / "o" / "patcher-manifest.json").read_text())["edit"]["search"]
+    assert record["likelihood"] == pytest.approx(best.values[0]) and "marker_rate" not in record
+    r = run_cli(*args, "--objective", "likelihood", "--trials", "8")  # resumed: reference from its cache
+    out = " ".join(r.output.split())
+    assert "loaded from" in out and "refusal likelihood" in out
+    assert len(st.completed(study)) + len(st.pruned_trials(study)) == 8
+    r = run_cli(*args, "--trials", "9", expect=1)  # a markers search cannot resume it
+    assert "different evaluation" in " ".join(r.output.split())
+    r = run_cli(*args, "--objective", "judge", expect=1)
+    assert "--objective: must be one of markers, likelihood" in " ".join(r.output.split())

@@ -24,20 +24,24 @@ def _space_table(space: dict):
     return t
 
 
-def _front_table(front, title: str):
+def _front_table(front, title: str, rates: dict | None = None):
+    """The front's rows; `rates` (trial -> marker rate) when the search minimised the likelihood."""
     from rich.table import Table
 
     from patcher.search.report import params_text
     from patcher.search.space import complete
 
     t = Table(title=title, title_justify="left")
-    for c in ("trial", "marker rate", "KL", "first-token KL", "parameters"):
+    first_col = ["refusal likelihood", "marker rate"] if rates is not None else ["marker rate"]
+    for c in ("trial", *first_col, "KL", "first-token KL", "parameters"):
         t.add_column(c, justify="right" if c != "parameters" else "left", overflow="fold")
     for tr, fixed in front:
         first = tr.user_attrs.get("first_token_kl")
+        measured = [] if rates is None else [f"{rates[tr.number]:.3f}"]
         t.add_row(
             str(tr.number),
             f"{tr.values[0]:.3f}",
+            *measured,
             f"{tr.values[1]:.4g}",
             "" if first is None else f"{first:.4g}",
             params_text(complete(tr.params, fixed)),
@@ -148,6 +152,13 @@ def register(app) -> None:
             help="Give up a trial as soon as its marker hits so far put it behind the Pareto front "
             "(it could not end on the front)",
         ),
+        objective: str = typer.Option(
+            "markers",
+            "--objective",
+            help="markers: the greedy completions' marker rate | likelihood: the edited model's "
+            "probability of the original's refusal openings (no generation per trial; carries better to "
+            "prompts the search never saw; the front's marker rates are measured at the end)",
+        ),
         seed: int = typer.Option(0, "--seed"),
         arch_table: Path | None = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
         judge: Path | None = typer.Option(
@@ -207,7 +218,10 @@ def _validate(a) -> None:
     from patcher.search import reference_cache
     from patcher.search import run as sr
     from patcher.search import study as st
+    from patcher.search.objectives import OBJECTIVES
 
+    if a.objective not in OBJECTIVES:
+        raise PatcherError("--objective", f"must be one of {', '.join(OBJECTIVES)}, got {a.objective!r}")
     sr.check_engine(a.engine, a.provider, a.resident, a.engine_dtype)
     check_winsorize(a.winsorize)
     a.dirs_out = a.study_file.with_name(a.study_file.stem + ".directions.safetensors")
@@ -254,6 +268,7 @@ def _setup(a):
         arch_table=a.arch_table,
         judge=a.judge,
         winsorize=a.winsorize,
+        objective=a.objective,
         announce=lambda m: err.print(m),
     )
     out.print(_space_table(s.space))
@@ -282,11 +297,12 @@ def _start(a, s):
         f"original: marker rate {ref['marker_rate']:.3f} on {len(s.evaluator.positive)} prompts "
         f"({a.tokens} tokens); reference {how}"
         + ("" if ref.get("judge_rate") is None else f"; judge's refusal rate {ref['judge_rate']:.3f}")
+        + ("" if ref.get("likelihood") is None else f"; refusal likelihood {ref['likelihood']:.3f}")
     )
-    extra = {"original": (ref["marker_rate"], 0.0)}
+    extra = {"original": (ref[s.metric], 0.0)}
     if a.heuristic and s.selected is not None:
-        h = s.evaluate(sr.heuristic_params(int(s.selected), s.n_layers))
-        extra[f"default pipeline (layer {s.selected})"] = (h.marker_rate, h.kl)
+        h = s.evaluate(sr.heuristic_params(int(s.selected), s.n_layers), markers=True)
+        extra[f"default pipeline (layer {s.selected})"] = (getattr(h, s.metric), h.kl)
         study.set_user_attr("heuristic", {"layer": int(s.selected), "marker_rate": h.marker_rate, "kl": h.kl})
         out.print(
             f"default pipeline (extract-selected layer {s.selected}, strength 1, all writers): "
@@ -313,10 +329,12 @@ def _run(a, s, study):
             return
         judged = t.user_attrs.get("judge_rate")
         err.print(
-            f"trial {t.number}: marker rate {t.values[0]:.3f}, "
+            f"trial {t.number}: {st.LABELS[s.metric]} {t.values[0]:.3f}, "
             + ("" if judged is None else f"judge {judged:.3f}, ")
             + f"KL {t.values[1]:.4g} "
-            f"({t.user_attrs.get('seconds_generate', 0):.1f} s generate, "
+            f"({t.user_attrs.get('seconds_generate', 0):.1f} s "
+            + ("generate" if s.metric == "marker_rate" else "openings")
+            + ", "
             f"{t.user_attrs.get('seconds_kl', 0):.1f} s KL) "
             f"{params_text(sp.complete(t.params, s.attrs['fixed']))}",
             highlight=False,
@@ -341,6 +359,7 @@ def _report(a, s, study, outcome, extra, t0) -> None:
             f"Pareto front: {len(front)} of {len(done)} completed trials"
             + (f" ({pruned} more pruned)" if pruned else "")
             + f" ({outcome.ran} this run, {seconds:.0f} s) — study {a.study_file}",
+            _front_rates(s, study, front) if s.metric != "marker_rate" else None,
         )
     )
     write_plot(
@@ -349,6 +368,7 @@ def _report(a, s, study, outcome, extra, t0) -> None:
         [(t.number, t.values[0], t.values[1]) for t in front],
         f"{Path(a.model).name}: search trials",
         extra,
+        st.LABELS[s.metric],
     )
     out.print(f"plot: {a.plot}")
     if front:
@@ -359,6 +379,21 @@ def _report(a, s, study, outcome, extra, t0) -> None:
     if outcome.interrupted:
         err.print("[bold red]interrupted:[/] completed trials are kept in the study; run again to resume")
         raise typer.Exit(130)
+
+
+def _front_rates(s, study, front) -> dict:
+    """The marker rate of each front trial, generated once and kept in the study (`front_marker_rates`):
+    a search that minimised the likelihood never generated completions for its trials."""
+    from patcher.search import space as sp
+
+    rates = {int(k): v for k, v in study.user_attrs.get("front_marker_rates", {}).items()}
+    todo = [t for t in front if t.number not in rates]
+    if todo:
+        err.print(f"measuring the marker rate of {len(todo)} front trial(s)")
+    for t in todo:
+        rates[t.number] = s.evaluate(sp.complete(t.params, s.attrs["fixed"]), markers=True).marker_rate
+        study.set_user_attr("front_marker_rates", {str(k): v for k, v in sorted(rates.items())})
+    return rates
 
 
 def _check_study(st, study_file: Path, model, directions: Path | None, arch_table: Path | None) -> None:

@@ -9,6 +9,14 @@
   after the original's EOS are left out).
 - optionally the marker rate on the eval-negative prompts (an edit that makes harmless prompts
   refuse is bad): the search treats "more than the original" as a constraint violation.
+- or, with objective "likelihood", the refusal likelihood in place of the marker rate: per eval-positive
+  prompt the original refused, the edited model's probability of the original's refusal opening (its
+  reply up to the end of its first marker, teacher-forced, at most OPENING_TOKENS tokens), summed and
+  divided by the number of prompts (0 for prompts the original did not refuse). It is the chance that
+  a sampled reply starts as the original's refusal did: smooth where the marker rate counts only
+  which side of greedy decoding a prompt falls, so an edit that barely flips the search prompts scores
+  worse than one that removes refusal with a margin (such edits carry to prompts the search never saw).
+  One prompt pass over the refused prompts: no generation.
 - optionally a judge's refusal rate on the same completions (patcher/search/judge.py), recorded
   beside the marker rate (not an objective). A trial's completions end at their first marker, so
   the judge reads those cut where the marker rate already counts a refusal.
@@ -112,6 +120,27 @@ def _has_marker(text: str, markers) -> bool:
     return any(m in t for m in markers)
 
 
+OBJECTIVES = ("markers", "likelihood")
+OPENING_TOKENS = 16  # a refusal whose first marker ends later is left out of the likelihood
+
+
+def opening(tokens: list[int], decode, markers, limit: int = OPENING_TOKENS) -> list[int]:
+    """The reply's tokens up to the one that completes its first marker; [] when no marker ends
+    within `limit` tokens."""
+    for j in range(1, min(len(tokens), limit) + 1):
+        if _has_marker(decode(tokens[:j]), markers):
+            return list(tokens[:j])
+    return []
+
+
+def _token_log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log softmax(logits)[target] per position, without a float64 copy of the vocabulary axis."""
+    z = logits.astype(np.float32, copy=False)
+    top = z.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(z - top).sum(-1, dtype=np.float64))
+    return np.take_along_axis(z, targets[..., None], -1)[..., 0] - lse
+
+
 class Hopeless(Exception):
     """A trial given up part-way: `rate` is a lower bound of its marker rate (rows already known to
     hit, over all prompts), `kl` its exact KL; the caller's `prune` said it cannot reach the front."""
@@ -142,7 +171,7 @@ class Timing:
 
 @dataclass
 class Result:
-    marker_rate: float
+    marker_rate: float | None  # None: not generated (objective "likelihood" during the search)
     kl: float
     first_token_kl: float
     negative_marker_rate: float | None = None
@@ -150,6 +179,7 @@ class Result:
     completions: list = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
     tokens_generated: int = 0
+    likelihood: float | None = None
 
 
 def _log_softmax(z):
@@ -196,9 +226,13 @@ class Evaluator:
         check_every: int = 1,  # a marker ends its row (and may prune the trial) the step it appears
         judge=None,
         requests: list[str] | None = None,
+        objective: str = "markers",
     ):
         if tokens < 1 or kl_tokens < 1:
             raise PatcherError("--tokens/--kl-tokens", "must be at least 1")
+        if objective not in OBJECTIVES:
+            raise PatcherError("--objective", f"must be one of {', '.join(OBJECTIVES)}")
+        self.objective = objective
         self.engine, self.tok = engine, tokenizer
         self.positive, self.negative = positive, negative
         self.markers, self.tokens, self.kl_tokens = tuple(markers), tokens, kl_tokens
@@ -211,6 +245,7 @@ class Evaluator:
         self._stems: dict | None = {} if getattr(engine, "resumes", False) else None
         self._tracks: dict = {}  # generation batch -> the original's Track (with stems only)
         self._kept_layers: set | None = None
+        self._openings: tuple = ([], np.zeros((0, 1), np.int64), np.zeros((0, 1)))
 
     # --- generation ----------------------------------------------------------------------------
     def generate(
@@ -391,24 +426,60 @@ class Evaluator:
             weights.append(w)
         return seqs, np.array(weights)
 
-    def _log_probs(self, edits):
-        seqs, weights = self._kl_seqs
-        out = np.zeros((len(seqs), self.kl_tokens, self.engine.vocab))
+    def _last_logits(self, seqs, k: int, edits):
+        """(rows, logits of their last k positions) per batch and length bucket of `seqs`."""
         order = _order(seqs)
         for s in range(0, len(order), self.batch_size):
             rows = order[s : s + self.batch_size]
             batch = [seqs[i] for i in rows]
-            for part in self._parts(batch, self.kl_tokens):
-                out[rows[part]] = _log_softmax(
-                    self._prompts(batch[part], edits, None, last=self.kl_tokens)[0]
-                )
+            for part in self._parts(batch, k):
+                yield rows[part], self._prompts(batch[part], edits, None, last=k)[0]
+
+    def _log_probs(self, edits):
+        seqs, _ = self._kl_seqs
+        out = np.zeros((len(seqs), self.kl_tokens, self.engine.vocab))
+        for rows, logits in self._last_logits(seqs, self.kl_tokens, edits):
+            out[rows] = _log_softmax(logits)
         return out
+
+    # --- refusal likelihood ----------------------------------------------------------------------
+    def _opening_batches(self):
+        """The prompts the original refused (its opening ends in a marker within OPENING_TOKENS), each
+        with its opening but the last token appended, the opening as targets, and a mask."""
+        opens = [opening(c, self._decode, self.markers) for c in self.ref["positive_completions"]]
+        keep = [i for i, o in enumerate(opens) if o]
+        k = max((len(opens[i]) for i in keep), default=1)
+        seqs, targets, mask = [], np.zeros((len(keep), k), np.int64), np.zeros((len(keep), k))
+        for j, i in enumerate(keep):
+            o = opens[i]
+            seqs.append(self.positive[i] + o[:-1] + [self.tok.pad_id] * (k - len(o)))
+            targets[j, : len(o)], mask[j, : len(o)] = o, 1.0
+        return seqs, targets, mask
+
+    def likelihood(self, edits) -> float:
+        """Refusal likelihood (see the module's docstring)."""
+        seqs, targets, mask = self._openings
+        if not seqs:
+            return 0.0
+        logp = np.zeros(len(seqs))
+        for rows, logits in self._last_logits(seqs, targets.shape[1], edits):
+            logp[rows] = np.sum(_token_log_probs(logits, targets[rows]) * mask[rows], axis=1)
+        return float(np.exp(logp).sum() / len(self.positive))
+
+    def _decode(self, tokens) -> str:
+        return self.tok.decode(tokens, skip_special_tokens=True)
 
     def use_reference(self, ref: dict) -> None:
         """A reference computed earlier (the study's cache): the original model is not run again."""
         ref.setdefault("judge_rate", self.judged(ref["positive_completions"]))  # the cache keeps no judge
         self.ref = ref
         self._kl_seqs = self._kl_batches()
+        self._with_likelihood(ref)
+
+    def _with_likelihood(self, ref: dict) -> None:
+        if self.objective == "likelihood":
+            self._openings = self._opening_batches()
+            ref["likelihood"] = self.likelihood(None)
 
     def reference(self) -> dict[str, Any]:
         """The original model's completions and distributions: computed once per search."""
@@ -431,6 +502,7 @@ class Evaluator:
             self.ref = ref
             self._kl_seqs = self._kl_batches()
             ref["log_probs"] = self._log_probs(None)
+            self._with_likelihood(ref)
             ref["seconds"] = time.perf_counter() - t0
         return self.ref
 
@@ -445,19 +517,30 @@ class Evaluator:
         w = self._kl_seqs[1]
         return float(np.sum(per * w) / np.sum(w)), float(per[:, 0].mean())
 
-    def evaluate(self, edits, keep_texts: bool = False, prune=None) -> Result:
-        """Marker rate and KL of an edit. `prune(rate_lower_bound, kl) -> bool` is asked whenever more
-        rows are known to hit a marker, and once before any at rate 0; True gives the trial up (Hopeless).
-        The KL (cheap: one forward pass) comes first, so a trial whose KL alone puts it behind the front
-        generates nothing."""
+    def evaluate(self, edits, keep_texts: bool = False, prune=None, markers: bool | None = None) -> Result:
+        """Marker rate (or refusal likelihood) and KL of an edit. `prune(rate_lower_bound, kl) -> bool`
+        is asked whenever more rows are known to hit a marker, and once before any at rate 0; True gives
+        the trial up (Hopeless). The KL (cheap: one forward pass) comes first, so a trial whose KL alone
+        puts it behind the front generates nothing. With objective "likelihood" the completions are
+        generated only when `markers` is True (the front's marker rates, not every trial's)."""
         self.reference()
+        likely = self.objective == "likelihood"
+        markers = not likely if markers is None else markers
         t0 = time.perf_counter()
         kl, first = self.kl(edits)
         t1 = time.perf_counter()
         n = len(self.positive)
         if prune is not None and prune(0.0, kl):  # behind a front point at this KL or less, whatever it says
             raise Hopeless(0.0, kl, first, 0)
-        watch = _Watch(lambda h: prune(h / n, kl)) if prune is not None and n else None
+        like = self.likelihood(edits) if likely else None
+        if not markers:
+            neg_rate, steps = None, 0
+            if self.negative_markers:
+                neg, steps = self.generate(self.negative, edits, self.tokens)
+                neg_rate = self.rate(neg)
+            took = Timing(time.perf_counter() - t1, t1 - t0)
+            return Result(None, kl, first, neg_rate, timing=took, tokens_generated=steps, likelihood=like)
+        watch = _Watch(lambda h: prune(h / n, kl)) if prune is not None and n and not likely else None
         try:
             comp, steps = self.generate(self.positive, edits, self.tokens, watch=watch)
         except Hopeless as e:
@@ -471,4 +554,4 @@ class Evaluator:
         judge_rate = self.judged(comp)
         t2 = time.perf_counter()
         texts = self.texts(comp) if keep_texts else []
-        return Result(rate, kl, first, neg_rate, judge_rate, texts, Timing(t2 - t1, t1 - t0), steps)
+        return Result(rate, kl, first, neg_rate, judge_rate, texts, Timing(t2 - t1, t1 - t0), steps, like)

@@ -35,6 +35,7 @@ def svg(
     front: list[tuple[int, float, float]],
     title: str,
     extra: dict | None = None,
+    y_label: str = "marker rate",
 ) -> str:
     """points/front: (trial, marker_rate, kl). extra: label -> (marker_rate, kl) reference points."""
     W, H, pad, top = 720, 420, 60, 40
@@ -54,7 +55,7 @@ def svg(
         f'<text x="{W / 2}" y="{H - 15}" text-anchor="middle">KL(original ‖ edited), log scale '
         f"(KL ≤ 1e{lo} drawn at the left edge)</text>",
         f'<text x="15" y="{(H - pad + top) / 2}" text-anchor="middle" transform="rotate(-90 15 '
-        f'{(H - pad + top) / 2})">marker rate</text>',
+        f'{(H - pad + top) / 2})">{y_label}</text>',
     ]
     for e in range(lo, hi + 1):
         xe = _x(10**e, lo, hi, left, width)
@@ -89,14 +90,14 @@ def svg(
     return "\n".join(parts)
 
 
-def write_plot(path: Path, points, front, title: str, extra=None) -> None:
+def write_plot(path: Path, points, front, title: str, extra=None, y_label: str = "marker rate") -> None:
     path = Path(path)
     if path.suffix != ".svg":
         raise PatcherError(path, "the search plot is written as .svg")
     from patcher.io.atomic import AtomicOutput
 
     with AtomicOutput(path) as tmp:
-        tmp.write_text(svg(points, front, title, extra), encoding="utf-8")
+        tmp.write_text(svg(points, front, title, extra, y_label), encoding="utf-8")
 
 
 COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")

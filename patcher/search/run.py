@@ -83,15 +83,15 @@ class Setup:
     def n_layers(self) -> int:
         return self.resolved.n_layers
 
-    def evaluate(self, params: dict, keep_texts: bool = False, prune=None) -> Result:
+    def evaluate(self, params: dict, keep_texts: bool = False, prune=None, markers=None) -> Result:
         spec = sp.edit_spec(params, self.table, self.n_layers, self.directions)
         plan = build_plan(self.ck, self.resolved, spec, str(self.directions), self.untie)
-        return self.evaluator.evaluate(self.engine.edits(plan), keep_texts, prune)
+        return self.evaluator.evaluate(self.engine.edits(plan), keep_texts, prune, markers)
 
     def run_trial(self, trial) -> tuple[float, float]:
         params = sp.sample(trial, self.space)
         front = [t.values for t in st.pareto(st.completed(trial.study))] if self.prune else []
-        base = self.evaluator.reference()["marker_rate"]
+        base = self.evaluator.reference()[self.metric]
         if self.prune and base > 0:  # the original itself: refusing as often is no use at any KL
             front.append((base, 0.0))
         try:
@@ -112,7 +112,12 @@ class Setup:
             trial.set_user_attr("constraint", [r.negative_marker_rate - base])
             if hasattr(trial, "set_constraint"):
                 trial.set_constraint("negative_marker_rate", r.negative_marker_rate - base)
-        return r.marker_rate, r.kl
+        return getattr(r, self.metric), r.kl
+
+    @property
+    def metric(self) -> str:
+        """The Result field the search minimises beside the KL."""
+        return st.metric_names(self.evaluator.objective)[0]
 
 
 def beyond_front(front: list) -> Callable[[float, float], bool]:
@@ -235,6 +240,7 @@ def setup(
     announce=None,
     judge: Path | None = None,
     winsorize: float | None = None,
+    objective: str = "markers",
 ) -> Setup:
     """Model, space, directions (extracted when not given), prompts, engine and evaluator of a search."""
     from patcher.onnx.verify import stop_tokens
@@ -288,6 +294,7 @@ def setup(
         batch_size=batch_size,
         judge=judged,
         requests=read_prompt_file(eval_positive or positive, max_prompts) if judged else None,
+        objective=objective,
     )
     # a quantized engine scores edits of another model: its study and reference are its own
     label = engine if engine_dtype == "fp32" else f"{engine}-{engine_dtype}"
@@ -341,6 +348,8 @@ def _evaluation(ev: Evaluator, positive: Path, negative: Path, max_prompts, chat
         "chat_template": chat_template,
         "system": system,
         "engine": engine,
+        # only when not the default: studies written before the option resume unchanged
+        **({} if ev.objective == "markers" else {"objective": ev.objective}),
     }
 
 
@@ -401,7 +410,7 @@ def plan_from_study(
             "study_sha256": st.digest(study),
             "trial": number,
             "params": params,
-            "marker_rate": values[0],
+            st.metric_names(attrs.get("evaluation", {}).get("objective", "markers"))[0]: values[0],
             "kl": values[1],
         },
     }

@@ -1,8 +1,8 @@
 """The Optuna side: a multi-objective TPE study in SQLite, resumable and readable by other tools.
 
-The study names its objectives (`marker_rate`, `kl`, both minimised); every free search parameter
-is a plain Optuna parameter; what was fixed, the model, the directions file and the evaluation
-settings are study user attributes, so `patcher ablate --from-study` can rebuild any trial's edit.
+The study names its objectives (`marker_rate` or `likelihood`, and `kl`, both minimised); every free
+search parameter is a plain Optuna parameter; what was fixed, the model, the directions file and the
+evaluation settings are study user attributes, so `patcher ablate --from-study` can rebuild any trial's edit.
 """
 
 import hashlib
@@ -17,6 +17,14 @@ from patcher.errors import PatcherError
 
 STUDY_NAME = "patcher-search"
 METRICS = ["marker_rate", "kl"]
+
+
+LABELS = {"marker_rate": "marker rate", "likelihood": "refusal likelihood"}  # as the output names them
+
+
+def metric_names(objective: str = "markers") -> list[str]:
+    """The study's objective names: the marker rate, or the refusal likelihood, and the KL."""
+    return METRICS if objective == "markers" else [objective, "kl"]
 
 
 def _optuna():
@@ -142,7 +150,7 @@ def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60,
     if attrs is not None:
         old = study.user_attrs.get("patcher")
         if old is None:
-            study.set_metric_names(METRICS)
+            study.set_metric_names(metric_names(attrs.get("evaluation", {}).get("objective", "markers")))
             study.set_user_attr("patcher", attrs)
         else:
             for key in ("model_identity", "directions_sha256", "space", "evaluation"):
