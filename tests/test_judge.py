@@ -211,6 +211,13 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
     assert "judge's refusal rate 0.000" in r.output and "judge" in r.output.split("Pareto front")[1]
     done = st.completed(st.open_study(tmp_path / "s.db", None, create=False))
     assert len(done) == 2 and all(t.user_attrs["judge_rate"] == 0.0 for t in done)
+    # a search on the likelihood generates only for its front: the judge reads those completions
+    more = ("--tokens", "4", "--max-prompts", "4", "--trials", "2", "--no-heuristic", "--judge", judge)
+    run_cli(*search, *more, "--study", tmp_path / "l.db", "--objective", "likelihood")
+    study = st.open_study(tmp_path / "l.db", None, create=False)
+    front = sorted(str(t.number) for t in st.pareto(st.completed(study)))
+    assert front and sorted(study.user_attrs["front_judge_rates"]) == front
+    assert set(study.user_attrs["front_judge_rates"].values()) == {0.0}
     bad = run_cli(*search, "--study", tmp_path / "t.db", "--judge", tmp_path / "nothing-here", expect=1)
     assert "nothing-here" in bad.output and "Traceback" not in bad.output
 

@@ -382,18 +382,25 @@ def _report(a, s, study, outcome, extra, t0) -> None:
 
 
 def _front_rates(s, study, front) -> dict:
-    """The marker rate of each front trial, generated once and kept in the study (`front_marker_rates`):
-    a search that minimised the likelihood never generated completions for its trials."""
+    """The marker rate of each front trial, generated once and kept in the study (`front_marker_rates`;
+    with --judge, the judge's rate too: `front_judge_rates`): a search that minimised the likelihood
+    never generated completions for its trials."""
     from patcher.search import space as sp
 
-    rates = {int(k): v for k, v in study.user_attrs.get("front_marker_rates", {}).items()}
-    todo = [t for t in front if t.number not in rates]
+    kept = {key: dict(study.user_attrs.get(key, {})) for key in ("front_marker_rates", "front_judge_rates")}
+    todo = [t for t in front if str(t.number) not in kept["front_marker_rates"]]
     if todo:
         err.print(f"measuring the marker rate of {len(todo)} front trial(s)")
     for t in todo:
-        rates[t.number] = s.evaluate(sp.complete(t.params, s.attrs["fixed"]), markers=True).marker_rate
-        study.set_user_attr("front_marker_rates", {str(k): v for k, v in sorted(rates.items())})
-    return rates
+        r = s.evaluate(sp.complete(t.params, s.attrs["fixed"]), markers=True)
+        kept["front_marker_rates"][str(t.number)] = r.marker_rate
+        if r.judge_rate is not None:
+            kept["front_judge_rates"][str(t.number)] = r.judge_rate
+            err.print(f"trial {t.number}: marker rate {r.marker_rate:.3f}, judge {r.judge_rate:.3f}")
+        for key, values in kept.items():
+            if values:
+                study.set_user_attr(key, values)
+    return {int(k): v for k, v in kept["front_marker_rates"].items()}
 
 
 def _check_study(st, study_file: Path, model, directions: Path | None, arch_table: Path | None) -> None:
