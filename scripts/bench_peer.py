@@ -264,6 +264,33 @@ def main(args) -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "texts"}), flush=True)
             del engine
         cache.write_text(json.dumps(rows) + "\n")
+    if args.fronts_at:  # patcher's fronts of its first n trials: their points the full front dropped
+        scored = {r.get("trial") for r in rows if r["who"] == "patcher"}
+        ev = None
+        for n in args.fronts_at:
+            for t in st.pareto([t for t in st.completed(study) if t.number < n]):
+                if t.number in scored:
+                    continue
+                ev = ev or test_evaluator(s, P, args.eval_tokens, args.kl_tokens, args.test_prompts)
+                spec = sp.edit_spec(
+                    sp.complete(t.params, s.attrs["fixed"]), s.table, s.n_layers, s.directions
+                )
+                edits = s.engine.edits(build_plan(s.ck, s.resolved, spec, str(s.directions), s.untie))
+                rows.append(
+                    {
+                        "who": "patcher",
+                        "trial": t.number,
+                        "search": list(t.values),
+                        **score(ev, s.engine, edits),
+                    }
+                )
+                scored.add(t.number)
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "texts"}), flush=True)
+                cache.write_text(json.dumps(rows) + "\n")
+        report["fronts_at"] = {
+            n: sorted(t.number for t in st.pareto([t for t in st.completed(study) if t.number < n]))
+            for n in args.fronts_at
+        }
     if args.judge:
         from patcher.search.judge import Judge
         from patcher.search.objectives import MARKERS
@@ -280,8 +307,13 @@ def main(args) -> None:
     (work / "peer.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     from patcher.search.report import write_fronts
 
+    last = set(report.get("fronts_at", {}).get(args.trials, [])) or None  # the plot: the full budget's fronts
     series = {
-        who: [(r["marker_rate"], r["kl_first"]) for r in rows if r["who"] == who]
+        who: [
+            (r["marker_rate"], r["kl_first"])
+            for r in rows
+            if r["who"] == who and (who != "patcher" or last is None or r["trial"] in last)
+        ]
         for who in ("patcher", "heretic")
     }
     (work / "peer.svg").unlink(missing_ok=True)  # this benchmark's own plot, redrawn on every run
@@ -328,3 +360,9 @@ def add_arguments(ap) -> None:
     g.add_argument("--project", action="store_true", help="patcher's directions: ⟂ the harmless mean")
     g.add_argument("--winsorize", type=float, default=None, help="patcher's directions: winsorized means")
     g.add_argument("--objective", default="markers", help="patcher's refusal objective: markers | likelihood")
+    g.add_argument(
+        "--fronts-at",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="also score patcher's fronts of its first N trials (comma list, e.g. 8,16,24,32)",
+    )
