@@ -636,5 +636,11 @@ def test_search_with_the_likelihood_objective(refusal, tmp_path):
     assert len(st.completed(study)) + len(st.pruned_trials(study)) == 8
     r = run_cli(*args, "--trials", "9", expect=1)  # a markers search cannot resume it
     assert "different evaluation" in " ".join(r.output.split())
+    # prompts the original never refuses: the search is told there is nothing to lower
+    calm = [a if a != P / "refusal-eval-positive.txt" else P / "refusal-eval-negative.txt" for a in args]
+    calm[calm.index(tmp_path / "s.db")] = tmp_path / "calm.db"
+    r = run_cli(*calm, "--objective", "likelihood", "--trials", "1", "--no-heuristic")
+    out = " ".join(r.output.split())
+    assert "note: the original's refusal likelihood is 0 on" in out and "nothing for the search" in out
     r = run_cli(*args, "--objective", "judge", expect=1)
     assert "--objective: must be one of markers, likelihood" in " ".join(r.output.split())

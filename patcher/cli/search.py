@@ -299,6 +299,11 @@ def _start(a, s):
         + ("" if ref.get("judge_rate") is None else f"; judge's refusal rate {ref['judge_rate']:.3f}")
         + ("" if ref.get("likelihood") is None else f"; refusal likelihood {ref['likelihood']:.3f}")
     )
+    if ref[s.metric] == 0:
+        err.print(
+            f"[yellow]note:[/] the original's {st.LABELS[s.metric]} is 0 on {a.eval_positive or a.positive}: "
+            "nothing for the search to lower (every trial ties; only the KL orders them)"
+        )
     extra = {"original": (ref[s.metric], 0.0)}
     if a.heuristic and s.selected is not None:
         h = s.evaluate(sr.heuristic_params(int(s.selected), s.n_layers), markers=True)
