@@ -196,6 +196,25 @@ def score(ev, engine, edits) -> dict:
     return {"marker_rate": e.rate(comp), "kl_first": first, "kl_seq": kl, "texts": e.texts(comp)}
 
 
+def first_front(study, n: int) -> list:
+    """patcher's Pareto front of its first n trials."""
+    from patcher.search import study as st
+
+    return st.pareto([t for t in st.completed(study) if t.number < n])
+
+
+def score_trial(s, ev, t) -> dict:
+    """One patcher trial's edit, scored (and printed) as a row."""
+    from patcher.search import space as sp
+    from patcher.search.plan import build_plan
+
+    spec = sp.edit_spec(sp.complete(t.params, s.attrs["fixed"]), s.table, s.n_layers, s.directions)
+    edits = s.engine.edits(build_plan(s.ck, s.resolved, spec, str(s.directions), s.untie))
+    row = {"who": "patcher", "trial": t.number, "search": list(t.values), **score(ev, s.engine, edits)}
+    print(json.dumps({k: v for k, v in row.items() if k != "texts"}), flush=True)
+    return row
+
+
 def judged(rows: list, judge, prompts: list[str], markers) -> None:
     """The judge's refusal rate beside the marker rate, and how often the two agree per completion."""
     from patcher.search.objectives import hits
@@ -213,10 +232,8 @@ def main(args) -> None:
 
     from patcher.model.execution import StreamedModel
     from patcher.model.opened import Model
-    from patcher.search import space as sp
     from patcher.search import study as st
     from patcher.search.engine import ResidentModel
-    from patcher.search.plan import build_plan
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -239,18 +256,10 @@ def main(args) -> None:
     if not rows:
         ev = test_evaluator(s, P, args.eval_tokens, args.kl_tokens, args.test_prompts)
         rows = [{"who": "original", **score(ev, s.engine, None)}]
-        fixed = s.attrs["fixed"]
         ran = len(report["patcher"]["trial_seconds"])  # completed and pruned
         n = min(ran, report.get("heretic", {}).get("completed", 10**9))
         report["equal_trials"] = n  # both fronts from the first n trials each (a pruned one adds nothing)
-        for t in st.pareto([t for t in st.completed(study) if t.number < n]):
-            params = sp.complete(t.params, fixed)
-            spec = sp.edit_spec(params, s.table, s.n_layers, s.directions)
-            edits = s.engine.edits(build_plan(s.ck, s.resolved, spec, str(s.directions), s.untie))
-            rows.append(
-                {"who": "patcher", "trial": t.number, "search": list(t.values), **score(ev, s.engine, edits)}
-            )
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "texts"}), flush=True)
+        rows += [score_trial(s, ev, t) for t in first_front(study, n)]
         for f in report.get("heretic", {}).get("front", []):
             engine = ResidentModel(StreamedModel(Model.open(Path(f["folder"]))))
             rows.append(
@@ -265,32 +274,14 @@ def main(args) -> None:
             del engine
         cache.write_text(json.dumps(rows) + "\n")
     if args.fronts_at:  # patcher's fronts of its first n trials: their points the full front dropped
+        report["fronts_at"] = {n: [t.number for t in first_front(study, n)] for n in args.fronts_at}
         scored = {r.get("trial") for r in rows if r["who"] == "patcher"}
-        ev = None
-        for n in args.fronts_at:
-            for t in st.pareto([t for t in st.completed(study) if t.number < n]):
-                if t.number in scored:
-                    continue
-                ev = ev or test_evaluator(s, P, args.eval_tokens, args.kl_tokens, args.test_prompts)
-                spec = sp.edit_spec(
-                    sp.complete(t.params, s.attrs["fixed"]), s.table, s.n_layers, s.directions
-                )
-                edits = s.engine.edits(build_plan(s.ck, s.resolved, spec, str(s.directions), s.untie))
-                rows.append(
-                    {
-                        "who": "patcher",
-                        "trial": t.number,
-                        "search": list(t.values),
-                        **score(ev, s.engine, edits),
-                    }
-                )
-                scored.add(t.number)
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "texts"}), flush=True)
+        todo = sorted({t for ts in report["fronts_at"].values() for t in ts} - scored)
+        ev = test_evaluator(s, P, args.eval_tokens, args.kl_tokens, args.test_prompts) if todo else None
+        for t in st.completed(study):
+            if t.number in todo:
+                rows.append(score_trial(s, ev, t))
                 cache.write_text(json.dumps(rows) + "\n")
-        report["fronts_at"] = {
-            n: sorted(t.number for t in st.pareto([t for t in st.completed(study) if t.number < n]))
-            for n in args.fronts_at
-        }
     if args.judge:
         from patcher.search.judge import Judge
         from patcher.search.objectives import MARKERS
@@ -307,7 +298,7 @@ def main(args) -> None:
     (work / "peer.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     from patcher.search.report import write_fronts
 
-    last = set(report.get("fronts_at", {}).get(args.trials, [])) or None  # the plot: the full budget's fronts
+    last = set(report.get("fronts_at", {}).get(args.trials, [])) or None  # plotted: the full budget's
     series = {
         who: [
             (r["marker_rate"], r["kl_first"])

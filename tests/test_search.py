@@ -309,10 +309,9 @@ def _kl_reference(orig: Path, edited: Path, prompts: list[list[int]], pad: int) 
     return float(np.mean(np.sum(np.exp(lo) * (lo - le), -1)))
 
 
-def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, tmp_path):
-    P = refusal / "prompts"
-    model = refusal / make_search_fixture.NAME
-    args = [
+def refusal_search(P: Path, model: Path, study: Path) -> list:
+    """`patcher search` on the refusal fixture: its training and eval prompts, 16 tokens, one thread."""
+    return [
         "search",
         model,
         *train_prompts(P),
@@ -326,10 +325,14 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
         "--blas-threads",
         "1",
         "--study",
-        tmp_path / "s.db",
-        "--seed",
-        "0",
+        study,
     ]
+
+
+def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, tmp_path):
+    P = refusal / "prompts"
+    model = refusal / make_search_fixture.NAME
+    args = [*refusal_search(P, model, tmp_path / "s.db"), "--seed", "0"]
     r = run_cli(*args, "--trials", "24", "--startup", "16")
     assert "original: marker rate 1.000" in r.output
     study = st.open_study(tmp_path / "s.db", None, create=False)
@@ -568,6 +571,8 @@ def test_refusal_likelihood_against_the_ordinary_forward(tmp_path):
     r = ev.evaluate(rm.edits(plan))  # the search's trial: no generation
     assert r.marker_rate is None and r.likelihood == pytest.approx(got) and r.tokens_generated == 0
     r = ev.evaluate(rm.edits(plan), markers=True)  # the front's marker rate
+    # a front in likelihood units never prunes a generation by its marker hits
+    assert ev.evaluate(None, prune=lambda rate, kl: rate > 0, markers=True).marker_rate == 0.5
     assert r.marker_rate is not None and r.likelihood == pytest.approx(got)
     both = Evaluator(
         rm,
@@ -591,24 +596,7 @@ def test_refusal_likelihood_against_the_ordinary_forward(tmp_path):
 def test_search_with_the_likelihood_objective(refusal, tmp_path):
     P = refusal / "prompts"
     model = refusal / make_search_fixture.NAME
-    args = [
-        "search",
-        model,
-        *train_prompts(P),
-        "--eval-positive",
-        P / "refusal-eval-positive.txt",
-        "--eval-negative",
-        P / "refusal-eval-negative.txt",
-        "--no-chat-template",
-        "--tokens",
-        "16",
-        "--blas-threads",
-        "1",
-        "--study",
-        tmp_path / "s.db",
-        "--trials",
-        "6",
-    ]
+    args = [*refusal_search(P, model, tmp_path / "s.db"), "--trials", "6"]
     r = run_cli(*args, "--objective", "likelihood")
     out = " ".join(r.output.split())
     assert "refusal likelihood" in out and "measuring the marker rate of" in out

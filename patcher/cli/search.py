@@ -218,10 +218,9 @@ def _validate(a) -> None:
     from patcher.search import reference_cache
     from patcher.search import run as sr
     from patcher.search import study as st
-    from patcher.search.objectives import OBJECTIVES
+    from patcher.search.objectives import check_objective
 
-    if a.objective not in OBJECTIVES:
-        raise PatcherError("--objective", f"must be one of {', '.join(OBJECTIVES)}, got {a.objective!r}")
+    check_objective(a.objective)
     sr.check_engine(a.engine, a.provider, a.resident, a.engine_dtype)
     check_winsorize(a.winsorize)
     a.dirs_out = a.study_file.with_name(a.study_file.stem + ".directions.safetensors")

@@ -124,6 +124,11 @@ OBJECTIVES = ("markers", "likelihood")
 OPENING_TOKENS = 16  # a refusal whose first marker ends later is left out of the likelihood
 
 
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise PatcherError("--objective", f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
 def opening(tokens: list[int], decode, markers, limit: int = OPENING_TOKENS) -> list[int]:
     """The reply's tokens up to the one that completes its first marker; [] when no marker ends
     within `limit` tokens."""
@@ -230,8 +235,7 @@ class Evaluator:
     ):
         if tokens < 1 or kl_tokens < 1:
             raise PatcherError("--tokens/--kl-tokens", "must be at least 1")
-        if objective not in OBJECTIVES:
-            raise PatcherError("--objective", f"must be one of {', '.join(OBJECTIVES)}")
+        check_objective(objective)
         self.objective = objective
         self.engine, self.tok = engine, tokenizer
         self.positive, self.negative = positive, negative
@@ -376,7 +380,7 @@ class Evaluator:
                 t = int(tok[j])
                 if t in self.eos:
                     if watch is not None:  # this row's text is final
-                        watch.add(int(hits(self.tok.decode(gen[r], skip_special_tokens=True), self.markers)))
+                        watch.add(int(hits(self._decode(gen[r]), self.markers)))
                     continue
                 gen[r].append(t)
                 keep.append(j)
@@ -384,11 +388,7 @@ class Evaluator:
             if stop_on_marker and keep and not last and (step + 1) % self.check_every == 0:
                 # only a marker ends a row early: a reply that is blank so far may still say something
                 before = len(keep)
-                keep = [
-                    j
-                    for j in keep
-                    if not _has_marker(self.tok.decode(gen[alive[j]], skip_special_tokens=True), self.markers)
-                ]
+                keep = [j for j in keep if not _has_marker(self._decode(gen[alive[j]]), self.markers)]
                 if watch is not None:
                     watch.add(before - len(keep))
             if last and watch is not None:
@@ -404,7 +404,7 @@ class Evaluator:
         return steps
 
     def texts(self, completions) -> list[str]:
-        return [self.tok.decode(c, skip_special_tokens=True) for c in completions]
+        return [self._decode(c) for c in completions]
 
     def rate(self, completions) -> float:
         return (
@@ -533,25 +533,20 @@ class Evaluator:
         if prune is not None and prune(0.0, kl):  # behind a front point at this KL or less, whatever it says
             raise Hopeless(0.0, kl, first, 0)
         like = self.likelihood(edits) if likely else None
-        if not markers:
-            neg_rate, steps = None, 0
-            if self.negative_markers:
-                neg, steps = self.generate(self.negative, edits, self.tokens)
-                neg_rate = self.rate(neg)
-            took = Timing(time.perf_counter() - t1, t1 - t0)
-            return Result(None, kl, first, neg_rate, timing=took, tokens_generated=steps, likelihood=like)
-        watch = _Watch(lambda h: prune(h / n, kl)) if prune is not None and n and not likely else None
-        try:
-            comp, steps = self.generate(self.positive, edits, self.tokens, watch=watch)
-        except Hopeless as e:
-            assert watch is not None  # only a watch gives a generation up
-            raise Hopeless(watch.hits / n, kl, first, e.rows) from None
-        rate = self.rate(comp)
+        comp: list = []
+        steps, rate, judge_rate = 0, None, None
+        if markers:
+            watch = _Watch(lambda h: prune(h / n, kl)) if prune is not None and n and not likely else None
+            try:
+                comp, steps = self.generate(self.positive, edits, self.tokens, watch=watch)
+            except Hopeless as e:
+                assert watch is not None  # only a watch gives a generation up
+                raise Hopeless(watch.hits / n, kl, first, e.rows) from None
+            rate, judge_rate = self.rate(comp), self.judged(comp)
         neg_rate = None
-        if self.negative_markers:
+        if self.negative_markers:  # with the likelihood too: the harmless prompts' rate is a constraint
             neg, more = self.generate(self.negative, edits, self.tokens)
             neg_rate, steps = self.rate(neg), steps + more
-        judge_rate = self.judged(comp)
         t2 = time.perf_counter()
         texts = self.texts(comp) if keep_texts else []
         return Result(rate, kl, first, neg_rate, judge_rate, texts, Timing(t2 - t1, t1 - t0), steps, like)

@@ -410,7 +410,7 @@ def plan_from_study(
             "study_sha256": st.digest(study),
             "trial": number,
             "params": params,
-            st.metric_names(attrs.get("evaluation", {}).get("objective", "markers"))[0]: values[0],
+            st.metric_names(st.objective_of(attrs))[0]: values[0],
             "kl": values[1],
         },
     }

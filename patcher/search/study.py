@@ -27,6 +27,11 @@ def metric_names(objective: str = "markers") -> list[str]:
     return METRICS if objective == "markers" else [objective, "kl"]
 
 
+def objective_of(attrs: dict) -> str:
+    """The objective a study's recorded settings name (studies before the option: markers)."""
+    return attrs.get("evaluation", {}).get("objective", "markers")
+
+
 def _optuna():
     import optuna
 
@@ -150,7 +155,7 @@ def open_study(path: Path, attrs: dict | None, seed: int = 0, startup: int = 60,
     if attrs is not None:
         old = study.user_attrs.get("patcher")
         if old is None:
-            study.set_metric_names(metric_names(attrs.get("evaluation", {}).get("objective", "markers")))
+            study.set_metric_names(metric_names(objective_of(attrs)))
             study.set_user_attr("patcher", attrs)
         else:
             for key in ("model_identity", "directions_sha256", "space", "evaluation"):
