@@ -1286,3 +1286,30 @@ def test_stale_clean_up_removes_only_what_a_dead_run_recorded(model_dir, tmp_pat
     for kind in ("partial", "old"):
         assert (tmp_path / f".out.{kind}-{dead}" / "mine.txt").read_text() == "user data"
     assert not recorded.exists() and not aside.exists() and not (tmp_path / ".out.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["inspect", ""], "an argument"),
+        (["search", "m", "--positive", "p", "--negative", "n", "--judge", ""], "--judge"),
+        (["search", "m", "--judge=", "--positive", "p"], "--judge"),
+        (["ablate", "m", "-d", "d.safetensors", "-o", ""], "-o"),
+        (["diff", "", "b"], "an argument"),
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, argv, named):
+    """click reads "" as the path "." (the folder the user stands in): one line naming the option,
+    exit 1 (2 for diff, whose 1 is a finding), before anything is opened or written."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == (2 if argv[0] == "diff" else 1)
+    assert result.output.strip() == f"error: {named} is empty; a file or folder is needed"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_text_option_is_still_a_value(tmp_path):
+    """Only paths are refused when empty: --system "" (no system prompt) reaches the command."""
+    args = ["extract", str(tmp_path / "m"), "--positive", "p", "--negative", "n", "--system", "", "-o", "x"]
+    result = CliRunner().invoke(app, args)
+    assert "is empty" not in result.output and "no such file or folder" in result.output

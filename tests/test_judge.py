@@ -148,6 +148,25 @@ def test_judge_prompt_holds_request_and_reply(tmp_path):
         judge.scores(REQUESTS[:2], REPLIES[:1])
 
 
+def test_judge_cuts_a_reply_to_its_positions(tmp_path):
+    """A reply that would run past the judge's positions is cut by tokens to fit exactly (a study's
+    completion never stops the judge halfway); a request that cannot fit even with no reply is
+    refused before any work, naming the judge."""
+    judge = Judge.open(forced_model(tmp_path / "judge", 1.0, 0.0), reply_chars=10_000)
+    request, reply = "How do plants grow?", " ".join(f"seeds{i} grow" for i in range(200))
+    empty = len(judge.prompt(request, ""))
+    judge.config["max_position_embeddings"] = empty + 7
+    ids = judge.prompt(request, reply)
+    assert empty < len(ids) <= empty + 7  # cut to what fits, not to nothing
+    text = judge.tok.decode(ids)
+    assert "seeds0" in text and "seeds199" not in text and QUESTION in text
+    assert judge.prompt(request, "short") == judge.prompt(request, "short")[: empty + 7]
+    assert np.isfinite(judge.p_yes([request], [reply])).all()
+    judge.config["max_position_embeddings"] = empty - 1
+    with pytest.raises(PatcherError, match="the request alone has .* tokens; the judge takes at most"):
+        judge.check([request])
+
+
 def test_random_model_matches_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

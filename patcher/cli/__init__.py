@@ -31,6 +31,9 @@ class _OneLineErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(sys.argv[1:] if args is None else args)
         try:
+            empty = self.empty_path(argv)
+            if empty:  # click would read "" as the path ".", the current folder
+                raise click.ClickException(f"{empty} is empty; a file or folder is needed")
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
             e.show()
@@ -44,6 +47,25 @@ class _OneLineErrors(TyperGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def empty_path(self, argv: list[str]) -> str | None:
+        """The option (or "an argument" for a positional) given an empty string where a path goes."""
+        command = self.commands.get(argv[0]) if argv else None
+        if command is None:
+            return None
+        # by click's own names: typer's vendored click has no Option or Path class to test against
+        opts = [p for p in command.params if p.param_type_name == "option" and not getattr(p, "is_flag", 0)]
+        paths = {o for p in opts if p.type.name == "path" for o in p.opts}
+        takes_value = {o for p in opts for o in p.opts}
+        before = None
+        for a in argv[1:]:
+            name, eq, value = a.partition("=")
+            if eq and name in paths and not value:
+                return name
+            if a == "" and (before in paths or before not in takes_value):
+                return before if before in paths else "an argument"
+            before = a
+        return None
 
 
 app = typer.Typer(

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from patcher.errors import PatcherError
-from patcher.model.prompts import check_lengths, left_pad
+from patcher.model.prompts import check_lengths, left_pad, max_positions
 
 TEMPLATE = (
     "Here is a request and the reply an assistant gave to it.\n\n"
@@ -79,10 +79,33 @@ class Judge:
     def prompt(
         self, request: str, reply: str, question: str = QUESTION, template: str = TEMPLATE
     ) -> list[int]:
-        text = template.format(
-            request=request.strip(), reply=reply.strip()[: self.reply_chars], question=question
-        )
-        return self.tok.encode(self.tok.render(text), add_special_tokens=False)
+        """The judge's prompt for one pair; a reply that would run past the judge's positions is cut
+        (by tokens) to what fits, so no completion a study generates can stop it halfway."""
+
+        def encode(r: str) -> list[int]:
+            text = template.format(request=request.strip(), reply=r, question=question)
+            return self.tok.encode(self.tok.render(text), add_special_tokens=False)
+
+        reply = reply.strip()[: self.reply_chars]
+        ids = encode(reply)
+        limit = max_positions(self.config)
+        if limit is None or len(ids) <= limit:
+            return ids
+        room = limit - len(encode(""))
+        if room <= 0:
+            raise PatcherError(
+                self.where,
+                f"the request alone has {len(encode(''))} tokens; the judge takes at most {limit} positions",
+            )
+        kept = self.tok.encode(reply, add_special_tokens=False)
+        while room > 0 and len(ids := encode(self.tok.decode(kept[:room]))) > limit:
+            room -= len(ids) - limit  # re-tokenising the cut text can merge differently: cut again
+        return ids if room > 0 else encode("")
+
+    def check(self, requests: list[str]) -> None:
+        """Refuse, before any work, requests whose judge prompt cannot fit even with an empty reply."""
+        for q in requests:
+            self.prompt(q, "")
 
     def anchors(self, requests: list[str]) -> np.ndarray:
         """[len(requests), 2]: P(yes) of the refusal and the compliance anchor for each request."""

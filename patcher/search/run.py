@@ -261,7 +261,10 @@ def setup(
         check_lengths(toks, ck.config, path, extra=extra, heads=sm.hp.n_heads, batch_size=batch_size)
     from patcher.search.judge import Judge
 
-    judged = Judge.open(judge) if judge is not None else None
+    judged, requests = None, None
+    if judge is not None:
+        judged, requests = Judge.open(judge), read_prompt_file(eval_positive or positive, max_prompts)
+        judged.check(requests)
     if directions is None:
         directions = _extracted(
             ck,
@@ -293,7 +296,7 @@ def setup(
         eos=eos,
         batch_size=batch_size,
         judge=judged,
-        requests=read_prompt_file(eval_positive or positive, max_prompts) if judged else None,
+        requests=requests,
         objective=objective,
     )
     # a quantized engine scores edits of another model: its study and reference are its own
