@@ -350,7 +350,9 @@ def add_arguments(ap) -> None:
     g.add_argument("--search-prompts", type=int, default=None, help="cut the search split to N of each kind")
     g.add_argument("--project", action="store_true", help="patcher's directions: ⟂ the harmless mean")
     g.add_argument("--winsorize", type=float, default=None, help="patcher's directions: winsorized means")
-    g.add_argument("--objective", default="markers", help="patcher's refusal objective: markers | likelihood")
+    g.add_argument(
+        "--objective", default="likelihood", help="patcher's refusal objective: likelihood | markers"
+    )
     g.add_argument(
         "--fronts-at",
         type=lambda v: [int(x) for x in v.split(",")],

@@ -222,6 +222,8 @@ def test_search_reports_the_judge_beside_the_marker_rate(tmp_path):
         "2",
         "--no-heuristic",
         "--no-prune",  # both trials judged, even one behind the first on KL alone
+        "--objective",
+        "markers",  # every trial's completions judged (the likelihood judges only the front's)
         "--study",
         tmp_path / "s.db",
         "--judge",

@@ -309,8 +309,9 @@ def _kl_reference(orig: Path, edited: Path, prompts: list[list[int]], pad: int) 
     return float(np.mean(np.sum(np.exp(lo) * (lo - le), -1)))
 
 
-def refusal_search(P: Path, model: Path, study: Path) -> list:
-    """`patcher search` on the refusal fixture: its training and eval prompts, 16 tokens, one thread."""
+def refusal_search(P: Path, model: Path, study: Path, objective: str | None = "markers") -> list:
+    """`patcher search` on the refusal fixture: its training and eval prompts, 16 tokens, one thread
+    (objective None: the option left out)."""
     return [
         "search",
         model,
@@ -326,14 +327,15 @@ def refusal_search(P: Path, model: Path, study: Path) -> list:
         "1",
         "--study",
         study,
+        *([] if objective is None else ["--objective", objective]),
     ]
 
 
 def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, tmp_path):
     P = refusal / "prompts"
     model = refusal / make_search_fixture.NAME
-    args = [*refusal_search(P, model, tmp_path / "s.db"), "--seed", "0"]
-    r = run_cli(*args, "--trials", "24", "--startup", "16")
+    args = [*refusal_search(P, model, tmp_path / "s.db", objective=None), "--seed", "0"]
+    r = run_cli(*args, "--objective", "markers", "--trials", "24", "--startup", "16")
     assert "original: marker rate 1.000" in r.output
     study = st.open_study(tmp_path / "s.db", None, create=False)
     heur = study.user_attrs["heuristic"]
@@ -342,7 +344,8 @@ def test_search_removes_a_late_planted_behaviour_the_heuristic_misses(refusal, t
         rows, neg = (np.asarray(c.array(n), np.float64) for n in ("direction", "negative_mean"))
     cos = np.abs(np.sum(rows * neg, 1)) / (np.linalg.norm(rows, axis=1) * np.linalg.norm(neg, axis=1) + 1e-30)
     assert cos[1:].max() < 1e-5
-    r = run_cli(*args, "--trials", "40", "--startup", "16")  # resumes: 16 more
+    r = run_cli(*args, "--trials", "40", "--startup", "16")  # resumes: 16 more, on its own objective
+    assert study.metric_names == ["marker_rate", "kl"]
     done = st.completed(study)
     assert len(done) + len(st.pruned_trials(study)) == 40  # pruned trials count towards --trials
     best = min((t for t in done if t.values[1] <= 1e-3), key=lambda t: t.values[0])
@@ -596,8 +599,8 @@ def test_refusal_likelihood_against_the_ordinary_forward(tmp_path):
 def test_search_with_the_likelihood_objective(refusal, tmp_path):
     P = refusal / "prompts"
     model = refusal / make_search_fixture.NAME
-    args = [*refusal_search(P, model, tmp_path / "s.db"), "--trials", "6"]
-    r = run_cli(*args, "--objective", "likelihood")
+    args = [*refusal_search(P, model, tmp_path / "s.db", objective=None), "--trials", "6"]
+    r = run_cli(*args)  # the default objective
     out = " ".join(r.output.split())
     assert "refusal likelihood" in out and "measuring the marker rate of" in out
     study = st.open_study(tmp_path / "s.db", None, create=False)
@@ -618,11 +621,13 @@ def test_search_with_the_likelihood_objective(refusal, tmp_path):
     assert np.mean([hits(t, load_markers(None)) for t in texts]) == pytest.approx(rates[str(best.number)])
     record = json.loads((tmp_path / "o" / "patcher-manifest.json").read_text())["edit"]["search"]
     assert record["likelihood"] == pytest.approx(best.values[0]) and "marker_rate" not in record
-    r = run_cli(*args, "--objective", "likelihood", "--trials", "8")  # resumed: reference from its cache
+    r = run_cli(*args, "--trials", "8")  # resumed: reference from its cache
     out = " ".join(r.output.split())
     assert "loaded from" in out and "refusal likelihood" in out
     assert len(st.completed(study)) + len(st.pruned_trials(study)) == 8
-    r = run_cli(*args, "--trials", "9", expect=1)  # a markers search cannot resume it
+    r = run_cli(
+        *args, "--objective", "markers", "--trials", "9", expect=1
+    )  # a markers search cannot resume it
     assert "different evaluation" in " ".join(r.output.split())
     # prompts the original never refuses: the search is told there is nothing to lower
     calm = [a if a != P / "refusal-eval-positive.txt" else P / "refusal-eval-negative.txt" for a in args]

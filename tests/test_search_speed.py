@@ -31,8 +31,11 @@ def refusal(tmp_path_factory):
 
 
 def _setup(refusal, tmp_path, **kw) -> sr.Setup:
+    """The refusal fixture's search on the markers objective (the one that generates and prunes)."""
     return make_search_fixture.search_setup(
-        refusal, tmp_path / "dirs.safetensors", **{"tokens": 16, "batch_size": 8, **kw}
+        refusal,
+        tmp_path / "dirs.safetensors",
+        **{"tokens": 16, "batch_size": 8, "objective": "markers", **kw},
     )
 
 

@@ -1,5 +1,6 @@
-"""`patcher search`: a multi-objective search over ablations (marker rate vs KL), trials evaluated
-in the forward pass, study in SQLite; `patcher ablate --from-study` writes a chosen trial."""
+"""`patcher search`: a multi-objective search over ablations (refusal likelihood or marker rate vs
+KL), trials evaluated in the forward pass, study in SQLite; `patcher ablate --from-study` writes a
+chosen trial."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,12 +153,13 @@ def register(app) -> None:
             help="Give up a trial as soon as its marker hits so far put it behind the Pareto front "
             "(it could not end on the front)",
         ),
-        objective: str = typer.Option(
-            "markers",
+        objective: str | None = typer.Option(
+            None,
             "--objective",
-            help="markers: the greedy completions' marker rate | likelihood: the edited model's "
-            "probability of the original's refusal openings (no generation per trial; carries better to "
-            "prompts the search never saw; the front's marker rates are measured at the end)",
+            help="likelihood (default; a resumed study keeps its own): the edited model's probability of "
+            "the original's refusal openings (no generation per trial; carries better to prompts the "
+            "search never saw; the front's marker rates are measured at the end) | markers: the greedy "
+            "completions' marker rate",
         ),
         seed: int = typer.Option(0, "--seed"),
         arch_table: Path | None = typer.Option(None, "--arch-table", help=ARCH_TABLE_HELP),
@@ -174,8 +176,8 @@ def register(app) -> None:
             help="Extracted directions from winsorized activations (see patcher extract --winsorize)",
         ),
     ):
-        """Search ablations for the best trade-off: marker rate of greedy completions vs KL from the
-        original."""
+        """Search ablations for the best trade-off: refusal (the likelihood of the original's refusal
+        openings, or greedy completions' marker rate) vs KL from the original."""
         a = SimpleNamespace(**locals())
         guard(lambda: _search(a))
 
@@ -218,14 +220,17 @@ def _validate(a) -> None:
     from patcher.search import reference_cache
     from patcher.search import run as sr
     from patcher.search import study as st
-    from patcher.search.objectives import check_objective
+    from patcher.search.objectives import DEFAULT_OBJECTIVE, check_objective
 
-    check_objective(a.objective)
+    if a.objective is not None:
+        check_objective(a.objective)
     sr.check_engine(a.engine, a.provider, a.resident, a.engine_dtype)
     check_winsorize(a.winsorize)
     a.dirs_out = a.study_file.with_name(a.study_file.stem + ".directions.safetensors")
     a.given = a.directions if a.directions is not None else (a.dirs_out if a.dirs_out.is_file() else None)
-    _check_study(st, a.study_file, a.model, a.given, a.arch_table)
+    attrs = _check_study(st, a.study_file, a.model, a.given, a.arch_table)
+    if a.objective is None:  # a study made before likelihood was the default resumes as it was made
+        a.objective = st.objective_of(attrs) if attrs else DEFAULT_OBJECTIVE
     inputs = [a.model, a.positive, a.negative, a.eval_positive, a.eval_negative, a.directions, a.config]
     inputs.append(a.arch_table)
     a.plot = a.plot or a.study_file.with_suffix(".svg")
@@ -407,9 +412,10 @@ def _front_rates(s, study, front) -> dict:
     return {int(k): v for k, v in kept["front_marker_rates"].items()}
 
 
-def _check_study(st, study_file: Path, model, directions: Path | None, arch_table: Path | None) -> None:
+def _check_study(st, study_file: Path, model, directions: Path | None, arch_table: Path | None) -> dict:
     """A study file that exists is readable, patcher's, and was searched on this model (and with these
-    directions, when they are known before extraction): checked before any work."""
+    directions, when they are known before extraction): checked before any work. Its recorded settings
+    ({} for a new study)."""
     from patcher.io.manifest import folder_identity, sha256_file
     from patcher.model.opened import Model
 
@@ -423,3 +429,4 @@ def _check_study(st, study_file: Path, model, directions: Path | None, arch_tabl
                 f"was searched with other directions than {directions} (sha256 differs): "
                 "choose a new --study file, or give the study's directions",
             )
+    return attrs or {}

@@ -121,6 +121,9 @@ def _has_marker(text: str, markers) -> bool:
 
 
 OBJECTIVES = ("markers", "likelihood")
+# measured on Qwen2.5-Coder-0.5B-Instruct (BENCHMARKS.md): its front dominates the markers front on
+# held-out prompts at the same trial budget, at 2.5x the trials per hour
+DEFAULT_OBJECTIVE = "likelihood"
 OPENING_TOKENS = 16  # a refusal whose first marker ends later is left out of the likelihood
 
 

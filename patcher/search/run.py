@@ -21,7 +21,7 @@ from patcher.model.prompts import check_lengths, encode_prompts, read_prompt_fil
 from patcher.search import reference_cache as ref_cache
 from patcher.search import space as sp
 from patcher.search import study as st
-from patcher.search.objectives import Evaluator, Hopeless, Result, load_markers
+from patcher.search.objectives import DEFAULT_OBJECTIVE, Evaluator, Hopeless, Result, load_markers
 from patcher.search.plan import build_plan
 
 if TYPE_CHECKING:  # the engines import their runtimes (numpy kernels, onnxruntime) only when chosen
@@ -240,7 +240,7 @@ def setup(
     announce=None,
     judge: Path | None = None,
     winsorize: float | None = None,
-    objective: str = "markers",
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> Setup:
     """Model, space, directions (extracted when not given), prompts, engine and evaluator of a search."""
     from patcher.onnx.verify import stop_tokens
