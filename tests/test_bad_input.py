@@ -1313,3 +1313,5 @@ def test_an_empty_text_option_is_still_a_value(tmp_path):
     args = ["extract", str(tmp_path / "m"), "--positive", "p", "--negative", "n", "--system", "", "-o", "x"]
     result = CliRunner().invoke(app, args)
     assert "is empty" not in result.output and "no such file or folder" in result.output
+    result = CliRunner().invoke(app, ["search", str(tmp_path / "m"), "--judge=j", "--positive", "p"])
+    assert "is empty" not in result.output and result.exit_code == 1

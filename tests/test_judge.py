@@ -157,11 +157,14 @@ def test_judge_cuts_a_reply_to_its_positions(tmp_path):
     empty = len(judge.prompt(request, ""))
     judge.config["max_position_embeddings"] = empty + 7
     ids = judge.prompt(request, reply)
-    assert empty < len(ids) <= empty + 7  # cut to what fits, not to nothing
+    assert empty + 6 <= len(ids) <= empty + 7  # what fits (re-tokenising the cut text may merge one)
     text = judge.tok.decode(ids)
     assert "seeds0" in text and "seeds199" not in text and QUESTION in text
     assert judge.prompt(request, "short") == judge.prompt(request, "short")[: empty + 7]
     assert np.isfinite(judge.p_yes([request], [reply])).all()
+    judge.config["max_position_embeddings"] = empty  # room for the request alone: the reply goes
+    assert judge.prompt(request, reply) == judge.prompt(request, "")
+    judge.check([request])
     judge.config["max_position_embeddings"] = empty - 1
     with pytest.raises(PatcherError, match="the request alone has .* tokens; the judge takes at most"):
         judge.check([request])

@@ -92,7 +92,7 @@ class Judge:
         if limit is None or len(ids) <= limit:
             return ids
         room = limit - len(encode(""))
-        if room <= 0:
+        if room < 0:
             raise PatcherError(
                 self.where,
                 f"the request alone has {len(encode(''))} tokens; the judge takes at most {limit} positions",
