@@ -51,16 +51,18 @@ def search_setup(root: Path, dirs: Path, **options):
     from patcher.search import run as sr
 
     P = root / "prompts"
+    evals = {
+        "eval_positive": P / "refusal-eval-positive.txt",
+        "eval_negative": P / "refusal-eval-negative.txt",
+    }
     return sr.setup(
         root / NAME,
         P / "refusal-train-positive.txt",
         P / "refusal-train-negative.txt",
-        eval_positive=P / "refusal-eval-positive.txt",
-        eval_negative=P / "refusal-eval-negative.txt",
         directions=dirs if dirs.is_file() else None,
         directions_out=dirs,
         chat_template=False,
-        **options,
+        **{**evals, **options},
     )
 
 

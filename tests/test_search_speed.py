@@ -122,6 +122,37 @@ def test_pruning_never_drops_a_trial_that_would_be_on_the_front(refusal, tmp_pat
     assert _front(done) == _front(full)
 
 
+def test_likelihood_pruning_never_drops_a_trial_that_would_be_on_the_front(refusal, tmp_path):
+    """The same for the refusal likelihood, its openings in batches of 2: the sum so far is a lower
+    bound (each prompt adds a probability >= 0), so a trial given up after some batches is dominated
+    at its full values; at least one is given up part-way (not by its KL alone). The eval-positive
+    prompts include ones the original does not refuse: the bound divides by all of them."""
+    P = refusal / "prompts"
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(
+        (P / "refusal-eval-positive.txt").read_text() + (P / "refusal-eval-negative.txt").read_text()
+    )
+    s = _setup(refusal, tmp_path, objective="likelihood", batch_size=2, eval_positive=mixed)
+    points = _points(s, 16)
+    full = [(r.likelihood, r.kl) for r in map(s.evaluate, points)]
+    assert 2 < len(s.evaluator._openings[0]) < len(s.evaluator.positive)  # batches; some not refused
+    done, given_up = [], []
+    for params, want in zip(points, full):
+        front = _front(done)
+        try:
+            r = s.evaluate(params, prune=sr.beyond_front(front) if front else None)
+        except Hopeless as h:
+            given_up.append(h)
+            assert h.kl == want[1] and h.rate <= want[0] + 1e-12
+            assert sr.beyond_front(front)(h.rate, h.kl)  # the bound it reports is the one that gave up
+            assert any(f <= want[0] and g <= want[1] and (f, g) != want for f, g in front)
+            continue
+        assert (r.likelihood, r.kl) == want
+        done.append(want)
+    assert any(0 < h.rows < len(s.evaluator._openings[0]) and h.rate > 0 for h in given_up)
+    assert len(given_up) < len(points) and _front(done) == _front(full)
+
+
 def test_a_trial_behind_the_front_on_kl_alone_generates_nothing(refusal, tmp_path):
     """A front point with marker rate 0 and a lower KL dominates whatever the trial would say: the
     trial is given up after its KL, before a single row is generated; at a KL just below that point's

@@ -328,8 +328,9 @@ def _run(a, s, study):
     def on_trial(t):
         gave_up = t.user_attrs.get("pruned")
         if t.values is None and gave_up:
+            metric = s.metric
             err.print(
-                f"trial {t.number}: pruned (marker rate >= {gave_up['marker_rate_at_least']:.3f} "
+                f"trial {t.number}: pruned ({st.LABELS[metric]} >= {gave_up[f'{metric}_at_least']:.3f} "
                 f"at KL {gave_up['kl']:.4g}: behind the front) "
                 f"{params_text(sp.complete(t.params, s.attrs['fixed']))}",
                 highlight=False,

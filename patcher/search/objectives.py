@@ -151,10 +151,11 @@ def _token_log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 class Hopeless(Exception):
     """A trial given up part-way: `rate` is a lower bound of its marker rate (rows already known to
-    hit, over all prompts), `kl` its exact KL; the caller's `prune` said it cannot reach the front."""
+    hit, over all prompts) or refusal likelihood (the sum so far), `kl` its exact KL; the caller's
+    `prune` said it cannot reach the front."""
 
     def __init__(self, rate: float, kl: float, first_token_kl: float, rows: int):
-        super().__init__(f"marker rate >= {rate:.3f} at KL {kl:.4g}")
+        super().__init__(f"refusal measure >= {rate:.3f} at KL {kl:.4g}")
         self.rate, self.kl, self.first_token_kl, self.rows = rate, kl, first_token_kl, rows
 
 
@@ -459,15 +460,21 @@ class Evaluator:
             targets[j, : len(o)], mask[j, : len(o)] = o, 1.0
         return seqs, targets, mask
 
-    def likelihood(self, edits) -> float:
-        """Refusal likelihood (see the module's docstring)."""
+    def likelihood(self, edits, give_up=None) -> float:
+        """Refusal likelihood (see the module's docstring). `give_up(lower_bound)` is asked after each
+        batch with the sum so far over all prompts (the rest can only add to it); True raises
+        Hopeless(lower_bound, 0, 0, rows done)."""
         seqs, targets, mask = self._openings
         if not seqs:
             return 0.0
-        logp = np.zeros(len(seqs))
+        p, done = np.zeros(len(seqs)), 0
         for rows, logits in self._last_logits(seqs, targets.shape[1], edits):
-            logp[rows] = np.sum(_token_log_probs(logits, targets[rows]) * mask[rows], axis=1)
-        return float(np.exp(logp).sum() / len(self.positive))
+            p[rows] = np.exp(np.sum(_token_log_probs(logits, targets[rows]) * mask[rows], axis=1))
+            done += len(rows)
+            bound = float(p.sum() / len(self.positive))
+            if give_up is not None and give_up(bound):
+                raise Hopeless(bound, 0.0, 0.0, done)
+        return float(p.sum() / len(self.positive))
 
     def _decode(self, tokens) -> str:
         return self.tok.decode(tokens, skip_special_tokens=True)
@@ -522,9 +529,10 @@ class Evaluator:
 
     def evaluate(self, edits, keep_texts: bool = False, prune=None, markers: bool | None = None) -> Result:
         """Marker rate (or refusal likelihood) and KL of an edit. `prune(rate_lower_bound, kl) -> bool`
-        is asked whenever more rows are known to hit a marker, and once before any at rate 0; True gives
-        the trial up (Hopeless). The KL (cheap: one forward pass) comes first, so a trial whose KL alone
-        puts it behind the front generates nothing. With objective "likelihood" the completions are
+        is asked whenever more rows are known to hit a marker (the likelihood: after each batch of
+        openings, with the sum so far), and once before any at 0; True gives the trial up (Hopeless).
+        The KL (cheap: one forward pass) comes first, so a trial whose KL alone puts it behind the
+        front generates nothing. With objective "likelihood" the completions are
         generated only when `markers` is True (the front's marker rates, not every trial's)."""
         self.reference()
         likely = self.objective == "likelihood"
@@ -535,7 +543,12 @@ class Evaluator:
         n = len(self.positive)
         if prune is not None and prune(0.0, kl):  # behind a front point at this KL or less, whatever it says
             raise Hopeless(0.0, kl, first, 0)
-        like = self.likelihood(edits) if likely else None
+        like = None
+        if likely:
+            try:
+                like = self.likelihood(edits, None if prune is None else lambda bound: prune(bound, kl))
+            except Hopeless as e:
+                raise Hopeless(e.rate, kl, first, e.rows) from None
         comp: list = []
         steps, rate, judge_rate = 0, None, None
         if markers:

@@ -98,7 +98,7 @@ class Setup:
             r = self.evaluate(params, prune=beyond_front(front) if front else None)
         except Hopeless as h:
             trial.set_user_attr("first_token_kl", h.first_token_kl)
-            trial.set_user_attr("pruned", {"marker_rate_at_least": h.rate, "kl": h.kl, "rows": h.rows})
+            trial.set_user_attr("pruned", {f"{self.metric}_at_least": h.rate, "kl": h.kl, "rows": h.rows})
             raise st.pruned() from None
         trial.set_user_attr("first_token_kl", r.first_token_kl)
         trial.set_user_attr("seconds_generate", round(r.timing.generate, 3))
