@@ -126,7 +126,7 @@ def test_cli_errors_exit_2_and_never_write_inside_the_model(tmp_path):
     r = run_cli("audit", model, "--plot", tmp_path / "s.png", expect=2)
     assert "must end in .svg" in r.output
     r = run_cli("audit", model, "--save-direction", "", expect=2)  # an unset shell variable
-    assert "is not an output path (an unset shell variable?)" in r.output
+    assert "--save-direction is empty (an unset shell variable?)" in r.output
 
 
 def test_rank_two_subspace_is_recovered(tmp_path):

@@ -1304,7 +1304,9 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == (2 if argv[0] == "diff" else 1)
-    assert result.output.strip() == f"error: {named} is empty; a file or folder is needed"
+    assert (
+        result.output.strip() == f"error: {named} is empty (an unset shell variable?); name a file or folder"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

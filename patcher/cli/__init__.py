@@ -33,7 +33,9 @@ class _OneLineErrors(TyperGroup):
         try:
             empty = self.empty_path(argv)
             if empty:  # click would read "" as the path ".", the current folder
-                raise click.ClickException(f"{empty} is empty; a file or folder is needed")
+                raise click.ClickException(
+                    f"{empty} is empty (an unset shell variable?); name a file or folder"
+                )
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
             e.show()
