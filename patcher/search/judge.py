@@ -91,16 +91,17 @@ class Judge:
         limit = max_positions(self.config)
         if limit is None or len(ids) <= limit:
             return ids
-        room = limit - len(encode(""))
+        bare = encode("")
+        room = limit - len(bare)
         if room < 0:
             raise PatcherError(
                 self.where,
-                f"the request alone has {len(encode(''))} tokens; the judge takes at most {limit} positions",
+                f"the request alone has {len(bare)} tokens; the judge takes at most {limit} positions",
             )
         kept = self.tok.encode(reply, add_special_tokens=False)
         while room > 0 and len(ids := encode(self.tok.decode(kept[:room]))) > limit:
             room -= len(ids) - limit  # re-tokenising the cut text can merge differently: cut again
-        return ids if room > 0 else encode("")
+        return ids if room > 0 else bare
 
     def check(self, requests: list[str]) -> None:
         """Refuse, before any work, requests whose judge prompt cannot fit even with an empty reply."""
