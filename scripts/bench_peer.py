@@ -138,6 +138,7 @@ def run_patcher(work: Path, model: Path, P: dict, args):
         winsorize=args.winsorize,
         project_out_negative_mean=args.project,
         objective=args.objective,
+        refused_only=not args.all_positives,
     )
     startup = min(60, max(1, int(0.3 * args.trials)))
     db = folder / "study.db"
@@ -238,6 +239,11 @@ def main(args) -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     P = cut(prompt_sets.ensure(), work / "prompts", args.search_prompts)
+    if args.train_extra:  # both tools' directions from the 128 training + 160 extra harmful prompts
+        P["harmful-train"] = work / "prompts" / "harmful-train-extra.txt"
+        P["harmful-train"].parent.mkdir(parents=True, exist_ok=True)
+        texts = read_texts(prompt_sets.ensure()["harmful-train"]) + read_texts(P["harmful-extra"])
+        P["harmful-train"].write_text("\n".join(texts) + "\n", encoding="utf-8")
     model = args.model or real_models.ensure().hf
     load = {"start": os.getloadavg()}
     report = {"model": str(model), "trials": args.trials, "tokens": args.tokens, "cores": os.cpu_count()}
@@ -349,6 +355,10 @@ def add_arguments(ap) -> None:
     g.add_argument("--judge", type=Path, default=None, help="a chat model that judges refusals")
     g.add_argument("--search-prompts", type=int, default=None, help="cut the search split to N of each kind")
     g.add_argument("--project", action="store_true", help="patcher's directions: ⟂ the harmless mean")
+    g.add_argument("--train-extra", action="store_true", help="directions from harmful-train + harmful-extra")
+    g.add_argument(
+        "--all-positives", action="store_true", help="patcher's directions from every harmful training prompt"
+    )
     g.add_argument("--winsorize", type=float, default=None, help="patcher's directions: winsorized means")
     g.add_argument(
         "--objective", default="likelihood", help="patcher's refusal objective: likelihood | markers"

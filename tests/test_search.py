@@ -639,3 +639,41 @@ def test_search_with_the_likelihood_objective(refusal, tmp_path):
     assert "note: the original's refusal likelihood is 0 on" in out and "nothing for the search" in out
     r = run_cli(*args, "--objective", "judge", expect=1)
     assert "--objective: must be one of markers, likelihood" in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("flag", ["", "--all-positives", "few", "just enough"])
+def test_directions_from_the_positive_prompts_the_original_refuses(refusal, tmp_path, monkeypatch, flag):
+    """--refused-only (the default): directions from the --positive prompts whose greedy completion
+    hits a marker. On the fixture those are exactly the ones ending in a trigger word; the others
+    end in a neutral word (never refused). --all-positives, or fewer refused than MIN_REFUSED: all."""
+    from patcher.edit.directions import read_metadata
+    from patcher.edit.extract import extract
+    from patcher.search import run as sr
+
+    P = refusal / "prompts"
+    model = refusal / make_search_fixture.NAME
+    refused = read_prompt_file(P / "refusal-train-positive.txt")  # 32, each ending in a trigger word
+    answered = [t.format(w) for t in make_search_fixture.EVAL[:2] for w in make_search_fixture.NEUTRAL]
+    mixed = [p for pair in zip(refused, answered + [None] * 32) for p in pair if p is not None]
+    (tmp_path / "mixed.txt").write_text("\n".join(mixed) + "\n")
+    if flag in ("few", "just enough"):
+        monkeypatch.setattr(sr, "MIN_REFUSED", len(refused) + (flag == "few"))
+    filtered = flag in ("", "just enough")
+    args = refusal_search(P, model, tmp_path / "s.db")
+    args[args.index(P / "refusal-train-positive.txt")] = tmp_path / "mixed.txt"
+    extra = ["--all-positives"] if flag == "--all-positives" else []
+    r = run_cli(
+        *args, *extra, "--tokens", "12", "--trials", "1", "--startup", "1", "--no-project-out-negative-mean"
+    )
+    neg = P / "refusal-train-negative.txt"
+    expect = extract(model, refused if filtered else mixed, neg, chat_template=False).direction
+    with Checkpoint(tmp_path / "s.directions.safetensors") as c:
+        got, meta = np.asarray(c.array("direction")), read_metadata(c)
+    np.testing.assert_array_equal(got, expect)
+    assert meta["prompts"]["positive"]["count"] == (32 if filtered else 48)
+    if flag == "--all-positives":
+        assert "refused_only" not in meta and "refuses" not in r.output
+    else:
+        assert meta["refused_only"] == {"kept": 32, "of": 48, "tokens": 12, "used": filtered}
+        use = "those 32" if filtered else "all 48"
+        assert f"the original refuses 32 of 48 prompts of mixed.txt: directions from {use}" in r.output

@@ -129,6 +129,13 @@ def register(app) -> None:
             help="Extracted directions orthogonal to the negative mean (as the peer makes them; less KL "
             "at the same refusals on SmolLM2 and Qwen2.5-Coder-0.5B)",
         ),
+        refused_only: bool = typer.Option(
+            True,
+            "--refused-only/--all-positives",
+            help="Extract directions from the --positive prompts the original refuses (its greedy "
+            "--tokens completion hits a marker), when at least 16 are; the mean over prompts it answers "
+            "carries their topic, not the refusal",
+        ),
         heuristic: bool = typer.Option(
             True,
             "--heuristic/--no-heuristic",
@@ -268,6 +275,7 @@ def _setup(a):
         space_items=a.space_items or [],
         space_toml=a.config,
         project_out_negative_mean=a.project_out_negative_mean,
+        refused_only=a.refused_only,
         prune=a.prune,
         arch_table=a.arch_table,
         judge=a.judge,

@@ -407,6 +407,17 @@ class Evaluator:
             out[r] = gen[j]
         return steps
 
+    def refusing(self, prompts) -> list[bool]:
+        """Whether the original's greedy completion (`tokens` long, ended at its first marker) of each
+        prompt hits a marker: the marker rate's own test, used to pick the training prompts that show
+        the behaviour. Nothing of these prompts is kept for the trials (no Track, no Stem)."""
+        stems, self._stems = self._stems, None
+        try:
+            completions, _ = self.generate(prompts, None, self.tokens)
+        finally:
+            self._stems = stems
+        return [hits(t, self.markers) for t in self.texts(completions)]
+
     def texts(self, completions) -> list[str]:
         return [self._decode(c) for c in completions]
 

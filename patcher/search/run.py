@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the engines import their runtimes (numpy kernels, onnxrunti
     from patcher.search.onnx_engine import OnnxEngine
 
 ENGINES = ("numpy", "onnx")
+MIN_REFUSED = 16  # fewer refused training prompts: the directions come from all of them
 DEFAULT_ENGINE = "numpy"
 
 
@@ -195,16 +196,42 @@ def build_space(n_layers: int, space_toml: Path | None, space_items=()) -> dict:
     return space
 
 
-def _extracted(ck, positive, negative, directions_out, seconds: dict, announce, **options) -> Path:
-    """Directions extracted from the training prompts, saved to `directions_out`."""
+def _refused(ev: Evaluator, texts: list[str], encoded, source: Path, seconds: dict, announce):
+    """The positive training prompts the original refuses (greedy, --tokens, a marker hit), or None
+    when fewer than MIN_REFUSED are: a mean over so few prompts is mostly noise, all of them are used.
+    Why: a model refuses only part of a harmful set (Qwen2.5-Coder-0.5B a third); the mean over the
+    prompts it answers carries the topic, not the refusal (measured in BENCHMARKS.md)."""
+    if announce:
+        announce(
+            f"the original's replies ({ev.tokens} tokens) to {len(texts)} prompts of {source.name}: which "
+            "does it refuse? (--all-positives skips this)"
+        )
+    t0 = time.perf_counter()
+    flags = ev.refusing(encoded)
+    seconds["refused_only"] = round(time.perf_counter() - t0, 3)
+    kept = [t for t, f in zip(texts, flags) if f]
+    enough = len(kept) >= MIN_REFUSED
+    if announce:
+        use = f"directions from those {len(kept)}" if enough else f"directions from all {len(texts)}"
+        announce(f"the original refuses {len(kept)} of {len(texts)} prompts of {source.name}: {use}")
+    return {"kept": len(kept), "of": len(texts), "tokens": ev.tokens, "used": enough}, (
+        kept if enough else None
+    )
+
+
+def _extracted(ck, positive, negative, directions_out, seconds: dict, announce, refused, **options) -> Path:
+    """Directions extracted from the training prompts (the refused ones only, when given), saved to
+    `directions_out` with the filter's counts in its metadata."""
     from patcher.edit.extract import extract
 
-    if directions_out is None:
-        raise PatcherError("--directions", "give a directions file or a place to write the extracted one")
     t0 = time.perf_counter()
     if announce:
         announce(f"extracting directions from {positive.name} / {negative.name}")
-    extract(ck, positive, negative, **options).save(directions_out)
+    record, kept = refused if refused is not None else (None, None)
+    result = extract(ck, positive if kept is None else kept, negative, **options)
+    if record is not None:
+        result.metadata["refused_only"] = record
+    result.save(directions_out)
     seconds["extract"] = round(time.perf_counter() - t0, 3)
     return directions_out
 
@@ -241,6 +268,7 @@ def setup(
     judge: Path | None = None,
     winsorize: float | None = None,
     objective: str = DEFAULT_OBJECTIVE,
+    refused_only: bool = True,
 ) -> Setup:
     """Model, space, directions (extracted when not given), prompts, engine and evaluator of a search."""
     from patcher.onnx.verify import stop_tokens
@@ -259,27 +287,19 @@ def setup(
         (en, eval_negative or negative, negative_extra),
     ):
         check_lengths(toks, ck.config, path, extra=extra, heads=sm.hp.n_heads, batch_size=batch_size)
+    extracting = directions is None
+    if extracting and directions_out is None:
+        raise PatcherError("--directions", "give a directions file or a place to write the extracted one")
+    train_texts = read_prompt_file(positive, max_prompts) if extracting and refused_only else None
+    if train_texts is not None:  # generated on to find the refused ones: they need the same room
+        train = encode_prompts(tok, train_texts, chat_template=chat_template, system=system)
+        check_lengths(train, ck.config, positive, extra=tokens, heads=sm.hp.n_heads, batch_size=batch_size)
     from patcher.search.judge import Judge
 
     judged, requests = None, None
     if judge is not None:
         judged, requests = Judge.open(judge), read_prompt_file(eval_positive or positive, max_prompts)
         judged.check(requests)
-    if directions is None:
-        directions = _extracted(
-            ck,
-            positive,
-            negative,
-            directions_out,
-            seconds,
-            announce,
-            max_prompts=max_prompts,
-            chat_template=chat_template,
-            system=system,
-            project_out_negative_mean=project_out_negative_mean,
-            winsorize=winsorize,
-        )
-    table, meta = load_table(directions, sm.n_layers, sm.hp.d_model)
     t0 = time.perf_counter()
     eng = make_engine(engine, sm, provider, announce, resident, engine_dtype)
     seconds["load"] = round(time.perf_counter() - t0, 3)
@@ -299,6 +319,25 @@ def setup(
         requests=requests,
         objective=objective,
     )
+    if directions is None:
+        refused = (
+            None if train_texts is None else _refused(ev, train_texts, train, positive, seconds, announce)
+        )
+        directions = _extracted(
+            ck,
+            positive,
+            negative,
+            directions_out,
+            seconds,
+            announce,
+            refused,
+            max_prompts=max_prompts,
+            chat_template=chat_template,
+            system=system,
+            project_out_negative_mean=project_out_negative_mean,
+            winsorize=winsorize,
+        )
+    table, meta = load_table(directions, sm.n_layers, sm.hp.d_model)
     # a quantized engine scores edits of another model: its study and reference are its own
     label = engine if engine_dtype == "fp32" else f"{engine}-{engine_dtype}"
     evaluation = _evaluation(
