@@ -240,9 +240,9 @@ def main(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     P = cut(prompt_sets.ensure(), work / "prompts", args.search_prompts)
     if args.train_extra:  # both tools' directions from the 128 training + 160 extra harmful prompts
+        texts = read_texts(P["harmful-train"]) + read_texts(P["harmful-extra"])
         P["harmful-train"] = work / "prompts" / "harmful-train-extra.txt"
         P["harmful-train"].parent.mkdir(parents=True, exist_ok=True)
-        texts = read_texts(prompt_sets.ensure()["harmful-train"]) + read_texts(P["harmful-extra"])
         P["harmful-train"].write_text("\n".join(texts) + "\n", encoding="utf-8")
     model = args.model or real_models.ensure().hf
     load = {"start": os.getloadavg()}

@@ -482,8 +482,7 @@ class Evaluator:
         for rows, logits in self._last_logits(seqs, targets.shape[1], edits):
             p[rows] = np.exp(np.sum(_token_log_probs(logits, targets[rows]) * mask[rows], axis=1))
             done += len(rows)
-            bound = float(p.sum() / len(self.positive))
-            if give_up is not None and give_up(bound):
+            if give_up is not None and give_up(bound := float(p.sum() / len(self.positive))):
                 raise Hopeless(bound, 0.0, 0.0, done)
         return float(p.sum() / len(self.positive))
 

@@ -197,8 +197,9 @@ def build_space(n_layers: int, space_toml: Path | None, space_items=()) -> dict:
 
 
 def _refused(ev: Evaluator, texts: list[str], encoded, source: Path, seconds: dict, announce):
-    """The positive training prompts the original refuses (greedy, --tokens, a marker hit), or None
-    when fewer than MIN_REFUSED are: a mean over so few prompts is mostly noise, all of them are used.
+    """The filter's record and the positive training prompts the original refuses (greedy, --tokens,
+    a marker hit); the record says they are not used when fewer than MIN_REFUSED are: a mean over so
+    few prompts is mostly noise, all of them are used then.
     Why: a model refuses only part of a harmful set (Qwen2.5-Coder-0.5B a third); the mean over the
     prompts it answers carries the topic, not the refusal (measured in BENCHMARKS.md)."""
     if announce:
@@ -214,21 +215,20 @@ def _refused(ev: Evaluator, texts: list[str], encoded, source: Path, seconds: di
     if announce:
         use = f"directions from those {len(kept)}" if enough else f"directions from all {len(texts)}"
         announce(f"the original refuses {len(kept)} of {len(texts)} prompts of {source.name}: {use}")
-    return {"kept": len(kept), "of": len(texts), "tokens": ev.tokens, "used": enough}, (
-        kept if enough else None
-    )
+    return {"kept": len(kept), "of": len(texts), "tokens": ev.tokens, "used": enough}, kept
 
 
 def _extracted(ck, positive, negative, directions_out, seconds: dict, announce, refused, **options) -> Path:
-    """Directions extracted from the training prompts (the refused ones only, when given), saved to
-    `directions_out` with the filter's counts in its metadata."""
+    """Directions extracted from the training prompts, saved to `directions_out`; `refused`, when
+    given, is _refused's (record, kept prompts): the kept prompts replace the positive file when the
+    record says they are used, and the record goes into the metadata."""
     from patcher.edit.extract import extract
 
     t0 = time.perf_counter()
     if announce:
         announce(f"extracting directions from {positive.name} / {negative.name}")
-    record, kept = refused if refused is not None else (None, None)
-    result = extract(ck, positive if kept is None else kept, negative, **options)
+    record, kept = refused or (None, None)
+    result = extract(ck, kept if record and record["used"] else positive, negative, **options)
     if record is not None:
         result.metadata["refused_only"] = record
     result.save(directions_out)
@@ -287,10 +287,9 @@ def setup(
         (en, eval_negative or negative, negative_extra),
     ):
         check_lengths(toks, ck.config, path, extra=extra, heads=sm.hp.n_heads, batch_size=batch_size)
-    extracting = directions is None
-    if extracting and directions_out is None:
+    if directions is None and directions_out is None:
         raise PatcherError("--directions", "give a directions file or a place to write the extracted one")
-    train_texts = read_prompt_file(positive, max_prompts) if extracting and refused_only else None
+    train_texts = read_prompt_file(positive, max_prompts) if directions is None and refused_only else None
     if train_texts is not None:  # generated on to find the refused ones: they need the same room
         train = encode_prompts(tok, train_texts, chat_template=chat_template, system=system)
         check_lengths(train, ck.config, positive, extra=tokens, heads=sm.hp.n_heads, batch_size=batch_size)
